@@ -1,0 +1,29 @@
+//! The one error type of the host crate.
+
+use std::io;
+
+/// Everything that can go wrong in the host, each with a message that says
+/// what happened and, where the user can act, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The twin's executable could not be found or started.
+    #[error("{0}")]
+    Spawn(String),
+    /// The peer violated the protocol (bad frame, bad handshake, ...).
+    #[error("{0}")]
+    Protocol(String),
+    /// The peer speaks another version of the protocol.
+    #[error("{0}")]
+    VersionMismatch(String),
+    /// The twin process ended; carries a description of how.
+    #[error("{0}")]
+    Terminated(String),
+    /// A value cannot be encoded or decoded.
+    #[error("{0}")]
+    Codec(String),
+    /// A plain I/O error on the protocol stream.
+    #[error("I/O error on the twin protocol stream: {0}")]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T, E = HostError> = std::result::Result<T, E>;

@@ -1,0 +1,20 @@
+//! The cpy2py host: the twin protocol, native twin processes and, with the
+//! `python` feature, the extension module `cpy2py._host`.
+
+pub mod error;
+pub mod process;
+pub mod protocol;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{HostError, Result};
+
+#[cfg(feature = "python")]
+use pyo3::prelude::*;
+
+#[cfg(feature = "python")]
+#[pymodule]
+fn _host(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    python::register(m)
+}

@@ -1,0 +1,91 @@
+//! The handshake: the twin's hello and the version check.
+
+use ciborium::value::Value as Cbor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{HostError, Result};
+
+/// The protocol version this host speaks.
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// The first frame a twin sends: who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub cpy2py: u64,
+    pub twin_id: String,
+    pub implementation: String,
+    pub version: String,
+    pub executable: String,
+    pub pid: u32,
+}
+
+/// Parses a hello frame. The version is checked before anything else, so a
+/// twin of another protocol version gets a message naming both versions
+/// even if the rest of its hello looks different.
+pub fn parse_hello(frame: &[u8]) -> Result<Hello> {
+    let value: Cbor = ciborium::from_reader(frame)
+        .map_err(|e| HostError::Protocol(format!("the twin's hello is not valid CBOR: {e}")))?;
+    let version = value
+        .as_map()
+        .and_then(|entries| entries.iter().find(|(k, _)| k.as_text() == Some("cpy2py")))
+        .and_then(|(_, v)| v.as_integer())
+        .and_then(|v| u64::try_from(v).ok())
+        .ok_or_else(|| HostError::Protocol("the twin's first frame is not a cpy2py hello".into()))?;
+    if version != PROTOCOL_VERSION {
+        return Err(HostError::VersionMismatch(format!(
+            "the twin speaks cpy2py protocol {version}, this master speaks protocol {PROTOCOL_VERSION}: \
+             run the same cpy2py version in both (the master injects its own package into native twins, \
+             so check for a different cpy2py installed in the twin's environment)"
+        )));
+    }
+    value
+        .deserialized()
+        .map_err(|e| HostError::Protocol(format!("the twin's hello is malformed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(value, &mut out).unwrap();
+        out
+    }
+
+    fn hello(version: u64) -> Hello {
+        Hello {
+            cpy2py: version,
+            twin_id: "pypy3".into(),
+            implementation: "pypy".into(),
+            version: "3.9.18".into(),
+            executable: "/usr/bin/pypy3".into(),
+            pid: 42,
+        }
+    }
+
+    #[test]
+    fn accepts_matching_version() {
+        assert_eq!(parse_hello(&encode(&hello(1))).unwrap(), hello(1));
+    }
+
+    #[test]
+    fn mismatch_names_both_versions() {
+        let err = parse_hello(&encode(&hello(7))).unwrap_err().to_string();
+        assert!(err.contains("protocol 7") && err.contains("protocol 1"), "{err}");
+    }
+
+    #[test]
+    fn mismatch_is_reported_even_when_the_rest_differs() {
+        let mut other = std::collections::BTreeMap::new();
+        other.insert("cpy2py", 2);
+        let err = parse_hello(&encode(&other)).unwrap_err();
+        assert!(matches!(err, HostError::VersionMismatch(_)));
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error() {
+        assert!(matches!(parse_hello(b"\xff\x00"), Err(HostError::Protocol(_))));
+        assert!(matches!(parse_hello(&encode(&"hello")), Err(HostError::Protocol(_))));
+    }
+}

@@ -1,0 +1,9 @@
+//! The twin protocol without Python: frames, the handshake and the value
+//! model. Documented in docs/protocol.md.
+
+pub mod frame;
+pub mod handshake;
+pub mod tags;
+pub mod value;
+
+pub use handshake::PROTOCOL_VERSION;

@@ -1,0 +1,17 @@
+//! CBOR tag numbers of the value model (docs/protocol.md, "Values").
+
+pub const POS_BIGNUM: u64 = 2;
+pub const NEG_BIGNUM: u64 = 3;
+pub const SET: u64 = 258;
+pub const TUPLE: u64 = 40001;
+pub const FROZENSET: u64 = 40002;
+pub const COMPLEX: u64 = 40003;
+pub const BYTEARRAY: u64 = 40004;
+pub const EXCEPTION: u64 = 40010;
+pub const GLOBAL_REF: u64 = 40011;
+pub const TWIN_REF: u64 = 40012;
+pub const PICKLE: u64 = 40013;
+
+/// Values nested deeper than this are refused by both codecs, so neither a
+/// hostile peer nor a runaway structure can exhaust the stack.
+pub const MAX_DEPTH: usize = 256;
