@@ -40,7 +40,14 @@ pub struct TwinProcess {
     pub from_twin: File,
     /// The master writes frames to the twin here.
     pub to_twin: File,
-    stderr_tail: Arc<Mutex<VecDeque<u8>>>,
+    stderr_tail: Arc<Mutex<StderrTail>>,
+}
+
+/// The end of what a twin wrote to stderr, and whether it closed stderr.
+#[derive(Default)]
+struct StderrTail {
+    bytes: VecDeque<u8>,
+    closed: bool,
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -128,7 +135,7 @@ impl TwinProcess {
         })?;
         drop((twin_reads, twin_writes));
         let pid = child.id();
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_tail = Arc::new(Mutex::new(StderrTail::default()));
         if let Some(stderr) = child.stderr.take() {
             forward_stderr(stderr, pid, Arc::clone(&stderr_tail));
         }
@@ -182,7 +189,17 @@ impl TwinProcess {
     /// The last lines the twin wrote to stderr, for error messages.
     pub fn stderr_tail(&self) -> String {
         let tail = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
-        String::from_utf8_lossy(&tail.iter().copied().collect::<Vec<u8>>()).trim_end().to_string()
+        String::from_utf8_lossy(&tail.bytes.iter().copied().collect::<Vec<u8>>()).trim_end().to_string()
+    }
+
+    /// Like `stderr_tail`, after waiting up to `timeout` for the twin (and
+    /// anything it started) to close its stderr, so nothing is missed.
+    pub fn stderr_tail_when_closed(&self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).closed && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(2));
+        }
+        self.stderr_tail()
     }
 }
 
@@ -220,7 +237,7 @@ fn signal_name(signal: i32) -> &'static str {
     }
 }
 
-fn forward_stderr(mut stderr: impl Read + Send + 'static, pid: u32, tail: Arc<Mutex<VecDeque<u8>>>) {
+fn forward_stderr(mut stderr: impl Read + Send + 'static, pid: u32, tail: Arc<Mutex<StderrTail>>) {
     let spawned = thread::Builder::new().name(format!("cpy2py-stderr-{pid}")).spawn(move || {
         let mut buf = [0u8; 8192];
         loop {
@@ -232,10 +249,11 @@ fn forward_stderr(mut stderr: impl Read + Send + 'static, pid: u32, tail: Arc<Mu
             };
             let _ = io::stderr().write_all(&buf[..n]);
             let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-            tail.extend(&buf[..n]);
-            let excess = tail.len().saturating_sub(STDERR_TAIL_BYTES);
-            tail.drain(..excess);
+            tail.bytes.extend(&buf[..n]);
+            let excess = tail.bytes.len().saturating_sub(STDERR_TAIL_BYTES);
+            tail.bytes.drain(..excess);
         }
+        tail.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
     });
     if let Err(e) = spawned {
         tracing::warn!(pid, "cannot forward the twin's stderr: {e}");
@@ -288,11 +306,7 @@ mod tests {
     fn stderr_tail_is_kept() {
         let twin = TwinProcess::spawn(sh("echo 'it broke' >&2")).unwrap();
         twin.wait_timeout(Duration::from_secs(5)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while twin.stderr_tail().is_empty() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(twin.stderr_tail(), "it broke");
+        assert_eq!(twin.stderr_tail_when_closed(Duration::from_secs(5)), "it broke");
     }
 
     #[test]

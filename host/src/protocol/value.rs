@@ -1,6 +1,15 @@
 //! The value model of the protocol as Rust data, for checking frames in the
 //! host (shared vectors now, the sandbox policy later). The Python objects
-//! themselves are converted by the faster direct codec in `python::codec`.
+//! themselves are converted by the faster direct codec in `python::codec`,
+//! which reads frames with the same [`Cursor`].
+//!
+//! Both decoders apply the rules of docs/protocol.md ("Values"): exactly one
+//! item per frame, any float width, indefinite lengths, no simple values but
+//! false, true and null, no tags outside the value model, map keys and set
+//! items that Python can hash, and at most [`tags::MAX_DEPTH`] levels of
+//! nesting, where every array, map and tag is one level.
+
+use std::borrow::Cow;
 
 use ciborium::value::{Integer, Value as Cbor};
 
@@ -16,7 +25,8 @@ pub enum Value {
     Bool(bool),
     /// Integers that fit CBOR's major types 0 and 1.
     Int(i128),
-    /// Integers beyond 64 bits: tag 2 holds `n`, tag 3 holds `-1 - n`.
+    /// Integers beyond 64 bits: tag 2 holds `n`, tag 3 holds `-1 - n`, as a
+    /// minimal big-endian magnitude.
     BigInt { negative: bool, magnitude: Vec<u8> },
     Float(f64),
     Str(String),
@@ -39,11 +49,13 @@ fn malformed(what: &str) -> HostError {
 }
 
 impl Value {
-    /// Decodes one CBOR item, refusing nesting deeper than `tags::MAX_DEPTH`.
+    /// Decodes exactly one CBOR item, refusing anything the value model does
+    /// not allow (see the module documentation).
     pub fn decode(bytes: &[u8]) -> Result<Value> {
-        let cbor: Cbor = ciborium::de::from_reader_with_recursion_limit(bytes, tags::MAX_DEPTH)
-            .map_err(|e| HostError::Protocol(format!("invalid CBOR in a frame: {e}")))?;
-        Value::from_cbor(cbor)
+        let mut cursor = Cursor::new(bytes);
+        let value = decode_item(&mut cursor, 0)?;
+        cursor.finish()?;
+        Ok(value)
     }
 
     /// Encodes to CBOR (preferred serialization, definite lengths).
@@ -53,6 +65,9 @@ impl Value {
         Ok(out)
     }
 
+    /// Converts an item parsed by ciborium. Unlike [`Value::decode`] this
+    /// cannot see the wire: ciborium has already read `undefined` as null
+    /// and folded small bignums.
     pub fn from_cbor(cbor: Cbor) -> Result<Value> {
         Ok(match cbor {
             Cbor::Null => Value::None,
@@ -68,7 +83,7 @@ impl Value {
                     .map(|(k, v)| Ok((Value::from_cbor(k)?, Value::from_cbor(v)?)))
                     .collect::<Result<_>>()?,
             ),
-            Cbor::Tag(tag, inner) => from_tagged(tag, *inner)?,
+            Cbor::Tag(tag, inner) => Value::from_tagged(tag, Value::from_cbor(*inner)?)?,
             other => return Err(HostError::Protocol(format!("unsupported CBOR item {other:?} in a frame"))),
         })
     }
@@ -86,11 +101,24 @@ impl Value {
                 Ok(int) if fits_major_0_or_1(*i) => Cbor::Integer(int),
                 _ => big_from_i128(*i).to_cbor(),
             },
-            Value::BigInt { negative, magnitude } => tagged(
-                if *negative { tags::NEG_BIGNUM } else { tags::POS_BIGNUM },
-                Cbor::Bytes(magnitude.clone()),
-            ),
-            Value::Float(f) => Cbor::Float(*f),
+            Value::BigInt { negative, magnitude } => {
+                // preferred serialization: no leading zero bytes, and never a
+                // bignum for a value that fits major type 0 or 1
+                let first = magnitude.iter().position(|b| *b != 0).unwrap_or(magnitude.len());
+                let magnitude = &magnitude[first..];
+                if magnitude.len() <= 8 {
+                    let mut n = [0u8; 8];
+                    n[8 - magnitude.len()..].copy_from_slice(magnitude);
+                    let n = i128::from(u64::from_be_bytes(n));
+                    Value::Int(if *negative { -1 - n } else { n }).to_cbor()
+                } else {
+                    tagged(
+                        if *negative { tags::NEG_BIGNUM } else { tags::POS_BIGNUM },
+                        Cbor::Bytes(magnitude.to_vec()),
+                    )
+                }
+            }
+            Value::Float(f) => Cbor::Float(canonical_nan(*f)),
             Value::Str(s) => Cbor::Text(s.clone()),
             Value::Bytes(b) => Cbor::Bytes(b.clone()),
             Value::List(items) => array(items),
@@ -98,7 +126,10 @@ impl Value {
             Value::Tuple(items) => tagged(tags::TUPLE, array(items)),
             Value::Set(items) => tagged(tags::SET, array(items)),
             Value::FrozenSet(items) => tagged(tags::FROZENSET, array(items)),
-            Value::Complex(re, im) => tagged(tags::COMPLEX, Cbor::Array(vec![Cbor::Float(*re), Cbor::Float(*im)])),
+            Value::Complex(re, im) => tagged(
+                tags::COMPLEX,
+                Cbor::Array(vec![Cbor::Float(canonical_nan(*re)), Cbor::Float(canonical_nan(*im))]),
+            ),
             Value::ByteArray(b) => tagged(tags::BYTEARRAY, Cbor::Bytes(b.clone())),
             Value::Global(name) => global(name),
             Value::Exception { kind, args, traceback } => tagged(
@@ -115,6 +146,95 @@ impl Value {
             ),
             Value::Pickle(b) => tagged(tags::PICKLE, Cbor::Bytes(b.clone())),
         }
+    }
+
+    /// Whether Python can hash the object this value stands for, as a map
+    /// key or a set item. References are hashable as far as the codec knows.
+    pub fn is_hashable(&self) -> bool {
+        match self {
+            Value::List(_) | Value::Dict(_) | Value::Set(_) | Value::ByteArray(_) => false,
+            Value::Tuple(items) => items.iter().all(Value::is_hashable),
+            _ => true,
+        }
+    }
+
+    /// The value of a tagged item whose content decoded to `inner`.
+    fn from_tagged(tag: u64, inner: Value) -> Result<Value> {
+        let hashable_items = |items: Vec<Value>, what: &str| match items.iter().find(|v| !v.is_hashable()) {
+            Some(bad) => Err(HostError::Protocol(format!("unhashable {what} item {bad:?} in a frame"))),
+            None => Ok(items),
+        };
+        Ok(match (tag, inner) {
+            (tags::POS_BIGNUM | tags::NEG_BIGNUM, Value::Bytes(magnitude)) => {
+                big_value(tag == tags::NEG_BIGNUM, magnitude)
+            }
+            // ciborium (from_cbor) folds bignums that fit 128 bits into integers
+            (tags::POS_BIGNUM | tags::NEG_BIGNUM, folded @ (Value::Int(_) | Value::BigInt { .. })) => folded,
+            (tags::TUPLE, Value::List(items)) => Value::Tuple(items),
+            (tags::SET, Value::List(items)) => Value::Set(hashable_items(items, "set")?),
+            (tags::FROZENSET, Value::List(items)) => Value::FrozenSet(hashable_items(items, "frozenset")?),
+            (tags::COMPLEX, Value::List(items)) => match items[..] {
+                [Value::Float(re), Value::Float(im)] => Value::Complex(re, im),
+                _ => return Err(malformed("complex number")),
+            },
+            (tags::BYTEARRAY, Value::Bytes(b)) => Value::ByteArray(b),
+            (tags::GLOBAL_REF, inner) => Value::Global(global_name(inner)?),
+            (tags::EXCEPTION, Value::List(items)) => {
+                let [kind, args, traceback]: [Value; 3] =
+                    items.try_into().map_err(|_| malformed("exception"))?;
+                Value::Exception {
+                    kind: match kind {
+                        Value::Global(name) => name,
+                        _ => return Err(malformed("exception")),
+                    },
+                    args: match args {
+                        Value::List(args) => args,
+                        _ => return Err(malformed("exception")),
+                    },
+                    traceback: match traceback {
+                        Value::None => None,
+                        Value::Str(s) => Some(s),
+                        _ => return Err(malformed("exception")),
+                    },
+                }
+            }
+            (tags::TWIN_REF, Value::List(items)) => {
+                let [owner, instance, class]: [Value; 3] =
+                    items.try_into().map_err(|_| malformed("twin reference"))?;
+                match (owner, instance, class) {
+                    (Value::Str(owner), Value::Int(instance), Value::Global(class)) => Value::TwinRef {
+                        owner,
+                        instance: u64::try_from(instance).map_err(|_| malformed("twin reference"))?,
+                        class,
+                    },
+                    _ => return Err(malformed("twin reference")),
+                }
+            }
+            (tags::PICKLE, Value::Bytes(b)) => Value::Pickle(b),
+            (
+                tags::POS_BIGNUM
+                | tags::NEG_BIGNUM
+                | tags::TUPLE
+                | tags::SET
+                | tags::FROZENSET
+                | tags::COMPLEX
+                | tags::BYTEARRAY
+                | tags::EXCEPTION
+                | tags::TWIN_REF
+                | tags::PICKLE,
+                _,
+            ) => return Err(HostError::Protocol(format!("malformed content of CBOR tag {tag} in a frame"))),
+            (tag, _) => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),
+        })
+    }
+}
+
+/// Every NaN goes on the wire as the quiet NaN `f9 7e 00`.
+fn canonical_nan(f: f64) -> f64 {
+    if f.is_nan() {
+        f64::NAN
+    } else {
+        f
     }
 }
 
@@ -139,81 +259,381 @@ fn big_from_i128(i: i128) -> Value {
     Value::BigInt { negative, magnitude: bytes[first..].to_vec() }
 }
 
+/// The value of a bignum as decoded: leading zeros dropped, and a plain
+/// `Int` when it fits major type 0 or 1 (as Python sees it: just an int).
+fn big_value(negative: bool, mut magnitude: Vec<u8>) -> Value {
+    let first = magnitude.iter().position(|b| *b != 0).unwrap_or(magnitude.len());
+    magnitude.drain(..first);
+    if magnitude.len() <= 8 {
+        let mut n = [0u8; 8];
+        n[8 - magnitude.len()..].copy_from_slice(&magnitude);
+        let n = i128::from(u64::from_be_bytes(n));
+        Value::Int(if negative { -1 - n } else { n })
+    } else {
+        Value::BigInt { negative, magnitude }
+    }
+}
+
 fn from_items(items: Vec<Cbor>) -> Result<Vec<Value>> {
     items.into_iter().map(Value::from_cbor).collect()
 }
 
-fn array_of(inner: Cbor, what: &str) -> Result<Vec<Cbor>> {
+fn global_name(inner: Value) -> Result<GlobalName> {
     match inner {
-        Cbor::Array(items) => Ok(items),
-        _ => Err(malformed(what)),
-    }
-}
-
-fn text(item: Cbor, what: &str) -> Result<String> {
-    match item {
-        Cbor::Text(s) => Ok(s),
-        _ => Err(malformed(what)),
-    }
-}
-
-fn global_name(item: Cbor) -> Result<GlobalName> {
-    match item {
-        Cbor::Tag(tags::GLOBAL_REF, inner) => {
-            let [module, qualname]: [Cbor; 2] =
-                array_of(*inner, "name reference")?.try_into().map_err(|_| malformed("name reference"))?;
-            Ok((text(module, "name reference")?, text(qualname, "name reference")?))
-        }
+        Value::List(items) => match <[Value; 2]>::try_from(items) {
+            Ok([Value::Str(module), Value::Str(qualname)]) => Ok((module, qualname)),
+            _ => Err(malformed("name reference")),
+        },
         _ => Err(malformed("name reference")),
     }
 }
 
-fn float(item: Cbor) -> Result<f64> {
-    match item {
-        Cbor::Float(f) => Ok(f),
-        _ => Err(malformed("complex number")),
+/// Decodes the item at the cursor; `depth` containers enclose it.
+fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
+    let at = cursor.offset();
+    Ok(match cursor.head()? {
+        Head::Uint(n) => Value::Int(i128::from(n)),
+        Head::Nint(n) => Value::Int(-1 - i128::from(n)),
+        Head::Bytes(len) => Value::Bytes(cursor.bytes(len)?.into_owned()),
+        Head::Text(len) => Value::Str(cursor.text(len)?.into_owned()),
+        Head::Array(len) => Value::List(decode_items(cursor, len, enter(depth, at)?)?),
+        Head::Map(len) => {
+            let depth = enter(depth, at)?;
+            let mut entries = Vec::new();
+            let mut remaining = match len {
+                Some(n) => Some(cursor.check_count(n, 2, "a map")?),
+                None => None,
+            };
+            loop {
+                match remaining.as_mut() {
+                    Some(0) => break,
+                    Some(n) => *n -= 1,
+                    None if cursor.take_break("an indefinite-length map")? => break,
+                    None => {}
+                }
+                let key = decode_item(cursor, depth)?;
+                if !key.is_hashable() {
+                    return Err(HostError::Protocol(format!("unhashable map key {key:?} in a frame")));
+                }
+                entries.push((key, decode_item(cursor, depth)?));
+            }
+            Value::Dict(entries)
+        }
+        Head::Tag(tag) => {
+            let depth = enter(depth, at)?;
+            match tag {
+                tags::TUPLE | tags::SET | tags::FROZENSET | tags::COMPLEX => cursor.expect_content(4, tag)?,
+                tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY => cursor.expect_content(2, tag)?,
+                tags::EXCEPTION | tags::GLOBAL_REF | tags::TWIN_REF | tags::PICKLE => {}
+                _ => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),
+            }
+            Value::from_tagged(tag, decode_item(cursor, depth)?)?
+        }
+        Head::Float(f) => Value::Float(f),
+        Head::Bool(b) => Value::Bool(b),
+        Head::Null => Value::None,
+        Head::Break => return Err(unexpected_break(at)),
+    })
+}
+
+fn decode_items(cursor: &mut Cursor<'_>, len: Option<u64>, depth: usize) -> Result<Vec<Value>> {
+    match len {
+        Some(n) => {
+            let n = cursor.check_count(n, 1, "an array")?;
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push(decode_item(cursor, depth)?);
+            }
+            Ok(items)
+        }
+        None => {
+            let mut items = Vec::new();
+            while !cursor.take_break("an indefinite-length array")? {
+                items.push(decode_item(cursor, depth)?);
+            }
+            Ok(items)
+        }
     }
 }
 
-fn from_tagged(tag: u64, inner: Cbor) -> Result<Value> {
-    Ok(match (tag, inner) {
-        (tags::POS_BIGNUM | tags::NEG_BIGNUM, Cbor::Bytes(magnitude)) => {
-            Value::BigInt { negative: tag == tags::NEG_BIGNUM, magnitude }
+// ---------------------------------------------------------------------------
+// Reading the wire
+// ---------------------------------------------------------------------------
+
+/// One CBOR head (RFC 8949, section 3) as the decoders of the value model
+/// see it: simple values other than false, true and null are already
+/// refused, floats of every width are widened to `f64`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Head {
+    Uint(u64),
+    /// A negative integer: the value is `-1 - n`.
+    Nint(u64),
+    /// A byte string of this many bytes; `None` for an indefinite length.
+    Bytes(Option<u64>),
+    Text(Option<u64>),
+    Array(Option<u64>),
+    Map(Option<u64>),
+    Tag(u64),
+    Float(f64),
+    Bool(bool),
+    Null,
+    Break,
+}
+
+const MAJOR_NAMES: [&str; 8] =
+    ["unsigned integer", "negative integer", "byte string", "text string", "array", "map", "tag", "simple value"];
+
+fn truncated(offset: usize, inside: &str) -> HostError {
+    HostError::Protocol(format!("truncated CBOR: input ends at offset {offset} inside {inside}"))
+}
+
+pub(crate) fn unexpected_break(offset: usize) -> HostError {
+    HostError::Protocol(format!("unexpected break (0xff) outside an indefinite-length item at offset {offset}"))
+}
+
+/// Enters a container (array, map or tag) that starts at `offset` and is
+/// enclosed by `depth` others; returns the depth of its content.
+pub(crate) fn enter(depth: usize, offset: usize) -> Result<usize> {
+    if depth >= tags::MAX_DEPTH {
+        return Err(HostError::Protocol(format!(
+            "CBOR nested deeper than {} levels (MAX_DEPTH) at offset {offset}",
+            tags::MAX_DEPTH
+        )));
+    }
+    Ok(depth + 1)
+}
+
+/// The value of an IEEE 754 half-precision float.
+fn f16_to_f64(bits: u16) -> f64 {
+    let exponent = i32::from((bits >> 10) & 0x1f);
+    let mantissa = f64::from(bits & 0x3ff);
+    let magnitude = match exponent {
+        0 => mantissa * (2f64).powi(-24),
+        31 if mantissa == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        _ => (mantissa + 1024.0) * (2f64).powi(exponent - 25),
+    };
+    if bits & 0x8000 != 0 {
+        -magnitude
+    } else {
+        magnitude
+    }
+}
+
+/// A cursor over one frame's CBOR bytes. Strings are borrowed from the input
+/// where they are contiguous; no length is trusted before it is checked
+/// against what is left of the input.
+pub(crate) struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(data: &'a [u8]) -> Self {
+        Cursor { data, pos: 0 }
+    }
+
+    /// Offset of the next byte.
+    pub(crate) fn offset(&self) -> usize {
+        self.pos
+    }
+
+    fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
+    /// The initial byte of the next item, not consumed.
+    pub(crate) fn peek(&self, inside: &str) -> Result<u8> {
+        self.data.get(self.pos).copied().ok_or_else(|| truncated(self.pos, inside))
+    }
+
+    /// Consumes a break if one comes next; for indefinite-length items.
+    pub(crate) fn take_break(&mut self, inside: &str) -> Result<bool> {
+        if self.peek(inside)? == 0xff {
+            self.pos += 1;
+            Ok(true)
+        } else {
+            Ok(false)
         }
-        // ciborium folds bignums that fit 128 bits into integers
-        (tags::POS_BIGNUM | tags::NEG_BIGNUM, Cbor::Integer(i)) => big_from_i128(i128::from(i)),
-        (tags::TUPLE, inner) => Value::Tuple(from_items(array_of(inner, "tuple")?)?),
-        (tags::SET, inner) => Value::Set(from_items(array_of(inner, "set")?)?),
-        (tags::FROZENSET, inner) => Value::FrozenSet(from_items(array_of(inner, "frozenset")?)?),
-        (tags::COMPLEX, inner) => {
-            let [re, im]: [Cbor; 2] =
-                array_of(inner, "complex number")?.try_into().map_err(|_| malformed("complex number"))?;
-            Value::Complex(float(re)?, float(im)?)
+    }
+
+    /// Fails unless the next item (the content of `tag`) has major type `major`.
+    pub(crate) fn expect_content(&self, major: u8, tag: u64) -> Result<()> {
+        let found = self.peek(&format!("tag {tag}"))? >> 5;
+        if found != major {
+            return Err(HostError::Protocol(format!(
+                "tag {tag} must hold a {}, not a {} (offset {})",
+                MAJOR_NAMES[usize::from(major)],
+                MAJOR_NAMES[usize::from(found)],
+                self.pos
+            )));
         }
-        (tags::BYTEARRAY, Cbor::Bytes(b)) => Value::ByteArray(b),
-        (tags::GLOBAL_REF, inner) => Value::Global(global_name(Cbor::Tag(tags::GLOBAL_REF, Box::new(inner)))?),
-        (tags::EXCEPTION, inner) => {
-            let [kind, args, traceback]: [Cbor; 3] =
-                array_of(inner, "exception")?.try_into().map_err(|_| malformed("exception"))?;
-            Value::Exception {
-                kind: global_name(kind)?,
-                args: from_items(array_of(args, "exception")?)?,
-                traceback: match traceback {
-                    Cbor::Null => None,
-                    other => Some(text(other, "exception")?),
-                },
+        Ok(())
+    }
+
+    /// Checks a declared count of items against the input left, assuming
+    /// every item takes at least `min_bytes` bytes.
+    pub(crate) fn check_count(&self, n: u64, min_bytes: u64, what: &str) -> Result<usize> {
+        let left = self.remaining();
+        match usize::try_from(n) {
+            Ok(count) if n.saturating_mul(min_bytes) <= left as u64 => Ok(count),
+            _ => Err(HostError::Protocol(format!(
+                "{what} declares {n} {} but only {left} bytes remain",
+                if what == "a map" { "entries" } else { "items" }
+            ))),
+        }
+    }
+
+    fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
+        let left = self.remaining();
+        match usize::try_from(n) {
+            Ok(n) if n <= left => {
+                let start = self.pos;
+                self.pos += n;
+                Ok(&self.data[start..self.pos])
+            }
+            _ => Err(HostError::Protocol(format!("{what} declares {n} bytes but only {left} remain"))),
+        }
+    }
+
+    fn fixed<const N: usize>(&mut self) -> Result<[u8; N]> {
+        match self.data.get(self.pos..self.pos + N) {
+            Some(bytes) => {
+                self.pos += N;
+                let mut out = [0u8; N];
+                out.copy_from_slice(bytes);
+                Ok(out)
+            }
+            None => Err(truncated(self.data.len(), "a head")),
+        }
+    }
+
+    /// Reads one head.
+    pub(crate) fn head(&mut self) -> Result<Head> {
+        let at = self.pos;
+        let initial = self.peek("a data item")?;
+        self.pos += 1;
+        let major = initial >> 5;
+        let info = initial & 0x1f;
+        let argument = match info {
+            0..=23 => Some(u64::from(info)),
+            24 => Some(u64::from(self.fixed::<1>()?[0])),
+            25 => Some(u64::from(u16::from_be_bytes(self.fixed()?))),
+            26 => Some(u64::from(u32::from_be_bytes(self.fixed()?))),
+            27 => Some(u64::from_be_bytes(self.fixed()?)),
+            31 => None,
+            _ => {
+                return Err(HostError::Protocol(format!(
+                    "reserved additional information {info} in the head at offset {at}"
+                )))
+            }
+        };
+        Ok(match (major, argument) {
+            (0, Some(n)) => Head::Uint(n),
+            (1, Some(n)) => Head::Nint(n),
+            (2, len) => Head::Bytes(len),
+            (3, len) => Head::Text(len),
+            (4, len) => Head::Array(len),
+            (5, len) => Head::Map(len),
+            (6, Some(tag)) => Head::Tag(tag),
+            (0 | 1 | 6, None) => {
+                return Err(HostError::Protocol(format!(
+                    "a {} cannot have an indefinite length (offset {at})",
+                    MAJOR_NAMES[usize::from(major)]
+                )))
+            }
+            (_, argument) => match (info, argument) {
+                (20, _) => Head::Bool(false),
+                (21, _) => Head::Bool(true),
+                (22, _) => Head::Null,
+                (23, _) => {
+                    return Err(HostError::Protocol(format!(
+                        "the CBOR value undefined (0xf7) at offset {at} has no meaning in cpy2py"
+                    )))
+                }
+                (25, Some(bits)) => Head::Float(f16_to_f64(bits as u16)),
+                (26, Some(bits)) => Head::Float(f64::from(f32::from_bits(bits as u32))),
+                (27, Some(bits)) => Head::Float(f64::from_bits(bits)),
+                (31, _) => Head::Break,
+                (_, simple) => {
+                    return Err(HostError::Protocol(format!(
+                        "unsupported CBOR simple value {} at offset {at}",
+                        simple.unwrap_or(u64::from(info))
+                    )))
+                }
+            },
+        })
+    }
+
+    /// The next chunk of an indefinite-length string of major type `major`,
+    /// or `None` at its break.
+    fn chunk(&mut self, major: u8) -> Result<Option<&'a [u8]>> {
+        let name = MAJOR_NAMES[usize::from(major)];
+        let at = self.pos;
+        let initial = self.peek(&format!("an indefinite-length {name}"))?;
+        if initial == 0xff {
+            self.pos += 1;
+            return Ok(None);
+        }
+        if initial >> 5 != major || initial & 0x1f == 31 {
+            return Err(HostError::Protocol(format!(
+                "a chunk of an indefinite-length {name} must be a definite {name} (offset {at})"
+            )));
+        }
+        match self.head()? {
+            Head::Bytes(Some(n)) | Head::Text(Some(n)) => self.take(n, &format!("a {name} chunk")).map(Some),
+            _ => unreachable!("the initial byte was checked"),
+        }
+    }
+
+    /// The content of a byte string whose head said `len`.
+    pub(crate) fn bytes(&mut self, len: Option<u64>) -> Result<Cow<'a, [u8]>> {
+        match len {
+            Some(n) => self.take(n, "a byte string").map(Cow::Borrowed),
+            None => {
+                let mut out = Vec::new();
+                while let Some(chunk) = self.chunk(2)? {
+                    out.extend_from_slice(chunk);
+                }
+                Ok(Cow::Owned(out))
             }
         }
-        (tags::TWIN_REF, inner) => {
-            let [owner, instance, class]: [Cbor; 3] =
-                array_of(inner, "twin reference")?.try_into().map_err(|_| malformed("twin reference"))?;
-            let instance = match instance {
-                Cbor::Integer(i) => u64::try_from(i).map_err(|_| malformed("twin reference"))?,
-                _ => return Err(malformed("twin reference")),
-            };
-            Value::TwinRef { owner: text(owner, "twin reference")?, instance, class: global_name(class)? }
+    }
+
+    /// The content of a text string whose head said `len`; every chunk of an
+    /// indefinite-length string must be valid UTF-8 by itself.
+    pub(crate) fn text(&mut self, len: Option<u64>) -> Result<Cow<'a, str>> {
+        let utf8 = |bytes: &'a [u8], at: usize| {
+            std::str::from_utf8(bytes).map_err(|e| {
+                HostError::Protocol(format!("invalid UTF-8 in the text string at offset {at}: {e}"))
+            })
+        };
+        match len {
+            Some(n) => {
+                let at = self.pos;
+                utf8(self.take(n, "a text string")?, at).map(Cow::Borrowed)
+            }
+            None => {
+                let mut out = String::new();
+                loop {
+                    let at = self.pos;
+                    match self.chunk(3)? {
+                        Some(chunk) => out.push_str(utf8(chunk, at)?),
+                        None => return Ok(Cow::Owned(out)),
+                    }
+                }
+            }
         }
-        (tags::PICKLE, Cbor::Bytes(b)) => Value::Pickle(b),
-        (tag, _) => return Err(HostError::Protocol(format!("unknown or malformed CBOR tag {tag} in a frame"))),
-    })
+    }
+
+    /// Fails if anything follows the one item of the frame.
+    pub(crate) fn finish(&self) -> Result<()> {
+        match self.remaining() {
+            0 => Ok(()),
+            n => Err(HostError::Protocol(format!(
+                "{n} trailing bytes after the CBOR data item (offset {})",
+                self.pos
+            ))),
+        }
+    }
 }

@@ -1,0 +1,44 @@
+"""cpy2py: one Python application, several interpreters.
+
+The master runs the program; twinterpreters (CPython or PyPy subprocesses)
+run the parts pinned to them with ``twinfunction`` or ``TwinObject``.
+"""
+
+from __future__ import annotations
+
+from . import kernel_state
+from ._logging import configure_from_environment as _configure_logging
+from .errors import (
+    ProtocolError,
+    RemoteError,
+    TwinError,
+    TwinStartError,
+    TwinterpreterTerminated,
+    TwinterpreterUnavailable,
+)
+from .functions import twinfunction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ProtocolError",
+    "RemoteError",
+    "TwinError",
+    "TwinMaster",
+    "TwinStartError",
+    "TwinterpreterTerminated",
+    "TwinterpreterUnavailable",
+    "kernel_state",
+    "twinfunction",
+]
+
+from .master import TwinMaster
+
+_level = _configure_logging(kernel_state.TWIN_ID)
+if _level and kernel_state.is_master():
+    try:
+        from . import _host
+
+        _host.init_logging({"WARNING": "warn", "CRITICAL": "error"}.get(_level, _level.lower()))
+    except ImportError:  # pure-Python install: only the Python logs then
+        pass

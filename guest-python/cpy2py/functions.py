@@ -1,0 +1,41 @@
+"""``twinfunction``: a function that always runs in its own twinterpreter."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+from . import kernel_state
+from .kernel import links
+from .protocol.messages import OP_EXECUTE
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
+    """Pin a module-level function to the twinterpreter ``twinterpreter_id``.
+
+    Called in that interpreter, it runs directly; called anywhere else, the
+    call is sent there (starting the twin on first use). The wrapper keeps
+    the function's name, docs, defaults, annotations and signature, and can
+    itself be passed to other interpreters.
+    """
+    if not isinstance(twinterpreter_id, str):
+        raise TypeError(
+            f"twinfunction takes a twinterpreter id such as 'pypy3', not {twinterpreter_id!r}; "
+            "write @twinfunction('pypy3')"
+        )
+
+    def decorator(func: F) -> F:
+        @functools.wraps(func)
+        def twin_function(*args: Any, **kwargs: Any) -> Any:
+            if kernel_state.TWIN_ID == twinterpreter_id:
+                return func(*args, **kwargs)
+            return links.connection_to(twinterpreter_id).request(OP_EXECUTE, twin_function, list(args), kwargs)
+
+        twin_function.__defaults__ = func.__defaults__  # type: ignore[attr-defined]
+        twin_function.__kwdefaults__ = func.__kwdefaults__  # type: ignore[attr-defined]
+        twin_function.__twin_id__ = twinterpreter_id  # type: ignore[attr-defined]
+        return twin_function  # type: ignore[return-value]
+
+    return decorator

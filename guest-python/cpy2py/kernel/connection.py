@@ -1,0 +1,486 @@
+"""One link between this interpreter and a peer: requests, replies, threads.
+
+Who reads the stream: whichever thread needs a frame. A thread waiting for a
+reply reads the stream itself when nobody else does (no hand-off to another
+thread in the common, single-threaded case); otherwise it sleeps until a
+frame for it is delivered or the reading role is free. When no thread waits,
+an idle *server* thread polls the stream without holding the role, so it
+never steals a reply from a caller, and executes requests that start a new
+chain of calls. Before executing, it passes polling on to a spare server
+(starting one if needed), so the link is always served.
+
+Chains: every request names the chain (thread of control) it belongs to. A
+request whose chain is waiting in a thread here is executed by that very
+thread, which is what makes recursion across interpreters work on one thread
+and keeps the replies of many threads apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
+
+from .. import _logging
+from ..errors import ProtocolError, TwinterpreterTerminated
+from ..protocol import codec
+from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
+from .serialization import Serializer, take_lookup_failure
+
+log = _logging.get_logger("connection")
+
+#: guards the routing state of all connections of this process
+_ROUTE_LOCK = threading.Lock()
+#: chain id -> the waiter of the thread currently running that chain here
+_CHAINS: "Dict[int, _Waiter]" = {}
+_chain_ids = itertools.count(1)
+_local = threading.local()
+
+
+class _Waiter:
+    """A thread's mailbox: frames routed to it, and a lock to sleep on."""
+
+    __slots__ = ("inbox", "wake", "parked_on", "chain", "depth", "name")
+
+    def __init__(self) -> None:
+        self.inbox: Deque[Tuple[Connection, list]] = deque()
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        #: the queue this waiter sleeps in, if it sleeps
+        self.parked_on: Optional[Deque[_Waiter]] = None
+        #: the chain this thread runs, or None before its first call
+        self.chain: Optional[int] = None
+        #: how many of this thread's calls are in flight (nesting depth)
+        self.depth = 0
+        self.name = threading.current_thread().name
+
+
+def _this_waiter() -> _Waiter:
+    try:
+        return _local.waiter
+    except AttributeError:
+        waiter = _local.waiter = _Waiter()
+        return waiter
+
+
+def _new_chain() -> int:
+    # unique on this machine while this process lives: pid and a counter
+    return (os.getpid() << 24) | (next(_chain_ids) & 0xFFFFFF)
+
+
+def _unpark(waiter: _Waiter) -> None:
+    """Wake ``waiter`` if it sleeps. Caller holds _ROUTE_LOCK."""
+    if waiter.parked_on is not None:
+        waiter.parked_on.remove(waiter)
+        waiter.parked_on = None
+        waiter.wake.release()
+
+
+def _deliver(waiter: _Waiter, item: "Tuple[Connection, list]") -> None:
+    with _ROUTE_LOCK:
+        waiter.inbox.append(item)
+        _unpark(waiter)
+
+
+def _park(waiter: _Waiter, queue: "Deque[_Waiter]") -> None:
+    """Caller holds _ROUTE_LOCK; the waiter then calls ``_sleep``."""
+    waiter.parked_on = queue
+    queue.append(waiter)
+
+
+def _sleep(waiter: _Waiter) -> None:
+    """Sleep until unparked. If interrupted (Ctrl-C), leave no trace in the
+    queues, so nobody hands the reading role to a thread that left."""
+    try:
+        waiter.wake.acquire()
+    except BaseException:
+        with _ROUTE_LOCK:
+            if waiter.parked_on is not None:
+                waiter.parked_on.remove(waiter)
+                waiter.parked_on = None
+            else:  # woken meanwhile: consume the wake-up
+                waiter.wake.acquire(False)
+        raise
+
+
+class Connection:
+    """The link to one peer interpreter, usable from any number of threads.
+
+    ``transport`` moves frames (``send``, ``recv``, ``wait_readable``);
+    ``describe_end`` explains, once the stream ended, how the peer ended.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        peer_id: str,
+        serializer: Serializer,
+        describe_end: Callable[[], str],
+        on_shutdown: Optional[Callable[[], None]] = None,
+        after_request: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.transport = transport
+        self.peer_id = peer_id
+        self.serializer = serializer
+        self._describe_end = describe_end
+        self._on_shutdown = on_shutdown
+        self._after_request = after_request
+        self._ids = itertools.count(1)
+        # routing state, guarded by _ROUTE_LOCK
+        self._pending: Dict[int, _Waiter] = {}
+        self._reading = False
+        self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
+        self._parked_poller: Deque[_Waiter] = deque()  # the poller, while a caller reads
+        self._spares: Deque[_Waiter] = deque()  # idle servers
+        self._poller: Optional[_Waiter] = None
+        self._servers = 0
+        self.broken: Optional[BaseException] = None
+
+    def __repr__(self) -> str:
+        return f"<cpy2py Connection to {self.peer_id!r}{' (broken)' if self.broken else ''}>"
+
+    # -- calling the peer -------------------------------------------------
+
+    def request(self, op: int, *operands: Any) -> Any:
+        """Send a request and wait for its result (or raise its exception)."""
+        waiter = _this_waiter()
+        if waiter.chain is None:
+            waiter.chain = _new_chain()
+        chain = waiter.chain
+        req_id = next(self._ids)
+        payload = codec.dumps([REQUEST, req_id, chain, op, *operands], self.serializer.default)
+        if __debug__:
+            log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
+        with _ROUTE_LOCK:
+            if self.broken is not None:
+                raise self._broken_error()
+            self._pending[req_id] = waiter
+            _CHAINS[chain] = waiter
+            waiter.depth += 1
+        try:
+            try:
+                self.transport.send(payload)
+            except OSError as err:
+                self._fail(err)
+                raise self._broken_error() from None
+            return self._wait_for_reply(waiter, req_id)
+        finally:
+            with _ROUTE_LOCK:
+                self._pending.pop(req_id, None)
+                waiter.depth -= 1
+                if waiter.depth == 0:
+                    _CHAINS.pop(chain, None)
+
+    def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Any:
+        while True:
+            conn, message = self._next_for(waiter)
+            kind = message[0]
+            if kind == REQUEST:  # a nested call of our chain: run it right here
+                conn._execute(message)
+            elif conn is self and message[1] == req_id:
+                if kind == REPLY:
+                    return message[2]
+                raise self.serializer.reraise(message[2])
+            else:
+                log.warning("dropped a reply to request %r that is not awaited here", message[1])
+
+    def _next_for(self, waiter: _Waiter) -> "Tuple[Connection, list]":
+        """The next message for ``waiter``: from its inbox, or read by itself."""
+        while True:
+            with _ROUTE_LOCK:
+                if waiter.inbox:
+                    if not self._reading:
+                        self._role_is_free()  # this thread may have been woken to read
+                    return waiter.inbox.popleft()
+                if self.broken is not None:
+                    raise self._broken_error()
+                if self._reading:
+                    _park(waiter, self._callers)
+                    read = False
+                else:
+                    self._reading = True
+                    read = True
+            if not read:
+                _sleep(waiter)
+                continue
+            message = self._read_one()
+            if message is None:
+                continue
+            item = self._route(message, waiter)
+            if item is not None:
+                return item
+
+    # -- reading and routing ----------------------------------------------
+
+    def _release_role(self) -> None:
+        """Caller holds _ROUTE_LOCK: give up the reading role."""
+        self._reading = False
+        self._role_is_free()
+
+    def _role_is_free(self) -> None:
+        """Caller holds _ROUTE_LOCK: offer the free role to a caller, else the poller."""
+        if self._callers:
+            _unpark(self._callers[0])
+        elif self._parked_poller:
+            _unpark(self._parked_poller[0])
+
+    def _read_one(self) -> Optional[list]:
+        """Read and decode one frame; the caller holds the reading role, which
+        this gives up. None when nothing usable was read (the link is then
+        marked broken if it ended)."""
+        try:
+            raw = self.transport.recv()
+        except BaseException as err:
+            with _ROUTE_LOCK:
+                self._release_role()
+            if isinstance(err, (OSError, ProtocolError)):
+                self._fail(err)
+                return None
+            raise  # KeyboardInterrupt and friends: the frame state is kept for the next reader
+        with _ROUTE_LOCK:
+            self._release_role()
+        if raw is None:
+            self._fail(None)
+            return None
+        try:
+            message = codec.loads(raw, self.serializer.tag_hook)
+        except ProtocolError as err:
+            take_lookup_failure()
+            self._fail(err)
+            return None
+        if not isinstance(message, list) or not message or not isinstance(message[0], int):
+            self._fail(ProtocolError(f"received a message that is not a cpy2py message: {message!r:.200}"))
+            return None
+        failure = take_lookup_failure()
+        if failure is not None and len(message) > 2:
+            # a name in it does not exist here: the request or reply fails, the link stays
+            if message[0] == REQUEST:
+                self._send_reply(message[1], RAISE, failure)
+                return None
+            if message[0] in (REPLY, RAISE):
+                return [RAISE, message[1], failure]
+        return message
+
+    def _route(self, message: list, reader: Optional[_Waiter]) -> "Optional[Tuple[Connection, list]]":
+        """Send ``message`` where it belongs; returns it if it is the reader's to handle."""
+        kind = message[0]
+        try:
+            if kind == REPLY or kind == RAISE:
+                req_id = message[1]
+                with _ROUTE_LOCK:
+                    target = self._pending.get(req_id)
+                if target is None:
+                    log.warning("%s replied to request %r, which nobody waits for", self.peer_id, req_id)
+                    return None
+            elif kind == REQUEST:
+                chain = message[2]
+                with _ROUTE_LOCK:
+                    target = _CHAINS.get(chain)
+                if target is None:  # a new chain here: for the reader if it is a server
+                    return (self, message) if reader is None else self._hand_to_server(message)
+            elif kind == RELEASE:
+                self.serializer.release(message[1])
+                return None
+            elif kind == SHUTDOWN:
+                self._shutdown(message[1])
+                return None
+            else:
+                raise ProtocolError(f"unknown message kind {kind!r}")
+        except (IndexError, TypeError, ProtocolError) as err:
+            self._fail(err if isinstance(err, ProtocolError) else ProtocolError(f"malformed message: {err}"))
+            return None
+        if target is reader:
+            return (self, message)
+        _deliver(target, (self, message))
+        return None
+
+    def _hand_to_server(self, message: list) -> None:
+        """A caller read a request of a new chain: a server executes it."""
+        with _ROUTE_LOCK:
+            spare = self._spares[0] if self._spares else None
+            if spare is not None:
+                spare.inbox.append((self, message))
+                _unpark(spare)
+                return None
+        self._start_server(first=(self, message))
+        return None
+
+    # -- serving the peer -------------------------------------------------
+
+    def start_serving(self) -> None:
+        """Start the first idle server thread of this link."""
+        self._start_server()
+
+    def serve(self) -> None:
+        """Serve the peer on this thread until the link ends (a twin's main loop)."""
+        self._serve(None)
+
+    def _start_server(self, first: "Optional[Tuple[Connection, list]]" = None) -> None:
+        thread = threading.Thread(
+            target=self._serve, args=(first,), name=f"cpy2py-server-{self.peer_id}", daemon=True
+        )
+        thread.start()
+
+    def _serve(self, first: "Optional[Tuple[Connection, list]]") -> None:
+        waiter = _this_waiter()
+        with _ROUTE_LOCK:
+            self._servers += 1
+        try:
+            if first is not None:
+                self._execute_as_server(waiter, first[1])
+            while True:
+                item = self._next_request(waiter)
+                if item is None:
+                    return
+                self._execute_as_server(waiter, item[1])
+        finally:
+            with _ROUTE_LOCK:
+                self._servers -= 1
+
+    def _next_request(self, waiter: _Waiter) -> "Optional[Tuple[Connection, list]]":
+        """Idle server: wait for a request of a new chain; None when the link ended."""
+        while True:
+            with _ROUTE_LOCK:
+                if waiter.inbox:
+                    if not self._reading:
+                        self._role_is_free()
+                    return waiter.inbox.popleft()
+                if self.broken is not None:
+                    return None
+                if self._poller is None:
+                    self._poller = waiter
+                if self._poller is not waiter:
+                    _park(waiter, self._spares)
+                    poll = False
+                else:
+                    poll = True
+            if not poll:
+                _sleep(waiter)
+                continue
+            try:
+                self.transport.wait_readable(None)
+            except (OSError, ValueError) as err:
+                self._fail(err)
+                continue
+            with _ROUTE_LOCK:
+                if self._reading:  # a caller reads; it will take what arrived
+                    _park(waiter, self._parked_poller)
+                    read = False
+                else:
+                    self._reading = True
+                    read = True
+            if not read:
+                _sleep(waiter)
+                continue
+            try:
+                ready = self.transport.wait_readable(0)
+            except (OSError, ValueError):
+                ready = True  # let recv report it
+            if not ready:  # someone else took the data meanwhile
+                with _ROUTE_LOCK:
+                    self._release_role()
+                continue
+            message = self._read_one()
+            if message is None:
+                continue
+            item = self._route(message, None)
+            if item is not None:
+                return item
+
+    def _execute_as_server(self, waiter: _Waiter, message: list) -> None:
+        # hand polling on before running, so the link stays served
+        with _ROUTE_LOCK:
+            if self._poller is waiter:
+                self._poller = None
+                if self._spares:
+                    _unpark(self._spares[0])
+                    need_server = False
+                else:
+                    need_server = True
+            else:
+                need_server = False
+        if need_server:
+            self._start_server()
+        waiter.chain = message[2]
+        try:
+            self._execute(message)
+        finally:
+            waiter.chain = None
+
+    def _execute(self, message: list) -> None:
+        """Run a request on this thread and send its reply."""
+        try:
+            kind, value = REPLY, self.serializer.perform(message[3], message[4:])
+        except BaseException as err:  # every failure, SystemExit included, goes back to the caller
+            kind, value = RAISE, err
+        if self._after_request is not None:  # e.g. flush what the request printed first
+            self._after_request()
+        self._send_reply(message[1], kind, value)
+
+    def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
+        try:
+            payload = codec.dumps([kind, req_id, value], self.serializer.default)
+        except Exception as err:  # the result cannot be sent: say why instead
+            payload = codec.dumps([RAISE, req_id, err], self.serializer.default)
+        if __debug__:
+            log.debug("<- %s %s %d", self.peer_id, "reply" if kind == REPLY else "raise", req_id)
+        try:
+            self.transport.send(payload)
+        except OSError as err:
+            self._fail(err)
+
+    def _shutdown(self, req_id: int) -> None:
+        try:
+            self.transport.send(codec.dumps([REPLY, req_id, None]))
+        except OSError:
+            pass
+        self._fail(None, reason=f"{self.peer_id} shut this link down")
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+
+    # -- the end of the link ----------------------------------------------
+
+    def _broken_error(self) -> BaseException:
+        err = self.broken
+        assert err is not None
+        return err
+
+    def _fail(self, cause: Optional[BaseException], reason: Optional[str] = None) -> None:
+        """Mark the link broken and wake everyone who waits on it."""
+        with _ROUTE_LOCK:
+            if self.broken is not None:
+                return
+            # placeholder while the end is described outside the lock
+            self.broken = TwinterpreterTerminated(f"the link to twinterpreter {self.peer_id!r} ended")
+        if isinstance(cause, ProtocolError):
+            error: BaseException = cause
+            log.error("protocol error on the link to %s: %s", self.peer_id, cause)
+        else:
+            try:
+                how = reason or self._describe_end()
+            except Exception as err:  # describing must never keep waiters hanging
+                how = f"ended ({err})"
+            error = TwinterpreterTerminated(f"twinterpreter {self.peer_id!r} {how}")
+            if cause is not None:
+                error.__cause__ = cause
+            log.info("link to %s ended: %s", self.peer_id, how)
+        with _ROUTE_LOCK:
+            self.broken = error
+            for queue in (self._callers, self._parked_poller, self._spares):
+                while queue:
+                    _unpark(queue[0])
+            for waiter in list(self._pending.values()):
+                _unpark(waiter)
+
+    def close(self, reason: str) -> None:
+        """Mark the link ended by this side (stop/destroy)."""
+        self._fail(None, reason=reason)
+
+
+def current_chain() -> Optional[int]:
+    """The chain of the calling thread, if it has made or served a call."""
+    waiter = getattr(_local, "waiter", None)
+    return None if waiter is None else waiter.chain
+

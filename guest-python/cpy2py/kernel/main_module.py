@@ -1,0 +1,93 @@
+"""The master's ``__main__`` module, as seen from every interpreter.
+
+Functions and classes defined in the master's main script are known as
+``__main__.name``. In a twin, ``__main__`` is the kernel's bootstrap, so the
+twin loads the master's script as the module ``__cpy2py_main__`` (its
+``if __name__ == "__main__":`` block does not run unless ``run_main``) on
+first use, and resolves ``__main__`` to it. The master aliases
+``__cpy2py_main__`` to its own ``__main__``, so names coming back resolve too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+from types import ModuleType
+from typing import Any, Dict, Optional
+
+MAIN_ALIAS = "__cpy2py_main__"
+
+_lock = threading.RLock()
+_config: Dict[str, Any] = {}
+_loaded: Optional[ModuleType] = None
+
+
+def describe_master_main() -> Dict[str, Any]:
+    """In the master: where twins find its main module (path or module name)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", None):
+        # started with `python -m package.module`: importable by name
+        sys.modules.setdefault(spec.name, main)  # type: ignore[arg-type]
+        return {"main_name": spec.name, "main_path": None}
+    path = getattr(main, "__file__", None)
+    if path and os.path.exists(path):
+        return {"main_name": None, "main_path": os.path.abspath(path)}
+    return {"main_name": None, "main_path": None}  # interactive, -c, embedded
+
+
+def alias_master_main() -> None:
+    """In the master: names of ``__cpy2py_main__`` sent back by twins resolve to ``__main__``."""
+    if "__main__" in sys.modules:
+        sys.modules.setdefault(MAIN_ALIAS, sys.modules["__main__"])
+
+
+def configure_twin(main_path: Optional[str], main_name: Optional[str], run_main: bool) -> None:
+    """In a twin: remember how to load the master's main module."""
+    _config.update(main_path=main_path, main_name=main_name, run_main=run_main)
+    if run_main:  # the main block is meant to run: do it at start, like the master did
+        load()
+
+
+def is_main_name(module: str) -> bool:
+    return module == "__main__" or module == MAIN_ALIAS
+
+
+def load() -> ModuleType:
+    """The master's main module in this interpreter (loaded once, on first use)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if not _config:  # the master itself
+            return sys.modules["__main__"]
+        main_name, main_path = _config.get("main_name"), _config.get("main_path")
+        if main_name:
+            module = importlib.import_module(main_name)
+        elif main_path:
+            run_name = "__main__" if _config.get("run_main") else MAIN_ALIAS
+            spec = importlib.util.spec_from_file_location(run_name, main_path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load the master's main module from {main_path!r}")
+            module = importlib.util.module_from_spec(spec)
+            # registered first, so the script's own imports of it and its
+            # twinfunctions resolve while it runs
+            sys.modules[MAIN_ALIAS] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[MAIN_ALIAS]
+                raise
+        else:
+            raise ImportError(
+                "the master's __main__ has no file (interactive session or -c); "
+                "define shared functions and classes in a module instead"
+            )
+        sys.modules[MAIN_ALIAS] = module
+        _loaded = module
+        return module

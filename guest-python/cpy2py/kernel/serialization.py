@@ -1,0 +1,256 @@
+"""What the kernel adds to the codec: references, exceptions and pickle.
+
+The codec carries plain data; everything else passes through the hooks here:
+
+- functions, classes and other module-level names travel as a reference
+  (module, qualname) and are looked up on the other side;
+- exceptions travel as type reference, args and the formatted traceback,
+  and are raised again as the same type with the remote traceback attached;
+- on trusted links, any other picklable object is pickled (pass by value).
+
+Looking up a name may fail on the receiving side (a module missing there).
+Such failures do not break the link: they are collected while decoding and
+turned into the error of the request or reply that carried the name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+import threading
+import traceback
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import ProtocolError, RemoteError, RemoteTraceback
+from ..protocol import tags
+from ..protocol.messages import OP_EXECUTE
+from . import main_module
+
+PICKLE_PROTOCOL = 4
+
+_failures = threading.local()
+
+
+def take_lookup_failure() -> Optional[BaseException]:
+    """The first name lookup that failed while this thread decoded its last
+    frame (and was not absorbed, see ``_forget_failure``); clears the record."""
+    failures: Optional[List[Tuple[Any, BaseException]]] = getattr(_failures, "list", None)
+    if failures is None:
+        return None
+    _failures.list = None
+    return failures[0][1] if failures else None
+
+
+def _record_failure(placeholder: Any, err: BaseException) -> None:
+    failures = getattr(_failures, "list", None)
+    if failures is None:
+        failures = _failures.list = []
+    failures.append((placeholder, err))
+
+
+def _forget_failure(placeholder: Any) -> None:
+    """A failed lookup that the enclosing value can do without."""
+    failures = getattr(_failures, "list", None) or []
+    failures[:] = [f for f in failures if f[0] is not placeholder]
+
+
+class _Unresolved:
+    """Stands in for a name that could not be looked up here."""
+
+    __slots__ = ("module", "qualname")
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.module, self.qualname = module, qualname
+
+    def __repr__(self) -> str:
+        return f"<unresolved {self.module}.{self.qualname}>"
+
+
+def import_module(name: str) -> Any:
+    if main_module.is_main_name(name):
+        return main_module.load()
+    return importlib.import_module(name)
+
+
+def lookup(module: str, qualname: str) -> Any:
+    """The object named ``qualname`` in ``module``."""
+    obj = import_module(module)
+    for part in qualname.split("."):
+        if part == "<locals>":
+            raise LookupError(f"{module}.{qualname} is local to a function and has no global name")
+        obj = getattr(obj, part)
+    return obj
+
+
+def global_name(obj: Any) -> Optional[Tuple[str, str]]:
+    """(module, qualname) if ``obj`` can be found again by that name, else None."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<locals>" in qualname:
+        return None
+    try:
+        found = lookup(module, qualname)
+    except Exception:
+        return None
+    return (module, qualname) if found is obj else None
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if main_module.is_main_name(module):
+            return lookup(module, name)
+        return super().find_class(module, name)
+
+
+def format_exception(err: BaseException) -> str:
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+
+
+class Serializer:
+    """Codec hooks and request execution for one link.
+
+    ``trusted`` links (native twins) may carry pickles and look up any name;
+    sandboxed links will get a stricter subclass.
+    """
+
+    def __init__(self, peer_id: str, trusted: bool = True) -> None:
+        self.peer_id = peer_id
+        self.trusted = trusted
+        # names known to resolve back to their object: encoding them is a dict hit
+        self._names: Dict[int, Tuple[Any, Tuple[str, str]]] = {}
+        self._lookups: Dict[Tuple[str, str], Any] = {}
+
+    # -- encoding ---------------------------------------------------------
+
+    def default(self, obj: Any) -> Tuple[int, Any]:
+        """Codec hook: how to send what plain data cannot carry."""
+        known = self._names.get(id(obj))
+        if known is not None and known[0] is obj:
+            return tags.GLOBAL_REF, list(known[1])
+        if type(obj) is _GlobalRef:
+            return tags.GLOBAL_REF, list(obj.name)
+        if isinstance(obj, BaseException):
+            return tags.EXCEPTION, self._exception_fields(obj)
+        if callable(obj) or isinstance(obj, type):
+            name = global_name(obj)
+            if name is not None:
+                self._names[id(obj)] = (obj, name)
+                return tags.GLOBAL_REF, list(name)
+        if self.trusted:
+            try:
+                return tags.PICKLE, pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+            except Exception as err:
+                raise TypeError(
+                    f"cannot send {type(obj).__module__}.{type(obj).__qualname__} object {obj!r:.80} "
+                    f"to twinterpreter {self.peer_id!r}: it is not plain data, has no global name and "
+                    f"cannot be pickled ({err}). Send data, a module-level function or class, "
+                    f"or make it a TwinObject"
+                ) from None
+        raise TypeError(
+            f"cannot send {type(obj).__module__}.{type(obj).__qualname__} object to {self.peer_id!r}"
+        )
+
+    def _exception_fields(self, err: BaseException) -> List[Any]:
+        from ..protocol import codec  # late: codec imports nothing from here
+
+        kind = type(err)
+        # the type's own name even if it cannot be looked up here: the
+        # receiver then raises a RemoteError that names it
+        name = (getattr(kind, "__module__", "builtins"), kind.__qualname__)
+        args = list(err.args)
+        try:
+            codec.dumps(args, self.default)
+        except Exception:  # the args cannot travel: their text can
+            args = [str(err)]
+        return [_GlobalRef(name), args, format_exception(err)]
+
+    # -- decoding ---------------------------------------------------------
+
+    def tag_hook(self, tag: int, value: Any) -> Any:
+        """Codec hook: what a kernel tag means here."""
+        if tag == tags.GLOBAL_REF:
+            try:
+                return self._lookup(value)
+            except ProtocolError:
+                raise
+            except Exception as err:
+                placeholder = _Unresolved(value[0], value[1])
+                _record_failure(placeholder, err)
+                return placeholder
+        try:
+            if tag == tags.EXCEPTION:
+                return self._exception(value)
+            if tag == tags.PICKLE:
+                if not self.trusted:
+                    raise ProtocolError(f"{self.peer_id!r} sent a pickle on a link that does not allow them")
+                return _Unpickler(io.BytesIO(value)).load()
+        except ProtocolError:
+            raise
+        except Exception as err:
+            _record_failure(None, err)
+            return None
+        raise ProtocolError(f"{self.peer_id!r} sent unknown CBOR tag {tag}")
+
+    def _lookup(self, value: Any) -> Any:
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise ProtocolError(f"malformed name reference {value!r:.100}")
+        key = (value[0], value[1])
+        try:
+            return self._lookups[key]
+        except KeyError:
+            pass
+        try:
+            obj = lookup(*key)
+        except Exception as err:
+            raise LookupError(
+                f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        self._lookups[key] = obj
+        return obj
+
+    def _exception(self, value: Any) -> BaseException:
+        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], list)):
+            raise ProtocolError(f"malformed exception {value!r:.100}")
+        kind, args, text = value
+        if isinstance(kind, _Unresolved):
+            _forget_failure(kind)
+        if isinstance(kind, _Unresolved) or not (isinstance(kind, type) and issubclass(kind, BaseException)):
+            name = f"{kind.module}.{kind.qualname}" if isinstance(kind, _Unresolved) else repr(kind)
+            err: BaseException = RemoteError(name, ", ".join(map(str, args)), text)
+        else:
+            try:
+                err = kind(*args)
+            except Exception:  # a custom __init__: restore the args only
+                err = kind.__new__(kind)
+                err.args = tuple(args)
+        if text:
+            err.__cause__ = RemoteTraceback(text)
+        return err
+
+    def reraise(self, value: Any) -> BaseException:
+        if isinstance(value, BaseException):
+            return value
+        return ProtocolError(f"{self.peer_id!r} raised something that is not an exception: {value!r:.100}")
+
+    # -- executing requests -------------------------------------------------
+
+    def perform(self, op: int, operands: List[Any]) -> Any:
+        """Run one request operation and return its result."""
+        if op == OP_EXECUTE:
+            func, args, kwargs = operands
+            return func(*args, **kwargs)
+        raise ProtocolError(f"unknown request operation {op!r}")
+
+    def release(self, instance_ids: Any) -> None:
+        """The peer dropped its proxies of these objects."""
+
+
+class _GlobalRef:
+    """Encodes as a name reference without a lookup (for exception types)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: Tuple[str, str]) -> None:
+        self.name = name

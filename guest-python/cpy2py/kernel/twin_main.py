@@ -1,0 +1,93 @@
+"""The kernel of a native twin: handshake with the master, then serve.
+
+Started by the bootstrap that the master passes with ``-c``
+(see ``cpy2py.master.BOOTSTRAP``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import traceback
+from typing import Any, Dict
+
+from .. import _logging, kernel_state
+from ..errors import ProtocolError
+from ..protocol import codec
+from ..protocol.messages import PROTOCOL_VERSION
+from ..protocol.transport import FdTransport
+from . import links, main_module
+from .connection import Connection
+from .serialization import Serializer
+
+log = _logging.get_logger("twin")
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _apply_config(config: Dict[str, Any]) -> None:
+    front = [p for p in config.get("app_paths", []) if p not in sys.path]
+    sys.path[:0] = front
+    sys.path.extend(p for p in config.get("site_paths", []) if p not in sys.path)
+    if config.get("argv") is not None:
+        sys.argv[:] = config["argv"]
+    main_module.configure_twin(config.get("main_path"), config.get("main_name"), bool(config.get("run_main")))
+
+
+def main() -> None:
+    read_fd, write_fd = (int(fd) for fd in os.environ.pop("__CPY2PY_FDS__").split(","))
+    # the twin's own children must not hold the protocol pipes open
+    os.set_inheritable(read_fd, False)
+    os.set_inheritable(write_fd, False)
+    _logging.configure_from_environment(kernel_state.TWIN_ID)
+    transport = FdTransport(read_fd, write_fd)
+    transport.send(
+        codec.dumps(
+            {
+                "cpy2py": PROTOCOL_VERSION,
+                "twin_id": kernel_state.TWIN_ID,
+                "implementation": sys.implementation.name,
+                "version": platform.python_version(),
+                "executable": sys.executable,
+                "pid": os.getpid(),
+            }
+        )
+    )
+    raw = transport.recv()
+    if raw is None:  # the master gave up on us
+        os._exit(0)
+    welcome = codec.loads(raw)
+    if welcome.get("cpy2py") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"the master speaks cpy2py protocol {welcome.get('cpy2py')}, "
+            f"this twin speaks protocol {PROTOCOL_VERSION}"
+        )
+    try:
+        _apply_config(welcome["config"])
+    except BaseException:
+        transport.send(codec.dumps({"error": traceback.format_exc()}))
+        _flush_stdio()
+        os._exit(1)
+    transport.send(codec.dumps({"ready": True}))
+    log.info("twin %s (%s %s) serving", kernel_state.TWIN_ID, sys.implementation.name, platform.python_version())
+    connection = Connection(
+        transport,
+        kernel_state.MASTER_ID,
+        Serializer(kernel_state.MASTER_ID),
+        describe_end=lambda: "closed the link",
+        after_request=_flush_stdio,
+    )
+    links.register(kernel_state.MASTER_ID, connection)
+    connection.serve()
+    log.info("twin %s done", kernel_state.TWIN_ID)
+    _flush_stdio()
+    # daemon threads may still run user code; the link is gone, so are we
+    os._exit(0)

@@ -1,0 +1,331 @@
+"""``TwinMaster``: start, use and stop a twinterpreter from the master.
+
+A native twin is an interpreter subprocess spawned by the Rust host
+(``cpy2py._host.ProcessTwin``) with the protocol on dedicated pipes. It needs
+nothing installed: the bootstrap below loads this very ``cpy2py`` package from
+the master's copy.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import sysconfig
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import _logging, kernel_state
+from .errors import TwinStartError, TwinterpreterUnavailable
+from .kernel import links, main_module
+from .kernel.connection import Connection
+from .kernel.serialization import Serializer
+from .protocol import codec
+from .protocol.messages import OP_EXECUTE, PROTOCOL_VERSION, SHUTDOWN
+
+log = _logging.get_logger("master")
+
+#: kernels of the original cpy2py; all are served by the one thread-safe kernel now
+KNOWN_KERNELS = (None, "single", "async", "multi")
+
+#: exit status of the bootstrap on an interpreter that is too old
+TOO_OLD_STATUS = 86
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Runs in the twin with -c. It must parse on Python 2 too, to say clearly
+# that the interpreter is too old instead of failing with a SyntaxError.
+BOOTSTRAP = """\
+import sys
+if sys.version_info < (3, 9):
+    sys.stderr.write("cpy2py: %s is Python %s; twinterpreters need Python 3.9 or newer\\n"
+                     % (sys.executable, sys.version.split()[0]))
+    sys.exit({too_old})
+import importlib.util
+spec = importlib.util.spec_from_file_location(
+    "cpy2py", {init!r}, submodule_search_locations=[{package!r}])
+module = importlib.util.module_from_spec(spec)
+sys.modules["cpy2py"] = module
+spec.loader.exec_module(module)
+del spec, module
+from cpy2py.kernel.twin_main import main
+main()
+""".format(
+    too_old=TOO_OLD_STATUS, init=os.path.join(_PACKAGE_DIR, "__init__.py"), package=_PACKAGE_DIR
+)
+
+_ALIASES = {"pypy": "pypy3", "python": "python3"}
+
+
+def _host() -> Any:
+    try:
+        from . import _host as host
+    except ImportError as err:
+        raise TwinStartError(
+            "the compiled part of cpy2py (cpy2py._host) is not available in this interpreter, "
+            "so it cannot start twinterpreters: install cpy2py with pip in this environment "
+            f"or build it with `just build` ({err})"
+        ) from None
+    return host
+
+
+def resolve_executable(executable: str) -> str:
+    """The path of ``executable`` (a name on PATH or a path), or a clear error."""
+    if os.sep in executable:
+        if not os.path.exists(executable):
+            raise TwinStartError(f"twinterpreter executable {executable!r} does not exist")
+        if not os.access(executable, os.X_OK) or os.path.isdir(executable):
+            raise TwinStartError(f"twinterpreter executable {executable!r} is not an executable file")
+        return executable
+    for name in (executable, _ALIASES.get(executable)):
+        found = name and shutil.which(name)
+        if found:
+            return found
+    alias = _ALIASES.get(executable)
+    also = f" (nor {alias!r})" if alias else ""
+    hint = " (on Debian: apt-get install pypy3)" if executable.startswith("pypy") else ""
+    raise TwinStartError(
+        f"no executable named {executable!r}{also} on PATH: install that interpreter{hint} "
+        f"or pass its path, e.g. TwinMaster(executable='/path/to/python3')"
+    )
+
+
+def _path_config() -> Dict[str, List[str]]:
+    """The master's sys.path for a twin: application entries go first, the
+    master's package dirs last (so the twin's own packages win), its stdlib
+    not at all (another interpreter has its own)."""
+    stdlib = {
+        os.path.realpath(p)
+        for key in ("stdlib", "platstdlib")
+        for p in [sysconfig.get_paths().get(key)]
+        if p
+    }
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    app_paths, site_paths = [], []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if path in stdlib or path.endswith((".zip", "lib-dynload")) or not os.path.isdir(path):
+            continue
+        if any(path == p or path.startswith(p + os.sep) for p in prefixes) or "-packages" in path:
+            site_paths.append(path)
+        else:
+            app_paths.append(path)
+    return {"app_paths": app_paths, "site_paths": site_paths}
+
+
+class _Twin:
+    """A running native twin: the process and the connection to it."""
+
+    def __init__(self, twin_id: str, process: Any, connection: Connection) -> None:
+        self.twin_id = twin_id
+        self.process = process
+        self.connection = connection
+
+    @property
+    def alive(self) -> bool:
+        return self.connection.broken is None and self.process.exit_status() is None
+
+    def shut_down(self, reason: str, timeout: float) -> None:
+        """Ask the twin to exit, kill it if it does not within ``timeout``."""
+        self.connection.close(reason)
+        if timeout > 0:
+            try:
+                self.process.send(codec.dumps([SHUTDOWN, 0]))
+            except OSError:
+                pass
+            if self.process.wait(timeout) is not None:
+                return
+        self.process.kill()
+
+
+_running: Dict[str, _Twin] = {}
+_running_lock = threading.RLock()
+
+
+class TwinMaster:
+    """Control of one twinterpreter, identified by its twin id.
+
+    ``TwinMaster('pypy3')`` names both the executable and the id; give
+    ``executable`` and ``twinterpreter_id`` separately to run several twins
+    of one interpreter. Objects and functions with ``__twin_id__`` or
+    ``twinfunction(id)`` run in the twin of that id.
+    """
+
+    def __init__(
+        self,
+        executable: Optional[str] = None,
+        twinterpreter_id: Optional[str] = None,
+        kernel: Any = None,
+        main_module: bool = True,
+        run_main: bool = False,
+        restore_argv: bool = False,
+        handshake_timeout: float = 60.0,
+    ) -> None:
+        if executable is None and twinterpreter_id is None:
+            raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
+        if kernel not in KNOWN_KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
+        self.executable: str = executable if executable is not None else str(twinterpreter_id)
+        self.twinterpreter_id: str = (
+            twinterpreter_id if twinterpreter_id is not None else os.path.basename(self.executable)
+        )
+        if self.twinterpreter_id == kernel_state.MASTER_ID:
+            raise ValueError(f"{self.twinterpreter_id!r} is the id of the master itself")
+        self.kernel = kernel
+        self.main_module = main_module
+        self.run_main = run_main
+        self.restore_argv = restore_argv
+        self.handshake_timeout = handshake_timeout
+
+    def __repr__(self) -> str:
+        state = "alive" if self.is_alive else "stopped"
+        return f"TwinMaster(executable={self.executable!r}, twinterpreter_id={self.twinterpreter_id!r}) [{state}]"
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def is_alive(self) -> bool:
+        twin = _running.get(self.twinterpreter_id)
+        return twin is not None and twin.alive
+
+    def start(self) -> bool:
+        """Start the twin (or reuse the running one of this id); True once it answers."""
+        with _running_lock:
+            twin = _running.get(self.twinterpreter_id)
+            if twin is not None and twin.alive:
+                return True
+            if twin is not None:  # it died: clear it away before starting anew
+                twin.shut_down("ended and is restarted", timeout=0)
+                del _running[self.twinterpreter_id]
+            _running[self.twinterpreter_id] = self._spawn()
+        return True
+
+    def _spawn(self) -> _Twin:
+        host = _host()
+        path = resolve_executable(self.executable)
+        env = dict(os.environ)
+        env.update(
+            {
+                "__CPY2PY_TWIN_ID__": self.twinterpreter_id,
+                "__CPY2PY_MASTER_ID__": kernel_state.MASTER_ID,
+                "__CPY2PY_FDS__": f"{host.TWIN_READ_FD},{host.TWIN_WRITE_FD}",
+            }
+        )
+        args = ["-O"] * sys.flags.optimize + ["-c", BOOTSTRAP]
+        log.info("starting twinterpreter %s: %s", self.twinterpreter_id, path)
+        process = host.ProcessTwin.spawn(
+            path, args, list(env.items()), os.getcwd(), self.handshake_timeout
+        )
+        hello = process.hello
+        try:
+            process.send(codec.dumps(self._welcome()))
+            ready = process.recv()
+            answer = codec.loads(ready) if ready is not None else None
+        except OSError:
+            answer = None
+        if not (isinstance(answer, dict) and answer.get("ready")):
+            detail = answer.get("error") if isinstance(answer, dict) else None
+            status = process.wait(2.0) or process.kill()
+            raise TwinStartError(
+                f"twinterpreter {self.twinterpreter_id!r} ({path}) {status} while setting up"
+                + (f":\n{detail}" if detail else f"; its last output:\n{process.stderr_tail()}")
+            )
+        pid = process.pid
+
+        def describe_end() -> str:
+            status = process.wait(1.0)
+            if status is None:
+                return f"(pid {pid}) closed its end of the link and was killed ({process.kill()})"
+            return f"(pid {pid}) {status}"
+
+        connection = Connection(process, self.twinterpreter_id, Serializer(self.twinterpreter_id), describe_end)
+        connection.start_serving()
+        log.info(
+            "twinterpreter %s is %s %s, pid %s",
+            self.twinterpreter_id, hello["implementation"], hello["version"], pid,
+        )
+        return _Twin(self.twinterpreter_id, process, connection)
+
+    def _welcome(self) -> Dict[str, Any]:
+        config: Dict[str, Any] = dict(_path_config())
+        if self.main_module:
+            main_module.alias_master_main()
+            config.update(main_module.describe_master_main())
+        config["run_main"] = self.run_main
+        config["argv"] = list(sys.argv) if self.restore_argv else None
+        return {"cpy2py": PROTOCOL_VERSION, "master_id": kernel_state.MASTER_ID, "config": config}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the twin to exit (killing it after ``timeout`` seconds); calls in flight fail."""
+        with _running_lock:
+            twin = _running.pop(self.twinterpreter_id, None)
+        if twin is not None:
+            twin.shut_down("was stopped by the master", timeout)
+
+    def destroy(self) -> None:
+        """Kill the twin at once; calls in flight fail."""
+        with _running_lock:
+            twin = _running.pop(self.twinterpreter_id, None)
+        if twin is not None:
+            twin.shut_down("was destroyed by the master", timeout=0)
+
+    def __enter__(self) -> "TwinMaster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    # -- calls --------------------------------------------------------------
+
+    def execute(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``call(*args, **kwargs)`` in the twin and return its result.
+
+        ``call`` is any module-level function or class, or (on native twins)
+        any picklable callable. Exceptions are raised here as the same type,
+        with the twin's traceback attached as their cause.
+        """
+        return connection_for(self.twinterpreter_id, self).request(OP_EXECUTE, call, list(args), kwargs)
+
+
+def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:
+    """The connection to twin ``twin_id``, started on first use.
+
+    A twin that ended stays ended until ``start()``: its objects are gone,
+    and a silent restart would hide that.
+    """
+    twin = _running.get(twin_id)
+    if twin is not None:
+        broken = twin.connection.broken
+        if broken is None:
+            return twin.connection
+        raise type(broken)(f"{broken}; call TwinMaster({twin_id!r}).start() to start a new one") from broken
+    if os.environ.get("CPY2PY_NOAUTO"):
+        raise TwinterpreterUnavailable(
+            f"twinterpreter {twin_id!r} is not running and CPY2PY_NOAUTO forbids starting it "
+            f"on demand: call TwinMaster({twin_id!r}).start() first"
+        )
+    (master or TwinMaster(twinterpreter_id=twin_id)).start()
+    return _running[twin_id].connection
+
+
+def running_twins() -> Tuple[str, ...]:
+    with _running_lock:
+        return tuple(twin_id for twin_id, twin in _running.items() if twin.alive)
+
+
+@atexit.register
+def _stop_all() -> None:
+    """No twin outlives the master."""
+    with _running_lock:
+        twins = list(_running.values())
+        _running.clear()
+    for twin in twins:
+        try:
+            twin.shut_down("was stopped as the master exits", timeout=2.0)
+        except Exception as err:  # keep stopping the others
+            log.error("could not stop twinterpreter %s: %s", twin.twin_id, err)
+
+
+links.set_starter(connection_for)

@@ -1,0 +1,26 @@
+"""The codec in use: the compiled one from ``cpy2py._host`` where it imports
+(CPython >= 3.9 with the abi3 extension), the pure-Python one elsewhere (PyPy,
+the WASI guest). Both pass the same vectors and give identical bytes.
+
+``CPY2PY_PURE_CODEC=1`` forces the pure-Python codec.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import codec_py
+
+if os.environ.get("CPY2PY_PURE_CODEC"):
+    dumps, loads = codec_py.dumps, codec_py.loads
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from cpy2py._host import dumps, loads  # type: ignore[no-redef]
+
+        IMPLEMENTATION = "compiled"
+    except ImportError:
+        dumps, loads = codec_py.dumps, codec_py.loads
+        IMPLEMENTATION = "python"
+
+__all__ = ["dumps", "loads", "IMPLEMENTATION"]

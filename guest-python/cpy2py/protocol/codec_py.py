@@ -1,0 +1,644 @@
+"""The pure-Python codec of the twin protocol's value model.
+
+CBOR (RFC 8949) as described in docs/protocol.md, section "Values". The
+compiled codec ``cpy2py._host`` (host/src/python/codec.rs) behaves identically
+and writes byte-identical output; this one runs where it is not available
+(PyPy, CPython on WASI) and needs nothing but the standard library.
+
+``dumps(obj, default=None)`` encodes the exact types ``None``, ``bool``,
+``int``, ``float``, ``str``, ``bytes``, ``list``, ``dict``, ``tuple``, ``set``,
+``frozenset``, ``complex`` and ``bytearray``. Anything else (subclasses
+included) is handed to ``default(obj)``, which returns ``(tag, value)``; the
+value is encoded under that tag.
+
+``loads(data, tag_hook=None)`` decodes exactly one item. Tags outside the
+value model are handed to ``tag_hook(tag, value)``. Every malformed input
+raises :class:`cpy2py.errors.ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from ..errors import ProtocolError
+from .tags import BYTEARRAY, COMPLEX, FROZENSET, MAX_DEPTH, NEG_BIGNUM, POS_BIGNUM, SET, TUPLE
+
+__all__ = ["dumps", "loads", "Default", "TagHook"]
+
+Default = Callable[[Any], Any]
+TagHook = Callable[[int, Any], Any]
+
+_U64_LIMIT = 1 << 64
+_HALF_MAX = 65504.0
+_SINGLE_MAX = 3.4028234663852886e38
+_INF = float("inf")
+
+_pack_e = struct.Struct(">e").pack
+_pack_f = struct.Struct(">f").pack
+_pack_d = struct.Struct(">d").pack
+_unpack_e = struct.Struct(">e").unpack
+_unpack_f = struct.Struct(">f").unpack
+_unpack_from_e = struct.Struct(">e").unpack_from
+_unpack_from_f = struct.Struct(">f").unpack_from
+_unpack_from_d = struct.Struct(">d").unpack_from
+_unpack_from_H = struct.Struct(">H").unpack_from
+_unpack_from_I = struct.Struct(">I").unpack_from
+_unpack_from_Q = struct.Struct(">Q").unpack_from
+_pack_BH = struct.Struct(">BH").pack
+_pack_BI = struct.Struct(">BI").pack
+_pack_BQ = struct.Struct(">BQ").pack
+
+# Heads of tags that carry Python types (preferred serialization).
+_TAG_POS_BIGNUM = b"\xc2"
+_TAG_NEG_BIGNUM = b"\xc3"
+_TAG_SET = b"\xd9\x01\x02"
+_TAG_TUPLE = b"\xd9\x9c\x41"
+_TAG_FROZENSET = b"\xd9\x9c\x42"
+_TAG_COMPLEX = b"\xd9\x9c\x43\x82"  # with the head of its 2-item array
+_TAG_BYTEARRAY = b"\xd9\x9c\x44"
+_NAN = b"\xf9\x7e\x00"
+_POS_INF = b"\xf9\x7c\x00"
+_NEG_INF = b"\xf9\xfc\x00"
+
+
+# --------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------
+
+
+def _too_deep() -> ValueError:
+    return ValueError(f"cannot encode a value nested deeper than {MAX_DEPTH} levels (MAX_DEPTH)")
+
+
+def _type_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
+
+
+def _head(out: bytearray, major: int, n: int) -> None:
+    """Appends the shortest head of major type ``major`` (already shifted) and argument ``n``."""
+    if n < 24:
+        out.append(major | n)
+    elif n < 256:
+        out.append(major | 24)
+        out.append(n)
+    elif n < 65536:
+        out += _pack_BH(major | 25, n)
+    elif n < 4294967296:
+        out += _pack_BI(major | 26, n)
+    else:
+        out += _pack_BQ(major | 27, n)
+
+
+def _enc_none(obj: None, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    out.append(0xF6)
+
+
+def _enc_bool(obj: bool, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    out.append(0xF5 if obj else 0xF4)
+
+
+def _enc_int(n: int, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if n >= 0:
+        if n < 24:
+            out.append(n)
+        elif n < _U64_LIMIT:
+            _head(out, 0x00, n)
+        else:
+            if depth >= MAX_DEPTH:
+                raise _too_deep()
+            out += _TAG_POS_BIGNUM
+            magnitude = n.to_bytes((n.bit_length() + 7) >> 3, "big")
+            _head(out, 0x40, len(magnitude))
+            out += magnitude
+    else:
+        n = -1 - n
+        if n < 24:
+            out.append(0x20 | n)
+        elif n < _U64_LIMIT:
+            _head(out, 0x20, n)
+        else:
+            if depth >= MAX_DEPTH:
+                raise _too_deep()
+            out += _TAG_NEG_BIGNUM
+            magnitude = n.to_bytes((n.bit_length() + 7) >> 3, "big")
+            _head(out, 0x40, len(magnitude))
+            out += magnitude
+
+
+def _float_bytes(x: float) -> bytes:
+    """The shortest of half, single and double precision that holds ``x`` exactly."""
+    if x != x:
+        return _NAN
+    a = abs(x)
+    if a <= _HALF_MAX:
+        h = _pack_e(x)
+        # equality after the round trip means the same bits: the sign of a
+        # zero survives the packing, and NaN was handled above
+        if _unpack_e(h)[0] == x:
+            return b"\xf9" + h
+        if _unpack_f(_pack_f(x))[0] == x:
+            return b"\xfa" + _pack_f(x)
+    elif a <= _SINGLE_MAX:
+        s = _pack_f(x)
+        if _unpack_f(s)[0] == x:
+            return b"\xfa" + s
+    elif a == _INF:
+        return _POS_INF if x > 0 else _NEG_INF
+    return b"\xfb" + _pack_d(x)
+
+
+def _enc_float(x: float, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    out += _float_bytes(x)
+
+
+def _enc_str(s: str, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    b = s.encode("utf-8")
+    n = len(b)
+    if n < 24:
+        out.append(0x60 | n)
+    else:
+        _head(out, 0x60, n)
+    out += b
+
+
+def _enc_bytes(b: bytes, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    _head(out, 0x40, len(b))
+    out += b
+
+
+def _enc_bytearray(b: bytearray, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    out += _TAG_BYTEARRAY
+    _head(out, 0x40, len(b))
+    out += b
+
+
+def _enc_complex(c: complex, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if depth + 2 > MAX_DEPTH:
+        raise _too_deep()
+    out += _TAG_COMPLEX
+    out += _float_bytes(c.real)
+    out += _float_bytes(c.imag)
+
+
+def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    """Encodes the items of an array at ``depth`` (the array included)."""
+    get = _ENCODERS.get
+    for item in items:
+        t = type(item)
+        if t is int and 0 <= item < 24:
+            out.append(item)
+            continue
+        enc = get(t)
+        if enc is None:
+            _enc_default(item, out, depth, default)
+        else:
+            enc(item, out, depth, default)
+
+
+def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    n = len(obj)
+    if n < 24:
+        out.append(0x80 | n)
+    else:
+        _head(out, 0x80, n)
+    _enc_items(obj, out, depth + 1, default)
+    if len(obj) != n:
+        # only a default() that mutates the list can do this
+        raise RuntimeError("list changed size during encoding")
+
+
+def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if depth + 2 > MAX_DEPTH:
+        raise _too_deep()
+    out += _TAG_TUPLE
+    n = len(obj)
+    if n < 24:
+        out.append(0x80 | n)
+    else:
+        _head(out, 0x80, n)
+    _enc_items(obj, out, depth + 2, default)
+
+
+def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if depth + 2 > MAX_DEPTH:
+        raise _too_deep()
+    out += _TAG_SET if type(obj) is set else _TAG_FROZENSET
+    _head(out, 0x80, len(obj))
+    # iterating raises RuntimeError if default() changes the set's size
+    _enc_items(obj, out, depth + 2, default)
+
+
+def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    n = len(obj)
+    if n < 24:
+        out.append(0xA0 | n)
+    else:
+        _head(out, 0xA0, n)
+    depth += 1
+    get = _ENCODERS.get
+    # iterating raises RuntimeError if default() changes the dict's size
+    for key, value in obj.items():
+        enc = get(type(key))
+        if enc is None:
+            _enc_default(key, out, depth, default)
+        else:
+            enc(key, out, depth, default)
+        t = type(value)
+        if t is int and 0 <= value < 24:
+            out.append(value)
+            continue
+        enc = get(t)
+        if enc is None:
+            _enc_default(value, out, depth, default)
+        else:
+            enc(value, out, depth, default)
+
+
+def _enc_default(obj: Any, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if default is not None:
+        result = default(obj)
+        if result is not NotImplemented:
+            if type(result) is not tuple or len(result) != 2:
+                raise TypeError(
+                    f"default() must return a (tag, value) pair, not {_type_name(result)!r}"
+                )
+            tag, value = result
+            if not isinstance(tag, int):
+                raise TypeError(f"default() returned a tag of type {_type_name(tag)!r}, not an int")
+            if not 0 <= tag < _U64_LIMIT:
+                raise ValueError(f"default() returned tag {tag}, outside 0..2**64-1")
+            if depth >= MAX_DEPTH:
+                raise _too_deep()
+            _head(out, 0xC0, int(tag))
+            enc = _ENCODERS.get(type(value))
+            if enc is None:
+                _enc_default(value, out, depth + 1, default)
+            else:
+                enc(value, out, depth + 1, default)
+            return
+    raise TypeError(
+        f"cannot encode a value of type {_type_name(obj)!r}: it is not part of the "
+        "cpy2py value model and no default handles it"
+    )
+
+
+_ENCODERS: Dict[type, Callable[[Any, bytearray, int, Optional[Default]], None]] = {
+    type(None): _enc_none,
+    bool: _enc_bool,
+    int: _enc_int,
+    float: _enc_float,
+    str: _enc_str,
+    bytes: _enc_bytes,
+    list: _enc_list,
+    dict: _enc_dict,
+    tuple: _enc_tuple,
+    set: _enc_set,
+    frozenset: _enc_set,
+    complex: _enc_complex,
+    bytearray: _enc_bytearray,
+}
+
+
+def dumps(obj: Any, default: Optional[Default] = None) -> bytes:
+    """Encodes ``obj`` as one CBOR data item (preferred serialization)."""
+    out = bytearray()
+    enc = _ENCODERS.get(type(obj))
+    if enc is None:
+        _enc_default(obj, out, 0, default)
+    else:
+        enc(obj, out, 0, default)
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------
+
+_MAJOR_NAMES = (
+    "unsigned integer",
+    "negative integer",
+    "byte string",
+    "text string",
+    "array",
+    "map",
+    "tag",
+    "simple value",
+)
+
+
+def _truncated(pos: int, what: str) -> ProtocolError:
+    return ProtocolError(f"truncated CBOR: input ends at offset {pos} inside {what}")
+
+
+def _nested_too_deep(pos: int) -> ProtocolError:
+    return ProtocolError(f"CBOR nested deeper than {MAX_DEPTH} levels (MAX_DEPTH) at offset {pos}")
+
+
+def _argument(data: bytes, pos: int, ib: int) -> Tuple[int, int]:
+    """The argument of the head with initial byte ``ib`` whose following bytes start at ``pos``.
+
+    Returns ``(-1, pos)`` for an indefinite length (additional information 31).
+    """
+    ai = ib & 0x1F
+    if ai < 24:
+        return ai, pos
+    if ai == 24:
+        if pos >= len(data):
+            raise _truncated(pos, "a head")
+        return data[pos], pos + 1
+    if ai == 25:
+        if pos + 2 > len(data):
+            raise _truncated(len(data), "a head")
+        return _unpack_from_H(data, pos)[0], pos + 2
+    if ai == 26:
+        if pos + 4 > len(data):
+            raise _truncated(len(data), "a head")
+        return _unpack_from_I(data, pos)[0], pos + 4
+    if ai == 27:
+        if pos + 8 > len(data):
+            raise _truncated(len(data), "a head")
+        return _unpack_from_Q(data, pos)[0], pos + 8
+    if ai == 31:
+        return -1, pos
+    raise ProtocolError(f"reserved additional information {ai} in the head at offset {pos - 1}")
+
+
+def _dec_uint(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    n, pos = _argument(data, pos, ib)
+    if n < 0:
+        raise ProtocolError(f"an unsigned integer cannot have an indefinite length (offset {pos - 1})")
+    return n, pos
+
+
+def _dec_nint(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    n, pos = _argument(data, pos, ib)
+    if n < 0:
+        raise ProtocolError(f"a negative integer cannot have an indefinite length (offset {pos - 1})")
+    return -1 - n, pos
+
+
+def _chunks(data: bytes, pos: int, major: int) -> Tuple[List[bytes], int]:
+    """The chunks of an indefinite-length byte or text string, up to and past its break."""
+    chunks = []
+    end = len(data)
+    while True:
+        if pos >= end:
+            raise _truncated(pos, "an indefinite-length string")
+        ib = data[pos]
+        if ib == 0xFF:
+            return chunks, pos + 1
+        if ib >> 5 != major or ib & 0x1F == 31:
+            raise ProtocolError(
+                f"a chunk of an indefinite-length {_MAJOR_NAMES[major]} must be a definite "
+                f"{_MAJOR_NAMES[major]} (offset {pos})"
+            )
+        n, pos = _argument(data, pos + 1, ib)
+        if n > end - pos:
+            raise ProtocolError(
+                f"a {_MAJOR_NAMES[major]} chunk declares {n} bytes but only {end - pos} remain"
+            )
+        chunks.append(data[pos : pos + n])
+        pos += n
+
+
+def _dec_bytes(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    n, pos = _argument(data, pos, ib)
+    if n < 0:
+        chunks, pos = _chunks(data, pos, 2)
+        return b"".join(chunks), pos
+    end = pos + n
+    if end > len(data):
+        raise ProtocolError(f"a byte string declares {n} bytes but only {len(data) - pos} remain")
+    return data[pos:end], end
+
+
+def _utf8(b: bytes, pos: int) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"invalid UTF-8 in the text string before offset {pos}: {e.reason}") from None
+
+
+def _dec_text(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    n, pos = _argument(data, pos, ib)
+    if n < 0:
+        chunks, end = _chunks(data, pos, 3)
+        # every chunk must be valid UTF-8 on its own (RFC 8949, 3.2.3)
+        return "".join([_utf8(c, end) for c in chunks]), end
+    end = pos + n
+    if end > len(data):
+        raise ProtocolError(f"a text string declares {n} bytes but only {len(data) - pos} remain")
+    try:
+        return data[pos:end].decode("utf-8"), end
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"invalid UTF-8 in the text string at offset {pos}: {e.reason}") from None
+
+
+def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    if depth >= MAX_DEPTH:
+        raise _nested_too_deep(pos - 1)
+    n, pos = _argument(data, pos, ib)
+    depth += 1
+    items: List[Any] = []
+    append = items.append
+    end = len(data)
+    if n < 0:
+        while True:
+            if pos >= end:
+                raise _truncated(pos, "an indefinite-length array")
+            ib = data[pos]
+            if ib == 0xFF:
+                return items, pos + 1
+            if ib < 24:
+                append(ib)
+                pos += 1
+            else:
+                item, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
+                append(item)
+    if n > end - pos:
+        raise ProtocolError(f"an array declares {n} items but only {end - pos} bytes remain")
+    for _ in range(n):
+        if pos >= end:
+            raise _truncated(pos, "an array")
+        ib = data[pos]
+        if ib < 24:
+            append(ib)
+            pos += 1
+        else:
+            item, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
+            append(item)
+    return items, pos
+
+
+def _dec_map(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    if depth >= MAX_DEPTH:
+        raise _nested_too_deep(pos - 1)
+    n, pos = _argument(data, pos, ib)
+    depth += 1
+    result: Dict[Any, Any] = {}
+    end = len(data)
+    if n < 0:
+        while True:
+            if pos >= end:
+                raise _truncated(pos, "an indefinite-length map")
+            ib = data[pos]
+            if ib == 0xFF:
+                return result, pos + 1
+            pos = _dec_entry(data, pos, ib, depth, hook, result)
+    if 2 * n > end - pos:
+        raise ProtocolError(f"a map declares {n} entries but only {end - pos} bytes remain")
+    for _ in range(n):
+        if pos >= end:
+            raise _truncated(pos, "a map")
+        pos = _dec_entry(data, pos, data[pos], depth, hook, result)
+    return result, pos
+
+
+def _dec_entry(
+    data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook], result: Dict[Any, Any]
+) -> int:
+    """Decodes the key (initial byte ``ib`` at ``pos``) and the value of one map entry into ``result``."""
+    key, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
+    if pos >= len(data):
+        raise _truncated(pos, "a map")
+    ib = data[pos]
+    if ib < 24:
+        value: Any = ib
+        pos += 1
+    else:
+        value, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
+    try:
+        result[key] = value
+    except TypeError:
+        raise ProtocolError(f"unhashable map key of type {_type_name(key)!r}") from None
+    return pos
+
+
+def _content(data: bytes, pos: int, major: int, tag: int) -> int:
+    """Checks that the content of ``tag`` at ``pos`` has major type ``major``; returns its initial byte."""
+    if pos >= len(data):
+        raise _truncated(pos, f"tag {tag}")
+    ib = data[pos]
+    if ib >> 5 != major:
+        raise ProtocolError(
+            f"tag {tag} must hold a {_MAJOR_NAMES[major]}, not a {_MAJOR_NAMES[ib >> 5]} (offset {pos})"
+        )
+    return ib
+
+
+def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    if depth >= MAX_DEPTH:
+        raise _nested_too_deep(pos - 1)
+    tag, pos = _argument(data, pos, ib)
+    if tag < 0:
+        raise ProtocolError(f"a tag cannot have an indefinite length (offset {pos - 1})")
+    depth += 1
+    if tag == TUPLE or tag == SET or tag == FROZENSET:
+        ib = _content(data, pos, 4, tag)
+        items, pos = _dec_array(data, pos + 1, ib, depth, hook)
+        if tag == TUPLE:
+            return tuple(items), pos
+        try:
+            return (set(items) if tag == SET else frozenset(items)), pos
+        except TypeError:
+            bad = next(i for i in items if not _hashable(i))
+            raise ProtocolError(f"unhashable set item of type {_type_name(bad)!r}") from None
+    if tag == POS_BIGNUM or tag == NEG_BIGNUM:
+        ib = _content(data, pos, 2, tag)
+        magnitude, pos = _dec_bytes(data, pos + 1, ib, depth, hook)
+        n = int.from_bytes(magnitude, "big")
+        return (n if tag == POS_BIGNUM else -1 - n), pos
+    if tag == COMPLEX:
+        ib = _content(data, pos, 4, tag)
+        items, pos = _dec_array(data, pos + 1, ib, depth, hook)
+        if len(items) != 2 or type(items[0]) is not float or type(items[1]) is not float:
+            raise ProtocolError(f"tag {COMPLEX} (complex) must hold an array of two floats")
+        return complex(items[0], items[1]), pos
+    if tag == BYTEARRAY:
+        ib = _content(data, pos, 2, tag)
+        b, pos = _dec_bytes(data, pos + 1, ib, depth, hook)
+        return bytearray(b), pos
+    if hook is None:
+        raise ProtocolError(f"unknown CBOR tag {tag}")
+    if pos >= len(data):
+        raise _truncated(pos, f"tag {tag}")
+    ib = data[pos]
+    value, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
+    return hook(tag, value), pos
+
+
+def _hashable(obj: Any) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _dec_simple(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
+    if ib == 0xF6:
+        return None, pos
+    if ib == 0xF5:
+        return True, pos
+    if ib == 0xF4:
+        return False, pos
+    end = len(data)
+    if ib == 0xFB:
+        if pos + 8 > end:
+            raise _truncated(end, "a double-precision float")
+        return _unpack_from_d(data, pos)[0], pos + 8
+    if ib == 0xFA:
+        if pos + 4 > end:
+            raise _truncated(end, "a single-precision float")
+        return _unpack_from_f(data, pos)[0], pos + 4
+    if ib == 0xF9:
+        if pos + 2 > end:
+            raise _truncated(end, "a half-precision float")
+        return _unpack_from_e(data, pos)[0], pos + 2
+    if ib == 0xFF:
+        raise ProtocolError(f"unexpected break (0xff) outside an indefinite-length item at offset {pos - 1}")
+    if ib == 0xF7:
+        raise ProtocolError(f"the CBOR value undefined (0xf7) at offset {pos - 1} has no meaning in cpy2py")
+    if ib == 0xF8:
+        if pos >= end:
+            raise _truncated(pos, "a simple value")
+        raise ProtocolError(f"unsupported CBOR simple value {data[pos]} at offset {pos - 1}")
+    if ib & 0x1F < 24:
+        raise ProtocolError(f"unsupported CBOR simple value {ib & 0x1F} at offset {pos - 1}")
+    raise ProtocolError(f"reserved additional information {ib & 0x1F} in the head at offset {pos - 1}")
+
+
+_Decoder = Callable[[bytes, int, int, int, Optional[TagHook]], Tuple[Any, int]]
+_DECODERS: Tuple[_Decoder, ...] = (
+    _dec_uint,
+    _dec_nint,
+    _dec_bytes,
+    _dec_text,
+    _dec_array,
+    _dec_map,
+    _dec_tag,
+    _dec_simple,
+)
+
+
+def loads(data: Union[bytes, bytearray, memoryview], tag_hook: Optional[TagHook] = None) -> Any:
+    """Decodes exactly one CBOR data item from ``data``."""
+    if type(data) is not bytes:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"loads() takes bytes, bytearray or memoryview, not {_type_name(data)!r}")
+        data = bytes(data)
+    if not data:
+        raise ProtocolError("empty input: expected one CBOR data item")
+    ib = data[0]
+    value, pos = _DECODERS[ib >> 5](data, 1, ib, 0, tag_hook)
+    if pos != len(data):
+        raise ProtocolError(f"{len(data) - pos} trailing bytes after the CBOR data item (offset {pos})")
+    return value

@@ -1,0 +1,25 @@
+"""CBOR tag numbers of the value model (docs/protocol.md, "Values").
+
+Mirrors ``host/src/protocol/tags.rs``; both codecs and the kernel import them
+from here.
+"""
+
+from __future__ import annotations
+
+POS_BIGNUM = 2
+NEG_BIGNUM = 3
+SET = 258
+TUPLE = 40001
+FROZENSET = 40002
+COMPLEX = 40003
+BYTEARRAY = 40004
+EXCEPTION = 40010
+GLOBAL_REF = 40011
+TWIN_REF = 40012
+PICKLE = 40013
+
+#: Values nested deeper than this are refused by both codecs, so neither a
+#: hostile peer nor a runaway structure can exhaust the stack. Every CBOR
+#: array, map and tag is one level: ``[[1]]`` is 2 deep, a tuple (a tag
+#: around an array) counts 2 levels, a bignum (a tag around bytes) 1.
+MAX_DEPTH = 256

@@ -1,0 +1,85 @@
+"""Frames over a pair of file descriptors, in pure Python.
+
+Twins use this for their end of the protocol pipes; the master uses the
+compiled ``cpy2py._host.ProcessTwin`` with the same three methods.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import threading
+
+from ..errors import ProtocolError
+
+_HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 1 << 30
+
+
+class FdTransport:
+    """Length-prefixed frames: ``send(payload)``, ``recv() -> bytes | None``, ``wait_readable()``."""
+
+    def __init__(self, read_fd: int, write_fd: int, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.max_frame = max_frame
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+
+    def send(self, payload: bytes) -> None:
+        header = _HEADER.pack(len(payload))
+        with self._write_lock:
+            if len(payload) < 65536:
+                self._write_all(header + payload)
+            else:  # no copy of large payloads
+                self._write_all(header)
+                self._write_all(payload)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.write_fd, view)
+            view = view[written:]
+
+    def recv(self) -> bytes | bytearray | None:
+        """One frame's payload; None when the stream ended between frames."""
+        with self._read_lock:
+            header = self._read_exact(4, at_boundary=True)
+            if header is None:
+                return None
+            (length,) = _HEADER.unpack(header)
+            if length == 0 or length > self.max_frame:
+                raise ProtocolError(
+                    f"received a frame of {length} bytes; frames must hold 1 to {self.max_frame} bytes"
+                )
+            return self._read_exact(length, at_boundary=False)
+
+    def _read_exact(self, size: int, at_boundary: bool) -> bytes | bytearray | None:
+        chunk = os.read(self.read_fd, size)
+        if len(chunk) == size:
+            return chunk
+        if not chunk and at_boundary:
+            return None
+        buffer = bytearray(size)
+        buffer[: len(chunk)] = chunk
+        view = memoryview(buffer)
+        have = len(chunk)
+        while have < size:
+            n = os.readv(self.read_fd, [view[have:]])
+            if n == 0:
+                raise ProtocolError("the stream ended inside a frame")
+            have += n
+        return buffer
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Whether a frame (or the end of the stream) can be read within ``timeout`` seconds."""
+        readable, _, _ = select.select([self.read_fd], [], [], timeout)
+        return bool(readable)
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

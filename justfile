@@ -1,0 +1,61 @@
+# cpy2py workflows. `just --list` shows them all.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv"
+python := venv / "bin" / "python"
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
+
+# list the recipes
+default:
+    @just --list
+
+# create the virtual environment with the Python tools, and make sure pypy3 is there
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x "{{python}}" ]; then python3 -m venv "{{venv}}"; fi
+    stamp="{{venv}}/.tools-installed"
+    if [ ! -f "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ]; then
+        "{{python}}" -m pip install --quiet --upgrade pip
+        "{{python}}" -m pip install --quiet -r requirements-dev.txt
+        touch "$stamp"
+    fi
+    if ! command -v pypy3 >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing Debian's pypy3 ..."
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 >/dev/null
+        else
+            echo "note: pypy3 is not installed; install it (Debian: sudo apt-get install pypy3) or the pypy3 tests are skipped" >&2
+        fi
+    fi
+
+# build the host (Rust, release) into the virtual environment as cpy2py._host
+build: setup
+    VIRTUAL_ENV="{{venv}}" "{{venv}}/bin/maturin" develop --release --quiet
+
+# run the demos: the tutorial's sum_series pinned to PyPy
+demo: build
+    "{{python}}" examples/tutorial.py
+
+# run all tests: cargo test for the host, pytest over every twin kind
+test *PYTEST_ARGS: build
+    cargo test --quiet
+    "{{python}}" -m pytest {{PYTEST_ARGS}}
+
+# benchmarks (not built yet: see issue 5)
+bench:
+    @echo "just bench: the benchmark suite is not built yet (issue 5)"
+
+# rustfmt, clippy (warnings are errors) and ruff
+lint: setup
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
+    cargo clippy --features python -- -D warnings
+    "{{venv}}/bin/ruff" check guest-python tests examples
+    "{{venv}}/bin/ruff" format --check guest-python tests examples
+
+# format Rust and Python sources
+fmt: setup
+    cargo fmt
+    "{{venv}}/bin/ruff" format guest-python tests examples

@@ -1,0 +1,38 @@
+"""Shared fixtures: twin kinds, and twins started once per module and kind.
+
+Twin kinds are parametrized; a kind whose interpreter is missing is skipped
+with the reason in the test report, never passed silently.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from support import require_interpreter
+
+# the native twin kinds every semantic test runs against
+NATIVE_KINDS = ["python3", "pypy3"]
+
+
+@pytest.fixture(params=NATIVE_KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    require_interpreter(request.param)
+    return request.param
+
+
+@pytest.fixture(params=NATIVE_KINDS, scope="module")
+def twin(request: pytest.FixtureRequest):
+    """A running twin of each kind, shared by the tests of one module."""
+    require_interpreter(request.param)
+    from cpy2py import TwinMaster
+
+    master = TwinMaster(request.param)
+    master.start()
+    yield master
+    master.stop()
+
+
+@pytest.fixture
+def python_exe() -> str:
+    return sys.executable

@@ -1,0 +1,150 @@
+"""TwinMaster.execute: calls, results, exceptions and payloads on native twins."""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+
+import pytest
+import twin_helpers
+
+from cpy2py import RemoteError
+from cpy2py.errors import RemoteTraceback
+
+MiB = 1 << 20
+
+
+def test_runs_in_the_twin_interpreter(twin):
+    info = twin.execute(twin_helpers.identity)
+    assert info["pid"] != os.getpid()
+    expected = "pypy" if twin.twinterpreter_id == "pypy3" else "cpython"
+    assert info["implementation"] == expected
+    assert info["twin_id"] == twin.twinterpreter_id
+
+
+def test_positional_and_keyword_arguments(twin):
+    assert twin.execute(twin_helpers.add, 1, 2, 3, 4, scale=10) == 100
+    assert twin.execute(twin_helpers.add, 5) == 5
+
+
+def test_builtins_and_picklable_callables(twin):
+    assert twin.execute(pow, 2, 10) == 1024
+    assert twin.execute(len, [1, 2, 3]) == 3
+    assert twin.execute(functools.partial(pow, 3), 2) == 9
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        -(2**70),
+        2**64,
+        1.5,
+        float("inf"),
+        "ünïcode ✓",
+        b"\x00\xff",
+        bytearray(b"mutable"),
+        (1, (2, 3)),
+        [1, [2, [3]]],
+        {"a": 1, 2: "b", (3, 4): None},
+        {1, 2, 3},
+        frozenset({"x"}),
+        3 + 4j,
+    ],
+    ids=repr,
+)
+def test_values_round_trip(twin, value):
+    back = twin.execute(twin_helpers.echo, value)
+    assert back == value and type(back) is type(value)
+
+
+def test_plain_objects_are_copied(twin):
+    original = [1, 2, 3]
+    back = twin.execute(twin_helpers.echo, original)
+    assert back == original and back is not original
+
+
+@pytest.mark.parametrize("size", [0, 1, MiB + 1, 64 * MiB], ids=["0B", "1B", "1MiB+1", "64MiB"])
+def test_payload_sizes(twin, size):
+    payload = os.urandom(size) if size <= MiB + 1 else bytes(range(256)) * (size // 256)
+    assert twin.execute(twin_helpers.echo, payload) == payload
+
+
+def test_exception_same_type_with_remote_traceback(twin):
+    with pytest.raises(ValueError) as info:
+        twin.execute(twin_helpers.fail_with, ValueError, "boom")
+    err = info.value
+    assert err.args == ("boom",)
+    assert isinstance(err.__cause__, RemoteTraceback)
+    assert "fail_with" in err.__cause__.traceback_text
+    printed = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    assert "twin_helpers.py" in printed and "raise kind(*args)" in printed
+
+
+def test_application_exception_types(twin):
+    with pytest.raises(twin_helpers.CustomError, match="custom"):
+        twin.execute(twin_helpers.fail_with, twin_helpers.CustomError, "custom")
+    with pytest.raises(twin_helpers.NeedsTwoArgs) as info:
+        twin.execute(twin_helpers.fail_with, twin_helpers.NeedsTwoArgs, 7, "seven")
+    assert info.value.args == (7, "seven")
+
+
+def test_deep_remote_traceback(twin):
+    with pytest.raises(KeyError) as info:
+        twin.execute(twin_helpers.fail_deep, 5)
+    assert info.value.__cause__.traceback_text.count("fail_deep") >= 6
+
+
+def test_unknown_exception_type_becomes_remote_error(twin):
+    with pytest.raises(RemoteError) as info:
+        twin.execute(twin_helpers.raise_local_type)
+    assert "OnlyInTheTwin" in info.value.type_name
+    assert "local type" in str(info.value)
+    assert "raise_local_type" in info.value.traceback_text
+
+
+def test_os_errors_keep_their_subclass(twin):
+    with pytest.raises(FileNotFoundError):
+        twin.execute(open, "/nonexistent/cpy2py/file")
+
+
+def test_unsendable_result_is_reported_and_link_survives(twin):
+    with pytest.raises(TypeError, match="cannot send"):
+        twin.execute(twin_helpers.unpicklable_result)
+    assert twin.execute(twin_helpers.echo, 1) == 1
+
+
+def test_unsendable_argument_is_reported_locally(twin):
+    with pytest.raises(TypeError, match="cannot send"):
+        twin.execute(twin_helpers.echo, lambda: None)
+    assert twin.execute(twin_helpers.echo, 2) == 2
+
+
+def test_name_missing_in_twin_fails_the_call_only(twin, tmp_path, monkeypatch):
+    # a module that exists only for the master: the twin cannot import it
+    (tmp_path / "only_in_master.py").write_text("def f():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_in_master
+
+    with pytest.raises(LookupError, match="only_in_master"):
+        twin.execute(only_in_master.f)
+    assert twin.execute(twin_helpers.echo, 3) == 3
+
+
+def test_output_reaches_the_master_and_does_not_corrupt_the_protocol(twin, capfd):
+    assert twin.execute(twin_helpers.talk, "hello from the twin") == "talked"
+    assert twin.execute(twin_helpers.echo, "still fine") == "still fine"
+    out, err = capfd.readouterr()
+    assert "hello from the twin" in out
+    assert "raw fd 1 output" in out
+    assert "raw fd 2 output" in err and "stderr text" in err
+
+
+def test_threads_get_their_own_replies(twin):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: twin.execute(twin_helpers.add, i, i), range(200)))
+    assert results == [2 * i for i in range(200)]

@@ -1,0 +1,200 @@
+"""Twins that die, bad executables, and a master that exits: clear errors,
+nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+
+import pytest
+import twin_helpers
+from support import TESTS_DIR, process_exists, require_interpreter, run_master
+
+from cpy2py import ProtocolError, TwinMaster, TwinStartError, TwinterpreterTerminated
+
+
+def test_kill_during_call_fails_waiting_and_later_calls(kind):
+    master = TwinMaster(kind, twinterpreter_id=f"{kind}-victim")
+    master.start()
+    pid = master.execute(os.getpid)
+    errors = []
+
+    def wait_long():
+        try:
+            master.execute(twin_helpers.sleep_then, 60)
+        except TwinterpreterTerminated as err:
+            errors.append(err)
+
+    waiters = [threading.Thread(target=wait_long) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    for waiter in waiters:
+        waiter.join(timeout=10)
+        assert not waiter.is_alive(), "a call kept waiting on a dead twin"
+    assert len(errors) == 3
+    message = str(errors[0])
+    assert f"{kind}-victim" in message and "SIGKILL" in message
+    with pytest.raises(TwinterpreterTerminated, match="start()"):
+        master.execute(twin_helpers.echo, 1)
+    assert not master.is_alive
+    assert master.start() is True
+    assert master.execute(os.getpid) != pid
+    master.stop()
+
+
+def test_twin_exit_is_reported_with_its_status(kind):
+    with TwinMaster(kind, twinterpreter_id=f"{kind}-exit") as master:
+        with pytest.raises(TwinterpreterTerminated, match="exited with status 3"):
+            master.execute(twin_helpers.exit_now, 3)
+
+
+def test_other_twins_carry_on_when_one_dies():
+    require_interpreter("pypy3")
+    with TwinMaster("python3", twinterpreter_id="survivor") as survivor:
+        with TwinMaster("pypy3", twinterpreter_id="doomed") as doomed:
+            with pytest.raises(TwinterpreterTerminated):
+                doomed.execute(twin_helpers.exit_now, 1)
+        assert survivor.execute(twin_helpers.add, 1, 2) == 3
+
+
+def test_missing_executable():
+    with pytest.raises(TwinStartError, match="no executable named 'no-such-python'"):
+        TwinMaster("no-such-python").start()
+    with pytest.raises(TwinStartError, match="does not exist"):
+        TwinMaster("/no/such/python3").start()
+
+
+@pytest.mark.parametrize("program", ["/bin/true", "/bin/ls", "/bin/sleep"])
+def test_not_python(program):
+    with pytest.raises(TwinStartError, match="before answering the cpy2py handshake") as info:
+        TwinMaster(program, twinterpreter_id="not-python").start()
+    assert program in str(info.value)
+    assert "CPython or PyPy >= 3.9" in str(info.value)
+
+
+def _old_pythons():
+    found = [shutil.which(name) for name in ("python2.7", "python2", "python3.8", "python3.7")]
+    pyenv = os.path.expanduser("~/.pyenv/versions")
+    if os.path.isdir(pyenv):
+        for version in sorted(os.listdir(pyenv)):
+            if version.startswith(("2.", "3.6", "3.7", "3.8")):
+                found.append(os.path.join(pyenv, version, "bin", "python"))
+    return sorted({p for p in found if p and os.path.exists(p)})
+
+
+@pytest.mark.parametrize("old", _old_pythons() or [None])
+def test_too_old_python_is_named(old):
+    if old is None:
+        pytest.skip("no Python older than 3.9 is installed; see test_python2_stand_in")
+    with pytest.raises(TwinStartError, match="need Python 3.9 or newer") as info:
+        TwinMaster(old, twinterpreter_id="old-python").start()
+    assert "is Python 2." in str(info.value) or "is Python 3." in str(info.value)
+
+
+def test_python2_stand_in():
+    stand_in = os.path.join(TESTS_DIR, "fakes", "python2_like.sh")
+    with pytest.raises(TwinStartError, match=r"is Python 2\.7\.18; twinterpreters need Python 3.9 or newer"):
+        TwinMaster(stand_in, twinterpreter_id="python2").start()
+
+
+def test_protocol_version_mismatch_names_both_versions():
+    fake = os.path.join(TESTS_DIR, "fakes", "wrong_protocol_twin.py")
+    with pytest.raises(ProtocolError, match=r"protocol 99.*protocol 1"):
+        TwinMaster(fake, twinterpreter_id="future-twin").start()
+
+
+@pytest.mark.parametrize("ending", ["normal", "exception", "sys.exit"])
+def test_master_exit_leaves_no_twin(ending):
+    kinds = ["python3"] + (["pypy3"] if shutil.which("pypy3") else [])
+    end = {"normal": "pass", "exception": "raise RuntimeError('master fails')", "sys.exit": "sys.exit(4)"}
+    result = run_master(
+        f"""
+        import os, sys, twin_helpers
+        from cpy2py import TwinMaster
+        for kind in {kinds!r}:
+            master = TwinMaster(kind)
+            master.start()
+            print("twin pid", master.execute(os.getpid), flush=True)
+        {end[ending]}
+        """
+    )
+    pids = [int(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("twin pid")]
+    assert len(pids) == len(kinds), result.stderr
+    deadline = time.time() + 5
+    while any(process_exists(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(process_exists(pid) for pid in pids)
+
+
+def test_master_killed_leaves_no_twin():
+    result = run_master(
+        """
+        import os, signal, twin_helpers
+        from cpy2py import TwinMaster
+        master = TwinMaster("python3")
+        master.start()
+        print("twin pid", master.execute(os.getpid), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    assert result.returncode == -signal.SIGKILL
+    pid = int(result.stdout.split()[-1])
+    deadline = time.time() + 5
+    while process_exists(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not process_exists(pid)
+
+
+def test_debug_logging_shows_host_and_python_logs(kind):
+    result = run_master(
+        f"""
+        import twin_helpers
+        from cpy2py import TwinMaster
+        with TwinMaster({kind!r}) as m:
+            m.execute(twin_helpers.echo, 1)
+        """,
+        env={"CPY2PY_DEBUG": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "__cpy2py__.master" in result.stderr  # the master's Python logs
+    assert "__cpy2py__.twin" in result.stderr  # the twin's Python logs
+    assert "cpy2py_host" in result.stderr  # the Rust host's tracing
+
+
+def test_debug_off_is_silent(kind):
+    result = run_master(
+        f"""
+        import twin_helpers
+        from cpy2py import TwinMaster
+        with TwinMaster({kind!r}) as m:
+            m.execute(twin_helpers.echo, 1)
+        """,
+        env={"CPY2PY_DEBUG": ""},
+    )
+    assert result.returncode == 0
+    assert "__cpy2py__" not in result.stderr and "cpy2py_host" not in result.stderr
+
+
+def test_optimized_master_skips_per_call_logs():
+    script = """
+        import twin_helpers
+        from cpy2py import TwinMaster
+        with TwinMaster("python3") as m:
+            m.execute(twin_helpers.echo, 1)
+        """
+    normal = run_master(script, env={"CPY2PY_DEBUG": "DEBUG"})
+    optimized = run_master(script, "-O", env={"CPY2PY_DEBUG": "DEBUG"})
+    assert "-> python3 request" in normal.stderr
+    assert "-> python3 request" not in optimized.stderr
+    assert "__cpy2py__.master" in optimized.stderr  # start-up logs remain
+
+
+def test_python_sys_executable_is_accepted(python_exe):
+    with TwinMaster(python_exe, twinterpreter_id="same-python") as master:
+        assert master.execute(twin_helpers.identity)["version"] == tuple(sys.version_info[:3])

@@ -1,0 +1,123 @@
+"""TwinMaster: naming, starting, reusing, stopping; what the twin inherits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+import twin_helpers
+
+from cpy2py import TwinMaster, kernel_state
+from support import process_exists, require_interpreter, run_master
+
+
+def test_start_is_idempotent_and_reports_liveness(kind):
+    master = TwinMaster(kind)
+    assert master.twinterpreter_id == kind
+    assert not master.is_alive
+    assert master.start() is True
+    pid = master.execute(twin_helpers.identity)["pid"]
+    assert master.start() is True
+    assert master.execute(twin_helpers.identity)["pid"] == pid
+    assert master.is_alive
+    master.stop()
+    assert not master.is_alive
+
+
+def test_same_id_reuses_the_running_twin(kind):
+    first, second = TwinMaster(kind), TwinMaster(kind)
+    with first:
+        second.start()
+        assert first.execute(os.getpid) == second.execute(os.getpid)
+
+
+def test_context_manager_stops_the_twin(kind):
+    with TwinMaster(kind) as master:
+        pid = master.execute(os.getpid)
+    assert not master.is_alive
+    assert not process_exists(pid)
+
+
+def test_destroy_kills_at_once(kind):
+    master = TwinMaster(kind)
+    master.start()
+    pid = master.execute(os.getpid)
+    master.destroy()
+    assert not master.is_alive
+    assert not process_exists(pid)
+
+
+@pytest.mark.parametrize("alias,executable", [("pypy", "pypy3"), ("python", "python3")])
+def test_original_names_find_python3_interpreters(alias, executable):
+    require_interpreter(executable)
+    if shutil.which(alias):
+        pytest.skip(f"{alias!r} exists on this machine, so no fallback is needed")
+    with TwinMaster(alias) as master:
+        assert master.twinterpreter_id == alias
+        assert master.execute(twin_helpers.identity)["twin_id"] == alias
+
+
+def test_executable_path_and_separate_id():
+    with TwinMaster(executable=sys.executable, twinterpreter_id="venv-python") as master:
+        info = master.execute(twin_helpers.identity)
+    assert info["twin_id"] == "venv-python"
+    assert os.path.realpath(info["executable"]) == os.path.realpath(sys.executable)
+
+
+def test_id_defaults_to_the_executable_name():
+    master = TwinMaster(executable=sys.executable)
+    assert master.twinterpreter_id == os.path.basename(sys.executable)
+    assert TwinMaster(twinterpreter_id="pypy3").executable == "pypy3"
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="executable or a twinterpreter_id"):
+        TwinMaster()
+    with pytest.raises(ValueError, match="unknown kernel"):
+        TwinMaster("python3", kernel="warp-drive")
+    with pytest.raises(ValueError, match="master itself"):
+        TwinMaster("python3", twinterpreter_id=kernel_state.MASTER_ID)
+    for kernel in ("single", "async", "multi"):
+        TwinMaster("python3", kernel=kernel)  # the original's kernels are accepted
+
+
+def test_twin_inherits_cwd_path_and_identity(twin, tmp_path):
+    info = twin.execute(twin_helpers.identity)
+    assert info["cwd"] == os.getcwd()
+    assert info["env_twin_id"] == twin.twinterpreter_id
+    assert info["env_master_id"] == kernel_state.MASTER_ID == info["master_id"]
+    twin_path = twin.execute(twin_helpers.sys_path)
+    tests_dir = os.path.dirname(os.path.abspath(twin_helpers.__file__))
+    assert tests_dir in twin_path
+
+
+def test_compiled_codec_where_importable():
+    with TwinMaster(executable=sys.executable, twinterpreter_id="codec-check") as master:
+        assert master.execute(twin_helpers.identity)["codec"] == "compiled"
+    if shutil.which("pypy3"):
+        with TwinMaster("pypy3") as master:
+            assert master.execute(twin_helpers.identity)["codec"] == "python"
+
+
+def test_optimize_flag_is_passed_on(kind):
+    result = run_master(
+        f"""
+        import sys, twin_helpers
+        from cpy2py import TwinMaster
+        with TwinMaster({kind!r}) as m:
+            print("twin optimize", m.execute(twin_helpers.identity)["optimize"])
+        """,
+        "-O",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "twin optimize 1" in result.stdout
+
+
+def test_restore_argv(kind):
+    with TwinMaster(kind, twinterpreter_id=f"{kind}-argv", restore_argv=True) as master:
+        assert master.execute(twin_helpers.identity)["argv"] == sys.argv
+    with TwinMaster(kind, twinterpreter_id=f"{kind}-noargv") as master:
+        assert master.execute(twin_helpers.identity)["argv"] != sys.argv
+

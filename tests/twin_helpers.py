@@ -1,0 +1,88 @@
+"""Functions the tests run inside twins. Module-level and free of pytest
+imports, so every twin can import this module by name."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from cpy2py import kernel_state
+
+
+def identity() -> dict:
+    return {
+        "implementation": sys.implementation.name,
+        "version": tuple(sys.version_info[:3]),
+        "pid": os.getpid(),
+        "executable": sys.executable,
+        "cwd": os.getcwd(),
+        "optimize": sys.flags.optimize,
+        "twin_id": kernel_state.TWIN_ID,
+        "master_id": kernel_state.MASTER_ID,
+        "env_twin_id": os.environ.get("__CPY2PY_TWIN_ID__"),
+        "env_master_id": os.environ.get("__CPY2PY_MASTER_ID__"),
+        "argv": list(sys.argv),
+        "codec": __import__("cpy2py.protocol.codec", fromlist=["IMPLEMENTATION"]).IMPLEMENTATION,
+    }
+
+
+def echo(value):
+    return value
+
+
+def add(a, b=0, *rest, scale=1):
+    return (a + b + sum(rest)) * scale
+
+
+class CustomError(Exception):
+    """An application exception type known to master and twin."""
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, code, text):
+        super().__init__(code, text)
+        self.code = code
+        self.text = text
+
+
+def fail_with(kind, *args):
+    raise kind(*args)
+
+
+def fail_deep(depth):
+    if depth == 0:
+        raise KeyError("bottom of the stack")
+    return fail_deep(depth - 1)
+
+
+def raise_local_type():
+    class OnlyInTheTwin(Exception):
+        pass
+
+    raise OnlyInTheTwin("local type")
+
+
+def talk(text):
+    print(text, flush=True)
+    os.write(1, b"raw fd 1 output\n")
+    os.write(2, b"raw fd 2 output\n")
+    sys.stderr.write("stderr text\n")
+    return "talked"
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def exit_now(status):
+    os._exit(status)
+
+
+def sys_path() -> list:
+    return list(sys.path)
+
+
+def unpicklable_result():
+    return lambda: None
