@@ -8,8 +8,7 @@ import traceback
 
 import pytest
 import twin_helpers
-
-from cpy2py import RemoteError
+from cpy2py import RemoteError, TwinMaster
 from cpy2py.errors import RemoteTraceback
 
 MiB = 1 << 20
@@ -133,9 +132,11 @@ def test_name_missing_in_twin_fails_the_call_only(twin, tmp_path, monkeypatch):
     assert twin.execute(twin_helpers.echo, 3) == 3
 
 
-def test_output_reaches_the_master_and_does_not_corrupt_the_protocol(twin, capfd):
-    assert twin.execute(twin_helpers.talk, "hello from the twin") == "talked"
-    assert twin.execute(twin_helpers.echo, "still fine") == "still fine"
+def test_output_reaches_the_master_and_does_not_corrupt_the_protocol(kind, capfd):
+    # a twin of its own: it shares the master's stdout as it is when started
+    with TwinMaster(kind, twinterpreter_id=f"{kind}-talker") as twin:
+        assert twin.execute(twin_helpers.talk, "hello from the twin") == "talked"
+        assert twin.execute(twin_helpers.echo, "still fine") == "still fine"
     out, err = capfd.readouterr()
     assert "hello from the twin" in out
     assert "raw fd 1 output" in out

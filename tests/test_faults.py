@@ -12,9 +12,8 @@ import time
 
 import pytest
 import twin_helpers
-from support import TESTS_DIR, process_exists, require_interpreter, run_master
-
 from cpy2py import ProtocolError, TwinMaster, TwinStartError, TwinterpreterTerminated
+from support import TESTS_DIR, process_exists, require_interpreter, run_master
 
 
 def test_kill_during_call_fails_waiting_and_later_calls(kind):
@@ -80,6 +79,7 @@ def test_not_python(program):
 
 def _old_pythons():
     found = [shutil.which(name) for name in ("python2.7", "python2", "python3.8", "python3.7")]
+    found = [p for p in found if p and "/shims/" not in p]  # pyenv shims are not interpreters
     pyenv = os.path.expanduser("~/.pyenv/versions")
     if os.path.isdir(pyenv):
         for version in sorted(os.listdir(pyenv)):
@@ -112,7 +112,11 @@ def test_protocol_version_mismatch_names_both_versions():
 @pytest.mark.parametrize("ending", ["normal", "exception", "sys.exit"])
 def test_master_exit_leaves_no_twin(ending):
     kinds = ["python3"] + (["pypy3"] if shutil.which("pypy3") else [])
-    end = {"normal": "pass", "exception": "raise RuntimeError('master fails')", "sys.exit": "sys.exit(4)"}
+    end = {
+        "normal": "pass",
+        "exception": "raise RuntimeError('master fails')",
+        "sys.exit": "sys.exit(4)",
+    }
     result = run_master(
         f"""
         import os, sys, twin_helpers

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import twin_helpers
-
 from cpy2py import TwinMaster, kernel_state
 from support import process_exists, require_interpreter, run_master
 
@@ -120,4 +119,3 @@ def test_restore_argv(kind):
         assert master.execute(twin_helpers.identity)["argv"] == sys.argv
     with TwinMaster(kind, twinterpreter_id=f"{kind}-noargv") as master:
         assert master.execute(twin_helpers.identity)["argv"] != sys.argv
-

@@ -31,7 +31,9 @@ def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
         def twin_function(*args: Any, **kwargs: Any) -> Any:
             if kernel_state.TWIN_ID == twinterpreter_id:
                 return func(*args, **kwargs)
-            return links.connection_to(twinterpreter_id).request(OP_EXECUTE, twin_function, list(args), kwargs)
+            return links.connection_to(twinterpreter_id).request(
+                OP_EXECUTE, twin_function, list(args), kwargs
+            )
 
         twin_function.__defaults__ = func.__defaults__  # type: ignore[attr-defined]
         twin_function.__kwdefaults__ = func.__kwdefaults__  # type: ignore[attr-defined]

@@ -51,9 +51,7 @@ spec.loader.exec_module(module)
 del spec, module
 from cpy2py.kernel.twin_main import main
 main()
-""".format(
-    too_old=TOO_OLD_STATUS, init=os.path.join(_PACKAGE_DIR, "__init__.py"), package=_PACKAGE_DIR
-)
+""".format(too_old=TOO_OLD_STATUS, init=os.path.join(_PACKAGE_DIR, "__init__.py"), package=_PACKAGE_DIR)
 
 _ALIASES = {"pypy": "pypy3", "python": "python3"}
 
@@ -96,10 +94,7 @@ def _path_config() -> Dict[str, List[str]]:
     master's package dirs last (so the twin's own packages win), its stdlib
     not at all (another interpreter has its own)."""
     stdlib = {
-        os.path.realpath(p)
-        for key in ("stdlib", "platstdlib")
-        for p in [sysconfig.get_paths().get(key)]
-        if p
+        os.path.realpath(p) for key in ("stdlib", "platstdlib") for p in [sysconfig.get_paths().get(key)] if p
     }
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     app_paths, site_paths = [], []
@@ -180,7 +175,10 @@ class TwinMaster:
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
-        return f"TwinMaster(executable={self.executable!r}, twinterpreter_id={self.twinterpreter_id!r}) [{state}]"
+        return (
+            f"TwinMaster(executable={self.executable!r}, "
+            f"twinterpreter_id={self.twinterpreter_id!r}) [{state}]"
+        )
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -214,9 +212,7 @@ class TwinMaster:
         )
         args = ["-O"] * sys.flags.optimize + ["-c", BOOTSTRAP]
         log.info("starting twinterpreter %s: %s", self.twinterpreter_id, path)
-        process = host.ProcessTwin.spawn(
-            path, args, list(env.items()), os.getcwd(), self.handshake_timeout
-        )
+        process = host.ProcessTwin.spawn(path, args, list(env.items()), os.getcwd(), self.handshake_timeout)
         hello = process.hello
         try:
             process.send(codec.dumps(self._welcome()))
@@ -239,11 +235,20 @@ class TwinMaster:
                 return f"(pid {pid}) closed its end of the link and was killed ({process.kill()})"
             return f"(pid {pid}) {status}"
 
-        connection = Connection(process, self.twinterpreter_id, Serializer(self.twinterpreter_id), describe_end)
+        connection = Connection(
+            process,
+            self.twinterpreter_id,
+            Serializer(self.twinterpreter_id),
+            describe_end,
+            kill_peer=process.kill,
+        )
         connection.start_serving()
         log.info(
             "twinterpreter %s is %s %s, pid %s",
-            self.twinterpreter_id, hello["implementation"], hello["version"], pid,
+            self.twinterpreter_id,
+            hello["implementation"],
+            hello["version"],
+            pid,
         )
         return _Twin(self.twinterpreter_id, process, connection)
 
@@ -270,7 +275,7 @@ class TwinMaster:
         if twin is not None:
             twin.shut_down("was destroyed by the master", timeout=0)
 
-    def __enter__(self) -> "TwinMaster":
+    def __enter__(self) -> TwinMaster:
         self.start()
         return self
 

@@ -86,7 +86,11 @@ fn on_spawner_thread<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static
     let job: Job = Box::new(move || {
         let _ = tx.send(job());
     });
-    sender.lock().unwrap_or_else(|e| e.into_inner()).send(job).expect("spawner thread is gone");
+    sender
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .expect("spawner thread is gone");
     rx.recv().expect("spawner thread dropped a job")
 }
 
@@ -131,7 +135,10 @@ impl TwinProcess {
             });
         }
         let mut child = command.spawn().map_err(|e| {
-            HostError::Spawn(format!("cannot start twinterpreter executable {:?}: {e}", spec.executable))
+            HostError::Spawn(format!(
+                "cannot start twinterpreter executable {:?}: {e}",
+                spec.executable
+            ))
         })?;
         drop((twin_reads, twin_writes));
         let pid = child.id();
@@ -189,14 +196,17 @@ impl TwinProcess {
     /// The last lines the twin wrote to stderr, for error messages.
     pub fn stderr_tail(&self) -> String {
         let tail = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
-        String::from_utf8_lossy(&tail.bytes.iter().copied().collect::<Vec<u8>>()).trim_end().to_string()
+        String::from_utf8_lossy(&tail.bytes.iter().copied().collect::<Vec<u8>>())
+            .trim_end()
+            .to_string()
     }
 
     /// Like `stderr_tail`, after waiting up to `timeout` for the twin (and
     /// anything it started) to close its stderr, so nothing is missed.
     pub fn stderr_tail_when_closed(&self, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        while !self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).closed && Instant::now() < deadline {
+        while !self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).closed && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(2));
         }
         self.stderr_tail()
@@ -238,23 +248,25 @@ fn signal_name(signal: i32) -> &'static str {
 }
 
 fn forward_stderr(mut stderr: impl Read + Send + 'static, pid: u32, tail: Arc<Mutex<StderrTail>>) {
-    let spawned = thread::Builder::new().name(format!("cpy2py-stderr-{pid}")).spawn(move || {
-        let mut buf = [0u8; 8192];
-        loop {
-            let n = match stderr.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            let _ = io::stderr().write_all(&buf[..n]);
-            let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-            tail.bytes.extend(&buf[..n]);
-            let excess = tail.bytes.len().saturating_sub(STDERR_TAIL_BYTES);
-            tail.bytes.drain(..excess);
-        }
-        tail.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-    });
+    let spawned = thread::Builder::new()
+        .name(format!("cpy2py-stderr-{pid}"))
+        .spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = match stderr.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let _ = io::stderr().write_all(&buf[..n]);
+                let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+                tail.bytes.extend(&buf[..n]);
+                let excess = tail.bytes.len().saturating_sub(STDERR_TAIL_BYTES);
+                tail.bytes.drain(..excess);
+            }
+            tail.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        });
     if let Err(e) = spawned {
         tracing::warn!(pid, "cannot forward the twin's stderr: {e}");
     }
@@ -283,7 +295,11 @@ mod tests {
         let mut back = Vec::new();
         (&twin.from_twin).read_to_end(&mut back).unwrap();
         assert_eq!(back, [0, 0, 0, 4, 0x83, 1, 2]);
-        assert!(twin.wait_timeout(Duration::from_secs(5)).unwrap().unwrap().success());
+        assert!(twin
+            .wait_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+            .success());
     }
 
     #[test]
@@ -311,9 +327,12 @@ mod tests {
 
     #[test]
     fn missing_executable_is_a_spawn_error() {
-        let err = TwinProcess::spawn(TwinCommand { executable: "/nonexistent/python".into(), ..Default::default() })
-            .err()
-            .unwrap();
+        let err = TwinProcess::spawn(TwinCommand {
+            executable: "/nonexistent/python".into(),
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
         assert!(matches!(err, HostError::Spawn(_)));
         assert!(err.to_string().contains("/nonexistent/python"));
     }
@@ -322,13 +341,19 @@ mod tests {
     fn master_fds_are_not_inherited_by_other_twins() {
         use std::os::unix::fs::MetadataExt;
         let first = TwinProcess::spawn(sh("sleep 30")).unwrap();
-        let inodes = [first.from_twin.metadata().unwrap().ino(), first.to_twin.metadata().unwrap().ino()];
+        let inodes = [
+            first.from_twin.metadata().unwrap().ino(),
+            first.to_twin.metadata().unwrap().ino(),
+        ];
         // a second child lists what its fds point to
         let second = TwinProcess::spawn(sh("ls -l /proc/$$/fd >&4")).unwrap();
         let mut out = String::new();
         (&second.from_twin).read_to_string(&mut out).unwrap();
         for inode in inodes {
-            assert!(!out.contains(&format!("pipe:[{inode}]")), "first twin's pipe leaked: {out}");
+            assert!(
+                !out.contains(&format!("pipe:[{inode}]")),
+                "first twin's pipe leaked: {out}"
+            );
         }
         first.kill().unwrap();
     }

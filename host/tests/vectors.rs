@@ -10,7 +10,9 @@ use cpy2py_host::protocol::value::{GlobalName, Value};
 use serde_json::Value as Json;
 
 fn vectors(file: &str) -> Vec<Json> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors").join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/vectors")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     match serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display())) {
         Json::Array(items) => items,
@@ -20,7 +22,10 @@ fn vectors(file: &str) -> Vec<Json> {
 
 fn unhex(hex: &str) -> Vec<u8> {
     assert!(hex.len() % 2 == 0, "odd-length hex {hex:?}");
-    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit")).collect()
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -28,7 +33,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn string(json: &Json) -> String {
-    json.as_str().unwrap_or_else(|| panic!("expected a string, got {json}")).to_owned()
+    json.as_str()
+        .unwrap_or_else(|| panic!("expected a string, got {json}"))
+        .to_owned()
 }
 
 fn float(json: &Json) -> f64 {
@@ -37,7 +44,11 @@ fn float(json: &Json) -> f64 {
 }
 
 fn items(json: &Json) -> Vec<Value> {
-    json.as_array().unwrap_or_else(|| panic!("expected a list, got {json}")).iter().map(meaning).collect()
+    json.as_array()
+        .unwrap_or_else(|| panic!("expected a list, got {json}"))
+        .iter()
+        .map(meaning)
+        .collect()
 }
 
 fn global(json: &Json) -> GlobalName {
@@ -49,7 +60,9 @@ fn global(json: &Json) -> GlobalName {
 
 /// The language-neutral meaning of a vector as a `Value`.
 fn meaning(json: &Json) -> Value {
-    let object = json.as_object().unwrap_or_else(|| panic!("a meaning is an object, not {json}"));
+    let object = json
+        .as_object()
+        .unwrap_or_else(|| panic!("a meaning is an object, not {json}"));
     assert_eq!(object.len(), 1, "a meaning has exactly one key: {json}");
     let (kind, v) = object.iter().next().expect("one key");
     match kind.as_str() {
@@ -57,9 +70,10 @@ fn meaning(json: &Json) -> Value {
         "bool" => Value::Bool(v.as_bool().expect("bool")),
         "int" => Value::Int(string(v).parse().expect("decimal int")),
         "bigint" => match v.as_array().map(Vec::as_slice) {
-            Some([sign, magnitude]) => {
-                Value::BigInt { negative: string(sign) == "-", magnitude: unhex(&string(magnitude)) }
-            }
+            Some([sign, magnitude]) => Value::BigInt {
+                negative: string(sign) == "-",
+                magnitude: unhex(&string(magnitude)),
+            },
             _ => panic!("bad bigint {v}"),
         },
         "float" => Value::Float(float(v)),
@@ -119,8 +133,16 @@ fn same(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|((k, v), (l, w))| same(k, l) && same(v, w))
         }
         (
-            Value::Exception { kind, args, traceback },
-            Value::Exception { kind: kind2, args: args2, traceback: traceback2 },
+            Value::Exception {
+                kind,
+                args,
+                traceback,
+            },
+            Value::Exception {
+                kind: kind2,
+                args: args2,
+                traceback: traceback2,
+            },
         ) => kind == kind2 && all(args, args2) && traceback == traceback2,
         _ => a == b,
     }
@@ -135,9 +157,14 @@ fn valid_vectors_decode_to_their_meaning_and_encode_to_their_bytes() {
         let cbor = unhex(&string(&vector["cbor"]));
         let expected = meaning(&vector["value"]);
         let decoded = Value::decode(&cbor).unwrap_or_else(|e| panic!("{name}: refused: {e}"));
-        assert!(same(&decoded, &expected), "{name}: decoded {decoded:?}, expected {expected:?}");
+        assert!(
+            same(&decoded, &expected),
+            "{name}: decoded {decoded:?}, expected {expected:?}"
+        );
         if vector.get("decode_only").and_then(Json::as_bool) != Some(true) {
-            let encoded = expected.encode().unwrap_or_else(|e| panic!("{name}: cannot encode: {e}"));
+            let encoded = expected
+                .encode()
+                .unwrap_or_else(|e| panic!("{name}: cannot encode: {e}"));
             assert_eq!(hex(&encoded), hex(&cbor), "{name}: encoding differs");
         }
     }
@@ -146,7 +173,11 @@ fn valid_vectors_decode_to_their_meaning_and_encode_to_their_bytes() {
 #[test]
 fn invalid_vectors_are_refused() {
     let vectors = vectors("invalid.json");
-    assert!(vectors.len() > 50, "suspiciously few invalid vectors: {}", vectors.len());
+    assert!(
+        vectors.len() > 50,
+        "suspiciously few invalid vectors: {}",
+        vectors.len()
+    );
     for vector in &vectors {
         let name = string(&vector["name"]);
         let cbor = unhex(&string(&vector["cbor"]));
@@ -190,17 +221,44 @@ fn nesting_up_to_max_depth_is_accepted() {
 #[test]
 fn encoding_normalizes_to_preferred_serialization() {
     let nan_with_payload = f64::from_bits(0x7ff8_0000_dead_beef);
-    assert_eq!(Value::Float(nan_with_payload).encode().unwrap(), [0xf9, 0x7e, 0x00]);
+    assert_eq!(
+        Value::Float(nan_with_payload).encode().unwrap(),
+        [0xf9, 0x7e, 0x00]
+    );
     assert_eq!(Value::Float(-f64::NAN).encode().unwrap(), [0xf9, 0x7e, 0x00]);
     assert_eq!(
         Value::Complex(f64::NAN, -0.0).encode().unwrap(),
         [0xd9, 0x9c, 0x43, 0x82, 0xf9, 0x7e, 0x00, 0xf9, 0x80, 0x00]
     );
     // a bignum that fits 64 bits is an int on the wire, leading zeros go
-    assert_eq!(Value::BigInt { negative: false, magnitude: vec![0, 0, 1] }.encode().unwrap(), [0x01]);
-    assert_eq!(Value::BigInt { negative: true, magnitude: vec![] }.encode().unwrap(), [0x20]);
+    assert_eq!(
+        Value::BigInt {
+            negative: false,
+            magnitude: vec![0, 0, 1]
+        }
+        .encode()
+        .unwrap(),
+        [0x01]
+    );
+    assert_eq!(
+        Value::BigInt {
+            negative: true,
+            magnitude: vec![]
+        }
+        .encode()
+        .unwrap(),
+        [0x20]
+    );
     let mut big = vec![0xc2, 0x49, 1];
     big.extend([0; 8]);
-    assert_eq!(Value::BigInt { negative: false, magnitude: [[0, 0, 1].as_slice(), &[0; 8]].concat() }.encode().unwrap(), big);
+    assert_eq!(
+        Value::BigInt {
+            negative: false,
+            magnitude: [[0, 0, 1].as_slice(), &[0; 8]].concat()
+        }
+        .encode()
+        .unwrap(),
+        big
+    );
     assert_eq!(Value::Int(1 << 64).encode().unwrap(), big);
 }

@@ -34,7 +34,7 @@ log = _logging.get_logger("connection")
 #: guards the routing state of all connections of this process
 _ROUTE_LOCK = threading.Lock()
 #: chain id -> the waiter of the thread currently running that chain here
-_CHAINS: "Dict[int, _Waiter]" = {}
+_CHAINS: Dict[int, _Waiter] = {}
 _chain_ids = itertools.count(1)
 _local = threading.local()
 
@@ -78,13 +78,13 @@ def _unpark(waiter: _Waiter) -> None:
         waiter.wake.release()
 
 
-def _deliver(waiter: _Waiter, item: "Tuple[Connection, list]") -> None:
+def _deliver(waiter: _Waiter, item: Tuple[Connection, list]) -> None:
     with _ROUTE_LOCK:
         waiter.inbox.append(item)
         _unpark(waiter)
 
 
-def _park(waiter: _Waiter, queue: "Deque[_Waiter]") -> None:
+def _park(waiter: _Waiter, queue: Deque[_Waiter]) -> None:
     """Caller holds _ROUTE_LOCK; the waiter then calls ``_sleep``."""
     waiter.parked_on = queue
     queue.append(waiter)
@@ -109,7 +109,9 @@ class Connection:
     """The link to one peer interpreter, usable from any number of threads.
 
     ``transport`` moves frames (``send``, ``recv``, ``wait_readable``);
-    ``describe_end`` explains, once the stream ended, how the peer ended.
+    ``describe_end`` explains, once the stream ended, how the peer ended;
+    ``kill_peer`` stops a peer that broke the protocol; ``after_request``
+    runs after each request served here (a twin flushes its stdout).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class Connection:
         describe_end: Callable[[], str],
         on_shutdown: Optional[Callable[[], None]] = None,
         after_request: Optional[Callable[[], None]] = None,
+        kill_peer: Optional[Callable[[], Any]] = None,
     ) -> None:
         self.transport = transport
         self.peer_id = peer_id
@@ -127,6 +130,7 @@ class Connection:
         self._describe_end = describe_end
         self._on_shutdown = on_shutdown
         self._after_request = after_request
+        self._kill_peer = kill_peer
         self._ids = itertools.count(1)
         # routing state, guarded by _ROUTE_LOCK
         self._pending: Dict[int, _Waiter] = {}
@@ -186,7 +190,7 @@ class Connection:
             else:
                 log.warning("dropped a reply to request %r that is not awaited here", message[1])
 
-    def _next_for(self, waiter: _Waiter) -> "Tuple[Connection, list]":
+    def _next_for(self, waiter: _Waiter) -> Tuple[Connection, list]:
         """The next message for ``waiter``: from its inbox, or read by itself."""
         while True:
             with _ROUTE_LOCK:
@@ -235,8 +239,8 @@ class Connection:
         except BaseException as err:
             with _ROUTE_LOCK:
                 self._release_role()
-            if isinstance(err, (OSError, ProtocolError)):
-                self._fail(err)
+            if isinstance(err, Exception):  # the stream is in an unknown state
+                self._fail(err if isinstance(err, (OSError, ProtocolError)) else ProtocolError(repr(err)))
                 return None
             raise  # KeyboardInterrupt and friends: the frame state is kept for the next reader
         with _ROUTE_LOCK:
@@ -263,7 +267,7 @@ class Connection:
                 return [RAISE, message[1], failure]
         return message
 
-    def _route(self, message: list, reader: Optional[_Waiter]) -> "Optional[Tuple[Connection, list]]":
+    def _route(self, message: list, reader: Optional[_Waiter]) -> Optional[Tuple[Connection, list]]:
         """Send ``message`` where it belongs; returns it if it is the reader's to handle."""
         kind = message[0]
         try:
@@ -317,13 +321,13 @@ class Connection:
         """Serve the peer on this thread until the link ends (a twin's main loop)."""
         self._serve(None)
 
-    def _start_server(self, first: "Optional[Tuple[Connection, list]]" = None) -> None:
+    def _start_server(self, first: Optional[Tuple[Connection, list]] = None) -> None:
         thread = threading.Thread(
             target=self._serve, args=(first,), name=f"cpy2py-server-{self.peer_id}", daemon=True
         )
         thread.start()
 
-    def _serve(self, first: "Optional[Tuple[Connection, list]]") -> None:
+    def _serve(self, first: Optional[Tuple[Connection, list]]) -> None:
         waiter = _this_waiter()
         with _ROUTE_LOCK:
             self._servers += 1
@@ -335,11 +339,14 @@ class Connection:
                 if item is None:
                     return
                 self._execute_as_server(waiter, item[1])
+        except BaseException as err:  # a server must never vanish silently
+            log.exception("server thread of the link to %s failed", self.peer_id)
+            self._fail(err if isinstance(err, ProtocolError) else ProtocolError(f"kernel failure: {err!r}"))
         finally:
             with _ROUTE_LOCK:
                 self._servers -= 1
 
-    def _next_request(self, waiter: _Waiter) -> "Optional[Tuple[Connection, list]]":
+    def _next_request(self, waiter: _Waiter) -> Optional[Tuple[Connection, list]]:
         """Idle server: wait for a request of a new chain; None when the link ended."""
         while True:
             with _ROUTE_LOCK:
@@ -365,6 +372,8 @@ class Connection:
                 self._fail(err)
                 continue
             with _ROUTE_LOCK:
+                if self.broken is not None:
+                    return None
                 if self._reading:  # a caller reads; it will take what arrived
                     _park(waiter, self._parked_poller)
                     read = False
@@ -457,6 +466,11 @@ class Connection:
         if isinstance(cause, ProtocolError):
             error: BaseException = cause
             log.error("protocol error on the link to %s: %s", self.peer_id, cause)
+            if self._kill_peer is not None:  # a peer that broke the protocol is not trusted further
+                try:
+                    self._kill_peer()
+                except Exception as err:
+                    log.error("could not stop %s: %s", self.peer_id, err)
         else:
             try:
                 how = reason or self._describe_end()
@@ -483,4 +497,3 @@ def current_chain() -> Optional[int]:
     """The chain of the calling thread, if it has made or served a call."""
     waiter = getattr(_local, "waiter", None)
     return None if waiter is None else waiter.chain
-

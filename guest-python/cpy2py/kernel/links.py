@@ -17,28 +17,28 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 _lock = threading.RLock()
-_connections: Dict[str, "Connection"] = {}
+_connections: Dict[str, Connection] = {}
 #: set by the master module: starts a twin by id and returns its connection
-_starter: Optional[Callable[[str], "Connection"]] = None
+_starter: Optional[Callable[[str], Connection]] = None
 
 
-def register(twin_id: str, connection: "Connection") -> None:
+def register(twin_id: str, connection: Connection) -> None:
     with _lock:
         _connections[twin_id] = connection
 
 
-def unregister(twin_id: str, connection: "Connection") -> None:
+def unregister(twin_id: str, connection: Connection) -> None:
     with _lock:
         if _connections.get(twin_id) is connection:
             del _connections[twin_id]
 
 
-def set_starter(starter: Callable[[str], "Connection"]) -> None:
+def set_starter(starter: Callable[[str], Connection]) -> None:
     global _starter
     _starter = starter
 
 
-def connection_to(twin_id: str) -> "Connection":
+def connection_to(twin_id: str) -> Connection:
     """The connection over which objects native to ``twin_id`` are reached."""
     if kernel_state.is_master():
         if _starter is None:

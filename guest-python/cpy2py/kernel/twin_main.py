@@ -77,7 +77,12 @@ def main() -> None:
         _flush_stdio()
         os._exit(1)
     transport.send(codec.dumps({"ready": True}))
-    log.info("twin %s (%s %s) serving", kernel_state.TWIN_ID, sys.implementation.name, platform.python_version())
+    log.info(
+        "twin %s (%s %s) serving",
+        kernel_state.TWIN_ID,
+        sys.implementation.name,
+        platform.python_version(),
+    )
     connection = Connection(
         transport,
         kernel_state.MASTER_ID,

@@ -138,9 +138,7 @@ def _float_bytes(x: float) -> bytes:
         # zero survives the packing, and NaN was handled above
         if _unpack_e(h)[0] == x:
             return b"\xf9" + h
-        if _unpack_f(_pack_f(x))[0] == x:
-            return b"\xfa" + _pack_f(x)
-    elif a <= _SINGLE_MAX:
+    if a <= _SINGLE_MAX:
         s = _pack_f(x)
         if _unpack_f(s)[0] == x:
             return b"\xfa" + s
@@ -189,8 +187,14 @@ def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default
     get = _ENCODERS.get
     for item in items:
         t = type(item)
-        if t is int and 0 <= item < 24:
-            out.append(item)
+        if t is int and 0 <= item < 65536:
+            if item < 24:
+                out.append(item)
+            elif item < 256:
+                out.append(0x18)
+                out.append(item)
+            else:
+                out += _pack_BH(0x19, item)
             continue
         enc = get(t)
         if enc is None:
@@ -267,9 +271,7 @@ def _enc_default(obj: Any, out: bytearray, depth: int, default: Optional[Default
         result = default(obj)
         if result is not NotImplemented:
             if type(result) is not tuple or len(result) != 2:
-                raise TypeError(
-                    f"default() must return a (tag, value) pair, not {_type_name(result)!r}"
-                )
+                raise TypeError(f"default() must return a (tag, value) pair, not {_type_name(result)!r}")
             tag, value = result
             if not isinstance(tag, int):
                 raise TypeError(f"default() returned a tag of type {_type_name(tag)!r}, not an int")
@@ -465,15 +467,33 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
                 append(item)
     if n > end - pos:
         raise ProtocolError(f"an array declares {n} items but only {end - pos} bytes remain")
+    decoders = _DECODERS
     for _ in range(n):
         if pos >= end:
             raise _truncated(pos, "an array")
         ib = data[pos]
+        # inline fast paths for the most common items; anything unusual
+        # (including truncation) takes the general path
         if ib < 24:
             append(ib)
             pos += 1
+        elif ib == 0x19 and pos + 2 < end:
+            append((data[pos + 1] << 8) | data[pos + 2])
+            pos += 3
+        elif ib == 0x18 and pos + 1 < end:
+            append(data[pos + 1])
+            pos += 2
+        elif 0x60 <= ib < 0x78 and pos + ib - 0x60 < end:
+            start = pos + 1
+            pos = start + ib - 0x60
+            try:
+                append(data[start:pos].decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ProtocolError(
+                    f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
+                ) from None
         else:
-            item, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
+            item, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
             append(item)
     return items, pos
 
@@ -505,7 +525,7 @@ def _dec_map(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
 def _dec_entry(
     data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook], result: Dict[Any, Any]
 ) -> int:
-    """Decodes the key (initial byte ``ib`` at ``pos``) and the value of one map entry into ``result``."""
+    """Decodes one map entry into ``result``; ``ib`` is the initial byte of its key at ``pos``."""
     key, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
     if pos >= len(data):
         raise _truncated(pos, "a map")
@@ -523,7 +543,10 @@ def _dec_entry(
 
 
 def _content(data: bytes, pos: int, major: int, tag: int) -> int:
-    """Checks that the content of ``tag`` at ``pos`` has major type ``major``; returns its initial byte."""
+    """Checks that the content of ``tag`` at ``pos`` has major type ``major``.
+
+    Returns the initial byte of the content.
+    """
     if pos >= len(data):
         raise _truncated(pos, f"tag {tag}")
     ib = data[pos]
@@ -549,7 +572,9 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
         try:
             return (set(items) if tag == SET else frozenset(items)), pos
         except TypeError:
-            bad = next(i for i in items if not _hashable(i))
+            bad = next((i for i in items if not _hashable(i)), _NONE_FOUND)
+            if bad is _NONE_FOUND:  # not a hash failure: an __eq__ raised it
+                raise
             raise ProtocolError(f"unhashable set item of type {_type_name(bad)!r}") from None
     if tag == POS_BIGNUM or tag == NEG_BIGNUM:
         ib = _content(data, pos, 2, tag)
@@ -573,6 +598,9 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
     ib = data[pos]
     value, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
     return hook(tag, value), pos
+
+
+_NONE_FOUND = object()
 
 
 def _hashable(obj: Any) -> bool:

@@ -63,13 +63,14 @@ class FdTransport:
             return None
         buffer = bytearray(size)
         buffer[: len(chunk)] = chunk
-        view = memoryview(buffer)
         have = len(chunk)
         while have < size:
-            n = os.readv(self.read_fd, [view[have:]])
-            if n == 0:
+            # os.readv would avoid a copy, but PyPy 3.9 lacks it
+            chunk = os.read(self.read_fd, min(size - have, 1 << 22))
+            if not chunk:
                 raise ProtocolError("the stream ended inside a frame")
-            have += n
+            buffer[have : have + len(chunk)] = chunk
+            have += len(chunk)
         return buffer
 
     def wait_readable(self, timeout: float | None = None) -> bool:

@@ -12,9 +12,11 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
 /// The length prefix for a payload of `len` bytes.
 pub fn header(len: usize) -> Result<[u8; HEADER_LEN]> {
-    u32::try_from(len)
-        .map(u32::to_be_bytes)
-        .map_err(|_| HostError::Codec(format!("a frame of {len} bytes exceeds the 4 GiB limit of the protocol")))
+    u32::try_from(len).map(u32::to_be_bytes).map_err(|_| {
+        HostError::Codec(format!(
+            "a frame of {len} bytes exceeds the 4 GiB limit of the protocol"
+        ))
+    })
 }
 
 /// Parses a length prefix and checks it against `max`.
@@ -55,7 +57,9 @@ pub fn read_frame<R: Read>(input: &mut R, max: usize) -> Result<Option<Vec<u8>>>
     let len = payload_len(head, max)?;
     let mut payload = vec![0u8; len];
     input.read_exact(&mut payload).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => HostError::Protocol(format!("stream ended inside a frame of {len} bytes")),
+        io::ErrorKind::UnexpectedEof => {
+            HostError::Protocol(format!("stream ended inside a frame of {len} bytes"))
+        }
         _ => e.into(),
     })?;
     Ok(Some(payload))

@@ -86,6 +86,9 @@ mod tests {
     #[test]
     fn garbage_is_a_protocol_error() {
         assert!(matches!(parse_hello(b"\xff\x00"), Err(HostError::Protocol(_))));
-        assert!(matches!(parse_hello(&encode(&"hello")), Err(HostError::Protocol(_))));
+        assert!(matches!(
+            parse_hello(&encode(&"hello")),
+            Err(HostError::Protocol(_))
+        ));
     }
 }

@@ -27,7 +27,10 @@ pub enum Value {
     Int(i128),
     /// Integers beyond 64 bits: tag 2 holds `n`, tag 3 holds `-1 - n`, as a
     /// minimal big-endian magnitude.
-    BigInt { negative: bool, magnitude: Vec<u8> },
+    BigInt {
+        negative: bool,
+        magnitude: Vec<u8>,
+    },
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
@@ -39,8 +42,16 @@ pub enum Value {
     Complex(f64, f64),
     ByteArray(Vec<u8>),
     Global(GlobalName),
-    Exception { kind: GlobalName, args: Vec<Value>, traceback: Option<String> },
-    TwinRef { owner: String, instance: u64, class: GlobalName },
+    Exception {
+        kind: GlobalName,
+        args: Vec<Value>,
+        traceback: Option<String>,
+    },
+    TwinRef {
+        owner: String,
+        instance: u64,
+        class: GlobalName,
+    },
     Pickle(Vec<u8>),
 }
 
@@ -84,7 +95,11 @@ impl Value {
                     .collect::<Result<_>>()?,
             ),
             Cbor::Tag(tag, inner) => Value::from_tagged(tag, Value::from_cbor(*inner)?)?,
-            other => return Err(HostError::Protocol(format!("unsupported CBOR item {other:?} in a frame"))),
+            other => {
+                return Err(HostError::Protocol(format!(
+                    "unsupported CBOR item {other:?} in a frame"
+                )))
+            }
         })
     }
 
@@ -92,7 +107,10 @@ impl Value {
         let tagged = |tag: u64, inner: Cbor| Cbor::Tag(tag, Box::new(inner));
         let array = |items: &[Value]| Cbor::Array(items.iter().map(Value::to_cbor).collect());
         let global = |(module, qualname): &GlobalName| {
-            tagged(tags::GLOBAL_REF, Cbor::Array(vec![Cbor::Text(module.clone()), Cbor::Text(qualname.clone())]))
+            tagged(
+                tags::GLOBAL_REF,
+                Cbor::Array(vec![Cbor::Text(module.clone()), Cbor::Text(qualname.clone())]),
+            )
         };
         match self {
             Value::None => Cbor::Null,
@@ -113,7 +131,11 @@ impl Value {
                     Value::Int(if *negative { -1 - n } else { n }).to_cbor()
                 } else {
                     tagged(
-                        if *negative { tags::NEG_BIGNUM } else { tags::POS_BIGNUM },
+                        if *negative {
+                            tags::NEG_BIGNUM
+                        } else {
+                            tags::POS_BIGNUM
+                        },
                         Cbor::Bytes(magnitude.to_vec()),
                     )
                 }
@@ -122,17 +144,26 @@ impl Value {
             Value::Str(s) => Cbor::Text(s.clone()),
             Value::Bytes(b) => Cbor::Bytes(b.clone()),
             Value::List(items) => array(items),
-            Value::Dict(entries) => Cbor::Map(entries.iter().map(|(k, v)| (k.to_cbor(), v.to_cbor())).collect()),
+            Value::Dict(entries) => {
+                Cbor::Map(entries.iter().map(|(k, v)| (k.to_cbor(), v.to_cbor())).collect())
+            }
             Value::Tuple(items) => tagged(tags::TUPLE, array(items)),
             Value::Set(items) => tagged(tags::SET, array(items)),
             Value::FrozenSet(items) => tagged(tags::FROZENSET, array(items)),
             Value::Complex(re, im) => tagged(
                 tags::COMPLEX,
-                Cbor::Array(vec![Cbor::Float(canonical_nan(*re)), Cbor::Float(canonical_nan(*im))]),
+                Cbor::Array(vec![
+                    Cbor::Float(canonical_nan(*re)),
+                    Cbor::Float(canonical_nan(*im)),
+                ]),
             ),
             Value::ByteArray(b) => tagged(tags::BYTEARRAY, Cbor::Bytes(b.clone())),
             Value::Global(name) => global(name),
-            Value::Exception { kind, args, traceback } => tagged(
+            Value::Exception {
+                kind,
+                args,
+                traceback,
+            } => tagged(
                 tags::EXCEPTION,
                 Cbor::Array(vec![
                     global(kind),
@@ -140,9 +171,17 @@ impl Value {
                     traceback.clone().map_or(Cbor::Null, Cbor::Text),
                 ]),
             ),
-            Value::TwinRef { owner, instance, class } => tagged(
+            Value::TwinRef {
+                owner,
+                instance,
+                class,
+            } => tagged(
                 tags::TWIN_REF,
-                Cbor::Array(vec![Cbor::Text(owner.clone()), Cbor::Integer((*instance).into()), global(class)]),
+                Cbor::Array(vec![
+                    Cbor::Text(owner.clone()),
+                    Cbor::Integer((*instance).into()),
+                    global(class),
+                ]),
             ),
             Value::Pickle(b) => tagged(tags::PICKLE, Cbor::Bytes(b.clone())),
         }
@@ -161,7 +200,9 @@ impl Value {
     /// The value of a tagged item whose content decoded to `inner`.
     fn from_tagged(tag: u64, inner: Value) -> Result<Value> {
         let hashable_items = |items: Vec<Value>, what: &str| match items.iter().find(|v| !v.is_hashable()) {
-            Some(bad) => Err(HostError::Protocol(format!("unhashable {what} item {bad:?} in a frame"))),
+            Some(bad) => Err(HostError::Protocol(format!(
+                "unhashable {what} item {bad:?} in a frame"
+            ))),
             None => Ok(items),
         };
         Ok(match (tag, inner) {
@@ -223,7 +264,11 @@ impl Value {
                 | tags::TWIN_REF
                 | tags::PICKLE,
                 _,
-            ) => return Err(HostError::Protocol(format!("malformed content of CBOR tag {tag} in a frame"))),
+            ) => {
+                return Err(HostError::Protocol(format!(
+                    "malformed content of CBOR tag {tag} in a frame"
+                )))
+            }
             (tag, _) => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),
         })
     }
@@ -253,10 +298,17 @@ fn int_value(i: i128) -> Value {
 }
 
 fn big_from_i128(i: i128) -> Value {
-    let (negative, n) = if i < 0 { (true, (-1 - i) as u128) } else { (false, i as u128) };
+    let (negative, n) = if i < 0 {
+        (true, (-1 - i) as u128)
+    } else {
+        (false, i as u128)
+    };
     let bytes = n.to_be_bytes();
     let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len() - 1);
-    Value::BigInt { negative, magnitude: bytes[first..].to_vec() }
+    Value::BigInt {
+        negative,
+        magnitude: bytes[first..].to_vec(),
+    }
 }
 
 /// The value of a bignum as decoded: leading zeros dropped, and a plain
@@ -313,7 +365,9 @@ fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
                 }
                 let key = decode_item(cursor, depth)?;
                 if !key.is_hashable() {
-                    return Err(HostError::Protocol(format!("unhashable map key {key:?} in a frame")));
+                    return Err(HostError::Protocol(format!(
+                        "unhashable map key {key:?} in a frame"
+                    )));
                 }
                 entries.push((key, decode_item(cursor, depth)?));
             }
@@ -380,15 +434,27 @@ pub(crate) enum Head {
     Break,
 }
 
-const MAJOR_NAMES: [&str; 8] =
-    ["unsigned integer", "negative integer", "byte string", "text string", "array", "map", "tag", "simple value"];
+const MAJOR_NAMES: [&str; 8] = [
+    "unsigned integer",
+    "negative integer",
+    "byte string",
+    "text string",
+    "array",
+    "map",
+    "tag",
+    "simple value",
+];
 
 fn truncated(offset: usize, inside: &str) -> HostError {
-    HostError::Protocol(format!("truncated CBOR: input ends at offset {offset} inside {inside}"))
+    HostError::Protocol(format!(
+        "truncated CBOR: input ends at offset {offset} inside {inside}"
+    ))
 }
 
 pub(crate) fn unexpected_break(offset: usize) -> HostError {
-    HostError::Protocol(format!("unexpected break (0xff) outside an indefinite-length item at offset {offset}"))
+    HostError::Protocol(format!(
+        "unexpected break (0xff) outside an indefinite-length item at offset {offset}"
+    ))
 }
 
 /// Enters a container (array, map or tag) that starts at `offset` and is
@@ -444,7 +510,10 @@ impl<'a> Cursor<'a> {
 
     /// The initial byte of the next item, not consumed.
     pub(crate) fn peek(&self, inside: &str) -> Result<u8> {
-        self.data.get(self.pos).copied().ok_or_else(|| truncated(self.pos, inside))
+        self.data
+            .get(self.pos)
+            .copied()
+            .ok_or_else(|| truncated(self.pos, inside))
     }
 
     /// Consumes a break if one comes next; for indefinite-length items.
@@ -492,7 +561,9 @@ impl<'a> Cursor<'a> {
                 self.pos += n;
                 Ok(&self.data[start..self.pos])
             }
-            _ => Err(HostError::Protocol(format!("{what} declares {n} bytes but only {left} remain"))),
+            _ => Err(HostError::Protocol(format!(
+                "{what} declares {n} bytes but only {left} remain"
+            ))),
         }
     }
 

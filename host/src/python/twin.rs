@@ -93,7 +93,11 @@ impl FrameReader {
             match read_some(fd, &mut self.head[self.head_have..])? {
                 None => return Ok(ReadOutcome::Interrupted),
                 Some(0) if self.head_have == 0 => return Ok(ReadOutcome::Eof),
-                Some(0) => return Err(HostError::Protocol("the twin's stream ended inside a frame".into())),
+                Some(0) => {
+                    return Err(HostError::Protocol(
+                        "the twin's stream ended inside a frame".into(),
+                    ))
+                }
                 Some(n) => self.head_have += n,
             }
             if self.head_have == HEADER_LEN {
@@ -105,7 +109,11 @@ impl FrameReader {
         while self.body_have < self.body.len() {
             match read_some(fd, &mut self.body[self.body_have..])? {
                 None => return Ok(ReadOutcome::Interrupted),
-                Some(0) => return Err(HostError::Protocol("the twin's stream ended inside a frame".into())),
+                Some(0) => {
+                    return Err(HostError::Protocol(
+                        "the twin's stream ended inside a frame".into(),
+                    ))
+                }
                 Some(n) => self.body_have += n,
             }
         }
@@ -131,12 +139,20 @@ fn read_some(fd: i32, buf: &mut [u8]) -> Result<Option<usize>, HostError> {
 /// Waits until `fd` is readable (or hung up); `None` when a signal
 /// interrupted the wait.
 fn poll_readable(fd: i32, timeout: Option<Duration>) -> Result<Option<bool>, HostError> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     if n < 0 {
         let err = io::Error::last_os_error();
-        return if err.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(err.into()) };
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(None)
+        } else {
+            Err(err.into())
+        };
     }
     Ok(Some(n > 0))
 }
@@ -145,8 +161,14 @@ fn write_all(fd: i32, header: &[u8], payload: &[u8]) -> io::Result<()> {
     let (mut head_done, mut body_done) = (0usize, 0usize);
     while head_done < header.len() || body_done < payload.len() {
         let iov = [
-            libc::iovec { iov_base: header[head_done..].as_ptr() as *mut _, iov_len: header.len() - head_done },
-            libc::iovec { iov_base: payload[body_done..].as_ptr() as *mut _, iov_len: payload.len() - body_done },
+            libc::iovec {
+                iov_base: header[head_done..].as_ptr() as *mut _,
+                iov_len: header.len() - head_done,
+            },
+            libc::iovec {
+                iov_base: payload[body_done..].as_ptr() as *mut _,
+                iov_len: payload.len() - body_done,
+            },
         ];
         let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
         if n < 0 {
@@ -209,7 +231,11 @@ impl ProcessTwin {
             .wait_timeout(Duration::from_secs(2))?
             .map_or_else(|| "closed the protocol stream".to_string(), describe_status);
         let stderr = process.stderr_tail_when_closed(Duration::from_secs(1));
-        let said = if stderr.is_empty() { String::new() } else { format!("; it said:\n{stderr}\n") };
+        let said = if stderr.is_empty() {
+            String::new()
+        } else {
+            format!("; it said:\n{stderr}\n")
+        };
         process.kill()?;
         Err(HostError::Spawn(format!(
             "{executable:?} {status} before answering the cpy2py handshake{said}\
@@ -234,15 +260,30 @@ impl ProcessTwin {
         max_frame: usize,
     ) -> PyResult<Self> {
         let shown = executable.display().to_string();
-        let command = TwinCommand { executable, args, env, cwd };
+        let command = TwinCommand {
+            executable,
+            args,
+            env,
+            cwd,
+        };
         let started = py.detach(|| {
             let process = TwinProcess::spawn(command)?;
-            let hello = Self::handshake(&process, &shown, Duration::from_secs_f64(handshake_timeout.max(0.0)))?;
+            let hello = Self::handshake(
+                &process,
+                &shown,
+                Duration::from_secs_f64(handshake_timeout.max(0.0)),
+            )?;
             Ok::<_, HostError>((process, hello))
         });
         let (process, hello) = started.map_err(|e| to_pyerr(py, e))?;
         tracing::debug!(pid = process.pid(), twin_id = %hello.twin_id, version = %hello.version, "twin answered");
-        Ok(ProcessTwin { process, hello, reader: Mutex::default(), writer: Mutex::default(), max_frame })
+        Ok(ProcessTwin {
+            process,
+            hello,
+            reader: Mutex::default(),
+            writer: Mutex::default(),
+            max_frame,
+        })
     }
 
     #[getter]
@@ -298,7 +339,12 @@ impl ProcessTwin {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         loop {
             let ready = py.detach(|| {
-                if self.reader.lock().unwrap_or_else(|e| e.into_inner()).in_progress() {
+                if self
+                    .reader
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .in_progress()
+                {
                     return Ok(Some(true));
                 }
                 poll_readable(self.read_fd(), timeout)
@@ -318,7 +364,10 @@ impl ProcessTwin {
 
     /// Waits up to `timeout` seconds for the twin to end; how it ended, or None.
     fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<String>> {
-        let status = py.detach(|| self.process.wait_timeout(Duration::from_secs_f64(timeout.max(0.0))));
+        let status = py.detach(|| {
+            self.process
+                .wait_timeout(Duration::from_secs_f64(timeout.max(0.0)))
+        });
         Ok(status.map_err(|e| to_pyerr(py, e))?.map(describe_status))
     }
 

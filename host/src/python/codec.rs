@@ -1,0 +1,611 @@
+//! The compiled codec: `cpy2py._host.dumps` and `cpy2py._host.loads`.
+//!
+//! Python objects to CBOR and back, directly, with the same behaviour and
+//! byte-identical output as the pure-Python codec in
+//! guest-python/cpy2py/protocol/codec_py.py (docs/protocol.md, "Values").
+//! Floats are written by ciborium-ll, other heads directly (the same bytes);
+//! frames are read with the cursor of the Rust value model, so both Rust
+//! decoders apply the same wire rules.
+
+use std::os::raw::c_int;
+
+use ciborium_ll::{Encoder, Header};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyComplex, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PyMemoryView,
+    PySet, PyString, PyTuple,
+};
+use pyo3::{ffi, intern};
+
+use super::errors::protocol_error;
+use crate::error::HostError;
+use crate::protocol::tags::{self, MAX_DEPTH};
+use crate::protocol::value::{enter, unexpected_break, Cursor, Head};
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(dumps, m)?)?;
+    m.add_function(wrap_pyfunction!(loads, m)?)?;
+    Ok(())
+}
+
+/// `'module.Qualname'` of the type of `obj`, for error messages.
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    let py = obj.py();
+    let ty = obj.get_type();
+    let attr = |name| {
+        ty.getattr(name)
+            .and_then(|v| v.str())
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| "?".to_owned())
+    };
+    format!(
+        "{}.{}",
+        attr(intern!(py, "__module__")),
+        attr(intern!(py, "__qualname__"))
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------
+
+/// Encodes `obj` as one CBOR data item (preferred serialization, definite
+/// lengths). Objects whose exact type is not in the value model go to
+/// `default(obj)`, which returns `(tag, value)`.
+#[pyfunction]
+#[pyo3(signature = (obj, default=None))]
+fn dumps<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    default: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let mut encoder = Encode {
+        out: Vec::with_capacity(256),
+        default,
+    };
+    encoder.item(obj, 0)?;
+    Ok(PyBytes::new(py, &encoder.out))
+}
+
+fn too_deep() -> PyErr {
+    PyValueError::new_err(format!(
+        "cannot encode a value nested deeper than {MAX_DEPTH} levels (MAX_DEPTH)"
+    ))
+}
+
+fn changed_size(what: &str) -> PyErr {
+    PyRuntimeError::new_err(format!("{what} changed size during encoding"))
+}
+
+struct Encode<'a, 'py> {
+    out: Vec<u8>,
+    default: Option<&'a Bound<'py, PyAny>>,
+}
+
+const UINT: u8 = 0;
+const NINT: u8 = 1;
+const BYTES: u8 = 2;
+const TEXT: u8 = 3;
+const ARRAY: u8 = 4;
+const MAP: u8 = 5;
+const TAG: u8 = 6;
+
+impl<'py> Encode<'_, 'py> {
+    /// Appends the shortest head of major type `major` with argument `n`
+    /// (preferred serialization). These are the bytes ciborium-ll's
+    /// `Encoder` writes for the same `Header` (the shared vectors check
+    /// both); written directly because heads are most of the work when
+    /// encoding small items.
+    #[inline]
+    fn head(&mut self, major: u8, n: u64) {
+        let major = major << 5;
+        if n < 24 {
+            self.out.push(major | n as u8);
+        } else if n <= 0xff {
+            self.out.extend_from_slice(&[major | 24, n as u8]);
+        } else if n <= 0xffff {
+            self.out.push(major | 25);
+            self.out.extend_from_slice(&(n as u16).to_be_bytes());
+        } else if n <= 0xffff_ffff {
+            self.out.push(major | 26);
+            self.out.extend_from_slice(&(n as u32).to_be_bytes());
+        } else {
+            self.out.push(major | 27);
+            self.out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.head(BYTES, bytes.len() as u64);
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// The shortest of half, single and double precision that holds `x`
+    /// exactly (ciborium-ll's `Header::Float` compares the bits after the
+    /// round trip, so -0.0 keeps its sign); every NaN as `f9 7e 00`.
+    fn float(&mut self, x: f64) -> PyResult<()> {
+        if x.is_nan() {
+            self.out.extend_from_slice(&[0xf9, 0x7e, 0x00]);
+            Ok(())
+        } else {
+            Encoder::from(&mut self.out)
+                .push(Header::Float(x))
+                .map_err(|e| PyRuntimeError::new_err(format!("cannot write a CBOR float: {e}")))
+        }
+    }
+
+    /// Encodes `obj`, enclosed by `depth` arrays, maps and tags.
+    fn item(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        if obj.is_exact_instance_of::<PyInt>() {
+            self.int(obj, depth)
+        } else if obj.is_exact_instance_of::<PyString>() {
+            let utf8 = obj.cast_exact::<PyString>()?.encode_utf8()?;
+            self.head(TEXT, utf8.as_bytes().len() as u64);
+            self.out.extend_from_slice(utf8.as_bytes());
+            Ok(())
+        } else if obj.is_exact_instance_of::<PyFloat>() {
+            self.float(obj.cast_exact::<PyFloat>()?.value())
+        } else if obj.is_none() {
+            self.out.push(0xf6);
+            Ok(())
+        } else if obj.is_exact_instance_of::<PyBool>() {
+            self.out.push(if obj.cast_exact::<PyBool>()?.is_true() {
+                0xf5
+            } else {
+                0xf4
+            });
+            Ok(())
+        } else if obj.is_exact_instance_of::<PyList>() {
+            self.list(obj.cast_exact::<PyList>()?, depth)
+        } else if obj.is_exact_instance_of::<PyTuple>() {
+            let tuple = obj.cast_exact::<PyTuple>()?;
+            if depth + 2 > MAX_DEPTH {
+                return Err(too_deep());
+            }
+            self.head(TAG, tags::TUPLE);
+            self.head(ARRAY, tuple.len() as u64);
+            for item in tuple.iter() {
+                self.item(&item, depth + 2)?;
+            }
+            Ok(())
+        } else if obj.is_exact_instance_of::<PyDict>() {
+            self.dict(obj.cast_exact::<PyDict>()?, depth)
+        } else if obj.is_exact_instance_of::<PyBytes>() {
+            self.bytes(obj.cast_exact::<PyBytes>()?.as_bytes());
+            Ok(())
+        } else if obj.is_exact_instance_of::<PySet>() {
+            self.set(tags::SET, obj, obj.cast_exact::<PySet>()?.len(), depth)
+        } else if obj.is_exact_instance_of::<PyFrozenSet>() {
+            self.set(
+                tags::FROZENSET,
+                obj,
+                obj.cast_exact::<PyFrozenSet>()?.len(),
+                depth,
+            )
+        } else if obj.is_exact_instance_of::<PyComplex>() {
+            let complex = obj.cast_exact::<PyComplex>()?;
+            if depth + 2 > MAX_DEPTH {
+                return Err(too_deep());
+            }
+            self.head(TAG, tags::COMPLEX);
+            self.head(ARRAY, 2);
+            self.float(complex.real())?;
+            self.float(complex.imag())
+        } else if obj.is_exact_instance_of::<PyByteArray>() {
+            if depth >= MAX_DEPTH {
+                return Err(too_deep());
+            }
+            // a copy: nothing Python runs may resize it while we read
+            let bytes = obj.cast_exact::<PyByteArray>()?.to_vec();
+            self.head(TAG, tags::BYTEARRAY);
+            self.bytes(&bytes);
+            Ok(())
+        } else {
+            self.default(obj, depth)
+        }
+    }
+
+    /// Encodes an object whose exact type is `int`.
+    fn int(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        let py = obj.py();
+        let mut overflow: c_int = 0;
+        // SAFETY: `obj` is a live `int` (its exact type was checked) and we
+        // are attached to the interpreter.
+        let n = unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
+        if overflow == 0 {
+            if n == -1 && PyErr::occurred(py) {
+                return Err(PyErr::fetch(py));
+            }
+            // `!n` is `-1 - n`, the argument of a negative integer
+            if n >= 0 {
+                self.head(UINT, n as u64);
+            } else {
+                self.head(NINT, !n as u64);
+            }
+            return Ok(());
+        }
+        // beyond 64 bits signed: `~obj` is `-1 - obj`
+        let (negative, magnitude) = if overflow < 0 {
+            (true, obj.bitnot()?)
+        } else {
+            (false, obj.clone())
+        };
+        if let Ok(n) = magnitude.extract::<u64>() {
+            self.head(if negative { NINT } else { UINT }, n);
+            return Ok(());
+        }
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        let bits: usize = magnitude.call_method0(intern!(py, "bit_length"))?.extract()?;
+        let bytes =
+            magnitude.call_method1(intern!(py, "to_bytes"), (bits.div_ceil(8), intern!(py, "big")))?;
+        self.head(
+            TAG,
+            if negative {
+                tags::NEG_BIGNUM
+            } else {
+                tags::POS_BIGNUM
+            },
+        );
+        self.bytes(bytes.cast::<PyBytes>()?.as_bytes());
+        Ok(())
+    }
+
+    fn list(&mut self, list: &Bound<'py, PyList>, depth: usize) -> PyResult<()> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        let n = list.len();
+        self.head(ARRAY, n as u64);
+        for i in 0..n {
+            // only a default() that mutates the list can make this fail
+            let item = list.get_item(i).map_err(|_| changed_size("list"))?;
+            self.item(&item, depth + 1)?;
+        }
+        if list.len() != n {
+            return Err(changed_size("list"));
+        }
+        Ok(())
+    }
+
+    fn dict(&mut self, dict: &Bound<'py, PyDict>, depth: usize) -> PyResult<()> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        let n = dict.len();
+        self.head(MAP, n as u64);
+        let mut count = 0;
+        // the size is checked before the iterator takes another step, which
+        // would panic if default() had changed it
+        for (key, value) in dict.iter().take(n) {
+            self.item(&key, depth + 1)?;
+            self.item(&value, depth + 1)?;
+            count += 1;
+            if dict.len() != n {
+                return Err(changed_size("dictionary"));
+            }
+        }
+        if count != n {
+            return Err(changed_size("dictionary"));
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, tag: u64, set: &Bound<'py, PyAny>, n: usize, depth: usize) -> PyResult<()> {
+        if depth + 2 > MAX_DEPTH {
+            return Err(too_deep());
+        }
+        self.head(TAG, tag);
+        self.head(ARRAY, n as u64);
+        let mut count = 0;
+        // Python's set iterator raises RuntimeError if default() resizes the set
+        for item in set.try_iter()? {
+            self.item(&item?, depth + 2)?;
+            count += 1;
+        }
+        if count != n {
+            return Err(changed_size("set"));
+        }
+        Ok(())
+    }
+
+    fn default(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        if let Some(default) = self.default {
+            let py = obj.py();
+            let result = default.call1((obj,))?;
+            if !result.is(py.NotImplemented()) {
+                let pair = match result.cast_exact::<PyTuple>() {
+                    Ok(pair) if pair.len() == 2 => pair,
+                    _ => {
+                        return Err(PyTypeError::new_err(format!(
+                            "default() must return a (tag, value) pair, not '{}'",
+                            type_name(&result)
+                        )))
+                    }
+                };
+                let tag = pair.get_item(0)?;
+                if !tag.is_instance_of::<PyInt>() {
+                    return Err(PyTypeError::new_err(format!(
+                        "default() returned a tag of type '{}', not an int",
+                        type_name(&tag)
+                    )));
+                }
+                let tag = tag.extract::<u64>().map_err(|_| {
+                    let shown = tag
+                        .str()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|_| "?".to_owned());
+                    PyValueError::new_err(format!("default() returned tag {shown}, outside 0..2**64-1"))
+                })?;
+                if depth >= MAX_DEPTH {
+                    return Err(too_deep());
+                }
+                self.head(TAG, tag);
+                return self.item(&pair.get_item(1)?, depth + 1);
+            }
+        }
+        Err(PyTypeError::new_err(format!(
+            "cannot encode a value of type '{}': it is not part of the cpy2py value model and no default handles it",
+            type_name(obj)
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------
+
+/// Decodes exactly one CBOR data item from `data` (bytes, bytearray or
+/// memoryview). Tags outside the value model go to `tag_hook(tag, value)`.
+#[pyfunction]
+#[pyo3(signature = (data, tag_hook=None))]
+fn loads<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    tag_hook: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let copy;
+    let bytes = match data.cast::<PyBytes>() {
+        Ok(bytes) => bytes,
+        Err(_) if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() => {
+            // a bytes copy: immutable while a tag hook runs Python code
+            copy = py.get_type::<PyBytes>().call1((data,))?.cast_into::<PyBytes>()?;
+            &copy
+        }
+        Err(_) => {
+            return Err(PyTypeError::new_err(format!(
+                "loads() takes bytes, bytearray or memoryview, not '{}'",
+                type_name(data)
+            )))
+        }
+    };
+    let input = bytes.as_bytes();
+    if input.is_empty() {
+        return Err(protocol_error(py, "empty input: expected one CBOR data item"));
+    }
+    let mut decoder = Decode {
+        py,
+        cursor: Cursor::new(input),
+        hook: tag_hook,
+    };
+    let value = decoder.item(0)?;
+    decoder.cursor.finish().map_err(|e| wire(py, e))?;
+    Ok(value)
+}
+
+fn wire(py: Python<'_>, err: HostError) -> PyErr {
+    protocol_error(py, err.to_string())
+}
+
+struct Decode<'a, 'py> {
+    py: Python<'py>,
+    cursor: Cursor<'a>,
+    hook: Option<&'a Bound<'py, PyAny>>,
+}
+
+impl<'py> Decode<'_, 'py> {
+    /// Decodes the next item, enclosed by `depth` arrays, maps and tags.
+    fn item(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
+        let py = self.py;
+        let at = self.cursor.offset();
+        let head = self.cursor.head().map_err(|e| wire(py, e))?;
+        Ok(match head {
+            Head::Uint(n) => n.into_pyobject(py)?.into_any(),
+            Head::Nint(n) => match i64::try_from(n) {
+                Ok(n) => (-1 - n).into_pyobject(py)?.into_any(),
+                Err(_) => (-1 - i128::from(n)).into_pyobject(py)?.into_any(),
+            },
+            Head::Bytes(len) => {
+                PyBytes::new(py, &self.cursor.bytes(len).map_err(|e| wire(py, e))?).into_any()
+            }
+            Head::Text(len) => PyString::new(py, &self.cursor.text(len).map_err(|e| wire(py, e))?).into_any(),
+            Head::Array(len) => {
+                let depth = enter(depth, at).map_err(|e| wire(py, e))?;
+                PyList::new(py, self.items(len, depth)?)?.into_any()
+            }
+            Head::Map(len) => {
+                let depth = enter(depth, at).map_err(|e| wire(py, e))?;
+                self.map(len, depth)?.into_any()
+            }
+            Head::Tag(tag) => {
+                let depth = enter(depth, at).map_err(|e| wire(py, e))?;
+                self.tagged(tag, depth)?
+            }
+            Head::Float(x) => PyFloat::new(py, x).into_any(),
+            Head::Bool(b) => PyBool::new(py, b).to_owned().into_any(),
+            Head::Null => py.None().into_bound(py),
+            Head::Break => return Err(wire(py, unexpected_break(at))),
+        })
+    }
+
+    /// The items of an array whose head said `len`.
+    fn items(&mut self, len: Option<u64>, depth: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let py = self.py;
+        match len {
+            Some(n) => {
+                let n = self
+                    .cursor
+                    .check_count(n, 1, "an array")
+                    .map_err(|e| wire(py, e))?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.item(depth)?);
+                }
+                Ok(items)
+            }
+            None => {
+                let mut items = Vec::new();
+                while !self
+                    .cursor
+                    .take_break("an indefinite-length array")
+                    .map_err(|e| wire(py, e))?
+                {
+                    items.push(self.item(depth)?);
+                }
+                Ok(items)
+            }
+        }
+    }
+
+    fn map(&mut self, len: Option<u64>, depth: usize) -> PyResult<Bound<'py, PyDict>> {
+        let py = self.py;
+        let dict = PyDict::new(py);
+        let mut left = match len {
+            Some(n) => Some(self.cursor.check_count(n, 2, "a map").map_err(|e| wire(py, e))?),
+            None => None,
+        };
+        loop {
+            match left.as_mut() {
+                Some(0) => return Ok(dict),
+                Some(n) => *n -= 1,
+                None if self
+                    .cursor
+                    .take_break("an indefinite-length map")
+                    .map_err(|e| wire(py, e))? =>
+                {
+                    return Ok(dict)
+                }
+                None => {}
+            }
+            let key = self.item(depth)?;
+            let value = self.item(depth)?;
+            dict.set_item(&key, value).map_err(|e| {
+                if e.is_instance_of::<PyTypeError>(py) {
+                    protocol_error(py, format!("unhashable map key of type '{}'", type_name(&key)))
+                } else {
+                    e
+                }
+            })?;
+        }
+    }
+
+    /// The items of the array that is the content of a tag (already checked
+    /// to be an array).
+    fn array_content(&mut self, depth: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let py = self.py;
+        let at = self.cursor.offset();
+        match self.cursor.head().map_err(|e| wire(py, e))? {
+            Head::Array(len) => {
+                let depth = enter(depth, at).map_err(|e| wire(py, e))?;
+                self.items(len, depth)
+            }
+            _ => Err(protocol_error(py, format!("expected an array at offset {at}"))),
+        }
+    }
+
+    /// The content of a byte string that is the content of a tag (already
+    /// checked to be a byte string).
+    fn bytes_content(&mut self) -> PyResult<std::borrow::Cow<'_, [u8]>> {
+        let py = self.py;
+        let at = self.cursor.offset();
+        match self.cursor.head().map_err(|e| wire(py, e))? {
+            Head::Bytes(len) => self.cursor.bytes(len).map_err(|e| wire(py, e)),
+            _ => Err(protocol_error(
+                py,
+                format!("expected a byte string at offset {at}"),
+            )),
+        }
+    }
+
+    /// A tagged item; `depth` counts the tag.
+    fn tagged(&mut self, tag: u64, depth: usize) -> PyResult<Bound<'py, PyAny>> {
+        let py = self.py;
+        let content = |cursor: &Cursor<'_>, major| cursor.expect_content(major, tag).map_err(|e| wire(py, e));
+        match tag {
+            tags::TUPLE | tags::SET | tags::FROZENSET => {
+                content(&self.cursor, 4)?;
+                let items = self.array_content(depth)?;
+                let unhashable = |e: PyErr| {
+                    if !e.is_instance_of::<PyTypeError>(py) {
+                        return e;
+                    }
+                    match items.iter().find(|item| item.hash().is_err()) {
+                        Some(bad) => {
+                            protocol_error(py, format!("unhashable set item of type '{}'", type_name(bad)))
+                        }
+                        None => e,
+                    }
+                };
+                Ok(match tag {
+                    tags::TUPLE => PyTuple::new(py, &items)?.into_any(),
+                    tags::SET => PySet::new(py, &items).map_err(unhashable)?.into_any(),
+                    _ => PyFrozenSet::new(py, &items).map_err(unhashable)?.into_any(),
+                })
+            }
+            tags::POS_BIGNUM | tags::NEG_BIGNUM => {
+                content(&self.cursor, 2)?;
+                let magnitude = self.bytes_content()?;
+                let first = magnitude.iter().position(|b| *b != 0).unwrap_or(magnitude.len());
+                let significant = &magnitude[first..];
+                let negative = tag == tags::NEG_BIGNUM;
+                if significant.len() <= 8 {
+                    let mut n = [0u8; 8];
+                    n[8 - significant.len()..].copy_from_slice(significant);
+                    let n = u64::from_be_bytes(n);
+                    return Ok(if negative {
+                        (-1 - i128::from(n)).into_pyobject(py)?.into_any()
+                    } else {
+                        n.into_pyobject(py)?.into_any()
+                    });
+                }
+                let n = py.get_type::<PyInt>().call_method1(
+                    intern!(py, "from_bytes"),
+                    (PyBytes::new(py, significant), intern!(py, "big")),
+                )?;
+                // `~n` is `-1 - n`
+                if negative {
+                    n.bitnot()
+                } else {
+                    Ok(n)
+                }
+            }
+            tags::COMPLEX => {
+                content(&self.cursor, 4)?;
+                match &self.array_content(depth)?[..] {
+                    [re, im]
+                        if re.is_exact_instance_of::<PyFloat>() && im.is_exact_instance_of::<PyFloat>() =>
+                    {
+                        Ok(PyComplex::from_doubles(py, re.extract()?, im.extract()?).into_any())
+                    }
+                    _ => Err(protocol_error(
+                        py,
+                        format!("tag {} (complex) must hold an array of two floats", tags::COMPLEX),
+                    )),
+                }
+            }
+            tags::BYTEARRAY => {
+                content(&self.cursor, 2)?;
+                Ok(PyByteArray::new(py, &self.bytes_content()?).into_any())
+            }
+            _ => match self.hook {
+                None => Err(protocol_error(py, format!("unknown CBOR tag {tag}"))),
+                Some(hook) => {
+                    let value = self.item(depth)?;
+                    hook.call1((tag, value))
+                }
+            },
+        }
+    }
+}
