@@ -112,6 +112,8 @@ class Connection:
     ``describe_end`` explains, once the stream ended, how the peer ended;
     ``kill_peer`` stops a peer that broke the protocol; ``after_request``
     runs after each request served here (a twin flushes its stdout).
+    Without ``threads`` (the WASI guest), the one thread serves requests
+    inline, also those of other chains that arrive while it waits.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class Connection:
         on_shutdown: Optional[Callable[[], None]] = None,
         after_request: Optional[Callable[[], None]] = None,
         kill_peer: Optional[Callable[[], Any]] = None,
+        threads: bool = True,
     ) -> None:
         self.transport = transport
         self.peer_id = peer_id
@@ -131,6 +134,7 @@ class Connection:
         self._on_shutdown = on_shutdown
         self._after_request = after_request
         self._kill_peer = kill_peer
+        self._threads = threads
         self._ids = itertools.count(1)
         # routing state, guarded by _ROUTE_LOCK
         self._pending: Dict[int, _Waiter] = {}
@@ -283,7 +287,9 @@ class Connection:
                 with _ROUTE_LOCK:
                     target = _CHAINS.get(chain)
                 if target is None:  # a new chain here: for the reader if it is a server
-                    return (self, message) if reader is None else self._hand_to_server(message)
+                    if reader is None or not self._threads:
+                        return (self, message)  # without threads, whoever reads runs it
+                    return self._hand_to_server(message)
             elif kind == RELEASE:
                 self.serializer.release(message[1])
                 return None
@@ -399,6 +405,13 @@ class Connection:
                 return item
 
     def _execute_as_server(self, waiter: _Waiter, message: list) -> None:
+        if not self._threads:  # one thread serves and calls: it reads again when it waits
+            waiter.chain = message[2]
+            try:
+                self._execute(message)
+            finally:
+                waiter.chain = None
+            return
         # hand polling on before running, so the link stays served
         with _ROUTE_LOCK:
             if self._poller is waiter:
