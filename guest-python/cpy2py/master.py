@@ -55,6 +55,13 @@ main()
 
 _ALIASES = {"pypy": "pypy3", "python": "python3"}
 
+#: executables that name the sandboxed CPython-on-WASI guest instead of a program
+SANDBOXED_EXECUTABLES = ("wasi-python",)
+
+
+def is_sandboxed(executable: str) -> bool:
+    return executable in SANDBOXED_EXECUTABLES
+
 
 def _host() -> Any:
     try:
@@ -156,6 +163,9 @@ class TwinMaster:
         run_main: bool = False,
         restore_argv: bool = False,
         handshake_timeout: float = 60.0,
+        memory_limit: Optional[int] = None,
+        timeout: Optional[float] = None,
+        paths: Optional[List[str]] = None,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -172,6 +182,16 @@ class TwinMaster:
         self.run_main = run_main
         self.restore_argv = restore_argv
         self.handshake_timeout = handshake_timeout
+        # sandbox options (wasi-python): guest memory in bytes, seconds per call,
+        # roots the guest may import code from; defaults live in cpy2py.wasi
+        if not is_sandboxed(self.executable) and (memory_limit, timeout, paths) != (None, None, None):
+            raise ValueError(
+                "memory_limit, timeout and paths apply to sandboxed twins only "
+                f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
+            )
+        self.memory_limit = memory_limit
+        self.timeout = timeout
+        self.paths = list(paths) if paths is not None else None
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
@@ -200,6 +220,56 @@ class TwinMaster:
         return True
 
     def _spawn(self) -> _Twin:
+        if is_sandboxed(self.executable):
+            from . import wasi
+
+            process = wasi.start_guest(self)
+            serializer: Serializer = wasi.serializer_for(self.twinterpreter_id)
+        else:
+            process = self._start_process()
+            serializer = Serializer(self.twinterpreter_id)
+        try:
+            process.send(codec.dumps(self._welcome()))
+            ready = process.recv()
+            answer = codec.loads(ready) if ready is not None else None
+        except OSError:
+            answer = None
+        if not (isinstance(answer, dict) and answer.get("ready")):
+            detail = answer.get("error") if isinstance(answer, dict) else None
+            status = process.wait(2.0) or process.kill()
+            raise TwinStartError(
+                f"twinterpreter {self.twinterpreter_id!r} ({self.executable}) {status} while setting up"
+                + (f":\n{detail}" if detail else f"; its last output:\n{process.stderr_tail()}")
+            )
+        pid = process.pid
+
+        def describe_end() -> Any:
+            # a str says how the twin ended; a guest may give a ready exception
+            # (TwinTimeout, TwinMemoryError) instead
+            ended = getattr(process, "end_error", None)
+            if ended is not None and ended() is not None:
+                return ended()
+            status = process.wait(1.0)
+            if status is None:
+                return f"(pid {pid}) closed its end of the link and was killed ({process.kill()})"
+            return f"(pid {pid}) {status}"
+
+        connection = Connection(
+            process, self.twinterpreter_id, serializer, describe_end, kill_peer=process.kill
+        )
+        connection.start_serving()
+        hello = process.hello
+        log.info(
+            "twinterpreter %s is %s %s, pid %s",
+            self.twinterpreter_id,
+            hello["implementation"],
+            hello["version"],
+            pid,
+        )
+        return _Twin(self.twinterpreter_id, process, connection)
+
+    def _start_process(self) -> Any:
+        """Spawn a native interpreter with the bootstrap; returns the ProcessTwin."""
         host = _host()
         path = resolve_executable(self.executable)
         env = dict(os.environ)
@@ -212,45 +282,7 @@ class TwinMaster:
         )
         args = ["-O"] * sys.flags.optimize + ["-c", BOOTSTRAP]
         log.info("starting twinterpreter %s: %s", self.twinterpreter_id, path)
-        process = host.ProcessTwin.spawn(path, args, list(env.items()), os.getcwd(), self.handshake_timeout)
-        hello = process.hello
-        try:
-            process.send(codec.dumps(self._welcome()))
-            ready = process.recv()
-            answer = codec.loads(ready) if ready is not None else None
-        except OSError:
-            answer = None
-        if not (isinstance(answer, dict) and answer.get("ready")):
-            detail = answer.get("error") if isinstance(answer, dict) else None
-            status = process.wait(2.0) or process.kill()
-            raise TwinStartError(
-                f"twinterpreter {self.twinterpreter_id!r} ({path}) {status} while setting up"
-                + (f":\n{detail}" if detail else f"; its last output:\n{process.stderr_tail()}")
-            )
-        pid = process.pid
-
-        def describe_end() -> str:
-            status = process.wait(1.0)
-            if status is None:
-                return f"(pid {pid}) closed its end of the link and was killed ({process.kill()})"
-            return f"(pid {pid}) {status}"
-
-        connection = Connection(
-            process,
-            self.twinterpreter_id,
-            Serializer(self.twinterpreter_id),
-            describe_end,
-            kill_peer=process.kill,
-        )
-        connection.start_serving()
-        log.info(
-            "twinterpreter %s is %s %s, pid %s",
-            self.twinterpreter_id,
-            hello["implementation"],
-            hello["version"],
-            pid,
-        )
-        return _Twin(self.twinterpreter_id, process, connection)
+        return host.ProcessTwin.spawn(path, args, list(env.items()), os.getcwd(), self.handshake_timeout)
 
     def _welcome(self) -> Dict[str, Any]:
         config: Dict[str, Any] = dict(_path_config())

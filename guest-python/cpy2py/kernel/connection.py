@@ -109,7 +109,8 @@ class Connection:
     """The link to one peer interpreter, usable from any number of threads.
 
     ``transport`` moves frames (``send``, ``recv``, ``wait_readable``);
-    ``describe_end`` explains, once the stream ended, how the peer ended;
+    ``describe_end`` explains, once the stream ended, how the peer ended
+    (a text, or the exception to raise in the waiting callers);
     ``kill_peer`` stops a peer that broke the protocol; ``after_request``
     runs after each request served here (a twin flushes its stdout).
     Without ``threads`` (the WASI guest), the one thread serves requests
@@ -121,7 +122,7 @@ class Connection:
         transport: Any,
         peer_id: str,
         serializer: Serializer,
-        describe_end: Callable[[], str],
+        describe_end: Callable[[], Any],
         on_shutdown: Optional[Callable[[], None]] = None,
         after_request: Optional[Callable[[], None]] = None,
         kill_peer: Optional[Callable[[], Any]] = None,
@@ -471,11 +472,10 @@ class Connection:
 
     def _fail(self, cause: Optional[BaseException], reason: Optional[str] = None) -> None:
         """Mark the link broken and wake everyone who waits on it."""
-        with _ROUTE_LOCK:
-            if self.broken is not None:
-                return
-            # placeholder while the end is described outside the lock
-            self.broken = TwinterpreterTerminated(f"the link to twinterpreter {self.peer_id!r} ended")
+        if self.broken is not None:
+            return
+        # described outside the lock (it may wait for the process to end);
+        # if several threads fail the link at once, the first to finish wins
         if isinstance(cause, ProtocolError):
             error: BaseException = cause
             log.error("protocol error on the link to %s: %s", self.peer_id, cause)
@@ -489,11 +489,16 @@ class Connection:
                 how = reason or self._describe_end()
             except Exception as err:  # describing must never keep waiters hanging
                 how = f"ended ({err})"
-            error = TwinterpreterTerminated(f"twinterpreter {self.peer_id!r} {how}")
-            if cause is not None:
-                error.__cause__ = cause
+            if isinstance(how, BaseException):  # the transport knows the exact error
+                error = how
+            else:
+                error = TwinterpreterTerminated(f"twinterpreter {self.peer_id!r} {how}")
+                if cause is not None:
+                    error.__cause__ = cause
             log.info("link to %s ended: %s", self.peer_id, how)
         with _ROUTE_LOCK:
+            if self.broken is not None:
+                return
             self.broken = error
             for queue in (self._callers, self._parked_poller, self._spares):
                 while queue:
