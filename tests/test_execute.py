@@ -8,7 +8,7 @@ import traceback
 
 import pytest
 import twin_helpers
-from cpy2py import RemoteError, TwinMaster
+from cpy2py import RemoteError, TwinMaster, is_proxy
 from cpy2py.errors import RemoteTraceback
 
 MiB = 1 << 20
@@ -109,15 +109,28 @@ def test_os_errors_keep_their_subclass(twin):
         twin.execute(open, "/nonexistent/cpy2py/file")
 
 
-def test_unsendable_result_is_reported_and_link_survives(twin):
-    with pytest.raises(TypeError, match="cannot send"):
-        twin.execute(twin_helpers.unpicklable_result)
-    assert twin.execute(twin_helpers.echo, 1) == 1
+def test_uncopyable_result_becomes_a_proxy(twin):
+    remote_lambda = twin.execute(twin_helpers.unpicklable_result)
+    assert is_proxy(remote_lambda)
+    assert remote_lambda() is None  # called where it lives
 
 
-def test_unsendable_argument_is_reported_locally(twin):
-    with pytest.raises(TypeError, match="cannot send"):
-        twin.execute(twin_helpers.echo, lambda: None)
+def test_uncopyable_argument_comes_back_as_itself(twin):
+    def local_function():
+        return os.getpid()
+
+    back = twin.execute(twin_helpers.echo, local_function)
+    assert back is local_function
+    # the twin calls it through its proxy: it runs here, in the master
+    assert twin.execute(twin_helpers.call, local_function) == os.getpid()
+
+
+def test_too_deep_value_is_refused_locally_and_link_survives(twin):
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested deeper"):
+        twin.execute(twin_helpers.echo, deep)
     assert twin.execute(twin_helpers.echo, 2) == 2
 
 

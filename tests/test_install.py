@@ -7,11 +7,13 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from support import TESTS_DIR
 
 REPO = os.path.dirname(TESTS_DIR)
 
 
+@pytest.mark.timeout(1800)  # a cold build of the host compiles wasmtime
 def test_pip_install_into_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

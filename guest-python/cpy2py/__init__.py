@@ -11,24 +11,36 @@ from ._logging import configure_from_environment as _configure_logging
 from .errors import (
     ProtocolError,
     RemoteError,
+    SandboxViolation,
     TwinError,
+    TwinMemoryError,
     TwinStartError,
     TwinterpreterTerminated,
     TwinterpreterUnavailable,
+    TwinTimeout,
 )
 from .functions import twinfunction
+from .kernel_state import TWIN_GROUP_STATE
+from .twin_object import TwinObject, is_proxy, localmethod
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ProtocolError",
     "RemoteError",
+    "SandboxViolation",
     "TwinError",
     "TwinMaster",
+    "TwinMemoryError",
     "TwinStartError",
+    "TwinTimeout",
     "TwinterpreterTerminated",
     "TwinterpreterUnavailable",
+    "TwinObject",
+    "TWIN_GROUP_STATE",
+    "is_proxy",
     "kernel_state",
+    "localmethod",
     "twinfunction",
 ]
 

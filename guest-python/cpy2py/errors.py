@@ -23,6 +23,21 @@ class ProtocolError(TwinError, ValueError):
     """A peer sent something that is not valid cpy2py protocol."""
 
 
+class TwinTimeout(TwinError, TimeoutError):
+    """A sandboxed twin ran longer than its ``timeout`` for one call and was
+    stopped; its state was lost."""
+
+
+class TwinMemoryError(TwinError, MemoryError):
+    """A sandboxed twin needed more memory than its ``memory_limit`` and was
+    stopped; its state was lost."""
+
+
+class SandboxViolation(TwinError, PermissionError):
+    """A sandboxed twin asked for something the sandbox policy refuses (a
+    pickle, a name in the master, an object it was not handed)."""
+
+
 class RemoteError(TwinError):
     """An exception in a twin whose type cannot be recreated here.
 

@@ -131,6 +131,7 @@ class _Twin:
     def shut_down(self, reason: str, timeout: float) -> None:
         """Ask the twin to exit, kill it if it does not within ``timeout``."""
         self.connection.close(reason)
+        links.unregister(self.twin_id, self.connection)
         if timeout > 0:
             try:
                 self.process.send(codec.dumps([SHUTDOWN, 0]))
@@ -258,6 +259,7 @@ class TwinMaster:
             process, self.twinterpreter_id, serializer, describe_end, kill_peer=process.kill
         )
         connection.start_serving()
+        links.register(self.twinterpreter_id, connection)
         hello = process.hello
         log.info(
             "twinterpreter %s is %s %s, pid %s",
@@ -291,6 +293,9 @@ class TwinMaster:
             config.update(main_module.describe_master_main())
         config["run_main"] = self.run_main
         config["argv"] = list(sys.argv) if self.restore_argv else None
+        group = kernel_state.TWIN_GROUP_STATE
+        config["initializers"] = [[f, list(a), k] for f, a, k in group.initializers]
+        config["finalizers"] = [[f, list(a), k] for f, a, k in group.finalizers]
         return {"cpy2py": PROTOCOL_VERSION, "master_id": kernel_state.MASTER_ID, "config": config}
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -21,12 +21,13 @@ import itertools
 import os
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .. import _logging
 from ..errors import ProtocolError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
+from . import references
 from .serialization import Serializer, take_lookup_failure
 
 log = _logging.get_logger("connection")
@@ -146,6 +147,9 @@ class Connection:
         self._poller: Optional[_Waiter] = None
         self._servers = 0
         self.broken: Optional[BaseException] = None
+        #: keys of the twin references sent over this link (what the peer was handed)
+        self.handed: Set[Tuple[str, int]] = set()
+        serializer.connection = self
 
     def __repr__(self) -> str:
         return f"<cpy2py Connection to {self.peer_id!r}{' (broken)' if self.broken else ''}>"
@@ -154,6 +158,8 @@ class Connection:
 
     def request(self, op: int, *operands: Any) -> Any:
         """Send a request and wait for its result (or raise its exception)."""
+        if references._pending_releases:
+            references.flush_releases()
         waiter = _this_waiter()
         if waiter.chain is None:
             waiter.chain = _new_chain()
@@ -292,7 +298,7 @@ class Connection:
                         return (self, message)  # without threads, whoever reads runs it
                     return self._hand_to_server(message)
             elif kind == RELEASE:
-                self.serializer.release(message[1])
+                references.release(message[1])
                 return None
             elif kind == SHUTDOWN:
                 self._shutdown(message[1])
@@ -451,6 +457,13 @@ class Connection:
             log.debug("<- %s %s %d", self.peer_id, "reply" if kind == REPLY else "raise", req_id)
         try:
             self.transport.send(payload)
+        except OSError as err:
+            self._fail(err)
+
+    def send_release(self, items: List[List[Any]]) -> None:
+        """Tell the peer that proxies here dropped these references."""
+        try:
+            self.transport.send(codec.dumps([RELEASE, items]))
         except OSError as err:
             self._fail(err)
 

@@ -1,7 +1,7 @@
 """Which connection reaches which twinterpreter from here.
 
-In the master, every twin has its own connection, kept by ``cpy2py.master``
-(which starts a twin on first use). In a twin, everything goes through the
+In the master, every twin has its own connection, registered here by
+``cpy2py.master`` (which starts a twin on first use). In a twin, everything goes through the
 one connection to the master, which forwards what is native elsewhere.
 """
 

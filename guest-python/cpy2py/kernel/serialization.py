@@ -24,8 +24,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ProtocolError, RemoteError, RemoteTraceback
 from ..protocol import tags
-from ..protocol.messages import OP_EXECUTE
-from . import main_module
+from ..protocol.messages import (
+    OP_CALL_METHOD,
+    OP_DELATTR,
+    OP_EXECUTE,
+    OP_GETATTR,
+    OP_INSTANTIATE,
+    OP_SETATTR,
+)
+from . import main_module, references
 
 PICKLE_PROTOCOL = 4
 
@@ -96,11 +103,39 @@ def global_name(obj: Any) -> Optional[Tuple[str, str]]:
     return (module, qualname) if found is obj else None
 
 
+def _is_twin(obj: Any) -> bool:
+    """A twin object (native here) or a proxy: sent by reference, never copied."""
+    from ..twin_object import TwinMeta
+
+    return isinstance(obj, references.TwinProxy) or isinstance(type(obj), TwinMeta)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles by value, but twin objects inside by reference."""
+
+    def __init__(self, file: Any, serializer: Serializer) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self.serializer = serializer
+
+    def persistent_id(self, obj: Any) -> Any:
+        if _is_twin(obj):
+            return tuple(references.export(obj, self.serializer.connection))
+        return None
+
+
 class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: Any, serializer: Serializer) -> None:
+        super().__init__(file)
+        self.serializer = serializer
+
     def find_class(self, module: str, name: str) -> Any:
         if main_module.is_main_name(module):
             return lookup(module, name)
         return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        owner, iid, info = pid
+        return references.resolve(owner, iid, info, self.serializer.connection)
 
 
 def format_exception(err: BaseException) -> str:
@@ -117,6 +152,8 @@ class Serializer:
     def __init__(self, peer_id: str, trusted: bool = True) -> None:
         self.peer_id = peer_id
         self.trusted = trusted
+        #: the link this serializer works for (set by the Connection)
+        self.connection: Any = None
         # names known to resolve back to their object: encoding them is a dict hit
         self._names: Dict[int, Tuple[Any, Tuple[str, str]]] = {}
         self._lookups: Dict[Tuple[str, str], Any] = {}
@@ -130,6 +167,8 @@ class Serializer:
             return tags.GLOBAL_REF, list(known[1])
         if type(obj) is _GlobalRef:
             return tags.GLOBAL_REF, list(obj.name)
+        if _is_twin(obj):
+            return tags.TWIN_REF, references.export(obj, self.connection)
         if isinstance(obj, BaseException):
             return tags.EXCEPTION, self._exception_fields(obj)
         if callable(obj) or isinstance(obj, type):
@@ -137,19 +176,15 @@ class Serializer:
             if name is not None:
                 self._names[id(obj)] = (obj, name)
                 return tags.GLOBAL_REF, list(name)
-        if self.trusted:
+        if self.trusted:  # plain objects travel as copies where they can
+            buffer = io.BytesIO()
             try:
-                return tags.PICKLE, pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
-            except Exception as err:
-                raise TypeError(
-                    f"cannot send {type(obj).__module__}.{type(obj).__qualname__} object {obj!r:.80} "
-                    f"to twinterpreter {self.peer_id!r}: it is not plain data, has no global name and "
-                    f"cannot be pickled ({err}). Send data, a module-level function or class, "
-                    f"or make it a TwinObject"
-                ) from None
-        raise TypeError(
-            f"cannot send {type(obj).__module__}.{type(obj).__qualname__} object to {self.peer_id!r}"
-        )
+                _Pickler(buffer, self).dump(obj)
+                return tags.PICKLE, buffer.getvalue()
+            except Exception:
+                pass
+        # what cannot be copied stays here and is used through a proxy
+        return tags.TWIN_REF, references.export(obj, self.connection)
 
     def _exception_fields(self, err: BaseException) -> List[Any]:
         from ..protocol import codec  # late: codec imports nothing from here
@@ -181,10 +216,17 @@ class Serializer:
         try:
             if tag == tags.EXCEPTION:
                 return self._exception(value)
+            if tag == tags.TWIN_REF:
+                if not (isinstance(value, list) and len(value) == 3):
+                    raise ProtocolError(f"malformed twin reference {value!r:.100}")
+                owner, iid, info = value
+                if not (isinstance(owner, str) and isinstance(iid, int)):
+                    raise ProtocolError(f"malformed twin reference {value!r:.100}")
+                return references.resolve(owner, iid, info, self.connection)
             if tag == tags.PICKLE:
                 if not self.trusted:
                     raise ProtocolError(f"{self.peer_id!r} sent a pickle on a link that does not allow them")
-                return _Unpickler(io.BytesIO(value)).load()
+                return _Unpickler(io.BytesIO(value), self).load()
         except ProtocolError:
             raise
         except Exception as err:
@@ -238,13 +280,19 @@ class Serializer:
 
     def perform(self, op: int, operands: List[Any]) -> Any:
         """Run one request operation and return its result."""
-        if op == OP_EXECUTE:
+        if op == OP_CALL_METHOD:
+            obj, name, args, kwargs = operands
+            return getattr(obj, name)(*args, **kwargs)
+        if op == OP_EXECUTE or op == OP_INSTANTIATE:
             func, args, kwargs = operands
             return func(*args, **kwargs)
+        if op == OP_GETATTR:
+            return getattr(*operands)
+        if op == OP_SETATTR:
+            return setattr(*operands)
+        if op == OP_DELATTR:
+            return delattr(*operands)
         raise ProtocolError(f"unknown request operation {op!r}")
-
-    def release(self, instance_ids: Any) -> None:
-        """The peer dropped its proxies of these objects."""
 
 
 class _GlobalRef:

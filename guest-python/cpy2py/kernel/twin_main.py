@@ -19,7 +19,7 @@ from ..protocol.messages import PROTOCOL_VERSION
 from ..protocol.transport import FdTransport
 from . import links, main_module
 from .connection import Connection
-from .serialization import Serializer
+from .serialization import Serializer, take_lookup_failure
 
 log = _logging.get_logger("twin")
 
@@ -64,14 +64,21 @@ def main() -> None:
     raw = transport.recv()
     if raw is None:  # the master gave up on us
         os._exit(0)
-    welcome = codec.loads(raw)
+    serializer = Serializer(kernel_state.MASTER_ID)
+    welcome = codec.loads(raw, serializer.tag_hook)
     if welcome.get("cpy2py") != PROTOCOL_VERSION:
         raise ProtocolError(
             f"the master speaks cpy2py protocol {welcome.get('cpy2py')}, "
             f"this twin speaks protocol {PROTOCOL_VERSION}"
         )
+    config = welcome["config"]
     try:
-        _apply_config(welcome["config"])
+        failure = take_lookup_failure()
+        if failure is not None:
+            raise failure
+        _apply_config(config)
+        for func, args, kwargs in config.get("initializers", []):
+            func(*args, **kwargs)
     except BaseException:
         transport.send(codec.dumps({"error": traceback.format_exc()}))
         _flush_stdio()
@@ -86,13 +93,18 @@ def main() -> None:
     connection = Connection(
         transport,
         kernel_state.MASTER_ID,
-        Serializer(kernel_state.MASTER_ID),
+        serializer,
         describe_end=lambda: "closed the link",
         after_request=_flush_stdio,
     )
     links.register(kernel_state.MASTER_ID, connection)
     connection.serve()
     log.info("twin %s done", kernel_state.TWIN_ID)
+    for func, args, kwargs in config.get("finalizers", []):
+        try:
+            func(*args, **kwargs)
+        except Exception:
+            log.exception("finalizer %r failed", func)
     _flush_stdio()
     # daemon threads may still run user code; the link is gone, so are we
     os._exit(0)

@@ -1,0 +1,146 @@
+"""The kernel of the sandboxed WASI guest: handshake with the master, then serve.
+
+Runs inside CPython compiled to WebAssembly (see wasm/): the component's
+``wasi:cli/run`` export calls ``main`` with the ``link`` import, which moves
+whole frames to and from the host (``send``/``recv``; no length prefix, no
+file descriptors). The frames are the very ones a native twin exchanges
+(``twin_main.py``): hello, welcome, ready, then requests and replies.
+
+The guest has no threads, so one ``Connection`` with ``threads=False`` serves
+and calls on the single thread. Its serializer never pickles (the link is not
+trusted); the master enforces the same from its side (``sandbox.py``).
+
+Module-level imports here are made while the component is built
+(pre-initialized), so a guest starts with them already in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import traceback
+from typing import Any, Dict, List, Optional
+
+from .. import _logging, kernel_state
+from ..errors import ProtocolError
+from ..protocol import codec
+from ..protocol.messages import PROTOCOL_VERSION
+from . import links, main_module
+from .connection import Connection
+from .serialization import Serializer, take_lookup_failure
+
+log = _logging.get_logger("guest")
+
+#: what the guest reports as its executable
+EXECUTABLE = "wasi-python"
+
+
+class LinkTransport:
+    """Frames over the component's ``link`` import; the Connection's transport."""
+
+    def __init__(self, link: Any) -> None:
+        self._link = link
+        self.max_frame: int = int(link.max_frame())
+
+    def send(self, payload: Any) -> None:
+        # a frame over max_frame makes the host stop the guest with a clear error
+        self._link.send(bytes(payload))
+
+    def recv(self) -> Optional[bytes]:
+        return self._link.recv()
+
+    def wait_readable(self, timeout: Optional[float] = None) -> bool:
+        # one thread only: the next recv blocks until the master sends
+        return True
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _inside(path: Optional[str], roots: List[str]) -> bool:
+    if not path:
+        return False
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def _apply_config(config: Dict[str, Any], paths: List[str]) -> None:
+    """The welcome's settings that apply in a sandbox: the guest's own code
+    roots go on sys.path (the master's app_paths/site_paths do not: the guest
+    cannot see them); the master's main module only if it lies in a root."""
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    if config.get("argv") is not None:
+        sys.argv[:] = list(config["argv"])
+    main_path = config.get("main_path")
+    main_name = config.get("main_name")
+    if not _inside(main_path, paths):
+        main_path = None
+    main_module.configure_twin(main_path, main_name, bool(config.get("run_main")) and bool(main_path))
+
+
+def main(link: Any = None) -> None:
+    """Run the guest kernel until the master closes the link."""
+    if link is None:  # the bindings exist only inside the component
+        from wit_world.imports import link  # type: ignore[import-not-found,no-redef]
+    kernel_state.TWIN_ID = link.twin_id()
+    paths = list(link.paths())
+    transport = LinkTransport(link)
+    transport.send(
+        codec.dumps(
+            {
+                "cpy2py": PROTOCOL_VERSION,
+                "twin_id": kernel_state.TWIN_ID,
+                "implementation": sys.implementation.name,
+                "version": platform.python_version(),
+                "executable": EXECUTABLE,
+                "pid": os.getpid(),
+            }
+        )
+    )
+    raw = transport.recv()
+    if raw is None:  # the master gave up on us
+        return
+    serializer = Serializer("__master__", trusted=False)
+    welcome = codec.loads(raw, serializer.tag_hook)
+    if not isinstance(welcome, dict) or welcome.get("cpy2py") != PROTOCOL_VERSION:
+        version = welcome.get("cpy2py") if isinstance(welcome, dict) else None
+        raise ProtocolError(
+            f"the master speaks cpy2py protocol {version}, this guest speaks protocol {PROTOCOL_VERSION}"
+        )
+    kernel_state.MASTER_ID = str(welcome["master_id"])
+    serializer.peer_id = kernel_state.MASTER_ID
+    config = welcome.get("config") or {}
+    try:
+        failure = take_lookup_failure()
+        if failure is not None:
+            raise failure
+        _apply_config(config, paths)
+        for func, args, kwargs in config.get("initializers", []):
+            func(*args, **kwargs)
+    except BaseException:
+        transport.send(codec.dumps({"error": traceback.format_exc()}))
+        _flush_stdio()
+        return
+    transport.send(codec.dumps({"ready": True}))
+    connection = Connection(
+        transport,
+        kernel_state.MASTER_ID,
+        serializer,
+        describe_end=lambda: "closed the link",
+        after_request=_flush_stdio,
+        threads=False,
+    )
+    links.register(kernel_state.MASTER_ID, connection)
+    connection.serve()
+    for func, args, kwargs in config.get("finalizers", []):
+        try:
+            func(*args, **kwargs)
+        except Exception:
+            log.exception("finalizer %r failed", func)
+    _flush_stdio()

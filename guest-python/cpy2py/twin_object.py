@@ -1,0 +1,85 @@
+"""``TwinObject``: objects that live in one twinterpreter and are proxies elsewhere.
+
+A class deriving from ``TwinObject`` is native to the interpreter named by
+its ``__twin_id__`` (the master by default). Instantiating it anywhere
+creates the instance there; other interpreters get a proxy that forwards
+attribute access, method calls and special methods. The class itself is the
+same code everywhere; in other interpreters its class attributes are read and
+written in the native one, and its methods and classmethods run there.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from . import kernel_state
+from .kernel import links
+from .kernel.references import RemoteMethod, TwinProxy, call
+from .protocol.messages import OP_DELATTR, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
+
+
+def _native_here(cls: type) -> bool:
+    return type.__getattribute__(cls, "__twin_id__") == kernel_state.TWIN_ID
+
+
+class TwinMeta(type):
+    """Metaclass of twin classes: routes instantiation and class attributes."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if _native_here(cls):
+            return type.__call__(cls, *args, **kwargs)
+        owner = type.__getattribute__(cls, "__twin_id__")
+        return links.connection_to(owner).request(OP_INSTANTIATE, cls, list(args), kwargs)
+
+    def __getattribute__(cls, name: str) -> Any:
+        if name[:2] == "__" or _native_here(cls):
+            return type.__getattribute__(cls, name)
+        found = inspect.getattr_static(cls, name, None)
+        if getattr(found, "__cpy2py_local__", False):
+            return type.__getattribute__(cls, name)
+        if isinstance(found, (classmethod, staticmethod)) or inspect.isfunction(found):
+            return RemoteMethod(cls, name)
+        return call(cls, OP_GETATTR, name)
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        if name[:2] == "__" or _native_here(cls):
+            type.__setattr__(cls, name, value)
+        else:
+            call(cls, OP_SETATTR, name, value)
+
+    def __delattr__(cls, name: str) -> None:
+        if name[:2] == "__" or _native_here(cls):
+            type.__delattr__(cls, name)
+        else:
+            call(cls, OP_DELATTR, name)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        proxied = getattr(type(obj), "__proxied_class__", None)
+        if isinstance(proxied, type):
+            return issubclass(proxied, cls)
+        return type.__instancecheck__(cls, obj)
+
+
+class TwinObject(metaclass=TwinMeta):
+    """Base class of objects pinned to a twinterpreter by ``__twin_id__``.
+
+    Without ``__twin_id__`` a class is native to the master. Behaves like
+    ``object`` wherever it is native.
+    """
+
+    __twin_id__: str = kernel_state.MASTER_ID
+
+
+def localmethod(func: Any) -> Any:
+    """Mark a method of a TwinObject to run in the interpreter that calls it,
+    with ``self`` being the proxy there (attribute access still goes to the
+    native object)."""
+    target = func.__func__ if isinstance(func, (classmethod, staticmethod)) else func
+    target.__cpy2py_local__ = True
+    return func
+
+
+def is_proxy(obj: Any) -> bool:
+    """Whether ``obj`` is a proxy of an object that lives in another interpreter."""
+    return isinstance(obj, TwinProxy)

@@ -1,0 +1,152 @@
+"""Sandboxed twins: CPython compiled to WebAssembly, run by wasmtime in the master.
+
+``TwinMaster('wasi-python')`` (or any id with ``executable='wasi-python'``)
+comes here (``master.py`` calls ``start_guest`` and ``serializer_for``). The
+guest is the component built by ``just wasm`` (wasm/): CPython 3.14 and the
+pre-initialized cpy2py kernel. The host (``cpy2py._host.WasiTwin``, Rust)
+runs it on a thread of its own with:
+
+- ``memory_limit``: bytes of guest linear memory (default 256 MiB);
+- ``timeout``: seconds of wall-clock time per call (default 10 s; None: no limit);
+- ``paths``: directories the guest may import code from (default: none, only
+  the standard library); the guest sees only the ``*.py`` files under them,
+  read-only;
+- no environment variables, arguments, stdin or network; its stdout/stderr go
+  to the master's, each line marked ``[<twin id>] `` (capped per guest).
+
+Where the guest is found: ``$CPY2PY_WASI_GUEST`` (the path of a
+``cpy2py-guest.wasm``; its standard library ``python-lib/`` lies beside it),
+else the copy shipped inside this package (``cpy2py/wasi-guest/``), else
+``wasm/build/`` of the source tree this package is imported from (an
+editable install, ``just build``). The compiled guest is cached in
+``$CPY2PY_CACHE_DIR`` (default ``$XDG_CACHE_HOME/cpy2py`` or
+``~/.cache/cpy2py``). See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import _logging
+from .errors import TwinStartError
+from .kernel.sandbox import SandboxSerializer
+
+log = _logging.get_logger("wasi")
+
+GUEST_FILE = "cpy2py-guest.wasm"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+#: defaults, also documented in docs/security.md (the host holds the same numbers)
+DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+DEFAULT_OUTPUT_LIMIT = 4 * 1024 * 1024
+
+_paths_lock = threading.Lock()
+#: twin id -> real paths of its code roots, for its serializer
+_guest_paths: Dict[str, Tuple[str, ...]] = {}
+
+
+def guest_locations() -> List[str]:
+    """Where the guest component is looked for, in order."""
+    found = []
+    override = os.environ.get("CPY2PY_WASI_GUEST")
+    if override:
+        return [os.path.abspath(override)]
+    found.append(os.path.join(_PACKAGE_DIR, "wasi-guest", GUEST_FILE))
+    # an editable install: guest-python/cpy2py -> <repo>/wasm/build
+    repo = os.path.dirname(os.path.dirname(_PACKAGE_DIR))
+    found.append(os.path.join(repo, "wasm", "build", GUEST_FILE))
+    return found
+
+
+def find_guest() -> str:
+    """The path of the guest component, or TwinStartError saying how to build it."""
+    candidates = guest_locations()
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    if os.environ.get("CPY2PY_WASI_GUEST"):
+        raise TwinStartError(
+            f"CPY2PY_WASI_GUEST points at {candidates[0]!r}, which does not exist: "
+            f"build the guest with `just wasm` (it writes wasm/build/{GUEST_FILE}) or fix the variable"
+        )
+    raise TwinStartError(
+        "the sandboxed twin 'wasi-python' needs the WASI guest component, which is not built: "
+        f"run `just wasm` in the cpy2py source tree (it writes wasm/build/{GUEST_FILE}), or set "
+        f"CPY2PY_WASI_GUEST to the path of a built {GUEST_FILE}. Looked in: " + ", ".join(candidates)
+    )
+
+
+def _check_paths(paths: Optional[List[str]]) -> List[str]:
+    checked = []
+    for path in paths or []:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"paths must be directories (str or PathLike), not {path!r}")
+        real = os.path.realpath(os.fspath(path))
+        if not os.path.isdir(real):
+            raise TwinStartError(
+                f"sandbox path {os.fspath(path)!r} is not a directory: paths= lists the directories "
+                f"the guest may import code from"
+            )
+        checked.append(real)
+    return checked
+
+
+def _positive(value: Any, name: str, default: Any) -> Any:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, not {value!r}")
+    return value
+
+
+def start_guest(master: Any) -> Any:
+    """Start the guest for ``master`` (a TwinMaster) and return the running
+    ``WasiTwin`` (hello received). Raises TwinStartError on failure."""
+    try:
+        from . import _host
+    except ImportError as err:
+        raise TwinStartError(
+            "sandboxed twins run in the compiled part of cpy2py (cpy2py._host), which is not "
+            f"available in this interpreter: install cpy2py with pip or build it with `just build` ({err})"
+        ) from None
+    guest = find_guest()
+    guest_dir = os.path.dirname(guest)
+    stdlib = os.path.join(guest_dir, "python-lib")
+    bundled = os.path.join(guest_dir, "bundled")
+    paths = _check_paths(master.paths)
+    memory_limit = int(_positive(master.memory_limit, "memory_limit", DEFAULT_MEMORY_LIMIT))
+    timeout = master.timeout
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT
+    elif timeout == float("inf"):
+        timeout = None
+    else:
+        timeout = float(_positive(timeout, "timeout", DEFAULT_TIMEOUT))
+    output_limit = int(getattr(master, "output_limit", None) or DEFAULT_OUTPUT_LIMIT)
+    with _paths_lock:
+        _guest_paths[master.twinterpreter_id] = tuple(paths)
+    log.info("starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, guest, paths)
+    return _host.WasiTwin.start(
+        master.twinterpreter_id,
+        guest,
+        stdlib,
+        bundled if os.path.isdir(bundled) else None,
+        paths,
+        memory_limit=memory_limit,
+        timeout=timeout,
+        max_frame=DEFAULT_MAX_FRAME,
+        output_limit=output_limit,
+        cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
+        handshake_timeout=float(master.handshake_timeout),
+    )
+
+
+def serializer_for(twin_id: str) -> SandboxSerializer:
+    """The master's serializer for the link to sandboxed twin ``twin_id``."""
+    with _paths_lock:
+        paths = _guest_paths.get(twin_id, ())
+    return SandboxSerializer(twin_id, paths)
