@@ -43,9 +43,15 @@ test *PYTEST_ARGS: build
     cargo test --quiet
     "{{python}}" -m pytest {{PYTEST_ARGS}}
 
-# benchmarks (not built yet: see issue 5)
-bench:
-    @echo "just bench: the benchmark suite is not built yet (issue 5)"
+# benchmarks (issue 5): no-op calls, startup, payloads against the raw-pipe floor and the peers, pinned and unpinned, and the Rust codec benches (< 10 min); writes results/
+bench *ARGS: build
+    bash benches/setup.sh
+    .venv-bench/bin/python benches/run.py --rust {{ARGS}}
+
+# a one-minute version of `just bench` (fewer rounds, no Rust benches)
+bench-quick *ARGS: build
+    bash benches/setup.sh
+    .venv-bench/bin/python benches/run.py --quick {{ARGS}}
 
 # rustfmt, clippy (warnings are errors) and ruff
 lint: setup

@@ -1,0 +1,119 @@
+"""What the benchmark runs on the far side: module-level functions that every
+twin kind and peer can import (CPython and PyPy, Python 3.9+).
+
+Kept free of imports beyond the standard library, so the original cpy2py,
+execnet, RPyC and multiprocessing children load it as well as cpy2py twins.
+"""
+
+import inspect
+import os
+import sys
+import time
+
+MONOTONIC = time.CLOCK_MONOTONIC
+
+
+def noop():
+    """The no-op call: returns a small int."""
+    return 1
+
+
+def stamp():
+    """This process's CLOCK_MONOTONIC, which all processes on Linux share:
+    the master's clock before and after the call splits it into halves."""
+    return time.clock_gettime_ns(MONOTONIC)
+
+
+def echo(value):
+    return value
+
+
+def affinity():
+    """The CPUs this process may run on (to check that pinning was inherited).
+    PyPy 3.9 has no os.sched_getaffinity: /proc/self/status tells the same."""
+    return cpus_allowed()
+
+
+def cpus_allowed():
+    """os.sched_getaffinity(0) without it (PyPy 3.9 lacks it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                cpus = []
+                for part in line.split(":", 1)[1].strip().split(","):
+                    lo, _, hi = part.partition("-")
+                    cpus.extend(range(int(lo), int(hi or lo) + 1))
+                return cpus
+    return []
+
+
+# the same function, for the source sent to execnet and RPyC children
+CPUS_ALLOWED = inspect.getsource(cpus_allowed)
+
+
+def describe():
+    """Implementation, version and executable of this process, and the
+    codec cpy2py uses here when it is this project's cpy2py."""
+    info = {
+        "implementation": sys.implementation.name,
+        "version": sys.version.split()[0],
+        "build": " ".join(sys.version.split()[1:]).replace("\n", " "),
+        "executable": sys.executable,
+        "pid": os.getpid(),
+        "affinity": affinity(),
+    }
+    codec = sys.modules.get("cpy2py.protocol.codec")
+    if codec is not None:
+        info["codec"] = getattr(codec, "IMPLEMENTATION", None)
+    return info
+
+
+def mp_child(conn):
+    """multiprocessing.Pipe peer: echo until None; 'stamp' answers the clock."""
+    recv, send = conn.recv, conn.send
+    while True:
+        item = recv()
+        if item is None:
+            return
+        if item == "stamp":
+            send(time.clock_gettime_ns(MONOTONIC))
+        elif item == "affinity":
+            send(affinity())
+        else:
+            send(item)
+
+
+# execnet sends this source to the child (execnet needs nothing installed there)
+EXECNET_SOURCE = (
+    CPUS_ALLOWED
+    + """
+import os, time
+for item in channel:
+    if item == "stamp":
+        channel.send(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    elif item == "affinity":
+        channel.send(cpus_allowed())
+    else:
+        channel.send(item)
+"""
+)
+
+# RPyC's child: serves a small service over its stdin/stdout
+RPYC_CHILD = (
+    CPUS_ALLOWED
+    + """
+import os, time
+import rpyc
+from rpyc.utils.factory import connect_stdpipes
+
+class BenchService(rpyc.Service):
+    def exposed_noop(self):
+        return 1
+    def exposed_stamp(self):
+        return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    def exposed_affinity(self):
+        return tuple(cpus_allowed())
+
+connect_stdpipes(service=BenchService).serve_all()
+"""
+)

