@@ -90,3 +90,11 @@ def unpicklable_result():
 
 def call(func, *args, **kwargs):
     return func(*args, **kwargs)
+
+
+def run_in(twin_id, func, *args, **kwargs):
+    """Run ``func`` in the twin ``twin_id`` (started on first use)."""
+    from cpy2py.master import connection_for
+    from cpy2py.protocol.messages import OP_EXECUTE
+
+    return connection_for(twin_id).request(OP_EXECUTE, func, list(args), kwargs)

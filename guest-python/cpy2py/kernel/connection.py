@@ -220,10 +220,7 @@ class Connection:
             if not read:
                 _sleep(waiter)
                 continue
-            message = self._read_one()
-            if message is None:
-                continue
-            item = self._route(message, waiter)
+            item = self._read_and_route(waiter)
             if item is not None:
                 return item
 
@@ -241,21 +238,31 @@ class Connection:
         elif self._parked_poller:
             _unpark(self._parked_poller[0])
 
-    def _read_one(self) -> Optional[list]:
-        """Read and decode one frame; the caller holds the reading role, which
-        this gives up. None when nothing usable was read (the link is then
-        marked broken if it ended)."""
+    def _read_and_route(self, reader: Optional[_Waiter]) -> Optional[Tuple[Connection, list]]:
+        """Read one message and route it; returns it if it is the reader's.
+
+        The caller holds the reading role. It is given up only after the
+        message was delivered: a thread that finds its inbox empty and the
+        role free may block reading, so nothing may arrive in its inbox
+        after that.
+        """
         try:
-            raw = self.transport.recv()
-        except BaseException as err:
+            message = self._read_one()
+            return None if message is None else self._route(message, reader)
+        finally:
             with _ROUTE_LOCK:
                 self._release_role()
-            if isinstance(err, Exception):  # the stream is in an unknown state
-                self._fail(err if isinstance(err, (OSError, ProtocolError)) else ProtocolError(repr(err)))
-                return None
-            raise  # KeyboardInterrupt and friends: the frame state is kept for the next reader
-        with _ROUTE_LOCK:
-            self._release_role()
+
+    def _read_one(self) -> Optional[list]:
+        """Read and decode one frame (the caller holds the reading role).
+        None when nothing usable was read (the link is then marked broken
+        if it ended)."""
+        try:
+            raw = self.transport.recv()
+        except Exception as err:  # the stream is in an unknown state
+            self._fail(err if isinstance(err, (OSError, ProtocolError)) else ProtocolError(repr(err)))
+            return None
+        # KeyboardInterrupt and friends pass: the frame state is kept for the next reader
         if raw is None:
             self._fail(None)
             return None
@@ -404,10 +411,7 @@ class Connection:
                 with _ROUTE_LOCK:
                     self._release_role()
                 continue
-            message = self._read_one()
-            if message is None:
-                continue
-            item = self._route(message, None)
+            item = self._read_and_route(None)
             if item is not None:
                 return item
 

@@ -38,6 +38,13 @@ def set_starter(starter: Callable[[str], Connection]) -> None:
     _starter = starter
 
 
+def existing_connection(twin_id: str) -> Optional[Connection]:
+    """The live connection towards ``twin_id``, without starting anything."""
+    target = twin_id if kernel_state.is_master() else kernel_state.MASTER_ID
+    connection = _connections.get(target)
+    return connection if connection is not None and connection.broken is None else None
+
+
 def connection_to(twin_id: str) -> Connection:
     """The connection over which objects native to ``twin_id`` are reached."""
     if kernel_state.is_master():

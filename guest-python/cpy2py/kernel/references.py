@@ -114,6 +114,11 @@ def export(obj: Any, connection: Connection) -> List[Any]:
             object.__getattribute__(obj, "__instance_id__"),
         )
         info = type(obj).__class_info__
+        # The receiver counts (and later releases) a reference only if it
+        # makes a proxy that talks to us: a twin getting it from the master.
+        # Its owner, or the master getting it back, keeps no count.
+        if not kernel_state.is_master() or connection.peer_id == key[0]:
+            return [key[0], key[1], info]
     else:
         info = class_info(type(obj))
     with _lock:

@@ -1,0 +1,229 @@
+"""TwinObject: instances live in their twin; proxies act the same everywhere."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import pytest
+import twin_classes as tc
+import twin_helpers
+from cpy2py import TwinMaster, TwinObject, is_proxy
+
+
+@pytest.fixture(params=tc.KINDS, scope="module")
+def kind(request):
+    from support import require_interpreter
+
+    require_interpreter(request.param)
+    with TwinMaster(request.param):
+        yield request.param
+
+
+def cls(kind, base):
+    return tc.native_to(kind, base)
+
+
+def test_instance_lives_in_its_twin(kind):
+    counter = cls(kind, tc.Counter)(5)
+    assert is_proxy(counter)
+    assert isinstance(counter, cls(kind, tc.Counter)) and isinstance(counter, tc.Counter)
+    assert isinstance(counter, TwinObject)
+    where = counter.where()
+    assert where["pid"] != os.getpid() and where["proxy"] is False
+    assert where["implementation"] == ("pypy" if kind == "pypy3" else "cpython")
+
+
+def test_master_classes_are_native_here():
+    counter = tc.Counter(1)
+    assert not is_proxy(counter) and type(counter) is tc.Counter
+    assert counter.where()["pid"] == os.getpid()
+
+
+def test_instance_attributes_read_set_delete(kind):
+    counter = cls(kind, tc.Counter)(1)
+    assert counter.value == 1
+    counter.value = 10
+    assert counter.increment() == 11
+    counter.extra = "new"
+    # another interpreter sees the change: the twin reads it natively
+    assert twin_helpers.run_in(kind, getattr, counter, "extra") == "new"
+    del counter.extra
+    with pytest.raises(AttributeError):
+        counter.extra
+    with pytest.raises(AttributeError):
+        counter.never_there
+
+
+def test_class_attributes_read_set_delete(kind):
+    klass = cls(kind, tc.Counter)
+    counter = klass(0)
+    klass.step = 5
+    assert counter.increment() == 5  # the native method sees the new class attribute
+    assert klass.step == 5
+    klass.flag = True
+    assert twin_helpers.run_in(kind, getattr, klass, "flag") is True
+    del klass.flag
+    with pytest.raises(AttributeError):
+        klass.flag
+    assert klass.created >= 1  # counted natively by __init__
+    klass.step = 1
+
+
+def test_methods_classmethods_staticmethods(kind):
+    klass = cls(kind, tc.Counter)
+    counter = klass.make(3)  # classmethod on the class
+    assert is_proxy(counter) and counter.value == 3
+    assert counter.increment(by=4) == 7
+    twin_pid = counter.where()["pid"]
+    assert klass.twice(21) == (42, twin_pid)  # staticmethod runs natively
+    assert counter.twice(1) == (2, twin_pid)
+    assert klass.increment(counter, 1) == 8  # a method called on the class
+
+
+def test_properties_and_descriptors(kind):
+    counter = cls(kind, tc.Counter)(4)
+    assert counter.double == 8
+    counter.double = 20
+    assert counter.value == 10
+    del counter.double
+    assert counter.value == 0
+    box = cls(kind, tc.Box)()
+    box.label = "shout"
+    assert box.label == "SHOUT"
+    del box.label
+    assert box.label is None
+
+
+def test_localmethod_runs_in_the_caller(kind):
+    counter = cls(kind, tc.Counter)(0)
+    assert counter.local_where() == os.getpid()
+    assert twin_helpers.run_in(kind, tc.Counter.local_where, counter) != os.getpid()
+
+
+def test_remote_exceptions_from_methods(kind):
+    counter = cls(kind, tc.Counter)(0)
+    with pytest.raises(ZeroDivisionError, match="nope"):
+        counter.fail(ZeroDivisionError, "nope")
+
+
+def test_inheritance_and_super(kind):
+    diamond = cls(kind, tc.Diamond)()
+    assert diamond.who() == ["Diamond", "Left", "Right", "Base"]
+    assert diamond.pid() != os.getpid()
+    assert isinstance(diamond, tc.Left) and isinstance(diamond, tc.Right)
+
+
+def test_subclass_may_change_its_twin(kind):
+    class_name = f"Diamond_{kind}"
+    assert cls(kind, tc.Diamond).__twin_id__ == kind
+    assert tc.Diamond.__twin_id__ != kind  # its base stays in the master
+    assert tc.Diamond().pid() == os.getpid(), class_name
+
+
+def test_special_methods(kind):
+    Box = cls(kind, tc.Box)
+    box = Box(1, 2, 3)
+    assert len(box) == 3
+    assert list(box) == [1, 2, 3]
+    assert box[0] == 1
+    box[0] = 7
+    assert box[0] == 7
+    del box[0]
+    assert list(box) == [2, 3]
+    assert 2 in box and 9 not in box
+    called = box("a", 1)
+    assert called[:2] == ("called", ("a", 1)) and called[2] != os.getpid()
+    assert bool(box) and not bool(Box())
+    assert box == Box(2, 3) and box != Box(3)
+    assert hash(box) == hash(Box(2, 3))
+    assert Box(1) < Box(5)
+    assert list(box + Box(4)) == [2, 3, 4]
+    same = box
+    box += Box(9)
+    assert box is same and list(box) == [2, 3, 9]
+    assert -box == [-2, -3, -9]
+    assert repr(box) == f"Box(2, 3, 9)@{called[2]}"  # computed natively, in the twin
+    assert str(box) == "box of 2, 3, 9"
+    with box as entered:
+        assert entered is box and box.entered == 1
+    assert box.entered == 0 and box.last_exit is None
+    with box:
+        raise KeyError("swallowed by the native __exit__")
+    assert box.last_exit == "KeyError"
+    with pytest.raises(ValueError):
+        with box:
+            raise ValueError("not swallowed")
+
+
+def test_identity_is_kept_both_ways(kind):
+    counter = cls(kind, tc.Counter)(0)
+    assert twin_helpers.run_in(kind, twin_helpers.echo, counter) is counter
+    caller = cls(kind, tc.Caller)()
+    assert caller.same(counter) is counter
+    # in the twin, its native object sent to the master and back is itself
+    assert twin_helpers.run_in(kind, tc.identity_round_trip, counter) is True
+    # a master object sent to the twin and back is itself here
+    local = tc.Counter(0)
+    assert caller.same(local) is local
+
+
+def test_plain_objects_are_copies(kind):
+    caller = cls(kind, tc.Caller)()
+    data = [1, 2, 3]
+    back = caller.same(data)
+    assert back == data and back is not data
+    caller.call_method(data, "append", 4)  # mutates the twin's copy only
+    assert data == [1, 2, 3]
+
+
+def test_native_object_is_released_when_proxies_are_gone(kind):
+    counter = cls(kind, tc.Counter)(0)
+    key = f"release-{kind}"
+    counter.track(key)
+    twin_helpers.run_in(kind, twin_helpers.echo, counter)  # more references, in flight and back
+    assert twin_helpers.run_in(kind, tc.is_tracked_alive, key) is True
+    del counter
+    gc.collect()
+    deadline = time.time() + 10
+    alive = True
+    while alive and time.time() < deadline:
+        alive = twin_helpers.run_in(kind, tc.is_tracked_alive, key)
+        time.sleep(0.05)
+    assert alive is False
+
+
+def test_a_twin_calls_an_object_of_another_twin():
+    from support import require_interpreter
+
+    require_interpreter("pypy3")
+    with TwinMaster("python3"), TwinMaster("pypy3"):
+        counter = tc.Counter_python3(1)
+        caller = tc.Caller_pypy3()
+        assert caller.call_method(counter, "increment", 5) == 6
+        assert counter.value == 6
+        assert caller.call_method(counter, "where")["implementation"] == "cpython"
+
+
+def test_threads_in_the_master_share_proxies(kind):
+    from concurrent.futures import ThreadPoolExecutor
+
+    counter = cls(kind, tc.Counter)(0)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: counter.increment(1), range(400)))
+    assert counter.value == 400
+
+
+def test_threads_in_the_twin_call_back_into_the_master(kind):
+    caller = cls(kind, tc.Caller)()
+    results = caller.spawn_threads(tc.echo_in_master, 6)
+    assert results == list(range(6))
+
+
+def test_kernel_state_in_twins(kind):
+    state = twin_helpers.run_in(kind, tc.state_here)
+    assert state["twin_id"] == kind and state["is_master"] is False
+    assert state[f"is_{kind}"] is True
+    here = tc.state_here()
+    assert here["is_master"] is True and not here["is_python3"]
