@@ -5,7 +5,6 @@ Kept free of imports beyond the standard library, so the original cpy2py,
 execnet, RPyC and multiprocessing children load it as well as cpy2py twins.
 """
 
-import inspect
 import os
 import sys
 import time
@@ -30,8 +29,12 @@ def echo(value):
 
 def affinity():
     """The CPUs this process may run on (to check that pinning was inherited).
-    PyPy 3.9 has no os.sched_getaffinity: /proc/self/status tells the same."""
-    return cpus_allowed()
+    PyPy 3.9 has no os.sched_getaffinity: /proc/self/status tells the same;
+    a sandboxed twin sees neither ([])."""
+    try:
+        return cpus_allowed()
+    except OSError:
+        return []
 
 
 def cpus_allowed():
@@ -47,10 +50,6 @@ def cpus_allowed():
     return []
 
 
-# the same function, for the source sent to execnet and RPyC children
-CPUS_ALLOWED = inspect.getsource(cpus_allowed)
-
-
 def describe():
     """Implementation, version and executable of this process, and the
     codec cpy2py uses here when it is this project's cpy2py."""
@@ -59,7 +58,7 @@ def describe():
         "version": sys.version.split()[0],
         "build": " ".join(sys.version.split()[1:]).replace("\n", " "),
         "executable": sys.executable,
-        "pid": os.getpid(),
+        "pid": getattr(os, "getpid", lambda: None)(),
         "affinity": affinity(),
     }
     codec = sys.modules.get("cpy2py.protocol.codec")
@@ -81,39 +80,3 @@ def mp_child(conn):
             send(affinity())
         else:
             send(item)
-
-
-# execnet sends this source to the child (execnet needs nothing installed there)
-EXECNET_SOURCE = (
-    CPUS_ALLOWED
-    + """
-import os, time
-for item in channel:
-    if item == "stamp":
-        channel.send(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-    elif item == "affinity":
-        channel.send(cpus_allowed())
-    else:
-        channel.send(item)
-"""
-)
-
-# RPyC's child: serves a small service over its stdin/stdout
-RPYC_CHILD = (
-    CPUS_ALLOWED
-    + """
-import os, time
-import rpyc
-from rpyc.utils.factory import connect_stdpipes
-
-class BenchService(rpyc.Service):
-    def exposed_noop(self):
-        return 1
-    def exposed_stamp(self):
-        return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    def exposed_affinity(self):
-        return tuple(cpus_allowed())
-
-connect_stdpipes(service=BenchService).serve_all()
-"""
-)

@@ -347,6 +347,10 @@ def render_pass(label: str, p: Dict[str, Any], d: Dict[str, Any]) -> str:
     elif p.get("e2e_error"):
         out.append(f"\nEnd to end failed: {p['e2e_error']}")
 
+    if p.get("errors"):
+        out.append("\nFailed or skipped measurements (the rest of their scenario went on):")
+        out += [f"  {key}: {msg}" for key, msg in p["errors"].items()]
+
     # targets
     rows = []
     for t in d["targets"]:

@@ -107,7 +107,11 @@ def spread(total: int, rounds: int) -> List[int]:
 
 
 class DriverFailed(Exception):
-    pass
+    """The driver is gone (or unavailable): nothing more can be asked of it."""
+
+
+class OpFailed(DriverFailed):
+    """One command failed; the driver lives on (other tasks go on)."""
 
 
 class Driver:
@@ -130,6 +134,7 @@ class Driver:
         self.results = os.fdopen(self.res_r, "r")
         self.failed: Optional[str] = None
         self.unavailable: Optional[str] = None
+        self.reported: set = set()  # ops whose traceback was printed
 
     def ask(self, timeout: float, op: str, **args: Any) -> Any:
         if self.failed or self.unavailable:
@@ -150,9 +155,10 @@ class Driver:
         if "unavailable" in answer:
             self.unavailable = answer["unavailable"]
             raise DriverFailed(self.unavailable)
-        self.failed = f"{op}: {answer['error']}"
-        sys.stderr.write(f"[{self.name}] {answer['traceback']}\n")
-        raise DriverFailed(self.failed)
+        if answer["traceback"] and op not in self.reported:
+            self.reported.add(op)
+            sys.stderr.write(f"[{self.name}] {op} failed:\n{answer['traceback']}\n")
+        raise OpFailed(f"{op}: {answer['error']}")
 
     def close(self) -> None:
         if self.proc.poll() is None and not self.failed:
@@ -184,6 +190,8 @@ def driver_env(name: str) -> Dict[str, str]:
     paths = [HERE]
     if name.startswith("original-"):
         paths.append(os.path.join(ROOT, ".venv-bench", "original"))
+        # its twins start with `-m cpy2py.twinterpreter.bootstrap`, which runpy warns about
+        env["PYTHONWARNINGS"] = "ignore::RuntimeWarning"
     elif os.environ.get("BENCH_CPY2PY_PATH"):  # benchmark another checkout's cpy2py
         paths.insert(0, os.environ["BENCH_CPY2PY_PATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -237,24 +245,34 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
                     log(f"{name}: {info['affinity_warning']}")
             except DriverFailed as err:
                 d = drivers[name]
+                d.failed = d.failed or (None if d.unavailable else str(err))
                 info["status"] = "unavailable" if d.unavailable else "failed"
                 info["reason"] = str(err)
                 log(f"{name}: {info['status']}: {err}")
         live = [n for n in names if drivers[n].failed is None and not drivers[n].unavailable]
         log(f"{label}: warming up {len(live)} scenarios")
-        for name in live:
+        task_errors: Dict[tuple, str] = {}
+
+        def warm(key: tuple, name: str, op: str, **args: Any) -> None:
             try:
-                drivers[name].ask(600, "start", n=1)  # first start: byte-code caches, imports
-                if name in START_ONLY:
-                    continue
-                drivers[name].ask(600, "warmup", n=plan["warmup"], halves=plan["warmup_halves"])
-                if name in PAYLOAD_SCENARIOS:
-                    for kind in PAYLOADS:
-                        if kind != "bytes-64MiB":
-                            drivers[name].ask(600, "payload", kind=kind, n=3)
+                drivers[name].ask(600, op, **args)
+            except OpFailed as err:
+                task_errors[key] = str(err)
+                log(f"{name}: {op} failed in warm-up: {err}")
             except DriverFailed as err:
                 result["scenarios"][name].update(status="failed", reason=str(err))
                 log(f"{name}: failed in warm-up: {err}")
+
+        for name in live:
+            warm(("startup", name), name, "start", n=1)  # first start: byte-code caches, imports
+            if name in START_ONLY:
+                continue
+            warm(("noop", name), name, "warmup", n=plan["warmup"])
+            warm(("halves", name), name, "warmup", n=0, halves=plan["warmup_halves"])
+            if name in PAYLOAD_SCENARIOS:
+                for kind in PAYLOADS:
+                    if kind != "bytes-64MiB":
+                        warm(("payload", name, kind), name, "payload", kind=kind, n=3)
 
         # the schedule: every task's batches spread over the rounds
         rounds = plan["rounds"]
@@ -299,7 +317,7 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
             rng.shuffle(order)
             for key, sizes, d, op, args in order:
                 size = sizes[r]
-                if not size or d.failed or d.unavailable:
+                if not size or d.failed or d.unavailable or key in task_errors:
                     continue
                 try:
                     if op == "e2e":
@@ -307,6 +325,9 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
                     else:
                         got = d.ask(600, op, n=size, **args)
                     samples[key].extend(got)
+                except OpFailed as err:
+                    task_errors[key] = str(err)
+                    log(f"{key[1]}: {op} failed: {err}")
                 except DriverFailed as err:
                     name = key[1] if key[0] != "e2e" else "e2e"
                     log(f"{name}: {op} failed: {err}")
@@ -345,6 +366,7 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
         d = drivers.get(name)
         if d is not None and d.unavailable and info.get("status") == "ok":
             info.update(status="unavailable", reason=d.unavailable)
+    result["errors"] = {"/".join(key): msg for key, msg in task_errors.items()}
     result["seconds"] = time.monotonic() - started
     result["loadavg_after"] = os.getloadavg()
     return result

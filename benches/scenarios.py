@@ -15,6 +15,7 @@ A scenario that cannot run here raises ``Unavailable`` with the reason from
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import pickle
@@ -30,8 +31,54 @@ ROOT = os.path.dirname(HERE)
 MONOTONIC = time.CLOCK_MONOTONIC
 
 
+# the far side's cpus_allowed(), for the source sent to execnet and RPyC children
+_CPUS_ALLOWED = inspect.getsource(bench_funcs.cpus_allowed)
+
+# execnet sends this source to the child (execnet needs nothing installed there)
+EXECNET_SOURCE = (
+    _CPUS_ALLOWED
+    + """
+import os, time
+for item in channel:
+    if item == "stamp":
+        channel.send(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    elif item == "affinity":
+        channel.send(cpus_allowed())
+    else:
+        channel.send(item)
+"""
+)
+
+# RPyC's child: serves a small service over its stdin/stdout
+RPYC_CHILD = (
+    _CPUS_ALLOWED
+    + """
+import os, time
+import rpyc
+from rpyc.utils.factory import connect_stdpipes
+
+class BenchService(rpyc.Service):
+    def exposed_noop(self):
+        return 1
+    def exposed_stamp(self):
+        return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    def exposed_affinity(self):
+        return tuple(cpus_allowed())
+
+try:
+    connect_stdpipes(service=BenchService).serve_all()
+finally:  # rpyc leaves an int as sys.stdout, which the normal exit tries to flush
+    os._exit(0)
+"""
+)
+
+
 class Unavailable(Exception):
     """This scenario cannot run on this machine; the message says why."""
+
+
+class Skipped(Exception):
+    """This measurement does not apply to this scenario; the message says why."""
 
 
 def which(name: str) -> str:
@@ -51,6 +98,7 @@ def pypy_venv_python() -> str:
 class Scenario:
     name = "?"
     interpreter = "cpython"  # what runs on the far side
+    max_payload = None  # bytes a message may hold, where the transport caps it
 
     def describe(self) -> dict:
         return {}
@@ -181,6 +229,8 @@ class Cpy2py(Scenario):
             except Exception as err:
                 raise Unavailable(f"cpy2py.wasi does not import: {err!r}") from None
             options = {"paths": [HERE]}
+            # the sandbox caps messages (64 MiB by default): larger echoes are skipped
+            self.max_payload = getattr(cpy2py.wasi, "DEFAULT_MAX_FRAME", None)
         elif os.sep not in self.executable:
             which(self.executable)
         self.module = cpy2py
@@ -312,7 +362,7 @@ class Execnet(Scenario):
 
         exe = pypy_venv_python() if self.interpreter == "pypy" else which(self.exe)
         self.gateway = execnet.makegateway(f"popen//python={exe}")
-        self.channel = self.gateway.remote_exec(bench_funcs.EXECNET_SOURCE)
+        self.channel = self.gateway.remote_exec(EXECNET_SOURCE)
         self.send, self.receive = self.channel.send, self.channel.receive
         self._exe = exe
 
@@ -351,7 +401,7 @@ class Rpyc(Scenario):
         from rpyc.utils.factory import connect_subproc
 
         exe = pypy_venv_python() if self.interpreter == "pypy" else which(self.exe)
-        self.conn = connect_subproc([exe, "-u", "-c", bench_funcs.RPYC_CHILD], service=rpyc.VoidService)
+        self.conn = connect_subproc([exe, "-u", "-c", RPYC_CHILD], service=rpyc.VoidService)
         root = self.conn.root
         self.noop, self._stamp, self._affinity = root.noop, root.stamp, root.affinity
         self._exe = exe
