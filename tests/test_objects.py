@@ -51,9 +51,9 @@ def test_instance_attributes_read_set_delete(kind):
     assert twin_helpers.run_in(kind, getattr, counter, "extra") == "new"
     del counter.extra
     with pytest.raises(AttributeError):
-        counter.extra
+        _ = counter.extra
     with pytest.raises(AttributeError):
-        counter.never_there
+        _ = counter.never_there
 
 
 def test_class_attributes_read_set_delete(kind):
@@ -66,7 +66,7 @@ def test_class_attributes_read_set_delete(kind):
     assert twin_helpers.run_in(kind, getattr, klass, "flag") is True
     del klass.flag
     with pytest.raises(AttributeError):
-        klass.flag
+        _ = klass.flag
     assert klass.created >= 1  # counted natively by __init__
     klass.step = 1
 

@@ -205,11 +205,25 @@ class TwinMaster:
 
     @property
     def is_alive(self) -> bool:
+        if not kernel_state.is_master():
+            return self._in_master(_is_alive_in_master, self.twinterpreter_id)
         twin = _running.get(self.twinterpreter_id)
         return twin is not None and twin.alive
 
+    def _in_master(self, func: Any, *args: Any) -> Any:
+        """In a twin: only the master runs twins, so ask it."""
+        if self.twinterpreter_id == kernel_state.TWIN_ID:  # that is us
+            return True
+        return links.connection_to(kernel_state.MASTER_ID).request(OP_EXECUTE, func, list(args), {})
+
     def start(self) -> bool:
-        """Start the twin (or reuse the running one of this id); True once it answers."""
+        """Start the twin (or reuse the running one of this id); True once it answers.
+
+        In a twin (say, a main block run with ``run_main=True``), the master
+        starts it; a twin starting itself is a no-op.
+        """
+        if not kernel_state.is_master():
+            return self._in_master(_start_in_master, self.executable, self.twinterpreter_id)
         with _running_lock:
             twin = _running.get(self.twinterpreter_id)
             if twin is not None and twin.alive:
@@ -229,19 +243,6 @@ class TwinMaster:
         else:
             process = self._start_process()
             serializer = Serializer(self.twinterpreter_id)
-        try:
-            process.send(codec.dumps(self._welcome()))
-            ready = process.recv()
-            answer = codec.loads(ready) if ready is not None else None
-        except OSError:
-            answer = None
-        if not (isinstance(answer, dict) and answer.get("ready")):
-            detail = answer.get("error") if isinstance(answer, dict) else None
-            status = process.wait(2.0) or process.kill()
-            raise TwinStartError(
-                f"twinterpreter {self.twinterpreter_id!r} ({self.executable}) {status} while setting up"
-                + (f":\n{detail}" if detail else f"; its last output:\n{process.stderr_tail()}")
-            )
         pid = process.pid
 
         def describe_end() -> Any:
@@ -255,9 +256,23 @@ class TwinMaster:
                 return f"(pid {pid}) closed its end of the link and was killed ({process.kill()})"
             return f"(pid {pid}) {status}"
 
+        # the link exists before the welcome: initializers may carry references
         connection = Connection(
             process, self.twinterpreter_id, serializer, describe_end, kill_peer=process.kill
         )
+        try:
+            process.send(codec.dumps(self._welcome(), serializer.default))
+            ready = process.recv()
+            answer = codec.loads(ready) if ready is not None else None
+        except OSError:
+            answer = None
+        if not (isinstance(answer, dict) and answer.get("ready")):
+            detail = answer.get("error") if isinstance(answer, dict) else None
+            status = process.wait(2.0) or process.kill()
+            raise TwinStartError(
+                f"twinterpreter {self.twinterpreter_id!r} ({self.executable}) {status} while setting up"
+                + (f":\n{detail}" if detail else f"; its last output:\n{process.stderr_tail()}")
+            )
         connection.start_serving()
         links.register(self.twinterpreter_id, connection)
         hello = process.hello
@@ -298,8 +313,16 @@ class TwinMaster:
         config["finalizers"] = [[f, list(a), k] for f, a, k in group.finalizers]
         return {"cpy2py": PROTOCOL_VERSION, "master_id": kernel_state.MASTER_ID, "config": config}
 
+    def _only_in_master(self, what: str) -> None:
+        if not kernel_state.is_master():
+            raise TwinterpreterUnavailable(
+                f"{what} of twinterpreter {self.twinterpreter_id!r} is up to the master; "
+                f"this is twinterpreter {kernel_state.TWIN_ID!r}"
+            )
+
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the twin to exit (killing it after ``timeout`` seconds); calls in flight fail."""
+        self._only_in_master("stopping")
         with _running_lock:
             twin = _running.pop(self.twinterpreter_id, None)
         if twin is not None:
@@ -307,6 +330,7 @@ class TwinMaster:
 
     def destroy(self) -> None:
         """Kill the twin at once; calls in flight fail."""
+        self._only_in_master("destroying")
         with _running_lock:
             twin = _running.pop(self.twinterpreter_id, None)
         if twin is not None:
@@ -328,7 +352,25 @@ class TwinMaster:
         any picklable callable. Exceptions are raised here as the same type,
         with the twin's traceback attached as their cause.
         """
-        return connection_for(self.twinterpreter_id, self).request(OP_EXECUTE, call, list(args), kwargs)
+        if kernel_state.is_master():
+            return connection_for(self.twinterpreter_id, self).request(OP_EXECUTE, call, list(args), kwargs)
+        if self.twinterpreter_id == kernel_state.TWIN_ID:
+            return call(*args, **kwargs)
+        return self._in_master(_execute_in_master, self.twinterpreter_id, call, list(args), kwargs)
+
+
+def _start_in_master(executable: str, twin_id: str) -> bool:
+    return TwinMaster(executable, twin_id).start()
+
+
+def _is_alive_in_master(twin_id: str) -> bool:
+    return TwinMaster(twinterpreter_id=twin_id).is_alive
+
+
+def _execute_in_master(twin_id: str, call: Any, args: List[Any], kwargs: Dict[str, Any]) -> Any:
+    if twin_id == kernel_state.MASTER_ID:
+        return call(*args, **kwargs)
+    return connection_for(twin_id).request(OP_EXECUTE, call, args, kwargs)
 
 
 def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:

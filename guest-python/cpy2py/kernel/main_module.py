@@ -48,8 +48,11 @@ def alias_master_main() -> None:
 def configure_twin(main_path: Optional[str], main_name: Optional[str], run_main: bool) -> None:
     """In a twin: remember how to load the master's main module."""
     _config.update(main_path=main_path, main_name=main_name, run_main=run_main)
-    if run_main:  # the main block is meant to run: do it at start, like the master did
-        load()
+
+
+def runs_main() -> bool:
+    """Whether this twin runs the master's main block (``run_main=True``)."""
+    return bool(_config.get("run_main"))
 
 
 def is_main_name(module: str) -> bool:

@@ -98,6 +98,13 @@ def main() -> None:
         after_request=_flush_stdio,
     )
     links.register(kernel_state.MASTER_ID, connection)
+    if main_module.runs_main():
+        # the main block runs like in the master, while other threads serve
+        connection.start_serving()
+        try:
+            main_module.load()
+        except BaseException:
+            log.exception("the main module failed in twin %s", kernel_state.TWIN_ID)
     connection.serve()
     log.info("twin %s done", kernel_state.TWIN_ID)
     for func, args, kwargs in config.get("finalizers", []):

@@ -1,0 +1,195 @@
+"""twinfunction, recursion across interpreters, auto-start, group state, __main__."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import threading
+
+import pytest
+import twin_functions as tf
+from cpy2py import TwinMaster, kernel_state
+from support import TESTS_DIR, require_interpreter, run_master
+
+
+def test_runs_in_its_twin():
+    require_interpreter("pypy3")
+    result = tf.in_pypy(4, scale=0.5)
+    assert result["implementation"] == "pypy" and result["pid"] != os.getpid()
+    assert result["result"] == 2.0
+
+
+def test_runs_natively_where_it_is_native():
+    assert tf.in_master(1) == (os.getpid(), 1)
+
+
+def test_wrapper_keeps_the_functions_metadata():
+    wrapped = tf.in_pypy.__wrapped__
+    assert tf.in_pypy.__name__ == "in_pypy"
+    assert tf.in_pypy.__qualname__ == "in_pypy"
+    assert tf.in_pypy.__doc__ == "Runs in PyPy."
+    assert tf.in_pypy.__module__ == "twin_functions"
+    assert tf.in_pypy.__defaults__ == (3,)
+    assert tf.in_pypy.__kwdefaults__ == {"scale": 1.0}
+    assert tf.in_pypy.__annotations__ == wrapped.__annotations__
+    assert inspect.signature(tf.in_pypy) == inspect.signature(wrapped)
+    assert tf.in_pypy.__twin_id__ == "pypy3"
+
+
+def test_twinfunctions_can_be_passed_around():
+    require_interpreter("pypy3")
+    # the pypy3 twin is handed a function pinned to python3, and calls it
+    pid, value = tf.apply(tf.in_python, "x")
+    assert value == "x" and pid != os.getpid()
+    with TwinMaster("pypy3") as pypy:
+        pid_via_pypy, value = pypy.execute(tf.apply, tf.in_python, "y")
+    assert value == "y" and pid_via_pypy == pid
+
+
+def test_bad_decorator_use_is_explained():
+    with pytest.raises(TypeError, match=r"@twinfunction\('pypy3'\)"):
+
+        @tf.twinfunction
+        def oops():
+            pass
+
+
+def test_recursion_across_interpreters_depth_200():
+    path = tf.ping(200)
+    assert len(path) == 201
+    assert path[0] == "python3" and path[1] == kernel_state.MASTER_ID and path[-1] == "python3"
+
+
+def test_exceptions_propagate_through_every_level():
+    with pytest.raises(LookupError, match="bottom reached") as info:
+        tf.ping(41, fail_at_bottom=True)
+    # the remote tracebacks nest: every level's frames are there
+    text = "".join(__import__("traceback").format_exception(info.type, info.value, info.tb))
+    assert text.count("in ping") >= 10 and text.count("in pong") >= 10
+
+
+def test_recursion_with_pypy():
+    require_interpreter("pypy3")
+    path = tf.pypy_ping(100)
+    assert path[:2] == ["pypy3", "master"] and len(path) == 101
+
+
+def test_recursion_from_many_threads_at_once():
+    results = {}
+
+    def run(i):
+        results[i] = len(tf.ping(20 + i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == {i: 21 + i for i in range(6)}
+
+
+def test_twin_starts_on_first_use_and_noauto_forbids_it():
+    result = run_master(
+        """
+        import twin_functions as tf
+        from cpy2py import TwinMaster
+        pid, _ = tf.in_python()
+        print("auto-started", TwinMaster("python3").is_alive)
+        """
+    )
+    assert "auto-started True" in result.stdout, result.stderr
+    result = run_master(
+        """
+        import twin_functions as tf
+        from cpy2py import TwinterpreterUnavailable
+        try:
+            tf.in_python()
+        except TwinterpreterUnavailable as err:
+            print("refused:", err)
+        """,
+        env={"CPY2PY_NOAUTO": "1"},
+    )
+    assert "refused:" in result.stdout and "start()" in result.stdout, result.stderr
+
+
+def test_group_state_initializers_and_finalizers(tmp_path):
+    marker = tmp_path / "marker.txt"
+    result = run_master(
+        f"""
+        import twin_functions as tf
+        from cpy2py import TwinMaster, TWIN_GROUP_STATE
+        TWIN_GROUP_STATE.add_initializer(tf.write_marker, {str(marker)!r}, "init")
+        TWIN_GROUP_STATE.add_finalizer(tf.write_marker, {str(marker)!r}, "final")
+        with TwinMaster("python3"):
+            print(open({str(marker)!r}).read().strip())
+        with TwinMaster("python3", twinterpreter_id="later"):
+            pass
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "init python3"
+    lines = marker.read_text().split("\n")
+    assert lines[:4] == ["init python3", "final python3", "init later", "final later"]
+
+
+def test_failing_initializer_fails_start():
+    result = run_master(
+        """
+        from cpy2py import TwinMaster, TWIN_GROUP_STATE, TwinStartError
+        TWIN_GROUP_STATE.add_initializer(int, "not a number")
+        try:
+            TwinMaster("python3").start()
+        except TwinStartError as err:
+            print("start failed:", err)
+        """
+    )
+    assert "start failed:" in result.stdout and "invalid literal" in result.stdout, result.stderr
+
+
+MAIN_SCRIPT = """
+import os, sys
+from cpy2py import TwinMaster, TwinObject, twinfunction
+
+print("MAIN MODULE LOADED in", os.getpid(), flush=True)
+
+@twinfunction("python3")
+def where():
+    return os.getpid()
+
+class Thing(TwinObject):
+    __twin_id__ = "python3"
+    def pid(self):
+        return os.getpid()
+
+def argv():
+    return sys.argv
+
+if __name__ == "__main__":
+    print("MAIN BLOCK in", os.getpid(), flush=True)
+    master = TwinMaster("python3", run_main=RUN_MAIN, restore_argv=True)
+    master.start()
+    assert Thing().pid() == where()  # in the master, and in a twin running this block
+    print("twin argv", master.execute(argv), flush=True)
+"""
+
+
+@pytest.mark.parametrize("run_main", [False, True])
+def test_main_module_in_twins(tmp_path, run_main):
+    script = tmp_path / "app.py"
+    script.write_text(MAIN_SCRIPT.replace("RUN_MAIN", str(run_main)))
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(script), "--flag"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # the master loads it once; the twin loads it (lazily) without the main block
+    assert out.count("MAIN MODULE LOADED") == 2
+    assert out.count("MAIN BLOCK") == (2 if run_main else 1)
+    assert out.count(f"twin argv ['{script}', '--flag']") == (2 if run_main else 1)
