@@ -38,12 +38,29 @@ SHORT = {
     "bare-pypy": "pypy3 -c pass",
 }
 CPY2PY = ["cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"]
+#: startup bars: bare interpreters, the floor, cpy2py, peers (the rest)
+COLORS = {"bare": "#bbbbbb", "raw": "#555555", "cpy2py": "#2ca02c"}
 PAYLOADS = ["bytes-1MiB", "bytes-64MiB", "list-10k-ints", "dict-10k-nested"]
 WAKEUP_NOTE = (
-    "Unpinned, master and child run on different cores: on this 2-core machine the wake-up of\n"
-    "the idle core adds tens of microseconds to every round trip (and noise from other work\n"
-    "lands on either core), so compare transports in the pinned pass."
+    "Unpinned, master and child may run on different cores: on a 2-core machine the wake-up of\n"
+    "the idle core can add tens of microseconds to a round trip, and noise from other work lands\n"
+    "on either core; compare transports in the pinned pass."
 )
+
+
+def wakeup_note(results: Dict[str, Any]) -> str:
+    """The note, with what this run measured."""
+    passes = results["passes"]
+    if "pinned" not in passes or "unpinned" not in passes:
+        return WAKEUP_NOTE
+    parts = []
+    for name in ("raw-cpython", "raw-pypy"):
+        a, b = med(passes["pinned"]["noop"], name), med(passes["unpinned"]["noop"], name)
+        if a and b:
+            parts.append(f"{SHORT[name]} {b / 1e3:.1f} us unpinned vs {a / 1e3:.1f} us pinned")
+    if not parts:
+        return WAKEUP_NOTE
+    return WAKEUP_NOTE + "\nIn this run the floor was " + ", ".join(parts) + "."
 
 
 def percentile(ordered: List[float], q: float) -> float:
@@ -121,7 +138,8 @@ def derive(results: Dict[str, Any]) -> Dict[str, Any]:
             }
         for name, parts in startup.items():
             bare = startup.get(f"bare-{'pypy' if interp(name) == 'pypy' else 'cpython'}")
-            if bare and not name.startswith("bare-"):
+            # a WASI guest runs inside the master and mp.Pipe forks without exec: no bare start to compare
+            if bare and not name.startswith("bare-") and name not in ("cpy2py-wasi", "mp-pipe"):
                 d["startup_over_bare_ns"][name] = parts["startup"]["median"] - bare["startup"]["median"]
         d["targets"] = targets(p)
         out[label] = d
@@ -204,13 +222,13 @@ def missing_rows(p: Dict[str, Any], names: List[str]) -> List[str]:
     return out
 
 
-def render_pass(label: str, p: Dict[str, Any], d: Dict[str, Any]) -> str:
+def render_pass(label: str, p: Dict[str, Any], d: Dict[str, Any], note: str = WAKEUP_NOTE) -> str:
     cpus = p["cpus"]
     where = f"all processes pinned to CPU {cpus[0]}" if label == "pinned" else f"unpinned, CPUs {cpus}"
     load = f"load average before {p['loadavg_before'][0]:.2f}, after {p['loadavg_after'][0]:.2f}"
     out = [f"=== {label} pass: {where} ({p['seconds']:.0f} s; {load}) ==="]
     if label != "pinned":
-        out.append(WAKEUP_NOTE)
+        out.append(note)
     for name, info in p["scenarios"].items():
         if info.get("affinity_warning"):
             out.append(f"WARNING {name}: {info['affinity_warning']}")
@@ -390,7 +408,7 @@ def render(results: Dict[str, Any]) -> str:
             )
     for label, p in results["passes"].items():
         out.append("")
-        out.append(render_pass(label, p, results["derived"][label]))
+        out.append(render_pass(label, p, results["derived"][label], wakeup_note(results)))
     passes = results["passes"]
     if "pinned" in passes and "unpinned" in passes:
         rows = []
@@ -405,7 +423,7 @@ def render(results: Dict[str, Any]) -> str:
                 ]
             )
         out.append("\n=== pinned vs unpinned: no-op median (us) ===")
-        out.append(WAKEUP_NOTE)
+        out.append(wakeup_note(results))
         out.append(table(["", "pinned", "unpinned", "difference"], rows, 38))
     rust = results.get("rust")
     if rust:
@@ -465,8 +483,8 @@ def chart(results: Dict[str, Any], path: str) -> bool:
             capsize=2,
             error_kw={"elinewidth": 0.8},
         )
-        for y, x in zip(ys, xs):
-            ax.text(x, y, f" {x:.1f}", va="center", fontsize=7)
+        for y, x, h in zip(ys, xs, hi):
+            ax.text(x + h, y, f" {x:.1f}", va="center", fontsize=7)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels([SHORT.get(n, n) for n in names])
     ax.invert_yaxis()
@@ -510,15 +528,12 @@ def chart(results: Dict[str, Any], path: str) -> bool:
             [(startup[n]["startup"]["median"] - startup[n]["startup"]["p10"]) / 1e6 for n in names],
             [(startup[n]["startup"]["p90"] - startup[n]["startup"]["median"]) / 1e6 for n in names],
         ],
-        color=[
-            "#7f7f7f" if n.startswith("bare") else "#2ca02c" if n.startswith("cpy2py") else "#9467bd"
-            for n in names
-        ],
+        color=[COLORS.get(n.split("-")[0], "#9467bd") for n in names],
         capsize=2,
     )
     for i, n in enumerate(names):
         ax.text(
-            startup[n]["startup"]["median"] / 1e6,
+            startup[n]["startup"]["p90"] / 1e6,
             i,
             f" {startup[n]['startup']['median'] / 1e6:.0f}",
             va="center",
