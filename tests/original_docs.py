@@ -33,7 +33,7 @@ def superlooper(count=1000, add=3, start=0):
     return add
 
 
-class RegularObject(object):
+class RegularObject(object):  # noqa: UP004 - as in the docs
     def foo(self):
         return 2
 
@@ -55,7 +55,7 @@ class TranslatorObject(TwinObject):
     __twin_id__ = "pypy"  # makes class native to pypy twinterpeter
 
     def make_str(self, other):  # other is passed implicitly to pypy twinterpeter
-        return "%s got %s" % (self, other)
+        return "%s got %s" % (self, other)  # noqa: UP031 - as in the docs
 
     def pass_on(self, other):
         return other  # other is back again, possibly creating a different object

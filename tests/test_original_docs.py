@@ -7,9 +7,8 @@ import os
 
 import original_docs as docs
 import pytest
-from support import require_interpreter
-
 from cpy2py import TwinMaster
+from support import require_interpreter
 
 
 @pytest.fixture(scope="module", autouse=True)
