@@ -30,8 +30,12 @@ setup:
         fi
     fi
 
+# build the WASI guest (wasm/build/cpy2py-guest.wasm) when missing or older than its inputs
+wasm: setup
+    "{{python}}" wasm/build_guest.py --if-stale
+
 # build the host (Rust, release) into the virtual environment as cpy2py._host
-build: setup
+build: setup wasm
     VIRTUAL_ENV="{{venv}}" "{{venv}}/bin/maturin" develop --release --quiet
 
 # run the demos: the tutorial's sum_series pinned to PyPy
@@ -58,10 +62,10 @@ lint: setup
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
     cargo clippy --features python -- -D warnings
-    "{{venv}}/bin/ruff" check guest-python tests examples
-    "{{venv}}/bin/ruff" format --check guest-python tests examples
+    "{{venv}}/bin/ruff" check guest-python tests examples wasm
+    "{{venv}}/bin/ruff" format --check guest-python tests examples wasm
 
 # format Rust and Python sources
 fmt: setup
     cargo fmt
-    "{{venv}}/bin/ruff" format guest-python tests examples
+    "{{venv}}/bin/ruff" format guest-python tests examples wasm

@@ -18,6 +18,12 @@ pub enum HostError {
     /// The twin process ended; carries a description of how.
     #[error("{0}")]
     Terminated(String),
+    /// A sandboxed guest ran past its call timeout.
+    #[error("{0}")]
+    Timeout(String),
+    /// A sandboxed guest reached its memory limit.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// A value cannot be encoded or decoded.
     #[error("{0}")]
     Codec(String),

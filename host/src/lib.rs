@@ -4,6 +4,7 @@
 pub mod error;
 pub mod process;
 pub mod protocol;
+pub mod wasm;
 
 #[cfg(feature = "python")]
 mod python;

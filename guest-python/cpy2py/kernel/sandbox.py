@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Tuple
 from ..errors import RemoteError, RemoteTraceback, SandboxViolation
 from ..protocol import tags
 from . import main_module
-from .serialization import Serializer, _forget_failure, _record_failure, global_name
+from .serialization import Serializer, _forget_failure, _GlobalRef, _record_failure, global_name
 
 #: guest exception texts longer than this are cut (the frame cap bounds them anyway)
 MAX_TRACEBACK_TEXT = 64 * 1024
@@ -88,7 +88,8 @@ class SandboxSerializer(Serializer):
         return isinstance(path, str) and _within(os.path.realpath(path), self.guest_paths)
 
     def default(self, obj: Any) -> Tuple[int, Any]:
-        if isinstance(obj, BaseException):
+        if isinstance(obj, BaseException) or type(obj) is _GlobalRef:
+            # an exception (its type travels as a name for the guest to look up, or not)
             return super().default(obj)
         # TODO(TWIN_REF policy, twin objects engineer): twin objects and proxies
         # (kernel/references.py) are not sent to guests yet. Decide here which

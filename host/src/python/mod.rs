@@ -1,14 +1,16 @@
-//! The extension module `cpy2py._host`: the compiled codec and native twin
-//! processes, exposed to the Python kernel.
+//! The extension module `cpy2py._host`: the compiled codec, native twin
+//! processes and WASI guests, exposed to the Python kernel.
 
 use pyo3::prelude::*;
 
 mod codec;
 mod errors;
 mod twin;
+mod wasi;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
     twin::register(m)?;
+    wasi::register(m)?;
     Ok(())
 }

@@ -62,6 +62,8 @@ pub fn to_pyerr(py: Python<'_>, err: HostError) -> PyErr {
         HostError::Spawn(_) => py_error(py, "TwinStartError", msg),
         HostError::Protocol(_) | HostError::VersionMismatch(_) => py_error(py, "ProtocolError", msg),
         HostError::Terminated(_) => py_error(py, "TwinterpreterTerminated", msg),
+        HostError::Timeout(_) => py_error(py, "TwinTimeout", msg),
+        HostError::OutOfMemory(_) => py_error(py, "TwinMemoryError", msg),
         HostError::Codec(_) => pyo3::exceptions::PyValueError::new_err(msg),
         HostError::Io(e) => PyErr::from(e),
     }

@@ -1,0 +1,13 @@
+//! WASI guests: CPython compiled to a WebAssembly component (wasm/), run by
+//! wasmtime inside the master process, one thread and one store per guest.
+//! The sandbox policy on this side: what the guest may see (`view`, the WASI
+//! context in `guest`), how much it may take (`guest`, `runtime`, `output`,
+//! `queue`), and how it is stopped.
+
+pub mod guest;
+pub mod output;
+pub mod queue;
+pub mod runtime;
+pub mod view;
+
+pub use guest::{EndKind, GuestConfig, GuestEnd, WasiGuest};

@@ -1,0 +1,298 @@
+//! A guest's stdout and stderr: forwarded to the master's, each line marked
+//! with the twin id, up to a byte cap per guest.
+//!
+//! The guest writes through WASI output streams implemented here; nothing it
+//! writes can reach the protocol, which runs on its own channel. Lines are
+//! buffered until complete (or until the guest waits for the master, or ends)
+//! so the prefix always starts a line. Past the cap, one notice is written and
+//! the rest is dropped. The end of the guest's stderr is kept to explain a
+//! guest that fails to start.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// How much of a guest's stderr is kept for error messages.
+const TAIL_BYTES: usize = 8 * 1024;
+/// A line longer than this is written out in pieces.
+const MAX_PARTIAL_LINE: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    Stdout = 0,
+    Stderr = 1,
+}
+
+/// Where forwarded lines go: the master's stdout/stderr, or (in tests) memory.
+pub trait Sink: Send {
+    fn write_line(&mut self, which: Which, line: &[u8]);
+}
+
+/// The master process's own stdout and stderr.
+pub struct ProcessSink;
+
+impl Sink for ProcessSink {
+    fn write_line(&mut self, which: Which, line: &[u8]) {
+        // errors writing to our own stdout/stderr (closed pipe) are not the
+        // guest's business: its output is then lost, as the master's would be
+        let _ = match which {
+            Which::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(line).and_then(|_| out.flush())
+            }
+            Which::Stderr => io::stderr().lock().write_all(line),
+        };
+    }
+}
+
+struct State {
+    prefix: Vec<u8>,
+    cap: usize,
+    written: usize,
+    notice_given: bool,
+    partial: [Vec<u8>; 2],
+    stderr_tail: VecDeque<u8>,
+    sink: Box<dyn Sink>,
+}
+
+impl State {
+    fn emit(&mut self, which: Which, text: &[u8]) {
+        let mut line = Vec::with_capacity(self.prefix.len() + text.len() + 1);
+        line.extend_from_slice(&self.prefix);
+        line.extend_from_slice(text);
+        if !text.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        self.sink.write_line(which, &line);
+    }
+
+    fn write(&mut self, which: Which, data: &[u8]) {
+        if which == Which::Stderr {
+            self.stderr_tail.extend(data);
+            let excess = self.stderr_tail.len().saturating_sub(TAIL_BYTES);
+            self.stderr_tail.drain(..excess);
+        }
+        let room = self.cap.saturating_sub(self.written);
+        let take = data.len().min(room);
+        self.written += take;
+        let mut rest = &data[..take];
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let mut line = std::mem::take(&mut self.partial[which as usize]);
+            line.extend_from_slice(&rest[..=end]);
+            self.emit(which, &line);
+            rest = &rest[end + 1..];
+        }
+        self.partial[which as usize].extend_from_slice(rest);
+        if self.partial[which as usize].len() >= MAX_PARTIAL_LINE {
+            self.flush(which);
+        }
+        if take < data.len() && !self.notice_given {
+            self.notice_given = true;
+            self.flush_all();
+            let cap = self.cap;
+            self.emit(
+                Which::Stderr,
+                format!(
+                    "cpy2py: this guest wrote more than its output limit of {cap} bytes; \
+                     the rest of its output is dropped"
+                )
+                .as_bytes(),
+            );
+        }
+    }
+
+    fn flush(&mut self, which: Which) {
+        let line = std::mem::take(&mut self.partial[which as usize]);
+        if !line.is_empty() {
+            self.emit(which, &line);
+        }
+    }
+
+    fn flush_all(&mut self) {
+        self.flush(Which::Stdout);
+        self.flush(Which::Stderr);
+    }
+}
+
+/// The output of one guest, shared by its two streams.
+#[derive(Clone)]
+pub struct GuestOutput {
+    state: Arc<Mutex<State>>,
+}
+
+impl GuestOutput {
+    /// Output marked with `[twin_id] `, at most `cap` bytes of it, to `sink`.
+    pub fn new(twin_id: &str, cap: usize, sink: Box<dyn Sink>) -> Self {
+        GuestOutput {
+            state: Arc::new(Mutex::new(State {
+                prefix: format!("[{twin_id}] ").into_bytes(),
+                cap,
+                written: 0,
+                notice_given: false,
+                partial: [Vec::new(), Vec::new()],
+                stderr_tail: VecDeque::new(),
+                sink,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn write(&self, which: Which, data: &[u8]) {
+        self.lock().write(which, data);
+    }
+
+    /// Writes out unfinished lines (the guest waits for the master, or ended).
+    pub fn flush(&self) {
+        self.lock().flush_all();
+    }
+
+    /// The last few KiB the guest wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        let state = self.lock();
+        let bytes: Vec<u8> = state.stderr_tail.iter().copied().collect();
+        String::from_utf8_lossy(&bytes).trim_end().to_string()
+    }
+
+    /// The WASI stream for the guest's stdout or stderr.
+    pub fn stream(&self, which: Which) -> GuestStream {
+        GuestStream {
+            output: self.clone(),
+            which,
+        }
+    }
+}
+
+/// One of the guest's two output streams.
+#[derive(Clone)]
+pub struct GuestStream {
+    output: GuestOutput,
+    which: Which,
+}
+
+impl IsTerminal for GuestStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestStream {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestStream {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for GuestStream {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.output.write(self.which, &bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        // always ready: past the cap, writes are accepted and dropped
+        Ok(MAX_PARTIAL_LINE)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestStream {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.output.write(self.which, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Collects forwarded lines in memory (for tests and embedders).
+#[derive(Clone, Default)]
+pub struct MemorySink(pub Arc<Mutex<Vec<(Which, String)>>>);
+
+impl Sink for MemorySink {
+    fn write_line(&mut self, which: Which, line: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((which, String::from_utf8_lossy(line).into_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(cap: usize) -> (GuestOutput, MemorySink) {
+        let sink = MemorySink::default();
+        (GuestOutput::new("box", cap, Box::new(sink.clone())), sink)
+    }
+
+    #[test]
+    fn lines_are_prefixed_and_partial_lines_wait() {
+        let (out, sink) = output(1000);
+        out.write(Which::Stdout, b"hello\nwor");
+        out.write(Which::Stderr, b"oops\n");
+        out.write(Which::Stdout, b"ld\n");
+        out.write(Which::Stdout, b"no newline");
+        out.flush();
+        let lines = sink.0.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            vec![
+                (Which::Stdout, "[box] hello\n".into()),
+                (Which::Stderr, "[box] oops\n".into()),
+                (Which::Stdout, "[box] world\n".into()),
+                (Which::Stdout, "[box] no newline\n".into()),
+            ]
+        );
+        assert_eq!(out.stderr_tail(), "oops");
+    }
+
+    #[test]
+    fn output_beyond_the_cap_is_dropped_with_one_notice() {
+        let (out, sink) = output(10);
+        out.write(Which::Stdout, b"12345\n");
+        out.write(Which::Stdout, b"6789\nabcdef\n");
+        out.write(Which::Stdout, b"more and more\n");
+        out.flush();
+        let lines = sink.0.lock().unwrap().clone();
+        assert_eq!(lines[0], (Which::Stdout, "[box] 12345\n".into()));
+        assert_eq!(lines[1], (Which::Stdout, "[box] 6789\n".into()));
+        assert!(lines[2].1.contains("output limit of 10 bytes"), "{lines:?}");
+        assert_eq!(lines.len(), 3, "{lines:?}");
+    }
+
+    #[test]
+    fn stderr_tail_is_bounded() {
+        let (out, _sink) = output(usize::MAX);
+        for _ in 0..1000 {
+            out.write(Which::Stderr, b"0123456789abcdef\n");
+        }
+        assert!(out.stderr_tail().len() <= TAIL_BYTES);
+    }
+}

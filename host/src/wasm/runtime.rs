@@ -1,0 +1,343 @@
+//! What all guests of this process share: the wasmtime engine, the epoch
+//! ticker that enforces call timeouts, and the compiled guest component,
+//! cached on disk so that only the first start on a machine compiles it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, OptLevel};
+use wasmtime_wasi::p2::bindings::sync::CommandPre;
+
+use super::guest::{GuestState, Shared};
+use crate::error::{HostError, Result};
+
+/// The wasmtime version the host is built with (part of the cache key).
+pub const WASMTIME_VERSION: &str = "48";
+/// How often the epoch advances: the resolution of call timeouts.
+pub const TICK: Duration = Duration::from_millis(10);
+/// A guest stuck in a host call (a sleep, say) is declared timed out this long
+/// after its deadline; running wasm is stopped within one tick.
+pub const HOST_CALL_GRACE: Duration = Duration::from_millis(250);
+/// Stack for wasm code, and for the guest's native thread around it.
+pub const MAX_WASM_STACK: usize = 4 << 20;
+pub const GUEST_THREAD_STACK: usize = 16 << 20;
+
+pub struct Runtime {
+    pub engine: Engine,
+    guests: Mutex<Vec<Weak<Shared>>>,
+    guests_changed: Condvar,
+    loaded: Mutex<HashMap<PathBuf, (FileStamp, Arc<LoadedGuest>)>>,
+}
+
+/// The compiled guest, ready to instantiate.
+pub struct LoadedGuest {
+    pub pre: CommandPre<GuestState>,
+    pub cache_file: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .wasm_component_model(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        // wasmtime-wasi's p2 needs wasmtime's async support, whose (unused here)
+        // fiber stacks must be larger than the wasm stack
+        .async_stack_size(MAX_WASM_STACK + (1 << 20))
+        .cranelift_opt_level(OptLevel::Speed);
+    config
+}
+
+/// The runtime of this process, created on first use.
+pub fn runtime() -> Result<&'static Runtime> {
+    static RUNTIME: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let engine = Engine::new(&engine_config())
+                .map_err(|e| format!("cannot set up wasmtime for WASI guests: {e}"))?;
+            Ok(Runtime {
+                engine,
+                guests: Mutex::default(),
+                guests_changed: Condvar::new(),
+                loaded: Mutex::default(),
+            })
+        })
+        .as_ref()
+        .map_err(|e| HostError::Spawn(e.clone()))
+}
+
+impl Runtime {
+    /// Enrols a running guest with the ticker (which starts on first use and
+    /// sleeps while no guest runs).
+    pub fn register(&'static self, guest: &Arc<Shared>) {
+        static TICKER: OnceLock<()> = OnceLock::new();
+        TICKER.get_or_init(|| {
+            thread::Builder::new()
+                .name("cpy2py-wasi-ticker".into())
+                .spawn(move || self.tick_forever())
+                .expect("cannot start the cpy2py epoch ticker thread");
+        });
+        let mut guests = self.guests.lock().unwrap_or_else(|e| e.into_inner());
+        guests.push(Arc::downgrade(guest));
+        self.guests_changed.notify_all();
+    }
+
+    fn tick_forever(&self) {
+        let mut last_check = Instant::now();
+        loop {
+            {
+                let mut guests = self.guests.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    guests.retain(|g| g.upgrade().is_some_and(|g| !g.has_ended()));
+                    if !guests.is_empty() {
+                        break;
+                    }
+                    guests = self
+                        .guests_changed
+                        .wait(guests)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            thread::sleep(TICK);
+            self.engine.increment_epoch();
+            // the watchdog for guests blocked in a host call, where epochs do not reach
+            if last_check.elapsed() >= HOST_CALL_GRACE / 2 {
+                last_check = Instant::now();
+                let guests: Vec<Arc<Shared>> = self
+                    .guests
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .collect();
+                for guest in guests {
+                    guest.check_overdue(last_check, HOST_CALL_GRACE);
+                }
+            }
+        }
+    }
+
+    /// The guest component at `guest_file`, compiled (or loaded from the cache
+    /// in `cache_dir`) and linked; shared by every guest of this process.
+    pub fn load_guest(&self, guest_file: &Path, cache_dir: &Path) -> Result<Arc<LoadedGuest>> {
+        let meta = fs::metadata(guest_file).map_err(|e| missing_guest(guest_file, e))?;
+        let stamp = FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        };
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((known, guest)) = loaded.get(guest_file) {
+            if *known == stamp {
+                return Ok(Arc::clone(guest));
+            }
+        }
+        let bytes = fs::read(guest_file).map_err(|e| missing_guest(guest_file, e))?;
+        let key = cache_key(&bytes, &self.engine);
+        let cache_file = cache_dir.join(format!("cpy2py-guest-{key}.cwasm"));
+        let component = self.compiled(&bytes, guest_file, &cache_file)?;
+        let pre = link(&self.engine, &component)?;
+        let guest = Arc::new(LoadedGuest { pre, cache_file });
+        loaded.insert(guest_file.to_path_buf(), (stamp, Arc::clone(&guest)));
+        Ok(guest)
+    }
+
+    fn compiled(&self, bytes: &[u8], guest_file: &Path, cache_file: &Path) -> Result<Component> {
+        if cache_file.exists() {
+            // SAFETY: the file was written by `precompile_component` of an
+            // engine with the same configuration and wasmtime version (both
+            // are in its name), into the user's own cache directory.
+            match unsafe { Component::deserialize_file(&self.engine, cache_file) } {
+                Ok(component) => return Ok(component),
+                Err(e) => {
+                    tracing::warn!(file = %cache_file.display(), "unusable cached guest, compiling again: {e}");
+                    let _ = fs::remove_file(cache_file);
+                }
+            }
+        }
+        let dir = cache_file.parent().unwrap_or(Path::new("."));
+        let started = Instant::now();
+        let mut stderr = std::io::stderr().lock();
+        let _ = write!(
+            stderr,
+            "cpy2py: compiling the WASI guest {} for this machine (first use; cached in {}) ...",
+            guest_file.display(),
+            dir.display()
+        );
+        let _ = stderr.flush();
+        let compiled = self.engine.precompile_component(bytes);
+        let outcome = if compiled.is_ok() { "done" } else { "failed" };
+        let _ = writeln!(
+            stderr,
+            " {outcome} after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        drop(stderr);
+        let compiled = compiled.map_err(|e| {
+            HostError::Spawn(format!(
+                "{} is not a WASI guest component wasmtime can compile ({e}); rebuild it with `just wasm`",
+                guest_file.display()
+            ))
+        })?;
+        let stored = fs::create_dir_all(dir).and_then(|_| {
+            let tmp = cache_file.with_extension(format!("tmp{}", std::process::id()));
+            fs::write(&tmp, &compiled)?;
+            fs::rename(&tmp, cache_file)
+        });
+        match stored {
+            // loading from the file maps it (copy-on-write) instead of keeping a copy in memory
+            Ok(()) => unsafe { Component::deserialize_file(&self.engine, cache_file) },
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "cannot cache the compiled guest: {e}");
+                unsafe { Component::deserialize(&self.engine, &compiled) }
+            }
+        }
+        .map_err(|e| HostError::Spawn(format!("cannot load the compiled WASI guest: {e}")))
+    }
+}
+
+fn missing_guest(path: &Path, err: std::io::Error) -> HostError {
+    HostError::Spawn(format!(
+        "the WASI guest component {} cannot be read ({err}): build it with `just wasm` \
+         (or point CPY2PY_WASI_GUEST at a built cpy2py-guest.wasm)",
+        path.display()
+    ))
+}
+
+/// Links WASI (as granted per guest in its `WasiCtx`) and the `link`
+/// interface to the guest component.
+fn link(engine: &Engine, component: &Component) -> Result<CommandPre<GuestState>> {
+    let mut linker = Linker::<GuestState>::new(engine);
+    let setup = wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        .and_then(|_| super::guest::add_link_to_linker(&mut linker))
+        .and_then(|_| linker.instantiate_pre(component))
+        .and_then(CommandPre::new);
+    setup.map_err(|e| {
+        HostError::Spawn(format!(
+            "the WASI guest component does not fit this host ({e}); rebuild it with `just wasm`"
+        ))
+    })
+}
+
+/// A fast hash of the guest's bytes with the wasmtime version and engine
+/// settings: a new guest build or another wasmtime never reuses a stale
+/// compilation. (Not a cryptographic hash: the cache directory is the user's.)
+pub fn cache_key(bytes: &[u8], engine: &Engine) -> String {
+    let mut settings = DefaultHasher::new();
+    WASMTIME_VERSION.hash(&mut settings);
+    engine.precompile_compatibility_hash().hash(&mut settings);
+    format!(
+        "{:016x}{:016x}-wasmtime{WASMTIME_VERSION}-{:08x}",
+        content_hash(bytes, 0x9E37_79B9_7F4A_7C15),
+        content_hash(bytes, 0xC2B2_AE3D_27D4_EB4F),
+        settings.finish() as u32
+    )
+}
+
+/// 64-bit multiply-rotate hash over 8-byte words (a few ms for a 20 MB guest).
+fn content_hash(bytes: &[u8], seed: u64) -> u64 {
+    const K: u64 = 0xFF51_AFD7_ED55_8CCD;
+    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K);
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        h = (h ^ w.wrapping_mul(K))
+            .rotate_left(29)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    for &b in words.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(K);
+    }
+    h ^ (h >> 31)
+}
+
+/// `$CPY2PY_CACHE_DIR`, else `$XDG_CACHE_HOME/cpy2py`, else `~/.cache/cpy2py`.
+pub fn default_cache_dir() -> PathBuf {
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("CPY2PY_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("cpy2py")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("cpy2py")))
+        .unwrap_or_else(|| std::env::temp_dir().join("cpy2py-cache"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_changes_with_every_byte_and_names_wasmtime() {
+        let engine = &runtime().unwrap().engine;
+        let a = vec![7u8; 100_001];
+        let mut b = a.clone();
+        b[50_000] ^= 1;
+        let mut c = a.clone();
+        c.push(0);
+        let (ka, kb, kc) = (
+            cache_key(&a, engine),
+            cache_key(&b, engine),
+            cache_key(&c, engine),
+        );
+        assert_ne!(ka, kb);
+        assert_ne!(ka, kc);
+        assert_eq!(ka, cache_key(&a.clone(), engine), "the key is stable");
+        assert!(ka.contains("wasmtime48"), "{ka}");
+    }
+
+    #[test]
+    fn cache_dir_follows_the_environment() {
+        // only reads the variables; the order of precedence is what matters
+        let dir = default_cache_dir();
+        if let Some(explicit) = std::env::var_os("CPY2PY_CACHE_DIR").filter(|v| !v.is_empty()) {
+            assert_eq!(dir, PathBuf::from(explicit));
+        } else {
+            assert!(dir.ends_with("cpy2py"), "{}", dir.display());
+        }
+    }
+
+    #[test]
+    fn a_missing_guest_says_how_to_build_it() {
+        let rt = runtime().unwrap();
+        let err = rt
+            .load_guest(Path::new("/nonexistent/cpy2py-guest.wasm"), &std::env::temp_dir())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("just wasm") && err.contains("CPY2PY_WASI_GUEST"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_no_component_is_refused_clearly() {
+        let dir = std::env::temp_dir().join(format!("cpy2py-notwasm-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("guest.wasm");
+        fs::write(&file, b"\0asm but not really").unwrap();
+        let err = runtime()
+            .unwrap()
+            .load_guest(&file, &dir)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("just wasm"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,236 @@
+//! The code a guest may import: a read-only view of its allowed roots that
+//! holds their Python sources and nothing else.
+//!
+//! WASI preopens grant whole directories, so a data file beside an allowed
+//! module would be readable. Instead, each guest gets a private directory
+//! tree that mirrors its roots with only `*.py` files in it (hard links where
+//! the file system allows, copies otherwise); that tree is what is preopened,
+//! read-only, at the root's own path. Symbolic links are followed only when
+//! they stay inside their root, so a link cannot smuggle an outside file in.
+//! The view is a snapshot taken at start: files added later appear in the
+//! next guest. It is removed when the guest ends.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{HostError, Result};
+
+/// At most this many files and directories per guest view.
+pub const MAX_ENTRIES: usize = 50_000;
+/// At most this deep below a root.
+pub const MAX_DEPTH: usize = 64;
+
+/// A built view: the directories to preopen, each with its guest path.
+#[derive(Debug)]
+pub struct CodeView {
+    dir: Option<PathBuf>,
+    /// (host directory to preopen, path in the guest)
+    pub mounts: Vec<(PathBuf, String)>,
+}
+
+impl CodeView {
+    /// A view of nothing (no allowed roots).
+    pub fn empty() -> Self {
+        CodeView {
+            dir: None,
+            mounts: Vec::new(),
+        }
+    }
+
+    /// Builds the view of `roots` in a fresh directory under `base`.
+    pub fn build(roots: &[PathBuf], base: &Path) -> Result<CodeView> {
+        if roots.is_empty() {
+            return Ok(Self::empty());
+        }
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dir = base.join(format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| {
+            HostError::Spawn(format!(
+                "cannot create the guest's code view in {}: {e}; set CPY2PY_CACHE_DIR to a writable directory",
+                dir.display()
+            ))
+        })?;
+        let mut view = CodeView {
+            dir: Some(dir.clone()),
+            mounts: Vec::new(),
+        };
+        let mut entries = 0usize;
+        for (index, root) in roots.iter().enumerate() {
+            let real = fs::canonicalize(root).map_err(|e| {
+                HostError::Spawn(format!("sandbox path {} cannot be used: {e}", root.display()))
+            })?;
+            if !real.is_dir() {
+                return Err(HostError::Spawn(format!(
+                    "sandbox path {} is not a directory: pass directories to import code from",
+                    root.display()
+                )));
+            }
+            let guest_path = real
+                .to_str()
+                .ok_or_else(|| {
+                    HostError::Spawn(format!(
+                        "sandbox path {} is not valid UTF-8, which WASI paths must be",
+                        real.display()
+                    ))
+                })?
+                .to_string();
+            let target = dir.join(index.to_string());
+            fs::create_dir(&target)?;
+            mirror(&real, &real, &target, 0, &mut entries)?;
+            view.mounts.push((target, guest_path));
+        }
+        Ok(view)
+    }
+}
+
+impl Drop for CodeView {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn is_python_source(path: &Path) -> bool {
+    path.extension().is_some_and(|ext| ext == "py")
+}
+
+/// Copies the Python sources below `dir` (inside `root`) to `target`.
+fn mirror(root: &Path, dir: &Path, target: &Path, depth: usize, entries: &mut usize) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(HostError::Spawn(format!(
+            "sandbox path {} nests deeper than {MAX_DEPTH} directories: pass a narrower directory",
+            root.display()
+        )));
+    }
+    let listing = match fs::read_dir(dir) {
+        Ok(listing) => listing,
+        // an unreadable subdirectory is simply not part of the view
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in listing {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "__pycache__" {
+            continue;
+        }
+        let path = entry.path();
+        let mut kind = entry.file_type()?;
+        let mut source = path.clone();
+        if kind.is_symlink() {
+            // followed only if it resolves inside the root
+            let Ok(resolved) = fs::canonicalize(&path) else {
+                continue;
+            };
+            if !resolved.starts_with(root) {
+                continue;
+            }
+            kind = fs::metadata(&resolved)?.file_type();
+            if kind.is_dir() {
+                continue; // a linked directory could loop; its real place is mirrored anyway
+            }
+            source = resolved;
+        }
+        *entries += 1;
+        if *entries > MAX_ENTRIES {
+            return Err(HostError::Spawn(format!(
+                "sandbox path {} holds more than {MAX_ENTRIES} files and directories: \
+                 pass the directory of the guest's code only",
+                root.display()
+            )));
+        }
+        let dest = target.join(&name);
+        if kind.is_dir() {
+            fs::create_dir(&dest)?;
+            mirror(root, &path, &dest, depth + 1, entries)?;
+        } else if kind.is_file() && is_python_source(&path) && fs::hard_link(&source, &dest).is_err() {
+            // another file system: copy instead (an unreadable file stays out)
+            match fs::copy(&source, &dest) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes views left behind by masters that died without cleaning up.
+pub fn remove_stale_views(base: &Path) {
+    let Ok(listing) = fs::read_dir(base) else { return };
+    for entry in listing.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cpy2py-view-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn only_python_sources_are_in_the_view() {
+        let base = scratch("only-py");
+        let root = base.join("plugins");
+        fs::create_dir_all(root.join("pkg/__pycache__")).unwrap();
+        fs::write(root.join("plugin.py"), "X = 1\n").unwrap();
+        fs::write(root.join("secret.txt"), "token").unwrap();
+        fs::write(root.join("pkg/__init__.py"), "").unwrap();
+        fs::write(root.join("pkg/data.json"), "{}").unwrap();
+        fs::write(root.join("pkg/__pycache__/x.pyc"), "").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", root.join("outside.py")).unwrap();
+        std::os::unix::fs::symlink(root.join("plugin.py"), root.join("alias.py")).unwrap();
+
+        let view = CodeView::build(std::slice::from_ref(&root), &base.join("views")).unwrap();
+        assert_eq!(view.mounts.len(), 1);
+        let (dir, guest) = &view.mounts[0];
+        assert_eq!(guest, fs::canonicalize(&root).unwrap().to_str().unwrap());
+        assert_eq!(fs::read_to_string(dir.join("plugin.py")).unwrap(), "X = 1\n");
+        assert_eq!(fs::read_to_string(dir.join("alias.py")).unwrap(), "X = 1\n");
+        assert!(dir.join("pkg/__init__.py").exists());
+        assert!(!dir.join("secret.txt").exists());
+        assert!(!dir.join("pkg/data.json").exists());
+        assert!(!dir.join("pkg/__pycache__").exists());
+        assert!(
+            !dir.join("outside.py").exists(),
+            "a symlink out of the root must not be followed"
+        );
+
+        let view_dir = dir.parent().unwrap().to_path_buf();
+        drop(view);
+        assert!(!view_dir.exists(), "the view is removed with the guest");
+        fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn a_missing_root_is_a_clear_error() {
+        let base = scratch("missing");
+        let err = CodeView::build(&[base.join("nope")], &base.join("views")).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        fs::remove_dir_all(base).unwrap();
+    }
+}

