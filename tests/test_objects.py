@@ -211,7 +211,9 @@ def test_threads_in_the_master_share_proxies(kind):
 
     counter = cls(kind, tc.Counter)(0)
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: counter.increment(1), range(400)))
+        doubled = list(pool.map(lambda i: counter.twice(i)[0], range(400)))
+        list(pool.map(lambda _: counter.locked_increment(1), range(400)))
+    assert doubled == [2 * i for i in range(400)]  # every thread got its own reply
     assert counter.value == 400
 
 

@@ -13,8 +13,8 @@ from support import process_exists, require_interpreter, run_master
 
 
 def test_start_is_idempotent_and_reports_liveness(kind):
-    master = TwinMaster(kind)
-    assert master.twinterpreter_id == kind
+    master = TwinMaster(kind, twinterpreter_id=f"{kind}-idempotent")
+    assert master.twinterpreter_id == f"{kind}-idempotent"
     assert not master.is_alive
     assert master.start() is True
     pid = master.execute(twin_helpers.identity)["pid"]

@@ -32,6 +32,13 @@ class Counter(TwinObject):
         self.value += self.step if by is None else by
         return self.value
 
+    _lock = threading.Lock()
+
+    def locked_increment(self, by):
+        with self._lock:  # calls from many threads run concurrently in the twin
+            self.value += by
+            return self.value
+
     def where(self):
         return {"pid": os.getpid(), "implementation": sys.implementation.name, "proxy": is_proxy(self)}
 
