@@ -36,3 +36,13 @@ def twin(request: pytest.FixtureRequest):
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_twins_after_module():
+    """Twins started on demand by one test module do not leak into the next."""
+    yield
+    from cpy2py import master
+
+    for twin_id in list(master._running):  # dead ones too: they would block auto-start
+        master.TwinMaster(twinterpreter_id=twin_id).stop()
