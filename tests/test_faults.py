@@ -202,3 +202,19 @@ def test_optimized_master_skips_per_call_logs():
 def test_python_sys_executable_is_accepted(python_exe):
     with TwinMaster(python_exe, twinterpreter_id="same-python") as master:
         assert master.execute(twin_helpers.identity)["version"] == tuple(sys.version_info[:3])
+
+
+def test_proxies_from_before_a_restart_fail_clearly():
+    import twin_classes as tc
+
+    master = TwinMaster("python3")
+    master.start()
+    old = tc.Counter_python3(1)
+    master.destroy()
+    master.start()
+    new = tc.Counter_python3(2)
+    assert new.increment() == 3
+    # the new twin never mistakes the old proxy for one of its objects
+    with pytest.raises(LookupError, match="not known here"):
+        old.increment()
+    master.stop()

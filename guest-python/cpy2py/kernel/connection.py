@@ -211,12 +211,7 @@ class Connection:
                     return waiter.inbox.popleft()
                 if self.broken is not None:
                     raise self._broken_error()
-                if self._reading:
-                    _park(waiter, self._callers)
-                    read = False
-                else:
-                    self._reading = True
-                    read = True
+                read = self._take_role_or_park(waiter, self._callers)
             if not read:
                 _sleep(waiter)
                 continue
@@ -225,6 +220,14 @@ class Connection:
                 return item
 
     # -- reading and routing ----------------------------------------------
+
+    def _take_role_or_park(self, waiter: _Waiter, queue: Deque[_Waiter]) -> bool:
+        """Caller holds _ROUTE_LOCK: take the free reading role, or park in ``queue``."""
+        if self._reading:
+            _park(waiter, queue)
+            return False
+        self._reading = True
+        return True
 
     def _release_role(self) -> None:
         """Caller holds _ROUTE_LOCK: give up the reading role."""
@@ -394,12 +397,8 @@ class Connection:
             with _ROUTE_LOCK:
                 if self.broken is not None:
                     return None
-                if self._reading:  # a caller reads; it will take what arrived
-                    _park(waiter, self._parked_poller)
-                    read = False
-                else:
-                    self._reading = True
-                    read = True
+                # if a caller reads, it takes what arrived; poll again when it is done
+                read = self._take_role_or_park(waiter, self._parked_poller)
             if not read:
                 _sleep(waiter)
                 continue

@@ -17,6 +17,7 @@ subtracts the count and drops the object when nothing is left.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import time
@@ -41,7 +42,9 @@ Key = Tuple[str, int]
 _lock = threading.Lock()
 _exports: Dict[Key, List[Any]] = {}  # key -> [object, times sent]
 _iid_of: Dict[int, int] = {}  # id(native object) -> its instance id, while exported
-_iids = itertools.count(1)
+# Instance ids start at a random offset, so that a restarted twin never
+# hands out the id of an object of its previous life to a stale proxy.
+_iids = itertools.count((int.from_bytes(os.urandom(4), "big") << 24) + 1)
 _proxies: weakref.WeakValueDictionary[Key, TwinProxy] = weakref.WeakValueDictionary()
 #: releases queued by collected proxies: (owner, instance id, count)
 _pending_releases: List[Tuple[str, int, int]] = []
