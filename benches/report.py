@@ -433,11 +433,16 @@ def render(results: Dict[str, Any]) -> str:
         else:
             rows = []
             for name, e in rust["benches"].items():
-                thr = ""
-                if e.get("bytes"):
-                    thr = f"{e['bytes'] / e['median_ns']:.2f} GB/s"
-                rows.append([name, f"{e['median_ns'] / 1e3:.2f}", thr])
-            out.append(table(["", "median us", "throughput"], rows, 38))
+                ns = e["median_ns"]
+                when = (
+                    f"{ns:.1f} ns" if ns < 1e3 else f"{ns / 1e3:.2f} us" if ns < 1e6 else f"{ns / 1e6:.2f} ms"
+                )
+                thr = f"{e['bytes'] / ns:.2f} GB/s" if e.get("bytes", 0) >= 1024 else ""
+                rows.append([name, when, thr])
+            out.append(
+                f"(run on CPUs {rust.get('cpus')}; pipe-round-trip: a frame to an echo thread and back)"
+            )
+            out.append(table(["", "median", "throughput"], rows, 38))
     return "\n".join(out)
 
 
