@@ -24,7 +24,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .. import _logging
-from ..errors import ProtocolError, TwinterpreterTerminated
+from ..errors import ProtocolError, TwinError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
 from . import references
@@ -262,10 +262,14 @@ class Connection:
         if it ended)."""
         try:
             raw = self.transport.recv()
-        except Exception as err:  # the stream is in an unknown state
-            self._fail(err if isinstance(err, (OSError, ProtocolError)) else ProtocolError(repr(err)))
-            return None
-        # KeyboardInterrupt and friends pass: the frame state is kept for the next reader
+        except BaseException as err:
+            if isinstance(err, TwinError) or (isinstance(err, OSError) and err.errno is not None):
+                self._fail(err)  # the stream failed: it is in an unknown state
+                return None
+            # Anything else was raised by a signal handler while the transport
+            # waited (Ctrl-C, an alarm's TimeoutError): it is the caller's, and
+            # the frame read so far is kept for the next reader.
+            raise
         if raw is None:
             self._fail(None)
             return None

@@ -1,0 +1,173 @@
+"""Code the reliability tests run in twins and in the master.
+
+Module-level and free of pytest imports, so every interpreter can import it
+by name. Twin objects are pinned to the twin ids the tests start
+(``rel-python3``, ``rel-pypy3``); functions pinned to the master are the
+callbacks a twin makes while the master waits for it.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import signal
+import time
+
+from cpy2py import TwinObject, kernel_state, twinfunction
+
+KINDS = ("python3", "pypy3")
+
+
+def twin_id(kind: str) -> str:
+    """The id under which the reliability tests run a twin of ``kind``."""
+    return f"rel-{kind}"
+
+
+# -- small functions for twins ----------------------------------------------------
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def sleep_then(seconds: float, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def exit_now(status: int) -> None:
+    os._exit(status)
+
+
+def close_fds(*fds: int) -> str:
+    """Close the twin's protocol descriptors from inside a request."""
+    for fd in fds:
+        os.close(fd)
+    return "closed"
+
+
+def stop_self() -> None:
+    """SIGSTOP this very process (the kernel stops reading and writing)."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def export_count() -> int:
+    """Objects this interpreter keeps alive for other interpreters."""
+    from cpy2py.kernel import references
+
+    gc.collect()
+    return references.export_count()
+
+
+def proxy_count() -> int:
+    """Proxies alive in this interpreter."""
+    from cpy2py.kernel import references
+
+    gc.collect()
+    return len(references._proxies)
+
+
+def collect() -> None:
+    gc.collect()
+
+
+# -- load: every request carries its own token, every reply must echo it --------
+
+
+def digest(data) -> str:
+    return hashlib.sha1(bytes(data)).hexdigest()
+
+
+def answer(token, payload):
+    """The reply a load request expects: its token and its payload's digest."""
+    return [token, len(payload), digest(payload)]
+
+
+def answer_with_callback(token, payload, callback_count: int):
+    """Like ``answer``, after calling the master back ``callback_count`` times;
+    every callback is checked against its own token."""
+    for i in range(callback_count):
+        sub = f"{token}/cb{i}"
+        got = master_echo(sub, payload[: 64 + i])
+        if got != [sub, kernel_state.MASTER_ID, digest(payload[: 64 + i])]:
+            raise AssertionError(f"callback {sub} got {got!r}")
+    return answer(token, payload)
+
+
+@twinfunction(kernel_state.MASTER_ID)
+def master_echo(token, payload):
+    """Runs in the master whoever calls it."""
+    return [token, kernel_state.TWIN_ID, digest(payload)]
+
+
+def recurse(token, depth: int, twin: str):
+    """twin -> master -> twin ... ``depth`` levels; returns the path of tokens."""
+    if depth == 0:
+        return [f"{token}@{kernel_state.TWIN_ID}"]
+    return [f"{token}@{kernel_state.TWIN_ID}"] + master_recurse(token, depth - 1, twin)
+
+
+@twinfunction(kernel_state.MASTER_ID)
+def master_recurse(token, depth: int, twin: str):
+    from cpy2py import TwinMaster
+
+    here = [f"{token}@{kernel_state.TWIN_ID}"]
+    if depth == 0:
+        return here
+    return here + TwinMaster(twinterpreter_id=twin).execute(recurse, token, depth - 1, twin)
+
+
+# -- objects pinned to the reliability twins -------------------------------------
+
+
+class Blob_python3(TwinObject):  # noqa: N801 - named after the kind it lives in
+    __twin_id__ = twin_id("python3")
+
+    def __init__(self, tag, size=16):
+        self.tag = tag
+        self.data = bytes(size)
+
+    def describe(self):
+        return [self.tag, len(self.data), kernel_state.TWIN_ID]
+
+
+class Blob_pypy3(Blob_python3):  # noqa: N801
+    __twin_id__ = twin_id("pypy3")
+
+
+def blob_class(kind: str):
+    return {"python3": Blob_python3, "pypy3": Blob_pypy3}[kind]
+
+
+class Opaque:
+    """Not picklable (holds a lock): crosses as a proxy of a master object."""
+
+    def __init__(self, n):
+        import threading
+
+        self.n = n
+        self.lock = threading.Lock()
+
+    def value(self):
+        return self.n
+
+
+def use_opaque(obj) -> int:
+    """In a twin: call a proxy of a master object, then drop it."""
+    return obj.value()
+
+
+def make_and_drop(kind: str, count: int) -> int:
+    """In a twin: nothing; in the master: create ``count`` blobs of ``kind`` and drop each."""
+    cls = blob_class(kind)
+    total = 0
+    for i in range(count):
+        total += cls(i, 8).describe()[1]
+    return total

@@ -1,0 +1,445 @@
+"""Faults (issue 6): twins that die, exit, close their descriptors or stop;
+masters that end in every way; stop() and destroy() racing with calls.
+
+Every fault is real: real processes, real signals. Waits are measured only
+to tell a hang from an answer: ``HANG`` seconds is far beyond any normal
+wait and is never a performance claim.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import reliability_helpers as rh
+from cpy2py import TwinMaster, TwinterpreterTerminated, TwinterpreterUnavailable
+from cpy2py import master as master_module
+from support import TESTS_DIR, process_exists, require_interpreter
+
+#: a wait longer than this is a hang (generous: the suite may share 2 cores)
+HANG = 30.0
+
+
+@pytest.fixture(params=rh.KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    require_interpreter(request.param)
+    return request.param
+
+
+@pytest.fixture
+def victim(kind: str):
+    """A twin of ``kind`` that the test may kill; destroyed afterwards whatever happened."""
+    master = TwinMaster(kind, twinterpreter_id=f"victim-{kind}")
+    master.start()
+    yield master
+    twin = master_module._running.get(master.twinterpreter_id)
+    if twin is not None:
+        try:
+            os.kill(twin.process.pid, signal.SIGKILL)  # unblocks anything a failed test left waiting
+        except ProcessLookupError:
+            pass
+    master.destroy()
+
+
+@pytest.fixture(scope="module")
+def bystander():
+    """A twin that must not notice what happens to the others."""
+    with TwinMaster("python3", twinterpreter_id="bystander") as master:
+        yield master
+
+
+class Calls:
+    """``count`` threads, each making one call; records what each got."""
+
+    def __init__(self, master: TwinMaster, count: int, func, *args) -> None:
+        self.outcomes: list = [None] * count
+        self.threads = [
+            threading.Thread(target=self._run, args=(i, master, func, args), daemon=True)
+            for i in range(count)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, i: int, master: TwinMaster, func, args) -> None:
+        try:
+            self.outcomes[i] = ("value", master.execute(func, *args))
+        except BaseException as err:  # recorded, judged by the test
+            self.outcomes[i] = ("error", err)
+
+    def running(self) -> int:
+        return sum(thread.is_alive() for thread in self.threads)
+
+    def join(self) -> float:
+        """Wait for every call; fails if one hangs. Returns the seconds waited."""
+        start = time.monotonic()
+        for thread in self.threads:
+            thread.join(max(0.0, HANG - (time.monotonic() - start)))
+        waited = time.monotonic() - start
+        assert self.running() == 0, f"{self.running()} call(s) still hang after {waited:.1f} s"
+        return waited
+
+    def errors(self) -> list:
+        return [outcome[1] for outcome in self.outcomes if outcome[0] == "error"]
+
+
+class Loop:
+    """A thread calling ``master`` again and again until stopped; nothing may fail."""
+
+    def __init__(self, master: TwinMaster) -> None:
+        self.master = master
+        self.count = 0
+        self.failures: list = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                token = f"loop-{self.count}"
+                assert self.master.execute(rh.answer, token, b"x" * 100) == rh.answer(token, b"x" * 100)
+                self.count += 1
+            except BaseException as err:
+                self.failures.append(err)
+                return
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join(HANG)
+        assert not self.thread.is_alive(), "the bystander's calls hang"
+        assert self.failures == [], f"the bystander failed: {self.failures!r}"
+        return self.count
+
+
+def wait_gone(pid: int) -> bool:
+    deadline = time.monotonic() + HANG
+    while process_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not process_exists(pid)
+
+
+def settle() -> None:
+    """Give threads a moment to be inside their calls (no result depends on it)."""
+    time.sleep(0.5)
+
+
+# -- a twin killed, exiting, closing its descriptors ------------------------------------
+
+
+def test_sigkill_mid_call_fails_every_waiting_call_and_restarts(kind, victim, bystander):
+    pid = victim.execute(rh.pid)
+    loop = Loop(bystander)
+    calls = Calls(victim, 4, rh.sleep_then, 60, "never")
+    settle()
+    assert calls.running() == 4
+    os.kill(pid, signal.SIGKILL)
+    waited = calls.join()
+    errors = calls.errors()
+    assert len(errors) == 4, calls.outcomes
+    for err in errors:
+        assert isinstance(err, TwinterpreterTerminated), repr(err)
+        assert "victim-" in str(err) and "SIGKILL" in str(err), str(err)
+    # later calls fail the same way and say how to recover
+    with pytest.raises(TwinterpreterTerminated, match=r"start\(\)"):
+        victim.execute(rh.pid)
+    assert not victim.is_alive
+    # the other twin never noticed
+    served = loop.stop()
+    assert served > 0 and bystander.execute(rh.answer, "after", b"") == rh.answer("after", b"")
+    assert victim.start() is True
+    assert victim.execute(rh.pid) not in (pid, os.getpid())
+    assert waited < HANG  # measured only to rule out a hang (see Calls.join)
+
+
+def test_exit_mid_call_fails_every_waiting_call(kind, victim, bystander):
+    pid = victim.execute(rh.pid)
+    sleepers = Calls(victim, 3, rh.sleep_then, 60)
+    settle()
+    exiting = Calls(victim, 1, rh.exit_now, 7)
+    sleepers.join()
+    exiting.join()
+    for err in sleepers.errors() + exiting.errors():
+        assert isinstance(err, TwinterpreterTerminated) and "exited with status 7" in str(err), repr(err)
+    assert len(sleepers.errors() + exiting.errors()) == 4
+    assert wait_gone(pid)
+    assert bystander.execute(rh.pid) != pid
+    victim.start()
+    assert victim.execute(rh.sleep_then, 0, "back") == "back"
+
+
+@pytest.mark.parametrize("fds", [(3, 4), (4,), (3,)], ids=["both", "write-end", "read-end"])
+def test_twin_closing_its_protocol_fds(kind, victim, bystander, fds):
+    pid = victim.execute(rh.pid)
+    # With only its read end closed the twin can still answer the calls it
+    # runs, and it ends when they are done (its main thread runs one of
+    # them): the sleepers are short so that the test is.
+    sleepers = Calls(victim, 2, rh.sleep_then, 60 if 4 in fds else 2, "slept")
+    settle()
+    closer = Calls(victim, 1, rh.close_fds, *fds)
+    closer.join()
+    outcome = closer.outcomes[0]
+    if 4 in fds:  # the reply cannot travel
+        assert outcome[0] == "error" and isinstance(outcome[1], TwinterpreterTerminated), outcome
+    else:  # the twin can still answer this one, but reads nothing more
+        assert outcome == ("value", "closed") or isinstance(outcome[1], TwinterpreterTerminated), outcome
+    with pytest.raises(TwinterpreterTerminated):
+        victim.execute(rh.pid)
+    sleepers.join()
+    for outcome in sleepers.outcomes:
+        if 4 in fds:
+            assert outcome[0] == "error" and isinstance(outcome[1], TwinterpreterTerminated), outcome
+        else:
+            assert outcome == ("value", "slept") or isinstance(outcome[1], TwinterpreterTerminated), outcome
+    assert wait_gone(pid), "a twin that closed its link was left running"
+    assert bystander.execute(rh.answer, "ok", b"") == rh.answer("ok", b"")
+    victim.start()
+    assert victim.execute(rh.pid) != pid
+
+
+# -- a twin that stops reading ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "destroy"])
+def test_stopped_twin_with_a_full_pipe_can_be_stopped_and_destroyed(kind, victim, bystander, how):
+    """A SIGSTOPped twin reads nothing: a slow twin is waited for (there is no
+    per-call timeout for native twins), but the pipe to it fills up and
+    senders block. stop() and destroy() must still end it, and fail every call."""
+    pid = victim.execute(rh.pid)
+    os.kill(pid, signal.SIGSTOP)
+    small = Calls(victim, 2, rh.sleep_then, 0, "small")
+    big = Calls(victim, 3, rh.answer, "big", bytes(1 << 20))  # 3 MiB: far more than a pipe holds
+    settle()
+    assert small.running() == 2 and big.running() == 3, "calls to a stopped twin must wait, not fail"
+    assert bystander.execute(rh.pid) != pid  # other twins carry on meanwhile
+    stopper = threading.Thread(target=getattr(victim, how), kwargs={"timeout": 1.0} if how == "stop" else {})
+    stopper.start()
+    stopper.join(HANG)
+    assert not stopper.is_alive(), f"{how}() hangs on a twin that stopped reading"
+    small.join()
+    big.join()
+    for err in small.errors() + big.errors():
+        assert isinstance(err, TwinterpreterTerminated), repr(err)
+    assert len(small.errors() + big.errors()) == 5
+    assert wait_gone(pid)
+    victim.start()
+    assert victim.execute(rh.sleep_then, 0, "back") == "back"
+
+
+def test_twin_stopping_itself_mid_call_is_waited_for_then_destroyed(kind, victim):
+    pid = victim.execute(rh.pid)
+    stopped = Calls(victim, 1, rh.stop_self)
+    settle()
+    assert stopped.running() == 1, "a stopped twin is slow, not dead: its call waits"
+    destroyer = threading.Thread(target=victim.destroy)
+    destroyer.start()
+    destroyer.join(HANG)
+    assert not destroyer.is_alive()
+    stopped.join()
+    assert isinstance(stopped.errors()[0], TwinterpreterTerminated)
+    assert wait_gone(pid)
+
+
+# -- stop() and destroy() while other threads call ----------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "destroy"])
+def test_stop_and_destroy_during_calls_from_other_threads(kind, victim, monkeypatch, how):
+    monkeypatch.setenv("CPY2PY_NOAUTO", "1")  # a call after the stop must not start a new twin
+    pid = victim.execute(rh.pid)
+    results: dict = {}
+
+    def caller(n: int) -> None:
+        got = results[n] = []
+        i = 0
+        while True:
+            token = f"{n}-{i}"
+            payload = os.urandom(i % 7 * 1000)
+            try:
+                reply = victim.execute(rh.answer, token, payload)
+            except (TwinterpreterTerminated, TwinterpreterUnavailable) as err:
+                got.append(err)
+                return
+            except BaseException as err:  # anything else is a failure of the test
+                got.append(err)
+                return
+            got.append(reply == rh.answer(token, payload))
+            i += 1
+
+    threads = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(8)]
+    long_calls = Calls(victim, 2, rh.sleep_then, 60)
+    for thread in threads:
+        thread.start()
+    settle()
+    getattr(victim, how)()
+    for thread in threads:
+        thread.join(HANG)
+        assert not thread.is_alive(), f"a call hangs after {how}()"
+    long_calls.join()
+    for n, got in results.items():
+        assert got and all(ok is True for ok in got[:-1]), f"thread {n} got a wrong reply"
+        assert isinstance(got[-1], (TwinterpreterTerminated, TwinterpreterUnavailable)), repr(got[-1])
+    for err in long_calls.errors():
+        assert isinstance(err, TwinterpreterTerminated) and "by the master" in str(err), repr(err)
+    assert len(long_calls.errors()) == 2
+    assert wait_gone(pid)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raised", [Interrupted, TimeoutError], ids=["own-exception", "TimeoutError"])
+def test_interrupted_call_leaves_the_link_usable(kind, victim, raised):
+    """A signal handler that raises while a call waits (Ctrl-C with a handler,
+    an alarm that raises TimeoutError): the caller gets that exception, the
+    twin lives on, the late reply is dropped, the next call gets its own."""
+
+    def handler(signum, frame):
+        raise raised("interrupted by a signal handler")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(raised, match="interrupted by a signal handler"):
+            victim.execute(rh.sleep_then, 1.5, "late")
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for i in range(5):
+        assert victim.execute(rh.sleep_then, 0.4, f"own-{i}") == f"own-{i}"
+    assert victim.is_alive
+
+
+# -- the master ending --------------------------------------------------------------------
+
+_MASTER = """
+import os, sys, signal, threading, time
+import reliability_helpers as rh
+from cpy2py import TwinMaster
+
+masters = []
+for kind in {kinds!r}:
+    master = TwinMaster(kind, twinterpreter_id=rh.twin_id(kind))
+    master.start()
+    print("pid", master.execute(rh.pid), flush=True)
+    masters.append(master)
+"""
+
+_STATES = {
+    # nothing in flight
+    "idle": "",
+    # daemon threads wait in calls to every twin
+    "mid-call": """
+for master in masters:
+    for _ in range(2):
+        threading.Thread(target=master.execute, args=(rh.sleep_then, 60), daemon=True).start()
+""",
+}
+
+_WAIT_FOR_SIGNAL = """
+print("READY", flush=True)
+if {midcall}:
+    masters[0].execute(rh.sleep_then, 60)
+else:
+    time.sleep(60)
+"""
+
+_ENDINGS = {
+    "normal": 'print("READY", flush=True)\ntime.sleep(0.5)\n',
+    "exception": 'print("READY", flush=True)\ntime.sleep(0.5)\nraise RuntimeError("the master fails")\n',
+    # the main thread itself waits in a call (or sleeps) when the signal comes
+    "SIGTERM": _WAIT_FOR_SIGNAL,
+    "SIGINT": _WAIT_FOR_SIGNAL,
+}
+
+
+def _kinds() -> list:
+    """The kinds installed here (python3 always is)."""
+    return [kind for kind in rh.KINDS if shutil.which(kind)]
+
+
+def start_master(script: str) -> tuple:
+    """A master process; returns it and its twins' pids once it printed READY."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+    )
+    pids = []
+    for line in proc.stdout:
+        if line.startswith("pid "):
+            pids.append(int(line.split()[1]))
+        if line.strip() == "READY":
+            break
+    else:
+        proc.wait(HANG)
+        raise AssertionError(f"the master ended before READY: {proc.stderr.read()}")
+    return proc, pids
+
+
+def finish_master(proc: subprocess.Popen) -> tuple:
+    try:
+        status = proc.wait(HANG)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the master hangs while exiting") from None
+    stderr = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    return status, stderr
+
+
+@pytest.mark.parametrize("state", sorted(_STATES))
+@pytest.mark.parametrize("ending", sorted(_ENDINGS))
+def test_master_ending_leaves_no_twin_and_does_not_hang(ending, state):
+    kinds = _kinds()
+    midcall = state == "mid-call"
+    script = _MASTER.format(kinds=kinds) + _STATES[state] + _ENDINGS[ending].format(midcall=midcall)
+    proc, pids = start_master(script)
+    assert len(pids) == len(kinds)
+    if ending.startswith("SIG"):
+        settle()  # let the main thread enter its call (the outcome must not depend on it)
+        proc.send_signal(getattr(signal, ending))
+    status, stderr = finish_master(proc)
+    expected = {
+        "normal": (0,),
+        "exception": (1,),
+        "SIGTERM": (-signal.SIGTERM,),
+        "SIGINT": (-signal.SIGINT, 1),
+    }[ending]
+    assert status in expected, (status, stderr)
+    if ending == "exception":
+        assert "the master fails" in stderr
+    if ending == "SIGINT":
+        assert "KeyboardInterrupt" in stderr
+    for pid in pids:
+        assert wait_gone(pid), f"twin {pid} outlived its master ({ending}, {state})"
+
+
+def test_master_exit_with_a_stopped_twin_and_a_blocked_sender_does_not_hang():
+    """At exit the master stops its twins; one that is SIGSTOPped with a full
+    pipe must not keep the master from exiting."""
+    script = (
+        _MASTER.format(kinds=["python3"])
+        + """
+os.kill(masters[0].execute(rh.pid), signal.SIGSTOP)
+threading.Thread(target=masters[0].execute, args=(rh.answer, "big", bytes(1 << 20)), daemon=True).start()
+time.sleep(0.5)
+print("READY", flush=True)
+"""
+    )
+    proc, pids = start_master(script)
+    status, stderr = finish_master(proc)
+    assert status == 0, stderr
+    assert wait_gone(pids[0])
