@@ -26,6 +26,7 @@ editable install, ``just build``). The compiled guest is cached in
 from __future__ import annotations
 
 import os
+import select
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -103,9 +104,64 @@ def _positive(value: Any, name: str, default: Any) -> Any:
     return value
 
 
-def start_guest(master: Any) -> Any:
-    """Start the guest for ``master`` (a TwinMaster) and return the running
-    ``WasiTwin`` (hello received). Raises TwinStartError on failure."""
+class GuestLink:
+    """A running guest as ``master.py`` sees it: the interface of
+    ``cpy2py._host.ProcessTwin`` over a ``cpy2py._host.WasiTwin``.
+
+    Threads wait for frames here, in ``select`` on the host's readiness
+    descriptor, never inside the host: that keeps Ctrl-C working and lets
+    CPython end daemon threads at shutdown without unwinding Rust frames.
+    """
+
+    __slots__ = ("_twin", "_fd", "hello", "pid")
+
+    def __init__(self, twin: Any) -> None:
+        self._twin = twin
+        self._fd: int = twin.readable_fd
+        self.hello: Dict[str, Any] = twin.hello
+        self.pid: int = twin.pid
+
+    def __repr__(self) -> str:
+        return repr(self._twin)
+
+    def send(self, payload: bytes) -> None:
+        self._twin.send(payload)
+
+    def recv(self) -> Optional[bytes]:
+        """The next frame; None once the guest ended and all it sent was read."""
+        if not threading.current_thread().daemon:  # may wait in the host
+            return self._twin.recv()
+        while True:
+            frame = self._twin.try_recv()
+            if frame is not False:
+                return frame
+            select.select([self._fd], [], [])
+
+    def wait_readable(self, timeout: Optional[float] = None) -> bool:
+        readable, _, _ = select.select([self._fd], [], [], timeout)
+        return bool(readable)
+
+    def exit_status(self) -> Optional[str]:
+        return self._twin.exit_status()
+
+    def wait(self, timeout: float) -> Optional[str]:
+        return self._twin.wait(timeout)
+
+    def kill(self) -> str:
+        return self._twin.kill()
+
+    def stderr_tail(self) -> str:
+        return self._twin.stderr_tail()
+
+    def end_error(self) -> Optional[BaseException]:
+        """The exception for callers once the guest ended abnormally (timeout,
+        memory, crash: it says the guest's state was lost), else None."""
+        return self._twin.end_error()
+
+
+def start_guest(master: Any) -> GuestLink:
+    """Start the guest for ``master`` (a TwinMaster) and return its link
+    (hello received). Raises TwinStartError on failure."""
     try:
         from . import _host
     except ImportError as err:
@@ -130,7 +186,7 @@ def start_guest(master: Any) -> Any:
     with _paths_lock:
         _guest_paths[master.twinterpreter_id] = tuple(paths)
     log.info("starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, guest, paths)
-    return _host.WasiTwin.start(
+    twin = _host.WasiTwin.start(
         master.twinterpreter_id,
         guest,
         stdlib,
@@ -143,6 +199,7 @@ def start_guest(master: Any) -> Any:
         cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
         handshake_timeout=float(master.handshake_timeout),
     )
+    return GuestLink(twin)
 
 
 def serializer_for(twin_id: str) -> SandboxSerializer:

@@ -189,3 +189,37 @@ fn an_oversized_frame_stops_the_guest() {
     assert!(recv(&guest).is_none());
     assert!(matches!(guest.end(), Some(GuestEnd::FrameTooBig { cap, .. }) if cap == 1 << 20));
 }
+
+#[test]
+#[ignore = "a measurement, not a test: cargo test --release --test wasi_guest -- --ignored --nocapture"]
+fn round_trip_latency_without_python_in_the_master() {
+    let Some(config) = guest_config("rust-latency") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    let abs = Value::Tag(40011, Box::new(Value::Array(vec![text("builtins"), text("abs")])));
+    let request = |id: u64| {
+        cbor(&Value::Array(vec![
+            Value::Integer(0.into()),
+            Value::Integer(id.into()),
+            Value::Integer(7.into()),
+            Value::Integer(0.into()),
+            abs.clone(),
+            Value::Array(vec![Value::Integer(1.into())]),
+            Value::Map(vec![]),
+        ]))
+    };
+    let mut times = Vec::new();
+    for id in 0..3000u64 {
+        let frame = request(id);
+        let started = Instant::now();
+        guest.send(frame).unwrap();
+        match guest.recv(None) {
+            Popped::Frame(_) => {}
+            other => panic!("{other:?}"),
+        }
+        times.push(started.elapsed());
+    }
+    times.sort();
+    eprintln!("guest round trip: median {:?}, p10 {:?}", times[1500], times[300]);
+}

@@ -1,15 +1,19 @@
 //! `WasiTwin`: a sandboxed WASI guest as seen from the Python kernel, with
 //! the same interface as `ProcessTwin` (twin.rs) plus `end_error`.
 //!
-//! The guest itself runs on its own thread (crate::wasm); this class moves
-//! frames with the GIL released, in slices so that Ctrl-C is noticed.
+//! The guest itself runs on its own thread (crate::wasm). Python daemon
+//! threads (the kernel's servers) must not wait inside Rust: CPython ends
+//! such threads at shutdown with a forced unwind, which aborts the process
+//! when it meets Rust's unwinding guards. They take frames with `try_recv`
+//! and wait in `select` on `readable_fd` (cpy2py/wasi.py, `GuestLink`);
+//! other threads may wait in `recv`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use pyo3::exceptions::PyBrokenPipeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBool, PyBytes, PyDict};
 
 use super::twin::to_pyerr;
 use crate::error::HostError;
@@ -17,9 +21,6 @@ use crate::wasm::guest::{self, GuestConfig};
 use crate::wasm::output::ProcessSink;
 use crate::wasm::queue::Popped;
 use crate::wasm::{runtime, EndKind, GuestEnd, WasiGuest};
-
-/// How long a blocking wait lasts before signals are checked.
-const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WasiTwin>()?;
@@ -36,6 +37,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 pub struct WasiTwin {
     guest: WasiGuest,
 }
+
+/// How long `recv` waits before it checks for signals.
+const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 
 fn seconds(value: Option<f64>) -> Option<Duration> {
     value.map(|t| Duration::from_secs_f64(t.max(0.0)))
@@ -105,15 +109,28 @@ impl WasiTwin {
         Ok(d)
     }
 
-    /// Sends one frame. Raises BrokenPipeError when the guest has ended.
-    fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
-        let frame = payload.as_bytes().to_vec();
-        py.detach(|| self.guest.send(frame))
+    /// Sends one frame (never blocks). Raises BrokenPipeError when the guest
+    /// has ended.
+    fn send(&self, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
+        self.guest
+            .send(payload.as_bytes().to_vec())
             .map_err(|e| PyBrokenPipeError::new_err(e.to_string()))
     }
 
-    /// Receives one frame; None when the guest ended (after everything it
-    /// sent before was read).
+    /// The next frame if one is there; None once the guest ended (after
+    /// everything it sent before was taken); False when there is nothing yet.
+    fn try_recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(match self.guest.try_recv() {
+            Popped::Frame(frame) => PyBytes::new(py, &frame).into_any(),
+            Popped::Closed => py.None().into_bound(py),
+            Popped::TimedOut => PyBool::new(py, false).to_owned().into_any(),
+        })
+    }
+
+    /// Waits for the next frame with the GIL released, checking for signals
+    /// every 100 ms; None once the guest ended. Only for threads that
+    /// CPython does not end at shutdown (the main thread, non-daemon
+    /// threads): others wait with `select` on `readable_fd`.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         loop {
             match py.detach(|| self.guest.recv(Some(SIGNAL_SLICE))) {
@@ -124,24 +141,11 @@ impl WasiTwin {
         }
     }
 
-    /// Waits until a frame can be read (or the guest ended), up to `timeout`
-    /// seconds (None: forever). Returns whether it can.
-    #[pyo3(signature = (timeout=None))]
-    fn wait_readable(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let mut left = seconds(timeout);
-        loop {
-            let slice = left.map_or(SIGNAL_SLICE, |l| l.min(SIGNAL_SLICE));
-            if py.detach(|| self.guest.wait_readable(Some(slice))) {
-                return Ok(true);
-            }
-            if let Some(l) = left.as_mut() {
-                *l = l.saturating_sub(slice);
-                if l.is_zero() {
-                    return Ok(false);
-                }
-            }
-            py.check_signals()?;
-        }
+    /// A file descriptor that is readable exactly while `try_recv` has a
+    /// frame or the end to report (wait for it with `select`).
+    #[getter]
+    fn readable_fd(&self) -> i32 {
+        self.guest.readable_fd()
     }
 
     /// How the guest ended, or None while it runs.
@@ -151,13 +155,17 @@ impl WasiTwin {
 
     /// Waits up to `timeout` seconds for the guest to end; how it ended, or None.
     fn wait(&self, py: Python<'_>, timeout: f64) -> Option<String> {
+        if let Some(end) = self.guest.end() {
+            return Some(end.describe()); // without releasing the GIL (see the module docs)
+        }
         let timeout = Duration::from_secs_f64(timeout.max(0.0));
         py.detach(|| self.guest.wait(timeout)).map(|end| end.describe())
     }
 
-    /// Stops the guest if it still runs; how it ended.
-    fn kill(&self, py: Python<'_>) -> String {
-        py.detach(|| self.guest.kill()).describe()
+    /// Stops the guest if it still runs (at once: it does not wait for the
+    /// guest's thread); how it ended.
+    fn kill(&self) -> String {
+        self.guest.kill().describe()
     }
 
     /// The last few KiB the guest wrote to stderr.

@@ -313,6 +313,9 @@ pub fn add_link_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<(
         "send",
         |cx: StoreContextMut<'_, GuestState>, (frame,): (Vec<u8>,)| {
             let shared = &cx.data().shared;
+            if frame.is_empty() {
+                return Ok(()); // a keep-alive: nothing for the master
+            }
             if frame.len() > shared.max_frame {
                 shared.stop(GuestEnd::FrameTooBig {
                     size: frame.len(),
@@ -385,7 +388,8 @@ impl WasiGuest {
             max_frame: config.max_frame,
             timeout: config.timeout,
             to_guest: FrameQueue::new(usize::MAX),
-            from_guest: FrameQueue::new(MAX_QUEUED_BYTES),
+            from_guest: FrameQueue::with_readable_fd(MAX_QUEUED_BYTES)
+                .map_err(|e| HostError::Spawn(format!("cannot create the guest's link: {e}")))?,
             deadline: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stop_reason: Mutex::new(None),
@@ -484,6 +488,20 @@ impl WasiGuest {
     /// The next frame from the guest, waiting up to `timeout`.
     pub fn recv(&self, timeout: Option<Duration>) -> Popped {
         self.shared.from_guest.pop_timeout(timeout)
+    }
+
+    /// The next frame if there is one, without waiting.
+    pub fn try_recv(&self) -> Popped {
+        self.shared.from_guest.try_pop()
+    }
+
+    /// A descriptor readable exactly while `try_recv` has something to say
+    /// (a frame, or the end).
+    pub fn readable_fd(&self) -> i32 {
+        self.shared
+            .from_guest
+            .readable_fd()
+            .expect("the guest's queue has a readiness descriptor")
     }
 
     /// Whether a frame (or the end) is there within `timeout`.

@@ -3,8 +3,15 @@
 //! A queue holds whole frames and a byte budget: a producer blocks while the
 //! queued bytes exceed it, so a guest that floods the master with frames
 //! cannot grow the master's memory without bound. Closing wakes everyone.
+//!
+//! A queue can also keep an eventfd readable exactly while it holds a frame
+//! or is closed, so that the master's Python threads wait for frames in
+//! `select` (interruptible by signals, and safe for daemon threads at
+//! interpreter shutdown) instead of in Rust.
 
 use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -31,6 +38,34 @@ pub struct FrameQueue {
     state: Mutex<State>,
     changed: Condvar,
     max_bytes: usize,
+    readable: Option<EventFd>,
+}
+
+/// An eventfd used as a level: readable while set.
+struct EventFd(OwnedFd);
+
+impl EventFd {
+    fn new() -> io::Result<EventFd> {
+        // SAFETY: plain system call; the result is checked before use
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn set(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64; EAGAIN (counter full) still leaves it readable
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN means it was clear already
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
 }
 
 impl FrameQueue {
@@ -41,7 +76,21 @@ impl FrameQueue {
             state: Mutex::default(),
             changed: Condvar::new(),
             max_bytes,
+            readable: None,
         }
+    }
+
+    /// Like `new`, with a file descriptor that is readable exactly while a
+    /// frame is queued or the queue is closed (see `readable_fd`).
+    pub fn with_readable_fd(max_bytes: usize) -> io::Result<Self> {
+        let mut queue = Self::new(max_bytes);
+        queue.readable = Some(EventFd::new()?);
+        Ok(queue)
+    }
+
+    /// The readiness descriptor, if the queue has one.
+    pub fn readable_fd(&self) -> Option<RawFd> {
+        self.readable.as_ref().map(|e| e.0.as_raw_fd())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -63,6 +112,9 @@ impl FrameQueue {
         }
         state.bytes += frame.len();
         state.frames.push_back(frame);
+        if let (1, Some(readable)) = (state.frames.len(), &self.readable) {
+            readable.set();
+        }
         drop(state);
         self.changed.notify_all();
         Ok(if waited { started.elapsed() } else { Duration::ZERO })
@@ -82,14 +134,10 @@ impl FrameQueue {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = self.lock();
         loop {
-            if let Some(frame) = state.frames.pop_front() {
-                state.bytes -= frame.len();
+            if let Some(popped) = self.take(&mut state) {
                 drop(state);
                 self.changed.notify_all();
-                return Popped::Frame(frame);
-            }
-            if state.closed {
-                return Popped::Closed;
+                return popped;
             }
             state = match deadline {
                 None => self.changed.wait(state).unwrap_or_else(|e| e.into_inner()),
@@ -105,6 +153,32 @@ impl FrameQueue {
                 }
             };
         }
+    }
+
+    /// The next frame if one is queued, `Closed` once closed and drained,
+    /// else `TimedOut`, without waiting.
+    pub fn try_pop(&self) -> Popped {
+        let mut state = self.lock();
+        match self.take(&mut state) {
+            Some(popped) => {
+                drop(state);
+                self.changed.notify_all();
+                popped
+            }
+            None => Popped::TimedOut,
+        }
+    }
+
+    /// Caller holds the lock: the next frame, or `Closed`, or None if empty.
+    fn take(&self, state: &mut State) -> Option<Popped> {
+        if let Some(frame) = state.frames.pop_front() {
+            state.bytes -= frame.len();
+            if let (true, false, Some(readable)) = (state.frames.is_empty(), state.closed, &self.readable) {
+                readable.clear();
+            }
+            return Some(Popped::Frame(frame));
+        }
+        state.closed.then_some(Popped::Closed)
     }
 
     /// Waits up to `timeout` (`None`: forever) until a frame is queued or the
@@ -135,6 +209,9 @@ impl FrameQueue {
     /// No more frames go in; what is queued can still be taken.
     pub fn close(&self) {
         self.lock().closed = true;
+        if let Some(readable) = &self.readable {
+            readable.set();
+        }
         self.changed.notify_all();
     }
 
@@ -144,6 +221,9 @@ impl FrameQueue {
         state.closed = true;
         state.frames.clear();
         state.bytes = 0;
+        if let Some(readable) = &self.readable {
+            readable.set();
+        }
         drop(state);
         self.changed.notify_all();
     }
@@ -191,6 +271,35 @@ mod tests {
     fn an_oversized_frame_still_fits_an_empty_queue() {
         let q = FrameQueue::new(4);
         assert_eq!(q.push(vec![0; 100]).unwrap(), Duration::ZERO);
+    }
+
+    fn fd_is_readable(fd: RawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn the_readable_fd_follows_the_queue() {
+        let q = FrameQueue::with_readable_fd(1024).unwrap();
+        let fd = q.readable_fd().unwrap();
+        assert!(!fd_is_readable(fd));
+        assert_eq!(q.try_pop(), Popped::TimedOut);
+        q.push(b"a".to_vec()).unwrap();
+        q.push(b"b".to_vec()).unwrap();
+        assert!(fd_is_readable(fd));
+        assert_eq!(q.try_pop(), Popped::Frame(b"a".to_vec()));
+        assert!(fd_is_readable(fd), "one frame is still queued");
+        assert_eq!(q.try_pop(), Popped::Frame(b"b".to_vec()));
+        assert!(!fd_is_readable(fd));
+        q.close();
+        assert!(fd_is_readable(fd), "the end is readable too");
+        assert_eq!(q.try_pop(), Popped::Closed);
+        assert!(fd_is_readable(fd));
     }
 
     #[test]
