@@ -50,6 +50,8 @@ def close_fds(*fds: int) -> str:
 def stop_self() -> None:
     """SIGSTOP this very process (the kernel stops reading and writing)."""
     os.kill(os.getpid(), signal.SIGSTOP)
+    # the group stop reaches this thread asynchronously: never reply before it
+    time.sleep(1)
 
 
 def rss_bytes() -> int:

@@ -38,11 +38,14 @@ def victim(kind: str):
     """A twin of ``kind`` that the test may kill; destroyed afterwards whatever happened."""
     master = TwinMaster(kind, twinterpreter_id=f"victim-{kind}")
     master.start()
+    pids = {master_module._running[master.twinterpreter_id].process.pid}
     yield master
     twin = master_module._running.get(master.twinterpreter_id)
     if twin is not None:
+        pids.add(twin.process.pid)
+    for pid in pids:  # whatever the test did: a stopped twin must not block anyone
         try:
-            os.kill(twin.process.pid, signal.SIGKILL)  # unblocks anything a failed test left waiting
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     master.destroy()

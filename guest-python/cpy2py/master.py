@@ -14,6 +14,7 @@ import shutil
 import sys
 import sysconfig
 import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _logging, kernel_state
@@ -129,15 +130,26 @@ class _Twin:
         return self.connection.broken is None and self.process.exit_status() is None
 
     def shut_down(self, reason: str, timeout: float) -> None:
-        """Ask the twin to exit, kill it if it does not within ``timeout``."""
+        """Ask the twin to exit, kill it if it does not within ``timeout``.
+
+        Never waits longer: a twin that stopped reading (suspended, or stuck
+        with its pipe full and a caller blocked in ``send``) cannot take the
+        shutdown request, and is killed when ``timeout`` is over.
+        """
         self.connection.close(reason)
         links.unregister(self.twin_id, self.connection)
         if timeout > 0:
+            deadline = time.monotonic() + timeout
+            payload = codec.dumps([SHUTDOWN, 0])
             try:
-                self.process.send(codec.dumps([SHUTDOWN, 0]))
+                if hasattr(self.process, "try_send"):  # a pipe, which may be full
+                    sent = self.process.try_send(payload, timeout)
+                else:  # a sandboxed guest queues frames: sending never blocks
+                    self.process.send(payload)
+                    sent = True
             except OSError:
-                pass
-            if self.process.wait(timeout) is not None:
+                sent = False
+            if sent and self.process.wait(max(0.0, deadline - time.monotonic())) is not None:
                 return
         self.process.kill()
 

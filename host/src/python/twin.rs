@@ -189,6 +189,58 @@ fn write_all(fd: i32, header: &[u8], payload: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes `message` (at most `PIPE_BUF` bytes, so all or nothing) to the
+/// pipe `fd` unless it stays full until `deadline`; never blocks past it.
+fn write_small_before(fd: i32, message: &[u8], deadline: Instant) -> io::Result<bool> {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Ok(false); // still full at the deadline
+        }
+        if pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 && pfd.revents & libc::POLLOUT == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EPIPE));
+        }
+        // poll said there is room; MSG_DONTWAIT does not apply to pipes, so
+        // the write is made non-blocking for this one call (this thread
+        // holds the writer lock: no other write is under way)
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        let written = unsafe { libc::write(fd, message.as_ptr().cast(), message.len()) };
+        let err = io::Error::last_os_error();
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+        if written >= 0 {
+            debug_assert_eq!(
+                written as usize,
+                message.len(),
+                "pipe writes up to PIPE_BUF are atomic"
+            );
+            return Ok(true);
+        }
+        match err.kind() {
+            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock if Instant::now() < deadline => continue,
+            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => return Ok(false),
+            _ => return Err(err),
+        }
+    }
+}
+
 #[pyclass(module = "cpy2py._host", frozen)]
 pub struct ProcessTwin {
     process: TwinProcess,
@@ -315,6 +367,42 @@ impl ProcessTwin {
             write_all(fd, &header, data)
         })?;
         Ok(())
+    }
+
+    /// Sends one small frame (a control message of at most `PIPE_BUF` bytes
+    /// with its header) if it can be written within `timeout` seconds, and
+    /// never blocks longer: for stopping a twin that may have stopped
+    /// reading, with its pipe full and another thread blocked in `send`.
+    /// Returns whether the frame was written; it is then written whole (a
+    /// write of up to `PIPE_BUF` bytes to a pipe is atomic). Raises
+    /// BrokenPipeError when the twin is gone.
+    fn try_send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>, timeout: f64) -> PyResult<bool> {
+        let data = payload.as_bytes();
+        if data.len() + HEADER_LEN > libc::PIPE_BUF {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "try_send takes frames of at most {} bytes, not {}",
+                libc::PIPE_BUF - HEADER_LEN,
+                data.len()
+            )));
+        }
+        let mut message = frame::header(data.len()).map_err(|e| to_pyerr(py, e))?.to_vec();
+        message.extend_from_slice(data);
+        let fd = self.process.to_twin.as_raw_fd();
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        Ok(py.detach(|| {
+            // another thread may be inside a frame, blocked on the full pipe
+            let _guard = loop {
+                match self.writer.try_lock() {
+                    Ok(guard) => break guard,
+                    Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= deadline => {
+                        return Ok(false)
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            write_small_before(fd, &message, deadline)
+        })?)
     }
 
     /// Receives one frame; None when the twin closed the stream. A signal
