@@ -38,6 +38,10 @@ wasm: setup
 build: setup wasm
     VIRTUAL_ENV="{{venv}}" "{{venv}}/bin/maturin" develop --release --quiet
 
+# a wheel of cpy2py that ships the WASI guest (into dist/)
+wheel: setup
+    "{{python}}" wasm/build_guest.py --if-stale --wheel dist
+
 # run the demos: the tutorial's sum_series pinned to PyPy
 demo: build
     "{{python}}" examples/tutorial.py

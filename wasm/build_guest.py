@@ -16,6 +16,8 @@
    ``wasm/build/python-lib`` and its helper modules into ``wasm/build/bundled``.
 
 ``--if-stale`` does nothing when the guest is newer than every input.
+``--wheel DIR`` then builds a wheel of cpy2py that ships the guest (in
+``cpy2py/wasi-guest/``) into DIR, from a scratch copy of the source tree.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def wasi_wit_dir() -> Path:
     for package in json.loads(out)["packages"]:
         if package["name"] == "wasmtime-wasi":
             wit = Path(package["manifest_path"]).parent / "src" / "p2" / "wit"
+            if not (wit / "deps").is_dir():  # sources not downloaded yet
+                subprocess.run(
+                    ["cargo", "fetch", "--manifest-path", str(REPO / "host" / "Cargo.toml")], check=False
+                )
             if not (wit / "deps").is_dir():
                 fail(f"wasmtime-wasi {package['version']} has no WIT files in {wit}")
             return wit
@@ -227,11 +233,40 @@ def build(force: bool) -> None:
     )
 
 
+def build_wheel(out_dir: Path) -> None:
+    """maturin build of a scratch copy of the tree with the guest inside the package."""
+    import tempfile
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "target", "build")
+    with tempfile.TemporaryDirectory(prefix="cpy2py-wheel-") as scratch:
+        root = Path(scratch)
+        for name in ("pyproject.toml", "Cargo.toml", "Cargo.lock", "README.md", "rustfmt.toml"):
+            if (REPO / name).exists():
+                shutil.copy2(REPO / name, root / name)
+        for name in ("host", "guest-python"):
+            shutil.copytree(REPO / name, root / name, ignore=ignore)
+        if (REPO / "benches").exists():  # host/Cargo.toml may name benches there
+            shutil.copytree(REPO / "benches", root / "benches", ignore=ignore)
+        shipped = root / "guest-python" / "cpy2py" / "wasi-guest"
+        shipped.mkdir()
+        shutil.copy2(GUEST, shipped / GUEST.name)
+        for name in ("python-lib", "bundled"):
+            shutil.copytree(BUILD / name, shipped / name, ignore=shutil.ignore_patterns("__pycache__"))
+        maturin = Path(sys.executable).parent / "maturin"
+        command = [str(maturin if maturin.exists() else "maturin"), "build", "--release", "-o", str(out_dir)]
+        result = subprocess.run(command, cwd=root)
+        if result.returncode != 0:
+            fail(f"maturin build failed (exit status {result.returncode})")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--if-stale", action="store_true", help="build only when inputs changed")
+    parser.add_argument("--wheel", metavar="DIR", help="then build a wheel that ships the guest into DIR")
     args = parser.parse_args(argv)
     build(force=not args.if_stale)
+    if args.wheel:
+        build_wheel(Path(args.wheel).resolve())
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ runs it on a thread of its own with:
 
 Where the guest is found: ``$CPY2PY_WASI_GUEST`` (the path of a
 ``cpy2py-guest.wasm``; its standard library ``python-lib/`` lies beside it),
-else the copy shipped inside this package (``cpy2py/wasi-guest/``), else
-``wasm/build/`` of the source tree this package is imported from (an
-editable install, ``just build``). The compiled guest is cached in
+else ``wasm/build/`` of the source tree this package is imported from (an
+editable install, ``just build``), else the copy shipped inside the package
+(``cpy2py/wasi-guest/``, in wheels built with ``just wheel``). The compiled guest is cached in
 ``$CPY2PY_CACHE_DIR`` (default ``$XDG_CACHE_HOME/cpy2py`` or
 ``~/.cache/cpy2py``). See docs/security.md.
 """
@@ -56,10 +56,12 @@ def guest_locations() -> List[str]:
     override = os.environ.get("CPY2PY_WASI_GUEST")
     if override:
         return [os.path.abspath(override)]
-    found.append(os.path.join(_PACKAGE_DIR, "wasi-guest", GUEST_FILE))
-    # an editable install: guest-python/cpy2py -> <repo>/wasm/build
+    # an editable install (`just build`): guest-python/cpy2py -> <repo>/wasm/build
     repo = os.path.dirname(os.path.dirname(_PACKAGE_DIR))
-    found.append(os.path.join(repo, "wasm", "build", GUEST_FILE))
+    if os.path.isfile(os.path.join(repo, "wasm", "build_guest.py")):
+        found.append(os.path.join(repo, "wasm", "build", GUEST_FILE))
+    # a wheel built with `just wheel` ships it inside the package
+    found.append(os.path.join(_PACKAGE_DIR, "wasi-guest", GUEST_FILE))
     return found
 
 
