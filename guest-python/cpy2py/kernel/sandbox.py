@@ -139,7 +139,13 @@ class SandboxSerializer(Serializer):
             # TODO(TWIN_REF policy, twin objects engineer): accept references to
             # the guest's own objects (proxies of them) and to master objects the
             # guest was handed; refuse all others. Until then only the guest's own
-            # objects are accepted.
+            # objects are accepted. Note: the class inside a reference (value[2])
+            # was decoded first, by the GLOBAL_REF branch above, into a _GuestName
+            # placeholder with a SandboxViolation recorded; a policy that accepts
+            # it (e.g. a generic proxy, or a class the master itself asked to
+            # instantiate there) must call _forget_failure(placeholder) and must
+            # not resolve the name. Today such references still fail with that
+            # SandboxViolation (TwinObject with __twin_id__='wasi-python' does).
             if isinstance(value, list) and value and value[0] == self.peer_id:
                 return super().tag_hook(tag, value)
             return self._refuse("a reference to an object it does not own", value)
