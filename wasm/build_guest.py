@@ -250,7 +250,7 @@ def build_wheel(out_dir: Path) -> None:
         shipped = root / "guest-python" / "cpy2py" / "wasi-guest"
         shipped.mkdir()
         shutil.copy2(GUEST, shipped / GUEST.name)
-        for name in ("python-lib", "bundled"):
+        for name in ("python-lib", "bundled", "stage"):
             shutil.copytree(BUILD / name, shipped / name, ignore=shutil.ignore_patterns("__pycache__"))
         maturin = Path(sys.executable).parent / "maturin"
         command = [str(maturin if maturin.exists() else "maturin"), "build", "--release", "-o", str(out_dir)]

@@ -175,6 +175,7 @@ def start_guest(master: Any) -> GuestLink:
     guest_dir = os.path.dirname(guest)
     stdlib = os.path.join(guest_dir, "python-lib")
     bundled = os.path.join(guest_dir, "bundled")
+    kernel = os.path.join(guest_dir, "stage")  # the guest's own sources, for its tracebacks
     paths = _check_paths(master.paths)
     memory_limit = int(_positive(master.memory_limit, "memory_limit", DEFAULT_MEMORY_LIMIT))
     timeout = master.timeout
@@ -193,6 +194,7 @@ def start_guest(master: Any) -> GuestLink:
         guest,
         stdlib,
         bundled if os.path.isdir(bundled) else None,
+        kernel if os.path.isdir(kernel) else None,
         paths,
         memory_limit=memory_limit,
         timeout=timeout,

@@ -53,7 +53,7 @@ impl WasiTwin {
     /// means the default cache directory.
     #[staticmethod]
     #[pyo3(signature = (
-        twin_id, guest_file, stdlib_dir, bundled_dir=None, paths=Vec::new(),
+        twin_id, guest_file, stdlib_dir, bundled_dir=None, kernel_dir=None, paths=Vec::new(),
         memory_limit=guest::DEFAULT_MEMORY_LIMIT, timeout=Some(guest::DEFAULT_TIMEOUT.as_secs_f64()),
         max_frame=guest::DEFAULT_MAX_FRAME, output_limit=guest::DEFAULT_OUTPUT_LIMIT,
         cache_dir=None, handshake_timeout=60.0
@@ -65,6 +65,7 @@ impl WasiTwin {
         guest_file: PathBuf,
         stdlib_dir: PathBuf,
         bundled_dir: Option<PathBuf>,
+        kernel_dir: Option<PathBuf>,
         paths: Vec<PathBuf>,
         memory_limit: usize,
         timeout: Option<f64>,
@@ -75,6 +76,7 @@ impl WasiTwin {
     ) -> PyResult<Self> {
         let mut config = GuestConfig::new(&twin_id, guest_file, stdlib_dir);
         config.bundled_dir = bundled_dir;
+        config.kernel_dir = kernel_dir;
         config.paths = paths;
         config.memory_limit = memory_limit;
         config.timeout = seconds(timeout);

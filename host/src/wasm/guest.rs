@@ -38,6 +38,9 @@ pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// Where the guest finds the Python standard library and componentize-py's helpers.
 pub const STDLIB_MOUNT: &str = "/python";
 pub const BUNDLED_MOUNT: &str = "/bundled";
+/// Where the guest's own modules (cpy2py, app.py) were imported from when the
+/// component was built; mounted again so that tracebacks show their source.
+pub const KERNEL_MOUNT: &str = "/0";
 /// The interface name of the frame link in the guest's world (wasm/wit/world.wit).
 pub const LINK_INTERFACE: &str = "cpy2py:guest/link@0.1.0";
 
@@ -51,6 +54,9 @@ pub struct GuestConfig {
     pub stdlib_dir: PathBuf,
     /// componentize-py's helper modules, mounted read-only if present.
     pub bundled_dir: Option<PathBuf>,
+    /// The guest's own Python sources as staged for the build, mounted
+    /// read-only at `KERNEL_MOUNT` if present.
+    pub kernel_dir: Option<PathBuf>,
     /// Roots the guest may import code from.
     pub paths: Vec<PathBuf>,
     pub memory_limit: usize,
@@ -69,6 +75,7 @@ impl GuestConfig {
             guest_file,
             stdlib_dir,
             bundled_dir: None,
+            kernel_dir: None,
             paths: Vec::new(),
             memory_limit: DEFAULT_MEMORY_LIMIT,
             timeout: Some(DEFAULT_TIMEOUT),
@@ -579,6 +586,9 @@ fn wasi_context(config: &GuestConfig, code: &CodeView, output: &GuestOutput) -> 
     mount(&mut wasi, &config.stdlib_dir, STDLIB_MOUNT)?;
     if let Some(bundled) = config.bundled_dir.as_deref().filter(|d| d.is_dir()) {
         mount(&mut wasi, bundled, BUNDLED_MOUNT)?;
+    }
+    if let Some(kernel) = config.kernel_dir.as_deref().filter(|d| d.is_dir()) {
+        mount(&mut wasi, kernel, KERNEL_MOUNT)?;
     }
     for (host, guest) in &code.mounts {
         mount(&mut wasi, host, guest)?;
