@@ -15,16 +15,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 import reliability_helpers as rh
 from cpy2py import TwinMaster, TwinterpreterTerminated, TwinterpreterUnavailable
 from cpy2py import master as master_module
-from support import TESTS_DIR, process_exists, require_interpreter
-
-#: a wait longer than this is a hang (generous: the suite may share 2 cores)
-HANG = 30.0
+from reliability_support import HANG, Calls, Loop, settle, wait_gone
+from support import TESTS_DIR, require_interpreter
 
 
 @pytest.fixture(params=rh.KINDS)
@@ -56,81 +53,6 @@ def bystander():
     """A twin that must not notice what happens to the others."""
     with TwinMaster("python3", twinterpreter_id="bystander") as master:
         yield master
-
-
-class Calls:
-    """``count`` threads, each making one call; records what each got."""
-
-    def __init__(self, master: TwinMaster, count: int, func, *args) -> None:
-        self.outcomes: list = [None] * count
-        self.threads = [
-            threading.Thread(target=self._run, args=(i, master, func, args), daemon=True)
-            for i in range(count)
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self, i: int, master: TwinMaster, func, args) -> None:
-        try:
-            self.outcomes[i] = ("value", master.execute(func, *args))
-        except BaseException as err:  # recorded, judged by the test
-            self.outcomes[i] = ("error", err)
-
-    def running(self) -> int:
-        return sum(thread.is_alive() for thread in self.threads)
-
-    def join(self) -> float:
-        """Wait for every call; fails if one hangs. Returns the seconds waited."""
-        start = time.monotonic()
-        for thread in self.threads:
-            thread.join(max(0.0, HANG - (time.monotonic() - start)))
-        waited = time.monotonic() - start
-        assert self.running() == 0, f"{self.running()} call(s) still hang after {waited:.1f} s"
-        return waited
-
-    def errors(self) -> list:
-        return [outcome[1] for outcome in self.outcomes if outcome[0] == "error"]
-
-
-class Loop:
-    """A thread calling ``master`` again and again until stopped; nothing may fail."""
-
-    def __init__(self, master: TwinMaster) -> None:
-        self.master = master
-        self.count = 0
-        self.failures: list = []
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.is_set():
-            try:
-                token = f"loop-{self.count}"
-                assert self.master.execute(rh.answer, token, b"x" * 100) == rh.answer(token, b"x" * 100)
-                self.count += 1
-            except BaseException as err:
-                self.failures.append(err)
-                return
-
-    def stop(self) -> int:
-        self.done.set()
-        self.thread.join(HANG)
-        assert not self.thread.is_alive(), "the bystander's calls hang"
-        assert self.failures == [], f"the bystander failed: {self.failures!r}"
-        return self.count
-
-
-def wait_gone(pid: int) -> bool:
-    deadline = time.monotonic() + HANG
-    while process_exists(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not process_exists(pid)
-
-
-def settle() -> None:
-    """Give threads a moment to be inside their calls (no result depends on it)."""
-    time.sleep(0.5)
 
 
 # -- a twin killed, exiting, closing its descriptors ------------------------------------

@@ -139,7 +139,8 @@ class Connection:
         self._threads = threads
         self._ids = itertools.count(1)
         # routing state, guarded by _ROUTE_LOCK
-        self._pending: Dict[int, _Waiter] = {}
+        self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
+        self._abandoned: Set[int] = set()  # requests whose caller left before the reply
         self._reading = False
         self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
         self._parked_poller: Deque[_Waiter] = deque()  # the poller, while a caller reads
@@ -183,7 +184,10 @@ class Connection:
             return self._wait_for_reply(waiter, req_id)
         finally:
             with _ROUTE_LOCK:
-                self._pending.pop(req_id, None)
+                if self._pending.pop(req_id, None) is not None and self.broken is None:
+                    # left before its reply was routed (a signal handler raised):
+                    # the reply may still come, and is dropped then
+                    self._abandoned.add(req_id)
                 waiter.depth -= 1
                 if waiter.depth == 0:
                     _CHAINS.pop(chain, None)
@@ -279,7 +283,7 @@ class Connection:
             take_lookup_failure()
             self._fail(err)
             return None
-        if not isinstance(message, list) or not message or not isinstance(message[0], int):
+        if not isinstance(message, list) or not message or type(message[0]) is not int:
             self._fail(ProtocolError(f"received a message that is not a cpy2py message: {message!r:.200}"))
             return None
         failure = take_lookup_failure()
@@ -298,12 +302,24 @@ class Connection:
         try:
             if kind == REPLY or kind == RAISE:
                 req_id = message[1]
+                if len(message) != 3 or type(req_id) is not int:
+                    raise ProtocolError(f"malformed reply {message!r:.200}")
                 with _ROUTE_LOCK:
-                    target = self._pending.get(req_id)
+                    # a reply is routed once: a second one is an error
+                    target = self._pending.pop(req_id, None)
+                    late = target is None and req_id in self._abandoned
+                    self._abandoned.discard(req_id)
                 if target is None:
-                    log.warning("%s replied to request %r, which nobody waits for", self.peer_id, req_id)
-                    return None
+                    if late:
+                        log.info("dropped the reply to request %d: its caller left", req_id)
+                        return None
+                    raise ProtocolError(
+                        f"{self.peer_id!r} replied to request {req_id}, "
+                        "which was never sent or was answered already"
+                    )
             elif kind == REQUEST:
+                if len(message) < 4 or not all(type(field) is int for field in message[1:4]):
+                    raise ProtocolError(f"malformed request {message!r:.200}")
                 chain = message[2]
                 with _ROUTE_LOCK:
                     target = _CHAINS.get(chain)
@@ -312,9 +328,13 @@ class Connection:
                         return (self, message)  # without threads, whoever reads runs it
                     return self._hand_to_server(message)
             elif kind == RELEASE:
+                if len(message) != 2:
+                    raise ProtocolError(f"malformed release {message!r:.200}")
                 references.release(message[1])
                 return None
             elif kind == SHUTDOWN:
+                if len(message) != 2 or type(message[1]) is not int:
+                    raise ProtocolError(f"malformed shutdown {message!r:.200}")
                 self._shutdown(message[1])
                 return None
             else:
