@@ -40,7 +40,6 @@ pub struct Runtime {
 /// The compiled guest, ready to instantiate.
 pub struct LoadedGuest {
     pub pre: CommandPre<GuestState>,
-    pub cache_file: PathBuf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -145,28 +144,59 @@ impl Runtime {
                 return Ok(Arc::clone(guest));
             }
         }
-        let bytes = fs::read(guest_file).map_err(|e| missing_guest(guest_file, e))?;
-        let key = cache_key(&bytes, &self.engine);
-        let cache_file = cache_dir.join(format!("cpy2py-guest-{key}.cwasm"));
-        let component = self.compiled(&bytes, guest_file, &cache_file)?;
+        // the index remembers which key a guest file with this very size, time
+        // and inode had, so a new process skips reading and hashing 20 MB
+        let index = IndexEntry::new(guest_file, &meta, cache_dir);
+        let component = match index.as_ref().and_then(|i| i.cached_key()) {
+            Some(key) => match self.deserialize(&cache_dir.join(cache_name(&key))) {
+                Some(component) => component,
+                None => self.compile_and_index(guest_file, cache_dir, index.as_ref())?,
+            },
+            None => self.compile_and_index(guest_file, cache_dir, index.as_ref())?,
+        };
         let pre = link(&self.engine, &component)?;
-        let guest = Arc::new(LoadedGuest { pre, cache_file });
+        let guest = Arc::new(LoadedGuest { pre });
         loaded.insert(guest_file.to_path_buf(), (stamp, Arc::clone(&guest)));
         Ok(guest)
     }
 
-    fn compiled(&self, bytes: &[u8], guest_file: &Path, cache_file: &Path) -> Result<Component> {
-        if cache_file.exists() {
-            // SAFETY: the file was written by `precompile_component` of an
-            // engine with the same configuration and wasmtime version (both
-            // are in its name), into the user's own cache directory.
-            match unsafe { Component::deserialize_file(&self.engine, cache_file) } {
-                Ok(component) => return Ok(component),
-                Err(e) => {
-                    tracing::warn!(file = %cache_file.display(), "unusable cached guest, compiling again: {e}");
-                    let _ = fs::remove_file(cache_file);
-                }
+    /// Reads and hashes the guest, loads or compiles it, and records its key.
+    fn compile_and_index(
+        &self,
+        guest_file: &Path,
+        cache_dir: &Path,
+        index: Option<&IndexEntry>,
+    ) -> Result<Component> {
+        let bytes = fs::read(guest_file).map_err(|e| missing_guest(guest_file, e))?;
+        let key = cache_key(&bytes, &self.engine);
+        let component = self.compiled(&bytes, guest_file, &cache_dir.join(cache_name(&key)))?;
+        if let Some(index) = index {
+            index.record(&key);
+        }
+        Ok(component)
+    }
+
+    /// The cached compilation in `cache_file`, if it is there and usable.
+    fn deserialize(&self, cache_file: &Path) -> Option<Component> {
+        if !cache_file.exists() {
+            return None;
+        }
+        // SAFETY: the file was written by `precompile_component` of an
+        // engine with the same configuration and wasmtime version (both
+        // are in its name), into the user's own cache directory.
+        match unsafe { Component::deserialize_file(&self.engine, cache_file) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(file = %cache_file.display(), "unusable cached guest, compiling again: {e}");
+                let _ = fs::remove_file(cache_file);
+                None
             }
+        }
+    }
+
+    fn compiled(&self, bytes: &[u8], guest_file: &Path, cache_file: &Path) -> Result<Component> {
+        if let Some(component) = self.deserialize(cache_file) {
+            return Ok(component);
         }
         let dir = cache_file.parent().unwrap_or(Path::new("."));
         let started = Instant::now();
@@ -206,6 +236,53 @@ impl Runtime {
             }
         }
         .map_err(|e| HostError::Spawn(format!("cannot load the compiled WASI guest: {e}")))
+    }
+}
+
+fn cache_name(key: &str) -> String {
+    format!("cpy2py-guest-{key}.cwasm")
+}
+
+/// One line of the cache index: a guest file's identity (path, size,
+/// modification time, inode) and the cache key of its contents.
+struct IndexEntry {
+    file: PathBuf,
+    identity: String,
+}
+
+impl IndexEntry {
+    fn new(guest_file: &Path, meta: &fs::Metadata, cache_dir: &Path) -> Option<IndexEntry> {
+        use std::os::unix::fs::MetadataExt;
+        let path = fs::canonicalize(guest_file).ok()?;
+        let mut hasher = DefaultHasher::new();
+        path.hash(&mut hasher);
+        WASMTIME_VERSION.hash(&mut hasher);
+        Some(IndexEntry {
+            file: cache_dir.join(format!("index-{:016x}", hasher.finish())),
+            identity: format!(
+                "{} {} {} {} {}",
+                path.display(),
+                meta.len(),
+                meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+                meta.ino(),
+                meta.dev()
+            ),
+        })
+    }
+
+    fn cached_key(&self) -> Option<String> {
+        let text = fs::read_to_string(&self.file).ok()?;
+        let (identity, key) = text.trim_end().rsplit_once('\n')?;
+        (identity == self.identity && !key.is_empty() && !key.contains('/')).then(|| key.to_string())
+    }
+
+    fn record(&self, key: &str) {
+        let tmp = self.file.with_extension(format!("tmp{}", std::process::id()));
+        let written =
+            fs::write(&tmp, format!("{}\n{key}\n", self.identity)).and_then(|_| fs::rename(&tmp, &self.file));
+        if let Err(e) = written {
+            tracing::debug!(file = %self.file.display(), "cannot write the guest cache index: {e}");
+        }
     }
 }
 
@@ -323,6 +400,24 @@ mod tests {
             err.contains("just wasm") && err.contains("CPY2PY_WASI_GUEST"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_index_remembers_a_key_for_exactly_that_file() {
+        let dir = std::env::temp_dir().join(format!("cpy2py-index-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("guest.wasm");
+        fs::write(&file, b"first").unwrap();
+        let entry = IndexEntry::new(&file, &fs::metadata(&file).unwrap(), &dir).unwrap();
+        assert_eq!(entry.cached_key(), None);
+        entry.record("abc-wasmtime48");
+        let again = IndexEntry::new(&file, &fs::metadata(&file).unwrap(), &dir).unwrap();
+        assert_eq!(again.cached_key().as_deref(), Some("abc-wasmtime48"));
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(&file, b"second, longer").unwrap(); // a rebuilt guest
+        let changed = IndexEntry::new(&file, &fs::metadata(&file).unwrap(), &dir).unwrap();
+        assert_eq!(changed.cached_key(), None);
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
