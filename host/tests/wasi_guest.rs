@@ -228,7 +228,9 @@ fn round_trip_latency_without_python_in_the_master() {
 #[ignore = "a measurement, not a test: cargo test --release --test wasi_guest -- --ignored --nocapture"]
 fn first_load_costs() {
     use cpy2py_host::wasm::runtime;
-    let Some(config) = guest_config("rust-load") else { return };
+    let Some(config) = guest_config("rust-load") else {
+        return;
+    };
     let t = Instant::now();
     let bytes = std::fs::read(&config.guest_file).unwrap();
     let read = t.elapsed();
@@ -237,7 +239,8 @@ fn first_load_costs() {
     let key = runtime::cache_key(&bytes, &rt.engine);
     let hash = t.elapsed();
     let t = Instant::now();
-    rt.load_guest(&config.guest_file, &config.cache_dir.join("wasm")).unwrap();
+    rt.load_guest(&config.guest_file, &config.cache_dir.join("wasm"))
+        .unwrap();
     let load = t.elapsed();
     eprintln!("read {read:?}, hash {hash:?} ({key}), load incl. read+hash+deserialize+link {load:?}");
 }
