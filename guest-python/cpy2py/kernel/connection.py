@@ -91,19 +91,21 @@ def _park(waiter: _Waiter, queue: Deque[_Waiter]) -> None:
     queue.append(waiter)
 
 
-def _sleep(waiter: _Waiter) -> None:
-    """Sleep until unparked. If interrupted (Ctrl-C), leave no trace in the
-    queues, so nobody hands the reading role to a thread that left."""
+def _sleep(waiter: _Waiter, timeout: Optional[float] = None) -> None:
+    """Sleep until unparked (or ``timeout`` seconds passed). If interrupted
+    (Ctrl-C) or timed out, leave no trace in the queues, so nobody hands the
+    reading role to a thread that left."""
+    woken = False
     try:
-        waiter.wake.acquire()
-    except BaseException:
-        with _ROUTE_LOCK:
-            if waiter.parked_on is not None:
-                waiter.parked_on.remove(waiter)
-                waiter.parked_on = None
-            else:  # woken meanwhile: consume the wake-up
-                waiter.wake.acquire(False)
-        raise
+        woken = waiter.wake.acquire(True, -1 if timeout is None else timeout)
+    finally:
+        if not woken:
+            with _ROUTE_LOCK:
+                if waiter.parked_on is not None:
+                    waiter.parked_on.remove(waiter)
+                    waiter.parked_on = None
+                else:  # woken meanwhile: consume the wake-up
+                    waiter.wake.acquire(False)
 
 
 class Connection:
@@ -143,10 +145,15 @@ class Connection:
         self._abandoned: Set[int] = set()  # requests whose caller left before the reply
         self._reading = False
         self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
-        self._parked_poller: Deque[_Waiter] = deque()  # the poller, while a caller reads
-        self._spares: Deque[_Waiter] = deque()  # idle servers
+        # servers (see "serving the peer" below)
         self._poller: Optional[_Waiter] = None
-        self._servers = 0
+        self._watcher: Optional[_Waiter] = None
+        self._pollers: Deque[_Waiter] = deque()  # the poller, resting while callers read
+        self._watchers: Deque[_Waiter] = deque()  # the watcher, between ticks
+        self._idle: Deque[_Waiter] = deque()  # servers without a role
+        self._executed = 0  # requests started by servers
+        self._watched = 0  # ... as the watcher saw it last
+        self._watcher_asleep = False
         self.broken: Optional[BaseException] = None
         #: keys of the twin references sent over this link (what the peer was handed)
         self.handed: Set[Tuple[str, int]] = set()
@@ -239,11 +246,10 @@ class Connection:
         self._role_is_free()
 
     def _role_is_free(self) -> None:
-        """Caller holds _ROUTE_LOCK: offer the free role to a caller, else the poller."""
+        """Caller holds _ROUTE_LOCK: offer the free role to a waiting caller
+        (the poller notices within a tick)."""
         if self._callers:
             _unpark(self._callers[0])
-        elif self._parked_poller:
-            _unpark(self._parked_poller[0])
 
     def _read_and_route(self, reader: Optional[_Waiter]) -> Optional[Tuple[Connection, list]]:
         """Read one message and route it; returns it if it is the reader's.
@@ -348,20 +354,32 @@ class Connection:
         return None
 
     def _hand_to_server(self, message: list) -> None:
-        """A caller read a request of a new chain: a server executes it."""
+        """A caller read a request of a new chain: an idle server executes it."""
         with _ROUTE_LOCK:
-            spare = self._spares[0] if self._spares else None
-            if spare is not None:
-                spare.inbox.append((self, message))
-                _unpark(spare)
+            if self._idle:
+                idle = self._idle[0]
+                idle.inbox.append((self, message))
+                _unpark(idle)
                 return None
         self._start_server(first=(self, message))
         return None
 
     # -- serving the peer -------------------------------------------------
+    #
+    # Servers take three roles. The *poller* waits for frames while no
+    # caller reads, reads them, and runs requests of new chains itself - so a
+    # sequential stream of calls costs no thread switch. While it runs one,
+    # nobody polls; the *watcher* looks every TICK seconds and, finding no
+    # poller, polls in its place, so a request that blocks never starves the
+    # link. Other servers sleep *idle* until a caller hands them a request.
+    # After IDLE_TICKS quiet ticks the watcher sleeps too, and the poller
+    # wakes it before running the next request.
+
+    TICK = 0.002
+    IDLE_TICKS = 500
 
     def start_serving(self) -> None:
-        """Start the first idle server thread of this link."""
+        """Start the first server thread of this link."""
         self._start_server()
 
     def serve(self) -> None:
@@ -376,8 +394,6 @@ class Connection:
 
     def _serve(self, first: Optional[Tuple[Connection, list]]) -> None:
         waiter = _this_waiter()
-        with _ROUTE_LOCK:
-            self._servers += 1
         try:
             if first is not None:
                 self._execute_as_server(waiter, first[1])
@@ -391,74 +407,87 @@ class Connection:
             self._fail(err if isinstance(err, ProtocolError) else ProtocolError(f"kernel failure: {err!r}"))
         finally:
             with _ROUTE_LOCK:
-                self._servers -= 1
+                for role in ("_poller", "_watcher"):
+                    if getattr(self, role) is waiter:
+                        setattr(self, role, None)
 
     def _next_request(self, waiter: _Waiter) -> Optional[Tuple[Connection, list]]:
-        """Idle server: wait for a request of a new chain; None when the link ended."""
+        """An idle server: wait for a request of a new chain; None when the link ended."""
+        quiet_ticks = 0
         while True:
             with _ROUTE_LOCK:
                 if waiter.inbox:
-                    if not self._reading:
-                        self._role_is_free()
                     return waiter.inbox.popleft()
                 if self.broken is not None:
                     return None
-                if self._poller is None:
+                if self._poller is None or self._poller is waiter:
                     self._poller = waiter
-                if self._poller is not waiter:
-                    _park(waiter, self._spares)
-                    poll = False
+                    if self._watcher is waiter:
+                        self._watcher = None
+                    # callers read for themselves while they wait: no need to poll
+                    callers_read = self._reading or bool(self._pending)
+                    if callers_read:
+                        _park(waiter, self._pollers)
+                    role = "poll"
+                elif self._watcher is None or self._watcher is waiter:
+                    self._watcher = waiter
+                    role = "watch"
+                    asleep = quiet_ticks >= self.IDLE_TICKS
+                    if self._executed == self._watched:
+                        quiet_ticks += 1
+                    else:
+                        quiet_ticks = 0
+                    self._watched = self._executed
+                    self._watcher_asleep = asleep
+                    _park(waiter, self._watchers)
                 else:
-                    poll = True
-            if not poll:
+                    role = "idle"
+                    _park(waiter, self._idle)
+            if role == "idle":
                 _sleep(waiter)
-                continue
-            try:
-                self.transport.wait_readable(None)
-            except (OSError, ValueError) as err:
-                self._fail(err)
-                continue
+            elif role == "watch":
+                _sleep(waiter, None if asleep else self.TICK)
+            elif callers_read:
+                _sleep(waiter, self.TICK)
+            else:
+                item = self._poll_once()
+                if item is not None:
+                    return item
+
+    def _poll_once(self) -> Optional[Tuple[Connection, list]]:
+        """The poller: wait for a frame, read it if no caller does; a request
+        of a new chain is returned to be run by the poller itself."""
+        try:
+            self.transport.wait_readable(None)
+        except (OSError, ValueError) as err:
+            self._fail(err)
+            return None
+        with _ROUTE_LOCK:
+            if self.broken is not None or self._reading:
+                return None  # a caller reads: it takes what arrived
+            self._reading = True
+        try:
+            ready = self.transport.wait_readable(0)
+        except (OSError, ValueError):
+            ready = True  # let recv report it
+        if not ready:  # a caller took the data meanwhile
             with _ROUTE_LOCK:
-                if self.broken is not None:
-                    return None
-                # if a caller reads, it takes what arrived; poll again when it is done
-                read = self._take_role_or_park(waiter, self._parked_poller)
-            if not read:
-                _sleep(waiter)
-                continue
-            try:
-                ready = self.transport.wait_readable(0)
-            except (OSError, ValueError):
-                ready = True  # let recv report it
-            if not ready:  # someone else took the data meanwhile
-                with _ROUTE_LOCK:
-                    self._release_role()
-                continue
-            item = self._read_and_route(None)
-            if item is not None:
-                return item
+                self._release_role()
+            return None
+        return self._read_and_route(None)
 
     def _execute_as_server(self, waiter: _Waiter, message: list) -> None:
-        if not self._threads:  # one thread serves and calls: it reads again when it waits
-            waiter.chain = message[2]
-            try:
-                self._execute(message)
-            finally:
-                waiter.chain = None
-            return
-        # hand polling on before running, so the link stays served
-        with _ROUTE_LOCK:
-            if self._poller is waiter:
-                self._poller = None
-                if self._spares:
-                    _unpark(self._spares[0])
-                    need_server = False
-                else:
-                    need_server = True
-            else:
-                need_server = False
-        if need_server:
-            self._start_server()
+        if self._threads:
+            with _ROUTE_LOCK:
+                if self._poller is waiter:
+                    self._poller = None  # the watcher takes over if this takes long
+                self._executed += 1
+                need_watcher = self._watcher is None
+                if not need_watcher and self._watcher_asleep:
+                    self._watcher_asleep = False
+                    _unpark(self._watcher)
+            if need_watcher:
+                self._start_server()
         waiter.chain = message[2]
         try:
             self._execute(message)
@@ -540,7 +569,7 @@ class Connection:
             if self.broken is not None:
                 return
             self.broken = error
-            for queue in (self._callers, self._parked_poller, self._spares):
+            for queue in (self._callers, self._pollers, self._watchers, self._idle):
                 while queue:
                     _unpark(queue[0])
             for waiter in list(self._pending.values()):
