@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import sys
-import sysconfig
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -78,6 +76,8 @@ def _host() -> Any:
 
 def resolve_executable(executable: str) -> str:
     """The path of ``executable`` (a name on PATH or a path), or a clear error."""
+    import shutil  # here, not at the top: twins import this module and never need it
+
     if os.sep in executable:
         if not os.path.exists(executable):
             raise TwinStartError(f"twinterpreter executable {executable!r} does not exist")
@@ -101,6 +101,8 @@ def _path_config() -> Dict[str, List[str]]:
     """The master's sys.path for a twin: application entries go first, the
     master's package dirs last (so the twin's own packages win), its stdlib
     not at all (another interpreter has its own)."""
+    import sysconfig
+
     stdlib = {
         os.path.realpath(p) for key in ("stdlib", "platstdlib") for p in [sysconfig.get_paths().get(key)] if p
     }

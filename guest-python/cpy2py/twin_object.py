@@ -10,7 +10,6 @@ written in the native one, and its methods and classmethods run there.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from . import kernel_state
@@ -35,6 +34,8 @@ class TwinMeta(type):
     def __getattribute__(cls, name: str) -> Any:
         if name[:2] == "__" or _native_here(cls):
             return type.__getattribute__(cls, name)
+        import inspect  # only classes native elsewhere get here; keeps twins' start light
+
         found = inspect.getattr_static(cls, name, None)
         if getattr(found, "__cpy2py_local__", False):
             return type.__getattribute__(cls, name)

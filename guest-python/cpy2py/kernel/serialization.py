@@ -19,7 +19,6 @@ import importlib
 import io
 import pickle
 import threading
-import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ProtocolError, RemoteError, RemoteTraceback
@@ -139,6 +138,8 @@ class _Unpickler(pickle.Unpickler):
 
 
 def format_exception(err: BaseException) -> str:
+    import traceback  # on the first exception sent, not at start-up
+
     return "".join(traceback.format_exception(type(err), err, err.__traceback__))
 
 

@@ -7,9 +7,7 @@ Started by the bootstrap that the master passes with ``-c``
 from __future__ import annotations
 
 import os
-import platform
 import sys
-import traceback
 from typing import Any, Dict
 
 from .. import _logging, kernel_state
@@ -55,7 +53,7 @@ def main() -> None:
                 "cpy2py": PROTOCOL_VERSION,
                 "twin_id": kernel_state.TWIN_ID,
                 "implementation": sys.implementation.name,
-                "version": platform.python_version(),
+                "version": "%d.%d.%d" % sys.version_info[:3],
                 "executable": sys.executable,
                 "pid": os.getpid(),
             }
@@ -80,6 +78,8 @@ def main() -> None:
         for func, args, kwargs in config.get("initializers", []):
             func(*args, **kwargs)
     except BaseException:
+        import traceback
+
         transport.send(codec.dumps({"error": traceback.format_exc()}))
         _flush_stdio()
         os._exit(1)
@@ -88,7 +88,7 @@ def main() -> None:
         "twin %s (%s %s) serving",
         kernel_state.TWIN_ID,
         sys.implementation.name,
-        platform.python_version(),
+        sys.version.split()[0],
     )
     connection = Connection(
         transport,

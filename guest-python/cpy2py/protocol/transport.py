@@ -14,6 +14,7 @@ import threading
 from ..errors import ProtocolError
 
 _HEADER = struct.Struct(">I")
+_READ_SIZE = 65536
 DEFAULT_MAX_FRAME = 1 << 30
 
 
@@ -26,6 +27,7 @@ class FdTransport:
         self.max_frame = max_frame
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._buffer = bytearray()  # read beyond the last frame
 
     def send(self, payload: bytes) -> None:
         header = _HEADER.pack(len(payload))
@@ -43,38 +45,47 @@ class FdTransport:
             view = view[written:]
 
     def recv(self) -> bytes | bytearray | None:
-        """One frame's payload; None when the stream ended between frames."""
+        """One frame's payload; None when the stream ended between frames.
+
+        Small frames usually arrive whole with their header in one read;
+        bytes read beyond the frame are kept for the next call.
+        """
         with self._read_lock:
-            header = self._read_exact(4, at_boundary=True)
-            if header is None:
-                return None
-            (length,) = _HEADER.unpack(header)
+            buffer = self._buffer
+            while len(buffer) < 4:
+                chunk = os.read(self.read_fd, _READ_SIZE)
+                if not chunk:
+                    if buffer:
+                        raise ProtocolError("the stream ended inside a frame header")
+                    return None
+                buffer += chunk
+            (length,) = _HEADER.unpack_from(buffer)
             if length == 0 or length > self.max_frame:
                 raise ProtocolError(
                     f"received a frame of {length} bytes; frames must hold 1 to {self.max_frame} bytes"
                 )
-            return self._read_exact(length, at_boundary=False)
-
-    def _read_exact(self, size: int, at_boundary: bool) -> bytes | bytearray | None:
-        chunk = os.read(self.read_fd, size)
-        if len(chunk) == size:
-            return chunk
-        if not chunk and at_boundary:
-            return None
-        buffer = bytearray(size)
-        buffer[: len(chunk)] = chunk
-        have = len(chunk)
-        while have < size:
-            # os.readv would avoid a copy, but PyPy 3.9 lacks it
-            chunk = os.read(self.read_fd, min(size - have, 1 << 22))
-            if not chunk:
-                raise ProtocolError("the stream ended inside a frame")
-            buffer[have : have + len(chunk)] = chunk
-            have += len(chunk)
-        return buffer
+            end = 4 + length
+            if len(buffer) >= end:
+                self._buffer = buffer[end:]
+                return bytes(buffer[4:end])
+            # a large frame: read the rest straight into its own buffer
+            frame = bytearray(length)
+            have = len(buffer) - 4
+            frame[:have] = buffer[4:]
+            self._buffer = bytearray()
+            while have < length:
+                # os.readv would avoid a copy, but PyPy 3.9 lacks it
+                chunk = os.read(self.read_fd, min(length - have, 1 << 22))
+                if not chunk:
+                    raise ProtocolError("the stream ended inside a frame")
+                frame[have : have + len(chunk)] = chunk
+                have += len(chunk)
+            return frame
 
     def wait_readable(self, timeout: float | None = None) -> bool:
         """Whether a frame (or the end of the stream) can be read within ``timeout`` seconds."""
+        if self._buffer:
+            return True
         readable, _, _ = select.select([self.read_fd], [], [], timeout)
         return bool(readable)
 
