@@ -53,7 +53,7 @@ def main() -> None:
                 "cpy2py": PROTOCOL_VERSION,
                 "twin_id": kernel_state.TWIN_ID,
                 "implementation": sys.implementation.name,
-                "version": "%d.%d.%d" % sys.version_info[:3],
+                "version": ".".join(map(str, sys.version_info[:3])),
                 "executable": sys.executable,
                 "pid": os.getpid(),
             }
