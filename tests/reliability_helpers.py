@@ -109,21 +109,36 @@ def master_echo(token, payload):
     return [token, kernel_state.TWIN_ID, digest(payload)]
 
 
-def recurse(token, depth: int, twin: str):
-    """twin -> master -> twin ... ``depth`` levels; returns the path of tokens."""
+def recurse(token, depth: int, twins: list):
+    """In a twin: twin -> master -> twin ... ``depth`` more levels, the master
+    choosing the next twin from ``twins`` by depth; returns the path taken."""
+    here = [f"{token}@{kernel_state.TWIN_ID}"]
     if depth == 0:
-        return [f"{token}@{kernel_state.TWIN_ID}"]
-    return [f"{token}@{kernel_state.TWIN_ID}"] + master_recurse(token, depth - 1, twin)
+        return here
+    return here + master_recurse(token, depth - 1, twins)
 
 
 @twinfunction(kernel_state.MASTER_ID)
-def master_recurse(token, depth: int, twin: str):
+def master_recurse(token, depth: int, twins: list):
     from cpy2py import TwinMaster
 
     here = [f"{token}@{kernel_state.TWIN_ID}"]
     if depth == 0:
         return here
-    return here + TwinMaster(twinterpreter_id=twin).execute(recurse, token, depth - 1, twin)
+    twin = twins[depth % len(twins)]
+    return here + TwinMaster(twinterpreter_id=twin).execute(recurse, token, depth - 1, twins)
+
+
+def expected_path(token, depth: int, twins: list, first: str) -> list:
+    """The path ``recurse(token, depth, twins)`` takes when started in ``first``."""
+    path, where = [], first
+    for level in range(depth, -1, -1):
+        path.append(f"{token}@{where}")
+        if where == kernel_state.MASTER_ID:
+            where = twins[level % len(twins)]
+        else:
+            where = kernel_state.MASTER_ID
+    return path
 
 
 # -- objects pinned to the reliability twins -------------------------------------
@@ -166,10 +181,15 @@ def use_opaque(obj) -> int:
     return obj.value()
 
 
-def make_and_drop(kind: str, count: int) -> int:
-    """In a twin: nothing; in the master: create ``count`` blobs of ``kind`` and drop each."""
-    cls = blob_class(kind)
+def use_and_drop_master_objects(count: int) -> int:
+    """In a twin: get ``count`` objects of the master as proxies, use each, drop it."""
     total = 0
     for i in range(count):
-        total += cls(i, 8).describe()[1]
+        total += master_opaque(i).value()
+    gc.collect()
     return total
+
+
+@twinfunction(kernel_state.MASTER_ID)
+def master_opaque(n):
+    return Opaque(n)
