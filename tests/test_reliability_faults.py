@@ -8,6 +8,7 @@ wait and is never a performance claim.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import reliability_helpers as rh
@@ -368,3 +370,37 @@ print("READY", flush=True)
     status, stderr = finish_master(proc)
     assert status == 0, stderr
     assert wait_gone(pids[0])
+
+
+def test_objects_dropped_while_their_twin_is_stopped_do_not_block_other_twins(kind, bystander):
+    """Releases of dropped proxies go to their owner's link. If that twin reads
+    nothing (SIGSTOP, its pipe full), they must not block calls to other twins."""
+    owner = TwinMaster(kind, twinterpreter_id=rh.twin_id(kind))
+    owner.start()
+    pid = owner.execute(rh.pid)
+    blobs = [rh.blob_class(kind)(i) for i in range(200)]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        stuck = Calls(owner, 2, rh.answer, "big", bytes(1 << 20))  # fills the pipe, then blocks
+        settle()
+
+        def drop_and_call() -> int:
+            served = 0
+            while blobs:
+                del blobs[-10:]  # releases for the stopped twin are queued ...
+                gc.collect()
+                time.sleep(0.06)  # ... and the background flusher takes its turn
+                assert bystander.execute(rh.answer, served, b"") == rh.answer(served, b"")
+                served += 1
+            return served
+
+        caller = Calls(bystander, 0, None)  # only for its join
+        thread = threading.Thread(target=lambda: caller.outcomes.append(drop_and_call()), daemon=True)
+        caller.threads.append(thread)
+        thread.start()
+        caller.join()
+        assert caller.outcomes == [20], caller.outcomes
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        stuck.join()
+        owner.destroy()

@@ -166,8 +166,8 @@ class Connection:
 
     def request(self, op: int, *operands: Any) -> Any:
         """Send a request and wait for its result (or raise its exception)."""
-        if references._pending_releases:
-            references.flush_releases()
+        if references._pending_releases.get(self.peer_id):  # what this link carries only
+            references.flush_releases(self.peer_id)
         waiter = _this_waiter()
         if waiter.chain is None:
             waiter.chain = _new_chain()

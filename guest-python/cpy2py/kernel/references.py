@@ -46,8 +46,11 @@ _iid_of: Dict[int, int] = {}  # id(native object) -> its instance id, while expo
 # hands out the id of an object of its previous life to a stale proxy.
 _iids = itertools.count((int.from_bytes(os.urandom(4), "big") << 24) + 1)
 _proxies: weakref.WeakValueDictionary[Key, TwinProxy] = weakref.WeakValueDictionary()
-#: releases queued by collected proxies: (owner, instance id, count)
-_pending_releases: List[Tuple[str, int, int]] = []
+#: releases queued by collected proxies, per link they travel over (the
+#: owner's twin id in the master; in a twin, the master's): lists of (owner,
+#: instance id, count). A list is never removed, so no append from __del__
+#: can land in a list that was already taken away.
+_pending_releases: Dict[str, List[Tuple[str, int, int]]] = {}
 _flusher: Optional[threading.Thread] = None
 
 # how a proxy class reaches an attribute of its object
@@ -213,25 +216,32 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
 
 
 def _queue_release(owner: str, iid: int, count: int) -> None:
-    # called from __del__: a list append only, no locks, no I/O
-    _pending_releases.append((owner, iid, count))
+    # called from __del__: atomic dict and list operations only, no locks, no I/O
+    link = owner if kernel_state.is_master() else kernel_state.MASTER_ID
+    queue = _pending_releases.get(link)
+    if queue is None:
+        queue = _pending_releases.setdefault(link, [])
+    queue.append((owner, iid, count))
 
 
-def flush_releases() -> None:
-    """Send the queued releases, one batch per link."""
-    if not _pending_releases:
-        return
-    batch: Dict[str, List[List[Any]]] = {}
-    while _pending_releases:
-        try:
-            owner, iid, count = _pending_releases.pop()
-        except IndexError:
-            break
-        batch.setdefault(owner, []).append([owner, iid, count])
-    for owner, items in batch.items():
-        connection = links.existing_connection(owner)
-        if connection is not None:
-            connection.send_release(items)
+def flush_releases(link: Optional[str] = None) -> None:
+    """Send the queued releases, one batch per link; with ``link``, only
+    those over the link to that twin id. A caller flushes only the link it
+    is about to use: another twin's link may block (a twin that stopped
+    reading), and must not hold up calls to the others."""
+    for target in [link] if link is not None else list(_pending_releases):
+        queue = _pending_releases.get(target)
+        items: List[List[Any]] = []
+        while queue:
+            try:
+                owner, iid, count = queue.pop()
+            except IndexError:
+                break
+            items.append([owner, iid, count])
+        if items:
+            connection = links.existing_connection(target)
+            if connection is not None:
+                connection.send_release(items)
 
 
 def _ensure_flusher() -> None:
