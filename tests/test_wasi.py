@@ -25,6 +25,7 @@ from cpy2py import (
     TwinStartError,
     TwinterpreterTerminated,
     TwinTimeout,
+    is_proxy,
 )
 from cpy2py.errors import RemoteTraceback
 
@@ -101,10 +102,50 @@ def evil_pickle(path):
 '''
 
 
+UNTRUSTED = '''
+import os
+
+LOADED_IN = "guest"
+
+def run(callback, value):
+    """Calls what the master handed it."""
+    return callback(value) + 1
+
+class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def bump(self):
+        self.count += 1
+        return self.count
+
+def make_counter():
+    return Counter()
+'''
+
+GUEST_OBJECTS = """
+from cpy2py import TwinObject
+
+class Vault(TwinObject):
+    __twin_id__ = "wasi-test"
+
+    def __init__(self, secret):
+        self._secret = secret
+        self.opened = 0
+
+    def check(self, guess):
+        self.opened += 1
+        return guess == self._secret
+"""
+
+
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sandbox_code")
     (root / "wasi_plugin_mod.py").write_text(textwrap.dedent(PLUGIN))
+    # the guest sees the code of its paths as it was at its start
+    (root / "untrusted_plugin.py").write_text(UNTRUSTED)
+    (root / "guest_objects.py").write_text(GUEST_OBJECTS)
     (root / "secret.txt").write_text("the master's secret\n")
     sys.path.insert(0, str(root))
     yield root
@@ -153,7 +194,7 @@ def test_functions_of_a_module_under_paths(box, plugin):
     assert guest_eval(box, "__import__('wasi_plugin_mod').double('ab')") == "abab"
 
 
-def test_a_function_the_guest_cannot_import_is_refused(box):
+def test_a_function_the_guest_cannot_import_does_not_run_there(box):
     import twin_helpers
 
     with pytest.raises(TypeError, match="can import only the standard library"):
@@ -161,12 +202,37 @@ def test_a_function_the_guest_cannot_import_is_refused(box):
     assert box.execute(abs, -1) == 1  # the link is fine
 
 
+def test_callbacks_the_guest_was_handed_run_in_the_master(box):
+    seen = []
+
+    def key(value):  # a local function: the guest gets a reference and calls back here
+        seen.append((value, os.getpid()))
+        return -value
+
+    assert box.execute(sorted, [3, 1, 2], key=key) == [3, 2, 1]
+    assert sorted(seen) == [(1, os.getpid()), (2, os.getpid()), (3, os.getpid())]
+
+
 def test_objects_are_never_pickled_into_the_guest(box):
     class Local:
-        pass
+        def __init__(self):
+            self.value = 5
 
-    with pytest.raises(TypeError, match="never pickled"):
-        box.execute(repr, Local())
+        def _secret(self):
+            return "master internals"
+
+    local = Local()
+    # handed as a reference: the guest reads public attributes through it
+    assert box.execute(getattr, local, "value") == 5
+    # but cannot reach private ones, nor walk to classes, globals or modules
+    with pytest.raises(SandboxViolation, match="_secret"):
+        box.execute(getattr, local, "_secret")
+    with pytest.raises(SandboxViolation, match="__dict__"):
+        box.execute(getattr, local, "__dict__")
+    import twin_helpers
+
+    with pytest.raises(SandboxViolation, match="__globals__"):  # a callback's module stays out of reach
+        box.execute(getattr, twin_helpers.echo, "__globals__")
 
 
 # -- exceptions ---------------------------------------------------------------
@@ -203,7 +269,10 @@ def test_system_exit_in_the_guest_does_not_end_the_master(box):
 def test_guest_cannot_read_a_file_beside_its_module(box, plugin, plugin_dir):
     with pytest.raises(FileNotFoundError):
         box.execute(plugin.read, str(plugin_dir / "secret.txt"))
-    assert box.execute(plugin.listdir, str(plugin_dir)) == ["wasi_plugin_mod.py"]
+    # only the modules: the data file beside them is not there
+    assert box.execute(plugin.listdir, str(plugin_dir)) == sorted(
+        ["wasi_plugin_mod.py", "untrusted_plugin.py", "guest_objects.py"]
+    )
     # but its own source is readable, as imports need
     assert "def double" in box.execute(plugin.read, str(plugin_dir / "wasi_plugin_mod.py"))
 
@@ -266,9 +335,9 @@ def test_guest_cannot_make_the_master_import_or_look_up_names(box, plugin):
     assert error[0]["value"] == ["cpy2py.errors", "SandboxViolation"], error
     assert "this.s" in error[1][0]
     assert "this" not in sys.modules, "the master imported a module the guest named"
-    # a name in a plain result is refused the same way
-    with pytest.raises(SandboxViolation, match="builtins.len"):
-        guest_eval(box, "len")
+    # a function the guest returns is its own object: a proxy, run in the guest
+    guest_len = guest_eval(box, "len")
+    assert is_proxy(guest_len) and guest_len([1, 2]) == 2
     assert box.execute(abs, -5) == 5
 
 
@@ -296,9 +365,7 @@ def test_timeout_stops_a_runaway_call_and_a_fresh_guest_follows(plugin_dir):
             master.execute(exec, "while True: pass")
         assert time.monotonic() - started < 5
         assert isinstance(info.value, TimeoutError)
-        with pytest.raises(TwinTimeout):  # the guest is gone until restarted
-            master.execute(abs, -1)
-        master.start()
+        # the next call gets a fresh guest, without the old one's state
         assert master.execute(abs, -1) == 1
         assert guest_eval(master, "hasattr(__import__('builtins'), 'state')") is False
         # a guest blocked in the host (sleeping) is stopped too
@@ -442,3 +509,25 @@ def test_a_frame_nested_too_deep_is_refused_and_the_guest_stopped(plugin_dir):
         assert master.execute(abs, -11) == 11
     finally:
         master.stop()
+
+
+# -- untrusted modules and objects -------------------------------------------------
+
+
+def test_import_module_loads_code_in_the_guest_only(box):
+    plugin = box.import_module("untrusted_plugin")
+    assert "untrusted_plugin" not in sys.modules  # never imported here
+    assert plugin.LOADED_IN == "guest"
+    assert plugin.run(lambda value: value * 10, 4) == 41  # the callback runs here
+    counter = plugin.make_counter()
+    assert is_proxy(counter) and counter.bump() == 1 and counter.bump() == 2
+    assert counter.count == 2
+
+
+def test_twin_objects_live_in_the_guest(box):
+    import guest_objects
+
+    vault = guest_objects.Vault("open sesame")
+    assert is_proxy(vault) and isinstance(vault, guest_objects.Vault)
+    assert vault.check("nope") is False and vault.check("open sesame") is True
+    assert vault.opened == 2

@@ -9,6 +9,7 @@ the master's copy.
 from __future__ import annotations
 
 import atexit
+from importlib import import_module as importlib_import_module
 import os
 import sys
 import threading
@@ -122,8 +123,11 @@ def _path_config() -> Dict[str, List[str]]:
 class _Twin:
     """A running native twin: the process and the connection to it."""
 
-    def __init__(self, twin_id: str, process: Any, connection: Connection) -> None:
-        self.twin_id = twin_id
+    def __init__(self, master: TwinMaster, process: Any, connection: Connection) -> None:
+        self.twin_id = master.twinterpreter_id
+        self.master = master  # how it was started, to start it again
+        self.executable = master.executable
+        self.sandboxed = is_sandboxed(master.executable)
         self.process = process
         self.connection = connection
 
@@ -297,7 +301,7 @@ class TwinMaster:
             hello["version"],
             pid,
         )
-        return _Twin(self.twinterpreter_id, process, connection)
+        return _Twin(self, process, connection)
 
     def _start_process(self) -> Any:
         """Spawn a native interpreter with the bootstrap; returns the ProcessTwin."""
@@ -359,6 +363,16 @@ class TwinMaster:
 
     # -- calls --------------------------------------------------------------
 
+    def import_module(self, name: str) -> Any:
+        """A proxy of the module ``name``, imported in the twin only.
+
+        This interpreter never imports or runs the module: its functions and
+        objects are used through proxies. The way to load untrusted code
+        into a sandboxed twin.
+        """
+        connection = connection_for(self.twinterpreter_id, self)
+        return connection.request(OP_EXECUTE, importlib_import_module, [name], {})
+
     def execute(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``call(*args, **kwargs)`` in the twin and return its result.
 
@@ -367,7 +381,9 @@ class TwinMaster:
         with the twin's traceback attached as their cause.
         """
         if kernel_state.is_master():
-            return connection_for(self.twinterpreter_id, self).request(OP_EXECUTE, call, list(args), kwargs)
+            connection = connection_for(self.twinterpreter_id, self)
+            connection.serializer.check_executable(call)
+            return connection.request(OP_EXECUTE, call, list(args), kwargs)
         if self.twinterpreter_id == kernel_state.TWIN_ID:
             return call(*args, **kwargs)
         return self._in_master(_execute_in_master, self.twinterpreter_id, call, list(args), kwargs)
@@ -394,6 +410,11 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
     and a silent restart would hide that.
     """
     twin = _running.get(twin_id)
+    if twin is not None and twin.connection.broken is not None and twin.sandboxed:
+        # a guest that trapped, timed out or ran out of memory was discarded
+        # (its error said its state was lost): the next call gets a fresh one
+        twin.master.start()
+        twin = _running[twin_id]
     if twin is not None:
         broken = twin.connection.broken
         if broken is None:

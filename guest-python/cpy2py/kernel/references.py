@@ -112,21 +112,27 @@ _ALWAYS_FORWARDED = ("__repr__", "__str__", "__dir__")
 # -- exporting ----------------------------------------------------------------
 
 
-def export(obj: Any, connection: Connection) -> List[Any]:
-    """The wire form ``[owner, instance id, class info]`` of ``obj``, counted as sent."""
+def export(obj: Any, connection: Connection, by_name: bool = True) -> List[Any]:
+    """The wire form ``[owner, instance id, class info]`` of ``obj``, counted as sent.
+
+    ``by_name=False`` (sandbox links) never names a class: the receiver gets
+    a generic description and looks nothing up.
+    """
     if isinstance(obj, TwinProxy):
         key = (
             object.__getattribute__(obj, "__twin_owner__"),
             object.__getattribute__(obj, "__instance_id__"),
         )
         info = type(obj).__class_info__
+        if not by_name and isinstance(info, type):
+            info = class_info(info, by_name=False)
         # The receiver counts (and later releases) a reference only if it
         # makes a proxy that talks to us: a twin getting it from the master.
         # Its owner, or the master getting it back, keeps no count.
         if not kernel_state.is_master() or connection.peer_id == key[0]:
             return [key[0], key[1], info]
     else:
-        info = class_info(type(obj))
+        info = class_info(type(obj), by_name)
     with _lock:
         if not isinstance(obj, TwinProxy):
             iid = _iid_of.get(id(obj))
@@ -142,12 +148,12 @@ def export(obj: Any, connection: Connection) -> List[Any]:
     return [key[0], key[1], info]
 
 
-def class_info(cls: type) -> Any:
+def class_info(cls: type, by_name: bool = True) -> Any:
     """What a receiver needs to build a proxy class: the class itself for twin
     classes (sent by name), else the type's name and its special methods."""
     from ..twin_object import TwinMeta
 
-    if isinstance(cls, TwinMeta):
+    if by_name and isinstance(cls, TwinMeta):
         return cls
     return [f"{cls.__module__}.{cls.__qualname__}", sorted(_special_names(cls))]
 

@@ -12,9 +12,14 @@ references to the guest's own objects only:
   ``Exception`` subclasses, never looked up elsewhere) or ``RemoteError``
   carrying the guest's type name, message and traceback text.
 
-To the guest, functions and classes travel by name only if the guest can
-import them (the standard library, modules under its ``paths``); anything
-else is refused with ``TypeError`` instead of being pickled.
+The guest may also send references to master objects it was handed, and use
+those: call them, read and write their public attributes, and use the data
+model's special methods - never a private or dunder attribute, so a handed
+callback cannot be walked to its globals, class or module.
+
+To the guest, functions and classes travel by name if the guest can import
+them (the standard library, modules under its ``paths``); anything else that
+is not data is handed to it as a reference (a capability), never pickled.
 
 Nothing in this module imports anything on a peer's behalf.
 """
@@ -24,12 +29,21 @@ from __future__ import annotations
 import builtins
 import os
 import sys
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
+from .. import errors, kernel_state
 from ..errors import RemoteError, RemoteTraceback, SandboxViolation
 from ..protocol import tags
-from . import main_module
-from .serialization import Serializer, _forget_failure, _GlobalRef, _record_failure, global_name
+from ..protocol.messages import OP_CALL_METHOD, OP_DELATTR, OP_GETATTR, OP_SETATTR
+from . import main_module, references
+from .serialization import (
+    Serializer,
+    _forget_failure,
+    _GlobalRef,
+    _is_twin,
+    _record_failure,
+    global_name,
+)
 
 #: guest exception texts longer than this are cut (the frame cap bounds them anyway)
 MAX_TRACEBACK_TEXT = 64 * 1024
@@ -50,10 +64,15 @@ class _GuestName:
 
 
 def _builtin_exception(module: Any, qualname: Any) -> Optional[type]:
-    """The builtin ``Exception`` subclass of that name, or None. SystemExit,
+    """The builtin ``Exception`` subclass (or cpy2py error) of that name, or None. SystemExit,
     KeyboardInterrupt and GeneratorExit are not mapped: a guest must not be
     able to end or interrupt the master."""
-    if module != "builtins" or not isinstance(qualname, str) or "." in qualname:
+    if not isinstance(qualname, str) or "." in qualname:
+        return None
+    if module == "cpy2py.errors":  # cpy2py's own errors, raised by the guest's kernel
+        found = getattr(errors, qualname, None)
+        return found if isinstance(found, type) and issubclass(found, errors.TwinError) else None
+    if module != "builtins":
         return None
     found = getattr(builtins, qualname, None)
     if isinstance(found, type) and issubclass(found, Exception):
@@ -63,6 +82,14 @@ def _builtin_exception(module: Any, qualname: Any) -> Optional[type]:
 
 def _within(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+#: special methods a guest may call on master objects it was handed
+_SAFE_SPECIAL_METHODS = frozenset(
+    """__call__ __len__ __iter__ __next__ __getitem__ __setitem__ __delitem__ __contains__
+    __bool__ __repr__ __str__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __hash__ __add__
+    __sub__ __mul__ __truediv__ __floordiv__ __mod__ __neg__ __enter__ __exit__""".split()
+)
 
 
 class SandboxSerializer(Serializer):
@@ -91,27 +118,28 @@ class SandboxSerializer(Serializer):
         if isinstance(obj, BaseException) or type(obj) is _GlobalRef:
             # an exception (its type travels as a name for the guest to look up, or not)
             return super().default(obj)
-        # TODO(TWIN_REF policy, twin objects engineer): twin objects and proxies
-        # (kernel/references.py) are not sent to guests yet. Decide here which
-        # master objects may be handed to a guest as a TWIN_REF (and record them
-        # as handed, so the guest can call back into exactly those), e.g.:
-        #     if _is_twin(obj) or <callback allowed>:
-        #         return super().default(obj)
+        if _is_twin(obj):  # twin objects and proxies: references, never names
+            return tags.TWIN_REF, references.export(obj, self.connection, by_name=False)
         if callable(obj) or isinstance(obj, type):
             name = global_name(obj)
             if name is not None and self.guest_can_import(name[0]):
                 return tags.GLOBAL_REF, list(name)
-            what = f"{name[0]}.{name[1]}" if name else repr(obj)
-            raise TypeError(
-                f"cannot send {what} to the sandboxed twin {self.peer_id!r}: functions and classes "
-                f"travel by name, and the guest can import only the standard library and modules "
-                f"under its paths {list(self.guest_paths)}. Define it in a module under those paths "
-                f"(and pass paths= to TwinMaster), or send data instead"
-            )
+        # Anything else is handed to the guest as a reference: a capability to
+        # call it and use its public attributes (see perform), nothing more.
+        return tags.TWIN_REF, references.export(obj, self.connection, by_name=False)
+
+    def check_executable(self, call: Any) -> None:
+        """``execute`` runs its callable in the guest, so the guest must be able
+        to import it (handing it as a callback would run it in the master)."""
+        name = global_name(call) if callable(call) else None
+        if name is not None and self.guest_can_import(name[0]):
+            return
+        what = f"{name[0]}.{name[1]}" if name else repr(call)
         raise TypeError(
-            f"cannot send {type(obj).__module__}.{type(obj).__qualname__} object to the sandboxed twin "
-            f"{self.peer_id!r}: only data (None, bool, int, float, str, bytes, list, tuple, dict, set, "
-            f"complex) crosses a sandbox link; objects are never pickled into a guest"
+            f"cannot run {what} in the sandboxed twin {self.peer_id!r}: functions and classes "
+            f"travel by name, and the guest can import only the standard library and modules "
+            f"under its paths {list(self.guest_paths)}. Define it in a module under those paths "
+            f"(and pass paths= to TwinMaster)"
         )
 
     # -- what comes from the guest ------------------------------------------
@@ -136,20 +164,61 @@ class SandboxSerializer(Serializer):
         if tag == tags.EXCEPTION:
             return self._exception(value)
         if tag == tags.TWIN_REF:
-            # TODO(TWIN_REF policy, twin objects engineer): accept references to
-            # the guest's own objects (proxies of them) and to master objects the
-            # guest was handed; refuse all others. Until then only the guest's own
-            # objects are accepted. Note: the class inside a reference (value[2])
-            # was decoded first, by the GLOBAL_REF branch above, into a _GuestName
-            # placeholder with a SandboxViolation recorded; a policy that accepts
-            # it (e.g. a generic proxy, or a class the master itself asked to
-            # instantiate there) must call _forget_failure(placeholder) and must
-            # not resolve the name. Today such references still fail with that
-            # SandboxViolation (TwinObject with __twin_id__='wasi-python' does).
-            if isinstance(value, list) and value and value[0] == self.peer_id:
-                return super().tag_hook(tag, value)
-            return self._refuse("a reference to an object it does not own", value)
+            return self._reference(value)
         return super().tag_hook(tag, value)
+
+    def _reference(self, value: Any) -> Any:
+        """A reference from the guest: to its own object (a proxy here), or to
+        a master object it was handed (the object itself); nothing else."""
+        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)):
+            return self._refuse("a malformed reference", value)
+        owner, iid, info = value
+        if isinstance(info, _GuestName):  # a class named by the guest: never imported
+            _forget_failure(info)
+            info = [f"{info.module}.{info.qualname}", []]
+        if isinstance(info, list) and info and isinstance(info[0], str):
+            info = self._own_twin_class(info[0]) or info
+        if not isinstance(iid, int):
+            return self._refuse("a malformed reference", value)
+        if owner == self.peer_id:
+            return references.resolve(owner, iid, info, self.connection)
+        if owner == kernel_state.TWIN_ID and (owner, iid) in self.connection.handed:
+            return references.exported((owner, iid))
+        return self._refuse("a reference to an object it was not handed", value)
+
+    def _own_twin_class(self, dotted: str) -> Optional[type]:
+        """A TwinObject class pinned to this guest that the master has loaded
+        already (so proxies pass isinstance); found without importing or
+        running anything: plain dictionary lookups in loaded modules."""
+        from ..twin_object import TwinMeta
+
+        parts = dotted.split(".")
+        for split in range(len(parts) - 1, 0, -1):
+            module = sys.modules.get(".".join(parts[:split]))
+            if module is None:
+                continue
+            found: Any = module
+            for part in parts[split:]:
+                found = vars(found).get(part) if hasattr(found, "__dict__") else None
+            if isinstance(found, TwinMeta) and type.__getattribute__(found, "__twin_id__") == self.peer_id:
+                return found
+        return None
+
+    # -- what the guest may do with what it was handed --------------------------
+
+    def perform(self, op: int, operands: List[Any]) -> Any:
+        """Requests from the guest: only public attributes and the special
+        methods of the data model, so a handed callback cannot be walked to
+        its globals, class or module."""
+        if op in (OP_GETATTR, OP_SETATTR, OP_DELATTR, OP_CALL_METHOD):
+            name = operands[1]
+            allowed = op == OP_CALL_METHOD and name in _SAFE_SPECIAL_METHODS
+            if not isinstance(name, str) or (name.startswith("_") and not allowed):
+                raise SandboxViolation(
+                    f"the sandboxed twin {self.peer_id!r} may not use attribute {name!r} of a master "
+                    f"object: only public attributes and the data model's special methods"
+                )
+        return super().perform(op, operands)
 
     def _refuse(self, what: str, value: Any) -> None:
         shown = f" ({value!r:.100})" if value is not None else ""

@@ -169,10 +169,12 @@ class Serializer:
         if type(obj) is _GlobalRef:
             return tags.GLOBAL_REF, list(obj.name)
         if _is_twin(obj):
-            return tags.TWIN_REF, references.export(obj, self.connection)
+            return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
         if isinstance(obj, BaseException):
             return tags.EXCEPTION, self._exception_fields(obj)
-        if callable(obj) or isinstance(obj, type):
+        # names are looked up by the receiver: only on trusted links (a guest's
+        # functions reach the master as references to the guest's objects)
+        if self.trusted and (callable(obj) or isinstance(obj, type)):
             name = global_name(obj)
             if name is not None:
                 self._names[id(obj)] = (obj, name)
@@ -185,7 +187,7 @@ class Serializer:
             except Exception:
                 pass
         # what cannot be copied stays here and is used through a proxy
-        return tags.TWIN_REF, references.export(obj, self.connection)
+        return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
 
     def _exception_fields(self, err: BaseException) -> List[Any]:
         from ..protocol import codec  # late: codec imports nothing from here
@@ -276,6 +278,9 @@ class Serializer:
         if isinstance(value, BaseException):
             return value
         return ProtocolError(f"{self.peer_id!r} raised something that is not an exception: {value!r:.100}")
+
+    def check_executable(self, call: Any) -> None:
+        """Raise if ``call`` cannot be run by the peer (sandboxes are strict)."""
 
     # -- executing requests -------------------------------------------------
 
