@@ -9,11 +9,11 @@ the master's copy.
 from __future__ import annotations
 
 import atexit
-from importlib import import_module as importlib_import_module
 import os
 import sys
 import threading
 import time
+from importlib import import_module as importlib_import_module
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _logging, kernel_state
