@@ -1,0 +1,6 @@
+"""A plugin that never returns."""
+
+
+def forever():
+    while True:
+        pass
