@@ -193,3 +193,9 @@ def use_and_drop_master_objects(count: int) -> int:
 @twinfunction(kernel_state.MASTER_ID)
 def master_opaque(n):
     return Opaque(n)
+
+
+def write_marker(path: str, text: str) -> None:
+    """A twin's finalizer: leaves a trace that it ran."""
+    with open(path, "a") as marker:
+        marker.write(text + "\n")

@@ -8,9 +8,9 @@ import traceback
 
 import pytest
 import twin_helpers
-from support import SANDBOX_KIND, native_only, start_twin
 from cpy2py import RemoteError, TwinMaster, is_proxy
 from cpy2py.errors import RemoteTraceback
+from support import SANDBOX_KIND, native_only, start_twin
 
 MiB = 1 << 20
 

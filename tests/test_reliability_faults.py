@@ -404,3 +404,52 @@ def test_objects_dropped_while_their_twin_is_stopped_do_not_block_other_twins(ki
         os.kill(pid, signal.SIGKILL)
         stuck.join()
         owner.destroy()
+
+
+def test_stop_during_a_long_call_lets_the_twin_finish_by_itself(kind, tmp_path):
+    """stop() while the twin's threads (its main thread among them) run long
+    calls: the twin takes the shutdown request, runs its finalizers and ends
+    by itself instead of being killed when the timeout is over."""
+    from cpy2py import TWIN_GROUP_STATE
+
+    marker = tmp_path / "finalized"
+    entry = (rh.write_marker, (str(marker), kind), {})
+    TWIN_GROUP_STATE.finalizers.append(entry)
+    try:
+        master = TwinMaster(kind, twinterpreter_id=f"finalized-{kind}")
+        master.start()
+    finally:
+        TWIN_GROUP_STATE.finalizers.remove(entry)
+    pid = master.execute(rh.pid)
+    long_calls = Calls(master, 3, rh.sleep_then, 600)
+    settle()
+    stopper = threading.Thread(target=master.stop, kwargs={"timeout": HANG})
+    stopper.start()
+    stopper.join(HANG + 10)
+    assert not stopper.is_alive()
+    long_calls.join()
+    assert all(isinstance(err, TwinterpreterTerminated) for err in long_calls.errors())
+    assert len(long_calls.errors()) == 3
+    assert wait_gone(pid)
+    assert marker.read_text() == f"{kind}\n", "the twin was killed instead of finishing by itself"
+
+
+def test_group_state_functions_from_the_application_directory(tmp_path):
+    """Initializers and finalizers from a module beside the main script, with
+    the master started from another directory: the twin must apply the
+    master's paths before it looks their names up (found by the finalizer
+    test above)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "helper.py").write_text("def setup(x):\n    print('initializer ran', x, flush=True)\n")
+    (app / "main.py").write_text(
+        "import helper\n"
+        "from cpy2py import TWIN_GROUP_STATE, TwinMaster\n"
+        "TWIN_GROUP_STATE.add_initializer(helper.setup, 42)\n"
+        "with TwinMaster('python3', twinterpreter_id='app-twin') as twin:\n"
+        "    print('sum', twin.execute(sum, [1, 2]), flush=True)\n"
+    )
+    main = [sys.executable, str(app / "main.py")]
+    result = subprocess.run(main, capture_output=True, text=True, timeout=HANG, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "initializer ran 42" in result.stdout and "sum 3" in result.stdout

@@ -63,18 +63,21 @@ def main() -> None:
     if raw is None:  # the master gave up on us
         os._exit(0)
     serializer = Serializer(kernel_state.MASTER_ID)
-    welcome = codec.loads(raw, serializer.tag_hook)
-    if welcome.get("cpy2py") != PROTOCOL_VERSION:
+    # The plain data first: the names in the welcome (initializers,
+    # finalizers) may live in the application's directories or its main
+    # module, which this twin can import only once the configuration is applied.
+    plain = codec.loads(raw, lambda tag, value: None)
+    if plain.get("cpy2py") != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"the master speaks cpy2py protocol {welcome.get('cpy2py')}, "
+            f"the master speaks cpy2py protocol {plain.get('cpy2py')}, "
             f"this twin speaks protocol {PROTOCOL_VERSION}"
         )
-    config = welcome["config"]
     try:
+        _apply_config(plain["config"])
+        config = codec.loads(raw, serializer.tag_hook)["config"]
         failure = take_lookup_failure()
         if failure is not None:
             raise failure
-        _apply_config(config)
         for func, args, kwargs in config.get("initializers", []):
             func(*args, **kwargs)
     except BaseException:
