@@ -28,22 +28,9 @@ from cpy2py import (
     is_proxy,
 )
 from cpy2py.errors import RemoteTraceback
+from support import sandbox_unavailable
 
-
-def _unavailable() -> str | None:
-    try:
-        from cpy2py import _host, wasi
-
-        wasi.find_guest()
-        _host.WasiTwin  # noqa: B018
-    except (ImportError, AttributeError) as err:
-        return f"cpy2py._host has no WasiTwin (run `just build`): {err}"
-    except TwinStartError as err:
-        return str(err)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))
+pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
 PLUGIN = '''
 """A guest-side module: only ever imported inside the sandbox by these tests
