@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Dict
 
 from .. import _logging, kernel_state
@@ -98,6 +99,8 @@ def main() -> None:
         kernel_state.MASTER_ID,
         serializer,
         describe_end=lambda: "closed the link",
+        # asked to stop: end now, even if the main thread is busy with a call
+        on_shutdown=lambda: _finish(config),
         after_request=_flush_stdio,
     )
     links.register(kernel_state.MASTER_ID, connection)
@@ -109,6 +112,17 @@ def main() -> None:
         except BaseException:
             log.exception("the main module failed in twin %s", kernel_state.TWIN_ID)
     connection.serve()
+    _finish(config)
+
+
+_finishing = threading.Lock()
+
+
+def _finish(config: Dict[str, Any]) -> None:
+    """Run the finalizers and end the process; the first thread to get here
+    does it (the main thread when the link ended, or the one that read the
+    master's shutdown request), any other waits for the end."""
+    _finishing.acquire()
     log.info("twin %s done", kernel_state.TWIN_ID)
     for func, args, kwargs in config.get("finalizers", []):
         try:
@@ -116,5 +130,5 @@ def main() -> None:
         except Exception:
             log.exception("finalizer %r failed", func)
     _flush_stdio()
-    # daemon threads may still run user code; the link is gone, so are we
+    # other threads may still run user code; the link is gone, so are we
     os._exit(0)
