@@ -199,3 +199,11 @@ def write_marker(path: str, text: str) -> None:
     """A twin's finalizer: leaves a trace that it ran."""
     with open(path, "a") as marker:
         marker.write(text + "\n")
+
+
+def die_mid_frame(status: int) -> None:
+    """Crash while sending a reply: half a frame on the protocol pipe, then exit."""
+    import struct
+
+    os.write(4, struct.pack(">I", 1 << 20) + b"\x83\x01\x01" + bytes(1000))
+    os._exit(status)

@@ -453,3 +453,18 @@ def test_group_state_functions_from_the_application_directory(tmp_path):
     result = subprocess.run(main, capture_output=True, text=True, timeout=HANG, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "initializer ran 42" in result.stdout and "sum 3" in result.stdout
+
+
+def test_twin_dying_while_sending_a_reply_is_terminated_not_a_protocol_error(kind, victim, bystander):
+    """A twin that dies in the middle of writing a frame (a crash, the OOM
+    killer during a large reply) ended: TwinterpreterTerminated with its
+    status, not a ProtocolError (that is for a live peer that breaks a frame)."""
+    pid = victim.execute(rh.pid)
+    waiting = Calls(victim, 2, rh.sleep_then, 60)
+    settle()
+    with pytest.raises(TwinterpreterTerminated, match="exited with status 3"):
+        victim.execute(rh.die_mid_frame, 3)
+    waiting.join()
+    assert all(isinstance(err, TwinterpreterTerminated) for err in waiting.errors()), waiting.outcomes
+    assert wait_gone(pid)
+    assert bystander.execute(rh.pid) != pid

@@ -82,6 +82,8 @@ struct FrameReader {
 enum ReadOutcome {
     Frame(Vec<u8>),
     Eof,
+    /// The stream ended inside a frame.
+    Truncated,
     Interrupted,
 }
 
@@ -95,11 +97,7 @@ impl FrameReader {
             match read_some(fd, &mut self.head[self.head_have..])? {
                 None => return Ok(ReadOutcome::Interrupted),
                 Some(0) if self.head_have == 0 => return Ok(ReadOutcome::Eof),
-                Some(0) => {
-                    return Err(HostError::Protocol(
-                        "the twin's stream ended inside a frame".into(),
-                    ))
-                }
+                Some(0) => return Ok(ReadOutcome::Truncated),
                 Some(n) => self.head_have += n,
             }
             if self.head_have == HEADER_LEN {
@@ -111,11 +109,7 @@ impl FrameReader {
         while self.body_have < self.body.len() {
             match read_some(fd, &mut self.body[self.body_have..])? {
                 None => return Ok(ReadOutcome::Interrupted),
-                Some(0) => {
-                    return Err(HostError::Protocol(
-                        "the twin's stream ended inside a frame".into(),
-                    ))
-                }
+                Some(0) => return Ok(ReadOutcome::Truncated),
                 Some(n) => self.body_have += n,
             }
         }
@@ -255,6 +249,27 @@ impl ProcessTwin {
         self.process.from_twin.as_raw_fd()
     }
 
+    /// The error for a stream that ended inside a frame: a twin that died
+    /// while writing (a crash, the OOM killer during a large reply) ended,
+    /// and says how; one that still runs broke the protocol.
+    fn truncated(&self, py: Python<'_>) -> PyErr {
+        let ended = py.detach(|| self.process.wait_timeout(Duration::from_millis(500)));
+        match ended {
+            Ok(Some(status)) => to_pyerr(
+                py,
+                HostError::Terminated(format!(
+                    "the twin {} while sending a frame",
+                    describe_status(status)
+                )),
+            ),
+            Ok(None) => to_pyerr(
+                py,
+                HostError::Protocol("the twin's stream ended inside a frame".into()),
+            ),
+            Err(e) => to_pyerr(py, e),
+        }
+    }
+
     /// Reads the hello within `timeout`; explains a twin that ended first.
     fn handshake(process: &TwinProcess, executable: &str, timeout: Duration) -> Result<Hello, HostError> {
         let deadline = Instant::now() + timeout;
@@ -276,7 +291,7 @@ impl ProcessTwin {
             match reader.read(fd, 1 << 20) {
                 Ok(ReadOutcome::Frame(hello)) => return parse_hello(&hello),
                 Ok(ReadOutcome::Interrupted) => continue,
-                Ok(ReadOutcome::Eof) => break,
+                Ok(ReadOutcome::Eof | ReadOutcome::Truncated) => break,
                 Err(HostError::Protocol(_)) => break,
                 Err(e) => return Err(e),
             }
@@ -417,6 +432,7 @@ impl ProcessTwin {
             match outcome.map_err(|e| to_pyerr(py, e))? {
                 ReadOutcome::Frame(body) => return Ok(Some(PyBytes::new(py, &body))),
                 ReadOutcome::Eof => return Ok(None),
+                ReadOutcome::Truncated => return Err(self.truncated(py)),
                 ReadOutcome::Interrupted => py.check_signals()?,
             }
         }
