@@ -64,6 +64,27 @@ bench-quick *ARGS: build
     bash benches/setup.sh
     .venv-bench/bin/python benches/run.py --quick {{ARGS}}
 
+# reliability at full size (issue 6): 8 threads x 10,000 calls, 1,000,000 calls and 100,000 proxies with flat memory, 20,000 examples per codec property
+soak *PYTEST_ARGS: build
+    CPY2PY_SOAK=full "{{python}}" -m pytest tests/test_reliability_load.py tests/test_codec_properties.py -o timeout=14400 {{PYTEST_ARGS}}
+
+# fuzz the frame reader, Value::decode and the hello parser: cargo-fuzz (stable toolchain, --sanitizer none) for SECONDS per target, then 10,000,000 inputs of the deterministic fuzzer of `cargo test`
+fuzz SECONDS="300":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    python3 host/fuzz/seed_corpus.py
+    export CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz"  # instrumented builds apart from the normal ones
+    for target in frames value_decode hello; do
+        echo "== fuzzing $target for {{SECONDS}} s"
+        (cd host/fuzz && cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
+            -max_total_time={{SECONDS}} -max_len=65536 -print_final_stats=1)
+    done
+    seed="${CPY2PY_FUZZ_SEED:-$(date +%s)}"
+    echo "== 10,000,000 mutated inputs, CPY2PY_FUZZ_SEED=$seed"
+    CPY2PY_FUZZ_SEED="$seed" CPY2PY_FUZZ_ITERATIONS=10000000 cargo test --release --manifest-path host/Cargo.toml \
+        --test fuzz_decoder -- --nocapture
+
 # rustfmt, clippy (warnings are errors) and ruff
 lint: setup
     cargo fmt --check
