@@ -74,11 +74,11 @@ fuzz SECONDS="300":
     set -euo pipefail
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     python3 host/fuzz/seed_corpus.py
-    export CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz"  # instrumented builds apart from the normal ones
     for target in frames value_decode hello; do
         echo "== fuzzing $target for {{SECONDS}} s"
-        (cd host/fuzz && cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
-            -max_total_time={{SECONDS}} -max_len=65536 -print_final_stats=1)
+        # instrumented builds go apart from the normal ones
+        (cd host/fuzz && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo fuzz run --sanitizer none \
+            "$target" "corpus/$target" -- -max_total_time={{SECONDS}} -max_len=65536 -print_final_stats=1)
     done
     seed="${CPY2PY_FUZZ_SEED:-$(date +%s)}"
     echo "== 10,000,000 mutated inputs, CPY2PY_FUZZ_SEED=$seed"
