@@ -207,3 +207,9 @@ def die_mid_frame(status: int) -> None:
 
     os.write(4, struct.pack(">I", 1 << 20) + b"\x83\x01\x01" + bytes(1000))
     os._exit(status)
+
+
+def thread_count() -> int:
+    import threading
+
+    return threading.active_count()

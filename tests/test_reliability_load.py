@@ -253,3 +253,17 @@ def test_soak_proxies_are_released_and_memory_stays_flat(kind):
     wait_until(lambda: rh.proxy_count() == master_proxies, "the master dropping its proxies")
     after = settle_memory(target)
     assert_flat(before, after, f"{SOAK_PROXIES} proxies")
+
+
+def test_server_threads_stay_bounded(kind):
+    """Calls that take longer than the serving tick make the twin hand polling
+    to another server thread; the threads left idle must not pile up (found
+    by the full soak: hundreds of idle threads and ~80 bytes per call)."""
+    target = twin(kind)
+    before = target.execute(rh.thread_count)
+    for i in range(300):
+        assert target.execute(rh.sleep_then, 0.004, i) == i
+    results = run_threads(THREADS, lambda n: [target.execute(rh.sleep_then, 0.004, n) for _ in range(20)])
+    assert results == [[n] * 20 for n in range(THREADS)]
+    after = target.execute(rh.thread_count)
+    assert after <= before + THREADS + 4, f"the twin went from {before} to {after} threads"

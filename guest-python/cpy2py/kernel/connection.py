@@ -373,10 +373,13 @@ class Connection:
     # poller, polls in its place, so a request that blocks never starves the
     # link. Other servers sleep *idle* until a caller hands them a request.
     # After IDLE_TICKS quiet ticks the watcher sleeps too, and the poller
-    # wakes it before running the next request.
+    # wakes it before running the next request. A started server that finds
+    # MAX_IDLE others idle ends instead of waiting: every hand-over of
+    # polling starts a server, so idle ones would otherwise pile up.
 
     TICK = 0.002
     IDLE_TICKS = 500
+    MAX_IDLE = 4
 
     def start_serving(self) -> None:
         """Start the first server thread of this link."""
@@ -384,7 +387,7 @@ class Connection:
 
     def serve(self) -> None:
         """Serve the peer on this thread until the link ends (a twin's main loop)."""
-        self._serve(None)
+        self._serve(None, retire=False)
 
     def _start_server(self, first: Optional[Tuple[Connection, list]] = None) -> None:
         thread = threading.Thread(
@@ -392,13 +395,13 @@ class Connection:
         )
         thread.start()
 
-    def _serve(self, first: Optional[Tuple[Connection, list]]) -> None:
+    def _serve(self, first: Optional[Tuple[Connection, list]], retire: bool = True) -> None:
         waiter = _this_waiter()
         try:
             if first is not None:
                 self._execute_as_server(waiter, first[1])
             while True:
-                item = self._next_request(waiter)
+                item = self._next_request(waiter, retire)
                 if item is None:
                     return
                 self._execute_as_server(waiter, item[1])
@@ -411,8 +414,9 @@ class Connection:
                     if getattr(self, role) is waiter:
                         setattr(self, role, None)
 
-    def _next_request(self, waiter: _Waiter) -> Optional[Tuple[Connection, list]]:
-        """An idle server: wait for a request of a new chain; None when the link ended."""
+    def _next_request(self, waiter: _Waiter, retire: bool = False) -> Optional[Tuple[Connection, list]]:
+        """An idle server: wait for a request of a new chain; None when the link
+        ended (or, with ``retire``, when enough other servers are idle)."""
         quiet_ticks = 0
         while True:
             with _ROUTE_LOCK:
@@ -440,6 +444,8 @@ class Connection:
                     self._watched = self._executed
                     self._watcher_asleep = asleep
                     _park(waiter, self._watchers)
+                elif retire and len(self._idle) >= self.MAX_IDLE:
+                    return None  # enough servers wait idle: this one ends
                 else:
                     role = "idle"
                     _park(waiter, self._idle)
