@@ -37,16 +37,13 @@ def victim(kind: str):
     """A twin of ``kind`` that the test may kill; destroyed afterwards whatever happened."""
     master = TwinMaster(kind, twinterpreter_id=f"victim-{kind}")
     master.start()
-    pids = {master_module._running[master.twinterpreter_id].process.pid}
+    processes = [master_module._running[master.twinterpreter_id].process]
     yield master
     twin = master_module._running.get(master.twinterpreter_id)
     if twin is not None:
-        pids.add(twin.process.pid)
-    for pid in pids:  # whatever the test did: a stopped twin must not block anyone
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        processes.append(twin.process)
+    for process in processes:  # whatever the test did (a stopped twin must not block anyone)
+        process.kill()  # through the child's handle: never another process that reused its pid
     master.destroy()
 
 
@@ -401,7 +398,7 @@ def test_objects_dropped_while_their_twin_is_stopped_do_not_block_other_twins(ki
         caller.join()
         assert caller.outcomes == [20], caller.outcomes
     finally:
-        os.kill(pid, signal.SIGKILL)
+        master_module._running[owner.twinterpreter_id].process.kill()
         stuck.join()
         owner.destroy()
 
