@@ -20,7 +20,7 @@ import reliability_helpers as rh
 from cpy2py import TwinMaster
 from cpy2py.kernel import references
 from reliability_support import HANG
-from support import require_interpreter
+from support import require_interpreter, run_master
 
 FULL = os.environ.get("CPY2PY_SOAK", "").lower() == "full"
 
@@ -267,3 +267,39 @@ def test_server_threads_stay_bounded(kind):
     assert results == [[n] * 20 for n in range(THREADS)]
     after = target.execute(rh.thread_count)
     assert after <= before + THREADS + 4, f"the twin went from {before} to {after} threads"
+
+
+_BUSY_EXIT = """
+import sys, threading, time
+import reliability_helpers as rh
+from cpy2py import TwinMaster
+
+masters = [TwinMaster(kind, twinterpreter_id="busy-" + kind) for kind in {kinds!r}]
+for master in masters:
+    master.start()
+
+
+def loop(master):
+    while True:
+        master.execute(rh.sleep_then, 0.001)
+
+
+for i in range(12):
+    threading.Thread(target=loop, args=(masters[i % len(masters)],), daemon=True).start()
+time.sleep(0.3)
+print("EXITING", flush=True)
+"""
+
+
+def test_master_exit_with_busy_daemon_threads():
+    """The master exits while daemon threads keep calling its twins: it must
+    end with its own status, never abort ("FATAL: exception not rethrown",
+    when CPython ends a thread inside the host's Rust frames), and start no
+    twin while it exits."""
+    kinds = [k for k in rh.KINDS if _installed(k)]
+    runs = 40 if FULL else 6
+    for run in range(runs):
+        result = run_master(_BUSY_EXIT.format(kinds=kinds), timeout=HANG * 2)
+        assert "EXITING" in result.stdout, result.stderr
+        assert result.returncode == 0, f"run {run}: status {result.returncode}\n{result.stderr[-2000:]}"
+        assert "FATAL" not in result.stderr

@@ -243,6 +243,10 @@ class TwinMaster:
         if not kernel_state.is_master():
             return self._in_master(_start_in_master, self.executable, self.twinterpreter_id)
         with _running_lock:
+            if _exiting:
+                raise TwinterpreterUnavailable(
+                    f"twinterpreter {self.twinterpreter_id!r} cannot be started: the master is exiting"
+                )
             twin = _running.get(self.twinterpreter_id)
             if twin is not None and twin.alive:
                 return True
@@ -434,10 +438,17 @@ def running_twins() -> Tuple[str, ...]:
         return tuple(twin_id for twin_id, twin in _running.items() if twin.alive)
 
 
+#: set once the master exits: no twin starts any more (a daemon thread still
+#: calling would otherwise start new ones while the interpreter finalizes)
+_exiting = False
+
+
 @atexit.register
 def _stop_all() -> None:
     """No twin outlives the master."""
+    global _exiting
     with _running_lock:
+        _exiting = True
         twins = list(_running.values())
         _running.clear()
     for twin in twins:
@@ -445,6 +456,12 @@ def _stop_all() -> None:
             twin.shut_down("was stopped as the master exits", timeout=2.0)
         except Exception as err:  # keep stopping the others
             log.error("could not stop twinterpreter %s: %s", twin.twin_id, err)
+    # With the twins gone, every thread waiting in the host returns: let them
+    # hold the GIL again before the interpreter finalizes (a daemon thread
+    # ended inside Rust frames aborts the process; see wait_out_of_host).
+    host = sys.modules.get(f"{__package__}._host")
+    if host is not None and hasattr(host, "wait_out_of_host"):
+        host.wait_out_of_host(2.0)
 
 
 links.set_starter(connection_for)

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use crate::protocol::handshake::{parse_hello, Hello};
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ProcessTwin>()?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(wait_out_of_host, m)?)?;
     m.add("PROTOCOL_VERSION", crate::protocol::PROTOCOL_VERSION)?;
     m.add("TWIN_READ_FD", crate::process::TWIN_READ_FD)?;
     m.add("TWIN_WRITE_FD", crate::process::TWIN_WRITE_FD)?;
@@ -43,6 +45,43 @@ fn init_logging(level: &str) -> PyResult<()> {
         .with_target(true)
         .try_init();
     Ok(())
+}
+
+/// Threads inside a blocking call of the host with the GIL released.
+static IN_HOST: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f` with the GIL released, counted in [`IN_HOST`] until the thread
+/// holds the GIL again.
+fn in_host<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            IN_HOST.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    IN_HOST.fetch_add(1, Ordering::SeqCst);
+    let _counted = Counted;
+    py.detach(f)
+}
+
+/// Waits up to `timeout` seconds until no thread is inside a blocking call
+/// of the host; returns whether none is. The master calls it at exit, once
+/// its twins are stopped (which ends every such call): a daemon thread that
+/// took the GIL back only after the interpreter began to finalize would be
+/// ended by CPython with pthread_exit, which cannot unwind through Rust
+/// frames and aborts the process ("FATAL: exception not rethrown").
+#[pyfunction]
+fn wait_out_of_host(py: Python<'_>, timeout: f64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+    py.detach(|| loop {
+        if IN_HOST.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    })
 }
 
 fn py_error(py: Python<'_>, class: &str, msg: String) -> PyErr {
@@ -253,7 +292,7 @@ impl ProcessTwin {
     /// while writing (a crash, the OOM killer during a large reply) ended,
     /// and says how; one that still runs broke the protocol.
     fn truncated(&self, py: Python<'_>) -> PyErr {
-        let ended = py.detach(|| self.process.wait_timeout(Duration::from_millis(500)));
+        let ended = in_host(py, || self.process.wait_timeout(Duration::from_millis(500)));
         match ended {
             Ok(Some(status)) => to_pyerr(
                 py,
@@ -335,7 +374,7 @@ impl ProcessTwin {
             env,
             cwd,
         };
-        let started = py.detach(|| {
+        let started = in_host(py, || {
             let process = TwinProcess::spawn(command)?;
             let hello = Self::handshake(
                 &process,
@@ -377,7 +416,7 @@ impl ProcessTwin {
         let data = payload.as_bytes();
         let header = frame::header(data.len()).map_err(|e| to_pyerr(py, e))?;
         let fd = self.process.to_twin.as_raw_fd();
-        py.detach(|| {
+        in_host(py, || {
             let _guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             write_all(fd, &header, data)
         })?;
@@ -404,7 +443,7 @@ impl ProcessTwin {
         message.extend_from_slice(data);
         let fd = self.process.to_twin.as_raw_fd();
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
-        Ok(py.detach(|| {
+        Ok(in_host(py, || {
             // another thread may be inside a frame, blocked on the full pipe
             let _guard = loop {
                 match self.writer.try_lock() {
@@ -425,7 +464,7 @@ impl ProcessTwin {
     /// kept for the next call.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         loop {
-            let outcome = py.detach(|| {
+            let outcome = in_host(py, || {
                 let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
                 reader.read(self.read_fd(), self.max_frame)
             });
@@ -444,7 +483,7 @@ impl ProcessTwin {
     fn wait_readable(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         loop {
-            let ready = py.detach(|| {
+            let ready = in_host(py, || {
                 if self
                     .reader
                     .lock()
@@ -470,7 +509,7 @@ impl ProcessTwin {
 
     /// Waits up to `timeout` seconds for the twin to end; how it ended, or None.
     fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<String>> {
-        let status = py.detach(|| {
+        let status = in_host(py, || {
             self.process
                 .wait_timeout(Duration::from_secs_f64(timeout.max(0.0)))
         });
@@ -479,7 +518,7 @@ impl ProcessTwin {
 
     /// Kills the twin (SIGKILL) if it still runs; how it ended.
     fn kill(&self, py: Python<'_>) -> PyResult<String> {
-        let status = py.detach(|| self.process.kill()).map_err(|e| to_pyerr(py, e))?;
+        let status = in_host(py, || self.process.kill()).map_err(|e| to_pyerr(py, e))?;
         Ok(describe_status(status))
     }
 
