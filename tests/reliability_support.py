@@ -87,3 +87,21 @@ def wait_gone(pid: int) -> bool:
 def settle() -> None:
     """Give threads a moment to be inside their calls (no result depends on it)."""
     time.sleep(0.5)
+
+
+def in_thread(func, *args) -> tuple:
+    """Run ``func(*args)`` in a thread: ("value", result) or ("error", exception);
+    fails if it hangs."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(("value", func(*args)))
+        except BaseException as err:  # judged by the test
+            outcome.append(("error", err))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(HANG)
+    assert not thread.is_alive(), f"{getattr(func, '__name__', func)} hangs"
+    return outcome[0]

@@ -22,7 +22,7 @@ import pytest
 import reliability_helpers as rh
 from cpy2py import TwinMaster, TwinterpreterTerminated, TwinterpreterUnavailable
 from cpy2py import master as master_module
-from reliability_support import HANG, Calls, Loop, settle, wait_gone
+from reliability_support import HANG, Calls, Loop, in_thread, settle, wait_gone
 from support import TESTS_DIR, require_interpreter
 
 
@@ -391,12 +391,8 @@ def test_objects_dropped_while_their_twin_is_stopped_do_not_block_other_twins(ki
                 served += 1
             return served
 
-        caller = Calls(bystander, 0, None)  # only for its join
-        thread = threading.Thread(target=lambda: caller.outcomes.append(drop_and_call()), daemon=True)
-        caller.threads.append(thread)
-        thread.start()
-        caller.join()
-        assert caller.outcomes == [20], caller.outcomes
+        outcome = in_thread(drop_and_call)
+        assert outcome == ("value", 20), outcome
     finally:
         master_module._running[owner.twinterpreter_id].process.kill()
         stuck.join()
