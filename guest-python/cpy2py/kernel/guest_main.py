@@ -29,6 +29,7 @@ from ..protocol.messages import PROTOCOL_VERSION
 from . import links, main_module
 from .connection import Connection
 from .serialization import Serializer, take_lookup_failure
+from .stdio import flush_stdio
 
 log = _logging.get_logger("guest")
 
@@ -53,15 +54,6 @@ class LinkTransport:
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
         # one thread only: the next recv blocks until the master sends
         return True
-
-
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
 
 
 def _inside(path: Optional[str], roots: List[str]) -> bool:
@@ -125,7 +117,7 @@ def main(link: Any = None) -> None:
             func(*args, **kwargs)
     except BaseException:
         transport.send(codec.dumps({"error": traceback.format_exc()}))
-        _flush_stdio()
+        flush_stdio()
         return
     transport.send(codec.dumps({"ready": True}))
     connection = Connection(
@@ -133,7 +125,7 @@ def main(link: Any = None) -> None:
         kernel_state.MASTER_ID,
         serializer,
         describe_end=lambda: "closed the link",
-        after_request=_flush_stdio,
+        after_request=flush_stdio,
         threads=False,
     )
     links.register(kernel_state.MASTER_ID, connection)
@@ -152,4 +144,4 @@ def main(link: Any = None) -> None:
             func(*args, **kwargs)
         except Exception:
             log.exception("finalizer %r failed", func)
-    _flush_stdio()
+    flush_stdio()

@@ -19,17 +19,9 @@ from ..protocol.transport import FdTransport
 from . import links, main_module
 from .connection import Connection
 from .serialization import Serializer, take_lookup_failure
+from .stdio import flush_stdio
 
 log = _logging.get_logger("twin")
-
-
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
 
 
 def _apply_config(config: Dict[str, Any]) -> None:
@@ -85,7 +77,7 @@ def main() -> None:
         import traceback
 
         transport.send(codec.dumps({"error": traceback.format_exc()}))
-        _flush_stdio()
+        flush_stdio()
         os._exit(1)
     transport.send(codec.dumps({"ready": True}))
     log.info(
@@ -101,7 +93,7 @@ def main() -> None:
         describe_end=lambda: "closed the link",
         # asked to stop: end now, even if the main thread is busy with a call
         on_shutdown=lambda: _finish(config),
-        after_request=_flush_stdio,
+        after_request=flush_stdio,
     )
     links.register(kernel_state.MASTER_ID, connection)
     if main_module.runs_main():
@@ -129,6 +121,6 @@ def _finish(config: Dict[str, Any]) -> None:
             func(*args, **kwargs)
         except Exception:
             log.exception("finalizer %r failed", func)
-    _flush_stdio()
+    flush_stdio()
     # other threads may still run user code; the link is gone, so are we
     os._exit(0)
