@@ -194,6 +194,35 @@ def test_native_object_is_released_when_proxies_are_gone(kind):
     assert alive is False
 
 
+def test_object_is_released_after_a_slow_call_that_held_it(kind):
+    """A call that outlasts a poll tick hands polling to another server thread;
+    the thread that ran it must not keep its arguments alive while it waits."""
+    import threading
+
+    counter = cls(kind, tc.Counter)(0)
+    key = f"release-slow-{kind}"
+    counter.track(key)
+    results = []
+    slow = threading.Thread(
+        target=lambda: results.append(twin_helpers.run_in(kind, twin_helpers.sleep_then, 0.4, counter))
+    )
+    slow.start()
+    time.sleep(0.1)
+    # a second slow call meanwhile: the twin has three server threads now, and the
+    # one that ran the first call sleeps idle after it, until it is handed work
+    twin_helpers.run_in(kind, twin_helpers.sleep_then, 0.1)
+    slow.join()
+    assert results == [counter]
+    del counter, results
+    gc.collect()
+    deadline = time.time() + 10
+    alive = True
+    while alive and time.time() < deadline:
+        alive = twin_helpers.run_in(kind, tc.is_tracked_alive, key)
+        time.sleep(0.05)
+    assert alive is False
+
+
 def test_a_twin_calls_an_object_of_another_twin():
     from support import require_interpreter
 

@@ -205,6 +205,7 @@ class Connection:
             kind = message[0]
             if kind == REQUEST:  # a nested call of our chain: run it right here
                 conn._execute(message)
+                del message  # its arguments must not outlive the nested call
             elif conn is self and message[1] == req_id:
                 if kind == REPLY:
                     return message[2]
@@ -387,24 +388,29 @@ class Connection:
 
     def serve(self) -> None:
         """Serve the peer on this thread until the link ends (a twin's main loop)."""
-        self._serve(None, retire=False)
+        self._serve([None], retire=False)
 
     def _start_server(self, first: Optional[Tuple[Connection, list]] = None) -> None:
+        # the first request travels in a list the server empties: a Thread keeps
+        # its args until it ends, and a request must not keep its arguments alive
         thread = threading.Thread(
-            target=self._serve, args=(first,), name=f"cpy2py-server-{self.peer_id}", daemon=True
+            target=self._serve, args=([first],), name=f"cpy2py-server-{self.peer_id}", daemon=True
         )
         thread.start()
 
-    def _serve(self, first: Optional[Tuple[Connection, list]], retire: bool = True) -> None:
+    def _serve(self, handed: List[Optional[Tuple[Connection, list]]], retire: bool = True) -> None:
         waiter = _this_waiter()
         try:
-            if first is not None:
-                self._execute_as_server(waiter, first[1])
+            item = handed.pop()
             while True:
+                if item is not None:
+                    self._execute_as_server(waiter, item[1])
+                # drop the request before waiting: its arguments are not ours to keep
+                # (a proxy or native object in them must be releasable meanwhile)
+                item = None
                 item = self._next_request(waiter, retire)
                 if item is None:
                     return
-                self._execute_as_server(waiter, item[1])
         except BaseException as err:  # a server must never vanish silently
             log.exception("server thread of the link to %s failed", self.peer_id)
             self._fail(err if isinstance(err, ProtocolError) else ProtocolError(f"kernel failure: {err!r}"))
@@ -552,25 +558,31 @@ class Connection:
         # described outside the lock (it may wait for the process to end);
         # if several threads fail the link at once, the first to finish wins
         if isinstance(cause, ProtocolError):
-            error: BaseException = cause
             log.error("protocol error on the link to %s: %s", self.peer_id, cause)
+            # marked broken before the peer is killed: a call that meets the dead
+            # peer meanwhile must report the protocol error, not the kill
+            self._mark_broken(cause)
             if self._kill_peer is not None:  # a peer that broke the protocol is not trusted further
                 try:
                     self._kill_peer()
                 except Exception as err:
                     log.error("could not stop %s: %s", self.peer_id, err)
+            return
+        try:
+            how = reason or self._describe_end()
+        except Exception as err:  # describing must never keep waiters hanging
+            how = f"ended ({err})"
+        if isinstance(how, BaseException):  # the transport knows the exact error
+            error: BaseException = how
         else:
-            try:
-                how = reason or self._describe_end()
-            except Exception as err:  # describing must never keep waiters hanging
-                how = f"ended ({err})"
-            if isinstance(how, BaseException):  # the transport knows the exact error
-                error = how
-            else:
-                error = TwinterpreterTerminated(f"twinterpreter {self.peer_id!r} {how}")
-                if cause is not None:
-                    error.__cause__ = cause
-            log.info("link to %s ended: %s", self.peer_id, how)
+            error = TwinterpreterTerminated(f"twinterpreter {self.peer_id!r} {how}")
+            if cause is not None:
+                error.__cause__ = cause
+        log.info("link to %s ended: %s", self.peer_id, how)
+        self._mark_broken(error)
+
+    def _mark_broken(self, error: BaseException) -> None:
+        """The first error wins; everyone waiting on the link is woken to see it."""
         with _ROUTE_LOCK:
             if self.broken is not None:
                 return
