@@ -202,10 +202,12 @@ def test_object_is_released_after_a_slow_call_that_held_it(kind):
     counter = cls(kind, tc.Counter)(0)
     key = f"release-slow-{kind}"
     counter.track(key)
+
+    def slow_call(box, obj):
+        box.append(twin_helpers.run_in(kind, twin_helpers.sleep_then, 0.4, obj))
+
     results = []
-    slow = threading.Thread(
-        target=lambda: results.append(twin_helpers.run_in(kind, twin_helpers.sleep_then, 0.4, counter))
-    )
+    slow = threading.Thread(target=slow_call, args=(results, counter))
     slow.start()
     time.sleep(0.1)
     # a second slow call meanwhile: the twin has three server threads now, and the
