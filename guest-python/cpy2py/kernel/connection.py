@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
@@ -28,7 +29,7 @@ from ..errors import ProtocolError, TwinError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
 from . import references
-from .serialization import Serializer, take_lookup_failure
+from .serialization import Serializer, bare_failure, take_lookup_failure
 
 log = _logging.get_logger("connection")
 
@@ -169,6 +170,11 @@ class Connection:
         if references._pending_releases.get(self.peer_id):  # what this link carries only
             references.flush_releases(self.peer_id)
         waiter = _this_waiter()
+        if waiter.depth and _near_recursion_limit():  # only nested calls can be this deep
+            raise RecursionError(
+                "maximum recursion depth exceeded in a call across interpreters "
+                f"(cpy2py keeps the last {KERNEL_FRAMES} frames for its own work)"
+            )
         if waiter.chain is None:
             waiter.chain = _new_chain()
         chain = waiter.chain
@@ -198,20 +204,34 @@ class Connection:
                 waiter.depth -= 1
                 if waiter.depth == 0:
                     _CHAINS.pop(chain, None)
+            if _user_limit is not None:  # raised to answer at the limit: lower it on the way up
+                _lower_limit()
 
     def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Any:
         while True:
             conn, message = self._next_for(waiter)
             kind = message[0]
             if kind == REQUEST:  # a nested call of our chain: run it right here
-                conn._execute(message)
+                try:
+                    conn._execute(message)
+                except RecursionError as err:
+                    # too deep to run it or to say so: say so with some headroom,
+                    # since its caller waits for this reply and nothing else
+                    _with_headroom(conn._send_reply, message[1], RAISE, err)
                 del message  # its arguments must not outlive the nested call
             elif conn is self and message[1] == req_id:
                 if kind == REPLY:
                     return message[2]
                 raise self.serializer.reraise(message[2])
             else:
-                log.warning("dropped a reply to request %r that is not awaited here", message[1])
+                # the reply to an outer call of this thread: its peer gave up on
+                # the nested call this thread waits for, which would wait forever
+                conn._fail(
+                    ProtocolError(
+                        f"{conn.peer_id!r} answered request {message[1]} while a call nested in it "
+                        "was still waiting for its reply"
+                    )
+                )
 
     def _next_for(self, waiter: _Waiter) -> Tuple[Connection, list]:
         """The next message for ``waiter``: from its inbox, or read by itself."""
@@ -262,10 +282,21 @@ class Connection:
         """
         try:
             message = self._read_one()
-            return None if message is None else self._route(message, reader)
+            if message is None:
+                return None
+            try:
+                return self._route(message, reader)
+            except RecursionError:  # it was read, so it would be lost: nobody may wait for it
+                self._fail(
+                    TwinterpreterTerminated(
+                        f"the call chain is too deep to route a message from {self.peer_id!r}"
+                    )
+                )
+                return None
         finally:
             with _ROUTE_LOCK:
-                self._release_role()
+                self._reading = False  # here, not in a call that may fail at the recursion limit
+                self._role_is_free()
 
     def _read_one(self) -> Optional[list]:
         """Read and decode one frame (the caller holds the reading role).
@@ -285,7 +316,11 @@ class Connection:
             self._fail(None)
             return None
         try:
-            message = codec.loads(raw, self.serializer.tag_hook)
+            try:
+                message = codec.loads(raw, self.serializer.tag_hook)
+            except RecursionError:  # too deep here to decode it; read already, it must not be lost
+                take_lookup_failure()
+                message = _with_headroom(codec.loads, raw, self.serializer.tag_hook)
         except ProtocolError as err:
             take_lookup_failure()
             self._fail(err)
@@ -511,16 +546,39 @@ class Connection:
         try:
             kind, value = REPLY, self.serializer.perform(message[3], message[4:])
         except BaseException as err:  # every failure, SystemExit included, goes back to the caller
+            if self.serializer.keeps_interrupts and not isinstance(err, Exception):
+                self._stop_for(err)
+                raise
             kind, value = RAISE, err
         if self._after_request is not None:  # e.g. flush what the request printed first
-            self._after_request()
+            try:
+                self._after_request()
+            except Exception:  # best effort (a RecursionError near the limit): the reply matters more
+                pass
         self._send_reply(message[1], kind, value)
 
+    def _stop_for(self, interrupt: BaseException) -> None:
+        """Ctrl-C or an exit in the master while it served an untrusted peer: the
+        master's own, not the peer's to catch (a guest could swallow it and keep
+        the master busy forever). The peer is stopped, and the interrupt goes on here."""
+        self._mark_broken(
+            TwinterpreterTerminated(
+                f"twinterpreter {self.peer_id!r} was stopped by {type(interrupt).__name__} in the master "
+                "while the master ran a request of it; its state was lost"
+            )
+        )
+        if self._kill_peer is not None:
+            self._kill_peer()
+
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
+        """Every request gets its reply: a caller waits for nothing else."""
         try:
             payload = codec.dumps([kind, req_id, value], self.serializer.default)
-        except Exception as err:  # the result cannot be sent: say why instead
-            payload = codec.dumps([RAISE, req_id, err], self.serializer.default)
+        except BaseException as err:  # the result cannot be sent: say why instead
+            try:
+                payload = codec.dumps([RAISE, req_id, err], self.serializer.default)
+            except BaseException:  # not even that (a RecursionError near the limit): the bare facts
+                payload = bare_failure(req_id, value if kind == RAISE else err)
         if __debug__:
             log.debug("<- %s %s %d", self.peer_id, "reply" if kind == REPLY else "raise", req_id)
         try:
@@ -596,6 +654,49 @@ class Connection:
     def close(self, reason: str) -> None:
         """Mark the link ended by this side (stop/destroy)."""
         self._fail(None, reason=reason)
+
+
+#: frames below the recursion limit that a nested call leaves for the kernel:
+#: reading, routing and answering at any depth must never hit the limit, or a
+#: reply could be lost and both sides would wait forever
+KERNEL_FRAMES = 60
+
+
+def _near_recursion_limit() -> bool:
+    try:
+        sys._getframe(sys.getrecursionlimit() - KERNEL_FRAMES)
+    except ValueError:  # the stack is not that deep
+        return False
+    return True
+
+
+#: the recursion limit to go back to after _with_headroom, once shallow enough
+_user_limit: Optional[int] = None
+
+
+def _with_headroom(func: Callable[..., Any], *args: Any) -> Any:
+    """Call ``func`` with 100 more frames allowed: for what must be done even at
+    the recursion limit (decoding a frame read already, answering a request)."""
+    global _user_limit
+    if _user_limit is None:
+        _user_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(_user_limit + 100)
+    try:
+        return func(*args)
+    finally:
+        _lower_limit()
+
+
+def _lower_limit() -> None:
+    """Back to the usual recursion limit, if this thread is shallow enough for it
+    (Python refuses a limit below the current depth); else a shallower call does it."""
+    global _user_limit
+    if _user_limit is not None:
+        try:
+            sys.setrecursionlimit(_user_limit)
+            _user_limit = None
+        except RecursionError:
+            pass
 
 
 def current_chain() -> Optional[int]:

@@ -95,6 +95,8 @@ _SAFE_SPECIAL_METHODS = frozenset(
 class SandboxSerializer(Serializer):
     """Codec hooks for the master's link to a sandboxed guest."""
 
+    keeps_interrupts = True
+
     def __init__(self, peer_id: str, guest_paths: Iterable[str] = ()) -> None:
         super().__init__(peer_id, trusted=False)
         #: real paths of the roots the guest imports code from
@@ -154,8 +156,9 @@ class SandboxSerializer(Serializer):
                 placeholder,
                 SandboxViolation(
                     f"the sandboxed twin {self.peer_id!r} sent a reference to {value[0]}.{value[1]}; "
-                    f"a guest may not name objects in the master (nothing was imported or looked up). "
-                    f"Return data from the guest instead"
+                    f"a guest may not name objects in the master, twinfunctions and TwinObject classes "
+                    f"pinned to it included (nothing was imported or looked up). Hand the guest what it "
+                    f"may use as arguments, or return data from the guest instead"
                 ),
             )
             return placeholder

@@ -15,12 +15,15 @@ turned into the error of the request or reply that carried the name.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import io
 import pickle
 import threading
+from types import FunctionType
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import kernel_state
 from ..errors import ProtocolError, RemoteError, RemoteTraceback
 from ..protocol import tags
 from ..protocol.messages import (
@@ -30,6 +33,7 @@ from ..protocol.messages import (
     OP_GETATTR,
     OP_INSTANTIATE,
     OP_SETATTR,
+    RAISE,
 )
 from . import main_module, references
 
@@ -109,6 +113,22 @@ def _is_twin(obj: Any) -> bool:
     return isinstance(obj, references.TwinProxy) or isinstance(type(obj), TwinMeta)
 
 
+def _pinned_elsewhere(obj: Any) -> bool:
+    """... except a twin class or twinfunction pinned to another interpreter:
+    it means something only there, so it goes by name and the receiver
+    decides (a sandboxed guest's master refuses it). As a reference to the
+    sender's object it would bounce back to the sender forever."""
+    from ..twin_object import TwinMeta
+
+    if isinstance(obj, TwinMeta):
+        owner = type.__getattribute__(obj, "__twin_id__")
+    elif type(obj) is FunctionType:
+        owner = getattr(obj, "__twin_id__", None)
+    else:
+        return False
+    return owner is not None and owner != kernel_state.TWIN_ID
+
+
 class _Pickler(pickle.Pickler):
     """Pickles by value, but twin objects inside by reference."""
 
@@ -150,6 +170,10 @@ class Serializer:
     sandboxed links will get a stricter subclass.
     """
 
+    #: Ctrl-C or an exit while serving the peer stops the peer and stays here,
+    #: instead of going back to the peer as the request's exception (sandboxes)
+    keeps_interrupts = False
+
     def __init__(self, peer_id: str, trusted: bool = True) -> None:
         self.peer_id = peer_id
         self.trusted = trusted
@@ -173,8 +197,8 @@ class Serializer:
         if isinstance(obj, BaseException):
             return tags.EXCEPTION, self._exception_fields(obj)
         # names are looked up by the receiver: only on trusted links (a guest's
-        # functions reach the master as references to the guest's objects)
-        if self.trusted and (callable(obj) or isinstance(obj, type)):
+        # functions reach the master as references to the guest's objects) ...
+        if (self.trusted and (callable(obj) or isinstance(obj, type))) or _pinned_elsewhere(obj):
             name = global_name(obj)
             if name is not None:
                 self._names[id(obj)] = (obj, name)
@@ -246,7 +270,9 @@ class Serializer:
         except KeyError:
             pass
         try:
-            obj = lookup(*key)
+            # builtins need no import machinery (and few frames: a RecursionError
+            # from deep down must still be found)
+            obj = vars(builtins)[key[1]] if key[0] == "builtins" else lookup(*key)
         except Exception as err:
             raise LookupError(
                 f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
@@ -299,6 +325,33 @@ class Serializer:
         if op == OP_DELATTR:
             return delattr(*operands)
         raise ProtocolError(f"unknown request operation {op!r}")
+
+
+_BARE_NOTE = " (cpy2py: the full exception could not be sent)"
+
+
+def bare_failure(req_id: int, err: BaseException) -> bytes:
+    """A RAISE message for ``err`` that needs few stack frames and nothing of
+    ``err`` but its type name and text: for when the full form cannot be
+    encoded (a RecursionError near the limit, a failing ``__str__``)."""
+    from ..protocol import codec  # late: codec imports nothing from here
+
+    kind = type(err)
+    builtin = vars(builtins).get(kind.__name__) is kind
+    try:
+        text = str(err) if builtin else f"{kind.__module__}.{kind.__qualname__}: {err}"
+    except BaseException:  # a failing __str__
+        text = kind.__qualname__
+    if _BARE_NOTE not in text:
+        text = text[:4096] + _BARE_NOTE
+    name = kind.__name__ if builtin else "RuntimeError"
+
+    def encode(obj: Any) -> Tuple[int, Any]:
+        if type(obj) is _GlobalRef:
+            return tags.GLOBAL_REF, list(obj.name)
+        return tags.EXCEPTION, [_GlobalRef(("builtins", name)), [text], None]
+
+    return codec.dumps([RAISE, req_id, err], encode)
 
 
 class _GlobalRef:
