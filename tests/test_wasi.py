@@ -311,6 +311,20 @@ def test_guest_sees_no_host_environment(box, plugin):
     assert not set(env) & {"HOME", "PATH", "USER"}, env
 
 
+def test_guest_clocks_are_coarse_and_count_from_its_start(box):
+    """The guest gets what timing needs: dates and durations to the millisecond,
+    nothing finer, and no host uptime."""
+    samples = box.execute(
+        eval, "[(__import__('time').time_ns(), __import__('time').monotonic_ns()) for _ in range(50)]"
+    )
+    for wall_ns, mono_ns in samples:
+        assert wall_ns % 1_000_000 == 0 and mono_ns % 1_000_000 == 0, (wall_ns, mono_ns)
+    assert abs(samples[0][0] / 1e9 - time.time()) < 60  # the date is right
+    host_uptime = time.monotonic()
+    assert samples[-1][1] / 1e9 < min(host_uptime, 3600)  # counted from the guest's start
+    assert box.execute(eval, "__import__('time').get_clock_info('monotonic').resolution") == 0.001
+
+
 def test_guest_cannot_open_network_connections(box):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, StoreContextMut, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxView, WasiView};
 
+use super::clocks;
 use super::output::{GuestOutput, Sink, Which};
 use super::queue::{Closed, FrameQueue, Popped};
 use super::runtime::{self, GUEST_THREAD_STACK};
@@ -567,8 +568,8 @@ impl Drop for WasiGuest {
 }
 
 /// The guest's WASI world: the code view and the standard library read-only,
-/// its output to the master's, and nothing else: no environment, no
-/// arguments, no stdin, no network.
+/// its output to the master's, coarse clocks, and nothing else: no
+/// environment, no arguments, no stdin, no network.
 fn wasi_context(config: &GuestConfig, code: &CodeView, output: &GuestOutput) -> Result<WasiCtx> {
     let mut wasi = WasiCtx::builder();
     wasi.stdout(output.stream(Which::Stdout))
@@ -577,7 +578,9 @@ fn wasi_context(config: &GuestConfig, code: &CodeView, output: &GuestOutput) -> 
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }))
-        .allow_blocking_current_thread(true);
+        .allow_blocking_current_thread(true)
+        .wall_clock(clocks::CoarseWallClock)
+        .monotonic_clock(clocks::CoarseMonotonicClock::new());
     let mount = |wasi: &mut wasmtime_wasi::WasiCtxBuilder, host: &std::path::Path, guest: &str| {
         wasi.preopened_dir(host, guest, FsPerms::ReadOnly)
             .map(|_| ())

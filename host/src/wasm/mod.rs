@@ -4,6 +4,7 @@
 //! context in `guest`), how much it may take (`guest`, `runtime`, `output`,
 //! `queue`), and how it is stopped.
 
+pub mod clocks;
 pub mod guest;
 pub mod output;
 pub mod queue;
