@@ -171,10 +171,7 @@ class Connection:
             references.flush_releases(self.peer_id)
         waiter = _this_waiter()
         if waiter.depth and _near_recursion_limit():  # only nested calls can be this deep
-            raise RecursionError(
-                "maximum recursion depth exceeded in a call across interpreters "
-                f"(cpy2py keeps the last {KERNEL_FRAMES} frames for its own work)"
-            )
+            raise _too_deep()
         if waiter.chain is None:
             waiter.chain = _new_chain()
         chain = waiter.chain
@@ -204,20 +201,16 @@ class Connection:
                 waiter.depth -= 1
                 if waiter.depth == 0:
                     _CHAINS.pop(chain, None)
-            if _user_limit is not None:  # raised to answer at the limit: lower it on the way up
-                _lower_limit()
 
     def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Any:
         while True:
             conn, message = self._next_for(waiter)
             kind = message[0]
             if kind == REQUEST:  # a nested call of our chain: run it right here
-                try:
+                if _near_recursion_limit():  # answered, not run: the kernel keeps its frames
+                    conn._send_reply(message[1], RAISE, _too_deep())
+                else:
                     conn._execute(message)
-                except RecursionError as err:
-                    # too deep to run it or to say so: say so with some headroom,
-                    # since its caller waits for this reply and nothing else
-                    _with_headroom(conn._send_reply, message[1], RAISE, err)
                 del message  # its arguments must not outlive the nested call
             elif conn is self and message[1] == req_id:
                 if kind == REPLY:
@@ -282,21 +275,10 @@ class Connection:
         """
         try:
             message = self._read_one()
-            if message is None:
-                return None
-            try:
-                return self._route(message, reader)
-            except RecursionError:  # it was read, so it would be lost: nobody may wait for it
-                self._fail(
-                    TwinterpreterTerminated(
-                        f"the call chain is too deep to route a message from {self.peer_id!r}"
-                    )
-                )
-                return None
+            return None if message is None else self._route(message, reader)
         finally:
             with _ROUTE_LOCK:
-                self._reading = False  # here, not in a call that may fail at the recursion limit
-                self._role_is_free()
+                self._release_role()
 
     def _read_one(self) -> Optional[list]:
         """Read and decode one frame (the caller holds the reading role).
@@ -316,11 +298,7 @@ class Connection:
             self._fail(None)
             return None
         try:
-            try:
-                message = codec.loads(raw, self.serializer.tag_hook)
-            except RecursionError:  # too deep here to decode it; read already, it must not be lost
-                take_lookup_failure()
-                message = _with_headroom(codec.loads, raw, self.serializer.tag_hook)
+            message = codec.loads(raw, self.serializer.tag_hook)
         except ProtocolError as err:
             take_lookup_failure()
             self._fail(err)
@@ -551,24 +529,19 @@ class Connection:
                 raise
             kind, value = RAISE, err
         if self._after_request is not None:  # e.g. flush what the request printed first
-            try:
-                self._after_request()
-            except Exception:  # best effort (a RecursionError near the limit): the reply matters more
-                pass
+            self._after_request()
         self._send_reply(message[1], kind, value)
 
     def _stop_for(self, interrupt: BaseException) -> None:
         """Ctrl-C or an exit in the master while it served an untrusted peer: the
         master's own, not the peer's to catch (a guest could swallow it and keep
         the master busy forever). The peer is stopped, and the interrupt goes on here."""
-        self._mark_broken(
+        self._break_and_kill(
             TwinterpreterTerminated(
                 f"twinterpreter {self.peer_id!r} was stopped by {type(interrupt).__name__} in the master "
                 "while the master ran a request of it; its state was lost"
             )
         )
-        if self._kill_peer is not None:
-            self._kill_peer()
 
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
@@ -617,14 +590,7 @@ class Connection:
         # if several threads fail the link at once, the first to finish wins
         if isinstance(cause, ProtocolError):
             log.error("protocol error on the link to %s: %s", self.peer_id, cause)
-            # marked broken before the peer is killed: a call that meets the dead
-            # peer meanwhile must report the protocol error, not the kill
-            self._mark_broken(cause)
-            if self._kill_peer is not None:  # a peer that broke the protocol is not trusted further
-                try:
-                    self._kill_peer()
-                except Exception as err:
-                    log.error("could not stop %s: %s", self.peer_id, err)
+            self._break_and_kill(cause)  # a peer that broke the protocol is not trusted further
             return
         try:
             how = reason or self._describe_end()
@@ -638,6 +604,16 @@ class Connection:
                 error.__cause__ = cause
         log.info("link to %s ended: %s", self.peer_id, how)
         self._mark_broken(error)
+
+    def _break_and_kill(self, error: BaseException) -> None:
+        """Mark the link broken, then kill the peer: in this order, so that a call
+        that meets the dead peer meanwhile reports ``error``, not the kill."""
+        self._mark_broken(error)
+        if self._kill_peer is not None:
+            try:
+                self._kill_peer()
+            except Exception as err:
+                log.error("could not stop %s: %s", self.peer_id, err)
 
     def _mark_broken(self, error: BaseException) -> None:
         """The first error wins; everyone waiting on the link is woken to see it."""
@@ -662,41 +638,19 @@ class Connection:
 KERNEL_FRAMES = 60
 
 
+def _too_deep() -> RecursionError:
+    return RecursionError(
+        "maximum recursion depth exceeded in a call across interpreters "
+        f"(cpy2py keeps the last {KERNEL_FRAMES} frames for its own work)"
+    )
+
+
 def _near_recursion_limit() -> bool:
     try:
         sys._getframe(sys.getrecursionlimit() - KERNEL_FRAMES)
     except ValueError:  # the stack is not that deep
         return False
     return True
-
-
-#: the recursion limit to go back to after _with_headroom, once shallow enough
-_user_limit: Optional[int] = None
-
-
-def _with_headroom(func: Callable[..., Any], *args: Any) -> Any:
-    """Call ``func`` with 100 more frames allowed: for what must be done even at
-    the recursion limit (decoding a frame read already, answering a request)."""
-    global _user_limit
-    if _user_limit is None:
-        _user_limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(_user_limit + 100)
-    try:
-        return func(*args)
-    finally:
-        _lower_limit()
-
-
-def _lower_limit() -> None:
-    """Back to the usual recursion limit, if this thread is shallow enough for it
-    (Python refuses a limit below the current depth); else a shallower call does it."""
-    global _user_limit
-    if _user_limit is not None:
-        try:
-            sys.setrecursionlimit(_user_limit)
-            _user_limit = None
-        except RecursionError:
-            pass
 
 
 def current_chain() -> Optional[int]:

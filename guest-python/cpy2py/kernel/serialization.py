@@ -118,14 +118,11 @@ def _pinned_elsewhere(obj: Any) -> bool:
     it means something only there, so it goes by name and the receiver
     decides (a sandboxed guest's master refuses it). As a reference to the
     sender's object it would bounce back to the sender forever."""
-    from ..twin_object import TwinMeta
+    from ..twin_object import TwinMeta, _native_here
 
     if isinstance(obj, TwinMeta):
-        owner = type.__getattribute__(obj, "__twin_id__")
-    elif type(obj) is FunctionType:
-        owner = getattr(obj, "__twin_id__", None)
-    else:
-        return False
+        return not _native_here(obj)
+    owner = getattr(obj, "__twin_id__", None) if type(obj) is FunctionType else None
     return owner is not None and owner != kernel_state.TWIN_ID
 
 
