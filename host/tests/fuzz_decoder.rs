@@ -12,8 +12,10 @@
 #[path = "support/fuzz_oracle.rs"]
 mod oracle;
 
+#[path = "support/repo.rs"]
+mod repo;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 
 use cpy2py_host::protocol::frame;
 use cpy2py_host::protocol::tags::MAX_DEPTH;
@@ -69,7 +71,7 @@ fn unhex(hex: &str) -> Vec<u8> {
 
 /// The `cbor` fields of the shared vectors, valid and invalid.
 fn vector_seeds() -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors");
+    let dir = repo::repo_root().join("tests/vectors");
     let mut seeds = Vec::new();
     for file in ["values.json", "invalid.json"] {
         let text = std::fs::read_to_string(dir.join(file)).expect("reading the vectors");

@@ -3,16 +3,15 @@
 //! decode-only alternative encoding) its meaning encodes to exactly its
 //! bytes; every invalid vector is refused.
 
-use std::path::PathBuf;
+#[path = "support/repo.rs"]
+mod repo;
 
 use cpy2py_host::protocol::tags::MAX_DEPTH;
 use cpy2py_host::protocol::value::{GlobalName, Value};
 use serde_json::Value as Json;
 
 fn vectors(file: &str) -> Vec<Json> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/vectors")
-        .join(file);
+    let path = repo::repo_root().join("tests/vectors").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     match serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display())) {
         Json::Array(items) => items,

@@ -3,7 +3,9 @@
 //! limit ending the guest with its reason. Skipped (with a note) when the
 //! guest has not been built; `just test` builds it first.
 
-use std::path::PathBuf;
+#[path = "support/repo.rs"]
+mod repo;
+
 use std::time::{Duration, Instant};
 
 use ciborium::value::Value;
@@ -12,7 +14,7 @@ use cpy2py_host::wasm::queue::Popped;
 use cpy2py_host::wasm::{GuestConfig, GuestEnd, WasiGuest};
 
 fn guest_config(twin_id: &str) -> Option<GuestConfig> {
-    let build = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../wasm/build");
+    let build = repo::repo_root().join("wasm/build");
     let guest = build.join("cpy2py-guest.wasm");
     if !guest.exists() {
         eprintln!("skipped: {} is not built (run `just wasm`)", guest.display());
