@@ -214,7 +214,7 @@ def test_proxies_from_before_a_restart_fail_clearly():
     master.start()
     new = tc.Counter_python3(2)
     assert new.increment() == 3
-    # the new twin never mistakes the old proxy for one of its objects
-    with pytest.raises(LookupError, match="not known here"):
+    # the old proxy never reaches the new twin: it says its twin ended
+    with pytest.raises(TwinterpreterTerminated, match="'python3', which ended: .*destroyed"):
         old.increment()
     master.stop()

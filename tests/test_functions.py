@@ -117,11 +117,23 @@ def test_recursion_through_the_sandbox_depth_200(sandbox):
     assert path[:2] == [SANDBOX_KIND, kernel_state.MASTER_ID] and path[-1] == SANDBOX_KIND
 
 
-def test_exceptions_propagate_through_every_level_of_the_sandbox(sandbox):
-    with pytest.raises(LookupError, match="bottom reached") as info:
-        tf.wasi_ping(41, handed_pong(), True)
+def test_exceptions_propagate_through_every_level_of_the_sandbox(sandbox, caplog):
+    """Type and message go through every level; a guest sees no master
+    traceback (the master logs its own), the master sees the guest's."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="__cpy2py__.sandbox")
+    logging.getLogger("__cpy2py__").propagate = True
+    try:
+        with pytest.raises(LookupError, match="bottom reached") as info:
+            tf.wasi_ping(41, handed_pong(), True)
+    finally:
+        logging.getLogger("__cpy2py__").propagate = False
     text = "".join(__import__("traceback").format_exception(info.type, info.value, info.tb))
-    assert text.count("in wasi_ping") >= 10 and text.count("in wasi_pong") >= 10
+    assert "in wasi_ping" in text  # the guest's frames, as text
+    assert "test_functions.py" not in str(info.value.__cause__)  # no master path went through the guest
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert logged.count("in wasi_pong") >= 10  # the master's own traceback, in its log
 
 
 def test_recursion_past_the_limit_in_the_sandbox_fails_cleanly(sandbox):

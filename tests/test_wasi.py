@@ -25,6 +25,7 @@ from cpy2py import (
     TwinStartError,
     TwinterpreterTerminated,
     TwinTimeout,
+    expose,
     is_proxy,
 )
 from cpy2py.errors import RemoteTraceback
@@ -232,7 +233,7 @@ def test_callbacks_the_guest_was_handed_run_in_the_master(box):
     assert sorted(seen) == [(1, os.getpid()), (2, os.getpid()), (3, os.getpid())]
 
 
-def test_objects_are_never_pickled_into_the_guest(box):
+def test_objects_are_handed_as_references_never_pickled(box):
     class Local:
         def __init__(self):
             self.value = 5
@@ -241,13 +242,14 @@ def test_objects_are_never_pickled_into_the_guest(box):
             return "master internals"
 
     local = Local()
-    # handed as a reference: the guest reads public attributes through it
-    assert box.execute(getattr, local, "value") == 5
-    # but cannot reach private ones, nor walk to classes, globals or modules
+    # handed as an opaque reference: the guest can pass it back, nothing more
+    assert box.execute(eval, "lambda x: x")(local) is local
+    with pytest.raises(SandboxViolation, match="'value'"):
+        box.execute(getattr, local, "value")
+    # unless the application grants names of it (tests/test_sandbox_policy.py has the rest)
+    assert box.execute(getattr, expose(local, "value"), "value") == 5
     with pytest.raises(SandboxViolation, match="_secret"):
-        box.execute(getattr, local, "_secret")
-    with pytest.raises(SandboxViolation, match="__dict__"):
-        box.execute(getattr, local, "__dict__")
+        box.execute(getattr, expose(local, "value"), "_secret")
     import twin_helpers
 
     with pytest.raises(SandboxViolation, match="__globals__"):  # a callback's module stays out of reach

@@ -19,6 +19,7 @@ from .errors import (
     TwinterpreterUnavailable,
     TwinTimeout,
 )
+from .capabilities import expose, exposed
 from .functions import twinfunction
 from .kernel_state import TWIN_GROUP_STATE
 from .twin_object import TwinObject, is_proxy, localmethod
@@ -38,6 +39,8 @@ __all__ = [
     "TwinterpreterUnavailable",
     "TwinObject",
     "TWIN_GROUP_STATE",
+    "expose",
+    "exposed",
     "is_proxy",
     "kernel_state",
     "localmethod",

@@ -261,7 +261,7 @@ class TwinMaster:
             from . import wasi
 
             process = wasi.start_guest(self)
-            serializer: Serializer = wasi.serializer_for(self.twinterpreter_id)
+            serializer: Serializer = wasi.serializer_for(self.twinterpreter_id, process)
         else:
             process = self._start_process()
             serializer = Serializer(self.twinterpreter_id)
@@ -279,8 +279,14 @@ class TwinMaster:
             return f"(pid {pid}) {status}"
 
         # the link exists before the welcome: initializers may carry references
+        # a guest has no threads: it may call back only within calls made to it
         connection = Connection(
-            process, self.twinterpreter_id, serializer, describe_end, kill_peer=process.kill
+            process,
+            self.twinterpreter_id,
+            serializer,
+            describe_end,
+            kill_peer=process.kill,
+            new_chains=serializer.trusted,
         )
         try:
             process.send(codec.dumps(self._welcome(), serializer.default))

@@ -1,7 +1,7 @@
 """Sandboxed twins: CPython compiled to WebAssembly, run by wasmtime in the master.
 
 ``TwinMaster('wasi-python')`` (or any id with ``executable='wasi-python'``)
-comes here (``master.py`` calls ``start_guest`` and ``serializer_for``). The
+comes here (``master.py`` calls ``start_guest``). The
 guest is the component built by ``just wasm`` (wasm/): CPython 3.14 and the
 pre-initialized cpy2py kernel. The host (``cpy2py._host.WasiTwin``, Rust)
 runs it on a thread of its own with:
@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import select
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from . import _logging
 from .errors import TwinStartError
@@ -44,10 +44,6 @@ DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 DEFAULT_OUTPUT_LIMIT = 4 * 1024 * 1024
-
-_paths_lock = threading.Lock()
-#: twin id -> real paths of its code roots, for its serializer
-_guest_paths: Dict[str, Tuple[str, ...]] = {}
 
 
 def guest_locations() -> List[str]:
@@ -115,13 +111,15 @@ class GuestLink:
     CPython end daemon threads at shutdown without unwinding Rust frames.
     """
 
-    __slots__ = ("_twin", "_fd", "hello", "pid")
+    __slots__ = ("_twin", "_fd", "hello", "pid", "paths")
 
-    def __init__(self, twin: Any) -> None:
+    def __init__(self, twin: Any, paths: List[str]) -> None:
         self._twin = twin
         self._fd: int = twin.readable_fd
         self.hello: Dict[str, Any] = twin.hello
         self.pid: int = twin.pid
+        #: real paths of the roots the guest imports code from
+        self.paths = paths
 
     def __repr__(self) -> str:
         return repr(self._twin)
@@ -186,8 +184,6 @@ def start_guest(master: Any) -> GuestLink:
     else:
         timeout = float(_positive(timeout, "timeout", DEFAULT_TIMEOUT))
     output_limit = int(getattr(master, "output_limit", None) or DEFAULT_OUTPUT_LIMIT)
-    with _paths_lock:
-        _guest_paths[master.twinterpreter_id] = tuple(paths)
     log.info("starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, guest, paths)
     twin = _host.WasiTwin.start(
         master.twinterpreter_id,
@@ -203,11 +199,9 @@ def start_guest(master: Any) -> GuestLink:
         cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
         handshake_timeout=float(master.handshake_timeout),
     )
-    return GuestLink(twin)
+    return GuestLink(twin, paths)
 
 
-def serializer_for(twin_id: str) -> SandboxSerializer:
+def serializer_for(twin_id: str, link: GuestLink) -> SandboxSerializer:
     """The master's serializer for the link to sandboxed twin ``twin_id``."""
-    with _paths_lock:
-        paths = _guest_paths.get(twin_id, ())
-    return SandboxSerializer(twin_id, paths)
+    return SandboxSerializer(twin_id, link.paths)

@@ -29,7 +29,7 @@ from ..errors import ProtocolError, TwinError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
 from . import references
-from .serialization import Serializer, bare_failure, take_lookup_failure
+from .serialization import Serializer, bare_failure
 
 log = _logging.get_logger("connection")
 
@@ -119,6 +119,9 @@ class Connection:
     runs after each request served here (a twin flushes its stdout).
     Without ``threads`` (the WASI guest), the one thread serves requests
     inline, also those of other chains that arrive while it waits.
+    Without ``new_chains`` (the master's link to a sandboxed guest, which has
+    no threads), a request must belong to a call this side is making to the
+    peer: any other breaks the link, and no thread is ever started for it.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class Connection:
         after_request: Optional[Callable[[], None]] = None,
         kill_peer: Optional[Callable[[], Any]] = None,
         threads: bool = True,
+        new_chains: bool = True,
     ) -> None:
         self.transport = transport
         self.peer_id = peer_id
@@ -140,11 +144,13 @@ class Connection:
         self._after_request = after_request
         self._kill_peer = kill_peer
         self._threads = threads
+        self._new_chains = new_chains
         self._ids = itertools.count(1)
         # routing state, guarded by _ROUTE_LOCK
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
         self._abandoned: Set[int] = set()  # requests whose caller left before the reply
         self._reading = False
+        self._reader: Optional[int] = None  # the thread that holds the reading role
         self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
         # servers (see "serving the peer" below)
         self._poller: Optional[_Waiter] = None
@@ -156,8 +162,14 @@ class Connection:
         self._watched = 0  # ... as the watcher saw it last
         self._watcher_asleep = False
         self.broken: Optional[BaseException] = None
-        #: keys of the twin references sent over this link (what the peer was handed)
-        self.handed: Set[Tuple[str, int]] = set()
+        # references (kernel/references.py, guarded by its lock): what the peer
+        # holds of this side's objects, key -> count, and (sandboxes) what it
+        # may do with them; releases of proxies here, queued until sent;
+        # proxy classes made for the class descriptions the peer sent
+        self.handed: Dict[Tuple[str, int], int] = {}
+        self.grants: Dict[Tuple[str, int], Any] = {}
+        self.pending_releases: List[Tuple[str, int, int]] = []
+        self.proxy_classes: Dict[Any, type] = {}
         serializer.connection = self
 
     def __repr__(self) -> str:
@@ -167,8 +179,16 @@ class Connection:
 
     def request(self, op: int, *operands: Any) -> Any:
         """Send a request and wait for its result (or raise its exception)."""
-        if references._pending_releases.get(self.peer_id):  # what this link carries only
-            references.flush_releases(self.peer_id)
+        if self.pending_releases:  # what this link carries only
+            references.flush_releases(self)
+        if self._reader == threading.get_ident() and self._reading:
+            # this thread is reading a frame of this very link: it would wait
+            # for a reply that only it could read
+            raise CallWhileReading(
+                f"a value from {self.peer_id!r} cannot be rebuilt here without a call to "
+                f"{self.peer_id!r} (one of its objects used as a dict key or set member, whose "
+                "hash or equality it computes); send such values as a list of pairs instead"
+            )
         waiter = _this_waiter()
         if waiter.depth and _near_recursion_limit():  # only nested calls can be this deep
             raise _too_deep()
@@ -252,11 +272,13 @@ class Connection:
             _park(waiter, queue)
             return False
         self._reading = True
+        self._reader = threading.get_ident()
         return True
 
     def _release_role(self) -> None:
         """Caller holds _ROUTE_LOCK: give up the reading role."""
         self._reading = False
+        self._reader = None
         self._role_is_free()
 
     def _role_is_free(self) -> None:
@@ -298,15 +320,19 @@ class Connection:
             self._fail(None)
             return None
         try:
-            message = codec.loads(raw, self.serializer.tag_hook)
+            message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
         except ProtocolError as err:
-            take_lookup_failure()
             self._fail(err)
             return None
+        except Exception as err:  # rebuilding a value failed (see CallWhileReading)
+            message, failure = _header(raw), err
+            if message is None:
+                self._fail(ProtocolError(f"{self.peer_id!r} sent a frame that cannot be decoded: {err!r}"))
+                return None
         if not isinstance(message, list) or not message or type(message[0]) is not int:
-            self._fail(ProtocolError(f"received a message that is not a cpy2py message: {message!r:.200}"))
+            what = references.safe_repr(message)
+            self._fail(ProtocolError(f"received a message that is not a cpy2py message: {what}"))
             return None
-        failure = take_lookup_failure()
         if failure is not None and len(message) > 2:
             # a name in it does not exist here: the request or reply fails, the link stays
             if message[0] == REQUEST:
@@ -323,7 +349,7 @@ class Connection:
             if kind == REPLY or kind == RAISE:
                 req_id = message[1]
                 if len(message) != 3 or type(req_id) is not int:
-                    raise ProtocolError(f"malformed reply {message!r:.200}")
+                    raise ProtocolError(f"malformed reply {references.safe_repr(message)}")
                 with _ROUTE_LOCK:
                     # a reply is routed once: a second one is an error
                     target = self._pending.pop(req_id, None)
@@ -339,26 +365,31 @@ class Connection:
                     )
             elif kind == REQUEST:
                 if len(message) < 4 or not all(type(field) is int for field in message[1:4]):
-                    raise ProtocolError(f"malformed request {message!r:.200}")
+                    raise ProtocolError(f"malformed request {references.safe_repr(message)}")
                 chain = message[2]
                 with _ROUTE_LOCK:
                     target = _CHAINS.get(chain)
+                if target is None and not self._new_chains:
+                    raise ProtocolError(
+                        f"{self.peer_id!r} sent a request outside any call made to it "
+                        "(a sandboxed guest has no threads of its own)"
+                    )
                 if target is None:  # a new chain here: for the reader if it is a server
                     if reader is None or not self._threads:
                         return (self, message)  # without threads, whoever reads runs it
                     return self._hand_to_server(message)
             elif kind == RELEASE:
                 if len(message) != 2:
-                    raise ProtocolError(f"malformed release {message!r:.200}")
-                references.release(message[1])
+                    raise ProtocolError(f"malformed release {references.safe_repr(message)}")
+                references.release(message[1], self)
                 return None
             elif kind == SHUTDOWN:
                 if len(message) != 2 or type(message[1]) is not int:
-                    raise ProtocolError(f"malformed shutdown {message!r:.200}")
+                    raise ProtocolError(f"malformed shutdown {references.safe_repr(message)}")
                 self._shutdown(message[1])
                 return None
             else:
-                raise ProtocolError(f"unknown message kind {kind!r}")
+                raise ProtocolError(f"unknown message kind {references.safe_repr(kind)}")
         except (IndexError, TypeError, ProtocolError) as err:
             self._fail(err if isinstance(err, ProtocolError) else ProtocolError(f"malformed message: {err}"))
             return None
@@ -491,6 +522,7 @@ class Connection:
             if self.broken is not None or self._reading:
                 return None  # a caller reads: it takes what arrived
             self._reading = True
+            self._reader = threading.get_ident()
         try:
             ready = self.transport.wait_readable(0)
         except (OSError, ValueError):
@@ -521,16 +553,24 @@ class Connection:
 
     def _execute(self, message: list) -> None:
         """Run a request on this thread and send its reply."""
+        req_id, op, operands = message[1], message[3], message[4:]
+        # the request's arguments live as long as the request, not as long as
+        # whoever holds the message: what the peer handed for it is released
+        # before the reply (see below), so the peer learns at once
+        del message[3:]
         try:
-            kind, value = REPLY, self.serializer.perform(message[3], message[4:])
+            kind, value = REPLY, self.serializer.perform(op, operands)
         except BaseException as err:  # every failure, SystemExit included, goes back to the caller
             if self.serializer.keeps_interrupts and not isinstance(err, Exception):
                 self._stop_for(err)
                 raise
             kind, value = RAISE, err
+        del operands
         if self._after_request is not None:  # e.g. flush what the request printed first
             self._after_request()
-        self._send_reply(message[1], kind, value)
+        if self.pending_releases:
+            references.flush_releases(self)
+        self._send_reply(req_id, kind, value)
 
     def _stop_for(self, interrupt: BaseException) -> None:
         """Ctrl-C or an exit in the master while it served an untrusted peer: the
@@ -616,7 +656,8 @@ class Connection:
                 log.error("could not stop %s: %s", self.peer_id, err)
 
     def _mark_broken(self, error: BaseException) -> None:
-        """The first error wins; everyone waiting on the link is woken to see it."""
+        """The first error wins; everyone waiting on the link is woken to see it,
+        and what the peer held of this side's objects is released."""
         with _ROUTE_LOCK:
             if self.broken is not None:
                 return
@@ -626,6 +667,7 @@ class Connection:
                     _unpark(queue[0])
             for waiter in list(self._pending.values()):
                 _unpark(waiter)
+        references.forget_link(self)
 
     def close(self, reason: str) -> None:
         """Mark the link ended by this side (stop/destroy)."""
@@ -651,6 +693,22 @@ def _near_recursion_limit() -> bool:
     except ValueError:  # the stack is not that deep
         return False
     return True
+
+
+class CallWhileReading(TwinError):
+    """A value from a peer needs a call to that peer to be rebuilt while its
+    frame is being read (a deadlock if it waited): the request or reply that
+    carried it fails instead."""
+
+
+def _header(raw: Any) -> Optional[list]:
+    """The plain fields of a message (kind, id, ...) with every tagged value
+    left out: enough to fail the request or reply it belongs to."""
+    try:
+        message = codec.loads(raw, lambda tag, value: None)
+    except Exception:
+        return None
+    return message if isinstance(message, list) and len(message) > 2 else None
 
 
 def current_chain() -> Optional[int]:

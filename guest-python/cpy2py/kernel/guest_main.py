@@ -26,9 +26,9 @@ from .. import _logging, kernel_state
 from ..errors import ProtocolError
 from ..protocol import codec
 from ..protocol.messages import PROTOCOL_VERSION
-from . import links, main_module
+from . import links, main_module, references
 from .connection import Connection
-from .serialization import Serializer, take_lookup_failure
+from .serialization import Serializer
 from .stdio import flush_stdio
 
 log = _logging.get_logger("guest")
@@ -49,6 +49,10 @@ class LinkTransport:
         self._link.send(bytes(payload))
 
     def recv(self) -> Optional[bytes]:
+        # about to wait: first tell the master what this guest let go of (a
+        # guest has no thread to do it later, and the master must not keep
+        # what it handed longer than the guest holds it)
+        references.flush_releases()
         return self._link.recv()
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
@@ -80,6 +84,7 @@ def main(link: Any = None) -> None:
     """Run the guest kernel until the master closes the link."""
     if link is None:  # the bindings exist only inside the component
         from wit_world.imports import link  # type: ignore[import-not-found,no-redef]
+    references.reseed_instance_ids()  # every guest starts from the same snapshot
     kernel_state.TWIN_ID = link.twin_id()
     paths = list(link.paths())
     transport = LinkTransport(link)
@@ -99,7 +104,7 @@ def main(link: Any = None) -> None:
     if raw is None:  # the master gave up on us
         return
     serializer = Serializer("__master__", trusted=False)
-    welcome = codec.loads(raw, serializer.tag_hook)
+    welcome, failure = serializer.decode(raw)
     if not isinstance(welcome, dict) or welcome.get("cpy2py") != PROTOCOL_VERSION:
         version = welcome.get("cpy2py") if isinstance(welcome, dict) else None
         raise ProtocolError(
@@ -109,7 +114,6 @@ def main(link: Any = None) -> None:
     serializer.peer_id = kernel_state.MASTER_ID
     config = welcome.get("config") or {}
     try:
-        failure = take_lookup_failure()
         if failure is not None:
             raise failure
         _apply_config(config, paths)

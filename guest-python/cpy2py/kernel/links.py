@@ -8,7 +8,7 @@ one connection to the master, which forwards what is native elsewhere.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from .. import kernel_state
 from ..errors import TwinterpreterUnavailable
@@ -31,6 +31,12 @@ def unregister(twin_id: str, connection: Connection) -> None:
     with _lock:
         if _connections.get(twin_id) is connection:
             del _connections[twin_id]
+
+
+def all_connections() -> List[Connection]:
+    """Every registered connection that is still up."""
+    with _lock:
+        return [c for c in _connections.values() if c.broken is None]
 
 
 def set_starter(starter: Callable[[str], Connection]) -> None:

@@ -4,14 +4,19 @@ Exports: an object sent by reference (a TwinObject, or anything that cannot
 travel as a copy) is kept alive here in ``_exports``, keyed by
 ``(owner twin id, instance id)``, with the number of times it was sent. A
 proxy passed on to a third interpreter is exported the same way, which keeps
-the proxy (and thus the object in its owner) alive.
+the proxy (and thus the object in its owner) alive. Each link counts what
+its peer holds (``Connection.handed``): a peer releases only its own
+references, and everything it holds is released when its link ends.
 
 Proxies: a reference received here becomes the one proxy of that object in
-this interpreter (``_proxies``), so identity is kept. A proxy counts the
-references it received over the link to its owner; when it is collected it
-queues a release of that many, which is sent in a batch (before the next
-request, or by a flusher thread) - never from ``__del__`` itself. The owner
-subtracts the count and drops the object when nothing is left.
+this interpreter (``_proxies``), so identity is kept. A proxy belongs to the
+link it came over (its owner's link in the master, the master's in a twin):
+once that link ended the proxy raises ``TwinterpreterTerminated``, and it
+never reaches a restarted twin of the same id. A proxy counts the references
+it received; when it is collected it queues a release of that many on its
+link, which is sent in a batch (before the next request, or by a flusher
+thread) - never from ``__del__`` itself. The owner subtracts the count and
+drops the object when nothing is left.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import kernel_state
-from ..errors import ProtocolError
+from ..capabilities import DATA_MODEL_METHODS
+from ..errors import ProtocolError, TwinterpreterTerminated
 from ..protocol.messages import (
     OP_CALL_METHOD,
     OP_DELATTR,
@@ -46,11 +52,6 @@ _iid_of: Dict[int, int] = {}  # id(native object) -> its instance id, while expo
 # hands out the id of an object of its previous life to a stale proxy.
 _iids = itertools.count((int.from_bytes(os.urandom(4), "big") << 24) + 1)
 _proxies: weakref.WeakValueDictionary[Key, TwinProxy] = weakref.WeakValueDictionary()
-#: releases queued by collected proxies, per link they travel over (the
-#: owner's twin id in the master; in a twin, the master's): lists of (owner,
-#: instance id, count). A list is never removed, so no append from __del__
-#: can land in a list that was already taken away.
-_pending_releases: Dict[str, List[Tuple[str, int, int]]] = {}
 _flusher: Optional[threading.Thread] = None
 
 # how a proxy class reaches an attribute of its object
@@ -112,11 +113,14 @@ _ALWAYS_FORWARDED = ("__repr__", "__str__", "__dir__")
 # -- exporting ----------------------------------------------------------------
 
 
-def export(obj: Any, connection: Connection, by_name: bool = True) -> List[Any]:
-    """The wire form ``[owner, instance id, class info]`` of ``obj``, counted as sent.
+def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = None) -> List[Any]:
+    """The wire form ``[owner, instance id, class info]`` of ``obj``, counted as
+    sent over ``connection``.
 
     ``by_name=False`` (sandbox links) never names a class: the receiver gets
-    a generic description and looks nothing up.
+    a generic description and looks nothing up. ``grant`` (sandbox links: a
+    ``capabilities.Grant``) is what the peer may do with the object; it is
+    kept with the link's count and described in the class info.
     """
     if isinstance(obj, TwinProxy):
         key = (
@@ -124,7 +128,9 @@ def export(obj: Any, connection: Connection, by_name: bool = True) -> List[Any]:
             object.__getattribute__(obj, "__instance_id__"),
         )
         info = type(obj).__class_info__
-        if not by_name and isinstance(info, type):
+        if grant is not None:
+            info = capability_info(obj, grant)
+        elif not by_name and isinstance(info, type):
             info = class_info(info, by_name=False)
         # The receiver counts (and later releases) a reference only if it
         # makes a proxy that talks to us: a twin getting it from the master.
@@ -132,7 +138,7 @@ def export(obj: Any, connection: Connection, by_name: bool = True) -> List[Any]:
         if not kernel_state.is_master() or connection.peer_id == key[0]:
             return [key[0], key[1], info]
     else:
-        info = class_info(type(obj), by_name)
+        info = capability_info(obj, grant) if grant is not None else class_info(type(obj), by_name)
     with _lock:
         if not isinstance(obj, TwinProxy):
             iid = _iid_of.get(id(obj))
@@ -144,7 +150,10 @@ def export(obj: Any, connection: Connection, by_name: bool = True) -> List[Any]:
             _exports[key] = [obj, 1]
         else:
             entry[1] += 1
-    connection.handed.add(key)
+        connection.handed[key] = connection.handed.get(key, 0) + 1
+        if grant is not None:
+            known = connection.grants.get(key)
+            connection.grants[key] = grant if known is None else known | grant
     return [key[0], key[1], info]
 
 
@@ -158,6 +167,35 @@ def class_info(cls: type, by_name: bool = True) -> Any:
     return [f"{cls.__module__}.{cls.__qualname__}", sorted(_special_names(cls))]
 
 
+def capability_info(obj: Any, grant: Any) -> List[Any]:
+    """The class info of a master object handed to a sandboxed guest: its
+    type's name, the special methods and the methods it may call (a third
+    element, so the guest's proxy forwards exactly these and nothing else)."""
+    import inspect
+
+    cls = type(obj)
+    specials = sorted(n for n in grant.names if n[:2] == "__" and n[-2:] == "__")
+    methods = sorted(
+        n for n in grant.names if n not in specials and callable(inspect.getattr_static(cls, n, None))
+    )
+    return [f"{cls.__module__}.{cls.__qualname__}", specials, methods]
+
+
+def key_of(obj: Any) -> Optional[Key]:
+    """The key under which ``obj`` (native here, or a proxy) is exported, if it is."""
+    if isinstance(obj, TwinProxy):
+        return (
+            object.__getattribute__(obj, "__twin_owner__"),
+            object.__getattribute__(obj, "__instance_id__"),
+        )
+    iid = _iid_of.get(id(obj))
+    if iid is None:
+        return None
+    key = (kernel_state.TWIN_ID, iid)
+    entry = _exports.get(key)
+    return key if entry is not None and entry[0] is obj else None
+
+
 def exported(key: Key) -> Any:
     """The object exported under ``key``; LookupError if it is not (any more)."""
     entry = _exports.get(key)
@@ -169,31 +207,75 @@ def exported(key: Key) -> Any:
     return entry[0]
 
 
-def release(items: Any) -> None:
-    """A peer dropped references: ``[[owner, instance id, count], ...]``."""
+def release(items: Any, connection: Connection) -> None:
+    """The peer of ``connection`` dropped references: ``[[owner, instance id,
+    count], ...]``. A peer releases at most what it was handed over its own
+    link; the rest of the counts are other links' and stay."""
     if not isinstance(items, list):
-        raise ProtocolError(f"malformed release {items!r:.100}")
+        raise ProtocolError(f"malformed release (not a list): {safe_repr(items)}")
+    for item in items:  # plain data only: nothing here may run the peer's code
+        if not (
+            type(item) is list
+            and len(item) == 3
+            and type(item[0]) is str
+            and type(item[1]) is int
+            and type(item[2]) is int
+            and item[2] > 0
+        ):
+            raise ProtocolError(f"malformed release entry {safe_repr(item)}")
     dropped = []
     with _lock:
-        for item in items:
-            if not (isinstance(item, list) and len(item) == 3):
-                raise ProtocolError(f"malformed release entry {item!r:.100}")
-            key = (item[0], item[1])
-            entry = _exports.get(key)
-            if entry is None:
-                continue
-            entry[1] -= item[2]
-            if entry[1] <= 0:
-                del _exports[key]
-                if key[0] == kernel_state.TWIN_ID:
-                    _iid_of.pop(id(entry[0]), None)
-                dropped.append(entry[0])  # the last reference goes outside the lock
+        for owner, iid, count in items:
+            dropped.extend(_drop(connection, (owner, iid), count))
+    del dropped  # the last references go outside the lock
+
+
+def forget_link(connection: Connection) -> None:
+    """The link ended: whatever its peer held is released at once."""
+    dropped = []
+    with _lock:
+        for key, count in list(connection.handed.items()):
+            dropped.extend(_drop(connection, key, count))
+        connection.handed.clear()
+        connection.grants.clear()
+        connection.pending_releases.clear()
     del dropped
+
+
+def _drop(connection: Connection, key: Key, count: int) -> List[Any]:
+    """Caller holds _lock: subtract up to ``count`` of what ``connection``
+    holds of ``key``; returns the object if nobody holds it any more."""
+    held = connection.handed.get(key, 0)
+    count = min(count, held)
+    if count <= 0:
+        return []
+    if held == count:
+        del connection.handed[key]
+        connection.grants.pop(key, None)
+    else:
+        connection.handed[key] = held - count
+    entry = _exports.get(key)
+    if entry is None:
+        return []
+    entry[1] -= count
+    if entry[1] > 0:
+        return []
+    del _exports[key]
+    if key[0] == kernel_state.TWIN_ID:
+        _iid_of.pop(id(entry[0]), None)
+    return [entry[0]]
 
 
 def export_count() -> int:
     """How many objects are kept alive for other interpreters (for tests and debugging)."""
     return len(_exports)
+
+
+def reseed_instance_ids() -> None:
+    """Start instance ids at a new random offset (a sandboxed guest, whose
+    start-up state is a snapshot shared by every guest, does this first)."""
+    global _iids
+    _iids = itertools.count((int.from_bytes(os.urandom(4), "big") << 24) + 1)
 
 
 # -- receiving ------------------------------------------------------------------
@@ -206,14 +288,17 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
         return exported(key)
     # references count towards the link to their owner (a twin has only the master's)
     counted = connection.peer_id == owner or not kernel_state.is_master()
+    link = connection if counted else links.existing_connection(owner)
     with _lock:
         proxy = _proxies.get(key)
-        if proxy is None:
-            proxy_cls = proxy_class(info)
+        if proxy is None or object.__getattribute__(proxy, "__twin_link__") is not link:
+            # new, or a proxy of an earlier life of that twin: that one stays dead
+            proxy_cls = proxy_class(info, connection)
             proxy = object.__new__(proxy_cls)
             object.__setattr__(proxy, "__twin_owner__", owner)
             object.__setattr__(proxy, "__instance_id__", iid)
             object.__setattr__(proxy, "__received__", 0)
+            object.__setattr__(proxy, "__twin_link__", link)
             _proxies[key] = proxy
         if counted:
             object.__setattr__(proxy, "__received__", object.__getattribute__(proxy, "__received__") + 1)
@@ -221,22 +306,19 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
     return proxy
 
 
-def _queue_release(owner: str, iid: int, count: int) -> None:
-    # called from __del__: atomic dict and list operations only, no locks, no I/O
-    link = owner if kernel_state.is_master() else kernel_state.MASTER_ID
-    queue = _pending_releases.get(link)
-    if queue is None:
-        queue = _pending_releases.setdefault(link, [])
-    queue.append((owner, iid, count))
+def _queue_release(link: Any, owner: str, iid: int, count: int) -> None:
+    # called from __del__: an atomic list append only, no locks, no I/O
+    if link is not None and link.broken is None:
+        link.pending_releases.append((owner, iid, count))
 
 
-def flush_releases(link: Optional[str] = None) -> None:
-    """Send the queued releases, one batch per link; with ``link``, only
-    those over the link to that twin id. A caller flushes only the link it
-    is about to use: another twin's link may block (a twin that stopped
-    reading), and must not hold up calls to the others."""
-    for target in [link] if link is not None else list(_pending_releases):
-        queue = _pending_releases.get(target)
+def flush_releases(connection: Optional[Connection] = None) -> None:
+    """Send the queued releases, one batch per link; with ``connection``, only
+    those over that link. A caller flushes only the link it is about to use:
+    another twin's link may block (a twin that stopped reading), and must not
+    hold up calls to the others."""
+    for link in [connection] if connection is not None else links.all_connections():
+        queue = link.pending_releases
         items: List[List[Any]] = []
         while queue:
             try:
@@ -244,10 +326,8 @@ def flush_releases(link: Optional[str] = None) -> None:
             except IndexError:
                 break
             items.append([owner, iid, count])
-        if items:
-            connection = links.existing_connection(target)
-            if connection is not None:
-                connection.send_release(items)
+        if items and link.broken is None:
+            link.send_release(items)
 
 
 def _ensure_flusher() -> None:
@@ -271,7 +351,38 @@ def _flush_forever() -> None:
 
 
 def _threads_available() -> bool:
-    return sys.platform != "wasi"  # the WASI guest has no threads: releases ride on requests
+    return sys.platform != "wasi"  # the WASI guest has no threads: it flushes before it waits
+
+
+def safe_repr(value: Any, limit: int = 200) -> str:
+    """``repr`` of a value received from a peer that never calls the peer: a
+    proxy inside is described here (its own ``repr`` would ask its owner,
+    which may be the very peer whose frame is being read)."""
+
+    def show(item: Any, depth: int) -> str:
+        if isinstance(item, TwinProxy):
+            return (
+                f"<{type(item).__qualname__} #{object.__getattribute__(item, '__instance_id__')} "
+                f"of {object.__getattribute__(item, '__twin_owner__')!r}>"
+            )
+        if depth > 4:
+            return "..."
+        if type(item) in (list, tuple, set, frozenset):
+            inner = ", ".join(show(i, depth + 1) for i in list(item)[:20])
+            return {list: "[{}]", tuple: "({})", set: "{{{}}}", frozenset: "frozenset({{{}}})"}[
+                type(item)
+            ].format(inner)
+        if type(item) is dict:
+            pairs = list(item.items())[:20]
+            return "{" + ", ".join(f"{show(k, depth + 1)}: {show(v, depth + 1)}" for k, v in pairs) + "}"
+        if type(item) in (str, bytes, bytearray):
+            return repr(item[:limit])
+        if type(item) in (int, float, bool, complex) or item is None:
+            return repr(item)[:limit]
+        return f"<{type(item).__qualname__} object>"
+
+    text = show(value, 0)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- proxies --------------------------------------------------------------------
@@ -290,39 +401,81 @@ def _special_names(cls: type) -> set:
 
 def _forwarder(name: str) -> Any:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        link = object.__getattribute__(self, "__twin_link__")
         if name == "__exit__" and len(args) == 3:
-            args = (args[0], args[1], None)  # a traceback cannot travel; its text does, in the exception
-        return call(self, OP_CALL_METHOD, name, list(args), kwargs)
+            # a traceback cannot travel (its text does, in the exception); the
+            # link's policy decides what of the exception the owner may see
+            args = _serializer(link).exit_arguments(args[0], args[1])
+            if args is None:
+                return None  # not for the owner to see: the exception goes on here
+        result = call(self, OP_CALL_METHOD, name, list(args), kwargs)
+        if name in _TEXT_METHODS:
+            return _serializer(link).received_text(result)
+        return result
 
     forward.__name__ = name
     return forward
 
 
-_proxy_classes: Dict[Any, type] = {}
+def _serializer(link: Any) -> Any:
+    from .serialization import Serializer
+
+    return link.serializer if link is not None else Serializer("?")
 
 
-def proxy_class(info: Any) -> type:
-    """The proxy class for a class info (cached)."""
+_TEXT_METHODS = frozenset({"__repr__", "__str__"})
+#: proxy classes of twin classes (known by name, so bounded by the program)
+_twin_proxy_classes: Dict[type, type] = {}
+#: proxy classes per link, for the class descriptions its peer sent; beyond
+#: this many a link's proxies get classes of their own, freed with them
+MAX_PROXY_CLASSES_PER_LINK = 256
+#: longest class name taken from a peer's description
+MAX_CLASS_NAME = 200
+
+
+def proxy_class(info: Any, connection: Any = None) -> type:
+    """The proxy class for a class info: a twin class, or a description
+    ``[qualified name, special methods]`` from a peer, or a capability
+    ``[qualified name, special methods, methods]`` from a sandbox's master
+    (cached: twin classes globally, descriptions per link)."""
     from ..twin_object import TwinMeta
 
     if isinstance(info, TwinMeta):
-        cache_key: Any = info
-        names = _special_names(info)
-        proxied: Any = info
-        name, qualname, module = info.__name__, info.__qualname__, info.__module__
-        unhashable = info.__hash__ is None
-    elif isinstance(info, list) and len(info) == 2 and isinstance(info[1], list):
-        cache_key = (info[0], tuple(info[1]))
-        names = {n for n in info[1] if isinstance(n, str) and n not in _NOT_FORWARDED}
-        proxied = None
-        qualname = info[0].rsplit(".", 1)[-1]
-        name, module = qualname, info[0].rsplit(".", 1)[0]
-        unhashable = False
-    else:
-        raise LookupError(f"cannot make a proxy for class {info!r:.100}")
-    cls = _proxy_classes.get(cache_key)
-    if cls is not None:
+        cls = _twin_proxy_classes.get(info)
+        if cls is None:
+            cls = _twin_proxy_classes[info] = _make_proxy_class(info, _special_names(info), info, None)
         return cls
+    if not (
+        isinstance(info, list)
+        and len(info) in (2, 3)
+        and isinstance(info[0], str)
+        and all(isinstance(part, list) and all(isinstance(n, str) for n in part) for part in info[1:])
+    ):
+        raise LookupError(f"cannot make a proxy for class {safe_repr(info, 100)}")
+    cache: Dict[Any, type] = connection.proxy_classes if connection is not None else {}
+    cache_key = (info[0], *(tuple(part) for part in info[1:]))
+    cls = cache.get(cache_key)
+    if cls is None:
+        trusted = connection is None or connection.serializer.trusted
+        specials = {n for n in info[1] if n not in _NOT_FORWARDED and (trusted or n in DATA_MODEL_METHODS)}
+        methods = info[2] if len(info) == 3 else None
+        cls = _make_proxy_class(info, specials, None, methods)
+        if len(cache) < MAX_PROXY_CLASSES_PER_LINK:
+            cache[cache_key] = cls
+    return cls
+
+
+def _make_proxy_class(info: Any, specials: set, proxied: Any, methods: Optional[List[str]]) -> type:
+    if proxied is not None:
+        name, qualname, module = proxied.__name__, proxied.__qualname__, proxied.__module__
+        unhashable = proxied.__hash__ is None
+        has_eq = "__eq__" in _all_names(proxied)
+    else:
+        dotted = info[0][:MAX_CLASS_NAME]
+        module, _, qualname = dotted.rpartition(".")
+        name = qualname = qualname or dotted
+        unhashable = False
+        has_eq = "__eq__" in info[1]
     namespace: Dict[str, Any] = {
         "__slots__": (),
         "__proxied_class__": proxied,
@@ -332,21 +485,33 @@ def proxy_class(info: Any) -> type:
         "__doc__": getattr(proxied, "__doc__", None),
         "_kinds": {},
     }
-    for special in set(_ALWAYS_FORWARDED) | names:
+    if methods is None:
+        forwarded = set(_ALWAYS_FORWARDED) | specials
+    else:
+        # a capability: exactly what was granted; anything else is refused by
+        # its owner, and its repr is made here unless that was granted too
+        forwarded = specials
+        namespace["_kinds"] = {m: _METHOD for m in methods}
+        if "__repr__" not in specials:
+            namespace["__repr__"] = _capability_repr
+    for special in forwarded:
         namespace[special] = _forwarder(special)
-    if "__eq__" in _all_names(proxied, info):
+    if has_eq:
         namespace["__eq__"] = _forwarder("__eq__")
         namespace["__hash__"] = None if unhashable else _forwarder("__hash__")
     elif unhashable:
         namespace["__hash__"] = None
-    cls = type(name, (TwinProxy,), namespace)
-    _proxy_classes[cache_key] = cls
-    return cls
+    return type(name, (TwinProxy,), namespace)
 
 
-def _all_names(proxied: Any, info: Any) -> set:
-    if proxied is None:
-        return set(info[1])
+def _capability_repr(self: Any) -> str:
+    return (
+        f"<{type(self).__qualname__} object of {object.__getattribute__(self, '__twin_owner__')!r}, "
+        f"handed to this sandbox>"
+    )
+
+
+def _all_names(proxied: type) -> set:
     names = set()
     for klass in proxied.__mro__:
         if klass is not object and getattr(klass, "__module__", None) != "cpy2py.twin_object":
@@ -371,10 +536,22 @@ def _classify(cls: type, name: str) -> str:
 def call(target: Any, op: int, *operands: Any) -> Any:
     """Run an operation on the object behind ``target`` (a proxy or a twin class)."""
     if isinstance(target, TwinProxy):
-        owner = object.__getattribute__(target, "__twin_owner__")
-    else:
-        owner = type.__getattribute__(target, "__twin_id__")
+        link = object.__getattribute__(target, "__twin_link__")
+        if link is None or link.broken is not None:
+            raise _gone(target, link)
+        return link.request(op, target, *operands)
+    owner = type.__getattribute__(target, "__twin_id__")
     return links.connection_to(owner).request(op, target, *operands)
+
+
+def _gone(proxy: Any, link: Any) -> TwinterpreterTerminated:
+    owner = object.__getattribute__(proxy, "__twin_owner__")
+    iid = object.__getattribute__(proxy, "__instance_id__")
+    why = f": {link.broken}" if link is not None else ""
+    return TwinterpreterTerminated(
+        f"{type(proxy).__qualname__} object #{iid} lived in twinterpreter {owner!r}, which ended{why}; "
+        "its objects ended with it (a restarted twin starts without them)"
+    )
 
 
 class RemoteMethod:
@@ -398,6 +575,7 @@ _PROXY_LOCALS = frozenset(
         "__twin_owner__",
         "__instance_id__",
         "__received__",
+        "__twin_link__",
         "__class__",
         "__proxied_class__",
         "__class_info__",
@@ -413,7 +591,7 @@ _PROXY_LOCALS = frozenset(
 class TwinProxy:
     """Base of all proxies: every attribute access goes to the native object."""
 
-    __slots__ = ("__twin_owner__", "__instance_id__", "__received__", "__weakref__")
+    __slots__ = ("__twin_owner__", "__instance_id__", "__received__", "__twin_link__", "__weakref__")
     __is_twin_proxy__ = True
 
     def __getattribute__(self, name: str) -> Any:
@@ -447,6 +625,7 @@ class TwinProxy:
             received = object.__getattribute__(self, "__received__")
             if received:
                 _queue_release(
+                    object.__getattribute__(self, "__twin_link__"),
                     object.__getattribute__(self, "__twin_owner__"),
                     object.__getattribute__(self, "__instance_id__"),
                     received,

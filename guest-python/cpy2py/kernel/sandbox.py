@@ -2,7 +2,8 @@
 what it accepts from one (docs/security.md, "Policy").
 
 A guest is untrusted. From it the master accepts data, exceptions and
-references to the guest's own objects only:
+references to the guest's own objects, and references back to what it was
+handed; nothing else:
 
 - no pickle, either way;
 - no name reference (module, qualname): nothing is imported or looked up in
@@ -12,14 +13,12 @@ references to the guest's own objects only:
   ``Exception`` subclasses, never looked up elsewhere) or ``RemoteError``
   carrying the guest's type name, message and traceback text.
 
-The guest may also send references to master objects it was handed, and use
-those: call them, read and write their public attributes, and use the data
-model's special methods - never a private or dunder attribute, so a handed
-callback cannot be walked to its globals, class or module.
-
-To the guest, functions and classes travel by name if the guest can import
-them (the standard library, modules under its ``paths``); anything else that
-is not data is handed to it as a reference (a capability), never pickled.
+What the master hands a guest is an allowlist (``cpy2py.capabilities``):
+data is copied; a callable can be called and nothing else; any other object
+is opaque unless the application granted names of it (``expose``,
+``@exposed``); frames, generators, coroutines, code, modules, loaders,
+classes and tracebacks are never handed. An exception from master code
+reaches the guest as a builtin type and its plain message only.
 
 Nothing in this module imports anything on a peer's behalf.
 """
@@ -27,28 +26,70 @@ Nothing in this module imports anything on a peer's behalf.
 from __future__ import annotations
 
 import builtins
+import importlib.abc
+import importlib.machinery
 import os
 import sys
+import types
+import zipimport
 from typing import Any, Iterable, List, Optional, Tuple
 
-from .. import errors, kernel_state
+from .. import _logging, errors
+from ..capabilities import CALL_ONLY, OPAQUE, Exposed, Grant, class_grant
 from ..errors import RemoteError, RemoteTraceback, SandboxViolation
-from ..protocol import tags
-from ..protocol.messages import OP_CALL_METHOD, OP_DELATTR, OP_GETATTR, OP_SETATTR
-from . import main_module, references
-from .serialization import (
-    Serializer,
-    _forget_failure,
-    _GlobalRef,
-    _is_twin,
-    _record_failure,
-    global_name,
+from ..protocol import codec, tags
+from ..protocol.messages import (
+    OP_CALL_METHOD,
+    OP_DELATTR,
+    OP_EXECUTE,
+    OP_GETATTR,
+    OP_INSTANTIATE,
+    OP_SETATTR,
 )
+from . import main_module, references
+from .serialization import Serializer, _GlobalRef, format_exception, global_name
+
+log = _logging.get_logger("sandbox")
 
 #: guest exception texts longer than this are cut (the frame cap bounds them anyway)
 MAX_TRACEBACK_TEXT = 64 * 1024
+#: a guest's repr/str results, and the message of a master exception sent to
+#: a guest, are cut to this many characters
+MAX_TEXT = 4096
+#: at most this many characters of a name a guest sent end up in a message
+MAX_NAME = 200
 
 _STDLIB_NAMES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
+
+#: never handed to a guest, whatever the application does: each of these
+#: reaches the master's globals, code, files or import system
+NEVER_HANDED: Tuple[type, ...] = (
+    type,
+    types.ModuleType,
+    types.FrameType,
+    types.TracebackType,
+    types.CodeType,
+    types.GeneratorType,
+    types.CoroutineType,
+    types.AsyncGeneratorType,
+    importlib.machinery.ModuleSpec,
+    importlib.abc.Loader,
+    importlib.abc.MetaPathFinder,
+    importlib.abc.PathEntryFinder,
+    zipimport.zipimporter,
+)
+
+#: what the types of NEVER_HANDED are called in another twin (for proxies of
+#: its objects, which the master may hold and hand on)
+_NEVER_HANDED_NAMES = frozenset(f"{t.__module__}.{t.__qualname__}" for t in NEVER_HANDED) | {
+    "cpy2py.twin_object.TwinMeta",
+    "abc.ABCMeta",
+    "enum.EnumType",
+    "enum.EnumMeta",
+}
+
+#: the plain values an exception may carry to a guest
+_PLAIN = (str, bytes, int, float, bool, type(None))
 
 
 class _GuestName:
@@ -60,7 +101,7 @@ class _GuestName:
         self.module, self.qualname = module, qualname
 
     def __repr__(self) -> str:
-        return f"<name {self.module}.{self.qualname} sent by a sandboxed guest>"
+        return f"<name {self.module:.{MAX_NAME}}.{self.qualname:.{MAX_NAME}} sent by a sandboxed guest>"
 
 
 def _builtin_exception(module: Any, qualname: Any) -> Optional[type]:
@@ -80,16 +121,49 @@ def _builtin_exception(module: Any, qualname: Any) -> Optional[type]:
     return None
 
 
+def _public_type(kind: type) -> type:
+    """The nearest base of ``kind`` that a guest knows by name: a builtin
+    ``Exception`` subclass or a cpy2py error."""
+    for klass in kind.__mro__:
+        module, name = getattr(klass, "__module__", None), klass.__name__
+        if module == "builtins" and vars(builtins).get(name) is klass and issubclass(klass, Exception):
+            return klass
+        if (
+            module == "cpy2py.errors"
+            and getattr(errors, name, None) is klass
+            and issubclass(klass, Exception)
+        ):
+            return klass
+    return Exception
+
+
+def guest_exception(err: Exception) -> Exception:
+    """What a guest may see of a master exception: a new exception of the
+    nearest builtin (or cpy2py) type, with the plain-data arguments only, texts
+    cut; no objects, no traceback, no cause."""
+    kind = _public_type(type(err))
+    args = [a[:MAX_TEXT] if isinstance(a, (str, bytes)) else a for a in err.args if type(a) in _PLAIN]
+    if isinstance(err, RemoteError):  # another twin's traceback text stays here
+        args = [err.type_name[:MAX_TEXT], err.message[:MAX_TEXT]]
+        kind = RemoteError
+    try:
+        safe = kind(*args)
+    except Exception:  # arguments that do not fit the constructor
+        safe = kind.__new__(kind)
+        safe.args = tuple(args)
+    return safe
+
+
+def _remote_type_name(proxy: Any) -> str:
+    """The qualified name of the type of the object behind ``proxy``."""
+    info = type(proxy).__class_info__
+    if isinstance(info, type):  # an instance of a twin class
+        return f"{info.__module__}.{info.__qualname__}"
+    return str(info[0]) if isinstance(info, list) and info else ""
+
+
 def _within(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
-
-
-#: special methods a guest may call on master objects it was handed
-_SAFE_SPECIAL_METHODS = frozenset(
-    """__call__ __len__ __iter__ __next__ __getitem__ __setitem__ __delitem__ __contains__
-    __bool__ __repr__ __str__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __hash__ __add__
-    __sub__ __mul__ __truediv__ __floordiv__ __mod__ __neg__ __enter__ __exit__""".split()
-)
 
 
 class SandboxSerializer(Serializer):
@@ -105,9 +179,10 @@ class SandboxSerializer(Serializer):
     # -- what goes to the guest ---------------------------------------------
 
     def guest_can_import(self, module: str) -> bool:
-        """Whether the guest can import ``module``: the standard library, or a
-        module loaded here from a file under the guest's paths."""
-        if module.split(".")[0] in _STDLIB_NAMES:
+        """Whether the guest can import ``module``: the standard library, cpy2py,
+        or a module loaded here from a file under the guest's paths."""
+        top = module.split(".")[0]
+        if top in _STDLIB_NAMES or top == "cpy2py":
             return True
         if main_module.is_main_name(module):
             main = sys.modules.get("__main__")
@@ -117,32 +192,100 @@ class SandboxSerializer(Serializer):
         return isinstance(path, str) and _within(os.path.realpath(path), self.guest_paths)
 
     def default(self, obj: Any) -> Tuple[int, Any]:
-        if isinstance(obj, BaseException) or type(obj) is _GlobalRef:
-            # an exception (its type travels as a name for the guest to look up, or not)
+        if type(obj) is _GlobalRef:
             return super().default(obj)
-        if _is_twin(obj):  # twin objects and proxies: references, never names
+        if isinstance(obj, BaseException):
+            return tags.EXCEPTION, self._exception_for_guest(obj)
+        grant: Optional[Grant] = None
+        if type(obj) is Exposed:
+            obj, grant = obj.target, obj.grant
+        proxy = isinstance(obj, references.TwinProxy)
+        if proxy and object.__getattribute__(obj, "__twin_owner__") == self.peer_id:
+            # the guest's own object, going home
             return tags.TWIN_REF, references.export(obj, self.connection, by_name=False)
-        if callable(obj) or isinstance(obj, type):
-            name = global_name(obj)
-            if name is not None and self.guest_can_import(name[0]):
-                return tags.GLOBAL_REF, list(name)
-        # Anything else is handed to the guest as a reference: a capability to
-        # call it and use its public attributes (see perform), nothing more.
-        return tags.TWIN_REF, references.export(obj, self.connection, by_name=False)
+        if not proxy:
+            if isinstance(obj, NEVER_HANDED):
+                if isinstance(obj, type) and grant is None:
+                    name = global_name(obj)
+                    if name is not None and self.guest_can_import(name[0]):
+                        return tags.GLOBAL_REF, list(name)  # the guest's own copy of it
+                raise SandboxViolation(
+                    f"cannot hand a {type(obj).__module__}.{type(obj).__qualname__} to the sandboxed twin "
+                    f"{self.peer_id!r}: frames, generators, coroutines, code, modules, loaders, classes "
+                    "and tracebacks reach the master's insides and are never handed to a guest "
+                    "(pass data, e.g. a list instead of a generator)"
+                )
+            if grant is None and callable(obj):
+                name = global_name(obj)
+                if name is not None and self.guest_can_import(name[0]):
+                    return tags.GLOBAL_REF, list(name)  # the guest runs its own copy
+        elif _remote_type_name(obj) in _NEVER_HANDED_NAMES:
+            raise SandboxViolation(
+                f"cannot hand a proxy of a {_remote_type_name(obj)} to the sandboxed twin {self.peer_id!r}: "
+                "modules, classes, frames, generators and code are never handed to a guest"
+            )
+        if grant is None:
+            declared = class_grant(type(obj).__proxied_class__ if proxy else type(obj))
+            grant = declared or (CALL_ONLY if callable(obj) else OPAQUE)
+        # a reference the guest may use exactly as granted (see perform)
+        return tags.TWIN_REF, references.export(obj, self.connection, by_name=False, grant=grant)
+
+    def _exception_for_guest(self, err: BaseException) -> List[Any]:
+        if not isinstance(err, Exception):
+            raise SandboxViolation(
+                f"{type(err).__name__} is the master's own (it is not an Exception): it never reaches "
+                f"the sandboxed twin {self.peer_id!r}"
+            )
+        if err.__traceback__ is not None:  # raised by master code: the master keeps its traceback
+            log.info(
+                "an exception of the master goes to sandbox %s as its type and message:\n%s",
+                self.peer_id,
+                format_exception(err),
+            )
+        safe = guest_exception(err)
+        kind = type(safe)
+        return [_GlobalRef((kind.__module__, kind.__qualname__)), list(safe.args), None]
 
     def check_executable(self, call: Any) -> None:
         """``execute`` runs its callable in the guest, so the guest must be able
-        to import it (handing it as a callback would run it in the master)."""
-        name = global_name(call) if callable(call) else None
+        to import it (handing it as a callback would run it in the master), or
+        it must be the guest's own (a proxy of one of its functions)."""
+        if isinstance(call, references.TwinProxy):
+            if object.__getattribute__(call, "__twin_owner__") == self.peer_id:
+                return
+            name = None  # never asked: its owner would answer, not this guest
+        else:
+            name = global_name(call) if callable(call) and type(call) is not Exposed else None
         if name is not None and self.guest_can_import(name[0]):
             return
-        what = f"{name[0]}.{name[1]}" if name else repr(call)
+        what = f"{name[0]}.{name[1]}" if name else f"this {type(call).__qualname__}"
         raise TypeError(
             f"cannot run {what} in the sandboxed twin {self.peer_id!r}: functions and classes "
             f"travel by name, and the guest can import only the standard library and modules "
             f"under its paths {list(self.guest_paths)}. Define it in a module under those paths "
             f"(and pass paths= to TwinMaster)"
         )
+
+    def frame_budget(self, size: int) -> Optional[int]:
+        budget = getattr(codec, "sandbox_budget", None)
+        return budget(size) if budget is not None else None
+
+    def exit_arguments(self, kind: Any, value: Any) -> Optional[Tuple[Any, Any, None]]:
+        """``with guest_object:``: an Exception reaches the guest's ``__exit__``
+        as ``guest_exception`` makes it; a ``BaseException`` that is not an
+        Exception (Ctrl-C, an exit) never does: ``__exit__`` is not called and
+        the exception goes on in the master."""
+        if value is None:
+            return (None, None, None)
+        if not isinstance(value, Exception):
+            return None
+        safe = guest_exception(value)
+        return (type(safe), safe, None)
+
+    def received_text(self, text: Any) -> Any:
+        if isinstance(text, str) and len(text) > MAX_TEXT:
+            return text[:MAX_TEXT] + f"... [{len(text) - MAX_TEXT} more characters cut by cpy2py]"
+        return text
 
     # -- what comes from the guest ------------------------------------------
 
@@ -152,13 +295,14 @@ class SandboxSerializer(Serializer):
                 return self._refuse("a malformed name reference", value)
             placeholder = _GuestName(value[0], value[1])
             # refused unless it turns out to be the type of an exception (see _exception)
-            _record_failure(
+            self._record_failure(
                 placeholder,
                 SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} sent a reference to {value[0]}.{value[1]}; "
-                    f"a guest may not name objects in the master, twinfunctions and TwinObject classes "
-                    f"pinned to it included (nothing was imported or looked up). Hand the guest what it "
-                    f"may use as arguments, or return data from the guest instead"
+                    f"the sandboxed twin {self.peer_id!r} sent a reference to "
+                    f"{value[0]:.{MAX_NAME}}.{value[1]:.{MAX_NAME}}; a guest may not name objects in the "
+                    "master, twinfunctions and TwinObject classes pinned to it included (nothing was "
+                    "imported or looked up). Hand the guest what it may use as arguments, or return "
+                    "data from the guest instead"
                 ),
             )
             return placeholder
@@ -172,22 +316,24 @@ class SandboxSerializer(Serializer):
 
     def _reference(self, value: Any) -> Any:
         """A reference from the guest: to its own object (a proxy here), or to
-        a master object it was handed (the object itself); nothing else."""
+        what it was handed (the object itself); nothing else."""
         if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)):
             return self._refuse("a malformed reference", value)
         owner, iid, info = value
-        if isinstance(info, _GuestName):  # a class named by the guest: never imported
-            _forget_failure(info)
-            info = [f"{info.module}.{info.qualname}", []]
-        if isinstance(info, list) and info and isinstance(info[0], str):
-            info = self._own_twin_class(info[0]) or info
-        if not isinstance(iid, int):
+        if type(iid) is not int:
             return self._refuse("a malformed reference", value)
         if owner == self.peer_id:
+            if isinstance(info, _GuestName):  # a class named by the guest: never imported
+                self._forget_failure(info)
+                info = [f"{info.module}.{info.qualname}", []]
+            if isinstance(info, list) and info and isinstance(info[0], str):
+                info = self._own_twin_class(info[0]) or info
             return references.resolve(owner, iid, info, self.connection)
-        if owner == kernel_state.TWIN_ID and (owner, iid) in self.connection.handed:
+        if isinstance(info, _GuestName):
+            self._forget_failure(info)
+        if (owner, iid) in self.connection.handed:
             return references.exported((owner, iid))
-        return self._refuse("a reference to an object it was not handed", value)
+        return self._refuse("a reference to an object it was not handed", [owner, iid])
 
     def _own_twin_class(self, dotted: str) -> Optional[type]:
         """A TwinObject class pinned to this guest that the master has loaded
@@ -195,14 +341,17 @@ class SandboxSerializer(Serializer):
         running anything: plain dictionary lookups in loaded modules."""
         from ..twin_object import TwinMeta
 
-        parts = dotted.split(".")
+        parts = dotted[: 4 * MAX_NAME].split(".")
         for split in range(len(parts) - 1, 0, -1):
             module = sys.modules.get(".".join(parts[:split]))
             if module is None:
                 continue
             found: Any = module
             for part in parts[split:]:
-                found = vars(found).get(part) if hasattr(found, "__dict__") else None
+                namespace = (
+                    getattr(found, "__dict__", None) if isinstance(found, (type, types.ModuleType)) else None
+                )
+                found = namespace.get(part) if namespace is not None else None
             if isinstance(found, TwinMeta) and type.__getattribute__(found, "__twin_id__") == self.peer_id:
                 return found
         return None
@@ -210,22 +359,45 @@ class SandboxSerializer(Serializer):
     # -- what the guest may do with what it was handed --------------------------
 
     def perform(self, op: int, operands: List[Any]) -> Any:
-        """Requests from the guest: only public attributes and the special
-        methods of the data model, so a handed callback cannot be walked to
-        its globals, class or module."""
-        if op in (OP_GETATTR, OP_SETATTR, OP_DELATTR, OP_CALL_METHOD):
+        """Requests from the guest: an operation on something it was handed,
+        within what was granted of it; nothing else."""
+        if op not in (OP_EXECUTE, OP_CALL_METHOD, OP_GETATTR, OP_SETATTR, OP_DELATTR):
+            what = "create master objects" if op == OP_INSTANTIATE else f"use operation {op!r}"
+            raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} may not {what}")
+        target = operands[0]
+        key = references.key_of(target)
+        grant = self.connection.grants.get(key) if key is not None else None
+        if grant is None:
+            raise SandboxViolation(
+                f"the sandboxed twin {self.peer_id!r} asked the master to act on something it was not "
+                "handed; the master acts only on what it handed to the guest"
+            )
+        if op == OP_EXECUTE:
+            name, allowed, verb = "__call__", grant.allows_call("__call__"), "call"
+        else:
             name = operands[1]
-            allowed = op == OP_CALL_METHOD and name in _SAFE_SPECIAL_METHODS
-            if not isinstance(name, str) or (name.startswith("_") and not allowed):
+            if not isinstance(name, str):
                 raise SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} may not use attribute {name!r} of a master "
-                    f"object: only public attributes and the data model's special methods"
+                    f"the sandboxed twin {self.peer_id!r} sent an attribute name that is not a str"
                 )
+            if op == OP_CALL_METHOD:
+                allowed, verb = grant.allows_call(name), "call"
+            elif op == OP_GETATTR:
+                allowed, verb = grant.allows_read(name), "read"
+            else:
+                allowed, verb = grant.allows_write(name), "set or delete"
+        if not allowed:
+            granted = sorted(grant.names) or "nothing"
+            raise SandboxViolation(
+                f"the sandboxed twin {self.peer_id!r} may not {verb} {name[:MAX_NAME]!r} of the "
+                f"{type(target).__qualname__} it was handed (granted: {granted}); the application "
+                "grants names with cpy2py.expose(obj, ...) or @cpy2py.exposed(...) on the class"
+            )
         return super().perform(op, operands)
 
     def _refuse(self, what: str, value: Any) -> None:
-        shown = f" ({value!r:.100})" if value is not None else ""
-        _record_failure(
+        shown = f" ({references.safe_repr(value, 100)})" if value is not None else ""
+        self._record_failure(
             None,
             SandboxViolation(
                 f"the sandboxed twin {self.peer_id!r} sent {what}{shown}, which the sandbox policy "
@@ -236,13 +408,13 @@ class SandboxSerializer(Serializer):
 
     def _exception(self, value: Any) -> BaseException:
         if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], list)):
-            return RemoteError("<malformed exception>", f"{value!r:.200}", None)
+            return RemoteError("<malformed exception>", references.safe_repr(value), None)
         kind, args, text = value
         if isinstance(kind, _GuestName):
-            _forget_failure(kind)  # a type name is fine here: it is only compared, never resolved
-            module, qualname = kind.module, kind.qualname
+            self._forget_failure(kind)  # a type name is fine here: it is only compared, never resolved
+            module, qualname = kind.module[:MAX_NAME], kind.qualname[:MAX_NAME]
         else:
-            module, qualname = "<unknown>", repr(kind)[:100]
+            module, qualname = "<unknown>", references.safe_repr(kind, 100)
         if not isinstance(text, str):
             text = None
         elif len(text) > MAX_TRACEBACK_TEXT:
@@ -264,5 +436,7 @@ class SandboxSerializer(Serializer):
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= 1000 else text[:1000] + "..."
+    """An argument of a guest's exception as text, without asking the guest."""
+    if isinstance(value, str):
+        return value if len(value) <= 1000 else value[:1000] + "..."
+    return references.safe_repr(value, 1000)

@@ -9,8 +9,9 @@ The codec carries plain data; everything else passes through the hooks here:
 - on trusted links, any other picklable object is pickled (pass by value).
 
 Looking up a name may fail on the receiving side (a module missing there).
-Such failures do not break the link: they are collected while decoding and
-turned into the error of the request or reply that carried the name.
+Such failures do not break the link: they are collected while decoding one
+frame (``Serializer.decode``) and turned into the error of the request or
+reply that carried the name; nothing of one frame is kept for the next.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import builtins
 import importlib
 import io
 import pickle
-import threading
 from types import FunctionType
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import kernel_state
+from ..capabilities import Exposed
 from ..errors import ProtocolError, RemoteError, RemoteTraceback
 from ..protocol import tags
 from ..protocol.messages import (
@@ -38,31 +39,6 @@ from ..protocol.messages import (
 from . import main_module, references
 
 PICKLE_PROTOCOL = 4
-
-_failures = threading.local()
-
-
-def take_lookup_failure() -> Optional[BaseException]:
-    """The first name lookup that failed while this thread decoded its last
-    frame (and was not absorbed, see ``_forget_failure``); clears the record."""
-    failures: Optional[List[Tuple[Any, BaseException]]] = getattr(_failures, "list", None)
-    if failures is None:
-        return None
-    _failures.list = None
-    return failures[0][1] if failures else None
-
-
-def _record_failure(placeholder: Any, err: BaseException) -> None:
-    failures = getattr(_failures, "list", None)
-    if failures is None:
-        failures = _failures.list = []
-    failures.append((placeholder, err))
-
-
-def _forget_failure(placeholder: Any) -> None:
-    """A failed lookup that the enclosing value can do without."""
-    failures = getattr(_failures, "list", None) or []
-    failures[:] = [f for f in failures if f[0] is not placeholder]
 
 
 class _Unresolved:
@@ -179,6 +155,38 @@ class Serializer:
         # names known to resolve back to their object: encoding them is a dict hit
         self._names: Dict[int, Tuple[Any, Tuple[str, str]]] = {}
         self._lookups: Dict[Tuple[str, str], Any] = {}
+        #: failed lookups of the frame being decoded: (placeholder, error)
+        self._failures: List[Tuple[Any, BaseException]] = []
+
+    # -- one frame ----------------------------------------------------------
+
+    def decode(self, raw: Any, budget: Optional[int] = None) -> Tuple[Any, Optional[BaseException]]:
+        """Decode one frame: its value, and the first failure of a name lookup
+        in it that the value could not do without (or None). One thread
+        decodes a link's frames at a time (the reader)."""
+        from ..protocol import codec  # late: codec imports nothing from here
+
+        self._failures = []
+        try:
+            if budget is None:
+                value = codec.loads(raw, self.tag_hook)
+            else:
+                value = codec.loads(raw, self.tag_hook, budget=budget)
+            return value, (self._failures[0][1] if self._failures else None)
+        finally:
+            self._failures = []
+
+    def frame_budget(self, size: int) -> Optional[int]:
+        """What decoding a frame of ``size`` bytes may cost (None: no limit; a
+        trusted peer's frames are as big as the application makes them)."""
+        return None
+
+    def _record_failure(self, placeholder: Any, err: BaseException) -> None:
+        self._failures.append((placeholder, err))
+
+    def _forget_failure(self, placeholder: Any) -> None:
+        """A failed lookup that the enclosing value can do without."""
+        self._failures[:] = [f for f in self._failures if f[0] is not placeholder]
 
     # -- encoding ---------------------------------------------------------
 
@@ -187,6 +195,8 @@ class Serializer:
         known = self._names.get(id(obj))
         if known is not None and known[0] is obj:
             return tags.GLOBAL_REF, list(known[1])
+        if type(obj) is Exposed:  # a grant means something to sandboxes only
+            return self.default(obj.target)
         if type(obj) is _GlobalRef:
             return tags.GLOBAL_REF, list(obj.name)
         if _is_twin(obj):
@@ -235,17 +245,17 @@ class Serializer:
                 raise
             except Exception as err:
                 placeholder = _Unresolved(value[0], value[1])
-                _record_failure(placeholder, err)
+                self._record_failure(placeholder, err)
                 return placeholder
         try:
             if tag == tags.EXCEPTION:
                 return self._exception(value)
             if tag == tags.TWIN_REF:
                 if not (isinstance(value, list) and len(value) == 3):
-                    raise ProtocolError(f"malformed twin reference {value!r:.100}")
+                    raise ProtocolError(f"malformed twin reference {references.safe_repr(value, 100)}")
                 owner, iid, info = value
                 if not (isinstance(owner, str) and isinstance(iid, int)):
-                    raise ProtocolError(f"malformed twin reference {value!r:.100}")
+                    raise ProtocolError(f"malformed twin reference {references.safe_repr(value, 100)}")
                 return references.resolve(owner, iid, info, self.connection)
             if tag == tags.PICKLE:
                 if not self.trusted:
@@ -254,13 +264,13 @@ class Serializer:
         except ProtocolError:
             raise
         except Exception as err:
-            _record_failure(None, err)
+            self._record_failure(None, err)
             return None
         raise ProtocolError(f"{self.peer_id!r} sent unknown CBOR tag {tag}")
 
     def _lookup(self, value: Any) -> Any:
         if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-            raise ProtocolError(f"malformed name reference {value!r:.100}")
+            raise ProtocolError(f"malformed name reference {references.safe_repr(value, 100)}")
         key = (value[0], value[1])
         try:
             return self._lookups[key]
@@ -280,10 +290,10 @@ class Serializer:
 
     def _exception(self, value: Any) -> BaseException:
         if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], list)):
-            raise ProtocolError(f"malformed exception {value!r:.100}")
+            raise ProtocolError(f"malformed exception {references.safe_repr(value, 100)}")
         kind, args, text = value
         if isinstance(kind, _Unresolved):
-            _forget_failure(kind)
+            self._forget_failure(kind)
         if isinstance(kind, _Unresolved) or not (isinstance(kind, type) and issubclass(kind, BaseException)):
             name = f"{kind.module}.{kind.qualname}" if isinstance(kind, _Unresolved) else repr(kind)
             err: BaseException = RemoteError(name, ", ".join(map(str, args)), text)
@@ -300,10 +310,23 @@ class Serializer:
     def reraise(self, value: Any) -> BaseException:
         if isinstance(value, BaseException):
             return value
-        return ProtocolError(f"{self.peer_id!r} raised something that is not an exception: {value!r:.100}")
+        return ProtocolError(
+            f"{self.peer_id!r} raised something that is not an exception: {references.safe_repr(value, 100)}"
+        )
 
     def check_executable(self, call: Any) -> None:
         """Raise if ``call`` cannot be run by the peer (sandboxes are strict)."""
+
+    # -- what proxies of the peer's objects pass on -----------------------------
+
+    def exit_arguments(self, kind: Any, value: Any) -> Optional[Tuple[Any, Any, None]]:
+        """The arguments for the peer's ``__exit__`` when a ``with`` block on its
+        object ends with exception ``value`` (None: do not call it)."""
+        return (kind, value, None)
+
+    def received_text(self, text: Any) -> Any:
+        """What the peer's ``__repr__``/``__str__`` answered, as shown here."""
+        return text
 
     # -- executing requests -------------------------------------------------
 

@@ -18,7 +18,7 @@ from ..protocol.messages import PROTOCOL_VERSION
 from ..protocol.transport import FdTransport
 from . import links, main_module
 from .connection import Connection
-from .serialization import Serializer, take_lookup_failure
+from .serialization import Serializer
 from .stdio import flush_stdio
 
 log = _logging.get_logger("twin")
@@ -67,8 +67,8 @@ def main() -> None:
         )
     try:
         _apply_config(plain["config"])
-        config = codec.loads(raw, serializer.tag_hook)["config"]
-        failure = take_lookup_failure()
+        welcome, failure = serializer.decode(raw)
+        config = welcome["config"]
         if failure is not None:
             raise failure
         for func, args, kwargs in config.get("initializers", []):

