@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import kernel_state
 from ._logging import configure_from_environment as _configure_logging
+from .capabilities import expose, exposed
 from .errors import (
     ProtocolError,
     RemoteError,
@@ -19,7 +20,6 @@ from .errors import (
     TwinterpreterUnavailable,
     TwinTimeout,
 )
-from .capabilities import expose, exposed
 from .functions import twinfunction
 from .kernel_state import TWIN_GROUP_STATE
 from .twin_object import TwinObject, is_proxy, localmethod
