@@ -160,7 +160,32 @@ class _Twin:
         self.process.kill()
 
 
+class _Starting:
+    """A twin being started: other threads that want it wait here."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: Optional[BaseException] = None
+        #: stop() or destroy() came while it started: it is stopped once up
+        self.cancelled = False
+
+    def finish(self, error: Optional[BaseException]) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self, twin_id: str) -> bool:
+        self._done.wait()
+        if self._error is not None:
+            raise TwinStartError(
+                f"twinterpreter {twin_id!r} failed to start in another thread: {self._error}"
+            ) from self._error
+        return True
+
+
 _running: Dict[str, _Twin] = {}
+#: twin id -> the start in progress
+_starting: Dict[str, _Starting] = {}
+#: guards _running and _starting; never held while a twin starts or stops
 _running_lock = threading.RLock()
 
 
@@ -242,18 +267,45 @@ class TwinMaster:
         """
         if not kernel_state.is_master():
             return self._in_master(_start_in_master, self.executable, self.twinterpreter_id)
+        twin_id = self.twinterpreter_id
         with _running_lock:
             if _exiting:
                 raise TwinterpreterUnavailable(
-                    f"twinterpreter {self.twinterpreter_id!r} cannot be started: the master is exiting"
+                    f"twinterpreter {twin_id!r} cannot be started: the master is exiting"
                 )
-            twin = _running.get(self.twinterpreter_id)
+            twin = _running.get(twin_id)
             if twin is not None and twin.alive:
                 return True
-            if twin is not None:  # it died: clear it away before starting anew
-                twin.shut_down("ended and is restarted", timeout=0)
-                del _running[self.twinterpreter_id]
-            _running[self.twinterpreter_id] = self._spawn()
+            if twin is not None:  # it died: cleared away before starting anew
+                del _running[twin_id]
+            starting = _starting.get(twin_id)
+            ours = starting is None
+            if ours:
+                starting = _starting[twin_id] = _Starting()
+        # No lock is held while a twin starts: starting one (a slow interpreter,
+        # a guest's initializers) never holds up the others or stop().
+        if twin is not None:
+            twin.shut_down("ended and is restarted", timeout=0)
+        if not ours:
+            return starting.wait(twin_id)
+        try:
+            new = self._spawn()
+        except BaseException as err:
+            with _running_lock:
+                del _starting[twin_id]
+            starting.finish(err)
+            raise
+        with _running_lock:
+            del _starting[twin_id]
+            stopped = _exiting or starting.cancelled
+            if not stopped:
+                _running[twin_id] = new
+        if stopped:
+            new.shut_down("was stopped while it started", timeout=0)
+            err = TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it started")
+            starting.finish(err)
+            raise err
+        starting.finish(None)
         return True
 
     def _spawn(self) -> _Twin:
@@ -353,6 +405,8 @@ class TwinMaster:
         self._only_in_master("stopping")
         with _running_lock:
             twin = _running.pop(self.twinterpreter_id, None)
+            if self.twinterpreter_id in _starting:
+                _starting[self.twinterpreter_id].cancelled = True
         if twin is not None:
             twin.shut_down("was stopped by the master", timeout)
 
@@ -361,6 +415,8 @@ class TwinMaster:
         self._only_in_master("destroying")
         with _running_lock:
             twin = _running.pop(self.twinterpreter_id, None)
+            if self.twinterpreter_id in _starting:
+                _starting[self.twinterpreter_id].cancelled = True
         if twin is not None:
             twin.shut_down("was destroyed by the master", timeout=0)
 
@@ -424,7 +480,9 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
         # a guest that trapped, timed out or ran out of memory was discarded
         # (its error said its state was lost): the next call gets a fresh one
         twin.master.start()
-        twin = _running[twin_id]
+        twin = _running.get(twin_id)
+        if twin is None:
+            raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it restarted")
     if twin is not None:
         broken = twin.connection.broken
         if broken is None:
@@ -436,7 +494,10 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
             f"on demand: call TwinMaster({twin_id!r}).start() first"
         )
     (master or TwinMaster(twinterpreter_id=twin_id)).start()
-    return _running[twin_id].connection
+    twin = _running.get(twin_id)
+    if twin is None:
+        raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it started")
+    return twin.connection
 
 
 def running_twins() -> Tuple[str, ...]:

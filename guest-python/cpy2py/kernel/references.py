@@ -143,8 +143,12 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
         if not isinstance(obj, TwinProxy):
             iid = _iid_of.get(id(obj))
             if iid is None:
+                if connection.broken is not None:  # it will never arrive: nothing to keep
+                    return [kernel_state.TWIN_ID, 0, info]
                 iid = _iid_of[id(obj)] = next(_iids)
             key = (kernel_state.TWIN_ID, iid)
+        if connection.broken is not None:  # it will never arrive: nothing to count
+            return [key[0], key[1], info]
         entry = _exports.get(key)
         if entry is None:
             _exports[key] = [obj, 1]
