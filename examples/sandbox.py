@@ -10,7 +10,7 @@ call is limited in time and memory.
 
 import os
 
-from cpy2py import TwinMaster, TwinTimeout
+from cpy2py import SandboxViolation, TwinMaster, TwinTimeout, expose
 
 PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
 
@@ -18,6 +18,14 @@ PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
 def exclaim(text):
     """A function of the host application, handed to a plugin as a callback."""
     return text.upper() + f"! (decorated in the master, pid {os.getpid()})"
+
+
+class Settings:
+    """An object of the host application: a plugin may read its theme only."""
+
+    def __init__(self):
+        self.theme = "dark"
+        self.api_key = "sk-not-for-plugins"
 
 
 def main():
@@ -33,6 +41,11 @@ def main():
         except OSError as err:
             print(f"snoop could not read this file: {type(err).__name__}: {err}")
         print("snoop sees this environment:", snoop.environment())
+        try:
+            snoop.walk(exclaim)
+        except SandboxViolation as err:
+            print(f"snoop could not walk from a callback to the master: {err}")
+        print("snoop peeks at the settings:", snoop.peek(expose(Settings(), "theme")))
 
         spin = sandbox.import_module("spin")
         try:
