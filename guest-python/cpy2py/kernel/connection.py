@@ -181,7 +181,7 @@ class Connection:
         """Send a request and wait for its result (or raise its exception)."""
         if self.pending_releases:  # what this link carries only
             references.flush_releases(self)
-        if self._reader == threading.get_ident() and self._reading:
+        if self._reading and self._reader == threading.get_ident():
             # this thread is reading a frame of this very link: it would wait
             # for a reply that only it could read
             raise CallWhileReading(
