@@ -187,6 +187,13 @@ def crafted_release():
     return send_raw([3, [[Tagged(40012, [_twin_id(), 1, ["x.Y", ["__hash__", "__eq__"]]]), 1, 1]]])
 
 
+def flood(count):
+    """Requests on chains the master never called on: as if this guest had threads."""
+    for n in range(count):
+        send_raw([0, 1_000_000 + n, 7_000_000 + n, 0, 1, [], {}])
+    return "flooded"
+
+
 def release_by_id(owner, iid, count):
     return send_raw([3, [[owner, iid, count]]])
 
@@ -592,6 +599,17 @@ def test_a_failed_frame_leaves_nothing_for_the_next(box, sandbox):
     thread.start()
     thread.join(60)
     assert results == ["CallWhileReading", 5]
+
+
+@pytest.mark.timeout(120)
+def test_a_request_outside_any_call_stops_the_guest_and_starts_no_thread(sandbox):
+    flooder = sandbox("policy-flooder")
+    hostile = flooder.import_module("hostile_plugin")
+    threads_before = threading.active_count()
+    with pytest.raises((ProtocolError, TwinterpreterTerminated)):
+        hostile.flood(2000)
+    assert threading.active_count() <= threads_before
+    assert alive(flooder)  # a fresh guest
 
 
 # -- what a guest holds ------------------------------------------------------------------
