@@ -9,6 +9,7 @@ mod repo;
 use std::time::{Duration, Instant};
 
 use ciborium::value::Value;
+use cpy2py_host::wasm::ledger::Violation;
 use cpy2py_host::wasm::output::{MemorySink, Which};
 use cpy2py_host::wasm::queue::Popped;
 use cpy2py_host::wasm::{GuestConfig, GuestEnd, WasiGuest};
@@ -190,6 +191,108 @@ fn an_oversized_frame_stops_the_guest() {
     guest.send(eval_request(1, "b'x' * (2 << 20)")).unwrap();
     assert!(recv(&guest).is_none());
     assert!(matches!(guest.end(), Some(GuestEnd::FrameTooBig { cap, .. }) if cap == 1 << 20));
+}
+
+/// `exec(code)` in the guest, as request `id` on chain 7.
+fn exec_request(id: u64, code: &str) -> Vec<u8> {
+    eval_request(id, &format!("exec({code:?})"))
+}
+
+/// Python code that calls the `link` import directly.
+const LINK: &str = "from wit_world.imports import link\nfrom cpy2py.protocol import codec_py\n";
+
+#[test]
+fn a_guest_waiting_on_its_link_while_it_owes_an_answer_is_stopped() {
+    let Some(config) = guest_config("rust-recv") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    guest
+        .send(exec_request(3, &format!("{LINK}link.recv()")))
+        .unwrap();
+    assert!(recv(&guest).is_none(), "the guest must be stopped, not wait");
+    assert_eq!(
+        guest.end(),
+        Some(GuestEnd::Broke(Violation::WaitedWhileOwing { id: 3 }))
+    );
+}
+
+#[test]
+fn a_request_outside_every_call_stops_the_guest_before_the_master_sees_it() {
+    let Some(config) = guest_config("rust-chain") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    // the call is on chain 7; the guest asks on chain 999
+    let code = format!("{LINK}link.send(codec_py.dumps([0, 5, 999, 0, None, [], {{}}]))");
+    guest.send(exec_request(1, &code)).unwrap();
+    assert!(recv(&guest).is_none(), "nothing reaches the master");
+    assert_eq!(
+        guest.end(),
+        Some(GuestEnd::Broke(Violation::RequestOutsideCall { chain: 999 }))
+    );
+}
+
+/// Python code: `rounds` times, work `seconds` of guest time, then call the
+/// master back on the call's chain (7) and take its answer from the link.
+fn call_back_code(rounds: u32, seconds: f64) -> String {
+    format!(
+        "{LINK}import time\nfor i in range({rounds}):\n    end = time.monotonic() + {seconds}\n    \
+         while time.monotonic() < end: pass\n    \
+         link.send(codec_py.dumps([0, 100 + i, 7, 0, None, [], {{}}]))\n    link.recv()\n"
+    )
+}
+
+/// Answers the guest's callbacks after `master_time` each; the callbacks
+/// answered and the guest's last frame that was not a callback.
+fn serve_callbacks(guest: &WasiGuest, master_time: Duration) -> (usize, Option<Vec<Value>>) {
+    let mut callbacks = 0;
+    while let Some(frame) = recv(guest) {
+        let Value::Array(items) = frame else {
+            panic!("not a message: {frame:?}")
+        };
+        if items[0] != Value::Integer(0.into()) {
+            return (callbacks, Some(items));
+        }
+        callbacks += 1;
+        std::thread::sleep(master_time);
+        let answer = Value::Array(vec![Value::Integer(1.into()), items[1].clone(), Value::Null]);
+        if guest.send(cbor(&answer)).is_err() {
+            break;
+        }
+    }
+    (callbacks, None)
+}
+
+#[test]
+fn callbacks_do_not_reset_the_timeout() {
+    let Some(mut config) = guest_config("rust-callbacks") else {
+        return;
+    };
+    config.timeout = Some(Duration::from_millis(500));
+    let (guest, _) = start(config);
+    guest.send(exec_request(1, &call_back_code(20, 0.2))).unwrap();
+    let (callbacks, last) = serve_callbacks(&guest, Duration::from_millis(50));
+    assert_eq!(last, None, "the call must not complete");
+    assert_eq!(guest.end(), Some(GuestEnd::Timeout(Duration::from_millis(500))));
+    // 0.5 s of guest time allows two rounds of 0.2 s, far fewer than all 20
+    assert!((1..20).contains(&callbacks), "{callbacks} callbacks");
+}
+
+#[test]
+fn time_the_master_spends_on_callbacks_is_not_the_guests() {
+    let Some(mut config) = guest_config("rust-slow-master") else {
+        return;
+    };
+    config.timeout = Some(Duration::from_millis(500));
+    let (guest, _) = start(config);
+    // five callbacks of 0.25 s of master time each: 1.25 s, over the timeout
+    guest.send(exec_request(1, &call_back_code(5, 0.01))).unwrap();
+    let (callbacks, last) = serve_callbacks(&guest, Duration::from_millis(250));
+    assert_eq!(callbacks, 5);
+    let last = last.expect("the guest answers its call");
+    assert_eq!(last[..2], [Value::Integer(1.into()), Value::Integer(1.into())]);
+    assert_eq!(guest.end(), None);
 }
 
 #[test]

@@ -1,8 +1,9 @@
-//! The twin protocol without Python: frames, the handshake and the value
-//! model. Documented in docs/protocol.md.
+//! The twin protocol without Python: frames, the handshake, message headers
+//! and the value model. Documented in docs/protocol.md.
 
 pub mod frame;
 pub mod handshake;
+pub mod header;
 pub mod tags;
 pub mod value;
 

@@ -7,6 +7,10 @@
 //! guest the same way: the reason is recorded, the store traps (or, for a
 //! guest blocked in a host call, is abandoned), both queues close, and the
 //! master's `recv` returns `None` once it has read what was sent before.
+//!
+//! Both imports keep the guest's `Ledger` (ledger.rs): the calls open between
+//! the master and the guest, the guest time they used, and the protocol rules
+//! a guest calling its `link` import directly cannot get around.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +23,7 @@ use wasmtime::{ResourceLimiter, Store, StoreContextMut, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxView, WasiView};
 
 use super::clocks;
+use super::ledger::{Ledger, Violation};
 use super::output::{GuestOutput, Sink, Which};
 use super::queue::{Closed, FrameQueue, Popped};
 use super::runtime::{self, GUEST_THREAD_STACK};
@@ -61,7 +66,7 @@ pub struct GuestConfig {
     /// Roots the guest may import code from.
     pub paths: Vec<PathBuf>,
     pub memory_limit: usize,
-    /// Wall-clock time per call (None: unlimited).
+    /// Guest running time per call (None: unlimited); see ledger.rs.
     pub timeout: Option<Duration>,
     pub max_frame: usize,
     pub output_limit: usize,
@@ -95,6 +100,8 @@ pub enum GuestEnd {
     Exited(i32),
     /// A call ran longer than the timeout.
     Timeout(Duration),
+    /// The guest broke a rule of the link (ledger.rs).
+    Broke(Violation),
     /// The guest tried to grow its memory beyond the limit.
     Memory { limit: usize, wanted: usize },
     /// The guest sent a frame larger than the cap.
@@ -136,6 +143,7 @@ impl GuestEnd {
             GuestEnd::FrameTooBig { size, cap } => {
                 format!("sent a message of {size} bytes, more than the cap of {cap} bytes, and was stopped")
             }
+            GuestEnd::Broke(violation) => format!("{violation}, and was stopped"),
             GuestEnd::Killed => "was killed by the master".into(),
             GuestEnd::Trap(what) => format!("crashed ({what})"),
         }
@@ -156,6 +164,7 @@ impl GuestEnd {
             GuestEnd::Timeout(_) => " (pass a larger timeout= to TwinMaster if the call needs longer)",
             GuestEnd::Memory { .. } => " (pass a larger memory_limit= to TwinMaster if the guest needs more)",
             GuestEnd::FrameTooBig { .. } => " (send smaller values, or a proxy of the object)",
+            GuestEnd::Broke(_) => " (its code used the link import outside the cpy2py protocol)",
             _ => "",
         }
     }
@@ -169,7 +178,9 @@ pub struct Shared {
     timeout: Option<Duration>,
     to_guest: FrameQueue,
     from_guest: FrameQueue,
-    /// When the running call must be done; None while the guest waits for the master.
+    /// When the open calls' running time passes the timeout if the guest
+    /// keeps running (from its `Ledger`); None while it is blocked in `recv`
+    /// or `send`. Read by the epoch callback and the watchdog.
     deadline: Mutex<Option<Instant>>,
     /// Set once the host decided to stop the guest, with the reason.
     stopping: AtomicBool,
@@ -245,8 +256,16 @@ impl Shared {
         }
     }
 
-    fn start_call(&self) {
-        *lock(&self.deadline) = self.timeout.map(|t| Instant::now() + t);
+    fn set_deadline(&self, deadline: Option<Instant>) {
+        *lock(&self.deadline) = deadline;
+    }
+
+    /// Stops the guest for breaking a rule of the link; the error for its import.
+    fn broke(&self, violation: Violation) -> wasmtime::Error {
+        tracing::debug!(twin_id = %self.twin_id, %violation, "guest broke the link's rules: stopped");
+        let message = format!("the guest {violation}");
+        self.stop(GuestEnd::Broke(violation));
+        wasmtime::Error::msg(message)
     }
 }
 
@@ -256,6 +275,7 @@ pub struct GuestState {
     table: ResourceTable,
     limiter: Limiter,
     shared: Arc<Shared>,
+    ledger: Ledger,
 }
 
 impl WasiView for GuestState {
@@ -319,8 +339,8 @@ pub fn add_link_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<(
     })?;
     link.func_wrap(
         "send",
-        |cx: StoreContextMut<'_, GuestState>, (frame,): (Vec<u8>,)| {
-            let shared = &cx.data().shared;
+        |mut cx: StoreContextMut<'_, GuestState>, (frame,): (Vec<u8>,)| {
+            let GuestState { shared, ledger, .. } = cx.data_mut();
             if frame.is_empty() {
                 return Ok(()); // a keep-alive: nothing for the master
             }
@@ -331,26 +351,37 @@ pub fn add_link_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<(
                 });
                 return Err(wasmtime::Error::msg("the guest sent a frame over the cap"));
             }
+            ledger
+                .sending(&frame, Instant::now())
+                .map_err(|v| shared.broke(v))?;
             // time spent waiting for the master to read is not the guest's
-            let saved = lock(&shared.deadline).take();
+            ledger.pause(Instant::now());
+            shared.set_deadline(None);
             let pushed = shared.from_guest.push(frame);
-            if let Ok(waited) = pushed {
-                *lock(&shared.deadline) = saved.map(|d| d + waited);
-            }
+            ledger.resume(Instant::now());
+            shared.set_deadline(ledger.deadline());
             match pushed {
                 Ok(_) => Ok(()),
                 Err(Closed) => Err(wasmtime::Error::msg("the master closed the link")),
             }
         },
     )?;
-    link.func_wrap("recv", |cx: StoreContextMut<'_, GuestState>, (): ()| {
-        let shared = &cx.data().shared;
-        *lock(&shared.deadline) = None;
+    link.func_wrap("recv", |mut cx: StoreContextMut<'_, GuestState>, (): ()| {
+        let GuestState { shared, ledger, .. } = cx.data_mut();
         shared.output.flush();
-        let frame = shared.to_guest.pop();
-        if frame.is_some() {
-            shared.start_call();
-        }
+        let frame = match shared.to_guest.try_pop() {
+            Popped::Frame(frame) => Some(frame),
+            Popped::Closed => None,
+            Popped::TimedOut => {
+                // nothing queued: the guest would wait for the master
+                ledger.may_wait().map_err(|v| shared.broke(v))?;
+                ledger.pause(Instant::now());
+                shared.set_deadline(None);
+                shared.to_guest.pop()
+            }
+        };
+        ledger.took(frame.as_deref(), Instant::now());
+        shared.set_deadline(ledger.deadline());
         Ok((frame,))
     })?;
     Ok(())
@@ -414,6 +445,7 @@ impl WasiGuest {
                 shared: Arc::clone(&shared),
             },
             shared: Arc::clone(&shared),
+            ledger: Ledger::new(config.timeout, Instant::now()),
         };
         rt.register(&shared);
         let thread_shared = Arc::clone(&shared);
@@ -611,7 +643,10 @@ fn run_guest(
     store.set_epoch_deadline(1);
     let ticking = Arc::clone(&shared);
     store.epoch_deadline_callback(move |_| ticking.on_tick());
-    shared.start_call(); // starting up counts as a call
+    // starting up counts as a call
+    let ledger = &mut store.data_mut().ledger;
+    *ledger = Ledger::new(shared.timeout, Instant::now());
+    shared.set_deadline(ledger.deadline());
     let result = loaded
         .pre
         .instantiate(&mut store)

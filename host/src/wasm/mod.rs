@@ -2,10 +2,11 @@
 //! wasmtime inside the master process, one thread and one store per guest.
 //! The sandbox policy on this side: what the guest may see (`view`, the WASI
 //! context in `guest`), how much it may take (`guest`, `runtime`, `output`,
-//! `queue`), and how it is stopped.
+//! `queue`), what it may do on its link (`ledger`), and how it is stopped.
 
 pub mod clocks;
 pub mod guest;
+pub mod ledger;
 pub mod output;
 pub mod queue;
 pub mod runtime;

