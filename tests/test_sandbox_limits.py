@@ -224,10 +224,9 @@ def test_requests_on_made_up_chains_stop_the_guest_and_start_no_threads(hostile_
 @pytest.mark.timeout(120)
 def test_honest_nesting_and_concurrent_callers_are_never_stopped(hostile_dir, hostile):
     """Nested calls both ways, and several master threads calling one guest at
-    once while one of them is called back: none of it trips a rule. (The
-    guest kernel runs the calls of other threads inline while it waits for a
-    callback's answer; those calls must not call back themselves, see the
-    report on the guest kernel.)"""
+    once, each called back: none of it trips a rule, and every call gets its
+    own answers. (The guest runs the calls of other threads inline while it
+    waits for a callback's answer, on their own chains.)"""
     master = start(hostile_dir, "limits-honest", timeout=5)
     try:
         mark_state(master)
@@ -243,8 +242,11 @@ def test_honest_nesting_and_concurrent_callers_are_never_stopped(hostile_dir, ho
             results.append(master.execute(hostile.call_back_every, lambda i: time.sleep(0.01), 0.01, 30))
 
         def plain_caller(k):
+            seen = []
             for _ in range(10):
                 master.execute(hostile.busy, 0.01)
+                assert master.execute(hostile.call_back_every, seen.append, 0.005, 3) == 3
+            assert seen == [0, 1, 2] * 10  # its own callbacks, in order, on its own thread
             results.append(k)
 
         threads = [threading.Thread(target=caller_with_callbacks)]

@@ -194,6 +194,30 @@ def flood(count):
     return "flooded"
 
 
+DROP_ERRORS = []
+
+
+class CallsOnDrop:
+    """Calls the master from __del__, whenever the master lets it go."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __del__(self):
+        try:
+            self.callback("dropped")
+        except Exception as err:
+            DROP_ERRORS.append(type(err).__name__)
+
+
+def calls_on_drop(callback):
+    return CallsOnDrop(callback)
+
+
+def drop_errors():
+    return list(DROP_ERRORS)
+
+
 def release_by_id(owner, iid, count):
     return send_raw([3, [[owner, iid, count]]])
 
@@ -610,6 +634,21 @@ def test_a_request_outside_any_call_stops_the_guest_and_starts_no_thread(sandbox
         hostile.flood(2000)
     assert threading.active_count() <= threads_before
     assert alive(flooder)  # a fresh guest
+
+
+def test_a_guest_cannot_call_the_master_between_calls(sandbox):
+    """A finalizer that runs while the guest is idle (the master let go of its
+    object) may not call the master: the guest has no threads of its own."""
+    idle = sandbox("policy-idle")
+    hostile = idle.import_module("hostile_plugin")
+    called = []
+    dropped = hostile.calls_on_drop(called.append)
+    idle.execute(exec, "import builtins; builtins.marker = 1")
+    del dropped
+    gc.collect()
+    eventually(lambda: hostile.drop_errors() == ["SandboxViolation"], "the guest's finalizer")
+    assert called == []
+    assert idle.execute(eval, "__import__('builtins').marker") == 1  # the same guest, alive
 
 
 # -- what a guest holds ------------------------------------------------------------------

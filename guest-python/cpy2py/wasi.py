@@ -7,7 +7,8 @@ pre-initialized cpy2py kernel. The host (``cpy2py._host.WasiTwin``, Rust)
 runs it on a thread of its own with:
 
 - ``memory_limit``: bytes of guest linear memory (default 256 MiB);
-- ``timeout``: seconds of wall-clock time per call (default 10 s; None: no limit);
+- ``timeout``: seconds of the guest's own running time per call, callbacks
+  included, never reset by them (default 10 s; ``float('inf')``: no limit);
 - ``paths``: directories the guest may import code from (default: none, only
   the standard library); the guest sees only the ``*.py`` files under them,
   read-only;

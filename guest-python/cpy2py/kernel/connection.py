@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .. import _logging
-from ..errors import ProtocolError, TwinError, TwinterpreterTerminated
+from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
 from . import references
@@ -44,7 +44,7 @@ _local = threading.local()
 class _Waiter:
     """A thread's mailbox: frames routed to it, and a lock to sleep on."""
 
-    __slots__ = ("inbox", "wake", "parked_on", "chain", "depth", "name")
+    __slots__ = ("inbox", "wake", "parked_on", "chain", "depth", "name", "early")
 
     def __init__(self) -> None:
         self.inbox: Deque[Tuple[Connection, list]] = deque()
@@ -57,6 +57,9 @@ class _Waiter:
         #: how many of this thread's calls are in flight (nesting depth)
         self.depth = 0
         self.name = threading.current_thread().name
+        #: without threads: replies to outer calls of this thread that came
+        #: while a later call waited, (connection, request id) -> message
+        self.early: Dict[Tuple[Connection, int], list] = {}
 
 
 def _this_waiter() -> _Waiter:
@@ -151,6 +154,7 @@ class Connection:
         self._abandoned: Set[int] = set()  # requests whose caller left before the reply
         self._reading = False
         self._reader: Optional[int] = None  # the thread that holds the reading role
+        self._garbage: List[Any] = []  # released objects, to drop once the role is given up
         self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
         # servers (see "serving the peer" below)
         self._poller: Optional[_Waiter] = None
@@ -193,6 +197,12 @@ class Connection:
         if waiter.depth and _near_recursion_limit():  # only nested calls can be this deep
             raise _too_deep()
         if waiter.chain is None:
+            if not self._threads:
+                raise SandboxViolation(
+                    f"this sandboxed twin can call {self.peer_id!r} only while it serves a call from it "
+                    "(a guest has no threads of its own): not from a finalizer, a timer or code run "
+                    "at its start"
+                )
             waiter.chain = _new_chain()
         chain = waiter.chain
         req_id = next(self._ids)
@@ -224,18 +234,23 @@ class Connection:
 
     def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Any:
         while True:
-            conn, message = self._next_for(waiter)
+            early = waiter.early.pop((self, req_id), None) if waiter.early else None
+            conn, message = (self, early) if early is not None else self._next_for(waiter)
             kind = message[0]
             if kind == REQUEST:  # a nested call of our chain: run it right here
                 if _near_recursion_limit():  # answered, not run: the kernel keeps its frames
                     conn._send_reply(message[1], RAISE, _too_deep())
                 else:
-                    conn._execute(message)
+                    conn._execute_nested(waiter, message)
                 del message  # its arguments must not outlive the nested call
             elif conn is self and message[1] == req_id:
                 if kind == REPLY:
                     return message[2]
                 raise self.serializer.reraise(message[2])
+            elif not conn._threads:
+                # one thread serves several callers' chains: the reply to an
+                # outer call came while a call made later waits; kept for it
+                waiter.early[(conn, message[1])] = message
             else:
                 # the reply to an outer call of this thread: its peer gave up on
                 # the nested call this thread waits for, which would wait forever
@@ -293,14 +308,17 @@ class Connection:
         The caller holds the reading role. It is given up only after the
         message was delivered: a thread that finds its inbox empty and the
         role free may block reading, so nothing may arrive in its inbox
-        after that.
+        after that. Objects a release dropped die only after that, so their
+        finalizers run outside the role (they may call the peer).
         """
         try:
             message = self._read_one()
             return None if message is None else self._route(message, reader)
         finally:
+            garbage, self._garbage = self._garbage, []
             with _ROUTE_LOCK:
                 self._release_role()
+            del garbage
 
     def _read_one(self) -> Optional[list]:
         """Read and decode one frame (the caller holds the reading role).
@@ -381,7 +399,7 @@ class Connection:
             elif kind == RELEASE:
                 if len(message) != 2:
                     raise ProtocolError(f"malformed release {references.safe_repr(message)}")
-                references.release(message[1], self)
+                self._garbage.extend(references.release(message[1], self))
                 return None
             elif kind == SHUTDOWN:
                 if len(message) != 2 or type(message[1]) is not int:
@@ -550,6 +568,26 @@ class Connection:
             self._execute(message)
         finally:
             waiter.chain = None
+
+    def _execute_nested(self, waiter: _Waiter, message: list) -> None:
+        """Run a request that came while this thread waits for a reply: of its
+        own chain (recursion), or, without threads, of any chain; then this
+        thread runs it as that chain, so its calls go out and come back there."""
+        chain = message[2]
+        if chain == waiter.chain:
+            self._execute(message)
+            return
+        outer = waiter.chain
+        waiter.chain = chain
+        with _ROUTE_LOCK:
+            _CHAINS[chain] = waiter
+        try:
+            self._execute(message)
+        finally:
+            waiter.chain = outer
+            with _ROUTE_LOCK:
+                if _CHAINS.get(chain) is waiter:
+                    del _CHAINS[chain]
 
     def _execute(self, message: list) -> None:
         """Run a request on this thread and send its reply."""

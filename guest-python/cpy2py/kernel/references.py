@@ -211,10 +211,12 @@ def exported(key: Key) -> Any:
     return entry[0]
 
 
-def release(items: Any, connection: Connection) -> None:
+def release(items: Any, connection: Connection) -> List[Any]:
     """The peer of ``connection`` dropped references: ``[[owner, instance id,
     count], ...]``. A peer releases at most what it was handed over its own
-    link; the rest of the counts are other links' and stay."""
+    link; the rest of the counts are other links' and stay. Returns the
+    objects nobody holds any more, for the caller to drop where finalizers
+    may run."""
     if not isinstance(items, list):
         raise ProtocolError(f"malformed release (not a list): {safe_repr(items)}")
     for item in items:  # plain data only: nothing here may run the peer's code
@@ -227,11 +229,11 @@ def release(items: Any, connection: Connection) -> None:
             and item[2] > 0
         ):
             raise ProtocolError(f"malformed release entry {safe_repr(item)}")
-    dropped = []
+    dropped: List[Any] = []
     with _lock:
         for owner, iid, count in items:
             dropped.extend(_drop(connection, (owner, iid), count))
-    del dropped  # the last references go outside the lock
+    return dropped  # the last references go outside the lock, and outside the reading role
 
 
 def forget_link(connection: Connection) -> None:
