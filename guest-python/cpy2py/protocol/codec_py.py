@@ -946,8 +946,8 @@ def _cost_array(
             count += 1
         if kind == _SET:
             cost += _set_cost(count)
-            if cost > left:
-                raise _Over(pos)
+        if cost > left:
+            raise _Over(pos)
         return cost, pos
     if n > len(data) - pos:
         raise _Malformed
@@ -964,9 +964,15 @@ def _cost_array(
         c = fixed_cost[ib]
         if c >= 0:
             pos += _FIXED_SIZE[ib]
-        elif ib == 0x19:
-            c = 0 if (data[pos + 1] << 8) | data[pos + 2] <= 256 else _COST_INT
+        elif ib == 0x19 or ib == 0x39:  # ints of 16 and 32 bits (what _cost_uint/_cost_nint do)
+            c = 0 if (data[pos + 1] << 8) | data[pos + 2] <= (256 if ib == 0x19 else 4) else _COST_INT
             pos += 3
+        elif ib == 0x1A or ib == 0x3A:
+            c = 0 if _unpack_from_I(data, pos + 1)[0] <= (256 if ib == 0x1A else 4) else _COST_INT
+            pos += 5
+        elif ib == 0xD9 and data[pos + 1] == 0x9C and data[pos + 2] == 0x41 and data[pos + 3] >> 5 == 4 and depth < MAX_DEPTH:
+            # a tuple (what _cost_tag does, without its calls)
+            c, pos = _cost_array(data, pos + 4, data[pos + 3], depth + 1, left - cost, _TUPLE)
         else:
             c, pos = costs[ib >> 5](data, pos + 1, ib, depth, left - cost)
         if c:
