@@ -489,6 +489,7 @@ HOSTILE = {
     "2-char strings": lambda size: _fill(size, b"\x62ab"),
     "small ints": lambda size: _fill(size, b"\x25"),  # -6, not cached
     "empty sets": lambda size: _fill(size, b"\xd9\x01\x02\x80"),
+    "sets of 19 ints": lambda size: _fill(size, codec_py.dumps(set(range(19)))),  # 2,264 bytes from 23
     "indefinite lists": lambda size: _fill(size, b"\x9f\xff"),
 }
 
