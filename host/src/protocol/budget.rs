@@ -136,12 +136,38 @@ pub fn bignum_cost(len: u64) -> u64 {
     round16(cost::BIGNUM_HEADER + 4 * ((8 * len + 30) / 30))
 }
 
-fn str_cost(len: u64) -> u64 {
+const fn str_cost(len: u64) -> u64 {
     round16(cost::STR_HEADER + len)
 }
 
-fn bytes_cost(len: u64) -> u64 {
+const fn bytes_cost(len: u64) -> u64 {
     round16(cost::BYTES_HEADER + len)
+}
+
+/// The size and cost of the items whose initial byte says both (size 0:
+/// read the head): small ints, strings of up to 23 bytes, false, true,
+/// null and floats. codec_py.py has the same table (`_FIXED_COST`).
+const FIXED: [(u8, u16); 256] = fixed_table();
+
+const fn fixed_table() -> [(u8, u16); 256] {
+    let mut table = [(0u8, 0u16); 256];
+    let mut n = 0;
+    while n < 24 {
+        let len = n as u64;
+        table[n] = (1, 0); // 0..23
+        table[0x20 | n] = (1, if n < 5 { 0 } else { cost::INT as u16 }); // -1..-24
+        table[0x40 | n] = (1 + n as u8, if n < 2 { 0 } else { bytes_cost(len) as u16 });
+        table[0x60 | n] = (1 + n as u8, if n < 2 { 0 } else { str_cost(len) as u16 });
+        n += 1;
+    }
+    table[0x18] = (2, 0); // 24..255
+    table[0xf4] = (1, 0);
+    table[0xf5] = (1, 0);
+    table[0xf6] = (1, 0);
+    table[0xf9] = (3, cost::FLOAT as u16);
+    table[0xfa] = (5, cost::FLOAT as u16);
+    table[0xfb] = (9, cost::FLOAT as u16);
+    table
 }
 
 /// The verdict of [`estimate`].
@@ -174,7 +200,7 @@ pub fn estimate(frame: &[u8], budget: u64) -> Estimate {
         total: 0,
         budget,
     };
-    match walk.item(0).and_then(|_| walk.cursor.finish().map_err(Stop::from)) {
+    match walk.next(0).and_then(|_| walk.cursor.finish().map_err(Stop::from)) {
         Ok(()) => Estimate::Within(walk.total),
         Err(Stop::Over(offset)) => Estimate::Over { offset },
         Err(Stop::Malformed) => Estimate::Malformed,
@@ -207,7 +233,39 @@ impl Walk<'_> {
         }
     }
 
-    /// Walks the item at the cursor, enclosed by `depth` containers.
+    /// Walks the item at the cursor, enclosed by `depth` containers: the
+    /// small ones straight from [`FIXED`], the others by their head.
+    #[inline]
+    fn next(&mut self, depth: usize) -> Result<(), Stop> {
+        let rest = self.cursor.rest();
+        let Some(&initial) = rest.first() else {
+            return self.item(depth);
+        };
+        let (size, cost) = FIXED[usize::from(initial)];
+        if size != 0 && usize::from(size) <= rest.len() {
+            self.cursor.skip(usize::from(size));
+            return if cost == 0 {
+                Ok(())
+            } else {
+                self.charge(u64::from(cost))
+            };
+        }
+        // ints of 16 and 32 bits: what item() does, without building a Head
+        let (size, value) = match (initial, rest) {
+            (0x19 | 0x39, [_, a, b, ..]) => (3, u64::from(u16::from_be_bytes([*a, *b]))),
+            (0x1a | 0x3a, [_, a, b, c, d, ..]) => (5, u64::from(u32::from_be_bytes([*a, *b, *c, *d]))),
+            _ => return self.item(depth),
+        };
+        self.cursor.skip(size);
+        let cached = if initial < 0x20 { value <= 256 } else { value < 5 };
+        if cached {
+            Ok(())
+        } else {
+            self.charge(cost::INT)
+        }
+    }
+
+    /// Walks the item at the cursor by its head.
     fn item(&mut self, depth: usize) -> Result<(), Stop> {
         let at = self.cursor.offset();
         match self.cursor.head()? {
@@ -256,7 +314,7 @@ impl Walk<'_> {
                 self.cursor.check_count(n, 1, "an array")?;
                 self.charge(n * slot)?;
                 for _ in 0..n {
-                    self.item(depth)?;
+                    self.next(depth)?;
                 }
                 Ok(n)
             }
@@ -264,7 +322,7 @@ impl Walk<'_> {
                 let mut count = 0;
                 while !self.cursor.take_break("an indefinite-length array")? {
                     self.charge(slot)?;
-                    self.item(depth)?;
+                    self.next(depth)?;
                     count += 1;
                 }
                 Ok(count)
@@ -285,8 +343,8 @@ impl Walk<'_> {
                         str_keys = false;
                         self.charge(dict_cost(n, false) - dict_cost(n, true))?;
                     }
-                    self.item(depth)?;
-                    self.item(depth)?;
+                    self.next(depth)?;
+                    self.next(depth)?;
                 }
                 Ok(())
             }
@@ -294,8 +352,8 @@ impl Walk<'_> {
                 let mut count = 0;
                 while !self.cursor.take_break("an indefinite-length map")? {
                     str_keys &= self.cursor.peek("a map")? >> 5 == 3;
-                    self.item(depth)?;
-                    self.item(depth)?;
+                    self.next(depth)?;
+                    self.next(depth)?;
                     count += 1;
                 }
                 self.charge(dict_cost(count, str_keys))
@@ -367,7 +425,7 @@ impl Walk<'_> {
                 self.charge(cost::BYTEARRAY + buffer + chunks * cost::CHUNK)
             }
             _ => {
-                self.item(depth)?;
+                self.next(depth)?;
                 self.charge(cost::HOOK)
             }
         }
@@ -444,6 +502,26 @@ mod tests {
     }
 
     #[test]
+    fn the_fixed_table_agrees_with_the_heads() {
+        for initial in 0..=255u8 {
+            let (size, fixed) = FIXED[usize::from(initial)];
+            if size == 0 {
+                continue;
+            }
+            let mut frame = vec![initial];
+            frame.resize(usize::from(size), b'a');
+            let mut walk = Walk {
+                cursor: Cursor::new(&frame),
+                total: 0,
+                budget: u64::MAX,
+            };
+            assert!(walk.item(0).is_ok(), "{initial:#04x}");
+            assert_eq!(walk.cursor.offset(), usize::from(size), "{initial:#04x}");
+            assert_eq!(walk.total, u64::from(fixed), "{initial:#04x}");
+        }
+    }
+
+    #[test]
     fn over_budget_stops_at_the_container_that_passes_it() {
         // 1000 empty maps: the array's slots fit, the maps do not
         let mut frame = vec![0x99, 0x03, 0xe8];
@@ -459,6 +537,36 @@ mod tests {
             Estimate::Over { offset } => assert!(offset < 200, "{offset}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn every_frame_the_decoder_accepts_has_an_estimate() {
+        use crate::protocol::value::Value;
+        // streams of heads and bytes the decoders treat specially (xorshift, seeded)
+        const BYTES: &[u8] = &[
+            0x00, 0x01, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x20, 0x25, 0x38, 0x39, 0x40, 0x41, 0x42, 0x5f,
+            0x60, 0x61, 0x62, 0x7f, 0x80, 0x81, 0x82, 0x9f, 0xa0, 0xa1, 0xbf, 0xc2, 0xc3, 0xd9, 0x01,
+            0x02, 0x9c, 0x41, 0x42, 0x43, 0x44, 0x4b, 0xf4, 0xf6, 0xf9, 0xfb, 0xff, 0x61, 0x7a,
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut accepted = 0;
+        for _ in 0..300_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 24) as usize + 1;
+            let frame: Vec<u8> = (0..len)
+                .map(|i| BYTES[((state >> (i % 8 * 8)) as usize + i * 7) % BYTES.len()])
+                .collect();
+            if Value::decode(&frame).is_ok() {
+                accepted += 1;
+                assert!(
+                    matches!(estimate(&frame, u64::MAX), Estimate::Within(_)),
+                    "{frame:02x?}"
+                );
+            }
+        }
+        assert!(accepted > 1000, "only {accepted} frames were valid");
     }
 
     #[test]
