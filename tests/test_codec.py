@@ -499,7 +499,13 @@ def _ordinary(size: int) -> dict:
     rnd = random.Random(5)
     return {
         "records": [
-            {"id": i, "name": f"user{i}", "email": f"user{i}@example.com", "active": i % 2 == 0, "score": i / 7}
+            {
+                "id": i,
+                "name": f"user{i}",
+                "email": f"user{i}@example.com",
+                "active": i % 2 == 0,
+                "score": i / 7,
+            }
             for i in range(size // 60)
         ],
         "ints 0..9999": [i % 10_000 for i in range(size // 3)],
@@ -521,7 +527,7 @@ def _fast_dumps() -> Any:
     return dumps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ordinary_frames(size: int) -> Dict[str, bytes]:
     return {name: _fast_dumps()(value) for name, value in _ordinary(size).items()}
 
@@ -670,7 +676,8 @@ during = status()
 value = None
 gc.collect()
 after = status()
-print(json.dumps({"outcome": outcome, "base": base["VmRSS"], "peak": during["VmHWM"], "after": after["VmRSS"]}))
+result = {"outcome": outcome, "base": base["VmRSS"], "peak": during["VmHWM"], "after": after["VmRSS"]}
+print(json.dumps(result))
 """
 
 

@@ -809,8 +809,14 @@ _FIXED_SIZE = [0] * 256
 for _ib in range(24):
     _FIXED_COST[_ib], _FIXED_SIZE[_ib] = 0, 1  # 0..23
     _FIXED_COST[0x20 | _ib], _FIXED_SIZE[0x20 | _ib] = (0 if _ib < 5 else _COST_INT), 1  # -1..-24
-    _FIXED_COST[0x40 | _ib], _FIXED_SIZE[0x40 | _ib] = (0 if _ib < 2 else _round16(_COST_BYTES_HEADER + _ib)), 1 + _ib
-    _FIXED_COST[0x60 | _ib], _FIXED_SIZE[0x60 | _ib] = (0 if _ib < 2 else _round16(_COST_STR_HEADER + _ib)), 1 + _ib
+    _FIXED_COST[0x40 | _ib], _FIXED_SIZE[0x40 | _ib] = (
+        (0 if _ib < 2 else _round16(_COST_BYTES_HEADER + _ib)),
+        1 + _ib,
+    )
+    _FIXED_COST[0x60 | _ib], _FIXED_SIZE[0x60 | _ib] = (
+        (0 if _ib < 2 else _round16(_COST_STR_HEADER + _ib)),
+        1 + _ib,
+    )
 _FIXED_COST[0x18], _FIXED_SIZE[0x18] = 0, 2  # 24..255
 # [] and {}: past MAX_DEPTH the decoder refuses them, which the walk needs not see
 _FIXED_COST[0x80], _FIXED_SIZE[0x80] = _COST_LIST, 1
@@ -914,9 +920,7 @@ def _cost_text(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[i
 _LIST, _TUPLE, _SET = 0, 1, 2
 
 
-def _cost_array(
-    data: bytes, pos: int, ib: int, depth: int, left: int, kind: int = _LIST
-) -> Tuple[int, int]:
+def _cost_array(data: bytes, pos: int, ib: int, depth: int, left: int, kind: int = _LIST) -> Tuple[int, int]:
     """An array (``ib`` its initial byte) as a list, or as the content of a
     tuple or a set (``kind``); ``depth`` does not count it yet."""
     if depth >= MAX_DEPTH:
@@ -970,7 +974,13 @@ def _cost_array(
         elif ib == 0x1A or ib == 0x3A:
             c = 0 if _unpack_from_I(data, pos + 1)[0] <= (256 if ib == 0x1A else 4) else _COST_INT
             pos += 5
-        elif ib == 0xD9 and data[pos + 1] == 0x9C and data[pos + 2] == 0x41 and data[pos + 3] >> 5 == 4 and depth < MAX_DEPTH:
+        elif (
+            ib == 0xD9
+            and data[pos + 1] == 0x9C
+            and data[pos + 2] == 0x41
+            and data[pos + 3] >> 5 == 4
+            and depth < MAX_DEPTH
+        ):
             # a tuple (what _cost_tag does, without its calls)
             c, pos = _cost_array(data, pos + 4, data[pos + 3], depth + 1, left - cost, _TUPLE)
         else:

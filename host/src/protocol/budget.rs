@@ -22,8 +22,8 @@ use crate::error::HostError;
 /// codec; codec_py.py holds the same numbers. Measured with `sys.getsizeof`
 /// on CPython 3.9-3.13 (x86-64): `[]` 56, `()` 40 + 8 per item, `{}` 64,
 /// `{'a': 1}` 184 and `{1: 1}` 224 (3.11+; 232 both on 3.9 and 3.10),
-/// `set()` 216, `''` 41 (3.12+; 49 before) + 1 per ASCII byte, `b''` 33
-/// + 1 per byte, `bytearray()` 56, `300` 28, `2**60` 36, `1.5` 24,
+/// `set()` 216, `''` 41 (3.12+; 49 before) + 1 per ASCII byte, `b''`
+/// 33 + 1 per byte, `bytearray()` 56, `300` 28, `2**60` 36, `1.5` 24,
 /// `1j` 32. Cached singletons (None, True, False, ints -5..=256, `''` and
 /// one-character ASCII strings, `b''` and one-byte bytes, `()`) cost
 /// nothing but the slot that holds them, which their container pays.
@@ -108,7 +108,11 @@ pub fn set_cost(n: u64) -> u64 {
     // the number of items at which the table grows: fill * 5 >= mask * 3
     let mut grow_at = (3 * (size - 1)).div_ceil(5);
     while n >= grow_at {
-        let wanted = if grow_at > 50_000 { 2 * grow_at } else { 4 * grow_at };
+        let wanted = if grow_at > 50_000 {
+            2 * grow_at
+        } else {
+            4 * grow_at
+        };
         while size <= wanted {
             size *= 2;
         }
@@ -200,7 +204,10 @@ pub fn estimate(frame: &[u8], budget: u64) -> Estimate {
         total: 0,
         budget,
     };
-    match walk.next(0).and_then(|_| walk.cursor.finish().map_err(Stop::from)) {
+    match walk
+        .next(0)
+        .and_then(|_| walk.cursor.finish().map_err(Stop::from))
+    {
         Ok(()) => Estimate::Within(walk.total),
         Err(Stop::Over(offset)) => Estimate::Over { offset },
         Err(Stop::Malformed) => Estimate::Malformed,
@@ -544,9 +551,9 @@ mod tests {
         use crate::protocol::value::Value;
         // streams of heads and bytes the decoders treat specially (xorshift, seeded)
         const BYTES: &[u8] = &[
-            0x00, 0x01, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x20, 0x25, 0x38, 0x39, 0x40, 0x41, 0x42, 0x5f,
-            0x60, 0x61, 0x62, 0x7f, 0x80, 0x81, 0x82, 0x9f, 0xa0, 0xa1, 0xbf, 0xc2, 0xc3, 0xd9, 0x01,
-            0x02, 0x9c, 0x41, 0x42, 0x43, 0x44, 0x4b, 0xf4, 0xf6, 0xf9, 0xfb, 0xff, 0x61, 0x7a,
+            0x00, 0x01, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x20, 0x25, 0x38, 0x39, 0x40, 0x41, 0x42, 0x5f, 0x60,
+            0x61, 0x62, 0x7f, 0x80, 0x81, 0x82, 0x9f, 0xa0, 0xa1, 0xbf, 0xc2, 0xc3, 0xd9, 0x01, 0x02, 0x9c,
+            0x41, 0x42, 0x43, 0x44, 0x4b, 0xf4, 0xf6, 0xf9, 0xfb, 0xff, 0x61, 0x7a,
         ];
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut accepted = 0;

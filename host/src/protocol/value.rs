@@ -672,7 +672,11 @@ impl<'a> Cursor<'a> {
     /// head said `len`, copying nothing; returns its length and its number
     /// of chunks (0 for a definite length).
     pub(crate) fn skip_string(&mut self, major: u8, len: Option<u64>) -> Result<(u64, u64)> {
-        let what = if major == 2 { "a byte string" } else { "a text string" };
+        let what = if major == 2 {
+            "a byte string"
+        } else {
+            "a text string"
+        };
         match len {
             Some(n) => self.take(n, what).map(|_| (n, 0)),
             None => {
