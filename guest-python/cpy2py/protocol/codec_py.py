@@ -723,9 +723,9 @@ def sandbox_budget(frame_len: int) -> int:
     guest: ``loads(raw, hook, budget=sandbox_budget(len(raw)))``.
 
     ``SANDBOX_BUDGET_FACTOR * frame_len + SANDBOX_BUDGET_FLOOR`` bytes: ordinary
-    data (records, lists of numbers or strings, nested tuples) costs 2-14
-    times its frame; the worst shapes (empty maps or lists, small dicts of
-    small values) 20-72 times. docs/protocol.md, "Decoding budget", has the
+    data (records, lists of numbers or strings, nested tuples) costs 4-14
+    times its frame; hostile shapes up to about 100 times (empty maps or
+    lists 72, small sets 58-99). docs/protocol.md, "Decoding budget", has the
     measurements.
     """
     return SANDBOX_BUDGET_FACTOR * frame_len + SANDBOX_BUDGET_FLOOR

@@ -390,7 +390,14 @@ fn loads<'py>(
     let mut estimated = true;
     if let Some(budget) = budget.filter(|b| !b.is_none()) {
         let budget = budget_bytes(budget)?;
-        match budget::estimate(input, budget) {
+        // the walk reads immutable bytes only: other threads run meanwhile
+        // (a 64 MiB frame takes tens of milliseconds)
+        let verdict = if input.len() >= DETACH_WALK {
+            py.detach(|| budget::estimate(input, budget))
+        } else {
+            budget::estimate(input, budget)
+        };
+        match verdict {
             Estimate::Within(_) => {}
             Estimate::Over { offset } => {
                 return Err(protocol_error(py, budget::refusal(input.len(), budget, offset)))
@@ -421,6 +428,9 @@ fn loads<'py>(
     }
     Ok(value)
 }
+
+/// Frames from this size up are walked for the budget without the GIL.
+const DETACH_WALK: usize = 1 << 20;
 
 /// The `budget` argument of `loads` in bytes: an int, at least 0 (ints
 /// beyond 64 bits are no limit).
