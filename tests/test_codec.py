@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import json
 import math
 import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 from cpy2py.errors import ProtocolError
@@ -460,6 +461,281 @@ def test_declared_lengths_are_checked_before_allocating(codec: Any) -> None:
     for data in (b"\x5b" + b"\xff" * 8, b"\x9b" + b"\xff" * 8, b"\xbb" + b"\xff" * 8 + b"\x00"):
         with pytest.raises(ProtocolError, match="declares"):
             codec.loads(data)
+
+
+# --------------------------------------------------------------------------
+# Decoding budget
+# --------------------------------------------------------------------------
+
+MiB = 1 << 20
+#: frames of the budget tests: big enough that the floor of sandbox_budget
+#: (8 MiB) does not cover the hostile shapes, small enough to be quick
+FRAME = 6 * MiB
+
+
+def _array_of(item: bytes, count: int) -> bytes:
+    return b"\x9a" + count.to_bytes(4, "big") + item * count
+
+
+def _fill(size: int, item: bytes) -> bytes:
+    return _array_of(item, (size - 5) // len(item))
+
+
+#: frames a hostile guest sends: each byte or few bytes become an object
+HOSTILE = {
+    "empty maps": lambda size: _fill(size, b"\xa0"),  # {}: 72 bytes of objects per byte
+    "empty lists": lambda size: _fill(size, b"\x80"),
+    "one-entry maps": lambda size: _fill(size, b"\xa1\x00\x00"),  # {0: 0}
+    "2-char strings": lambda size: _fill(size, b"\x62ab"),
+    "small ints": lambda size: _fill(size, b"\x25"),  # -6, not cached
+    "empty sets": lambda size: _fill(size, b"\xd9\x01\x02\x80"),
+    "sets of 19 ints": lambda size: _fill(size, codec_py.dumps(set(range(19)))),  # 2,264 bytes from 23
+    "indefinite lists": lambda size: _fill(size, b"\x9f\xff"),
+}
+
+
+def _ordinary(size: int) -> dict:
+    """Ordinary data of about ``size`` bytes of frame, by kind."""
+    rnd = random.Random(5)
+    return {
+        "records": [
+            {
+                "id": i,
+                "name": f"user{i}",
+                "email": f"user{i}@example.com",
+                "active": i % 2 == 0,
+                "score": i / 7,
+            }
+            for i in range(size // 60)
+        ],
+        "ints 0..9999": [i % 10_000 for i in range(size // 3)],
+        "random doubles": [rnd.random() for _ in range(size // 9)],
+        "words": [f"w{i % 100_000}" for i in range(size // 7)],
+        "pairs": [(i, -i) for i in range(size // 14)],
+        "nested tuples": [((i, i + 1), (str(i), None)) for i in range(size // 30)],
+        "str to int": {f"key{i}": i for i in range(size // 14)},
+        "text": "x" * size,
+    }
+
+
+def _fast_dumps() -> Any:
+    """The compiled encoder where there is one (both write the same bytes)."""
+    try:
+        from cpy2py._host import dumps
+    except ImportError:
+        return codec_py.dumps
+    return dumps
+
+
+@functools.cache
+def _ordinary_frames(size: int) -> Dict[str, bytes]:
+    return {name: _fast_dumps()(value) for name, value in _ordinary(size).items()}
+
+
+ORDINARY = sorted(_ordinary(100))
+
+
+@pytest.mark.parametrize("shape", sorted(HOSTILE))
+def test_budget_refuses_hostile_frames(codec: Any, shape: str) -> None:
+    raw = HOSTILE[shape](FRAME)
+    budget = codec_py.sandbox_budget(len(raw))
+    with pytest.raises(ProtocolError) as refused:
+        codec.loads(raw, budget=budget)
+    message = str(refused.value)
+    assert f"a frame of {len(raw)} bytes" in message
+    assert f"decoding budget of {budget} bytes" in message
+    assert "send it in several smaller frames" in message
+    # the same shape in a small frame is within the floor
+    small = HOSTILE[shape](64 * 1024)
+    assert codec.loads(small, budget=codec_py.sandbox_budget(len(small))) == codec.loads(small)
+
+
+@pytest.mark.parametrize("name", ORDINARY)
+def test_budget_accepts_ordinary_data_of_the_same_size(codec: Any, name: str) -> None:
+    raw = _ordinary_frames(FRAME)[name]
+    assert len(raw) >= FRAME * 0.9
+    value = codec.loads(raw, budget=codec_py.sandbox_budget(len(raw)))
+    assert _fast_dumps()(value) == raw
+
+
+def test_sandbox_budget_is_the_one_of_the_codec_module() -> None:
+    from cpy2py.protocol import codec as codec_module
+
+    assert codec_module.sandbox_budget is codec_py.sandbox_budget
+    assert codec_py.sandbox_budget(0) == codec_py.SANDBOX_BUDGET_FLOOR >= 4 * MiB
+    assert 8 <= codec_py.SANDBOX_BUDGET_FACTOR <= 16
+    assert codec_py.sandbox_budget(64 * MiB) <= 17 * 64 * MiB
+
+
+@pytest.mark.parametrize("vector", VALID, ids=_ids(VALID))
+def test_budget_none_or_enough_decodes_as_before(codec: Any, vector: dict) -> None:
+    data = bytes.fromhex(vector["cbor"])
+    expected = meaning(vector["value"])
+    for budget in (None, 1 << 20, 2**100):
+        assert same(codec.loads(data, tag_hook, budget=budget), expected)
+
+
+@pytest.mark.parametrize("vector", INVALID, ids=_ids(INVALID))
+def test_budget_still_refuses_invalid_vectors(codec: Any, vector: dict) -> None:
+    data = bytes.fromhex(vector["cbor"])
+    for budget in (0, 1 << 20):
+        with pytest.raises(ProtocolError):
+            codec.loads(data, tag_hook, budget=budget)
+
+
+def test_budget_argument(codec: Any) -> None:
+    for bad in ("1", 1.5, True, b"1"):
+        with pytest.raises(TypeError, match="budget must be an int"):
+            codec.loads(b"\xf6", budget=bad)
+    with pytest.raises(ValueError, match="at least 0"):
+        codec.loads(b"\xf6", budget=-1)
+    # cached objects cost nothing; anything else its size
+    assert codec.loads(b"\x83\xf6\x18\xff\x61a", budget=64 + 3 * 8) == [None, 255, "a"]
+    with pytest.raises(ProtocolError, match="budget of 87 bytes"):
+        codec.loads(b"\x83\xf6\x18\xff\x61a", budget=64 + 3 * 8 - 1)
+    assert codec.loads(b"\x19\x01\x01", budget=32) == 257
+    with pytest.raises(ProtocolError, match="budget"):
+        codec.loads(b"\x19\x01\x01", budget=31)
+    assert codec.loads(b"\xa0", budget=2**64 + 1) == {}
+
+
+def test_budget_leaves_malformed_frames_to_the_decoder(codec: Any) -> None:
+    """A length beyond the frame is malformed, not expensive: the decoder's error."""
+    for data in (b"\x5b" + b"\xff" * 8, b"\x9b" + b"\xff" * 8, b"\xbb" + b"\xff" * 8 + b"\x00"):
+        with pytest.raises(ProtocolError, match="declares"):
+            codec.loads(data, budget=100)
+    with pytest.raises(ProtocolError, match=str(MAX_DEPTH)):
+        codec.loads(b"\x81" * MAX_DEPTH + b"\x80", budget=1 << 20)
+
+
+def _estimates(data: bytes) -> List[int]:
+    """The smallest budget each codec accepts ``data`` with (its estimate)."""
+    found = []
+    for c in (codec_py, _compiled()):
+        low, high = 0, 1 << 40
+        while low < high:
+            middle = (low + high) // 2
+            try:
+                c.loads(data, tag_hook, budget=middle)
+                high = middle
+            except ProtocolError:
+                low = middle + 1
+        found.append(low)
+    return found
+
+
+def test_both_codecs_estimate_the_same() -> None:
+    """Both codecs charge every frame the same, so they accept and refuse the same frames."""
+    rnd = random.Random(31)
+    frames = [bytes.fromhex(v["cbor"]) for v in VALID]
+    frames += [codec_py.dumps(_random_value(rnd), default) for _ in range(150)]
+    frames += [make(4096) for make in HOSTILE.values()]
+    frames += [codec_py.dumps(v, default) for v in _ordinary(4096).values()]
+    frames += [  # non-minimal heads, indefinite lengths, the shapes the estimate tells apart
+        b"\x1a\x00\x00\x00\x05",
+        b"\x38\x02",
+        b"\x7f\x61a\x62bc\xff",
+        b"\x5f\x41a\xff",
+        b"\xbf\x61a\x00\x01\x02\xff",
+        b"\xd9\x01\x02\x9f\x01\x02\x03\x04\x05\xff",
+        b"\xd9\x9c\x41\x9f\x01\xff",
+        b"\xa2\x61a\x00\x01\x02",
+        b"\xd9\x9c\x43\x98\x02\xf9\x00\x00\xf9\x00\x00",
+        b"\xc2\x49" + b"\x01" * 9,
+    ]
+    for data in frames:
+        pure, compiled = _estimates(data)
+        assert pure == compiled, f"{data[:64].hex()}: the pure codec charges {pure}, the compiled {compiled}"
+        assert pure == codec_py._estimate(data, 1 << 40)
+
+
+# what the decoding costs the interpreter (VmHWM, the peak of RSS, and VmRSS
+# after) in a fresh one that reads the frame from a file
+_RSS_CHILD = r"""
+import gc, json, sys
+def status():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+from cpy2py.errors import ProtocolError
+from cpy2py.protocol import codec_py
+if sys.argv[2] == "compiled":
+    from cpy2py import _host as codec
+else:
+    codec = codec_py
+with open(sys.argv[1], "rb") as f:
+    raw = f.read()
+gc.collect()
+base = status()
+try:
+    value = codec.loads(raw, budget=codec_py.sandbox_budget(len(raw)))
+    outcome = "accepted"
+except ProtocolError as e:
+    outcome = str(e)
+during = status()
+value = None
+gc.collect()
+after = status()
+result = {"outcome": outcome, "base": base["VmRSS"], "peak": during["VmHWM"], "after": after["VmRSS"]}
+print(json.dumps(result))
+"""
+
+
+def _decode_in_a_fresh_interpreter(path: Path, codec_name: str) -> dict:
+    if codec_name == "compiled":
+        _compiled()
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status (Linux) to read the memory of a process")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(path), codec_name],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("codec_name", ["pure", "compiled"])
+def test_a_hostile_64_mib_frame_costs_the_master_nothing(tmp_path: Path, codec_name: str) -> None:
+    """Without a budget the master's RSS grows 80 times this frame (5 GiB); with the
+    sandbox budget it is refused before a single object is made."""
+    count = 64 * MiB - 5
+    path = tmp_path / "empty-maps.cbor"
+    with path.open("wb") as f:
+        f.write(b"\x9a" + count.to_bytes(4, "big"))
+        for _ in range(64):
+            f.write(b"\xa0" * min(MiB, count))
+            count -= MiB
+    frame = path.stat().st_size
+    assert frame == 64 * MiB
+    result = _decode_in_a_fresh_interpreter(path, codec_name)
+    assert "decoding budget" in result["outcome"]
+    # peak RSS after the frame was read: at most a quarter of it more
+    assert result["peak"] - result["base"] < frame // 4, result
+    assert result["after"] - result["base"] < frame // 8, result
+
+
+@pytest.mark.parametrize("codec_name", ["pure", "compiled"])
+def test_the_worst_accepted_frame_costs_about_its_budget(tmp_path: Path, codec_name: str) -> None:
+    """A frame of empty maps and a bytes blob, just under the sandbox budget: the
+    estimate is honest (peak RSS within 25% of the budget) and the memory goes back."""
+    frame = 8 * MiB
+    budget = codec_py.sandbox_budget(frame)
+    # k empty maps (64 + an 8-byte slot each) and a blob of the rest of the frame
+    maps = (budget - frame - 1024) // 71
+    blob = frame - 5 - maps - 5
+    path = tmp_path / "edge.cbor"
+    path.write_bytes(_array_of(b"\xa0", maps + 1)[:-1] + b"\x5a" + blob.to_bytes(4, "big") + bytes(blob))
+    raw = path.read_bytes()
+    assert len(raw) == frame and codec_py._estimate(raw, budget) is not None
+    result = _decode_in_a_fresh_interpreter(path, codec_name)
+    assert result["outcome"] == "accepted"
+    assert result["peak"] - result["base"] < budget * 1.25, result
+    assert result["after"] - result["base"] < frame, result
 
 
 # --------------------------------------------------------------------------

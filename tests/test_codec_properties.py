@@ -7,6 +7,8 @@
 - Garbage: for any bytes - random, mutated encodings, streams of CBOR heads
   - both decoders either return a value or raise ``ProtocolError`` (never
   another exception, never a hang), and they agree on which.
+- Decoding budget: both codecs estimate every value the same (the smallest
+  budget that accepts it), and agree on garbage under any budget.
 
 ``CPY2PY_SOAK=full`` (``just soak``) runs many more examples.
 """
@@ -245,3 +247,57 @@ def test_deep_nesting_is_refused_by_both(levels, head):
     assert results[0] == results[1]
     if levels > tags.MAX_DEPTH:
         assert results[0][0] == "refused"
+
+
+# -- decoding budget ---------------------------------------------------------------------
+
+
+def budget_outcome(codec: Any, data: bytes, budget: int) -> Any:
+    try:
+        value = codec.loads(data, tag_hook, budget=budget)
+    except ProtocolError:
+        return ("refused", None)
+    return ("ok", codec_py.dumps(value, default))
+
+
+@PROPERTY
+@given(values)
+def test_both_codecs_estimate_every_value_the_same(value):
+    """The smallest budget a frame is accepted with is the same in both codecs."""
+    data = codec_py.dumps(value, default)
+    estimate = codec_py._estimate(data, 1 << 62)
+    assert estimate is not None
+    for codec in codecs():
+        assert budget_outcome(codec, data, estimate)[0] == "ok", codec.__name__
+        if estimate:
+            assert budget_outcome(codec, data, estimate - 1)[0] == "refused", codec.__name__
+
+
+@PROPERTY
+@given(values, st.data())
+def test_budgets_on_mutated_encodings_give_the_same_verdict(value, data):
+    encoded = bytearray(codec_py.dumps(value, default))
+    for _ in range(data.draw(st.integers(0, 3), label="mutations")):
+        position = data.draw(st.integers(0, len(encoded)), label="position")
+        byte = data.draw(st.sampled_from(INTERESTING) | st.integers(0, 255), label="byte")
+        if data.draw(st.booleans(), label="insert") or not encoded:
+            encoded.insert(position, byte)
+        else:
+            encoded[min(position, len(encoded) - 1)] = byte
+    budget = data.draw(st.integers(0, 64 * len(encoded) + 256), label="budget")
+    check_budgets(bytes(encoded), budget)
+
+
+@PROPERTY
+@given(heads, st.integers(0, 4096))
+def test_budgets_on_streams_of_heads_give_the_same_verdict(data, budget):
+    check_budgets(data, budget)
+
+
+def check_budgets(data: bytes, budget: int) -> None:
+    results = [budget_outcome(codec, data, budget) for codec in codecs()]
+    assert results[0] == results[1], f"the codecs disagree on {data.hex()} with budget {budget}"
+    # what decodes without a budget decodes with an unlimited one: the walk
+    # never takes a frame the decoder accepts for malformed
+    for codec in codecs():
+        assert budget_outcome(codec, data, 1 << 62) == outcome(codec, data), codec.__name__

@@ -3,6 +3,11 @@
 the WASI guest). Both pass the same vectors and give identical bytes.
 
 ``CPY2PY_PURE_CODEC=1`` forces the pure-Python codec.
+
+Both ``loads`` take ``budget=`` (bytes of decoded objects; None: no limit).
+Frames from a sandboxed guest are decoded with
+``loads(raw, hook, budget=sandbox_budget(len(raw)))`` (docs/protocol.md,
+"Decoding budget").
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 
 from . import codec_py
+from .codec_py import sandbox_budget
 
 if os.environ.get("CPY2PY_PURE_CODEC"):
     dumps, loads = codec_py.dumps, codec_py.loads
@@ -23,4 +29,4 @@ else:
         dumps, loads = codec_py.dumps, codec_py.loads
         IMPLEMENTATION = "python"
 
-__all__ = ["dumps", "loads", "IMPLEMENTATION"]
+__all__ = ["dumps", "loads", "sandbox_budget", "IMPLEMENTATION"]

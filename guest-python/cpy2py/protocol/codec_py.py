@@ -11,9 +11,13 @@ and writes byte-identical output; this one runs where it is not available
 included) is handed to ``default(obj)``, which returns ``(tag, value)``; the
 value is encoded under that tag.
 
-``loads(data, tag_hook=None)`` decodes exactly one item. Tags outside the
-value model are handed to ``tag_hook(tag, value)``. Every malformed input
-raises :class:`cpy2py.errors.ProtocolError`.
+``loads(data, tag_hook=None, budget=None)`` decodes exactly one item. Tags
+outside the value model are handed to ``tag_hook(tag, value)``. Every
+malformed input raises :class:`cpy2py.errors.ProtocolError`. With a
+``budget`` (bytes), a frame whose objects would cost more than that is
+refused with ``ProtocolError`` before any is made: see "Decoding budget"
+below and in docs/protocol.md; :func:`sandbox_budget` is the budget of
+frames from sandboxed guests.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from ..errors import ProtocolError
 from .tags import BYTEARRAY, COMPLEX, FROZENSET, MAX_DEPTH, NEG_BIGNUM, POS_BIGNUM, SET, TUPLE
 
-__all__ = ["dumps", "loads", "Default", "TagHook"]
+__all__ = ["dumps", "loads", "sandbox_budget", "Default", "TagHook"]
 
 Default = Callable[[Any], Any]
 TagHook = Callable[[int, Any], Any]
@@ -657,16 +661,473 @@ _DECODERS: Tuple[_Decoder, ...] = (
 )
 
 
-def loads(data: Union[bytes, bytearray, memoryview], tag_hook: Optional[TagHook] = None) -> Any:
-    """Decodes exactly one CBOR data item from ``data``."""
+def loads(
+    data: Union[bytes, bytearray, memoryview],
+    tag_hook: Optional[TagHook] = None,
+    budget: Optional[int] = None,
+) -> Any:
+    """Decodes exactly one CBOR data item from ``data``.
+
+    With ``budget`` (bytes; None: no limit), a frame whose estimated cost in
+    objects passes it is refused with ``ProtocolError`` before decoding.
+    """
     if type(data) is not bytes:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"loads() takes bytes, bytearray or memoryview, not {_type_name(data)!r}")
         data = bytes(data)
+    estimated = True
+    if budget is not None:
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise TypeError(f"budget must be an int (bytes) or None, not {_type_name(budget)!r}")
+        if budget < 0:
+            raise ValueError(f"budget must be at least 0 bytes, not {budget}")
+        estimated = _estimate(data, budget) is not None
     if not data:
         raise ProtocolError("empty input: expected one CBOR data item")
     ib = data[0]
     value, pos = _DECODERS[ib >> 5](data, 1, ib, 0, tag_hook)
     if pos != len(data):
         raise ProtocolError(f"{len(data) - pos} trailing bytes after the CBOR data item (offset {pos})")
+    if not estimated:
+        # the estimate stopped at something the decoder accepted: never
+        # expected, and refused rather than decoded without a budget
+        raise ProtocolError(f"a frame of {len(data)} bytes could not be checked against the decoding budget")
     return value
+
+
+# --------------------------------------------------------------------------
+# Decoding budget
+# --------------------------------------------------------------------------
+#
+# ``_estimate`` walks a frame's heads, making no objects, and adds up what
+# decoding it costs in memory. It computes the same number as the compiled
+# codec (host/src/protocol/budget.rs), so both refuse the same frames.
+#
+# What objects cost, in bytes: CPython 3.12+ on 64-bit, sys.getsizeof
+# rounded up to 16 (pymalloc's size classes). Measured with sys.getsizeof on
+# CPython 3.9-3.13 (x86-64): [] 56, () 40 + 8 per item, {} 64, {'a': 1} 184
+# and {1: 1} 224 (3.11+; 232 both on 3.9 and 3.10), set() 216, '' 41 (3.12+;
+# 49 before) + 1 per ASCII byte, b'' 33 + 1 per byte, bytearray() 56, 300
+# 28, 2**60 36, 1.5 24, 1j 32. Cached singletons (None, True, False, ints
+# -5..256, '' and one-character ASCII strings, b'' and one-byte bytes, ())
+# cost nothing but the slot that holds them, which their container pays.
+
+SANDBOX_BUDGET_FACTOR = 16
+"""Bytes of decoded objects a sandboxed guest's frame may cost per byte of frame ..."""
+SANDBOX_BUDGET_FLOOR = 8 << 20
+"""... plus this many (8 MiB), so that small frames of any ordinary data fit."""
+
+
+def sandbox_budget(frame_len: int) -> int:
+    """The decoding budget of a frame of ``frame_len`` bytes from a sandboxed
+    guest: ``loads(raw, hook, budget=sandbox_budget(len(raw)))``.
+
+    ``SANDBOX_BUDGET_FACTOR * frame_len + SANDBOX_BUDGET_FLOOR`` bytes: ordinary
+    data (records, lists of numbers or strings, nested tuples) costs 4-14
+    times its frame; hostile shapes up to about 100 times (empty maps or
+    lists 72, small sets 58-99). docs/protocol.md, "Decoding budget", has the
+    measurements.
+    """
+    return SANDBOX_BUDGET_FACTOR * frame_len + SANDBOX_BUDGET_FLOOR
+
+
+_COST_SLOT = 8  # a reference in a list or tuple (dict and set tables hold their own)
+_COST_LIST = 64  # a list (56) without its slots
+_COST_TUPLE = 40  # a non-empty tuple without its slots (one allocation with them)
+_COST_DICT = 64  # an empty dict; a non-empty one adds its keys table (_dict_cost)
+_COST_DICT_KEYS = 32  # the header of a keys table
+_COST_DICT_ENTRY_STR = 16  # an entry of a table whose keys are all str (hash, value)
+_COST_DICT_ENTRY = 24  # and of any other (hash, key, value)
+_COST_SET = 224  # a set or frozenset (216) with 8 inline slots
+_COST_SET_SLOT = 16  # a slot of a larger set table (another allocation)
+_COST_INT = 32  # an int beyond the cache whose magnitude is below 2**60 (28 or 32)
+_COST_INT_64 = 48  # and up to 2**64 (36)
+_COST_BIGNUM_HEADER = 24  # a bignum: 24 + 4 per 30-bit digit, rounded (_bignum_cost)
+_COST_FLOAT = 32
+_COST_COMPLEX = 32
+_COST_STR_HEADER = 41  # a str of 2+ bytes: 41 + its UTF-8 length, rounded (ASCII exactly)
+_COST_BYTES_HEADER = 33  # a bytes of 2+ bytes: 33 + its length, rounded
+_COST_BYTEARRAY = 64  # a bytearray (56); its buffer of length + 1 is another allocation
+_COST_HOOK = 64  # what a tag hook makes of a kernel tag, on top of its content
+_COST_CHUNK = 16  # each chunk of an indefinite-length string (two references while joining)
+
+
+def _round16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def _dict_cost(n: int, str_keys: bool) -> int:
+    """A dict of ``n`` entries as CPython builds it by inserting them: a table
+    of ``size`` slots (a power of two, at least 8) holding ``2 * size // 3``
+    entries, with 1, 2, 4 or 8 bytes of index per slot."""
+    if n == 0:
+        return _COST_DICT
+    size = 8
+    while size * 2 // 3 < n:
+        size *= 2
+    index = 1 if size <= 0x80 else 2 if size <= 0x8000 else 4 if size <= 0x80000000 else 8
+    entry = _COST_DICT_ENTRY_STR if str_keys else _COST_DICT_ENTRY
+    return _COST_DICT + _round16(_COST_DICT_KEYS + size * index + size * 2 // 3 * entry)
+
+
+def _set_cost(n: int) -> int:
+    """A set of ``n`` distinct items as CPython builds it by adding them: 8
+    inline slots; when 3/5 of the table is used it moves to the smallest power
+    of two above 4 (above 50,000 items: 2) times the items."""
+    size = 8
+    grow_at = -(-3 * (size - 1) // 5)
+    while n >= grow_at:
+        wanted = 2 * grow_at if grow_at > 50_000 else 4 * grow_at
+        while size <= wanted:
+            size *= 2
+        grow_at = -(-3 * (size - 1) // 5)
+    return _COST_SET if size == 8 else _COST_SET + size * _COST_SET_SLOT
+
+
+def _bignum_cost(n: int) -> int:
+    """A bignum whose magnitude has ``n`` bytes (one more bit for ``-1 - n``)."""
+    return _round16(_COST_BIGNUM_HEADER + 4 * ((8 * n + 30) // 30))
+
+
+def _int_cost(magnitude: int) -> int:
+    return _COST_INT if magnitude < 1 << 60 else _COST_INT_64
+
+
+class _Over(Exception):
+    """The estimate passed the budget at offset ``args[0]``."""
+
+
+class _Malformed(Exception):
+    """The walk met malformed input: the decoder says what is wrong."""
+
+
+# the cost and size of the items that follow from their initial byte alone
+# (-1: read further): small ints, short strings, floats, false, true, null,
+# empty lists and dicts
+_FIXED_COST = [-1] * 256
+_FIXED_SIZE = [0] * 256
+for _ib in range(24):
+    _FIXED_COST[_ib], _FIXED_SIZE[_ib] = 0, 1  # 0..23
+    _FIXED_COST[0x20 | _ib], _FIXED_SIZE[0x20 | _ib] = (0 if _ib < 5 else _COST_INT), 1  # -1..-24
+    _FIXED_COST[0x40 | _ib], _FIXED_SIZE[0x40 | _ib] = (
+        (0 if _ib < 2 else _round16(_COST_BYTES_HEADER + _ib)),
+        1 + _ib,
+    )
+    _FIXED_COST[0x60 | _ib], _FIXED_SIZE[0x60 | _ib] = (
+        (0 if _ib < 2 else _round16(_COST_STR_HEADER + _ib)),
+        1 + _ib,
+    )
+_FIXED_COST[0x18], _FIXED_SIZE[0x18] = 0, 2  # 24..255
+# [] and {}: past MAX_DEPTH the decoder refuses them, which the walk needs not see
+_FIXED_COST[0x80], _FIXED_SIZE[0x80] = _COST_LIST, 1
+_FIXED_COST[0xA0], _FIXED_SIZE[0xA0] = _COST_DICT, 1
+for _ib, _size in ((0xF4, 1), (0xF5, 1), (0xF6, 1)):
+    _FIXED_COST[_ib], _FIXED_SIZE[_ib] = 0, _size
+for _ib, _size in ((0xF9, 3), (0xFA, 5), (0xFB, 9)):
+    _FIXED_COST[_ib], _FIXED_SIZE[_ib] = _COST_FLOAT, _size
+del _ib, _size
+
+
+def _estimate(data: bytes, budget: int) -> Optional[int]:
+    """What decoding ``data`` costs, at most ``budget``; None if the walk met
+    malformed input (the decoder then says what). Refuses a frame whose
+    estimate passes the budget with ``ProtocolError``."""
+    try:
+        ib = data[0]
+        cost = _FIXED_COST[ib]
+        if cost >= 0:
+            pos = _FIXED_SIZE[ib]
+            if cost > budget:
+                raise _Over(pos)
+        else:
+            cost, pos = _COSTS[ib >> 5](data, 1, ib, 0, budget)
+    except _Over as over:
+        raise ProtocolError(
+            f"a frame of {len(data)} bytes would cost more than the decoding budget of {budget} bytes "
+            f"of objects (the estimate passed it at offset {over.args[0]}); it was refused before "
+            "decoding. The peer sent data that is costly to decode (many small containers, strings or "
+            "numbers): send it in several smaller frames (calls), or packed as bytes or str"
+        ) from None
+    except (_Malformed, ProtocolError, IndexError, struct.error):
+        return None
+    return cost if pos == len(data) else None
+
+
+def _cost_uint(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[int, int]:
+    n, pos = _argument(data, pos, ib)
+    if n < 0:
+        raise _Malformed
+    cost = 0 if n <= 256 else _int_cost(n)
+    if cost > left:
+        raise _Over(pos)
+    return cost, pos
+
+
+def _cost_nint(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[int, int]:
+    n, pos = _argument(data, pos, ib)
+    if n < 0:
+        raise _Malformed
+    cost = 0 if n < 5 else _int_cost(n + 1)
+    if cost > left:
+        raise _Over(pos)
+    return cost, pos
+
+
+def _skip_string(data: bytes, pos: int, ib: int, major: int) -> Tuple[int, int, int]:
+    """The length and number of chunks (0: definite) of the string whose head
+    starts with ``ib``, and the offset after it."""
+    n, pos = _argument(data, pos, ib)
+    end = len(data)
+    if n >= 0:
+        if n > end - pos:
+            raise _Malformed
+        return n, 0, pos + n
+    total = chunks = 0
+    while True:
+        ib = data[pos]
+        if ib == 0xFF:
+            return total, chunks, pos + 1
+        if ib >> 5 != major or ib & 0x1F == 31:
+            raise _Malformed
+        n, pos = _argument(data, pos + 1, ib)
+        if n > end - pos:
+            raise _Malformed
+        pos += n
+        total += n
+        chunks += 1
+
+
+def _cost_bytes(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[int, int]:
+    n, chunks, pos = _skip_string(data, pos, ib, 2)
+    if n <= 1 and ib & 0x1F != 31:
+        return 0, pos
+    cost = _round16(_COST_BYTES_HEADER + n) + chunks * _COST_CHUNK
+    if cost > left:
+        raise _Over(pos)
+    return cost, pos
+
+
+def _cost_text(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[int, int]:
+    n, chunks, pos = _skip_string(data, pos, ib, 3)
+    if n <= 1 and ib & 0x1F != 31:
+        return 0, pos
+    cost = _round16(_COST_STR_HEADER + n) + chunks * _COST_CHUNK
+    if cost > left:
+        raise _Over(pos)
+    return cost, pos
+
+
+_LIST, _TUPLE, _SET = 0, 1, 2
+
+
+def _cost_array(data: bytes, pos: int, ib: int, depth: int, left: int, kind: int = _LIST) -> Tuple[int, int]:
+    """An array (``ib`` its initial byte) as a list, or as the content of a
+    tuple or a set (``kind``); ``depth`` does not count it yet."""
+    if depth >= MAX_DEPTH:
+        raise _Malformed
+    n, pos = _argument(data, pos, ib)
+    depth += 1
+    slot = 0 if kind == _SET else _COST_SLOT
+    fixed_cost = _FIXED_COST
+    costs = _COSTS
+    if n < 0:
+        cost = _COST_LIST if kind == _LIST else _COST_TUPLE if kind == _TUPLE else 0
+        count = 0
+        while True:
+            ib = data[pos]
+            if ib == 0xFF:
+                pos += 1
+                break
+            c = fixed_cost[ib]
+            if c >= 0:
+                pos += _FIXED_SIZE[ib]
+                cost += c + slot
+            else:
+                c, pos = costs[ib >> 5](data, pos + 1, ib, depth, left - cost - slot)
+                cost += c + slot
+            if cost > left:
+                raise _Over(pos)
+            count += 1
+        if kind == _SET:
+            cost += _set_cost(count)
+        if cost > left:
+            raise _Over(pos)
+        return cost, pos
+    if n > len(data) - pos:
+        raise _Malformed
+    if kind == _LIST:
+        cost = _COST_LIST + n * _COST_SLOT
+    elif kind == _TUPLE:
+        cost = _COST_TUPLE + n * _COST_SLOT if n else 0
+    else:
+        cost = _set_cost(n)
+    if cost > left:
+        raise _Over(pos)
+    for _ in range(n):
+        ib = data[pos]
+        c = fixed_cost[ib]
+        if c >= 0:
+            pos += _FIXED_SIZE[ib]
+        elif ib == 0x19 or ib == 0x39:  # ints of 16 and 32 bits (what _cost_uint/_cost_nint do)
+            c = 0 if (data[pos + 1] << 8) | data[pos + 2] <= (256 if ib == 0x19 else 4) else _COST_INT
+            pos += 3
+        elif ib == 0x1A or ib == 0x3A:
+            c = 0 if _unpack_from_I(data, pos + 1)[0] <= (256 if ib == 0x1A else 4) else _COST_INT
+            pos += 5
+        elif (
+            ib == 0xD9
+            and data[pos + 1] == 0x9C
+            and data[pos + 2] == 0x41
+            and data[pos + 3] >> 5 == 4
+            and depth < MAX_DEPTH
+        ):
+            # a tuple (what _cost_tag does, without its calls)
+            c, pos = _cost_array(data, pos + 4, data[pos + 3], depth + 1, left - cost, _TUPLE)
+        else:
+            c, pos = costs[ib >> 5](data, pos + 1, ib, depth, left - cost)
+        if c:
+            cost += c
+            if cost > left:
+                raise _Over(pos)
+    return cost, pos
+
+
+def _cost_map(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[int, int]:
+    """A map: its table is charged for str keys when its head gives its
+    length, and the difference at its first key of another type."""
+    if depth >= MAX_DEPTH:
+        raise _Malformed
+    n, pos = _argument(data, pos, ib)
+    depth += 1
+    fixed_cost = _FIXED_COST
+    costs = _COSTS
+    str_keys = True
+    if n < 0:
+        cost = count = 0
+        while True:
+            ib = data[pos]
+            if ib == 0xFF:
+                pos += 1
+                break
+            if ib >> 5 != 3:
+                str_keys = False
+            for _ in (0, 1):  # key, value
+                ib = data[pos]
+                c = fixed_cost[ib]
+                if c >= 0:
+                    pos += _FIXED_SIZE[ib]
+                else:
+                    c, pos = costs[ib >> 5](data, pos + 1, ib, depth, left - cost)
+                cost += c
+                if cost > left:
+                    raise _Over(pos)
+            count += 1
+        cost += _dict_cost(count, str_keys)
+        if cost > left:
+            raise _Over(pos)
+        return cost, pos
+    if 2 * n > len(data) - pos:
+        raise _Malformed
+    cost = _dict_cost(n, True)
+    if cost > left:
+        raise _Over(pos)
+    for _ in range(n):
+        if str_keys and data[pos] >> 5 != 3:
+            str_keys = False
+            cost += _dict_cost(n, False) - _dict_cost(n, True)
+            if cost > left:
+                raise _Over(pos)
+        for _ in (0, 1):  # key, value
+            ib = data[pos]
+            c = fixed_cost[ib]
+            if c >= 0:
+                pos += _FIXED_SIZE[ib]
+            else:
+                c, pos = costs[ib >> 5](data, pos + 1, ib, depth, left - cost)
+            if c:
+                cost += c
+                if cost > left:
+                    raise _Over(pos)
+    return cost, pos
+
+
+_FLOAT_SIZE = {0xF9: 3, 0xFA: 5, 0xFB: 9}
+
+
+def _complex_shape(data: bytes, pos: int) -> int:
+    """The size of a complex number's content at ``pos`` when it has the shape
+    the encoders write (0x82 and two floats of any width), else 0."""
+    if pos >= len(data) or data[pos] != 0x82 or pos + 1 >= len(data):
+        return 0
+    re = _FLOAT_SIZE.get(data[pos + 1], 0)
+    if not re or pos + 1 + re >= len(data):
+        return 0
+    im = _FLOAT_SIZE.get(data[pos + 1 + re], 0)
+    if not im or pos + 1 + re + im > len(data):
+        return 0
+    return 1 + re + im
+
+
+def _cost_tag(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[int, int]:
+    if depth >= MAX_DEPTH:
+        raise _Malformed
+    tag, pos = _argument(data, pos, ib)
+    if tag < 0:
+        raise _Malformed
+    depth += 1
+    if tag == TUPLE or tag == SET or tag == FROZENSET:
+        ib = data[pos]
+        if ib >> 5 != 4:
+            raise _Malformed
+        return _cost_array(data, pos + 1, ib, depth, left, _TUPLE if tag == TUPLE else _SET)
+    if tag == COMPLEX:
+        size = _complex_shape(data, pos)
+        if size:
+            cost = _COST_COMPLEX
+            pos += size
+        else:
+            # not two floats: the decoder makes the array, then refuses it
+            ib = data[pos]
+            if ib >> 5 != 4:
+                raise _Malformed
+            cost, pos = _cost_array(data, pos + 1, ib, depth, left)
+            cost += _COST_COMPLEX
+    elif tag == POS_BIGNUM or tag == NEG_BIGNUM or tag == BYTEARRAY:
+        ib = data[pos]
+        if ib >> 5 != 2:
+            raise _Malformed
+        n, chunks, pos = _skip_string(data, pos + 1, ib, 2)
+        if tag == BYTEARRAY:
+            cost = _COST_BYTEARRAY + (_round16(n + 1) if n else 0)
+        else:
+            cost = _bignum_cost(n)
+        cost += chunks * _COST_CHUNK
+    else:
+        ib = data[pos]
+        cost = _FIXED_COST[ib]
+        if cost >= 0:
+            pos += _FIXED_SIZE[ib]
+        else:
+            cost, pos = _COSTS[ib >> 5](data, pos + 1, ib, depth, left)
+        cost += _COST_HOOK
+    if cost > left:
+        raise _Over(pos)
+    return cost, pos
+
+
+def _cost_simple(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[int, int]:
+    # false, true, null and floats are in _FIXED_COST; the rest is refused by the decoder
+    raise _Malformed
+
+
+_Coster = Callable[[bytes, int, int, int, int], Tuple[int, int]]
+_COSTS: Tuple[_Coster, ...] = (
+    _cost_uint,
+    _cost_nint,
+    _cost_bytes,
+    _cost_text,
+    _cost_array,
+    _cost_map,
+    _cost_tag,
+    _cost_simple,
+)

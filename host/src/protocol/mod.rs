@@ -1,6 +1,7 @@
 //! The twin protocol without Python: frames, the handshake, message headers
 //! and the value model. Documented in docs/protocol.md.
 
+pub mod budget;
 pub mod frame;
 pub mod handshake;
 pub mod header;

@@ -657,6 +657,39 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// The bytes after the cursor, not consumed.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        &self.data[self.pos..]
+    }
+
+    /// Consumes `n` bytes that [`Cursor::rest`] showed.
+    pub(crate) fn skip(&mut self, n: usize) {
+        debug_assert!(n <= self.remaining());
+        self.pos += n;
+    }
+
+    /// Skips the content of a string of major type `major` (2 or 3) whose
+    /// head said `len`, copying nothing; returns its length and its number
+    /// of chunks (0 for a definite length).
+    pub(crate) fn skip_string(&mut self, major: u8, len: Option<u64>) -> Result<(u64, u64)> {
+        let what = if major == 2 {
+            "a byte string"
+        } else {
+            "a text string"
+        };
+        match len {
+            Some(n) => self.take(n, what).map(|_| (n, 0)),
+            None => {
+                let (mut total, mut chunks) = (0u64, 0u64);
+                while let Some(chunk) = self.chunk(major)? {
+                    total += chunk.len() as u64;
+                    chunks += 1;
+                }
+                Ok((total, chunks))
+            }
+        }
+    }
+
     /// The content of a byte string whose head said `len`.
     pub(crate) fn bytes(&mut self, len: Option<u64>) -> Result<Cow<'a, [u8]>> {
         match len {

@@ -20,6 +20,7 @@ use pyo3::{ffi, intern};
 
 use super::errors::protocol_error;
 use crate::error::HostError;
+use crate::protocol::budget::{self, Estimate};
 use crate::protocol::tags::{self, MAX_DEPTH};
 use crate::protocol::value::{enter, unexpected_break, Cursor, Head};
 
@@ -359,12 +360,16 @@ impl<'py> Encode<'_, 'py> {
 
 /// Decodes exactly one CBOR data item from `data` (bytes, bytearray or
 /// memoryview). Tags outside the value model go to `tag_hook(tag, value)`.
+/// With `budget` (bytes; None: no limit), a frame whose estimated cost in
+/// objects passes it is refused with `ProtocolError` before decoding
+/// (`protocol::budget`).
 #[pyfunction]
-#[pyo3(signature = (data, tag_hook=None))]
+#[pyo3(signature = (data, tag_hook=None, budget=None))]
 fn loads<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
     tag_hook: Option<&Bound<'py, PyAny>>,
+    budget: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let copy;
     let bytes = match data.cast::<PyBytes>() {
@@ -382,6 +387,24 @@ fn loads<'py>(
         }
     };
     let input = bytes.as_bytes();
+    let mut estimated = true;
+    if let Some(budget) = budget.filter(|b| !b.is_none()) {
+        let budget = budget_bytes(budget)?;
+        // the walk reads immutable bytes only: other threads run meanwhile
+        // (a 64 MiB frame takes tens of milliseconds)
+        let verdict = if input.len() >= DETACH_WALK {
+            py.detach(|| budget::estimate(input, budget))
+        } else {
+            budget::estimate(input, budget)
+        };
+        match verdict {
+            Estimate::Within(_) => {}
+            Estimate::Over { offset } => {
+                return Err(protocol_error(py, budget::refusal(input.len(), budget, offset)))
+            }
+            Estimate::Malformed => estimated = false,
+        }
+    }
     if input.is_empty() {
         return Err(protocol_error(py, "empty input: expected one CBOR data item"));
     }
@@ -392,7 +415,39 @@ fn loads<'py>(
     };
     let value = decoder.item(0)?;
     decoder.cursor.finish().map_err(|e| wire(py, e))?;
+    if !estimated {
+        // the estimate stopped at something the decoder accepted: never
+        // expected, and refused rather than decoded without a budget
+        return Err(protocol_error(
+            py,
+            format!(
+                "a frame of {} bytes could not be checked against the decoding budget",
+                input.len()
+            ),
+        ));
+    }
     Ok(value)
+}
+
+/// Frames from this size up are walked for the budget without the GIL.
+const DETACH_WALK: usize = 1 << 20;
+
+/// The `budget` argument of `loads` in bytes: an int, at least 0 (ints
+/// beyond 64 bits are no limit).
+fn budget_bytes(budget: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if !budget.is_instance_of::<PyInt>() || budget.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!(
+            "budget must be an int (bytes) or None, not '{}'",
+            type_name(budget)
+        )));
+    }
+    if budget.lt(0)? {
+        return Err(PyValueError::new_err(format!(
+            "budget must be at least 0 bytes, not {}",
+            budget.str()?
+        )));
+    }
+    Ok(budget.extract::<u64>().unwrap_or(u64::MAX))
 }
 
 fn wire(py: Python<'_>, err: HostError) -> PyErr {
