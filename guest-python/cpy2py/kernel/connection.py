@@ -315,7 +315,9 @@ class Connection:
             message = self._read_one()
             return None if message is None else self._route(message, reader)
         finally:
-            garbage, self._garbage = self._garbage, []
+            garbage = self._garbage
+            if garbage:
+                self._garbage = []
             with _ROUTE_LOCK:
                 self._release_role()
             del garbage
