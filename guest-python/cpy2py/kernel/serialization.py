@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import kernel_state
 from ..capabilities import Exposed
 from ..errors import ProtocolError, RemoteError, RemoteTraceback
-from ..protocol import tags
+from ..protocol import codec, tags
 from ..protocol.messages import (
     OP_CALL_METHOD,
     OP_DELATTR,
@@ -164,8 +164,6 @@ class Serializer:
         """Decode one frame: its value, and the first failure of a name lookup
         in it that the value could not do without (or None). One thread
         decodes a link's frames at a time (the reader)."""
-        from ..protocol import codec  # late: codec imports nothing from here
-
         self._failures = []
         try:
             if budget is None:
