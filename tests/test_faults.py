@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -218,3 +219,53 @@ def test_proxies_from_before_a_restart_fail_clearly():
     with pytest.raises(TwinterpreterTerminated, match="'python3', which ended: .*destroyed"):
         old.increment()
     master.stop()
+
+
+FORK_SCRIPT = """
+import multiprocessing, os
+import twin_classes as tc
+import twin_functions as tf
+from cpy2py import TwinterpreterTerminated
+
+def task(n):
+    pid, value = tf.in_python(n)  # a twin of this child's own
+    return os.getpid(), pid, value
+
+def use_parent_object():
+    try:
+        COUNTER.increment()  # inherited by the fork
+        return "used the parent's twin"
+    except TwinterpreterTerminated as err:
+        return str(err)
+
+if __name__ == "__main__":
+    twin_pid, _ = tf.in_python(0)
+    COUNTER = counter = tc.Counter_python3(1)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        results = pool.map(task, range(6))
+        said = pool.apply(use_parent_object)
+    print("CHILD TWINS", all(pid != twin_pid for _, pid, _ in results), sorted(v for _, _, v in results))
+    print("PARENT OBJECT", said)
+    print("PARENT AFTER", tf.in_python(7) == (twin_pid, 7), counter.increment() == 2)
+"""
+
+
+def test_a_forked_child_has_twins_of_its_own_and_the_parents_link_is_unaffected(tmp_path):
+    """multiprocessing with fork, whose tasks call twins: each child starts its
+    own twin, an object of the parent's twin says clearly it is not reachable
+    from the child, and the parent's link works on."""
+    require_interpreter("python3")
+    script = tmp_path / "forking.py"
+    script.write_text(FORK_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CHILD TWINS True [0, 1, 2, 3, 4, 5]" in done.stdout, done.stdout + done.stderr
+    assert "PARENT OBJECT " in done.stdout and "belongs to process" in done.stdout, done.stdout
+    assert "PARENT AFTER True True" in done.stdout, done.stdout

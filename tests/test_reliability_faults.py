@@ -242,6 +242,65 @@ def test_interrupted_call_leaves_the_link_usable(kind, victim, raised):
     assert victim.is_alive
 
 
+def _interrupt_after(seconds: float):
+    """A SIGINT to this process after ``seconds``, with a handler that raises
+    Interrupted (pytest's own would end the session); returns a restorer."""
+
+    def handler(signum, frame):
+        raise Interrupted("Ctrl-C")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    timer = threading.Timer(seconds, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+
+    def restore():
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+
+    return restore
+
+
+def test_ctrl_c_reaches_a_master_blocked_sending_to_a_twin_that_stopped_reading(kind, victim):
+    """The pipe to a SIGSTOPped twin fills up and a large send blocks: Ctrl-C
+    still reaches the master; the message was cut half-sent, so that twin is
+    stopped (its state is lost) and the next start gives a fresh one."""
+    pid = victim.execute(rh.pid)
+    os.kill(pid, signal.SIGSTOP)
+    restore = _interrupt_after(0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Interrupted):
+            victim.execute(rh.answer, "big", bytes(8 << 20))
+    finally:
+        restore()
+    assert time.monotonic() - started < HANG / 2, "Ctrl-C waited for the twin to read"
+    assert wait_gone(pid), "the twin whose message was cut still runs"
+    with pytest.raises(TwinterpreterTerminated, match="cut half-sent"):
+        victim.execute(rh.pid)
+    victim.start()
+    assert victim.execute(rh.sleep_then, 0, "back") == "back"
+
+
+def test_ctrl_c_reaches_a_master_while_a_twin_starts(tmp_path):
+    """A twin that takes long to answer its handshake (a slow wrapper): Ctrl-C
+    interrupts start() at once and nothing of the start is left running."""
+    require_interpreter("python3")
+    wrapper = tmp_path / "slow-python"
+    pid_file = tmp_path / "pid"
+    wrapper.write_text(f'#!/bin/sh\necho $$ > {pid_file}\nsleep 30\nexec python3 "$@"\n')
+    wrapper.chmod(0o755)
+    restore = _interrupt_after(0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Interrupted):
+            TwinMaster(str(wrapper), twinterpreter_id="slow-start").start()
+    finally:
+        restore()
+    assert time.monotonic() - started < HANG / 2, "Ctrl-C waited for the handshake"
+    assert wait_gone(int(pid_file.read_text())), "the interrupted start left its process running"
+
+
 # -- the master ending --------------------------------------------------------------------
 
 _MASTER = """

@@ -17,8 +17,8 @@ from importlib import import_module as importlib_import_module
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _logging, kernel_state
-from .errors import TwinStartError, TwinterpreterUnavailable
-from .kernel import links, main_module
+from .errors import TwinStartError, TwinterpreterTerminated, TwinterpreterUnavailable
+from .kernel import links, main_module, references
 from .kernel.connection import Connection
 from .kernel.serialization import Serializer
 from .protocol import codec
@@ -530,5 +530,32 @@ def _stop_all() -> None:
     if host is not None and hasattr(host, "wait_out_of_host"):
         host.wait_out_of_host(2.0)
 
+
+def _after_fork_in_child() -> None:
+    """A child forked from the master (``multiprocessing`` with fork, say) gets
+    copies of the master's links, which it must not use: the twins belong to
+    the parent, and two processes on one pipe corrupt it. The child forgets
+    them without touching them (no message, no kill) and starts twins of its
+    own on first use; proxies of the parent's objects raise
+    ``TwinterpreterTerminated`` saying so. docs/user-guide.md, "Forked processes"."""
+    global _running_lock
+    # locks other threads may have held at the fork stay held forever here
+    _running_lock = threading.RLock()
+    links.after_fork()
+    references.after_fork()
+    parent = os.getppid()
+    for twin_id, twin in list(_running.items()):
+        twin.connection.forget_after_fork(
+            TwinterpreterTerminated(
+                f"twinterpreter {twin_id!r} belongs to process {parent}, which forked this one; "
+                "a forked process starts twins of its own (on first use, or with TwinMaster(...).start())"
+            )
+        )
+    _running.clear()
+    _starting.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 links.set_starter(connection_for)

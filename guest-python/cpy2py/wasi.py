@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import threading
 from typing import Any, Dict, List, Optional
 
 from . import _logging
 from .errors import TwinStartError
 from .kernel.sandbox import SandboxSerializer
+from .protocol.transport import signals_held
 
 log = _logging.get_logger("wasi")
 
@@ -130,6 +132,12 @@ class GuestLink:
 
     def recv(self) -> Optional[bytes]:
         """The next frame; None once the guest ended and all it sent was read."""
+        if signals_held():  # False, having read nothing, when a signal comes first
+            while True:
+                frame = self._twin.try_recv()
+                if frame is not False or signal.sigpending():
+                    return frame
+                select.select([self._fd], [], [], 0.05)
         if not threading.current_thread().daemon:  # may wait in the host
             return self._twin.recv()
         while True:
@@ -137,6 +145,10 @@ class GuestLink:
             if frame is not False:
                 return frame
             select.select([self._fd], [], [])
+
+    def fileno(self) -> int:
+        """Readable exactly while ``recv`` has a frame (or the end) to give."""
+        return self._fd
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
         readable, _, _ = select.select([self._fd], [], [], timeout)

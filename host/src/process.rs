@@ -10,7 +10,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ pub struct TwinCommand {
 pub struct TwinProcess {
     child: Mutex<Child>,
     pid: u32,
+    /// The process that started it (a forked child must not kill it).
+    owner: u32,
     /// The master reads frames from the twin here.
     pub from_twin: File,
     /// The master writes frames to the twin here.
@@ -73,24 +75,27 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 /// master.
 fn on_spawner_thread<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> T {
     type Job = Box<dyn FnOnce() + Send>;
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
-    let sender = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        thread::Builder::new()
-            .name("cpy2py-spawner".into())
-            .spawn(move || rx.into_iter().for_each(|job| job()))
-            .expect("cannot start the cpy2py spawner thread");
-        Mutex::new(tx)
-    });
+    /// The spawner thread's queue, and the process it runs in: a child forked
+    /// from the master has no threads but the forking one, so it starts its own.
+    static SPAWNER: Mutex<Option<(u32, mpsc::Sender<Job>)>> = Mutex::new(None);
     let (tx, rx) = mpsc::channel();
     let job: Job = Box::new(move || {
         let _ = tx.send(job());
     });
-    sender
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send(job)
-        .expect("spawner thread is gone");
+    {
+        let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+        let here = std::process::id();
+        if !matches!(&*spawner, Some((pid, _)) if *pid == here) {
+            let (jobs, queue) = mpsc::channel::<Job>();
+            thread::Builder::new()
+                .name("cpy2py-spawner".into())
+                .spawn(move || queue.into_iter().for_each(|job| job()))
+                .expect("cannot start the cpy2py spawner thread");
+            *spawner = Some((here, jobs));
+        }
+        let (_, jobs) = spawner.as_ref().expect("the spawner was just started");
+        jobs.send(job).expect("spawner thread is gone");
+    }
     rx.recv().expect("spawner thread dropped a job")
 }
 
@@ -150,6 +155,7 @@ impl TwinProcess {
         Ok(TwinProcess {
             child: Mutex::new(child),
             pid,
+            owner: std::process::id(),
             from_twin: File::from(master_reads),
             to_twin: File::from(master_writes),
             stderr_tail,
@@ -183,8 +189,16 @@ impl TwinProcess {
         }
     }
 
-    /// Kills the twin (SIGKILL) and reaps it.
+    /// Kills the twin (SIGKILL) and reaps it. In a child forked from the
+    /// master the twin is the parent's: it is left alone.
     pub fn kill(&self) -> Result<ExitStatus> {
+        if std::process::id() != self.owner {
+            return Err(HostError::Terminated(format!(
+                "twin process {} belongs to the process that started it (pid {}), not to this one \
+                 forked from it",
+                self.pid, self.owner
+            )));
+        }
         let mut child = self.child();
         if let Some(status) = child.try_wait()? {
             return Ok(status);

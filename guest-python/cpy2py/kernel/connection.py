@@ -1,65 +1,118 @@
 """One link between this interpreter and a peer: requests, replies, threads.
 
-Who reads the stream: whichever thread needs a frame. A thread waiting for a
-reply reads the stream itself when nobody else does (no hand-off to another
-thread in the common, single-threaded case); otherwise it sleeps until a
-frame for it is delivered or the reading role is free. When no thread waits,
-an idle *server* thread polls the stream without holding the role, so it
-never steals a reply from a caller, and executes requests that start a new
-chain of calls. Before executing, it passes polling on to a spare server
-(starting one if needed), so the link is always served.
+Frames travel raw until they reach the thread they belong to. Whichever
+thread needs a frame takes the link's *reading role*, reads frames, looks at
+their header only (kind, id, chain: ``codec.peek``, which runs no user code)
+and routes each raw frame: a reply to the thread that sent the request, a
+request of a chain to the thread running that chain here, a request of a
+new chain to a server thread. The thread a frame belongs to decodes it
+itself, after the role is given up: decoding may run user code (``__hash__``
+of a key, unpickling, a finalizer) and may even call the peer, and a frame
+that fails to decode fails the call it belongs to and nothing else.
+
+A caller reads its own reply itself when nobody else reads (no hand-off
+between threads in the common, single-threaded case). Idle *servers* wait for
+the link in an epoll set (``_Gate``) in which the link's descriptor is armed
+only while nobody holds the role: a caller that reads disarms it first, so a
+reply never wakes a server. A server that reads a request of a new chain
+runs it itself; the gate is armed again first, so another idle server takes
+whatever arrives meanwhile. No thread polls on a timer.
 
 Chains: every request names the chain (thread of control) it belongs to. A
-request whose chain is waiting in a thread here is executed by that very
+request whose chain is running in a thread here is executed by that very
 thread, which is what makes recursion across interpreters work on one thread
-and keeps the replies of many threads apart.
+and keeps the replies of many threads apart. All routing state belongs to
+the link; a thread's mailbox (``_Waiter``) is the only per-thread state.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import select
 import sys
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .. import _logging
 from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
+from ..protocol.transport import block_signals_in_this_thread, hold_signals, release_signals
 from . import references
-from .serialization import Serializer, bare_failure
+from .serialization import Serializer, bare_failure, decoding_from
+
+if TYPE_CHECKING:
+    from ..protocol.transport import Transport
 
 log = _logging.get_logger("connection")
 
-#: guards the routing state of all connections of this process
-_ROUTE_LOCK = threading.Lock()
-#: chain id -> the waiter of the thread currently running that chain here
-_CHAINS: Dict[int, _Waiter] = {}
 _chain_ids = itertools.count(1)
 _local = threading.local()
+
+#: a routed frame: (link, kind, id or chain, raw frame)
+Item = Tuple["Connection", int, int, Any]
 
 
 class _Waiter:
     """A thread's mailbox: frames routed to it, and a lock to sleep on."""
 
-    __slots__ = ("inbox", "wake", "parked_on", "chain", "depth", "name", "early")
+    __slots__ = ("inbox", "wake", "mutex", "parked", "offered", "chain", "name", "early")
 
     def __init__(self) -> None:
-        self.inbox: Deque[Tuple[Connection, list]] = deque()
+        self.inbox: Deque[Item] = deque()
         self.wake = threading.Lock()
         self.wake.acquire()
-        #: the queue this waiter sleeps in, if it sleeps
-        self.parked_on: Optional[Deque[_Waiter]] = None
+        #: guards ``parked`` and ``offered``: links deliver to a thread from any thread
+        self.mutex = threading.Lock()
+        self.parked = False
+        #: a link's reading role was offered to this thread while it slept
+        self.offered = False
         #: the chain this thread runs, or None before its first call
         self.chain: Optional[int] = None
-        #: how many of this thread's calls are in flight (nesting depth)
-        self.depth = 0
         self.name = threading.current_thread().name
         #: without threads: replies to outer calls of this thread that came
-        #: while a later call waited, (connection, request id) -> message
-        self.early: Dict[Tuple[Connection, int], list] = {}
+        #: while a later call waited, (link, request id) -> frame
+        self.early: Dict[Tuple[Connection, int], Item] = {}
+
+    def deliver(self, item: Item) -> None:
+        self.inbox.append(item)
+        self._wake_up()
+
+    def offer(self) -> None:
+        """The reading role of the link this thread waits on is free."""
+        with self.mutex:
+            self.offered = True
+            if self.parked:
+                self.parked = False
+                self.wake.release()
+
+    def _wake_up(self) -> None:
+        with self.mutex:
+            if self.parked:
+                self.parked = False
+                self.wake.release()
+
+    def sleep(self) -> None:
+        """Sleep until a frame is delivered or a role offered; return at once if
+        one was. Interrupted (Ctrl-C), it leaves no wake-up behind."""
+        with self.mutex:
+            if self.inbox or self.offered:
+                self.offered = False
+                return
+            self.parked = True
+        woken = False
+        try:
+            self.wake.acquire()
+            woken = True
+        finally:
+            with self.mutex:
+                self.offered = False
+                if self.parked:  # not woken: nobody will release the lock
+                    self.parked = False
+                elif not woken:  # woken meanwhile: consume the wake-up
+                    self.wake.acquire(False)
 
 
 def _this_waiter() -> _Waiter:
@@ -75,61 +128,91 @@ def _new_chain() -> int:
     return (os.getpid() << 24) | (next(_chain_ids) & 0xFFFFFF)
 
 
-def _unpark(waiter: _Waiter) -> None:
-    """Wake ``waiter`` if it sleeps. Caller holds _ROUTE_LOCK."""
-    if waiter.parked_on is not None:
-        waiter.parked_on.remove(waiter)
-        waiter.parked_on = None
-        waiter.wake.release()
+class _Gate:
+    """Where a link's idle servers wait: an epoll set with the link's
+    descriptor (one-shot, armed only while nobody reads, so that one frame
+    wakes one server and a caller's reply wakes none) and a pipe on which
+    callers kick a server to take a request they read for it."""
 
+    def __init__(self, fd: int) -> None:
+        self._ep = select.epoll()
+        self._fd = fd
+        self._kick_r, self._kick_w = os.pipe()
+        os.set_blocking(self._kick_r, False)
+        # disarmed: one-shot without EPOLLIN still reports a hang-up, once
+        self._ep.register(fd, select.EPOLLONESHOT)
+        self._ep.register(self._kick_r, select.EPOLLIN | select.EPOLLONESHOT)
 
-def _deliver(waiter: _Waiter, item: Tuple[Connection, list]) -> None:
-    with _ROUTE_LOCK:
-        waiter.inbox.append(item)
-        _unpark(waiter)
+    def arm(self) -> None:
+        self._ep.modify(self._fd, select.EPOLLIN | select.EPOLLONESHOT)
 
+    def disarm(self) -> None:
+        self._ep.modify(self._fd, select.EPOLLONESHOT)
 
-def _park(waiter: _Waiter, queue: Deque[_Waiter]) -> None:
-    """Caller holds _ROUTE_LOCK; the waiter then calls ``_sleep``."""
-    waiter.parked_on = queue
-    queue.append(waiter)
+    def kick(self) -> None:
+        os.write(self._kick_w, b"k")
 
+    def wait(self) -> Tuple[bool, bool]:
+        """Block until the link has something or a server was kicked:
+        (link readable, kicked)."""
+        while True:
+            try:
+                events = self._ep.poll()
+            except InterruptedError:
+                continue
+            readable = kicked = False
+            for fd, _ in events:
+                if fd == self._fd:
+                    readable = True
+                elif fd == self._kick_r:
+                    kicked = True
+            return readable, kicked
 
-def _sleep(waiter: _Waiter, timeout: Optional[float] = None) -> None:
-    """Sleep until unparked (or ``timeout`` seconds passed). If interrupted
-    (Ctrl-C) or timed out, leave no trace in the queues, so nobody hands the
-    reading role to a thread that left."""
-    woken = False
-    try:
-        woken = waiter.wake.acquire(True, -1 if timeout is None else timeout)
-    finally:
-        if not woken:
-            with _ROUTE_LOCK:
-                if waiter.parked_on is not None:
-                    waiter.parked_on.remove(waiter)
-                    waiter.parked_on = None
-                else:  # woken meanwhile: consume the wake-up
-                    waiter.wake.acquire(False)
+    def take_kick(self) -> None:
+        try:
+            while os.read(self._kick_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._ep.modify(self._kick_r, select.EPOLLIN | select.EPOLLONESHOT)
+
+    def close(self) -> None:
+        for close in (self._ep.close, lambda: os.close(self._kick_r), lambda: os.close(self._kick_w)):
+            try:
+                close()
+            except OSError:
+                pass
+
+    def wake_all(self) -> None:
+        """The link ended: every waiting server wakes (and sees it)."""
+        try:
+            self._ep.modify(self._kick_r, select.EPOLLIN)  # level-triggered: all of them
+            self.kick()
+        except (OSError, ValueError):
+            pass
 
 
 class Connection:
     """The link to one peer interpreter, usable from any number of threads.
 
-    ``transport`` moves frames (``send``, ``recv``, ``wait_readable``);
-    ``describe_end`` explains, once the stream ended, how the peer ended
-    (a text, or the exception to raise in the waiting callers);
-    ``kill_peer`` stops a peer that broke the protocol; ``after_request``
-    runs after each request served here (a twin flushes its stdout).
-    Without ``threads`` (the WASI guest), the one thread serves requests
-    inline, also those of other chains that arrive while it waits.
+    ``transport`` moves frames (``send``, ``recv``, ``fileno``, ``buffered``;
+    see protocol/transport.py); ``describe_end`` explains, once the stream
+    ended, how the peer ended (a text, or the exception to raise in the
+    waiting callers); ``kill_peer`` stops a peer that broke the protocol;
+    ``after_request`` runs after each request served here (a twin flushes
+    its stdout). Without ``threads`` (the WASI guest), the one thread serves
+    requests inline, also those of other chains that arrive while it waits.
     Without ``new_chains`` (the master's link to a sandboxed guest, which has
     no threads), a request must belong to a call this side is making to the
     peer: any other breaks the link, and no thread is ever started for it.
     """
 
+    #: a server that finds this many others waiting ends instead of waiting
+    MAX_IDLE = 4
+
     def __init__(
         self,
-        transport: Any,
+        transport: Transport,
         peer_id: str,
         serializer: Serializer,
         describe_end: Callable[[], Any],
@@ -149,22 +232,22 @@ class Connection:
         self._threads = threads
         self._new_chains = new_chains
         self._ids = itertools.count(1)
-        # routing state, guarded by _ROUTE_LOCK
+        self._buffered = getattr(transport, "buffered", None)
+        # routing state, guarded by _lock
+        self._lock = threading.Lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
         self._abandoned: Set[int] = set()  # requests whose caller left before the reply
+        self._chains: Dict[int, List[Any]] = {}  # chain -> [its thread here, calls in flight]
         self._reading = False
         self._reader: Optional[int] = None  # the thread that holds the reading role
-        self._garbage: List[Any] = []  # released objects, to drop once the role is given up
         self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
-        # servers (see "serving the peer" below)
-        self._poller: Optional[_Waiter] = None
-        self._watcher: Optional[_Waiter] = None
-        self._pollers: Deque[_Waiter] = deque()  # the poller, resting while callers read
-        self._watchers: Deque[_Waiter] = deque()  # the watcher, between ticks
-        self._idle: Deque[_Waiter] = deque()  # servers without a role
-        self._executed = 0  # requests started by servers
-        self._watched = 0  # ... as the watcher saw it last
-        self._watcher_asleep = False
+        self._heir: Optional[_Waiter] = None  # the caller the free role was offered to
+        self._handoff: Deque[Item] = deque()  # requests of new chains, for a server
+        self._gate: Optional[_Gate] = None
+        self._armed = False  # the gate watches the link
+        self._servers = 0  # server threads alive
+        self._waiting = 0  # ... of which waiting at the gate
+        self._idle: Deque[_Waiter] = deque()  # ... or, without a gate, asleep
         self.broken: Optional[BaseException] = None
         # references (kernel/references.py, guarded by its lock): what the peer
         # holds of this side's objects, key -> count, and (sandboxes) what it
@@ -186,148 +269,235 @@ class Connection:
         if self.pending_releases:  # what this link carries only
             references.flush_releases(self)
         if self._reading and self._reader == threading.get_ident():
-            # this thread is reading a frame of this very link: it would wait
-            # for a reply that only it could read
             raise CallWhileReading(
-                f"a value from {self.peer_id!r} cannot be rebuilt here without a call to "
+                f"{self.peer_id!r} cannot be called from the thread that is reading its link "
+                "(a finalizer or signal handler ran there); call it from elsewhere"
+            )
+        if not self.serializer.trusted and decoding_from(self.serializer):
+            # a sandboxed peer's values are rebuilt without ever running its code
+            raise CallWhileReading(
+                f"a value from {self.peer_id!r} cannot be rebuilt here without calling "
                 f"{self.peer_id!r} (one of its objects used as a dict key or set member, whose "
                 "hash or equality it computes); send such values as a list of pairs instead"
             )
         waiter = _this_waiter()
-        if waiter.depth and _near_recursion_limit():  # only nested calls can be this deep
-            raise _too_deep()
-        if waiter.chain is None:
+        chain = waiter.chain
+        if chain is None:
             if not self._threads:
                 raise SandboxViolation(
                     f"this sandboxed twin can call {self.peer_id!r} only while it serves a call from it "
                     "(a guest has no threads of its own): not from a finalizer, a timer or code run "
                     "at its start"
                 )
-            waiter.chain = _new_chain()
-        chain = waiter.chain
+            chain = waiter.chain = _new_chain()
+        entry = self._chains.get(chain)
+        if entry is not None and _near_recursion_limit():  # only nested calls can be this deep
+            raise _too_deep()
         req_id = next(self._ids)
         payload = codec.dumps([REQUEST, req_id, chain, op, *operands], self.serializer.default)
         if __debug__:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
-        with _ROUTE_LOCK:
+        with self._lock:
             if self.broken is not None:
                 raise self._broken_error()
             self._pending[req_id] = waiter
-            _CHAINS[chain] = waiter
-            waiter.depth += 1
+            entry = self._chains.get(chain)
+            if entry is None:
+                self._chains[chain] = [waiter, 1]
+            else:
+                entry[1] += 1
         try:
             try:
                 self.transport.send(payload)
             except OSError as err:
                 self._fail(err)
                 raise self._broken_error() from None
-            return self._wait_for_reply(waiter, req_id)
+            except BaseException as err:  # Ctrl-C in a send that could not go on
+                if getattr(self.transport, "cut_mid_frame", False):
+                    self._break_and_kill(
+                        TwinterpreterTerminated(
+                            f"twinterpreter {self.peer_id!r} was stopped: a message to it was cut "
+                            f"half-sent by {type(err).__name__}; its state was lost"
+                        )
+                    )
+                raise
+            del payload
+            kind, raw = self._wait_for_reply(waiter, req_id)
+            try:
+                message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+                if type(message) is not list or len(message) != 3:
+                    raise ProtocolError(f"malformed reply {references.safe_repr(message)}")
+            except ProtocolError as err:
+                self._fail(err)  # a peer that sent a malformed frame is not trusted further
+                raise
+            if failure is not None:
+                raise failure
+            if kind == REPLY:
+                return message[2]
+            raise self.serializer.reraise(message[2])
         finally:
-            with _ROUTE_LOCK:
+            with self._lock:
                 if self._pending.pop(req_id, None) is not None and self.broken is None:
                     # left before its reply was routed (a signal handler raised):
                     # the reply may still come, and is dropped then
                     self._abandoned.add(req_id)
-                waiter.depth -= 1
-                if waiter.depth == 0:
-                    _CHAINS.pop(chain, None)
+                entry = self._chains[chain]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._chains[chain]
+                if self._callers and waiter in self._callers:  # left while queued for the role
+                    self._callers.remove(waiter)
+                self._pass_on(waiter)
+            if waiter.inbox:  # interrupted: nothing of this call may reach a later one
+                self._drop_leftovers(waiter, req_id)
 
-    def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Any:
+    def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Tuple[int, Any]:
         while True:
             early = waiter.early.pop((self, req_id), None) if waiter.early else None
-            conn, message = (self, early) if early is not None else self._next_for(waiter)
-            kind = message[0]
+            conn, kind, key, raw = early if early is not None else self._next_for(waiter)
             if kind == REQUEST:  # a nested call of our chain: run it right here
-                if _near_recursion_limit():  # answered, not run: the kernel keeps its frames
-                    conn._send_reply(message[1], RAISE, _too_deep())
-                else:
-                    conn._execute_nested(waiter, message)
-                del message  # its arguments must not outlive the nested call
-            elif conn is self and message[1] == req_id:
-                if kind == REPLY:
-                    return message[2]
-                raise self.serializer.reraise(message[2])
+                conn._run(waiter, key, raw)
+                del raw  # its arguments must not outlive the nested call
+            elif conn is self and key == req_id:
+                return kind, raw
             elif not conn._threads:
                 # one thread serves several callers' chains: the reply to an
                 # outer call came while a call made later waits; kept for it
-                waiter.early[(conn, message[1])] = message
+                waiter.early[(conn, key)] = (conn, kind, key, raw)
             else:
                 # the reply to an outer call of this thread: its peer gave up on
                 # the nested call this thread waits for, which would wait forever
                 conn._fail(
                     ProtocolError(
-                        f"{conn.peer_id!r} answered request {message[1]} while a call nested in it "
+                        f"{conn.peer_id!r} answered request {key} while a call nested in it "
                         "was still waiting for its reply"
                     )
                 )
 
-    def _next_for(self, waiter: _Waiter) -> Tuple[Connection, list]:
-        """The next message for ``waiter``: from its inbox, or read by itself."""
-        while True:
-            with _ROUTE_LOCK:
-                if waiter.inbox:
-                    if not self._reading:
-                        self._role_is_free()  # this thread may have been woken to read
-                    return waiter.inbox.popleft()
-                if self.broken is not None:
-                    raise self._broken_error()
-                read = self._take_role_or_park(waiter, self._callers)
-            if not read:
-                _sleep(waiter)
+    def _drop_leftovers(self, waiter: _Waiter, req_id: int) -> None:
+        """A call left early (Ctrl-C): its reply, if delivered, is dropped, and
+        requests of its chain that it will not run now are answered."""
+        kept: List[Item] = []
+        while waiter.inbox:
+            item = waiter.inbox.popleft()
+            conn, kind, key, _ = item
+            if conn is self and kind != REQUEST and key == req_id:
+                continue  # the abandoned call's reply
+            if kind == REQUEST and conn is self:
+                conn._send_reply(key, RAISE, _interrupted(self.peer_id))
                 continue
-            item = self._read_and_route(waiter)
-            if item is not None:
-                return item
+            kept.append(item)
+        waiter.inbox.extend(kept)
+
+    def _next_for(self, waiter: _Waiter) -> Item:
+        """The next frame for ``waiter``: from its inbox, or read by itself."""
+        while True:
+            if waiter.inbox:
+                if self._heir is waiter:
+                    with self._lock:  # offered the role, this thread does not need it: pass it on
+                        self._pass_on(waiter)
+                return waiter.inbox.popleft()
+            held = hold_signals()  # (main thread) while it may hold the role; see _read
+            try:
+                with self._lock:
+                    if waiter.inbox:
+                        continue
+                    if self.broken is not None:
+                        raise self._broken_error()
+                    read = self._take_role(waiter)
+            finally:
+                if held and not (self._reading and self._reader == threading.get_ident()):
+                    release_signals()
+            if read:
+                item = self._read(waiter)
+                if item is not None:
+                    return item
+            else:
+                waiter.sleep()
 
     # -- reading and routing ----------------------------------------------
 
-    def _take_role_or_park(self, waiter: _Waiter, queue: Deque[_Waiter]) -> bool:
-        """Caller holds _ROUTE_LOCK: take the free reading role, or park in ``queue``."""
+    def _take_role(self, waiter: Optional[_Waiter]) -> bool:
+        """Caller holds _lock: take the free reading role (disarming the gate,
+        so that what arrives wakes no server), or queue for it."""
         if self._reading:
-            _park(waiter, queue)
+            if waiter is not None:
+                self._callers.append(waiter)
             return False
         self._reading = True
         self._reader = threading.get_ident()
+        self._heir = None
+        if self._armed:
+            self._armed = False
+            self._gate.disarm()  # type: ignore[union-attr]
         return True
 
-    def _release_role(self) -> None:
-        """Caller holds _ROUTE_LOCK: give up the reading role."""
+    def _give_up_role(self) -> None:
+        """Caller holds _lock: give up the reading role."""
         self._reading = False
         self._reader = None
         self._role_is_free()
 
     def _role_is_free(self) -> None:
-        """Caller holds _ROUTE_LOCK: offer the free role to a waiting caller
-        (the poller notices within a tick)."""
+        """Caller holds _lock: offer the free role to a queued caller, or let
+        the gate watch the link."""
         if self._callers:
-            _unpark(self._callers[0])
+            self._heir = self._callers.popleft()
+            self._heir.offer()
+        else:
+            self._heir = None
+            if self._gate is not None and not self._armed and self.broken is None:
+                self._armed = True
+                self._gate.arm()
 
-    def _read_and_route(self, reader: Optional[_Waiter]) -> Optional[Tuple[Connection, list]]:
-        """Read one message and route it; returns it if it is the reader's.
+    def _pass_on(self, waiter: _Waiter) -> None:
+        """Caller holds _lock: ``waiter`` was offered the free role and will not
+        read (its frame came, or it leaves): the offer goes on."""
+        if self._heir is waiter and not self._reading:
+            self._role_is_free()
 
-        The caller holds the reading role. It is given up only after the
-        message was delivered: a thread that finds its inbox empty and the
-        role free may block reading, so nothing may arrive in its inbox
-        after that. Objects a release dropped die only after that, so their
-        finalizers run outside the role (they may call the peer).
-        """
+    def _read(self, reader: Optional[_Waiter]) -> Optional[Item]:
+        """Read frames and route them; returns the reader's own (if it read
+        one). The caller holds the reading role; it is given up before any
+        frame is decoded, and only after every frame read was routed (a
+        thread that finds its inbox empty and the role free may block
+        reading, so nothing may arrive in its inbox after that)."""
+        mine: Optional[Item] = None
+        later: List[Item] = []  # releases and shutdowns, handled without the role
         try:
-            message = self._read_one()
-            return None if message is None else self._route(message, reader)
+            while True:
+                raw = self._read_frame()
+                if raw is None:
+                    break
+                item = self._route(raw, reader, mine is None)
+                if item is not None:
+                    if item[1] in (RELEASE, SHUTDOWN):
+                        later.append(item)
+                    elif mine is None:
+                        mine = item
+                    else:  # a second request for a server: hand it on
+                        self._hand_to_server(item)
+                # frames already buffered are routed now: the descriptor says
+                # nothing about them, so nobody would come for them
+                if self._buffered is None or not self._buffered():
+                    break
         finally:
-            garbage = self._garbage
-            if garbage:
-                self._garbage = []
-            with _ROUTE_LOCK:
-                self._release_role()
-            del garbage
+            with self._lock:
+                self._give_up_role()
+            release_signals()  # the main thread's, held while it had the role
+        for _, kind, _, raw in later:
+            self._handle_control(kind, raw)
+        return mine
 
-    def _read_one(self) -> Optional[list]:
-        """Read and decode one frame (the caller holds the reading role).
-        None when nothing usable was read (the link is then marked broken
-        if it ended)."""
+    def _read_frame(self) -> Optional[Any]:
+        """One raw frame (the caller holds the reading role); None when the
+        link ended or broke (it is then marked so)."""
         try:
             raw = self.transport.recv()
+            while raw is False:  # a signal came first (held, see _read): its handler runs now
+                release_signals()
+                hold_signals()
+                raw = self.transport.recv()
         except BaseException as err:
             if isinstance(err, TwinError) or (isinstance(err, OSError) and err.errno is not None):
                 self._fail(err)  # the stream failed: it is in an unknown state
@@ -338,262 +508,287 @@ class Connection:
             raise
         if raw is None:
             self._fail(None)
-            return None
-        budget = self.serializer.frame_budget(len(raw))
-        try:
-            message, failure = self.serializer.decode(raw, budget)
-        except ProtocolError as err:
-            self._fail(err)
-            return None
-        except Exception as err:  # rebuilding a value failed (see CallWhileReading)
-            message, failure = _header(raw, budget), err
-            if message is None:
-                self._fail(ProtocolError(f"{self.peer_id!r} sent a frame that cannot be decoded: {err!r}"))
-                return None
-        if not isinstance(message, list) or not message or type(message[0]) is not int:
-            what = references.safe_repr(message)
-            self._fail(ProtocolError(f"received a message that is not a cpy2py message: {what}"))
-            return None
-        if failure is not None and len(message) > 2:
-            # a name in it does not exist here: the request or reply fails, the link stays
-            if message[0] == REQUEST:
-                self._send_reply(message[1], RAISE, failure)
-                return None
-            if message[0] in (REPLY, RAISE):
-                return [RAISE, message[1], failure]
-        return message
+        return raw
 
-    def _route(self, message: list, reader: Optional[_Waiter]) -> Optional[Tuple[Connection, list]]:
-        """Send ``message`` where it belongs; returns it if it is the reader's to handle."""
-        kind = message[0]
+    def _route(self, raw: Any, reader: Optional[_Waiter], take: bool) -> Optional[Item]:
+        """Send a raw frame where it belongs, by its header; returns it if the
+        reader is to handle it (``take``: it may take a request of a new chain)."""
         try:
+            kind, key, chain = codec.peek(raw)
             if kind == REPLY or kind == RAISE:
-                req_id = message[1]
-                if len(message) != 3 or type(req_id) is not int:
-                    raise ProtocolError(f"malformed reply {references.safe_repr(message)}")
-                with _ROUTE_LOCK:
+                if key is None:
+                    raise ProtocolError(f"malformed reply from {self.peer_id!r}")
+                with self._lock:
                     # a reply is routed once: a second one is an error
-                    target = self._pending.pop(req_id, None)
-                    late = target is None and req_id in self._abandoned
-                    self._abandoned.discard(req_id)
+                    target = self._pending.pop(key, None)
+                    late = target is None and key in self._abandoned
+                    self._abandoned.discard(key)
                 if target is None:
                     if late:
-                        log.info("dropped the reply to request %d: its caller left", req_id)
+                        log.info("dropped the reply to request %d: its caller left", key)
                         return None
                     raise ProtocolError(
-                        f"{self.peer_id!r} replied to request {req_id}, "
+                        f"{self.peer_id!r} replied to request {key}, "
                         "which was never sent or was answered already"
                     )
             elif kind == REQUEST:
-                if len(message) < 4 or not all(type(field) is int for field in message[1:4]):
-                    raise ProtocolError(f"malformed request {references.safe_repr(message)}")
-                chain = message[2]
-                with _ROUTE_LOCK:
-                    target = _CHAINS.get(chain)
-                if target is None and not self._new_chains:
+                if key is None or chain is None:
+                    raise ProtocolError(f"malformed request from {self.peer_id!r}")
+                item = (self, kind, key, raw)
+                with self._lock:
+                    # looked up and delivered at once: a thread that stops running
+                    # the chain (under the lock) finds in its inbox all it was sent
+                    entry = self._chains.get(chain)
+                    if entry is not None and entry[0] is not reader:
+                        entry[0].deliver(item)
+                        return None
+                if entry is not None:
+                    return item
+                if not self._new_chains:
                     raise ProtocolError(
                         f"{self.peer_id!r} sent a request outside any call made to it "
                         "(a sandboxed guest has no threads of its own)"
                     )
-                if target is None:  # a new chain here: for the reader if it is a server
-                    if reader is None or not self._threads:
-                        return (self, message)  # without threads, whoever reads runs it
-                    return self._hand_to_server(message)
-            elif kind == RELEASE:
-                if len(message) != 2:
-                    raise ProtocolError(f"malformed release {references.safe_repr(message)}")
-                self._garbage.extend(references.release(message[1], self))
+                if (reader is None and take) or not self._threads:
+                    return item  # a server runs it, or (no threads) whoever reads
+                self._hand_to_server(item)
                 return None
-            elif kind == SHUTDOWN:
-                if len(message) != 2 or type(message[1]) is not int:
+            elif kind == RELEASE or kind == SHUTDOWN:
+                return (self, kind, 0, raw)
+            else:
+                raise ProtocolError(f"{self.peer_id!r} sent a frame that is not a cpy2py message")
+        except ProtocolError as err:
+            self._fail(err)
+            return None
+        item = (self, kind, key, raw)
+        if target is reader:
+            return item
+        target.deliver(item)
+        return None
+
+    def _handle_control(self, kind: int, raw: Any) -> None:
+        """A release or shutdown, after the role was given up (a release may
+        drop the last reference to an object, whose finalizer may call the peer)."""
+        try:
+            message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+            if kind == RELEASE:
+                if not (isinstance(message, list) and len(message) == 2):
+                    raise ProtocolError(f"malformed release {references.safe_repr(message)}")
+                dropped = references.release(message[1], self)
+                del dropped  # finalizers run here
+            else:
+                if not (isinstance(message, list) and len(message) == 2 and type(message[1]) is int):
                     raise ProtocolError(f"malformed shutdown {references.safe_repr(message)}")
                 self._shutdown(message[1])
-                return None
-            else:
-                raise ProtocolError(f"unknown message kind {references.safe_repr(kind)}")
-        except (IndexError, TypeError, ProtocolError) as err:
-            self._fail(err if isinstance(err, ProtocolError) else ProtocolError(f"malformed message: {err}"))
-            return None
-        if target is reader:
-            return (self, message)
-        _deliver(target, (self, message))
-        return None
+        except ProtocolError as err:
+            self._fail(err)
 
-    def _hand_to_server(self, message: list) -> None:
-        """A caller read a request of a new chain: an idle server executes it."""
-        with _ROUTE_LOCK:
-            if self._idle:
-                idle = self._idle[0]
-                idle.inbox.append((self, message))
-                _unpark(idle)
-                return None
-        self._start_server(first=(self, message))
-        return None
+    def _hand_to_server(self, item: Item) -> None:
+        """A request of a new chain that the reader does not run: a server does."""
+        with self._lock:
+            self._handoff.append(item)
+            idle = self._idle.popleft() if self._idle else None
+            start = idle is None and self._waiting == 0
+        if idle is not None:
+            idle.offer()
+        elif self._gate is not None:
+            self._gate.kick()
+        if start:
+            self._start_server()
 
     # -- serving the peer -------------------------------------------------
-    #
-    # Servers take three roles. The *poller* waits for frames while no
-    # caller reads, reads them, and runs requests of new chains itself - so a
-    # sequential stream of calls costs no thread switch. While it runs one,
-    # nobody polls; the *watcher* looks every TICK seconds and, finding no
-    # poller, polls in its place, so a request that blocks never starves the
-    # link. Other servers sleep *idle* until a caller hands them a request.
-    # After IDLE_TICKS quiet ticks the watcher sleeps too, and the poller
-    # wakes it before running the next request. A started server that finds
-    # MAX_IDLE others idle ends instead of waiting: every hand-over of
-    # polling starts a server, so idle ones would otherwise pile up.
-
-    TICK = 0.002
-    IDLE_TICKS = 500
-    MAX_IDLE = 4
 
     def start_serving(self) -> None:
         """Start the first server thread of this link."""
         self._start_server()
 
     def serve(self) -> None:
-        """Serve the peer on this thread until the link ends (a twin's main loop)."""
-        self._serve([None], retire=False)
+        """Serve the peer on this thread until the link ends (a twin's or a
+        guest's main loop)."""
+        if self._threads:
+            self._serve(retire=False)
+            return
+        waiter = _this_waiter()
+        while self.broken is None:  # one thread: it reads, and runs what it read
+            try:
+                item = self._next_for(waiter)
+            except TwinError:
+                return
+            _, kind, key, raw = item
+            if kind == REQUEST:
+                try:
+                    self._run(waiter, key, raw)
+                except ProtocolError:  # the link is broken
+                    return
+            del item, raw
 
-    def _start_server(self, first: Optional[Tuple[Connection, list]] = None) -> None:
-        # the first request travels in a list the server empties: a Thread keeps
-        # its args until it ends, and a request must not keep its arguments alive
+    def _start_server(self) -> None:
+        with self._lock:
+            if self.broken is not None:
+                return
+            self._servers += 1
+            self._open_gate()
         thread = threading.Thread(
-            target=self._serve, args=([first],), name=f"cpy2py-server-{self.peer_id}", daemon=True
+            target=self._serve, args=(True, True), name=f"cpy2py-server-{self.peer_id}", daemon=True
         )
         thread.start()
 
-    def _serve(self, handed: List[Optional[Tuple[Connection, list]]], retire: bool = True) -> None:
+    def _open_gate(self) -> None:
+        """Caller holds _lock: servers wait at a gate on the transport's
+        descriptor, if it has one (else a server reads, holding the role)."""
+        if self._gate is not None or not self._threads:
+            return
+        fileno = getattr(self.transport, "fileno", None)
+        fd = fileno() if fileno is not None else -1
+        if fd >= 0:
+            self._gate = _Gate(fd)
+            if not self._reading:
+                self._armed = True
+                self._gate.arm()
+
+    def _serve(self, retire: bool, counted: bool = False) -> None:
+        block_signals_in_this_thread()
         waiter = _this_waiter()
+        if not counted:
+            with self._lock:
+                self._servers += 1
+                self._open_gate()
         try:
-            item = handed.pop()
             while True:
-                if item is not None:
-                    self._execute_as_server(waiter, item[1])
-                # drop the request before waiting: its arguments are not ours to keep
-                # (a proxy or native object in them must be releasable meanwhile)
-                item = None
                 item = self._next_request(waiter, retire)
                 if item is None:
                     return
+                self._run_as_server(waiter, item)
+                del item  # a request's arguments are not ours to keep
         except BaseException as err:  # a server must never vanish silently
-            log.exception("server thread of the link to %s failed", self.peer_id)
-            self._fail(err if isinstance(err, ProtocolError) else ProtocolError(f"kernel failure: {err!r}"))
+            if self.broken is None:
+                log.exception("server thread of the link to %s failed", self.peer_id)
+                failure = err if isinstance(err, ProtocolError) else ProtocolError(f"kernel failure: {err!r}")
+                self._fail(failure)
         finally:
-            with _ROUTE_LOCK:
-                for role in ("_poller", "_watcher"):
-                    if getattr(self, role) is waiter:
-                        setattr(self, role, None)
+            with self._lock:
+                self._servers -= 1
+                last = self._servers == 0 and self.broken is not None
+            if last and self._gate is not None:
+                self._gate.close()  # the link ended and nobody waits there any more
 
-    def _next_request(self, waiter: _Waiter, retire: bool = False) -> Optional[Tuple[Connection, list]]:
-        """An idle server: wait for a request of a new chain; None when the link
-        ended (or, with ``retire``, when enough other servers are idle)."""
-        quiet_ticks = 0
+    def _next_request(self, waiter: _Waiter, retire: bool) -> Optional[Item]:
+        """An idle server: wait at the gate for a request of a new chain; None
+        when the link ended (or, with ``retire``, when enough others wait)."""
+        gate = self._gate
         while True:
-            with _ROUTE_LOCK:
-                if waiter.inbox:
-                    return waiter.inbox.popleft()
+            while waiter.inbox:
+                # a request of the chain this thread ran, routed here just before
+                # it finished (its reply was out first); it runs it now
+                item = waiter.inbox.popleft()
+                if item[1] == REQUEST:
+                    return item
+            with self._lock:
                 if self.broken is not None:
                     return None
-                if self._poller is None or self._poller is waiter:
-                    self._poller = waiter
-                    if self._watcher is waiter:
-                        self._watcher = None
-                    # callers read for themselves while they wait: no need to poll
-                    callers_read = self._reading or bool(self._pending)
-                    if callers_read:
-                        _park(waiter, self._pollers)
-                    role = "poll"
-                elif self._watcher is None or self._watcher is waiter:
-                    self._watcher = waiter
-                    role = "watch"
-                    asleep = quiet_ticks >= self.IDLE_TICKS
-                    if self._executed == self._watched:
-                        quiet_ticks += 1
-                    else:
-                        quiet_ticks = 0
-                    self._watched = self._executed
-                    self._watcher_asleep = asleep
-                    _park(waiter, self._watchers)
-                elif retire and len(self._idle) >= self.MAX_IDLE:
-                    return None  # enough servers wait idle: this one ends
-                else:
-                    role = "idle"
-                    _park(waiter, self._idle)
-            if role == "idle":
-                _sleep(waiter)
-            elif role == "watch":
-                _sleep(waiter, None if asleep else self.TICK)
-            elif callers_read:
-                _sleep(waiter, self.TICK)
-            else:
-                item = self._poll_once()
-                if item is not None:
+                if self._handoff:
+                    item = self._handoff.popleft()
+                    if self._handoff and gate is not None:
+                        gate.kick()  # more for others
                     return item
+                if retire and self._waiting >= self.MAX_IDLE:
+                    return None
+                if gate is None:  # no descriptor to wait on: read (holding the role)
+                    read = self._take_role(None)
+                else:
+                    self._waiting += 1
+            if gate is None:
+                if read:
+                    item = self._read(None)
+                    if item is not None:
+                        return item
+                else:  # somebody reads; a handed request wakes this one
+                    with self._lock:
+                        self._idle.append(waiter)
+                    try:
+                        waiter.sleep()
+                    finally:
+                        with self._lock:
+                            if waiter in self._idle:
+                                self._idle.remove(waiter)
+                continue
+            try:
+                readable, kicked = gate.wait()
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+            if kicked:
+                gate.take_kick()
+            if readable:
+                with self._lock:
+                    self._armed = False  # one-shot: the event disarmed it
+                    read = self.broken is None and self._take_role(None)
+                if read:
+                    item = self._read(None)
+                    if item is not None:
+                        return item
 
-    def _poll_once(self) -> Optional[Tuple[Connection, list]]:
-        """The poller: wait for a frame, read it if no caller does; a request
-        of a new chain is returned to be run by the poller itself."""
+    def _run_as_server(self, waiter: _Waiter, item: Item) -> None:
+        conn, kind, key, raw = item
+        if kind != REQUEST:  # a release or shutdown the server read
+            self._handle_control(kind, raw)
+            return
+        with self._lock:
+            # the gate watches the link while this runs (armed when the role was
+            # given up); someone must wait there for what comes meanwhile
+            start = self._waiting == 0 and self.broken is None and self._gate is not None
+        if start:
+            self._start_server()
+        self._run(waiter, key, raw)
+
+    def _run(self, waiter: _Waiter, req_id: int, raw: Any) -> None:
+        """Decode a request that belongs to this thread, run it, reply. Its
+        chain becomes this thread's while it runs (a nested request of this
+        thread's own chain, or, for a server or without threads, any chain),
+        so its calls go out and come back there."""
+        if _near_recursion_limit():  # answered, not run: the kernel keeps its frames
+            self._send_reply(req_id, RAISE, _too_deep())
+            return
         try:
-            self.transport.wait_readable(None)
-        except (OSError, ValueError) as err:
+            message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+        except ProtocolError as err:
+            self._fail(err)  # the call this request belongs to fails with it
+            raise
+        except Exception as err:  # rebuilding a value failed: this request fails
+            self._send_reply(req_id, RAISE, err)
+            return
+        del raw
+        if failure is not None:
+            self._send_reply(req_id, RAISE, failure)
+            return
+        if not (isinstance(message, list) and len(message) >= 4):
+            err = ProtocolError(f"malformed request {references.safe_repr(message)}")
             self._fail(err)
-            return None
-        with _ROUTE_LOCK:
-            if self.broken is not None or self._reading:
-                return None  # a caller reads: it takes what arrived
-            self._reading = True
-            self._reader = threading.get_ident()
-        try:
-            ready = self.transport.wait_readable(0)
-        except (OSError, ValueError):
-            ready = True  # let recv report it
-        if not ready:  # a caller took the data meanwhile
-            with _ROUTE_LOCK:
-                self._release_role()
-            return None
-        return self._read_and_route(None)
-
-    def _execute_as_server(self, waiter: _Waiter, message: list) -> None:
-        if self._threads:
-            with _ROUTE_LOCK:
-                if self._poller is waiter:
-                    self._poller = None  # the watcher takes over if this takes long
-                self._executed += 1
-                need_watcher = self._watcher is None
-                if not need_watcher and self._watcher_asleep:
-                    self._watcher_asleep = False
-                    _unpark(self._watcher)
-            if need_watcher:
-                self._start_server()
-        waiter.chain = message[2]
-        try:
-            self._execute(message)
-        finally:
-            waiter.chain = None
-
-    def _execute_nested(self, waiter: _Waiter, message: list) -> None:
-        """Run a request that came while this thread waits for a reply: of its
-        own chain (recursion), or, without threads, of any chain; then this
-        thread runs it as that chain, so its calls go out and come back there."""
+            raise err
         chain = message[2]
-        if chain == waiter.chain:
+        outer = waiter.chain
+        if chain == outer:
             self._execute(message)
             return
-        outer = waiter.chain
         waiter.chain = chain
-        with _ROUTE_LOCK:
-            _CHAINS[chain] = waiter
+        with self._lock:
+            entry = self._chains.get(chain)
+            if entry is None:
+                self._chains[chain] = [waiter, 1]
+            else:
+                entry[1] += 1
         try:
             self._execute(message)
         finally:
             waiter.chain = outer
-            with _ROUTE_LOCK:
-                if _CHAINS.get(chain) is waiter:
-                    del _CHAINS[chain]
+            with self._lock:
+                entry = self._chains[chain]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._chains[chain]
 
     def _execute(self, message: list) -> None:
-        """Run a request on this thread and send its reply."""
+        """Run a decoded request on this thread and send its reply."""
         req_id, op, operands = message[1], message[3], message[4:]
         # the request's arguments live as long as the request, not as long as
         # whoever holds the message: what the peer handed for it is released
@@ -699,15 +894,29 @@ class Connection:
     def _mark_broken(self, error: BaseException) -> None:
         """The first error wins; everyone waiting on the link is woken to see it,
         and what the peer held of this side's objects is released."""
-        with _ROUTE_LOCK:
+        with self._lock:
             if self.broken is not None:
                 return
             self.broken = error
-            for queue in (self._callers, self._pollers, self._watchers, self._idle):
-                while queue:
-                    _unpark(queue[0])
-            for waiter in list(self._pending.values()):
-                _unpark(waiter)
+            waiting = list(self._callers) + list(self._pending.values()) + list(self._idle)
+            self._callers.clear()
+            self._idle.clear()
+            for entry in self._chains.values():
+                waiting.append(entry[0])
+        for waiter in waiting:
+            waiter.offer()
+        if self._gate is not None:
+            self._gate.wake_all()
+        references.forget_link(self)
+
+    def forget_after_fork(self, error: BaseException) -> None:
+        """In a child forked from this process: the link is the parent's. It is
+        marked ended without a message to the peer, without waking anyone (no
+        other thread exists here) and without touching the gate (an epoll set
+        shared with the parent); what the peer held is forgotten here."""
+        self.broken = error
+        self._gate = None
+        self._lock = threading.Lock()  # may have been held by another thread at the fork
         references.forget_link(self)
 
     def close(self, reason: str) -> None:
@@ -736,20 +945,16 @@ def _near_recursion_limit() -> bool:
     return True
 
 
+def _interrupted(peer_id: str) -> TwinError:
+    return TwinterpreterTerminated(
+        f"the call of {peer_id!r} nested in this request was interrupted in its caller"
+    )
+
+
 class CallWhileReading(TwinError):
-    """A value from a peer needs a call to that peer to be rebuilt while its
-    frame is being read (a deadlock if it waited): the request or reply that
-    carried it fails instead."""
-
-
-def _header(raw: Any, budget: Optional[int]) -> Optional[list]:
-    """The plain fields of a message (kind, id, ...) with every tagged value
-    left out: enough to fail the request or reply it belongs to."""
-    try:
-        message = codec.loads(raw, lambda tag, value: None, budget=budget)
-    except Exception:
-        return None
-    return message if isinstance(message, list) and len(message) > 2 else None
+    """A call to a peer that would wait for a frame only the calling thread
+    could read: refused at once instead (the request or reply whose rebuilding
+    made it fails)."""
 
 
 def current_chain() -> Optional[int]:

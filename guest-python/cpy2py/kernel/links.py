@@ -33,6 +33,13 @@ def unregister(twin_id: str, connection: Connection) -> None:
             del _connections[twin_id]
 
 
+def after_fork() -> None:
+    """In a child forked from this process: the links are the parent's."""
+    global _lock
+    _lock = threading.RLock()
+    _connections.clear()
+
+
 def all_connections() -> List[Connection]:
     """Every registered connection that is still up."""
     with _lock:

@@ -348,12 +348,24 @@ def _ensure_flusher() -> None:
 
 
 def _flush_forever() -> None:
+    from ..protocol.transport import block_signals_in_this_thread
+
+    block_signals_in_this_thread()
     while True:
         time.sleep(0.05)
         try:
             flush_releases()
         except Exception:  # a broken link: its releases no longer matter
             pass
+
+
+def after_fork() -> None:
+    """In a child forked from this process: the flusher thread is the
+    parent's (the child starts its own), and locks other threads held at the
+    fork stay held forever."""
+    global _flusher, _lock
+    _flusher = None
+    _lock = threading.Lock()
 
 
 def _threads_available() -> bool:

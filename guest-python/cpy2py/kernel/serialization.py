@@ -20,6 +20,7 @@ import builtins
 import importlib
 import io
 import pickle
+import threading
 from types import FunctionType
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,6 +40,30 @@ from ..protocol.messages import (
 from . import main_module, references
 
 PICKLE_PROTOCOL = 4
+
+
+class _Frame:
+    """A frame being decoded on this thread: its serializer and failed lookups."""
+
+    __slots__ = ("serializer", "outer", "failures")
+
+    def __init__(self, serializer: Any, outer: Optional[_Frame]) -> None:
+        self.serializer = serializer
+        self.outer = outer
+        self.failures: List[Tuple[Any, BaseException]] = []
+
+
+_decoding = threading.local()
+
+
+def decoding_from(serializer: Any) -> bool:
+    """Whether this thread is decoding a frame of ``serializer``'s link."""
+    frame = getattr(_decoding, "frame", None)
+    while frame is not None:
+        if frame.serializer is serializer:
+            return True
+        frame = frame.outer
+    return False
 
 
 class _Unresolved:
@@ -155,24 +180,24 @@ class Serializer:
         # names known to resolve back to their object: encoding them is a dict hit
         self._names: Dict[int, Tuple[Any, Tuple[str, str]]] = {}
         self._lookups: Dict[Tuple[str, str], Any] = {}
-        #: failed lookups of the frame being decoded: (placeholder, error)
-        self._failures: List[Tuple[Any, BaseException]] = []
 
     # -- one frame ----------------------------------------------------------
 
     def decode(self, raw: Any, budget: Optional[int] = None) -> Tuple[Any, Optional[BaseException]]:
         """Decode one frame: its value, and the first failure of a name lookup
-        in it that the value could not do without (or None). One thread
-        decodes a link's frames at a time (the reader)."""
-        self._failures = []
+        in it that the value could not do without (or None). Each frame's
+        failures are its own: many threads decode at once, and decoding one
+        frame may decode another on the same thread (a hash that calls the peer)."""
+        outer = getattr(_decoding, "frame", None)
+        frame = _decoding.frame = _Frame(self, outer)
         try:
             if budget is None:
                 value = codec.loads(raw, self.tag_hook)
             else:
                 value = codec.loads(raw, self.tag_hook, budget=budget)
-            return value, (self._failures[0][1] if self._failures else None)
+            return value, (frame.failures[0][1] if frame.failures else None)
         finally:
-            self._failures = []
+            _decoding.frame = outer
 
     def frame_budget(self, size: int) -> Optional[int]:
         """What decoding a frame of ``size`` bytes may cost (None: no limit; a
@@ -180,11 +205,15 @@ class Serializer:
         return None
 
     def _record_failure(self, placeholder: Any, err: BaseException) -> None:
-        self._failures.append((placeholder, err))
+        frame = getattr(_decoding, "frame", None)
+        if frame is not None:
+            frame.failures.append((placeholder, err))
 
     def _forget_failure(self, placeholder: Any) -> None:
         """A failed lookup that the enclosing value can do without."""
-        self._failures[:] = [f for f in self._failures if f[0] is not placeholder]
+        frame = getattr(_decoding, "frame", None)
+        if frame is not None:
+            frame.failures[:] = [f for f in frame.failures if f[0] is not placeholder]
 
     # -- encoding ---------------------------------------------------------
 

@@ -18,15 +18,15 @@ from . import codec_py
 from .codec_py import sandbox_budget
 
 if os.environ.get("CPY2PY_PURE_CODEC"):
-    dumps, loads = codec_py.dumps, codec_py.loads
+    dumps, loads, peek = codec_py.dumps, codec_py.loads, codec_py.peek
     IMPLEMENTATION = "python"
 else:
     try:
-        from cpy2py._host import dumps, loads  # type: ignore[no-redef]
+        from cpy2py._host import dumps, loads, peek  # type: ignore[no-redef]
 
         IMPLEMENTATION = "compiled"
     except ImportError:
-        dumps, loads = codec_py.dumps, codec_py.loads
+        dumps, loads, peek = codec_py.dumps, codec_py.loads, codec_py.peek
         IMPLEMENTATION = "python"
 
-__all__ = ["dumps", "loads", "sandbox_budget", "IMPLEMENTATION"]
+__all__ = ["dumps", "loads", "peek", "sandbox_budget", "IMPLEMENTATION"]

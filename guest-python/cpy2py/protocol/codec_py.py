@@ -1131,3 +1131,46 @@ _COSTS: Tuple[_Coster, ...] = (
     _cost_tag,
     _cost_simple,
 )
+
+
+# -- the header of a message -------------------------------------------------------
+
+_PEEK_WIDTHS = {24: 1, 25: 2, 26: 4, 27: 8}
+
+
+def _peek_argument(data: Any, pos: int) -> Tuple[Optional[int], int]:
+    """The argument of the head at ``pos`` and the position after it; None
+    for a truncated head, reserved additional information or an indefinite length."""
+    info = data[pos] & 0x1F
+    if info < 24:
+        return info, pos + 1
+    width = _PEEK_WIDTHS.get(info)
+    if width is None or pos + 1 + width > len(data):
+        return None, pos
+    return int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+
+
+def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """``(kind, id, chain)`` of a message frame, read without decoding it or
+    running anything (a message is an array ``[kind, id, chain, ...]``,
+    docs/protocol.md). A field is None where the array ends before it or it
+    (or a field before it) is not an unsigned integer; all three are None
+    when the frame is not an array. Any head width and indefinite lengths are
+    read, as the decoders read them (host/src/protocol/header.rs is the same)."""
+    if not frame or frame[0] >> 5 != 4:
+        return None, None, None
+    if frame[0] & 0x1F == 31:
+        count, pos = 3, 1
+    else:
+        count, pos = _peek_argument(frame, 0)
+        if count is None:
+            return None, None, None
+    fields: List[Optional[int]] = [None, None, None]
+    for index in range(min(count, 3)):
+        if pos >= len(frame) or frame[pos] == 0xFF or frame[pos] >> 5 != 0:
+            break
+        value, pos = _peek_argument(frame, pos)
+        if value is None:
+            break
+        fields[index] = value
+    return fields[0], fields[1], fields[2]

@@ -8,14 +8,88 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import struct
 import threading
+from typing import TYPE_CHECKING
 
 from ..errors import ProtocolError
 
 _HEADER = struct.Struct(">I")
 _READ_SIZE = 65536
 DEFAULT_MAX_FRAME = 1 << 30
+_MAIN_THREAD = threading.main_thread().ident
+_held = threading.local()
+
+try:  # the host keeps the saved mask where its transports' waits see it
+    from cpy2py._host import hold_signals as _hold
+    from cpy2py._host import release_signals as _release
+except ImportError:
+
+    def _hold() -> None:
+        sigmask = getattr(signal, "pthread_sigmask", None)
+        if sigmask is not None:  # not on the WASI guest, which has no signals
+            _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+    def _release() -> None:
+        mask = getattr(_held, "mask", None)
+        if mask is not None:
+            _held.mask = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def hold_signals() -> bool:
+    """In the main thread (where Python runs signal handlers), block every
+    signal until ``release_signals``; returns whether it did. The kernel holds
+    them while the main thread holds a link's reading role, so that a handler
+    that raises (Ctrl-C) never cuts in between reading a frame and delivering
+    it, or leaves the role taken. Waits for frames stay interruptible:
+    transports return False from ``recv`` when a signal came first."""
+    if threading.get_ident() != _MAIN_THREAD or getattr(_held, "active", False):
+        return False
+    _hold()
+    _held.active = True
+    return True
+
+
+def release_signals() -> None:
+    """Let what ``hold_signals`` held through (handlers run now)."""
+    if getattr(_held, "active", False):
+        _held.active = False
+        _release()
+
+
+def signals_held() -> bool:
+    return getattr(_held, "active", False)
+
+
+def block_signals_in_this_thread() -> None:
+    """For threads cpy2py starts: signals go to the main thread instead (Python
+    runs their handlers there anyway), so that while it holds them they wait."""
+    sigmask = getattr(signal, "pthread_sigmask", None)
+    if sigmask is not None and threading.get_ident() != _MAIN_THREAD:
+        sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
+if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it can)
+    from typing import Protocol, Union
+
+    class Transport(Protocol):
+        """What a ``Connection`` moves frames with: ``FdTransport`` (twins),
+        ``cpy2py._host.ProcessTwin`` (the master's native twins) and
+        ``cpy2py.wasi.GuestLink`` (sandboxed guests).
+
+        ``recv`` waits for the next frame (None: the stream ended between
+        frames; False: this thread holds its signals, ``hold_signals``, and
+        one came first, with nothing read). ``fileno`` is readable while
+        there is more to read than what the transport buffered (servers wait
+        on it with epoll; -1: no such descriptor). Optional: ``buffered()``,
+        whether a whole frame was read ahead; ``cut_mid_frame``, whether a
+        send was interrupted half-way through a frame."""
+
+        def send(self, payload: bytes) -> None: ...
+        def recv(self) -> Union[bytes, bytearray, bool, None]: ...
+        def fileno(self) -> int: ...
 
 
 class FdTransport:
@@ -44,12 +118,21 @@ class FdTransport:
             written = os.write(self.write_fd, view)
             view = view[written:]
 
-    def recv(self) -> bytes | bytearray | None:
-        """One frame's payload; None when the stream ended between frames.
+    def recv(self) -> bytes | bytearray | bool | None:
+        """One frame's payload; None when the stream ended between frames;
+        False, having read nothing, when this thread holds its signals and
+        one arrived (see ``hold_signals``).
 
         Small frames usually arrive whole with their header in one read;
         bytes read beyond the frame are kept for the next call.
         """
+        if signals_held():
+            while not self.buffered() and not select.select([self.read_fd], [], [], 0.05)[0]:
+                if signal.sigpending():
+                    return False
+        return self._recv()
+
+    def _recv(self) -> bytes | bytearray | None:
         with self._read_lock:
             buffer = self._buffer
             while len(buffer) < 4:
@@ -81,6 +164,16 @@ class FdTransport:
                 frame[have : have + len(chunk)] = chunk
                 have += len(chunk)
             return frame
+
+    def fileno(self) -> int:
+        """The descriptor frames arrive on (readable while there is more to read
+        than what ``buffered`` has)."""
+        return self.read_fd
+
+    def buffered(self) -> bool:
+        """Whether a whole frame was read ahead and waits here."""
+        buffer = self._buffer
+        return len(buffer) >= 4 and len(buffer) >= 4 + _HEADER.unpack_from(buffer)[0]
 
     def wait_readable(self, timeout: float | None = None) -> bool:
         """Whether a frame (or the end of the stream) can be read within ``timeout`` seconds."""

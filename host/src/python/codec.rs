@@ -21,13 +21,33 @@ use pyo3::{ffi, intern};
 use super::errors::protocol_error;
 use crate::error::HostError;
 use crate::protocol::budget::{self, Estimate};
+use crate::protocol::header::peek_header;
 use crate::protocol::tags::{self, MAX_DEPTH};
 use crate::protocol::value::{enter, unexpected_break, Cursor, Head};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dumps, m)?)?;
     m.add_function(wrap_pyfunction!(loads, m)?)?;
+    m.add_function(wrap_pyfunction!(peek, m)?)?;
     Ok(())
+}
+
+/// `(kind, id, chain)` of a message frame, read without decoding it
+/// (crate::protocol::header); the same as `codec_py.peek`.
+#[pyfunction]
+fn peek(frame: &Bound<'_, PyAny>) -> PyResult<(Option<u64>, Option<u64>, Option<u64>)> {
+    let header = if let Ok(bytes) = frame.cast::<PyBytes>() {
+        peek_header(bytes.as_bytes())
+    } else if let Ok(array) = frame.cast::<PyByteArray>() {
+        // SAFETY: read at once, with the GIL held and no Python code run meanwhile
+        peek_header(unsafe { array.as_bytes() })
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "peek() takes bytes or bytearray, not '{}'",
+            type_name(frame)
+        )));
+    };
+    Ok(header.map_or((None, None, None), |h| (h.kind, h.id, h.chain)))
 }
 
 /// `'module.Qualname'` of the type of `obj`, for error messages.

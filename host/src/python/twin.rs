@@ -8,13 +8,13 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyOSError;
+use pyo3::exceptions::{PyBrokenPipeError, PyOSError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBool, PyBytes, PyDict};
 
 use crate::error::HostError;
 use crate::process::{describe_status, TwinCommand, TwinProcess};
@@ -25,6 +25,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ProcessTwin>()?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(wait_out_of_host, m)?)?;
+    m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
+    m.add_function(wrap_pyfunction!(release_signals, m)?)?;
     m.add("PROTOCOL_VERSION", crate::protocol::PROTOCOL_VERSION)?;
     m.add("TWIN_READ_FD", crate::process::TWIN_READ_FD)?;
     m.add("TWIN_WRITE_FD", crate::process::TWIN_WRITE_FD)?;
@@ -46,6 +48,10 @@ fn init_logging(level: &str) -> PyResult<()> {
         .try_init();
     Ok(())
 }
+
+/// How long a wait in the host lasts before it lets signal handlers run
+/// (Ctrl-C reaches a master blocked in a send or a start within this).
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 
 /// Threads inside a blocking call of the host with the GIL released.
 static IN_HOST: AtomicUsize = AtomicUsize::new(0);
@@ -106,6 +112,69 @@ pub fn to_pyerr(py: Python<'_>, err: HostError) -> PyErr {
         HostError::Codec(_) => pyo3::exceptions::PyValueError::new_err(msg),
         HostError::Io(e) => PyErr::from(e),
     }
+}
+
+thread_local! {
+    /// The signal mask of this thread before `hold_signals`, while it holds them.
+    static HELD: std::cell::Cell<Option<libc::sigset_t>> = const { std::cell::Cell::new(None) };
+}
+
+/// Blocks every signal in the main thread (where Python runs signal
+/// handlers) until `release_signals`: the kernel holds them while the thread
+/// holds a link's reading role, so that a handler that raises (Ctrl-C) never
+/// interrupts it between reading a frame and delivering it (the frame would be
+/// lost to whichever thread waits for it) or leaves the role taken. Waits
+/// for frames stay interruptible (see `wait_for_frame`). Elsewhere a no-op.
+#[pyfunction]
+pub fn hold_signals() {
+    // SAFETY: plain system calls on this thread's own signal mask
+    unsafe {
+        if libc::gettid() != libc::getpid() || HELD.with(|held| held.get().is_some()) {
+            return;
+        }
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) == 0 {
+            HELD.with(|held| held.set(Some(old)));
+        }
+    }
+}
+
+/// Lets the signals `hold_signals` held through (they are delivered now).
+#[pyfunction]
+pub fn release_signals() {
+    if let Some(old) = HELD.with(|held| held.take()) {
+        // SAFETY: restores this thread's mask to what it was
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
+}
+
+/// Waits until `fd` is readable. While this thread holds its signals, the
+/// wait lets them through (`ppoll` with the mask from before) and returns
+/// `false` when one arrived: nothing was read, and the caller lets the
+/// handler run. Without held signals, returns `true` at once (the read
+/// itself waits, and a signal interrupts it).
+fn wait_for_frame(fd: i32) -> Result<bool, HostError> {
+    let Some(unblocked) = HELD.with(|held| held.get()) else {
+        return Ok(true);
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives for the call, and a valid signal mask
+    let n = unsafe { libc::ppoll(&mut pfd, 1, std::ptr::null(), &unblocked) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(err.into())
+        };
+    }
+    Ok(true)
 }
 
 /// Progress on the frame being read; kept across calls so that a signal
@@ -192,9 +261,79 @@ fn poll_readable(fd: i32, timeout: Option<Duration>) -> Result<Option<bool>, Hos
     Ok(Some(n > 0))
 }
 
-fn write_all(fd: i32, header: &[u8], payload: &[u8]) -> io::Result<()> {
-    let (mut head_done, mut body_done) = (0usize, 0usize);
-    while head_done < header.len() || body_done < payload.len() {
+/// The right to write frames to a twin, held by one thread from the first
+/// byte of a frame to its last, also while that thread lets the GIL go
+/// between slices of a long write (a guard object could not travel there).
+#[derive(Default)]
+struct WriterLock {
+    busy: Mutex<bool>,
+    freed: std::sync::Condvar,
+}
+
+impl WriterLock {
+    fn acquire(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+    }
+
+    /// Takes it unless it stays taken until `deadline`; whether it did.
+    fn acquire_before(&self, deadline: Instant) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *busy = true;
+        true
+    }
+
+    fn release(&self) {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.freed.notify_one();
+    }
+}
+
+/// Writes what is left of a frame (`done` bytes of header and payload were
+/// written before) until it is all written (`true`) or `slice` passed
+/// without room in the pipe, or a signal came (`false`: `done` says how far
+/// it got, and the caller lets signal handlers run before going on).
+fn write_some(fd: i32, header: &[u8], payload: &[u8], done: &mut usize, slice: Duration) -> io::Result<bool> {
+    let total = header.len() + payload.len();
+    while *done < total {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = slice.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd that lives for the call
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(err)
+            };
+        }
+        if ready == 0 {
+            return Ok(false); // still no room: a chance for Ctrl-C
+        }
+        let (head_done, body_done) = if *done < header.len() {
+            (*done, 0)
+        } else {
+            (header.len(), *done - header.len())
+        };
         let iov = [
             libc::iovec {
                 iov_base: header[head_done..].as_ptr() as *mut _,
@@ -205,21 +344,18 @@ fn write_all(fd: i32, header: &[u8], payload: &[u8]) -> io::Result<()> {
                 iov_len: payload.len() - body_done,
             },
         ];
+        // SAFETY: two iovecs over live slices, for the duration of the call
         let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
-                continue; // never abandon a frame half-written
+                return Ok(false);
             }
             return Err(err);
         }
-        let mut n = n as usize;
-        let from_head = n.min(header.len() - head_done);
-        head_done += from_head;
-        n -= from_head;
-        body_done += n;
+        *done += n as usize;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Writes `message` (at most `PIPE_BUF` bytes, so all or nothing) to the
@@ -279,7 +415,10 @@ pub struct ProcessTwin {
     process: TwinProcess,
     hello: Hello,
     reader: Mutex<FrameReader>,
-    writer: Mutex<()>,
+    writer: WriterLock,
+    /// A send was interrupted (Ctrl-C) in the middle of a frame: the stream
+    /// is cut, and nothing more can be sent on it.
+    cut: AtomicBool,
     max_frame: usize,
 }
 
@@ -310,12 +449,24 @@ impl ProcessTwin {
     }
 
     /// Reads the hello within `timeout`; explains a twin that ended first.
-    fn handshake(process: &TwinProcess, executable: &str, timeout: Duration) -> Result<Hello, HostError> {
-        let deadline = Instant::now() + timeout;
-        let mut reader = FrameReader::default();
+    /// Reads the hello until `deadline` or for at most `slice`; `None` when
+    /// the slice ended first (the caller lets signal handlers run, then goes
+    /// on). Explains a twin that ended first.
+    fn handshake(
+        process: &TwinProcess,
+        reader: &mut FrameReader,
+        executable: &str,
+        timeout: Duration,
+        deadline: Instant,
+        slice: Duration,
+    ) -> Result<Option<Hello>, HostError> {
         let fd = process.from_twin.as_raw_fd();
+        let slice_end = Instant::now() + slice;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
+            if Instant::now() >= slice_end && !left.is_zero() {
+                return Ok(None);
+            }
             if left.is_zero() {
                 process.kill()?;
                 return Err(HostError::Spawn(format!(
@@ -324,11 +475,12 @@ impl ProcessTwin {
                     timeout.as_secs_f64()
                 )));
             }
-            if poll_readable(fd, Some(left))? != Some(true) {
+            let wait = left.min(slice_end.saturating_duration_since(Instant::now()));
+            if poll_readable(fd, Some(wait))? != Some(true) {
                 continue;
             }
             match reader.read(fd, 1 << 20) {
-                Ok(ReadOutcome::Frame(hello)) => return parse_hello(&hello),
+                Ok(ReadOutcome::Frame(hello)) => return parse_hello(&hello).map(Some),
                 Ok(ReadOutcome::Interrupted) => continue,
                 Ok(ReadOutcome::Eof | ReadOutcome::Truncated) => break,
                 Err(HostError::Protocol(_)) => break,
@@ -374,22 +526,32 @@ impl ProcessTwin {
             env,
             cwd,
         };
-        let started = in_host(py, || {
-            let process = TwinProcess::spawn(command)?;
-            let hello = Self::handshake(
-                &process,
-                &shown,
-                Duration::from_secs_f64(handshake_timeout.max(0.0)),
-            )?;
-            Ok::<_, HostError>((process, hello))
-        });
-        let (process, hello) = started.map_err(|e| to_pyerr(py, e))?;
+        let timeout = Duration::from_secs_f64(handshake_timeout.max(0.0));
+        let process = in_host(py, || TwinProcess::spawn(command)).map_err(|e| to_pyerr(py, e))?;
+        let deadline = Instant::now() + timeout;
+        let mut reader = FrameReader::default();
+        let hello = loop {
+            // in slices, so that Ctrl-C during a slow start stops it at once
+            let step = in_host(py, || {
+                Self::handshake(&process, &mut reader, &shown, timeout, deadline, SIGNAL_SLICE)
+            });
+            match step.map_err(|e| to_pyerr(py, e))? {
+                Some(hello) => break hello,
+                None => {
+                    if let Err(interrupt) = py.check_signals() {
+                        let _ = in_host(py, || process.kill());
+                        return Err(interrupt);
+                    }
+                }
+            }
+        };
         tracing::debug!(pid = process.pid(), twin_id = %hello.twin_id, version = %hello.version, "twin answered");
         Ok(ProcessTwin {
             process,
             hello,
             reader: Mutex::default(),
-            writer: Mutex::default(),
+            writer: WriterLock::default(),
+            cut: AtomicBool::new(false),
             max_frame,
         })
     }
@@ -411,16 +573,43 @@ impl ProcessTwin {
         Ok(d)
     }
 
-    /// Sends one frame. Raises BrokenPipeError when the twin is gone.
+    /// Sends one frame. Raises BrokenPipeError when the twin is gone. A
+    /// signal handler that raises (Ctrl-C) interrupts a send that cannot go
+    /// on (a twin that stopped reading, its pipe full); if part of the frame
+    /// was written, the stream is cut and `cut_mid_frame` says so.
     fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
         let data = payload.as_bytes();
         let header = frame::header(data.len()).map_err(|e| to_pyerr(py, e))?;
         let fd = self.process.to_twin.as_raw_fd();
-        in_host(py, || {
-            let _guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            write_all(fd, &header, data)
-        })?;
-        Ok(())
+        in_host(py, || self.writer.acquire());
+        let sent = (|| {
+            if self.cut.load(Ordering::SeqCst) {
+                return Err(PyBrokenPipeError::new_err(
+                    "an earlier message to this twin was interrupted half-sent: its link is cut",
+                ));
+            }
+            let mut done = 0;
+            loop {
+                if in_host(py, || write_some(fd, &header, data, &mut done, SIGNAL_SLICE))? {
+                    return Ok(());
+                }
+                if let Err(interrupt) = py.check_signals() {
+                    if done > 0 {
+                        self.cut.store(true, Ordering::SeqCst);
+                    }
+                    return Err(interrupt);
+                }
+            }
+        })();
+        self.writer.release();
+        sent
+    }
+
+    /// Whether a send was interrupted half-way through a frame (the link
+    /// must then be given up: the twin waits for the rest of it).
+    #[getter]
+    fn cut_mid_frame(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
     }
 
     /// Sends one small frame (a control message of at most `PIPE_BUF` bytes
@@ -445,36 +634,50 @@ impl ProcessTwin {
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
         Ok(in_host(py, || {
             // another thread may be inside a frame, blocked on the full pipe
-            let _guard = loop {
-                match self.writer.try_lock() {
-                    Ok(guard) => break guard,
-                    Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
-                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= deadline => {
-                        return Ok(false)
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
-                }
-            };
-            write_small_before(fd, &message, deadline)
+            if !self.writer.acquire_before(deadline) {
+                return Ok(false);
+            }
+            if self.cut.load(Ordering::SeqCst) {
+                self.writer.release();
+                return Ok(false);
+            }
+            let written = write_small_before(fd, &message, deadline);
+            self.writer.release();
+            written
         })?)
     }
 
-    /// Receives one frame; None when the twin closed the stream. A signal
-    /// handler that raises (Ctrl-C) interrupts the wait; the partial frame is
-    /// kept for the next call.
-    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    /// Receives one frame; None when the twin closed the stream. Without
+    /// held signals, a handler that raises (Ctrl-C) interrupts the wait; with
+    /// them (`hold_signals`), a signal that arrives before a frame does makes
+    /// it return False, having read nothing, for the caller to let the
+    /// handler run. A partial frame is kept for the next call either way.
+    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let fd = self.read_fd();
         loop {
             let outcome = in_host(py, || {
                 let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-                reader.read(self.read_fd(), self.max_frame)
+                if !reader.in_progress() && !wait_for_frame(fd)? {
+                    return Ok(ReadOutcome::Interrupted);
+                }
+                reader.read(fd, self.max_frame)
             });
             match outcome.map_err(|e| to_pyerr(py, e))? {
-                ReadOutcome::Frame(body) => return Ok(Some(PyBytes::new(py, &body))),
-                ReadOutcome::Eof => return Ok(None),
+                ReadOutcome::Frame(body) => return Ok(PyBytes::new(py, &body).into_any()),
+                ReadOutcome::Eof => return Ok(py.None().into_bound(py)),
                 ReadOutcome::Truncated => return Err(self.truncated(py)),
+                ReadOutcome::Interrupted if HELD.with(|held| held.get().is_some()) => {
+                    return Ok(PyBool::new(py, false).to_owned().into_any())
+                }
                 ReadOutcome::Interrupted => py.check_signals()?,
             }
         }
+    }
+
+    /// The descriptor the twin's frames arrive on: readable while there is
+    /// more to read (the kernel's servers wait for it with epoll).
+    fn fileno(&self) -> i32 {
+        self.read_fd()
     }
 
     /// Waits until a frame can be read (or the stream ended), up to `timeout`

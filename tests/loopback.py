@@ -1,0 +1,87 @@
+"""Two ends of a link in one process, for testing the routing of
+``kernel/connection.py`` without spawning twins.
+
+``pair()`` connects two ``Connection``s by two pipes (the real
+``FdTransport``, the real epoll gate), each with its own server threads.
+Functions run by either end are module-level ones, looked up by name in this
+same process; ``SIDES`` lets a function reach the end it runs on, so that it
+can call the other end back (recursion both ways, on one thread per end).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Tuple
+
+from cpy2py.kernel.connection import Connection
+from cpy2py.kernel.serialization import Serializer
+from cpy2py.protocol.messages import OP_EXECUTE
+from cpy2py.protocol.transport import FdTransport
+
+#: side name -> the connection of that end (what code running there calls out on)
+SIDES: Dict[str, Connection] = {}
+
+
+def pair(prefix: str = "loop") -> Tuple[Connection, Connection, List[int]]:
+    """Two connected ends ``(a, b)``, serving; and the fds, to break the link."""
+    a_to_b = os.pipe()
+    b_to_a = os.pipe()
+    a = _end(f"{prefix}-b", FdTransport(b_to_a[0], a_to_b[1]))
+    b = _end(f"{prefix}-a", FdTransport(a_to_b[0], b_to_a[1]))
+    SIDES[f"{prefix}-a"] = a
+    SIDES[f"{prefix}-b"] = b
+    a.start_serving()
+    b.start_serving()
+    return a, b, [*a_to_b, *b_to_a]
+
+
+def _end(peer_id: str, transport: FdTransport) -> Connection:
+    return Connection(transport, peer_id, Serializer(peer_id), describe_end=lambda: "closed its end")
+
+
+def call(connection: Connection, func: Any, *args: Any, **kwargs: Any) -> Any:
+    return connection.request(OP_EXECUTE, func, list(args), kwargs)
+
+
+# -- what the ends run ---------------------------------------------------------------
+
+
+def echo(value: Any) -> Any:
+    return value
+
+
+def slow(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def bounce(side: str, depth: int) -> List[str]:
+    """Runs on ``side``; calls the other end, which calls back, ``depth`` times."""
+    if depth == 0:
+        return [side]
+    here = SIDES[side]
+    other = here.peer_id
+    return [side] + call(here, bounce, other, depth - 1)
+
+
+def fail_at(side: str, depth: int) -> None:
+    if depth == 0:
+        raise LookupError(f"bottom reached on {side}")
+    here = SIDES[side]
+    call(here, fail_at, here.peer_id, depth - 1)
+
+
+class Unpicklable:
+    """Pickles fine; fails to unpickle (on whichever end loads it)."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load() -> None:
+    raise ValueError("this value cannot be rebuilt here")
+
+
+def unpicklable() -> Unpicklable:
+    return Unpicklable()

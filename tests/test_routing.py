@@ -1,0 +1,186 @@
+"""The routing of a link (kernel/connection.py), in one process: two ends
+over a loopback of pipes (tests/loopback.py), no twins. Fast: these run in
+well under a second each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import loopback
+import pytest
+from cpy2py import ProtocolError, TwinterpreterTerminated
+from loopback import call, pair
+
+
+@pytest.fixture
+def ends():
+    a, b, fds = pair()
+    yield a, b, fds
+    for end in (a, b):
+        end.close("the test ended")
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_calls_both_ways(ends):
+    a, b, _ = ends
+    assert call(a, loopback.echo, [1, "two", {"three": 3.0}]) == [1, "two", {"three": 3.0}]
+    assert call(b, loopback.echo, (4, 5)) == (4, 5)
+
+
+def test_many_threads_get_their_own_replies(ends):
+    a, b, _ = ends
+    errors = []
+
+    def caller(n):
+        end = a if n % 2 else b
+        for i in range(200):
+            token = (n, i)
+            got = call(end, loopback.echo, token)
+            if got != token:
+                errors.append((token, got))
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a caller hangs"
+    assert errors == []
+
+
+def test_recursion_both_ways_stays_on_one_thread_per_end(ends):
+    a, _, _ = ends
+    path = call(a, loopback.bounce, "loop-b", 40)
+    assert path == ["loop-b", "loop-a"] * 20 + ["loop-b"]
+
+
+def test_an_exception_travels_through_every_level(ends):
+    a, _, _ = ends
+    with pytest.raises(LookupError, match="bottom reached on loop-"):
+        call(a, loopback.fail_at, "loop-b", 11)
+    assert call(a, loopback.echo, "still fine") == "still fine"
+
+
+def test_a_value_that_fails_to_decode_fails_its_own_call_only(ends):
+    a, b, _ = ends
+    results = []
+
+    def steady():
+        for i in range(300):
+            results.append(call(b, loopback.echo, i) == i)
+
+    thread = threading.Thread(target=steady)
+    thread.start()
+    for _ in range(20):
+        with pytest.raises(ValueError, match="cannot be rebuilt"):
+            call(a, loopback.unpicklable)
+    thread.join(30)
+    assert results == [True] * 300
+    assert call(a, loopback.echo, 1) == 1
+
+
+def test_a_link_that_breaks_mid_call_fails_every_caller(ends):
+    a, b, fds = ends
+    outcome = []
+
+    def waits():
+        try:
+            call(a, loopback.slow, 30)
+        except TwinterpreterTerminated as err:
+            outcome.append(str(err))
+
+    threads = [threading.Thread(target=waits) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    b.close("the test killed it")  # b dies: its threads stop, its ends close
+    os.close(fds[0])
+    os.close(fds[3])
+    for thread in threads:
+        thread.join(10)
+    assert len(outcome) == 3 and all("closed its end" in text for text in outcome), outcome
+
+
+def test_a_peer_that_sends_nonsense_breaks_the_link(ends):
+    a, _, fds = ends
+    outcome = []
+
+    def waits():
+        try:
+            call(a, loopback.slow, 30)
+        except ProtocolError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=waits)
+    thread.start()
+    time.sleep(0.2)
+    os.write(fds[3], b"\x00\x00\x00\x03\xc3\xc3\xc3")  # a frame: not a message
+    thread.join(10)
+    assert len(outcome) == 1
+    with pytest.raises(ProtocolError):
+        call(a, loopback.echo, 1)
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="signals need the main thread"
+)
+def test_an_interrupted_call_loses_nothing_and_leaves_nothing(ends):
+    """Ctrl-C (here: SIGUSR1 sent to the main thread, whose handler raises)
+    while another thread uses the same link: nothing the main thread was
+    reading for others is lost (it holds signals while it holds the reading
+    role), and its interrupted call's reply, delivered or late, never reaches
+    its next call."""
+    a, _, _ = ends
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    stop = threading.Event()
+    done = []
+
+    def busy():  # takes the reading role now and then, and delivers to the main thread
+        count = 0
+        while not stop.is_set():
+            assert call(a, loopback.echo, ("busy", count)) == ("busy", count)
+            count += 1
+        done.append(count)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    main = threading.main_thread().ident
+    interrupted = 0
+    try:
+        for i in range(30):
+            timer = threading.Timer(0.001 + (i % 5) * 0.002, signal.pthread_kill, args=(main, signal.SIGUSR1))
+            try:
+                timer.start()
+                try:
+                    call(a, loopback.slow, 0.004, ("stale", i))
+                finally:
+                    timer.join()
+            except Interrupted:  # (a held signal may land just after the call, too)
+                interrupted += 1
+            while True:  # ... or even in the next one: then it is redone
+                try:
+                    got = call(a, loopback.echo, ("fresh", i))
+                    break
+                except Interrupted:
+                    interrupted += 1
+            assert got == ("fresh", i)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        stop.set()
+        thread.join(10)
+    assert interrupted > 0
+    assert done and done[0] > 0, "the other thread's calls stalled"
