@@ -261,3 +261,9 @@ def state_here():
         "is_master": kernel_state.is_master(),
         **{f"is_{kind}": kernel_state.is_twinterpreter(kind) for kind in KINDS},
     }
+
+
+def boxes_keyed(kind):
+    """A set and a dict keyed by twin objects with __eq__/__hash__, made in their twin."""
+    box = native_to(kind, Box)
+    return {box(1), box(2)}, {box(3): "three"}
