@@ -61,6 +61,31 @@ def test_recursion_both_ways_stays_on_one_thread_per_end(ends):
     assert path == ["loop-b", "loop-a"] * 20 + ["loop-b"]
 
 
+def test_many_threads_recursing_both_ways_at_once(ends):
+    """Each thread's recursion stays on its chain while the reading role goes
+    from thread to thread on both ends (a stale place in the queue for the
+    role once left every caller waiting)."""
+    a, b, _ = ends
+    errors = []
+
+    def caller(n):
+        end, side = (a, "loop-b") if n % 2 else (b, "loop-a")
+        other = "loop-a" if side == "loop-b" else "loop-b"
+        for depth in range(1, 12):
+            path = call(end, loopback.bounce, side, depth)
+            expected = [side if i % 2 == 0 else other for i in range(depth + 1)]
+            if path != expected:
+                errors.append((n, depth, path))
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a caller hangs"
+    assert errors == []
+
+
 def test_an_exception_travels_through_every_level(ends):
     a, _, _ = ends
     with pytest.raises(LookupError, match="bottom reached on loop-"):

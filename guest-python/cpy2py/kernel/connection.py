@@ -58,7 +58,7 @@ Item = Tuple["Connection", int, int, Any]
 class _Waiter:
     """A thread's mailbox: frames routed to it, and a lock to sleep on."""
 
-    __slots__ = ("inbox", "wake", "mutex", "parked", "offered", "chain", "name", "early")
+    __slots__ = ("inbox", "wake", "mutex", "parked", "offered", "queued", "chain", "name", "early")
 
     def __init__(self) -> None:
         self.inbox: Deque[Item] = deque()
@@ -69,6 +69,8 @@ class _Waiter:
         self.parked = False
         #: a link's reading role was offered to this thread while it slept
         self.offered = False
+        #: the link in whose queue for the reading role this thread stands
+        self.queued: Optional[Connection] = None
         #: the chain this thread runs, or None before its first call
         self.chain: Optional[int] = None
         self.name = threading.current_thread().name
@@ -345,9 +347,7 @@ class Connection:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del self._chains[chain]
-                if self._callers and waiter in self._callers:  # left while queued for the role
-                    self._callers.remove(waiter)
-                self._pass_on(waiter)
+                self._leave_queue(waiter)
             if waiter.inbox:  # interrupted: nothing of this call may reach a later one
                 self._drop_leftovers(waiter, req_id)
 
@@ -393,9 +393,8 @@ class Connection:
         """The next frame for ``waiter``: from its inbox, or read by itself."""
         while True:
             if waiter.inbox:
-                if self._heir is waiter:
-                    with self._lock:  # offered the role, this thread does not need it: pass it on
-                        self._pass_on(waiter)
+                with self._lock:  # if it waited for the role, it needs it no more
+                    self._leave_queue(waiter)
                 return waiter.inbox.popleft()
             held = hold_signals()  # (main thread) while it may hold the role; see _read
             try:
@@ -421,7 +420,8 @@ class Connection:
         """Caller holds _lock: take the free reading role (disarming the gate,
         so that what arrives wakes no server), or queue for it."""
         if self._reading:
-            if waiter is not None:
+            if waiter is not None and waiter.queued is not self:
+                waiter.queued = self
                 self._callers.append(waiter)
             return False
         self._reading = True
@@ -443,6 +443,7 @@ class Connection:
         the gate watch the link."""
         if self._callers:
             self._heir = self._callers.popleft()
+            self._heir.queued = None
             self._heir.offer()
         else:
             self._heir = None
@@ -450,9 +451,16 @@ class Connection:
                 self._armed = True
                 self._gate.arm()
 
-    def _pass_on(self, waiter: _Waiter) -> None:
-        """Caller holds _lock: ``waiter`` was offered the free role and will not
-        read (its frame came, or it leaves): the offer goes on."""
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        """Caller holds _lock: ``waiter`` no longer waits for the reading role
+        (its frame came, or it leaves); if it was offered the role, the offer
+        goes on."""
+        if waiter.queued is self:
+            waiter.queued = None
+            try:
+                self._callers.remove(waiter)
+            except ValueError:
+                pass
         if self._heir is waiter and not self._reading:
             self._role_is_free()
 
@@ -899,6 +907,8 @@ class Connection:
                 return
             self.broken = error
             waiting = list(self._callers) + list(self._pending.values()) + list(self._idle)
+            for waiter in self._callers:
+                waiter.queued = None
             self._callers.clear()
             self._idle.clear()
             for entry in self._chains.values():
