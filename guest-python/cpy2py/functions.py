@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
 
 from . import kernel_state
 from .kernel import links
 from .protocol.messages import OP_EXECUTE
 
-F = TypeVar("F", bound=Callable[..., Any])
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, TypeVar
+
+    F = TypeVar("F", bound=Callable[..., Any])
 
 
 def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:

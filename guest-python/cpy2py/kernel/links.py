@@ -8,12 +8,14 @@ one connection to the master, which forwards what is native elsewhere.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from .. import kernel_state
 from ..errors import TwinterpreterUnavailable
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional
+
     from .connection import Connection
 
 _lock = threading.RLock()

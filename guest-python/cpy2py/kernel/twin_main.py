@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Dict
 
 from .. import _logging, kernel_state
 from ..errors import ProtocolError
@@ -20,6 +19,10 @@ from . import links, main_module
 from .connection import Connection
 from .serialization import Serializer
 from .stdio import flush_stdio
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict
 
 log = _logging.get_logger("twin")
 
