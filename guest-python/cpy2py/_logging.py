@@ -16,9 +16,9 @@ record would go nowhere: the stand-ins drop it without building it.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ ROOT_NAME = "__cpy2py__"
 _RECORDING = ("debug", "info", "warning", "error", "exception", "critical", "log")
 
 _root_ready = False
-_LOCK = threading.Lock()
+_LOCK = _thread.allocate_lock()
 
 
 def _setup_root() -> None:

@@ -7,7 +7,7 @@ one connection to the master, which forwards what is native elsewhere.
 
 from __future__ import annotations
 
-import threading
+import _thread
 
 from .. import kernel_state
 from ..errors import TwinterpreterUnavailable
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from .connection import Connection
 
-_lock = threading.RLock()
+_lock = _thread.RLock()
 _connections: Dict[str, Connection] = {}
 #: set by the master module: starts a twin by id and returns its connection
 _starter: Optional[Callable[[str], Connection]] = None

@@ -10,10 +10,10 @@ first use, and resolves ``__main__`` to it. The master aliases
 
 from __future__ import annotations
 
+import _thread
 import importlib
 import os
 import sys
-import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 MAIN_ALIAS = "__cpy2py_main__"
 
-_lock = threading.RLock()
+_lock = _thread.RLock()
 _config: Dict[str, Any] = {}
 _loaded: Optional[ModuleType] = None
 

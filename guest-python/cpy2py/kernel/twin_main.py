@@ -6,9 +6,9 @@ Started by the bootstrap that the master passes with ``-c``
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
 
 from .. import _logging, kernel_state
 from ..errors import ProtocolError
@@ -110,7 +110,7 @@ def main() -> None:
     _finish(config)
 
 
-_finishing = threading.Lock()
+_finishing = _thread.allocate_lock()
 
 
 def _finish(config: Dict[str, Any]) -> None:

@@ -6,10 +6,10 @@ compiled ``cpy2py._host.ProcessTwin`` with the same three methods.
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import struct
-import threading
 
 from ..errors import ProtocolError
 
@@ -25,8 +25,8 @@ class FdTransport:
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.max_frame = max_frame
-        self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
+        self._write_lock = _thread.allocate_lock()
+        self._read_lock = _thread.allocate_lock()
         self._buffer = bytearray()  # read beyond the last frame
 
     def send(self, payload: bytes) -> None:
