@@ -11,6 +11,8 @@ def loaded_modules() -> list:
 def twin_master_name() -> str:
     """``cpy2py.TwinMaster`` in a twin that started without cpy2py.master."""
     import cpy2py
+
+    assert "TwinMaster" in dir(cpy2py)
     from cpy2py import TwinMaster
 
     assert cpy2py.TwinMaster is TwinMaster

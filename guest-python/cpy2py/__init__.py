@@ -60,6 +60,9 @@ else:
             return TwinMaster
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+    def __dir__() -> list:
+        return sorted(set(globals()) | {"TwinMaster"})
+
 
 _level = _configure_logging(kernel_state.TWIN_ID)
 if _level and kernel_state.is_master():

@@ -31,6 +31,7 @@ ROOT_NAME = "__cpy2py__"
 _RECORDING = ("debug", "info", "warning", "error", "exception", "critical", "log")
 
 _root_ready = False
+_modules = sys.modules
 _LOCK = _thread.allocate_lock()
 
 
@@ -86,27 +87,36 @@ class _Logger:
             kwargs.setdefault("stacklevel", 3)  # the caller of debug(), not this stand-in
             getattr(real, method)(*args, **kwargs)
 
+    # While ``logging`` is not loaded, a call costs one dict lookup; the first
+    # call after it was loaded binds the real methods here (see _resolve).
     def debug(self, *args: Any, **kwargs: Any) -> None:
-        self._emit("debug", args, kwargs)
+        if "logging" in _modules:
+            self._emit("debug", args, kwargs)
 
     def info(self, *args: Any, **kwargs: Any) -> None:
-        self._emit("info", args, kwargs)
+        if "logging" in _modules:
+            self._emit("info", args, kwargs)
 
     def warning(self, *args: Any, **kwargs: Any) -> None:
-        self._emit("warning", args, kwargs)
+        if "logging" in _modules:
+            self._emit("warning", args, kwargs)
 
     def error(self, *args: Any, **kwargs: Any) -> None:
-        self._emit("error", args, kwargs)
+        if "logging" in _modules:
+            self._emit("error", args, kwargs)
 
     def exception(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("exc_info", True)
-        self._emit("error", args, kwargs)
+        if "logging" in _modules:
+            kwargs.setdefault("exc_info", True)
+            self._emit("error", args, kwargs)
 
     def critical(self, *args: Any, **kwargs: Any) -> None:
-        self._emit("critical", args, kwargs)
+        if "logging" in _modules:
+            self._emit("critical", args, kwargs)
 
     def log(self, *args: Any, **kwargs: Any) -> None:
-        self._emit("log", args, kwargs)
+        if "logging" in _modules:
+            self._emit("log", args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # anything else of a logger (isEnabledFor, handlers, setLevel, ...)
