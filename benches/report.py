@@ -20,6 +20,8 @@ LABELS = {
     "original-pypy": "original cpy2py 0.17.1 -> pypy3",
     "bare-cpython": "bare start: python3 -c pass",
     "bare-pypy": "bare start: pypy3 -c pass",
+    "baseline-cpython": "baseline cpy2py -> python3 twin",
+    "baseline-pypy": "baseline cpy2py -> pypy3 twin",
 }
 SHORT = {
     "raw-cpython": "raw pipe py3",
@@ -36,6 +38,8 @@ SHORT = {
     "original-pypy": "original pypy",
     "bare-cpython": "python3 -c pass",
     "bare-pypy": "pypy3 -c pass",
+    "baseline-cpython": "baseline py3",
+    "baseline-pypy": "baseline pypy",
 }
 CPY2PY = ["cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"]
 #: startup bars: bare interpreters, the floor, cpy2py, peers (the rest)
@@ -398,6 +402,10 @@ def render(results: Dict[str, Any]) -> str:
         f"cpy2py: {meta['cpy2py']['commit'][:12]}{dirty}; "
         + ", ".join(f"{k} {v}" for k, v in meta["peers"].items()),
     ]
+    if meta["cpy2py"].get("overridden"):
+        out.append(f"cpy2py benchmarked from {meta['cpy2py']['source']} (BENCH_CPY2PY_PATH)")
+    if meta["cpy2py"].get("baseline"):
+        out.append(f"baseline rows: the cpy2py in {meta['cpy2py']['baseline']} (BENCH_CPY2PY_BASELINE)")
     first = next(iter(results["passes"].values()), {"scenarios": {}})
     for name in ("cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"):
         desc = first["scenarios"].get(name, {}).get("describe") or {}

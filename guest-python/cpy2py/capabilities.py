@@ -20,7 +20,11 @@ modules, frames (docs/security.md, "Capabilities").
 
 from __future__ import annotations
 
-from typing import Any, Callable, FrozenSet, Iterable, TypeVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, FrozenSet, Iterable, TypeVar
+
+    C = TypeVar("C", bound=type)
 
 #: special methods a guest may be granted on a master object (and that a
 #: guest's own classes may have forwarded by their proxies in the master):
@@ -148,9 +152,6 @@ _DATA_TYPES = (
     set,
     frozenset,
 )
-
-
-C = TypeVar("C", bound=type)
 
 
 def exposed(*names: str, writable: Iterable[str] = ()) -> Callable[[C], C]:

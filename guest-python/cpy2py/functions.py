@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, TypeVar
-
 from . import kernel_state
 from .kernel import links
 from .protocol.messages import OP_EXECUTE
 
-F = TypeVar("F", bound=Callable[..., Any])
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, TypeVar
+
+    F = TypeVar("F", bound=Callable[..., Any])
 
 
 def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
@@ -27,6 +28,8 @@ def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
         )
 
     def decorator(func: F) -> F:
+        import functools  # at decoration, not when a twin starts
+
         @functools.wraps(func)
         def twin_function(*args: Any, **kwargs: Any) -> Any:
             if kernel_state.TWIN_ID == twinterpreter_id:

@@ -7,7 +7,10 @@ the id of the master. In the master both are equal.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, List, Tuple
 
 #: default id of the master process
 DEFAULT_MASTER_ID = "__master__"

@@ -10,12 +10,14 @@ written in the native one, and its methods and classmethods run there.
 
 from __future__ import annotations
 
-from typing import Any
-
 from . import kernel_state
 from .kernel import links
 from .kernel.references import RemoteMethod, TwinProxy, call
 from .protocol.messages import OP_DELATTR, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _native_here(cls: type) -> bool:

@@ -27,13 +27,12 @@ the link; a thread's mailbox (``_Waiter``) is the only per-thread state.
 
 from __future__ import annotations
 
+import _thread
 import itertools
 import os
 import select
 import sys
-import threading
-from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from _collections import deque
 
 from .. import _logging
 from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTerminated
@@ -43,16 +42,19 @@ from ..protocol.transport import block_signals_in_this_thread, hold_signals, rel
 from . import references
 from .serialization import Serializer, bare_failure, decoding_from
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
+    from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
     from ..protocol.transport import Transport
+
+    #: a routed frame: (link, kind, id or chain, raw frame)
+    Item = Tuple["Connection", int, int, Any]
 
 log = _logging.get_logger("connection")
 
 _chain_ids = itertools.count(1)
-_local = threading.local()
-
-#: a routed frame: (link, kind, id or chain, raw frame)
-Item = Tuple["Connection", int, int, Any]
+_local = _thread._local()
 
 
 class _Waiter:
@@ -62,10 +64,10 @@ class _Waiter:
 
     def __init__(self) -> None:
         self.inbox: Deque[Item] = deque()
-        self.wake = threading.Lock()
+        self.wake = _thread.allocate_lock()
         self.wake.acquire()
         #: guards ``parked`` and ``offered``: links deliver to a thread from any thread
-        self.mutex = threading.Lock()
+        self.mutex = _thread.allocate_lock()
         self.parked = False
         #: a link's reading role was offered to this thread while it slept
         self.offered = False
@@ -73,7 +75,7 @@ class _Waiter:
         self.queued: Optional[Connection] = None
         #: the chain this thread runs, or None before its first call
         self.chain: Optional[int] = None
-        self.name = threading.current_thread().name
+        self.name = _thread_name()
         #: without threads: replies to outer calls of this thread that came
         #: while a later call waited, (link, request id) -> frame
         self.early: Dict[Tuple[Connection, int], Item] = {}
@@ -236,7 +238,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._buffered = getattr(transport, "buffered", None)
         # routing state, guarded by _lock
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
         self._abandoned: Set[int] = set()  # requests whose caller left before the reply
         self._chains: Dict[int, List[Any]] = {}  # chain -> [its thread here, calls in flight]
@@ -270,7 +272,7 @@ class Connection:
         """Send a request and wait for its result (or raise its exception)."""
         if self.pending_releases:  # what this link carries only
             references.flush_releases(self)
-        if self._reading and self._reader == threading.get_ident():
+        if self._reading and self._reader == _thread.get_ident():
             raise CallWhileReading(
                 f"{self.peer_id!r} cannot be called from the thread that is reading its link "
                 "(a finalizer or signal handler ran there); call it from elsewhere"
@@ -405,7 +407,7 @@ class Connection:
                         raise self._broken_error()
                     read = self._take_role(waiter)
             finally:
-                if held and not (self._reading and self._reader == threading.get_ident()):
+                if held and not (self._reading and self._reader == _thread.get_ident()):
                     release_signals()
             if read:
                 item = self._read(waiter)
@@ -425,7 +427,7 @@ class Connection:
                 self._callers.append(waiter)
             return False
         self._reading = True
-        self._reader = threading.get_ident()
+        self._reader = _thread.get_ident()
         self._heir = None
         if self._armed:
             self._armed = False
@@ -636,10 +638,7 @@ class Connection:
                 return
             self._servers += 1
             self._open_gate()
-        thread = threading.Thread(
-            target=self._serve, args=(True, True), name=f"cpy2py-server-{self.peer_id}", daemon=True
-        )
-        thread.start()
+        _start_thread(self._serve, (True, True), f"cpy2py-server-{self.peer_id}")
 
     def _open_gate(self) -> None:
         """Caller holds _lock: servers wait at a gate on the transport's
@@ -926,7 +925,7 @@ class Connection:
         shared with the parent); what the peer held is forgotten here."""
         self.broken = error
         self._gate = None
-        self._lock = threading.Lock()  # may have been held by another thread at the fork
+        self._lock = _thread.allocate_lock()  # may have been held by another thread at the fork
         references.forget_link(self)
 
     def close(self, reason: str) -> None:
@@ -965,6 +964,21 @@ class CallWhileReading(TwinError):
     """A call to a peer that would wait for a frame only the calling thread
     could read: refused at once instead (the request or reply whose rebuilding
     made it fails)."""
+
+
+def _thread_name() -> str:
+    threading = sys.modules.get("threading")
+    return threading.current_thread().name if threading is not None else f"thread {_thread.get_ident()}"
+
+
+def _start_thread(target: Callable[..., None], args: tuple, name: str) -> None:
+    """A daemon thread: named where threading is loaded anyway (the master),
+    plain where it is not (a twin: threading costs PyPy a fifth of its start)."""
+    threading = sys.modules.get("threading")
+    if threading is None:
+        _thread.start_new_thread(target, args)
+    else:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
 
 def current_chain() -> Optional[int]:

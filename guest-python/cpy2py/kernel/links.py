@@ -7,16 +7,18 @@ one connection to the master, which forwards what is native elsewhere.
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+import _thread
 
 from .. import kernel_state
 from ..errors import TwinterpreterUnavailable
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional
+
     from .connection import Connection
 
-_lock = threading.RLock()
+_lock = _thread.RLock()
 _connections: Dict[str, Connection] = {}
 #: set by the master module: starts a twin by id and returns its connection
 _starter: Optional[Callable[[str], Connection]] = None
@@ -36,7 +38,7 @@ def unregister(twin_id: str, connection: Connection) -> None:
 def after_fork() -> None:
     """In a child forked from this process: the links are the parent's."""
     global _lock
-    _lock = threading.RLock()
+    _lock = _thread.RLock()
     _connections.clear()
 
 

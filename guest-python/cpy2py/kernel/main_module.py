@@ -10,17 +10,19 @@ first use, and resolves ``__main__`` to it. The master aliases
 
 from __future__ import annotations
 
+import _thread
 import importlib
-import importlib.util
 import os
 import sys
-import threading
-from types import ModuleType
-from typing import Any, Dict, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any, Dict, Optional
 
 MAIN_ALIAS = "__cpy2py_main__"
 
-_lock = threading.RLock()
+_lock = _thread.RLock()
 _config: Dict[str, Any] = {}
 _loaded: Optional[ModuleType] = None
 
@@ -73,11 +75,14 @@ def load() -> ModuleType:
         if main_name:
             module = importlib.import_module(main_name)
         elif main_path:
+            # only here: a twin that never needs the main module does not import it
+            from importlib.util import module_from_spec, spec_from_file_location
+
             run_name = "__main__" if _config.get("run_main") else MAIN_ALIAS
-            spec = importlib.util.spec_from_file_location(run_name, main_path)
+            spec = spec_from_file_location(run_name, main_path)
             if spec is None or spec.loader is None:
                 raise ImportError(f"cannot load the master's main module from {main_path!r}")
-            module = importlib.util.module_from_spec(spec)
+            module = module_from_spec(spec)
             # registered first, so the script's own imports of it and its
             # twinfunctions resolve while it runs
             sys.modules[MAIN_ALIAS] = module

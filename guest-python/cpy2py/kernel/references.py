@@ -21,13 +21,12 @@ drops the object when nothing is left.
 
 from __future__ import annotations
 
+import _thread
 import itertools
 import os
 import sys
-import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import kernel_state
 from ..capabilities import DATA_MODEL_METHODS
@@ -40,19 +39,22 @@ from ..protocol.messages import (
 )
 from . import links
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (a twin's start imports no typing)
+    from typing import Any, Dict, List, Optional, Tuple
+
     from .connection import Connection
 
-Key = Tuple[str, int]
+    Key = Tuple[str, int]
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 _exports: Dict[Key, List[Any]] = {}  # key -> [object, times sent]
 _iid_of: Dict[int, int] = {}  # id(native object) -> its instance id, while exported
 # Instance ids start at a random offset, so that a restarted twin never
 # hands out the id of an object of its previous life to a stale proxy.
 _iids = itertools.count((int.from_bytes(os.urandom(4), "big") << 24) + 1)
 _proxies: weakref.WeakValueDictionary[Key, TwinProxy] = weakref.WeakValueDictionary()
-_flusher: Optional[threading.Thread] = None
+_flusher = False  # the flusher thread runs
 
 # how a proxy class reaches an attribute of its object
 _GETATTR, _METHOD, _LOCAL = "getattr", "method", "local"
@@ -338,13 +340,15 @@ def flush_releases(connection: Optional[Connection] = None) -> None:
 
 def _ensure_flusher() -> None:
     global _flusher
-    if _flusher is not None or not _threads_available():
+    if _flusher or not _threads_available():
         return
     with _lock:
-        if _flusher is not None:
+        if _flusher:
             return
-        _flusher = threading.Thread(target=_flush_forever, name="cpy2py-releaser", daemon=True)
-        _flusher.start()
+        _flusher = True
+        from .connection import _start_thread
+
+        _start_thread(_flush_forever, (), "cpy2py-releaser")
 
 
 def _flush_forever() -> None:
@@ -364,8 +368,8 @@ def after_fork() -> None:
     parent's (the child starts its own), and locks other threads held at the
     fork stay held forever."""
     global _flusher, _lock
-    _flusher = None
-    _lock = threading.Lock()
+    _flusher = False
+    _lock = _thread.allocate_lock()
 
 
 def _threads_available() -> bool:

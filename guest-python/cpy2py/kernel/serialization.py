@@ -16,13 +16,9 @@ reply that carried the name; nothing of one frame is kept for the next.
 
 from __future__ import annotations
 
+import _thread
 import builtins
-import importlib
-import io
-import pickle
-import threading
 from types import FunctionType
-from typing import Any, Dict, List, Optional, Tuple
 
 from .. import kernel_state
 from ..capabilities import Exposed
@@ -39,6 +35,10 @@ from ..protocol.messages import (
 )
 from . import main_module, references
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (a twin's start imports no typing)
+    from typing import Any, Dict, List, Optional, Tuple
+
 PICKLE_PROTOCOL = 4
 
 
@@ -53,7 +53,7 @@ class _Frame:
         self.failures: List[Tuple[Any, BaseException]] = []
 
 
-_decoding = threading.local()
+_decoding = _thread._local()
 
 
 def decoding_from(serializer: Any) -> bool:
@@ -81,6 +81,8 @@ class _Unresolved:
 def import_module(name: str) -> Any:
     if main_module.is_main_name(name):
         return main_module.load()
+    import importlib  # on the first name looked up, not at start-up
+
     return importlib.import_module(name)
 
 
@@ -127,32 +129,45 @@ def _pinned_elsewhere(obj: Any) -> bool:
     return owner is not None and owner != kernel_state.TWIN_ID
 
 
-class _Pickler(pickle.Pickler):
-    """Pickles by value, but twin objects inside by reference."""
-
-    def __init__(self, file: Any, serializer: Serializer) -> None:
-        super().__init__(file, protocol=PICKLE_PROTOCOL)
-        self.serializer = serializer
-
-    def persistent_id(self, obj: Any) -> Any:
-        if _is_twin(obj):
-            return tuple(references.export(obj, self.serializer.connection))
-        return None
+_pickle_classes: Optional[Tuple[type, type]] = None
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: Any, serializer: Serializer) -> None:
-        super().__init__(file)
-        self.serializer = serializer
+def _picklers() -> Tuple[type, type]:
+    """The kernel's (Pickler, Unpickler), made on first use: a twin that is
+    sent no pickle never imports pickle."""
+    global _pickle_classes
+    if _pickle_classes is not None:
+        return _pickle_classes
+    import pickle
 
-    def find_class(self, module: str, name: str) -> Any:
-        if main_module.is_main_name(module):
-            return lookup(module, name)
-        return super().find_class(module, name)
+    class _Pickler(pickle.Pickler):
+        """Pickles by value, but twin objects inside by reference."""
 
-    def persistent_load(self, pid: Any) -> Any:
-        owner, iid, info = pid
-        return references.resolve(owner, iid, info, self.serializer.connection)
+        def __init__(self, file: Any, serializer: Serializer) -> None:
+            super().__init__(file, protocol=PICKLE_PROTOCOL)
+            self.serializer = serializer
+
+        def persistent_id(self, obj: Any) -> Any:
+            if _is_twin(obj):
+                return tuple(references.export(obj, self.serializer.connection))
+            return None
+
+    class _Unpickler(pickle.Unpickler):
+        def __init__(self, file: Any, serializer: Serializer) -> None:
+            super().__init__(file)
+            self.serializer = serializer
+
+        def find_class(self, module: str, name: str) -> Any:
+            if main_module.is_main_name(module):
+                return lookup(module, name)
+            return super().find_class(module, name)
+
+        def persistent_load(self, pid: Any) -> Any:
+            owner, iid, info = pid
+            return references.resolve(owner, iid, info, self.serializer.connection)
+
+    _pickle_classes = (_Pickler, _Unpickler)
+    return _pickle_classes
 
 
 def format_exception(err: BaseException) -> str:
@@ -238,9 +253,11 @@ class Serializer:
                 self._names[id(obj)] = (obj, name)
                 return tags.GLOBAL_REF, list(name)
         if self.trusted:  # plain objects travel as copies where they can
+            import io
+
             buffer = io.BytesIO()
             try:
-                _Pickler(buffer, self).dump(obj)
+                _picklers()[0](buffer, self).dump(obj)
                 return tags.PICKLE, buffer.getvalue()
             except Exception:
                 pass
@@ -287,7 +304,9 @@ class Serializer:
             if tag == tags.PICKLE:
                 if not self.trusted:
                     raise ProtocolError(f"{self.peer_id!r} sent a pickle on a link that does not allow them")
-                return _Unpickler(io.BytesIO(value), self).load()
+                import io
+
+                return _picklers()[1](io.BytesIO(value), self).load()
         except ProtocolError:
             raise
         except Exception as err:

@@ -6,10 +6,9 @@ Started by the bootstrap that the master passes with ``-c``
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
-from typing import Any, Dict
 
 from .. import _logging, kernel_state
 from ..errors import ProtocolError
@@ -20,6 +19,10 @@ from . import links, main_module
 from .connection import Connection
 from .serialization import Serializer
 from .stdio import flush_stdio
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict
 
 log = _logging.get_logger("twin")
 
@@ -107,7 +110,7 @@ def main() -> None:
     _finish(config)
 
 
-_finishing = threading.Lock()
+_finishing = _thread.allocate_lock()
 
 
 def _finish(config: Dict[str, Any]) -> None:

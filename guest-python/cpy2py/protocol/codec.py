@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 
-from . import codec_py
-from .codec_py import sandbox_budget
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 if os.environ.get("CPY2PY_PURE_CODEC"):
-    dumps, loads, peek = codec_py.dumps, codec_py.loads, codec_py.peek
+    from .codec_py import dumps, loads, peek
+
     IMPLEMENTATION = "python"
 else:
     try:
@@ -26,7 +28,20 @@ else:
 
         IMPLEMENTATION = "compiled"
     except ImportError:
-        dumps, loads, peek = codec_py.dumps, codec_py.loads, codec_py.peek
+        from .codec_py import dumps, loads, peek
+
         IMPLEMENTATION = "python"
 
-__all__ = ["dumps", "loads", "peek", "sandbox_budget", "IMPLEMENTATION"]
+
+def __getattr__(name: str) -> Any:
+    # ``sandbox_budget`` (and ``codec_py`` itself) load the pure-Python codec
+    # on first use only: a CPython twin with the compiled codec never needs it
+    if name in ("sandbox_budget", "codec_py"):
+        from . import codec_py
+
+        globals().update(sandbox_budget=codec_py.sandbox_budget, codec_py=codec_py)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["dumps", "loads", "peek", "sandbox_budget", "IMPLEMENTATION"]  # noqa: F822 (sandbox_budget: __getattr__)

@@ -23,15 +23,20 @@ frames from sandboxed guests.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ..errors import ProtocolError
 from .tags import BYTEARRAY, COMPLEX, FROZENSET, MAX_DEPTH, NEG_BIGNUM, POS_BIGNUM, SET, TUPLE
 
-__all__ = ["dumps", "loads", "sandbox_budget", "Default", "TagHook"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported at run time: twins start faster
+    from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-Default = Callable[[Any], Any]
-TagHook = Callable[[int, Any], Any]
+    Default = Callable[[Any], Any]
+    TagHook = Callable[[int, Any], Any]
+    _Decoder = Callable[[bytes, int, int, int, Optional[TagHook]], Tuple[Any, int]]
+    _Coster = Callable[[bytes, int, int, int, int], Tuple[int, int]]
+
+__all__ = ["dumps", "loads", "sandbox_budget"]
 
 _U64_LIMIT = 1 << 64
 _HALF_MAX = 65504.0
@@ -648,7 +653,6 @@ def _dec_simple(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHo
     raise ProtocolError(f"reserved additional information {ib & 0x1F} in the head at offset {pos - 1}")
 
 
-_Decoder = Callable[[bytes, int, int, int, Optional[TagHook]], Tuple[Any, int]]
 _DECODERS: Tuple[_Decoder, ...] = (
     _dec_uint,
     _dec_nint,
@@ -1120,7 +1124,6 @@ def _cost_simple(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple
     raise _Malformed
 
 
-_Coster = Callable[[bytes, int, int, int, int], Tuple[int, int]]
 _COSTS: Tuple[_Coster, ...] = (
     _cost_uint,
     _cost_nint,

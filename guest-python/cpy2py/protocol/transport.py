@@ -6,20 +6,24 @@ compiled ``cpy2py._host.ProcessTwin`` with the same three methods.
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
-import signal
 import struct
-import threading
-from typing import TYPE_CHECKING
+import sys
 
 from ..errors import ProtocolError
 
 _HEADER = struct.Struct(">I")
 _READ_SIZE = 65536
 DEFAULT_MAX_FRAME = 1 << 30
-_MAIN_THREAD = threading.main_thread().ident
-_held = threading.local()
+# the main thread (where Python runs signal handlers); this module is first
+# imported there unless an application imports cpy2py from another thread
+# first, which has imported threading then
+_MAIN_THREAD = (
+    sys.modules["threading"].main_thread().ident if "threading" in sys.modules else _thread.get_ident()
+)
+_held = _thread._local()
 
 try:  # the host keeps the saved mask where its transports' waits see it
     from cpy2py._host import hold_signals as _hold
@@ -27,6 +31,8 @@ try:  # the host keeps the saved mask where its transports' waits see it
 except ImportError:
 
     def _hold() -> None:
+        import signal
+
         sigmask = getattr(signal, "pthread_sigmask", None)
         if sigmask is not None:  # not on the WASI guest, which has no signals
             _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
@@ -35,6 +41,8 @@ except ImportError:
         mask = getattr(_held, "mask", None)
         if mask is not None:
             _held.mask = None
+            import signal
+
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
@@ -45,7 +53,7 @@ def hold_signals() -> bool:
     that raises (Ctrl-C) never cuts in between reading a frame and delivering
     it, or leaves the role taken. Waits for frames stay interruptible:
     transports return False from ``recv`` when a signal came first."""
-    if threading.get_ident() != _MAIN_THREAD or getattr(_held, "active", False):
+    if _thread.get_ident() != _MAIN_THREAD or getattr(_held, "active", False):
         return False
     _hold()
     _held.active = True
@@ -64,13 +72,21 @@ def signals_held() -> bool:
 
 
 def block_signals_in_this_thread() -> None:
-    """For threads cpy2py starts: signals go to the main thread instead (Python
-    runs their handlers there anyway), so that while it holds them they wait."""
+    """For threads the master's cpy2py starts: signals go to the main thread
+    instead (Python runs their handlers there anyway), so that while it holds
+    them they wait. (Twins, in process groups of their own, get none.)"""
+    from .. import kernel_state
+
+    if not kernel_state.is_master():
+        return
+    import signal
+
     sigmask = getattr(signal, "pthread_sigmask", None)
-    if sigmask is not None and threading.get_ident() != _MAIN_THREAD:
+    if sigmask is not None and _thread.get_ident() != _MAIN_THREAD:
         sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it can)
     from typing import Protocol, Union
 
@@ -99,8 +115,8 @@ class FdTransport:
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.max_frame = max_frame
-        self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
+        self._write_lock = _thread.allocate_lock()
+        self._read_lock = _thread.allocate_lock()
         self._buffer = bytearray()  # read beyond the last frame
 
     def send(self, payload: bytes) -> None:
@@ -127,6 +143,8 @@ class FdTransport:
         bytes read beyond the frame are kept for the next call.
         """
         if signals_held():
+            import signal
+
             while not self.buffered() and not select.select([self.read_fd], [], [], 0.05)[0]:
                 if signal.sigpending():
                     return False
