@@ -4,7 +4,8 @@
 comes here (``master.py`` calls ``start_guest``). The
 guest is the component built by ``just wasm`` (wasm/): CPython 3.14 and the
 pre-initialized cpy2py kernel. The host (``cpy2py._host.WasiTwin``, Rust)
-runs it on a thread of its own with:
+runs it on the thread that calls it (no thread of its own, no hand-off per
+call) with:
 
 - ``memory_limit``: bytes of guest linear memory (default 256 MiB);
 - ``timeout``: seconds of the guest's own running time per call, callbacks
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import os
 import select
-import threading
 from typing import Any, Dict, List, Optional
 
 from . import _logging
@@ -107,9 +107,16 @@ class GuestLink:
     """A running guest as ``master.py`` sees it: the interface of
     ``cpy2py._host.ProcessTwin`` over a ``cpy2py._host.WasiTwin``.
 
-    Threads wait for frames here, in ``select`` on the host's readiness
-    descriptor, never inside the host: that keeps Ctrl-C working and lets
-    CPython end daemon threads at shutdown without unwinding Rust frames.
+    The guest runs on the thread that reads from it: ``recv`` runs the guest
+    (in the host, with the GIL released) until it has sent a frame and waits
+    for the master again; the kernel lets one thread at a time read, and
+    routes what it read. ``send`` only queues a frame: a guest nobody reads
+    from does nothing, and takes the frames queued meanwhile (releases) when
+    a thread next reads. ``wait_readable`` does not run the guest: it tells
+    a thread that does not read (the link's poller) about frames a reader
+    left for others (the guest's releases after a reply) and about the end.
+    Ctrl-C reaches a reading thread within about 50 ms; the guest then stays
+    suspended where it was, and the next reader carries it on.
     """
 
     __slots__ = ("_twin", "_fd", "hello", "pid", "paths")
@@ -129,16 +136,13 @@ class GuestLink:
         self._twin.send(payload)
 
     def recv(self) -> Optional[bytes]:
-        """The next frame; None once the guest ended and all it sent was read."""
-        if not threading.current_thread().daemon:  # may wait in the host
-            return self._twin.recv()
-        while True:
-            frame = self._twin.try_recv()
-            if frame is not False:
-                return frame
-            select.select([self._fd], [], [])
+        """The next frame, running the guest on this thread until it sends one;
+        None once the guest ended and all it sent was read."""
+        return self._twin.recv()
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
+        """Whether frames left for other readers, or the end, are there
+        within ``timeout`` seconds (None: forever); does not run the guest."""
         readable, _, _ = select.select([self._fd], [], [], timeout)
         return bool(readable)
 
@@ -146,6 +150,8 @@ class GuestLink:
         return self._twin.exit_status()
 
     def wait(self, timeout: float) -> Optional[str]:
+        """Run the guest (or wait for the thread that does) up to ``timeout``
+        seconds for it to end; how it ended, or None."""
         return self._twin.wait(timeout)
 
     def kill(self) -> str:

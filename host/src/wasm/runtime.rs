@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel};
-use wasmtime_wasi::p2::bindings::sync::CommandPre;
+use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::guest::{GuestState, Shared};
 use crate::error::{HostError, Result};
@@ -45,12 +45,14 @@ pub const HOST_CALL_GRACE: Duration = Duration::from_millis(250);
 /// stack a level: 64 MiB frees a list nested ~245,000 deep (100,000 needs 27
 /// MiB), deeper ones still trap and end the guest (docs/security.md).
 /// The memory is reserved, not used: only pages a deep recursion touched
-/// are resident, and they go with the guest's thread.
+/// are resident, and they go with the guest.
 pub const MAX_WASM_STACK: usize = 64 << 20;
-/// The guest's thread: the wasm stack above plus room for the host frames
-/// below the first wasm call and inside host calls made at the deepest point
-/// (WASI, the `link` imports; wasmtime assumes at least 128 KiB).
-pub const GUEST_THREAD_STACK: usize = MAX_WASM_STACK + (8 << 20);
+/// The guest's stack: the guest runs on a fiber (a stack of its own that
+/// the thread driving it switches to, see guest.rs), which holds the wasm
+/// stack above plus room for the host frames inside host calls made at the
+/// deepest point (WASI, the `link` imports; wasmtime assumes at least 128
+/// KiB).
+pub const GUEST_STACK: usize = MAX_WASM_STACK + (8 << 20);
 
 pub struct Runtime {
     pub engine: Engine,
@@ -76,9 +78,8 @@ fn engine_config() -> Config {
         .epoch_interruption(true)
         .wasm_component_model(true)
         .max_wasm_stack(MAX_WASM_STACK)
-        // wasmtime-wasi's p2 needs wasmtime's async support, whose (unused here)
-        // fiber stacks must be larger than the wasm stack
-        .async_stack_size(MAX_WASM_STACK + (1 << 20))
+        // the guest runs on a fiber driven by the master's calling thread
+        .async_stack_size(GUEST_STACK)
         .cranelift_opt_level(OptLevel::Speed);
     config
 }
@@ -316,11 +317,13 @@ fn missing_guest(path: &Path, err: std::io::Error) -> HostError {
     ))
 }
 
-/// Links WASI (as granted per guest in its `WasiCtx`) and the `link`
-/// interface to the guest component.
+/// Links WASI (as granted per guest in its `WasiCtx`; its asynchronous
+/// version, so that a guest waiting for a clock suspends its fiber instead of
+/// blocking the thread that drives it) and the `link` interface to the guest
+/// component.
 fn link(engine: &Engine, component: &Component) -> Result<CommandPre<GuestState>> {
     let mut linker = Linker::<GuestState>::new(engine);
-    let setup = wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+    let setup = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .and_then(|_| super::guest::add_link_to_linker(&mut linker))
         .and_then(|_| linker.instantiate_pre(component))
         .and_then(CommandPre::new);
