@@ -191,10 +191,7 @@ impl WasiTwin {
         loop {
             match self.guest.try_recv() {
                 Popped::Frame(frame) => return Ok(Some(PyBytes::new(py, &frame))),
-                Popped::Closed => {
-                    self.let_threads_out(py);
-                    return Ok(None);
-                }
+                Popped::Closed => return Ok(None),
                 Popped::TimedOut => {}
             }
             let slice = Instant::now() + DRIVE_SLICE;
@@ -249,9 +246,13 @@ impl WasiTwin {
     }
 
     /// Stops the guest if it still runs (a thread running it stops within
-    /// an epoch tick); how it ended.
+    /// an epoch tick), and lets the threads inside the host for it out; how
+    /// it ended.
     fn kill(&self, py: Python<'_>) -> String {
-        let end = py.detach(|| self.guest.kill());
+        let end = match self.guest.end() {
+            Some(end) => end, // without releasing the GIL (see the module docs)
+            None => py.detach(|| self.guest.kill()),
+        };
         self.let_threads_out(py);
         end.describe()
     }

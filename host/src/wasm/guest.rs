@@ -461,6 +461,10 @@ impl Shared {
                         drive = lock(&self.drive);
                     }
                     Poll::Pending => {
+                        if until == Until::End {
+                            // frames this driver does not take are for the others
+                            self.from_guest.publish();
+                        }
                         drive = lock(&self.drive);
                         if self.stopping.load(Ordering::SeqCst) {
                             drop(drive);
