@@ -420,9 +420,7 @@ def test_the_master_exits_while_daemon_threads_run_guests(hostile_dir):
     not wait for the guests' work."""
     script = textwrap.dedent(_EXIT_WITH_BUSY_GUESTS.format(root=str(hostile_dir)))
     for run in range(3):
-        result = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         assert "EXITING" in result.stdout, result.stderr[-2000:]
         assert result.returncode == 0, f"run {run}: status {result.returncode}\n{result.stderr[-2000:]}"
         assert "FATAL" not in result.stderr
