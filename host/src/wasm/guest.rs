@@ -927,8 +927,11 @@ impl WasiGuest {
 
 impl Drop for WasiGuest {
     fn drop(&mut self) {
-        // a guest never outlives its handle
-        self.kill();
+        // a guest never outlives its handle; in a forked child the copy is
+        // left alone (its locks may be held by threads the fork did not copy)
+        if !runtime::forked() {
+            self.kill();
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -84,11 +85,48 @@ fn engine_config() -> Config {
     config
 }
 
+/// Set in the child of a `fork` of a process that had the runtime.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn forked_child() {
+    FORKED.store(true, Ordering::SeqCst);
+}
+
+/// Whether this process is a forked child of one that ran WASI guests. Its
+/// copy of the runtime is unusable: the epoch ticker (the timeouts) and
+/// wasmtime-wasi's tokio threads (the clocks) did not survive the fork, and
+/// locks other threads of the parent held stay held. Guests are refused in
+/// such a child (python/wasi.rs), before any lock is touched.
+pub fn forked() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}
+
+/// What a forked child is told when it uses a guest of its parent (see
+/// `forked`).
+pub fn forked_message(twin_id: &str) -> String {
+    format!(
+        "the WASI guest {twin_id:?} lives in the process that started it; this is a forked child of \
+         that process, where it cannot run (the host's threads, which enforce its timeout, did not \
+         survive the fork): call it from the parent, or run sandboxed twins in a process made with \
+         multiprocessing's 'spawn' or 'forkserver' start method"
+    )
+}
+
 /// The runtime of this process, created on first use.
 pub fn runtime() -> Result<&'static Runtime> {
     static RUNTIME: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
+    if forked() {
+        return Err(HostError::Spawn(
+            "WASI guests cannot start in a forked child of a process that ran guests (the host's \
+             threads, which enforce their timeouts, did not survive the fork): start them in the parent, \
+             or in a process made with multiprocessing's 'spawn' or 'forkserver' start method"
+                .into(),
+        ));
+    }
     RUNTIME
         .get_or_init(|| {
+            // SAFETY: registers a handler that only stores to an atomic
+            unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
             let engine = Engine::new(&engine_config())
                 .map_err(|e| format!("cannot set up wasmtime for WASI guests: {e}"))?;
             Ok(Runtime {
