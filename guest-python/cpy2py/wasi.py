@@ -107,16 +107,18 @@ class GuestLink:
     """A running guest as ``master.py`` sees it: the interface of
     ``cpy2py._host.ProcessTwin`` over a ``cpy2py._host.WasiTwin``.
 
-    The guest runs on the thread that reads from it: ``recv`` runs the guest
-    (in the host, with the GIL released) until it has sent a frame and waits
-    for the master again; the kernel lets one thread at a time read, and
-    routes what it read. ``send`` only queues a frame: a guest nobody reads
-    from does nothing, and takes the frames queued meanwhile (releases) when
-    a thread next reads. ``wait_readable`` does not run the guest: it tells
-    a thread that does not read (the link's poller) about frames a reader
-    left for others (the guest's releases after a reply) and about the end.
-    Ctrl-C reaches a reading thread within about 50 ms; the guest then stays
-    suspended where it was, and the next reader carries it on.
+    The guest runs on the threads that call it, in the host with the GIL
+    released, one at a time: ``send`` of a request or an answer carries it out
+    at once (unless another thread runs the guest), so it may take as long as
+    the guest's work: never call it holding a lock others need. ``recv``
+    runs the guest until it has sent a frame; the kernel lets one thread at a
+    time read, and routes what it read. Other frames (releases) only queue:
+    a guest nobody calls does nothing, and takes them when a thread next runs
+    it. ``wait_readable`` does not run the guest: it tells a thread that does
+    not read (the link's poller) about frames a reader left for others (the
+    guest's releases after a reply) and about the end. Ctrl-C reaches a
+    thread running the guest within about 60 ms; the guest then stays
+    suspended where it was, and the next thread that runs it carries on.
     """
 
     __slots__ = ("_twin", "_fd", "hello", "pid", "paths")
@@ -133,6 +135,8 @@ class GuestLink:
         return repr(self._twin)
 
     def send(self, payload: bytes) -> None:
+        """Queue a frame; a request or an answer runs the guest on this thread
+        until it has dealt with it (see the class docs)."""
         self._twin.send(payload)
 
     def recv(self) -> Optional[bytes]:

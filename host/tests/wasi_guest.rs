@@ -223,6 +223,61 @@ fn a_guest_nobody_drives_does_nothing_until_a_thread_reads() {
 }
 
 #[test]
+fn the_sender_can_carry_out_its_request_and_the_reply_waits_for_it() {
+    let Some(config) = guest_config("rust-sender") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    guest.send(eval_request(1, "6 * 7")).unwrap();
+    assert!(guest.run_queued(Instant::now() + Duration::from_secs(60)));
+    // no thread runs the guest now: the reply is simply there
+    match guest.try_recv() {
+        Popped::Frame(frame) => assert_eq!(
+            decode(&frame),
+            Value::Array(vec![
+                Value::Integer(1.into()),
+                Value::Integer(1.into()),
+                Value::Integer(42.into())
+            ])
+        ),
+        other => panic!("no reply after the request was carried out: {other:?}"),
+    }
+}
+
+#[test]
+fn a_driver_hands_over_what_the_guest_sent_before_it_serves_the_next_request() {
+    let Some(config) = guest_config("rust-handover") else {
+        return;
+    };
+    let (guest, sink) = start(config);
+    guest.send(eval_request(1, "print('first') or 1")).unwrap();
+    guest.send(eval_request(2, "print('second') or 2")).unwrap();
+    let first = recv(&guest).unwrap();
+    assert_eq!(
+        first,
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(1.into()),
+            Value::Integer(1.into())
+        ])
+    );
+    assert!(printed(&sink, "first"));
+    assert!(
+        !printed(&sink, "second"),
+        "the reply waited while the guest served the next request"
+    );
+    let second = recv(&guest).unwrap();
+    assert_eq!(
+        second,
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(2.into()),
+            Value::Integer(2.into())
+        ])
+    );
+}
+
+#[test]
 fn time_nobody_drives_the_guest_is_not_charged() {
     let Some(mut config) = guest_config("rust-undriven") else {
         return;

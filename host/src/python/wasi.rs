@@ -1,11 +1,14 @@
 //! `WasiTwin`: a sandboxed WASI guest as seen from the Python kernel, with
 //! the same interface as `ProcessTwin` (twin.rs) plus `end_error`.
 //!
-//! The guest runs on the thread that needs it (crate::wasm::guest): `recv`
-//! drives it with the GIL released until it has sent a frame, `wait` until
-//! it ends; they look for signals (Ctrl-C) between slices of
-//! `DRIVE_SLICE`. A guest an interrupted thread left half-way stays
-//! suspended, and the next thread that drives it carries on.
+//! The guest runs on the thread that needs it (crate::wasm::guest), with
+//! the GIL released: `send` of a request or an answer carries it out at
+//! once, `recv` drives the guest until it has sent a frame, `wait` until it
+//! ends; they look for signals (Ctrl-C) between slices of `DRIVE_SLICE`. A
+//! guest an interrupted thread left half-way stays suspended, and the next
+//! thread that drives it carries on. So `send` may take as long as the
+//! guest's work: the kernel must not hold a lock other threads need while
+//! it sends a request or an answer to a guest.
 //!
 //! CPython ends daemon threads that want the GIL back after it began to
 //! finalize with a forced unwind, which aborts the process when it meets
@@ -25,6 +28,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict};
 
 use super::twin::to_pyerr;
 use crate::error::HostError;
+use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST};
 use crate::wasm::guest::{self, GuestConfig, DRIVE_SLICE};
 use crate::wasm::output::ProcessSink;
 use crate::wasm::queue::Popped;
@@ -174,17 +178,40 @@ impl WasiTwin {
         Ok(d)
     }
 
-    /// Queues one frame for the guest (never blocks; the guest takes it when
-    /// a thread drives it). Raises BrokenPipeError when the guest has ended.
-    fn send(&self, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
+    /// Queues one frame for the guest. A request, or the answer to one of
+    /// the guest's requests, is then carried out at once on this thread, with
+    /// the GIL released, unless another thread runs the guest: the guest runs
+    /// until it has sent its frames and asks for the next one, or waits
+    /// (looking for signals every `DRIVE_SLICE`). Other frames (releases)
+    /// wait for the next thread that runs the guest. Raises BrokenPipeError
+    /// when the guest has ended.
+    fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
         if runtime::forked() {
             return Err(PyBrokenPipeError::new_err(runtime::forked_message(
                 self.guest.twin_id(),
             )));
         }
+        let frame = payload.as_bytes().to_vec();
+        let carried_out = matches!(
+            peek_header(&frame).and_then(|h| h.kind),
+            Some(REQUEST | REPLY | RAISE)
+        );
         self.guest
-            .send(payload.as_bytes().to_vec())
-            .map_err(|e| PyBrokenPipeError::new_err(e.to_string()))
+            .send(frame)
+            .map_err(|e| PyBrokenPipeError::new_err(e.to_string()))?;
+        if carried_out && !self.guest.runs_elsewhere() {
+            loop {
+                let slice = Instant::now() + DRIVE_SLICE;
+                if self.in_host(py, |guest| guest.run_queued(slice)) {
+                    break;
+                }
+                if let Err(interrupted) = py.check_signals() {
+                    self.guest.publish();
+                    return Err(interrupted);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The next frame if there is one, without running the guest; None once

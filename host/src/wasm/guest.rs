@@ -3,26 +3,32 @@
 //!
 //! The guest's `wasi:cli/run` is one asynchronous call (wasmtime's
 //! `call_async`) that runs on a fiber, a stack of its own. Nothing runs it
-//! in the background: a master thread that needs a frame from the guest
-//! *drives* it (`Shared::drive`), switching to the fiber on its own thread
-//! until the guest has sent its frames and waits again; so a call costs no
-//! thread hand-off. The `link.recv` import suspends the fiber when nothing
-//! is queued for the guest (the master's `send` only queues a frame and wakes
-//! it), `link.send` queues the guest's frame for the master (suspending the
-//! fiber while the master has too many bytes unread), and every epoch tick
-//! suspends it briefly so that the driver can check for signals and the
-//! limits. WASI's clocks are asynchronous too: a sleeping guest suspends its
-//! fiber, and a driver waits for the timer.
+//! in the background: a master thread *drives* it (`Shared::drive`),
+//! switching to the fiber on its own thread, so a call costs no thread
+//! hand-off. Who drives: the thread that sends the guest a request or an
+//! answer carries it out at once (python/wasi.rs, `send`), unless another
+//! thread drives the guest; a thread that needs a frame from the guest
+//! (`recv`) drives it until it has one; `wait` until it ends. Only one
+//! thread polls the guest at a time; the others wait for it. The
+//! `link.recv` import suspends the fiber when nothing is queued for the
+//! guest (queuing a frame marks the guest runnable), `link.send` queues the
+//! guest's frame for the master (suspending the fiber while the master has
+//! too many bytes unread), and every epoch tick suspends it briefly so that
+//! the driver can look for signals and the limits. WASI's clocks are
+//! asynchronous too: a sleeping guest suspends its fiber, and its driver
+//! waits for the timer.
 //!
-//! When the guest's work after a frame runs: the thread that drives it runs
-//! it until the guest waits for the master again (and for at most one slice
-//! of `DRIVE_SLICE` while another frame is ready), then takes its frame. So
-//! the guest's releases, which it flushes before it waits, reach the master
-//! with the reply they follow (the reader leaves them queued for others and
-//! raises the readiness level, see queue.rs). A guest nobody drives does
-//! nothing: a frame the master sends while no thread waits for the guest
-//! (a release) is handled when the next thread drives it, and the guest's
-//! clock (ledger.rs) runs only while it is driven.
+//! When the guest's work after a frame runs: a driver runs the guest until
+//! it waits for the master, or asks for its next frame while frames it sent
+//! are queued (`link.recv` then suspends it once: it is done with them), or
+//! for at most one slice of `DRIVE_SLICE`. So the guest's releases, which its
+//! kernel flushes before it asks for the next frame, reach the master with
+//! the reply they follow (a reader leaves them queued for others and raises
+//! the readiness level, see queue.rs), and a driver hands over replies
+//! before it serves the next queued request. A guest nobody drives does
+//! nothing: a frame the master queues while no thread drives the guest (a
+//! release) is handled when the next thread drives it, and the guest's clock
+//! (ledger.rs) runs only while it is driven.
 //!
 //! Every limit ends the guest the same way: the reason is recorded, both
 //! queues close (the master's `recv` returns `None` once it has read what
@@ -208,6 +214,9 @@ pub enum Until {
     Frame,
     /// The guest ended.
     End,
+    /// The guest has dealt with what was queued for it: it waits, or asks
+    /// for its next frame after sending some; or another thread runs it.
+    Settled,
 }
 
 /// Who runs the guest, guarded by `Shared::drive`.
@@ -217,6 +226,12 @@ struct Drive {
     /// The guest can make progress (woken by a frame for it, queue room, a
     /// timer, an epoch tick); false while it waits.
     woken: bool,
+    /// The last poll ended as the guest asked for its next frame while
+    /// frames it sent were queued (see `Shared::guest_receives`).
+    boundary: bool,
+    /// The thread polling the guest takes none of its frames (it waits for
+    /// the end): they are published as they are queued.
+    publish: bool,
     /// Threads inside `drive` (the guest's clock runs while there are any).
     drivers: usize,
     /// Threads waiting on `Shared::changed`.
@@ -408,12 +423,32 @@ impl Shared {
         if blocked {
             self.unblock();
         }
+        if pushed.is_ok() && lock(&self.drive).publish {
+            self.from_guest.publish();
+        }
         pushed.map_err(|Closed| wasmtime::Error::msg("the master closed the link"))
     }
 
     /// The `link.recv` import.
     async fn guest_receives(&self) -> wasmtime::Result<Option<Vec<u8>>> {
         self.output.flush();
+        if self.from_guest.has_frames() {
+            // The guest is done with what it sent (its kernel flushes its
+            // releases before it asks): let the thread that drives it take
+            // those frames now, rather than serve the next request first.
+            let mut asked = false;
+            poll_fn(|_| {
+                if asked {
+                    return Poll::Ready(());
+                }
+                asked = true;
+                let mut drive = lock(&self.drive);
+                drive.boundary = true;
+                drive.woken = true; // it goes on when driven again
+                Poll::Pending
+            })
+            .await;
+        }
         let frame = match self.to_guest.try_pop() {
             Popped::Frame(frame) => Some(frame),
             Popped::Closed => None,
@@ -446,12 +481,23 @@ impl Shared {
                 break true;
             }
             let polling = drive.guest.is_none(); // by another thread
-            if until == Until::Frame && (!drive.woken || polling) && self.from_guest.has_frames() {
+                                                 // frames are there, and the guest waits, or asks for its next
+                                                 // frame (it is done with them), or runs on another thread
+            let settled = !drive.woken || drive.boundary || polling;
+            if until == Until::Frame && settled && self.from_guest.has_frames() {
+                break true;
+            }
+            // (at a boundary, the guest has yet to take what was queued since)
+            if until == Until::Settled
+                && (polling || !drive.woken || drive.boundary && !self.to_guest.has_frames())
+            {
                 break true;
             }
             if drive.woken && !polling {
                 let mut guest = drive.guest.take().expect("the guest is there");
                 drive.woken = false;
+                drive.boundary = false;
+                drive.publish = until == Until::End;
                 drop(drive);
                 let polled = poll_guest(&mut guest, &self.waker);
                 match polled {
@@ -461,10 +507,6 @@ impl Shared {
                         drive = lock(&self.drive);
                     }
                     Poll::Pending => {
-                        if until == Until::End {
-                            // frames this driver does not take are for the others
-                            self.from_guest.publish();
-                        }
                         drive = lock(&self.drive);
                         if self.stopping.load(Ordering::SeqCst) {
                             drop(drive);
@@ -720,6 +762,8 @@ impl WasiGuest {
             drive: Mutex::new(Drive {
                 guest: None,
                 woken: true,
+                boundary: false,
+                publish: false,
                 drivers: 0,
                 sleepers: 0,
                 in_host: 0,
@@ -859,6 +903,18 @@ impl WasiGuest {
     /// or ended (true), or until `until` (false).
     pub fn drive(&self, until: Instant) -> bool {
         self.shared.drive(Until::Frame, Some(until))
+    }
+
+    /// Runs the guest on this thread, unless another thread does, until it
+    /// has dealt with what is queued for it (true), or until `until`.
+    pub fn run_queued(&self, until: Instant) -> bool {
+        self.shared.drive(Until::Settled, Some(until))
+    }
+
+    /// Whether another thread is running the guest right now (a frame
+    /// queued for it is then taken in turn, without this thread's help).
+    pub fn runs_elsewhere(&self) -> bool {
+        lock(&self.shared.drive).guest.is_none() && !self.shared.has_ended()
     }
 
     /// Raises the readiness level if frames are left for other threads (a
