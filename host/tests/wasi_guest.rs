@@ -193,6 +193,161 @@ fn an_oversized_frame_stops_the_guest() {
     assert!(matches!(guest.end(), Some(GuestEnd::FrameTooBig { cap, .. }) if cap == 1 << 20));
 }
 
+/// Whether the guest printed a line containing `text`.
+fn printed(sink: &MemorySink, text: &str) -> bool {
+    sink.0.lock().unwrap().iter().any(|(_, line)| line.contains(text))
+}
+
+#[test]
+fn a_guest_nobody_drives_does_nothing_until_a_thread_reads() {
+    let Some(config) = guest_config("rust-idle") else {
+        return;
+    };
+    let (guest, sink) = start(config);
+    guest.send(eval_request(1, "print('it ran') or 42")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !printed(&sink, "it ran"),
+        "the guest ran with no thread reading from it"
+    );
+    let reply = recv(&guest).unwrap();
+    assert!(printed(&sink, "it ran"));
+    assert_eq!(
+        reply,
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(1.into()),
+            Value::Integer(42.into())
+        ])
+    );
+}
+
+#[test]
+fn the_sender_can_carry_out_its_request_and_the_reply_waits_for_it() {
+    let Some(config) = guest_config("rust-sender") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    guest.send(eval_request(1, "6 * 7")).unwrap();
+    assert!(guest.run_queued(Instant::now() + Duration::from_secs(60)));
+    // no thread runs the guest now: the reply is simply there
+    match guest.try_recv() {
+        Popped::Frame(frame) => assert_eq!(
+            decode(&frame),
+            Value::Array(vec![
+                Value::Integer(1.into()),
+                Value::Integer(1.into()),
+                Value::Integer(42.into())
+            ])
+        ),
+        other => panic!("no reply after the request was carried out: {other:?}"),
+    }
+}
+
+#[test]
+fn a_driver_hands_over_what_the_guest_sent_before_it_serves_the_next_request() {
+    let Some(config) = guest_config("rust-handover") else {
+        return;
+    };
+    let (guest, sink) = start(config);
+    guest.send(eval_request(1, "print('first') or 1")).unwrap();
+    guest.send(eval_request(2, "print('second') or 2")).unwrap();
+    let first = recv(&guest).unwrap();
+    assert_eq!(
+        first,
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(1.into()),
+            Value::Integer(1.into())
+        ])
+    );
+    assert!(printed(&sink, "first"));
+    assert!(
+        !printed(&sink, "second"),
+        "the reply waited while the guest served the next request"
+    );
+    let second = recv(&guest).unwrap();
+    assert_eq!(
+        second,
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(2.into()),
+            Value::Integer(2.into())
+        ])
+    );
+}
+
+#[test]
+fn time_nobody_drives_the_guest_is_not_charged() {
+    let Some(mut config) = guest_config("rust-undriven") else {
+        return;
+    };
+    config.timeout = Some(Duration::from_millis(500));
+    let (guest, _) = start(config);
+    guest
+        .send(exec_request(
+            1,
+            "import time\nend = time.monotonic() + 0.3\nwhile time.monotonic() < end: pass",
+        ))
+        .unwrap();
+    // driven for a slice, then left alone mid-call far longer than the timeout
+    assert_eq!(guest.recv(Some(Duration::from_millis(100))), Popped::TimedOut);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(recv(&guest).is_some(), "the call is answered: {:?}", guest.end());
+    assert_eq!(guest.end(), None);
+}
+
+#[test]
+fn a_guest_is_stopped_from_another_thread_while_one_drives_it() {
+    let Some(mut config) = guest_config("rust-kill-driven") else {
+        return;
+    };
+    config.timeout = None;
+    let (guest, _) = start(config);
+    guest.send(exec_request(1, "while True: pass")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(guest.kill(), GuestEnd::Killed);
+        });
+        let started = Instant::now();
+        assert!(recv(&guest).is_none(), "the guest must be stopped");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    });
+    assert_eq!(guest.end(), Some(GuestEnd::Killed));
+    assert!(guest.send(eval_request(2, "1")).is_err());
+}
+
+#[test]
+fn a_shutdown_is_carried_out_by_the_thread_that_waits_for_the_end() {
+    let Some(config) = guest_config("rust-shutdown") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    guest
+        .send(cbor(&Value::Array(vec![
+            Value::Integer(4.into()),
+            Value::Integer(9.into()),
+        ])))
+        .unwrap();
+    assert_eq!(guest.wait(Duration::from_secs(30)), Some(GuestEnd::Exited(0)));
+    // its answer to the shutdown was left for the reader
+    let answer = recv(&guest).expect("the answer to the shutdown");
+    assert_eq!(
+        answer,
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(9.into()),
+            Value::Null
+        ])
+    );
+    assert!(recv(&guest).is_none());
+}
+
 /// `exec(code)` in the guest, as request `id` on chain 7.
 fn exec_request(id: u64, code: &str) -> Vec<u8> {
     eval_request(id, &format!("exec({code:?})"))

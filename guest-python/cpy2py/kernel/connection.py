@@ -237,6 +237,7 @@ class Connection:
         self._new_chains = new_chains
         self._ids = itertools.count(1)
         self._buffered = getattr(transport, "buffered", None)
+        self._holds_signals = getattr(transport, "stops_for_signals", True)
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
@@ -398,7 +399,7 @@ class Connection:
                 with self._lock:  # if it waited for the role, it needs it no more
                     self._leave_queue(waiter)
                 return waiter.inbox.popleft()
-            held = hold_signals()  # (main thread) while it may hold the role; see _read
+            held = self._holds_signals and hold_signals()  # (main thread) while it may read; see _read
             try:
                 with self._lock:
                     if waiter.inbox:

@@ -1,15 +1,26 @@
 //! `WasiTwin`: a sandboxed WASI guest as seen from the Python kernel, with
 //! the same interface as `ProcessTwin` (twin.rs) plus `end_error`.
 //!
-//! The guest itself runs on its own thread (crate::wasm). Python daemon
-//! threads (the kernel's servers) must not wait inside Rust: CPython ends
-//! such threads at shutdown with a forced unwind, which aborts the process
-//! when it meets Rust's unwinding guards. They take frames with `try_recv`
-//! and wait in `select` on `readable_fd` (cpy2py/wasi.py, `GuestLink`);
-//! other threads may wait in `recv`.
+//! The guest runs on the thread that needs it (crate::wasm::guest), with
+//! the GIL released: `send` of a request or an answer carries it out at
+//! once, `recv` drives the guest until it has sent a frame, `wait` until it
+//! ends; they look for signals (Ctrl-C) between slices of `DRIVE_SLICE`. A
+//! guest an interrupted thread left half-way stays suspended, and the next
+//! thread that drives it carries on. So `send` may take as long as the
+//! guest's work: the kernel must not hold a lock other threads need while
+//! it sends a request or an answer to a guest.
+//!
+//! CPython ends daemon threads that want the GIL back after it began to
+//! finalize with a forced unwind, which aborts the process when it meets
+//! Rust frames. Every thread inside the host for a guest with the GIL
+//! released is therefore counted (`WasiGuest::enter_host`), and `kill` and
+//! `wait`, which the master's exit runs for every guest (master.py,
+//! `_stop_all`), return only once those threads hold the GIL again (or
+//! after `OUT_OF_HOST_WAIT`). Once a guest ended, nothing here releases
+//! the GIL any more.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyBrokenPipeError;
 use pyo3::prelude::*;
@@ -17,7 +28,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict};
 
 use super::twin::to_pyerr;
 use crate::error::HostError;
-use crate::wasm::guest::{self, GuestConfig};
+use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST};
+use crate::wasm::guest::{self, GuestConfig, DRIVE_SLICE};
 use crate::wasm::output::ProcessSink;
 use crate::wasm::queue::Popped;
 use crate::wasm::{runtime, EndKind, GuestEnd, WasiGuest};
@@ -38,11 +50,42 @@ pub struct WasiTwin {
     guest: WasiGuest,
 }
 
-/// How long `recv` waits before it checks for signals.
-const SIGNAL_SLICE: Duration = Duration::from_millis(100);
+/// How long `kill` and `wait` wait for threads still inside the host for
+/// the guest that ended (a thread stuck in a host call that does not
+/// suspend the guest, such as a write to a full stdout pipe, keeps them
+/// no longer than this).
+const OUT_OF_HOST_WAIT: Duration = Duration::from_secs(2);
 
 fn seconds(value: Option<f64>) -> Option<Duration> {
     value.map(|t| Duration::from_secs_f64(t.max(0.0)))
+}
+
+impl WasiTwin {
+    /// Runs `f` with the GIL released, counted as inside the host for this
+    /// guest until the thread holds the GIL again.
+    fn in_host<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&WasiGuest) -> T + Send) -> T {
+        let _counted = self.guest.enter_host();
+        py.detach(|| f(&self.guest))
+    }
+
+    /// In a forked child of the process that started the guest: the error
+    /// every use of it raises (see `runtime::forked`).
+    fn forked(&self, py: Python<'_>) -> Option<PyErr> {
+        runtime::forked().then(|| {
+            to_pyerr(
+                py,
+                HostError::Terminated(runtime::forked_message(self.guest.twin_id())),
+            )
+        })
+    }
+
+    /// Lets the threads still inside the host for this guest (which ended)
+    /// take the GIL back before returning (see the module docs).
+    fn let_threads_out(&self, py: Python<'_>) {
+        if self.guest.threads_in_host() > 0 {
+            py.detach(|| self.guest.wait_out_of_host(OUT_OF_HOST_WAIT));
+        }
+    }
 }
 
 #[pymethods]
@@ -86,10 +129,34 @@ impl WasiTwin {
             config.cache_dir = dir;
         }
         config.handshake_timeout = Duration::from_secs_f64(handshake_timeout.max(0.0));
+        let deadline = Instant::now() + config.handshake_timeout;
         let guest = py
-            .detach(|| WasiGuest::start(config, Box::new(ProcessSink)))
+            .detach(|| WasiGuest::launch(&config, Box::new(ProcessSink)))
             .map_err(|e| to_pyerr(py, e))?;
-        Ok(WasiTwin { guest })
+        let mut twin = WasiTwin { guest };
+        loop {
+            let slice = deadline.min(Instant::now() + DRIVE_SLICE);
+            let guest = &mut twin.guest;
+            let hello = {
+                let _counted = guest.enter_host();
+                py.detach(|| guest.take_hello(slice))
+            };
+            match hello {
+                Ok(true) => return Ok(twin),
+                Ok(false) if Instant::now() >= deadline => {
+                    let err = twin.guest.no_hello(&config);
+                    twin.let_threads_out(py);
+                    return Err(to_pyerr(py, err));
+                }
+                Ok(false) => {
+                    if let Err(interrupted) = py.check_signals() {
+                        py.detach(|| twin.guest.kill());
+                        return Err(interrupted);
+                    }
+                }
+                Err(e) => return Err(to_pyerr(py, e)),
+            }
+        }
     }
 
     /// The guest lives in this process: its pid is the master's.
@@ -111,17 +178,49 @@ impl WasiTwin {
         Ok(d)
     }
 
-    /// Sends one frame (never blocks). Raises BrokenPipeError when the guest
-    /// has ended.
-    fn send(&self, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
+    /// Queues one frame for the guest. A request, or the answer to one of
+    /// the guest's requests, is then carried out at once on this thread, with
+    /// the GIL released, unless another thread runs the guest: the guest runs
+    /// until it has sent its frames and asks for the next one, or waits
+    /// (looking for signals every `DRIVE_SLICE`). Other frames (releases)
+    /// wait for the next thread that runs the guest. Raises BrokenPipeError
+    /// when the guest has ended.
+    fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
+        if runtime::forked() {
+            return Err(PyBrokenPipeError::new_err(runtime::forked_message(
+                self.guest.twin_id(),
+            )));
+        }
+        let frame = payload.as_bytes().to_vec();
+        let carried_out = matches!(
+            peek_header(&frame).and_then(|h| h.kind),
+            Some(REQUEST | REPLY | RAISE)
+        );
         self.guest
-            .send(payload.as_bytes().to_vec())
-            .map_err(|e| PyBrokenPipeError::new_err(e.to_string()))
+            .send(frame)
+            .map_err(|e| PyBrokenPipeError::new_err(e.to_string()))?;
+        if carried_out && !self.guest.runs_elsewhere() {
+            loop {
+                let slice = Instant::now() + DRIVE_SLICE;
+                if self.in_host(py, |guest| guest.run_queued(slice)) {
+                    break;
+                }
+                if let Err(interrupted) = py.check_signals() {
+                    self.guest.publish();
+                    return Err(interrupted);
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// The next frame if one is there; None once the guest ended (after
-    /// everything it sent before was taken); False when there is nothing yet.
+    /// The next frame if there is one, without running the guest; None once
+    /// the guest ended (after everything it sent before was taken); False
+    /// when there is nothing yet.
     fn try_recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(err) = self.forked(py) {
+            return Err(err);
+        }
         Ok(match self.guest.try_recv() {
             Popped::Frame(frame) => PyBytes::new(py, &frame).into_any(),
             Popped::Closed => py.None().into_bound(py),
@@ -129,22 +228,34 @@ impl WasiTwin {
         })
     }
 
-    /// Waits for the next frame with the GIL released, checking for signals
-    /// every 100 ms; None once the guest ended. Only for threads that
-    /// CPython does not end at shutdown (the main thread, non-daemon
-    /// threads): others wait with `select` on `readable_fd`.
+    /// The next frame; None once the guest ended and everything it sent was
+    /// taken. Runs the guest on this thread with the GIL released until it
+    /// has sent a frame and waits for the master again (see
+    /// crate::wasm::guest); looks for signals every `DRIVE_SLICE`, and
+    /// leaves the guest suspended for the next reader if one is raised.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        if let Some(err) = self.forked(py) {
+            return Err(err);
+        }
         loop {
-            match py.detach(|| self.guest.recv(Some(SIGNAL_SLICE))) {
+            match self.guest.try_recv() {
                 Popped::Frame(frame) => return Ok(Some(PyBytes::new(py, &frame))),
                 Popped::Closed => return Ok(None),
-                Popped::TimedOut => py.check_signals()?,
+                Popped::TimedOut => {}
+            }
+            let slice = Instant::now() + DRIVE_SLICE;
+            if !self.in_host(py, |guest| guest.drive(slice)) {
+                if let Err(interrupted) = py.check_signals() {
+                    self.guest.publish();
+                    return Err(interrupted);
+                }
             }
         }
     }
 
-    /// A file descriptor that is readable exactly while `try_recv` has a
-    /// frame or the end to report (wait for it with `select`).
+    /// A file descriptor that is readable while frames wait that the thread
+    /// which ran the guest left for others (`try_recv` takes them), and once
+    /// the guest ended; wait for it with `select`.
     #[getter]
     fn readable_fd(&self) -> i32 {
         self.guest.readable_fd()
@@ -152,32 +263,72 @@ impl WasiTwin {
 
     /// How the guest ended, or None while it runs.
     fn exit_status(&self) -> Option<String> {
+        if runtime::forked() {
+            return Some("is out of reach in this forked child of the process that started it".into());
+        }
         self.guest.end().map(|end| end.describe())
     }
 
-    /// Waits up to `timeout` seconds for the guest to end; how it ended, or None.
-    fn wait(&self, py: Python<'_>, timeout: f64) -> Option<String> {
-        if let Some(end) = self.guest.end() {
-            return Some(end.describe()); // without releasing the GIL (see the module docs)
+    /// Runs the guest on this thread (or waits for the thread that does) up
+    /// to `timeout` seconds for it to end; how it ended, or None. A signal
+    /// raised meanwhile stops the guest and propagates.
+    fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<String>> {
+        if runtime::forked() {
+            return Ok(self.exit_status());
         }
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        py.detach(|| self.guest.wait(timeout)).map(|end| end.describe())
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        loop {
+            if let Some(end) = self.guest.end() {
+                self.let_threads_out(py);
+                return Ok(Some(end.describe()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let slice = deadline.min(now + DRIVE_SLICE);
+            self.in_host(py, |guest| {
+                guest.wait(slice.saturating_duration_since(Instant::now()))
+            });
+            if self.guest.end().is_none() {
+                if let Err(interrupted) = py.check_signals() {
+                    py.detach(|| self.guest.kill());
+                    self.let_threads_out(py);
+                    return Err(interrupted);
+                }
+            }
+        }
     }
 
-    /// Stops the guest if it still runs (at once: it does not wait for the
-    /// guest's thread); how it ended.
-    fn kill(&self) -> String {
-        self.guest.kill().describe()
+    /// Stops the guest if it still runs (a thread running it stops within
+    /// an epoch tick), and lets the threads inside the host for it out; how
+    /// it ended.
+    fn kill(&self, py: Python<'_>) -> String {
+        if runtime::forked() {
+            return self.exit_status().unwrap_or_default(); // the parent's guest is not the child's to stop
+        }
+        let end = match self.guest.end() {
+            Some(end) => end, // without releasing the GIL (see the module docs)
+            None => py.detach(|| self.guest.kill()),
+        };
+        self.let_threads_out(py);
+        end.describe()
     }
 
     /// The last few KiB the guest wrote to stderr.
     fn stderr_tail(&self) -> String {
+        if runtime::forked() {
+            return String::new();
+        }
         self.guest.stderr_tail()
     }
 
     /// The exception callers get once the guest ended abnormally (timeout,
     /// memory, crash), or None while it runs or after a normal end.
     fn end_error(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        if let Some(err) = self.forked(py) {
+            return Some(err.into_value(py).into_any());
+        }
         let end = self.guest.end()?;
         let msg = end_message(self.guest.twin_id(), &end);
         let err = match end.kind() {
@@ -190,6 +341,12 @@ impl WasiTwin {
     }
 
     fn __repr__(&self) -> String {
+        if runtime::forked() {
+            return format!(
+                "<cpy2py WasiTwin {:?} (of the parent process)>",
+                self.guest.twin_id()
+            );
+        }
         let state = self.guest.end().map_or("running".to_string(), |e| e.describe());
         format!("<cpy2py WasiTwin {:?} ({state})>", self.guest.twin_id())
     }

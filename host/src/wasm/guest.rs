@@ -1,21 +1,51 @@
-//! One running WASI guest: its thread, its store, its limits, and the frame
-//! queues to and from the master.
+//! One WASI guest: its store, its limits, the frame queues to and from the
+//! master, and how it runs: on the thread of whoever needs it.
 //!
-//! The guest runs `wasi:cli/run` on a thread of its own. Its `link.recv`
-//! import blocks on the queue the master's `send` fills; its `link.send`
-//! import fills the queue the master's `recv` drains. Every limit ends the
-//! guest the same way: the reason is recorded, the store traps (or, for a
-//! guest blocked in a host call, is abandoned), both queues close, and the
-//! master's `recv` returns `None` once it has read what was sent before.
+//! The guest's `wasi:cli/run` is one asynchronous call (wasmtime's
+//! `call_async`) that runs on a fiber, a stack of its own. Nothing runs it
+//! in the background: a master thread *drives* it (`Shared::drive`),
+//! switching to the fiber on its own thread, so a call costs no thread
+//! hand-off. Who drives: the thread that sends the guest a request or an
+//! answer carries it out at once (python/wasi.rs, `send`), unless another
+//! thread drives the guest; a thread that needs a frame from the guest
+//! (`recv`) drives it until it has one; `wait` until it ends. Only one
+//! thread polls the guest at a time; the others wait for it. The
+//! `link.recv` import suspends the fiber when nothing is queued for the
+//! guest (queuing a frame marks the guest runnable), `link.send` queues the
+//! guest's frame for the master (suspending the fiber while the master has
+//! too many bytes unread), and every epoch tick suspends it briefly so that
+//! the driver can look for signals and the limits. WASI's clocks are
+//! asynchronous too: a sleeping guest suspends its fiber, and its driver
+//! waits for the timer.
+//!
+//! When the guest's work after a frame runs: a driver runs the guest until
+//! it waits for the master, or asks for its next frame while frames it sent
+//! are queued (`link.recv` then suspends it once: it is done with them), or
+//! for at most one slice of `DRIVE_SLICE`. So the guest's releases, which its
+//! kernel flushes before it asks for the next frame, reach the master with
+//! the reply they follow (a reader leaves them queued for others and raises
+//! the readiness level, see queue.rs), and a driver hands over replies
+//! before it serves the next queued request. A guest nobody drives does
+//! nothing: a frame the master queues while no thread drives the guest (a
+//! release) is handled when the next thread drives it, and the guest's clock
+//! (ledger.rs) runs only while it is driven.
+//!
+//! Every limit ends the guest the same way: the reason is recorded, both
+//! queues close (the master's `recv` returns `None` once it has read what
+//! was sent before), and the guest's fiber is dropped by whoever holds it
+//! (which unwinds it and frees its memory): the driver, as its next poll
+//! traps or returns, or the stopping thread if nobody drives it.
 //!
 //! Both imports keep the guest's `Ledger` (ledger.rs): the calls open between
 //! the master and the guest, the guest time they used, and the protocol rules
 //! a guest calling its `link` import directly cannot get around.
 
+use std::future::{poll_fn, Future};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable};
@@ -26,7 +56,7 @@ use super::clocks;
 use super::ledger::{Ledger, Violation};
 use super::output::{GuestOutput, Sink, Which};
 use super::queue::{Closed, FrameQueue, Popped};
-use super::runtime::{self, GUEST_THREAD_STACK};
+use super::runtime;
 use super::view::{self, CodeView};
 use crate::error::{HostError, Result};
 use crate::protocol::handshake::{parse_hello, Hello};
@@ -170,7 +200,48 @@ impl GuestEnd {
     }
 }
 
-/// State shared by the guest thread, the master and the ticker.
+/// How long a driver runs the guest before it looks up (for a signal in
+/// the master, or to hand over a frame that is ready while the guest runs on).
+pub const DRIVE_SLICE: Duration = Duration::from_millis(50);
+
+/// The guest's `run` call, suspended whenever the guest waits.
+type GuestFuture = Pin<Box<dyn Future<Output = GuestEnd> + Send>>;
+
+/// What a driver runs the guest for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// A frame from the guest is queued and the guest waits (or ended).
+    Frame,
+    /// The guest ended.
+    End,
+    /// The guest has dealt with what was queued for it: it waits, or asks
+    /// for its next frame after sending some; or another thread runs it.
+    Settled,
+}
+
+/// Who runs the guest, guarded by `Shared::drive`.
+struct Drive {
+    /// The suspended guest; None while a thread polls it, and once it ended.
+    guest: Option<GuestFuture>,
+    /// The guest can make progress (woken by a frame for it, queue room, a
+    /// timer, an epoch tick); false while it waits.
+    woken: bool,
+    /// The last poll ended as the guest asked for its next frame while
+    /// frames it sent were queued (see `Shared::guest_receives`).
+    boundary: bool,
+    /// The thread polling the guest takes none of its frames (it waits for
+    /// the end): they are published as they are queued.
+    publish: bool,
+    /// Threads inside `drive` (the guest's clock runs while there are any).
+    drivers: usize,
+    /// Threads waiting on `Shared::changed`.
+    sleepers: usize,
+    /// Threads of the master inside the host for this guest with the GIL
+    /// released (python/wasi.rs), counted until they hold it again.
+    in_host: usize,
+}
+
+/// State shared by the guest's fiber, the master's threads and the ticker.
 pub struct Shared {
     pub twin_id: String,
     paths: Vec<String>,
@@ -178,15 +249,20 @@ pub struct Shared {
     timeout: Option<Duration>,
     to_guest: FrameQueue,
     from_guest: FrameQueue,
+    ledger: Mutex<Ledger>,
     /// When the open calls' running time passes the timeout if the guest
     /// keeps running (from its `Ledger`); None while it is blocked in `recv`
-    /// or `send`. Read by the epoch callback and the watchdog.
+    /// or `send`, or nobody drives it. Read by the epoch callback, the
+    /// driver and the watchdog.
     deadline: Mutex<Option<Instant>>,
     /// Set once the host decided to stop the guest, with the reason.
     stopping: AtomicBool,
     stop_reason: Mutex<Option<GuestEnd>>,
     end: Mutex<Option<GuestEnd>>,
-    ended: Condvar,
+    drive: Mutex<Drive>,
+    /// Signals every change of `drive` or `end` a thread may wait for.
+    changed: Condvar,
+    waker: Waker,
     output: GuestOutput,
 }
 
@@ -194,9 +270,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Wakes the guest: a frame for it, room for its frame, a timer, a tick.
+struct GuestWaker(Weak<Shared>);
+
+impl Wake for GuestWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(shared) = self.0.upgrade() {
+            let mut drive = lock(&shared.drive);
+            drive.woken = true;
+            if drive.sleepers > 0 {
+                shared.changed.notify_all();
+            }
+        }
+    }
+}
+
 impl Shared {
-    /// Records why the host stops the guest (the first reason wins) and
-    /// closes the link, so the master learns at once.
+    /// Records why the host stops the guest (the first reason wins), drops
+    /// the guest if nobody drives it, and closes the link, so the master
+    /// learns at once. A driver drops the guest when its poll returns.
     fn stop(&self, reason: GuestEnd) {
         {
             let mut stop = lock(&self.stop_reason);
@@ -205,6 +301,10 @@ impl Shared {
             }
         }
         self.stopping.store(true, Ordering::SeqCst);
+        let idle = lock(&self.drive).guest.take();
+        if let Some(guest) = idle {
+            drop_guest(guest);
+        }
         self.finish(reason);
     }
 
@@ -212,7 +312,8 @@ impl Shared {
         lock(&self.stop_reason).clone()
     }
 
-    /// The guest is over: record how (the first word wins), close both queues.
+    /// The guest is over: record how (the first word wins), close both
+    /// queues, wake every thread that waits for it.
     fn finish(&self, end: GuestEnd) {
         {
             let mut slot = lock(&self.end);
@@ -223,41 +324,66 @@ impl Shared {
         self.output.flush();
         self.to_guest.close_and_clear();
         self.from_guest.close();
-        self.ended.notify_all();
+        let _drive = lock(&self.drive);
+        self.changed.notify_all();
     }
 
     pub fn has_ended(&self) -> bool {
         lock(&self.end).is_some()
     }
 
-    /// Called on every epoch tick while wasm runs.
+    /// Called on every epoch tick while wasm runs: stops the guest if it is
+    /// being stopped or past its deadline, else suspends it for a moment so
+    /// that its driver can look up.
     fn on_tick(&self) -> wasmtime::Result<UpdateDeadline> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(wasmtime::Error::msg("the guest is being stopped by the host"));
         }
-        if let (Some(deadline), Some(limit)) = (*lock(&self.deadline), self.timeout) {
-            if Instant::now() >= deadline {
-                self.stop(GuestEnd::Timeout(limit));
-                return Err(wasmtime::Error::msg("the guest ran past its call timeout"));
-            }
+        if self.overdue(Instant::now(), Duration::ZERO) {
+            return Err(wasmtime::Error::msg("the guest ran past its call timeout"));
         }
-        Ok(UpdateDeadline::Continue(1))
+        Ok(UpdateDeadline::Yield(1))
     }
 
-    /// Watchdog: a guest blocked in a host call past its deadline is stopped
-    /// (its thread is abandoned until the call returns, then it traps).
-    pub fn check_overdue(&self, now: Instant, grace: Duration) {
+    /// Stops the guest if its deadline passed `grace` ago; whether it did.
+    fn overdue(&self, now: Instant, grace: Duration) -> bool {
         let overdue = matches!(*lock(&self.deadline), Some(deadline) if now >= deadline + grace);
-        if overdue && !self.has_ended() {
-            if let Some(limit) = self.timeout {
-                tracing::debug!(twin_id = %self.twin_id, "guest blocked past its deadline: stopped");
-                self.stop(GuestEnd::Timeout(limit));
-            }
+        if let (true, Some(limit)) = (overdue, self.timeout) {
+            self.stop(GuestEnd::Timeout(limit));
+            return true;
+        }
+        false
+    }
+
+    /// Watchdog: a guest blocked in a host call that does not suspend it
+    /// (its driver's thread is stuck there) is stopped past its deadline;
+    /// its driver drops it when the call returns.
+    pub fn check_overdue(&self, now: Instant, grace: Duration) {
+        if !self.has_ended() && self.overdue(now, grace) {
+            tracing::debug!(twin_id = %self.twin_id, "guest blocked past its deadline: stopped");
         }
     }
 
-    fn set_deadline(&self, deadline: Option<Instant>) {
-        *lock(&self.deadline) = deadline;
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
+    }
+
+    /// Caller holds the ledger: the deadline follows it.
+    fn update_deadline(&self, ledger: &Ledger) {
+        *lock(&self.deadline) = ledger.deadline();
+    }
+
+    /// The guest blocks in an import: its clock stops.
+    fn block(&self) {
+        let mut ledger = self.ledger();
+        ledger.pause(Instant::now());
+        self.update_deadline(&ledger);
+    }
+
+    fn unblock(&self) {
+        let mut ledger = self.ledger();
+        ledger.resume(Instant::now());
+        self.update_deadline(&ledger);
     }
 
     /// Stops the guest for breaking a rule of the link; the error for its import.
@@ -267,6 +393,225 @@ impl Shared {
         self.stop(GuestEnd::Broke(violation));
         wasmtime::Error::msg(message)
     }
+
+    /// The `link.send` import.
+    async fn guest_sends(&self, frame: Vec<u8>) -> wasmtime::Result<()> {
+        if frame.is_empty() {
+            return Ok(()); // a keep-alive: nothing for the master
+        }
+        if frame.len() > self.max_frame {
+            self.stop(GuestEnd::FrameTooBig {
+                size: frame.len(),
+                cap: self.max_frame,
+            });
+            return Err(wasmtime::Error::msg("the guest sent a frame over the cap"));
+        }
+        let checked = self.ledger().sending(&frame, Instant::now());
+        checked.map_err(|v| self.broke(v))?;
+        let mut slot = Some(frame);
+        let mut blocked = false;
+        let pushed = poll_fn(|cx| {
+            let pushed = self.from_guest.poll_push(&mut slot, cx);
+            if pushed.is_pending() && !blocked {
+                // time spent waiting for the master to read is not the guest's
+                blocked = true;
+                self.block();
+            }
+            pushed
+        })
+        .await;
+        if blocked {
+            self.unblock();
+        }
+        if pushed.is_ok() && lock(&self.drive).publish {
+            self.from_guest.publish();
+        }
+        pushed.map_err(|Closed| wasmtime::Error::msg("the master closed the link"))
+    }
+
+    /// The `link.recv` import.
+    async fn guest_receives(&self) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.output.flush();
+        if self.from_guest.has_frames() {
+            // The guest is done with what it sent (its kernel flushes its
+            // releases before it asks): let the thread that drives it take
+            // those frames now, rather than serve the next request first.
+            let mut asked = false;
+            poll_fn(|_| {
+                if asked {
+                    return Poll::Ready(());
+                }
+                asked = true;
+                let mut drive = lock(&self.drive);
+                drive.boundary = true;
+                drive.woken = true; // it goes on when driven again
+                Poll::Pending
+            })
+            .await;
+        }
+        let frame = match self.to_guest.try_pop() {
+            Popped::Frame(frame) => Some(frame),
+            Popped::Closed => None,
+            Popped::TimedOut => {
+                // nothing queued: the guest would wait for the master
+                let allowed = self.ledger().may_wait();
+                allowed.map_err(|v| self.broke(v))?;
+                self.block();
+                poll_fn(|cx| self.to_guest.poll_pop(cx)).await
+            }
+        };
+        let mut ledger = self.ledger();
+        ledger.took(frame.as_deref(), Instant::now());
+        self.update_deadline(&ledger);
+        Ok(frame)
+    }
+
+    /// Runs the guest on this thread until `until` holds (true) or
+    /// `deadline` passes (false). If another thread drives the guest, waits
+    /// for it instead. See the module docs for when the guest's work after a
+    /// frame runs.
+    fn drive(&self, until: Until, deadline: Option<Instant>) -> bool {
+        let mut drive = lock(&self.drive);
+        drive.drivers += 1;
+        if drive.drivers == 1 {
+            self.set_driven(true);
+        }
+        let holds = loop {
+            if self.has_ended() {
+                break true;
+            }
+            let polling = drive.guest.is_none(); // by another thread
+                                                 // frames are there, and the guest waits, or asks for its next
+                                                 // frame (it is done with them), or runs on another thread
+            let settled = !drive.woken || drive.boundary || polling;
+            if until == Until::Frame && settled && self.from_guest.has_frames() {
+                break true;
+            }
+            // (at a boundary, the guest has yet to take what was queued since)
+            if until == Until::Settled
+                && (polling || !drive.woken || drive.boundary && !self.to_guest.has_frames())
+            {
+                break true;
+            }
+            if drive.woken && !polling {
+                let mut guest = drive.guest.take().expect("the guest is there");
+                drive.woken = false;
+                drive.boundary = false;
+                drive.publish = until == Until::End;
+                drop(drive);
+                let polled = poll_guest(&mut guest, &self.waker);
+                match polled {
+                    Poll::Ready(end) => {
+                        drop(guest); // frees its memory before anyone learns it ended
+                        self.finish(end);
+                        drive = lock(&self.drive);
+                    }
+                    Poll::Pending => {
+                        drive = lock(&self.drive);
+                        if self.stopping.load(Ordering::SeqCst) {
+                            drop(drive);
+                            drop_guest(guest);
+                            drive = lock(&self.drive);
+                        } else {
+                            drive.guest = Some(guest);
+                        }
+                        if drive.sleepers > 0 {
+                            self.changed.notify_all();
+                        }
+                    }
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break self.has_ended() || (until == Until::Frame && self.from_guest.has_frames());
+                }
+                continue;
+            }
+            // the guest waits (for the master, a timer, or another driver)
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                break false;
+            }
+            // a guest suspended in a host call (a sleep) keeps its deadline
+            let due = *lock(&self.deadline);
+            if due.is_some_and(|due| now >= due) && !polling {
+                drop(drive);
+                self.overdue(now, Duration::ZERO);
+                drive = lock(&self.drive);
+                continue;
+            }
+            let wake_at = [deadline, due.filter(|_| !polling)].into_iter().flatten().min();
+            drive.sleepers += 1;
+            drive = match wake_at {
+                None => self.changed.wait(drive).unwrap_or_else(|e| e.into_inner()),
+                Some(at) => {
+                    let left = at.saturating_duration_since(now);
+                    self.changed
+                        .wait_timeout(drive, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+            drive.sleepers -= 1;
+        };
+        drive.drivers -= 1;
+        if drive.drivers == 0 {
+            self.set_driven(false);
+        }
+        holds
+    }
+
+    /// Caller holds `drive`: whether a thread drives the guest.
+    fn set_driven(&self, driven: bool) {
+        let mut ledger = self.ledger();
+        ledger.set_driven(driven, Instant::now());
+        self.update_deadline(&ledger);
+    }
+
+    /// Waits up to `timeout` until no thread counted by `enter_host` is
+    /// inside the host; whether none is.
+    fn wait_out_of_host(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut drive = lock(&self.drive);
+        while drive.in_host > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            drive.sleepers += 1;
+            drive = self
+                .changed
+                .wait_timeout(drive, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            drive.sleepers -= 1;
+        }
+        true
+    }
+}
+
+/// Polls the guest once, inside wasmtime-wasi's tokio runtime (its clocks
+/// and file system need one).
+fn poll_guest(guest: &mut GuestFuture, waker: &Waker) -> Poll<GuestEnd> {
+    let mut cx = Context::from_waker(waker);
+    wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| guest.as_mut().poll(&mut cx))
+}
+
+/// Drops a guest that has not ended: wasmtime resumes its fiber once to
+/// unwind it, then frees its memory and stack.
+fn drop_guest(guest: GuestFuture) {
+    wasmtime_wasi::runtime::with_ambient_tokio_runtime(move || drop(guest));
+}
+
+/// Counts a master thread inside the host for a guest (`WasiGuest::enter_host`).
+pub struct InHost(Arc<Shared>);
+
+impl Drop for InHost {
+    fn drop(&mut self) {
+        let mut drive = lock(&self.0.drive);
+        drive.in_host -= 1;
+        if drive.sleepers > 0 {
+            self.0.changed.notify_all();
+        }
+    }
 }
 
 /// The store data of a guest.
@@ -275,7 +620,6 @@ pub struct GuestState {
     table: ResourceTable,
     limiter: Limiter,
     shared: Arc<Shared>,
-    ledger: Ledger,
 }
 
 impl WasiView for GuestState {
@@ -337,65 +681,42 @@ pub fn add_link_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<(
     link.func_wrap("max-frame", |cx: StoreContextMut<'_, GuestState>, (): ()| {
         Ok((cx.data().shared.max_frame as u64,))
     })?;
-    link.func_wrap(
+    link.func_wrap_async(
         "send",
-        |mut cx: StoreContextMut<'_, GuestState>, (frame,): (Vec<u8>,)| {
-            let GuestState { shared, ledger, .. } = cx.data_mut();
-            if frame.is_empty() {
-                return Ok(()); // a keep-alive: nothing for the master
-            }
-            if frame.len() > shared.max_frame {
-                shared.stop(GuestEnd::FrameTooBig {
-                    size: frame.len(),
-                    cap: shared.max_frame,
-                });
-                return Err(wasmtime::Error::msg("the guest sent a frame over the cap"));
-            }
-            ledger
-                .sending(&frame, Instant::now())
-                .map_err(|v| shared.broke(v))?;
-            // time spent waiting for the master to read is not the guest's
-            ledger.pause(Instant::now());
-            shared.set_deadline(None);
-            let pushed = shared.from_guest.push(frame);
-            ledger.resume(Instant::now());
-            shared.set_deadline(ledger.deadline());
-            match pushed {
-                Ok(_) => Ok(()),
-                Err(Closed) => Err(wasmtime::Error::msg("the master closed the link")),
-            }
+        |cx: StoreContextMut<'_, GuestState>, (frame,): (Vec<u8>,)| {
+            let shared = Arc::clone(&cx.data().shared);
+            Box::new(async move { shared.guest_sends(frame).await })
         },
     )?;
-    link.func_wrap("recv", |mut cx: StoreContextMut<'_, GuestState>, (): ()| {
-        let GuestState { shared, ledger, .. } = cx.data_mut();
-        shared.output.flush();
-        let frame = match shared.to_guest.try_pop() {
-            Popped::Frame(frame) => Some(frame),
-            Popped::Closed => None,
-            Popped::TimedOut => {
-                // nothing queued: the guest would wait for the master
-                ledger.may_wait().map_err(|v| shared.broke(v))?;
-                ledger.pause(Instant::now());
-                shared.set_deadline(None);
-                shared.to_guest.pop()
-            }
-        };
-        ledger.took(frame.as_deref(), Instant::now());
-        shared.set_deadline(ledger.deadline());
-        Ok((frame,))
+    link.func_wrap_async("recv", |cx: StoreContextMut<'_, GuestState>, (): ()| {
+        let shared = Arc::clone(&cx.data().shared);
+        Box::new(async move { Ok((shared.guest_receives().await?,)) })
     })?;
     Ok(())
 }
 
-/// A running guest, as the master sees it.
+/// A guest, as the master sees it.
 pub struct WasiGuest {
     shared: Arc<Shared>,
     pub hello: Hello,
 }
 
 impl WasiGuest {
-    /// Starts a guest and waits for its hello.
+    /// Starts a guest and waits for its hello (driving it on this thread).
     pub fn start(config: GuestConfig, sink: Box<dyn Sink>) -> Result<WasiGuest> {
+        let deadline = Instant::now() + config.handshake_timeout;
+        let mut guest = WasiGuest::launch(&config, sink)?;
+        while !guest.take_hello(deadline)? {
+            if Instant::now() >= deadline {
+                return Err(guest.no_hello(&config));
+            }
+        }
+        Ok(guest)
+    }
+
+    /// Sets up a guest that has not run yet: the first drive instantiates
+    /// it, then it sends its hello (`take_hello`).
+    pub fn launch(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<WasiGuest> {
         let rt = runtime::runtime()?;
         let loaded = rt.load_guest(&config.guest_file, &config.cache_dir.join("wasm"))?;
         if !config.stdlib_dir.join("os.py").is_file() {
@@ -421,22 +742,37 @@ impl WasiGuest {
             }
         }
         let output = GuestOutput::new(&config.twin_id, config.output_limit, sink);
-        let shared = Arc::new(Shared {
+        let now = Instant::now();
+        // starting up counts as a call, from the first drive
+        let mut ledger = Ledger::new(config.timeout, now);
+        ledger.set_driven(false, now);
+        let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
             twin_id: config.twin_id.clone(),
             paths: code.mounts.iter().map(|(_, g)| g.clone()).collect(),
             max_frame: config.max_frame,
             timeout: config.timeout,
             to_guest: FrameQueue::new(usize::MAX),
             from_guest: FrameQueue::with_readable_fd(MAX_QUEUED_BYTES)
-                .map_err(|e| HostError::Spawn(format!("cannot create the guest's link: {e}")))?,
+                .expect("an eventfd for the guest's link"),
+            ledger: Mutex::new(ledger),
             deadline: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stop_reason: Mutex::new(None),
             end: Mutex::new(None),
-            ended: Condvar::new(),
+            drive: Mutex::new(Drive {
+                guest: None,
+                woken: true,
+                boundary: false,
+                publish: false,
+                drivers: 0,
+                sleepers: 0,
+                in_host: 0,
+            }),
+            changed: Condvar::new(),
+            waker: Waker::from(Arc::new(GuestWaker(me.clone()))),
             output: output.clone(),
         });
-        let wasi = wasi_context(&config, &code, &output)?;
+        let wasi = wasi_context(config, &code, &output)?;
         let state = GuestState {
             wasi,
             table: ResourceTable::new(),
@@ -445,16 +781,27 @@ impl WasiGuest {
                 shared: Arc::clone(&shared),
             },
             shared: Arc::clone(&shared),
-            ledger: Ledger::new(config.timeout, Instant::now()),
         };
+        let mut store = Store::new(&rt.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(1);
+        let ticking = Arc::clone(&shared);
+        store.epoch_deadline_callback(move |_| ticking.on_tick());
+        let ending = Arc::clone(&shared);
+        let run = async move {
+            let result = match loaded.pre.instantiate_async(&mut store).await {
+                Ok(command) => command.wasi_cli_run().call_run(&mut store).await,
+                Err(err) => Err(err),
+            };
+            drop(store);
+            drop(code); // the private view of its code goes with it
+            let end = describe_end(result, &ending);
+            tracing::debug!(twin_id = %ending.twin_id, ?end, "guest ended");
+            end
+        };
+        lock(&shared.drive).guest = Some(Box::pin(run));
         rt.register(&shared);
-        let thread_shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name(format!("cpy2py-wasi-{}", config.twin_id))
-            .stack_size(GUEST_THREAD_STACK)
-            .spawn(move || run_guest(rt, loaded, state, thread_shared, code))
-            .map_err(|e| HostError::Spawn(format!("cannot start a thread for the WASI guest: {e}")))?;
-        let guest = WasiGuest {
+        Ok(WasiGuest {
             hello: Hello {
                 cpy2py: 0,
                 twin_id: String::new(),
@@ -464,34 +811,29 @@ impl WasiGuest {
                 pid: 0,
             },
             shared,
-        };
-        guest.handshake(&config)
+        })
     }
 
-    fn handshake(mut self, config: &GuestConfig) -> Result<WasiGuest> {
-        match self.shared.from_guest.pop_timeout(Some(config.handshake_timeout)) {
-            Popped::Frame(frame) => {
-                let mut hello = match parse_hello(&frame) {
-                    Ok(hello) => hello,
-                    Err(e) => {
-                        self.kill();
-                        return Err(e);
-                    }
-                };
-                hello.pid = std::process::id(); // the guest lives in this process
-                self.hello = hello;
-                Ok(self)
-            }
-            Popped::TimedOut => {
-                self.kill();
-                Err(HostError::Spawn(format!(
-                    "the WASI guest did not answer the cpy2py handshake within {:.0} s \
-                     (raise handshake_timeout for very slow machines)",
-                    config.handshake_timeout.as_secs_f64()
-                )))
-            }
+    /// Drives the guest until its hello is there or `until` passes: Ok(true)
+    /// once it is taken, Ok(false) if not yet; an error (the guest stopped)
+    /// when it ended or sent something else.
+    pub fn take_hello(&mut self, until: Instant) -> Result<bool> {
+        self.shared.drive(Until::Frame, Some(until));
+        match self.shared.from_guest.try_pop() {
+            Popped::Frame(frame) => match parse_hello(&frame) {
+                Ok(mut hello) => {
+                    hello.pid = std::process::id(); // the guest lives in this process
+                    self.hello = hello;
+                    Ok(true)
+                }
+                Err(e) => {
+                    self.kill();
+                    Err(e)
+                }
+            },
+            Popped::TimedOut => Ok(false),
             Popped::Closed => {
-                let end = self.wait(Duration::from_secs(5)).unwrap_or(GuestEnd::Killed);
+                let end = self.end().unwrap_or(GuestEnd::Killed);
                 let tail = self.stderr_tail();
                 let said = if tail.is_empty() {
                     String::new()
@@ -510,7 +852,19 @@ impl WasiGuest {
         }
     }
 
-    /// Queues a frame for the guest; fails once the guest has ended.
+    /// Stops a guest whose hello did not come within the handshake timeout;
+    /// the error to report.
+    pub fn no_hello(&self, config: &GuestConfig) -> HostError {
+        self.kill();
+        HostError::Spawn(format!(
+            "the WASI guest did not answer the cpy2py handshake within {:.0} s \
+             (raise handshake_timeout for very slow machines)",
+            config.handshake_timeout.as_secs_f64()
+        ))
+    }
+
+    /// Queues a frame for the guest (never waits; the guest takes it when a
+    /// thread drives it); fails once the guest has ended.
     pub fn send(&self, frame: Vec<u8>) -> std::io::Result<()> {
         if self.shared.has_ended() {
             return Err(std::io::Error::new(
@@ -521,22 +875,56 @@ impl WasiGuest {
         self.shared
             .to_guest
             .push(frame)
-            .map(|_| ())
             .map_err(|Closed| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the WASI guest has ended"))
     }
 
-    /// The next frame from the guest, waiting up to `timeout`.
+    /// The next frame from the guest, driving it on this thread for up to
+    /// `timeout` (None: as long as it takes) until it sends one.
     pub fn recv(&self, timeout: Option<Duration>) -> Popped {
-        self.shared.from_guest.pop_timeout(timeout)
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            match self.shared.from_guest.pop_and_publish() {
+                Popped::TimedOut => {}
+                popped => return popped,
+            }
+            if !self.shared.drive(Until::Frame, deadline) {
+                return self.shared.from_guest.pop_and_publish();
+            }
+        }
     }
 
-    /// The next frame if there is one, without waiting.
+    /// The next frame if there is one, without driving the guest. Frames
+    /// left after it are published on the readiness descriptor.
     pub fn try_recv(&self) -> Popped {
-        self.shared.from_guest.try_pop()
+        self.shared.from_guest.pop_and_publish()
     }
 
-    /// A descriptor readable exactly while `try_recv` has something to say
-    /// (a frame, or the end).
+    /// Drives the guest on this thread until it has sent a frame and waits,
+    /// or ended (true), or until `until` (false).
+    pub fn drive(&self, until: Instant) -> bool {
+        self.shared.drive(Until::Frame, Some(until))
+    }
+
+    /// Runs the guest on this thread, unless another thread does, until it
+    /// has dealt with what is queued for it (true), or until `until`.
+    pub fn run_queued(&self, until: Instant) -> bool {
+        self.shared.drive(Until::Settled, Some(until))
+    }
+
+    /// Whether another thread is running the guest right now (a frame
+    /// queued for it is then taken in turn, without this thread's help).
+    pub fn runs_elsewhere(&self) -> bool {
+        lock(&self.shared.drive).guest.is_none() && !self.shared.has_ended()
+    }
+
+    /// Raises the readiness level if frames are left for other threads (a
+    /// reader that leaves without taking one).
+    pub fn publish(&self) {
+        self.shared.from_guest.publish();
+    }
+
+    /// A descriptor readable while frames the guest sent wait for a reader
+    /// other than the thread that drove it, or once the guest ended.
     pub fn readable_fd(&self) -> i32 {
         self.shared
             .from_guest
@@ -544,43 +932,44 @@ impl WasiGuest {
             .expect("the guest's queue has a readiness descriptor")
     }
 
-    /// Whether a frame (or the end) is there within `timeout`.
-    pub fn wait_readable(&self, timeout: Option<Duration>) -> bool {
-        self.shared.from_guest.wait_ready(timeout)
-    }
-
     /// How the guest ended, or None while it runs.
     pub fn end(&self) -> Option<GuestEnd> {
         lock(&self.shared.end).clone()
     }
 
-    /// Waits up to `timeout` for the guest to end.
+    /// Drives the guest on this thread (or waits for the thread that does)
+    /// up to `timeout` for it to end; how it ended, or None.
     pub fn wait(&self, timeout: Duration) -> Option<GuestEnd> {
-        let deadline = Instant::now() + timeout;
-        let mut end = lock(&self.shared.end);
-        loop {
-            if let Some(end) = end.as_ref() {
-                return Some(end.clone());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            end = self
-                .shared
-                .ended
-                .wait_timeout(end, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.shared.drive(Until::End, Some(Instant::now() + timeout));
+        self.end()
     }
 
-    /// Stops the guest (if it still runs); how it ended.
+    /// Stops the guest (if it still runs); how it ended. A guest that a
+    /// thread drives meanwhile stops within an epoch tick, unless it is in a
+    /// host call that does not suspend it (then when that returns).
     pub fn kill(&self) -> GuestEnd {
         if !self.shared.has_ended() {
             self.shared.stop(GuestEnd::Killed);
         }
         self.end().unwrap_or(GuestEnd::Killed)
+    }
+
+    /// Counts this thread as inside the host for this guest until the guard
+    /// is dropped (see `wait_out_of_host`).
+    pub fn enter_host(&self) -> InHost {
+        lock(&self.shared.drive).in_host += 1;
+        InHost(Arc::clone(&self.shared))
+    }
+
+    /// Threads counted by `enter_host` now.
+    pub fn threads_in_host(&self) -> usize {
+        lock(&self.shared.drive).in_host
+    }
+
+    /// Waits up to `timeout` until no thread counted by `enter_host` is in
+    /// the host; whether none is.
+    pub fn wait_out_of_host(&self, timeout: Duration) -> bool {
+        self.shared.wait_out_of_host(timeout)
     }
 
     pub fn stderr_tail(&self) -> String {
@@ -594,8 +983,30 @@ impl WasiGuest {
 
 impl Drop for WasiGuest {
     fn drop(&mut self) {
-        // a guest never outlives its handle
-        self.kill();
+        // a guest never outlives its handle; in a forked child the copy is
+        // left alone (its locks may be held by threads the fork did not copy)
+        if !runtime::forked() {
+            self.kill();
+        }
+    }
+}
+
+/// How the guest's `run` call ended.
+fn describe_end(result: wasmtime::Result<std::result::Result<(), ()>>, shared: &Shared) -> GuestEnd {
+    match result {
+        Ok(Ok(())) => GuestEnd::Exited(0),
+        Ok(Err(())) => GuestEnd::Exited(1),
+        Err(err) => {
+            if let Some(reason) = shared.stop_reason() {
+                reason
+            } else if let Some(exit) = err.downcast_ref::<I32Exit>() {
+                GuestEnd::Exited(exit.0)
+            } else if let Some(trap) = err.downcast_ref::<Trap>() {
+                GuestEnd::Trap(trap.to_string())
+            } else {
+                GuestEnd::Trap(format!("{err:#}"))
+            }
+        }
     }
 }
 
@@ -629,45 +1040,4 @@ fn wasi_context(config: &GuestConfig, code: &CodeView, output: &GuestOutput) -> 
         mount(&mut wasi, host, guest)?;
     }
     Ok(wasi.build())
-}
-
-fn run_guest(
-    rt: &'static runtime::Runtime,
-    loaded: Arc<runtime::LoadedGuest>,
-    state: GuestState,
-    shared: Arc<Shared>,
-    code: CodeView,
-) {
-    let mut store = Store::new(&rt.engine, state);
-    store.limiter(|state| &mut state.limiter);
-    store.set_epoch_deadline(1);
-    let ticking = Arc::clone(&shared);
-    store.epoch_deadline_callback(move |_| ticking.on_tick());
-    // starting up counts as a call
-    let ledger = &mut store.data_mut().ledger;
-    *ledger = Ledger::new(shared.timeout, Instant::now());
-    shared.set_deadline(ledger.deadline());
-    let result = loaded
-        .pre
-        .instantiate(&mut store)
-        .and_then(|command| command.wasi_cli_run().call_run(&mut store));
-    let end = match result {
-        Ok(Ok(())) => GuestEnd::Exited(0),
-        Ok(Err(())) => GuestEnd::Exited(1),
-        Err(err) => {
-            if let Some(reason) = shared.stop_reason() {
-                reason
-            } else if let Some(exit) = err.downcast_ref::<I32Exit>() {
-                GuestEnd::Exited(exit.0)
-            } else if let Some(trap) = err.downcast_ref::<Trap>() {
-                GuestEnd::Trap(trap.to_string())
-            } else {
-                GuestEnd::Trap(format!("{err:#}"))
-            }
-        }
-    };
-    tracing::debug!(twin_id = %shared.twin_id, ?end, "guest ended");
-    drop(store); // frees the guest's memory before anyone learns it ended
-    drop(code);
-    shared.finish(end);
 }

@@ -2,7 +2,7 @@
 //! have used: the per-call timeout and the protocol rules a guest cannot
 //! defeat by calling its `link` import directly.
 //!
-//! The guest thread updates its `Ledger` inside the `link.send` and
+//! The guest updates its `Ledger` inside the `link.send` and
 //! `link.recv` imports, from the header of each frame (protocol::header):
 //!
 //! - `owed`: requests (and the shutdown) of the master that the guest took
@@ -10,13 +10,15 @@
 //!   guest running time, it took them;
 //! - `awaited`: requests the guest sent whose reply it has not taken yet.
 //!
-//! Time. Guest running time is all of its thread's time except what it
-//! spends blocked in `recv` or blocked in `send` waiting for queue room. A
-//! call is charged all running time from when the guest took it until it
-//! answers, callbacks included; nothing resets that. With nothing owed, the
-//! running time since the last `recv` returned is charged the same way (the
-//! start of the guest counts as a call), so a guest cannot answer and then
-//! run on. Over `timeout`, the guest is stopped (GuestEnd::Timeout).
+//! Time. Guest running time is the time some master thread drives the guest
+//! (guest.rs: it runs on the thread that needs a frame from it), except what
+//! it spends blocked in `recv` or blocked in `send` waiting for queue room;
+//! a guest nobody drives does not run, and is not charged. A call is charged
+//! all running time from when the guest took it until it answers, callbacks
+//! included; nothing resets that. With nothing owed, the running time since
+//! the last `recv` returned is charged the same way (the start of the guest
+//! counts as a call), so a guest cannot answer and then run on. Over
+//! `timeout`, the guest is stopped (GuestEnd::Timeout).
 //!
 //! Rules (each a `Violation`, which stops the guest at once):
 //!
@@ -102,8 +104,13 @@ pub struct Ledger {
     timeout: Option<Duration>,
     /// Running time before `running_since`.
     ran: Duration,
-    /// Since when the guest runs; None while it is blocked in `recv`/`send`.
+    /// Since when the guest runs; None while it is blocked in `recv`/`send`
+    /// or nobody drives it.
     running_since: Option<Instant>,
+    /// Blocked in `recv` or in `send` waiting for room.
+    blocked: bool,
+    /// A master thread drives the guest.
+    driven: bool,
     /// Running time when its last `recv` returned (zero: its start).
     last_recv: Duration,
     owed: Vec<Open>,
@@ -112,12 +119,14 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// A guest that starts running at `now` (its start counts as a call).
+    /// A guest that starts running at `now`, driven (its start counts as a call).
     pub fn new(timeout: Option<Duration>, now: Instant) -> Ledger {
         Ledger {
             timeout,
             ran: Duration::ZERO,
             running_since: Some(now),
+            blocked: false,
+            driven: true,
             last_recv: Duration::ZERO,
             owed: Vec::new(),
             awaited: Vec::new(),
@@ -154,15 +163,32 @@ impl Ledger {
     /// The guest blocks (in `recv`, or in `send` waiting for room): its
     /// clock stops.
     pub fn pause(&mut self, now: Instant) {
-        if let Some(since) = self.running_since.take() {
-            self.ran += now.saturating_duration_since(since);
-        }
+        self.blocked = true;
+        self.update(now);
     }
 
-    /// The guest runs again.
+    /// The guest no longer blocks: its clock runs while it is driven.
     pub fn resume(&mut self, now: Instant) {
-        if self.running_since.is_none() {
-            self.running_since = Some(now);
+        self.blocked = false;
+        self.update(now);
+    }
+
+    /// Whether a master thread drives the guest (runs it on its own thread):
+    /// a guest nobody drives is not running, and its clock stops.
+    pub fn set_driven(&mut self, driven: bool, now: Instant) {
+        self.driven = driven;
+        self.update(now);
+    }
+
+    fn update(&mut self, now: Instant) {
+        let runs = self.driven && !self.blocked;
+        match self.running_since {
+            Some(since) if !runs => {
+                self.ran += now.saturating_duration_since(since);
+                self.running_since = None;
+            }
+            None if runs => self.running_since = Some(now),
+            _ => {}
         }
     }
 
@@ -376,6 +402,23 @@ mod tests {
         g.ledger.pause(g.at(200));
         g.ledger.resume(g.at(5200));
         assert_eq!(g.charged(5300), ms(300));
+    }
+
+    #[test]
+    fn time_nobody_drives_the_guest_is_not_charged() {
+        let mut g = Guest::new();
+        g.recv(0, 0, &request(1, A));
+        g.ledger.set_driven(false, g.at(100)); // its caller was interrupted mid-call
+        assert_eq!(g.ledger.deadline(), None, "no deadline while nobody drives it");
+        g.ledger.set_driven(true, g.at(7100)); // the next caller drives it on
+        assert_eq!(g.charged(7200), ms(200));
+        // blocked and undriven at once: running again only when neither holds
+        g.ledger.pause(g.at(7200));
+        g.ledger.set_driven(false, g.at(7300));
+        g.ledger.resume(g.at(7400));
+        assert_eq!(g.charged(7500), ms(200));
+        g.ledger.set_driven(true, g.at(8000));
+        assert_eq!(g.charged(8100), ms(300));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! WASI guests: CPython compiled to a WebAssembly component (wasm/), run by
-//! wasmtime inside the master process, one thread and one store per guest.
+//! wasmtime inside the master process, one store per guest, each run on a
+//! fiber by the master thread that needs a frame from it (guest.rs).
 //! The sandbox policy on this side: what the guest may see (`view`, the WASI
 //! context in `guest`), how much it may take (`guest`, `runtime`, `output`,
 //! `queue`), what it may do on its link (`ledger`), and how it is stopped.

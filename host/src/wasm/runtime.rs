@@ -8,13 +8,14 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel};
-use wasmtime_wasi::p2::bindings::sync::CommandPre;
+use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::guest::{GuestState, Shared};
 use crate::error::{HostError, Result};
@@ -45,12 +46,14 @@ pub const HOST_CALL_GRACE: Duration = Duration::from_millis(250);
 /// stack a level: 64 MiB frees a list nested ~245,000 deep (100,000 needs 27
 /// MiB), deeper ones still trap and end the guest (docs/security.md).
 /// The memory is reserved, not used: only pages a deep recursion touched
-/// are resident, and they go with the guest's thread.
+/// are resident, and they go with the guest.
 pub const MAX_WASM_STACK: usize = 64 << 20;
-/// The guest's thread: the wasm stack above plus room for the host frames
-/// below the first wasm call and inside host calls made at the deepest point
-/// (WASI, the `link` imports; wasmtime assumes at least 128 KiB).
-pub const GUEST_THREAD_STACK: usize = MAX_WASM_STACK + (8 << 20);
+/// The guest's stack: the guest runs on a fiber (a stack of its own that
+/// the thread driving it switches to, see guest.rs), which holds the wasm
+/// stack above plus room for the host frames inside host calls made at the
+/// deepest point (WASI, the `link` imports; wasmtime assumes at least 128
+/// KiB).
+pub const GUEST_STACK: usize = MAX_WASM_STACK + (8 << 20);
 
 pub struct Runtime {
     pub engine: Engine,
@@ -76,18 +79,54 @@ fn engine_config() -> Config {
         .epoch_interruption(true)
         .wasm_component_model(true)
         .max_wasm_stack(MAX_WASM_STACK)
-        // wasmtime-wasi's p2 needs wasmtime's async support, whose (unused here)
-        // fiber stacks must be larger than the wasm stack
-        .async_stack_size(MAX_WASM_STACK + (1 << 20))
+        // the guest runs on a fiber driven by the master's calling thread
+        .async_stack_size(GUEST_STACK)
         .cranelift_opt_level(OptLevel::Speed);
     config
+}
+
+/// Set in the child of a `fork` of a process that had the runtime.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn forked_child() {
+    FORKED.store(true, Ordering::SeqCst);
+}
+
+/// Whether this process is a forked child of one that ran WASI guests. Its
+/// copy of the runtime is unusable: the epoch ticker (the timeouts) and
+/// wasmtime-wasi's tokio threads (the clocks) did not survive the fork, and
+/// locks other threads of the parent held stay held. Guests are refused in
+/// such a child (python/wasi.rs), before any lock is touched.
+pub fn forked() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}
+
+/// What a forked child is told when it uses a guest of its parent (see
+/// `forked`).
+pub fn forked_message(twin_id: &str) -> String {
+    format!(
+        "the WASI guest {twin_id:?} lives in the process that started it; this is a forked child of \
+         that process, where it cannot run (the host's threads, which enforce its timeout, did not \
+         survive the fork): call it from the parent, or run sandboxed twins in a process made with \
+         multiprocessing's 'spawn' or 'forkserver' start method"
+    )
 }
 
 /// The runtime of this process, created on first use.
 pub fn runtime() -> Result<&'static Runtime> {
     static RUNTIME: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
+    if forked() {
+        return Err(HostError::Spawn(
+            "WASI guests cannot start in a forked child of a process that ran guests (the host's \
+             threads, which enforce their timeouts, did not survive the fork): start them in the parent, \
+             or in a process made with multiprocessing's 'spawn' or 'forkserver' start method"
+                .into(),
+        ));
+    }
     RUNTIME
         .get_or_init(|| {
+            // SAFETY: registers a handler that only stores to an atomic
+            unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
             let engine = Engine::new(&engine_config())
                 .map_err(|e| format!("cannot set up wasmtime for WASI guests: {e}"))?;
             Ok(Runtime {
@@ -316,11 +355,13 @@ fn missing_guest(path: &Path, err: std::io::Error) -> HostError {
     ))
 }
 
-/// Links WASI (as granted per guest in its `WasiCtx`) and the `link`
-/// interface to the guest component.
+/// Links WASI (as granted per guest in its `WasiCtx`; its asynchronous
+/// version, so that a guest waiting for a clock suspends its fiber instead of
+/// blocking the thread that drives it) and the `link` interface to the guest
+/// component.
 fn link(engine: &Engine, component: &Component) -> Result<CommandPre<GuestState>> {
     let mut linker = Linker::<GuestState>::new(engine);
-    let setup = wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+    let setup = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .and_then(|_| super::guest::add_link_to_linker(&mut linker))
         .and_then(|_| linker.instantiate_pre(component))
         .and_then(CommandPre::new);
