@@ -32,7 +32,7 @@ import os
 import sys
 import types
 import zipimport
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from .. import _logging, errors
 from ..capabilities import CALL_ONLY, OPAQUE, Exposed, Grant, class_grant
@@ -175,6 +175,8 @@ class SandboxSerializer(Serializer):
         super().__init__(peer_id, trusted=False)
         #: real paths of the roots the guest imports code from
         self.guest_paths: Tuple[str, ...] = tuple(os.path.realpath(p) for p in guest_paths)
+        #: module file -> whether it lies under those roots
+        self._importable: Dict[str, bool] = {}
 
     # -- what goes to the guest ---------------------------------------------
 
@@ -189,7 +191,12 @@ class SandboxSerializer(Serializer):
         else:
             main = sys.modules.get(module)
         path = getattr(main, "__file__", None)
-        return isinstance(path, str) and _within(os.path.realpath(path), self.guest_paths)
+        if not isinstance(path, str):
+            return False
+        known = self._importable.get(path)
+        if known is None:  # realpath costs tens of microseconds: once per file
+            known = self._importable[path] = _within(os.path.realpath(path), self.guest_paths)
+        return known
 
     def default(self, obj: Any) -> Tuple[int, Any]:
         if type(obj) is _GlobalRef:
