@@ -967,15 +967,22 @@ class CallWhileReading(TwinError):
     made it fails)."""
 
 
-def _thread_name() -> str:
+def _threading() -> Any:
+    """The threading module if it is loaded (and done loading: another thread
+    may be importing it right now), else None."""
     threading = sys.modules.get("threading")
+    return threading if hasattr(threading, "Thread") and hasattr(threading, "current_thread") else None
+
+
+def _thread_name() -> str:
+    threading = _threading()
     return threading.current_thread().name if threading is not None else f"thread {_thread.get_ident()}"
 
 
 def _start_thread(target: Callable[..., None], args: tuple, name: str) -> None:
     """A daemon thread: named where threading is loaded anyway (the master),
     plain where it is not (a twin: threading costs PyPy a fifth of its start)."""
-    threading = sys.modules.get("threading")
+    threading = _threading()
     if threading is None:
         _thread.start_new_thread(target, args)
     else:
