@@ -24,6 +24,8 @@ _MAIN_THREAD = (
     sys.modules["threading"].main_thread().ident if "threading" in sys.modules else _thread.get_ident()
 )
 _held = _thread._local()
+#: the WASI guest has no signals (and importing the module would read files)
+_NO_SIGNALS = sys.platform == "wasi"
 
 try:  # the host keeps the saved mask where its transports' waits see it
     from cpy2py._host import hold_signals as _hold
@@ -53,7 +55,7 @@ def hold_signals() -> bool:
     that raises (Ctrl-C) never cuts in between reading a frame and delivering
     it, or leaves the role taken. Waits for frames stay interruptible:
     transports return False from ``recv`` when a signal came first."""
-    if _thread.get_ident() != _MAIN_THREAD or getattr(_held, "active", False):
+    if _NO_SIGNALS or _thread.get_ident() != _MAIN_THREAD or getattr(_held, "active", False):
         return False
     _hold()
     _held.active = True
