@@ -209,3 +209,39 @@ def test_an_interrupted_call_loses_nothing_and_leaves_nothing(ends):
         thread.join(10)
     assert interrupted > 0
     assert done and done[0] > 0, "the other thread's calls stalled"
+
+
+def test_a_release_right_after_the_reply_that_names_the_object_waits_for_it():
+    """A peer may let go of an object right after the reply that names it (a
+    guest does: it releases what it returned before it waits again). Both
+    frames come in one read; the release applies only once the caller has
+    decoded the reply, which finds the object itself (it once found it
+    released: LookupError, or for a guest SandboxViolation)."""
+    from cpy2py.kernel import references
+    from cpy2py.protocol import codec, tags
+    from cpy2py.protocol.messages import RELEASE, REPLY
+    from cpy2py.protocol.transport import FdTransport
+
+    a_to_peer, peer_to_a = os.pipe(), os.pipe()
+    a = loopback._end("raw-peer", FdTransport(peer_to_a[0], a_to_peer[1]))
+    peer = FdTransport(a_to_peer[0], peer_to_a[1])
+    lock = threading.Lock()  # neither plain data nor picklable: it is handed by reference
+    try:
+        got = []
+        caller = threading.Thread(target=lambda: got.append(call(a, loopback.echo, lock)))
+        caller.start()
+        request = codec.loads(peer.recv(), lambda tag, value: (tag, value))
+        (ref,) = [arg for arg in request[5] if isinstance(arg, tuple) and arg[0] == tags.TWIN_REF]
+        owner, iid, _ = ref[1]
+        reference = threading.local()  # any object the codec knows nothing of: tagged by `default`
+        reply = codec.dumps([REPLY, request[1], reference], lambda _: (tags.TWIN_REF, [owner, iid, None]))
+        release = codec.dumps([RELEASE, [[owner, iid, 1]]])
+        frames = b"".join(len(f).to_bytes(4, "big") + f for f in (reply, release))
+        os.write(peer_to_a[1], frames)  # one write: the caller reads both at once
+        caller.join(10)
+        assert got == [lock] and got[0] is lock
+        assert references.key_of(lock) is None  # and then the release applied
+    finally:
+        a.close("the test ended")
+        for fd in (*a_to_peer, *peer_to_a):
+            os.close(fd)

@@ -146,6 +146,16 @@ impl TwinProcess {
             ))
         })?;
         drop((twin_reads, twin_writes));
+        // the master's writes never block: a full pipe is waited for with poll,
+        // in slices that let Ctrl-C through (python/twin.rs, `write_some`)
+        // SAFETY: flags of a descriptor this function owns
+        unsafe {
+            let fd = master_writes.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
         let pid = child.id();
         let stderr_tail = Arc::new(Mutex::new(StderrTail::default()));
         if let Some(stderr) = child.stderr.take() {

@@ -248,6 +248,13 @@ class Connection:
         self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
         self._heir: Optional[_Waiter] = None  # the caller the free role was offered to
         self._handoff: Deque[Item] = deque()  # requests of new chains, for a server
+        # A release applies only once every frame read before it is decoded:
+        # a reply may name an object that the peer released right after it
+        # (see _decoded). Frames are numbered as routed (by the reader only);
+        # routed, not yet decoded: frame id -> number (ids: _reply_id, _request_id)
+        self._routed = 0
+        self._undecoded: Dict[int, int] = {}
+        self._held_releases: List[Tuple[int, Any]] = []  # (frames read before it, raw)
         self._gate: Optional[_Gate] = None
         self._armed = False  # the gate watches the link
         self._servers = 0  # server threads alive
@@ -335,6 +342,8 @@ class Connection:
             except ProtocolError as err:
                 self._fail(err)  # a peer that sent a malformed frame is not trusted further
                 raise
+            finally:
+                self._decoded(req_id)
             if failure is not None:
                 raise failure
             if kind == REPLY:
@@ -385,8 +394,10 @@ class Connection:
             item = waiter.inbox.popleft()
             conn, kind, key, _ = item
             if conn is self and kind != REQUEST and key == req_id:
+                self._decoded(key)
                 continue  # the abandoned call's reply
             if kind == REQUEST and conn is self:
+                self._decoded(_request_id(key))
                 conn._send_reply(key, RAISE, _interrupted(self.peer_id))
                 continue
             kept.append(item)
@@ -496,8 +507,8 @@ class Connection:
             with self._lock:
                 self._give_up_role()
             release_signals()  # the main thread's, held while it had the role
-        for _, kind, _, raw in later:
-            self._handle_control(kind, raw)
+        for _, kind, before, raw in later:
+            self._handle_control(kind, before, raw)
         return mine
 
     def _read_frame(self) -> Optional[Any]:
@@ -534,6 +545,9 @@ class Connection:
                     target = self._pending.pop(key, None)
                     late = target is None and key in self._abandoned
                     self._abandoned.discard(key)
+                    if target is not None:
+                        self._undecoded[key] = self._routed
+                        self._routed += 1
                 if target is None:
                     if late:
                         log.info("dropped the reply to request %d: its caller left", key)
@@ -547,6 +561,8 @@ class Connection:
                     raise ProtocolError(f"malformed request from {self.peer_id!r}")
                 item = (self, kind, key, raw)
                 with self._lock:
+                    self._undecoded[_request_id(key)] = self._routed
+                    self._routed += 1
                     # looked up and delivered at once: a thread that stops running
                     # the chain (under the lock) finds in its inbox all it was sent
                     entry = self._chains.get(chain)
@@ -565,7 +581,7 @@ class Connection:
                 self._hand_to_server(item)
                 return None
             elif kind == RELEASE or kind == SHUTDOWN:
-                return (self, kind, 0, raw)
+                return (self, kind, self._routed, raw)  # key: how many frames came before it
             else:
                 raise ProtocolError(f"{self.peer_id!r} sent a frame that is not a cpy2py message")
         except ProtocolError as err:
@@ -577,22 +593,55 @@ class Connection:
         target.deliver(item)
         return None
 
-    def _handle_control(self, kind: int, raw: Any) -> None:
-        """A release or shutdown, after the role was given up (a release may
-        drop the last reference to an object, whose finalizer may call the peer)."""
+    def _handle_control(self, kind: int, before: int, raw: Any) -> None:
+        """A release or shutdown (``before`` frames were read ahead of it),
+        after the role was given up (a release may drop the last reference to
+        an object, whose finalizer may call the peer)."""
+        if kind == RELEASE:
+            with self._lock:
+                self._held_releases.append((before, raw))
+            self._apply_releases()
+            return
         try:
-            message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
-            if kind == RELEASE:
+            message, _ = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+            if not (isinstance(message, list) and len(message) == 2 and type(message[1]) is int):
+                raise ProtocolError(f"malformed shutdown {references.safe_repr(message)}")
+            self._shutdown(message[1])
+        except ProtocolError as err:
+            self._fail(err)
+
+    def _decoded(self, frame_id: int) -> None:
+        """A routed frame was decoded (or dropped). A release read after it
+        may apply now: the peer may release an object right after sending a
+        reply that names it, and the reply, decoded later by its own thread,
+        must still find the object."""
+        self._undecoded.pop(frame_id, None)  # atomic: no lock on the call path
+        if self._held_releases:
+            self._apply_releases()
+
+    def _apply_releases(self) -> None:
+        """Apply, in order, the releases whose earlier frames are all decoded."""
+        with self._lock:
+            while True:
+                try:  # popped without the lock by _decoded: retry if it changed meanwhile
+                    oldest = min(self._undecoded.values(), default=self._routed)
+                    break
+                except RuntimeError:
+                    continue
+            ready = [raw for before, raw in self._held_releases if before <= oldest]
+            if not ready:
+                return
+            self._held_releases = [entry for entry in self._held_releases if entry[0] > oldest]
+        for raw in ready:
+            try:
+                message, _ = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
                 if not (isinstance(message, list) and len(message) == 2):
                     raise ProtocolError(f"malformed release {references.safe_repr(message)}")
                 dropped = references.release(message[1], self)
                 del dropped  # finalizers run here
-            else:
-                if not (isinstance(message, list) and len(message) == 2 and type(message[1]) is int):
-                    raise ProtocolError(f"malformed shutdown {references.safe_repr(message)}")
-                self._shutdown(message[1])
-        except ProtocolError as err:
-            self._fail(err)
+            except ProtocolError as err:
+                self._fail(err)
+                return
 
     def _hand_to_server(self, item: Item) -> None:
         """A request of a new chain that the reader does not run: a server does."""
@@ -626,7 +675,9 @@ class Connection:
             except TwinError:
                 return
             _, kind, key, raw = item
-            if kind == REQUEST:
+            if kind != REQUEST:
+                self._decoded(key)  # a reply nobody waits for any more
+            else:
                 try:
                     self._run(waiter, key, raw)
                 except ProtocolError:  # the link is broken
@@ -691,6 +742,7 @@ class Connection:
                 item = waiter.inbox.popleft()
                 if item[1] == REQUEST:
                     return item
+                self._decoded(item[2])  # a reply nobody waits for any more
             with self._lock:
                 if self.broken is not None:
                     return None
@@ -739,7 +791,7 @@ class Connection:
     def _run_as_server(self, waiter: _Waiter, item: Item) -> None:
         conn, kind, key, raw = item
         if kind != REQUEST:  # a release or shutdown the server read
-            self._handle_control(kind, raw)
+            self._handle_control(kind, key, raw)
             return
         with self._lock:
             # the gate watches the link while this runs (armed when the role was
@@ -754,8 +806,10 @@ class Connection:
         chain becomes this thread's while it runs (a nested request of this
         thread's own chain, or, for a server or without threads, any chain),
         so its calls go out and come back there."""
-        if _near_recursion_limit():  # answered, not run: the kernel keeps its frames
-            self._send_reply(req_id, RAISE, _too_deep())
+        # only a nested request can be this deep (sys._getframe is slow on PyPy)
+        if waiter.chain is not None and _near_recursion_limit():
+            self._decoded(_request_id(req_id))
+            self._send_reply(req_id, RAISE, _too_deep())  # answered, not run: the kernel keeps its frames
             return
         try:
             message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
@@ -765,6 +819,8 @@ class Connection:
         except Exception as err:  # rebuilding a value failed: this request fails
             self._send_reply(req_id, RAISE, err)
             return
+        finally:
+            self._decoded(_request_id(req_id))
         del raw
         if failure is not None:
             self._send_reply(req_id, RAISE, failure)
@@ -938,6 +994,13 @@ class Connection:
 #: reading, routing and answering at any depth must never hit the limit, or a
 #: reply could be lost and both sides would wait forever
 KERNEL_FRAMES = 60
+
+
+def _request_id(key: int) -> int:
+    """The id under which a request of the peer is tracked until decoded
+    (replies are tracked by the id of the request they answer, which is
+    positive: the two never meet)."""
+    return -1 - key
 
 
 def _too_deep() -> RecursionError:

@@ -279,6 +279,12 @@ impl WriterLock {
         *busy = true;
     }
 
+    /// Takes it if it is free; whether it did.
+    fn try_acquire(&self) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        !std::mem::replace(&mut *busy, true)
+    }
+
     /// Takes it unless it stays taken until `deadline`; whether it did.
     fn acquire_before(&self, deadline: Instant) -> bool {
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
@@ -304,31 +310,13 @@ impl WriterLock {
 }
 
 /// Writes what is left of a frame (`done` bytes of header and payload were
-/// written before) until it is all written (`true`) or `slice` passed
-/// without room in the pipe, or a signal came (`false`: `done` says how far
-/// it got, and the caller lets signal handlers run before going on).
+/// written before) to the non-blocking `fd` until it is all written
+/// (`true`), or `slice` passed without room in the pipe, or a signal came
+/// (`false`: `done` says how far it got, and the caller lets signal handlers
+/// run before going on). Room in the pipe is the common case: one `writev`.
 fn write_some(fd: i32, header: &[u8], payload: &[u8], done: &mut usize, slice: Duration) -> io::Result<bool> {
     let total = header.len() + payload.len();
     while *done < total {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        let ms = slice.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one pollfd that lives for the call
-        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if ready < 0 {
-            let err = io::Error::last_os_error();
-            return if err.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(err)
-            };
-        }
-        if ready == 0 {
-            return Ok(false); // still no room: a chance for Ctrl-C
-        }
         let (head_done, body_done) = if *done < header.len() {
             (*done, 0)
         } else {
@@ -346,14 +334,32 @@ fn write_some(fd: i32, header: &[u8], payload: &[u8], done: &mut usize, slice: D
         ];
         // SAFETY: two iovecs over live slices, for the duration of the call
         let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                return Ok(false);
-            }
-            return Err(err);
+        if n >= 0 {
+            *done += n as usize;
+            continue;
         }
-        *done += n as usize;
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => return Ok(false),
+            io::ErrorKind::WouldBlock => {}
+            _ => return Err(err),
+        }
+        // the pipe is full: wait for room, for at most a slice
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = slice.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd that lives for the call
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready <= 0 {
+            let err = io::Error::last_os_error();
+            if ready < 0 && err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+            return Ok(false); // no room yet, or a signal: a chance for Ctrl-C
+        }
     }
     Ok(true)
 }
@@ -581,7 +587,9 @@ impl ProcessTwin {
         let data = payload.as_bytes();
         let header = frame::header(data.len()).map_err(|e| to_pyerr(py, e))?;
         let fd = self.process.to_twin.as_raw_fd();
-        in_host(py, || self.writer.acquire());
+        if !self.writer.try_acquire() {
+            in_host(py, || self.writer.acquire());
+        }
         let sent = (|| {
             if self.cut.load(Ordering::SeqCst) {
                 return Err(PyBrokenPipeError::new_err(
