@@ -452,6 +452,19 @@ class TwinMaster:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
+    async def __aenter__(self) -> TwinMaster:
+        """``async with TwinMaster(...)``: starts (and stops) on a worker
+        thread, so the event loop goes on meanwhile."""
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.start)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
     # -- calls --------------------------------------------------------------
 
     def import_module(self, name: str) -> Any:
@@ -478,6 +491,13 @@ class TwinMaster:
         if self.twinterpreter_id == kernel_state.TWIN_ID:
             return call(*args, **kwargs)
         return self._in_master(_execute_in_master, self.twinterpreter_id, call, list(args), kwargs)
+
+    async def execute_async(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """``execute`` for asyncio: awaits the result without blocking the
+        event loop (docs/user-guide.md, "asyncio"; cpy2py/awaitable.py)."""
+        from . import awaitable
+
+        return await awaitable.execute(self, call, args, kwargs)
 
 
 def _start_in_master(executable: str, twin_id: str) -> bool:
