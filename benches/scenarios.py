@@ -225,12 +225,13 @@ class Cpy2py(Scenario):
         options = {}
         if self.executable == "wasi-python":
             try:
+                import cpy2py._host  # noqa: F401
                 import cpy2py.wasi  # noqa: F401
             except Exception as err:
                 raise Unavailable(f"cpy2py.wasi does not import: {err!r}") from None
             options = {"paths": [HERE]}
             # the sandbox caps messages (64 MiB by default): larger echoes are skipped
-            self.max_payload = getattr(cpy2py.wasi, "DEFAULT_MAX_FRAME", None)
+            self.max_payload = getattr(cpy2py._host, "WASI_DEFAULT_MAX_FRAME", None)
         elif os.sep not in self.executable:
             which(self.executable)
         self.module = cpy2py
