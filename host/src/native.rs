@@ -158,7 +158,9 @@ impl NativeTwin {
     /// interrupts the read itself. A partial frame is kept for the next step.
     pub fn read_step(&self) -> Result<ReadOutcome> {
         let mut reader = self.reader();
-        if !reader.in_progress() && !pipe::wait_for_frame(self.read_fd(), signals::mask_before_hold().as_ref())? {
+        if !reader.in_progress()
+            && !pipe::wait_for_frame(self.read_fd(), signals::mask_before_hold().as_ref())?
+        {
             return Ok(ReadOutcome::Interrupted);
         }
         reader.read(&mut &self.process.from_twin, self.max_frame)
@@ -190,7 +192,10 @@ impl NativeTwin {
     /// Takes the writer role for one frame of `payload` if it is free.
     pub fn try_begin_send<'a>(&'a self, payload: &'a [u8]) -> Result<Option<FrameSend<'a>>> {
         let header = frame::header(payload.len())?;
-        Ok(self.writer.try_acquire().then(|| FrameSend::new(self, header, payload)))
+        Ok(self
+            .writer
+            .try_acquire()
+            .then(|| FrameSend::new(self, header, payload)))
     }
 
     /// Waits for the writer role for one frame of `payload`.
@@ -265,7 +270,13 @@ impl<'a> FrameSend<'a> {
     /// Writes on for at most `slice`; whether the frame is all written.
     pub fn step(&mut self, slice: Duration) -> Result<bool> {
         let fd = self.twin.process.to_twin.as_raw_fd();
-        Ok(pipe::write_some(fd, &self.header, self.payload, &mut self.done, slice)?)
+        Ok(pipe::write_some(
+            fd,
+            &self.header,
+            self.payload,
+            &mut self.done,
+            slice,
+        )?)
     }
 
     /// The send is given up (a signal handler raised): if part of the frame
@@ -330,16 +341,28 @@ mod tests {
 
     #[test]
     fn the_handshake_goes_on_across_slices_until_the_hello() {
-        let twin = start(twin_saying(&hello_frame(1), "0.1", "cat <&3 >&4"), Duration::from_secs(10)).unwrap();
+        let twin = start(
+            twin_saying(&hello_frame(1), "0.1", "cat <&3 >&4"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
         assert_eq!(twin.hello.twin_id, "sh");
         // frames go through `cat` and back
         let mut send = twin.begin_send(b"\x83\x01\x02\x03").unwrap();
         assert!(send.step(SIGNAL_SLICE).unwrap());
         drop(send);
-        assert_eq!(twin.read_step().unwrap(), ReadOutcome::Frame(b"\x83\x01\x02\x03".to_vec()));
-        assert!(twin.try_send(&[0xf6], Instant::now() + Duration::from_secs(1)).unwrap());
+        assert_eq!(
+            twin.read_step().unwrap(),
+            ReadOutcome::Frame(b"\x83\x01\x02\x03".to_vec())
+        );
+        assert!(twin
+            .try_send(&[0xf6], Instant::now() + Duration::from_secs(1))
+            .unwrap());
         assert_eq!(twin.read_step().unwrap(), ReadOutcome::Frame(vec![0xf6]));
-        assert!(twin.try_send(&[0; 5000], Instant::now()).is_err(), "over PIPE_BUF");
+        assert!(
+            twin.try_send(&[0; 5000], Instant::now()).is_err(),
+            "over PIPE_BUF"
+        );
     }
 
     #[test]
@@ -349,21 +372,33 @@ mod tests {
             .unwrap();
         let text = err.to_string();
         assert!(matches!(err, HostError::Spawn(_)));
-        assert!(text.contains("exited with status 3") && text.contains("no such module"), "{text}");
+        assert!(
+            text.contains("exited with status 3") && text.contains("no such module"),
+            "{text}"
+        );
     }
 
     #[test]
     fn a_silent_twin_is_stopped_at_the_deadline() {
         let err = start(sh("sleep 30"), Duration::from_millis(100)).err().unwrap();
-        assert!(err.to_string().contains("did not answer the cpy2py handshake"), "{err}");
+        assert!(
+            err.to_string().contains("did not answer the cpy2py handshake"),
+            "{err}"
+        );
     }
 
     #[test]
     fn another_protocol_version_is_named() {
-        let err = start(twin_saying(&hello_frame(7), "0", "sleep 30"), Duration::from_secs(10))
-            .err()
-            .unwrap();
-        assert!(matches!(err, HostError::VersionMismatch { theirs: 7, .. }), "{err:?}");
+        let err = start(
+            twin_saying(&hello_frame(7), "0", "sleep 30"),
+            Duration::from_secs(10),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, HostError::VersionMismatch { theirs: 7, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -393,7 +428,11 @@ mod tests {
     #[test]
     fn an_abandoned_half_sent_frame_cuts_the_stream() {
         // a twin that never reads: its pipe fills up
-        let twin = start(twin_saying(&hello_frame(1), "0", "sleep 30"), Duration::from_secs(10)).unwrap();
+        let twin = start(
+            twin_saying(&hello_frame(1), "0", "sleep 30"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
         let big = vec![7u8; 1 << 20];
         let mut send = twin.begin_send(&big).unwrap();
         assert!(!send.step(Duration::from_millis(20)).unwrap(), "the pipe is full");
@@ -404,14 +443,20 @@ mod tests {
         assert!(err.to_string().contains("half-sent"), "{err}");
         drop(send);
         // a small control frame is not written on a cut stream
-        assert!(!twin.try_send(&[0xf6], Instant::now() + Duration::from_millis(10)).unwrap());
+        assert!(!twin
+            .try_send(&[0xf6], Instant::now() + Duration::from_millis(10))
+            .unwrap());
         // the writer role was given back each time
         assert!(twin.try_begin_send(b"\xf6").unwrap().is_some());
     }
 
     #[test]
     fn the_twin_sees_whole_frames_on_fd_3() {
-        let twin = start(twin_saying(&hello_frame(1), "0", "head -c 9 <&3 >&4"), Duration::from_secs(10)).unwrap();
+        let twin = start(
+            twin_saying(&hello_frame(1), "0", "head -c 9 <&3 >&4"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
         let mut send = twin.begin_send(b"hello").unwrap();
         assert!(send.step(SIGNAL_SLICE).unwrap());
         drop(send);

@@ -16,8 +16,16 @@ fn millis(timeout: Duration) -> i32 {
 
 /// One `poll` of `fd` for `events`; `None` when a signal interrupted it,
 /// else the `revents` (0: the timeout passed).
-fn poll_once(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> io::Result<Option<libc::c_short>> {
-    let mut pfd = libc::pollfd { fd, events, revents: 0 };
+fn poll_once(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout: Option<Duration>,
+) -> io::Result<Option<libc::c_short>> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
     // SAFETY: one pollfd that lives for the call
     let n = unsafe { libc::poll(&mut pfd, 1, timeout.map_or(-1, millis)) };
     if n < 0 {
@@ -69,7 +77,13 @@ pub fn wait_for_frame(fd: RawFd, unblocked: Option<&libc::sigset_t>) -> io::Resu
 /// (`true`), or `slice` passed without room in the pipe, or a signal came
 /// (`false`: `done` says how far it got, and the caller lets signal handlers
 /// run before going on). Room in the pipe is the common case: one `writev`.
-pub fn write_some(fd: RawFd, header: &[u8], payload: &[u8], done: &mut usize, slice: Duration) -> io::Result<bool> {
+pub fn write_some(
+    fd: RawFd,
+    header: &[u8],
+    payload: &[u8],
+    done: &mut usize,
+    slice: Duration,
+) -> io::Result<bool> {
     let total = header.len() + payload.len();
     while *done < total {
         let (head_done, body_done) = if *done < header.len() {
@@ -245,7 +259,7 @@ pub(crate) mod tests {
     pub(crate) fn interrupting_signal() -> libc::c_int {
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = nothing as usize;
+            action.sa_sigaction = nothing as *const () as usize;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut());
         }
@@ -267,7 +281,14 @@ pub(crate) mod tests {
     fn a_frame_is_written_with_one_writev_when_there_is_room() {
         let (mut read, write) = pipe(true);
         let mut done = 0;
-        assert!(write_some(write.as_raw_fd(), &[0, 0, 0, 3], b"abc", &mut done, Duration::from_secs(1)).unwrap());
+        assert!(write_some(
+            write.as_raw_fd(),
+            &[0, 0, 0, 3],
+            b"abc",
+            &mut done,
+            Duration::from_secs(1)
+        )
+        .unwrap());
         assert_eq!(done, 7);
         let mut got = [0u8; 7];
         read.read_exact(&mut got).unwrap();
@@ -283,7 +304,14 @@ pub(crate) mod tests {
         let mut done = 0;
         // EAGAIN, then a slice without room: false, nothing written
         let started = Instant::now();
-        assert!(!write_some(write.as_raw_fd(), &header, &payload, &mut done, Duration::from_millis(30)).unwrap());
+        assert!(!write_some(
+            write.as_raw_fd(),
+            &header,
+            &payload,
+            &mut done,
+            Duration::from_millis(30)
+        )
+        .unwrap());
         assert!(started.elapsed() >= Duration::from_millis(25));
         assert_eq!(done, 0);
         // a reader drains the pipe; the write goes on from `done` until whole
@@ -292,7 +320,15 @@ pub(crate) mod tests {
             read.read_exact(&mut all).unwrap();
             all.split_off(room)
         });
-        while !write_some(write.as_raw_fd(), &header, &payload, &mut done, Duration::from_millis(30)).unwrap() {}
+        while !write_some(
+            write.as_raw_fd(),
+            &header,
+            &payload,
+            &mut done,
+            Duration::from_millis(30),
+        )
+        .unwrap()
+        {}
         assert_eq!(done, header.len() + payload.len());
         let got = reader.join().unwrap();
         assert_eq!(&got[..4], &header);
@@ -308,7 +344,13 @@ pub(crate) mod tests {
         let writer = std::thread::spawn(move || {
             let mut done = 0;
             let started = Instant::now();
-            let all = write_some(write.as_raw_fd(), &[0, 0, 0, 1], b"x", &mut done, Duration::from_secs(30));
+            let all = write_some(
+                write.as_raw_fd(),
+                &[0, 0, 0, 1],
+                b"x",
+                &mut done,
+                Duration::from_secs(30),
+            );
             flag.store(true, Ordering::SeqCst);
             (all.unwrap(), done, started.elapsed())
         });
@@ -316,7 +358,10 @@ pub(crate) mod tests {
         let (all, done, took) = writer.join().unwrap();
         pest.join().unwrap();
         assert!(!all && done == 0, "interrupted, nothing written");
-        assert!(took < Duration::from_secs(10), "the signal ended the wait: {took:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "the signal ended the wait: {took:?}"
+        );
     }
 
     #[test]
@@ -325,7 +370,14 @@ pub(crate) mod tests {
         drop(read);
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let mut done = 0;
-        let err = write_some(write.as_raw_fd(), &[0, 0, 0, 1], b"x", &mut done, Duration::from_secs(1)).unwrap_err();
+        let err = write_some(
+            write.as_raw_fd(),
+            &[0, 0, 0, 1],
+            b"x",
+            &mut done,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 
@@ -336,7 +388,9 @@ pub(crate) mod tests {
         unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
         let room = fill(&write);
         unsafe { libc::fcntl(fd, libc::F_SETFL, 0) };
-        assert!(!write_small_before(fd, b"\0\0\0\x01\xf6", Instant::now() + Duration::from_millis(20)).unwrap());
+        assert!(
+            !write_small_before(fd, b"\0\0\0\x01\xf6", Instant::now() + Duration::from_millis(20)).unwrap()
+        );
         let mut drained = vec![0u8; room];
         read.read_exact(&mut drained).unwrap();
         assert!(write_small_before(fd, b"\0\0\0\x01\xf6", Instant::now() + Duration::from_secs(5)).unwrap());
@@ -350,7 +404,10 @@ pub(crate) mod tests {
     #[test]
     fn readiness_and_its_timeout() {
         let (read, write) = pipe(false);
-        assert_eq!(poll_readable(read.as_raw_fd(), Some(Duration::from_millis(1))).unwrap(), Some(false));
+        assert_eq!(
+            poll_readable(read.as_raw_fd(), Some(Duration::from_millis(1))).unwrap(),
+            Some(false)
+        );
         drop(write); // hung up counts as readable: the reader sees the end
         assert_eq!(poll_readable(read.as_raw_fd(), None).unwrap(), Some(true));
         assert!(wait_for_frame(read.as_raw_fd(), None).unwrap());

@@ -223,7 +223,10 @@ mod tests {
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Interrupted);
         assert!(reader.in_progress());
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Interrupted);
-        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![7, 8, 9]));
+        assert_eq!(
+            reader.read(&mut input, 100).unwrap(),
+            ReadOutcome::Frame(vec![7, 8, 9])
+        );
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![5]));
         assert!(!reader.in_progress());
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Eof);
@@ -231,7 +234,14 @@ mod tests {
 
     #[test]
     fn read_frame_goes_on_after_interruptions() {
-        let mut input = Scripted::new(vec![eintr(), Ok(&[0, 0, 0]), eintr(), Ok(&[2, 1]), eintr(), Ok(&[2])]);
+        let mut input = Scripted::new(vec![
+            eintr(),
+            Ok(&[0, 0, 0]),
+            eintr(),
+            Ok(&[2, 1]),
+            eintr(),
+            Ok(&[2]),
+        ]);
         assert_eq!(read_frame(&mut input, 100).unwrap().unwrap(), [1, 2]);
         assert!(read_frame(&mut input, 100).unwrap().is_none());
     }
@@ -252,13 +262,19 @@ mod tests {
     fn never_reads_past_the_frame() {
         let mut reader = FrameReader::default();
         let mut input: &[u8] = &[0, 0, 0, 1, 42, 0xde, 0xad];
-        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![42]));
+        assert_eq!(
+            reader.read(&mut input, 100).unwrap(),
+            ReadOutcome::Frame(vec![42])
+        );
         assert_eq!(input, [0xde, 0xad]);
     }
 
     #[test]
     fn other_errors_are_reported() {
         let mut input = Scripted::new(vec![Err(io::Error::from(io::ErrorKind::ConnectionReset))]);
-        assert!(matches!(FrameReader::default().read(&mut input, 100), Err(HostError::Io(_))));
+        assert!(matches!(
+            FrameReader::default().read(&mut input, 100),
+            Err(HostError::Io(_))
+        ));
     }
 }

@@ -42,7 +42,6 @@
 //! the master and the guest, the guest time they used, and the protocol rules
 //! a guest calling its `link` import directly cannot get around.
 
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};

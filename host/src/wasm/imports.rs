@@ -87,7 +87,6 @@ impl Shared {
         self.update_deadline(&ledger);
         Ok(frame)
     }
-
 }
 
 /// The store data of a guest.
