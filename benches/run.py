@@ -31,38 +31,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import catalog  # noqa: E402
 import report  # noqa: E402
 
 # -- what is measured -----------------------------------------------------------------
 
-#: long-lived scenarios: no-op calls, call/reply halves, startup
-LATENCY = [
-    "raw-cpython",
-    "raw-pypy",
-    "cpy2py-cpython",
-    "cpy2py-pypy",
-    "cpy2py-wasi",
-    "mp-pipe",
-    "execnet-cpython",
-    "execnet-pypy",
-    "rpyc-cpython",
-    "rpyc-pypy",
-    "original-cpython",
-    "original-pypy",
-]
-#: scenarios that only start (bare interpreters)
-START_ONLY = ["bare-cpython", "bare-pypy"]
+# the scenarios and their roles: catalog.py
+LATENCY = catalog.named("latency")
+START_ONLY = catalog.named("start-only")
 #: BENCH_CPY2PY_BASELINE=/other/checkout/guest-python (with its own _host built):
 #: that copy's python3 and pypy3 twins start in the same rounds as this copy's
 #: (startup only), so that a before/after comparison sees the same machine noise
-BASELINE = ["baseline-cpython", "baseline-pypy"]
-#: payload echoes: the same payloads through these
-PAYLOAD_SCENARIOS = ["raw-cpython", "raw-pypy", "mp-pipe", "cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi"]
-PAYLOADS = ["bytes-1MiB", "bytes-64MiB", "list-10k-ints", "dict-10k-nested"]
-#: the original's "many calls per start"
-MANY = ["cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi", "original-cpython", "original-pypy"]
-#: startup of twins is measured more often than the peers'
-START_MAIN = {"bare-cpython", "bare-pypy", "cpy2py-cpython", "cpy2py-pypy", "cpy2py-wasi", *BASELINE}
+BASELINE = catalog.named("baseline")
+PAYLOAD_SCENARIOS = catalog.named("payload")
+PAYLOADS = catalog.PAYLOADS
+MANY = catalog.named("many")
+START_MAIN = set(catalog.named("start-main"))
 
 
 def start_only(name: str) -> bool:
@@ -217,81 +201,94 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[List[str]]) -> Dict[str, Any]:
-    os.sched_setaffinity(0, cpus)  # inherited by every process started from here on
-    result: Dict[str, Any] = {
-        "cpus": cpus,
-        "scenarios": {},
-        "noop": {},
-        "halves": {},
-        "startup": {},
-        "payload": {},
-        "many": {},
-        "e2e": {},
-        "loadavg_before": os.getloadavg(),
-        "many_calls": plan["many_calls"],
-    }
-    wanted = lambda name: only is None or any(o in name for o in only)  # noqa: E731
-    names = [n for n in LATENCY + START_ONLY if wanted(n)]
-    if os.environ.get("BENCH_CPY2PY_BASELINE"):  # beside this copy's twins, whenever they run
-        names += [n for n in BASELINE if n.replace("baseline", "cpy2py") in names]
-    drivers: Dict[str, Driver] = {}
-    e2e_driver: Optional[Driver] = None
-    started = time.monotonic()
-    try:
-        for name in names:
-            drivers[name] = Driver(name, driver_env(name))
-        if wanted("e2e"):
-            e2e_driver = Driver("e2e", driver_env("e2e"))
-        # open the long-lived instances, one at a time
-        for name in names:
+class Pass:
+    """One pass (pinned or unpinned): its drivers, the failed tasks and the result."""
+
+    def __init__(self, label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[List[str]]) -> None:
+        self.label, self.cpus, self.plan, self.only = label, cpus, plan, only
+        self.result: Dict[str, Any] = {
+            "cpus": cpus,
+            "scenarios": {},
+            "noop": {},
+            "halves": {},
+            "startup": {},
+            "payload": {},
+            "many": {},
+            "e2e": {},
+            "loadavg_before": os.getloadavg(),
+            "many_calls": plan["many_calls"],
+        }
+        self.names = [n for n in LATENCY + START_ONLY if self.wanted(n)]
+        if os.environ.get("BENCH_CPY2PY_BASELINE"):  # beside this copy's twins, whenever they run
+            self.names += [n for n in BASELINE if n.replace("baseline", "cpy2py") in self.names]
+        self.drivers: Dict[str, Driver] = {}
+        self.e2e_driver: Optional[Driver] = None
+        self.task_errors: Dict[tuple, str] = {}
+        self.started = time.monotonic()
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or any(o in name for o in self.only)
+
+    def start_drivers(self) -> None:
+        for name in self.names:
+            self.drivers[name] = Driver(name, driver_env(name))
+        if self.wanted("e2e"):
+            self.e2e_driver = Driver("e2e", driver_env("e2e"))
+
+    def open_scenarios(self) -> None:
+        """Open the long-lived instances, one at a time."""
+        for name in self.names:
             info: Dict[str, Any] = {}
-            result["scenarios"][name] = info
+            self.result["scenarios"][name] = info
             if start_only(name):
                 info["status"] = "ok"
                 continue
             try:
-                opened = drivers[name].ask(300, "open")
+                opened = self.drivers[name].ask(300, "open")
                 info.update(opened, status="ok")
-                if opened["affinity"] and sorted(opened["affinity"]) != sorted(cpus):
-                    info["affinity_warning"] = f"far side runs on CPUs {opened['affinity']}, expected {cpus}"
+                if opened["affinity"] and sorted(opened["affinity"]) != sorted(self.cpus):
+                    info["affinity_warning"] = (
+                        f"far side runs on CPUs {opened['affinity']}, expected {self.cpus}"
+                    )
                     log(f"{name}: {info['affinity_warning']}")
             except DriverFailed as err:
-                d = drivers[name]
+                d = self.drivers[name]
                 d.failed = d.failed or (None if d.unavailable else str(err))
                 info["status"] = "unavailable" if d.unavailable else "failed"
                 info["reason"] = str(err)
                 log(f"{name}: {info['status']}: {err}")
-        live = [n for n in names if drivers[n].failed is None and not drivers[n].unavailable]
-        log(f"{label}: warming up {len(live)} scenarios")
-        task_errors: Dict[tuple, str] = {}
 
-        def warm(key: tuple, name: str, op: str, **args: Any) -> None:
-            try:
-                drivers[name].ask(600, op, **args)
-            except OpFailed as err:
-                task_errors[key] = str(err)
-                log(f"{name}: {op} failed in warm-up: {err}")
-            except DriverFailed as err:
-                result["scenarios"][name].update(status="failed", reason=str(err))
-                log(f"{name}: failed in warm-up: {err}")
+    def warm(self, key: tuple, name: str, op: str, **args: Any) -> None:
+        try:
+            self.drivers[name].ask(600, op, **args)
+        except OpFailed as err:
+            self.task_errors[key] = str(err)
+            log(f"{name}: {op} failed in warm-up: {err}")
+        except DriverFailed as err:
+            self.result["scenarios"][name].update(status="failed", reason=str(err))
+            log(f"{name}: failed in warm-up: {err}")
 
+    def warm_up(self) -> None:
+        live = [n for n in self.names if self.drivers[n].failed is None and not self.drivers[n].unavailable]
+        log(f"{self.label}: warming up {len(live)} scenarios")
         for name in live:
-            warm(("startup", name), name, "start", n=1)  # first start: byte-code caches, imports
+            self.warm(("startup", name), name, "start", n=1)  # first start: byte-code caches, imports
             if start_only(name):
                 continue
-            warm(("noop", name), name, "warmup", n=plan["warmup"])
-            warm(("halves", name), name, "warmup", n=0, halves=plan["warmup_halves"])
+            self.warm(("noop", name), name, "warmup", n=self.plan["warmup"])
+            self.warm(("halves", name), name, "warmup", n=0, halves=self.plan["warmup_halves"])
             if name in PAYLOAD_SCENARIOS:
                 for kind in PAYLOADS:
                     if kind != "bytes-64MiB":
-                        warm(("payload", name, kind), name, "payload", kind=kind, n=3)
+                        self.warm(("payload", name, kind), name, "payload", kind=kind, n=3)
 
-        # the schedule: every task's batches spread over the rounds
-        rounds = plan["rounds"]
-        tasks = []  # (key, per-round sizes, function(size))
-        for name in names:
-            d = drivers[name]
+    def schedule(self) -> List[tuple]:
+        """Every task as (key, per-round sizes, driver, op, args): its batches
+        spread over the rounds."""
+        plan, rounds = self.plan, self.plan["rounds"]
+        tasks = []
+        for name in self.names:
+            d = self.drivers[name]
             if not start_only(name):
                 tasks.append((("noop", name), [plan["noop"]] * rounds, d, "noop", {}))
                 tasks.append((("halves", name), [plan["halves"]] * rounds, d, "halves", {}))
@@ -299,90 +296,101 @@ def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[L
             tasks.append((("startup", name), spread(reps, rounds), d, "start", {}))
             if name in PAYLOAD_SCENARIOS:
                 for kind in PAYLOADS:
-                    tasks.append(
-                        (
-                            ("payload", name, kind),
-                            spread(plan["payload"][kind], rounds),
-                            d,
-                            "payload",
-                            {"kind": kind},
-                        )
-                    )
+                    sizes = spread(plan["payload"][kind], rounds)
+                    tasks.append((("payload", name, kind), sizes, d, "payload", {"kind": kind}))
             if name in MANY:
-                tasks.append(
-                    (("many", name), spread(plan["many"], rounds), d, "many", {"calls": plan["many_calls"]})
-                )
-        if e2e_driver is not None:
+                sizes = spread(plan["many"], rounds)
+                tasks.append((("many", name), sizes, d, "many", {"calls": plan["many_calls"]}))
+        if self.e2e_driver is not None:
             for mode in ("pinned-cold", "pinned-warm", "unpinned"):
-                tasks.append(
-                    (
-                        ("e2e", mode),
-                        spread(plan["e2e"], rounds),
-                        e2e_driver,
-                        "e2e",
-                        {"mode": mode, "max_n": plan["e2e_max_n"]},
-                    )
-                )
+                args = {"mode": mode, "max_n": plan["e2e_max_n"]}
+                tasks.append((("e2e", mode), spread(plan["e2e"], rounds), self.e2e_driver, "e2e", args))
+        return tasks
+
+    def run_rounds(self, tasks: List[tuple]) -> Dict[tuple, list]:
+        """Every round runs each task's batch, in a shuffled order."""
         samples: Dict[tuple, list] = {t[0]: [] for t in tasks}
         rng = random.Random(5)
+        rounds = self.plan["rounds"]
         for r in range(rounds):
             order = list(tasks)
             rng.shuffle(order)
             for key, sizes, d, op, args in order:
                 size = sizes[r]
-                if not size or d.failed or d.unavailable or key in task_errors:
+                if not size or d.failed or d.unavailable or key in self.task_errors:
                     continue
-                try:
-                    if op == "e2e":
-                        got = [d.ask(600, "e2e", **args) for _ in range(size)]
-                    else:
-                        got = d.ask(600, op, n=size, **args)
-                    samples[key].extend(got)
-                except OpFailed as err:
-                    task_errors[key] = str(err)
-                    log(f"{key[1]}: {op} failed: {err}")
-                except DriverFailed as err:
-                    name = key[1] if key[0] != "e2e" else "e2e"
-                    log(f"{name}: {op} failed: {err}")
-                    if name in result["scenarios"]:
-                        result["scenarios"][name].update(status="failed", reason=str(err))
-                    else:
-                        result["e2e_error"] = str(err)
-            log(f"{label}: round {r + 1}/{rounds} done ({time.monotonic() - started:.0f} s)")
-    finally:
-        for d in list(drivers.values()) + ([e2e_driver] if e2e_driver else []):
+                self.run_batch(samples, key, size, d, op, args)
+            log(f"{self.label}: round {r + 1}/{rounds} done ({time.monotonic() - self.started:.0f} s)")
+        return samples
+
+    def run_batch(
+        self, samples: Dict[tuple, list], key: tuple, size: int, d: Driver, op: str, args: dict
+    ) -> None:
+        try:
+            if op == "e2e":
+                got = [d.ask(600, "e2e", **args) for _ in range(size)]
+            else:
+                got = d.ask(600, op, n=size, **args)
+            samples[key].extend(got)
+        except OpFailed as err:
+            self.task_errors[key] = str(err)
+            log(f"{key[1]}: {op} failed: {err}")
+        except DriverFailed as err:
+            name = key[1] if key[0] != "e2e" else "e2e"
+            log(f"{name}: {op} failed: {err}")
+            if name in self.result["scenarios"]:
+                self.result["scenarios"][name].update(status="failed", reason=str(err))
+            else:
+                self.result["e2e_error"] = str(err)
+
+    def close(self) -> None:
+        for d in list(self.drivers.values()) + ([self.e2e_driver] if self.e2e_driver else []):
             d.close()
 
-    # summaries
-    for key, values in samples.items():
-        kind = key[0]
-        if not values:
-            continue
-        if kind == "noop":
-            result["noop"][key[1]] = report.stats(values)
-        elif kind == "halves":
-            result["halves"][key[1]] = {
-                "call": report.stats([v[0] for v in values]),
-                "reply": report.stats([v[1] for v in values]),
-            }
-        elif kind == "startup":
-            result["startup"][key[1]] = {
-                part: report.stats([v[part] for v in values]) for part in ("startup", "first_call", "stop")
-            }
-        elif kind == "payload":
-            result["payload"].setdefault(key[1], {})[key[2]] = report.stats(values)
-        elif kind == "many":
-            result["many"][key[1]] = report.stats(values)
-        elif kind == "e2e":
-            result["e2e"][key[1]] = report.stats(values)
-    for name, info in result["scenarios"].items():
-        d = drivers.get(name)
-        if d is not None and d.unavailable and info.get("status") == "ok":
-            info.update(status="unavailable", reason=d.unavailable)
-    result["errors"] = {"/".join(key): msg for key, msg in task_errors.items()}
-    result["seconds"] = time.monotonic() - started
-    result["loadavg_after"] = os.getloadavg()
-    return result
+    def summarize(self, samples: Dict[tuple, list]) -> Dict[str, Any]:
+        result = self.result
+        for key, values in samples.items():
+            if values:
+                summarize_task(result, key, values)
+        for name, info in result["scenarios"].items():
+            d = self.drivers.get(name)
+            if d is not None and d.unavailable and info.get("status") == "ok":
+                info.update(status="unavailable", reason=d.unavailable)
+        result["errors"] = {"/".join(key): msg for key, msg in self.task_errors.items()}
+        result["seconds"] = time.monotonic() - self.started
+        result["loadavg_after"] = os.getloadavg()
+        return result
+
+
+def summarize_task(result: Dict[str, Any], key: tuple, values: list) -> None:
+    """The statistics of one task's samples, into its table of ``result``."""
+    kind = key[0]
+    if kind == "halves":
+        result["halves"][key[1]] = {
+            "call": report.stats([v[0] for v in values]),
+            "reply": report.stats([v[1] for v in values]),
+        }
+    elif kind == "startup":
+        result["startup"][key[1]] = {
+            part: report.stats([v[part] for v in values]) for part in ("startup", "first_call", "stop")
+        }
+    elif kind == "payload":
+        result["payload"].setdefault(key[1], {})[key[2]] = report.stats(values)
+    elif kind in ("noop", "many", "e2e"):
+        result[kind][key[1]] = report.stats(values)
+
+
+def run_pass(label: str, cpus: List[int], plan: Dict[str, Any], only: Optional[List[str]]) -> Dict[str, Any]:
+    os.sched_setaffinity(0, cpus)  # inherited by every process started from here on
+    one = Pass(label, cpus, plan, only)
+    try:
+        one.start_drivers()
+        one.open_scenarios()
+        one.warm_up()
+        samples = one.run_rounds(one.schedule())
+    finally:
+        one.close()
+    return one.summarize(samples)
 
 
 # -- versions and builds --------------------------------------------------------------

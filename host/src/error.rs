@@ -13,8 +13,12 @@ pub enum HostError {
     #[error("{0}")]
     Protocol(String),
     /// The peer speaks another version of the protocol.
-    #[error("{0}")]
-    VersionMismatch(String),
+    #[error(
+        "the twin speaks cpy2py protocol {theirs}, this master speaks protocol {ours}: \
+         run the same cpy2py version in both (the master injects its own package into native twins, \
+         so check for a different cpy2py installed in the twin's environment)"
+    )]
+    VersionMismatch { theirs: u64, ours: u64 },
     /// The twin process ended; carries a description of how.
     #[error("{0}")]
     Terminated(String),
@@ -27,6 +31,9 @@ pub enum HostError {
     /// A value cannot be encoded or decoded.
     #[error("{0}")]
     Codec(String),
+    /// The caller passed an argument the host cannot use.
+    #[error("{0}")]
+    Usage(String),
     /// A plain I/O error on the protocol stream.
     #[error("I/O error on the twin protocol stream: {0}")]
     Io(#[from] io::Error),

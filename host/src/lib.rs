@@ -2,8 +2,11 @@
 //! `python` feature, the extension module `cpy2py._host`.
 
 pub mod error;
+pub mod native;
+pub mod pipe;
 pub mod process;
 pub mod protocol;
+pub mod signals;
 pub mod wasm;
 
 #[cfg(feature = "python")]

@@ -16,17 +16,12 @@ Module-level imports here are made while the component is built
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import traceback
 from typing import Any, Dict, List, Optional
 
 from .. import _logging, kernel_state
-from ..errors import ProtocolError
-from ..protocol import codec
-from ..protocol.messages import PROTOCOL_VERSION
-from . import links, main_module, references
+from . import handshake, links, main_module, references
 from .connection import Connection
 from .serialization import Serializer
 from .stdio import flush_stdio
@@ -37,8 +32,9 @@ log = _logging.get_logger("guest")
 EXECUTABLE = "wasi-python"
 
 
-class LinkTransport:
-    """Frames over the component's ``link`` import; the Connection's transport."""
+class HostTransport:
+    """The guest's transport: frames to and from the host over the
+    component's ``link`` import."""
 
     def __init__(self, link: Any) -> None:
         self._link = link
@@ -87,43 +83,25 @@ def main(link: Any = None) -> None:
     references.reseed_instance_ids()  # every guest starts from the same snapshot
     kernel_state.TWIN_ID = link.twin_id()
     paths = list(link.paths())
-    transport = LinkTransport(link)
-    transport.send(
-        codec.dumps(
-            {
-                "cpy2py": PROTOCOL_VERSION,
-                "twin_id": kernel_state.TWIN_ID,
-                "implementation": sys.implementation.name,
-                "version": platform.python_version(),
-                "executable": EXECUTABLE,
-                "pid": os.getpid(),
-            }
-        )
-    )
+    transport = HostTransport(link)
+    handshake.send_hello(transport, EXECUTABLE)
     raw = transport.recv()
     if raw is None:  # the master gave up on us
         return
     serializer = Serializer("__master__", trusted=False)
     welcome, failure = serializer.decode(raw)
-    if not isinstance(welcome, dict) or welcome.get("cpy2py") != PROTOCOL_VERSION:
-        version = welcome.get("cpy2py") if isinstance(welcome, dict) else None
-        raise ProtocolError(
-            f"the master speaks cpy2py protocol {version}, this guest speaks protocol {PROTOCOL_VERSION}"
-        )
+    config = handshake.check_welcome(welcome)
     kernel_state.MASTER_ID = str(welcome["master_id"])
     serializer.peer_id = kernel_state.MASTER_ID
-    config = welcome.get("config") or {}
     try:
         if failure is not None:
             raise failure
         _apply_config(config, paths)
-        for func, args, kwargs in config.get("initializers", []):
-            func(*args, **kwargs)
+        handshake.run_initializers(config)
     except BaseException:
-        transport.send(codec.dumps({"error": traceback.format_exc()}))
-        flush_stdio()
+        handshake.send_failure(transport)
         return
-    transport.send(codec.dumps({"ready": True}))
+    handshake.send_ready(transport)
     connection = Connection(
         transport,
         kernel_state.MASTER_ID,
@@ -143,9 +121,4 @@ def main(link: Any = None) -> None:
             log.exception("the main module failed in guest %s", kernel_state.TWIN_ID)
             traceback.print_exc()
     connection.serve()
-    for func, args, kwargs in config.get("finalizers", []):
-        try:
-            func(*args, **kwargs)
-        except Exception:
-            log.exception("finalizer %r failed", func)
-    flush_stdio()
+    handshake.run_finalizers(config)

@@ -11,11 +11,9 @@ import os
 import sys
 
 from .. import _logging, kernel_state
-from ..errors import ProtocolError
 from ..protocol import codec
-from ..protocol.messages import PROTOCOL_VERSION
 from ..protocol.transport import FdTransport
-from . import links, main_module
+from . import handshake, links, main_module
 from .connection import Connection
 from .serialization import Serializer
 from .stdio import flush_stdio
@@ -43,18 +41,7 @@ def main() -> None:
     os.set_inheritable(write_fd, False)
     _logging.configure_from_environment(kernel_state.TWIN_ID)
     transport = FdTransport(read_fd, write_fd)
-    transport.send(
-        codec.dumps(
-            {
-                "cpy2py": PROTOCOL_VERSION,
-                "twin_id": kernel_state.TWIN_ID,
-                "implementation": sys.implementation.name,
-                "version": ".".join(map(str, sys.version_info[:3])),
-                "executable": sys.executable,
-                "pid": os.getpid(),
-            }
-        )
-    )
+    handshake.send_hello(transport, sys.executable)
     raw = transport.recv()
     if raw is None:  # the master gave up on us
         os._exit(0)
@@ -63,26 +50,18 @@ def main() -> None:
     # finalizers) may live in the application's directories or its main
     # module, which this twin can import only once the configuration is applied.
     plain = codec.loads(raw, lambda tag, value: None)
-    if plain.get("cpy2py") != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"the master speaks cpy2py protocol {plain.get('cpy2py')}, "
-            f"this twin speaks protocol {PROTOCOL_VERSION}"
-        )
+    handshake.check_welcome(plain)
     try:
         _apply_config(plain["config"])
         welcome, failure = serializer.decode(raw)
         config = welcome["config"]
         if failure is not None:
             raise failure
-        for func, args, kwargs in config.get("initializers", []):
-            func(*args, **kwargs)
+        handshake.run_initializers(config)
     except BaseException:
-        import traceback
-
-        transport.send(codec.dumps({"error": traceback.format_exc()}))
-        flush_stdio()
+        handshake.send_failure(transport)
         os._exit(1)
-    transport.send(codec.dumps({"ready": True}))
+    handshake.send_ready(transport)
     log.info(
         "twin %s (%s %s) serving",
         kernel_state.TWIN_ID,
@@ -119,11 +98,6 @@ def _finish(config: Dict[str, Any]) -> None:
     master's shutdown request), any other waits for the end."""
     _finishing.acquire()
     log.info("twin %s done", kernel_state.TWIN_ID)
-    for func, args, kwargs in config.get("finalizers", []):
-        try:
-            func(*args, **kwargs)
-        except Exception:
-            log.exception("finalizer %r failed", func)
-    flush_stdio()
+    handshake.run_finalizers(config)
     # other threads may still run user code; the link is gone, so are we
     os._exit(0)

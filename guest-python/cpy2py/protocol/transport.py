@@ -1,7 +1,7 @@
 """Frames over a pair of file descriptors, in pure Python.
 
 Twins use this for their end of the protocol pipes; the master uses the
-compiled ``cpy2py._host.ProcessTwin`` with the same three methods.
+compiled ``cpy2py._host.NativeTwin`` with the same three methods.
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
 
     class Transport(Protocol):
         """What a ``Connection`` moves frames with: ``FdTransport`` (twins),
-        ``cpy2py._host.ProcessTwin`` (the master's native twins) and
-        ``cpy2py.wasi.GuestLink`` (sandboxed guests).
+        ``cpy2py._host.NativeTwin`` (the master's native twins),
+        ``cpy2py.wasi.GuestTransport`` (the master's sandboxed guests) and
+        ``kernel.guest_main.HostTransport`` (a guest's end).
 
         ``recv`` waits for the next frame (None: the stream ended between
         frames; False: this thread holds its signals, ``hold_signals``, and

@@ -1,4 +1,11 @@
 //! Length-prefixed frames: a 4-byte big-endian length, then one CBOR item.
+//!
+//! [`FrameReader`] is the one frame reader of the host: the master's reads
+//! from a native twin (crate::native) go through it, and so do [`read_frame`]
+//! (tests, benches, fuzzing). It keeps its progress between calls, so a read
+//! that a signal interrupts (EINTR, Ctrl-C) or that finds only part of a
+//! frame goes on where it stopped and never desynchronizes the stream. It
+//! reads exactly the bytes of one frame, never ahead.
 
 use std::io::{self, Read, Write};
 
@@ -33,7 +40,8 @@ pub fn payload_len(header: [u8; HEADER_LEN], max: usize) -> Result<usize> {
     Ok(len)
 }
 
-/// Writes one frame.
+/// Writes one frame (tests and benches; the master writes to a twin's
+/// non-blocking pipe with `crate::pipe::write_some`).
 pub fn write_frame<W: Write>(out: &mut W, payload: &[u8]) -> Result<()> {
     out.write_all(&header(payload.len())?)?;
     out.write_all(payload)?;
@@ -41,33 +49,131 @@ pub fn write_frame<W: Write>(out: &mut W, payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream before a frame.
+/// What one [`FrameReader::read`] came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// A whole frame's payload.
+    Frame(Vec<u8>),
+    /// The stream ended cleanly, between frames.
+    Eof,
+    /// The stream ended inside a frame.
+    Truncated,
+    /// A signal interrupted a read (EINTR); what was read is kept.
+    Interrupted,
+}
+
+/// Progress on the frame being read, kept across calls.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    head: [u8; HEADER_LEN],
+    head_have: usize,
+    body: Vec<u8>,
+    body_have: usize,
+}
+
+impl FrameReader {
+    /// Whether part of a frame was read (the rest may already be there, so
+    /// a caller must read rather than wait for the stream to be readable).
+    pub fn in_progress(&self) -> bool {
+        self.head_have > 0
+    }
+
+    /// Reads from `input` until a frame is whole, the stream ends, or a read
+    /// is interrupted. A length over `max` is refused before anything is
+    /// allocated. Each `read` of `input` asks for the rest of the header or
+    /// of the body only.
+    pub fn read<R: Read>(&mut self, input: &mut R, max: usize) -> Result<ReadOutcome> {
+        while self.head_have < HEADER_LEN {
+            match read_some(input, &mut self.head[self.head_have..])? {
+                None => return Ok(ReadOutcome::Interrupted),
+                Some(0) if self.head_have == 0 => return Ok(ReadOutcome::Eof),
+                Some(0) => return Ok(ReadOutcome::Truncated),
+                Some(n) => self.head_have += n,
+            }
+            if self.head_have == HEADER_LEN {
+                let len = payload_len(self.head, max)?;
+                self.body = vec![0; len];
+                self.body_have = 0;
+            }
+        }
+        while self.body_have < self.body.len() {
+            match read_some(input, &mut self.body[self.body_have..])? {
+                None => return Ok(ReadOutcome::Interrupted),
+                Some(0) => return Ok(ReadOutcome::Truncated),
+                Some(n) => self.body_have += n,
+            }
+        }
+        self.head_have = 0;
+        Ok(ReadOutcome::Frame(std::mem::take(&mut self.body)))
+    }
+}
+
+/// One `read`; `None` when a signal interrupted it.
+fn read_some<R: Read>(input: &mut R, buf: &mut [u8]) -> Result<Option<usize>> {
+    match input.read(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads one whole frame, going on after interrupted reads; `Ok(None)` on a
+/// clean end of stream before a frame.
 pub fn read_frame<R: Read>(input: &mut R, max: usize) -> Result<Option<Vec<u8>>> {
-    let mut head = [0u8; HEADER_LEN];
-    let mut have = 0;
-    while have < HEADER_LEN {
-        match input.read(&mut head[have..]) {
-            Ok(0) if have == 0 => return Ok(None),
-            Ok(0) => return Err(HostError::Protocol("stream ended inside a frame header".into())),
-            Ok(n) => have += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
+    let mut reader = FrameReader::default();
+    loop {
+        match reader.read(input, max)? {
+            ReadOutcome::Frame(payload) => return Ok(Some(payload)),
+            ReadOutcome::Eof => return Ok(None),
+            ReadOutcome::Interrupted => continue,
+            ReadOutcome::Truncated if reader.body.is_empty() => {
+                return Err(HostError::Protocol("stream ended inside a frame header".into()))
+            }
+            ReadOutcome::Truncated => {
+                return Err(HostError::Protocol(format!(
+                    "stream ended inside a frame of {} bytes",
+                    reader.body.len()
+                )))
+            }
         }
     }
-    let len = payload_len(head, max)?;
-    let mut payload = vec![0u8; len];
-    input.read_exact(&mut payload).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => {
-            HostError::Protocol(format!("stream ended inside a frame of {len} bytes"))
-        }
-        _ => e.into(),
-    })?;
-    Ok(Some(payload))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+
+    /// A stream that hands out its bytes in the given chunks, with an EINTR
+    /// (or another error) wherever a chunk is `Err`.
+    struct Scripted(VecDeque<io::Result<Vec<u8>>>);
+
+    impl Scripted {
+        fn new(steps: Vec<io::Result<&[u8]>>) -> Self {
+            Scripted(steps.into_iter().map(|s| s.map(<[u8]>::to_vec)).collect())
+        }
+    }
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.0.pop_front() {
+                None => Ok(0),
+                Some(Err(e)) => Err(e),
+                Some(Ok(mut chunk)) => {
+                    let n = chunk.len().min(buf.len());
+                    buf[..n].copy_from_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        self.0.push_front(Ok(chunk.split_off(n)));
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    fn eintr() -> io::Result<&'static [u8]> {
+        Err(io::Error::from(io::ErrorKind::Interrupted))
+    }
 
     #[test]
     fn round_trip() {
@@ -100,5 +206,75 @@ mod tests {
     fn empty_frame_is_refused() {
         let mut input: &[u8] = &[0, 0, 0, 0];
         assert!(matches!(read_frame(&mut input, 100), Err(HostError::Protocol(_))));
+    }
+
+    #[test]
+    fn an_interrupted_read_keeps_what_it_read_and_goes_on() {
+        // EINTR in the header and in the body, frames split across reads
+        let mut input = Scripted::new(vec![
+            Ok(&[0, 0]),
+            eintr(),
+            Ok(&[0, 3, 7]),
+            eintr(),
+            Ok(&[8, 9, 0, 0, 0]),
+            Ok(&[1, 5]),
+        ]);
+        let mut reader = FrameReader::default();
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Interrupted);
+        assert!(reader.in_progress());
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Interrupted);
+        assert_eq!(
+            reader.read(&mut input, 100).unwrap(),
+            ReadOutcome::Frame(vec![7, 8, 9])
+        );
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![5]));
+        assert!(!reader.in_progress());
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Eof);
+    }
+
+    #[test]
+    fn read_frame_goes_on_after_interruptions() {
+        let mut input = Scripted::new(vec![
+            eintr(),
+            Ok(&[0, 0, 0]),
+            eintr(),
+            Ok(&[2, 1]),
+            eintr(),
+            Ok(&[2]),
+        ]);
+        assert_eq!(read_frame(&mut input, 100).unwrap().unwrap(), [1, 2]);
+        assert!(read_frame(&mut input, 100).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_stream_ending_inside_a_frame_is_truncated_not_eof() {
+        let mut reader = FrameReader::default();
+        let mut input = Scripted::new(vec![Ok(&[0, 0, 0])]);
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Truncated);
+        let mut reader = FrameReader::default();
+        let mut input = Scripted::new(vec![Ok(&[0, 0, 0, 4, 1])]);
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Truncated);
+        let err = read_frame(&mut Scripted::new(vec![Ok(&[0, 0, 0, 4, 1])]), 100).unwrap_err();
+        assert!(err.to_string().contains("inside a frame of 4 bytes"), "{err}");
+    }
+
+    #[test]
+    fn never_reads_past_the_frame() {
+        let mut reader = FrameReader::default();
+        let mut input: &[u8] = &[0, 0, 0, 1, 42, 0xde, 0xad];
+        assert_eq!(
+            reader.read(&mut input, 100).unwrap(),
+            ReadOutcome::Frame(vec![42])
+        );
+        assert_eq!(input, [0xde, 0xad]);
+    }
+
+    #[test]
+    fn other_errors_are_reported() {
+        let mut input = Scripted::new(vec![Err(io::Error::from(io::ErrorKind::ConnectionReset))]);
+        assert!(matches!(
+            FrameReader::default().read(&mut input, 100),
+            Err(HostError::Io(_))
+        ));
     }
 }

@@ -32,11 +32,10 @@ pub fn parse_hello(frame: &[u8]) -> Result<Hello> {
         .and_then(|v| u64::try_from(v).ok())
         .ok_or_else(|| HostError::Protocol("the twin's first frame is not a cpy2py hello".into()))?;
     if version != PROTOCOL_VERSION {
-        return Err(HostError::VersionMismatch(format!(
-            "the twin speaks cpy2py protocol {version}, this master speaks protocol {PROTOCOL_VERSION}: \
-             run the same cpy2py version in both (the master injects its own package into native twins, \
-             so check for a different cpy2py installed in the twin's environment)"
-        )));
+        return Err(HostError::VersionMismatch {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        });
     }
     value
         .deserialized()
@@ -80,7 +79,7 @@ mod tests {
         let mut other = std::collections::BTreeMap::new();
         other.insert("cpy2py", 2);
         let err = parse_hello(&encode(&other)).unwrap_err();
-        assert!(matches!(err, HostError::VersionMismatch(_)));
+        assert!(matches!(err, HostError::VersionMismatch { theirs: 2, ours: 1 }));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod codec;
 mod errors;
+mod host_calls;
 mod twin;
 mod wasi;
 

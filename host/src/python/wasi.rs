@@ -1,5 +1,6 @@
-//! `WasiTwin`: a sandboxed WASI guest as seen from the Python kernel, with
-//! the same interface as `ProcessTwin` (twin.rs) plus `end_error`.
+//! `WasiGuest`: a sandboxed WASI guest as seen from the Python kernel, a
+//! thin wrapper of `crate::wasm::WasiGuest` with the interface of
+//! `NativeTwin` (twin.rs) plus `end_error`.
 //!
 //! The guest runs on the thread that needs it (crate::wasm::guest), with
 //! the GIL released: `send` of a request or an answer carries it out at
@@ -26,28 +27,31 @@ use pyo3::exceptions::PyBrokenPipeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict};
 
-use super::twin::to_pyerr;
+use super::host_calls::seconds;
+use super::twin::hello_dict;
 use crate::error::HostError;
 use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST};
-use crate::wasm::guest::{self, GuestConfig, DRIVE_SLICE};
+use crate::wasm::config::{self, GuestConfig};
+use crate::wasm::driver::DRIVE_SLICE;
 use crate::wasm::output::ProcessSink;
 use crate::wasm::queue::Popped;
-use crate::wasm::{runtime, EndKind, GuestEnd, WasiGuest};
+use crate::wasm::{self, runtime, EndKind, GuestEnd};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<WasiTwin>()?;
-    m.add("WASI_DEFAULT_MEMORY_LIMIT", guest::DEFAULT_MEMORY_LIMIT)?;
-    m.add("WASI_DEFAULT_TIMEOUT", guest::DEFAULT_TIMEOUT.as_secs_f64())?;
-    m.add("WASI_DEFAULT_MAX_FRAME", guest::DEFAULT_MAX_FRAME)?;
-    m.add("WASI_DEFAULT_OUTPUT_LIMIT", guest::DEFAULT_OUTPUT_LIMIT)?;
-    m.add("WASI_STDLIB_MOUNT", guest::STDLIB_MOUNT)?;
+    m.add_class::<WasiGuest>()?;
+    // the one source of the sandbox defaults (cpy2py/wasi.py reads them here)
+    m.add("WASI_DEFAULT_MEMORY_LIMIT", config::DEFAULT_MEMORY_LIMIT)?;
+    m.add("WASI_DEFAULT_TIMEOUT", config::DEFAULT_TIMEOUT.as_secs_f64())?;
+    m.add("WASI_DEFAULT_MAX_FRAME", config::DEFAULT_MAX_FRAME)?;
+    m.add("WASI_DEFAULT_OUTPUT_LIMIT", config::DEFAULT_OUTPUT_LIMIT)?;
+    m.add("WASI_STDLIB_MOUNT", config::STDLIB_MOUNT)?;
     m.add("WASMTIME_VERSION", runtime::WASMTIME_VERSION)?;
     Ok(())
 }
 
 #[pyclass(module = "cpy2py._host", frozen)]
-pub struct WasiTwin {
-    guest: WasiGuest,
+pub struct WasiGuest {
+    guest: wasm::WasiGuest,
 }
 
 /// How long `kill` and `wait` wait for threads still inside the host for
@@ -56,27 +60,18 @@ pub struct WasiTwin {
 /// no longer than this).
 const OUT_OF_HOST_WAIT: Duration = Duration::from_secs(2);
 
-fn seconds(value: Option<f64>) -> Option<Duration> {
-    value.map(|t| Duration::from_secs_f64(t.max(0.0)))
-}
-
-impl WasiTwin {
+impl WasiGuest {
     /// Runs `f` with the GIL released, counted as inside the host for this
     /// guest until the thread holds the GIL again.
-    fn in_host<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&WasiGuest) -> T + Send) -> T {
+    fn in_host<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&wasm::WasiGuest) -> T + Send) -> T {
         let _counted = self.guest.enter_host();
         py.detach(|| f(&self.guest))
     }
 
     /// In a forked child of the process that started the guest: the error
     /// every use of it raises (see `runtime::forked`).
-    fn forked(&self, py: Python<'_>) -> Option<PyErr> {
-        runtime::forked().then(|| {
-            to_pyerr(
-                py,
-                HostError::Terminated(runtime::forked_message(self.guest.twin_id())),
-            )
-        })
+    fn forked(&self) -> Option<PyErr> {
+        runtime::forked().then(|| HostError::Terminated(runtime::forked_message(self.guest.twin_id())).into())
     }
 
     /// Lets the threads still inside the host for this guest (which ended)
@@ -89,7 +84,7 @@ impl WasiTwin {
 }
 
 #[pymethods]
-impl WasiTwin {
+impl WasiGuest {
     /// Starts the guest component `guest_file` as twin `twin_id` and waits
     /// for its hello. `paths` are the roots it may import code from;
     /// `timeout` is seconds per call (None: unlimited); `cache_dir` None
@@ -97,8 +92,8 @@ impl WasiTwin {
     #[staticmethod]
     #[pyo3(signature = (
         twin_id, guest_file, stdlib_dir, bundled_dir=None, kernel_dir=None, paths=Vec::new(),
-        memory_limit=guest::DEFAULT_MEMORY_LIMIT, timeout=Some(guest::DEFAULT_TIMEOUT.as_secs_f64()),
-        max_frame=guest::DEFAULT_MAX_FRAME, output_limit=guest::DEFAULT_OUTPUT_LIMIT,
+        memory_limit=config::DEFAULT_MEMORY_LIMIT, timeout=Some(config::DEFAULT_TIMEOUT.as_secs_f64()),
+        max_frame=config::DEFAULT_MAX_FRAME, output_limit=config::DEFAULT_OUTPUT_LIMIT,
         cache_dir=None, handshake_timeout=60.0
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -122,18 +117,16 @@ impl WasiTwin {
         config.kernel_dir = kernel_dir;
         config.paths = paths;
         config.memory_limit = memory_limit;
-        config.timeout = seconds(timeout);
+        config.timeout = timeout.map(seconds);
         config.max_frame = max_frame;
         config.output_limit = output_limit;
         if let Some(dir) = cache_dir {
             config.cache_dir = dir;
         }
-        config.handshake_timeout = Duration::from_secs_f64(handshake_timeout.max(0.0));
+        config.handshake_timeout = seconds(handshake_timeout);
         let deadline = Instant::now() + config.handshake_timeout;
-        let guest = py
-            .detach(|| WasiGuest::launch(&config, Box::new(ProcessSink)))
-            .map_err(|e| to_pyerr(py, e))?;
-        let mut twin = WasiTwin { guest };
+        let guest = py.detach(|| wasm::WasiGuest::launch(&config, Box::new(ProcessSink)))?;
+        let mut twin = WasiGuest { guest };
         loop {
             let slice = deadline.min(Instant::now() + DRIVE_SLICE);
             let guest = &mut twin.guest;
@@ -146,7 +139,7 @@ impl WasiTwin {
                 Ok(false) if Instant::now() >= deadline => {
                     let err = twin.guest.no_hello(&config);
                     twin.let_threads_out(py);
-                    return Err(to_pyerr(py, err));
+                    return Err(err.into());
                 }
                 Ok(false) => {
                     if let Err(interrupted) = py.check_signals() {
@@ -154,7 +147,7 @@ impl WasiTwin {
                         return Err(interrupted);
                     }
                 }
-                Err(e) => return Err(to_pyerr(py, e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -168,14 +161,7 @@ impl WasiTwin {
     /// The guest's hello: twin_id, implementation, version, executable, pid.
     #[getter]
     fn hello<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let hello = &self.guest.hello;
-        let d = PyDict::new(py);
-        d.set_item("twin_id", &hello.twin_id)?;
-        d.set_item("implementation", &hello.implementation)?;
-        d.set_item("version", &hello.version)?;
-        d.set_item("executable", &hello.executable)?;
-        d.set_item("pid", hello.pid)?;
-        Ok(d)
+        hello_dict(py, &self.guest.hello)
     }
 
     /// Queues one frame for the guest. A request, or the answer to one of
@@ -196,9 +182,7 @@ impl WasiTwin {
             peek_header(&frame).and_then(|h| h.kind),
             Some(REQUEST | REPLY | RAISE)
         );
-        self.guest
-            .send(frame)
-            .map_err(|e| PyBrokenPipeError::new_err(e.to_string()))?;
+        self.guest.send(frame).map_err(HostError::Io)?;
         if carried_out && !self.guest.runs_elsewhere() {
             loop {
                 let slice = Instant::now() + DRIVE_SLICE;
@@ -218,7 +202,7 @@ impl WasiTwin {
     /// the guest ended (after everything it sent before was taken); False
     /// when there is nothing yet.
     fn try_recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(err) = self.forked(py) {
+        if let Some(err) = self.forked() {
             return Err(err);
         }
         Ok(match self.guest.try_recv() {
@@ -234,7 +218,7 @@ impl WasiTwin {
     /// crate::wasm::guest); looks for signals every `DRIVE_SLICE`, and
     /// leaves the guest suspended for the next reader if one is raised.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        if let Some(err) = self.forked(py) {
+        if let Some(err) = self.forked() {
             return Err(err);
         }
         loop {
@@ -276,7 +260,7 @@ impl WasiTwin {
         if runtime::forked() {
             return Ok(self.exit_status());
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let deadline = Instant::now() + seconds(timeout);
         loop {
             if let Some(end) = self.guest.end() {
                 self.let_threads_out(py);
@@ -326,7 +310,7 @@ impl WasiTwin {
     /// The exception callers get once the guest ended abnormally (timeout,
     /// memory, crash), or None while it runs or after a normal end.
     fn end_error(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        if let Some(err) = self.forked(py) {
+        if let Some(err) = self.forked() {
             return Some(err.into_value(py).into_any());
         }
         let end = self.guest.end()?;
@@ -337,18 +321,18 @@ impl WasiTwin {
             EndKind::Memory => HostError::OutOfMemory(msg),
             EndKind::Terminated => HostError::Terminated(msg),
         };
-        Some(to_pyerr(py, err).into_value(py).into_any())
+        Some(PyErr::from(err).into_value(py).into_any())
     }
 
     fn __repr__(&self) -> String {
         if runtime::forked() {
             return format!(
-                "<cpy2py WasiTwin {:?} (of the parent process)>",
+                "<cpy2py WasiGuest {:?} (of the parent process)>",
                 self.guest.twin_id()
             );
         }
         let state = self.guest.end().map_or("running".to_string(), |e| e.describe());
-        format!("<cpy2py WasiTwin {:?} ({state})>", self.guest.twin_id())
+        format!("<cpy2py WasiGuest {:?} ({state})>", self.guest.twin_id())
     }
 }
 

@@ -6,11 +6,17 @@
 //! `queue`), what it may do on its link (`ledger`), and how it is stopped.
 
 pub mod clocks;
+pub mod config;
+pub mod driver;
+pub mod end;
 pub mod guest;
+pub mod imports;
 pub mod ledger;
 pub mod output;
 pub mod queue;
 pub mod runtime;
 pub mod view;
 
-pub use guest::{EndKind, GuestConfig, GuestEnd, WasiGuest};
+pub use config::GuestConfig;
+pub use end::{EndKind, GuestEnd};
+pub use guest::WasiGuest;

@@ -17,7 +17,8 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
-use super::guest::{GuestState, Shared};
+use super::driver::Shared;
+use super::imports::{add_link_to_linker, GuestState};
 use crate::error::{HostError, Result};
 
 /// The wasmtime version the host is built with (part of the cache key).
@@ -362,7 +363,7 @@ fn missing_guest(path: &Path, err: std::io::Error) -> HostError {
 fn link(engine: &Engine, component: &Component) -> Result<CommandPre<GuestState>> {
     let mut linker = Linker::<GuestState>::new(engine);
     let setup = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .and_then(|_| super::guest::add_link_to_linker(&mut linker))
+        .and_then(|_| add_link_to_linker(&mut linker))
         .and_then(|_| linker.instantiate_pre(component))
         .and_then(CommandPre::new);
     setup.map_err(|e| {
@@ -404,19 +405,6 @@ fn content_hash(bytes: &[u8], seed: u64) -> u64 {
     h ^ (h >> 31)
 }
 
-/// `$CPY2PY_CACHE_DIR`, else `$XDG_CACHE_HOME/cpy2py`, else `~/.cache/cpy2py`.
-pub fn default_cache_dir() -> PathBuf {
-    let env = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    env("CPY2PY_CACHE_DIR")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("cpy2py")))
-        .or_else(|| env("HOME").map(|d| d.join(".cache").join("cpy2py")))
-        .unwrap_or_else(|| std::env::temp_dir().join("cpy2py-cache"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,7 +431,7 @@ mod tests {
     #[test]
     fn cache_dir_follows_the_environment() {
         // only reads the variables; the order of precedence is what matters
-        let dir = default_cache_dir();
+        let dir = crate::wasm::config::default_cache_dir();
         if let Some(explicit) = std::env::var_os("CPY2PY_CACHE_DIR").filter(|v| !v.is_empty()) {
             assert_eq!(dir, PathBuf::from(explicit));
         } else {

@@ -91,7 +91,7 @@ pub fn check_stream(data: &[u8]) -> usize {
 /// The handshake's hello parser: an error, never a panic.
 pub fn check_hello(data: &[u8]) {
     match cpy2py_host::protocol::handshake::parse_hello(data) {
-        Ok(_) | Err(HostError::Protocol(_)) | Err(HostError::VersionMismatch(_)) => {}
+        Ok(_) | Err(HostError::Protocol(_)) | Err(HostError::VersionMismatch { .. }) => {}
         Err(other) => panic!("parsing the hello {} failed with {other:?}", hex(data)),
     }
 }

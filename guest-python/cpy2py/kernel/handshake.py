@@ -1,0 +1,80 @@
+"""The twin's side of the handshake, shared by both entry points
+(``twin_main.py`` for native twins, ``guest_main.py`` for the WASI guest):
+hello, the version check of the welcome, initializers, ready or the error,
+and the finalizers at the end (docs/protocol.md, "Handshake").
+
+What differs stays with the entry points: how the welcome is decoded (a
+native twin applies its paths before it decodes names, a guest decodes
+without pickle) and how a failure ends the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .. import _logging, kernel_state
+from ..errors import ProtocolError
+from ..protocol import codec
+from ..protocol.messages import PROTOCOL_VERSION
+from .stdio import flush_stdio
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict
+
+    from ..protocol.transport import Transport
+
+log = _logging.get_logger("twin")
+
+
+def send_hello(transport: Transport, executable: str) -> None:
+    """The first frame: who this twin is (checked by the host, handshake.rs)."""
+    transport.send(
+        codec.dumps(
+            {
+                "cpy2py": PROTOCOL_VERSION,
+                "twin_id": kernel_state.TWIN_ID,
+                "implementation": sys.implementation.name,
+                "version": ".".join(map(str, sys.version_info[:3])),
+                "executable": executable,
+                "pid": os.getpid(),
+            }
+        )
+    )
+
+
+def check_welcome(welcome: Any) -> Dict[str, Any]:
+    """The welcome's protocol version must be ours; returns its config."""
+    version = welcome.get("cpy2py") if isinstance(welcome, dict) else None
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"the master speaks cpy2py protocol {version}, this twin speaks protocol {PROTOCOL_VERSION}"
+        )
+    return welcome.get("config") or {}
+
+
+def run_initializers(config: Dict[str, Any]) -> None:
+    for func, args, kwargs in config.get("initializers", []):
+        func(*args, **kwargs)
+
+
+def send_ready(transport: Transport) -> None:
+    transport.send(codec.dumps({"ready": True}))
+
+
+def send_failure(transport: Transport) -> None:
+    """Tell the master why the start failed (the exception being handled)."""
+    import traceback
+
+    transport.send(codec.dumps({"error": traceback.format_exc()}))
+    flush_stdio()
+
+
+def run_finalizers(config: Dict[str, Any]) -> None:
+    for func, args, kwargs in config.get("finalizers", []):
+        try:
+            func(*args, **kwargs)
+        except Exception:
+            log.exception("finalizer %r failed", func)
+    flush_stdio()

@@ -1,0 +1,468 @@
+//! A native twin as the master's kernel uses it: its process (process.rs),
+//! its hello, and whole frames moved over its pipes.
+//!
+//! Every blocking operation is a *step* that ends when a frame is done, a
+//! signal arrives or a slice of [`SIGNAL_SLICE`] passes; the pyo3 layer
+//! (python/twin.rs) runs each step with the GIL released and lets signal
+//! handlers run between steps. Progress survives between steps: a frame
+//! half read stays in the `FrameReader`, a frame half written holds the
+//! writer lock (`FrameSend`), and a send abandoned half-way marks the stream
+//! cut for good (the twin waits for the rest of a frame that never comes).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{HostError, Result};
+use crate::pipe::{self, WriterLock};
+use crate::process::{describe_status, TwinCommand, TwinProcess};
+use crate::protocol::frame::{self, FrameReader, ReadOutcome, HEADER_LEN};
+use crate::protocol::handshake::{parse_hello, Hello};
+use crate::signals;
+
+/// How long a step in the host lasts before its caller lets signal handlers
+/// run (Ctrl-C reaches a master blocked in a send or a start within this).
+pub const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+
+/// The largest hello a twin may send.
+const MAX_HELLO: usize = 1 << 20;
+
+/// A twin between its start and its hello.
+pub struct Handshake {
+    process: TwinProcess,
+    reader: FrameReader,
+    executable: String,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Handshake {
+    /// Starts the twin; its hello is due within `timeout`.
+    pub fn spawn(command: TwinCommand, timeout: Duration) -> Result<Handshake> {
+        let executable = command.executable.display().to_string();
+        let process = TwinProcess::spawn(command)?;
+        Ok(Handshake {
+            process,
+            reader: FrameReader::default(),
+            executable,
+            timeout,
+            deadline: Instant::now() + timeout,
+        })
+    }
+
+    /// Reads the hello until the deadline or for at most `slice`; `None`
+    /// when the slice ended first (the caller lets signal handlers run,
+    /// then goes on). Explains a twin that ended or broke the protocol
+    /// first, and stops a twin that stays silent past the deadline.
+    pub fn step(&mut self, slice: Duration) -> Result<Option<Hello>> {
+        let fd = self.process.from_twin.as_raw_fd();
+        let slice_end = Instant::now() + slice;
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if Instant::now() >= slice_end && !left.is_zero() {
+                return Ok(None);
+            }
+            if left.is_zero() {
+                self.process.kill()?;
+                return Err(HostError::Spawn(format!(
+                    "{:?} did not answer the cpy2py handshake within {:.0} s; \
+                     is it a Python interpreter? (raise handshake_timeout for very slow starts)",
+                    self.executable,
+                    self.timeout.as_secs_f64()
+                )));
+            }
+            let wait = left.min(slice_end.saturating_duration_since(Instant::now()));
+            if pipe::poll_readable(fd, Some(wait))? != Some(true) {
+                continue;
+            }
+            match self.reader.read(&mut &self.process.from_twin, MAX_HELLO) {
+                Ok(ReadOutcome::Frame(hello)) => return parse_hello(&hello).map(Some),
+                Ok(ReadOutcome::Interrupted) => continue,
+                Ok(ReadOutcome::Eof | ReadOutcome::Truncated) => break,
+                Err(HostError::Protocol(_)) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(self.ended_before_hello())
+    }
+
+    /// Explains a twin that closed its stream instead of answering (and
+    /// stops it): how it ended and what it said on stderr.
+    fn ended_before_hello(&self) -> HostError {
+        let status = match self.process.wait_timeout(Duration::from_secs(2)) {
+            Ok(status) => status.map_or_else(|| "closed the protocol stream".to_string(), describe_status),
+            Err(e) => return e,
+        };
+        let stderr = self.process.stderr_tail_when_closed(Duration::from_secs(1));
+        let said = if stderr.is_empty() {
+            String::new()
+        } else {
+            format!("; it said:\n{stderr}\n")
+        };
+        if let Err(e) = self.process.kill() {
+            return e;
+        }
+        HostError::Spawn(format!(
+            "{:?} {status} before answering the cpy2py handshake{said}\
+             Twinterpreters must be CPython or PyPy >= 3.9: pass the name or path of such an executable",
+            self.executable
+        ))
+    }
+
+    /// Stops the twin (the start was interrupted).
+    pub fn kill(&self) -> Result<()> {
+        self.process.kill().map(drop)
+    }
+
+    /// The twin that answered with `hello`.
+    pub fn finish(self, hello: Hello, max_frame: usize) -> NativeTwin {
+        tracing::debug!(pid = self.process.pid(), twin_id = %hello.twin_id, version = %hello.version, "twin answered");
+        NativeTwin {
+            process: self.process,
+            hello,
+            reader: Mutex::default(),
+            writer: WriterLock::default(),
+            cut: AtomicBool::new(false),
+            max_frame,
+        }
+    }
+}
+
+/// A native twin that answered its hello.
+pub struct NativeTwin {
+    pub process: TwinProcess,
+    pub hello: Hello,
+    reader: Mutex<FrameReader>,
+    writer: WriterLock,
+    /// A send was interrupted (Ctrl-C) in the middle of a frame: the stream
+    /// is cut, and nothing more can be sent on it.
+    cut: AtomicBool,
+    max_frame: usize,
+}
+
+impl NativeTwin {
+    /// The descriptor the twin's frames arrive on.
+    pub fn read_fd(&self) -> RawFd {
+        self.process.from_twin.as_raw_fd()
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, FrameReader> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads (the rest of) one frame. A thread that holds its signals waits
+    /// first with them let through, and gets `Interrupted` if one came
+    /// before the frame (nothing was read); without held signals, a signal
+    /// interrupts the read itself. A partial frame is kept for the next step.
+    pub fn read_step(&self) -> Result<ReadOutcome> {
+        let mut reader = self.reader();
+        if !reader.in_progress()
+            && !pipe::wait_for_frame(self.read_fd(), signals::mask_before_hold().as_ref())?
+        {
+            return Ok(ReadOutcome::Interrupted);
+        }
+        reader.read(&mut &self.process.from_twin, self.max_frame)
+    }
+
+    /// The error for a stream that ended inside a frame: a twin that died
+    /// while writing (a crash, the OOM killer during a large reply) ended,
+    /// and says how; one that still runs broke the protocol.
+    pub fn truncated(&self) -> HostError {
+        match self.process.wait_timeout(Duration::from_millis(500)) {
+            Ok(Some(status)) => HostError::Terminated(format!(
+                "the twin {} while sending a frame",
+                describe_status(status)
+            )),
+            Ok(None) => HostError::Protocol("the twin's stream ended inside a frame".into()),
+            Err(e) => e,
+        }
+    }
+
+    /// Waits until a frame can be read (or the stream ended), up to
+    /// `timeout` (None: forever); `None` when a signal interrupted the wait.
+    pub fn wait_readable_step(&self, timeout: Option<Duration>) -> Result<Option<bool>> {
+        if self.reader().in_progress() {
+            return Ok(Some(true));
+        }
+        Ok(pipe::poll_readable(self.read_fd(), timeout)?)
+    }
+
+    /// Takes the writer role for one frame of `payload` if it is free.
+    pub fn try_begin_send<'a>(&'a self, payload: &'a [u8]) -> Result<Option<FrameSend<'a>>> {
+        let header = frame::header(payload.len())?;
+        Ok(self
+            .writer
+            .try_acquire()
+            .then(|| FrameSend::new(self, header, payload)))
+    }
+
+    /// Waits for the writer role for one frame of `payload`.
+    pub fn begin_send<'a>(&'a self, payload: &'a [u8]) -> Result<FrameSend<'a>> {
+        let header = frame::header(payload.len())?;
+        self.writer.acquire();
+        Ok(FrameSend::new(self, header, payload))
+    }
+
+    /// Whether a send was interrupted half-way through a frame.
+    pub fn cut_mid_frame(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
+    }
+
+    /// Sends one small frame (at most `PIPE_BUF` bytes with its header) if
+    /// it can be written whole before `deadline`, never blocking longer (for
+    /// stopping a twin that may have stopped reading while another thread is
+    /// blocked in a send); whether it was written.
+    pub fn try_send(&self, payload: &[u8], deadline: Instant) -> Result<bool> {
+        if payload.len() + HEADER_LEN > libc::PIPE_BUF {
+            return Err(HostError::Usage(format!(
+                "try_send takes frames of at most {} bytes, not {}",
+                libc::PIPE_BUF - HEADER_LEN,
+                payload.len()
+            )));
+        }
+        let mut message = frame::header(payload.len())?.to_vec();
+        message.extend_from_slice(payload);
+        // another thread may be inside a frame, blocked on the full pipe
+        if !self.writer.acquire_before(deadline) {
+            return Ok(false);
+        }
+        let written = if self.cut_mid_frame() {
+            Ok(false)
+        } else {
+            pipe::write_small_before(self.process.to_twin.as_raw_fd(), &message, deadline)
+        };
+        self.writer.release();
+        Ok(written?)
+    }
+}
+
+/// One frame being sent: holds the twin's writer role until dropped.
+pub struct FrameSend<'a> {
+    twin: &'a NativeTwin,
+    header: [u8; HEADER_LEN],
+    payload: &'a [u8],
+    done: usize,
+}
+
+impl<'a> FrameSend<'a> {
+    fn new(twin: &'a NativeTwin, header: [u8; HEADER_LEN], payload: &'a [u8]) -> Self {
+        FrameSend {
+            twin,
+            header,
+            payload,
+            done: 0,
+        }
+    }
+
+    /// Fails if an earlier send left the stream cut.
+    pub fn check_not_cut(&self) -> Result<()> {
+        if self.twin.cut_mid_frame() {
+            return Err(HostError::Io(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier message to this twin was interrupted half-sent: its link is cut",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes on for at most `slice`; whether the frame is all written.
+    pub fn step(&mut self, slice: Duration) -> Result<bool> {
+        let fd = self.twin.process.to_twin.as_raw_fd();
+        Ok(pipe::write_some(
+            fd,
+            &self.header,
+            self.payload,
+            &mut self.done,
+            slice,
+        )?)
+    }
+
+    /// The send is given up (a signal handler raised): if part of the frame
+    /// went out, the stream is cut.
+    pub fn abandon(self) {
+        if self.done > 0 {
+            self.twin.cut.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for FrameSend<'_> {
+    fn drop(&mut self) {
+        self.twin.writer.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn sh(script: &str) -> TwinCommand {
+        TwinCommand {
+            executable: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        }
+    }
+
+    fn hello_frame(version: u64) -> Vec<u8> {
+        let hello = Hello {
+            cpy2py: version,
+            twin_id: "sh".into(),
+            implementation: "sh".into(),
+            version: "0".into(),
+            executable: "/bin/sh".into(),
+            pid: 1,
+        };
+        let mut payload = Vec::new();
+        ciborium::into_writer(&hello, &mut payload).unwrap();
+        let mut out = Vec::new();
+        frame::write_frame(&mut out, &payload).unwrap();
+        out
+    }
+
+    /// A shell "twin" that writes `hello` (as octal escapes for printf) on
+    /// fd 4 after `delay`, then runs `then`.
+    fn twin_saying(hello: &[u8], delay: &str, then: &str) -> TwinCommand {
+        let escaped: String = hello.iter().map(|b| format!("\\{b:03o}")).collect();
+        sh(&format!("sleep {delay}; printf '{escaped}' >&4; {then}"))
+    }
+
+    fn start(command: TwinCommand, timeout: Duration) -> Result<NativeTwin> {
+        let mut handshake = Handshake::spawn(command, timeout)?;
+        loop {
+            if let Some(hello) = handshake.step(Duration::from_millis(20))? {
+                return Ok(handshake.finish(hello, 1 << 20));
+            }
+        }
+    }
+
+    #[test]
+    fn the_handshake_goes_on_across_slices_until_the_hello() {
+        let twin = start(
+            twin_saying(&hello_frame(1), "0.1", "cat <&3 >&4"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(twin.hello.twin_id, "sh");
+        // frames go through `cat` and back
+        let mut send = twin.begin_send(b"\x83\x01\x02\x03").unwrap();
+        assert!(send.step(SIGNAL_SLICE).unwrap());
+        drop(send);
+        assert_eq!(
+            twin.read_step().unwrap(),
+            ReadOutcome::Frame(b"\x83\x01\x02\x03".to_vec())
+        );
+        assert!(twin
+            .try_send(&[0xf6], Instant::now() + Duration::from_secs(1))
+            .unwrap());
+        assert_eq!(twin.read_step().unwrap(), ReadOutcome::Frame(vec![0xf6]));
+        assert!(
+            twin.try_send(&[0; 5000], Instant::now()).is_err(),
+            "over PIPE_BUF"
+        );
+    }
+
+    #[test]
+    fn a_twin_that_exits_first_is_explained_with_its_stderr() {
+        let err = start(sh("echo 'no such module' >&2; exit 3"), Duration::from_secs(10))
+            .err()
+            .unwrap();
+        let text = err.to_string();
+        assert!(matches!(err, HostError::Spawn(_)));
+        assert!(
+            text.contains("exited with status 3") && text.contains("no such module"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_silent_twin_is_stopped_at_the_deadline() {
+        let err = start(sh("sleep 30"), Duration::from_millis(100)).err().unwrap();
+        assert!(
+            err.to_string().contains("did not answer the cpy2py handshake"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn another_protocol_version_is_named() {
+        let err = start(
+            twin_saying(&hello_frame(7), "0", "sleep 30"),
+            Duration::from_secs(10),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, HostError::VersionMismatch { theirs: 7, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_partial_frame_waits_for_its_rest_and_a_cut_stream_is_explained() {
+        // the twin sends the hello, 3 bytes of a frame, then (after a
+        // while) the rest, then half a frame and dies
+        let twin = start(
+            twin_saying(
+                &hello_frame(1),
+                "0",
+                r"printf '\000\000\000' >&4; sleep 0.2; printf '\002\001\002' >&4; printf '\000\000\000\011\001' >&4; exit 5",
+            ),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let mut outcome = twin.read_step().unwrap();
+        while outcome == ReadOutcome::Interrupted {
+            outcome = twin.read_step().unwrap();
+        }
+        assert_eq!(outcome, ReadOutcome::Frame(vec![1, 2]));
+        assert_eq!(twin.read_step().unwrap(), ReadOutcome::Truncated);
+        let err = twin.truncated();
+        assert!(matches!(err, HostError::Terminated(_)), "{err:?}");
+        assert!(err.to_string().contains("exited with status 5"), "{err}");
+    }
+
+    #[test]
+    fn an_abandoned_half_sent_frame_cuts_the_stream() {
+        // a twin that never reads: its pipe fills up
+        let twin = start(
+            twin_saying(&hello_frame(1), "0", "sleep 30"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let big = vec![7u8; 1 << 20];
+        let mut send = twin.begin_send(&big).unwrap();
+        assert!(!send.step(Duration::from_millis(20)).unwrap(), "the pipe is full");
+        send.abandon();
+        assert!(twin.cut_mid_frame());
+        let send = twin.begin_send(b"\xf6").unwrap();
+        let err = send.check_not_cut().unwrap_err();
+        assert!(err.to_string().contains("half-sent"), "{err}");
+        drop(send);
+        // a small control frame is not written on a cut stream
+        assert!(!twin
+            .try_send(&[0xf6], Instant::now() + Duration::from_millis(10))
+            .unwrap());
+        // the writer role was given back each time
+        assert!(twin.try_begin_send(b"\xf6").unwrap().is_some());
+    }
+
+    #[test]
+    fn the_twin_sees_whole_frames_on_fd_3() {
+        let twin = start(
+            twin_saying(&hello_frame(1), "0", "head -c 9 <&3 >&4"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let mut send = twin.begin_send(b"hello").unwrap();
+        assert!(send.step(SIGNAL_SLICE).unwrap());
+        drop(send);
+        let mut back = Vec::new();
+        (&twin.process.from_twin).read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"\0\0\0\x05hello");
+        let _ = (&twin.process.to_twin).flush();
+    }
+}

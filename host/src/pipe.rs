@@ -1,0 +1,453 @@
+//! Waiting on and writing to the pipes of a native twin, in steps that end
+//! when a signal arrives or a slice of time passes, so that the caller (the
+//! pyo3 layer, with the GIL released) can let Python's signal handlers run
+//! (Ctrl-C) between steps without losing or tearing a frame.
+//!
+//! Reading goes through the one frame reader, `protocol::frame::FrameReader`.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+fn millis(timeout: Duration) -> i32 {
+    timeout.as_millis().min(i32::MAX as u128) as i32
+}
+
+/// One `poll` of `fd` for `events`; `None` when a signal interrupted it,
+/// else the `revents` (0: the timeout passed).
+fn poll_once(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout: Option<Duration>,
+) -> io::Result<Option<libc::c_short>> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives for the call
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.map_or(-1, millis)) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(Some(if n == 0 { 0 } else { pfd.revents }))
+}
+
+/// Waits until `fd` is readable (or hung up), up to `timeout` (None:
+/// forever); `None` when a signal interrupted the wait.
+pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<Option<bool>> {
+    Ok(poll_once(fd, libc::POLLIN, timeout)?.map(|revents| revents != 0))
+}
+
+/// Waits until `fd` is readable while this thread blocks its signals,
+/// letting them through during the wait only (`ppoll` with `unblocked`, the
+/// mask from before they were held): `false` when one arrived first (nothing
+/// was read; the caller lets its handler run). With no held mask, `true` at
+/// once: the read itself waits, and a signal interrupts it.
+pub fn wait_for_frame(fd: RawFd, unblocked: Option<&libc::sigset_t>) -> io::Result<bool> {
+    let Some(unblocked) = unblocked else {
+        return Ok(true);
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives for the call, and a valid signal mask
+    let n = unsafe { libc::ppoll(&mut pfd, 1, std::ptr::null(), unblocked) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(true)
+}
+
+/// Writes what is left of a frame (`done` bytes of header and payload were
+/// written before) to the non-blocking `fd` until it is all written
+/// (`true`), or `slice` passed without room in the pipe, or a signal came
+/// (`false`: `done` says how far it got, and the caller lets signal handlers
+/// run before going on). Room in the pipe is the common case: one `writev`.
+pub fn write_some(
+    fd: RawFd,
+    header: &[u8],
+    payload: &[u8],
+    done: &mut usize,
+    slice: Duration,
+) -> io::Result<bool> {
+    let total = header.len() + payload.len();
+    while *done < total {
+        let (head_done, body_done) = if *done < header.len() {
+            (*done, 0)
+        } else {
+            (header.len(), *done - header.len())
+        };
+        let iov = [
+            libc::iovec {
+                iov_base: header[head_done..].as_ptr() as *mut _,
+                iov_len: header.len() - head_done,
+            },
+            libc::iovec {
+                iov_base: payload[body_done..].as_ptr() as *mut _,
+                iov_len: payload.len() - body_done,
+            },
+        ];
+        // SAFETY: two iovecs over live slices, for the duration of the call
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+        if n >= 0 {
+            *done += n as usize;
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => return Ok(false),
+            io::ErrorKind::WouldBlock => {}
+            _ => return Err(err),
+        }
+        // the pipe is full: wait for room, for at most a slice; no room yet,
+        // or a signal: a chance for Ctrl-C
+        if poll_once(fd, libc::POLLOUT, Some(slice))?.unwrap_or(0) == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Writes `message` (at most `PIPE_BUF` bytes, so all or nothing) to the
+/// pipe `fd` unless it stays full until `deadline`; never blocks past it.
+/// The caller holds the writer lock: no other write is under way.
+pub fn write_small_before(fd: RawFd, message: &[u8], deadline: Instant) -> io::Result<bool> {
+    debug_assert!(message.len() <= libc::PIPE_BUF);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let revents = match poll_once(fd, libc::POLLOUT, Some(left))? {
+            None => continue,
+            Some(0) => return Ok(false), // still full at the deadline
+            Some(revents) => revents,
+        };
+        if revents & (libc::POLLERR | libc::POLLHUP) != 0 && revents & libc::POLLOUT == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EPIPE));
+        }
+        // poll said there is room; MSG_DONTWAIT does not apply to pipes, so
+        // the write is made non-blocking for this one call
+        // SAFETY: flags of a descriptor the caller owns
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        // SAFETY: a live slice, for the duration of the call
+        let written = unsafe { libc::write(fd, message.as_ptr().cast(), message.len()) };
+        let err = io::Error::last_os_error();
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+        if written >= 0 {
+            debug_assert_eq!(
+                written as usize,
+                message.len(),
+                "pipe writes up to PIPE_BUF are atomic"
+            );
+            return Ok(true);
+        }
+        match err.kind() {
+            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock if Instant::now() < deadline => continue,
+            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => return Ok(false),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// The right to write frames to a twin, held by one thread from the first
+/// byte of a frame to its last, also while that thread lets the GIL go
+/// between slices of a long write (a guard could not travel there).
+#[derive(Default)]
+pub struct WriterLock {
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+impl WriterLock {
+    pub fn acquire(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+    }
+
+    /// Takes it if it is free; whether it did.
+    pub fn try_acquire(&self) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        !std::mem::replace(&mut *busy, true)
+    }
+
+    /// Takes it unless it stays taken until `deadline`; whether it did.
+    pub fn acquire_before(&self, deadline: Instant) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *busy = true;
+        true
+    }
+
+    pub fn release(&self) {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A pipe (read end, write end), the write end non-blocking like the
+    /// master's end towards a twin.
+    pub(crate) fn pipe(nonblocking_write: bool) -> (File, File) {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        if nonblocking_write {
+            unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) };
+        }
+        unsafe {
+            (
+                File::from(OwnedFd::from_raw_fd(fds[0])),
+                File::from(OwnedFd::from_raw_fd(fds[1])),
+            )
+        }
+    }
+
+    /// Fills the non-blocking `write` end; how many bytes it took.
+    fn fill(write: &File) -> usize {
+        let chunk = [0u8; 65536];
+        let mut total = 0;
+        loop {
+            let n = unsafe { libc::write(write.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) };
+            if n < 0 {
+                assert_eq!(io::Error::last_os_error().kind(), io::ErrorKind::WouldBlock);
+                return total;
+            }
+            total += n as usize;
+        }
+    }
+
+    extern "C" fn nothing(_: libc::c_int) {}
+
+    /// A handler for SIGUSR2 without SA_RESTART, so that it interrupts waits.
+    pub(crate) fn interrupting_signal() -> libc::c_int {
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = nothing as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut());
+        }
+        libc::SIGUSR2
+    }
+
+    /// Sends `signal` to the thread of `handle` every few ms until `done`.
+    pub(crate) fn pester(thread: libc::pthread_t, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+        let signal = interrupting_signal();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+                unsafe { libc::pthread_kill(thread, signal) };
+            }
+        })
+    }
+
+    #[test]
+    fn a_frame_is_written_with_one_writev_when_there_is_room() {
+        let (mut read, write) = pipe(true);
+        let mut done = 0;
+        assert!(write_some(
+            write.as_raw_fd(),
+            &[0, 0, 0, 3],
+            b"abc",
+            &mut done,
+            Duration::from_secs(1)
+        )
+        .unwrap());
+        assert_eq!(done, 7);
+        let mut got = [0u8; 7];
+        read.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\0\0\0\x03abc");
+    }
+
+    #[test]
+    fn a_full_pipe_ends_the_slice_and_the_write_goes_on_where_it_stopped() {
+        let (mut read, write) = pipe(true);
+        let room = fill(&write);
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let header = [0, 1, 0x86, 0xa0];
+        let mut done = 0;
+        // EAGAIN, then a slice without room: false, nothing written
+        let started = Instant::now();
+        assert!(!write_some(
+            write.as_raw_fd(),
+            &header,
+            &payload,
+            &mut done,
+            Duration::from_millis(30)
+        )
+        .unwrap());
+        assert!(started.elapsed() >= Duration::from_millis(25));
+        assert_eq!(done, 0);
+        // a reader drains the pipe; the write goes on from `done` until whole
+        let reader = std::thread::spawn(move || {
+            let mut all = vec![0u8; room + header.len() + 100_000];
+            read.read_exact(&mut all).unwrap();
+            all.split_off(room)
+        });
+        while !write_some(
+            write.as_raw_fd(),
+            &header,
+            &payload,
+            &mut done,
+            Duration::from_millis(30),
+        )
+        .unwrap()
+        {}
+        assert_eq!(done, header.len() + payload.len());
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..4], &header);
+        assert_eq!(&got[4..], &payload[..]);
+    }
+
+    #[test]
+    fn a_signal_ends_the_wait_for_room_before_the_slice() {
+        let (_read, write) = pipe(true);
+        fill(&write);
+        let done_flag = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&done_flag);
+        let writer = std::thread::spawn(move || {
+            let mut done = 0;
+            let started = Instant::now();
+            let all = write_some(
+                write.as_raw_fd(),
+                &[0, 0, 0, 1],
+                b"x",
+                &mut done,
+                Duration::from_secs(30),
+            );
+            flag.store(true, Ordering::SeqCst);
+            (all.unwrap(), done, started.elapsed())
+        });
+        let pest = pester(writer.as_pthread_t(), Arc::clone(&done_flag));
+        let (all, done, took) = writer.join().unwrap();
+        pest.join().unwrap();
+        assert!(!all && done == 0, "interrupted, nothing written");
+        assert!(
+            took < Duration::from_secs(10),
+            "the signal ended the wait: {took:?}"
+        );
+    }
+
+    #[test]
+    fn a_closed_reader_is_a_broken_pipe() {
+        let (read, write) = pipe(true);
+        drop(read);
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        let mut done = 0;
+        let err = write_some(
+            write.as_raw_fd(),
+            &[0, 0, 0, 1],
+            b"x",
+            &mut done,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn a_small_write_waits_for_room_only_until_its_deadline() {
+        let (mut read, write) = pipe(false);
+        let fd = write.as_raw_fd();
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let room = fill(&write);
+        unsafe { libc::fcntl(fd, libc::F_SETFL, 0) };
+        assert!(
+            !write_small_before(fd, b"\0\0\0\x01\xf6", Instant::now() + Duration::from_millis(20)).unwrap()
+        );
+        let mut drained = vec![0u8; room];
+        read.read_exact(&mut drained).unwrap();
+        assert!(write_small_before(fd, b"\0\0\0\x01\xf6", Instant::now() + Duration::from_secs(5)).unwrap());
+        let mut got = [0u8; 5];
+        read.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\0\0\0\x01\xf6");
+        // the descriptor is blocking again, as the caller had it
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK, 0);
+    }
+
+    #[test]
+    fn readiness_and_its_timeout() {
+        let (read, write) = pipe(false);
+        assert_eq!(
+            poll_readable(read.as_raw_fd(), Some(Duration::from_millis(1))).unwrap(),
+            Some(false)
+        );
+        drop(write); // hung up counts as readable: the reader sees the end
+        assert_eq!(poll_readable(read.as_raw_fd(), None).unwrap(), Some(true));
+        assert!(wait_for_frame(read.as_raw_fd(), None).unwrap());
+    }
+
+    #[test]
+    fn a_held_signal_ends_the_wait_for_a_frame_and_nothing_is_read() {
+        let (read, write) = pipe(false);
+        let signal = interrupting_signal();
+        let done_flag = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&done_flag);
+        let fd = read.as_raw_fd();
+        let waiter = std::thread::spawn(move || unsafe {
+            // hold the signal as `signals::hold` does, let it through in the wait
+            let mut held: libc::sigset_t = std::mem::zeroed();
+            let mut before: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut held);
+            libc::sigaddset(&mut held, signal);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &held, &mut before);
+            let got = wait_for_frame(fd, Some(&before));
+            flag.store(true, Ordering::SeqCst);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+            got.unwrap()
+        });
+        let pest = pester(waiter.as_pthread_t(), Arc::clone(&done_flag));
+        assert!(!waiter.join().unwrap(), "the signal came first");
+        pest.join().unwrap();
+        drop(write);
+    }
+
+    #[test]
+    fn the_writer_lock_is_exclusive_and_waits_only_until_its_deadline() {
+        let lock = WriterLock::default();
+        assert!(lock.try_acquire());
+        assert!(!lock.try_acquire());
+        assert!(!lock.acquire_before(Instant::now() + Duration::from_millis(10)));
+        lock.release();
+        assert!(lock.acquire_before(Instant::now() + Duration::from_millis(10)));
+        lock.release();
+        lock.acquire();
+        lock.release();
+    }
+}

@@ -1,0 +1,66 @@
+//! Holding signals in the main thread (where Python runs signal handlers)
+//! while it holds a link's reading role: a handler that raises (Ctrl-C) must
+//! never interrupt it between reading a frame and delivering it (the frame
+//! would be lost to whichever thread waits for it) or leave the role taken.
+//! Waits for frames stay interruptible: `pipe::wait_for_frame` lets the held
+//! signals through with the mask saved here.
+
+use std::cell::Cell;
+
+thread_local! {
+    /// The signal mask of this thread before `hold`, while it holds them.
+    static HELD: Cell<Option<libc::sigset_t>> = const { Cell::new(None) };
+}
+
+/// Blocks every signal in the main thread until `release`; elsewhere, or
+/// when they are held already, does nothing.
+pub fn hold() {
+    // SAFETY: plain system calls on this thread's own signal mask
+    unsafe {
+        if libc::gettid() != libc::getpid() || held() {
+            return;
+        }
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) == 0 {
+            HELD.with(|saved| saved.set(Some(old)));
+        }
+    }
+}
+
+/// Lets the signals `hold` held through (they are delivered now).
+pub fn release() {
+    if let Some(old) = HELD.with(Cell::take) {
+        // SAFETY: restores this thread's mask to what it was
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
+}
+
+/// Whether this thread holds its signals.
+pub fn held() -> bool {
+    HELD.with(|saved| saved.get().is_some())
+}
+
+/// The mask this thread had before it held its signals (None: not held).
+pub fn mask_before_hold() -> Option<libc::sigset_t> {
+    HELD.with(Cell::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_main_thread_holds_signals() {
+        // the test harness runs tests on threads other than the main one
+        std::thread::spawn(|| {
+            hold();
+            assert!(!held());
+            assert!(mask_before_hold().is_none());
+            release();
+        })
+        .join()
+        .unwrap();
+    }
+}
