@@ -586,10 +586,11 @@ impl ProcessTwin {
     fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
         let data = payload.as_bytes();
         let header = frame::header(data.len()).map_err(|e| to_pyerr(py, e))?;
-        let fd = self.process.to_twin.as_raw_fd();
         if !self.writer.try_acquire() {
             in_host(py, || self.writer.acquire());
         }
+        // read under the writer lock: `close` takes it before closing
+        let fd = self.process.to_twin.as_raw_fd();
         let sent = (|| {
             if self.cut.load(Ordering::SeqCst) {
                 return Err(PyBrokenPipeError::new_err(
@@ -638,13 +639,13 @@ impl ProcessTwin {
         }
         let mut message = frame::header(data.len()).map_err(|e| to_pyerr(py, e))?.to_vec();
         message.extend_from_slice(data);
-        let fd = self.process.to_twin.as_raw_fd();
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
         Ok(in_host(py, || {
             // another thread may be inside a frame, blocked on the full pipe
             if !self.writer.acquire_before(deadline) {
                 return Ok(false);
             }
+            let fd = self.process.to_twin.as_raw_fd();
             if self.cut.load(Ordering::SeqCst) {
                 self.writer.release();
                 return Ok(false);
@@ -661,10 +662,14 @@ impl ProcessTwin {
     /// it return False, having read nothing, for the caller to let the
     /// handler run. A partial frame is kept for the next call either way.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let fd = self.read_fd();
         loop {
             let outcome = in_host(py, || {
                 let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+                // read under the reader lock: `close` takes it before closing
+                let fd = self.read_fd();
+                if fd < 0 {
+                    return Ok(ReadOutcome::Eof);
+                }
                 if !reader.in_progress() && !wait_for_frame(fd)? {
                     return Ok(ReadOutcome::Interrupted);
                 }
@@ -703,6 +708,9 @@ impl ProcessTwin {
                 {
                     return Ok(Some(true));
                 }
+                if self.process.from_twin.is_closed() {
+                    return Ok(Some(true)); // recv says it ended
+                }
                 poll_readable(self.read_fd(), timeout)
             });
             match ready.map_err(|e| to_pyerr(py, e))? {
@@ -731,6 +739,35 @@ impl ProcessTwin {
     fn kill(&self, py: Python<'_>) -> PyResult<String> {
         let status = in_host(py, || self.process.kill()).map_err(|e| to_pyerr(py, e))?;
         Ok(describe_status(status))
+    }
+
+    /// Closes the master's ends of the twin's pipes now (the twin is stopped:
+    /// its descriptors must not wait for the last reference to this object).
+    /// Waits for a thread inside `send` or `recv` to leave (they end once the
+    /// twin is gone); later ones find the stream ended.
+    fn close(&self, py: Python<'_>) {
+        // bounded: a reader kept waiting by a descendant that left the twin's
+        // process group leaves the descriptors to the handle's drop instead
+        let deadline = Instant::now() + Duration::from_secs(1);
+        in_host(py, || {
+            if !self.writer.acquire_before(deadline) {
+                return;
+            }
+            let reader = loop {
+                match self.reader.try_lock() {
+                    Ok(reader) => break Some(reader),
+                    Err(std::sync::TryLockError::Poisoned(e)) => break Some(e.into_inner()),
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                    Err(_) => break None,
+                }
+            };
+            if reader.is_some() {
+                self.process.from_twin.close();
+                self.process.to_twin.close();
+            }
+            drop(reader);
+            self.writer.release();
+        });
     }
 
     /// The last few KiB the twin wrote to stderr.
