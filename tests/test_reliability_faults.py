@@ -70,10 +70,9 @@ def test_sigkill_mid_call_fails_every_waiting_call_and_restarts(kind, victim, by
     for err in errors:
         assert isinstance(err, TwinterpreterTerminated), repr(err)
         assert "victim-" in str(err) and "SIGKILL" in str(err), str(err)
-    # later calls fail the same way and say how to recover
-    with pytest.raises(TwinterpreterTerminated, match=r"start\(\)"):
-        victim.execute(rh.pid)
     assert not victim.is_alive
+    # the calls in flight were told; the next use starts a fresh twin
+    assert victim.execute(rh.pid) != pid
     # the other twin never noticed
     served = loop.stop()
     assert served > 0 and bystander.execute(rh.answer, "after", b"") == rh.answer("after", b"")

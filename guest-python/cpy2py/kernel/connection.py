@@ -261,6 +261,13 @@ class Connection:
         self._waiting = 0  # ... of which waiting at the gate
         self._idle: Deque[_Waiter] = deque()  # ... or, without a gate, asleep
         self.broken: Optional[BaseException] = None
+        #: a caller was told that the link ended (master.py restarts a dead
+        #: twin on its next use only once somebody was)
+        self.reported = False
+        #: seconds a request may wait for its reply before ``on_timeout`` is
+        #: called with them (native twins' ``timeout``; the master only)
+        self.call_timeout: Optional[float] = None
+        self.on_timeout: Optional[Callable[[float], None]] = None
         # references (kernel/references.py, guarded by its lock): what the peer
         # holds of this side's objects, key -> count, and (sandboxes) what it
         # may do with them; releases of proxies here, queued until sent;
@@ -306,7 +313,7 @@ class Connection:
         if entry is not None and _near_recursion_limit():  # only nested calls can be this deep
             raise _too_deep()
         req_id = next(self._ids)
-        payload = codec.dumps([REQUEST, req_id, chain, op, *operands], self.serializer.default)
+        payload = references.encode([REQUEST, req_id, chain, op, *operands], self.serializer.default)
         if __debug__:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
         with self._lock:
@@ -318,6 +325,11 @@ class Connection:
                 self._chains[chain] = [waiter, 1]
             else:
                 entry[1] += 1
+        timed = self.call_timeout is not None
+        if timed:  # from before the send: a twin that stops reading times out too
+            from . import deadlines  # (the master's only: twins never load it)
+
+            deadlines.set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
             try:
                 self.transport.send(payload)
@@ -335,6 +347,8 @@ class Connection:
                 raise
             del payload
             kind, raw = self._wait_for_reply(waiter, req_id)
+            if timed:
+                deadlines.clear((self, req_id))
             try:
                 message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
                 if type(message) is not list or len(message) != 3:
@@ -350,6 +364,8 @@ class Connection:
                 return message[2]
             raise self.serializer.reraise(message[2])
         finally:
+            if timed:
+                deadlines.clear((self, req_id))
             with self._lock:
                 if self._pending.pop(req_id, None) is not None and self.broken is None:
                     # left before its reply was routed (a signal handler raised):
@@ -368,7 +384,13 @@ class Connection:
             early = waiter.early.pop((self, req_id), None) if waiter.early else None
             conn, kind, key, raw = early if early is not None else self._next_for(waiter)
             if kind == REQUEST:  # a nested call of our chain: run it right here
-                conn._run(waiter, key, raw)
+                # the time this side spends on it is not the peer's
+                left = _deadlines().clear((self, req_id)) if self.call_timeout is not None else None
+                try:
+                    conn._run(waiter, key, raw)
+                finally:
+                    if left is not None:
+                        _deadlines().set_deadline((self, req_id), max(left, 0.0), self._timed_out)
                 del raw  # its arguments must not outlive the nested call
             elif conn is self and key == req_id:
                 return kind, raw
@@ -658,6 +680,10 @@ class Connection:
 
     # -- serving the peer -------------------------------------------------
 
+    def thread_count(self) -> int:
+        """Server threads of this link alive now."""
+        return self._servers
+
     def start_serving(self) -> None:
         """Start the first server thread of this link."""
         self._start_server()
@@ -886,10 +912,10 @@ class Connection:
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
         try:
-            payload = codec.dumps([kind, req_id, value], self.serializer.default)
+            payload = references.encode([kind, req_id, value], self.serializer.default)
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
-                payload = codec.dumps([RAISE, req_id, err], self.serializer.default)
+                payload = references.encode([RAISE, req_id, err], self.serializer.default)
             except BaseException:  # not even that (a RecursionError near the limit): the bare facts
                 payload = bare_failure(req_id, value if kind == RAISE else err)
         if __debug__:
@@ -920,7 +946,13 @@ class Connection:
     def _broken_error(self) -> BaseException:
         err = self.broken
         assert err is not None
+        self.reported = True
         return err
+
+    def _timed_out(self, key: Tuple[Connection, int]) -> None:
+        """A request ran past ``call_timeout`` (the deadlines thread calls this)."""
+        if self.on_timeout is not None and self.broken is None:
+            self.on_timeout(self.call_timeout or 0.0)
 
     def _fail(self, cause: Optional[BaseException], reason: Optional[str] = None) -> None:
         """Mark the link broken and wake everyone who waits on it."""
@@ -994,6 +1026,12 @@ class Connection:
 #: reading, routing and answering at any depth must never hit the limit, or a
 #: reply could be lost and both sides would wait forever
 KERNEL_FRAMES = 60
+
+
+def _deadlines() -> Any:
+    from . import deadlines  # the master's only: twins never load it (nor threading)
+
+    return deadlines
 
 
 def _request_id(key: int) -> int:
