@@ -631,9 +631,10 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
         broken = twin.connection.broken
         if broken is None:
             return twin.connection
-        if not twin.connection.reported or _no_auto():
+        # a guest's end is always told to the call it ended (timeout, memory, trap)
+        if not twin.sandboxed and (not twin.connection.reported or _no_auto()):
             twin.connection.reported = True
-            if twin.sandboxed or "start" in str(broken) or "fresh twin" in str(broken):
+            if "start" in str(broken) or "fresh twin" in str(broken):
                 raise broken  # its text says what is lost and what comes next
             raise TwinterpreterTerminated(f"{broken}{_lost(twin_id)}") from broken
         twin.master.start()  # shuts the dead one down first

@@ -81,10 +81,17 @@ def local_view(peer_id: str) -> Dict[str, Any]:
     entry_ids = {id(entry) for _, entry in held}
     objects = [entry[0] for _, entry in held]
     ours = {id(held), id(objects), id(entry_ids)}
+    # local variables of running code are no gc referrers: they count as holders
+    in_frames = _held_by_frames()
     # one scan of the heap for all of them: who refers to each
-    referred: Dict[int, int] = {}
+    referred: Dict[int, int] = dict.fromkeys(in_frames, 1)
     for referrer in gc.get_referrers(*objects):
-        if id(referrer) in entry_ids or id(referrer) in ours or isinstance(referrer, types.FrameType):
+        if (
+            id(referrer) in entry_ids
+            or id(referrer) in ours
+            or isinstance(referrer, types.FrameType)
+            or _is_arguments(referrer, objects)
+        ):
             continue
         for ref in gc.get_referents(referrer):
             referred[id(ref)] = referred.get(id(ref), 0) + 1
@@ -102,14 +109,15 @@ def local_view(peer_id: str) -> Dict[str, Any]:
         candidates.append(
             [list(key), [list(_key(proxy)) for proxy in reach if _link(proxy) is connection]]
         )
+        del reach  # a set of proxies: it would count as one more holder below
     live: List[List[Any]] = []
     if proxies:
         ours.update({id(walked), id(proxies), id(candidates), id(objects)})
-        holders: Dict[int, bool] = {}
         proxy_list = list(proxies.values())
         ours.add(id(proxy_list))
+        holders = {pid: True for pid in proxies if pid in in_frames}
         for referrer in gc.get_referrers(*proxy_list):
-            if id(referrer) in ours or isinstance(referrer, types.FrameType):
+            if id(referrer) in ours or isinstance(referrer, types.FrameType) or _is_arguments(referrer, proxy_list):
                 continue
             outside = id(referrer) not in walked
             for ref in gc.get_referents(referrer):
@@ -117,6 +125,31 @@ def local_view(peer_id: str) -> Dict[str, Any]:
                     holders[id(ref)] = True
         live = [list(_key(proxies[pid])) for pid in holders]
     return {"candidates": candidates, "live": live}
+
+
+def _held_by_frames() -> Set[int]:
+    """Ids of the objects that the local variables of running code hold."""
+    import sys
+
+    held: Set[int] = set()
+    for frame in list(sys._current_frames().values()):
+        while frame is not None:
+            try:
+                held.update(id(value) for value in list(frame.f_locals.values()))
+            except Exception:  # a frame that cannot show its locals: its objects stay
+                pass
+            frame = frame.f_back
+    return held
+
+
+def _is_arguments(referrer: Any, objects: List[Any]) -> bool:
+    """Whether ``referrer`` is the argument tuple of our own call of
+    gc.get_referrers (PyPy reports it)."""
+    return (
+        type(referrer) is tuple
+        and len(referrer) == len(objects)
+        and all(a is b for a, b in zip(referrer, objects))
+    )
 
 
 def _key(proxy: Any) -> Key:

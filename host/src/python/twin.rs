@@ -498,14 +498,15 @@ impl ProcessTwin {
             .map_or_else(|| "closed the protocol stream".to_string(), describe_status);
         let stderr = process.stderr_tail_when_closed(Duration::from_secs(1));
         let said = if stderr.is_empty() {
-            String::new()
+            ". ".to_string()
         } else {
             format!("; it said:\n{stderr}\n")
         };
         process.kill()?;
         Err(HostError::Spawn(format!(
             "{executable:?} {status} before answering the cpy2py handshake{said}\
-             Twinterpreters must be CPython or PyPy >= 3.9: pass the name or path of such an executable"
+             Twinterpreters must be CPython or PyPy >= 3.9 (a wrapper script must end by running one, \
+             e.g. with exec): pass the name or path of such an executable"
         )))
     }
 }
