@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from cpy2py import TwinObject, is_proxy, kernel_state
+from cpy2py import TwinObject, kernel_state
 
 
 def pid() -> int:

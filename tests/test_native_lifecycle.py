@@ -175,7 +175,9 @@ def test_an_initializer_that_blocks_fails_the_start_within_handshake_timeout(kin
 
 def test_a_slow_start_blocks_no_other_twin(tmp_path):
     go = tmp_path / "go"
-    wrapper = _script(tmp_path, "slow-python", f'while [ ! -e "{go}" ]; do sleep 0.05; done\nexec python3 "$@"\n')
+    wrapper = _script(
+        tmp_path, "slow-python", f'while [ ! -e "{go}" ]; do sleep 0.05; done\nexec python3 "$@"\n'
+    )
     slow = TwinMaster(wrapper, "slow-start")
     starting = threading.Thread(target=slow.start, daemon=True)
     starting.start()
@@ -247,7 +249,9 @@ def test_a_killed_twin_with_descendants_fails_the_waiting_call_at_once(kind, how
 
 def test_a_wrapper_scripts_helper_neither_holds_the_link_nor_outlives_the_twin(tmp_path):
     helper_pid = tmp_path / "helper"
-    wrapper = _script(tmp_path, "wrapped-python", f'sleep 300 &\necho $! > "{helper_pid}"\nexec python3 "$@"\n')
+    wrapper = _script(
+        tmp_path, "wrapped-python", f'sleep 300 &\necho $! > "{helper_pid}"\nexec python3 "$@"\n'
+    )
     master = TwinMaster(wrapper, "wrapped")
     try:
         master.start()
@@ -275,7 +279,8 @@ def test_no_descendant_of_a_twin_outlives_the_master(kind, ending, tmp_path):
         from cpy2py import TwinMaster
         twin = TwinMaster({kind!r}, "parent-of-forks")
         twin.start()
-        children = [twin.execute(lh.fork_sleeper, how) for how in ("os.fork", "multiprocessing", "subprocess")]
+        ways = ("os.fork", "multiprocessing", "subprocess")
+        children = [twin.execute(lh.fork_sleeper, how) for how in ways]
         with open({str(pids)!r}, "w") as out:
             out.write(" ".join(map(str, [twin.execute(lh.pid)] + children)))
         if {ending!r} != "exit":
@@ -344,8 +349,10 @@ def test_cycles_across_interpreters_are_collected(kind):
         freed = master.collect()
         assert freed >= 500, freed  # the rest go as the freed objects' proxies release theirs
         _wait_until(
-            lambda: master.counts()["twin_exports"] == base["twin_exports"]
-            and master.counts()["exports"] == base["exports"],
+            lambda: (
+                master.counts()["twin_exports"] == base["twin_exports"]
+                and master.counts()["exports"] == base["exports"]
+            ),
             "the cycles were collected",
         )
         assert master.counts()["twin_proxies"] == base["twin_proxies"]
@@ -373,7 +380,7 @@ def test_a_stopped_twins_descriptors_are_closed_at_once(kind):
     gc.disable()  # at once means without the garbage collector's help
     try:
         before = _open_fds()
-        for i in range(3):
+        for _i in range(3):
             master = TwinMaster(kind, kind)
             master.start()
             proxy = getattr(lh, f"TwinNode_{kind}")()  # a proxy keeps the link object alive

@@ -226,7 +226,7 @@ class _Starting:
 _running: Dict[str, _Twin] = {}
 #: twin id -> the TwinMaster it was last started with: a twin restarted on
 #: demand (after it died or was stopped) keeps its executable and options
-_configs: Dict[str, "TwinMaster"] = {}
+_configs: Dict[str, TwinMaster] = {}
 #: twin id -> the start in progress
 _starting: Dict[str, _Starting] = {}
 #: guards _running and _starting; never held while a twin starts or stops
@@ -257,7 +257,9 @@ class TwinMaster:
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
-        known = _configs.get(twinterpreter_id) if executable is None and twinterpreter_id is not None else None
+        known = (
+            _configs.get(twinterpreter_id) if executable is None and twinterpreter_id is not None else None
+        )
         if known is not None:  # TwinMaster(twinterpreter_id=...) of a twin started before: same settings
             executable = known.executable
             memory_limit = known.memory_limit if memory_limit is None else memory_limit
@@ -388,7 +390,8 @@ class TwinMaster:
                 return ended()
             status = process.wait(1.0)
             if status is None:
-                return f"(pid {pid}) closed its end of the link and was killed ({process.kill()}){_lost(twin_id)}"
+                killed = process.kill()
+                return f"(pid {pid}) closed its end of the link and was killed ({killed}){_lost(twin_id)}"
             return f"(pid {pid}) {status}{_lost(twin_id)}"
 
         # the link exists before the welcome: initializers may carry references

@@ -8,8 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -383,7 +383,11 @@ fn supervise(stderr: Option<impl Read + AsRawFd + Send + 'static>, pid: u32, tai
                         revents: 0,
                     },
                     libc::pollfd {
-                        fd: if ended { -1 } else { pidfd.as_ref().map_or(-1, |p| p.as_raw_fd()) },
+                        fd: if ended {
+                            -1
+                        } else {
+                            pidfd.as_ref().map_or(-1, |p| p.as_raw_fd())
+                        },
                         events: libc::POLLIN,
                         revents: 0,
                     },
@@ -587,7 +591,11 @@ mod tests {
         while unsafe { libc::kill(helper, 0) } == 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
         }
-        assert_ne!(unsafe { libc::kill(helper, 0) }, 0, "the twin's helper outlived it");
+        assert_ne!(
+            unsafe { libc::kill(helper, 0) },
+            0,
+            "the twin's helper outlived it"
+        );
     }
 
     #[test]
@@ -620,7 +628,11 @@ mod tests {
     fn master_fds_are_not_inherited_by_other_twins() {
         use std::os::unix::fs::MetadataExt;
         let first = TwinProcess::spawn(sh("sleep 30")).unwrap();
-        let inode = |end: &PipeEnd| std::fs::metadata(format!("/proc/self/fd/{}", end.as_raw_fd())).unwrap().ino();
+        let inode = |end: &PipeEnd| {
+            std::fs::metadata(format!("/proc/self/fd/{}", end.as_raw_fd()))
+                .unwrap()
+                .ino()
+        };
         let inodes = [inode(&first.from_twin), inode(&first.to_twin)];
         // a second child lists what its fds point to
         let second = TwinProcess::spawn(sh("ls -l /proc/$$/fd >&4")).unwrap();

@@ -44,7 +44,14 @@ Key = Tuple[str, int]
 _MAX_DEPTH = 4
 _MAX_OBJECTS = 2000
 #: never looked through: shared by everyone, not owned by a candidate
-_OPAQUE = (type, types.ModuleType, types.FunctionType, types.CodeType, types.FrameType, types.BuiltinFunctionType)
+_OPAQUE = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.CodeType,
+    types.FrameType,
+    types.BuiltinFunctionType,
+)
 
 
 def _walk(root: Any, walked: Dict[int, Any]) -> Set[Any]:
@@ -75,7 +82,9 @@ def local_view(peer_id: str) -> Dict[str, Any]:
     with references._lock:
         held = [
             (key, entry)
-            for key, entry in ((key, references._exports.get(key)) for key, count in connection.handed.items())
+            for key, entry in (
+                (key, references._exports.get(key)) for key, count in connection.handed.items()
+            )
             if entry is not None and key[0] == kernel_state.TWIN_ID and entry[1] == connection.handed[key]
         ]
     entry_ids = {id(entry) for _, entry in held}
@@ -106,9 +115,7 @@ def local_view(peer_id: str) -> Dict[str, Any]:
         reach = _walk(obj, walked)
         for proxy in reach:
             proxies[id(proxy)] = proxy
-        candidates.append(
-            [list(key), [list(_key(proxy)) for proxy in reach if _link(proxy) is connection]]
-        )
+        candidates.append([list(key), [list(_key(proxy)) for proxy in reach if _link(proxy) is connection]])
         del reach  # a set of proxies: it would count as one more holder below
     live: List[List[Any]] = []
     if proxies:
@@ -117,7 +124,11 @@ def local_view(peer_id: str) -> Dict[str, Any]:
         ours.add(id(proxy_list))
         holders = {pid: True for pid in proxies if pid in in_frames}
         for referrer in gc.get_referrers(*proxy_list):
-            if id(referrer) in ours or isinstance(referrer, types.FrameType) or _is_arguments(referrer, proxy_list):
+            if (
+                id(referrer) in ours
+                or isinstance(referrer, types.FrameType)
+                or _is_arguments(referrer, proxy_list)
+            ):
                 continue
             outside = id(referrer) not in walked
             for ref in gc.get_referents(referrer):
@@ -153,7 +164,10 @@ def _is_arguments(referrer: Any, objects: List[Any]) -> bool:
 
 
 def _key(proxy: Any) -> Key:
-    return (object.__getattribute__(proxy, "__twin_owner__"), object.__getattribute__(proxy, "__instance_id__"))
+    return (
+        object.__getattribute__(proxy, "__twin_owner__"),
+        object.__getattribute__(proxy, "__instance_id__"),
+    )
 
 
 def _link(proxy: Any) -> Any:
