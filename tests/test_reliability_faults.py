@@ -70,10 +70,9 @@ def test_sigkill_mid_call_fails_every_waiting_call_and_restarts(kind, victim, by
     for err in errors:
         assert isinstance(err, TwinterpreterTerminated), repr(err)
         assert "victim-" in str(err) and "SIGKILL" in str(err), str(err)
-    # later calls fail the same way and say how to recover
-    with pytest.raises(TwinterpreterTerminated, match=r"start\(\)"):
-        victim.execute(rh.pid)
     assert not victim.is_alive
+    # the calls in flight were told; the next use starts a fresh twin
+    assert victim.execute(rh.pid) != pid
     # the other twin never noticed
     served = loop.stop()
     assert served > 0 and bystander.execute(rh.answer, "after", b"") == rh.answer("after", b"")
@@ -113,8 +112,12 @@ def test_twin_closing_its_protocol_fds(kind, victim, bystander, fds):
         assert outcome[0] == "error" and isinstance(outcome[1], TwinterpreterTerminated), outcome
     else:  # the twin can still answer this one, but reads nothing more
         assert outcome == ("value", "closed") or isinstance(outcome[1], TwinterpreterTerminated), outcome
-    with pytest.raises(TwinterpreterTerminated):
-        victim.execute(rh.pid)
+    # the next use either finds it dead (when no call was told yet) or,
+    # once a call was told, starts a fresh twin
+    try:
+        assert victim.execute(rh.pid) != pid
+    except TwinterpreterTerminated:
+        pass
     sleepers.join()
     for outcome in sleepers.outcomes:
         if 4 in fds:

@@ -24,8 +24,8 @@ class ProtocolError(TwinError, ValueError):
 
 
 class TwinTimeout(TwinError, TimeoutError):
-    """A sandboxed twin ran longer than its ``timeout`` for one call and was
-    stopped; its state was lost."""
+    """A twin ran longer than its ``timeout`` for one call and was stopped
+    (a native twin is killed); its state was lost."""
 
 
 class TwinMemoryError(TwinError, MemoryError):

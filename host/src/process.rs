@@ -3,12 +3,12 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -39,10 +39,81 @@ pub struct TwinProcess {
     /// The process that started it (a forked child must not kill it).
     owner: u32,
     /// The master reads frames from the twin here.
-    pub from_twin: File,
+    pub from_twin: PipeEnd,
     /// The master writes frames to the twin here.
-    pub to_twin: File,
+    pub to_twin: PipeEnd,
     stderr_tail: Arc<Mutex<StderrTail>>,
+}
+
+/// One of the master's ends of a twin's pipes, which the master can close
+/// while the handle lives (a stopped twin's descriptors are closed at once,
+/// not when the last Python reference goes). Once closed, `as_raw_fd` is -1:
+/// reads and writes fail with EBADF instead of reaching whatever file got
+/// the number next. Whoever closes it must hold off the threads that use it
+/// (python/twin.rs takes the reader and writer locks first).
+pub struct PipeEnd {
+    fd: AtomicI32,
+}
+
+impl PipeEnd {
+    fn new(fd: OwnedFd) -> PipeEnd {
+        PipeEnd {
+            fd: AtomicI32::new(fd.into_raw_fd()),
+        }
+    }
+
+    /// Closes it now (idempotent).
+    pub fn close(&self) {
+        let fd = self.fd.swap(-1, Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: the descriptor was ours, and nobody can get its number any more
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.fd.load(Ordering::SeqCst) < 0
+    }
+}
+
+impl AsRawFd for PipeEnd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for PipeEnd {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Read for &PipeEnd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: a buffer that lives for the call
+        let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+impl Write for &PipeEnd {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: a buffer that lives for the call
+        let n = unsafe { libc::write(self.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The end of what a twin wrote to stderr, and whether it closed stderr.
@@ -157,17 +228,20 @@ impl TwinProcess {
             }
         }
         let pid = child.id();
+        // the twin leads its own process group: its descendants are in it
+        // unless they leave it; they must not outlive the twin (below) nor
+        // the master (the keeper)
+        keeper::watch_group(pid);
         let stderr_tail = Arc::new(Mutex::new(StderrTail::default()));
-        if let Some(stderr) = child.stderr.take() {
-            forward_stderr(stderr, pid, Arc::clone(&stderr_tail));
-        }
+        let stderr = child.stderr.take();
+        supervise(stderr, pid, Arc::clone(&stderr_tail));
         tracing::debug!(pid, executable = ?spec.executable, "spawned twin");
         Ok(TwinProcess {
             child: Mutex::new(child),
             pid,
             owner: std::process::id(),
-            from_twin: File::from(master_reads),
-            to_twin: File::from(master_writes),
+            from_twin: PipeEnd::new(master_reads),
+            to_twin: PipeEnd::new(master_writes),
             stderr_tail,
         })
     }
@@ -271,17 +345,83 @@ fn signal_name(signal: i32) -> &'static str {
     }
 }
 
-fn forward_stderr(mut stderr: impl Read + Send + 'static, pid: u32, tail: Arc<Mutex<StderrTail>>) {
+/// Opens a descriptor that becomes readable when process `pid` ends (Linux
+/// >= 5.3); None where the kernel has no pidfd.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: a system call that returns a new descriptor or -1
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Kills what is left of the process group of twin `pid` (its descendants).
+fn kill_group(pid: u32) {
+    // SAFETY: a signal to a process group that exists while any of its members
+    // does (its number cannot be reused meanwhile)
+    unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+}
+
+/// One thread per twin: forwards the twin's stderr to the master's (keeping
+/// the tail for error messages) and watches the twin's end. When the twin
+/// ends, whatever it started in its process group is killed: a descendant
+/// (a fork, a helper started by a wrapper script) would otherwise keep the
+/// protocol pipes open, and the master would see the end of the stream only
+/// when that descendant exits. Without a pidfd (old kernels), the end is
+/// seen when the twin's stderr closes, which such a descendant delays too.
+fn supervise(stderr: Option<impl Read + AsRawFd + Send + 'static>, pid: u32, tail: Arc<Mutex<StderrTail>>) {
+    let pidfd = pidfd_open(pid);
     let spawned = thread::Builder::new()
-        .name(format!("cpy2py-stderr-{pid}"))
+        .name(format!("cpy2py-twin-{pid}"))
         .spawn(move || {
+            let mut stderr = stderr;
+            let mut ended = false;
             let mut buf = [0u8; 8192];
             loop {
-                let n = match stderr.read(&mut buf) {
-                    Ok(0) => break,
+                let mut fds = [
+                    libc::pollfd {
+                        fd: stderr.as_ref().map_or(-1, |s| s.as_raw_fd()),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: if ended {
+                            -1
+                        } else {
+                            pidfd.as_ref().map_or(-1, |p| p.as_raw_fd())
+                        },
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                if fds[0].fd < 0 && fds[1].fd < 0 {
+                    break;
+                }
+                // SAFETY: two pollfds that live for the call
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if n < 0 {
+                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    break;
+                }
+                if fds[1].revents != 0 {
+                    ended = true;
+                    kill_group(pid);
+                    keeper::forget_group(pid);
+                }
+                if fds[0].revents == 0 {
+                    continue;
+                }
+                let Some(reader) = stderr.as_mut() else { continue };
+                let n = match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        stderr = None;
+                        tail.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+                        if pidfd.is_none() {
+                            break;
+                        }
+                        continue;
+                    }
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
                 };
                 let _ = io::stderr().write_all(&buf[..n]);
                 let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
@@ -292,7 +432,108 @@ fn forward_stderr(mut stderr: impl Read + Send + 'static, pid: u32, tail: Arc<Mu
             tail.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         });
     if let Err(e) = spawned {
-        tracing::warn!(pid, "cannot forward the twin's stderr: {e}");
+        tracing::warn!(pid, "cannot supervise the twin: {e}");
+    }
+}
+
+/// The keeper: a small process that outlives the master by a moment, to kill
+/// the process groups of its twins when the master ends in a way that runs
+/// none of its code (SIGKILL, SIGTERM, a crash). The twins themselves die of
+/// their parent-death signal, but what they started would live on. The
+/// master tells the keeper each group on a pipe (`+pgid`, `-pgid` once it is
+/// gone); when the pipe closes (the master ended), the keeper kills the groups
+/// still listed. It is /bin/sh, in its own process group (a Ctrl-C in the
+/// terminal does not reach it); without /bin/sh there is no keeper, and
+/// descendants of twins may outlive a master that is killed.
+mod keeper {
+    use super::*;
+
+    const SCRIPT: &str = r#"
+groups=""
+while read -r line; do
+  case "$line" in
+    +*) groups="$groups ${line#+}" ;;
+    -*) kept=""; for g in $groups; do [ "$g" = "${line#-}" ] || kept="$kept $g"; done; groups="$kept" ;;
+  esac
+done
+for g in $groups; do kill -9 "-$g" 2>/dev/null; done
+"#;
+
+    /// The write end of the keeper's pipe, in the process that started it;
+    /// -1 before it is started or where it could not be.
+    static PIPE: AtomicI32 = AtomicI32::new(-1);
+    static STATE: Mutex<Option<u32>> = Mutex::new(None);
+
+    /// A child forked from the master (multiprocessing) must not hold the
+    /// keeper's pipe open (the keeper would wait for it too): it closes its
+    /// copy, and starts a keeper of its own for twins of its own.
+    extern "C" fn after_fork_in_child() {
+        let fd = PIPE.swap(-1, Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: async-signal-safe close of our own copy
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    fn ensure_started() -> RawFd {
+        let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        let here = std::process::id();
+        if *state == Some(here) {
+            return PIPE.load(Ordering::SeqCst);
+        }
+        if state.is_none() {
+            // SAFETY: registers a handler that only closes a descriptor
+            unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        }
+        *state = Some(here);
+        let fd = start().unwrap_or_else(|e| {
+            tracing::warn!("no keeper for the twins' process groups: {e}");
+            -1
+        });
+        PIPE.store(fd, Ordering::SeqCst);
+        fd
+    }
+
+    fn start() -> io::Result<RawFd> {
+        let (keeper_reads, master_writes) = pipe()?;
+        let mut command = Command::new("/bin/sh");
+        command
+            .args(["-c", SCRIPT])
+            .stdin(Stdio::from(keeper_reads))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        let child = command.spawn()?;
+        // it lives as long as the master (and a moment longer): never waited for
+        std::mem::forget(child);
+        let fd = master_writes.into_raw_fd();
+        // a keeper that stopped reading must never block the master
+        // SAFETY: flags of a descriptor this function owns
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        Ok(fd)
+    }
+
+    fn tell(line: String) {
+        let fd = ensure_started();
+        if fd >= 0 {
+            // SAFETY: a short write (atomic on a pipe) of a live buffer
+            unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+        }
+    }
+
+    /// Twin `pid` leads a new process group.
+    pub fn watch_group(pid: u32) {
+        tell(format!("+{pid}\n"));
+    }
+
+    /// The group of twin `pid` was killed: nothing is left to do for it.
+    pub fn forget_group(pid: u32) {
+        if PIPE.load(Ordering::SeqCst) >= 0 {
+            tell(format!("-{pid}\n"));
+        }
     }
 }
 
@@ -336,6 +577,28 @@ mod tests {
     }
 
     #[test]
+    fn a_killed_twin_ends_its_stream_even_with_a_descendant_holding_it() {
+        // the helper (in the twin's process group) holds fds 3 and 4 open
+        let twin = TwinProcess::spawn(sh("sleep 60 & echo $! >&4; wait")).unwrap();
+        let mut line = [0u8; 16];
+        let n = (&twin.from_twin).read(&mut line).unwrap();
+        let helper: i32 = std::str::from_utf8(&line[..n]).unwrap().trim().parse().unwrap();
+        twin.kill().unwrap();
+        // end of stream, not a wait of 60 s for the helper
+        let mut rest = Vec::new();
+        (&twin.from_twin).read_to_end(&mut rest).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while unsafe { libc::kill(helper, 0) } == 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(
+            unsafe { libc::kill(helper, 0) },
+            0,
+            "the twin's helper outlived it"
+        );
+    }
+
+    #[test]
     fn kill_reports_the_signal() {
         let twin = TwinProcess::spawn(sh("sleep 30")).unwrap();
         let status = twin.kill().unwrap();
@@ -365,10 +628,12 @@ mod tests {
     fn master_fds_are_not_inherited_by_other_twins() {
         use std::os::unix::fs::MetadataExt;
         let first = TwinProcess::spawn(sh("sleep 30")).unwrap();
-        let inodes = [
-            first.from_twin.metadata().unwrap().ino(),
-            first.to_twin.metadata().unwrap().ino(),
-        ];
+        let inode = |end: &PipeEnd| {
+            std::fs::metadata(format!("/proc/self/fd/{}", end.as_raw_fd()))
+                .unwrap()
+                .ino()
+        };
+        let inodes = [inode(&first.from_twin), inode(&first.to_twin)];
         // a second child lists what its fds point to
         let second = TwinProcess::spawn(sh("ls -l /proc/$$/fd >&4")).unwrap();
         let mut out = String::new();

@@ -341,6 +341,13 @@ class Connection:
         self._waiting = 0  # ... of which waiting at the gate
         self._idle: Deque[_Waiter] = deque()  # ... or, without a gate, asleep
         self.broken: Optional[BaseException] = None
+        #: a caller was told that the link ended (master.py restarts a dead
+        #: twin on its next use only once somebody was)
+        self.reported = False
+        #: seconds a request may wait for its reply before ``on_timeout`` is
+        #: called with them (native twins' ``timeout``; the master only)
+        self.call_timeout: Optional[float] = None
+        self.on_timeout: Optional[Callable[[float], None]] = None
         # references (kernel/references.py, guarded by its lock): what the peer
         # holds of this side's objects, key -> count, and (sandboxes) what it
         # may do with them; releases of proxies here, queued until sent;
@@ -386,7 +393,7 @@ class Connection:
         if entry is not None and _near_recursion_limit():  # only nested calls can be this deep
             raise _too_deep()
         req_id = next(self._ids)
-        payload = codec.dumps([REQUEST, req_id, chain, op, *operands], self.serializer.default)
+        payload = references.encode([REQUEST, req_id, chain, op, *operands], self.serializer.default)
         if __debug__:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
         with self._lock:
@@ -398,6 +405,11 @@ class Connection:
                 self._chains[chain] = [waiter, 1]
             else:
                 entry[1] += 1
+        timed = self.call_timeout is not None
+        if timed:  # from before the send: a twin that stops reading times out too
+            from . import deadlines  # (the master's only: twins never load it)
+
+            deadlines.set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
             try:
                 self.transport.send(payload)
@@ -406,6 +418,7 @@ class Connection:
                 raise self._broken_error() from None
             except BaseException as err:  # Ctrl-C in a send that could not go on
                 if getattr(self.transport, "cut_mid_frame", False):
+                    self.reported = True  # the caller gets the interrupt, and knows
                     self._break_and_kill(
                         TwinterpreterTerminated(
                             f"twinterpreter {self.peer_id!r} was stopped: a message to it was cut "
@@ -415,8 +428,12 @@ class Connection:
                 raise
             del payload
             kind, raw = self._wait_for_reply(waiter, req_id)
+            if timed:
+                deadlines.clear((self, req_id))
             return self._result(req_id, kind, raw)
         finally:
+            if timed:
+                deadlines.clear((self, req_id))
             with self._lock:
                 if self._pending.pop(req_id, None) is not None and self.broken is None:
                     # left before its reply was routed (a signal handler raised):
@@ -531,7 +548,13 @@ class Connection:
             early = waiter.early.pop((self, req_id), None) if waiter.early else None
             conn, kind, key, raw = early if early is not None else self._next_for(waiter)
             if kind == REQUEST:  # a nested call of our chain: run it right here
-                conn._run(waiter, key, raw)
+                # the time this side spends on it is not the peer's
+                left = _deadlines().clear((self, req_id)) if self.call_timeout is not None else None
+                try:
+                    conn._run(waiter, key, raw)
+                finally:
+                    if left is not None:
+                        _deadlines().set_deadline((self, req_id), max(left, 0.0), self._timed_out)
                 del raw  # its arguments must not outlive the nested call
             elif conn is self and key == req_id:
                 return kind, raw
@@ -822,6 +845,10 @@ class Connection:
 
     # -- serving the peer -------------------------------------------------
 
+    def thread_count(self) -> int:
+        """Server threads of this link alive now."""
+        return self._servers
+
     def start_serving(self) -> None:
         """Start the first server thread of this link."""
         self._start_server()
@@ -1043,6 +1070,7 @@ class Connection:
         """Ctrl-C or an exit in the master while it served an untrusted peer: the
         master's own, not the peer's to catch (a guest could swallow it and keep
         the master busy forever). The peer is stopped, and the interrupt goes on here."""
+        self.reported = True  # the caller gets the interrupt, and knows
         self._break_and_kill(
             TwinterpreterTerminated(
                 f"twinterpreter {self.peer_id!r} was stopped by {type(interrupt).__name__} in the master "
@@ -1053,10 +1081,10 @@ class Connection:
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
         try:
-            payload = codec.dumps([kind, req_id, value], self.serializer.default)
+            payload = references.encode([kind, req_id, value], self.serializer.default)
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
-                payload = codec.dumps([RAISE, req_id, err], self.serializer.default)
+                payload = references.encode([RAISE, req_id, err], self.serializer.default)
             except BaseException:  # not even that (a RecursionError near the limit): the bare facts
                 payload = bare_failure(req_id, value if kind == RAISE else err)
         if __debug__:
@@ -1087,7 +1115,13 @@ class Connection:
     def _broken_error(self) -> BaseException:
         err = self.broken
         assert err is not None
+        self.reported = True
         return err
+
+    def _timed_out(self, key: Tuple[Connection, int]) -> None:
+        """A request ran past ``call_timeout`` (the deadlines thread calls this)."""
+        if self.on_timeout is not None and self.broken is None:
+            self.on_timeout(self.call_timeout or 0.0)
 
     def _fail(self, cause: Optional[BaseException], reason: Optional[str] = None) -> None:
         """Mark the link broken and wake everyone who waits on it."""
@@ -1161,6 +1195,12 @@ class Connection:
 #: reading, routing and answering at any depth must never hit the limit, or a
 #: reply could be lost and both sides would wait forever
 KERNEL_FRAMES = 60
+
+
+def _deadlines() -> Any:
+    from . import deadlines  # the master's only: twins never load it (nor threading)
+
+    return deadlines
 
 
 def _request_id(key: int) -> int:

@@ -157,10 +157,65 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
         else:
             entry[1] += 1
         connection.handed[key] = connection.handed.get(key, 0) + 1
+        journal = getattr(_encoding, "journal", None)
+        if journal is not None:  # undone if the message it is for is never sent
+            journal.append((connection, key))
         if grant is not None:
             known = connection.grants.get(key)
             connection.grants[key] = grant if known is None else known | grant
     return [key[0], key[1], info]
+
+
+# -- encoding: exports count only for messages that are sent -------------------
+
+#: per thread: the exports made by the message being encoded (a list), or None
+_encoding = _thread._local()
+
+
+def encode(message: Any, default: Any) -> Any:
+    """``codec.dumps(message, default)``, undoing the exports it made if it
+    fails part-way (an argument that cannot be encoded after one that was
+    exported): a message never sent must not pin objects for the peer."""
+    from ..protocol import codec
+
+    journal = getattr(_encoding, "journal", None)
+    if journal is not None:  # nested (a __reduce__ that encodes another message)
+        mark = len(journal)
+        try:
+            return codec.dumps(message, default)
+        except BaseException:
+            undo_exports(mark)
+            raise
+        finally:
+            del journal[mark:]  # done with: sent or undone
+    journal = _encoding.journal = []
+    try:
+        return codec.dumps(message, default)
+    except BaseException:
+        undo_exports(0)
+        raise
+    finally:
+        _encoding.journal = None
+
+
+def exports_mark() -> int:
+    """Where the current encoding's exports stand (for ``undo_exports``)."""
+    journal = getattr(_encoding, "journal", None)
+    return -1 if journal is None else len(journal)
+
+
+def undo_exports(mark: int) -> None:
+    """Undo the exports of the current encoding since ``mark``: their value
+    was thrown away (a failed or trial encoding)."""
+    journal = getattr(_encoding, "journal", None)
+    if journal is None or mark < 0:
+        return
+    undone, journal[mark:] = journal[mark:], []
+    dropped = []
+    with _lock:
+        for connection, key in undone:
+            dropped.extend(_drop(connection, key, 1))
+    del dropped  # finalizers, if any, outside the lock
 
 
 def class_info(cls: type, by_name: bool = True) -> Any:
@@ -277,6 +332,27 @@ def _drop(connection: Connection, key: Key, count: int) -> List[Any]:
 def export_count() -> int:
     """How many objects are kept alive for other interpreters (for tests and debugging)."""
     return len(_exports)
+
+
+def link_counts(peer_id: str) -> Dict[str, int]:
+    """What this side holds for the link to ``peer_id`` (run in a twin by
+    ``TwinMaster.counts``)."""
+    connection = links.existing_connection(peer_id)
+    if connection is None:
+        return {"exports": 0, "proxies": 0, "threads": 0}
+    return {
+        "exports": len(connection.handed),
+        "proxies": proxy_count(connection),
+        "threads": connection.thread_count(),
+    }
+
+
+def proxy_count(connection: Optional[Connection] = None) -> int:
+    """How many proxies live here (of objects reached over ``connection``, if given)."""
+    proxies = list(_proxies.values())
+    if connection is None:
+        return len(proxies)
+    return sum(1 for proxy in proxies if object.__getattribute__(proxy, "__twin_link__") is connection)
 
 
 def reseed_instance_ids() -> None:

@@ -256,11 +256,12 @@ class Serializer:
             import io
 
             buffer = io.BytesIO()
+            mark = references.exports_mark()
             try:
                 _picklers()[0](buffer, self).dump(obj)
                 return tags.PICKLE, buffer.getvalue()
-            except Exception:
-                pass
+            except Exception:  # what it exported before failing is not sent
+                references.undo_exports(mark)
         # what cannot be copied stays here and is used through a proxy
         return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
 
@@ -272,10 +273,13 @@ class Serializer:
         # receiver then raises a RemoteError that names it
         name = (getattr(kind, "__module__", "builtins"), kind.__qualname__)
         args = list(err.args)
+        mark = references.exports_mark()
         try:
             codec.dumps(args, self.default)
         except Exception:  # the args cannot travel: their text can
             args = [str(err)]
+        finally:  # a trial: the args are encoded (and exported) again below
+            references.undo_exports(mark)
         return [_GlobalRef(name), args, format_exception(err)]
 
     # -- decoding ---------------------------------------------------------

@@ -202,6 +202,13 @@ impl NativeTwin {
         }
     }
 
+    /// Closes the master's ends of the twin's pipes now (see `close` in
+    /// native.rs): a stopped twin's descriptors do not wait for the garbage
+    /// collector.
+    fn close(&self, py: Python<'_>) {
+        in_host(py, || self.0.close());
+    }
+
     /// How the twin ended, or None while it runs.
     fn exit_status(&self) -> PyResult<Option<String>> {
         Ok(self.0.process.try_status()?.map(describe_status))
@@ -217,6 +224,7 @@ impl NativeTwin {
     fn kill(&self, py: Python<'_>) -> PyResult<String> {
         Ok(describe_status(in_host(py, || self.0.process.kill())?))
     }
+
 
     /// The last few KiB the twin wrote to stderr.
     fn stderr_tail(&self) -> String {
