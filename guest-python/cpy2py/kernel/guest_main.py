@@ -28,6 +28,7 @@ from ..protocol import codec
 from ..protocol.messages import PROTOCOL_VERSION
 from . import links, main_module, references
 from .connection import Connection
+from .group_state import run_exit_hooks
 from .serialization import Serializer
 from .stdio import flush_stdio
 
@@ -78,6 +79,8 @@ def _apply_config(config: Dict[str, Any], paths: List[str]) -> None:
     if not _inside(main_path, paths):
         main_path = None
     main_module.configure_twin(main_path, main_name, bool(config.get("run_main")) and bool(main_path))
+    if config.get("main_definitions"):  # the initializers' source, from a master without a main file
+        main_module.define(config["main_definitions"])
 
 
 def main(link: Any = None) -> None:
@@ -104,19 +107,22 @@ def main(link: Any = None) -> None:
     if raw is None:  # the master gave up on us
         return
     serializer = Serializer("__master__", trusted=False)
-    welcome, failure = serializer.decode(raw)
-    if not isinstance(welcome, dict) or welcome.get("cpy2py") != PROTOCOL_VERSION:
-        version = welcome.get("cpy2py") if isinstance(welcome, dict) else None
+    # the plain data first: the names in the welcome (initializers) may need
+    # the guest's paths or the master's definitions applied
+    plain = codec.loads(raw, lambda tag, value: None)
+    if not isinstance(plain, dict) or plain.get("cpy2py") != PROTOCOL_VERSION:
+        version = plain.get("cpy2py") if isinstance(plain, dict) else None
         raise ProtocolError(
             f"the master speaks cpy2py protocol {version}, this guest speaks protocol {PROTOCOL_VERSION}"
         )
-    kernel_state.MASTER_ID = str(welcome["master_id"])
+    kernel_state.MASTER_ID = str(plain["master_id"])
     serializer.peer_id = kernel_state.MASTER_ID
-    config = welcome.get("config") or {}
     try:
+        _apply_config(plain.get("config") or {}, paths)
+        welcome, failure = serializer.decode(raw)
+        config = welcome.get("config") or {}
         if failure is not None:
             raise failure
-        _apply_config(config, paths)
         for func, args, kwargs in config.get("initializers", []):
             func(*args, **kwargs)
     except BaseException:
@@ -143,9 +149,5 @@ def main(link: Any = None) -> None:
             log.exception("the main module failed in guest %s", kernel_state.TWIN_ID)
             traceback.print_exc()
     connection.serve()
-    for func, args, kwargs in config.get("finalizers", []):
-        try:
-            func(*args, **kwargs)
-        except Exception:
-            log.exception("finalizer %r failed", func)
+    run_exit_hooks()
     flush_stdio()

@@ -6,6 +6,10 @@ twin loads the master's script as the module ``__cpy2py_main__`` (its
 ``if __name__ == "__main__":`` block does not run unless ``run_main``) on
 first use, and resolves ``__main__`` to it. The master aliases
 ``__cpy2py_main__`` to its own ``__main__``, so names coming back resolve too.
+
+A master without a main file (a notebook, the interactive prompt) sends the
+source of each definition a twin needs (``kernel.interactive``); the twin
+runs it in a stand-in module ``__cpy2py_main__`` (``define``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
-    from typing import Any, Dict, Optional
+    from typing import Any, Dict, List, Optional
 
 MAIN_ALIAS = "__cpy2py_main__"
 
@@ -92,10 +96,45 @@ def load() -> ModuleType:
                 del sys.modules[MAIN_ALIAS]
                 raise
         else:
-            raise ImportError(
-                "the master's __main__ has no file (interactive session or -c); "
-                "define shared functions and classes in a module instead"
-            )
+            module = _StandIn(MAIN_ALIAS)
         sys.modules[MAIN_ALIAS] = module
         _loaded = module
         return module
+
+
+class _StandIn(type(sys)):  # type: ignore[misc]
+    """The master's ``__main__`` in a twin when the master has no main file
+    (or, in a sandbox, one outside the guest's paths): holds what the master
+    defined here, and says why anything else is missing."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name[:2] == "__":
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{name!r} of the master's __main__ is not defined in this twinterpreter: the master's "
+            "__main__ has no file this twin can load (an interactive session or -c, or, for a "
+            "sandboxed twin, a script outside its paths), and the master sent no source for it; "
+            "define shared functions and classes in a module instead"
+        )
+
+
+def define(definitions: List[Dict[str, Any]]) -> None:
+    """In a twin: run definitions the master sent (``kernel.interactive``) in
+    the stand-in for its ``__main__``, with the names they use of it."""
+    namespace = vars(load())
+    import linecache
+
+    for entry in definitions:
+        for name, (module, qualname) in entry["imports"].items():
+            try:
+                value: Any = importlib.import_module(module)
+                for part in qualname.split(".") if qualname else ():
+                    value = getattr(value, part)
+            except Exception:  # not here (numpy in PyPy, say): a NameError if ever used
+                continue
+            namespace[name] = value
+        namespace.update(entry["constants"])
+        # at its line in its cell's file name: tracebacks and inspect show the source
+        text = "\n" * (entry["line"] - 1) + entry["source"]
+        linecache.cache[entry["filename"]] = (len(text), None, text.splitlines(True), entry["filename"])
+        exec(compile(text, entry["filename"], "exec"), namespace)
