@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import linecache
-import os
 import sys
 import types
 
@@ -36,12 +35,10 @@ class NoSourceError(LookupError):
 def master_main_is_interactive() -> bool:
     """Whether the master's ``__main__`` is neither a file nor an importable
     module (a notebook, the interactive prompt, ``python -c``, piped stdin)."""
+    from .main_module import importable_name, main_file
+
     main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name not in ("__main__", None):
-        return False
-    path = getattr(main, "__file__", None)
-    return not (isinstance(path, str) and os.path.exists(path))
+    return importable_name(main) is None and main_file(main) is None
 
 
 def definitions(name: str, constants: bool) -> List[Dict[str, Any]]:

@@ -34,15 +34,38 @@ _loaded: Optional[ModuleType] = None
 def describe_master_main() -> Dict[str, Any]:
     """In the master: where twins find its main module (path or module name)."""
     main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name not in ("__main__", None):
+    name = importable_name(main)
+    if name is not None:
         # started with `python -m package.module`: importable by name
-        sys.modules.setdefault(spec.name, main)  # type: ignore[arg-type]
-        return {"main_name": spec.name, "main_path": None}
-    path = getattr(main, "__file__", None)
-    if path and os.path.exists(path):
+        sys.modules.setdefault(name, main)  # type: ignore[arg-type]
+        return {"main_name": name, "main_path": None}
+    path = main_file(main)
+    if path is not None:
         return {"main_name": None, "main_path": os.path.abspath(path)}
     return {"main_name": None, "main_path": None}  # interactive, -c, embedded
+
+
+def importable_name(main: Any) -> Optional[str]:
+    """The module name a ``__main__`` run with ``python -m`` is imported by, or None."""
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if not name or name == "__main__" or _is_prompt(main):
+        return None
+    return name
+
+
+def main_file(main: Any) -> Optional[str]:
+    """The script a ``__main__`` was run from, or None (a notebook, the prompt, -c)."""
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not os.path.exists(path) or _is_prompt(main):
+        return None
+    return path
+
+
+def _is_prompt(main: Any) -> bool:
+    # the Python 3.13+ prompt leaves the spec (and file) of its own
+    # _pyrepl.__main__ in the __main__ it runs the session in
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    return isinstance(name, str) and name.startswith("_pyrepl")
 
 
 def alias_master_main() -> None:
