@@ -214,3 +214,32 @@ def test_the_interactive_prompt_of_python_3_13():
         os.close(fd)
     text = output.decode(errors="replace")
     assert "RESULT 2 True True" in text, text[-3000:]
+
+
+def test_a_notebook_initializer_and_finalizer_reach_a_twin():
+    """Group functions defined in cells: the welcome carries the initializer's
+    source (the twin serves nothing yet), the finalizer's comes with its call."""
+    require_interpreter("python3")
+    out = run_notebook(
+        """
+        from cpy2py import TWIN_GROUP_STATE, TwinMaster
+        import os
+
+        def setup(label):
+            os.environ["NOTEBOOK_GROUP"] = label
+
+        def finish(suffix):
+            os.environ["NOTEBOOK_GROUP"] += suffix
+
+        def read():
+            return os.environ.get("NOTEBOOK_GROUP")
+        """,
+        """
+        TWIN_GROUP_STATE.add_initializer(setup, "init")
+        TWIN_GROUP_STATE.add_finalizer(finish, "+final")
+        twin = TwinMaster("python3")
+        twin.start()
+        print("group:", twin.execute(read), read())
+        """,
+    )
+    assert "group: init+final None" in out, out

@@ -438,7 +438,9 @@ class TwinMaster:
             serializer.check_executable(func)
         config["initializers"] = [[f, list(a), k] for f, a, k in initializers]
         # initializers defined in a notebook cell: their source (the twin serves nothing yet)
-        config["main_definitions"] = serializer.definitions_for_welcome([f for f, _a, _k in initializers])
+        definitions = serializer.definitions_for_welcome([f for f, _a, _k in initializers])
+        if definitions:
+            config["main_definitions"] = definitions
         # (the finalizers run once its kernel serves: group_state.join)
         welcome = {"cpy2py": PROTOCOL_VERSION, "master_id": kernel_state.MASTER_ID, "config": config}
         return welcome, initializers

@@ -324,7 +324,7 @@ class Serializer:
     def definitions_for_welcome(self, funcs: List[Any]) -> List[Dict[str, Any]]:
         """The definitions a starting twin needs for these functions of the
         master's interactive ``__main__`` (its welcome carries them)."""
-        if not kernel_state.is_master():
+        if not funcs or not kernel_state.is_master():
             return []
         from . import interactive
 
