@@ -14,6 +14,7 @@ from __future__ import annotations
 import _thread
 import os
 import sys
+import weakref
 
 from .. import _logging, kernel_state
 from ..errors import SandboxViolation, TwinStartError
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 log = _logging.get_logger("group")
 
 _lock = _thread.RLock()
-#: twin id -> link, for the twins that joined the group (master only)
-_members: Dict[str, Connection] = {}
+#: twin id -> link, for the twins that joined the group (master only); weak,
+#: so a stopped twin's link and all it holds go when the master lets it go
+_members: weakref.WeakValueDictionary[str, Connection] = weakref.WeakValueDictionary()
 
 
 def add(state: TwinGroupState, kind: str, entry: Entry, init_existing: bool) -> None:
@@ -72,7 +74,7 @@ def join(state: TwinGroupState, twin_id: str, connection: Connection, welcomed: 
 
 
 def _running_members() -> List[Tuple[str, Connection]]:
-    return [(twin_id, link) for twin_id, link in _members.items() if link.broken is None]
+    return [(twin_id, link) for twin_id, link in list(_members.items()) if link.broken is None]
 
 
 def _run(targets: List[Tuple[str, Connection]], entries: List[Entry]) -> None:
