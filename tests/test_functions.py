@@ -181,26 +181,6 @@ def test_twin_starts_on_first_use_and_noauto_forbids_it():
     assert "refused:" in result.stdout and "start()" in result.stdout, result.stderr
 
 
-def test_group_state_initializers_and_finalizers(tmp_path):
-    marker = tmp_path / "marker.txt"
-    result = run_master(
-        f"""
-        import twin_functions as tf
-        from cpy2py import TwinMaster, TWIN_GROUP_STATE
-        TWIN_GROUP_STATE.add_initializer(tf.write_marker, {str(marker)!r}, "init")
-        TWIN_GROUP_STATE.add_finalizer(tf.write_marker, {str(marker)!r}, "final")
-        with TwinMaster("python3"):
-            print(open({str(marker)!r}).read().strip())
-        with TwinMaster("python3", twinterpreter_id="later"):
-            pass
-        """
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "init python3"
-    lines = marker.read_text().split("\n")
-    assert lines[:4] == ["init python3", "final python3", "init later", "final later"]
-
-
 def test_failing_initializer_fails_start():
     result = run_master(
         """

@@ -463,12 +463,13 @@ def test_objects_dropped_while_their_twin_is_stopped_do_not_block_other_twins(ki
 
 def test_stop_during_a_long_call_lets_the_twin_finish_by_itself(kind, tmp_path):
     """stop() while the twin's threads (its main thread among them) run long
-    calls: the twin takes the shutdown request, runs its finalizers and ends
-    by itself instead of being killed when the timeout is over."""
+    calls: the twin takes the shutdown request, runs its exit hooks (one
+    registered by a group finalizer) and ends by itself instead of being
+    killed when the timeout is over."""
     from cpy2py import TWIN_GROUP_STATE
 
     marker = tmp_path / "finalized"
-    entry = (rh.write_marker, (str(marker), kind), {})
+    entry = (rh.write_marker_at_exit, (str(marker), kind), {})
     TWIN_GROUP_STATE.finalizers.append(entry)
     try:
         master = TwinMaster(kind, twinterpreter_id=f"finalized-{kind}")

@@ -61,11 +61,6 @@ def pong_to_pypy(depth: int):
     return ["master"] + pypy_ping(depth - 1)
 
 
-def write_marker(path, text):
-    with open(path, "a") as marker:
-        marker.write(f"{text} {kernel_state.TWIN_ID}\n")
-
-
 @twinfunction("wasi-python")
 def in_wasi(value=None) -> dict:
     """Runs in the sandboxed guest."""

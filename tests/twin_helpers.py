@@ -98,3 +98,18 @@ def run_in(twin_id, func, *args, **kwargs):
     from cpy2py.protocol.messages import OP_EXECUTE
 
     return connection_for(twin_id).request(OP_EXECUTE, func, list(args), kwargs)
+
+
+def pinned_function(module: str, name: str) -> dict:
+    """How a twinfunction of ``module`` looks in the interpreter running this."""
+    import importlib
+
+    func = getattr(importlib.import_module(module), name)
+    return {"wrapped": hasattr(func, "__wrapped__"), "twin_id": func.__twin_id__, "name": func.__qualname__}
+
+
+def own_function(module: str, name: str):
+    """A twinfunction of ``module``, sent back from the interpreter running this."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -16,10 +16,12 @@ if TYPE_CHECKING:
 def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
     """Pin a module-level function to the twinterpreter ``twinterpreter_id``.
 
-    Called in that interpreter, it runs directly; called anywhere else, the
-    call is sent there (starting the twin on first use). The wrapper keeps
-    the function's name, docs, defaults, annotations and signature, and can
-    itself be passed to other interpreters.
+    In that interpreter itself it is the plain function, marked with
+    ``__twin_id__`` (no wrapper, no cost). Anywhere else it is a wrapper that
+    sends the call there (starting the twin on first use); the wrapper keeps
+    the function's name, docs, defaults, annotations and signature, its
+    ``__wrapped__`` is the plain function, and it can itself be passed to
+    other interpreters.
     """
     if not isinstance(twinterpreter_id, str):
         raise TypeError(
@@ -28,6 +30,9 @@ def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
         )
 
     def decorator(func: F) -> F:
+        if kernel_state.TWIN_ID == twinterpreter_id:  # its own interpreter: as in the original
+            func.__twin_id__ = twinterpreter_id  # type: ignore[attr-defined]
+            return func
         import functools  # at decoration, not when a twin starts
 
         @functools.wraps(func)

@@ -19,9 +19,10 @@ MASTER_ID: str = os.environ.get("__CPY2PY_MASTER_ID__", DEFAULT_MASTER_ID)
 TWIN_ID: str = os.environ.get("__CPY2PY_TWIN_ID__", MASTER_ID)
 
 
-def is_twinterpreter(twinterpreter_id: str) -> bool:
-    """Whether this interpreter is the one named ``twinterpreter_id``."""
-    return twinterpreter_id == TWIN_ID
+def is_twinterpreter(kernel_id: str) -> bool:
+    """Whether this interpreter is the one named ``kernel_id`` (the original's
+    parameter name, so calls by keyword keep working)."""
+    return kernel_id == TWIN_ID
 
 
 def is_master() -> bool:
@@ -30,26 +31,38 @@ def is_master() -> bool:
 
 
 class TwinGroupState:
-    """Set-up and tear-down that every twin of this group runs.
+    """Set-up that every twin of this group runs (the original's semantics).
 
-    Initializers run in a twin after it connected and before it serves
-    (``start()`` fails if one raises); finalizers run when its link ends.
-    Both apply to every twin started after they were added. They travel
-    like any call: module-level functions by name, arguments as values.
+    Initializers run in a twin before its kernel serves (``start()`` fails
+    if one raises); finalizers run in it right after its kernel has started,
+    before ``start()`` returns (for an exit hook, register ``atexit`` from a
+    finalizer). Both run in every twin started later and, unless
+    ``init_existing=False``, at once in every twin already running; never in
+    the interpreter that added them. Added in a twin, they are the master's
+    (it runs them in itself and the other twins). They travel like any call:
+    module-level functions by name, arguments as values.
     """
 
     def __init__(self) -> None:
         self.initializers: List[Tuple[Callable[..., Any], tuple, dict]] = []
         self.finalizers: List[Tuple[Callable[..., Any], tuple, dict]] = []
 
-    def add_initializer(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        """Run ``func(*args, **kwargs)`` in each twin before it serves."""
-        self.initializers.append((func, args, kwargs))
+    def add_initializer(
+        self, func: Callable[..., Any], *args: Any, init_existing: bool = True, **kwargs: Any
+    ) -> Callable[..., Any]:
+        """Run ``func(*args, **kwargs)`` in each twin before its kernel serves."""
+        from .kernel import group_state
+
+        group_state.add(self, "initializers", (func, args, kwargs), init_existing)
         return func
 
-    def add_finalizer(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        """Run ``func(*args, **kwargs)`` in each twin after its link ended."""
-        self.finalizers.append((func, args, kwargs))
+    def add_finalizer(
+        self, func: Callable[..., Any], *args: Any, init_existing: bool = True, **kwargs: Any
+    ) -> Callable[..., Any]:
+        """Run ``func(*args, **kwargs)`` in each twin right after its kernel started."""
+        from .kernel import group_state
+
+        group_state.add(self, "finalizers", (func, args, kwargs), init_existing)
         return func
 
 

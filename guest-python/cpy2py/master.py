@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import _logging, kernel_state
 from .errors import TwinStartError, TwinterpreterTerminated, TwinterpreterUnavailable, TwinTimeout
-from .kernel import links, main_module, references
+from .kernel import group_state, links, main_module, references
 from .kernel.connection import Connection
 from .kernel.serialization import Serializer
 from .protocol import codec
@@ -155,6 +155,8 @@ class _Twin:
         self.sandboxed = is_sandboxed(master.executable)
         self.process = process
         self.connection = connection
+        #: the group initializers its welcome carried
+        self.welcomed: List[Any] = []
 
     @property
     def alive(self) -> bool:
@@ -368,6 +370,15 @@ class TwinMaster:
             err = TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it started")
             starting.finish(err)
             raise err
+        try:  # its kernel serves: the group's finalizers run in it now
+            group_state.join(kernel_state.TWIN_GROUP_STATE, twin_id, new.connection, new.welcomed)
+        except BaseException as err:
+            with _running_lock:
+                if _running.get(twin_id) is new:
+                    del _running[twin_id]
+            new.shut_down("failed its group finalizers", timeout=0)
+            starting.finish(err)
+            raise
         starting.finish(None)
         return True
 
@@ -420,7 +431,13 @@ class TwinMaster:
         start_key = ("start", id(process))
         deadlines.set_deadline(start_key, max(0.0, self._start_deadline - time.monotonic()), too_slow)
         try:
-            process.send(references.encode(self._welcome(), serializer.default))
+            welcome, welcomed = self._welcome(serializer)
+        except BaseException:  # an initializer a sandboxed twin cannot run
+            deadlines.clear(start_key)
+            process.kill()
+            raise
+        try:
+            process.send(references.encode(welcome, serializer.default))
             ready = process.recv()
             answer = codec.loads(ready) if ready is not None else None
         except (OSError, TwinterpreterTerminated):
@@ -452,6 +469,7 @@ class TwinMaster:
                 )
             )
         connection.start_serving()
+        serializer.peer_ready = True
         links.register(self.twinterpreter_id, connection)
         hello = process.hello
         log.info(
@@ -461,7 +479,9 @@ class TwinMaster:
             hello["version"],
             pid,
         )
-        return _Twin(self, process, connection)
+        twin = _Twin(self, process, connection)
+        twin.welcomed = welcomed
+        return twin
 
     @property
     def sandboxed_twin(self) -> bool:
@@ -484,17 +504,25 @@ class TwinMaster:
         left = max(0.0, self._start_deadline - time.monotonic())
         return host.NativeTwin.spawn(path, args, list(env.items()), os.getcwd(), left)
 
-    def _welcome(self) -> Dict[str, Any]:
+    def _welcome(self, serializer: Serializer) -> Tuple[Dict[str, Any], List[Any]]:
+        """The welcome message, and the group initializers it carries."""
         config: Dict[str, Any] = dict(_path_config())
         if self.main_module:
             main_module.alias_master_main()
             config.update(main_module.describe_master_main())
         config["run_main"] = self.run_main
         config["argv"] = list(sys.argv) if self.restore_argv else None
-        group = kernel_state.TWIN_GROUP_STATE
-        config["initializers"] = [[f, list(a), k] for f, a, k in group.initializers]
-        config["finalizers"] = [[f, list(a), k] for f, a, k in group.finalizers]
-        return {"cpy2py": PROTOCOL_VERSION, "master_id": kernel_state.MASTER_ID, "config": config}
+        initializers = group_state.welcome_initializers(kernel_state.TWIN_GROUP_STATE)
+        for func, _args, _kwargs in initializers:
+            serializer.check_executable(func)
+        config["initializers"] = [[f, list(a), k] for f, a, k in initializers]
+        # initializers defined in a notebook cell: their source (the twin serves nothing yet)
+        definitions = serializer.definitions_for_welcome([f for f, _a, _k in initializers])
+        if definitions:
+            config["main_definitions"] = definitions
+        # (the finalizers run once its kernel serves: group_state.join)
+        welcome = {"cpy2py": PROTOCOL_VERSION, "master_id": kernel_state.MASTER_ID, "config": config}
+        return welcome, initializers
 
     def _only_in_master(self, what: str) -> None:
         if not kernel_state.is_master():

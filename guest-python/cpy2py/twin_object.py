@@ -72,6 +72,8 @@ class TwinObject(metaclass=TwinMeta):
     """
 
     __twin_id__: str = kernel_state.MASTER_ID
+    #: the original's marker: False here, True on proxies
+    __is_twin_proxy__: bool = False
 
 
 def localmethod(func: Any) -> Any:

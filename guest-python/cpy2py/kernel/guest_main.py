@@ -21,8 +21,10 @@ import traceback
 from typing import Any, Dict, List, Optional
 
 from .. import _logging, kernel_state
+from ..protocol import codec
 from . import handshake, links, main_module, references
 from .connection import Connection
+from .group_state import run_exit_hooks
 from .serialization import Serializer
 from .stdio import flush_stdio
 
@@ -74,6 +76,8 @@ def _apply_config(config: Dict[str, Any], paths: List[str]) -> None:
     if not _inside(main_path, paths):
         main_path = None
     main_module.configure_twin(main_path, main_name, bool(config.get("run_main")) and bool(main_path))
+    if config.get("main_definitions"):  # the initializers' source, from a master without a main file
+        main_module.define(config["main_definitions"])
 
 
 def main(link: Any = None) -> None:
@@ -89,14 +93,18 @@ def main(link: Any = None) -> None:
     if raw is None:  # the master gave up on us
         return
     serializer = Serializer("__master__", trusted=False)
-    welcome, failure = serializer.decode(raw)
-    config = handshake.check_welcome(welcome)
-    kernel_state.MASTER_ID = str(welcome["master_id"])
+    # the plain data first: the names in the welcome (initializers) may need
+    # the guest's paths or the master's definitions applied
+    plain = codec.loads(raw, lambda tag, value: None)
+    handshake.check_welcome(plain)
+    kernel_state.MASTER_ID = str(plain["master_id"])
     serializer.peer_id = kernel_state.MASTER_ID
     try:
+        _apply_config(plain.get("config") or {}, paths)
+        welcome, failure = serializer.decode(raw)
+        config = welcome.get("config") or {}
         if failure is not None:
             raise failure
-        _apply_config(config, paths)
         handshake.run_initializers(config)
     except BaseException:
         handshake.send_failure(transport)
@@ -121,4 +129,5 @@ def main(link: Any = None) -> None:
             log.exception("the main module failed in guest %s", kernel_state.TWIN_ID)
             traceback.print_exc()
     connection.serve()
-    handshake.run_finalizers(config)
+    run_exit_hooks()
+    flush_stdio()

@@ -1,7 +1,8 @@
 """The twin's side of the handshake, shared by both entry points
 (``twin_main.py`` for native twins, ``guest_main.py`` for the WASI guest):
-hello, the version check of the welcome, initializers, ready or the error,
-and the finalizers at the end (docs/protocol.md, "Handshake").
+hello, the version check of the welcome, initializers, ready or the error
+(docs/protocol.md, "Handshake"). Finalizers are not the twin's to run: the
+master runs them right after the start (kernel/group_state.py).
 
 What differs stays with the entry points: how the welcome is decoded (a
 native twin applies its paths before it decodes names, a guest decodes
@@ -68,13 +69,4 @@ def send_failure(transport: Transport) -> None:
     import traceback
 
     transport.send(codec.dumps({"error": traceback.format_exc()}))
-    flush_stdio()
-
-
-def run_finalizers(config: Dict[str, Any]) -> None:
-    for func, args, kwargs in config.get("finalizers", []):
-        try:
-            func(*args, **kwargs)
-        except Exception:
-            log.exception("finalizer %r failed", func)
     flush_stdio()

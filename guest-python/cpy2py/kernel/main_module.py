@@ -6,6 +6,10 @@ twin loads the master's script as the module ``__cpy2py_main__`` (its
 ``if __name__ == "__main__":`` block does not run unless ``run_main``) on
 first use, and resolves ``__main__`` to it. The master aliases
 ``__cpy2py_main__`` to its own ``__main__``, so names coming back resolve too.
+
+A master without a main file (a notebook, the interactive prompt) sends the
+source of each definition a twin needs (``kernel.interactive``); the twin
+runs it in a stand-in module ``__cpy2py_main__`` (``define``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
-    from typing import Any, Dict, Optional
+    from typing import Any, Dict, List, Optional
 
 MAIN_ALIAS = "__cpy2py_main__"
 
@@ -30,15 +34,38 @@ _loaded: Optional[ModuleType] = None
 def describe_master_main() -> Dict[str, Any]:
     """In the master: where twins find its main module (path or module name)."""
     main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name not in ("__main__", None):
+    name = importable_name(main)
+    if name is not None:
         # started with `python -m package.module`: importable by name
-        sys.modules.setdefault(spec.name, main)  # type: ignore[arg-type]
-        return {"main_name": spec.name, "main_path": None}
-    path = getattr(main, "__file__", None)
-    if path and os.path.exists(path):
+        sys.modules.setdefault(name, main)  # type: ignore[arg-type]
+        return {"main_name": name, "main_path": None}
+    path = main_file(main)
+    if path is not None:
         return {"main_name": None, "main_path": os.path.abspath(path)}
     return {"main_name": None, "main_path": None}  # interactive, -c, embedded
+
+
+def importable_name(main: Any) -> Optional[str]:
+    """The module name a ``__main__`` run with ``python -m`` is imported by, or None."""
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if not name or name == "__main__" or _is_prompt(main):
+        return None
+    return name
+
+
+def main_file(main: Any) -> Optional[str]:
+    """The script a ``__main__`` was run from, or None (a notebook, the prompt, -c)."""
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not os.path.exists(path) or _is_prompt(main):
+        return None
+    return path
+
+
+def _is_prompt(main: Any) -> bool:
+    # the Python 3.13+ prompt leaves the spec (and file) of its own
+    # _pyrepl.__main__ in the __main__ it runs the session in
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    return isinstance(name, str) and name.startswith("_pyrepl")
 
 
 def alias_master_main() -> None:
@@ -92,10 +119,45 @@ def load() -> ModuleType:
                 del sys.modules[MAIN_ALIAS]
                 raise
         else:
-            raise ImportError(
-                "the master's __main__ has no file (interactive session or -c); "
-                "define shared functions and classes in a module instead"
-            )
+            module = _StandIn(MAIN_ALIAS)
         sys.modules[MAIN_ALIAS] = module
         _loaded = module
         return module
+
+
+class _StandIn(type(sys)):  # type: ignore[misc]
+    """The master's ``__main__`` in a twin when the master has no main file
+    (or, in a sandbox, one outside the guest's paths): holds what the master
+    defined here, and says why anything else is missing."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name[:2] == "__":
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{name!r} of the master's __main__ is not defined in this twinterpreter: the master's "
+            "__main__ has no file this twin can load (an interactive session or -c, or, for a "
+            "sandboxed twin, a script outside its paths), and the master sent no source for it; "
+            "define shared functions and classes in a module instead"
+        )
+
+
+def define(definitions: List[Dict[str, Any]]) -> None:
+    """In a twin: run definitions the master sent (``kernel.interactive``) in
+    the stand-in for its ``__main__``, with the names they use of it."""
+    namespace = vars(load())
+    import linecache
+
+    for entry in definitions:
+        for name, (module, qualname) in entry["imports"].items():
+            try:
+                value: Any = importlib.import_module(module)
+                for part in qualname.split(".") if qualname else ():
+                    value = getattr(value, part)
+            except Exception:  # not here (numpy in PyPy, say): a NameError if ever used
+                continue
+            namespace[name] = value
+        namespace.update(entry["constants"])
+        # at its line in its cell's file name: tracebacks and inspect show the source
+        text = "\n" * (entry["line"] - 1) + entry["source"]
+        linecache.cache[entry["filename"]] = (len(text), None, text.splitlines(True), entry["filename"])
+        exec(compile(text, entry["filename"], "exec"), namespace)

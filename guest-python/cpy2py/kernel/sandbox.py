@@ -214,7 +214,7 @@ class SandboxSerializer(Serializer):
             if isinstance(obj, NEVER_HANDED):
                 if isinstance(obj, type) and grant is None:
                     name = global_name(obj)
-                    if name is not None and self.guest_can_import(name[0]):
+                    if name is not None and (self._guest_has(obj, name)):
                         return tags.GLOBAL_REF, list(name)  # the guest's own copy of it
                 raise SandboxViolation(
                     f"cannot hand a {type(obj).__module__}.{type(obj).__qualname__} to the sandboxed twin "
@@ -224,7 +224,7 @@ class SandboxSerializer(Serializer):
                 )
             if grant is None and callable(obj):
                 name = global_name(obj)
-                if name is not None and self.guest_can_import(name[0]):
+                if name is not None and (self._guest_has(obj, name)):
                     return tags.GLOBAL_REF, list(name)  # the guest runs its own copy
         elif _remote_type_name(obj) in _NEVER_HANDED_NAMES:
             raise SandboxViolation(
@@ -236,6 +236,27 @@ class SandboxSerializer(Serializer):
             grant = declared or (CALL_ONLY if callable(obj) else OPAQUE)
         # a reference the guest may use exactly as granted (see perform)
         return tags.TWIN_REF, references.export(obj, self.connection, by_name=False, grant=grant)
+
+    def _guest_has(self, obj: Any, name: Tuple[str, str]) -> bool:
+        """Whether the guest can find ``obj`` by its name."""
+        return self.guest_can_import(name[0]) or self._defined_for_guest(obj, name)
+
+    def _defined_for_guest(self, obj: Any, name: Tuple[str, str]) -> bool:
+        """A twinfunction or TwinObject class pinned to this guest, defined in a
+        notebook cell or at the prompt: the master sends the guest its source
+        (the master sending code to a guest is fine; the reverse never happens)."""
+        from ..twin_object import TwinMeta
+
+        if name[0] != "__main__":
+            return False
+        if isinstance(obj, TwinMeta):
+            owner = type.__getattribute__(obj, "__twin_id__")
+        else:
+            owner = getattr(obj, "__twin_id__", None) if isinstance(obj, types.FunctionType) else None
+        if owner != self.peer_id:
+            return False
+        self.define_in_peer(name[1])
+        return True
 
     def _exception_for_guest(self, err: BaseException) -> List[Any]:
         if not isinstance(err, Exception):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _thread
 import builtins
+import sys
 from types import FunctionType
 
 from .. import kernel_state
@@ -150,6 +151,9 @@ def _picklers() -> Tuple[type, type]:
         def persistent_id(self, obj: Any) -> Any:
             if _is_twin(obj):
                 return tuple(references.export(obj, self.serializer.connection))
+            if isinstance(obj, (type, FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+                # pickled by name: the peer needs it if the master's main has no file
+                self.serializer.define_in_peer(obj.__qualname__)
             return None
 
     class _Unpickler(pickle.Unpickler):
@@ -195,6 +199,11 @@ class Serializer:
         # names known to resolve back to their object: encoding them is a dict hit
         self._names: Dict[int, Tuple[Any, Tuple[str, str]]] = {}
         self._lookups: Dict[Tuple[str, str], Any] = {}
+        #: set by the master once the peer serves: it can be sent definitions
+        self.peer_ready = False
+        #: name -> object of the master's interactive __main__ the peer has the source of
+        self._defined: Dict[str, Any] = {}
+        self._define_lock = _thread.RLock()
 
     # -- one frame ----------------------------------------------------------
 
@@ -250,6 +259,8 @@ class Serializer:
         if (self.trusted and (callable(obj) or isinstance(obj, type))) or _pinned_elsewhere(obj):
             name = global_name(obj)
             if name is not None:
+                if name[0] == "__main__":
+                    self.define_in_peer(name[1])
                 self._names[id(obj)] = (obj, name)
                 return tags.GLOBAL_REF, list(name)
         if self.trusted:  # plain objects travel as copies where they can
@@ -281,6 +292,59 @@ class Serializer:
         finally:  # a trial: the args are encoded (and exported) again below
             references.undo_exports(mark)
         return [_GlobalRef(name), args, format_exception(err)]
+
+    # -- the master's interactive definitions -------------------------------
+
+    def define_in_peer(self, qualname: str) -> None:
+        """Before the peer gets a reference to ``__main__.<qualname>`` of a master
+        without a main file (a notebook, the prompt), send it the source of
+        that definition, once per version of it (a cell run again redefines it)."""
+        if not kernel_state.is_master():
+            return
+        from . import interactive
+
+        name = qualname.split(".")[0]
+        current = vars(sys.modules["__main__"]).get(name)
+        if self._defined.get(name) is current or not interactive.master_main_is_interactive():
+            return
+        with self._define_lock:
+            if self._defined.get(name) is current:
+                return
+            try:
+                found = interactive.definitions(name, constants=self.trusted)
+            except interactive.NoSourceError as err:
+                raise interactive.NoSourceError(f"cannot send {name!r} to {self.peer_id!r}: {err}") from None
+            namespace = vars(sys.modules["__main__"])
+            needed = [d for d in found if self._defined.get(d["name"]) is not namespace.get(d["name"])]
+            if not self.peer_ready:
+                raise interactive.NoSourceError(
+                    f"cannot send {name!r} to {self.peer_id!r} while it starts (a TWIN_GROUP_STATE "
+                    "initializer's argument?): pass plain data, or add the initializer as a function"
+                )
+            self.connection.request(OP_EXECUTE, main_module.define, [needed], {})
+            for definition in needed:
+                self._defined[definition["name"]] = namespace.get(definition["name"])
+
+    def definitions_for_welcome(self, funcs: List[Any]) -> List[Dict[str, Any]]:
+        """The definitions a starting twin needs for these functions of the
+        master's interactive ``__main__`` (its welcome carries them)."""
+        if not funcs or not kernel_state.is_master():
+            return []
+        from . import interactive
+
+        if not interactive.master_main_is_interactive():
+            return []
+        namespace = vars(sys.modules["__main__"])
+        needed: List[Dict[str, Any]] = []
+        for func in funcs:
+            name = global_name(func)
+            if name is None or name[0] != "__main__":
+                continue
+            for definition in interactive.definitions(name[1].split(".")[0], constants=self.trusted):
+                if definition["name"] not in self._defined:
+                    needed.append(definition)
+                    self._defined[definition["name"]] = namespace.get(definition["name"])
+        return needed
 
     # -- decoding ---------------------------------------------------------
 
@@ -326,6 +390,14 @@ class Serializer:
             return self._lookups[key]
         except KeyError:
             pass
+        if main_module.is_main_name(key[0]):  # not cached: a notebook cell may redefine it
+            try:
+                return lookup(*key)
+            except Exception as err:
+                raise LookupError(
+                    f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
         try:
             # builtins need no import machinery (and few frames: a RecursionError
             # from deep down must still be found)

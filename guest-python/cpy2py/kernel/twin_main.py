@@ -32,6 +32,8 @@ def _apply_config(config: Dict[str, Any]) -> None:
     if config.get("argv") is not None:
         sys.argv[:] = config["argv"]
     main_module.configure_twin(config.get("main_path"), config.get("main_name"), bool(config.get("run_main")))
+    if config.get("main_definitions"):  # the initializers' source, from a master without a main file
+        main_module.define(config["main_definitions"])
 
 
 def main() -> None:
@@ -93,11 +95,14 @@ _finishing = _thread.allocate_lock()
 
 
 def _finish(config: Dict[str, Any]) -> None:
-    """Run the finalizers and end the process; the first thread to get here
+    """Run the atexit hooks and end the process; the first thread to get here
     does it (the main thread when the link ended, or the one that read the
     master's shutdown request), any other waits for the end."""
     _finishing.acquire()
     log.info("twin %s done", kernel_state.TWIN_ID)
-    handshake.run_finalizers(config)
+    from .group_state import run_exit_hooks
+
+    run_exit_hooks()
+    flush_stdio()
     # other threads may still run user code; the link is gone, so are we
     os._exit(0)
