@@ -12,12 +12,11 @@ import threading
 import pytest
 import twin_functions
 import twin_helpers
+from cpy2py import ProtocolError, TwinMaster, expose
+from cpy2py.protocol import codec, tags
 from frame_recorder import checked_kinds, recording
 from support import SANDBOX_KIND, start_twin
 from twin_classes import Caller, Counter, native_to
-
-from cpy2py import ProtocolError, TwinMaster, expose
-from cpy2py.protocol import codec, tags
 
 KINDS = ["python3", "pypy3", SANDBOX_KIND]
 
