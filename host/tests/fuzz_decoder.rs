@@ -274,6 +274,10 @@ fn check_all(input: &[u8], seed: u64, iteration: u64) -> bool {
             assert!(frames >= 1, "a well-framed payload was not read as a frame");
         }
         oracle::check_hello(input);
+        oracle::check_message(input);
+        // the stream again, as a pipe delivers it: in pieces of 1 to 7 bytes
+        let pieces = [1 + (iteration % 7) as u8, 3, 1, 5];
+        assert_eq!(oracle::check_stream_in_pieces(&stream, &pieces), frames);
         accepted
     }));
     match outcome {
