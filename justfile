@@ -69,13 +69,13 @@ bench-quick *ARGS: build
 soak *PYTEST_ARGS: build
     CPY2PY_SOAK=full "{{python}}" -m pytest tests/test_reliability_load.py tests/test_codec_properties.py -o timeout=14400 {{PYTEST_ARGS}}
 
-# fuzz the frame reader, Value::decode and the hello parser: cargo-fuzz (stable toolchain, --sanitizer none) for SECONDS per target, then 10,000,000 inputs of the deterministic fuzzer of `cargo test`
+# fuzz the frame reader, Value::decode, the hello parser and the message model: cargo-fuzz (stable toolchain, --sanitizer none) for SECONDS per target, then 10,000,000 inputs of the deterministic fuzzer of `cargo test`, then the compiled codec's decoder (cpy2py._host.loads) against the pure-Python one on 20,000 examples per garbage property
 fuzz SECONDS="300":
     #!/usr/bin/env bash
     set -euo pipefail
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     python3 host/fuzz/seed_corpus.py
-    for target in frames value_decode hello; do
+    for target in frames value_decode hello message; do
         echo "== fuzzing $target for {{SECONDS}} s"
         # instrumented builds go apart from the normal ones
         (cd host/fuzz && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" cargo fuzz run --sanitizer none \
@@ -85,6 +85,9 @@ fuzz SECONDS="300":
     echo "== 10,000,000 mutated inputs, CPY2PY_FUZZ_SEED=$seed"
     CPY2PY_FUZZ_SEED="$seed" CPY2PY_FUZZ_ITERATIONS=10000000 cargo test --release --manifest-path host/Cargo.toml \
         --test fuzz_decoder -- --nocapture
+    echo "== the compiled decoder (cpy2py._host.loads) on garbage, against the pure-Python one"
+    just build
+    CPY2PY_SOAK=full "{{python}}" -m pytest -q tests/test_codec_properties.py -k "garbage or protocol_error or verdict" -o timeout=14400
 
 # rustfmt, clippy (warnings are errors) and ruff
 lint: setup

@@ -64,7 +64,7 @@ class ExceptionRef:
 class TwinRef:
     owner: str
     instance: int
-    cls: GlobalRef
+    cls: Any  # a GlobalRef, or a description [type name, [specials], ([methods])]
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ def meaning(m: dict) -> Any:
     if kind == "exception":
         return ExceptionRef(GlobalRef(*v["type"]), tuple(meaning(a) for a in v["args"]), v["traceback"])
     if kind == "twin_ref":
-        return TwinRef(v[0], v[1], GlobalRef(*v[2]))
+        cls = v[2]["described"] if isinstance(v[2], dict) else GlobalRef(*v[2])
+        return TwinRef(v[0], v[1], cls)
     if kind == "pickle":
         return PickleRef(bytes.fromhex(v))
     raise AssertionError(f"unknown meaning kind {kind!r}")

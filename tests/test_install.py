@@ -36,6 +36,8 @@ def test_pip_install_into_fresh_venv(tmp_path):
 
             print("package", cpy2py.__file__)
             print("same pid", where() == os.getpid())
+            here = os.path.dirname(cpy2py.__file__)
+            print("typed", [f for f in ("py.typed", "_host.pyi") if os.path.isfile(os.path.join(here, f))])
             """
         )
     )
@@ -46,3 +48,4 @@ def test_pip_install_into_fresh_venv(tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"package {venv}" in run.stdout
     assert "same pid False" in run.stdout
+    assert "typed ['py.typed', '_host.pyi']" in run.stdout, "the wheel must ship the type information"

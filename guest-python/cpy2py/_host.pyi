@@ -27,6 +27,15 @@ def loads(
 ) -> Any: ...
 def peek(frame: Union[bytes, bytearray]) -> Tuple[Optional[int], Optional[int], Optional[int]]: ...
 
+# -- the protocol model (host/src/python/spec.rs; for tests) ----------------------
+
+def check_frame(
+    frame: bytes,
+    stage: Literal["hello", "welcome", "answer", "message"],
+    sender: Literal["master", "twin"],
+    link: Literal["trusted", "sandboxed"] = "trusted",
+) -> str: ...
+
 # -- native twins (host/src/python/twin.rs) --------------------------------------
 
 def init_logging(level: str) -> None: ...

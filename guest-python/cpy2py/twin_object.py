@@ -16,8 +16,11 @@ from .kernel.references import RemoteMethod, TwinProxy, call
 from .protocol.messages import OP_DELATTR, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+if TYPE_CHECKING:  # (a twin's start imports no typing)
+    from typing import Any, TypeVar
+
+    #: a function, classmethod or staticmethod: ``localmethod`` keeps its type
+    M = TypeVar("M")
 
 
 def _native_here(cls: type) -> bool:
@@ -76,11 +79,11 @@ class TwinObject(metaclass=TwinMeta):
     __is_twin_proxy__: bool = False
 
 
-def localmethod(func: Any) -> Any:
+def localmethod(func: M) -> M:
     """Mark a method of a TwinObject to run in the interpreter that calls it,
     with ``self`` being the proxy there (attribute access still goes to the
     native object)."""
-    target = func.__func__ if isinstance(func, (classmethod, staticmethod)) else func
+    target: Any = func.__func__ if isinstance(func, (classmethod, staticmethod)) else func
     target.__cpy2py_local__ = True
     return func
 

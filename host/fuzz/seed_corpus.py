@@ -31,6 +31,7 @@ def main() -> None:
     for i, cbor in enumerate(seeds):
         write("value_decode", cbor)
         write("hello", cbor)
+        write("message", cbor)
         write("frames", frame(cbor) + frame(seeds[(i + 1) % len(seeds)]))
     # a real hello: {"cpy2py": 1, "twin_id": ..., ...}
     sys.path.insert(0, str(HERE.parent.parent / "guest-python"))
@@ -45,6 +46,16 @@ def main() -> None:
         "pid": 1,
     }
     write("hello", codec_py.dumps(hello))
+    # messages of each kind (docs/protocol.md, "Messages")
+    for message in (
+        [0, 1, 1 << 40, 0, [40011, ["m", "f"]], [1], {"k": 2}],
+        [0, 2, 1 << 40, 5, [40012, ["t", 3, ["m.C", ["__len__"]]]], "run", [], {}],
+        [1, 1, None],
+        [3, [["t", 3, 1]]],
+        [4, 0],
+        {"ready": True},
+    ):
+        write("message", codec_py.dumps(message))
     print(f"seeded the corpora with {len(seeds)} vectors")
 
 

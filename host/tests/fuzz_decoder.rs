@@ -19,7 +19,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use cpy2py_host::protocol::frame;
 use cpy2py_host::protocol::tags::MAX_DEPTH;
-use cpy2py_host::protocol::value::Value;
+use cpy2py_host::protocol::value::{ClassInfo, Value};
 
 /// xorshift64*: small, fast, reproducible.
 struct Rng(u64);
@@ -176,7 +176,16 @@ fn random_value(rng: &mut Rng, depth: usize) -> Value {
         _ => Value::TwinRef {
             owner: text(rng),
             instance: rng.next(),
-            class: global(rng),
+            class: if rng.chance(2) {
+                ClassInfo::Named(global(rng))
+            } else {
+                let names = |rng: &mut Rng| (0..rng.below(3)).map(|_| text(rng)).collect();
+                ClassInfo::Described {
+                    name: text(rng),
+                    specials: names(rng),
+                    methods: if rng.chance(2) { Some(names(rng)) } else { None },
+                }
+            },
         },
     }
 }
@@ -265,6 +274,10 @@ fn check_all(input: &[u8], seed: u64, iteration: u64) -> bool {
             assert!(frames >= 1, "a well-framed payload was not read as a frame");
         }
         oracle::check_hello(input);
+        oracle::check_message(input);
+        // the stream again, as a pipe delivers it: in pieces of 1 to 7 bytes
+        let pieces = [1 + (iteration % 7) as u8, 3, 1, 5];
+        assert_eq!(oracle::check_stream_in_pieces(&stream, &pieces), frames);
         accepted
     }));
     match outcome {

@@ -7,7 +7,7 @@
 mod repo;
 
 use cpy2py_host::protocol::tags::MAX_DEPTH;
-use cpy2py_host::protocol::value::{GlobalName, Value};
+use cpy2py_host::protocol::value::{ClassInfo, GlobalName, Value};
 use serde_json::Value as Json;
 
 fn vectors(file: &str) -> Vec<Json> {
@@ -107,7 +107,23 @@ fn meaning(json: &Json) -> Value {
             Some([owner, instance, class]) => Value::TwinRef {
                 owner: string(owner),
                 instance: instance.as_u64().expect("instance id"),
-                class: global(class),
+                class: match class.get("described").and_then(|d| d.as_array()) {
+                    Some(fields) => {
+                        let names = |v: &Json| {
+                            v.as_array()
+                                .expect("names")
+                                .iter()
+                                .map(string)
+                                .collect::<Vec<_>>()
+                        };
+                        ClassInfo::Described {
+                            name: string(&fields[0]),
+                            specials: names(&fields[1]),
+                            methods: fields.get(2).map(names),
+                        }
+                    }
+                    None => ClassInfo::Named(global(class)),
+                },
             },
             _ => panic!("bad twin_ref {v}"),
         },

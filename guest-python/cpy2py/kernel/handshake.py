@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import _logging, kernel_state
+from .. import kernel_state
 from ..errors import ProtocolError
 from ..protocol import codec
 from ..protocol.messages import PROTOCOL_VERSION
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from typing import Any, Dict
 
     from ..protocol.transport import Transport
-
-log = _logging.get_logger("twin")
 
 
 def send_hello(transport: Transport, executable: str) -> None:

@@ -8,8 +8,8 @@ PROTOCOL_VERSION = 1
 REQUEST = 0  # [0, id, chain, op, operands...]
 REPLY = 1  # [1, id, value]
 RAISE = 2  # [2, id, exception]
-RELEASE = 3  # [3, [instance id, ...]]
-SHUTDOWN = 4  # [4, id]
+RELEASE = 3  # [3, [[owner, instance id, count], ...]]
+SHUTDOWN = 4  # [4, id], master to twin only
 
 # request operations
 OP_EXECUTE = 0  # callable, args, kwargs -> callable(*args, **kwargs)

@@ -5,6 +5,7 @@ pub mod budget;
 pub mod frame;
 pub mod handshake;
 pub mod header;
+pub mod message;
 pub mod tags;
 pub mod value;
 

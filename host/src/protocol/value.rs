@@ -19,6 +19,21 @@ use crate::error::{HostError, Result};
 /// A reference to a module-level name: `(module, qualname)`.
 pub type GlobalName = (String, String);
 
+/// The class field of a twin reference (docs/protocol.md, tag 40012): what
+/// the receiver needs to build a proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClassInfo {
+    /// A twin class, by name (tag 40011); trusted links.
+    Named(GlobalName),
+    /// `[qualified type name, [special methods]]`, and, from a master to a
+    /// sandboxed guest, `[..., [methods]]`: exactly what the guest may call.
+    Described {
+        name: String,
+        specials: Vec<String>,
+        methods: Option<Vec<String>>,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     None,
@@ -50,7 +65,7 @@ pub enum Value {
     TwinRef {
         owner: String,
         instance: u64,
-        class: GlobalName,
+        class: ClassInfo,
     },
     Pickle(Vec<u8>),
 }
@@ -180,7 +195,21 @@ impl Value {
                 Cbor::Array(vec![
                     Cbor::Text(owner.clone()),
                     Cbor::Integer((*instance).into()),
-                    global(class),
+                    match class {
+                        ClassInfo::Named(name) => global(name),
+                        ClassInfo::Described {
+                            name,
+                            specials,
+                            methods,
+                        } => {
+                            let texts = |names: &[String]| {
+                                Cbor::Array(names.iter().cloned().map(Cbor::Text).collect())
+                            };
+                            let mut fields = vec![Cbor::Text(name.clone()), texts(specials)];
+                            fields.extend(methods.as_deref().map(texts));
+                            Cbor::Array(fields)
+                        }
+                    },
                 ]),
             ),
             Value::Pickle(b) => tagged(tags::PICKLE, Cbor::Bytes(b.clone())),
@@ -242,11 +271,11 @@ impl Value {
             (tags::TWIN_REF, Value::List(items)) => {
                 let [owner, instance, class]: [Value; 3] =
                     items.try_into().map_err(|_| malformed("twin reference"))?;
-                match (owner, instance, class) {
-                    (Value::Str(owner), Value::Int(instance), Value::Global(class)) => Value::TwinRef {
+                match (owner, instance) {
+                    (Value::Str(owner), Value::Int(instance)) => Value::TwinRef {
                         owner,
                         instance: u64::try_from(instance).map_err(|_| malformed("twin reference"))?,
-                        class,
+                        class: class_info(class)?,
                     },
                     _ => return Err(malformed("twin reference")),
                 }
@@ -337,6 +366,39 @@ fn global_name(inner: Value) -> Result<GlobalName> {
             _ => Err(malformed("name reference")),
         },
         _ => Err(malformed("name reference")),
+    }
+}
+
+/// The class field of a twin reference: a name reference, or a description
+/// of two or three fields (a type name, special methods, methods).
+fn class_info(class: Value) -> Result<ClassInfo> {
+    let names = |value: Value| match value {
+        Value::List(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::Str(name) => Ok(name),
+                _ => Err(malformed("class of a twin reference")),
+            })
+            .collect::<Result<Vec<_>>>(),
+        _ => Err(malformed("class of a twin reference")),
+    };
+    match class {
+        Value::Global(name) => Ok(ClassInfo::Named(name)),
+        Value::List(fields) if matches!(fields.len(), 2 | 3) => {
+            let mut fields = fields.into_iter();
+            let name = match fields.next() {
+                Some(Value::Str(name)) => name,
+                _ => return Err(malformed("class of a twin reference")),
+            };
+            let specials = names(fields.next().expect("two fields or more"))?;
+            let methods = fields.next().map(names).transpose()?;
+            Ok(ClassInfo::Described {
+                name,
+                specials,
+                methods,
+            })
+        }
+        _ => Err(malformed("class of a twin reference")),
     }
 }
 

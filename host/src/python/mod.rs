@@ -6,11 +6,13 @@ use pyo3::prelude::*;
 mod codec;
 mod errors;
 mod host_calls;
+mod spec;
 mod twin;
 mod wasi;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
+    spec::register(m)?;
     twin::register(m)?;
     wasi::register(m)?;
     Ok(())

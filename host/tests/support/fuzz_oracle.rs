@@ -8,7 +8,10 @@
 
 #![allow(dead_code)] // each user takes what it needs
 
+use std::io::Read;
+
 use cpy2py_host::protocol::frame;
+use cpy2py_host::protocol::message::{self, Link, Sender, Stage};
 use cpy2py_host::protocol::value::Value;
 use cpy2py_host::HostError;
 
@@ -53,6 +56,80 @@ pub fn check_value(data: &[u8]) -> Option<Value> {
             "decoding {} failed with a non-protocol error: {other:?}",
             hex(data)
         ),
+    }
+}
+
+/// A pipe that delivers what was written in pieces of the sizes `pieces`
+/// cycles through (as a pipe may), so that a frame reader must put headers
+/// and payloads together from partial reads.
+pub struct Pieces<'a> {
+    pub data: &'a [u8],
+    pub pieces: &'a [u8],
+    pub next: usize,
+}
+
+impl Read for Pieces<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let piece = match self.pieces.len() {
+            0 => buf.len(),
+            n => usize::from(self.pieces[self.next % n]).max(1),
+        };
+        self.next += 1;
+        let n = piece.min(buf.len()).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+/// Every check of the message model (`message::check_frame`) on `data`, as
+/// each stage, sender and link: an answer or a protocol error, never a
+/// panic; and nothing it accepts is refused by the value model.
+pub fn check_message(data: &[u8]) {
+    for stage in [Stage::Hello, Stage::Welcome, Stage::Answer, Stage::Message] {
+        for sender in [Sender::Master, Sender::Twin] {
+            for link in [Link::Trusted, Link::Sandboxed] {
+                match message::check_frame(data, stage, sender, link) {
+                    Ok(_) => assert!(
+                        Value::decode(data).is_ok(),
+                        "{} passed the message model only",
+                        hex(data)
+                    ),
+                    Err(HostError::Protocol(_)) => {}
+                    Err(other) => panic!("checking the frame {} failed with {other:?}", hex(data)),
+                }
+            }
+        }
+    }
+}
+
+/// `data` read as a stream of frames delivered in pieces (see [`Pieces`]):
+/// the same frames as [`check_stream`] reads from it whole.
+pub fn check_stream_in_pieces(data: &[u8], pieces: &[u8]) -> usize {
+    let mut whole = data;
+    let mut split = Pieces {
+        data,
+        pieces,
+        next: 0,
+    };
+    let mut frames = 0;
+    loop {
+        let expected = frame::read_frame(&mut whole, STREAM_MAX_FRAME);
+        let got = frame::read_frame(&mut split, STREAM_MAX_FRAME);
+        match (expected, got) {
+            (Ok(Some(a)), Ok(Some(b))) => {
+                assert_eq!(
+                    hex(&a),
+                    hex(&b),
+                    "a frame of {} read in pieces differs",
+                    hex(data)
+                );
+                frames += 1;
+            }
+            (Ok(None), Ok(None)) => return frames,
+            (Err(HostError::Protocol(_)), Err(HostError::Protocol(_))) => return frames,
+            (a, b) => panic!("reading {} whole gave {a:?}, in pieces {b:?}", hex(data)),
+        }
     }
 }
 
