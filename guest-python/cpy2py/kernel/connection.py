@@ -338,7 +338,6 @@ class Connection:
                 raise self._broken_error() from None
             except BaseException as err:  # Ctrl-C in a send that could not go on
                 if getattr(self.transport, "cut_mid_frame", False):
-                    self.reported = True  # the caller gets the interrupt, and knows
                     self._break_and_kill(
                         TwinterpreterTerminated(
                             f"twinterpreter {self.peer_id!r} was stopped: a message to it was cut "
@@ -903,7 +902,6 @@ class Connection:
         """Ctrl-C or an exit in the master while it served an untrusted peer: the
         master's own, not the peer's to catch (a guest could swallow it and keep
         the master busy forever). The peer is stopped, and the interrupt goes on here."""
-        self.reported = True  # the caller gets the interrupt, and knows
         self._break_and_kill(
             TwinterpreterTerminated(
                 f"twinterpreter {self.peer_id!r} was stopped by {type(interrupt).__name__} in the master "
