@@ -39,6 +39,7 @@ __all__ = [
     "TwinterpreterUnavailable",
     "TwinObject",
     "TWIN_GROUP_STATE",
+    "aio",
     "expose",
     "exposed",
     "is_proxy",
@@ -49,19 +50,26 @@ __all__ = [
 
 if kernel_state.is_master():
     from .master import TwinMaster
-else:
-    # A twin starts serving without the master's machinery (it starts no
-    # twins itself); ``cpy2py.TwinMaster`` is loaded on first use there.
-    def __getattr__(name: str) -> object:
-        if name == "TwinMaster":
-            from .master import TwinMaster
 
-            globals()["TwinMaster"] = TwinMaster
-            return TwinMaster
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __dir__() -> list:
-        return sorted(set(globals()) | {"TwinMaster"})
+def __getattr__(name: str) -> object:
+    # loaded on first use: ``aio`` (it imports asyncio), and in a twin
+    # ``TwinMaster`` (a twin starts serving without the master's machinery)
+    if name == "TwinMaster":
+        from .master import TwinMaster
+
+        globals()["TwinMaster"] = TwinMaster
+        return TwinMaster
+    if name == "aio":
+        from .awaitable import aio
+
+        globals()["aio"] = aio
+        return aio
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | {"TwinMaster", "aio"})
 
 
 _level = _configure_logging(kernel_state.TWIN_ID)

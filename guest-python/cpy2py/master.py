@@ -533,6 +533,19 @@ class TwinMaster:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
+    async def __aenter__(self) -> TwinMaster:
+        """``async with TwinMaster(...)``: starts (and stops) on a worker
+        thread, so the event loop goes on meanwhile."""
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.start)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
     # -- what the link holds ------------------------------------------------
 
     def counts(self) -> Dict[str, int]:
@@ -563,8 +576,8 @@ class TwinMaster:
         object and a twin object holding each other through proxies, with
         nothing else holding either): what each side keeps alive only for
         the other is let go. Returns how many objects were freed on both
-        sides. Also runs on its own after the master's full garbage
-        collections. docs/reliability.md, "Reference cycles"."""
+        sides. Call it at a quiet moment: docs/reliability.md, "Reference
+        cycles", says what it sees and what it cannot."""
         self._only_in_master("collecting")
         twin = _running.get(self.twinterpreter_id)
         if twin is None or not twin.alive or twin.sandboxed:
@@ -599,6 +612,13 @@ class TwinMaster:
         if self.twinterpreter_id == kernel_state.TWIN_ID:
             return call(*args, **kwargs)
         return self._in_master(_execute_in_master, self.twinterpreter_id, call, list(args), kwargs)
+
+    async def execute_async(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """``execute`` for asyncio: awaits the result without blocking the
+        event loop (docs/user-guide.md, "asyncio"; cpy2py/awaitable.py)."""
+        from . import awaitable
+
+        return await awaitable.execute(self, call, args, kwargs)
 
 
 def _start_in_master(executable: str, twin_id: str) -> bool:

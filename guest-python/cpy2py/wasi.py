@@ -126,6 +126,9 @@ class GuestLink:
     #: ``recv`` runs the guest and lets signal handlers raise in it without
     #: losing a frame; it never returns False (protocol/transport.py)
     stops_for_signals = False
+    #: ``send`` runs the guest on the calling thread: asyncio calls go to a
+    #: worker thread of the guest (cpy2py/awaitable.py)
+    runs_peer = True
 
     def __init__(self, twin: Any, paths: List[str]) -> None:
         self._twin = twin

@@ -119,6 +119,85 @@ class _Waiter:
                     self.wake.acquire(False)
 
 
+class _AsyncWaiter:
+    """The mailbox of a call awaited on an event loop: frames routed to it
+    wake the loop (from any thread); the loop takes them in ``next``."""
+
+    __slots__ = ("loop", "inbox", "chain", "queued", "_future")
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.inbox: Deque[Item] = deque()
+        self.chain: Optional[int] = None
+        self.queued: Optional[Connection] = None  # (it never waits for the reading role)
+        self._future: Any = None
+
+    def deliver(self, item: Item) -> None:
+        self.inbox.append(item)
+        self.offer()
+
+    def offer(self) -> None:
+        """Wake the loop: a frame came, or the link ended."""
+        try:
+            self.loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop was closed: nobody awaits any more
+            pass
+
+    def _wake(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def next(self, connection: Connection) -> Item:
+        while not self.inbox:
+            if connection.broken is not None:
+                raise connection._broken_error()
+            self._future = self.loop.create_future()
+            try:
+                await self._future
+            finally:
+                self._future = None
+        return self.inbox.popleft()
+
+
+async def _coroutine() -> None:
+    pass
+
+
+_probe = _coroutine()
+_Coroutine = type(_probe)
+_probe.close()
+del _probe
+
+
+_callback_workers: Any = None
+
+
+def callback_workers() -> Any:
+    """The threads that run the peer's requests of async calls. Each may wait
+    for a coroutine on the caller's loop, which may call the peer again: a
+    bounded pool (like the loop's default one) could run out at some depth
+    of such recursion, so this one grows as needed and keeps idle threads."""
+    global _callback_workers
+    if _callback_workers is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _callback_workers = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="cpy2py-callback")
+    return _callback_workers
+
+
+def _run_coroutine(coroutine: Any) -> Any:
+    """A coroutine returned by a function the peer called: awaited on the
+    loop of the async call it serves (cpy2py/awaitable.py), else run to its end
+    here in a loop of its own."""
+    import asyncio
+
+    loop = getattr(_local, "loop", None)
+    if loop is not None:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+    return asyncio.run(coroutine)
+
+
 def _this_waiter() -> _Waiter:
     try:
         return _local.waiter
@@ -255,6 +334,7 @@ class Connection:
         self._routed = 0
         self._undecoded: Dict[int, int] = {}
         self._held_releases: List[Tuple[int, Any]] = []  # (frames read before it, raw)
+        self._distrust: Optional[int] = None  # frames from this number on came after a malformed release
         self._gate: Optional[_Gate] = None
         self._armed = False  # the gate watches the link
         self._servers = 0  # server threads alive
@@ -349,20 +429,7 @@ class Connection:
             kind, raw = self._wait_for_reply(waiter, req_id)
             if timed:
                 deadlines.clear((self, req_id))
-            try:
-                message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
-                if type(message) is not list or len(message) != 3:
-                    raise ProtocolError(f"malformed reply {references.safe_repr(message)}")
-            except ProtocolError as err:
-                self._fail(err)  # a peer that sent a malformed frame is not trusted further
-                raise
-            finally:
-                self._decoded(req_id)
-            if failure is not None:
-                raise failure
-            if kind == REPLY:
-                return message[2]
-            raise self.serializer.reraise(message[2])
+            return self._result(req_id, kind, raw)
         finally:
             if timed:
                 deadlines.clear((self, req_id))
@@ -378,6 +445,107 @@ class Connection:
                 self._leave_queue(waiter)
             if waiter.inbox:  # interrupted: nothing of this call may reach a later one
                 self._drop_leftovers(waiter, req_id)
+
+    def _result(self, req_id: int, kind: int, raw: Any) -> Any:
+        """The value of a reply, or its exception raised."""
+        if self._distrust is not None and self._undecoded.get(req_id, -1) >= self._distrust:
+            self._decoded(req_id)  # the peer broke the protocol before this reply: not trusted
+            raise self._broken_error()
+        try:
+            message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+            if type(message) is not list or len(message) != 3:
+                raise ProtocolError(f"malformed reply {references.safe_repr(message)}")
+        except ProtocolError as err:
+            self._fail(err)  # a peer that sent a malformed frame is not trusted further
+            raise
+        finally:
+            self._decoded(req_id)
+        if failure is not None:
+            raise failure
+        if kind == REPLY:
+            return message[2]
+        raise self.serializer.reraise(message[2])
+
+    # -- calling the peer from asyncio (cpy2py/awaitable.py) ----------------------
+
+    async def request_async(self, op: int, *operands: Any) -> Any:
+        """``request`` for a coroutine: its reply is routed to this event loop
+        by whichever thread reads the link (an idle server, woken by the
+        gate), so no thread waits for it. Each such call is a chain of its
+        own; the peer's requests on it (callbacks) run on a worker thread as
+        that chain's thread, and a coroutine they return runs on this loop.
+        Cancelled, the call is abandoned here (its reply is dropped when it
+        comes); the peer runs it to its end."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self.pending_releases:
+            references.flush_releases(self)
+        waiter = _AsyncWaiter(loop)
+        chain = waiter.chain = _new_chain()
+        req_id = next(self._ids)
+        payload = references.encode([REQUEST, req_id, chain, op, *operands], self.serializer.default)
+        with self._lock:
+            if self.broken is not None:
+                raise self._broken_error()
+            self._pending[req_id] = waiter
+            self._chains[chain] = [waiter, 1]
+        timed = self.call_timeout is not None
+        if timed:  # (an awaited call's callbacks count as the twin's time)
+            _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
+        try:
+            try:
+                self.transport.send(payload)  # non-blocking while the pipe has room
+            except OSError as err:
+                self._fail(err)
+                raise self._broken_error() from None
+            del payload
+            while True:
+                _, kind, key, raw = await waiter.next(self)
+                if kind != REQUEST:
+                    break  # (only this call's reply is routed to it)
+                await loop.run_in_executor(callback_workers(), self._run_for, waiter, key, raw)
+            return self._result(req_id, kind, raw)
+        finally:
+            if timed:
+                _deadlines().clear((self, req_id))
+            with self._lock:
+                if self._pending.pop(req_id, None) is not None and self.broken is None:
+                    self._abandoned.add(req_id)  # cancelled: its reply is dropped when it comes
+                del self._chains[chain]
+            while waiter.inbox:  # requests of its chain that it will not run are answered
+                _, kind, key, _ = waiter.inbox.popleft()
+                if kind == REQUEST:
+                    self._decoded(_request_id(key))
+                    self._send_reply(key, RAISE, _interrupted(self.peer_id))
+                else:
+                    self._decoded(key)
+
+    def _run_for(self, awaiter: _AsyncWaiter, req_id: int, raw: Any) -> None:
+        """On a worker thread: run a request of an async call's chain, this
+        thread being that chain's thread meanwhile (the peer's nested
+        requests come here, coroutines run on the caller's loop)."""
+        waiter = _this_waiter()
+        with self._lock:
+            entry = self._chains.get(awaiter.chain)  # type: ignore[arg-type]
+            taken = entry is not None and entry[0] is awaiter
+            if taken:
+                entry[0] = waiter
+        if not taken:  # the async call was cancelled meanwhile
+            self._decoded(_request_id(req_id))
+            self._send_reply(req_id, RAISE, _interrupted(self.peer_id))
+            return
+        outer, waiter.chain = waiter.chain, awaiter.chain
+        _local.loop = awaiter.loop
+        try:
+            self._run(waiter, req_id, raw)
+        finally:
+            with self._lock:
+                entry[0] = awaiter
+            waiter.chain = outer
+            _local.loop = None
+            while waiter.inbox:  # what came for the chain after the reply went out
+                awaiter.deliver(waiter.inbox.popleft())
 
     def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Tuple[int, Any]:
         while True:
@@ -650,11 +818,11 @@ class Connection:
                     break
                 except RuntimeError:
                     continue
-            ready = [raw for before, raw in self._held_releases if before <= oldest]
+            ready = [entry for entry in self._held_releases if entry[0] <= oldest]
             if not ready:
                 return
             self._held_releases = [entry for entry in self._held_releases if entry[0] > oldest]
-        for raw in ready:
+        for before, raw in ready:
             try:
                 message, _ = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
                 if not (isinstance(message, list) and len(message) == 2):
@@ -662,6 +830,7 @@ class Connection:
                 dropped = references.release(message[1], self)
                 del dropped  # finalizers run here
             except ProtocolError as err:
+                self._distrust = before
                 self._fail(err)
                 return
 
@@ -885,7 +1054,10 @@ class Connection:
         # before the reply (see below), so the peer learns at once
         del message[3:]
         try:
-            kind, value = REPLY, self.serializer.perform(op, operands)
+            value = self.serializer.perform(op, operands)
+            if type(value) is _Coroutine:  # an async function was called: its result is sent
+                value = _run_coroutine(value)
+            kind = REPLY
         except BaseException as err:  # every failure, SystemExit included, goes back to the caller
             if self.serializer.keeps_interrupts and not isinstance(err, Exception):
                 self._stop_for(err)

