@@ -20,7 +20,7 @@ import time
 
 import lifecycle_helpers as lh
 import pytest
-from cpy2py import TwinMaster, TwinStartError, TwinterpreterTerminated, TwinTimeout, kernel_state
+from cpy2py import TwinMaster, TwinStartError, TwinterpreterTerminated, TwinTimeout, is_proxy, kernel_state
 from cpy2py import master as master_module
 from cpy2py.kernel import references
 from reliability_support import HANG, in_thread, wait_gone
@@ -309,7 +309,7 @@ def test_an_exception_holding_a_twin_object_leaves_the_exports_alone(twin):
     for _ in range(5):
         with pytest.raises(lh.Unsendable) as info:
             twin.execute(lh.raise_with_twin_object)
-        assert lh.is_proxy(info.value.args[1])
+        assert is_proxy(info.value.args[1])
     del info
     gc.collect()
     _wait_until(lambda: twin.execute(lh.export_count) == before, "the twin's exports are back")

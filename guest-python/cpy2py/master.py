@@ -17,7 +17,13 @@ from importlib import import_module as importlib_import_module
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import _logging, kernel_state
-from .errors import TwinStartError, TwinterpreterTerminated, TwinterpreterUnavailable, TwinTimeout
+from .errors import (
+    ProtocolError,
+    TwinStartError,
+    TwinterpreterTerminated,
+    TwinterpreterUnavailable,
+    TwinTimeout,
+)
 from .kernel import group_state, links, main_module, references
 from .kernel.connection import Connection
 from .kernel.serialization import Serializer
@@ -601,8 +607,8 @@ class TwinMaster:
         object and a twin object holding each other through proxies, with
         nothing else holding either): what each side keeps alive only for
         the other is let go. Returns how many objects were freed on both
-        sides. Also runs on its own after the master's full garbage
-        collections. docs/reliability.md, "Reference cycles"."""
+        sides. Call it at a quiet moment: docs/reliability.md, "Reference
+        cycles", says what it sees and what it cannot."""
         self._only_in_master("collecting")
         twin = _running.get(self.twinterpreter_id)
         if twin is None or not twin.alive or twin.sandboxed:
@@ -685,6 +691,12 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
         broken = twin.connection.broken
         if broken is None:
             return twin.connection
+        if isinstance(broken, ProtocolError) and not twin.sandboxed:
+            # a native peer that broke the protocol is not started again behind
+            # your back (a guest that did is discarded: the next call gets a fresh one)
+            raise ProtocolError(
+                f"{broken}; call TwinMaster({twin_id!r}).start() to start a new one"
+            ) from broken
         # a guest's end is always told to the call it ended (timeout, memory, trap)
         if not twin.sandboxed and (not twin.connection.reported or _no_auto()):
             twin.connection.reported = True

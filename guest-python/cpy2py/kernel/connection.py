@@ -418,7 +418,6 @@ class Connection:
                 raise self._broken_error() from None
             except BaseException as err:  # Ctrl-C in a send that could not go on
                 if getattr(self.transport, "cut_mid_frame", False):
-                    self.reported = True  # the caller gets the interrupt, and knows
                     self._break_and_kill(
                         TwinterpreterTerminated(
                             f"twinterpreter {self.peer_id!r} was stopped: a message to it was cut "
@@ -485,12 +484,15 @@ class Connection:
         waiter = _AsyncWaiter(loop)
         chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
-        payload = codec.dumps([REQUEST, req_id, chain, op, *operands], self.serializer.default)
+        payload = references.encode([REQUEST, req_id, chain, op, *operands], self.serializer.default)
         with self._lock:
             if self.broken is not None:
                 raise self._broken_error()
             self._pending[req_id] = waiter
             self._chains[chain] = [waiter, 1]
+        timed = self.call_timeout is not None
+        if timed:  # (an awaited call's callbacks count as the twin's time)
+            _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
             try:
                 self.transport.send(payload)  # non-blocking while the pipe has room
@@ -505,6 +507,8 @@ class Connection:
                 await loop.run_in_executor(callback_workers(), self._run_for, waiter, key, raw)
             return self._result(req_id, kind, raw)
         finally:
+            if timed:
+                _deadlines().clear((self, req_id))
             with self._lock:
                 if self._pending.pop(req_id, None) is not None and self.broken is None:
                     self._abandoned.add(req_id)  # cancelled: its reply is dropped when it comes
@@ -1070,7 +1074,6 @@ class Connection:
         """Ctrl-C or an exit in the master while it served an untrusted peer: the
         master's own, not the peer's to catch (a guest could swallow it and keep
         the master busy forever). The peer is stopped, and the interrupt goes on here."""
-        self.reported = True  # the caller gets the interrupt, and knows
         self._break_and_kill(
             TwinterpreterTerminated(
                 f"twinterpreter {self.peer_id!r} was stopped by {type(interrupt).__name__} in the master "

@@ -31,6 +31,7 @@ import weakref
 from .. import kernel_state
 from ..capabilities import DATA_MODEL_METHODS
 from ..errors import ProtocolError, TwinterpreterTerminated
+from ..protocol import codec
 from ..protocol.messages import (
     OP_CALL_METHOD,
     OP_DELATTR,
@@ -176,8 +177,6 @@ def encode(message: Any, default: Any) -> Any:
     """``codec.dumps(message, default)``, undoing the exports it made if it
     fails part-way (an argument that cannot be encoded after one that was
     exported): a message never sent must not pin objects for the peer."""
-    from ..protocol import codec
-
     journal = getattr(_encoding, "journal", None)
     if journal is not None:  # nested (a __reduce__ that encodes another message)
         mark = len(journal)
