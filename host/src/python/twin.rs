@@ -25,6 +25,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ProcessTwin>()?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(wait_out_of_host, m)?)?;
+    m.add_function(wrap_pyfunction!(kill_all_twins, m)?)?;
     m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
     m.add_function(wrap_pyfunction!(release_signals, m)?)?;
     m.add("PROTOCOL_VERSION", crate::protocol::PROTOCOL_VERSION)?;
@@ -88,6 +89,13 @@ fn wait_out_of_host(py: Python<'_>, timeout: f64) -> bool {
         }
         std::thread::sleep(Duration::from_millis(1));
     })
+}
+
+/// Kills every twin this process started, those still starting included
+/// (the master's exit hook, after stopping the twins it knows).
+#[pyfunction]
+fn kill_all_twins() {
+    crate::process::kill_all_groups();
 }
 
 fn py_error(py: Python<'_>, class: &str, msg: String) -> PyErr {
