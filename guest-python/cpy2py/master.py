@@ -756,6 +756,9 @@ def _stop_all() -> None:
     # hold the GIL again before the interpreter finalizes (a daemon thread
     # ended inside Rust frames aborts the process; see wait_out_of_host).
     host = sys.modules.get(f"{__package__}._host")
+    if host is not None and hasattr(host, "kill_all_twins"):
+        # twins still starting in other threads: their start ends at once
+        host.kill_all_twins()
     if host is not None and hasattr(host, "wait_out_of_host"):
         host.wait_out_of_host(2.0)
 

@@ -232,6 +232,7 @@ impl TwinProcess {
         // unless they leave it; they must not outlive the twin (below) nor
         // the master (the keeper)
         keeper::watch_group(pid);
+        live_groups().push(pid);
         let stderr_tail = Arc::new(Mutex::new(StderrTail::default()));
         let stderr = child.stderr.take();
         supervise(stderr, pid, Arc::clone(&stderr_tail));
@@ -353,6 +354,23 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// The process groups of this process's twins that have not ended (their
+/// supervisor removes them), for `kill_all_groups`.
+fn live_groups() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kills every twin of this process and what it started, those still
+/// starting included: the master's exit does it last, so that no thread is
+/// left inside a start (waiting for a hello) when the interpreter finalizes.
+pub fn kill_all_groups() {
+    let groups = live_groups().clone();
+    for pid in groups {
+        kill_group(pid);
+    }
+}
+
 /// Kills what is left of the process group of twin `pid` (its descendants).
 fn kill_group(pid: u32) {
     // SAFETY: a signal to a process group that exists while any of its members
@@ -406,6 +424,7 @@ fn supervise(stderr: Option<impl Read + AsRawFd + Send + 'static>, pid: u32, tai
                 if fds[1].revents != 0 {
                     ended = true;
                     kill_group(pid);
+                    live_groups().retain(|&p| p != pid);
                     keeper::forget_group(pid);
                 }
                 if fds[0].revents == 0 {

@@ -296,13 +296,7 @@ fn welcome(value: Value) -> Result<Frame> {
     let mut f = fields(value, "welcome", &["cpy2py", "master_id", "config"], &[])?;
     version(take(&mut f, "cpy2py"))?;
     let master_id = text(take(&mut f, "master_id"), "master_id")?;
-    let required = [
-        "app_paths",
-        "site_paths",
-        "run_main",
-        "argv",
-        "initializers",
-    ];
+    let required = ["app_paths", "site_paths", "run_main", "argv", "initializers"];
     let mut c = fields(
         take(&mut f, "config").expect("checked"),
         "welcome's config",

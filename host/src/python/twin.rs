@@ -25,6 +25,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeTwin>()?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(wait_out_of_host, m)?)?;
+    m.add_function(wrap_pyfunction!(kill_all_twins, m)?)?;
     m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
     m.add_function(wrap_pyfunction!(release_signals, m)?)?;
     m.add("PROTOCOL_VERSION", crate::protocol::PROTOCOL_VERSION)?;
@@ -55,6 +56,13 @@ fn init_logging(level: &str) -> PyResult<()> {
 #[pyfunction]
 fn hold_signals() {
     signals::hold();
+}
+
+/// Kills every twin this process started, those still starting included
+/// (the master's exit hook, after stopping the twins it knows).
+#[pyfunction]
+fn kill_all_twins() {
+    crate::process::kill_all_groups();
 }
 
 /// Lets the signals `hold_signals` held through (they are delivered now).
@@ -224,7 +232,6 @@ impl NativeTwin {
     fn kill(&self, py: Python<'_>) -> PyResult<String> {
         Ok(describe_status(in_host(py, || self.0.process.kill())?))
     }
-
 
     /// The last few KiB the twin wrote to stderr.
     fn stderr_tail(&self) -> String {
