@@ -239,6 +239,27 @@ impl NativeTwin {
         Ok(FrameSend::new(self, header, payload))
     }
 
+    /// Sends one small frame (at most `PIPE_BUF` bytes with its header) only
+    /// if it goes out at once: no other thread is sending and the pipe has
+    /// room (a pipe write of up to `PIPE_BUF` bytes is all or nothing).
+    /// Whether it was sent; it never waits. The kernel's callers send small
+    /// requests this way while they hold the link's reading role.
+    pub fn send_now(&self, payload: &[u8]) -> Result<bool> {
+        if payload.len() + HEADER_LEN > libc::PIPE_BUF {
+            return Ok(false);
+        }
+        let Some(mut sending) = self.try_begin_send(payload)? else {
+            return Ok(false);
+        };
+        sending.check_not_cut()?;
+        if sending.step(Duration::ZERO)? {
+            return Ok(true);
+        }
+        // nothing went out (all or nothing); a started frame would be finished
+        while sending.done > 0 && !sending.step(SIGNAL_SLICE)? {}
+        Ok(sending.done > 0)
+    }
+
     /// Whether a send was interrupted half-way through a frame.
     pub fn cut_mid_frame(&self) -> bool {
         self.cut.load(Ordering::SeqCst)
@@ -457,6 +478,27 @@ mod tests {
         let err = twin.truncated();
         assert!(matches!(err, HostError::Terminated(_)), "{err:?}");
         assert!(err.to_string().contains("exited with status 5"), "{err}");
+    }
+
+    #[test]
+    fn a_small_frame_is_sent_now_only_if_the_pipe_has_room() {
+        // a twin that never reads: its pipe fills up
+        let twin = start(
+            twin_saying(&hello_frame(1), "0", "sleep 30"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert!(twin.send_now(b"small").unwrap());
+        assert!(!twin.send_now(&vec![1u8; libc::PIPE_BUF]).unwrap(), "too big to be all or nothing");
+        let mut sent = 0;
+        while twin.send_now(&[7u8; 1000]).unwrap() {
+            sent += 1;
+            assert!(sent < 10_000, "a pipe holds less than 10 MB");
+        }
+        assert!(sent > 10, "the pipe took some frames before it was full");
+        assert!(!twin.cut_mid_frame(), "a frame that did not fit was not started");
+        // the writer role was given back each time
+        assert!(twin.try_begin_send(b"\xf6").unwrap().is_some());
     }
 
     #[test]

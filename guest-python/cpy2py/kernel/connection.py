@@ -316,6 +316,8 @@ class Connection:
         self._new_chains = new_chains
         self._ids = itertools.count(1)
         self._buffered = getattr(transport, "buffered", None)
+        #: sends a small frame only if it goes out at once (native twins' transport)
+        self._send_now = getattr(transport, "send_now", None)
         self._holds_signals = getattr(transport, "stops_for_signals", True)
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
@@ -405,6 +407,16 @@ class Connection:
                 self._chains[chain] = [waiter, 1]
             else:
                 entry[1] += 1
+            # A small request goes out holding the free reading role: the gate
+            # stays disarmed, so the reply wakes no server thread (which would
+            # read it and hand it over: two more thread switches per call).
+            reads_first = (
+                self._send_now is not None
+                and not self._reading
+                and not waiter.inbox
+                and len(payload) <= _SMALL_FRAME
+                and self._take_role(None)
+            )
         timed = self.call_timeout is not None
         if timed:  # from before the send: a twin that stops reading times out too
             from . import deadlines  # (the master's only: twins never load it)
@@ -412,7 +424,12 @@ class Connection:
             deadlines.set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
             try:
-                self.transport.send(payload)
+                if not (reads_first and self._send_now(payload)):
+                    if reads_first:  # the pipe is full: wait for room without the role
+                        reads_first = False
+                        with self._lock:
+                            self._give_up_role()
+                    self.transport.send(payload)
             except OSError as err:
                 self._fail(err)
                 raise self._broken_error() from None
@@ -443,6 +460,8 @@ class Connection:
                 if entry[1] == 0:
                     del self._chains[chain]
                 self._leave_queue(waiter)
+                if self._reading and self._reader == _thread.get_ident():
+                    self._give_up_role()  # taken before the send, and interrupted before reading
             if waiter.inbox:  # interrupted: nothing of this call may reach a later one
                 self._drop_leftovers(waiter, req_id)
 
@@ -600,6 +619,7 @@ class Connection:
                 with self._lock:  # if it waited for the role, it needs it no more
                     self._leave_queue(waiter)
                 return waiter.inbox.popleft()
+            mine = self._reading and self._reader == _thread.get_ident()  # taken before its send
             held = self._holds_signals and hold_signals()  # (main thread) while it may read; see _read
             try:
                 with self._lock:
@@ -607,7 +627,7 @@ class Connection:
                         continue
                     if self.broken is not None:
                         raise self._broken_error()
-                    read = self._take_role(waiter)
+                    read = mine or self._take_role(waiter)
             finally:
                 if held and not (self._reading and self._reader == _thread.get_ident()):
                     release_signals()
@@ -1204,6 +1224,11 @@ def _deadlines() -> Any:
     from . import deadlines  # the master's only: twins never load it (nor threading)
 
     return deadlines
+
+
+#: the largest request sent holding the reading role: it must fit a pipe
+#: write that never blocks (PIPE_BUF, with the frame's 4-byte header)
+_SMALL_FRAME = 4092
 
 
 def _request_id(key: int) -> int:

@@ -152,6 +152,14 @@ impl NativeTwin {
         }
     }
 
+    /// Sends one small frame only if it goes out at once (no other thread is
+    /// sending and the pipe has room); whether it did. Never waits, and
+    /// keeps the GIL (one write): the kernel sends small requests this way
+    /// while it holds the link's reading role.
+    fn send_now(&self, payload: &Bound<'_, PyBytes>) -> PyResult<bool> {
+        Ok(self.0.send_now(payload.as_bytes())?)
+    }
+
     /// Whether a send was interrupted half-way through a frame (the link
     /// must then be given up: the twin waits for the rest of it).
     #[getter]
