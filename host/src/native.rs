@@ -489,7 +489,10 @@ mod tests {
         )
         .unwrap();
         assert!(twin.send_now(b"small").unwrap());
-        assert!(!twin.send_now(&vec![1u8; libc::PIPE_BUF]).unwrap(), "too big to be all or nothing");
+        assert!(
+            !twin.send_now(&vec![1u8; libc::PIPE_BUF]).unwrap(),
+            "too big to be all or nothing"
+        );
         let mut sent = 0;
         while twin.send_now(&[7u8; 1000]).unwrap() {
             sent += 1;
