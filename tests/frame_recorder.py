@@ -43,10 +43,21 @@ class RecordingTransport:
         if name == "try_send":  # how the master sends a native twin its shutdown
 
             def try_send(payload: Any, timeout: float) -> bool:
-                self.frames.append(("master", bytes(payload)))
-                return attr(payload, timeout)
+                sent = attr(payload, timeout)
+                if sent:
+                    self.frames.append(("master", bytes(payload)))
+                return sent
 
             return try_send
+        if name == "send_now":  # how the master sends small requests while it reads
+
+            def send_now(payload: Any) -> bool:
+                sent = attr(payload)
+                if sent:
+                    self.frames.append(("master", bytes(payload)))
+                return sent
+
+            return send_now
         return attr
 
 
