@@ -52,6 +52,10 @@ __all__ = [
 if kernel_state.is_master():
     from .master import TwinMaster
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # at run time: on first use, in __getattr__
+    from .pool import SandboxPool
+
 
 def __getattr__(name: str) -> object:
     # loaded on first use: ``aio`` (it imports asyncio), ``SandboxPool``, and in a twin

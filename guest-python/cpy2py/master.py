@@ -724,13 +724,6 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
     set: the end is first reported to a caller (the calls in flight, or else
     the next one), so that nobody misses that its objects and state are gone.
     """
-    config = master or _configs.get(twin_id)
-    if config is not None and config.fresh:
-        raise TwinterpreterUnavailable(
-            f"twinterpreter {twin_id!r} runs every call in a guest of its own (fresh=True), so it "
-            f"has no one link to reach: call it with TwinMaster(twinterpreter_id={twin_id!r}).execute(...) "
-            "or import_module(...) (twinfunction and TwinObject pinned to a fresh twin are not supported)"
-        )
     twin = _running.get(twin_id)
     if twin is not None:
         broken = twin.connection.broken
@@ -753,6 +746,13 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
         if twin is None:
             raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it restarted")
         return twin.connection
+    config = master or _configs.get(twin_id)
+    if config is not None and config.fresh:  # (never in _running: its guests have ids of their own)
+        raise TwinterpreterUnavailable(
+            f"twinterpreter {twin_id!r} runs every call in a guest of its own (fresh=True), so it "
+            f"has no one link to reach: call it with TwinMaster(twinterpreter_id={twin_id!r}).execute(...) "
+            "or import_module(...) (twinfunction and TwinObject pinned to a fresh twin are not supported)"
+        )
     if _no_auto():
         raise TwinterpreterUnavailable(
             f"twinterpreter {twin_id!r} is not running and CPY2PY_NOAUTO forbids starting it "

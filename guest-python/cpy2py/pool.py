@@ -33,13 +33,15 @@ import os
 import threading
 import weakref
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 from . import master as master_module
 from . import wasi
 from .master import SANDBOXED_EXECUTABLES, TwinMaster
 
 __all__ = ["SandboxPool"]
+
+T = TypeVar("T")
 
 _numbers = itertools.count(1)
 #: name -> open pool: two open pools of one name would share guests
@@ -122,7 +124,7 @@ class SandboxPool(Executor):
 
     # -- calls ------------------------------------------------------------------
 
-    def execute(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def execute(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``func(*args, **kwargs)`` in a free guest of the pool, on this
         thread (waiting for a slot if all are busy); its result or exception,
         as from ``TwinMaster.execute``."""
@@ -132,7 +134,7 @@ class SandboxPool(Executor):
         finally:
             self._finish()
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` in a guest of the pool; a
         ``concurrent.futures.Future`` of its result. (``map`` comes from
         ``Executor``: results in order, an exception raised when its result
@@ -144,12 +146,13 @@ class SandboxPool(Executor):
         future.add_done_callback(self._finished)  # also when it is cancelled
         return future
 
-    def _run(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    def _run(self, func: Callable[..., T], args: Any, kwargs: Any) -> T:
         slot = self._take()
         try:
             if not slot.fresh and not slot.is_alive:
                 slot.start()  # its first call, or its guest was stopped: a new guest (CPY2PY_NOAUTO or not)
-            return slot.execute(func, *args, **kwargs)
+            result: T = slot.execute(func, *args, **kwargs)
+            return result
         finally:
             self._give_back(slot)
 
@@ -169,7 +172,7 @@ class SandboxPool(Executor):
             if self._accepted == 0:
                 self._cond.notify_all()
 
-    def _finished(self, _future: Future) -> None:
+    def _finished(self, _future: Future[Any]) -> None:
         self._finish()
 
     def _take(self) -> TwinMaster:
