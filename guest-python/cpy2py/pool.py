@@ -200,7 +200,9 @@ class SandboxPool(Executor):
         if wait:
             self._stop_when_idle()
         else:
-            threading.Thread(target=self._stop_when_idle, name=f"cpy2py-{self.name}-close", daemon=True).start()
+            threading.Thread(
+                target=self._stop_when_idle, name=f"cpy2py-{self.name}-close", daemon=True
+            ).start()
 
     def close(self) -> None:
         """``shutdown(wait=True)``: wait for the calls accepted so far, then stop every guest."""
