@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ProtocolError",
     "RemoteError",
+    "SandboxPool",
     "SandboxViolation",
     "TwinError",
     "TwinMaster",
@@ -51,9 +52,13 @@ __all__ = [
 if kernel_state.is_master():
     from .master import TwinMaster
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # at run time: on first use, in __getattr__
+    from .pool import SandboxPool
+
 
 def __getattr__(name: str) -> object:
-    # loaded on first use: ``aio`` (it imports asyncio), and in a twin
+    # loaded on first use: ``aio`` (it imports asyncio), ``SandboxPool``, and in a twin
     # ``TwinMaster`` (a twin starts serving without the master's machinery)
     if name == "TwinMaster":
         from .master import TwinMaster
@@ -65,11 +70,16 @@ def __getattr__(name: str) -> object:
 
         globals()["aio"] = aio
         return aio
+    if name == "SandboxPool":  # the master's only (it imports concurrent.futures)
+        from .pool import SandboxPool
+
+        globals()["SandboxPool"] = SandboxPool
+        return SandboxPool
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | {"TwinMaster", "aio"})
+    return sorted(set(globals()) | {"TwinMaster", "aio", "SandboxPool"})
 
 
 _level = _configure_logging(kernel_state.TWIN_ID)

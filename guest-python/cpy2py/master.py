@@ -263,6 +263,7 @@ class TwinMaster:
         timeout: Optional[float] = None,
         paths: Optional[List[str]] = None,
         output_limit: Optional[int] = None,
+        fresh: bool = False,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -274,6 +275,7 @@ class TwinMaster:
             memory_limit = known.memory_limit if memory_limit is None else memory_limit
             timeout = known.timeout if timeout is None else timeout
             paths = known.paths if paths is None else paths
+            fresh = fresh or known.fresh
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
         self.executable: str = executable if executable is not None else str(twinterpreter_id)
@@ -306,6 +308,13 @@ class TwinMaster:
         self.timeout = timeout
         self.paths = list(paths) if paths is not None else None
         self.output_limit = output_limit
+        # every top-level call in a guest of its own (cpy2py/fresh.py)
+        if fresh and not is_sandboxed(self.executable):
+            raise ValueError(
+                "fresh=True applies to sandboxed twins only "
+                f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
+            )
+        self.fresh = bool(fresh)
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
@@ -320,6 +329,10 @@ class TwinMaster:
     def is_alive(self) -> bool:
         if not kernel_state.is_master():
             return self._in_master(_is_alive_in_master, self.twinterpreter_id)
+        if self.fresh:
+            from . import fresh
+
+            return fresh.any_running(self.twinterpreter_id)
         twin = _running.get(self.twinterpreter_id)
         return twin is not None and twin.alive
 
@@ -337,6 +350,11 @@ class TwinMaster:
         """
         if not kernel_state.is_master():
             return self._in_master(_start_in_master, self.executable, self.twinterpreter_id)
+        if self.fresh:  # its guests start one per call: only check that they can
+            from . import fresh
+
+            fresh.check_can_start(self)
+            return True
         twin_id = self.twinterpreter_id
         with _running_lock:
             if _exiting:
@@ -546,6 +564,7 @@ class TwinMaster:
                 _starting[self.twinterpreter_id].cancelled = True
         if twin is not None:
             twin.shut_down("was stopped by the master", timeout)
+        self._stop_fresh_guests()
 
     def destroy(self) -> None:
         """Kill the twin at once; calls in flight fail."""
@@ -556,6 +575,13 @@ class TwinMaster:
                 _starting[self.twinterpreter_id].cancelled = True
         if twin is not None:
             twin.shut_down("was destroyed by the master", timeout=0)
+        self._stop_fresh_guests()
+
+    def _stop_fresh_guests(self) -> None:
+        """A fresh twin's guests still running (a call, or proxies of their objects) end too."""
+        fresh = sys.modules.get(f"{__package__}.fresh")
+        if fresh is not None:
+            fresh.stop_all(self.twinterpreter_id)
 
     def __enter__(self) -> TwinMaster:
         self.start()
@@ -626,6 +652,10 @@ class TwinMaster:
         objects are used through proxies. The way to load untrusted code
         into a sandboxed twin.
         """
+        if self.fresh:  # the module proxy keeps its guest alive
+            from . import fresh
+
+            return fresh.execute(self, importlib_import_module, [name], {}, check=False)
         connection = connection_for(self.twinterpreter_id, self)
         return connection.request(OP_EXECUTE, importlib_import_module, [name], {})
 
@@ -637,6 +667,10 @@ class TwinMaster:
         with the twin's traceback attached as their cause.
         """
         if kernel_state.is_master():
+            if self.fresh:
+                from . import fresh
+
+                return fresh.execute(self, call, list(args), kwargs)
             connection = connection_for(self.twinterpreter_id, self)
             connection.serializer.check_executable(call)
             return connection.request(OP_EXECUTE, call, list(args), kwargs)
@@ -647,6 +681,10 @@ class TwinMaster:
     async def execute_async(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         """``execute`` for asyncio: awaits the result without blocking the
         event loop (docs/user-guide.md, "asyncio"; cpy2py/awaitable.py)."""
+        if self.fresh and kernel_state.is_master():
+            from . import fresh
+
+            return await fresh.execute_async(self, call, list(args), kwargs)
         from . import awaitable
 
         return await awaitable.execute(self, call, args, kwargs)
@@ -708,6 +746,13 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
         if twin is None:
             raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it restarted")
         return twin.connection
+    config = master or _configs.get(twin_id)
+    if config is not None and config.fresh:  # (never in _running: its guests have ids of their own)
+        raise TwinterpreterUnavailable(
+            f"twinterpreter {twin_id!r} runs every call in a guest of its own (fresh=True), so it "
+            f"has no one link to reach: call it with TwinMaster(twinterpreter_id={twin_id!r}).execute(...) "
+            "or import_module(...) (twinfunction and TwinObject pinned to a fresh twin are not supported)"
+        )
     if _no_auto():
         raise TwinterpreterUnavailable(
             f"twinterpreter {twin_id!r} is not running and CPY2PY_NOAUTO forbids starting it "

