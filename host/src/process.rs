@@ -218,15 +218,8 @@ impl TwinProcess {
         })?;
         drop((twin_reads, twin_writes));
         // the master's writes never block: a full pipe is waited for with poll,
-        // in slices that let Ctrl-C through (python/twin.rs, `write_some`)
-        // SAFETY: flags of a descriptor this function owns
-        unsafe {
-            let fd = master_writes.as_raw_fd();
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-            }
-        }
+        // in slices that let Ctrl-C through (pipe.rs, `write_some`)
+        crate::pipe::set_nonblocking(master_writes.as_raw_fd())?;
         let pid = child.id();
         // the twin leads its own process group: its descendants are in it
         // unless they leave it; they must not outlive the twin (below) nor
@@ -527,11 +520,7 @@ for g in $groups; do kill -9 "-$g" 2>/dev/null; done
         std::mem::forget(child);
         let fd = master_writes.into_raw_fd();
         // a keeper that stopped reading must never block the master
-        // SAFETY: flags of a descriptor this function owns
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
+        crate::pipe::set_nonblocking(fd)?;
         Ok(fd)
     }
 

@@ -44,7 +44,7 @@ from .serialization import Serializer, bare_failure, decoding_from
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
-    from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+    from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
     from ..protocol.transport import Transport
 
@@ -422,9 +422,7 @@ class Connection:
             )
         timed = self.call_timeout is not None
         if timed:  # from before the send: a twin that stops reading times out too
-            from . import deadlines  # (the master's only: twins never load it)
-
-            deadlines.set_deadline((self, req_id), self.call_timeout, self._timed_out)
+            _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
             try:
                 if not (reads_first and self._send_now(payload)):
@@ -447,21 +445,15 @@ class Connection:
                 raise
             del payload
             kind, raw = self._wait_for_reply(waiter, req_id)
-            if timed:
-                deadlines.clear((self, req_id))
+            if timed:  # decoding the reply is not the twin's time
+                _deadlines().clear((self, req_id))
+                timed = False
             return self._result(req_id, kind, raw)
         finally:
             if timed:
-                deadlines.clear((self, req_id))
+                _deadlines().clear((self, req_id))
             with self._lock:
-                if self._pending.pop(req_id, None) is not None and self.broken is None:
-                    # left before its reply was routed (a signal handler raised):
-                    # the reply may still come, and is dropped then
-                    self._abandoned.add(req_id)
-                entry = self._chains[chain]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._chains[chain]
+                self._end_call(req_id, chain)
                 self._leave_queue(waiter)
                 if self._reading and self._reader == _thread.get_ident():
                     self._give_up_role()  # taken before the send, and interrupted before reading
@@ -532,16 +524,20 @@ class Connection:
             if timed:
                 _deadlines().clear((self, req_id))
             with self._lock:
-                if self._pending.pop(req_id, None) is not None and self.broken is None:
-                    self._abandoned.add(req_id)  # cancelled: its reply is dropped when it comes
-                del self._chains[chain]
-            while waiter.inbox:  # requests of its chain that it will not run are answered
-                _, kind, key, _ = waiter.inbox.popleft()
-                if kind == REQUEST:
-                    self._decoded(_request_id(key))
-                    self._send_reply(key, RAISE, _interrupted(self.peer_id))
-                else:
-                    self._decoded(key)
+                self._end_call(req_id, chain)
+            if waiter.inbox:  # cancelled: nothing of this call may be left behind
+                self._drop_leftovers(waiter, req_id)
+
+    def _end_call(self, req_id: int, chain: int) -> None:
+        """Caller holds _lock: a call of ``chain`` is over. If it left before
+        its reply was routed (a signal handler raised, a task was cancelled),
+        the reply may still come, and is dropped then."""
+        if self._pending.pop(req_id, None) is not None and self.broken is None:
+            self._abandoned.add(req_id)
+        entry = self._chains[chain]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._chains[chain]
 
     def _run_for(self, awaiter: _AsyncWaiter, req_id: int, raw: Any) -> None:
         """On a worker thread: run a request of an async call's chain, this
@@ -598,7 +594,7 @@ class Connection:
                     )
                 )
 
-    def _drop_leftovers(self, waiter: _Waiter, req_id: int) -> None:
+    def _drop_leftovers(self, waiter: Union[_Waiter, _AsyncWaiter], req_id: int) -> None:
         """A call left early (Ctrl-C): its reply, if delivered, is dropped, and
         requests of its chain that it will not run now are answered."""
         kept: List[Item] = []

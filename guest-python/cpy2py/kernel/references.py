@@ -178,23 +178,20 @@ def encode(message: Any, default: Any) -> Any:
     fails part-way (an argument that cannot be encoded after one that was
     exported): a message never sent must not pin objects for the peer."""
     journal = getattr(_encoding, "journal", None)
-    if journal is not None:  # nested (a __reduce__ that encodes another message)
-        mark = len(journal)
-        try:
-            return codec.dumps(message, default)
-        except BaseException:
-            undo_exports(mark)
-            raise
-        finally:
-            del journal[mark:]  # done with: sent or undone
-    journal = _encoding.journal = []
+    outer = journal is None  # else nested: a __reduce__ that encodes another message
+    if outer:
+        journal = _encoding.journal = []
+    mark = len(journal)
     try:
         return codec.dumps(message, default)
     except BaseException:
-        undo_exports(0)
+        undo_exports(mark)
         raise
-    finally:
-        _encoding.journal = None
+    finally:  # done with: sent or undone
+        if outer:
+            _encoding.journal = None
+        else:
+            del journal[mark:]
 
 
 def exports_mark() -> int:

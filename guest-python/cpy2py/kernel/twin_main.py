@@ -76,7 +76,7 @@ def main() -> None:
         serializer,
         describe_end=lambda: "closed the link",
         # asked to stop: end now, even if the main thread is busy with a call
-        on_shutdown=lambda: _finish(config),
+        on_shutdown=_finish,
         after_request=flush_stdio,
     )
     links.register(kernel_state.MASTER_ID, connection)
@@ -88,13 +88,13 @@ def main() -> None:
         except BaseException:
             log.exception("the main module failed in twin %s", kernel_state.TWIN_ID)
     connection.serve()
-    _finish(config)
+    _finish()
 
 
 _finishing = _thread.allocate_lock()
 
 
-def _finish(config: Dict[str, Any]) -> None:
+def _finish() -> None:
     """Run the atexit hooks and end the process; the first thread to get here
     does it (the main thread when the link ended, or the one that read the
     master's shutdown request), any other waits for the end."""
