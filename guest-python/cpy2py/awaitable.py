@@ -121,8 +121,11 @@ async def execute(master: TwinMaster, call: Any, args: Any, kwargs: Dict[str, An
     """``await master.execute_async(call, *args, **kwargs)``."""
     if not kernel_state.is_master():  # a twin's calls go through the master's link
         return await _in_thread(functools.partial(master.execute, call, *args, **kwargs))
-    connection = await _connection_to(master.twinterpreter_id, master)
+    twin_id = master.twinterpreter_id
+    connection = _running_link(twin_id) or await _connection_to(twin_id, master)
     connection.serializer.check_executable(call)
+    if connection.runs_here:  # (not a guest run by a worker: see request)
+        return await connection.request_async(OP_EXECUTE, call, list(args), kwargs)
     return await request(connection, OP_EXECUTE, call, list(args), kwargs)
 
 
@@ -135,7 +138,7 @@ async def _in_thread(func: Any) -> Any:
 
 async def request(connection: Connection, op: int, *operands: Any) -> Any:
     """One request over ``connection``, awaited (see the module's docs)."""
-    if getattr(connection.transport, "runs_peer", False):
+    if not connection.runs_here:
         return await _by_guest_worker(connection, op, operands)
     return await connection.request_async(op, *operands)
 
@@ -151,6 +154,16 @@ async def _on_proxy(proxy: Any, op: int, *operands: Any) -> Any:
     return await request(link, op, proxy, *operands)
 
 
+def _running_link(twin_id: str) -> Optional[Connection]:
+    """The master's link to ``twin_id`` if that twin runs (no wait needed)."""
+    from . import master as master_module
+
+    twin = master_module._running.get(twin_id)
+    if twin is not None and twin.connection.broken is None:
+        return twin.connection  # type: ignore[no-any-return]
+    return None
+
+
 async def _connection_to(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:
     """The link to ``twin_id``; starting (or restarting) a twin happens on a
     worker thread, so the loop goes on meanwhile."""
@@ -159,10 +172,9 @@ async def _connection_to(twin_id: str, master: Optional[TwinMaster] = None) -> C
     if kernel_state.is_master():
         from . import master as master_module
 
-        twin = master_module._running.get(twin_id)
-        if twin is not None and twin.connection.broken is None:
-            return twin.connection
-        return await _in_thread(functools.partial(master_module.connection_for, twin_id, master))
+        return _running_link(twin_id) or await _in_thread(
+            functools.partial(master_module.connection_for, twin_id, master)
+        )
     return await _in_thread(functools.partial(links.connection_to, twin_id))
 
 

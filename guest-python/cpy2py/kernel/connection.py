@@ -123,10 +123,11 @@ class _AsyncWaiter:
     """The mailbox of a call awaited on an event loop: frames routed to it
     wake the loop (from any thread); the loop takes them in ``next``."""
 
-    __slots__ = ("loop", "inbox", "chain", "queued", "_future")
+    __slots__ = ("loop", "thread", "inbox", "chain", "queued", "_future")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
+        self.thread = _thread.get_ident()  # the loop's (made by a coroutine on it)
         self.inbox: Deque[Item] = deque()
         self.chain: Optional[int] = None
         self.queued: Optional[Connection] = None  # (it never waits for the reading role)
@@ -138,6 +139,9 @@ class _AsyncWaiter:
 
     def offer(self) -> None:
         """Wake the loop: a frame came, or the link ended."""
+        if _thread.get_ident() == self.thread:  # the loop itself read it
+            self._wake()
+            return
         try:
             self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop was closed: nobody awaits any more
@@ -148,7 +152,8 @@ class _AsyncWaiter:
         if future is not None and not future.done():
             future.set_result(None)
 
-    async def next(self, connection: Connection) -> Item:
+    async def delivery(self, connection: Connection) -> None:
+        """Until a frame is in the inbox (or the link ended: raised)."""
         while not self.inbox:
             if connection.broken is not None:
                 raise connection._broken_error()
@@ -157,7 +162,6 @@ class _AsyncWaiter:
                 await self._future
             finally:
                 self._future = None
-        return self.inbox.popleft()
 
 
 async def _coroutine() -> None:
@@ -316,6 +320,9 @@ class Connection:
         self._new_chains = new_chains
         self._ids = itertools.count(1)
         self._buffered = getattr(transport, "buffered", None)
+        #: awaited calls wait on the caller's loop (not: a sandboxed guest run
+        #: by the calling thread, which cpy2py/awaitable.py gives a worker)
+        self.runs_here = not getattr(transport, "runs_peer", False)
         #: sends a small frame only if it goes out at once (native twins' transport)
         self._send_now = getattr(transport, "send_now", None)
         self._holds_signals = getattr(transport, "stops_for_signals", True)
@@ -339,6 +346,14 @@ class Connection:
         self._distrust: Optional[int] = None  # frames from this number on came after a malformed release
         self._gate: Optional[_Gate] = None
         self._armed = False  # the gate watches the link
+        # While awaited calls of an event loop are pending, that loop watches
+        # the link instead of the gate, so their replies wake no thread but
+        # the loop's (see _watch_from): the loop, its pending calls, whether
+        # its reader is "on" (registered), "asked" (to be again) or off
+        self._watch_loop: Any = None
+        self._watch_calls = 0
+        self._watching: Optional[str] = None
+        self._watch_fd = -1  # a duplicate of the link's descriptor, for the loop
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
         self._idle: Deque[_Waiter] = deque()  # ... or, without a gate, asleep
@@ -484,8 +499,8 @@ class Connection:
 
     async def request_async(self, op: int, *operands: Any) -> Any:
         """``request`` for a coroutine: its reply is routed to this event loop
-        by whichever thread reads the link (an idle server, woken by the
-        gate), so no thread waits for it. Each such call is a chain of its
+        by whichever thread reads the link (mostly the loop itself: see
+        _watch_from), so no thread waits for it. Each such call is a chain of its
         own; the peer's requests on it (callbacks) run on a worker thread as
         that chain's thread, and a coroutine they return runs on this loop.
         Cancelled, the call is abandoned here (its reply is dropped when it
@@ -504,18 +519,24 @@ class Connection:
                 raise self._broken_error()
             self._pending[req_id] = waiter
             self._chains[chain] = [waiter, 1]
+        watching = self._watch_from(loop)
         timed = self.call_timeout is not None
         if timed:  # (an awaited call's callbacks count as the twin's time)
             _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
             try:
-                self.transport.send(payload)  # non-blocking while the pipe has room
+                # a small frame goes out holding the GIL if the pipe has room
+                now = self._send_now is not None and len(payload) <= _SMALL_FRAME and self._send_now(payload)
+                if not now:
+                    self.transport.send(payload)
             except OSError as err:
                 self._fail(err)
                 raise self._broken_error() from None
             del payload
             while True:
-                _, kind, key, raw = await waiter.next(self)
+                if not waiter.inbox:
+                    await waiter.delivery(self)
+                _, kind, key, raw = waiter.inbox.popleft()
                 if kind != REQUEST:
                     break  # (only this call's reply is routed to it)
                 await loop.run_in_executor(callback_workers(), self._run_for, waiter, key, raw)
@@ -525,6 +546,8 @@ class Connection:
                 _deadlines().clear((self, req_id))
             with self._lock:
                 self._end_call(req_id, chain)
+            if watching:
+                self._unwatch_from(loop)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
 
@@ -538,6 +561,98 @@ class Connection:
         entry[1] -= 1
         if entry[1] == 0:
             del self._chains[chain]
+
+    # While awaited calls are pending, their event loop reads the link when
+    # the role is free, in place of the gate: a reply then wakes the loop
+    # only, not a server thread that would hand it over. One loop watches at
+    # a time (the replies of others reach them as before), and callers of any
+    # thread still take the free role and read themselves, so sync calls
+    # never wait for a loop. Between awaited calls the gate watches as well,
+    # so a loop that stops (asyncio.run ended) leaves the link watched.
+
+    def _watch_from(self, loop: Any) -> bool:
+        """On ``loop``, as an awaited call starts: whether the loop watches."""
+        old = None
+        with self._lock:
+            if self._gate is None or self.broken is not None:
+                return False
+            if self._watch_loop is not loop:
+                if self._watch_calls:
+                    return False  # another loop watches
+                if self._watch_loop is not None:  # an earlier loop, idle
+                    old = self._watch_loop, self._watch_fd
+                # the loop's own descriptor, closed by the link on the loop's thread
+                self._watch_loop, self._watch_fd = loop, os.dup(self.transport.fileno())
+                self._watching = None
+            self._watch_calls += 1
+            if self._armed:
+                self._armed = False
+                self._gate.disarm()
+            add = self._watching is None and not self._reading  # (else asked when it is free)
+            if add:
+                self._watching = "on"
+            fd = self._watch_fd
+        if old is not None:
+            _drop_watch(*old)
+        if add:
+            loop.add_reader(fd, self._loop_reads, loop, fd)
+        return True
+
+    def _unwatch_from(self, loop: Any) -> None:
+        """On ``loop``, as one of its awaited calls ends."""
+        with self._lock:
+            if self._watch_loop is not loop:
+                return
+            self._watch_calls -= 1
+            if not self._watch_calls and not self._reading and self._heir is None:
+                self._role_is_free()  # the gate watches too
+
+    def _loop_watches(self) -> bool:
+        """Caller holds _lock, the role is free: whether the watching loop
+        takes over (asked to read again, if it stopped when another did)."""
+        loop = self._watch_loop
+        if not self._watch_calls or self.broken is not None or not loop.is_running():
+            return False
+        if self._watching is None:
+            try:
+                loop.call_soon_threadsafe(self._watch_again, loop)
+            except RuntimeError:  # closed meanwhile
+                return False
+            self._watching = "asked"
+        return True
+
+    def _watch_again(self, loop: Any) -> None:
+        with self._lock:
+            add = self._watch_loop is loop and self._watching == "asked"
+            if add:
+                self._watching = "on"
+            fd = self._watch_fd
+        if add:
+            loop.add_reader(fd, self._loop_reads, loop, fd)
+
+    def _loop_reads(self, loop: Any, fd: int) -> None:
+        """The loop's reader: the link is readable."""
+        with self._lock:
+            mine = self._watch_loop is loop
+            read = mine and self._watching == "on" and not self._reading and self.broken is None
+            if read:
+                self._take_role(None)
+            elif mine:  # another thread reads: the role's release asks the loop again
+                self._watching = None
+        if not read:
+            loop.remove_reader(fd)
+            return
+        if self._holds_signals:
+            hold_signals()  # (see _next_for; _read lets them through)
+        self._read(None, serve=False)
+
+    def _end_watch(self) -> None:
+        """The link ended: no loop watches it any more."""
+        with self._lock:
+            loop, fd = self._watch_loop, self._watch_fd
+            self._watch_loop, self._watch_fd, self._watch_calls = None, -1, 0
+        if loop is not None:
+            _drop_watch(loop, fd)
 
     def _run_for(self, awaiter: _AsyncWaiter, req_id: int, raw: Any) -> None:
         """On a worker thread: run a request of an async call's chain, this
@@ -670,6 +785,8 @@ class Connection:
             self._heir.offer()
         else:
             self._heir = None
+            if self._watch_loop is not None and self._loop_watches():
+                return
             if self._gate is not None and not self._armed and self.broken is None:
                 self._armed = True
                 self._gate.arm()
@@ -687,9 +804,10 @@ class Connection:
         if self._heir is waiter and not self._reading:
             self._role_is_free()
 
-    def _read(self, reader: Optional[_Waiter]) -> Optional[Item]:
+    def _read(self, reader: Optional[_Waiter], serve: bool = True) -> Optional[Item]:
         """Read frames and route them; returns the reader's own (if it read
-        one). The caller holds the reading role; it is given up before any
+        one; ``serve``: a request of a new chain may be its own). The caller
+        holds the reading role; it is given up before any
         frame is decoded, and only after every frame read was routed (a
         thread that finds its inbox empty and the role free may block
         reading, so nothing may arrive in its inbox after that)."""
@@ -700,7 +818,7 @@ class Connection:
                 raw = self._read_frame()
                 if raw is None:
                     break
-                item = self._route(raw, reader, mine is None)
+                item = self._route(raw, reader, serve and mine is None)
                 if item is not None:
                     if item[1] in (RELEASE, SHUTDOWN):
                         later.append(item)
@@ -1192,6 +1310,7 @@ class Connection:
             self._idle.clear()
             for entry in self._chains.values():
                 waiting.append(entry[0])
+        self._end_watch()
         for waiter in waiting:
             waiter.offer()
         if self._gate is not None:
@@ -1205,6 +1324,7 @@ class Connection:
         shared with the parent); what the peer held is forgotten here."""
         self.broken = error
         self._gate = None
+        self._watch_loop = None  # (the parent's loop)
         self._lock = _thread.allocate_lock()  # may have been held by another thread at the fork
         references.forget_link(self)
 
@@ -1217,6 +1337,20 @@ class Connection:
 #: reading, routing and answering at any depth must never hit the limit, or a
 #: reply could be lost and both sides would wait forever
 KERNEL_FRAMES = 60
+
+
+def _drop_watch(loop: Any, fd: int) -> None:
+    """``loop`` no longer watches a link: its reader goes, and the descriptor
+    it watched is closed (on the loop's thread: the loop may still use it)."""
+
+    def drop() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+    try:
+        loop.call_soon_threadsafe(drop)
+    except RuntimeError:  # the loop was closed, and its selector with it
+        os.close(fd)
 
 
 def _deadlines() -> Any:
