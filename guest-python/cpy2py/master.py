@@ -117,6 +117,14 @@ _interpreter_dirs: Optional[Tuple[Set[str], Set[str]]] = None
 _realpaths: Dict[Tuple[str, str], str] = {}
 
 
+#: glibc's malloc, in native twins: buffers of up to 32 MiB come from the
+#: heap, and up to 64 MiB of free heap is kept. By default each large frame
+#: (bytes of a MiB) is mapped afresh and its pages faulted in, three times per
+#: echo in a twin: a 1 MiB echo to a python3 twin took 3.9 ms, 1.1 ms with this
+#: (docs/architecture.md, "Large payloads"). Other C libraries ignore it.
+_MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
 def _realpath(entry: str) -> str:
     cwd = os.getcwd() if not os.path.isabs(entry) else ""
     key = (entry, cwd)
@@ -516,7 +524,8 @@ class TwinMaster:
         """Spawn a native interpreter with the bootstrap; returns the NativeTwin."""
         host = _host()
         path = resolve_executable(self.executable)
-        env = dict(os.environ)
+        env = dict(_MALLOC_TUNING)
+        env.update(os.environ)  # (the user's own settings win)
         env.update(
             {
                 "__CPY2PY_TWIN_ID__": self.twinterpreter_id,

@@ -90,7 +90,7 @@ def block_signals_in_this_thread() -> None:
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it can)
-    from typing import Protocol, Union
+    from typing import Any, Protocol, Union
 
     class Transport(Protocol):
         """What a ``Connection`` moves frames with: ``FdTransport`` (twins),
@@ -121,6 +121,7 @@ class FdTransport:
         self._write_lock = _thread.allocate_lock()
         self._read_lock = _thread.allocate_lock()
         self._buffer = bytearray()  # read beyond the last frame
+        self._reader: Any = None
 
     def send(self, payload: bytes) -> None:
         header = _HEADER.pack(len(payload))
@@ -177,14 +178,20 @@ class FdTransport:
             have = len(buffer) - 4
             frame[:have] = buffer[4:]
             self._buffer = bytearray()
+            # straight into the frame, no chunk objects (os.readv: not in PyPy 3.9)
+            view = memoryview(frame)
             while have < length:
-                # os.readv would avoid a copy, but PyPy 3.9 lacks it
-                chunk = os.read(self.read_fd, min(length - have, 1 << 22))
-                if not chunk:
+                got = self._file().readinto(view[have:])
+                if not got:
                     raise ProtocolError("the stream ended inside a frame")
-                frame[have : have + len(chunk)] = chunk
-                have += len(chunk)
+                have += got
             return frame
+
+    def _file(self) -> Any:
+        """An unbuffered file over the read end, for ``readinto``."""
+        if self._reader is None:
+            self._reader = os.fdopen(self.read_fd, "rb", buffering=0, closefd=False)
+        return self._reader
 
     def fileno(self) -> int:
         """The descriptor frames arrive on (readable while there is more to read
