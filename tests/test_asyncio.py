@@ -299,3 +299,32 @@ def test_a_twin_that_dies_under_pending_awaits_fails_them_all(kind):
         assert all(isinstance(result, TwinterpreterTerminated) for result in results), results
     finally:
         twin.stop()
+
+
+# -- fresh guests (TwinMaster(..., fresh=True)) -----------------------------------
+
+
+@pytest.fixture
+def fresh_twin():
+    start_twin(SANDBOX_KIND, "wasi-aio-fresh-probe").stop()  # skips when no sandbox runs here
+    twin = TwinMaster(SANDBOX_KIND, "wasi-aio-fresh", paths=[TESTS_DIR], fresh=True)
+    yield twin
+    twin.stop()
+
+
+def test_awaited_fresh_calls_run_at_once_each_in_a_guest_of_its_own(fresh_twin):
+    async def main():
+        return await asyncio.gather(*(fresh_twin.execute_async(helpers.remember, n) for n in range(4)))
+
+    assert run(main()) == [[0], [1], [2], [3]]  # nothing of one call is seen by another
+    assert not fresh_twin.is_alive  # each guest ended with its call
+
+
+def test_a_cancelled_fresh_call_stops_its_guest(fresh_twin):
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(fresh_twin.execute_async(helpers.busy_then, 30, "late"), 0.5)
+        return await fresh_twin.execute_async(helpers.remember, "next")
+
+    assert run(main()) == ["next"]
+    assert not fresh_twin.is_alive  # the cancelled call's guest was stopped, not left running
