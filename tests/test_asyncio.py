@@ -328,3 +328,21 @@ def test_a_cancelled_fresh_call_stops_its_guest(fresh_twin):
 
     assert run(main()) == ["next"]
     assert not fresh_twin.is_alive  # the cancelled call's guest was stopped, not left running
+
+
+def test_a_guest_hands_each_result_back_without_waiting_for_the_calls_queued_after_it():
+    """A guest's worker keeps a few results while more calls are queued (one
+    wake-up of the loop for several); a result never waits for the queue."""
+    twin = start_twin(SANDBOX_KIND, "wasi-aio-results")
+    try:
+
+        async def main():
+            first = asyncio.ensure_future(twin.execute_async(abs, -1))
+            slow = [asyncio.ensure_future(twin.execute_async(helpers.busy_then, 0.5, n)) for n in range(3)]
+            done, _ = await asyncio.wait([first, *slow], return_when=asyncio.FIRST_COMPLETED)
+            assert done == {first} and not any(call.done() for call in slow)
+            return await first, await asyncio.gather(*slow)
+
+        assert run(main()) == (1, [0, 1, 2])
+    finally:
+        twin.stop()

@@ -33,8 +33,9 @@ import asyncio
 import contextvars
 import functools
 import threading
+import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 
 from . import kernel_state
 from .errors import TwinterpreterTerminated
@@ -45,7 +46,7 @@ from .twin_object import TwinMeta
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Optional
+    from typing import Any, Deque, Dict, List, Optional, Tuple
 
     from .kernel.connection import Connection
     from .master import TwinMaster
@@ -191,18 +192,111 @@ async def _done(func: Any, *args: Any) -> Any:
 
 # -- sandboxed guests: one worker thread per guest ----------------------------------
 
-_guest_workers: weakref.WeakKeyDictionary[Any, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
+
+class _GuestWorker:
+    """The thread that runs a guest's awaited calls one after another (a
+    guest runs one call at a time anyway). Results go back to their loops in
+    batches: a loop is woken once for all the calls that ended since it last
+    looked, not once per call."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._link = weakref.ref(connection)  # the thread must not keep the link alive
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: Deque[Tuple[Any, Any, int, Any]] = deque()  # (loop, future, op, operands)
+        self._done: Dict[Any, List[Tuple[Any, bool, Any]]] = {}  # loop -> (future, ok, value)
+        self._since: Dict[Any, float] = {}  # loop -> when its oldest kept result came
+        self._closed = False
+        self.running: Any = None  # the future of the call that runs now
+        name = f"cpy2py-aio-{connection.peer_id}"
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def submit(self, loop: Any, op: int, operands: Any) -> Any:
+        future = loop.create_future()
+        with self._cond:
+            self._jobs.append((loop, future, op, operands))
+            self._cond.notify()
+        return future
+
+    def withdraw(self, future: Any) -> bool:
+        """Whether the call of ``future`` was still queued (it never runs now)."""
+        with self._cond:
+            for job in self._jobs:
+                if job[1] is future:
+                    self._jobs.remove(job)
+                    return True
+        return False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return  # (the link is gone: nobody can have queued a call)
+                loop, future, op, operands = self._jobs.popleft()
+                self.running = future
+            connection = self._link()
+            try:
+                if connection is None:
+                    raise TwinterpreterTerminated("the sandboxed twin of this call was stopped")
+                value, ok = _call_for_loop(connection, loop, op, operands), True
+            except BaseException as err:  # every outcome goes to the awaiting task
+                value, ok = err, False
+            del connection, operands
+            with self._cond:
+                self.running = None
+                done = self._done.setdefault(loop, [])
+                done.append((future, ok, value))
+                if len(done) == 1:
+                    self._since[loop] = time.monotonic()
+                # While more calls wait, results are kept a little, so that the
+                # loop wakes once for several (waking it per call cost more
+                # than the call); never more than a few or for long.
+                kept = time.monotonic() - self._since[loop]
+                wake = not self._jobs or len(done) >= _BATCH or kept > _BATCH_WAIT
+                if wake:
+                    del self._since[loop]
+                    ready = self._done.pop(loop)
+            del value
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, ready)
+                except RuntimeError:  # the loop was closed: nobody awaits these
+                    pass
+                del ready
+
+    @staticmethod
+    def _deliver(done: List[Tuple[Any, bool, Any]]) -> None:
+        """On the loop of these calls: their results."""
+        for future, ok, value in done:
+            if future.cancelled():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+#: at most this many results of a guest's calls, kept at most this long
+#: (seconds), wait for their loop while more calls are queued
+_BATCH = 16
+_BATCH_WAIT = 0.002
+
+_guest_workers: weakref.WeakKeyDictionary[Any, _GuestWorker] = weakref.WeakKeyDictionary()
 _guest_workers_lock = threading.Lock()
 
 
-def _worker_of(connection: Connection) -> ThreadPoolExecutor:
+def _worker_of(connection: Connection) -> _GuestWorker:
     with _guest_workers_lock:
         worker = _guest_workers.get(connection)
         if worker is None:
-            worker = _guest_workers[connection] = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"cpy2py-aio-{connection.peer_id}"
-            )
-            weakref.finalize(connection, worker.shutdown, wait=False)
+            worker = _guest_workers[connection] = _GuestWorker(connection)
+            weakref.finalize(connection, worker.close)
         return worker
 
 
@@ -226,17 +320,28 @@ def _call_for_loop(connection: Connection, loop: Any, op: int, operands: Any) ->
 
 async def _by_guest_worker(connection: Connection, op: int, operands: Any) -> Any:
     loop = asyncio.get_running_loop()
-    nested = _callback_of.get() is connection
-    worker = _connection.callback_workers() if nested else _worker_of(connection)
-    job = worker.submit(_call_for_loop, connection, loop, op, operands)
+    if _callback_of.get() is connection:  # nested in a call its worker runs
+        job = _connection.callback_workers().submit(_call_for_loop, connection, loop, op, operands)
+        try:
+            return await asyncio.wrap_future(job, loop=loop)
+        except asyncio.CancelledError:
+            if not job.cancel():
+                _stop_for_cancel(connection)
+            raise
+    worker = _worker_of(connection)
+    future = worker.submit(loop, op, operands)
     try:
-        return await asyncio.wrap_future(job, loop=loop)
+        return await future
     except asyncio.CancelledError:
-        if not job.cancel():  # it runs: only stopping the guest ends it
-            connection._break_and_kill(
-                TwinterpreterTerminated(
-                    f"twinterpreter {connection.peer_id!r} was stopped: a call to it was cancelled "
-                    "while it ran; its state was lost (the next call starts a fresh one)"
-                )
-            )
+        if not worker.withdraw(future) and worker.running is future:
+            _stop_for_cancel(connection)  # it runs: only stopping the guest ends it
         raise
+
+
+def _stop_for_cancel(connection: Connection) -> None:
+    connection._break_and_kill(
+        TwinterpreterTerminated(
+            f"twinterpreter {connection.peer_id!r} was stopped: a call to it was cancelled "
+            "while it ran; its state was lost (the next call starts a fresh one)"
+        )
+    )
