@@ -35,19 +35,49 @@ def _search_path() -> List[str]:
 
 def _find(name: str) -> Any:
     """The spec of ``name`` in the master's paths, or None; imports nothing."""
-    if name in _specs:
-        return _specs[name]
-    from importlib.machinery import PathFinder
+    if name not in _specs:
+        parent, _, _ = name.rpartition(".")
+        if parent:
+            parent_spec = _find(parent)
+            locations = parent_spec.submodule_search_locations if parent_spec is not None else None
+        else:
+            locations = _search_path()
+        _specs[name] = _find_in(name, list(locations or ()))
+    return _specs[name]
 
-    parent, _, _ = name.rpartition(".")
-    if parent:
-        parent_spec = _find(parent)
-        locations = parent_spec.submodule_search_locations if parent_spec is not None else None
-        spec = PathFinder.find_spec(name, list(locations)) if locations else None
-    else:
-        spec = PathFinder.find_spec(name, _search_path())
-    _specs[name] = spec
+
+def _find_in(name: str, locations: List[str]) -> Any:
+    """What ``PathFinder`` does, without its namespace-package path objects
+    (which look up the parent package in ``sys.modules``: the master has not
+    imported it, and must not)."""
+    from importlib.machinery import ModuleSpec
+
+    portions: List[str] = []
+    for location in locations:
+        finder = _path_finder(location)
+        spec = finder.find_spec(name) if finder is not None else None
+        if spec is None:
+            continue
+        if spec.loader is not None:
+            return spec
+        portions.extend(spec.submodule_search_locations or ())  # a portion of a namespace package
+    if not portions:
+        return None
+    spec = ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = portions
     return spec
+
+
+def _path_finder(location: str) -> Any:
+    finder = sys.path_importer_cache.get(location)
+    if finder is None:
+        for hook in sys.path_hooks:
+            try:
+                finder = hook(location)
+                break
+            except ImportError:
+                continue
+    return finder if hasattr(finder, "find_spec") else None
 
 
 def module_source(name: str) -> Optional[List[Any]]:
@@ -66,7 +96,7 @@ def module_source(name: str) -> Optional[List[Any]]:
         return None
     is_package = spec.submodule_search_locations is not None
     origin = spec.origin
-    if origin is None or origin == "namespace" or not os.path.isfile(origin):  # a namespace package
+    if spec.loader is None or origin is None or not os.path.isfile(origin):  # a namespace package
         return [name.replace(".", "/"), True, b""] if is_package else None
     if not origin.endswith(".py"):
         return [origin, is_package, None]
