@@ -29,7 +29,10 @@ def sshd_unavailable() -> Optional[str]:
         return "the OpenSSH client (ssh, ssh-keygen) is not installed"
     if not os.path.exists(SSHD):
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            return f"{SSHD} is missing and cannot be installed here (needs root and apt-get: apt-get install openssh-server)"
+            return (
+                f"{SSHD} is missing and cannot be installed here "
+                "(needs root and apt-get: apt-get install openssh-server)"
+            )
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         done = subprocess.run(
             ["apt-get", "install", "-y", "-qq", "openssh-server"], env=env, capture_output=True, text=True
@@ -65,7 +68,9 @@ class SshServer:
 
     def session_pids(self) -> List[int]:
         """The server's per-connection processes (children of the listener)."""
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True)
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True
+        )
         return [int(pid) for pid in out.stdout.split()]
 
     def drop_connections(self) -> None:

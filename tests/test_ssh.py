@@ -91,7 +91,9 @@ def test_modules_come_from_the_master(remote, tmp_path, monkeypatch):
     (tmp_path / "served_namespace" / "part").mkdir(parents=True)
     (tmp_path / "served_namespace" / "part" / "leaf.py").write_text("LEAF = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    found = remote.execute(rh.import_and_describe, ["served_module", "served_package.inner", "served_namespace.part.leaf"])
+    found = remote.execute(
+        rh.import_and_describe, ["served_module", "served_package.inner", "served_namespace.part.leaf"]
+    )
     for name, loader in found["loaders"].items():
         assert loader == "_SourceLoader", (name, loader)
     assert found["served_module"]["VALUE"] == "from the master"
@@ -212,7 +214,10 @@ def test_no_process_is_left_when_the_master_is_killed(sshd, tmp_path):
         )
     )
     proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=TESTS_DIR)
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
     )
     try:
         remote_pid, ssh_pid = map(int, proc.stdout.readline().split())
@@ -248,7 +253,9 @@ def test_an_unknown_host_is_named(sshd):
 
 
 def test_a_refused_key_is_explained(sshd, tmp_path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True
+    )
     options = list(sshd.options)
     options[options.index("-i") + 1] = str(tmp_path / "stranger")
     twin = TwinMaster("python3", "refused", host=sshd.host, ssh_options=options)
