@@ -104,7 +104,8 @@ class MasterModules:
             return None
         if links.existing_connection(kernel_state.MASTER_ID) is None and _handshake is None:
             return None  # the link is down (or not up yet): nobody to ask
-        answer = _ask(name)
+        with _without_global_import_lock():
+            answer = _ask(name)
         if answer is None:
             self.missing.add(name)
             return None
@@ -115,6 +116,31 @@ class MasterModules:
                 name=name,
             )
         return _spec(name, answer)
+
+
+class _without_global_import_lock:
+    """importlib calls a finder holding the global import lock; a question to
+    the master must not: the thread that reads its answer, or runs a
+    request of the master meanwhile, may need that lock (to import
+    anything). The module's own lock stays held, so other threads importing
+    the same module still wait for this one."""
+
+    def __enter__(self) -> None:
+        import _imp
+
+        self.depth = 0
+        while True:
+            try:
+                _imp.release_lock()
+            except RuntimeError:  # no longer held by this thread
+                break
+            self.depth += 1
+
+    def __exit__(self, *exc_info: Any) -> None:
+        import _imp
+
+        for _ in range(self.depth):
+            _imp.acquire_lock()
 
 
 def _main_spec(run_name: str) -> Any:
