@@ -77,6 +77,23 @@ SCENARIOS: List[Entry] = [
         "many",
         "start-main",
     ),  # fmt: skip
+    # a twin on "another host": localhost through an sshd the bench starts
+    _entry(
+        "raw-ssh-cpython",
+        "floor over SSH: raw round trip, one ssh session, CPython",
+        "raw ssh py3",
+        "RawSsh",
+        PY3,
+        "latency",
+    ),
+    _entry(
+        "cpy2py-ssh-cpython",
+        "cpy2py -> python3 twin over SSH (localhost)",
+        "cpy2py ssh py3",
+        "Cpy2pySsh",
+        PY3,
+        "latency",
+    ),
     _entry("mp-pipe", "multiprocessing.Pipe, CPython child", "mp.Pipe", "MpPipe", (), "latency", "payload"),
     _entry("execnet-cpython", "execnet, CPython child", "execnet py3", "Execnet", PY3, "latency"),
     _entry("execnet-pypy", "execnet, PyPy child", "execnet pypy", "Execnet", PYPY, "latency"),

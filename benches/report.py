@@ -145,6 +145,15 @@ def targets(p: Dict[str, Any]) -> List[Dict[str, Any]]:
         m = med(noop, "mp-pipe")
         add(f"{kind} no-op <= mp.Pipe / 2", "0.5x mp.Pipe", med(noop, name), m and m / 2, "us", 1e3)
     add("cpy2py wasi no-op <= 10 us", "10 us", med(noop, "cpy2py-wasi"), 10e3, "us", 1e3)
+    f = med(noop, "raw-ssh-cpython")
+    add(
+        "cpy2py ssh py3 no-op <= 1.5x raw ssh",
+        "1.5x raw SSH round trip",
+        med(noop, "cpy2py-ssh-cpython"),
+        f and 1.5 * f,
+        "us",
+        1e3,
+    )
     for name, bare in (("cpy2py-cpython", "bare-cpython"), ("cpy2py-pypy", "bare-pypy")):
         s = startup.get(name, {}).get("startup", {}).get("median")
         b = startup.get(bare, {}).get("startup", {}).get("median")

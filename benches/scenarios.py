@@ -271,6 +271,90 @@ class Cpy2py(Scenario):
         self.master.stop()
 
 
+# -- over SSH, on localhost: cpy2py's remote twin against a raw round trip -------
+
+_sshd = None
+
+
+def local_sshd():
+    """One sshd on loopback for this driver process (tests/ssh_server.py: its
+    own keys and config, stopped when the driver exits)."""
+    global _sshd
+    if _sshd is None:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        import atexit
+
+        import ssh_server
+
+        reason = ssh_server.sshd_unavailable()
+        if reason:
+            raise Unavailable(f"no sshd on loopback: {reason}")
+        _sshd = ssh_server.start_sshd()
+        atexit.register(_sshd.stop)
+    return _sshd
+
+
+class RawSsh(RawPipe):
+    """The floor over SSH: raw_child.py's ping-pong on the stdin/stdout of one
+    ssh session (the remote interpreter gets the child's source with -c)."""
+
+    def __init__(self, exe: str, interpreter: str) -> None:
+        self.exe, self.interpreter = exe, interpreter
+        self.name = f"raw-ssh-{interpreter}"
+
+    def start(self) -> None:
+        sshd = local_sshd()
+        with open(os.path.join(HERE, "raw_child.py")) as f:
+            source = f.read()
+        import shlex
+
+        remote = " ".join(shlex.quote(part) for part in (self.exe, "-c", source, "0", "1"))
+        self.proc = subprocess.Popen(
+            ["ssh", *sshd.options, "-T", "-o", "BatchMode=yes", "-p", str(sshd.port),
+             f"{sshd.user}@127.0.0.1", f"exec {remote}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        self.reader = self.proc.stdout
+        if self._read_exact(8) != b"ready000":
+            raise RuntimeError("raw child did not start over ssh")
+        self._exe = f"{self.exe} on {sshd.host}"
+
+    def affinity(self) -> list:
+        return []  # the remote child cannot import bench_funcs: not checked
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+class Cpy2pySsh(Cpy2py):
+    """cpy2py's twin on "another host": localhost through sshd."""
+
+    def __init__(self, executable: str, interpreter: str) -> None:
+        super().__init__(executable, interpreter)
+        self.name = f"cpy2py-ssh-{interpreter}"
+
+    def start(self) -> None:
+        sshd = local_sshd()
+        from cpy2py import TwinMaster
+
+        self.module = __import__("cpy2py")
+        self.master = TwinMaster(
+            self.executable,
+            twinterpreter_id=f"bench-ssh-{self.interpreter}-{next(_ids)}",
+            host=sshd.host,
+            ssh_options=sshd.options,
+        )
+        self.master.start()
+        self.execute = self.master.execute
+
+    def affinity(self) -> list:
+        return []  # bench_funcs is served by the master; affinity is not checked over ssh
+
+
 # -- the original cpy2py 0.17.1 (PYTHONPATH set by the coordinator) -------------------
 
 

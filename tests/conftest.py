@@ -46,3 +46,36 @@ def _stop_twins_after_module():
 
     for twin_id in list(master._running):  # dead ones too: they would block auto-start
         master.TwinMaster(twinterpreter_id=twin_id).stop()
+
+
+#: set by tests/test_ssh_suites.py: run this session's native twins on
+#: another host over SSH (JSON: {"host": ..., "options": [...]}), the suites'
+#: "ssh" twin kind
+SSH_SUITE_ENV = "CPY2PY_TEST_SSH_TWINS"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_twins_over_ssh():
+    import json
+    import os
+
+    spec = os.environ.get(SSH_SUITE_ENV)
+    if not spec:
+        yield
+        return
+    from cpy2py import master
+
+    settings = json.loads(spec)
+    original_init = master.TwinMaster.__init__
+
+    def init(self, executable=None, twinterpreter_id=None, *args, **kwargs):
+        original_init(self, executable, twinterpreter_id, *args, **kwargs)
+        if self.host is None and not master.is_sandboxed(self.executable):
+            self.host = settings["host"]
+            self.ssh_options = list(settings["options"])
+
+    master.TwinMaster.__init__ = init
+    try:
+        yield
+    finally:
+        master.TwinMaster.__init__ = original_init

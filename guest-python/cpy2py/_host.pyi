@@ -53,6 +53,8 @@ class NativeTwin:
         cwd: Optional[str] = None,
         handshake_timeout: float = 60.0,
         max_frame: int = ...,
+        protocol_on_stdio: bool = False,
+        preamble: Optional[bytes] = None,
     ) -> NativeTwin: ...
     @property
     def pid(self) -> int: ...

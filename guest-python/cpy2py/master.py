@@ -166,6 +166,7 @@ class _Twin:
         self.twin_id = master.twinterpreter_id
         self.master = master  # how it was started, to start it again
         self.executable = master.executable
+        self.host = master.host
         self.sandboxed = is_sandboxed(master.executable)
         self.process = process
         self.connection = connection
@@ -272,6 +273,8 @@ class TwinMaster:
         paths: Optional[List[str]] = None,
         output_limit: Optional[int] = None,
         fresh: bool = False,
+        host: Optional[str] = None,
+        ssh_options: Optional[List[str]] = None,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -285,6 +288,8 @@ class TwinMaster:
             paths = known.paths if paths is None else paths
             output_limit = known.output_limit if output_limit is None else output_limit
             fresh = fresh or known.fresh
+            host = known.host if host is None else host
+            ssh_options = known.ssh_options if ssh_options is None else ssh_options
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
         self.executable: str = executable if executable is not None else str(twinterpreter_id)
@@ -324,12 +329,33 @@ class TwinMaster:
                 f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
             )
         self.fresh = bool(fresh)
+        # another machine, over SSH (cpy2py/ssh.py): 'user@server' or
+        # 'ssh://user@server:port'; ssh_options go to the ssh command line
+        if host is not None:
+            if is_sandboxed(self.executable):
+                raise ValueError(
+                    f"host applies to native twins only: a sandboxed twin ({self.executable!r}) "
+                    "runs inside the master"
+                )
+            from . import ssh
+
+            ssh.parse_host(host)
+        elif ssh_options is not None:
+            raise ValueError("ssh_options applies to twins on another host: pass host='user@server' too")
+        self.host: Optional[str] = host
+        if host is not None:
+            from . import ssh
+
+            self.ssh_options: Optional[List[str]] = ssh.check_options(ssh_options)
+        else:
+            self.ssh_options = None
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
+        where = f", host={self.host!r}" if self.host is not None else ""
         return (
             f"TwinMaster(executable={self.executable!r}, "
-            f"twinterpreter_id={self.twinterpreter_id!r}) [{state}]"
+            f"twinterpreter_id={self.twinterpreter_id!r}{where}) [{state}]"
         )
 
     # -- lifecycle ----------------------------------------------------------
@@ -426,8 +452,10 @@ class TwinMaster:
         else:
             process = self._start_process()
             serializer = Serializer(self.twinterpreter_id)
-        pid = process.pid
+        pid: Any = process.pid
         twin_id = self.twinterpreter_id
+        if self.host is not None:  # the remote process (the local one is ssh)
+            pid = f"{process.hello['pid']} on host {self.host}"
 
         def describe_end() -> Any:
             # a str says how the twin ended; a guest may give a ready exception
@@ -436,6 +464,8 @@ class TwinMaster:
             if ended is not None and ended() is not None:
                 return ended()
             status = process.wait(1.0)
+            if self.host is not None and status == "exited with status 255":
+                status = "lost its SSH connection (ssh exited with status 255)"
             if status is None:
                 killed = process.kill()
                 return f"(pid {pid}) closed its end of the link and was killed ({killed}){_lost(twin_id)}"
@@ -473,6 +503,13 @@ class TwinMaster:
             process.send(references.encode(welcome, serializer.default))
             ready = process.recv()
             answer = codec.loads(ready) if ready is not None else None
+            while self.host is not None and isinstance(answer, dict) and "module" in answer:
+                # a remote twin lacks a module the welcome names (kernel/remote_twin.py)
+                from .kernel.module_server import module_source
+
+                process.send(codec.dumps({"module": module_source(str(answer["module"]))}))
+                ready = process.recv()
+                answer = codec.loads(ready) if ready is not None else None
         except (OSError, TwinterpreterTerminated):
             answer = None
         finally:
@@ -522,6 +559,8 @@ class TwinMaster:
 
     def _start_process(self) -> Any:
         """Spawn a native interpreter with the bootstrap; returns the NativeTwin."""
+        if self.host is not None:
+            return self._start_remote()
         host = _host()
         path = resolve_executable(self.executable)
         env = dict(_MALLOC_TUNING)
@@ -538,9 +577,23 @@ class TwinMaster:
         left = max(0.0, self._start_deadline - time.monotonic())
         return host.NativeTwin.spawn(path, args, list(env.items()), os.getcwd(), left)
 
+    def _start_remote(self) -> Any:
+        """Start the twin on ``self.host`` through ssh (cpy2py/ssh.py)."""
+        from . import ssh
+
+        env = {
+            "__CPY2PY_TWIN_ID__": self.twinterpreter_id,
+            "__CPY2PY_MASTER_ID__": kernel_state.MASTER_ID,
+            "__CPY2PY_REMOTE__": str(self.host),
+        }
+        log.info("starting twinterpreter %s on %s: %s", self.twinterpreter_id, self.host, self.executable)
+        left = max(0.0, self._start_deadline - time.monotonic())
+        return ssh.start(self, _host(), env, ["-O"] * sys.flags.optimize, left)
+
     def _welcome(self, serializer: Serializer) -> Tuple[Dict[str, Any], List[Any]]:
         """The welcome message, and the group initializers it carries."""
-        config: Dict[str, Any] = dict(_path_config())
+        # a twin on another host gets modules from the master instead of paths
+        config: Dict[str, Any] = dict(_path_config()) if self.host is None else {}
         if self.main_module:
             main_module.alias_master_main()
             config.update(main_module.describe_master_main())

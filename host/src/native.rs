@@ -40,7 +40,15 @@ pub struct Handshake {
     executable: String,
     timeout: Duration,
     deadline: Instant,
+    /// Bytes written to the twin before its hello (`with_preamble`), and how
+    /// many of them went out.
+    preamble: Vec<u8>,
+    preamble_sent: usize,
 }
+
+/// How often a start with a preamble still to write looks for room in the
+/// pipe while it waits for the hello.
+const PREAMBLE_POLL: Duration = Duration::from_millis(5);
 
 impl Handshake {
     /// Starts the twin; its hello is due within `timeout`.
@@ -53,7 +61,30 @@ impl Handshake {
             executable,
             timeout,
             deadline: Instant::now() + timeout,
+            preamble: Vec::new(),
+            preamble_sent: 0,
         })
+    }
+
+    /// Writes `bytes` to the twin while it starts, before its hello (a remote
+    /// twin's bootstrap reads the kernel this way: it travels over the link).
+    pub fn with_preamble(mut self, bytes: Vec<u8>) -> Handshake {
+        self.preamble = bytes;
+        self
+    }
+
+    /// Writes what the pipe takes now of the preamble; whether some is left.
+    /// A twin that is gone shows as the end of its stream, so a failed write
+    /// drops the rest.
+    fn push_preamble(&mut self) -> bool {
+        if self.preamble_sent < self.preamble.len() {
+            let fd = self.process.to_twin.as_raw_fd();
+            let sent = &mut self.preamble_sent;
+            if pipe::write_some(fd, &[], &self.preamble, sent, Duration::ZERO).is_err() {
+                self.preamble_sent = self.preamble.len();
+            }
+        }
+        self.preamble_sent < self.preamble.len()
     }
 
     /// Reads the hello until the deadline or for at most `slice`; `None`
@@ -77,7 +108,10 @@ impl Handshake {
                     self.timeout.as_secs_f64()
                 )));
             }
-            let wait = left.min(slice_end.saturating_duration_since(Instant::now()));
+            let mut wait = left.min(slice_end.saturating_duration_since(Instant::now()));
+            if self.push_preamble() {
+                wait = wait.min(PREAMBLE_POLL);
+            }
             if pipe::poll_readable(fd, Some(wait))? != Some(true) {
                 continue;
             }
@@ -420,6 +454,31 @@ mod tests {
         assert!(
             twin.try_send(&[0; 5000], Instant::now()).is_err(),
             "over PIPE_BUF"
+        );
+    }
+
+    #[test]
+    fn the_preamble_goes_first_and_stdio_can_carry_the_protocol() {
+        let escaped: String = hello_frame(1).iter().map(|b| format!("\\{b:03o}")).collect();
+        let mut command = sh(&format!(
+            "read -r line; [ \"$line\" = kernel ] && printf '{escaped}'; exec cat"
+        ));
+        command.protocol_on_stdio = true;
+        let mut handshake = Handshake::spawn(command, Duration::from_secs(10))
+            .unwrap()
+            .with_preamble(b"kernel\n".to_vec());
+        let hello = loop {
+            if let Some(hello) = handshake.step(Duration::from_millis(20)).unwrap() {
+                break hello;
+            }
+        };
+        let twin = handshake.finish(hello, 1 << 20);
+        let mut send = twin.begin_send(b"\x83\x01\x02\x03").unwrap();
+        assert!(send.step(SIGNAL_SLICE).unwrap());
+        drop(send);
+        assert_eq!(
+            twin.read_step().unwrap(),
+            ReadOutcome::Frame(b"\x83\x01\x02\x03".to_vec())
         );
     }
 

@@ -30,6 +30,9 @@ pub struct TwinCommand {
     pub args: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
     pub cwd: Option<PathBuf>,
+    /// The protocol on stdin and stdout instead of fds 3 and 4: for a
+    /// program that carries the link elsewhere (`ssh` to a remote twin).
+    pub protocol_on_stdio: bool,
 }
 
 /// A running twin: the child process and the master's ends of its pipes.
@@ -181,8 +184,8 @@ fn on_spawner_thread<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static
 
 impl TwinProcess {
     /// Starts the twin. The protocol pipes appear in the child as fds 3
-    /// (read) and 4 (write); stdin is /dev/null, stdout is shared with the
-    /// master, stderr is forwarded to the master's stderr by a thread that
+    /// (read) and 4 (write), or as stdin and stdout (`protocol_on_stdio`);
+    /// otherwise stdin is /dev/null, stdout is shared with the master, stderr is forwarded to the master's stderr by a thread that
     /// keeps the last few KiB to explain failures.
     pub fn spawn(spec: TwinCommand) -> Result<TwinProcess> {
         on_spawner_thread(move || Self::spawn_here(spec))
@@ -192,6 +195,11 @@ impl TwinProcess {
         let (twin_reads, master_writes) = pipe()?;
         let (master_reads, twin_writes) = pipe()?;
         let (child_in, child_out) = (twin_reads.as_raw_fd(), twin_writes.as_raw_fd());
+        let (read_fd, write_fd) = if spec.protocol_on_stdio {
+            (libc::STDIN_FILENO, libc::STDOUT_FILENO)
+        } else {
+            (TWIN_READ_FD, TWIN_WRITE_FD)
+        };
 
         let mut command = Command::new(&spec.executable);
         command
@@ -212,8 +220,8 @@ impl TwinProcess {
                 // O_CLOEXEC on the copies, which the twin then inherits.
                 let high_in = check(libc::fcntl(child_in, libc::F_DUPFD_CLOEXEC, 10))?;
                 let high_out = check(libc::fcntl(child_out, libc::F_DUPFD_CLOEXEC, 10))?;
-                check(libc::dup2(high_in, TWIN_READ_FD))?;
-                check(libc::dup2(high_out, TWIN_WRITE_FD))?;
+                check(libc::dup2(high_in, read_fd))?;
+                check(libc::dup2(high_out, write_fd))?;
                 // die with the master, even if it is killed
                 check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
                 Ok(())

@@ -22,13 +22,16 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
-    from typing import Any, Dict, List, Optional
+    from typing import Any, Callable, Dict, List, Optional
 
 MAIN_ALIAS = "__cpy2py_main__"
 
 _lock = _thread.RLock()
 _config: Dict[str, Any] = {}
 _loaded: Optional[ModuleType] = None
+#: in a twin on another host: the spec of the master's script, whose source
+#: comes over the link (kernel/remote_twin.py); the path is the master's
+main_spec_hook: Optional[Callable[[str], Any]] = None
 
 
 def describe_master_main() -> Dict[str, Any]:
@@ -106,7 +109,10 @@ def load() -> ModuleType:
             from importlib.util import module_from_spec, spec_from_file_location
 
             run_name = "__main__" if _config.get("run_main") else MAIN_ALIAS
-            spec = spec_from_file_location(run_name, main_path)
+            if main_spec_hook is not None:
+                spec = main_spec_hook(run_name)
+            else:
+                spec = spec_from_file_location(run_name, main_path)
             if spec is None or spec.loader is None:
                 raise ImportError(f"cannot load the master's main module from {main_path!r}")
             module = module_from_spec(spec)

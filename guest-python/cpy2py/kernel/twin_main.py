@@ -43,6 +43,12 @@ def main() -> None:
     os.set_inheritable(write_fd, False)
     _logging.configure_from_environment(kernel_state.TWIN_ID)
     transport = FdTransport(read_fd, write_fd)
+    remote_host = os.environ.pop("__CPY2PY_REMOTE__", None)
+    if remote_host is not None:  # on another host, over SSH (cpy2py/ssh.py)
+        from . import remote_twin
+
+        remote_twin.watch_link(read_fd)
+        remote_twin.install(transport, remote_host)
     handshake.send_hello(transport, sys.executable)
     raw = transport.recv()
     if raw is None:  # the master gave up on us
@@ -80,6 +86,8 @@ def main() -> None:
         after_request=flush_stdio,
     )
     links.register(kernel_state.MASTER_ID, connection)
+    if remote_host is not None:  # questions for modules go over the link now
+        remote_twin.handshake_done()
     if main_module.runs_main():
         # the main block runs like in the master, while other threads serve
         connection.start_serving()

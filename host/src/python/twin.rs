@@ -90,8 +90,13 @@ impl NativeTwin {
     /// Starts `executable` with `args`, `env` (the complete environment) and
     /// `cwd`, and waits up to `handshake_timeout` seconds for its hello, in
     /// slices, so that Ctrl-C during a slow start stops it at once.
+    ///
+    /// `protocol_on_stdio` puts the link on the program's stdin and stdout
+    /// instead of fds 3 and 4, and `preamble` is written to it before the
+    /// hello: both for `ssh` carrying the link to a remote twin.
     #[staticmethod]
-    #[pyo3(signature = (executable, args, env, cwd=None, handshake_timeout=60.0, max_frame=frame::DEFAULT_MAX_FRAME))]
+    #[pyo3(signature = (executable, args, env, cwd=None, handshake_timeout=60.0, max_frame=frame::DEFAULT_MAX_FRAME, protocol_on_stdio=false, preamble=None))]
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         py: Python<'_>,
         executable: PathBuf,
@@ -100,14 +105,18 @@ impl NativeTwin {
         cwd: Option<PathBuf>,
         handshake_timeout: f64,
         max_frame: usize,
+        protocol_on_stdio: bool,
+        preamble: Option<&Bound<'_, PyBytes>>,
     ) -> PyResult<Self> {
         let command = TwinCommand {
             executable,
             args,
             env,
             cwd,
+            protocol_on_stdio,
         };
-        let mut handshake = in_host(py, || Handshake::spawn(command, seconds(handshake_timeout)))?;
+        let mut handshake = in_host(py, || Handshake::spawn(command, seconds(handshake_timeout)))?
+            .with_preamble(preamble.map(|b| b.as_bytes().to_vec()).unwrap_or_default());
         loop {
             if let Some(hello) = in_host(py, || handshake.step(SIGNAL_SLICE))? {
                 return Ok(NativeTwin(handshake.finish(hello, max_frame)));

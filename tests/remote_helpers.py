@@ -1,0 +1,45 @@
+"""Functions the remote-twin tests run in a twin on another host."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from cpy2py import kernel_state
+
+
+def where_am_i() -> dict:
+    def target(fd: int) -> str:
+        return os.path.realpath(f"/proc/self/fd/{fd}")
+
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "twin_id": kernel_state.TWIN_ID,
+        "stdin": target(0),
+        "stdout": target(1),
+        "stderr": target(2),
+    }
+
+
+def process_name(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def import_and_describe(names: list) -> dict:
+    found: dict = {"loaders": {}}
+    for name in names:
+        module = importlib.import_module(name)
+        found["loaders"][name] = type(module.__spec__.loader).__name__
+        found[name] = {key: value for key, value in vars(module).items() if key.isupper()}
+    return found
+
+
+def call_in(module: str, function: str, *args):
+    return getattr(importlib.import_module(module), function)(*args)
+
+
+def path_entries() -> list:
+    return list(sys.path)

