@@ -33,7 +33,6 @@ import asyncio
 import contextvars
 import functools
 import threading
-import time
 import weakref
 from collections import deque
 
@@ -204,7 +203,6 @@ class _GuestWorker:
         self._cond = threading.Condition(threading.Lock())
         self._jobs: Deque[Tuple[Any, Any, int, Any]] = deque()  # (loop, future, op, operands)
         self._done: Dict[Any, List[Tuple[Any, bool, Any]]] = {}  # loop -> (future, ok, value)
-        self._since: Dict[Any, float] = {}  # loop -> when its oldest kept result came
         self._closed = False
         self.running: Any = None  # the future of the call that runs now
         name = f"cpy2py-aio-{connection.peer_id}"
@@ -252,23 +250,30 @@ class _GuestWorker:
                 self.running = None
                 done = self._done.setdefault(loop, [])
                 done.append((future, ok, value))
-                if len(done) == 1:
-                    self._since[loop] = time.monotonic()
-                # While more calls wait, results are kept a little, so that the
-                # loop wakes once for several (waking it per call cost more
-                # than the call); never more than a few or for long.
-                kept = time.monotonic() - self._since[loop]
-                wake = not self._jobs or len(done) >= _BATCH or kept > _BATCH_WAIT
-                if wake:
-                    del self._since[loop]
-                    ready = self._done.pop(loop)
+                # While more calls are queued, results are kept (a loop woken
+                # per call cost more than the call): up to _BATCH of them, and
+                # never past a timer the loop sets when the first is kept.
+                if not self._jobs or len(done) >= _BATCH:
+                    ready, remind = self._done.pop(loop), False
+                else:
+                    ready, remind = None, len(done) == 1
             del value
-            if wake:
-                try:
+            try:
+                if ready is not None:
                     loop.call_soon_threadsafe(self._deliver, ready)
-                except RuntimeError:  # the loop was closed: nobody awaits these
-                    pass
-                del ready
+                elif remind:
+                    loop.call_soon_threadsafe(loop.call_later, _BATCH_WAIT, self._flush, loop)
+            except RuntimeError:  # the loop was closed: nobody awaits these
+                with self._cond:
+                    self._done.pop(loop, None)
+            del ready
+
+    def _flush(self, loop: Any) -> None:
+        """On ``loop``, _BATCH_WAIT after a result was kept for it."""
+        with self._cond:
+            ready = self._done.pop(loop, None)
+        if ready:
+            self._deliver(ready)
 
     @staticmethod
     def _deliver(done: List[Tuple[Any, bool, Any]]) -> None:
