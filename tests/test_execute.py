@@ -174,6 +174,13 @@ def test_output_reaches_the_master_and_does_not_corrupt_the_protocol(kind, capfd
     assert "raw fd 2 output" in err and "stderr text" in err
 
 
+def test_all_a_twin_wrote_to_stderr_is_forwarded_when_stop_returns(kind, capfd):
+    with TwinMaster(kind, twinterpreter_id=f"{kind}-shouter") as twin:
+        assert twin.execute(twin_helpers.shout, 20000) == 20000
+    _, err = capfd.readouterr()
+    assert "line 19999 of what the twin said on its way out" in err
+
+
 def test_threads_get_their_own_replies(twin):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -71,6 +71,13 @@ def talk(text):
     return "talked"
 
 
+def shout(lines):
+    """Many lines on stderr, written just before the call returns."""
+    for n in range(lines):
+        os.write(2, b"line %d of what the twin said on its way out\n" % n)
+    return lines
+
+
 def sleep_then(seconds, value=None):
     time.sleep(seconds)
     return value

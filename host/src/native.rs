@@ -33,6 +33,10 @@ const MAX_SMALL: usize = libc::PIPE_BUF - HEADER_LEN;
 /// The largest hello a twin may send.
 const MAX_HELLO: usize = 1 << 20;
 
+/// How long closing an ended twin waits for the rest of its stderr (held
+/// open longer only by a descendant that left the twin's process group).
+const STDERR_DRAIN: Duration = Duration::from_millis(500);
+
 /// A twin between its start and its hello.
 pub struct Handshake {
     process: TwinProcess,
@@ -241,6 +245,11 @@ impl NativeTwin {
     /// find the stream ended. A reader kept waiting longer (by a descendant
     /// that left the twin's process group) leaves them to the drop instead.
     pub fn close(&self) {
+        // an ended twin's last words reach the master's stderr before its
+        // end is reported (TwinMaster.stop() returns after this)
+        if matches!(self.process.try_status(), Ok(Some(_))) {
+            self.process.stderr_forwarded(STDERR_DRAIN);
+        }
         let deadline = Instant::now() + Duration::from_secs(1);
         if !self.writer.acquire_before(deadline) {
             return;

@@ -313,12 +313,23 @@ impl TwinProcess {
     /// Like `stderr_tail`, after waiting up to `timeout` for the twin (and
     /// anything it started) to close its stderr, so nothing is missed.
     pub fn stderr_tail_when_closed(&self, timeout: Duration) -> String {
+        self.stderr_forwarded(timeout);
+        self.stderr_tail()
+    }
+
+    /// Waits up to `timeout` for the twin (and anything it started) to close
+    /// its stderr, everything it wrote forwarded to the master's; whether it did.
+    pub fn stderr_forwarded(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        while !self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).closed && Instant::now() < deadline
-        {
+        loop {
+            if self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).closed {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
             thread::sleep(Duration::from_millis(2));
         }
-        self.stderr_tail()
     }
 }
 
