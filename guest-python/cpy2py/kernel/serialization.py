@@ -54,12 +54,16 @@ class _Frame:
         self.failures: List[Tuple[Any, BaseException]] = []
 
 
-_decoding = _thread._local()
+class _Decoding(_thread._local):
+    frame: Optional[_Frame] = None  # (a class default: see protocol/transport.py _Held)
+
+
+_decoding = _Decoding()
 
 
 def decoding_from(serializer: Any) -> bool:
     """Whether this thread is decoding a frame of ``serializer``'s link."""
-    frame = getattr(_decoding, "frame", None)
+    frame = _decoding.frame
     while frame is not None:
         if frame.serializer is serializer:
             return True
@@ -212,7 +216,7 @@ class Serializer:
         in it that the value could not do without (or None). Each frame's
         failures are its own: many threads decode at once, and decoding one
         frame may decode another on the same thread (a hash that calls the peer)."""
-        outer = getattr(_decoding, "frame", None)
+        outer = _decoding.frame
         frame = _decoding.frame = _Frame(self, outer)
         try:
             if budget is None:
@@ -229,13 +233,13 @@ class Serializer:
         return None
 
     def _record_failure(self, placeholder: Any, err: BaseException) -> None:
-        frame = getattr(_decoding, "frame", None)
+        frame = _decoding.frame
         if frame is not None:
             frame.failures.append((placeholder, err))
 
     def _forget_failure(self, placeholder: Any) -> None:
         """A failed lookup that the enclosing value can do without."""
-        frame = getattr(_decoding, "frame", None)
+        frame = _decoding.frame
         if frame is not None:
             frame.failures[:] = [f for f in frame.failures if f[0] is not placeholder]
 

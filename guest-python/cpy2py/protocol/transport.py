@@ -23,7 +23,18 @@ DEFAULT_MAX_FRAME = 1 << 30
 _MAIN_THREAD = (
     sys.modules["threading"].main_thread().ident if "threading" in sys.modules else _thread.get_ident()
 )
-_held = _thread._local()
+
+
+class _Held(_thread._local):
+    """Per thread: whether (and with which earlier mask) it holds its
+    signals. Class defaults: a missing thread-local attribute costs an
+    exception on CPython, on every frame read by a thread that never held."""
+
+    active = False
+    mask = None
+
+
+_held = _Held()
 #: the WASI guest has no signals (and importing the module would read files)
 _NO_SIGNALS = sys.platform == "wasi"
 
@@ -40,7 +51,7 @@ except ImportError:
             _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
     def _release() -> None:
-        mask = getattr(_held, "mask", None)
+        mask = _held.mask
         if mask is not None:
             _held.mask = None
             import signal
@@ -55,7 +66,7 @@ def hold_signals() -> bool:
     that raises (Ctrl-C) never cuts in between reading a frame and delivering
     it, or leaves the role taken. Waits for frames stay interruptible:
     transports return False from ``recv`` when a signal came first."""
-    if _NO_SIGNALS or _thread.get_ident() != _MAIN_THREAD or getattr(_held, "active", False):
+    if _NO_SIGNALS or _thread.get_ident() != _MAIN_THREAD or _held.active:
         return False
     _hold()
     _held.active = True
@@ -64,13 +75,13 @@ def hold_signals() -> bool:
 
 def release_signals() -> None:
     """Let what ``hold_signals`` held through (handlers run now)."""
-    if getattr(_held, "active", False):
+    if _held.active:
         _held.active = False
         _release()
 
 
 def signals_held() -> bool:
-    return getattr(_held, "active", False)
+    return _held.active
 
 
 def block_signals_in_this_thread() -> None:
