@@ -86,6 +86,11 @@ class _Unresolved:
 def import_module(name: str) -> Any:
     if main_module.is_main_name(name):
         return main_module.load()
+    # what importlib would return, without its machinery (every function sent
+    # by name is looked up again to check the name: twice per call)
+    module = sys.modules.get(name)
+    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return module
     import importlib  # on the first name looked up, not at start-up
 
     return importlib.import_module(name)
