@@ -70,3 +70,31 @@ def call_from_a_thread(func, value, delay):
         func(value)
 
     threading.Thread(target=later).start()
+
+
+class Box:
+    """An object of the twin: the master gets a proxy of it."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def make_box(value):
+    return Box(value)
+
+
+def slow(seconds):
+    """Sleeps (native twins), then returns ``seconds``."""
+    time.sleep(seconds)
+    return seconds
+
+
+def call_back_later(func, delay):
+    """A thread of the twin calls ``func()`` (a master callable) after ``delay``."""
+    import threading
+
+    def later():
+        time.sleep(delay)
+        func()
+
+    threading.Thread(target=later).start()

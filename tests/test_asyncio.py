@@ -346,3 +346,100 @@ def test_a_guest_hands_each_result_back_without_waiting_for_the_calls_queued_aft
         assert run(main()) == (1, [0, 1, 2])
     finally:
         twin.stop()
+
+
+# -- found by review: each of these hung or failed before its fix -----------------
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_the_loop_never_waits_in_a_read_of_frames_another_thread_took(kind):
+    """A frame comes while no awaited call is pending: a server of the gate
+    and the loop both see it; whoever loses must not then wait on the link
+    (the loop froze until the next frame: here, never). Timing-dependent: it
+    caught the bug about one run in three."""
+    twin = start_twin(kind, f"{kind}-aio-stale")
+    try:
+        called = []
+
+        async def main():
+            for _ in range(15):
+                await twin.execute_async(helpers.call_back_later, lambda: called.append(1), 0.05)
+                await asyncio.sleep(0.15)  # the callback comes meanwhile
+
+        run(main())  # (a frozen loop is caught by the suite's timeout)
+        deadline = threading.Event()
+        for _ in range(100):
+            if len(called) == 15:
+                break
+            deadline.wait(0.1)
+        assert len(called) == 15
+    finally:
+        twin.stop()
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_a_loop_gets_its_replies_while_the_loop_that_watched_is_stopped(kind):
+    """Loop A watches the link with a call pending, then stops (its
+    run_until_complete returned); loop B, in another thread, awaits a call of
+    its own: its reply must not wait for A to run again."""
+    twin = start_twin(kind, f"{kind}-aio-two-loops")
+    loop_a = asyncio.new_event_loop()
+    try:
+        pending = loop_a.create_task(twin.execute_async(helpers.slow, 2.0))
+        got = []
+
+        def in_b():
+            got.append(run(twin.execute_async(helpers.slow, 0.2)))
+
+        b = threading.Thread(target=in_b)
+        loop_a.call_later(0.1, b.start)  # B's call starts while A runs ...
+        loop_a.run_until_complete(asyncio.sleep(0.3))  # ... then A stops, its call pending
+        b.join(30)
+        assert got == [0.2]  # (before the fix: no reply until A ran again)
+        assert loop_a.run_until_complete(pending) == 2.0
+    finally:
+        loop_a.close()
+        twin.stop()
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_sync_calls_work_after_a_loop_was_closed_with_an_awaited_call_pending(kind):
+    twin = start_twin(kind, f"{kind}-aio-closed-loop")
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(twin.execute_async(helpers.slow, 0.3))
+        loop.run_until_complete(asyncio.sleep(0.05))  # sent; its reply comes later
+        loop.close()
+        # the abandoned call's reply is read by this thread (the closed loop's own)
+        assert twin.execute(helpers.slow, 0.5) == 0.5
+        assert twin.execute(abs, -2) == 2
+        del task
+    finally:
+        twin.stop()
+
+
+def test_a_guest_worker_keeps_nothing_of_the_calls_it_ran(fresh_twin):
+    """Each fresh guest has a worker for its awaited calls; a proxy returned
+    by the last call must not stay in the worker (it would keep the guest,
+    its link and the worker's thread alive)."""
+    import gc
+    import time
+
+    def workers():
+        return [t for t in threading.enumerate() if t.name.startswith("cpy2py-aio-")]
+
+    async def main():
+        for n in range(4):
+            box = await fresh_twin.execute_async(helpers.make_box, n)
+            assert box.value == n
+            del box
+
+    before = len(workers())
+    run(main())
+    for _ in range(50):
+        gc.collect()
+        if len(workers()) <= before and not fresh_twin.is_alive:
+            break
+        time.sleep(0.1)
+    assert len(workers()) <= before
+    assert not fresh_twin.is_alive

@@ -266,7 +266,9 @@ class _GuestWorker:
             except RuntimeError:  # the loop was closed: nobody awaits these
                 with self._cond:
                     self._done.pop(loop, None)
-            del ready
+            # nothing of a call may outlive it here (a proxy it returned
+            # holds its guest, and that guest's link this worker)
+            del ready, done, loop, future
 
     def _flush(self, loop: Any) -> None:
         """On ``loop``, _BATCH_WAIT after a result was kept for it."""

@@ -139,7 +139,7 @@ class _AsyncWaiter:
 
     def offer(self) -> None:
         """Wake the loop: a frame came, or the link ended."""
-        if _thread.get_ident() == self.thread:  # the loop itself read it
+        if _thread.get_ident() == self.thread and _running_loop() is self.loop:  # the loop itself read it
             self._wake()
             return
         try:
@@ -354,6 +354,7 @@ class Connection:
         self._watch_calls = 0
         self._watching: Optional[str] = None
         self._watch_fd = -1  # a duplicate of the link's descriptor, for the loop
+        self._unwatched = 0  # awaited calls of other loops pending: the gate watches for them
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
         self._idle: Deque[_Waiter] = deque()  # ... or, without a gate, asleep
@@ -519,11 +520,12 @@ class Connection:
                 raise self._broken_error()
             self._pending[req_id] = waiter
             self._chains[chain] = [waiter, 1]
-        watching = self._watch_from(loop)
+        watching: Optional[str] = None
         timed = self.call_timeout is not None
         if timed:  # (an awaited call's callbacks count as the twin's time)
             _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
+            watching = self._watch_from(loop)
             try:
                 # a small frame goes out holding the GIL if the pipe has room
                 now = self._send_now is not None and len(payload) <= _SMALL_FRAME and self._send_now(payload)
@@ -546,8 +548,8 @@ class Connection:
                 _deadlines().clear((self, req_id))
             with self._lock:
                 self._end_call(req_id, chain)
-            if watching:
-                self._unwatch_from(loop)
+            if watching is not None:
+                self._unwatch_from(loop, watching)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
 
@@ -565,27 +567,34 @@ class Connection:
     # While awaited calls are pending, their event loop reads the link when
     # the role is free, in place of the gate: a reply then wakes the loop
     # only, not a server thread that would hand it over. One loop watches at
-    # a time (the replies of others reach them as before), and callers of any
-    # thread still take the free role and read themselves, so sync calls
-    # never wait for a loop. Between awaited calls the gate watches as well,
-    # so a loop that stops (asyncio.run ended) leaves the link watched.
+    # a time; awaited calls of other loops keep the gate armed as well, and a
+    # loop found stopped is taken over by the next one. Callers of any thread
+    # still take the free role and read themselves, so sync calls never wait
+    # for a loop. Between awaited calls the gate watches as well, so a loop
+    # that ends (asyncio.run returned) leaves the link watched.
 
-    def _watch_from(self, loop: Any) -> bool:
-        """On ``loop``, as an awaited call starts: whether the loop watches."""
+    def _watch_from(self, loop: Any) -> Optional[str]:
+        """On ``loop``, as an awaited call starts: who watches the link for it,
+        "loop" (this loop) or "gate" (another loop watches), or None (no gate:
+        whoever reads routes its reply); undone by ``_unwatch_from``."""
         old = None
         with self._lock:
             if self._gate is None or self.broken is not None:
-                return False
+                return None
             if self._watch_loop is not loop:
-                if self._watch_calls:
-                    return False  # another loop watches
-                if self._watch_loop is not None:  # an earlier loop, idle
+                if self._watch_calls and self._watch_loop.is_running():
+                    self._unwatched += 1  # another loop watches: the gate as well
+                    if not self._reading and self._heir is None and not self._armed:
+                        self._armed = True
+                        self._gate.arm()
+                    return "gate"
+                if self._watch_loop is not None:  # an earlier loop, idle or stopped
                     old = self._watch_loop, self._watch_fd
                 # the loop's own descriptor, closed by the link on the loop's thread
                 self._watch_loop, self._watch_fd = loop, os.dup(self.transport.fileno())
-                self._watching = None
+                self._watching, self._watch_calls = None, 0
             self._watch_calls += 1
-            if self._armed:
+            if self._armed and not self._unwatched:
                 self._armed = False
                 self._gate.disarm()
             add = self._watching is None and not self._reading  # (else asked when it is free)
@@ -595,13 +604,22 @@ class Connection:
         if old is not None:
             _drop_watch(*old)
         if add:
-            loop.add_reader(fd, self._loop_reads, loop, fd)
-        return True
+            try:
+                loop.add_reader(fd, self._loop_reads, loop, fd)
+            except BaseException:
+                with self._lock:
+                    self._watching = None
+                self._unwatch_from(loop, "loop")
+                raise
+        return "loop"
 
-    def _unwatch_from(self, loop: Any) -> None:
+    def _unwatch_from(self, loop: Any, how: str) -> None:
         """On ``loop``, as one of its awaited calls ends."""
         with self._lock:
-            if self._watch_loop is not loop:
+            if how == "gate":
+                self._unwatched -= 1
+                return
+            if self._watch_loop is not loop:  # (taken over meanwhile)
                 return
             self._watch_calls -= 1
             if not self._watch_calls and not self._reading and self._heir is None:
@@ -631,16 +649,23 @@ class Connection:
             loop.add_reader(fd, self._loop_reads, loop, fd)
 
     def _loop_reads(self, loop: Any, fd: int) -> None:
-        """The loop's reader: the link is readable."""
+        """The loop's reader: the link was readable when the loop looked."""
         with self._lock:
             mine = self._watch_loop is loop
-            read = mine and self._watching == "on" and not self._reading and self.broken is None
+            read = mine and self._watch_calls and self._watching == "on" and not self._reading
+            read = read and self.broken is None
             if read:
                 self._take_role(None)
-            elif mine:  # another thread reads: the role's release asks the loop again
+            elif mine:  # another thread reads, or no call waits: asked again when needed
                 self._watching = None
         if not read:
             loop.remove_reader(fd)
+            return
+        # Another reader may have taken those bytes since the loop looked:
+        # the loop never waits in a read.
+        if not (self._buffered is not None and self._buffered()) and not select.select([fd], [], [], 0)[0]:
+            with self._lock:
+                self._give_up_role()
             return
         if self._holds_signals:
             hold_signals()  # (see _next_for; _read lets them through)
@@ -785,7 +810,8 @@ class Connection:
             self._heir.offer()
         else:
             self._heir = None
-            if self._watch_loop is not None and self._loop_watches():
+            # (_loop_watches first: it asks the loop to watch again)
+            if self._watch_loop is not None and self._loop_watches() and not self._unwatched:
                 return
             if self._gate is not None and not self._armed and self.broken is None:
                 self._armed = True
@@ -1337,6 +1363,12 @@ class Connection:
 #: reading, routing and answering at any depth must never hit the limit, or a
 #: reply could be lost and both sides would wait forever
 KERNEL_FRAMES = 60
+
+
+def _running_loop() -> Any:
+    import asyncio  # (loaded already: only awaited calls ask)
+
+    return asyncio._get_running_loop()
 
 
 def _drop_watch(loop: Any, fd: int) -> None:
