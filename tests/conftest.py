@@ -79,3 +79,37 @@ def _native_twins_over_ssh():
         yield
     finally:
         master.TwinMaster.__init__ = original_init
+
+
+#: set by tests/test_ray.py: place this session's native twins on a Ray
+#: cluster (JSON: {"address": ..., "resources": {...}}), the suites' "ray" kind
+RAY_SUITE_ENV = "CPY2PY_TEST_RAY_TWINS"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_twins_on_ray():
+    import json
+    import os
+
+    spec = os.environ.get(RAY_SUITE_ENV)
+    if not spec:
+        yield
+        return
+    import cpy2py.ray
+    from cpy2py import master
+
+    settings = json.loads(spec)
+    original_init = master.TwinMaster.__init__
+
+    def init(self, executable=None, twinterpreter_id=None, *args, **kwargs):
+        original_init(self, executable, twinterpreter_id, *args, **kwargs)
+        if self.placement is None and self.host is None and not master.is_sandboxed(self.executable):
+            self.placement = cpy2py.ray.Placement(
+                resources=settings["resources"], num_cpus=0, address=settings["address"]
+            )
+
+    master.TwinMaster.__init__ = init
+    try:
+        yield
+    finally:
+        master.TwinMaster.__init__ = original_init

@@ -444,9 +444,14 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
         ) from None
     except _ray.exceptions.RayError as err:
         raise fail(f"its Ray actor failed: {err}") from None
-    sock = socket.create_connection(tuple(info["address"]), timeout=max(0.001, deadline - time.monotonic()))
+    where = f"{info['address'][0]}:{info['address'][1]}"
     try:
+        sock = socket.create_connection(tuple(info["address"]), timeout=max(0.001, deadline - time.monotonic()))
         tcp_link.prove(sock, secret, deadline - time.monotonic())
+    except (tcp_link.AuthenticationFailed, OSError) as err:
+        raise fail(f"the link to its node ({where}) failed: {err}") from None
+    raw: Any = None
+    try:
         tcp_link.tune(sock)
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(ssh.kernel_bundle())
@@ -455,9 +460,8 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
         from .protocol.transport import FdTransport
 
         raw = FdTransport(sock.fileno(), sock.fileno()).recv() if _readable(sock, deadline) else None
-    except (tcp_link.AuthenticationFailed, OSError) as err:
-        sock.close()
-        raise fail(f"the link to {info['address'][0]}:{info['address'][1]} failed: {err}") from None
+    except OSError:  # the twin is gone: its actor says why
+        pass
     hello = codec.loads(raw) if raw else None
     if not (isinstance(hello, dict) and hello.get("cpy2py") == PROTOCOL_VERSION and hello.get("twin_id") == twin_id):
         sock.close()
