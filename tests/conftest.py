@@ -82,7 +82,8 @@ def _native_twins_over_ssh():
 
 
 #: set by tests/test_ray.py: place this session's native twins on a Ray
-#: cluster (JSON: {"address": ..., "resources": {...}}), the suites' "ray" kind
+#: cluster (JSON: {"address": ..., "resources": {...}, "report": file}), the
+#: suites' "ray" kind; the file gets the node ids the twins ran on
 RAY_SUITE_ENV = "CPY2PY_TEST_RAY_TWINS"
 
 
@@ -108,8 +109,20 @@ def _native_twins_on_ray():
                 resources=settings["resources"], num_cpus=0, address=settings["address"]
             )
 
+    original_start = cpy2py.ray.start
+    placed = []
+
+    def start(twin, *args, **kwargs):
+        handle = original_start(twin, *args, **kwargs)
+        placed.append(handle.node_id)
+        return handle
+
     master.TwinMaster.__init__ = init
+    cpy2py.ray.start = start
     try:
         yield
     finally:
         master.TwinMaster.__init__ = original_init
+        cpy2py.ray.start = original_start
+        with open(settings["report"], "w") as report:  # the nodes the twins ran on
+            json.dump(placed, report)

@@ -21,6 +21,8 @@ from typing import Optional
 
 #: the custom resource only the second node offers
 NODE_RESOURCE = "cpy2py_test_node"
+#: how much of it: every twin placed by it takes 1
+NODE_RESOURCE_AMOUNT = 100
 #: bytes of object store per node (Ray's smallest is 75 MB)
 OBJECT_STORE = 80 * 1000 * 1000
 START_TIMEOUT = 120
@@ -79,5 +81,5 @@ def start_cluster() -> tuple:
     common = [f"--object-store-memory={OBJECT_STORE}", "--num-cpus=2", "--disable-usage-stats"]
     failed = _start(["--head", f"--port={port}", "--include-dashboard=false", *common], cluster)
     if failed is None:
-        failed = _start([f"--address={cluster.address}", f'--resources={{"{NODE_RESOURCE}": 1}}', *common], cluster)
+        failed = _start([f"--address={cluster.address}", f'--resources={{"{NODE_RESOURCE}": {NODE_RESOURCE_AMOUNT}}}', *common], cluster)
     return (None, failed) if failed else (cluster, None)

@@ -300,13 +300,12 @@ def test_the_master_exiting_leaves_no_twin(cluster, tmp_path, ending):
 
 
 @pytest.mark.parametrize("suite", SUITES)
-def test_suite_passes_with_twins_on_ray(cluster, suite):
+def test_suite_passes_with_twins_on_ray(cluster, nodes, suite, tmp_path):
     """The object and function suites again, with every native twin placed
     on the cluster's second node."""
-    env = dict(
-        os.environ,
-        **{RAY_SUITE_ENV: json.dumps({"address": cluster.address, "resources": {NODE_RESOURCE: 1}})},
-    )
+    report_file = str(tmp_path / "placed.json")
+    spec = {"address": cluster.address, "resources": {NODE_RESOURCE: 1}, "report": report_file}
+    env = dict(os.environ, **{RAY_SUITE_ENV: json.dumps(spec)})
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(TESTS_DIR, suite)],
         capture_output=True,
@@ -318,3 +317,6 @@ def test_suite_passes_with_twins_on_ray(cluster, suite):
     report = done.stdout[-6000:] + done.stderr[-3000:]
     assert done.returncode == 0, report
     assert " passed" in done.stdout and " failed" not in done.stdout, report
+    with open(report_file) as placed:
+        node_ids = json.load(placed)
+    assert len(node_ids) >= 2 and set(node_ids) == {nodes[0]}, node_ids  # python3 and pypy3 at least
