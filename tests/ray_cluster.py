@@ -81,5 +81,12 @@ def start_cluster() -> tuple:
     common = [f"--object-store-memory={OBJECT_STORE}", "--num-cpus=2", "--disable-usage-stats"]
     failed = _start(["--head", f"--port={port}", "--include-dashboard=false", *common], cluster)
     if failed is None:
-        failed = _start([f"--address={cluster.address}", f'--resources={{"{NODE_RESOURCE}": {NODE_RESOURCE_AMOUNT}}}', *common], cluster)
+        failed = _start(
+            [
+                f"--address={cluster.address}",
+                f'--resources={{"{NODE_RESOURCE}": {NODE_RESOURCE_AMOUNT}}}',
+                *common,
+            ],
+            cluster,
+        )
     return (None, failed) if failed else (cluster, None)

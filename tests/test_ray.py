@@ -139,9 +139,7 @@ def test_a_node_id_pins_the_twin(cluster, nodes):
     import cpy2py.ray
 
     require_interpreter("python3")
-    twin = TwinMaster(
-        "python3", "pinned-ray", placement=cpy2py.ray.Placement(node=nodes[1], num_cpus=0)
-    )
+    twin = TwinMaster("python3", "pinned-ray", placement=cpy2py.ray.Placement(node=nodes[1], num_cpus=0))
     try:
         twin.start()
         assert cpy2py.ray.node_of("pinned-ray") == nodes[1]
@@ -182,7 +180,6 @@ def _call_and_catch(twin: TwinMaster, outcome: list) -> None:
 @pytest.mark.parametrize("how", ["twin killed", "actor killed"])
 def test_the_twin_dying_mid_call_is_terminated(cluster, how):
     import ray
-
     from cpy2py import master
 
     require_interpreter("python3")
@@ -216,9 +213,8 @@ def test_an_unauthenticated_connection_is_refused(cluster, tmp_path):
     before anything it sends is read as protocol: the twin process does not
     even start (its marker file stays absent) until the master proves the
     secret, and the refusals are recorded."""
-    import ray
-
     import cpy2py.ray
+    import ray
     from cpy2py import tcp_link
     from cpy2py.protocol import codec
 
@@ -307,7 +303,16 @@ def test_suite_passes_with_twins_on_ray(cluster, nodes, suite, tmp_path):
     spec = {"address": cluster.address, "resources": {NODE_RESOURCE: 1}, "report": report_file}
     env = dict(os.environ, **{RAY_SUITE_ENV: json.dumps(spec)})
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(TESTS_DIR, suite)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(TESTS_DIR, suite),
+        ],
         capture_output=True,
         text=True,
         env=env,

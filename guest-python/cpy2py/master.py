@@ -354,7 +354,9 @@ class TwinMaster:
         # a node of a Ray cluster (cpy2py/ray.py): a cpy2py.ray.Placement
         if placement is not None:
             if host is not None:
-                raise ValueError("a twin runs either on host=... (over SSH) or at a Ray placement=..., not both")
+                raise ValueError(
+                    "a twin runs either on host=... (over SSH) or at a Ray placement=..., not both"
+                )
             if is_sandboxed(self.executable):
                 raise ValueError(
                     f"placement applies to native twins only: sandboxed twins ({self.executable!r}) "
@@ -620,7 +622,12 @@ class TwinMaster:
             "__CPY2PY_MASTER_ID__": kernel_state.MASTER_ID,
             "__CPY2PY_REMOTE__": "its Ray node",
         }
-        log.info("starting twinterpreter %s on Ray at %r: %s", self.twinterpreter_id, self.placement, self.executable)
+        log.info(
+            "starting twinterpreter %s on Ray at %r: %s",
+            self.twinterpreter_id,
+            self.placement,
+            self.executable,
+        )
         left = max(0.0, self._start_deadline - time.monotonic())
         return ray.start(self, env, ["-O"] * sys.flags.optimize, left)
 

@@ -72,7 +72,9 @@ class Placement:
     ) -> None:
         if resources is not None and not (
             isinstance(resources, dict)
-            and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())
+            and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items()
+            )
         ):
             raise ValueError(
                 f"resources must map resource names to amounts, e.g. {{'pypy_box': 1}}, not {resources!r}"
@@ -353,7 +355,9 @@ class RayTwin:
         except _ray.exceptions.GetTimeoutError:
             raise _ActorGone("its Ray actor did not answer") from None
         except _ray.exceptions.RayError as err:
-            raise _ActorGone(f"its Ray actor died ({type(err).__name__}): its node or worker is gone") from None
+            raise _ActorGone(
+                f"its Ray actor died ({type(err).__name__}): its node or worker is gone"
+            ) from None
 
     def exit_status(self) -> Optional[str]:
         if self._status is None and not self._closed:
@@ -433,10 +437,15 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
 
     def fail(message: str) -> TwinStartError:
         _ray.kill(actor, no_restart=True)
-        return TwinStartError(f"could not start twinterpreter {twin_id!r} ({master.executable}) on Ray: {message}")
+        return TwinStartError(
+            f"could not start twinterpreter {twin_id!r} ({master.executable}) on Ray: {message}"
+        )
 
     try:
-        info = _ray.get(actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic())), timeout=max(0.0, deadline - time.monotonic()))
+        info = _ray.get(
+            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic())),
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
     except _ray.exceptions.GetTimeoutError:
         raise fail(
             f"no node of the cluster took it within handshake_timeout ({placement!r}): "
@@ -446,7 +455,9 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
         raise fail(f"its Ray actor failed: {err}") from None
     where = f"{info['address'][0]}:{info['address'][1]}"
     try:
-        sock = socket.create_connection(tuple(info["address"]), timeout=max(0.001, deadline - time.monotonic()))
+        sock = socket.create_connection(
+            tuple(info["address"]), timeout=max(0.001, deadline - time.monotonic())
+        )
         tcp_link.prove(sock, secret, deadline - time.monotonic())
     except (tcp_link.AuthenticationFailed, OSError) as err:
         raise fail(f"the link to its node ({where}) failed: {err}") from None
@@ -463,10 +474,16 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
     except OSError:  # the twin is gone: its actor says why
         pass
     hello = codec.loads(raw) if raw else None
-    if not (isinstance(hello, dict) and hello.get("cpy2py") == PROTOCOL_VERSION and hello.get("twin_id") == twin_id):
+    if not (
+        isinstance(hello, dict)
+        and hello.get("cpy2py") == PROTOCOL_VERSION
+        and hello.get("twin_id") == twin_id
+    ):
         sock.close()
         try:
-            status = _ray.get(actor.wait.remote(2.0), timeout=10) or "did not answer the cpy2py handshake in time"
+            status = (
+                _ray.get(actor.wait.remote(2.0), timeout=10) or "did not answer the cpy2py handshake in time"
+            )
             tail = _ray.get(actor.stderr_tail.remote(), timeout=10)
         except _ray.exceptions.RayError as err:
             status, tail = f"its actor died ({err})", ""
