@@ -225,6 +225,9 @@ def test_an_unauthenticated_connection_is_refused(cluster, tmp_path):
     try:
         info = ray.get(actor.listen.remote(secret, argv, 60.0), timeout=60)
         address = tuple(info["address"])
+        # it listens on the address Ray reports for its node, not on every interface
+        node_ips = {n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == info["node_id"]}
+        assert address[0] in node_ips and address[0] not in ("0.0.0.0", "::")
         # 1. a peer that sends a cpy2py frame straight away
         frame = codec.dumps(["not", "authenticated"])
         with socket.create_connection(address, timeout=20) as sock:
@@ -241,8 +244,23 @@ def test_an_unauthenticated_connection_is_refused(cluster, tmp_path):
             tcp_link.prove(sock, secret, 20)
             assert ray.get(actor.wait.remote(30.0), timeout=60) == "exited with status 0"
         assert marker.exists()
+        # one connection: once the master is in, nobody else gets to try
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=20).close()
     finally:
         ray.kill(actor, no_restart=True)
+
+
+def test_a_silent_peer_is_cut_off(monkeypatch):
+    """The challenge waits a bounded time for an answer (real sockets, no Ray needed)."""
+    from cpy2py import tcp_link
+
+    monkeypatch.setattr(tcp_link, "CHALLENGE_TIMEOUT", 0.5)
+    node_side, silent = socket.socketpair()
+    with node_side, silent:
+        with pytest.raises(tcp_link.AuthenticationFailed, match="did not answer the challenge"):
+            tcp_link.challenge(node_side, os.urandom(32))
+        assert silent.recv(64).startswith(tcp_link.MAGIC)  # it was asked, and said nothing
 
 
 def _read_until_closed(sock: socket.socket) -> bytes:

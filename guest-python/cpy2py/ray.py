@@ -203,9 +203,19 @@ class TwinHost:
                 return
             finally:
                 conn.close()  # the twin's copy is the link now: its end is the link's end
+                self._stop_listening()
         threading.Thread(target=self._forward_stderr, daemon=True).start()
         self.process.wait()
         self._ended.set()
+
+    def _stop_listening(self) -> None:
+        """No one else gets to try: the port closes now (a shutdown also wakes
+        the accepting thread, which a close would not)."""
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _forward_stderr(self) -> None:
         """The twin's stderr (and its stdout, which the bootstrap sends there)
