@@ -468,9 +468,13 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
         sock = socket.create_connection(
             tuple(info["address"]), timeout=max(0.001, deadline - time.monotonic())
         )
+    except OSError as err:
+        raise fail(f"could not connect to its node ({where}): {err}") from None
+    try:
         tcp_link.prove(sock, secret, deadline - time.monotonic())
-    except (tcp_link.AuthenticationFailed, OSError) as err:
-        raise fail(f"the link to its node ({where}) failed: {err}") from None
+    except tcp_link.AuthenticationFailed as err:
+        sock.close()
+        raise fail(f"the other end of {where} failed the challenge: {err}") from None
     raw: Any = None
     try:
         tcp_link.tune(sock)
@@ -483,7 +487,10 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
         raw = FdTransport(sock.fileno(), sock.fileno()).recv() if _readable(sock, deadline) else None
     except OSError:  # the twin is gone: its actor says why
         pass
-    hello = codec.loads(raw) if raw else None
+    try:
+        hello = codec.loads(raw) if raw else None
+    except Exception:  # not a hello: said below
+        hello = None
     if not (
         isinstance(hello, dict)
         and hello.get("cpy2py") == PROTOCOL_VERSION
