@@ -44,8 +44,16 @@ def cluster():
     cluster, failed = start_cluster()
     if cluster is None:
         pytest.skip(f"no Ray cluster for the Ray placement tests: {failed}")
+    import builtins
+
     import ray
 
+    # Ray replaces builtins.print in a driver that shows its workers' output
+    # (for its tqdm bars) unless told not to: the later test modules of this
+    # process pass the real print to twins
+    original_print = builtins.print
+    patch_print = os.environ.get("RAY_TQDM_PATCH_PRINT")
+    os.environ["RAY_TQDM_PATCH_PRINT"] = "0"
     ray.init(address=cluster.address, log_to_driver=True)
     try:
         yield cluster
@@ -56,6 +64,11 @@ def cluster():
             master.TwinMaster(twinterpreter_id=twin_id).stop()
         ray.shutdown()
         cluster.stop()
+        builtins.print = original_print
+        if patch_print is None:
+            del os.environ["RAY_TQDM_PATCH_PRINT"]
+        else:
+            os.environ["RAY_TQDM_PATCH_PRINT"] = patch_print
 
 
 @pytest.fixture(scope="module")
