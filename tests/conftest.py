@@ -79,3 +79,50 @@ def _native_twins_over_ssh():
         yield
     finally:
         master.TwinMaster.__init__ = original_init
+
+
+#: set by tests/test_ray.py: place this session's native twins on a Ray
+#: cluster (JSON: {"address": ..., "resources": {...}, "report": file}), the
+#: suites' "ray" kind; the file gets the node ids the twins ran on
+RAY_SUITE_ENV = "CPY2PY_TEST_RAY_TWINS"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_twins_on_ray():
+    import json
+    import os
+
+    spec = os.environ.get(RAY_SUITE_ENV)
+    if not spec:
+        yield
+        return
+    import cpy2py.ray
+    from cpy2py import master
+
+    settings = json.loads(spec)
+    original_init = master.TwinMaster.__init__
+
+    def init(self, executable=None, twinterpreter_id=None, *args, **kwargs):
+        original_init(self, executable, twinterpreter_id, *args, **kwargs)
+        if self.placement is None and self.host is None and not master.is_sandboxed(self.executable):
+            self.placement = cpy2py.ray.Placement(
+                resources=settings["resources"], num_cpus=0, address=settings["address"]
+            )
+
+    original_start = cpy2py.ray.start
+    placed = []
+
+    def start(twin, *args, **kwargs):
+        handle = original_start(twin, *args, **kwargs)
+        placed.append(handle.node_id)
+        return handle
+
+    master.TwinMaster.__init__ = init
+    cpy2py.ray.start = start
+    try:
+        yield
+    finally:
+        master.TwinMaster.__init__ = original_init
+        cpy2py.ray.start = original_start
+        with open(settings["report"], "w") as report:  # the nodes the twins ran on
+            json.dump(placed, report)

@@ -43,3 +43,14 @@ def call_in(module: str, function: str, *args):
 
 def path_entries() -> list:
     return list(sys.path)
+
+
+def socket_count() -> int:
+    """How many of this process's descriptors are sockets."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # (the listing's own descriptor, closed by now)
+            pass
+    return count

@@ -275,6 +275,7 @@ class TwinMaster:
         fresh: bool = False,
         host: Optional[str] = None,
         ssh_options: Optional[List[str]] = None,
+        placement: Any = None,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -290,6 +291,7 @@ class TwinMaster:
             fresh = fresh or known.fresh
             host = known.host if host is None else host
             ssh_options = known.ssh_options if ssh_options is None else ssh_options
+            placement = known.placement if placement is None else placement
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
         self.executable: str = executable if executable is not None else str(twinterpreter_id)
@@ -349,10 +351,27 @@ class TwinMaster:
             self.ssh_options: Optional[List[str]] = ssh.check_options(ssh_options)
         else:
             self.ssh_options = None
+        # a node of a Ray cluster (cpy2py/ray.py): a cpy2py.ray.Placement
+        if placement is not None:
+            if host is not None:
+                raise ValueError(
+                    "a twin runs either on host=... (over SSH) or at a Ray placement=..., not both"
+                )
+            if is_sandboxed(self.executable):
+                raise ValueError(
+                    f"placement applies to native twins only: sandboxed twins ({self.executable!r}) "
+                    "cannot be placed on Ray yet"
+                )
+            if type(placement).__name__ != "Placement" or type(placement).__module__ != f"{__package__}.ray":
+                raise ValueError(
+                    f"placement must be a cpy2py.ray.Placement(resources=..., node=...), not {placement!r}"
+                )
+        self.placement: Any = placement
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
         where = f", host={self.host!r}" if self.host is not None else ""
+        where += f", placement={self.placement!r}" if self.placement is not None else ""
         return (
             f"TwinMaster(executable={self.executable!r}, "
             f"twinterpreter_id={self.twinterpreter_id!r}{where}) [{state}]"
@@ -456,6 +475,8 @@ class TwinMaster:
         twin_id = self.twinterpreter_id
         if self.host is not None:  # the remote process (the local one is ssh)
             pid = f"{process.hello['pid']} on host {self.host}"
+        elif self.placement is not None:
+            pid = f"{process.pid} on {process.where}"
 
         def describe_end() -> Any:
             # a str says how the twin ended; a guest may give a ready exception
@@ -503,7 +524,7 @@ class TwinMaster:
             process.send(references.encode(welcome, serializer.default))
             ready = process.recv()
             answer = codec.loads(ready) if ready is not None else None
-            while self.host is not None and isinstance(answer, dict) and "module" in answer:
+            while self.is_remote and isinstance(answer, dict) and "module" in answer:
                 # a remote twin lacks a module the welcome names (kernel/remote_twin.py)
                 from .kernel.module_server import module_source
 
@@ -561,6 +582,8 @@ class TwinMaster:
         """Spawn a native interpreter with the bootstrap; returns the NativeTwin."""
         if self.host is not None:
             return self._start_remote()
+        if self.placement is not None:
+            return self._start_on_ray()
         host = _host()
         path = resolve_executable(self.executable)
         env = dict(_MALLOC_TUNING)
@@ -590,10 +613,33 @@ class TwinMaster:
         left = max(0.0, self._start_deadline - time.monotonic())
         return ssh.start(self, _host(), env, ["-O"] * sys.flags.optimize, left)
 
+    def _start_on_ray(self) -> Any:
+        """Start the twin at ``self.placement`` on a Ray cluster (cpy2py/ray.py)."""
+        from . import ray
+
+        env = {
+            "__CPY2PY_TWIN_ID__": self.twinterpreter_id,
+            "__CPY2PY_MASTER_ID__": kernel_state.MASTER_ID,
+            "__CPY2PY_REMOTE__": "its Ray node",
+        }
+        log.info(
+            "starting twinterpreter %s on Ray at %r: %s",
+            self.twinterpreter_id,
+            self.placement,
+            self.executable,
+        )
+        left = max(0.0, self._start_deadline - time.monotonic())
+        return ray.start(self, env, ["-O"] * sys.flags.optimize, left)
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the twin runs on another machine (it gets modules from the master)."""
+        return self.host is not None or self.placement is not None
+
     def _welcome(self, serializer: Serializer) -> Tuple[Dict[str, Any], List[Any]]:
         """The welcome message, and the group initializers it carries."""
         # a twin on another host gets modules from the master instead of paths
-        config: Dict[str, Any] = dict(_path_config()) if self.host is None else {}
+        config: Dict[str, Any] = dict(_path_config()) if not self.is_remote else {}
         if self.main_module:
             main_module.alias_master_main()
             config.update(main_module.describe_master_main())

@@ -1,5 +1,5 @@
-"""In a twin on another host (started over SSH, ``cpy2py/ssh.py``): modules
-from the master, and an end with the link.
+"""In a twin on another host (started over SSH, ``cpy2py/ssh.py``, or placed
+on Ray, ``cpy2py/ray.py``): modules from the master, and an end with the link.
 
 - Imports the twin's own installation cannot satisfy are asked of the
   master (``kernel/module_server.py``), which sends the module's Python
@@ -152,14 +152,16 @@ def _main_spec(run_name: str) -> Any:
 
 def watch_link(read_fd: int) -> None:
     """End this process once the link's read end hangs up (poll reports a
-    hang-up without asking for it, and without reading anything)."""
+    hang-up without asking for it, and without reading anything). A TCP link
+    (a twin placed on Ray) whose peer closed shows it as POLLRDHUP instead:
+    asked for too (a pipe never reports it)."""
 
     def watch() -> None:
         import select
         import time
 
         poller = select.poll()
-        poller.register(read_fd, 0)
+        poller.register(read_fd, getattr(select, "POLLRDHUP", 0))
         while not poller.poll():
             pass
         time.sleep(EXIT_GRACE)

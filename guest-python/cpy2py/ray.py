@@ -1,0 +1,523 @@
+"""Twins placed on a Ray cluster.
+
+``TwinMaster('pypy3', placement=cpy2py.ray.Placement(resources={'big_box': 1}))``
+runs the twin on a node of the cluster that Ray picks by resources (or on
+the node named by ``node``). Ray does placement and lifetime only: a Ray
+actor (``TwinHost``) is scheduled with the placement's resources, listens
+on its node's IP, and starts the twin process there once the master has
+connected and proved it holds the twin's secret (``cpy2py/tcp_link.py``).
+From then on the master and the twin speak the cpy2py protocol over that
+TCP connection directly, not through Ray's per-call path.
+
+The twin process is bootstrapped as a twin over SSH is (``cpy2py/ssh.py``):
+the master sends the kernel's sources over the link, then serves the
+application's modules on demand, so the node needs only the interpreter
+(and the Ray worker, like any Ray job, needs ``ray`` and ``cpy2py``
+importable). The twin ends when its link closes, and with its actor.
+
+The actor's methods run in Ray's worker on the node; everything else here
+runs in the master.
+"""
+
+from __future__ import annotations
+
+try:
+    import ray as _ray
+except ImportError as _err:  # the optional extra
+    raise ImportError(
+        "cpy2py.ray needs Ray, which is not installed in this environment: "
+        "pip install 'cpy2py[ray]' (or pip install ray)"
+    ) from _err
+
+import atexit
+import collections
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import tcp_link
+from .errors import TwinStartError
+
+log = logging.getLogger("cpy2py.ray")
+
+#: bytes of the twin's stderr the actor keeps, for error messages
+STDERR_TAIL = 8192
+
+
+class Placement:
+    """Where on a Ray cluster a twin runs.
+
+    ``resources``: Ray resources the twin's node must offer (custom ones
+    such as ``{'pypy_box': 1}``, or ``{'GPU': 1}``); ``num_cpus``: CPUs the
+    twin reserves there (default 1: a twin is a busy process); ``node``: a
+    Ray node id (hex, as ``ray.nodes()`` or ``ray.get_runtime_context()``
+    report it) to pin the twin to that node; ``address``: the cluster to
+    connect to when this process has not called ``ray.init`` yet (None:
+    Ray's own default, ``RAY_ADDRESS`` or the local cluster).
+    """
+
+    def __init__(
+        self,
+        resources: Optional[Dict[str, float]] = None,
+        node: Optional[str] = None,
+        num_cpus: float = 1,
+        address: Optional[str] = None,
+    ) -> None:
+        if resources is not None and not (
+            isinstance(resources, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items()
+            )
+        ):
+            raise ValueError(
+                f"resources must map resource names to amounts, e.g. {{'pypy_box': 1}}, not {resources!r}"
+            )
+        if node is not None and not (isinstance(node, str) and node):
+            raise ValueError(f"node must be a Ray node id (a hex string), not {node!r}")
+        if not (isinstance(num_cpus, (int, float)) and num_cpus >= 0):
+            raise ValueError(f"num_cpus must be a number >= 0, not {num_cpus!r}")
+        self.resources = dict(resources or {})
+        self.node = node
+        self.num_cpus = num_cpus
+        self.address = address
+
+    def __repr__(self) -> str:
+        return (
+            f"Placement(resources={self.resources!r}, node={self.node!r}, "
+            f"num_cpus={self.num_cpus!r}, address={self.address!r})"
+        )
+
+    def actor_options(self) -> Dict[str, Any]:
+        options: Dict[str, Any] = {"num_cpus": self.num_cpus, "max_restarts": 0, "max_concurrency": 4}
+        if self.resources:
+            options["resources"] = self.resources
+        if self.node is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self.node, soft=False)
+        return options
+
+
+def describe_status(returncode: int) -> str:
+    """A process's end, in the words the rest of cpy2py uses."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-returncode} ({name})"
+    return f"exited with status {returncode}"
+
+
+# -- on the node: the actor ---------------------------------------------------
+
+
+class TwinHost:
+    """The Ray actor that holds a twin's place on a node and starts it.
+
+    ``listen`` binds to the node's IP (the address Ray reports for the node,
+    reachable from the rest of the cluster, and nothing else), and accepts
+    connections until one passes the challenge; that one becomes the twin's
+    stdin and stdout, the link. The thread that started the twin stays until
+    the twin ends: the twin has it as parent-death trigger, so the twin ends
+    with this actor (and so with its node, or the master's Ray job).
+    """
+
+    def __init__(self) -> None:
+        self.process: Optional[subprocess.Popen] = None
+        self.start_error: Optional[str] = None
+        self.refused: List[str] = []
+        self.tail: collections.deque = collections.deque(maxlen=STDERR_TAIL)
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._listener: Optional[socket.socket] = None
+
+    def listen(self, secret: bytes, argv: List[str], timeout: float) -> Dict[str, Any]:
+        """Start listening; where (``address``) and on which node."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.bind((ip, 0))
+        listener.listen(8)
+        self._listener = listener
+        deadline = time.monotonic() + timeout
+        threading.Thread(target=self._accept, args=(listener, secret, argv, deadline), daemon=True).start()
+        return {
+            "address": listener.getsockname()[:2],
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+
+    def _accept(self, listener: socket.socket, secret: bytes, argv: List[str], deadline: float) -> None:
+        while self.process is None and self.start_error is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([listener], [], [], left)[0]:
+                with self._lock:
+                    if self.process is None and self.start_error is None:
+                        self.start_error = "the master did not connect in time"
+                        self._ended.set()
+                break
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                break
+            threading.Thread(target=self._check, args=(conn, peer, secret, argv), daemon=True).start()
+        listener.close()
+
+    def _check(self, conn: socket.socket, peer: Any, secret: bytes, argv: List[str]) -> None:
+        try:
+            tcp_link.challenge(conn, secret)
+        except tcp_link.AuthenticationFailed as err:
+            who = f"{peer[0]}:{peer[1]}"
+            self.refused.append(who)
+            log.warning("cpy2py: refused a connection to the twin's port from %s: %s", who, err)
+            conn.close()
+            return
+        with self._lock:
+            if self.process is not None or self.start_error is not None:
+                conn.close()  # a second proof of the secret: the twin has its link
+                return
+            tcp_link.tune(conn)
+            try:
+                # the link on stdin/stdout, as ssh.REMOTE_BOOTSTRAP expects it
+                self.process = subprocess.Popen(
+                    argv,
+                    stdin=conn.fileno(),
+                    stdout=conn.fileno(),
+                    stderr=subprocess.PIPE,
+                    close_fds=True,
+                    preexec_fn=_die_with_parent(),
+                )
+            except OSError as err:
+                self.start_error = f"could not start {argv[0]!r} on this node: {err}"
+                self._ended.set()
+                return
+            finally:
+                conn.close()  # the twin's copy is the link now: its end is the link's end
+                self._stop_listening()
+        threading.Thread(target=self._forward_stderr, daemon=True).start()
+        self.process.wait()
+        self._ended.set()
+
+    def _stop_listening(self) -> None:
+        """No one else gets to try: the port closes now (a shutdown also wakes
+        the accepting thread, which a close would not)."""
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _forward_stderr(self) -> None:
+        """The twin's stderr (and its stdout, which the bootstrap sends there)
+        to this worker's stderr, which Ray shows on the master's console."""
+        assert self.process is not None and self.process.stderr is not None
+        stream = self.process.stderr
+        out = getattr(sys.stderr, "buffer", None)
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+            if not chunk:
+                break
+            self.tail.extend(chunk)
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+
+    def status(self) -> Optional[str]:
+        """How the twin ended, or None while it runs (or is not started yet)."""
+        if self.start_error is not None:
+            return self.start_error
+        if self.process is None or self.process.poll() is None:
+            return None
+        return describe_status(self.process.returncode)
+
+    def wait(self, timeout: float) -> Optional[str]:
+        self._ended.wait(timeout)
+        return self.status()
+
+    def kill(self) -> str:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._ended.set()
+        return self.status() or "was not running"
+
+    def stderr_tail(self) -> str:
+        return bytes(self.tail).decode("utf-8", "replace")
+
+    def refused_peers(self) -> List[str]:
+        return list(self.refused)
+
+
+def _die_with_parent() -> Any:
+    """A pre-exec hook that has the twin killed when the thread that started
+    it ends (Linux's parent-death signal); None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the prctl
+            os._exit(1)
+
+    return hook
+
+
+# -- in the master -------------------------------------------------------------
+
+
+_stop_registered = False
+
+
+def _connect_ray(placement: Placement) -> None:
+    global _stop_registered
+    if not _ray.is_initialized():
+        try:
+            _ray.init(address=placement.address, log_to_driver=True)
+        except Exception as err:
+            raise TwinStartError(
+                f"could not connect to the Ray cluster (address={placement.address!r}): {err}. "
+                "Start one (`ray start --head`), or pass Placement(address='host:port'), "
+                "or call ray.init(...) before starting the twin"
+            ) from None
+    if not _stop_registered:
+        # after ray.init's own exit hook, so it runs first: Ray-placed twins
+        # are stopped while the master can still talk to their actors
+        atexit.register(_stop_placed_twins)
+        _stop_registered = True
+
+
+def _stop_placed_twins() -> None:
+    from . import master
+
+    for twin_id, twin in list(master._running.items()):
+        if isinstance(twin.process, RayTwin):
+            try:
+                master.TwinMaster(twinterpreter_id=twin_id).stop(timeout=2.0)
+            except Exception as err:  # keep stopping the others
+                log.error("could not stop twinterpreter %s: %s", twin_id, err)
+
+
+class RayTwin:
+    """The master's handle of a Ray-placed twin: the protocol over the TCP
+    connection (``FdTransport`` on the socket), the process's life through
+    its actor. What ``cpy2py.master`` needs of a twin process."""
+
+    def __init__(self, sock: socket.socket, actor: Any, info: Dict[str, Any], hello: Dict[str, Any]) -> None:
+        from .protocol.transport import FdTransport
+
+        self.sock = sock
+        self.actor = actor
+        self.node_id: str = info["node_id"]
+        self.address: Tuple[str, int] = tuple(info["address"])  # type: ignore[assignment]
+        self.hello = hello
+        self.pid = hello["pid"]
+        self._transport = FdTransport(sock.fileno(), sock.fileno())
+        self.send = self._transport.send
+        self.recv = self._transport.recv
+        self.buffered = self._transport.buffered
+        self.wait_readable = self._transport.wait_readable
+        self._status: Optional[str] = None
+        self._tail = ""
+        self._closed = False
+
+    @property
+    def where(self) -> str:
+        return f"Ray node {self.node_id[:12]} ({self.address[0]})"
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if not self._closed else -1
+
+    def try_send(self, payload: bytes, timeout: float) -> bool:
+        """Send a small frame if it can go within ``timeout`` (a twin that
+        stopped reading cannot take the shutdown request)."""
+        lock = self._transport._write_lock
+        if not lock.acquire(timeout=max(timeout, 0.0)):
+            return False
+        try:
+            if self._closed or not select.select([], [self.sock], [], timeout)[1]:
+                return False
+            self._transport._write_all(len(payload).to_bytes(4, "big") + payload)
+            return True
+        finally:
+            lock.release()
+
+    def _ask(self, method: str, *args: Any, timeout: float = 5.0) -> Any:
+        """A method of the actor; raises ``_ActorGone`` if it cannot answer."""
+        if not _ray.is_initialized():  # the master is past ray.shutdown
+            raise _ActorGone("Ray is shut down in the master")
+        try:
+            return _ray.get(getattr(self.actor, method).remote(*args), timeout=timeout)
+        except _ray.exceptions.GetTimeoutError:
+            raise _ActorGone("its Ray actor did not answer") from None
+        except _ray.exceptions.RayError as err:
+            raise _ActorGone(
+                f"its Ray actor died ({type(err).__name__}): its node or worker is gone"
+            ) from None
+
+    def exit_status(self) -> Optional[str]:
+        if self._status is None and not self._closed:
+            try:
+                self._status = self._ask("status")
+            except _ActorGone as gone:
+                self._status = str(gone)
+        return self._status if not self._closed or self._status else "was closed by the master"
+
+    def wait(self, timeout: float) -> Optional[str]:
+        if self._status is None:
+            try:
+                self._status = self._ask("wait", timeout, timeout=timeout + 5.0)
+            except _ActorGone as gone:
+                self._status = str(gone)
+        return self._status
+
+    def kill(self) -> str:
+        if self._status is None:
+            try:
+                self._tail = self._ask("stderr_tail")
+                self._status = self._ask("kill")
+            except _ActorGone as gone:
+                self._status = str(gone)
+        self._shutdown_socket()  # the twin ends with its link anyway
+        return self._status
+
+    def stderr_tail(self) -> str:
+        if not self._tail:
+            try:
+                self._tail = self._ask("stderr_tail")
+            except _ActorGone:
+                pass
+        return self._tail
+
+    def _shutdown_socket(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # readers in other threads see the end
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the link and free the actor's place on its node."""
+        if self._closed:
+            return
+        self._shutdown_socket()
+        self._closed = True
+        self.sock.close()
+        if _ray.is_initialized():
+            try:
+                _ray.kill(self.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+
+class _ActorGone(Exception):
+    pass
+
+
+def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> RayTwin:
+    """Place twin ``master`` on the cluster, connect and authenticate, send
+    the kernel, read the hello; the twin's handle."""
+    import secrets
+
+    from . import ssh
+    from .protocol import codec
+    from .protocol.messages import PROTOCOL_VERSION
+
+    placement: Placement = master.placement
+    deadline = time.monotonic() + timeout
+    _connect_ray(placement)
+    secret = secrets.token_bytes(32)
+    argv = [master.executable, *args, "-c", ssh.REMOTE_BOOTSTRAP.format(env=env)]
+    actor_class = _ray.remote(TwinHost)
+    actor = actor_class.options(**placement.actor_options()).remote()
+    twin_id = master.twinterpreter_id
+
+    def fail(message: str) -> TwinStartError:
+        _ray.kill(actor, no_restart=True)
+        return TwinStartError(
+            f"could not start twinterpreter {twin_id!r} ({master.executable}) on Ray: {message}"
+        )
+
+    try:
+        info = _ray.get(
+            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic())),
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
+    except _ray.exceptions.GetTimeoutError:
+        raise fail(
+            f"no node of the cluster took it within handshake_timeout ({placement!r}): "
+            "does a node offer these resources (ray.cluster_resources()), and are they free?"
+        ) from None
+    except _ray.exceptions.RayError as err:
+        raise fail(f"its Ray actor failed: {err}") from None
+    where = f"{info['address'][0]}:{info['address'][1]}"
+    try:
+        sock = socket.create_connection(
+            tuple(info["address"]), timeout=max(0.001, deadline - time.monotonic())
+        )
+    except OSError as err:
+        raise fail(f"could not connect to its node ({where}): {err}") from None
+    try:
+        tcp_link.prove(sock, secret, deadline - time.monotonic())
+    except tcp_link.AuthenticationFailed as err:
+        sock.close()
+        raise fail(f"the other end of {where} failed the challenge: {err}") from None
+    raw: Any = None
+    try:
+        tcp_link.tune(sock)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(ssh.kernel_bundle())
+        # blocking again: the transport reads the descriptor itself
+        sock.settimeout(None)
+        from .protocol.transport import FdTransport
+
+        raw = FdTransport(sock.fileno(), sock.fileno()).recv() if _readable(sock, deadline) else None
+    except OSError:  # the twin is gone: its actor says why
+        pass
+    try:
+        hello = codec.loads(raw) if raw else None
+    except Exception:  # not a hello: said below
+        hello = None
+    if not (
+        isinstance(hello, dict)
+        and hello.get("cpy2py") == PROTOCOL_VERSION
+        and hello.get("twin_id") == twin_id
+    ):
+        sock.close()
+        try:
+            status = (
+                _ray.get(actor.wait.remote(2.0), timeout=10) or "did not answer the cpy2py handshake in time"
+            )
+            tail = _ray.get(actor.stderr_tail.remote(), timeout=10)
+        except _ray.exceptions.RayError as err:
+            status, tail = f"its actor died ({err})", ""
+        said = f"; it said:\n{tail.strip()}" if tail.strip() else ""
+        raise fail(f"the twin {status}{said}") from None
+    return RayTwin(sock, actor, info, hello)
+
+
+def _readable(sock: socket.socket, deadline: float) -> bool:
+    return bool(select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0])
+
+
+def node_of(twin_id: str) -> Optional[str]:
+    """The Ray node id of the node twin ``twin_id`` runs on (None: it is not
+    running, or not placed on Ray)."""
+    from . import master
+
+    twin = master._running.get(twin_id)
+    process = twin.process if twin is not None else None
+    return process.node_id if isinstance(process, RayTwin) else None

