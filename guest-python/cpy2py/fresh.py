@@ -62,6 +62,7 @@ class FreshGuest:
             memory_limit=fresh_twin.memory_limit,
             timeout=fresh_twin.timeout,
             paths=fresh_twin.paths,
+            packages=fresh_twin.packages,
             output_limit=fresh_twin.output_limit,
         )
         self._lock = threading.Lock()

