@@ -311,7 +311,7 @@ class TwinMaster:
         self.timeout = timeout
         self.paths = list(paths) if paths is not None else None
         # installed pure-Python distributions the guest sees (cpy2py/packages.py)
-        self.packages = list(packages) if packages is not None else None
+        self.packages = list(_package_names(packages)) if packages is not None else None
         self.output_limit = output_limit
         # every top-level call in a guest of its own (cpy2py/fresh.py)
         if fresh and not is_sandboxed(self.executable):
@@ -719,6 +719,12 @@ def _lost(twin_id: str, state: bool = True) -> str:
     if _no_auto():
         return f"{what}; call TwinMaster({twin_id!r}).start() to start a new one (CPY2PY_NOAUTO is set)"
     return f"{what}; its next use starts a fresh twin"
+
+
+def _package_names(packages: Any) -> Any:
+    from .packages import check_names
+
+    return check_names(packages)
 
 
 def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:
