@@ -488,13 +488,18 @@ def _concurrency_section(found: Optional[Dict[str, Any]]) -> List[str]:
 
 #: eryx's published figures (the eryx project's README): Rust + wasmtime +
 #: componentize-py CPython, the closest peer of the sandboxed twin
-ERYX = {"fresh_ms": "about 1.3 (pass in a fresh instance from a warm pool)", "rss_mib": "4-10 per extra sandbox"}
+ERYX = {
+    "fresh_ms": "about 1.3 (pass in a fresh instance from a warm pool)",
+    "rss_mib": "4-10 per extra sandbox",
+}
 
 
 def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
     if not found:
         return []
-    out = ["\n=== sandbox pools and fresh guests (benches/sandbox_pool.py), beside eryx's published figures ==="]
+    out = [
+        "\n=== sandbox pools and fresh guests (benches/sandbox_pool.py), beside eryx's published figures ==="
+    ]
     if "error" in found:
         return out + ["failed:\n" + found["error"]]
     fresh, reused = found["fresh_call_ms"], found["reused_call_ms"]

