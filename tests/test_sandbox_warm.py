@@ -126,6 +126,12 @@ def test_a_warm_fresh_pool_gives_every_call_a_new_preloaded_guest(plugin):
             assert pool.execute(plugin.get_value) is None
             seen.add(pool.execute(plugin.whoami))
         assert len(seen) == 5, seen
+        # the guests of finished calls are stopped on the slot's own thread
+        deadline = time.monotonic() + PATIENCE
+        while len(fresh.guests_of(prefix)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fresh.guests_of(prefix)) == 1, fresh.guests_of(prefix)
+        assert not set(fresh.guests_of(prefix)) & seen, "only the next call's guest is left"
     assert not [t for t in running_twins() if t.startswith(prefix)], "closing the pool ends its warm guests"
     assert fresh.guests_of(prefix) == []
 

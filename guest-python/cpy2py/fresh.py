@@ -73,6 +73,8 @@ class FreshGuest:
         self._ended = False
         #: the master's link to it, once started
         self.connection: Any = None
+        #: set for a guest of a warm twin: ends it on another thread (Spares)
+        self.retire: Any = None
 
     def __repr__(self) -> str:
         return f"<fresh guest {self.twin_id!r}: {self._calls} call(s), {self._proxies} proxies>"
@@ -109,7 +111,13 @@ class FreshGuest:
             self._calls -= 1
             idle = self._now_idle()
         if idle:
-            self.end()
+            # a warm twin's caller does not wait for the stop: nothing can
+            # reach the guest any more, and the thread that starts the next
+            # one stops it first
+            if self.retire is not None:
+                self.retire(self)
+            else:
+                self.end()
 
     def proxy_gone(self) -> None:
         with self._lock:
@@ -240,6 +248,7 @@ class Spares:
         self.fresh_twin = fresh_twin
         self.count = count
         self._ready: List[FreshGuest] = []
+        self._retired: List[FreshGuest] = []
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._thread = threading.Thread(
@@ -253,6 +262,21 @@ class Spares:
             self._cond.notify_all()
         return guest
 
+    def _retire(self, guest: FreshGuest) -> None:
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._retired.append(guest)
+                self._cond.notify_all()
+        if closed:
+            guest.end()
+
+    def _end_retired(self) -> None:
+        with self._cond:
+            retired, self._retired = self._retired, []
+        for guest in retired:
+            guest.end()
+
     def close(self) -> None:
         """Stop the guests kept warm, after the one being started (if any)."""
         with self._cond:
@@ -261,6 +285,7 @@ class Spares:
             self._cond.notify_all()
         for guest in ready:
             guest.end()
+        self._end_retired()
         if self._thread is not threading.current_thread():
             self._thread.join(float(self.fresh_twin.handshake_timeout))
 
@@ -271,11 +296,16 @@ class Spares:
         failures = 0
         while True:
             with self._cond:
-                while not self._closed and len(self._ready) >= self.count:
+                while not self._closed and len(self._ready) >= self.count and not self._retired:
                     self._cond.wait()
                 if self._closed or master_module._exiting:
                     return
+            self._end_retired()
+            with self._cond:
+                if len(self._ready) >= self.count:
+                    continue
             guest = FreshGuest(self.fresh_twin)
+            guest.retire = self._retire
             try:
                 guest.start()
             except Exception as err:  # a call starts its own guest meanwhile, and reports why it fails
