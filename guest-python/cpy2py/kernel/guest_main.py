@@ -69,6 +69,7 @@ def _apply_config(config: Dict[str, Any], paths: List[str]) -> None:
     roots go on sys.path (the master's app_paths/site_paths do not: the guest
     cannot see them); the master's main module only if it lies in a root."""
     sys.path[:0] = [p for p in paths if p not in sys.path]
+    kernel_state.FRESH_OF = str(config.get("fresh_of") or "")
     if config.get("argv") is not None:
         sys.argv[:] = list(config["argv"])
     main_path = config.get("main_path")
