@@ -25,7 +25,6 @@ from cpy2py import (
     TwinMemoryError,
     TwinStartError,
     TwinterpreterTerminated,
-    TwinterpreterUnavailable,
     TwinTimeout,
     fresh,
     twinfunction,
@@ -364,3 +363,13 @@ def test_fresh_applies_to_sandboxed_twins_only_and_has_no_one_link(code_dir, plu
     with pytest.raises(TypeError, match="cannot run"):  # not importable by the guest
         pinned()
     master.stop()
+
+
+def test_a_pool_call_can_be_awaited(code_dir, plugin):
+    async def main(pool):
+        return await asyncio.gather(*(pool.execute_async(plugin.square, n) for n in range(6)))
+
+    with SandboxPool(size=2, paths=[str(code_dir)]) as pool:
+        assert asyncio.run(main(pool)) == [n * n for n in range(6)]
+        with pytest.raises(ValueError, match="boom"):
+            asyncio.run(pool.execute_async(plugin.fail, "boom"))

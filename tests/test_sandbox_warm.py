@@ -238,6 +238,6 @@ def test_twinfunctions_and_twin_objects_pinned_to_a_fresh_twin_get_guests_of_the
         assert fresh.guests_of("fresh-pinned") == []
         # the class has no one home: its attributes are not reachable from here
         with pytest.raises(TwinterpreterUnavailable, match="class attributes"):
-            pinned.Tally.LABEL
+            _ = pinned.Tally.LABEL
     finally:
         twin.stop()

@@ -6,6 +6,7 @@
         results = list(pool.map(render, pages))        # in 4 guests at once
         future = pool.submit(render, page)             # a concurrent.futures.Future
         value = pool.execute(render, page)             # on this thread, in a free guest
+        value = await pool.execute_async(render, page) # from asyncio
 
 A pool has ``size`` slots, each a sandboxed twin of its own
 (``<pool name>-<i>``) with the pool's paths and limits. A call takes a free
@@ -163,6 +164,15 @@ class SandboxPool(Executor):
             self._accepted += 1
         future.add_done_callback(self._finished)  # also when it is cancelled
         return future
+
+    async def execute_async(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``await pool.execute_async(func, *args)``: ``submit`` as a
+        coroutine; the event loop is not blocked while a guest runs it.
+        Cancelling the await cancels the call if it has not started yet
+        (one that runs finishes in its guest)."""
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(func, *args, **kwargs))
 
     def _run(self, func: Callable[..., T], args: Any, kwargs: Any) -> T:
         slot = self._take()
