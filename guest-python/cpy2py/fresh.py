@@ -250,6 +250,7 @@ class Spares:
         self.count = count
         self._ready: List[FreshGuest] = []
         self._retired: List[FreshGuest] = []
+        self._starting = False
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._thread = threading.Thread(
@@ -258,7 +259,11 @@ class Spares:
         self._thread.start()
 
     def take(self) -> Any:
+        """A started guest; one being started is waited for (it is further
+        along than a start from scratch would be); None if none is."""
         with self._cond:
+            while not self._ready and self._starting and not self._closed:
+                self._cond.wait()
             guest = self._ready.pop(0) if self._ready else None
             self._cond.notify_all()
         return guest
@@ -305,11 +310,15 @@ class Spares:
             with self._cond:
                 if len(self._ready) >= self.count:
                     continue
+                self._starting = True
             guest = FreshGuest(self.fresh_twin)
             guest.retire = self._retire
             try:
                 guest.start()
             except Exception as err:  # a call starts its own guest meanwhile, and reports why it fails
+                with self._cond:
+                    self._starting = False
+                    self._cond.notify_all()
                 failures += 1
                 log.info(
                     "could not start a warm guest for %s (%s): retrying",
@@ -321,9 +330,11 @@ class Spares:
                 continue
             failures = 0
             with self._cond:
+                self._starting = False
                 keep = not self._closed
                 if keep:
                     self._ready.append(guest)
+                self._cond.notify_all()
             if not keep:
                 guest.end()
                 return
