@@ -49,8 +49,9 @@ def main():
             pool.execute(call_plugin, "markdown_page", "render", f"Single {n}", [("figs", n)])
             latencies.append((time.perf_counter() - began) * 1e3)
         latencies.sort()
+        median = latencies[len(latencies) // 2]
         print(
-            f"one request at a time: median {latencies[len(latencies) // 2]:.1f} ms per call in a fresh guest "
+            f"one request at a time: median {median:.1f} ms per call in a fresh guest "
             "(most of it markdown setting itself up on first use, which every fresh guest does again)"
         )
 
