@@ -545,7 +545,9 @@ class TwinMaster:
             main_module.alias_master_main()
             config.update(main_module.describe_master_main())
         config["run_main"] = self.run_main
-        config["fresh_of"] = getattr(self, "fresh_of", None)  # a guest of a fresh twin (cpy2py/fresh.py)
+        fresh_of = getattr(self, "fresh_of", None)  # set on a guest of a fresh twin (cpy2py/fresh.py)
+        if fresh_of:
+            config["fresh_of"] = fresh_of
         config["argv"] = list(sys.argv) if self.restore_argv else None
         initializers = group_state.welcome_initializers(kernel_state.TWIN_GROUP_STATE)
         for func, _args, _kwargs in initializers:
