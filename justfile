@@ -42,12 +42,13 @@ build: setup wasm
 wheel: setup
     "{{python}}" wasm/build_guest.py --if-stale --wheel dist
 
-# run the demos: tutorial (PyPy), dispatch (PyPy + matplotlib), objects, sandboxed plugins, asyncio service
+# run the demos: tutorial (PyPy), dispatch (PyPy + matplotlib), objects, sandboxed plugins, a pool of fresh sandboxes, asyncio service
 demo: build
     "{{python}}" examples/tutorial.py
     mkdir -p results && "{{python}}" examples/dispatch.py --output results/primes.png
     "{{python}}" examples/objects.py
     "{{python}}" examples/sandbox.py
+    "{{python}}" examples/plugin_pool.py
     "{{python}}" examples/async_service.py
 
 # run all tests: cargo test for the host, pytest over every twin kind

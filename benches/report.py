@@ -443,6 +443,7 @@ def render(results: Dict[str, Any]) -> str:
         out.append(wakeup_note(results))
         out.append(table(["", "pinned", "unpinned", "difference"], rows, 38))
     out.extend(_concurrency_section(results.get("concurrency")))
+    out.extend(_sandbox_section(results.get("sandbox")))
     rust = results.get("rust")
     if rust:
         out.append("\n=== Rust: codec and framing (criterion, benches/codec.rs) ===")
@@ -492,6 +493,47 @@ def _concurrency_section(found: Optional[Dict[str, Any]]) -> List[str]:
         )
     header = ["", "sync us", "await us", "await/sync", "1 thread/s", "8 threads/s", "100 awaits/s"]
     return out + [table(header, rows, 14)]
+
+
+#: eryx's published figures (the eryx project's README): Rust + wasmtime +
+#: componentize-py CPython, the closest peer of the sandboxed twin
+ERYX = {
+    "fresh_ms": "about 1.3 (pass in a fresh instance from a warm pool)",
+    "rss_mib": "4-10 per extra sandbox",
+}
+
+
+def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
+    if not found:
+        return []
+    out = [
+        "\n=== sandbox pools and fresh guests (benches/sandbox_pool.py), beside eryx's published figures ==="
+    ]
+    if "error" in found:
+        return out + ["failed:\n" + found["error"]]
+    fresh, reused = found["fresh_call_ms"], found["reused_call_ms"]
+    rows = [
+        ["fresh guest, started by the call (ms)", f"{fresh['median']:.2f}", f"{fresh['p99']:.2f}", ""],
+        [
+            "fresh guest from a warm pool, preloaded (ms)",
+            f"{found['warm_fresh_call_ms']['median']:.2f}",
+            f"{found['warm_fresh_call_ms']['p99']:.2f}",
+            ERYX["fresh_ms"],
+        ],
+        ["same guest, no-op call (ms)", f"{reused['median']:.3f}", f"{reused['p99']:.3f}", ""],
+        ["idle pooled guest (MiB of master RSS)", f"{found['idle_guest_rss_mib']:.1f}", "", ERYX["rss_mib"]],
+    ]
+    imported = found.get("packages_import_ms")
+    if imported:
+        rows.append(["import markdown+dateutil, from source (ms)", f"{imported['from_source']:.0f}", "", ""])
+        rows.append(["... packages= with cached bytecode (ms)", f"{imported['cached_bytecode']:.0f}", "", ""])
+    out.append(table(["", "median", "p99", "eryx (README)"], rows, 12))
+    rates = " ".join(
+        f"{n} guest(s): {rate:.0f}/s ({found['speedup'][n]:.2f}x, {found['cores_busy'][n]:.2f} cores busy)"
+        for n, rate in found["pool_calls_per_s"].items()
+    )
+    out.append(f"CPU-bound calls through a SandboxPool ({found['work_per_call']} iterations each): {rates}")
+    return out
 
 
 # -- chart ----------------------------------------------------------------------------

@@ -527,6 +527,17 @@ def concurrency_benches(quick: bool, cpus: List[int]) -> Dict[str, Any]:
     return {"cpus": cpus, "kinds": json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
+def sandbox_benches(quick: bool) -> Dict[str, Any]:
+    """benches/sandbox_pool.py: pools, fresh guests, idle guest RSS and the
+    import of packages, on every CPU (a pool uses them all)."""
+    log("sandbox pools and fresh guests (benches/sandbox_pool.py)")
+    cmd = [sys.executable, os.path.join(HERE, "sandbox_pool.py")] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=driver_env("sandbox_pool"))
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -563,6 +574,7 @@ def main() -> None:
         results["rust"] = rust_benches(args.quick, [cpu])
     if not only:
         results["concurrency"] = concurrency_benches(args.quick, [cpu])
+        results["sandbox"] = sandbox_benches(args.quick)
     results["meta"]["seconds"] = time.monotonic() - started
 
     os.makedirs(args.out, exist_ok=True)

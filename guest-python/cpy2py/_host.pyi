@@ -85,6 +85,8 @@ class WasiGuest:
         bundled_dir: Optional[str] = None,
         kernel_dir: Optional[str] = None,
         paths: List[str] = ...,
+        packages: List[Tuple[str, List[str]]] = ...,
+        pycache_dir: Optional[str] = None,
         memory_limit: int = ...,
         timeout: Optional[float] = ...,
         max_frame: int = ...,

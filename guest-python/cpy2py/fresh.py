@@ -12,9 +12,10 @@ Guests share nothing: each is a wasm instance of its own (its own memory,
 module globals and imports), with its own link, its own instance ids and
 its own handed objects, so no state of one call is seen by the next.
 
-The price today is a guest start per call (docs/user-guide.md, "Sandbox
-pools and fresh guests", has the figures); starting from a snapshot or a
-pooled instance is issue 14's next step.
+The price is a guest start per call (docs/user-guide.md, "Sandbox pools and
+fresh guests", has the figures); ``keep_warm`` (``SandboxPool(fresh=True,
+warm=True)``) starts the next guest ahead, while the twin waits for its
+next call.
 """
 
 from __future__ import annotations
@@ -62,12 +63,19 @@ class FreshGuest:
             memory_limit=fresh_twin.memory_limit,
             timeout=fresh_twin.timeout,
             paths=fresh_twin.paths,
+            packages=fresh_twin.packages,
+            preload=fresh_twin.preload,
             output_limit=fresh_twin.output_limit,
         )
+        self.master.fresh_of = self.fresh_id  # type: ignore[attr-defined]  # code pinned to the fresh twin runs there
         self._lock = threading.Lock()
         self._calls = 1  # the call it is started for
         self._proxies = 0
         self._ended = False
+        #: the master's link to it, once started
+        self.connection: Any = None
+        #: set for a guest of a warm twin: ends it on another thread (Spares)
+        self.retire: Any = None
 
     def __repr__(self) -> str:
         return f"<fresh guest {self.twin_id!r}: {self._calls} call(s), {self._proxies} proxies>"
@@ -88,6 +96,7 @@ class FreshGuest:
             self.end()
             raise
         twin.connection.proxy_watcher = self._watch
+        self.connection = twin.connection
         return twin.connection
 
     def _watch(self, proxy: Any) -> None:
@@ -103,7 +112,13 @@ class FreshGuest:
             self._calls -= 1
             idle = self._now_idle()
         if idle:
-            self.end()
+            # a warm twin's caller does not wait for the stop: nothing can
+            # reach the guest any more, and the thread that starts the next
+            # one stops it first
+            if self.retire is not None:
+                self.retire(self)
+            else:
+                self.end()
 
     def proxy_gone(self) -> None:
         with self._lock:
@@ -152,9 +167,9 @@ def execute(
 ) -> Any:
     """``fresh_twin.execute(call, *args, **kwargs)`` in a new guest."""
     _remember(fresh_twin)
-    guest = FreshGuest(fresh_twin)
+    guest = _take_spare(fresh_twin) or FreshGuest(fresh_twin)
     try:
-        connection = guest.start()
+        connection = guest.connection or guest.start()
         if check:
             connection.serializer.check_executable(call)
         return connection.request(OP_EXECUTE, call, args, kwargs)
@@ -173,9 +188,9 @@ async def execute_async(
     from . import awaitable
 
     _remember(fresh_twin)
-    guest = FreshGuest(fresh_twin)
+    guest = _take_spare(fresh_twin) or FreshGuest(fresh_twin)
     try:
-        connection = await asyncio.get_running_loop().run_in_executor(None, guest.start)
+        connection = guest.connection or await asyncio.get_running_loop().run_in_executor(None, guest.start)
         connection.serializer.check_executable(call)
         return await awaitable.request(connection, OP_EXECUTE, call, args, kwargs)
     finally:
@@ -212,11 +227,136 @@ def any_running(fresh_id: str) -> bool:
 
 
 def stop_all(fresh_id: str) -> None:
-    """Stop every guest of fresh twin ``fresh_id``, also those kept for proxies."""
+    """Stop every guest of fresh twin ``fresh_id``, also those kept for
+    proxies and the one kept warm (which is not started again)."""
+    with _lock:
+        spares = _spares.pop(fresh_id, None)
+    if spares is not None:
+        spares.close()
     with _lock:
         guests = list(_guests.pop(fresh_id, ()))
     for guest in guests:
         guest.end()
+
+
+class Spares:
+    """Guests of a fresh twin started ahead of its calls (``keep_warm``): a
+    thread of its own keeps ``count`` started, with their welcome and
+    ``preload`` imports done, and a call takes one instead of starting one.
+    Such a guest has run nothing but its start before its call."""
+
+    def __init__(self, fresh_twin: master_module.TwinMaster, count: int) -> None:
+        self.fresh_twin = fresh_twin
+        self.count = count
+        self._ready: List[FreshGuest] = []
+        self._retired: List[FreshGuest] = []
+        self._starting = False
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._fill, name=f"cpy2py-warm-{fresh_twin.twinterpreter_id}", daemon=True
+        )
+        self._thread.start()
+
+    def take(self) -> Any:
+        """A started guest; one being started is waited for (it is further
+        along than a start from scratch would be); None if none is."""
+        with self._cond:
+            while not self._ready and self._starting and not self._closed:
+                self._cond.wait()
+            guest = self._ready.pop(0) if self._ready else None
+            self._cond.notify_all()
+        return guest
+
+    def _retire(self, guest: FreshGuest) -> None:
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._retired.append(guest)
+                self._cond.notify_all()
+        if closed:
+            guest.end()
+
+    def _end_retired(self) -> None:
+        with self._cond:
+            retired, self._retired = self._retired, []
+        for guest in retired:
+            guest.end()
+
+    def close(self) -> None:
+        """Stop the guests kept warm, after the one being started (if any)."""
+        with self._cond:
+            self._closed = True
+            ready, self._ready = self._ready, []
+            self._cond.notify_all()
+        for guest in ready:
+            guest.end()
+        self._end_retired()
+        if self._thread is not threading.current_thread():
+            self._thread.join(float(self.fresh_twin.handshake_timeout))
+
+    def _fill(self) -> None:
+        from .protocol.transport import block_signals_in_this_thread
+
+        block_signals_in_this_thread()
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._closed and len(self._ready) >= self.count and not self._retired:
+                    self._cond.wait()
+                if self._closed or master_module._exiting:
+                    return
+            self._end_retired()
+            with self._cond:
+                if len(self._ready) >= self.count:
+                    continue
+                self._starting = True
+            guest = FreshGuest(self.fresh_twin)
+            guest.retire = self._retire
+            try:
+                guest.start()
+            except Exception as err:  # a call starts its own guest meanwhile, and reports why it fails
+                with self._cond:
+                    self._starting = False
+                    self._cond.notify_all()
+                failures += 1
+                log.info(
+                    "could not start a warm guest for %s (%s): retrying",
+                    self.fresh_twin.twinterpreter_id,
+                    err,
+                )
+                with self._cond:
+                    self._cond.wait(min(5.0, 0.05 * 2**failures))
+                continue
+            failures = 0
+            with self._cond:
+                self._starting = False
+                keep = not self._closed
+                if keep:
+                    self._ready.append(guest)
+                self._cond.notify_all()
+            if not keep:
+                guest.end()
+                return
+
+
+#: fresh twin id -> its guests kept warm
+_spares: Dict[str, Spares] = {}
+
+
+def keep_warm(fresh_twin: master_module.TwinMaster, count: int = 1) -> None:
+    """Keep ``count`` guests of ``fresh_twin`` started ahead of its calls
+    (until it is stopped)."""
+    _remember(fresh_twin)
+    with _lock:
+        if fresh_twin.twinterpreter_id in _spares:
+            return
+        _spares[fresh_twin.twinterpreter_id] = Spares(fresh_twin, count)
+
+
+def _take_spare(fresh_twin: master_module.TwinMaster) -> Any:
+    spares = _spares.get(fresh_twin.twinterpreter_id)
+    return spares.take() if spares is not None else None
 
 
 def _ensure_reaper() -> None:
@@ -251,6 +391,7 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     _reaper_started = False
     _guests.clear()
+    _spares.clear()
 
 
 if hasattr(os, "register_at_fork"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from . import kernel_state
 from .kernel import links
 from .protocol.messages import OP_EXECUTE
@@ -11,6 +13,16 @@ if TYPE_CHECKING:
     from typing import Any, Callable, TypeVar
 
     F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fresh_twin_named(twin_id: str) -> Any:
+    """In the master: the fresh twin (``TwinMaster(..., fresh=True)``) of id
+    ``twin_id`` if there is one (made and started or called before), else None."""
+    master = sys.modules.get(f"{__package__}.master")
+    if master is None or not kernel_state.is_master():
+        return None
+    config = master._configs.get(twin_id)
+    return config if config is not None and config.fresh else None
 
 
 def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
@@ -30,15 +42,20 @@ def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
         )
 
     def decorator(func: F) -> F:
-        if kernel_state.TWIN_ID == twinterpreter_id:  # its own interpreter: as in the original
+        if kernel_state.runs_pinned(twinterpreter_id):  # its own interpreter: as in the original
             func.__twin_id__ = twinterpreter_id  # type: ignore[attr-defined]
             return func
         import functools  # at decoration, not when a twin starts
 
         @functools.wraps(func)
         def twin_function(*args: Any, **kwargs: Any) -> Any:
-            if kernel_state.TWIN_ID == twinterpreter_id:
+            if kernel_state.TWIN_ID == twinterpreter_id or kernel_state.FRESH_OF == twinterpreter_id:
                 return func(*args, **kwargs)
+            fresh_twin = fresh_twin_named(twinterpreter_id)
+            if fresh_twin is not None:  # every call in a guest of its own
+                from . import fresh
+
+                return fresh.execute(fresh_twin, twin_function, list(args), kwargs)
             return links.connection_to(twinterpreter_id).request(
                 OP_EXECUTE, twin_function, list(args), kwargs
             )

@@ -17,12 +17,21 @@ DEFAULT_MASTER_ID = "__master__"
 
 MASTER_ID: str = os.environ.get("__CPY2PY_MASTER_ID__", DEFAULT_MASTER_ID)
 TWIN_ID: str = os.environ.get("__CPY2PY_TWIN_ID__", MASTER_ID)
+#: in a guest of a fresh twin (``TwinMaster(..., fresh=True)``, whose guests
+#: have ids of their own): that twin's id, so that functions and classes
+#: pinned to it run here (set from the guest's welcome); else ""
+FRESH_OF: str = ""
 
 
 def is_twinterpreter(kernel_id: str) -> bool:
     """Whether this interpreter is the one named ``kernel_id`` (the original's
     parameter name, so calls by keyword keep working)."""
     return kernel_id == TWIN_ID
+
+
+def runs_pinned(twin_id: str) -> bool:
+    """Whether code pinned to ``twin_id`` runs in this interpreter."""
+    return twin_id == TWIN_ID or twin_id == FRESH_OF
 
 
 def is_master() -> bool:

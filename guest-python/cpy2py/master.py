@@ -276,6 +276,8 @@ class TwinMaster:
         host: Optional[str] = None,
         ssh_options: Optional[List[str]] = None,
         placement: Any = None,
+        packages: Optional[List[str]] = None,
+        preload: Optional[List[str]] = None,
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
@@ -292,6 +294,8 @@ class TwinMaster:
             host = known.host if host is None else host
             ssh_options = known.ssh_options if ssh_options is None else ssh_options
             placement = known.placement if placement is None else placement
+            packages = known.packages if packages is None else packages
+            preload = known.preload if preload is None else preload
         if kernel not in KNOWN_KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: use one of {KNOWN_KERNELS[1:]} or None")
         self.executable: str = executable if executable is not None else str(twinterpreter_id)
@@ -310,9 +314,10 @@ class TwinMaster:
         # defaults (cpy2py._host.WASI_DEFAULT_*, applied in cpy2py.wasi).
         # ``timeout`` (seconds per call) applies to every twin: a native twin
         # that runs longer is killed (docs/reliability.md, "Per-call timeout")
-        if not is_sandboxed(self.executable) and (memory_limit, paths, output_limit) != (None, None, None):
+        sandbox_only = (memory_limit, paths, output_limit, packages, preload)
+        if not is_sandboxed(self.executable) and sandbox_only != (None,) * len(sandbox_only):
             raise ValueError(
-                "memory_limit, paths and output_limit apply to sandboxed twins only "
+                "memory_limit, paths, packages, preload and output_limit apply to sandboxed twins only "
                 f"(executable={SANDBOXED_EXECUTABLES[0]!r}), not to {self.executable!r}"
             )
         if timeout is not None and not is_sandboxed(self.executable):
@@ -323,6 +328,10 @@ class TwinMaster:
         self.memory_limit = memory_limit
         self.timeout = timeout
         self.paths = list(paths) if paths is not None else None
+        # installed pure-Python distributions the guest sees (cpy2py/packages.py)
+        self.packages = list(_package_names(packages)) if packages is not None else None
+        # modules every guest imports as it starts, before its first call
+        self.preload = list(_module_names(preload)) if preload is not None else None
         self.output_limit = output_limit
         # every top-level call in a guest of its own (cpy2py/fresh.py)
         if fresh and not is_sandboxed(self.executable):
@@ -644,11 +653,16 @@ class TwinMaster:
             main_module.alias_master_main()
             config.update(main_module.describe_master_main())
         config["run_main"] = self.run_main
+        fresh_of = getattr(self, "fresh_of", None)  # set on a guest of a fresh twin (cpy2py/fresh.py)
+        if fresh_of:
+            config["fresh_of"] = fresh_of
         config["argv"] = list(sys.argv) if self.restore_argv else None
         initializers = group_state.welcome_initializers(kernel_state.TWIN_GROUP_STATE)
         for func, _args, _kwargs in initializers:
             serializer.check_executable(func)
         config["initializers"] = [[f, list(a), k] for f, a, k in initializers]
+        # preload: imported in the guest as it starts, after the group's initializers
+        config["initializers"] += [[importlib_import_module, [name], {}] for name in self.preload or ()]
         # initializers defined in a notebook cell: their source (the twin serves nothing yet)
         definitions = serializer.definitions_for_welcome([f for f, _a, _k in initializers])
         if definitions:
@@ -825,6 +839,21 @@ def _lost(twin_id: str, state: bool = True) -> str:
     return f"{what}; its next use starts a fresh twin"
 
 
+def _package_names(packages: Any) -> Any:
+    from .packages import check_names
+
+    return check_names(packages)
+
+
+def _module_names(preload: Any) -> List[str]:
+    if isinstance(preload, (str, bytes)) or not isinstance(preload, (list, tuple)):
+        raise TypeError(f"preload must be a list of module names (str), not {preload!r}")
+    for name in preload:
+        if not isinstance(name, str) or not name or name.startswith("."):
+            raise TypeError(f"preload must be a list of absolute module names (str), not {preload!r}")
+    return list(preload)
+
+
 def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:
     """The connection to twin ``twin_id``, started on first use.
 
@@ -859,8 +888,9 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
     if config is not None and config.fresh:  # (never in _running: its guests have ids of their own)
         raise TwinterpreterUnavailable(
             f"twinterpreter {twin_id!r} runs every call in a guest of its own (fresh=True), so it "
-            f"has no one link to reach: call it with TwinMaster(twinterpreter_id={twin_id!r}).execute(...) "
-            "or import_module(...) (twinfunction and TwinObject pinned to a fresh twin are not supported)"
+            f"has no one link to reach: call it with TwinMaster(twinterpreter_id={twin_id!r}).execute(...), "
+            "import_module(...), a twinfunction or an instance of a TwinObject class pinned to it (class "
+            "attributes and classmethods of such a class are not reachable from other interpreters)"
         )
     if _no_auto():
         raise TwinterpreterUnavailable(

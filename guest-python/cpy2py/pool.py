@@ -6,6 +6,7 @@
         results = list(pool.map(render, pages))        # in 4 guests at once
         future = pool.submit(render, page)             # a concurrent.futures.Future
         value = pool.execute(render, page)             # on this thread, in a free guest
+        value = await pool.execute_async(render, page) # from asyncio
 
 A pool has ``size`` slots, each a sandboxed twin of its own
 (``<pool name>-<i>``) with the pool's paths and limits. A call takes a free
@@ -15,7 +16,9 @@ gives the slot back. Guests run wasm with the GIL released, so slots run in
 parallel on as many cores as the machine has. A slot's guest starts on its
 first call; one that was stopped (timeout, memory, trap) is replaced by a
 new one on the slot's next call, and the other slots carry on. With
-``fresh=True`` every call gets a guest of its own (cpy2py/fresh.py).
+``fresh=True`` every call gets a guest of its own (cpy2py/fresh.py);
+``warm=True`` starts each slot's next guest (and its ``preload`` imports)
+while the slot waits for its next call, so a call does not wait for a start.
 
 Slots share nothing: each guest has its own memory, link, objects and
 limits. With ``fresh=False`` the calls of one slot do share that slot's
@@ -35,6 +38,7 @@ import weakref
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
+from . import fresh as fresh_module
 from . import master as master_module
 from . import wasi
 from .master import SANDBOXED_EXECUTABLES, TwinMaster
@@ -53,9 +57,11 @@ class SandboxPool(Executor):
     """Up to ``size`` sandboxed guests (default: one per core) running calls
     at once; a ``concurrent.futures.Executor``.
 
-    ``paths``, ``timeout``, ``memory_limit``, ``output_limit`` and
-    ``handshake_timeout`` are those of ``TwinMaster('wasi-python', ...)``
-    and apply to each guest; ``fresh=True`` runs every call in a new guest;
+    ``paths``, ``packages``, ``preload``, ``timeout``, ``memory_limit``,
+    ``output_limit`` and ``handshake_timeout`` are those of
+    ``TwinMaster('wasi-python', ...)`` and apply to each guest;
+    ``fresh=True`` runs every call in a new guest, and ``warm=True`` (with
+    ``fresh=True``) keeps one started per slot for the next call;
     ``name`` prefixes the twin ids of the slots (default
     ``sandbox-pool-<n>``) and the marks of their output lines.
     """
@@ -65,6 +71,9 @@ class SandboxPool(Executor):
         size: Optional[int] = None,
         paths: Optional[Sequence[str]] = None,
         fresh: bool = False,
+        packages: Optional[Sequence[str]] = None,
+        preload: Optional[Sequence[str]] = None,
+        warm: bool = False,
         timeout: Optional[float] = None,
         memory_limit: Optional[int] = None,
         output_limit: Optional[int] = None,
@@ -95,6 +104,8 @@ class SandboxPool(Executor):
                     executable=SANDBOXED_EXECUTABLES[0],
                     twinterpreter_id=f"{name}-{index}",
                     paths=list(paths) if paths is not None else None,
+                    packages=list(packages) if packages is not None else None,
+                    preload=list(preload) if preload is not None else None,
                     fresh=fresh,
                     timeout=timeout,
                     memory_limit=memory_limit,
@@ -104,7 +115,15 @@ class SandboxPool(Executor):
                 for index in range(size)
             ]
             wasi.check_options(self._slots[0])  # wrong options fail here, not in the first call
+            if warm and not fresh:
+                raise ValueError(
+                    "warm=True applies to fresh pools (fresh=True): keep a started guest per slot"
+                )
             _open_pools[name] = self
+        self.warm = bool(warm)
+        if self.warm:
+            for slot in self._slots:
+                fresh_module.keep_warm(slot)
         self._free = list(reversed(self._slots))  # pop() takes the lowest slot: few guests when calls are few
         self._cond = threading.Condition()
         self._accepted = 0  # calls accepted and not finished (running, waiting for a slot, or queued)
@@ -145,6 +164,15 @@ class SandboxPool(Executor):
             self._accepted += 1
         future.add_done_callback(self._finished)  # also when it is cancelled
         return future
+
+    async def execute_async(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``await pool.execute_async(func, *args)``: ``submit`` as a
+        coroutine; the event loop is not blocked while a guest runs it.
+        Cancelling the await cancels the call if it has not started yet
+        (one that runs finishes in its guest)."""
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(func, *args, **kwargs))
 
     def _run(self, func: Callable[..., T], args: Any, kwargs: Any) -> T:
         slot = self._take()

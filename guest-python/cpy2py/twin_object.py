@@ -11,6 +11,7 @@ written in the native one, and its methods and classmethods run there.
 from __future__ import annotations
 
 from . import kernel_state
+from .functions import fresh_twin_named
 from .kernel import links
 from .kernel.references import RemoteMethod, TwinProxy, call
 from .protocol.messages import OP_DELATTR, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # (a twin's start imports no typing)
 
 
 def _native_here(cls: type) -> bool:
-    return type.__getattribute__(cls, "__twin_id__") == kernel_state.TWIN_ID
+    return kernel_state.runs_pinned(type.__getattribute__(cls, "__twin_id__"))
 
 
 class TwinMeta(type):
@@ -34,6 +35,11 @@ class TwinMeta(type):
         if _native_here(cls):
             return type.__call__(cls, *args, **kwargs)
         owner = type.__getattribute__(cls, "__twin_id__")
+        fresh_twin = fresh_twin_named(owner)
+        if fresh_twin is not None:  # each instance in a guest of its own, alive while its proxies are
+            from . import fresh
+
+            return fresh.execute(fresh_twin, cls, list(args), kwargs)
         return links.connection_to(owner).request(OP_INSTANTIATE, cls, list(args), kwargs)
 
     def __getattribute__(cls, name: str) -> Any:

@@ -13,6 +13,8 @@ call) with (defaults from the host, ``cpy2py._host.WASI_DEFAULT_*``):
 - ``paths``: directories the guest may import code from (default: none, only
   the standard library); the guest sees only the ``*.py`` files under them,
   read-only;
+- ``packages``: installed pure-Python distributions the guest sees, with all
+  the files their RECORD lists, read-only (cpy2py/packages.py);
 - no environment variables, arguments, stdin or network; its stdout/stderr go
   to the master's, each line marked ``[<twin id>] ``;
 - ``output_limit``: bytes of guest output, beyond which it is dropped with
@@ -31,9 +33,10 @@ from __future__ import annotations
 
 import os
 import select
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
-from . import _logging
+from . import _logging, bytecode_cache
+from . import packages as packages_module
 from .errors import TwinStartError
 from .kernel.sandbox import SandboxSerializer
 
@@ -117,6 +120,7 @@ def check_options(master: Any) -> None:
     without starting a guest (a fresh twin or a pool checks them up front)."""
     _check_paths(master.paths)
     _limits(master)
+    packages_module.resolve(master.packages)
 
 
 class GuestTransport:
@@ -138,7 +142,7 @@ class GuestTransport:
     suspended where it was, and the next thread that runs it carries on.
     """
 
-    __slots__ = ("_twin", "_fd", "hello", "pid", "paths")
+    __slots__ = ("_twin", "_fd", "hello", "pid", "paths", "module_files")
 
     #: ``recv`` runs the guest and lets signal handlers raise in it without
     #: losing a frame; it never returns False (protocol/transport.py)
@@ -147,13 +151,15 @@ class GuestTransport:
     #: worker thread of the guest (cpy2py/awaitable.py)
     runs_peer = True
 
-    def __init__(self, twin: Any, paths: List[str]) -> None:
+    def __init__(self, twin: Any, paths: List[str], module_files: FrozenSet[str] = frozenset()) -> None:
         self._twin = twin
         self._fd: int = twin.readable_fd
         self.hello: Dict[str, Any] = twin.hello
         self.pid: int = twin.pid
         #: real paths of the roots the guest imports code from
         self.paths = paths
+        #: real paths of the modules of its packages
+        self.module_files = module_files
 
     def __repr__(self) -> str:
         return repr(self._twin)
@@ -215,6 +221,7 @@ def start_guest(master: Any) -> GuestTransport:
     kernel = os.path.join(guest_dir, "stage")  # the guest's own sources, for its tracebacks
     paths = _check_paths(master.paths)
     limits = _limits(master)
+    packages = packages_module.resolve(master.packages)
     log.info("starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, guest, paths)
     twin = _host.WasiGuest.start(
         master.twinterpreter_id,
@@ -223,14 +230,16 @@ def start_guest(master: Any) -> GuestTransport:
         bundled if os.path.isdir(bundled) else None,
         kernel if os.path.isdir(kernel) else None,
         paths,
+        packages=packages.listing,
+        pycache_dir=bytecode_cache.cache_for(guest, packages, master),
         cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
         handshake_timeout=float(master.handshake_timeout),
         **limits,
     )
-    return GuestTransport(twin, paths)
+    return GuestTransport(twin, paths, packages.module_files)
 
 
 def serializer_for(twin_id: str, transport: GuestTransport) -> SandboxSerializer:
     """The master's serializer for the link to sandboxed twin ``twin_id``
     (the guest's code roots are the transport's: they end with the guest)."""
-    return SandboxSerializer(twin_id, transport.paths)
+    return SandboxSerializer(twin_id, transport.paths, transport.module_files)

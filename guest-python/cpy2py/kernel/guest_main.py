@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from .. import _logging, kernel_state
 from ..protocol import codec
-from . import handshake, links, main_module, references
+from . import compiler, handshake, links, main_module, references
 from .connection import Connection
 from .group_state import run_exit_hooks
 from .serialization import Serializer
@@ -69,6 +69,7 @@ def _apply_config(config: Dict[str, Any], paths: List[str]) -> None:
     roots go on sys.path (the master's app_paths/site_paths do not: the guest
     cannot see them); the master's main module only if it lies in a root."""
     sys.path[:0] = [p for p in paths if p not in sys.path]
+    kernel_state.FRESH_OF = str(config.get("fresh_of") or "")
     if config.get("argv") is not None:
         sys.argv[:] = list(config["argv"])
     main_path = config.get("main_path")
@@ -85,6 +86,7 @@ def main(link: Any = None) -> None:
     if link is None:  # the bindings exist only inside the component
         from wit_world.imports import link  # type: ignore[import-not-found,no-redef]
     references.reseed_instance_ids()  # every guest starts from the same snapshot
+    compiler.use_cached_bytecode()  # the host's bytecode of its packages, if any
     kernel_state.TWIN_ID = link.twin_id()
     paths = list(link.paths())
     transport = HostTransport(link)

@@ -32,7 +32,7 @@ import os
 import sys
 import types
 import zipimport
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from .. import _logging, errors
 from ..capabilities import CALL_ONLY, OPAQUE, Exposed, Grant, class_grant
@@ -171,10 +171,14 @@ class SandboxSerializer(Serializer):
 
     keeps_interrupts = True
 
-    def __init__(self, peer_id: str, guest_paths: Iterable[str] = ()) -> None:
+    def __init__(
+        self, peer_id: str, guest_paths: Iterable[str] = (), module_files: FrozenSet[str] = frozenset()
+    ) -> None:
         super().__init__(peer_id, trusted=False)
         #: real paths of the roots the guest imports code from
         self.guest_paths: Tuple[str, ...] = tuple(os.path.realpath(p) for p in guest_paths)
+        #: real paths of the modules of the distributions given to it (packages=)
+        self.module_files = module_files
         #: module file -> whether it lies under those roots
         self._importable: Dict[str, bool] = {}
 
@@ -182,7 +186,8 @@ class SandboxSerializer(Serializer):
 
     def guest_can_import(self, module: str) -> bool:
         """Whether the guest can import ``module``: the standard library, cpy2py,
-        or a module loaded here from a file under the guest's paths."""
+        or a module loaded here from a file under the guest's paths or of
+        its packages."""
         top = module.split(".")[0]
         if top in _STDLIB_NAMES or top == "cpy2py":
             return True
@@ -195,7 +200,8 @@ class SandboxSerializer(Serializer):
             return False
         known = self._importable.get(path)
         if known is None:  # realpath costs tens of microseconds: once per file
-            known = self._importable[path] = _within(os.path.realpath(path), self.guest_paths)
+            real = os.path.realpath(path)
+            known = self._importable[path] = _within(real, self.guest_paths) or real in self.module_files
         return known
 
     def default(self, obj: Any) -> Tuple[int, Any]:

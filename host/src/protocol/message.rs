@@ -100,6 +100,9 @@ pub struct Config {
     /// without a main file (a notebook): maps of name, filename, line,
     /// source, imports and constants
     pub main_definitions: Vec<Value>,
+    /// in the welcome of a guest of a fresh twin: that twin's id (code
+    /// pinned to it runs in this guest)
+    pub fresh_of: Option<String>,
 }
 
 /// One frame of a link, checked against the spec.
@@ -301,7 +304,7 @@ fn welcome(value: Value) -> Result<Frame> {
         take(&mut f, "config").expect("checked"),
         "welcome's config",
         &required,
-        &["main_path", "main_name", "main_definitions"],
+        &["main_path", "main_name", "main_definitions", "fresh_of"],
     )?;
     let main = match (take(&mut c, "main_path"), take(&mut c, "main_name")) {
         (None, None) => None,
@@ -329,6 +332,10 @@ fn welcome(value: Value) -> Result<Frame> {
             argv,
             initializers: setup_calls(take(&mut c, "initializers"), "initializers")?,
             main_definitions: main_definitions(take(&mut c, "main_definitions"))?,
+            fresh_of: match take(&mut c, "fresh_of") {
+                None => None,
+                other => Some(text(other, "fresh_of")?),
+            },
         },
     })
 }
@@ -696,6 +703,22 @@ mod tests {
         let Value::Dict(mut entries) = config else {
             unreachable!()
         };
+        // a guest of a fresh twin is told that twin's id, as a str
+        let with = |value: Value| {
+            let mut more = entries.clone();
+            more.push((s("fresh_of"), value));
+            check_frame(
+                &cbor(welcome(Value::Dict(more))),
+                Stage::Welcome,
+                Sender::Master,
+                Link::Trusted,
+            )
+        };
+        assert!(matches!(
+            with(s("per-call")).unwrap(),
+            Frame::Welcome { config: Config { fresh_of: Some(ref id), .. }, .. } if id == "per-call"
+        ));
+        assert!(with(Value::Int(3)).is_err());
         entries.push((s("debug"), Value::None)); // a key the spec does not list
         let err = check_frame(
             &cbor(welcome(Value::Dict(entries))),

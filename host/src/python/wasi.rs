@@ -87,11 +87,14 @@ impl WasiGuest {
 impl WasiGuest {
     /// Starts the guest component `guest_file` as twin `twin_id` and waits
     /// for its hello. `paths` are the roots it may import code from;
+    /// `packages` (root, files relative to it) the installed distributions
+    /// it sees; `pycache_dir` bytecode cached for it (read-only);
     /// `timeout` is seconds per call (None: unlimited); `cache_dir` None
     /// means the default cache directory.
     #[staticmethod]
     #[pyo3(signature = (
         twin_id, guest_file, stdlib_dir, bundled_dir=None, kernel_dir=None, paths=Vec::new(),
+        packages=Vec::new(), pycache_dir=None,
         memory_limit=config::DEFAULT_MEMORY_LIMIT, timeout=Some(config::DEFAULT_TIMEOUT.as_secs_f64()),
         max_frame=config::DEFAULT_MAX_FRAME, output_limit=config::DEFAULT_OUTPUT_LIMIT,
         cache_dir=None, handshake_timeout=60.0
@@ -105,6 +108,8 @@ impl WasiGuest {
         bundled_dir: Option<PathBuf>,
         kernel_dir: Option<PathBuf>,
         paths: Vec<PathBuf>,
+        packages: Vec<(PathBuf, Vec<PathBuf>)>,
+        pycache_dir: Option<PathBuf>,
         memory_limit: usize,
         timeout: Option<f64>,
         max_frame: usize,
@@ -116,6 +121,8 @@ impl WasiGuest {
         config.bundled_dir = bundled_dir;
         config.kernel_dir = kernel_dir;
         config.paths = paths;
+        config.packages = packages;
+        config.pycache_dir = pycache_dir;
         config.memory_limit = memory_limit;
         config.timeout = timeout.map(seconds);
         config.max_frame = max_frame;

@@ -21,6 +21,8 @@ pub const BUNDLED_MOUNT: &str = "/bundled";
 /// Where the guest's own modules (cpy2py, app.py) were imported from when the
 /// component was built; mounted again so that tracebacks show their source.
 pub const KERNEL_MOUNT: &str = "/0";
+/// Where the guest finds bytecode the host cached for it (`sys.pycache_prefix`).
+pub const PYCACHE_MOUNT: &str = "/pycache";
 /// The interface name of the frame link in the guest's world (wasm/wit/world.wit).
 pub const LINK_INTERFACE: &str = "cpy2py:guest/link@0.1.0";
 
@@ -39,6 +41,12 @@ pub struct GuestConfig {
     pub kernel_dir: Option<PathBuf>,
     /// Roots the guest may import code from.
     pub paths: Vec<PathBuf>,
+    /// Installed distributions the guest sees: each a root (a site-packages
+    /// directory) with exactly the files listed (relative to it).
+    pub packages: Vec<(PathBuf, Vec<PathBuf>)>,
+    /// Bytecode compiled for the guest's sources, mounted read-only at
+    /// `PYCACHE_MOUNT` if given.
+    pub pycache_dir: Option<PathBuf>,
     pub memory_limit: usize,
     /// Guest running time per call (None: unlimited); see ledger.rs.
     pub timeout: Option<Duration>,
@@ -57,6 +65,8 @@ impl GuestConfig {
             bundled_dir: None,
             kernel_dir: None,
             paths: Vec::new(),
+            packages: Vec::new(),
+            pycache_dir: None,
             memory_limit: DEFAULT_MEMORY_LIMIT,
             timeout: Some(DEFAULT_TIMEOUT),
             max_frame: DEFAULT_MAX_FRAME,

@@ -13,7 +13,9 @@ use wasmtime::{Store, Trap};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
 
 use super::clocks;
-use super::config::{GuestConfig, BUNDLED_MOUNT, KERNEL_MOUNT, MAX_QUEUED_BYTES, STDLIB_MOUNT};
+use super::config::{
+    GuestConfig, BUNDLED_MOUNT, KERNEL_MOUNT, MAX_QUEUED_BYTES, PYCACHE_MOUNT, STDLIB_MOUNT,
+};
 use super::driver::{lock, Drive, GuestWaker, InHost, Shared, Until};
 use super::end::GuestEnd;
 use super::imports::{GuestState, Limiter};
@@ -48,6 +50,9 @@ impl WasiGuest {
     /// it, then it sends its hello (`take_hello`).
     pub fn launch(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<WasiGuest> {
         let rt = runtime::runtime()?;
+        if rt.pooled && rt.live_guests() >= runtime::max_guests() as usize {
+            return Err(too_many_guests());
+        }
         let loaded = rt.load_guest(&config.guest_file, &config.cache_dir.join("wasm"))?;
         if !config.stdlib_dir.join("os.py").is_file() {
             return Err(HostError::Spawn(format!(
@@ -59,17 +64,26 @@ impl WasiGuest {
         let views = config.cache_dir.join("views");
         view::remove_stale_views(&views);
         let code = CodeView::build(&config.paths, &views)?;
-        for (_, guest_path) in &code.mounts {
+        let packages = view::shared_package_view(&config.packages, &views)?;
+        let mut guest_paths: Vec<&String> = Vec::new();
+        for (_, guest_path) in code.mounts.iter().chain(&packages.mounts) {
             if guest_path == "/"
-                || [STDLIB_MOUNT, BUNDLED_MOUNT]
+                || [STDLIB_MOUNT, BUNDLED_MOUNT, PYCACHE_MOUNT]
                     .iter()
                     .any(|m| guest_path.starts_with(m))
             {
                 return Err(HostError::Spawn(format!(
-                    "sandbox path {guest_path} overlaps the guest's own mounts ({STDLIB_MOUNT}, {BUNDLED_MOUNT}); \
-                     move the code elsewhere"
+                    "sandbox path {guest_path} overlaps the guest's own mounts ({STDLIB_MOUNT}, {BUNDLED_MOUNT}, \
+                     {PYCACHE_MOUNT}); move the code elsewhere"
                 )));
             }
+            if guest_paths.contains(&guest_path) {
+                return Err(HostError::Spawn(format!(
+                    "{guest_path} is given to the guest twice (in paths and as the directory of its packages): \
+                     keep the guest's own code in a directory of its own"
+                )));
+            }
+            guest_paths.push(guest_path);
         }
         let output = GuestOutput::new(&config.twin_id, config.output_limit, sink);
         let now = Instant::now();
@@ -78,7 +92,7 @@ impl WasiGuest {
         ledger.set_driven(false, now);
         let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
             twin_id: config.twin_id.clone(),
-            paths: code.mounts.iter().map(|(_, g)| g.clone()).collect(),
+            paths: guest_paths.into_iter().cloned().collect(),
             max_frame: config.max_frame,
             timeout: config.timeout,
             to_guest: FrameQueue::new(usize::MAX),
@@ -102,7 +116,7 @@ impl WasiGuest {
             waker: Waker::from(Arc::new(GuestWaker(me.clone()))),
             output: output.clone(),
         });
-        let wasi = wasi_context(config, &code, &output)?;
+        let wasi = wasi_context(config, &code, &packages, &output)?;
         let state = GuestState {
             wasi,
             table: ResourceTable::new(),
@@ -125,6 +139,7 @@ impl WasiGuest {
             };
             drop(store);
             drop(code); // the private view of its code goes with it
+            drop(packages);
             let end = describe_end(result, &ending);
             tracing::debug!(twin_id = %ending.twin_id, ?end, "guest ended");
             end
@@ -170,6 +185,9 @@ impl WasiGuest {
                 } else {
                     format!("; it said:\n{tail}")
                 };
+                if matches!(&end, GuestEnd::Trap(what) if what.contains("concurrent")) {
+                    return Err(too_many_guests()); // a slot still held by a guest that just ended
+                }
                 let hint = match end {
                     GuestEnd::Memory { .. } => " (pass a larger memory_limit= to TwinMaster)",
                     _ => " (rebuild the guest with `just wasm`; if it persists, report it)",
@@ -321,6 +339,14 @@ impl Drop for WasiGuest {
     }
 }
 
+fn too_many_guests() -> HostError {
+    HostError::Spawn(format!(
+        "at most {} WASI guests can run at once in one process (each takes a slot of the host's pool): \
+         stop guests you no longer need, or set CPY2PY_WASI_MAX_GUESTS before the first guest starts",
+        runtime::max_guests()
+    ))
+}
+
 /// How the guest's `run` call ended.
 fn describe_end(result: wasmtime::Result<std::result::Result<(), ()>>, shared: &Shared) -> GuestEnd {
     match result {
@@ -343,7 +369,12 @@ fn describe_end(result: wasmtime::Result<std::result::Result<(), ()>>, shared: &
 /// The guest's WASI world: the code view and the standard library read-only,
 /// its output to the master's, coarse clocks, and nothing else: no
 /// environment, no arguments, no stdin, no network.
-fn wasi_context(config: &GuestConfig, code: &CodeView, output: &GuestOutput) -> Result<WasiCtx> {
+fn wasi_context(
+    config: &GuestConfig,
+    code: &CodeView,
+    packages: &CodeView,
+    output: &GuestOutput,
+) -> Result<WasiCtx> {
     let mut wasi = WasiCtx::builder();
     wasi.stdout(output.stream(Which::Stdout))
         .stderr(output.stream(Which::Stderr))
@@ -366,7 +397,10 @@ fn wasi_context(config: &GuestConfig, code: &CodeView, output: &GuestOutput) -> 
     if let Some(kernel) = config.kernel_dir.as_deref().filter(|d| d.is_dir()) {
         mount(&mut wasi, kernel, KERNEL_MOUNT)?;
     }
-    for (host, guest) in &code.mounts {
+    if let Some(pycache) = config.pycache_dir.as_deref().filter(|d| d.is_dir()) {
+        mount(&mut wasi, pycache, PYCACHE_MOUNT)?;
+    }
+    for (host, guest) in code.mounts.iter().chain(&packages.mounts) {
         mount(&mut wasi, host, guest)?;
     }
     Ok(wasi.build())

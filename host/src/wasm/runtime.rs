@@ -14,9 +14,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, OptLevel};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
+use super::config::MAX_TABLE_ELEMENTS;
 use super::driver::Shared;
 use super::imports::{add_link_to_linker, GuestState};
 use crate::error::{HostError, Result};
@@ -58,6 +59,8 @@ pub const GUEST_STACK: usize = MAX_WASM_STACK + (8 << 20);
 
 pub struct Runtime {
     pub engine: Engine,
+    /// Whether guests come from wasmtime's pooling allocator (see `new_engine`).
+    pub pooled: bool,
     guests: Mutex<Vec<Weak<Shared>>>,
     guests_changed: Condvar,
     loaded: Mutex<HashMap<PathBuf, (FileStamp, Arc<LoadedGuest>)>>,
@@ -74,7 +77,33 @@ struct FileStamp {
     modified: Option<SystemTime>,
 }
 
-fn engine_config() -> Config {
+/// Guests that can run at once in one process, unless
+/// `CPY2PY_WASI_MAX_GUESTS` says otherwise: each takes a slot of wasmtime's
+/// pooling allocator (its instances, memories, tables and fiber stack:
+/// address space reserved once, which costs nothing until used).
+pub const DEFAULT_MAX_GUESTS: u32 = 1000;
+
+/// The number of guests that can run at once (read once per process).
+pub fn max_guests() -> u32 {
+    static MAX: OnceLock<u32> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("CPY2PY_WASI_MAX_GUESTS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|&n| (1..=100_000).contains(&n))
+            .unwrap_or(DEFAULT_MAX_GUESTS)
+    })
+}
+/// What one guest component needs of the pool (the componentize-py guest
+/// has 14 core modules; room is left for a larger build).
+const CORE_INSTANCES_PER_GUEST: u32 = 32;
+const MEMORIES_PER_GUEST: u32 = 4;
+const TABLES_PER_GUEST: u32 = 8;
+/// Bytes of the per-instance state wasmtime keeps (the CPython module has
+/// many functions, imports and globals).
+const MAX_CORE_INSTANCE_SIZE: usize = 1 << 20;
+
+fn engine_config(pooled: bool) -> Config {
     let mut config = Config::new();
     config
         .epoch_interruption(true)
@@ -83,7 +112,48 @@ fn engine_config() -> Config {
         // the guest runs on a fiber driven by the master's calling thread
         .async_stack_size(GUEST_STACK)
         .cranelift_opt_level(OptLevel::Speed);
+    if pooled {
+        // A guest's instances, memories, tables and stack come from slots
+        // reserved once: starting and ending one maps and unmaps nothing.
+        // A slot given back is reset (its memory to the guest's initial
+        // image, the rest zeroed) before another guest gets it, so no guest
+        // sees what the previous one left (tests: pooled_slots_are_reset).
+        // Fiber stacks are zeroed too, as a defence in depth.
+        let guests = max_guests();
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(guests)
+            .total_core_instances(guests * CORE_INSTANCES_PER_GUEST)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_GUEST)
+            .total_memories(guests * MEMORIES_PER_GUEST)
+            .max_memories_per_component(MEMORIES_PER_GUEST)
+            .max_memories_per_module(MEMORIES_PER_GUEST)
+            .total_tables(guests * TABLES_PER_GUEST)
+            .max_tables_per_component(TABLES_PER_GUEST)
+            .max_tables_per_module(TABLES_PER_GUEST)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .max_core_instance_size(MAX_CORE_INSTANCE_SIZE)
+            .total_stacks(guests);
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .async_stack_zeroing(true);
+    }
     config
+}
+
+/// The engine: pooled, unless the address space for the pool cannot be
+/// reserved (a `ulimit -v`, say): then each guest maps its own.
+fn new_engine() -> std::result::Result<(Engine, bool), String> {
+    match Engine::new(&engine_config(true)) {
+        Ok(engine) => Ok((engine, true)),
+        Err(pooled) => {
+            tracing::warn!(
+                "wasmtime's pooling allocator is not available ({pooled:#}); guests map their own memory"
+            );
+            Engine::new(&engine_config(false))
+                .map(|engine| (engine, false))
+                .map_err(|e| format!("cannot set up wasmtime for WASI guests: {e}"))
+        }
+    }
 }
 
 /// Set in the child of a `fork` of a process that had the runtime.
@@ -128,10 +198,10 @@ pub fn runtime() -> Result<&'static Runtime> {
         .get_or_init(|| {
             // SAFETY: registers a handler that only stores to an atomic
             unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-            let engine = Engine::new(&engine_config())
-                .map_err(|e| format!("cannot set up wasmtime for WASI guests: {e}"))?;
+            let (engine, pooled) = new_engine()?;
             Ok(Runtime {
                 engine,
+                pooled,
                 guests: Mutex::default(),
                 guests_changed: Condvar::new(),
                 loaded: Mutex::default(),
@@ -155,6 +225,15 @@ impl Runtime {
         let mut guests = self.guests.lock().unwrap_or_else(|e| e.into_inner());
         guests.push(Arc::downgrade(guest));
         self.guests_changed.notify_all();
+    }
+
+    /// Guests registered and not ended.
+    pub fn live_guests(&self) -> usize {
+        let guests = self.guests.lock().unwrap_or_else(|e| e.into_inner());
+        guests
+            .iter()
+            .filter(|g| g.upgrade().is_some_and(|g| !g.has_ended()))
+            .count()
     }
 
     fn tick_forever(&self) {
@@ -426,6 +505,68 @@ mod tests {
         assert_ne!(ka, kc);
         assert_eq!(ka, cache_key(&a.clone(), engine), "the key is stable");
         assert!(ka.contains("wasmtime48"), "{ka}");
+    }
+
+    /// A slot of the pooling allocator that another instance gets back
+    /// holds the initial image again: what the previous instance wrote (in
+    /// its initialized data, in fresh pages, in memory it grew) is gone.
+    #[test]
+    fn pooled_slots_are_reset() {
+        use wasmtime::{Instance, Module, Store};
+        let rt = runtime().unwrap();
+        assert!(rt.pooled, "the pooling allocator is in use");
+        let engine = &rt.engine;
+        let module = Module::new(
+            engine,
+            wat::parse_str(
+                r#"(module
+                    (memory (export "memory") 2)
+                    (data (i32.const 16) "initial image")
+                    (func (export "scribble")
+                        (memory.fill (i32.const 0) (i32.const 0x5A) (i32.const 131072))
+                        (drop (memory.grow (i32.const 1)))
+                        (memory.fill (i32.const 131072) (i32.const 0xA5) (i32.const 65536))))"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let instantiate = || {
+            let mut store = Store::new(engine, ());
+            store.set_epoch_deadline(u64::MAX / 2);
+            let instance = Instance::new(&mut store, &module, &[]).unwrap();
+            let memory = instance.get_memory(&mut store, "memory").unwrap();
+            (store, instance, memory)
+        };
+        let (mut store, instance, memory) = instantiate();
+        let first_base = memory.data_ptr(&store) as usize;
+        let scribble = instance.get_typed_func::<(), ()>(&mut store, "scribble").unwrap();
+        scribble.call(&mut store, ()).unwrap();
+        assert_eq!(memory.data(&store)[0], 0x5A);
+        assert_eq!(memory.data_size(&store), 3 * 65536);
+        drop(store);
+
+        let (mut store, _instance, memory) = instantiate();
+        assert_eq!(
+            memory.data_ptr(&store) as usize,
+            first_base,
+            "the second instance must get the same pool slot, or this test shows nothing"
+        );
+        assert_eq!(
+            memory.data_size(&store),
+            2 * 65536,
+            "the memory is back at its initial size"
+        );
+        let data = memory.data(&store);
+        assert_eq!(&data[16..29], b"initial image");
+        assert!(
+            data[..16].iter().chain(&data[29..]).all(|&b| b == 0),
+            "pages the previous instance wrote are zero again"
+        );
+        memory.grow(&mut store, 1).unwrap();
+        assert!(
+            memory.data(&store)[2 * 65536..].iter().all(|&b| b == 0),
+            "so is memory it grew"
+        );
     }
 
     #[test]

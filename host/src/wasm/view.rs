@@ -9,11 +9,21 @@
 //! they stay inside their root, so a link cannot smuggle an outside file in.
 //! The view is a snapshot taken at start: files added later appear in the
 //! next guest. It is removed when the guest ends.
+//!
+//! Installed distributions (`packages=`) get a view of their own: each
+//! site-packages root mirrored with exactly the files their RECORD lists
+//! (the master names them), preopened read-only at the root's own path. It
+//! is shared by the guests given the same list and kept while the master
+//! runs (`shared_package_view`), since building it costs a link per file.
 
+use std::collections::hash_map::DefaultHasher;
 use std::fs;
+use std::hash::{Hash, Hasher};
 use std::io;
+use std::path::Component;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{HostError, Result};
 
@@ -39,11 +49,8 @@ impl CodeView {
         }
     }
 
-    /// Builds the view of `roots` in a fresh directory under `base`.
-    pub fn build(roots: &[PathBuf], base: &Path) -> Result<CodeView> {
-        if roots.is_empty() {
-            return Ok(Self::empty());
-        }
+    /// An empty view in a fresh directory under `base`.
+    fn create(base: &Path) -> Result<CodeView> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let dir = base.join(format!(
             "{}-{}",
@@ -57,36 +64,166 @@ impl CodeView {
                 dir.display()
             ))
         })?;
-        let mut view = CodeView {
-            dir: Some(dir.clone()),
+        Ok(CodeView {
+            dir: Some(dir),
             mounts: Vec::new(),
-        };
+        })
+    }
+
+    /// Builds the view of `roots` in a fresh directory under `base`.
+    pub fn build(roots: &[PathBuf], base: &Path) -> Result<CodeView> {
+        if roots.is_empty() {
+            return Ok(Self::empty());
+        }
+        let mut view = Self::create(base)?;
         let mut entries = 0usize;
         for (index, root) in roots.iter().enumerate() {
-            let real = fs::canonicalize(root).map_err(|e| {
-                HostError::Spawn(format!("sandbox path {} cannot be used: {e}", root.display()))
-            })?;
-            if !real.is_dir() {
-                return Err(HostError::Spawn(format!(
-                    "sandbox path {} is not a directory: pass directories to import code from",
-                    root.display()
-                )));
-            }
-            let guest_path = real
-                .to_str()
-                .ok_or_else(|| {
-                    HostError::Spawn(format!(
-                        "sandbox path {} is not valid UTF-8, which WASI paths must be",
-                        real.display()
-                    ))
-                })?
-                .to_string();
-            let target = dir.join(index.to_string());
-            fs::create_dir(&target)?;
+            let (real, guest_path) = real_root(root, "sandbox path")?;
+            let target = view.next_target(index)?;
             mirror(&real, &real, &target, 0, &mut entries)?;
             view.mounts.push((target, guest_path));
         }
         Ok(view)
+    }
+
+    /// Builds the view of installed distributions: for each (root, files),
+    /// the root with exactly those files (paths relative to it; a file that
+    /// is missing, not a regular file, or a link out of the root is left
+    /// out; a path that leaves the root is refused).
+    pub fn build_listed(packages: &[(PathBuf, Vec<PathBuf>)], base: &Path) -> Result<CodeView> {
+        if packages.is_empty() {
+            return Ok(Self::empty());
+        }
+        let mut view = Self::create(base)?;
+        let mut entries = 0usize;
+        for (index, (root, files)) in packages.iter().enumerate() {
+            let (real, guest_path) = real_root(root, "the package directory")?;
+            let target = view.next_target(index)?;
+            for file in files {
+                entries += 1;
+                if entries > MAX_ENTRIES {
+                    return Err(HostError::Spawn(format!(
+                        "the packages given to the guest hold more than {MAX_ENTRIES} files: give fewer"
+                    )));
+                }
+                let inside = !file.as_os_str().is_empty()
+                    && file.components().all(|c| matches!(c, Component::Normal(_)));
+                if !inside {
+                    return Err(HostError::Spawn(format!(
+                        "package file {} is not a plain path inside {}",
+                        file.display(),
+                        real.display()
+                    )));
+                }
+                link_inside(&real, &real.join(file), &target.join(file))?;
+            }
+            view.mounts.push((target, guest_path));
+        }
+        Ok(view)
+    }
+
+    fn next_target(&self, index: usize) -> Result<PathBuf> {
+        let target = self.dir.as_ref().expect("a created view").join(index.to_string());
+        fs::create_dir(&target)?;
+        Ok(target)
+    }
+}
+
+/// The real path of an allowed root and its path in the guest (the same).
+fn real_root(root: &Path, what: &str) -> Result<(PathBuf, String)> {
+    let real = fs::canonicalize(root)
+        .map_err(|e| HostError::Spawn(format!("{what} {} cannot be used: {e}", root.display())))?;
+    if !real.is_dir() {
+        return Err(HostError::Spawn(format!(
+            "{what} {} is not a directory: pass directories to import code from",
+            root.display()
+        )));
+    }
+    let guest_path = real
+        .to_str()
+        .ok_or_else(|| {
+            HostError::Spawn(format!(
+                "{what} {} is not valid UTF-8, which WASI paths must be",
+                real.display()
+            ))
+        })?
+        .to_string();
+    Ok((real, guest_path))
+}
+
+/// Puts `source` (a path inside `root`) at `dest`, with the directories
+/// above it; symbolic links only when they resolve inside the root.
+fn link_inside(root: &Path, source: &Path, dest: &Path) -> Result<()> {
+    let Ok(meta) = fs::symlink_metadata(source) else {
+        return Ok(()); // listed, but gone since
+    };
+    let source = if meta.file_type().is_symlink() {
+        match fs::canonicalize(source) {
+            Ok(resolved) if resolved.starts_with(root) && resolved.is_file() => resolved,
+            _ => return Ok(()),
+        }
+    } else if meta.is_file() {
+        source.to_path_buf()
+    } else {
+        return Ok(());
+    };
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    if fs::hard_link(&source, dest).is_err() {
+        match fs::copy(&source, dest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Views of distributions kept for the master's lifetime, newest last.
+const SHARED_VIEWS: usize = 16;
+
+/// The view of `packages` under `base`, built once and shared by every
+/// guest given the same list while the master runs (read-only to all of
+/// them); built again when a listed `RECORD` changed (a reinstall).
+pub fn shared_package_view(packages: &[(PathBuf, Vec<PathBuf>)], base: &Path) -> Result<Arc<CodeView>> {
+    static VIEWS: Mutex<Vec<(u64, Arc<CodeView>)>> = Mutex::new(Vec::new());
+    let mut hasher = DefaultHasher::new();
+    base.hash(&mut hasher);
+    for (root, files) in packages {
+        root.hash(&mut hasher);
+        files.hash(&mut hasher);
+        for record in files
+            .iter()
+            .filter(|f| f.file_name().is_some_and(|n| n == "RECORD"))
+        {
+            if let Ok(meta) = fs::metadata(root.join(record)) {
+                use std::os::unix::fs::MetadataExt;
+                (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()).hash(&mut hasher);
+            }
+        }
+    }
+    let key = hasher.finish();
+    let mut views = VIEWS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(at) = views.iter().position(|(k, v)| *k == key && v.intact()) {
+        let entry = views.remove(at);
+        let view = Arc::clone(&entry.1);
+        views.push(entry);
+        return Ok(view);
+    }
+    views.retain(|(k, _)| *k != key);
+    let view = Arc::new(CodeView::build_listed(packages, base)?);
+    views.push((key, Arc::clone(&view)));
+    if views.len() > SHARED_VIEWS {
+        views.remove(0); // guests still using it keep it until they end
+    }
+    Ok(view)
+}
+
+impl CodeView {
+    /// Whether its directory is still there (a cleaner may have removed it).
+    fn intact(&self) -> bool {
+        self.dir.as_ref().is_none_or(|d| d.is_dir())
     }
 }
 
@@ -223,6 +360,54 @@ mod tests {
         let view_dir = dir.parent().unwrap().to_path_buf();
         drop(view);
         assert!(!view_dir.exists(), "the view is removed with the guest");
+        fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn a_package_view_holds_exactly_the_listed_files() {
+        let base = scratch("listed");
+        let site = base.join("site-packages");
+        fs::create_dir_all(site.join("pkg")).unwrap();
+        fs::create_dir_all(site.join("pkg-1.0.dist-info")).unwrap();
+        fs::create_dir_all(site.join("other")).unwrap();
+        fs::write(site.join("pkg/__init__.py"), "X = 1\n").unwrap();
+        fs::write(site.join("pkg/data.json"), "{}").unwrap();
+        fs::write(site.join("pkg-1.0.dist-info/RECORD"), "").unwrap();
+        fs::write(site.join("other/__init__.py"), "SECRET = 1\n").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", site.join("pkg/outside.py")).unwrap();
+        let listed: Vec<PathBuf> = [
+            "pkg/__init__.py",
+            "pkg/data.json",
+            "pkg-1.0.dist-info/RECORD",
+            "pkg/outside.py",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+
+        let view = CodeView::build_listed(&[(site.clone(), listed)], &base.join("views")).unwrap();
+        let (dir, guest) = &view.mounts[0];
+        assert_eq!(guest, fs::canonicalize(&site).unwrap().to_str().unwrap());
+        assert!(dir.join("pkg/__init__.py").is_file() && dir.join("pkg/data.json").is_file());
+        assert!(dir.join("pkg-1.0.dist-info/RECORD").is_file());
+        assert!(
+            !dir.join("other").exists(),
+            "an unlisted distribution must not be there"
+        );
+        assert!(
+            !dir.join("pkg/outside.py").exists(),
+            "a link out of the root must not be followed"
+        );
+
+        for escape in ["../secret.txt", "/etc/hostname", "pkg/../../x"] {
+            let err = CodeView::build_listed(
+                &[(site.clone(), vec![PathBuf::from(escape)])],
+                &base.join("views"),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("not a plain path"), "{err}");
+        }
+        drop(view);
         fs::remove_dir_all(base).unwrap();
     }
 
