@@ -95,10 +95,10 @@ lint: setup
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
     cargo clippy --features python -- -D warnings
-    "{{venv}}/bin/ruff" check guest-python tests examples wasm
-    "{{venv}}/bin/ruff" format --check guest-python tests examples wasm
+    "{{venv}}/bin/ruff" check guest-python tests examples wasm benches
+    "{{venv}}/bin/ruff" format --check guest-python tests examples wasm benches
 
 # format Rust and Python sources
 fmt: setup
     cargo fmt
-    "{{venv}}/bin/ruff" format guest-python tests examples wasm
+    "{{venv}}/bin/ruff" format guest-python tests examples wasm benches
