@@ -63,22 +63,33 @@ def _native_twins_over_ssh():
     if not spec:
         yield
         return
+    settings = json.loads(spec)
+
+    def over_ssh(twin):
+        twin.host = settings["host"]
+        twin.ssh_options = list(settings["options"])
+
+    undo = _set_up_native_twins(over_ssh)
+    try:
+        yield
+    finally:
+        undo()
+
+
+def _set_up_native_twins(configure):
+    """Every native twin made in this session (not already remote) is set up
+    by ``configure(twin)`` (the suites' remote kinds); returns the undo."""
     from cpy2py import master
 
-    settings = json.loads(spec)
     original_init = master.TwinMaster.__init__
 
     def init(self, executable=None, twinterpreter_id=None, *args, **kwargs):
         original_init(self, executable, twinterpreter_id, *args, **kwargs)
-        if self.host is None and not master.is_sandboxed(self.executable):
-            self.host = settings["host"]
-            self.ssh_options = list(settings["options"])
+        if self.host is None and self.placement is None and not master.is_sandboxed(self.executable):
+            configure(self)
 
     master.TwinMaster.__init__ = init
-    try:
-        yield
-    finally:
-        master.TwinMaster.__init__ = original_init
+    return lambda: setattr(master.TwinMaster, "__init__", original_init)
 
 
 #: set by tests/test_ray.py: place this session's native twins on a Ray
@@ -97,17 +108,12 @@ def _native_twins_on_ray():
         yield
         return
     import cpy2py.ray
-    from cpy2py import master
 
     settings = json.loads(spec)
-    original_init = master.TwinMaster.__init__
 
-    def init(self, executable=None, twinterpreter_id=None, *args, **kwargs):
-        original_init(self, executable, twinterpreter_id, *args, **kwargs)
-        if self.placement is None and self.host is None and not master.is_sandboxed(self.executable):
-            self.placement = cpy2py.ray.Placement(
-                resources=settings["resources"], num_cpus=0, address=settings["address"]
-            )
+    def on_ray(twin):
+        resources, address = settings["resources"], settings["address"]
+        twin.placement = cpy2py.ray.Placement(resources=resources, num_cpus=0, address=address)
 
     original_start = cpy2py.ray.start
     placed = []
@@ -117,12 +123,12 @@ def _native_twins_on_ray():
         placed.append(handle.node_id)
         return handle
 
-    master.TwinMaster.__init__ = init
+    undo = _set_up_native_twins(on_ray)
     cpy2py.ray.start = start
     try:
         yield
     finally:
-        master.TwinMaster.__init__ = original_init
+        undo()
         cpy2py.ray.start = original_start
         with open(settings["report"], "w") as report:  # the nodes the twins ran on
             json.dump(placed, report)

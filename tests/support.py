@@ -88,3 +88,31 @@ def native_only(kind: str, why: str) -> None:
     """Skip for the sandboxed twin, saying why the semantics differ there."""
     if kind == SANDBOX_KIND:
         pytest.skip(f"not for the sandbox: {why}")
+
+
+def run_suite(suite: str, env: dict) -> None:
+    """Runs the test file ``suite`` of this directory in a pytest of its own
+    with ``env`` added to the environment (the remote kinds' reruns of the
+    object and function suites); fails with its report unless it passed."""
+    import subprocess
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(TESTS_DIR, suite),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **env),
+        cwd=os.path.dirname(TESTS_DIR),
+        timeout=900,
+    )
+    report = done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.returncode == 0, report
+    assert " passed" in done.stdout and " failed" not in done.stdout, report

@@ -18,7 +18,8 @@ import remote_helpers as rh
 from conftest import RAY_SUITE_ENV
 from cpy2py import TwinMaster, TwinStartError, TwinterpreterTerminated
 from ray_cluster import NODE_RESOURCE, ray_unavailable, start_cluster
-from support import TESTS_DIR, process_exists, require_interpreter
+from reliability_support import wait_gone
+from support import TESTS_DIR, require_interpreter, run_suite
 
 KINDS = ("python3", "pypy3")
 SUITES = ["test_objects.py", "test_functions.py"]
@@ -98,16 +99,6 @@ def on_ray(request, cluster):
     twin.start()
     yield twin
     twin.stop()
-
-
-def gone_within(pid: int, seconds: float = 15.0) -> bool:
-    """Whether process ``pid`` ends within ``seconds`` (a bound, not a measurement)."""
-    deadline = time.monotonic() + seconds
-    while process_exists(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_placement_is_checked():
@@ -214,7 +205,7 @@ def test_the_twin_dying_mid_call_is_terminated(cluster, how):
         assert "Ray node" in str(outcome[0])
         if how == "twin killed":
             assert "killed by signal 9" in str(outcome[0])
-        assert gone_within(pid)
+        assert wait_gone(pid)
         # the next use starts a fresh twin
         assert twin.execute(os.getpid) != pid
     finally:
@@ -323,7 +314,7 @@ def test_the_master_exiting_leaves_no_twin(cluster, tmp_path, ending):
     )
     pid = int(done.stdout.split()[0])
     assert done.returncode == (-signal.SIGKILL if ending == "is killed" else 0), done.stderr[-3000:]
-    assert gone_within(pid), f"twin {pid} outlived its master"
+    assert wait_gone(pid), f"twin {pid} outlived its master"
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -332,27 +323,8 @@ def test_suite_passes_with_twins_on_ray(cluster, nodes, suite, tmp_path):
     on the cluster's second node."""
     report_file = str(tmp_path / "placed.json")
     spec = {"address": cluster.address, "resources": {NODE_RESOURCE: 1}, "report": report_file}
-    env = dict(os.environ, **{RAY_SUITE_ENV: json.dumps(spec)})
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            os.path.join(TESTS_DIR, suite),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=os.path.dirname(TESTS_DIR),
-        timeout=900,
-    )
-    report = done.stdout[-6000:] + done.stderr[-3000:]
-    assert done.returncode == 0, report
-    assert " passed" in done.stdout and " failed" not in done.stdout, report
+    env = {RAY_SUITE_ENV: json.dumps(spec)}
+    run_suite(suite, env)
     with open(report_file) as placed:
         node_ids = json.load(placed)
     assert len(node_ids) >= 2 and set(node_ids) == {nodes[0]}, node_ids  # python3 and pypy3 at least

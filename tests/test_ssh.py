@@ -16,6 +16,7 @@ import pytest
 import remote_helpers as rh
 from cpy2py import TwinMaster, TwinStartError, TwinterpreterTerminated
 from cpy2py.ssh import parse_host
+from reliability_support import wait_gone
 from ssh_server import sshd_unavailable, start_sshd
 from support import TESTS_DIR, process_exists, require_interpreter
 
@@ -39,16 +40,6 @@ def remote(request, sshd):
     twin.start()
     yield twin
     twin.stop()
-
-
-def gone_within(pid: int, seconds: float = 10.0) -> bool:
-    """Whether process ``pid`` ends within ``seconds`` (a bound, not a measurement)."""
-    deadline = time.monotonic() + seconds
-    while process_exists(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_host_forms():
@@ -188,7 +179,7 @@ def test_a_dropped_connection_ends_calls_and_the_remote_twin(sshd, kind):
         err = outcome[0]
         assert isinstance(err, TwinterpreterTerminated), err
         assert sshd.host in str(err) and "SSH connection" in str(err)
-        assert gone_within(pid), f"remote twin {pid} outlived its connection"
+        assert wait_gone(pid), f"remote twin {pid} outlived its connection"
     finally:
         twin.stop()
 
@@ -225,8 +216,8 @@ def test_no_process_is_left_when_the_master_is_killed(sshd, tmp_path):
         time.sleep(0.3)  # the busy call is under way
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert gone_within(ssh_pid), "the master's ssh outlived it"
-        assert gone_within(remote_pid), "the remote twin outlived its master"
+        assert wait_gone(ssh_pid), "the master's ssh outlived it"
+        assert wait_gone(remote_pid), "the remote twin outlived its master"
     finally:
         proc.kill()
         proc.wait()
@@ -240,7 +231,7 @@ def test_stop_leaves_nothing_on_either_side(sshd):
     ssh_pid = master._running["stopped-ssh"].process.pid
     remote_pid = twin.execute(os.getpid)
     twin.stop()
-    assert gone_within(ssh_pid) and gone_within(remote_pid)
+    assert wait_gone(ssh_pid) and wait_gone(remote_pid)
 
 
 def test_an_unknown_host_is_named(sshd):

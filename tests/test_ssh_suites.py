@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from conftest import SSH_SUITE_ENV
 from ssh_server import sshd_unavailable, start_sshd
-from support import TESTS_DIR
+from support import run_suite
 
 SUITES = ["test_objects.py", "test_functions.py"]
 
@@ -29,27 +27,8 @@ def sshd():
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_suite_passes_with_twins_over_ssh(sshd, suite):
-    env = dict(os.environ, **{SSH_SUITE_ENV: json.dumps({"host": sshd.host, "options": sshd.options})})
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            os.path.join(TESTS_DIR, suite),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=os.path.dirname(TESTS_DIR),
-        timeout=900,
-    )
-    report = done.stdout[-6000:] + done.stderr[-3000:]
-    assert done.returncode == 0, report
-    assert " passed" in done.stdout and " failed" not in done.stdout, report
+    env = {SSH_SUITE_ENV: json.dumps({"host": sshd.host, "options": sshd.options})}
+    run_suite(suite, env)
     # the twins did run behind sshd: the server saw their logins
     with open(os.path.join(sshd.directory, "sshd.log")) as log:
         assert log.read().count("Accepted publickey") >= 2  # python3 and pypy3 twins at least
