@@ -196,6 +196,7 @@ def main() -> None:
         results.flush()
         if op == "close":
             break
+    scenarios.stop_local_sshd()
     os._exit(0)  # no atexit: every instance has been stopped explicitly
 
 

@@ -278,20 +278,25 @@ _sshd = None
 
 def local_sshd():
     """One sshd on loopback for this driver process (tests/ssh_server.py: its
-    own keys and config, stopped when the driver exits)."""
+    own keys and config; stopped by ``stop_local_sshd`` as the driver ends)."""
     global _sshd
     if _sshd is None:
         sys.path.insert(0, os.path.join(ROOT, "tests"))
-        import atexit
-
         import ssh_server
 
         reason = ssh_server.sshd_unavailable()
         if reason:
             raise Unavailable(f"no sshd on loopback: {reason}")
         _sshd = ssh_server.start_sshd()
-        atexit.register(_sshd.stop)
     return _sshd
+
+
+def stop_local_sshd() -> None:
+    """The driver ends (with os._exit: no atexit hooks run)."""
+    global _sshd
+    if _sshd is not None:
+        _sshd.stop()
+        _sshd = None
 
 
 class RawSsh(RawPipe):
