@@ -245,3 +245,25 @@ def test_a_release_right_after_the_reply_that_names_the_object_waits_for_it():
         a.close("the test ended")
         for fd in (*a_to_peer, *peer_to_a):
             os.close(fd)
+
+
+def test_a_small_frame_is_tried_on_a_full_pipe_without_blocking():
+    """FdTransport.try_send (stopping a peer that stopped reading, e.g. a
+    twin placed on Ray): it gives up on a full pipe and never cuts a frame."""
+    from cpy2py.protocol.transport import FdTransport
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:
+        sender, receiver = FdTransport(-1, write_fd), FdTransport(read_fd, -1)
+        assert sender.try_send(b"\xf6", 1.0)
+        assert receiver.recv() == b"\xf6"
+        while True:  # fill the pipe
+            try:
+                os.write(write_fd, b"x" * 65536)
+            except BlockingIOError:
+                break
+        assert not sender.try_send(b"\xf6", 0.05)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

@@ -120,3 +120,17 @@ def own_function(module: str, name: str):
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def environ_get(names):
+    return {name: os.environ.get(name) for name in names}
+
+
+def link_pipe_sizes():
+    """The capacity of the pipes of this twin's link (F_GETPIPE_SZ)."""
+    import fcntl
+
+    from cpy2py.kernel import links
+
+    transport = links.all_connections()[0].transport
+    return [fcntl.fcntl(fd, 1032) for fd in (transport.read_fd, transport.write_fd)]

@@ -345,16 +345,7 @@ class RayTwin:
     def try_send(self, payload: bytes, timeout: float) -> bool:
         """Send a small frame if it can go within ``timeout`` (a twin that
         stopped reading cannot take the shutdown request)."""
-        lock = self._transport._write_lock
-        if not lock.acquire(timeout=max(timeout, 0.0)):
-            return False
-        try:
-            if self._closed or not select.select([], [self.sock], [], timeout)[1]:
-                return False
-            self._transport._write_all(len(payload).to_bytes(4, "big") + payload)
-            return True
-        finally:
-            lock.release()
+        return not self._closed and self._transport.try_send(payload, timeout)
 
     def _ask(self, method: str, *args: Any, timeout: float = 5.0) -> Any:
         """A method of the actor; raises ``_ActorGone`` if it cannot answer."""

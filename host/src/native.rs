@@ -431,6 +431,15 @@ mod tests {
         sh(&format!("sleep {delay}; printf '{escaped}' >&4; {then}"))
     }
 
+    /// A twin that says hello and never reads: its pipe fills up.
+    fn deaf_twin() -> NativeTwin {
+        start(
+            twin_saying(&hello_frame(1), "0", "sleep 30"),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+
     fn start(command: TwinCommand, timeout: Duration) -> Result<NativeTwin> {
         let mut handshake = Handshake::spawn(command, timeout)?;
         loop {
@@ -553,12 +562,7 @@ mod tests {
 
     #[test]
     fn a_small_frame_is_sent_now_only_if_the_pipe_has_room() {
-        // a twin that never reads: its pipe fills up
-        let twin = start(
-            twin_saying(&hello_frame(1), "0", "sleep 30"),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let twin = deaf_twin();
         assert!(twin.send_now(b"small").unwrap());
         assert!(
             !twin.send_now(&vec![1u8; libc::PIPE_BUF]).unwrap(),
@@ -577,12 +581,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_half_sent_frame_cuts_the_stream() {
-        // a twin that never reads: its pipe fills up
-        let twin = start(
-            twin_saying(&hello_frame(1), "0", "sleep 30"),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let twin = deaf_twin();
         let big = vec![7u8; 1 << 20];
         let mut send = twin.begin_send(&big).unwrap();
         assert!(!send.step(Duration::from_millis(20)).unwrap(), "the pipe is full");

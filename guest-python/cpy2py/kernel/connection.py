@@ -584,9 +584,8 @@ class Connection:
             if self._watch_loop is not loop:
                 if self._watch_calls and self._watch_loop.is_running():
                     self._unwatched += 1  # another loop watches: the gate as well
-                    if not self._reading and self._heir is None and not self._armed:
-                        self._armed = True
-                        self._gate.arm()
+                    if not self._reading and self._heir is None:
+                        self._role_is_free()
                     return "gate"
                 if self._watch_loop is not None:  # an earlier loop, idle or stopped
                     old = self._watch_loop, self._watch_fd
@@ -1366,9 +1365,7 @@ KERNEL_FRAMES = 60
 
 
 def _running_loop() -> Any:
-    import asyncio  # (loaded already: only awaited calls ask)
-
-    return asyncio._get_running_loop()
+    return sys.modules["asyncio"]._get_running_loop()  # (loaded: an awaited call asks)
 
 
 def _drop_watch(loop: Any, fd: int) -> None:

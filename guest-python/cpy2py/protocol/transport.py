@@ -143,6 +143,20 @@ class FdTransport:
                 self._write_all(header)
                 self._write_all(payload)
 
+    def try_send(self, payload: bytes, timeout: float) -> bool:
+        """Send one small frame if it can go out within ``timeout`` seconds
+        (the writer role free and the descriptor writable); whether it did.
+        For stopping a peer that may have stopped reading."""
+        if not self._write_lock.acquire(timeout=max(timeout, 0.0)):
+            return False
+        try:
+            if not select.select([], [self.write_fd], [], max(timeout, 0.0))[1]:
+                return False
+            self._write_all(_HEADER.pack(len(payload)) + payload)
+            return True
+        finally:
+            self._write_lock.release()
+
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
