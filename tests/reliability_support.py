@@ -84,6 +84,18 @@ def wait_gone(pid: int) -> bool:
     return not process_exists(pid)
 
 
+def wait_for_pending(master: TwinMaster, count: int) -> None:
+    """Wait until ``count`` calls to ``master``'s twin are registered on its
+    link (a call registers before it sends, so each is inside its call)."""
+    from cpy2py.master import connection_for
+
+    connection = connection_for(master.twinterpreter_id)
+    deadline = time.monotonic() + HANG
+    while len(connection._pending) < count:
+        assert time.monotonic() < deadline, f"{count} calls never reached the link"
+        time.sleep(0.01)
+
+
 def settle() -> None:
     """Give threads a moment to be inside their calls (no result depends on it)."""
     time.sleep(0.5)

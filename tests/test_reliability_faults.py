@@ -22,7 +22,7 @@ import pytest
 import reliability_helpers as rh
 from cpy2py import TwinMaster, TwinterpreterTerminated, TwinterpreterUnavailable
 from cpy2py import master as master_module
-from reliability_support import HANG, Calls, Loop, in_thread, settle, wait_gone
+from reliability_support import HANG, Calls, Loop, in_thread, settle, wait_for_pending, wait_gone
 from support import TESTS_DIR, require_interpreter
 
 
@@ -142,7 +142,7 @@ def test_stopped_twin_with_a_full_pipe_can_be_stopped_and_destroyed(kind, victim
     os.kill(pid, signal.SIGSTOP)
     small = Calls(victim, 2, rh.sleep_then, 0, "small")
     big = Calls(victim, 3, rh.answer, "big", bytes(1 << 20))  # 3 MiB: far more than a pipe holds
-    settle()
+    wait_for_pending(victim, 5)  # a fixed pause was too short under load
     assert small.running() == 2 and big.running() == 3, "calls to a stopped twin must wait, not fail"
     assert bystander.execute(rh.pid) != pid  # other twins carry on meanwhile
     stopper = threading.Thread(target=getattr(victim, how), kwargs={"timeout": 1.0} if how == "stop" else {})
