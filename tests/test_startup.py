@@ -35,6 +35,14 @@ NOT_AT_START = [
     "pickle",
     "signal",
     "collections",
+    # the kernel's own needs met without them: the proxy table (weakref) with
+    # the first proxy, modules imported with __import__ (importlib, warnings),
+    # _struct for struct, FunctionType for types
+    "weakref",
+    "importlib",
+    "warnings",
+    "types",
+    "struct",
 ]
 #: CPython only (PyPy 3.9 loads some of these by itself as soon as anything
 #: imports threading)

@@ -15,7 +15,6 @@ runs it in a stand-in module ``__cpy2py_main__`` (``define``).
 from __future__ import annotations
 
 import _thread
-import importlib
 import os
 import sys
 
@@ -32,6 +31,14 @@ _loaded: Optional[ModuleType] = None
 #: in a twin on another host: the spec of the master's script, whose source
 #: comes over the link (kernel/remote_twin.py); the path is the master's
 main_spec_hook: Optional[Callable[[str], Any]] = None
+
+
+def import_by_name(name: str) -> Any:
+    """``importlib.import_module(name)`` for an absolute name, without
+    importing the ``importlib`` package (with ``warnings``: 1.6 ms of a PyPy
+    twin's start, on its first call)."""
+    __import__(name)
+    return sys.modules[name]
 
 
 def describe_master_main() -> Dict[str, Any]:
@@ -103,10 +110,15 @@ def load() -> ModuleType:
             return sys.modules["__main__"]
         main_name, main_path = _config.get("main_name"), _config.get("main_path")
         if main_name:
-            module = importlib.import_module(main_name)
+            module = import_by_name(main_name)
         elif main_path:
-            # only here: a twin that never needs the main module does not import it
-            from importlib.util import module_from_spec, spec_from_file_location
+            # what importlib.util re-exports, without importing importlib.util (on
+            # PyPy that is importlib.abc and typing too: see master.BOOTSTRAP)
+            try:
+                from _frozen_importlib import module_from_spec  # type: ignore[import-not-found]
+                from _frozen_importlib_external import spec_from_file_location  # type: ignore[import-not-found]
+            except ImportError:
+                from importlib.util import module_from_spec, spec_from_file_location
 
             run_name = "__main__" if _config.get("run_main") else MAIN_ALIAS
             if main_spec_hook is not None:
@@ -156,7 +168,7 @@ def define(definitions: List[Dict[str, Any]]) -> None:
     for entry in definitions:
         for name, (module, qualname) in entry["imports"].items():
             try:
-                value: Any = importlib.import_module(module)
+                value: Any = import_by_name(module)
                 for part in qualname.split(".") if qualname else ():
                     value = getattr(value, part)
             except Exception:  # not here (numpy in PyPy, say): a NameError if ever used

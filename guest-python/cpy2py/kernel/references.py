@@ -26,7 +26,6 @@ import itertools
 import os
 import sys
 import time
-import weakref
 
 from .. import kernel_state
 from ..capabilities import DATA_MODEL_METHODS
@@ -44,6 +43,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
     from typing import Any, Dict, List, Optional, Tuple
 
+    from weakref import WeakValueDictionary
+
     from .connection import Connection
 
     Key = Tuple[str, int]
@@ -54,7 +55,9 @@ _iid_of: Dict[int, int] = {}  # id(native object) -> its instance id, while expo
 # Instance ids start at a random offset, so that a restarted twin never
 # hands out the id of an object of its previous life to a stale proxy.
 _iids = itertools.count((int.from_bytes(os.urandom(4), "big") << 24) + 1)
-_proxies: weakref.WeakValueDictionary[Key, TwinProxy] = weakref.WeakValueDictionary()
+# key -> its proxy here; made with the first proxy (weakref and its imports
+# cost a PyPy twin about 3 ms of its start, and many twins never hold one)
+_proxies: Optional[WeakValueDictionary[Key, TwinProxy]] = None
 _flusher = False  # the flusher thread runs
 
 # how a proxy class reaches an attribute of its object
@@ -345,10 +348,18 @@ def link_counts(peer_id: str) -> Dict[str, int]:
 
 def proxy_count(connection: Optional[Connection] = None) -> int:
     """How many proxies live here (of objects reached over ``connection``, if given)."""
-    proxies = list(_proxies.values())
+    proxies = list(_proxies.values()) if _proxies is not None else []
     if connection is None:
         return len(proxies)
     return sum(1 for proxy in proxies if object.__getattribute__(proxy, "__twin_link__") is connection)
+
+
+def _new_proxy_table() -> WeakValueDictionary[Key, TwinProxy]:
+    global _proxies
+    from weakref import WeakValueDictionary
+
+    _proxies = WeakValueDictionary()
+    return _proxies
 
 
 def reseed_instance_ids() -> None:
@@ -371,7 +382,8 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
     link = connection if counted else links.existing_connection(owner)
     created = False
     with _lock:
-        proxy = _proxies.get(key)
+        proxies = _proxies if _proxies is not None else _new_proxy_table()
+        proxy = proxies.get(key)
         if proxy is None or object.__getattribute__(proxy, "__twin_link__") is not link:
             # new, or a proxy of an earlier life of that twin: that one stays dead
             proxy_cls = proxy_class(info, connection)
@@ -380,7 +392,7 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
             object.__setattr__(proxy, "__instance_id__", iid)
             object.__setattr__(proxy, "__received__", 0)
             object.__setattr__(proxy, "__twin_link__", link)
-            _proxies[key] = proxy
+            proxies[key] = proxy
             created = True
         if counted:
             object.__setattr__(proxy, "__received__", object.__getattribute__(proxy, "__received__") + 1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import _thread
 import builtins
 import sys
-from types import FunctionType
 
 from .. import kernel_state
 from ..capabilities import Exposed
@@ -41,6 +40,13 @@ if TYPE_CHECKING:  # (a twin's start imports no typing)
     from typing import Any, Dict, List, Optional, Tuple
 
 PICKLE_PROTOCOL = 4
+
+
+def _plain_function() -> None:
+    pass
+
+
+FunctionType = type(_plain_function)  # types.FunctionType, without importing types at start-up
 
 
 class _Frame:
@@ -91,9 +97,7 @@ def import_module(name: str) -> Any:
     module = sys.modules.get(name)
     if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
         return module
-    import importlib  # on the first name looked up, not at start-up
-
-    return importlib.import_module(name)
+    return main_module.import_by_name(name)
 
 
 def lookup(module: str, qualname: str) -> Any:

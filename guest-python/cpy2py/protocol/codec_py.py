@@ -22,7 +22,8 @@ frames from sandboxed guests.
 
 from __future__ import annotations
 
-import struct
+from _struct import Struct
+from _struct import error as _StructError  # (struct.py re-exports _struct: one module less at start-up)
 
 from ..errors import ProtocolError
 from .tags import BYTEARRAY, COMPLEX, FROZENSET, MAX_DEPTH, NEG_BIGNUM, POS_BIGNUM, SET, TUPLE
@@ -43,20 +44,20 @@ _HALF_MAX = 65504.0
 _SINGLE_MAX = 3.4028234663852886e38
 _INF = float("inf")
 
-_pack_e = struct.Struct(">e").pack
-_pack_f = struct.Struct(">f").pack
-_pack_d = struct.Struct(">d").pack
-_unpack_e = struct.Struct(">e").unpack
-_unpack_f = struct.Struct(">f").unpack
-_unpack_from_e = struct.Struct(">e").unpack_from
-_unpack_from_f = struct.Struct(">f").unpack_from
-_unpack_from_d = struct.Struct(">d").unpack_from
-_unpack_from_H = struct.Struct(">H").unpack_from
-_unpack_from_I = struct.Struct(">I").unpack_from
-_unpack_from_Q = struct.Struct(">Q").unpack_from
-_pack_BH = struct.Struct(">BH").pack
-_pack_BI = struct.Struct(">BI").pack
-_pack_BQ = struct.Struct(">BQ").pack
+_pack_e = Struct(">e").pack
+_pack_f = Struct(">f").pack
+_pack_d = Struct(">d").pack
+_unpack_e = Struct(">e").unpack
+_unpack_f = Struct(">f").unpack
+_unpack_from_e = Struct(">e").unpack_from
+_unpack_from_f = Struct(">f").unpack_from
+_unpack_from_d = Struct(">d").unpack_from
+_unpack_from_H = Struct(">H").unpack_from
+_unpack_from_I = Struct(">I").unpack_from
+_unpack_from_Q = Struct(">Q").unpack_from
+_pack_BH = Struct(">BH").pack
+_pack_BI = Struct(">BI").pack
+_pack_BQ = Struct(">BQ").pack
 
 # Heads of tags that carry Python types (preferred serialization).
 _TAG_POS_BIGNUM = b"\xc2"
@@ -852,7 +853,7 @@ def _estimate(data: bytes, budget: int) -> Optional[int]:
             "decoding. The peer sent data that is costly to decode (many small containers, strings or "
             "numbers): send it in several smaller frames (calls), or packed as bytes or str"
         ) from None
-    except (_Malformed, ProtocolError, IndexError, struct.error):
+    except (_Malformed, ProtocolError, IndexError, _StructError):
         return None
     return cost if pos == len(data) else None
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import _thread
 import os
 import select
-import struct
+from _struct import Struct  # (what struct.py re-exports)
 import sys
 
 from ..errors import ProtocolError
 
-_HEADER = struct.Struct(">I")
+_HEADER = Struct(">I")
 _READ_SIZE = 65536
 DEFAULT_MAX_FRAME = 1 << 30
 # the main thread (where Python runs signal handlers); this module is first
