@@ -42,7 +42,6 @@ from . import links
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
     from typing import Any, Dict, List, Optional, Tuple
-
     from weakref import WeakValueDictionary
 
     from .connection import Connection

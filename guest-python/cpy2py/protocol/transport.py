@@ -9,8 +9,8 @@ from __future__ import annotations
 import _thread
 import os
 import select
-from _struct import Struct  # (what struct.py re-exports)
 import sys
+from _struct import Struct  # (what struct.py re-exports)
 
 from ..errors import ProtocolError
 
