@@ -226,6 +226,15 @@ impl NativeTwin {
         }
     }
 
+    /// Hands back the body of a frame the caller is done with, for the next
+    /// large frame (see [`FrameReader::recycle`]). Never waits: with the
+    /// reader lock taken (a thread waiting for a frame), the body is dropped.
+    pub fn recycle(&self, body: Vec<u8>) {
+        if let Ok(mut reader) = self.reader.try_lock() {
+            reader.recycle(body);
+        }
+    }
+
     /// Waits until a frame can be read (or the stream ended), up to
     /// `timeout` (None: forever); `None` when a signal interrupted the wait.
     pub fn wait_readable_step(&self, timeout: Option<Duration>) -> Result<Option<bool>> {

@@ -62,6 +62,13 @@ pub enum ReadOutcome {
     Interrupted,
 }
 
+/// Largest buffer kept for reuse once its frame is done with (a fresh
+/// buffer of a MiB costs hundreds of page faults: more than reading into it).
+pub const SPARE_LIMIT: usize = 8 << 20;
+/// Smaller frames are read into buffers of their own (cheap at that size),
+/// so that they never take the spare a large frame will want.
+pub const SPARE_FROM: usize = 64 << 10;
+
 /// Progress on the frame being read, kept across calls.
 #[derive(Debug, Default)]
 pub struct FrameReader {
@@ -69,6 +76,8 @@ pub struct FrameReader {
     head_have: usize,
     body: Vec<u8>,
     body_have: usize,
+    /// a body handed back by [`FrameReader::recycle`], for the next large frame
+    spare: Vec<u8>,
 }
 
 impl FrameReader {
@@ -92,7 +101,14 @@ impl FrameReader {
             }
             if self.head_have == HEADER_LEN {
                 let len = payload_len(self.head, max)?;
-                self.body = vec![0; len];
+                self.body = if len >= SPARE_FROM && self.spare.capacity() >= len {
+                    let mut body = std::mem::take(&mut self.spare);
+                    body.clear();
+                    body.resize(len, 0);
+                    body
+                } else {
+                    vec![0; len]
+                };
                 self.body_have = 0;
             }
         }
@@ -105,6 +121,18 @@ impl FrameReader {
         }
         self.head_have = 0;
         Ok(ReadOutcome::Frame(std::mem::take(&mut self.body)))
+    }
+}
+
+impl FrameReader {
+    /// Takes back the body of a frame that was read and is no longer
+    /// needed, to read a later large frame into without allocating (kept
+    /// from [`SPARE_FROM`] up to [`SPARE_LIMIT`] bytes).
+    pub fn recycle(&mut self, body: Vec<u8>) {
+        let fits = (SPARE_FROM..=SPARE_LIMIT).contains(&body.capacity());
+        if fits && body.capacity() > self.spare.capacity() {
+            self.spare = body;
+        }
     }
 }
 
@@ -276,5 +304,47 @@ mod tests {
             FrameReader::default().read(&mut input, 100),
             Err(HostError::Io(_))
         ));
+    }
+
+    fn whole_frame(reader: &mut FrameReader, input: &mut &[u8]) -> Vec<u8> {
+        match reader.read(input, 1 << 20).unwrap() {
+            ReadOutcome::Frame(body) => body,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_recycled_body_is_read_into_again_when_the_frame_fits() {
+        let mut stream = Vec::new();
+        let (large, smaller, larger) = (SPARE_FROM + 1000, SPARE_FROM + 600, SPARE_FROM + 2000);
+        write_frame(&mut stream, &vec![7; large]).unwrap();
+        write_frame(&mut stream, &[1; 10]).unwrap();
+        write_frame(&mut stream, &vec![8; smaller]).unwrap();
+        write_frame(&mut stream, &vec![9; larger]).unwrap();
+        let mut input = &stream[..];
+        let mut reader = FrameReader::default();
+        let first = whole_frame(&mut reader, &mut input);
+        let kept = first.as_ptr();
+        reader.recycle(first);
+        let small = whole_frame(&mut reader, &mut input);
+        assert_ne!(small.as_ptr(), kept, "a small frame leaves the spare alone");
+        reader.recycle(small);
+        let second = whole_frame(&mut reader, &mut input);
+        assert_eq!(second, vec![8; smaller], "the smaller frame, whole and only it");
+        assert_eq!(second.as_ptr(), kept, "read into the recycled buffer");
+        reader.recycle(second);
+        let third = whole_frame(&mut reader, &mut input);
+        assert_eq!(third, vec![9; larger], "a larger frame gets a buffer of its own");
+    }
+
+    #[test]
+    fn buffers_over_the_spare_limit_are_not_kept() {
+        let mut reader = FrameReader::default();
+        reader.recycle(Vec::with_capacity(SPARE_LIMIT + 1));
+        assert_eq!(reader.spare.capacity(), 0);
+        reader.recycle(Vec::with_capacity(SPARE_FROM - 1));
+        assert_eq!(reader.spare.capacity(), 0);
+        reader.recycle(Vec::with_capacity(SPARE_FROM));
+        assert!(reader.spare.capacity() >= SPARE_FROM);
     }
 }

@@ -21,6 +21,7 @@ use pyo3::{ffi, intern};
 use super::errors::protocol_error;
 use crate::error::HostError;
 use crate::protocol::budget::{self, Estimate};
+use crate::protocol::frame::{SPARE_FROM, SPARE_LIMIT};
 use crate::protocol::header::peek_header;
 use crate::protocol::tags::{self, MAX_DEPTH};
 use crate::protocol::value::{enter, unexpected_break, Cursor, Head};
@@ -81,12 +82,22 @@ fn dumps<'py>(
     obj: &Bound<'py, PyAny>,
     default: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let mut encoder = Encode {
-        out: Vec::with_capacity(256),
-        default,
-    };
-    encoder.item(obj, 0)?;
-    Ok(PyBytes::new(py, &encoder.out))
+    // the buffer of this thread's last large encoding, if any: encoding a
+    // MiB into a fresh one costs hundreds of page faults
+    let mut out = SPARE_OUT.take();
+    out.clear();
+    out.reserve(256);
+    let mut encoder = Encode { out, default };
+    let encoded = encoder.item(obj, 0);
+    let bytes = encoded.map(|()| PyBytes::new(py, &encoder.out));
+    if (SPARE_FROM..=SPARE_LIMIT).contains(&encoder.out.capacity()) {
+        SPARE_OUT.set(encoder.out);
+    }
+    bytes
+}
+
+thread_local! {
+    static SPARE_OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 fn too_deep() -> PyErr {

@@ -197,7 +197,11 @@ impl NativeTwin {
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         loop {
             match in_host(py, || self.0.read_step())? {
-                ReadOutcome::Frame(body) => return Ok(PyBytes::new(py, &body).into_any()),
+                ReadOutcome::Frame(body) => {
+                    let frame = PyBytes::new(py, &body);
+                    self.0.recycle(body);
+                    return Ok(frame.into_any());
+                }
                 ReadOutcome::Eof => return Ok(py.None().into_bound(py)),
                 ReadOutcome::Truncated => return Err(in_host(py, || self.0.truncated()).into()),
                 ReadOutcome::Interrupted if signals::held() => {
