@@ -73,7 +73,7 @@ def proxy_count() -> int:
     from cpy2py.kernel import references
 
     gc.collect()
-    return len(references._proxies)
+    return references.proxy_count()
 
 
 def collect() -> None:
