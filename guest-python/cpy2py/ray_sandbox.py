@@ -194,12 +194,17 @@ def main() -> None:
     while it waits for room, as a local master's reader would; what it
     makes the guest send is published on the guest's descriptor, which the
     relay watches beside the socket."""
+    import signal
+
     from .errors import TwinMemoryError, TwinTimeout
     from .protocol import codec
     from .protocol.messages import PROTOCOL_VERSION
     from .protocol.transport import FdTransport
     from .wasi import start_guest
 
+    # Ctrl-C at the master's terminal is the master's (a local cluster's
+    # workers may share its process group): the master stops its twins
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = json.loads(os.environ.pop(SETTINGS_ENV))
     link_fd, report_fd = (int(fd) for fd in os.environ.pop(FDS_ENV).split(","))
 
@@ -270,7 +275,11 @@ def _relay(link: Any, guest: Any, to_master: _Sender) -> None:
                 return
             if frame is False:
                 break
-            to_master.send(frame)
+            try:
+                to_master.send(frame)
+            except OSError:  # the master is gone
+                guest.kill()
+                return
 
 
 def _keep_driven(guest: Any) -> None:
