@@ -449,8 +449,11 @@ def test_a_sandbox_runs_on_the_node_with_the_resource(ray_box, nodes, ray_plugin
 
     assert cpy2py.ray.node_of("ray-box") == nodes[0]
     # its host process: started by the actor (a Ray worker), runs the node's cpy2py
+    from cpy2py import master
+
     pid = _host_pid(ray_box)
-    assert pid != os.getpid() and rh.process_name(_ppid(pid)).startswith("ray::")
+    assert pid != os.getpid() and _ppid(pid) == master._running["ray-box"].process.actor_pid
+    assert rh.process_name(_ppid(pid)).startswith("ray::")
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"cpy2py.ray_sandbox" in f.read()
     # ... and the guest in it is the WASI guest
@@ -481,6 +484,10 @@ def test_callbacks_cross_the_link_both_ways(ray_box, ray_plugin):
     for thread in threads:
         thread.join(60)
     assert results == {n: [2 * n + 1] * 20 for n in range(4)}
+    # awaited, from an event loop, called back too
+    import asyncio
+
+    assert asyncio.run(ray_box.execute_async(ray_plugin.call_back, callback, 6)) == 13
 
 
 def test_the_sandbox_holds_on_the_node(ray_box, ray_plugin, guest_code):

@@ -387,6 +387,8 @@ class RayTwin:
         self.sock = sock
         self.actor = actor
         self.node_id: str = info["node_id"]
+        #: the actor's process (a Ray worker), the twin process's parent
+        self.actor_pid: int = info["pid"]
         self.address: Tuple[str, int] = tuple(info["address"])  # type: ignore[assignment]
         self.hello = hello
         self.pid = hello["pid"]
