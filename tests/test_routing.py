@@ -247,6 +247,43 @@ def test_a_release_right_after_the_reply_that_names_the_object_waits_for_it():
             os.close(fd)
 
 
+def test_nothing_read_after_a_malformed_frame_is_routed():
+    """A peer that broke the protocol is not trusted further: a reply it sent
+    right after a malformed frame, read in the same read (a twin over TCP, a
+    guest placed on Ray), does not reach its caller, which gets the
+    ProtocolError (it once got the reply: the frames buffered behind the bad
+    one were still routed)."""
+    from cpy2py.protocol import codec
+    from cpy2py.protocol.messages import REPLY
+    from cpy2py.protocol.transport import FdTransport
+
+    a_to_peer, peer_to_a = os.pipe(), os.pipe()
+    a = loopback._end("liar", FdTransport(peer_to_a[0], a_to_peer[1]))
+    peer = FdTransport(a_to_peer[0], peer_to_a[1])
+    try:
+        got: list = []
+
+        def caller() -> None:
+            try:
+                got.append(call(a, loopback.echo, 5))
+            except BaseException as err:
+                got.append(err)
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        request = codec.loads(peer.recv(), lambda tag, value: (tag, value))
+        bad = codec.dumps([REPLY, 999999, None])  # to a request never made
+        reply = codec.dumps([REPLY, request[1], 5])
+        os.write(peer_to_a[1], b"".join(len(f).to_bytes(4, "big") + f for f in (bad, reply)))
+        thread.join(10)
+        assert len(got) == 1 and isinstance(got[0], ProtocolError), got
+        assert "999999" in str(got[0])
+    finally:
+        a.close("the test ended")
+        for fd in (*a_to_peer, *peer_to_a):
+            os.close(fd)
+
+
 def test_a_small_frame_is_tried_on_a_full_pipe_without_blocking():
     """FdTransport.try_send (stopping a peer that stopped reading, e.g. a
     twin placed on Ray): it gives up on a full pipe and never cuts a frame."""

@@ -346,7 +346,7 @@ class TwinMaster:
             if is_sandboxed(self.executable):
                 raise ValueError(
                     f"host applies to native twins only: a sandboxed twin ({self.executable!r}) "
-                    "runs inside the master"
+                    "runs in the master, or on a Ray node with placement=; over SSH it is not supported"
                 )
             from . import ssh
 
@@ -366,10 +366,12 @@ class TwinMaster:
                 raise ValueError(
                     "a twin runs either on host=... (over SSH) or at a Ray placement=..., not both"
                 )
-            if is_sandboxed(self.executable):
+            if fresh:
                 raise ValueError(
-                    f"placement applies to native twins only: sandboxed twins ({self.executable!r}) "
-                    "cannot be placed on Ray yet"
+                    "fresh=True cannot be combined with placement=: a fresh twin starts a guest for "
+                    "every call, in the master; a placed sandbox is one guest on its node. Place a "
+                    "sandbox without fresh=True (and stop or restart it to start over), or run fresh "
+                    "guests locally"
                 )
             if type(placement).__name__ != "Placement" or type(placement).__module__ != f"{__package__}.ray":
                 raise ValueError(
@@ -475,7 +477,9 @@ class TwinMaster:
         if is_sandboxed(self.executable):
             from . import wasi
 
-            process = wasi.start_guest(self)
+            # a placed guest runs on its node, behind a host process of cpy2py
+            # there that enforces the sandbox as the master does for a local one
+            process = self._start_on_ray() if self.placement is not None else wasi.start_guest(self)
             serializer: Serializer = wasi.serializer_for(self.twinterpreter_id, process)
         else:
             process = self._start_process()
@@ -533,8 +537,9 @@ class TwinMaster:
             process.send(references.encode(welcome, serializer.default))
             ready = process.recv()
             answer = codec.loads(ready) if ready is not None else None
-            while self.is_remote and isinstance(answer, dict) and "module" in answer:
-                # a remote twin lacks a module the welcome names (kernel/remote_twin.py)
+            while self.is_remote and serializer.trusted and isinstance(answer, dict) and "module" in answer:
+                # a remote twin lacks a module the welcome names (kernel/remote_twin.py);
+                # never a guest: it gets no source of the master's by asking
                 from .kernel.module_server import module_source
 
                 process.send(codec.dumps({"module": module_source(str(answer["module"]))}))
@@ -623,7 +628,8 @@ class TwinMaster:
         return ssh.start(self, _host(), env, ["-O"] * sys.flags.optimize, left)
 
     def _start_on_ray(self) -> Any:
-        """Start the twin at ``self.placement`` on a Ray cluster (cpy2py/ray.py)."""
+        """Start the twin at ``self.placement`` on a Ray cluster (cpy2py/ray.py;
+        a sandboxed one: cpy2py/ray_sandbox.py)."""
         from . import ray
 
         env = {
@@ -637,8 +643,13 @@ class TwinMaster:
             self.placement,
             self.executable,
         )
+        sandbox = None
+        if self.sandboxed_twin:
+            from . import ray_sandbox
+
+            sandbox = ray_sandbox.settings_for(self)
         left = max(0.0, self._start_deadline - time.monotonic())
-        return ray.start(self, env, ["-O"] * sys.flags.optimize, left)
+        return ray.start(self, env, ["-O"] * sys.flags.optimize, left, sandbox=sandbox)
 
     @property
     def is_remote(self) -> bool:

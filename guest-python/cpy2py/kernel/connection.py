@@ -844,6 +844,8 @@ class Connection:
                 if raw is None:
                     break
                 item = self._route(raw, reader, serve and mine is None)
+                if self.broken is not None:
+                    break  # (a malformed frame): nothing read after it is trusted, nor routed
                 if item is not None:
                     if item[1] in (RELEASE, SHUTDOWN):
                         later.append(item)
