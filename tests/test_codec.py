@@ -324,6 +324,41 @@ def test_pure_and_compiled_write_identical_bytes() -> None:
         assert _canon(from_pure) == _canon(from_compiled) == _canon(value), f"value #{i}: {value!r}"
 
 
+def test_large_encodings_at_once_and_nested_come_out_whole() -> None:
+    """The compiled codec keeps the buffer of its last large encoding for the
+    next one (docs/architecture.md, "Large payloads"): encodings from many
+    threads at once, and one started by a ``default`` hook inside another,
+    must each get a buffer of their own."""
+    import threading
+
+    compiled = _compiled()
+    payloads = [bytes([i]) * (300_000 + 4096 * i) for i in range(8)]
+
+    class Inner:
+        pass
+
+    def default(obj: Any) -> Any:  # encodes a large value while the outer encoding is half done
+        return tags.TUPLE, [compiled.dumps([payloads[7]])]
+
+    outer = [payloads[6], Inner(), payloads[5]]
+    expected_outer = codec_py.dumps([payloads[6], (codec_py.dumps([payloads[7]]),), payloads[5]])
+    assert compiled.dumps(outer, default) == expected_outer
+    failures: List[str] = []
+
+    def encode_many(i: int) -> None:
+        for _ in range(30):
+            if compiled.dumps([i, payloads[i]]) != codec_py.dumps([i, payloads[i]]):
+                failures.append(f"thread {i}")
+                return
+
+    threads = [threading.Thread(target=encode_many, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
 def test_random_values_round_trip(codec: Any) -> None:
     rnd = random.Random(7)
     for i in range(500):

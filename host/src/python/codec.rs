@@ -8,6 +8,7 @@
 //! decoders apply the same wire rules.
 
 use std::os::raw::c_int;
+use std::sync::Mutex;
 
 use ciborium_ll::{Encoder, Header};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -82,22 +83,38 @@ fn dumps<'py>(
     obj: &Bound<'py, PyAny>,
     default: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    // the buffer of this thread's last large encoding, if any: encoding a
-    // MiB into a fresh one costs hundreds of page faults
-    let mut out = SPARE_OUT.take();
+    // the buffer of the last large encoding, if no other encoding has it:
+    // encoding a MiB into a fresh one costs hundreds of page faults
+    let mut out = take_spare();
     out.clear();
     out.reserve(256);
     let mut encoder = Encode { out, default };
     let encoded = encoder.item(obj, 0);
     let bytes = encoded.map(|()| PyBytes::new(py, &encoder.out));
-    if (SPARE_FROM..=SPARE_LIMIT).contains(&encoder.out.capacity()) {
-        SPARE_OUT.set(encoder.out);
-    }
+    keep_spare(encoder.out);
     bytes
 }
 
-thread_local! {
-    static SPARE_OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+/// One buffer for the whole process (not one per thread: a pool of threads
+/// would keep a large one each), taken and given back without waiting.
+static SPARE_OUT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+fn take_spare() -> Vec<u8> {
+    SPARE_OUT
+        .try_lock()
+        .map(|mut spare| std::mem::take(&mut *spare))
+        .unwrap_or_default()
+}
+
+fn keep_spare(buffer: Vec<u8>) {
+    if !(SPARE_FROM..=SPARE_LIMIT).contains(&buffer.capacity()) {
+        return;
+    }
+    if let Ok(mut spare) = SPARE_OUT.try_lock() {
+        if buffer.capacity() > spare.capacity() {
+            *spare = buffer;
+        }
+    }
 }
 
 fn too_deep() -> PyErr {
