@@ -1145,6 +1145,12 @@ class Connection:
                 if read:
                     item = self._read(None)
                     if item is not None:
+                        # the kick this thread took (with the link's event) was
+                        # for a handed request it leaves: another server takes it
+                        with self._lock:
+                            pass_on = bool(self._handoff) and self.broken is None
+                        if pass_on:
+                            gate.kick()
                         return item
 
     def _run_as_server(self, waiter: _Waiter, item: Item) -> None:
