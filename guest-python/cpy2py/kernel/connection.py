@@ -1100,6 +1100,7 @@ class Connection:
                 # it finished (its reply was out first); it runs it now
                 item = waiter.inbox.popleft()
                 if item[1] == REQUEST:
+                    self._pass_on_kick(gate)
                     return item
                 self._decoded(item[2])  # a reply nobody waits for any more
             with self._lock:
@@ -1145,13 +1146,20 @@ class Connection:
                 if read:
                     item = self._read(None)
                     if item is not None:
-                        # the kick this thread took (with the link's event) was
-                        # for a handed request it leaves: another server takes it
-                        with self._lock:
-                            pass_on = bool(self._handoff) and self.broken is None
-                        if pass_on:
-                            gate.kick()
+                        self._pass_on_kick(gate)
                         return item
+
+    def _pass_on_kick(self, gate: Optional[_Gate]) -> None:
+        """A server leaves the gate with an item of its own: a kick it took
+        on the way (with the link's event, or before finding its chain's
+        request in its inbox) was for a handed request, which another server
+        must take, or it waits for ever."""
+        if gate is None:
+            return
+        with self._lock:
+            pass_on = bool(self._handoff) and self.broken is None
+        if pass_on:
+            gate.kick()
 
     def _run_as_server(self, waiter: _Waiter, item: Item) -> None:
         conn, kind, key, raw = item
