@@ -23,17 +23,30 @@ from cpy2py.protocol.transport import FdTransport
 SIDES: Dict[str, Connection] = {}
 
 
-def pair(prefix: str = "loop") -> Tuple[Connection, Connection, List[int]]:
-    """Two connected ends ``(a, b)``, serving; and the fds, to break the link."""
+def pair(prefix: str = "loop", serving: bool = True) -> Tuple[Connection, Connection, List[int]]:
+    """Two connected ends ``(a, b)``, serving (else without server threads:
+    a test drives them); and the fds, to break the link."""
     a_to_b = os.pipe()
     b_to_a = os.pipe()
     a = _end(f"{prefix}-b", FdTransport(b_to_a[0], a_to_b[1]))
     b = _end(f"{prefix}-a", FdTransport(a_to_b[0], b_to_a[1]))
     SIDES[f"{prefix}-a"] = a
     SIDES[f"{prefix}-b"] = b
-    a.start_serving()
-    b.start_serving()
+    if serving:
+        a.start_serving()
+        b.start_serving()
     return a, b, [*a_to_b, *b_to_a]
+
+
+def close(ends: Tuple[Connection, ...], fds: List[int]) -> None:
+    """End the links of ``pair`` and close its descriptors."""
+    for end in ends:
+        end.close("the test ended")
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _end(peer_id: str, transport: FdTransport) -> Connection:

@@ -19,13 +19,7 @@ from loopback import call, pair
 def ends():
     a, b, fds = pair()
     yield a, b, fds
-    for end in (a, b):
-        end.close("the test ended")
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    loopback.close((a, b), fds)
 
 
 def test_calls_both_ways(ends):
@@ -317,10 +311,7 @@ def test_a_kick_for_a_handed_request_is_passed_on_by_a_server_that_reads_instead
     from cpy2py.kernel import references
     from cpy2py.protocol.messages import OP_EXECUTE, REQUEST
 
-    a_to_b, b_to_a = os.pipe(), os.pipe()
-    fds = [*a_to_b, *b_to_a]
-    a = loopback._end("kick-b", loopback.FdTransport(b_to_a[0], a_to_b[1]))
-    b = loopback._end("kick-a", loopback.FdTransport(a_to_b[0], b_to_a[1]))
+    a, b, fds = pair("kick", serving=False)
     try:
         with b._lock:
             b._open_gate()  # b's gate, without server threads: this thread is b's server
@@ -342,10 +333,4 @@ def test_a_kick_for_a_handed_request_is_passed_on_by_a_server_that_reads_instead
         kick_pending = select.select([b._gate._kick_r], [], [], 0)[0]
         assert kick_pending, "the handed request was left without a kick: no server would take it"
     finally:
-        for end in (a, b):
-            end.close("the test ended")
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        loopback.close((a, b), fds)

@@ -1154,7 +1154,7 @@ class Connection:
         on the way (with the link's event, or before finding its chain's
         request in its inbox) was for a handed request, which another server
         must take, or it waits for ever."""
-        if gate is None:
+        if gate is None or not self._handoff:  # (most often: nothing handed, no lock taken)
             return
         with self._lock:
             pass_on = bool(self._handoff) and self.broken is None
