@@ -278,6 +278,45 @@ def test_nothing_read_after_a_malformed_frame_is_routed():
             os.close(fd)
 
 
+def test_a_server_woken_for_input_a_caller_took_runs_the_handed_request():
+    """A server woken at the gate by the link and by a kick at once, while a
+    caller takes the reading role and reads that input first: the server
+    must take the handed request its kick was for, not block reading a link
+    with nothing on it (found by the stress loop after the mend above: one
+    end's server blocked in ``recv`` holding the role, a request handed and
+    no kick left, the other end waiting for its reply)."""
+    import threading
+
+    from cpy2py.kernel import connection as connection_module
+    from cpy2py.protocol.messages import REQUEST
+
+    a, b, fds = pair("stale", serving=False)
+    try:
+        with b._lock:
+            b._open_gate()  # b's gate, without server threads: a thread below is b's server
+        handed = (b, REQUEST, 54321, b"a request handed to a server")
+
+        def wait_for_input_already_taken():
+            with b._lock:
+                b._handoff.append(handed)
+            b._gate.kick()
+            return True, True  # what the poll said; a caller has read that input since
+
+        b._gate.wait = wait_for_input_already_taken
+        taken = []
+        server = threading.Thread(
+            target=lambda: taken.append(b._next_request(connection_module._this_waiter(), retire=False)),
+            daemon=True,
+        )
+        server.start()
+        server.join(5)
+        assert not server.is_alive(), "the server blocked reading an empty link; the handed request waits"
+        assert taken == [handed]
+        assert not b._reading and b._armed, "the gate must watch the link again for what woke the server"
+    finally:
+        loopback.close((a, b), fds)
+
+
 def test_a_small_frame_is_tried_on_a_full_pipe_without_blocking():
     """FdTransport.try_send (stopping a peer that stopped reading, e.g. a
     twin placed on Ray): it gives up on a full pipe and never cuts a frame."""
@@ -300,11 +339,12 @@ def test_a_small_frame_is_tried_on_a_full_pipe_without_blocking():
         os.close(write_fd)
 
 
-def test_a_kick_for_a_handed_request_is_passed_on_by_a_server_that_reads_instead():
+def test_a_server_woken_by_a_kick_and_the_link_at_once_leaves_neither_waiting():
     """A server woken at the gate by the link and by a kick at once takes the
-    kick, reads a request of its own and runs that: the handed request the
-    kick was for must wake another server, or it waits for ever (found by a
-    stress loop: 1 hang in about 250 rounds of the 8-thread test above)."""
+    kick: the handed request the kick was for must not wait for ever (found
+    by a stress loop: 1 hang in about 250 rounds of the 8-thread test above),
+    nor the input that woke it. It runs the handed request and the gate
+    watches the link again for another server."""
     import select
 
     from cpy2py.kernel import connection as connection_module
@@ -328,9 +368,8 @@ def test_a_kick_for_a_handed_request_is_passed_on_by_a_server_that_reads_instead
 
         b._gate.wait = wait_while_both_come
         item = b._next_request(connection_module._this_waiter(), retire=False)
-        assert item is not None and item[1] == REQUEST and item is not handed
-        assert list(b._handoff) == [handed]
-        kick_pending = select.select([b._gate._kick_r], [], [], 0)[0]
-        assert kick_pending, "the handed request was left without a kick: no server would take it"
+        assert item is handed and not b._handoff
+        assert not b._reading and b._armed, "the input that woke the server must wake another one"
+        assert b._gate._ep.poll(0) == [(b.transport.fileno(), select.EPOLLIN)]
     finally:
         loopback.close((a, b), fds)

@@ -1107,10 +1107,7 @@ class Connection:
                 if self.broken is not None:
                     return None
                 if self._handoff:
-                    item = self._handoff.popleft()
-                    if self._handoff and gate is not None:
-                        gate.kick()  # more for others
-                    return item
+                    return self._take_handed(gate)
                 if retire and self._waiting >= self.MAX_IDLE:
                     return None
                 if gate is None:  # no descriptor to wait on: read (holding the role)
@@ -1142,18 +1139,31 @@ class Connection:
             if readable:
                 with self._lock:
                     self._armed = False  # one-shot: the event disarmed it
+                    if self._handoff and self.broken is None:
+                        # A handed request comes first: its kick may be the one
+                        # this server took, and the input that woke it may have
+                        # been read by a caller since (a read would then block,
+                        # and the handed request would wait for ever).
+                        if not self._reading and self._heir is None:
+                            self._role_is_free()  # the gate watches the link again
+                        return self._take_handed(gate)
                     read = self.broken is None and self._take_role(None)
                 if read:
                     item = self._read(None)
                     if item is not None:
-                        self._pass_on_kick(gate)
                         return item
 
+    def _take_handed(self, gate: Optional[_Gate]) -> Item:
+        """Caller holds _lock: a server takes the oldest handed request."""
+        item = self._handoff.popleft()
+        if self._handoff and gate is not None:
+            gate.kick()  # more for others
+        return item
+
     def _pass_on_kick(self, gate: Optional[_Gate]) -> None:
-        """A server leaves the gate with an item of its own: a kick it took
-        on the way (with the link's event, or before finding its chain's
-        request in its inbox) was for a handed request, which another server
-        must take, or it waits for ever."""
+        """A server leaves the gate with its chain's request, found in its
+        inbox: a kick it took on the way was for a handed request, which
+        another server must take, or it waits for ever."""
         if gate is None or not self._handoff:  # (most often: nothing handed, no lock taken)
             return
         with self._lock:
