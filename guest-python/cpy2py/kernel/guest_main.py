@@ -81,6 +81,51 @@ def _apply_config(config: Dict[str, Any], paths: List[str]) -> None:
         main_module.define(config["main_definitions"])
 
 
+def warm_noop() -> None:
+    """What ``warm_up`` asks the kernel to run (and the master, in a guest
+    it starts ahead of calls: cpy2py/fresh.py)."""
+
+
+class _WarmUpTransport:
+    """Frames for ``warm_up``: requests prepared in advance, replies dropped."""
+
+    def __init__(self, frames: List[bytes]) -> None:
+        self._frames = frames
+        self.replies = 0
+
+    def send(self, payload: Any) -> None:
+        self.replies += 1
+
+    def recv(self) -> Optional[bytes]:
+        return self._frames.pop() if self._frames else None
+
+
+def warm_up(calls: int = 64) -> None:
+    """Serve ``calls`` no-op requests on a link of its own that nothing else
+    sees, while the component is built (wasm/app.py): the snapshot then holds
+    the call path's code already specialized by the interpreter and its caches
+    filled, so each guest's first call skips that work (and the pages it would
+    dirty). Leaves no state behind: the link ends, and was never registered."""
+    from ..protocol.messages import OP_EXECUTE, REQUEST
+
+    encoder = Serializer("__warm_up__")
+    frames = [
+        bytes(references.encode([REQUEST, number, 1, OP_EXECUTE, warm_noop, [], {}], encoder.default))
+        for number in range(calls, 0, -1)
+    ]
+    transport = _WarmUpTransport(frames)
+    connection = Connection(
+        transport,
+        "__warm_up__",
+        Serializer("__warm_up__", trusted=False),
+        describe_end=lambda: "ended its warm-up",
+        threads=False,
+    )
+    connection.serve()
+    if transport.replies != calls:
+        raise RuntimeError(f"the guest kernel's warm-up answered {transport.replies} of {calls} calls")
+
+
 def main(link: Any = None) -> None:
     """Run the guest kernel until the master closes the link."""
     if link is None:  # the bindings exist only inside the component

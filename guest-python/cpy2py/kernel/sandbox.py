@@ -162,6 +162,20 @@ def _remote_type_name(proxy: Any) -> str:
     return str(info[0]) if isinstance(info, list) and info else ""
 
 
+#: path -> its real path, for the whole process: a fresh guest comes with a new
+#: serializer, and realpath costs tens of microseconds (a system call per
+#: component). What it protects is a clear error, not the sandbox: the guest
+#: sees only the files the host maps for it, whatever this says.
+_real_paths: Dict[str, str] = {}
+
+
+def _real_path(path: str) -> str:
+    real = _real_paths.get(path)
+    if real is None:
+        real = _real_paths[path] = os.path.realpath(path)
+    return real
+
+
 def _within(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
@@ -176,7 +190,7 @@ class SandboxSerializer(Serializer):
     ) -> None:
         super().__init__(peer_id, trusted=False)
         #: real paths of the roots the guest imports code from
-        self.guest_paths: Tuple[str, ...] = tuple(os.path.realpath(p) for p in guest_paths)
+        self.guest_paths: Tuple[str, ...] = tuple(_real_path(p) for p in guest_paths)
         #: real paths of the modules of the distributions given to it (packages=)
         self.module_files = module_files
         #: module file -> whether it lies under those roots
@@ -199,8 +213,8 @@ class SandboxSerializer(Serializer):
         if not isinstance(path, str):
             return False
         known = self._importable.get(path)
-        if known is None:  # realpath costs tens of microseconds: once per file
-            real = os.path.realpath(path)
+        if known is None:
+            real = _real_path(path)
             known = self._importable[path] = _within(real, self.guest_paths) or real in self.module_files
         return known
 

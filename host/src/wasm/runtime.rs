@@ -112,13 +112,22 @@ fn engine_config(pooled: bool) -> Config {
         // the guest runs on a fiber driven by the master's calling thread
         .async_stack_size(GUEST_STACK)
         .cranelift_opt_level(OptLevel::Speed);
+    if std::env::var_os("CPY2PY_WASI_PERFMAP").is_some_and(|v| v == "1") {
+        // for `perf record` of a master running guests: wasmtime writes
+        // /tmp/perf-<pid>.map, naming the guest's functions (benches/README.md)
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if pooled {
         // A guest's instances, memories, tables and stack come from slots
         // reserved once: starting and ending one maps and unmaps nothing.
         // A slot given back is reset (its memory to the guest's initial
         // image, the rest zeroed) before another guest gets it, so no guest
         // sees what the previous one left (tests: pooled_slots_are_reset).
-        // Fiber stacks are zeroed too, as a defence in depth.
+        // Fiber stacks are zeroed too, as a defence in depth. The slots keep
+        // nothing resident (`*_keep_resident`): resetting pages in place
+        // saves a guest about 300 of its 650 page faults at start, but the
+        // PAGEMAP_SCAN reset behind it skips dirty pages that were swapped
+        // out (wasmtime PR 14357, open), which the next guest would read.
         let guests = max_guests();
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(guests)
