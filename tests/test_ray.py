@@ -26,7 +26,7 @@ from cpy2py import (
 )
 from ray_cluster import NODE_RESOURCE, ray_unavailable, start_cluster
 from reliability_support import wait_gone
-from support import TESTS_DIR, require_interpreter, run_suite, sandbox_unavailable
+from support import TESTS_DIR, code_on_sys_path, require_interpreter, run_suite, sandbox_unavailable
 
 KINDS = ("python3", "pypy3")
 SUITES = ["test_objects.py", "test_functions.py"]
@@ -401,13 +401,9 @@ def guest_code(tmp_path_factory):
     """A directory of guest code (the cluster's nodes are this machine, so it
     exists on the node too), with a file beside the module the guest must
     not read."""
-    root = tmp_path_factory.mktemp("ray_guest_code")
-    (root / "ray_plugin.py").write_text(RAY_PLUGIN)
-    (root / "secret.txt").write_text("the node's secret\n")
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop("ray_plugin", None)
+    files = {"ray_plugin.py": RAY_PLUGIN, "secret.txt": "the node's secret\n"}
+    with code_on_sys_path(tmp_path_factory, "ray_guest_code", files) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
