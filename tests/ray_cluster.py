@@ -154,6 +154,11 @@ class RayCluster:
     temp_dir: str  # Ray's --temp-dir for both nodes
     nodes: List[subprocess.Popen] = field(default_factory=list)  # their `ray start --block`
 
+    @property
+    def sessions(self) -> List[int]:
+        """The session ids of its nodes, which hold all of its processes."""
+        return [node.pid for node in self.nodes]
+
     def stop(self) -> None:
         """Ends this cluster's processes, all of them, and no other."""
         left = []
