@@ -7,8 +7,9 @@ raylet, monitors, the retitled ``ray::DashboardAgent`` and
 ``ray::RuntimeEnvAgent``, the workers, which take process groups of their
 own but not sessions, and the twins the workers start). ``stop()``
 therefore ends the cluster by session id: SIGTERM to the leader (Ray then
-stops its processes in order), then SIGKILL to whatever of the session
-is left, until /proc shows none of it. ``ray stop`` is never used: it ends
+stops its processes in order), then SIGTERM and SIGKILL to whatever of the
+session is left (the two agents outlive a leader that was killed), until
+/proc shows none of it. ``ray stop`` is never used: it ends
 every Ray cluster of the machine, a developer's own too. The cluster has
 a temporary directory of its own (Ray's sessions, logs, sockets, and its
 ``ray_current_cluster``, so ``ray.init()`` elsewhere still finds the
@@ -216,18 +217,22 @@ def start_cluster() -> tuple:
     temp_dir = tempfile.mkdtemp(prefix="cpy2py-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
     common = [f"--object-store-memory={OBJECT_STORE}", "--num-cpus=2", "--disable-usage-stats"]
-    failed = cluster.start_node(
-        ["--head", f"--port={port}", "--include-dashboard=false", *_own_ports(head=True), *common]
-    )
-    if failed is None:
+    try:
         failed = cluster.start_node(
-            [
-                f"--address={cluster.address}",
-                f'--resources={{"{NODE_RESOURCE}": {NODE_RESOURCE_AMOUNT}}}',
-                *_own_ports(head=False),
-                *common,
-            ]
+            ["--head", f"--port={port}", "--include-dashboard=false", *_own_ports(head=True), *common]
         )
+        if failed is None:
+            failed = cluster.start_node(
+                [
+                    f"--address={cluster.address}",
+                    f'--resources={{"{NODE_RESOURCE}": {NODE_RESOURCE_AMOUNT}}}',
+                    *_own_ports(head=False),
+                    *common,
+                ]
+            )
+    except BaseException:  # Ctrl-C while waiting, too: no half-started cluster stays
+        cluster.stop()
+        raise
     if failed:
         cluster.stop()
         return None, failed
