@@ -1,23 +1,43 @@
 """A real two-node Ray cluster on this machine, for the tests of Ray-placed
-twins (cpy2py/ray.py).
+twins (cpy2py/ray.py), that stops only itself.
 
-``ray start --head`` with a small object store, then a second node that
-offers the custom resource ``NODE_RESOURCE``; ``ray stop`` afterwards.
-Ray binds its nodes to the machine's own address even when asked for
-loopback (it replaces 127.0.0.1 by the address it routes from), so the
-twins' ports are on that address too; the master still reaches the
-cluster through 127.0.0.1. Where Ray is missing or will not start, the
-tests skip with the reason.
+Each node is a ``ray start --block`` started as the leader of a session of
+its own; every process of the node stays in that session (Ray's GCS,
+raylet, monitors, the retitled ``ray::DashboardAgent`` and
+``ray::RuntimeEnvAgent``, the workers, which take process groups of their
+own but not sessions, and the twins the workers start). ``stop()``
+therefore ends the cluster by session id: SIGTERM to the leader (Ray then
+stops its processes in order), then SIGTERM and SIGKILL to whatever of the
+session is left (the two agents outlive a leader that was killed), until
+/proc shows none of it. ``ray stop`` is never used: it ends
+every Ray cluster of the machine, a developer's own too. The cluster has
+a temporary directory of its own (Ray's sessions, logs, sockets, and its
+``ray_current_cluster``, so ``ray.init()`` elsewhere still finds the
+developer's cluster) and its own ports, and the directory goes at
+``stop()``.
+
+The head has a small object store; the second node offers the custom
+resource ``NODE_RESOURCE``. Ray binds its nodes to the machine's own
+address even when asked for loopback (it replaces 127.0.0.1 by the address
+it routes from), so the twins' ports are on that address too; the master
+still reaches the cluster through 127.0.0.1. Where Ray is missing or will
+not start, the tests skip with the reason, and nothing of the attempt is
+left running.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Optional
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 #: the custom resource only the second node offers
 NODE_RESOURCE = "cpy2py_test_node"
@@ -26,8 +46,19 @@ NODE_RESOURCE_AMOUNT = 100
 #: bytes of object store per node (Ray's smallest is 75 MB)
 OBJECT_STORE = 80 * 1000 * 1000
 START_TIMEOUT = 120
+#: how long Ray gets to stop a node's processes after SIGTERM, then SIGKILL
+STOP_GRACE = 30
+#: what ``ray start`` prints once the node is registered with the GCS (it
+#: asks the GCS for the node before printing it; the same point at which
+#: ``ray start`` without --block returns)
+STARTED = "Ray runtime started"
 
-_ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+_ENV = dict(
+    os.environ,
+    RAY_USAGE_STATS_ENABLED="0",
+    # a node waits up to 30 s after SIGTERM for its work to drain otherwise
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+)
 
 
 def _ray_cli() -> str:
@@ -42,6 +73,8 @@ def ray_unavailable() -> Optional[str]:
         return "ray is not installed (pip install 'cpy2py[ray]'; requirements-dev.txt has it)"
     if not os.path.exists(_ray_cli()):
         return f"ray is installed but its command {_ray_cli()} is missing"
+    if not os.path.isdir("/proc"):
+        return "the test cluster finds its processes in /proc, which this system does not have"
     return None
 
 
@@ -51,42 +84,156 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _stat(pid: int) -> Optional[List[str]]:
+    """The fields of /proc/PID/stat after the name (state ppid pgrp session
+    ...); None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()  # the name may hold anything
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended; it is not reaped by this)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def session_processes(sid: int) -> List[int]:
+    """The running processes of session ``sid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None and int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _signal_all(pids: List[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _wait(done, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def end_session(leader: subprocess.Popen) -> List[int]:
+    """Ends every process of the session ``leader`` leads; those still
+    running afterwards (none, unless the kernel holds one).
+
+    SIGTERM to the leader first: ``ray start --block`` then stops the node's
+    processes itself, in order. Whatever of the session outlives it (all of
+    its processes that Ray had not stopped yet, when it was killed) gets
+    SIGTERM, then SIGKILL."""
+    sid = leader.pid
+    # no poll() or wait() until the end: while the leader is unreaped its id
+    # (the session's) cannot be taken by a new process
+    _signal_all([sid], signal.SIGTERM)
+    _wait(lambda: not _running(sid), STOP_GRACE)
+    for signum, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        _signal_all(session_processes(sid), signum)
+        _wait(lambda: not session_processes(sid), grace)
+    left = session_processes(sid)
+    try:
+        leader.wait(10)
+    except subprocess.TimeoutExpired:
+        left = sorted(set(left) | {sid})
+    return left
+
+
 @dataclass
 class RayCluster:
     address: str  # for ray.init and Placement(address=...)
+    temp_dir: str  # Ray's --temp-dir for both nodes
+    nodes: List[subprocess.Popen] = field(default_factory=list)  # their `ray start --block`
+
+    @property
+    def sessions(self) -> List[int]:
+        """The session ids of its nodes, which hold all of its processes."""
+        return [node.pid for node in self.nodes]
 
     def stop(self) -> None:
-        subprocess.run([_ray_cli(), "stop"], env=_ENV, capture_output=True, timeout=120)
+        """Ends this cluster's processes, all of them, and no other."""
+        left = []
+        for node in reversed(self.nodes):  # the second node before the head it reports to
+            left += end_session(node)
+        self.nodes.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"processes of the Ray test cluster still run after SIGKILL: {left}")
+
+    def start_node(self, args: list) -> Optional[str]:
+        """Starts a node and waits until it is registered; why it failed, or None."""
+        log_path = os.path.join(self.temp_dir, f"node-{len(self.nodes)}.log")
+        with open(log_path, "wb") as log:
+            node = subprocess.Popen(
+                [_ray_cli(), "start", "--block", f"--temp-dir={self.temp_dir}", *args],
+                env=_ENV,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.nodes.append(node)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            with open(log_path, errors="replace") as log:
+                output = log.read()
+            if STARTED in output:
+                return None
+            if not _running(node.pid):  # not reaped: stop() still finds its session by its id
+                return f"`ray start` failed: {output.strip()[-800:]}"
+            time.sleep(0.2)
+        return f"`ray start` did not report the node up within {START_TIMEOUT} s: {output.strip()[-800:]}"
 
 
-def _start(args: list, cluster: RayCluster) -> Optional[str]:
-    """Run ``ray start``; the reason it failed, or None."""
-    try:
-        done = subprocess.run(
-            [_ray_cli(), "start", *args], env=_ENV, capture_output=True, text=True, timeout=START_TIMEOUT
-        )
-    except subprocess.TimeoutExpired:
-        cluster.stop()
-        return f"`ray start` did not finish within {START_TIMEOUT} s"
-    if done.returncode != 0:
-        cluster.stop()
-        return f"`ray start` failed: {(done.stdout + done.stderr).strip()[-800:]}"
-    return None
+def _own_ports(head: bool) -> list:
+    """Ports of our own for what Ray would otherwise bind at a fixed default
+    (8265, 10001, 52365), so that a developer's cluster on the defaults and
+    this one do not meet; the rest Ray picks at random."""
+    ports = [f"--dashboard-agent-listen-port={_free_port()}"]
+    if head:
+        ports.append(f"--dashboard-port={_free_port()}")
+        # Ray runs its client server only where grpc is installed, and
+        # refuses a port for it where it is not
+        if importlib.util.find_spec("grpc") is not None:
+            ports.append(f"--ray-client-server-port={_free_port()}")
+    return ports
 
 
 def start_cluster() -> tuple:
-    """(the cluster, None) or (None, why it could not start)."""
+    """(the cluster, None) or (None, why it could not start); a cluster
+    that did not start is stopped again."""
     port = _free_port()
-    cluster = RayCluster(address=f"127.0.0.1:{port}")
+    # short: Ray's unix sockets live below it (at most 107 bytes a path)
+    temp_dir = tempfile.mkdtemp(prefix="cpy2py-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
     common = [f"--object-store-memory={OBJECT_STORE}", "--num-cpus=2", "--disable-usage-stats"]
-    failed = _start(["--head", f"--port={port}", "--include-dashboard=false", *common], cluster)
-    if failed is None:
-        failed = _start(
-            [
-                f"--address={cluster.address}",
-                f'--resources={{"{NODE_RESOURCE}": {NODE_RESOURCE_AMOUNT}}}',
-                *common,
-            ],
-            cluster,
+    try:
+        failed = cluster.start_node(
+            ["--head", f"--port={port}", "--include-dashboard=false", *_own_ports(head=True), *common]
         )
-    return (None, failed) if failed else (cluster, None)
+        if failed is None:
+            failed = cluster.start_node(
+                [
+                    f"--address={cluster.address}",
+                    f'--resources={{"{NODE_RESOURCE}": {NODE_RESOURCE_AMOUNT}}}',
+                    *_own_ports(head=False),
+                    *common,
+                ]
+            )
+    except BaseException:  # Ctrl-C while waiting, too: no half-started cluster stays
+        cluster.stop()
+        raise
+    if failed:
+        cluster.stop()
+        return None, failed
+    return cluster, None

@@ -24,8 +24,12 @@ def where_am_i() -> dict:
 
 
 def process_name(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
+    """The name of process ``pid`` ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def import_and_describe(names: list) -> dict:

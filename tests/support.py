@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import textwrap
+from typing import Iterator
 
 import pytest
 
@@ -45,6 +48,27 @@ def process_exists(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):  # reaped meanwhile
         return False
+
+
+@contextlib.contextmanager
+def code_on_sys_path(tmp_path_factory, name: str, files: dict) -> Iterator[pathlib.Path]:
+    """A new directory ``name`` of the test session's tmp dir holding
+    ``files`` (file name: text), first on sys.path for the block: the guest
+    code of a test module, which the master may import too. Afterwards the
+    directory is off sys.path and every module imported from it is
+    forgotten, so that nothing of it reaches the next test module."""
+    root = tmp_path_factory.mktemp(name)
+    for file_name, text in files.items():
+        (root / file_name).write_text(text)
+    sys.path.insert(0, str(root))
+    try:
+        yield root
+    finally:
+        sys.path.remove(str(root))
+        inside = str(root) + os.sep
+        for module_name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(inside):
+                del sys.modules[module_name]
 
 
 #: the sandboxed twin kind, run by the semantic suites where they apply

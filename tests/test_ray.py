@@ -24,9 +24,16 @@ from cpy2py import (
     TwinterpreterTerminated,
     TwinTimeout,
 )
-from ray_cluster import NODE_RESOURCE, ray_unavailable, start_cluster
+from ray_cluster import NODE_RESOURCE, ray_unavailable, session_processes, start_cluster
 from reliability_support import wait_gone
-from support import TESTS_DIR, require_interpreter, run_suite, sandbox_unavailable
+from support import (
+    TESTS_DIR,
+    code_on_sys_path,
+    process_exists,
+    require_interpreter,
+    run_suite,
+    sandbox_unavailable,
+)
 
 KINDS = ("python3", "pypy3")
 SUITES = ["test_objects.py", "test_functions.py"]
@@ -156,6 +163,38 @@ def test_a_node_id_pins_the_twin(cluster, nodes):
     try:
         twin.start()
         assert cpy2py.ray.node_of("pinned-ray") == nodes[1]
+        assert twin.execute(sum, [1, 2, 3]) == 6
+    finally:
+        twin.stop()
+
+
+def test_a_test_cluster_stops_itself_and_no_other(cluster, nodes):
+    """A second cluster started and stopped beside the module's one (as the
+    module's runs beside a developer's own) ends whole: every process of its
+    nodes' sessions and its directory; the module's cluster goes on."""
+    import cpy2py.ray
+
+    servers = [
+        pid
+        for sid in cluster.sessions
+        for pid in session_processes(sid)
+        if rh.process_name(pid) in ("gcs_server", "raylet")
+    ]
+    assert len(servers) == 3, servers  # one GCS, two raylets
+    other, failed = start_cluster()
+    assert other is not None, failed
+    sessions = other.sessions
+    try:
+        assert len(sessions) == 2 and all(session_processes(sid) for sid in sessions)
+    finally:
+        other.stop()
+    assert [pid for sid in sessions for pid in session_processes(sid)] == []
+    assert not os.path.exists(other.temp_dir)
+    assert [pid for pid in servers if not process_exists(pid)] == []
+    require_interpreter("python3")
+    twin = TwinMaster("python3", "after-other-ray", placement=cpy2py.ray.Placement(node=nodes[1], num_cpus=0))
+    try:
+        twin.start()
         assert twin.execute(sum, [1, 2, 3]) == 6
     finally:
         twin.stop()
@@ -401,13 +440,9 @@ def guest_code(tmp_path_factory):
     """A directory of guest code (the cluster's nodes are this machine, so it
     exists on the node too), with a file beside the module the guest must
     not read."""
-    root = tmp_path_factory.mktemp("ray_guest_code")
-    (root / "ray_plugin.py").write_text(RAY_PLUGIN)
-    (root / "secret.txt").write_text("the node's secret\n")
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop("ray_plugin", None)
+    files = {"ray_plugin.py": RAY_PLUGIN, "secret.txt": "the node's secret\n"}
+    with code_on_sys_path(tmp_path_factory, "ray_guest_code", files) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import time
 
 import pytest
 from cpy2py import TwinMaster, TwinterpreterTerminated, TwinTimeout
-from support import sandbox_unavailable
+from support import code_on_sys_path, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -103,12 +103,8 @@ DEEP = 100_000
 
 @pytest.fixture(scope="module")
 def hostile_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    (root / "hostile_limits.py").write_text(HOSTILE)
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop("hostile_limits", None)
+    with code_on_sys_path(tmp_path_factory, "hostile", {"hostile_limits.py": HOSTILE}) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 from cpy2py import SandboxPool, TwinMaster, TwinStartError, bytecode_cache
-from support import sandbox_unavailable
+from support import code_on_sys_path, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -93,14 +93,11 @@ def plugin(tmp_path_factory):
             pytest.fail(
                 f"{name} is missing from the test environment: run `just setup` (requirements-dev.txt)"
             )
-    root = tmp_path_factory.mktemp("packages_code")
-    (root / "packages_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    sys.path.insert(0, str(root))
-    module = importlib.import_module("packages_plugin")
-    module.ROOT = str(root)
-    yield module
-    sys.path.remove(str(root))
-    sys.modules.pop("packages_plugin", None)
+    files = {"packages_plugin.py": textwrap.dedent(PLUGIN)}
+    with code_on_sys_path(tmp_path_factory, "packages_code", files) as root:
+        module = importlib.import_module("packages_plugin")
+        module.ROOT = str(root)
+        yield module
 
 
 @pytest.fixture(scope="module")

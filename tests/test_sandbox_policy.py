@@ -31,7 +31,7 @@ from cpy2py import (
     kernel_state,
 )
 from cpy2py.kernel import references
-from support import run_master, sandbox_unavailable
+from support import code_on_sys_path, run_master, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -309,14 +309,11 @@ def keyed(n):
 
 @pytest.fixture(scope="module")
 def code_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("policy_code")
-    (root / "hostile_plugin.py").write_text(textwrap.dedent(HOSTILE))
-    (root / "policy_guest_classes.py").write_text(GUEST_CLASSES)
-    sys.path.insert(0, str(root))  # the master may import the guest classes (never the plugin)
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop("policy_guest_classes", None)
-    assert "hostile_plugin" not in sys.modules, "the master imported the hostile plugin"
+    files = {"hostile_plugin.py": textwrap.dedent(HOSTILE), "policy_guest_classes.py": GUEST_CLASSES}
+    # the master may import the guest classes (never the plugin)
+    with code_on_sys_path(tmp_path_factory, "policy_code", files) as root:
+        yield root
+        assert "hostile_plugin" not in sys.modules, "the master imported the hostile plugin"
 
 
 @pytest.fixture(scope="module")

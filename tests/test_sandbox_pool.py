@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib
-import sys
 import textwrap
 import threading
 import time
@@ -30,7 +29,7 @@ from cpy2py import (
     twinfunction,
 )
 from cpy2py.master import running_twins
-from support import sandbox_unavailable
+from support import code_on_sys_path, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -110,13 +109,9 @@ def make_counter():
 
 @pytest.fixture(scope="module")
 def code_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pool_code")
-    (root / "pool_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    (root / "pool_extra.py").write_text('NAME = "extra"\n')
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop("pool_plugin", None)
+    files = {"pool_plugin.py": textwrap.dedent(PLUGIN), "pool_extra.py": 'NAME = "extra"\n'}
+    with code_on_sys_path(tmp_path_factory, "pool_code", files) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

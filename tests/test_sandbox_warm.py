@@ -18,7 +18,7 @@ import time
 import pytest
 from cpy2py import SandboxPool, TwinMaster, TwinStartError, TwinterpreterUnavailable, fresh
 from cpy2py.master import running_twins
-from support import sandbox_unavailable
+from support import code_on_sys_path, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -94,18 +94,16 @@ LOADED = True
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
-    root = tmp_path_factory.mktemp("warm_code")
-    (root / "warm_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    (root / "warm_heavy.py").write_text(textwrap.dedent(HEAVY))
-    (root / "warm_pinned.py").write_text(textwrap.dedent(PINNED))
-    (root / "warm_broken.py").write_text("raise RuntimeError('broken at import')\n")
-    sys.path.insert(0, str(root))
-    module = importlib.import_module("warm_plugin")
-    module.ROOT = str(root)
-    yield module
-    sys.path.remove(str(root))
-    sys.modules.pop("warm_plugin", None)
-    sys.modules.pop("warm_pinned", None)
+    files = {
+        "warm_plugin.py": textwrap.dedent(PLUGIN),
+        "warm_heavy.py": textwrap.dedent(HEAVY),
+        "warm_pinned.py": textwrap.dedent(PINNED),
+        "warm_broken.py": "raise RuntimeError('broken at import')\n",
+    }
+    with code_on_sys_path(tmp_path_factory, "warm_code", files) as root:
+        module = importlib.import_module("warm_plugin")
+        module.ROOT = str(root)
+        yield module
 
 
 def test_preload_imports_the_modules_as_the_guest_starts(plugin):

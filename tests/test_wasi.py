@@ -29,7 +29,7 @@ from cpy2py import (
     is_proxy,
 )
 from cpy2py.errors import RemoteTraceback
-from support import sandbox_unavailable
+from support import code_on_sys_path, sandbox_unavailable
 
 #: the guests of this module start after this (monotonic clock, ns)
 MODULE_STARTED_NS = time.monotonic_ns()
@@ -161,16 +161,15 @@ class Vault(TwinObject):
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sandbox_code")
-    (root / "wasi_plugin_mod.py").write_text(textwrap.dedent(PLUGIN))
-    # the guest sees the code of its paths as it was at its start
-    (root / "untrusted_plugin.py").write_text(UNTRUSTED)
-    (root / "guest_objects.py").write_text(GUEST_OBJECTS)
-    (root / "secret.txt").write_text("the master's secret\n")
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop("wasi_plugin_mod", None)
+    files = {
+        "wasi_plugin_mod.py": textwrap.dedent(PLUGIN),
+        # the guest sees the code of its paths as it was at its start
+        "untrusted_plugin.py": UNTRUSTED,
+        "guest_objects.py": GUEST_OBJECTS,
+        "secret.txt": "the master's secret\n",
+    }
+    with code_on_sys_path(tmp_path_factory, "sandbox_code", files) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
