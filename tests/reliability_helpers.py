@@ -220,3 +220,26 @@ def thread_count() -> int:
     import threading
 
     return threading.active_count()
+
+
+#: server threads this twin's links started since ``count_server_starts``
+SERVER_STARTS = [0]
+
+
+def count_server_starts() -> None:
+    """From now on, count the server threads the twin's links start."""
+    from cpy2py.kernel.connection import Connection
+
+    original = getattr(Connection._start_server, "__wrapped__", Connection._start_server)
+
+    def counted(self):
+        SERVER_STARTS[0] += 1
+        return original(self)
+
+    counted.__wrapped__ = original
+    Connection._start_server = counted
+    SERVER_STARTS[0] = 0
+
+
+def server_starts() -> int:
+    return SERVER_STARTS[0]

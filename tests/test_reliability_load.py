@@ -269,6 +269,34 @@ def test_server_threads_stay_bounded(kind):
     assert after <= before + THREADS + 4, f"the twin went from {before} to {after} threads"
 
 
+def test_steady_concurrency_keeps_its_server_threads(kind):
+    """8 threads calling a twin at once keep about 8 server threads busy there:
+    the same ones serve call after call (a server thread that retired as soon
+    as 4 others were idle was started again for one call in ten)."""
+    target = twin(kind)
+    target.execute(rh.count_server_starts)
+    results = run_threads(THREADS, lambda n: [target.execute(rh.sleep_then, 0, n) for _ in range(200)])
+    assert results == [[n] * 200 for n in range(THREADS)]
+    started = target.execute(rh.server_starts)
+    assert started <= THREADS + 4, f"{started} server threads were started for {THREADS * 200} calls"
+
+
+def test_idle_server_threads_retire_after_a_burst(kind):
+    """16 calls at once have servers of their own; those beyond
+    Connection.MAX_IDLE idle ones end once they have waited
+    Connection.RETIRE_AFTER seconds with nothing to do."""
+    from cpy2py.kernel.connection import Connection
+
+    target = twin(kind)
+    before = target.execute(rh.thread_count)
+    results = run_threads(16, lambda n: [target.execute(rh.sleep_then, 0.05, n)])
+    assert results == [[n] for n in range(16)]
+    wait_until(
+        lambda: target.execute(rh.thread_count) <= before + Connection.MAX_IDLE,
+        "the idle servers beyond MAX_IDLE retiring",
+    )
+
+
 _BUSY_EXIT = """
 import sys, threading, time
 import reliability_helpers as rh

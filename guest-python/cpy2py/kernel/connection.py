@@ -239,13 +239,13 @@ class _Gate:
     def kick(self) -> None:
         os.write(self._kick_w, b"k")
 
-    def wait(self) -> Tuple[bool, bool]:
-        """Block until the link has something or a server was kicked:
-        (link readable, kicked)."""
+    def wait(self, timeout: Optional[float] = None) -> Tuple[bool, bool]:
+        """Block until the link has something or a server was kicked, or for
+        ``timeout`` seconds: (link readable, kicked)."""
         while True:
             try:
-                events = self._ep.poll()
-            except InterruptedError:
+                events = self._ep.poll(-1 if timeout is None else timeout)
+            except InterruptedError:  # (a retry waits the whole timeout again: fine for retiring)
                 continue
             readable = kicked = False
             for fd, _ in events:
@@ -294,8 +294,12 @@ class Connection:
     peer: any other breaks the link, and no thread is ever started for it.
     """
 
-    #: a server that finds this many others waiting ends instead of waiting
+    #: a server that finds this many others waiting ends, once it has waited
+    #: RETIRE_AFTER seconds with nothing to do (at once, without a gate).
+    #: Ending at once made servers come and go with the load: 8 threads
+    #: calling a twin started a new server thread for one call in ten.
     MAX_IDLE = 4
+    RETIRE_AFTER = 1.0
 
     def __init__(
         self,
@@ -1108,7 +1112,8 @@ class Connection:
                     return None
                 if self._handoff:
                     return self._take_handed(gate)
-                if retire and self._waiting >= self.MAX_IDLE:
+                surplus = retire and self._waiting >= self.MAX_IDLE
+                if surplus and gate is None:
                     return None
                 if gate is None:  # no descriptor to wait on: read (holding the role)
                     read = self._take_role(None)
@@ -1130,10 +1135,12 @@ class Connection:
                                 self._idle.remove(waiter)
                 continue
             try:
-                readable, kicked = gate.wait()
+                readable, kicked = gate.wait(self.RETIRE_AFTER if surplus else None)
             finally:
                 with self._lock:
                     self._waiting -= 1
+            if not (readable or kicked):  # a surplus server, idle for RETIRE_AFTER
+                return None
             if kicked:
                 gate.take_kick()
             if readable:
