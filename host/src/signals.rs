@@ -10,16 +10,30 @@ use std::cell::Cell;
 thread_local! {
     /// The signal mask of this thread before `hold`, while it holds them.
     static HELD: Cell<Option<libc::sigset_t>> = const { Cell::new(None) };
+    /// Whether this is the process's main thread, found on its first `hold`
+    /// (two system calls saved on every later call; a thread that forked
+    /// keeps what it was, which only matters to a child that cannot use its
+    /// parent's twins anyway).
+    static MAIN: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+fn is_main_thread() -> bool {
+    MAIN.with(|main| {
+        *main.get().get_or_insert_with(|| {
+            // SAFETY: plain system calls without arguments
+            unsafe { libc::gettid() == libc::getpid() }
+        })
+    })
 }
 
 /// Blocks every signal in the main thread until `release`; elsewhere, or
 /// when they are held already, does nothing.
 pub fn hold() {
+    if !is_main_thread() || held() {
+        return;
+    }
     // SAFETY: plain system calls on this thread's own signal mask
     unsafe {
-        if libc::gettid() != libc::getpid() || held() {
-            return;
-        }
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
