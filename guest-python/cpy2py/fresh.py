@@ -37,13 +37,13 @@ log = _logging.get_logger("fresh")
 
 #: numbers of fresh guests: one series for the process, so no id is reused
 _numbers = itertools.count(1)
-#: fresh twin id -> its guests still alive (a call runs, or proxies are held)
 #: how long a call that took a started guest holds back the start of the
 #: next one, at most (seconds): the start would take the GIL and a core from
 #: the call (a no-op waited 0.3 ms longer for the GIL alone), and most calls
 #: are shorter than this; a longer call gets its successor started meanwhile
 HOLD_REFILL = 0.005
 
+#: fresh twin id -> its guests still alive (a call runs, or proxies are held)
 _guests: Dict[str, Set[FreshGuest]] = {}
 _lock = threading.Lock()
 #: guests one of whose proxies was collected: finalizers only queue them

@@ -164,8 +164,9 @@ def _remote_type_name(proxy: Any) -> str:
 
 #: path -> its real path, for the whole process: a fresh guest comes with a new
 #: serializer, and realpath costs tens of microseconds (a system call per
-#: component). What it protects is a clear error, not the sandbox: the guest
-#: sees only the files the host maps for it, whatever this says.
+#: component). What it decides (a function goes by name, or as a callback;
+#: a clear error for ``execute``) is within the policy either way: the guest
+#: sees only the files the host maps for it, and may call what it is handed.
 _real_paths: Dict[str, str] = {}
 
 
