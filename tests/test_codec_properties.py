@@ -239,6 +239,30 @@ def test_mutated_encodings_give_a_value_or_a_protocol_error(value, data):
     check_garbage(bytes(encoded))
 
 
+def check_peek(data: bytes) -> None:
+    pure, native = (codec.peek(data) for codec in codecs())
+    assert pure == native, f"the codecs peek differently at {data.hex()}: {pure} != {native}"
+
+
+#: message heads: [kind, id, chain, ...] with every width of unsigned integer
+uints = st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]) | st.integers(
+    0, 2**64 - 1
+)
+messages = st.lists(uints, min_size=0, max_size=5).flatmap(
+    lambda fields: st.lists(values, max_size=3).map(lambda rest: codec_py.dumps([*fields, *rest], default))
+)
+
+
+@PROPERTY
+@given(messages | st.binary(max_size=64) | heads)
+def test_both_codecs_peek_the_same_header(data):
+    """``peek`` routes every frame without decoding it: both codecs must read
+    the same (kind, id, chain) from anything, a cut or mangled frame too."""
+    check_peek(data)
+    for cut in range(min(len(data), 24)):
+        check_peek(data[:cut])
+
+
 @PROPERTY
 @given(st.integers(1, 100_000), st.sampled_from([b"\x81", b"\x9f", b"\xa1\x00", b"\xd9\x9c\x41\x81"]))
 def test_deep_nesting_is_refused_by_both(levels, head):

@@ -493,6 +493,15 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
         elif ib == 0x18 and pos + 1 < end:
             append(data[pos + 1])
             pos += 2
+        elif ib == 0x1B and pos + 8 < end:  # a chain id
+            append(_unpack_from_Q(data, pos + 1)[0])
+            pos += 9
+        elif ib == 0x1A and pos + 4 < end:
+            append(_unpack_from_I(data, pos + 1)[0])
+            pos += 5
+        elif (ib == 0x80 or ib == 0xA0) and depth < MAX_DEPTH:  # no arguments, no keywords
+            append([] if ib == 0x80 else {})
+            pos += 1
         elif 0x60 <= ib < 0x78 and pos + ib - 0x60 < end:
             start = pos + 1
             pos = start + ib - 0x60
@@ -1159,9 +1168,14 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     running anything (a message is an array ``[kind, id, chain, ...]``,
     docs/protocol.md). A field is None where the array ends before it or it
     (or a field before it) is not an unsigned integer; all three are None
-    when the frame is not an array. Any head width and indefinite lengths are
+    when the frame is not an array, or when the head of one of those
+    integers is cut short or reserved. Any head width and indefinite lengths are
     read, as the decoders read them (host/src/protocol/header.rs is the same)."""
-    if not frame or frame[0] >> 5 != 4:
+    if not frame:
+        return None, None, None
+    if 0x83 <= frame[0] <= 0x97:  # every message: a definite array of 3 to 23 items
+        return _peek_message(frame)
+    if frame[0] >> 5 != 4:
         return None, None, None
     if frame[0] & 0x1F == 31:
         count, pos = 3, 1
@@ -1174,7 +1188,38 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
         if pos >= len(frame) or frame[pos] == 0xFF or frame[pos] >> 5 != 0:
             break
         value, pos = _peek_argument(frame, pos)
-        if value is None:
-            break
+        if value is None:  # an integer's head cut short or reserved: not a message
+            return None, None, None
         fields[index] = value
+    return fields[0], fields[1], fields[2]
+
+
+def _peek_message(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """``peek`` of an array of 3 to 23 items, without a call per field: it
+    runs for every frame a guest or a PyPy twin receives."""
+    end = len(frame)
+    fields: List[Optional[int]] = []
+    pos = 1
+    while len(fields) < 3 and pos < end:
+        ib = frame[pos]
+        if ib < 24:
+            fields.append(ib)
+            pos += 1
+        elif ib == 0x18 and pos + 1 < end:
+            fields.append(frame[pos + 1])
+            pos += 2
+        elif ib == 0x19 and pos + 2 < end:
+            fields.append(_unpack_from_H(frame, pos + 1)[0])
+            pos += 3
+        elif ib == 0x1A and pos + 4 < end:
+            fields.append(_unpack_from_I(frame, pos + 1)[0])
+            pos += 5
+        elif ib == 0x1B and pos + 8 < end:
+            fields.append(_unpack_from_Q(frame, pos + 1)[0])
+            pos += 9
+        elif ib < 0x20:  # an integer's head cut short or reserved: not a message
+            return None, None, None
+        else:  # not an unsigned integer: neither it nor what follows is read
+            break
+    fields += [None] * (3 - len(fields))
     return fields[0], fields[1], fields[2]
