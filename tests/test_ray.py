@@ -216,6 +216,22 @@ def test_no_node_with_the_resources_is_a_clear_error(cluster):
         TwinMaster("python3", "nowhere-ray", placement=placement, handshake_timeout=5).start()
 
 
+def test_a_node_with_another_protocol_is_a_clear_error(cluster, monkeypatch):
+    """A node whose cpy2py speaks another protocol than the master's (here:
+    the master pretends to be of another version) fails the start saying
+    so, for native and sandboxed twins alike."""
+    from cpy2py.protocol import messages
+
+    monkeypatch.setattr(messages, "PROTOCOL_VERSION", messages.PROTOCOL_VERSION + 1000)
+    for kind in ("python3", "wasi-python"):
+        if kind == "wasi-python" and sandbox_unavailable() is not None:
+            continue
+        with pytest.raises(
+            TwinStartError, match="speaks cpy2py protocol .* install the same cpy2py on the node"
+        ):
+            placed(kind, cluster, handshake_timeout=60).start()
+
+
 def test_a_missing_interpreter_on_the_node_is_a_clear_error(cluster):
     with pytest.raises(TwinStartError, match="could not start '/no/such/python3' on this node"):
         placed("/no/such/python3", cluster, handshake_timeout=30).start()

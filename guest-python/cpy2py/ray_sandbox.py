@@ -352,7 +352,7 @@ class _Sender:
         deadline = time.monotonic() + 2.0
         with self._changed:
             while self._queue and not self._failed and time.monotonic() < deadline:
-                self._changed.wait(0.05)
+                self._changed.wait(deadline - time.monotonic())  # (each write done notifies)
             self._failed = True
             self._changed.notify_all()
         try:

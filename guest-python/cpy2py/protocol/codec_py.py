@@ -1171,36 +1171,26 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     when the frame is not an array, or when the head of one of those
     integers is cut short or reserved. Any head width and indefinite lengths are
     read, as the decoders read them (host/src/protocol/header.rs is the same)."""
-    if not frame:
+    if not frame or frame[0] >> 5 != 4:
         return None, None, None
-    if 0x83 <= frame[0] <= 0x97:  # every message: a definite array of 3 to 23 items
-        return _peek_message(frame)
-    if frame[0] >> 5 != 4:
-        return None, None, None
-    if frame[0] & 0x1F == 31:
+    if frame[0] < 0x98:  # 0 to 23 items: every message
+        count, pos = frame[0] & 0x1F, 1
+    elif frame[0] == 0x9F:  # indefinite length: up to a break
         count, pos = 3, 1
     else:
         count, pos = _peek_argument(frame, 0)
         if count is None:
             return None, None, None
-    fields: List[Optional[int]] = [None, None, None]
-    for index in range(min(count, 3)):
-        if pos >= len(frame) or frame[pos] == 0xFF or frame[pos] >> 5 != 0:
-            break
-        value, pos = _peek_argument(frame, pos)
-        if value is None:  # an integer's head cut short or reserved: not a message
-            return None, None, None
-        fields[index] = value
-    return fields[0], fields[1], fields[2]
+    return _peek_fields(frame, pos, min(count, 3))
 
 
-def _peek_message(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
-    """``peek`` of an array of 3 to 23 items, without a call per field: it
-    runs for every frame a guest or a PyPy twin receives."""
+def _peek_fields(frame: Any, pos: int, wanted: int) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """The first ``wanted`` (at most 3) fields of the array whose items start
+    at ``pos``, without a call per field: it runs for every frame a guest or
+    a PyPy twin receives."""
     end = len(frame)
     fields: List[Optional[int]] = []
-    pos = 1
-    while len(fields) < 3 and pos < end:
+    while len(fields) < wanted and pos < end:
         ib = frame[pos]
         if ib < 24:
             fields.append(ib)
@@ -1219,7 +1209,7 @@ def _peek_message(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[in
             pos += 9
         elif ib < 0x20:  # an integer's head cut short or reserved: not a message
             return None, None, None
-        else:  # not an unsigned integer: neither it nor what follows is read
+        else:  # not an unsigned integer (or the end of an indefinite array): it and what follows are not read
             break
     fields += [None] * (3 - len(fields))
     return fields[0], fields[1], fields[2]
