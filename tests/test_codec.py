@@ -921,6 +921,33 @@ def test_mutation_by_default_is_an_error(codec: Any) -> None:
         codec.dumps(mapping, add_key)
 
 
+def test_a_default_that_replaces_what_is_being_encoded_cannot_pull_it_away(codec: Any) -> None:
+    # The compiled encoder reads the items of lists, tuples and dicts through
+    # borrowed references; a default() that drops the last reference to an
+    # item not yet encoded must find it still alive (and encoded as it was).
+    class Key:
+        pass
+
+    key = Key()
+    mapping = {key: object()}  # the value is referenced by the dict only
+
+    def swap_value(o: Any) -> Any:
+        if o is key:
+            mapping[key] = 5  # same size: no error, the old value is freed
+        return 99, type(o).__name__
+
+    assert codec.loads(codec.dumps(mapping, swap_value), lambda tag, value: (tag, value)) == {
+        (99, "Key"): (99, "object")
+    }
+    items: list = [object(), object(), 3]
+
+    def swap_item(o: Any) -> Any:
+        items[1] = "new"  # same length: the list is read again at each index
+        return 99, None
+
+    assert codec.loads(codec.dumps(items, swap_item), lambda tag, value: (tag, value)) == [(99, None), "new", 3]
+
+
 def test_unencodable_strings(codec: Any) -> None:
     with pytest.raises(UnicodeEncodeError):
         codec.dumps("lone surrogate \ud800")

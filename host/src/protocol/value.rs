@@ -641,6 +641,24 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// Consumes the next item if it is an unsigned integer below 2**32
+    /// and returns it; None (nothing consumed) for anything else. The
+    /// most common item of large arrays, read here without building a
+    /// `Head` (which is returned through memory).
+    #[inline]
+    pub(crate) fn small_uint(&mut self) -> Option<u64> {
+        let data = &self.data[self.pos..];
+        let (n, size) = match *data.first()? {
+            initial @ 0x00..=0x17 => (u64::from(initial), 1),
+            0x18 => (u64::from(*data.get(1)?), 2),
+            0x19 => (u64::from(u16::from_be_bytes(data.get(1..3)?.try_into().ok()?)), 3),
+            0x1a => (u64::from(u32::from_be_bytes(data.get(1..5)?.try_into().ok()?)), 5),
+            _ => return None,
+        };
+        self.pos += size;
+        Some(n)
+    }
+
     /// Reads one head.
     pub(crate) fn head(&mut self) -> Result<Head> {
         let at = self.pos;

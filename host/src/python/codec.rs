@@ -17,7 +17,7 @@ use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyComplex, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PyMemoryView,
     PySet, PyString, PyTuple,
 };
-use pyo3::{ffi, intern};
+use pyo3::{ffi, intern, Borrowed};
 
 use super::errors::protocol_error;
 use crate::error::HostError;
@@ -145,23 +145,31 @@ impl<'py> Encode<'_, 'py> {
     /// (preferred serialization). These are the bytes ciborium-ll's
     /// `Encoder` writes for the same `Header` (the shared vectors check
     /// both); written directly because heads are most of the work when
-    /// encoding small items.
-    #[inline]
+    /// encoding small items. The one-byte head is inlined everywhere.
+    #[inline(always)]
     fn head(&mut self, major: u8, n: u64) {
-        let major = major << 5;
         if n < 24 {
-            self.out.push(major | n as u8);
-        } else if n <= 0xff {
-            self.out.extend_from_slice(&[major | 24, n as u8]);
-        } else if n <= 0xffff {
-            self.out.push(major | 25);
-            self.out.extend_from_slice(&(n as u16).to_be_bytes());
-        } else if n <= 0xffff_ffff {
-            self.out.push(major | 26);
-            self.out.extend_from_slice(&(n as u32).to_be_bytes());
+            self.out.push((major << 5) | n as u8);
         } else {
-            self.out.push(major | 27);
-            self.out.extend_from_slice(&n.to_be_bytes());
+            self.long_head(major, n);
+        }
+    }
+
+    /// A head with a 1-, 2-, 4- or 8-byte argument, appended at once
+    /// (fixed lengths: the compiler writes them without calling memmove).
+    fn long_head(&mut self, major: u8, n: u64) {
+        let m = major << 5;
+        if n <= 0xff {
+            self.out.extend_from_slice(&[m | 24, n as u8]);
+        } else if n <= 0xffff {
+            let [a, b] = (n as u16).to_be_bytes();
+            self.out.extend_from_slice(&[m | 25, a, b]);
+        } else if n <= 0xffff_ffff {
+            let [a, b, c, d] = (n as u32).to_be_bytes();
+            self.out.extend_from_slice(&[m | 26, a, b, c, d]);
+        } else {
+            let [a, b, c, d, e, f, g, h] = n.to_be_bytes();
+            self.out.extend_from_slice(&[m | 27, a, b, c, d, e, f, g, h]);
         }
     }
 
@@ -184,27 +192,52 @@ impl<'py> Encode<'_, 'py> {
         }
     }
 
-    /// Encodes `obj`, enclosed by `depth` arrays, maps and tags.
-    fn item(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+    /// Encodes `obj` if it is a str, float, None, bool or an int of at
+    /// most 64 bits (exact types); returns whether it was. Encoding these
+    /// runs no Python code and makes no object the garbage collector
+    /// tracks (so no collection runs a finalizer), so `obj` may be a
+    /// reference borrowed from a container: nothing can drop it meanwhile.
+    #[inline]
+    fn scalar(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
         if obj.is_exact_instance_of::<PyInt>() {
-            self.int(obj, depth)
+            return self.small_int(obj);
         } else if obj.is_exact_instance_of::<PyString>() {
             let utf8 = obj.cast_exact::<PyString>()?.encode_utf8()?;
             self.head(TEXT, utf8.as_bytes().len() as u64);
             self.out.extend_from_slice(utf8.as_bytes());
-            Ok(())
         } else if obj.is_exact_instance_of::<PyFloat>() {
-            self.float(obj.cast_exact::<PyFloat>()?.value())
+            self.float(obj.cast_exact::<PyFloat>()?.value())?;
         } else if obj.is_none() {
             self.out.push(0xf6);
-            Ok(())
         } else if obj.is_exact_instance_of::<PyBool>() {
             self.out.push(if obj.cast_exact::<PyBool>()?.is_true() {
                 0xf5
             } else {
                 0xf4
             });
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Encodes an item of a container, given as a borrowed reference: a
+    /// scalar as it is, anything else (whose encoding may run default(),
+    /// which may change the container) through a reference of its own.
+    #[inline]
+    fn member(&mut self, obj: Borrowed<'_, 'py, PyAny>, depth: usize) -> PyResult<()> {
+        if self.scalar(&obj)? {
+            return Ok(());
+        }
+        self.item(&obj.to_owned(), depth)
+    }
+
+    /// Encodes `obj`, enclosed by `depth` arrays, maps and tags.
+    fn item(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        if self.scalar(obj)? {
             Ok(())
+        } else if obj.is_exact_instance_of::<PyInt>() {
+            self.big_int(obj, depth)
         } else if obj.is_exact_instance_of::<PyList>() {
             self.list(obj.cast_exact::<PyList>()?, depth)
         } else if obj.is_exact_instance_of::<PyTuple>() {
@@ -214,8 +247,9 @@ impl<'py> Encode<'_, 'py> {
             }
             self.head(TAG, tags::TUPLE);
             self.head(ARRAY, tuple.len() as u64);
-            for item in tuple.iter() {
-                self.item(&item, depth + 2)?;
+            for i in 0..tuple.len() {
+                // a tuple cannot change: its items live as long as it does
+                self.member(tuple.get_borrowed_item(i)?, depth + 2)?;
             }
             Ok(())
         } else if obj.is_exact_instance_of::<PyDict>() {
@@ -255,31 +289,36 @@ impl<'py> Encode<'_, 'py> {
         }
     }
 
-    /// Encodes an object whose exact type is `int`.
-    fn int(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
-        let py = obj.py();
+    /// Encodes an exact `int` that fits in 64 bits signed; returns whether
+    /// it did (larger ones are left to `big_int`).
+    #[inline]
+    fn small_int(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
         let mut overflow: c_int = 0;
         // SAFETY: `obj` is a live `int` (its exact type was checked) and we
         // are attached to the interpreter.
         let n = unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
-        if overflow == 0 {
-            if n == -1 && PyErr::occurred(py) {
-                return Err(PyErr::fetch(py));
-            }
-            // `!n` is `-1 - n`, the argument of a negative integer
-            if n >= 0 {
-                self.head(UINT, n as u64);
-            } else {
-                self.head(NINT, !n as u64);
-            }
-            return Ok(());
+        if overflow != 0 {
+            return Ok(false);
         }
-        // beyond 64 bits signed: `~obj` is `-1 - obj`
-        let (negative, magnitude) = if overflow < 0 {
-            (true, obj.bitnot()?)
+        if n == -1 && PyErr::occurred(obj.py()) {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        // `!n` is `-1 - n`, the argument of a negative integer
+        if n >= 0 {
+            self.head(UINT, n as u64);
         } else {
-            (false, obj.clone())
-        };
+            self.head(NINT, !n as u64);
+        }
+        Ok(true)
+    }
+
+    /// Encodes an exact `int` beyond 64 bits signed: up to 64 bits of
+    /// magnitude as a plain integer, larger ones as a bignum.
+    fn big_int(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        let py = obj.py();
+        // `~obj` is `-1 - obj`
+        let negative = obj.lt(0)?;
+        let magnitude = if negative { obj.bitnot()? } else { obj.clone() };
         if let Ok(n) = magnitude.extract::<u64>() {
             self.head(if negative { NINT } else { UINT }, n);
             return Ok(());
@@ -308,10 +347,16 @@ impl<'py> Encode<'_, 'py> {
         }
         let n = list.len();
         self.head(ARRAY, n as u64);
+        let py = list.py();
         for i in 0..n {
-            // only a default() that mutates the list can make this fail
-            let item = list.get_item(i).map_err(|_| changed_size("list"))?;
-            self.item(&item, depth + 1)?;
+            // SAFETY: `list` is a list and we are attached to the interpreter;
+            // the borrowed item is used only until `member` takes a
+            // reference of its own, before any Python code can run
+            let item = unsafe { ffi::PyList_GetItem(list.as_ptr(), i as ffi::Py_ssize_t) };
+            // SAFETY: as above; null (out of range) only after a default()
+            // shortened the list
+            let item = unsafe { Borrowed::from_ptr_or_err(py, item) }.map_err(|_| changed_size("list"))?;
+            self.member(item, depth + 1)?;
         }
         if list.len() != n {
             return Err(changed_size("list"));
@@ -325,12 +370,25 @@ impl<'py> Encode<'_, 'py> {
         }
         let n = dict.len();
         self.head(MAP, n as u64);
+        let py = dict.py();
         let mut count = 0;
-        // the size is checked before the iterator takes another step, which
-        // would panic if default() had changed it
-        for (key, value) in dict.iter().take(n) {
-            self.item(&key, depth + 1)?;
-            self.item(&value, depth + 1)?;
+        let mut pos: ffi::Py_ssize_t = 0;
+        let mut key = std::ptr::null_mut();
+        let mut value = std::ptr::null_mut();
+        // the size is checked after each entry: default() may change it
+        // SAFETY: `dict` is a dict and we are attached to the interpreter;
+        // PyDict_Next stays within the entries even of a changed dict
+        while count < n && unsafe { ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut value) } != 0 {
+            // SAFETY: borrowed references to a live entry, non-null
+            let (key, value) = unsafe { (Borrowed::from_ptr(py, key), Borrowed::from_ptr(py, value)) };
+            if self.scalar(&key)? {
+                self.member(value, depth + 1)?;
+            } else {
+                // encoding the key may run default(), which may drop the value
+                let value = value.to_owned();
+                self.item(&key.to_owned(), depth + 1)?;
+                self.item(&value, depth + 1)?;
+            }
             count += 1;
             if dict.len() != n {
                 return Err(changed_size("dictionary"));
@@ -512,6 +570,9 @@ impl<'py> Decode<'_, 'py> {
     /// Decodes the next item, enclosed by `depth` arrays, maps and tags.
     fn item(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
         let py = self.py;
+        if let Some(n) = self.cursor.small_uint() {
+            return Ok(n.into_pyobject(py)?.into_any());
+        }
         let at = self.cursor.offset();
         let head = self.cursor.head().map_err(|e| wire(py, e))?;
         Ok(match head {
