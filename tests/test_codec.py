@@ -945,7 +945,11 @@ def test_a_default_that_replaces_what_is_being_encoded_cannot_pull_it_away(codec
         items[1] = "new"  # same length: the list is read again at each index
         return 99, None
 
-    assert codec.loads(codec.dumps(items, swap_item), lambda tag, value: (tag, value)) == [(99, None), "new", 3]
+    assert codec.loads(codec.dumps(items, swap_item), lambda tag, value: (tag, value)) == [
+        (99, None),
+        "new",
+        3,
+    ]
 
 
 def test_unencodable_strings(codec: Any) -> None:

@@ -404,6 +404,9 @@ fn class_info(class: Value) -> Result<ClassInfo> {
 
 /// Decodes the item at the cursor; `depth` containers enclose it.
 fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
+    if let Some(n) = cursor.small_uint() {
+        return Ok(Value::Int(i128::from(n)));
+    }
     let at = cursor.offset();
     Ok(match cursor.head()? {
         Head::Uint(n) => Value::Int(i128::from(n)),
