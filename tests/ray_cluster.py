@@ -1,5 +1,6 @@
 """A real two-node Ray cluster on this machine, for the tests of Ray-placed
-twins (cpy2py/ray.py), that stops only itself.
+twins (cpy2py/ray.py), that stops only itself, also when the process that
+started it is killed.
 
 Each node is a ``ray start --block`` started as the leader of a session of
 its own; every process of the node stays in that session (Ray's GCS,
@@ -15,6 +16,18 @@ a temporary directory of its own (Ray's sessions, logs, sockets, and its
 ``ray_current_cluster``, so ``ray.init()`` elsewhere still finds the
 developer's cluster) and its own ports, and the directory goes at
 ``stop()``.
+
+A process that starts a cluster and ends without ``stop()`` (pytest
+SIGKILLed, or its process group killed by a CI timeout, or a crash) would
+leave the nodes running: they are sessions of their own, and nothing of
+Ray ends a ``ray start --block`` whose parent died. So each cluster has a
+watchdog, this file run as a script in a session of its own, whose stdin is
+a pipe that only the starting process can write to (and children it forked
+without exec). It reads the nodes' session ids from it as they start,
+blocked on the read; end of input without the word ``stopped``, which
+``stop()`` sends, means the starter is gone, and the watchdog ends the
+sessions and the directory as ``stop()`` does, then exits. (Ray's own
+reaper learns of its parent's death the same way.)
 
 The head has a small object store; the second node offers the custom
 resource ``NODE_RESOURCE``. Ray binds its nodes to the machine's own
@@ -125,34 +138,68 @@ def _wait(done, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def end_session(leader: subprocess.Popen) -> List[int]:
-    """Ends every process of the session ``leader`` leads; those still
-    running afterwards (none, unless the kernel holds one).
+def _leads_session(pid: int) -> bool:
+    """Whether ``pid`` runs and leads the session of its own id."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and int(fields[3]) == pid
+
+
+def end_session(sid: int) -> List[int]:
+    """Ends every process of session ``sid``; those still running afterwards
+    (none, unless the kernel holds one).
 
     SIGTERM to the leader first: ``ray start --block`` then stops the node's
     processes itself, in order. Whatever of the session outlives it (all of
     its processes that Ray had not stopped yet, when it was killed) gets
-    SIGTERM, then SIGKILL."""
-    sid = leader.pid
-    # no poll() or wait() until the end: while the leader is unreaped its id
-    # (the session's) cannot be taken by a new process
-    _signal_all([sid], signal.SIGTERM)
-    _wait(lambda: not _running(sid), STOP_GRACE)
+    SIGTERM, then SIGKILL. Only processes of the session get a signal: a
+    session's id is not given to a new process while anything of it runs
+    (and ``stop()`` reaps the leaders only after this)."""
+    if _leads_session(sid):
+        _signal_all([sid], signal.SIGTERM)
+        _wait(lambda: not _leads_session(sid), STOP_GRACE)
     for signum, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         _signal_all(session_processes(sid), signum)
         _wait(lambda: not session_processes(sid), grace)
-    left = session_processes(sid)
-    try:
-        leader.wait(10)
-    except subprocess.TimeoutExpired:
-        left = sorted(set(left) | {sid})
-    return left
+    return session_processes(sid)
+
+
+#: what ``stop()`` tells the watchdog once it has ended the cluster itself
+STOPPED = b"stopped"
+
+
+def watch(temp_dir: str) -> None:
+    """The watchdog's work (see the module's doc): the session ids from
+    stdin until its end, then the cluster's end unless ``stop()`` said
+    ``stopped``. Blocked on the read meanwhile: no polling."""
+    sessions = []
+    for line in sys.stdin.buffer:
+        if line.strip() == STOPPED:
+            return
+        sessions.append(int(line))
+    left = []
+    for sid in reversed(sessions):  # the second node before the head it reports to
+        left += end_session(sid)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    if left:
+        sys.exit(f"processes of the Ray test cluster still run after SIGKILL: {left}")
+
+
+def _start_watchdog(temp_dir: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), temp_dir],
+        stdin=subprocess.PIPE,  # the write end is ours alone (not inherited by what we exec)
+        stdout=subprocess.DEVNULL,
+        bufsize=0,  # each session id reaches the pipe when written
+        # pytest's process group, killed by a CI timeout, does not take it along
+        start_new_session=True,
+    )
 
 
 @dataclass
 class RayCluster:
     address: str  # for ray.init and Placement(address=...)
     temp_dir: str  # Ray's --temp-dir for both nodes
+    watchdog: subprocess.Popen  # ends the cluster if we end without stop()
     nodes: List[subprocess.Popen] = field(default_factory=list)  # their `ray start --block`
 
     @property
@@ -161,12 +208,26 @@ class RayCluster:
         return [node.pid for node in self.nodes]
 
     def stop(self) -> None:
-        """Ends this cluster's processes, all of them, and no other."""
+        """Ends this cluster's processes, all of them, and no other, and its
+        watchdog."""
         left = []
         for node in reversed(self.nodes):  # the second node before the head it reports to
-            left += end_session(node)
-        self.nodes.clear()
+            left += end_session(node.pid)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.watchdog.returncode is None:
+            try:
+                self.watchdog.communicate(STOPPED + b"\n", timeout=10)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait()
+        # the leaders are reaped only now: until the watchdog has let go of
+        # their sessions, no new process can take their ids
+        for node in self.nodes:
+            try:
+                node.wait(10)
+            except subprocess.TimeoutExpired:
+                left.append(node.pid)
+        self.nodes.clear()
         if left:
             raise RuntimeError(f"processes of the Ray test cluster still run after SIGKILL: {left}")
 
@@ -183,6 +244,13 @@ class RayCluster:
                 start_new_session=True,
             )
         self.nodes.append(node)
+        try:
+            self.watchdog.stdin.write(b"%d\n" % node.pid)
+        except BrokenPipeError:
+            raise RuntimeError(
+                "the watchdog of the Ray test cluster (tests/ray_cluster.py run as a script) ended early"
+                f" with exit status {self.watchdog.poll()}; its error is in this run's stderr"
+            ) from None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             with open(log_path, errors="replace") as log:
@@ -215,7 +283,7 @@ def start_cluster() -> tuple:
     port = _free_port()
     # short: Ray's unix sockets live below it (at most 107 bytes a path)
     temp_dir = tempfile.mkdtemp(prefix="cpy2py-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
+    cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir, watchdog=_start_watchdog(temp_dir))
     common = [f"--object-store-memory={OBJECT_STORE}", "--num-cpus=2", "--disable-usage-stats"]
     try:
         failed = cluster.start_node(
@@ -237,3 +305,7 @@ def start_cluster() -> tuple:
         cluster.stop()
         return None, failed
     return cluster, None
+
+
+if __name__ == "__main__":  # the watchdog: python ray_cluster.py TEMP_DIR
+    watch(sys.argv[1])

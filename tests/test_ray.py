@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from cpy2py import (
     TwinterpreterTerminated,
     TwinTimeout,
 )
-from ray_cluster import NODE_RESOURCE, ray_unavailable, session_processes, start_cluster
+from ray_cluster import NODE_RESOURCE, end_session, ray_unavailable, session_processes, start_cluster
 from reliability_support import wait_gone
 from support import (
     TESTS_DIR,
@@ -171,7 +172,8 @@ def test_a_node_id_pins_the_twin(cluster, nodes):
 def test_a_test_cluster_stops_itself_and_no_other(cluster, nodes):
     """A second cluster started and stopped beside the module's one (as the
     module's runs beside a developer's own) ends whole: every process of its
-    nodes' sessions and its directory; the module's cluster goes on."""
+    nodes' sessions, its directory and its watchdog; the module's cluster
+    goes on."""
     import cpy2py.ray
 
     servers = [
@@ -190,6 +192,7 @@ def test_a_test_cluster_stops_itself_and_no_other(cluster, nodes):
         other.stop()
     assert [pid for sid in sessions for pid in session_processes(sid)] == []
     assert not os.path.exists(other.temp_dir)
+    assert other.watchdog.returncode == 0  # told by stop(), it ended without stopping anything
     assert [pid for pid in servers if not process_exists(pid)] == []
     require_interpreter("python3")
     twin = TwinMaster("python3", "after-other-ray", placement=cpy2py.ray.Placement(node=nodes[1], num_cpus=0))
@@ -198,6 +201,63 @@ def test_a_test_cluster_stops_itself_and_no_other(cluster, nodes):
         assert twin.execute(sum, [1, 2, 3]) == 6
     finally:
         twin.stop()
+
+
+#: what a process that started a test cluster prints: its directory, its
+#: watchdog's pid (the leader of a session of its own), its nodes' sessions
+STARTER = """
+import signal
+from ray_cluster import start_cluster
+
+cluster, failed = start_cluster()
+if cluster is None:
+    print("failed:", failed, flush=True)
+    raise SystemExit(3)
+print(cluster.temp_dir, cluster.watchdog.pid, *cluster.sessions, flush=True)
+signal.pause()
+"""
+
+
+def test_a_test_cluster_ends_with_the_process_that_started_it(tmp_path):
+    """The process that started a cluster is SIGKILLed (as a pytest killed
+    by a CI timeout is): its cluster's watchdog ends every process of the
+    nodes' sessions and the directory, and then itself."""
+    reason = ray_unavailable()
+    if reason:
+        pytest.skip(f"no Ray cluster: {reason}")
+    script = tmp_path / "starter.py"
+    script.write_text(STARTER)
+    starter = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+    )
+    temp_dir, sessions = None, []
+    try:
+        try:
+            started = starter.stdout.readline().split()  # start_cluster has a deadline of its own
+            if started[:1] == ["failed:"]:
+                pytest.skip(f"no Ray cluster: {' '.join(started[1:])}")
+            assert len(started) == 4, f"the starter printed {started!r}"
+            temp_dir, sessions = started[0], [int(sid) for sid in started[1:]]
+            assert all(session_processes(sid) for sid in sessions), "the watchdog or a node was not running"
+        finally:
+            starter.kill()
+            starter.wait()
+            starter.stdout.close()
+        deadline = time.monotonic() + 180  # the watchdog's own deadlines: 45 s a node at most
+        while time.monotonic() < deadline and (
+            any(session_processes(sid) for sid in sessions) or os.path.exists(temp_dir)
+        ):
+            time.sleep(0.2)
+        assert {sid: session_processes(sid) for sid in sessions} == {sid: [] for sid in sessions}
+        assert not os.path.exists(temp_dir)
+    finally:  # what a failed watchdog left
+        for sid in sessions:
+            end_session(sid)
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_modules_come_from_the_master(on_ray, tmp_path, monkeypatch):
