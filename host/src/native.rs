@@ -61,7 +61,8 @@ impl Handshake {
         let process = TwinProcess::spawn(command)?;
         Ok(Handshake {
             process,
-            reader: FrameReader::default(),
+            // the hello only: the link's own reader goes on with the stream
+            reader: FrameReader::exact(),
             executable,
             timeout,
             deadline: Instant::now() + timeout,
@@ -206,10 +207,17 @@ impl NativeTwin {
         if fd < 0 {
             return Ok(ReadOutcome::Eof);
         }
-        if !reader.in_progress() && !pipe::wait_for_frame(fd, signals::mask_before_hold().as_ref())? {
+        if !reader.has_input() && !pipe::wait_for_frame(fd, signals::mask_before_hold().as_ref())? {
             return Ok(ReadOutcome::Interrupted);
         }
         reader.read(&mut &self.process.from_twin, self.max_frame)
+    }
+
+    /// Whether bytes of the stream were read ahead and wait in the reader
+    /// (the descriptor no longer says so: the kernel routes them before
+    /// giving up the reading role).
+    pub fn buffered(&self) -> bool {
+        self.reader.try_lock().is_ok_and(|reader| reader.has_input())
     }
 
     /// The error for a stream that ended inside a frame: a twin that died
@@ -238,7 +246,7 @@ impl NativeTwin {
     /// Waits until a frame can be read (or the stream ended), up to
     /// `timeout` (None: forever); `None` when a signal interrupted the wait.
     pub fn wait_readable_step(&self, timeout: Option<Duration>) -> Result<Option<bool>> {
-        if self.reader().in_progress() {
+        if self.reader().has_input() {
             return Ok(Some(true));
         }
         if self.process.from_twin.is_closed() {

@@ -181,46 +181,65 @@ pub fn write_small_before(fd: RawFd, message: &[u8], deadline: Instant) -> io::R
 /// between slices of a long write (a guard could not travel there).
 #[derive(Default)]
 pub struct WriterLock {
-    busy: Mutex<bool>,
+    state: Mutex<Writers>,
     freed: Condvar,
 }
 
+/// Whether a writer holds the lock, and how many wait for it (a release
+/// wakes one only if any waits: a wake-up is a system call even for nobody).
+#[derive(Default)]
+struct Writers {
+    busy: bool,
+    waiting: usize,
+}
+
 impl WriterLock {
+    fn state(&self) -> std::sync::MutexGuard<'_, Writers> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn acquire(&self) {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        while *busy {
-            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state();
+        state.waiting += 1;
+        while state.busy {
+            state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        *busy = true;
+        state.waiting -= 1;
+        state.busy = true;
     }
 
     /// Takes it if it is free; whether it did.
     pub fn try_acquire(&self) -> bool {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        !std::mem::replace(&mut *busy, true)
+        !std::mem::replace(&mut self.state().busy, true)
     }
 
     /// Takes it unless it stays taken until `deadline`; whether it did.
     pub fn acquire_before(&self, deadline: Instant) -> bool {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        while *busy {
+        let mut state = self.state();
+        state.waiting += 1;
+        while state.busy {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                state.waiting -= 1;
                 return false;
             }
-            busy = self
+            state = self
                 .freed
-                .wait_timeout(busy, left)
+                .wait_timeout(state, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        *busy = true;
+        state.waiting -= 1;
+        state.busy = true;
         true
     }
 
     pub fn release(&self) {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.freed.notify_one();
+        let mut state = self.state();
+        state.busy = false;
+        if state.waiting > 0 {
+            self.freed.notify_one();
+        }
     }
 }
 

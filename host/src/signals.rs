@@ -19,9 +19,11 @@ thread_local! {
 
 fn is_main_thread() -> bool {
     MAIN.with(|main| {
-        *main.get().get_or_insert_with(|| {
+        main.get().unwrap_or_else(|| {
             // SAFETY: plain system calls without arguments
-            unsafe { libc::gettid() == libc::getpid() }
+            let found = unsafe { libc::gettid() == libc::getpid() };
+            main.set(Some(found)); // (the cell's own value: `get` returns a copy)
+            found
         })
     })
 }
@@ -64,6 +66,17 @@ pub fn mask_before_hold() -> Option<libc::sigset_t> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whether_this_is_the_main_thread_is_found_once() {
+        std::thread::spawn(|| {
+            assert!(MAIN.with(Cell::get).is_none());
+            assert!(!is_main_thread());
+            assert_eq!(MAIN.with(Cell::get), Some(false)); // kept for the next call
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn only_the_main_thread_holds_signals() {

@@ -5,7 +5,10 @@
 //! (tests, benches, fuzzing). It keeps its progress between calls, so a read
 //! that a signal interrupts (EINTR, Ctrl-C) or that finds only part of a
 //! frame goes on where it stopped and never desynchronizes the stream. It
-//! reads exactly the bytes of one frame, never ahead.
+//! reads ahead up to [`AHEAD`] bytes, so a small frame (and often the next
+//! ones) comes in one `read` with its header; the bytes read ahead are the
+//! reader's, so a caller asks [`FrameReader::has_input`] before waiting
+//! for the stream. The body of a larger frame is read straight into it.
 
 use std::io::{self, Read, Write};
 
@@ -69,6 +72,10 @@ pub const SPARE_LIMIT: usize = 8 << 20;
 /// so that they never take the spare a large frame will want.
 pub const SPARE_FROM: usize = 64 << 10;
 
+/// Bytes a reader asks for beyond the frame it reads (one `read` brings a
+/// small frame whole, with its header, and the frames written after it).
+pub const AHEAD: usize = 16 << 10;
+
 /// Progress on the frame being read, kept across calls.
 #[derive(Debug, Default)]
 pub struct FrameReader {
@@ -76,28 +83,72 @@ pub struct FrameReader {
     head_have: usize,
     body: Vec<u8>,
     body_have: usize,
+    /// bytes read ahead, from `ahead_at` on (allocated on first use)
+    ahead: Vec<u8>,
+    ahead_at: usize,
+    /// reads no byte past the frame (see [`FrameReader::exact`])
+    exact: bool,
     /// a body handed back by [`FrameReader::recycle`], for the next large frame
     spare: Vec<u8>,
 }
 
 impl FrameReader {
-    /// Whether part of a frame was read (the rest may already be there, so
-    /// a caller must read rather than wait for the stream to be readable).
-    pub fn in_progress(&self) -> bool {
-        self.head_have > 0
+    /// A reader that never reads past the frame it reads, for a stream
+    /// that another reader goes on with (a twin's hello, read before its
+    /// link has a reader of its own), or read by a new reader per frame
+    /// ([`read_frame`]).
+    pub fn exact() -> Self {
+        FrameReader {
+            exact: true,
+            ..FrameReader::default()
+        }
+    }
+
+    /// Whether part of a frame was read, or bytes of later ones: a caller
+    /// must then read rather than wait for the stream to be readable (what
+    /// it holds is no longer in the stream).
+    pub fn has_input(&self) -> bool {
+        self.head_have > 0 || self.ahead_at < self.ahead.len()
+    }
+
+    /// Moves bytes read ahead into `out`; how many.
+    fn take_ahead(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.ahead.len() - self.ahead_at);
+        out[..n].copy_from_slice(&self.ahead[self.ahead_at..self.ahead_at + n]);
+        self.ahead_at += n;
+        n
+    }
+
+    /// One `read` of up to [`AHEAD`] bytes (exact: the `want` bytes the
+    /// header still needs) into the empty read-ahead buffer; `None` when a
+    /// signal interrupted it.
+    fn read_ahead<R: Read>(&mut self, input: &mut R, want: usize) -> Result<Option<usize>> {
+        self.ahead.resize(if self.exact { want } else { AHEAD }, 0);
+        self.ahead_at = 0;
+        let got = read_some(input, &mut self.ahead);
+        let n = *got.as_ref().ok().and_then(Option::as_ref).unwrap_or(&0);
+        self.ahead.truncate(n);
+        got
     }
 
     /// Reads from `input` until a frame is whole, the stream ends, or a read
     /// is interrupted. A length over `max` is refused before anything is
-    /// allocated. Each `read` of `input` asks for the rest of the header or
-    /// of the body only.
+    /// allocated. The header and what follows it are read ahead (see
+    /// [`AHEAD`]); the rest of a body longer than what came with its header
+    /// is read straight into the body.
     pub fn read<R: Read>(&mut self, input: &mut R, max: usize) -> Result<ReadOutcome> {
         while self.head_have < HEADER_LEN {
-            match read_some(input, &mut self.head[self.head_have..])? {
-                None => return Ok(ReadOutcome::Interrupted),
-                Some(0) if self.head_have == 0 => return Ok(ReadOutcome::Eof),
-                Some(0) => return Ok(ReadOutcome::Truncated),
-                Some(n) => self.head_have += n,
+            let mut head = self.head;
+            let took = self.take_ahead(&mut head[self.head_have..]);
+            self.head = head;
+            self.head_have += took;
+            if took == 0 {
+                match self.read_ahead(input, HEADER_LEN - self.head_have)? {
+                    None => return Ok(ReadOutcome::Interrupted),
+                    Some(0) if self.head_have == 0 => return Ok(ReadOutcome::Eof),
+                    Some(0) => return Ok(ReadOutcome::Truncated),
+                    Some(_) => continue,
+                }
             }
             if self.head_have == HEADER_LEN {
                 let len = payload_len(self.head, max)?;
@@ -112,6 +163,9 @@ impl FrameReader {
                 self.body_have = 0;
             }
         }
+        let mut body = std::mem::take(&mut self.body);
+        self.body_have += self.take_ahead(&mut body[self.body_have..]);
+        self.body = body;
         while self.body_have < self.body.len() {
             match read_some(input, &mut self.body[self.body_have..])? {
                 None => return Ok(ReadOutcome::Interrupted),
@@ -148,7 +202,7 @@ fn read_some<R: Read>(input: &mut R, buf: &mut [u8]) -> Result<Option<usize>> {
 /// Reads one whole frame, going on after interrupted reads; `Ok(None)` on a
 /// clean end of stream before a frame.
 pub fn read_frame<R: Read>(input: &mut R, max: usize) -> Result<Option<Vec<u8>>> {
-    let mut reader = FrameReader::default();
+    let mut reader = FrameReader::exact();
     loop {
         match reader.read(input, max)? {
             ReadOutcome::Frame(payload) => return Ok(Some(payload)),
@@ -249,14 +303,14 @@ mod tests {
         ]);
         let mut reader = FrameReader::default();
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Interrupted);
-        assert!(reader.in_progress());
+        assert!(reader.has_input());
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Interrupted);
         assert_eq!(
             reader.read(&mut input, 100).unwrap(),
             ReadOutcome::Frame(vec![7, 8, 9])
         );
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![5]));
-        assert!(!reader.in_progress());
+        assert!(!reader.has_input());
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Eof);
     }
 
@@ -287,14 +341,43 @@ mod tests {
     }
 
     #[test]
-    fn never_reads_past_the_frame() {
-        let mut reader = FrameReader::default();
+    fn an_exact_reader_never_reads_past_the_frame() {
+        let mut reader = FrameReader::exact();
         let mut input: &[u8] = &[0, 0, 0, 1, 42, 0xde, 0xad];
         assert_eq!(
             reader.read(&mut input, 100).unwrap(),
             ReadOutcome::Frame(vec![42])
         );
         assert_eq!(input, [0xde, 0xad]);
+        assert!(!reader.has_input());
+    }
+
+    #[test]
+    fn frames_read_ahead_come_out_in_order_and_say_they_are_there() {
+        let mut stream = Vec::new();
+        write_frame(&mut stream, &[1]).unwrap();
+        write_frame(&mut stream, &[2, 2]).unwrap();
+        stream.extend_from_slice(&[0, 0, 0, 3, 3]); // the start of a third frame
+        let mut input = Scripted::new(vec![Ok(&stream), Ok(&[3, 3])]);
+        let mut reader = FrameReader::default();
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![1]));
+        assert!(reader.has_input(), "the next frames were read with the first");
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![2, 2]));
+        assert!(reader.has_input());
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![3, 3, 3]));
+        assert!(!reader.has_input());
+        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Eof);
+    }
+
+    #[test]
+    fn a_large_body_is_read_straight_into_the_frame() {
+        let body = vec![7u8; 3 * AHEAD];
+        let mut stream = Vec::new();
+        write_frame(&mut stream, &body).unwrap();
+        let mut input: &[u8] = &stream;
+        let mut reader = FrameReader::default();
+        assert_eq!(reader.read(&mut input, usize::MAX).unwrap(), ReadOutcome::Frame(body));
+        assert!(input.is_empty() && !reader.has_input());
     }
 
     #[test]

@@ -213,9 +213,17 @@ impl NativeTwin {
     }
 
     /// The descriptor the twin's frames arrive on: readable while there is
-    /// more to read (the kernel's servers wait for it with epoll).
+    /// more to read than `buffered` has (the kernel's servers wait for it
+    /// with epoll).
     fn fileno(&self) -> i32 {
         self.0.read_fd()
+    }
+
+    /// Whether bytes of the twin's stream were read ahead with an earlier
+    /// frame (the descriptor no longer says so): the reader goes on with
+    /// `recv` before giving up its role.
+    fn buffered(&self) -> bool {
+        self.0.buffered()
     }
 
     /// Waits until a frame can be read (or the stream ended), up to `timeout`
