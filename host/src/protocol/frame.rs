@@ -362,9 +362,15 @@ mod tests {
         let mut reader = FrameReader::default();
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![1]));
         assert!(reader.has_input(), "the next frames were read with the first");
-        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![2, 2]));
+        assert_eq!(
+            reader.read(&mut input, 100).unwrap(),
+            ReadOutcome::Frame(vec![2, 2])
+        );
         assert!(reader.has_input());
-        assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Frame(vec![3, 3, 3]));
+        assert_eq!(
+            reader.read(&mut input, 100).unwrap(),
+            ReadOutcome::Frame(vec![3, 3, 3])
+        );
         assert!(!reader.has_input());
         assert_eq!(reader.read(&mut input, 100).unwrap(), ReadOutcome::Eof);
     }
@@ -376,7 +382,10 @@ mod tests {
         write_frame(&mut stream, &body).unwrap();
         let mut input: &[u8] = &stream;
         let mut reader = FrameReader::default();
-        assert_eq!(reader.read(&mut input, usize::MAX).unwrap(), ReadOutcome::Frame(body));
+        assert_eq!(
+            reader.read(&mut input, usize::MAX).unwrap(),
+            ReadOutcome::Frame(body)
+        );
         assert!(input.is_empty() && !reader.has_input());
     }
 
