@@ -396,7 +396,7 @@ class Serializer:
         raise ProtocolError(f"{self.peer_id!r} sent unknown CBOR tag {tag}")
 
     def _lookup(self, value: Any) -> Any:
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        if not (type(value) is list and len(value) == 2 and type(value[0]) is str and type(value[1]) is str):
             raise ProtocolError(f"malformed name reference {references.safe_repr(value, 100)}")
         key = (value[0], value[1])
         try:
