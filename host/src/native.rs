@@ -554,6 +554,31 @@ mod tests {
     }
 
     #[test]
+    fn frames_written_with_the_hello_and_together_are_all_read() {
+        // one write: the hello and two frames; the hello's reader takes
+        // nothing of them, the link's reader takes both in one read and
+        // says the second is there (the descriptor no longer does)
+        let mut frames = hello_frame(1);
+        frame::write_frame(&mut frames, &[1]).unwrap();
+        frame::write_frame(&mut frames, &[2, 2]).unwrap();
+        let escaped: String = frames.iter().map(|b| format!("\\{b:03o}")).collect();
+        let twin = start(
+            sh(&format!("printf '{escaped}' >&4; sleep 30")),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(twin.read_step().unwrap(), ReadOutcome::Frame(vec![1]));
+        assert!(twin.buffered());
+        assert_eq!(
+            pipe::poll_readable(twin.read_fd(), Some(Duration::ZERO)).unwrap(),
+            Some(false)
+        );
+        assert_eq!(twin.read_step().unwrap(), ReadOutcome::Frame(vec![2, 2]));
+        assert!(!twin.buffered());
+        twin.process.kill().unwrap();
+    }
+
+    #[test]
     fn a_partial_frame_waits_for_its_rest_and_a_cut_stream_is_explained() {
         // the twin sends the hello, 3 bytes of a frame, then (after a
         // while) the rest, then half a frame and dies

@@ -480,4 +480,31 @@ pub(crate) mod tests {
         lock.acquire();
         lock.release();
     }
+
+    #[test]
+    fn a_writer_waiting_for_the_lock_gets_it_when_it_is_released() {
+        // (a release wakes a waiter only when one is counted: a miscount
+        // would leave these waiting for ever)
+        let lock = Arc::new(WriterLock::default());
+        lock.acquire();
+        let waiters: Vec<_> = (0..2)
+            .map(|i| {
+                let lock = Arc::clone(&lock);
+                std::thread::spawn(move || {
+                    if i == 0 {
+                        lock.acquire();
+                    } else {
+                        assert!(lock.acquire_before(Instant::now() + Duration::from_secs(30)));
+                    }
+                    lock.release();
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50)); // both wait by now
+        lock.release();
+        for waiter in waiters {
+            waiter.join().unwrap();
+        }
+        assert!(lock.try_acquire());
+    }
 }

@@ -26,6 +26,7 @@ Nothing in this module imports anything on a peer's behalf.
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib.abc
 import importlib.machinery
 import os
@@ -162,19 +163,12 @@ def _remote_type_name(proxy: Any) -> str:
     return str(info[0]) if isinstance(info, list) and info else ""
 
 
-#: path -> its real path, for the whole process: a fresh guest comes with a new
-#: serializer, and realpath costs tens of microseconds (a system call per
+#: a path's real path, kept for the whole process: a fresh guest comes with a
+#: new serializer, and realpath costs tens of microseconds (a system call per
 #: component). What it decides (a function goes by name, or as a callback;
 #: a clear error for ``execute``) is within the policy either way: the guest
 #: sees only the files the host maps for it, and may call what it is handed.
-_real_paths: Dict[str, str] = {}
-
-
-def _real_path(path: str) -> str:
-    real = _real_paths.get(path)
-    if real is None:
-        real = _real_paths[path] = os.path.realpath(path)
-    return real
+_real_path = functools.lru_cache(maxsize=4096)(os.path.realpath)
 
 
 def _within(path: str, roots: Iterable[str]) -> bool:

@@ -83,13 +83,42 @@ pub struct FrameReader {
     head_have: usize,
     body: Vec<u8>,
     body_have: usize,
-    /// bytes read ahead, from `ahead_at` on (allocated on first use)
-    ahead: Vec<u8>,
-    ahead_at: usize,
+    ahead: Ahead,
     /// reads no byte past the frame (see [`FrameReader::exact`])
     exact: bool,
     /// a body handed back by [`FrameReader::recycle`], for the next large frame
     spare: Vec<u8>,
+}
+
+/// Bytes read from the stream past the frame being read.
+#[derive(Debug, Default)]
+struct Ahead {
+    /// allocated on first use, and never zeroed again
+    buf: Vec<u8>,
+    at: usize,
+    end: usize,
+}
+
+impl Ahead {
+    /// Moves what it holds into `out`, as much as fits; how many bytes.
+    fn take(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.end - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        n
+    }
+
+    /// Once empty: one `read` of up to `size` bytes; `None` when a signal
+    /// interrupted it.
+    fn fill<R: Read>(&mut self, input: &mut R, size: usize) -> Result<Option<usize>> {
+        if self.buf.len() < size {
+            self.buf.resize(size, 0);
+        }
+        let got = read_some(input, &mut self.buf[..size])?;
+        self.at = 0;
+        self.end = got.unwrap_or(0);
+        Ok(got)
+    }
 }
 
 impl FrameReader {
@@ -108,27 +137,7 @@ impl FrameReader {
     /// must then read rather than wait for the stream to be readable (what
     /// it holds is no longer in the stream).
     pub fn has_input(&self) -> bool {
-        self.head_have > 0 || self.ahead_at < self.ahead.len()
-    }
-
-    /// Moves bytes read ahead into `out`; how many.
-    fn take_ahead(&mut self, out: &mut [u8]) -> usize {
-        let n = out.len().min(self.ahead.len() - self.ahead_at);
-        out[..n].copy_from_slice(&self.ahead[self.ahead_at..self.ahead_at + n]);
-        self.ahead_at += n;
-        n
-    }
-
-    /// One `read` of up to [`AHEAD`] bytes (exact: the `want` bytes the
-    /// header still needs) into the empty read-ahead buffer; `None` when a
-    /// signal interrupted it.
-    fn read_ahead<R: Read>(&mut self, input: &mut R, want: usize) -> Result<Option<usize>> {
-        self.ahead.resize(if self.exact { want } else { AHEAD }, 0);
-        self.ahead_at = 0;
-        let got = read_some(input, &mut self.ahead);
-        let n = *got.as_ref().ok().and_then(Option::as_ref).unwrap_or(&0);
-        self.ahead.truncate(n);
-        got
+        self.head_have > 0 || self.ahead.at < self.ahead.end
     }
 
     /// Reads from `input` until a frame is whole, the stream ends, or a read
@@ -138,12 +147,16 @@ impl FrameReader {
     /// is read straight into the body.
     pub fn read<R: Read>(&mut self, input: &mut R, max: usize) -> Result<ReadOutcome> {
         while self.head_have < HEADER_LEN {
-            let mut head = self.head;
-            let took = self.take_ahead(&mut head[self.head_have..]);
-            self.head = head;
+            let took = self.ahead.take(&mut self.head[self.head_have..]);
             self.head_have += took;
             if took == 0 {
-                match self.read_ahead(input, HEADER_LEN - self.head_have)? {
+                // exact: the rest of the header only
+                let size = if self.exact {
+                    HEADER_LEN - self.head_have
+                } else {
+                    AHEAD
+                };
+                match self.ahead.fill(input, size)? {
                     None => return Ok(ReadOutcome::Interrupted),
                     Some(0) if self.head_have == 0 => return Ok(ReadOutcome::Eof),
                     Some(0) => return Ok(ReadOutcome::Truncated),
@@ -163,9 +176,7 @@ impl FrameReader {
                 self.body_have = 0;
             }
         }
-        let mut body = std::mem::take(&mut self.body);
-        self.body_have += self.take_ahead(&mut body[self.body_have..]);
-        self.body = body;
+        self.body_have += self.ahead.take(&mut self.body[self.body_have..]);
         while self.body_have < self.body.len() {
             match read_some(input, &mut self.body[self.body_have..])? {
                 None => return Ok(ReadOutcome::Interrupted),
