@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from _struct import Struct
 from _struct import error as _StructError  # (struct.py re-exports _struct: one module less at start-up)
+from itertools import islice as _islice
 
 from ..errors import ProtocolError
+from . import int_runs
 from .tags import BYTEARRAY, COMPLEX, FROZENSET, MAX_DEPTH, NEG_BIGNUM, POS_BIGNUM, SET, TUPLE
 
 TYPE_CHECKING = False
@@ -58,6 +60,13 @@ _unpack_from_Q = Struct(">Q").unpack_from
 _pack_BH = Struct(">BH").pack
 _pack_BI = Struct(">BI").pack
 _pack_BQ = Struct(">BQ").pack
+
+# Arrays of unsigned integers go a run at a time (int_runs.py; CPython only)
+_RUNS = int_runs.ENABLED
+_RUN_MIN = int_runs.MIN_RUN
+_RUN_BATCH = 2 * int_runs.MIN_RUN
+_run_length = int_runs.run_length
+_take_run = int_runs.take
 
 # Heads of tags that carry Python types (preferred serialization).
 _TAG_POS_BIGNUM = b"\xc2"
@@ -192,8 +201,32 @@ def _enc_complex(c: complex, out: bytearray, depth: int, default: Optional[Defau
     out += _float_bytes(c.imag)
 
 
+def _enc_int_pieces(items: Any, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    """Encodes a list or tuple that starts with an int a piece at a time:
+    a piece of exact ints whose heads have one width at once (int_runs.py),
+    any other one by one, read from the live array as the per-item path does
+    (a default() may change it). After the second piece in a row that could
+    not go at once, 1, 3, 7 ... (up to 63) pieces' worth more go one by one
+    before the next try."""
+    piece_len = int_runs.ENCODE_PIECE
+    live = iter(items)
+    n = len(items)
+    i = misses = 0
+    while i < n:
+        piece = items[i : i + piece_len]
+        if len(piece) >= _RUN_MIN and int_runs.encode(piece, out):
+            i += len(piece)
+            live.__setstate__(i)
+            misses = 0
+            continue
+        count = len(piece) if not misses else piece_len << misses
+        _enc_items(_islice(live, count), out, depth, default)
+        i += count
+        misses = misses + 1 if misses < 6 else 6
+
+
 def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default]) -> None:
-    """Encodes the items of an array at ``depth`` (the array included)."""
+    """Encodes the items of an array at ``depth`` (the array included), one by one."""
     get = _ENCODERS.get
     for item in items:
         t = type(item)
@@ -221,7 +254,10 @@ def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Defa
         out.append(0x80 | n)
     else:
         _head(out, 0x80, n)
-    _enc_items(obj, out, depth + 1, default)
+    if _RUNS and n >= _RUN_MIN and type(obj[0]) is int:
+        _enc_int_pieces(obj, out, depth + 1, default)
+    else:
+        _enc_items(obj, out, depth + 1, default)
     if len(obj) != n:
         # only a default() that mutates the list can do this
         raise RuntimeError("list changed size during encoding")
@@ -236,7 +272,10 @@ def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Option
         out.append(0x80 | n)
     else:
         _head(out, 0x80, n)
-    _enc_items(obj, out, depth + 2, default)
+    if _RUNS and n >= _RUN_MIN and type(obj[0]) is int:
+        _enc_int_pieces(obj, out, depth + 2, default)
+    else:
+        _enc_items(obj, out, depth + 2, default)
 
 
 def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Optional[Default]) -> None:
@@ -260,14 +299,30 @@ def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional
     get = _ENCODERS.get
     # iterating raises RuntimeError if default() changes the dict's size
     for key, value in obj.items():
-        enc = get(type(key))
-        if enc is None:
-            _enc_default(key, out, depth, default)
+        t = type(key)
+        if t is str:  # the most common key, inline
+            b = key.encode("utf-8")
+            k = len(b)
+            if k < 24:
+                out.append(0x60 | k)
+            else:
+                _head(out, 0x60, k)
+            out += b
         else:
-            enc(key, out, depth, default)
+            enc = get(t)
+            if enc is None:
+                _enc_default(key, out, depth, default)
+            else:
+                enc(key, out, depth, default)
         t = type(value)
-        if t is int and 0 <= value < 24:
-            out.append(value)
+        if t is int and 0 <= value < 65536:
+            if value < 24:
+                out.append(value)
+            elif value < 256:
+                out.append(0x18)
+                out.append(value)
+            else:
+                out += _pack_BH(0x19, value)
             continue
         enc = get(t)
         if enc is None:
@@ -478,42 +533,69 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
     if n > end - pos:
         raise ProtocolError(f"an array declares {n} items but only {end - pos} bytes remain")
     decoders = _DECODERS
-    for _ in range(n):
-        if pos >= end:
-            raise _truncated(pos, "an array")
-        ib = data[pos]
-        # inline fast paths for the most common items; anything unusual
-        # (including truncation) takes the general path
-        if ib < 24:
-            append(ib)
-            pos += 1
-        elif ib == 0x19 and pos + 2 < end:
-            append((data[pos + 1] << 8) | data[pos + 2])
-            pos += 3
-        elif ib == 0x18 and pos + 1 < end:
-            append(data[pos + 1])
-            pos += 2
-        elif ib == 0x1B and pos + 8 < end:  # a chain id
-            append(_unpack_from_Q(data, pos + 1)[0])
-            pos += 9
-        elif ib == 0x1A and pos + 4 < end:
-            append(_unpack_from_I(data, pos + 1)[0])
-            pos += 5
-        elif (ib == 0x80 or ib == 0xA0) and depth < MAX_DEPTH:  # no arguments, no keywords
-            append([] if ib == 0x80 else {})
-            pos += 1
-        elif 0x60 <= ib < 0x78 and pos + ib - 0x60 < end:
-            start = pos + 1
-            pos = start + ib - 0x60
-            try:
-                append(data[start:pos].decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ProtocolError(
-                    f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
-                ) from None
+    # A long array looks for a run of unsigned integers of one width (taken
+    # whole: int_runs.py) before its first item and after each batch of items
+    # it decoded one by one (_RUN_BATCH, doubled for each look in a row that
+    # found none, up to 64 times).
+    look = int_runs.FIRST_LOOK if _RUNS and n >= _RUN_MIN else 0
+    left = n
+    misses = 0  # looks in a row that found no run: the next look comes later each time
+    while left:
+        if look:
+            if pos >= end:
+                raise _truncated(pos, "an array")
+            ib = data[pos]
+            if ib < 0x1C and left >= _RUN_MIN:
+                run = _run_length(data, pos, ib, left if left < look else look)
+                if run >= _RUN_MIN:
+                    pos = _take_run(data, pos, ib, run, items)
+                    left -= run
+                    look = look * 2 if run == look and look < int_runs.LONGEST_LOOK else int_runs.FIRST_LOOK
+                    misses = 0
+                    continue
+                misses = misses + 1 if misses < 6 else 6
+            batch = _RUN_BATCH << misses
+            if batch > left:
+                batch = left
         else:
-            item, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
-            append(item)
+            batch = left
+        left -= batch
+        for _ in range(batch):
+            if pos >= end:
+                raise _truncated(pos, "an array")
+            ib = data[pos]
+            # inline fast paths for the most common items; anything unusual
+            # (including truncation) takes the general path
+            if ib < 24:
+                append(ib)
+                pos += 1
+            elif ib == 0x19 and pos + 2 < end:
+                append((data[pos + 1] << 8) | data[pos + 2])
+                pos += 3
+            elif ib == 0x18 and pos + 1 < end:
+                append(data[pos + 1])
+                pos += 2
+            elif ib == 0x1B and pos + 8 < end:  # a chain id
+                append(_unpack_from_Q(data, pos + 1)[0])
+                pos += 9
+            elif ib == 0x1A and pos + 4 < end:
+                append(_unpack_from_I(data, pos + 1)[0])
+                pos += 5
+            elif (ib == 0x80 or ib == 0xA0) and depth < MAX_DEPTH:  # no arguments, no keywords
+                append([] if ib == 0x80 else {})
+                pos += 1
+            elif 0x60 <= ib < 0x78 and pos + ib - 0x60 < end:
+                start = pos + 1
+                pos = start + ib - 0x60
+                try:
+                    append(data[start:pos].decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise ProtocolError(
+                        f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
+                    ) from None
+            else:
+                item, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
+                append(item)
     return items, pos
 
 
@@ -534,10 +616,52 @@ def _dec_map(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
             pos = _dec_entry(data, pos, ib, depth, hook, result)
     if 2 * n > end - pos:
         raise ProtocolError(f"a map declares {n} entries but only {end - pos} bytes remain")
+    decoders = _DECODERS
     for _ in range(n):
         if pos >= end:
             raise _truncated(pos, "a map")
-        pos = _dec_entry(data, pos, data[pos], depth, hook, result)
+        ib = data[pos]
+        # inline fast paths for the most common keys (short text) and values
+        # (small ints, short text); anything unusual (including truncation)
+        # takes the general path
+        if 0x60 <= ib < 0x78 and pos + ib - 0x5F < end:  # whole, and a value follows
+            start = pos + 1
+            pos = start + ib - 0x60
+            try:
+                key = data[start:pos].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ProtocolError(
+                    f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
+                ) from None
+        else:
+            key, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
+            if pos >= end:
+                raise _truncated(pos, "a map")
+        ib = data[pos]
+        if ib < 24:
+            value: Any = ib
+            pos += 1
+        elif ib == 0x19 and pos + 2 < end:
+            value = (data[pos + 1] << 8) | data[pos + 2]
+            pos += 3
+        elif ib == 0x18 and pos + 1 < end:
+            value = data[pos + 1]
+            pos += 2
+        elif 0x60 <= ib < 0x78 and pos + ib - 0x60 < end:
+            start = pos + 1
+            pos = start + ib - 0x60
+            try:
+                value = data[start:pos].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ProtocolError(
+                    f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
+                ) from None
+        else:
+            value, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
+        try:
+            result[key] = value
+        except TypeError:
+            raise ProtocolError(f"unhashable map key of type {_type_name(key)!r}") from None
     return result, pos
 
 
