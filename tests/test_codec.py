@@ -403,6 +403,60 @@ def test_random_bytes_never_crash_the_decoders() -> None:
 # --------------------------------------------------------------------------
 
 
+def test_parts_leave_large_byte_strings_out_of_the_encoding(codec: Any) -> None:
+    """``dumps(..., parts=True)``: the compiled codec gives a frame that holds
+    byte strings of at least 64 KiB as a tuple of its parts, those byte
+    strings among them as the very objects (not copies); the pure codec gives
+    one ``bytes``. Joined, the parts are the encoding."""
+    big, other = b"a" * (64 * 1024), bytes(range(256)) * 1024
+    value = [1, big, {"k": other, "small": b"s" * (64 * 1024 - 1)}, bytearray(big), (big,)]
+    parts = codec.dumps(value, parts=True)
+    if codec is codec_py:
+        assert parts == codec.dumps(value)
+        return
+    assert type(parts) is tuple and b"".join(parts) == codec.dumps(value) == codec_py.dumps(value)
+    assert [p for p in parts if p is big or p is other] == [big, other, big]
+    copied = b"".join(p for p in parts if p is not big and p is not other)
+    assert bytes(big) in copied, "a bytearray (which may change) is copied into the encoding"
+    assert codec.loads(b"".join(parts)) == value
+    assert codec.dumps([b"a" * 100, 2], parts=True) == codec.dumps([b"a" * 100, 2])
+    assert codec.dumps(big, parts=True) == (b"\x5a\x00\x01\x00\x00", big)
+
+
+def test_a_transport_writes_a_frame_of_parts_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FdTransport.send`` takes a tuple of parts and writes them with
+    writev, going on where a short write stopped; the reader gets one frame."""
+    import os
+    import threading
+
+    from cpy2py.protocol import transport as transport_module
+
+    real_writev = os.writev
+
+    def short_writev(fd: int, views: list) -> int:
+        """os.writev, of at most 7000 bytes of at most 3 parts (as a pipe
+        with little room, or a signal, would have it)."""
+        room, cut = 7000, []
+        for view in views[:3]:
+            cut.append(view[:room])
+            room -= len(cut[-1])
+        return real_writev(fd, cut)
+
+    monkeypatch.setattr(transport_module, "_writev", short_writev)
+    parts = tuple(bytes([i]) * (i * 5003 % 70_000) for i in range(1, 150))  # more than one writev takes
+    read_fd, write_fd = os.pipe()
+    out = transport_module.FdTransport(read_fd, write_fd)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(out.recv()))
+    reader.start()
+    try:
+        out.send(parts)
+    finally:
+        reader.join(30)
+        out.close()
+    assert bytes(got[0]) == b"".join(parts)
+
+
 def test_64_mib_bytes_round_trip(codec: Any) -> None:
     payload = bytes(range(256)) * (64 * 1024 * 4)
     assert len(payload) == 64 * 1024 * 1024

@@ -87,6 +87,18 @@ def test_payload_sizes(twin, size):
     assert twin.execute(twin_helpers.echo, payload) == payload
 
 
+def test_large_byte_strings_anywhere_in_a_value_arrive_whole_and_in_place(twin):
+    """Large byte strings travel as parts of their frame, not copied into it
+    (``dumps(..., parts=True)``, written with writev), and a large frame comes
+    to the master as a ``Frame`` read in place: wherever they sit in a value,
+    with small ones and other items around them, they come back in order."""
+    big = [bytes([i]) * (64 * 1024 + i) for i in range(5)]
+    value = [big[0], {"k": big[1], "small": b"x" * 100}, (7, big[2], "text"), [[big[3]]], b"", big[4]]
+    back = twin.execute(twin_helpers.echo, value)
+    assert back == value and [type(v) for v in back] == [type(v) for v in value]
+    assert twin.execute(twin_helpers.echo, big[2]) == big[2]  # a frame that ends with its byte string
+
+
 def test_exception_same_type_with_remote_traceback(twin):
     with pytest.raises(ValueError) as info:
         twin.execute(twin_helpers.fail_with, ValueError, "boom")

@@ -85,7 +85,7 @@ impl Handshake {
         if self.preamble_sent < self.preamble.len() {
             let fd = self.process.to_twin.as_raw_fd();
             let sent = &mut self.preamble_sent;
-            if pipe::write_some(fd, &[], &self.preamble, sent, Duration::ZERO).is_err() {
+            if pipe::write_some(fd, &self.preamble, &[], sent, Duration::ZERO).is_err() {
                 self.preamble_sent = self.preamble.len();
             }
         }
@@ -287,20 +287,21 @@ impl NativeTwin {
         self.writer.release();
     }
 
-    /// Takes the writer role for one frame of `payload` if it is free.
-    pub fn try_begin_send<'a>(&'a self, payload: &'a [u8]) -> Result<Option<FrameSend<'a>>> {
-        let header = frame::header(payload.len())?;
+    /// Takes the writer role for one frame, the concatenation of `parts`, if
+    /// it is free.
+    pub fn try_begin_send<'a>(&'a self, parts: &'a [&'a [u8]]) -> Result<Option<FrameSend<'a>>> {
+        let header = frame::header(parts.iter().map(|part| part.len()).sum())?;
         Ok(self
             .writer
             .try_acquire()
-            .then(|| FrameSend::new(self, header, payload)))
+            .then(|| FrameSend::new(self, header, parts)))
     }
 
-    /// Waits for the writer role for one frame of `payload`.
-    pub fn begin_send<'a>(&'a self, payload: &'a [u8]) -> Result<FrameSend<'a>> {
-        let header = frame::header(payload.len())?;
+    /// Waits for the writer role for one frame, the concatenation of `parts`.
+    pub fn begin_send<'a>(&'a self, parts: &'a [&'a [u8]]) -> Result<FrameSend<'a>> {
+        let header = frame::header(parts.iter().map(|part| part.len()).sum())?;
         self.writer.acquire();
-        Ok(FrameSend::new(self, header, payload))
+        Ok(FrameSend::new(self, header, parts))
     }
 
     /// Sends one small frame (at most `PIPE_BUF` bytes with its header) only
@@ -312,7 +313,8 @@ impl NativeTwin {
         if payload.len() > MAX_SMALL {
             return Ok(false);
         }
-        let Some(mut sending) = self.try_begin_send(payload)? else {
+        let parts = [payload];
+        let Some(mut sending) = self.try_begin_send(&parts)? else {
             return Ok(false);
         };
         sending.check_not_cut()?;
@@ -360,16 +362,16 @@ impl NativeTwin {
 pub struct FrameSend<'a> {
     twin: &'a NativeTwin,
     header: [u8; HEADER_LEN],
-    payload: &'a [u8],
+    parts: &'a [&'a [u8]],
     done: usize,
 }
 
 impl<'a> FrameSend<'a> {
-    fn new(twin: &'a NativeTwin, header: [u8; HEADER_LEN], payload: &'a [u8]) -> Self {
+    fn new(twin: &'a NativeTwin, header: [u8; HEADER_LEN], parts: &'a [&'a [u8]]) -> Self {
         FrameSend {
             twin,
             header,
-            payload,
+            parts,
             done: 0,
         }
     }
@@ -391,7 +393,7 @@ impl<'a> FrameSend<'a> {
         Ok(pipe::write_some(
             fd,
             &self.header,
-            self.payload,
+            self.parts,
             &mut self.done,
             slice,
         )?)
@@ -475,7 +477,8 @@ mod tests {
         .unwrap();
         assert_eq!(twin.hello.twin_id, "sh");
         // frames go through `cat` and back
-        let mut send = twin.begin_send(b"\x83\x01\x02\x03").unwrap();
+        let parts = [&b"\x83\x01\x02\x03"[..]];
+        let mut send = twin.begin_send(&parts).unwrap();
         assert!(send.step(SIGNAL_SLICE).unwrap());
         drop(send);
         assert_eq!(
@@ -508,7 +511,8 @@ mod tests {
             }
         };
         let twin = handshake.finish(hello, 1 << 20);
-        let mut send = twin.begin_send(b"\x83\x01\x02\x03").unwrap();
+        let parts = [&b"\x83\x01\x02\x03"[..]];
+        let mut send = twin.begin_send(&parts).unwrap();
         assert!(send.step(SIGNAL_SLICE).unwrap());
         drop(send);
         assert_eq!(
@@ -618,18 +622,20 @@ mod tests {
         assert!(sent > 10, "the pipe took some frames before it was full");
         assert!(!twin.cut_mid_frame(), "a frame that did not fit was not started");
         // the writer role was given back each time
-        assert!(twin.try_begin_send(b"\xf6").unwrap().is_some());
+        assert!(twin.try_begin_send(&[&b"\xf6"[..]]).unwrap().is_some());
     }
 
     #[test]
     fn an_abandoned_half_sent_frame_cuts_the_stream() {
         let twin = deaf_twin();
         let big = vec![7u8; 1 << 20];
-        let mut send = twin.begin_send(&big).unwrap();
+        let parts = [&big[..]];
+        let mut send = twin.begin_send(&parts).unwrap();
         assert!(!send.step(Duration::from_millis(20)).unwrap(), "the pipe is full");
         send.abandon();
         assert!(twin.cut_mid_frame());
-        let send = twin.begin_send(b"\xf6").unwrap();
+        let parts = [&b"\xf6"[..]];
+        let send = twin.begin_send(&parts).unwrap();
         let err = send.check_not_cut().unwrap_err();
         assert!(err.to_string().contains("half-sent"), "{err}");
         drop(send);
@@ -638,7 +644,7 @@ mod tests {
             .try_send(&[0xf6], Instant::now() + Duration::from_millis(10))
             .unwrap());
         // the writer role was given back each time
-        assert!(twin.try_begin_send(b"\xf6").unwrap().is_some());
+        assert!(twin.try_begin_send(&[&b"\xf6"[..]]).unwrap().is_some());
     }
 
     #[test]
@@ -648,7 +654,8 @@ mod tests {
             Duration::from_secs(10),
         )
         .unwrap();
-        let mut send = twin.begin_send(b"hello").unwrap();
+        let parts = [&b"hello"[..]];
+        let mut send = twin.begin_send(&parts).unwrap();
         assert!(send.step(SIGNAL_SLICE).unwrap());
         drop(send);
         let mut back = Vec::new();

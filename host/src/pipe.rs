@@ -83,37 +83,24 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes what is left of a frame (`done` bytes of header and payload were
-/// written before) to the non-blocking `fd` until it is all written
-/// (`true`), or `slice` passed without room in the pipe, or a signal came
-/// (`false`: `done` says how far it got, and the caller lets signal handlers
-/// run before going on). Room in the pipe is the common case: one `writev`.
+/// Writes what is left of a frame, `head` and then `parts` (`done` bytes of
+/// them were written before), to the non-blocking
+/// `fd` until it is all written (`true`), or `slice` passed without room in
+/// the pipe, or a signal came (`false`: `done` says how far it got, and the
+/// caller lets signal handlers run before going on). Room in the pipe is the
+/// common case: one `writev`.
 pub fn write_some(
     fd: RawFd,
-    header: &[u8],
-    payload: &[u8],
+    head: &[u8],
+    parts: &[&[u8]],
     done: &mut usize,
     slice: Duration,
 ) -> io::Result<bool> {
-    let total = header.len() + payload.len();
+    let total = head.len() + parts.iter().map(|part| part.len()).sum::<usize>();
     while *done < total {
-        let (head_done, body_done) = if *done < header.len() {
-            (*done, 0)
-        } else {
-            (header.len(), *done - header.len())
-        };
-        let iov = [
-            libc::iovec {
-                iov_base: header[head_done..].as_ptr() as *mut _,
-                iov_len: header.len() - head_done,
-            },
-            libc::iovec {
-                iov_base: payload[body_done..].as_ptr() as *mut _,
-                iov_len: payload.len() - body_done,
-            },
-        ];
-        // SAFETY: two iovecs over live slices, for the duration of the call
-        let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+        let (iov, count) = iovecs_after(head, parts, *done);
+        // SAFETY: `count` iovecs over live slices, for the duration of the call
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), count as libc::c_int) };
         if n >= 0 {
             *done += n as usize;
             continue;
@@ -131,6 +118,36 @@ pub fn write_some(
         }
     }
     Ok(true)
+}
+
+/// The most iovecs one `writev` takes here (far below `IOV_MAX`; a frame of
+/// more parts goes out in several calls).
+const MAX_IOVECS: usize = 16;
+
+/// iovecs over what of `head` and `parts` comes after their first `done`
+/// bytes (empty parts left out), and how many of them there are.
+fn iovecs_after(head: &[u8], parts: &[&[u8]], mut done: usize) -> ([libc::iovec; MAX_IOVECS], usize) {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_IOVECS];
+    let mut count = 0;
+    for part in std::iter::once(head).chain(parts.iter().copied()) {
+        if done >= part.len() {
+            done -= part.len();
+            continue;
+        }
+        iov[count] = libc::iovec {
+            iov_base: part[done..].as_ptr() as *mut _,
+            iov_len: part.len() - done,
+        };
+        done = 0;
+        count += 1;
+        if count == MAX_IOVECS {
+            break;
+        }
+    }
+    (iov, count)
 }
 
 /// Writes `message` (at most `PIPE_BUF` bytes, so all or nothing) to the
@@ -314,7 +331,7 @@ pub(crate) mod tests {
         assert!(write_some(
             write.as_raw_fd(),
             &[0, 0, 0, 3],
-            b"abc",
+            &[b"abc"],
             &mut done,
             Duration::from_secs(1)
         )
@@ -337,7 +354,7 @@ pub(crate) mod tests {
         assert!(!write_some(
             write.as_raw_fd(),
             &header,
-            &payload,
+            &[&payload],
             &mut done,
             Duration::from_millis(30)
         )
@@ -353,7 +370,7 @@ pub(crate) mod tests {
         while !write_some(
             write.as_raw_fd(),
             &header,
-            &payload,
+            &[&payload],
             &mut done,
             Duration::from_millis(30),
         )
@@ -363,6 +380,40 @@ pub(crate) mod tests {
         let got = reader.join().unwrap();
         assert_eq!(&got[..4], &header);
         assert_eq!(&got[4..], &payload[..]);
+    }
+
+    #[test]
+    fn a_frame_of_many_parts_goes_out_whole_and_in_order_through_a_full_pipe() {
+        let (mut read, write) = pipe(true);
+        let room = fill(&write);
+        // more parts than one writev takes, of every size, some empty
+        let parts: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| (0..(i * 7919) % 70_000).map(|j| (i + j) as u8).collect())
+            .collect();
+        let slices: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let head = [1u8, 2, 3, 4];
+        let whole: Vec<u8> = [&head[..], &parts.concat()].concat();
+        let length = whole.len();
+        let reader = std::thread::spawn(move || {
+            let mut all = vec![0u8; room + length];
+            read.read_exact(&mut all).unwrap();
+            all.split_off(room)
+        });
+        let mut done = 0;
+        while !write_some(
+            write.as_raw_fd(),
+            &head,
+            &slices,
+            &mut done,
+            Duration::from_millis(30),
+        )
+        .unwrap()
+        {}
+        assert_eq!(done, length);
+        assert!(
+            reader.join().unwrap() == whole,
+            "the bytes read are the parts in order"
+        );
     }
 
     #[test]
@@ -377,7 +428,7 @@ pub(crate) mod tests {
             let all = write_some(
                 write.as_raw_fd(),
                 &[0, 0, 0, 1],
-                b"x",
+                &[b"x"],
                 &mut done,
                 Duration::from_secs(30),
             );
@@ -403,7 +454,7 @@ pub(crate) mod tests {
         let err = write_some(
             write.as_raw_fd(),
             &[0, 0, 0, 1],
-            b"x",
+            &[b"x"],
             &mut done,
             Duration::from_secs(1),
         )

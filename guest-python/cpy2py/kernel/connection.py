@@ -330,6 +330,9 @@ class Connection:
         #: sends a small frame only if it goes out at once (native twins' transport)
         self._send_now = getattr(transport, "send_now", None)
         self._holds_signals = getattr(transport, "stops_for_signals", True)
+        #: large byte strings go to the transport as they are, among the
+        #: frame's parts (``dumps(..., parts=True)``), not copied into it
+        self._parts = getattr(transport, "sends_parts", False)
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
@@ -418,7 +421,9 @@ class Connection:
         if entry is not None and _near_recursion_limit():  # only nested calls can be this deep
             raise _too_deep()
         req_id = next(self._ids)
-        payload = references.encode([REQUEST, req_id, chain, op, *operands], self.serializer.default)
+        payload = references.encode(
+            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts
+        )
         if __debug__:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
         with self._lock:
@@ -437,6 +442,7 @@ class Connection:
                 self._send_now is not None
                 and not self._reading
                 and not waiter.inbox
+                and type(payload) is bytes  # (not the parts of a large frame)
                 and len(payload) <= _SMALL_FRAME
                 and self._take_role(None)
             )
@@ -518,7 +524,9 @@ class Connection:
         waiter = _AsyncWaiter(loop)
         chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
-        payload = references.encode([REQUEST, req_id, chain, op, *operands], self.serializer.default)
+        payload = references.encode(
+            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts
+        )
         with self._lock:
             if self.broken is not None:
                 raise self._broken_error()
@@ -532,7 +540,12 @@ class Connection:
             watching = self._watch_from(loop)
             try:
                 # a small frame goes out holding the GIL if the pipe has room
-                now = self._send_now is not None and len(payload) <= _SMALL_FRAME and self._send_now(payload)
+                now = (
+                    self._send_now is not None
+                    and type(payload) is bytes
+                    and len(payload) <= _SMALL_FRAME
+                    and self._send_now(payload)
+                )
                 if not now:
                     self.transport.send(payload)
             except OSError as err:
@@ -1279,7 +1292,7 @@ class Connection:
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
         try:
-            payload = references.encode([kind, req_id, value], self.serializer.default)
+            payload = references.encode([kind, req_id, value], self.serializer.default, self._parts)
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
                 payload = references.encode([RAISE, req_id, err], self.serializer.default)

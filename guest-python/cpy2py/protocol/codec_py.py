@@ -374,8 +374,12 @@ _ENCODERS: Dict[type, Callable[[Any, bytearray, int, Optional[Default]], None]] 
 }
 
 
-def dumps(obj: Any, default: Optional[Default] = None) -> bytes:
-    """Encodes ``obj`` as one CBOR data item (preferred serialization)."""
+def dumps(obj: Any, default: Optional[Default] = None, *, parts: bool = False) -> bytes:
+    """Encodes ``obj`` as one CBOR data item (preferred serialization).
+
+    ``parts`` is the compiled codec's (large byte strings left out of the
+    encoding, for a transport that writes them as they are); this codec
+    always returns one ``bytes``."""
     out = bytearray()
     enc = _ENCODERS.get(type(obj))
     if enc is None:
@@ -810,8 +814,10 @@ def loads(
     objects passes it is refused with ``ProtocolError`` before decoding.
     """
     if type(data) is not bytes:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"loads() takes bytes, bytearray or memoryview, not {_type_name(data)!r}")
+        if not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(type(data), "__bytes__"):
+            raise TypeError(
+                f"loads() takes bytes, bytearray, memoryview or a received Frame, not {_type_name(data)!r}"
+            )
         data = bytes(data)
     estimated = True
     if budget is not None:
@@ -1295,6 +1301,8 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     when the frame is not an array, or when the head of one of those
     integers is cut short or reserved. Any head width and indefinite lengths are
     read, as the decoders read them (host/src/protocol/header.rs is the same)."""
+    if type(frame) is not bytes and type(frame) is not bytearray:
+        frame = bytes(frame)  # a Frame received by the compiled host, or a memoryview
     if not frame or frame[0] >> 5 != 4:
         return None, None, None
     if frame[0] < 0x98:  # 0 to 23 items: every message

@@ -16,6 +16,8 @@ from ..errors import ProtocolError
 
 _HEADER = Struct(">I")
 _READ_SIZE = 65536
+_writev = getattr(os, "writev", None)
+_MAX_IOVECS = 64
 DEFAULT_MAX_FRAME = 1 << 30
 # the main thread (where Python runs signal handlers); this module is first
 # imported there unless an application imports cpy2py from another thread
@@ -134,14 +136,28 @@ class FdTransport:
         self._buffer = bytearray()  # read beyond the last frame
         self._reader: Any = None
 
-    def send(self, payload: bytes) -> None:
-        header = _HEADER.pack(len(payload))
+    #: ``send`` takes a frame as a tuple of its parts too (``dumps(...,
+    #: parts=True)``: large byte strings as they are)
+    sends_parts = True
+
+    def send(self, payload: bytes | tuple[bytes, ...]) -> None:
+        if type(payload) is tuple:
+            parts = payload
+            header = _HEADER.pack(sum(map(len, parts)))
+        elif len(payload) < 65536:
+            with self._write_lock:
+                self._write_all(_HEADER.pack(len(payload)) + payload)
+            return
+        else:  # no copy of large payloads
+            parts = (payload,)
+            header = _HEADER.pack(len(payload))
         with self._write_lock:
-            if len(payload) < 65536:
-                self._write_all(header + payload)
-            else:  # no copy of large payloads
+            if _writev is None:  # (PyPy 3.9, whose codec makes no parts)
                 self._write_all(header)
-                self._write_all(payload)
+                for part in parts:
+                    self._write_all(part)
+            else:
+                self._write_parts([memoryview(header), *map(memoryview, parts)])
 
     def try_send(self, payload: bytes, timeout: float) -> bool:
         """Send one small frame if it can go out within ``timeout`` seconds
@@ -156,6 +172,21 @@ class FdTransport:
             return True
         finally:
             self._write_lock.release()
+
+    def _write_parts(self, views: list) -> None:
+        """Writes the concatenation of ``views`` with ``writev``, as many of
+        them at a time as one call takes here (_MAX_IOVECS)."""
+        while views:
+            written = _writev(self.write_fd, views[:_MAX_IOVECS])
+            while written:
+                first = len(views[0])
+                if written < first:
+                    views[0] = views[0][written:]
+                    break
+                written -= first
+                del views[0]
+            while views and not len(views[0]):
+                del views[0]
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)

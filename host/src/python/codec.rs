@@ -20,6 +20,7 @@ use pyo3::types::{
 use pyo3::{ffi, intern, Borrowed};
 
 use super::errors::protocol_error;
+use super::twin::Frame;
 use crate::error::HostError;
 use crate::protocol::budget::{self, Estimate};
 use crate::protocol::frame::{SPARE_FROM, SPARE_LIMIT};
@@ -40,12 +41,14 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 fn peek(frame: &Bound<'_, PyAny>) -> PyResult<(Option<u64>, Option<u64>, Option<u64>)> {
     let header = if let Ok(bytes) = frame.cast::<PyBytes>() {
         peek_header(bytes.as_bytes())
+    } else if let Ok(received) = frame.cast::<Frame>() {
+        peek_header(received.get().bytes())
     } else if let Ok(array) = frame.cast::<PyByteArray>() {
         // SAFETY: read at once, with the GIL held and no Python code run meanwhile
         peek_header(unsafe { array.as_bytes() })
     } else {
         return Err(PyTypeError::new_err(format!(
-            "peek() takes bytes or bytearray, not '{}'",
+            "peek() takes bytes, bytearray or a received Frame, not '{}'",
             type_name(frame)
         )));
     };
@@ -76,24 +79,37 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// Encodes `obj` as one CBOR data item (preferred serialization, definite
 /// lengths). Objects whose exact type is not in the value model go to
 /// `default(obj)`, which returns `(tag, value)`.
+///
+/// With `parts`, an encoding that holds byte strings (exact `bytes`) of at
+/// least `PART_MIN` bytes comes as a tuple of `bytes` whose concatenation is
+/// the encoding, those byte strings among them as they are: a transport
+/// writes them with `writev`, and no large payload is copied into a frame.
 #[pyfunction]
-#[pyo3(signature = (obj, default=None))]
+#[pyo3(signature = (obj, default=None, *, parts=false))]
 fn dumps<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
     default: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyBytes>> {
+    parts: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     // the buffer of the last large encoding, if no other encoding has it:
     // encoding a MiB into a fresh one costs hundreds of page faults
     let mut out = take_spare();
     out.clear();
     out.reserve(256);
-    let mut encoder = Encode { out, default };
-    let encoded = encoder.item(obj, 0);
-    let bytes = encoded.map(|()| PyBytes::new(py, &encoder.out));
+    let mut encoder = Encode {
+        out,
+        default,
+        cuts: parts.then(Vec::new),
+    };
+    let encoded = encoder.item(obj, 0).and_then(|()| encoder.finish(py));
     keep_spare(encoder.out);
-    bytes
+    encoded
 }
+
+/// The least length of a byte string that `dumps(..., parts=True)` leaves
+/// out of the encoded buffer (smaller ones cost less to copy than to cut).
+pub const PART_MIN: usize = 64 * 1024;
 
 /// One buffer for the whole process (not one per thread: a pool of threads
 /// would keep a large one each), taken and given back without waiting.
@@ -130,6 +146,9 @@ fn changed_size(what: &str) -> PyErr {
 struct Encode<'a, 'py> {
     out: Vec<u8>,
     default: Option<&'a Bound<'py, PyAny>>,
+    /// with `parts`: the large byte strings left out of `out`, each with the
+    /// length `out` had where it belongs
+    cuts: Option<Vec<(usize, Bound<'py, PyBytes>)>>,
 }
 
 const UINT: u8 = 0;
@@ -141,6 +160,43 @@ const MAP: u8 = 5;
 const TAG: u8 = 6;
 
 impl<'py> Encode<'_, 'py> {
+    /// The encoding: one `bytes`, or (with parts, and large byte strings
+    /// left out) a tuple of the pieces of `out` and those byte strings.
+    fn finish(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let cuts = match self.cuts.take() {
+            Some(cuts) if !cuts.is_empty() => cuts,
+            _ => return Ok(PyBytes::new(py, &self.out).into_any()),
+        };
+        let mut pieces = Vec::with_capacity(2 * cuts.len() + 1);
+        let mut from = 0;
+        for (at, bytes) in cuts {
+            if at > from {
+                pieces.push(PyBytes::new(py, &self.out[from..at]).into_any());
+            }
+            pieces.push(bytes.into_any());
+            from = at;
+        }
+        if from < self.out.len() {
+            pieces.push(PyBytes::new(py, &self.out[from..]).into_any());
+        }
+        Ok(PyTuple::new(py, pieces)?.into_any())
+    }
+
+    /// An exact `bytes`: with parts and large, its head here and the object
+    /// itself among the parts (bytes cannot change: no copy is needed).
+    fn bytes_object(&mut self, bytes: &Bound<'py, PyBytes>) {
+        let data = bytes.as_bytes();
+        if self.cuts.is_some() && data.len() >= PART_MIN {
+            self.head(BYTES, data.len() as u64);
+            let at = self.out.len();
+            if let Some(cuts) = self.cuts.as_mut() {
+                cuts.push((at, bytes.clone()));
+            }
+        } else {
+            self.bytes(data);
+        }
+    }
+
     /// Appends the shortest head of major type `major` with argument `n`
     /// (preferred serialization). These are the bytes ciborium-ll's
     /// `Encoder` writes for the same `Header` (the shared vectors check
@@ -255,7 +311,7 @@ impl<'py> Encode<'_, 'py> {
         } else if obj.is_exact_instance_of::<PyDict>() {
             self.dict(obj.cast_exact::<PyDict>()?, depth)
         } else if obj.is_exact_instance_of::<PyBytes>() {
-            self.bytes(obj.cast_exact::<PyBytes>()?.as_bytes());
+            self.bytes_object(obj.cast_exact::<PyBytes>()?);
             Ok(())
         } else if obj.is_exact_instance_of::<PySet>() {
             self.set(tags::SET, obj, obj.cast_exact::<PySet>()?.len(), depth)
@@ -478,21 +534,21 @@ fn loads<'py>(
     budget: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let copy;
-    let bytes = match data.cast::<PyBytes>() {
-        Ok(bytes) => bytes,
-        Err(_) if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() => {
-            // a bytes copy: immutable while a tag hook runs Python code
-            copy = py.get_type::<PyBytes>().call1((data,))?.cast_into::<PyBytes>()?;
-            &copy
-        }
-        Err(_) => {
-            return Err(PyTypeError::new_err(format!(
-                "loads() takes bytes, bytearray or memoryview, not '{}'",
-                type_name(data)
-            )))
-        }
+    let input: &[u8] = if let Ok(bytes) = data.cast::<PyBytes>() {
+        bytes.as_bytes()
+    } else if let Ok(received) = data.cast::<Frame>() {
+        // frozen, held by `data`: immutable while a tag hook runs Python code
+        received.get().bytes()
+    } else if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
+        // a bytes copy: immutable while a tag hook runs Python code
+        copy = py.get_type::<PyBytes>().call1((data,))?.cast_into::<PyBytes>()?;
+        copy.as_bytes()
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "loads() takes bytes, bytearray, memoryview or a received Frame, not '{}'",
+            type_name(data)
+        )));
     };
-    let input = bytes.as_bytes();
     let mut estimated = true;
     if let Some(budget) = budget.filter(|b| !b.is_none()) {
         let budget = budget_bytes(budget)?;

@@ -10,8 +10,9 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
 use super::host_calls::{in_host, seconds, wait_out_of_host};
 use crate::error::HostError;
@@ -23,6 +24,7 @@ use crate::signals;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeTwin>()?;
+    m.add_class::<Frame>()?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(wait_out_of_host, m)?)?;
     m.add_function(wrap_pyfunction!(kill_all_twins, m)?)?;
@@ -143,11 +145,33 @@ impl NativeTwin {
     /// signal handler that raises (Ctrl-C) interrupts a send that cannot go
     /// on (a twin that stopped reading, its pipe full); if part of the frame
     /// was written, the stream is cut and `cut_mid_frame` says so.
-    fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
-        let data = payload.as_bytes();
-        let mut sending = match self.0.try_begin_send(data)? {
+    ///
+    /// `payload` is a `bytes`, or a tuple of them (`dumps(..., parts=True)`),
+    /// whose concatenation is the frame: written with `writev`, not joined.
+    fn send(&self, py: Python<'_>, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let held;
+        let pieces: Vec<&[u8]>;
+        let whole;
+        let parts: &[&[u8]] = if let Ok(bytes) = payload.cast::<PyBytes>() {
+            whole = [bytes.as_bytes()];
+            &whole
+        } else if let Ok(tuple) = payload.cast::<PyTuple>() {
+            // held for the whole send; bytes cannot change
+            held = tuple
+                .iter()
+                .map(|part| part.cast_into::<PyBytes>())
+                .collect::<Result<Vec<_>, _>>()?;
+            pieces = held.iter().map(|bytes| bytes.as_bytes()).collect();
+            &pieces
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "send() takes bytes or a tuple of bytes, not {}",
+                payload.get_type().name()?
+            )));
+        };
+        let mut sending = match self.0.try_begin_send(parts)? {
             Some(sending) => sending,
-            None => in_host(py, || self.0.begin_send(data))?,
+            None => in_host(py, || self.0.begin_send(parts))?,
         };
         sending.check_not_cut()?;
         loop {
@@ -167,6 +191,13 @@ impl NativeTwin {
     /// while it holds the link's reading role.
     fn send_now(&self, payload: &Bound<'_, PyBytes>) -> PyResult<bool> {
         Ok(self.0.send_now(payload.as_bytes())?)
+    }
+
+    /// `send` takes a frame as a tuple of its parts (the kernel encodes
+    /// large byte strings that way).
+    #[getter]
+    fn sends_parts(&self) -> bool {
+        true
     }
 
     /// Whether a send was interrupted half-way through a frame (the link
@@ -194,16 +225,24 @@ impl NativeTwin {
     /// them (`hold_signals`), a signal that arrives before a frame does makes
     /// it return False, having read nothing, for the caller to let the
     /// handler run. A partial frame is kept for the next call either way.
-    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    ///
+    /// A frame of at least `Frame::FROM` bytes comes as a `Frame`, not
+    /// copied into a `bytes`.
+    fn recv<'py>(slf: &Bound<'py, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let this = slf.get();
         loop {
-            match in_host(py, || self.0.read_step())? {
+            match in_host(py, || this.0.read_step())? {
+                ReadOutcome::Frame(body) if body.len() >= Frame::FROM => {
+                    let twin = slf.clone().unbind();
+                    return Ok(Bound::new(py, Frame { body, twin })?.into_any());
+                }
                 ReadOutcome::Frame(body) => {
                     let frame = PyBytes::new(py, &body);
-                    self.0.recycle(body);
+                    this.0.recycle(body);
                     return Ok(frame.into_any());
                 }
                 ReadOutcome::Eof => return Ok(py.None().into_bound(py)),
-                ReadOutcome::Truncated => return Err(in_host(py, || self.0.truncated()).into()),
+                ReadOutcome::Truncated => return Err(in_host(py, || this.0.truncated()).into()),
                 ReadOutcome::Interrupted if signals::held() => {
                     return Ok(PyBool::new(py, false).to_owned().into_any())
                 }
@@ -265,5 +304,48 @@ impl NativeTwin {
     /// The last few KiB the twin wrote to stderr.
     fn stderr_tail(&self) -> String {
         self.0.process.stderr_tail()
+    }
+}
+
+/// A large frame received from a native twin (`NativeTwin.recv`), handed to
+/// the kernel as it was read: the codec (`loads`, `peek`) reads it in place,
+/// `len()` is its length, and `bytes(frame)` a copy for anything else. Copying it into a `bytes` would cost a copy of the frame
+/// and the page faults of a fresh buffer; its body goes back to the twin's
+/// reader when it is dropped, for the next large frame.
+#[pyclass(module = "cpy2py._host", frozen)]
+pub struct Frame {
+    body: Vec<u8>,
+    twin: Py<NativeTwin>,
+}
+
+impl Frame {
+    /// Frames from this many bytes on come as a `Frame`.
+    pub const FROM: usize = 64 * 1024;
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+#[pymethods]
+impl Frame {
+    fn __len__(&self) -> usize {
+        self.body.len()
+    }
+
+    /// A copy, as `bytes` (for a codec other than the compiled one; the
+    /// limited API of Python 3.9 has no buffer protocol for extension types).
+    fn __bytes__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.body)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<cpy2py Frame of {} bytes>", self.body.len())
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        self.twin.get().0.recycle(std::mem::take(&mut self.body));
     }
 }
