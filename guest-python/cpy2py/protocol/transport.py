@@ -17,6 +17,10 @@ from ..errors import ProtocolError
 _HEADER = Struct(">I")
 _READ_SIZE = 65536
 _writev = getattr(os, "writev", None)
+try:  # (only a CPython twin has the compiled host)
+    from cpy2py._host import read_frame as _read_frame
+except ImportError:
+    _read_frame = None
 _MAX_IOVECS = 64
 DEFAULT_MAX_FRAME = 1 << 30
 # the main thread (where Python runs signal handlers); this module is first
@@ -229,7 +233,13 @@ class FdTransport:
             if len(buffer) >= end:
                 self._buffer = buffer[end:]
                 return bytes(buffer[4:end])
-            # a large frame: read the rest straight into its own buffer
+            # a large frame: read the rest straight into its own buffer, a
+            # Frame of the compiled host where it imports (not copied again
+            # by the codec, as a bytearray would be)
+            if _read_frame is not None:
+                first = bytes(buffer[4:])
+                self._buffer = bytearray()
+                return _read_frame(self.read_fd, first, length)
             frame = bytearray(length)
             have = len(buffer) - 4
             frame[:have] = buffer[4:]

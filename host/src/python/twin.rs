@@ -10,10 +10,11 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
+use super::errors::protocol_error;
 use super::host_calls::{in_host, seconds, wait_out_of_host};
 use crate::error::HostError;
 use crate::native::{self, Handshake, SIGNAL_SLICE};
@@ -25,6 +26,7 @@ use crate::signals;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeTwin>()?;
     m.add_class::<Frame>()?;
+    m.add_function(wrap_pyfunction!(read_frame, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(wait_out_of_host, m)?)?;
     m.add_function(wrap_pyfunction!(kill_all_twins, m)?)?;
@@ -233,7 +235,7 @@ impl NativeTwin {
         loop {
             match in_host(py, || this.0.read_step())? {
                 ReadOutcome::Frame(body) if body.len() >= Frame::FROM => {
-                    let twin = slf.clone().unbind();
+                    let twin = Some(slf.clone().unbind());
                     return Ok(Bound::new(py, Frame { body, twin })?.into_any());
                 }
                 ReadOutcome::Frame(body) => {
@@ -315,7 +317,9 @@ impl NativeTwin {
 #[pyclass(module = "cpy2py._host", frozen)]
 pub struct Frame {
     body: Vec<u8>,
-    twin: Py<NativeTwin>,
+    /// the native twin whose reader gets the body back (`read_frame`'s
+    /// frames have none)
+    twin: Option<Py<NativeTwin>>,
 }
 
 impl Frame {
@@ -346,6 +350,45 @@ impl Frame {
 
 impl Drop for Frame {
     fn drop(&mut self) {
-        self.twin.get().0.recycle(std::mem::take(&mut self.body));
+        if let Some(twin) = &self.twin {
+            twin.get().0.recycle(std::mem::take(&mut self.body));
+        }
     }
+}
+
+/// Reads the rest of a frame of `length` bytes from the blocking descriptor
+/// `fd`, after `first`, the part of it read already: a `Frame`, read in
+/// place. A CPython twin's transport reads its large frames this way
+/// (protocol/transport.py): into a bytearray, the codec would copy them
+/// again. Signal handlers run between reads; a stream that ends first is a
+/// `ProtocolError`.
+#[pyfunction]
+fn read_frame<'py>(py: Python<'py>, fd: i32, first: &[u8], length: usize) -> PyResult<Bound<'py, Frame>> {
+    if first.len() > length {
+        return Err(PyValueError::new_err(format!(
+            "read_frame: {} bytes read already of a frame of {length}",
+            first.len()
+        )));
+    }
+    let mut body = Vec::with_capacity(length);
+    body.extend_from_slice(first);
+    while body.len() < length {
+        let spare = body.spare_capacity_mut();
+        let (at, room) = (spare.as_mut_ptr() as usize, spare.len());
+        // SAFETY: reads into the vector's spare capacity, which nothing else
+        // touches meanwhile; only what was read is then counted in its length
+        let got = py.detach(|| unsafe { libc::read(fd, at as *mut libc::c_void, room) });
+        match got {
+            0 => return Err(protocol_error(py, "the stream ended inside a frame")),
+            n if n > 0 => unsafe { body.set_len(body.len() + n as usize) },
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err.into());
+                }
+                py.check_signals()?;
+            }
+        }
+    }
+    Bound::new(py, Frame { body, twin: None })
 }
