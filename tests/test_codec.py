@@ -1030,3 +1030,85 @@ def test_floats_take_the_shortest_exact_width(codec: Any) -> None:
     assert codec.dumps(2.0**-150) == b"\xfb" + struct.pack(">d", 2.0**-150)
     for x in (1e-310, 123456.789, 2.0**-24, 2.0**-25, 2.0**-14, 65504.0, 65505.0):
         assert codec.loads(codec.dumps(x)) == x
+
+
+# -- large frames as received (host/src/python/received.rs) ---------------------
+
+
+def _frame_through_a_pipe(frame: bytes, first: int) -> Any:
+    """``_host.read_frame`` of ``frame`` written to a pipe, ``first`` bytes of
+    it handed over as read already."""
+    import os
+    import threading
+
+    host = _compiled()
+    read_fd, write_fd = os.pipe()
+
+    def write() -> None:
+        view = memoryview(frame)[first:]
+        while view:
+            view = view[os.write(write_fd, view) :]
+        os.close(write_fd)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        return host.read_frame(read_fd, frame[:first], len(frame))
+    finally:
+        writer.join(30)
+        os.close(read_fd)
+
+
+BIG = 64 * 1024
+
+
+@pytest.mark.parametrize(
+    "value, apart",
+    [
+        ([1, 2, b"a" * BIG], 1),  # a reply: the byte string ends the frame
+        ([0, 5, 9, 0, "f", [b"b" * (BIG + 7), "x" * BIG], {"k": b"c" * (3 * BIG)}], 2),  # text stays in
+        ([b"d" * 100, bytearray(b"e" * BIG), (b"f" * BIG, 2**700)], 2),  # a bytearray's too, a copy
+        ({"many": [bytes([i]) * (BIG + i) for i in range(6)], "after": list(range(3000))}, 6),
+        ([b"g" * (BIG - 1), 1.5, None], 0),  # under the limit
+    ],
+)
+@pytest.mark.parametrize("first", [0, 5, 40_000])
+def test_a_received_frame_reads_its_large_byte_strings_apart(value: Any, apart: int, first: int) -> None:
+    host = _compiled()
+    frame_bytes = codec_py.dumps(value)
+    frame = _frame_through_a_pipe(frame_bytes, min(first, len(frame_bytes)))
+    assert len(frame) == len(frame_bytes) and bytes(frame) == frame_bytes
+    read_apart = int(repr(frame).split(", ")[1].split()[0])
+    assert read_apart <= apart and (
+        read_apart == apart or first >= 40_000
+    )  # (what came with the first part stays in)
+    back = host.loads(frame)
+    assert back == value and type(back) is type(value)
+    assert host.peek(frame) == host.peek(frame_bytes)
+    assert codec_py.loads(frame) == value  # (a copy of the whole frame)
+
+
+def test_chunks_of_an_indefinite_byte_string_stay_in_the_frame() -> None:
+    host = _compiled()
+    chunked = b"\x82\x5f" + b"\x5a\x00\x01\x00\x00" + b"h" * BIG + b"\x41z\xff" + b"\x01"
+    frame = _frame_through_a_pipe(chunked, 0)
+    assert "0 byte strings" in repr(frame)
+    assert host.loads(frame) == [b"h" * BIG + b"z", 1]
+
+
+def test_a_received_frame_that_lies_or_ends_early_is_refused() -> None:
+    host = _compiled()
+    # a byte string longer than the rest of its frame is left in it: the decoder refuses it
+    lying = b"\x82\x01\x5a\x00\x02\x00\x00" + b"i" * BIG
+    with pytest.raises(ProtocolError):
+        host.loads(_frame_through_a_pipe(lying, 0))
+    import os
+
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"\x81\x5a\x00\x01\x00\x00" + b"j" * 1000)
+    os.close(write_fd)
+    try:
+        with pytest.raises(ProtocolError, match="ended inside a frame"):
+            host.read_frame(read_fd, b"", 6 + BIG)
+    finally:
+        os.close(read_fd)

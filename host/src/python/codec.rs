@@ -20,7 +20,7 @@ use pyo3::types::{
 use pyo3::{ffi, intern, Borrowed};
 
 use super::errors::protocol_error;
-use super::twin::Frame;
+use super::received::Frame;
 use crate::error::HostError;
 use crate::protocol::budget::{self, Estimate};
 use crate::protocol::frame::{SPARE_FROM, SPARE_LIMIT};
@@ -42,7 +42,8 @@ fn peek(frame: &Bound<'_, PyAny>) -> PyResult<(Option<u64>, Option<u64>, Option<
     let header = if let Ok(bytes) = frame.cast::<PyBytes>() {
         peek_header(bytes.as_bytes())
     } else if let Ok(received) = frame.cast::<Frame>() {
-        peek_header(received.get().bytes())
+        // (the header comes before any byte string read apart)
+        peek_header(received.get().body())
     } else if let Ok(array) = frame.cast::<PyByteArray>() {
         // SAFETY: read at once, with the GIL held and no Python code run meanwhile
         peek_header(unsafe { array.as_bytes() })
@@ -534,11 +535,21 @@ fn loads<'py>(
     budget: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let copy;
+    let joined;
+    let mut apart: &[(usize, Py<PyBytes>)] = &[];
     let input: &[u8] = if let Ok(bytes) = data.cast::<PyBytes>() {
         bytes.as_bytes()
     } else if let Ok(received) = data.cast::<Frame>() {
         // frozen, held by `data`: immutable while a tag hook runs Python code
-        received.get().bytes()
+        let received = received.get();
+        if received.apart().is_empty() || budget.is_none_or(|b| b.is_none()) {
+            apart = received.apart();
+            received.body()
+        } else {
+            // the budget's walk reads the frame whole
+            joined = received.joined(py);
+            &joined
+        }
     } else if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
         // a bytes copy: immutable while a tag hook runs Python code
         copy = py.get_type::<PyBytes>().call1((data,))?.cast_into::<PyBytes>()?;
@@ -573,6 +584,7 @@ fn loads<'py>(
     let mut decoder = Decode {
         py,
         cursor: Cursor::new(input),
+        apart,
         hook: tag_hook,
     };
     let value = decoder.item(0)?;
@@ -619,10 +631,25 @@ fn wire(py: Python<'_>, err: HostError) -> PyErr {
 struct Decode<'a, 'py> {
     py: Python<'py>,
     cursor: Cursor<'a>,
+    /// byte strings of a received `Frame` read apart from it, each with the
+    /// offset where its content is missing from the input, in order
+    apart: &'a [(usize, Py<PyBytes>)],
     hook: Option<&'a Bound<'py, PyAny>>,
 }
 
 impl<'py> Decode<'_, 'py> {
+    /// The byte string read apart whose content belongs where the cursor is
+    /// (right after a head that declared `len` bytes), if there is one.
+    fn apart_here(&mut self, len: Option<u64>) -> Option<Bound<'py, PyBytes>> {
+        let (at, bytes) = self.apart.first()?;
+        let bytes = bytes.bind(self.py);
+        if *at != self.cursor.offset() || len != Some(bytes.as_bytes().len() as u64) {
+            return None;
+        }
+        self.apart = &self.apart[1..];
+        Some(bytes.clone())
+    }
+
     /// Decodes the next item, enclosed by `depth` arrays, maps and tags.
     fn item(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
         let py = self.py;
@@ -637,9 +664,10 @@ impl<'py> Decode<'_, 'py> {
                 Ok(n) => (-1 - n).into_pyobject(py)?.into_any(),
                 Err(_) => (-1 - i128::from(n)).into_pyobject(py)?.into_any(),
             },
-            Head::Bytes(len) => {
-                PyBytes::new(py, &self.cursor.bytes(len).map_err(|e| wire(py, e))?).into_any()
-            }
+            Head::Bytes(len) => match self.apart_here(len) {
+                Some(bytes) => bytes.into_any(),
+                None => PyBytes::new(py, &self.cursor.bytes(len).map_err(|e| wire(py, e))?).into_any(),
+            },
             Head::Text(len) => PyString::new(py, &self.cursor.text(len).map_err(|e| wire(py, e))?).into_any(),
             Head::Array(len) => {
                 let depth = enter(depth, at).map_err(|e| wire(py, e))?;
@@ -741,7 +769,10 @@ impl<'py> Decode<'_, 'py> {
         let py = self.py;
         let at = self.cursor.offset();
         match self.cursor.head().map_err(|e| wire(py, e))? {
-            Head::Bytes(len) => self.cursor.bytes(len).map_err(|e| wire(py, e)),
+            Head::Bytes(len) => match self.apart_here(len) {
+                Some(bytes) => Ok(std::borrow::Cow::Owned(bytes.as_bytes().to_vec())),
+                None => self.cursor.bytes(len).map_err(|e| wire(py, e)),
+            },
             _ => Err(protocol_error(
                 py,
                 format!("expected a byte string at offset {at}"),

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod codec;
 mod errors;
 mod host_calls;
+mod received;
 mod spec;
 mod twin;
 mod wasi;
@@ -14,6 +15,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
     spec::register(m)?;
     twin::register(m)?;
+    received::register(m)?;
     wasi::register(m)?;
     Ok(())
 }

@@ -10,12 +10,12 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
-use super::errors::protocol_error;
 use super::host_calls::{in_host, seconds, wait_out_of_host};
+use super::received::Frame;
 use crate::error::HostError;
 use crate::native::{self, Handshake, SIGNAL_SLICE};
 use crate::process::{describe_status, TwinCommand};
@@ -25,8 +25,6 @@ use crate::signals;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeTwin>()?;
-    m.add_class::<Frame>()?;
-    m.add_function(wrap_pyfunction!(read_frame, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(wait_out_of_host, m)?)?;
     m.add_function(wrap_pyfunction!(kill_all_twins, m)?)?;
@@ -87,7 +85,7 @@ pub fn hello_dict<'py>(py: Python<'py>, hello: &Hello) -> PyResult<Bound<'py, Py
 }
 
 #[pyclass(module = "cpy2py._host", frozen)]
-pub struct NativeTwin(native::NativeTwin);
+pub struct NativeTwin(pub(super) native::NativeTwin);
 
 #[pymethods]
 impl NativeTwin {
@@ -235,8 +233,7 @@ impl NativeTwin {
         loop {
             match in_host(py, || this.0.read_step())? {
                 ReadOutcome::Frame(body) if body.len() >= Frame::FROM => {
-                    let twin = Some(slf.clone().unbind());
-                    return Ok(Bound::new(py, Frame { body, twin })?.into_any());
+                    return Ok(Bound::new(py, Frame::received(body, slf.clone().unbind()))?.into_any());
                 }
                 ReadOutcome::Frame(body) => {
                     let frame = PyBytes::new(py, &body);
@@ -307,88 +304,4 @@ impl NativeTwin {
     fn stderr_tail(&self) -> String {
         self.0.process.stderr_tail()
     }
-}
-
-/// A large frame received from a native twin (`NativeTwin.recv`), handed to
-/// the kernel as it was read: the codec (`loads`, `peek`) reads it in place,
-/// `len()` is its length, and `bytes(frame)` a copy for anything else. Copying it into a `bytes` would cost a copy of the frame
-/// and the page faults of a fresh buffer; its body goes back to the twin's
-/// reader when it is dropped, for the next large frame.
-#[pyclass(module = "cpy2py._host", frozen)]
-pub struct Frame {
-    body: Vec<u8>,
-    /// the native twin whose reader gets the body back (`read_frame`'s
-    /// frames have none)
-    twin: Option<Py<NativeTwin>>,
-}
-
-impl Frame {
-    /// Frames from this many bytes on come as a `Frame`.
-    pub const FROM: usize = 64 * 1024;
-
-    pub fn bytes(&self) -> &[u8] {
-        &self.body
-    }
-}
-
-#[pymethods]
-impl Frame {
-    fn __len__(&self) -> usize {
-        self.body.len()
-    }
-
-    /// A copy, as `bytes` (for a codec other than the compiled one; the
-    /// limited API of Python 3.9 has no buffer protocol for extension types).
-    fn __bytes__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.body)
-    }
-
-    fn __repr__(&self) -> String {
-        format!("<cpy2py Frame of {} bytes>", self.body.len())
-    }
-}
-
-impl Drop for Frame {
-    fn drop(&mut self) {
-        if let Some(twin) = &self.twin {
-            twin.get().0.recycle(std::mem::take(&mut self.body));
-        }
-    }
-}
-
-/// Reads the rest of a frame of `length` bytes from the blocking descriptor
-/// `fd`, after `first`, the part of it read already: a `Frame`, read in
-/// place. A CPython twin's transport reads its large frames this way
-/// (protocol/transport.py): into a bytearray, the codec would copy them
-/// again. Signal handlers run between reads; a stream that ends first is a
-/// `ProtocolError`.
-#[pyfunction]
-fn read_frame<'py>(py: Python<'py>, fd: i32, first: &[u8], length: usize) -> PyResult<Bound<'py, Frame>> {
-    if first.len() > length {
-        return Err(PyValueError::new_err(format!(
-            "read_frame: {} bytes read already of a frame of {length}",
-            first.len()
-        )));
-    }
-    let mut body = Vec::with_capacity(length);
-    body.extend_from_slice(first);
-    while body.len() < length {
-        let spare = body.spare_capacity_mut();
-        let (at, room) = (spare.as_mut_ptr() as usize, spare.len());
-        // SAFETY: reads into the vector's spare capacity, which nothing else
-        // touches meanwhile; only what was read is then counted in its length
-        let got = py.detach(|| unsafe { libc::read(fd, at as *mut libc::c_void, room) });
-        match got {
-            0 => return Err(protocol_error(py, "the stream ended inside a frame")),
-            n if n > 0 => unsafe { body.set_len(body.len() + n as usize) },
-            _ => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err.into());
-                }
-                py.check_signals()?;
-            }
-        }
-    }
-    Bound::new(py, Frame { body, twin: None })
 }
