@@ -154,14 +154,14 @@ fn read_frame<'py>(py: Python<'py>, fd: i32, first: &[u8], length: usize) -> PyR
         unsafe { split.body.set_len(split.body.len() + got) };
         split.consumed += got;
     }
-    Ok(Bound::new(
+    Bound::new(
         py,
         Frame {
             body: split.body,
             apart: split.apart,
             twin: None,
         },
-    )?)
+    )
 }
 
 /// The most read into the body at a time: a large byte string's content
