@@ -27,14 +27,20 @@ class RecordingTransport:
         self.inner = inner
         self.sandboxed = sandboxed
         self.frames: List[Frame] = []  # list.append is atomic: many threads record at once
+        #: repr of each large frame received as a ``cpy2py._host.Frame``
+        self.large: List[str] = []
 
     def send(self, payload: Any) -> None:
-        self.frames.append(("master", bytes(payload)))
+        # (a large frame may come as a tuple of its parts: dumps(..., parts=True))
+        self.frames.append(("master", b"".join(payload) if type(payload) is tuple else bytes(payload)))
         self.inner.send(payload)
 
     def recv(self) -> Any:
         raw = self.inner.recv()
         if isinstance(raw, (bytes, bytearray)):
+            self.frames.append(("twin", bytes(raw)))
+        elif raw is not None and raw is not False:  # a Frame, read in place
+            self.large.append(repr(raw))
             self.frames.append(("twin", bytes(raw)))
         return raw
 

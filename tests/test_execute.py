@@ -99,6 +99,24 @@ def test_large_byte_strings_anywhere_in_a_value_arrive_whole_and_in_place(twin):
     assert twin.execute(twin_helpers.echo, big[2]) == big[2]  # a frame that ends with its byte string
 
 
+@pytest.mark.parametrize("kind", ["python3", "pypy3"])
+def test_the_master_reads_a_large_replys_byte_strings_apart(kind, monkeypatch):
+    """A native twin's large reply reaches the kernel as a Frame whose large
+    byte strings were read straight into their own bytes objects (the value
+    the caller gets is that object, not a copy of part of the frame)."""
+    from frame_recorder import recording
+
+    with recording(monkeypatch) as recorders:
+        master = start_twin(kind, f"{kind}-large-frames")
+    try:
+        value = [b"x" * (1 << 20), "text", b"y" * (200 * 1024)]
+        assert master.execute(twin_helpers.echo, value) == value
+        large = recorders[master.twinterpreter_id].large
+        assert any("2 byte strings read apart" in r for r in large), large
+    finally:
+        master.stop()
+
+
 def test_exception_same_type_with_remote_traceback(twin):
     with pytest.raises(ValueError) as info:
         twin.execute(twin_helpers.fail_with, ValueError, "boom")

@@ -124,7 +124,8 @@ impl Handshake {
                 Ok(ReadOutcome::Frame(hello)) => return parse_hello(&hello).map(Some),
                 Ok(ReadOutcome::Interrupted) => continue,
                 Ok(ReadOutcome::Eof | ReadOutcome::Truncated) => break,
-                Err(HostError::Protocol(_)) => break,
+                // (an exact reader leaves no frame to its caller)
+                Ok(ReadOutcome::Large { .. }) | Err(HostError::Protocol(_)) => break,
                 Err(e) => return Err(e),
             }
         }
@@ -174,6 +175,13 @@ impl Handshake {
     }
 }
 
+/// What `read_step_with` did: a step of the reader, or the caller's read of
+/// a large frame.
+pub enum Step<T> {
+    Read(ReadOutcome),
+    Large(T),
+}
+
 /// A native twin that answered its hello.
 pub struct NativeTwin {
     pub process: TwinProcess,
@@ -211,6 +219,29 @@ impl NativeTwin {
             return Ok(ReadOutcome::Interrupted);
         }
         reader.read(&mut &self.process.from_twin, self.max_frame)
+    }
+
+    /// `read_step`, and a frame of `split_from` bytes or more (see
+    /// `split_large_frames`) read by `large(fd, len, first)` while the reader
+    /// lock is still held: nothing else reads the stream meanwhile.
+    pub fn read_step_with<T>(&self, large: impl FnOnce(RawFd, usize, Vec<u8>) -> T) -> Result<Step<T>> {
+        let mut reader = self.reader();
+        let fd = self.read_fd();
+        if fd < 0 {
+            return Ok(Step::Read(ReadOutcome::Eof));
+        }
+        if !reader.has_input() && !pipe::wait_for_frame(fd, signals::mask_before_hold().as_ref())? {
+            return Ok(Step::Read(ReadOutcome::Interrupted));
+        }
+        Ok(match reader.read(&mut &self.process.from_twin, self.max_frame)? {
+            ReadOutcome::Large { len, first } => Step::Large(large(fd, len, first)),
+            outcome => Step::Read(outcome),
+        })
+    }
+
+    /// Leaves frames of `from` bytes or more to `read_step_with`'s caller.
+    pub fn split_large_frames(&self, from: usize) {
+        self.reader().split_from(from);
     }
 
     /// Whether bytes of the stream were read ahead and wait in the reader

@@ -63,6 +63,10 @@ pub enum ReadOutcome {
     Truncated,
     /// A signal interrupted a read (EINTR); what was read is kept.
     Interrupted,
+    /// The header of a frame of at least the reader's `split_from` bytes,
+    /// and `first`, the start of its body read with it: the caller reads
+    /// the rest (of `len` bytes in all) before the reader is used again.
+    Large { len: usize, first: Vec<u8> },
 }
 
 /// Largest buffer kept for reuse once its frame is done with (a fresh
@@ -88,6 +92,9 @@ pub struct FrameReader {
     exact: bool,
     /// a body handed back by [`FrameReader::recycle`], for the next large frame
     spare: Vec<u8>,
+    /// frames of this many bytes or more are left to the caller
+    /// ([`ReadOutcome::Large`]); 0: none
+    split_from: usize,
 }
 
 /// Bytes read from the stream past the frame being read.
@@ -133,6 +140,12 @@ impl FrameReader {
         }
     }
 
+    /// Leaves frames of `from` bytes or more to the caller, who reads
+    /// them its own way ([`ReadOutcome::Large`]).
+    pub fn split_from(&mut self, from: usize) {
+        self.split_from = from;
+    }
+
     /// Whether part of a frame was read, or bytes of later ones: a caller
     /// must then read rather than wait for the stream to be readable (what
     /// it holds is no longer in the stream).
@@ -165,6 +178,12 @@ impl FrameReader {
             }
             if self.head_have == HEADER_LEN {
                 let len = payload_len(self.head, max)?;
+                if self.split_from > 0 && len >= self.split_from && !self.exact {
+                    let mut first = vec![0; len.min(self.ahead.end - self.ahead.at)];
+                    self.ahead.take(&mut first);
+                    self.head_have = 0;
+                    return Ok(ReadOutcome::Large { len, first });
+                }
                 self.body = if len >= SPARE_FROM && self.spare.capacity() >= len {
                     // the bytes of the last frame stay until read over:
                     // only what the buffer never held is zeroed (a memset
@@ -221,6 +240,7 @@ pub fn read_frame<R: Read>(input: &mut R, max: usize) -> Result<Option<Vec<u8>>>
             ReadOutcome::Frame(payload) => return Ok(Some(payload)),
             ReadOutcome::Eof => return Ok(None),
             ReadOutcome::Interrupted => continue,
+            ReadOutcome::Large { .. } => unreachable!("an exact reader leaves no frame to its caller"),
             ReadOutcome::Truncated if reader.body.is_empty() => {
                 return Err(HostError::Protocol("stream ended inside a frame header".into()))
             }
@@ -416,6 +436,43 @@ mod tests {
             ReadOutcome::Frame(body) => body,
             other => panic!("expected a frame, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_splitting_reader_leaves_large_frames_to_its_caller_and_goes_on_after_them() {
+        let mut stream = Vec::new();
+        write_frame(&mut stream, &[1; 10]).unwrap();
+        let large: Vec<u8> = (0..SPARE_FROM + 5000).map(|i| i as u8).collect();
+        write_frame(&mut stream, &large).unwrap();
+        write_frame(&mut stream, &[2; 20]).unwrap();
+        let mut input = &stream[..];
+        let mut reader = FrameReader::default();
+        reader.split_from(SPARE_FROM);
+        assert_eq!(
+            whole_frame(&mut reader, &mut input),
+            vec![1; 10],
+            "a small frame as before"
+        );
+        let (len, first) = match reader.read(&mut input, 1 << 20).unwrap() {
+            ReadOutcome::Large { len, first } => (len, first),
+            other => panic!("expected a large frame, got {other:?}"),
+        };
+        assert_eq!(len, large.len());
+        assert!(
+            !first.is_empty() && first.len() < len,
+            "the body's start, read ahead with the header"
+        );
+        assert_eq!(&first[..], &large[..first.len()]);
+        assert!(!reader.has_input(), "nothing of the frame stays in the reader");
+        // the caller reads the rest from the stream itself
+        let mut rest = vec![0; len - first.len()];
+        input.read_exact(&mut rest).unwrap();
+        assert_eq!([first, rest].concat(), large);
+        assert_eq!(
+            whole_frame(&mut reader, &mut input),
+            vec![2; 20],
+            "the next frame whole"
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::codec::PART_MIN;
-use super::errors::protocol_error;
 use super::twin::NativeTwin;
+use crate::error::HostError;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Frame>()?;
@@ -130,64 +130,80 @@ fn read_frame<'py>(py: Python<'py>, fd: i32, first: &[u8], length: usize) -> PyR
             first.len()
         )));
     }
-    let mut split = Split {
-        body: Vec::with_capacity(length.min(READ_CHUNK).max(first.len())),
-        apart: Vec::new(),
-        scan: 0,
-        consumed: first.len(),
-        length,
-        in_chunks: false,
-    };
-    split.body.extend_from_slice(first);
-    loop {
-        split.scan_heads(py, fd)?;
-        if split.consumed == split.length {
-            break;
+    let read = &mut |at: usize, room: usize| loop {
+        // SAFETY: memory the split owns and nothing else touches meanwhile
+        let got = py.detach(|| unsafe { libc::read(fd, at as *mut libc::c_void, room) });
+        if got >= 0 {
+            return Ok(got as usize);
         }
-        let want = (split.length - split.consumed).min(READ_CHUNK);
-        split.body.reserve(want);
-        let spare = &mut split.body.spare_capacity_mut()[..want];
-        let (at, room) = (spare.as_mut_ptr() as usize, spare.len());
-        // SAFETY: reads into spare capacity of the body, which nothing else
-        // touches meanwhile; only what was read is then counted in its length
-        let got = read_into(py, fd, at, room)?;
-        unsafe { split.body.set_len(split.body.len() + got) };
-        split.consumed += got;
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err.into());
+        }
+        py.check_signals()?;
+    };
+    let frame = Split::new(first, length).run(read, &mut |n| new_bytes(py, n))?;
+    Bound::new(py, frame)
+}
+
+/// Reads the rest of a frame of `length` bytes from a native twin's
+/// descriptor `fd` for `NativeTwin.recv`, with the GIL released and the
+/// twin's reader lock held (nothing else reads the stream meanwhile): as
+/// `read_frame`, taking the GIL only to make the byte strings read apart.
+/// Reads interrupted by a signal go on without running its handler (the
+/// reading thread holds its signals: a frame begun is read to its end, and
+/// the handler runs after). `Ok(None)`: the stream ended inside the frame.
+pub fn read_native_frame(
+    fd: i32,
+    first: Vec<u8>,
+    length: usize,
+    twin: Py<NativeTwin>,
+) -> PyResult<Option<Frame>> {
+    let mut ended = false;
+    let read = &mut |at: usize, room: usize| loop {
+        // SAFETY: memory the split owns and nothing else touches meanwhile
+        let got = unsafe { libc::read(fd, at as *mut libc::c_void, room) };
+        if got >= 0 {
+            ended |= got == 0;
+            return Ok(got as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err.into());
+        }
+    };
+    let split = Split::new(&first, length).run(read, &mut |n| Python::attach(|py| new_bytes(py, n)));
+    match split {
+        Ok(mut frame) => {
+            frame.twin = Some(twin);
+            Ok(Some(frame))
+        }
+        Err(_) if ended => Ok(None),
+        Err(err) => Err(err),
     }
-    Bound::new(
-        py,
-        Frame {
-            body: split.body,
-            apart: split.apart,
-            twin: None,
-        },
-    )
+}
+
+/// A new `bytes` of `n` bytes, not yet filled, and the address of its
+/// buffer. The caller fills it before anyone else can see the object.
+fn new_bytes(py: Python<'_>, n: usize) -> PyResult<(Py<PyBytes>, usize)> {
+    // SAFETY: a new object we own; bytes are immutable only once shared
+    unsafe {
+        let raw = ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as ffi::Py_ssize_t);
+        let bytes: Bound<'_, PyBytes> = Bound::from_owned_ptr_or_err(py, raw)?.cast_into_unchecked();
+        let start = ffi::PyBytes_AsString(bytes.as_ptr()) as usize;
+        Ok((bytes.unbind(), start))
+    }
 }
 
 /// The most read into the body at a time: a large byte string's content
 /// that comes with it is copied into its own `bytes` (at most this much).
 const READ_CHUNK: usize = 64 * 1024;
 
-/// One read of up to `room` bytes into the memory at `at`, with the GIL
-/// released, going on after signals (their handlers run first). The caller
-/// owns that memory and nothing else touches it meanwhile.
-fn read_into(py: Python<'_>, fd: i32, at: usize, room: usize) -> PyResult<usize> {
-    loop {
-        // SAFETY: see above
-        let got = py.detach(|| unsafe { libc::read(fd, at as *mut libc::c_void, room) });
-        match got {
-            0 => return Err(protocol_error(py, "the stream ended inside a frame")),
-            n if n > 0 => return Ok(n as usize),
-            _ => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err.into());
-                }
-                py.check_signals()?;
-            }
-        }
-    }
-}
+/// Reads into memory the split owns: `(address, room)` to bytes read, 0 at
+/// the end of the stream.
+type Read<'a> = &'a mut dyn FnMut(usize, usize) -> PyResult<usize>;
+/// Makes a `bytes` of `n` bytes to fill, with the address of its buffer.
+type Alloc<'a> = &'a mut dyn FnMut(usize) -> PyResult<(Py<PyBytes>, usize)>;
 
 /// A frame being read: its heads are looked at in order (a flat walk: every
 /// CBOR item is a head, strings are followed by their content), and a large
@@ -206,9 +222,46 @@ struct Split {
 }
 
 impl Split {
+    fn new(first: &[u8], length: usize) -> Split {
+        let mut body = Vec::with_capacity(length.min(READ_CHUNK).max(first.len()));
+        body.extend_from_slice(first);
+        Split {
+            body,
+            apart: Vec::new(),
+            scan: 0,
+            consumed: first.len(),
+            length,
+            in_chunks: false,
+        }
+    }
+
+    /// Reads the rest of the frame.
+    fn run(mut self, read: Read<'_>, alloc: Alloc<'_>) -> PyResult<Frame> {
+        loop {
+            self.scan_heads(read, alloc)?;
+            if self.consumed == self.length {
+                return Ok(Frame {
+                    body: self.body,
+                    apart: self.apart,
+                    twin: None,
+                });
+            }
+            let want = (self.length - self.consumed).min(READ_CHUNK);
+            self.body.reserve(want);
+            let spare = &mut self.body.spare_capacity_mut()[..want];
+            let got = read(spare.as_mut_ptr() as usize, want)?;
+            if got == 0 {
+                return Err(ended());
+            }
+            // SAFETY: `read` wrote that many bytes into the spare capacity
+            unsafe { self.body.set_len(self.body.len() + got) };
+            self.consumed += got;
+        }
+    }
+
     /// Looks at the heads in `body` from `scan` on, as far as they are read,
     /// reading large byte strings apart as it meets them.
-    fn scan_heads(&mut self, py: Python<'_>, fd: i32) -> PyResult<()> {
+    fn scan_heads(&mut self, read: Read<'_>, alloc: Alloc<'_>) -> PyResult<()> {
         while let Some((head_len, major, argument)) = head_at(&self.body[self.scan..]) {
             let content = self.scan + head_len;
             match (major, argument) {
@@ -217,7 +270,7 @@ impl Split {
                     let have = self.body.len() - content;
                     let left_in_frame = self.length - self.consumed + have;
                     if major == 2 && !self.in_chunks && n >= PART_MIN && n > have && n <= left_in_frame {
-                        self.read_apart(py, fd, content, n)?;
+                        self.read_apart(read, alloc, content, n)?;
                         self.scan = content; // the body goes on after the head
                     } else if n > have {
                         return Ok(()); // its content is not all read yet
@@ -242,26 +295,27 @@ impl Split {
     /// Reads the content of the byte string of `n` bytes whose head ends at
     /// `at` into a `bytes` of its own: what of it is in the body already,
     /// then the rest straight from the stream.
-    fn read_apart(&mut self, py: Python<'_>, fd: i32, at: usize, n: usize) -> PyResult<()> {
+    fn read_apart(&mut self, read: Read<'_>, alloc: Alloc<'_>, at: usize, n: usize) -> PyResult<()> {
         let have = self.body.len() - at;
-        // SAFETY: a new bytes object of `n` bytes, filled below before anyone
-        // else can see it (bytes are immutable once shared)
-        let bytes: Bound<'_, PyBytes> = unsafe {
-            let raw = ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as ffi::Py_ssize_t);
-            Bound::from_owned_ptr_or_err(py, raw)?.cast_into_unchecked()
-        };
-        let start = unsafe { ffi::PyBytes_AsString(bytes.as_ptr()) } as usize;
-        // SAFETY: `have` < n bytes into the new object's buffer
+        let (bytes, start) = alloc(n)?;
+        // SAFETY: `have` < n bytes into the new object's buffer of n bytes
         unsafe { std::ptr::copy_nonoverlapping(self.body[at..].as_ptr(), start as *mut u8, have) };
         self.body.truncate(at);
         let mut filled = have;
         while filled < n {
-            filled += read_into(py, fd, start + filled, n - filled)?;
+            match read(start + filled, n - filled)? {
+                0 => return Err(ended()),
+                got => filled += got,
+            }
         }
         self.consumed += n - have;
-        self.apart.push((at, bytes.unbind()));
+        self.apart.push((at, bytes));
         Ok(())
     }
+}
+
+fn ended() -> PyErr {
+    HostError::Protocol("the stream ended inside a frame".into()).into()
 }
 
 /// The head at the start of `data`: its length, major type and argument

@@ -15,9 +15,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
 use super::host_calls::{in_host, seconds, wait_out_of_host};
-use super::received::Frame;
+use super::received::{read_native_frame, Frame};
 use crate::error::HostError;
-use crate::native::{self, Handshake, SIGNAL_SLICE};
+use crate::native::{self, Handshake, Step, SIGNAL_SLICE};
 use crate::process::{describe_status, TwinCommand};
 use crate::protocol::frame::{self, ReadOutcome};
 use crate::protocol::handshake::Hello;
@@ -121,7 +121,9 @@ impl NativeTwin {
             .with_preamble(preamble.map(|b| b.as_bytes().to_vec()).unwrap_or_default());
         loop {
             if let Some(hello) = in_host(py, || handshake.step(SIGNAL_SLICE))? {
-                return Ok(NativeTwin(handshake.finish(hello, max_frame)));
+                let twin = handshake.finish(hello, max_frame);
+                twin.split_large_frames(Frame::FROM);
+                return Ok(NativeTwin(twin));
             }
             if let Err(interrupt) = py.check_signals() {
                 let _ = in_host(py, || handshake.kill());
@@ -227,11 +229,23 @@ impl NativeTwin {
     /// handler run. A partial frame is kept for the next call either way.
     ///
     /// A frame of at least `Frame::FROM` bytes comes as a `Frame`, not
-    /// copied into a `bytes`.
+    /// copied into a `bytes`, its large byte strings read apart
+    /// (received.rs).
     fn recv<'py>(slf: &Bound<'py, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let this = slf.get();
         loop {
-            match in_host(py, || this.0.read_step())? {
+            let twin = slf.clone().unbind();
+            let step = in_host(py, || {
+                this.0
+                    .read_step_with(|fd, len, first| read_native_frame(fd, first, len, twin))
+            })?;
+            let outcome = match step {
+                Step::Large(Ok(Some(frame))) => return Ok(Bound::new(py, frame)?.into_any()),
+                Step::Large(Ok(None)) => ReadOutcome::Truncated,
+                Step::Large(Err(err)) => return Err(err),
+                Step::Read(outcome) => outcome,
+            };
+            match outcome {
                 ReadOutcome::Frame(body) if body.len() >= Frame::FROM => {
                     return Ok(Bound::new(py, Frame::received(body, slf.clone().unbind()))?.into_any());
                 }
@@ -246,6 +260,7 @@ impl NativeTwin {
                     return Ok(PyBool::new(py, false).to_owned().into_any())
                 }
                 ReadOutcome::Interrupted => py.check_signals()?,
+                ReadOutcome::Large { .. } => unreachable!("read_step_with reads large frames"),
             }
         }
     }
