@@ -317,7 +317,7 @@ def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional
             else:
                 enc(key, out, depth, default)
         t = type(value)
-        if t is int and 0 <= value < 65536:
+        if t is int and 0 <= value < 65536:  # inline as in _enc_items: a call per entry is the cost
             if value < 24:
                 out.append(value)
             elif value < 256:
@@ -493,6 +493,10 @@ def _dec_bytes(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
     return data[pos:end], end
 
 
+def _invalid_utf8(start: int, e: UnicodeDecodeError) -> ProtocolError:
+    return ProtocolError(f"invalid UTF-8 in the text string at offset {start}: {e.reason}")
+
+
 def _utf8(b: bytes, pos: int) -> str:
     try:
         return b.decode()
@@ -512,7 +516,7 @@ def _dec_text(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook
     try:
         return data[pos:end].decode(), end
     except UnicodeDecodeError as e:
-        raise ProtocolError(f"invalid UTF-8 in the text string at offset {pos}: {e.reason}") from None
+        raise _invalid_utf8(pos, e) from None
 
 
 def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
@@ -596,9 +600,7 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
                 try:
                     append(data[start:pos].decode())
                 except UnicodeDecodeError as e:
-                    raise ProtocolError(
-                        f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
-                    ) from None
+                    raise _invalid_utf8(start, e) from None
             else:
                 item, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
                 append(item)
@@ -636,9 +638,7 @@ def _dec_map(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
             try:
                 key = data[start:pos].decode()
             except UnicodeDecodeError as e:
-                raise ProtocolError(
-                    f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
-                ) from None
+                raise _invalid_utf8(start, e) from None
         else:
             key, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
             if pos >= end:
@@ -659,9 +659,7 @@ def _dec_map(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
             try:
                 value = data[start:pos].decode()
             except UnicodeDecodeError as e:
-                raise ProtocolError(
-                    f"invalid UTF-8 in the text string at offset {start}: {e.reason}"
-                ) from None
+                raise _invalid_utf8(start, e) from None
         else:
             value, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
         try:
