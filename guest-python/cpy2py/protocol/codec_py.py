@@ -232,14 +232,16 @@ def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default
     get = _ENCODERS.get
     for item in items:
         t = type(item)
-        if t is int and 0 <= item < 65536:
+        if t is int and 0 <= item < 4294967296:
             if item < 24:
                 out.append(item)
             elif item < 256:
                 out.append(0x18)
                 out.append(item)
-            else:
+            elif item < 65536:
                 out += _pack_BH(0x19, item)
+            else:
+                out += _pack_BI(0x1A, item)
             continue
         enc = get(t)
         if enc is None:
@@ -317,14 +319,16 @@ def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional
             else:
                 enc(key, out, depth, default)
         t = type(value)
-        if t is int and 0 <= value < 65536:  # inline as in _enc_items: a call per entry is the cost
+        if t is int and 0 <= value < 4294967296:  # inline as in _enc_items: a call per entry is the cost
             if value < 24:
                 out.append(value)
             elif value < 256:
                 out.append(0x18)
                 out.append(value)
-            else:
+            elif value < 65536:
                 out += _pack_BH(0x19, value)
+            else:
+                out += _pack_BI(0x1A, value)
             continue
         enc = get(t)
         if enc is None:
