@@ -29,6 +29,7 @@ RSS_SLACK = 64 << 20
 
 MODES = [
     "truncated-frame",  # the stream ends inside a frame
+    "truncated-large-bytes",  # ... inside a large byte string the master reads apart
     "truncated-cbor",  # a whole frame holding an incomplete CBOR item
     "huge-prefix",  # length prefix 2**32-1, the largest 4 bytes can say
     "limit-prefix",  # length prefix 2**30 (the limit), 3 bytes, the end

@@ -209,16 +209,11 @@ impl NativeTwin {
     /// before the frame (nothing was read); without held signals, a signal
     /// interrupts the read itself. A partial frame is kept for the next step.
     pub fn read_step(&self) -> Result<ReadOutcome> {
-        let mut reader = self.reader();
-        // the descriptor is read under the reader lock: `close` takes it first
-        let fd = self.read_fd();
-        if fd < 0 {
-            return Ok(ReadOutcome::Eof);
+        // (a reader that splits large frames is read with `read_step_with`)
+        match self.read_step_with(|_, _, _| ())? {
+            Step::Read(outcome) => Ok(outcome),
+            Step::Large(()) => unreachable!("read_step is for readers that do not split large frames"),
         }
-        if !reader.has_input() && !pipe::wait_for_frame(fd, signals::mask_before_hold().as_ref())? {
-            return Ok(ReadOutcome::Interrupted);
-        }
-        reader.read(&mut &self.process.from_twin, self.max_frame)
     }
 
     /// `read_step`, and a frame of `split_from` bytes or more (see
@@ -226,6 +221,7 @@ impl NativeTwin {
     /// lock is still held: nothing else reads the stream meanwhile.
     pub fn read_step_with<T>(&self, large: impl FnOnce(RawFd, usize, Vec<u8>) -> T) -> Result<Step<T>> {
         let mut reader = self.reader();
+        // the descriptor is read under the reader lock: `close` takes it first
         let fd = self.read_fd();
         if fd < 0 {
             return Ok(Step::Read(ReadOutcome::Eof));

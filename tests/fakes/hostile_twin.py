@@ -96,6 +96,12 @@ def misbehave(mode: str, req_id: int) -> None:
         write(struct.pack(">I", 100) + b"\x83\x01" + bytes(8))
         os.close(WRITE_FD)
         drain()
+    elif mode == "truncated-large-bytes":  # a 1 MiB reply cut inside its byte string, then the end
+        content = 1 << 20
+        head = b"\x83\x01" + text(req_id) + b"\x5a" + struct.pack(">I", content)
+        write(struct.pack(">I", len(head) + content) + head + bytes(200_000))
+        os.close(WRITE_FD)
+        drain()
     elif mode == "truncated-cbor":  # a complete frame holding an incomplete item
         write(frame(b"\x83\x01" + text(req_id)))  # an array of 3 with 2 items
     elif mode == "huge-prefix":  # the largest 4-byte length prefix, then silence

@@ -98,40 +98,25 @@ def encode(piece: List[Any], out: bytearray) -> bool:
     they are all ints (of type int exactly) with heads of one width;
     otherwise appends nothing and says False."""
     k = len(piece)
-    first = piece[0]
-    last = piece[-1]
-    if type(first) is not int or type(last) is not int or _width_class(first) != _width_class(last):
+    first, last = piece[0], piece[-1]
+    if type(first) is not int or type(last) is not int:
+        return False
+    width = _width_class(first)
+    if width < 0 or width != _width_class(last):
         return False  # most mixed pieces end here, before anything is packed
     try:
-        if first < 0:
-            return False
-        if first < 256:
+        if width < 2:
             packed = bytes(piece)  # ValueError unless every item is in 0..255
-            if first < 24:
-                if packed.lstrip(_SMALL):
-                    return False
-                width = 0
-            elif packed.lstrip(_NOT_SMALL):
-                return False
-            else:
-                width = 1
-        elif first < 65536:
+            if packed.lstrip(_SMALL if width == 0 else _NOT_SMALL):
+                return False  # an item of the other of these two widths
+        elif width == 2:
             packed = _pack(f">{k}H", *piece)  # struct.error unless every item is in 0..65535
             if 0 in packed[0::2]:  # an item below 256 has a shorter head
                 return False
-            width = 2
-        elif first < 4294967296:
-            if min(piece) < 65536:
-                return False
-            packed = _pack(f">{k}I", *piece)
-            width = 4
-        elif first < 18446744073709551616:
-            if min(piece) < 4294967296:
-                return False
-            packed = _pack(f">{k}Q", *piece)
-            width = 8
         else:
-            return False
+            if min(piece) < (65536 if width == 4 else 4294967296):
+                return False  # an item with a shorter head
+            packed = _pack(f">{k}{_CODE[width]}", *piece)
     except (TypeError, ValueError, _StructError):
         return False  # an item that is not an int, or one out of the first's range
     if list(map(type, piece)).count(int) != k:

@@ -66,7 +66,7 @@ pub fn peek_header(frame: &[u8]) -> Option<Header> {
 /// The argument of the head at the start of `bytes` (a length or an unsigned
 /// value) and the head's size; None for a truncated head, reserved
 /// additional information (28-30) or an indefinite length.
-fn argument(bytes: &[u8]) -> Option<(u64, usize)> {
+pub(crate) fn argument(bytes: &[u8]) -> Option<(u64, usize)> {
     let info = bytes.first()? & 0x1f;
     let width = match info {
         0..=23 => return Some((u64::from(info), 1)),

@@ -18,6 +18,7 @@ use pyo3::types::PyBytes;
 use super::codec::PART_MIN;
 use super::twin::NativeTwin;
 use crate::error::HostError;
+use crate::protocol::header::argument;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Frame>()?;
@@ -323,16 +324,9 @@ fn ended() -> PyErr {
 /// there. A reserved head reads as a one-byte head: the decoder refuses it.
 fn head_at(data: &[u8]) -> Option<(usize, u8, Option<u64>)> {
     let ib = *data.first()?;
-    let (major, info) = (ib >> 5, ib & 0x1f);
-    let width = match info {
-        0..=23 => return Some((1, major, Some(u64::from(info)))),
-        24 => 1,
-        25 => 2,
-        26 => 4,
-        27 => 8,
-        _ => return Some((1, major, None)),
-    };
-    let bytes = data.get(1..1 + width)?;
-    let argument = bytes.iter().fold(0u64, |n, &b| (n << 8) | u64::from(b));
-    Some((1 + width, major, Some(argument)))
+    if ib & 0x1f >= 28 {
+        return Some((1, ib >> 5, None));
+    }
+    let (argument, len) = argument(data)?; // (None now: the head is cut short)
+    Some((len, ib >> 5, Some(argument)))
 }
