@@ -457,6 +457,75 @@ def test_a_transport_writes_a_frame_of_parts_whole(monkeypatch: pytest.MonkeyPat
     assert bytes(got[0]) == b"".join(parts)
 
 
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        pytest.param(None, id="each-frame-whole"),
+        pytest.param([], id="all-in-one-write"),
+        pytest.param([2], id="header-split"),
+        pytest.param([4, 9], id="header-then-body"),
+        pytest.param([9, 17, 330], id="bodies-split"),
+    ],
+)
+def test_a_transport_reads_frames_however_they_arrive(cuts: Optional[List[int]]) -> None:
+    """``FdTransport.recv`` takes a frame that came whole in one read at once;
+    frames that come together, or in pieces (written apart by another thread),
+    come out the same, one at a time; the end of the stream is None."""
+    import os
+    import threading
+    import time
+
+    from cpy2py.protocol.transport import FdTransport
+
+    frames = [b"first", b"x" * 300, b"\x00", b"last frame"]
+    stream = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+    read_fd, write_fd = os.pipe()
+    transport = FdTransport(read_fd, -1)
+    got = []
+    try:
+        if cuts is None:  # one write per frame, read before the next is written
+            for frame in frames:
+                os.write(write_fd, struct.pack(">I", len(frame)) + frame)
+                got.append(transport.recv())
+                assert not transport.buffered()
+            os.close(write_fd)
+        else:
+            pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+
+            def write() -> None:
+                for piece in pieces:
+                    os.write(write_fd, piece)
+                    time.sleep(0.02)  # (so that the reader mostly finds them apart)
+                os.close(write_fd)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            got = [transport.recv() for _ in frames]
+            writer.join(10)
+        assert [bytes(f) for f in got] == frames
+        assert transport.recv() is None
+    finally:
+        os.close(read_fd)
+
+
+def test_a_transport_refuses_a_frame_over_its_limit_even_when_whole() -> None:
+    import os
+
+    from cpy2py.protocol.transport import FdTransport
+
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, struct.pack(">I", 100) + b"y" * 100)
+        with pytest.raises(ProtocolError, match="frames must hold 1 to 64 bytes"):
+            FdTransport(read_fd, -1, max_frame=64).recv()
+        os.write(write_fd, struct.pack(">I", 0))
+        with pytest.raises(ProtocolError, match="received a frame of 0 bytes"):
+            FdTransport(read_fd, -1).recv()
+    finally:
+        os.close(write_fd)
+        os.close(read_fd)
+
+
 def test_64_mib_bytes_round_trip(codec: Any) -> None:
     payload = bytes(range(256)) * (64 * 1024 * 4)
     assert len(payload) == 64 * 1024 * 1024

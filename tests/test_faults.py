@@ -198,6 +198,10 @@ def test_optimized_master_skips_per_call_logs():
     assert "-> python3 request" in normal.stderr
     assert "-> python3 request" not in optimized.stderr
     assert "__cpy2py__.master" in optimized.stderr  # start-up logs remain
+    # records of each call cost on every call: made only when DEBUG is asked for
+    info = run_master(script, env={"CPY2PY_DEBUG": "INFO"})
+    assert info.returncode == 0 and "-> python3 request" not in info.stderr
+    assert "__cpy2py__.master INFO" in info.stderr
 
 
 def test_python_sys_executable_is_accepted(python_exe):

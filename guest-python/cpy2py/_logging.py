@@ -3,8 +3,9 @@
 By default no handler is attached and propagation is disabled, so cpy2py is
 silent. ``CPY2PY_DEBUG=1`` (or a level name such as ``INFO``) writes the logs
 of this interpreter to stderr; twins inherit the variable, so every
-interpreter of the group logs. Per-call logging sits behind ``if __debug__:``
-and disappears under ``python -O``.
+interpreter of the group logs. Per-call records (each request and reply)
+are made only when ``CPY2PY_DEBUG`` asks for DEBUG (``PER_CALL``), and
+never under ``python -O``.
 
 The ``logging`` module is not imported for cpy2py's sake: a twin would pay
 for it (with ``traceback``, ``string`` and more) before its first call. The
@@ -139,6 +140,11 @@ def get_logger(name: str) -> _Logger:
         if logger is None:
             logger = _loggers[full] = _Logger(full)
     return logger
+
+
+#: records of every request and reply sent (two a call, each costing a
+#: microsecond or more on the call path): under ``CPY2PY_DEBUG`` at DEBUG only
+PER_CALL = os.environ.get("CPY2PY_DEBUG", "").strip().upper() in ("1", "DEBUG", "TRUE", "YES", "ON")
 
 
 def debug_level() -> str | None:

@@ -424,7 +424,7 @@ class Connection:
         payload = references.encode(
             [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts
         )
-        if __debug__:
+        if __debug__ and _logging.PER_CALL:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
         with self._lock:
             if self.broken is not None:
@@ -470,7 +470,8 @@ class Connection:
                     )
                 raise
             del payload
-            kind, raw = self._wait_for_reply(waiter, req_id)
+            reply = self._own_reply(waiter, req_id) if reads_first else None
+            kind, raw = reply if reply is not None else self._wait_for_reply(waiter, req_id)
             if timed:  # decoding the reply is not the twin's time
                 _deadlines().clear((self, req_id))
                 timed = False
@@ -750,6 +751,36 @@ class Connection:
                     )
                 )
 
+    def _own_reply(self, waiter: _Waiter, req_id: int) -> Optional[Tuple[int, Any]]:
+        """The caller sent its request holding the reading role: the next
+        frame is nearly always its reply. Read it, route it and give the role
+        up in one lock section, without the layers of ``_next_for`` and
+        ``_read``; anything else is routed by ``_read`` (given the frame) and
+        None returned, the call then waits as any other."""
+        held = self._holds_signals and hold_signals()  # (see _next_for)
+        try:
+            raw = self._read_frame()
+            if raw is None:
+                return None  # (the link ended: marked so)
+            kind, key, _ = codec.peek(raw)
+            if key == req_id and (kind == REPLY or kind == RAISE) and not (self._buffered and self._buffered()):
+                with self._lock:
+                    if self._pending.pop(req_id, None) is not None:
+                        self._undecoded[req_id] = self._routed
+                        self._routed += 1
+                        self._give_up_role()
+                        return kind, raw
+            item = self._read(waiter, first=raw)
+            if item is not None:
+                waiter.inbox.appendleft(item)  # (_wait_for_reply takes it first)
+            return None
+        except ProtocolError as err:  # (a malformed header)
+            self._fail(err)
+            return None
+        finally:
+            if held:
+                release_signals()
+
     def _drop_leftovers(self, waiter: Union[_Waiter, _AsyncWaiter], req_id: int) -> None:
         """A call left early (Ctrl-C): its reply, if delivered, is dropped, and
         requests of its chain that it will not run now are answered."""
@@ -846,18 +877,22 @@ class Connection:
         if self._heir is waiter and not self._reading:
             self._role_is_free()
 
-    def _read(self, reader: Optional[_Waiter], serve: bool = True) -> Optional[Item]:
+    def _read(self, reader: Optional[_Waiter], serve: bool = True, first: Any = None) -> Optional[Item]:
         """Read frames and route them; returns the reader's own (if it read
-        one; ``serve``: a request of a new chain may be its own). The caller
-        holds the reading role; it is given up before any
-        frame is decoded, and only after every frame read was routed (a
+        one; ``serve``: a request of a new chain may be its own; ``first``:
+        a frame it read already). The caller holds the reading role; it is
+        given up before any frame is decoded, and only after every frame read
+        was routed (a
         thread that finds its inbox empty and the role free may block
         reading, so nothing may arrive in its inbox after that)."""
         mine: Optional[Item] = None
         later: List[Item] = []  # releases and shutdowns, handled without the role
         try:
             while True:
-                raw = self._read_frame()
+                if first is not None:
+                    raw, first = first, None
+                else:
+                    raw = self._read_frame()
                 if raw is None:
                     break
                 item = self._route(raw, reader, serve and mine is None)
@@ -1149,15 +1184,17 @@ class Connection:
                 continue
             try:
                 readable, kicked = gate.wait(self.RETIRE_AFTER if surplus else None)
-            finally:
+            except BaseException:
                 with self._lock:
                     self._waiting -= 1
-            if not (readable or kicked):  # a surplus server, idle for RETIRE_AFTER
-                return None
+                raise
             if kicked:
                 gate.take_kick()
-            if readable:
-                with self._lock:
+            with self._lock:  # (one section: a lock costs as much as a system call)
+                self._waiting -= 1
+                if not readable:
+                    read = False
+                else:
                     self._armed = False  # one-shot: the event disarmed it
                     if self._handoff and self.broken is None:
                         # A handed request comes first: its kick may be the one
@@ -1168,10 +1205,12 @@ class Connection:
                             self._role_is_free()  # the gate watches the link again
                         return self._take_handed(gate)
                     read = self.broken is None and self._take_role(None)
-                if read:
-                    item = self._read(None)
-                    if item is not None:
-                        return item
+            if not (readable or kicked):  # a surplus server, idle for RETIRE_AFTER
+                return None
+            if read:
+                item = self._read(None)
+                if item is not None:
+                    return item
 
     def _take_handed(self, gate: Optional[_Gate]) -> Item:
         """Caller holds _lock: a server takes the oldest handed request."""
@@ -1196,19 +1235,14 @@ class Connection:
         if kind != REQUEST:  # a release or shutdown the server read
             self._handle_control(kind, key, raw)
             return
-        with self._lock:
-            # the gate watches the link while this runs (armed when the role was
-            # given up); someone must wait there for what comes meanwhile
-            start = self._waiting == 0 and self.broken is None and self._gate is not None
-        if start:
-            self._start_server()
-        self._run(waiter, key, raw)
+        self._run(waiter, key, raw, server=True)
 
-    def _run(self, waiter: _Waiter, req_id: int, raw: Any) -> None:
+    def _run(self, waiter: _Waiter, req_id: int, raw: Any, server: bool = False) -> None:
         """Decode a request that belongs to this thread, run it, reply. Its
         chain becomes this thread's while it runs (a nested request of this
         thread's own chain, or, for a server or without threads, any chain),
-        so its calls go out and come back there."""
+        so its calls go out and come back there. A ``server`` makes sure
+        another waits at the gate meanwhile."""
         # only a nested request can be this deep (sys._getframe is slow on PyPy)
         if waiter.chain is not None and _near_recursion_limit():
             self._decoded(_request_id(req_id))
@@ -1244,7 +1278,12 @@ class Connection:
                 self._chains[chain] = [waiter, 1]
             else:
                 entry[1] += 1
+            # the gate watches the link while a server runs (armed when the
+            # role was given up); someone must wait there for what comes meanwhile
+            start = server and self._waiting == 0 and self.broken is None and self._gate is not None
         try:
+            if start:
+                self._start_server()
             self._execute(message)
         finally:
             waiter.chain = outer
@@ -1298,7 +1337,7 @@ class Connection:
                 payload = references.encode([RAISE, req_id, err], self.serializer.default)
             except BaseException:  # not even that (a RecursionError near the limit): the bare facts
                 payload = bare_failure(req_id, value if kind == RAISE else err)
-        if __debug__:
+        if __debug__ and _logging.PER_CALL:
             log.debug("<- %s %s %d", self.peer_id, "reply" if kind == REPLY else "raise", req_id)
         try:
             self.transport.send(payload)

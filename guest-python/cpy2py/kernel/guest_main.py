@@ -41,6 +41,8 @@ class HostTransport:
     def __init__(self, link: Any) -> None:
         self._link = link
         self.max_frame: int = int(link.max_frame())
+        #: the guest's one link (to the master), once made
+        self.connection: Optional[Connection] = None
 
     def send(self, payload: Any) -> None:
         # a frame over max_frame makes the host stop the guest with a clear error
@@ -50,7 +52,11 @@ class HostTransport:
         # about to wait: first tell the master what this guest let go of (a
         # guest has no thread to do it later, and the master must not keep
         # what it handed longer than the guest holds it)
-        references.flush_releases()
+        connection = self.connection
+        if connection is None:
+            references.flush_releases()
+        elif connection.pending_releases:  # (its only link: no other to look at)
+            references.flush_releases(connection)
         return self._link.recv()
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
@@ -166,6 +172,7 @@ def main(link: Any = None) -> None:
         threads=False,
     )
     links.register(kernel_state.MASTER_ID, connection)
+    transport.connection = connection
     if main_module.runs_main():
         # the main block runs like in the master (only if it lies in the guest's
         # paths); with one thread, requests that come meanwhile are served

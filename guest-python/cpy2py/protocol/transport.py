@@ -217,6 +217,14 @@ class FdTransport:
     def _recv(self) -> bytes | bytearray | None:
         with self._read_lock:
             buffer = self._buffer
+            if not buffer:  # mostly a frame comes whole, alone: one copy of it
+                chunk = os.read(self.read_fd, _READ_SIZE)
+                size = len(chunk)
+                if 4 < size <= self.max_frame + 4 and size == 4 + _HEADER.unpack_from(chunk)[0]:
+                    return chunk[4:]
+                if not chunk:
+                    return None
+                buffer = self._buffer = bytearray(chunk)
             while len(buffer) < 4:
                 chunk = os.read(self.read_fd, _READ_SIZE)
                 if not chunk:
