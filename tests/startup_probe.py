@@ -23,8 +23,3 @@ def twin_sees_itself_alive(twin_id: str) -> bool:
     from cpy2py import TwinMaster
 
     return TwinMaster(twinterpreter_id=twin_id).is_alive
-
-
-def bytecode_settings() -> str:
-    """Whether this interpreter writes bytecode, and where: as it was started."""
-    return f"{sys.dont_write_bytecode},{sys.pycache_prefix}"

@@ -163,27 +163,3 @@ def test_cpy2py_debug_still_logs_from_the_start(level):
     )
     assert result.returncode == 0, result.stderr
     assert "__cpy2py__.probe INFO: logged at start" in result.stderr
-
-
-def test_a_twin_that_writes_no_bytecode_keeps_the_kernels_in_cpy2pys_cache(kind, tmp_path):
-    """Debian's pypy3 writes no bytecode (as ``-B`` or PYTHONDONTWRITEBYTECODE
-    would have it), so each twin compiled the whole kernel again at its start.
-    The kernel's bytecode goes to cpy2py's cache (``$CPY2PY_CACHE_DIR/pycache``)
-    and is used by the next twin; the application's own modules are left as the
-    interpreter's settings say (nothing written), and so are those settings."""
-    script = f"""
-        import startup_probe
-        from cpy2py import TwinMaster
-        for n in range(2):
-            with TwinMaster({kind!r}, twinterpreter_id="nobytecode-%d" % n) as twin:
-                print(twin.execute(startup_probe.bytecode_settings))
-        """
-    env = {"CPY2PY_CACHE_DIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
-    result = run_master(script, env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True,None"] * 2  # as the interpreter had them
-    cached = sorted(p.name for p in (tmp_path / "pycache").rglob("*.pyc"))
-    tag = "pypy39" if kind == "pypy3" else "cpython-"
-    assert any(name.startswith("connection." + tag) for name in cached), cached
-    assert any(name.startswith("twin_main.") for name in cached)
-    assert not any(name.startswith("startup_probe.") for name in cached), "only cpy2py's own"

@@ -55,24 +55,13 @@ try:
     from _frozen_importlib import module_from_spec
 except ImportError:
     from importlib.util import spec_from_file_location, module_from_spec
-import os
-writes = sys.dont_write_bytecode, sys.pycache_prefix
-cache = os.environ.pop("__CPY2PY_PYCACHE__", "")
-if cache and sys.dont_write_bytecode:
-    # an interpreter that writes no bytecode (Debian's pypy3) would compile
-    # the kernel again at every start: its bytecode goes to cpy2py's cache
-    sys.dont_write_bytecode, sys.pycache_prefix = False, cache
-try:
-    spec = spec_from_file_location(
-        "cpy2py", {init!r}, submodule_search_locations=[{package!r}])
-    module = module_from_spec(spec)
-    sys.modules["cpy2py"] = module
-    spec.loader.exec_module(module)
-    del spec, module, spec_from_file_location, module_from_spec
-    from cpy2py.kernel.twin_main import main
-finally:
-    sys.dont_write_bytecode, sys.pycache_prefix = writes  # (the application's own as they were)
-del writes, cache
+spec = spec_from_file_location(
+    "cpy2py", {init!r}, submodule_search_locations=[{package!r}])
+module = module_from_spec(spec)
+sys.modules["cpy2py"] = module
+spec.loader.exec_module(module)
+del spec, module, spec_from_file_location, module_from_spec
+from cpy2py.kernel.twin_main import main
 main()
 """.format(too_old=TOO_OLD_STATUS, init=os.path.join(_PACKAGE_DIR, "__init__.py"), package=_PACKAGE_DIR)
 
@@ -80,15 +69,6 @@ _ALIASES = {"pypy": "pypy3", "python": "python3"}
 
 #: executables that name the sandboxed CPython-on-WASI guest instead of a program
 SANDBOXED_EXECUTABLES = ("wasi-python",)
-
-
-def _kernel_pycache() -> str:
-    """Where a twin whose interpreter writes no bytecode keeps that of the
-    kernel (see BOOTSTRAP): in cpy2py's cache, by source path and
-    interpreter (``sys.pycache_prefix``)."""
-    from .bytecode_cache import cache_root
-
-    return os.path.join(cache_root(), "pycache")
 
 
 def is_sandboxed(executable: str) -> bool:
@@ -627,7 +607,6 @@ class TwinMaster:
                 "__CPY2PY_TWIN_ID__": self.twinterpreter_id,
                 "__CPY2PY_MASTER_ID__": kernel_state.MASTER_ID,
                 "__CPY2PY_FDS__": f"{host.TWIN_READ_FD},{host.TWIN_WRITE_FD}",
-                "__CPY2PY_PYCACHE__": _kernel_pycache(),
             }
         )
         args = ["-O"] * sys.flags.optimize + ["-c", BOOTSTRAP]
