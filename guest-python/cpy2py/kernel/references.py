@@ -142,8 +142,13 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
         # Its owner, or the master getting it back, keeps no count.
         if not kernel_state.is_master() or connection.peer_id == key[0]:
             return [key[0], key[1], info]
+    elif grant is not None:
+        info = capability_info(obj, grant)
     else:
-        info = capability_info(obj, grant) if grant is not None else class_info(type(obj), by_name)
+        info = class_info(type(obj), by_name)
+        # (not the master's modules to a sandbox: their names are not the guest's to see)
+        if type(obj) is _ModuleType and (by_name or not kernel_state.is_master()):
+            info = module_info(obj, info)
     with _lock:
         if not isinstance(obj, TwinProxy):
             iid = _iid_of.get(id(obj))
@@ -226,6 +231,28 @@ def class_info(cls: type, by_name: bool = True) -> Any:
     if by_name and isinstance(cls, TwinMeta):
         return cls
     return [f"{cls.__module__}.{cls.__qualname__}", sorted(_special_names(cls))]
+
+
+_ModuleType = type(sys)
+_FUNCTION_TYPES = (type(lambda: None), type(len))
+#: most functions of a module named in its class info
+MAX_MODULE_FUNCTIONS = 2000
+
+
+def module_info(module: Any, info: List[Any]) -> List[Any]:
+    """A module's class info with the names of its functions as methods (a
+    third element): the receiver's proxy calls ``module.name(...)`` in one
+    request (looked up and called where the module lives), not a request
+    for the function and another to call it (and a release of it after)."""
+    try:
+        names = [
+            name
+            for name, value in list(vars(module).items())
+            if type(value) in _FUNCTION_TYPES and type(name) is str and not (name[:2] == "__" and name[-2:] == "__")
+        ]
+    except Exception:  # (a module with a strange namespace: described as any module)
+        return info
+    return [info[0], info[1], sorted(names)[:MAX_MODULE_FUNCTIONS]]
 
 
 def capability_info(obj: Any, grant: Any) -> List[Any]:

@@ -47,6 +47,7 @@ def _plain_function() -> None:
 
 
 FunctionType = type(_plain_function)  # types.FunctionType, without importing types at start-up
+_ModuleType = type(sys)
 
 
 class _Frame:
@@ -162,7 +163,9 @@ def _picklers() -> Tuple[type, type]:
             self.serializer = serializer
 
         def persistent_id(self, obj: Any) -> Any:
-            if _is_twin(obj):
+            # a module stays where it is (PyPy would pickle it by name, and
+            # the peer would import its own copy and run it there)
+            if _is_twin(obj) or type(obj) is _ModuleType:
                 return tuple(references.export(obj, self.serializer.connection))
             if isinstance(obj, (type, FunctionType)) and getattr(obj, "__module__", None) == "__main__":
                 # pickled by name: the peer needs it if the master's main has no file
