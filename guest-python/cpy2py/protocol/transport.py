@@ -149,8 +149,11 @@ class FdTransport:
             parts = payload
             header = _HEADER.pack(sum(map(len, parts)))
         elif len(payload) < 65536:
+            data = _HEADER.pack(len(payload)) + payload
             with self._write_lock:
-                self._write_all(_HEADER.pack(len(payload)) + payload)
+                written = os.write(self.write_fd, data)  # (a pipe mostly takes it whole)
+                if written < len(data):
+                    self._write_all(data[written:])
             return
         else:  # no copy of large payloads
             parts = (payload,)
