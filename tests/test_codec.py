@@ -457,6 +457,25 @@ def test_a_transport_writes_a_frame_of_parts_whole(monkeypatch: pytest.MonkeyPat
     assert bytes(got[0]) == b"".join(parts)
 
 
+def test_a_transport_finishes_a_small_frame_the_pipe_took_part_of(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small frame goes out in one write; where the pipe takes only part of
+    it (nearly full), the rest follows, and the reader gets it whole."""
+    import os
+
+    from cpy2py.protocol import transport as transport_module
+
+    real_write = os.write
+    monkeypatch.setattr(transport_module.os, "write", lambda fd, data: real_write(fd, bytes(data)[:100]))
+    read_fd, write_fd = os.pipe()
+    out = transport_module.FdTransport(read_fd, write_fd)
+    try:
+        out.send(b"s" * 1000)
+        monkeypatch.undo()
+        assert bytes(out.recv()) == b"s" * 1000
+    finally:
+        out.close()
+
+
 @pytest.mark.parametrize(
     "cuts",
     [
