@@ -72,7 +72,7 @@ def requests_on_made_up_chains(callback, count):
     serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
     for i in range(count):
         chain = 0x5EED0000 + i
-        link.send(codec_py.dumps([0, 900_000 + i, chain, 0, callback, [], {}], serializer.default))
+        link.send(str(codec_py.dumps([0, 900_000 + i, chain, 0, callback, [], {}], serializer.default), "latin-1"))
     return count
 
 def nested_list(depth):
@@ -459,5 +459,35 @@ def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, h
         assert "forked child" in started and started.startswith("TwinStartError"), started
         assert master.execute(abs, -2) == 2
         assert state_kept(master), "the parent's guest carried on"
+    finally:
+        master.stop()
+
+
+# -- memory over many calls -------------------------------------------------------
+
+
+def test_what_a_guest_sends_costs_it_no_memory_once_sent(hostile_dir):
+    """A frame the guest sends is copied to the host and its memory freed: 600
+    replies of 256 KiB (150 MiB) fit in a 64 MiB guest. (A `list<u8>` argument
+    leaked its size per send in componentize-py 0.25: frames go as latin-1 text.)"""
+    master = start(hostile_dir, "limits-sent", memory_limit=64 << 20)
+    try:
+        payload = os.urandom(256 << 10)
+        for _ in range(600):
+            assert master.execute(bytes, payload) == payload
+    finally:
+        master.stop()
+
+
+def test_a_frame_that_is_not_bytes_stops_the_guest(hostile_dir):
+    """A hostile guest's frame with a code point above U+00FF (frames travel
+    as latin-1 text) is refused: the guest is stopped, with a clear error."""
+    master = start(hostile_dir, "limits-not-bytes")
+    try:
+        code = "__import__('wit_world.imports', fromlist=['link']).link.send('\\u0100')"
+        with pytest.raises(TwinterpreterTerminated, match="not bytes"):
+            master.execute(exec, code)
+        master.start()
+        assert master.execute(abs, -3) == 3  # a new guest: nothing of the old one
     finally:
         master.stop()

@@ -173,7 +173,7 @@ def send_raw(message, tag_values=None):
     from wit_world.imports import link
     from cpy2py.protocol import codec_py
 
-    link.send(codec_py.dumps(message, lambda obj: obj.pair))
+    link.send(str(codec_py.dumps(message, lambda obj: obj.pair), "latin-1"))
     return True
 
 
@@ -228,7 +228,7 @@ def send_empty_maps(count):
     head = codec_py.dumps([0, 999_999, current_chain(), 0])
     # [0, id, chain, 0, [ {} * count ]]: the 4-array head becomes a 5-array
     frame = bytes([0x85]) + head[1:] + bytes([0x9A]) + count.to_bytes(4, "big") + bytes([0xA0]) * count
-    link.send(frame)
+    link.send(str(frame, "latin-1"))
     return "sent"
 
 

@@ -77,7 +77,7 @@ def raw_request(tag, content):
         pass
 
     frame = codec_py.dumps([0, 999999, current_chain(), 0, Raw(), [], {}], lambda obj: (tag, content))
-    link.send(frame)
+    link.send(str(frame, "latin-1"))
     answer = codec_py.loads(link.recv(), lambda t, v: {"tag": t, "value": v})
     return answer
 
@@ -570,7 +570,7 @@ def test_a_frame_nested_too_deep_is_refused_and_the_guest_stopped(plugin_dir):
     try:
         code = (
             "__import__('wit_world.imports', fromlist=['link']).link.send("
-            "bytes([0x83, 0x01, 0x1a, 0x00, 0x0f, 0x42, 0x3f]) + b'\\x81' * 5000 + b'\\x00')"
+            "str(bytes([0x83, 0x01, 0x1a, 0x00, 0x0f, 0x42, 0x3f]) + b'\\x81' * 5000 + b'\\x00', 'latin-1'))"
         )
         with pytest.raises((ProtocolError, TwinterpreterTerminated)):
             master.execute(exec, code)

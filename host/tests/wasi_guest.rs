@@ -354,6 +354,7 @@ fn exec_request(id: u64, code: &str) -> Vec<u8> {
 }
 
 /// Python code that calls the `link` import directly.
+/// (frames go to `link.send` as latin-1 text: wasm/wit/world.wit)
 const LINK: &str = "from wit_world.imports import link\nfrom cpy2py.protocol import codec_py\n";
 
 #[test]
@@ -379,7 +380,7 @@ fn a_request_outside_every_call_stops_the_guest_before_the_master_sees_it() {
     };
     let (guest, _) = start(config);
     // the call is on chain 7; the guest asks on chain 999
-    let code = format!("{LINK}link.send(codec_py.dumps([0, 5, 999, 0, None, [], {{}}]))");
+    let code = format!("{LINK}link.send(str(codec_py.dumps([0, 5, 999, 0, None, [], {{}}]), 'latin-1'))");
     guest.send(exec_request(1, &code)).unwrap();
     assert!(recv(&guest).is_none(), "nothing reaches the master");
     assert_eq!(
@@ -394,7 +395,7 @@ fn call_back_code(rounds: u32, seconds: f64) -> String {
     format!(
         "{LINK}import time\nfor i in range({rounds}):\n    end = time.monotonic() + {seconds}\n    \
          while time.monotonic() < end: pass\n    \
-         link.send(codec_py.dumps([0, 100 + i, 7, 0, None, [], {{}}]))\n    link.recv()\n"
+         link.send(str(codec_py.dumps([0, 100 + i, 7, 0, None, [], {{}}]), 'latin-1'))\n    link.recv()\n"
     )
 }
 

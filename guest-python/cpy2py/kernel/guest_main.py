@@ -45,8 +45,9 @@ class HostTransport:
         self.connection: Optional[Connection] = None
 
     def send(self, payload: Any) -> None:
-        # a frame over max_frame makes the host stop the guest with a clear error
-        self._link.send(bytes(payload))
+        # a frame over max_frame makes the host stop the guest with a clear
+        # error; latin-1 text: see `send` in wasm/wit (a list<u8> would leak)
+        self._link.send(str(payload, "latin-1"))
 
     def recv(self) -> Optional[bytes]:
         # about to wait: first tell the master what this guest let go of (a
