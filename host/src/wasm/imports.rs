@@ -148,9 +148,23 @@ impl ResourceLimiter for Limiter {
 /// The bytes of a frame the guest sent as latin-1 text (`send` in
 /// wasm/wit/world.wit): each code point one byte, none above U+00FF.
 fn latin1_bytes(text: &str) -> Result<Vec<u8>, Violation> {
-    let mut bytes = Vec::with_capacity(text.len());
-    for c in text.chars() {
-        bytes.push(u8::try_from(u32::from(c)).map_err(|_| Violation::NotBytes)?);
+    let utf8 = text.as_bytes();
+    if utf8.is_ascii() {
+        return Ok(utf8.to_vec());
+    }
+    // valid UTF-8: U+0080 to U+00FF are the two-byte sequences led by 0xC2
+    // or 0xC3; any other lead byte is a code point above U+00FF
+    let mut bytes = Vec::with_capacity(utf8.len());
+    let mut rest = utf8.iter();
+    while let Some(&b) = rest.next() {
+        match b {
+            0..=0x7F => bytes.push(b),
+            0xC2 | 0xC3 => {
+                let next = rest.next().ok_or(Violation::NotBytes)?;
+                bytes.push(((b & 0x03) << 6) | (next & 0x3F));
+            }
+            _ => return Err(Violation::NotBytes),
+        }
     }
     Ok(bytes)
 }
@@ -195,5 +209,7 @@ mod tests {
         assert_eq!(latin1_bytes(&text).unwrap(), all);
         assert_eq!(latin1_bytes("ok\u{100}"), Err(Violation::NotBytes));
         assert_eq!(latin1_bytes("\u{10FFFF}"), Err(Violation::NotBytes));
+        assert_eq!(latin1_bytes("\u{7FF}"), Err(Violation::NotBytes)); // a two-byte sequence led by 0xDF
+        assert_eq!(latin1_bytes("plain").unwrap(), b"plain");
     }
 }
