@@ -152,20 +152,22 @@ fn latin1_bytes(text: &str) -> Result<Vec<u8>, Violation> {
     if utf8.is_ascii() {
         return Ok(utf8.to_vec());
     }
-    // valid UTF-8: U+0080 to U+00FF are the two-byte sequences led by 0xC2
-    // or 0xC3; any other lead byte is a code point above U+00FF
-    let mut bytes = Vec::with_capacity(utf8.len());
-    let mut rest = utf8.iter();
-    while let Some(&b) = rest.next() {
-        match b {
-            0..=0x7F => bytes.push(b),
-            0xC2 | 0xC3 => {
-                let next = rest.next().ok_or(Violation::NotBytes)?;
-                bytes.push(((b & 0x03) << 6) | (next & 0x3F));
-            }
-            _ => return Err(Violation::NotBytes),
-        }
+    // Valid UTF-8 (the component model checked it): U+0080 to U+00FF are the
+    // two-byte sequences led by 0xC2 or 0xC3, and a larger code point has a
+    // lead byte of 0xC4 or more. Without branches per byte (binary frames
+    // mix the two kinds at random): each ASCII or lead byte makes one byte.
+    if utf8.iter().any(|&b| b >= 0xC4) {
+        return Err(Violation::NotBytes);
     }
+    let mut bytes = vec![0u8; utf8.len()];
+    let mut made = 0;
+    for (i, &b) in utf8.iter().enumerate() {
+        let next = utf8.get(i + 1).copied().unwrap_or(0);
+        let decoded = if b < 0x80 { b } else { ((b & 0x03) << 6) | (next & 0x3F) };
+        bytes[made] = decoded;
+        made += usize::from(b < 0x80 || b >= 0xC0);
+    }
+    bytes.truncate(made);
     Ok(bytes)
 }
 
