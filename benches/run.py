@@ -285,7 +285,9 @@ class Pass:
             if name in PAYLOAD_SCENARIOS:
                 for kind in PAYLOADS:
                     if kind != "bytes-64MiB":
-                        self.warm(("payload", name, kind), name, "payload", kind=kind, n=self.plan["payload_warmup"])
+                        self.warm(
+                            ("payload", name, kind), name, "payload", kind=kind, n=self.plan["payload_warmup"]
+                        )
 
     def schedule(self) -> List[tuple]:
         """Every task as (key, per-round sizes, driver, op, args): its batches

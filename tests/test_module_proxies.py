@@ -49,7 +49,9 @@ KINDS = ["python3", "pypy3", SANDBOX_KIND]
 
 @pytest.fixture(scope="module")
 def code_dir(tmp_path_factory):
-    with code_on_sys_path(tmp_path_factory, "module_proxy_code", {"proxied_plugin.py": textwrap.dedent(PLUGIN)}) as root:
+    with code_on_sys_path(
+        tmp_path_factory, "module_proxy_code", {"proxied_plugin.py": textwrap.dedent(PLUGIN)}
+    ) as root:
         yield root
         assert "proxied_plugin" not in sys.modules, "the master imported the module"
 
@@ -62,7 +64,11 @@ def twin(request, code_dir):
     if kind != SANDBOX_KIND and not _on_path(kind):
         pytest.skip(f"{kind} is not installed")
     name = f"module-proxy-{kind}"
-    master = TwinMaster(kind, twinterpreter_id=name, paths=[str(code_dir)]) if kind == SANDBOX_KIND else TwinMaster(kind, twinterpreter_id=name)
+    master = (
+        TwinMaster(kind, twinterpreter_id=name, paths=[str(code_dir)])
+        if kind == SANDBOX_KIND
+        else TwinMaster(kind, twinterpreter_id=name)
+    )
     master.start()
     yield master
     master.stop()

@@ -501,7 +501,8 @@ def requests_on_made_up_chains(callback, count):
 
     serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
     for i in range(count):
-        link.send(str(codec_py.dumps([0, 900_000 + i, 0x5EED0000 + i, 0, callback, [], {}], serializer.default), "latin-1"))
+        frame = codec_py.dumps([0, 900_000 + i, 0x5EED0000 + i, 0, callback, [], {}], serializer.default)
+        link.send(str(frame, "latin-1"))
     return count
 '''
 

@@ -72,7 +72,8 @@ def requests_on_made_up_chains(callback, count):
     serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
     for i in range(count):
         chain = 0x5EED0000 + i
-        link.send(str(codec_py.dumps([0, 900_000 + i, chain, 0, callback, [], {}], serializer.default), "latin-1"))
+        frame = codec_py.dumps([0, 900_000 + i, chain, 0, callback, [], {}], serializer.default)
+        link.send(str(frame, "latin-1"))
     return count
 
 def nested_list(depth):

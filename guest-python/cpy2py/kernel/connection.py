@@ -763,7 +763,11 @@ class Connection:
             if raw is None:
                 return None  # (the link ended: marked so)
             kind, key, _ = codec.peek(raw)
-            if key == req_id and (kind == REPLY or kind == RAISE) and not (self._buffered and self._buffered()):
+            if (
+                key == req_id
+                and (kind == REPLY or kind == RAISE)
+                and not (self._buffered and self._buffered())
+            ):
                 with self._lock:
                     if self._pending.pop(req_id, None) is not None:
                         self._undecoded[req_id] = self._routed

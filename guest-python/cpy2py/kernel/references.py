@@ -248,7 +248,9 @@ def module_info(module: Any, info: List[Any]) -> List[Any]:
         names = [
             name
             for name, value in list(vars(module).items())
-            if type(value) in _FUNCTION_TYPES and type(name) is str and not (name[:2] == "__" and name[-2:] == "__")
+            if type(value) in _FUNCTION_TYPES
+            and type(name) is str
+            and not (name[:2] == "__" and name[-2:] == "__")
         ]
     except Exception:  # (a module with a strange namespace: described as any module)
         return info

@@ -163,9 +163,13 @@ fn latin1_bytes(text: &str) -> Result<Vec<u8>, Violation> {
     let mut made = 0;
     for (i, &b) in utf8.iter().enumerate() {
         let next = utf8.get(i + 1).copied().unwrap_or(0);
-        let decoded = if b < 0x80 { b } else { ((b & 0x03) << 6) | (next & 0x3F) };
+        let decoded = if b < 0x80 {
+            b
+        } else {
+            ((b & 0x03) << 6) | (next & 0x3F)
+        };
         bytes[made] = decoded;
-        made += usize::from(b < 0x80 || b >= 0xC0);
+        made += usize::from(!(0x80..0xC0).contains(&b)); // (not a continuation byte)
     }
     bytes.truncate(made);
     Ok(bytes)
