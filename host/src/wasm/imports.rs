@@ -159,7 +159,8 @@ fn latin1_bytes(text: &str) -> Result<Vec<u8>, Violation> {
     if utf8.iter().any(|&b| b >= 0xC4) {
         return Err(Violation::NotBytes);
     }
-    let mut bytes = vec![0u8; utf8.len()];
+    let continues = |b: &u8| (0x80..0xC0).contains(b);
+    let mut bytes = vec![0u8; utf8.iter().filter(|b| !continues(b)).count()];
     let mut made = 0;
     for (i, &b) in utf8.iter().enumerate() {
         let next = utf8.get(i + 1).copied().unwrap_or(0);
@@ -168,10 +169,11 @@ fn latin1_bytes(text: &str) -> Result<Vec<u8>, Violation> {
         } else {
             ((b & 0x03) << 6) | (next & 0x3F)
         };
-        bytes[made] = decoded;
-        made += usize::from(!(0x80..0xC0).contains(&b)); // (not a continuation byte)
+        if let Some(slot) = bytes.get_mut(made) {
+            *slot = decoded; // (a continuation byte's is overwritten by the next)
+        }
+        made += usize::from(!continues(&b));
     }
-    bytes.truncate(made);
     Ok(bytes)
 }
 
