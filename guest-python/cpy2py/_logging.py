@@ -143,8 +143,9 @@ def get_logger(name: str) -> _Logger:
 
 
 #: records of every request and reply sent (two a call, each costing a
-#: microsecond or more on the call path): under ``CPY2PY_DEBUG`` at DEBUG only
-PER_CALL = os.environ.get("CPY2PY_DEBUG", "").strip().upper() in ("1", "DEBUG", "TRUE", "YES", "ON")
+#: microsecond or more on the call path): made only when ``CPY2PY_DEBUG``
+#: asks for DEBUG or below (set by ``configure_from_environment``)
+PER_CALL = False
 
 
 def debug_level() -> str | None:
@@ -182,4 +183,6 @@ def configure_from_environment(process_name: str) -> str | None:
         )
         root.addHandler(handler)
     root.setLevel(level)
+    global PER_CALL
+    PER_CALL = root.getEffectiveLevel() <= logging.DEBUG
     return level

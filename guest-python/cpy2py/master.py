@@ -800,16 +800,12 @@ class TwinMaster:
         any picklable callable. Exceptions are raised here as the same type,
         with the twin's traceback attached as their cause.
         """
-        if kernel_state.TWIN_ID == kernel_state.MASTER_ID:  # (is_master(), inline: the call path)
+        if kernel_state.is_master():
             if self.fresh:
                 from . import fresh
 
                 return fresh.execute(self, call, list(args), kwargs)
-            twin = _running.get(self.twinterpreter_id)
-            if twin is not None and twin.connection.broken is None:
-                connection = twin.connection
-            else:
-                connection = connection_for(self.twinterpreter_id, self)
+            connection = connection_for(self.twinterpreter_id, self)
             connection.serializer.check_executable(call)
             return connection.request(OP_EXECUTE, call, list(args), kwargs)
         if self.twinterpreter_id == kernel_state.TWIN_ID:

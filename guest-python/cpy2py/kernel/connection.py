@@ -769,9 +769,7 @@ class Connection:
                 and not (self._buffered and self._buffered())
             ):
                 with self._lock:
-                    if self._pending.pop(req_id, None) is not None:
-                        self._undecoded[req_id] = self._routed
-                        self._routed += 1
+                    if self._claim_reply(req_id) is not None:
                         self._give_up_role()
                         return kind, raw
             item = self._read(waiter, first=raw)
@@ -952,12 +950,9 @@ class Connection:
                     raise ProtocolError(f"malformed reply from {self.peer_id!r}")
                 with self._lock:
                     # a reply is routed once: a second one is an error
-                    target = self._pending.pop(key, None)
+                    target = self._claim_reply(key)
                     late = target is None and key in self._abandoned
                     self._abandoned.discard(key)
-                    if target is not None:
-                        self._undecoded[key] = self._routed
-                        self._routed += 1
                 if target is None:
                     if late:
                         log.info("dropped the reply to request %d: its caller left", key)
@@ -1002,6 +997,15 @@ class Connection:
             return item
         target.deliver(item)
         return None
+
+    def _claim_reply(self, req_id: int) -> Optional[Union[_Waiter, _AsyncWaiter]]:
+        """Caller holds _lock: the caller waiting for the reply to ``req_id``
+        (None if none waits), the reply counted as routed, not yet decoded."""
+        target = self._pending.pop(req_id, None)
+        if target is not None:
+            self._undecoded[req_id] = self._routed
+            self._routed += 1
+        return target
 
     def _handle_control(self, kind: int, before: int, raw: Any) -> None:
         """A release or shutdown (``before`` frames were read ahead of it),

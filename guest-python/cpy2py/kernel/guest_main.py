@@ -53,10 +53,8 @@ class HostTransport:
         # about to wait: first tell the master what this guest let go of (a
         # guest has no thread to do it later, and the master must not keep
         # what it handed longer than the guest holds it)
-        connection = self.connection
-        if connection is None:
-            references.flush_releases()
-        elif connection.pending_releases:  # (its only link: no other to look at)
+        connection = self.connection  # (its only link: none before it is made)
+        if connection is not None and connection.pending_releases:
             references.flush_releases(connection)
         return self._link.recv()
 

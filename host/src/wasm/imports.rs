@@ -148,31 +148,9 @@ impl ResourceLimiter for Limiter {
 /// The bytes of a frame the guest sent as latin-1 text (`send` in
 /// wasm/wit/world.wit): each code point one byte, none above U+00FF.
 fn latin1_bytes(text: &str) -> Result<Vec<u8>, Violation> {
-    let utf8 = text.as_bytes();
-    if utf8.is_ascii() {
-        return Ok(utf8.to_vec());
-    }
-    // Valid UTF-8 (the component model checked it): U+0080 to U+00FF are the
-    // two-byte sequences led by 0xC2 or 0xC3, and a larger code point has a
-    // lead byte of 0xC4 or more. Without branches per byte (binary frames
-    // mix the two kinds at random): each ASCII or lead byte makes one byte.
-    if utf8.iter().any(|&b| b >= 0xC4) {
-        return Err(Violation::NotBytes);
-    }
-    let continues = |b: &u8| (0x80..0xC0).contains(b);
-    let mut bytes = vec![0u8; utf8.iter().filter(|b| !continues(b)).count()];
-    let mut made = 0;
-    for (i, &b) in utf8.iter().enumerate() {
-        let next = utf8.get(i + 1).copied().unwrap_or(0);
-        let decoded = if b < 0x80 {
-            b
-        } else {
-            ((b & 0x03) << 6) | (next & 0x3F)
-        };
-        if let Some(slot) = bytes.get_mut(made) {
-            *slot = decoded; // (a continuation byte's is overwritten by the next)
-        }
-        made += usize::from(!continues(&b));
+    let mut bytes = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        bytes.push(u8::try_from(u32::from(c)).map_err(|_| Violation::NotBytes)?);
     }
     Ok(bytes)
 }
