@@ -202,6 +202,9 @@ def test_optimized_master_skips_per_call_logs():
     info = run_master(script, env={"CPY2PY_DEBUG": "INFO"})
     assert info.returncode == 0 and "-> python3 request" not in info.stderr
     assert "__cpy2py__.master INFO" in info.stderr
+    # any value that is not a level name asks for DEBUG, per-call records too
+    on = run_master(script, env={"CPY2PY_DEBUG": "2"})
+    assert "-> python3 request" in on.stderr and "<- __master__ reply" in on.stderr  # (the twin replies)
 
 
 def test_python_sys_executable_is_accepted(python_exe):
