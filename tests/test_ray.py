@@ -494,15 +494,15 @@ class Counter:
 def requests_on_made_up_chains(callback, count):
     """Sends the master requests to run `callback`, each on a chain of its own
     that no call of the master belongs to, past the cpy2py kernel."""
-    from wit_world.imports import link
     from cpy2py import kernel_state
     from cpy2py.kernel import links
+    from cpy2py.kernel.guest_main import send_frame
     from cpy2py.protocol import codec_py
 
     serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
     for i in range(count):
         frame = codec_py.dumps([0, 900_000 + i, 0x5EED0000 + i, 0, callback, [], {}], serializer.default)
-        link.send(str(frame, "latin-1"))
+        send_frame(frame)
     return count
 '''
 

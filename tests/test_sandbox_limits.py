@@ -64,16 +64,16 @@ def call_then_wait(callback):
 def requests_on_made_up_chains(callback, count):
     """Sends the master requests to run `callback`, each on a chain of its own
     that no call of the master belongs to; answers its own call afterwards."""
-    from wit_world.imports import link
     from cpy2py import kernel_state
     from cpy2py.kernel import links
+    from cpy2py.kernel.guest_main import send_frame
     from cpy2py.protocol import codec_py
 
     serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
     for i in range(count):
         chain = 0x5EED0000 + i
         frame = codec_py.dumps([0, 900_000 + i, chain, 0, callback, [], {}], serializer.default)
-        link.send(str(frame, "latin-1"))
+        send_frame(frame)
     return count
 
 def nested_list(depth):
@@ -469,8 +469,9 @@ def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, h
 
 def test_what_a_guest_sends_costs_it_no_memory_once_sent(hostile_dir):
     """A frame the guest sends is copied to the host and its memory freed: 600
-    replies of 256 KiB (150 MiB) fit in a 64 MiB guest. (A `list<u8>` argument
-    leaked its size per send in componentize-py 0.25: frames go as latin-1 text.)"""
+    replies of 256 KiB (150 MiB) fit in a 64 MiB guest. (A `list<u8>` import
+    argument leaked its size per send in componentize-py 0.25: frames go out
+    on the guest's stdout, wasm/wit/world.wit.)"""
     master = start(hostile_dir, "limits-sent", memory_limit=64 << 20)
     try:
         payload = os.urandom(256 << 10)
@@ -480,15 +481,38 @@ def test_what_a_guest_sends_costs_it_no_memory_once_sent(hostile_dir):
         master.stop()
 
 
-def test_a_frame_that_is_not_bytes_stops_the_guest(hostile_dir):
-    """A hostile guest's frame with a code point above U+00FF (frames travel
-    as latin-1 text) is refused: the guest is stopped, with a clear error."""
-    master = start(hostile_dir, "limits-not-bytes")
+# A hostile guest writes frame headers of its own on its stdout (the mark,
+# then a length): what it announces is checked before anything is kept.
+WRITE_HEADER = "import os; from cpy2py.kernel.guest_main import FRAME_MARK; os.write(1, FRAME_MARK + {})"
+
+
+@pytest.mark.parametrize(
+    "written, error",
+    [
+        ("(3).to_bytes(4, 'big') + b'abcdef'", "more bytes than its frame's header announced"),
+        ("(0xFFFFFFFF).to_bytes(4, 'big')", "4294967295 bytes, more than the cap"),
+    ],
+    ids=["longer-than-announced", "announced-over-the-cap"],
+)
+def test_a_frame_header_that_lies_stops_the_guest(hostile_dir, written, error):
+    master = start(hostile_dir, "limits-header")
     try:
-        code = "__import__('wit_world.imports', fromlist=['link']).link.send('\\u0100')"
-        with pytest.raises(TwinterpreterTerminated, match="not bytes"):
-            master.execute(exec, code)
+        with pytest.raises(TwinterpreterTerminated, match=error):
+            master.execute(exec, WRITE_HEADER.format(written))
         master.start()
         assert master.execute(abs, -3) == 3  # a new guest: nothing of the old one
+    finally:
+        master.stop()
+
+
+def test_a_frame_announced_and_never_finished_stops_the_guest(hostile_dir):
+    """The guest announces 1 MiB and writes 10 bytes: what it writes next
+    (its reply) is taken as the rest, so its reply never comes out; when it
+    then waits for the master, owing that reply, it is stopped at once (no
+    call is left hanging)."""
+    master = start(hostile_dir, "limits-unfinished")
+    try:
+        with pytest.raises(TwinterpreterTerminated, match="owed the master the answer to request"):
+            master.execute(exec, WRITE_HEADER.format("(1 << 20).to_bytes(4, 'big') + b'0123456789'"))
     finally:
         master.stop()

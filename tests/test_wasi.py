@@ -71,13 +71,14 @@ def raw_request(tag, content):
     undecoded."""
     from wit_world.imports import link
     from cpy2py.kernel.connection import current_chain
+    from cpy2py.kernel.guest_main import send_frame
     from cpy2py.protocol import codec_py
 
     class Raw:
         pass
 
     frame = codec_py.dumps([0, 999999, current_chain(), 0, Raw(), [], {}], lambda obj: (tag, content))
-    link.send(str(frame, "latin-1"))
+    send_frame(frame)
     answer = codec_py.loads(link.recv(), lambda t, v: {"tag": t, "value": v})
     return answer
 
@@ -569,8 +570,8 @@ def test_a_frame_nested_too_deep_is_refused_and_the_guest_stopped(plugin_dir):
     master.start()
     try:
         code = (
-            "__import__('wit_world.imports', fromlist=['link']).link.send("
-            "str(bytes([0x83, 0x01, 0x1a, 0x00, 0x0f, 0x42, 0x3f]) + b'\\x81' * 5000 + b'\\x00', 'latin-1'))"
+            "__import__('cpy2py.kernel.guest_main', fromlist=['send_frame']).send_frame("
+            "bytes([0x83, 0x01, 0x1a, 0x00, 0x0f, 0x42, 0x3f]) + b'\\x81' * 5000 + b'\\x00')"
         )
         with pytest.raises((ProtocolError, TwinterpreterTerminated)):
             master.execute(exec, code)

@@ -353,9 +353,10 @@ fn exec_request(id: u64, code: &str) -> Vec<u8> {
     eval_request(id, &format!("exec({code:?})"))
 }
 
-/// Python code that calls the `link` import directly.
-/// (frames go to `link.send` as latin-1 text: wasm/wit/world.wit)
-const LINK: &str = "from wit_world.imports import link\nfrom cpy2py.protocol import codec_py\n";
+/// Python code that uses the link directly: `link.recv()`, and
+/// `send_frame` (the guest's frames go out on its stdout: wasm/wit/world.wit).
+const LINK: &str = "from wit_world.imports import link\nfrom cpy2py.protocol import codec_py\n\
+                    from cpy2py.kernel.guest_main import send_frame\n";
 
 #[test]
 fn a_guest_waiting_on_its_link_while_it_owes_an_answer_is_stopped() {
@@ -380,7 +381,7 @@ fn a_request_outside_every_call_stops_the_guest_before_the_master_sees_it() {
     };
     let (guest, _) = start(config);
     // the call is on chain 7; the guest asks on chain 999
-    let code = format!("{LINK}link.send(str(codec_py.dumps([0, 5, 999, 0, None, [], {{}}]), 'latin-1'))");
+    let code = format!("{LINK}send_frame(codec_py.dumps([0, 5, 999, 0, None, [], {{}}]))");
     guest.send(exec_request(1, &code)).unwrap();
     assert!(recv(&guest).is_none(), "nothing reaches the master");
     assert_eq!(
@@ -395,7 +396,7 @@ fn call_back_code(rounds: u32, seconds: f64) -> String {
     format!(
         "{LINK}import time\nfor i in range({rounds}):\n    end = time.monotonic() + {seconds}\n    \
          while time.monotonic() < end: pass\n    \
-         link.send(str(codec_py.dumps([0, 100 + i, 7, 0, None, [], {{}}]), 'latin-1'))\n    link.recv()\n"
+         send_frame(codec_py.dumps([0, 100 + i, 7, 0, None, [], {{}}]))\n    link.recv()\n"
     )
 }
 

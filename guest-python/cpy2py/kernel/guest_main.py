@@ -1,9 +1,10 @@
 """The kernel of the sandboxed WASI guest: handshake with the master, then serve.
 
 Runs inside CPython compiled to WebAssembly (see wasm/): the component's
-``wasi:cli/run`` export calls ``main`` with the ``link`` import, which moves
-whole frames to and from the host (``send``/``recv``; no length prefix, no
-file descriptors). The frames are the very ones a native twin exchanges
+``wasi:cli/run`` export calls ``main`` with the ``link`` import, whose
+``recv`` gives it the master's frames; its own go out on its stdout, each
+marked (``FRAME_MARK``, its length, its bytes: host/src/wasm/frames_out.rs),
+beside its text. The frames are the very ones a native twin exchanges
 (``twin_main.py``): hello, welcome, ready, then requests and replies.
 
 The guest has no threads, so one ``Connection`` with ``threads=False`` serves
@@ -16,6 +17,7 @@ Module-level imports here are made while the component is built
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any, Dict, List, Optional
@@ -34,9 +36,29 @@ log = _logging.get_logger("guest")
 EXECUTABLE = "wasi-python"
 
 
+#: what starts a frame on the guest's stdout (host/src/wasm/frames_out.rs)
+FRAME_MARK = b"\x00\xffcpy2py"
+#: WASI writes at most this much at once (larger writes come back short)
+_WRITE_CHUNK = 4096
+
+
+def send_frame(payload: bytes) -> None:
+    """Write one frame to the host: marked, its length, its bytes. Written
+    from the bytes object itself (a ``list<u8>`` import argument is copied
+    into memory that componentize-py 0.25 never frees)."""
+    header = FRAME_MARK + len(payload).to_bytes(4, "big")
+    if len(header) + len(payload) <= _WRITE_CHUNK:
+        os.write(1, header + payload)  # (a small frame, the common case: one write)
+        return
+    os.write(1, header)  # (the host takes a frame's header from one write)
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(1, view) :]
+
+
 class HostTransport:
-    """The guest's transport: frames to and from the host over the
-    component's ``link`` import."""
+    """The guest's transport: frames from the host over the component's
+    ``link`` import, to it over stdout (``send_frame``)."""
 
     def __init__(self, link: Any) -> None:
         self._link = link
@@ -45,9 +67,8 @@ class HostTransport:
         self.connection: Optional[Connection] = None
 
     def send(self, payload: Any) -> None:
-        # a frame over max_frame makes the host stop the guest with a clear
-        # error; latin-1 text: see `send` in wasm/wit (a list<u8> would leak)
-        self._link.send(str(payload, "latin-1"))
+        # a frame over max_frame makes the host stop the guest with a clear error
+        send_frame(payload)
 
     def recv(self) -> Optional[bytes]:
         # about to wait: first tell the master what this guest let go of (a

@@ -18,6 +18,7 @@ use super::config::{
 };
 use super::driver::{lock, Drive, GuestWaker, InHost, Shared, Until};
 use super::end::GuestEnd;
+use super::frames_out::GuestStdout;
 use super::imports::{GuestState, Limiter};
 use super::ledger::Ledger;
 use super::output::{GuestOutput, Sink, Which};
@@ -116,7 +117,8 @@ impl WasiGuest {
             waker: Waker::from(Arc::new(GuestWaker(me.clone()))),
             output: output.clone(),
         });
-        let wasi = wasi_context(config, &code, &packages, &output)?;
+        let stdout = GuestStdout::new(output.stream(Which::Stdout), Arc::downgrade(&shared));
+        let wasi = wasi_context(config, &code, &packages, &output, stdout)?;
         let state = GuestState {
             wasi,
             table: ResourceTable::new(),
@@ -367,16 +369,17 @@ fn describe_end(result: wasmtime::Result<std::result::Result<(), ()>>, shared: &
 }
 
 /// The guest's WASI world: the code view and the standard library read-only,
-/// its output to the master's, coarse clocks, and nothing else: no
+/// its frames and output to the master (stdout carries both: frames_out.rs), coarse clocks, and nothing else: no
 /// environment, no arguments, no stdin, no network.
 fn wasi_context(
     config: &GuestConfig,
     code: &CodeView,
     packages: &CodeView,
     output: &GuestOutput,
+    stdout: GuestStdout,
 ) -> Result<WasiCtx> {
     let mut wasi = WasiCtx::builder();
-    wasi.stdout(output.stream(Which::Stdout))
+    wasi.stdout(stdout)
         .stderr(output.stream(Which::Stderr))
         .allow_tcp(false)
         .allow_udp(false)

@@ -13,11 +13,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::config::{LINK_INTERFACE, MAX_TABLE_ELEMENTS};
 use super::driver::{lock, Shared};
 use super::end::GuestEnd;
-use super::ledger::Violation;
 use super::queue::{Closed, Popped};
 
 impl Shared {
-    /// The `link.send` import.
+    /// A frame the guest wrote to its stdout (frames_out.rs).
     pub(super) async fn guest_sends(&self, frame: Vec<u8>) -> wasmtime::Result<()> {
         if frame.is_empty() {
             return Ok(()); // a keep-alive: nothing for the master
@@ -145,16 +144,6 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// The bytes of a frame the guest sent as latin-1 text (`send` in
-/// wasm/wit/world.wit): each code point one byte, none above U+00FF.
-fn latin1_bytes(text: &str) -> Result<Vec<u8>, Violation> {
-    let mut bytes = Vec::with_capacity(text.len());
-    for c in text.chars() {
-        bytes.push(u8::try_from(u32::from(c)).map_err(|_| Violation::NotBytes)?);
-    }
-    Ok(bytes)
-}
-
 /// Defines the `link` interface the guest imports.
 pub fn add_link_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
     let mut link = linker.instance(LINK_INTERFACE)?;
@@ -167,35 +156,9 @@ pub fn add_link_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<(
     link.func_wrap("max-frame", |cx: StoreContextMut<'_, GuestState>, (): ()| {
         Ok((cx.data().shared.max_frame as u64,))
     })?;
-    link.func_wrap_async(
-        "send",
-        |cx: StoreContextMut<'_, GuestState>, (frame,): (String,)| {
-            let shared = Arc::clone(&cx.data().shared);
-            Box::new(async move {
-                let frame = latin1_bytes(&frame).map_err(|v| shared.broke(v))?;
-                shared.guest_sends(frame).await
-            })
-        },
-    )?;
     link.func_wrap_async("recv", |cx: StoreContextMut<'_, GuestState>, (): ()| {
         let shared = Arc::clone(&cx.data().shared);
         Box::new(async move { Ok((shared.guest_receives().await?,)) })
     })?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_travel_as_latin1_text_and_nothing_else_passes() {
-        let all: Vec<u8> = (0..=255).collect();
-        let text: String = all.iter().map(|&b| char::from(b)).collect();
-        assert_eq!(latin1_bytes(&text).unwrap(), all);
-        assert_eq!(latin1_bytes("ok\u{100}"), Err(Violation::NotBytes));
-        assert_eq!(latin1_bytes("\u{10FFFF}"), Err(Violation::NotBytes));
-        assert_eq!(latin1_bytes("\u{7FF}"), Err(Violation::NotBytes)); // a two-byte sequence led by 0xDF
-        assert_eq!(latin1_bytes("plain").unwrap(), b"plain");
-    }
 }

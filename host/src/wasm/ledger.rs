@@ -55,8 +55,6 @@ pub enum Violation {
     MalformedHeader,
     /// Sent more requests without waiting for their replies than allowed.
     TooManyRequests { max: usize },
-    /// Sent a frame with a code point above U+00FF (frames travel as latin-1 text).
-    NotBytes,
 }
 
 impl fmt::Display for Violation {
@@ -84,10 +82,6 @@ impl fmt::Display for Violation {
                     "sent more than {max} requests without waiting for their replies"
                 )
             }
-            Violation::NotBytes => write!(
-                f,
-                "sent a frame that is not bytes (a code point above U+00FF in the latin-1 text a frame travels as)"
-            ),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod clocks;
 pub mod config;
 pub mod driver;
 pub mod end;
+pub mod frames_out;
 pub mod guest;
 pub mod imports;
 pub mod ledger;
