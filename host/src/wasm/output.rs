@@ -1,8 +1,9 @@
 //! A guest's stdout and stderr: forwarded to the master's, each line marked
 //! with the twin id, up to a byte cap per guest.
 //!
-//! The guest writes through WASI output streams implemented here; nothing it
-//! writes can reach the protocol, which runs on its own channel. Lines are
+//! The guest writes through WASI output streams implemented here; its
+//! frames for the master, which go out on its stdout too, are taken out
+//! first (frames_out.rs) and never reach this. Lines are
 //! buffered until complete (or until the guest waits for the master, or ends)
 //! so the prefix always starts a line. Past the cap, one notice is written and
 //! the rest is dropped. The end of the guest's stderr is kept to explain a
