@@ -516,3 +516,17 @@ def test_a_frame_announced_and_never_finished_stops_the_guest(hostile_dir):
             master.execute(exec, WRITE_HEADER.format("(1 << 20).to_bytes(4, 'big') + b'0123456789'"))
     finally:
         master.stop()
+
+
+def test_a_guest_that_closes_its_stdout_says_it_can_no_longer_answer(hostile_dir, capfd):
+    """Its frames go out on fd 1: closed, the call ends at once, and the
+    guest's stderr (forwarded to the master's) says why."""
+    master = start(hostile_dir, "limits-no-stdout")
+    try:
+        with pytest.raises(TwinterpreterTerminated):
+            master.execute(exec, "import os; os.close(1)")
+        assert "writing to its stdout (fd 1), which carries its frames, failed" in capfd.readouterr().err
+        master.start()
+        assert master.execute(abs, -3) == 3
+    finally:
+        master.stop()

@@ -68,7 +68,15 @@ class HostTransport:
 
     def send(self, payload: Any) -> None:
         # a frame over max_frame makes the host stop the guest with a clear error
-        send_frame(payload)
+        try:
+            send_frame(payload)
+        except OSError as err:  # (the link ends: say why, where the master's user sees it)
+            message = (
+                f"cpy2py: this guest cannot answer the master any more: writing to its stdout "
+                f"(fd 1), which carries its frames, failed ({err}); its code closed or replaced fd 1\n"
+            )
+            os.write(2, message.encode())
+            raise
 
     def recv(self) -> Optional[bytes]:
         # about to wait: first tell the master what this guest let go of (a
