@@ -121,9 +121,10 @@ class _Waiter:
 
 class _AsyncWaiter:
     """The mailbox of a call awaited on an event loop: frames routed to it
-    wake the loop (from any thread); the loop takes them in ``next``."""
+    wake the loop (from any thread), which resumes the call (in
+    ``request_async``) by the future it awaits."""
 
-    __slots__ = ("loop", "thread", "inbox", "chain", "queued", "_future")
+    __slots__ = ("loop", "thread", "inbox", "chain", "queued", "future")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
@@ -131,7 +132,7 @@ class _AsyncWaiter:
         self.inbox: Deque[Item] = deque()
         self.chain: Optional[int] = None
         self.queued: Optional[Connection] = None  # (it never waits for the reading role)
-        self._future: Any = None
+        self.future: Any = None  # what the call awaits, woken by a frame
 
     def deliver(self, item: Item) -> None:
         self.inbox.append(item)
@@ -148,20 +149,9 @@ class _AsyncWaiter:
             pass
 
     def _wake(self) -> None:
-        future = self._future
+        future = self.future
         if future is not None and not future.done():
             future.set_result(None)
-
-    async def delivery(self, connection: Connection) -> None:
-        """Until a frame is in the inbox (or the link ended: raised)."""
-        while not self.inbox:
-            if connection.broken is not None:
-                raise connection._broken_error()
-            self._future = self.loop.create_future()
-            try:
-                await self._future
-            finally:
-                self._future = None
 
 
 async def _coroutine() -> None:
@@ -554,8 +544,14 @@ class Connection:
                 raise self._broken_error() from None
             del payload
             while True:
-                if not waiter.inbox:
-                    await waiter.delivery(self)
+                while not waiter.inbox:  # until a frame is routed to it (or the link ends)
+                    if self.broken is not None:
+                        raise self._broken_error()
+                    future = waiter.future = loop.create_future()
+                    try:
+                        await future
+                    finally:
+                        waiter.future = None
                 _, kind, key, raw = waiter.inbox.popleft()
                 if kind != REQUEST:
                     break  # (only this call's reply is routed to it)
@@ -566,8 +562,8 @@ class Connection:
                 _deadlines().clear((self, req_id))
             with self._lock:
                 self._end_call(req_id, chain)
-            if watching is not None:
-                self._unwatch_from(loop, watching)
+                if watching is not None:
+                    self._unwatch_from(loop, watching)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
 
@@ -626,21 +622,20 @@ class Connection:
             except BaseException:
                 with self._lock:
                     self._watching = None
-                self._unwatch_from(loop, "loop")
+                    self._unwatch_from(loop, "loop")
                 raise
         return "loop"
 
     def _unwatch_from(self, loop: Any, how: str) -> None:
-        """On ``loop``, as one of its awaited calls ends."""
-        with self._lock:
-            if how == "gate":
-                self._unwatched -= 1
-                return
-            if self._watch_loop is not loop:  # (taken over meanwhile)
-                return
-            self._watch_calls -= 1
-            if not self._watch_calls and not self._reading and self._heir is None:
-                self._role_is_free()  # the gate watches too
+        """Caller holds _lock: on ``loop``, one of its awaited calls ends."""
+        if how == "gate":
+            self._unwatched -= 1
+            return
+        if self._watch_loop is not loop:  # (taken over meanwhile)
+            return
+        self._watch_calls -= 1
+        if not self._watch_calls and not self._reading and self._heir is None:
+            self._role_is_free()  # the gate watches too
 
     def _loop_watches(self) -> bool:
         """Caller holds _lock, the role is free: whether the watching loop
@@ -684,9 +679,34 @@ class Connection:
             with self._lock:
                 self._give_up_role()
             return
-        if self._holds_signals:
-            hold_signals()  # (see _next_for; _read lets them through)
-        self._read(None, serve=False)
+        held = self._holds_signals and hold_signals()  # (see _next_for; _read lets them through)
+        handed = False  # the role given up, or handed to _read, which gives it up
+        try:
+            raw = self._read_frame()
+            if raw is None:  # the link ended (marked so)
+                return
+            kind, key, _ = codec.peek(raw)
+            if (kind == REPLY or kind == RAISE) and not (self._buffered and self._buffered()):
+                # nearly always: the reply to an awaited call. Routed and the
+                # role given up in one lock section (delivered first: a waiter
+                # that finds the role free must find its reply in its inbox)
+                with self._lock:
+                    target = self._claim_reply(key)
+                    if target is not None:
+                        target.deliver((self, kind, key, raw))
+                        self._give_up_role()
+                        handed = True
+                        return
+            handed = True
+            self._read(None, serve=False, first=raw)
+        except ProtocolError as err:  # (a malformed header)
+            self._fail(err)
+        finally:
+            if not handed:
+                with self._lock:
+                    self._give_up_role()
+            if held:
+                release_signals()
 
     def _end_watch(self) -> None:
         """The link ended: no loop watches it any more."""
