@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -119,3 +120,30 @@ def test_restore_argv(kind):
         assert master.execute(twin_helpers.identity)["argv"] == sys.argv
     with TwinMaster(kind, twinterpreter_id=f"{kind}-noargv") as master:
         assert master.execute(twin_helpers.identity)["argv"] != sys.argv
+
+
+def test_the_kernels_bytecode_is_cached_for_the_twin_and_its_settings_left_as_they_were(
+    kind, tmp_path, monkeypatch
+):
+    """Twins import the kernel with its bytecode in cpy2py's cache (Debian's
+    pypy3 writes none of its own, and compiled it at every start), even
+    where bytecode is not written; the twin's own bytecode settings, which
+    its user's modules get, are untouched."""
+    from support import native_only
+
+    native_only(kind, "the guest's kernel is in the component's snapshot")
+    require_interpreter(kind)
+    monkeypatch.setenv("CPY2PY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    settings = "import sys; print(sys.dont_write_bytecode, sys.pycache_prefix)"
+    bare = subprocess.run([shutil.which(kind), "-c", settings], capture_output=True, text=True).stdout.split()
+    with TwinMaster(kind, twinterpreter_id=f"{kind}-kernel-pyc") as twin:
+        # (the twin's own sys: a module passed in would be the master's)
+        seen = twin.execute(
+            eval, "(lambda sys: (sys.dont_write_bytecode, sys.pycache_prefix))(__import__('sys'))"
+        )
+        tag = twin.execute(eval, "__import__('sys').implementation.cache_tag")
+    assert [str(value) for value in seen] == bare
+    cached = [path.name for path in (tmp_path / "kernel-pyc").rglob("*.pyc")]
+    assert f"connection.{tag}.pyc" in cached, cached
+    assert f"twin_main.{tag}.pyc" in cached, cached

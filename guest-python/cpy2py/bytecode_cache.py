@@ -25,6 +25,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _logging, kernel_state
+from .cache_dir import cache_root
 from .packages import Resolved
 
 log = _logging.get_logger("bytecode")
@@ -32,18 +33,6 @@ log = _logging.get_logger("bytecode")
 #: key -> its directory (or None: compiling failed, guests compile themselves)
 _known: Dict[str, Optional[str]] = {}
 _lock = threading.Lock()
-
-
-def cache_root() -> str:
-    """``$CPY2PY_CACHE_DIR``, else ``$XDG_CACHE_HOME/cpy2py``, else
-    ``~/.cache/cpy2py`` (as the host's, host/src/wasm/config.rs)."""
-    explicit = os.environ.get("CPY2PY_CACHE_DIR")
-    if explicit:
-        return explicit
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return os.path.join(xdg, "cpy2py")
-    return os.path.join(os.path.expanduser("~"), ".cache", "cpy2py")
 
 
 def _key(guest_file: str, packages: Resolved) -> str:

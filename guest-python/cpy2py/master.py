@@ -48,22 +48,45 @@ if sys.version_info < (3, 9):
     sys.stderr.write("cpy2py: %s is Python %s; twinterpreters need Python 3.9 or newer\\n"
                      % (sys.executable, sys.version.split()[0]))
     sys.exit({too_old})
+# The kernel's bytecode is cached in cpy2py's cache, whatever the twin's
+# interpreter does with bytecode of its own (Debian's pypy3 writes none: it
+# compiled the kernel at every start, 80 ms), and only while it is imported.
+saved = sys.pycache_prefix, sys.dont_write_bytecode
+sys.pycache_prefix, sys.dont_write_bytecode = {pycache!r}, False
 try:
     # what importlib.util re-exports, without importing importlib.util (on
     # PyPy that is importlib.abc and typing: about a fifth of a twin's start)
-    from _frozen_importlib_external import spec_from_file_location
-    from _frozen_importlib import module_from_spec
-except ImportError:
-    from importlib.util import spec_from_file_location, module_from_spec
-spec = spec_from_file_location(
-    "cpy2py", {init!r}, submodule_search_locations=[{package!r}])
-module = module_from_spec(spec)
-sys.modules["cpy2py"] = module
-spec.loader.exec_module(module)
-del spec, module, spec_from_file_location, module_from_spec
-from cpy2py.kernel.twin_main import main
+    try:
+        from _frozen_importlib_external import spec_from_file_location
+        from _frozen_importlib import module_from_spec
+    except ImportError:
+        from importlib.util import spec_from_file_location, module_from_spec
+    spec = spec_from_file_location(
+        "cpy2py", {init!r}, submodule_search_locations=[{package!r}])
+    module = module_from_spec(spec)
+    sys.modules["cpy2py"] = module
+    spec.loader.exec_module(module)
+    del spec, module, spec_from_file_location, module_from_spec
+    from cpy2py.kernel.twin_main import main
+finally:
+    sys.pycache_prefix, sys.dont_write_bytecode = saved
+    del saved
 main()
-""".format(too_old=TOO_OLD_STATUS, init=os.path.join(_PACKAGE_DIR, "__init__.py"), package=_PACKAGE_DIR)
+"""
+
+
+def _bootstrap() -> str:
+    """The bootstrap, with where the kernel's bytecode is cached (read when
+    a twin starts)."""
+    from .cache_dir import cache_root
+
+    return BOOTSTRAP.format(
+        too_old=TOO_OLD_STATUS,
+        init=os.path.join(_PACKAGE_DIR, "__init__.py"),
+        package=_PACKAGE_DIR,
+        pycache=os.path.join(cache_root(), "kernel-pyc"),
+    )
+
 
 _ALIASES = {"pypy": "pypy3", "python": "python3"}
 
@@ -609,7 +632,7 @@ class TwinMaster:
                 "__CPY2PY_FDS__": f"{host.TWIN_READ_FD},{host.TWIN_WRITE_FD}",
             }
         )
-        args = ["-O"] * sys.flags.optimize + ["-c", BOOTSTRAP]
+        args = ["-O"] * sys.flags.optimize + ["-c", _bootstrap()]
         log.info("starting twinterpreter %s: %s", self.twinterpreter_id, path)
         left = max(0.0, self._start_deadline - time.monotonic())
         return host.NativeTwin.spawn(path, args, list(env.items()), os.getcwd(), left)
