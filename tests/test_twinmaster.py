@@ -125,10 +125,10 @@ def test_restore_argv(kind):
 def test_the_kernels_bytecode_is_cached_for_the_twin_and_its_settings_left_as_they_were(
     kind, tmp_path, monkeypatch
 ):
-    """Twins import the kernel with its bytecode in cpy2py's cache (Debian's
-    pypy3 writes none of its own, and compiled it at every start), even
-    where bytecode is not written; the twin's own bytecode settings, which
-    its user's modules get, are untouched."""
+    """Twins import the kernel with its bytecode in cpy2py's cache, even
+    under PYTHONDONTWRITEBYTECODE (they compiled it at every start then);
+    the twin's own bytecode settings, which its user's modules get, are
+    untouched."""
     from support import native_only
 
     native_only(kind, "the guest's kernel is in the component's snapshot")

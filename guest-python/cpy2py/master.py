@@ -48,9 +48,11 @@ if sys.version_info < (3, 9):
     sys.stderr.write("cpy2py: %s is Python %s; twinterpreters need Python 3.9 or newer\\n"
                      % (sys.executable, sys.version.split()[0]))
     sys.exit({too_old})
-# The kernel's bytecode is cached in cpy2py's cache, whatever the twin's
-# interpreter does with bytecode of its own (Debian's pypy3 writes none: it
-# compiled the kernel at every start, 80 ms), and only while it is imported.
+# The kernel's bytecode is cached in cpy2py's cache, only while it is
+# imported: the twin's interpreter writes none under PYTHONDONTWRITEBYTECODE
+# (common in containers) nor beside a read-only install (where pip compiled
+# it for the master's interpreter only), and compiled the kernel at every
+# start then (80 ms on pypy3).
 saved = sys.pycache_prefix, sys.dont_write_bytecode
 sys.pycache_prefix, sys.dont_write_bytecode = {pycache!r}, False
 try:
