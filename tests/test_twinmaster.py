@@ -122,28 +122,29 @@ def test_restore_argv(kind):
         assert master.execute(twin_helpers.identity)["argv"] != sys.argv
 
 
-def test_the_kernels_bytecode_is_cached_for_the_twin_and_its_settings_left_as_they_were(
-    kind, tmp_path, monkeypatch
-):
-    """Twins import the kernel with its bytecode in cpy2py's cache, even
-    under PYTHONDONTWRITEBYTECODE (they compiled it at every start then);
-    the twin's own bytecode settings, which its user's modules get, are
-    untouched."""
+def test_the_kernel_comes_from_a_bundle_in_the_cache_and_the_twins_settings_stay(kind, tmp_path, monkeypatch):
+    """Twins import the kernel from one file of its bytecode in cpy2py's
+    cache (cpy2py/kernel_bundle.py), made by the first twin of that
+    interpreter, even under PYTHONDONTWRITEBYTECODE (they compiled the kernel
+    at every start then); the twin's own import settings, which its user's
+    modules get, are as they were."""
     from support import native_only
 
     native_only(kind, "the guest's kernel is in the component's snapshot")
     require_interpreter(kind)
     monkeypatch.setenv("CPY2PY_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
-    settings = "import sys; print(sys.dont_write_bytecode, sys.pycache_prefix)"
+    settings = "import sys; print(sys.dont_write_bytecode, sys.pycache_prefix, len(sys.meta_path))"
     bare = subprocess.run([shutil.which(kind), "-c", settings], capture_output=True, text=True).stdout.split()
-    with TwinMaster(kind, twinterpreter_id=f"{kind}-kernel-pyc") as twin:
-        # (the twin's own sys: a module passed in would be the master's)
-        seen = twin.execute(
-            eval, "(lambda sys: (sys.dont_write_bytecode, sys.pycache_prefix))(__import__('sys'))"
-        )
-        tag = twin.execute(eval, "__import__('sys').implementation.cache_tag")
-    assert [str(value) for value in seen] == bare
-    cached = [path.name for path in (tmp_path / "kernel-pyc").rglob("*.pyc")]
-    assert f"connection.{tag}.pyc" in cached, cached
-    assert f"twin_main.{tag}.pyc" in cached, cached
+    # (the twin's own sys: a module passed in would be the master's)
+    seen = (
+        "(lambda sys: (sys.dont_write_bytecode, sys.pycache_prefix, len(sys.meta_path)))(__import__('sys'))"
+    )
+    loader = "type(__import__('cpy2py.kernel.connection').kernel.connection.__spec__.loader).__name__"
+    for start in ("first", "second"):
+        with TwinMaster(kind, twinterpreter_id=f"{kind}-kernel-bundle-{start}") as twin:
+            assert [str(value) for value in twin.execute(eval, seen)] == bare
+            assert twin.execute(eval, loader) == "Bundle"
+            tag = twin.execute(eval, "__import__('sys').implementation.cache_tag")
+        bundles = [path.name for path in (tmp_path / "kernel-bundle").iterdir()]
+        assert len(bundles) == 1 and bundles[0].startswith(f"{tag}-O0"), bundles

@@ -52,7 +52,8 @@ if sys.version_info < (3, 9):
 # imported: the twin's interpreter writes none under PYTHONDONTWRITEBYTECODE
 # (common in containers) nor beside a read-only install (where pip compiled
 # it for the master's interpreter only), and compiled the kernel at every
-# start then (80 ms on pypy3).
+# start then (80 ms on pypy3). Its modules come from one file of bytecode
+# (cpy2py/kernel_bundle.py); the rest of what it imports uses the prefix.
 saved = sys.pycache_prefix, sys.dont_write_bytecode
 sys.pycache_prefix, sys.dont_write_bytecode = {pycache!r}, False
 try:
@@ -63,13 +64,17 @@ try:
         from _frozen_importlib import module_from_spec
     except ImportError:
         from importlib.util import spec_from_file_location, module_from_spec
-    spec = spec_from_file_location(
-        "cpy2py", {init!r}, submodule_search_locations=[{package!r}])
+    spec = spec_from_file_location("_cpy2py_kernel_bundle", {bundle!r})
     module = module_from_spec(spec)
-    sys.modules["cpy2py"] = module
     spec.loader.exec_module(module)
+    bundle = module.Bundle({package!r}, {cache!r})
     del spec, module, spec_from_file_location, module_from_spec
-    from cpy2py.kernel.twin_main import main
+    sys.meta_path.insert(0, bundle)
+    try:
+        from cpy2py.kernel.twin_main import main
+    finally:
+        bundle.finish()
+        del bundle
 finally:
     sys.pycache_prefix, sys.dont_write_bytecode = saved
     del saved
@@ -84,8 +89,9 @@ def _bootstrap() -> str:
 
     return BOOTSTRAP.format(
         too_old=TOO_OLD_STATUS,
-        init=os.path.join(_PACKAGE_DIR, "__init__.py"),
+        bundle=os.path.join(_PACKAGE_DIR, "kernel_bundle.py"),
         package=_PACKAGE_DIR,
+        cache=cache_root(),
         pycache=os.path.join(cache_root(), "kernel-pyc"),
     )
 
