@@ -28,7 +28,8 @@ class Bundle:
         self.package_dir = package_dir
         self.package = os.path.basename(package_dir)
         tag, optimize = sys.implementation.cache_tag, sys.flags.optimize
-        name = f"{tag}-O{optimize}{package_dir.replace(os.sep, '%')}"
+        # (the package's path, its end only: a file name has at most 255 bytes)
+        name = f"{tag}-O{optimize}{package_dir.replace(os.sep, '%')[-200:]}"
         self.path = os.path.join(cache_dir, "kernel-bundle", name)
         self.changed = False
         try:
