@@ -787,6 +787,13 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// The bytes of a text string whose head said `n` bytes, not yet checked
+    /// to be UTF-8 (the caller decodes them, and refuses what is not).
+    #[cfg(feature = "python")]
+    pub(crate) fn text_bytes(&mut self, n: u64) -> Result<&'a [u8]> {
+        self.take(n, "a text string")
+    }
+
     /// The content of a text string whose head said `len`; every chunk of an
     /// indefinite-length string must be valid UTF-8 by itself.
     pub(crate) fn text(&mut self, len: Option<u64>) -> Result<Cow<'a, str>> {
