@@ -787,6 +787,24 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// Consumes the next item if it is a text string of at most 23 bytes
+    /// (one byte of head; most map keys) and returns its bytes, not yet
+    /// checked to be UTF-8, with their offset; None (nothing consumed) for
+    /// anything else, a truncated one included.
+    #[cfg(feature = "python")]
+    #[inline]
+    pub(crate) fn short_text(&mut self) -> Option<(&'a [u8], usize)> {
+        let data = self.data;
+        let len = match *data.get(self.pos)? {
+            initial @ 0x60..=0x77 => usize::from(initial - 0x60),
+            _ => return None,
+        };
+        let start = self.pos + 1;
+        let bytes = data.get(start..start + len)?;
+        self.pos = start + len;
+        Some((bytes, start))
+    }
+
     /// The bytes of a text string whose head said `n` bytes, not yet checked
     /// to be UTF-8 (the caller decodes them, and refuses what is not).
     #[cfg(feature = "python")]

@@ -783,7 +783,11 @@ impl<'py> Decode<'_, 'py> {
                 }
                 None => {}
             }
-            let key = self.item(depth)?;
+            // (most keys are short text: taken without a call of `item`)
+            let key = match self.cursor.short_text() {
+                Some((bytes, at)) => decode_utf8(py, bytes, at)?,
+                None => self.item(depth)?,
+            };
             let value = self.next_item(depth)?;
             dict.set_item(&key, value).map_err(|e| {
                 if e.is_instance_of::<PyTypeError>(py) {
