@@ -506,3 +506,40 @@ fn first_load_costs() {
     let load = t.elapsed();
     eprintln!("read {read:?}, hash {hash:?} ({key}), load incl. read+hash+deserialize+link {load:?}");
 }
+
+#[test]
+fn a_guest_that_writes_frames_faster_than_they_are_read_is_held_back() {
+    let Some(config) = guest_config("rust-held-back") else {
+        return;
+    };
+    let (guest, sink) = start(config);
+    // 80 frames of 1 MiB (not protocol messages: the ledger lets them pass,
+    // and there is no master here to refuse them), then a line
+    let code = "from cpy2py.kernel.guest_main import send_frame\n\
+                for _ in range(80):\n    send_frame(b'x' * (1 << 20))\n\
+                print('sent all')";
+    guest.send(exec_request(1, code)).unwrap();
+    assert!(guest.drive(Instant::now() + Duration::from_secs(60)));
+    let mut queued = 0;
+    while let Popped::Frame(frame) = guest.try_recv() {
+        assert_eq!(frame.len(), 1 << 20);
+        queued += 1;
+    }
+    assert_eq!(queued, 64, "the guest stops at 64 MiB unread (MAX_QUEUED_BYTES)");
+    assert!(!printed(&sink, "sent all"), "the guest went on past a full queue");
+    assert!(guest.end().is_none(), "waiting for the master is no fault of the guest");
+    let mut rest = 0;
+    let reply = loop {
+        match guest.recv(Some(Duration::from_secs(60))) {
+            Popped::Frame(frame) if frame.len() == 1 << 20 => rest += 1,
+            Popped::Frame(frame) => break decode(&frame),
+            other => panic!("the guest did not go on: {other:?}"),
+        }
+    };
+    assert_eq!(queued + rest, 80);
+    assert!(printed(&sink, "sent all"));
+    assert_eq!(
+        reply,
+        Value::Array(vec![Value::Integer(1.into()), Value::Integer(1.into()), Value::Null])
+    );
+}
