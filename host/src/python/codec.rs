@@ -679,11 +679,25 @@ impl<'py> Decode<'_, 'py> {
     }
 
     /// Decodes the next item, enclosed by `depth` arrays, maps and tags.
+    /// The most common items of large arrays and maps (an unsigned int below
+    /// 2**32, a short text) are taken where it is called, without a call of
+    /// `any_item` (a call per item was a fifth of a 10k-int list's decoding,
+    /// `perf record`).
+    #[inline(always)]
     fn item(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
-        let py = self.py;
         if let Some(n) = self.cursor.small_uint() {
-            return Ok(n.into_pyobject(py)?.into_any());
+            return Ok(n.into_pyobject(self.py)?.into_any());
         }
+        if let Some((bytes, at)) = self.cursor.short_text() {
+            return decode_utf8(self.py, bytes, at);
+        }
+        self.any_item(depth)
+    }
+
+    /// `item` for anything but its inline cases.
+    #[inline(never)]
+    fn any_item(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
+        let py = self.py;
         let at = self.cursor.offset();
         let head = self.cursor.head().map_err(|e| wire(py, e))?;
         Ok(match head {
@@ -723,17 +737,6 @@ impl<'py> Decode<'_, 'py> {
         })
     }
 
-    /// `item`, with the most common item of large arrays and maps (an
-    /// unsigned int below 2**32) taken without a call of it (a tenth of a
-    /// 10k-int list's decoding, `perf record`).
-    #[inline(always)]
-    fn next_item(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
-        match self.cursor.small_uint() {
-            Some(n) => Ok(n.into_pyobject(self.py)?.into_any()),
-            None => self.item(depth),
-        }
-    }
-
     /// The items of an array whose head said `len`.
     fn items(&mut self, len: Option<u64>, depth: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let py = self.py;
@@ -745,7 +748,7 @@ impl<'py> Decode<'_, 'py> {
                     .map_err(|e| wire(py, e))?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    items.push(self.next_item(depth)?);
+                    items.push(self.item(depth)?);
                 }
                 Ok(items)
             }
@@ -783,12 +786,8 @@ impl<'py> Decode<'_, 'py> {
                 }
                 None => {}
             }
-            // (most keys are short text: taken without a call of `item`)
-            let key = match self.cursor.short_text() {
-                Some((bytes, at)) => decode_utf8(py, bytes, at)?,
-                None => self.item(depth)?,
-            };
-            let value = self.next_item(depth)?;
+            let key = self.item(depth)?;
+            let value = self.item(depth)?;
             dict.set_item(&key, value).map_err(|e| {
                 if e.is_instance_of::<PyTypeError>(py) {
                     protocol_error(py, format!("unhashable map key of type '{}'", type_name(&key)))
