@@ -87,12 +87,13 @@ def _bootstrap() -> str:
     a twin starts)."""
     from .cache_dir import cache_root
 
+    cache = cache_root()
     return BOOTSTRAP.format(
         too_old=TOO_OLD_STATUS,
         bundle=os.path.join(_PACKAGE_DIR, "kernel_bundle.py"),
         package=_PACKAGE_DIR,
-        cache=cache_root(),
-        pycache=os.path.join(cache_root(), "kernel-pyc"),
+        cache=cache,
+        pycache=os.path.join(cache, "kernel-pyc"),
     )
 
 

@@ -527,7 +527,10 @@ fn a_guest_that_writes_frames_faster_than_they_are_read_is_held_back() {
     }
     assert_eq!(queued, 64, "the guest stops at 64 MiB unread (MAX_QUEUED_BYTES)");
     assert!(!printed(&sink, "sent all"), "the guest went on past a full queue");
-    assert!(guest.end().is_none(), "waiting for the master is no fault of the guest");
+    assert!(
+        guest.end().is_none(),
+        "waiting for the master is no fault of the guest"
+    );
     let mut rest = 0;
     let reply = loop {
         match guest.recv(Some(Duration::from_secs(60))) {
@@ -540,6 +543,10 @@ fn a_guest_that_writes_frames_faster_than_they_are_read_is_held_back() {
     assert!(printed(&sink, "sent all"));
     assert_eq!(
         reply,
-        Value::Array(vec![Value::Integer(1.into()), Value::Integer(1.into()), Value::Null])
+        Value::Array(vec![
+            Value::Integer(1.into()),
+            Value::Integer(1.into()),
+            Value::Null
+        ])
     );
 }

@@ -5,9 +5,10 @@
 //! CPython writes a `bytes` object straight from its memory (WASI's own
 //! `write`), where a `list<u8>` import argument would be copied into a
 //! buffer componentize-py 0.25 never frees, and text would be converted
-//! twice. A frame goes through the same checks as any other (`guest_sends`:
-//! the cap, the ledger, waiting while the master has too much unread); a
-//! guest that writes the mark itself gains nothing it could not send.
+//! twice. The cap is checked at a frame's header, before anything of it is
+//! kept; the whole frame then goes through `guest_sends` (the ledger,
+//! waiting while the master has too much unread). A guest that writes the
+//! mark itself gains nothing: the mark is how it sends.
 //!
 //! A frame's header comes in one write; its bytes may come in any number of
 //! writes after it, and nothing else until it is whole. The whole frame is
@@ -71,6 +72,23 @@ impl GuestStdout {
         StreamError::trap(&why)
     }
 
+    /// Checked at a frame's header, before anything of it is kept (the one
+    /// check of the cap: `guest_sends` takes frames as they come): a frame
+    /// over the cap stops the guest.
+    fn within_cap(&self, length: usize) -> Result<(), String> {
+        let shared = self.shared.upgrade(); // (None: the guest is being dropped)
+        let cap = shared.as_ref().map_or(0, |shared| shared.max_frame);
+        if length <= cap {
+            return Ok(());
+        }
+        if let Some(shared) = shared {
+            shared.stop(GuestEnd::FrameTooBig { size: length, cap });
+        }
+        Err(format!(
+            "the guest sent a frame of {length} bytes, over the cap of {cap}"
+        ))
+    }
+
     /// The guest wrote more in one write than its frame lacked.
     fn overlong(&self, incoming: &mut Incoming) -> StreamError {
         let why = "the guest wrote more bytes than its frame's header announced".to_string();
@@ -119,39 +137,26 @@ impl OutputStream for GuestStdout {
         if let Some(why) = &incoming.failed {
             return Err(StreamError::trap(why));
         }
-        if let Some((mut frame, lacking)) = incoming.partial.take() {
-            if bytes.len() > lacking {
-                return Err(self.overlong(&mut incoming));
+        // the frame this write goes on with, or the one its header starts
+        let (mut frame, lacking, chunk) = match incoming.partial.take() {
+            Some((frame, lacking)) => (frame, lacking, &bytes[..]),
+            None => {
+                let Some(length) = Self::header(&bytes) else {
+                    drop(incoming);
+                    return self.text.write(bytes);
+                };
+                if let Err(why) = self.within_cap(length) {
+                    return Err(Self::fail(&mut incoming, why));
+                }
+                // (what a header announces is not taken on trust: the frame grows as it comes)
+                (Vec::with_capacity(length.min(1 << 20)), length, &bytes[HEADER..])
             }
-            frame.extend_from_slice(&bytes);
-            match lacking - bytes.len() {
-                0 => incoming.whole = Some(frame),
-                lacking => incoming.partial = Some((frame, lacking)),
-            }
-            return Ok(());
-        }
-        let Some(length) = Self::header(&bytes) else {
-            drop(incoming);
-            return self.text.write(bytes);
         };
-        let cap = self.shared.upgrade().map_or(0, |shared| shared.max_frame);
-        if length > cap {
-            if let Some(shared) = self.shared.upgrade() {
-                shared.stop(GuestEnd::FrameTooBig { size: length, cap });
-            }
-            return Err(Self::fail(
-                &mut incoming,
-                format!("the guest sent a frame of {length} bytes, over the cap of {cap}"),
-            ));
-        }
-        let body = &bytes[HEADER..];
-        if body.len() > length {
+        if chunk.len() > lacking {
             return Err(self.overlong(&mut incoming));
         }
-        // (what a header announces is not taken on trust: the frame grows as it comes)
-        let mut frame = Vec::with_capacity(length.min(1 << 20));
-        frame.extend_from_slice(body);
-        match length - body.len() {
+        frame.extend_from_slice(chunk);
+        match lacking - chunk.len() {
             0 => incoming.whole = Some(frame),
             lacking => incoming.partial = Some((frame, lacking)),
         }
