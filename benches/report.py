@@ -524,6 +524,7 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
         ["same guest, no-op call (ms)", f"{reused['median']:.3f}", f"{reused['p99']:.3f}", ""],
         ["idle pooled guest (MiB of master RSS)", f"{found['idle_guest_rss_mib']:.1f}", "", ERYX["rss_mib"]],
         ["... of which it wrote (MiB)", f"{found.get('idle_guest_written_mib', nan):.1f}", "", ""],
+        ["... its proportional share, PSS (MiB)", f"{found.get('idle_guest_pss_mib', nan):.1f}", "", ""],
     ]
     imported = found.get("packages_import_ms")
     if imported:

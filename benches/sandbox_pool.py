@@ -21,7 +21,11 @@ Prints, as JSON on its last line:
   ``idle_guest_written_mib``: the part of it that is the guest's own (the
   pages it wrote, and the host's memory for it; RSS also counts, for each
   guest again, the pages of the guest's memory image it only read, which
-  all guests share)
+  all guests share), and ``idle_guest_pss_mib``: its proportional share
+  (PSS), where those shared pages count once for all guests. The read
+  pages are many more than the guest reads: each read fault maps up to 16
+  pages around it (Linux's fault-around), so that the 130 read faults of a
+  guest's start map about 6.4 MiB of the image (benches/README.md)
 - ``packages_import_ms``: ``import markdown, dateutil.parser, dateutil.tz``
   in a new guest: from a copy of their directories in ``paths=`` (compiled
   from source at every start) against ``packages=`` (the host's cached
@@ -107,16 +111,18 @@ def _warm_call_ms(code_dir: str, noop: Any, calls: int) -> Dict[str, float]:
 
 
 def _memory_mib() -> Dict[str, float]:
-    """This process's RSS, and its anonymous part: memory it wrote. (Not
+    """This process's RSS, its anonymous part (memory it wrote; not
     "private": a page of the guest image read by one guest only counts as
-    private until a second guest reads it.)"""
+    private until a second guest reads it), and its PSS (each page divided
+    by the number of mappings that share it: the guests' shared image pages
+    once, not once per guest)."""
     fields: Dict[str, float] = {}
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
             parts = line.split()
             if len(parts) == 3 and parts[2] == "kB":
                 fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
-    return {"rss": fields["Rss"], "written": fields["Anonymous"]}
+    return {"rss": fields["Rss"], "written": fields["Anonymous"], "pss": fields["Pss"]}
 
 
 def _idle_guest_memory(code_dir: str, guests: int, noop: Any) -> Dict[str, float]:
