@@ -24,12 +24,13 @@ import time
 from typing import Any, Callable, Dict, Tuple
 
 from cpy2py import _host
+from cpy2py.protocol.messages import OP_EXECUTE, REPLY, REQUEST
 
-_LENGTH = struct.Struct(">I")
-REQUEST, REPLY = 0, 1
+_LENGTH = struct.Struct(">I")  # a frame's length, as protocol/transport.py writes it
 
 
 def _read_frame(fd: int) -> bytes:
+    # (frames this small are written, and so read, in one piece)
     head = os.read(fd, 4)
     if len(head) < 4:
         raise EOFError
@@ -69,7 +70,7 @@ def main() -> None:
     os.close(from_child)
 
     def call(req_id: int) -> Any:
-        frame = _host.dumps([REQUEST, req_id, 7, 1, ("os", "getpid"), [], {}])
+        frame = _host.dumps([REQUEST, req_id, 7, OP_EXECUTE, ("os", "getpid"), [], {}])
         os.write(requests, _LENGTH.pack(len(frame)) + frame)
         return _host.loads(_read_frame(replies))[2]
 

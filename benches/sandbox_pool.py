@@ -22,10 +22,9 @@ Prints, as JSON on its last line:
   pages it wrote, and the host's memory for it; RSS also counts, for each
   guest again, the pages of the guest's memory image it only read, which
   all guests share), and ``idle_guest_pss_mib``: its proportional share
-  (PSS), where those shared pages count once for all guests. The read
-  pages are many more than the guest reads: each read fault maps up to 16
-  pages around it (Linux's fault-around), so that the 130 read faults of a
-  guest's start map about 6.4 MiB of the image (benches/README.md)
+  (PSS), where those shared pages count once for all guests (why RSS
+  counts many more read pages than a guest reads: benches/README.md, "A
+  fresh guest from a warm pool")
 - ``packages_import_ms``: ``import markdown, dateutil.parser, dateutil.tz``
   in a new guest: from a copy of their directories in ``paths=`` (compiled
   from source at every start) against ``packages=`` (the host's cached

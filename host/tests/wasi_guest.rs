@@ -40,6 +40,11 @@ fn text(s: &str) -> Value {
     Value::Text(s.into())
 }
 
+/// The reply `[1, id, value]` to request `id` (docs/protocol.md).
+fn reply_to(id: u64, value: Value) -> Value {
+    Value::Array(vec![Value::Integer(1.into()), Value::Integer(id.into()), value])
+}
+
 fn recv(guest: &WasiGuest) -> Option<Value> {
     match guest.recv(Some(Duration::from_secs(60))) {
         Popped::Frame(frame) => Some(decode(&frame)),
@@ -66,21 +71,23 @@ fn start(config: GuestConfig) -> (WasiGuest, MemorySink) {
     (guest, sink)
 }
 
-/// `builtins.eval(code)` in the guest, as request `id`.
-fn eval_request(id: u64, code: &str) -> Vec<u8> {
-    let eval = Value::Tag(
-        40011,
-        Box::new(Value::Array(vec![text("builtins"), text("eval")])),
-    );
+/// A call of `module.name(*args)` in the guest, as request `id` on chain 7.
+fn call_request(id: u64, module: &str, name: &str, args: Vec<Value>) -> Vec<u8> {
+    let func = Value::Tag(40011, Box::new(Value::Array(vec![text(module), text(name)])));
     cbor(&Value::Array(vec![
         Value::Integer(0.into()),
         Value::Integer(id.into()),
         Value::Integer(7.into()),
         Value::Integer(0.into()),
-        eval,
-        Value::Array(vec![text(code)]),
+        func,
+        Value::Array(args),
         Value::Map(vec![]),
     ]))
+}
+
+/// `builtins.eval(code)` in the guest, as request `id`.
+fn eval_request(id: u64, code: &str) -> Vec<u8> {
+    call_request(id, "builtins", "eval", vec![text(code)])
 }
 
 #[test]
@@ -91,14 +98,7 @@ fn the_guest_answers_calls_and_its_output_is_marked() {
     let (guest, sink) = start(config);
     guest.send(eval_request(1, "6 * 7")).unwrap();
     let reply = recv(&guest).unwrap();
-    assert_eq!(
-        reply,
-        Value::Array(vec![
-            Value::Integer(1.into()),
-            Value::Integer(1.into()),
-            Value::Integer(42.into())
-        ])
-    );
+    assert_eq!(reply, reply_to(1, Value::Integer(42.into())));
     guest.send(eval_request(2, "print('out there')")).unwrap();
     recv(&guest).unwrap();
     let lines = sink.0.lock().unwrap().clone();
@@ -212,14 +212,7 @@ fn a_guest_nobody_drives_does_nothing_until_a_thread_reads() {
     );
     let reply = recv(&guest).unwrap();
     assert!(printed(&sink, "it ran"));
-    assert_eq!(
-        reply,
-        Value::Array(vec![
-            Value::Integer(1.into()),
-            Value::Integer(1.into()),
-            Value::Integer(42.into())
-        ])
-    );
+    assert_eq!(reply, reply_to(1, Value::Integer(42.into())));
 }
 
 #[test]
@@ -232,14 +225,7 @@ fn the_sender_can_carry_out_its_request_and_the_reply_waits_for_it() {
     assert!(guest.run_queued(Instant::now() + Duration::from_secs(60)));
     // no thread runs the guest now: the reply is simply there
     match guest.try_recv() {
-        Popped::Frame(frame) => assert_eq!(
-            decode(&frame),
-            Value::Array(vec![
-                Value::Integer(1.into()),
-                Value::Integer(1.into()),
-                Value::Integer(42.into())
-            ])
-        ),
+        Popped::Frame(frame) => assert_eq!(decode(&frame), reply_to(1, Value::Integer(42.into()))),
         other => panic!("no reply after the request was carried out: {other:?}"),
     }
 }
@@ -253,28 +239,14 @@ fn a_driver_hands_over_what_the_guest_sent_before_it_serves_the_next_request() {
     guest.send(eval_request(1, "print('first') or 1")).unwrap();
     guest.send(eval_request(2, "print('second') or 2")).unwrap();
     let first = recv(&guest).unwrap();
-    assert_eq!(
-        first,
-        Value::Array(vec![
-            Value::Integer(1.into()),
-            Value::Integer(1.into()),
-            Value::Integer(1.into())
-        ])
-    );
+    assert_eq!(first, reply_to(1, Value::Integer(1.into())));
     assert!(printed(&sink, "first"));
     assert!(
         !printed(&sink, "second"),
         "the reply waited while the guest served the next request"
     );
     let second = recv(&guest).unwrap();
-    assert_eq!(
-        second,
-        Value::Array(vec![
-            Value::Integer(1.into()),
-            Value::Integer(2.into()),
-            Value::Integer(2.into())
-        ])
-    );
+    assert_eq!(second, reply_to(2, Value::Integer(2.into())));
 }
 
 #[test]
@@ -337,14 +309,7 @@ fn a_shutdown_is_carried_out_by_the_thread_that_waits_for_the_end() {
     assert_eq!(guest.wait(Duration::from_secs(30)), Some(GuestEnd::Exited(0)));
     // its answer to the shutdown was left for the reader
     let answer = recv(&guest).expect("the answer to the shutdown");
-    assert_eq!(
-        answer,
-        Value::Array(vec![
-            Value::Integer(1.into()),
-            Value::Integer(9.into()),
-            Value::Null
-        ])
-    );
+    assert_eq!(answer, reply_to(9, Value::Null));
     assert!(recv(&guest).is_none());
 }
 
@@ -459,18 +424,7 @@ fn round_trip_latency_without_python_in_the_master() {
         return;
     };
     let (guest, _) = start(config);
-    let abs = Value::Tag(40011, Box::new(Value::Array(vec![text("builtins"), text("abs")])));
-    let request = |id: u64| {
-        cbor(&Value::Array(vec![
-            Value::Integer(0.into()),
-            Value::Integer(id.into()),
-            Value::Integer(7.into()),
-            Value::Integer(0.into()),
-            abs.clone(),
-            Value::Array(vec![Value::Integer(1.into())]),
-            Value::Map(vec![]),
-        ]))
-    };
+    let request = |id: u64| call_request(id, "builtins", "abs", vec![Value::Integer(1.into())]);
     let mut times = Vec::new();
     for id in 0..3000u64 {
         let frame = request(id);
@@ -541,12 +495,5 @@ fn a_guest_that_writes_frames_faster_than_they_are_read_is_held_back() {
     };
     assert_eq!(queued + rest, 80);
     assert!(printed(&sink, "sent all"));
-    assert_eq!(
-        reply,
-        Value::Array(vec![
-            Value::Integer(1.into()),
-            Value::Integer(1.into()),
-            Value::Null
-        ])
-    );
+    assert_eq!(reply, reply_to(1, Value::Null));
 }

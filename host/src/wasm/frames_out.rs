@@ -76,14 +76,14 @@ impl GuestStdout {
     /// check of the cap: `guest_sends` takes frames as they come): a frame
     /// over the cap stops the guest.
     fn within_cap(&self, length: usize) -> Result<(), String> {
-        let shared = self.shared.upgrade(); // (None: the guest is being dropped)
-        let cap = shared.as_ref().map_or(0, |shared| shared.max_frame);
+        let Some(shared) = self.shared.upgrade() else {
+            return Err("the guest is being dropped".to_string());
+        };
+        let cap = shared.max_frame;
         if length <= cap {
             return Ok(());
         }
-        if let Some(shared) = shared {
-            shared.stop(GuestEnd::FrameTooBig { size: length, cap });
-        }
+        shared.stop(GuestEnd::FrameTooBig { size: length, cap });
         Err(format!(
             "the guest sent a frame of {length} bytes, over the cap of {cap}"
         ))
