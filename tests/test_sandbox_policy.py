@@ -218,6 +218,30 @@ def drop_errors():
     return list(DROP_ERRORS)
 
 
+def send_block(block):
+    """A request (on the chain of the call it serves) whose argument is a
+    plain-data block (tag 40014) holding ``block`` as it is."""
+    from cpy2py.kernel.connection import current_chain
+
+    return send_raw([0, 999_999, current_chain(), 0, 1, [Tagged(40014, block)], {}])
+
+
+HOSTILE_BLOCKS = {
+    # what a pickle does to whoever unpickles it: look up os.mkdir and call it
+    "a call": lambda path: (
+        b"\\x80\\x05cos\\nmkdir\\n(X" + len(path).to_bytes(4, "little") + path.encode() + b"tR."
+    ),
+    # a list that holds itself, through the memo
+    "a memo": lambda path: b"\\x80\\x05]\\x94(h\\x00e.",
+    # 4 MiB of empty sets: 232 bytes each once decoded, about 1 GiB
+    "a costly one": lambda path: b"\\x80\\x05](" + b"\\x8f" * (4 << 20) + b"e.",
+}
+
+
+def send_hostile_block(kind, path):
+    return send_block(HOSTILE_BLOCKS[kind](path))
+
+
 def send_empty_maps(count):
     """A request (on the chain of the call it serves) holding ``count`` empty
     maps: one byte each on the wire, about 70 bytes each once decoded."""
@@ -660,6 +684,19 @@ print("ALIVE", master.execute(abs, -1))
     assert afters[0] < 2 * 32, f"{afters[0]:.0f} MiB stayed resident"
     assert afters[1] < afters[0] + 8, f"a second attack kept {afters[1] - afters[0]:.0f} MiB more"
     assert out[out.index("ALIVE") + 1] == "1"
+
+
+@pytest.mark.parametrize("kind", ["a call", "a memo", "a costly one"])
+def test_a_plain_data_block_holding_more_than_plain_data_stops_its_guest(sandbox, tmp_path, kind):
+    """Blocks (tag 40014) are pickles: the master reads them opcode by opcode
+    and makes nothing but plain data, charged to the decoding budget first;
+    a guest that sends anything else is stopped and nothing of it runs."""
+    target = tmp_path / "made_by_a_block"
+    attacker = sandbox("policy-block")
+    with pytest.raises(ProtocolError, match="plain-data block|decoding budget"):
+        attacker.import_module("hostile_plugin").send_hostile_block(kind, str(target))
+    assert not target.exists(), "the master ran what a block asked for"
+    assert alive(attacker)  # a fresh guest
 
 
 def test_a_failed_frame_leaves_nothing_for_the_next(box, sandbox):

@@ -8,6 +8,7 @@ without importing anything in the master.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -102,6 +103,19 @@ def call_master_function():
 
 def make_master_object():
     return MasterThing()
+
+def nested(levels, copies):
+    """``copies`` lists, each nested ``levels`` deep."""
+    value = []
+    for _ in range(levels):
+        value = [value]
+    return [value] * copies
+
+KEPT = []
+
+def keep(value):
+    KEPT.append(value)
+    return len(KEPT)
 
 def evil_pickle(path):
     """A pickle that would create ``path`` if the master unpickled it."""
@@ -351,6 +365,36 @@ def test_guest_cannot_open_network_connections(box):
 
 
 # -- the master accepts data only -------------------------------------------
+
+
+LARGE_PLAIN = {
+    "nested dict": {f"group{g}": {f"key{k}": g * k for k in range(100)} for g in range(50)},
+    "records": [
+        {"id": i, "name": f"n{i}", "score": i / 3, "tags": ("a", "b"), "raw": b"x" * i} for i in range(200)
+    ],
+    "mixed scalars": [None, True, False, -1, 2**70, -0.0, float("inf"), "é", b"\x00", bytearray(b"ab")] * 20,
+    "sets and tuples": [set(range(i)) for i in range(30)] + [frozenset({(i, -i)}) for i in range(30)],
+}
+
+
+@pytest.mark.parametrize("name", LARGE_PLAIN)
+def test_large_plain_values_round_trip_exactly(box, name):
+    """Large plain containers travel as plain-data blocks both ways (each
+    side's pickler writes, the other side reads): what comes back is equal,
+    with the same types all the way down."""
+    value = LARGE_PLAIN[name]
+    back = box.execute(copy.deepcopy, value)  # to the guest and back, copied there
+    assert back == value and repr(back) == repr(value)
+
+
+def test_a_value_nested_too_deep_fails_its_call_and_the_guest_goes_on(box, plugin):
+    """The guest's pickler has no depth limit; the master refuses the value
+    (as it refuses such a value from any twin) and only that call fails."""
+    kept = box.execute(plugin.keep, "before")
+    with pytest.raises(ValueError, match="nested deeper than 256 levels"):
+        box.execute(plugin.nested, 300, 20)
+    assert box.execute(plugin.keep, "after") == kept + 1  # the same guest, its state kept
+    assert box.execute(plugin.nested, 200, 20) == plugin.nested(200, 20)
 
 
 def test_guest_cannot_send_a_pickle(box, plugin, tmp_path):

@@ -22,7 +22,11 @@ _Buffer = Union[bytes, bytearray, memoryview]
 # -- the codec (host/src/python/codec.rs) -----------------------------------------
 
 def dumps(
-    obj: Any, default: Optional[Callable[[Any], Tuple[int, Any]]] = None, *, parts: bool = False
+    obj: Any,
+    default: Optional[Callable[[Any], Tuple[int, Any]]] = None,
+    *,
+    parts: bool = False,
+    plain: bool = False,
 ) -> Union[bytes, Tuple[bytes, ...]]: ...
 def loads(
     data: Union[_Buffer, Frame],

@@ -323,6 +323,9 @@ class Connection:
         #: large byte strings go to the transport as they are, among the
         #: frame's parts (``dumps(..., parts=True)``), not copied into it
         self._parts = getattr(transport, "sends_parts", False)
+        #: large plain containers go as plain-data blocks, which the peer (a
+        #: sandboxed guest, or its master) decodes with the C unpickler
+        self._plain = getattr(transport, "plain_blocks", False)
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
@@ -412,7 +415,7 @@ class Connection:
             raise _too_deep()
         req_id = next(self._ids)
         payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts
+            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain
         )
         if __debug__ and _logging.PER_CALL:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
@@ -516,7 +519,7 @@ class Connection:
         chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
         payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts
+            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain
         )
         with self._lock:
             if self.broken is not None:
@@ -1359,7 +1362,9 @@ class Connection:
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
         try:
-            payload = references.encode([kind, req_id, value], self.serializer.default, self._parts)
+            payload = references.encode(
+                [kind, req_id, value], self.serializer.default, self._parts, self._plain
+            )
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
                 payload = references.encode([RAISE, req_id, err], self.serializer.default)

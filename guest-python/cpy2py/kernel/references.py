@@ -180,18 +180,22 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
 _encoding = _thread._local()
 
 
-def encode(message: Any, default: Any, parts: bool = False) -> Any:
-    """``codec.dumps(message, default, parts=parts)``, undoing the exports it
-    made if it fails part-way (an argument that cannot be encoded after one
-    that was exported): a message never sent must not pin objects for the
-    peer. With ``parts``, a frame holding large byte strings may come as a
-    tuple of its parts (see ``cpy2py._host.dumps``)."""
+def encode(message: Any, default: Any, parts: bool = False, plain: bool = False) -> Any:
+    """``codec.dumps(message, default, parts=parts, plain=plain)``, undoing
+    the exports it made if it fails part-way (an argument that cannot be
+    encoded after one that was exported): a message never sent must not pin
+    objects for the peer. With ``parts``, a frame holding large byte strings
+    may come as a tuple of its parts (see ``cpy2py._host.dumps``); with
+    ``plain``, large plain containers go as plain-data blocks (the links
+    between a master and its sandboxed guests)."""
     journal = getattr(_encoding, "journal", None)
     outer = journal is None  # else nested: a __reduce__ that encodes another message
     if outer:
         journal = _encoding.journal = []
     mark = len(journal)
     try:
+        if plain:
+            return codec.dumps(message, default, plain=True)
         return codec.dumps(message, default, parts=parts) if parts else codec.dumps(message, default)
     except BaseException:
         undo_exports(mark)

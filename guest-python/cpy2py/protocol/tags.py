@@ -17,6 +17,7 @@ EXCEPTION = 40010
 GLOBAL_REF = 40011
 TWIN_REF = 40012
 PICKLE = 40013
+PLAIN = 40014
 
 #: Values nested deeper than this are refused by both codecs, so neither a
 #: hostile peer nor a runaway structure can exhaust the stack. Every CBOR

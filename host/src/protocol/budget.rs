@@ -13,6 +13,7 @@
 //! exactly when the whole estimate does: where the walk stops does not
 //! change the verdict.
 
+use super::plain;
 use super::tags;
 use super::value::{enter, Cursor, Head};
 use crate::error::HostError;
@@ -431,11 +432,117 @@ impl Walk<'_> {
                 let buffer = if n == 0 { 0 } else { round16(n + 1) };
                 self.charge(cost::BYTEARRAY + buffer + chunks * cost::CHUNK)
             }
+            tags::PLAIN => {
+                self.cursor.expect_content(2, tag)?;
+                let Head::Bytes(Some(len)) = self.cursor.head()? else {
+                    return Err(Stop::Malformed); // chunked: the decoder refuses it
+                };
+                let at = self.cursor.offset();
+                let block = self.cursor.bytes(Some(len))?;
+                let mut cost = PlainCost {
+                    total: self.total,
+                    budget: self.budget,
+                };
+                match plain::walk(&block, depth, &mut cost) {
+                    Ok(()) => {
+                        self.total = cost.total;
+                        Ok(())
+                    }
+                    Err(PlainStop::Over) => Err(Stop::Over(at)),
+                    Err(PlainStop::Malformed) => Err(Stop::Malformed),
+                }
+            }
             _ => {
                 self.next(depth)?;
                 self.charge(cost::HOOK)
             }
         }
+    }
+}
+
+/// The cost of the values of a plain-data block (protocol/plain.rs), in
+/// the same table as their CBOR encoding; a str or bytes of up to one byte,
+/// ints -5..=256, None, True, False and the empty tuple are cached.
+struct PlainCost {
+    total: u64,
+    budget: u64,
+}
+
+enum PlainStop {
+    Over,
+    Malformed,
+}
+
+impl From<plain::Refused> for PlainStop {
+    fn from(_: plain::Refused) -> Self {
+        PlainStop::Malformed
+    }
+}
+
+impl PlainCost {
+    fn charge(&mut self, n: u64) -> Result<(), PlainStop> {
+        self.total = self.total.saturating_add(n);
+        if self.total > self.budget {
+            Err(PlainStop::Over)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl plain::Sink for PlainCost {
+    type Value = ();
+    type Error = PlainStop;
+    fn none(&mut self) -> Result<(), PlainStop> {
+        Ok(())
+    }
+    fn bool(&mut self, _: bool) -> Result<(), PlainStop> {
+        Ok(())
+    }
+    fn int(&mut self, n: i64) -> Result<(), PlainStop> {
+        if (-5..=256).contains(&n) {
+            Ok(())
+        } else {
+            self.charge(int_cost(u128::from(n.unsigned_abs())))
+        }
+    }
+    fn long(&mut self, bytes: &[u8]) -> Result<(), PlainStop> {
+        self.charge(bignum_cost(bytes.len() as u64))
+    }
+    fn float(&mut self, _: f64) -> Result<(), PlainStop> {
+        self.charge(cost::FLOAT)
+    }
+    fn str(&mut self, utf8: &[u8], _: usize) -> Result<(), PlainStop> {
+        match utf8.len() {
+            0 | 1 => Ok(()),
+            n => self.charge(str_cost(n as u64)),
+        }
+    }
+    fn bytes(&mut self, data: &[u8]) -> Result<(), PlainStop> {
+        match data.len() {
+            0 | 1 => Ok(()),
+            n => self.charge(bytes_cost(n as u64)),
+        }
+    }
+    fn bytearray(&mut self, data: &[u8]) -> Result<(), PlainStop> {
+        let n = data.len() as u64;
+        let buffer = if n == 0 { 0 } else { round16(n + 1) };
+        self.charge(cost::BYTEARRAY + buffer)
+    }
+    fn list(&mut self, items: Vec<()>) -> Result<(), PlainStop> {
+        self.charge(cost::LIST + cost::SLOT * items.len() as u64)
+    }
+    fn tuple(&mut self, items: Vec<()>) -> Result<(), PlainStop> {
+        match items.len() {
+            0 => Ok(()),
+            n => self.charge(cost::TUPLE + cost::SLOT * n as u64),
+        }
+    }
+    fn dict(&mut self, items: Vec<()>, str_keys: bool) -> Result<(), PlainStop> {
+        self.charge(dict_cost(items.len() as u64 / 2, str_keys))
+    }
+    fn set(&mut self, items: Vec<()>, _: bool) -> Result<(), PlainStop> {
+        self.charge(set_cost(items.len() as u64))
     }
 }
 

@@ -6,6 +6,7 @@ pub mod frame;
 pub mod handshake;
 pub mod header;
 pub mod message;
+pub mod plain;
 pub mod tags;
 pub mod value;
 

@@ -11,6 +11,7 @@ pub const EXCEPTION: u64 = 40010;
 pub const GLOBAL_REF: u64 = 40011;
 pub const TWIN_REF: u64 = 40012;
 pub const PICKLE: u64 = 40013;
+pub const PLAIN: u64 = 40014;
 
 /// Values nested deeper than this are refused by both codecs, so neither a
 /// hostile peer nor a runaway structure can exhaust the stack.

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 
 use ciborium::value::{Integer, Value as Cbor};
 
+use super::plain;
 use super::tags;
 use crate::error::{HostError, Result};
 
@@ -68,6 +69,8 @@ pub enum Value {
         class: ClassInfo,
     },
     Pickle(Vec<u8>),
+    /// A plain-data block (tag 40014), checked by protocol/plain.rs.
+    Plain(Vec<u8>),
 }
 
 fn malformed(what: &str) -> HostError {
@@ -213,6 +216,7 @@ impl Value {
                 ]),
             ),
             Value::Pickle(b) => tagged(tags::PICKLE, Cbor::Bytes(b.clone())),
+            Value::Plain(b) => tagged(tags::PLAIN, Cbor::Bytes(b.clone())),
         }
     }
 
@@ -281,6 +285,11 @@ impl Value {
                 }
             }
             (tags::PICKLE, Value::Bytes(b)) => Value::Pickle(b),
+            (tags::PLAIN, Value::Bytes(b)) => {
+                // its depth is checked by the decoders, which know where it sits
+                plain::walk(&b, 1, &mut plain::Check).map_err(|e| HostError::Protocol(e.to_string()))?;
+                Value::Plain(b)
+            }
             (
                 tags::POS_BIGNUM
                 | tags::NEG_BIGNUM
@@ -291,7 +300,8 @@ impl Value {
                 | tags::BYTEARRAY
                 | tags::EXCEPTION
                 | tags::TWIN_REF
-                | tags::PICKLE,
+                | tags::PICKLE
+                | tags::PLAIN,
                 _,
             ) => {
                 return Err(HostError::Protocol(format!(
@@ -442,7 +452,9 @@ fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
             let depth = enter(depth, at)?;
             match tag {
                 tags::TUPLE | tags::SET | tags::FROZENSET | tags::COMPLEX => cursor.expect_content(4, tag)?,
-                tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY => cursor.expect_content(2, tag)?,
+                tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY | tags::PLAIN => {
+                    cursor.expect_content(2, tag)?
+                }
                 tags::EXCEPTION | tags::GLOBAL_REF | tags::TWIN_REF | tags::PICKLE => {}
                 _ => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),
             }

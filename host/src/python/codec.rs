@@ -20,11 +20,13 @@ use pyo3::types::{
 use pyo3::{ffi, intern, Borrowed};
 
 use super::errors::protocol_error;
+use super::plain;
 use super::received::Frame;
 use crate::error::HostError;
 use crate::protocol::budget::{self, Estimate};
 use crate::protocol::frame::{SPARE_FROM, SPARE_LIMIT};
 use crate::protocol::header::peek_header;
+use crate::protocol::plain::{walk, Writer};
 use crate::protocol::tags::{self, MAX_DEPTH};
 use crate::protocol::value::{enter, unexpected_break, Cursor, Head};
 
@@ -85,13 +87,19 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// least `PART_MIN` bytes comes as a tuple of `bytes` whose concatenation is
 /// the encoding, those byte strings among them as they are: a transport
 /// writes them with `writev`, and no large payload is copied into a frame.
+///
+/// With `plain`, a list, tuple, dict, set or frozenset of at least
+/// `PLAIN_MIN` items that is plain data through and through goes as a
+/// plain-data block (tag 40014, protocol/plain.rs), which a sandboxed guest
+/// decodes with its C unpickler.
 #[pyfunction]
-#[pyo3(signature = (obj, default=None, *, parts=false))]
+#[pyo3(signature = (obj, default=None, *, parts=false, plain=false))]
 fn dumps<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
     default: Option<&Bound<'py, PyAny>>,
     parts: bool,
+    plain: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     // the buffer of the last large encoding, if no other encoding has it:
     // encoding a MiB into a fresh one costs hundreds of page faults
@@ -102,6 +110,7 @@ fn dumps<'py>(
         out,
         default,
         cuts: parts.then(Vec::new),
+        blocks: plain.then(Writer::default),
     };
     let encoded = encoder.item(obj, 0).and_then(|()| encoder.finish(py));
     keep_spare(encoder.out);
@@ -150,6 +159,9 @@ struct Encode<'a, 'py> {
     /// with `parts`: the large byte strings left out of `out`, each with the
     /// length `out` had where it belongs
     cuts: Option<Vec<(usize, Bound<'py, PyBytes>)>>,
+    /// with `plain`: where plain-data blocks are written before they are
+    /// copied into `out` (a block's length comes first)
+    blocks: Option<Writer>,
 }
 
 const UINT: u8 = 0;
@@ -291,7 +303,10 @@ impl<'py> Encode<'_, 'py> {
 
     /// Encodes `obj`, enclosed by `depth` arrays, maps and tags.
     fn item(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
-        if self.scalar(obj)? {
+        // (a large plain container goes as a block when blocks are wanted)
+        if self.scalar(obj)?
+            || (self.blocks.is_some() && plain::worth_a_block(obj) && self.block(obj, depth)?)
+        {
             Ok(())
         } else if obj.is_exact_instance_of::<PyInt>() {
             self.big_int(obj, depth)
@@ -344,6 +359,21 @@ impl<'py> Encode<'_, 'py> {
         } else {
             self.default(obj, depth)
         }
+    }
+
+    /// Encodes `obj` as a plain-data block if it is plain data; returns
+    /// whether it did.
+    fn block(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<bool> {
+        let Some(mut writer) = self.blocks.take() else {
+            return Ok(false);
+        };
+        let written = depth < MAX_DEPTH && plain::write(&mut writer, obj, MAX_DEPTH - depth - 1)?;
+        if written {
+            self.head(TAG, tags::PLAIN);
+            self.bytes(&writer.out);
+        }
+        self.blocks = Some(writer);
+        Ok(written)
     }
 
     /// Encodes an exact `int` that fits in 64 bits signed; returns whether
@@ -898,6 +928,11 @@ impl<'py> Decode<'_, 'py> {
             tags::BYTEARRAY => {
                 content(&self.cursor, 2)?;
                 Ok(PyByteArray::new(py, &self.bytes_content()?).into_any())
+            }
+            tags::PLAIN => {
+                content(&self.cursor, 2)?;
+                let block = self.bytes_content()?;
+                walk(&block, depth, &mut plain::Build { py })
             }
             _ => match self.hook {
                 None => Err(protocol_error(py, format!("unknown CBOR tag {tag}"))),

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod codec;
 mod errors;
 mod host_calls;
+mod plain;
 mod received;
 mod spec;
 mod twin;

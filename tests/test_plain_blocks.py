@@ -1,0 +1,260 @@
+"""Plain-data blocks (tag 40014): large plain containers between a master
+and its sandboxed guests, as a pickle of plain data only.
+
+Both codecs write them (``dumps(..., plain=True)``: the compiled one with its
+own writer, the pure-Python one with the C pickler) and read each other's;
+the compiled codec, which reads what guests send, accepts nothing but plain
+data in them and charges them to the decoding budget. No twin is started
+here: tests/test_sandbox_policy.py sends hostile blocks from a real guest.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+from typing import Any
+
+import pytest
+from cpy2py.errors import ProtocolError
+from cpy2py.protocol import codec_py
+from cpy2py.protocol.tags import MAX_DEPTH
+
+_host = pytest.importorskip("cpy2py._host", reason="the compiled codec cpy2py._host is not built")
+
+TAG_HEAD = b"\xd9\x9c\x4e"  # tag 40014
+
+
+def tagged(block: bytes) -> bytes:
+    """``block`` as the content of tag 40014 (a byte string with a 4-byte length)."""
+    return TAG_HEAD + b"\x5a" + len(block).to_bytes(4, "big") + block
+
+
+def c_pickled(value: Any) -> bytes:
+    """What a guest's C pickler writes for ``value`` (codec_py's block writer)."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, 5)
+    pickler.fast = True
+    pickler.dump(value)
+    return buffer.getvalue()
+
+
+def exact(a: Any, b: Any) -> bool:
+    """Equal, with the same types all the way down (and NaN equal to NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(exact(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(exact(a[k], b[k]) for k in a)
+    return a == b
+
+
+SCALARS = [
+    None,
+    True,
+    False,
+    0,
+    255,
+    256,
+    65535,
+    65536,
+    -1,
+    -(2**31),
+    2**31,
+    2**63 - 1,
+    -(2**63),
+    2**63,
+    2**64,
+    -(2**64) - 1,
+    3**200,
+    -(3**200),
+    0.0,
+    -0.0,
+    1.5,
+    float("inf"),
+    -float("inf"),
+    float("nan"),
+    1e-310,
+    "",
+    "a",
+    "é",
+    "ab" * 200,
+    "x" * 70000,
+    b"",
+    b"x",
+    b"\x00" * 300,
+    bytearray(),
+    bytearray(b"yz"),
+]
+
+PLAIN_VALUES = {
+    "nested dict": {f"group{g}": {f"key{k}": 7 + 100 * g + k for k in range(100)} for g in range(20)},
+    "int list": list(range(-3000, 3000)),
+    "every scalar": SCALARS * 2,
+    "tuples": [(i, str(i)) for i in range(40)] + [(), (1,), (1, 2), (1, 2, 3), tuple(range(30))],
+    "sets": [set(range(i)) for i in range(20)] + [frozenset(range(i)) for i in range(20)],
+    "tuple keys": {(i, -i): [i] * 3 for i in range(30)},
+    "frozenset keys": {frozenset({i}): i for i in range(30)},
+    "a tuple": tuple(range(100)),
+    "a set": set(range(100)),
+    "a frozenset": frozenset(range(100)),
+    "nested lists": [[[i] * 20] * 20 for i in range(20)],
+    "2000 items (two batches)": list(range(2500)),
+    "empty containers": [[], {}, (), set(), frozenset()] * 5,
+}
+
+
+@pytest.mark.parametrize("name", PLAIN_VALUES)
+@pytest.mark.parametrize("writer", ["compiled", "pure"])
+def test_plain_values_go_as_blocks_and_come_back_exactly(name, writer):
+    value = PLAIN_VALUES[name]
+    frame = (_host if writer == "compiled" else codec_py).dumps([1, value], plain=True)
+    assert TAG_HEAD in frame  # large plain containers: a block
+    for reader in (_host, codec_py):
+        back = reader.loads(frame)
+        assert exact(back, [1, value]), f"{name}: {writer} -> {reader.__name__}"
+
+
+def test_the_compiled_writer_writes_what_pickle_reads():
+    value = PLAIN_VALUES["every scalar"]
+    block = _host.dumps(value, plain=True)[len(TAG_HEAD) :]
+    block = block[5:] if block[0] == 0x5A else block[3:]  # after the byte string's head
+    assert exact(pickle.loads(block), value)
+
+
+def test_what_the_c_pickler_writes_is_read_by_the_compiled_codec():
+    for value in PLAIN_VALUES.values():
+        assert exact(_host.loads(tagged(c_pickled(value))), value)
+
+
+def test_small_containers_and_anything_not_plain_stay_cbor():
+    class Sub(int):
+        pass
+
+    not_plain = [
+        list(range(PLAIN_MIN - 1)),  # too small to be worth a block
+        [1j] + list(range(20)),  # complex: CBOR has a tag for it, blocks do not
+        [Sub(1)] + list(range(20)),  # a subclass: default() decides
+        {"k": [Sub(1)], **{str(i): i for i in range(20)}},
+    ]
+    for value in not_plain:
+        for codec in (_host, codec_py):
+            frame = codec.dumps(value, lambda obj: (40011, ["m", "Sub"]), plain=True)
+            assert TAG_HEAD not in frame, (codec.__name__, value)
+    # the plain parts of a value that is not plain through and through still go as blocks
+    mixed = [Sub(1), list(range(100))]
+    for codec in (_host, codec_py):
+        frame = codec.dumps(mixed, lambda obj: (40011, ["m", "Sub"]), plain=True)
+        assert frame.count(TAG_HEAD) == 1
+
+
+def test_without_plain_nothing_goes_as_a_block():
+    value = PLAIN_VALUES["nested dict"]
+    assert _host.dumps(value) == codec_py.dumps(value)
+    assert TAG_HEAD not in _host.dumps(value)
+
+
+PLAIN_MIN = codec_py.PLAIN_MIN
+
+
+# -- what the compiled codec refuses (it reads what guests send) ----------------------
+
+HOSTILE_BLOCKS = {
+    "a global and a call": b"\x80\x05cos\nmkdir\n(X\x04\x00\x00\x00/tmptR.",
+    "a stack global": b"\x80\x05\x8c\x02os\x8c\x05mkdir\x93.",
+    "a persistent id": b"\x80\x05K\x01Q.",
+    "a memo (a list that holds itself)": b"\x80\x05]\x94(h\x00e.",
+    "an object built from a class": b"\x80\x05cbuiltins\nobject\n)\x81.",
+    "an extension code": b"\x80\x05\x82\x01.",
+    "protocol 2": b"\x80\x02K\x01.",
+    "no protocol": b"K\x01.",
+    "no STOP": b"\x80\x05K\x01",
+    "bytes after STOP": b"\x80\x05K\x01.K\x02",
+    "two values": b"\x80\x05K\x01K\x02.",
+    "an unclosed mark": b"\x80\x05(K\x01.",
+    "SETITEMS on a list": b"\x80\x05](K\x01K\x02u.",
+    "a length past the end": b"\x80\x05X\xff\xff\xff\x00ab.",
+    "a LONG4 of negative length": b"\x80\x05\x8b\xff\xff\xff\xff.",
+    "a FRAME past the end": b"\x80\x05\x95\xff\x00\x00\x00\x00\x00\x00\x00K\x01.",
+    "invalid UTF-8": b"\x80\x05\x8c\x02\xff\xfe.",
+    "an unhashable key": b"\x80\x05}(]K\x01u.",
+    "an unhashable set item": b"\x80\x05\x8f(]\x90.",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_BLOCKS)
+def test_the_compiled_codec_refuses_anything_but_plain_data(name, tmp_path):
+    with pytest.raises(ProtocolError, match="plain-data block"):
+        _host.loads(tagged(HOSTILE_BLOCKS[name]))
+    # under a decoding budget (frames from guests) just the same
+    with pytest.raises(ProtocolError, match="plain-data block"):
+        _host.loads(tagged(HOSTILE_BLOCKS[name]), budget=codec_py.sandbox_budget(1000))
+
+
+def test_the_pure_codec_makes_nothing_but_plain_data_either(tmp_path):
+    target = tmp_path / "made"
+    block = b"\x80\x05cos\nmkdir\n(X" + len(str(target)).to_bytes(4, "little") + str(target).encode() + b"tR."
+    with pytest.raises(ProtocolError, match="names the global os.mkdir"):
+        codec_py.loads(tagged(block))
+    with pytest.raises(ProtocolError, match="plain-data block"):
+        _host.loads(tagged(block))
+    assert not target.exists()
+    # and it never decodes a block under a budget (frames from guests are the compiled codec's)
+    with pytest.raises(ProtocolError, match="compiled codec only"):
+        codec_py.loads(tagged(c_pickled([1, 2])), budget=10**9)
+
+
+def test_a_block_is_charged_to_the_decoding_budget_before_anything_is_made():
+    # 1 MiB of empty sets: one byte each in the block, 232 bytes each decoded
+    count = 1 << 20
+    block = b"\x80\x05](" + b"\x8f" * count + b"e."
+    frame = tagged(block)
+    with pytest.raises(ProtocolError, match="decoding budget"):
+        _host.loads(frame, budget=codec_py.sandbox_budget(len(frame)))
+    # its cost is what the same value costs as CBOR, give or take the list's slots
+    value = [set() for _ in range(1000)]
+    as_cbor = _host.dumps(value)
+    as_block = _host.dumps(value * 1, plain=True)
+    for budget in (200_000, 300_000):
+        assert _accepted(as_cbor, budget) == _accepted(as_block, budget)
+
+
+def _accepted(frame: bytes, budget: int) -> bool:
+    try:
+        _host.loads(frame, budget=budget)
+    except ProtocolError as err:
+        assert "decoding budget" in str(err)
+        return False
+    return True
+
+
+def test_a_block_nested_too_deep_fails_its_value_not_the_link():
+    """A guest's C pickler has no depth limit: a value nested deeper than
+    MAX_DEPTH in a block is a ValueError (that call fails), not a ProtocolError
+    (which stops the guest)."""
+    deep: Any = []
+    for _ in range(MAX_DEPTH + 10):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested deeper than 256 levels") as info:
+        _host.loads(tagged(c_pickled(deep)))
+    assert not isinstance(info.value, ProtocolError)
+    # counted as CBOR counts it: the block's tag is one level, a tuple two
+    fits: Any = None
+    for _ in range(MAX_DEPTH - 1):
+        fits = [fits]
+    assert _host.loads(tagged(c_pickled(fits))) == fits
+    with pytest.raises(ValueError):
+        _host.loads(tagged(c_pickled([fits])))
+    # the compiled writer never writes such a block: CBOR refuses the value as before
+    with pytest.raises(ValueError, match="MAX_DEPTH"):
+        _host.dumps([deep] * PLAIN_MIN, plain=True)
+
+
+def test_lone_surrogates_travel_in_blocks_as_pickle_carries_them():
+    value = ["\ud800x"] * PLAIN_MIN
+    for codec in (_host, codec_py):
+        assert codec_py.loads(codec.dumps(value, plain=True)) == value
+        assert _host.loads(codec.dumps(value, plain=True)) == value
