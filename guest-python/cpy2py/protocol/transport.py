@@ -121,7 +121,9 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
         there is more to read than what the transport buffered (servers wait
         on it with epoll; -1: no such descriptor). Optional: ``buffered()``,
         whether a whole frame was read ahead; ``cut_mid_frame``, whether a
-        send was interrupted half-way through a frame."""
+        send was interrupted half-way through a frame; ``plain_blocks``,
+        whether large plain containers go as plain-data blocks (a master's
+        link to a guest on this machine, and the guest's end: tag 40014)."""
 
         def send(self, payload: bytes) -> None: ...
         def recv(self) -> Union[bytes, bytearray, bool, None]: ...
