@@ -568,7 +568,8 @@ const HEADER: usize = 2 + 9;
 
 impl Writer {
     pub fn start(&mut self) {
-        self.out.extend_from_slice(&[op::PROTO, 5, op::FRAME, 0, 0, 0, 0, 0, 0, 0, 0]);
+        self.out
+            .extend_from_slice(&[op::PROTO, 5, op::FRAME, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
     pub fn end(&mut self) {
         self.out.push(op::STOP);
