@@ -1362,9 +1362,9 @@ class Connection:
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
         try:
-            payload = references.encode(
-                [kind, req_id, value], self.serializer.default, self._parts, self._plain
-            )
+            # (blocks only where there can be one: a no-op's reply skips their set-up)
+            plain = self._plain and type(value) in _CONTAINERS
+            payload = references.encode([kind, req_id, value], self.serializer.default, self._parts, plain)
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
                 payload = references.encode([RAISE, req_id, err], self.serializer.default)
@@ -1480,6 +1480,10 @@ class Connection:
 #: reading, routing and answering at any depth must never hit the limit, or a
 #: reply could be lost and both sides would wait forever
 KERNEL_FRAMES = 60
+
+
+#: the types that may hold a plain-data block
+_CONTAINERS = frozenset((list, tuple, dict, set, frozenset))
 
 
 def _running_loop() -> Any:
