@@ -3,6 +3,7 @@ cluster on this machine that these tests start and stop (tests/ray_cluster.py)."
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -575,6 +576,9 @@ def test_a_sandbox_runs_on_the_node_with_the_resource(ray_box, nodes, ray_plugin
     counter = ray_box.execute(ray_plugin.Counter, 5)
     assert counter.increment(2) == 7 and counter.increment(3) == 10
     assert ray_box.import_module("ray_plugin").double(4) == 8
+    # large plain data both ways (as plain-data blocks), exactly
+    records = {f"k{i}": (i, [float(i)] * 20, {"b": b"x" * i}) for i in range(100)}
+    assert ray_box.execute(copy.deepcopy, records) == records
 
 
 def test_callbacks_cross_the_link_both_ways(ray_box, ray_plugin):

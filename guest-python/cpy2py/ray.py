@@ -486,6 +486,10 @@ class RaySandboxTwin(RayTwin):
     ``wasi.serializer_for`` needs (the guest's code roots on the node, the
     module files of its packages) and the guest's end as an exception."""
 
+    #: large plain containers go to the guest as plain-data blocks (its host
+    #: process relays frames as they are)
+    plain_blocks = True
+
     def __init__(self, sock: socket.socket, actor: Any, info: Dict[str, Any], hello: Dict[str, Any]) -> None:
         super().__init__(sock, actor, info, hello)
         self.paths: List[str] = list(info.get("paths") or ())
