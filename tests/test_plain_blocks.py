@@ -120,9 +120,10 @@ def test_plain_values_go_as_blocks_and_come_back_exactly(name, writer):
 
 def test_the_compiled_writer_writes_what_pickle_reads():
     value = PLAIN_VALUES["every scalar"]
-    block = _host.dumps(value, plain=True)[len(TAG_HEAD) :]
-    block = block[5:] if block[0] == 0x5A else block[3:]  # after the byte string's head
-    assert exact(pickle.loads(block), value)
+    frame = _host.dumps([value], plain=True)  # (the message itself is never a block)
+    assert frame[1:4] == TAG_HEAD  # [tag 40014 over a byte string]
+    length_bytes = {0x58: 1, 0x59: 2, 0x5A: 4, 0x5B: 8}[frame[4]]
+    assert exact(pickle.loads(frame[5 + length_bytes :]), value)
 
 
 def test_what_the_c_pickler_writes_is_read_by_the_compiled_codec():
@@ -130,10 +131,12 @@ def test_what_the_c_pickler_writes_is_read_by_the_compiled_codec():
         assert exact(_host.loads(tagged(c_pickled(value))), value)
 
 
-def test_small_containers_and_anything_not_plain_stay_cbor():
+def test_small_containers_the_message_and_anything_not_plain_stay_cbor():
     class Sub(int):
         pass
 
+    for codec in (_host, codec_py):
+        assert TAG_HEAD not in codec.dumps(list(range(100)), plain=True)  # the message itself
     not_plain = [
         list(range(PLAIN_MIN - 1)),  # too small to be worth a block
         [1j] + list(range(20)),  # complex: CBOR has a tag for it, blocks do not
@@ -142,12 +145,12 @@ def test_small_containers_and_anything_not_plain_stay_cbor():
     ]
     for value in not_plain:
         for codec in (_host, codec_py):
-            frame = codec.dumps(value, lambda obj: (40011, ["m", "Sub"]), plain=True)
+            frame = codec.dumps([value], lambda obj: (40011, ["m", "Sub"]), plain=True)
             assert TAG_HEAD not in frame, (codec.__name__, value)
     # the plain parts of a value that is not plain through and through still go as blocks
     mixed = [Sub(1), list(range(100))]
     for codec in (_host, codec_py):
-        frame = codec.dumps(mixed, lambda obj: (40011, ["m", "Sub"]), plain=True)
+        frame = codec.dumps([mixed], lambda obj: (40011, ["m", "Sub"]), plain=True)
         assert frame.count(TAG_HEAD) == 1
 
 
@@ -215,9 +218,10 @@ def test_a_block_is_charged_to_the_decoding_budget_before_anything_is_made():
     with pytest.raises(ProtocolError, match="decoding budget"):
         _host.loads(frame, budget=codec_py.sandbox_budget(len(frame)))
     # its cost is what the same value costs as CBOR, give or take the list's slots
-    value = [set() for _ in range(1000)]
+    value = [[set() for _ in range(1000)]]
     as_cbor = _host.dumps(value)
-    as_block = _host.dumps(value * 1, plain=True)
+    as_block = _host.dumps(value, plain=True)
+    assert TAG_HEAD in as_block
     for budget in (200_000, 300_000):
         assert _accepted(as_cbor, budget) == _accepted(as_block, budget)
 
@@ -250,11 +254,11 @@ def test_a_block_nested_too_deep_fails_its_value_not_the_link():
         _host.loads(tagged(c_pickled([fits])))
     # the compiled writer never writes such a block: CBOR refuses the value as before
     with pytest.raises(ValueError, match="MAX_DEPTH"):
-        _host.dumps([deep] * PLAIN_MIN, plain=True)
+        _host.dumps([[deep] * PLAIN_MIN], plain=True)
 
 
 def test_lone_surrogates_travel_in_blocks_as_pickle_carries_them():
-    value = ["\ud800x"] * PLAIN_MIN
+    value = [["\ud800x"] * PLAIN_MIN]
     for codec in (_host, codec_py):
         assert codec_py.loads(codec.dumps(value, plain=True)) == value
         assert _host.loads(codec.dumps(value, plain=True)) == value

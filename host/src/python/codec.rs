@@ -370,7 +370,9 @@ impl<'py> Encode<'_, 'py> {
         let Some(mut writer) = self.blocks.take() else {
             return Ok(false);
         };
-        let written = depth < MAX_DEPTH && plain::write(&mut writer, obj, MAX_DEPTH - depth - 1)?;
+        // (never the message itself: a request holds references, not plain data)
+        let written =
+            depth > 0 && depth < MAX_DEPTH && plain::write(&mut writer, obj, MAX_DEPTH - depth - 1)?;
         if written {
             self.head(TAG, tags::PLAIN);
             self.bytes(&writer.out);
