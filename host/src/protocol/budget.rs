@@ -449,7 +449,7 @@ impl Walk<'_> {
                         Ok(())
                     }
                     Err(PlainStop::Over) => Err(Stop::Over(at)),
-                    Err(PlainStop::Malformed) => Err(Stop::Malformed),
+                    Err(PlainStop::Malformed(_)) => Err(Stop::Malformed),
                 }
             }
             _ => {
@@ -457,6 +457,19 @@ impl Walk<'_> {
                 self.charge(cost::HOOK)
             }
         }
+    }
+}
+
+/// Checks a plain-data block's shape, whatever its cost (the value
+/// model's check, value.rs); `depth` is where its content sits.
+pub fn check_plain(block: &[u8], depth: usize) -> Result<(), plain::Refused> {
+    let mut cost = PlainCost {
+        total: 0,
+        budget: u64::MAX,
+    };
+    match plain::walk(block, depth, &mut cost) {
+        Err(PlainStop::Malformed(refused)) => Err(refused),
+        _ => Ok(()),
     }
 }
 
@@ -470,12 +483,12 @@ struct PlainCost {
 
 enum PlainStop {
     Over,
-    Malformed,
+    Malformed(plain::Refused),
 }
 
 impl From<plain::Refused> for PlainStop {
-    fn from(_: plain::Refused) -> Self {
-        PlainStop::Malformed
+    fn from(refused: plain::Refused) -> Self {
+        PlainStop::Malformed(refused)
     }
 }
 
@@ -690,5 +703,27 @@ mod tests {
         assert_eq!(estimate(b"\xba\xff\xff\xff\xff\x00", 1000), Estimate::Malformed);
         assert_eq!(estimate(b"\x81", 1000), Estimate::Malformed);
         assert_eq!(estimate(b"\x80\x00", 1000), Estimate::Malformed);
+    }
+
+    #[test]
+    fn a_plain_block_costs_what_its_value_costs_in_cbor_and_is_checked() {
+        // [set(), set()]: PROTO 5, EMPTY_LIST, MARK, EMPTY_SET twice, APPENDS, STOP
+        let block = [0x80, 5, b']', b'(', 0x8f, 0x8f, b'e', b'.'];
+        let mut frame = vec![0xd9, 0x9c, 0x4e, 0x48]; // tag 40014, a byte string of 8
+        frame.extend_from_slice(&block);
+        let as_cbor = [0x82, 0xd9, 0x01, 0x02, 0x80, 0xd9, 0x01, 0x02, 0x80];
+        assert_eq!(cost_of(&frame), cost_of(&as_cbor));
+        assert_eq!(cost_of(&frame), cost::LIST + 2 * cost::SLOT + 2 * set_cost(0));
+        assert!(matches!(estimate(&frame, 100), Estimate::Over { offset: 4 }));
+        assert!(check_plain(&block, 1).is_ok());
+        assert!(crate::protocol::value::Value::decode(&frame).is_ok());
+        // a global and a call: refused by the walk, the estimate and the value model
+        let evil = b"\x80\x05cos\nsystem\n(X\x02\x00\x00\x00idtR.";
+        let refused = check_plain(evil, 1).unwrap_err();
+        assert!(refused.what.contains("opcode 0x63 is not allowed"), "{refused}");
+        let mut frame = vec![0xd9, 0x9c, 0x4e, 0x58, evil.len() as u8];
+        frame.extend_from_slice(evil);
+        assert_eq!(estimate(&frame, u64::MAX), Estimate::Malformed);
+        assert!(crate::protocol::value::Value::decode(&frame).is_err());
     }
 }

@@ -8,9 +8,9 @@
 //! CBOR codec; the host never unpickles them. [`walk`] reads a block opcode
 //! by opcode and accepts only this subset (no name lookup, no call, no
 //! memo, no persistent id), and hands each value to a [`Sink`]: the
-//! decoding budget's estimate (budget.rs), the value model's check
-//! (value.rs) and the compiled codec's decoder (python/codec.rs) walk the
-//! same way, so they accept and refuse the same blocks.
+//! decoding budget's estimate (budget.rs, which the value model's check in
+//! value.rs uses too) and the compiled codec's decoder (python/codec.rs)
+//! walk the same way, so they accept and refuse the same blocks.
 //!
 //! Without a memo every value is consumed exactly once, so a container is
 //! built when it is consumed (appended to another, or the block's end), with
@@ -506,50 +506,6 @@ impl<'a, S: Sink> Walk<'a, '_, S> {
                 .into());
         }
         Ok(self.pop_value()?.0)
-    }
-}
-
-/// A sink that makes nothing: checks a block's shape only.
-pub struct Check;
-
-impl Sink for Check {
-    type Value = ();
-    type Error = Refused;
-    fn none(&mut self) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn bool(&mut self, _: bool) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn int(&mut self, _: i64) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn long(&mut self, _: &[u8]) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn float(&mut self, _: f64) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn str(&mut self, _: &[u8], _: usize) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn bytes(&mut self, _: &[u8]) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn bytearray(&mut self, _: &[u8]) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn list(&mut self, _: Vec<()>) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn tuple(&mut self, _: Vec<()>) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn dict(&mut self, _: Vec<()>, _: bool) -> Result<(), Refused> {
-        Ok(())
-    }
-    fn set(&mut self, _: Vec<()>, _: bool) -> Result<(), Refused> {
-        Ok(())
     }
 }
 

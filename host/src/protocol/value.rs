@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use ciborium::value::{Integer, Value as Cbor};
 
-use super::plain;
+use super::budget;
 use super::tags;
 use crate::error::{HostError, Result};
 
@@ -287,7 +287,7 @@ impl Value {
             (tags::PICKLE, Value::Bytes(b)) => Value::Pickle(b),
             (tags::PLAIN, Value::Bytes(b)) => {
                 // its depth is checked by the decoders, which know where it sits
-                plain::walk(&b, 1, &mut plain::Check).map_err(|e| HostError::Protocol(e.to_string()))?;
+                budget::check_plain(&b, 1).map_err(|e| HostError::Protocol(e.to_string()))?;
                 Value::Plain(b)
             }
             (
