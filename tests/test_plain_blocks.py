@@ -262,3 +262,24 @@ def test_lone_surrogates_travel_in_blocks_as_pickle_carries_them():
     for codec in (_host, codec_py):
         assert codec_py.loads(codec.dumps(value, plain=True)) == value
         assert _host.loads(codec.dumps(value, plain=True)) == value
+
+
+def test_the_pure_codec_writes_blocks_with_a_pure_python_pickler_too():
+    """PyPy's pickle is pickle.py, which asks reducer_override about every
+    object (the C pickler only about the others): blocks still come out."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    pypy = shutil.which("pypy3")
+    if pypy is None:
+        pytest.skip("no pypy3 on this machine: its pure-Python pickler is not tried")
+    package_root = Path(codec_py.__file__).resolve().parents[2]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from cpy2py.protocol import codec_py; "
+        "value = [{'k%d' % i: (i, [1.5] * 3) for i in range(20)}]; "
+        "sys.stdout.buffer.write(codec_py.dumps(value, plain=True))"
+    )
+    frame = subprocess.run([pypy, "-c", script, str(package_root)], capture_output=True, check=True).stdout
+    assert TAG_HEAD in frame
+    assert _host.loads(frame) == [{f"k{i}": (i, [1.5] * 3) for i in range(20)}]

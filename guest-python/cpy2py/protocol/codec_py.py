@@ -396,10 +396,16 @@ def _blocks() -> Any:
     except ImportError:  # PyPy: its pickle module is pure Python, and JIT-compiled
         from pickle import Pickler, Unpickler  # type: ignore[assignment]
 
+    plain_types = frozenset(
+        (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset)
+    )
+
     class BlockPickler(Pickler):  # type: ignore[misc,valid-type]
-        # called for every object but None, bools and exact int, float, str,
-        # bytes, bytearray, list, tuple, dict, set and frozenset
+        # the C pickler calls it for anything but those types; pickle.py
+        # (PyPy) for every object, so it lets them through
         def reducer_override(self, obj: Any) -> Any:
+            if type(obj) in plain_types:
+                return NotImplemented
             raise _NotPlain
 
     class BlockUnpickler(Unpickler):  # type: ignore[misc,valid-type]
