@@ -69,6 +69,25 @@ def test_the_twin_runs_behind_sshd(remote):
     assert info["stdout"] == info["stderr"]
 
 
+def test_large_plain_data_crosses_as_plain_data_blocks(remote):
+    """A remote twin has the pure-Python codec only: a CPython one says in
+    its hello that its link carries plain-data blocks (its C pickle reads
+    and writes them), PyPy's does not (its pickle is slower than its codec);
+    either way, what crosses comes back exactly."""
+    import copy
+
+    from cpy2py import master
+
+    said = master._running[remote.twinterpreter_id].process.hello["plain_blocks"]
+    assert said is (remote.twinterpreter_id.startswith("python3"))
+    value = {f"k{i}": (i, [i / 3] * 10, {"b": b"x" * i, "s": {i, -i}}) for i in range(200)}
+    back = remote.execute(copy.deepcopy, value)
+    assert back == value
+    assert {(type(t), type(t[1]), type(t[2]["b"]), type(t[2]["s"])) for t in back.values()} == {
+        (tuple, list, bytes, set)
+    }
+
+
 def test_modules_come_from_the_master(remote, tmp_path, monkeypatch):
     (tmp_path / "served_module.py").write_text("VALUE = 'from the master'\n")
     package = tmp_path / "served_package"

@@ -546,6 +546,8 @@ class TwinMaster:
             describe_end,
             kill_peer=process.kill,
             new_chains=serializer.trusted,
+            # a native twin with the pure-Python codec only says so (handshake.py)
+            plain_blocks=getattr(process, "plain_blocks", False) or process.hello.get("plain_blocks") is True,
         )
         # the rest of the start (the welcome, the initializers) within what is
         # left of handshake_timeout: a twin that does not get ready is killed

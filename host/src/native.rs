@@ -462,6 +462,7 @@ mod tests {
             version: "0".into(),
             executable: "/bin/sh".into(),
             pid: 1,
+            plain_blocks: false,
         };
         let mut payload = Vec::new();
         ciborium::into_writer(&hello, &mut payload).unwrap();

@@ -282,6 +282,8 @@ class Connection:
     Without ``new_chains`` (the master's link to a sandboxed guest, which has
     no threads), a request must belong to a call this side is making to the
     peer: any other breaks the link, and no thread is ever started for it.
+    ``plain_blocks``: whether large plain containers go as plain-data blocks
+    (None: as the transport says, ``plain_blocks``).
     """
 
     #: a server that finds this many others waiting ends, once it has waited
@@ -302,6 +304,7 @@ class Connection:
         kill_peer: Optional[Callable[[], Any]] = None,
         threads: bool = True,
         new_chains: bool = True,
+        plain_blocks: Optional[bool] = None,
     ) -> None:
         self.transport = transport
         self.peer_id = peer_id
@@ -324,8 +327,9 @@ class Connection:
         #: frame's parts (``dumps(..., parts=True)``), not copied into it
         self._parts = getattr(transport, "sends_parts", False)
         #: large plain containers go as plain-data blocks, which the peer (a
-        #: sandboxed guest, or its master) decodes with the C unpickler
-        self._plain = getattr(transport, "plain_blocks", False)
+        #: sandboxed guest, or its master; a twin with only the pure-Python
+        #: codec, said in its hello) decodes with the C unpickler
+        self._plain = getattr(transport, "plain_blocks", False) if plain_blocks is None else plain_blocks
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed

@@ -27,20 +27,35 @@ if TYPE_CHECKING:
     from ..protocol.transport import Transport
 
 
-def send_hello(transport: Transport, executable: str) -> None:
-    """The first frame: who this twin is (checked by the host, handshake.rs)."""
-    transport.send(
-        codec.dumps(
-            {
-                "cpy2py": PROTOCOL_VERSION,
-                "twin_id": kernel_state.TWIN_ID,
-                "implementation": sys.implementation.name,
-                "version": ".".join(map(str, sys.version_info[:3])),
-                "executable": executable,
-                "pid": os.getpid(),
-            }
-        )
-    )
+def send_hello(transport: Transport, executable: str, plain_blocks: bool = False) -> None:
+    """The first frame: who this twin is (checked by the host, handshake.rs),
+    and whether its link carries plain-data blocks (``plain_blocks``)."""
+    hello = {
+        "cpy2py": PROTOCOL_VERSION,
+        "twin_id": kernel_state.TWIN_ID,
+        "implementation": sys.implementation.name,
+        "version": ".".join(map(str, sys.version_info[:3])),
+        "executable": executable,
+        "pid": os.getpid(),
+    }
+    if plain_blocks:
+        hello["plain_blocks"] = True
+    transport.send(codec.dumps(hello))
+
+
+def wants_plain_blocks() -> bool:
+    """Whether this native twin's link should carry large plain containers
+    as plain-data blocks: it has the pure-Python codec only (a twin on
+    another host: the compiled one is not sent) and CPython's C pickle,
+    which reads and writes them several times faster. Not on PyPy, whose
+    pickle is slower than its codec (benches/README.md)."""
+    if codec.IMPLEMENTATION != "python" or sys.implementation.name != "cpython":
+        return False
+    try:
+        import _pickle  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def check_welcome(welcome: Any) -> Dict[str, Any]:

@@ -49,7 +49,8 @@ def main() -> None:
 
         remote_twin.watch_link(read_fd)
         remote_twin.install(transport, remote_host)
-    handshake.send_hello(transport, sys.executable)
+    plain_blocks = handshake.wants_plain_blocks()
+    handshake.send_hello(transport, sys.executable, plain_blocks)
     raw = transport.recv()
     if raw is None:  # the master gave up on us
         os._exit(0)
@@ -84,6 +85,7 @@ def main() -> None:
         # asked to stop: end now, even if the main thread is busy with a call
         on_shutdown=_finish,
         after_request=flush_stdio,
+        plain_blocks=plain_blocks,
     )
     links.register(kernel_state.MASTER_ID, connection)
     if remote_host is not None:  # questions for modules go over the link now

@@ -17,6 +17,10 @@ pub struct Hello {
     pub version: String,
     pub executable: String,
     pub pid: u32,
+    /// the twin has the pure-Python codec and C pickle: its link carries
+    /// plain-data blocks both ways (docs/protocol.md, "Plain-data blocks")
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_blocks: bool,
 }
 
 /// Parses a hello frame. The version is checked before anything else, so a
@@ -60,7 +64,23 @@ mod tests {
             version: "3.9.18".into(),
             executable: "/usr/bin/pypy3".into(),
             pid: 42,
+            plain_blocks: false,
         }
+    }
+
+    #[test]
+    fn a_hello_may_say_its_link_carries_plain_data_blocks() {
+        let said = Hello {
+            plain_blocks: true,
+            ..hello(PROTOCOL_VERSION)
+        };
+        assert!(parse_hello(&encode(&said)).unwrap().plain_blocks);
+        // (and a hello without it: no blocks, nothing else changes)
+        assert!(
+            !parse_hello(&encode(&hello(PROTOCOL_VERSION)))
+                .unwrap()
+                .plain_blocks
+        );
     }
 
     #[test]

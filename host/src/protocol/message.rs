@@ -284,8 +284,13 @@ fn hello(value: Value) -> Result<Frame> {
         "executable",
         "pid",
     ];
-    let mut f = fields(value, "hello", &keys, &[])?;
+    let mut f = fields(value, "hello", &keys, &["plain_blocks"])?;
     version(take(&mut f, "cpy2py"))?;
+    if let Some(said) = f.iter().find(|(k, _)| k == "plain_blocks").map(|(_, v)| v) {
+        if *said != Value::Bool(true) {
+            return Err(invalid(format!("the hello's plain_blocks is {said:?}, not true")));
+        }
+    }
     Ok(Frame::Hello {
         twin_id: text(take(&mut f, "twin_id"), "twin_id")?,
         implementation: text(take(&mut f, "implementation"), "implementation")?,

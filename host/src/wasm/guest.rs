@@ -156,6 +156,7 @@ impl WasiGuest {
                 version: String::new(),
                 executable: String::new(),
                 pid: 0,
+                plain_blocks: false,
             },
             shared,
         })
