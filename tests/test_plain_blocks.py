@@ -257,11 +257,36 @@ def test_a_block_nested_too_deep_fails_its_value_not_the_link():
         _host.dumps([[deep] * PLAIN_MIN], plain=True)
 
 
-def test_lone_surrogates_travel_in_blocks_as_pickle_carries_them():
+def test_lone_surrogates_fail_their_value_as_in_cbor():
+    """CBOR text cannot carry lone surrogates; pickle can: the host writes
+    no block with them (CBOR then refuses the value), and a block a guest's
+    pickler wrote with them fails its value (ValueError), not the link."""
     value = [["\ud800x"] * PLAIN_MIN]
-    for codec in (_host, codec_py):
-        assert codec_py.loads(codec.dumps(value, plain=True)) == value
-        assert _host.loads(codec.dumps(value, plain=True)) == value
+    with pytest.raises(UnicodeEncodeError):
+        _host.dumps(value, plain=True)
+    with pytest.raises(ValueError, match="lone surrogates") as info:
+        _host.loads(codec_py.dumps(value, plain=True))
+    assert not isinstance(info.value, ProtocolError)
+
+
+def test_a_block_in_chunks_is_refused_before_anything_is_made():
+    """The budget's estimate reads a block of stated length only: one in
+    chunks (an indefinite-length byte string) is refused by the decoder too,
+    instead of being decoded without a budget."""
+    block = b"\x80\x05](" + b"\x8f" * (1 << 20) + b"e."
+    chunked = TAG_HEAD + b"\x5f\x5a" + len(block).to_bytes(4, "big") + block + b"\xff"
+    for budget in (None, codec_py.sandbox_budget(len(chunked))):
+        with pytest.raises(ProtocolError, match="stated length"):
+            _host.loads(chunked, budget=budget)
+
+
+def test_containers_a_block_opens_are_charged_as_they_open():
+    """A block that opens a million lists and never closes them (refused at
+    its end) passes the budget long before that end."""
+    block = b"\x80\x05" + b"]" * (1 << 20) + b"."
+    frame = tagged(block)
+    with pytest.raises(ProtocolError, match="decoding budget"):
+        _host.loads(frame, budget=codec_py.sandbox_budget(len(frame)))
 
 
 def test_the_pure_codec_writes_blocks_with_a_pure_python_pickler_too():

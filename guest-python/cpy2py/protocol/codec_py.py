@@ -15,8 +15,9 @@ value is encoded under that tag.
 plain-data blocks (tag 40014: a pickle of plain data only, made by the C
 pickler where there is one), which is how a sandboxed guest sends bulk data
 to the host several times faster than this codec encodes it; ``loads``
-reads them with a restricted unpickler that can make nothing but plain data
-(docs/protocol.md, "Plain-data blocks").
+reads them with an unpickler that refuses every global, for blocks from a
+trusted peer only (the host reads a guest's blocks with its own walker;
+docs/protocol.md, "Plain-data blocks").
 
 ``loads(data, tag_hook=None, budget=None)`` decodes exactly one item. Tags
 outside the value model are handed to ``tag_hook(tag, value)``. Every

@@ -542,8 +542,16 @@ impl plain::Sink for PlainCost {
         let buffer = if n == 0 { 0 } else { round16(n + 1) };
         self.charge(cost::BYTEARRAY + buffer)
     }
+    fn opened(&mut self, kind: u8) -> Result<(), PlainStop> {
+        // the container's base cost now (an empty one's whole cost), the rest when it closes
+        self.charge(match kind {
+            plain::op::EMPTY_LIST => cost::LIST,
+            plain::op::EMPTY_DICT => cost::DICT,
+            _ => cost::SET,
+        })
+    }
     fn list(&mut self, items: Vec<()>) -> Result<(), PlainStop> {
-        self.charge(cost::LIST + cost::SLOT * items.len() as u64)
+        self.charge(cost::SLOT * items.len() as u64)
     }
     fn tuple(&mut self, items: Vec<()>) -> Result<(), PlainStop> {
         match items.len() {
@@ -552,10 +560,12 @@ impl plain::Sink for PlainCost {
         }
     }
     fn dict(&mut self, items: Vec<()>, str_keys: bool) -> Result<(), PlainStop> {
-        self.charge(dict_cost(items.len() as u64 / 2, str_keys))
+        self.charge(dict_cost(items.len() as u64 / 2, str_keys) - cost::DICT)
     }
-    fn set(&mut self, items: Vec<()>, _: bool) -> Result<(), PlainStop> {
-        self.charge(set_cost(items.len() as u64))
+    fn set(&mut self, items: Vec<()>, frozen: bool) -> Result<(), PlainStop> {
+        // a set was opened (its base charged then); a frozenset is made whole
+        let base = if frozen { 0 } else { cost::SET };
+        self.charge(set_cost(items.len() as u64) - base)
     }
 }
 

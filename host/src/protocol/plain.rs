@@ -101,6 +101,13 @@ pub trait Sink {
     /// `items`: keys and values in turn.
     fn dict(&mut self, items: Vec<Self::Value>, str_keys: bool) -> Result<Self::Value, Self::Error>;
     fn set(&mut self, items: Vec<Self::Value>, frozen: bool) -> Result<Self::Value, Self::Error>;
+    /// An EMPTY_LIST, EMPTY_DICT or EMPTY_SET (`kind`) opened a container,
+    /// which comes to `list`, `dict` or `set` when it is consumed: the
+    /// budget charges its base cost here, so that containers a block opens
+    /// and never closes are paid for as they are read.
+    fn opened(&mut self, _kind: u8) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// A value on the walk's stack: `height` is how many levels of nesting it
@@ -216,7 +223,8 @@ impl<'a, S: Sink> Walk<'a, '_, S> {
         });
     }
 
-    fn open(&mut self, kind: u8, levels: usize) -> Result<(), Refused> {
+    fn open(&mut self, kind: u8, levels: usize) -> Result<(), S::Error> {
+        self.sink.opened(kind)?;
         let height = self.nest(levels, 0)?;
         self.stack.push(Entry::Open(Box::new(Open {
             kind,

@@ -452,8 +452,14 @@ fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
             let depth = enter(depth, at)?;
             match tag {
                 tags::TUPLE | tags::SET | tags::FROZENSET | tags::COMPLEX => cursor.expect_content(4, tag)?,
-                tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY | tags::PLAIN => {
-                    cursor.expect_content(2, tag)?
+                tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY => cursor.expect_content(2, tag)?,
+                tags::PLAIN => {
+                    cursor.expect_content(2, tag)?;
+                    if cursor.peek("tag 40014")? == 0x5f {
+                        return Err(HostError::Protocol(format!(
+                            "tag {tag} must hold a byte string of stated length, not chunks"
+                        )));
+                    }
                 }
                 tags::EXCEPTION | tags::GLOBAL_REF | tags::TWIN_REF | tags::PICKLE => {}
                 _ => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),

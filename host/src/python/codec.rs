@@ -939,6 +939,17 @@ impl<'py> Decode<'_, 'py> {
             }
             tags::PLAIN => {
                 content(&self.cursor, 2)?;
+                // of stated length, as the budget's estimate reads it (chunks
+                // would be estimated as malformed, then decoded without a budget)
+                if self.cursor.peek("tag 40014").map_err(|e| wire(py, e))? == 0x5f {
+                    return Err(protocol_error(
+                        py,
+                        format!(
+                            "tag {} must hold a byte string of stated length, not chunks",
+                            tags::PLAIN
+                        ),
+                    ));
+                }
                 let block = self.bytes_content()?;
                 walk(&block, depth, &mut plain::Build { py })
             }

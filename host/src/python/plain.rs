@@ -84,23 +84,33 @@ impl<'py> Sink for Build<'py> {
         Ok(PyFloat::new(self.py, x).into_any())
     }
     fn str(&mut self, utf8: &[u8], at: usize) -> PyResult<Self::Value> {
-        // SAFETY: a pointer and length of live bytes; a new reference or NULL
-        let decoded = unsafe {
-            ffi::PyUnicode_DecodeUTF8(
-                utf8.as_ptr().cast(),
-                utf8.len() as ffi::Py_ssize_t,
-                c"surrogatepass".as_ptr(),
-            )
+        let decode = |errors: &std::ffi::CStr| {
+            // SAFETY: a pointer and length of live bytes; a new reference or NULL
+            let decoded = unsafe {
+                ffi::PyUnicode_DecodeUTF8(
+                    utf8.as_ptr().cast(),
+                    utf8.len() as ffi::Py_ssize_t,
+                    errors.as_ptr(),
+                )
+            };
+            // SAFETY: an owned reference from the call above, or NULL with an exception set
+            unsafe { Bound::from_owned_ptr_or_err(self.py, decoded) }
         };
-        // SAFETY: an owned reference from the call above, or NULL with an exception set
-        unsafe { Bound::from_owned_ptr_or_err(self.py, decoded) }.map_err(|err| {
-            if err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(self.py) {
+        decode(c"strict").map_err(|err| {
+            if !err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(self.py) {
+                err
+            } else if decode(c"surrogatepass").is_ok() {
+                // what pickle writes for a str with lone surrogates, which CBOR
+                // cannot carry: the value fails (its call), not the link
+                PyValueError::new_err(
+                    "cannot decode a str with lone surrogates (sent in a plain-data block): \
+                     CBOR text cannot carry them either",
+                )
+            } else {
                 ProtocolError::new_err(format!(
                     "invalid UTF-8 in a str at offset {at} of a plain-data block: {}",
                     err.value(self.py)
                 ))
-            } else {
-                err
             }
         })
     }
@@ -193,14 +203,8 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> 
         let s = obj.cast_exact::<PyString>()?;
         match s.encode_utf8() {
             Ok(utf8) => w.str(utf8.as_bytes()),
-            // lone surrogates: as pickle writes them
-            Err(_) => {
-                let encoded = s.call_method1(
-                    intern!(py, "encode"),
-                    (intern!(py, "utf-8"), intern!(py, "surrogatepass")),
-                )?;
-                w.str(encoded.cast::<PyBytes>()?.as_bytes());
-            }
+            // lone surrogates: not in a block either (CBOR says what is wrong)
+            Err(_) => return Ok(false),
         }
     } else if obj.is_exact_instance_of::<PyFloat>() {
         w.float(obj.cast_exact::<PyFloat>()?.value());

@@ -81,7 +81,10 @@ pub fn hello_dict<'py>(py: Python<'py>, hello: &Hello) -> PyResult<Bound<'py, Py
     d.set_item("version", &hello.version)?;
     d.set_item("executable", &hello.executable)?;
     d.set_item("pid", hello.pid)?;
-    d.set_item("plain_blocks", hello.plain_blocks)?;
+    if hello.plain_blocks {
+        // (only when said, as on the wire)
+        d.set_item("plain_blocks", true)?;
+    }
     Ok(d)
 }
 
