@@ -308,3 +308,27 @@ def test_the_pure_codec_writes_blocks_with_a_pure_python_pickler_too():
     frame = subprocess.run([pypy, "-c", script, str(package_root)], capture_output=True, check=True).stdout
     assert TAG_HEAD in frame
     assert _host.loads(frame) == [{f"k{i}": (i, [1.5] * 3) for i in range(20)}]
+
+
+def test_many_keys_of_one_hash_from_a_guest_are_refused():
+    """An int's hash is its value modulo 2**61 - 1: distinct keys of one
+    hash cost quadratic time to insert (20,000 of them held the master's GIL
+    for seconds). A frame decoded under a budget (a guest's) refuses a dict
+    or set with more than 64 of them, as CBOR and as a block; a trusted
+    peer's frame, and ordinary keys, are decoded as before."""
+    modulus = 2**61 - 1
+    colliding = [k * modulus for k in range(1, 201)]
+    frames = {
+        "dict": _host.dumps([{k: 0 for k in colliding}]),
+        "set": _host.dumps([set(colliding)]),
+        "block dict": _host.dumps([[{k: 0 for k in colliding}]], plain=True),
+        "block set": _host.dumps([[set(colliding)]], plain=True),
+    }
+    for name, frame in frames.items():
+        with pytest.raises(ProtocolError, match="of one hash"):
+            _host.loads(frame, budget=codec_py.sandbox_budget(len(frame)))
+        assert len(_host.loads(frame)[0]) in (1, 200), name  # trusted: decoded
+    few = _host.dumps([{k: 0 for k in colliding[:64]}])
+    assert len(_host.loads(few, budget=codec_py.sandbox_budget(len(few)))[0]) == 64
+    ordinary = _host.dumps([{**{i: i for i in range(5000)}, **{f"k{i}": i for i in range(5000)}}])
+    assert len(_host.loads(ordinary, budget=codec_py.sandbox_budget(len(ordinary)))[0]) == 10000

@@ -19,6 +19,7 @@ use pyo3::types::{
 };
 use pyo3::{ffi, intern, Borrowed};
 
+use super::equal_hashes::EqualHashes;
 use super::errors::protocol_error;
 use super::plain;
 use super::received::Frame;
@@ -621,6 +622,7 @@ fn loads<'py>(
         cursor: Cursor::new(input),
         apart,
         hook: tag_hook,
+        guard: budget.is_some_and(|b| !b.is_none()),
     };
     let value = decoder.item(0)?;
     decoder.cursor.finish().map_err(|e| wire(py, e))?;
@@ -698,6 +700,9 @@ struct Decode<'a, 'py> {
     /// offset where its content is missing from the input, in order
     apart: &'a [(usize, Py<PyBytes>)],
     hook: Option<&'a Bound<'py, PyAny>>,
+    /// under a budget (a guest's frame): no dict or set with many keys of
+    /// one hash (python/equal_hashes.rs)
+    guard: bool,
 }
 
 impl<'py> Decode<'_, 'py> {
@@ -804,6 +809,7 @@ impl<'py> Decode<'_, 'py> {
     fn map(&mut self, len: Option<u64>, depth: usize) -> PyResult<Bound<'py, PyDict>> {
         let py = self.py;
         let dict = PyDict::new(py);
+        let mut equal = EqualHashes::default();
         let mut left = match len {
             Some(n) => Some(self.cursor.check_count(n, 2, "a map").map_err(|e| wire(py, e))?),
             None => None,
@@ -823,6 +829,9 @@ impl<'py> Decode<'_, 'py> {
             }
             let key = self.item(depth)?;
             let value = self.item(depth)?;
+            if self.guard {
+                equal.check(&key)?;
+            }
             dict.set_item(&key, value).map_err(|e| {
                 if e.is_instance_of::<PyTypeError>(py) {
                     protocol_error(py, format!("unhashable map key of type '{}'", type_name(&key)))
@@ -886,6 +895,9 @@ impl<'py> Decode<'_, 'py> {
                         None => e,
                     }
                 };
+                if tag != tags::TUPLE {
+                    EqualHashes::check_all(self.guard, &items)?;
+                }
                 Ok(match tag {
                     tags::TUPLE => PyTuple::new(py, &items)?.into_any(),
                     tags::SET => PySet::new(py, &items).map_err(unhashable)?.into_any(),
@@ -950,8 +962,9 @@ impl<'py> Decode<'_, 'py> {
                         ),
                     ));
                 }
+                let guard = self.guard;
                 let block = self.bytes_content()?;
-                walk(&block, depth, &mut plain::Build { py })
+                walk(&block, depth, &mut plain::Build { py, guard })
             }
             _ => match self.hook {
                 None => Err(protocol_error(py, format!("unknown CBOR tag {tag}"))),

@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod codec;
+mod equal_hashes;
 mod errors;
 mod host_calls;
 mod plain;

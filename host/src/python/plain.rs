@@ -12,6 +12,7 @@ use pyo3::types::{
 };
 use pyo3::{ffi, intern};
 
+use super::equal_hashes::EqualHashes;
 use super::errors::ProtocolError;
 use crate::protocol::plain::{op, Refused, Sink, Writer};
 use crate::protocol::tags::MAX_DEPTH;
@@ -39,9 +40,11 @@ impl From<Refused> for PyErr {
     }
 }
 
-/// Makes the Python objects of a block.
+/// Makes the Python objects of a block; with `guard` (a guest's frame), no
+/// dict or set with many keys of one hash (python/equal_hashes.rs).
 pub struct Build<'py> {
     pub py: Python<'py>,
+    pub guard: bool,
 }
 
 fn unhashable(py: Python<'_>, err: PyErr, what: &str, items: &[Bound<'_, PyAny>]) -> PyErr {
@@ -128,7 +131,11 @@ impl<'py> Sink for Build<'py> {
     }
     fn dict(&mut self, items: Vec<Self::Value>, _: bool) -> PyResult<Self::Value> {
         let dict = PyDict::new(self.py);
+        let mut equal = EqualHashes::default();
         for pair in items.chunks_exact(2) {
+            if self.guard {
+                equal.check(&pair[0])?;
+            }
             dict.set_item(&pair[0], &pair[1])
                 .map_err(|e| unhashable(self.py, e, "dict key", &pair[..1]))?;
         }
@@ -136,6 +143,7 @@ impl<'py> Sink for Build<'py> {
     }
     fn set(&mut self, items: Vec<Self::Value>, frozen: bool) -> PyResult<Self::Value> {
         let py = self.py;
+        EqualHashes::check_all(self.guard, &items)?;
         Ok(if frozen {
             PyFrozenSet::new(py, &items)
                 .map_err(|e| unhashable(py, e, "frozenset item", &items))?
