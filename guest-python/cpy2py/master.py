@@ -546,8 +546,9 @@ class TwinMaster:
             describe_end,
             kill_peer=process.kill,
             new_chains=serializer.trusted,
-            # a native twin with the pure-Python codec only says so (handshake.py)
-            plain_blocks=getattr(process, "plain_blocks", False) or process.hello.get("plain_blocks") is True,
+            # a native twin with the pure-Python codec only says so (handshake.py);
+            # else the transport's own (a guest's: yes)
+            plain_blocks=True if process.hello.get("plain_blocks") else None,
         )
         # the rest of the start (the welcome, the initializers) within what is
         # left of handshake_timeout: a twin that does not get ready is killed

@@ -163,9 +163,10 @@ def warm_up(calls: int = 64) -> None:
     if transport.replies != calls:
         raise RuntimeError(f"the guest kernel's warm-up answered {transport.replies} of {calls} calls")
     # the pickler and unpickler of plain-data blocks, made (and pickle
-    # imported) now rather than at a guest's first large value
+    # imported) now rather than at a guest's first large value (inside a
+    # message: the message itself is never a block)
     for _ in range(8):
-        codec.loads(codec.dumps(list(range(64)), plain=True))
+        codec.loads(codec.dumps([list(range(64))], plain=True))
 
 
 def main(link: Any = None) -> None:

@@ -194,9 +194,9 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False)
         journal = _encoding.journal = []
     mark = len(journal)
     try:
-        if plain:
-            return codec.dumps(message, default, plain=True)
-        return codec.dumps(message, default, parts=parts) if parts else codec.dumps(message, default)
+        if parts or plain:  # (keywords only where asked: most frames are small)
+            return codec.dumps(message, default, parts=parts, plain=plain)
+        return codec.dumps(message, default)
     except BaseException:
         undo_exports(mark)
         raise

@@ -190,24 +190,6 @@ def _picklers() -> Tuple[type, type]:
     return _pickle_classes
 
 
-_budgeted: Any = None
-
-
-def _budgeted_loads() -> Any:
-    """The ``loads`` of frames decoded under a budget (a sandboxed guest's):
-    the compiled codec's wherever it imports, even where the pure-Python
-    codec was asked for (``CPY2PY_PURE_CODEC``), which does not estimate
-    plain-data blocks and would stop every guest that sends one."""
-    global _budgeted
-    if _budgeted is None:
-        try:
-            from cpy2py._host import loads
-        except ImportError:
-            loads = codec.loads
-        _budgeted = loads
-    return _budgeted
-
-
 def format_exception(err: BaseException) -> str:
     import traceback  # on the first exception sent, not at start-up
 
@@ -252,7 +234,7 @@ class Serializer:
             if budget is None:
                 value = codec.loads(raw, self.tag_hook)
             else:
-                value = _budgeted_loads()(raw, self.tag_hook, budget=budget)
+                value = codec.guest_loads(raw, self.tag_hook, budget=budget)
             return value, (frame.failures[0][1] if frame.failures else None)
         finally:
             _decoding.frame = outer

@@ -2,7 +2,8 @@
 (CPython >= 3.9 with the abi3 extension), the pure-Python one elsewhere (PyPy,
 the WASI guest). Both pass the same vectors and give identical bytes.
 
-``CPY2PY_PURE_CODEC=1`` forces the pure-Python codec.
+``CPY2PY_PURE_CODEC=1`` forces the pure-Python codec (but for
+``guest_loads``, which decodes what sandboxed guests send).
 
 Both ``loads`` take ``budget=`` (bytes of decoded objects; None: no limit).
 Frames from a sandboxed guest are decoded with
@@ -22,6 +23,10 @@ if os.environ.get("CPY2PY_PURE_CODEC"):
     from .codec_py import dumps, loads, peek
 
     IMPLEMENTATION = "python"
+    try:  # frames from guests: see guest_loads
+        from cpy2py._host import loads as guest_loads
+    except ImportError:
+        guest_loads = loads
 else:
     try:
         from cpy2py._host import dumps, loads, peek  # type: ignore[no-redef]
@@ -31,6 +36,12 @@ else:
         from .codec_py import dumps, loads, peek
 
         IMPLEMENTATION = "python"
+    guest_loads = loads
+
+#: ``loads`` of frames from sandboxed guests (decoded under a budget): the
+#: compiled codec's wherever it imports, even where the pure-Python one was
+#: asked for, which does not estimate plain-data blocks
+guest_loads: Any
 
 
 def __getattr__(name: str) -> Any:
@@ -44,4 +55,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["dumps", "loads", "peek", "sandbox_budget", "IMPLEMENTATION"]  # noqa: F822 (sandbox_budget: __getattr__)
+__all__ = ["dumps", "loads", "peek", "guest_loads", "sandbox_budget", "IMPLEMENTATION"]  # noqa: F822 (sandbox_budget: __getattr__)

@@ -433,12 +433,12 @@ impl Walk<'_> {
                 self.charge(cost::BYTEARRAY + buffer + chunks * cost::CHUNK)
             }
             tags::PLAIN => {
-                self.cursor.expect_content(2, tag)?;
-                let Head::Bytes(Some(len)) = self.cursor.head()? else {
-                    return Err(Stop::Malformed); // chunked: the decoder refuses it
+                self.cursor.expect_block()?;
+                let Head::Bytes(len) = self.cursor.head()? else {
+                    return Err(Stop::Malformed);
                 };
                 let at = self.cursor.offset();
-                let block = self.cursor.bytes(Some(len))?;
+                let block = self.cursor.bytes(len)?;
                 let mut cost = PlainCost {
                     total: self.total,
                     budget: self.budget,

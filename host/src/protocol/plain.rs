@@ -129,11 +129,12 @@ struct Open<V> {
     height: usize,
 }
 
-/// The values above a mark, their greatest height, and which are str.
+/// The values above a mark, their greatest height, and whether those at
+/// even places (a SETITEMS's keys) are all str.
 struct Marked<V> {
     items: Vec<V>,
     height: usize,
-    strs: Vec<bool>,
+    keys_str: bool,
 }
 
 struct Walk<'a, 's, S: Sink> {
@@ -275,18 +276,21 @@ impl<'a, S: Sink> Walk<'a, '_, S> {
         };
         let count = self.stack.len() - mark - 1;
         let mut items = Vec::with_capacity(count);
-        let mut strs = Vec::with_capacity(count);
+        let mut keys_str = true;
         let mut height = 0;
-        for _ in 0..count {
+        for left in (0..count).rev() {
             let (value, h, is_str) = self.pop_value()?;
             items.push(value);
-            strs.push(is_str);
+            keys_str &= is_str || left % 2 == 1;
             height = height.max(h);
         }
         self.stack.pop(); // the mark
         items.reverse();
-        strs.reverse();
-        Ok(Marked { items, height, strs })
+        Ok(Marked {
+            items,
+            height,
+            keys_str,
+        })
     }
 
     /// The height of a container `levels` deep around children of `child`
@@ -413,16 +417,16 @@ impl<'a, S: Sink> Walk<'a, '_, S> {
                 }
                 op::APPEND => {
                     let (value, h, _) = self.pop_value()?;
-                    self.add_items(vec![value], h, &[false], code)?
+                    self.add_items(vec![value], h, false, code)?
                 }
                 op::SETITEM => {
                     let (value, hv, _) = self.pop_value()?;
                     let (key, hk, key_str) = self.pop_value()?;
-                    self.add_items(vec![key, value], hk.max(hv), &[key_str, false], code)?
+                    self.add_items(vec![key, value], hk.max(hv), key_str, code)?
                 }
                 op::APPENDS | op::SETITEMS | op::ADDITEMS => {
                     let marked = self.pop_to_mark()?;
-                    self.add_items(marked.items, marked.height, &marked.strs, code)?
+                    self.add_items(marked.items, marked.height, marked.keys_str, code)?
                 }
                 op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
                     let n = usize::from(code - op::TUPLE1 + 1);
@@ -462,13 +466,13 @@ impl<'a, S: Sink> Walk<'a, '_, S> {
         }
     }
 
-    /// Adds `items` (for SETITEM(S): keys and values in turn, `strs` saying
-    /// which are str) to the container below them.
+    /// Adds `items` (for SETITEM(S): keys and values in turn, `keys_str`
+    /// saying whether the keys are all str) to the container below them.
     fn add_items(
         &mut self,
         items: Vec<S::Value>,
         child: usize,
-        strs: &[bool],
+        keys_str: bool,
         code: u8,
     ) -> Result<(), S::Error> {
         let (wanted, levels, what) = match code {
@@ -488,7 +492,7 @@ impl<'a, S: Sink> Walk<'a, '_, S> {
             if items.len() % 2 != 0 {
                 return Err(self.refuse("SETITEMS with a key and no value").into());
             }
-            open.str_keys &= strs.iter().step_by(2).all(|s| *s);
+            open.str_keys &= keys_str;
         }
         open.height = open.height.max(child + levels);
         let over = open.height > room;

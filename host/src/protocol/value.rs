@@ -453,14 +453,7 @@ fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
             match tag {
                 tags::TUPLE | tags::SET | tags::FROZENSET | tags::COMPLEX => cursor.expect_content(4, tag)?,
                 tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY => cursor.expect_content(2, tag)?,
-                tags::PLAIN => {
-                    cursor.expect_content(2, tag)?;
-                    if cursor.peek("tag 40014")? == 0x5f {
-                        return Err(HostError::Protocol(format!(
-                            "tag {tag} must hold a byte string of stated length, not chunks"
-                        )));
-                    }
-                }
+                tags::PLAIN => cursor.expect_block()?,
                 tags::EXCEPTION | tags::GLOBAL_REF | tags::TWIN_REF | tags::PICKLE => {}
                 _ => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),
             }
@@ -618,6 +611,21 @@ impl<'a> Cursor<'a> {
                 MAJOR_NAMES[usize::from(major)],
                 MAJOR_NAMES[usize::from(found)],
                 self.pos
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that a plain-data block (tag 40014) follows: a byte string of
+    /// stated length. Chunks are refused by every reader alike (the budget's
+    /// estimate reads a block in one piece: a chunked one would be estimated
+    /// as malformed, then decoded without a budget).
+    pub(crate) fn expect_block(&self) -> Result<()> {
+        self.expect_content(2, tags::PLAIN)?;
+        if self.peek("tag 40014")? == 0x5f {
+            return Err(HostError::Protocol(format!(
+                "tag {} must hold a byte string of stated length, not chunks",
+                tags::PLAIN
             )));
         }
         Ok(())
