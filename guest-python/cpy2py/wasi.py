@@ -172,6 +172,13 @@ class GuestTransport:
         until it has dealt with it (see the class docs)."""
         self._twin.send(payload)
 
+    def send_now(self, payload: bytes) -> bool:
+        """``send``, which never waits for a reader: the caller may send its
+        request holding the link's reading role and read the reply itself
+        (kernel/connection.py, ``request``); always True."""
+        self._twin.send(payload)
+        return True
+
     def recv(self) -> Optional[bytes]:
         """The next frame, running the guest on this thread until it sends one;
         None once the guest ended and all it sent was read."""

@@ -63,6 +63,8 @@ class HostTransport:
     #: large plain containers go as plain-data blocks, written by the C
     #: pickler several times faster than the pure-Python codec encodes them
     plain_blocks = True
+    #: a guest has no signals: its reads need not hold them
+    stops_for_signals = False
 
     def __init__(self, link: Any) -> None:
         self._link = link

@@ -190,6 +190,9 @@ class SandboxSerializer(Serializer):
         self.module_files = module_files
         #: module file -> whether it lies under those roots
         self._importable: Dict[str, bool] = {}
+        #: callables ``execute`` found the guest can import, by id (kept alive
+        #: here, as the names of ``Serializer._names`` are): checked once
+        self._executable: Dict[int, Any] = {}
 
     # -- what goes to the guest ---------------------------------------------
 
@@ -214,6 +217,9 @@ class SandboxSerializer(Serializer):
         return known
 
     def default(self, obj: Any) -> Tuple[int, Any]:
+        known = self._names.get(id(obj))  # a function or class the guest has its copy of
+        if known is not None and known[0] is obj:
+            return tags.GLOBAL_REF, list(known[1])
         if type(obj) is _GlobalRef:
             return super().default(obj)
         if isinstance(obj, BaseException):
@@ -230,6 +236,7 @@ class SandboxSerializer(Serializer):
                 if isinstance(obj, type) and grant is None:
                     name = global_name(obj)
                     if name is not None and (self._guest_has(obj, name)):
+                        self._names[id(obj)] = (obj, name)
                         return tags.GLOBAL_REF, list(name)  # the guest's own copy of it
                 raise SandboxViolation(
                     f"cannot hand a {type(obj).__module__}.{type(obj).__qualname__} to the sandboxed twin "
@@ -240,6 +247,7 @@ class SandboxSerializer(Serializer):
             if grant is None and callable(obj):
                 name = global_name(obj)
                 if name is not None and (self._guest_has(obj, name)):
+                    self._names[id(obj)] = (obj, name)
                     return tags.GLOBAL_REF, list(name)  # the guest runs its own copy
         elif _remote_type_name(obj) in _NEVER_HANDED_NAMES:
             raise SandboxViolation(
@@ -293,6 +301,8 @@ class SandboxSerializer(Serializer):
         """``execute`` runs its callable in the guest, so the guest must be able
         to import it (handing it as a callback would run it in the master), or
         it must be the guest's own (a proxy of one of its functions)."""
+        if self._executable.get(id(call)) is call:
+            return
         if isinstance(call, references.TwinProxy):
             if object.__getattribute__(call, "__twin_owner__") == self.peer_id:
                 return
@@ -300,6 +310,7 @@ class SandboxSerializer(Serializer):
         else:
             name = global_name(call) if callable(call) and type(call) is not Exposed else None
         if name is not None and self.guest_can_import(name[0]):
+            self._executable[id(call)] = call
             return
         what = f"{name[0]}.{name[1]}" if name else f"this {type(call).__qualname__}"
         raise TypeError(
