@@ -138,6 +138,14 @@ class _AsyncWaiter:
         self.inbox.append(item)
         self.offer()
 
+    def deliver_on(self, loop: Any, item: Item) -> None:
+        """``deliver``, by the reader callback of ``loop`` (running it)."""
+        self.inbox.append(item)
+        if loop is self.loop:
+            self._wake()
+        else:
+            self.offer()
+
     def offer(self) -> None:
         """Wake the loop: a frame came, or the link ended."""
         if _thread.get_ident() == self.thread and _running_loop() is self.loop:  # the loop itself read it
@@ -202,7 +210,18 @@ def _this_waiter() -> _Waiter:
 
 def _new_chain() -> int:
     # unique on this machine while this process lives: pid and a counter
-    return (os.getpid() << 24) | (next(_chain_ids) & 0xFFFFFF)
+    return _chain_base | (next(_chain_ids) & 0xFFFFFF)
+
+
+def _set_chain_base() -> None:
+    global _chain_base
+    _chain_base = os.getpid() << 24  # (a system call: once, and again in a forked child)
+
+
+_chain_base = 0
+_set_chain_base()
+if hasattr(os, "register_at_fork"):  # not on WASI
+    os.register_at_fork(after_in_child=_set_chain_base)
 
 
 class _Gate:
@@ -337,6 +356,7 @@ class Connection:
         self._chains: Dict[int, List[Any]] = {}  # chain -> [its thread here, calls in flight]
         self._reading = False
         self._reader: Optional[int] = None  # the thread that holds the reading role
+        self._role_takes = 0  # times the role was taken (see _loop_reads)
         self._callers: Deque[_Waiter] = deque()  # callers waiting for the reading role
         self._heir: Optional[_Waiter] = None  # the caller the free role was offered to
         self._handoff: Deque[Item] = deque()  # requests of new chains, for a server
@@ -358,6 +378,7 @@ class Connection:
         self._watch_calls = 0
         self._watching: Optional[str] = None
         self._watch_fd = -1  # a duplicate of the link's descriptor, for the loop
+        self._loop_mark = -1  # _role_takes when the loop's reader last gave the role up
         self._unwatched = 0  # awaited calls of other loops pending: the gate watches for them
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
@@ -528,14 +549,15 @@ class Connection:
         with self._lock:
             if self.broken is not None:
                 raise self._broken_error()
+            watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
             self._pending[req_id] = waiter
             self._chains[chain] = [waiter, 1]
-        watching: Optional[str] = None
         timed = self.call_timeout is not None
         if timed:  # (an awaited call's callbacks count as the twin's time)
             _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
         try:
-            watching = self._watch_from(loop)
+            if watch_fd >= 0 or old is not None:
+                self._start_watching(loop, watch_fd, old)
             try:
                 # a small frame goes out holding the GIL if the pipe has room
                 now = (
@@ -594,44 +616,48 @@ class Connection:
     # for a loop. Between awaited calls the gate watches as well, so a loop
     # that ends (asyncio.run returned) leaves the link watched.
 
-    def _watch_from(self, loop: Any) -> Optional[str]:
-        """On ``loop``, as an awaited call starts: who watches the link for it,
-        "loop" (this loop) or "gate" (another loop watches), or None (no gate:
-        whoever reads routes its reply); undone by ``_unwatch_from``."""
+    def _watch_from(self, loop: Any) -> Tuple[Optional[str], int, Optional[Tuple[Any, int]]]:
+        """Caller holds _lock. On ``loop``, as an awaited call starts: who
+        watches the link for it, "loop" (this loop) or "gate" (another loop
+        watches), or None (no gate: whoever reads routes its reply), undone by
+        ``_unwatch_from``; then the descriptor the loop's reader is to watch
+        (-1: none to add) and the earlier loop's watch to drop, both done by
+        ``_start_watching``."""
         old = None
-        with self._lock:
-            if self._gate is None or self.broken is not None:
-                return None
-            if self._watch_loop is not loop:
-                if self._watch_calls and self._watch_loop.is_running():
-                    self._unwatched += 1  # another loop watches: the gate as well
-                    if not self._reading and self._heir is None:
-                        self._role_is_free()
-                    return "gate"
-                if self._watch_loop is not None:  # an earlier loop, idle or stopped
-                    old = self._watch_loop, self._watch_fd
-                # the loop's own descriptor, closed by the link on the loop's thread
-                self._watch_loop, self._watch_fd = loop, os.dup(self.transport.fileno())
-                self._watching, self._watch_calls = None, 0
-            self._watch_calls += 1
-            if self._armed and not self._unwatched:
-                self._armed = False
-                self._gate.disarm()
-            add = self._watching is None and not self._reading  # (else asked when it is free)
-            if add:
-                self._watching = "on"
-            fd = self._watch_fd
+        if self._gate is None or self.broken is not None:
+            return None, -1, None
+        if self._watch_loop is not loop:
+            if self._watch_calls and self._watch_loop.is_running():
+                self._unwatched += 1  # another loop watches: the gate as well
+                if not self._reading and self._heir is None:
+                    self._role_is_free()
+                return "gate", -1, None
+            if self._watch_loop is not None:  # an earlier loop, idle or stopped
+                old = self._watch_loop, self._watch_fd
+            # the loop's own descriptor, closed by the link on the loop's thread
+            self._watch_loop, self._watch_fd = loop, os.dup(self.transport.fileno())
+            self._watching, self._watch_calls, self._loop_mark = None, 0, -1
+        self._watch_calls += 1
+        if self._armed and not self._unwatched:
+            self._armed = False
+            self._gate.disarm()
+        if self._watching is None and not self._reading:  # (else asked when it is free)
+            self._watching = "on"
+            return "loop", self._watch_fd, old
+        return "loop", -1, old
+
+    def _start_watching(self, loop: Any, fd: int, old: Optional[Tuple[Any, int]]) -> None:
+        """After ``_watch_from``: the earlier loop's watch dropped, this loop's
+        reader added (if that fails, the call's ``_unwatch_from`` still comes)."""
         if old is not None:
             _drop_watch(*old)
-        if add:
+        if fd >= 0:
             try:
                 loop.add_reader(fd, self._loop_reads, loop, fd)
             except BaseException:
                 with self._lock:
                     self._watching = None
-                    self._unwatch_from(loop, "loop")
                 raise
-        return "loop"
 
     def _unwatch_from(self, loop: Any, how: str) -> None:
         """Caller holds _lock: on ``loop``, one of its awaited calls ends."""
@@ -674,15 +700,17 @@ class Connection:
             read = mine and self._watch_calls and self._watching == "on" and not self._reading
             read = read and self.broken is None
             if read:
+                # Another reader may have taken those bytes since the loop
+                # looked (the loop never waits in a read): not if nobody took
+                # the role since this reader gave it up, before the loop looked
+                others_read = self._role_takes != self._loop_mark
                 self._take_role(None)
             elif mine:  # another thread reads, or no call waits: asked again when needed
                 self._watching = None
         if not read:
             loop.remove_reader(fd)
             return
-        # Another reader may have taken those bytes since the loop looked:
-        # the loop never waits in a read.
-        if not (self._buffered is not None and self._buffered()) and not select.select([fd], [], [], 0)[0]:
+        if others_read and not (self._buffered is not None and self._buffered()) and not select.select([fd], [], [], 0)[0]:
             with self._lock:
                 self._give_up_role()
             return
@@ -700,8 +728,12 @@ class Connection:
                 with self._lock:
                     target = self._claim_reply(key)
                     if target is not None:
-                        target.deliver((self, kind, key, raw))
+                        if type(target) is _AsyncWaiter:
+                            target.deliver_on(loop, (self, kind, key, raw))
+                        else:  # (a sync caller of another thread)
+                            target.deliver((self, kind, key, raw))
                         self._give_up_role()
+                        self._loop_mark = self._role_takes  # (see _loop_reads)
                         handed = True
                         return
             handed = True
@@ -865,6 +897,7 @@ class Connection:
             return False
         self._reading = True
         self._reader = _thread.get_ident()
+        self._role_takes += 1
         self._heir = None
         if self._armed:
             self._armed = False
