@@ -1423,9 +1423,12 @@ class Connection:
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
         try:
-            # (blocks only where there can be one: a no-op's reply skips their set-up)
-            plain = self._plain and type(value) in _CONTAINERS
-            payload = references.encode([kind, req_id, value], self.serializer.default, self._parts, plain)
+            if type(value) in _SCALARS:  # (nothing to export, nor a block: most replies)
+                payload = codec.dumps([kind, req_id, value])
+            else:
+                # (blocks only where there can be one: a no-op's reply skips their set-up)
+                plain = self._plain and type(value) in _CONTAINERS
+                payload = references.encode([kind, req_id, value], self.serializer.default, self._parts, plain)
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
                 payload = references.encode([RAISE, req_id, err], self.serializer.default)
@@ -1545,6 +1548,8 @@ KERNEL_FRAMES = 60
 
 #: the types that may hold a plain-data block
 _CONTAINERS = frozenset((list, tuple, dict, set, frozenset))
+#: reply values encoded without the serializer: they refer to nothing
+_SCALARS = frozenset((type(None), bool, int, float))
 
 
 def _running_loop() -> Any:
