@@ -11,6 +11,7 @@ can call the other end back (recursion both ways, on one thread per end).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -23,18 +24,25 @@ from cpy2py.protocol.transport import FdTransport
 SIDES: Dict[str, Connection] = {}
 
 
-def pair(prefix: str = "loop", serving: bool = True) -> Tuple[Connection, Connection, List[int]]:
+def pair(
+    prefix: str = "loop", serving: bool = True, b_threads: bool = True
+) -> Tuple[Connection, Connection, List[int]]:
     """Two connected ends ``(a, b)``, serving (else without server threads:
-    a test drives them); and the fds, to break the link."""
+    a test drives them); and the fds, to break the link. Without
+    ``b_threads``, ``b`` is an end like a WASI guest's (``threads=False``):
+    one thread of its own serves it, running whatever it reads."""
     a_to_b = os.pipe()
     b_to_a = os.pipe()
     a = _end(f"{prefix}-b", FdTransport(b_to_a[0], a_to_b[1]))
-    b = _end(f"{prefix}-a", FdTransport(a_to_b[0], b_to_a[1]))
+    b = _end(f"{prefix}-a", FdTransport(a_to_b[0], b_to_a[1]), threads=b_threads)
     SIDES[f"{prefix}-a"] = a
     SIDES[f"{prefix}-b"] = b
     if serving:
         a.start_serving()
-        b.start_serving()
+        if b_threads:
+            b.start_serving()
+        else:
+            threading.Thread(target=b.serve, name=f"{prefix}-b-alone", daemon=True).start()
     return a, b, [*a_to_b, *b_to_a]
 
 
@@ -49,8 +57,10 @@ def close(ends: Tuple[Connection, ...], fds: List[int]) -> None:
             pass
 
 
-def _end(peer_id: str, transport: FdTransport) -> Connection:
-    return Connection(transport, peer_id, Serializer(peer_id), describe_end=lambda: "closed its end")
+def _end(peer_id: str, transport: FdTransport, threads: bool = True) -> Connection:
+    return Connection(
+        transport, peer_id, Serializer(peer_id), describe_end=lambda: "closed its end", threads=threads
+    )
 
 
 def call(connection: Connection, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -98,3 +108,8 @@ def _refuse_to_load() -> None:
 
 def unpicklable() -> Unpicklable:
     return Unpicklable()
+
+
+def served_by() -> str:
+    """The name of the thread that runs this request."""
+    return threading.current_thread().name

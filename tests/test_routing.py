@@ -12,6 +12,8 @@ import time
 import loopback
 import pytest
 from cpy2py import ProtocolError, TwinterpreterTerminated
+from cpy2py.protocol import codec
+from cpy2py.protocol.messages import REPLY
 from loopback import call, pair
 
 
@@ -373,3 +375,54 @@ def test_a_server_woken_by_a_kick_and_the_link_at_once_leaves_neither_waiting():
         assert b._gate._ep.poll(0) == [(b.transport.fileno(), select.EPOLLIN)]
     finally:
         loopback.close((a, b), fds)
+
+
+def test_an_end_without_threads_runs_requests_and_recursion_on_its_one_thread():
+    """The end of a WASI guest (threads=False): its one thread reads the next
+    request at the top of its serve loop and runs it, and answers the other
+    end's nested calls inline while it waits for its own."""
+    a, b, fds = pair("alone", b_threads=False)
+    try:
+        assert call(a, loopback.echo, [1, {"two": 2.0}]) == [1, {"two": 2.0}]
+        assert call(a, loopback.bounce, "alone-b", 30) == ["alone-b", "alone-a"] * 15 + ["alone-b"]
+        assert call(a, loopback.served_by) == "alone-b-alone"
+        threads = [threading.Thread(target=call, args=(a, loopback.echo, n)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads), "a caller hangs"
+    finally:
+        loopback.close((a, b), fds)
+
+
+def test_an_end_without_threads_fails_its_link_on_a_reply_it_never_asked_for():
+    a, b, fds = pair("stray", b_threads=False)
+    try:
+        assert call(a, loopback.echo, 1) == 1
+        a.transport.send(codec.dumps([REPLY, 999, None]))  # read at the top of its serve loop
+        deadline = time.monotonic() + 10
+        while b.broken is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(b.broken, ProtocolError)
+        assert "request 999" in str(b.broken)
+    finally:
+        loopback.close((a, b), fds)
+
+
+def test_chain_ids_of_a_forked_child_are_its_own():
+    """Chains name their process (pid and a counter, the pid read once): a
+    forked child's calls never take a chain of its parent's."""
+    from cpy2py.kernel import connection
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the pid its chains carry
+        os.write(write, str(connection._new_chain() >> 24).encode())
+        os._exit(0)
+    os.close(write)
+    child_chain_pid = int(os.read(read, 64))
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child_chain_pid == pid
+    assert connection._new_chain() >> 24 == os.getpid()
