@@ -1177,7 +1177,10 @@ class Connection:
         raw = self._read_frame()
         if raw is None:  # (the link ended: marked so)
             raise self._broken_error()
-        kind, key, chain = codec.peek(raw)
+        try:
+            kind, key, chain = codec.peek(raw)
+        except ProtocolError:  # (a malformed header: _read fails the link)
+            kind = key = chain = None
         if kind == REQUEST and key is not None and chain is not None and self._new_chains:
             with self._lock:
                 self._undecoded[_request_id(key)] = self._routed
