@@ -426,3 +426,33 @@ def test_chain_ids_of_a_forked_child_are_its_own():
     os.waitpid(pid, 0)
     assert child_chain_pid == pid
     assert connection._new_chain() >> 24 == os.getpid()
+
+
+def test_an_awaited_call_interrupted_before_its_loop_watches_leaves_the_link_watched(monkeypatch):
+    """Ctrl-C between an awaited call's set-up and the loop's reader being
+    added (caught, the loop going on): the next awaited call still gets its
+    reply, and sync calls too."""
+    import asyncio
+
+    from cpy2py.kernel.connection import Connection
+    from cpy2py.protocol.messages import OP_EXECUTE
+
+    a, b, fds = pair("interrupted")
+    real = Connection._start_watching
+
+    def interrupted(self, *args):
+        monkeypatch.setattr(Connection, "_start_watching", real)
+        raise KeyboardInterrupt  # as if Ctrl-C landed on its first bytecode
+
+    monkeypatch.setattr(Connection, "_start_watching", interrupted)
+
+    async def main():
+        with pytest.raises(KeyboardInterrupt):
+            await a.request_async(OP_EXECUTE, loopback.echo, [1], {})
+        return await asyncio.wait_for(a.request_async(OP_EXECUTE, loopback.echo, [2], {}), 10)
+
+    try:
+        assert asyncio.run(main()) == 2
+        assert call(a, loopback.echo, 3) == 3
+    finally:
+        loopback.close((a, b), fds)

@@ -455,13 +455,17 @@ class Connection:
                 entry[1] += 1
             # A small request goes out holding the free reading role: the gate
             # stays disarmed, so the reply wakes no server thread (which would
-            # read it and hand it over: two more thread switches per call).
+            # read it and hand it over: two more thread switches per call). A
+            # send that runs the peer (a guest) lasts as long as the peer's
+            # work: then only when no other call waits on the link, whose
+            # reply, there already, would wait for all of it.
             reads_first = (
                 self._send_now is not None
                 and not self._reading
                 and not waiter.inbox
                 and type(payload) is bytes  # (not the parts of a large frame)
                 and len(payload) <= _SMALL_FRAME
+                and (self.runs_here or (len(self._pending) == 1 and self._heir is None))
                 and self._take_role(None)
             )
         timed = self.call_timeout is not None
@@ -552,12 +556,14 @@ class Connection:
             watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
             self._pending[req_id] = waiter
             self._chains[chain] = [waiter, 1]
-        timed = self.call_timeout is not None
-        if timed:  # (an awaited call's callbacks count as the twin's time)
-            _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
-        try:
+        timed = False
+        try:  # (at once: whatever interrupts the call from here is undone by finally)
             if watch_fd >= 0 or old is not None:
                 self._start_watching(loop, watch_fd, old)
+                watch_fd = -1  # (the reader is there)
+            timed = self.call_timeout is not None
+            if timed:  # (an awaited call's callbacks count as the twin's time)
+                _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
                 # a small frame goes out holding the GIL if the pipe has room
                 now = (
@@ -592,6 +598,10 @@ class Connection:
             with self._lock:
                 self._end_call(req_id, chain)
                 if watching is not None:
+                    if watch_fd >= 0 and self._watch_loop is loop and self._watching == "on":
+                        # interrupted before its reader was surely added: the
+                        # next call adds it (twice is harmless, none a hang)
+                        self._watching = None
                     self._unwatch_from(loop, watching)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
@@ -648,16 +658,12 @@ class Connection:
 
     def _start_watching(self, loop: Any, fd: int, old: Optional[Tuple[Any, int]]) -> None:
         """After ``_watch_from``: the earlier loop's watch dropped, this loop's
-        reader added (if that fails, the call's ``_unwatch_from`` still comes)."""
+        reader added (if anything stops that, Ctrl-C included, the call's
+        end marks the loop as not watching: see ``request_async``)."""
         if old is not None:
             _drop_watch(*old)
         if fd >= 0:
-            try:
-                loop.add_reader(fd, self._loop_reads, loop, fd)
-            except BaseException:
-                with self._lock:
-                    self._watching = None
-                raise
+            loop.add_reader(fd, self._loop_reads, loop, fd)
 
     def _unwatch_from(self, loop: Any, how: str) -> None:
         """Caller holds _lock: on ``loop``, one of its awaited calls ends."""
