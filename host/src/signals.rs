@@ -29,10 +29,10 @@ fn is_main_thread() -> bool {
 }
 
 /// Blocks every signal in the main thread until `release`; elsewhere, or
-/// when they are held already, does nothing.
-pub fn hold() {
+/// when they are held already, does nothing. Whether it held them now.
+pub fn hold() -> bool {
     if !is_main_thread() || held() {
-        return;
+        return false;
     }
     // SAFETY: plain system calls on this thread's own signal mask
     unsafe {
@@ -41,8 +41,10 @@ pub fn hold() {
         libc::sigfillset(&mut all);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) == 0 {
             HELD.with(|saved| saved.set(Some(old)));
+            return true;
         }
     }
+    false
 }
 
 /// Lets the signals `hold` held through (they are delivered now).

@@ -44,25 +44,22 @@ _held = _Held()
 #: the WASI guest has no signals (and importing the module would read files)
 _NO_SIGNALS = sys.platform == "wasi"
 
-try:  # the host keeps the saved mask where its transports' waits see it
-    from cpy2py._host import hold_signals as _hold
-    from cpy2py._host import release_signals as _release
-except ImportError:
 
-    def _hold() -> None:
+def _hold() -> None:
+    import signal
+
+    sigmask = getattr(signal, "pthread_sigmask", None)
+    if sigmask is not None:  # not on the WASI guest, which has no signals
+        _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
+def _release() -> None:
+    mask = _held.mask
+    if mask is not None:
+        _held.mask = None
         import signal
 
-        sigmask = getattr(signal, "pthread_sigmask", None)
-        if sigmask is not None:  # not on the WASI guest, which has no signals
-            _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
-
-    def _release() -> None:
-        mask = _held.mask
-        if mask is not None:
-            _held.mask = None
-            import signal
-
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def hold_signals() -> bool:
@@ -88,6 +85,13 @@ def release_signals() -> None:
 
 def signals_held() -> bool:
     return _held.active
+
+
+try:  # the same three in the host, which keeps the saved mask where its
+    # transports' waits see it (and saves a Python call each, on every call)
+    from cpy2py._host import hold_signals, release_signals, signals_held  # type: ignore[no-redef]  # noqa: F401, F811
+except ImportError:
+    pass
 
 
 def block_signals_in_this_thread() -> None:

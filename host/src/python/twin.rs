@@ -30,6 +30,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kill_all_twins, m)?)?;
     m.add_function(wrap_pyfunction!(hold_signals, m)?)?;
     m.add_function(wrap_pyfunction!(release_signals, m)?)?;
+    m.add_function(wrap_pyfunction!(signals_held, m)?)?;
     m.add("PROTOCOL_VERSION", crate::protocol::PROTOCOL_VERSION)?;
     m.add("TWIN_READ_FD", crate::process::TWIN_READ_FD)?;
     m.add("TWIN_WRITE_FD", crate::process::TWIN_WRITE_FD)?;
@@ -54,10 +55,11 @@ fn init_logging(level: &str) -> PyResult<()> {
 
 /// Blocks every signal in the main thread until `release_signals` (see
 /// crate::signals); the kernel holds them while the thread holds a link's
-/// reading role. Elsewhere a no-op.
+/// reading role. Elsewhere, or when they are held already, a no-op. Whether
+/// it held them now.
 #[pyfunction]
-fn hold_signals() {
-    signals::hold();
+fn hold_signals() -> bool {
+    signals::hold()
 }
 
 /// Kills every twin this process started, those still starting included
@@ -71,6 +73,12 @@ fn kill_all_twins() {
 #[pyfunction]
 fn release_signals() {
     signals::release();
+}
+
+/// Whether this thread holds its signals (`hold_signals`).
+#[pyfunction]
+fn signals_held() -> bool {
+    signals::held()
 }
 
 /// A twin's hello as the kernel reads it (native twins and WASI guests).
