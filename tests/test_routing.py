@@ -456,3 +456,33 @@ def test_an_awaited_call_interrupted_before_its_loop_watches_leaves_the_link_wat
         assert call(a, loopback.echo, 3) == 3
     finally:
         loopback.close((a, b), fds)
+
+
+def test_a_call_interrupted_right_after_it_took_the_reading_role_gives_it_back(monkeypatch):
+    """Ctrl-C between a call's set-up (the reading role taken to send and
+    read at once) and its send: the role is given back, so the same thread
+    and others go on calling."""
+    from cpy2py.kernel import connection
+
+    a, b, fds = pair("took-role")
+    a._send_now = lambda payload: (a.transport.send(payload), True)[1]  # as a native twin's transport
+    a.call_timeout = 100.0  # (a deadline is set right after the set-up)
+    real = connection._deadlines
+
+    def interrupted():
+        monkeypatch.setattr(connection, "_deadlines", real)
+        raise KeyboardInterrupt  # as if Ctrl-C landed there
+
+    monkeypatch.setattr(connection, "_deadlines", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call(a, loopback.echo, 1)
+        assert not a._reading
+        results = []
+        other = threading.Thread(target=lambda: results.append(call(a, loopback.echo, 2)))
+        other.start()
+        other.join(10)
+        assert results == [2], "another thread's call hangs"
+        assert call(a, loopback.echo, 3) == 3
+    finally:
+        loopback.close((a, b), fds)

@@ -444,34 +444,25 @@ class Connection:
         )
         if __debug__ and _logging.PER_CALL:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
-        with self._lock:
-            if self.broken is not None:
-                raise self._broken_error()
-            self._pending[req_id] = waiter
-            entry = self._chains.get(chain)
-            if entry is None:
-                self._chains[chain] = [waiter, 1]
-            else:
-                entry[1] += 1
-            # A small request goes out holding the free reading role: the gate
-            # stays disarmed, so the reply wakes no server thread (which would
-            # read it and hand it over: two more thread switches per call). A
-            # send that runs the peer (a guest) lasts as long as the peer's
-            # work: then only when no other call waits on the link, whose
-            # reply, there already, would wait for all of it.
-            reads_first = (
-                self._send_now is not None
-                and not self._reading
-                and not waiter.inbox
-                and type(payload) is bytes  # (not the parts of a large frame)
-                and len(payload) <= _SMALL_FRAME
-                and (self.runs_here or (len(self._pending) == 1 and self._heir is None))
-                and self._take_role(None)
-            )
-        timed = self.call_timeout is not None
-        if timed:  # from before the send: a twin that stops reading times out too
-            _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
+        # From here on, whatever interrupts the call (Ctrl-C in a main thread
+        # that holds no signals) is undone by the finally below: each change
+        # is recorded with no call in between that could run a signal handler.
+        registered = timed = False
         try:
+            with self._lock:
+                if self.broken is not None:
+                    raise self._broken_error()
+                entry = self._chains.get(chain)
+                self._pending[req_id] = waiter
+                if entry is None:
+                    self._chains[chain] = [waiter, 1]
+                else:
+                    entry[1] += 1
+                registered = True
+                reads_first = self._reads_first(waiter, payload)
+            timed = self.call_timeout is not None
+            if timed:  # from before the send: a twin that stops reading times out too
+                _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
                 if not (reads_first and self._send_now(payload)):
                     if reads_first:  # the pipe is full: wait for room without the role
@@ -502,12 +493,37 @@ class Connection:
             if timed:
                 _deadlines().clear((self, req_id))
             with self._lock:
-                self._end_call(req_id, chain)
+                if registered:
+                    self._end_call(req_id, chain)
                 self._leave_queue(waiter)
                 if self._reading and self._reader == _thread.get_ident():
                     self._give_up_role()  # taken before the send, and interrupted before reading
             if waiter.inbox:  # interrupted: nothing of this call may reach a later one
                 self._drop_leftovers(waiter, req_id)
+
+    def _reads_first(self, waiter: _Waiter, payload: Any) -> bool:
+        """Caller holds _lock, the call registered: whether it sends holding
+        the reading role, which it then takes. A small request goes out
+        holding the free role: the gate stays disarmed, so the reply wakes no
+        server thread (which would read it and hand it over: two more thread
+        switches per call). A send that runs the peer (a guest) lasts as
+        long as the peer's work: then only when no other thread waits on the
+        link, whose reply, there already, would wait for all of it (this
+        thread's outer calls, of a callback it runs, wait for nothing)."""
+        if (
+            self._send_now is None
+            or self._reading
+            or waiter.inbox
+            or type(payload) is not bytes  # (the parts of a large frame)
+            or len(payload) > _SMALL_FRAME
+        ):
+            return False
+        if not self.runs_here and self._heir is not None:
+            return False
+        if not self.runs_here and len(self._pending) > 1:
+            if any(other is not waiter for other in self._pending.values()):
+                return False
+        return self._take_role(None)
 
     def _result(self, req_id: int, kind: int, raw: Any) -> Any:
         """The value of a reply, or its exception raised."""
@@ -550,14 +566,19 @@ class Connection:
         payload = references.encode(
             [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain
         )
-        with self._lock:
-            if self.broken is not None:
-                raise self._broken_error()
-            watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
-            self._pending[req_id] = waiter
-            self._chains[chain] = [waiter, 1]
-        timed = False
-        try:  # (at once: whatever interrupts the call from here is undone by finally)
+        # whatever interrupts the call from here is undone by the finally below
+        # (as in ``request``: each change recorded with no call in between)
+        watching: Optional[str] = None
+        watch_fd = -1
+        registered = timed = False
+        try:
+            with self._lock:
+                if self.broken is not None:
+                    raise self._broken_error()
+                watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
+                self._pending[req_id] = waiter
+                self._chains[chain] = [waiter, 1]
+                registered = True
             if watch_fd >= 0 or old is not None:
                 self._start_watching(loop, watch_fd, old)
                 watch_fd = -1  # (the reader is there)
@@ -596,7 +617,8 @@ class Connection:
             if timed:
                 _deadlines().clear((self, req_id))
             with self._lock:
-                self._end_call(req_id, chain)
+                if registered:
+                    self._end_call(req_id, chain)
                 if watching is not None:
                     if watch_fd >= 0 and self._watch_loop is loop and self._watching == "on":
                         # interrupted before its reader was surely added: the
@@ -647,10 +669,10 @@ class Connection:
             # the loop's own descriptor, closed by the link on the loop's thread
             self._watch_loop, self._watch_fd = loop, os.dup(self.transport.fileno())
             self._watching, self._watch_calls, self._loop_mark = None, 0, -1
-        self._watch_calls += 1
         if self._armed and not self._unwatched:
             self._armed = False
             self._gate.disarm()
+        self._watch_calls += 1  # (after the last call: the caller records what it returns)
         if self._watching is None and not self._reading:  # (else asked when it is free)
             self._watching = "on"
             return "loop", self._watch_fd, old
@@ -902,8 +924,9 @@ class Connection:
                 waiter.queued = self
                 self._callers.append(waiter)
             return False
+        reader = _thread.get_ident()  # (first: no call between the two below)
         self._reading = True
-        self._reader = _thread.get_ident()
+        self._reader = reader
         self._role_takes += 1
         self._heir = None
         if self._armed:

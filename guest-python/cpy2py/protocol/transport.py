@@ -45,21 +45,25 @@ _held = _Held()
 _NO_SIGNALS = sys.platform == "wasi"
 
 
-def _hold() -> None:
-    import signal
+try:  # the host keeps the saved mask where its transports' waits see it
+    from cpy2py._host import hold_signals as _hold
+    from cpy2py._host import release_signals as _release
+except ImportError:
 
-    sigmask = getattr(signal, "pthread_sigmask", None)
-    if sigmask is not None:  # not on the WASI guest, which has no signals
-        _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
-
-
-def _release() -> None:
-    mask = _held.mask
-    if mask is not None:
-        _held.mask = None
+    def _hold() -> None:
         import signal
 
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        sigmask = getattr(signal, "pthread_sigmask", None)
+        if sigmask is not None:  # not on the WASI guest, which has no signals
+            _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+    def _release() -> None:
+        mask = _held.mask
+        if mask is not None:
+            _held.mask = None
+            import signal
+
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def hold_signals() -> bool:
@@ -87,11 +91,16 @@ def signals_held() -> bool:
     return _held.active
 
 
-try:  # the same three in the host, which keeps the saved mask where its
-    # transports' waits see it (and saves a Python call each, on every call)
-    from cpy2py._host import hold_signals, release_signals, signals_held  # type: ignore[no-redef]  # noqa: F401, F811
+try:  # the host's own three, which keep the same state (a Python call less
+    # each, on every call a main thread reads for); a host built before it
+    # had them keeps the wrappers above
+    from cpy2py._host import signals_held as _host_signals_held
 except ImportError:
     pass
+else:
+    from cpy2py._host import hold_signals, release_signals  # type: ignore[no-redef]  # noqa: F401, F811
+
+    signals_held = _host_signals_held  # noqa: F811
 
 
 def block_signals_in_this_thread() -> None:
