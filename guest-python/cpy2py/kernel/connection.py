@@ -80,7 +80,9 @@ class _Waiter:
         #: while a later call waited, (link, request id) -> frame
         self.early: Dict[Tuple[Connection, int], Item] = {}
 
-    def deliver(self, item: Item) -> None:
+    def deliver(self, item: Item, on: Any = None) -> None:
+        """``item`` is this thread's (``on``: the event loop the deliverer
+        runs, which matters to an awaited call's mailbox only)."""
         self.inbox.append(item)
         self._wake_up()
 
@@ -134,14 +136,11 @@ class _AsyncWaiter:
         self.queued: Optional[Connection] = None  # (it never waits for the reading role)
         self.future: Any = None  # what the call awaits, woken by a frame
 
-    def deliver(self, item: Item) -> None:
+    def deliver(self, item: Item, on: Any = None) -> None:
+        """``item`` is this call's; ``on``: the event loop the deliverer runs
+        (its reader callback), which wakes its own call directly."""
         self.inbox.append(item)
-        self.offer()
-
-    def deliver_on(self, loop: Any, item: Item) -> None:
-        """``deliver``, by the reader callback of ``loop`` (running it)."""
-        self.inbox.append(item)
-        if loop is self.loop:
+        if on is self.loop:
             self._wake()
         else:
             self.offer()
@@ -518,12 +517,14 @@ class Connection:
             or len(payload) > _SMALL_FRAME
         ):
             return False
-        if not self.runs_here and self._heir is not None:
+        if not self.runs_here and (self._heir is not None or self._others_wait(waiter)):
             return False
-        if not self.runs_here and len(self._pending) > 1:
-            if any(other is not waiter for other in self._pending.values()):
-                return False
         return self._take_role(None)
+
+    def _others_wait(self, waiter: _Waiter) -> bool:
+        """Caller holds _lock: whether a call of another thread waits for its
+        reply on this link."""
+        return len(self._pending) > 1 and any(other is not waiter for other in self._pending.values())
 
     def _result(self, req_id: int, kind: int, raw: Any) -> Any:
         """The value of a reply, or its exception raised."""
@@ -757,10 +758,7 @@ class Connection:
                 with self._lock:
                     target = self._claim_reply(key)
                     if target is not None:
-                        if type(target) is _AsyncWaiter:
-                            target.deliver_on(loop, (self, kind, key, raw))
-                        else:  # (a sync caller of another thread)
-                            target.deliver((self, kind, key, raw))
+                        target.deliver((self, kind, key, raw), loop)
                         self._give_up_role()
                         self._loop_mark = self._role_takes  # (see _loop_reads)
                         handed = True
@@ -1196,29 +1194,23 @@ class Connection:
     def _next_alone(self, waiter: _Waiter) -> Item:
         """``_next_for`` at the top of ``serve`` without threads (a guest):
         nothing can have been routed to this thread, nor can anyone else
-        read, so the frame it reads is nearly always a request of the peer,
-        which it runs itself. Such a request is counted as routed (see
-        ``_decoded``) and returned without the layers of ``_next_for`` and
+        read or route, so it reads and routes the next frame without taking
+        the reading role, and without the layers of ``_next_for`` and
         ``_read`` (a guest runs them about five times slower than a native
-        twin); any other frame is routed by ``_read``."""
+        twin). The frame is nearly always a request of the peer, which it
+        runs itself; a release or a shutdown is handled as ``_read``
+        handles them."""
         if waiter.inbox or self._reading:
             return self._next_for(waiter)
         raw = self._read_frame()
         if raw is None:  # (the link ended: marked so)
             raise self._broken_error()
-        try:
-            kind, key, chain = codec.peek(raw)
-        except ProtocolError:  # (a malformed header: _read fails the link)
-            kind = key = chain = None
-        if kind == REQUEST and key is not None and chain is not None and self._new_chains:
-            with self._lock:
-                self._undecoded[_request_id(key)] = self._routed
-                self._routed += 1
-            return (self, kind, key, raw)
-        with self._lock:
-            self._take_role(waiter)  # (free: only this thread reads)
-        item = self._read(waiter, first=raw)
-        return item if item is not None else self._next_for(waiter)
+        item = self._route(raw, waiter, True)
+        if item is not None and item[1] == REQUEST:
+            return item
+        if item is not None:
+            self._handle_control(item[1], item[2], item[3])
+        return self._next_for(waiter)  # (what came meanwhile, or the link's end)
 
     def _start_server(self) -> None:
         with self._lock:
