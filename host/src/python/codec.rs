@@ -809,7 +809,7 @@ impl<'py> Decode<'_, 'py> {
     fn map(&mut self, len: Option<u64>, depth: usize) -> PyResult<Bound<'py, PyDict>> {
         let py = self.py;
         let dict = PyDict::new(py);
-        let mut equal = EqualHashes::new(self.guard);
+        let mut equal = EqualHashes::default();
         let mut left = match len {
             Some(n) => Some(self.cursor.check_count(n, 2, "a map").map_err(|e| wire(py, e))?),
             None => None,
@@ -829,7 +829,9 @@ impl<'py> Decode<'_, 'py> {
             }
             let key = self.item(depth)?;
             let value = self.item(depth)?;
-            equal.check(&key)?;
+            if self.guard {
+                equal.check(&key)?;
+            }
             dict.set_item(&key, value).map_err(|e| {
                 if e.is_instance_of::<PyTypeError>(py) {
                     protocol_error(py, format!("unhashable map key of type '{}'", type_name(&key)))
@@ -893,7 +895,7 @@ impl<'py> Decode<'_, 'py> {
                     }
                 };
                 if tag != tags::TUPLE {
-                    EqualHashes::new(self.guard).check_all(&items)?;
+                    EqualHashes::check_all(self.guard, &items)?;
                 }
                 Ok(match tag {
                     tags::TUPLE => PyTuple::new(py, &items)?.into_any(),

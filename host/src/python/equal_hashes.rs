@@ -19,33 +19,21 @@ use super::errors::ProtocolError;
 /// More keys of one hash than any data but a crafted one has.
 pub const MAX_EQUAL_HASHES: u32 = 64;
 
-/// The hashes of one container's keys so far, when guarded (a guest's
-/// frame; the map is made at its first key that is not a str or bytes).
-pub struct EqualHashes {
-    guard: bool,
-    counts: Option<HashMap<isize, u32>>,
-}
+/// The hashes of one container's keys so far (made at its first key that
+/// is not a str or bytes).
+#[derive(Default)]
+pub struct EqualHashes(Option<HashMap<isize, u32>>);
 
 impl EqualHashes {
-    /// A container's count; `guard`: whether to count at all.
-    pub fn new(guard: bool) -> EqualHashes {
-        EqualHashes { guard, counts: None }
-    }
-
     /// Counts `key`; refuses the frame at the key that passes the limit.
-    #[inline]
     pub fn check(&mut self, key: &Bound<'_, PyAny>) -> PyResult<()> {
-        if !self.guard || key.is_exact_instance_of::<PyString>() || key.is_exact_instance_of::<PyBytes>() {
+        if key.is_exact_instance_of::<PyString>() || key.is_exact_instance_of::<PyBytes>() {
             return Ok(());
         }
         let Ok(hash) = key.hash() else {
             return Ok(()); // unhashable: inserting it says so
         };
-        let count = self
-            .counts
-            .get_or_insert_with(HashMap::new)
-            .entry(hash)
-            .or_insert(0);
+        let count = self.0.get_or_insert_with(HashMap::new).entry(hash).or_insert(0);
         *count += 1;
         if *count > MAX_EQUAL_HASHES {
             return Err(ProtocolError::new_err(format!(
@@ -56,11 +44,12 @@ impl EqualHashes {
         Ok(())
     }
 
-    /// Checks every item of a set about to be made.
-    pub fn check_all(mut self, items: &[Bound<'_, PyAny>]) -> PyResult<()> {
-        if self.guard {
+    /// Checks every item of a set about to be made, if `guard`.
+    pub fn check_all(guard: bool, items: &[Bound<'_, PyAny>]) -> PyResult<()> {
+        if guard {
+            let mut equal = EqualHashes::default();
             for item in items {
-                self.check(item)?;
+                equal.check(item)?;
             }
         }
         Ok(())

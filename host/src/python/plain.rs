@@ -131,9 +131,11 @@ impl<'py> Sink for Build<'py> {
     }
     fn dict(&mut self, items: Vec<Self::Value>, _: bool) -> PyResult<Self::Value> {
         let dict = PyDict::new(self.py);
-        let mut equal = EqualHashes::new(self.guard);
+        let mut equal = EqualHashes::default();
         for pair in items.chunks_exact(2) {
-            equal.check(&pair[0])?;
+            if self.guard {
+                equal.check(&pair[0])?;
+            }
             dict.set_item(&pair[0], &pair[1])
                 .map_err(|e| unhashable(self.py, e, "dict key", &pair[..1]))?;
         }
@@ -141,7 +143,7 @@ impl<'py> Sink for Build<'py> {
     }
     fn set(&mut self, items: Vec<Self::Value>, frozen: bool) -> PyResult<Self::Value> {
         let py = self.py;
-        EqualHashes::new(self.guard).check_all(&items)?;
+        EqualHashes::check_all(self.guard, &items)?;
         Ok(if frozen {
             PyFrozenSet::new(py, &items)
                 .map_err(|e| unhashable(py, e, "frozenset item", &items))?
