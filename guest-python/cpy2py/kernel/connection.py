@@ -366,7 +366,8 @@ class Connection:
         self._routed = 0
         self._undecoded: Dict[int, int] = {}
         self._held_releases: List[Tuple[int, Any]] = []  # (frames read before it, raw)
-        self._distrust: Optional[int] = None  # frames from this number on came after a malformed release
+        # frames from this number on came after a malformed release, and its error
+        self._distrust: Optional[Tuple[int, BaseException]] = None
         self._gate: Optional[_Gate] = None
         self._armed = False  # the gate watches the link
         # While awaited calls of an event loop are pending, that loop watches
@@ -528,9 +529,11 @@ class Connection:
 
     def _result(self, req_id: int, kind: int, raw: Any) -> Any:
         """The value of a reply, or its exception raised."""
-        if self._distrust is not None and self._undecoded.get(req_id, -1) >= self._distrust:
+        distrust = self._distrust
+        if distrust is not None and self._undecoded.get(req_id, -1) >= distrust[0]:
             self._decoded(req_id)  # the peer broke the protocol before this reply: not trusted
-            raise self._broken_error()
+            self.reported = True  # (the link may not be marked broken yet: then its error)
+            raise self.broken if self.broken is not None else distrust[1]
         try:
             message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
             if type(message) is not list or len(message) != 3:
@@ -1142,7 +1145,7 @@ class Connection:
                 dropped = references.release(message[1], self)
                 del dropped  # finalizers run here
             except ProtocolError as err:
-                self._distrust = before
+                self._distrust = (before, err)  # first: no later reply is decoded from now
                 self._fail(err)
                 return
 
