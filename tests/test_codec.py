@@ -135,7 +135,7 @@ def meaning(m: dict) -> Any:
     if kind == "exception":
         return ExceptionRef(GlobalRef(*v["type"]), tuple(meaning(a) for a in v["args"]), v["traceback"])
     if kind == "twin_ref":
-        cls = v[2]["described"] if isinstance(v[2], dict) else GlobalRef(*v[2])
+        cls = v[2]["described"] if isinstance(v[2], dict) else None if v[2] is None else GlobalRef(*v[2])
         return TwinRef(v[0], v[1], cls)
     if kind == "pickle":
         return PickleRef(bytes.fromhex(v))

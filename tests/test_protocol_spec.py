@@ -123,3 +123,44 @@ def test_a_frame_that_drifted_from_the_spec_is_refused() -> None:
         check_frame(pickled, "message", "twin", "sandboxed")
     with pytest.raises(ValueError, match="sender must be"):
         check_frame(codec.dumps([1, 1, None]), "message", "guest")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reference_going_back_to_its_owner_carries_no_class(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/protocol.md, tag 40012: a proxy sent back to its owner (the target
+    of a call on it, or an argument) is ``[owner, id, null]``. The owner finds
+    its own object by the ids; a class (a module's function names, what a
+    guest was granted) would be decoded there on every call for nothing."""
+    from cpy2py import kernel_state
+
+    TwinMaster(twinterpreter_id=kind).stop()
+    with recording(monkeypatch) as recorders:
+        twin = start_twin(kind)
+        try:
+            counter = native_to(kind, Counter)(1)
+            assert counter.increment(2) == 3  # a call on the proxy: its target goes home
+            caller = native_to(kind, Caller)()
+            assert caller.same(counter) is counter  # an argument going home
+            account = Account()
+            handed = expose(account, "deposit") if kind == SANDBOX_KIND else account
+            assert caller.call_method(handed, "deposit", 5) == 5  # the twin calls the master's object
+        finally:
+            twin.stop()
+    references: list = []  # (sender, [owner, id, class]) of every twin reference
+
+    for sender, payload in recorders[kind].frames:
+        codec.loads(
+            payload,
+            lambda tag, value, s=sender: references.append((s, value)) if tag == tags.TWIN_REF else value,
+        )
+    home = [
+        (sender, ref)
+        for sender, ref in references
+        if ref[0] == (kind if sender == "master" else kernel_state.TWIN_ID)
+    ]
+    away = [(sender, ref) for sender, ref in references if (sender, ref) not in home]
+    assert {sender for sender, _ in home} == {"master", "twin"}, references
+    assert all(ref[2] is None for _, ref in home), home
+    assert away and all(ref[2] is not None for _, ref in away), away  # new proxies need their class

@@ -176,7 +176,9 @@ fn random_value(rng: &mut Rng, depth: usize) -> Value {
         _ => Value::TwinRef {
             owner: text(rng),
             instance: rng.next(),
-            class: if rng.chance(2) {
+            class: if rng.chance(4) {
+                ClassInfo::Omitted
+            } else if rng.chance(2) {
                 ClassInfo::Named(global(rng))
             } else {
                 let names = |rng: &mut Rng| (0..rng.below(3)).map(|_| text(rng)).collect();

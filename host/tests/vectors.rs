@@ -108,6 +108,7 @@ fn meaning(json: &Json) -> Value {
                 owner: string(owner),
                 instance: instance.as_u64().expect("instance id"),
                 class: match class.get("described").and_then(|d| d.as_array()) {
+                    _ if class.is_null() => ClassInfo::Omitted,
                     Some(fields) => {
                         let names = |v: &Json| {
                             v.as_array()

@@ -120,7 +120,8 @@ _ALWAYS_FORWARDED = ("__repr__", "__str__", "__dir__")
 
 def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = None) -> List[Any]:
     """The wire form ``[owner, instance id, class info]`` of ``obj``, counted as
-    sent over ``connection``.
+    sent over ``connection``; a proxy going back to its owner carries no
+    class info (None).
 
     ``by_name=False`` (sandbox links) never names a class: the receiver gets
     a generic description and looks nothing up. ``grant`` (sandbox links: a
@@ -132,6 +133,11 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
             object.__getattribute__(obj, "__twin_owner__"),
             object.__getattribute__(obj, "__instance_id__"),
         )
+        if connection.peer_id == key[0]:
+            # back to its owner, which finds its own object by the key (the
+            # class info of a module or a granted object is long, and the
+            # target of every call on the proxy)
+            return [key[0], key[1], None]
         info = type(obj).__class_info__
         if grant is not None:
             info = capability_info(obj, grant)
@@ -139,8 +145,8 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
             info = class_info(info, by_name=False)
         # The receiver counts (and later releases) a reference only if it
         # makes a proxy that talks to us: a twin getting it from the master.
-        # Its owner, or the master getting it back, keeps no count.
-        if not kernel_state.is_master() or connection.peer_id == key[0]:
+        # The master getting it back keeps no count.
+        if not kernel_state.is_master():
             return [key[0], key[1], info]
     elif grant is not None:
         info = capability_info(obj, grant)

@@ -24,6 +24,9 @@ pub type GlobalName = (String, String);
 /// the receiver needs to build a proxy.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClassInfo {
+    /// None: a reference sent back to its owner, which finds its own object
+    /// by the key and needs no class.
+    Omitted,
     /// A twin class, by name (tag 40011); trusted links.
     Named(GlobalName),
     /// `[qualified type name, [special methods]]`, and, from a master to a
@@ -199,6 +202,7 @@ impl Value {
                     Cbor::Text(owner.clone()),
                     Cbor::Integer((*instance).into()),
                     match class {
+                        ClassInfo::Omitted => Cbor::Null,
                         ClassInfo::Named(name) => global(name),
                         ClassInfo::Described {
                             name,
@@ -393,6 +397,7 @@ fn class_info(class: Value) -> Result<ClassInfo> {
         _ => Err(malformed("class of a twin reference")),
     };
     match class {
+        Value::None => Ok(ClassInfo::Omitted),
         Value::Global(name) => Ok(ClassInfo::Named(name)),
         Value::List(fields) if matches!(fields.len(), 2 | 3) => {
             let mut fields = fields.into_iter();
