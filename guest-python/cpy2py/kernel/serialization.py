@@ -126,9 +126,11 @@ def global_name(obj: Any) -> Optional[Tuple[str, str]]:
 
 def _is_twin(obj: Any) -> bool:
     """A twin object (native here) or a proxy: sent by reference, never copied."""
+    if isinstance(obj, references.TwinProxy):  # (the target of every call on a proxy: no import)
+        return True
     from ..twin_object import TwinMeta
 
-    return isinstance(obj, references.TwinProxy) or isinstance(type(obj), TwinMeta)
+    return isinstance(type(obj), TwinMeta)
 
 
 def _pinned_elsewhere(obj: Any) -> bool:
