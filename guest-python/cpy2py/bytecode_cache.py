@@ -37,6 +37,10 @@ from .packages import Resolved
 
 log = _logging.get_logger("bytecode")
 
+#: seconds a compiler guest may take (the standard library takes about 5 on
+#: a 2-core machine): past that, guests compile what they import themselves
+COMPILE_TIMEOUT = 300.0
+
 #: key -> its directory (or None: compiling failed, guests compile themselves)
 _known: Dict[str, Optional[str]] = {}
 _lock = threading.Lock()
@@ -113,6 +117,10 @@ def _stdlib_cache(guest_file: str, master: Any) -> Optional[str]:
         if key in _known:
             return _known[key]
         directory = os.path.join(cache_root(), "pyc", key)
+        if not os.path.isdir(directory) and not _writable(os.path.dirname(directory)):
+            log.info("the cache directory %s is not writable: guests compile the standard library", directory)
+            _known[key] = None
+            return None
         if not os.path.isdir(directory):
             try:
                 from .kernel.compiler import compile_stdlib
@@ -153,6 +161,14 @@ def _stdlib_cache(guest_file: str, master: Any) -> Optional[str]:
         return directory
 
 
+def _writable(directory: str) -> bool:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
 def _remove_replaced(guest_file: str, kept: str) -> None:
     """Removes the standard library bytecode of earlier builds of this guest
     file (13 MB each): one per guest file stays. (A guest of an earlier build
@@ -191,7 +207,7 @@ def _compiled(master: Any, function: Any, args: List[Any], packages: Any) -> Lis
         twinterpreter_id=f"{master.twinterpreter_id}.bytecode",
         main_module=False,
         handshake_timeout=master.handshake_timeout,
-        timeout=float("inf"),
+        timeout=COMPILE_TIMEOUT,
         memory_limit=max(int(master.memory_limit or 0), 1 << 30),
         packages=list(packages),
     )
