@@ -526,6 +526,10 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
         ["... of which it wrote (MiB)", f"{found.get('idle_guest_written_mib', nan):.1f}", "", ""],
         ["... its proportional share, PSS (MiB)", f"{found.get('idle_guest_pss_mib', nan):.1f}", "", ""],
     ]
+    if found.get("stdlib_import_ms") is not None:
+        rows.append(
+            ["import 12 stdlib modules in a new guest (ms)", f"{found['stdlib_import_ms']:.0f}", "", ""]
+        )
     imported = found.get("packages_import_ms")
     if imported:
         rows.append(["import markdown+dateutil, from source (ms)", f"{imported['from_source']:.0f}", "", ""])

