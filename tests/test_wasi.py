@@ -738,16 +738,28 @@ def test_a_guest_cannot_leave_bytecode_for_other_guests(box, target):
 
 def test_the_bytecode_of_an_earlier_build_of_the_guest_is_removed(tmp_path):
     """13 MB per guest build: a new build of a guest file replaces its
-    predecessor's; other guest files' (another installation) stay."""
+    predecessor's; other guest files' (another installation) stay, and so do
+    scratch directories of compilations that may still run."""
+    import json
+
     from cpy2py import bytecode_cache
 
     guest = tmp_path / "cpy2py-guest.wasm"
     guest.write_bytes(b"\0asm")
     pyc = tmp_path / "pyc"
-    for name, owner in (("stdlib-old", str(guest)), ("stdlib-other", str(tmp_path / "elsewhere.wasm"))):
+    for name, owner in (("stdlib-old", guest), ("stdlib-other", tmp_path / "cpy2py-guest.wasm 2")):
         (pyc / name / "python").mkdir(parents=True)
-        (pyc / name / "guest").write_text(f"{os.path.realpath(owner)} 4 1\n")
+        (pyc / f"{name}.json").write_text(json.dumps({"guest": os.path.realpath(owner), "size": 4}))
+    (pyc / "stdlib-new.tmp1234").mkdir()
     kept = pyc / "stdlib-new"
     kept.mkdir()
+    (pyc / "stdlib-new.json").write_text(json.dumps({"guest": os.path.realpath(guest), "size": 4}))
     bytecode_cache._remove_replaced(str(guest), str(kept))
-    assert sorted(p.name for p in pyc.iterdir()) == ["stdlib-new", "stdlib-other"]
+    left = sorted(p.name for p in pyc.iterdir())
+    assert left == [
+        "stdlib-new",
+        "stdlib-new.json",
+        "stdlib-new.tmp1234",
+        "stdlib-other",
+        "stdlib-other.json",
+    ]

@@ -23,13 +23,16 @@ cache. Its directory is the user's, as for compiled guests.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import _logging, kernel_state
 from .cache_dir import cache_root
@@ -74,7 +77,7 @@ def cache_for(guest_file: str, packages: Resolved, master: Any) -> Optional[str]
     made (the guest then compiles what it imports)."""
     if getattr(master, "compiles_bytecode", False):
         return None
-    stdlib = _stdlib_cache(guest_file, master)
+    stdlib = stdlib_cache(guest_file, master)
     if not packages.listing:
         return stdlib
     key = _key(guest_file, packages, stdlib)
@@ -82,6 +85,11 @@ def cache_for(guest_file: str, packages: Resolved, master: Any) -> Optional[str]
         if key in _known:
             return _known[key]
         directory = os.path.join(cache_root(), "pyc", key)
+        if not os.path.exists(os.path.join(directory, "complete")) and not _writable(
+            os.path.dirname(directory)
+        ):
+            _known[key] = None  # (each process would pay the compilation for nothing)
+            return None
         if not os.path.exists(os.path.join(directory, "complete")):
             try:
                 from .kernel.compiler import compile_for_cache
@@ -108,57 +116,89 @@ def cache_for(guest_file: str, packages: Resolved, master: Any) -> Optional[str]
         return directory
 
 
-def _stdlib_cache(guest_file: str, master: Any) -> Optional[str]:
+def stdlib_cache(guest_file: str, master: Any) -> Optional[str]:
     """The bytecode of the guest build's whole standard library, compiled at
-    its first guest in this cache directory (about 5 s on a 2-core machine,
-    13 MB), or None if it could not be made."""
+    its first guest in this cache directory (about 5-8 s on a 2-core machine,
+    13 MB; processes sharing the directory wait for one compilation), or
+    None if it could not be made."""
+    if getattr(master, "compiles_bytecode", False):
+        return None
     key = "stdlib-" + hashlib.sha256(_guest_key(guest_file).encode()).hexdigest()[:32]
     with _lock:
         if key in _known:
             return _known[key]
-        directory = os.path.join(cache_root(), "pyc", key)
-        if not os.path.isdir(directory) and not _writable(os.path.dirname(directory)):
-            log.info("the cache directory %s is not writable: guests compile the standard library", directory)
+        base = os.path.join(cache_root(), "pyc")
+        directory = os.path.join(base, key)
+        if not os.path.isdir(directory) and not _writable(base):
+            log.info("the cache directory %s is not writable: guests compile the standard library", base)
             _known[key] = None
             return None
-        if not os.path.isdir(directory):
-            try:
-                from .kernel.compiler import compile_stdlib
-
-                # made beside it and renamed: another process that compiles it
-                # meanwhile finds a whole directory or none
-                scratch = f"{directory}.tmp{os.getpid()}"
-                shutil.rmtree(scratch, ignore_errors=True)
-                started = time.monotonic()
-                sys.stderr.write(
-                    "cpy2py: compiling the WASI guest's standard library to bytecode "
-                    f"(first use; cached in {os.path.dirname(directory)}) ..."
-                )
-                sys.stderr.flush()
-                try:
-                    written = _write(_compiled(master, compile_stdlib, [], ()), scratch)
-                finally:
-                    outcome = "done" if os.path.isdir(scratch) else "failed"
-                    sys.stderr.write(f" {outcome} after {time.monotonic() - started:.1f} s\n")
-                with open(os.path.join(scratch, "guest"), "w") as f:
-                    f.write(_guest_key(guest_file))
-                try:
-                    os.rename(scratch, directory)
-                except OSError:  # another process was first
-                    shutil.rmtree(scratch, ignore_errors=True)
-                _remove_replaced(guest_file, directory)
-                log.info(
-                    "cached the bytecode of the guest's standard library (%d modules) in %s",
-                    written,
-                    directory,
-                )
-            except Exception as err:  # guests still work, only slower
-                shutil.rmtree(f"{directory}.tmp{os.getpid()}", ignore_errors=True)
-                log.warning("could not cache the bytecode of the guest's standard library: %s", err)
-                _known[key] = None
-                return None
+        try:
+            with _exclusive(os.path.join(base, f"{key}.lock")):  # (another process may compile it)
+                if not os.path.isdir(directory):
+                    _compile_stdlib(guest_file, master, directory)
+        except Exception as err:  # guests still work, only slower
+            log.warning("could not cache the bytecode of the guest's standard library: %s", err)
+            _known[key] = None
+            return None
         _known[key] = directory
         return directory
+
+
+def _compile_stdlib(guest_file: str, master: Any, directory: str) -> None:
+    """Compiles the standard library into a scratch directory of its own,
+    renamed to ``directory`` when whole; records which guest file it is for
+    beside it (where guests do not see it), and removes what earlier builds
+    of that file left."""
+    from .kernel.compiler import compile_stdlib
+
+    base = os.path.dirname(directory)
+    scratch = tempfile.mkdtemp(dir=base, prefix=os.path.basename(directory) + ".tmp")
+    started = time.monotonic()
+    _say(f"cpy2py: compiling the WASI guest's standard library to bytecode (first use; cached in {base}) ...")
+    outcome = "failed"
+    try:
+        written = _write(_compiled(master, compile_stdlib, [], ()), scratch)
+        stat = os.stat(guest_file)
+        with open(f"{directory}.json", "w") as f:
+            json.dump(
+                {"guest": os.path.realpath(guest_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, f
+            )
+        os.rename(scratch, directory)
+        outcome = "done"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # (gone when renamed)
+        _say(f" {outcome} after {time.monotonic() - started:.1f} s\n")
+    _remove_replaced(guest_file, directory)
+    log.info("cached the bytecode of the guest's standard library (%d modules) in %s", written, directory)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """Holds an exclusive lock on the file at ``path`` (where ``fcntl`` exists)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _say(text: str) -> None:
+    """A line of progress on stderr, if there is one that takes it."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _writable(directory: str) -> bool:
@@ -169,22 +209,41 @@ def _writable(directory: str) -> bool:
     return os.access(directory, os.W_OK | os.X_OK)
 
 
+#: scratch directories older than this (seconds) were left by a process that died
+_SCRATCH_AGE = 3600
+
+
 def _remove_replaced(guest_file: str, kept: str) -> None:
     """Removes the standard library bytecode of earlier builds of this guest
-    file (13 MB each): one per guest file stays. (A guest of an earlier build
-    still running then compiles what it imports.)"""
-    path = os.path.realpath(guest_file) + " "
-    for name in os.listdir(os.path.dirname(kept)):
-        other = os.path.join(os.path.dirname(kept), name)
-        if not name.startswith("stdlib-") or other == kept or ".tmp" in name:
+    file (13 MB each; one per guest file stays), and scratch directories that
+    dead processes left. (A guest of an earlier build still running then
+    compiles what it imports.)"""
+    base, path = os.path.dirname(kept), os.path.realpath(guest_file)
+    for name in os.listdir(base):
+        other = os.path.join(base, name)
+        if not name.startswith("stdlib-") or other == kept or name.endswith(".lock"):
+            continue
+        if ".tmp" in name:
+            try:
+                if time.time() - os.stat(other).st_mtime > _SCRATCH_AGE:
+                    shutil.rmtree(other, ignore_errors=True)
+            except OSError:
+                pass
+            continue
+        if not name.endswith(".json") or other == f"{kept}.json":
             continue
         try:
-            with open(os.path.join(other, "guest")) as f:
-                replaced = f.read().startswith(path)
-        except OSError:
+            with open(other) as f:
+                replaced = json.load(f).get("guest") == path
+        except (OSError, ValueError, AttributeError):
             continue
         if replaced:
-            shutil.rmtree(other, ignore_errors=True)
+            shutil.rmtree(other[: -len(".json")], ignore_errors=True)
+            for leftover in (other, other[: -len(".json")] + ".lock"):
+                try:
+                    os.remove(leftover)
+                except OSError:
+                    pass
 
 
 def _compiled(master: Any, function: Any, args: List[Any], packages: Any) -> List[Tuple[str, bytes]]:

@@ -504,6 +504,10 @@ class TwinMaster:
         return True
 
     def _spawn(self) -> _Twin:
+        if is_sandboxed(self.executable) and self.placement is None:
+            from . import wasi
+
+            wasi.ready_bytecode(self)  # (once per guest build: not this guest's start)
         # handshake_timeout covers the whole start: spawn, hello, welcome, initializers
         self._start_deadline = time.monotonic() + float(self.handshake_timeout)
         if is_sandboxed(self.executable):

@@ -255,6 +255,16 @@ def start_guest(master: Any) -> GuestTransport:
     return GuestTransport(twin, paths, packages.module_files)
 
 
+def ready_bytecode(master: Any) -> None:
+    """Before a guest's start is timed: the first guest of a guest build
+    waits while the master compiles its standard library (cpy2py/bytecode_cache.py)."""
+    try:
+        guest = find_guest()
+    except TwinStartError:  # (start_guest says so)
+        return
+    bytecode_cache.stdlib_cache(guest, master)
+
+
 def serializer_for(twin_id: str, transport: GuestTransport) -> SandboxSerializer:
     """The master's serializer for the link to sandboxed twin ``twin_id``
     (the guest's code roots are the transport's: they end with the guest)."""

@@ -1145,7 +1145,11 @@ class Connection:
                 dropped = references.release(message[1], self)
                 del dropped  # finalizers run here
             except ProtocolError as err:
-                self._distrust = (before, err)  # first: no later reply is decoded from now
+                # first (no reply read after it is decoded from now), and the
+                # earliest if releases applied by two threads both fail
+                with self._lock:
+                    if self._distrust is None or before < self._distrust[0]:
+                        self._distrust = (before, err)
                 self._fail(err)
                 return
 
