@@ -251,9 +251,13 @@ if __name__ == "__main__":
     twin_pid, _ = tf.in_python(0)
     COUNTER = counter = tc.Counter_python3(1)
     ctx = multiprocessing.get_context("fork")
+    print("STEP twins started", flush=True)  # (how far it got, should it hang)
     with ctx.Pool(2) as pool:
+        print("STEP pool forked", flush=True)
         results = pool.map(task, range(6))
+        print("STEP mapped", flush=True)
         said = pool.apply(use_parent_object)
+        print("STEP applied", flush=True)
     print("CHILD TWINS", all(pid != twin_pid for _, pid, _ in results), sorted(v for _, _, v in results))
     print("PARENT OBJECT", said)
     print("PARENT AFTER", tf.in_python(7) == (twin_pid, 7), counter.increment() == 2)
@@ -275,6 +279,24 @@ def descendants(pid: int) -> list:
     return found
 
 
+def threads_in_the_kernel(pid: int) -> str:
+    """Each thread of ``pid``: its name, where it waits in the kernel and the
+    system call it is in (from /proc), to explain a hang."""
+    lines = []
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ")[:120].decode(errors="replace")
+        lines.append(f"{pid}: {command}")
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            fields = []
+            for name in ("comm", "wchan", "syscall"):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                        fields.append(f.read().strip()[:60])
+            lines.append(f"  {tid}: {' | '.join(fields)}")
+    return "\n".join(lines)
+
+
 def is_this_script(pid: int, script) -> bool:
     with contextlib.suppress(OSError):
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
@@ -294,7 +316,7 @@ def test_a_forked_child_has_twins_of_its_own_and_the_parents_link_is_unaffected(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)),
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__), PYTHONUNBUFFERED="1"),
     )
     try:
         out, err = done.communicate(timeout=120)
@@ -302,6 +324,9 @@ def test_a_forked_child_has_twins_of_its_own_and_the_parents_link_is_unaffected(
         # it hung (seen twice in full runs, never alone): every process of the
         # script shows its threads' stacks before it is killed
         family = [done.pid, *descendants(done.pid)]
+        threads = "\n".join(
+            threads_in_the_kernel(pid) for pid in family
+        )  # (with signals blocked, no dump comes)
         for pid in family:
             with contextlib.suppress(OSError):
                 if is_this_script(pid, script):
@@ -311,7 +336,7 @@ def test_a_forked_child_has_twins_of_its_own_and_the_parents_link_is_unaffected(
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         out, err = done.communicate()
-        pytest.fail(f"the script hung; its processes {family}:\n{out}\n{err}")
+        pytest.fail(f"the script hung; its processes {family}, their threads:\n{threads}\n{out}\n{err}")
     assert done.returncode == 0, out + err
     assert "CHILD TWINS True [0, 1, 2, 3, 4, 5]" in out, out + err
     assert "PARENT OBJECT " in out and "belongs to process" in out, out
