@@ -52,7 +52,7 @@ def main():
         median = latencies[len(latencies) // 2]
         print(
             f"one request at a time: median {median:.1f} ms per call in a fresh guest "
-            "(most of it markdown setting itself up on first use, which every fresh guest does again)"
+            "(started, the plugin imported and markdown warmed up before the call came)"
         )
 
         try:
