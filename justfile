@@ -34,9 +34,11 @@ setup:
 wasm: setup
     "{{python}}" wasm/build_guest.py --if-stale
 
-# build the host (Rust, release) into the virtual environment as cpy2py._host
+# build the host (Rust, release) into the virtual environment as cpy2py._host; one guest
+# started and stopped compiles it for this machine (and its standard library's bytecode) once
 build: setup wasm
     VIRTUAL_ENV="{{venv}}" "{{venv}}/bin/maturin" develop --release --quiet
+    "{{python}}" wasm/warm_guest.py
 
 # a wheel of cpy2py that ships the WASI guest (into dist/)
 wheel: setup

@@ -154,11 +154,15 @@ def _compile_stdlib(guest_file: str, master: Any, directory: str) -> None:
 
     base = os.path.dirname(directory)
     scratch = tempfile.mkdtemp(dir=base, prefix=os.path.basename(directory) + ".tmp")
-    started = time.monotonic()
-    _say(f"cpy2py: compiling the WASI guest's standard library to bytecode (first use; cached in {base}) ...")
-    outcome = "failed"
+    started, outcome, announced = time.monotonic(), "failed", False
+
+    def announce() -> None:  # (once the compiler guest runs: its own first use says so first)
+        nonlocal started, announced
+        started, announced = time.monotonic(), True
+        _say(f"cpy2py: compiling the WASI guest's standard library (first use; cached in {base}) ...")
+
     try:
-        written = _write(_compiled(master, compile_stdlib, [], ()), scratch)
+        written = _write(_compiled(master, compile_stdlib, [], (), announce), scratch)
         stat = os.stat(guest_file)
         with open(f"{directory}.json", "w") as f:
             json.dump(
@@ -168,7 +172,8 @@ def _compile_stdlib(guest_file: str, master: Any, directory: str) -> None:
         outcome = "done"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # (gone when renamed)
-        _say(f" {outcome} after {time.monotonic() - started:.1f} s\n")
+        if announced:
+            _say(f" {outcome} after {time.monotonic() - started:.1f} s\n")
     _remove_replaced(guest_file, directory)
     log.info("cached the bytecode of the guest's standard library (%d modules) in %s", written, directory)
 
@@ -246,8 +251,11 @@ def _remove_replaced(guest_file: str, kept: str) -> None:
                     pass
 
 
-def _compiled(master: Any, function: Any, args: List[Any], packages: Any) -> List[Tuple[str, bytes]]:
-    """What ``function(*args)`` returns in a compiler guest with ``packages``."""
+def _compiled(
+    master: Any, function: Any, args: List[Any], packages: Any, announce: Any = None
+) -> List[Tuple[str, bytes]]:
+    """What ``function(*args)`` returns in a compiler guest with ``packages``
+    (``announce()`` once the guest runs)."""
     from .master import TwinMaster
     from .protocol.messages import OP_EXECUTE, PROTOCOL_VERSION
 
@@ -272,6 +280,8 @@ def _compiled(master: Any, function: Any, args: List[Any], packages: Any) -> Lis
     )
     twin = compiler._spawn()  # not started as a twin of the group: no initializers, no finalizers
     try:
+        if announce is not None:
+            announce()
         return twin.connection.request(OP_EXECUTE, function, args, {})
     finally:
         twin.shut_down("compiled bytecode", timeout=0)
