@@ -47,6 +47,8 @@ COMPILE_TIMEOUT = 300.0
 #: key -> its directory (or None: compiling failed, guests compile themselves)
 _known: Dict[str, Optional[str]] = {}
 _lock = threading.Lock()
+#: (guest file as named, its size, its mtime) -> the key of its standard library's bytecode
+_stdlib_keys: Dict[Tuple[str, int, int], str] = {}
 
 
 def _guest_key(guest_file: str) -> str:
@@ -123,7 +125,13 @@ def stdlib_cache(guest_file: str, master: Any) -> Optional[str]:
     None if it could not be made."""
     if getattr(master, "compiles_bytecode", False):
         return None
-    key = "stdlib-" + hashlib.sha256(_guest_key(guest_file).encode()).hexdigest()[:32]
+    stat = os.stat(guest_file)
+    seen = (guest_file, stat.st_size, stat.st_mtime_ns)
+    key = _stdlib_keys.get(seen)
+    if key is None:  # (every guest start asks, twice: no realpath nor hash then)
+        key = _stdlib_keys[seen] = (
+            "stdlib-" + hashlib.sha256(_guest_key(guest_file).encode()).hexdigest()[:32]
+        )
     with _lock:
         if key in _known:
             return _known[key]

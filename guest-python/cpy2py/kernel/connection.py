@@ -742,11 +742,14 @@ class Connection:
         if not read:
             loop.remove_reader(fd)
             return
-        if others_read and not (self._buffered is not None and self._buffered()):
-            if not select.select([fd], [], [], 0)[0]:
-                with self._lock:
-                    self._give_up_role()
-                return
+        if (
+            others_read
+            and not (self._buffered is not None and self._buffered())
+            and not select.select([fd], [], [], 0)[0]
+        ):
+            with self._lock:
+                self._give_up_role()
+            return
         held = self._holds_signals and hold_signals()  # (see _next_for; _read lets them through)
         handed = False  # the role given up, or handed to _read, which gives it up
         try:
@@ -1460,8 +1463,9 @@ class Connection:
             else:
                 # (blocks only where there can be one: a no-op's reply skips their set-up)
                 plain = self._plain and type(value) in _CONTAINERS
-                message = [kind, req_id, value]
-                payload = references.encode(message, self.serializer.default, self._parts, plain)
+                payload = references.encode(
+                    [kind, req_id, value], self.serializer.default, self._parts, plain
+                )
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
                 payload = references.encode([RAISE, req_id, err], self.serializer.default)

@@ -31,76 +31,51 @@ _MAIN_THREAD = (
 )
 
 
-class _Held(_thread._local):
-    """Per thread: whether (and with which earlier mask) it holds its
-    signals. Class defaults: a missing thread-local attribute costs an
-    exception on CPython, on every frame read by a thread that never held."""
+try:  # the host's own: it keeps the saved mask where its transports' waits see it
+    from cpy2py._host import hold_signals, release_signals, signals_held
+except ImportError:  # (PyPy, the WASI guest, a remote twin: the same in Python)
 
-    active = False
-    mask = None
+    class _Held(_thread._local):
+        """Per thread: whether (and with which earlier mask) it holds its
+        signals. Class defaults: a missing thread-local attribute costs an
+        exception on CPython, on every frame read by a thread that never held."""
 
+        active = False
+        mask = None
 
-_held = _Held()
-#: the WASI guest has no signals (and importing the module would read files)
-_NO_SIGNALS = sys.platform == "wasi"
+    _held = _Held()
+    #: the WASI guest has no signals (and importing the module would read files)
+    _NO_SIGNALS = sys.platform == "wasi"
 
-
-try:  # the host keeps the saved mask where its transports' waits see it
-    from cpy2py._host import hold_signals as _hold
-    from cpy2py._host import release_signals as _release
-except ImportError:
-
-    def _hold() -> None:
+    def hold_signals() -> bool:
+        """In the main thread (where Python runs signal handlers), block every
+        signal until ``release_signals``; returns whether it did. The kernel holds
+        them while the main thread holds a link's reading role, so that a handler
+        that raises (Ctrl-C) never cuts in between reading a frame and delivering
+        it, or leaves the role taken. Waits for frames stay interruptible:
+        transports return False from ``recv`` when a signal came first."""
+        if _NO_SIGNALS or _thread.get_ident() != _MAIN_THREAD or _held.active:
+            return False
         import signal
 
         sigmask = getattr(signal, "pthread_sigmask", None)
-        if sigmask is not None:  # not on the WASI guest, which has no signals
+        if sigmask is not None:  # (not on the WASI guest)
             _held.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        _held.active = True
+        return True
 
-    def _release() -> None:
-        mask = _held.mask
-        if mask is not None:
-            _held.mask = None
-            import signal
+    def release_signals() -> None:
+        """Let what ``hold_signals`` held through (handlers run now)."""
+        if _held.active:
+            _held.active = False
+            mask, _held.mask = _held.mask, None
+            if mask is not None:
+                import signal
 
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-
-def hold_signals() -> bool:
-    """In the main thread (where Python runs signal handlers), block every
-    signal until ``release_signals``; returns whether it did. The kernel holds
-    them while the main thread holds a link's reading role, so that a handler
-    that raises (Ctrl-C) never cuts in between reading a frame and delivering
-    it, or leaves the role taken. Waits for frames stay interruptible:
-    transports return False from ``recv`` when a signal came first."""
-    if _NO_SIGNALS or _thread.get_ident() != _MAIN_THREAD or _held.active:
-        return False
-    _hold()
-    _held.active = True
-    return True
-
-
-def release_signals() -> None:
-    """Let what ``hold_signals`` held through (handlers run now)."""
-    if _held.active:
-        _held.active = False
-        _release()
-
-
-def signals_held() -> bool:
-    return _held.active
-
-
-try:  # the host's own three, which keep the same state (a Python call less
-    # each, on every call a main thread reads for); a host built before it
-    # had them keeps the wrappers above
-    from cpy2py._host import signals_held as _host_signals_held
-except ImportError:
-    pass
-else:
-    from cpy2py._host import hold_signals, release_signals  # type: ignore[no-redef]  # noqa: F401, F811
-
-    signals_held = _host_signals_held  # noqa: F811
+    def signals_held() -> bool:
+        return _held.active
 
 
 def block_signals_in_this_thread() -> None:
