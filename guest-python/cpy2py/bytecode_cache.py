@@ -87,7 +87,7 @@ def cache_for(guest_file: str, packages: Resolved, master: Any) -> Optional[str]
         if key in _known:
             return _known[key]
         directory = os.path.join(cache_root(), "pyc", key)
-        if not os.path.exists(os.path.join(directory, "complete")) and not _writable(
+        if not os.path.exists(os.path.join(directory, "complete")) and not writable(
             os.path.dirname(directory)
         ):
             _known[key] = None  # (each process would pay the compilation for nothing)
@@ -137,12 +137,12 @@ def stdlib_cache(guest_file: str, master: Any) -> Optional[str]:
             return _known[key]
         base = os.path.join(cache_root(), "pyc")
         directory = os.path.join(base, key)
-        if not os.path.isdir(directory) and not _writable(base):
+        if not os.path.isdir(directory) and not writable(base):
             log.info("the cache directory %s is not writable: guests compile the standard library", base)
             _known[key] = None
             return None
         try:
-            with _exclusive(os.path.join(base, f"{key}.lock")):  # (another process may compile it)
+            with exclusive(os.path.join(base, f"{key}.lock")):  # (another process may compile it)
                 if not os.path.isdir(directory):
                     _compile_stdlib(guest_file, master, directory)
         except Exception as err:  # guests still work, only slower
@@ -167,7 +167,7 @@ def _compile_stdlib(guest_file: str, master: Any, directory: str) -> None:
     def announce() -> None:  # (once the compiler guest runs: its own first use says so first)
         nonlocal started, announced
         started, announced = time.monotonic(), True
-        _say(f"cpy2py: compiling the WASI guest's standard library (first use; cached in {base}) ...")
+        say(f"cpy2py: compiling the WASI guest's standard library (first use; cached in {base}) ...")
 
     try:
         written = _write(_compiled(master, compile_stdlib, [], (), announce), scratch)
@@ -181,13 +181,13 @@ def _compile_stdlib(guest_file: str, master: Any, directory: str) -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # (gone when renamed)
         if announced:
-            _say(f" {outcome} after {time.monotonic() - started:.1f} s\n")
+            say(f" {outcome} after {time.monotonic() - started:.1f} s\n")
     _remove_replaced(guest_file, directory)
     log.info("cached the bytecode of the guest's standard library (%d modules) in %s", written, directory)
 
 
 @contextlib.contextmanager
-def _exclusive(path: str) -> Iterator[None]:
+def exclusive(path: str) -> Iterator[None]:
     """Holds an exclusive lock on the file at ``path`` (where ``fcntl`` exists)."""
     try:
         import fcntl
@@ -202,7 +202,7 @@ def _exclusive(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """A line of progress on stderr, if there is one that takes it."""
     stream = sys.stderr
     if stream is None:
@@ -214,7 +214,7 @@ def _say(text: str) -> None:
         pass
 
 
-def _writable(directory: str) -> bool:
+def writable(directory: str) -> bool:
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError:

@@ -35,7 +35,7 @@ import os
 import select
 from typing import Any, Dict, FrozenSet, List, Optional
 
-from . import _logging, bytecode_cache
+from . import _logging, bytecode_cache, snapshots
 from . import packages as packages_module
 from .errors import TwinStartError
 from .kernel.sandbox import SandboxSerializer
@@ -220,6 +220,26 @@ class GuestTransport:
         return self._twin.end_error()
 
 
+def _start_config(master: Any) -> Dict[str, Any]:
+    """What the host is given to start ``master``'s guest (and to snapshot
+    one: cpy2py/snapshots.py)."""
+    guest = find_guest()
+    guest_dir = os.path.dirname(guest)
+    bundled = os.path.join(guest_dir, "bundled")
+    kernel = os.path.join(guest_dir, "stage")  # the guest's own sources, for its tracebacks
+    resolved = packages_module.resolve(master.packages)
+    return {
+        "guest": guest,
+        "stdlib": os.path.join(guest_dir, "python-lib"),
+        "bundled": bundled if os.path.isdir(bundled) else None,
+        "kernel": kernel if os.path.isdir(kernel) else None,
+        "paths": _check_paths(master.paths),
+        "limits": _limits(master),
+        "resolved": resolved,
+        "pycache": bytecode_cache.cache_for(guest, resolved, master),
+    }
+
+
 def start_guest(master: Any) -> GuestTransport:
     """Start the guest for ``master`` (a TwinMaster) and return the
     transport of its link (hello received). Raises TwinStartError on failure."""
@@ -230,39 +250,38 @@ def start_guest(master: Any) -> GuestTransport:
             "sandboxed twins run in the compiled part of cpy2py (cpy2py._host), which is not "
             f"available in this interpreter: install cpy2py with pip or build it with `just build` ({err})"
         ) from None
-    guest = find_guest()
-    guest_dir = os.path.dirname(guest)
-    stdlib = os.path.join(guest_dir, "python-lib")
-    bundled = os.path.join(guest_dir, "bundled")
-    kernel = os.path.join(guest_dir, "stage")  # the guest's own sources, for its tracebacks
-    paths = _check_paths(master.paths)
-    limits = _limits(master)
-    packages = packages_module.resolve(master.packages)
-    log.info("starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, guest, paths)
+    start = _start_config(master)
+    # with a preload: a snapshot of the guest taken after it, if one can be made
+    component = snapshots.snapshot_for(master, start) or start["guest"]
+    log.info(
+        "starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, component, start["paths"]
+    )
     twin = _host.WasiGuest.start(
         master.twinterpreter_id,
-        guest,
-        stdlib,
-        bundled if os.path.isdir(bundled) else None,
-        kernel if os.path.isdir(kernel) else None,
-        paths,
-        packages=packages.listing,
-        pycache_dir=bytecode_cache.cache_for(guest, packages, master),
+        component,
+        start["stdlib"],
+        start["bundled"],
+        start["kernel"],
+        start["paths"],
+        packages=start["resolved"].listing,
+        pycache_dir=start["pycache"],
         cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
         handshake_timeout=float(master.handshake_timeout),
-        **limits,
+        **start["limits"],
     )
-    return GuestTransport(twin, paths, packages.module_files)
+    return GuestTransport(twin, start["paths"], start["resolved"].module_files)
 
 
 def ready_bytecode(master: Any) -> None:
     """Before a guest's start is timed: the first guest of a guest build
-    waits while the master compiles its standard library (cpy2py/bytecode_cache.py)."""
+    waits while the master compiles its standard library
+    (cpy2py/bytecode_cache.py), and the first with a given ``preload``
+    while it snapshots a guest after those imports (cpy2py/snapshots.py)."""
     try:
-        guest = find_guest()
+        start = _start_config(master)
     except TwinStartError:  # (start_guest says so)
         return
-    bytecode_cache.stdlib_cache(guest, master)
+    snapshots.snapshot_for(master, start)
 
 
 def serializer_for(twin_id: str, transport: GuestTransport) -> SandboxSerializer:

@@ -171,11 +171,58 @@ def warm_up(calls: int = 64) -> None:
         codec.loads(codec.dumps([list(range(64))], plain=True))
 
 
+#: set in a guest whose snapshot was taken after ``preload``: componentize-py
+#: seeds ``random`` once per component at its first call, which was the
+#: preload's, so each guest from that snapshot seeds it again
+_RESEED_RANDOM = False
+
+
+def preload(modules: List[str], link: Any) -> List[str]:
+    """Import ``modules`` as a guest with this link's paths would, for a
+    snapshot of the guest taken right after (host/src/wasm/snapshot.rs).
+    Returns the files of the modules it imported that lie in those paths
+    (the master remakes the snapshot when one of them changes)."""
+    global _RESEED_RANDOM
+    import importlib
+
+    _RESEED_RANDOM = True
+    compiler.use_cached_bytecode()
+    paths = list(link.paths())
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    before = set(sys.modules)
+    for name in modules:
+        importlib.import_module(name)
+    files = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name not in before and isinstance(path, str) and _inside(path, paths):
+            files.add(path)
+    flush_stdio()
+    # What the imports made stays as it is in the snapshot; left to the
+    # collector, each guest's first full collection would write to every
+    # object of it, and so copy every page the snapshot shares with the
+    # other guests (CPython's advice for processes that share memory).
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return sorted(files)
+
+
+def describe_failure(failure: BaseException) -> str:
+    """A failed preload as the master shows it: the guest's traceback."""
+    return "".join(traceback.format_exception(type(failure), failure, failure.__traceback__)).rstrip()
+
+
 def main(link: Any = None) -> None:
     """Run the guest kernel until the master closes the link."""
     if link is None:  # the bindings exist only inside the component
         from wit_world.imports import link  # type: ignore[import-not-found,no-redef]
     references.reseed_instance_ids()  # every guest starts from the same snapshot
+    if _RESEED_RANDOM:
+        import random
+
+        random.seed()
     compiler.use_cached_bytecode()  # the host's bytecode of its packages, if any
     kernel_state.TWIN_ID = link.twin_id()
     paths = list(link.paths())

@@ -39,6 +39,7 @@ use crate::wasm::{self, runtime, EndKind, GuestEnd};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WasiGuest>()?;
+    m.add_function(wrap_pyfunction!(forget_compiled_guest, m)?)?;
     // the one source of the sandbox defaults (cpy2py/wasi.py reads them here)
     m.add("WASI_DEFAULT_MEMORY_LIMIT", config::DEFAULT_MEMORY_LIMIT)?;
     m.add("WASI_DEFAULT_TIMEOUT", config::DEFAULT_TIMEOUT.as_secs_f64())?;
@@ -47,6 +48,16 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WASI_STDLIB_MOUNT", config::STDLIB_MOUNT)?;
     m.add("WASMTIME_VERSION", runtime::WASMTIME_VERSION)?;
     Ok(())
+}
+
+/// Forgets this process's cache entry for the guest component at
+/// `guest_file` (a snapshot cpy2py removes): its index line, and its
+/// compilation unless another guest file has it too.
+#[pyfunction]
+#[pyo3(signature = (guest_file, cache_dir=None))]
+fn forget_compiled_guest(guest_file: PathBuf, cache_dir: Option<PathBuf>) {
+    let cache_dir = cache_dir.unwrap_or_else(config::default_cache_dir);
+    runtime::forget_guest(&guest_file, &cache_dir.join("wasm"));
 }
 
 #[pyclass(module = "cpy2py._host", frozen)]
@@ -117,20 +128,20 @@ impl WasiGuest {
         cache_dir: Option<PathBuf>,
         handshake_timeout: f64,
     ) -> PyResult<Self> {
-        let mut config = GuestConfig::new(&twin_id, guest_file, stdlib_dir);
-        config.bundled_dir = bundled_dir;
-        config.kernel_dir = kernel_dir;
-        config.paths = paths;
-        config.packages = packages;
-        config.pycache_dir = pycache_dir;
-        config.memory_limit = memory_limit;
-        config.timeout = timeout.map(seconds);
-        config.max_frame = max_frame;
-        config.output_limit = output_limit;
-        if let Some(dir) = cache_dir {
-            config.cache_dir = dir;
-        }
-        config.handshake_timeout = seconds(handshake_timeout);
+        let config = GuestConfig {
+            bundled_dir,
+            kernel_dir,
+            paths,
+            packages,
+            pycache_dir,
+            memory_limit,
+            timeout: timeout.map(seconds),
+            max_frame,
+            output_limit,
+            handshake_timeout: seconds(handshake_timeout),
+            cache_dir: cache_dir.unwrap_or_else(config::default_cache_dir),
+            ..GuestConfig::new(&twin_id, guest_file, stdlib_dir)
+        };
         let deadline = Instant::now() + config.handshake_timeout;
         let guest = py.detach(|| wasm::WasiGuest::launch(&config, Box::new(ProcessSink)))?;
         let mut twin = WasiGuest { guest };
@@ -157,6 +168,49 @@ impl WasiGuest {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Starts the guest component `guest_file` as `start` would, runs its
+    /// `preload` of `modules` and writes a snapshot of it to `out`: a
+    /// component whose guests start with those modules imported
+    /// (wasm/snapshot.rs). Returns the files of the modules it imported.
+    /// Raises TwinStartError (a failed import, the limits) or RuntimeError.
+    #[staticmethod]
+    #[pyo3(signature = (
+        twin_id, guest_file, stdlib_dir, modules, out, bundled_dir=None, kernel_dir=None,
+        paths=Vec::new(), packages=Vec::new(), pycache_dir=None,
+        memory_limit=config::DEFAULT_MEMORY_LIMIT, timeout=Some(config::DEFAULT_TIMEOUT.as_secs_f64()),
+        cache_dir=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn snapshot(
+        py: Python<'_>,
+        twin_id: String,
+        guest_file: PathBuf,
+        stdlib_dir: PathBuf,
+        modules: Vec<String>,
+        out: PathBuf,
+        bundled_dir: Option<PathBuf>,
+        kernel_dir: Option<PathBuf>,
+        paths: Vec<PathBuf>,
+        packages: Vec<(PathBuf, Vec<PathBuf>)>,
+        pycache_dir: Option<PathBuf>,
+        memory_limit: usize,
+        timeout: Option<f64>,
+        cache_dir: Option<PathBuf>,
+    ) -> PyResult<Vec<String>> {
+        let config = GuestConfig {
+            bundled_dir,
+            kernel_dir,
+            paths,
+            packages,
+            pycache_dir,
+            memory_limit,
+            timeout: timeout.map(seconds),
+            cache_dir: cache_dir.unwrap_or_else(config::default_cache_dir),
+            ..GuestConfig::new(&twin_id, guest_file, stdlib_dir)
+        };
+        Ok(py.detach(|| wasm::snapshot::snapshot(&config, &modules, &out, Box::new(ProcessSink)))?)
     }
 
     /// The guest lives in this process: its pid is the master's.

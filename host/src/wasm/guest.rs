@@ -55,84 +55,12 @@ impl WasiGuest {
             return Err(too_many_guests());
         }
         let loaded = rt.load_guest(&config.guest_file, &config.cache_dir.join("wasm"))?;
-        if !config.stdlib_dir.join("os.py").is_file() {
-            return Err(HostError::Spawn(format!(
-                "the WASI guest's Python standard library is missing in {} (it is built with the guest): \
-                 run `just wasm`",
-                config.stdlib_dir.display()
-            )));
-        }
-        let views = config.cache_dir.join("views");
-        view::remove_stale_views(&views);
-        let code = CodeView::build(&config.paths, &views)?;
-        let packages = view::shared_package_view(&config.packages, &views)?;
-        let mut guest_paths: Vec<&String> = Vec::new();
-        for (_, guest_path) in code.mounts.iter().chain(&packages.mounts) {
-            if guest_path == "/"
-                || [STDLIB_MOUNT, BUNDLED_MOUNT, PYCACHE_MOUNT]
-                    .iter()
-                    .any(|m| guest_path.starts_with(m))
-            {
-                return Err(HostError::Spawn(format!(
-                    "sandbox path {guest_path} overlaps the guest's own mounts ({STDLIB_MOUNT}, {BUNDLED_MOUNT}, \
-                     {PYCACHE_MOUNT}); move the code elsewhere"
-                )));
-            }
-            if guest_paths.contains(&guest_path) {
-                return Err(HostError::Spawn(format!(
-                    "{guest_path} is given to the guest twice (in paths and as the directory of its packages): \
-                     keep the guest's own code in a directory of its own"
-                )));
-            }
-            guest_paths.push(guest_path);
-        }
-        let output = GuestOutput::new(&config.twin_id, config.output_limit, sink);
-        let now = Instant::now();
-        // starting up counts as a call, from the first drive
-        let mut ledger = Ledger::new(config.timeout, now);
-        ledger.set_driven(false, now);
-        let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
-            twin_id: config.twin_id.clone(),
-            paths: guest_paths.into_iter().cloned().collect(),
-            max_frame: config.max_frame,
-            timeout: config.timeout,
-            to_guest: FrameQueue::new(usize::MAX),
-            from_guest: FrameQueue::with_readable_fd(MAX_QUEUED_BYTES)
-                .expect("an eventfd for the guest's link"),
-            ledger: Mutex::new(ledger),
-            deadline: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            stop_reason: Mutex::new(None),
-            end: Mutex::new(None),
-            drive: Mutex::new(Drive {
-                guest: None,
-                woken: true,
-                boundary: false,
-                publish: false,
-                drivers: 0,
-                sleepers: 0,
-                in_host: 0,
-            }),
-            changed: Condvar::new(),
-            waker: Waker::from(Arc::new(GuestWaker(me.clone()))),
-            output: output.clone(),
-        });
-        let stdout = GuestStdout::new(output.stream(Which::Stdout), Arc::downgrade(&shared));
-        let wasi = wasi_context(config, &code, &packages, &output, stdout)?;
-        let state = GuestState {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: Limiter {
-                memory_limit: config.memory_limit,
-                shared: Arc::clone(&shared),
-            },
-            shared: Arc::clone(&shared),
-        };
-        let mut store = Store::new(&rt.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        store.set_epoch_deadline(1);
-        let ticking = Arc::clone(&shared);
-        store.epoch_deadline_callback(move |_| ticking.on_tick());
+        let Prepared {
+            shared,
+            mut store,
+            code,
+            packages,
+        } = prepare(config, sink)?;
         let ending = Arc::clone(&shared);
         let run = async move {
             let result = match loaded.pre.instantiate_async(&mut store).await {
@@ -330,6 +258,104 @@ impl WasiGuest {
     pub fn twin_id(&self) -> &str {
         &self.shared.twin_id
     }
+}
+
+/// A guest's store and what it needs, before it runs anything: its shared
+/// state, its WASI world and limits, and the views it mounts (they go when
+/// the guest ends). Both a guest (`WasiGuest::launch`) and a snapshot of one
+/// (snapshot.rs) run in such a store.
+pub(super) struct Prepared {
+    pub(super) shared: Arc<Shared>,
+    pub(super) store: Store<GuestState>,
+    pub(super) code: CodeView,
+    pub(super) packages: Arc<CodeView>,
+}
+
+pub(super) fn prepare(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<Prepared> {
+    let rt = runtime::runtime()?;
+    if !config.stdlib_dir.join("os.py").is_file() {
+        return Err(HostError::Spawn(format!(
+            "the WASI guest's Python standard library is missing in {} (it is built with the guest): \
+             run `just wasm`",
+            config.stdlib_dir.display()
+        )));
+    }
+    let views = config.cache_dir.join("views");
+    view::remove_stale_views(&views);
+    let code = CodeView::build(&config.paths, &views)?;
+    let packages = view::shared_package_view(&config.packages, &views)?;
+    let mut guest_paths: Vec<&String> = Vec::new();
+    for (_, guest_path) in code.mounts.iter().chain(&packages.mounts) {
+        if guest_path == "/"
+            || [STDLIB_MOUNT, BUNDLED_MOUNT, PYCACHE_MOUNT]
+                .iter()
+                .any(|m| guest_path.starts_with(m))
+        {
+            return Err(HostError::Spawn(format!(
+                "sandbox path {guest_path} overlaps the guest's own mounts ({STDLIB_MOUNT}, {BUNDLED_MOUNT}, \
+                 {PYCACHE_MOUNT}); move the code elsewhere"
+            )));
+        }
+        if guest_paths.contains(&guest_path) {
+            return Err(HostError::Spawn(format!(
+                "{guest_path} is given to the guest twice (in paths and as the directory of its packages): \
+                 keep the guest's own code in a directory of its own"
+            )));
+        }
+        guest_paths.push(guest_path);
+    }
+    let output = GuestOutput::new(&config.twin_id, config.output_limit, sink);
+    let now = Instant::now();
+    // starting up counts as a call, from the first drive
+    let mut ledger = Ledger::new(config.timeout, now);
+    ledger.set_driven(false, now);
+    let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
+        twin_id: config.twin_id.clone(),
+        paths: guest_paths.into_iter().cloned().collect(),
+        max_frame: config.max_frame,
+        timeout: config.timeout,
+        to_guest: FrameQueue::new(usize::MAX),
+        from_guest: FrameQueue::with_readable_fd(MAX_QUEUED_BYTES).expect("an eventfd for the guest's link"),
+        ledger: Mutex::new(ledger),
+        deadline: Mutex::new(None),
+        stopping: AtomicBool::new(false),
+        stop_reason: Mutex::new(None),
+        end: Mutex::new(None),
+        drive: Mutex::new(Drive {
+            guest: None,
+            woken: true,
+            boundary: false,
+            publish: false,
+            drivers: 0,
+            sleepers: 0,
+            in_host: 0,
+        }),
+        changed: Condvar::new(),
+        waker: Waker::from(Arc::new(GuestWaker(me.clone()))),
+        output: output.clone(),
+    });
+    let stdout = GuestStdout::new(output.stream(Which::Stdout), Arc::downgrade(&shared));
+    let wasi = wasi_context(config, &code, &packages, &output, stdout)?;
+    let state = GuestState {
+        wasi,
+        table: ResourceTable::new(),
+        limiter: Limiter {
+            memory_limit: config.memory_limit,
+            shared: Arc::clone(&shared),
+        },
+        shared: Arc::clone(&shared),
+    };
+    let mut store = Store::new(&rt.engine, state);
+    store.limiter(|state| &mut state.limiter);
+    store.set_epoch_deadline(1);
+    let ticking = Arc::clone(&shared);
+    store.epoch_deadline_callback(move |_| ticking.on_tick());
+    Ok(Prepared {
+        shared,
+        store,
+        code,
+        packages,
+    })
 }
 
 impl Drop for WasiGuest {

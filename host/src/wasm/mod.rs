@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod output;
 pub mod queue;
 pub mod runtime;
+pub mod snapshot;
 pub mod view;
 
 pub use config::GuestConfig;

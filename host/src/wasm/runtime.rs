@@ -321,7 +321,13 @@ impl Runtime {
         let key = cache_key(&bytes, &self.engine);
         let component = self.compiled(&bytes, guest_file, &cache_dir.join(cache_name(&key)))?;
         if let Some(index) = index {
+            let replaced = index.recorded_key();
             index.record(&key);
+            // a new build of this guest file: its predecessor's compilation
+            // (about 40 MB) goes, unless another guest file has it too
+            if let Some(old) = replaced.filter(|old| *old != key) {
+                remove_unreferenced(cache_dir, &old);
+            }
         }
         Ok(component)
     }
@@ -421,9 +427,13 @@ impl IndexEntry {
     }
 
     fn cached_key(&self) -> Option<String> {
-        let text = fs::read_to_string(&self.file).ok()?;
-        let (identity, key) = text.trim_end().rsplit_once('\n')?;
-        (identity == self.identity && !key.is_empty() && !key.contains('/')).then(|| key.to_string())
+        let (identity, key) = read_index(&self.file)?;
+        (identity == self.identity).then_some(key)
+    }
+
+    /// The key recorded for this path, whatever file it was then.
+    fn recorded_key(&self) -> Option<String> {
+        read_index(&self.file).map(|(_, key)| key)
     }
 
     fn record(&self, key: &str) {
@@ -432,6 +442,46 @@ impl IndexEntry {
             fs::write(&tmp, format!("{}\n{key}\n", self.identity)).and_then(|_| fs::rename(&tmp, &self.file));
         if let Err(e) = written {
             tracing::debug!(file = %self.file.display(), "cannot write the guest cache index: {e}");
+        }
+    }
+}
+
+/// An index file's (identity, key).
+fn read_index(file: &Path) -> Option<(String, String)> {
+    let text = fs::read_to_string(file).ok()?;
+    let (identity, key) = text.trim_end().rsplit_once('\n')?;
+    (!key.is_empty() && !key.contains('/')).then(|| (identity.to_string(), key.to_string()))
+}
+
+/// Removes the compilation with `key` from `cache_dir` unless an index
+/// still names it. (A process that mapped it keeps its mapping.)
+fn remove_unreferenced(cache_dir: &Path, key: &str) {
+    let Ok(entries) = fs::read_dir(cache_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with("index-")
+            && read_index(&entry.path()).is_some_and(|(_, other)| other == key)
+        {
+            return;
+        }
+    }
+    let _ = fs::remove_file(cache_dir.join(cache_name(key)));
+}
+
+/// Forgets the compilation of the guest file at `guest_file` (a snapshot
+/// the master removes, cpy2py/snapshots.py): its index entry, and the
+/// compilation itself unless another guest file has it too.
+pub fn forget_guest(guest_file: &Path, cache_dir: &Path) {
+    let Ok(meta) = fs::metadata(guest_file) else {
+        return;
+    };
+    if let Some(index) = IndexEntry::new(guest_file, &meta, cache_dir) {
+        let key = index.recorded_key();
+        let _ = fs::remove_file(&index.file);
+        if let Some(key) = key {
+            remove_unreferenced(cache_dir, &key);
         }
     }
 }
@@ -618,6 +668,26 @@ mod tests {
         fs::write(&file, b"second, longer").unwrap(); // a rebuilt guest
         let changed = IndexEntry::new(&file, &fs::metadata(&file).unwrap(), &dir).unwrap();
         assert_eq!(changed.cached_key(), None);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_compilation_goes_once_no_guest_file_names_it() {
+        let dir = std::env::temp_dir().join(format!("cpy2py-sweep-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (first, second) = (dir.join("one.wasm"), dir.join("two.wasm"));
+        for file in [&first, &second] {
+            fs::write(file, b"the same build").unwrap();
+            IndexEntry::new(file, &fs::metadata(file).unwrap(), &dir)
+                .unwrap()
+                .record("k1-wasmtime48");
+        }
+        let compiled = dir.join(cache_name("k1-wasmtime48"));
+        fs::write(&compiled, b"compiled").unwrap();
+        forget_guest(&first, &dir);
+        assert!(compiled.exists(), "two.wasm still names it");
+        forget_guest(&second, &dir);
+        assert!(!compiled.exists(), "no guest file names it any more");
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1,0 +1,431 @@
+//! Snapshots of a guest taken after its `preload` imports: a new component
+//! whose memory starts where an initialized guest's was, so that a guest
+//! started from it has those modules already imported.
+//!
+//! wasmtime-wizer does the snapshot: it instruments the component so that
+//! every core memory and mutable global can be read, we run the guest's
+//! `preload` export in a store set up as for any guest (the same mounts and
+//! limits, guest.rs `prepare`), and it writes their values back as the new
+//! component's initial state.
+//!
+//! What must not go into a snapshot is what belongs to the store it was
+//! taken in: the handles of WASI resources (the preopened directories, the
+//! standard streams) that the C library and componentize-py's WASI adapter
+//! keep in the guest's memory. componentize-py drops them at the end of its
+//! own pre-initialization by calling two functions of those core modules;
+//! a component does not export core functions, so `with_reset_exports`
+//! lifts the two into component exports that we call after `preload`, just
+//! before the snapshot. Each guest then asks for its handles again.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmparser::{
+    CanonicalFunction, ComponentAlias, ComponentExternalKind, ComponentOuterAliasKind, ComponentTypeRef,
+    Instance as CoreInstance, Parser, Payload,
+};
+use wasmtime::component::{Instance, Linker, WasmList};
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wizer::{ComponentInstanceState, Wizer};
+
+use super::config::GuestConfig;
+use super::end::GuestEnd;
+use super::guest::{prepare, Prepared};
+use super::imports::{add_link_to_linker, GuestState};
+use super::output::Sink;
+use super::runtime;
+use crate::error::{HostError, Result};
+
+/// The guest's export that imports the modules to snapshot (wasm/wit/world.wit).
+const PRELOAD_EXPORT: &str = "preload";
+/// The core functions that drop the WASI handles a guest keeps (see the
+/// module docs), and the component exports they get here.
+const RESETS: [(&str, &str); 2] = [
+    ("reset_adapter_state", "cpy2py-reset-adapter-state"),
+    ("__wasilibc_reset_preopens", "cpy2py-reset-preopens"),
+];
+
+/// Runs the guest `config` describes up to its `preload` of `modules`, and
+/// writes a snapshot of it to `out`. Returns the files of the modules the
+/// preload imported, as the guest saw them (its paths are the host's).
+pub fn snapshot(
+    config: &GuestConfig,
+    modules: &[String],
+    out: &Path,
+    sink: Box<dyn Sink>,
+) -> Result<Vec<String>> {
+    let spawn = |what: &str, e: &dyn std::fmt::Display| HostError::Spawn(format!("{what}: {e}"));
+    let bytes = fs::read(&config.guest_file)
+        .map_err(|e| spawn(&format!("cannot read {}", config.guest_file.display()), &e))?;
+    let with_resets =
+        with_reset_exports(&bytes).map_err(|e| spawn("this guest build cannot be snapshotted", &e))?;
+    let wizer = Wizer::new();
+    let (context, instrumented) = wizer
+        .instrument_component(&with_resets)
+        .map_err(|e| spawn("this guest build cannot be snapshotted", &e))?;
+    let rt = runtime::runtime()?;
+    let component = wasmtime::component::Component::new(&rt.engine, &instrumented)
+        .map_err(|e| spawn("cannot compile the guest for its snapshot", &e))?;
+    if component.get_export_index(None, PRELOAD_EXPORT).is_none() {
+        return Err(HostError::Spawn(format!(
+            "this guest build cannot be snapshotted: it has no `{PRELOAD_EXPORT}` export (rebuild it with `just wasm`)"
+        )));
+    }
+    let Prepared {
+        shared,
+        mut store,
+        code,
+        packages,
+    } = prepare(config, sink)?;
+    rt.register(&shared); // (the ticker that reaches the epoch callback runs while it knows a guest)
+                          // the guest's own limit on its running time, whole: a snapshot is one call
+    let deadline = config.timeout.map(|limit| (Instant::now() + limit, limit));
+    let ticking = Arc::clone(&shared);
+    store.epoch_deadline_callback(move |_| match deadline {
+        Some((deadline, limit)) if Instant::now() >= deadline => {
+            ticking.stop(GuestEnd::Timeout(limit));
+            Err(wasmtime::Error::msg("the guest ran past its timeout"))
+        }
+        _ => Ok(UpdateDeadline::Continue(1)),
+    });
+    let mut linker = Linker::<GuestState>::new(&rt.engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .and_then(|_| add_link_to_linker(&mut linker))
+        .map_err(|e| spawn("cannot link the guest for its snapshot", &e))?;
+    let taken = wasmtime_wasi::runtime::in_tokio(preload_and_snapshot(
+        &wizer, &context, &linker, &component, &mut store, modules,
+    ));
+    drop(store);
+    drop(code);
+    drop(packages);
+    let (snapshot, files) = match taken {
+        Ok(Ok(taken)) => taken,
+        // what the guest did: its import failed, or it was stopped
+        Ok(Err(failure)) => {
+            let tail = shared.output.stderr_tail();
+            let said = if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; it said:\n{tail}")
+            };
+            return Err(HostError::Spawn(match shared.stop_reason() {
+                Some(end) => format!("the preload stopped the guest: it {}{said}", end.describe()),
+                None => format!("the preload failed in the guest: {failure}"),
+            }));
+        }
+        Err(err) => return Err(spawn("cannot snapshot the guest", &format!("{err:#}"))),
+    };
+    write_atomically(out, &snapshot)
+        .map_err(|e| spawn(&format!("cannot write the snapshot {}", out.display()), &e))?;
+    Ok(files)
+}
+
+/// Runs the guest's `preload` of `modules`, drops its WASI handles and takes
+/// the snapshot: the new component and the files the preload imported, or
+/// the preload's own error.
+async fn preload_and_snapshot(
+    wizer: &Wizer,
+    context: &wasmtime_wizer::ComponentContext<'_>,
+    linker: &Linker<GuestState>,
+    component: &wasmtime::component::Component,
+    store: &mut Store<GuestState>,
+    modules: &[String],
+) -> wasmtime::Result<std::result::Result<(Vec<u8>, Vec<String>), String>> {
+    let instance = linker.instantiate_async(&mut *store, component).await?;
+    type Preload = (std::result::Result<Vec<String>, String>,);
+    let preload = instance.get_typed_func::<(Vec<String>,), Preload>(&mut *store, PRELOAD_EXPORT)?;
+    let files = match preload.call_async(&mut *store, (modules.to_vec(),)).await {
+        Ok((Ok(files),)) => files,
+        Ok((Err(failure),)) => return Ok(Err(failure)),
+        Err(trap) => return Ok(Err(format!("{trap:#}"))), // (a limit, or a crash of the guest)
+    };
+    for (_, export) in RESETS {
+        let reset = instance.get_typed_func::<(), ()>(&mut *store, export)?;
+        reset.call_async(&mut *store, ()).await?;
+    }
+    let snapshot = wizer
+        .snapshot_component(context, &mut Taken { store, instance })
+        .await?;
+    Ok(Ok((snapshot, files)))
+}
+
+fn write_atomically(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, out)
+}
+
+/// The instrumented guest as wasmtime-wizer reads it: each accessor is a
+/// function of the instance `instance` exports.
+struct Taken<'a> {
+    store: &'a mut Store<GuestState>,
+    instance: Instance,
+}
+
+impl Taken<'_> {
+    async fn call<R: wasmtime::component::Lift + 'static>(&mut self, instance: &str, func: &str) -> R {
+        let accessors = self.instance.get_export_index(&mut *self.store, None, instance);
+        let index = self
+            .instance
+            .get_export_index(&mut *self.store, accessors.as_ref(), func);
+        let func = index
+            .and_then(|index| {
+                self.instance
+                    .get_typed_func::<(), (R,)>(&mut *self.store, index)
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("wasmtime-wizer's accessor {instance}#{func} is missing"));
+        // the accessors only read a global or a memory: they cannot fail
+        func.call_async(&mut *self.store, ())
+            .await
+            .expect("a snapshot accessor trapped")
+            .0
+    }
+}
+
+impl ComponentInstanceState for Taken<'_> {
+    async fn call_func_ret_list_u8(
+        &mut self,
+        instance: &str,
+        func: &str,
+        contents: impl FnOnce(&[u8]) + Send,
+    ) {
+        let list: WasmList<u8> = self.call(instance, func).await;
+        contents(list.as_le_slice(&*self.store));
+    }
+
+    async fn call_func_ret_s32(&mut self, instance: &str, func: &str) -> i32 {
+        self.call(instance, func).await
+    }
+
+    async fn call_func_ret_s64(&mut self, instance: &str, func: &str) -> i64 {
+        self.call(instance, func).await
+    }
+
+    async fn call_func_ret_f32(&mut self, instance: &str, func: &str) -> u32 {
+        self.call::<f32>(instance, func).await.to_bits()
+    }
+
+    async fn call_func_ret_f64(&mut self, instance: &str, func: &str) -> u64 {
+        self.call::<f64>(instance, func).await.to_bits()
+    }
+}
+
+/// The component `bytes` with the core functions of `RESETS` lifted into
+/// component exports of type `func()`. They are found in the core modules
+/// the component instantiates; the new sections go at its end, so no index
+/// it already uses changes.
+pub fn with_reset_exports(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let mut spaces = IndexSpaces::default();
+    let mut module_exports: Vec<Vec<String>> = Vec::new();
+    let mut instantiations: Vec<Option<u32>> = Vec::new(); // core instance -> module
+    let mut depth = 0u32;
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| e.to_string())?;
+        match payload {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => {
+                if depth == 0 && matches!(payload, Payload::ModuleSection { .. }) {
+                    module_exports.push(Vec::new());
+                }
+                depth += 1;
+            }
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ExportSection(reader) if depth == 1 => {
+                let exports = module_exports
+                    .last_mut()
+                    .ok_or("an export section outside a module")?;
+                for export in reader {
+                    exports.push(export.map_err(|e| e.to_string())?.name.to_string());
+                }
+            }
+            _ if depth > 0 => {}
+            payload => spaces
+                .count(payload, &mut instantiations)
+                .map_err(|e| e.to_string())?,
+        }
+    }
+    let mut aliases = wasm_encoder::ComponentAliasSection::new();
+    for (core_name, _) in RESETS {
+        let instance = instantiations
+            .iter()
+            .position(|module| {
+                module.is_some_and(|m| {
+                    module_exports
+                        .get(m as usize)
+                        .is_some_and(|e| e.iter().any(|n| n == core_name))
+                })
+            })
+            .ok_or_else(|| format!("no core module of the guest exports {core_name}"))?;
+        aliases.alias(wasm_encoder::Alias::CoreInstanceExport {
+            instance: instance as u32,
+            kind: wasm_encoder::ExportKind::Func,
+            name: core_name,
+        });
+    }
+    let mut types = wasm_encoder::ComponentTypeSection::new();
+    types
+        .function()
+        .params(std::iter::empty::<(&str, wasm_encoder::ComponentValType)>())
+        .result(None);
+    let mut lifts = wasm_encoder::CanonicalFunctionSection::new();
+    let mut exports = wasm_encoder::ComponentExportSection::new();
+    for (i, (_, export)) in RESETS.iter().enumerate() {
+        let i = i as u32;
+        lifts.lift(
+            spaces.core_funcs + i,
+            spaces.types,
+            std::iter::empty::<wasm_encoder::CanonicalOption>(),
+        );
+        exports.export(
+            *export,
+            wasm_encoder::ComponentExportKind::Func,
+            spaces.funcs + i,
+            None,
+        );
+    }
+    let mut appended = wasm_encoder::Component::new();
+    appended
+        .section(&types)
+        .section(&aliases)
+        .section(&lifts)
+        .section(&exports);
+    let appended = appended.finish();
+    let header = wasm_encoder::Component::new().finish().len();
+    let mut out = bytes.to_vec();
+    out.extend_from_slice(&appended[header..]);
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+        .validate_all(&out)
+        .map_err(|e| format!("the component with its reset exports is invalid: {e}"))?;
+    Ok(out)
+}
+
+/// How many items of the index spaces we append to a component defines
+/// (at its top level).
+#[derive(Default)]
+struct IndexSpaces {
+    types: u32,
+    funcs: u32,
+    core_funcs: u32,
+}
+
+impl IndexSpaces {
+    fn count(
+        &mut self,
+        payload: Payload<'_>,
+        instantiations: &mut Vec<Option<u32>>,
+    ) -> wasmparser::Result<()> {
+        match payload {
+            Payload::InstanceSection(reader) => {
+                for instance in reader {
+                    instantiations.push(match instance? {
+                        CoreInstance::Instantiate { module_index, .. } => Some(module_index),
+                        CoreInstance::FromExports(_) => None,
+                    });
+                }
+            }
+            Payload::ComponentTypeSection(reader) => self.types += reader.count(),
+            Payload::ComponentImportSection(reader) => {
+                for import in reader {
+                    match import?.ty {
+                        ComponentTypeRef::Type(_) => self.types += 1,
+                        ComponentTypeRef::Func(_) => self.funcs += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Payload::ComponentExportSection(reader) => {
+                for export in reader {
+                    match export?.kind {
+                        ComponentExternalKind::Type => self.types += 1,
+                        ComponentExternalKind::Func => self.funcs += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Payload::ComponentAliasSection(reader) => {
+                for alias in reader {
+                    match alias? {
+                        ComponentAlias::InstanceExport {
+                            kind: ComponentExternalKind::Type,
+                            ..
+                        }
+                        | ComponentAlias::Outer {
+                            kind: ComponentOuterAliasKind::Type,
+                            ..
+                        } => self.types += 1,
+                        ComponentAlias::InstanceExport {
+                            kind: ComponentExternalKind::Func,
+                            ..
+                        } => self.funcs += 1,
+                        ComponentAlias::CoreInstanceExport {
+                            kind: wasmparser::ExternalKind::Func,
+                            ..
+                        } => self.core_funcs += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Payload::ComponentCanonicalSection(reader) => {
+                for function in reader {
+                    match function? {
+                        CanonicalFunction::Lift { .. } => self.funcs += 1,
+                        // every other canonical function defines a core function
+                        _ => self.core_funcs += 1,
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two core modules with the functions of `RESETS` (the C library's
+    /// traps, to tell them apart), and a function and an export before them
+    /// in the index spaces.
+    const COMPONENT: &str = r#"
+        (component
+          (type (func))
+          (core module $adapter (func (export "reset_adapter_state")))
+          (core module $libc (func (export "__wasilibc_reset_preopens") unreachable))
+          (core instance $libc (instantiate $libc))
+          (core instance $adapter (instantiate $adapter))
+          (func $first (type 0) (canon lift (core func $adapter "reset_adapter_state")))
+          (export "first" (func $first))
+        )"#;
+
+    #[test]
+    fn the_reset_functions_become_exports_that_call_them() {
+        let bytes = wat::parse_str(COMPONENT).unwrap();
+        let with_resets = with_reset_exports(&bytes).unwrap();
+        let engine = wasmtime::Engine::default();
+        let component = wasmtime::component::Component::new(&engine, &with_resets).unwrap();
+        let mut store = Store::new(&engine, ());
+        let instance = Linker::<()>::new(&engine)
+            .instantiate(&mut store, &component)
+            .unwrap();
+        let call = |store: &mut Store<()>, name: &str| {
+            let func = instance.get_typed_func::<(), ()>(&mut *store, name).unwrap();
+            func.call(&mut *store, ())
+        };
+        call(&mut store, "cpy2py-reset-adapter-state").unwrap();
+        let trapped = call(&mut store, "cpy2py-reset-preopens").unwrap_err();
+        assert!(trapped.downcast_ref::<wasmtime::Trap>().is_some(), "{trapped:?}");
+    }
+
+    #[test]
+    fn a_component_without_them_cannot_be_snapshotted() {
+        let bytes = wat::parse_str("(component (core module $m (func (export \"reset_adapter_state\"))) (core instance (instantiate $m)))").unwrap();
+        let err = with_reset_exports(&bytes).unwrap_err();
+        assert!(err.contains("__wasilibc_reset_preopens"), "{err}");
+    }
+}
