@@ -48,6 +48,9 @@ class _Settings:
     """What ``cpy2py.wasi.start_guest`` reads of a TwinMaster."""
 
     executable = "wasi-python"
+    #: a guest on a node imports its ``preload`` itself (the welcome's
+    #: initializers): no snapshot is made there (cpy2py/snapshots.py)
+    preload = None
 
     def __init__(self, settings: Dict[str, Any]) -> None:
         self.twinterpreter_id: str = settings["twin_id"]

@@ -78,13 +78,20 @@ def _describe(files: List[str]) -> Dict[str, List[Any]]:
     return described
 
 
+#: record file -> (its mtime, the files it lists), read once per process
+_records: Dict[str, Any] = {}
+
+
 def _unchanged(record: str) -> bool:
     """Whether the files the snapshot's imports read are as recorded (a file
     whose size or time changed is compared by its contents)."""
     try:
-        with open(record) as f:
-            files = json.load(f)["files"]
-        for path, (size, mtime_ns, digest) in files.items():
+        stamp = os.stat(record).st_mtime_ns
+        known = _records.get(record)
+        if known is None or known[0] != stamp:
+            with open(record) as f:
+                known = _records[record] = (stamp, json.load(f)["files"])
+        for path, (size, mtime_ns, digest) in known[1].items():
             stat = os.stat(path)
             if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns) and _digest(path) != digest:
                 return False

@@ -60,6 +60,30 @@ fn forget_compiled_guest(guest_file: PathBuf, cache_dir: Option<PathBuf>) {
     runtime::forget_guest(&guest_file, &cache_dir.join("wasm"));
 }
 
+type GuestFiles = (PathBuf, PathBuf, Option<PathBuf>, Option<PathBuf>);
+type GuestCode = (Vec<PathBuf>, Vec<(PathBuf, Vec<PathBuf>)>, Option<PathBuf>);
+type GuestLimits = (usize, Option<f64>, Option<PathBuf>);
+
+/// The config `start` and `snapshot` share: the guest's files (component,
+/// standard library, helpers, its own sources), its code (paths,
+/// packages, cached bytecode), its memory and time limits and the cache.
+fn guest_config(twin_id: &str, files: GuestFiles, code: GuestCode, limits: GuestLimits) -> GuestConfig {
+    let (guest_file, stdlib_dir, bundled_dir, kernel_dir) = files;
+    let (paths, packages, pycache_dir) = code;
+    let (memory_limit, timeout, cache_dir) = limits;
+    GuestConfig {
+        bundled_dir,
+        kernel_dir,
+        paths,
+        packages,
+        pycache_dir,
+        memory_limit,
+        timeout: timeout.map(seconds),
+        cache_dir: cache_dir.unwrap_or_else(config::default_cache_dir),
+        ..GuestConfig::new(twin_id, guest_file, stdlib_dir)
+    }
+}
+
 #[pyclass(module = "cpy2py._host", frozen)]
 pub struct WasiGuest {
     guest: wasm::WasiGuest,
@@ -129,18 +153,15 @@ impl WasiGuest {
         handshake_timeout: f64,
     ) -> PyResult<Self> {
         let config = GuestConfig {
-            bundled_dir,
-            kernel_dir,
-            paths,
-            packages,
-            pycache_dir,
-            memory_limit,
-            timeout: timeout.map(seconds),
             max_frame,
             output_limit,
             handshake_timeout: seconds(handshake_timeout),
-            cache_dir: cache_dir.unwrap_or_else(config::default_cache_dir),
-            ..GuestConfig::new(&twin_id, guest_file, stdlib_dir)
+            ..guest_config(
+                &twin_id,
+                (guest_file, stdlib_dir, bundled_dir, kernel_dir),
+                (paths, packages, pycache_dir),
+                (memory_limit, timeout, cache_dir),
+            )
         };
         let deadline = Instant::now() + config.handshake_timeout;
         let guest = py.detach(|| wasm::WasiGuest::launch(&config, Box::new(ProcessSink)))?;
@@ -199,17 +220,12 @@ impl WasiGuest {
         timeout: Option<f64>,
         cache_dir: Option<PathBuf>,
     ) -> PyResult<Vec<String>> {
-        let config = GuestConfig {
-            bundled_dir,
-            kernel_dir,
-            paths,
-            packages,
-            pycache_dir,
-            memory_limit,
-            timeout: timeout.map(seconds),
-            cache_dir: cache_dir.unwrap_or_else(config::default_cache_dir),
-            ..GuestConfig::new(&twin_id, guest_file, stdlib_dir)
-        };
+        let config = guest_config(
+            &twin_id,
+            (guest_file, stdlib_dir, bundled_dir, kernel_dir),
+            (paths, packages, pycache_dir),
+            (memory_limit, timeout, cache_dir),
+        );
         Ok(py.detach(|| wasm::snapshot::snapshot(&config, &modules, &out, Box::new(ProcessSink)))?)
     }
 

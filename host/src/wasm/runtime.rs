@@ -319,7 +319,7 @@ impl Runtime {
     ) -> Result<Component> {
         let bytes = fs::read(guest_file).map_err(|e| missing_guest(guest_file, e))?;
         let key = cache_key(&bytes, &self.engine);
-        let component = self.compiled(&bytes, guest_file, &cache_dir.join(cache_name(&key)))?;
+        let component = self.compiled(&bytes, Some(guest_file), &cache_dir.join(cache_name(&key)))?;
         if let Some(index) = index {
             let replaced = index.recorded_key();
             index.record(&key);
@@ -350,32 +350,58 @@ impl Runtime {
         }
     }
 
-    fn compiled(&self, bytes: &[u8], guest_file: &Path, cache_file: &Path) -> Result<Component> {
+    /// A guest component instrumented for a snapshot (snapshot.rs),
+    /// compiled without a word on stderr, once: cached as
+    /// `instrumented-<key>.cwasm`, the only such file kept (another guest
+    /// build's goes when this one is made).
+    pub fn instrumented(&self, bytes: &[u8], cache_dir: &Path) -> Result<Component> {
+        let name = format!("instrumented-{}.cwasm", cache_key(bytes, &self.engine));
+        let cache_file = cache_dir.join(&name);
+        if !cache_file.exists() {
+            for entry in fs::read_dir(cache_dir).into_iter().flatten().flatten() {
+                let other = entry.file_name().to_string_lossy().into_owned();
+                if other.starts_with("instrumented-") && other != name {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        self.compiled(bytes, None, &cache_file)
+    }
+
+    /// `bytes` compiled, or loaded from `cache_file` if it is there; a
+    /// compilation is said on stderr, naming `guest_file`, when one is given.
+    fn compiled(&self, bytes: &[u8], guest_file: Option<&Path>, cache_file: &Path) -> Result<Component> {
         if let Some(component) = self.deserialize(cache_file) {
             return Ok(component);
         }
         let dir = cache_file.parent().unwrap_or(Path::new("."));
         let started = Instant::now();
-        let mut stderr = std::io::stderr().lock();
-        let _ = write!(
-            stderr,
-            "cpy2py: compiling the WASI guest {} for this machine (first use; cached in {}) ...",
-            guest_file.display(),
-            dir.display()
-        );
-        let _ = stderr.flush();
+        if let Some(guest_file) = guest_file {
+            let mut stderr = std::io::stderr().lock();
+            let _ = write!(
+                stderr,
+                "cpy2py: compiling the WASI guest {} for this machine (first use; cached in {}) ...",
+                guest_file.display(),
+                dir.display()
+            );
+            let _ = stderr.flush();
+        }
         let compiled = self.engine.precompile_component(bytes);
-        let outcome = if compiled.is_ok() { "done" } else { "failed" };
-        let _ = writeln!(
-            stderr,
-            " {outcome} after {:.1} s",
-            started.elapsed().as_secs_f64()
+        if guest_file.is_some() {
+            let outcome = if compiled.is_ok() { "done" } else { "failed" };
+            let _ = writeln!(
+                std::io::stderr(),
+                " {outcome} after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let named = guest_file.map_or_else(
+            || "the instrumented guest".to_string(),
+            |f| f.display().to_string(),
         );
-        drop(stderr);
         let compiled = compiled.map_err(|e| {
             HostError::Spawn(format!(
-                "{} is not a WASI guest component wasmtime can compile ({e}); rebuild it with `just wasm`",
-                guest_file.display()
+                "{named} is not a WASI guest component wasmtime can compile ({e}); rebuild it with `just wasm`"
             ))
         })?;
         let stored = fs::create_dir_all(dir).and_then(|_| {

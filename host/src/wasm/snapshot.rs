@@ -66,8 +66,8 @@ pub fn snapshot(
         .instrument_component(&with_resets)
         .map_err(|e| spawn("this guest build cannot be snapshotted", &e))?;
     let rt = runtime::runtime()?;
-    let component = wasmtime::component::Component::new(&rt.engine, &instrumented)
-        .map_err(|e| spawn("cannot compile the guest for its snapshot", &e))?;
+    // (compiled once per guest build, then loaded from the cache)
+    let component = rt.instrumented(&instrumented, &config.cache_dir.join("wasm"))?;
     if component.get_export_index(None, PRELOAD_EXPORT).is_none() {
         return Err(HostError::Spawn(format!(
             "this guest build cannot be snapshotted: it has no `{PRELOAD_EXPORT}` export (rebuild it with `just wasm`)"
