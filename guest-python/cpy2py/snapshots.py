@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat as statmodule
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -70,11 +71,31 @@ def _digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _describe(files: List[str]) -> Dict[str, List[Any]]:
+#: at most this many files recorded for a snapshot
+MAX_RECORDED = 20_000
+
+
+def _describe(files: List[str], roots: List[str]) -> Dict[str, List[Any]]:
+    """Size, time and SHA-256 of the files the guest says its preload read.
+    The list comes from the guest, which ran the preloaded code: only
+    regular files under its own roots are looked at (never a device, a
+    pipe, or a file elsewhere on the host)."""
+    if len(files) > MAX_RECORDED:
+        raise ValueError(f"the guest named {len(files)} files for its snapshot (at most {MAX_RECORDED})")
+    inside = [os.path.join(os.path.realpath(root), "") for root in roots]
     described = {}
     for path in files:
-        stat = os.stat(path)
-        described[path] = [stat.st_size, stat.st_mtime_ns, _digest(path)]
+        if not isinstance(path, str):
+            continue
+        real = os.path.realpath(path)
+        if not any(real.startswith(root) for root in inside):
+            continue
+        try:
+            stat = os.stat(real)
+        except OSError:
+            continue
+        if statmodule.S_ISREG(stat.st_mode):
+            described[real] = [stat.st_size, stat.st_mtime_ns, _digest(real)]
     return described
 
 
@@ -93,7 +114,9 @@ def _unchanged(record: str) -> bool:
                 known = _records[record] = (stamp, json.load(f)["files"])
         for path, (size, mtime_ns, digest) in known[1].items():
             stat = os.stat(path)
-            if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns) and _digest(path) != digest:
+            if (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns):
+                continue
+            if not statmodule.S_ISREG(stat.st_mode) or _digest(path) != digest:
                 return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -203,7 +226,8 @@ def _make(
         )
         tmp = f"{record}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"modules": modules, "files": _describe(files)}, f)
+            roots = list(start["paths"]) + [root for root, _ in start["resolved"].listing]
+            json.dump({"modules": modules, "files": _describe(files, roots)}, f)
         os.replace(tmp, record)
         outcome = "done"
     except TwinStartError as err:

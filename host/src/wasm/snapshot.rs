@@ -80,7 +80,12 @@ pub fn snapshot(
         packages,
     } = prepare(config, sink)?;
     rt.register(&shared); // (the ticker that reaches the epoch callback runs while it knows a guest)
-                          // the guest's own limit on its running time, whole: a snapshot is one call
+                          // no master on the other end: reading the link gives its end at once,
+                          // writing a frame to it fails (a guest that tried would otherwise wait
+                          // for ever)
+    shared.to_guest.close();
+    shared.from_guest.close();
+    // the guest's own limit on its running time, whole: a snapshot is one call
     let deadline = config.timeout.map(|limit| (Instant::now() + limit, limit));
     let ticking = Arc::clone(&shared);
     store.epoch_deadline_callback(move |_| match deadline {
@@ -95,7 +100,13 @@ pub fn snapshot(
         .and_then(|_| add_link_to_linker(&mut linker))
         .map_err(|e| spawn("cannot link the guest for its snapshot", &e))?;
     let taken = wasmtime_wasi::runtime::in_tokio(preload_and_snapshot(
-        &wizer, &context, &linker, &component, &mut store, modules,
+        &wizer,
+        &context,
+        &linker,
+        &component,
+        &mut store,
+        modules,
+        deadline.map(|(deadline, _)| deadline),
     ));
     drop(store);
     drop(code);
@@ -132,11 +143,26 @@ async fn preload_and_snapshot(
     component: &wasmtime::component::Component,
     store: &mut Store<GuestState>,
     modules: &[String],
+    deadline: Option<Instant>,
 ) -> wasmtime::Result<std::result::Result<(Vec<u8>, Vec<String>), String>> {
     let instance = linker.instantiate_async(&mut *store, component).await?;
     type Preload = (std::result::Result<Vec<String>, String>,);
     let preload = instance.get_typed_func::<(Vec<String>,), Preload>(&mut *store, PRELOAD_EXPORT)?;
-    let files = match preload.call_async(&mut *store, (modules.to_vec(),)).await {
+    let call = preload.call_async(&mut *store, (modules.to_vec(),));
+    // the epoch callback stops a guest that runs past its deadline; this, one
+    // that waits in a host call past it (a sleep)
+    let called = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline.into(), call).await {
+            Ok(called) => called,
+            Err(_) => {
+                let shared = &store.data().shared;
+                shared.stop(GuestEnd::Timeout(shared.timeout.unwrap_or_default()));
+                return Ok(Err("the guest ran past its timeout".into()));
+            }
+        },
+        None => call.await,
+    };
+    let files = match called {
         Ok((Ok(files),)) => files,
         Ok((Err(failure),)) => return Ok(Err(failure)),
         Err(trap) => return Ok(Err(format!("{trap:#}"))), // (a limit, or a crash of the guest)
