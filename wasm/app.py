@@ -61,10 +61,10 @@ class Run(wit_world.exports.Run):
 
 
 class WitWorld(wit_world.WitWorld):
-    def preload(self, modules: list[str]) -> list[str]:
+    def preload(self, modules: list[str]) -> None:
         """Only for a snapshot of the guest (host/src/wasm/snapshot.rs)."""
         try:
-            return guest_main.preload(modules, link)
+            guest_main.preload(modules, link)
         except BaseException as failure:  # the master reports it as a failed start
             raise Err(guest_main.describe_failure(failure)) from None
 

@@ -9,17 +9,19 @@ with wasmtime-wizer).
 
 The first start of a given configuration makes the snapshot (a guest runs
 the imports, then the new component is compiled for this machine: about
-15-25 s on a 2-core machine, said on stderr) and caches it in
+7-10 s on a 2-core machine, said on stderr) and caches it in
 ``<cache dir>/snapshots/<key>.wasm``. The key is what the imports could
-depend on: the guest build, the modules, ``paths``, ``packages`` and
-``memory_limit``. Beside it, ``<key>.json`` records the files the imports
-read (those under ``paths`` and of the packages) with their size, time and
-SHA-256: a later start whose files differ makes the snapshot again, so an
-edited plugin is never served from an old one.
+depend on: the guest build, the modules, ``paths``, ``packages`` (their
+RECORDs: a reinstall makes a new key) and ``memory_limit``. Beside it,
+``<key>.json`` records every ``*.py`` file under ``paths`` (what the guest
+can see of them) with its size, time and SHA-256: a later start that finds
+a file changed, added or gone makes the snapshot again, so an edited
+plugin is never served from an old one. The record is the master's own
+walk of those directories, never what the guest says it read.
 
 Trust: the snapshot is the memory of a guest that ran the user's own
-modules, no more than every guest of that twin runs anyway; the master
-writes it, guests never see the cache.
+modules, under that twin's limits, no more than every guest of that twin
+runs anyway; the master writes it, guests never see the cache.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import os
 import stat as statmodule
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import _logging
 from .bytecode_cache import exclusive, say, writable
@@ -44,16 +46,28 @@ log = _logging.get_logger("snapshots")
 #: what the host's error starts with when the guest failed its preload
 #: (an import error, its limits), not the snapshot
 _PRELOAD_FAILED = "the preload "
+#: at most this many files under ``paths`` for a snapshot (each is checked
+#: at every start)
+MAX_RECORDED = 20_000
+#: scratch files older than this (seconds) were left by a process that died
+_SCRATCH_AGE = 3600
 
+#: guards ``_key_locks`` (a snapshot is made under its key's lock only)
 _lock = threading.Lock()
+_key_locks: Dict[str, threading.Lock] = {}
 #: key -> its component once made or checked in this process; None: it
 #: could not be made (guests import their preload themselves)
 _known: Dict[str, Optional[str]] = {}
+#: record file -> (its mtime, the files it lists), read once per process
+_records: Dict[str, Any] = {}
+
+#: a file as recorded: size, mtime (ns), SHA-256
+Described = Dict[str, List[Any]]
 
 
 def _key(guest_file: str, modules: List[str], paths: List[str], packages: Resolved, memory_limit: Any) -> str:
     """What a snapshot's imports depend on, but for the contents of the
-    files they read (recorded beside it, see the module docs)."""
+    files under ``paths`` (recorded beside it, see the module docs)."""
     stat = os.stat(guest_file)
     described = {
         "guest": [os.path.realpath(guest_file), stat.st_size, stat.st_mtime_ns],
@@ -67,80 +81,83 @@ def _key(guest_file: str, modules: List[str], paths: List[str], packages: Resolv
 
 
 def _digest(path: str) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-#: at most this many files recorded for a snapshot
-MAX_RECORDED = 20_000
+def _sources(roots: List[str]) -> Iterator[Tuple[str, os.stat_result]]:
+    """The ``*.py`` regular files under ``roots``, with their stat: what the
+    guest's view of them holds (host/src/wasm/view.rs)."""
+    count = 0
+    for root in roots:
+        for directory, _, names in os.walk(root):
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    stat = os.stat(path)
+                except OSError:
+                    continue
+                if statmodule.S_ISREG(stat.st_mode):
+                    count += 1
+                    if count > MAX_RECORDED:
+                        raise ValueError(
+                            f"more than {MAX_RECORDED} Python files under paths {roots}: too many to check "
+                            "at every start (give the guest a directory of its own code)"
+                        )
+                    yield path, stat
 
 
-def _describe(files: List[str], roots: List[str]) -> Dict[str, List[Any]]:
-    """Size, time and SHA-256 of the files the guest says its preload read.
-    The list comes from the guest, which ran the preloaded code: only
-    regular files under its own roots are looked at (never a device, a
-    pipe, or a file elsewhere on the host)."""
-    if len(files) > MAX_RECORDED:
-        raise ValueError(f"the guest named {len(files)} files for its snapshot (at most {MAX_RECORDED})")
-    inside = [os.path.join(os.path.realpath(root), "") for root in roots]
-    described = {}
-    for path in files:
-        if not isinstance(path, str):
-            continue
-        real = os.path.realpath(path)
-        if not any(real.startswith(root) for root in inside):
-            continue
-        try:
-            stat = os.stat(real)
-        except OSError:
-            continue
-        if statmodule.S_ISREG(stat.st_mode):
-            described[real] = [stat.st_size, stat.st_mtime_ns, _digest(real)]
-    return described
+def _describe(roots: List[str]) -> Described:
+    return {path: [stat.st_size, stat.st_mtime_ns, _digest(path)] for path, stat in _sources(roots)}
 
 
-#: record file -> (its mtime, the files it lists), read once per process
-_records: Dict[str, Any] = {}
-
-
-def _unchanged(record: str) -> bool:
-    """Whether the files the snapshot's imports read are as recorded (a file
-    whose size or time changed is compared by its contents)."""
+def _unchanged(record: str, roots: List[str]) -> bool:
+    """Whether the files under ``roots`` are those recorded: the same names,
+    and each with the recorded size and time, or else the same contents."""
     try:
         stamp = os.stat(record).st_mtime_ns
         known = _records.get(record)
         if known is None or known[0] != stamp:
             with open(record) as f:
                 known = _records[record] = (stamp, json.load(f)["files"])
-        for path, (size, mtime_ns, digest) in known[1].items():
-            stat = os.stat(path)
-            if (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns):
-                continue
-            if not statmodule.S_ISREG(stat.st_mode) or _digest(path) != digest:
+        files = known[1]
+        seen = 0
+        for path, stat in _sources(roots):
+            seen += 1
+            recorded = files.get(path)
+            if recorded is None:
+                return False  # a new file (it may shadow an imported one)
+            if (stat.st_size, stat.st_mtime_ns) != tuple(recorded[:2]) and _digest(path) != recorded[2]:
                 return False
-    except (OSError, ValueError, KeyError, TypeError):
+        return seen == len(files)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return False
-    return True
 
 
 def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
     """The component to start ``master``'s guests from: a snapshot taken
-    after its ``preload`` imports, made now if there is none or its files
-    changed; None without a preload, or when no snapshot can be made (the
-    guest then imports its preload itself). ``start`` holds what
-    ``wasi.start_guest`` gives the host (the guest, its mounts, its paths).
-    Raises TwinStartError when the preload fails."""
+    after its ``preload`` imports, made now if there is none or the files
+    under its paths changed; None without a preload, or when no snapshot
+    can be made (the guest then imports its preload itself). ``start``
+    holds what ``wasi.start_guest`` gives the host (the guest, its mounts,
+    its paths). Raises TwinStartError when the preload fails."""
     modules = list(master.preload or ())
     if not modules or getattr(master, "compiles_bytecode", False):
         return None
-    paths, packages = start["paths"], start["resolved"]
-    limits = start["limits"]
-    key = _key(start["guest"], modules, paths, packages, limits.get("memory_limit"))
+    paths = list(start["paths"])
+    key = _key(start["guest"], modules, paths, start["resolved"], start["limits"].get("memory_limit"))
     base = os.path.join(cache_root(), "snapshots")
     component = os.path.join(base, f"{key}.wasm")
     record = os.path.join(base, f"{key}.json")
-    with _lock:  # one snapshot at a time in this process
-        if key in _known and (_known[key] is None or _unchanged(record)):
+    with _lock:
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:  # one snapshot of a key at a time; other keys go on
+        if key in _known and (_known[key] is None or _unchanged(record, paths)):
             return _known[key]
         if not writable(base):
             log.info("the cache directory %s is not writable: guests import their preload themselves", base)
@@ -148,57 +165,17 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
             return None
         try:
             with exclusive(os.path.join(base, f"{key}.lock")):  # (another process may be making it)
-                if not (os.path.exists(component) and _unchanged(record)):
+                if not (os.path.exists(component) and _unchanged(record, paths)):
                     _make(master, start, modules, component, record, base)
         except _PreloadFailed as failed:
             raise TwinStartError(f"sandboxed twin {master.twinterpreter_id!r}: {failed}") from None
         except Exception as err:  # guests still work: they import their preload themselves
-            log.warning("could not snapshot the guest after its preload %s: %s", modules, err)
+            say(f"cpy2py: no snapshot for {master.twinterpreter_id!r} ({err}); its guests import {modules}\n")
             _known[key] = None
             return None
         _known[key] = component
-        _sweep(base, keep=key)
-        return component
-
-
-#: scratch files older than this (seconds) were left by a process that died
-_SCRATCH_AGE = 3600
-
-
-def _sweep(base: str, keep: str) -> None:
-    """Removes the snapshots whose recorded files are gone (those of a
-    plugin directory that was deleted: a test's, say), with their
-    compilations, and scratch files dead processes left."""
-    from . import _host
-
-    for name in os.listdir(base):
-        path = os.path.join(base, name)
-        key, _, suffix = name.partition(".")
-        if key == keep:
-            continue
-        try:
-            if suffix.startswith(("tmp", "json.tmp")):
-                if time.time() - os.stat(path).st_mtime > _SCRATCH_AGE:
-                    os.remove(path)
-                continue
-            if suffix != "json":
-                continue
-            with open(path) as f:
-                files = json.load(f)["files"]
-            if all(os.path.exists(file) for file in files):
-                continue
-            component = os.path.join(base, f"{key}.wasm")
-            _host.forget_compiled_guest(component, os.environ.get("CPY2PY_CACHE_DIR") or None)
-            for leftover in (component, path, os.path.join(base, f"{key}.lock")):
-                with contextlib.suppress(OSError):
-                    os.remove(leftover)
-            _known.pop(key, None)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-
-
-class _PreloadFailed(Exception):
-    """The preload's own import failed in the guest (its traceback)."""
+    _sweep(base, keep=key)
+    return component
 
 
 def _make(
@@ -206,11 +183,16 @@ def _make(
 ) -> None:
     from . import _host
 
+    # the preload is part of a start: bounded by the twin's timeout for a
+    # call and by its handshake_timeout, whichever is shorter
+    timeout = start["limits"].get("timeout", _host.WASI_DEFAULT_TIMEOUT)
+    timeout = min(float("inf") if timeout is None else timeout, float(master.handshake_timeout))
+    started_ns = time.time_ns()
     started = time.monotonic()
     say(f"cpy2py: snapshotting the WASI guest after importing {', '.join(modules)} (cached in {base}) ...")
     outcome = "failed"
     try:
-        files = _host.WasiGuest.snapshot(
+        _host.WasiGuest.snapshot(
             master.twinterpreter_id,
             start["guest"],
             start["stdlib"],
@@ -222,12 +204,19 @@ def _make(
             packages=start["resolved"].listing,
             pycache_dir=start["pycache"],
             cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
-            **{k: v for k, v in start["limits"].items() if k in ("memory_limit", "timeout")},
+            memory_limit=start["limits"].get("memory_limit", _host.WASI_DEFAULT_MEMORY_LIMIT),
+            timeout=timeout,
         )
+        files = _describe(list(start["paths"]))
+        if any(mtime_ns >= started_ns for _, mtime_ns, _ in files.values()):
+            # edited while the guest imported it: which version it saw is unknown
+            os.remove(component)
+            raise RuntimeError(
+                "a file under paths changed while the snapshot was made; the next start makes it"
+            )
         tmp = f"{record}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            roots = list(start["paths"]) + [root for root, _ in start["resolved"].listing]
-            json.dump({"modules": modules, "files": _describe(files, roots)}, f)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump({"modules": modules, "files": files}, f)
         os.replace(tmp, record)
         outcome = "done"
     except TwinStartError as err:
@@ -237,3 +226,64 @@ def _make(
     finally:
         say(f" {outcome} after {time.monotonic() - started:.1f} s\n")
     log.info("snapshot of the guest after importing %s: %s", modules, component)
+
+
+class _PreloadFailed(Exception):
+    """The preload failed in the guest (its import, its limits)."""
+
+
+def _sweep(base: str, keep: str) -> None:
+    """Removes the snapshots whose recorded files are gone (those of a
+    plugin directory that was deleted: a test's, say), with their
+    compilations, and scratch files and components without a record that
+    dead processes left. A key another process holds is left alone."""
+    from . import _host
+
+    for name in os.listdir(base):
+        key, _, suffix = name.partition(".")
+        if key == keep or suffix == "lock":
+            continue
+        path = os.path.join(base, name)
+        try:
+            if suffix != "json":
+                orphan = suffix.startswith(("tmp", "json.tmp")) or (
+                    suffix == "wasm" and not os.path.exists(os.path.join(base, f"{key}.json"))
+                )
+                if orphan and time.time() - os.stat(path).st_mtime > _SCRATCH_AGE:
+                    os.remove(path)
+                continue
+            with open(path) as f:
+                files = json.load(f)["files"]
+            if all(os.path.exists(file) for file in files):
+                continue
+            with _unheld(os.path.join(base, f"{key}.lock")) as free:
+                if not free:
+                    continue
+                component = os.path.join(base, f"{key}.wasm")
+                _host.forget_compiled_guest(component, os.environ.get("CPY2PY_CACHE_DIR") or None)
+                for leftover in (component, path):
+                    with contextlib.suppress(OSError):
+                        os.remove(leftover)
+                _known.pop(key, None)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+
+
+@contextlib.contextmanager
+def _unheld(lock_file: str) -> Iterator[bool]:
+    """Holds ``lock_file``'s lock if no process holds it (True), else False."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(lock_file, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

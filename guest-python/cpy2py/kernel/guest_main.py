@@ -177,36 +177,25 @@ def warm_up(calls: int = 64) -> None:
 _RESEED_RANDOM = False
 
 
-def preload(modules: List[str], link: Any) -> List[str]:
+def preload(modules: List[str], link: Any) -> None:
     """Import ``modules`` as a guest with this link's paths would, for a
-    snapshot of the guest taken right after (host/src/wasm/snapshot.rs).
-    Returns the files of the modules it imported that lie in those paths
-    (the master remakes the snapshot when one of them changes)."""
+    snapshot of the guest taken right after (host/src/wasm/snapshot.rs)."""
     global _RESEED_RANDOM
+    import gc
     import importlib
 
     _RESEED_RANDOM = True
     compiler.use_cached_bytecode()
-    paths = list(link.paths())
-    sys.path[:0] = [p for p in paths if p not in sys.path]
-    before = set(sys.modules)
+    sys.path[:0] = [p for p in link.paths() if p not in sys.path]
     for name in modules:
         importlib.import_module(name)
-    files = set()
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if name not in before and isinstance(path, str) and _inside(path, paths):
-            files.add(path)
     flush_stdio()
     # What the imports made stays as it is in the snapshot; left to the
     # collector, each guest's first full collection would write to every
     # object of it, and so copy every page the snapshot shares with the
     # other guests (CPython's advice for processes that share memory).
-    import gc
-
     gc.collect()
     gc.freeze()
-    return sorted(files)
 
 
 def describe_failure(failure: BaseException) -> str:

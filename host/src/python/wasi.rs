@@ -194,8 +194,9 @@ impl WasiGuest {
     /// Starts the guest component `guest_file` as `start` would, runs its
     /// `preload` of `modules` and writes a snapshot of it to `out`: a
     /// component whose guests start with those modules imported
-    /// (wasm/snapshot.rs). Returns the files of the modules it imported.
-    /// Raises TwinStartError (a failed import, the limits) or RuntimeError.
+    /// (wasm/snapshot.rs). Raises TwinStartError: the preload failed in the
+    /// guest or was stopped (the message starts "the preload "), or no
+    /// snapshot could be made.
     #[staticmethod]
     #[pyo3(signature = (
         twin_id, guest_file, stdlib_dir, modules, out, bundled_dir=None, kernel_dir=None,
@@ -219,7 +220,7 @@ impl WasiGuest {
         memory_limit: usize,
         timeout: Option<f64>,
         cache_dir: Option<PathBuf>,
-    ) -> PyResult<Vec<String>> {
+    ) -> PyResult<()> {
         let config = guest_config(
             &twin_id,
             (guest_file, stdlib_dir, bundled_dir, kernel_dir),

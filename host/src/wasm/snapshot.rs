@@ -19,6 +19,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,14 +49,23 @@ const RESETS: [(&str, &str); 2] = [
 ];
 
 /// Runs the guest `config` describes up to its `preload` of `modules`, and
-/// writes a snapshot of it to `out`. Returns the files of the modules the
-/// preload imported, as the guest saw them (its paths are the host's).
-pub fn snapshot(
-    config: &GuestConfig,
-    modules: &[String],
-    out: &Path,
-    sink: Box<dyn Sink>,
-) -> Result<Vec<String>> {
+/// writes a snapshot of it to `out`. The preload is one call: the guest's
+/// `timeout` bounds it (`config.timeout`), whether it runs or waits.
+pub fn snapshot(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<dyn Sink>) -> Result<()> {
+    // wasmtime-wizer's accessors panic where they cannot read what they
+    // must (its trait has no errors): the start fails, the process goes on
+    let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take(config, modules, out, sink)));
+    taken.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        Err(HostError::Spawn(format!("cannot snapshot the guest: {what}")))
+    })
+}
+
+fn take(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<dyn Sink>) -> Result<()> {
     let spawn = |what: &str, e: &dyn std::fmt::Display| HostError::Spawn(format!("{what}: {e}"));
     let bytes = fs::read(&config.guest_file)
         .map_err(|e| spawn(&format!("cannot read {}", config.guest_file.display()), &e))?;
@@ -79,17 +89,21 @@ pub fn snapshot(
         code,
         packages,
     } = prepare(config, sink)?;
-    rt.register(&shared); // (the ticker that reaches the epoch callback runs while it knows a guest)
-                          // no master on the other end: reading the link gives its end at once,
-                          // writing a frame to it fails (a guest that tried would otherwise wait
-                          // for ever)
+    // (the ticker that reaches the epoch callback runs while it knows a guest)
+    rt.register(&shared);
+    // no master on the other end: reading the link gives its end at once,
+    // writing a frame to it fails (a guest that tried would wait for ever)
     shared.to_guest.close();
     shared.from_guest.close();
-    // the guest's own limit on its running time, whole: a snapshot is one call
+    // the snapshot reads the whole memory in one call (the default allows 128 MiB)
+    store.set_hostcall_fuel(config.memory_limit.saturating_mul(2));
+    // the preload's limit on its running time; off once it returned (the
+    // resets and the snapshot are the host's work)
     let deadline = config.timeout.map(|limit| (Instant::now() + limit, limit));
-    let ticking = Arc::clone(&shared);
+    let preloading = Arc::new(AtomicBool::new(true));
+    let (ticking, running) = (Arc::clone(&shared), Arc::clone(&preloading));
     store.epoch_deadline_callback(move |_| match deadline {
-        Some((deadline, limit)) if Instant::now() >= deadline => {
+        Some((deadline, limit)) if running.load(Ordering::SeqCst) && Instant::now() >= deadline => {
             ticking.stop(GuestEnd::Timeout(limit));
             Err(wasmtime::Error::msg("the guest ran past its timeout"))
         }
@@ -106,12 +120,12 @@ pub fn snapshot(
         &component,
         &mut store,
         modules,
-        deadline.map(|(deadline, _)| deadline),
+        (deadline.map(|(deadline, _)| deadline), &preloading),
     ));
     drop(store);
     drop(code);
     drop(packages);
-    let (snapshot, files) = match taken {
+    let snapshot = match taken {
         Ok(Ok(taken)) => taken,
         // what the guest did: its import failed, or it was stopped
         Ok(Err(failure)) => {
@@ -129,8 +143,7 @@ pub fn snapshot(
         Err(err) => return Err(spawn("cannot snapshot the guest", &format!("{err:#}"))),
     };
     write_atomically(out, &snapshot)
-        .map_err(|e| spawn(&format!("cannot write the snapshot {}", out.display()), &e))?;
-    Ok(files)
+        .map_err(|e| spawn(&format!("cannot write the snapshot {}", out.display()), &e))
 }
 
 /// Runs the guest's `preload` of `modules`, drops its WASI handles and takes
@@ -143,10 +156,10 @@ async fn preload_and_snapshot(
     component: &wasmtime::component::Component,
     store: &mut Store<GuestState>,
     modules: &[String],
-    deadline: Option<Instant>,
-) -> wasmtime::Result<std::result::Result<(Vec<u8>, Vec<String>), String>> {
+    (deadline, preloading): (Option<Instant>, &AtomicBool),
+) -> wasmtime::Result<std::result::Result<Vec<u8>, String>> {
     let instance = linker.instantiate_async(&mut *store, component).await?;
-    type Preload = (std::result::Result<Vec<String>, String>,);
+    type Preload = (std::result::Result<(), String>,);
     let preload = instance.get_typed_func::<(Vec<String>,), Preload>(&mut *store, PRELOAD_EXPORT)?;
     let call = preload.call_async(&mut *store, (modules.to_vec(),));
     // the epoch callback stops a guest that runs past its deadline; this, one
@@ -162,11 +175,11 @@ async fn preload_and_snapshot(
         },
         None => call.await,
     };
-    let files = match called {
-        Ok((Ok(files),)) => files,
+    match called {
+        Ok((Ok(()),)) => preloading.store(false, Ordering::SeqCst),
         Ok((Err(failure),)) => return Ok(Err(failure)),
         Err(trap) => return Ok(Err(format!("{trap:#}"))), // (a limit, or a crash of the guest)
-    };
+    }
     for (_, export) in RESETS {
         let reset = instance.get_typed_func::<(), ()>(&mut *store, export)?;
         reset.call_async(&mut *store, ()).await?;
@@ -174,7 +187,7 @@ async fn preload_and_snapshot(
     let snapshot = wizer
         .snapshot_component(context, &mut Taken { store, instance })
         .await?;
-    Ok(Ok((snapshot, files)))
+    Ok(Ok(snapshot))
 }
 
 fn write_atomically(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
