@@ -278,6 +278,9 @@ def ready_bytecode(master: Any) -> None:
     (cpy2py/bytecode_cache.py), and the first with a given ``preload``
     while it snapshots a guest after those imports (cpy2py/snapshots.py)."""
     try:
+        if not master.preload:
+            bytecode_cache.stdlib_cache(find_guest(), master)
+            return
         start = _start_config(master)
     except TwinStartError:  # (start_guest says so)
         return
