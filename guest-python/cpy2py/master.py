@@ -504,10 +504,12 @@ class TwinMaster:
         return True
 
     def _spawn(self) -> _Twin:
+        guest_start = None
         if is_sandboxed(self.executable) and self.placement is None:
             from . import wasi
 
-            wasi.ready_bytecode(self)  # (once per guest build: not this guest's start)
+            # (compiled bytecode and snapshots, made once: not this guest's start)
+            guest_start = wasi.prepare_start(self)
         # handshake_timeout covers the whole start: spawn, hello, welcome, initializers
         self._start_deadline = time.monotonic() + float(self.handshake_timeout)
         if is_sandboxed(self.executable):
@@ -515,7 +517,10 @@ class TwinMaster:
 
             # a placed guest runs on its node, behind a host process of cpy2py
             # there that enforces the sandbox as the master does for a local one
-            process = self._start_on_ray() if self.placement is not None else wasi.start_guest(self)
+            if self.placement is not None:
+                process = self._start_on_ray()
+            else:
+                process = wasi.start_guest(self, guest_start)
             serializer: Serializer = wasi.serializer_for(self.twinterpreter_id, process)
         else:
             process = self._start_process()

@@ -220,13 +220,17 @@ def _make(
             memory_limit=start["limits"].get("memory_limit", _host.WASI_DEFAULT_MEMORY_LIMIT),
             timeout=timeout,
         )
-        files = _describe(list(start["paths"]))
-        if any(mtime_ns >= started_ns for _, mtime_ns, _ in files.values()):
-            # edited while the guest imported it: which version it saw is unknown
-            os.remove(component)
-            raise RuntimeError(
-                "a file under paths changed while the snapshot was made; the next start makes it"
-            )
+        try:
+            files = _describe(list(start["paths"]))
+            if any(mtime_ns >= started_ns for _, mtime_ns, _ in files.values()):
+                # edited while the guest imported it: which version it saw is unknown
+                raise RuntimeError(
+                    "a file under paths changed while the snapshot was made; the next start makes it"
+                )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(component)  # (no snapshot without its record)
+            raise
         tmp = f"{record}.tmp{os.getpid()}"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump({"modules": modules, "files": files}, f)

@@ -240,11 +240,14 @@ def _start_config(master: Any) -> Dict[str, Any]:
     }
 
 
-def start_guest(master: Any) -> GuestTransport:
-    """Start the guest for ``master`` (a TwinMaster) and return the
-    transport of its link (hello received). Raises TwinStartError on failure."""
+def prepare_start(master: Any) -> Dict[str, Any]:
+    """What ``start_guest`` gives the host for ``master``'s guest, made
+    before its start is timed: the first guest of a guest build waits while
+    the master compiles its standard library (cpy2py/bytecode_cache.py),
+    and the first with a given ``preload`` while it snapshots a guest after
+    those imports (cpy2py/snapshots.py). Raises TwinStartError."""
     try:
-        from . import _host
+        from . import _host  # noqa: F401
     except ImportError as err:
         raise TwinStartError(
             "sandboxed twins run in the compiled part of cpy2py (cpy2py._host), which is not "
@@ -252,13 +255,28 @@ def start_guest(master: Any) -> GuestTransport:
         ) from None
     start = _start_config(master)
     # with a preload: a snapshot of the guest taken after it, if one can be made
-    component = snapshots.snapshot_for(master, start) or start["guest"]
+    start["component"] = snapshots.snapshot_for(master, start) or start["guest"]
+    return start
+
+
+def start_guest(master: Any, start: Optional[Dict[str, Any]] = None) -> GuestTransport:
+    """Start the guest for ``master`` (a TwinMaster) and return the
+    transport of its link (hello received); ``start``: what
+    ``prepare_start`` made for it, if it was called. Raises TwinStartError
+    on failure."""
+    from . import _host
+
+    if start is None:
+        start = prepare_start(master)
     log.info(
-        "starting sandboxed twin %s from %s, paths %s", master.twinterpreter_id, component, start["paths"]
+        "starting sandboxed twin %s from %s, paths %s",
+        master.twinterpreter_id,
+        start["component"],
+        start["paths"],
     )
     twin = _host.WasiGuest.start(
         master.twinterpreter_id,
-        component,
+        start["component"],
         start["stdlib"],
         start["bundled"],
         start["kernel"],
@@ -270,21 +288,6 @@ def start_guest(master: Any) -> GuestTransport:
         **start["limits"],
     )
     return GuestTransport(twin, start["paths"], start["resolved"].module_files)
-
-
-def ready_bytecode(master: Any) -> None:
-    """Before a guest's start is timed: the first guest of a guest build
-    waits while the master compiles its standard library
-    (cpy2py/bytecode_cache.py), and the first with a given ``preload``
-    while it snapshots a guest after those imports (cpy2py/snapshots.py)."""
-    try:
-        if not master.preload:
-            bytecode_cache.stdlib_cache(find_guest(), master)
-            return
-        start = _start_config(master)
-    except TwinStartError:  # (start_guest says so)
-        return
-    snapshots.snapshot_for(master, start)
 
 
 def serializer_for(twin_id: str, transport: GuestTransport) -> SandboxSerializer:

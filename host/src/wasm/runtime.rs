@@ -525,16 +525,23 @@ fn missing_guest(path: &Path, err: std::io::Error) -> HostError {
 /// blocking the thread that drives it) and the `link` interface to the guest
 /// component.
 fn link(engine: &Engine, component: &Component) -> Result<CommandPre<GuestState>> {
-    let mut linker = Linker::<GuestState>::new(engine);
-    let setup = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .and_then(|_| add_link_to_linker(&mut linker))
-        .and_then(|_| linker.instantiate_pre(component))
+    let setup = guest_linker(engine)
+        .and_then(|linker| linker.instantiate_pre(component))
         .and_then(CommandPre::new);
     setup.map_err(|e| {
         HostError::Spawn(format!(
             "the WASI guest component does not fit this host ({e}); rebuild it with `just wasm`"
         ))
     })
+}
+
+/// What a guest imports: WASI (as granted per guest in its `WasiCtx`) and
+/// the `link` interface. Guests and snapshots (snapshot.rs) link the same.
+pub fn guest_linker(engine: &Engine) -> wasmtime::Result<Linker<GuestState>> {
+    let mut linker = Linker::<GuestState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    add_link_to_linker(&mut linker)?;
+    Ok(linker)
 }
 
 /// A fast hash of the guest's bytes with the wasmtime version and engine
@@ -714,6 +721,27 @@ mod tests {
         assert!(compiled.exists(), "two.wasm still names it");
         forget_guest(&second, &dir);
         assert!(!compiled.exists(), "no guest file names it any more");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_build_of_a_guest_file_replaces_its_compilation() {
+        let dir = std::env::temp_dir().join(format!("cpy2py-rebuilt-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("guest.wasm");
+        let rt = runtime().unwrap();
+        let mut compiled = Vec::new();
+        for build in ["first", "second"] {
+            // (compiled and indexed, then refused: it is no WASI command)
+            let bytes =
+                wat::parse_str(format!("(component (core module (func (export \"{build}\"))))")).unwrap();
+            std::thread::sleep(Duration::from_millis(20)); // (another modification time)
+            fs::write(&file, &bytes).unwrap();
+            assert!(rt.load_guest(&file, &dir).is_err());
+            compiled.push(dir.join(cache_name(&cache_key(&bytes, &rt.engine))));
+        }
+        assert!(!compiled[0].exists(), "the first build's compilation went");
+        assert!(compiled[1].exists(), "the second build's is cached");
         fs::remove_dir_all(dir).unwrap();
     }
 
