@@ -11,10 +11,12 @@ No assertion is on time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import textwrap
 import threading
 import time
@@ -228,6 +230,40 @@ def test_a_preload_is_bounded_by_the_handshake_timeout_too(tmp_path):
     refused(tmp_path, "snap_forever", source, "timeout", timeout=float("inf"), handshake_timeout=3.0)
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_reaches_a_master_while_a_snapshot_is_made(tmp_path):
+    """A preload that computes for minutes: Ctrl-C while the snapshot is made
+    interrupts the start at once (not when the preload's timeout ends it),
+    no snapshot is kept, and the start works again once the module is fixed."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    (tmp_path / "snap_busy.py").write_text("while True:\n    pass\n")
+    twin = preloading(tmp_path, "snap_busy", "snap-busy", timeout=600, handshake_timeout=600)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGINT))
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            twin.start()
+        took = time.monotonic() - started
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert took < 30, f"Ctrl-C came through after {took:.1f} s, as if it had waited for the preload"
+    # the preload was stopped too: the thread that ran it ends
+    deadline = time.monotonic() + 20
+    while "cpy2py-snapshot" in _thread_names() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "cpy2py-snapshot" not in _thread_names(), "the interrupted preload still runs"
+    assert "snap-busy" not in running_twins()
+    recorded = [files for files in _records_of("snap_busy") if str(tmp_path / "snap_busy.py") in files]
+    assert recorded == [], "no snapshot of an interrupted preload"
+    (tmp_path / "snap_busy.py").write_text("VALUE = 7\n")
+    with preloading(tmp_path, "snap_busy", "snap-busy-fixed") as fixed:
+        assert fixed.import_module("snap_busy").VALUE == 7
+
+
 def test_a_configuration_that_cannot_be_snapshotted_says_why_and_works(tmp_path, monkeypatch, capfd):
     from cpy2py import snapshots
 
@@ -283,6 +319,15 @@ def _snapshot_keys(root):
                 if any(path.startswith(str(root)) for path in json.load(f)["files"]):
                     keys.add(key)
     return keys
+
+
+def _thread_names():
+    """The names of this process's threads, Rust's included (Linux)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return names
 
 
 def preloading(root, module, twin_id, **options):

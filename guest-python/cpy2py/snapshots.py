@@ -51,6 +51,11 @@ _PRELOAD_FAILED = "the preload "
 MAX_RECORDED = 20_000
 #: scratch files older than this (seconds) were left by a process that died
 _SCRATCH_AGE = 3600
+#: what says that a snapshot cannot be made (the host's refusals, the cache
+#: directory's errors, a file edited meanwhile): its guests then import
+#: their preload themselves. Anything else (Ctrl-C, whatever a signal
+#: handler raises while the master waits for the snapshot) ends the start.
+_CANNOT_MAKE = (TwinStartError, OSError, ValueError, RuntimeError)
 
 #: guards ``_key_locks`` (a snapshot is made under its key's lock only)
 _lock = threading.Lock()
@@ -182,7 +187,7 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
                     _make(master, start, modules, component, record, base)
         except _PreloadFailed as failed:
             raise TwinStartError(f"sandboxed twin {master.twinterpreter_id!r}: {failed}") from None
-        except Exception as err:  # guests still work: they import their preload themselves
+        except _CANNOT_MAKE as err:  # guests still work: they import their preload themselves
             say(f"cpy2py: no snapshot for {master.twinterpreter_id!r} ({err}); its guests import {modules}\n")
             _known[key] = None
             return None
@@ -202,7 +207,8 @@ def _make(
     timeout = min(float("inf") if timeout is None else timeout, float(master.handshake_timeout))
     started_ns = time.time_ns()
     started = time.monotonic()
-    say(f"cpy2py: snapshotting the WASI guest after importing {', '.join(modules)} (cached in {base}) ...")
+    # two whole lines: what the preload prints comes between them
+    say(f"cpy2py: snapshotting the WASI guest after importing {', '.join(modules)} (cached in {base}) ...\n")
     outcome = "failed"
     try:
         _host.WasiGuest.snapshot(
@@ -235,13 +241,17 @@ def _make(
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump({"modules": modules, "files": files}, f)
         os.replace(tmp, record)
-        outcome = "done"
+        outcome = "was made"
     except TwinStartError as err:
         if str(err).startswith(_PRELOAD_FAILED):
             raise _PreloadFailed(str(err)) from None
         raise
+    except BaseException as err:
+        if not isinstance(err, _CANNOT_MAKE):  # Ctrl-C, or what another signal handler raised
+            outcome = "was interrupted"
+        raise
     finally:
-        say(f" {outcome} after {time.monotonic() - started:.1f} s\n")
+        say(f"cpy2py: the snapshot of the WASI guest {outcome} after {time.monotonic() - started:.1f} s\n")
     log.info("snapshot of the guest after importing %s: %s", modules, component)
 
 

@@ -21,6 +21,9 @@
 //! the GIL any more.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyBrokenPipeError;
@@ -81,6 +84,51 @@ fn guest_config(twin_id: &str, files: GuestFiles, code: GuestCode, limits: Guest
         timeout: timeout.map(seconds),
         cache_dir: cache_dir.unwrap_or_else(config::default_cache_dir),
         ..GuestConfig::new(twin_id, guest_file, stdlib_dir)
+    }
+}
+
+/// Runs `work` on a thread of its own, and waits for it with the GIL
+/// released, looking for signals every `DRIVE_SLICE`: a handler that raises
+/// (Ctrl-C) ends the wait at once, as in every other wait of the master.
+/// `work` is then told to stop (its `cancel` flag): a preload stops within
+/// a slice; a compilation cannot be stopped half-way and ends on its own,
+/// its result cached for the next start. `what` names the thread.
+fn interruptible<T: Send + 'static>(
+    py: Python<'_>,
+    what: &str,
+    work: impl FnOnce(&AtomicBool) -> crate::error::Result<T> + Send + 'static,
+) -> PyResult<T> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (done, result) = mpsc::sync_channel(1);
+    let flag = Arc::clone(&cancel);
+    std::thread::Builder::new()
+        .name(format!("cpy2py-{what}"))
+        .spawn(move || {
+            let _ = done.send(work(&flag)); // (nobody waits any more if it was cancelled)
+        })
+        .map_err(|e| HostError::Spawn(format!("cannot start a thread for the guest's {what}: {e}")))?;
+    let mut waiting = result;
+    loop {
+        // (a Receiver is not Sync: it goes into the wait and comes back)
+        let (back, got) = py.detach(move || {
+            let got = waiting.recv_timeout(DRIVE_SLICE);
+            (waiting, got)
+        });
+        waiting = back;
+        match got {
+            Ok(outcome) => return Ok(outcome?),
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(interrupt) = py.check_signals() {
+                    cancel.store(true, Ordering::SeqCst);
+                    return Err(interrupt);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(
+                    HostError::Spawn(format!("the guest's {what} failed (its thread panicked)")).into(),
+                )
+            }
+        }
     }
 }
 
@@ -164,6 +212,14 @@ impl WasiGuest {
             )
         };
         let deadline = Instant::now() + config.handshake_timeout;
+        let rt = runtime::runtime()?;
+        if !rt.has_loaded(&config.guest_file) {
+            // compiled for this machine first (seconds, once per guest build)
+            let (guest_file, wasm_dir) = (config.guest_file.clone(), config.cache_dir.join("wasm"));
+            interruptible(py, "compile", move |_| {
+                rt.load_guest(&guest_file, &wasm_dir).map(drop)
+            })?;
+        }
         let guest = py.detach(|| wasm::WasiGuest::launch(&config, Box::new(ProcessSink)))?;
         let mut twin = WasiGuest { guest };
         loop {
@@ -227,7 +283,9 @@ impl WasiGuest {
             (paths, packages, pycache_dir),
             (memory_limit, timeout, cache_dir),
         );
-        Ok(py.detach(|| wasm::snapshot::snapshot(&config, &modules, &out, Box::new(ProcessSink)))?)
+        interruptible(py, "snapshot", move |cancel| {
+            wasm::snapshot::snapshot(&config, &modules, &out, Box::new(ProcessSink), cancel)
+        })
     }
 
     /// The guest lives in this process: its pid is the master's.

@@ -9,7 +9,7 @@ use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -75,6 +75,15 @@ pub struct LoadedGuest {
 struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
 }
 
 /// Guests that can run at once in one process, unless
@@ -284,10 +293,7 @@ impl Runtime {
     /// in `cache_dir`) and linked; shared by every guest of this process.
     pub fn load_guest(&self, guest_file: &Path, cache_dir: &Path) -> Result<Arc<LoadedGuest>> {
         let meta = fs::metadata(guest_file).map_err(|e| missing_guest(guest_file, e))?;
-        let stamp = FileStamp {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        };
+        let stamp = FileStamp::of(&meta);
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((known, guest)) = loaded.get(guest_file) {
             if *known == stamp {
@@ -308,6 +314,23 @@ impl Runtime {
         let guest = Arc::new(LoadedGuest { pre });
         loaded.insert(guest_file.to_path_buf(), (stamp, Arc::clone(&guest)));
         Ok(guest)
+    }
+
+    /// Whether `load_guest` of this very guest file would return at once
+    /// (it was loaded in this process, and has not changed since). Never
+    /// waits: while another thread loads or compiles a guest, it says no.
+    pub fn has_loaded(&self, guest_file: &Path) -> bool {
+        let Ok(meta) = fs::metadata(guest_file) else {
+            return false;
+        };
+        let loaded = match self.loaded.try_lock() {
+            Ok(loaded) => loaded,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        loaded
+            .get(guest_file)
+            .is_some_and(|(known, _)| *known == FileStamp::of(&meta))
     }
 
     /// Reads and hashes the guest, loads or compiles it, and records its key.

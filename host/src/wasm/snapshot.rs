@@ -19,7 +19,8 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use wasmparser::{
     CanonicalFunction, ComponentAlias, ComponentExternalKind, ComponentOuterAliasKind, ComponentTypeRef,
@@ -47,12 +48,20 @@ const RESETS: [(&str, &str); 2] = [
 ];
 
 /// Runs the guest `config` describes up to its `preload` of `modules`, and
-/// writes a snapshot of it to `out`. The preload is one call: the guest's
+/// writes a snapshot of it to `out`, unless `cancel` is set meanwhile. The preload is one call: the guest's
 /// `timeout` bounds it (`config.timeout`), whether it runs or waits.
-pub fn snapshot(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<dyn Sink>) -> Result<()> {
+pub fn snapshot(
+    config: &GuestConfig,
+    modules: &[String],
+    out: &Path,
+    sink: Box<dyn Sink>,
+    cancel: &AtomicBool,
+) -> Result<()> {
     // wasmtime-wizer's accessors panic where they cannot read what they
     // must (its trait has no errors): the start fails, the process goes on
-    let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take(config, modules, out, sink)));
+    let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        take(config, modules, out, sink, cancel)
+    }));
     taken.unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<String>()
@@ -63,7 +72,13 @@ pub fn snapshot(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<
     })
 }
 
-fn take(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<dyn Sink>) -> Result<()> {
+fn take(
+    config: &GuestConfig,
+    modules: &[String],
+    out: &Path,
+    sink: Box<dyn Sink>,
+    cancel: &AtomicBool,
+) -> Result<()> {
     let spawn = |what: &str, e: &dyn std::fmt::Display| HostError::Spawn(format!("{what}: {e}"));
     let bytes = fs::read(&config.guest_file)
         .map_err(|e| spawn(&format!("cannot read {}", config.guest_file.display()), &e))?;
@@ -76,6 +91,9 @@ fn take(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<dyn Sink
     let rt = runtime::runtime()?;
     // (compiled once per guest build, then loaded from the cache)
     let component = rt.instrumented(&instrumented, &config.cache_dir.join("wasm"))?;
+    if cancel.load(Ordering::SeqCst) {
+        return Err(cancelled());
+    }
     if component.get_export_index(None, PRELOAD_EXPORT).is_none() {
         return Err(HostError::Spawn(format!(
             "this guest build cannot be snapshotted: it has no `{PRELOAD_EXPORT}` export (rebuild it with `just wasm`)"
@@ -102,11 +120,14 @@ fn take(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<dyn Sink
     let linker =
         runtime::guest_linker(&rt.engine).map_err(|e| spawn("cannot link the guest for its snapshot", &e))?;
     let taken = wasmtime_wasi::runtime::in_tokio(preload_and_snapshot(
-        &wizer, &context, &linker, &component, &mut store, modules, deadline,
+        &wizer, &context, &linker, &component, &mut store, modules, deadline, cancel,
     ));
     drop(store);
     drop(code);
     drop(packages);
+    if cancel.load(Ordering::SeqCst) {
+        return Err(cancelled()); // (nothing is written)
+    }
     let snapshot = match taken {
         Ok(Ok(taken)) => taken,
         // what the guest did: its import failed, or it was stopped
@@ -128,9 +149,18 @@ fn take(config: &GuestConfig, modules: &[String], out: &Path, sink: Box<dyn Sink
         .map_err(|e| spawn(&format!("cannot write the snapshot {}", out.display()), &e))
 }
 
-/// Runs the guest's `preload` of `modules` (up to `deadline`), drops its
-/// WASI handles and takes the snapshot: the new component, or what made the
-/// preload fail.
+/// How often a running preload looks whether it was cancelled (Ctrl-C in
+/// the master while it waits for the snapshot).
+const CANCEL_SLICE: Duration = Duration::from_millis(50);
+
+fn cancelled() -> HostError {
+    HostError::Spawn("the snapshot was cancelled".into())
+}
+
+/// Runs the guest's `preload` of `modules` (up to `deadline`, or until
+/// `cancel` is set), drops its WASI handles and takes the snapshot: the new
+/// component, or what made the preload fail.
+#[allow(clippy::too_many_arguments)]
 async fn preload_and_snapshot(
     wizer: &Wizer,
     context: &wasmtime_wizer::ComponentContext<'_>,
@@ -139,22 +169,29 @@ async fn preload_and_snapshot(
     store: &mut Store<GuestState>,
     modules: &[String],
     deadline: Option<Instant>,
+    cancel: &AtomicBool,
 ) -> wasmtime::Result<std::result::Result<Vec<u8>, String>> {
     let instance = linker.instantiate_async(&mut *store, component).await?;
     type Preload = (std::result::Result<(), String>,);
     let preload = instance.get_typed_func::<(Vec<String>,), Preload>(&mut *store, PRELOAD_EXPORT)?;
-    let call = preload.call_async(&mut *store, (modules.to_vec(),));
-    let called = match deadline {
-        Some(deadline) => match tokio::time::timeout_at(deadline.into(), call).await {
-            Ok(called) => called,
-            Err(_) => {
+    let mut call = Box::pin(preload.call_async(&mut *store, (modules.to_vec(),)));
+    let called = loop {
+        // (a running guest yields at every epoch tick, see prepare)
+        let wake = Instant::now() + CANCEL_SLICE;
+        let wake = deadline.map_or(wake, |deadline| deadline.min(wake));
+        match tokio::time::timeout_at(wake.into(), call.as_mut()).await {
+            Ok(called) => break called,
+            Err(_) if cancel.load(Ordering::SeqCst) => return Ok(Err("cancelled".into())),
+            Err(_) if deadline.is_some_and(|deadline| Instant::now() >= deadline) => {
+                drop(call);
                 let shared = &store.data().shared;
                 shared.stop(GuestEnd::Timeout(shared.timeout.unwrap_or_default()));
                 return Ok(Err("the guest ran past its timeout".into()));
             }
-        },
-        None => call.await,
+            Err(_) => {}
+        }
     };
+    drop(call);
     match called {
         Ok((Ok(()),)) => {}
         Ok((Err(failure),)) => return Ok(Err(failure)),
