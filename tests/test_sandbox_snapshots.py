@@ -179,6 +179,15 @@ def test_a_preload_that_writes_a_frame_fails_the_start(tmp_path):
     refused(tmp_path, "snap_writer", source, "preload")
 
 
+def test_a_preload_that_exits_fails_the_start_and_says_so(tmp_path):
+    """``os._exit`` at import: the start fails with what happened, not with
+    the wasm backtrace of the exit."""
+    (tmp_path / "snap_exits.py").write_text("import os\nos._exit(3)\n")
+    with pytest.raises(TwinStartError, match="exited with status") as failed:
+        preloading(tmp_path, "snap_exits", "snap-exits").start()
+    assert "backtrace" not in str(failed.value)
+
+
 def test_a_preload_that_sleeps_past_its_timeout_fails_the_start(tmp_path):
     refused(tmp_path, "snap_sleeper", "import time\ntime.sleep(3600)\n", "timeout", timeout=1.0)
 

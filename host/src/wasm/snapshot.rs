@@ -28,6 +28,7 @@ use wasmparser::{
 };
 use wasmtime::component::{Instance, Linker, WasmList};
 use wasmtime::Store;
+use wasmtime_wasi::I32Exit;
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use super::config::GuestConfig;
@@ -195,7 +196,13 @@ async fn preload_and_snapshot(
     match called {
         Ok((Ok(()),)) => {}
         Ok((Err(failure),)) => return Ok(Err(failure)),
-        Err(trap) => return Ok(Err(format!("{trap:#}"))), // (a limit, or a crash of the guest)
+        Err(trap) => {
+            return Ok(Err(match trap.downcast_ref::<I32Exit>() {
+                // (os._exit at import: the backtrace of the exit says nothing more)
+                Some(exit) => format!("it exited with status {} while importing its preload", exit.0),
+                None => format!("{trap:#}"), // (a limit, or a crash of the guest)
+            }));
+        }
     }
     for (_, export) in RESETS {
         let reset = instance.get_typed_func::<(), ()>(&mut *store, export)?;
