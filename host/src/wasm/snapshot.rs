@@ -49,8 +49,9 @@ const RESETS: [(&str, &str); 2] = [
 ];
 
 /// Runs the guest `config` describes up to its `preload` of `modules`, and
-/// writes a snapshot of it to `out`, unless `cancel` is set meanwhile. The preload is one call: the guest's
-/// `timeout` bounds it (`config.timeout`), whether it runs or waits.
+/// writes a snapshot of it to `out`, unless `cancel` is set meanwhile. The
+/// preload is one call: the guest's `timeout` bounds it (`config.timeout`),
+/// whether it runs or waits.
 pub fn snapshot(
     config: &GuestConfig,
     modules: &[String],
