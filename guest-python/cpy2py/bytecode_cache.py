@@ -178,6 +178,10 @@ def _compile_stdlib(guest_file: str, master: Any, directory: str) -> None:
             )
         os.rename(scratch, directory)
         outcome = "done"
+    except BaseException as err:
+        if not isinstance(err, Exception):  # Ctrl-C: the compiler guest is stopped below
+            outcome = "interrupted"
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # (gone when renamed)
         if announced:
