@@ -53,8 +53,8 @@ MAX_RECORDED = 20_000
 _SCRATCH_AGE = 3600
 #: what says that a snapshot cannot be made (the host's refusals, the cache
 #: directory's errors, a file edited meanwhile): its guests then import
-#: their preload themselves. Anything else (Ctrl-C, whatever a signal
-#: handler raises while the master waits for the snapshot) ends the start.
+#: their preload themselves. Anything else, and whatever a signal handler
+#: raises while the host makes it (Ctrl-C, see ``_snapshot``), ends the start.
 _CANNOT_MAKE = (TwinStartError, OSError, ValueError, RuntimeError)
 
 #: guards ``_key_locks`` (a snapshot is made under its key's lock only)
@@ -187,6 +187,8 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
                     _make(master, start, modules, component, record, base)
         except _PreloadFailed as failed:
             raise TwinStartError(f"sandboxed twin {master.twinterpreter_id!r}: {failed}") from None
+        except _Interrupted as interrupted:  # (not a reason to fall back: the start ends)
+            raise interrupted.error from None
         except _CANNOT_MAKE as err:  # guests still work: they import their preload themselves
             say(f"cpy2py: no snapshot for {master.twinterpreter_id!r} ({err}); its guests import {modules}\n")
             _known[key] = None
@@ -211,7 +213,7 @@ def _make(
     say(f"cpy2py: snapshotting the WASI guest after importing {', '.join(modules)} (cached in {base}) ...\n")
     outcome = "failed"
     try:
-        _host.WasiGuest.snapshot(
+        _snapshot(
             master.twinterpreter_id,
             start["guest"],
             start["stdlib"],
@@ -247,7 +249,7 @@ def _make(
             raise _PreloadFailed(str(err)) from None
         raise
     except BaseException as err:
-        if not isinstance(err, _CANNOT_MAKE):  # Ctrl-C, or what another signal handler raised
+        if isinstance(err, _Interrupted) or not isinstance(err, _CANNOT_MAKE):
             outcome = "was interrupted"
         raise
     finally:
@@ -257,6 +259,29 @@ def _make(
 
 class _PreloadFailed(Exception):
     """The preload failed in the guest (its import, its limits)."""
+
+
+class _Interrupted(BaseException):
+    """What a signal handler raised while the master waited for the host to
+    make a snapshot (Ctrl-C, an alarm's TimeoutError), carried past the
+    fallback of ``snapshot_for`` (a TimeoutError is an OSError)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _snapshot(*args: Any, **kwargs: Any) -> None:
+    """``_host.WasiGuest.snapshot``, whose own failures are TwinStartErrors:
+    anything else came from a signal handler."""
+    from . import _host
+
+    try:
+        _host.WasiGuest.snapshot(*args, **kwargs)
+    except TwinStartError:
+        raise
+    except BaseException as err:
+        raise _Interrupted(err) from None
 
 
 def _sweep(base: str, keep: str) -> None:
