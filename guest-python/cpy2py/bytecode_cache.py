@@ -110,6 +110,8 @@ def cache_for(guest_file: str, packages: Resolved, master: Any) -> Optional[str]
                     list(packages.names),
                     directory,
                 )
+            except Interrupted as interrupted:  # (not a reason to fall back: the start ends)
+                raise interrupted.error from None
             except Exception as err:  # guests still work, only slower
                 log.warning("could not cache the bytecode of packages %s: %s", list(packages.names), err)
                 _known[key] = None
@@ -145,6 +147,8 @@ def stdlib_cache(guest_file: str, master: Any) -> Optional[str]:
             with exclusive(os.path.join(base, f"{key}.lock")):  # (another process may compile it)
                 if not os.path.isdir(directory):
                     _compile_stdlib(guest_file, master, directory)
+        except Interrupted as interrupted:  # (not a reason to fall back: the start ends)
+            raise interrupted.error from None
         except Exception as err:  # guests still work, only slower
             log.warning("could not cache the bytecode of the guest's standard library: %s", err)
             _known[key] = None
@@ -290,13 +294,40 @@ def _compiled(
         memory_limit=max(int(master.memory_limit or 0), 1 << 30),
         packages=list(packages),
     )
-    twin = compiler._spawn()  # not started as a twin of the group: no initializers, no finalizers
     try:
-        if announce is not None:
-            announce()
-        return twin.connection.request(OP_EXECUTE, function, args, {})
-    finally:
-        twin.shut_down("compiled bytecode", timeout=0)
+        twin = compiler._spawn()  # not started as a twin of the group: no initializers, no finalizers
+        try:
+            if announce is not None:
+                announce()
+            return twin.connection.request(OP_EXECUTE, function, args, {})
+        finally:
+            twin.shut_down("compiled bytecode", timeout=0)
+    except Exception as err:
+        if _from_the_compiler(err):
+            raise
+        raise Interrupted(err) from None
+
+
+class Interrupted(BaseException):
+    """What a signal handler raised while the master waited for bytecode or
+    a snapshot (an alarm's TimeoutError; Ctrl-C goes past as it is), carried
+    past the fallback that lets guests work without them: it ends the start."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _from_the_compiler(err: BaseException) -> bool:
+    """Whether ``err`` says that the compiler guest could not do its work (it
+    failed to start, ended, raised, or the cache could not be written), not
+    what a signal handler of the master raised meanwhile."""
+    from .errors import RemoteError, RemoteTraceback, TwinError
+
+    if isinstance(err, (TwinError, RemoteError)) or isinstance(err.__cause__, RemoteTraceback):
+        return True
+    # (an alarm's TimeoutError is an OSError too)
+    return isinstance(err, (OSError, ValueError)) and not isinstance(err, TimeoutError)
 
 
 def _write(compiled: List[Tuple[str, bytes]], directory: str) -> int:

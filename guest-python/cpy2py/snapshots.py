@@ -36,7 +36,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import _logging
-from .bytecode_cache import exclusive, say, writable
+from .bytecode_cache import Interrupted, exclusive, say, writable
 from .cache_dir import cache_root
 from .errors import TwinStartError
 from .packages import Resolved
@@ -187,7 +187,7 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
                     _make(master, start, modules, component, record, base)
         except _PreloadFailed as failed:
             raise TwinStartError(f"sandboxed twin {master.twinterpreter_id!r}: {failed}") from None
-        except _Interrupted as interrupted:  # (not a reason to fall back: the start ends)
+        except Interrupted as interrupted:  # (not a reason to fall back: the start ends)
             raise interrupted.error from None
         except _CANNOT_MAKE as err:  # guests still work: they import their preload themselves
             say(f"cpy2py: no snapshot for {master.twinterpreter_id!r} ({err}); its guests import {modules}\n")
@@ -249,7 +249,7 @@ def _make(
             raise _PreloadFailed(str(err)) from None
         raise
     except BaseException as err:
-        if isinstance(err, _Interrupted) or not isinstance(err, _CANNOT_MAKE):
+        if isinstance(err, Interrupted) or not isinstance(err, _CANNOT_MAKE):
             outcome = "was interrupted"
         raise
     finally:
@@ -259,16 +259,6 @@ def _make(
 
 class _PreloadFailed(Exception):
     """The preload failed in the guest (its import, its limits)."""
-
-
-class _Interrupted(BaseException):
-    """What a signal handler raised while the master waited for the host to
-    make a snapshot (Ctrl-C, an alarm's TimeoutError), carried past the
-    fallback of ``snapshot_for`` (a TimeoutError is an OSError)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 def _snapshot(*args: Any, **kwargs: Any) -> None:
@@ -281,7 +271,7 @@ def _snapshot(*args: Any, **kwargs: Any) -> None:
     except TwinStartError:
         raise
     except BaseException as err:
-        raise _Interrupted(err) from None
+        raise Interrupted(err) from None
 
 
 def _sweep(base: str, keep: str) -> None:
