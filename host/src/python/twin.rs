@@ -66,6 +66,7 @@ fn hold_signals() -> bool {
 /// (the master's exit hook, after stopping the twins it knows).
 #[pyfunction]
 fn kill_all_twins() {
+    super::host_calls::set_exiting(); // (guests still starting give up too)
     crate::process::kill_all_groups();
 }
 

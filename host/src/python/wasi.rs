@@ -30,7 +30,7 @@ use pyo3::exceptions::PyBrokenPipeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict};
 
-use super::host_calls::seconds;
+use super::host_calls::{self, in_host, seconds};
 use super::twin::hello_dict;
 use crate::error::HostError;
 use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST};
@@ -109,8 +109,9 @@ fn interruptible<T: Send + 'static>(
         .map_err(|e| HostError::Spawn(format!("cannot start a thread for the guest's {what}: {e}")))?;
     let mut waiting = result;
     loop {
-        // (a Receiver is not Sync: it goes into the wait and comes back)
-        let (back, got) = py.detach(move || {
+        // (a Receiver is not Sync: it goes into the wait and comes back;
+        // counted as inside the host, for the master's exit to wait for)
+        let (back, got) = in_host(py, move || {
             let got = waiting.recv_timeout(DRIVE_SLICE);
             (waiting, got)
         });
@@ -121,6 +122,15 @@ fn interruptible<T: Send + 'static>(
                 if let Err(interrupt) = py.check_signals() {
                     cancel.store(true, Ordering::SeqCst);
                     return Err(interrupt);
+                }
+                if host_calls::exiting() {
+                    // a thread that took the GIL back inside the host once the
+                    // interpreter finalizes would abort the process (see the module docs)
+                    cancel.store(true, Ordering::SeqCst);
+                    return Err(HostError::Spawn(format!(
+                        "the master exits: the guest's {what} was given up"
+                    ))
+                    .into());
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
