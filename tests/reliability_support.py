@@ -92,8 +92,24 @@ def wait_for_pending(master: TwinMaster, count: int) -> None:
     connection = connection_for(master.twinterpreter_id)
     deadline = time.monotonic() + HANG
     while len(connection._pending) < count:
-        assert time.monotonic() < deadline, f"{count} calls never reached the link"
+        if time.monotonic() >= deadline:  # (rare, under load: say where the calls are)
+            raise AssertionError(
+                f"{count} calls never reached the link ({len(connection._pending)} did; "
+                f"link {connection!r}):\n{_thread_stacks()}"
+            )
         time.sleep(0.01)
+
+
+def _thread_stacks() -> str:
+    """Where each thread of this process is, for a test that waited in vain."""
+    import sys
+    import traceback
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame)[-6:])
+        for ident, frame in sys._current_frames().items()
+    )
 
 
 def settle() -> None:
