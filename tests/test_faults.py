@@ -297,6 +297,22 @@ def threads_in_the_kernel(pid: int) -> str:
     return "\n".join(lines)
 
 
+def native_stacks(pid: int) -> str:
+    """Each thread's stack of ``pid``, Python and native frames (Rust's
+    included), by py-spy (requirements-dev.txt), which reads them from outside:
+    it names the lock a hung thread waits for. Empty where py-spy cannot."""
+    py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if py_spy is None:
+        return "\n  (no py-spy: no native stacks)"
+    try:
+        dump = subprocess.run(
+            [py_spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"\n  (py-spy failed: {err})"
+    return "\n" + (dump.stdout + dump.stderr).strip()
+
+
 def is_this_script(pid: int, script) -> bool:
     with contextlib.suppress(OSError):
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
@@ -325,7 +341,7 @@ def test_a_forked_child_has_twins_of_its_own_and_the_parents_link_is_unaffected(
         # script shows its threads' stacks before it is killed
         family = [done.pid, *descendants(done.pid)]
         threads = "\n".join(
-            threads_in_the_kernel(pid) for pid in family
+            threads_in_the_kernel(pid) + native_stacks(pid) for pid in family
         )  # (with signals blocked, no dump comes)
         for pid in family:
             with contextlib.suppress(OSError):

@@ -265,8 +265,39 @@ impl TwinProcess {
         self.child.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether this is a child forked from the process that started the
+    /// twin: the twin is not its own, and a lock of this handle that a
+    /// thread of the parent held at the fork stays held here forever, so
+    /// nothing here may wait for one.
+    fn forked(&self) -> bool {
+        std::process::id() != self.owner
+    }
+
+    fn not_ours(&self) -> HostError {
+        HostError::Terminated(format!(
+            "twin process {} belongs to the process that started it (pid {}), not to this one \
+             forked from it",
+            self.pid, self.owner
+        ))
+    }
+
+    /// Locks the stderr tail, or in a forked child only tries (see `forked`).
+    fn tail(&self) -> Option<std::sync::MutexGuard<'_, StderrTail>> {
+        match self.stderr_tail.try_lock() {
+            Ok(tail) => Some(tail),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if self.forked() => None,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                Some(self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()))
+            }
+        }
+    }
+
     /// The exit status, if the twin has ended.
     pub fn try_status(&self) -> Result<Option<ExitStatus>> {
+        if self.forked() {
+            return Err(self.not_ours());
+        }
         Ok(self.child().try_wait()?)
     }
 
@@ -287,12 +318,8 @@ impl TwinProcess {
     /// Kills the twin (SIGKILL) and reaps it. In a child forked from the
     /// master the twin is the parent's: it is left alone.
     pub fn kill(&self) -> Result<ExitStatus> {
-        if std::process::id() != self.owner {
-            return Err(HostError::Terminated(format!(
-                "twin process {} belongs to the process that started it (pid {}), not to this one \
-                 forked from it",
-                self.pid, self.owner
-            )));
+        if self.forked() {
+            return Err(self.not_ours());
         }
         let mut child = self.child();
         if let Some(status) = child.try_wait()? {
@@ -304,7 +331,9 @@ impl TwinProcess {
 
     /// The last lines the twin wrote to stderr, for error messages.
     pub fn stderr_tail(&self) -> String {
-        let tail = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tail) = self.tail() else {
+            return String::new();
+        };
         String::from_utf8_lossy(&tail.bytes.iter().copied().collect::<Vec<u8>>())
             .trim_end()
             .to_string()
@@ -322,8 +351,10 @@ impl TwinProcess {
     pub fn stderr_forwarded(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()).closed {
-                return true;
+            match self.tail() {
+                Some(tail) if tail.closed => return true,
+                None => return false,
+                Some(_) => {}
             }
             if Instant::now() >= deadline {
                 return false;
@@ -639,6 +670,30 @@ mod tests {
         let twin = TwinProcess::spawn(sh("sleep 30")).unwrap();
         let status = twin.kill().unwrap();
         assert_eq!(describe_status(status), "was killed by signal 9 (SIGKILL)");
+    }
+
+    #[test]
+    fn a_forked_child_never_waits_for_a_lock_held_at_the_fork() {
+        let twin = TwinProcess::spawn(sh("echo 'it broke' >&2; sleep 5")).unwrap();
+        // as if the stderr thread were adding a line when the master forked
+        let held = twin.stderr_tail.lock().unwrap();
+        // SAFETY: the child only reads the handle and leaves with _exit
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            unsafe { libc::alarm(5) }; // a wait that hangs ends the child here
+            let answers = twin.stderr_tail().is_empty()
+                && !twin.stderr_forwarded(Duration::from_secs(1))
+                && matches!(twin.try_status(), Err(HostError::Terminated(_)))
+                && matches!(twin.kill(), Err(HostError::Terminated(_)));
+            unsafe { libc::_exit(if answers { 0 } else { 1 }) };
+        }
+        drop(held);
+        let mut status = 0;
+        // SAFETY: waits for the child forked above
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status), "the child hung (status {status:#x})");
+        assert_eq!(libc::WEXITSTATUS(status), 0);
+        assert_eq!(twin.try_status().unwrap(), None, "the parent's twin runs on");
     }
 
     #[test]
