@@ -113,21 +113,3 @@ def unpicklable() -> Unpicklable:
 def served_by() -> str:
     """The name of the thread that runs this request."""
     return threading.current_thread().name
-
-
-_FLAGS: dict = {}
-
-
-def _flag(name: str) -> Any:
-    import threading
-
-    return _FLAGS.setdefault(name, threading.Event())
-
-
-def wait_for_flag(name: str, timeout: float) -> bool:
-    """Blocks the serving thread until ``set_flag(name)`` runs (or ``timeout``)."""
-    return _flag(name).wait(timeout)
-
-
-def set_flag(name: str) -> None:
-    _flag(name).set()

@@ -16,10 +16,7 @@ the link in an epoll set (``_Gate``) in which the link's descriptor is armed
 only while nobody holds the role: a caller that reads disarms it first, so a
 reply never wakes a server. A server that reads a request of a new chain
 runs it itself; the gate is armed again first, so another idle server takes
-whatever arrives meanwhile. No thread polls on a timer. With many callers at
-once the link batches instead: the server that read runs what it read in
-turn with the gate disarmed, and a watchdog timer wakes another should a run
-last (see ``__init__``, "Deferred watching").
+whatever arrives meanwhile. No thread polls on a timer.
 
 Chains: every request names the chain (thread of control) it belongs to. A
 request whose chain is running in a thread here is executed by that very
@@ -36,7 +33,6 @@ import os
 import select
 import sys
 from _collections import deque
-from time import monotonic as _monotonic
 
 from .. import _logging
 from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTerminated
@@ -236,8 +232,6 @@ class _Gate:
     def __init__(self, fd: int) -> None:
         self._ep = select.epoll()
         self._fd = fd
-        self._timer: Any = None  # the watchdog's (see Connection._watch_runs), made on first use
-        self._poll: Any = None  # the link's descriptor alone, for a look without waiting
         self._kick_r, self._kick_w = os.pipe()
         os.set_blocking(self._kick_r, False)
         # disarmed: one-shot without EPOLLIN still reports a hang-up, once
@@ -253,52 +247,21 @@ class _Gate:
     def kick(self) -> None:
         os.write(self._kick_w, b"k")
 
-    def has_timer(self) -> bool:
-        """Whether the watchdog's timer can be used (made on first use; where
-        it cannot be, the link never batches)."""
-        if self._timer is None:
-            try:
-                from .watch_timer import WatchTimer
-
-                self._timer = WatchTimer()
-                self._ep.register(self._timer.fileno(), select.EPOLLONESHOT)
-            except (ImportError, OSError, AttributeError, ValueError) as err:
-                log.info("no watchdog timer (%s): servers take requests without batching", err)
-                self._timer = False
-        return bool(self._timer)
-
-    def start_timer(self, seconds: float) -> None:
-        """Wake one waiting server ``seconds`` from now (``wait`` says "timed");
-        only after ``has_timer`` said yes."""
-        self._timer.start(seconds)
-        self._ep.modify(self._timer.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
-
-    def readable_now(self) -> bool:
-        """Whether the link's descriptor is readable, without waiting."""
-        if self._poll is None:
-            self._poll = select.poll()
-            self._poll.register(self._fd, select.POLLIN)
-        return bool(self._poll.poll(0))
-
-    def wait(self, timeout: Optional[float] = None) -> Tuple[bool, bool, bool]:
-        """Block until the link has something, a server was kicked or the
-        timer expired, or for ``timeout`` seconds: (link readable, kicked,
-        timed)."""
+    def wait(self, timeout: Optional[float] = None) -> Tuple[bool, bool]:
+        """Block until the link has something or a server was kicked, or for
+        ``timeout`` seconds: (link readable, kicked)."""
         while True:
             try:
                 events = self._ep.poll(-1 if timeout is None else timeout)
             except InterruptedError:  # (a retry waits the whole timeout again: fine for retiring)
                 continue
-            readable = kicked = timed = False
+            readable = kicked = False
             for fd, _ in events:
                 if fd == self._fd:
                     readable = True
                 elif fd == self._kick_r:
                     kicked = True
-                else:
-                    timed = True
-                    self._timer.clear()
-            return readable, kicked, timed
+            return readable, kicked
 
     def take_kick(self) -> None:
         try:
@@ -309,10 +272,7 @@ class _Gate:
         self._ep.modify(self._kick_r, select.EPOLLIN | select.EPOLLONESHOT)
 
     def close(self) -> None:
-        closes = [self._ep.close, lambda: os.close(self._kick_r), lambda: os.close(self._kick_w)]
-        if self._timer:
-            closes.append(self._timer.close)
-        for close in closes:
+        for close in (self._ep.close, lambda: os.close(self._kick_r), lambda: os.close(self._kick_w)):
             try:
                 close()
             except OSError:
@@ -350,9 +310,6 @@ class Connection:
     #: calling a twin started a new server thread for one call in ten.
     MAX_IDLE = 4
     RETIRE_AFTER = 1.0
-    #: seconds a server may run a request while the gate waits for it (see
-    #: _defer_gate) before the watchdog lets another server take over
-    WATCH_AFTER = 0.002
 
     def __init__(
         self,
@@ -426,19 +383,6 @@ class Connection:
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
         self._idle: Deque[_Waiter] = deque()  # ... or, without a gate, asleep
-        # Deferred watching. Once a server's read brings requests of several new
-        # chains (many callers at once), a server runs what it read with the
-        # gate disarmed, and the requests after the first wait for it (no kick),
-        # so that the next request wakes no other server: on PyPy a second
-        # runnable thread costs tens of microseconds per call (its GIL's waits
-        # go in 100 us slices). A watchdog timer in the gate wakes an idle
-        # server if a run lasts WATCH_AFTER, which arms the gate and takes
-        # what waits: a request that blocks holds up the others for that long
-        # only. benches/README.md, "Why 8 threads collapse on a PyPy twin".
-        self._batching = False  # requests of several new chains came in one read
-        self._deferred = False  # the gate is disarmed: a running server comes back to it
-        self._runs: Dict[int, float] = {}  # server thread -> start of its run, until found long
-        self._timer_on = False
         self.broken: Optional[BaseException] = None
         #: a caller was told that the link ended (master.py restarts a dead
         #: twin on its next use only once somebody was)
@@ -1014,7 +958,6 @@ class Connection:
                 return
             if self._gate is not None and not self._armed and self.broken is None:
                 self._armed = True
-                self._deferred = False
                 self._gate.arm()
 
     def _leave_queue(self, waiter: _Waiter) -> None:
@@ -1064,13 +1007,7 @@ class Connection:
                     break
         finally:
             with self._lock:
-                if reader is None and mine is not None and self._defer_gate():
-                    self._reading = False  # the gate waits for this server's run
-                    self._reader = None
-                    self._deferred = True
-                    self._watch_runs()
-                else:
-                    self._give_up_role()
+                self._give_up_role()
             release_signals()  # the main thread's, held while it had the role
         for _, kind, before, raw in later:
             self._handle_control(kind, before, raw)
@@ -1140,14 +1077,6 @@ class Connection:
                     )
                 if (reader is None and take) or not self._threads:
                     return item  # a server runs it, or (no threads) whoever reads
-                if reader is None and self._gate is not None and self._gate.has_timer():
-                    # a server's read brought requests of several new chains:
-                    # it runs them in turn (deferred watching, see __init__)
-                    with self._lock:
-                        self._batching = True
-                        self._handoff.append(item)
-                        self._watch_runs()
-                    return None
                 self._hand_to_server(item)
                 return None
             elif kind == RELEASE or kind == SHUTDOWN:
@@ -1342,19 +1271,7 @@ class Connection:
 
     def _next_request(self, waiter: _Waiter, retire: bool) -> Optional[Item]:
         """An idle server: wait at the gate for a request of a new chain; None
-        when the link ended (or, with ``retire``, when enough others wait).
-        While batching, the run of what it returns is timed (the watchdog)."""
-        if self._batching:
-            with self._lock:
-                self._runs.pop(_thread.get_ident(), None)  # its last run is over
-        item = self._next_request_waiting(waiter, retire)
-        if item is not None and self._batching:
-            with self._lock:
-                self._runs[_thread.get_ident()] = _monotonic()
-                self._watch_runs()
-        return item
-
-    def _next_request_waiting(self, waiter: _Waiter, retire: bool) -> Optional[Item]:
+        when the link ended (or, with ``retire``, when enough others wait)."""
         gate = self._gate
         while True:
             while waiter.inbox:
@@ -1370,22 +1287,13 @@ class Connection:
                     return None
                 if self._handoff:
                     return self._take_handed(gate)
-                # back from a run the gate waited for: what came meanwhile is
-                # read here, by this thread, else the gate watches again
-                direct = self._deferred and self._watch_again(gate)  # type: ignore[arg-type]
-                if not direct:
-                    surplus = retire and self._waiting >= self.MAX_IDLE
-                    if surplus and gate is None:
-                        return None
-                    if gate is None:  # no descriptor to wait on: read (holding the role)
-                        read = self._take_role(None)
-                    else:
-                        self._waiting += 1
-            if direct:
-                item = self._read(None)
-                if item is not None:
-                    return item
-                continue
+                surplus = retire and self._waiting >= self.MAX_IDLE
+                if surplus and gate is None:
+                    return None
+                if gate is None:  # no descriptor to wait on: read (holding the role)
+                    read = self._take_role(None)
+                else:
+                    self._waiting += 1
             if gate is None:
                 if read:
                     item = self._read(None)
@@ -1402,7 +1310,7 @@ class Connection:
                                 self._idle.remove(waiter)
                 continue
             try:
-                readable, kicked, timed = gate.wait(self.RETIRE_AFTER if surplus else None)
+                readable, kicked = gate.wait(self.RETIRE_AFTER if surplus else None)
             except BaseException:
                 with self._lock:
                     self._waiting -= 1
@@ -1411,8 +1319,6 @@ class Connection:
                 gate.take_kick()
             with self._lock:  # (one section: a lock costs as much as a system call)
                 self._waiting -= 1
-                if timed:
-                    self._watchdog()
                 if not readable:
                     read = False
                 else:
@@ -1426,64 +1332,18 @@ class Connection:
                             self._role_is_free()  # the gate watches the link again
                         return self._take_handed(gate)
                     read = self.broken is None and self._take_role(None)
-            if not (readable or kicked or timed):  # a surplus server, idle for RETIRE_AFTER
+            if not (readable or kicked):  # a surplus server, idle for RETIRE_AFTER
                 return None
             if read:
                 item = self._read(None)
                 if item is not None:
                     return item
 
-    def _defer_gate(self) -> bool:
-        """Caller holds _lock and the role, as a server that read a request:
-        whether it leaves the gate disarmed while it runs it (batching, and
-        nobody else waits for the role or watches from an event loop)."""
-        return (
-            self._batching
-            and not self._callers
-            and self._watch_loop is None
-            and self._gate is not None
-            and self.broken is None
-        )
-
-    def _watch_again(self, gate: _Gate) -> bool:
-        """Caller holds _lock: a server back from a run the gate waited for
-        takes the role if something came meanwhile (then reads it: True), or
-        arms the gate (False). Without the role free, the reader sees to it."""
-        if self._reading or self._heir is not None or self._callers:
-            return False
-        if (self._buffered is not None and self._buffered()) or gate.readable_now():
-            return self._take_role(None)
-        self._role_is_free()  # (arms the gate, and the watching is not deferred any more)
-        return False
-
-    def _watch_runs(self) -> None:
-        """Caller holds _lock: a run or a waiting request is to be watched."""
-        if not self._timer_on and self._gate is not None:
-            self._timer_on = True
-            self._gate.start_timer(self.WATCH_AFTER)
-
-    def _watchdog(self) -> None:
-        """Caller holds _lock: the watchdog timer woke this idle server. A run
-        that lasted WATCH_AFTER is not waited for: the gate watches again, and
-        this server takes a waiting request (at the top of its loop); such a
-        run is not timed again. Others are timed from their start."""
-        self._timer_on = False
-        now = _monotonic()
-        ripe = [thread for thread, start in self._runs.items() if now - start >= self.WATCH_AFTER]
-        for thread in ripe:
-            del self._runs[thread]
-        if (ripe or not self._runs) and self._deferred and not self._reading and self._heir is None:
-            if not self._callers:
-                self._role_is_free()
-        if self._runs:
-            self._timer_on = True
-            self._gate.start_timer(min(self._runs.values()) + self.WATCH_AFTER - now)  # type: ignore[union-attr]
-
     def _take_handed(self, gate: Optional[_Gate]) -> Item:
         """Caller holds _lock: a server takes the oldest handed request."""
         item = self._handoff.popleft()
-        if self._handoff and gate is not None and not self._batching:
-            gate.kick()  # more for others (batching: the watchdog's, if this run lasts)
+        if self._handoff and gate is not None:
+            gate.kick()  # more for others
         return item
 
     def _pass_on_kick(self, gate: Optional[_Gate]) -> None:
