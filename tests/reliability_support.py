@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -84,9 +86,31 @@ def wait_gone(pid: int) -> bool:
     return not process_exists(pid)
 
 
-def wait_for_pending(master: TwinMaster, count: int) -> None:
+def stop_twin(pid: int) -> None:
+    """SIGSTOP process ``pid`` and wait until every thread of it is stopped:
+    a stop takes hold thread by thread, and a PyPy twin answered a call sent
+    right after the signal (1 in 40 tries; its last thread stopped 1-2 ms
+    after it)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + HANG
+    while not all(_thread_state(pid, tid) in ("T", "t", None) for tid in os.listdir(f"/proc/{pid}/task")):
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
+
+
+def _thread_state(pid: int, tid: str):
+    """A thread's state letter (T: stopped), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def wait_for_pending(master: TwinMaster, count: int, *calls: Calls) -> None:
     """Wait until ``count`` calls to ``master``'s twin are registered on its
-    link (a call registers before it sends, so each is inside its call)."""
+    link (a call registers before it sends, so each is inside its call);
+    ``calls`` are the ones made, whose outcomes a failure shows."""
     from cpy2py.master import connection_for
 
     connection = connection_for(master.twinterpreter_id)
@@ -95,7 +119,7 @@ def wait_for_pending(master: TwinMaster, count: int) -> None:
         if time.monotonic() >= deadline:  # (rare, under load: say where the calls are)
             raise AssertionError(
                 f"{count} calls never reached the link ({len(connection._pending)} did; "
-                f"link {connection!r}):\n{_thread_stacks()}"
+                f"link {connection!r}; outcomes so far: {[c.outcomes for c in calls]!r}):\n{_thread_stacks()}"
             )
         time.sleep(0.01)
 

@@ -22,7 +22,7 @@ import pytest
 import reliability_helpers as rh
 from cpy2py import TwinMaster, TwinterpreterTerminated, TwinterpreterUnavailable
 from cpy2py import master as master_module
-from reliability_support import HANG, Calls, Loop, in_thread, settle, wait_for_pending, wait_gone
+from reliability_support import HANG, Calls, Loop, in_thread, settle, stop_twin, wait_for_pending, wait_gone
 from support import TESTS_DIR, require_interpreter
 
 
@@ -139,10 +139,10 @@ def test_stopped_twin_with_a_full_pipe_can_be_stopped_and_destroyed(kind, victim
     per-call timeout for native twins), but the pipe to it fills up and
     senders block. stop() and destroy() must still end it, and fail every call."""
     pid = victim.execute(rh.pid)
-    os.kill(pid, signal.SIGSTOP)
+    stop_twin(pid)
     small = Calls(victim, 2, rh.sleep_then, 0, "small")
     big = Calls(victim, 3, rh.answer, "big", bytes(1 << 20))  # 3 MiB: far more than a pipe holds
-    wait_for_pending(victim, 5)  # a fixed pause was too short under load
+    wait_for_pending(victim, 5, small, big)  # a fixed pause was too short under load
     assert small.running() == 2 and big.running() == 3, "calls to a stopped twin must wait, not fail"
     assert bystander.execute(rh.pid) != pid  # other twins carry on meanwhile
     stopper = threading.Thread(target=getattr(victim, how), kwargs={"timeout": 1.0} if how == "stop" else {})
@@ -269,7 +269,7 @@ def test_ctrl_c_reaches_a_master_blocked_sending_to_a_twin_that_stopped_reading(
     still reaches the master; the message was cut half-sent, so that twin is
     stopped (its state is lost) and the next start gives a fresh one."""
     pid = victim.execute(rh.pid)
-    os.kill(pid, signal.SIGSTOP)
+    stop_twin(pid)
     restore = _interrupt_after(0.3)
     started = time.monotonic()
     try:
@@ -439,7 +439,7 @@ def test_objects_dropped_while_their_twin_is_stopped_do_not_block_other_twins(ki
     pid = owner.execute(rh.pid)
     blobs = [rh.blob_class(kind)(i) for i in range(200)]
     try:
-        os.kill(pid, signal.SIGSTOP)
+        stop_twin(pid)
         stuck = Calls(owner, 2, rh.answer, "big", bytes(1 << 20))  # fills the pipe, then blocks
         settle()
 
