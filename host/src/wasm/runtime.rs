@@ -622,6 +622,25 @@ mod tests {
         assert!(ka.contains("wasmtime48"), "{ka}");
     }
 
+    /// `has_loaded` never waits: while another thread holds the table of
+    /// loaded guests (it loads or compiles one, for seconds), it says no at
+    /// once, so that a start can decide to wait for the compilation in
+    /// slices (python/wasi.rs, `interruptible`).
+    #[test]
+    fn has_loaded_never_waits_for_a_thread_that_loads_a_guest() {
+        let rt = runtime().unwrap();
+        let file = std::env::temp_dir().join(format!("cpy2py-has-loaded-{}", std::process::id()));
+        fs::write(&file, b"not a guest").unwrap();
+        let held = rt.loaded.lock().unwrap(); // as a thread compiling a guest holds it
+        let (answer, answered) = std::sync::mpsc::channel();
+        let asked = file.clone();
+        std::thread::spawn(move || answer.send(runtime().unwrap().has_loaded(&asked)));
+        let got = answered.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        let _ = fs::remove_file(&file);
+        assert_eq!(got, Ok(false), "has_loaded waited for the thread that loads");
+    }
+
     /// A slot of the pooling allocator that another instance gets back
     /// holds the initial image again: what the previous instance wrote (in
     /// its initialized data, in fresh pages, in memory it grew) is gone.
