@@ -288,6 +288,22 @@ def test_deep_recursion_in_c_raises_recursion_error_and_the_guest_lives_on(hosti
         master.stop()
 
 
+def test_a_recursion_past_the_wasm_stack_ends_the_guest_not_the_master(hostile_dir, hostile):
+    """Freeing nested lists recurses in C without CPython's check (it uses no
+    shadow stack): nested deeper than the 64 MiB wasm stack holds (about
+    245,000 levels), the guest traps. Its caller gets TwinterpreterTerminated,
+    the guest's state is gone, and the next call gets a fresh guest."""
+    master = start(hostile_dir, "limits-wasm-stack")
+    try:
+        mark_state(master)
+        with pytest.raises(TwinterpreterTerminated):
+            master.execute(hostile.drop_nested, 400_000)
+        assert not state_kept(master), "a fresh guest answers"
+        assert master.execute(hostile.drop_nested, DEEP) == "freed"
+    finally:
+        master.stop()
+
+
 # -- the guest runs on its caller's thread -------------------------------------------------
 
 
