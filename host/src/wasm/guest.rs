@@ -51,7 +51,8 @@ impl WasiGuest {
     /// it, then it sends its hello (`take_hello`).
     pub fn launch(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<WasiGuest> {
         let rt = runtime::runtime()?;
-        if rt.pooled && rt.live_guests() >= runtime::max_guests() as usize {
+        // (without the pool as well: the limit is the policy, not only the pool's size)
+        if rt.live_guests() >= runtime::max_guests() as usize {
             return Err(too_many_guests());
         }
         let loaded = rt.load_guest(&config.guest_file, &config.cache_dir.join("wasm"))?;
