@@ -373,6 +373,16 @@ def alive(master: TwinMaster) -> bool:
     return master.execute(abs, -1) == 1
 
 
+def mark(master: TwinMaster) -> None:
+    """Leave state in the guest, to tell later whether it is the same one."""
+    master.execute(exec, "import builtins; builtins.policy_marker = 'kept'")
+
+
+def marked(master: TwinMaster) -> bool:
+    """Whether the guest is the one ``mark`` left state in (False: a fresh one)."""
+    return master.execute(eval, "getattr(__import__('builtins'), 'policy_marker', None)") == "kept"
+
+
 def eventually(condition, what: str, within: float = 20.0) -> None:
     """Wait for ``condition`` (work done by other threads); fail saying ``what``."""
     deadline = time.monotonic() + within
@@ -633,10 +643,12 @@ def test_a_guest_object_as_a_dict_key_fails_the_call_not_the_master(box):
 def test_a_crafted_release_stops_its_guest_and_blocks_no_other(sandbox):
     bystander = sandbox("policy-bystander")
     attacker = sandbox("policy-attacker")
+    mark(bystander)
+    mark(attacker)
     with pytest.raises(ProtocolError, match="release"):
         attacker.import_module("hostile_plugin").crafted_release()
-    assert alive(bystander)  # nothing was left locked
-    assert alive(attacker)  # a fresh guest
+    assert marked(bystander), "the bystander's guest goes on (nothing was left locked)"
+    assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
 
 
 @pytest.mark.timeout(300)
@@ -693,10 +705,11 @@ def test_a_plain_data_block_holding_more_than_plain_data_stops_its_guest(sandbox
     a guest that sends anything else is stopped and nothing of it runs."""
     target = tmp_path / "made_by_a_block"
     attacker = sandbox("policy-block")
+    mark(attacker)
     with pytest.raises(ProtocolError, match="plain-data block|decoding budget"):
         attacker.import_module("hostile_plugin").send_hostile_block(kind, str(target))
     assert not target.exists(), "the master ran what a block asked for"
-    assert alive(attacker)  # a fresh guest
+    assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
 
 
 def test_a_failed_frame_leaves_nothing_for_the_next(box, sandbox):
