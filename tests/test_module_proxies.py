@@ -34,6 +34,21 @@ def fail():
     raise KeyError("from the module")
 
 
+def made_class():
+    """A class made at run time, which no other interpreter can import."""
+    class Made:
+        def __init__(self, n):
+            self.n = n
+
+        def __repr__(self):
+            return f"Made({self.n})"
+
+        def __call__(self, k):
+            return self.n + k
+
+    return Made
+
+
 def rebind():
     """Names change after the module was handed over: a function becomes a
     value, and a new function appears."""
@@ -107,3 +122,16 @@ def test_names_that_change_after_the_module_was_handed_over(twin):
     del plugin  # (a proxy of the module that is still alive keeps its description;
     gc.collect()  # the failed call's traceback held one)
     assert twin.import_module("proxied_plugin").add == 42  # described anew: now a value
+
+
+def test_a_class_made_in_the_twin_shows_and_calls_as_a_class(twin):
+    """A class of the twin's comes as a proxy: repr and str show the class
+    (its metaclass's ``__repr__``, not the unbound one of its instances),
+    and calling it makes an instance there, although its instances define
+    ``__repr__`` and ``__call__`` of their own."""
+    made_class = twin.import_module("proxied_plugin").made_class()
+    shown = "<class 'proxied_plugin.made_class.<locals>.Made'>"
+    assert repr(made_class) == shown and str(made_class) == shown
+    made = made_class(3)
+    assert repr(made) == "Made(3)"
+    assert made(4) == 7

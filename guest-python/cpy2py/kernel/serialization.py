@@ -474,6 +474,10 @@ class Serializer:
         """Run one request operation and return its result."""
         if op == OP_CALL_METHOD:
             obj, name, args, kwargs = operands
+            if isinstance(obj, type) and name[:2] == "__" and hasattr(type(obj), name):
+                # a class's data model is its metaclass's: repr(cls) is
+                # type(cls).__repr__(cls), not the unbound __repr__ of its instances
+                return getattr(type(obj), name)(obj, *args, **kwargs)
             return getattr(obj, name)(*args, **kwargs)
         if op == OP_EXECUTE or op == OP_INSTANTIATE:
             func, args, kwargs = operands
