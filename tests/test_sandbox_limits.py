@@ -304,6 +304,29 @@ def test_a_recursion_past_the_wasm_stack_ends_the_guest_not_the_master(hostile_d
         master.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_guests_trap_ends_that_guest_after_another_library_took_the_trap_signals(hostile_dir):
+    """wasmtime catches a guest's traps (here wasi-libc's abort: a wasm
+    `unreachable`) with signal handlers that a library installing crash
+    reporters of its own replaces (Ray's, on ray.init: the next trap then
+    ended the master). The host puts them back before it runs a guest, so
+    the trap still ends that guest only, and the next call gets a fresh one.
+    Without that, Python's own SIGILL handler, installed here, would return
+    to the faulting instruction for ever."""
+    master = start(hostile_dir, "limits-trap-handlers")
+    try:
+        mark_state(master)
+        previous = signal.signal(signal.SIGILL, lambda signum, frame: None)  # as a crash reporter would
+        try:
+            with pytest.raises(TwinterpreterTerminated, match="crashed"):
+                master.execute(signal.raise_signal, int(signal.SIGTERM))
+        finally:
+            signal.signal(signal.SIGILL, previous)
+        assert not state_kept(master), "a fresh guest answers"
+    finally:
+        master.stop()
+
+
 # -- the guest runs on its caller's thread -------------------------------------------------
 
 

@@ -255,6 +255,7 @@ impl Shared {
     /// for it instead. See the module docs for when the guest's work after a
     /// frame runs.
     pub(super) fn drive(&self, until: Until, deadline: Option<Instant>) -> bool {
+        super::trap_handlers::keep(); // (a guest's trap must end that guest only)
         let mut drive = lock(&self.drive);
         drive.drivers += 1;
         if drive.drivers == 1 {

@@ -17,6 +17,7 @@ pub mod output;
 pub mod queue;
 pub mod runtime;
 pub mod snapshot;
+pub mod trap_handlers;
 pub mod view;
 
 pub use config::GuestConfig;

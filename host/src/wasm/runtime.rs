@@ -217,6 +217,7 @@ pub fn runtime() -> Result<&'static Runtime> {
             // SAFETY: registers a handler that only stores to an atomic
             unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
             let (engine, pooled) = new_engine()?;
+            super::trap_handlers::save(); // (the engine installed them)
             Ok(Runtime {
                 engine,
                 pooled,
