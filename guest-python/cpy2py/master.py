@@ -29,6 +29,7 @@ from .kernel.connection import Connection
 from .kernel.serialization import Serializer
 from .protocol import codec
 from .protocol.messages import OP_EXECUTE, PROTOCOL_VERSION, SHUTDOWN
+from .protocol.transport import release_signals
 
 log = _logging.get_logger("master")
 
@@ -1018,6 +1019,10 @@ def _after_fork_in_child() -> None:
     global _running_lock
     # locks other threads may have held at the fork stay held forever here
     _running_lock = threading.RLock()
+    # a main thread that forked inside a call holds its signals (see
+    # protocol/transport.py): the child's would stay blocked for good, and
+    # multiprocessing's terminate() (SIGTERM) could not end it
+    release_signals()
     links.after_fork()
     references.after_fork()
     deadlines = sys.modules.get(f"{__package__}.kernel.deadlines")

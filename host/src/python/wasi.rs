@@ -222,6 +222,11 @@ impl WasiGuest {
             )
         };
         let deadline = Instant::now() + config.handshake_timeout;
+        // a daemon thread's start after the master's exit hook would take the
+        // GIL back while the interpreter finalizes (see the module docs)
+        if host_calls::exiting() {
+            return Err(HostError::Spawn("the master exits: the guest's start was given up".into()).into());
+        }
         let rt = runtime::runtime()?;
         if !rt.has_loaded(&config.guest_file) {
             // compiled for this machine first (seconds, once per guest build)
@@ -230,7 +235,7 @@ impl WasiGuest {
                 rt.load_guest(&guest_file, &wasm_dir).map(drop)
             })?;
         }
-        let guest = py.detach(|| wasm::WasiGuest::launch(&config, Box::new(ProcessSink)))?;
+        let guest = in_host(py, || wasm::WasiGuest::launch(&config, Box::new(ProcessSink)))?;
         let mut twin = WasiGuest { guest };
         loop {
             let slice = deadline.min(Instant::now() + DRIVE_SLICE);
@@ -250,6 +255,13 @@ impl WasiGuest {
                     if let Err(interrupted) = py.check_signals() {
                         py.detach(|| twin.guest.kill());
                         return Err(interrupted);
+                    }
+                    if host_calls::exiting() {
+                        in_host(py, || twin.guest.kill());
+                        return Err(HostError::Spawn(
+                            "the master exits: the guest's start was given up".into(),
+                        )
+                        .into());
                     }
                 }
                 Err(e) => return Err(e.into()),
