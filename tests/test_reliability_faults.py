@@ -57,6 +57,26 @@ def bystander():
 # -- a twin killed, exiting, closing its descriptors ------------------------------------
 
 
+def test_a_twin_that_dies_mid_call_leaves_the_masters_signals_deliverable(kind, victim):
+    """The main thread holds its signals while it reads its reply: a twin that
+    exits mid-call must not leave them held (Ctrl-C, or any handler, would then
+    wait for the next call: they were, after every such crash)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are held by the main thread only")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        with pytest.raises(TwinterpreterTerminated):
+            victim.execute(os._exit, 3)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)  # (bytecode runs: a delivered signal's handler with it)
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_sigkill_mid_call_fails_every_waiting_call_and_restarts(kind, victim, bystander):
     pid = victim.execute(rh.pid)
     loop = Loop(bystander)

@@ -901,6 +901,7 @@ class Connection:
                 return waiter.inbox.popleft()
             mine = self._reading and self._reader == _thread.get_ident()  # taken before its send
             held = self._holds_signals and hold_signals()  # (main thread) while it may read; see _read
+            read = False
             try:
                 with self._lock:
                     if waiter.inbox:
@@ -909,7 +910,10 @@ class Connection:
                         raise self._broken_error()
                     read = mine or self._take_role(waiter)
             finally:
-                if held and not (self._reading and self._reader == _thread.get_ident()):
+                # _read releases them once it is done; whatever does not go on
+                # to read (the link ended, a frame came, it waits for the role)
+                # releases them here, the role it may still hold included
+                if held and not read:
                     release_signals()
             if read:
                 item = self._read(waiter)
