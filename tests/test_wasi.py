@@ -31,7 +31,7 @@ from cpy2py import (
     is_proxy,
 )
 from cpy2py.errors import RemoteTraceback
-from support import code_on_sys_path, sandbox_unavailable
+from support import code_on_sys_path, run_master, sandbox_unavailable
 
 #: the guests of this module start after this (monotonic clock, ns)
 MODULE_STARTED_NS = time.monotonic_ns()
@@ -885,10 +885,7 @@ def test_the_master_exits_while_a_daemon_thread_compiles_a_guest(tmp_path):
     waiting for it is out of the host before the interpreter finalizes (one
     that took the GIL back inside Rust frames then would abort the
     process), and the master exits at once with its own status."""
-    script = tmp_path / "exit_while_compiling.py"
-    script.write_text(EXIT_WHILE_COMPILING)
-    env = dict(os.environ, CPY2PY_CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    done = run_master(EXIT_WHILE_COMPILING, env={"CPY2PY_CACHE_DIR": str(tmp_path / "cache")}, timeout=60)
     assert "compiling the WASI guest" in done.stderr, done.stderr
     assert done.stdout == "master exits\n", (done.stdout, done.stderr)
     assert done.returncode == 0, (done.returncode, done.stderr)

@@ -283,13 +283,13 @@ impl TwinProcess {
 
     /// Locks the stderr tail, or in a forked child only tries (see `forked`).
     fn tail(&self) -> Option<std::sync::MutexGuard<'_, StderrTail>> {
+        if !self.forked() {
+            return Some(self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()));
+        }
         match self.stderr_tail.try_lock() {
             Ok(tail) => Some(tail),
             Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) if self.forked() => None,
-            Err(std::sync::TryLockError::WouldBlock) => {
-                Some(self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner()))
-            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
         }
     }
 

@@ -87,6 +87,13 @@ fn guest_config(twin_id: &str, files: GuestFiles, code: GuestCode, limits: Guest
     }
 }
 
+/// What a guest's start, compilation or snapshot (`what`) raises once the
+/// master's exit hook ran: it is given up, so that no thread takes the GIL
+/// back inside the host while the interpreter finalizes.
+fn given_up_at_exit(what: &str) -> PyErr {
+    HostError::Spawn(format!("the master exits: the guest's {what} was given up")).into()
+}
+
 /// Runs `work` on a thread of its own, and waits for it with the GIL
 /// released, looking for signals every `DRIVE_SLICE`: a handler that raises
 /// (Ctrl-C) ends the wait at once, as in every other wait of the master.
@@ -127,10 +134,7 @@ fn interruptible<T: Send + 'static>(
                     // a thread that took the GIL back inside the host once the
                     // interpreter finalizes would abort the process (see the module docs)
                     cancel.store(true, Ordering::SeqCst);
-                    return Err(HostError::Spawn(format!(
-                        "the master exits: the guest's {what} was given up"
-                    ))
-                    .into());
+                    return Err(given_up_at_exit(what));
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
@@ -225,7 +229,7 @@ impl WasiGuest {
         // a daemon thread's start after the master's exit hook would take the
         // GIL back while the interpreter finalizes (see the module docs)
         if host_calls::exiting() {
-            return Err(HostError::Spawn("the master exits: the guest's start was given up".into()).into());
+            return Err(given_up_at_exit("start"));
         }
         let rt = runtime::runtime()?;
         if !rt.has_loaded(&config.guest_file) {
@@ -258,10 +262,7 @@ impl WasiGuest {
                     }
                     if host_calls::exiting() {
                         in_host(py, || twin.guest.kill());
-                        return Err(HostError::Spawn(
-                            "the master exits: the guest's start was given up".into(),
-                        )
-                        .into());
+                        return Err(given_up_at_exit("start"));
                     }
                 }
                 Err(e) => return Err(e.into()),
