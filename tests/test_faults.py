@@ -384,3 +384,82 @@ def test_a_child_forked_while_the_main_thread_held_its_signals_gets_them_back():
     done = run_master(HELD_AT_FORK, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "CHILD 0\n", (done.stdout, done.stderr)
+
+
+CHILDREN_MODULE = """
+import multiprocessing, os, subprocess, sys, threading
+from cpy2py import kernel_state, twinfunction
+
+
+def _blocked(pid="self"):
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line.split()[1] for line in status if line.startswith("SigBlk")), 16)
+
+
+def _worker_mask():
+    return _blocked()
+
+
+@twinfunction(kernel_state.MASTER_ID)
+def start_children():
+    '''User code of the master, run for the twin: a subprocess and a pool.'''
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child_mask = _blocked(process.pid)
+    process.terminate()
+    try:
+        ended = process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        ended = "still running 10 s after SIGTERM"
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        worker_mask = pool.apply(_worker_mask)
+    # (leaving the block terminates the pool: SIGTERM to its worker)
+    return ended, child_mask, worker_mask, threading.current_thread().name
+
+
+@twinfunction("{kind}")
+def from_a_thread_of_the_twin():
+    found = []
+    thread = threading.Thread(target=lambda: found.append(start_children()))
+    thread.start()
+    thread.join()
+    return found[0]
+
+
+@twinfunction("{kind}")
+def from_the_twin():
+    return start_children()
+"""
+
+CHILDREN_SCRIPT = """
+import asyncio, signal, sys
+sys.path.insert(0, {directory!r})
+import cpy2py, children
+
+print("IN CHAIN", children.from_the_twin())
+print("TWIN THREAD", children.from_a_thread_of_the_twin())
+print("AWAITED", asyncio.run(cpy2py.aio(children.from_the_twin)()))
+"""
+
+
+@pytest.mark.parametrize("kind", ["python3", "pypy3"])
+def test_processes_started_by_callbacks_of_the_twin_end_on_sigterm(tmp_path, kind):
+    """A callback runs on a thread of the master's cpy2py when the twin's own
+    thread (or an awaited call) makes it; that thread blocks the signals that
+    Python handles, so they reach the main thread. A subprocess the callback
+    starts inherits its mask: it must still end on SIGTERM (Popen.terminate,
+    a pool's terminate), and a pool's forked worker gets a mask as clean as
+    the main thread's."""
+    require_interpreter(kind)
+    (tmp_path / "children.py").write_text(CHILDREN_MODULE.replace("{kind}", kind))
+    done = run_master(CHILDREN_SCRIPT.format(directory=str(tmp_path)), timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = dict(line.split(" (", 1) for line in done.stdout.splitlines() if " (" in line)
+    assert set(lines) == {"IN CHAIN", "TWIN THREAD", "AWAITED"}, done.stdout + done.stderr
+    sigterm = 1 << (signal.SIGTERM - 1)
+    for where, said in lines.items():
+        ended, child_mask, worker_mask, thread = eval("(" + said)
+        assert ended == -signal.SIGTERM, (where, said)
+        assert not child_mask & sigterm, (where, said)
+        assert worker_mask == 0, (where, said)
+    assert "cpy2py" in eval("(" + lines["TWIN THREAD"])[3], lines  # (the case this is about)

@@ -29,7 +29,7 @@ from .kernel.connection import Connection
 from .kernel.serialization import Serializer
 from .protocol import codec
 from .protocol.messages import OP_EXECUTE, PROTOCOL_VERSION, SHUTDOWN
-from .protocol.transport import release_signals
+from .protocol.transport import release_signals, unblock_after_fork
 
 log = _logging.get_logger("master")
 
@@ -1023,6 +1023,9 @@ def _after_fork_in_child() -> None:
     # protocol/transport.py): the child's would stay blocked for good, and
     # multiprocessing's terminate() (SIGTERM) could not end it
     release_signals()
+    # ... and one forked from a thread of cpy2py's (a callback that forked)
+    # would keep the signals that thread blocked
+    unblock_after_fork()
     links.after_fork()
     references.after_fork()
     deadlines = sys.modules.get(f"{__package__}.kernel.deadlines")

@@ -38,7 +38,13 @@ from .. import _logging
 from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
-from ..protocol.transport import block_signals_in_this_thread, hold_signals, release_signals
+from ..protocol.transport import (
+    block_signals_again,
+    block_signals_in_this_thread,
+    hold_signals,
+    let_plain_signals_through,
+    release_signals,
+)
 from . import references
 from .serialization import Serializer, bare_failure, decoding_from
 
@@ -183,7 +189,10 @@ def callback_workers() -> Any:
     if _callback_workers is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _callback_workers = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="cpy2py-callback")
+        # (their signals as a server thread's: blocked but while user code runs)
+        _callback_workers = ThreadPoolExecutor(
+            max_workers=1024, thread_name_prefix="cpy2py-callback", initializer=block_signals_in_this_thread
+        )
     return _callback_workers
 
 
@@ -804,9 +813,12 @@ class Connection:
             return
         outer, waiter.chain = waiter.chain, awaiter.chain
         _local.loop = awaiter.loop
+        opened = let_plain_signals_through()
         try:
             self._run(waiter, req_id, raw)
         finally:
+            if opened:
+                block_signals_again()
             with self._lock:
                 entry[0] = awaiter
             waiter.chain = outer
@@ -1259,7 +1271,12 @@ class Connection:
                 item = self._next_request(waiter, retire)
                 if item is None:
                     return
-                self._run_as_server(waiter, item)
+                opened = let_plain_signals_through()  # (the master's: see there)
+                try:
+                    self._run_as_server(waiter, item)
+                finally:
+                    if opened:
+                        block_signals_again()
                 del item  # a request's arguments are not ours to keep
         except BaseException as err:  # a server must never vanish silently
             if self.broken is None:

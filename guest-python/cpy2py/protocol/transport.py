@@ -78,6 +78,16 @@ except ImportError:  # (PyPy, the WASI guest, a remote twin: the same in Python)
         return _held.active
 
 
+class _Blocked(_thread._local):
+    """Per thread of the master's cpy2py: the mask it had before
+    ``block_signals_in_this_thread`` (None: that was not called here)."""
+
+    mask = None
+
+
+_blocked = _Blocked()
+
+
 def block_signals_in_this_thread() -> None:
     """For threads the master's cpy2py starts: signals go to the main thread
     instead (Python runs their handlers there anyway), so that while it holds
@@ -90,7 +100,47 @@ def block_signals_in_this_thread() -> None:
 
     sigmask = getattr(signal, "pthread_sigmask", None)
     if sigmask is not None and _thread.get_ident() != _MAIN_THREAD:
-        sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        _blocked.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
+def let_plain_signals_through() -> bool:
+    """In a thread of the master's cpy2py, before it runs user code (a twin's
+    request, a callback): only the signals that have a Python handler stay
+    blocked, the rest are as before cpy2py blocked them. A handler of
+    Python's runs in the main thread, between any two of its bytecodes, so
+    those must wait while it holds its signals (``hold_signals``); a signal
+    without one (SIGTERM left at its default, SIGPIPE, SIGCHLD) runs no
+    Python code. A process that user code starts here inherits this mask:
+    with every signal blocked, ``Popen.terminate()`` and a pool's
+    ``terminate()`` could not end it. Returns whether it changed the mask
+    (then ``block_signals_again`` undoes it)."""
+    if _blocked.mask is None:
+        return False
+    import _signal
+
+    getsignal = _signal.getsignal
+    handled = {sig for sig in _signal.valid_signals() if callable(getsignal(sig))}
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, handled | _blocked.mask)
+    return True
+
+
+def block_signals_again() -> None:
+    """After ``let_plain_signals_through``: every signal blocked again (a
+    Python handler installed meanwhile must find this thread blocked)."""
+    import _signal
+
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+
+
+def unblock_after_fork() -> None:
+    """In a child forked from a thread of the master's cpy2py (user code it
+    ran: ``multiprocessing`` with fork, ``os.fork``): that thread is the
+    child's main thread, with the mask it had before cpy2py blocked it."""
+    if _blocked.mask is not None:
+        import _signal
+
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, _blocked.mask)
+        _blocked.mask = None
 
 
 TYPE_CHECKING = False
