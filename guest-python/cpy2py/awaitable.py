@@ -41,6 +41,7 @@ from .errors import TwinterpreterTerminated
 from .kernel import connection as _connection
 from .kernel import references
 from .protocol.messages import OP_CALL_METHOD, OP_DELATTR, OP_EXECUTE, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
+from .protocol.transport import block_signals_again, block_signals_in_this_thread, let_plain_signals_through
 from .twin_object import TwinMeta
 
 TYPE_CHECKING = False
@@ -230,6 +231,7 @@ class _GuestWorker:
             self._cond.notify()
 
     def _serve(self) -> None:
+        block_signals_in_this_thread()  # (as the link's servers: see _call_for_loop)
         while True:
             with self._cond:
                 while not self._jobs and not self._closed:
@@ -318,9 +320,12 @@ def _call_for_loop(connection: Connection, loop: Any, op: int, operands: Any) ->
     awaited on the caller's loop (they inherit this thread's context)."""
     _connection._local.loop = loop
     token = _callback_of.set(connection)
+    opened = let_plain_signals_through()  # (the master's callbacks run here)
     try:
         return connection.request(op, *operands)
     finally:
+        if opened:
+            block_signals_again()
         _callback_of.reset(token)
         _connection._local.loop = None
 
