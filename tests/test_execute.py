@@ -162,6 +162,22 @@ def test_uncopyable_result_becomes_a_proxy(twin):
     assert remote_lambda() is None  # called where it lives
 
 
+def test_builtin_iterators_and_callables_arrive_usable(twin):
+    """What each interpreter pickles its own way (PyPy rebuilds builtin
+    iterators with a module of its own) arrives as a copy where the master
+    can rebuild it and as a proxy where not: usable either way."""
+    got = twin.execute(twin_helpers.builtin_iterators_and_callables)
+    assert list(got["range"]) == [0, 1, 2]
+    assert list(got["keys"]) == ["a", "b"]
+    assert list(got["items"]) == [("a", 1)]
+    assert got["itemgetter"]([5, 6]) == 6
+    assert got["attrgetter"](3) == 3
+    assert got["methodcaller"]("x") == "X"
+    got["append"](8)  # a bound method: of the twin's list, or of a copy of it
+    assert got["numbers"][:3] == [5, 6, 7]
+    assert got["a key named like the module"] == {"_pickle_support": "_operator"}
+
+
 def test_uncopyable_argument_comes_back_as_itself(twin):
     def local_function():
         return os.getpid()

@@ -134,3 +134,23 @@ def link_pipe_sizes():
 
     transport = links.all_connections()[0].transport
     return [fcntl.fcntl(fd, 1032) for fd in (transport.read_fd, transport.write_fd)]
+
+
+def builtin_iterators_and_callables():
+    """Values that PyPy pickles with reconstructors of its own (CPython
+    cannot unpickle them): iterators of builtins, a bound method of a
+    builtin object, operator's callables."""
+    import operator
+
+    numbers = [5, 6, 7]
+    return {
+        "range": iter(range(3)),
+        "keys": iter({"a": 1, "b": 2}),
+        "items": iter({"a": 1}.items()),
+        "append": numbers.append,
+        "itemgetter": operator.itemgetter(1),
+        "attrgetter": operator.attrgetter("real"),
+        "methodcaller": operator.methodcaller("upper"),
+        "numbers": numbers,
+        "a key named like the module": {"_pickle_support": "_operator"},
+    }

@@ -192,6 +192,49 @@ def _picklers() -> Tuple[type, type]:
     return _pickle_classes
 
 
+_ON_PYPY = sys.implementation.name == "pypy"
+#: modules that only PyPy's unpickler knows, named by how PyPy pickles some
+#: builtins (range and dict iterators, bound methods of builtin objects:
+#: ``_pickle_support``; operator's itemgetter, attrgetter and methodcaller,
+#: which CPython's ``_operator`` rebuilds with other arguments): such a
+#: value goes to a CPython peer as a proxy instead
+_PYPY_ONLY_MODULES = ("_pickle_support", "_operator")
+#: opcodes that push a string, or change nothing on the stack
+_STRING_OPS = frozenset(("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"))
+_NO_STACK_OPS = frozenset(("FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "PROTO"))
+
+
+def _needs_pypy(data: bytes) -> bool:
+    """Whether a pickle made by PyPy names a global of _PYPY_ONLY_MODULES."""
+    if not any(name.encode() in data for name in _PYPY_ONLY_MODULES):
+        return False  # (nearly always: one substring search per module)
+    import pickletools
+
+    memo: Dict[Any, Any] = {}
+    pushed: List[Any] = []  # what each opcode pushed, the strings by value
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in _STRING_OPS:
+            pushed.append(arg)
+        elif name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif name == "STACK_GLOBAL":
+            if len(pushed) >= 2 and pushed[-2] in _PYPY_ONLY_MODULES:
+                return True
+            pushed.append(None)
+        elif name == "GLOBAL":
+            if str(arg).split(" ", 1)[0] in _PYPY_ONLY_MODULES:
+                return True
+            pushed.append(None)
+        elif name not in _NO_STACK_OPS:
+            pushed.append(None)
+    return False
+
+
 def format_exception(err: BaseException) -> str:
     import traceback  # on the first exception sent, not at start-up
 
@@ -288,7 +331,10 @@ class Serializer:
             mark = references.exports_mark()
             try:
                 _picklers()[0](buffer, self).dump(obj)
-                return tags.PICKLE, buffer.getvalue()
+                data = buffer.getvalue()
+                if not (_ON_PYPY and _needs_pypy(data)):
+                    return tags.PICKLE, data
+                references.undo_exports(mark)
             except Exception:  # what it exported before failing is not sent
                 references.undo_exports(mark)
         # what cannot be copied stays here and is used through a proxy
