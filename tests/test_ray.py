@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -505,6 +506,60 @@ def requests_on_made_up_chains(callback, count):
         frame = codec_py.dumps([0, 900_000 + i, 0x5EED0000 + i, 0, callback, [], {}], serializer.default)
         send_frame(frame)
     return count
+
+def attempt(action):
+    """What happened: the type name of what ``action`` raised, or ``ran: <its result>``."""
+    try:
+        result = action()
+    except BaseException as err:
+        return type(err).__name__
+    return f"ran: {result!r:.200}"
+
+def reach_the_network(tcp_targets, udp_port):
+    """Every way out a plugin on a node would try: TCP to each (host, port) of
+    ``tcp_targets`` (the cluster's own services among them), UDP, name
+    lookups, a server of its own."""
+    import socket
+
+    def connect(address):
+        with socket.create_connection(address, timeout=2) as connection:
+            return connection.getpeername()
+
+    def udp_sendto():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            return udp.sendto(b"leaked by the guest", ("127.0.0.1", udp_port))
+
+    def tcp_listen():
+        with socket.socket() as server:
+            server.bind(("0.0.0.0", 0))
+            server.listen(1)
+            return server.getsockname()
+
+    outcomes = {f"tcp {host}:{port}": attempt(lambda: connect((host, port))) for host, port in tcp_targets}
+    outcomes.update({
+        "udp sendto": attempt(udp_sendto),
+        "getaddrinfo": attempt(lambda: socket.getaddrinfo("localhost", 80)),
+        "gethostbyname": attempt(lambda: socket.gethostbyname("localhost")),
+        "tcp bind and listen": attempt(tcp_listen),
+    })
+    return outcomes
+
+def what_the_guest_was_given():
+    return {
+        "argv": list(sys.argv),
+        "orig_argv": list(getattr(sys, "orig_argv", [])),
+        "executable": sys.executable,
+        "stdin": attempt(sys.stdin.read),
+        "environ": dict(os.environ),
+        "getenv": [os.getenv(name) for name in ("PATH", "HOME", "RAY_ADDRESS", "__CPY2PY_SANDBOX__")],
+    }
+
+def announce_a_frame(length):
+    """A frame header announcing ``length`` bytes, written past the kernel, then some of them."""
+    from cpy2py.kernel.guest_main import FRAME_MARK
+
+    os.write(1, FRAME_MARK + length.to_bytes(4, "big") + b"x" * 4096)
+    return "not stopped"
 '''
 
 
@@ -639,6 +694,107 @@ def test_the_node_stops_a_guest_that_breaks_the_links_rules(ray_box, ray_plugin)
     # the next call gets a fresh guest, placed again
     assert ray_box.execute(ray_plugin.double, 1) == 2
     assert _host_pid(ray_box) != pid
+
+
+# -- a hostile plugin on the node: the attacks of the local sandbox's tests again
+# docs/security.md, "A sandboxed twin on a Ray cluster": "the guest's file system view ...,
+# no network, no environment, the frame cap and the ledger on every frame from the guest"
+
+
+def test_a_guest_on_a_node_reaches_no_network(cluster, ray_box, ray_plugin, nodes):
+    """From the node, the plugin tries TCP to the cluster's own services (the
+    GCS the master joined, the raylet of its node) and to a server of the
+    test on 127.0.0.1 and on the node's address, UDP to a socket of the test,
+    name lookups and a server of its own: each fails in the guest, nothing
+    connects or arrives, and the same guest goes on."""
+    import ray
+
+    (node,) = [n for n in ray.nodes() if n["NodeID"] == nodes[0]]
+    node_ip = node["NodeManagerAddress"]
+    gcs_host, gcs_port = cluster.address.rsplit(":", 1)
+    ray_box.execute(exec, "import builtins; builtins.network_marker = 'kept'")
+    with socket.socket() as server, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        server.bind(("0.0.0.0", 0))
+        server.listen(8)
+        server.setblocking(False)
+        receiver.bind(("0.0.0.0", 0))
+        port = server.getsockname()[1]
+        targets = [
+            (gcs_host, int(gcs_port)),
+            (node_ip, node["NodeManagerPort"]),
+            ("127.0.0.1", port),
+            (node_ip, port),
+        ]
+        outcomes = ray_box.execute(ray_plugin.reach_the_network, targets, receiver.getsockname()[1])
+        readable, _, _ = select.select([server, receiver], [], [], 0.5)
+    assert readable == [], "a connection or a datagram of the guest arrived"
+    assert len(outcomes) == len(targets) + 4, outcomes
+    assert not [how for how, what in outcomes.items() if what.startswith("ran")], outcomes
+    assert (
+        outcomes["udp sendto"] == "PermissionError" and outcomes["tcp bind and listen"] == "PermissionError"
+    )
+    assert outcomes["getaddrinfo"] == outcomes["gethostbyname"] == "gaierror", outcomes
+    assert ray_box.execute(eval, "__import__('builtins').network_marker") == "kept"
+
+
+def test_a_guest_on_a_node_gets_nothing_of_its_hosts_environment(ray_box, ray_plugin):
+    """The guest's host process on the node has the Ray worker's environment
+    and the guest's settings in it: the guest's os.environ is empty, its
+    argv and stdin hold nothing, and no variable of its host process, name
+    or value, is anywhere in what it got."""
+    given = ray_box.execute(ray_plugin.what_the_guest_was_given)
+    assert given["environ"] == {} and given["getenv"] == [None] * 4, given
+    assert not any(given["argv"]) and not any(given["orig_argv"]), given
+    assert given["stdin"] == "ran: ''" or not given["stdin"].startswith("ran"), given["stdin"]
+    with open(f"/proc/{_host_pid(ray_box)}/environ", "rb") as f:
+        host_env = dict(
+            entry.decode(errors="replace").split("=", 1) for entry in f.read().split(b"\0") if b"=" in entry
+        )
+    assert "__CPY2PY_SANDBOX__" in host_env and any(name.startswith("RAY_") for name in host_env)
+    shown = repr(given)  # (names and values too short to tell apart from other text aside)
+    leaked = [
+        name
+        for name, value in host_env.items()
+        if (len(name) >= 4 and name in shown) or (len(value) >= 8 and value in shown)
+    ]
+    assert leaked == [], leaked
+
+
+@pytest.mark.parametrize(
+    "length, error",
+    [
+        ((64 << 20) + 1, "67108865 bytes, more than the cap"),
+        (0xFFFFFFFF, "4294967295 bytes, more than the cap"),
+    ],
+    ids=["one-byte-over", "4-GiB"],
+)
+def test_a_guest_on_a_node_that_announces_a_frame_over_the_cap_is_stopped_there(
+    ray_box, ray_plugin, length, error
+):
+    """A frame header past the kernel, announcing more than the 64 MiB cap:
+    the guest's host on the node stops the guest at the header, the caller
+    gets TwinterpreterTerminated naming the node, the host process ends,
+    and the next call gets a fresh guest."""
+    pid = _host_pid(ray_box)
+    ray_box.execute(exec, "import builtins; builtins.frame_marker = 'lost'")
+    with pytest.raises(TwinterpreterTerminated, match=f"(?s)on Ray node.*{error}"):
+        ray_box.execute(ray_plugin.announce_a_frame, length)
+    assert wait_gone(pid)
+    assert ray_box.execute(ray_plugin.double, 2) == 4 and _host_pid(ray_box) != pid
+    assert ray_box.execute(eval, "hasattr(__import__('builtins'), 'frame_marker')") is False
+
+
+def test_a_guest_on_a_node_that_returns_more_than_the_frame_cap_is_stopped_there(cluster, guest_code):
+    """The kernel's own reply of 65 MiB (the local test's attack): stopped on
+    the node, and a fresh guest follows."""
+    box = placed_sandbox(cluster, "ray-frame", paths=[str(guest_code)], memory_limit=512 << 20)
+    box.start()
+    try:
+        with pytest.raises(TwinterpreterTerminated, match="(?s)on Ray node.*more than the cap"):
+            box.execute(eval, "b'x' * (65 << 20)")
+        assert box.execute(abs, -8) == 8
+    finally:
+        box.stop()
 
 
 def test_limits_hold_on_the_node(cluster, guest_code, ray_plugin):

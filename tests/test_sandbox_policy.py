@@ -283,6 +283,72 @@ def use_forged(callback, owner, iid):
     return outcomes
 
 
+class Shifty:
+    """Sent where a request's operation goes: its proxy in the master asks
+    this guest for ==, which says yes to a call (0) and to a method call (5)."""
+
+    def __eq__(self, other):
+        return other in (0, 5)
+
+    def __hash__(self):
+        return 0
+
+
+#: what a plugin would call through a handed callable to construct, re-run or read
+#: something of the master, with the arguments it would pass
+CONSTRUCTORS = {
+    "__class__": ["made by the guest"],
+    "__init__": ["made by the guest"],
+    "__getattribute__": ["secret"],
+    "__reduce_ex__": [2],
+    "__func__": ["made by the guest", 1],
+    "__self__": ["made by the guest"],
+}
+
+
+def construct_through(handed):
+    """Every way this plugin knows to make the master construct something
+    through ``handed``, with requests of its own kernel on the chain of the
+    call it serves; what each got (``refused``: a SandboxViolation)."""
+    from cpy2py import kernel_state
+    from cpy2py.kernel import links, references
+    from cpy2py.protocol.messages import OP_INSTANTIATE
+
+    connection = links.existing_connection(kernel_state.MASTER_ID)
+    owner, iid = references.key_of(handed)
+    attempts = {
+        # its key, as a proxy going home is sent, as the class to instantiate
+        "instantiate it": lambda: connection.request(OP_INSTANTIATE, handed, ["made by the guest"], {}),
+        "instantiate it, op True": lambda: connection.request(True, handed, ["made by the guest"], {}),
+        "instantiate it, op 1.0": lambda: connection.request(1.0, handed, ["made by the guest"], {}),
+    }
+    # its class was never handed and has no key: the keys next to it, as a class
+    for step in (-2, -1, 1, 2):
+        forged = references.resolve(owner, iid + step, ["builtins.type", [], []], connection)
+        attempts[f"instantiate key {step:+d}"] = lambda forged=forged: connection.request(
+            OP_INSTANTIATE, forged, ["made by the guest"], {}
+        )
+    # checked as a call of it, carried out as a method call of any name
+    for name, args in CONSTRUCTORS.items():
+        attempts[f"shifty {name}"] = lambda name=name, args=args: connection.request(
+            Shifty(), handed, name, list(args), {}
+        )
+    unforwarded = references._NOT_FORWARDED
+    references._NOT_FORWARDED = frozenset()  # (so its class info declares __eq__)
+    outcomes = {}
+    try:
+        for what, attempt in attempts.items():
+            try:
+                outcomes[what] = f"ran: {attempt()!r:.200}"
+            except SandboxViolation:
+                outcomes[what] = "refused"
+            except Exception as err:
+                outcomes[what] = f"{type(err).__name__}: {err}"[:300]
+    finally:
+        references._NOT_FORWARDED = unforwarded
+    return outcomes
+
+
 def evil_specials():
     """Patches its own kernel to declare every special method it likes."""
     from cpy2py.kernel import references
@@ -555,6 +621,56 @@ def test_a_guest_uses_only_what_it_was_handed(sandbox, plugin):
     assert outcomes == ["refused", "refused", "refused"]
     assert calls == []
     assert holder.call_kept(0) == "another guest's"
+
+
+class Widget:
+    """A master class whose instances are callable (and have a method)."""
+
+    #: the arguments of every instance made, and the self of every call of ``method``
+    made: list = []
+    called_with: list = []
+
+    def __init__(self, *args):
+        Widget.made.append(args)
+        self.secret = DATABASE_URL
+
+    def __call__(self, value):
+        return value
+
+    def method(self, value):
+        Widget.called_with.append(self)
+        return value
+
+
+@pytest.mark.parametrize("what", ["a function", "a bound method", "a callable instance"])
+def test_a_guest_constructs_nothing_through_a_handed_callable(sandbox, what):
+    """The master never creates objects for a guest: one handed a function, a
+    bound method or an object it may call sends instantiate requests built
+    by its own kernel naming the handed callable's key, the keys next to it
+    (its class has none: classes are never handed), the operation as True
+    or 1.0, and requests whose operation is an object of its own whose ==
+    it answers (checked as a call, such a request was carried out as a
+    method call of any name: ``__class__`` made a master object,
+    ``__getattribute__`` read any attribute). Each is refused; nothing is
+    made, run again or read in the master; the guest goes on."""
+    calls = []
+
+    def function(value):
+        calls.append(value)
+        return value
+
+    widget = Widget()
+    handed = {"a function": function, "a bound method": widget.method, "a callable instance": widget}[what]
+    Widget.made.clear()
+    Widget.called_with.clear()
+    master = sandbox(f"policy-construct-{what.split()[-1]}")
+    plugin = master.import_module("hostile_plugin")
+    outcomes = plugin.construct_through(handed)
+    assert len(outcomes) == 13 and set(outcomes.values()) == {"refused"}, outcomes
+    assert Widget.made == [] and Widget.called_with == [] and calls == []
+    assert widget.secret == DATABASE_URL
+    assert plugin.call_it(handed, 3) == 3  # calling it is what it was handed for
+    assert alive(master)
 
 
 # -- exceptions ---------------------------------------------------------------------

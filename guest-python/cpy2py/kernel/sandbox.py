@@ -414,7 +414,18 @@ class SandboxSerializer(Serializer):
 
     def perform(self, op: int, operands: List[Any]) -> Any:
         """Requests from the guest: an operation on something it was handed,
-        within what was granted of it; nothing else."""
+        within what was granted of it; nothing else.
+
+        The operation must be an int as decoded: one of the guest's own
+        objects in its place (a proxy here, whose ``==`` the guest answers)
+        could pass the checks below as one operation and be carried out by
+        ``Serializer.perform`` as another (checked as a call, carried out as
+        a method call of any name: ``__class__`` made a master object,
+        ``__getattribute__`` read any attribute)."""
+        if type(op) is not int:
+            raise SandboxViolation(
+                f"the sandboxed twin {self.peer_id!r} sent a request whose operation is not an int"
+            )
         if op not in (OP_EXECUTE, OP_CALL_METHOD, OP_GETATTR, OP_SETATTR, OP_DELATTR):
             what = "create master objects" if op == OP_INSTANTIATE else f"use operation {op!r}"
             raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} may not {what}")
@@ -430,7 +441,7 @@ class SandboxSerializer(Serializer):
             name, allowed, verb = "__call__", grant.allows_call("__call__"), "call"
         else:
             name = operands[1]
-            if not isinstance(name, str):
+            if type(name) is not str:  # (as decoded: never one of the guest's objects)
                 raise SandboxViolation(
                     f"the sandboxed twin {self.peer_id!r} sent an attribute name that is not a str"
                 )
