@@ -258,12 +258,6 @@ def flooded_bytes(lines, phase=None):
     return sum(len(line.encode()) for line in lines if phase is None or line.startswith(f"flood {phase} "))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the host snapshots a preload under the default output cap (4 MiB), not the twin's "
-    "output_limit: _host.WasiGuest.snapshot (host/src/python/wasi.rs) takes no output_limit, so "
-    "cpy2py/snapshots.py cannot pass it",
-)
 def test_a_preload_that_floods_its_output_gets_no_more_than_the_cap_through(flood_dir, capfd):
     """A plugin that floods stdout and stderr as it is imported, preloaded by a
     twin with output_limit=3000: while its snapshot is made, at most 3000

@@ -130,8 +130,9 @@ class WasiGuest:
         pycache_dir: Optional[str] = None,
         memory_limit: int = ...,
         timeout: Optional[float] = ...,
+        output_limit: int = ...,
         cache_dir: Optional[str] = None,
-    ) -> List[str]: ...
+    ) -> None: ...
     @property
     def pid(self) -> int: ...
     @property

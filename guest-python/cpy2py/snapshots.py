@@ -227,6 +227,7 @@ def _make(
             cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
             memory_limit=start["limits"].get("memory_limit", _host.WASI_DEFAULT_MEMORY_LIMIT),
             timeout=timeout,
+            output_limit=start["limits"].get("output_limit", _host.WASI_DEFAULT_OUTPUT_LIMIT),
         )
         try:
             files = _describe(list(start["paths"]))

@@ -281,7 +281,7 @@ impl WasiGuest {
         twin_id, guest_file, stdlib_dir, modules, out, bundled_dir=None, kernel_dir=None,
         paths=Vec::new(), packages=Vec::new(), pycache_dir=None,
         memory_limit=config::DEFAULT_MEMORY_LIMIT, timeout=Some(config::DEFAULT_TIMEOUT.as_secs_f64()),
-        cache_dir=None
+        output_limit=config::DEFAULT_OUTPUT_LIMIT, cache_dir=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn snapshot(
@@ -298,14 +298,19 @@ impl WasiGuest {
         pycache_dir: Option<PathBuf>,
         memory_limit: usize,
         timeout: Option<f64>,
+        output_limit: usize,
         cache_dir: Option<PathBuf>,
     ) -> PyResult<()> {
-        let config = guest_config(
-            &twin_id,
-            (guest_file, stdlib_dir, bundled_dir, kernel_dir),
-            (paths, packages, pycache_dir),
-            (memory_limit, timeout, cache_dir),
-        );
+        // the preload's output is the twin's: under its cap, not the default
+        let config = GuestConfig {
+            output_limit,
+            ..guest_config(
+                &twin_id,
+                (guest_file, stdlib_dir, bundled_dir, kernel_dir),
+                (paths, packages, pycache_dir),
+                (memory_limit, timeout, cache_dir),
+            )
+        };
         interruptible(py, "snapshot", move |cancel| {
             wasm::snapshot::snapshot(&config, &modules, &out, Box::new(ProcessSink), cancel)
         })
