@@ -187,7 +187,7 @@ def test_a_timeout_in_one_slot_leaves_the_other_alone_and_the_slot_recovers(code
         # one slot keeps a value and waits in a callback (not the guest's time)
         held = pool.submit(plugin.keep_and_hold, "kept", hold)
         assert entered.wait(PATIENCE)
-        with pytest.raises(TwinTimeout):
+        with pytest.raises(TwinTimeout, match="timeout= to TwinMaster or SandboxPool"):
             pool.execute(plugin.spin)  # in the other slot, the only free one
         release.set()
         holder = held.result(PATIENCE)

@@ -72,8 +72,12 @@ impl GuestEnd {
     /// What the user can do about it.
     pub fn advice(&self) -> &'static str {
         match self {
-            GuestEnd::Timeout(_) => " (pass a larger timeout= to TwinMaster if the call needs longer)",
-            GuestEnd::Memory { .. } => " (pass a larger memory_limit= to TwinMaster if the guest needs more)",
+            GuestEnd::Timeout(_) => {
+                " (pass a larger timeout= to TwinMaster or SandboxPool if the call needs longer)"
+            }
+            GuestEnd::Memory { .. } => {
+                " (pass a larger memory_limit= to TwinMaster or SandboxPool if the guest needs more)"
+            }
             GuestEnd::FrameTooBig { .. } => " (send smaller values, or a proxy of the object)",
             GuestEnd::Broke(_) => " (its code used the link import outside the cpy2py protocol)",
             _ => "",
