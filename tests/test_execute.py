@@ -126,6 +126,24 @@ def test_exception_same_type_with_remote_traceback(twin):
     assert "fail_with" in err.__cause__.traceback_text
     printed = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     assert "twin_helpers.py" in printed and "raise kind(*args)" in printed
+    # the twin's side shows the application's frames, not cpy2py's own
+    assert "kernel" not in err.__cause__.traceback_text, err.__cause__.traceback_text
+
+
+def test_a_call_recursing_across_interpreters_prints_the_applications_frames(twin):
+    """Each hop of master -> twin -> master adds the application's frames to
+    the traceback, not the kernel's that carried the call."""
+
+    def fail_here():
+        twin_helpers.fail_with(ValueError, "deep")
+
+    with pytest.raises(ValueError) as info:
+        twin.execute(twin_helpers.call, fail_here)  # the twin calls back here
+    text = info.value.__cause__.traceback_text
+    assert "in call" in text, text
+    if kind_of(twin) != SANDBOX_KIND:  # (a guest is told nothing of the master's code)
+        assert "fail_here" in text and "raise kind(*args)" in text, text
+    assert "kernel" not in text, text
 
 
 def test_application_exception_types(twin):

@@ -22,7 +22,7 @@ import sys
 
 from .. import kernel_state
 from ..capabilities import Exposed
-from ..errors import ProtocolError, RemoteError, RemoteTraceback
+from ..errors import ProtocolError, RemoteError, RemoteTraceback, TwinError
 from ..protocol import codec, tags
 from ..protocol.messages import (
     OP_CALL_METHOD,
@@ -235,10 +235,33 @@ def _needs_pypy(data: bytes) -> bool:
     return False
 
 
+#: frames of cpy2py's own code start with this (see format_exception)
+_PACKAGE_PREFIX = __file__.rsplit("kernel", 1)[0]
+
+
 def format_exception(err: BaseException) -> str:
+    """The traceback the peer shows for ``err``: without cpy2py's own frames
+    (running the request, calling across; a call that recursed across
+    interpreters printed some 28 lines per hop), except for cpy2py's own
+    errors (TwinError), where they say where it failed."""
     import traceback  # on the first exception sent, not at start-up
 
-    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    shown = traceback.TracebackException(type(err), err, err.__traceback__)
+    seen = set()
+    todo: List[Tuple[Any, Any]] = [(shown, err)]  # (its description, the exception)
+    while todo:
+        part, exc = todo.pop()
+        if part is None or exc is None or id(part) in seen:
+            continue
+        seen.add(id(part))
+        stack = part.stack
+        if stack and not isinstance(exc, TwinError):
+            part.stack = traceback.StackSummary.from_list(
+                [frame for frame in stack if not frame.filename.startswith(_PACKAGE_PREFIX)]
+            )
+        todo += [(part.__cause__, exc.__cause__), (part.__context__, exc.__context__)]
+        todo += zip(getattr(part, "exceptions", None) or (), getattr(exc, "exceptions", ()))
+    return "".join(shown.format())
 
 
 class Serializer:
