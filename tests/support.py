@@ -162,3 +162,39 @@ def sandboxes(code_dir) -> Iterator:
     finally:
         for master in masters:
             master.stop()
+
+
+#: guest code shared by the hostile plugins (test_sandbox_hostile.py, and a
+#: guest placed on a Ray node in test_ray.py): appended to their source
+GUEST_PROBES = '''
+
+def attempt(action):
+    """What happened: the type name of what ``action`` raised, or ``ran: <its result>``."""
+    try:
+        result = action()
+    except BaseException as err:  # interrupts and exits too: the plugin swallows all
+        return type(err).__name__
+    return f"ran: {result!r:.200}"
+
+
+def what_the_guest_was_given():
+    import os
+    import sys
+
+    return {
+        "argv": list(sys.argv),
+        "orig_argv": list(getattr(sys, "orig_argv", [])),
+        "executable": sys.executable,
+        "stdin": attempt(sys.stdin.read),
+        "environ": dict(os.environ),
+        "getenv": [os.getenv(name) for name in ("PATH", "HOME", "RAY_ADDRESS", "__CPY2PY_SANDBOX__")],
+    }
+'''
+
+
+def assert_the_guest_was_given_nothing(given: dict) -> None:
+    """What ``what_the_guest_was_given`` (GUEST_PROBES) returned holds nothing
+    of a host: no environment, arguments or input."""
+    assert given["environ"] == {} and given["getenv"] == [None] * 4, given
+    assert not any(given["argv"]) and not any(given["orig_argv"]), given
+    assert given["stdin"] == "ran: ''" or not given["stdin"].startswith("ran"), given["stdin"]

@@ -414,7 +414,8 @@ def start_children():
     with multiprocessing.get_context("fork").Pool(1) as pool:
         worker_mask = pool.apply(_worker_mask)
     # (leaving the block terminates the pool: SIGTERM to its worker)
-    return ended, child_mask, worker_mask, threading.current_thread().name
+    thread_mask = _blocked(f"self/task/{threading.get_native_id()}")
+    return ended, child_mask, worker_mask, threading.current_thread().name, thread_mask
 
 
 @twinfunction("{kind}")
@@ -456,10 +457,12 @@ def test_processes_started_by_callbacks_of_the_twin_end_on_sigterm(tmp_path, kin
     assert done.returncode == 0, done.stdout + done.stderr
     lines = dict(line.split(" (", 1) for line in done.stdout.splitlines() if " (" in line)
     assert set(lines) == {"IN CHAIN", "TWIN THREAD", "AWAITED"}, done.stdout + done.stderr
-    sigterm = 1 << (signal.SIGTERM - 1)
+    sigterm, sigint = 1 << (signal.SIGTERM - 1), 1 << (signal.SIGINT - 1)
     for where, said in lines.items():
-        ended, child_mask, worker_mask, thread = eval("(" + said)
+        ended, child_mask, worker_mask, thread, thread_mask = eval("(" + said)
         assert ended == -signal.SIGTERM, (where, said)
         assert not child_mask & sigterm, (where, said)
         assert worker_mask == 0, (where, said)
+        # Python handles SIGINT: on a thread of cpy2py's it waits for the main thread
+        assert bool(thread_mask & sigint) == (thread != "MainThread"), (where, said)
     assert "cpy2py" in eval("(" + lines["TWIN THREAD"])[3], lines  # (the case this is about)

@@ -30,7 +30,9 @@ from cpy2py import (
 from ray_cluster import NODE_RESOURCE, end_session, ray_unavailable, session_processes, start_cluster
 from reliability_support import wait_gone
 from support import (
+    GUEST_PROBES,
     TESTS_DIR,
+    assert_the_guest_was_given_nothing,
     code_on_sys_path,
     process_exists,
     require_interpreter,
@@ -458,7 +460,8 @@ def test_suite_passes_with_twins_on_ray(cluster, nodes, suite, tmp_path):
 
 # -- sandboxed twins on Ray -----------------------------------------------------
 
-RAY_PLUGIN = '''
+RAY_PLUGIN = (
+    '''
 """Code of a sandboxed twin placed on Ray: imported only inside the guest
 (and by the master, to name its functions)."""
 import os
@@ -507,14 +510,6 @@ def requests_on_made_up_chains(callback, count):
         send_frame(frame)
     return count
 
-def attempt(action):
-    """What happened: the type name of what ``action`` raised, or ``ran: <its result>``."""
-    try:
-        result = action()
-    except BaseException as err:
-        return type(err).__name__
-    return f"ran: {result!r:.200}"
-
 def reach_the_network(tcp_targets, udp_port):
     """Every way out a plugin on a node would try: TCP to each (host, port) of
     ``tcp_targets`` (the cluster's own services among them), UDP, name
@@ -544,16 +539,6 @@ def reach_the_network(tcp_targets, udp_port):
     })
     return outcomes
 
-def what_the_guest_was_given():
-    return {
-        "argv": list(sys.argv),
-        "orig_argv": list(getattr(sys, "orig_argv", [])),
-        "executable": sys.executable,
-        "stdin": attempt(sys.stdin.read),
-        "environ": dict(os.environ),
-        "getenv": [os.getenv(name) for name in ("PATH", "HOME", "RAY_ADDRESS", "__CPY2PY_SANDBOX__")],
-    }
-
 def announce_a_frame(length):
     """A frame header announcing ``length`` bytes, written past the kernel, then some of them."""
     from cpy2py.kernel.guest_main import FRAME_MARK
@@ -561,6 +546,8 @@ def announce_a_frame(length):
     os.write(1, FRAME_MARK + length.to_bytes(4, "big") + b"x" * 4096)
     return "not stopped"
 '''
+    + GUEST_PROBES
+)
 
 
 def _require_sandbox() -> None:
@@ -743,9 +730,7 @@ def test_a_guest_on_a_node_gets_nothing_of_its_hosts_environment(ray_box, ray_pl
     argv and stdin hold nothing, and no variable of its host process, name
     or value, is anywhere in what it got."""
     given = ray_box.execute(ray_plugin.what_the_guest_was_given)
-    assert given["environ"] == {} and given["getenv"] == [None] * 4, given
-    assert not any(given["argv"]) and not any(given["orig_argv"]), given
-    assert given["stdin"] == "ran: ''" or not given["stdin"].startswith("ran"), given["stdin"]
+    assert_the_guest_was_given_nothing(given)
     with open(f"/proc/{_host_pid(ray_box)}/environ", "rb") as f:
         host_env = dict(
             entry.decode(errors="replace").split("=", 1) for entry in f.read().split(b"\0") if b"=" in entry

@@ -23,11 +23,12 @@ import sys
 
 import pytest
 from cpy2py import RemoteError, TwinMaster, TwinterpreterTerminated
-from support import sandbox_unavailable, sandboxes
+from support import GUEST_PROBES, assert_the_guest_was_given_nothing, sandbox_unavailable, sandboxes
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
-HOSTILE = '''
+HOSTILE = (
+    '''
 """A hostile plugin: only ever imported inside the sandbox."""
 
 import os
@@ -40,15 +41,6 @@ MEMORY = []
 def remember(value):
     MEMORY.append(value)
     return list(MEMORY)
-
-
-def attempt(action):
-    """What happened: the type name of what ``action`` raised, or ``ran: <its result>``."""
-    try:
-        result = action()
-    except BaseException as err:  # interrupts and exits too: the plugin swallows all
-        return type(err).__name__
-    return f"ran: {result!r:.200}"
 
 
 # -- processes and signals -------------------------------------------------------------
@@ -113,16 +105,6 @@ def reach_the_network(udp_port):
 
 
 # -- arguments, stdin, environment, randomness -----------------------------------------------
-
-
-def what_the_guest_was_given():
-    return {
-        "argv": list(sys.argv),
-        "orig_argv": list(getattr(sys, "orig_argv", [])),
-        "executable": sys.executable,
-        "stdin": attempt(sys.stdin.read),
-        "environ": dict(os.environ),
-    }
 
 
 def draw_random():
@@ -203,6 +185,8 @@ def instance_of_a_class_in_a_long_named_module():
 def long_named_class():
     return type("A" * 10_000, (), {})
 '''
+    + GUEST_PROBES
+)
 
 
 @pytest.fixture(scope="module")
@@ -368,9 +352,7 @@ def test_a_guest_gets_no_arguments_stdin_or_environment_of_the_host(sandbox, mon
     monkeypatch.setenv("CPY2PY_TEST_HOSTILE_SECRET", secret)
     given = sandbox("hostile-environment").import_module("hostile_attacks").what_the_guest_was_given()
 
-    assert given["environ"] == {}, given["environ"]
-    assert not any(given["argv"]) and not any(given["orig_argv"]), given
-    assert given["stdin"] == "ran: ''" or not given["stdin"].startswith("ran"), given["stdin"]
+    assert_the_guest_was_given_nothing(given)
     host_strings = [secret, "CPY2PY_TEST_HOSTILE_SECRET", sys.executable, os.getcwd()]
     host_strings.append(os.path.dirname(os.path.abspath(__file__)))
     host_strings += [arg for arg in sys.argv if os.sep in arg]

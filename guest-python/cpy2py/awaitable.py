@@ -41,7 +41,7 @@ from .errors import TwinterpreterTerminated
 from .kernel import connection as _connection
 from .kernel import references
 from .protocol.messages import OP_CALL_METHOD, OP_DELATTR, OP_EXECUTE, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
-from .protocol.transport import block_signals_again, block_signals_in_this_thread, let_plain_signals_through
+from .protocol.transport import block_signals_in_this_thread, user_code_signals
 from .twin_object import TwinMeta
 
 TYPE_CHECKING = False
@@ -320,12 +320,10 @@ def _call_for_loop(connection: Connection, loop: Any, op: int, operands: Any) ->
     awaited on the caller's loop (they inherit this thread's context)."""
     _connection._local.loop = loop
     token = _callback_of.set(connection)
-    opened = let_plain_signals_through()  # (the master's callbacks run here)
     try:
-        return connection.request(op, *operands)
+        with user_code_signals:  # (the master's callbacks run here)
+            return connection.request(op, *operands)
     finally:
-        if opened:
-            block_signals_again()
         _callback_of.reset(token)
         _connection._local.loop = None
 

@@ -39,11 +39,10 @@ from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTe
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
 from ..protocol.transport import (
-    block_signals_again,
     block_signals_in_this_thread,
     hold_signals,
-    let_plain_signals_through,
     release_signals,
+    user_code_signals,
 )
 from . import references
 from .serialization import Serializer, bare_failure, decoding_from
@@ -813,12 +812,10 @@ class Connection:
             return
         outer, waiter.chain = waiter.chain, awaiter.chain
         _local.loop = awaiter.loop
-        opened = let_plain_signals_through()
         try:
-            self._run(waiter, req_id, raw)
+            with user_code_signals:
+                self._run(waiter, req_id, raw)
         finally:
-            if opened:
-                block_signals_again()
             with self._lock:
                 entry[0] = awaiter
             waiter.chain = outer
@@ -1271,12 +1268,8 @@ class Connection:
                 item = self._next_request(waiter, retire)
                 if item is None:
                     return
-                opened = let_plain_signals_through()  # (the master's: see there)
-                try:
+                with user_code_signals:
                     self._run_as_server(waiter, item)
-                finally:
-                    if opened:
-                        block_signals_again()
                 del item  # a request's arguments are not ours to keep
         except BaseException as err:  # a server must never vanish silently
             if self.broken is None:

@@ -199,6 +199,7 @@ _ON_PYPY = sys.implementation.name == "pypy"
 #: which CPython's ``_operator`` rebuilds with other arguments): such a
 #: value goes to a CPython peer as a proxy instead
 _PYPY_ONLY_MODULES = ("_pickle_support", "_operator")
+_PYPY_ONLY_NAMES = tuple(name.encode() for name in _PYPY_ONLY_MODULES)
 #: opcodes that push a string, or change nothing on the stack
 _STRING_OPS = frozenset(("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"))
 _NO_STACK_OPS = frozenset(("FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "PROTO"))
@@ -206,7 +207,7 @@ _NO_STACK_OPS = frozenset(("FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "
 
 def _needs_pypy(data: bytes) -> bool:
     """Whether a pickle made by PyPy names a global of _PYPY_ONLY_MODULES."""
-    if not any(name.encode() in data for name in _PYPY_ONLY_MODULES):
+    if not any(name in data for name in _PYPY_ONLY_NAMES):
         return False  # (nearly always: one substring search per module)
     import pickletools
 

@@ -103,33 +103,36 @@ def block_signals_in_this_thread() -> None:
         _blocked.mask = sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
 
-def let_plain_signals_through() -> bool:
-    """In a thread of the master's cpy2py, before it runs user code (a twin's
-    request, a callback): only the signals that have a Python handler stay
-    blocked, the rest are as before cpy2py blocked them. A handler of
-    Python's runs in the main thread, between any two of its bytecodes, so
-    those must wait while it holds its signals (``hold_signals``); a signal
-    without one (SIGTERM left at its default, SIGPIPE, SIGCHLD) runs no
-    Python code. A process that user code starts here inherits this mask:
-    with every signal blocked, ``Popen.terminate()`` and a pool's
-    ``terminate()`` could not end it. Returns whether it changed the mask
-    (then ``block_signals_again`` undoes it)."""
-    if _blocked.mask is None:
-        return False
-    import _signal
+class _UserCodeSignals:
+    """``with user_code_signals:`` in a thread of the master's cpy2py around
+    user code it runs (a twin's request, a callback): only the signals that
+    have a Python handler stay blocked, the rest are as before cpy2py blocked
+    them; on leaving, every signal is blocked again (a Python handler
+    installed meanwhile must find the thread blocked). A handler of Python's
+    runs in the main thread, between any two of its bytecodes, so those must
+    wait while it holds its signals (``hold_signals``); a signal without one
+    (SIGTERM left at its default, SIGPIPE, SIGCHLD) runs no Python code. A
+    process that user code starts inherits the thread's mask: with every
+    signal blocked, ``Popen.terminate()`` and a pool's ``terminate()`` could
+    not end it. Elsewhere (twins, the main thread, a forked child's) it does
+    nothing."""
 
-    getsignal = _signal.getsignal
-    handled = {sig for sig in _signal.valid_signals() if callable(getsignal(sig))}
-    _signal.pthread_sigmask(_signal.SIG_SETMASK, handled | _blocked.mask)
-    return True
+    def __enter__(self) -> None:
+        if _blocked.mask is not None:
+            import _signal
+
+            getsignal = _signal.getsignal
+            handled = {sig for sig in _signal.valid_signals() if callable(getsignal(sig))}
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, handled | _blocked.mask)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if _blocked.mask is not None:  # (not in a child forked meanwhile: see unblock_after_fork)
+            import _signal
+
+            _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
 
 
-def block_signals_again() -> None:
-    """After ``let_plain_signals_through``: every signal blocked again (a
-    Python handler installed meanwhile must find this thread blocked)."""
-    import _signal
-
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+user_code_signals = _UserCodeSignals()
 
 
 def unblock_after_fork() -> None:
