@@ -241,3 +241,98 @@ def test_main_module_in_twins(tmp_path, run_main):
     assert out.count("MAIN MODULE LOADED") == 2
     assert out.count("MAIN BLOCK") == (2 if run_main else 1)
     assert out.count(f"twin argv ['{script}', '--flag']") == (2 if run_main else 1)
+
+
+MAIN_BLOCK_SCRIPT = """
+import functools, os
+from cpy2py import TwinMaster
+
+def call(func, *args):
+    return func(*args)
+
+def call_method(obj, name, *args):
+    return getattr(obj, name)(*args)
+
+def pid_here():
+    return os.getpid()
+
+def handler():
+    return "top level"
+
+if __name__ == "__main__":
+    seen = []
+
+    def progress(n):  # uses the main block's state: it must run here
+        seen.append(n)
+        return os.getpid()
+
+    class Recorder:
+        def record(self, n):
+            seen.append(n)
+            return os.getpid()
+
+    def handler():  # the twin has a function of this name, another one
+        return "main block"
+
+    twin = TwinMaster(KIND)
+    twin.start()
+    me = os.getpid()
+    assert twin.execute(call, progress, 1) == me
+    assert twin.execute(call_method, Recorder(), "record", 2) == me
+    assert twin.execute(call, functools.partial(progress, 3)) == me
+    assert isinstance(twin.execute(call, Recorder), Recorder)
+    assert twin.execute(call, handler) == "main block"
+    assert twin.execute(call, pid_here) != me  # defined for all: it runs in the twin
+    assert seen == [1, 2, 3], seen
+    twin.stop()
+    print("MAIN BLOCK DEFINITIONS OK", flush=True)
+"""
+
+
+def test_functions_and_classes_of_the_main_block_run_in_the_master(tmp_path, kind):
+    """A callback or class defined under ``if __name__ == "__main__":`` exists
+    in the master only (twins import the script without that block): a twin
+    gets it as a proxy and calling it runs it in the master."""
+    script = tmp_path / "app.py"
+    script.write_text(MAIN_BLOCK_SCRIPT.replace("KIND", repr(kind)))
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MAIN BLOCK DEFINITIONS OK" in result.stdout
+
+
+def test_the_names_a_main_block_binds_are_found_in_its_source(tmp_path):
+    from cpy2py.kernel import main_module
+
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import os\n"
+        "def top(): pass\n"
+        "try:\n"
+        "    if '__main__' == __name__:\n"
+        "        def in_try(): pass\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "if __name__ == '__main__':\n"
+        "    import json as codec, xml.dom\n"
+        "    class Local:\n"
+        "        def method(self): inner = 1\n"
+        "    for step in range(2):\n"
+        "        handler = [x for x in range(step)]\n"
+        "    with open(__file__) as source:\n"
+        "        pass\n"
+        "else:\n"
+        "    def when_imported(): pass\n"
+    )
+    names = main_module._names_bound_in_main_block(str(script))
+    assert names == {"in_try", "codec", "xml", "Local", "step", "handler", "source"}
+    assert main_module._names_bound_in_main_block(None) == frozenset()
+    (tmp_path / "broken.py").write_text("if __name__ == '__main__':\n    def f(:\n")
+    assert main_module._names_bound_in_main_block(str(tmp_path / "broken.py")) == frozenset()

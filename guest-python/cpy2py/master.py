@@ -526,6 +526,7 @@ class TwinMaster:
         else:
             process = self._start_process()
             serializer = Serializer(self.twinterpreter_id)
+            serializer.peer_runs_main = self.run_main
         pid: Any = process.pid
         twin_id = self.twinterpreter_id
         if self.host is not None:  # the remote process (the local one is ssh)

@@ -78,6 +78,75 @@ def _is_prompt(main: Any) -> bool:
     return isinstance(name, str) and name.startswith("_pyrepl")
 
 
+_main_block_names: Optional[frozenset] = None
+
+
+def bound_in_main_block(name: str) -> bool:
+    """In the master: whether its main script binds ``name`` under its
+    ``if __name__ == "__main__":`` block, which twins do not run (without
+    ``run_main``): such a function or class exists in the master only, so
+    it goes to twins as a proxy, like a closure, not by name."""
+    global _main_block_names
+    if _main_block_names is None:
+        _main_block_names = _names_bound_in_main_block(main_file(sys.modules.get("__main__")))
+    return name in _main_block_names
+
+
+def _names_bound_in_main_block(path: Optional[str]) -> frozenset:
+    """The names the script at ``path`` binds in the body of an
+    ``if __name__ == "__main__":`` (at its top level, or inside other
+    top-level statements), not inside the functions and classes it defines."""
+    if path is None:
+        return frozenset()
+    import ast
+
+    try:
+        with open(path, "rb") as file:
+            tree = ast.parse(file.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    names: set = set()
+    statements = list(tree.body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            names.update(_bindings(node.body))
+            statements.extend(node.orelse)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            statements.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+    return frozenset(names)
+
+
+def _is_main_test(test: Any) -> bool:
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides) and any(
+        isinstance(s, ast.Constant) and s.value == "__main__" for s in sides
+    )
+
+
+def _bindings(body: List[Any]) -> set:
+    """Names bound by these statements in their own scope."""
+    import ast
+
+    names = set()
+    nodes = list(body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)  # (its body is a scope of its own)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif not isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            nodes.extend(ast.iter_child_nodes(node))
+    return names
+
+
 def alias_master_main() -> None:
     """In the master: names of ``__cpy2py_main__`` sent back by twins resolve to ``__main__``."""
     if "__main__" in sys.modules:

@@ -170,6 +170,9 @@ def _picklers() -> Tuple[type, type]:
             if _is_twin(obj) or type(obj) is _ModuleType:
                 return tuple(references.export(obj, self.serializer.connection))
             if isinstance(obj, (type, FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+                if self.serializer.master_only(obj, obj.__qualname__):
+                    # the value goes as a proxy instead (see Serializer.default)
+                    raise pickle.PicklingError(f"{obj.__qualname__} exists in the master only")
                 # pickled by name: the peer needs it if the master's main has no file
                 self.serializer.define_in_peer(obj.__qualname__)
             return None
@@ -343,7 +346,7 @@ class Serializer:
         # functions reach the master as references to the guest's objects) ...
         if (self.trusted and (callable(obj) or isinstance(obj, type))) or _pinned_elsewhere(obj):
             name = global_name(obj)
-            if name is not None:
+            if name is not None and not (name[0] == "__main__" and self.master_only(obj, name[1])):
                 if name[0] == "__main__":
                     self.define_in_peer(name[1])
                 self._names[id(obj)] = (obj, name)
@@ -380,6 +383,21 @@ class Serializer:
         finally:  # a trial: the args are encoded (and exported) again below
             references.undo_exports(mark)
         return [_GlobalRef(name), args, format_exception(err)]
+
+    #: the peer runs the master's main block too (``run_main=True``)
+    peer_runs_main = False
+
+    def master_only(self, obj: Any, qualname: str) -> bool:
+        """Whether ``__main__.<qualname>`` is bound under the master's main
+        block, which the peer does not run: it goes as a proxy, not by name
+        (a twin could not find it, or would find another object). Pinned
+        objects still go by name (their twin must say it lacks them)."""
+        return (
+            not self.peer_runs_main
+            and kernel_state.is_master()
+            and main_module.bound_in_main_block(qualname.split(".")[0])
+            and not _pinned_elsewhere(obj)
+        )
 
     # -- the master's interactive definitions -------------------------------
 
@@ -484,7 +502,8 @@ class Serializer:
             except Exception as err:
                 raise LookupError(
                     f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
-                    f"{type(err).__name__}: {err}"
+                    f"{type(err).__name__}: {err} (twins import the master's script without its "
+                    '`if __name__ == "__main__":` block: define what a twin needs at its top level)'
                 ) from err
         try:
             # builtins need no import machinery (and few frames: a RecursionError
