@@ -381,6 +381,14 @@ class RayTwin:
     connection (``FdTransport`` on the socket), the process's life through
     its actor. What ``cpy2py.master`` needs of a twin process."""
 
+    # what it is as a transport (protocol/transport.py, Transport): FdTransport's
+    sends_parts = True
+    sends_now = False
+    runs_peer = False
+    stops_for_signals = True
+    plain_blocks = False
+    cut_mid_frame = False
+
     def __init__(self, sock: socket.socket, actor: Any, info: Dict[str, Any], hello: Dict[str, Any]) -> None:
         from .protocol.transport import FdTransport
 
@@ -407,6 +415,9 @@ class RayTwin:
 
     def fileno(self) -> int:
         return self.sock.fileno() if not self._closed else -1
+
+    def send_now(self, payload: bytes) -> bool:
+        return False  # (sends_now: never)
 
     def try_send(self, payload: bytes, timeout: float) -> bool:
         """Send a small frame if it can go within ``timeout`` (a twin that

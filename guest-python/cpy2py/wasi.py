@@ -153,6 +153,10 @@ class GuestTransport:
     #: large plain containers go to the guest as plain-data blocks, which its
     #: C unpickler reads several times faster than its pure-Python codec
     plain_blocks = True
+    #: ``send_now`` always sends (see there); frames go whole, as one payload
+    sends_now = True
+    sends_parts = False
+    cut_mid_frame = False
 
     def __init__(self, twin: Any, paths: List[str], module_files: FrozenSet[str] = frozenset()) -> None:
         self._twin = twin
@@ -193,6 +197,9 @@ class GuestTransport:
     def fileno(self) -> int:
         """Readable exactly while ``recv`` has a frame (or the end) to give."""
         return self._fd
+
+    def buffered(self) -> bool:
+        return False  # (what the guest sent waits in the host: fileno shows it)
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
         """Whether frames left for other readers, or the end, are there

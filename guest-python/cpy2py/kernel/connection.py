@@ -298,12 +298,11 @@ class _Gate:
 class Connection:
     """The link to one peer interpreter, usable from any number of threads.
 
-    ``transport`` moves frames (``send``, ``recv``, ``fileno``, ``buffered``;
-    see protocol/transport.py); ``describe_end`` explains, once the stream
-    ended, how the peer ended (a text, or the exception to raise in the
-    waiting callers); ``kill_peer`` stops a peer that broke the protocol;
-    ``after_request`` runs after each request served here (a twin flushes
-    its stdout). Without ``threads`` (the WASI guest), the one thread serves
+    ``transport`` moves frames (protocol/transport.py, ``Transport``);
+    ``describe_end`` explains, once the stream ended, how the peer ended (a
+    text, or the exception to raise in the waiting callers); ``kill_peer``
+    stops a peer that broke the protocol; ``after_request`` runs after each
+    request served here (a twin flushes its stdout). Without ``threads`` (the WASI guest), the one thread serves
     requests inline, also those of other chains that arrive while it waits.
     Without ``new_chains`` (the master's link to a sandboxed guest, which has
     no threads), a request must belong to a call this side is making to the
@@ -342,20 +341,20 @@ class Connection:
         self._threads = threads
         self._new_chains = new_chains
         self._ids = itertools.count(1)
-        self._buffered = getattr(transport, "buffered", None)
+        self._buffered = transport.buffered
         #: awaited calls wait on the caller's loop (not: a sandboxed guest run
         #: by the calling thread, which cpy2py/awaitable.py gives a worker)
-        self.runs_here = not getattr(transport, "runs_peer", False)
+        self.runs_here = not transport.runs_peer
         #: sends a small frame only if it goes out at once (native twins' transport)
-        self._send_now = getattr(transport, "send_now", None)
-        self._holds_signals = getattr(transport, "stops_for_signals", True)
+        self._send_now = transport.send_now if transport.sends_now else None
+        self._holds_signals = transport.stops_for_signals
         #: large byte strings go to the transport as they are, among the
         #: frame's parts (``dumps(..., parts=True)``), not copied into it
-        self._parts = getattr(transport, "sends_parts", False)
+        self._parts = transport.sends_parts
         #: large plain containers go as plain-data blocks, which the peer (a
         #: sandboxed guest, or its master; a twin with only the pure-Python
         #: codec, said in its hello) decodes with the C unpickler
-        self._plain = getattr(transport, "plain_blocks", False) if plain_blocks is None else plain_blocks
+        self._plain = transport.plain_blocks if plain_blocks is None else plain_blocks
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
@@ -482,7 +481,7 @@ class Connection:
                 self._fail(err)
                 raise self._broken_error() from None
             except BaseException as err:  # Ctrl-C in a send that could not go on
-                if getattr(self.transport, "cut_mid_frame", False):
+                if self.transport.cut_mid_frame:
                     self._break_and_kill(
                         TwinterpreterTerminated(
                             f"twinterpreter {self.peer_id!r} was stopped: a message to it was cut "
@@ -750,11 +749,7 @@ class Connection:
         if not read:
             loop.remove_reader(fd)
             return
-        if (
-            others_read
-            and not (self._buffered is not None and self._buffered())
-            and not select.select([fd], [], [], 0)[0]
-        ):
+        if others_read and not self._buffered() and not select.select([fd], [], [], 0)[0]:
             with self._lock:
                 self._give_up_role()
             return
@@ -765,7 +760,7 @@ class Connection:
             if raw is None:  # the link ended (marked so)
                 return
             kind, key, _ = codec.peek(raw)
-            if (kind == REPLY or kind == RAISE) and not (self._buffered and self._buffered()):
+            if (kind == REPLY or kind == RAISE) and not self._buffered():
                 # nearly always: the reply to an awaited call. Routed and the
                 # role given up in one lock section (delivered first: a waiter
                 # that finds the role free must find its reply in its inbox)
@@ -864,11 +859,7 @@ class Connection:
             if raw is None:
                 return None  # (the link ended: marked so)
             kind, key, _ = codec.peek(raw)
-            if (
-                key == req_id
-                and (kind == REPLY or kind == RAISE)
-                and not (self._buffered and self._buffered())
-            ):
+            if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
                 with self._lock:
                     if self._claim_reply(req_id) is not None:
                         self._give_up_role()
@@ -1016,7 +1007,7 @@ class Connection:
                         self._hand_to_server(item)
                 # frames already buffered are routed now: the descriptor says
                 # nothing about them, so nobody would come for them
-                if self._buffered is None or not self._buffered():
+                if not self._buffered():
                     break
         finally:
             with self._lock:
@@ -1248,8 +1239,7 @@ class Connection:
         descriptor, if it has one (else a server reads, holding the role)."""
         if self._gate is not None or not self._threads:
             return
-        fileno = getattr(self.transport, "fileno", None)
-        fd = fileno() if fileno is not None else -1
+        fd = self.transport.fileno()
         if fd >= 0:
             self._gate = _Gate(fd)
             if not self._reading:

@@ -65,6 +65,11 @@ class HostTransport:
     plain_blocks = True
     #: a guest has no signals: its reads need not hold them
     stops_for_signals = False
+    # the rest of what it is (protocol/transport.py, Transport)
+    sends_parts = False
+    sends_now = False
+    runs_peer = False
+    cut_mid_frame = False
 
     def __init__(self, link: Any) -> None:
         self._link = link
@@ -97,6 +102,15 @@ class HostTransport:
         # one thread only: the next recv blocks until the master sends
         return True
 
+    def send_now(self, payload: bytes) -> bool:
+        return False  # (sends_now: never)
+
+    def fileno(self) -> int:
+        return -1  # (no servers wait: the guest's one thread reads)
+
+    def buffered(self) -> bool:
+        return False
+
 
 def _inside(path: Optional[str], roots: List[str]) -> bool:
     if not path:
@@ -126,7 +140,7 @@ def warm_noop() -> None:
     it starts ahead of calls: cpy2py/fresh.py)."""
 
 
-class _WarmUpTransport:
+class _WarmUpTransport(HostTransport):
     """Frames for ``warm_up``: requests prepared in advance, replies dropped."""
 
     def __init__(self, frames: List[bytes]) -> None:

@@ -150,25 +150,53 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it can)
     from typing import Any, Protocol, Union
 
+    from .._host import Frame
+
     class Transport(Protocol):
-        """What a ``Connection`` moves frames with: ``FdTransport`` (twins),
-        ``cpy2py._host.NativeTwin`` (the master's native twins),
-        ``cpy2py.wasi.GuestTransport`` (the master's sandboxed guests) and
-        ``kernel.guest_main.HostTransport`` (a guest's end).
+        """What a ``Connection`` moves frames with, declared in full: every
+        transport has all of it (kernel/connection.py reads it directly).
+        They are ``FdTransport`` (twins), ``cpy2py._host.NativeTwin`` (the
+        master's native and SSH twins), ``cpy2py.ray.RayTwin`` (Ray-placed
+        twins), ``cpy2py.wasi.GuestTransport`` (the master's sandboxed
+        guests) and ``kernel.guest_main.HostTransport`` (a guest's end)."""
 
-        ``recv`` waits for the next frame (None: the stream ended between
-        frames; False: this thread holds its signals, ``hold_signals``, and
-        one came first, with nothing read). ``fileno`` is readable while
-        there is more to read than what the transport buffered (servers wait
-        on it with epoll; -1: no such descriptor). Optional: ``buffered()``,
-        whether a whole frame was read ahead; ``cut_mid_frame``, whether a
-        send was interrupted half-way through a frame; ``plain_blocks``,
-        whether large plain containers go as plain-data blocks (a master's
-        link to a guest on this machine, and the guest's end: tag 40014)."""
+        #: ``send`` also takes a frame as a tuple of its parts (``dumps(...,
+        #: parts=True)``: large byte strings as they are, not copied)
+        sends_parts: bool
+        #: ``send_now`` can send a small frame at once (else it never does)
+        sends_now: bool
+        #: ``send`` runs the peer on the calling thread for all of its work
+        #: (a guest): asyncio calls go to a worker (cpy2py/awaitable.py)
+        runs_peer: bool
+        #: ``recv`` returns False when this thread holds its signals and one
+        #: came (else it lets signal handlers raise without losing a frame)
+        stops_for_signals: bool
+        #: large plain containers go as plain-data blocks (tag 40014: a
+        #: master's link to a guest, the guest's end; a twin says so in its hello)
+        plain_blocks: bool
 
-        def send(self, payload: bytes) -> None: ...
-        def recv(self) -> Union[bytes, bytearray, bool, None]: ...
-        def fileno(self) -> int: ...
+        @property
+        def cut_mid_frame(self) -> bool:
+            """Whether a send was interrupted half-way through a frame (the
+            stream is then unusable)."""
+
+        def send(self, payload: Any) -> None:
+            """Send one frame (waits for room in the pipe)."""
+
+        def send_now(self, payload: bytes) -> bool:
+            """Send a small frame only if it goes out at once; False: not sent."""
+
+        def recv(self) -> Union[bytes, bytearray, Frame, bool, None]:
+            """The next frame; None: the stream ended between frames; False:
+            this thread holds its signals (``hold_signals``) and one came
+            first, with nothing read."""
+
+        def fileno(self) -> int:
+            """Readable while there is more to read than ``buffered`` holds
+            (servers wait on it with epoll); -1: no such descriptor."""
+
+        def buffered(self) -> bool:
+            """Whether a whole frame was read ahead and waits here."""
 
 
 class FdTransport:
@@ -183,9 +211,14 @@ class FdTransport:
         self._buffer = bytearray()  # read beyond the last frame
         self._reader: Any = None
 
-    #: ``send`` takes a frame as a tuple of its parts too (``dumps(...,
-    #: parts=True)``: large byte strings as they are)
+    # what it is (see Transport)
     sends_parts = True
+    sends_now = False
+    runs_peer = False
+    stops_for_signals = True
+    plain_blocks = False
+    #: (a send cut by a signal handler is not detected here)
+    cut_mid_frame = False
 
     def send(self, payload: bytes | tuple[bytes, ...]) -> None:
         if type(payload) is tuple:
@@ -208,6 +241,9 @@ class FdTransport:
                     self._write_all(part)
             else:
                 self._write_parts([memoryview(header), *map(memoryview, parts)])
+
+    def send_now(self, payload: bytes) -> bool:
+        return False  # (sends_now: never)
 
     def try_send(self, payload: bytes, timeout: float) -> bool:
         """Send one small frame if it can go out within ``timeout`` seconds

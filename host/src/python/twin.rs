@@ -210,9 +210,37 @@ impl NativeTwin {
 
     /// `send` takes a frame as a tuple of its parts (the kernel encodes
     /// large byte strings that way).
-    #[getter]
-    fn sends_parts(&self) -> bool {
+    #[classattr]
+    fn sends_parts() -> bool {
         true
+    }
+
+    // The rest of what the kernel's `Transport` declares
+    // (guest-python/cpy2py/protocol/transport.py).
+
+    /// `send_now` sends a small frame that fits the pipe at once.
+    #[classattr]
+    fn sends_now() -> bool {
+        true
+    }
+
+    /// A send never runs the twin: it is another process.
+    #[classattr]
+    fn runs_peer() -> bool {
+        false
+    }
+
+    /// `recv` returns False when the caller holds its signals and one came.
+    #[classattr]
+    fn stops_for_signals() -> bool {
+        true
+    }
+
+    /// Plain-data blocks only where the twin's hello asks for them (the
+    /// master passes that to the link itself).
+    #[classattr]
+    fn plain_blocks() -> bool {
+        false
     }
 
     /// Whether a send was interrupted half-way through a frame (the link
