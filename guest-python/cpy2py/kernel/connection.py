@@ -302,13 +302,14 @@ class Connection:
     ``describe_end`` explains, once the stream ended, how the peer ended (a
     text, or the exception to raise in the waiting callers); ``kill_peer``
     stops a peer that broke the protocol; ``after_request`` runs after each
-    request served here (a twin flushes its stdout). Without ``threads`` (the WASI guest), the one thread serves
-    requests inline, also those of other chains that arrive while it waits.
-    Without ``new_chains`` (the master's link to a sandboxed guest, which has
-    no threads), a request must belong to a call this side is making to the
-    peer: any other breaks the link, and no thread is ever started for it.
-    ``plain_blocks``: whether large plain containers go as plain-data blocks
-    (None: as the transport says, ``plain_blocks``).
+    request served here (a twin flushes its stdout). Without ``threads`` (the
+    WASI guest), the one thread serves requests inline, also those of other
+    chains that arrive while it waits. Without ``new_chains`` (the master's
+    link to a sandboxed guest, which has no threads), a request must belong to
+    a call this side is making to the peer: any other breaks the link, and no
+    thread is ever started for it. ``plain_blocks``: whether large plain
+    containers go as plain-data blocks (None: as the transport says,
+    ``plain_blocks``).
     """
 
     #: a server that finds this many others waiting ends, once it has waited
