@@ -148,3 +148,53 @@ def test_the_kernel_comes_from_a_bundle_in_the_cache_and_the_twins_settings_stay
             tag = twin.execute(eval, "__import__('sys').implementation.cache_tag")
         bundles = [path.name for path in (tmp_path / "kernel-bundle").iterdir()]
         assert len(bundles) == 1 and bundles[0].startswith(f"{tag}-O0"), bundles
+
+
+PINNED = """
+import os, time
+from cpy2py import twinfunction
+
+@twinfunction("python3")
+def nap(seconds):
+    time.sleep(seconds)
+    return "woke up"
+
+@twinfunction("worker-2")
+def pid():
+    return os.getpid()
+"""
+
+
+def test_a_twin_started_on_first_use_has_the_settings_of_its_twinmaster(tmp_path):
+    """A TwinMaster that is made but never started still says how its twin
+    starts when a twinfunction first needs it: its timeout holds, its
+    executable is used for its own id."""
+    (tmp_path / "pinned.py").write_text(PINNED)
+    result = run_master(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from cpy2py import TwinMaster
+        from cpy2py.errors import TwinTimeout
+        import pinned
+
+        TwinMaster("python3", timeout=0.5)
+        try:
+            print(pinned.nap(5))
+        except TwinTimeout as err:
+            print("timed out:", err)
+        TwinMaster(sys.executable, twinterpreter_id="worker-2")
+        print("worker-2 is another process:", pinned.pid() != os.getpid())
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "timed out: twinterpreter 'python3'" in result.stdout, result.stdout
+    assert "worker-2 is another process: True" in result.stdout
+
+
+def test_starting_a_running_twin_with_other_settings_warns(kind):
+    twin_id = f"settings-{kind}"  # (the settings it is made with are those of its next start)
+    with TwinMaster(kind, twinterpreter_id=twin_id) as running:
+        with pytest.warns(RuntimeWarning, match="started with timeout=None: it goes on.*stop\\(\\) it first"):
+            TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0).start()
+        assert running.is_alive and running.timeout is None

@@ -411,6 +411,38 @@ class TwinMaster:
                     f"placement must be a cpy2py.ray.Placement(resources=..., node=...), not {placement!r}"
                 )
         self.placement: Any = placement
+        if kernel_state.is_master():
+            # the settings a twinfunction or TwinObject pinned to this id
+            # starts it with, also if this TwinMaster is never started itself
+            with _running_lock:
+                _configs[self.twinterpreter_id] = self
+
+    #: what a twin is started with (compared by ``start``)
+    _SETTINGS = (
+        "executable",
+        "kernel",
+        "main_module",
+        "run_main",
+        "restore_argv",
+        "memory_limit",
+        "timeout",
+        "paths",
+        "output_limit",
+        "fresh",
+        "host",
+        "ssh_options",
+        "placement",
+        "packages",
+        "preload",
+    )
+
+    def _other_settings(self, other: TwinMaster) -> List[str]:
+        """The settings of ``other`` that differ from this one's, as ``name=value``."""
+        return [
+            f"{name}={getattr(other, name)!r}"
+            for name in self._SETTINGS
+            if getattr(other, name) != getattr(self, name)
+        ]
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
@@ -461,6 +493,17 @@ class TwinMaster:
                 )
             twin = _running.get(twin_id)
             if twin is not None and twin.alive:
+                differ = self._other_settings(twin.master) if twin.master is not self else []
+                if differ:
+                    import warnings
+
+                    warnings.warn(
+                        f"twinterpreter {twin_id!r} is running already, started with {', '.join(differ)}: "
+                        "it goes on with those settings, not this TwinMaster's; stop() it first to start "
+                        "it with these",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 return True
             if twin is not None:  # it died: cleared away before starting anew
                 del _running[twin_id]
