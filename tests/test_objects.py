@@ -9,7 +9,7 @@ import time
 import pytest
 import twin_classes as tc
 import twin_helpers
-from cpy2py import TwinMaster, TwinObject, is_proxy
+from cpy2py import TwinMaster, TwinObject, is_proxy, twinfunction
 from support import SANDBOX_KIND, native_only, start_twin
 
 
@@ -276,3 +276,34 @@ def test_kernel_state_in_twins(kind):
     assert state[f"is_{kind}"] is True
     here = tc.state_here()
     assert here["is_master"] is True and not here["is_python3"]
+
+
+def test_class_decorators_and_dataclasses_work_on_twin_classes(kind):
+    """A decorator runs while the class is made, before its module binds it
+    (where a twin could find it): what it reads and writes of the class is
+    the class's own here, and the decorator runs in the twin too."""
+    import decorated_classes as dc
+
+    suffix = kind.replace("-", "_")
+    plugin = getattr(dc, f"Plugin_{suffix}")
+    assert dc.REGISTRY[f"plugin-{kind}"] is plugin
+    pid, registered = plugin().where()
+    assert pid != os.getpid() and registered
+    point_class = getattr(dc, f"Point_{suffix}")
+    point = point_class(3, -4)
+    assert point.length() == (7, pid)
+    assert repr(point) == f"Point_{suffix}(x=3, y=-4)"
+    assert point == point_class(3, -4) and point != point_class(3, 4)
+
+
+def test_twin_classes_and_functions_local_to_a_function_are_refused_clearly(kind):
+    class Local(TwinObject):
+        __twin_id__ = kind
+
+    @twinfunction(kind)
+    def local_function():
+        return os.getpid()
+
+    for make in (Local, local_function):
+        with pytest.raises(TypeError, match=f"is pinned to '{kind}', which cannot find it by its name"):
+            make()

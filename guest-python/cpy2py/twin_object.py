@@ -28,6 +28,18 @@ def _native_here(cls: type) -> bool:
     return kernel_state.runs_pinned(type.__getattribute__(cls, "__twin_id__"))
 
 
+def _attributes_here(cls: type) -> bool:
+    """Whether the class attributes of ``cls`` are read and written here: it is
+    native here, or its twin cannot find it by name yet (a class decorator,
+    ``@dataclass`` say, runs before its module binds it) or ever (a class
+    local to a function: its instances cannot be made, see serialization)."""
+    if _native_here(cls):
+        return True
+    from .kernel.serialization import global_name
+
+    return global_name(cls) is None
+
+
 class TwinMeta(type):
     """Metaclass of twin classes: routes instantiation and class attributes."""
 
@@ -43,7 +55,7 @@ class TwinMeta(type):
         return links.connection_to(owner).request(OP_INSTANTIATE, cls, list(args), kwargs)
 
     def __getattribute__(cls, name: str) -> Any:
-        if name[:2] == "__" or _native_here(cls):
+        if name[:2] == "__" or _attributes_here(cls):
             return type.__getattribute__(cls, name)
         import inspect  # only classes native elsewhere get here; keeps twins' start light
 
@@ -55,13 +67,13 @@ class TwinMeta(type):
         return call(cls, OP_GETATTR, name)
 
     def __setattr__(cls, name: str, value: Any) -> None:
-        if name[:2] == "__" or _native_here(cls):
+        if name[:2] == "__" or _attributes_here(cls):
             type.__setattr__(cls, name, value)
         else:
             call(cls, OP_SETATTR, name, value)
 
     def __delattr__(cls, name: str) -> None:
-        if name[:2] == "__" or _native_here(cls):
+        if name[:2] == "__" or _attributes_here(cls):
             type.__delattr__(cls, name)
         else:
             call(cls, OP_DELATTR, name)

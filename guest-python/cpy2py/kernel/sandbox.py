@@ -48,7 +48,14 @@ from ..protocol.messages import (
     OP_SETATTR,
 )
 from . import main_module, references
-from .serialization import Serializer, _GlobalRef, format_exception, global_name
+from .serialization import (
+    Serializer,
+    _GlobalRef,
+    _pinned_elsewhere,
+    format_exception,
+    global_name,
+    unfindable_pinned,
+)
 
 log = _logging.get_logger("sandbox")
 
@@ -224,6 +231,8 @@ class SandboxSerializer(Serializer):
             return super().default(obj)
         if isinstance(obj, BaseException):
             return tags.EXCEPTION, self._exception_for_guest(obj)
+        if _pinned_elsewhere(obj) and global_name(obj) is None:
+            raise unfindable_pinned(obj)
         grant: Optional[Grant] = None
         if type(obj) is Exposed:
             obj, grant = obj.target, obj.grant

@@ -146,6 +146,17 @@ def _pinned_elsewhere(obj: Any) -> bool:
     return owner is not None and owner != kernel_state.TWIN_ID
 
 
+def unfindable_pinned(obj: Any) -> TypeError:
+    """The error for a twinfunction or twin class pinned elsewhere that has
+    no name its twin could find it by."""
+    return TypeError(
+        f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)} is pinned to "
+        f"{getattr(obj, '__twin_id__', '?')!r}, which cannot find it by its name: define "
+        "twinfunctions and TwinObject classes at the top level of a module (not inside a "
+        "function), and use them once the module has defined them"
+    )
+
+
 _pickle_classes: Optional[Tuple[type, type]] = None
 
 
@@ -351,6 +362,8 @@ class Serializer:
                     self.define_in_peer(name[1])
                 self._names[id(obj)] = (obj, name)
                 return tags.GLOBAL_REF, list(name)
+            if name is None and _pinned_elsewhere(obj):  # (as a reference it would bounce back here)
+                raise unfindable_pinned(obj)
         if self.trusted:  # plain objects travel as copies where they can
             import io
 
