@@ -47,6 +47,24 @@ def test_builtins_and_picklable_callables(twin):
     assert twin.execute(functools.partial(pow, 3), 2) == 9
 
 
+def test_a_function_the_twin_cannot_find_is_not_run_here_instead(twin):
+    """``execute`` runs its callable in the twin; a lambda or a closure has no
+    name there, and would otherwise go as a proxy and run in the master."""
+
+    def make(n):
+        def task():
+            return os.getpid(), n
+
+        return task
+
+    for func, why in ((lambda: os.getpid(), "a lambda has no name"), (make(1), "local to a function")):
+        if kind_of(twin) == SANDBOX_KIND:
+            why = "in the sandboxed twin"
+        with pytest.raises(TypeError, match=f"cannot run .*{why}"):
+            twin.execute(func)
+    assert twin.execute(os.getpid) != os.getpid()  # and the link goes on
+
+
 @pytest.mark.parametrize(
     "value",
     [

@@ -284,6 +284,12 @@ if __name__ == "__main__":
     assert twin.execute(call, handler) == "main block"
     assert twin.execute(call, pid_here) != me  # defined for all: it runs in the twin
     assert seen == [1, 2, 3], seen
+    try:  # execute runs its callable in the twin, which has none of this block
+        twin.execute(progress, 4)
+    except TypeError as err:
+        assert "main block only" in str(err), err
+    else:
+        raise AssertionError("execute ran a function of the main block in the master")
     twin.stop()
     print("MAIN BLOCK DEFINITIONS OK", flush=True)
 """

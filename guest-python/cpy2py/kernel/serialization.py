@@ -557,7 +557,31 @@ class Serializer:
         )
 
     def check_executable(self, call: Any) -> None:
-        """Raise if ``call`` cannot be run by the peer (sandboxes are strict)."""
+        """Raise if ``call`` cannot be run by the peer (sandboxes are strict):
+        a function the peer cannot find by name would go as a proxy, and
+        ``execute`` would run it here instead, unsaid."""
+        if type(call) is not FunctionType:
+            return
+        known = self._names.get(id(call))
+        if known is not None and known[0] is call:
+            return
+        name = global_name(call)
+        if name is not None and not (name[0] == "__main__" and self.master_only(call, name[1])):
+            return
+        if _pinned_elsewhere(call):
+            return  # (its encoding says what is wrong)
+        if call.__name__ == "<lambda>":
+            why = "a lambda has no name"
+        elif "<locals>" in call.__qualname__:
+            why = "it is local to a function"
+        else:
+            why = "it is defined in the master's main block only"
+        raise TypeError(
+            f"cannot run {call.__qualname__} in twinterpreter {self.peer_id!r}: functions travel by "
+            f"name, and {self.peer_id!r} cannot find this one ({why}). Define it at the top level of "
+            "a module (outside the main block); to have the twin call it back here, pass it as an "
+            "argument of a function that runs there"
+        )
 
     # -- what proxies of the peer's objects pass on -----------------------------
 
