@@ -625,7 +625,7 @@ class TwinMaster:
         try:
             process.send(references.encode(welcome, serializer.default))
             ready = process.recv()
-            answer = codec.loads(ready) if ready is not None else None
+            answer = _answer_to_welcome(ready, serializer)
             while self.is_remote and serializer.trusted and isinstance(answer, dict) and "module" in answer:
                 # a remote twin lacks a module the welcome names (kernel/remote_twin.py);
                 # never a guest: it gets no source of the master's by asking
@@ -636,10 +636,16 @@ class TwinMaster:
                 answer = codec.loads(ready) if ready is not None else None
         except (OSError, TwinterpreterTerminated):
             answer = None
+        except ProtocolError as err:  # a sandboxed guest's answer, refused unread
+            answer = {"error": f"its answer to the welcome was refused: {err}"}
         finally:
             deadlines.clear(start_key)
         if not (isinstance(answer, dict) and answer.get("ready")):
             detail = answer.get("error") if isinstance(answer, dict) else None
+            if detail is not None and not serializer.trusted:  # a guest's text: cut as its tracebacks are
+                detail = (
+                    detail[:_MAX_GUEST_DETAIL] if isinstance(detail, str) else references.safe_repr(detail)
+                )
             status = process.wait(2.0) or process.kill()
             close = getattr(process, "close", None)
             if close is not None:
@@ -935,6 +941,25 @@ def _execute_in_master(twin_id: str, call: Any, args: List[Any], kwargs: Dict[st
 
 def _no_auto() -> bool:
     return bool(os.environ.get("CPY2PY_NOAUTO"))
+
+
+#: how much of a sandboxed guest's own account of a failed start is shown
+#: (kernel/sandbox.py cuts its traceback texts to as much)
+_MAX_GUEST_DETAIL = 64 * 1024
+
+
+def _answer_to_welcome(ready: Any, serializer: Serializer) -> Any:
+    """The twin's answer to the welcome (``{"ready": True}`` or ``{"error":
+    text}``), decoded. A sandboxed guest's is decoded as every frame of it
+    is: under the decoding budget, with no kernel tag (its code ran before it
+    answered: a preload or an initializer may have replaced the guest's
+    kernel, and a small frame of empty lists would take the master
+    gigabytes). Raises ProtocolError for an answer refused unread."""
+    if ready is None:
+        return None
+    if serializer.trusted:
+        return codec.loads(ready)
+    return codec.guest_loads(ready, None, budget=codec.sandbox_budget(len(ready)))
 
 
 def _lost(twin_id: str, state: bool = True) -> str:

@@ -1147,10 +1147,21 @@ class Connection:
             self._held_releases = [entry for entry in self._held_releases if entry[0] > oldest]
         for before, raw in ready:
             try:
-                message, _ = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
-                if not (isinstance(message, list) and len(message) == 2):
-                    raise ProtocolError(f"malformed release {references.safe_repr(message)}")
-                dropped = references.release(message[1], self)
+                try:
+                    message, _ = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+                    if not (isinstance(message, list) and len(message) == 2):
+                        raise ProtocolError(f"malformed release {references.safe_repr(message)}")
+                    dropped = references.release(message[1], self)
+                except ProtocolError:
+                    raise
+                except Exception as err:
+                    # a release whose value cannot even be rebuilt (one of the
+                    # peer's objects as a dict key, a failing text of it) is as
+                    # malformed as any: never the error of whichever call read it
+                    raise ProtocolError(
+                        f"{self.peer_id!r} sent a malformed release ({type(err).__name__}: "
+                        f"{references.safe_repr(str(err), 200)})"
+                    ) from err
                 del dropped  # finalizers run here
             except ProtocolError as err:
                 # first (no reply read after it is decoded from now), and the

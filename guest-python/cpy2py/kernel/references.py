@@ -528,6 +528,9 @@ def safe_repr(value: Any, limit: int = 200) -> str:
             return "{" + ", ".join(f"{show(k, depth + 1)}: {show(v, depth + 1)}" for k, v in pairs) + "}"
         if type(item) in (str, bytes, bytearray):
             return repr(item[:limit])
+        if type(item) is int and item.bit_length() > 4 * limit:
+            # (repr of an int over 4300 digits raises ValueError; a shorter one is still too long)
+            return f"<int of {item.bit_length()} bits>"
         if type(item) in (int, float, bool, complex) or item is None:
             return repr(item)[:limit]
         return f"<{type(item).__qualname__} object>"
