@@ -8,8 +8,8 @@ welcome, and replaces the kernel's functions that write the hello and
 the answer. Others send raw frames the master must refuse as
 docs/security.md says: the guest stopped where a frame is malformed, the
 call's error where a value cannot be rebuilt, the master's memory bounded
-by the decoding budget. Host-side gaps the master cannot close are marked
-``xfail(strict=True)`` with the fix they need.
+by the decoding budget; and what the host shows a guest (its code's
+files, its output's prefix) gives nothing away.
 """
 
 from __future__ import annotations
@@ -280,18 +280,13 @@ def test_an_answer_to_the_welcome_is_decoded_within_the_budget(code_dir):
     assert int(lines["rude-chatty FAILED"][2]) < 80 * 1024, report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="host: the hello is parsed by ciborium into a whole Value tree with no budget "
-    "(host/src/protocol/handshake.rs parse_hello)",
-)
 @pytest.mark.timeout(300)
 def test_a_hello_is_decoded_within_the_budget(code_dir):
     """A preload replaces the guest's hello: the real one, with 8 Mi empty
-    lists added under an extra key (8 MiB sent, within the frame cap). The
-    host parses the whole frame into ciborium Values before it reads the
-    hello's fields, and ignores the extra key: the master grows by hundreds
-    of MiB (a 64 MiB hello: several GiB) and the guest starts."""
+    lists added under an extra key (8 MiB sent, within the frame cap). Parsed
+    whole into ciborium Values, it grew the master by hundreds of MiB (a 64
+    MiB hello: several GiB) and the guest started; the host now refuses a
+    first frame larger than a hello can be, unread."""
     lines, report = _rude_start(code_dir, "rude-hello")
     assert float(lines["rude-hello PEAK"][0]) < 8 * 8, report
 
@@ -301,18 +296,11 @@ def test_a_hello_is_decoded_within_the_budget(code_dir):
 # guest of its own, with its own twin id, wasm instance and linear memory, ..."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="host: a guest's view of its paths is made of hard links to the files "
-    "(host/src/wasm/view.rs), and WASI's filestat passes the file's link count and "
-    "change time through",
-)
 def test_a_guest_cannot_count_the_guests_started_beside_it(sandbox):
-    """A guest stats its own module: the link count and change time of the file
-    are those of the master's file, which every guest with the same paths
-    hard-links into its view. So it sees the count go up by one for each
-    guest started beside it (and the nanosecond it happened), and down as
-    they end: what other sandboxes (of a pool, fresh guests) do."""
+    """A guest stats its own module. When every guest's view hard-linked the
+    master's file, it saw the link count go up by one for each guest started
+    beside it with the same paths (and the nanosecond it happened, in the
+    change time), and down as they ended; views hold copies now."""
     watcher = sandbox("kernel-watcher").import_module("kernel_patcher")
     before = watcher.own_view()
     others = [sandbox(f"kernel-neighbour-{n}") for n in range(3)]
@@ -326,11 +314,6 @@ def test_a_guest_cannot_count_the_guests_started_beside_it(sandbox):
 # `[<twin id>] `"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="host: output.rs forwards carriage returns and terminal escape sequences as "
-    "they are, so a guest's line can erase its own prefix on a terminal",
-)
 def test_a_guest_cannot_print_over_its_prefix(sandbox, capfd):
     """A guest writes a carriage return and the ANSI sequence that erases the
     line, then a line of its own that looks like the master's. On a

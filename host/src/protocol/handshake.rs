@@ -23,10 +23,22 @@ pub struct Hello {
     pub plain_blocks: bool,
 }
 
+/// How large a hello may be: a real one is about 200 bytes, its longest
+/// field the interpreter's path.
+pub const MAX_HELLO_BYTES: usize = 16 * 1024;
+
 /// Parses a hello frame. The version is checked before anything else, so a
 /// twin of another protocol version gets a message naming both versions
 /// even if the rest of its hello looks different.
 pub fn parse_hello(frame: &[u8]) -> Result<Hello> {
+    // Read as a tree of values before its fields are checked: a small frame
+    // of empty arrays would make a large tree, so the size is checked first
+    if frame.len() > MAX_HELLO_BYTES {
+        return Err(HostError::Protocol(format!(
+            "the twin's first frame is {} bytes, not a cpy2py hello (at most {MAX_HELLO_BYTES} bytes)",
+            frame.len()
+        )));
+    }
     let value: Cbor = ciborium::from_reader(frame)
         .map_err(|e| HostError::Protocol(format!("the twin's hello is not valid CBOR: {e}")))?;
     let version = value
@@ -100,6 +112,19 @@ mod tests {
         other.insert("cpy2py", 2);
         let err = parse_hello(&encode(&other)).unwrap_err();
         assert!(matches!(err, HostError::VersionMismatch { theirs: 2, ours: 1 }));
+    }
+
+    #[test]
+    fn a_first_frame_too_large_for_a_hello_is_refused_unread() {
+        // a real hello with a megabyte of empty arrays beside it
+        let mut big = std::collections::BTreeMap::new();
+        big.insert(
+            "padding",
+            ciborium::Value::Array(vec![ciborium::Value::Array(vec![]); 1 << 20]),
+        );
+        big.insert("cpy2py", ciborium::Value::Integer(PROTOCOL_VERSION.into()));
+        let err = parse_hello(&encode(&big)).unwrap_err().to_string();
+        assert!(err.contains("not a cpy2py hello (at most 16384 bytes)"), "{err}");
     }
 
     #[test]

@@ -52,6 +52,25 @@ impl Sink for ProcessSink {
     }
 }
 
+/// Appends `text` with its terminal controls written out as `\xHH`: a
+/// carriage return, a backspace or an escape sequence (7-bit, or the C1
+/// controls of UTF-8) could otherwise move the cursor back over the line's
+/// prefix, and a guest's line pass for the master's. Tabs stay.
+fn escape_controls(text: &[u8], out: &mut Vec<u8>) {
+    let mut bytes = text.iter().copied().peekable();
+    while let Some(byte) = bytes.next() {
+        let c1 = byte == 0xC2 && matches!(bytes.peek(), Some(0x80..=0x9F));
+        if (byte < 0x20 && byte != b'\t') || byte == 0x7F {
+            out.extend_from_slice(format!("\\x{byte:02x}").as_bytes());
+        } else if c1 {
+            let code = bytes.next().unwrap_or_default();
+            out.extend_from_slice(format!("\\u{{{code:04x}}}").as_bytes());
+        } else {
+            out.push(byte);
+        }
+    }
+}
+
 struct State {
     prefix: Vec<u8>,
     cap: usize,
@@ -64,12 +83,11 @@ struct State {
 
 impl State {
     fn emit(&mut self, which: Which, text: &[u8]) {
+        let text = text.strip_suffix(b"\n").unwrap_or(text);
         let mut line = Vec::with_capacity(self.prefix.len() + text.len() + 1);
         line.extend_from_slice(&self.prefix);
-        line.extend_from_slice(text);
-        if !text.ends_with(b"\n") {
-            line.push(b'\n');
-        }
+        escape_controls(text, &mut line);
+        line.push(b'\n');
         self.sink.write_line(which, &line);
     }
 
@@ -286,6 +304,20 @@ mod tests {
         assert_eq!(lines[1], (Which::Stdout, "[box] 6789\n".into()));
         assert!(lines[2].1.contains("output limit of 10 bytes"), "{lines:?}");
         assert_eq!(lines.len(), 3, "{lines:?}");
+    }
+
+    #[test]
+    fn terminal_controls_cannot_move_over_the_prefix() {
+        let (out, sink) = output(1000);
+        out.write(Which::Stdout, "a\rb\x1b[2K\tc\u{9b}2K\u{e9}\x7f\n".as_bytes());
+        let lines = sink.0.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            vec![(
+                Which::Stdout,
+                "[box] a\\x0db\\x1b[2K\tc\\u{009b}2K\u{e9}\\x7f\n".into()
+            )]
+        );
     }
 
     #[test]

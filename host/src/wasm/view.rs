@@ -3,8 +3,9 @@
 //!
 //! WASI preopens grant whole directories, so a data file beside an allowed
 //! module would be readable. Instead, each guest gets a private directory
-//! tree that mirrors its roots with only `*.py` files in it (hard links where
-//! the file system allows, copies otherwise); that tree is what is preopened,
+//! tree that mirrors its roots with only `*.py` files in it, copied (a hard
+//! link would show the guest the file's link count and change time, which
+//! every other guest given the same roots moves); that tree is what is preopened,
 //! read-only, at the root's own path. Symbolic links are followed only when
 //! they stay inside their root, so a link cannot smuggle an outside file in.
 //! The view is a snapshot taken at start: files added later appear in the
@@ -14,7 +15,7 @@
 //! site-packages root mirrored with exactly the files their RECORD lists
 //! (the master names them), preopened read-only at the root's own path. It
 //! is shared by the guests given the same list and kept while the master
-//! runs (`shared_package_view`), since building it costs a link per file.
+//! runs (`shared_package_view`), since building it costs a copy per file.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -170,13 +171,21 @@ fn link_inside(root: &Path, source: &Path, dest: &Path) -> Result<()> {
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent)?;
     }
-    if fs::hard_link(&source, dest).is_err() {
-        match fs::copy(&source, dest) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
-            Err(e) => return Err(e.into()),
-        }
+    copy_in(&source, dest)
+}
+
+/// Copies a file into a view (the kernel copies within the file system:
+/// `copy_file_range`), with its modification time, which the guest's
+/// bytecode checks; one the master may not read stays out.
+fn copy_in(source: &Path, dest: &Path) -> Result<()> {
+    match fs::copy(source, dest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(()),
+        Err(e) => return Err(e.into()),
     }
+    let modified = fs::metadata(source)?.modified()?;
+    let times = fs::FileTimes::new().set_modified(modified).set_accessed(modified);
+    fs::File::options().write(true).open(dest)?.set_times(times)?;
     Ok(())
 }
 
@@ -293,14 +302,8 @@ fn mirror(root: &Path, dir: &Path, target: &Path, depth: usize, entries: &mut us
             // would show the data file under a module's name
             && is_python_source(&path)
             && is_python_source(&source)
-            && fs::hard_link(&source, &dest).is_err()
         {
-            // another file system: copy instead (an unreadable file stays out)
-            match fs::copy(&source, &dest) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
-                Err(e) => return Err(e.into()),
-            }
+            copy_in(&source, &dest)?;
         }
     }
     Ok(())
