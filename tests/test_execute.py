@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import sys
 import traceback
 
 import pytest
@@ -171,6 +173,26 @@ def test_application_exception_types(twin):
     with pytest.raises(twin_helpers.NeedsTwoArgs) as info:
         twin.execute(twin_helpers.fail_with, twin_helpers.NeedsTwoArgs, 7, "seven")
     assert info.value.args == (7, "seven")
+
+
+def test_exceptions_keep_the_attributes_they_were_given(twin):
+    """Not only their args: what __init__ stored (with a default the args
+    alone would restore wrongly), attributes set later, notes, and an
+    OSError's file name, where the receiver can rebuild them."""
+    native_only(kind_of(twin), "guest exceptions become builtins or RemoteError, never looked up")
+    with pytest.raises(twin_helpers.HTTPError) as info:
+        twin.execute(twin_helpers.fail_with, twin_helpers.HTTPError, "not found", 404)
+    assert (info.value.args, info.value.status) == (("not found",), 404)
+    with pytest.raises(json.JSONDecodeError) as info:
+        twin.execute(twin_helpers.fail_with_details)
+    err = info.value
+    assert (err.pos, err.lineno, err.colno, err.doc, err.request_id) == (6, 1, 7, '{"a": }', "r-17")
+    if sys.version_info >= (3, 11) and kind_of(twin) == "python3":
+        assert err.__notes__ == ["while reading the settings"]
+    with pytest.raises(FileNotFoundError) as info:
+        twin.execute(open, "/nonexistent/cpy2py/file")
+    assert info.value.filename == "/nonexistent/cpy2py/file"
+    assert "/nonexistent/cpy2py/file" in str(info.value)
 
 
 def test_deep_remote_traceback(twin):

@@ -46,8 +46,28 @@ class NeedsTwoArgs(Exception):
         self.text = text
 
 
+class HTTPError(Exception):
+    """Keeps an attribute beside its args, with a default in __init__."""
+
+    def __init__(self, message, status=500):
+        super().__init__(message)
+        self.status = status
+
+
 def fail_with(kind, *args):
     raise kind(*args)
+
+
+def fail_with_details():
+    """An exception with attributes given after it was made, and a note."""
+    import json
+
+    try:
+        json.loads('{"a": }')
+    except json.JSONDecodeError as err:
+        err.request_id = "r-17"
+        err.add_note("while reading the settings") if hasattr(err, "add_note") else None
+        raise
 
 
 def fail_deep(depth):

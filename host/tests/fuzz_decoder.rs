@@ -172,6 +172,11 @@ fn random_value(rng: &mut Rng, depth: usize) -> Value {
             kind: global(rng),
             args: items(rng),
             traceback: if rng.chance(2) { Some(text(rng)) } else { None },
+            state: if rng.chance(2) {
+                vec![(Value::Str(text(rng)), random_value(rng, depth + 2))]
+            } else {
+                Vec::new()
+            },
         },
         _ => Value::TwinRef {
             owner: text(rng),

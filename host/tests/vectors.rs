@@ -102,6 +102,7 @@ fn meaning(json: &Json) -> Value {
             kind: global(&v["type"]),
             args: items(&v["args"]),
             traceback: v["traceback"].as_str().map(str::to_owned),
+            state: Vec::new(),
         },
         "twin_ref" => match v.as_array().map(Vec::as_slice) {
             Some([owner, instance, class]) => Value::TwinRef {
@@ -153,13 +154,24 @@ fn same(a: &Value, b: &Value) -> bool {
                 kind,
                 args,
                 traceback,
+                state,
             },
             Value::Exception {
                 kind: kind2,
                 args: args2,
                 traceback: traceback2,
+                state: state2,
             },
-        ) => kind == kind2 && all(args, args2) && traceback == traceback2,
+        ) => {
+            kind == kind2
+                && all(args, args2)
+                && traceback == traceback2
+                && state.len() == state2.len()
+                && state
+                    .iter()
+                    .zip(state2)
+                    .all(|((k, v), (l, w))| same(k, l) && same(v, w))
+        }
         _ => a == b,
     }
 }

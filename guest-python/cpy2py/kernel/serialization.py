@@ -395,7 +395,35 @@ class Serializer:
             args = [str(err)]
         finally:  # a trial: the args are encoded (and exported) again below
             references.undo_exports(mark)
-        return [_GlobalRef(name), args, format_exception(err)]
+        fields = [_GlobalRef(name), args, format_exception(err)]
+        state = self._exception_state(err) if self.trusted else None
+        if state:
+            fields.append(state)
+        return fields
+
+    def _exception_state(self, err: BaseException) -> Dict[str, Any]:
+        """What an exception was given beyond its args, those that can
+        travel: its attributes (``__dict__``: ``self.status = 404`` in its
+        ``__init__``, ``__notes__``) and an OSError's file names. The
+        receiver sets them on the exception it rebuilds from its args,
+        whose ``__init__`` may have given them defaults. Trusted links only
+        (a guest's exceptions are the master's own builtin types)."""
+        from ..protocol import codec
+
+        state = {key: value for key, value in getattr(err, "__dict__", {}).items() if type(key) is str}
+        if isinstance(err, OSError):
+            for key in ("filename", "filename2"):
+                if getattr(err, key, None) is not None:
+                    state[key] = getattr(err, key)
+        for key in list(state):
+            mark = references.exports_mark()
+            try:
+                codec.dumps(state[key], self.default)
+            except Exception:  # this one cannot travel: the others still do
+                del state[key]
+            finally:
+                references.undo_exports(mark)
+        return state
 
     #: the peer runs the master's main block too (``run_main=True``)
     peer_runs_main = False
@@ -531,9 +559,9 @@ class Serializer:
         return obj
 
     def _exception(self, value: Any) -> BaseException:
-        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], list)):
+        if not (isinstance(value, list) and len(value) in (3, 4) and isinstance(value[1], list)):
             raise ProtocolError(f"malformed exception {references.safe_repr(value, 100)}")
-        kind, args, text = value
+        kind, args, text = value[:3]
         if isinstance(kind, _Unresolved):
             self._forget_failure(kind)
         if isinstance(kind, _Unresolved) or not (isinstance(kind, type) and issubclass(kind, BaseException)):
@@ -545,6 +573,12 @@ class Serializer:
             except Exception:  # a custom __init__: restore the args only
                 err = kind.__new__(kind)
                 err.args = tuple(args)
+            if len(value) == 4 and self.trusted and type(value[3]) is dict:
+                for key, item in value[3].items():
+                    try:
+                        setattr(err, key, item)
+                    except Exception:  # (a read-only property of its class, say)
+                        pass
         if text:
             err.__cause__ = RemoteTraceback(text)
         return err

@@ -202,7 +202,10 @@ fn check_link_rules(value: &Value, link: Link) -> Result<()> {
                 stack.extend(items)
             }
             Value::Dict(entries) => stack.extend(entries.iter().flat_map(|(k, v)| [k, v])),
-            Value::Exception { args, .. } => stack.extend(args),
+            Value::Exception { args, state, .. } => {
+                stack.extend(args);
+                stack.extend(state.iter().map(|(_, v)| v));
+            }
             _ => {}
         }
     }
@@ -642,6 +645,7 @@ mod tests {
             kind: ("builtins".into(), "ValueError".into()),
             args: vec![s("bad")],
             traceback: None,
+            state: Vec::new(),
         };
         assert!(msg(list(vec![Value::Int(2), Value::Int(3), exception]), Sender::Twin).is_ok());
         assert!(msg(

@@ -65,6 +65,8 @@ pub enum Value {
         kind: GlobalName,
         args: Vec<Value>,
         traceback: Option<String>,
+        /// Its attributes by name (trusted links only; empty: none sent).
+        state: Vec<(Value, Value)>,
     },
     TwinRef {
         owner: String,
@@ -184,14 +186,18 @@ impl Value {
                 kind,
                 args,
                 traceback,
-            } => tagged(
-                tags::EXCEPTION,
-                Cbor::Array(vec![
+                state,
+            } => {
+                let mut items = vec![
                     global(kind),
                     array(args),
                     traceback.clone().map_or(Cbor::Null, Cbor::Text),
-                ]),
-            ),
+                ];
+                if !state.is_empty() {
+                    items.push(Value::Dict(state.clone()).to_cbor());
+                }
+                tagged(tags::EXCEPTION, Cbor::Array(items))
+            }
             Value::TwinRef {
                 owner,
                 instance,
@@ -257,10 +263,24 @@ impl Value {
             },
             (tags::BYTEARRAY, Value::Bytes(b)) => Value::ByteArray(b),
             (tags::GLOBAL_REF, inner) => Value::Global(global_name(inner)?),
-            (tags::EXCEPTION, Value::List(items)) => {
+            (tags::EXCEPTION, Value::List(mut items)) => {
+                // [type, args, traceback] and, from a trusted peer, its attributes
+                let state = match items.len() {
+                    4 => match items.pop() {
+                        Some(Value::Dict(entries))
+                            if !entries.is_empty()
+                                && entries.iter().all(|(k, _)| matches!(k, Value::Str(_))) =>
+                        {
+                            entries
+                        }
+                        _ => return Err(malformed("exception")),
+                    },
+                    _ => Vec::new(),
+                };
                 let [kind, args, traceback]: [Value; 3] =
                     items.try_into().map_err(|_| malformed("exception"))?;
                 Value::Exception {
+                    state,
                     kind: match kind {
                         Value::Global(name) => name,
                         _ => return Err(malformed("exception")),
@@ -877,6 +897,56 @@ impl<'a> Cursor<'a> {
                 "{n} trailing bytes after the CBOR data item (offset {})",
                 self.pos
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exception(state: Vec<(Value, Value)>) -> Value {
+        Value::Exception {
+            kind: ("app".into(), "HTTPError".into()),
+            args: vec![Value::Str("not found".into())],
+            traceback: None,
+            state,
+        }
+    }
+
+    #[test]
+    fn an_exception_carries_its_attributes_when_it_has_any() {
+        let with = exception(vec![(Value::Str("status".into()), Value::Int(404))]);
+        assert_eq!(Value::decode(&with.encode().unwrap()).unwrap(), with);
+        let without = exception(Vec::new());
+        let bytes = without.encode().unwrap();
+        assert_eq!(Value::decode(&bytes).unwrap(), without);
+        assert_eq!(
+            bytes[3], 0x83,
+            "three items: nothing is added when there is no state"
+        );
+    }
+
+    #[test]
+    fn an_exceptions_attributes_are_a_map_of_names() {
+        let kind = Value::Global(("app".into(), "E".into())).to_cbor();
+        for state in [
+            Cbor::Array(vec![]),
+            Cbor::Map(vec![]),
+            Cbor::Map(vec![(Cbor::Integer(1.into()), Cbor::Null)]),
+        ] {
+            let item = Cbor::Tag(
+                tags::EXCEPTION,
+                Box::new(Cbor::Array(vec![
+                    kind.clone(),
+                    Cbor::Array(vec![]),
+                    Cbor::Null,
+                    state,
+                ])),
+            );
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&item, &mut bytes).unwrap();
+            assert!(Value::decode(&bytes).is_err(), "{item:?}");
         }
     }
 }
