@@ -145,6 +145,7 @@ def test_special_methods(kind):
     assert -box == [-2, -3, -9]
     assert repr(box) == f"Box(2, 3, 9)@{called[2]}"  # computed natively, in the twin
     assert str(box) == "box of 2, 3, 9"
+    assert f"{box:>3}" == format(box, ">3") == f"  3 items in {'pypy' if kind == 'pypy3' else 'cpython'}"
     with box as entered:
         assert entered is box and box.entered == 1
     assert box.entered == 0 and box.last_exit is None

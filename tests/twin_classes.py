@@ -103,6 +103,9 @@ class Box(TwinObject):
     def __len__(self):
         return len(self.items)
 
+    def __format__(self, spec):
+        return f"{len(self.items):{spec}} items in {sys.implementation.name}"
+
     def __iter__(self):
         # a native twin creates a master object here; a sandboxed guest may not
         # (the master refuses), so its iterator stays with it

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 #: classes, pickling, descriptors or coroutines
 DATA_MODEL_METHODS: FrozenSet[str] = frozenset(
     """__call__ __len__ __length_hint__ __iter__ __next__ __reversed__ __getitem__ __setitem__
-    __delitem__ __contains__ __bool__ __repr__ __str__ __bytes__ __hash__ __eq__ __ne__ __lt__
+    __delitem__ __contains__ __bool__ __repr__ __str__ __bytes__ __format__ __hash__ __eq__ __ne__ __lt__
     __le__ __gt__ __ge__ __add__ __sub__ __mul__ __matmul__ __truediv__ __floordiv__ __mod__
     __divmod__ __pow__ __lshift__ __rshift__ __and__ __xor__ __or__ __radd__ __rsub__ __rmul__
     __rmatmul__ __rtruediv__ __rfloordiv__ __rmod__ __rdivmod__ __rpow__ __rlshift__ __rrshift__

@@ -89,7 +89,6 @@ _NOT_FORWARDED = frozenset(
         "__setstate__",
         "__sizeof__",
         "__annotations__",
-        "__format__",
         "__instancecheck__",
         "__subclasscheck__",
         "__prepare__",
