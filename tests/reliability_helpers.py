@@ -36,6 +36,13 @@ def sleep_then(seconds: float, value=None):
     return value
 
 
+def wait_for_file(path: str) -> str:
+    """Blocks until ``path`` exists (a test releases it)."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return "released"
+
+
 def exit_now(status: int) -> None:
     os._exit(status)
 

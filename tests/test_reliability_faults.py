@@ -265,6 +265,29 @@ def test_interrupted_call_leaves_the_link_usable(kind, victim, raised):
     assert victim.is_alive
 
 
+def test_the_next_call_after_ctrl_c_does_not_wait_for_the_interrupted_one(kind, victim, tmp_path):
+    """The interrupted call goes on in the twin; the thread's next call is
+    not queued behind it (it was: a runaway loop in the twin then blocked
+    every later call of that thread, as in a notebook)."""
+    flag = tmp_path / "release"
+    restore = _interrupt_after(0.3)
+    try:
+        with pytest.raises(Interrupted):
+            victim.execute(rh.wait_for_file, str(flag))
+    finally:
+        restore()
+    release = threading.Timer(HANG, flag.touch)  # (if the next call waits behind it, it ends)
+    release.start()
+    try:
+        assert victim.execute(os.path.exists, str(flag)) is False, (
+            "the next call waited for the interrupted one"
+        )
+        assert victim.execute(rh.sleep_then, 0, "next") == "next"
+    finally:
+        release.cancel()
+        flag.touch()
+
+
 def _interrupt_after(seconds: float):
     """A SIGINT to this process after ``seconds``, with a handler that raises
     Interrupted (pytest's own would end the session); returns a restorer."""

@@ -65,7 +65,7 @@ _local = _thread._local()
 class _Waiter:
     """A thread's mailbox: frames routed to it, and a lock to sleep on."""
 
-    __slots__ = ("inbox", "wake", "mutex", "parked", "offered", "queued", "chain", "name", "early")
+    __slots__ = ("inbox", "wake", "mutex", "parked", "offered", "queued", "chain", "depth", "name", "early")
 
     def __init__(self) -> None:
         self.inbox: Deque[Item] = deque()
@@ -80,6 +80,8 @@ class _Waiter:
         self.queued: Optional[Connection] = None
         #: the chain this thread runs, or None before its first call
         self.chain: Optional[int] = None
+        #: calls this thread makes and requests it runs, on any link, now
+        self.depth = 0
         self.name = _thread_name()
         #: without threads: replies to outer calls of this thread that came
         #: while a later call waited, (link, request id) -> frame
@@ -455,7 +457,8 @@ class Connection:
         # From here on, whatever interrupts the call (Ctrl-C in a main thread
         # that holds no signals) is undone by the finally below: each change
         # is recorded with no call in between that could run a signal handler.
-        registered = timed = False
+        registered = timed = answered = False
+        waiter.depth += 1
         try:
             with self._lock:
                 if self.broken is not None:
@@ -493,6 +496,7 @@ class Connection:
             del payload
             reply = self._own_reply(waiter, req_id) if reads_first else None
             kind, raw = reply if reply is not None else self._wait_for_reply(waiter, req_id)
+            answered = True
             if timed:  # decoding the reply is not the twin's time
                 _deadlines().clear((self, req_id))
                 timed = False
@@ -508,6 +512,12 @@ class Connection:
                     self._give_up_role()  # taken before the send, and interrupted before reading
             if waiter.inbox:  # interrupted: nothing of this call may reach a later one
                 self._drop_leftovers(waiter, req_id)
+            waiter.depth -= 1
+            if not answered and not waiter.depth:
+                # Left before its reply (Ctrl-C, a timeout), and the thread's
+                # outermost call: its chain may still run in the peer, where
+                # the next call would wait behind it. That one starts anew.
+                waiter.chain = None
 
     def _reads_first(self, waiter: _Waiter, payload: Any) -> bool:
         """Caller holds _lock, the call registered: whether it sends holding
@@ -1412,7 +1422,11 @@ class Connection:
         chain = message[2]
         outer = waiter.chain
         if chain == outer:
-            self._execute(message)
+            waiter.depth += 1
+            try:
+                self._execute(message)
+            finally:
+                waiter.depth -= 1
             return
         waiter.chain = chain
         with self._lock:
@@ -1424,11 +1438,13 @@ class Connection:
             # the gate watches the link while a server runs (armed when the
             # role was given up); someone must wait there for what comes meanwhile
             start = server and self._waiting == 0 and self.broken is None and self._gate is not None
+        waiter.depth += 1
         try:
             if start:
                 self._start_server()
             self._execute(message)
         finally:
+            waiter.depth -= 1
             waiter.chain = outer
             with self._lock:
                 entry = self._chains[chain]
