@@ -342,3 +342,38 @@ def test_the_names_a_main_block_binds_are_found_in_its_source(tmp_path):
     assert main_module._names_bound_in_main_block(None) == frozenset()
     (tmp_path / "broken.py").write_text("if __name__ == '__main__':\n    def f(:\n")
     assert main_module._names_bound_in_main_block(str(tmp_path / "broken.py")) == frozenset()
+
+
+def test_a_main_script_a_twin_cannot_import_is_explained(tmp_path, kind):
+    """A twin imports the master's script to find what is pinned to it; an
+    import there that only the master can do (numpy in PyPy, say) fails
+    every such function, and the error says why and what to do."""
+    (tmp_path / "master_only_extension.py").write_text(
+        "from cpy2py import kernel_state\n"
+        "if not kernel_state.is_master():\n"
+        "    raise ImportError('built for the master only')\n"
+    )
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import master_only_extension\n"
+        "from cpy2py import twinfunction\n"
+        f"@twinfunction({kind!r})\n"
+        "def pinned():\n"
+        "    return 1\n"
+        "if __name__ == '__main__':\n"
+        "    pinned()\n"
+    )
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert (
+        "could not import the master's main script: ImportError: built for the master only" in result.stderr
+    )
+    assert "move the imports only the master can do" in result.stderr

@@ -540,11 +540,20 @@ class Serializer:
         if main_module.is_main_name(key[0]):  # not cached: a notebook cell may redefine it
             try:
                 return lookup(*key)
-            except Exception as err:
+            except AttributeError as err:
                 raise LookupError(
                     f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
                     f"{type(err).__name__}: {err} (twins import the master's script without its "
                     '`if __name__ == "__main__":` block: define what a twin needs at its top level)'
+                ) from err
+            except Exception as err:  # the script itself failed here (an import the twin cannot do)
+                raise LookupError(
+                    f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
+                    f"it could not import the master's main script: {type(err).__name__}: "
+                    f"{references.safe_repr(str(err), 300)[1:-1]}. Twins import that script (without its "
+                    "main block) to find what is pinned to them: move the imports only the master can do "
+                    "(a C extension of its environment, such as numpy in a PyPy twin) into the main block "
+                    "or into the functions that use them"
                 ) from err
         try:
             # builtins need no import machinery (and few frames: a RecursionError
