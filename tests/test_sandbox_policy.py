@@ -98,6 +98,14 @@ def keep(value):
     return len(KEPT)
 
 
+def use_specials(value):
+    return len(value), value[2]
+
+
+def read_len(value):
+    return value.__len__()
+
+
 def call_kept(index, *args):
     return KEPT[index](*args)
 
@@ -958,3 +966,26 @@ def test_guest_instance_ids_differ_between_guests(sandbox):
         assert is_proxy(swallower)
         ids.append(object.__getattribute__(swallower, "__instance_id__"))
     assert ids[0] != ids[1]
+
+
+class Pages:
+    title = "T"
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return index * 10
+
+
+def test_a_wider_grant_reaches_a_proxy_the_guest_kept(sandbox):
+    """The guest keeps what it was handed with one grant, and is handed the
+    same object again with more: its proxy has the special methods of the
+    newest grant (len() worked only once it had dropped the first). Reading
+    a granted special method as an attribute stays refused, saying why."""
+    plugin = sandbox("policy-wider-grant").import_module("hostile_plugin")
+    pages = Pages()
+    plugin.keep(expose(pages, "title"))
+    assert plugin.use_specials(expose(pages, "__len__", "__getitem__")) == (3, 20)
+    with pytest.raises(SandboxViolation, match="only through its operation"):
+        plugin.read_len(expose(pages, "__len__"))

@@ -433,6 +433,11 @@ def resolve(owner: str, iid: int, info: Any, connection: Connection) -> Any:
             object.__setattr__(proxy, "__twin_link__", link)
             proxies[key] = proxy
             created = True
+        elif type(info) is list and not kernel_state.is_master() and info != type(proxy).__class_info__:
+            # a guest's proxy of a master object it was granted more of since
+            # (expose(obj, "__len__") after expose(obj, "title")): its special
+            # methods are those of the newest grant (the master checks each use)
+            object.__setattr__(proxy, "__class__", proxy_class(info, connection))
         if counted:
             object.__setattr__(proxy, "__received__", object.__getattribute__(proxy, "__received__") + 1)
     watcher = getattr(link, "proxy_watcher", None) if created else None

@@ -462,6 +462,12 @@ class SandboxSerializer(Serializer):
                 allowed, verb = grant.allows_write(name), "set or delete"
         if not allowed:
             granted = sorted(grant.names) or "nothing"
+            if verb == "read" and name in grant.names:  # a special method: used, never read
+                raise SandboxViolation(
+                    f"the sandboxed twin {self.peer_id!r} may use {name[:MAX_NAME]!r} of the "
+                    f"{type(target).__qualname__} it was handed only through its operation (len(obj), "
+                    "obj[key], ...), not read it as an attribute"
+                )
             raise SandboxViolation(
                 f"the sandboxed twin {self.peer_id!r} may not {verb} {name[:MAX_NAME]!r} of the "
                 f"{type(target).__qualname__} it was handed (granted: {granted}); the application "
