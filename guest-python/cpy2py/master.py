@@ -642,10 +642,17 @@ class TwinMaster:
             deadlines.clear(start_key)
         if not (isinstance(answer, dict) and answer.get("ready")):
             detail = answer.get("error") if isinstance(answer, dict) else None
-            if detail is not None and not serializer.trusted:  # a guest's text: cut as its tracebacks are
-                detail = (
-                    detail[:_MAX_GUEST_DETAIL] if isinstance(detail, str) else references.safe_repr(detail)
-                )
+            tail = None if detail else process.stderr_tail()
+            if not serializer.trusted:  # a guest's text: cut as its tracebacks are, controls written out
+                from .kernel.sandbox import written_out
+
+                if detail is not None:
+                    detail = written_out(
+                        detail[:_MAX_GUEST_DETAIL]
+                        if isinstance(detail, str)
+                        else references.safe_repr(detail)
+                    )
+                tail = written_out(tail)
             status = process.wait(2.0) or process.kill()
             close = getattr(process, "close", None)
             if close is not None:
@@ -658,7 +665,7 @@ class TwinMaster:
                 )
             raise TwinStartError(
                 f"twinterpreter {twin_id!r} ({self.executable}) {status} while setting up"
-                + (f":\n{detail}" if detail else f"; its last output:\n{process.stderr_tail()}")
+                + (f":\n{detail}" if detail else f"; its last output:\n{tail}")
             )
         if self.timeout is not None and not self.sandboxed_twin:
             connection.call_timeout = float(self.timeout)

@@ -246,8 +246,10 @@ def _make(
         os.replace(tmp, record)
         outcome = "was made"
     except TwinStartError as err:
-        if str(err).startswith(_PRELOAD_FAILED):
-            raise _PreloadFailed(str(err)) from None
+        if str(err).startswith(_PRELOAD_FAILED):  # (with the guest's traceback: its controls written out)
+            from .kernel.sandbox import written_out
+
+            raise _PreloadFailed(written_out(str(err))) from None
         raise
     except BaseException as err:
         if isinstance(err, Interrupted) or not isinstance(err, _CANNOT_MAKE):

