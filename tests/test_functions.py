@@ -222,19 +222,24 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("run_main", [False, True])
-def test_main_module_in_twins(tmp_path, run_main):
-    script = tmp_path / "app.py"
-    script.write_text(MAIN_SCRIPT.replace("RUN_MAIN", str(run_main)))
+def run_script(script, *args: str):
+    """Runs ``script`` as the main program of a fresh master."""
     import subprocess
 
-    result = subprocess.run(
-        [sys.executable, str(script), "--flag"],
+    return subprocess.run(
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         env=dict(os.environ, PYTHONPATH=TESTS_DIR),
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("run_main", [False, True])
+def test_main_module_in_twins(tmp_path, run_main):
+    script = tmp_path / "app.py"
+    script.write_text(MAIN_SCRIPT.replace("RUN_MAIN", str(run_main)))
+    result = run_script(script, "--flag")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     # the master loads it once; the twin loads it (lazily) without the main block
@@ -301,15 +306,7 @@ def test_functions_and_classes_of_the_main_block_run_in_the_master(tmp_path, kin
     gets it as a proxy and calling it runs it in the master."""
     script = tmp_path / "app.py"
     script.write_text(MAIN_BLOCK_SCRIPT.replace("KIND", repr(kind)))
-    import subprocess
-
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
-        timeout=120,
-    )
+    result = run_script(script)
     assert result.returncode == 0, result.stderr
     assert "MAIN BLOCK DEFINITIONS OK" in result.stdout
 
@@ -363,15 +360,7 @@ def test_a_main_script_a_twin_cannot_import_is_explained(tmp_path, kind):
         "if __name__ == '__main__':\n"
         "    pinned()\n"
     )
-    import subprocess
-
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=TESTS_DIR),
-        timeout=120,
-    )
+    result = run_script(script)
     assert result.returncode != 0
     assert (
         "could not import the master's main script: ImportError: built for the master only" in result.stderr

@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import tcp_link
 from .errors import TwinStartError
+from .protocol.transport import StreamTraits
 
 log = logging.getLogger("cpy2py.ray")
 
@@ -376,18 +377,10 @@ def _stop_placed_twins() -> None:
                 log.error("could not stop twinterpreter %s: %s", twin_id, err)
 
 
-class RayTwin:
+class RayTwin(StreamTraits):
     """The master's handle of a Ray-placed twin: the protocol over the TCP
     connection (``FdTransport`` on the socket), the process's life through
     its actor. What ``cpy2py.master`` needs of a twin process."""
-
-    # what it is as a transport (protocol/transport.py, Transport): FdTransport's
-    sends_parts = True
-    sends_now = False
-    runs_peer = False
-    stops_for_signals = True
-    plain_blocks = False
-    cut_mid_frame = False
 
     def __init__(self, sock: socket.socket, actor: Any, info: Dict[str, Any], hello: Dict[str, Any]) -> None:
         from .protocol.transport import FdTransport
@@ -415,9 +408,6 @@ class RayTwin:
 
     def fileno(self) -> int:
         return self.sock.fileno() if not self._closed else -1
-
-    def send_now(self, payload: bytes) -> bool:
-        return False  # (sends_now: never)
 
     def try_send(self, payload: bytes, timeout: float) -> bool:
         """Send a small frame if it can go within ``timeout`` (a twin that

@@ -199,7 +199,23 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
             """Whether a whole frame was read ahead and waits here."""
 
 
-class FdTransport:
+class StreamTraits:
+    """What a transport over a pipe or socket of its own is (see Transport):
+    ``FdTransport``, and the master's handle of a Ray-placed twin."""
+
+    sends_parts = True
+    sends_now = False
+    runs_peer = False
+    stops_for_signals = True
+    plain_blocks = False
+    #: (a send cut by a signal handler is not detected here)
+    cut_mid_frame = False
+
+    def send_now(self, payload: bytes) -> bool:
+        return False  # (sends_now: never)
+
+
+class FdTransport(StreamTraits):
     """Length-prefixed frames: ``send(payload)``, ``recv() -> bytes | None``, ``wait_readable()``."""
 
     def __init__(self, read_fd: int, write_fd: int, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -210,15 +226,6 @@ class FdTransport:
         self._read_lock = _thread.allocate_lock()
         self._buffer = bytearray()  # read beyond the last frame
         self._reader: Any = None
-
-    # what it is (see Transport)
-    sends_parts = True
-    sends_now = False
-    runs_peer = False
-    stops_for_signals = True
-    plain_blocks = False
-    #: (a send cut by a signal handler is not detected here)
-    cut_mid_frame = False
 
     def send(self, payload: bytes | tuple[bytes, ...]) -> None:
         if type(payload) is tuple:
@@ -241,9 +248,6 @@ class FdTransport:
                     self._write_all(part)
             else:
                 self._write_parts([memoryview(header), *map(memoryview, parts)])
-
-    def send_now(self, payload: bytes) -> bool:
-        return False  # (sends_now: never)
 
     def try_send(self, payload: bytes, timeout: float) -> bool:
         """Send one small frame if it can go out within ``timeout`` seconds
