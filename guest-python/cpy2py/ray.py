@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import tcp_link
 from .errors import TwinStartError
-from .protocol.transport import StreamTraits
+from .protocol.transport import TransportDefaults
 
 log = logging.getLogger("cpy2py.ray")
 
@@ -377,10 +377,12 @@ def _stop_placed_twins() -> None:
                 log.error("could not stop twinterpreter %s: %s", twin_id, err)
 
 
-class RayTwin(StreamTraits):
+class RayTwin(TransportDefaults):
     """The master's handle of a Ray-placed twin: the protocol over the TCP
     connection (``FdTransport`` on the socket), the process's life through
     its actor. What ``cpy2py.master`` needs of a twin process."""
+
+    sends_parts = True  # (its FdTransport's)
 
     def __init__(self, sock: socket.socket, actor: Any, info: Dict[str, Any], hello: Dict[str, Any]) -> None:
         from .protocol.transport import FdTransport

@@ -39,6 +39,7 @@ from . import _logging, bytecode_cache, snapshots
 from . import packages as packages_module
 from .errors import TwinStartError
 from .kernel.sandbox import SandboxSerializer
+from .protocol.transport import TransportDefaults
 
 log = _logging.get_logger("wasi")
 
@@ -123,7 +124,7 @@ def check_options(master: Any) -> None:
     packages_module.resolve(master.packages)
 
 
-class GuestTransport:
+class GuestTransport(TransportDefaults):
     """The master's transport to a running guest (protocol/transport.py,
     ``Transport``): the interface of ``cpy2py._host.NativeTwin`` over a
     ``cpy2py._host.WasiGuest``.
@@ -153,10 +154,8 @@ class GuestTransport:
     #: large plain containers go to the guest as plain-data blocks, which its
     #: C unpickler reads several times faster than its pure-Python codec
     plain_blocks = True
-    #: ``send_now`` always sends (see there); frames go whole, as one payload
+    #: ``send_now`` always sends (see there)
     sends_now = True
-    sends_parts = False
-    cut_mid_frame = False
 
     def __init__(self, twin: Any, paths: List[str], module_files: FrozenSet[str] = frozenset()) -> None:
         self._twin = twin
@@ -197,9 +196,6 @@ class GuestTransport:
     def fileno(self) -> int:
         """Readable exactly while ``recv`` has a frame (or the end) to give."""
         return self._fd
-
-    def buffered(self) -> bool:
-        return False  # (what the guest sent waits in the host: fileno shows it)
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
         """Whether frames left for other readers, or the end, are there

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from .. import _logging, kernel_state
 from ..protocol import codec
+from ..protocol.transport import TransportDefaults
 from . import compiler, handshake, links, main_module, references
 from .connection import Connection
 from .group_state import run_exit_hooks
@@ -56,20 +57,16 @@ def send_frame(payload: bytes) -> None:
         view = view[os.write(1, view) :]
 
 
-class HostTransport:
+class HostTransport(TransportDefaults):
     """The guest's transport: frames from the host over the component's
-    ``link`` import, to it over stdout (``send_frame``)."""
+    ``link`` import, to it over stdout (``send_frame``). No descriptor: the
+    guest's one thread reads (protocol/transport.py, TransportDefaults)."""
 
     #: large plain containers go as plain-data blocks, written by the C
     #: pickler several times faster than the pure-Python codec encodes them
     plain_blocks = True
     #: a guest has no signals: its reads need not hold them
     stops_for_signals = False
-    # the rest of what it is (protocol/transport.py, Transport)
-    sends_parts = False
-    sends_now = False
-    runs_peer = False
-    cut_mid_frame = False
 
     def __init__(self, link: Any) -> None:
         self._link = link
@@ -101,15 +98,6 @@ class HostTransport:
     def wait_readable(self, timeout: Optional[float] = None) -> bool:
         # one thread only: the next recv blocks until the master sends
         return True
-
-    def send_now(self, payload: bytes) -> bool:
-        return False  # (sends_now: never)
-
-    def fileno(self) -> int:
-        return -1  # (no servers wait: the guest's one thread reads)
-
-    def buffered(self) -> bool:
-        return False
 
 
 def _inside(path: Optional[str], roots: List[str]) -> bool:

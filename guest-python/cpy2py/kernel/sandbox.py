@@ -410,15 +410,15 @@ class SandboxSerializer(Serializer):
         # Time linear in the name: trying every prefix, each joined anew, cost
         # the master 2 ms per reference of a name of 400 parts (a 2 MB frame
         # of such references held its GIL for 5 s).
-        splits = []
+        modules = []  # (where the rest of the name starts, the module)
         prefix = ""
         for split in range(1, len(parts)):
             prefix = f"{prefix}.{parts[split - 1]}" if prefix else parts[0]
-            if prefix not in sys.modules:
+            module = sys.modules.get(prefix)
+            if module is None:
                 break
-            splits.append(split)
-        for split in reversed(splits):  # the longest module first
-            found: Any = sys.modules.get(".".join(parts[:split]))
+            modules.append((split, module))
+        for split, found in reversed(modules):  # the longest module first
             for part in parts[split:]:
                 namespace = (
                     getattr(found, "__dict__", None) if isinstance(found, (type, types.ModuleType)) else None

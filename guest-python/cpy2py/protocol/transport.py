@@ -199,11 +199,12 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
             """Whether a whole frame was read ahead and waits here."""
 
 
-class StreamTraits:
-    """What a transport over a pipe or socket of its own is (see Transport):
-    ``FdTransport``, and the master's handle of a Ray-placed twin."""
+class TransportDefaults:
+    """What most transports are (see Transport), written once: each
+    transport class derives from this and says where it differs."""
 
-    sends_parts = True
+    __slots__ = ()
+    sends_parts = False
     sends_now = False
     runs_peer = False
     stops_for_signals = True
@@ -214,9 +215,17 @@ class StreamTraits:
     def send_now(self, payload: bytes) -> bool:
         return False  # (sends_now: never)
 
+    def fileno(self) -> int:
+        return -1  # (no descriptor: no server waits at a gate)
 
-class FdTransport(StreamTraits):
+    def buffered(self) -> bool:
+        return False
+
+
+class FdTransport(TransportDefaults):
     """Length-prefixed frames: ``send(payload)``, ``recv() -> bytes | None``, ``wait_readable()``."""
+
+    sends_parts = True
 
     def __init__(self, read_fd: int, write_fd: int, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.read_fd = read_fd

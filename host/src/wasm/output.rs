@@ -55,16 +55,20 @@ impl Sink for ProcessSink {
 /// Appends `text` with its terminal controls written out as `\xHH`: a
 /// carriage return, a backspace or an escape sequence (7-bit, or the C1
 /// controls of UTF-8) could otherwise move the cursor back over the line's
-/// prefix, and a guest's line pass for the master's. Tabs stay.
+/// prefix, and a guest's line pass for the master's. Tabs stay (the
+/// kernel writes a guest's exception texts out alike: sandbox.py, written_out).
 fn escape_controls(text: &[u8], out: &mut Vec<u8>) {
     let mut bytes = text.iter().copied().peekable();
     while let Some(byte) = bytes.next() {
+        // (a C1 control is U+0080..U+009F: 0xC2 then its own code in UTF-8)
         let c1 = byte == 0xC2 && matches!(bytes.peek(), Some(0x80..=0x9F));
-        if (byte < 0x20 && byte != b'\t') || byte == 0x7F {
-            out.extend_from_slice(format!("\\x{byte:02x}").as_bytes());
-        } else if c1 {
-            let code = bytes.next().unwrap_or_default();
-            out.extend_from_slice(format!("\\u{{{code:04x}}}").as_bytes());
+        if (byte < 0x20 && byte != b'\t') || byte == 0x7F || c1 {
+            let code = if c1 {
+                bytes.next().unwrap_or_default()
+            } else {
+                byte
+            };
+            out.extend_from_slice(format!("\\x{code:02x}").as_bytes());
         } else {
             out.push(byte);
         }
@@ -315,7 +319,7 @@ mod tests {
             lines,
             vec![(
                 Which::Stdout,
-                "[box] a\\x0db\\x1b[2K\tc\\u{009b}2K\u{e9}\\x7f\n".into()
+                "[box] a\\x0db\\x1b[2K\tc\\x9b2K\u{e9}\\x7f\n".into()
             )]
         );
     }
