@@ -13,6 +13,7 @@ import enum
 import functools
 import json
 import math
+import os
 import random
 import struct
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def meaning(m: dict) -> Any:
         return v
     if kind == "bytes":
         return bytes.fromhex(v)
+    if kind == "surrogate_str":
+        return bytes.fromhex(v).decode("utf-8", "surrogatepass")
     if kind == "list":
         return [meaning(x) for x in v]
     if kind == "dict":
@@ -214,6 +217,7 @@ def test_vectors_cover_the_value_model() -> None:
     assert kinds >= {
         "none", "bool", "int", "bigint", "float", "str", "bytes", "list", "dict", "tuple", "set",
         "frozenset", "complex", "bytearray", "global", "exception", "twin_ref", "pickle",
+        "surrogate_str",
     }  # fmt: skip
     assert len({v["name"] for v in VALID}) == len(VALID)
     assert len({v["name"] for v in INVALID}) == len(INVALID)
@@ -250,6 +254,7 @@ _ALPHABETS = [
     "\u6c34\u706b\u98a8",
     "\U0001f600\U0001f680\U00010151",
     '\x00\x7f\n\t"',
+    "\udc80\ud800\udfff",  # lone surrogates (os.fsdecode of a name that is not UTF-8)
 ]
 
 
@@ -1094,9 +1099,22 @@ def test_a_default_that_replaces_what_is_being_encoded_cannot_pull_it_away(codec
     ]
 
 
-def test_unencodable_strings(codec: Any) -> None:
-    with pytest.raises(UnicodeEncodeError):
-        codec.dumps("lone surrogate \ud800")
+def test_strings_with_lone_surrogates_cross(codec: Any) -> None:
+    """A str that strict UTF-8 cannot encode (``os.fsdecode`` of a file name
+    that is not UTF-8, half of a surrogate pair) goes under tag 40015 and
+    comes back the same str, as a value, an item and a dict key."""
+    name = os.fsdecode(b"report-\xff.txt")
+    assert name == "report-\udcff.txt"
+    assert codec.dumps(name) == bytes.fromhex("d99c4f4e") + name.encode("utf-8", "surrogatepass")
+    for value in (name, "\ud83d", [name, "plain"], {name: 1, "k": name}, (name,), {name}):
+        assert codec.loads(codec.dumps(value)) == value
+    # the tag is one level, as any tag
+    deep: Any = name
+    for _ in range(MAX_DEPTH - 1):
+        deep = [deep]
+    assert codec.loads(codec.dumps(deep)) == deep
+    with pytest.raises(ValueError, match="MAX_DEPTH"):
+        codec.dumps([deep])
 
 
 def test_protocol_error_is_the_cpy2py_class(codec: Any) -> None:

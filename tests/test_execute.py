@@ -77,6 +77,8 @@ def test_a_function_the_twin_cannot_find_is_not_run_here_instead(twin):
         1.5,
         float("inf"),
         "ünïcode ✓",
+        "name-\udcff.txt",  # os.fsdecode of a file name that is not UTF-8: lone surrogates
+        {"\ud800": ["\udfff"]},
         b"\x00\xff",
         bytearray(b"mutable"),
         (1, (2, 3)),
@@ -91,6 +93,24 @@ def test_a_function_the_twin_cannot_find_is_not_run_here_instead(twin):
 def test_values_round_trip(twin, value):
     back = twin.execute(twin_helpers.echo, value)
     assert back == value and type(back) is type(value)
+
+
+def test_a_value_that_contains_itself_fails_its_call_and_says_why(twin):
+    """Data crosses as a copy written out as a tree: a cyclic value cannot,
+    either way. The call fails with a ValueError that says so (not "nested
+    too deep"), and the link goes on."""
+    looped: list = [1]
+    looped.append([looped])
+    with pytest.raises(ValueError, match="contains itself .a list holds itself"):
+        twin.execute(twin_helpers.echo, looped)
+    with pytest.raises(ValueError, match="contains itself .a dict holds itself"):
+        twin.execute(twin_helpers.cyclic, "dict")
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(ValueError, match="MAX_DEPTH"):  # deep, not cyclic: said as it is
+        twin.execute(twin_helpers.echo, deep)
+    assert twin.execute(twin_helpers.echo, [looped[0]]) == [1]
 
 
 def test_plain_objects_are_copied(twin):

@@ -403,7 +403,20 @@ LARGE_PLAIN = {
     "records": [
         {"id": i, "name": f"n{i}", "score": i / 3, "tags": ("a", "b"), "raw": b"x" * i} for i in range(200)
     ],
-    "mixed scalars": [None, True, False, -1, 2**70, -0.0, float("inf"), "é", b"\x00", bytearray(b"ab")] * 20,
+    "mixed scalars": [
+        None,
+        True,
+        False,
+        -1,
+        2**70,
+        -0.0,
+        float("inf"),
+        "é",
+        "\udcff",
+        b"\x00",
+        bytearray(b"ab"),
+    ]
+    * 20,
     "sets and tuples": [set(range(i)) for i in range(30)] + [frozenset({(i, -i)}) for i in range(30)],
 }
 

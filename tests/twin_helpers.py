@@ -115,6 +115,16 @@ def unpicklable_result():
     return lambda: None
 
 
+def cyclic(kind):
+    """A list or dict that holds itself."""
+    value = [] if kind == "list" else {}
+    if kind == "list":
+        value.append(value)
+    else:
+        value["self"] = value
+    return value
+
+
 def call(func, *args, **kwargs):
     return func(*args, **kwargs)
 

@@ -154,6 +154,12 @@ fn random_value(rng: &mut Rng, depth: usize) -> Value {
         },
         5 => Value::Float(float(rng)),
         6 => Value::Str(text(rng)),
+        7 if rng.chance(4) => {
+            // a str with a lone surrogate (tag 40015), as "surrogatepass" writes it
+            let mut utf8 = text(rng).into_bytes();
+            utf8.extend([0xed, 0xa0 + rng.below(32) as u8, 0x80 + rng.below(64) as u8]);
+            Value::SurrogateStr(utf8)
+        }
         7 => Value::Bytes(rng.bytes_below(40)),
         8 => Value::Global(global(rng)),
         9 => Value::Pickle(rng.bytes_below(20)),

@@ -97,6 +97,7 @@ fn meaning(json: &Json) -> Value {
             _ => panic!("bad complex {v}"),
         },
         "bytearray" => Value::ByteArray(unhex(&string(v))),
+        "surrogate_str" => Value::SurrogateStr(unhex(&string(v))),
         "global" => Value::Global(global(v)),
         "exception" => Value::Exception {
             kind: global(&v["type"]),

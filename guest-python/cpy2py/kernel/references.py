@@ -41,7 +41,7 @@ from . import links
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
-    from typing import Any, Dict, List, Optional, Tuple
+    from typing import Any, Dict, List, Optional, Set, Tuple
     from weakref import WeakValueDictionary
 
     from .connection import Connection
@@ -204,14 +204,48 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False)
         if parts or plain:  # (keywords only where asked: most frames are small)
             return codec.dumps(message, default, parts=parts, plain=plain)
         return codec.dumps(message, default)
-    except BaseException:
+    except BaseException as err:
         undo_exports(mark)
+        if type(err) is ValueError and "MAX_DEPTH" in str(err):
+            cyclic = _container_inside_itself(message)
+            if cyclic is not None:
+                raise ValueError(
+                    f"cannot send a value that contains itself (a {cyclic} holds itself, directly or "
+                    "further down): data crosses as a copy, written out as a tree. Send a TwinObject "
+                    "that holds it instead (it crosses as a reference), or break the cycle"
+                ) from None
         raise
     finally:  # done with: sent or undone
         if outer:
             _encoding.journal = None
         else:
             del journal[mark:]
+
+
+def _container_inside_itself(value: Any) -> Optional[str]:
+    """The type name of a list, tuple, dict, set or frozenset in ``value``
+    that holds itself, if one does (asked only once encoding found the value
+    nested too deep: a cycle is why, most often)."""
+    containers = (list, tuple, dict, set, frozenset)
+    on_path: Set[int] = set()
+    done: Set[int] = set()
+    stack: List[Tuple[Any, bool]] = [(value, False)]
+    while stack:
+        obj, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(obj))
+            done.add(id(obj))
+            continue
+        if type(obj) not in containers or id(obj) in done:
+            continue
+        if id(obj) in on_path:
+            return type(obj).__name__
+        on_path.add(id(obj))
+        stack.append((obj, True))
+        stack.extend(
+            (item, False) for item in (itertools.chain(obj, obj.values()) if type(obj) is dict else obj)
+        )
+    return None
 
 
 def exports_mark() -> int:

@@ -36,7 +36,18 @@ from itertools import islice as _islice
 
 from ..errors import ProtocolError
 from . import int_runs
-from .tags import BYTEARRAY, COMPLEX, FROZENSET, MAX_DEPTH, NEG_BIGNUM, PLAIN, POS_BIGNUM, SET, TUPLE
+from .tags import (
+    BYTEARRAY,
+    COMPLEX,
+    FROZENSET,
+    MAX_DEPTH,
+    NEG_BIGNUM,
+    PLAIN,
+    POS_BIGNUM,
+    SET,
+    SURROGATE_STR,
+    TUPLE,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not imported at run time: twins start faster
@@ -85,6 +96,7 @@ _TAG_FROZENSET = b"\xd9\x9c\x42"
 _TAG_COMPLEX = b"\xd9\x9c\x43\x82"  # with the head of its 2-item array
 _TAG_BYTEARRAY = b"\xd9\x9c\x44"
 _TAG_PLAIN = b"\xd9\x9c\x4e"
+_TAG_SURROGATE_STR = b"\xd9\x9c\x4f"
 _NAN = b"\xf9\x7e\x00"
 _POS_INF = b"\xf9\x7c\x00"
 _NEG_INF = b"\xf9\xfc\x00"
@@ -182,12 +194,28 @@ def _enc_float(x: float, out: bytearray, depth: int, default: Optional[Default])
 def _enc_str(s: str, out: bytearray, depth: int, default: Optional[Default]) -> None:
     # encode() and decode() without arguments are UTF-8 (strict) and skip
     # looking the codec up by name: about 5% of decoding a dict of strings
-    b = s.encode()
+    try:
+        b = s.encode()
+    except UnicodeEncodeError:
+        _enc_surrogate_str(s, out, depth)
+        return
     n = len(b)
     if n < 24:
         out.append(0x60 | n)
     else:
         _head(out, 0x60, n)
+    out += b
+
+
+def _enc_surrogate_str(s: str, out: bytearray, depth: int) -> None:
+    """A str with lone surrogates (``os.fsdecode`` makes them of a file name
+    that is not UTF-8), which CBOR text cannot hold: its bytes with the
+    surrogates passed through, as pickle writes them, under a tag."""
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    b = s.encode("utf-8", "surrogatepass")
+    out += _TAG_SURROGATE_STR
+    _head(out, 0x40, len(b))
     out += b
 
 
@@ -322,13 +350,18 @@ def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional
     for key, value in obj.items():
         t = type(key)
         if t is str:  # the most common key, inline
-            b = key.encode()
-            k = len(b)
-            if k < 24:
-                out.append(0x60 | k)
-            else:
-                _head(out, 0x60, k)
-            out += b
+            try:
+                b = key.encode()
+            except UnicodeEncodeError:
+                _enc_surrogate_str(key, out, depth)
+                b = None
+            if b is not None:
+                k = len(b)
+                if k < 24:
+                    out.append(0x60 | k)
+                else:
+                    _head(out, 0x60, k)
+                out += b
         else:
             enc = get(t)
             if enc is None:
@@ -862,6 +895,16 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
         ib = _content(data, pos, 2, tag)
         b, pos = _dec_bytes(data, pos + 1, ib, depth, hook)
         return _blocks()[1](b), pos
+    if tag == SURROGATE_STR:
+        ib = _content(data, pos, 2, tag)
+        start = pos + 1
+        b, pos = _dec_bytes(data, start, ib, depth, hook)
+        try:
+            return b.decode("utf-8", "surrogatepass"), pos
+        except UnicodeDecodeError as e:
+            raise ProtocolError(
+                f"invalid UTF-8 in a str with surrogates (tag {SURROGATE_STR}) at offset {start}: {e.reason}"
+            ) from None
     if hook is None:
         raise ProtocolError(f"unknown CBOR tag {tag}")
     if pos >= len(data):
@@ -1371,13 +1414,15 @@ def _cost_tag(data: bytes, pos: int, ib: int, depth: int, left: int) -> Tuple[in
                 raise _Malformed
             cost, pos = _cost_array(data, pos + 1, ib, depth, left)
             cost += _COST_COMPLEX
-    elif tag == POS_BIGNUM or tag == NEG_BIGNUM or tag == BYTEARRAY:
+    elif tag == POS_BIGNUM or tag == NEG_BIGNUM or tag == BYTEARRAY or tag == SURROGATE_STR:
         ib = data[pos]
         if ib >> 5 != 2:
             raise _Malformed
         n, chunks, pos = _skip_string(data, pos + 1, ib, 2)
         if tag == BYTEARRAY:
             cost = _COST_BYTEARRAY + (_round16(n + 1) if n else 0)
+        elif tag == SURROGATE_STR:  # the str, and the bytes it is decoded from
+            cost = _round16(_COST_STR_HEADER + n) + _round16(_COST_BYTES_HEADER + n)
         else:
             cost = _bignum_cost(n)
         cost += chunks * _COST_CHUNK

@@ -18,6 +18,8 @@ GLOBAL_REF = 40011
 TWIN_REF = 40012
 PICKLE = 40013
 PLAIN = 40014
+#: a str with lone surrogates: its UTF-8 with the surrogates passed through
+SURROGATE_STR = 40015
 
 #: Values nested deeper than this are refused by both codecs, so neither a
 #: hostile peer nor a runaway structure can exhaust the stack. Every CBOR

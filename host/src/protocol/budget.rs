@@ -432,6 +432,11 @@ impl Walk<'_> {
                 let buffer = if n == 0 { 0 } else { round16(n + 1) };
                 self.charge(cost::BYTEARRAY + buffer + chunks * cost::CHUNK)
             }
+            tags::SURROGATE_STR => {
+                let (n, chunks) = self.bytes_content(tag)?;
+                // the str, and the bytes it is decoded from
+                self.charge(str_cost(n) + bytes_cost(n) + chunks * cost::CHUNK)
+            }
             tags::PLAIN => {
                 self.cursor.expect_block()?;
                 let Head::Bytes(len) = self.cursor.head()? else {

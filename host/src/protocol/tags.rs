@@ -12,6 +12,9 @@ pub const GLOBAL_REF: u64 = 40011;
 pub const TWIN_REF: u64 = 40012;
 pub const PICKLE: u64 = 40013;
 pub const PLAIN: u64 = 40014;
+/// A str with lone surrogates: its UTF-8 bytes with the surrogates passed
+/// through (Python's "surrogatepass"), which CBOR text cannot hold.
+pub const SURROGATE_STR: u64 = 40015;
 
 /// Values nested deeper than this are refused by both codecs, so neither a
 /// hostile peer nor a runaway structure can exhaust the stack.

@@ -52,6 +52,9 @@ pub enum Value {
     },
     Float(f64),
     Str(String),
+    /// A str with lone surrogates (tag 40015): its UTF-8 with the surrogates
+    /// passed through, which a Rust `String` cannot hold.
+    SurrogateStr(Vec<u8>),
     Bytes(Vec<u8>),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
@@ -181,6 +184,7 @@ impl Value {
                 ]),
             ),
             Value::ByteArray(b) => tagged(tags::BYTEARRAY, Cbor::Bytes(b.clone())),
+            Value::SurrogateStr(b) => tagged(tags::SURROGATE_STR, Cbor::Bytes(b.clone())),
             Value::Global(name) => global(name),
             Value::Exception {
                 kind,
@@ -262,6 +266,10 @@ impl Value {
                 _ => return Err(malformed("complex number")),
             },
             (tags::BYTEARRAY, Value::Bytes(b)) => Value::ByteArray(b),
+            (tags::SURROGATE_STR, Value::Bytes(b)) => {
+                check_surrogate_utf8(&b)?;
+                Value::SurrogateStr(b)
+            }
             (tags::GLOBAL_REF, inner) => Value::Global(global_name(inner)?),
             (tags::EXCEPTION, Value::List(mut items)) => {
                 // [type, args, traceback] and, from a trusted peer, its attributes
@@ -322,6 +330,7 @@ impl Value {
                 | tags::FROZENSET
                 | tags::COMPLEX
                 | tags::BYTEARRAY
+                | tags::SURROGATE_STR
                 | tags::EXCEPTION
                 | tags::TWIN_REF
                 | tags::PICKLE
@@ -335,6 +344,32 @@ impl Value {
             (tag, _) => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),
         })
     }
+}
+
+/// The content of tag 40015 is UTF-8 in which surrogate code points
+/// (U+D800..U+DFFF, as the three bytes `ed a0 80`..`ed bf bf`) may stand
+/// alone, as Python's "surrogatepass" reads it; anything else is malformed.
+fn check_surrogate_utf8(bytes: &[u8]) -> Result<()> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(_) => return Ok(()),
+            Err(err) => {
+                let bad = &rest[err.valid_up_to()..];
+                if bad.len() < 3
+                    || bad[0] != 0xed
+                    || !(0xa0..=0xbf).contains(&bad[1])
+                    || !(0x80..=0xbf).contains(&bad[2])
+                {
+                    return Err(HostError::Protocol(
+                        "malformed content of CBOR tag 40015 (str with surrogates) in a frame".into(),
+                    ));
+                }
+                rest = &bad[3..];
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every NaN goes on the wire as the quiet NaN `f9 7e 00`.
@@ -477,7 +512,9 @@ fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
             let depth = enter(depth, at)?;
             match tag {
                 tags::TUPLE | tags::SET | tags::FROZENSET | tags::COMPLEX => cursor.expect_content(4, tag)?,
-                tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY => cursor.expect_content(2, tag)?,
+                tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY | tags::SURROGATE_STR => {
+                    cursor.expect_content(2, tag)?
+                }
                 tags::PLAIN => cursor.expect_block()?,
                 tags::EXCEPTION | tags::GLOBAL_REF | tags::TWIN_REF | tags::PICKLE => {}
                 _ => return Err(HostError::Protocol(format!("unknown CBOR tag {tag}"))),

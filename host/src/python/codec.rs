@@ -272,7 +272,10 @@ impl<'py> Encode<'_, 'py> {
         if obj.is_exact_instance_of::<PyInt>() {
             return self.small_int(obj);
         } else if obj.is_exact_instance_of::<PyString>() {
-            let utf8 = obj.cast_exact::<PyString>()?.encode_utf8()?;
+            // lone surrogates have no UTF-8: item() sends such a str tagged
+            let Ok(utf8) = obj.cast_exact::<PyString>()?.encode_utf8() else {
+                return Ok(false);
+            };
             self.head(TEXT, utf8.as_bytes().len() as u64);
             self.out.extend_from_slice(utf8.as_bytes());
         } else if obj.is_exact_instance_of::<PyFloat>() {
@@ -359,9 +362,30 @@ impl<'py> Encode<'_, 'py> {
             self.head(TAG, tags::BYTEARRAY);
             self.bytes(&bytes);
             Ok(())
+        } else if obj.is_exact_instance_of::<PyString>() {
+            self.surrogate_str(obj, depth)
         } else {
             self.default(obj, depth)
         }
+    }
+
+    /// A str that scalar() found no UTF-8 for (it holds lone surrogates, as
+    /// `os.fsdecode` makes of a file name that is not UTF-8): its bytes with
+    /// the surrogates passed through, as pickle writes them, under a tag.
+    #[inline(never)]
+    fn surrogate_str(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        // SAFETY: `obj` is a str and the C strings live; a new reference or NULL
+        let encoded = unsafe {
+            ffi::PyUnicode_AsEncodedString(obj.as_ptr(), c"utf-8".as_ptr(), c"surrogatepass".as_ptr())
+        };
+        // SAFETY: an owned reference from the call above, or NULL with an exception set
+        let encoded = unsafe { Bound::from_owned_ptr_or_err(obj.py(), encoded) }?;
+        self.head(TAG, tags::SURROGATE_STR);
+        self.bytes(encoded.cast::<PyBytes>()?.as_bytes());
+        Ok(())
     }
 
     /// Encodes `obj` as a plain-data block if it is plain data; returns
@@ -665,28 +689,38 @@ fn budget_bytes(budget: &Bound<'_, PyAny>) -> PyResult<u64> {
 /// (checking them in Rust first, then decoding, read them twice: most of a
 /// map's keys).
 fn decode_utf8<'py>(py: Python<'py>, bytes: &[u8], at: usize) -> PyResult<Bound<'py, PyAny>> {
+    decode_utf8_with(py, bytes, c"strict").map_err(|err| invalid_utf8(py, err, "the text string", at))
+}
+
+/// `bytes` decoded as UTF-8 by CPython, with the error handler `errors`.
+fn decode_utf8_with<'py>(
+    py: Python<'py>,
+    bytes: &[u8],
+    errors: &std::ffi::CStr,
+) -> PyResult<Bound<'py, PyAny>> {
     // SAFETY: a pointer and length of live bytes; the result is a new reference or NULL
     let decoded = unsafe {
         ffi::PyUnicode_DecodeUTF8(
             bytes.as_ptr().cast(),
             bytes.len() as ffi::Py_ssize_t,
-            c"strict".as_ptr(),
+            errors.as_ptr(),
         )
     };
     // SAFETY: an owned reference from the call above, or NULL with an exception set
-    unsafe { Bound::from_owned_ptr_or_err(py, decoded) }.map_err(|err| {
-        if err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(py) {
-            protocol_error(
-                py,
-                format!(
-                    "invalid UTF-8 in the text string at offset {at}: {}",
-                    err.value(py)
-                ),
-            )
-        } else {
-            err
-        }
-    })
+    unsafe { Bound::from_owned_ptr_or_err(py, decoded) }
+}
+
+/// A decoding error of CPython as the peer's protocol error (bad UTF-8 is
+/// the peer's fault); any other error (memory) as it is.
+fn invalid_utf8(py: Python<'_>, err: PyErr, what: &str, at: usize) -> PyErr {
+    if err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(py) {
+        protocol_error(
+            py,
+            format!("invalid UTF-8 in {what} at offset {at}: {}", err.value(py)),
+        )
+    } else {
+        err
+    }
 }
 
 fn wire(py: Python<'_>, err: HostError) -> PyErr {
@@ -947,6 +981,13 @@ impl<'py> Decode<'_, 'py> {
             tags::BYTEARRAY => {
                 content(&self.cursor, 2)?;
                 Ok(PyByteArray::new(py, &self.bytes_content()?).into_any())
+            }
+            tags::SURROGATE_STR => {
+                content(&self.cursor, 2)?;
+                let at = self.cursor.offset();
+                let utf8 = self.bytes_content()?;
+                decode_utf8_with(py, &utf8, c"surrogatepass")
+                    .map_err(|err| invalid_utf8(py, err, "a str with surrogates (tag 40015)", at))
             }
             tags::PLAIN => {
                 self.cursor.expect_block().map_err(|e| wire(py, e))?;

@@ -99,16 +99,10 @@ impl<'py> Sink for Build<'py> {
             // SAFETY: an owned reference from the call above, or NULL with an exception set
             unsafe { Bound::from_owned_ptr_or_err(self.py, decoded) }
         };
-        decode(c"strict").map_err(|err| {
+        // lone surrogates as pickle writes them (tag 40015 in CBOR)
+        decode(c"surrogatepass").map_err(|err| {
             if !err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(self.py) {
                 err
-            } else if decode(c"surrogatepass").is_ok() {
-                // what pickle writes for a str with lone surrogates, which CBOR
-                // cannot carry: the value fails (its call), not the link
-                PyValueError::new_err(
-                    "cannot decode a str with lone surrogates (sent in a plain-data block): \
-                     CBOR text cannot carry them either",
-                )
             } else {
                 ProtocolError::new_err(format!(
                     "invalid UTF-8 in a str at offset {at} of a plain-data block: {}",
@@ -211,8 +205,12 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> 
         let s = obj.cast_exact::<PyString>()?;
         match s.encode_utf8() {
             Ok(utf8) => w.str(utf8.as_bytes()),
-            // lone surrogates: not in a block either (CBOR says what is wrong)
-            Err(_) => return Ok(false),
+            // lone surrogates: passed through, as pickle writes them
+            Err(_) => w.str(
+                s.call_method1(intern!(py, "encode"), ("utf-8", "surrogatepass"))?
+                    .cast::<PyBytes>()?
+                    .as_bytes(),
+            ),
         }
     } else if obj.is_exact_instance_of::<PyFloat>() {
         w.float(obj.cast_exact::<PyFloat>()?.value());
