@@ -24,9 +24,10 @@ def require_interpreter(kind: str) -> None:
 
 
 def run_master(
-    script: str, *flags: str, env: dict | None = None, timeout: float = 120
+    script: str, *flags: str, env: dict | None = None, timeout: float = 120, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` as the main program of a fresh master interpreter."""
+    """Run ``script`` as the main program of a fresh master interpreter
+    (``stdin``: what it reads from its standard input)."""
     full_env = dict(os.environ, PYTHONPATH=TESTS_DIR, **(env or {}))
     return subprocess.run(
         [sys.executable, *flags, "-c", textwrap.dedent(script)],
@@ -34,6 +35,8 @@ def run_master(
         text=True,
         env=full_env,
         timeout=timeout,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
     )
 
 

@@ -181,6 +181,35 @@ def test_twin_starts_on_first_use_and_noauto_forbids_it():
     assert "refused:" in result.stdout and "start()" in result.stdout, result.stderr
 
 
+def test_input_and_breakpoint_in_a_twin_read_what_the_user_types_to_the_master(kind):
+    """A twin's sys.stdin is the master's: input(), a debugger stopped by
+    breakpoint() and sys.stdin.read() in a twin read the master's standard
+    input, in order, and the prompts show on the master's stdout."""
+    result = run_master(
+        f"""
+        import builtins
+        import twin_helpers
+        from cpy2py import TwinMaster
+        twin = TwinMaster({kind!r})
+        twin.start()
+        print("got", repr(twin.execute(builtins.input, "name? ")))
+        print("result", twin.execute(twin_helpers.debugged, 21))
+        print("rest", repr(twin.execute(twin_helpers.read_stdin)))
+        try:
+            twin.execute(builtins.input)
+        except EOFError:
+            print("then EOFError")
+        twin.stop()
+        """,
+        env={"PYTHONBREAKPOINT": "pdb.set_trace"},
+        stdin="Ada\np y + 1\nc\nthe rest\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "name? " in result.stdout and "got 'Ada'" in result.stdout
+    assert "(Pdb) 43" in result.stdout and "result 42" in result.stdout
+    assert "rest 'the rest\\n'" in result.stdout and "then EOFError" in result.stdout
+
+
 def test_failing_initializer_fails_start():
     result = run_master(
         """

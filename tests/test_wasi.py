@@ -361,6 +361,17 @@ def test_guest_sees_no_host_environment(box, plugin):
     assert not set(env) & {"HOME", "PATH", "USER"}, env
 
 
+def test_guest_has_no_standard_input(box):
+    """A native twin reads the master's stdin; a guest reads nothing, by any
+    way it may try (input() says why)."""
+    import builtins
+
+    with pytest.raises(EOFError, match="sandboxed twin has no standard input"):
+        box.execute(builtins.input, "password? ")
+    assert box.execute(eval, "__import__('os').read(0, 4096)") == b""
+    assert box.execute(eval, "__import__('sys').__stdin__.read()") == ""
+
+
 def test_guest_clocks_are_coarse_and_count_from_its_start(box):
     """The guest gets what timing needs: dates and durations to the millisecond,
     nothing finer, and no host uptime."""

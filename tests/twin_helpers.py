@@ -125,6 +125,19 @@ def cyclic(kind):
     return value
 
 
+def debugged(x):
+    """A function that stops in the debugger."""
+    y = x * 2
+    breakpoint()
+    return y
+
+
+def read_stdin():
+    import sys
+
+    return sys.stdin.read()
+
+
 def call(func, *args, **kwargs):
     return func(*args, **kwargs)
 

@@ -29,7 +29,7 @@ from . import compiler, handshake, links, main_module, references
 from .connection import Connection
 from .group_state import run_exit_hooks
 from .serialization import Serializer
-from .stdio import flush_stdio
+from .stdio import NoStdin, flush_stdio
 
 log = _logging.get_logger("guest")
 
@@ -216,6 +216,7 @@ def main(link: Any = None) -> None:
         random.seed()
     compiler.use_cached_bytecode()  # the host's bytecode of its packages, if any
     kernel_state.TWIN_ID = link.twin_id()
+    sys.stdin = NoStdin()
     paths = list(link.paths())
     transport = HostTransport(link)
     handshake.send_hello(transport, EXECUTABLE)

@@ -16,7 +16,7 @@ from ..protocol.transport import FdTransport
 from . import handshake, links, main_module
 from .connection import Connection
 from .serialization import Serializer
-from .stdio import flush_stdio
+from .stdio import MasterStdin, flush_stdio
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def main() -> None:
         plain_blocks=plain_blocks,
     )
     links.register(kernel_state.MASTER_ID, connection)
+    sys.stdin = MasterStdin(connection)  # input() in a twin reads what the master's user types
     if remote_host is not None:  # questions for modules go over the link now
         remote_twin.handshake_done()
     if main_module.runs_main():
