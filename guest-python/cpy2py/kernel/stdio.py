@@ -27,6 +27,10 @@ class MasterStdin(io.TextIOBase):
     to the master on the reading code's own chain, so the master reads on the
     thread that waits for that code."""
 
+    #: what reads get is text already; code that looks finds the usual values
+    encoding = "utf-8"
+    errors = "strict"
+
     def __init__(self, connection: Any) -> None:
         super().__init__()
         self._connection = connection
