@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import os
+import pydoc
 import time
 
 import pytest
@@ -79,6 +81,22 @@ def test_methods_classmethods_staticmethods(kind):
     assert klass.twice(21) == (42, twin_pid)  # staticmethod runs natively
     assert counter.twice(1) == (2, twin_pid)
     assert klass.increment(counter, 1) == 8  # a method called on the class
+
+
+def test_proxies_say_the_signatures_and_docstrings_of_their_methods(kind):
+    """help(), inspect and editors see what the native class defines, not
+    the ``(*args, **kwargs)`` of the proxy machinery."""
+    klass = cls(kind, tc.Counter)
+    counter = klass(1)
+    assert str(inspect.signature(klass)) == "(start=0)"
+    assert str(inspect.signature(counter.increment)) == "(by=None)"
+    assert inspect.getdoc(counter.increment) == "Add ``by`` (the class's step if None); the new value."
+    assert str(inspect.signature(klass.increment)) == "(self, by=None)"  # called on the class: unbound
+    assert str(inspect.signature(klass.make)) == str(inspect.signature(counter.make)) == "(start)"
+    assert inspect.getdoc(klass.make) == "A counter from ``start``."
+    assert str(inspect.signature(counter.twice)) == "(x)"
+    assert "Add ``by``" in pydoc.render_doc(counter.increment, renderer=pydoc.plaintext)
+    assert counter.increment(2) == 3  # and it still runs in the twin
 
 
 def test_properties_and_descriptors(kind):

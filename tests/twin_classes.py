@@ -31,6 +31,7 @@ class Counter(TwinObject):
         type(self).created += 1
 
     def increment(self, by=None):
+        """Add ``by`` (the class's step if None); the new value."""
         self.value += self.step if by is None else by
         return self.value
 
@@ -46,6 +47,7 @@ class Counter(TwinObject):
 
     @classmethod
     def make(cls, start):
+        """A counter from ``start``."""
         return cls(start)
 
     @staticmethod

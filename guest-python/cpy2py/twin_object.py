@@ -78,6 +78,24 @@ class TwinMeta(type):
         else:
             call(cls, OP_DELATTR, name)
 
+    @property
+    def __signature__(cls) -> Any:
+        """What ``inspect.signature(cls)`` says: how its instances are made
+        (``__init__``, else ``__new__``, without their first parameter), not
+        this metaclass's ``__call__``, which takes anything and routes it."""
+        import inspect
+
+        try:
+            for name in ("__init__", "__new__"):
+                found = inspect.getattr_static(cls, name, None)
+                func = getattr(found, "__func__", found)
+                if inspect.isfunction(func):
+                    signature = inspect.signature(func)
+                    return signature.replace(parameters=list(signature.parameters.values())[1:])
+        except (TypeError, ValueError):
+            pass
+        return None
+
     def __instancecheck__(cls, obj: Any) -> bool:
         proxied = getattr(type(obj), "__proxied_class__", None)
         if isinstance(proxied, type):

@@ -757,7 +757,10 @@ def _gone(proxy: Any, link: Any) -> TwinterpreterTerminated:
 
 
 class RemoteMethod:
-    """A method of a proxied object or twin class: calling it runs it natively."""
+    # A method of a proxied object or twin class: calling it runs it natively.
+    # Where this interpreter has the class (a twin class's), it also says what
+    # the native method says of itself: its signature and docstring, for
+    # help(), inspect and editors.
 
     __slots__ = ("__self__", "__name__")
 
@@ -770,6 +773,44 @@ class RemoteMethod:
 
     def __repr__(self) -> str:
         return f"<remote method {self.__name__} of {self.__self__!r}>"
+
+    def _native(self) -> Any:
+        """The method as the class defines it (function, classmethod or
+        staticmethod), if this interpreter has the class; else None."""
+        target = self.__self__
+        cls = target if isinstance(target, type) else getattr(type(target), "__proxied_class__", None)
+        if not isinstance(cls, type):
+            return None
+        import inspect
+
+        return inspect.getattr_static(cls, self.__name__, None)
+
+    @property
+    def __doc__(self) -> Optional[str]:  # type: ignore[override]
+        native = self._native()
+        return getattr(getattr(native, "__func__", native), "__doc__", None) if native is not None else None
+
+    @property
+    def __signature__(self) -> Any:
+        """The native method's signature as bound here (None: unknown, and
+        inspect falls back to ``(*args, **kwargs)``)."""
+        native = self._native()
+        func = getattr(native, "__func__", native)
+        if not callable(func):
+            return None
+        import inspect
+
+        try:
+            signature = inspect.signature(func)
+        except (TypeError, ValueError):
+            return None
+        # bound: a classmethod's first parameter, and a function's when called on an instance
+        bound = isinstance(native, classmethod) or (
+            inspect.isfunction(native) and not isinstance(self.__self__, type)
+        )
+        if bound and signature.parameters:
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+        return signature
 
 
 _PROXY_LOCALS = frozenset(
