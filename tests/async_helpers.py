@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from cpy2py import kernel_state, twinfunction
@@ -40,6 +41,17 @@ def recurse(step, depth):
 async def double_here(value):
     """A coroutine function run in the twin: awaited there."""
     return value * 2
+
+
+async def gathered(count):
+    """A coroutine function that needs a running event loop where it runs."""
+    await asyncio.sleep(0.001)
+    return sum(await asyncio.gather(*(asyncio.sleep(0.001, result=i) for i in range(count))))
+
+
+def run_own_loop(count):
+    """Code that runs an event loop of its own (a plugin's ``asyncio.run``)."""
+    return asyncio.run(gathered(count))
 
 
 @twinfunction("python3")

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 from .. import _logging, kernel_state
 from ..protocol import codec
 from ..protocol.transport import TransportDefaults
-from . import compiler, handshake, links, main_module, references
+from . import compiler, guest_asyncio, handshake, links, main_module, references
 from .connection import Connection
 from .group_state import run_exit_hooks
 from .serialization import Serializer
@@ -217,6 +217,7 @@ def main(link: Any = None) -> None:
     compiler.use_cached_bytecode()  # the host's bytecode of its packages, if any
     kernel_state.TWIN_ID = link.twin_id()
     sys.stdin = NoStdin()
+    guest_asyncio.install()  # (asyncio's loops cannot make their socket pair here)
     paths = list(link.paths())
     transport = HostTransport(link)
     handshake.send_hello(transport, EXECUTABLE)

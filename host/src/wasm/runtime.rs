@@ -161,6 +161,7 @@ fn engine_config(pooled: bool) -> Config {
 /// The engine: pooled, unless the address space for the pool cannot be
 /// reserved (a `ulimit -v`, say): then each guest maps its own.
 fn new_engine() -> std::result::Result<(Engine, bool), String> {
+    name_compile_threads();
     match Engine::new(&engine_config(true)) {
         Ok(engine) => Ok((engine, true)),
         Err(pooled) => {
@@ -172,6 +173,17 @@ fn new_engine() -> std::result::Result<(Engine, bool), String> {
                 .map_err(|e| format!("cannot set up wasmtime for WASI guests: {e}"))
         }
     }
+}
+
+/// wasmtime compiles on rayon's global pool, whose threads would otherwise
+/// carry the name of the thread that first compiled (a Linux thread inherits
+/// its creator's): a snapshot's or a pool slot's, which then seemed to run
+/// for ever. They are named for what they are (unless the process set the
+/// pool up before: then it keeps its own).
+fn name_compile_threads() {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|_| "cpy2py-compile".into())
+        .build_global();
 }
 
 /// Set in the child of a `fork` of a process that had the runtime.
