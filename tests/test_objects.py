@@ -97,6 +97,14 @@ def test_proxies_say_the_signatures_and_docstrings_of_their_methods(kind):
     assert str(inspect.signature(counter.twice)) == "(x)"
     assert "Add ``by``" in pydoc.render_doc(counter.increment, renderer=pydoc.plaintext)
     assert counter.increment(2) == 3  # and it still runs in the twin
+    assert str(inspect.signature(TwinObject)) == "()"  # made without arguments, as a plain class
+
+    class Signed(TwinObject):  # (native here) a signature a class sets itself wins
+        def __init__(self, *args):
+            pass
+
+    Signed.__signature__ = inspect.Signature([inspect.Parameter("size", inspect.Parameter.POSITIONAL_ONLY)])
+    assert str(inspect.signature(Signed)) == "(size, /)"
 
 
 def test_properties_and_descriptors(kind):

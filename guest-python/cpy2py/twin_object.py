@@ -40,8 +40,36 @@ def _attributes_here(cls: type) -> bool:
     return global_name(cls) is None
 
 
+class _ClassSignature:
+    """``TwinMeta.__signature__``: what ``inspect.signature(cls)`` says is how
+    the class's instances are made (``__init__``, else ``__new__``, without
+    their first parameter), not the metaclass's ``__call__``, which takes
+    anything and routes it. A descriptor without ``__set__``: a signature a
+    class sets for itself is kept and wins."""
+
+    def __get__(self, cls: Any, metaclass: Any = None) -> Any:
+        if cls is None:
+            return self
+        import inspect
+
+        try:
+            for name in ("__init__", "__new__"):
+                found = inspect.getattr_static(cls, name, None)
+                func = getattr(found, "__func__", found)
+                if inspect.isfunction(func):
+                    signature = inspect.signature(func)
+                    return signature.replace(parameters=list(signature.parameters.values())[1:])
+            if found is object.__new__ and inspect.getattr_static(cls, "__init__", None) is object.__init__:
+                return inspect.Signature()  # (made without arguments, as any plain class)
+        except (TypeError, ValueError):
+            pass
+        return None
+
+
 class TwinMeta(type):
     """Metaclass of twin classes: routes instantiation and class attributes."""
+
+    __signature__ = _ClassSignature()
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if _native_here(cls):
@@ -77,24 +105,6 @@ class TwinMeta(type):
             type.__delattr__(cls, name)
         else:
             call(cls, OP_DELATTR, name)
-
-    @property
-    def __signature__(cls) -> Any:
-        """What ``inspect.signature(cls)`` says: how its instances are made
-        (``__init__``, else ``__new__``, without their first parameter), not
-        this metaclass's ``__call__``, which takes anything and routes it."""
-        import inspect
-
-        try:
-            for name in ("__init__", "__new__"):
-                found = inspect.getattr_static(cls, name, None)
-                func = getattr(found, "__func__", found)
-                if inspect.isfunction(func):
-                    signature = inspect.signature(func)
-                    return signature.replace(parameters=list(signature.parameters.values())[1:])
-        except (TypeError, ValueError):
-            pass
-        return None
 
     def __instancecheck__(cls, obj: Any) -> bool:
         proxied = getattr(type(obj), "__proxied_class__", None)
