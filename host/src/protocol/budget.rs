@@ -57,7 +57,8 @@ pub mod cost {
     pub const FLOAT: u64 = 32;
     pub const COMPLEX: u64 = 32;
     /// A str of more than one byte: 41 + its UTF-8 length, rounded (ASCII
-    /// exactly; other text up to about 20 bytes more).
+    /// exactly; text with a character beyond U+00FF is stored at 2 or 4
+    /// bytes per character: up to 4 times this, see docs/protocol.md).
     pub const STR_HEADER: u64 = 41;
     /// A bytes of more than one byte: 33 + its length, rounded.
     pub const BYTES_HEADER: u64 = 33;
