@@ -147,6 +147,24 @@ def test_a_guest_exception_cannot_erase_the_masters_screen(sandbox, attack):
     assert master.execute(abs, -1) == 1
 
 
+def test_a_guests_output_and_its_exception_texts_are_written_out_alike(sandbox, capfd):
+    """The host writes out what a guest prints (host/src/wasm/output.rs) and
+    the kernel a guest's exception texts (sandbox.written_out) separately:
+    every C0 and C1 control, DEL included, comes out the same both ways, so
+    neither lets through what the other stops."""
+    from cpy2py.kernel.sandbox import written_out
+
+    text = "".join(map(chr, (*range(0x20), 0x7F, *range(0x80, 0xA0)))).replace("\n", "") + "end"
+    master = sandbox("texts-alike")
+    capfd.readouterr()
+    master.execute(print, text)
+    printed = capfd.readouterr().out.split("] ", 1)[1].rstrip("\n")
+    with pytest.raises(ValueError) as info:
+        master.execute(exec, f"raise ValueError({text!r})")
+    assert printed == str(info.value) == written_out(text)
+    assert "\\x1b" in printed and "\\x9b" in printed and "\t" in printed  # (written out; a tab stays)
+
+
 # -- a failed start ----------------------------------------------------------------------------
 # docs/security.md: "its answer to the welcome, written after its preload and
 # initializers ran (which may have replaced its kernel) ... its error text there is cut
