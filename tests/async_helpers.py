@@ -72,6 +72,31 @@ def square_wasi_python(value):
 SQUARE = {"python3": square_python3, "pypy3": square_pypy3, "wasi-python": square_wasi_python}
 
 
+@twinfunction("python3")
+async def async_square_python3(value):
+    await asyncio.sleep(0.001)
+    return value * value, kernel_state.TWIN_ID
+
+
+@twinfunction("pypy3")
+async def async_square_pypy3(value):
+    await asyncio.sleep(0.001)
+    return value * value, kernel_state.TWIN_ID
+
+
+@twinfunction("wasi-python")
+async def async_square_wasi_python(value):
+    await asyncio.sleep(0.001)
+    return value * value, kernel_state.TWIN_ID
+
+
+ASYNC_SQUARE = {
+    "python3": async_square_python3,
+    "pypy3": async_square_pypy3,
+    "wasi-python": async_square_wasi_python,
+}
+
+
 def call_from_a_thread(func, value, delay):
     """A native twin's own thread calls ``func`` (a master callable) after
     ``delay`` seconds: a request of a new chain, which nothing awaits."""

@@ -4,6 +4,7 @@ twin kind, without blocking the event loop or a thread per call."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 
 import async_helpers as helpers
@@ -126,6 +127,35 @@ def test_a_coroutine_function_called_in_a_twin_is_awaited_there(twin):
     assert twin.execute(helpers.gathered, 5) == 10
     assert run(twin.execute_async(helpers.gathered, 4)) == 6
     assert twin.execute(helpers.run_own_loop, 3) == 3
+
+
+def test_an_async_twinfunction_is_awaited_like_the_function_itself(twin):
+    """``@twinfunction`` on an ``async def``: calling it gives a coroutine, as
+    the function would, and awaiting it runs the coroutine in the twin
+    without blocking the caller's loop; the sync API runs it there too."""
+    kind = twin.twinterpreter_id
+    square = helpers.ASYNC_SQUARE[kind]
+    assert inspect.iscoroutinefunction(square) and square.__name__ == f"async_square_{kind.replace('-', '_')}"
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        beat = asyncio.ensure_future(ticker())
+        try:
+            results = await asyncio.gather(*(square(n) for n in range(5)))
+        finally:
+            beat.cancel()
+        assert ticks > 0  # the loop ran meanwhile
+        return results
+
+    assert run(main()) == [(n * n, kind) for n in range(5)]
+    assert twin.execute(square, 3) == (9, kind)
 
 
 def test_a_cancelled_call_raises_at_once_and_the_link_stays_usable(twin):

@@ -25,6 +25,12 @@ def fresh_twin_named(twin_id: str) -> Any:
     return config if config is not None and config.fresh else None
 
 
+def _is_coroutine_function(func: Any) -> bool:
+    """An ``async def`` (its code's CO_COROUTINE flag: no ``inspect`` import,
+    which a twin's start avoids)."""
+    return bool(getattr(getattr(func, "__code__", None), "co_flags", 0) & 0x80)
+
+
 def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
     """Pin a module-level function to the twinterpreter ``twinterpreter_id``.
 
@@ -33,7 +39,9 @@ def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
     sends the call there (starting the twin on first use); the wrapper keeps
     the function's name, docs, defaults, annotations and signature, its
     ``__wrapped__`` is the plain function, and it can itself be passed to
-    other interpreters.
+    other interpreters. On an ``async def`` the wrapper is a coroutine
+    function: awaiting a call runs the coroutine in the twin without
+    blocking the caller's event loop.
     """
     if not isinstance(twinterpreter_id, str):
         raise TypeError(
@@ -47,18 +55,37 @@ def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
             return func
         import functools  # at decoration, not when a twin starts
 
-        @functools.wraps(func)
-        def twin_function(*args: Any, **kwargs: Any) -> Any:
-            if kernel_state.TWIN_ID == twinterpreter_id or kernel_state.FRESH_OF == twinterpreter_id:
-                return func(*args, **kwargs)
-            fresh_twin = fresh_twin_named(twinterpreter_id)
-            if fresh_twin is not None:  # every call in a guest of its own
-                from . import fresh
+        if _is_coroutine_function(func):
+            # an ``async def``: awaited, as the function itself would be, and
+            # without blocking the caller's event loop; the twin runs the
+            # coroutine to its end (awaitable.py)
+            @functools.wraps(func)
+            async def twin_function(*args: Any, **kwargs: Any) -> Any:
+                if kernel_state.TWIN_ID == twinterpreter_id or kernel_state.FRESH_OF == twinterpreter_id:
+                    return await func(*args, **kwargs)
+                fresh_twin = fresh_twin_named(twinterpreter_id)
+                if fresh_twin is not None:
+                    from . import fresh
 
-                return fresh.execute(fresh_twin, twin_function, list(args), kwargs)
-            return links.connection_to(twinterpreter_id).request(
-                OP_EXECUTE, twin_function, list(args), kwargs
-            )
+                    return await fresh.execute_async(fresh_twin, twin_function, list(args), kwargs)
+                from .awaitable import aio
+
+                return await aio(twin_function)(*args, **kwargs)
+
+        else:
+
+            @functools.wraps(func)
+            def twin_function(*args: Any, **kwargs: Any) -> Any:
+                if kernel_state.TWIN_ID == twinterpreter_id or kernel_state.FRESH_OF == twinterpreter_id:
+                    return func(*args, **kwargs)
+                fresh_twin = fresh_twin_named(twinterpreter_id)
+                if fresh_twin is not None:  # every call in a guest of its own
+                    from . import fresh
+
+                    return fresh.execute(fresh_twin, twin_function, list(args), kwargs)
+                return links.connection_to(twinterpreter_id).request(
+                    OP_EXECUTE, twin_function, list(args), kwargs
+                )
 
         twin_function.__defaults__ = func.__defaults__  # type: ignore[attr-defined]
         twin_function.__kwdefaults__ = func.__kwdefaults__  # type: ignore[attr-defined]
