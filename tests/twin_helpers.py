@@ -115,6 +115,10 @@ def unpicklable_result():
     return lambda: None
 
 
+def echo_all(*args, **kwargs):
+    return list(args), kwargs
+
+
 def cyclic(kind):
     """A list or dict that holds itself."""
     value = [] if kind == "list" else {}

@@ -206,13 +206,17 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False)
         return codec.dumps(message, default)
     except BaseException as err:
         undo_exports(mark)
-        if type(err) is ValueError and "MAX_DEPTH" in str(err):
+        if type(err) is ValueError and "MAX_DEPTH" in str(err) and type(message) is list:
             cyclic = _container_inside_itself(message)
             if cyclic is not None:
+                if getattr(getattr(default, "__self__", None), "trusted", False):
+                    # (the values that hold a cycle go as one pickle each: pickle keeps it)
+                    return encode([_whole_where_cyclic(item, 1) for item in message], default, parts, plain)
                 raise ValueError(
                     f"cannot send a value that contains itself (a {cyclic} holds itself, directly or "
-                    "further down): data crosses as a copy, written out as a tree. Send a TwinObject "
-                    "that holds it instead (it crosses as a reference), or break the cycle"
+                    "further down) over a sandboxed link: data crosses it as a copy written out as a "
+                    "tree, and no pickle does. Break the cycle, or hand over an object that holds it "
+                    "(it crosses as a proxy)"
                 ) from None
         raise
     finally:  # done with: sent or undone
@@ -220,6 +224,44 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False)
             _encoding.journal = None
         else:
             del journal[mark:]
+
+
+class Whole:
+    """A value that holds a cycle, sent to a trusted peer as one pickle
+    (which keeps its cycles and shared parts) instead of as CBOR (a tree)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _whole_where_cyclic(value: Any, levels: int) -> Any:
+    """``value``, or a copy of the list or dict it is with its items wrapped
+    (``levels`` deep: a request's arguments, keyword arguments), where a
+    cycle makes them a ``Whole``."""
+    if _container_inside_itself(value) is None:
+        return value
+    if levels and type(value) in (list, dict) and not _holds_itself(value):
+        if type(value) is list:
+            return [_whole_where_cyclic(item, levels - 1) for item in value]
+        return {key: _whole_where_cyclic(item, levels - 1) for key, item in value.items()}
+    return Whole(value)
+
+
+def _holds_itself(value: Any) -> bool:
+    """Whether the list or dict ``value`` is found again inside itself."""
+    containers = (list, tuple, dict, set, frozenset)
+    seen: Set[int] = set()
+    stack = list(value.values()) if type(value) is dict else list(value)
+    while stack:
+        obj = stack.pop()
+        if obj is value:
+            return True
+        if type(obj) in containers and id(obj) not in seen:
+            seen.add(id(obj))
+            stack.extend(itertools.chain(obj, obj.values()) if type(obj) is dict else obj)
+    return False
 
 
 def _container_inside_itself(value: Any) -> Optional[str]:

@@ -349,6 +349,8 @@ class Serializer:
             return self.default(obj.target)
         if type(obj) is _GlobalRef:
             return tags.GLOBAL_REF, list(obj.name)
+        if type(obj) is references.Whole and self.trusted:
+            return self._whole(obj.value)
         if _is_twin(obj):
             return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
         if isinstance(obj, BaseException):
@@ -379,6 +381,21 @@ class Serializer:
                 references.undo_exports(mark)
         # what cannot be copied stays here and is used through a proxy
         return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
+
+    def _whole(self, value: Any) -> Tuple[int, Any]:
+        """A value that holds a cycle, as one pickle (references.Whole)."""
+        import io
+
+        buffer = io.BytesIO()
+        try:
+            _picklers()[0](buffer, self).dump(value)
+        except Exception as err:
+            raise ValueError(
+                f"cannot send a value that contains itself: data crosses as a copy written out as a "
+                f"tree, and a value with a cycle goes as a pickle instead, which failed ({err}). Send a "
+                "TwinObject that holds it (it crosses as a reference), or break the cycle"
+            ) from None
+        return tags.PICKLE, buffer.getvalue()
 
     def _exception_fields(self, err: BaseException) -> List[Any]:
         from ..protocol import codec  # late: codec imports nothing from here
