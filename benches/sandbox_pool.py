@@ -39,7 +39,9 @@ Prints, as JSON on its last line:
   started from the snapshot taken after the preload (cpy2py/snapshots.py;
   made before the measured calls), median and p99, against ``importing``:
   the same fresh guests without the preload and a call that imports them
-  (what each call paid before snapshots). None when they are not installed.
+  (what each call paid before snapshots), and ``warm_pool``: the
+  snapshot's guests started ahead by ``SandboxPool(warm=True)``, a call
+  every 20 ms. None when they are not installed.
 
 No figure here is asserted anywhere.
 """
@@ -113,8 +115,11 @@ def _call_ms(master: TwinMaster, func: Any, calls: int) -> Dict[str, float]:
     }
 
 
-def _warm_call_ms(code_dir: str, noop: Any, calls: int) -> Dict[str, float]:
-    with SandboxPool(size=1, paths=[code_dir], fresh=True, warm=True, preload=[noop.__module__]) as pool:
+def _warm_call_ms(code_dir: str, noop: Any, calls: int, **options: Any) -> Dict[str, float]:
+    """A no-op in a fresh guest of a warm pool (``options``: more of the
+    pool's settings, its ``preload`` added to the no-op's module)."""
+    preload = [*options.pop("preload", []), noop.__module__]
+    with SandboxPool(size=1, paths=[code_dir], fresh=True, warm=True, preload=preload, **options) as pool:
         times: List[float] = []
         for index in range(calls + 5):
             time.sleep(0.02)  # the next guest is started meanwhile
@@ -222,6 +227,14 @@ def _snapshot_fresh(code_dir: str, code: Any, calls: int) -> Optional[Dict[str, 
         return {
             "preloaded": _call_ms(preloaded, code.noop, calls),
             "importing": _call_ms(importing, code.import_packages, max(5, calls // 4)),
+            # the snapshot's guests started ahead by a warm pool, as a service would run them
+            "warm_pool": _warm_call_ms(
+                code_dir,
+                code.noop,
+                min(calls, 100),
+                packages=packages,
+                preload=["markdown", "dateutil.parser", "dateutil.tz"],
+            ),
         }
     finally:
         preloaded.stop()
