@@ -1117,6 +1117,37 @@ def test_strings_with_lone_surrogates_cross(codec: Any) -> None:
         codec.dumps([deep])
 
 
+def test_a_str_with_surrogates_borrowed_from_a_list_outlives_a_collection() -> None:
+    """The compiled encoder reads a list's str items without a reference of
+    its own. A strict UTF-8 encoding of one with lone surrogates failed with
+    an exception object, whose making could start a collection, whose
+    finalizer here drops that very str from the list: the encoder then read
+    freed memory (a crash, or garbage sent). It makes no such object now."""
+    import gc
+
+    compiled = _compiled()
+    items: list = []
+
+    class Bomb:
+        def __del__(self) -> None:
+            items[1] = 0  # drops the str the encoder is reading; same size
+
+    for trial in range(5):
+        text = bytes([0x80 + trial]).decode("utf-8", "surrogateescape") * 30
+        items[:] = [1, text]
+        gc.disable()
+        bomb = Bomb()
+        bomb.cycle = bomb  # freed only by a collection
+        del bomb
+        gc.set_threshold(1)
+        gc.enable()
+        try:
+            assert compiled.loads(compiled.dumps(items)) in ([1, text], [1, 0])
+        finally:
+            gc.set_threshold(700)
+            gc.collect()
+
+
 def test_protocol_error_is_the_cpy2py_class(codec: Any) -> None:
     with pytest.raises(ProtocolError) as info:
         codec.loads(b"\x01\x02")

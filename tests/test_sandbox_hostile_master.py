@@ -163,6 +163,11 @@ def test_a_guests_output_and_its_exception_texts_are_written_out_alike(sandbox, 
         master.execute(exec, f"raise ValueError({text!r})")
     assert printed == str(info.value) == written_out(text)
     assert "\\x1b" in printed and "\\x9b" in printed and "\t" in printed  # (written out; a tab stays)
+    # lone surrogates, which a stream writing them as bytes (surrogateescape:
+    # stdout under -X utf8 or the C locale) turns into C1 controls: CSI here
+    with pytest.raises(ValueError) as info:
+        master.execute(exec, "raise ValueError('x\\udcc2\\udc9b2J')")
+    assert str(info.value) == "x\\udcc2\\udc9b2J"
 
 
 # -- a failed start ----------------------------------------------------------------------------

@@ -48,17 +48,18 @@ class _ClassSignature:
     class sets for itself is kept and wins."""
 
     def __get__(self, cls: Any, metaclass: Any = None) -> Any:
-        if cls is None:
-            return self
+        if cls is None:  # (asked of the metaclass itself: inspect finds its own)
+            return None
         import inspect
+
+        from .kernel.references import _without_first
 
         try:
             for name in ("__init__", "__new__"):
                 found = inspect.getattr_static(cls, name, None)
                 func = getattr(found, "__func__", found)
                 if inspect.isfunction(func):
-                    signature = inspect.signature(func)
-                    return signature.replace(parameters=list(signature.parameters.values())[1:])
+                    return _without_first(inspect.signature(func))
             if found is object.__new__ and inspect.getattr_static(cls, "__init__", None) is object.__init__:
                 return inspect.Signature()  # (made without arguments, as any plain class)
         except (TypeError, ValueError):

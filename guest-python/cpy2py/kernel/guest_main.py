@@ -188,6 +188,8 @@ def preload(modules: List[str], link: Any) -> None:
 
     _RESEED_RANDOM = True
     compiler.use_cached_bytecode()
+    sys.stdin = NoStdin()  # (the preload is the guest's code as any other)
+    guest_asyncio.install()
     sys.path[:0] = [p for p in link.paths() if p not in sys.path]
     for name in modules:
         importlib.import_module(name)

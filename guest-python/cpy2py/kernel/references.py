@@ -850,9 +850,19 @@ class RemoteMethod:
         bound = isinstance(native, classmethod) or (
             inspect.isfunction(native) and not isinstance(self.__self__, type)
         )
-        if bound and signature.parameters:
-            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-        return signature
+        return _without_first(signature) if bound else signature
+
+
+def _without_first(signature: Any) -> Any:
+    """``signature`` as bound: without its first parameter (self, cls) if
+    that is a positional one (``*args`` takes it instead and stays)."""
+    import inspect
+
+    parameters = list(signature.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if parameters and parameters[0].kind in positional:
+        return signature.replace(parameters=parameters[1:])
+    return signature
 
 
 _PROXY_LOCALS = frozenset(

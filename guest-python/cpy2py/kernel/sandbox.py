@@ -538,10 +538,14 @@ def _short(value: Any) -> str:
 
 
 #: C0 controls but tab and newline, DEL and the C1 controls, as ``\xHH``
-#: (host/src/wasm/output.rs writes out a guest's output the same way)
+#: (host/src/wasm/output.rs writes out a guest's output the same way); lone
+#: surrogates as ``\uDXXX``: a stream that writes them as bytes
+#: (``surrogateescape``, as stdout does under ``-X utf8`` or the C locale)
+#: could turn two of them into a C1 control (``\udcc2\udc9b`` is CSI)
 _CONTROLS = {
     code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if code not in (0x09, 0x0A)
 }
+_CONTROLS.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
 
 
 def written_out(text: Any) -> Any:

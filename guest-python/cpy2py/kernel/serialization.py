@@ -389,13 +389,16 @@ class Serializer:
         buffer = io.BytesIO()
         try:
             _picklers()[0](buffer, self).dump(value)
+            data = buffer.getvalue()
+            if _ON_PYPY and _needs_pypy(data):
+                raise TypeError("it holds objects that PyPy pickles its own way, which CPython cannot load")
         except Exception as err:
             raise ValueError(
                 f"cannot send a value that contains itself: data crosses as a copy written out as a "
                 f"tree, and a value with a cycle goes as a pickle instead, which failed ({err}). Send a "
                 "TwinObject that holds it (it crosses as a reference), or break the cycle"
             ) from None
-        return tags.PICKLE, buffer.getvalue()
+        return tags.PICKLE, data
 
     def _exception_fields(self, err: BaseException) -> List[Any]:
         from ..protocol import codec  # late: codec imports nothing from here

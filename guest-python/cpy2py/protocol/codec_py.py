@@ -897,13 +897,13 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
         return _blocks()[1](b), pos
     if tag == SURROGATE_STR:
         ib = _content(data, pos, 2, tag)
-        start = pos + 1
-        b, pos = _dec_bytes(data, start, ib, depth, hook)
+        head = pos
+        b, pos = _dec_bytes(data, pos + 1, ib, depth, hook)
         try:
             return b.decode("utf-8", "surrogatepass"), pos
         except UnicodeDecodeError as e:
             raise ProtocolError(
-                f"invalid UTF-8 in a str with surrogates (tag {SURROGATE_STR}) at offset {start}: {e.reason}"
+                f"invalid UTF-8 in a str with surrogates (tag {SURROGATE_STR}) at offset {head}: {e.reason}"
             ) from None
     if hook is None:
         raise ProtocolError(f"unknown CBOR tag {tag}")

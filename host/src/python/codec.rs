@@ -272,10 +272,10 @@ impl<'py> Encode<'_, 'py> {
         if obj.is_exact_instance_of::<PyInt>() {
             return self.small_int(obj);
         } else if obj.is_exact_instance_of::<PyString>() {
-            // lone surrogates have no UTF-8: item() sends such a str tagged
-            let Ok(utf8) = obj.cast_exact::<PyString>()?.encode_utf8() else {
-                return Ok(false);
-            };
+            let (utf8, surrogates) = utf8_passing_surrogates(obj)?;
+            if surrogates {
+                return Ok(false); // (item() sends such a str tagged)
+            }
             self.head(TEXT, utf8.as_bytes().len() as u64);
             self.out.extend_from_slice(utf8.as_bytes());
         } else if obj.is_exact_instance_of::<PyFloat>() {
@@ -377,14 +377,9 @@ impl<'py> Encode<'_, 'py> {
         if depth >= MAX_DEPTH {
             return Err(too_deep());
         }
-        // SAFETY: `obj` is a str and the C strings live; a new reference or NULL
-        let encoded = unsafe {
-            ffi::PyUnicode_AsEncodedString(obj.as_ptr(), c"utf-8".as_ptr(), c"surrogatepass".as_ptr())
-        };
-        // SAFETY: an owned reference from the call above, or NULL with an exception set
-        let encoded = unsafe { Bound::from_owned_ptr_or_err(obj.py(), encoded) }?;
+        let (encoded, _) = utf8_passing_surrogates(obj)?;
         self.head(TAG, tags::SURROGATE_STR);
-        self.bytes(encoded.cast::<PyBytes>()?.as_bytes());
+        self.bytes(encoded.as_bytes());
         Ok(())
     }
 
@@ -683,6 +678,27 @@ fn budget_bytes(budget: &Bound<'_, PyAny>) -> PyResult<u64> {
         )));
     }
     Ok(budget.extract::<u64>().unwrap_or(u64::MAX))
+}
+
+/// The str `obj` as UTF-8 with its lone surrogates passed through, and
+/// whether it has any (as three bytes `ed a0..bf xx`, which strict UTF-8
+/// never holds). CPython's strict encoder would fail on them, and the
+/// exception object it made could start a collection whose finalizers free
+/// `obj` where it is borrowed from a container (`scalar`); passing them makes
+/// no object the collector tracks. With no encoding named, CPython takes its
+/// UTF-8 encoder directly, as for a strict encoding, and looks the error
+/// handler up only at a surrogate.
+fn utf8_passing_surrogates<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyBytes>, bool)> {
+    // SAFETY: `obj` is a str and the C string lives; a new reference or NULL
+    let encoded =
+        unsafe { ffi::PyUnicode_AsEncodedString(obj.as_ptr(), std::ptr::null(), c"surrogatepass".as_ptr()) };
+    // SAFETY: an owned reference from the call above, or NULL with an exception set
+    let encoded = unsafe { Bound::from_owned_ptr_or_err(obj.py(), encoded) }?.cast_into::<PyBytes>()?;
+    let utf8 = encoded.as_bytes();
+    // SAFETY: `obj` is a str
+    let ascii = utf8.len() as ffi::Py_ssize_t == unsafe { ffi::PyUnicode_GetLength(obj.as_ptr()) };
+    let surrogates = !ascii && utf8.windows(2).any(|pair| pair[0] == 0xed && pair[1] >= 0xa0);
+    Ok((encoded, surrogates))
 }
 
 /// A text string's bytes as a str, checked by CPython's own decoder alone

@@ -161,7 +161,6 @@ fn engine_config(pooled: bool) -> Config {
 /// The engine: pooled, unless the address space for the pool cannot be
 /// reserved (a `ulimit -v`, say): then each guest maps its own.
 fn new_engine() -> std::result::Result<(Engine, bool), String> {
-    name_compile_threads();
     match Engine::new(&engine_config(true)) {
         Ok(engine) => Ok((engine, true)),
         Err(pooled) => {
@@ -178,12 +177,15 @@ fn new_engine() -> std::result::Result<(Engine, bool), String> {
 /// wasmtime compiles on rayon's global pool, whose threads would otherwise
 /// carry the name of the thread that first compiled (a Linux thread inherits
 /// its creator's): a snapshot's or a pool slot's, which then seemed to run
-/// for ever. They are named for what they are (unless the process set the
-/// pool up before: then it keeps its own).
+/// for ever. They are named for what they are, made at the first compilation
+/// as before (unless the process set the pool up earlier: it keeps its own).
 fn name_compile_threads() {
-    let _ = rayon::ThreadPoolBuilder::new()
-        .thread_name(|_| "cpy2py-compile".into())
-        .build_global();
+    static NAMED: std::sync::Once = std::sync::Once::new();
+    NAMED.call_once(|| {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .thread_name(|_| "cpy2py-compile".into())
+            .build_global();
+    });
 }
 
 /// Set in the child of a `fork` of a process that had the runtime.
@@ -422,6 +424,7 @@ impl Runtime {
             );
             let _ = stderr.flush();
         }
+        name_compile_threads();
         let compiled = self.engine.precompile_component(bytes);
         if guest_file.is_some() {
             let outcome = if compiled.is_ok() { "done" } else { "failed" };
