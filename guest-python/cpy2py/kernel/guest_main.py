@@ -179,6 +179,13 @@ def warm_up(calls: int = 64) -> None:
 _RESEED_RANDOM = False
 
 
+def _guest_io() -> None:
+    """What the guest's code finds for input and asyncio: no stdin (it says
+    so), and loops without the socket pair they cannot make here."""
+    sys.stdin = NoStdin()
+    guest_asyncio.install()
+
+
 def preload(modules: List[str], link: Any) -> None:
     """Import ``modules`` as a guest with this link's paths would, for a
     snapshot of the guest taken right after (host/src/wasm/snapshot.rs)."""
@@ -188,8 +195,7 @@ def preload(modules: List[str], link: Any) -> None:
 
     _RESEED_RANDOM = True
     compiler.use_cached_bytecode()
-    sys.stdin = NoStdin()  # (the preload is the guest's code as any other)
-    guest_asyncio.install()
+    _guest_io()  # (the preload is the guest's code as any other)
     sys.path[:0] = [p for p in link.paths() if p not in sys.path]
     for name in modules:
         importlib.import_module(name)
@@ -218,8 +224,7 @@ def main(link: Any = None) -> None:
         random.seed()
     compiler.use_cached_bytecode()  # the host's bytecode of its packages, if any
     kernel_state.TWIN_ID = link.twin_id()
-    sys.stdin = NoStdin()
-    guest_asyncio.install()  # (asyncio's loops cannot make their socket pair here)
+    _guest_io()
     paths = list(link.paths())
     transport = HostTransport(link)
     handshake.send_hello(transport, EXECUTABLE)

@@ -251,24 +251,30 @@ def _whole_where_cyclic(value: Any, levels: int) -> Any:
 
 def _holds_itself(value: Any) -> bool:
     """Whether the list or dict ``value`` is found again inside itself."""
-    containers = (list, tuple, dict, set, frozenset)
     seen: Set[int] = set()
-    stack = list(value.values()) if type(value) is dict else list(value)
+    stack = list(_values_in(value))
     while stack:
         obj = stack.pop()
         if obj is value:
             return True
-        if type(obj) in containers and id(obj) not in seen:
+        if type(obj) in _CONTAINERS and id(obj) not in seen:
             seen.add(id(obj))
-            stack.extend(itertools.chain(obj, obj.values()) if type(obj) is dict else obj)
+            stack.extend(_values_in(obj))
     return False
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _values_in(container: Any) -> Any:
+    """What a container holds: a dict's keys and values, another's items."""
+    return itertools.chain(container, container.values()) if type(container) is dict else container
 
 
 def _container_inside_itself(value: Any) -> Optional[str]:
     """The type name of a list, tuple, dict, set or frozenset in ``value``
     that holds itself, if one does (asked only once encoding found the value
     nested too deep: a cycle is why, most often)."""
-    containers = (list, tuple, dict, set, frozenset)
     on_path: Set[int] = set()
     done: Set[int] = set()
     stack: List[Tuple[Any, bool]] = [(value, False)]
@@ -278,15 +284,13 @@ def _container_inside_itself(value: Any) -> Optional[str]:
             on_path.discard(id(obj))
             done.add(id(obj))
             continue
-        if type(obj) not in containers or id(obj) in done:
+        if type(obj) not in _CONTAINERS or id(obj) in done:
             continue
         if id(obj) in on_path:
             return type(obj).__name__
         on_path.add(id(obj))
         stack.append((obj, True))
-        stack.extend(
-            (item, False) for item in (itertools.chain(obj, obj.values()) if type(obj) is dict else obj)
-        )
+        stack.extend((item, False) for item in _values_in(obj))
     return None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import sys
 
+from ..protocol.messages import OP_EXECUTE
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -48,8 +50,6 @@ class MasterStdin(io.TextIOBase):
         return self._ask("readline", -1 if size is None else size)
 
     def _ask(self, method: str, *args: Any) -> Any:
-        from ..protocol.messages import OP_EXECUTE
-
         return self._connection.request(OP_EXECUTE, read_master_stdin, [method, *args], {})
 
 
