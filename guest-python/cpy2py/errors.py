@@ -38,6 +38,19 @@ class SandboxViolation(TwinError, PermissionError):
     pickle, a name in the master, an object it was not handed)."""
 
 
+class NestedTooDeep(ValueError):
+    """A value to send is nested deeper than the protocol's ``MAX_DEPTH``
+    levels (256), or holds itself where no reference can be made (a tuple
+    that holds itself through a list). Raised by both codecs."""
+
+
+class SharedParts(ValueError):
+    """Raised by both codecs with ``sharing=SHARING_DETECT`` when a value
+    holds one of its containers more than once; the kernel then encodes it
+    again with references (docs/protocol.md, "Shared values"). It never
+    reaches a user's code."""
+
+
 class RemoteError(TwinError):
     """An exception in a twin whose type cannot be recreated here.
 

@@ -311,7 +311,9 @@ class Connection:
     a call this side is making to the peer: any other breaks the link, and no
     thread is ever started for it. ``plain_blocks``: whether large plain
     containers go as plain-data blocks (None: as the transport says,
-    ``plain_blocks``).
+    ``plain_blocks``). ``share_values``: whether a container that a value
+    holds twice (or that holds itself) is sent once and referred to after
+    (not by a sandboxed guest, whose values are trees).
     """
 
     #: a server that finds this many others waiting ends, once it has waited
@@ -333,6 +335,7 @@ class Connection:
         threads: bool = True,
         new_chains: bool = True,
         plain_blocks: Optional[bool] = None,
+        share_values: bool = True,
     ) -> None:
         self.transport = transport
         self.peer_id = peer_id
@@ -358,6 +361,7 @@ class Connection:
         #: sandboxed guest, or its master; a twin with only the pure-Python
         #: codec, said in its hello) decodes with the C unpickler
         self._plain = transport.plain_blocks if plain_blocks is None else plain_blocks
+        self._share = share_values
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
@@ -450,7 +454,7 @@ class Connection:
             raise _too_deep()
         req_id = next(self._ids)
         payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain
+            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain, self._share
         )
         if __debug__ and _logging.PER_CALL:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
@@ -586,7 +590,7 @@ class Connection:
         chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
         payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain
+            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain, self._share
         )
         # whatever interrupts the call from here is undone by the finally below
         # (as in ``request``: each change recorded with no call in between)
@@ -1496,11 +1500,11 @@ class Connection:
                 # (blocks only where there can be one: a no-op's reply skips their set-up)
                 plain = self._plain and type(value) in _CONTAINERS
                 payload = references.encode(
-                    [kind, req_id, value], self.serializer.default, self._parts, plain
+                    [kind, req_id, value], self.serializer.default, self._parts, plain, self._share
                 )
         except BaseException as err:  # the result cannot be sent: say why instead
             try:
-                payload = references.encode([RAISE, req_id, err], self.serializer.default)
+                payload = references.encode([RAISE, req_id, err], self.serializer.default, share=self._share)
             except BaseException:  # not even that (a RecursionError near the limit): the bare facts
                 payload = bare_failure(req_id, value if kind == RAISE else err)
         if __debug__ and _logging.PER_CALL:

@@ -152,7 +152,7 @@ def warm_up(calls: int = 64) -> None:
 
     encoder = Serializer("__warm_up__")
     frames = [
-        bytes(references.encode([REQUEST, number, 1, OP_EXECUTE, warm_noop, [], {}], encoder.default))
+        bytes(references.encode([REQUEST, number, 1, OP_EXECUTE, warm_noop, [], {}], encoder.default, share=False))
         for number in range(calls, 0, -1)
     ]
     transport = _WarmUpTransport(frames)
@@ -256,6 +256,7 @@ def main(link: Any = None) -> None:
         describe_end=lambda: "closed the link",
         after_request=flush_stdio,
         threads=False,
+        share_values=False,  # (the master refuses shared values from a guest)
     )
     links.register(kernel_state.MASTER_ID, connection)
     transport.connection = connection

@@ -29,8 +29,9 @@ import time
 
 from .. import kernel_state
 from ..capabilities import DATA_MODEL_METHODS
-from ..errors import ProtocolError, TwinterpreterTerminated
+from ..errors import NestedTooDeep, ProtocolError, SharedParts, TwinterpreterTerminated
 from ..protocol import codec
+from ..protocol.tags import SHARING_DETECT, SHARING_REFS, SHARING_TREE
 from ..protocol.messages import (
     OP_CALL_METHOD,
     OP_DELATTR,
@@ -187,36 +188,53 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
 _encoding = _thread._local()
 
 
-def encode(message: Any, default: Any, parts: bool = False, plain: bool = False) -> Any:
+def encode(message: Any, default: Any, parts: bool = False, plain: bool = False, share: bool = True) -> Any:
     """``codec.dumps(message, default, parts=parts, plain=plain)``, undoing
     the exports it made if it fails part-way (an argument that cannot be
     encoded after one that was exported): a message never sent must not pin
     objects for the peer. With ``parts``, a frame holding large byte strings
     may come as a tuple of its parts (see ``cpy2py._host.dumps``); with
     ``plain``, large plain containers go as plain-data blocks (the links
-    between a master and its sandboxed guests)."""
+    between a master and its sandboxed guests). With ``share``, a container
+    that the message holds twice (or that holds itself) arrives as one
+    object, referred to where it occurs again (docs/protocol.md, "Shared
+    values"); without (what a sandboxed guest sends), it is written out
+    each time."""
     journal = getattr(_encoding, "journal", None)
     outer = journal is None  # else nested: a __reduce__ that encodes another message
     if outer:
         journal = _encoding.journal = []
     mark = len(journal)
     try:
-        if parts or plain:  # (keywords only where asked: most frames are small)
-            return codec.dumps(message, default, parts=parts, plain=plain)
-        return codec.dumps(message, default)
+        try:
+            return codec.dumps(
+                message, default, parts=parts, plain=plain, sharing=SHARING_DETECT if share else SHARING_TREE
+            )
+        except SharedParts:
+            # (rare: the first pass looked only for containers met twice;
+            # the exports it made are undone, the second makes them again)
+            undo_exports(mark)
+            return codec.dumps(message, default, parts=parts, plain=plain, sharing=SHARING_REFS)
     except BaseException as err:
         undo_exports(mark)
-        if type(err) is ValueError and "MAX_DEPTH" in str(err) and type(message) is list:
+        if type(err) is NestedTooDeep and type(message) is list:
             cyclic = _container_inside_itself(message)
             if cyclic is not None:
                 if getattr(getattr(default, "__self__", None), "trusted", False):
                     # (the values that hold a cycle go as one pickle each: pickle keeps it)
-                    return encode([_whole_where_cyclic(item, 1) for item in message], default, parts, plain)
+                    return encode(
+                        [_whole_where_cyclic(item, 1) for item in message], default, parts, plain, share
+                    )
+                what = (
+                    "data from a sandboxed guest crosses as a copy written out as a tree"
+                    if not share
+                    else "a tuple that holds itself (through a list or dict) cannot be referred to "
+                    "before it is complete"
+                )
                 raise ValueError(
                     f"cannot send a value that contains itself (a {cyclic} holds itself, directly or "
-                    "further down) over a sandboxed link: data crosses it as a copy written out as a "
-                    "tree, and no pickle does. Break the cycle, or hand over an object that holds it "
-                    "(it crosses as a proxy)"
+                    f"further down) over a sandboxed link: {what}, and no pickle crosses that link. "
+                    "Break the cycle, or hand over an object that holds it (it crosses as a proxy)"
                 ) from None
         raise
     finally:  # done with: sent or undone

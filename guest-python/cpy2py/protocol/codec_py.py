@@ -34,7 +34,7 @@ from _struct import Struct
 from _struct import error as _StructError  # (struct.py re-exports _struct: one module less at start-up)
 from itertools import islice as _islice
 
-from ..errors import ProtocolError
+from ..errors import NestedTooDeep, ProtocolError, SharedParts
 from . import int_runs
 from .tags import (
     BYTEARRAY,
@@ -45,6 +45,11 @@ from .tags import (
     PLAIN,
     POS_BIGNUM,
     SET,
+    SHARED_REF,
+    SHAREABLE,
+    SHARING_DETECT,
+    SHARING_REFS,
+    SHARING_TREE,
     SURROGATE_STR,
     TUPLE,
 )
@@ -97,6 +102,9 @@ _TAG_COMPLEX = b"\xd9\x9c\x43\x82"  # with the head of its 2-item array
 _TAG_BYTEARRAY = b"\xd9\x9c\x44"
 _TAG_PLAIN = b"\xd9\x9c\x4e"
 _TAG_SURROGATE_STR = b"\xd9\x9c\x4f"
+_TAG_SHAREABLE = b"\xd8\x1c"
+_TAG_SHARED_REF = b"\xd8\x1d"
+_SHAREABLE_HEAD = _TAG_SHAREABLE
 _NAN = b"\xf9\x7e\x00"
 _POS_INF = b"\xf9\x7c\x00"
 _NEG_INF = b"\xf9\xfc\x00"
@@ -108,7 +116,7 @@ _NEG_INF = b"\xf9\xfc\x00"
 
 
 def _too_deep() -> ValueError:
-    return ValueError(f"cannot encode a value nested deeper than {MAX_DEPTH} levels (MAX_DEPTH)")
+    return NestedTooDeep(f"cannot encode a value nested deeper than {MAX_DEPTH} levels (MAX_DEPTH)")
 
 
 def _type_name(obj: object) -> str:
@@ -225,6 +233,10 @@ def _enc_bytes(b: bytes, out: bytearray, depth: int, default: Optional[Default])
 
 
 def _enc_bytearray(b: bytearray, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if type(default) is _Sharing:
+        if default.skip is not b:
+            return _shared(b, out, depth, default, _enc_bytearray)
+        default.skip = None
     if depth >= MAX_DEPTH:
         raise _too_deep()
     out += _TAG_BYTEARRAY
@@ -288,10 +300,14 @@ def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default
 
 
 def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if type(default) is _Sharing:
+        if default.skip is not obj:
+            return _shared(obj, out, depth, default, _enc_list)
+        default.skip = None
     if depth >= MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
-    if n >= PLAIN_MIN and type(default) is _Blocks and depth and _enc_block(obj, out):
+    if n >= PLAIN_MIN and _blocks_wanted(default) and depth and _enc_block(obj, out, default):
         return
     if n < 24:
         out.append(0x80 | n)
@@ -307,10 +323,14 @@ def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Defa
 
 
 def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if type(default) is _Sharing and obj:
+        if default.skip is not obj:
+            return _shared(obj, out, depth, default, _enc_tuple)
+        default.skip = None
     if depth + 2 > MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
-    if n >= PLAIN_MIN and type(default) is _Blocks and depth and _enc_block(obj, out):
+    if n >= PLAIN_MIN and _blocks_wanted(default) and depth and _enc_block(obj, out, default):
         return
     out += _TAG_TUPLE
     if n < 24:
@@ -324,9 +344,13 @@ def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Option
 
 
 def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if type(default) is _Sharing and (obj or type(obj) is set):
+        if default.skip is not obj:
+            return _shared(obj, out, depth, default, _enc_set)
+        default.skip = None
     if depth + 2 > MAX_DEPTH:
         raise _too_deep()
-    if len(obj) >= PLAIN_MIN and type(default) is _Blocks and depth and _enc_block(obj, out):
+    if len(obj) >= PLAIN_MIN and _blocks_wanted(default) and depth and _enc_block(obj, out, default):
         return
     out += _TAG_SET if type(obj) is set else _TAG_FROZENSET
     _head(out, 0x80, len(obj))
@@ -335,10 +359,14 @@ def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Op
 
 
 def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if type(default) is _Sharing:
+        if default.skip is not obj:
+            return _shared(obj, out, depth, default, _enc_dict)
+        default.skip = None
     if depth >= MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
-    if n >= PLAIN_MIN and type(default) is _Blocks and depth and _enc_block(obj, out):
+    if n >= PLAIN_MIN and _blocks_wanted(default) and depth and _enc_block(obj, out, default):
         return
     if n < 24:
         out.append(0xA0 | n)
@@ -409,6 +437,75 @@ class _Blocks:
         return NotImplemented if self.default is None else self.default(obj)
 
 
+class _Sharing:
+    """The ``default`` of an encoding with sharing on (``sharing=``
+    SHARING_DETECT or SHARING_REFS): the containers met so far, and whether
+    blocks are wanted too; hands what the value model does not carry to the
+    caller's ``default``."""
+
+    __slots__ = ("default", "plain", "refs", "seen", "numbered", "skip")
+
+    def __init__(self, default: Optional[Default], plain: bool, refs: bool) -> None:
+        self.default = default
+        self.plain = plain
+        self.refs = refs
+        #: id -> [the container (kept alive, so that no other takes its id),
+        #: its number (None: the value itself, never tagged), whether it is a
+        #: tuple or set still being written]
+        self.seen: Dict[int, List[Any]] = {}
+        self.numbered = 0
+        #: the container whose encoder _shared calls next (it writes it as it is)
+        self.skip: Any = None
+
+    def __call__(self, obj: Any) -> Any:
+        return NotImplemented if self.default is None else self.default(obj)
+
+
+def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any) -> None:
+    """Encodes a container with sharing on: the first time by ``encode``
+    (under tag 28 with references on), after that as a reference to it
+    (tag 29), or, only detecting, raising ``SharedParts``. Every container
+    is looked up (the compiled codec looks up only those that something
+    else references too: their reference count says so; PyPy has none)."""
+    entry = sharing.seen.get(id(obj))
+    if entry is not None:
+        if not sharing.refs:
+            raise SharedParts("the value holds one of its containers more than once")
+        if entry[1] is None:
+            raise NestedTooDeep("cannot encode a value that holds itself at its top level (send it inside a list)")
+        if entry[2]:
+            raise NestedTooDeep(
+                f"cannot encode a {type(obj).__name__} that holds itself (through a list or dict): "
+                "it cannot be referred to before it is complete"
+            )
+        if depth >= MAX_DEPTH:
+            raise _too_deep()
+        out += _TAG_SHARED_REF
+        _head(out, 0, entry[1])
+        return
+    if not depth:  # the value itself (a message): a frame starts with its array (peek)
+        sharing.seen[id(obj)] = [obj, None, False]
+        sharing.skip = obj
+        encode(obj, out, depth, sharing)
+        return
+    entry = sharing.seen[id(obj)] = [obj, sharing.numbered, type(obj) in (tuple, set, frozenset)]
+    sharing.skip = obj
+    if not sharing.refs:
+        encode(obj, out, depth, sharing)
+        return
+    sharing.numbered += 1
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    out += _TAG_SHAREABLE
+    encode(obj, out, depth + 1, sharing)
+    entry[2] = False
+
+
+def _blocks_wanted(default: Any) -> bool:
+    """Whether large plain containers go as plain-data blocks."""
+    return type(default) is _Blocks or (type(default) is _Sharing and default.plain)
+
+
 class _NotPlain(Exception):
     pass
 
@@ -427,12 +524,18 @@ def _blocks() -> Any:
 
     try:
         from _pickle import Pickler, Unpickler
+
+        compiled = True
     except ImportError:  # PyPy: its pickle module is pure Python, and JIT-compiled
         from pickle import Pickler, Unpickler  # type: ignore[assignment]
+
+        compiled = False
 
     plain_types = frozenset(
         (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset)
     )
+
+    containers = (list, dict, tuple, set, frozenset, bytearray)
 
     class BlockPickler(Pickler):  # type: ignore[misc,valid-type]
         # the C pickler calls it for anything but those types; pickle.py
@@ -442,14 +545,27 @@ def _blocks() -> Any:
                 return NotImplemented
             raise _NotPlain
 
+    class SharingBlockPickler(BlockPickler):
+        # pickle.py (PyPy) calls memoize for each object it writes, also
+        # without a memo (``fast``): a container met twice is shared
+        def memoize(self, obj: Any) -> None:
+            if type(obj) in containers:
+                if id(obj) in self.containers:
+                    raise _NotPlain
+                self.containers[id(obj)] = obj
+
     class BlockUnpickler(Unpickler):  # type: ignore[misc,valid-type]
         # a block names no global: nothing but plain data can be made from it
         def find_class(self, module: str, name: str) -> Any:
             raise ProtocolError(f"a plain-data block (tag {PLAIN}) names the global {module}.{name}")
 
-    def make(obj: Any) -> Optional[bytes]:
+    def make(obj: Any, sharing: bool = False) -> Optional[bytes]:
+        if sharing and compiled:  # (the C pickler says nothing of what it meets)
+            return None
         buffer = BytesIO()
-        pickler = BlockPickler(buffer, 5)
+        pickler = SharingBlockPickler(buffer, 5) if sharing else BlockPickler(buffer, 5)
+        if sharing:
+            pickler.containers = {}
         pickler.fast = True  # no memo: a value shared or repeated is written each time, as CBOR does
         try:
             pickler.dump(obj)
@@ -470,10 +586,11 @@ def _blocks() -> Any:
     return _block_codec
 
 
-def _enc_block(obj: Any, out: bytearray) -> bool:
+def _enc_block(obj: Any, out: bytearray, default: Any) -> bool:
     """Writes ``obj`` as a plain-data block if it is plain data through and
-    through; returns whether it did."""
-    block = _blocks()[0](obj)
+    through (and, with sharing on, holds no container twice); returns
+    whether it did."""
+    block = _blocks()[0](obj, type(default) is _Sharing)
     if block is None:
         return False
     out += _TAG_PLAIN
@@ -525,15 +642,28 @@ _ENCODERS: Dict[type, Callable[[Any, bytearray, int, Optional[Default]], None]] 
 }
 
 
-def dumps(obj: Any, default: Optional[Default] = None, *, parts: bool = False, plain: bool = False) -> bytes:
+def dumps(
+    obj: Any,
+    default: Optional[Default] = None,
+    *,
+    parts: bool = False,
+    plain: bool = False,
+    sharing: int = SHARING_TREE,
+) -> bytes:
     """Encodes ``obj`` as one CBOR data item (preferred serialization).
 
     ``parts`` is the compiled codec's (large byte strings left out of the
     encoding, for a transport that writes them as they are); this codec
     always returns one ``bytes``. With ``plain``, a list, tuple, dict, set or
     frozenset of at least PLAIN_MIN items that is plain data through and
-    through goes as a plain-data block."""
-    if plain:
+    through goes as a plain-data block. ``sharing`` is what becomes of a
+    container the value holds twice (tags.SHARING_*: written out each time,
+    ``SharedParts`` raised, or written once and referred to after)."""
+    if sharing:
+        if sharing not in (SHARING_DETECT, SHARING_REFS):
+            raise ValueError(f"sharing must be 0, 1 or 2, not {sharing!r}")
+        default = _Sharing(default, plain, sharing == SHARING_REFS)
+    elif plain:
         default = _Blocks(default)
     out = bytearray()
     enc = _ENCODERS.get(type(obj))
@@ -895,6 +1025,29 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
         ib = _content(data, pos, 2, tag)
         b, pos = _dec_bytes(data, pos + 1, ib, depth, hook)
         return _blocks()[1](b), pos
+    if tag == SHAREABLE or tag == SHARED_REF:
+        if type(hook) is not _SharedValues:
+            raise ProtocolError(
+                f"tag {tag} (a shared value) where none may be: in a frame from a sandboxed guest "
+                f"(whose values are trees), or not in its shortest form (offset {pos - 2})"
+            )
+        if tag == SHAREABLE:
+            return _dec_shareable(data, pos, depth, hook)
+        ib = _content(data, pos, 0, tag)
+        at = pos
+        n, pos = _argument(data, pos + 1, ib)
+        values = hook.values
+        if n >= len(values):
+            raise ProtocolError(
+                f"tag {tag} at offset {at} refers to shared value {n}, but only {len(values)} came before it"
+            )
+        value = values[n]
+        if value is _INCOMPLETE:
+            raise ProtocolError(
+                f"tag {tag} at offset {at} refers to shared value {n} from inside it, which is a tuple, "
+                "set or frozenset made only once its items are"
+            )
+        return value, pos
     if tag == SURROGATE_STR:
         ib = _content(data, pos, 2, tag)
         head = pos
@@ -915,6 +1068,50 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
 
 
 _NONE_FOUND = object()
+_INCOMPLETE = object()
+
+
+class _SharedValues:
+    """The tag hook of a frame that holds shared values (tag 28): the
+    caller's hook, and the shareable values met so far, by number."""
+
+    __slots__ = ("hook", "values")
+
+    def __init__(self, hook: Optional[TagHook]) -> None:
+        self.hook = hook
+        self.values: List[Any] = []
+
+    def __call__(self, tag: int, value: Any) -> Any:
+        if self.hook is None:
+            raise ProtocolError(f"unknown CBOR tag {tag}")
+        return self.hook(tag, value)
+
+
+def _dec_shareable(data: bytes, pos: int, depth: int, shared: _SharedValues) -> Tuple[Any, int]:
+    """The content of a tag 28 (``depth`` counts the tag), numbered as the
+    next shareable value. A list or dict is numbered before its items are
+    decoded, so that they may refer to it (a value that holds itself);
+    anything else once it is made."""
+    values = shared.values
+    number = len(values)
+    values.append(_INCOMPLETE)
+    if pos >= len(data):
+        raise _truncated(pos, f"tag {SHAREABLE}")
+    ib = data[pos]
+    major = ib >> 5
+    value: Any
+    if major == 4:
+        value = values[number] = []
+        items, pos = _dec_array(data, pos + 1, ib, depth, shared)
+        value.extend(items)
+    elif major == 5:
+        value = values[number] = {}
+        entries, pos = _dec_map(data, pos + 1, ib, depth, shared)
+        value.update(entries)
+    else:
+        value, pos = _DECODERS[major](data, pos + 1, ib, depth, shared)
+        values[number] = value
+    return value, pos
 
 
 def _hashable(obj: Any) -> bool:
@@ -995,6 +1192,8 @@ def loads(
         estimated = _estimate(data, budget) is not None
     if not data:
         raise ProtocolError("empty input: expected one CBOR data item")
+    if budget is None and _SHAREABLE_HEAD in data:  # (a guest's frames are trees)
+        tag_hook = _SharedValues(tag_hook)
     ib = data[0]
     value, pos = _DECODERS[ib >> 5](data, 1, ib, 0, tag_hook)
     if pos != len(data):

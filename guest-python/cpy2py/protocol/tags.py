@@ -7,6 +7,11 @@ from here.
 from __future__ import annotations
 
 POS_BIGNUM = 2
+#: the value that follows may be referred to later in the same frame (the
+#: registered CBOR tags for value sharing), numbered in the order met from 0
+SHAREABLE = 28
+#: a reference to the shareable value whose number the unsigned int content is
+SHARED_REF = 29
 NEG_BIGNUM = 3
 SET = 258
 TUPLE = 40001
@@ -26,3 +31,13 @@ SURROGATE_STR = 40015
 #: array, map and tag is one level: ``[[1]]`` is 2 deep, a tuple (a tag
 #: around an array) counts 2 levels, a bignum (a tag around bytes) 1.
 MAX_DEPTH = 256
+
+#: How ``dumps(..., sharing=)`` writes a container a value holds twice:
+#: each time, as a tree (what a sandboxed guest sends);
+SHARING_TREE = 0
+#: raising ``errors.SharedParts`` at the second time (the kernel then encodes
+#: again with SHARING_REFS);
+SHARING_DETECT = 1
+#: under tag 28 the first time and as a tag 29 reference after (every
+#: container that may be shared, i.e. referenced from elsewhere too).
+SHARING_REFS = 2

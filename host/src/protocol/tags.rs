@@ -1,6 +1,12 @@
 //! CBOR tag numbers of the value model (docs/protocol.md, "Values").
 
 pub const POS_BIGNUM: u64 = 2;
+/// The value that follows may be referred to later in the same frame
+/// (the registered CBOR tags for value sharing), numbered in the order
+/// they are met from 0.
+pub const SHAREABLE: u64 = 28;
+/// A reference to the shareable value whose number the content is.
+pub const SHARED_REF: u64 = 29;
 pub const NEG_BIGNUM: u64 = 3;
 pub const SET: u64 = 258;
 pub const TUPLE: u64 = 40001;

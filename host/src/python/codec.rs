@@ -7,6 +7,7 @@
 //! frames are read with the cursor of the Rust value model, so both Rust
 //! decoders apply the same wire rules.
 
+use std::collections::HashMap;
 use std::os::raw::c_int;
 use std::sync::Mutex;
 
@@ -93,15 +94,28 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// `PLAIN_MIN` items that is plain data through and through goes as a
 /// plain-data block (tag 40014, protocol/plain.rs), which a sandboxed guest
 /// decodes with its C unpickler.
+///
+/// `sharing` says what becomes of a container (list, dict, tuple, set,
+/// frozenset, bytearray) that the value holds more than once
+/// (docs/protocol.md, "Shared values"): 0 written out each time (a tree),
+/// 1 `cpy2py.errors.SharedParts` raised, 2 written once under tag 28 and
+/// referred to with tag 29 after.
 #[pyfunction]
-#[pyo3(signature = (obj, default=None, *, parts=false, plain=false))]
+#[pyo3(signature = (obj, default=None, *, parts=false, plain=false, sharing=0))]
 fn dumps<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
     default: Option<&Bound<'py, PyAny>>,
     parts: bool,
     plain: bool,
+    sharing: u8,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let sharing = match sharing {
+        0 => Sharing::Tree,
+        1 => Sharing::Detect,
+        2 => Sharing::Refs,
+        _ => return Err(PyValueError::new_err(format!("sharing must be 0, 1 or 2, not {sharing}"))),
+    };
     // the buffer of the last large encoding, if no other encoding has it:
     // encoding a MiB into a fresh one costs hundreds of page faults
     let mut out = take_spare();
@@ -112,6 +126,9 @@ fn dumps<'py>(
         default,
         cuts: parts.then(Vec::new),
         blocks: plain.then(Writer::default),
+        sharing,
+        seen: HashMap::new(),
+        top: 0,
     };
     let encoded = encoder.item(obj, 0).and_then(|()| encoder.finish(py));
     keep_spare(encoder.out);
@@ -144,10 +161,53 @@ fn keep_spare(buffer: Vec<u8>) {
     }
 }
 
+pyo3::import_exception!(cpy2py.errors, NestedTooDeep);
+pyo3::import_exception!(cpy2py.errors, SharedParts);
+
 fn too_deep() -> PyErr {
-    PyValueError::new_err(format!(
+    NestedTooDeep::new_err(format!(
         "cannot encode a value nested deeper than {MAX_DEPTH} levels (MAX_DEPTH)"
     ))
+}
+
+/// What `dumps` makes of a container that a value holds more than once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    /// written out each time (a sandboxed guest's values are trees)
+    Tree,
+    /// `SharedParts` raised when one is met again
+    Detect,
+    /// written once under tag 28, referred to with tag 29 after
+    Refs,
+}
+
+/// A container met while encoding with sharing on, kept alive until the
+/// encoding ends (so that no other object takes its address meanwhile).
+struct Seen<'py> {
+    _kept: Bound<'py, PyAny>,
+    /// its number among the shareable values of the frame
+    index: u64,
+    /// a tuple, set or frozenset still being written: the decoder makes it
+    /// only after its items, so nothing inside it can refer to it
+    open: bool,
+}
+
+/// How many references an unshared item has while the encoder writes it:
+/// its container's and the encoder's own. More means it is referenced
+/// elsewhere too, and may be held twice by the value.
+pub(super) const UNSHARED_REFS: ffi::Py_ssize_t = 2;
+
+/// Whether `obj` is a container whose identity a copy keeps (an empty
+/// tuple or frozenset has none worth keeping: CPython shares them).
+pub(super) fn shareable(obj: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: Py_SIZE reads the size field of a live tuple
+    let tuple_len = || unsafe { ffi::Py_SIZE(obj.as_ptr()) };
+    obj.is_exact_instance_of::<PyList>()
+        || obj.is_exact_instance_of::<PyDict>()
+        || (obj.is_exact_instance_of::<PyTuple>() && tuple_len() > 0)
+        || obj.is_exact_instance_of::<PySet>()
+        || (obj.is_exact_instance_of::<PyFrozenSet>() && obj.len().is_ok_and(|n| n > 0))
+        || obj.is_exact_instance_of::<PyByteArray>()
 }
 
 fn changed_size(what: &str) -> PyErr {
@@ -163,6 +223,11 @@ struct Encode<'a, 'py> {
     /// with `plain`: where plain-data blocks are written before they are
     /// copied into `out` (a block's length comes first)
     blocks: Option<Writer>,
+    sharing: Sharing,
+    /// with sharing on: the containers met that may be shared, by address
+    seen: HashMap<usize, Seen<'py>>,
+    /// with sharing on: the address of the value itself, if it is a container
+    top: usize,
 }
 
 const UINT: u8 = 0;
@@ -309,10 +374,92 @@ impl<'py> Encode<'_, 'py> {
 
     /// Encodes `obj`, enclosed by `depth` arrays, maps and tags.
     fn item(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
-        // (a large plain container goes as a block when blocks are wanted)
-        if self.scalar(obj)?
-            || (self.blocks.is_some() && plain::worth_a_block(obj) && self.block(obj, depth)?)
+        if self.scalar(obj)? {
+            return Ok(());
+        }
+        // SAFETY: reads the reference count of a live object
+        if self.sharing != Sharing::Tree
+            && (depth == 0 || unsafe { ffi::Py_REFCNT(obj.as_ptr()) } > UNSHARED_REFS)
+            && shareable(obj)
         {
+            if depth > 0 {
+                return self.shared_item(obj, depth);
+            }
+            // The value itself (a message), kept alive by the caller, is
+            // never tagged: a frame starts with its array (codec.peek). Met
+            // again only inside itself; most messages hold nothing else to
+            // look up.
+            self.top = obj.as_ptr() as usize;
+        }
+        self.compound(obj, depth)
+    }
+
+    /// Encodes a container that the value may hold more than once (with
+    /// sharing on): the first time written (under tag 28 with `Refs`), after
+    /// that a reference (or, with `Detect`, `SharedParts` raised).
+    #[inline(never)]
+    fn shared_item(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        let address = obj.as_ptr() as usize;
+        if address == self.top {
+            return Err(if self.sharing == Sharing::Detect {
+                SharedParts::new_err("the value holds itself")
+            } else {
+                NestedTooDeep::new_err(
+                    "cannot encode a value that holds itself at its top level (send it inside a list)",
+                )
+            });
+        }
+        if let Some(seen) = self.seen.get(&address) {
+            if self.sharing == Sharing::Detect {
+                return Err(SharedParts::new_err(
+                    "the value holds one of its containers more than once",
+                ));
+            }
+            if seen.open {
+                let kind = obj.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string());
+                return Err(NestedTooDeep::new_err(format!(
+                    "cannot encode a {kind} that holds itself (through a list or dict): it cannot be \
+                     referred to before it is complete"
+                )));
+            }
+            if depth >= MAX_DEPTH {
+                return Err(too_deep());
+            }
+            let index = seen.index;
+            self.head(TAG, tags::SHARED_REF);
+            self.head(UINT, index);
+            return Ok(());
+        }
+        let open = obj.is_exact_instance_of::<PyTuple>()
+            || obj.is_exact_instance_of::<PySet>()
+            || obj.is_exact_instance_of::<PyFrozenSet>();
+        let index = self.seen.len() as u64;
+        self.seen.insert(
+            address,
+            Seen {
+                _kept: obj.clone(),
+                index,
+                open,
+            },
+        );
+        if self.sharing == Sharing::Detect {
+            return self.compound(obj, depth);
+        }
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        self.head(TAG, tags::SHAREABLE);
+        self.compound(obj, depth + 1)?;
+        if let Some(seen) = self.seen.get_mut(&address) {
+            seen.open = false;
+        }
+        Ok(())
+    }
+
+    /// Encodes `obj`, which is not a scalar, as it is (no reference to it).
+    fn compound(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        // (a large plain container goes as a block when blocks are wanted)
+        if self.blocks.is_some() && plain::worth_a_block(obj) && self.block(obj, depth)? {
             Ok(())
         } else if obj.is_exact_instance_of::<PyInt>() {
             self.big_int(obj, depth)
@@ -391,8 +538,14 @@ impl<'py> Encode<'_, 'py> {
             return Ok(false);
         };
         // (never the message itself: a request holds references, not plain data)
-        let written =
-            depth > 0 && depth < MAX_DEPTH && plain::write(&mut writer, obj, MAX_DEPTH - depth - 1)?;
+        let written = depth > 0
+            && depth < MAX_DEPTH
+            && plain::write(
+                &mut writer,
+                obj,
+                MAX_DEPTH - depth - 1,
+                self.sharing != Sharing::Tree,
+            )?;
         if written {
             self.head(TAG, tags::PLAIN);
             self.bytes(&writer.out);
@@ -642,6 +795,7 @@ fn loads<'py>(
         apart,
         hook: tag_hook,
         guard: budget.is_some_and(|b| !b.is_none()),
+        shared: Vec::new(),
     };
     let value = decoder.item(0)?;
     decoder.cursor.finish().map_err(|e| wire(py, e))?;
@@ -753,8 +907,12 @@ struct Decode<'a, 'py> {
     apart: &'a [(usize, Py<PyBytes>)],
     hook: Option<&'a Bound<'py, PyAny>>,
     /// under a budget (a guest's frame): no dict or set with many keys of
-    /// one hash (python/equal_hashes.rs)
+    /// one hash (python/equal_hashes.rs), and no shared values (a guest's
+    /// values are trees)
     guard: bool,
+    /// the shareable values (tag 28) met so far, by number; None while one
+    /// that cannot be referred to before it is complete is decoded
+    shared: Vec<Option<Bound<'py, PyAny>>>,
 }
 
 impl<'py> Decode<'_, 'py> {
@@ -859,8 +1017,14 @@ impl<'py> Decode<'_, 'py> {
     }
 
     fn map(&mut self, len: Option<u64>, depth: usize) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(self.py);
+        self.fill_map(&dict, len, depth)?;
+        Ok(dict)
+    }
+
+    /// Decodes the entries of a map whose head said `len` into `dict`.
+    fn fill_map(&mut self, dict: &Bound<'py, PyDict>, len: Option<u64>, depth: usize) -> PyResult<()> {
         let py = self.py;
-        let dict = PyDict::new(py);
         let mut equal = EqualHashes::default();
         let mut left = match len {
             Some(n) => Some(self.cursor.check_count(n, 2, "a map").map_err(|e| wire(py, e))?),
@@ -868,14 +1032,14 @@ impl<'py> Decode<'_, 'py> {
         };
         loop {
             match left.as_mut() {
-                Some(0) => return Ok(dict),
+                Some(0) => return Ok(()),
                 Some(n) => *n -= 1,
                 None if self
                     .cursor
                     .take_break("an indefinite-length map")
                     .map_err(|e| wire(py, e))? =>
                 {
-                    return Ok(dict)
+                    return Ok(())
                 }
                 None => {}
             }
@@ -923,6 +1087,48 @@ impl<'py> Decode<'_, 'py> {
                 format!("expected a byte string at offset {at}"),
             )),
         }
+    }
+
+    /// The content of a tag 28 (`depth` counts the tag), numbered as the
+    /// next shareable value. A list or dict is numbered before its items
+    /// are decoded, so that they may refer to it (a value that holds
+    /// itself); anything else once it is made.
+    fn shareable(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
+        let py = self.py;
+        let number = self.shared.len();
+        self.shared.push(None);
+        let major = self
+            .cursor
+            .peek(&format!("tag {}", tags::SHAREABLE))
+            .map_err(|e| wire(py, e))?
+            >> 5;
+        let at = self.cursor.offset();
+        let value = match major {
+            4 | 5 => {
+                let head = self.cursor.head().map_err(|e| wire(py, e))?;
+                let depth = enter(depth, at).map_err(|e| wire(py, e))?;
+                match head {
+                    Head::Array(len) => {
+                        let list = PyList::empty(py);
+                        self.shared[number] = Some(list.clone().into_any());
+                        for item in self.items(len, depth)? {
+                            list.append(item)?;
+                        }
+                        list.into_any()
+                    }
+                    Head::Map(len) => {
+                        let dict = PyDict::new(py);
+                        self.shared[number] = Some(dict.clone().into_any());
+                        self.fill_map(&dict, len, depth)?;
+                        dict.into_any()
+                    }
+                    _ => unreachable!("the major type was peeked"),
+                }
+            }
+            _ => self.item(depth)?,
+        };
+        self.shared[number] = Some(value.clone());
+        Ok(value)
     }
 
     /// A tagged item; `depth` counts the tag. Never inlined: the rare
@@ -1006,6 +1212,38 @@ impl<'py> Decode<'_, 'py> {
                 let utf8 = self.bytes_content()?;
                 decode_utf8_with(py, &utf8, c"surrogatepass")
                     .map_err(|err| invalid_utf8(py, err, "a str with surrogates (tag 40015)", at))
+            }
+            tags::SHAREABLE | tags::SHARED_REF if self.guard => Err(protocol_error(
+                py,
+                format!(
+                    "tag {tag} (a shared value) in a frame from a sandboxed guest, whose values \
+                     are trees"
+                ),
+            )),
+            tags::SHAREABLE => self.shareable(depth),
+            tags::SHARED_REF => {
+                content(&self.cursor, 0)?;
+                let at = self.cursor.offset();
+                let Head::Uint(n) = self.cursor.head().map_err(|e| wire(py, e))? else {
+                    unreachable!("the content was checked to be an unsigned int")
+                };
+                match usize::try_from(n).ok().and_then(|n| self.shared.get(n)) {
+                    Some(Some(value)) => Ok(value.clone()),
+                    Some(None) => Err(protocol_error(
+                        py,
+                        format!(
+                            "tag {tag} at offset {at} refers to shared value {n} from inside it, \
+                             which is a tuple, set or frozenset made only once its items are"
+                        ),
+                    )),
+                    None => Err(protocol_error(
+                        py,
+                        format!(
+                            "tag {tag} at offset {at} refers to shared value {n}, but only {} came before it",
+                            self.shared.len()
+                        ),
+                    )),
+                }
             }
             tags::PLAIN => {
                 self.cursor.expect_block().map_err(|e| wire(py, e))?;

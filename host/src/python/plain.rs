@@ -12,6 +12,7 @@ use pyo3::types::{
 };
 use pyo3::{ffi, intern};
 
+use super::codec::{shareable, UNSHARED_REFS};
 use super::equal_hashes::EqualHashes;
 use super::errors::ProtocolError;
 use crate::protocol::plain::{op, Refused, Sink, Writer};
@@ -169,17 +170,29 @@ pub fn worth_a_block(obj: &Bound<'_, PyAny>) -> bool {
 /// Writes `obj` as a whole block into `w` (which it clears first) if it is
 /// plain data through and through, nested at most `room` levels (counted as
 /// CBOR would); `Ok(false)` if it is not: the caller encodes it as CBOR.
-pub fn write(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> {
+/// With `share` (the encoding keeps shared parts), also when a container
+/// inside may be held twice: a block is written as a tree.
+pub fn write(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> PyResult<bool> {
     w.out.clear();
     w.start();
-    if !value(w, obj, room)? {
+    if !value(w, obj, room, share)? {
         return Ok(false);
     }
     w.end();
     Ok(true)
 }
 
-fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> {
+/// An item inside the block: refused (the block is not written) if it is a
+/// container that may be held twice and `share` says that matters.
+fn member(w: &mut Writer, item: &Bound<'_, PyAny>, room: usize, share: bool) -> PyResult<bool> {
+    // SAFETY: reads the reference count of a live object
+    if share && unsafe { ffi::Py_REFCNT(item.as_ptr()) } > UNSHARED_REFS && shareable(item) {
+        return Ok(false);
+    }
+    value(w, item, room, share)
+}
+
+fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> PyResult<bool> {
     let py = obj.py();
     if obj.is_exact_instance_of::<PyInt>() {
         let mut overflow: c_int = 0;
@@ -233,7 +246,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> 
         w.op(op::EMPTY_LIST);
         let list = obj.cast_exact::<PyList>()?;
         let items: Vec<Bound<'_, PyAny>> = list.iter().collect();
-        return batches(w, &items, room - 1, op::APPENDS);
+        return batches(w, &items, room - 1, op::APPENDS, share);
     } else if obj.is_exact_instance_of::<PyTuple>() {
         if room < 2 {
             return Ok(false);
@@ -248,7 +261,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> 
             w.op(op::MARK);
         }
         for item in tuple.iter() {
-            if !value(w, &item, room - 2)? {
+            if !member(w, &item, room - 2, share)? {
                 return Ok(false);
             }
         }
@@ -278,7 +291,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> 
                 items.push(Bound::from_borrowed_ptr(py, item));
             }
         }
-        return batches(w, &items, room - 1, op::SETITEMS);
+        return batches(w, &items, room - 1, op::SETITEMS, share);
     } else if obj.is_exact_instance_of::<PySet>() || obj.is_exact_instance_of::<PyFrozenSet>() {
         if room < 2 {
             return Ok(false);
@@ -286,11 +299,11 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> 
         let items = obj.try_iter()?.collect::<PyResult<Vec<_>>>()?;
         if obj.is_exact_instance_of::<PySet>() {
             w.op(op::EMPTY_SET);
-            return batches(w, &items, room - 2, op::ADDITEMS);
+            return batches(w, &items, room - 2, op::ADDITEMS, share);
         }
         w.op(op::MARK);
         for item in &items {
-            if !value(w, item, room - 2)? {
+            if !member(w, item, room - 2, share)? {
                 return Ok(false);
             }
         }
@@ -303,12 +316,12 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize) -> PyResult<bool> 
 
 /// Items after the container's opcode, a mark and `take` per batch (for
 /// SETITEMS, `items` holds keys and values in turn).
-fn batches(w: &mut Writer, items: &[Bound<'_, PyAny>], room: usize, take: u8) -> PyResult<bool> {
+fn batches(w: &mut Writer, items: &[Bound<'_, PyAny>], room: usize, take: u8, share: bool) -> PyResult<bool> {
     let per = if take == op::SETITEMS { 2 * BATCH } else { BATCH };
     for batch in items.chunks(per) {
         w.op(op::MARK);
         for item in batch {
-            if !value(w, item, room)? {
+            if !member(w, item, room, share)? {
                 return Ok(false);
             }
         }
