@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
-from cpy2py.errors import ProtocolError
+from cpy2py.errors import NestedTooDeep, ProtocolError, SharedParts
 from cpy2py.protocol import codec_py, tags
 from cpy2py.protocol.tags import MAX_DEPTH
 
@@ -620,6 +620,149 @@ def test_encoding_depth_limit(codec: Any) -> None:
     # a default that returns what it got is stopped by the limit, not the stack
     with pytest.raises(ValueError, match=str(MAX_DEPTH)):
         codec.dumps(object(), lambda obj: (99, obj))
+
+
+# --------------------------------------------------------------------------
+# Shared values (tags 28 and 29): docs/protocol.md, "Shared values"
+# --------------------------------------------------------------------------
+
+DETECT, REFS = tags.SHARING_DETECT, tags.SHARING_REFS
+
+
+def _shared_value() -> list:
+    """A message-like list whose parts share containers of every kind, and
+    a list and a dict that hold themselves."""
+    a, d, t, s, f, b = [1, 2], {"x": 1}, (3, [4]), {5}, frozenset({6}), bytearray(b"7")
+    looped: list = ["me"]
+    looped.append(looped)
+    own: dict = {}
+    own["self"] = own
+    return [[a, a, {"k": a}], [d, d], [t, t], [s, s], [f, f], [b, b], looped, own, (looped, t)]
+
+
+def _check_shared(back: list) -> None:
+    for pair in back[:6]:
+        assert pair[0] is pair[1]
+    assert back[0][2]["k"] is back[0][0] == [1, 2]
+    assert back[2][0] == (3, [4]) and back[3][0] == {5} and back[5][0] == bytearray(b"7")
+    assert back[6][1] is back[6] and back[6][0] == "me"
+    assert back[7]["self"] is back[7]
+    assert back[8][0] is back[6] and back[8][1] is back[2][0]
+
+
+@pytest.mark.parametrize("decoder", ["pure", "compiled"])
+def test_shared_parts_cross_once_and_come_back_shared(codec: Any, decoder: str) -> None:
+    """With references on, what a value holds twice is decoded as one
+    object, by either codec from either codec's bytes. Detecting changes
+    nothing of a value that shares nothing; with references, which
+    containers are tagged shareable is the encoder's choice (the compiled
+    one tags those referenced from elsewhere too, the pure one all)."""
+    decode = codec_py.loads if decoder == "pure" else _compiled().loads
+    _check_shared(decode(codec.dumps(_shared_value(), sharing=REFS)))
+    plain = [1, "a", (1, 2), {"x": [3]}, [[]], b"b"]
+    assert codec.dumps(plain, sharing=DETECT) == codec.dumps(plain)
+    assert decode(codec.dumps(plain, sharing=REFS)) == plain
+    # empty tuples and frozensets have no identity worth keeping: a tree
+    assert codec.dumps([(), (), frozenset(), frozenset()], sharing=DETECT) == codec.dumps(
+        [(), (), frozenset(), frozenset()]
+    )
+
+
+def test_detecting_raises_shared_parts_and_a_tree_repeats_them(codec: Any) -> None:
+    a = [1]
+    with pytest.raises(SharedParts):
+        codec.dumps([a, a], sharing=DETECT)
+    with pytest.raises(SharedParts):
+        codec.dumps([[a], {"k": (a,)}], sharing=DETECT)
+    assert codec.loads(codec.dumps([a, a]))[0] is not codec.loads(codec.dumps([a, a]))[1]
+    looped: list = []
+    looped.append(looped)
+    with pytest.raises(SharedParts):
+        codec.dumps([looped], sharing=DETECT)
+    with pytest.raises(NestedTooDeep, match="MAX_DEPTH"):
+        codec.dumps([looped])  # as a tree it never ends: the depth limit stops it
+
+
+def test_a_value_exponential_as_a_tree_is_written_once(codec: Any) -> None:
+    """A list of two references to one list, 60 levels deep: 2**60 leaves
+    as a tree, a few bytes per level with references."""
+    value: list = []
+    for _ in range(60):
+        value = [value, value]
+    encoded = codec.dumps([value], sharing=REFS)
+    assert len(encoded) < 8 * 60
+    back = codec.loads(encoded)[0]
+    for _ in range(60):
+        assert back[0] is back[1]
+        back = back[0]
+    assert back == []
+
+
+def test_what_cannot_be_referred_to_is_said(codec: Any) -> None:
+    """A tuple is made once its items are: one that holds itself through a
+    list cannot be referred to from inside. The value itself (a message)
+    is never tagged, so that a frame starts with its array: it cannot be
+    referred to from inside either."""
+    knot: tuple = ([],)
+    knot[0].append(knot)
+    with pytest.raises(NestedTooDeep, match="tuple that holds itself"):
+        codec.dumps([knot], sharing=REFS)
+    looped: list = []
+    looped.append(looped)
+    with pytest.raises(NestedTooDeep, match="top level"):
+        codec.dumps(looped, sharing=REFS)
+    assert codec.dumps([looped], sharing=REFS)[:1] == b"\x81"
+    with pytest.raises(ValueError, match="sharing must be 0, 1 or 2"):
+        codec.dumps([], sharing=3)
+
+
+def test_large_plain_containers_keep_their_shared_parts_too(codec: Any) -> None:
+    """A plain-data block is a tree: a container that a block would hold
+    twice goes as CBOR with references instead (the compiled codec; the pure
+    one on PyPy, whose pickler says what it meets; on CPython it writes no
+    block while sharing)."""
+    row = list(range(10))
+    value = [[row] * 20, {"a": row}]
+    back = codec.loads(codec.dumps([value], plain=True, sharing=REFS))[0]
+    assert back[0][0] is back[0][19] is back[1]["a"] == row
+    alone = [list(range(10)) for _ in range(20)]
+    assert codec.loads(codec.dumps([alone], plain=True, sharing=DETECT)) == [alone]
+    if codec is not codec_py:  # (the compiled codec writes it as a block all the same)
+        assert codec.dumps([alone], plain=True, sharing=DETECT) == codec.dumps([alone], plain=True)
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        ("81d81d00", "refers to shared value 0, but only 0 came before it"),
+        ("82d81c8101d81d05", "refers to shared value 5, but only 1 came before it"),
+        ("81d81cd99c4181d81d00", "from inside it, which is a tuple, set or frozenset"),
+        ("81d81c6161", None),  # a tagged str is shareable too (nothing refers to it here)
+        ("81d81cd81c80", None),
+        ("82d81c80d81d61", "tag 29 must hold a unsigned integer"),
+    ],
+)
+def test_malformed_references_are_refused(codec: Any, frame: str, message: Optional[str]) -> None:
+    data = bytes.fromhex(frame)
+    if frame == "81d81d00" and codec is codec_py:
+        message = "tag 29 .a shared value. where none may be"  # (no tag 28 in the frame at all)
+    if message is None:
+        codec.loads(data)
+        return
+    with pytest.raises(ProtocolError, match=message):
+        codec.loads(data)
+
+
+def test_a_guests_frame_may_not_share(codec: Any) -> None:
+    """Decoded under a budget (a sandboxed guest's frames), tags 28 and 29
+    are refused: a guest's values are trees, so a short frame never stands
+    for a value whose walk does not end (docs/security.md)."""
+    a = [1]
+    shared = codec.dumps([a, a], sharing=REFS)
+    encoded = codec_py.dumps([[[]] * 2], sharing=REFS)
+    for frame in (shared, encoded, bytes.fromhex("82d81c80d81d00")):
+        with pytest.raises(ProtocolError, match="shared value"):
+            codec.loads(frame, budget=1 << 20)
 
 
 def test_decoding_depth_limit(codec: Any) -> None:

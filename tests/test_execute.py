@@ -95,33 +95,53 @@ def test_values_round_trip(twin, value):
     assert back == value and type(back) is type(value)
 
 
-def test_a_value_that_contains_itself_crosses_to_a_native_twin_and_not_to_a_guest(twin):
-    """Data crosses as a copy written out as a tree, which a cyclic value is
-    not. To a native twin such a value goes as a pickle, both ways, and comes
-    back with its cycles (and the parts it shares) intact; over a sandboxed
-    link, where no pickle crosses, the call fails with a ValueError that
-    says why (not "nested too deep"), and the link goes on."""
+def test_a_value_keeps_the_parts_it_shares_and_its_cycles(twin):
+    """A container that a value holds twice arrives as one object, held
+    twice, as pickle would make it; a value that holds itself arrives
+    holding itself; a value whose tree is exponential in its size (a list
+    of two references to one list, 60 levels deep) crosses at once. In
+    both directions with native twins; a sandboxed guest receives them so
+    too, but what it sends is a tree: its shared parts arrive as copies,
+    and a cycle fails with a ValueError that says why."""
+    a = [1, 2]
+    assert twin.execute(twin_helpers.identities, [a, a, {"k": a}]) == [True, True]
     looped: list = [1]
     looped.append([looped])
-    shared = {"n": 1}
-    looped.append([shared, shared])
+    assert twin.execute(twin_helpers.holds_itself, looped) is True
+    assert twin.execute(twin_helpers.identities, [twin_helpers.doubled(60)] * 2 + [{"k": []}]) == [
+        True,
+        False,
+    ]
     deep: list = []
     for _ in range(300):
         deep = [deep]
+    with pytest.raises(ValueError, match="MAX_DEPTH"):  # deep, not shared: said as it is
+        twin.execute(twin_helpers.echo, deep)
     if kind_of(twin) == SANDBOX_KIND:
-        with pytest.raises(ValueError, match="contains itself .a list holds itself.* no pickle"):
+        back = twin.execute(twin_helpers.echo, [a, a])
+        assert back == [a, a] and back[0] is not back[1]
+        with pytest.raises(ValueError, match="contains itself .a list holds itself.*tree"):
             twin.execute(twin_helpers.echo, looped)
+        with pytest.raises(ValueError, match="contains itself .a dict holds itself"):
+            twin.execute(twin_helpers.cyclic, "dict")
     else:
+        back = twin.execute(twin_helpers.echo, [a, a, {"k": a}])
+        assert back[0] is back[1] is back[2]["k"] == a and back[0] is not a
         back = twin.execute(twin_helpers.echo, looped)
         assert back is not looped and back[0] == 1 and back[1][0] is back
-        assert back[2][0] is back[2][1] == shared
         again = twin.execute(twin_helpers.cyclic, "dict")  # made there, with its cycle
         assert again["self"] is again
-        # a cyclic argument among others: each goes as it would alone
+        dag = twin.execute(twin_helpers.doubled, 60)
+        assert dag[0] is dag[1] and dag[0][0] is dag[0][1]
+        # one call's arguments are one value: what they share stays shared
         args, kwargs = twin.execute(twin_helpers.echo_all, 5, looped, key=looped)
-        assert args[0] == 5 and args[1][1][0] is args[1] and kwargs["key"][1][0] is kwargs["key"]
-    with pytest.raises(ValueError, match="MAX_DEPTH"):  # deep, not cyclic: said as it is
-        twin.execute(twin_helpers.echo, deep)
+        assert args[0] == 5 and args[1][1][0] is args[1] and kwargs["key"] is args[1]
+        # a tuple that holds itself through a list cannot be referred to
+        # before it is made: it goes as a pickle, which keeps it
+        knot: tuple = ([],)
+        knot[0].append(knot)
+        back = twin.execute(twin_helpers.echo, knot)
+        assert back[0][0] is back
     assert twin.execute(twin_helpers.echo, [looped[0]]) == [1]
 
 

@@ -74,6 +74,12 @@ def release_keyed_by_its_own_object():
     return send_raw([3, {Tagged(40012, reference): 1}])
 
 
+def release_sharing_a_list():
+    """A release whose entries share a list (CBOR tags 28 and 29), which a
+    guest's values may not: only trees are read from a guest."""
+    return send_raw([3, [Tagged(28, [1]), Tagged(29, 0)]])
+
+
 class PluginError(Exception):
     pass
 
@@ -193,6 +199,19 @@ def test_a_release_that_cannot_be_rebuilt_stops_its_guest(sandbox, attack):
     mark(attacker)
     with pytest.raises(ProtocolError, match="release"):
         getattr(attacker.import_module("kernel_patcher"), attack)()
+    assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
+
+
+def test_a_frame_sharing_values_stops_its_guest(sandbox):
+    """docs/security.md: a guest's values are trees. A frame in which one
+    value refers to another (CBOR tags 28 and 29, which the master's own
+    frames use for what a value holds twice) would let a short frame stand
+    for a value whose walk never ends (a list of two references to one
+    list, 60 levels deep): it is malformed, its guest stopped."""
+    attacker = sandbox("kernel-sharing")
+    mark(attacker)
+    with pytest.raises(ProtocolError, match="tag 28 .a shared value. in a frame from a sandboxed guest"):
+        attacker.import_module("kernel_patcher").release_sharing_a_list()
     assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
 
 

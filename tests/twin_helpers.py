@@ -129,6 +129,25 @@ def cyclic(kind):
     return value
 
 
+def identities(value):
+    """Which parts of ``[a, b, {"k": c}]`` are the same object, seen here."""
+    return [value[0] is value[1], value[2]["k"] is value[0]]
+
+
+def holds_itself(value):
+    """Whether the list ``value`` holds itself at index 1, seen here."""
+    return value[1][0] is value
+
+
+def doubled(levels):
+    """A list of two references to one list, ``levels`` deep: 2**levels
+    leaves written out as a tree."""
+    value: list = []
+    for _ in range(levels):
+        value = [value, value]
+    return value
+
+
 def debugged(x):
     """A function that stops in the debugger."""
     y = x * 2

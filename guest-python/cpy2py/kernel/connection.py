@@ -454,7 +454,11 @@ class Connection:
             raise _too_deep()
         req_id = next(self._ids)
         payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain, self._share
+            [REQUEST, req_id, chain, op, *operands],
+            self.serializer.default,
+            self._parts,
+            self._plain,
+            self._share,
         )
         if __debug__ and _logging.PER_CALL:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
@@ -590,7 +594,11 @@ class Connection:
         chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
         payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands], self.serializer.default, self._parts, self._plain, self._share
+            [REQUEST, req_id, chain, op, *operands],
+            self.serializer.default,
+            self._parts,
+            self._plain,
+            self._share,
         )
         # whatever interrupts the call from here is undone by the finally below
         # (as in ``request``: each change recorded with no call in between)

@@ -152,7 +152,11 @@ def warm_up(calls: int = 64) -> None:
 
     encoder = Serializer("__warm_up__")
     frames = [
-        bytes(references.encode([REQUEST, number, 1, OP_EXECUTE, warm_noop, [], {}], encoder.default, share=False))
+        bytes(
+            references.encode(
+                [REQUEST, number, 1, OP_EXECUTE, warm_noop, [], {}], encoder.default, share=False
+            )
+        )
         for number in range(calls, 0, -1)
     ]
     transport = _WarmUpTransport(frames)

@@ -472,7 +472,9 @@ def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any
         if not sharing.refs:
             raise SharedParts("the value holds one of its containers more than once")
         if entry[1] is None:
-            raise NestedTooDeep("cannot encode a value that holds itself at its top level (send it inside a list)")
+            raise NestedTooDeep(
+                "cannot encode a value that holds itself at its top level (send it inside a list)"
+            )
         if entry[2]:
             raise NestedTooDeep(
                 f"cannot encode a {type(obj).__name__} that holds itself (through a list or dict): "
@@ -645,7 +647,6 @@ _ENCODERS: Dict[type, Callable[[Any, bytearray, int, Optional[Default]], None]] 
 def dumps(
     obj: Any,
     default: Optional[Default] = None,
-    *,
     parts: bool = False,
     plain: bool = False,
     sharing: int = SHARING_TREE,

@@ -101,7 +101,7 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// 1 `cpy2py.errors.SharedParts` raised, 2 written once under tag 28 and
 /// referred to with tag 29 after.
 #[pyfunction]
-#[pyo3(signature = (obj, default=None, *, parts=false, plain=false, sharing=0))]
+#[pyo3(signature = (obj, default=None, parts=false, plain=false, sharing=0))]
 fn dumps<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
@@ -114,7 +114,11 @@ fn dumps<'py>(
         0 => Sharing::Tree,
         1 => Sharing::Detect,
         2 => Sharing::Refs,
-        _ => return Err(PyValueError::new_err(format!("sharing must be 0, 1 or 2, not {sharing}"))),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "sharing must be 0, 1 or 2, not {sharing}"
+            )))
+        }
     };
     // the buffer of the last large encoding, if no other encoding has it:
     // encoding a MiB into a fresh one costs hundreds of page faults
@@ -416,7 +420,10 @@ impl<'py> Encode<'_, 'py> {
                 ));
             }
             if seen.open {
-                let kind = obj.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string());
+                let kind = obj
+                    .get_type()
+                    .name()
+                    .map_or_else(|_| "?".to_owned(), |n| n.to_string());
                 return Err(NestedTooDeep::new_err(format!(
                     "cannot encode a {kind} that holds itself (through a list or dict): it cannot be \
                      referred to before it is complete"
