@@ -31,13 +31,13 @@ from .. import kernel_state
 from ..capabilities import DATA_MODEL_METHODS
 from ..errors import NestedTooDeep, ProtocolError, SharedParts, TwinterpreterTerminated
 from ..protocol import codec
-from ..protocol.tags import SHARING_DETECT, SHARING_REFS, SHARING_TREE
 from ..protocol.messages import (
     OP_CALL_METHOD,
     OP_DELATTR,
     OP_GETATTR,
     OP_SETATTR,
 )
+from ..protocol.tags import SHARING_DETECT, SHARING_REFS, SHARING_TREE
 from . import links
 
 TYPE_CHECKING = False
