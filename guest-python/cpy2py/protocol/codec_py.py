@@ -234,9 +234,12 @@ def _enc_bytes(b: bytes, out: bytearray, depth: int, default: Optional[Default])
 
 def _enc_bytearray(b: bytearray, out: bytearray, depth: int, default: Optional[Default]) -> None:
     if type(default) is _Sharing:
-        if default.skip is not b:
+        if default.skip is b:  # (_shared writes it: it was looked up)
+            default.skip = None
+        elif default.refs or id(b) in default.seen:
             return _shared(b, out, depth, default, _enc_bytearray)
-        default.skip = None
+        else:  # (only detecting, met first: remembered inline, the common case)
+            default.seen[id(b)] = b
     if depth >= MAX_DEPTH:
         raise _too_deep()
     out += _TAG_BYTEARRAY
@@ -301,9 +304,12 @@ def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default
 
 def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
     if type(default) is _Sharing:
-        if default.skip is not obj:
+        if default.skip is obj:  # (_shared writes it: it was looked up)
+            default.skip = None
+        elif default.refs or id(obj) in default.seen:
             return _shared(obj, out, depth, default, _enc_list)
-        default.skip = None
+        else:  # (only detecting, met first: remembered inline, the common case)
+            default.seen[id(obj)] = obj
     if depth >= MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
@@ -324,9 +330,12 @@ def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Defa
 
 def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Optional[Default]) -> None:
     if type(default) is _Sharing and obj:
-        if default.skip is not obj:
+        if default.skip is obj:  # (_shared writes it: it was looked up)
+            default.skip = None
+        elif default.refs or id(obj) in default.seen:
             return _shared(obj, out, depth, default, _enc_tuple)
-        default.skip = None
+        else:  # (only detecting, met first: remembered inline, the common case)
+            default.seen[id(obj)] = obj
     if depth + 2 > MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
@@ -345,9 +354,12 @@ def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Option
 
 def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Optional[Default]) -> None:
     if type(default) is _Sharing and (obj or type(obj) is set):
-        if default.skip is not obj:
+        if default.skip is obj:  # (_shared writes it: it was looked up)
+            default.skip = None
+        elif default.refs or id(obj) in default.seen:
             return _shared(obj, out, depth, default, _enc_set)
-        default.skip = None
+        else:  # (only detecting, met first: remembered inline, the common case)
+            default.seen[id(obj)] = obj
     if depth + 2 > MAX_DEPTH:
         raise _too_deep()
     if len(obj) >= PLAIN_MIN and _blocks_wanted(default) and depth and _enc_block(obj, out, default):
@@ -360,9 +372,12 @@ def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Op
 
 def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
     if type(default) is _Sharing:
-        if default.skip is not obj:
+        if default.skip is obj:  # (_shared writes it: it was looked up)
+            default.skip = None
+        elif default.refs or id(obj) in default.seen:
             return _shared(obj, out, depth, default, _enc_dict)
-        default.skip = None
+        else:  # (only detecting, met first: remembered inline, the common case)
+            default.seen[id(obj)] = obj
     if depth >= MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
@@ -449,9 +464,9 @@ class _Sharing:
         self.default = default
         self.plain = plain
         self.refs = refs
-        #: id -> [the container (kept alive, so that no other takes its id),
-        #: its number (None: the value itself, never tagged), whether it is a
-        #: tuple or set still being written]
+        #: id -> the container (kept alive, so that no other takes its id);
+        #: with references, [the container, its number (None: the value
+        #: itself, never tagged), whether it is a tuple or set still being written]
         self.seen: Dict[int, List[Any]] = {}
         self.numbered = 0
         #: the container whose encoder _shared calls next (it writes it as it is)
@@ -469,7 +484,7 @@ def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any
     else references too: their reference count says so; PyPy has none)."""
     entry = sharing.seen.get(id(obj))
     if entry is not None:
-        if not sharing.refs:
+        if not sharing.refs:  # (only detecting: the container itself was kept)
             raise SharedParts("the value holds one of its containers more than once")
         if entry[1] is None:
             raise NestedTooDeep(
