@@ -656,7 +656,8 @@ def test_shared_parts_cross_once_and_come_back_shared(codec: Any, decoder: str) 
     object, by either codec from either codec's bytes. Detecting changes
     nothing of a value that shares nothing; with references, which
     containers are tagged shareable is the encoder's choice (the compiled
-    one tags those referenced from elsewhere too, the pure one all)."""
+    one tags those referenced from elsewhere too, the pure one those it
+    finds held twice)."""
     decode = codec_py.loads if decoder == "pure" else _compiled().loads
     _check_shared(decode(codec.dumps(_shared_value(), sharing=REFS)))
     plain = [1, "a", (1, 2), {"x": [3]}, [[]], b"b"]
@@ -696,6 +697,21 @@ def test_a_value_exponential_as_a_tree_is_written_once(codec: Any) -> None:
         assert back[0] is back[1]
         back = back[0]
     assert back == []
+
+
+def test_only_what_is_held_twice_costs_a_level(codec: Any) -> None:
+    """A tag is a level of nesting: a value 150 lists deep that shares one
+    list anywhere still fits the 256 levels (only the shared list is
+    tagged), and its frame is as long as the tree's but for the reference."""
+    a = [1]
+    deep: list = [a]
+    for _ in range(150):
+        deep = [deep]
+    back = codec.loads(codec.dumps([deep, a], sharing=REFS))
+    inner = back[0]
+    for _ in range(150):
+        inner = inner[0]
+    assert inner[0] is back[1] == [1]
 
 
 def test_what_cannot_be_referred_to_is_said(codec: Any) -> None:

@@ -133,7 +133,7 @@ class _AsyncWaiter:
     wake the loop (from any thread), which resumes the call (in
     ``request_async``) by the future it awaits."""
 
-    __slots__ = ("loop", "thread", "inbox", "chain", "queued", "future")
+    __slots__ = ("loop", "thread", "inbox", "chain", "queued", "future", "payload", "sent", "driving")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
@@ -142,6 +142,10 @@ class _AsyncWaiter:
         self.chain: Optional[int] = None
         self.queued: Optional[Connection] = None  # (it never waits for the reading role)
         self.future: Any = None  # what the call awaits, woken by a frame
+        # a call to a guest this side runs (see request_async):
+        self.payload: Any = None  # its request, until it is queued for the guest
+        self.sent = False  # its request was queued for the guest
+        self.driving = False  # a worker thread runs the guest for it
 
     def deliver(self, item: Item, on: Any = None) -> None:
         """``item`` is this call's; ``on``: the event loop the deliverer runs
@@ -364,8 +368,10 @@ class Connection:
         #: a transport whose peer this side runs (a guest): awaited calls
         #: run it from their loop a slice at a time (request_async)
         self._runner: Optional[PeerRunner] = transport if transport.runs_peer else None  # type: ignore[assignment]
-        self._guest_busy = False  # an awaited call runs in the guest (_take_turn)
-        self._turns: Deque[Any] = deque()  # futures of awaited calls waiting for theirs
+        #: awaited calls to that guest: the one whose turn it is, and those
+        #: waiting for theirs (_take_turn)
+        self._turn_holder: Optional[_AsyncWaiter] = None
+        self._turns: Deque[_AsyncWaiter] = deque()
         self._share = share_values
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
@@ -609,16 +615,9 @@ class Connection:
         # (as in ``request``: each change recorded with no call in between)
         watching: Optional[str] = None
         watch_fd = -1
-        registered = timed = running = turn = False
+        registered = timed = False
         runner = self._runner
         try:
-            if runner is not None and self not in _callbacks_of().get():
-                # A guest runs one call at a time: awaited calls take turns,
-                # and one cancelled before its turn never reaches the guest.
-                # (A call made by a callback of the call whose turn it is
-                # goes at once: the guest, waiting in that call, serves it.)
-                await self._take_turn(loop)
-                turn = True
             with self._lock:
                 if self.broken is not None:
                     raise self._broken_error()
@@ -633,9 +632,20 @@ class Connection:
             if timed:  # (an awaited call's callbacks count as the twin's time)
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
-                if runner is not None:  # the loop runs the guest (_drive_slice)
-                    runner.queue(payload)
-                    running = True
+                if runner is not None:
+                    if self in _callbacks_of().get():
+                        # made by a callback of an awaited call to this guest,
+                        # which waits in that call and serves this one meanwhile
+                        runner.queue(payload)
+                        waiter.sent = True
+                    else:
+                        # a guest runs one call at a time: awaited calls take
+                        # turns (one cancelled before its turn never reaches it)
+                        waiter.payload = payload
+                        await self._take_turn(waiter)
+                        if not waiter.sent:  # the guest ended before its turn
+                            self._fail(None)
+                            raise self._broken_error()
                 # a small frame goes out holding the GIL if the pipe has room
                 elif not (
                     self._send_now is not None
@@ -648,14 +658,20 @@ class Connection:
                 self._fail(err)
                 raise self._broken_error() from None
             del payload
+            ran = False  # the loop ran the guest a slice since it last sent it something
             while True:
                 while not waiter.inbox:  # until a frame is routed to it (or the link ends)
                     if self.broken is not None:
                         raise self._broken_error()
-                    if runner is not None and self._drive_slice(waiter, runner):
-                        if not waiter.inbox:
-                            await asyncio.sleep(0)  # (its other work runs between slices)
-                        continue
+                    if runner is not None:
+                        # A short call ends in a slice run here (no thread is
+                        # handed it); a longer one goes on on a worker thread,
+                        # so the loop is free and the guest runs beside it
+                        if not ran:
+                            ran = True
+                            if self._drive_slice(runner):
+                                continue
+                        self._start_driver(waiter)
                     future = waiter.future = loop.create_future()
                     try:
                         await future
@@ -665,10 +681,10 @@ class Connection:
                 if kind != REQUEST:
                     break  # (only this call's reply is routed to it)
                 await loop.run_in_executor(callback_workers(), self._run_for, waiter, key, raw)
-            running = False
+                ran = False  # (the answer ran the guest on, on that thread)
             return self._result(req_id, kind, raw)
         except asyncio.CancelledError:
-            if running and self.broken is None:
+            if waiter.sent and self.broken is None and self._pending.get(req_id) is waiter:
                 # cancelled while the guest runs the call: only stopping the
                 # guest ends it (it would go on with it whenever run next)
                 self._break_and_kill(
@@ -682,80 +698,124 @@ class Connection:
             if timed:
                 _deadlines().clear((self, req_id))
             with self._lock:
+                if runner is not None:
+                    self._leave_turns(waiter)
                 if registered:
                     self._end_call(req_id, chain)
-                self._leave_queue(waiter)  # type: ignore[arg-type]  # (if it waited for the role)
                 if watching is not None:
                     if watch_fd >= 0 and self._watch_loop is loop and self._watching == "on":
                         # interrupted before its reader was surely added: the
                         # next call adds it (twice is harmless, none a hang)
                         self._watching = None
                     self._unwatch_from(loop, watching)
-                if turn:
-                    self._pass_turn()
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
 
-    async def _take_turn(self, loop: Any) -> None:
-        """An awaited call to a guest waits until no other awaited call of
-        the master runs in that guest (cancelled meanwhile: it never runs)."""
+    # Awaited calls to a guest this side runs take turns: the one whose turn
+    # it is has its request queued for the guest; the next one's is queued
+    # as soon as the guest's reply to it is routed (by whichever thread
+    # reads), and its loop is woken. A call cancelled before its turn is
+    # passed over and never reaches the guest.
+
+    async def _take_turn(self, waiter: _AsyncWaiter) -> None:
+        """Wait for ``waiter``'s turn; its request is queued for the guest then."""
         with self._lock:
-            if not self._guest_busy:
-                self._guest_busy = True
+            if self._turn_holder is None:
+                self._give_turn(waiter)
                 return
-            turn = loop.create_future()
-            self._turns.append(turn)
+            self._turns.append(waiter)
+        while not waiter.sent and self.broken is None and self._turn_holder is not waiter:
+            future = waiter.future = waiter.loop.create_future()
+            try:
+                await future
+            finally:
+                waiter.future = None
+
+    def _give_turn(self, waiter: _AsyncWaiter) -> None:
+        """Caller holds _lock: it is ``waiter``'s turn; its request goes to the guest."""
+        self._turn_holder = waiter
+        payload, waiter.payload = waiter.payload, None
         try:
-            await turn
-        except BaseException:
-            with self._lock:
-                if turn in self._turns:
-                    self._turns.remove(turn)
-                elif turn.done() and not turn.cancelled():
-                    self._pass_turn()  # given the turn as it was cancelled
-                # (else given it and cancelled before it knew: _grant_turn passes it on)
-            raise
+            self._runner.queue(payload)  # type: ignore[union-attr]
+        except OSError:  # (the guest ended: the call finds the link broken)
+            return
+        waiter.sent = True
 
     def _pass_turn(self) -> None:
-        """Caller holds _lock: an awaited call to a guest ended; the next one
-        waiting takes its turn."""
-        if not self._turns:
-            self._guest_busy = False
+        """Caller holds _lock: the call whose turn it was got its reply (or
+        ended); the next waiting call whose task was not cancelled takes its
+        turn and is woken (while its loop does not run, a worker runs the
+        guest for it)."""
+        self._turn_holder = None
+        while self._turns:
+            waiter = self._turns.popleft()
+            if waiter.future is not None and waiter.future.cancelled():
+                continue  # (cancelled before its turn: it never reaches the guest)
+            self._give_turn(waiter)
+            waiter.offer()
+            if waiter.loop is not _running_loop():
+                self._start_driver(waiter, locked=True)
             return
-        turn = self._turns.popleft()
-        loop = turn.get_loop()
-        if loop is _running_loop():  # (nearly always: no wake-up through the loop's pipe)
-            self._grant_turn(turn, locked=True)
-            return
-        try:
-            loop.call_soon_threadsafe(self._grant_turn, turn)
-        except RuntimeError:  # its loop was closed: nobody awaits it any more
-            self._pass_turn()
 
-    def _grant_turn(self, turn: Any, locked: bool = False) -> None:
-        """On the loop of the call waiting for ``turn`` (``locked``: the
-        caller holds _lock)."""
-        if not turn.cancelled():
-            turn.set_result(None)  # (the call resumes at the loop's next step)
-        elif locked:
+    def _leave_turns(self, waiter: _AsyncWaiter) -> None:
+        """Caller holds _lock: ``waiter``'s call ends; it waits for no turn any more."""
+        if self._turn_holder is waiter:
             self._pass_turn()
-        else:
+        elif waiter in self._turns:
+            self._turns.remove(waiter)
+
+    def _start_driver(self, waiter: _AsyncWaiter, locked: bool = False) -> None:
+        """A worker thread runs the guest until a frame for ``waiter`` comes
+        (unless one does already); ``locked``: the caller holds _lock."""
+        if not locked:
             with self._lock:
-                self._pass_turn()
+                self._start_driver(waiter, locked=True)
+            return
+        if not waiter.driving and waiter.sent and self.broken is None:
+            waiter.driving = True
+            callback_workers().submit(self._drive_for, waiter)
 
-    def _drive_slice(self, waiter: _AsyncWaiter, runner: PeerRunner) -> bool:
-        """An awaited call to a guest this side runs, on the loop's thread:
-        if the reading role is free, run the guest for at most one slice and
-        route the frame it sent, if any (the call's reply, a callback of
-        its chain, a release); True. Else (another thread holds the role,
-        and runs the guest: its reader routes this call's frames) queue for
-        the role and return False: the call waits to be offered it or sent
-        a frame. So the call is never handed to another thread, and the
-        loop's other work runs between slices."""
+    def _drive_for(self, waiter: _AsyncWaiter) -> None:
+        """On a worker thread: run the guest while ``waiter``'s call (an awaited
+        call to it, which its loop's slice did not end) waits for a frame, and
+        route what it sends; the loop is free meanwhile, and need not run."""
+        runner = self._runner
+        me = _this_waiter()
+        try:
+            while True:
+                with self._lock:
+                    entry = self._chains.get(waiter.chain)  # type: ignore[arg-type]
+                    if waiter.inbox or self.broken is not None or entry is None or entry[0] is not waiter:
+                        return  # (a frame came for it, or the call ended)
+                    read = self._take_role(me)
+                if not read:
+                    me.sleep()  # (until offered the role)
+                    continue
+                try:
+                    raw = runner.recv()  # type: ignore[union-attr]
+                except BaseException:
+                    with self._lock:
+                        self._give_up_role()
+                    raise
+                if raw is None:
+                    with self._lock:
+                        self._give_up_role()
+                    self._fail(None)
+                    return
+                self._read(None, serve=False, first=raw)  # (routes it, gives the role up)
+        finally:
+            with self._lock:
+                waiter.driving = False
+                self._leave_queue(me)
+
+    def _drive_slice(self, runner: PeerRunner) -> bool:
+        """An awaited call to a guest this side runs, on the loop's thread: if
+        the reading role is free, run the guest for at most one slice and
+        route the frame it sent, if any (the call's reply, a callback of its
+        chain, a release), and return True; else False (the thread that holds
+        the role runs the guest, and routes this call's frames)."""
         with self._lock:
-            if waiter.inbox or self.broken is not None:
-                return True
-            if not self._take_role(waiter):  # type: ignore[arg-type]
+            if self.broken is not None or not self._take_role(None):
                 return False
         try:
             runner.drive_for(_LOOP_SLICE)
@@ -1242,6 +1302,8 @@ class Connection:
         if target is not None:
             self._undecoded[req_id] = self._routed
             self._routed += 1
+            if target is self._turn_holder:  # (the guest is done with it: the next one's turn)
+                self._pass_turn()
         return target
 
     def _handle_control(self, kind: int, before: int, raw: Any) -> None:
@@ -1708,6 +1770,8 @@ class Connection:
                 return
             self.broken = error
             waiting = list(self._callers) + list(self._pending.values()) + list(self._idle)
+            self._turns.clear()  # (each is among the pending: woken to see the error)
+            self._turn_holder = None
             for waiter in self._callers:
                 waiter.queued = None
             self._callers.clear()

@@ -458,7 +458,7 @@ class _Sharing:
     blocks are wanted too; hands what the value model does not carry to the
     caller's ``default``."""
 
-    __slots__ = ("default", "plain", "refs", "seen", "numbered", "skip")
+    __slots__ = ("default", "plain", "refs", "seen", "numbered", "skip", "only")
 
     def __init__(self, default: Optional[Default], plain: bool, refs: bool) -> None:
         self.default = default
@@ -467,8 +467,11 @@ class _Sharing:
         #: id -> the container (kept alive, so that no other takes its id);
         #: with references, [the container, its number (None: the value
         #: itself, never tagged), whether it is a tuple or set still being written]
-        self.seen: Dict[int, List[Any]] = {}
+        self.seen: Dict[int, Any] = {}
         self.numbered = 0
+        #: with references: the ids of the containers the value holds twice,
+        #: the only ones tagged (a tag is a level of nesting and 2 bytes)
+        self.only: Any = frozenset()
         #: the container whose encoder _shared calls next (it writes it as it is)
         self.skip: Any = None
 
@@ -481,7 +484,8 @@ def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any
     (under tag 28 with references on), after that as a reference to it
     (tag 29), or, only detecting, raising ``SharedParts``. Every container
     is looked up (the compiled codec looks up only those that something
-    else references too: their reference count says so; PyPy has none)."""
+    else references too: their reference count says so; PyPy has none);
+    with references, only those ``_held_twice`` found are tagged."""
     entry = sharing.seen.get(id(obj))
     if entry is not None:
         if not sharing.refs:  # (only detecting: the container itself was kept)
@@ -505,6 +509,10 @@ def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any
         sharing.skip = obj
         encode(obj, out, depth, sharing)
         return
+    if sharing.refs and id(obj) not in sharing.only:  # held once: no tag
+        sharing.skip = obj
+        encode(obj, out, depth, sharing)
+        return
     entry = sharing.seen[id(obj)] = [obj, sharing.numbered, type(obj) in (tuple, set, frozenset)]
     sharing.skip = obj
     if not sharing.refs:
@@ -516,6 +524,32 @@ def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any
     out += _TAG_SHAREABLE
     encode(obj, out, depth + 1, sharing)
     entry[2] = False
+
+
+_CONTAINERS = (list, dict, tuple, set, frozenset, bytearray)
+
+
+def _held_twice(value: Any) -> Any:
+    """The ids of the containers that ``value`` holds more than once (or that
+    hold themselves), found by a walk that enters each container once."""
+    seen: Dict[int, Any] = {}
+    twice = set()
+    stack = [value]
+    while stack:
+        obj = stack.pop()
+        kind = type(obj)
+        if kind not in _CONTAINERS or (not obj and (kind is tuple or kind is frozenset)):
+            continue
+        if id(obj) in seen:
+            twice.add(id(obj))
+            continue
+        seen[id(obj)] = obj
+        if kind is dict:
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif kind is not bytearray:
+            stack.extend(obj)
+    return twice
 
 
 def _blocks_wanted(default: Any) -> bool:
@@ -564,30 +598,34 @@ def _blocks() -> Any:
 
     class SharingBlockPickler(BlockPickler):
         # pickle.py (PyPy) calls memoize for each object it writes, also
-        # without a memo (``fast``): a container met twice is shared
+        # without a memo (``fast``): a container met twice, in the block or
+        # in the rest of the value, is shared, and the block is not written
         def memoize(self, obj: Any) -> None:
-            if type(obj) in containers:
-                if id(obj) in self.containers:
+            if type(obj) in containers and obj is not self.root:
+                key = id(obj)
+                if key in self.containers or key in self.state.seen or key in self.state.only:
                     raise _NotPlain
-                self.containers[id(obj)] = obj
+                self.containers[key] = obj
 
     class BlockUnpickler(Unpickler):  # type: ignore[misc,valid-type]
         # a block names no global: nothing but plain data can be made from it
         def find_class(self, module: str, name: str) -> Any:
             raise ProtocolError(f"a plain-data block (tag {PLAIN}) names the global {module}.{name}")
 
-    def make(obj: Any, sharing: bool = False) -> Optional[bytes]:
-        if sharing and compiled:  # (the C pickler says nothing of what it meets)
+    def make(obj: Any, sharing: Optional[_Sharing] = None) -> Optional[bytes]:
+        if sharing is not None and compiled:  # (the C pickler says nothing of what it meets)
             return None
         buffer = BytesIO()
-        pickler = SharingBlockPickler(buffer, 5) if sharing else BlockPickler(buffer, 5)
-        if sharing:
-            pickler.containers = {}
+        pickler = SharingBlockPickler(buffer, 5) if sharing is not None else BlockPickler(buffer, 5)
+        if sharing is not None:
+            pickler.root, pickler.state, pickler.containers = obj, sharing, {}
         pickler.fast = True  # no memo: a value shared or repeated is written each time, as CBOR does
         try:
             pickler.dump(obj)
         except Exception:  # not plain data through and through (or cyclic): CBOR says what is wrong
             return None
+        if sharing is not None and not sharing.refs:
+            sharing.seen.update(pickler.containers)  # (met again after the block: shared)
         return buffer.getvalue()
 
     def read(block: bytes) -> Any:
@@ -607,7 +645,7 @@ def _enc_block(obj: Any, out: bytearray, default: Any) -> bool:
     """Writes ``obj`` as a plain-data block if it is plain data through and
     through (and, with sharing on, holds no container twice); returns
     whether it did."""
-    block = _blocks()[0](obj, type(default) is _Sharing)
+    block = _blocks()[0](obj, default if type(default) is _Sharing else None)
     if block is None:
         return False
     out += _TAG_PLAIN
@@ -679,6 +717,8 @@ def dumps(
         if sharing not in (SHARING_DETECT, SHARING_REFS):
             raise ValueError(f"sharing must be 0, 1 or 2, not {sharing!r}")
         default = _Sharing(default, plain, sharing == SHARING_REFS)
+        if sharing == SHARING_REFS:
+            default.only = _held_twice(obj)
     elif plain:
         default = _Blocks(default)
     out = bytearray()
