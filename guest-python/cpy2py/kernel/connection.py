@@ -1827,8 +1827,9 @@ def _callbacks_of() -> Any:
     return _callbacks_var
 
 
-#: how long (seconds) an event loop runs a guest before its other work
-#: runs again (a loop's latency while it runs guests)
+#: how long (seconds) an event loop runs a guest for an awaited call before
+#: a worker thread takes over (the host looks at it on its epoch ticks,
+#: every 10 ms: the loop waits at most that long)
 _LOOP_SLICE = 0.002
 
 
