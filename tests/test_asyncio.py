@@ -139,19 +139,7 @@ def test_an_async_twinfunction_is_awaited_like_the_function_itself(twin):
     assert inspect.iscoroutinefunction(square) and square.__name__ == f"async_square_{kind.replace('-', '_')}"
 
     async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        beat = asyncio.ensure_future(ticker())
-        try:
-            results = await asyncio.gather(*(square(n) for n in range(5)))
-        finally:
-            beat.cancel()
+        results, ticks = await ticks_during(asyncio.gather(*(square(n) for n in range(5))), 0)
         assert ticks > 0  # the loop ran meanwhile
         return results
 
@@ -217,6 +205,24 @@ def test_async_with_starts_and_stops_a_twin(kind):
 # -- the event loop reads the link while its awaited calls are pending -----------
 
 NATIVE_KINDS = [kind for kind in tc.KINDS if kind != SANDBOX_KIND]
+
+
+async def ticks_during(awaitable, pause):
+    """``awaitable``'s result, and how often a task of the same loop that
+    sleeps ``pause`` seconds at a time ran meanwhile."""
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(pause)
+
+    beat = asyncio.ensure_future(ticker())
+    try:
+        return await awaitable, ticks
+    finally:
+        beat.cancel()
 
 
 @pytest.mark.parametrize("kind", NATIVE_KINDS)
@@ -465,19 +471,8 @@ def test_short_awaited_calls_to_a_guest_run_on_the_loop_and_long_ones_leave_it_f
             threads = set(threading.enumerate())
             assert await asyncio.gather(*(twin.execute_async(abs, -n) for n in range(20))) == list(range(20))
             assert set(threading.enumerate()) == threads
-            ticks = 0
-
-            async def ticker():
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await asyncio.sleep(0.001)
-
-            beat = asyncio.ensure_future(ticker())
-            try:
-                assert await twin.execute_async(helpers.busy_then, 0.3, "done") == "done"
-            finally:
-                beat.cancel()
+            result, ticks = await ticks_during(twin.execute_async(helpers.busy_then, 0.3, "done"), 0.001)
+            assert result == "done"
             return ticks
 
         assert run(main()) > 10  # (the loop's 1 ms sleeps ran through the 0.3 s call)
