@@ -133,7 +133,18 @@ class _AsyncWaiter:
     wake the loop (from any thread), which resumes the call (in
     ``request_async``) by the future it awaits."""
 
-    __slots__ = ("loop", "thread", "inbox", "chain", "queued", "future", "payload", "sent", "driving")
+    __slots__ = (
+        "loop",
+        "thread",
+        "inbox",
+        "chain",
+        "queued",
+        "future",
+        "payload",
+        "sent",
+        "driving",
+        "outer",
+    )
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
@@ -146,6 +157,7 @@ class _AsyncWaiter:
         self.payload: Any = None  # its request, until it is queued for the guest
         self.sent = False  # its request was queued for the guest
         self.driving = False  # a worker thread runs the guest for it
+        self.outer: Tuple[_AsyncWaiter, ...] = ()  # the awaited calls whose callbacks made it
 
     def deliver(self, item: Item, on: Any = None) -> None:
         """``item`` is this call's; ``on``: the event loop the deliverer runs
@@ -633,9 +645,12 @@ class Connection:
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
                 if runner is not None:
-                    if self in _callbacks_of().get():
-                        # made by a callback of an awaited call to this guest,
-                        # which waits in that call and serves this one meanwhile
+                    waiter.outer = _callbacks_of().get()
+                    if self._turn_holder is not None and self._turn_holder in waiter.outer:
+                        # made by a callback of the awaited call whose turn it
+                        # is: the guest waits in that call, and serves this one
+                        # meanwhile (a task such a callback leaves behind takes
+                        # turns once that call is over)
                         runner.queue(payload)
                         waiter.sent = True
                     else:
@@ -1004,7 +1019,7 @@ class Connection:
         # (a coroutine it returns runs on the loop in this context: an awaited
         # call it makes to this peer does not wait for the turn of this one)
         serving = _callbacks_of()
-        token = serving.set((*serving.get(), self))
+        token = serving.set((*awaiter.outer, awaiter))
         try:
             with user_code_signals:
                 self._run(waiter, req_id, raw)
@@ -1817,8 +1832,8 @@ _callbacks_var: Any = None
 
 
 def _callbacks_of() -> Any:
-    """A context variable: the links whose awaited calls' callbacks run in
-    this context (made on first use: a twin's start imports no contextvars)."""
+    """A context variable: the awaited calls whose callbacks run in this
+    context (made on first use: a twin's start imports no contextvars)."""
     global _callbacks_var
     if _callbacks_var is None:
         import contextvars
