@@ -183,8 +183,9 @@ def test_twin_starts_on_first_use_and_noauto_forbids_it():
 
 def test_input_and_breakpoint_in_a_twin_read_what_the_user_types_to_the_master(kind):
     """A twin's sys.stdin is the master's: input(), a debugger stopped by
-    breakpoint() and sys.stdin.read() in a twin read the master's standard
-    input, in order, and the prompts show on the master's stdout."""
+    breakpoint(), sys.stdin.buffer.readline() and sys.stdin.read() in a twin
+    read the master's standard input, in order, and the prompts show on the
+    master's stdout; sys.stdin.fileno() says there is no descriptor."""
     result = run_master(
         f"""
         import builtins
@@ -192,6 +193,7 @@ def test_input_and_breakpoint_in_a_twin_read_what_the_user_types_to_the_master(k
         from cpy2py import TwinMaster
         twin = TwinMaster({kind!r})
         twin.start()
+        print("line", repr(twin.execute(twin_helpers.read_stdin_line_bytes)))
         print("got", repr(twin.execute(builtins.input, "name? ")))
         print("result", twin.execute(twin_helpers.debugged, 21))
         print("rest", repr(twin.execute(twin_helpers.read_stdin)))
@@ -202,11 +204,12 @@ def test_input_and_breakpoint_in_a_twin_read_what_the_user_types_to_the_master(k
         twin.stop()
         """,
         env={"PYTHONBREAKPOINT": "pdb.set_trace"},
-        stdin="Ada\np y + 1\nc\nthe rest\n",
+        stdin="bytes\nAda\np y + 1\nc\nthe rest\n",
     )
     assert result.returncode == 0, result.stderr
     assert "name? " in result.stdout and "got 'Ada'" in result.stdout
     assert "(Pdb) 43" in result.stdout and "result 42" in result.stdout
+    assert "line (b'bytes\\n', 'UnsupportedOperation')" in result.stdout
     assert "rest 'the rest\\n'" in result.stdout and "then EOFError" in result.stdout
 
 

@@ -370,6 +370,8 @@ def test_guest_has_no_standard_input(box):
         box.execute(builtins.input, "password? ")
     assert box.execute(eval, "__import__('os').read(0, 4096)") == b""
     assert box.execute(eval, "__import__('sys').__stdin__.read()") == ""
+    with pytest.raises(EOFError, match="sandboxed twin has no standard input"):
+        box.execute(eval, "__import__('sys').stdin.buffer.read()")
 
 
 def test_guest_clocks_are_coarse_and_count_from_its_start(box):

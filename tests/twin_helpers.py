@@ -161,6 +161,17 @@ def read_stdin():
     return sys.stdin.read()
 
 
+def read_stdin_line_bytes():
+    """A line of stdin as bytes, and what asking for its descriptor raises."""
+    import sys
+
+    try:
+        sys.stdin.fileno()
+    except Exception as err:
+        failed = type(err).__name__
+    return sys.stdin.buffer.readline(), failed
+
+
 def call(func, *args, **kwargs):
     return func(*args, **kwargs)
 
