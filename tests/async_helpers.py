@@ -135,3 +135,18 @@ def call_back_later(func, delay):
         func()
 
     threading.Thread(target=later).start()
+
+
+def add_a_signal_handler():
+    """What asyncio's ``loop.add_signal_handler`` does here (a server's start-up)."""
+    import asyncio
+    import signal
+
+    async def main():
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)
+        except NotImplementedError as err:
+            return f"NotImplementedError: {err}"
+        return "added"
+
+    return asyncio.run(main())

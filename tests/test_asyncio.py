@@ -130,6 +130,19 @@ def test_a_coroutine_function_called_in_a_twin_is_awaited_there(twin):
     assert twin.execute(helpers.run_own_loop, 3) == 3
 
 
+def test_a_guests_loop_refuses_signal_handlers_as_asyncio_does_without_signals():
+    """A guest receives no signals: ``loop.add_signal_handler`` raises
+    NotImplementedError, as asyncio does on Windows, which servers expect
+    (before: an AttributeError of ``signal`` from deep in asyncio)."""
+    twin = start_twin(SANDBOX_KIND, "wasi-aio-signals")
+    try:
+        assert twin.execute(helpers.add_a_signal_handler).startswith(
+            "NotImplementedError: a sandboxed twin receives no signals"
+        )
+    finally:
+        twin.stop()
+
+
 def test_an_async_twinfunction_is_awaited_like_the_function_itself(twin):
     """``@twinfunction`` on an ``async def``: calling it gives a coroutine, as
     the function would, and awaiting it runs the coroutine in the twin
