@@ -145,6 +145,30 @@ def test_a_value_keeps_the_parts_it_shares_and_its_cycles(twin):
     assert twin.execute(twin_helpers.echo, [looped[0]]) == [1]
 
 
+def test_an_object_in_a_shared_value_is_handed_once_and_released(twin):
+    """A value that shares a container is encoded twice (looked at, then
+    written with references): what the first pass handed the twin of this
+    side's objects (a proxy of a generator here) is taken back before the
+    second, so the twin's one proxy, once dropped, leaves nothing pinned."""
+    native_only(kind_of(twin), "a generator of the master is never handed to a guest")
+    import gc
+    import time
+
+    from cpy2py import master as master_module
+
+    connection = master_module._running[twin.twinterpreter_id].connection
+    pinned = len(connection.handed)
+    numbers = (n for n in range(3))
+    shared = [numbers]
+    assert twin.execute(twin_helpers.identities, [shared, shared, {"k": shared}]) == [True, True]
+    for _ in range(50):  # the twin's proxy went with the call; its release comes with the next frame
+        twin.execute(gc.collect)
+        if len(connection.handed) == pinned:
+            break
+        time.sleep(0.05)
+    assert len(connection.handed) == pinned
+
+
 def test_plain_objects_are_copied(twin):
     original = [1, 2, 3]
     back = twin.execute(twin_helpers.echo, original)

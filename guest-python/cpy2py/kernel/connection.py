@@ -686,7 +686,8 @@ class Connection:
                             ran = True
                             if self._drive_slice(runner):
                                 continue
-                        self._start_driver(waiter)
+                        with self._lock:
+                            self._start_driver(waiter)
                     future = waiter.future = loop.create_future()
                     try:
                         await future
@@ -769,7 +770,7 @@ class Connection:
             self._give_turn(waiter)
             waiter.offer()
             if waiter.loop is not _running_loop():
-                self._start_driver(waiter, locked=True)
+                self._start_driver(waiter)
             return
 
     def _leave_turns(self, waiter: _AsyncWaiter) -> None:
@@ -779,13 +780,9 @@ class Connection:
         elif waiter in self._turns:
             self._turns.remove(waiter)
 
-    def _start_driver(self, waiter: _AsyncWaiter, locked: bool = False) -> None:
-        """A worker thread runs the guest until a frame for ``waiter`` comes
-        (unless one does already); ``locked``: the caller holds _lock."""
-        if not locked:
-            with self._lock:
-                self._start_driver(waiter, locked=True)
-            return
+    def _start_driver(self, waiter: _AsyncWaiter) -> None:
+        """Caller holds _lock: a worker thread runs the guest until a frame for
+        ``waiter`` comes (unless one does already)."""
         if not waiter.driving and waiter.sent and self.broken is None:
             waiter.driving = True
             callback_workers().submit(self._drive_for, waiter)
@@ -794,7 +791,6 @@ class Connection:
         """On a worker thread: run the guest while ``waiter``'s call (an awaited
         call to it, which its loop's slice did not end) waits for a frame, and
         route what it sends; the loop is free meanwhile, and need not run."""
-        runner = self._runner
         me = _this_waiter()
         try:
             while True:
@@ -803,21 +799,10 @@ class Connection:
                     if waiter.inbox or self.broken is not None or entry is None or entry[0] is not waiter:
                         return  # (a frame came for it, or the call ended)
                     read = self._take_role(me)
-                if not read:
+                if read:  # (the guest's recv runs it until it sends a frame)
+                    self._read(None, serve=False)
+                else:
                     me.sleep()  # (until offered the role)
-                    continue
-                try:
-                    raw = runner.recv()  # type: ignore[union-attr]
-                except BaseException:
-                    with self._lock:
-                        self._give_up_role()
-                    raise
-                if raw is None:
-                    with self._lock:
-                        self._give_up_role()
-                    self._fail(None)
-                    return
-                self._read(None, serve=False, first=raw)  # (routes it, gives the role up)
         finally:
             with self._lock:
                 waiter.driving = False
@@ -833,19 +818,16 @@ class Connection:
             if self.broken is not None or not self._take_role(None):
                 return False
         try:
-            runner.drive_for(_LOOP_SLICE)
-            raw = runner.try_recv()
+            ready = runner.drive_for(_LOOP_SLICE)
         except BaseException:
             with self._lock:
                 self._give_up_role()
             raise
-        if raw is False or raw is None:
+        if ready:  # (a frame waits, or the guest ended: the guest's recv returns at once)
+            self._read(None, serve=False)
+        else:
             with self._lock:
                 self._give_up_role()
-            if raw is None:
-                self._fail(None)
-            return True
-        self._read(None, serve=False, first=raw)  # (routes it, gives the role up)
         return True
 
     def _end_call(self, req_id: int, chain: int) -> None:

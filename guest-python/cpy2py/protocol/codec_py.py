@@ -233,13 +233,8 @@ def _enc_bytes(b: bytes, out: bytearray, depth: int, default: Optional[Default])
 
 
 def _enc_bytearray(b: bytearray, out: bytearray, depth: int, default: Optional[Default]) -> None:
-    if type(default) is _Sharing:
-        if default.skip is b:  # (_shared writes it: it was looked up)
-            default.skip = None
-        elif default.refs or id(b) in default.seen:
-            return _shared(b, out, depth, default, _enc_bytearray)
-        else:  # (only detecting, met first: remembered inline, the common case)
-            default.seen[id(b)] = b
+    if type(default) is _Sharing and _written_shared(b, out, depth, default, _enc_bytearray):
+        return
     if depth >= MAX_DEPTH:
         raise _too_deep()
     out += _TAG_BYTEARRAY
@@ -303,13 +298,8 @@ def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default
 
 
 def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
-    if type(default) is _Sharing:
-        if default.skip is obj:  # (_shared writes it: it was looked up)
-            default.skip = None
-        elif default.refs or id(obj) in default.seen:
-            return _shared(obj, out, depth, default, _enc_list)
-        else:  # (only detecting, met first: remembered inline, the common case)
-            default.seen[id(obj)] = obj
+    if type(default) is _Sharing and _written_shared(obj, out, depth, default, _enc_list):
+        return
     if depth >= MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
@@ -329,13 +319,8 @@ def _enc_list(obj: List[Any], out: bytearray, depth: int, default: Optional[Defa
 
 
 def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Optional[Default]) -> None:
-    if type(default) is _Sharing and obj:
-        if default.skip is obj:  # (_shared writes it: it was looked up)
-            default.skip = None
-        elif default.refs or id(obj) in default.seen:
-            return _shared(obj, out, depth, default, _enc_tuple)
-        else:  # (only detecting, met first: remembered inline, the common case)
-            default.seen[id(obj)] = obj
+    if type(default) is _Sharing and obj and _written_shared(obj, out, depth, default, _enc_tuple):
+        return
     if depth + 2 > MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
@@ -353,13 +338,12 @@ def _enc_tuple(obj: Tuple[Any, ...], out: bytearray, depth: int, default: Option
 
 
 def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Optional[Default]) -> None:
-    if type(default) is _Sharing and (obj or type(obj) is set):
-        if default.skip is obj:  # (_shared writes it: it was looked up)
-            default.skip = None
-        elif default.refs or id(obj) in default.seen:
-            return _shared(obj, out, depth, default, _enc_set)
-        else:  # (only detecting, met first: remembered inline, the common case)
-            default.seen[id(obj)] = obj
+    if (
+        type(default) is _Sharing
+        and (obj or type(obj) is set)
+        and _written_shared(obj, out, depth, default, _enc_set)
+    ):
+        return
     if depth + 2 > MAX_DEPTH:
         raise _too_deep()
     if len(obj) >= PLAIN_MIN and _blocks_wanted(default) and depth and _enc_block(obj, out, default):
@@ -371,13 +355,8 @@ def _enc_set(obj: Union[set, frozenset], out: bytearray, depth: int, default: Op
 
 
 def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional[Default]) -> None:
-    if type(default) is _Sharing:
-        if default.skip is obj:  # (_shared writes it: it was looked up)
-            default.skip = None
-        elif default.refs or id(obj) in default.seen:
-            return _shared(obj, out, depth, default, _enc_dict)
-        else:  # (only detecting, met first: remembered inline, the common case)
-            default.seen[id(obj)] = obj
+    if type(default) is _Sharing and _written_shared(obj, out, depth, default, _enc_dict):
+        return
     if depth >= MAX_DEPTH:
         raise _too_deep()
     n = len(obj)
@@ -477,6 +456,22 @@ class _Sharing:
 
     def __call__(self, obj: Any) -> Any:
         return NotImplemented if self.default is None else self.default(obj)
+
+
+def _written_shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any) -> bool:
+    """A container's encoder, with sharing on, before it writes ``obj``:
+    whether ``obj`` was written here (a reference, ``SharedParts`` raised,
+    or with its tag by ``_shared``, which calls ``encode`` again); False:
+    the encoder writes it as it is (met first while only detecting, the
+    common case, or called back by ``_shared``)."""
+    if sharing.skip is obj:  # (_shared writes it: it was looked up)
+        sharing.skip = None
+        return False
+    if sharing.refs or id(obj) in sharing.seen:
+        _shared(obj, out, depth, sharing, encode)
+        return True
+    sharing.seen[id(obj)] = obj
+    return False
 
 
 def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any) -> None:

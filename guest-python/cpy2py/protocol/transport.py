@@ -210,10 +210,6 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
             """Run the peer until it has sent a frame and waits, or ended
             (True), or for at most ``limit`` seconds (False)."""
 
-        def try_recv(self) -> Union[bytes, None, bool]:
-            """The next frame if one is there, without running the peer;
-            False: none yet; None: the peer ended and all it sent was read."""
-
 
 class TransportDefaults:
     """What most transports are (see Transport), written once: each
