@@ -27,6 +27,14 @@ def echo(value):
     return value
 
 
+def busy(seconds):
+    """Runs Python for ``seconds`` (a long call that never waits)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return seconds
+
+
 def affinity():
     """The CPUs this process may run on (to check that pinning was inherited).
     PyPy 3.9 has no os.sched_getaffinity: /proc/self/status tells the same;

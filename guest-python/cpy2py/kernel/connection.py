@@ -1826,7 +1826,7 @@ def _callbacks_of() -> Any:
 
 #: how long (seconds) an event loop runs a guest for an awaited call before
 #: a worker thread takes over (the host looks at it on its epoch ticks,
-#: every 10 ms: the loop waits at most that long)
+#: every millisecond while such a slice runs: the loop waits about 3 ms at most)
 _LOOP_SLICE = 0.002
 
 
