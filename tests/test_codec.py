@@ -669,6 +669,29 @@ def test_shared_parts_cross_once_and_come_back_shared(codec: Any, decoder: str) 
     )
 
 
+@pytest.mark.parametrize("decoder", ["pure", "compiled"])
+def test_a_long_str_or_bytes_held_twice_crosses_once(codec: Any, decoder: str) -> None:
+    """A str or bytes of 64 or more held more than once (as an item, a
+    dict value or key, inside a large plain container) is written once and
+    referred to after, as pickle does: a list of a thousand references to
+    one 1 MB str was 1 GB. Shorter ones are written each time."""
+    decode = codec_py.loads if decoder == "pure" else _compiled().loads
+    text, data = "é" * 1000, b"\x00" * 1000
+    value = [[text] * 100, {"t": text, text: 1}, [data, data], [text] * 20, ["x" * 63] * 2]
+    with pytest.raises(SharedParts):
+        codec.dumps([value], sharing=DETECT)
+    encoded = codec.dumps([value], plain=True, sharing=REFS)
+    assert len(encoded) < 4000  # each written once: 1000 two-byte characters, 1000 bytes
+    back = decode(encoded)[0]
+    assert back == value
+    assert all(item is back[0][0] for item in back[0] + back[3])
+    assert back[1]["t"] is back[0][0] is next(k for k in back[1] if k != "t")
+    assert back[2][0] is back[2][1] == data
+    # a short str is not looked up (a tree), nor is a long one held once
+    assert codec.dumps([["x" * 63] * 2], sharing=DETECT) == codec.dumps([["x" * 63] * 2])
+    assert codec.dumps([[text], data], sharing=DETECT) == codec.dumps([[text], data])
+
+
 def test_detecting_raises_shared_parts_and_a_tree_repeats_them(codec: Any) -> None:
     a = [1]
     with pytest.raises(SharedParts):

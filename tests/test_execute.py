@@ -95,6 +95,22 @@ def test_values_round_trip(twin, value):
     assert back == value and type(back) is type(value)
 
 
+def test_a_long_str_held_many_times_crosses_once(twin):
+    """A str or bytes held many times by a value (a thousand references to
+    one 1 MB str) crosses once and arrives as one object held that many
+    times, as pickle makes it. Before, each reference was a copy: 1 GB on
+    the wire and in the twin (a guest ran out of memory). Native twins send
+    theirs so too; a sandboxed guest's values are trees."""
+    text, data = "é" * 1_000_000, b"\x00" * 100
+    assert twin.execute(twin_helpers.all_the_same, [text] * 1000) is True
+    assert twin.execute(twin_helpers.all_the_same, [data] * 1000) is True
+    assert twin.execute(twin_helpers.all_the_same, {"k": [text, text]}["k"]) is True
+    if kind_of(twin) != SANDBOX_KIND:
+        back = twin.execute(twin_helpers.repeated, 1_000_000, 1000)
+        assert len(back) == 1000 and back[0] == "x" * 1_000_000
+        assert all(item is back[0] for item in back)
+
+
 def test_a_value_keeps_the_parts_it_shares_and_its_cycles(twin):
     """A container that a value holds twice arrives as one object, held
     twice, as pickle would make it; a value that holds itself arrives

@@ -134,6 +134,16 @@ def identities(value):
     return [value[0] is value[1], value[2]["k"] is value[0]]
 
 
+def all_the_same(items):
+    """Whether every item of ``items`` is one object, seen here."""
+    return all(item is items[0] for item in items)
+
+
+def repeated(size, count):
+    """A list of ``count`` references to one str of ``size`` characters."""
+    return ["x" * size] * count
+
+
 def holds_itself(value):
     """Whether the list ``value`` holds itself at index 1, seen here."""
     return value[1][0] is value

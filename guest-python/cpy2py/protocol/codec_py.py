@@ -199,7 +199,19 @@ def _enc_float(x: float, out: bytearray, depth: int, default: Optional[Default])
     out += _float_bytes(x)
 
 
+#: the length from which a str or bytes that a value holds more than once
+#: is sent once and referred to after, with sharing on (the compiled
+#: codec's SHARED_STRING_MIN): shorter ones are not worth looking up
+SHARED_STRING_MIN = 64
+
+
 def _enc_str(s: str, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if (
+        type(default) is _Sharing
+        and len(s) >= SHARED_STRING_MIN
+        and _written_shared(s, out, depth, default, _enc_str)
+    ):
+        return
     # encode() and decode() without arguments are UTF-8 (strict) and skip
     # looking the codec up by name: about 5% of decoding a dict of strings
     try:
@@ -228,6 +240,12 @@ def _enc_surrogate_str(s: str, out: bytearray, depth: int) -> None:
 
 
 def _enc_bytes(b: bytes, out: bytearray, depth: int, default: Optional[Default]) -> None:
+    if (
+        type(default) is _Sharing
+        and len(b) >= SHARED_STRING_MIN
+        and _written_shared(b, out, depth, default, _enc_bytes)
+    ):
+        return
     _head(out, 0x40, len(b))
     out += b
 
@@ -371,7 +389,7 @@ def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional
     # iterating raises RuntimeError if default() changes the dict's size
     for key, value in obj.items():
         t = type(key)
-        if t is str:  # the most common key, inline
+        if t is str and len(key) < SHARED_STRING_MIN:  # the most common key, inline
             try:
                 b = key.encode()
             except UnicodeEncodeError:
@@ -525,15 +543,19 @@ _CONTAINERS = (list, dict, tuple, set, frozenset, bytearray)
 
 
 def _held_twice(value: Any) -> Any:
-    """The ids of the containers that ``value`` holds more than once (or that
-    hold themselves), found by a walk that enters each container once."""
+    """The ids of the containers, and long strs and bytes, that ``value``
+    holds more than once (or that hold themselves), found by a walk that
+    enters each container once."""
     seen: Dict[int, Any] = {}
     twice = set()
     stack = [value]
     while stack:
         obj = stack.pop()
         kind = type(obj)
-        if kind not in _CONTAINERS or (not obj and (kind is tuple or kind is frozenset)):
+        if kind is str or kind is bytes:
+            if len(obj) < SHARED_STRING_MIN:
+                continue
+        elif kind not in _CONTAINERS or (not obj and (kind is tuple or kind is frozenset)):
             continue
         if id(obj) in seen:
             twice.add(id(obj))
@@ -542,7 +564,7 @@ def _held_twice(value: Any) -> Any:
         if kind is dict:
             stack.extend(obj.keys())
             stack.extend(obj.values())
-        elif kind is not bytearray:
+        elif kind is not bytearray and kind is not str and kind is not bytes:
             stack.extend(obj)
     return twice
 
@@ -596,7 +618,9 @@ def _blocks() -> Any:
         # without a memo (``fast``): a container met twice, in the block or
         # in the rest of the value, is shared, and the block is not written
         def memoize(self, obj: Any) -> None:
-            if type(obj) in containers and obj is not self.root:
+            if (
+                type(obj) in containers or (type(obj) in (str, bytes) and len(obj) >= SHARED_STRING_MIN)
+            ) and obj is not self.root:
                 key = id(obj)
                 if key in self.containers or key in self.state.seen or key in self.state.only:
                     raise _NotPlain

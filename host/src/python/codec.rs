@@ -97,7 +97,8 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// decodes with its C unpickler.
 ///
 /// `sharing` says what becomes of a container (list, dict, tuple, set,
-/// frozenset, bytearray) that the value holds more than once
+/// frozenset, bytearray), or a str or bytes of `SHARED_STRING_MIN` or more,
+/// that the value holds more than once
 /// (docs/protocol.md, "Shared values"): 0 written out each time (a tree),
 /// 1 `cpy2py.errors.SharedParts` raised, 2 written once under tag 28 and
 /// referred to with tag 29 after.
@@ -232,14 +233,29 @@ pub(super) const UNSHARED_REFS: ffi::Py_ssize_t = 2;
 /// Whether `obj` is a container whose identity a copy keeps (an empty
 /// tuple or frozenset has none worth keeping: CPython shares them).
 pub(super) fn shareable(obj: &Bound<'_, PyAny>) -> bool {
-    // SAFETY: Py_SIZE reads the size field of a live tuple
-    let tuple_len = || unsafe { ffi::Py_SIZE(obj.as_ptr()) };
+    // SAFETY: Py_SIZE reads the size field of a live tuple or bytes
+    let size = || unsafe { ffi::Py_SIZE(obj.as_ptr()) };
     obj.is_exact_instance_of::<PyList>()
         || obj.is_exact_instance_of::<PyDict>()
-        || (obj.is_exact_instance_of::<PyTuple>() && tuple_len() > 0)
+        || (obj.is_exact_instance_of::<PyTuple>() && size() > 0)
         || obj.is_exact_instance_of::<PySet>()
         || (obj.is_exact_instance_of::<PyFrozenSet>() && obj.len().is_ok_and(|n| n > 0))
         || obj.is_exact_instance_of::<PyByteArray>()
+        || (obj.is_exact_instance_of::<PyBytes>() && size() >= SHARED_STRING_MIN)
+        || (obj.is_exact_instance_of::<PyString>() && long_str(obj))
+}
+
+/// The length from which a str or bytes that a value holds more than once is
+/// sent once and referred to after (as pickle does): a list of a thousand
+/// references to one 1 MB str was 1 GB on the wire and in the receiver.
+/// Shorter ones are not worth looking up (a reference is 3-5 bytes).
+pub(super) const SHARED_STRING_MIN: ffi::Py_ssize_t = 64;
+
+/// Whether an exact str is long enough to be shared (`SHARED_STRING_MIN`
+/// characters).
+fn long_str(obj: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: a live exact str
+    unsafe { ffi::PyUnicode_GetLength(obj.as_ptr()) >= SHARED_STRING_MIN }
 }
 
 fn changed_size(what: &str) -> PyErr {
@@ -369,12 +385,10 @@ impl<'py> Encode<'_, 'py> {
         if obj.is_exact_instance_of::<PyInt>() {
             return self.small_int(obj);
         } else if obj.is_exact_instance_of::<PyString>() {
-            let (utf8, surrogates) = utf8_passing_surrogates(obj)?;
-            if surrogates {
-                return Ok(false); // (item() sends such a str tagged)
+            if self.sharing != Sharing::Tree && long_str(obj) {
+                return Ok(false); // (item() looks it up: the value may hold it twice)
             }
-            self.head(TEXT, utf8.as_bytes().len() as u64);
-            self.out.extend_from_slice(utf8.as_bytes());
+            return self.text(obj); // (item() sends a str with surrogates tagged)
         } else if obj.is_exact_instance_of::<PyFloat>() {
             self.float(obj.cast_exact::<PyFloat>()?.value())?;
         } else if obj.is_none() {
@@ -388,6 +402,19 @@ impl<'py> Encode<'_, 'py> {
         } else {
             return Ok(false);
         }
+        Ok(true)
+    }
+
+    /// Encodes a str as CBOR text; false (nothing written) if it holds lone
+    /// surrogates, which text cannot (see `surrogate_str`).
+    #[inline]
+    fn text(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
+        let (utf8, surrogates) = utf8_passing_surrogates(obj)?;
+        if surrogates {
+            return Ok(false);
+        }
+        self.head(TEXT, utf8.as_bytes().len() as u64);
+        self.out.extend_from_slice(utf8.as_bytes());
         Ok(true)
     }
 
@@ -545,13 +572,17 @@ impl<'py> Encode<'_, 'py> {
             self.bytes(&bytes);
             Ok(())
         } else if obj.is_exact_instance_of::<PyString>() {
+            // (a long one that sharing looked up, or one with surrogates)
+            if self.text(obj)? {
+                return Ok(());
+            }
             self.surrogate_str(obj, depth)
         } else {
             self.default(obj, depth)
         }
     }
 
-    /// A str that scalar() found no UTF-8 for (it holds lone surrogates, as
+    /// A str that `text` found no UTF-8 for (it holds lone surrogates, as
     /// `os.fsdecode` makes of a file name that is not UTF-8): its bytes with
     /// the surrogates passed through, as pickle writes them, under a tag.
     #[inline(never)]
