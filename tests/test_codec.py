@@ -687,6 +687,19 @@ def test_a_long_str_or_bytes_held_twice_crosses_once(codec: Any, decoder: str) -
     assert all(item is back[0][0] for item in back[0] + back[3])
     assert back[1]["t"] is back[0][0] is next(k for k in back[1] if k != "t")
     assert back[2][0] is back[2][1] == data
+    # at the deepest level a long str is written in full (a tag would be one
+    # level more), also in a value that shares something else
+    bottom = [text]
+    for _ in range(254):
+        bottom = [bottom]
+    shared = [1]
+    deep_value = [bottom, shared, shared, text]
+    del bottom  # (the compiled encoder tags a list referenced elsewhere too: a level more)
+    back = decode(codec.dumps(deep_value, sharing=REFS))
+    deepest = back[0]
+    for _ in range(254):
+        deepest = deepest[0]
+    assert deepest == [text] and back[3] == text and back[1] is back[2]
     # a short str is not looked up (a tree), nor is a long one held once
     assert codec.dumps([["x" * 63] * 2], sharing=DETECT) == codec.dumps([["x" * 63] * 2])
     assert codec.dumps([[text], data], sharing=DETECT) == codec.dumps([[text], data])

@@ -46,7 +46,7 @@ class NestedTooDeep(ValueError):
 
 class SharedParts(ValueError):
     """Raised by both codecs with ``sharing=SHARING_DETECT`` when a value
-    holds one of its containers more than once; the kernel then encodes it
+    holds one of its containers, or a long str or bytes, more than once; the kernel then encodes it
     again with references (docs/protocol.md, "Shared values"). It never
     reaches a user's code."""
 

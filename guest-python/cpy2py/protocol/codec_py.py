@@ -104,7 +104,6 @@ _TAG_PLAIN = b"\xd9\x9c\x4e"
 _TAG_SURROGATE_STR = b"\xd9\x9c\x4f"
 _TAG_SHAREABLE = b"\xd8\x1c"
 _TAG_SHARED_REF = b"\xd8\x1d"
-_SHAREABLE_HEAD = _TAG_SHAREABLE
 _NAN = b"\xf9\x7e\x00"
 _POS_INF = b"\xf9\x7c\x00"
 _NEG_INF = b"\xf9\xfc\x00"
@@ -205,10 +204,17 @@ def _enc_float(x: float, out: bytearray, depth: int, default: Optional[Default])
 SHARED_STRING_MIN = 64
 
 
+def _may_share(s: Union[str, bytes], depth: int) -> bool:
+    """Whether a str or bytes at ``depth`` is looked up while sharing: a
+    long one, short of the deepest level (a tag is one more level; there
+    it is written in full)."""
+    return len(s) >= SHARED_STRING_MIN and depth < MAX_DEPTH
+
+
 def _enc_str(s: str, out: bytearray, depth: int, default: Optional[Default]) -> None:
     if (
         type(default) is _Sharing
-        and len(s) >= SHARED_STRING_MIN
+        and _may_share(s, depth)
         and _written_shared(s, out, depth, default, _enc_str)
     ):
         return
@@ -242,7 +248,7 @@ def _enc_surrogate_str(s: str, out: bytearray, depth: int) -> None:
 def _enc_bytes(b: bytes, out: bytearray, depth: int, default: Optional[Default]) -> None:
     if (
         type(default) is _Sharing
-        and len(b) >= SHARED_STRING_MIN
+        and _may_share(b, depth)
         and _written_shared(b, out, depth, default, _enc_bytes)
     ):
         return
@@ -477,32 +483,34 @@ class _Sharing:
 
 
 def _written_shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any) -> bool:
-    """A container's encoder, with sharing on, before it writes ``obj``:
-    whether ``obj`` was written here (a reference, ``SharedParts`` raised,
-    or with its tag by ``_shared``, which calls ``encode`` again); False:
-    the encoder writes it as it is (met first while only detecting, the
-    common case, or called back by ``_shared``)."""
+    """A part's encoder, with sharing on, before it writes ``obj``: whether
+    ``obj`` was written here (a reference, or with its tag by ``_shared``,
+    which calls ``encode`` again); False: the encoder writes it as it is
+    (met first while only detecting, the common case; held once; or called
+    back by ``_shared``). Only detecting, a part met again raises
+    ``SharedParts``."""
     if sharing.skip is obj:  # (_shared writes it: it was looked up)
         sharing.skip = None
         return False
-    if sharing.refs or id(obj) in sharing.seen:
-        _shared(obj, out, depth, sharing, encode)
-        return True
-    sharing.seen[id(obj)] = obj
-    return False
+    if not sharing.refs:  # only detecting: the part itself is kept, by id
+        if id(obj) in sharing.seen:
+            raise SharedParts("the value holds one of its parts more than once")
+        sharing.seen[id(obj)] = obj
+        return False
+    if id(obj) not in sharing.only:  # held once: written as it is, untagged
+        return False
+    _shared(obj, out, depth, sharing, encode)
+    return True
 
 
 def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any) -> None:
-    """Encodes a container with sharing on: the first time by ``encode``
-    (under tag 28 with references on), after that as a reference to it
-    (tag 29), or, only detecting, raising ``SharedParts``. Every container
-    is looked up (the compiled codec looks up only those that something
-    else references too: their reference count says so; PyPy has none);
-    with references, only those ``_held_twice`` found are tagged."""
+    """Encodes, with references on, a part that ``_held_twice`` found held
+    twice: the first time by ``encode`` under tag 28, after that as a
+    reference to it (tag 29). (Every part is looked up: the compiled codec
+    looks up only those that something else references too, as their
+    reference count says; PyPy has none.)"""
     entry = sharing.seen.get(id(obj))
     if entry is not None:
-        if not sharing.refs:  # (only detecting: the container itself was kept)
-            raise SharedParts("the value holds one of its containers more than once")
         if entry[1] is None:
             raise NestedTooDeep(
                 "cannot encode a value that holds itself at its top level (send it inside a list)"
@@ -522,15 +530,8 @@ def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any
         sharing.skip = obj
         encode(obj, out, depth, sharing)
         return
-    if sharing.refs and id(obj) not in sharing.only:  # held once: no tag
-        sharing.skip = obj
-        encode(obj, out, depth, sharing)
-        return
     entry = sharing.seen[id(obj)] = [obj, sharing.numbered, type(obj) in (tuple, set, frozenset)]
     sharing.skip = obj
-    if not sharing.refs:
-        encode(obj, out, depth, sharing)
-        return
     sharing.numbered += 1
     if depth >= MAX_DEPTH:
         raise _too_deep()
@@ -542,29 +543,36 @@ def _shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any
 _CONTAINERS = (list, dict, tuple, set, frozenset, bytearray)
 
 
+def _shareable(obj: Any) -> bool:
+    """Whether sharing keeps ``obj``'s identity: a container (but an empty
+    tuple or frozenset, which CPython shares anyway), or a long str or bytes
+    (as the compiled codec's ``shareable``)."""
+    kind = type(obj)
+    if kind is str or kind is bytes:
+        return len(obj) >= SHARED_STRING_MIN
+    return kind in _CONTAINERS and (bool(obj) or (kind is not tuple and kind is not frozenset))
+
+
 def _held_twice(value: Any) -> Any:
-    """The ids of the containers, and long strs and bytes, that ``value``
-    holds more than once (or that hold themselves), found by a walk that
-    enters each container once."""
+    """The ids of what sharing keeps (``_shareable``) that ``value`` holds
+    more than once (or that holds itself), found by a walk that enters each
+    container once."""
     seen: Dict[int, Any] = {}
     twice = set()
     stack = [value]
     while stack:
         obj = stack.pop()
-        kind = type(obj)
-        if kind is str or kind is bytes:
-            if len(obj) < SHARED_STRING_MIN:
-                continue
-        elif kind not in _CONTAINERS or (not obj and (kind is tuple or kind is frozenset)):
+        if not _shareable(obj):
             continue
         if id(obj) in seen:
             twice.add(id(obj))
             continue
         seen[id(obj)] = obj
+        kind = type(obj)
         if kind is dict:
             stack.extend(obj.keys())
             stack.extend(obj.values())
-        elif kind is not bytearray and kind is not str and kind is not bytes:
+        elif kind in (list, tuple, set, frozenset):
             stack.extend(obj)
     return twice
 
@@ -603,8 +611,6 @@ def _blocks() -> Any:
         (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset)
     )
 
-    containers = (list, dict, tuple, set, frozenset, bytearray)
-
     class BlockPickler(Pickler):  # type: ignore[misc,valid-type]
         # the C pickler calls it for anything but those types; pickle.py
         # (PyPy) for every object, so it lets them through
@@ -618,9 +624,7 @@ def _blocks() -> Any:
         # without a memo (``fast``): a container met twice, in the block or
         # in the rest of the value, is shared, and the block is not written
         def memoize(self, obj: Any) -> None:
-            if (
-                type(obj) in containers or (type(obj) in (str, bytes) and len(obj) >= SHARED_STRING_MIN)
-            ) and obj is not self.root:
+            if obj is not self.root and _shareable(obj):
                 key = id(obj)
                 if key in self.containers or key in self.state.seen or key in self.state.only:
                     raise _NotPlain
@@ -1267,7 +1271,7 @@ def loads(
         estimated = _estimate(data, budget) is not None
     if not data:
         raise ProtocolError("empty input: expected one CBOR data item")
-    if budget is None and _SHAREABLE_HEAD in data:  # (a guest's frames are trees)
+    if budget is None and _TAG_SHAREABLE in data:  # (a guest's frames are trees)
         tag_hook = _SharedValues(tag_hook)
     ib = data[0]
     value, pos = _DECODERS[ib >> 5](data, 1, ib, 0, tag_hook)

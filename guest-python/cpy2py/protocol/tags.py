@@ -39,5 +39,5 @@ SHARING_TREE = 0
 #: again with SHARING_REFS);
 SHARING_DETECT = 1
 #: under tag 28 the first time and as a tag 29 reference after (every
-#: container that may be shared, i.e. referenced from elsewhere too).
+#: container, or str or bytes of 64 or more, that may be shared).
 SHARING_REFS = 2

@@ -458,6 +458,13 @@ impl<'py> Encode<'_, 'py> {
     /// that a reference (or, with `Detect`, `SharedParts` raised).
     #[inline(never)]
     fn shared_item(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
+        if depth >= MAX_DEPTH
+            && (obj.is_exact_instance_of::<PyString>() || obj.is_exact_instance_of::<PyBytes>())
+        {
+            // (a tag is one more level: at the deepest one a str or bytes is
+            // written in full, as it was before strings were shared)
+            return self.compound(obj, depth);
+        }
         let address = obj.as_ptr() as usize;
         if address == self.top {
             return Err(if self.sharing == Sharing::Detect {
@@ -471,7 +478,7 @@ impl<'py> Encode<'_, 'py> {
         if let Some(seen) = self.seen.get(&address) {
             if self.sharing == Sharing::Detect {
                 return Err(SharedParts::new_err(
-                    "the value holds one of its containers more than once",
+                    "the value holds one of its parts more than once",
                 ));
             }
             if seen.open {

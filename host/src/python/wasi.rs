@@ -336,17 +336,11 @@ impl WasiGuest {
     /// wait for the next thread that runs the guest. Raises BrokenPipeError
     /// when the guest has ended.
     fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
-        if runtime::forked() {
-            return Err(PyBrokenPipeError::new_err(runtime::forked_message(
-                self.guest.twin_id(),
-            )));
-        }
-        let frame = payload.as_bytes().to_vec();
         let carried_out = matches!(
-            peek_header(&frame).and_then(|h| h.kind),
+            peek_header(payload.as_bytes()).and_then(|h| h.kind),
             Some(REQUEST | REPLY | RAISE)
         );
-        self.guest.send(frame).map_err(HostError::Io)?;
+        self.queue(payload)?;
         if carried_out && !self.guest.runs_elsewhere() {
             loop {
                 let slice = Instant::now() + DRIVE_SLICE;

@@ -74,6 +74,15 @@ pub struct Runtime {
     loaded: Mutex<HashMap<PathBuf, (FileStamp, Arc<LoadedGuest>)>>,
 }
 
+/// The ticker's interval while `slices` threads run a guest for a short slice.
+fn tick_for(slices: usize) -> Duration {
+    if slices > 0 {
+        FINE_TICK
+    } else {
+        TICK
+    }
+}
+
 /// A thread's short slice of running a guest (see `Runtime::fine_ticks`);
 /// the ticker goes back to `TICK` once no thread holds one.
 pub struct FineTicks(&'static Runtime);
@@ -293,16 +302,22 @@ impl Runtime {
         FineTicks(self)
     }
 
-    /// Waits for the next tick: `TICK`, or `FINE_TICK` while a short slice
-    /// runs (woken early when one starts: that wake-up is one more tick).
+    /// Waits for the next tick (woken early when a short slice starts: that
+    /// wake-up is one more tick).
     fn wait_for_tick(&self) {
         let slices = self.fine_slices.lock().unwrap_or_else(|e| e.into_inner());
-        let tick = if *slices > 0 { FINE_TICK } else { TICK };
+        let tick = tick_for(*slices);
         drop(
             self.fine_slices_changed
                 .wait_timeout(slices, tick)
                 .unwrap_or_else(|e| e.into_inner()),
         );
+    }
+
+    /// The ticker's interval now.
+    #[cfg(test)]
+    fn tick(&self) -> Duration {
+        tick_for(*self.fine_slices.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Guests registered and not ended.
@@ -665,17 +680,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ticker_goes_back_to_its_usual_tick_once_every_short_slice_ended() {
+    fn the_ticker_ticks_fine_while_a_short_slice_runs_and_goes_back_after() {
         let runtime = runtime().unwrap();
-        let slices = || *runtime.fine_slices.lock().unwrap();
-        let before = slices(); // (0 unless another test drives a guest for a slice)
+        assert_eq!(runtime.tick(), TICK); // (no test of this crate drives a guest for a slice)
         let first = runtime.fine_ticks();
         let second = runtime.fine_ticks();
-        assert_eq!(slices(), before + 2);
+        assert_eq!(runtime.tick(), FINE_TICK);
         drop(first);
-        assert_eq!(slices(), before + 1);
+        assert_eq!(runtime.tick(), FINE_TICK); // (the other slice still runs)
         drop(second);
-        assert_eq!(slices(), before);
+        assert_eq!(runtime.tick(), TICK);
     }
 
     #[test]
