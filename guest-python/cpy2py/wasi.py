@@ -197,6 +197,12 @@ class GuestTransport(TransportDefaults):
         or ended (True), or for at most ``limit`` seconds (False)."""
         return self._twin.drive_for(limit)
 
+    def try_recv(self) -> Any:
+        """The next frame if one is there, without running the guest; False
+        when there is none yet, None once the guest ended and all it sent
+        was taken (a Ray-placed guest's host relays them: ray_sandbox.py)."""
+        return self._twin.try_recv()
+
     def fileno(self) -> int:
         """Readable exactly while ``recv`` has a frame (or the end) to give."""
         return self._fd
