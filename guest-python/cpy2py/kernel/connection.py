@@ -1826,7 +1826,7 @@ def _callbacks_of() -> Any:
 
 #: how long (seconds) an event loop runs a guest for an awaited call before
 #: a worker thread takes over (the host looks at it on its epoch ticks,
-#: every millisecond while such a slice runs: the loop waits about 3 ms at most)
+#: every 2 ms while such slices run: the loop waits about 2.5 ms, at most 4)
 _LOOP_SLICE = 0.002
 
 

@@ -375,8 +375,8 @@ impl WasiGuest {
     /// Runs the guest on this thread with the GIL released until it has
     /// sent a frame and waits, or ended (True), or for at most `limit` seconds
     /// (False: it stays suspended where it was, for the next thread that
-    /// drives it; the limit is looked at on the epoch's ticks, every
-    /// millisecond while a limit shorter than the usual tick runs). An event
+    /// drives it; the limit is looked at on the epoch's ticks, every 2 ms
+    /// while a limit shorter than the usual tick runs). An event
     /// loop runs a guest so for one slice (cpy2py/kernel/connection.py,
     /// `request_async`); signal handlers run when it returns.
     fn drive_for(&self, py: Python<'_>, limit: f64) -> PyResult<bool> {
