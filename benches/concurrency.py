@@ -115,8 +115,12 @@ def measure(kind: str, quick: bool) -> Dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}"}
     try:
         one = _threads(twin, 1)
-        one(200)  # warm up
-        _awaits(twin, 1)(200)
+        # warm up: a PyPy twin's JIT takes a few thousand calls (with 200, the
+        # first sync round was 50-70 us against 14 warm, and awaited calls,
+        # measured after, looked twice as fast as sync ones)
+        for _ in range(2):
+            one(2000)
+            _awaits(twin, 1)(2000)
         found = {
             "sync_us": _per_call_us(one, calls, rounds),
             "async_us": _per_call_us(_awaits(twin, 1), calls, rounds),
