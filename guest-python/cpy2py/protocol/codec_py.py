@@ -314,6 +314,9 @@ def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default
             else:
                 out += _pack_BI(0x1A, item)
             continue
+        if item is None:  # (a no-op's result, in every such reply)
+            out.append(0xF6)
+            continue
         enc = get(t)
         if enc is None:
             _enc_default(item, out, depth, default)
@@ -884,7 +887,10 @@ def _dec_text(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook
 def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
     if depth >= MAX_DEPTH:
         raise _nested_too_deep(pos - 1)
-    n, pos = _argument(data, pos, ib)
+    if ib < 0x98:  # 0 to 23 items (every message): no call for the head
+        n = ib & 0x1F
+    else:
+        n, pos = _argument(data, pos, ib)
     depth += 1
     items: List[Any] = []
     append = items.append
@@ -972,7 +978,10 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
 def _dec_map(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
     if depth >= MAX_DEPTH:
         raise _nested_too_deep(pos - 1)
-    n, pos = _argument(data, pos, ib)
+    if ib < 0xB8:  # 0 to 23 entries
+        n = ib & 0x1F
+    else:
+        n, pos = _argument(data, pos, ib)
     depth += 1
     result: Dict[Any, Any] = {}
     end = len(data)
@@ -1073,6 +1082,14 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
     if tag < 0:
         raise ProtocolError(f"a tag cannot have an indefinite length (offset {pos - 1})")
     depth += 1
+    if tag not in _CODEC_TAGS:  # the kernel's (a reference to a function, say): the hook's
+        if hook is None:
+            raise ProtocolError(f"unknown CBOR tag {tag}")
+        if pos >= len(data):
+            raise _truncated(pos, f"tag {tag}")
+        ib = data[pos]
+        value, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
+        return hook(tag, value), pos
     if tag == TUPLE or tag == SET or tag == FROZENSET:
         ib = _content(data, pos, 4, tag)
         items, pos = _dec_array(data, pos + 1, ib, depth, hook)
@@ -1127,23 +1144,34 @@ def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
                 "set or frozenset made only once its items are"
             )
         return value, pos
-    if tag == SURROGATE_STR:
-        ib = _content(data, pos, 2, tag)
-        head = pos
-        b, pos = _dec_bytes(data, pos + 1, ib, depth, hook)
-        try:
-            return b.decode("utf-8", "surrogatepass"), pos
-        except UnicodeDecodeError as e:
-            raise ProtocolError(
-                f"invalid UTF-8 in a str with surrogates (tag {SURROGATE_STR}) at offset {head}: {e.reason}"
-            ) from None
-    if hook is None:
-        raise ProtocolError(f"unknown CBOR tag {tag}")
-    if pos >= len(data):
-        raise _truncated(pos, f"tag {tag}")
-    ib = data[pos]
-    value, pos = _DECODERS[ib >> 5](data, pos + 1, ib, depth, hook)
-    return hook(tag, value), pos
+    # SURROGATE_STR: the last of _CODEC_TAGS
+    ib = _content(data, pos, 2, tag)
+    head = pos
+    b, pos = _dec_bytes(data, pos + 1, ib, depth, hook)
+    try:
+        return b.decode("utf-8", "surrogatepass"), pos
+    except UnicodeDecodeError as e:
+        raise ProtocolError(
+            f"invalid UTF-8 in a str with surrogates (tag {SURROGATE_STR}) at offset {head}: {e.reason}"
+        ) from None
+
+
+#: the tags this codec gives a meaning to; any other is the hook's
+_CODEC_TAGS = frozenset(
+    {
+        TUPLE,
+        SET,
+        FROZENSET,
+        POS_BIGNUM,
+        NEG_BIGNUM,
+        COMPLEX,
+        BYTEARRAY,
+        PLAIN,
+        SHAREABLE,
+        SHARED_REF,
+        SURROGATE_STR,
+    }
+)
 
 
 _NONE_FOUND = object()
@@ -1779,27 +1807,28 @@ def _peek_fields(frame: Any, pos: int, wanted: int) -> Tuple[Optional[int], Opti
     at ``pos``, without a call per field: it runs for every frame a guest or
     a PyPy twin receives."""
     end = len(frame)
-    fields: List[Optional[int]] = []
-    while len(fields) < wanted and pos < end:
+    fields: List[Optional[int]] = [None, None, None]
+    for i in range(wanted):
+        if pos >= end:
+            break
         ib = frame[pos]
         if ib < 24:
-            fields.append(ib)
+            fields[i] = ib
             pos += 1
         elif ib == 0x18 and pos + 1 < end:
-            fields.append(frame[pos + 1])
+            fields[i] = frame[pos + 1]
             pos += 2
         elif ib == 0x19 and pos + 2 < end:
-            fields.append(_unpack_from_H(frame, pos + 1)[0])
+            fields[i] = _unpack_from_H(frame, pos + 1)[0]
             pos += 3
         elif ib == 0x1A and pos + 4 < end:
-            fields.append(_unpack_from_I(frame, pos + 1)[0])
+            fields[i] = _unpack_from_I(frame, pos + 1)[0]
             pos += 5
         elif ib == 0x1B and pos + 8 < end:
-            fields.append(_unpack_from_Q(frame, pos + 1)[0])
+            fields[i] = _unpack_from_Q(frame, pos + 1)[0]
             pos += 9
         elif ib < 0x20:  # an integer's head cut short or reserved: not a message
             return None, None, None
         else:  # not an unsigned integer (or the end of an indefinite array): it and what follows are not read
             break
-    fields += [None] * (3 - len(fields))
     return fields[0], fields[1], fields[2]
