@@ -154,6 +154,30 @@ def test_small_containers_the_message_and_anything_not_plain_stay_cbor():
         assert frame.count(TAG_HEAD) == 1
 
 
+def test_with_sharing_a_long_str_held_elsewhere_goes_in_a_block_once_and_twice_not():
+    """The compiled writer with shared parts kept (what a master sends its
+    guest): long strs (64 or more) that something else references too stay
+    in the block when each is in it once (they were all refused, and a list
+    of 10k such strs cost a guest 5x to decode as CBOR); one met twice in it
+    refuses the block, so that the CBOR around writes it once."""
+    from cpy2py.protocol.tags import SHARING_DETECT, SHARING_REFS
+
+    rows = ["row %060d" % i for i in range(20)]
+    also = list(rows)  # each str referenced twice
+    frame = _host.dumps([rows], plain=True, sharing=SHARING_DETECT)
+    assert frame.count(TAG_HEAD) == 1
+    assert codec_py.loads(frame) == [also]
+    big = "é" * 1000
+    repeated = [big] * 20 + rows
+    frame = _host.dumps([repeated], plain=True, sharing=SHARING_REFS)
+    assert TAG_HEAD not in frame and frame.count("é".encode() * 1000) == 1
+    back = codec_py.loads(frame)[0]
+    assert back == repeated and all(item is back[0] for item in back[:20])
+    # without sharing, a block holds what it meets, each time
+    frame = _host.dumps([repeated], plain=True)
+    assert frame.count(TAG_HEAD) == 1 and codec_py.loads(frame) == [repeated]
+
+
 def test_without_plain_nothing_goes_as_a_block():
     value = PLAIN_VALUES["nested dict"]
     assert _host.dumps(value) == codec_py.dumps(value)

@@ -203,7 +203,7 @@ struct Seen<'py> {
 /// more than the rest of a look-up: 10k rows referenced elsewhere too took
 /// 2.7x as long to encode as without looking them up).
 #[derive(Default)]
-struct AddressHasher(u64);
+pub(super) struct AddressHasher(u64);
 
 const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15; // 2**64 / the golden ratio, odd
 

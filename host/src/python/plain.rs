@@ -3,6 +3,8 @@
 //! of a block the walk accepted; [`write`] writes a value as a block when
 //! it is plain data through and through.
 
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::os::raw::c_int;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -12,7 +14,7 @@ use pyo3::types::{
 };
 use pyo3::{ffi, intern};
 
-use super::codec::{shareable, UNSHARED_REFS};
+use super::codec::{shareable, AddressHasher, UNSHARED_REFS};
 use super::equal_hashes::EqualHashes;
 use super::errors::ProtocolError;
 use crate::protocol::plain::{op, Refused, Sink, Writer};
@@ -167,32 +169,47 @@ pub fn worth_a_block(obj: &Bound<'_, PyAny>) -> bool {
     }
 }
 
+/// With sharing on: the long str and bytes (`shareable`) that a block met so
+/// far and that something else references too, by address.
+type Met = HashSet<usize, BuildHasherDefault<AddressHasher>>;
+
 /// Writes `obj` as a whole block into `w` (which it clears first) if it is
 /// plain data through and through, nested at most `room` levels (counted as
 /// CBOR would); `Ok(false)` if it is not: the caller encodes it as CBOR.
 /// With `share` (the encoding keeps shared parts), also when a container
-/// inside may be held twice: a block is written as a tree.
+/// inside may be held twice, or a long str or bytes is met in it twice: a
+/// block is written as a tree.
 pub fn write(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> PyResult<bool> {
     w.out.clear();
     w.start();
-    if !value(w, obj, room, share)? {
+    let mut met = share.then(Met::default);
+    if !value(w, obj, room, &mut met)? {
         return Ok(false);
     }
     w.end();
     Ok(true)
 }
 
-/// An item inside the block: refused (the block is not written) if it is a
-/// container that may be held twice and `share` says that matters.
-fn member(w: &mut Writer, item: &Bound<'_, PyAny>, room: usize, share: bool) -> PyResult<bool> {
-    // SAFETY: reads the reference count of a live object
-    if share && unsafe { ffi::Py_REFCNT(item.as_ptr()) } > UNSHARED_REFS && shareable(item) {
-        return Ok(false);
+/// An item inside the block: refused (the block is not written) if, with
+/// sharing on, it is a container that may be held twice (the block would
+/// hold copies), or a long str or bytes met in the block before (it would
+/// be written twice: `[s] * 1000` of a 1 MB `s` a GB). A long str held
+/// elsewhere too, once in the block, goes in it: only a second copy costs.
+fn member(w: &mut Writer, item: &Bound<'_, PyAny>, room: usize, met: &mut Option<Met>) -> PyResult<bool> {
+    if let Some(met) = met {
+        // SAFETY: reads the reference count of a live object
+        if unsafe { ffi::Py_REFCNT(item.as_ptr()) } > UNSHARED_REFS && shareable(item) {
+            let text = item.is_exact_instance_of::<PyString>() || item.is_exact_instance_of::<PyBytes>();
+            // (plain data runs no code while the block is written: addresses stay)
+            if !text || !met.insert(item.as_ptr() as usize) {
+                return Ok(false);
+            }
+        }
     }
-    value(w, item, room, share)
+    value(w, item, room, met)
 }
 
-fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> PyResult<bool> {
+fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, met: &mut Option<Met>) -> PyResult<bool> {
     let py = obj.py();
     if obj.is_exact_instance_of::<PyInt>() {
         let mut overflow: c_int = 0;
@@ -246,7 +263,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> Py
         w.op(op::EMPTY_LIST);
         let list = obj.cast_exact::<PyList>()?;
         let items: Vec<Bound<'_, PyAny>> = list.iter().collect();
-        return batches(w, &items, room - 1, op::APPENDS, share);
+        return batches(w, &items, room - 1, op::APPENDS, met);
     } else if obj.is_exact_instance_of::<PyTuple>() {
         if room < 2 {
             return Ok(false);
@@ -261,7 +278,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> Py
             w.op(op::MARK);
         }
         for item in tuple.iter() {
-            if !member(w, &item, room - 2, share)? {
+            if !member(w, &item, room - 2, met)? {
                 return Ok(false);
             }
         }
@@ -291,7 +308,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> Py
                 items.push(Bound::from_borrowed_ptr(py, item));
             }
         }
-        return batches(w, &items, room - 1, op::SETITEMS, share);
+        return batches(w, &items, room - 1, op::SETITEMS, met);
     } else if obj.is_exact_instance_of::<PySet>() || obj.is_exact_instance_of::<PyFrozenSet>() {
         if room < 2 {
             return Ok(false);
@@ -299,11 +316,11 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> Py
         let items = obj.try_iter()?.collect::<PyResult<Vec<_>>>()?;
         if obj.is_exact_instance_of::<PySet>() {
             w.op(op::EMPTY_SET);
-            return batches(w, &items, room - 2, op::ADDITEMS, share);
+            return batches(w, &items, room - 2, op::ADDITEMS, met);
         }
         w.op(op::MARK);
         for item in &items {
-            if !member(w, item, room - 2, share)? {
+            if !member(w, item, room - 2, met)? {
                 return Ok(false);
             }
         }
@@ -316,12 +333,18 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> Py
 
 /// Items after the container's opcode, a mark and `take` per batch (for
 /// SETITEMS, `items` holds keys and values in turn).
-fn batches(w: &mut Writer, items: &[Bound<'_, PyAny>], room: usize, take: u8, share: bool) -> PyResult<bool> {
+fn batches(
+    w: &mut Writer,
+    items: &[Bound<'_, PyAny>],
+    room: usize,
+    take: u8,
+    met: &mut Option<Met>,
+) -> PyResult<bool> {
     let per = if take == op::SETITEMS { 2 * BATCH } else { BATCH };
     for batch in items.chunks(per) {
         w.op(op::MARK);
         for item in batch {
-            if !member(w, item, room, share)? {
+            if !member(w, item, room, met)? {
                 return Ok(false);
             }
         }
