@@ -16,7 +16,7 @@ import pickle
 from typing import Any
 
 import pytest
-from cpy2py.errors import ProtocolError
+from cpy2py.errors import ProtocolError, SharedParts
 from cpy2py.protocol import codec_py
 from cpy2py.protocol.tags import MAX_DEPTH
 
@@ -158,11 +158,12 @@ def test_with_sharing_a_long_str_held_elsewhere_goes_in_a_block_once_and_twice_n
     """The compiled writer with shared parts kept (what a master sends its
     guest): long strs (64 or more) that something else references too stay
     in the block when each is in it once (they were all refused, and a list
-    of 10k such strs cost a guest 5x to decode as CBOR); one met twice in it
-    refuses the block, so that the CBOR around writes it once."""
+    of 10k such strs cost a guest 5x to decode as CBOR); one met twice in it,
+    or written by an earlier block, refuses the block, so that the CBOR
+    around writes it once more at most."""
     from cpy2py.protocol.tags import SHARING_DETECT, SHARING_REFS
 
-    rows = ["row %060d" % i for i in range(20)]
+    rows = [f"row {i:060d}" for i in range(20)]
     also = list(rows)  # each str referenced twice
     frame = _host.dumps([rows], plain=True, sharing=SHARING_DETECT)
     assert frame.count(TAG_HEAD) == 1
@@ -173,6 +174,16 @@ def test_with_sharing_a_long_str_held_elsewhere_goes_in_a_block_once_and_twice_n
     assert TAG_HEAD not in frame and frame.count("é".encode() * 1000) == 1
     back = codec_py.loads(frame)[0]
     assert back == repeated and all(item is back[0] for item in back[:20])
+    # nor in many blocks: each of 200 rows holding one big str (a block
+    # each) wrote it 200 times; now the first block holds it and the CBOR
+    # of the rest refers to one more copy
+    rows_of_big = [[big, *range(7)] for _ in range(200)]
+    with pytest.raises(SharedParts):
+        _host.dumps([rows_of_big], plain=True, sharing=SHARING_DETECT)
+    frame = _host.dumps([rows_of_big], plain=True, sharing=SHARING_REFS)
+    assert frame.count("é".encode() * 1000) == 2
+    back = codec_py.loads(frame)[0]
+    assert back == rows_of_big and all(row[0] is back[-1][0] for row in back[1:])
     # without sharing, a block holds what it meets, each time
     frame = _host.dumps([repeated], plain=True)
     assert frame.count(TAG_HEAD) == 1 and codec_py.loads(frame) == [repeated]

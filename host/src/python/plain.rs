@@ -169,22 +169,41 @@ pub fn worth_a_block(obj: &Bound<'_, PyAny>) -> bool {
     }
 }
 
-/// With sharing on: the long str and bytes (`shareable`) that a block met so
-/// far and that something else references too, by address.
-type Met = HashSet<usize, BuildHasherDefault<AddressHasher>>;
+/// Long str and bytes (`shareable`) that something else references too, by
+/// address.
+pub type Met = HashSet<usize, BuildHasherDefault<AddressHasher>>;
+
+/// With sharing on, the long str and bytes written in earlier blocks of the
+/// encoding and met in this one.
+struct Shared<'a> {
+    earlier: &'a mut Met,
+    now: Met,
+}
 
 /// Writes `obj` as a whole block into `w` (which it clears first) if it is
 /// plain data through and through, nested at most `room` levels (counted as
 /// CBOR would); `Ok(false)` if it is not: the caller encodes it as CBOR.
-/// With `share` (the encoding keeps shared parts), also when a container
-/// inside may be held twice, or a long str or bytes is met in it twice: a
-/// block is written as a tree.
-pub fn write(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -> PyResult<bool> {
+/// With `in_blocks` (the encoding keeps shared parts: the long str and
+/// bytes its earlier blocks wrote), also when a container inside may be
+/// held twice, or a long str or bytes was written before: a block is
+/// written as a tree, and what it writes is added to `in_blocks`.
+pub fn write(
+    w: &mut Writer,
+    obj: &Bound<'_, PyAny>,
+    room: usize,
+    in_blocks: Option<&mut Met>,
+) -> PyResult<bool> {
     w.out.clear();
     w.start();
-    let mut met = share.then(Met::default);
-    if !value(w, obj, room, &mut met)? {
+    let mut shared = in_blocks.map(|earlier| Shared {
+        earlier,
+        now: Met::default(),
+    });
+    if !value(w, obj, room, &mut shared)? {
         return Ok(false);
+    }
+    if let Some(Shared { earlier, now }) = shared {
+        earlier.extend(now);
     }
     w.end();
     Ok(true)
@@ -192,24 +211,37 @@ pub fn write(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, share: bool) -
 
 /// An item inside the block: refused (the block is not written) if, with
 /// sharing on, it is a container that may be held twice (the block would
-/// hold copies), or a long str or bytes met in the block before (it would
-/// be written twice: `[s] * 1000` of a 1 MB `s` a GB). A long str held
-/// elsewhere too, once in the block, goes in it: only a second copy costs.
-fn member(w: &mut Writer, item: &Bound<'_, PyAny>, room: usize, met: &mut Option<Met>) -> PyResult<bool> {
-    if let Some(met) = met {
+/// hold copies), or a long str or bytes met in this block or written in an
+/// earlier one (`[s] * 1000` of a 1 MB `s` would be a GB, in one block or
+/// in a thousand): the CBOR around writes it once and refers to it after.
+/// A long str held elsewhere too, met once, goes in the block.
+fn member(
+    w: &mut Writer,
+    item: &Bound<'_, PyAny>,
+    room: usize,
+    shared: &mut Option<Shared<'_>>,
+) -> PyResult<bool> {
+    if let Some(shared) = shared {
         // SAFETY: reads the reference count of a live object
         if unsafe { ffi::Py_REFCNT(item.as_ptr()) } > UNSHARED_REFS && shareable(item) {
             let text = item.is_exact_instance_of::<PyString>() || item.is_exact_instance_of::<PyBytes>();
-            // (plain data runs no code while the block is written: addresses stay)
-            if !text || !met.insert(item.as_ptr() as usize) {
+            let address = item.as_ptr() as usize;
+            // (an address reused by another object after a default() freed one
+            // can only refuse a block more: the CBOR is right either way)
+            if !text || shared.earlier.contains(&address) || !shared.now.insert(address) {
                 return Ok(false);
             }
         }
     }
-    value(w, item, room, met)
+    value(w, item, room, shared)
 }
 
-fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, met: &mut Option<Met>) -> PyResult<bool> {
+fn value(
+    w: &mut Writer,
+    obj: &Bound<'_, PyAny>,
+    room: usize,
+    shared: &mut Option<Shared<'_>>,
+) -> PyResult<bool> {
     let py = obj.py();
     if obj.is_exact_instance_of::<PyInt>() {
         let mut overflow: c_int = 0;
@@ -263,7 +295,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, met: &mut Option<M
         w.op(op::EMPTY_LIST);
         let list = obj.cast_exact::<PyList>()?;
         let items: Vec<Bound<'_, PyAny>> = list.iter().collect();
-        return batches(w, &items, room - 1, op::APPENDS, met);
+        return batches(w, &items, room - 1, op::APPENDS, shared);
     } else if obj.is_exact_instance_of::<PyTuple>() {
         if room < 2 {
             return Ok(false);
@@ -278,7 +310,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, met: &mut Option<M
             w.op(op::MARK);
         }
         for item in tuple.iter() {
-            if !member(w, &item, room - 2, met)? {
+            if !member(w, &item, room - 2, shared)? {
                 return Ok(false);
             }
         }
@@ -308,7 +340,7 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, met: &mut Option<M
                 items.push(Bound::from_borrowed_ptr(py, item));
             }
         }
-        return batches(w, &items, room - 1, op::SETITEMS, met);
+        return batches(w, &items, room - 1, op::SETITEMS, shared);
     } else if obj.is_exact_instance_of::<PySet>() || obj.is_exact_instance_of::<PyFrozenSet>() {
         if room < 2 {
             return Ok(false);
@@ -316,11 +348,11 @@ fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, met: &mut Option<M
         let items = obj.try_iter()?.collect::<PyResult<Vec<_>>>()?;
         if obj.is_exact_instance_of::<PySet>() {
             w.op(op::EMPTY_SET);
-            return batches(w, &items, room - 2, op::ADDITEMS, met);
+            return batches(w, &items, room - 2, op::ADDITEMS, shared);
         }
         w.op(op::MARK);
         for item in &items {
-            if !member(w, item, room - 2, met)? {
+            if !member(w, item, room - 2, shared)? {
                 return Ok(false);
             }
         }
@@ -338,13 +370,13 @@ fn batches(
     items: &[Bound<'_, PyAny>],
     room: usize,
     take: u8,
-    met: &mut Option<Met>,
+    shared: &mut Option<Shared<'_>>,
 ) -> PyResult<bool> {
     let per = if take == op::SETITEMS { 2 * BATCH } else { BATCH };
     for batch in items.chunks(per) {
         w.op(op::MARK);
         for item in batch {
-            if !member(w, item, room, met)? {
+            if !member(w, item, room, shared)? {
                 return Ok(false);
             }
         }

@@ -121,7 +121,10 @@ impl WasiGuest {
                     return Err(too_many_guests()); // a slot still held by a guest that just ended
                 }
                 let hint = match end {
-                    GuestEnd::Memory { .. } | GuestEnd::Timeout(_) => end.advice(),
+                    GuestEnd::Memory { .. } => end.advice(),
+                    GuestEnd::Timeout(_) => {
+                        " (pass a larger timeout= to TwinMaster or SandboxPool: the guest's start counts as a call)"
+                    }
                     _ => " (rebuild the guest with `just wasm`; if it persists, report it)",
                 };
                 Err(HostError::Spawn(format!(
