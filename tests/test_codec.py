@@ -669,6 +669,22 @@ def test_shared_parts_cross_once_and_come_back_shared(codec: Any, decoder: str) 
     )
 
 
+def test_the_pure_decoder_finds_shared_values_behind_bytes_that_look_like_their_tag(codec: Any) -> None:
+    """The pure decoder looks for tag 28's head (d8 1c) before decoding a
+    frame, by its first byte: bytes of 0xd8 before it, or one at the very
+    end, must not hide it (nor make a frame without it look shared)."""
+
+    def decoys() -> list:  # (made anew: held by nothing else, never tagged itself)
+        return [b"\xd8" * 10, b"\xd8\x1b\xd8", "\u0600" * 5]  # (U+0600 is d8 80 in UTF-8)
+
+    shared = [1, 2]
+    frame = codec.dumps([decoys(), shared, shared], sharing=REFS)
+    assert frame.index(b"\xd8") < frame.index(b"\xd8\x1c")  # the decoys come first
+    back = codec_py.loads(frame)
+    assert back == [decoys(), shared, shared] and back[1] is back[2]
+    assert codec_py.loads(codec.dumps([decoys(), b"\xd8"])) == [decoys(), b"\xd8"]
+
+
 @pytest.mark.parametrize("decoder", ["pure", "compiled"])
 def test_a_long_str_or_bytes_held_twice_crosses_once(codec: Any, decoder: str) -> None:
     """A str or bytes of 64 or more held more than once (as an item, a

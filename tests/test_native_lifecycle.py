@@ -173,6 +173,22 @@ def test_an_initializer_that_blocks_fails_the_start_within_handshake_timeout(kin
     assert not master.is_alive
 
 
+def test_a_twin_that_exits_while_setting_up_says_what_it_wrote_or_that_it_wrote_nothing(kind):
+    group = kernel_state.TWIN_GROUP_STATE
+    for said, expected in (
+        ("sys.stderr.write('the reason it stopped\\n'); ", "; its last output:\n.*the reason it stopped"),
+        ("", "; it wrote no output$"),
+    ):
+        group.add_initializer(exec, f"import os, sys; {said}sys.stderr.flush(); os._exit(3)")
+        try:
+            master = TwinMaster(kind, f"exits-at-init-{kind}")
+            with pytest.raises(TwinStartError, match=f"(?s)exited with status 3 while setting up{expected}"):
+                master.start()
+        finally:
+            group.initializers.pop()
+        assert not master.is_alive
+
+
 def test_a_slow_start_blocks_no_other_twin(tmp_path):
     go = tmp_path / "go"
     wrapper = _script(

@@ -663,15 +663,14 @@ class TwinMaster:
                     f"handshake_timeout={self.handshake_timeout:g} s (an initializer or its start blocked) "
                     "and was killed: find what blocks, or pass a larger handshake_timeout"
                 )
+            if detail:
+                said = f":\n{detail}"
+            elif tail:
+                said = f"; its last output:\n{tail}"
+            else:
+                said = "; it wrote no output"
             raise TwinStartError(
-                f"twinterpreter {twin_id!r} ({self.executable}) {status} while setting up"
-                + (
-                    f":\n{detail}"
-                    if detail
-                    else f"; its last output:\n{tail}"
-                    if tail
-                    else "; it wrote no output"
-                )
+                f"twinterpreter {twin_id!r} ({self.executable}) {status} while setting up{said}"
             )
         if self.timeout is not None and not self.sandboxed_twin:
             connection.call_timeout = float(self.timeout)
