@@ -747,6 +747,11 @@ def dumps(
             default.only = _held_twice(obj)
     elif plain:
         default = _Blocks(default)
+    elif default is None and type(obj) is list and len(obj) < _RUN_MIN:
+        # a message of scalars (a reply, a release): its items straight away
+        out = bytearray((0x80 | len(obj),))
+        _enc_items(obj, out, 1, None)
+        return bytes(out)
     out = bytearray()
     enc = _ENCODERS.get(type(obj))
     if enc is None:
@@ -942,36 +947,45 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
             if pos >= end:
                 raise _truncated(pos, "an array")
             ib = data[pos]
-            # inline fast paths for the most common items; anything unusual
-            # (including truncation) takes the general path
+            # inline fast paths for the most common items, grouped by major
+            # type (an item takes two or three compares to reach its path);
+            # anything unusual (including truncation) takes the general path
             if ib < 24:
                 append(ib)
                 pos += 1
-            elif ib == 0x19 and pos + 2 < end:
-                append((data[pos + 1] << 8) | data[pos + 2])
-                pos += 3
-            elif ib == 0x18 and pos + 1 < end:
-                append(data[pos + 1])
-                pos += 2
-            elif ib == 0x1B and pos + 8 < end:  # a chain id
-                append(_unpack_from_Q(data, pos + 1)[0])
-                pos += 9
-            elif ib == 0x1A and pos + 4 < end:
-                append(_unpack_from_I(data, pos + 1)[0])
-                pos += 5
+                continue
+            if ib < 0x1C:  # an unsigned integer with a head of 1, 2, 4 or 8 bytes
+                if ib == 0x19 and pos + 2 < end:
+                    append((data[pos + 1] << 8) | data[pos + 2])
+                    pos += 3
+                    continue
+                if ib == 0x18 and pos + 1 < end:
+                    append(data[pos + 1])
+                    pos += 2
+                    continue
+                if ib == 0x1B and pos + 8 < end:  # a chain id
+                    append(_unpack_from_Q(data, pos + 1)[0])
+                    pos += 9
+                    continue
+                if ib == 0x1A and pos + 4 < end:
+                    append(_unpack_from_I(data, pos + 1)[0])
+                    pos += 5
+                    continue
+            elif 0x60 <= ib < 0x78:
+                start = pos + 1
+                if start + ib - 0x60 <= end:
+                    pos = start + ib - 0x60
+                    try:
+                        append(data[start:pos].decode())
+                    except UnicodeDecodeError as e:
+                        raise _invalid_utf8(start, e) from None
+                    continue
             elif (ib == 0x80 or ib == 0xA0) and depth < MAX_DEPTH:  # no arguments, no keywords
                 append([] if ib == 0x80 else {})
                 pos += 1
-            elif 0x60 <= ib < 0x78 and pos + ib - 0x60 < end:
-                start = pos + 1
-                pos = start + ib - 0x60
-                try:
-                    append(data[start:pos].decode())
-                except UnicodeDecodeError as e:
-                    raise _invalid_utf8(start, e) from None
-            else:
-                item, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
-                append(item)
+                continue
+            item, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
+            append(item)
     return items, pos
 
 
@@ -1078,9 +1092,13 @@ def _content(data: bytes, pos: int, major: int, tag: int) -> int:
 def _dec_tag(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]) -> Tuple[Any, int]:
     if depth >= MAX_DEPTH:
         raise _nested_too_deep(pos - 1)
-    tag, pos = _argument(data, pos, ib)
-    if tag < 0:
-        raise ProtocolError(f"a tag cannot have an indefinite length (offset {pos - 1})")
+    if ib == 0xD9 and pos + 1 < len(data):  # a two-byte number: the kernel's tags, tuples
+        tag = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+    else:
+        tag, pos = _argument(data, pos, ib)
+        if tag < 0:
+            raise ProtocolError(f"a tag cannot have an indefinite length (offset {pos - 1})")
     depth += 1
     if tag not in _CODEC_TAGS:  # the kernel's (a reference to a function, say): the hook's
         if hook is None:
@@ -1312,7 +1330,8 @@ def loads(
         estimated = _estimate(data, budget) is not None
     if not data:
         raise ProtocolError("empty input: expected one CBOR data item")
-    if budget is None and _holds_shareable_tag(data):  # (a guest's frames are trees)
+    # (a guest's frames are trees; most frames have no byte 0xd8 at all: no call)
+    if budget is None and data.find(0xD8) >= 0 and _holds_shareable_tag(data):
         tag_hook = _SharedValues(tag_hook)
     ib = data[0]
     value, pos = _DECODERS[ib >> 5](data, 1, ib, 0, tag_hook)
@@ -1802,9 +1821,33 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     read, as the decoders read them (host/src/protocol/header.rs is the same)."""
     if type(frame) is not bytes and type(frame) is not bytearray:
         frame = bytes(frame)  # a Frame received by the compiled host, or a memoryview
-    if not frame or frame[0] >> 5 != 4:
+    end = len(frame)
+    if end > 3 and 0x83 <= frame[0] < 0x98 and frame[1] < 24:
+        # every message: three fields or more, its kind small, its id a head
+        # of up to 5 bytes, its chain (or a reply's value) small or 8 bytes
+        ib = frame[2]
+        if ib < 24:
+            key, pos = ib, 3
+        elif ib == 0x18:
+            key, pos = frame[3], 4
+        elif ib == 0x19 and end > 5:
+            key, pos = (frame[3] << 8) | frame[4], 5
+        elif ib == 0x1A and end > 7:
+            key, pos = _unpack_from_I(frame, 3)[0], 7
+        else:
+            return _peek_fields(frame, 1, 3)
+        if pos < end:
+            ib = frame[pos]
+            if ib < 24:
+                return frame[1], key, ib
+            if ib == 0x1B and pos + 8 < end:
+                return frame[1], key, _unpack_from_Q(frame, pos + 1)[0]
+            if ib >= 0x20:  # not an unsigned integer (a reply's value)
+                return frame[1], key, None
+        return _peek_fields(frame, 1, 3)
+    if not end or frame[0] >> 5 != 4:
         return None, None, None
-    if frame[0] < 0x98:  # 0 to 23 items: every message
+    if frame[0] < 0x98:  # 0 to 23 items
         count, pos = frame[0] & 0x1F, 1
     elif frame[0] == 0x9F:  # indefinite length: up to a break
         count, pos = 3, 1
