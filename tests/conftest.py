@@ -76,6 +76,38 @@ def _native_twins_over_ssh():
         undo()
 
 
+#: set by tests/test_interpreters.py: this session's "python3" twins run
+#: another CPython (JSON: {"executable": its path, "report": a file that gets
+#: the executables the twins were started with})
+PYTHON3_SUITE_ENV = "CPY2PY_TEST_PYTHON3"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _python3_twins_on_another_cpython():
+    import json
+    import os
+
+    spec = os.environ.get(PYTHON3_SUITE_ENV)
+    if not spec:
+        yield
+        return
+    settings = json.loads(spec)
+    started = []
+
+    def on_another_cpython(twin):
+        if twin.executable == "python3":
+            twin.executable = settings["executable"]
+            started.append(twin.executable)
+
+    undo = _set_up_native_twins(on_another_cpython)
+    try:
+        yield
+    finally:
+        undo()
+        with open(settings["report"], "w") as report:
+            json.dump(started, report)
+
+
 def _set_up_native_twins(configure, sandboxes: bool = False):
     """Every native twin made in this session (not already remote) is set up
     by ``configure(twin)`` (the suites' remote kinds); with ``sandboxes``,
