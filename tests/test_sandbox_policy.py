@@ -151,6 +151,18 @@ def make_named():
     return Named()
 
 
+class ClaimsALazyModule:
+    """Names a module the master loaded lazily (its body not run yet)."""
+
+
+ClaimsALazyModule.__module__ = "lazy_master_reports"
+ClaimsALazyModule.__qualname__ = "Report"
+
+
+def make_lazy_claim():
+    return ClaimsALazyModule()
+
+
 class Loud:
     def __repr__(self):
         return "x" * (1 << 20)
@@ -725,6 +737,25 @@ def test_executing_a_guest_object_imports_nothing_in_the_master(box, plugin):
     named = plugin.make_named()
     assert box.execute(named) == "ran in the guest"
     assert "this" not in sys.modules, "the master imported the module a guest object named"
+
+
+def test_a_guest_object_naming_a_lazily_loaded_module_runs_nothing_of_it(box, plugin, tmp_path, monkeypatch):
+    """Looking for a twin class of that name must not touch a lazy module's
+    attributes: any of them, ``__dict__`` too, runs its body."""
+    import builtins
+    import importlib.util
+
+    source = tmp_path / "lazy_master_reports.py"
+    source.write_text("import builtins\nbuiltins.lazy_master_reports_ran = True\nclass Report: pass\n")
+    spec = importlib.util.spec_from_file_location("lazy_master_reports", source)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lazy_master_reports", module)
+    spec.loader.exec_module(module)  # (loaded lazily: nothing ran)
+    claim = plugin.make_lazy_claim()
+    assert type(claim).__qualname__ == "Report"  # a proxy of the guest's object
+    assert not hasattr(builtins, "lazy_master_reports_ran"), "the master ran the lazily loaded module"
+    assert alive(box)
 
 
 # -- decoding a guest's values ----------------------------------------------------------

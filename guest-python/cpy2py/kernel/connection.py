@@ -1689,7 +1689,7 @@ class Connection:
             try:
                 payload = references.encode([RAISE, req_id, err], self.serializer.default, share=self._share)
             except BaseException:  # not even that (a RecursionError near the limit): the bare facts
-                payload = bare_failure(req_id, value if kind == RAISE else err)
+                payload = bare_failure(req_id, value if kind == RAISE else err, self.serializer.trusted)
         if __debug__ and _logging.PER_CALL:
             log.debug("<- %s %s %d", self.peer_id, "reply" if kind == REPLY else "raise", req_id)
         try:

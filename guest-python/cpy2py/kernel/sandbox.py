@@ -145,6 +145,23 @@ def _public_type(kind: type) -> type:
     return Exception
 
 
+_MODULE_DICT = types.ModuleType.__dict__["__dict__"]
+_CLASS_DICT = type.__dict__["__dict__"]
+
+
+def _namespace(obj: Any) -> Any:
+    """The namespace of a module or class, read through the descriptors of
+    ``ModuleType`` and ``type``: nothing of ``obj`` runs (a lazily loaded
+    module runs its body on any attribute access, ``__dict__`` included;
+    a metaclass may define ``__getattribute__``); {} for anything else."""
+    kind = type(obj)
+    if issubclass(kind, types.ModuleType):
+        return _MODULE_DICT.__get__(obj)
+    if issubclass(kind, type):
+        return _CLASS_DICT.__get__(obj)
+    return {}
+
+
 def guest_exception(err: Exception) -> Exception:
     """What a guest may see of a master exception: a new exception of the
     nearest builtin (or cpy2py) type, with the plain-data arguments only, texts
@@ -420,13 +437,14 @@ class SandboxSerializer(Serializer):
             modules.append((split, module))
         for split, found in reversed(modules):  # the longest module first
             for part in parts[split:]:
-                namespace = (
-                    getattr(found, "__dict__", None) if isinstance(found, (type, types.ModuleType)) else None
-                )
-                found = namespace.get(part) if namespace is not None else None
+                found = _namespace(found).get(part)
                 if found is None:
                     break
-            if isinstance(found, TwinMeta) and type.__getattribute__(found, "__twin_id__") == self.peer_id:
+            # (by its type: isinstance would ask an object for its __class__)
+            if (
+                issubclass(type(found), TwinMeta)
+                and type.__getattribute__(found, "__twin_id__") == self.peer_id
+            ):
                 return found
         return None
 

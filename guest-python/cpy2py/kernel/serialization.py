@@ -683,21 +683,27 @@ class Serializer:
 _BARE_NOTE = " (cpy2py: the full exception could not be sent)"
 
 
-def bare_failure(req_id: int, err: BaseException) -> bytes:
+def bare_failure(req_id: int, err: BaseException, trusted: bool = True) -> bytes:
     """A RAISE message for ``err`` that needs few stack frames and nothing of
     ``err`` but its type name and text: for when the full form cannot be
-    encoded (a RecursionError near the limit, a failing ``__str__``)."""
+    encoded (a RecursionError near the limit, a failing ``__str__``). To a
+    peer that is not ``trusted`` (a sandboxed guest), only what the sandbox
+    lets through of a master exception: its nearest builtin type and its
+    str arguments (no object's text, no type name of the master's)."""
     from ..protocol import codec  # late: codec imports nothing from here
 
-    kind = type(err)
-    builtin = vars(builtins).get(kind.__name__) is kind
-    try:
-        text = str(err) if builtin else f"{kind.__module__}.{kind.__qualname__}: {err}"
-    except BaseException:  # a failing __str__
-        text = kind.__qualname__
+    if trusted:
+        kind = type(err)
+        builtin = vars(builtins).get(kind.__name__) is kind
+        try:
+            text = str(err) if builtin else f"{kind.__module__}.{kind.__qualname__}: {err}"
+        except BaseException:  # a failing __str__
+            text = kind.__qualname__
+        name = kind.__name__ if builtin else "RuntimeError"
+    else:
+        name, text = _public_bare(err)
     if _BARE_NOTE not in text:
         text = text[:4096] + _BARE_NOTE
-    name = kind.__name__ if builtin else "RuntimeError"
 
     def encode(obj: Any) -> Tuple[int, Any]:
         if type(obj) is _GlobalRef:
@@ -705,6 +711,26 @@ def bare_failure(req_id: int, err: BaseException) -> bytes:
         return tags.EXCEPTION, [_GlobalRef(("builtins", name)), [text], None]
 
     return codec.dumps([RAISE, req_id, err], encode)
+
+
+def _public_bare(err: BaseException) -> Tuple[str, str]:
+    """The name of the nearest builtin ``Exception`` type of ``err`` and its
+    str arguments (as kernel/sandbox.py's ``guest_exception`` keeps them),
+    found without calling anything of ``err``; ("Exception", "") if even
+    that fails this close to the recursion limit."""
+    try:
+        name = next(
+            (
+                k.__name__
+                for k in type(err).__mro__
+                if vars(builtins).get(k.__name__) is k and issubclass(k, Exception)
+            ),
+            "Exception",
+        )
+        args = BaseException.args.__get__(err)  # (not an override of ``args``)
+        return name, ", ".join(a[:4096] for a in args if type(a) is str)
+    except BaseException:
+        return "Exception", ""
 
 
 class _GlobalRef:

@@ -80,6 +80,10 @@ impl GuestEnd {
                 " (pass a larger memory_limit= to TwinMaster or SandboxPool if the guest needs more)"
             }
             GuestEnd::FrameTooBig { .. } => " (send smaller values, or a proxy of the object)",
+            GuestEnd::Broke(Violation::UnreadAnswers { .. }) => {
+                " (its code asked the master for more than it read: read answers as they come, or pass \
+                 a larger memory_limit= if the guest needs them all at once)"
+            }
             GuestEnd::Broke(_) => " (its code used the link import outside the cpy2py protocol)",
             _ => "",
         }

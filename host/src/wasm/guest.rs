@@ -147,13 +147,23 @@ impl WasiGuest {
     }
 
     /// Queues a frame for the guest (never waits; the guest takes it when a
-    /// thread drives it); fails once the guest has ended.
+    /// thread drives it); fails once the guest has ended, and stops it when
+    /// the answers to its requests it left unread pass its budget (ledger.rs).
     pub fn send(&self, frame: Vec<u8>) -> std::io::Result<()> {
-        if self.shared.has_ended() {
-            return Err(std::io::Error::new(
+        let ended = || {
+            std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 format!("the WASI guest {:?} has ended", self.shared.twin_id),
-            ));
+            )
+        };
+        if self.shared.has_ended() {
+            return Err(ended());
+        }
+        let checked = self.shared.ledger().answering(&frame);
+        if let Err(violation) = checked {
+            tracing::debug!(twin_id = %self.shared.twin_id, %violation, "guest broke the link's rules: stopped");
+            self.shared.stop(GuestEnd::Broke(violation));
+            return Err(ended());
         }
         self.shared
             .to_guest
@@ -313,6 +323,7 @@ pub(super) fn prepare(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<Prepa
     // starting up counts as a call, from the first drive
     let mut ledger = Ledger::new(config.timeout, now);
     ledger.set_driven(false, now);
+    ledger.set_answer_budget(config.memory_limit);
     let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
         twin_id: config.twin_id.clone(),
         paths: guest_paths.into_iter().cloned().collect(),

@@ -32,6 +32,10 @@
 //!   making to it. (The master would start a thread for each new chain.)
 //! - A request, reply or shutdown whose kind, id or chain is not an unsigned
 //!   integer, and more than `MAX_AWAITED` requests without their replies.
+//! - More bytes of the master's answers to its requests left unread than
+//!   its answer budget (its `memory_limit`: it could not hold more): the
+//!   master queues every answer for the guest, so a guest that asks and
+//!   never reads would otherwise make the master hold them all.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -44,6 +48,8 @@ use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST, SHUTDOWN};
 /// the master queue for it.
 pub const MAX_AWAITED: usize = 1 << 16;
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// What a guest did that stops it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
@@ -55,6 +61,8 @@ pub enum Violation {
     MalformedHeader,
     /// Sent more requests without waiting for their replies than allowed.
     TooManyRequests { max: usize },
+    /// Left more bytes of the master's answers unread than its budget.
+    UnreadAnswers { unread: usize, budget: usize },
 }
 
 impl fmt::Display for Violation {
@@ -82,6 +90,13 @@ impl fmt::Display for Violation {
                     "sent more than {max} requests without waiting for their replies"
                 )
             }
+            Violation::UnreadAnswers { unread, budget } => write!(
+                f,
+                "left {:.1} MiB of the master's answers to its requests unread, more than its \
+                 memory_limit of {:.1} MiB could hold",
+                *unread as f64 / MIB,
+                *budget as f64 / MIB
+            ),
         }
     }
 }
@@ -116,6 +131,9 @@ pub struct Ledger {
     owed: Vec<Open>,
     awaited: Vec<Open>,
     seq: u64,
+    /// Bytes of replies to its requests queued for the guest, not taken yet.
+    unread_answers: usize,
+    answer_budget: usize,
 }
 
 impl Ledger {
@@ -131,7 +149,30 @@ impl Ledger {
             owed: Vec::new(),
             awaited: Vec::new(),
             seq: 0,
+            unread_answers: 0,
+            answer_budget: usize::MAX,
         }
+    }
+
+    /// At most `bytes` of the master's answers may wait for the guest unread.
+    pub fn set_answer_budget(&mut self, bytes: usize) {
+        self.answer_budget = bytes;
+    }
+
+    /// The master queues `frame` for the guest: an answer to one of its
+    /// requests counts against its answer budget until the guest takes it.
+    pub fn answering(&mut self, frame: &[u8]) -> Result<(), Violation> {
+        if !matches!(peek_header(frame).and_then(|h| h.kind), Some(REPLY | RAISE)) {
+            return Ok(()); // the master's own requests and releases are its business
+        }
+        self.unread_answers = self.unread_answers.saturating_add(frame.len());
+        if self.unread_answers > self.answer_budget {
+            return Err(Violation::UnreadAnswers {
+                unread: self.unread_answers,
+                budget: self.answer_budget,
+            });
+        }
+        Ok(())
     }
 
     /// The guest's running time up to `now`.
@@ -229,6 +270,8 @@ impl Ledger {
                 if let Some(i) = self.awaited.iter().rposition(|a| a.id == id) {
                     self.awaited.remove(i);
                 }
+                let len = frame.map_or(0, <[u8]>::len);
+                self.unread_answers = self.unread_answers.saturating_sub(len);
             }
             _ => {} // a release (the master's frames are well-formed)
         }
@@ -566,6 +609,33 @@ mod tests {
             g.send(1, &request(0, A)),
             Err(Violation::TooManyRequests { max: MAX_AWAITED })
         );
+    }
+
+    #[test]
+    fn answers_left_unread_are_bounded_and_taking_them_frees_the_budget() {
+        let mut g = Guest::new();
+        let answer = reply(7);
+        g.ledger.set_answer_budget(3 * answer.len());
+        // the master's own requests never count, however many wait
+        for id in 0..10 {
+            g.ledger.answering(&request(id, A)).unwrap();
+        }
+        for _ in 0..3 {
+            g.ledger.answering(&answer).unwrap();
+        }
+        assert_eq!(
+            g.ledger.answering(&answer),
+            Err(Violation::UnreadAnswers {
+                unread: 4 * answer.len(),
+                budget: 3 * answer.len()
+            })
+        );
+        let mut g = Guest::new();
+        g.ledger.set_answer_budget(3 * answer.len());
+        for _ in 0..100 {
+            g.ledger.answering(&answer).unwrap();
+            g.recv(0, 0, &answer); // taken as it comes: never over
+        }
     }
 
     #[test]

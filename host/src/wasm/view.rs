@@ -153,25 +153,19 @@ fn real_root(root: &Path, what: &str) -> Result<(PathBuf, String)> {
 }
 
 /// Puts `source` (a path inside `root`) at `dest`, with the directories
-/// above it; symbolic links only when they resolve inside the root.
+/// above it, when the file it leads to (through links anywhere along the
+/// path, a linked directory too) lies inside the root.
 fn link_inside(root: &Path, source: &Path, dest: &Path) -> Result<()> {
-    let Ok(meta) = fs::symlink_metadata(source) else {
-        return Ok(()); // listed, but gone since
+    let Ok(resolved) = fs::canonicalize(source) else {
+        return Ok(()); // listed, but gone since (or a link to nothing)
     };
-    let source = if meta.file_type().is_symlink() {
-        match fs::canonicalize(source) {
-            Ok(resolved) if resolved.starts_with(root) && resolved.is_file() => resolved,
-            _ => return Ok(()),
-        }
-    } else if meta.is_file() {
-        source.to_path_buf()
-    } else {
+    if !resolved.starts_with(root) || !resolved.is_file() {
         return Ok(());
-    };
+    }
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent)?;
     }
-    copy_in(&source, dest)
+    copy_in(&resolved, dest)
 }
 
 /// Copies a file into a view (the kernel copies within the file system:
@@ -392,11 +386,18 @@ mod tests {
         fs::write(site.join("pkg-1.0.dist-info/RECORD"), "").unwrap();
         fs::write(site.join("other/__init__.py"), "SECRET = 1\n").unwrap();
         std::os::unix::fs::symlink("/etc/hostname", site.join("pkg/outside.py")).unwrap();
+        // a linked directory along the path leads out of the root too
+        fs::create_dir_all(base.join("elsewhere")).unwrap();
+        fs::write(base.join("elsewhere/secret.txt"), "secret").unwrap();
+        std::os::unix::fs::symlink(base.join("elsewhere"), site.join("pkg/linked")).unwrap();
+        std::os::unix::fs::symlink(site.join("pkg"), site.join("pkg/self")).unwrap();
         let listed: Vec<PathBuf> = [
             "pkg/__init__.py",
             "pkg/data.json",
             "pkg-1.0.dist-info/RECORD",
             "pkg/outside.py",
+            "pkg/linked/secret.txt",
+            "pkg/self/data.json",
         ]
         .iter()
         .map(PathBuf::from)
@@ -414,6 +415,14 @@ mod tests {
         assert!(
             !dir.join("pkg/outside.py").exists(),
             "a link out of the root must not be followed"
+        );
+        assert!(
+            !dir.join("pkg/linked").exists(),
+            "a linked directory out of the root must not be followed"
+        );
+        assert!(
+            dir.join("pkg/self/data.json").is_file(),
+            "a linked directory inside the root is followed"
         );
 
         for escape in ["../secret.txt", "/etc/hostname", "pkg/../../x"] {
