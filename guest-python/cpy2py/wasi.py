@@ -17,8 +17,8 @@ call) with (defaults from the host, ``cpy2py._host.WASI_DEFAULT_*``):
   the files their RECORD lists, read-only (cpy2py/packages.py);
 - no environment variables, arguments, stdin or network; its stdout/stderr go
   to the master's, each line marked ``[<twin id>] ``;
-- ``output_limit``: bytes of guest output, beyond which it is dropped with
-  one notice (default 4 MiB);
+- ``output_limit``: bytes the master writes of the guest's output (its
+  marked lines), beyond which it is dropped with one notice (default 4 MiB);
 
 Where the guest is found: ``$CPY2PY_WASI_GUEST`` (the path of a
 ``cpy2py-guest.wasm``; its standard library ``python-lib/`` lies beside it),

@@ -5,9 +5,11 @@
 //! frames for the master, which go out on its stdout too, are taken out
 //! first (frames_out.rs) and never reach this. Lines are
 //! buffered until complete (or until the guest waits for the master, or ends)
-//! so the prefix always starts a line. Past the cap, one notice is written and
-//! the rest is dropped. The end of the guest's stderr is kept to explain a
-//! guest that fails to start.
+//! so the prefix always starts a line. The cap counts what the master
+//! writes (each line with its mark, controls escaped), so output of empty
+//! lines or control bytes cannot make the master write more than the cap;
+//! past it, one notice is written and the rest is dropped. The end of the
+//! guest's stderr is kept to explain a guest that fails to start.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -86,13 +88,35 @@ struct State {
 }
 
 impl State {
-    fn emit(&mut self, which: Which, text: &[u8]) {
+    /// Writes one line of the guest's (marked, controls escaped) if it fits
+    /// in the cap; else the notice, once, and false.
+    fn emit(&mut self, which: Which, text: &[u8]) -> bool {
+        if self.notice_given {
+            return false;
+        }
         let text = text.strip_suffix(b"\n").unwrap_or(text);
         let mut line = Vec::with_capacity(self.prefix.len() + text.len() + 1);
         line.extend_from_slice(&self.prefix);
         escape_controls(text, &mut line);
         line.push(b'\n');
+        if line.len() > self.cap.saturating_sub(self.written) {
+            self.notice_given = true;
+            self.partial = [Vec::new(), Vec::new()];
+            let cap = self.cap;
+            let mut notice = self.prefix.clone();
+            notice.extend_from_slice(
+                format!(
+                    "cpy2py: this guest wrote more than its output limit of {cap} bytes; \
+                     the rest of its output is dropped\n"
+                )
+                .as_bytes(),
+            );
+            self.sink.write_line(Which::Stderr, &notice);
+            return false;
+        }
+        self.written += line.len();
         self.sink.write_line(which, &line);
+        true
     }
 
     fn write(&mut self, which: Which, data: &[u8]) {
@@ -101,32 +125,22 @@ impl State {
             let excess = self.stderr_tail.len().saturating_sub(TAIL_BYTES);
             self.stderr_tail.drain(..excess);
         }
-        let room = self.cap.saturating_sub(self.written);
-        let take = data.len().min(room);
-        self.written += take;
-        let mut rest = &data[..take];
+        let mut rest = data;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            if self.notice_given {
+                return; // past the cap: the rest is dropped
+            }
             let mut line = std::mem::take(&mut self.partial[which as usize]);
             line.extend_from_slice(&rest[..=end]);
             self.emit(which, &line);
             rest = &rest[end + 1..];
         }
+        if self.notice_given {
+            return;
+        }
         self.partial[which as usize].extend_from_slice(rest);
         if self.partial[which as usize].len() >= MAX_PARTIAL_LINE {
             self.flush(which);
-        }
-        if take < data.len() && !self.notice_given {
-            self.notice_given = true;
-            self.flush_all();
-            let cap = self.cap;
-            self.emit(
-                Which::Stderr,
-                format!(
-                    "cpy2py: this guest wrote more than its output limit of {cap} bytes; \
-                     the rest of its output is dropped"
-                )
-                .as_bytes(),
-            );
         }
     }
 
@@ -298,16 +312,32 @@ mod tests {
 
     #[test]
     fn output_beyond_the_cap_is_dropped_with_one_notice() {
-        let (out, sink) = output(10);
+        // the cap counts what is written: "[box] 12345\n" and "[box] 6789\n" fit in 30
+        let (out, sink) = output(30);
         out.write(Which::Stdout, b"12345\n");
         out.write(Which::Stdout, b"6789\nabcdef\n");
         out.write(Which::Stdout, b"more and more\n");
+        out.write(Which::Stderr, b"and a partial line");
         out.flush();
         let lines = sink.0.lock().unwrap().clone();
         assert_eq!(lines[0], (Which::Stdout, "[box] 12345\n".into()));
         assert_eq!(lines[1], (Which::Stdout, "[box] 6789\n".into()));
-        assert!(lines[2].1.contains("output limit of 10 bytes"), "{lines:?}");
+        assert!(lines[2].1.contains("output limit of 30 bytes"), "{lines:?}");
         assert_eq!(lines.len(), 3, "{lines:?}");
+    }
+
+    #[test]
+    fn empty_lines_and_controls_cannot_make_the_master_write_more_than_the_cap() {
+        for flood in [vec![b'\n'; 100_000], [b'\x1b', b'\n'].repeat(50_000)] {
+            let (out, sink) = output(1000);
+            out.write(Which::Stderr, &flood);
+            out.flush();
+            let lines = sink.0.lock().unwrap().clone();
+            let (notice, forwarded) = lines.split_last().expect("lines");
+            assert!(notice.1.contains("output limit of 1000 bytes"), "{notice:?}");
+            let written: usize = forwarded.iter().map(|(_, line)| line.len()).sum();
+            assert!(written <= 1000, "{written} bytes written for a cap of 1000");
+        }
     }
 
     #[test]
