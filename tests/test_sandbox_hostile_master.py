@@ -48,6 +48,27 @@ def raise_a_builtin():
     raise ValueError("failed" + ERASE + "All 12 plugins loaded fine")
 
 
+class Loud:
+    """Its texts, made in the guest, erase the line."""
+
+    def __str__(self):
+        return "failed" + ERASE + "All 12 plugins loaded fine"
+
+    __repr__ = __str__
+
+    def __format__(self, spec):
+        return str(self)
+
+
+def raise_with_its_object():
+    """A builtin type whose argument is an object of the guest: its str is asked of the guest."""
+    raise ValueError(Loud())
+
+
+def loud():
+    return Loud()
+
+
 def raise_a_named_type():
     """An exception whose type name itself erases the line."""
     kind = type("Bad" + ERASE + "Fine", (Exception,), {{}})
@@ -132,7 +153,9 @@ def assert_no_controls(text: str) -> None:
 # message and the guest's traceback text"; its output cannot "move back over the prefix".
 
 
-@pytest.mark.parametrize("attack", ["raise_its_own", "raise_a_builtin", "raise_a_named_type"])
+@pytest.mark.parametrize(
+    "attack", ["raise_its_own", "raise_a_builtin", "raise_a_named_type", "raise_with_its_object"]
+)
 def test_a_guest_exception_cannot_erase_the_masters_screen(sandbox, attack):
     """What Python prints of a guest's exception nobody catches (its type
     name, message and the guest's traceback, as RemoteError or a builtin
@@ -144,6 +167,16 @@ def test_a_guest_exception_cannot_erase_the_masters_screen(sandbox, attack):
     with pytest.raises((RemoteError, ValueError)) as info:
         getattr(master.import_module("texts_plugin"), attack)()
     assert_no_controls("".join(traceback.format_exception(info.value)))
+    assert master.execute(abs, -1) == 1
+
+
+def test_the_texts_of_a_guest_object_cannot_erase_the_masters_screen(sandbox):
+    """A proxy's repr, str and format are answered by the guest."""
+    master = sandbox("texts-object")
+    loud = master.import_module("texts_plugin").loud()
+    for text in (repr(loud), str(loud), f"{loud}", "%s" % (loud,)):  # noqa: UP031
+        assert_no_controls(text)
+        assert "All 12 plugins loaded fine" in text
     assert master.execute(abs, -1) == 1
 
 

@@ -31,7 +31,7 @@ from cpy2py import (
     kernel_state,
 )
 from cpy2py.kernel import references
-from support import code_on_sys_path, run_master, sandbox_unavailable, sandboxes
+from support import code_on_sys_path, require_interpreter, run_master, sandbox_unavailable, sandboxes
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -149,6 +149,35 @@ Named.__qualname__ = "s"
 
 def make_named():
     return Named()
+
+
+class Endless:
+    """Arguments that never end: unpacked in the master, item after item."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return b"x" * 1024
+
+
+class Keys:
+    def keys(self):
+        return ["a"]
+
+    def __getitem__(self, key):
+        return 1
+
+
+def call_with_its_own_arguments(callback, which):
+    """Asks the master to call `callback` with arguments of its own making."""
+    from cpy2py import kernel_state
+    from cpy2py.kernel import links
+    from cpy2py.protocol.messages import OP_EXECUTE
+
+    link = links.existing_connection(kernel_state.MASTER_ID)
+    args, kwargs = {"iterator": (Endless(), {}), "mapping": ([], Keys()), "key": ([], {1: 2})}[which]
+    return link.request(OP_EXECUTE, callback, args, kwargs)
 
 
 class ClaimsALazyModule:
@@ -526,6 +555,49 @@ def test_frames_generators_modules_and_the_like_are_never_handed(box, plugin, wh
     assert alive(box)
 
 
+OTHER_TWIN_KINDS = """
+import abc, types, typing
+
+class Meta(type):
+    pass
+
+class Plain:
+    pass
+
+class WithMeta(metaclass=Meta):
+    pass
+
+class Abstract(abc.ABC):
+    pass
+
+class Protocol(typing.Protocol):
+    pass
+
+class Module(types.ModuleType):
+    pass
+
+KINDS = {"class": Plain, "class of a metaclass": WithMeta, "abstract class": Abstract,
+         "protocol class": Protocol, "module": types, "module of a subclass": Module("m")}
+"""
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["class", "class of a metaclass", "abstract class", "protocol class", "module", "module of a subclass"],
+)
+def test_classes_and_modules_of_another_twin_are_never_handed(box, plugin, what):
+    """The master holds proxies of another twin's objects: a class of any
+    metaclass (a guest could make objects in that twin) or a module is not
+    handed on, as the master's own are not."""
+    require_interpreter("python3")
+    with TwinMaster("python3", twinterpreter_id="policy-other-twin") as other:
+        other.execute(exec, OTHER_TWIN_KINDS + "import builtins; builtins.policy_kinds = KINDS")
+        thing = other.execute(eval, f"__import__('builtins').policy_kinds[{what!r}]")
+        with pytest.raises(SandboxViolation, match="never handed"):
+            plugin.identity(thing)
+        assert alive(box)
+
+
 def test_a_coroutine_a_callback_returns_is_awaited_never_handed(plugin):
     async def callback(value):
         return {"awaited": value}
@@ -737,6 +809,17 @@ def test_executing_a_guest_object_imports_nothing_in_the_master(box, plugin):
     named = plugin.make_named()
     assert box.execute(named) == "ran in the guest"
     assert "this" not in sys.modules, "the master imported the module a guest object named"
+
+
+@pytest.mark.parametrize("which", ["iterator", "mapping", "key"])
+def test_a_call_with_arguments_of_the_guests_making_is_refused(box, plugin, which):
+    """A guest's endless iterator as *args made the master unpack it until
+    its memory ran out: a call's arguments are a list and a dict of str keys."""
+    ran = []
+    with pytest.raises(Exception, match="arguments are not a list and a dict of str keys"):
+        plugin.call_with_its_own_arguments(lambda *args, **kwargs: ran.append(args), which)
+    assert ran == []
+    assert alive(box)
 
 
 def test_a_guest_object_naming_a_lazily_loaded_module_runs_nothing_of_it(box, plugin, tmp_path, monkeypatch):

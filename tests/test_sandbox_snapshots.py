@@ -130,6 +130,30 @@ def test_an_edited_module_gets_a_new_snapshot(tmp_path, capfd):
     assert "snap_noisy imported" in capfd.readouterr().out, "the snapshot was taken again"
 
 
+def test_a_module_rewritten_with_its_old_size_and_time_gets_a_new_snapshot(tmp_path, capfd):
+    """As ``cp -p``, ``tar x`` or ``rsync -t`` install a file: another text of
+    the same size, its modification time set back to the old one's."""
+    source = tmp_path / "snap_same_size.py"
+    old_time = 1_700_000_000_000_000_000
+
+    def install(text):
+        source.write_text(text)
+        os.utime(source, ns=(old_time, old_time))
+
+    def version(twin_id):
+        with preloading(tmp_path, "snap_same_size", twin_id) as twin:
+            return twin.import_module("snap_same_size").VERSION
+
+    install('VERSION = "v1-malicious"\n')
+    assert version("snap-same-v1") == "v1-malicious"
+    assert "snapshot of the WASI guest was made" in capfd.readouterr().err
+    assert version("snap-same-v1-again") == "v1-malicious"
+    assert "snapshotting" not in capfd.readouterr().err, "an unchanged module keeps its snapshot"
+    install('VERSION = "v2-reviewed!"\n')
+    assert version("snap-same-v2") == "v2-reviewed!"
+    assert "snapshot of the WASI guest was made" in capfd.readouterr().err
+
+
 def test_each_configuration_has_its_own_snapshot(code, tmp_path):
     """The same module name under other paths is another module: its guests
     never start from the first one's snapshot."""

@@ -210,6 +210,33 @@ def test_the_build_time_warm_up_answers_every_call_and_leaves_no_link():
     assert references._exports == exported
 
 
+def test_a_warm_guest_that_fails_its_warm_up_is_ended(tmp_path):
+    """A preload that breaks the warm-up: each warm guest the pool starts
+    fails it and is retried; none of them may live on (each holds up to
+    its memory_limit, and the process's guests are capped)."""
+    (tmp_path / "warm_breaker.py").write_text(
+        textwrap.dedent(
+            """
+            from cpy2py.kernel import guest_main
+
+            def _failing(*args, **kwargs):
+                raise RuntimeError("no warm-up today")
+
+            guest_main.warm_noop = _failing
+            """
+        )
+    )
+    with SandboxPool(size=1, fresh=True, warm=True, paths=[str(tmp_path)], preload=["warm_breaker"]) as pool:
+        assert pool.execute(abs, -21) == 21  # a call starts its own guest meanwhile
+        most = 0
+        deadline = time.monotonic() + 3.0  # (several retries: they back off from 0.1 s)
+        while time.monotonic() < deadline:
+            most = max(most, len(fresh.guests_of(pool.twin_ids[0])))
+            time.sleep(0.05)
+        assert most <= 1, f"{most} guests of failed warm-ups lived on"
+        assert pool.execute(abs, -22) == 22
+
+
 def test_warm_applies_to_fresh_pools_only(plugin):
     with pytest.raises(ValueError, match="fresh=True"):
         SandboxPool(size=1, warm=True, paths=[plugin.ROOT])

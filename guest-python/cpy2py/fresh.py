@@ -355,6 +355,7 @@ class Spares:
                 guest.start()
                 guest.warm_up()
             except Exception as err:  # a call starts its own guest meanwhile, and reports why it fails
+                guest.end()  # (one that started, then failed its warm-up, would live on)
                 with self._cond:
                     self._starting = False
                     self._cond.notify_all()

@@ -665,6 +665,10 @@ class TwinMaster:
             deadlines.clear(start_key)
         if not (isinstance(answer, dict) and answer.get("ready")):
             detail = answer.get("error") if isinstance(answer, dict) else None
+            status = process.wait(2.0) or process.kill()
+            forwarded = getattr(process, "stderr_forwarded", None)
+            if forwarded is not None and not detail:
+                forwarded(1.0)  # (what it wrote last may still be on its way)
             tail = None if detail else process.stderr_tail()
             if not serializer.trusted:  # a guest's text: cut as its tracebacks are, controls written out
                 from .kernel.sandbox import written_out
@@ -676,7 +680,6 @@ class TwinMaster:
                         else references.safe_repr(detail)
                     )
                 tail = written_out(tail)
-            status = process.wait(2.0) or process.kill()
             close = getattr(process, "close", None)
             if close is not None:
                 close()

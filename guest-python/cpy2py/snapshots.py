@@ -14,9 +14,11 @@ the imports, then the new component is compiled for this machine: about
 depend on: the guest build, the modules, ``paths``, ``packages`` (their
 RECORDs: a reinstall makes a new key) and ``memory_limit``. Beside it,
 ``<key>.json`` records every ``*.py`` file under ``paths`` (what the guest
-can see of them) with its size, time and SHA-256: a later start that finds
-a file changed, added or gone makes the snapshot again, so an edited
-plugin is never served from an old one. The record is the master's own
+can see of them) with its size, its times (modified, and changed: which
+nothing can set back, so a file rewritten with its old size and time is
+told apart) and SHA-256: a later start that finds a file changed, added or
+gone makes the snapshot again, so an edited plugin is never served from an
+old one. The record is the master's own
 walk of those directories, never what the guest says it read.
 
 Trust: the snapshot is the memory of a guest that ran the user's own
@@ -66,7 +68,7 @@ _known: Dict[str, Optional[str]] = {}
 #: record file -> (its mtime, the files it lists), read once per process
 _records: Dict[str, Any] = {}
 
-#: a file as recorded: size, mtime (ns), SHA-256
+#: a file as recorded: size, mtime (ns), SHA-256, ctime (ns)
 Described = Dict[str, List[Any]]
 
 
@@ -131,12 +133,16 @@ def _sources(roots: List[str]) -> Iterator[Tuple[str, os.stat_result]]:
 
 
 def _describe(roots: List[str]) -> Described:
-    return {path: [stat.st_size, stat.st_mtime_ns, _digest(path)] for path, stat in _sources(roots)}
+    return {
+        path: [stat.st_size, stat.st_mtime_ns, _digest(path), stat.st_ctime_ns]
+        for path, stat in _sources(roots)
+    }
 
 
 def _unchanged(record: str, roots: List[str]) -> bool:
     """Whether the files under ``roots`` are those recorded: the same names,
-    and each with the recorded size and time, or else the same contents."""
+    and each with the recorded size and times, or else the same contents
+    (then its times are remembered for this process, so it is not read again)."""
     try:
         stamp = os.stat(record).st_mtime_ns
         known = _records.get(record)
@@ -150,8 +156,10 @@ def _unchanged(record: str, roots: List[str]) -> bool:
             recorded = files.get(path)
             if recorded is None:
                 return False  # a new file (it may shadow an imported one)
-            if (stat.st_size, stat.st_mtime_ns) != tuple(recorded[:2]) and _digest(path) != recorded[2]:
-                return False
+            if (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) != (recorded[0], recorded[1], recorded[3]):
+                if _digest(path) != recorded[2]:
+                    return False
+                recorded[:2], recorded[3] = [stat.st_size, stat.st_mtime_ns], stat.st_ctime_ns
         return seen == len(files)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return False
@@ -231,7 +239,7 @@ def _make(
         )
         try:
             files = _describe(list(start["paths"]))
-            if any(mtime_ns >= started_ns for _, mtime_ns, _ in files.values()):
+            if any(described[1] >= started_ns for described in files.values()):
                 # edited while the guest imported it: which version it saw is unknown
                 raise RuntimeError(
                     "a file under paths changed while the snapshot was made; the next start makes it"

@@ -153,7 +153,7 @@ def export(obj: Any, connection: Connection, by_name: bool = True, grant: Any = 
     else:
         info = class_info(type(obj), by_name)
         # (not the master's modules to a sandbox: their names are not the guest's to see)
-        if type(obj) is _ModuleType and (by_name or not kernel_state.is_master()):
+        if issubclass(type(obj), _ModuleType) and (by_name or not kernel_state.is_master()):
             info = module_info(obj, info)
     with _lock:
         if not isinstance(obj, TwinProxy):
@@ -688,7 +688,7 @@ def _serializer(link: Any) -> Any:
     return link.serializer if link is not None else Serializer("?")
 
 
-_TEXT_METHODS = frozenset({"__repr__", "__str__"})
+_TEXT_METHODS = frozenset({"__repr__", "__str__", "__format__"})
 #: proxy classes of twin classes (known by name, so bounded by the program)
 _twin_proxy_classes: Dict[type, type] = {}
 #: proxy classes per link, for the class descriptions its peer sent; beyond

@@ -145,6 +145,9 @@ def _public_type(kind: type) -> type:
     return Exception
 
 
+#: the operations a guest may ask for, and how many operands each has
+_OPERANDS = {OP_EXECUTE: 3, OP_CALL_METHOD: 4, OP_GETATTR: 2, OP_SETATTR: 3, OP_DELATTR: 2}
+
 _MODULE_DICT = types.ModuleType.__dict__["__dict__"]
 _CLASS_DICT = type.__dict__["__dict__"]
 
@@ -185,6 +188,25 @@ def _remote_type_name(proxy: Any) -> str:
     if isinstance(info, type):  # an instance of a twin class
         return f"{info.__module__}.{info.__qualname__}"
     return str(info[0]) if isinstance(info, list) and info else ""
+
+
+#: special methods every class has (from ``type``), whatever its metaclass
+_CLASS_METHODS = frozenset({"__subclasses__", "__instancecheck__", "__subclasscheck__"})
+
+
+def _never_handed_remote(proxy: Any) -> bool:
+    """Whether the object behind ``proxy`` (of another twin) is of a kind
+    never handed to a guest: by its type's name, a class of any metaclass
+    (its type's special methods are those of ``type``), or a module of any
+    type (described with its functions: a third element)."""
+    if _remote_type_name(proxy) in _NEVER_HANDED_NAMES:
+        return True
+    info = type(proxy).__class_info__
+    return (
+        isinstance(info, list)
+        and len(info) > 1
+        and (len(info) == 3 or not _CLASS_METHODS.isdisjoint(info[1]))
+    )
 
 
 #: a path's real path, kept for the whole process: a fresh guest comes with a
@@ -275,7 +297,7 @@ class SandboxSerializer(Serializer):
                 if name is not None and (self._guest_has(obj, name)):
                     self._names[id(obj)] = (obj, name)
                     return tags.GLOBAL_REF, list(name)  # the guest runs its own copy
-        elif _remote_type_name(obj) in _NEVER_HANDED_NAMES:
+        elif _never_handed_remote(obj):
             raise SandboxViolation(
                 f"cannot hand a proxy of a {_remote_type_name(obj)} to the sandboxed twin {self.peer_id!r}: "
                 "modules, classes, frames, generators and code are never handed to a guest"
@@ -363,9 +385,13 @@ class SandboxSerializer(Serializer):
         return (type(safe), safe, None)
 
     def received_text(self, text: Any) -> Any:
+        """What a guest object's ``__repr__``, ``__str__`` or ``__format__``
+        answered: cut, and its terminal controls written out (printed, an
+        exception holding the object included, it must not steer the
+        master's terminal)."""
         if isinstance(text, str) and len(text) > MAX_TEXT:
-            return text[:MAX_TEXT] + f"... [{len(text) - MAX_TEXT} more characters cut by cpy2py]"
-        return text
+            text = text[:MAX_TEXT] + f"... [{len(text) - MAX_TEXT} more characters cut by cpy2py]"
+        return written_out(text)
 
     # -- what comes from the guest ------------------------------------------
 
@@ -464,9 +490,21 @@ class SandboxSerializer(Serializer):
             raise SandboxViolation(
                 f"the sandboxed twin {self.peer_id!r} sent a request whose operation is not an int"
             )
-        if op not in (OP_EXECUTE, OP_CALL_METHOD, OP_GETATTR, OP_SETATTR, OP_DELATTR):
+        if op not in _OPERANDS:
             what = "create master objects" if op == OP_INSTANTIATE else f"use operation {op!r}"
             raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} may not {what}")
+        if len(operands) != _OPERANDS[op]:
+            raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} sent a malformed request")
+        if op == OP_EXECUTE or op == OP_CALL_METHOD:
+            # unpacked here as they came: a list and a dict of str keys, never
+            # one of the guest's objects (an endless iterator of its own as
+            # *args made the master unpack it until its memory ran out)
+            args, kwargs = operands[-2], operands[-1]
+            if type(args) is not list or type(kwargs) is not dict or any(type(k) is not str for k in kwargs):
+                raise SandboxViolation(
+                    f"the sandboxed twin {self.peer_id!r} sent a call whose arguments are not a list "
+                    "and a dict of str keys"
+                )
         target = operands[0]
         key = references.key_of(target)
         grant = self.connection.grants.get(key) if key is not None else None

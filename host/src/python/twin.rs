@@ -360,4 +360,11 @@ impl NativeTwin {
     fn stderr_tail(&self) -> String {
         self.0.process.stderr_tail()
     }
+
+    /// Waits up to `timeout` seconds for the twin (and anything it started)
+    /// to close its stderr, all it wrote forwarded (and in the tail); whether
+    /// it did. A twin that exits has its last words read before they are told.
+    fn stderr_forwarded(&self, py: Python<'_>, timeout: f64) -> bool {
+        in_host(py, || self.0.process.stderr_forwarded(seconds(timeout)))
+    }
 }
