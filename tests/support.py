@@ -23,6 +23,34 @@ def require_interpreter(kind: str) -> None:
         pytest.skip(f"{kind} is not installed on this machine{hint}")
 
 
+def find_cpython(version: str) -> tuple[str | None, str]:
+    """The executable of CPython ``version`` ("3.13") on this machine (its
+    real path: pyenv's shims run only the versions it was told to, so its
+    versions directory is looked in too), and why there is none if not."""
+    found = shutil.which(f"python{version}")
+    pyenv = os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")), "versions")
+    if os.path.isdir(pyenv):
+        for name in sorted(os.listdir(pyenv), reverse=True):
+            candidate = os.path.join(pyenv, name, "bin", f"python{version}")
+            if name.startswith(version + ".") and os.access(candidate, os.X_OK):
+                found = candidate
+                break
+    if found is None:
+        return None, f"CPython {version} is not installed here (no python{version} on PATH nor in pyenv)"
+    says = "import sys; print(sys.implementation.name, '%d.%d' % sys.version_info[:2], sys.executable)"
+    probe = subprocess.run(
+        [found, "-c", says],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    fields = probe.stdout.split()
+    if probe.returncode != 0 or len(fields) != 3 or fields[:2] != ["cpython", version]:
+        said = (probe.stdout.strip() or probe.stderr.strip())[-300:]
+        return None, f"python{version} here does not run as CPython {version}: {said}"
+    return fields[2], ""
+
+
 def run_master(
     script: str, *flags: str, env: dict | None = None, timeout: float = 120, stdin: str | None = None
 ) -> subprocess.CompletedProcess:

@@ -16,40 +16,18 @@ import subprocess
 
 import pytest
 from conftest import PYTHON3_SUITE_ENV
-from support import TESTS_DIR, run_suite, sandbox_unavailable
+from support import TESTS_DIR, find_cpython, run_suite, sandbox_unavailable
 
 VERSIONS = ["3.9", "3.10", "3.11", "3.12", "3.13", "3.14"]
 SUITES = ["test_objects.py", "test_functions.py"]
 
 
 def cpython(version: str) -> str:
-    """The executable of CPython ``version`` (its real path, not a pyenv
-    shim), or a skip that says why there is none."""
-    found = shutil.which(f"python{version}")
-    pyenv = os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")), "versions")
-    if os.path.isdir(pyenv):  # (its shims run only the versions it was told to: look behind them)
-        for name in sorted(os.listdir(pyenv), reverse=True):
-            candidate = os.path.join(pyenv, name, "bin", f"python{version}")
-            if name.startswith(version + ".") and os.access(candidate, os.X_OK):
-                found = candidate
-                break
+    """The executable of CPython ``version``, or a skip that says why there is none."""
+    found, why = find_cpython(version)
     if found is None:
-        pytest.skip(f"CPython {version} is not installed here (no python{version} on PATH nor in pyenv)")
-    probe = subprocess.run(
-        [
-            found,
-            "-c",
-            "import sys; print(sys.implementation.name, '%d.%d' % sys.version_info[:2], sys.executable)",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    fields = probe.stdout.split()
-    if probe.returncode != 0 or len(fields) != 3 or fields[:2] != ["cpython", version]:
-        said = (probe.stdout.strip() or probe.stderr.strip())[-300:]
-        pytest.skip(f"python{version} on PATH does not run as CPython {version}: {said}")
-    return fields[2]
+        pytest.skip(why)
+    return found
 
 
 @pytest.mark.parametrize("suite", SUITES)

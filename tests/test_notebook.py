@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from support import TESTS_DIR, require_interpreter, run_master, sandbox_unavailable
+from support import TESTS_DIR, find_cpython, require_interpreter, run_master, sandbox_unavailable
 
 DEFINITIONS = """
 import math, os
@@ -145,19 +145,11 @@ def test_without_source_the_error_says_what_to_do():
 
 def _prompt_interpreter() -> str | None:
     """A CPython 3.13+ (its prompt keeps what is typed in linecache), or None."""
-    import shutil
-    import subprocess
-
     if sys.version_info >= (3, 13) and sys.implementation.name == "cpython":
         return sys.executable
-    for name in ("python3.14", "python3.13"):
-        found = shutil.which(name)
-        if found is None:
-            continue
-        probe = subprocess.run(
-            [found, "-c", "import sys; print(sys.version_info >= (3, 13))"], capture_output=True, text=True
-        )
-        if probe.stdout.strip() == "True":
+    for version in ("3.14", "3.13"):
+        found, _ = find_cpython(version)
+        if found is not None:
             return found
     return None
 
