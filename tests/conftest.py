@@ -54,16 +54,21 @@ def _stop_twins_after_module():
 SSH_SUITE_ENV = "CPY2PY_TEST_SSH_TWINS"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _native_twins_over_ssh():
+def _suite_settings(variable: str):
+    """The JSON settings a rerun of the suites was given in ``variable``, or None."""
     import json
     import os
 
-    spec = os.environ.get(SSH_SUITE_ENV)
-    if not spec:
+    spec = os.environ.get(variable)
+    return json.loads(spec) if spec else None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_twins_over_ssh():
+    settings = _suite_settings(SSH_SUITE_ENV)
+    if settings is None:
         yield
         return
-    settings = json.loads(spec)
 
     def over_ssh(twin):
         twin.host = settings["host"]
@@ -85,13 +90,11 @@ PYTHON3_SUITE_ENV = "CPY2PY_TEST_PYTHON3"
 @pytest.fixture(autouse=True, scope="session")
 def _python3_twins_on_another_cpython():
     import json
-    import os
 
-    spec = os.environ.get(PYTHON3_SUITE_ENV)
-    if not spec:
+    settings = _suite_settings(PYTHON3_SUITE_ENV)
+    if settings is None:
         yield
         return
-    settings = json.loads(spec)
     started = []
 
     def on_another_cpython(twin):
@@ -140,15 +143,12 @@ RAY_SUITE_ENV = "CPY2PY_TEST_RAY_TWINS"
 @pytest.fixture(autouse=True, scope="session")
 def _native_twins_on_ray():
     import json
-    import os
 
-    spec = os.environ.get(RAY_SUITE_ENV)
-    if not spec:
+    settings = _suite_settings(RAY_SUITE_ENV)
+    if settings is None:
         yield
         return
     import cpy2py.ray
-
-    settings = json.loads(spec)
 
     def on_ray(twin):
         resources, address = settings["resources"], settings["address"]
