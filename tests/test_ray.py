@@ -395,6 +395,149 @@ def test_a_silent_peer_is_cut_off(monkeypatch):
         assert silent.recv(64).startswith(tcp_link.MAGIC)  # it was asked, and said nothing
 
 
+def test_a_peer_that_drips_bytes_is_cut_off_at_the_challenges_deadline(monkeypatch):
+    """The challenge's time is for the whole answer: a byte now and then
+    does not buy more (each read had the full time of its own)."""
+    from cpy2py import tcp_link
+
+    monkeypatch.setattr(tcp_link, "CHALLENGE_TIMEOUT", 0.5)
+    node_side, dripper = socket.socketpair()
+    stop = threading.Event()
+
+    def drip():
+        for _ in range(tcp_link.DIGEST_SIZE + tcp_link.NONCE_SIZE):
+            if stop.wait(0.1):
+                return
+            try:
+                dripper.send(b"\0")
+            except OSError:
+                return
+
+    thread = threading.Thread(target=drip)
+    with node_side, dripper:
+        thread.start()
+        try:
+            with pytest.raises(tcp_link.AuthenticationFailed, match="did not answer the challenge"):
+                tcp_link.challenge(node_side, os.urandom(32))
+        finally:
+            stop.set()
+            thread.join()
+
+
+def test_a_high_descriptor_is_waited_on(tmp_path):
+    """The node side waits on its link and report pipe with poll: select
+    refuses descriptors of 1024 or more, which a Ray worker reaches (a
+    sandboxed twin's host process failed with ValueError there)."""
+    from cpy2py import tcp_link
+
+    read, write = os.pipe()
+    high = 1500
+    try:
+        os.dup2(read, high)
+        assert not tcp_link.wait_readable(high, 0.01)
+        os.write(write, b"x")
+        assert tcp_link.wait_readable(high, 5)
+    finally:
+        for fd in (read, write, high):
+            os.close(fd)
+
+
+def _node_without_ray(monkeypatch):
+    """A TwinHost on this machine, without a cluster: only Ray's two
+    look-ups of the node are replaced."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'cpy2py[ray]')")
+    import types
+
+    import cpy2py.ray
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "node"))
+    return cpy2py.ray.TwinHost()
+
+
+TWIN_THAT_ECHOES = [sys.executable, "-c", "import os; os.write(1, b'twin:' + os.read(0, 100))"]
+
+
+def test_peers_that_crowd_the_twins_port_do_not_shut_the_master_out(monkeypatch):
+    """Each peer without the secret held a thread and a descriptor for the
+    challenge's time, without bound (until the node ran out and its port
+    closed for good): past MAX_CHECKS the oldest is cut off."""
+    import cpy2py.ray
+    from cpy2py import tcp_link
+
+    host = _node_without_ray(monkeypatch)
+    secret = os.urandom(32)
+    address = tuple(host.listen(secret, TWIN_THAT_ECHOES, 60)["address"])
+    crowd = [socket.create_connection(address, timeout=20) for _ in range(cpy2py.ray.MAX_CHECKS + 16)]
+    try:
+        first = crowd[0]
+        first.settimeout(20)
+        assert _read_until_closed(first).startswith(tcp_link.MAGIC)  # asked, then cut off
+        master = socket.create_connection(address, timeout=20)
+        with master:
+            tcp_link.prove(master, secret, 20)
+            master.sendall(b"hello")
+            master.settimeout(20)
+            assert _read_until_closed(master) == b"twin:hello"
+    finally:
+        for sock in crowd:
+            sock.close()
+        if host.process is not None:
+            host.process.wait(20)
+
+
+NODE_OUT_OF_DESCRIPTORS = """
+import os, resource, socket, sys, time, types
+import ray
+ray.util.get_node_ip_address = lambda: "127.0.0.1"
+ray.get_runtime_context = lambda: types.SimpleNamespace(get_node_id=lambda: "node")
+import cpy2py.ray
+from cpy2py import tcp_link
+tcp_link.CHALLENGE_TIMEOUT = 1.0
+host = cpy2py.ray.TwinHost()
+twin = [sys.executable, "-c", "import os; os.write(1, b'twin:' + os.read(0, 100))"]
+address = host.listen(b"s" * 32, twin, 60)["address"]
+# room for 16 connections more (the twin's start needs a few descriptors too)
+room = len(os.listdir("/proc/self/fd")) + 16
+resource.setrlimit(resource.RLIMIT_NOFILE, (room, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(address[1], flush=True)
+host._ended.wait(60)
+print("ended", host.start_error, flush=True)
+"""
+
+
+def test_a_node_out_of_descriptors_keeps_its_port_for_the_master(monkeypatch, tmp_path):
+    """accept() failing for want of descriptors (peers without the secret
+    hold them for the challenge's time) closed the port for good."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'cpy2py[ray]')")
+    from cpy2py import tcp_link
+
+    node = subprocess.Popen(
+        [sys.executable, "-c", NODE_OUT_OF_DESCRIPTORS],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    try:
+        port = int(node.stdout.readline())
+        crowd = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(40)]
+        try:
+            time.sleep(0.5)  # (the node accepts them until it has no descriptor left)
+            master = socket.create_connection(("127.0.0.1", port), timeout=20)
+            with master:  # let in once the crowd's challenges run out (1 s here)
+                tcp_link.prove(master, b"s" * 32, 20)
+                master.sendall(b"hello")
+                master.settimeout(20)
+                assert _read_until_closed(master) == b"twin:hello"
+        finally:
+            for sock in crowd:
+                sock.close()
+        assert node.stdout.readline() == "ended None\n"  # (its twin started, and ended)
+    finally:
+        node.kill()
+        node.wait(20)
+
+
 def _read_until_closed(sock: socket.socket) -> bytes:
     data = b""
     try:

@@ -34,9 +34,10 @@ except ImportError as _err:  # the optional extra
 
 import atexit
 import collections
+import contextlib
+import errno
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -123,6 +124,17 @@ def describe_status(returncode: int) -> str:
 # -- on the node: the actor ---------------------------------------------------
 
 
+#: connections a twin's port challenges at once; a newer one cuts the oldest
+#: off (a peer without the secret would hold a thread and a descriptor for up
+#: to tcp_link.CHALLENGE_TIMEOUT)
+MAX_CHECKS = 64
+#: accept() failures that leave the port open for the master: out of
+#: descriptors or memory, a peer that left while queued
+_PASSING_ACCEPT_ERRORS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
+)
+
+
 class TwinHost:
     """The Ray actor that holds a twin's place on a node and starts it.
 
@@ -142,6 +154,8 @@ class TwinHost:
         self._lock = threading.Lock()
         self._ended = threading.Event()
         self._listener: Optional[socket.socket] = None
+        #: connections being challenged now, oldest first (at most MAX_CHECKS)
+        self._checks: collections.deque = collections.deque()
         #: a sandboxed twin's settings (None: a native twin)
         self.sandbox: Optional[Dict[str, Any]] = None
         #: how a sandboxed twin's guest ended, from its host process
@@ -184,7 +198,7 @@ class TwinHost:
     def _accept(self, listener: socket.socket, secret: bytes, argv: List[str], deadline: float) -> None:
         while self.process is None and self.start_error is None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([listener], [], [], left)[0]:
+            if left <= 0 or not tcp_link.wait_readable(listener, left):
                 with self._lock:
                     if self.process is None and self.start_error is None:
                         self.start_error = "the master did not connect in time"
@@ -192,10 +206,34 @@ class TwinHost:
                 break
             try:
                 conn, peer = listener.accept()
-            except OSError:
-                break
-            threading.Thread(target=self._check, args=(conn, peer, secret, argv), daemon=True).start()
+            except OSError as err:
+                if err.errno in _PASSING_ACCEPT_ERRORS:
+                    # out of descriptors (peers that never prove the secret
+                    # hold some, each for at most the challenge's time), or a
+                    # peer gone while queued: the master may still come
+                    time.sleep(0.05)
+                    continue
+                break  # (the listener was closed: the twin has its link)
+            # Each check holds a thread and a descriptor for up to the
+            # challenge's time: past MAX_CHECKS the oldest is cut off (the
+            # master answers within a round trip, so it is the newest one)
+            with self._lock:
+                self._checks.append(conn)
+                oldest = self._checks.popleft() if len(self._checks) > MAX_CHECKS else None
+            if oldest is not None:
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)  # (its check fails at once)
+            try:
+                threading.Thread(target=self._check, args=(conn, peer, secret, argv), daemon=True).start()
+            except RuntimeError:  # no thread to be had: this one is dropped, the next may pass
+                self._checked(conn)
+                conn.close()
         listener.close()
+
+    def _checked(self, conn: socket.socket) -> None:
+        with self._lock:
+            if conn in self._checks:
+                self._checks.remove(conn)
 
     def _check(self, conn: socket.socket, peer: Any, secret: bytes, argv: List[str]) -> None:
         try:
@@ -206,6 +244,8 @@ class TwinHost:
             log.warning("cpy2py: refused a connection to the twin's port from %s: %s", who, err)
             conn.close()
             return
+        finally:
+            self._checked(conn)
         with self._lock:
             if self.process is not None or self.start_error is not None:
                 conn.close()  # a second proof of the secret: the twin has its link
@@ -625,7 +665,7 @@ def start(
 
 
 def _readable(sock: socket.socket, deadline: float) -> bool:
-    return bool(select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0])
+    return tcp_link.wait_readable(sock, max(0.0, deadline - time.monotonic()))
 
 
 def node_of(twin_id: str) -> Optional[str]:

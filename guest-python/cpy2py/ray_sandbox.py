@@ -136,12 +136,12 @@ def host_env(settings: Dict[str, Any], link_fd: int, report_fd: int) -> Dict[str
 def read_report(fd: int) -> Optional[Dict[str, Any]]:
     """The host process's record of how its guest ended (None: it wrote
     none, e.g. it was killed); closes ``fd``."""
-    import select
+    from .tcp_link import wait_readable
 
     data = b""
     try:
         # the process is gone: the pipe holds what it wrote, then its end
-        while select.select([fd], [], [], 0.5)[0]:
+        while wait_readable(fd, 0.5):
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
@@ -268,10 +268,13 @@ def _relay(link: Any, guest: Any, to_master: _Sender) -> None:
     """Until the guest ends (all it sent is passed on) or the master is gone."""
     import select
 
+    # (poll, not select: the link's descriptor may be 1024 or more)
     master = link.fileno()
-    watched = [master, guest.fileno()]
+    watched = select.poll()
+    watched.register(master, select.POLLIN)
+    watched.register(guest.fileno(), select.POLLIN)
     while True:
-        if link.buffered() or master in select.select(watched, [], [])[0]:
+        if link.buffered() or any(fd == master for fd, _ in watched.poll()):
             try:
                 frame = link.recv()
             except Exception:  # a broken stream: the master is gone, or was not the master

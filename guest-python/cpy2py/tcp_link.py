@@ -21,7 +21,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import select
 import socket
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 MAGIC = b"cpy2py-tcp-1\n"
 NONCE_SIZE = 32
@@ -43,14 +49,30 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"".join(parts), hashlib.sha256).digest()
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
+def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """``size`` bytes, all of them by ``deadline`` (monotonic): a peer that
+    sends a byte now and then gets no more time than one that sends none."""
     data = b""
     while len(data) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout
+        sock.settimeout(left)
         chunk = sock.recv(size - len(data))
         if not chunk:
             raise AuthenticationFailed(f"the peer closed the connection after {len(data)} of {size} bytes")
         data += chunk
     return data
+
+
+def wait_readable(source: Any, timeout: Optional[float] = None) -> bool:
+    """Whether ``source`` (a descriptor, or anything with ``fileno()``) is
+    readable within ``timeout`` seconds (None: until it is). With ``poll``,
+    not ``select``, which refuses descriptors of 1024 or more (a Ray worker
+    holds many, and a peer can open more)."""
+    poller = select.poll()
+    poller.register(source, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def tune(sock: socket.socket) -> None:
@@ -71,10 +93,11 @@ def challenge(sock: socket.socket, secret: bytes) -> None:
     """The node's side: raises ``AuthenticationFailed`` unless the peer
     answers the challenge; the peer's bytes are only compared, never parsed."""
     nonce = os.urandom(NONCE_SIZE)
+    deadline = time.monotonic() + CHALLENGE_TIMEOUT
     sock.settimeout(CHALLENGE_TIMEOUT)
     try:
         sock.sendall(MAGIC + nonce)
-        answer = _read_exactly(sock, DIGEST_SIZE + NONCE_SIZE)
+        answer = _read_exactly(sock, DIGEST_SIZE + NONCE_SIZE, deadline)
         if not hmac.compare_digest(answer[:DIGEST_SIZE], _mac(secret, b"master", nonce)):
             raise AuthenticationFailed("its answer to the challenge is wrong (it does not hold the secret)")
         sock.sendall(_mac(secret, b"twin", answer[DIGEST_SIZE:], nonce))
@@ -90,14 +113,15 @@ def challenge(sock: socket.socket, secret: bytes) -> None:
 def prove(sock: socket.socket, secret: bytes, timeout: float) -> None:
     """The master's side: answer the node's challenge, and check that the
     node holds the secret too (else it is not the twin's actor)."""
+    deadline = time.monotonic() + max(timeout, 0.001)
     sock.settimeout(max(timeout, 0.001))
     try:
-        hello = _read_exactly(sock, len(MAGIC) + NONCE_SIZE)
+        hello = _read_exactly(sock, len(MAGIC) + NONCE_SIZE, deadline)
         if not hmac.compare_digest(hello[: len(MAGIC)], MAGIC):
             raise AuthenticationFailed("it does not speak the cpy2py TCP link")
         nonce = os.urandom(NONCE_SIZE)
         sock.sendall(_mac(secret, b"master", hello[len(MAGIC) :]) + nonce)
-        proof = _read_exactly(sock, DIGEST_SIZE)
+        proof = _read_exactly(sock, DIGEST_SIZE, deadline)
         if not hmac.compare_digest(proof, _mac(secret, b"twin", nonce, hello[len(MAGIC) :])):
             raise AuthenticationFailed("it does not hold the twin's secret")
     except socket.timeout:

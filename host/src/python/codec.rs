@@ -23,6 +23,7 @@ use pyo3::{ffi, intern, Borrowed};
 
 use super::equal_hashes::EqualHashes;
 use super::errors::protocol_error;
+use super::host_calls::in_host;
 use super::plain;
 use super::received::Frame;
 use crate::error::HostError;
@@ -851,7 +852,7 @@ fn loads<'py>(
         // the walk reads immutable bytes only: other threads run meanwhile
         // (a 64 MiB frame takes tens of milliseconds)
         let verdict = if input.len() >= DETACH_WALK {
-            py.detach(|| budget::estimate(input, budget))
+            in_host(py, || budget::estimate(input, budget))
         } else {
             budget::estimate(input, budget)
         };

@@ -24,8 +24,15 @@ pub fn exiting() -> bool {
 }
 
 /// Runs `f` with the GIL released, counted in [`IN_HOST`] until the thread
-/// holds the GIL again.
+/// holds the GIL again. Once the master exits, `f` runs with the GIL held:
+/// a thread that took it back inside the host after the exit hook's wait
+/// (below) would be ended there by CPython, the interpreter finalizing, and
+/// abort the process (what it waits for, the twins, is gone by then). The
+/// check and the count happen with the GIL held, as [`set_exiting`] does.
 pub fn in_host<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    if exiting() {
+        return f();
+    }
     struct Counted;
     impl Drop for Counted {
         fn drop(&mut self) {
@@ -43,18 +50,23 @@ pub fn in_host<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
 /// took the GIL back only after the interpreter began to finalize would be
 /// ended by CPython with pthread_exit, which cannot unwind through Rust
 /// frames and aborts the process ("FATAL: exception not rethrown").
+///
+/// The count is read with the GIL held: a thread changes it only while it
+/// holds the GIL (entering, and leaving once it took the GIL back), so a
+/// zero seen here is not a thread between two waits that is about to
+/// enter again (read without the GIL, it was: the process aborted).
 #[pyfunction]
 pub fn wait_out_of_host(py: Python<'_>, timeout: f64) -> bool {
     let deadline = Instant::now() + seconds(timeout);
-    py.detach(|| loop {
+    loop {
         if IN_HOST.load(Ordering::SeqCst) == 0 {
             return true;
         }
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(1));
-    })
+        py.detach(|| std::thread::sleep(Duration::from_millis(1)));
+    }
 }
 
 /// A duration in seconds from Python; negative counts as zero.

@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::codec::PART_MIN;
+use super::host_calls::in_host;
 use super::twin::NativeTwin;
 use crate::error::HostError;
 use crate::protocol::header::argument;
@@ -133,7 +134,7 @@ fn read_frame<'py>(py: Python<'py>, fd: i32, first: &[u8], length: usize) -> PyR
     }
     let read = &mut |at: usize, room: usize| loop {
         // SAFETY: memory the split owns and nothing else touches meanwhile
-        let got = py.detach(|| unsafe { libc::read(fd, at as *mut libc::c_void, room) });
+        let got = in_host(py, || unsafe { libc::read(fd, at as *mut libc::c_void, room) });
         if got >= 0 {
             return Ok(got as usize);
         }

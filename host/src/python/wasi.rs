@@ -162,7 +162,7 @@ impl WasiGuest {
     /// guest until the thread holds the GIL again.
     fn in_host<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&wasm::WasiGuest) -> T + Send) -> T {
         let _counted = self.guest.enter_host();
-        py.detach(|| f(&self.guest))
+        host_calls::in_host(py, || f(&self.guest))
     }
 
     /// In a forked child of the process that started the guest: the error
@@ -246,7 +246,7 @@ impl WasiGuest {
             let guest = &mut twin.guest;
             let hello = {
                 let _counted = guest.enter_host();
-                py.detach(|| guest.take_hello(slice))
+                in_host(py, || guest.take_hello(slice))
             };
             match hello {
                 Ok(true) => return Ok(twin),
@@ -257,7 +257,7 @@ impl WasiGuest {
                 }
                 Ok(false) => {
                     if let Err(interrupted) = py.check_signals() {
-                        py.detach(|| twin.guest.kill());
+                        in_host(py, || twin.guest.kill());
                         return Err(interrupted);
                     }
                     if host_calls::exiting() {
@@ -471,7 +471,7 @@ impl WasiGuest {
             });
             if self.guest.end().is_none() {
                 if let Err(interrupted) = py.check_signals() {
-                    py.detach(|| self.guest.kill());
+                    in_host(py, || self.guest.kill());
                     self.let_threads_out(py);
                     return Err(interrupted);
                 }
@@ -488,7 +488,7 @@ impl WasiGuest {
         }
         let end = match self.guest.end() {
             Some(end) => end, // without releasing the GIL (see the module docs)
-            None => py.detach(|| self.guest.kill()),
+            None => in_host(py, || self.guest.kill()),
         };
         self.let_threads_out(py);
         end.describe()
