@@ -66,31 +66,6 @@ def test_executable_path_and_separate_id():
     assert os.path.realpath(info["executable"]) == os.path.realpath(sys.executable)
 
 
-def test_a_version_managers_shim_runs_once_then_twins_start_its_interpreter(tmp_path, monkeypatch):
-    """pyenv's and asdf's shims are scripts that pick an interpreter by the
-    working directory and cost tens of milliseconds a start: the first
-    twin started through one tells which interpreter it ran, and later ones
-    in that directory start it directly."""
-    shims, ran = tmp_path / "shims", tmp_path / "shim-ran"
-    shims.mkdir()
-    shim = shims / "python3"
-    shim.write_text(f'#!/bin/sh\necho ran >> "{ran}"\nexec "{sys.executable}" "$@"\n')
-    shim.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
-
-    def start_twice(prefix):
-        for i in range(2):
-            with TwinMaster("python3", twinterpreter_id=f"{prefix}-{i}") as twin:
-                assert twin.execute(abs, -3) == 3
-                assert twin.execute(eval, "__import__('sys').executable") == sys.executable
-
-    start_twice("shimmed")
-    assert ran.read_text().split() == ["ran"]
-    monkeypatch.chdir(tmp_path)  # another directory: the shim may pick another interpreter
-    start_twice("shimmed-elsewhere")
-    assert ran.read_text().split() == ["ran", "ran"]
-
-
 def test_id_defaults_to_the_executable_name():
     master = TwinMaster(executable=sys.executable)
     assert master.twinterpreter_id == os.path.basename(sys.executable)

@@ -158,29 +158,6 @@ _realpaths: Dict[Tuple[str, str], str] = {}
 _MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
-#: (a version manager's shim, the working directory, the version variables)
-#: -> the interpreter it ran, as the twin's hello said: later twins start it
-#: directly (pyenv's and asdf's shims are shell scripts that cost 60-80 ms
-#: a start; a python3 twin starts in about 20)
-_behind_shims: Dict[Tuple[str, str, Tuple[Optional[str], ...]], str] = {}
-_SHIM_VERSION_VARIABLES = ("PYENV_VERSION", "ASDF_PYTHON_VERSION")
-
-
-def _shim_key(path: str) -> Optional[Tuple[str, str, Tuple[Optional[str], ...]]]:
-    """The key of ``path`` in ``_behind_shims`` if it is a version manager's
-    shim (a script in a directory named ``shims``, as pyenv's and asdf's),
-    whose choice depends on the directory and those variables; else None."""
-    if os.path.basename(os.path.dirname(path)) != "shims":
-        return None
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) != b"#!":
-                return None
-    except OSError:
-        return None
-    return path, os.getcwd(), tuple(os.environ.get(name) for name in _SHIM_VERSION_VARIABLES)
-
-
 def _realpath(entry: str) -> str:
     cwd = os.getcwd() if not os.path.isabs(entry) else ""
     key = (entry, cwd)
@@ -743,16 +720,9 @@ class TwinMaster:
             }
         )
         args = ["-O"] * sys.flags.optimize + ["-c", _bootstrap()]
-        shim = _shim_key(path)
-        behind = _behind_shims.get(shim) if shim is not None else None
-        log.info("starting twinterpreter %s: %s", self.twinterpreter_id, behind or path)
+        log.info("starting twinterpreter %s: %s", self.twinterpreter_id, path)
         left = max(0.0, self._start_deadline - time.monotonic())
-        process = host.NativeTwin.spawn(behind or path, args, list(env.items()), os.getcwd(), left)
-        if shim is not None and behind is None:
-            real = process.hello.get("executable")
-            if isinstance(real, str) and os.path.isabs(real) and real != path and os.access(real, os.X_OK):
-                _behind_shims[shim] = real
-        return process
+        return host.NativeTwin.spawn(path, args, list(env.items()), os.getcwd(), left)
 
     def _start_remote(self) -> Any:
         """Start the twin on ``self.host`` through ssh (cpy2py/ssh.py)."""
