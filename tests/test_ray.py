@@ -486,6 +486,60 @@ def test_peers_that_crowd_the_twins_port_do_not_shut_the_master_out(monkeypatch)
             host.process.wait(20)
 
 
+def test_a_master_cut_off_before_the_challenge_connects_again():
+    """A node crowded by peers without the secret cuts off its oldest
+    challenges, the master's among them if a burst came right after it: the
+    master connects again (a node that answers wrong is not tried again)."""
+    import cpy2py.ray
+    from cpy2py import tcp_link
+
+    secret = os.urandom(32)
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = listener.getsockname()[:2]
+
+    def node():
+        with listener:
+            first, _ = listener.accept()
+            first.close()  # cut off, as the oldest of a crowd
+            second, _ = listener.accept()
+            with second:
+                tcp_link.challenge(second, secret)
+                second.sendall(b"in")
+
+    thread = threading.Thread(target=node)
+    thread.start()
+    try:
+
+        def fail(message):
+            return TwinStartError(message)
+
+        sock = cpy2py.ray._connect_and_prove(address, secret, time.monotonic() + 20, "node", fail)
+        with sock:
+            sock.settimeout(20)
+            assert _read_until_closed(sock) == b"in"
+    finally:
+        thread.join(30)
+    wrong = socket.create_server(("127.0.0.1", 0))
+
+    def impostor():  # (a node of another secret: it answers, wrongly)
+        with wrong:
+            conn, _ = wrong.accept()
+            with conn:
+                conn.sendall(tcp_link.MAGIC + os.urandom(tcp_link.NONCE_SIZE))
+                conn.recv(tcp_link.DIGEST_SIZE + tcp_link.NONCE_SIZE, socket.MSG_WAITALL)
+                conn.sendall(os.urandom(tcp_link.DIGEST_SIZE))
+
+    thread = threading.Thread(target=impostor)
+    thread.start()
+    try:
+        with pytest.raises(TwinStartError, match="failed the challenge: it does not hold the twin's secret"):
+            cpy2py.ray._connect_and_prove(
+                wrong.getsockname()[:2], secret, time.monotonic() + 20, "node", fail
+            )
+    finally:
+        thread.join(30)
+
+
 NODE_OUT_OF_DESCRIPTORS = """
 import os, resource, socket, sys, time, types
 import ray

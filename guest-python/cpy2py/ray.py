@@ -616,17 +616,7 @@ def start(
             "that has them (Placement(node=...) or a resource only such nodes offer)"
         )
     where = f"{info['address'][0]}:{info['address'][1]}"
-    try:
-        sock = socket.create_connection(
-            tuple(info["address"]), timeout=max(0.001, deadline - time.monotonic())
-        )
-    except OSError as err:
-        raise fail(f"could not connect to its node ({where}): {err}") from None
-    try:
-        tcp_link.prove(sock, secret, deadline - time.monotonic())
-    except tcp_link.AuthenticationFailed as err:
-        sock.close()
-        raise fail(f"the other end of {where} failed the challenge: {err}") from None
+    sock = _connect_and_prove(tuple(info["address"]), secret, deadline, where, fail)
     raw: Any = None
     try:
         tcp_link.tune(sock)
@@ -662,6 +652,28 @@ def start(
         said = f"; it said:\n{tail.strip()}" if tail.strip() else ""
         raise fail(f"the twin {status}{said}") from None
     return (RaySandboxTwin if sandbox is not None else RayTwin)(sock, actor, info, hello)
+
+
+def _connect_and_prove(address: Any, secret: bytes, deadline: float, where: str, fail: Any) -> socket.socket:
+    """The twin's link, authenticated both ways. Cut off before the
+    challenge ended (a node crowded by peers without the secret cuts off
+    its oldest challenges), it connects again until the deadline."""
+    while True:
+        try:
+            sock = socket.create_connection(address, timeout=max(0.001, deadline - time.monotonic()))
+        except OSError as err:
+            raise fail(f"could not connect to its node ({where}): {err}") from None
+        try:
+            tcp_link.prove(sock, secret, deadline - time.monotonic())
+            return sock
+        except tcp_link.CutOff as err:
+            sock.close()
+            if time.monotonic() + 0.05 >= deadline:
+                raise fail(f"the other end of {where} cut the connection off: {err}") from None
+            time.sleep(0.05)
+        except tcp_link.AuthenticationFailed as err:
+            sock.close()
+            raise fail(f"the other end of {where} failed the challenge: {err}") from None
 
 
 def _readable(sock: socket.socket, deadline: float) -> bool:

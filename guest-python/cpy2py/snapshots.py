@@ -239,7 +239,8 @@ def _make(
         )
         try:
             files = _describe(list(start["paths"]))
-            if any(described[1] >= started_ns for described in files.values()):
+            # (its change time too: a file rewritten with its old modification time)
+            if any(max(described[1], described[3]) >= started_ns for described in files.values()):
                 # edited while the guest imported it: which version it saw is unknown
                 raise RuntimeError(
                     "a file under paths changed while the snapshot was made; the next start makes it"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import select
 import socket
@@ -45,6 +46,11 @@ class AuthenticationFailed(Exception):
     """The peer did not prove it holds the twin's secret."""
 
 
+class CutOff(AuthenticationFailed):
+    """The connection ended before the challenge did (the node may cut off
+    its oldest challenges when crowded: the master tries again)."""
+
+
 def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"".join(parts), hashlib.sha256).digest()
 
@@ -60,7 +66,7 @@ def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
         sock.settimeout(left)
         chunk = sock.recv(size - len(data))
         if not chunk:
-            raise AuthenticationFailed(f"the peer closed the connection after {len(data)} of {size} bytes")
+            raise CutOff(f"the peer closed the connection after {len(data)} of {size} bytes")
         data += chunk
     return data
 
@@ -72,7 +78,7 @@ def wait_readable(source: Any, timeout: Optional[float] = None) -> bool:
     holds many, and a peer can open more)."""
     poller = select.poll()
     poller.register(source, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+    return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
 def tune(sock: socket.socket) -> None:
@@ -127,5 +133,5 @@ def prove(sock: socket.socket, secret: bytes, timeout: float) -> None:
     except socket.timeout:
         raise AuthenticationFailed("it did not finish the challenge in time") from None
     except OSError as err:
-        raise AuthenticationFailed(f"the connection failed during the challenge: {err}") from None
+        raise CutOff(f"the connection failed during the challenge: {err}") from None
     sock.settimeout(None)

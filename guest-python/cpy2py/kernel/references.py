@@ -350,6 +350,7 @@ def class_info(cls: type, by_name: bool = True) -> Any:
 
 
 _ModuleType = type(sys)
+_MODULE_NAMESPACE = _ModuleType.__dict__["__dict__"]
 _FUNCTION_TYPES = (type(lambda: None), type(len))
 #: most functions of a module named in its class info
 MAX_MODULE_FUNCTIONS = 2000
@@ -363,7 +364,9 @@ def module_info(module: Any, info: List[Any]) -> List[Any]:
     try:
         names = [
             name
-            for name, value in list(vars(module).items())
+            # (its namespace read through ModuleType's descriptor: vars() of
+            # a lazily loaded module would run its body)
+            for name, value in list(_MODULE_NAMESPACE.__get__(module).items())
             if type(value) in _FUNCTION_TYPES
             and type(name) is str
             and not (name[:2] == "__" and name[-2:] == "__")

@@ -159,7 +159,17 @@ fn link_inside(root: &Path, source: &Path, dest: &Path) -> Result<()> {
     let Ok(resolved) = fs::canonicalize(source) else {
         return Ok(()); // listed, but gone since (or a link to nothing)
     };
-    if !resolved.starts_with(root) || !resolved.is_file() {
+    if !resolved.starts_with(root) {
+        // (said: a distribution laid out as links into another tree, as
+        // Nix's, is then missing files the guest will look for)
+        tracing::warn!(
+            file = %source.display(),
+            leads_to = %resolved.display(),
+            "a package file leads out of its installation directory through a link: the guest does not get it"
+        );
+        return Ok(());
+    }
+    if !resolved.is_file() {
         return Ok(());
     }
     if let Some(parent) = dest.parent() {
