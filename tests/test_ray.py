@@ -455,6 +455,17 @@ def _node_without_ray(monkeypatch):
     return cpy2py.ray.TwinHost()
 
 
+def _master_gets_its_twin(address, secret: bytes) -> None:
+    """Connects as the master and finds the twin that echoes (TWIN_THAT_ECHOES)."""
+    from cpy2py import tcp_link
+
+    with socket.create_connection(address, timeout=20) as master:
+        tcp_link.prove(master, secret, 20)
+        master.sendall(b"hello")
+        master.settimeout(20)
+        assert _read_until_closed(master) == b"twin:hello"
+
+
 TWIN_THAT_ECHOES = [sys.executable, "-c", "import os; os.write(1, b'twin:' + os.read(0, 100))"]
 
 
@@ -473,12 +484,7 @@ def test_peers_that_crowd_the_twins_port_do_not_shut_the_master_out(monkeypatch)
         first = crowd[0]
         first.settimeout(20)
         assert _read_until_closed(first).startswith(tcp_link.MAGIC)  # asked, then cut off
-        master = socket.create_connection(address, timeout=20)
-        with master:
-            tcp_link.prove(master, secret, 20)
-            master.sendall(b"hello")
-            master.settimeout(20)
-            assert _read_until_closed(master) == b"twin:hello"
+        _master_gets_its_twin(address, secret)
     finally:
         for sock in crowd:
             sock.close()
@@ -564,7 +570,6 @@ def test_a_node_out_of_descriptors_keeps_its_port_for_the_master(monkeypatch, tm
     """accept() failing for want of descriptors (peers without the secret
     hold them for the challenge's time) closed the port for good."""
     pytest.importorskip("ray", reason="ray is not installed (pip install 'cpy2py[ray]')")
-    from cpy2py import tcp_link
 
     node = subprocess.Popen(
         [sys.executable, "-c", NODE_OUT_OF_DESCRIPTORS],
@@ -577,12 +582,8 @@ def test_a_node_out_of_descriptors_keeps_its_port_for_the_master(monkeypatch, tm
         crowd = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(40)]
         try:
             time.sleep(0.5)  # (the node accepts them until it has no descriptor left)
-            master = socket.create_connection(("127.0.0.1", port), timeout=20)
-            with master:  # let in once the crowd's challenges run out (1 s here)
-                tcp_link.prove(master, b"s" * 32, 20)
-                master.sendall(b"hello")
-                master.settimeout(20)
-                assert _read_until_closed(master) == b"twin:hello"
+            # let in once the crowd's challenges run out (1 s here)
+            _master_gets_its_twin(("127.0.0.1", port), b"s" * 32)
         finally:
             for sock in crowd:
                 sock.close()
