@@ -351,6 +351,22 @@ def class_info(cls: type, by_name: bool = True) -> Any:
 
 _ModuleType = type(sys)
 _MODULE_NAMESPACE = _ModuleType.__dict__["__dict__"]
+_CLASS_NAMESPACE = type.__dict__["__dict__"]
+
+
+def namespace_of(obj: Any) -> Any:
+    """The namespace of a module or class, read through the descriptors of
+    ``ModuleType`` and ``type``: nothing of ``obj`` runs (a lazily loaded
+    module runs its body on any attribute access, ``__dict__`` and ``vars()``
+    included; a metaclass may define ``__getattribute__``); {} for anything else."""
+    kind = type(obj)
+    if issubclass(kind, _ModuleType):
+        return _MODULE_NAMESPACE.__get__(obj)
+    if issubclass(kind, type):
+        return _CLASS_NAMESPACE.__get__(obj)
+    return {}
+
+
 _FUNCTION_TYPES = (type(lambda: None), type(len))
 #: most functions of a module named in its class info
 MAX_MODULE_FUNCTIONS = 2000
@@ -364,9 +380,7 @@ def module_info(module: Any, info: List[Any]) -> List[Any]:
     try:
         names = [
             name
-            # (its namespace read through ModuleType's descriptor: vars() of
-            # a lazily loaded module would run its body)
-            for name, value in list(_MODULE_NAMESPACE.__get__(module).items())
+            for name, value in list(namespace_of(module).items())
             if type(value) in _FUNCTION_TYPES
             and type(name) is str
             and not (name[:2] == "__" and name[-2:] == "__")

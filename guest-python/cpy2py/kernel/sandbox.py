@@ -148,22 +148,6 @@ def _public_type(kind: type) -> type:
 #: the operations a guest may ask for, and how many operands each has
 _OPERANDS = {OP_EXECUTE: 3, OP_CALL_METHOD: 4, OP_GETATTR: 2, OP_SETATTR: 3, OP_DELATTR: 2}
 
-_MODULE_DICT = types.ModuleType.__dict__["__dict__"]
-_CLASS_DICT = type.__dict__["__dict__"]
-
-
-def _namespace(obj: Any) -> Any:
-    """The namespace of a module or class, read through the descriptors of
-    ``ModuleType`` and ``type``: nothing of ``obj`` runs (a lazily loaded
-    module runs its body on any attribute access, ``__dict__`` included;
-    a metaclass may define ``__getattribute__``); {} for anything else."""
-    kind = type(obj)
-    if issubclass(kind, types.ModuleType):
-        return _MODULE_DICT.__get__(obj)
-    if issubclass(kind, type):
-        return _CLASS_DICT.__get__(obj)
-    return {}
-
 
 def guest_exception(err: Exception) -> Exception:
     """What a guest may see of a master exception: a new exception of the
@@ -463,7 +447,7 @@ class SandboxSerializer(Serializer):
             modules.append((split, module))
         for split, found in reversed(modules):  # the longest module first
             for part in parts[split:]:
-                found = _namespace(found).get(part)
+                found = references.namespace_of(found).get(part)
                 if found is None:
                     break
             # (by its type: isinstance would ask an object for its __class__)

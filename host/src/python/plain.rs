@@ -180,6 +180,9 @@ struct Shared<'a> {
     now: Met,
 }
 
+/// What a block's walk keeps of shared parts (None: sharing off).
+type Sharing<'s, 'a> = &'s mut Option<Shared<'a>>;
+
 /// Writes `obj` as a whole block into `w` (which it clears first) if it is
 /// plain data through and through, nested at most `room` levels (counted as
 /// CBOR would); `Ok(false)` if it is not: the caller encodes it as CBOR.
@@ -215,12 +218,7 @@ pub fn write(
 /// earlier one (`[s] * 1000` of a 1 MB `s` would be a GB, in one block or
 /// in a thousand): the CBOR around writes it once and refers to it after.
 /// A long str held elsewhere too, met once, goes in the block.
-fn member(
-    w: &mut Writer,
-    item: &Bound<'_, PyAny>,
-    room: usize,
-    shared: &mut Option<Shared<'_>>,
-) -> PyResult<bool> {
+fn member(w: &mut Writer, item: &Bound<'_, PyAny>, room: usize, shared: Sharing<'_, '_>) -> PyResult<bool> {
     if let Some(shared) = shared {
         // SAFETY: reads the reference count of a live object
         if unsafe { ffi::Py_REFCNT(item.as_ptr()) } > UNSHARED_REFS && shareable(item) {
@@ -236,12 +234,7 @@ fn member(
     value(w, item, room, shared)
 }
 
-fn value(
-    w: &mut Writer,
-    obj: &Bound<'_, PyAny>,
-    room: usize,
-    shared: &mut Option<Shared<'_>>,
-) -> PyResult<bool> {
+fn value(w: &mut Writer, obj: &Bound<'_, PyAny>, room: usize, shared: Sharing<'_, '_>) -> PyResult<bool> {
     let py = obj.py();
     if obj.is_exact_instance_of::<PyInt>() {
         let mut overflow: c_int = 0;
@@ -370,7 +363,7 @@ fn batches(
     items: &[Bound<'_, PyAny>],
     room: usize,
     take: u8,
-    shared: &mut Option<Shared<'_>>,
+    shared: Sharing<'_, '_>,
 ) -> PyResult<bool> {
     let per = if take == op::SETITEMS { 2 * BATCH } else { BATCH };
     for batch in items.chunks(per) {
