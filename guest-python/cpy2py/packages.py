@@ -17,6 +17,7 @@ added by themselves: list every distribution the guest needs.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import os
 import threading
@@ -33,7 +34,7 @@ _COMPILED_SUFFIXES = tuple(set(importlib.machinery.EXTENSION_SUFFIXES) | {".so",
 class Resolved:
     """The files of the distributions given to a guest."""
 
-    __slots__ = ("names", "listing", "module_files", "records")
+    __slots__ = ("names", "listing", "module_files", "records", "sources")
 
     def __init__(
         self, names: Tuple[str, ...], listing: Listing, module_files: FrozenSet[str], records: List[str]
@@ -45,6 +46,24 @@ class Resolved:
         self.module_files = module_files
         #: their RECORD files (a reinstall changes them)
         self.records = records
+        #: a digest of the size and times of every ``*.py`` file, taken when
+        #: resolved (before the host copies them into the guests' view): the
+        #: cached bytecode and snapshots made of them are keyed by it, so a
+        #: module edited in place gets new ones
+        self.sources = _sources_stamp(module_files)
+
+
+def _sources_stamp(files: FrozenSet[str]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        try:
+            stat = os.stat(path)
+            # (the change time too: a file rewritten with its old size and
+            # modification time, by ``cp -p`` or ``tar x``, is told apart)
+            digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path} gone\n".encode())
+    return digest.hexdigest()
 
 
 _EMPTY = Resolved((), [], frozenset(), [])

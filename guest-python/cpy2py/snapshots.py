@@ -93,6 +93,7 @@ def _key(guest_file: str, modules: List[str], paths: List[str], packages: Resolv
         "paths": paths,
         "packages": [[root, sorted(files)] for root, files in packages.listing],
         "records": [[r, os.stat(r).st_mtime_ns if os.path.exists(r) else None] for r in packages.records],
+        "sources": packages.sources,
         "memory_limit": memory_limit,
     }
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]

@@ -7,10 +7,10 @@ initializers, no main module: no code of anyone else runs in it) to compile
 the whole standard library once per guest build, and the modules of its
 packages and the standard library modules they import once per set of
 packages, and keeps the result in its cache directory; later guests see it read-only
-as ``sys.pycache_prefix`` (``/pycache``). The files are checked-hash pycs:
-a guest's importer compares the hash of the source with the one recorded,
-so a changed source is compiled again in that guest instead of using stale
-bytecode.
+as ``sys.pycache_prefix`` (``/pycache``). The files are unchecked hash-based
+pycs: a guest's importer takes them without reading the source, since the
+master keys the cache by what they were compiled from (see
+cpy2py/bytecode_cache.py).
 
 Finding the standard library modules reads the ``import`` statements of the
 sources (``ast``), never runs them: from the packages' own modules every
@@ -40,7 +40,7 @@ def use_cached_bytecode() -> None:
 
 
 def compile_for_cache(files: List[str]) -> List[Tuple[str, bytes]]:
-    """Checked-hash pycs of ``files`` (every one compiled) and of the modules
+    """Unchecked pycs of ``files`` (every one compiled) and of the modules
     outside the snapshot they import: (path under ``/pycache``, bytes)."""
     sys.pycache_prefix = PYCACHE
     roots = [p for p in sys.path if p and os.path.isdir(p)]
@@ -65,7 +65,7 @@ def compile_for_cache(files: List[str]) -> List[Tuple[str, bytes]]:
 
 
 def compile_stdlib() -> List[Tuple[str, bytes]]:
-    """Checked-hash pycs of every module of the guest's standard library
+    """Unchecked pycs of every module of the guest's standard library
     (``/python``; about 650 files, 13 MB of bytecode): (path under
     ``/pycache``, bytes). A guest otherwise compiles each one it imports
     that is not in its snapshot (``pathlib``, ``email``, ``argparse``: 50-90
@@ -84,7 +84,7 @@ def compile_stdlib() -> List[Tuple[str, bytes]]:
 
 
 def _pyc(path: str) -> Optional[Tuple[str, bytes, ast.AST]]:
-    """The checked-hash pyc of the source at ``path``: (its path under
+    """The unchecked pyc of the source at ``path``: (its path under
     ``/pycache``, its bytes, the source's tree); None if it does not compile
     (the guest that imports it reports that) or lies outside the cache."""
     import importlib.util
@@ -100,7 +100,7 @@ def _pyc(path: str) -> Optional[Tuple[str, bytes, ast.AST]]:
     cached = importlib.util.cache_from_source(path)
     if not cached.startswith(PYCACHE + "/"):
         return None
-    data = bytes(_code_to_hash_pyc(code, importlib.util.source_hash(source), True))
+    data = bytes(_code_to_hash_pyc(code, importlib.util.source_hash(source), False))
     return cached[len(PYCACHE) + 1 :], data, tree
 
 
