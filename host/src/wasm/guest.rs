@@ -65,7 +65,10 @@ impl WasiGuest {
         let ending = Arc::clone(&shared);
         let run = async move {
             let result = match loaded.pre.instantiate_async(&mut store).await {
-                Ok(command) => command.wasi_cli_run().call_run(&mut store).await,
+                Ok(command) => {
+                    rt.narrow_read_faults(); // (its slot may hold a new mapping of its image)
+                    command.wasi_cli_run().call_run(&mut store).await
+                }
                 Err(err) => Err(err),
             };
             drop(store);

@@ -9,6 +9,7 @@ pub mod clocks;
 pub mod config;
 pub mod driver;
 pub mod end;
+pub mod fault_around;
 pub mod frames_out;
 pub mod guest;
 pub mod imports;

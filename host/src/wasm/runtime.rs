@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
@@ -19,6 +20,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::config::MAX_TABLE_ELEMENTS;
 use super::driver::Shared;
+use super::fault_around;
 use super::imports::{add_link_to_linker, GuestState};
 use crate::error::{HostError, Result};
 
@@ -66,6 +68,8 @@ pub struct Runtime {
     pub engine: Engine,
     /// Whether guests come from wasmtime's pooling allocator (see `new_engine`).
     pub pooled: bool,
+    /// The address range of the pool's memories, if found
+    memory_pool: Option<Range<usize>>,
     guests: Mutex<Vec<Weak<Shared>>>,
     guests_changed: Condvar,
     /// The short slices of running a guest (`fine_ticks`), which make the
@@ -203,16 +207,17 @@ fn engine_config(pooled: bool) -> Config {
 }
 
 /// The engine: pooled, unless the address space for the pool cannot be
-/// reserved (a `ulimit -v`, say): then each guest maps its own.
-fn new_engine() -> std::result::Result<(Engine, bool), String> {
-    match Engine::new(&engine_config(true)) {
-        Ok(engine) => Ok((engine, true)),
-        Err(pooled) => {
+/// reserved (a `ulimit -v`, say): then each guest maps its own. With the
+/// pool, the address range of its memories (see fault_around.rs).
+fn new_engine() -> std::result::Result<(Engine, bool, Option<Range<usize>>), String> {
+    match fault_around::with_new_reservation(|| Engine::new(&engine_config(true))) {
+        (Ok(engine), memory_pool) => Ok((engine, true, memory_pool)),
+        (Err(pooled), _) => {
             tracing::warn!(
                 "wasmtime's pooling allocator is not available ({pooled:#}); guests map their own memory"
             );
             Engine::new(&engine_config(false))
-                .map(|engine| (engine, false))
+                .map(|engine| (engine, false, None))
                 .map_err(|e| format!("cannot set up wasmtime for WASI guests: {e}"))
         }
     }
@@ -274,11 +279,12 @@ pub fn runtime() -> Result<&'static Runtime> {
         .get_or_init(|| {
             // SAFETY: registers a handler that only stores to an atomic
             unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-            let (engine, pooled) = new_engine()?;
+            let (engine, pooled, memory_pool) = new_engine()?;
             super::trap_handlers::save(); // (the engine installed them)
             Ok(Runtime {
                 engine,
                 pooled,
+                memory_pool,
                 guests: Mutex::default(),
                 guests_changed: Condvar::new(),
                 fine_slices: Mutex::default(),
@@ -291,6 +297,12 @@ pub fn runtime() -> Result<&'static Runtime> {
 }
 
 impl Runtime {
+    /// After an instantiation: read faults in the guests' memory images
+    /// map one page each (fault_around.rs); whether they do.
+    pub fn narrow_read_faults(&self) -> bool {
+        self.memory_pool.as_ref().is_some_and(fault_around::narrow)
+    }
+
     /// Enrols a running guest with the ticker (which starts on first use and
     /// sleeps while no guest runs).
     pub fn register(&'static self, guest: &Arc<Shared>) {
