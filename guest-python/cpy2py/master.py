@@ -926,9 +926,10 @@ class TwinMaster:
         """``execute`` for asyncio: awaits the result without blocking the
         event loop (docs/user-guide.md, "asyncio"; cpy2py/awaitable.py)."""
         twin = _running.get(self.twinterpreter_id)
-        if twin is not None and twin.connection.broken is None and twin.connection.runs_here:
+        if twin is not None and twin.connection.broken is None:
             # the common case without the layers of awaitable.execute (a
-            # running twin is the master's own, and never a fresh one)
+            # running twin is the master's own, and never a fresh one: its
+            # guests run as "<id>#<n>")
             twin.connection.serializer.check_executable(call)
             return await twin.connection.request_async(OP_EXECUTE, call, list(args), kwargs)
         if self.fresh and kernel_state.is_master():
