@@ -148,11 +148,23 @@ async def _on_proxy(proxy: Any, op: int, *operands: Any) -> Any:
     return await request(link, op, proxy, *operands)
 
 
+_master: Any = None
+
+
+def _master_module() -> Any:
+    """cpy2py.master (imported at first use: it imports this module; a
+    relative import at each awaited call costs importlib's Python code)."""
+    global _master
+    if _master is None:
+        from . import master
+
+        _master = master
+    return _master
+
+
 def _running_link(twin_id: str) -> Optional[Connection]:
     """The master's link to ``twin_id`` if that twin runs (no wait needed)."""
-    from . import master as master_module
-
-    twin = master_module._running.get(twin_id)
+    twin = _master_module()._running.get(twin_id)
     if twin is not None and twin.connection.broken is None:
         return twin.connection  # type: ignore[no-any-return]
     return None
@@ -164,10 +176,8 @@ async def _connection_to(twin_id: str, master: Optional[TwinMaster] = None) -> C
     from .kernel import links
 
     if kernel_state.is_master():
-        from . import master as master_module
-
         return _running_link(twin_id) or await _in_thread(
-            functools.partial(master_module.connection_for, twin_id, master)
+            functools.partial(_master_module().connection_for, twin_id, master)
         )
     return await _in_thread(functools.partial(links.connection_to, twin_id))
 
