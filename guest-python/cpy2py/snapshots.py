@@ -83,7 +83,8 @@ def _key(guest_file: str, modules: List[str], paths: List[str], packages: Resolv
     """What a snapshot's imports depend on, but for the contents of the
     files under ``paths`` (recorded beside it, see the module docs)."""
     stat = os.stat(guest_file)
-    seen = (guest_file, stat.st_size, stat.st_mtime_ns, tuple(modules), tuple(paths), memory_limit)
+    sources = packages.sources_stamp()  # (now: a module of them edited in place makes a new key)
+    seen = (guest_file, stat.st_size, stat.st_mtime_ns, tuple(modules), tuple(paths), memory_limit, sources)
     known = _keys.get(seen)
     if known is not None and known[0] is packages:
         return known[1]
@@ -93,7 +94,7 @@ def _key(guest_file: str, modules: List[str], paths: List[str], packages: Resolv
         "paths": paths,
         "packages": [[root, sorted(files)] for root, files in packages.listing],
         "records": [[r, os.stat(r).st_mtime_ns if os.path.exists(r) else None] for r in packages.records],
-        "sources": packages.sources,
+        "sources": sources,
         "memory_limit": memory_limit,
     }
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]

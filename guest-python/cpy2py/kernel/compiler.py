@@ -7,10 +7,12 @@ initializers, no main module: no code of anyone else runs in it) to compile
 the whole standard library once per guest build, and the modules of its
 packages and the standard library modules they import once per set of
 packages, and keeps the result in its cache directory; later guests see it read-only
-as ``sys.pycache_prefix`` (``/pycache``). The files are unchecked hash-based
-pycs: a guest's importer takes them without reading the source, since the
-master keys the cache by what they were compiled from (see
-cpy2py/bytecode_cache.py).
+as ``sys.pycache_prefix`` (``/pycache``). The standard library's pycs are
+unchecked: a guest's importer takes them without reading the source (which
+comes with the guest build, the key of their cache). Those of packages
+(files of the master's environment, which can change under a running
+master) are checked-hash pycs: the importer compares the hash of the source
+the guest sees with the one recorded, and compiles a changed one itself.
 
 Finding the standard library modules reads the ``import`` statements of the
 sources (``ast``), never runs them: from the packages' own modules every
@@ -40,7 +42,7 @@ def use_cached_bytecode() -> None:
 
 
 def compile_for_cache(files: List[str]) -> List[Tuple[str, bytes]]:
-    """Unchecked pycs of ``files`` (every one compiled) and of the modules
+    """Pycs of ``files`` (every one compiled) and of the modules
     outside the snapshot they import: (path under ``/pycache``, bytes)."""
     sys.pycache_prefix = PYCACHE
     roots = [p for p in sys.path if p and os.path.isdir(p)]
@@ -84,7 +86,8 @@ def compile_stdlib() -> List[Tuple[str, bytes]]:
 
 
 def _pyc(path: str) -> Optional[Tuple[str, bytes, ast.AST]]:
-    """The unchecked pyc of the source at ``path``: (its path under
+    """The pyc of the source at ``path``, unchecked for the standard
+    library and checked against the source's hash otherwise: (its path under
     ``/pycache``, its bytes, the source's tree); None if it does not compile
     (the guest that imports it reports that) or lies outside the cache."""
     import importlib.util
@@ -100,7 +103,8 @@ def _pyc(path: str) -> Optional[Tuple[str, bytes, ast.AST]]:
     cached = importlib.util.cache_from_source(path)
     if not cached.startswith(PYCACHE + "/"):
         return None
-    data = bytes(_code_to_hash_pyc(code, importlib.util.source_hash(source), False))
+    checked = not path.startswith(STDLIB + "/")
+    data = bytes(_code_to_hash_pyc(code, importlib.util.source_hash(source), checked))
     return cached[len(PYCACHE) + 1 :], data, tree
 
 

@@ -12,10 +12,12 @@
 //!
 //! wasmtime maps a pool slot's image when the slot gets a guest of another
 //! file, so the host registers the whole memory pool of the pooling
-//! allocator after each instantiation (a few microseconds: the kernel skips
-//! the mappings registered before). Where userfaultfd is refused (a seccomp
-//! filter, an older kernel, no pool), guests run as before: only their RSS
-//! is larger.
+//! allocator after each instantiation. The kernel walks the pool's mappings
+//! (a few per slot ever used) and skips those registered before: about 2
+//! us with 10 slots used, 200 us with 1,000. Registered mappings also get
+//! no transparent huge pages (the guest image is a file mapping, which has
+//! none anyway). Where userfaultfd is refused (a seccomp filter, an older
+//! kernel, no pool), guests run as before: only their RSS is larger.
 
 use std::fs;
 use std::ops::Range;

@@ -15,7 +15,8 @@
 //! site-packages root mirrored with exactly the files their RECORD lists
 //! (the master names them), preopened read-only at the root's own path. It
 //! is shared by the guests given the same list and kept while the master
-//! runs (`shared_package_view`), since building it costs a copy per file.
+//! runs and their modules stay as they were (`shared_package_view`), since
+//! building it costs a copy per file.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -198,21 +199,25 @@ const SHARED_VIEWS: usize = 16;
 
 /// The view of `packages` under `base`, built once and shared by every
 /// guest given the same list while the master runs (read-only to all of
-/// them); built again when a listed `RECORD` changed (a reinstall).
+/// them); built again when a listed `RECORD` changed (a reinstall) or a
+/// module (a `*.py` file) did, as the master's key of their cached bytecode
+/// and snapshots does (cpy2py/packages.py, `sources_stamp`): a guest sees
+/// the modules the caches it gets were made of.
 pub fn shared_package_view(packages: &[(PathBuf, Vec<PathBuf>)], base: &Path) -> Result<Arc<CodeView>> {
+    use std::os::unix::fs::MetadataExt;
     static VIEWS: Mutex<Vec<(u64, Arc<CodeView>)>> = Mutex::new(Vec::new());
     let mut hasher = DefaultHasher::new();
     base.hash(&mut hasher);
     for (root, files) in packages {
         root.hash(&mut hasher);
         files.hash(&mut hasher);
-        for record in files
-            .iter()
-            .filter(|f| f.file_name().is_some_and(|n| n == "RECORD"))
-        {
-            if let Ok(meta) = fs::metadata(root.join(record)) {
-                use std::os::unix::fs::MetadataExt;
-                (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()).hash(&mut hasher);
+        let watched = files.iter().filter(|f| {
+            f.file_name().is_some_and(|n| n == "RECORD") || f.extension().is_some_and(|e| e == "py")
+        });
+        for file in watched {
+            if let Ok(meta) = fs::metadata(root.join(file)) {
+                let times = (meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec());
+                (meta.len(), times, meta.ino(), meta.dev()).hash(&mut hasher);
             }
         }
     }
