@@ -177,34 +177,61 @@ mod tests {
         panic!("no mapping holds {address:#x}");
     }
 
-    /// A guest's memory image (a module loaded from its compiled file, as
-    /// guests are) read at 16 places 256 KiB apart: with the pool registered,
-    /// 16 pages become resident, not the 16 x 64 KiB around them.
-    #[test]
-    fn a_read_of_a_pooled_memory_image_maps_its_own_page_only() {
-        if let Err(why) = open_userfaultfd() {
-            eprintln!("skipped: no userfaultfd here ({why}); guests keep the kernel's fault-around");
-            return;
-        }
-        let rt = runtime().unwrap();
-        assert!(rt.pooled, "the pooling allocator is in use");
+    /// A module whose memory image (4 MiB of 'x' from address 0) comes, as
+    /// a guest's does, from its compiled file: `touch` reads a byte,
+    /// `scribble` overwrites the image and grows the memory by a page of
+    /// 0xA5.
+    fn file_backed_module(engine: &wasmtime::Engine, name: &str) -> Module {
         let data = "x".repeat(4 << 20);
         let wat = format!(
             r#"(module
                 (memory (export "memory") 80)
                 (data (i32.const 0) "{data}")
-                (func (export "touch") (param i32) (result i32) (i32.load8_u (local.get 0))))"#
+                (func (export "touch") (param i32) (result i32) (i32.load8_u (local.get 0)))
+                (func (export "scribble")
+                    (memory.fill (i32.const 0) (i32.const 0x5A) (i32.const 0x400000))
+                    (drop (memory.grow (i32.const 1)))
+                    (memory.fill (i32.const 0x500000) (i32.const 0xA5) (i32.const 65536))))"#
         );
-        let module = Module::new(&rt.engine, wat::parse_str(wat).unwrap()).unwrap();
-        let file = std::env::temp_dir().join(format!("cpy2py-fault-around-{}.cwasm", std::process::id()));
+        let module = Module::new(engine, wat::parse_str(wat).unwrap()).unwrap();
+        let file = std::env::temp_dir().join(format!("cpy2py-{name}-{}.cwasm", std::process::id()));
         fs::write(&file, module.serialize().unwrap()).unwrap();
         // SAFETY: the file was just written by this engine and is not changed
-        let module = unsafe { Module::deserialize_file(&rt.engine, &file) }.unwrap();
-        let mut store = Store::new(&rt.engine, ());
+        let module = unsafe { Module::deserialize_file(engine, &file) }.unwrap();
+        let _ = fs::remove_file(&file); // (mapped: it stays readable)
+        module
+    }
+
+    fn instantiate(engine: &wasmtime::Engine, module: &Module) -> (Store<()>, Instance, wasmtime::Memory) {
+        let mut store = Store::new(engine, ());
         store.set_epoch_deadline(u64::MAX / 2);
-        let instance = Instance::new(&mut store, &module, &[]).unwrap();
-        assert!(rt.narrow_read_faults(), "the memory pool was registered");
+        let instance = Instance::new(&mut store, module, &[]).unwrap();
         let memory = instance.get_memory(&mut store, "memory").unwrap();
+        (store, instance, memory)
+    }
+
+    fn userfaultfd_here() -> bool {
+        match open_userfaultfd() {
+            Ok(_) => true,
+            Err(why) => {
+                eprintln!("skipped: no userfaultfd here ({why}); guests keep the kernel's fault-around");
+                false
+            }
+        }
+    }
+
+    /// A guest's memory image read at 16 places 256 KiB apart: with the pool
+    /// registered, 16 pages become resident, not the 16 x 64 KiB around them.
+    #[test]
+    fn a_read_of_a_pooled_memory_image_maps_its_own_page_only() {
+        if !userfaultfd_here() {
+            return;
+        }
+        let rt = runtime().unwrap();
+        assert!(rt.pooled, "the pooling allocator is in use");
+        let module = file_backed_module(&rt.engine, "fault-around");
+        let (mut store, instance, memory) = instantiate(&rt.engine, &module);
+        assert!(rt.narrow_read_faults(), "the memory pool was registered");
         let base = memory.data_ptr(&store) as usize;
         let (flags, before) = mapping_of(base);
         assert!(flags.split_whitespace().any(|f| f == "uw"), "{flags}");
@@ -216,11 +243,46 @@ mod tests {
             );
         }
         let (_, after) = mapping_of(base);
-        let _ = fs::remove_file(&file);
         assert!(
             after - before <= 16 * 4,
             "16 reads made {} KiB resident",
             after - before
+        );
+    }
+
+    /// A registered pool slot that another instance gets back holds the
+    /// initial image again: what the previous one wrote over its image and
+    /// in the memory it grew is gone.
+    #[test]
+    fn a_registered_pool_slot_is_reset_for_the_next_instance() {
+        if !userfaultfd_here() {
+            return;
+        }
+        let rt = runtime().unwrap();
+        let module = file_backed_module(&rt.engine, "fault-around-reset");
+        let (mut store, instance, memory) = instantiate(&rt.engine, &module);
+        assert!(rt.narrow_read_faults());
+        let first_base = memory.data_ptr(&store) as usize;
+        let scribble = instance.get_typed_func::<(), ()>(&mut store, "scribble").unwrap();
+        scribble.call(&mut store, ()).unwrap();
+        assert_eq!(memory.data(&store)[4096], 0x5A);
+        drop(store);
+
+        let (mut store, _instance, memory) = instantiate(&rt.engine, &module);
+        assert!(rt.narrow_read_faults());
+        assert_eq!(
+            memory.data_ptr(&store) as usize,
+            first_base,
+            "the second instance must get the same pool slot, or this test shows nothing"
+        );
+        assert_eq!(memory.data_size(&store), 80 * 65536, "the grown page is gone");
+        let data = memory.data(&store);
+        assert!(data[..4 << 20].iter().all(|&b| b == b'x'), "the image is back");
+        assert!(data[4 << 20..].iter().all(|&b| b == 0), "the rest is zero");
+        let _ = memory.grow(&mut store, 1).unwrap();
+        assert!(
+            memory.data(&store)[0x500000..].iter().all(|&b| b == 0),
+            "grown again: zero"
         );
     }
 }
