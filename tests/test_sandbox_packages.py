@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
 import textwrap
@@ -253,10 +254,29 @@ def test_a_module_edited_in_place_is_what_the_next_guest_imports(plugin, tmp_pat
             module = box.import_module(name)
             return module.VALUE, module.__spec__.cached
 
+    before = snapshot_records_of([name])  # (earlier runs' of this test)
     value, cached = next_guest()
     assert value == 1 and cached.startswith("/pycache/"), cached
+    first = snapshot_records_of([name]) - before
     rewrite_keeping_size_and_time(site / name / "__init__.py", "VALUE = 2\n")
     assert next_guest()[0] == 2
+    if preloaded:  # the snapshot of the earlier version is removed, not left to pile up
+        now = snapshot_records_of([name]) - before
+        assert len(first) == 1 and len(now) == 1 and not first & now, (first, now)
+
+
+def snapshot_records_of(modules: list) -> set:
+    """The snapshots in the cache whose preload was ``modules`` (their records' names)."""
+    from cpy2py.cache_dir import cache_root
+
+    base = os.path.join(cache_root(), "snapshots")
+    found = set()
+    for entry in os.listdir(base):
+        if entry.endswith(".json"):
+            with open(os.path.join(base, entry)) as f:
+                if json.load(f).get("modules") == modules:
+                    found.add(entry)
+    return found
 
 
 LOOK = """
@@ -330,6 +350,7 @@ SPY = '''
 """A plugin that looks through /pycache for bytecode that is not its own guest's."""
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 

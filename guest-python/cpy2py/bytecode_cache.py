@@ -8,7 +8,8 @@ cache directory) waits while a *compiler guest* compiles the whole standard
 library (cpy2py/kernel/compiler.py: a guest that runs nothing but that
 module; about 5 s), written to ``<cache dir>/pyc/stdlib-<key>/``; the first
 guest with a given set of ``packages=`` (per guest build and set, keyed by
-their RECORDs) waits while one compiles them, written to
+their RECORDs and their modules as they are, see below) waits while one
+compiles them, written to
 ``<cache dir>/pyc/<key>/`` beside links to the standard library's. A guest
 sees one of those directories read-only at ``/pycache`` and imports from
 it. A set of packages has a directory of its own, so a guest sees the
@@ -63,7 +64,7 @@ def _guest_key(guest_file: str) -> str:
     return f"{os.path.realpath(guest_file)} {stat.st_size} {stat.st_mtime_ns}\n"
 
 
-def _key(guest_file: str, packages: Resolved, stdlib: Optional[str]) -> str:
+def _key(guest_file: str, packages: Resolved, stdlib: Optional[str], sources: str) -> str:
     digest = hashlib.sha256()
     digest.update(_guest_key(guest_file).encode())
     digest.update(f"stdlib {stdlib is not None}\n".encode())  # (its bytecode is linked in)
@@ -75,21 +76,24 @@ def _key(guest_file: str, packages: Resolved, stdlib: Optional[str]) -> str:
             digest.update(f"{record} {os.stat(record).st_mtime_ns}\n".encode())
         except OSError:
             digest.update(f"{record} gone\n".encode())
-    digest.update(f"sources {packages.sources_stamp()}\n".encode())  # (a module edited in place)
+    digest.update(f"sources {sources}\n".encode())  # (a module edited in place)
     return digest.hexdigest()[:32]
 
 
-def cache_for(guest_file: str, packages: Resolved, master: Any) -> Optional[str]:
+def cache_for(
+    guest_file: str, packages: Resolved, master: Any, sources: Optional[str] = None
+) -> Optional[str]:
     """The directory of cached bytecode for a guest with ``packages``
     (compiled now if it is not there): the standard library's, with that
     of the packages beside it if there are any; None if it could not be
-    made (the guest then compiles what it imports)."""
+    made (the guest then compiles what it imports). ``sources``: the
+    packages' ``sources_stamp()`` taken for this start (taken here if None)."""
     if getattr(master, "compiles_bytecode", False):
         return None
     stdlib = stdlib_cache(guest_file, master)
     if not packages.listing:
         return stdlib
-    key = _key(guest_file, packages, stdlib)
+    key = _key(guest_file, packages, stdlib, packages.sources_stamp() if sources is None else sources)
     with _lock:  # one compilation of a key at a time; others wait for it
         if key in _known:
             return _known[key]

@@ -12,7 +12,9 @@ the imports, then the new component is compiled for this machine: about
 7-10 s on a 2-core machine, said on stderr) and caches it in
 ``<cache dir>/snapshots/<key>.wasm``. The key is what the imports could
 depend on: the guest build, the modules, ``paths``, ``packages`` (their
-RECORDs: a reinstall makes a new key) and ``memory_limit``. Beside it,
+RECORDs, a reinstall, and the size, times and inode of each of their
+modules at this start: an edit in place; the snapshot of their earlier
+version is then removed) and ``memory_limit``. Beside it,
 ``<key>.json`` records every ``*.py`` file under ``paths`` (what the guest
 can see of them) with its size, its times (modified, and changed: which
 nothing can set back, so a file rewritten with its old size and time is
@@ -73,17 +75,21 @@ Described = Dict[str, List[Any]]
 
 
 #: (guest file, its size and time, modules, paths, memory limit) -> (the
-#: packages' Resolved, the key): packages.resolve gives the same Resolved
-#: while their RECORDs are unchanged, and hashing their listing costs more
-#: than a guest's start should (about 0.2 ms for markdown and dateutil)
-_keys: Dict[Tuple[Any, ...], Tuple[Resolved, str]] = {}
+#: packages' Resolved, (the key, its family)): packages.resolve gives the
+#: same Resolved while their RECORDs are unchanged, and hashing their
+#: listing costs more than a guest's start should (about 0.2 ms for markdown
+#: and dateutil)
+_keys: Dict[Tuple[Any, ...], Tuple[Resolved, Tuple[str, str]]] = {}
 
 
-def _key(guest_file: str, modules: List[str], paths: List[str], packages: Resolved, memory_limit: Any) -> str:
+def _key(
+    guest_file: str, modules: List[str], paths: List[str], packages: Resolved, sources: str, memory_limit: Any
+) -> Tuple[str, str]:
     """What a snapshot's imports depend on, but for the contents of the
-    files under ``paths`` (recorded beside it, see the module docs)."""
+    files under ``paths`` (recorded beside it, see the module docs); and
+    its family: the same but for the packages' ``sources`` (the stamp of
+    their modules), whose earlier snapshots a new one replaces."""
     stat = os.stat(guest_file)
-    sources = packages.sources_stamp()  # (now: a module of them edited in place makes a new key)
     seen = (guest_file, stat.st_size, stat.st_mtime_ns, tuple(modules), tuple(paths), memory_limit, sources)
     known = _keys.get(seen)
     if known is not None and known[0] is packages:
@@ -94,12 +100,12 @@ def _key(guest_file: str, modules: List[str], paths: List[str], packages: Resolv
         "paths": paths,
         "packages": [[root, sorted(files)] for root, files in packages.listing],
         "records": [[r, os.stat(r).st_mtime_ns if os.path.exists(r) else None] for r in packages.records],
-        "sources": sources,
         "memory_limit": memory_limit,
     }
-    key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
-    _keys[seen] = (packages, key)
-    return key
+    family = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{family} {sources}".encode()).hexdigest()[:32]
+    _keys[seen] = (packages, (key, family))
+    return key, family
 
 
 def _digest(path: str) -> str:
@@ -178,7 +184,14 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
     if not modules or getattr(master, "compiles_bytecode", False):
         return None
     paths = list(start["paths"])
-    key = _key(start["guest"], modules, paths, start["resolved"], start["limits"].get("memory_limit"))
+    key, family = _key(
+        start["guest"],
+        modules,
+        paths,
+        start["resolved"],
+        start["sources"],
+        start["limits"].get("memory_limit"),
+    )
     base = os.path.join(cache_root(), "snapshots")
     component = os.path.join(base, f"{key}.wasm")
     record = os.path.join(base, f"{key}.json")
@@ -194,7 +207,7 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
         try:
             with exclusive(os.path.join(base, f"{key}.lock")):  # (another process may be making it)
                 if not (os.path.exists(component) and _unchanged(record, paths)):
-                    _make(master, start, modules, component, record, base)
+                    _make(master, start, modules, component, record, base, family)
         except _PreloadFailed as failed:
             raise TwinStartError(f"sandboxed twin {master.twinterpreter_id!r}: {failed}") from None
         except Interrupted as interrupted:  # (not a reason to fall back: the start ends)
@@ -204,12 +217,18 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
             _known[key] = None
             return None
         _known[key] = component
-    _sweep(base, keep=key)
+    _sweep(base, keep=key, family=family)
     return component
 
 
 def _make(
-    master: Any, start: Dict[str, Any], modules: List[str], component: str, record: str, base: str
+    master: Any,
+    start: Dict[str, Any],
+    modules: List[str],
+    component: str,
+    record: str,
+    base: str,
+    family: str,
 ) -> None:
     from . import _host
 
@@ -247,13 +266,18 @@ def _make(
                 raise RuntimeError(
                     "a file under paths changed while the snapshot was made; the next start makes it"
                 )
+            if start["resolved"].sources_stamp() != start["sources"]:  # (the same, of the packages)
+                raise RuntimeError(
+                    "a module of its packages changed while the snapshot was made; the next start makes it"
+                )
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(component)  # (no snapshot without its record)
             raise
         tmp = f"{record}.tmp{os.getpid()}"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump({"modules": modules, "files": files}, f)
+            roots = [root for root, _ in start["resolved"].listing]
+            json.dump({"modules": modules, "files": files, "family": family, "roots": roots}, f)
         os.replace(tmp, record)
         outcome = "was made"
     except TwinStartError as err:
@@ -288,11 +312,14 @@ def _snapshot(*args: Any, **kwargs: Any) -> None:
         raise Interrupted(err) from None
 
 
-def _sweep(base: str, keep: str) -> None:
-    """Removes the snapshots whose recorded files are gone (those of a
-    plugin directory that was deleted: a test's, say), with their
-    compilations, and scratch files and components without a record that
-    dead processes left. A key another process holds is left alone."""
+def _sweep(base: str, keep: str, family: str) -> None:
+    """Removes the snapshots whose recorded files or package directories
+    are gone (those of a plugin directory that was deleted: a test's, say)
+    and the others of
+    ``keep``'s family (made of an earlier version of its packages' modules),
+    with their compilations, and scratch files and components without a
+    record that dead processes left. A key another process holds is left
+    alone."""
     from . import _host
 
     for name in os.listdir(base):
@@ -309,8 +336,10 @@ def _sweep(base: str, keep: str) -> None:
                     os.remove(path)
                 continue
             with open(path) as f:
-                files = json.load(f)["files"]
-            if all(os.path.exists(file) for file in files):
+                recorded = json.load(f)
+            replaced = recorded.get("family") == family
+            there = all(os.path.exists(file) for file in recorded["files"])
+            if not replaced and there and all(os.path.isdir(root) for root in recorded.get("roots", ())):
                 continue
             with _unheld(os.path.join(base, f"{key}.lock")) as free:
                 if not free:

@@ -241,6 +241,9 @@ def _start_config(master: Any) -> Dict[str, Any]:
     bundled = os.path.join(guest_dir, "bundled")
     kernel = os.path.join(guest_dir, "stage")  # the guest's own sources, for its tracebacks
     resolved = packages_module.resolve(master.packages)
+    # what the packages' modules are now, once per start: the key of their
+    # bytecode and of a snapshot (the host's copy of them follows the files)
+    sources = resolved.sources_stamp()
     return {
         "guest": guest,
         "stdlib": os.path.join(guest_dir, "python-lib"),
@@ -249,7 +252,8 @@ def _start_config(master: Any) -> Dict[str, Any]:
         "paths": _check_paths(master.paths),
         "limits": _limits(master),
         "resolved": resolved,
-        "pycache": bytecode_cache.cache_for(guest, resolved, master),
+        "sources": sources,
+        "pycache": bytecode_cache.cache_for(guest, resolved, master, sources),
     }
 
 
