@@ -547,28 +547,49 @@ def test_a_master_cut_off_before_the_challenge_connects_again():
 
 
 NODE_OUT_OF_DESCRIPTORS = """
-import os, resource, socket, sys, time, types
+import errno, os, resource, socket, sys, threading, time, types
 import ray
 ray.util.get_node_ip_address = lambda: "127.0.0.1"
 ray.get_runtime_context = lambda: types.SimpleNamespace(get_node_id=lambda: "node")
 import cpy2py.ray
-from cpy2py import tcp_link
-tcp_link.CHALLENGE_TIMEOUT = 1.0
 host = cpy2py.ray.TwinHost()
 twin = [sys.executable, "-c", "import os; os.write(1, b'twin:' + os.read(0, 100))"]
+failed = []
+accept = socket.socket.accept
+def counted_accept(self):
+    try:
+        return accept(self)
+    except OSError as err:
+        failed.append(err.errno)
+        raise
+socket.socket.accept = counted_accept
 address = host.listen(b"s" * 32, twin, 60)["address"]
-# room for 16 connections more (the twin's start needs a few descriptors too)
-room = len(os.listdir("/proc/self/fd")) + 16
-resource.setrlimit(resource.RLIMIT_NOFILE, (room, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-print(address[1], flush=True)
+# every descriptor taken (a few under a low limit), until the test's peer
+# has been refused one for a second
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+taken = []
+try:
+    while True:
+        taken.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+def give_back():
+    time.sleep(1.0)
+    for fd in taken:
+        os.close(fd)
+threading.Thread(target=give_back).start()
+sys.stdout.write("%d\\n" % address[1])
+sys.stdout.flush()
 host._ended.wait(60)
-print("ended", host.start_error, flush=True)
+print("ended", host.start_error, "out of descriptors:", errno.EMFILE in failed, flush=True)
 """
 
 
 def test_a_node_out_of_descriptors_keeps_its_port_for_the_master(monkeypatch, tmp_path):
     """accept() failing for want of descriptors (peers without the secret
-    hold them for the challenge's time) closed the port for good."""
+    hold them for the challenge's time) closed the port for good. Here the
+    node has none left for a second while a peer waits in its queue."""
     pytest.importorskip("ray", reason="ray is not installed (pip install 'cpy2py[ray]')")
 
     node = subprocess.Popen(
@@ -579,15 +600,12 @@ def test_a_node_out_of_descriptors_keeps_its_port_for_the_master(monkeypatch, tm
     )
     try:
         port = int(node.stdout.readline())
-        crowd = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(40)]
-        try:
-            time.sleep(0.5)  # (the node accepts them until it has no descriptor left)
-            # let in once the crowd's challenges run out (1 s here)
-            _master_gets_its_twin(("127.0.0.1", port), b"s" * 32)
-        finally:
-            for sock in crowd:
-                sock.close()
-        assert node.stdout.readline() == "ended None\n"  # (its twin started, and ended)
+        with socket.create_connection(("127.0.0.1", port), timeout=20):
+            time.sleep(0.5)  # (refused a descriptor meanwhile)
+        _master_gets_its_twin(("127.0.0.1", port), b"s" * 32)
+        assert (
+            node.stdout.readline() == "ended None out of descriptors: True\n"
+        )  # (its twin started, and ended)
     finally:
         node.kill()
         node.wait(20)
