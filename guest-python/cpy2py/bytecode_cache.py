@@ -71,12 +71,7 @@ def _key(guest_file: str, packages: Resolved, stdlib: Optional[str], sources: st
     for root, files in packages.listing:
         digest.update(f"{root}\n{len(files)}\n".encode())
         digest.update("\n".join(files).encode())
-    for record in packages.records:
-        try:
-            digest.update(f"{record} {os.stat(record).st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{record} gone\n".encode())
-    digest.update(f"sources {sources}\n".encode())  # (a module edited in place)
+    digest.update(f"sources {sources}\n".encode())  # (a reinstall, a module edited in place)
     return digest.hexdigest()[:32]
 
 

@@ -48,15 +48,15 @@ class Resolved:
         self.records = records
 
     def sources_stamp(self) -> str:
-        """A digest of what every ``*.py`` file of them is now: its size,
-        times and inode (the change time too: a file rewritten with its old
-        size and modification time, by ``cp -p`` or ``tar x``, is told
-        apart). Taken at each guest start, before the host copies the files
-        for its guests (it makes a new copy when they changed, see
-        host/src/wasm/view.rs): the cached bytecode and snapshots made of
-        them are keyed by it, so a module edited in place gets new ones."""
+        """A digest of what every ``*.py`` file and RECORD of them is now:
+        its size, times and inode (the change time too: a file rewritten
+        with its old size and modification time, by ``cp -p`` or ``tar x``,
+        is told apart). Taken once at each guest start, before the host
+        copies the files for its guests: it keys their cached bytecode,
+        their snapshot and the host's copy of them (host/src/wasm/view.rs),
+        so a reinstall or a module edited in place gets new ones."""
         digest = hashlib.sha256()
-        for path in sorted(self.module_files):
+        for path in [*sorted(self.module_files), *self.records]:
             try:
                 st = os.stat(path)
                 now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)

@@ -12,9 +12,9 @@ the imports, then the new component is compiled for this machine: about
 7-10 s on a 2-core machine, said on stderr) and caches it in
 ``<cache dir>/snapshots/<key>.wasm``. The key is what the imports could
 depend on: the guest build, the modules, ``paths``, ``packages`` (their
-RECORDs, a reinstall, and the size, times and inode of each of their
-modules at this start: an edit in place; the snapshot of their earlier
-version is then removed) and ``memory_limit``. Beside it,
+files, and the size, times and inode of each of their modules and RECORDs
+at this start: a reinstall or an edit in place; the snapshot of their
+earlier version is then removed) and ``memory_limit``. Beside it,
 ``<key>.json`` records every ``*.py`` file under ``paths`` (what the guest
 can see of them) with its size, its times (modified, and changed: which
 nothing can set back, so a file rewritten with its old size and time is
@@ -99,7 +99,6 @@ def _key(
         "modules": modules,
         "paths": paths,
         "packages": [[root, sorted(files)] for root, files in packages.listing],
-        "records": [[r, os.stat(r).st_mtime_ns if os.path.exists(r) else None] for r in packages.records],
         "memory_limit": memory_limit,
     }
     family = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
@@ -252,6 +251,7 @@ def _make(
             kernel_dir=start["kernel"],
             paths=start["paths"],
             packages=start["resolved"].listing,
+            packages_stamp=start["sources"],
             pycache_dir=start["pycache"],
             cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
             memory_limit=start["limits"].get("memory_limit", _host.WASI_DEFAULT_MEMORY_LIMIT),

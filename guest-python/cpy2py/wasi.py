@@ -299,6 +299,7 @@ def start_guest(master: Any, start: Optional[Dict[str, Any]] = None) -> GuestTra
         start["kernel"],
         start["paths"],
         packages=start["resolved"].listing,
+        packages_stamp=start["sources"],
         pycache_dir=start["pycache"],
         cache_dir=os.environ.get("CPY2PY_CACHE_DIR") or None,
         handshake_timeout=float(master.handshake_timeout),

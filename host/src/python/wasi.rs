@@ -64,21 +64,28 @@ fn forget_compiled_guest(guest_file: PathBuf, cache_dir: Option<PathBuf>) {
 }
 
 type GuestFiles = (PathBuf, PathBuf, Option<PathBuf>, Option<PathBuf>);
-type GuestCode = (Vec<PathBuf>, Vec<(PathBuf, Vec<PathBuf>)>, Option<PathBuf>);
+type GuestCode = (
+    Vec<PathBuf>,
+    Vec<(PathBuf, Vec<PathBuf>)>,
+    String,
+    Option<PathBuf>,
+);
 type GuestLimits = (usize, Option<f64>, Option<PathBuf>);
 
 /// The config `start` and `snapshot` share: the guest's files (component,
 /// standard library, helpers, its own sources), its code (paths,
-/// packages, cached bytecode), its memory and time limits and the cache.
+/// packages and the stamp of their modules, cached bytecode), its memory
+/// and time limits and the cache.
 fn guest_config(twin_id: &str, files: GuestFiles, code: GuestCode, limits: GuestLimits) -> GuestConfig {
     let (guest_file, stdlib_dir, bundled_dir, kernel_dir) = files;
-    let (paths, packages, pycache_dir) = code;
+    let (paths, packages, packages_stamp, pycache_dir) = code;
     let (memory_limit, timeout, cache_dir) = limits;
     GuestConfig {
         bundled_dir,
         kernel_dir,
         paths,
         packages,
+        packages_stamp,
         pycache_dir,
         memory_limit,
         timeout: timeout.map(seconds),
@@ -185,13 +192,16 @@ impl WasiGuest {
     /// Starts the guest component `guest_file` as twin `twin_id` and waits
     /// for its hello. `paths` are the roots it may import code from;
     /// `packages` (root, files relative to it) the installed distributions
-    /// it sees; `pycache_dir` bytecode cached for it (read-only);
+    /// it sees, `packages_stamp` what their modules were as the master
+    /// looked (cpy2py/packages.py, `sources_stamp`: the view of them is
+    /// copied again when it changes); `pycache_dir` bytecode cached for it
+    /// (read-only);
     /// `timeout` is seconds per call (None: unlimited); `cache_dir` None
     /// means the default cache directory.
     #[staticmethod]
     #[pyo3(signature = (
         twin_id, guest_file, stdlib_dir, bundled_dir=None, kernel_dir=None, paths=Vec::new(),
-        packages=Vec::new(), pycache_dir=None,
+        packages=Vec::new(), packages_stamp=String::new(), pycache_dir=None,
         memory_limit=config::DEFAULT_MEMORY_LIMIT, timeout=Some(config::DEFAULT_TIMEOUT.as_secs_f64()),
         max_frame=config::DEFAULT_MAX_FRAME, output_limit=config::DEFAULT_OUTPUT_LIMIT,
         cache_dir=None, handshake_timeout=60.0
@@ -206,6 +216,7 @@ impl WasiGuest {
         kernel_dir: Option<PathBuf>,
         paths: Vec<PathBuf>,
         packages: Vec<(PathBuf, Vec<PathBuf>)>,
+        packages_stamp: String,
         pycache_dir: Option<PathBuf>,
         memory_limit: usize,
         timeout: Option<f64>,
@@ -221,7 +232,7 @@ impl WasiGuest {
             ..guest_config(
                 &twin_id,
                 (guest_file, stdlib_dir, bundled_dir, kernel_dir),
-                (paths, packages, pycache_dir),
+                (paths, packages, packages_stamp, pycache_dir),
                 (memory_limit, timeout, cache_dir),
             )
         };
@@ -279,7 +290,7 @@ impl WasiGuest {
     #[staticmethod]
     #[pyo3(signature = (
         twin_id, guest_file, stdlib_dir, modules, out, bundled_dir=None, kernel_dir=None,
-        paths=Vec::new(), packages=Vec::new(), pycache_dir=None,
+        paths=Vec::new(), packages=Vec::new(), packages_stamp=String::new(), pycache_dir=None,
         memory_limit=config::DEFAULT_MEMORY_LIMIT, timeout=Some(config::DEFAULT_TIMEOUT.as_secs_f64()),
         output_limit=config::DEFAULT_OUTPUT_LIMIT, cache_dir=None
     ))]
@@ -295,6 +306,7 @@ impl WasiGuest {
         kernel_dir: Option<PathBuf>,
         paths: Vec<PathBuf>,
         packages: Vec<(PathBuf, Vec<PathBuf>)>,
+        packages_stamp: String,
         pycache_dir: Option<PathBuf>,
         memory_limit: usize,
         timeout: Option<f64>,
@@ -307,7 +319,7 @@ impl WasiGuest {
             ..guest_config(
                 &twin_id,
                 (guest_file, stdlib_dir, bundled_dir, kernel_dir),
-                (paths, packages, pycache_dir),
+                (paths, packages, packages_stamp, pycache_dir),
                 (memory_limit, timeout, cache_dir),
             )
         };

@@ -44,6 +44,10 @@ pub struct GuestConfig {
     /// Installed distributions the guest sees: each a root (a site-packages
     /// directory) with exactly the files listed (relative to it).
     pub packages: Vec<(PathBuf, Vec<PathBuf>)>,
+    /// What the master found its modules to be when it keyed their cached
+    /// bytecode and snapshot (cpy2py/packages.py, `sources_stamp`): their
+    /// view is copied again when it changes (view.rs).
+    pub packages_stamp: String,
     /// Bytecode compiled for the guest's sources, mounted read-only at
     /// `PYCACHE_MOUNT` if given.
     pub pycache_dir: Option<PathBuf>,
@@ -66,6 +70,7 @@ impl GuestConfig {
             kernel_dir: None,
             paths: Vec::new(),
             packages: Vec::new(),
+            packages_stamp: String::new(),
             pycache_dir: None,
             memory_limit: DEFAULT_MEMORY_LIMIT,
             timeout: Some(DEFAULT_TIMEOUT),

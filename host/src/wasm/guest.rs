@@ -299,7 +299,7 @@ pub(super) fn prepare(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<Prepa
     let views = config.cache_dir.join("views");
     view::remove_stale_views(&views);
     let code = CodeView::build(&config.paths, &views)?;
-    let packages = view::shared_package_view(&config.packages, &views)?;
+    let packages = view::shared_package_view(&config.packages, &config.packages_stamp, &views)?;
     let mut guest_paths: Vec<&String> = Vec::new();
     for (_, guest_path) in code.mounts.iter().chain(&packages.mounts) {
         if guest_path == "/"

@@ -199,28 +199,18 @@ const SHARED_VIEWS: usize = 16;
 
 /// The view of `packages` under `base`, built once and shared by every
 /// guest given the same list while the master runs (read-only to all of
-/// them); built again when a listed `RECORD` changed (a reinstall) or a
-/// module (a `*.py` file) did, as the master's key of their cached bytecode
-/// and snapshots does (cpy2py/packages.py, `sources_stamp`): a guest sees
-/// the modules the caches it gets were made of.
-pub fn shared_package_view(packages: &[(PathBuf, Vec<PathBuf>)], base: &Path) -> Result<Arc<CodeView>> {
-    use std::os::unix::fs::MetadataExt;
+/// them); built again when the master's `stamp` of their files changed (a
+/// reinstall, a module edited in place), the stamp that keys their cached
+/// bytecode and snapshot too (cpy2py/packages.py, `sources_stamp`): a guest
+/// sees the files those caches were made of.
+pub fn shared_package_view(
+    packages: &[(PathBuf, Vec<PathBuf>)],
+    stamp: &str,
+    base: &Path,
+) -> Result<Arc<CodeView>> {
     static VIEWS: Mutex<Vec<(u64, Arc<CodeView>)>> = Mutex::new(Vec::new());
     let mut hasher = DefaultHasher::new();
-    base.hash(&mut hasher);
-    for (root, files) in packages {
-        root.hash(&mut hasher);
-        files.hash(&mut hasher);
-        let watched = files.iter().filter(|f| {
-            f.file_name().is_some_and(|n| n == "RECORD") || f.extension().is_some_and(|e| e == "py")
-        });
-        for file in watched {
-            if let Ok(meta) = fs::metadata(root.join(file)) {
-                let times = (meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec());
-                (meta.len(), times, meta.ino(), meta.dev()).hash(&mut hasher);
-            }
-        }
-    }
+    (base, stamp, packages).hash(&mut hasher);
     let key = hasher.finish();
     let mut views = VIEWS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(at) = views.iter().position(|(k, v)| *k == key && v.intact()) {
