@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import select
-from typing import Any, Dict, FrozenSet, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional
 
 from . import _logging, bytecode_cache, snapshots
 from . import packages as packages_module
@@ -143,7 +143,19 @@ class GuestTransport(TransportDefaults):
     suspended where it was, and the next thread that runs it carries on.
     """
 
-    __slots__ = ("_twin", "_fd", "hello", "pid", "paths", "module_files")
+    __slots__ = (
+        "_twin",
+        "_fd",
+        "hello",
+        "pid",
+        "paths",
+        "module_files",
+        "send",
+        "recv",
+        "queue",
+        "drive_for",
+        "buffered",
+    )
 
     #: ``recv`` runs the guest and lets signal handlers raise in it without
     #: losing a frame; it never returns False (protocol/transport.py)
@@ -160,6 +172,22 @@ class GuestTransport(TransportDefaults):
 
     def __init__(self, twin: Any, paths: List[str], module_files: FrozenSet[str] = frozenset()) -> None:
         self._twin = twin
+        # the guest's own methods, not wrapped (each is on the path of every call):
+        #: ``send(payload)``: queue a frame; a request or an answer runs the
+        #: guest on this thread until it has dealt with it (see the class docs)
+        self.send: Callable[[bytes], None] = twin.send
+        #: ``recv()``: the next frame, running the guest on this thread until
+        #: it sends one; None once the guest ended and all it sent was read
+        self.recv: Callable[[], Optional[bytes]] = twin.recv
+        #: ``queue(payload)``: queue a frame without running the guest
+        self.queue: Callable[[bytes], None] = twin.queue
+        #: ``drive_for(limit)``: run the guest on this thread until it has sent
+        #: a frame and waits, or ended (True), or for at most ``limit`` seconds (False)
+        self.drive_for: Callable[[float], bool] = twin.drive_for
+        #: ``buffered()``: whether frames the guest sent wait (``recv`` returns
+        #: one at once): a reader routes them all while it holds the role, so
+        #: a release before a reply does not leave the reply to another thread
+        self.buffered: Callable[[], bool] = twin.has_frames
         self._fd: int = twin.readable_fd
         self.hello: Dict[str, Any] = twin.hello
         self.pid: int = twin.pid
@@ -171,31 +199,12 @@ class GuestTransport(TransportDefaults):
     def __repr__(self) -> str:
         return repr(self._twin)
 
-    def send(self, payload: bytes) -> None:
-        """Queue a frame; a request or an answer runs the guest on this thread
-        until it has dealt with it (see the class docs)."""
-        self._twin.send(payload)
-
     def send_now(self, payload: bytes) -> bool:
         """``send``, which never waits for a reader: the caller may send its
         request holding the link's reading role and read the reply itself
         (kernel/connection.py, ``request``); always True."""
         self._twin.send(payload)
         return True
-
-    def recv(self) -> Optional[bytes]:
-        """The next frame, running the guest on this thread until it sends one;
-        None once the guest ended and all it sent was read."""
-        return self._twin.recv()
-
-    def queue(self, payload: bytes) -> None:
-        """Queue a frame without running the guest (``drive_for`` runs it)."""
-        self._twin.queue(payload)
-
-    def drive_for(self, limit: float) -> bool:
-        """Run the guest on this thread until it has sent a frame and waits,
-        or ended (True), or for at most ``limit`` seconds (False)."""
-        return self._twin.drive_for(limit)
 
     def try_recv(self) -> Any:
         """The next frame if one is there, without running the guest; False

@@ -170,9 +170,14 @@ class _AsyncWaiter:
 
     def offer(self) -> None:
         """Wake the loop: a frame came, or the link ended."""
-        if _thread.get_ident() == self.thread and _running_loop() is self.loop:  # the loop itself read it
-            self._wake()
-            return
+        if _thread.get_ident() == self.thread:
+            if self.future is None:
+                # its call does not wait on a future now (only the loop's
+                # thread sets one): it looks at its inbox before it does
+                return
+            if _running_loop() is self.loop:  # the loop itself read it
+                self._wake()
+                return
         try:
             self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop was closed: nobody awaits any more
@@ -633,7 +638,12 @@ class Connection:
             with self._lock:
                 if self.broken is not None:
                     raise self._broken_error()
-                watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
+                if runner is None:
+                    watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
+                else:
+                    # a guest's frames come to the thread that runs it (the
+                    # loop's slice, a worker), and those it leaves to the gate
+                    old = None
                 self._pending[req_id] = waiter
                 self._chains[chain] = [waiter, 1]
                 registered = True
@@ -645,7 +655,8 @@ class Connection:
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
                 if runner is not None:
-                    waiter.outer = _callbacks_of().get()
+                    # (no variable yet: no callback of an awaited call ever ran)
+                    waiter.outer = _callbacks_var.get() if _callbacks_var is not None else ()
                     if self._turn_holder is not None and self._turn_holder in waiter.outer:
                         # made by a callback of the awaited call whose turn it
                         # is: the guest waits in that call, and serves this one
@@ -656,8 +667,13 @@ class Connection:
                     else:
                         # a guest runs one call at a time: awaited calls take
                         # turns (one cancelled before its turn never reaches it)
-                        waiter.payload = payload
-                        await self._take_turn(waiter)
+                        waiter.payload = payload  # (queued when its turn comes)
+                        with self._lock:
+                            mine = self._turn_holder is None
+                            if mine:  # (mostly: no coroutine to wait in)
+                                self._give_turn(waiter)
+                        if not mine:
+                            await self._take_turn(waiter)
                         if not waiter.sent:  # the guest ended before its turn
                             self._fail(None)
                             raise self._broken_error()
@@ -684,7 +700,7 @@ class Connection:
                         # so the loop is free and the guest runs beside it
                         if not ran:
                             ran = True
-                            if self._drive_slice(runner):
+                            if self._drive_slice(runner, waiter, req_id):
                                 continue
                         with self._lock:
                             self._start_driver(waiter)
@@ -714,7 +730,7 @@ class Connection:
             if timed:
                 _deadlines().clear((self, req_id))
             with self._lock:
-                if runner is not None:
+                if runner is not None and (self._turn_holder is waiter or self._turns):
                     self._leave_turns(waiter)
                 if registered:
                     self._end_call(req_id, chain)
@@ -808,26 +824,43 @@ class Connection:
                 waiter.driving = False
                 self._leave_queue(me)
 
-    def _drive_slice(self, runner: PeerRunner) -> bool:
-        """An awaited call to a guest this side runs, on the loop's thread: if
-        the reading role is free, run the guest for at most one slice and
-        route the frame it sent, if any (the call's reply, a callback of its
-        chain, a release), and return True; else False (the thread that holds
-        the role runs the guest, and routes this call's frames)."""
+    def _drive_slice(self, runner: PeerRunner, waiter: _AsyncWaiter, req_id: int) -> bool:
+        """``waiter``'s awaited call ``req_id`` to a guest this side runs, on
+        the loop's thread: if the reading role is free, run the guest for at
+        most one slice and route the frame it sent, if any (the call's reply,
+        a callback of its chain, a release), and return True; else False
+        (the thread that holds the role runs the guest, and routes this
+        call's frames). The call's reply, nearly always that frame, goes to
+        its inbox without the layers of ``_read`` (as in ``_own_reply``)."""
         with self._lock:
             if self.broken is not None or not self._take_role(None):
                 return False
         try:
-            ready = runner.drive_for(_LOOP_SLICE)
+            if not runner.drive_for(_LOOP_SLICE):
+                with self._lock:
+                    self._give_up_role()
+                return True
+            # a frame waits, or the guest ended: the guest's recv returns at once
+            raw = self._read_frame()
+            if raw is None:  # (the link ended: marked so)
+                with self._lock:
+                    self._give_up_role()
+                return True
+            try:
+                kind, key, _ = codec.peek(raw)
+            except ProtocolError:
+                kind = key = None  # (_read fails the link for it)
+            if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
+                with self._lock:
+                    if self._claim_reply(req_id) is not None:
+                        self._give_up_role()
+                        waiter.inbox.append((self, kind, key, raw))
+                        return True
         except BaseException:
             with self._lock:
                 self._give_up_role()
             raise
-        if ready:  # (a frame waits, or the guest ended: the guest's recv returns at once)
-            self._read(None, serve=False)
-        else:
-            with self._lock:
-                self._give_up_role()
+        self._read(None, serve=False, first=raw)
         return True
 
     def _end_call(self, req_id: int, chain: int) -> None:

@@ -444,6 +444,12 @@ impl WasiGuest {
         }
     }
 
+    /// Whether frames the guest sent wait to be taken: `recv` returns one at
+    /// once, without running the guest (a reader routes them all in one go).
+    fn has_frames(&self) -> bool {
+        self.guest.has_frames()
+    }
+
     /// A file descriptor that is readable while frames wait that the thread
     /// which ran the guest left for others (`try_recv` takes them), and once
     /// the guest ended; wait for it with `select`.

@@ -188,6 +188,12 @@ impl WasiGuest {
         }
     }
 
+    /// Whether frames the guest sent wait to be taken (`recv` then returns
+    /// one at once, without running the guest).
+    pub fn has_frames(&self) -> bool {
+        self.shared.from_guest.has_frames()
+    }
+
     /// The next frame if there is one, without driving the guest. Frames
     /// left after it are published on the readiness descriptor.
     pub fn try_recv(&self) -> Popped {

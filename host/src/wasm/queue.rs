@@ -404,10 +404,12 @@ mod tests {
         assert!(!fd_is_readable(fd), "frames a driver made are its own to take");
         assert_eq!(q.pop_and_publish(), Popped::Frame(b"a".to_vec()));
         assert!(fd_is_readable(fd), "two frames are left for the others");
+        assert!(q.has_frames());
         assert_eq!(q.try_pop(), Popped::Frame(b"b".to_vec()));
         assert!(fd_is_readable(fd), "one frame is still queued");
         assert_eq!(q.try_pop(), Popped::Frame(b"c".to_vec()));
         assert!(!fd_is_readable(fd));
+        assert!(!q.has_frames());
         q.push(b"d".to_vec()).unwrap();
         q.publish();
         assert!(fd_is_readable(fd));
