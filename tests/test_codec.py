@@ -1460,3 +1460,90 @@ def test_a_received_frame_that_lies_or_ends_early_is_refused() -> None:
             host.read_frame(read_fd, b"", 6 + BIG)
     finally:
         os.close(read_fd)
+
+
+# --------------------------------------------------------------------------
+# Renditions: what a WASI guest is given to read (host/src/protocol/rendition.rs)
+# --------------------------------------------------------------------------
+
+
+def _as_a_guest_reads(monkeypatch: pytest.MonkeyPatch, frame: bytes) -> Optional[bytes]:
+    """The host's rendition of a master's frame (None: it goes as it is),
+    with the pure codec reading renditions as a guest's does."""
+    host = _compiled()
+    monkeypatch.setattr(codec_py, "_renditions", True)
+    return host.render_for_guest(frame)
+
+
+def _message(value_cbor: bytes, req_id: int = 7, chain: int = 0x1234_0000_0001) -> bytes:
+    """A request frame ``[0, id, chain, 0, value]`` around an encoded value."""
+    return b"\x85\x00" + codec_py.dumps(req_id) + codec_py.dumps(chain) + b"\x00" + value_cbor
+
+
+def test_a_guest_reads_each_vector_from_its_rendition_as_from_its_cbor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rendered = 0
+    for vector in VALID:
+        frame = _message(bytes.fromhex(vector["cbor"]))
+        rendition = _as_a_guest_reads(monkeypatch, frame)
+        if rendition is None:
+            continue  # (shared values, complex numbers, ...: the guest reads the CBOR)
+        rendered += 1
+        assert rendition[:2] == b"\x80\x05", vector["name"]
+        assert codec_py.peek(rendition) == codec_py.peek(frame), vector["name"]
+        from_cbor, from_rendition = codec_py.loads(frame, tag_hook), codec_py.loads(rendition, tag_hook)
+        assert same(from_rendition, from_cbor), f"{vector['name']}: {from_rendition!r} != {from_cbor!r}"
+    assert rendered >= len(VALID) * 3 // 4, f"only {rendered} of {len(VALID)} vectors were rendered"
+
+
+def test_a_guest_reads_random_messages_from_their_renditions_as_from_their_cbor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host = _compiled()
+    rnd = random.Random(11)
+    rendered = 0
+    for i in range(500):
+        value = _random_value(rnd)
+        if rnd.random() < 0.3:  # the kernel's own tags, as persistent ids
+            value = [
+                GlobalRef("builtins", "len"),
+                value,
+                TwinRef("__master__", i, ["builtins.function", [], []]),
+            ]
+        frame = bytes(host.dumps([rnd.choice([0, 1, 2]), i, 2**40 + i, 0, value], default))
+        rendition = _as_a_guest_reads(monkeypatch, frame)
+        if rendition is None:
+            continue
+        rendered += 1
+        assert codec_py.peek(rendition) == codec_py.peek(frame)
+        assert _canon(codec_py.loads(rendition, tag_hook)) == _canon(codec_py.loads(frame, tag_hook)), f"#{i}"
+    assert rendered >= 250
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        bytes.fromhex("a16161f5"),  # a map (a handshake frame), not a message
+        bytes.fromhex("20"),  # a bare int
+        _message(bytes.fromhex("d8409f01ff")),  # indefinite length
+        _message(bytes.fromhex("d99c43820102")),  # complex made of ints (the CBOR decoder refuses it)
+        _message(bytes.fromhex("6261ff")),  # invalid UTF-8
+        _message(b"\x01") + b"\x00",  # trailing bytes
+        _message(codec_py.dumps(bytes(64 * 1024))),  # over 64 KiB
+    ],
+    ids=["map", "int", "indefinite", "bad-complex", "bad-utf8", "trailing", "large"],
+)
+def test_what_is_not_rendered_goes_as_it_is(monkeypatch: pytest.MonkeyPatch, frame: bytes) -> None:
+    assert _as_a_guest_reads(monkeypatch, frame) is None
+
+
+def test_a_rendition_names_no_global_and_only_a_guest_reads_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    crafted = pickle.dumps([0, 1, 2, 0, GlobalRef("os", "system")], protocol=5) + bytes(18)
+    with pytest.raises(ProtocolError, match="a plain-data block|not|rendition|CBOR"):
+        codec_py.loads(crafted, tag_hook)  # no guest: it is CBOR, and not valid CBOR
+    monkeypatch.setattr(codec_py, "_renditions", True)
+    with pytest.raises(ProtocolError, match="names the global"):
+        codec_py.loads(crafted, tag_hook)

@@ -291,6 +291,21 @@ def send_hostile_block(kind, path):
     return send_block(HOSTILE_BLOCKS[kind](path))
 
 
+def send_a_rendition(path):
+    """A reply to the call it serves shaped as the host's renditions of the
+    master's frames (a pickle, then kind, id and chain), whose pickle calls
+    os.mkdir: what it would do to a master that read it as a guest reads
+    renditions."""
+    import struct
+
+    from cpy2py.kernel.connection import current_chain
+    from cpy2py.kernel.guest_main import send_frame
+
+    call = b"\\x80\\x05cos\\nmkdir\\n(X" + len(path).to_bytes(4, "little") + path.encode() + b"tR."
+    send_frame(call + struct.pack("<BBQQ", 1, 3, 1, current_chain()))
+    return "sent"
+
+
 def send_empty_maps(count):
     """A request (on the chain of the call it serves) holding ``count`` empty
     maps: one byte each on the wire, about 70 bytes each once decoded."""
@@ -938,6 +953,20 @@ def test_a_plain_data_block_holding_more_than_plain_data_stops_its_guest(sandbox
     with pytest.raises(ProtocolError, match="plain-data block|decoding budget"):
         attacker.import_module("hostile_plugin").send_hostile_block(kind, str(target))
     assert not target.exists(), "the master ran what a block asked for"
+    assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
+
+
+def test_a_frame_shaped_as_a_rendition_is_never_unpickled_by_the_master(sandbox, tmp_path):
+    """Renditions flow one way: the host writes them for a guest to read
+    (docs/protocol.md, "What a guest is given to read"). A guest that sends
+    the master one (a pickle that calls os.mkdir) is stopped, as for any
+    frame that is not CBOR, and nothing of it runs."""
+    target = tmp_path / "made_by_a_rendition"
+    attacker = sandbox("policy-rendition")
+    mark(attacker)
+    with pytest.raises((ProtocolError, TwinterpreterTerminated)):
+        attacker.import_module("hostile_plugin").send_a_rendition(str(target))
+    assert not target.exists(), "the master ran what the rendition asked for"
     assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
 
 

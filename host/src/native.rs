@@ -463,6 +463,7 @@ mod tests {
             executable: "/bin/sh".into(),
             pid: 1,
             plain_blocks: false,
+            renditions: false,
         };
         let mut payload = Vec::new();
         ciborium::into_writer(&hello, &mut payload).unwrap();

@@ -23,7 +23,7 @@ import traceback
 from typing import Any, Dict, List, Optional
 
 from .. import _logging, kernel_state
-from ..protocol import codec
+from ..protocol import codec, codec_py
 from ..protocol.transport import TransportDefaults
 from . import compiler, guest_asyncio, handshake, links, main_module, references
 from .connection import Connection
@@ -231,7 +231,10 @@ def main(link: Any = None) -> None:
     _guest_io()
     paths = list(link.paths())
     transport = HostTransport(link)
-    handshake.send_hello(transport, EXECUTABLE)
+    # the host gives this guest the master's messages as pickles, which its C
+    # unpickler reads faster than the CBOR (protocol/codec_py.py, "Renditions")
+    codec_py.read_renditions()
+    handshake.send_hello(transport, EXECUTABLE, renditions=True)
     raw = transport.recv()
     if raw is None:  # the master gave up on us
         return

@@ -27,9 +27,12 @@ if TYPE_CHECKING:
     from ..protocol.transport import Transport
 
 
-def send_hello(transport: Transport, executable: str, plain_blocks: bool = False) -> None:
+def send_hello(
+    transport: Transport, executable: str, plain_blocks: bool = False, renditions: bool = False
+) -> None:
     """The first frame: who this twin is (checked by the host, handshake.rs),
-    and whether its link carries plain-data blocks (``plain_blocks``)."""
+    whether its link carries plain-data blocks (``plain_blocks``), and (a
+    WASI guest) whether it reads the host's renditions of the master's frames."""
     hello = {
         "cpy2py": PROTOCOL_VERSION,
         "twin_id": kernel_state.TWIN_ID,
@@ -40,6 +43,8 @@ def send_hello(transport: Transport, executable: str, plain_blocks: bool = False
     }
     if plain_blocks:
         hello["plain_blocks"] = True
+    if renditions:
+        hello["renditions"] = True
     transport.send(codec.dumps(hello))
 
 

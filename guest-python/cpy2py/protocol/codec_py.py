@@ -1329,6 +1329,8 @@ def loads(
         estimated = _estimate(data, budget) is not None
     if not data:
         raise ProtocolError("empty input: expected one CBOR data item")
+    if data[0] == 0x80 and _renditions and budget is None and len(data) > 2 and data[1] == 5:
+        return _load_rendition(data, tag_hook)
     # (a guest's frames are trees; most frames have no byte 0xd8 at all: no call)
     at = data.find(0xD8) if budget is None else -1
     if at >= 0 and _holds_shareable_tag(data, at):
@@ -1342,6 +1344,91 @@ def loads(
         # expected, and refused rather than decoded without a budget
         raise ProtocolError(f"a frame of {len(data)} bytes could not be checked against the decoding budget")
     return value
+
+
+# --------------------------------------------------------------------------
+# Renditions: what a WASI guest is given to read
+# --------------------------------------------------------------------------
+#
+# The host gives a guest whose hello asks for them the master's messages as
+# pickles of the same values (host/src/protocol/rendition.rs; docs/protocol.md,
+# "What a guest is given to read"): PROTO 5, FRAME, data opcodes, the kernel's
+# tags as persistent ids ``(tag, content)``, STOP, then 18 bytes: kind, which
+# of id and chain are there, id, chain. Its C unpickler reads one several times
+# faster than ``loads`` decodes the CBOR; a frame the host did not render is
+# CBOR, decoded as before. Only a guest reads them (``read_renditions``): a
+# rendition begins with 0x80 0x05, which no message frame does.
+
+_renditions = False
+_unpack_trailer = Struct("<BBQQ").unpack_from
+#: frames up to this size are copied into one reused buffer; larger ones are
+#: read where they are, by an unpickler of their own
+_REUSED_BUFFER_MAX = 64 * 1024
+_free_reader: Any = None
+
+
+def read_renditions() -> None:
+    """This interpreter is a WASI guest whose hello asked the host for
+    renditions: ``peek`` and ``loads`` read them."""
+    global _renditions
+    _renditions = True
+
+
+def _peek_rendition(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    kind, has, key, chain = _unpack_trailer(frame, len(frame) - 18)
+    return kind, (key if has & 1 else None), (chain if has & 2 else None)
+
+
+def _load_rendition(data: bytes, hook: Optional[TagHook]) -> Any:
+    global _free_reader
+    if len(data) > _REUSED_BUFFER_MAX:
+        return _rendition_reader(data)(data, hook)
+    reader, _free_reader = _free_reader, None  # (decoding may decode another frame)
+    if reader is None:
+        reader = _rendition_reader(None)
+    try:
+        return reader(data, hook)
+    finally:
+        _free_reader = reader
+
+
+def _rendition_reader(data: Optional[bytes]) -> Any:
+    """A reader of renditions: on ``data`` where it is, or on a buffer it
+    keeps and fills with each frame (None)."""
+    from io import BytesIO
+    from pickle import Unpickler, UnpicklingError
+
+    buffer = BytesIO(data) if data is not None else BytesIO()
+
+    class RenditionUnpickler(Unpickler):
+        hook: Optional[TagHook] = None
+
+        def persistent_load(self, pid: Any) -> Any:
+            hook = self.hook
+            if hook is None:
+                raise ProtocolError(f"unknown CBOR tag {pid[0]}")
+            return hook(pid[0], pid[1])
+
+        def find_class(self, module: str, name: str) -> Any:
+            raise ProtocolError(f"a rendition of a frame names the global {module}.{name}")
+
+    unpickler = RenditionUnpickler(buffer)
+
+    def read(frame: bytes, hook: Optional[TagHook]) -> Any:
+        if data is None:
+            buffer.seek(0)
+            buffer.write(frame)
+            buffer.truncate()
+            buffer.seek(0)
+        unpickler.hook = hook
+        try:
+            return unpickler.load()
+        except UnpicklingError as err:
+            raise ProtocolError(f"malformed rendition of a frame: {err}") from None
+        finally:
+            unpickler.hook = None
+
+    return read
 
 
 # --------------------------------------------------------------------------
@@ -1845,6 +1932,8 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
             if ib >= 0x20:  # not an unsigned integer (a reply's value)
                 return frame[1], key, None
         return _peek_fields(frame, 1, 3)
+    if end and frame[0] == 0x80 and _renditions and end > 2 and frame[1] == 5:
+        return _peek_rendition(frame)
     if not end or frame[0] >> 5 != 4:
         return None, None, None
     if frame[0] < 0x98:  # 0 to 23 items

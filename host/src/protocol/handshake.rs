@@ -21,6 +21,10 @@ pub struct Hello {
     /// plain-data blocks both ways (docs/protocol.md, "Plain-data blocks")
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub plain_blocks: bool,
+    /// a WASI guest that reads the host's renditions of the master's frames
+    /// (docs/protocol.md, "What a guest is given to read"; rendition.rs)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renditions: bool,
 }
 
 /// How large a hello may be: a real one is about 200 bytes, its longest
@@ -77,6 +81,7 @@ mod tests {
             executable: "/usr/bin/pypy3".into(),
             pid: 42,
             plain_blocks: false,
+            renditions: false,
         }
     }
 

@@ -287,11 +287,13 @@ fn hello(value: Value) -> Result<Frame> {
         "executable",
         "pid",
     ];
-    let mut f = fields(value, "hello", &keys, &["plain_blocks"])?;
+    let mut f = fields(value, "hello", &keys, &["plain_blocks", "renditions"])?;
     version(take(&mut f, "cpy2py"))?;
-    if let Some(said) = f.iter().find(|(k, _)| k == "plain_blocks").map(|(_, v)| v) {
-        if *said != Value::Bool(true) {
-            return Err(invalid(format!("the hello's plain_blocks is {said:?}, not true")));
+    for flag in ["plain_blocks", "renditions"] {
+        if let Some(said) = f.iter().find(|(k, _)| k == flag).map(|(_, v)| v) {
+            if *said != Value::Bool(true) {
+                return Err(invalid(format!("the hello's {flag} is {said:?}, not true")));
+            }
         }
     }
     Ok(Frame::Hello {

@@ -7,6 +7,7 @@ pub mod handshake;
 pub mod header;
 pub mod message;
 pub mod plain;
+pub mod rendition;
 pub mod tags;
 pub mod value;
 

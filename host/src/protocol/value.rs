@@ -608,7 +608,7 @@ pub(crate) fn enter(depth: usize, offset: usize) -> Result<usize> {
 }
 
 /// The value of an IEEE 754 half-precision float.
-fn f16_to_f64(bits: u16) -> f64 {
+pub(crate) fn f16_to_f64(bits: u16) -> f64 {
     let exponent = i32::from((bits >> 10) & 0x1f);
     let mantissa = f64::from(bits & 0x3ff);
     let magnitude = match exponent {

@@ -1,16 +1,27 @@
 //! `cpy2py._host.check_frame`: a frame checked against the protocol model
 //! of `crate::protocol::message` (for the tests that record real sessions;
-//! nothing on the call path uses it).
+//! nothing on the call path uses it), and `render_for_guest`: what a guest
+//! is given to read for a frame of the master (for the codec's tests).
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use super::errors::protocol_error;
 use crate::protocol::message::{self, Link, Sender, Stage};
+use crate::protocol::rendition;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(render_for_guest, m)?)?;
     Ok(())
+}
+
+/// The rendition a WASI guest is given of `frame`, a message of the master
+/// (crate::protocol::rendition), or None when the frame goes as it is.
+#[pyfunction]
+fn render_for_guest<'py>(py: Python<'py>, frame: &[u8]) -> Option<Bound<'py, PyBytes>> {
+    rendition::render(frame).map(|out| PyBytes::new(py, &out))
 }
 
 /// Checks one frame (its payload, without the length prefix) against the

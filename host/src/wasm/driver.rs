@@ -106,6 +106,9 @@ pub struct Shared {
     pub(super) to_guest: FrameQueue,
     pub(super) from_guest: FrameQueue,
     pub(super) ledger: Mutex<Ledger>,
+    /// The guest's hello asked for renditions of the master's messages
+    /// (protocol/rendition.rs), which it is given as it takes them.
+    pub(super) renditions: AtomicBool,
     /// When the open calls' running time passes the timeout if the guest
     /// keeps running (from its `Ledger`); None while it is blocked in `recv`
     /// or `send`, or nobody drives it. Read by the epoch callback, the

@@ -3,7 +3,7 @@
 //! pyo3 layer (python/wasi.rs) makes: queue a frame, drive the guest for a
 //! frame or to its end, stop it. How it runs is driver.rs.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -89,6 +89,7 @@ impl WasiGuest {
                 executable: String::new(),
                 pid: 0,
                 plain_blocks: false,
+                renditions: false,
             },
             shared,
         })
@@ -103,6 +104,7 @@ impl WasiGuest {
             Popped::Frame(frame) => match parse_hello(&frame) {
                 Ok(mut hello) => {
                     hello.pid = std::process::id(); // the guest lives in this process
+                    self.shared.renditions.store(hello.renditions, Ordering::Relaxed);
                     self.hello = hello;
                     Ok(true)
                 }
@@ -340,6 +342,7 @@ pub(super) fn prepare(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<Prepa
         to_guest: FrameQueue::new(usize::MAX),
         from_guest: FrameQueue::with_readable_fd(MAX_QUEUED_BYTES).expect("an eventfd for the guest's link"),
         ledger: Mutex::new(ledger),
+        renditions: AtomicBool::new(false),
         deadline: Mutex::new(None),
         stopping: AtomicBool::new(false),
         stop_reason: Mutex::new(None),
