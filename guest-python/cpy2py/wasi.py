@@ -155,6 +155,7 @@ class GuestTransport(TransportDefaults):
         "queue",
         "drive_for",
         "buffered",
+        "publish",
     )
 
     #: ``recv`` runs the guest and lets signal handlers raise in it without
@@ -188,6 +189,9 @@ class GuestTransport(TransportDefaults):
         #: one at once): a reader routes them all while it holds the role, so
         #: a release before a reply does not leave the reply to another thread
         self.buffered: Callable[[], bool] = twin.has_frames
+        #: ``publish()``: makes ``fileno`` readable if frames wait (``recv``
+        #: never does: a reader that leaves frames says so as it leaves)
+        self.publish: Callable[[], None] = twin.publish
         self._fd: int = twin.readable_fd
         self.hello: Dict[str, Any] = twin.hello
         self.pid: int = twin.pid
@@ -213,7 +217,8 @@ class GuestTransport(TransportDefaults):
         return self._twin.try_recv()
 
     def fileno(self) -> int:
-        """Readable exactly while ``recv`` has a frame (or the end) to give."""
+        """Readable once the guest ended, and while frames a reader left for
+        others wait (``publish``)."""
         return self._fd
 
     def wait_readable(self, timeout: Optional[float] = None) -> bool:

@@ -257,7 +257,8 @@ if hasattr(os, "register_at_fork"):  # not on WASI
 class _Gate:
     """Where a link's idle servers wait: an epoll set with the link's
     descriptor (one-shot, armed only while nobody reads, so that one frame
-    wakes one server and a caller's reply wakes none) and a pipe on which
+    wakes one server and a caller's reply wakes none; a guest's, readable
+    only for frames a reader left, stays armed) and a pipe on which
     callers kick a server to take a request they read for it."""
 
     def __init__(self, fd: int) -> None:
@@ -412,6 +413,11 @@ class Connection:
         self._distrust: Optional[Tuple[int, BaseException]] = None
         self._gate: Optional[_Gate] = None
         self._armed = False  # the gate watches the link
+        # A guest's descriptor becomes readable only when a reader leaves
+        # frames (``_give_up_role``) or the guest ends, never for frames a
+        # reader is about to take: its gate stays armed while a thread reads
+        # (two epoll_ctl less per call)
+        self._gate_stays_armed = transport.runs_peer
         # While awaited calls of an event loop are pending, that loop watches
         # the link instead of the gate, so their replies wake no thread but
         # the loop's (see _watch_from): the loop, its pending calls, whether
@@ -904,7 +910,7 @@ class Connection:
             # the loop's own descriptor, closed by the link on the loop's thread
             self._watch_loop, self._watch_fd = loop, os.dup(self.transport.fileno())
             self._watching, self._watch_calls, self._loop_mark = None, 0, -1
-        if self._armed and not self._unwatched:
+        if self._armed and not self._unwatched and not self._gate_stays_armed:
             self._armed = False
             self._gate.disarm()
         self._watch_calls += 1  # (after the last call: the caller records what it returns)
@@ -1155,7 +1161,8 @@ class Connection:
 
     def _take_role(self, waiter: Optional[_Waiter]) -> bool:
         """Caller holds _lock: take the free reading role (disarming the gate,
-        so that what arrives wakes no server), or queue for it."""
+        so that what arrives wakes no server; a guest's stays armed), or
+        queue for it."""
         if self._reading:
             if waiter is not None and waiter.queued is not self:
                 waiter.queued = self
@@ -1166,7 +1173,7 @@ class Connection:
         self._reader = reader
         self._role_takes += 1
         self._heir = None
-        if self._armed:
+        if self._armed and not self._gate_stays_armed:
             self._armed = False
             self._gate.disarm()  # type: ignore[union-attr]
         return True
@@ -1175,6 +1182,8 @@ class Connection:
         """Caller holds _lock: give up the reading role."""
         self._reading = False
         self._reader = None
+        if self._runner is not None and self._buffered():
+            self._runner.publish()  # frames left for others: the gate's thread takes them
         self._role_is_free()
 
     def _role_is_free(self) -> None:

@@ -1429,8 +1429,8 @@ def _load_rendition(data: bytes, hook: Optional[TagHook]) -> Any:
 def _rendition_reader(data: Optional[bytes]) -> Any:
     """A reader of renditions: on ``data`` where it is, or on a buffer it
     keeps and fills with each frame (None)."""
+    from _pickle import Unpickler, UnpicklingError  # (the C module only: pickle.py is not imported)
     from io import BytesIO
-    from pickle import Unpickler, UnpicklingError
 
     buffer = BytesIO(data) if data is not None else BytesIO()
 

@@ -210,6 +210,11 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
             """Run the peer until it has sent a frame and waits, or ended
             (True), or for at most ``limit`` seconds (False)."""
 
+        def publish(self) -> None:
+            """Make ``fileno`` readable if frames wait: ``recv`` never does
+            (its reader takes all ``buffered`` says are there), so a reader
+            that leaves the reading role with frames left says so."""
+
 
 class TransportDefaults:
     """What most transports are (see Transport), written once: each

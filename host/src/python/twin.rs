@@ -21,6 +21,7 @@ use crate::native::{self, Handshake, Step, SIGNAL_SLICE};
 use crate::process::{describe_status, TwinCommand};
 use crate::protocol::frame::{self, ReadOutcome};
 use crate::protocol::handshake::Hello;
+use crate::protocol::rendition;
 use crate::signals;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -100,6 +101,20 @@ pub fn hello_dict<'py>(py: Python<'py>, hello: &Hello) -> PyResult<Bound<'py, Py
 #[pyclass(module = "cpy2py._host", frozen)]
 pub struct NativeTwin(pub(super) native::NativeTwin);
 
+impl NativeTwin {
+    /// What a twin whose hello asks for renditions (a CPython twin with the
+    /// pure-Python codec: one on another host) is sent instead of `frame`,
+    /// which its C unpickler reads faster than its codec decodes the CBOR
+    /// (crate::protocol::rendition); None: the frame as it is.
+    fn rendition(&self, frame: &[u8]) -> Option<Vec<u8>> {
+        if self.0.hello.renditions {
+            rendition::render(frame)
+        } else {
+            None
+        }
+    }
+}
+
 #[pymethods]
 impl NativeTwin {
     /// Starts `executable` with `args`, `env` (the complete environment) and
@@ -167,8 +182,10 @@ impl NativeTwin {
         let held;
         let pieces: Vec<&[u8]>;
         let whole;
+        let rendered;
         let parts: &[&[u8]] = if let Ok(bytes) = payload.cast::<PyBytes>() {
-            whole = [bytes.as_bytes()];
+            rendered = self.rendition(bytes.as_bytes());
+            whole = [rendered.as_deref().unwrap_or(bytes.as_bytes())];
             &whole
         } else if let Ok(tuple) = payload.cast::<PyTuple>() {
             // held for the whole send; bytes cannot change
@@ -205,7 +222,10 @@ impl NativeTwin {
     /// keeps the GIL (one write): the kernel sends small requests this way
     /// while it holds the link's reading role.
     fn send_now(&self, payload: &Bound<'_, PyBytes>) -> PyResult<bool> {
-        Ok(self.0.send_now(payload.as_bytes())?)
+        let rendered = self.rendition(payload.as_bytes());
+        Ok(self
+            .0
+            .send_now(rendered.as_deref().unwrap_or(payload.as_bytes()))?)
     }
 
     /// `send` takes a frame as a tuple of its parts (the kernel encodes

@@ -424,12 +424,14 @@ impl WasiGuest {
     /// has sent a frame and waits for the master again (see
     /// crate::wasm::guest); looks for signals every `DRIVE_SLICE`, and
     /// leaves the guest suspended for the next reader if one is raised.
+    /// Frames left after the one it returns are not published: the kernel's
+    /// reader takes them too (`has_frames`), or `publish`es them as it leaves.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         if let Some(err) = self.forked() {
             return Err(err);
         }
         loop {
-            match self.guest.try_recv() {
+            match self.guest.take() {
                 Popped::Frame(frame) => return Ok(Some(PyBytes::new(py, &frame))),
                 Popped::Closed => return Ok(None),
                 Popped::TimedOut => {}
@@ -448,6 +450,12 @@ impl WasiGuest {
     /// once, without running the guest (a reader routes them all in one go).
     fn has_frames(&self) -> bool {
         self.guest.has_frames()
+    }
+
+    /// Makes `readable_fd` readable if frames wait: a reader leaves them for
+    /// others (`recv` itself never does: the reader takes all it finds).
+    fn publish(&self) {
+        self.guest.publish();
     }
 
     /// A file descriptor that is readable while frames wait that the thread

@@ -190,6 +190,12 @@ impl WasiGuest {
         }
     }
 
+    /// The next frame if there is one, for a reader that takes all it finds
+    /// or publishes what it leaves (queue.rs, `pop_for_reader`).
+    pub fn take(&self) -> Popped {
+        self.shared.from_guest.pop_for_reader()
+    }
+
     /// Whether frames the guest sent wait to be taken (`recv` then returns
     /// one at once, without running the guest).
     pub fn has_frames(&self) -> bool {

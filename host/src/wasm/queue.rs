@@ -198,6 +198,25 @@ impl FrameQueue {
         Poll::Ready(Ok(()))
     }
 
+    /// Like `try_pop`, for a reader that takes every frame queued before it
+    /// leaves, or says so with `publish` (the kernel's: a reader routes all
+    /// it finds): the readiness level is cleared once nothing is left, never
+    /// set, so frames it is about to take wake no other thread.
+    pub fn pop_for_reader(&self) -> Popped {
+        let (popped, giver) = {
+            let mut state = self.lock();
+            let popped = self.take(&mut state);
+            if state.frames.is_empty() && !state.closed {
+                self.level(&mut state, false);
+            }
+            (popped, state.giver.take())
+        };
+        if let Some(giver) = giver {
+            giver.wake();
+        }
+        popped
+    }
+
     /// The next frame, `Closed` once closed and drained, else `TimedOut`.
     pub fn try_pop(&self) -> Popped {
         let (popped, giver) = {
@@ -410,6 +429,17 @@ mod tests {
         assert_eq!(q.try_pop(), Popped::Frame(b"c".to_vec()));
         assert!(!fd_is_readable(fd));
         assert!(!q.has_frames());
+        q.push(b"e".to_vec()).unwrap();
+        q.push(b"f".to_vec()).unwrap();
+        assert_eq!(q.pop_for_reader(), Popped::Frame(b"e".to_vec()));
+        assert!(
+            !fd_is_readable(fd),
+            "a reader that takes all it finds raises no level"
+        );
+        q.publish();
+        assert!(fd_is_readable(fd), "it left one: published");
+        assert_eq!(q.pop_for_reader(), Popped::Frame(b"f".to_vec()));
+        assert!(!fd_is_readable(fd));
         q.push(b"d".to_vec()).unwrap();
         q.publish();
         assert!(fd_is_readable(fd));
