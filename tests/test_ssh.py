@@ -3,6 +3,7 @@ real sshd on loopback that these tests start (tests/ssh_server.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -86,6 +87,26 @@ def test_large_plain_data_crosses_as_plain_data_blocks(remote):
     assert {(type(t), type(t[1]), type(t[2]["b"]), type(t[2]["s"])) for t in back.values()} == {
         (tuple, list, bytes, set)
     }
+
+
+def test_a_cpython_twin_reads_the_masters_messages_as_renditions(remote):
+    """A remote CPython twin asks in its hello for renditions of the
+    master's messages (docs/protocol.md, "What a guest is given to read"),
+    which its C unpickler reads faster than its pure-Python codec decodes the
+    CBOR; PyPy's does not. Either way, what crosses comes back exactly."""
+    from cpy2py import master
+
+    cpython = remote.twinterpreter_id.startswith("python3")
+    assert master._running[remote.twinterpreter_id].process.hello.get("renditions", False) is cpython
+    value = [
+        (1, 2**70, -(2**70), 1.5, None, True),
+        {"a": {1, 2}, "b": frozenset({3})},
+        bytearray(b"x"),
+        "\u20ac",
+    ]
+    assert remote.execute(copy.deepcopy, value) == value
+    read_one = "__import__('cpy2py.protocol.codec_py', fromlist=['_'])._free_reader is not None"
+    assert remote.execute(eval, read_one) is cpython
 
 
 def test_modules_come_from_the_master(remote, tmp_path, monkeypatch):

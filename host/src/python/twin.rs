@@ -91,6 +91,9 @@ pub fn hello_dict<'py>(py: Python<'py>, hello: &Hello) -> PyResult<Bound<'py, Py
     d.set_item("version", &hello.version)?;
     d.set_item("executable", &hello.executable)?;
     d.set_item("pid", hello.pid)?;
+    if hello.renditions {
+        d.set_item("renditions", true)?;
+    }
     if hello.plain_blocks {
         // (only when said, as on the wire)
         d.set_item("plain_blocks", true)?;
