@@ -175,8 +175,7 @@ def warm_up(calls: int = 64) -> None:
     # message: the message itself is never a block)
     for _ in range(8):
         codec.loads(codec.dumps([list(range(64))], plain=True))
-    # the reader of renditions of the master's messages, made now too
-    codec_py._free_reader = codec_py._rendition_reader(None)
+    codec_py.rendition_unpickler()  # (its class; a guest makes its reader at its first call)
 
 
 #: set in a guest whose snapshot was taken after ``preload``: componentize-py

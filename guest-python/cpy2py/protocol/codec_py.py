@@ -1426,15 +1426,19 @@ def _load_rendition(data: bytes, hook: Optional[TagHook]) -> Any:
         _free_reader = reader
 
 
-def _rendition_reader(data: Optional[bytes]) -> Any:
-    """A reader of renditions: on ``data`` where it is, or on a buffer it
-    keeps and fills with each frame (None)."""
-    from _pickle import Unpickler, UnpicklingError  # (the C module only: pickle.py is not imported)
-    from io import BytesIO
+_unpickler_class: Any = None
 
-    buffer = BytesIO(data) if data is not None else BytesIO()
 
-    class RenditionUnpickler(Unpickler):
+def rendition_unpickler() -> Any:
+    """The unpickler class that reads renditions, made once (a guest's
+    snapshot holds it: made at a guest's first call, it cost each guest
+    the pages a new class writes)."""
+    global _unpickler_class
+    if _unpickler_class is not None:
+        return _unpickler_class
+    from _pickle import Unpickler  # (the C module only: pickle.py is not imported)
+
+    class RenditionUnpickler(Unpickler):  # type: ignore[misc,valid-type]
         hook: Optional[TagHook] = None
 
         def persistent_load(self, pid: Any) -> Any:
@@ -1446,7 +1450,18 @@ def _rendition_reader(data: Optional[bytes]) -> Any:
         def find_class(self, module: str, name: str) -> Any:
             raise ProtocolError(f"a rendition of a frame names the global {module}.{name}")
 
-    unpickler = RenditionUnpickler(buffer)
+    _unpickler_class = RenditionUnpickler
+    return RenditionUnpickler
+
+
+def _rendition_reader(data: Optional[bytes]) -> Any:
+    """A reader of renditions: on ``data`` where it is, or on a buffer it
+    keeps and fills with each frame (None)."""
+    from _pickle import UnpicklingError
+    from io import BytesIO
+
+    buffer = BytesIO(data) if data is not None else BytesIO()
+    unpickler = rendition_unpickler()(buffer)
 
     def read(frame: bytes, hook: Optional[TagHook]) -> Any:
         if data is None:
