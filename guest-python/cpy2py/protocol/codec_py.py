@@ -1408,11 +1408,6 @@ def read_renditions() -> None:
     _renditions = True
 
 
-def _peek_rendition(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
-    kind, has, key, chain = _unpack_trailer(frame, len(frame) - 18)
-    return kind, (key if has & 1 else None), (chain if has & 2 else None)
-
-
 def _load_rendition(data: bytes, hook: Optional[TagHook]) -> Any:
     global _free_reader
     if len(data) > _REUSED_BUFFER_MAX:
@@ -1958,6 +1953,9 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     if type(frame) is not bytes and type(frame) is not bytearray:
         frame = bytes(frame)  # a Frame received by the compiled host, or a memoryview
     end = len(frame)
+    if _renditions and end > 20 and frame[0] == 0x80 and frame[1] == 5:  # (a guest: first)
+        kind, has, key, chain = _unpack_trailer(frame, end - 18)
+        return kind, (key if has & 1 else None), (chain if has & 2 else None)
     if end > 3 and 0x83 <= frame[0] < 0x98 and frame[1] < 24:
         # every message: three fields or more, its kind small, its id a head
         # of up to 5 bytes, its chain (or a reply's value) small or 8 bytes
@@ -1981,8 +1979,6 @@ def peek(frame: Any) -> Tuple[Optional[int], Optional[int], Optional[int]]:
             if ib >= 0x20:  # not an unsigned integer (a reply's value)
                 return frame[1], key, None
         return _peek_fields(frame, 1, 3)
-    if end and frame[0] == 0x80 and _renditions and end > 2 and frame[1] == 5:
-        return _peek_rendition(frame)
     if not end or frame[0] >> 5 != 4:
         return None, None, None
     if frame[0] < 0x98:  # 0 to 23 items
