@@ -1547,3 +1547,22 @@ def test_a_rendition_names_no_global_and_only_a_guest_reads_one(monkeypatch: pyt
     monkeypatch.setattr(codec_py, "_renditions", True)
     with pytest.raises(ProtocolError, match="names the global"):
         codec_py.loads(crafted, tag_hook)
+
+
+def test_a_rendition_that_fails_to_read_leaves_the_next_one_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that raises (a hook, a key's hash) may leave the rest of its
+    frame in the reader's unpickler: the next frame is read by another."""
+    host = _compiled()
+    good = bytes(host.dumps([0, 7, 2**40 + 1, 0, [1, (2, 3), {"a": None}]], default))
+    keyed = bytes(host.dumps([0, 8, 2**40 + 1, 0, {GlobalRef("m", "n"): True, "x": [1, 2]}], default))
+    good_rendition = _as_a_guest_reads(monkeypatch, good)
+    keyed_rendition = host.render_for_guest(keyed)
+    assert good_rendition is not None and keyed_rendition is not None
+
+    def unhashable(tag: int, value: Any) -> Any:
+        return [tag, value]  # a list, as a dict key: the read fails half-way
+
+    for _ in range(3):
+        with pytest.raises(TypeError):
+            codec_py.loads(keyed_rendition, unhashable)
+        assert codec_py.loads(good_rendition, tag_hook) == [0, 7, 2**40 + 1, 0, [1, (2, 3), {"a": None}]]

@@ -291,6 +291,33 @@ def send_hostile_block(kind, path):
     return send_block(HOSTILE_BLOCKS[kind](path))
 
 
+def two_requests_at_once(callback):
+    """Sends the master two requests of the chain it serves back to back,
+    without waiting for the first answer (a hostile kernel), then takes
+    both answers: the ids it got answers for."""
+    from cpy2py import kernel_state
+    from cpy2py.kernel import links, references
+    from cpy2py.kernel.connection import current_chain
+    from cpy2py.protocol import codec
+    from cpy2py.protocol.messages import OP_EXECUTE, REQUEST
+
+    link = links.existing_connection(kernel_state.MASTER_ID)
+    ids = [next(link._ids), next(link._ids)]
+    for rid in ids:
+        message = [REQUEST, rid, current_chain(), OP_EXECUTE, callback, [rid], {}]
+        link.transport.send(references.encode(message, link.serializer.default))
+    return sorted(codec.peek(link.transport.recv())[1] for _ in ids)
+
+
+class RefusesItsHash:
+    def __hash__(self):
+        raise ValueError("no hash here")
+
+
+def make_refuses_its_hash():
+    return RefusesItsHash()
+
+
 def send_a_rendition(path):
     """A reply to the call it serves shaped as the host's renditions of the
     master's frames (a pickle, then kind, id and chain), whose pickle calls
@@ -1018,6 +1045,39 @@ def test_a_guest_cannot_call_the_master_between_calls(sandbox):
 
 
 # -- what a guest holds ------------------------------------------------------------------
+
+
+def test_requests_a_guest_sends_at_once_on_its_chain_run_in_turn_on_its_thread(sandbox):
+    """A chain runs on one thread: a guest that sends two requests of the
+    chain it serves without waiting gets them run one after the other by
+    the thread that waits for it, not one of them on a server thread."""
+    hostile = sandbox("policy-two-at-once").import_module("hostile_plugin")
+    ran = []
+
+    def callback(rid):
+        ran.append((rid, threading.current_thread().name, "start"))
+        time.sleep(0.2)
+        ran.append((rid, threading.current_thread().name, "end"))
+        return rid
+
+    got = hostile.two_requests_at_once(callback)
+    assert len(got) == 2
+    assert [event for _, _, event in ran] == ["start", "end", "start", "end"], ran
+    assert {name for _, name, _ in ran} == {threading.current_thread().name}, ran
+
+
+def test_a_value_that_fails_to_rebuild_in_the_guest_fails_its_call_only(sandbox):
+    """A dict keyed by a guest object whose __hash__ raises: rebuilding it
+    in the guest fails that call, and the guest goes on reading the next."""
+    box = sandbox("policy-hash-refused")
+    hostile = box.import_module("hostile_plugin")
+    keyed = {hostile.make_refuses_its_hash(): 1}
+    mark(box)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="no hash here"):
+            hostile.identity(keyed)
+        assert box.execute(abs, -5) == 5
+    assert marked(box), "the same guest answers"
 
 
 def test_what_a_guest_drops_is_released_at_once(plugin):

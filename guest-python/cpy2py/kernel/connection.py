@@ -1241,7 +1241,12 @@ class Connection:
                         later.append(item)
                     elif mine is None:
                         mine = item
-                    else:  # a second request for a server: hand it on
+                    elif reader is not None:
+                        # more of the reader's own chain (a peer that does not
+                        # wait for its answers): it runs them in turn, as it
+                        # would had it read them one at a time
+                        reader.inbox.append(item)
+                    else:  # a second request of a new chain: a server's
                         self._hand_to_server(item)
                 # frames already buffered are routed now: the descriptor says
                 # nothing about them, so nobody would come for them

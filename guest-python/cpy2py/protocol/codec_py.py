@@ -1415,10 +1415,11 @@ def _load_rendition(data: bytes, hook: Optional[TagHook]) -> Any:
     reader, _free_reader = _free_reader, None  # (decoding may decode another frame)
     if reader is None:
         reader = _rendition_reader(None)
-    try:
-        return reader(data, hook)
-    finally:
-        _free_reader = reader
+    # a read that raised leaves the reader behind: its unpickler may still
+    # hold the rest of that frame, which the next load would read first
+    value = reader(data, hook)
+    _free_reader = reader
+    return value
 
 
 _unpickler_class: Any = None

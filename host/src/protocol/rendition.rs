@@ -147,15 +147,22 @@ impl<'a> Reader<'a> {
         Some(())
     }
 
-    /// `n` items after a MARK, then `close` (nothing for none).
+    /// `n` items after a MARK, then `close` (nothing for none: the list,
+    /// dict or set is there already).
     fn items(&mut self, n: u64, close: u8, depth: usize) -> Option<()> {
         if n > 0 {
-            self.writer.op(op::MARK);
-            for _ in 0..n {
-                self.item(depth + 1)?;
-            }
-            self.writer.op(close);
+            self.marked(n, close, depth)?;
         }
+        Some(())
+    }
+
+    /// `n` items after a MARK, then `close`, which makes them one value.
+    fn marked(&mut self, n: u64, close: u8, depth: usize) -> Option<()> {
+        self.writer.op(op::MARK);
+        for _ in 0..n {
+            self.item(depth + 1)?;
+        }
+        self.writer.op(close);
         Some(())
     }
 
@@ -174,11 +181,7 @@ impl<'a> Reader<'a> {
         match tag {
             TUPLE => {
                 let n = self.content(4)?;
-                self.writer.op(op::MARK);
-                for _ in 0..n {
-                    self.item(depth + 2)?;
-                }
-                self.writer.op(op::TUPLE);
+                self.marked(n, op::TUPLE, depth + 1)?;
             }
             SET => {
                 let n = self.content(4)?;
@@ -187,11 +190,7 @@ impl<'a> Reader<'a> {
             }
             FROZENSET => {
                 let n = self.content(4)?;
-                self.writer.op(op::MARK);
-                for _ in 0..n {
-                    self.item(depth + 2)?;
-                }
-                self.writer.op(op::FROZENSET);
+                self.marked(n, op::FROZENSET, depth + 1)?;
             }
             BYTEARRAY => {
                 let n = self.content(2)?;
