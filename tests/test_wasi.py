@@ -224,6 +224,16 @@ def test_data_round_trips(box):
     assert box.execute(dict, value) == value
 
 
+def test_the_guest_reads_the_masters_messages_as_renditions(box):
+    """The guest asks the host for renditions of the master's messages and
+    reads them with its C unpickler (docs/protocol.md, "What a guest is given
+    to read"): what makes a sandboxed call cost what the README says."""
+    value = [(1, 2**70, -(2**70)), {"a": {1, 2}}, frozenset({3}), bytearray(b"x"), 1.5, None]
+    assert box.execute(copy.deepcopy, value) == value
+    module = "__import__('cpy2py.protocol.codec_py', fromlist=['_'])"
+    assert box.execute(eval, f"({module}._renditions, {module}._free_reader is not None)") == (True, True)
+
+
 def test_functions_of_a_module_under_paths(box, plugin):
     assert box.execute(plugin.double, 21) == 42
     assert guest_eval(box, "__import__('wasi_plugin_mod').double('ab')") == "abab"

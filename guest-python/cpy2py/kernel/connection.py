@@ -412,12 +412,11 @@ class Connection:
         # frames from this number on came after a malformed release, and its error
         self._distrust: Optional[Tuple[int, BaseException]] = None
         self._gate: Optional[_Gate] = None
-        self._armed = False  # the gate watches the link
-        # A guest's descriptor becomes readable only when a reader leaves
-        # frames (``_give_up_role``) or the guest ends, never for frames a
-        # reader is about to take: its gate stays armed while a thread reads
-        # (two epoll_ctl less per call)
-        self._gate_stays_armed = transport.runs_peer
+        # the gate watches the link. A guest's (``_runner``) stays armed while
+        # a thread reads: its descriptor becomes readable only when a reader
+        # leaves frames (``_give_up_role``) or the guest ends, never for
+        # frames a reader is about to take (two epoll_ctl less per call)
+        self._armed = False
         # While awaited calls of an event loop are pending, that loop watches
         # the link instead of the gate, so their replies wake no thread but
         # the loop's (see _watch_from): the loop, its pending calls, whether
@@ -674,12 +673,8 @@ class Connection:
                         # a guest runs one call at a time: awaited calls take
                         # turns (one cancelled before its turn never reaches it)
                         waiter.payload = payload  # (queued when its turn comes)
-                        with self._lock:
-                            mine = self._turn_holder is None
-                            if mine:  # (mostly: no coroutine to wait in)
-                                self._give_turn(waiter)
-                        if not mine:
-                            await self._take_turn(waiter)
+                        if not self._take_turn(waiter):  # (mostly taken at once)
+                            await self._wait_for_turn(waiter)
                         if not waiter.sent:  # the guest ended before its turn
                             self._fail(None)
                             raise self._broken_error()
@@ -755,13 +750,18 @@ class Connection:
     # reads), and its loop is woken. A call cancelled before its turn is
     # passed over and never reaches the guest.
 
-    async def _take_turn(self, waiter: _AsyncWaiter) -> None:
-        """Wait for ``waiter``'s turn; its request is queued for the guest then."""
+    def _take_turn(self, waiter: _AsyncWaiter) -> bool:
+        """``waiter``'s turn now if nobody has it (its request is queued for
+        the guest: True), else in line for it (False: ``_wait_for_turn``)."""
         with self._lock:
             if self._turn_holder is None:
                 self._give_turn(waiter)
-                return
+                return True
             self._turns.append(waiter)
+            return False
+
+    async def _wait_for_turn(self, waiter: _AsyncWaiter) -> None:
+        """Wait in line for ``waiter``'s turn; its request is queued for the guest then."""
         while not waiter.sent and self.broken is None and self._turn_holder is not waiter:
             future = waiter.future = waiter.loop.create_future()
             try:
@@ -853,15 +853,12 @@ class Connection:
                     self._give_up_role()
                 return True
             try:
-                kind, key, _ = codec.peek(raw)
+                kind = self._claim_if_own_reply(raw, req_id)
             except ProtocolError:
-                kind = key = None  # (_read fails the link for it)
-            if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
-                with self._lock:
-                    if self._claim_reply(req_id) is not None:
-                        self._give_up_role()
-                        waiter.inbox.append((self, kind, key, raw))
-                        return True
+                kind = None  # (_read fails the link for it)
+            if kind is not None:
+                waiter.inbox.append((self, kind, req_id, raw))
+                return True
         except BaseException:
             with self._lock:
                 self._give_up_role()
@@ -910,7 +907,7 @@ class Connection:
             # the loop's own descriptor, closed by the link on the loop's thread
             self._watch_loop, self._watch_fd = loop, os.dup(self.transport.fileno())
             self._watching, self._watch_calls, self._loop_mark = None, 0, -1
-        if self._armed and not self._unwatched and not self._gate_stays_armed:
+        if self._armed and not self._unwatched and self._runner is None:
             self._armed = False
             self._gate.disarm()
         self._watch_calls += 1  # (after the last call: the caller records what it returns)
@@ -1093,12 +1090,9 @@ class Connection:
             raw = self._read_frame()
             if raw is None:
                 return None  # (the link ended: marked so)
-            kind, key, _ = codec.peek(raw)
-            if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
-                with self._lock:
-                    if self._claim_reply(req_id) is not None:
-                        self._give_up_role()
-                        return kind, raw
+            kind = self._claim_if_own_reply(raw, req_id)
+            if kind is not None:
+                return kind, raw
             item = self._read(waiter, first=raw)
             if item is not None:
                 waiter.inbox.appendleft(item)  # (_wait_for_reply takes it first)
@@ -1109,6 +1103,20 @@ class Connection:
         finally:
             if held:
                 release_signals()
+
+    def _claim_if_own_reply(self, raw: Any, req_id: int) -> Optional[int]:
+        """The reader holds the role and read ``raw``: if it is the reply to
+        ``req_id`` and nothing else was read ahead, claim it and give the
+        role up in one lock section, and return its kind; else None (the
+        reader routes it as any frame). Raises ProtocolError for a malformed
+        header."""
+        kind, key, _ = codec.peek(raw)
+        if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
+            with self._lock:
+                if self._claim_reply(req_id) is not None:
+                    self._give_up_role(left=False)
+                    return kind
+        return None
 
     def _drop_leftovers(self, waiter: Union[_Waiter, _AsyncWaiter], req_id: int) -> None:
         """A call left early (Ctrl-C): its reply, if delivered, is dropped, and
@@ -1173,16 +1181,17 @@ class Connection:
         self._reader = reader
         self._role_takes += 1
         self._heir = None
-        if self._armed and not self._gate_stays_armed:
+        if self._armed and self._runner is None:
             self._armed = False
             self._gate.disarm()  # type: ignore[union-attr]
         return True
 
-    def _give_up_role(self) -> None:
-        """Caller holds _lock: give up the reading role."""
+    def _give_up_role(self, left: bool = True) -> None:
+        """Caller holds _lock: give up the reading role (``left``: frames may
+        have been left unread; False: the reader just found none)."""
         self._reading = False
         self._reader = None
-        if self._runner is not None and self._buffered():
+        if left and self._runner is not None and self._buffered():
             self._runner.publish()  # frames left for others: the gate's thread takes them
         self._role_is_free()
 

@@ -1395,9 +1395,6 @@ def loads(
 
 _renditions = False
 _unpack_trailer = Struct("<BBQQ").unpack_from
-#: frames up to this size are copied into one reused buffer; larger ones are
-#: read where they are, by an unpickler of their own
-_REUSED_BUFFER_MAX = 64 * 1024
 _free_reader: Any = None
 
 
@@ -1410,11 +1407,9 @@ def read_renditions() -> None:
 
 def _load_rendition(data: bytes, hook: Optional[TagHook]) -> Any:
     global _free_reader
-    if len(data) > _REUSED_BUFFER_MAX:
-        return _rendition_reader(data)(data, hook)
     reader, _free_reader = _free_reader, None  # (decoding may decode another frame)
     if reader is None:
-        reader = _rendition_reader(None)
+        reader = _rendition_reader()
     # a read that raised leaves the reader behind: its unpickler may still
     # hold the rest of that frame, which the next load would read first
     value = reader(data, hook)
@@ -1450,21 +1445,20 @@ def rendition_unpickler() -> Any:
     return RenditionUnpickler
 
 
-def _rendition_reader(data: Optional[bytes]) -> Any:
-    """A reader of renditions: on ``data`` where it is, or on a buffer it
-    keeps and fills with each frame (None)."""
+def _rendition_reader() -> Any:
+    """A reader of renditions: an unpickler on a buffer it fills with each
+    frame (the host renders frames of up to 64 KiB only)."""
     from _pickle import UnpicklingError
     from io import BytesIO
 
-    buffer = BytesIO(data) if data is not None else BytesIO()
+    buffer = BytesIO()
     unpickler = rendition_unpickler()(buffer)
 
     def read(frame: bytes, hook: Optional[TagHook]) -> Any:
-        if data is None:
-            buffer.seek(0)
-            buffer.write(frame)
-            buffer.truncate()
-            buffer.seek(0)
+        buffer.seek(0)
+        buffer.write(frame)
+        buffer.truncate()
+        buffer.seek(0)
         unpickler.hook = hook
         try:
             return unpickler.load()

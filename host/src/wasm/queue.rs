@@ -44,6 +44,14 @@ pub enum Popped {
     TimedOut,
 }
 
+/// What a pop does to the readiness level (see `FrameQueue::pop`).
+#[derive(Clone, Copy)]
+enum Level {
+    Keep,
+    ClearWhenEmpty,
+    Publish,
+}
+
 #[derive(Default)]
 struct State {
     frames: VecDeque<Vec<u8>>,
@@ -198,51 +206,41 @@ impl FrameQueue {
         Poll::Ready(Ok(()))
     }
 
+    /// The next frame, `Closed` once closed and drained, else `TimedOut`.
+    pub fn try_pop(&self) -> Popped {
+        self.pop(Level::Keep)
+    }
+
     /// Like `try_pop`, for a reader that takes every frame queued before it
     /// leaves, or says so with `publish` (the kernel's: a reader routes all
     /// it finds): the readiness level is cleared once nothing is left, never
     /// set, so frames it is about to take wake no other thread.
     pub fn pop_for_reader(&self) -> Popped {
-        let (popped, giver) = {
-            let mut state = self.lock();
-            let popped = self.take(&mut state);
-            if state.frames.is_empty() && !state.closed {
-                self.level(&mut state, false);
-            }
-            (popped, state.giver.take())
-        };
-        if let Some(giver) = giver {
-            giver.wake();
-        }
-        popped
-    }
-
-    /// The next frame, `Closed` once closed and drained, else `TimedOut`.
-    pub fn try_pop(&self) -> Popped {
-        let (popped, giver) = {
-            let mut state = self.lock();
-            let popped = self.take(&mut state);
-            (popped, state.giver.take())
-        };
-        if let Some(giver) = giver {
-            giver.wake(); // it tries again; if there is still no room it waits again
-        }
-        popped
+        self.pop(Level::ClearWhenEmpty)
     }
 
     /// Like `try_pop`, then sets the readiness level to whether anything is
     /// left to take (frames, or the end): what a reader does as it leaves
     /// frames it did not take to the others.
     pub fn pop_and_publish(&self) -> Popped {
+        self.pop(Level::Publish)
+    }
+
+    fn pop(&self, rule: Level) -> Popped {
         let (popped, giver) = {
             let mut state = self.lock();
             let popped = self.take(&mut state);
             let left = !state.frames.is_empty() || state.closed;
-            self.level(&mut state, left);
+            match rule {
+                Level::Keep => {}
+                Level::ClearWhenEmpty if !left => self.level(&mut state, false),
+                Level::ClearWhenEmpty => {}
+                Level::Publish => self.level(&mut state, left),
+            }
             (popped, state.giver.take())
         };
         if let Some(giver) = giver {
-            giver.wake();
+            giver.wake(); // it tries again; if there is still no room it waits again
         }
         popped
     }
