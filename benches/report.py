@@ -502,7 +502,8 @@ def _concurrency_section(found: Optional[Dict[str, Any]]) -> List[str]:
 _RATES = ("one_thread_per_s", "eight_threads_per_s", "hundred_awaits_per_s")
 
 
-#: eryx's published figures (the eryx project's README): Rust + wasmtime +
+#: eryx's published figures (the README of https://github.com/eryx-org/eryx,
+#: measured on its machine, not this one): Rust + wasmtime +
 #: componentize-py CPython, the closest peer of the sandboxed twin
 ERYX = {
     "fresh_ms": "about 1.3 (pass in a fresh instance from a warm pool)",
@@ -515,7 +516,8 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
     if not found:
         return []
     out = [
-        "\n=== sandbox pools and fresh guests (benches/sandbox_pool.py), beside eryx's published figures ==="
+        "\n=== sandbox pools and fresh guests (benches/sandbox_pool.py), beside eryx's published figures "
+        "(github.com/eryx-org/eryx, README; measured on its machine) ==="
     ]
     if "error" in found:
         return out + ["failed:\n" + found["error"]]
@@ -542,6 +544,10 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
     if imported:
         rows.append(["import markdown+dateutil, from source (ms)", f"{imported['from_source']:.0f}", "", ""])
         rows.append(["... packages= with cached bytecode (ms)", f"{imported['cached_bytecode']:.0f}", "", ""])
+        if "cached_bytecode_ready" in imported:  # (a run from before the figure existed: none)
+            rows.append(
+                ["... a new guest started and ready (ms)", f"{imported['cached_bytecode_ready']:.0f}", "", ""]
+            )
     snapshot = found.get("snapshot_fresh_call_ms")
     if snapshot:
         preloaded, importing = snapshot["preloaded"], snapshot["importing"]
@@ -628,7 +634,9 @@ def sandbox_targets(found: Dict[str, Any]) -> List[Dict[str, Any]]:
     if big and fresh:
         add("1,000-line module snapshot: fresh <= none", big["median"], fresh["median"], "ms")
     imported = found.get("packages_import_ms") or {}
-    add("markdown+dateutil, cached bytecode <= 50 ms", imported.get("cached_bytecode"), 50, "ms")
+    # ready: the guest started and the imports done (the guest's start included)
+    ready = imported.get("cached_bytecode_ready", imported.get("cached_bytecode"))
+    add("markdown+dateutil, cached: ready <= 50 ms", ready, 50, "ms")
     snapshot = (found.get("snapshot_fresh_call_ms") or {}).get("warm_pool") or {}
     add("markdown+dateutil preloaded, fresh <= 1 ms", snapshot.get("median"), 1, "ms")
     return rows

@@ -26,8 +26,8 @@ def main():
     options = dict(paths=[PLUGINS], fresh=True, warm=True, timeout=2.0, packages=["markdown"])
     try:
         pool = SandboxPool(size=2, preload=["plugin_host", "markdown_page"], **options)
-    except TwinStartError as err:
-        print(f"markdown is not installed here ({err}): pip install markdown")
+    except TwinStartError as err:  # the error says what is wrong (markdown not installed, say)
+        print(f"cannot start the plugin pool: {err}")
         return
     with pool:
         requests = [(f"Order {n}", [("apples", n), ("pears", 2 * n)]) for n in range(1, 41)]

@@ -171,3 +171,68 @@ def _native_twins_on_ray():
         cpy2py.ray.start = original_start
         with open(settings["report"], "w") as report:  # the nodes the twins ran on
             json.dump(placed, report)
+
+
+#: set by tests/test_sandbox_modes.py: this session's sandboxed twins run in
+#: another mode (JSON: {"mode": "fresh" or "snapshot", "report": a file that
+#: gets the ids of the twins set so}): "fresh", a guest per top-level call;
+#: "snapshot", guests started from a snapshot taken after a preload
+GUEST_MODE_ENV = "CPY2PY_TEST_GUEST_MODE"
+
+#: what the "snapshot" mode preloads into every sandboxed twin that has no
+#: preload of its own (a standard library module the suites do not use)
+SNAPSHOT_MODE_PRELOAD = "colorsys"
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("lasting_guest")
+    if marker is not None and guest_mode() == "fresh":
+        pytest.skip(
+            f"fresh guests: a fresh twin runs each call in a new guest, and this test {marker.args[0]}"
+        )
+
+
+def guest_mode():
+    """The mode this session's sandboxed twins run in: None (as made), "fresh" or "snapshot"."""
+    settings = _suite_settings(GUEST_MODE_ENV)
+    return settings["mode"] if settings else None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sandboxed_twins_in_another_mode():
+    import json
+
+    settings = _suite_settings(GUEST_MODE_ENV)
+    if settings is None:
+        yield
+        return
+    from cpy2py import master
+
+    original_init = master.TwinMaster.__init__
+    switched = []
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        mine = (
+            master.is_sandboxed(self.executable)
+            and self.host is None
+            and self.placement is None
+            and "#" not in self.twinterpreter_id  # a fresh twin's own guest
+            and not getattr(self, "compiles_bytecode", False)
+        )
+        if not mine:
+            return
+        if settings["mode"] == "fresh" and not self.fresh:
+            self.fresh = True
+            switched.append(self.twinterpreter_id)
+        elif settings["mode"] == "snapshot" and not self.preload:
+            self.preload = [SNAPSHOT_MODE_PRELOAD]
+            switched.append(self.twinterpreter_id)
+
+    master.TwinMaster.__init__ = init
+    try:
+        yield
+    finally:
+        master.TwinMaster.__init__ = original_init
+        with open(settings["report"], "w") as report:
+            json.dump(switched, report)

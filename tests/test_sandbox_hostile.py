@@ -290,6 +290,7 @@ def test_sigint_raised_in_the_guest_stays_in_the_guest(box, attacks, master_sign
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGKILL"])
+@pytest.mark.lasting_guest("tells a guest that goes on from a fresh one by what it keeps")
 def test_a_fatal_signal_raised_in_the_guest_ends_that_guest_only(sandbox, name, master_signals):
     """signal.raise_signal(SIGTERM / SIGKILL): the default action ends the
     guest itself (WASI's C library aborts it: a wasm trap), never the

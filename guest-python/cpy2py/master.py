@@ -565,7 +565,8 @@ class TwinMaster:
                 process = self._start_on_ray()
             else:
                 process = wasi.start_guest(self, guest_start)
-            serializer: Serializer = wasi.serializer_for(self.twinterpreter_id, process)
+            fresh_of = getattr(self, "fresh_of", None)  # (a guest of a fresh twin: cpy2py/fresh.py)
+            serializer: Serializer = wasi.serializer_for(self.twinterpreter_id, process, fresh_of)
         else:
             process = self._start_process()
             serializer = Serializer(self.twinterpreter_id)

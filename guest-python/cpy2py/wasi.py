@@ -322,7 +322,10 @@ def start_guest(master: Any, start: Optional[Dict[str, Any]] = None) -> GuestTra
     return GuestTransport(twin, start["paths"], start["resolved"].module_files)
 
 
-def serializer_for(twin_id: str, transport: GuestTransport) -> SandboxSerializer:
+def serializer_for(
+    twin_id: str, transport: GuestTransport, fresh_of: Optional[str] = None
+) -> SandboxSerializer:
     """The master's serializer for the link to sandboxed twin ``twin_id``
-    (the guest's code roots are the transport's: they end with the guest)."""
-    return SandboxSerializer(twin_id, transport.paths, transport.module_files)
+    (the guest's code roots are the transport's: they end with the guest);
+    ``fresh_of``: the fresh twin whose guest it is, if it is one."""
+    return SandboxSerializer(twin_id, transport.paths, transport.module_files, fresh_of)

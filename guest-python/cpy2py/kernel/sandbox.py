@@ -211,9 +211,17 @@ class SandboxSerializer(Serializer):
     keeps_interrupts = True
 
     def __init__(
-        self, peer_id: str, guest_paths: Iterable[str] = (), module_files: FrozenSet[str] = frozenset()
+        self,
+        peer_id: str,
+        guest_paths: Iterable[str] = (),
+        module_files: FrozenSet[str] = frozenset(),
+        fresh_of: Optional[str] = None,
     ) -> None:
         super().__init__(peer_id, trusted=False)
+        #: the twin ids whose twinfunctions and TwinObject classes run in this
+        #: guest: its own, and for a guest of a fresh twin that twin's
+        #: (cpy2py/fresh.py), as kernel_state.runs_pinned says in the guest
+        self.pinned_ids = frozenset({peer_id, fresh_of} - {None})
         #: real paths of the roots the guest imports code from
         self.guest_paths: Tuple[str, ...] = tuple(_real_path(p) for p in guest_paths)
         #: real paths of the modules of the distributions given to it (packages=)
@@ -308,7 +316,7 @@ class SandboxSerializer(Serializer):
             owner = type.__getattribute__(obj, "__twin_id__")
         else:
             owner = getattr(obj, "__twin_id__", None) if isinstance(obj, types.FunctionType) else None
-        if owner != self.peer_id:
+        if owner not in self.pinned_ids:
             return False
         self.define_in_peer(name[1])
         return True
@@ -453,7 +461,7 @@ class SandboxSerializer(Serializer):
             # (by its type: isinstance would ask an object for its __class__)
             if (
                 issubclass(type(found), TwinMeta)
-                and type.__getattribute__(found, "__twin_id__") == self.peer_id
+                and type.__getattribute__(found, "__twin_id__") in self.pinned_ids
             ):
                 return found
         return None

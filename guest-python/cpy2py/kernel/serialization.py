@@ -143,7 +143,7 @@ def _pinned_elsewhere(obj: Any) -> bool:
     if isinstance(obj, TwinMeta):
         return not _native_here(obj)
     owner = getattr(obj, "__twin_id__", None) if type(obj) is FunctionType else None
-    return owner is not None and owner != kernel_state.TWIN_ID
+    return owner is not None and not kernel_state.runs_pinned(owner)
 
 
 def unfindable_pinned(obj: Any) -> TypeError:
