@@ -175,6 +175,13 @@ def state_kept(master: TwinMaster) -> bool:
     return master.execute(eval, "getattr(__import__('builtins'), 'limits_marker', None)") == "kept"
 
 
+def lasting_state_kept(master: TwinMaster) -> bool:
+    """``state_kept`` where a guest lasts across calls; a fresh twin's does
+    not (each call has a guest of its own: there is nothing to carry on,
+    and what the test checks before holds for each of them)."""
+    return master.fresh or state_kept(master)
+
+
 # -- time ---------------------------------------------------------------------
 
 
@@ -334,7 +341,6 @@ def test_a_master_exception_that_cannot_be_sent_in_full_shows_the_guest_no_more(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.lasting_guest("checks that one guest served everything")
 def test_honest_nesting_and_concurrent_callers_are_never_stopped(hostile_dir, hostile):
     """Nested calls both ways, and several master threads calling one guest at
     once, each called back: none of it trips a rule, and every call gets its
@@ -369,7 +375,7 @@ def test_honest_nesting_and_concurrent_callers_are_never_stopped(hostile_dir, ho
         for thread in threads:
             thread.join(60)
         assert sorted(results) == [0, 1, 2, 30]
-        assert state_kept(master), "the same guest served everything"
+        assert lasting_state_kept(master), "the same guest served everything"
     finally:
         master.stop()
 
@@ -378,7 +384,6 @@ def test_honest_nesting_and_concurrent_callers_are_never_stopped(hostile_dir, ho
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.lasting_guest("checks that the same guest answers after each")
 def test_deep_recursion_in_c_raises_recursion_error_and_the_guest_lives_on(hostile_dir, hostile):
     master = start(hostile_dir, "limits-recursion")
     try:
@@ -389,7 +394,7 @@ def test_deep_recursion_in_c_raises_recursion_error_and_the_guest_lives_on(hosti
             master.execute(hostile.json_of_nested, DEEP)
         assert master.execute(hostile.drop_nested, DEEP) == "freed"
         assert master.execute(hostile.repr_of_nested, 1000) == 2 * 1001
-        assert state_kept(master), "the same guest answers after each"
+        assert lasting_state_kept(master), "the same guest answers after each"
     finally:
         master.stop()
 
@@ -474,7 +479,6 @@ def test_a_guest_runs_on_the_thread_that_calls_it(hostile_dir, hostile):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.lasting_guest("checks that the same guest carries on")
 def test_ctrl_c_reaches_a_master_that_runs_a_busy_guest(hostile_dir, hostile):
     """Ctrl-C while the main thread runs a guest that computes: the master
     gets KeyboardInterrupt at once, not when the guest is done. The guest
@@ -498,7 +502,7 @@ def test_ctrl_c_reaches_a_master_that_runs_a_busy_guest(hostile_dir, hostile):
             signal.signal(signal.SIGINT, previous)
         assert took < 3.0, f"Ctrl-C came through after {took:.2f} s, as if it had waited for the guest"
         assert master.execute(abs, -3) == 3
-        assert state_kept(master), "the same guest carried on"
+        assert lasting_state_kept(master), "the same guest carried on"
     finally:
         master.stop()
 
@@ -605,8 +609,7 @@ def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, h
         assert "forked child" in used and not used.startswith("no error"), used
         assert "forked child" in started and started.startswith("TwinStartError"), started
         assert master.execute(abs, -2) == 2
-        # (a fresh twin's next call has a guest of its own: nothing to carry on)
-        assert master.fresh or state_kept(master), "the parent's guest carried on"
+        assert lasting_state_kept(master), "the parent's guest carried on"
     finally:
         master.stop()
 

@@ -6,12 +6,18 @@ build's own snapshot that lives across calls. Each suite runs in a pytest
 of its own (tests/conftest.py, ``GUEST_MODE_ENV``), where every sandboxed
 twin the suite makes is changed as it is made:
 
-- "fresh": ``fresh=True``, a guest per top-level call. A test that needs one
-  guest across calls (it marks the guest to tell it from a new one) is
-  marked ``lasting_guest`` and skipped there, saying why.
+- "fresh": ``fresh=True``, a guest per top-level call. Tests that tell a
+  guest that goes on from a new one keep theirs with a proxy of a module
+  in it (which keeps a fresh twin's guest too); the two that cannot (they
+  need one guest across top-level calls) are marked ``lasting_guest`` and
+  skipped there, saying why.
 - "snapshot": ``preload=[a standard library module]`` for a twin without a
   preload of its own, so its guests start from a snapshot taken for its
   configuration after that import, not from the build's.
+
+The twins of a test that runs its master in a child process of its own (a
+script run with ``subprocess``) are not changed: that child does not load
+this directory's conftest.
 """
 
 from __future__ import annotations

