@@ -111,11 +111,12 @@ def _python3_twins_on_another_cpython():
             json.dump(started, report)
 
 
-def _set_up_native_twins(configure, sandboxes: bool = False):
+def _set_up_native_twins(configure, sandboxes: bool = False, native: bool = True):
     """Every native twin made in this session (not already remote) is set up
-    by ``configure(twin)`` (the suites' remote kinds); with ``sandboxes``,
-    every sandboxed one too that can be (not fresh, not the master's own
-    bytecode compiler); returns the undo."""
+    by ``configure(twin)`` (the suites' remote kinds), unless not ``native``;
+    with ``sandboxes``, every sandboxed one too that is the user's (not a
+    fresh twin's own guest, not the master's own bytecode compiler); returns
+    the undo."""
     from cpy2py import master
 
     original_init = master.TwinMaster.__init__
@@ -125,8 +126,13 @@ def _set_up_native_twins(configure, sandboxes: bool = False):
         if self.host is not None or self.placement is not None:
             return
         if not master.is_sandboxed(self.executable):
-            configure(self)
-        elif sandboxes and not self.fresh and not getattr(self, "compiles_bytecode", False):
+            if native:
+                configure(self)
+        elif (
+            sandboxes
+            and "#" not in self.twinterpreter_id  # (a fresh twin's own guest: "<id>#<n>")
+            and not getattr(self, "compiles_bytecode", False)
+        ):
             configure(self)
 
     master.TwinMaster.__init__ = init
@@ -151,6 +157,8 @@ def _native_twins_on_ray():
     import cpy2py.ray
 
     def on_ray(twin):
+        if twin.fresh:  # (a fresh twin cannot be placed)
+            return
         resources, address = settings["resources"], settings["address"]
         twin.placement = cpy2py.ray.Placement(resources=resources, num_cpus=0, address=address)
 
@@ -206,33 +214,20 @@ def _sandboxed_twins_in_another_mode():
     if settings is None:
         yield
         return
-    from cpy2py import master
-
-    original_init = master.TwinMaster.__init__
     switched = []
 
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        mine = (
-            master.is_sandboxed(self.executable)
-            and self.host is None
-            and self.placement is None
-            and "#" not in self.twinterpreter_id  # a fresh twin's own guest
-            and not getattr(self, "compiles_bytecode", False)
-        )
-        if not mine:
-            return
-        if settings["mode"] == "fresh" and not self.fresh:
-            self.fresh = True
-            switched.append(self.twinterpreter_id)
-        elif settings["mode"] == "snapshot" and not self.preload:
-            self.preload = [SNAPSHOT_MODE_PRELOAD]
-            switched.append(self.twinterpreter_id)
+    def in_mode(twin):
+        if settings["mode"] == "fresh" and not twin.fresh:
+            twin.fresh = True
+            switched.append(twin.twinterpreter_id)
+        elif settings["mode"] == "snapshot" and not twin.preload:
+            twin.preload = [SNAPSHOT_MODE_PRELOAD]
+            switched.append(twin.twinterpreter_id)
 
-    master.TwinMaster.__init__ = init
+    undo = _set_up_native_twins(in_mode, sandboxes=True, native=False)
     try:
         yield
     finally:
-        master.TwinMaster.__init__ = original_init
+        undo()
         with open(settings["report"], "w") as report:
             json.dump(switched, report)
