@@ -8,9 +8,9 @@ twin the suite makes is changed as it is made:
 
 - "fresh": ``fresh=True``, a guest per top-level call. Tests that tell a
   guest that goes on from a new one keep theirs with a proxy of a module
-  in it (which keeps a fresh twin's guest too); the two that cannot (they
-  need one guest across top-level calls) are marked ``lasting_guest`` and
-  skipped there, saying why.
+  in it (which keeps a fresh twin's guest too); the one that cannot (it
+  runs an object of one call's guest in a later top-level call) is marked
+  ``lasting_guest`` and skipped there, saying why.
 - "snapshot": ``preload=[a standard library module]`` for a twin without a
   preload of its own, so its guests start from a snapshot taken for its
   configuration after that import, not from the build's.

