@@ -183,8 +183,10 @@ def _native_twins_on_ray():
 
 #: set by tests/test_sandbox_modes.py: this session's sandboxed twins run in
 #: another mode (JSON: {"mode": "fresh" or "snapshot", "report": a file that
-#: gets the ids of the twins set so}): "fresh", a guest per top-level call;
-#: "snapshot", guests started from a snapshot taken after a preload
+#: gets {"switched": the ids of the twins set so, "from_snapshots": those
+#: whose guests started from the mode's snapshot}): "fresh", a guest per
+#: top-level call; "snapshot", guests started from a snapshot taken after a
+#: preload
 GUEST_MODE_ENV = "CPY2PY_TEST_GUEST_MODE"
 
 #: what the "snapshot" mode preloads into every sandboxed twin that has no
@@ -214,7 +216,9 @@ def _sandboxed_twins_in_another_mode():
     if settings is None:
         yield
         return
-    switched = []
+    from cpy2py import snapshots
+
+    switched, from_snapshots = [], []
 
     def in_mode(twin):
         if settings["mode"] == "fresh" and not twin.fresh:
@@ -224,10 +228,22 @@ def _sandboxed_twins_in_another_mode():
             twin.preload = [SNAPSHOT_MODE_PRELOAD]
             switched.append(twin.twinterpreter_id)
 
+    original_snapshot_for = snapshots.snapshot_for
+
+    def snapshot_for(master, start):
+        # (a snapshot that cannot be made leaves its guests importing the
+        # preload themselves: the run would pass without the mode)
+        component = original_snapshot_for(master, start)
+        if component is not None and master.preload == [SNAPSHOT_MODE_PRELOAD]:
+            from_snapshots.append(master.twinterpreter_id)
+        return component
+
     undo = _set_up_native_twins(in_mode, sandboxes=True, native=False)
+    snapshots.snapshot_for = snapshot_for
     try:
         yield
     finally:
         undo()
+        snapshots.snapshot_for = original_snapshot_for
         with open(settings["report"], "w") as report:
-            json.dump(switched, report)
+            json.dump({"switched": switched, "from_snapshots": from_snapshots}, report)

@@ -48,5 +48,8 @@ def test_the_suite_passes_in_this_mode(mode, suite, tmp_path):
         pytest.skip(reason)
     report_file = str(tmp_path / "switched.json")
     run_suite(suite, {GUEST_MODE_ENV: json.dumps({"mode": mode, "report": report_file})})
-    with open(report_file) as switched:
-        assert json.load(switched), f"no sandboxed twin of {suite} was set to the {mode} mode"
+    with open(report_file) as report:
+        done = json.load(report)
+    assert done["switched"], f"no sandboxed twin of {suite} was set to the {mode} mode"
+    if mode == "snapshot":
+        assert done["from_snapshots"], f"no guest of {suite} started from its snapshot"

@@ -234,7 +234,6 @@ def main(link: Any = None) -> None:
     transport = HostTransport(link)
     # the host gives this guest the master's messages as pickles, which its C
     # unpickler reads faster than the CBOR (protocol/codec_py.py, "Renditions")
-    codec_py.read_renditions()
     handshake.send_hello(transport, EXECUTABLE, renditions=True)
     raw = transport.recv()
     if raw is None:  # the master gave up on us

@@ -31,8 +31,11 @@ def send_hello(
     transport: Transport, executable: str, plain_blocks: bool = False, renditions: bool = False
 ) -> None:
     """The first frame: who this twin is (checked by the host, handshake.rs),
-    whether its link carries plain-data blocks (``plain_blocks``), and (a
-    WASI guest) whether it reads the host's renditions of the master's frames."""
+    whether its link carries plain-data blocks (``plain_blocks``), and
+    whether it reads the host's renditions of the master's messages
+    (``renditions``: a WASI guest, a twin with the pure-Python codec), which
+    it then does from the first frame on, the welcome (protocol/codec_py.py,
+    "Renditions")."""
     hello = {
         "cpy2py": PROTOCOL_VERSION,
         "twin_id": kernel_state.TWIN_ID,
@@ -45,6 +48,7 @@ def send_hello(
         hello["plain_blocks"] = True
     if renditions:
         hello["renditions"] = True
+        codec.codec_py.read_renditions()
     transport.send(codec.dumps(hello))
 
 

@@ -50,10 +50,9 @@ def main() -> None:
         remote_twin.watch_link(read_fd)
         remote_twin.install(transport, remote_host)
     plain_blocks = handshake.wants_plain_blocks()
-    if plain_blocks:  # (the same twins: the pure-Python codec, and C pickle)
-        # the master's messages come as renditions, which C pickle reads
-        # faster than the codec decodes CBOR (protocol/codec_py.py, "Renditions")
-        codec.codec_py.read_renditions()
+    # the same twins (the pure-Python codec, and C pickle) read the master's
+    # messages as renditions, which C pickle reads faster than the codec
+    # decodes CBOR (protocol/codec_py.py, "Renditions")
     handshake.send_hello(transport, sys.executable, plain_blocks, renditions=plain_blocks)
     raw = transport.recv()
     if raw is None:  # the master gave up on us

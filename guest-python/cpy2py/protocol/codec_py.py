@@ -1399,8 +1399,9 @@ _free_reader: Any = None
 
 
 def read_renditions() -> None:
-    """This interpreter is a WASI guest whose hello asked the host for
-    renditions: ``peek`` and ``loads`` read them."""
+    """This interpreter's hello asked for renditions (a WASI guest, a twin
+    with this codec: ``handshake.send_hello``): ``peek`` and ``loads`` read
+    them."""
     global _renditions
     _renditions = True
 
