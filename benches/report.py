@@ -535,6 +535,13 @@ def _sandbox_section(found: Optional[Dict[str, Any]]) -> List[str]:
         ["idle pooled guest (MiB of master RSS)", f"{found['idle_guest_rss_mib']:.1f}", "", ERYX["rss_mib"]],
         ["... of which it wrote (MiB)", f"{found.get('idle_guest_written_mib', nan):.1f}", "", ""],
         ["... its proportional share, PSS (MiB)", f"{found.get('idle_guest_pss_mib', nan):.1f}", "", ""],
+        [
+            "idle pooled guest, preloaded (MiB of RSS)",
+            f"{found.get('idle_preloaded_guest_rss_mib', nan):.1f}",
+            "",
+            "",
+        ],
+        ["... of which it wrote (MiB)", f"{found.get('idle_preloaded_guest_written_mib', nan):.1f}", "", ""],
     ]
     if found.get("stdlib_import_ms") is not None:
         rows.append(

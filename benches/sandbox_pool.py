@@ -24,7 +24,9 @@ Prints, as JSON on its last line:
   all guests share), and ``idle_guest_pss_mib``: its proportional share
   (PSS), where those shared pages count once for all guests (why RSS
   counts many more read pages than a guest reads: benches/README.md, "A
-  fresh guest from a warm pool")
+  fresh guest from a warm pool"); ``idle_preloaded_guest_*_mib``: the
+  same for a pool with ``preload=`` the module it calls (its guests start
+  from a snapshot, whose objects they share: cpy2py/kernel/immortal.py)
 - ``stdlib_import_ms``: 12 standard library modules outside the guest's
   snapshot (``pathlib``, ``email.message``, ``argparse``, ...) imported in a
   new guest, from the bytecode the master compiled once per guest build
@@ -219,13 +221,15 @@ def _memory_mib() -> Dict[str, float]:
     return {"rss": fields["Rss"], "written": fields["Anonymous"], "pss": fields["Pss"]}
 
 
-def _idle_guest_memory(code_dir: str, guests: int, noop: Any) -> Dict[str, float]:
-    with SandboxPool(size=1, paths=[code_dir]) as warm:
-        warm.execute(noop)  # the compiled guest is mapped once for all
+def _idle_guest_memory(
+    code_dir: str, guests: int, noop: Any, preload: Optional[List[str]] = None
+) -> Dict[str, float]:
+    with SandboxPool(size=1, paths=[code_dir], preload=preload) as warm:
+        warm.execute(noop)  # the compiled guest is mapped once for all (a snapshot made)
     gc.collect()
     time.sleep(0.5)  # what earlier measurements left is freed first
     before = _memory_mib()
-    with SandboxPool(size=guests, paths=[code_dir]) as pool:
+    with SandboxPool(size=guests, paths=[code_dir], preload=preload) as pool:
         for slot in pool._slots:  # every slot's guest started
             slot.execute(noop)
         after = _memory_mib()
@@ -354,6 +358,10 @@ def main() -> None:
                 f"idle_guest_{key}_mib": mib
                 for key, mib in _idle_guest_memory(code_dir, 4, code.noop).items()
             },  # noqa: E501
+            **{
+                f"idle_preloaded_guest_{key}_mib": mib
+                for key, mib in _idle_guest_memory(code_dir, 4, code.noop, ["pool_bench_code"]).items()
+            },
             "stdlib_import_ms": _stdlib_import(code_dir, code.import_stdlib),
             "packages_import_ms": _packages_import(code_dir, code.import_packages),
             "snapshot_fresh_call_ms": _snapshot_fresh(code_dir, code, args.fresh_calls),

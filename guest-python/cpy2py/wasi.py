@@ -295,8 +295,6 @@ def start_guest(master: Any, start: Optional[Dict[str, Any]] = None) -> GuestTra
     transport of its link (hello received); ``start``: what
     ``prepare_start`` made for it, if it was called. Raises TwinStartError
     on failure."""
-    from . import _host
-
     if start is None:
         start = prepare_start(master)
     log.info(
@@ -305,7 +303,25 @@ def start_guest(master: Any, start: Optional[Dict[str, Any]] = None) -> GuestTra
         start["component"],
         start["paths"],
     )
-    twin = _host.WasiGuest.start(
+    try:
+        twin = _start_host_guest(master, start)
+    except TwinStartError as err:
+        if start["component"] == start["guest"] or "crashed" not in str(err):
+            raise
+        # (the preload ran in the guest the snapshot was taken of: a crash of
+        # its guests may be its doing, not the guest build's)
+        raise TwinStartError(
+            f"sandboxed twin {master.twinterpreter_id!r}, started from the snapshot taken after its preload "
+            f"of {list(master.preload)}: {err}. Every guest from that snapshot holds what the preload did; "
+            "a twin without preload= imports the modules in each guest instead"
+        ) from None
+    return GuestTransport(twin, start["paths"], start["resolved"].module_files)
+
+
+def _start_host_guest(master: Any, start: Dict[str, Any]) -> Any:
+    from . import _host
+
+    return _host.WasiGuest.start(
         master.twinterpreter_id,
         start["component"],
         start["stdlib"],
@@ -319,7 +335,6 @@ def start_guest(master: Any, start: Optional[Dict[str, Any]] = None) -> GuestTra
         handshake_timeout=float(master.handshake_timeout),
         **start["limits"],
     )
-    return GuestTransport(twin, start["paths"], start["resolved"].module_files)
 
 
 def serializer_for(

@@ -41,6 +41,12 @@ use crate::error::{HostError, Result};
 
 /// The guest's export that imports the modules to snapshot (wasm/wit/world.wit).
 const PRELOAD_EXPORT: &str = "preload";
+/// The guest's export that lists the objects to make immortal in the
+/// snapshot (wasm/wit/world.wit).
+const IMMORTAL_EXPORT: &str = "immortal-objects";
+/// The smallest memory that is taken for the guest's heap: the other
+/// memories of a componentize-py guest (its WASI adapter's) are a few pages.
+const HEAP_MEMORY_MIN: usize = 1 << 20;
 /// The core functions that drop the WASI handles a guest keeps (see the
 /// module docs), and the component exports they get here.
 const RESETS: [(&str, &str); 2] = [
@@ -205,12 +211,20 @@ async fn preload_and_snapshot(
             }));
         }
     }
+    let immortal = immortal_objects(&instance, store).await?;
     for (_, export) in RESETS {
         let reset = instance.get_typed_func::<(), ()>(&mut *store, export)?;
         reset.call_async(&mut *store, ()).await?;
     }
     let snapshot = wizer
-        .snapshot_component(context, &mut Taken { store, instance })
+        .snapshot_component(
+            context,
+            &mut Taken {
+                store,
+                instance,
+                immortal,
+            },
+        )
         .await?;
     Ok(Ok(snapshot))
 }
@@ -224,11 +238,70 @@ fn write_atomically(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, out)
 }
 
+/// The guest's `immortal-objects`: the reference count that makes a
+/// CPython object immortal and the addresses of the objects to give it in
+/// the snapshot (cpy2py/kernel/immortal.py); none from a guest build
+/// without the export.
+async fn immortal_objects(
+    instance: &Instance,
+    store: &mut Store<GuestState>,
+) -> wasmtime::Result<Option<ImmortalObjects>> {
+    let Ok(objects) = instance.get_typed_func::<(), ((u32, Vec<u8>),)>(&mut *store, IMMORTAL_EXPORT) else {
+        return Ok(None);
+    };
+    let ((count, words),) = objects.call_async(&mut *store, ()).await?;
+    let addresses = words
+        .chunks_exact(4)
+        .map(|word| u32::from_le_bytes(word.try_into().expect("four bytes")))
+        .collect();
+    Ok(Some(ImmortalObjects {
+        count,
+        addresses,
+        heap: None,
+    }))
+}
+
+/// What `immortal_objects` gave (see `ImmortalObjects::write`), and the
+/// accessor of the memory it was written to once one was read.
+struct ImmortalObjects {
+    count: u32,
+    addresses: Vec<u32>,
+    heap: Option<String>,
+}
+
+impl ImmortalObjects {
+    /// The guest's memory `memory` (its heap, where the addresses point)
+    /// with `count` written over the reference count of each object, a
+    /// little-endian word at its address. Only a word that holds a count
+    /// below it (at least one) is written: one that does not is not a live
+    /// object's count (an address the guest got wrong), and stays as it is.
+    /// Returns the memory and how many words were written.
+    fn write(&self, memory: &[u8]) -> (Vec<u8>, usize) {
+        let mut memory = memory.to_vec();
+        let mut written = 0;
+        for &address in &self.addresses {
+            let at = address as usize;
+            let Some(word) = memory.get_mut(at..at.saturating_add(4)) else {
+                continue;
+            };
+            let old = u32::from_le_bytes(word.try_into().expect("four bytes"));
+            if (1..self.count).contains(&old) {
+                word.copy_from_slice(&self.count.to_le_bytes());
+                written += 1;
+            }
+        }
+        (memory, written)
+    }
+}
+
 /// The instrumented guest as wasmtime-wizer reads it: each accessor is a
-/// function of the instance `instance` exports.
+/// function of the instance `instance` exports; `immortal`: the objects to
+/// make immortal in the memory of the guest's heap (CPython's), the one
+/// memory of at least `HEAP_MEMORY_MIN` bytes.
 struct Taken<'a> {
     store: &'a mut Store<GuestState>,
     instance: Instance,
+    immortal: Option<ImmortalObjects>,
 }
 
 impl Taken<'_> {
@@ -260,7 +333,24 @@ impl ComponentInstanceState for Taken<'_> {
         contents: impl FnOnce(&[u8]) + Send,
     ) {
         let list: WasmList<u8> = self.call(instance, func).await;
-        contents(list.as_le_slice(&*self.store));
+        let memory = list.as_le_slice(&*self.store);
+        let Some(immortal) = self.immortal.as_mut().filter(|_| memory.len() >= HEAP_MEMORY_MIN) else {
+            return contents(memory);
+        };
+        // (wasmtime-wizer reads a memory more than once: the same one each time)
+        let accessor = format!("{instance}#{func}");
+        if *immortal.heap.get_or_insert_with(|| accessor.clone()) != accessor {
+            panic!(
+                "the guest has more than one memory of its heap's size: which one is its heap is not known"
+            );
+        }
+        let (written, count) = immortal.write(memory);
+        tracing::debug!(
+            count,
+            of = immortal.addresses.len(),
+            "objects made immortal in the snapshot"
+        );
+        contents(&written);
     }
 
     async fn call_func_ret_s32(&mut self, instance: &str, func: &str) -> i32 {
@@ -488,5 +578,41 @@ mod tests {
         let bytes = wat::parse_str("(component (core module $m (func (export \"reset_adapter_state\"))) (core instance (instantiate $m)))").unwrap();
         let err = with_reset_exports(&bytes).unwrap_err();
         assert!(err.contains("__wasilibc_reset_preopens"), "{err}");
+    }
+
+    /// A memory of little-endian words, and the objects at some of them.
+    fn immortal(words: &[u32], addresses: &[u32]) -> (Vec<u8>, ImmortalObjects) {
+        let memory = words.iter().flat_map(|word| word.to_le_bytes()).collect();
+        let objects = ImmortalObjects {
+            count: 5 << 28,
+            addresses: addresses.to_vec(),
+            heap: None,
+        };
+        (memory, objects)
+    }
+
+    fn words(memory: &[u8]) -> Vec<u32> {
+        memory
+            .chunks_exact(4)
+            .map(|word| u32::from_le_bytes(word.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_immortal_count_is_written_over_each_objects_count() {
+        let (memory, objects) = immortal(&[7, 1, 0xdead, 3, 9], &[0, 4, 12]);
+        let (written, count) = objects.write(&memory);
+        assert_eq!(words(&written), [5 << 28, 5 << 28, 0xdead, 5 << 28, 9]);
+        assert_eq!(count, 3);
+    }
+
+    #[test]
+    fn a_word_that_is_no_mortal_count_or_lies_outside_the_memory_is_left_alone() {
+        // a zero (a freed object), an immortal count, a larger word, an
+        // address past the end, and one whose word would run past it
+        let (memory, objects) = immortal(&[0, 5 << 28, u32::MAX, 2], &[0, 4, 8, 16, 14, u32::MAX]);
+        let (written, count) = objects.write(&memory);
+        assert_eq!(words(&written), [0, 5 << 28, u32::MAX, 2]);
+        assert_eq!(count, 0);
     }
 }
