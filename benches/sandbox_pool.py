@@ -26,7 +26,7 @@ Prints, as JSON on its last line:
   counts many more read pages than a guest reads: benches/README.md, "A
   fresh guest from a warm pool"); ``idle_preloaded_guest_*_mib``: the
   same for a pool with ``preload=`` the module it calls (its guests start
-  from a snapshot, whose objects they share: cpy2py/kernel/immortal.py)
+  from a snapshot, whose objects they share: cpy2py/kernel/snapshot_heap.py)
 - ``stdlib_import_ms``: 12 standard library modules outside the guest's
   snapshot (``pathlib``, ``email.message``, ``argparse``, ...) imported in a
   new guest, from the bytecode the master compiled once per guest build

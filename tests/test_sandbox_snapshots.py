@@ -203,6 +203,15 @@ def immortal(name):
     return sys._is_immortal(getattr(sys.modules[__name__], name))
 
 
+def heap_filled():
+    import gc
+    from cpy2py.kernel import snapshot_heap
+
+    fillers = snapshot_heap._FILLERS
+    collected = {id(obj) for obj in gc.get_objects()}
+    return [len(f) for f in fillers], any(id(f) in collected for f in fillers), snapshot_heap._MAX_FILLERS
+
+
 def made_now_is_freed():
     class Made:
         pass
@@ -217,9 +226,9 @@ def made_now_is_freed():
 
 def test_the_preloads_objects_are_shared_and_each_guest_changes_its_own(tmp_path):
     """The snapshot holds the preload's objects immortal (the host writes
-    their counts, cpy2py/kernel/immortal.py), so that its guests share
-    their pages; a guest still changes them as its own, and what its calls
-    make is freed as in any guest."""
+    their counts, cpy2py/kernel/snapshot_heap.py) and its free blocks
+    taken, so that its guests share its pages; a guest still changes them
+    as its own, and what its calls make is freed as in any guest."""
     (tmp_path / "snap_shared.py").write_text(SHARED)
     with preloading(tmp_path, "snap_shared", "snap-shared-make"):
         pass
@@ -235,14 +244,19 @@ def test_the_preloads_objects_are_shared_and_each_guest_changes_its_own(tmp_path
         assert module.replace_table(7) == {"new": 7}
         assert other.noted(3) == [3], "a guest's changes are its own"
         assert other.table() == {"kept": [1, 2]}
+        # malloc's small free blocks taken before each snapshot (the build's
+        # and this one), by objects the collector never goes through
+        counts, collected, most = module.heap_filled()
+        assert len(counts) == 2 and all(0 < count < most for count in counts), counts
+        assert not collected
 
 
 # -- a hostile preload: what it says of its objects changes only its own guests --
 
 LIES = """
-import cpy2py.kernel.immortal as immortal
+import cpy2py.kernel.snapshot_heap as snapshot_heap
 
-immortal.snapshot_objects = lambda: ({count}, b"".join(a.to_bytes(4, "little") for a in {addresses}))
+snapshot_heap.immortal_objects = lambda: ({count}, b"".join(a.to_bytes(4, "little") for a in {addresses}))
 """
 
 

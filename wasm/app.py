@@ -35,6 +35,7 @@ import decimal
 import enum
 import fractions
 import functools
+import gc
 import heapq
 import html.parser
 import importlib.resources
@@ -66,7 +67,7 @@ import cpy2py
 import wit_world
 import wit_world.exports
 from componentize_py_types import Err
-from cpy2py.kernel import guest_main, immortal
+from cpy2py.kernel import guest_main, snapshot_heap
 from cpy2py.protocol import codec_py
 from wit_world.imports import link
 
@@ -88,14 +89,18 @@ class WitWorld(wit_world.WitWorld):
             raise Err(guest_main.describe_failure(failure)) from None
 
     def immortal_objects(self) -> tuple[int, bytes]:
-        """Only for a snapshot of the guest (cpy2py/kernel/immortal.py)."""
-        return immortal.snapshot_objects()
+        """Only for a snapshot of the guest, as its last work
+        (cpy2py/kernel/snapshot_heap.py)."""
+        objects = snapshot_heap.immortal_objects()
+        snapshot_heap.fill_free_blocks()
+        gc.freeze()  # (the collector never goes through the fillers)
+        return objects
 
 
 # what the build made stays as it is in the snapshot: the collector leaves it
 # alone, so no guest's collection writes to (and so copies) the pages of it
-# that all guests share
-import gc  # noqa: E402
-
+# that all guests share; and a guest's new objects come from memory of their
+# own, not from free blocks spread over those pages (cpy2py/kernel/snapshot_heap.py)
 gc.collect()
+snapshot_heap.fill_free_blocks()
 gc.freeze()

@@ -240,7 +240,7 @@ fn write_atomically(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// The guest's `immortal-objects`: the reference count that makes a
 /// CPython object immortal and the addresses of the objects to give it in
-/// the snapshot (cpy2py/kernel/immortal.py); none from a guest build
+/// the snapshot (cpy2py/kernel/snapshot_heap.py); none from a guest build
 /// without the export.
 async fn immortal_objects(
     instance: &Instance,
