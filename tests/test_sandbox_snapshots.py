@@ -267,6 +267,14 @@ def test_a_preload_that_names_objects_outside_its_memory_changes_nothing(tmp_pat
         assert twin.execute(abs, -3) == 3
 
 
+def test_a_preload_that_never_names_its_objects_fails_the_start(tmp_path):
+    """The export the host calls after the preload runs the guest's code
+    too, bounded as the preload is."""
+    source = "import cpy2py.kernel.snapshot_heap as heap\n\ndef spin():\n    while True:\n        pass\n\n"
+    refused(tmp_path, "snap_naming_spin", source + "heap.immortal_objects = spin\n", "timeout", timeout=1.0)
+    assert "snap-naming-spin" not in running_twins()
+
+
 def test_a_preload_that_makes_its_own_memory_immortal_breaks_only_its_guests(tmp_path):
     """A word every 64 bytes of the guest's first 32 MiB overwritten in the
     snapshot: its guests fail to start, saying so; the master and other

@@ -182,24 +182,17 @@ async fn preload_and_snapshot(
     let instance = linker.instantiate_async(&mut *store, component).await?;
     type Preload = (std::result::Result<(), String>,);
     let preload = instance.get_typed_func::<(Vec<String>,), Preload>(&mut *store, PRELOAD_EXPORT)?;
-    let mut call = Box::pin(preload.call_async(&mut *store, (modules.to_vec(),)));
-    let called = loop {
-        // (a running guest yields at every epoch tick, see prepare)
-        let wake = Instant::now() + CANCEL_SLICE;
-        let wake = deadline.map_or(wake, |deadline| deadline.min(wake));
-        match tokio::time::timeout_at(wake.into(), call.as_mut()).await {
-            Ok(called) => break called,
-            Err(_) if cancel.load(Ordering::SeqCst) => return Ok(Err("cancelled".into())),
-            Err(_) if deadline.is_some_and(|deadline| Instant::now() >= deadline) => {
-                drop(call);
-                let shared = &store.data().shared;
-                shared.stop(GuestEnd::Timeout(shared.timeout.unwrap_or_default()));
-                return Ok(Err("the guest ran past its timeout".into()));
-            }
-            Err(_) => {}
-        }
+    let called = match bounded(
+        preload.call_async(&mut *store, (modules.to_vec(),)),
+        deadline,
+        cancel,
+    )
+    .await
+    {
+        Bounded::Done(called) => called,
+        Bounded::Cancelled => return Ok(Err("cancelled".into())),
+        Bounded::TimedOut => return Ok(Err(timed_out(store))),
     };
-    drop(call);
     match called {
         Ok((Ok(()),)) => {}
         Ok((Err(failure),)) => return Ok(Err(failure)),
@@ -211,7 +204,18 @@ async fn preload_and_snapshot(
             }));
         }
     }
-    let immortal = immortal_objects(&instance, store).await?;
+    // the guest's own code still (a preload may have replaced it): bounded as the preload
+    let immortal = match instance.get_typed_func::<(), ((u32, Vec<u8>),)>(&mut *store, IMMORTAL_EXPORT) {
+        Err(_) => None, // (a guest build without the export)
+        Ok(objects) => match bounded(objects.call_async(&mut *store, ()), deadline, cancel).await {
+            Bounded::Done(Ok(((count, words),))) => Some(ImmortalObjects::new(count, &words)),
+            Bounded::Done(Err(trap)) => {
+                return Ok(Err(format!("naming its objects for the snapshot: {trap:#}")))
+            }
+            Bounded::Cancelled => return Ok(Err("cancelled".into())),
+            Bounded::TimedOut => return Ok(Err(timed_out(store))),
+        },
+    };
     for (_, export) in RESETS {
         let reset = instance.get_typed_func::<(), ()>(&mut *store, export)?;
         reset.call_async(&mut *store, ()).await?;
@@ -238,31 +242,47 @@ fn write_atomically(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, out)
 }
 
-/// The guest's `immortal-objects`: the reference count that makes a
-/// CPython object immortal and the addresses of the objects to give it in
-/// the snapshot (cpy2py/kernel/snapshot_heap.py); none from a guest build
-/// without the export.
-async fn immortal_objects(
-    instance: &Instance,
-    store: &mut Store<GuestState>,
-) -> wasmtime::Result<Option<ImmortalObjects>> {
-    let Ok(objects) = instance.get_typed_func::<(), ((u32, Vec<u8>),)>(&mut *store, IMMORTAL_EXPORT) else {
-        return Ok(None);
-    };
-    let ((count, words),) = objects.call_async(&mut *store, ()).await?;
-    let addresses = words
-        .chunks_exact(4)
-        .map(|word| u32::from_le_bytes(word.try_into().expect("four bytes")))
-        .collect();
-    Ok(Some(ImmortalObjects {
-        count,
-        addresses,
-        heap: None,
-    }))
+/// How a call of the guest's that `bounded` waited for ended.
+enum Bounded<T> {
+    Done(T),
+    Cancelled,
+    TimedOut,
 }
 
-/// What `immortal_objects` gave (see `ImmortalObjects::write`), and the
-/// accessor of the memory it was written to once one was read.
+/// Waits for `call` (of a guest export) until `deadline`, or until `cancel`
+/// is set; the call is dropped then (a running guest yields at every epoch
+/// tick, see prepare, so the timer reaches it).
+async fn bounded<T>(
+    call: impl std::future::Future<Output = T>,
+    deadline: Option<Instant>,
+    cancel: &AtomicBool,
+) -> Bounded<T> {
+    let mut call = std::pin::pin!(call);
+    loop {
+        let wake = Instant::now() + CANCEL_SLICE;
+        let wake = deadline.map_or(wake, |deadline| deadline.min(wake));
+        match tokio::time::timeout_at(wake.into(), call.as_mut()).await {
+            Ok(done) => return Bounded::Done(done),
+            Err(_) if cancel.load(Ordering::SeqCst) => return Bounded::Cancelled,
+            Err(_) if deadline.is_some_and(|deadline| Instant::now() >= deadline) => {
+                return Bounded::TimedOut
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Stops the guest of `store` for its timeout; what the snapshot says of it.
+fn timed_out(store: &Store<GuestState>) -> String {
+    let shared = &store.data().shared;
+    shared.stop(GuestEnd::Timeout(shared.timeout.unwrap_or_default()));
+    "the guest ran past its timeout".into()
+}
+
+/// What the guest's `immortal-objects` gave: the reference count that
+/// makes a CPython object immortal and the addresses of the objects to give
+/// it in the snapshot (cpy2py/kernel/snapshot_heap.py; see `write`), and the
+/// accessor of the memory they are written to once one was read.
 struct ImmortalObjects {
     count: u32,
     addresses: Vec<u32>,
@@ -270,6 +290,19 @@ struct ImmortalObjects {
 }
 
 impl ImmortalObjects {
+    /// From the count and the addresses as little-endian words.
+    fn new(count: u32, words: &[u8]) -> Self {
+        let addresses = words
+            .chunks_exact(4)
+            .map(|word| u32::from_le_bytes(word.try_into().expect("four bytes")))
+            .collect();
+        ImmortalObjects {
+            count,
+            addresses,
+            heap: None,
+        }
+    }
+
     /// The guest's memory `memory` (its heap, where the addresses point)
     /// with `count` written over the reference count of each object, a
     /// little-endian word at its address. Only a word that holds a count
