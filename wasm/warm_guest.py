@@ -1,11 +1,13 @@
 """Start one WASI guest and stop it: run by `just build`.
 
 The first guest of a build compiles the component for this machine (about
-7-12 s) and has the guest's standard library compiled to bytecode (about
-5-8 s), both cached in cpy2py's cache directory. Done here, neither lands
-in a demo's or a test's first call. When both are cached this takes well
-under a second. A machine where the sandbox cannot run is told why, and the
-build goes on (its tests skip with the same reason).
+7-12 s), has the guest's standard library compiled to bytecode (about
+5-8 s) and makes the bare guest's snapshot that guests start from
+(cpy2py/snapshots.py, about 5-9 s more), all cached in cpy2py's cache
+directory. Done here, none of it lands in a demo's or a test's first
+call. When all are cached this takes well under a second. A machine where
+the sandbox cannot run is told why, and the build goes on (its tests skip
+with the same reason).
 
     .venv/bin/python wasm/warm_guest.py
 """

@@ -23,6 +23,11 @@ gone makes the snapshot again, so an edited plugin is never served from an
 old one. The record is the master's own
 walk of those directories, never what the guest says it read.
 
+A twin without a preload starts its guests from the bare guest's snapshot
+(``bare_start``), made once per guest build (about 5-9 s, said on stderr;
+``just build`` makes it): its guests share the build's objects, made
+immortal there, instead of copying the pages they touch.
+
 Trust: the snapshot is the memory of a guest that ran the user's own
 modules, under that twin's limits, no more than every guest of that twin
 runs anyway; the master writes it, guests never see the cache.
@@ -175,13 +180,18 @@ def _unchanged(record: str, roots: List[str]) -> bool:
 def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
     """The component to start ``master``'s guests from: a snapshot taken
     after its ``preload`` imports, made now if there is none or the files
-    under its paths changed; None without a preload, or when no snapshot
-    can be made (the guest then imports its preload itself). ``start``
-    holds what ``wasi.start_guest`` gives the host (the guest, its mounts,
-    its paths). Raises TwinStartError when the preload fails."""
-    modules = list(master.preload or ())
-    if not modules or getattr(master, "compiles_bytecode", False):
+    under its paths changed; without a preload, the bare guest's snapshot
+    (``bare_start``). None when no snapshot can be made (the guest then
+    starts from the guest build, and imports its preload itself), and for
+    the twin that compiles the standard library's bytecode (its guest comes
+    first). ``start`` holds what ``wasi.start_guest`` gives the host (the
+    guest, its mounts, its paths). Raises TwinStartError when the preload
+    fails."""
+    if getattr(master, "compiles_bytecode", False):
         return None
+    modules = list(master.preload or ())
+    if not modules:
+        start = bare_start(start)
     paths = list(start["paths"])
     key, family = _key(
         start["guest"],
@@ -212,12 +222,31 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
         except Interrupted as interrupted:  # (not a reason to fall back: the start ends)
             raise interrupted.error from None
         except _CANNOT_MAKE as err:  # guests still work: they import their preload themselves
-            say(f"cpy2py: no snapshot for {master.twinterpreter_id!r} ({err}); its guests import {modules}\n")
+            if modules:
+                twin = master.twinterpreter_id
+                say(f"cpy2py: no snapshot for {twin!r} ({err}); its guests import {modules}\n")
+            else:  # (its guests lose nothing but shared pages)
+                log.info("no snapshot of the bare guest for %r: %s", master.twinterpreter_id, err)
             _known[key] = None
             return None
         _known[key] = component
     _sweep(base, keep=key, family=family)
     return component
+
+
+def bare_start(start: Dict[str, Any]) -> Dict[str, Any]:
+    """``start`` for the snapshot of the bare guest, which every twin
+    without a preload starts its guests from: the guest build as it is,
+    with its objects made immortal (cpy2py/kernel/snapshot_heap.py), which
+    the build cannot do itself (only the host writes a snapshot's memory),
+    so that its guests share the pages of the build's modules instead of
+    each copying those it touches. It depends on the guest build alone: no
+    paths, no packages, no bytecode cache (each guest mounts its own), the
+    default limits (its memory is the build's, which any guest needs)."""
+    from .packages import resolve
+
+    empty = resolve(())
+    return dict(start, paths=[], resolved=empty, sources=empty.sources_stamp(), pycache=None, limits={})
 
 
 def _make(
@@ -238,7 +267,8 @@ def _make(
     started_ns = time.time_ns()
     started = time.monotonic()
     # two whole lines: what the preload prints comes between them
-    say(f"cpy2py: snapshotting the WASI guest after importing {', '.join(modules)} (cached in {base}) ...\n")
+    after = f"after importing {', '.join(modules)}" if modules else "with the objects of its build shared"
+    say(f"cpy2py: snapshotting the WASI guest {after} (cached in {base}) ...\n")
     outcome = "failed"
     try:
         _snapshot(
@@ -277,7 +307,9 @@ def _make(
         tmp = f"{record}.tmp{os.getpid()}"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             roots = [root for root, _ in start["resolved"].listing]
-            json.dump({"modules": modules, "files": files, "family": family, "roots": roots}, f)
+            guest = _guest_stamp(start["guest"])
+            recorded = {"modules": modules, "files": files, "family": family, "roots": roots, "guest": guest}
+            json.dump(recorded, f)
         os.replace(tmp, record)
         outcome = "was made"
     except TwinStartError as err:
@@ -293,6 +325,15 @@ def _make(
     finally:
         say(f"cpy2py: the snapshot of the WASI guest {outcome} after {time.monotonic() - started:.1f} s\n")
     log.info("snapshot of the guest after importing %s: %s", modules, component)
+
+
+def _guest_stamp(guest_file: str) -> Optional[List[Any]]:
+    """The guest build a snapshot was made of: its path, size and time."""
+    try:
+        stat = os.stat(guest_file)
+    except OSError:
+        return None
+    return [os.path.realpath(guest_file), stat.st_size, stat.st_mtime_ns]
 
 
 class _PreloadFailed(Exception):
@@ -314,8 +355,8 @@ def _snapshot(*args: Any, **kwargs: Any) -> None:
 
 def _sweep(base: str, keep: str, family: str) -> None:
     """Removes the snapshots whose recorded files or package directories
-    are gone (those of a plugin directory that was deleted: a test's, say)
-    and the others of
+    are gone (those of a plugin directory that was deleted: a test's, say),
+    those of a guest build since rebuilt or removed, and the others of
     ``keep``'s family (made of an earlier version of its packages' modules),
     with their compilations, and scratch files and components without a
     record that dead processes left. A key another process holds is left
@@ -337,7 +378,9 @@ def _sweep(base: str, keep: str, family: str) -> None:
                 continue
             with open(path) as f:
                 recorded = json.load(f)
-            replaced = recorded.get("family") == family
+            guest = recorded.get("guest")
+            # (a guest build rebuilt or removed: its snapshots serve no guest any more)
+            replaced = recorded.get("family") == family or (guest and _guest_stamp(guest[0]) != guest)
             there = all(os.path.exists(file) for file in recorded["files"])
             if not replaced and there and all(os.path.isdir(root) for root in recorded.get("roots", ())):
                 continue
