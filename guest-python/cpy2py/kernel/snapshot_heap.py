@@ -15,8 +15,10 @@ gives every object the snapshot holds the immortal count as it takes the
 snapshot (the ``immortal-objects`` export of wasm/wit/world.wit); only
 ``immortal_objects`` here knows where they are: every object reachable from
 ``sys.modules`` (the modules, what their namespaces hold, down to the
-constants of their code). Nothing of the guest runs between this walk and
-the snapshot, so each of them is still there when it is taken. They are
+constants of their code). What runs between this walk and the snapshot
+(the free blocks' filling below, the export's return, the C library's
+resets) frees none of them: the preload's garbage was collected before,
+and the collector is off until the snapshot's objects are frozen. They are
 never freed in a guest from it: what a guest replaces of them (a module's
 global set again) stays as it was in the snapshot, whose pages hold it
 anyway.

@@ -44,6 +44,10 @@ const PRELOAD_EXPORT: &str = "preload";
 /// The guest's export that lists the objects to make immortal in the
 /// snapshot (wasm/wit/world.wit).
 const IMMORTAL_EXPORT: &str = "immortal-objects";
+/// How long the guest may take to name its objects for the snapshot after
+/// its preload (cpy2py/kernel/snapshot_heap.py: well under a second for
+/// hundreds of thousands of objects), whatever time the preload left.
+const WALK_TIME: Duration = Duration::from_secs(5);
 /// The smallest memory that is taken for the guest's heap: the other
 /// memories of a componentize-py guest (its WASI adapter's) are a few pages.
 const HEAP_MEMORY_MIN: usize = 1 << 20;
@@ -204,17 +208,29 @@ async fn preload_and_snapshot(
             }));
         }
     }
-    // the guest's own code still (a preload may have replaced it): bounded as the preload
+    // the guest's own code still (a preload may have replaced it), bounded
+    // as well; it failing is no failure of the preload: no snapshot is made
+    // then, and the twin's guests import their preload themselves
     let immortal = match instance.get_typed_func::<(), ((u32, Vec<u8>),)>(&mut *store, IMMORTAL_EXPORT) {
         Err(_) => None, // (a guest build without the export)
-        Ok(objects) => match bounded(objects.call_async(&mut *store, ()), deadline, cancel).await {
-            Bounded::Done(Ok(((count, words),))) => Some(ImmortalObjects::new(count, &words)),
-            Bounded::Done(Err(trap)) => {
-                return Ok(Err(format!("naming its objects for the snapshot: {trap:#}")))
+        Ok(objects) => {
+            let walk_deadline = Instant::now() + WALK_TIME;
+            match bounded(objects.call_async(&mut *store, ()), Some(walk_deadline), cancel).await {
+                Bounded::Done(Ok(((count, words),))) => Some(ImmortalObjects::new(count, &words)),
+                Bounded::Done(Err(trap)) => {
+                    return Err(wasmtime::Error::msg(format!(
+                        "the guest failed to name its objects for the snapshot: {trap:#}"
+                    )));
+                }
+                Bounded::Cancelled => return Ok(Err("cancelled".into())),
+                Bounded::TimedOut => {
+                    return Err(wasmtime::Error::msg(format!(
+                        "the guest did not name its objects for the snapshot within {} s",
+                        WALK_TIME.as_secs()
+                    )));
+                }
             }
-            Bounded::Cancelled => return Ok(Err("cancelled".into())),
-            Bounded::TimedOut => return Ok(Err(timed_out(store))),
-        },
+        }
     };
     for (_, export) in RESETS {
         let reset = instance.get_typed_func::<(), ()>(&mut *store, export)?;
@@ -306,9 +322,10 @@ impl ImmortalObjects {
     /// The guest's memory `memory` (its heap, where the addresses point)
     /// with `count` written over the reference count of each object, a
     /// little-endian word at its address. Only a word that holds a count
-    /// below it (at least one) is written: one that does not is not a live
-    /// object's count (an address the guest got wrong), and stays as it is.
-    /// Returns the memory and how many words were written.
+    /// below it (at least one) is written: a sanity check, not a proof that
+    /// an object lives there (a free block's first word passes it too);
+    /// whatever the guest names, only its own memory in this snapshot is
+    /// written. Returns the memory and how many words were written.
     fn write(&self, memory: &[u8]) -> (Vec<u8>, usize) {
         let mut memory = memory.to_vec();
         let mut written = 0;
@@ -641,7 +658,7 @@ mod tests {
 
     #[test]
     fn a_word_that_is_no_mortal_count_or_lies_outside_the_memory_is_left_alone() {
-        // a zero (a freed object), an immortal count, a larger word, an
+        // a zero, an immortal count, a larger word, an
         // address past the end, and one whose word would run past it
         let (memory, objects) = immortal(&[0, 5 << 28, u32::MAX, 2], &[0, 4, 8, 16, 14, u32::MAX]);
         let (written, count) = objects.write(&memory);
