@@ -676,6 +676,44 @@ def test_the_snapshots_of_a_rebuilt_guest_build_are_swept(tmp_path):
     assert not [n for n in os.listdir(base) if n.startswith("b" * 32) and not n.endswith(".lock")]
 
 
+def test_a_snapshot_made_anew_while_the_sweep_waits_for_its_lock_stays(tmp_path, monkeypatch):
+    """The sweep reads a stale record, then takes its key's lock; if another
+    process made the snapshot anew meanwhile (its record now fresh), the
+    sweep leaves it."""
+    from cpy2py import snapshots
+    from cpy2py.cache_dir import cache_root
+
+    base = os.path.join(cache_root(), "snapshots")
+    guest = tmp_path / "cpy2py-guest.wasm"
+    guest.write_bytes(b"a guest build")
+    key = "d" * 32
+    component, record = os.path.join(base, f"{key}.wasm"), os.path.join(base, f"{key}.json")
+
+    def write_record(stamp):
+        with open(record, "w") as f:
+            json.dump({"modules": [], "files": {}, "family": key, "roots": [], "guest": stamp}, f)
+
+    with open(component, "wb") as f:
+        f.write(b"a snapshot")
+    write_record([str(guest), 0, 0])  # (of a build since rebuilt: stale)
+    held = snapshots._unheld
+
+    @contextlib.contextmanager
+    def made_anew_meanwhile(lock_file):
+        write_record(snapshots._guest_stamp(str(guest)))  # (another process made it again)
+        with held(lock_file) as free:
+            yield free
+
+    monkeypatch.setattr(snapshots, "_unheld", made_anew_meanwhile)
+    try:
+        snapshots._sweep(base, keep="e" * 32, family="e" * 32)
+        assert os.path.exists(component) and os.path.exists(record)
+    finally:
+        for leftover in (component, record):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+
+
 def test_the_snapshots_of_a_deleted_plugin_directory_are_swept(tmp_path):
     gone, kept = tmp_path / "gone", tmp_path / "kept"
     for root in (gone, kept):

@@ -388,16 +388,11 @@ def _sweep(base: str, keep: str, family: str) -> None:
                 if orphan and time.time() - os.stat(path).st_mtime > _SCRATCH_AGE:
                     os.remove(path)
                 continue
-            with open(path) as f:
-                recorded = json.load(f)
-            guest = recorded.get("guest")
-            # (a guest build rebuilt or removed: its snapshots serve no guest any more)
-            replaced = recorded.get("family") == family or (guest and _guest_stamp(guest[0]) != guest)
-            there = all(os.path.exists(file) for file in recorded["files"])
-            if not replaced and there and all(os.path.isdir(root) for root in recorded.get("roots", ())):
+            if not _stale(path, family):
                 continue
             with _unheld(os.path.join(base, f"{key}.lock")) as free:
-                if not free:
+                # (read again under its lock: another process may have made it anew)
+                if not free or not _stale(path, family):
                     continue
                 component = os.path.join(base, f"{key}.wasm")
                 _host.forget_compiled_guest(component, os.environ.get("CPY2PY_CACHE_DIR") or None)
@@ -407,6 +402,19 @@ def _sweep(base: str, keep: str, family: str) -> None:
                 _known.pop(key, None)
         except (OSError, ValueError, KeyError, TypeError):
             continue
+
+
+def _stale(record: str, family: str) -> bool:
+    """Whether the snapshot of ``record`` serves no start any more: made of
+    an earlier version of ``family``'s packages, of a guest build since
+    rebuilt or removed, or of files or package directories that are gone."""
+    with open(record) as f:
+        recorded = json.load(f)
+    guest = recorded.get("guest")
+    if recorded.get("family") == family or (guest and _guest_stamp(guest[0]) != guest):
+        return True
+    there = all(os.path.exists(file) for file in recorded["files"])
+    return not (there and all(os.path.isdir(root) for root in recorded.get("roots", ())))
 
 
 @contextlib.contextmanager
