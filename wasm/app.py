@@ -91,13 +91,8 @@ class WitWorld(wit_world.WitWorld):
     def immortal_objects(self) -> tuple[int, bytes]:
         """Only for a snapshot of the guest, as its last work
         (cpy2py/kernel/snapshot_heap.py)."""
-        gc.disable()  # (nothing the walk found may be freed before the snapshot)
-        try:
-            objects = snapshot_heap.immortal_objects()
-            snapshot_heap.fill_free_blocks()
-        finally:
-            gc.enable()
-        gc.freeze()  # (the collector never goes through the fillers)
+        objects = snapshot_heap.immortal_objects()
+        snapshot_heap.settle()
         return objects
 
 
@@ -106,5 +101,4 @@ class WitWorld(wit_world.WitWorld):
 # that all guests share; and a guest's new objects come from memory of their
 # own, not from free blocks spread over those pages (cpy2py/kernel/snapshot_heap.py)
 gc.collect()
-snapshot_heap.fill_free_blocks()
-gc.freeze()
+snapshot_heap.settle()

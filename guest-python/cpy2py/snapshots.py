@@ -49,7 +49,7 @@ from . import _logging
 from .bytecode_cache import Interrupted, exclusive, say, writable
 from .cache_dir import cache_root
 from .errors import TwinStartError
-from .packages import Resolved
+from .packages import Resolved, resolve
 
 log = _logging.get_logger("snapshots")
 
@@ -81,20 +81,22 @@ Described = Dict[str, List[Any]]
 
 
 #: (guest file, its size and time, modules, paths, memory limit) -> (the
-#: packages' Resolved, (the key, its family)): packages.resolve gives the
+#: packages' Resolved, (the key, its family, the guest build's stamp)):
+#: packages.resolve gives the
 #: same Resolved while their RECORDs are unchanged, and hashing their
 #: listing costs more than a guest's start should (about 0.2 ms for markdown
 #: and dateutil)
-_keys: Dict[Tuple[Any, ...], Tuple[Resolved, Tuple[str, str]]] = {}
+_keys: Dict[Tuple[Any, ...], Tuple[Resolved, Tuple[str, str, List[Any]]]] = {}
 
 
 def _key(
     guest_file: str, modules: List[str], paths: List[str], packages: Resolved, sources: str, memory_limit: Any
-) -> Tuple[str, str]:
+) -> Tuple[str, str, List[Any]]:
     """What a snapshot's imports depend on, but for the contents of the
-    files under ``paths`` (recorded beside it, see the module docs); and
-    its family: the same but for the packages' ``sources`` (the stamp of
-    their modules), whose earlier snapshots a new one replaces."""
+    files under ``paths`` (recorded beside it, see the module docs); its
+    family: the same but for the packages' ``sources`` (the stamp of their
+    modules), whose earlier snapshots a new one replaces; and the stamp of
+    the guest build (as ``_guest_stamp``), recorded with it."""
     stat = os.stat(guest_file)
     seen = (guest_file, stat.st_size, stat.st_mtime_ns, tuple(modules), tuple(paths), memory_limit, sources)
     known = _keys.get(seen)
@@ -109,8 +111,8 @@ def _key(
     }
     family = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
     key = hashlib.sha256(f"{family} {sources}".encode()).hexdigest()[:32]
-    _keys[seen] = (packages, (key, family))
-    return key, family
+    _keys[seen] = (packages, (key, family, described["guest"]))
+    return key, family, described["guest"]
 
 
 def _digest(path: str) -> str:
@@ -194,8 +196,7 @@ def snapshot_for(master: Any, start: Dict[str, Any]) -> Optional[str]:
     if not modules:
         start = bare_start(start)
     paths = list(start["paths"])
-    guest = _guest_stamp(start["guest"])  # (taken with the key: the build it is made of)
-    key, family = _key(
+    key, family, guest = _key(
         start["guest"],
         modules,
         paths,
@@ -255,8 +256,6 @@ def bare_start(start: Dict[str, Any]) -> Dict[str, Any]:
     what the walk over its objects added (a page or two), which any guest
     of the build needs anyway. If it cannot be made, guests start from the
     build itself."""
-    from .packages import resolve
-
     empty = resolve(())
     return dict(start, paths=[], resolved=empty, sources=empty.sources_stamp(), pycache=None, limits={})
 

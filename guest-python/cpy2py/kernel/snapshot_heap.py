@@ -59,6 +59,22 @@ _SIDE_BY_SIDE = 256
 _MAX_FILLERS = 1 << 18
 
 
+def settle() -> None:
+    """Leave the heap for a snapshot: its small free blocks taken
+    (``fill_free_blocks``) with the collector off, so that nothing found
+    before is freed meanwhile, then everything in it frozen (no guest's
+    collection writes to what all guests share, the fillers included).
+    The last work of the build and of each snapshot's guest."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        fill_free_blocks()
+    finally:
+        if collecting:
+            gc.enable()
+    gc.freeze()
+
+
 def fill_free_blocks() -> int:
     """Take the heap's small free blocks for objects kept unused (see the
     module docs); the number of objects taken. Run as the last allocation
