@@ -110,6 +110,19 @@ def unpicklable() -> Unpicklable:
     return Unpicklable()
 
 
+_barriers: Dict[str, threading.Barrier] = {}
+_barriers_lock = threading.Lock()
+
+
+def meet(name: str, parties: int) -> str:
+    """Returns once ``parties`` requests ``meet(name, ...)`` run at the same
+    time (raises ``threading.BrokenBarrierError`` after 10 s without them)."""
+    with _barriers_lock:
+        barrier = _barriers.setdefault(name, threading.Barrier(parties, timeout=10))
+    barrier.wait()
+    return name
+
+
 def served_by() -> str:
     """The name of the thread that runs this request."""
     return threading.current_thread().name

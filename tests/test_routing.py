@@ -539,3 +539,128 @@ def _two_replies_around_a_malformed_release() -> dict:
         a.close("the test ended")
         for fd in (*a_to_peer, *peer_to_a):
             os.close(fd)
+
+
+# -- an awaited call reads its reply on the loop's thread for a slice first ------
+
+
+def _awaited(end, func, *args):
+    from cpy2py.protocol.messages import OP_EXECUTE
+
+    return end.request_async(OP_EXECUTE, func, list(args), {})
+
+
+def test_an_awaited_call_answered_within_its_slice_ends_without_a_turn_of_the_loop(monkeypatch):
+    """A short awaited call reads its reply on the loop's thread (for a
+    slice: long here, so that a slow machine answers within it), so it ends
+    without giving the loop a turn; a callback that comes in the slice runs
+    as any other."""
+    import asyncio
+
+    from cpy2py.kernel import connection
+
+    monkeypatch.setattr(connection, "_READ_SLICE", 10.0)
+    a, b, fds = pair("slice")
+
+    async def main():
+        turns = []  # (a timer due at once: the loop runs it at its next turn)
+        asyncio.get_running_loop().call_later(0, turns.append, "turned")
+        result = await _awaited(a, loopback.echo, 1)
+        turned_before_reply = list(turns)
+        path = await _awaited(a, loopback.bounce, "slice-b", 2)
+        return result, turned_before_reply, path
+
+    try:
+        assert asyncio.run(main()) == (1, [], ["slice-b", "slice-a", "slice-b"])
+        assert call(a, loopback.echo, 2) == 2
+    finally:
+        loopback.close((a, b), fds)
+
+
+def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch):
+    """A call still running when its slice ends is waited for by the loop
+    (its other tasks run meanwhile), and the link's next awaited calls take
+    no slice: a run of slow calls does not hold the loop a slice each."""
+    import asyncio
+
+    from cpy2py.kernel import connection
+
+    monkeypatch.setattr(connection, "_READ_SLICE", 0.01)
+    a, b, fds = pair("slow-slice")
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        beat = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)  # (it ticks once)
+        result = await _awaited(a, loopback.slow, 0.3, "done")
+        ticks_during_slow = ticks
+        beat.cancel()
+        await asyncio.sleep(0.01)  # (nothing of the loop's is ready now)
+        turns = []
+        asyncio.get_running_loop().call_later(0, turns.append, "turned")
+        await _awaited(a, loopback.echo, 1)  # (no slice: the loop turns)
+        return result, ticks_during_slow, list(turns)
+
+    try:
+        result, ticks, turns = asyncio.run(main())
+        assert result == "done"
+        assert ticks > 10  # (the loop's 1 ms sleeps ran through the 0.3 s call)
+        assert turns == ["turned"]
+    finally:
+        loopback.close((a, b), fds)
+
+
+def test_concurrent_awaited_calls_take_no_slice(monkeypatch):
+    """While other tasks of the loop are ready, an awaited call takes no
+    slice: their requests go out together (two calls that must run at the
+    same time on the far side meet there; a slice, long here, would have
+    held the second one back)."""
+    import asyncio
+
+    from cpy2py.kernel import connection
+
+    monkeypatch.setattr(connection, "_READ_SLICE", 30.0)
+    a, b, fds = pair("together")
+
+    async def main():
+        return await asyncio.gather(*(_awaited(a, loopback.meet, "together", 2) for _ in range(2)))
+
+    try:
+        assert asyncio.run(main()) == ["together", "together"]
+    finally:
+        loopback.close((a, b), fds)
+
+
+def test_ctrl_c_in_an_awaited_calls_slice_gives_the_reading_role_back(monkeypatch):
+    """Ctrl-C while an awaited call waits in its slice: the call raises it,
+    and the same loop and other threads go on calling (the role was given
+    back)."""
+    import asyncio
+
+    a, b, fds = pair("slice-interrupted")
+    real = a.transport.wait_readable
+
+    def interrupted(timeout=None):
+        a.transport.wait_readable = real
+        raise KeyboardInterrupt  # as if Ctrl-C came while it waited
+
+    a.transport.wait_readable = interrupted
+
+    async def main():
+        with pytest.raises(KeyboardInterrupt):
+            await _awaited(a, loopback.echo, 1)
+        return await asyncio.wait_for(_awaited(a, loopback.echo, 2), 10)
+
+    try:
+        assert asyncio.run(main()) == 2
+        assert call(a, loopback.echo, 3) == 3
+        assert not a._reading
+    finally:
+        loopback.close((a, b), fds)

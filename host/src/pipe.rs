@@ -10,8 +10,13 @@ use std::os::fd::RawFd;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-fn millis(timeout: Duration) -> i32 {
-    timeout.as_millis().min(i32::MAX as u128) as i32
+/// `timeout` for `ppoll`: to the nanosecond (poll's milliseconds made a
+/// wait of 200 us no wait at all).
+fn timespec(timeout: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    }
 }
 
 /// One `poll` of `fd` for `events`; `None` when a signal interrupted it,
@@ -26,8 +31,13 @@ fn poll_once(
         events,
         revents: 0,
     };
-    // SAFETY: one pollfd that lives for the call
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout.map_or(-1, millis)) };
+    let limit = timeout.map(timespec);
+    let limit_ptr = limit
+        .as_ref()
+        .map_or(std::ptr::null(), |limit| limit as *const libc::timespec);
+    // SAFETY: one pollfd and a timespec that live for the call; no mask:
+    // the thread's own stays
+    let n = unsafe { libc::ppoll(&mut pfd, 1, limit_ptr, std::ptr::null()) };
     if n < 0 {
         let err = io::Error::last_os_error();
         return if err.kind() == io::ErrorKind::Interrupted {
@@ -492,6 +502,18 @@ pub(crate) mod tests {
         drop(write); // hung up counts as readable: the reader sees the end
         assert_eq!(poll_readable(read.as_raw_fd(), None).unwrap(), Some(true));
         assert!(wait_for_frame(read.as_raw_fd(), None).unwrap());
+    }
+
+    #[test]
+    fn a_wait_shorter_than_a_millisecond_still_waits() {
+        // (poll's timeout is in milliseconds: 200 us was no wait at all)
+        let (read, _write) = pipe(false);
+        let started = Instant::now();
+        assert_eq!(
+            poll_readable(read.as_raw_fd(), Some(Duration::from_micros(300))).unwrap(),
+            Some(false)
+        );
+        assert!(started.elapsed() >= Duration::from_micros(300));
     }
 
     #[test]
