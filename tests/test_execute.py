@@ -229,6 +229,36 @@ def test_the_master_reads_a_large_replys_byte_strings_apart(kind, monkeypatch):
         master.stop()
 
 
+@pytest.mark.parametrize("kind", ["python3", "pypy3"])
+def test_a_request_of_tens_of_kib_goes_out_while_its_caller_reads(kind):
+    """A request larger than one all-or-nothing pipe write, for which the
+    pipe has room, still goes out at once while its caller holds the link's
+    reading role (``send_now``), so the caller reads the reply itself: had
+    it been sent without the role, a server thread of the master could read
+    the reply first and hand it over (two thread switches, a tenth of a
+    10k-int list's echo when both processes share a CPU)."""
+    from cpy2py.master import connection_for
+
+    master = start_twin(kind, f"{kind}-mid-frames")
+    try:
+        link = connection_for(master.twinterpreter_id, master)
+        sent_now = []
+        send_now = link._send_now
+
+        def recorded(payload):
+            went = send_now(payload)
+            sent_now.append((len(payload), went))
+            return went
+
+        link._send_now = recorded
+        value = list(range(10_000))  # a request of about 30 KB
+        assert master.execute(twin_helpers.echo, value) == value
+        assert [went for size, went in sent_now if size > 20_000] == [True]
+        assert not link._reading
+    finally:
+        master.stop()
+
+
 def test_exception_same_type_with_remote_traceback(twin):
     with pytest.raises(ValueError) as info:
         twin.execute(twin_helpers.fail_with, ValueError, "boom")

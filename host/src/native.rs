@@ -27,7 +27,7 @@ use crate::signals;
 pub const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 
 /// The largest payload of a frame that one pipe write sends whole or not at
-/// all (`send_now`, `try_send`).
+/// all (`try_send`; `send_now` sends larger ones only where the pipe has room).
 const MAX_SMALL: usize = libc::PIPE_BUF - HEADER_LEN;
 
 /// The largest hello a twin may send.
@@ -331,20 +331,25 @@ impl NativeTwin {
         Ok(FrameSend::new(self, header, parts))
     }
 
-    /// Sends one small frame (at most `PIPE_BUF` bytes with its header) only
-    /// if it goes out at once: no other thread is sending and the pipe has
-    /// room (a pipe write of up to `PIPE_BUF` bytes is all or nothing).
-    /// Whether it was sent; it never waits. The kernel's callers send small
-    /// requests this way while they hold the link's reading role.
+    /// Sends one frame only if it goes out at once: no other thread is
+    /// sending and the pipe has room (a pipe write of up to `PIPE_BUF` bytes
+    /// is all or nothing; a larger frame only if the pipe's free pages hold
+    /// it, `pipe::pipe_has_room`). Whether it was sent; it never waits. The
+    /// kernel's callers send requests this way while they hold the link's
+    /// reading role, so that the reply comes to them: a request that waited
+    /// for room while its thread held the role could wait for ever on a
+    /// twin that waits to send.
     pub fn send_now(&self, payload: &[u8]) -> Result<bool> {
-        if payload.len() > MAX_SMALL {
-            return Ok(false);
-        }
         let parts = [payload];
         let Some(mut sending) = self.try_begin_send(&parts)? else {
             return Ok(false);
         };
         sending.check_not_cut()?;
+        if payload.len() > MAX_SMALL
+            && !pipe::pipe_has_room(self.process.to_twin.as_raw_fd(), HEADER_LEN + payload.len())
+        {
+            return Ok(false);
+        }
         if sending.step(Duration::ZERO)? {
             return Ok(true);
         }
@@ -636,13 +641,17 @@ mod tests {
     }
 
     #[test]
-    fn a_small_frame_is_sent_now_only_if_the_pipe_has_room() {
+    fn a_frame_is_sent_now_only_if_the_pipe_has_room() {
         let twin = deaf_twin();
         assert!(twin.send_now(b"small").unwrap());
+        // larger than one all-or-nothing write: sent whole while the pipe's
+        // free pages hold it, else not started
+        assert!(twin.send_now(&vec![1u8; 3 * libc::PIPE_BUF]).unwrap());
         assert!(
-            !twin.send_now(&vec![1u8; libc::PIPE_BUF]).unwrap(),
-            "too big to be all or nothing"
+            !twin.send_now(&vec![1u8; 1 << 20]).unwrap(),
+            "more than a pipe holds"
         );
+        assert!(!twin.cut_mid_frame(), "a frame that did not fit was not started");
         let mut sent = 0;
         while twin.send_now(&[7u8; 1000]).unwrap() {
             sent += 1;

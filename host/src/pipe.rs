@@ -82,6 +82,24 @@ pub fn wait_for_frame(fd: RawFd, unblocked: Option<&libc::sigset_t>) -> io::Resu
     Ok(true)
 }
 
+/// Whether `len` bytes written to the pipe `fd` now (by its only writer)
+/// would all go out at once: counted in the pipe's pages, as the kernel
+/// fills them, with the unread bytes taking one page more than they fill
+/// (the first and last may be part-filled). False for a descriptor that is
+/// not a pipe (a socket).
+pub fn pipe_has_room(fd: RawFd, len: usize) -> bool {
+    // SAFETY: queries of a descriptor the caller owns
+    let capacity = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    let mut unread: libc::c_int = 0;
+    if capacity <= 0 || unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) } < 0 {
+        return false;
+    }
+    // SAFETY: no arguments to check
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let pages = |bytes: usize| bytes.div_ceil(page);
+    pages(unread.max(0) as usize) + 1 + pages(len) <= capacity as usize / page
+}
+
 /// Makes the descriptor `fd` (owned by the caller) non-blocking: a write to
 /// a full pipe then fails with EAGAIN instead of waiting.
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -502,6 +520,24 @@ pub(crate) mod tests {
         drop(write); // hung up counts as readable: the reader sees the end
         assert_eq!(poll_readable(read.as_raw_fd(), None).unwrap(), Some(true));
         assert!(wait_for_frame(read.as_raw_fd(), None).unwrap());
+    }
+
+    #[test]
+    fn room_in_a_pipe_is_counted_in_its_pages() {
+        let (mut read, write) = pipe(false);
+        let fd = write.as_raw_fd();
+        let capacity = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) } as usize;
+        assert!(pipe_has_room(fd, capacity / 2));
+        assert!(!pipe_has_room(fd, capacity), "the whole pipe: no page to spare");
+        std::io::Write::write_all(&mut &write, &vec![7u8; capacity / 2]).unwrap();
+        assert!(!pipe_has_room(fd, capacity / 2), "half is taken");
+        assert!(pipe_has_room(fd, capacity / 4));
+        let mut half = vec![0u8; capacity / 2];
+        read.read_exact(&mut half).unwrap();
+        assert!(pipe_has_room(fd, capacity / 2));
+        // not a pipe: never room
+        let (socket, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!pipe_has_room(socket.as_raw_fd(), 1));
     }
 
     #[test]

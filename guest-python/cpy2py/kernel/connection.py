@@ -2001,9 +2001,13 @@ def _deadlines() -> Any:
     return deadlines
 
 
-#: the largest request sent holding the reading role: it must fit a pipe
-#: write that never blocks (PIPE_BUF, with the frame's 4-byte header)
-_SMALL_FRAME = 4092
+#: the largest request sent holding the reading role, when the transport's
+#: ``send_now`` finds it goes out at once (a native twin's: a pipe write of up
+#: to PIPE_BUF, or a larger frame that its pipe's free pages hold; 64 KiB is
+#: a Linux pipe's default size). A larger one, or one that waited for room,
+#: is sent without the role, and a server thread may read its reply and
+#: hand it over (two thread switches more).
+_SMALL_FRAME = 65532
 
 
 def _request_id(key: int) -> int:
