@@ -110,8 +110,26 @@ def unpicklable() -> Unpicklable:
     return Unpicklable()
 
 
-_barriers: Dict[str, threading.Barrier] = {}
 _barriers_lock = threading.Lock()
+_flags: Dict[str, threading.Event] = {}
+
+
+def _flag(name: str) -> threading.Event:
+    with _barriers_lock:
+        return _flags.setdefault(name, threading.Event())
+
+
+def wait_for_flag(name: str, timeout: float) -> bool:
+    """Blocks the thread that runs it until ``set_flag(name)`` runs (or
+    ``timeout`` passes: False)."""
+    return _flag(name).wait(timeout)
+
+
+def set_flag(name: str) -> None:
+    _flag(name).set()
+
+
+_barriers: Dict[str, threading.Barrier] = {}
 
 
 def meet(name: str, parties: int) -> str:

@@ -664,3 +664,45 @@ def test_ctrl_c_in_an_awaited_calls_slice_gives_the_reading_role_back(monkeypatc
         assert not a._reading
     finally:
         loopback.close((a, b), fds)
+
+
+# -- many callers at once: servers run requests in turn, the gate held ----------
+
+
+def test_a_request_that_blocks_does_not_hold_up_those_after_it_for_long(ends):
+    """Many callers at once make the servers of a link run requests one
+    after the other, the gate held while one runs (nothing that arrives
+    wakes another server). A request that blocks until another caller's
+    request has run must not deadlock: a spare server opens the gate once
+    no run has ended for HOLD_FOR."""
+    a, b, _ = ends
+    stop = threading.Event()
+    busy_seen = []
+
+    def caller():
+        while not stop.is_set():
+            call(a, loopback.echo, 1)
+
+    burst = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in burst:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not busy_seen and time.monotonic() < deadline:
+            if b._held:
+                busy_seen.append(True)
+            time.sleep(0.0005)
+        assert busy_seen, "8 callers at once should have made b hold its gate for a running server"
+        released = []
+        waiting = threading.Thread(
+            target=lambda: released.append(call(a, loopback.wait_for_flag, "go", 20.0))
+        )
+        waiting.start()
+        time.sleep(0.05)  # (b runs the waiting request)
+        assert call(a, loopback.set_flag, "go") is None
+        waiting.join(30)
+        assert released == [True], "the request that sets the flag was held up behind the one waiting for it"
+    finally:
+        stop.set()
+        for thread in burst:
+            thread.join(30)

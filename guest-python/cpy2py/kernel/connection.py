@@ -345,6 +345,12 @@ class Connection:
     #: calling a twin started a new server thread for one call in ten.
     MAX_IDLE = 4
     RETIRE_AFTER = 1.0
+    #: seconds the gate stays held for a running server (see ``_busy``)
+    #: before a spare opens it: the longest a request that blocks holds up
+    #: the requests that came after it
+    HOLD_FOR = 0.002
+    #: reads that bring a single request each, in a row, that end ``_busy``
+    LONE_READS = 4
 
     def __init__(
         self,
@@ -431,6 +437,25 @@ class Connection:
         self._slice_skips = 0  # awaited calls to go without a slice (_read_slice)
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
+        # Many callers at once. Once servers ran requests at the same time
+        # (``_busy``), the gate is held disarmed while a server runs one
+        # (``_held``): what arrives meanwhile wakes no other server, and the
+        # server whose run is over reads it itself (``_next_request``). On
+        # PyPy each extra runnable thread costs tens of microseconds per
+        # call (its GIL's waiters retry in 100 us slices); on CPython, two
+        # thread switches. A spare server waits at the held gate with a
+        # timeout (``_timed`` of them); if no run ended within HOLD_FOR, one
+        # may block (waiting for a request that waits behind it), and the
+        # spare opens the gate. ``_busy`` ends when a run ends with nothing
+        # more to read for HOLD_FOR, or reads bring one request at a time
+        # (benches/README.md, "Many callers at once").
+        self._busy = False
+        self._held = False
+        self._held_handoffs = False  # a reader handed requests without waking a server
+        self._lone_reads = 0  # reads of a single request in a row while busy
+        self._running = 0  # server threads running a request of the peer now
+        self._runs_ended = 0  # requests servers finished (what the spare watches)
+        self._timed = 0
         self._idle: Deque[_Waiter] = deque()  # ... or, without a gate, asleep
         self.broken: Optional[BaseException] = None
         #: a caller was told that the link ended (master.py restarts a dead
@@ -1265,23 +1290,25 @@ class Connection:
         self._reader = reader
         self._role_takes += 1
         self._heir = None
+        self._held = False  # (the reader's now: it disarms the gate)
         if self._armed and self._runner is None:
             self._armed = False
             self._gate.disarm()  # type: ignore[union-attr]
         return True
 
-    def _give_up_role(self, left: bool = True) -> None:
+    def _give_up_role(self, left: bool = True, runs: bool = False) -> None:
         """Caller holds _lock: give up the reading role (``left``: frames may
-        have been left unread; False: the reader just found none)."""
+        have been left unread; False: the reader just found none; ``runs``: a
+        server that goes on to run a request it read)."""
         self._reading = False
         self._reader = None
         if left and self._runner is not None and self._buffered():
             self._runner.publish()  # frames left for others: the gate's thread takes them
-        self._role_is_free()
+        self._role_is_free(runs)
 
-    def _role_is_free(self) -> None:
+    def _role_is_free(self, runs: bool = False) -> None:
         """Caller holds _lock: offer the free role to a queued caller, or let
-        the gate watch the link."""
+        the gate watch the link (or hold it for a running server: ``_busy``)."""
         if self._callers:
             self._heir = self._callers.popleft()
             self._heir.queued = None
@@ -1292,8 +1319,23 @@ class Connection:
             if self._watch_loop is not None and self._loop_watches() and not self._unwatched:
                 return
             if self._gate is not None and not self._armed and self.broken is None:
+                if self._busy and (runs or self._running):
+                    self._hold_gate(runs)
+                    return
                 self._armed = True
                 self._gate.arm()
+
+    def _hold_gate(self, runs: bool) -> None:
+        """Caller holds _lock, the role is free, a server runs a request
+        (``runs``: the caller, about to) while ``_busy``: the gate stays
+        disarmed until a server is done, and a spare waits there with a
+        timeout (see _next_request): one waiting without is kicked into it,
+        unless a server not yet back at the gate comes to be it. A server
+        that starts a run with nobody at the gate starts one (_run)."""
+        self._held = True
+        coming = self._servers - self._waiting - self._running - runs
+        if not self._timed and self._waiting and coming <= 0:
+            self._gate.kick()  # type: ignore[union-attr]
 
     def _leave_queue(self, waiter: _Waiter) -> None:
         """Caller holds _lock: ``waiter`` no longer waits for the reading role
@@ -1326,7 +1368,7 @@ class Connection:
                     raw = self._read_frame()
                 if raw is None:
                     break
-                item = self._route(raw, reader, serve and mine is None)
+                item = self._route(raw, reader, serve and mine is None, serve and mine is not None)
                 if self.broken is not None:
                     break  # (a malformed frame): nothing read after it is trusted, nor routed
                 if item is not None:
@@ -1346,8 +1388,27 @@ class Connection:
                 if not self._buffered():
                     break
         finally:
+            wake = start = False
+            idle = None
             with self._lock:
-                self._give_up_role()
+                runs = reader is None and serve and mine is not None
+                if runs and self._busy:
+                    # a server's read while busy: several requests at once go
+                    # on; a few reads of one each (one caller) end it
+                    self._lone_reads = 0 if self._held_handoffs else self._lone_reads + 1
+                    if self._lone_reads >= self.LONE_READS:
+                        self._busy = False
+                # (a server that goes on to run its request: see _busy)
+                self._give_up_role(runs=runs)
+                if self._held_handoffs:  # requests it handed while busy, not waking anyone
+                    self._held_handoffs = False
+                    # (the gate held: its spare takes them if this run lasts)
+                    wake = bool(self._handoff) and not self._held
+                    if wake:
+                        idle = self._idle.popleft() if self._idle else None
+                        start = idle is None and self._waiting == 0
+            if wake:
+                self._wake_server(idle, start)
             release_signals()  # the main thread's, held while it had the role
         for _, kind, before, raw in later:
             self._handle_control(kind, before, raw)
@@ -1374,9 +1435,10 @@ class Connection:
             self._fail(None)
         return raw
 
-    def _route(self, raw: Any, reader: Optional[_Waiter], take: bool) -> Optional[Item]:
+    def _route(self, raw: Any, reader: Optional[_Waiter], take: bool, runs: bool = False) -> Optional[Item]:
         """Send a raw frame where it belongs, by its header; returns it if the
-        reader is to handle it (``take``: it may take a request of a new chain)."""
+        reader is to handle it (``take``: it may take a request of a new chain;
+        ``runs``: a server that read one already, which it goes on to run)."""
         try:
             kind, key, chain = codec.peek(raw)
             if kind == REPLY or kind == RAISE:
@@ -1417,7 +1479,7 @@ class Connection:
                     )
                 if (reader is None and take) or not self._threads:
                     return item  # a server runs it, or (no threads) whoever reads
-                self._hand_to_server(item)
+                self._hand_to_server(item, runs)
                 return None
             elif kind == RELEASE or kind == SHUTDOWN:
                 return (self, kind, self._routed, raw)  # key: how many frames came before it
@@ -1509,12 +1571,23 @@ class Connection:
                 self._fail(err)
                 return
 
-    def _hand_to_server(self, item: Item) -> None:
-        """A request of a new chain that the reader does not run: a server does."""
+    def _hand_to_server(self, item: Item, runs: bool = False) -> None:
+        """A request of a new chain that the reader does not run: a server does
+        (with ``runs`` and ``_busy``, the reader, a server, once it has run the
+        request it read first: the gate is held for it, see ``_read``)."""
         with self._lock:
             self._handoff.append(item)
+            if runs and self._busy and self._gate is not None:
+                # (the reader wakes a server as it gives up the role, or holds the gate)
+                self._held_handoffs = True
+                return
             idle = self._idle.popleft() if self._idle else None
             start = idle is None and self._waiting == 0
+        self._wake_server(idle, start)
+
+    def _wake_server(self, idle: Optional[_Waiter], start: bool) -> None:
+        """A handed request waits: wake the ``idle`` server, or one at the
+        gate, and ``start`` one if none waits."""
         if idle is not None:
             idle.offer()
         elif self._gate is not None:
@@ -1635,18 +1708,39 @@ class Connection:
                     self._pass_on_kick(gate)
                     return item
                 self._decoded(item[2])  # a reply nobody waits for any more
+            timed = look = False
             with self._lock:
                 if self.broken is not None:
                     return None
-                if self._handoff:
+                if self._handoff and not (self._held and self._running):
+                    # (held: the running server takes them once it is done)
                     return self._take_handed(gate)
                 surplus = retire and self._waiting >= self.MAX_IDLE
                 if surplus and gate is None:
                     return None
                 if gate is None:  # no descriptor to wait on: read (holding the role)
                     read = self._take_role(None)
+                elif self._held and not self._running and not self._reading and self._heir is None:
+                    # the gate was held for this server's run, the last one:
+                    # what came meanwhile is its to read (the gate stays shut)
+                    look = read = self._take_role(None)
                 else:
                     self._waiting += 1
+                    if self._held:  # the spare: opens the gate if no run ends
+                        timed = True
+                        self._timed += 1
+                        ended = self._runs_ended
+            if look:
+                # (it waits a little for more, holding the role: the spare sleeps)
+                if self._buffered() or self.transport.wait_readable(self.HOLD_FOR):
+                    item = self._read(None)
+                    if item is not None:
+                        return item
+                    continue
+                with self._lock:  # nothing came: the burst is over
+                    self._busy = False
+                    self._give_up_role(left=False)
+                continue
             if gate is None:
                 if read:
                     item = self._read(None)
@@ -1662,16 +1756,31 @@ class Connection:
                             if waiter in self._idle:
                                 self._idle.remove(waiter)
                 continue
+            timeout = self.RETIRE_AFTER if surplus else None
+            if timed:
+                timeout = self.HOLD_FOR
             try:
-                readable, kicked = gate.wait(self.RETIRE_AFTER if surplus else None)
+                readable, kicked = gate.wait(timeout)
             except BaseException:
                 with self._lock:
                     self._waiting -= 1
+                    if timed:
+                        self._timed -= 1
                 raise
             if kicked:
                 gate.take_kick()
             with self._lock:  # (one section: a lock costs as much as a system call)
                 self._waiting -= 1
+                if timed:
+                    self._timed -= 1
+                    if not (readable or kicked):
+                        stuck = self._held and self._runs_ended == ended
+                        if stuck and not self._reading and self._heir is None:
+                            # no run ended meanwhile: one may wait for a
+                            # request behind it; the gate watches again
+                            self._busy = False
+                            self._role_is_free()
+                        continue
                 if not readable:
                     read = False
                 else:
@@ -1695,8 +1804,8 @@ class Connection:
     def _take_handed(self, gate: Optional[_Gate]) -> Item:
         """Caller holds _lock: a server takes the oldest handed request."""
         item = self._handoff.popleft()
-        if self._handoff and gate is not None:
-            gate.kick()  # more for others
+        if self._handoff and gate is not None and not (self._busy and self._held):
+            gate.kick()  # more for others (held: this server comes back for them)
         return item
 
     def _pass_on_kick(self, gate: Optional[_Gate]) -> None:
@@ -1762,8 +1871,15 @@ class Connection:
                 self._chains[chain] = [waiter, 1]
             else:
                 entry[1] += 1
+            if server:
+                self._running += 1
+                if self._held and not self._timed and self._waiting:
+                    self._gate.kick()  # type: ignore[union-attr]  # (a spare for the held gate: _hold_gate)
+                if self._running > 1 and self._gate is not None:
+                    self._busy = True  # servers run at the same time: many callers
             # the gate watches the link while a server runs (armed when the
-            # role was given up); someone must wait there for what comes meanwhile
+            # role was given up, or held); someone must wait there for what
+            # comes meanwhile
             start = server and self._waiting == 0 and self.broken is None and self._gate is not None
         waiter.depth += 1
         try:
@@ -1778,6 +1894,9 @@ class Connection:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del self._chains[chain]
+                if server:
+                    self._running -= 1
+                    self._runs_ended += 1
 
     def _execute(self, message: list) -> None:
         """Run a decoded request on this thread and send its reply."""
