@@ -47,9 +47,14 @@ def pair(
 
 
 def close(ends: Tuple[Connection, ...], fds: List[int]) -> None:
-    """End the links of ``pair`` and close its descriptors."""
+    """End the links of ``pair`` and close its descriptors, once their server
+    threads are gone (a descriptor number closed under a thread that is
+    about to read it may be the next test's pipe by then)."""
     for end in ends:
         end.close("the test ended")
+    deadline = time.monotonic() + 5
+    while any(end.thread_count() for end in ends) and time.monotonic() < deadline:
+        time.sleep(0.001)
     for fd in fds:
         try:
             os.close(fd)

@@ -1388,31 +1388,38 @@ class Connection:
                 if not self._buffered():
                     break
         finally:
-            wake = start = False
-            idle = None
+            wake = None
             with self._lock:
-                runs = reader is None and serve and mine is not None
-                if runs and self._busy:
-                    # a server's read while busy: several requests at once go
-                    # on; a few reads of one each (one caller) end it
-                    self._lone_reads = 0 if self._held_handoffs else self._lone_reads + 1
-                    if self._lone_reads >= self.LONE_READS:
-                        self._busy = False
-                # (a server that goes on to run its request: see _busy)
-                self._give_up_role(runs=runs)
-                if self._held_handoffs:  # requests it handed while busy, not waking anyone
-                    self._held_handoffs = False
-                    # (the gate held: its spare takes them if this run lasts)
-                    wake = bool(self._handoff) and not self._held
-                    if wake:
-                        idle = self._idle.popleft() if self._idle else None
-                        start = idle is None and self._waiting == 0
-            if wake:
-                self._wake_server(idle, start)
+                if not (self._busy or self._held_handoffs):  # (mostly)
+                    self._give_up_role()
+                else:
+                    wake = self._give_up_busy(reader is None and serve and mine is not None)
+            if wake is not None:
+                self._wake_server(*wake)
             release_signals()  # the main thread's, held while it had the role
         for _, kind, before, raw in later:
             self._handle_control(kind, before, raw)
         return mine
+
+    def _give_up_busy(self, runs: bool) -> Optional[Tuple[Optional[_Waiter], bool]]:
+        """Caller holds _lock: ``_read`` gives up the role while ``_busy``
+        (``runs``: a server that goes on to run a request it read). Returns
+        what ``_wake_server`` is to wake for requests it handed without
+        waking anyone, if the gate is not held for them after all."""
+        if runs:
+            # several requests at once go on; a few reads of one each (one
+            # caller again) end it
+            self._lone_reads = 0 if self._held_handoffs else self._lone_reads + 1
+            if self._lone_reads >= self.LONE_READS:
+                self._busy = False
+        self._give_up_role(True, runs)
+        if not self._held_handoffs:
+            return None
+        self._held_handoffs = False
+        if not self._handoff or self._held:  # (held: the gate's spare takes them if this run lasts)
+            return None
+        idle = self._idle.popleft() if self._idle else None
+        return idle, idle is None and self._waiting == 0
 
     def _read_frame(self) -> Optional[Any]:
         """One raw frame (the caller holds the reading role); None when the
@@ -1731,8 +1738,11 @@ class Connection:
                         self._timed += 1
                         ended = self._runs_ended
             if look:
-                # (it waits a little for more, holding the role: the spare sleeps)
-                if self._buffered() or self.transport.wait_readable(self.HOLD_FOR):
+                # (it waits a little for more, holding the role: the spare
+                # sleeps; a link closed meanwhile is not read: its descriptor
+                # may be another's by now)
+                more = self._buffered() or self.transport.wait_readable(self.HOLD_FOR)
+                if more and self.broken is None:
                     item = self._read(None)
                     if item is not None:
                         return item
@@ -1872,11 +1882,12 @@ class Connection:
             else:
                 entry[1] += 1
             if server:
-                self._running += 1
-                if self._held and not self._timed and self._waiting:
-                    self._gate.kick()  # type: ignore[union-attr]  # (a spare for the held gate: _hold_gate)
-                if self._running > 1 and self._gate is not None:
+                running = self._running = self._running + 1
+                if running > 1 and self._gate is not None:
                     self._busy = True  # servers run at the same time: many callers
+                if self._held and not self._timed and self._waiting:
+                    # the held gate's spare (_hold_gate counted on this server coming back)
+                    self._gate.kick()  # type: ignore[union-attr]
             # the gate watches the link while a server runs (armed when the
             # role was given up, or held); someone must wait there for what
             # comes meanwhile
@@ -1896,7 +1907,8 @@ class Connection:
                     del self._chains[chain]
                 if server:
                     self._running -= 1
-                    self._runs_ended += 1
+                    if self._held:  # (what the held gate's spare watches)
+                        self._runs_ended += 1
 
     def _execute(self, message: list) -> None:
         """Run a decoded request on this thread and send its reply."""
