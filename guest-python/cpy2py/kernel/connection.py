@@ -962,11 +962,7 @@ class Connection:
                 self._fail(err)
                 return
             finally:
-                if not handed:
-                    with self._lock:
-                        self._give_up_role()
-                if held:
-                    release_signals()
+                self._after_loop_read(handed, held)
             if waiter.inbox:
                 return
             if not ends:
@@ -1113,11 +1109,18 @@ class Connection:
         except ProtocolError as err:  # (a malformed header)
             self._fail(err)
         finally:
-            if not handed:
-                with self._lock:
-                    self._give_up_role()
-            if held:
-                release_signals()
+            self._after_loop_read(handed, held)
+
+    def _after_loop_read(self, handed: bool, held: bool) -> None:
+        """A read on the loop's thread is over (``_loop_reads``,
+        ``_read_slice``): the role given back unless it was ``handed`` on
+        (to ``_read``, or with a claimed reply), the signals ``held`` for it
+        let through."""
+        if not handed:
+            with self._lock:
+                self._give_up_role()
+        if held:
+            release_signals()
 
     def _end_watch(self) -> None:
         """The link ended: no loop watches it any more."""
