@@ -706,3 +706,54 @@ def test_a_request_that_blocks_does_not_hold_up_those_after_it_for_long(ends):
         stop.set()
         for thread in burst:
             thread.join(30)
+
+
+def test_one_caller_after_many_ends_the_held_gate(ends):
+    """Once many callers stop, one caller's calls end the servers' taking
+    turns (``_busy``): its requests wake a server at the gate again, as
+    before the burst, instead of a server waiting for more after each."""
+    a, b, _ = ends
+    stop = threading.Event()
+    held_seen = []
+
+    def caller():
+        while not stop.is_set():
+            call(a, loopback.echo, 1)
+
+    burst = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in burst:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not held_seen and time.monotonic() < deadline:
+            if b._held:
+                held_seen.append(True)
+            time.sleep(0.0005)
+    finally:
+        stop.set()
+        for thread in burst:
+            thread.join(30)
+    assert held_seen, "8 callers at once should have made b hold its gate for a running server"
+    for n in range(20):
+        assert call(a, loopback.echo, n) == n
+    assert not b._busy and not b._held
+
+
+def test_every_idle_server_of_a_link_ends_with_it():
+    """A link that ends wakes every server waiting at its gate, and each
+    ends: the first one woken used to take the kick that was meant for all
+    and leave the others waiting for ever (threads of every stopped twin)."""
+    a, b, fds = pair("all-end")
+    try:
+        assert call(a, loopback.echo, 1) == 1  # (b has a server that ran it, and a spare)
+        deadline = time.monotonic() + 5
+        while b._waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # (the one that ran it is on its way back to the gate)
+        assert b._waiting >= 2, "two servers should wait at b's gate"
+        b.close("the test ended")
+        deadline = time.monotonic() + 5
+        while b.thread_count() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert b.thread_count() == 0
+    finally:
+        loopback.close((a, b), fds)

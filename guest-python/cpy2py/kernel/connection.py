@@ -267,6 +267,8 @@ class _Gate:
         self._fd = fd
         self._kick_r, self._kick_w = os.pipe()
         os.set_blocking(self._kick_r, False)
+        #: the link ended: the kick stays, so that every waiter wakes (wake_all)
+        self._ended = False
         # disarmed: one-shot without EPOLLIN still reports a hang-up, once
         self._ep.register(fd, select.EPOLLONESHOT)
         self._ep.register(self._kick_r, select.EPOLLIN | select.EPOLLONESHOT)
@@ -297,12 +299,16 @@ class _Gate:
             return readable, kicked
 
     def take_kick(self) -> None:
+        if self._ended:
+            return  # (it stays for the other waiters)
         try:
             while os.read(self._kick_r, 4096):
                 pass
         except BlockingIOError:
             pass
         self._ep.modify(self._kick_r, select.EPOLLIN | select.EPOLLONESHOT)
+        if self._ended:  # (ended meanwhile: the kick drained above was everyone's)
+            self.wake_all()
 
     def close(self) -> None:
         for close in (self._ep.close, lambda: os.close(self._kick_r), lambda: os.close(self._kick_w)):
@@ -313,6 +319,7 @@ class _Gate:
 
     def wake_all(self) -> None:
         """The link ended: every waiting server wakes (and sees it)."""
+        self._ended = True
         try:
             self._ep.modify(self._kick_r, select.EPOLLIN)  # level-triggered: all of them
             self.kick()
@@ -1325,6 +1332,7 @@ class Connection:
                 if self._busy and (runs or self._running):
                     self._hold_gate(runs)
                     return
+                self._held = False
                 self._armed = True
                 self._gate.arm()
 
@@ -1336,7 +1344,12 @@ class Connection:
         unless a server not yet back at the gate comes to be it. A server
         that starts a run with nobody at the gate starts one (_run)."""
         self._held = True
-        coming = self._servers - self._waiting - self._running - runs
+        self._call_spare(self._servers - self._waiting - self._running - runs)
+
+    def _call_spare(self, coming: int) -> None:
+        """Caller holds _lock, the gate is held: unless a spare waits there
+        with a timeout or ``coming`` servers are on their way back to it,
+        kick one that waits without into a timed wait."""
         if not self._timed and self._waiting and coming <= 0:
             self._gate.kick()  # type: ignore[union-attr]
 
@@ -1362,6 +1375,7 @@ class Connection:
         thread that finds its inbox empty and the role free may block
         reading, so nothing may arrive in its inbox after that)."""
         mine: Optional[Item] = None
+        runs = reader is None and serve  # a server: it goes on to run what it takes
         later: List[Item] = []  # releases and shutdowns, handled without the role
         try:
             while True:
@@ -1371,7 +1385,7 @@ class Connection:
                     raw = self._read_frame()
                 if raw is None:
                     break
-                item = self._route(raw, reader, serve and mine is None, serve and mine is not None)
+                item = self._route(raw, reader, serve and mine is None, runs and mine is not None)
                 if self.broken is not None:
                     break  # (a malformed frame): nothing read after it is trusted, nor routed
                 if item is not None:
@@ -1396,7 +1410,7 @@ class Connection:
                 if not (self._busy or self._held_handoffs):  # (mostly)
                     self._give_up_role()
                 else:
-                    wake = self._give_up_busy(reader is None and serve and mine is not None)
+                    wake = self._give_up_busy(runs and mine is not None)
             if wake is not None:
                 self._wake_server(*wake)
             release_signals()  # the main thread's, held while it had the role
@@ -1421,8 +1435,7 @@ class Connection:
         self._held_handoffs = False
         if not self._handoff or self._held:  # (held: the gate's spare takes them if this run lasts)
             return None
-        idle = self._idle.popleft() if self._idle else None
-        return idle, idle is None and self._waiting == 0
+        return self._server_to_wake()
 
     def _read_frame(self) -> Optional[Any]:
         """One raw frame (the caller holds the reading role); None when the
@@ -1587,13 +1600,18 @@ class Connection:
         request it read first: the gate is held for it, see ``_read``)."""
         with self._lock:
             self._handoff.append(item)
-            if runs and self._busy and self._gate is not None:
+            if runs and self._busy:
                 # (the reader wakes a server as it gives up the role, or holds the gate)
                 self._held_handoffs = True
                 return
-            idle = self._idle.popleft() if self._idle else None
-            start = idle is None and self._waiting == 0
+            idle, start = self._server_to_wake()
         self._wake_server(idle, start)
+
+    def _server_to_wake(self) -> Tuple[Optional[_Waiter], bool]:
+        """Caller holds _lock, a request was handed: an idle server (without
+        a gate) to offer it to, and whether to start one (none waits)."""
+        idle = self._idle.popleft() if self._idle else None
+        return idle, idle is None and self._waiting == 0
 
     def _wake_server(self, idle: Optional[_Waiter], start: bool) -> None:
         """A handed request waits: wake the ``idle`` server, or one at the
@@ -1733,7 +1751,7 @@ class Connection:
                 elif self._held and not self._running and not self._reading and self._heir is None:
                     # the gate was held for this server's run, the last one:
                     # what came meanwhile is its to read (the gate stays shut)
-                    look = read = self._take_role(None)
+                    look = self._take_role(None)
                 else:
                     self._waiting += 1
                     if self._held:  # the spare: opens the gate if no run ends
@@ -1817,7 +1835,7 @@ class Connection:
     def _take_handed(self, gate: Optional[_Gate]) -> Item:
         """Caller holds _lock: a server takes the oldest handed request."""
         item = self._handoff.popleft()
-        if self._handoff and gate is not None and not (self._busy and self._held):
+        if self._handoff and gate is not None and not self._held:
             gate.kick()  # more for others (held: this server comes back for them)
         return item
 
@@ -1888,9 +1906,8 @@ class Connection:
                 running = self._running = self._running + 1
                 if running > 1 and self._gate is not None:
                     self._busy = True  # servers run at the same time: many callers
-                if self._held and not self._timed and self._waiting:
-                    # the held gate's spare (_hold_gate counted on this server coming back)
-                    self._gate.kick()  # type: ignore[union-attr]
+                if self._held:  # (_hold_gate counted on this server coming back)
+                    self._call_spare(0)
             # the gate watches the link while a server runs (armed when the
             # role was given up, or held); someone must wait there for what
             # comes meanwhile
