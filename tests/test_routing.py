@@ -4,6 +4,7 @@ well under a second each."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -669,15 +670,11 @@ def test_ctrl_c_in_an_awaited_calls_slice_gives_the_reading_role_back(monkeypatc
 # -- many callers at once: servers run requests in turn, the gate held ----------
 
 
-def test_a_request_that_blocks_does_not_hold_up_those_after_it_for_long(ends):
-    """Many callers at once make the servers of a link run requests one
-    after the other, the gate held while one runs (nothing that arrives
-    wakes another server). A request that blocks until another caller's
-    request has run must not deadlock: a spare server opens the gate once
-    no run has ended for HOLD_FOR."""
-    a, b, _ = ends
+@contextlib.contextmanager
+def _many_callers(a, b):
+    """8 threads calling ``a`` -> ``b`` until the block ends, which starts
+    once ``b`` holds its gate for a running server (many callers seen)."""
     stop = threading.Event()
-    busy_seen = []
 
     def caller():
         while not stop.is_set():
@@ -688,11 +685,24 @@ def test_a_request_that_blocks_does_not_hold_up_those_after_it_for_long(ends):
         thread.start()
     try:
         deadline = time.monotonic() + 10
-        while not busy_seen and time.monotonic() < deadline:
-            if b._held:
-                busy_seen.append(True)
+        while not b._held and time.monotonic() < deadline:
             time.sleep(0.0005)
-        assert busy_seen, "8 callers at once should have made b hold its gate for a running server"
+        assert b._held, "8 callers at once should have made b hold its gate for a running server"
+        yield
+    finally:
+        stop.set()
+        for thread in burst:
+            thread.join(30)
+
+
+def test_a_request_that_blocks_does_not_hold_up_those_after_it_for_long(ends):
+    """Many callers at once make the servers of a link run requests one
+    after the other, the gate held while one runs (nothing that arrives
+    wakes another server). A request that blocks until another caller's
+    request has run must not deadlock: a spare server opens the gate once
+    no run has ended for HOLD_FOR."""
+    a, b, _ = ends
+    with _many_callers(a, b):
         released = []
         waiting = threading.Thread(
             target=lambda: released.append(call(a, loopback.wait_for_flag, "go", 20.0))
@@ -702,10 +712,6 @@ def test_a_request_that_blocks_does_not_hold_up_those_after_it_for_long(ends):
         assert call(a, loopback.set_flag, "go") is None
         waiting.join(30)
         assert released == [True], "the request that sets the flag was held up behind the one waiting for it"
-    finally:
-        stop.set()
-        for thread in burst:
-            thread.join(30)
 
 
 def test_one_caller_after_many_ends_the_held_gate(ends):
@@ -713,27 +719,8 @@ def test_one_caller_after_many_ends_the_held_gate(ends):
     turns (``_busy``): its requests wake a server at the gate again, as
     before the burst, instead of a server waiting for more after each."""
     a, b, _ = ends
-    stop = threading.Event()
-    held_seen = []
-
-    def caller():
-        while not stop.is_set():
-            call(a, loopback.echo, 1)
-
-    burst = [threading.Thread(target=caller) for _ in range(8)]
-    for thread in burst:
-        thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not held_seen and time.monotonic() < deadline:
-            if b._held:
-                held_seen.append(True)
-            time.sleep(0.0005)
-    finally:
-        stop.set()
-        for thread in burst:
-            thread.join(30)
-    assert held_seen, "8 callers at once should have made b hold its gate for a running server"
+    with _many_callers(a, b):
+        pass
     for n in range(20):
         assert call(a, loopback.echo, n) == n
     assert not b._busy and not b._held
