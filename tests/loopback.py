@@ -50,10 +50,12 @@ def close(ends: Tuple[Connection, ...], fds: List[int]) -> None:
     """End the links of ``pair`` and close its descriptors, once their server
     threads are gone (a descriptor number closed under a thread that is
     about to read it may be the next test's pipe by then), but for those
-    still running a request (a test's ``slow``), which read nothing more."""
+    still running a request (a test's ``slow``), which read nothing more.
+    One blocked in a read already (the input that woke it was taken) is
+    let out by the close itself: a short wait, then the descriptors go."""
     for end in ends:
         end.close("the test ended")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 0.5
     while any(end.thread_count() > end._running for end in ends) and time.monotonic() < deadline:
         time.sleep(0.001)
     for fd in fds:
