@@ -252,6 +252,21 @@ def test_int_arrays_in_runs_encode_and_decode_as_item_by_item(items, as_tuple):
                 codec.loads(pure_bytes[:cut], hook)
 
 
+@PROPERTY
+@given(int_runs, st.dictionaries(st.text(max_size=3), st.sampled_from(WIDTH_EDGES).flatmap(lambda e: st.integers(*e))))
+def test_pypys_byte_wise_ints_are_the_same_bytes(items, entries):
+    """PyPy's codec writes two-byte ints a byte at a time (``_BYTEWISE``) and
+    lists item by item (no runs there): the same bytes as the compiled codec."""
+    saved = codec_py._BYTEWISE, codec_py._RUNS
+    codec_py._BYTEWISE, codec_py._RUNS = True, False
+    try:
+        for value in (items, tuple(items), entries, {"nested": [entries, items]}):
+            pure_bytes, compiled_bytes = (c.dumps(value, int_default) for c in codecs())
+            assert pure_bytes == compiled_bytes, f"{value!r}: {pure_bytes.hex()} != {compiled_bytes.hex()}"
+    finally:
+        codec_py._BYTEWISE, codec_py._RUNS = saved
+
+
 # -- garbage -----------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ frames from sandboxed guests.
 
 from __future__ import annotations
 
+import sys
 from _struct import Struct
 from _struct import error as _StructError  # (struct.py re-exports _struct: one module less at start-up)
 from itertools import islice as _islice
@@ -86,6 +87,10 @@ _pack_BI = Struct(">BI").pack
 _pack_BQ = Struct(">BQ").pack
 _pack_reply_H = Struct(">BBBH").pack
 _pack_reply_I = Struct(">BBBI").pack
+# PyPy's JIT appends three bytes to a bytearray in half the time of packing
+# them into a new bytes object first (10k two-byte ints: 86 against 177 us);
+# on CPython both take the same time (and int lists go by runs there)
+_BYTEWISE = sys.implementation.name == "pypy"
 
 # Arrays of unsigned integers go a run at a time (int_runs.py; CPython only)
 _RUNS = int_runs.ENABLED
@@ -340,7 +345,12 @@ def _enc_items(items: Any, out: bytearray, depth: int, default: Optional[Default
                 out.append(0x18)
                 out.append(item)
             elif item < 65536:
-                out += _pack_BH(0x19, item)
+                if _BYTEWISE:
+                    out.append(0x19)
+                    out.append(item >> 8)
+                    out.append(item & 0xFF)
+                else:
+                    out += _pack_BH(0x19, item)
             else:
                 out += _pack_BI(0x1A, item)
             continue
@@ -455,7 +465,12 @@ def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional
                 out.append(0x18)
                 out.append(value)
             elif value < 65536:
-                out += _pack_BH(0x19, value)
+                if _BYTEWISE:
+                    out.append(0x19)
+                    out.append(value >> 8)
+                    out.append(value & 0xFF)
+                else:
+                    out += _pack_BH(0x19, value)
             else:
                 out += _pack_BI(0x1A, value)
             continue
