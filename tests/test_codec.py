@@ -329,6 +329,35 @@ def test_pure_and_compiled_write_identical_bytes() -> None:
         assert _canon(from_pure) == _canon(from_compiled) == _canon(value), f"value #{i}: {value!r}"
 
 
+_REPLY_KEYS = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, True, 1.0]
+_REPLY_VALUES = [None, True, False, 0, 23, 24, -1, 1.5, 2**70, "x", b""]
+
+
+def test_a_small_reply_is_the_bytes_dumps_writes() -> None:
+    """The pure codec's replies of scalars in one go (``small_reply``, what a
+    guest's kernel sends a no-op's reply with): the compiled codec's bytes
+    for the same message, and None for whatever it does not write itself."""
+    compiled = _compiled()
+    written = 0
+    for kind in (0, 1, 2, 3, 23, 24, -1, True):
+        for key in _REPLY_KEYS:
+            for value in [*_REPLY_VALUES, Color.RED]:  # (an int subclass is not an int here)
+                got = codec_py.small_reply(kind, key, value)
+                small = (
+                    type(kind) is int
+                    and type(key) is int
+                    and 0 <= kind < 24
+                    and 0 <= key < 2**32
+                    and (value is None or type(value) is bool or (type(value) is int and 0 <= value < 24))
+                )
+                if not small:
+                    assert got is None, (kind, key, value)
+                    continue
+                assert got == compiled.dumps([kind, key, value]), (kind, key, value)
+                written += 1
+    assert written == 5 * 8 * 5  # (every small one was written in one go)
+
+
 def test_large_encodings_at_once_and_nested_come_out_whole() -> None:
     """The compiled codec keeps the buffer of its last large encoding for the
     next one (docs/architecture.md, "Large payloads"): encodings from many

@@ -252,8 +252,14 @@ def test_int_arrays_in_runs_encode_and_decode_as_item_by_item(items, as_tuple):
                 codec.loads(pure_bytes[:cut], hook)
 
 
+#: dicts of ints of every head width
+int_dicts = st.dictionaries(
+    st.text(max_size=3), st.sampled_from(WIDTH_EDGES).flatmap(lambda edges: st.integers(*edges))
+)
+
+
 @PROPERTY
-@given(int_runs, st.dictionaries(st.text(max_size=3), st.sampled_from(WIDTH_EDGES).flatmap(lambda e: st.integers(*e))))
+@given(int_runs, int_dicts)
 def test_pypys_byte_wise_ints_are_the_same_bytes(items, entries):
     """PyPy's codec writes two-byte ints a byte at a time (``_BYTEWISE``) and
     lists item by item (no runs there): the same bytes as the compiled codec."""

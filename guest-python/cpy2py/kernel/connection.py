@@ -1969,7 +1969,10 @@ class Connection:
         """Every request gets its reply: a caller waits for nothing else."""
         try:
             if type(value) in _SCALARS:  # (nothing to export, nor a block: most replies)
-                payload = codec.dumps([kind, req_id, value])
+                # (a None, bool or small int in one go where the codec is Python)
+                payload = _small_reply(kind, req_id, value) if _small_reply is not None else None
+                if payload is None:
+                    payload = codec.dumps([kind, req_id, value])
             else:
                 # (blocks only where there can be one: a no-op's reply skips their set-up)
                 plain = self._plain and type(value) in _CONTAINERS
@@ -2099,6 +2102,7 @@ KERNEL_FRAMES = 60
 _CONTAINERS = frozenset((list, tuple, dict, set, frozenset))
 #: reply values encoded without the serializer: they refer to nothing
 _SCALARS = frozenset((type(None), bool, int, float))
+_small_reply = codec.small_reply
 
 
 _callbacks_var: Any = None

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 if os.environ.get("CPY2PY_PURE_CODEC"):
-    from .codec_py import dumps, loads, peek
+    from .codec_py import dumps, loads, peek, small_reply
 
     IMPLEMENTATION = "python"
     try:  # frames from guests: see guest_loads
@@ -32,11 +32,16 @@ else:
         from cpy2py._host import dumps, loads, peek  # type: ignore[no-redef]
 
         IMPLEMENTATION = "compiled"
+        small_reply = None  # (the compiled dumps is as quick)
     except ImportError:
-        from .codec_py import dumps, loads, peek
+        from .codec_py import dumps, loads, peek, small_reply
 
         IMPLEMENTATION = "python"
     guest_loads = loads
+
+#: the bytes of a reply ``[kind, id, value]`` of a scalar, written in one go
+#: by the pure-Python codec (None: ask ``dumps``), or None with the compiled one
+small_reply: Any
 
 #: ``loads`` of frames from sandboxed guests (decoded under a budget): the
 #: compiled codec's wherever it imports, even where the pure-Python one was
@@ -55,4 +60,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["dumps", "loads", "peek", "guest_loads", "sandbox_budget", "IMPLEMENTATION"]  # noqa: F822 (sandbox_budget: __getattr__)
+__all__ = ["dumps", "loads", "peek", "small_reply", "guest_loads", "sandbox_budget", "IMPLEMENTATION"]  # noqa: F822 (sandbox_budget: __getattr__)

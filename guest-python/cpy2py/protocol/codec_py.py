@@ -145,12 +145,13 @@ def _head(out: bytearray, major: int, n: int) -> None:
         out += _pack_BQ(major | 27, n)
 
 
-def _small_reply(message: List[Any]) -> Optional[bytes]:
-    """``[kind, id, value]`` with a small kind, an id under 2**32 and a value
-    of None, a bool or an int under 24 (most replies of a guest, which runs
-    this codec about five times slower than natively): its bytes in one go;
-    None for anything else."""
-    kind, key, value = message
+def small_reply(kind: int, key: int, value: Any) -> Optional[bytes]:
+    """The bytes of ``[kind, key, value]`` when the kind is small, the id
+    under 2**32 and the value None, a bool or an int under 24 (most replies
+    of a guest, which runs this codec about five times slower than
+    natively), written in one go; None for anything else. The kernel asks
+    for its replies here first (``codec.small_reply``), without building the
+    list or going through ``dumps``."""
     if type(kind) is not int or type(key) is not int or not 0 <= kind < 24 or not 0 <= key < 4294967296:
         return None
     if value is None:
@@ -794,7 +795,7 @@ def dumps(
         default = _Blocks(default)
     elif default is None and type(obj) is list and len(obj) < _RUN_MIN:
         if len(obj) == 3:
-            reply = _small_reply(obj)
+            reply = small_reply(*obj)
             if reply is not None:
                 return reply
         # a message of scalars (a reply, a release): its items straight away
