@@ -794,11 +794,8 @@ def dumps(
     elif plain:
         default = _Blocks(default)
     elif default is None and type(obj) is list and len(obj) < _RUN_MIN:
-        if len(obj) == 3:
-            reply = small_reply(*obj)
-            if reply is not None:
-                return reply
-        # a message of scalars (a reply, a release): its items straight away
+        # a message of scalars (a release, a reply small_reply did not write):
+        # its items straight away
         out = bytearray((0x80 | len(obj),))
         _enc_items(obj, out, 1, None)
         return bytes(out)
