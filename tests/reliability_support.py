@@ -108,17 +108,17 @@ def _thread_state(pid: int, tid: str):
 
 
 def wait_for_pending(master: TwinMaster, count: int, *calls: Calls) -> None:
-    """Wait until ``count`` calls to ``master``'s twin are registered on its
-    link (a call registers before it sends, so each is inside its call);
+    """Wait until ``count`` calls to ``master``'s twin wait on its link (a
+    call counts from before it sends, so each is inside its call);
     ``calls`` are the ones made, whose outcomes a failure shows."""
     from cpy2py.master import connection_for
 
     connection = connection_for(master.twinterpreter_id)
     deadline = time.monotonic() + HANG
-    while len(connection._pending) < count:
+    while connection.calls_waiting() < count:
         if time.monotonic() >= deadline:  # (rare, under load: say where the calls are)
             raise AssertionError(
-                f"{count} calls never reached the link ({len(connection._pending)} did; "
+                f"{count} calls never reached the link ({connection.calls_waiting()} did; "
                 f"link {connection!r}; outcomes so far: {[c.outcomes for c in calls]!r}):\n{_thread_stacks()}"
             )
         time.sleep(0.01)

@@ -408,6 +408,7 @@ class Connection:
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
+        self._express: Optional[int] = None  # the request id of an express call (request), not in _pending
         self._abandoned: Set[int] = set()  # requests whose caller left before the reply
         self._chains: Dict[int, List[Any]] = {}  # chain -> [its thread here, calls in flight]
         self._reading = False
@@ -532,28 +533,32 @@ class Connection:
         # From here on, whatever interrupts the call (Ctrl-C in a main thread
         # that holds no signals) is undone by the finally below: each change
         # is recorded with no call in between that could run a signal handler.
-        registered = timed = answered = False
+        registered = timed = answered = express = False
         waiter.depth += 1
         try:
             with self._lock:
                 if self.broken is not None:
                     raise self._broken_error()
-                entry = self._chains.get(chain)
-                self._pending[req_id] = waiter
-                if entry is None:
-                    self._chains[chain] = [waiter, 1]
-                else:
-                    entry[1] += 1
-                registered = True
+                # A lone call to a native twin, without a deadline, that takes
+                # the free role goes "express": it is registered only if the
+                # next frame is not its reply (_express_reply)
                 reads_first = self._reads_first(waiter, payload)
+                express = reads_first and self._runner is None and self.call_timeout is None
+                if express:
+                    self._express = req_id
+                else:
+                    registered = self._register(waiter, req_id, chain)
             timed = self.call_timeout is not None
             if timed:  # from before the send: a twin that stops reading times out too
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
                 if not (reads_first and self._send_now(payload)):
                     if reads_first:  # the pipe is full: wait for room without the role
-                        reads_first = False
                         with self._lock:
+                            if express:  # (before anyone else may read its reply)
+                                self._express = None
+                                registered = self._register(waiter, req_id, chain)
+                            express = reads_first = False
                             self._give_up_role()
                     self.transport.send(payload)
             except OSError as err:
@@ -569,7 +574,17 @@ class Connection:
                     )
                 raise
             del payload
-            reply = self._own_reply(waiter, req_id) if reads_first else None
+            if express:
+                reply = self._express_reply(req_id)
+                if reply is not None and reply[0] is None:  # another frame: the call waits as any other
+                    with self._lock:
+                        self._express = None
+                        registered = self._register(waiter, req_id, chain)
+                    express = False
+                    self._route_first(waiter, reply[1])
+                    reply = None
+            else:
+                reply = self._own_reply(waiter, req_id) if reads_first else None
             kind, raw = reply if reply is not None else self._wait_for_reply(waiter, req_id)
             answered = True
             if timed:  # decoding the reply is not the twin's time
@@ -579,12 +594,19 @@ class Connection:
         finally:
             if timed:
                 _deadlines().clear((self, req_id))
-            with self._lock:
-                if registered:
-                    self._end_call(req_id, chain)
-                self._leave_queue(waiter)
-                if self._reading and self._reader == _thread.get_ident():
-                    self._give_up_role()  # taken before the send, and interrupted before reading
+            if not (express and answered):  # (an express call's reply left nothing to undo)
+                with self._lock:
+                    if registered:
+                        self._end_call(req_id, chain)
+                    elif express:
+                        self._express = None
+                        if self.broken is None:
+                            self._abandoned.add(req_id)  # (sent, or about to be: its reply is dropped)
+                    self._leave_queue(waiter)
+                    if self._reading and self._reader == _thread.get_ident():
+                        self._give_up_role()  # taken before the send, and interrupted before reading
+                if not answered:  # a reply claimed just before the interruption is dropped too
+                    self._decoded(req_id)
             if waiter.inbox:  # interrupted: nothing of this call may reach a later one
                 self._drop_leftovers(waiter, req_id)
             waiter.depth -= 1
@@ -593,6 +615,21 @@ class Connection:
                 # outermost call: its chain may still run in the peer, where
                 # the next call would wait behind it. That one starts anew.
                 waiter.chain = None
+
+    def calls_waiting(self) -> int:
+        """Calls on this link that wait for their replies now."""
+        return len(self._pending) + (self._express is not None)
+
+    def _register(self, waiter: _Waiter, req_id: int, chain: int) -> bool:
+        """Caller holds _lock: the call waits for its reply (routed to
+        ``waiter``) and its chain runs on this thread; True."""
+        self._pending[req_id] = waiter
+        entry = self._chains.get(chain)
+        if entry is None:
+            self._chains[chain] = [waiter, 1]
+        else:
+            entry[1] += 1
+        return True
 
     def _reads_first(self, waiter: _Waiter, payload: Any) -> bool:
         """Caller holds _lock, the call registered: whether it sends holding
@@ -1222,6 +1259,48 @@ class Connection:
         finally:
             if held:
                 release_signals()
+
+    def _express_reply(self, req_id: int) -> Optional[Tuple[Optional[int], Any]]:
+        """An express call (see ``request``) sent holding the reading role,
+        not registered: nobody else reads, so nothing of it can have been
+        routed. The next frame is nearly always its reply: claimed and the
+        role given up in one lock section, returned as (kind, frame).
+        Another frame is returned as (None, frame) with the role and the
+        signals still held: the caller registers the call, then routes it
+        (``_route_first``). Raises the link's error if it ended."""
+        held = self._holds_signals and hold_signals()  # (see _next_for)
+        other = False
+        try:
+            raw = self._read_frame()
+            if raw is None:  # (the link ended: marked so)
+                raise self._broken_error()
+            try:
+                kind, key, _ = codec.peek(raw)
+            except ProtocolError:  # a malformed header: _route says so
+                kind = key = None
+            if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
+                with self._lock:
+                    self._express = None
+                    self._undecoded[req_id] = self._routed  # (as _claim_reply)
+                    self._routed += 1
+                    self._give_up_role(left=False)
+                return kind, raw
+            other = True
+            return None, raw
+        finally:
+            if held and not other:
+                release_signals()
+
+    def _route_first(self, waiter: _Waiter, raw: Any) -> None:
+        """The caller holds the reading role (and its signals: ``_read``
+        releases them) and read ``raw``, which is not its reply: it is
+        routed as any frame, and what is the caller's goes to its inbox."""
+        try:
+            item = self._read(waiter, first=raw)
+        finally:
+            release_signals()
+        if item is not None:
+            waiter.inbox.appendleft(item)  # (_wait_for_reply takes it first)
 
     def _claim_if_own_reply(self, raw: Any, req_id: int) -> Optional[int]:
         """The reader holds the role and read ``raw``: if it is the reply to
