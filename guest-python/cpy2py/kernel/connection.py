@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
 log = _logging.get_logger("connection")
 
 _chain_ids = itertools.count(1)
+_UNREAD: Any = object()  # (_read: no frame was read before)
 _local = _thread._local()
 
 
@@ -1445,10 +1446,40 @@ class Connection:
         if self._heir is waiter and not self._reading:
             self._role_is_free()
 
-    def _read(self, reader: Optional[_Waiter], serve: bool = True, first: Any = None) -> Optional[Item]:
+    def _read_request(self) -> Optional[Item]:
+        """A server took the role for a readable link (``_next_request``):
+        what came is nearly always one request of a new chain, alone. It is
+        counted as routed and the role given up in one lock section, without
+        the layers of ``_read`` and ``_route`` (the server then runs it: as
+        ``_read`` would have returned it); anything else goes through
+        ``_read``, given what was read."""
+        raw = self._read_frame()
+        if raw is not None:
+            try:
+                kind, key, chain = codec.peek(raw)
+            except ProtocolError:  # (_route says so)
+                kind = None
+            if kind == REQUEST and key is not None and chain is not None and not self._buffered():
+                with self._lock:
+                    lone = (
+                        self.broken is None
+                        and chain not in self._chains
+                        and self._new_chains
+                        and not (self._busy or self._held_handoffs)
+                    )
+                    if lone:
+                        self._undecoded[_request_id(key)] = self._routed  # (as _route)
+                        self._routed += 1
+                        self._give_up_role()
+                if lone:
+                    release_signals()  # (as _read)
+                    return (self, REQUEST, key, raw)
+        return self._read(None, first=raw)
+
+    def _read(self, reader: Optional[_Waiter], serve: bool = True, first: Any = _UNREAD) -> Optional[Item]:
         """Read frames and route them; returns the reader's own (if it read
         one; ``serve``: a request of a new chain may be its own; ``first``:
-        a frame it read already). The caller holds the reading role; it is
+        a frame it read already, None if that found the link ended). The caller holds the reading role; it is
         given up before any frame is decoded, and only after every frame read
         was routed (a
         thread that finds its inbox empty and the role free may block
@@ -1458,8 +1489,8 @@ class Connection:
         later: List[Item] = []  # releases and shutdowns, handled without the role
         try:
             while True:
-                if first is not None:
-                    raw, first = first, None
+                if first is not _UNREAD:
+                    raw, first = first, _UNREAD
                 else:
                     raw = self._read_frame()
                 if raw is None:
@@ -1907,7 +1938,7 @@ class Connection:
             if not (readable or kicked):  # a surplus server, idle for RETIRE_AFTER
                 return None
             if read:
-                item = self._read(None)
+                item = self._read_request()
                 if item is not None:
                     return item
 
