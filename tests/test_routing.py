@@ -18,9 +18,12 @@ from cpy2py.protocol.messages import REPLY
 from loopback import call, pair
 
 
-@pytest.fixture
-def ends():
+@pytest.fixture(params=["send", "send_now"])
+def ends(request):
+    """Two ends; with ``send_now``, lone calls go express (as to a native twin)."""
     a, b, fds = pair()
+    if request.param == "send_now":
+        loopback.send_now(a, b)
     yield a, b, fds
     loopback.close((a, b), fds)
 
@@ -206,6 +209,38 @@ def test_an_interrupted_call_loses_nothing_and_leaves_nothing(ends):
         thread.join(10)
     assert interrupted > 0
     assert done and done[0] > 0, "the other thread's calls stalled"
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="signals need the main thread"
+)
+def test_a_lone_call_interrupted_drops_its_late_reply(ends):
+    """Ctrl-C while a lone call waits for its reply (an express call, with
+    ``send_now``: never recorded as pending): the reply, which comes later,
+    is dropped, never taken by the next call, and the link stays up."""
+    a, _, _ = ends
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    main = threading.main_thread().ident
+    try:
+        for i in range(3):
+            timer = threading.Timer(0.01, signal.pthread_kill, args=(main, signal.SIGUSR1))
+            timer.start()
+            try:
+                with pytest.raises(Interrupted):
+                    call(a, loopback.slow, 0.2, ("stale", i))  # (its reply comes long after)
+            finally:
+                timer.join()
+            assert call(a, loopback.slow, 0.3, ("fresh", i)) == ("fresh", i)  # (read: the stale reply first)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert a.broken is None
 
 
 def test_a_release_right_after_the_reply_that_names_the_object_waits_for_it():
@@ -466,7 +501,7 @@ def test_a_call_interrupted_right_after_it_took_the_reading_role_gives_it_back(m
     from cpy2py.kernel import connection
 
     a, b, fds = pair("took-role")
-    a._send_now = lambda payload: (a.transport.send(payload), True)[1]  # as a native twin's transport
+    loopback.send_now(a)
     a.call_timeout = 100.0  # (a deadline is set right after the set-up)
     real = connection._deadlines
 
@@ -485,6 +520,40 @@ def test_a_call_interrupted_right_after_it_took_the_reading_role_gives_it_back(m
         other.join(10)
         assert results == [2], "another thread's call hangs"
         assert call(a, loopback.echo, 3) == 3
+    finally:
+        loopback.close((a, b), fds)
+
+
+@pytest.mark.parametrize("deadline", [None, 100.0], ids=["express", "pending"])
+def test_a_call_interrupted_as_it_takes_its_reply_leaves_nothing_behind(monkeypatch, deadline):
+    """Ctrl-C landing as a call that read its own reply lets its held
+    signals through: the reply is dropped with all that was recorded for it
+    (a release read after it would otherwise wait for its decoding for
+    ever), and the next calls work. Without a deadline the call went
+    express (never recorded as pending), with one it did not."""
+    from cpy2py.kernel import connection
+
+    a, b, fds = pair("interrupted-reply")
+    loopback.send_now(a)
+    a.call_timeout = deadline
+    a._holds_signals = True  # (as the main thread over a native twin's transport)
+    monkeypatch.setattr(connection, "hold_signals", lambda: True)
+    released = []
+    caller = threading.get_ident()
+
+    def release_signals():  # the caller's first release lets Ctrl-C through
+        if threading.get_ident() == caller and not released:
+            released.append(1)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(connection, "release_signals", release_signals)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call(a, loopback.echo, 1)
+        assert not a._undecoded, "the dropped reply still holds back every release"
+        assert a.calls_waiting() == 0 and not a._reading
+        assert call(a, loopback.echo, 2) == 2
+        assert not a._undecoded
     finally:
         loopback.close((a, b), fds)
 
