@@ -620,7 +620,8 @@ def _awaited(end, func, *args):
     return end.request_async(OP_EXECUTE, func, list(args), {})
 
 
-def test_an_awaited_call_answered_within_its_slice_ends_without_a_turn_of_the_loop(monkeypatch):
+@pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
+def test_an_awaited_call_answered_within_its_slice_ends_without_a_turn_of_the_loop(monkeypatch, express):
     """A short awaited call reads its reply on the loop's thread (for a
     slice: long here, so that a slow machine answers within it), so it ends
     without giving the loop a turn; a callback that comes in the slice runs
@@ -631,6 +632,8 @@ def test_an_awaited_call_answered_within_its_slice_ends_without_a_turn_of_the_lo
 
     monkeypatch.setattr(connection, "_READ_SLICE", 10.0)
     a, b, fds = pair("slice")
+    if express:  # (as a native twin's link: a lone awaited call goes express)
+        loopback.send_now(a)
 
     async def main():
         turns = []  # (a timer due at once: the loop runs it at its next turn)
@@ -647,7 +650,8 @@ def test_an_awaited_call_answered_within_its_slice_ends_without_a_turn_of_the_lo
         loopback.close((a, b), fds)
 
 
-def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch):
+@pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
+def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch, express):
     """A call still running when its slice ends is waited for by the loop
     (its other tasks run meanwhile), and the link's next awaited calls take
     no slice: a run of slow calls does not hold the loop a slice each."""
@@ -657,6 +661,8 @@ def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch)
 
     monkeypatch.setattr(connection, "_READ_SLICE", 0.01)
     a, b, fds = pair("slow-slice")
+    if express:  # (as a native twin's link: a lone awaited call goes express)
+        loopback.send_now(a)
 
     async def main():
         ticks = 0
@@ -687,7 +693,8 @@ def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch)
         loopback.close((a, b), fds)
 
 
-def test_concurrent_awaited_calls_take_no_slice(monkeypatch):
+@pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
+def test_concurrent_awaited_calls_take_no_slice(monkeypatch, express):
     """While other tasks of the loop are ready, an awaited call takes no
     slice: their requests go out together (two calls that must run at the
     same time on the far side meet there; a slice, long here, would have
@@ -698,6 +705,8 @@ def test_concurrent_awaited_calls_take_no_slice(monkeypatch):
 
     monkeypatch.setattr(connection, "_READ_SLICE", 30.0)
     a, b, fds = pair("together")
+    if express:  # (as a native twin's link: a lone awaited call goes express)
+        loopback.send_now(a)
 
     async def main():
         return await asyncio.gather(*(_awaited(a, loopback.meet, "together", 2) for _ in range(2)))
@@ -708,13 +717,16 @@ def test_concurrent_awaited_calls_take_no_slice(monkeypatch):
         loopback.close((a, b), fds)
 
 
-def test_ctrl_c_in_an_awaited_calls_slice_gives_the_reading_role_back(monkeypatch):
+@pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
+def test_ctrl_c_in_an_awaited_calls_slice_gives_the_reading_role_back(monkeypatch, express):
     """Ctrl-C while an awaited call waits in its slice: the call raises it,
     and the same loop and other threads go on calling (the role was given
     back)."""
     import asyncio
 
     a, b, fds = pair("slice-interrupted")
+    if express:  # (as a native twin's link: a lone awaited call goes express)
+        loopback.send_now(a)
     real = a.transport.wait_readable
 
     def interrupted(timeout=None):

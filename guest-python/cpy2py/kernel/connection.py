@@ -709,15 +709,25 @@ class Connection:
         # (as in ``request``: each change recorded with no call in between)
         watching: Optional[str] = None
         watch_fd = -1
-        registered = timed = False
+        registered = timed = express = False
         runner = self._runner
         turn = False  # (a guest's) its request is queued for the guest
+        first: Any = _UNREAD  # what an express call read that was not its reply
         try:
             if runner is not None:
                 # (no variable yet: no callback of an awaited call ever ran)
                 waiter.outer = _callbacks_var.get() if _callbacks_var is not None else ()
+            elif self.call_timeout is None and not getattr(loop, "_ready", None):
+                # (only when the loop has nothing else to do: see _read_slice)
+                express = self._send_express(req_id, payload)
+                if express:
+                    reply = self._express_slice(req_id)
+                    if reply[0] is not None:
+                        express = False  # (its reply: nothing to undo)
+                        return self._result(req_id, *reply)
+                    first = reply[1]  # the call waits as any other, registered first
             with self._lock:
-                if self.broken is not None:
+                if self.broken is not None and not express:
                     raise self._broken_error()
                 if runner is None:
                     watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
@@ -734,6 +744,13 @@ class Connection:
                 self._pending[req_id] = waiter
                 self._chains[chain] = [waiter, 1]
                 registered = True
+                if express:
+                    self._express = None
+            if express:
+                # (the role and the signals it held are given back as the
+                # frame is routed; first, so that a failure leaves nothing held)
+                express = False
+                self._route_for_loop(first)
             if watch_fd >= 0 or old is not None:
                 self._start_watching(loop, watch_fd, old)
                 watch_fd = -1  # (the reader is there)
@@ -741,7 +758,9 @@ class Connection:
             if timed:  # (an awaited call's callbacks count as the twin's time)
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
-                if runner is None:
+                if first is not _UNREAD:
+                    pass  # (sent express)
+                elif runner is None:
                     # a small frame goes out holding the GIL if the pipe has room
                     if not (
                         self._send_now is not None
@@ -774,7 +793,9 @@ class Connection:
                 self._fail(err)
                 raise self._broken_error() from None
             del payload
-            ran = False  # the loop ran the guest a slice since it last sent it something
+            # the loop ran the guest a slice (or read a native twin's link
+            # for one: express) since it last sent it something
+            ran = first is not _UNREAD
             while True:
                 while not waiter.inbox:  # until a frame is routed to it (or the link ends)
                     if self.broken is not None:
@@ -824,17 +845,28 @@ class Connection:
         finally:
             if timed:
                 _deadlines().clear((self, req_id))
-            with self._lock:
-                if runner is not None and (self._turn_holder is waiter or self._turns):
-                    self._leave_turns(waiter)
-                if registered:
-                    self._end_call(req_id, chain)
-                if watching is not None:
-                    if watch_fd >= 0 and self._watch_loop is loop and self._watching == "on":
-                        # interrupted before its reader was surely added: the
-                        # next call adds it (twice is harmless, none a hang)
-                        self._watching = None
-                    self._unwatch_from(loop, watching)
+            interrupted = self._express == req_id  # as it went express (not registered)
+            if interrupted or registered or watching is not None or runner is not None:
+                with self._lock:
+                    if self._express == req_id:
+                        self._express = None
+                        if self.broken is None:
+                            self._abandoned.add(req_id)  # (sent, or about to be: its reply is dropped)
+                        if self._reading and self._reader == _thread.get_ident():
+                            self._give_up_role()
+                    if runner is not None and (self._turn_holder is waiter or self._turns):
+                        self._leave_turns(waiter)
+                    if registered:
+                        self._end_call(req_id, chain)
+                    if watching is not None:
+                        if watch_fd >= 0 and self._watch_loop is loop and self._watching == "on":
+                            # interrupted before its reader was surely added: the
+                            # next call adds it (twice is harmless, none a hang)
+                            self._watching = None
+                        self._unwatch_from(loop, watching)
+            if interrupted or express:
+                release_signals()  # (held if it read a frame that was not its reply)
+                self._decoded(req_id)  # (a reply claimed just before: dropped)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
 
@@ -959,6 +991,88 @@ class Connection:
             raise
         self._read(None, serve=False, first=raw)
         return True
+
+    def _send_express(self, req_id: int, payload: Any) -> bool:
+        """An awaited call to a native twin, on a loop with nothing else to
+        run: if it is the only call on the link, the reading role is free
+        and its request small, it goes express (as a sync call can, see
+        ``request``): sent holding the role, not registered; whether it
+        was sent so (else nothing was sent, and the role is free)."""
+        if (
+            self._send_now is None
+            or self._pending  # (asked again below: here it spares concurrent calls the lock)
+            or self._reading
+            or type(payload) is not bytes
+            or len(payload) > _SMALL_FRAME
+        ):
+            return False
+        with self._lock:
+            if (
+                self.broken is not None
+                or self._slice_skips  # (slow calls lately: _read_slice)
+                or self._pending
+                or self._express is not None
+                or self._heir is not None
+                or not self._take_role(None)
+            ):
+                return False
+            self._express = req_id
+        try:
+            sent = self._send_now(payload)
+        except OSError as err:
+            self._fail(err)  # (request_async's finally gives the role back)
+            raise self._broken_error() from None
+        if not sent:  # the pipe is full: it waits for room without the role
+            with self._lock:
+                self._express = None
+                self._give_up_role()
+        return sent
+
+    def _express_slice(self, req_id: int) -> Tuple[Optional[int], Any]:
+        """An express awaited call, just sent (``_send_express``): its reply
+        is waited for on the loop's thread for at most ``_READ_SLICE``, as
+        in ``_read_slice``. Returns (kind, frame): its reply, claimed, the
+        role given back; (None, frame): another frame came, the role and
+        the thread's signals still held; (None, None): nothing came within
+        the slice (or the link ended), the role held. After the last two,
+        the caller registers the call and ``_route_for_loop``."""
+        if not (self._buffered() or self.transport.wait_readable(_READ_SLICE)):
+            return None, None
+        held = self._holds_signals and hold_signals()  # (see _next_for)
+        other = False
+        try:
+            raw = self._read_frame()
+            if raw is None:  # (the link ended: marked so)
+                return None, None
+            try:
+                kind, key, _ = codec.peek(raw)
+            except ProtocolError:  # a malformed header: _route says so
+                kind = key = None
+            if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
+                with self._lock:
+                    self._express = None
+                    self._undecoded[req_id] = self._routed  # (as _claim_reply)
+                    self._routed += 1
+                    self._give_up_role(left=False)
+                return kind, raw
+            other = True
+            return None, raw
+        finally:
+            if held and not other:
+                release_signals()
+
+    def _route_for_loop(self, raw: Any) -> None:
+        """An express awaited call that did not get its reply within its
+        slice, now registered: ``raw``, what it read, is routed (``_read``
+        gives the role and the held signals back); None (nothing came): the
+        role is given back, the loop watches from now on, and the link's
+        next awaited calls take no slice (as after ``_read_slice``)."""
+        if raw is not None:
+            self._read(None, serve=False, first=raw)
+            return
+        with self._lock:
+            self._slice_skips = _SLICE_SKIPS
+            self._give_up_role()
 
     def _read_slice(self, waiter: _AsyncWaiter, req_id: int) -> None:
         """``waiter``'s awaited call ``req_id`` to a native twin, just sent, on
