@@ -540,11 +540,13 @@ class Connection:
             with self._lock:
                 if self.broken is not None:
                     raise self._broken_error()
-                # A lone call to a native twin, without a deadline, that takes
-                # the free role goes "express": it is registered only if the
-                # next frame is not its reply (_express_reply)
+                # A lone call to a native twin (no other call waits on the
+                # link: the next frame is then nearly always its reply),
+                # without a deadline, that takes the free role goes
+                # "express": it is registered only if the next frame is not
+                # its reply (_express_reply)
                 reads_first = self._reads_first(waiter, payload)
-                express = reads_first and self._runner is None and self.call_timeout is None
+                express = reads_first and not self._pending and self._runner is None and self.call_timeout is None
                 if express:
                     self._express = req_id
                 else:
