@@ -546,7 +546,9 @@ class Connection:
                 # "express": it is registered only if the next frame is not
                 # its reply (_express_reply)
                 reads_first = self._reads_first(waiter, payload)
-                express = reads_first and not self._pending and self._runner is None and self.call_timeout is None
+                express = (
+                    reads_first and not self._pending and self._runner is None and self.call_timeout is None
+                )
                 if express:
                     self._express = req_id
                 else:
@@ -579,7 +581,7 @@ class Connection:
             del payload
             if express:
                 reply = self._express_reply(req_id)
-                if reply is not None and reply[0] is None:  # another frame: the call waits as any other
+                if reply[0] is None:  # another frame, or the link's end: the call waits as any other
                     with self._lock:
                         self._express = None
                         registered = self._register(waiter, req_id, chain)
@@ -723,7 +725,13 @@ class Connection:
                 # (only when the loop has nothing else to do: see _read_slice)
                 express = self._send_express(req_id, payload)
                 if express:
-                    reply = self._express_slice(req_id)
+                    # its reply is waited for on the loop's thread for at
+                    # most a slice, as in _read_slice
+                    reply = (
+                        self._express_reply(req_id)
+                        if self._buffered() or self.transport.wait_readable(_READ_SLICE)
+                        else (None, None)
+                    )
                     if reply[0] is not None:
                         express = False  # (its reply: nothing to undo)
                         return self._result(req_id, *reply)
@@ -1030,45 +1038,13 @@ class Connection:
                 self._give_up_role()
         return sent
 
-    def _express_slice(self, req_id: int) -> Tuple[Optional[int], Any]:
-        """An express awaited call, just sent (``_send_express``): its reply
-        is waited for on the loop's thread for at most ``_READ_SLICE``, as
-        in ``_read_slice``. Returns (kind, frame): its reply, claimed, the
-        role given back; (None, frame): another frame came, the role and
-        the thread's signals still held; (None, None): nothing came within
-        the slice (or the link ended), the role held. After the last two,
-        the caller registers the call and ``_route_for_loop``."""
-        if not (self._buffered() or self.transport.wait_readable(_READ_SLICE)):
-            return None, None
-        held = self._holds_signals and hold_signals()  # (see _next_for)
-        other = False
-        try:
-            raw = self._read_frame()
-            if raw is None:  # (the link ended: marked so)
-                return None, None
-            try:
-                kind, key, _ = codec.peek(raw)
-            except ProtocolError:  # a malformed header: _route says so
-                kind = key = None
-            if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
-                with self._lock:
-                    self._express = None
-                    self._undecoded[req_id] = self._routed  # (as _claim_reply)
-                    self._routed += 1
-                    self._give_up_role(left=False)
-                return kind, raw
-            other = True
-            return None, raw
-        finally:
-            if held and not other:
-                release_signals()
-
     def _route_for_loop(self, raw: Any) -> None:
         """An express awaited call that did not get its reply within its
         slice, now registered: ``raw``, what it read, is routed (``_read``
-        gives the role and the held signals back); None (nothing came): the
-        role is given back, the loop watches from now on, and the link's
-        next awaited calls take no slice (as after ``_read_slice``)."""
+        gives the role and the held signals back); None (nothing came, or
+        the link ended): the role is given back, the loop watches from now
+        on, and the link's next awaited calls take no slice (as after
+        ``_read_slice``)."""
         if raw is not None:
             self._read(None, serve=False, first=raw)
             return
@@ -1377,20 +1353,21 @@ class Connection:
             if held:
                 release_signals()
 
-    def _express_reply(self, req_id: int) -> Optional[Tuple[Optional[int], Any]]:
-        """An express call (see ``request``) sent holding the reading role,
-        not registered: nobody else reads, so nothing of it can have been
-        routed. The next frame is nearly always its reply: claimed and the
-        role given up in one lock section, returned as (kind, frame).
-        Another frame is returned as (None, frame) with the role and the
-        signals still held: the caller registers the call, then routes it
-        (``_route_first``). Raises the link's error if it ended."""
+    def _express_reply(self, req_id: int) -> Tuple[Optional[int], Any]:
+        """An express call (sync: ``request``; awaited: ``_send_express``)
+        sent holding the reading role, not registered: nobody else reads,
+        so nothing of it can have been routed. The next frame is nearly
+        always its reply: claimed and the role given up in one lock
+        section, returned as (kind, frame). Another frame is returned as
+        (None, frame) with the role and the signals still held; the link's
+        end as (None, None), the role held. Then the caller registers the
+        call and routes what was read (``_route_first``, ``_route_for_loop``)."""
         held = self._holds_signals and hold_signals()  # (see _next_for)
         other = False
         try:
             raw = self._read_frame()
             if raw is None:  # (the link ended: marked so)
-                raise self._broken_error()
+                return None, None
             try:
                 kind, key, _ = codec.peek(raw)
             except ProtocolError:  # a malformed header: _route says so
@@ -1410,8 +1387,9 @@ class Connection:
 
     def _route_first(self, waiter: _Waiter, raw: Any) -> None:
         """The caller holds the reading role (and its signals: ``_read``
-        releases them) and read ``raw``, which is not its reply: it is
-        routed as any frame, and what is the caller's goes to its inbox."""
+        releases them) and read ``raw``, which is not its reply (None: the
+        link ended): it is routed as any frame, and what is the caller's
+        goes to its inbox."""
         try:
             item = self._read(waiter, first=raw)
         finally:
