@@ -243,6 +243,37 @@ def test_a_lone_call_interrupted_drops_its_late_reply(ends):
     assert a.broken is None
 
 
+def test_a_send_that_runs_the_peer_takes_no_role_while_another_call_waits():
+    """Where a send runs the peer for all of its work (a guest's link), a
+    call sends holding the reading role only when no other call waits on
+    the link: that call's reply, there already, would wait for all of the
+    send. Here the other call is one thread's, recorded as waiting."""
+    from cpy2py.kernel.connection import _Waiter
+
+    a, b, fds = pair("runs-peer")
+    a.runs_here = False  # (as the master's link to a guest)
+    held_role = []  # per request sent: whether the sender held the role
+    send = a.transport.send
+
+    def recorded(payload):
+        held_role.append(a._reading and a._reader == threading.get_ident())
+        send(payload)
+
+    a.transport.send = recorded
+    a._send_now = lambda payload: (recorded(payload), True)[1]
+    other = _Waiter()  # another thread's call, waiting for its reply
+    a._pending[-5] = other
+    try:
+        assert call(a, loopback.echo, 1) == 1
+        assert held_role == [False]
+        del a._pending[-5]
+        assert call(a, loopback.echo, 2) == 2
+        assert held_role == [False, True]  # (alone, it does)
+    finally:
+        a._pending.pop(-5, None)
+        loopback.close((a, b), fds)
+
+
 def test_a_release_right_after_the_reply_that_names_the_object_waits_for_it():
     """A peer may let go of an object right after the reply that names it (a
     guest does: it releases what it returned before it waits again). Both

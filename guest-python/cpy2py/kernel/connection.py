@@ -545,13 +545,14 @@ class Connection:
                 # without a deadline, that takes the free role goes
                 # "express": it is registered only if the next frame is not
                 # its reply (_express_reply)
+                lone = not self._pending and self._runner is None and self.call_timeout is None
+                if not lone:  # (registered first: _reads_first counts the others)
+                    registered = self._register(waiter, req_id, chain)
                 reads_first = self._reads_first(waiter, payload)
-                express = (
-                    reads_first and not self._pending and self._runner is None and self.call_timeout is None
-                )
+                express = lone and reads_first
                 if express:
                     self._express = req_id
-                else:
+                elif not registered:
                     registered = self._register(waiter, req_id, chain)
             timed = self.call_timeout is not None
             if timed:  # from before the send: a twin that stops reading times out too
@@ -637,8 +638,9 @@ class Connection:
         return True
 
     def _reads_first(self, waiter: _Waiter, payload: Any) -> bool:
-        """Caller holds _lock, the call registered: whether it sends holding
-        the reading role, which it then takes. A small request goes out
+        """Caller holds _lock, the call registered (unless it may go
+        express: a lone call to a native twin, for which nobody else counts):
+        whether it sends holding the reading role, which it then takes. A small request goes out
         holding the free role: the gate stays disarmed, so the reply wakes no
         server thread (which would read it and hand it over: two more thread
         switches per call). A send that runs the peer (a guest) lasts as
@@ -858,7 +860,7 @@ class Connection:
             interrupted = self._express == req_id  # as it went express (not registered)
             if interrupted or registered or watching is not None or runner is not None:
                 with self._lock:
-                    if self._express == req_id:
+                    if interrupted:  # (only this call sets or clears its id there)
                         self._express = None
                         if self.broken is None:
                             self._abandoned.add(req_id)  # (sent, or about to be: its reply is dropped)
@@ -1390,10 +1392,7 @@ class Connection:
         releases them) and read ``raw``, which is not its reply (None: the
         link ended): it is routed as any frame, and what is the caller's
         goes to its inbox."""
-        try:
-            item = self._read(waiter, first=raw)
-        finally:
-            release_signals()
+        item = self._read(waiter, first=raw)
         if item is not None:
             waiter.inbox.appendleft(item)  # (_wait_for_reply takes it first)
 
