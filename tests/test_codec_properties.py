@@ -262,13 +262,21 @@ int_dicts = st.dictionaries(
 @given(int_runs, int_dicts)
 def test_pypys_byte_wise_ints_are_the_same_bytes(items, entries):
     """PyPy's codec writes two-byte ints a byte at a time (``_BYTEWISE``) and
-    lists item by item (no runs there): the same bytes as the compiled codec."""
+    lists item by item (no runs there): the same bytes as the compiled codec,
+    read back item by item into the same values; cut anywhere, refused."""
     saved = codec_py._BYTEWISE, codec_py._RUNS
     codec_py._BYTEWISE, codec_py._RUNS = True, False
+    hook = lambda tag, v: IntFlavour(v) if tag == 40099 else tag_hook(tag, v)  # noqa: E731
     try:
         for value in (items, tuple(items), entries, {"nested": [entries, items]}):
             pure_bytes, compiled_bytes = (c.dumps(value, int_default) for c in codecs())
             assert pure_bytes == compiled_bytes, f"{value!r}: {pure_bytes.hex()} != {compiled_bytes.hex()}"
+            back = codec_py.loads(pure_bytes, hook)
+            assert type(back) is type(value) and back == value
+            if isinstance(value, (list, tuple)):
+                assert [type(x) for x in back] == [type(x) for x in value]
+            with pytest.raises(ProtocolError):
+                codec_py.loads(pure_bytes[: len(pure_bytes) // 2], hook)
     finally:
         codec_py._BYTEWISE, codec_py._RUNS = saved
 

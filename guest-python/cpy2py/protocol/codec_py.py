@@ -944,10 +944,11 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
     else:
         n, pos = _argument(data, pos, ib)
     depth += 1
-    items: List[Any] = []
-    append = items.append
     end = len(data)
+    items: List[Any]
     if n < 0:
+        items = []
+        append = items.append
         while True:
             if pos >= end:
                 raise _truncated(pos, "an indefinite-length array")
@@ -968,6 +969,14 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
     # it decoded one by one (_RUN_BATCH, doubled for each look in a row that
     # found none, up to 64 times).
     look = int_runs.FIRST_LOOK if _RUNS and n >= _RUN_MIN else 0
+    # The items are stored into a list made at its length (of ints until
+    # something else is stored): PyPy's JIT fills it item by item in less
+    # than half the time that appending takes (a 10k-int list 104 -> 44 us).
+    # CPython stores an item by index as fast as it appends one; its runs go
+    # in by slice, which costs a 10k list of ints below 24 about 30 us more
+    # than extending did.
+    items = [0] * n
+    done = 0  # items decoded
     left = n
     misses = 0  # looks in a row that found no run: the next look comes later each time
     while left:
@@ -978,7 +987,8 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
             if ib < 0x1C and left >= _RUN_MIN:
                 run = _run_length(data, pos, ib, left if left < look else look)
                 if run >= _RUN_MIN:
-                    pos = _take_run(data, pos, ib, run, items)
+                    items[done : done + run], pos = _take_run(data, pos, ib, run)
+                    done += run
                     left -= run
                     look = look * 2 if run == look and look < int_runs.LONGEST_LOOK else int_runs.FIRST_LOOK
                     misses = 0
@@ -990,7 +1000,7 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
         else:
             batch = left
         left -= batch
-        for _ in range(batch):
+        for i in range(done, done + batch):
             if pos >= end:
                 raise _truncated(pos, "an array")
             ib = data[pos]
@@ -998,24 +1008,24 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
             # type (an item takes two or three compares to reach its path);
             # anything unusual (including truncation) takes the general path
             if ib < 24:
-                append(ib)
+                items[i] = ib
                 pos += 1
                 continue
             if ib < 0x1C:  # an unsigned integer with a head of 1, 2, 4 or 8 bytes
                 if ib == 0x19 and pos + 2 < end:
-                    append((data[pos + 1] << 8) | data[pos + 2])
+                    items[i] = (data[pos + 1] << 8) | data[pos + 2]
                     pos += 3
                     continue
                 if ib == 0x18 and pos + 1 < end:
-                    append(data[pos + 1])
+                    items[i] = data[pos + 1]
                     pos += 2
                     continue
                 if ib == 0x1B and pos + 8 < end:  # a chain id
-                    append(_unpack_from_Q(data, pos + 1)[0])
+                    items[i] = _unpack_from_Q(data, pos + 1)[0]
                     pos += 9
                     continue
                 if ib == 0x1A and pos + 4 < end:
-                    append(_unpack_from_I(data, pos + 1)[0])
+                    items[i] = _unpack_from_I(data, pos + 1)[0]
                     pos += 5
                     continue
             elif 0x60 <= ib < 0x78:
@@ -1023,16 +1033,16 @@ def _dec_array(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHoo
                 if start + ib - 0x60 <= end:
                     pos = start + ib - 0x60
                     try:
-                        append(data[start:pos].decode())
+                        items[i] = data[start:pos].decode()
                     except UnicodeDecodeError as e:
                         raise _invalid_utf8(start, e) from None
                     continue
             elif (ib == 0x80 or ib == 0xA0) and depth < MAX_DEPTH:  # no arguments, no keywords
-                append([] if ib == 0x80 else {})
+                items[i] = [] if ib == 0x80 else {}
                 pos += 1
                 continue
-            item, pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
-            append(item)
+            items[i], pos = decoders[ib >> 5](data, pos + 1, ib, depth, hook)
+        done += batch
     return items, pos
 
 

@@ -24,7 +24,7 @@ from _struct import unpack as _unpack
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, List
+    from typing import Any, List, Sequence, Tuple
 
 ENABLED = sys.implementation.name == "cpython"
 
@@ -59,24 +59,21 @@ def run_length(data: bytes, pos: int, ib: int, look: int) -> int:
     return look - len(heads.lstrip(heads[:1]))
 
 
-def take(data: bytes, pos: int, ib: int, run: int, items: List[Any]) -> int:
-    """Appends the values of a run that ``run_length`` found to ``items``;
-    returns the position after it."""
+def take(data: bytes, pos: int, ib: int, run: int) -> Tuple[Sequence[int], int]:
+    """The values of a run that ``run_length`` found, and the position
+    after it."""
     if ib < 24:
         stop = pos + run
-        items.extend(data[pos:stop])  # a byte string's items are its bytes' values
-        return stop
+        return list(data[pos:stop]), stop  # a byte string's items are its bytes' values
     width = _WIDTH[ib]
     step = width + 1
     stop = pos + step * run
     if width == 1:
-        items.extend(data[pos + 1 : stop : 2])
-        return stop
+        return list(data[pos + 1 : stop : 2]), stop
     packed = bytearray(width * run)
     for i in range(width):
         packed[i::width] = data[pos + 1 + i : stop : step]
-    items.extend(_unpack(f">{run}{_CODE[width]}", packed))
-    return stop
+    return _unpack(f">{run}{_CODE[width]}", packed), stop
 
 
 def _width_class(n: int) -> int:
