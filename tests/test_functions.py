@@ -10,6 +10,7 @@ import threading
 import pytest
 import twin_functions as tf
 from cpy2py import TwinMaster, kernel_state
+from cpy2py.kernel.connection import _too_deep
 from support import SANDBOX_KIND, TESTS_DIR, require_interpreter, run_master, start_twin
 
 
@@ -140,6 +141,17 @@ def test_recursion_past_the_limit_in_the_sandbox_fails_cleanly(sandbox):
     with pytest.raises(RecursionError):
         tf.wasi_ping(3000, handed_pong())
     assert sandbox.is_alive  # the guest was not discarded: nothing went wrong in it
+    assert tf.wasi_ping(2, handed_pong()) == [SANDBOX_KIND, kernel_state.MASTER_ID, SANDBOX_KIND]
+
+
+def test_a_guest_that_calls_the_master_from_deep_recursion_gets_recursion_error_and_goes_on(sandbox):
+    """Whatever depth the guest's own code has reached when it calls the
+    master, the call answers, or fails with cpy2py's RecursionError before
+    the kernel starts on it (not somewhere inside the kernel, where it would
+    run out of frames half-way through the call); the guest goes on serving."""
+    outcomes = {tf.wasi_call_from_depth(headroom, lambda: "answered") for headroom in range(120, 15, -1)}
+    assert outcomes == {"answered", str(_too_deep())}
+    assert sandbox.is_alive
     assert tf.wasi_ping(2, handed_pong()) == [SANDBOX_KIND, kernel_state.MASTER_ID, SANDBOX_KIND]
 
 

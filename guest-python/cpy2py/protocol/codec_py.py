@@ -152,26 +152,32 @@ def small_reply(kind: int, key: int, value: Any) -> Optional[bytes]:
     natively), written in one go; None for anything else. The kernel asks
     for its replies here first (``codec.small_reply``), without building the
     list or going through ``dumps``."""
-    if type(kind) is not int or type(key) is not int or not 0 <= kind < 24 or not 0 <= key < 4294967296:
+    # (the common case first, and in as few steps as a guest can take:
+    # a reply to a request id of two bytes)
+    if type(key) is not int or type(kind) is not int or not 0 <= kind < 24:
         return None
-    if value is None:
+    if type(value) is int:  # (exactly: not a bool, nor an int subclass)
+        tail = _SMALL_UINTS.get(value)
+        if tail is None:
+            return None
+    elif value is None:
         tail = b"\xf6"
-    elif type(value) is int and 0 <= value < 24:
-        tail = _SMALL_UINTS[value]
     elif value is True or value is False:
         tail = b"\xf5" if value else b"\xf4"
     else:
         return None
-    if key < 24:
-        return bytes((0x83, kind, key)) + tail
-    if key < 256:
-        return bytes((0x83, kind, 0x18, key)) + tail
-    if key < 65536:
+    if 256 <= key < 65536:
         return _pack_reply_H(0x83, kind, 0x19, key) + tail
-    return _pack_reply_I(0x83, kind, 0x1A, key) + tail
+    if 0 <= key < 24:
+        return bytes((0x83, kind, key)) + tail
+    if 24 <= key < 256:
+        return bytes((0x83, kind, 0x18, key)) + tail
+    if 65536 <= key < 4294967296:
+        return _pack_reply_I(0x83, kind, 0x1A, key) + tail
+    return None
 
 
-_SMALL_UINTS = [bytes((n,)) for n in range(24)]
+_SMALL_UINTS = {n: bytes((n,)) for n in range(24)}  # (an int under 24 is its own head)
 
 
 def _enc_none(obj: None, out: bytearray, depth: int, default: Optional[Default]) -> None:
