@@ -541,12 +541,12 @@ class Connection:
             with self._lock:
                 if self.broken is not None:
                     raise self._broken_error()
-                # A lone call to a native twin (no other call waits on the
-                # link: the next frame is then nearly always its reply),
-                # without a deadline, that takes the free role goes
-                # "express": it is registered only if the next frame is not
-                # its reply (_express_reply)
-                lone = not self._pending and self._runner is None and self.call_timeout is None
+                # A lone call (no other call waits on the link: the next
+                # frame is then nearly always its reply), without a
+                # deadline, that takes the free role goes "express": it is
+                # registered only if the next frame is not its reply
+                # (_express_reply)
+                lone = not self._pending and self.call_timeout is None
                 if not lone:  # (registered first: _reads_first counts the others)
                     registered = self._register(waiter, req_id, chain)
                 reads_first = self._reads_first(waiter, payload)
