@@ -507,6 +507,68 @@ def test_ctrl_c_reaches_a_master_that_runs_a_busy_guest(hostile_dir, hostile):
         master.stop()
 
 
+@pytest.mark.lasting_guest("reads the link of one guest itself, which a fresh twin does not have")
+@pytest.mark.parametrize("sent_to", ["main thread", "process"])
+def test_a_guest_frame_is_not_taken_while_a_held_ctrl_c_waits(hostile_dir, hostile, sent_to):
+    """The main thread reads a guest's link holding its signals, as the
+    kernel's reader does. A Ctrl-C that comes while the guest works ends the
+    read having taken nothing: sent to the main thread, which holds it, the
+    read returns False and the handler runs once the signals are let
+    through; sent to the process (another thread catches it), its handler
+    runs in the read, before a frame is taken. Either way the guest's
+    answer is there for the next read (a frame taken with a Ctrl-C pending
+    was lost to whoever waited for it, and with a callback's answer, the
+    whole guest, which waits for it)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    from cpy2py.kernel.references import encode
+    from cpy2py.master import connection_for
+    from cpy2py.protocol import codec
+    from cpy2py.protocol.messages import OP_EXECUTE, REPLY, REQUEST
+    from cpy2py.protocol.transport import hold_signals, release_signals
+
+    main = threading.main_thread().ident
+    ctrl_c = (
+        (lambda: signal.pthread_kill(main, signal.SIGINT))  # type: ignore[arg-type]
+        if sent_to == "main thread"
+        else (lambda: os.kill(os.getpid(), signal.SIGINT))
+    )
+    master = start(hostile_dir, "limits-held-ctrl-c", timeout=60)
+    try:
+        link = connection_for(master.twinterpreter_id, master)
+        request = encode([REQUEST, 10**9, 7, OP_EXECUTE, hostile.busy, [0.6], {}], link.serializer.default)
+        link.transport.queue(request)  # (run by the next read: the kernel is left out)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        timer = threading.Timer(0.2, ctrl_c)
+        got, raised_in, read_again = None, [], None
+        try:
+            assert hold_signals()
+            try:
+                timer.start()
+                got = link.transport.recv()
+            except KeyboardInterrupt:
+                raised_in.append("read")
+            finally:
+                timer.join()
+                try:
+                    release_signals()
+                    time.sleep(0.01)  # (the handler runs at the next bytecode)
+                except KeyboardInterrupt:
+                    raised_in.append("release")
+            read_again = link.transport.recv()
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)
+        if sent_to == "main thread":
+            assert (got, raised_in) == (False, ["release"])
+        else:
+            assert (got, raised_in) in ((None, ["read"]), (False, ["release"]))
+        assert codec.peek(read_again)[:2] == (REPLY, 10**9)
+        assert master.execute(abs, -3) == 3
+    finally:
+        master.stop()
+
+
 @pytest.mark.timeout(120)
 def test_stop_from_another_thread_ends_a_call_that_runs_the_guest(hostile_dir, hostile):
     """One thread runs the guest in a long call; another stops the twin: the

@@ -514,17 +514,28 @@ class TwinMaster:
                 _configs[twin_id] = self
         # No lock is held while a twin starts: starting one (a slow interpreter,
         # a guest's initializers) never holds up the others or stop().
-        if twin is not None:
-            twin.shut_down("ended and is restarted", timeout=0)
         if not ours:
+            if twin is not None:
+                twin.shut_down("ended and is restarted", timeout=0)
             return starting.wait(twin_id)
+        # Whatever ends this start (Ctrl-C included, anywhere in it), the
+        # threads that wait for it are told, and the next call starts anew.
         try:
-            new = self._spawn()
+            self._start_as_starter(twin_id, twin, starting)
         except BaseException as err:
-            with _running_lock:
-                del _starting[twin_id]
             starting.finish(err)
             raise
+        finally:
+            with _running_lock:
+                if _starting.get(twin_id) is starting:
+                    del _starting[twin_id]
+        return True
+
+    def _start_as_starter(self, twin_id: str, dead: Optional[_Twin], starting: _Starting) -> None:
+        """``start``, in the thread that registered the start (``starting``)."""
+        if dead is not None:
+            dead.shut_down("ended and is restarted", timeout=0)
+        new = self._spawn()
         with _running_lock:
             del _starting[twin_id]
             stopped = _exiting or starting.cancelled
@@ -532,20 +543,16 @@ class TwinMaster:
                 _running[twin_id] = new
         if stopped:
             new.shut_down("was stopped while it started", timeout=0)
-            err = TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it started")
-            starting.finish(err)
-            raise err
+            raise TwinterpreterUnavailable(f"twinterpreter {twin_id!r} was stopped while it started")
         try:  # its kernel serves: the group's finalizers run in it now
             group_state.join(kernel_state.TWIN_GROUP_STATE, twin_id, new.connection, new.welcomed)
-        except BaseException as err:
+        except BaseException:
             with _running_lock:
                 if _running.get(twin_id) is new:
                     del _running[twin_id]
             new.shut_down("failed its group finalizers", timeout=0)
-            starting.finish(err)
             raise
         starting.finish(None)
-        return True
 
     def _spawn(self) -> _Twin:
         guest_start = None

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import select
-from typing import Any, Callable, Dict, FrozenSet, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Union
 
 from . import _logging, bytecode_cache, snapshots
 from . import packages as packages_module
@@ -158,9 +158,11 @@ class GuestTransport(TransportDefaults):
         "publish",
     )
 
-    #: ``recv`` runs the guest and lets signal handlers raise in it without
-    #: losing a frame; it never returns False (protocol/transport.py)
-    stops_for_signals = False
+    #: ``recv`` runs the guest, and returns False (having taken no frame)
+    #: once a signal comes that the reading main thread holds
+    #: (protocol/transport.py): a handler that raises must not run between
+    #: taking a frame and delivering it
+    stops_for_signals = True
     #: ``send`` runs the guest on the calling thread for all of its work; an
     #: awaited call ``queue``s its request and its loop ``drive_for``s the
     #: guest a slice at a time (kernel/connection.py, ``request_async``)
@@ -178,8 +180,9 @@ class GuestTransport(TransportDefaults):
         #: guest on this thread until it has dealt with it (see the class docs)
         self.send: Callable[[bytes], None] = twin.send
         #: ``recv()``: the next frame, running the guest on this thread until
-        #: it sends one; None once the guest ended and all it sent was read
-        self.recv: Callable[[], Optional[bytes]] = twin.recv
+        #: it sends one; None once the guest ended and all it sent was read;
+        #: False when a signal this thread holds came first
+        self.recv: Callable[[], Union[bytes, None, Literal[False]]] = twin.recv
         #: ``queue(payload)``: queue a frame without running the guest
         self.queue: Callable[[bytes], None] = twin.queue
         #: ``drive_for(limit)``: run the guest on this thread until it has sent

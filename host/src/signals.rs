@@ -28,8 +28,22 @@ fn is_main_thread() -> bool {
     })
 }
 
-/// Blocks every signal in the main thread until `release`; elsewhere, or
-/// when they are held already, does nothing. Whether it held them now.
+/// The signals a fault raises in the thread that caused it: never held.
+/// Blocked, the kernel would end the process at the fault instead of
+/// running the handler, and wasmtime turns a guest's traps (a stack
+/// overflow, `unreachable`) into errors with these handlers, while the
+/// main thread runs a guest holding its signals (`WasiGuest.recv`).
+const FAULTS: [libc::c_int; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+];
+
+/// Blocks every signal but the faults' in the main thread until `release`;
+/// elsewhere, or when they are held already, does nothing. Whether it held
+/// them now.
 pub fn hold() -> bool {
     if !is_main_thread() || held() {
         return false;
@@ -39,6 +53,9 @@ pub fn hold() -> bool {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
+        for fault in FAULTS {
+            libc::sigdelset(&mut all, fault);
+        }
         if libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) == 0 {
             HELD.with(|saved| saved.set(Some(old)));
             return true;
@@ -63,6 +80,25 @@ pub fn held() -> bool {
 /// The mask this thread had before it held its signals (None: not held).
 pub fn mask_before_hold() -> Option<libc::sigset_t> {
     HELD.with(Cell::get)
+}
+
+/// Whether a signal that this thread holds, and let through before it held
+/// them, is pending: a step that runs without waiting on a descriptor (a
+/// WASI guest's slice) looks here between steps, as `pipe::wait_for_frame`
+/// lets such a signal end its wait.
+pub fn held_one_pending() -> bool {
+    let Some(before) = mask_before_hold() else {
+        return false;
+    };
+    // SAFETY: plain system calls on a set owned here and on a copy of the mask
+    unsafe {
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut pending) != 0 {
+            return false;
+        }
+        (1..=64)
+            .any(|signal| libc::sigismember(&pending, signal) == 1 && libc::sigismember(&before, signal) == 0)
+    }
 }
 
 #[cfg(test)]

@@ -1345,9 +1345,7 @@ class Connection:
             kind = self._claim_if_own_reply(raw, req_id)
             if kind is not None:
                 return kind, raw
-            item = self._read(waiter, first=raw)
-            if item is not None:
-                waiter.inbox.appendleft(item)  # (_wait_for_reply takes it first)
+            self._read(waiter, first=raw, keep=True)  # (_wait_for_reply takes it first)
             return None
         except ProtocolError as err:  # (a malformed header)
             self._fail(err)
@@ -1393,9 +1391,7 @@ class Connection:
         releases them) and read ``raw``, which is not its reply (None: the
         link ended): it is routed as any frame, and what is the caller's
         goes to its inbox."""
-        item = self._read(waiter, first=raw)
-        if item is not None:
-            waiter.inbox.appendleft(item)  # (_wait_for_reply takes it first)
+        self._read(waiter, first=raw, keep=True)  # (_wait_for_reply takes it first)
 
     def _claim_if_own_reply(self, raw: Any, req_id: int) -> Optional[int]:
         """The reader holds the role and read ``raw``: if it is the reply to
@@ -1452,9 +1448,9 @@ class Connection:
                 if held and not read:
                     release_signals()
             if read:
-                item = self._read(waiter)
-                if item is not None:
-                    return item
+                self._read(waiter, keep=True)
+                if waiter.inbox:
+                    return waiter.inbox.popleft()
             else:
                 waiter.sleep()
 
@@ -1570,10 +1566,15 @@ class Connection:
                     return (self, REQUEST, key, raw)
         return self._read(None, first=raw)
 
-    def _read(self, reader: Optional[_Waiter], serve: bool = True, first: Any = _UNREAD) -> Optional[Item]:
+    def _read(
+        self, reader: Optional[_Waiter], serve: bool = True, first: Any = _UNREAD, keep: bool = False
+    ) -> Optional[Item]:
         """Read frames and route them; returns the reader's own (if it read
         one; ``serve``: a request of a new chain may be its own; ``first``:
-        a frame it read already, None if that found the link ended). The caller holds the reading role; it is
+        a frame it read already, None if that found the link ended; ``keep``:
+        the reader's own goes to the front of its inbox instead, before the
+        main thread's signals are let through, so that a handler that raises
+        then cannot lose it). The caller holds the reading role; it is
         given up before any frame is decoded, and only after every frame read
         was routed (a
         thread that finds its inbox empty and the role free may block
@@ -1617,6 +1618,9 @@ class Connection:
                     wake = self._give_up_busy(runs and mine is not None)
             if wake is not None:
                 self._wake_server(*wake)
+            if keep and mine is not None:
+                reader.inbox.appendleft(mine)  # type: ignore[union-attr]
+                mine = None
             release_signals()  # the main thread's, held while it had the role
         for _, kind, before, raw in later:
             self._handle_control(kind, before, raw)

@@ -34,6 +34,7 @@ use super::host_calls::{self, in_host, seconds};
 use super::twin::hello_dict;
 use crate::error::HostError;
 use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST};
+use crate::signals;
 use crate::wasm::config::{self, GuestConfig};
 use crate::wasm::driver::DRIVE_SLICE;
 use crate::wasm::output::ProcessSink;
@@ -423,25 +424,34 @@ impl WasiGuest {
     /// taken. Runs the guest on this thread with the GIL released until it
     /// has sent a frame and waits for the master again (see
     /// crate::wasm::guest); looks for signals every `DRIVE_SLICE`, and
-    /// leaves the guest suspended for the next reader if one is raised.
-    /// Frames left after the one it returns are not published: the kernel's
-    /// reader takes them too (`has_frames`), or `publish`es them as it leaves.
-    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    /// leaves the guest suspended for the next reader if one is raised:
+    /// handlers run just before a frame is taken, never between taking it
+    /// and returning it (the kernel would lose it). A thread that holds its
+    /// signals (the kernel's reader in the main thread: crate::signals), in
+    /// which one of them is pending, gets False instead, having taken
+    /// nothing (its handler runs once the kernel lets them through). Frames
+    /// left after the one it returns are not published: the kernel's reader
+    /// takes them too (`has_frames`), or `publish`es them as it leaves.
+    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         if let Some(err) = self.forked() {
             return Err(err);
         }
         loop {
+            // (a signal another thread caught, as a process's Ctrl-C is
+            // while this one holds them, trips Python's flag: seen here)
+            if let Err(interrupted) = py.check_signals() {
+                self.guest.publish();
+                return Err(interrupted);
+            }
             match self.guest.take() {
-                Popped::Frame(frame) => return Ok(Some(PyBytes::new(py, &frame))),
-                Popped::Closed => return Ok(None),
+                Popped::Frame(frame) => return Ok(PyBytes::new(py, &frame).into_any()),
+                Popped::Closed => return Ok(py.None().into_bound(py)),
                 Popped::TimedOut => {}
             }
             let slice = Instant::now() + DRIVE_SLICE;
-            if !self.in_host(py, |guest| guest.drive(slice)) {
-                if let Err(interrupted) = py.check_signals() {
-                    self.guest.publish();
-                    return Err(interrupted);
-                }
+            if !self.in_host(py, |guest| guest.drive(slice)) && signals::held_one_pending() {
+                self.guest.publish();
+                return Ok(PyBool::new(py, false).to_owned().into_any());
             }
         }
     }
