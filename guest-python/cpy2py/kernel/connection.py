@@ -640,7 +640,7 @@ class Connection:
 
     def _reads_first(self, waiter: _Waiter, payload: Any) -> bool:
         """Caller holds _lock, the call registered (unless it may go
-        express: a lone call to a native twin, for which nobody else counts):
+        express: a lone call without a deadline, for which nobody else counts):
         whether it sends holding the reading role, which it then takes. A small request goes out
         holding the free role: the gate stays disarmed, so the reply wakes no
         server thread (which would read it and hand it over: two more thread
