@@ -198,3 +198,55 @@ def test_starting_a_running_twin_with_other_settings_warns(kind):
         with pytest.warns(RuntimeWarning, match="started with timeout=None: it goes on.*stop\\(\\) it first"):
             TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0).start()
         assert running.is_alive and running.timeout is None
+
+
+@pytest.mark.timeout(120)
+def test_a_start_ended_by_ctrl_c_tells_the_threads_that_wait_for_it(monkeypatch):
+    """A Ctrl-C anywhere in a start (here while it shuts the dead twin down)
+    reaches the other threads that wait for that start as an error, instead
+    of leaving them waiting for ever; the next start starts anew."""
+    import threading
+
+    from cpy2py import TwinStartError, TwinterpreterTerminated
+    from cpy2py import master as master_module
+
+    require_interpreter("python3")
+    twin = TwinMaster(executable="python3", twinterpreter_id="start-interrupted")
+    twin.start()
+    with pytest.raises(TwinterpreterTerminated):
+        twin.execute(os._exit, 3)  # dead, still recorded: the next start shuts it down first
+    waiting = threading.Event()
+    real_wait, real_shut_down = master_module._Starting.wait, master_module._Twin.shut_down
+
+    def wait(starting, twin_id):
+        waiting.set()
+        return real_wait(starting, twin_id)
+
+    def shut_down(dead, reason, timeout):
+        if reason == "ended and is restarted" and not waiting.is_set():
+            assert waiting.wait(30), "the second start never came to wait"
+            raise KeyboardInterrupt
+        return real_shut_down(dead, reason, timeout)
+
+    monkeypatch.setattr(master_module._Starting, "wait", wait)
+    monkeypatch.setattr(master_module._Twin, "shut_down", shut_down)
+    other: list = []
+
+    def start_too():
+        try:
+            other.append(TwinMaster(twinterpreter_id="start-interrupted").start())
+        except BaseException as err:
+            other.append(err)
+
+    helper = threading.Thread(target=start_too)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            threading.Timer(0.05, helper.start).start()
+            twin.start()
+        helper.join(30)
+        assert not helper.is_alive(), "the thread waiting for the interrupted start still waits"
+        assert len(other) == 1 and isinstance(other[0], TwinStartError), other
+        assert "KeyboardInterrupt" in repr(other[0].__cause__)
+        assert twin.start() and twin.execute(abs, -2) == 2  # started anew
+    finally:
+        twin.stop()

@@ -1345,7 +1345,7 @@ class Connection:
             kind = self._claim_if_own_reply(raw, req_id)
             if kind is not None:
                 return kind, raw
-            self._read(waiter, first=raw, keep=True)  # (_wait_for_reply takes it first)
+            self._read(waiter, first=raw)  # (its own to its inbox: _wait_for_reply takes it first)
             return None
         except ProtocolError as err:  # (a malformed header)
             self._fail(err)
@@ -1369,10 +1369,7 @@ class Connection:
             raw = self._read_frame()
             if raw is None:  # (the link ended: marked so)
                 return None, None
-            try:
-                kind, key, _ = codec.peek(raw)
-            except ProtocolError:  # a malformed header: _route says so
-                kind = key = None
+            kind, key, _ = codec.peek(raw)  # (never raises: _route says what is malformed)
             if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
                 with self._lock:
                     self._express = None
@@ -1391,7 +1388,7 @@ class Connection:
         releases them) and read ``raw``, which is not its reply (None: the
         link ended): it is routed as any frame, and what is the caller's
         goes to its inbox."""
-        self._read(waiter, first=raw, keep=True)  # (_wait_for_reply takes it first)
+        self._read(waiter, first=raw)  # (its own to its inbox: _wait_for_reply takes it first)
 
     def _claim_if_own_reply(self, raw: Any, req_id: int) -> Optional[int]:
         """The reader holds the role and read ``raw``: if it is the reply to
@@ -1448,7 +1445,7 @@ class Connection:
                 if held and not read:
                     release_signals()
             if read:
-                self._read(waiter, keep=True)
+                self._read(waiter)  # (its own to its inbox)
                 if waiter.inbox:
                     return waiter.inbox.popleft()
             else:
@@ -1545,10 +1542,7 @@ class Connection:
         ``_read``, given what was read."""
         raw = self._read_frame()
         if raw is not None:
-            try:
-                kind, key, chain = codec.peek(raw)
-            except ProtocolError:  # (_route says so)
-                kind = None
+            kind, key, chain = codec.peek(raw)  # (never raises: _route says what is malformed)
             if kind == REQUEST and key is not None and chain is not None and not self._buffered():
                 with self._lock:
                     lone = (
@@ -1566,15 +1560,13 @@ class Connection:
                     return (self, REQUEST, key, raw)
         return self._read(None, first=raw)
 
-    def _read(
-        self, reader: Optional[_Waiter], serve: bool = True, first: Any = _UNREAD, keep: bool = False
-    ) -> Optional[Item]:
-        """Read frames and route them; returns the reader's own (if it read
-        one; ``serve``: a request of a new chain may be its own; ``first``:
-        a frame it read already, None if that found the link ended; ``keep``:
-        the reader's own goes to the front of its inbox instead, before the
-        main thread's signals are let through, so that a handler that raises
-        then cannot lose it). The caller holds the reading role; it is
+    def _read(self, reader: Optional[_Waiter], serve: bool = True, first: Any = _UNREAD) -> Optional[Item]:
+        """Read frames and route them. A server (no ``reader``) gets what is
+        its own returned (``serve``: a request of a new chain may be its
+        own); a caller's own goes to the front of its inbox, before the main
+        thread's signals are let through, so that a handler that raises then
+        cannot lose it. ``first``: a frame read already, None if that found
+        the link ended. The caller holds the reading role; it is
         given up before any frame is decoded, and only after every frame read
         was routed (a
         thread that finds its inbox empty and the role free may block
@@ -1618,8 +1610,8 @@ class Connection:
                     wake = self._give_up_busy(runs and mine is not None)
             if wake is not None:
                 self._wake_server(*wake)
-            if keep and mine is not None:
-                reader.inbox.appendleft(mine)  # type: ignore[union-attr]
+            if reader is not None and mine is not None:
+                reader.inbox.appendleft(mine)
                 mine = None
             release_signals()  # the main thread's, held while it had the role
         for _, kind, before, raw in later:
@@ -1878,10 +1870,7 @@ class Connection:
         raw = self._read_frame()
         if raw is None:  # (the link ended: marked so)
             raise self._broken_error()
-        try:
-            kind, key, chain = codec.peek(raw)
-        except ProtocolError:  # (_route says so)
-            kind = None
+        kind, key, chain = codec.peek(raw)  # (never raises: _route says what is malformed)
         if kind == REQUEST and key is not None and chain is not None:
             self._undecoded[_request_id(key)] = self._routed  # (as _route)
             self._routed += 1
