@@ -721,24 +721,25 @@ class Connection:
         turn = False  # (a guest's) its request is queued for the guest
         first: Any = _UNREAD  # what an express call read that was not its reply
         try:
-            if runner is not None:
-                # (no variable yet: no callback of an awaited call ever ran)
-                waiter.outer = _callbacks_var.get() if _callbacks_var is not None else ()
-            elif self.call_timeout is None and not getattr(loop, "_ready", None):
-                # (only when the loop has nothing else to do: see _read_slice)
-                express = self._send_express(req_id, payload)
+            # (a native twin's only when the loop has nothing else to do: see
+            # _read_slice; a guest is run for a slice by the call anyway)
+            if self.call_timeout is None and (runner is not None or not getattr(loop, "_ready", None)):
+                express = self._send_express(req_id, payload, waiter)
                 if express:
                     # its reply is waited for on the loop's thread for at
-                    # most a slice, as in _read_slice
-                    reply = (
-                        self._express_reply(req_id)
-                        if self._buffered() or self.transport.wait_readable(_READ_SLICE)
-                        else (None, None)
-                    )
+                    # most a slice, as in _read_slice and _drive_slice
+                    if runner is not None:
+                        ready = runner.drive_for(_LOOP_SLICE)
+                    else:
+                        ready = self._buffered() or self.transport.wait_readable(_READ_SLICE)
+                    reply = self._express_reply(req_id, waiter) if ready else (None, None)
                     if reply[0] is not None:
                         express = False  # (its reply: nothing to undo)
                         return self._result(req_id, *reply)
                     first = reply[1]  # the call waits as any other, registered first
+            if runner is not None:
+                # (no variable yet: no callback of an awaited call ever ran)
+                waiter.outer = _callbacks_var.get() if _callbacks_var is not None else ()
             with self._lock:
                 if self.broken is not None and not express:
                     raise self._broken_error()
@@ -748,9 +749,11 @@ class Connection:
                     # a guest's frames come to the thread that runs it (the
                     # loop's slice, a worker), and those it leaves to the gate
                     old = None
-                    if self._turn_holder is None:
+                    if not express and self._turn_holder is None:
                         # mostly: nobody has the turn (see _take_turn); the
                         # guest runs only when driven, after the deadline is set
+                        # (an express call's request is queued already, and
+                        # the turn is its own: _send_express)
                         waiter.payload = payload
                         self._give_turn(waiter)
                         turn = True
@@ -859,7 +862,7 @@ class Connection:
             if timed:
                 _deadlines().clear((self, req_id))
             interrupted = self._express == req_id  # as it went express (not registered)
-            if interrupted or registered or watching is not None or runner is not None:
+            if interrupted or registered or watching is not None:
                 with self._lock:
                     if interrupted:  # (only this call sets or clears its id there)
                         self._express = None
@@ -1005,12 +1008,14 @@ class Connection:
         self._read(None, serve=False, first=raw)
         return True
 
-    def _send_express(self, req_id: int, payload: Any) -> bool:
-        """An awaited call to a native twin, on a loop with nothing else to
-        run: if it is the only call on the link, the reading role is free
-        and its request small, it goes express (as a sync call can, see
-        ``request``): sent holding the role, not registered; whether it
-        was sent so (else nothing was sent, and the role is free)."""
+    def _send_express(self, req_id: int, payload: Any, waiter: _AsyncWaiter) -> bool:
+        """An awaited call, ``waiter``'s: if it is the only call on the link
+        (and, to a guest, no awaited call waits for its turn), the reading
+        role is free and its request small, it goes express (as a sync call
+        can, see ``request``): sent holding the role, not registered; whether
+        it was sent so (else nothing was sent, and the role is free). A
+        guest's request is queued, not run, and the turn is the call's
+        (``_take_turn``): the caller runs the guest for a slice."""
         if (
             self._send_now is None
             or self._pending  # (asked again below: here it spares concurrent calls the lock)
@@ -1019,6 +1024,7 @@ class Connection:
             or len(payload) > _SMALL_FRAME
         ):
             return False
+        runner = self._runner
         with self._lock:
             if (
                 self.broken is not None
@@ -1026,14 +1032,22 @@ class Connection:
                 or self._pending
                 or self._express is not None
                 or self._heir is not None
+                or self._turn_holder is not None
                 or not self._take_role(None)
             ):
                 return False
             self._express = req_id
+            if runner is not None:
+                self._turn_holder = waiter
+                waiter.sent = True
         try:
-            sent = self._send_now(payload)
+            if runner is None:
+                sent = self._send_now(payload)
+            else:
+                runner.queue(payload)
+                return True
         except OSError as err:
-            self._fail(err)  # (request_async's finally gives the role back)
+            self._fail(err)  # (request_async's finally gives the role and the turn back)
             raise self._broken_error() from None
         if not sent:  # the pipe is full: it waits for room without the role
             with self._lock:
@@ -1045,14 +1059,15 @@ class Connection:
         """An express awaited call that did not get its reply within its
         slice, now registered: ``raw``, what it read, is routed (``_read``
         gives the role and the held signals back); None (nothing came, or
-        the link ended): the role is given back, the loop watches from now
-        on, and the link's next awaited calls take no slice (as after
-        ``_read_slice``)."""
+        the link ended): the role is given back, and the loop watches a
+        native twin's link from now on, whose next awaited calls take no
+        slice (as after ``_read_slice``; a guest is run by a worker)."""
         if raw is not None:
             self._read(None, serve=False, first=raw)
             return
         with self._lock:
-            self._slice_skips = _SLICE_SKIPS
+            if self._runner is None:
+                self._slice_skips = _SLICE_SKIPS
             self._give_up_role()
 
     def _read_slice(self, waiter: _AsyncWaiter, req_id: int) -> None:
@@ -1354,12 +1369,13 @@ class Connection:
             if held:
                 release_signals()
 
-    def _express_reply(self, req_id: int) -> Tuple[Optional[int], Any]:
-        """An express call (sync: ``request``; awaited: ``_send_express``)
-        sent holding the reading role, not registered: nobody else reads,
-        so nothing of it can have been routed. The next frame is nearly
-        always its reply: claimed and the role given up in one lock
-        section, returned as (kind, frame). Another frame is returned as
+    def _express_reply(self, req_id: int, waiter: Optional[_AsyncWaiter] = None) -> Tuple[Optional[int], Any]:
+        """An express call (sync: ``request``; awaited: ``_send_express``,
+        its ``waiter``) sent holding the reading role, not registered:
+        nobody else reads, so nothing of it can have been routed. The next
+        frame is nearly always its reply: claimed and the role (and an
+        awaited call's turn) given up in one lock section, returned as
+        (kind, frame). Another frame is returned as
         (None, frame) with the role and the signals still held; the link's
         end as (None, None), the role held. Then the caller registers the
         call and routes what was read (``_route_first``, ``_route_for_loop``)."""
@@ -1376,6 +1392,8 @@ class Connection:
                     self._undecoded[req_id] = self._routed  # (as _claim_reply)
                     self._routed += 1
                     self._give_up_role(left=False)
+                    if waiter is not None and self._turn_holder is waiter:
+                        self._pass_turn()
                 return kind, raw
             other = True
             return None, raw
