@@ -52,6 +52,19 @@ def call_back_every(callback, period, count):
         callback(i)
     return count
 
+#: what the callbacks of `busy_then_call_back` raised here
+late_outcomes = []
+
+def busy_then_call_back(seconds, callback):
+    """Works for `seconds`, then calls the master's callback (which a Ctrl-C
+    in the master may have made late) and notes what that raised."""
+    busy(seconds)
+    try:
+        return callback("late")
+    except Exception as err:
+        late_outcomes.append(f"{type(err).__name__}: {err}")
+        raise
+
 def wait_on_link():
     """Waits for a frame in the middle of a call, past the cpy2py kernel."""
     from wit_world.imports import link
@@ -565,6 +578,40 @@ def test_a_guest_frame_is_not_taken_while_a_held_ctrl_c_waits(hostile_dir, hosti
             assert (got, raised_in) in ((None, ["read"]), (False, ["release"]))
         assert codec.peek(read_again)[:2] == (REPLY, 10**9)
         assert master.execute(abs, -3) == 3
+    finally:
+        master.stop()
+
+
+@pytest.mark.lasting_guest("the guest goes on with a call after its caller left: one guest must last")
+def test_a_callback_of_a_call_ctrl_c_ended_is_refused_and_the_guest_goes_on(hostile_dir, hostile):
+    """Ctrl-C ends a call while the guest works on it. The guest goes on
+    with that call when it next runs (the next call runs it), and calls the
+    master back after its caller left: that callback is answered with an
+    error and not run, and the same guest answers the next call (the master
+    took such a callback for a request outside any call, and stopped the
+    guest)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    main = threading.main_thread().ident
+    master = start(hostile_dir, "limits-late-callback", timeout=60)
+    ran = []
+    try:
+        mark_state(master)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        timer = threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT))  # type: ignore[arg-type]
+        try:
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                master.execute(hostile.busy_then_call_back, 0.6, ran.append)
+        finally:
+            timer.join()
+            signal.signal(signal.SIGINT, previous)
+        assert master.execute(abs, -3) == 3  # (its guest first ends the call Ctrl-C left)
+        outcomes = master.execute(eval, "__import__('hostile_limits').late_outcomes")
+        assert ran == []
+        assert len(outcomes) == 1 and outcomes[0].startswith("TwinterpreterTerminated: this callback"), outcomes
+        assert "was interrupted" in outcomes[0]
+        assert state_kept(master), "the same guest"
     finally:
         master.stop()
 

@@ -410,7 +410,8 @@ class Connection:
         self._lock = _thread.allocate_lock()
         self._pending: Dict[int, _Waiter] = {}  # request id -> its caller, until its reply is routed
         self._express: Optional[int] = None  # the request id of an express call (request), not in _pending
-        self._abandoned: Set[int] = set()  # requests whose caller left before the reply
+        #: requests whose caller left before the reply -> their chains
+        self._abandoned: Dict[int, int] = {}
         self._chains: Dict[int, List[Any]] = {}  # chain -> [its thread here, calls in flight]
         self._reading = False
         self._reader: Optional[int] = None  # the thread that holds the reading role
@@ -608,7 +609,7 @@ class Connection:
                     elif express:
                         self._express = None
                         if self.broken is None:
-                            self._abandoned.add(req_id)  # (sent, or about to be: its reply is dropped)
+                            self._abandoned[req_id] = chain  # (sent, or about to be: its reply is dropped)
                     self._leave_queue(waiter)
                     if self._reading and self._reader == _thread.get_ident():
                         self._give_up_role()  # taken before the send, and interrupted before reading
@@ -867,7 +868,7 @@ class Connection:
                     if interrupted:  # (only this call sets or clears its id there)
                         self._express = None
                         if self.broken is None:
-                            self._abandoned.add(req_id)  # (sent, or about to be: its reply is dropped)
+                            self._abandoned[req_id] = chain  # (sent, or about to be: its reply is dropped)
                         if self._reading and self._reader == _thread.get_ident():
                             self._give_up_role()
                     if runner is not None and (self._turn_holder is waiter or self._turns):
@@ -1131,7 +1132,7 @@ class Connection:
         its reply was routed (a signal handler raised, a task was cancelled),
         the reply may still come, and is dropped then."""
         if self._pending.pop(req_id, None) is not None and self.broken is None:
-            self._abandoned.add(req_id)
+            self._abandoned[req_id] = chain
         entry = self._chains[chain]
         entry[1] -= 1
         if entry[1] == 0:
@@ -1688,8 +1689,7 @@ class Connection:
                 with self._lock:
                     # a reply is routed once: a second one is an error
                     target = self._claim_reply(key)
-                    late = target is None and key in self._abandoned
-                    self._abandoned.discard(key)
+                    late = target is None and self._abandoned.pop(key, None) is not None
                 if target is None:
                     if late:
                         log.info("dropped the reply to request %d: its caller left", key)
@@ -1714,6 +1714,8 @@ class Connection:
                 if entry is not None:
                     return item
                 if not self._new_chains:
+                    if self._refuse_late_callback(key, chain):
+                        return None
                     raise ProtocolError(
                         f"{self.peer_id!r} sent a request outside any call made to it "
                         "(a sandboxed guest has no threads of its own)"
@@ -2193,6 +2195,31 @@ class Connection:
                 "while the master ran a request of it; its state was lost"
             )
         )
+
+    def _refuse_late_callback(self, req_id: int, chain: int) -> bool:
+        """A request of a peer that may not start chains (a guest), of a
+        chain that no call here runs: if it is the chain of a call whose
+        caller left before its reply (Ctrl-C), the peer still runs that call,
+        and this callback of it is answered with an error and not run
+        (queued for a guest: it reads it when next run); True. Else False:
+        the peer broke the protocol."""
+        with self._lock:
+            if chain not in self._abandoned.values():
+                return False
+        self._decoded(_request_id(req_id))
+        error = TwinterpreterTerminated(
+            f"this callback to the master came after the master's call to {self.peer_id!r} that made it "
+            "was interrupted (its caller left): it was not run"
+        )
+        payload = references.encode([RAISE, req_id, error], self.serializer.default, share=self._share)
+        try:
+            if self._runner is not None:
+                self._runner.queue(payload)
+            else:
+                self.transport.send(payload)
+        except OSError as err:
+            self._fail(err)
+        return True
 
     def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
         """Every request gets its reply: a caller waits for nothing else."""
