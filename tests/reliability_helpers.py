@@ -250,3 +250,41 @@ def count_server_starts() -> None:
 
 def server_starts() -> int:
     return SERVER_STARTS[0]
+
+
+# -- a Ctrl-C in the master's own steps around a callback ------------------------------
+
+
+class Interrupt(BaseException):
+    """What the tests' SIGINT handler raises, as KeyboardInterrupt is (not
+    an Exception); here, so that every twin can rebuild it."""
+
+
+class SignalsOnArrival:
+    """Rebuilt in the master (unpickled), it sends the master's main thread a
+    SIGINT: a Ctrl-C that comes while the master decodes a callback's
+    arguments, before the callback runs."""
+
+    def __init__(self) -> None:
+        self.made_in = kernel_state.TWIN_ID
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        if kernel_state.is_master():
+            import threading
+
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+
+
+def call_back_noting(callback, value):
+    """Calls the master's ``callback`` and says how that ended."""
+    try:
+        return ["returned", callback(value)]
+    except BaseException as err:
+        return ["raised", type(err).__name__]
+
+
+def call_back_with_signal(callback):
+    """``call_back_noting`` with a value that signals the master as it arrives."""
+    return call_back_noting(callback, SignalsOnArrival())
+

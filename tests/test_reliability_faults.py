@@ -288,6 +288,31 @@ def test_the_next_call_after_ctrl_c_does_not_wait_for_the_interrupted_one(kind, 
         flag.touch()
 
 
+def test_a_ctrl_c_while_the_master_reads_a_callback_is_that_callbacks_answer(kind, victim):
+    """A Ctrl-C that comes while the master decodes a twin's callback
+    (rebuilding its argument, before the callback's function runs) is that
+    callback's exception, sent to the twin as its answer. Before, it left
+    the master's steps around the callback with no answer sent, and the
+    twin's thread waited for ever."""
+
+    def handler(signum, frame):
+        raise rh.Interrupt("Ctrl-C")
+
+    ran = []
+
+    def callback(value):  # (a closure: the twin gets a reference, it runs here)
+        ran.append(value)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        outcome = victim.execute(rh.call_back_with_signal, callback)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert outcome == ["raised", "Interrupt"]
+    assert ran == []
+    assert victim.execute(rh.sleep_then, 0, "next") == "next"
+
+
 def _interrupt_after(seconds: float):
     """A SIGINT to this process after ``seconds``, with a handler that raises
     Interrupted (pytest's own would end the session); returns a restorer."""

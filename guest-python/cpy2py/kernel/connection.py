@@ -35,7 +35,7 @@ import sys
 import time
 from _collections import deque
 
-from .. import _logging
+from .. import _logging, kernel_state
 from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTerminated
 from ..protocol import codec
 from ..protocol.messages import OP_NAMES, RAISE, RELEASE, REPLY, REQUEST, SHUTDOWN
@@ -391,6 +391,11 @@ class Connection:
         #: sends a small frame only if it goes out at once (native twins' transport)
         self._send_now = transport.send_now if transport.sends_now else None
         self._holds_signals = transport.stops_for_signals
+        #: the master's main thread holds its signals while it decodes a
+        #: request and sends the reply (``_run``): a Ctrl-C there would
+        #: leave the peer waiting for an answer (twins get no Ctrl-C: they
+        #: run in process groups of their own)
+        self._holds_for_runs = self._holds_signals and kernel_state.is_master()
         #: large byte strings go to the transport as they are, among the
         #: frame's parts (``dumps(..., parts=True)``), not copied into it
         self._parts = transport.sends_parts
@@ -2088,92 +2093,111 @@ class Connection:
         chain becomes this thread's while it runs (a nested request of this
         thread's own chain, or, for a server or without threads, any chain),
         so its calls go out and come back there. A ``server`` makes sure
-        another waits at the gate meanwhile."""
-        # only a nested request can be this deep (sys._getframe is slow on PyPy)
-        if waiter.chain is not None and _near_recursion_limit():
-            self._decoded(_request_id(req_id))
-            self._send_reply(req_id, RAISE, _too_deep())  # answered, not run: the kernel keeps its frames
-            return
+        another waits at the gate meanwhile. The master's main thread holds
+        its signals but while the request's function runs (``_execute``):
+        a Ctrl-C comes after the reply is sent, never instead of it."""
+        held = self._holds_for_runs and hold_signals()
         try:
-            message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
-        except ProtocolError as err:
-            self._fail(err)  # the call this request belongs to fails with it
-            raise
-        except Exception as err:  # rebuilding a value failed: this request fails
-            self._send_reply(req_id, RAISE, err)
-            return
-        finally:
-            self._decoded(_request_id(req_id))
-        del raw
-        if failure is not None:
-            self._send_reply(req_id, RAISE, failure)
-            return
-        if not (isinstance(message, list) and len(message) >= 4):
-            err = ProtocolError(f"malformed request {references.safe_repr(message)}")
-            self._fail(err)
-            raise err
-        chain = message[2]
-        outer = waiter.chain
-        if chain == outer or not self._threads:
-            # a nested request of this thread's chain; or, with one thread
-            # (a guest's), any request: that thread reads and runs them all,
-            # so no chain needs to be recorded as running on it
+            # only a nested request can be this deep (sys._getframe is slow on PyPy)
+            if waiter.chain is not None and _near_recursion_limit():
+                self._decoded(_request_id(req_id))
+                # answered, not run: the kernel keeps its frames
+                self._send_reply(req_id, RAISE, _too_deep(), run_peer=not held)
+                return
+            try:
+                message, failure = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
+            except ProtocolError as err:
+                self._fail(err)  # the call this request belongs to fails with it
+                raise
+            except Exception as err:  # rebuilding a value failed: this request fails
+                self._send_reply(req_id, RAISE, err, run_peer=not held)
+                return
+            finally:
+                self._decoded(_request_id(req_id))
+            del raw
+            if failure is not None:
+                self._send_reply(req_id, RAISE, failure, run_peer=not held)
+                return
+            if not (isinstance(message, list) and len(message) >= 4):
+                err = ProtocolError(f"malformed request {references.safe_repr(message)}")
+                self._fail(err)
+                raise err
+            chain = message[2]
+            outer = waiter.chain
+            if chain == outer or not self._threads:
+                # a nested request of this thread's chain; or, with one thread
+                # (a guest's), any request: that thread reads and runs them all,
+                # so no chain needs to be recorded as running on it
+                waiter.chain = chain
+                waiter.depth += 1
+                try:
+                    self._execute(message, held)
+                finally:
+                    waiter.depth -= 1
+                    waiter.chain = outer
+                return
             waiter.chain = chain
+            with self._lock:
+                entry = self._chains.get(chain)
+                if entry is None:
+                    self._chains[chain] = [waiter, 1]
+                else:
+                    entry[1] += 1
+                if server:
+                    running = self._running = self._running + 1
+                    if running > 1 and self._gate is not None:
+                        self._busy = True  # servers run at the same time: many callers
+                    if self._held:  # (_hold_gate counted on this server coming back)
+                        self._call_spare(0)
+                # the gate watches the link while a server runs (armed when the
+                # role was given up, or held); someone must wait there for what
+                # comes meanwhile
+                start = server and self._waiting == 0 and self.broken is None and self._gate is not None
             waiter.depth += 1
             try:
-                self._execute(message)
+                if start:
+                    self._start_server()
+                self._execute(message, held)
             finally:
                 waiter.depth -= 1
                 waiter.chain = outer
-            return
-        waiter.chain = chain
-        with self._lock:
-            entry = self._chains.get(chain)
-            if entry is None:
-                self._chains[chain] = [waiter, 1]
-            else:
-                entry[1] += 1
-            if server:
-                running = self._running = self._running + 1
-                if running > 1 and self._gate is not None:
-                    self._busy = True  # servers run at the same time: many callers
-                if self._held:  # (_hold_gate counted on this server coming back)
-                    self._call_spare(0)
-            # the gate watches the link while a server runs (armed when the
-            # role was given up, or held); someone must wait there for what
-            # comes meanwhile
-            start = server and self._waiting == 0 and self.broken is None and self._gate is not None
-        waiter.depth += 1
-        try:
-            if start:
-                self._start_server()
-            self._execute(message)
+                with self._lock:
+                    entry = self._chains[chain]
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del self._chains[chain]
+                    if server:
+                        self._running -= 1
+                        if self._held:  # (what the held gate's spare watches)
+                            self._runs_ended += 1
         finally:
-            waiter.depth -= 1
-            waiter.chain = outer
-            with self._lock:
-                entry = self._chains[chain]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._chains[chain]
-                if server:
-                    self._running -= 1
-                    if self._held:  # (what the held gate's spare watches)
-                        self._runs_ended += 1
+            if held:
+                release_signals()
 
-    def _execute(self, message: list) -> None:
-        """Run a decoded request on this thread and send its reply."""
+    def _execute(self, message: list, held: bool = False) -> None:
+        """Run a decoded request on this thread and send its reply; ``held``:
+        the thread holds its signals, which it lets through while the
+        request's function runs only (a Ctrl-C that comes as it starts or
+        ends is that function's exception, sent as its reply)."""
         req_id, op, operands = message[1], message[3], message[4:]
         # the request's arguments live as long as the request, not as long as
         # whoever holds the message: what the peer handed for it is released
         # before the reply (see below), so the peer learns at once
         del message[3:]
         try:
-            value = self.serializer.perform(op, operands)
-            if type(value) is _Coroutine:  # an async function was called: its result is sent
-                value = _run_coroutine(value)
-            kind = REPLY
+            try:
+                if held:
+                    release_signals()
+                value = self.serializer.perform(op, operands)
+                if type(value) is _Coroutine:  # an async function was called: its result is sent
+                    value = _run_coroutine(value)
+                kind = REPLY
+            finally:
+                if held:
+                    hold_signals()
         except BaseException as err:  # every failure, SystemExit included, goes back to the caller
+            if held:
+                hold_signals()  # (if a Ctrl-C came before the finally held them)
             if self.serializer.keeps_interrupts and not isinstance(err, Exception):
                 self._stop_for(err)
                 raise
@@ -2183,7 +2207,7 @@ class Connection:
             self._after_request()
         if self.pending_releases:
             references.flush_releases(self)
-        self._send_reply(req_id, kind, value)
+        self._send_reply(req_id, kind, value, run_peer=not held)
 
     def _stop_for(self, interrupt: BaseException) -> None:
         """Ctrl-C or an exit in the master while it served an untrusted peer: the
@@ -2221,8 +2245,11 @@ class Connection:
             self._fail(err)
         return True
 
-    def _send_reply(self, req_id: int, kind: int, value: Any) -> None:
-        """Every request gets its reply: a caller waits for nothing else."""
+    def _send_reply(self, req_id: int, kind: int, value: Any, run_peer: bool = True) -> None:
+        """Every request gets its reply: a caller waits for nothing else.
+        Not ``run_peer`` (signals held): a guest's reply is only queued, and
+        the thread's next read runs the guest (a send would run it with the
+        signals held for all of its work)."""
         try:
             if type(value) in _SCALARS:  # (nothing to export, nor a block: most replies)
                 # (a None, bool or small int in one go where the codec is Python)
@@ -2243,7 +2270,10 @@ class Connection:
         if __debug__ and _logging.PER_CALL:
             log.debug("<- %s %s %d", self.peer_id, "reply" if kind == REPLY else "raise", req_id)
         try:
-            self.transport.send(payload)
+            if run_peer or self._runner is None:
+                self.transport.send(payload)
+            else:
+                self._runner.queue(payload)
         except OSError as err:
             self._fail(err)
 
