@@ -989,29 +989,24 @@ class Connection:
         with self._lock:
             if self.broken is not None or not self._take_role(None):
                 return False
+        held = False
+        handed = False  # the role given up, or handed to _read, which gives it up
         try:
-            if not runner.drive_for(_LOOP_SLICE):
-                with self._lock:
-                    self._give_up_role()
-                return True
-            # a frame waits, or the guest ended: the guest's recv returns at once
-            raw = self._read_frame()
-            if raw is None:  # (the link ended: marked so)
-                with self._lock:
-                    self._give_up_role()
-                return True
-            try:
-                kind = self._claim_if_own_reply(raw, req_id)
-            except ProtocolError:
-                kind = None  # (_read fails the link for it)
-            if kind is not None:
-                waiter.inbox.append((self, kind, req_id, raw))
-                return True
-        except BaseException:
-            with self._lock:
-                self._give_up_role()
-            raise
-        self._read(None, serve=False, first=raw)
+            if runner.drive_for(_LOOP_SLICE):
+                # a frame waits, or the guest ended: the guest's recv returns
+                # at once, and a frame it returns is delivered before a
+                # signal's handler runs (as in _read_slice)
+                held = self._holds_signals and hold_signals()
+                raw = self._read_frame()
+                if raw is not None:  # (else the link ended: marked so)
+                    kind = self._claim_if_own_reply(raw, req_id)
+                    handed = True
+                    if kind is not None:
+                        waiter.inbox.append((self, kind, req_id, raw))
+                    else:
+                        self._read(None, serve=False, first=raw)
+        finally:
+            self._after_loop_read(handed, held)
         return True
 
     def _send_express(self, req_id: int, payload: Any, waiter: _AsyncWaiter) -> bool:
@@ -1418,8 +1413,8 @@ class Connection:
         """The reader holds the role and read ``raw``: if it is the reply to
         ``req_id`` and nothing else was read ahead, claim it and give the
         role up in one lock section, and return its kind; else None (the
-        reader routes it as any frame). Raises ProtocolError for a malformed
-        header."""
+        reader routes it as any frame: a malformed header peeks as Nones,
+        and ``_route`` says what is wrong)."""
         kind, key, _ = codec.peek(raw)
         if key == req_id and (kind == REPLY or kind == RAISE) and not self._buffered():
             with self._lock:
