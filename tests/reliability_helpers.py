@@ -287,4 +287,3 @@ def call_back_noting(callback, value):
 def call_back_with_signal(callback):
     """``call_back_noting`` with a value that signals the master as it arrives."""
     return call_back_noting(callback, SignalsOnArrival())
-

@@ -609,7 +609,8 @@ def test_a_callback_of_a_call_ctrl_c_ended_is_refused_and_the_guest_goes_on(host
         assert master.execute(abs, -3) == 3  # (its guest first ends the call Ctrl-C left)
         outcomes = master.execute(eval, "__import__('hostile_limits').late_outcomes")
         assert ran == []
-        assert len(outcomes) == 1 and outcomes[0].startswith("TwinterpreterTerminated: this callback"), outcomes
+        assert len(outcomes) == 1, outcomes
+        assert outcomes[0].startswith("TwinterpreterTerminated: this callback"), outcomes
         assert "was interrupted" in outcomes[0]
         assert state_kept(master), "the same guest"
     finally:

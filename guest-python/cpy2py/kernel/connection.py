@@ -50,7 +50,7 @@ from .serialization import Serializer, bare_failure, decoding_from
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
-    from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
+    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
     from ..protocol.transport import PeerRunner, Transport
 
