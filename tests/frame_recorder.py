@@ -64,6 +64,13 @@ class RecordingTransport:
                 return sent
 
             return send_now
+        if name == "queue":  # how the master gives a guest a frame without running it
+
+            def queue(payload: Any) -> None:
+                attr(payload)
+                self.frames.append(("master", bytes(payload)))
+
+            return queue
         return attr
 
 
