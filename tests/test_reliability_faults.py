@@ -313,6 +313,40 @@ def test_a_ctrl_c_while_the_master_reads_a_callback_is_that_callbacks_answer(kin
     assert victim.execute(rh.sleep_then, 0, "next") == "next"
 
 
+def test_a_second_ctrl_c_while_an_interrupted_call_cleans_up_leaves_the_link_usable(kind, victim):
+    """Ctrl-C twice in a row: the second comes while the first unwinds the
+    call it interrupted. The call's cleanup is not cut short (a call left
+    registered would take a later call's reply, and the link break), and
+    every later call gets its own result."""
+    main = threading.main_thread().ident
+    second: list = []
+
+    def handler(signum, frame):
+        if not second:  # the first: another Ctrl-C comes as this one unwinds
+            second.append(True)
+            signal.pthread_kill(main, signal.SIGINT)  # type: ignore[arg-type]
+        raise rh.Interrupt("Ctrl-C")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        for i in range(10):
+            second.clear()
+            timer = threading.Timer(0.05, signal.pthread_kill, args=(main, signal.SIGINT))
+            timer.start()
+            try:
+                with pytest.raises(rh.Interrupt):
+                    victim.execute(rh.sleep_then, 0.2, "late")
+            finally:
+                timer.join()
+            assert second, "the handler ran"
+            assert victim.execute(rh.sleep_then, 0, i) == i
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    time.sleep(0.3)  # (the late replies come)
+    assert [victim.execute(rh.sleep_then, 0, n) for n in range(3)] == [0, 1, 2]
+    assert victim.is_alive
+
+
 def _interrupt_after(seconds: float):
     """A SIGINT to this process after ``seconds``, with a handler that raises
     Interrupted (pytest's own would end the session); returns a restorer."""

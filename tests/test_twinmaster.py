@@ -201,10 +201,13 @@ def test_starting_a_running_twin_with_other_settings_warns(kind):
 
 
 @pytest.mark.timeout(120)
-def test_a_start_ended_by_ctrl_c_tells_the_threads_that_wait_for_it(monkeypatch):
+@pytest.mark.parametrize("ctrl_c", ["once", "again as it tells them"])
+def test_a_start_ended_by_ctrl_c_tells_the_threads_that_wait_for_it(monkeypatch, ctrl_c):
     """A Ctrl-C anywhere in a start (here while it shuts the dead twin down)
     reaches the other threads that wait for that start as an error, instead
-    of leaving them waiting for ever; the next start starts anew."""
+    of leaving them waiting for ever; the next start starts anew. So does a
+    second Ctrl-C that comes as the start begins to tell them (before, it
+    cut the telling short)."""
     import threading
 
     from cpy2py import TwinStartError, TwinterpreterTerminated
@@ -230,6 +233,17 @@ def test_a_start_ended_by_ctrl_c_tells_the_threads_that_wait_for_it(monkeypatch)
 
     monkeypatch.setattr(master_module._Starting, "wait", wait)
     monkeypatch.setattr(master_module._Twin, "shut_down", shut_down)
+    if ctrl_c != "once":
+        real_finish = master_module._Starting.finish
+        interrupted: list = []
+
+        def finish(starting, error):
+            if error is not None and not interrupted:
+                interrupted.append(error)
+                raise KeyboardInterrupt  # (as finish begins: it has done nothing yet)
+            return real_finish(starting, error)
+
+        monkeypatch.setattr(master_module._Starting, "finish", finish)
     other: list = []
 
     def start_too():

@@ -8,6 +8,7 @@ the master's copy.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import os
 import sys
@@ -255,17 +256,27 @@ class _Starting:
     """A twin being started: other threads that want it wait here."""
 
     def __init__(self) -> None:
-        self._done = threading.Event()
+        # held until the start ends, and let go by one call into C: a signal
+        # handler cannot cut a finish in half (``Event.set`` is Python code,
+        # and a Ctrl-C inside it left the waiters asleep for ever)
+        self._running = _thread.allocate_lock()
+        self._running.acquire()
+        #: the start ended (its waiters are let go)
+        self.ended = False
         self._error: Optional[BaseException] = None
         #: stop() or destroy() came while it started: it is stopped once up
         self.cancelled = False
 
     def finish(self, error: Optional[BaseException]) -> None:
-        self._error = error
-        self._done.set()
+        """The start ended (``error``: how it failed); the first call counts."""
+        if not self.ended:
+            self.ended = True
+            self._error = error
+            self._running.release()
 
     def wait(self, twin_id: str) -> bool:
-        self._done.wait()
+        with self._running:  # (each waiter in turn, at once: it is let go for good)
+            pass
         if self._error is not None:
             raise TwinStartError(
                 f"twinterpreter {twin_id!r} failed to start in another thread: {self._error}"
@@ -486,50 +497,60 @@ class TwinMaster:
             fresh.check_can_start(self)
             return True
         twin_id = self.twinterpreter_id
-        with _running_lock:
-            if _exiting:
-                raise TwinterpreterUnavailable(
-                    f"twinterpreter {twin_id!r} cannot be started: the master is exiting"
-                )
-            twin = _running.get(twin_id)
-            if twin is not None and twin.alive:
-                differ = self._other_settings(twin.master) if twin.master is not self else []
-                if differ:
-                    import warnings
-
-                    warnings.warn(
-                        f"twinterpreter {twin_id!r} is running already, started with {', '.join(differ)}: "
-                        "it goes on with those settings, not this TwinMaster's; stop() it first to start "
-                        "it with these",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                return True
-            if twin is not None:  # it died: cleared away before starting anew
-                del _running[twin_id]
-            starting = _starting.get(twin_id)
-            ours = starting is None
-            if ours:
-                starting = _starting[twin_id] = _Starting()
-                _configs[twin_id] = self
-        # No lock is held while a twin starts: starting one (a slow interpreter,
-        # a guest's initializers) never holds up the others or stop().
-        if not ours:
-            if twin is not None:
-                twin.shut_down("ended and is restarted", timeout=0)
-            return starting.wait(twin_id)
         # Whatever ends this start (Ctrl-C included, anywhere in it), the
-        # threads that wait for it are told, and the next call starts anew.
+        # threads that wait for it are told, and the next call starts anew:
+        # it is registered inside the try that tells them (``ours`` is set
+        # with no check for signals after the registration).
+        ours = False
         try:
+            with _running_lock:
+                if _exiting:
+                    raise TwinterpreterUnavailable(
+                        f"twinterpreter {twin_id!r} cannot be started: the master is exiting"
+                    )
+                twin = _running.get(twin_id)
+                if twin is not None and twin.alive:
+                    differ = self._other_settings(twin.master) if twin.master is not self else []
+                    if differ:
+                        import warnings
+
+                        warnings.warn(
+                            f"twinterpreter {twin_id!r} is running already, started with "
+                            f"{', '.join(differ)}: "
+                            "it goes on with those settings, not this TwinMaster's; stop() it first to start "
+                            "it with these",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                    return True
+                if twin is not None:  # it died: cleared away before starting anew
+                    del _running[twin_id]
+                starting = _starting.get(twin_id)
+                if starting is None or starting.ended:  # (one left behind by a Ctrl-C in a finally)
+                    starting = _starting[twin_id] = _Starting()
+                    ours = True
+                    _configs[twin_id] = self
+            # No lock is held while a twin starts: starting one (a slow interpreter,
+            # a guest's initializers) never holds up the others or stop().
+            if not ours:
+                if twin is not None:
+                    twin.shut_down("ended and is restarted", timeout=0)
+                return starting.wait(twin_id)
             self._start_as_starter(twin_id, twin, starting)
+            return True
         except BaseException as err:
-            starting.finish(err)
+            while ours:  # (another Ctrl-C must not keep the waiters from being told)
+                try:
+                    starting.finish(err)
+                    break
+                except BaseException:  # (finish has done nothing then: it runs again)
+                    pass
             raise
         finally:
-            with _running_lock:
-                if _starting.get(twin_id) is starting:
-                    del _starting[twin_id]
-        return True
+            if ours:
+                with _running_lock:
+                    if _starting.get(twin_id) is starting:
+                        del _starting[twin_id]
 
     def _start_as_starter(self, twin_id: str, dead: Optional[_Twin], starting: _Starting) -> None:
         """``start``, in the thread that registered the start (``starting``)."""

@@ -605,29 +605,38 @@ class Connection:
                 timed = False
             return self._result(req_id, kind, raw)
         finally:
-            if timed:
-                _deadlines().clear((self, req_id))
-            if not (express and answered):  # (an express call's reply left nothing to undo)
-                with self._lock:
-                    if registered:
-                        self._end_call(req_id, chain)
-                    elif express:
-                        self._express = None
-                        if self.broken is None:
-                            self._abandoned[req_id] = chain  # (sent, or about to be: its reply is dropped)
-                    self._leave_queue(waiter)
-                    if self._reading and self._reader == _thread.get_ident():
-                        self._give_up_role()  # taken before the send, and interrupted before reading
-                if not answered:  # a reply claimed just before the interruption is dropped too
-                    self._decoded(req_id)
-            if waiter.inbox:  # interrupted: nothing of this call may reach a later one
-                self._drop_leftovers(waiter, req_id)
-            waiter.depth -= 1
-            if not answered and not waiter.depth:
-                # Left before its reply (Ctrl-C, a timeout), and the thread's
-                # outermost call: its chain may still run in the peer, where
-                # the next call would wait behind it. That one starts anew.
-                waiter.chain = None
+            # An interrupted call's cleanup runs with the main thread's
+            # signals held: a second Ctrl-C must not cut it short (a call left
+            # registered took a later call's reply, which broke the link).
+            held = not answered and self._holds_signals and hold_signals()
+            try:
+                if timed:
+                    _deadlines().clear((self, req_id))
+                if not (express and answered):  # (an express call's reply left nothing to undo)
+                    with self._lock:
+                        if registered:
+                            self._end_call(req_id, chain)
+                        elif express:
+                            self._express = None
+                            if self.broken is None:
+                                # (sent, or about to be: its reply is dropped)
+                                self._abandoned[req_id] = chain
+                        self._leave_queue(waiter)
+                        if self._reading and self._reader == _thread.get_ident():
+                            self._give_up_role()  # taken before the send, and interrupted before reading
+                    if not answered:  # a reply claimed just before the interruption is dropped too
+                        self._decoded(req_id)
+                if waiter.inbox:  # interrupted: nothing of this call may reach a later one
+                    self._drop_leftovers(waiter, req_id, run_peer=not held)
+                waiter.depth -= 1
+                if not answered and not waiter.depth:
+                    # Left before its reply (Ctrl-C, a timeout), and the thread's
+                    # outermost call: its chain may still run in the peer, where
+                    # the next call would wait behind it. That one starts anew.
+                    waiter.chain = None
+            finally:
+                if held:
+                    release_signals()
 
     def calls_waiting(self) -> int:
         """Calls on this link that wait for their replies now."""
@@ -1423,9 +1432,13 @@ class Connection:
                     return kind
         return None
 
-    def _drop_leftovers(self, waiter: Union[_Waiter, _AsyncWaiter], req_id: int) -> None:
+    def _drop_leftovers(
+        self, waiter: Union[_Waiter, _AsyncWaiter], req_id: int, run_peer: bool = True
+    ) -> None:
         """A call left early (Ctrl-C): its reply, if delivered, is dropped, and
-        requests of its chain that it will not run now are answered."""
+        requests of its chain that it will not run now are answered (not
+        ``run_peer``: signals held, a guest's answers are queued, see
+        ``_send_reply``)."""
         kept: List[Item] = []
         while waiter.inbox:
             item = waiter.inbox.popleft()
@@ -1435,7 +1448,7 @@ class Connection:
                 continue  # the abandoned call's reply
             if kind == REQUEST and conn is self:
                 self._decoded(_request_id(key))
-                conn._send_reply(key, RAISE, _interrupted(self.peer_id))
+                conn._send_reply(key, RAISE, _interrupted(self.peer_id), run_peer)
                 continue
             kept.append(item)
         waiter.inbox.extend(kept)
