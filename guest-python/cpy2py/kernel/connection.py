@@ -391,11 +391,12 @@ class Connection:
         #: sends a small frame only if it goes out at once (native twins' transport)
         self._send_now = transport.send_now if transport.sends_now else None
         self._holds_signals = transport.stops_for_signals
-        #: the master's main thread holds its signals while it decodes a
-        #: request and sends the reply (``_run``): a Ctrl-C there would
-        #: leave the peer waiting for an answer (twins get no Ctrl-C: they
-        #: run in process groups of their own)
-        self._holds_for_runs = self._holds_signals and kernel_state.is_master()
+        #: the master's main thread holds its signals in the kernel's own
+        #: steps that a Ctrl-C must not cut short: decoding a request and
+        #: sending its reply (``_run``), an interrupted call's cleanup
+        #: (``request``). Twins get no Ctrl-C: they run in process groups
+        #: of their own.
+        self._shields_steps = self._holds_signals and kernel_state.is_master()
         #: large byte strings go to the transport as they are, among the
         #: frame's parts (``dumps(..., parts=True)``), not copied into it
         self._parts = transport.sends_parts
@@ -608,7 +609,7 @@ class Connection:
             # An interrupted call's cleanup runs with the main thread's
             # signals held: a second Ctrl-C must not cut it short (a call left
             # registered took a later call's reply, which broke the link).
-            held = not answered and self._holds_signals and hold_signals()
+            held = not answered and self._shields_steps and hold_signals()
             try:
                 if timed:
                     _deadlines().clear((self, req_id))
@@ -998,25 +999,39 @@ class Connection:
         with self._lock:
             if self.broken is not None or not self._take_role(None):
                 return False
+        try:
+            ready = runner.drive_for(_LOOP_SLICE)
+        except BaseException:
+            self._after_loop_read(False, False)
+            raise
+        if ready:  # a frame waits, or the guest ended: its recv returns at once
+            self._deliver_slice_frame(waiter, req_id)
+        else:
+            self._after_loop_read(False, False)
+        return True
+
+    def _deliver_slice_frame(self, waiter: _AsyncWaiter, req_id: int) -> None:
+        """On the loop's thread, which holds the reading role, a frame waiting
+        (or the link's end) for ``waiter``'s awaited call ``req_id``
+        (``_read_slice``, ``_drive_slice``): read with the signals held, so
+        that it is delivered before a handler runs; the call's reply goes to
+        its inbox without the layers of ``_read`` (as in ``_own_reply``),
+        anything else (a release before the reply, a callback) is routed by
+        ``_read``. The role and the signals are given back."""
         held = False
         handed = False  # the role given up, or handed to _read, which gives it up
         try:
-            if runner.drive_for(_LOOP_SLICE):
-                # a frame waits, or the guest ended: the guest's recv returns
-                # at once, and a frame it returns is delivered before a
-                # signal's handler runs (as in _read_slice)
-                held = self._holds_signals and hold_signals()
-                raw = self._read_frame()
-                if raw is not None:  # (else the link ended: marked so)
-                    kind = self._claim_if_own_reply(raw, req_id)
-                    handed = True
-                    if kind is not None:
-                        waiter.inbox.append((self, kind, req_id, raw))
-                    else:
-                        self._read(None, serve=False, first=raw)
+            held = self._holds_signals and hold_signals()  # (see _next_for)
+            raw = self._read_frame()
+            if raw is not None:  # (else the link ended: marked so)
+                kind = self._claim_if_own_reply(raw, req_id)
+                handed = True
+                if kind is not None:
+                    waiter.inbox.append((self, kind, req_id, raw))
+                else:
+                    self._read(None, serve=False, first=raw)
         finally:
             self._after_loop_read(handed, held)
-        return True
 
     def _send_express(self, req_id: int, payload: Any, waiter: _AsyncWaiter) -> bool:
         """An awaited call, ``waiter``'s: if it is the only call on the link
@@ -1105,30 +1120,18 @@ class Connection:
                     return  # (others wait: their replies are the loop's to route)
                 if not self._take_role(None):
                     return
-            held = False
-            handed = False  # the role given up, or handed to _read, which gives it up
             try:
-                if not (self._buffered() or self.transport.wait_readable(left)):
-                    with self._lock:
-                        self._slice_skips = _SLICE_SKIPS
-                    return
-                held = self._holds_signals and hold_signals()  # (see _next_for)
-                raw = self._read_frame()
-                if raw is None:  # the link ended (marked so)
-                    return
-                kind = self._claim_if_own_reply(raw, req_id)
-                handed = True
-                if kind is not None:
-                    waiter.inbox.append((self, kind, req_id, raw))
-                    return
-                # (a release the peer sent before its reply, or a callback)
-                self._read(None, serve=False, first=raw)
-            except ProtocolError as err:  # (a malformed header)
-                self._fail(err)
+                ready = self._buffered() or self.transport.wait_readable(left)
+            except BaseException:
+                self._after_loop_read(False, False)
+                raise
+            if not ready:
+                with self._lock:
+                    self._slice_skips = _SLICE_SKIPS
+                    self._give_up_role()
                 return
-            finally:
-                self._after_loop_read(handed, held)
-            if waiter.inbox:
+            self._deliver_slice_frame(waiter, req_id)
+            if waiter.inbox or self.broken is not None:
                 return
             if not ends:
                 ends = time.monotonic() + left
@@ -1278,7 +1281,7 @@ class Connection:
 
     def _after_loop_read(self, handed: bool, held: bool) -> None:
         """A read on the loop's thread is over (``_loop_reads``,
-        ``_read_slice``): the role given back unless it was ``handed`` on
+        ``_deliver_slice_frame``): the role given back unless it was ``handed`` on
         (to ``_read``, or with a claimed reply), the signals ``held`` for it
         let through."""
         if not handed:
@@ -1371,9 +1374,6 @@ class Connection:
             if kind is not None:
                 return kind, raw
             self._read(waiter, first=raw)  # (its own to its inbox: _wait_for_reply takes it first)
-            return None
-        except ProtocolError as err:  # (a malformed header)
-            self._fail(err)
             return None
         finally:
             if held:
@@ -2104,7 +2104,7 @@ class Connection:
         another waits at the gate meanwhile. The master's main thread holds
         its signals but while the request's function runs (``_execute``):
         a Ctrl-C comes after the reply is sent, never instead of it."""
-        held = self._holds_for_runs and hold_signals()
+        held = self._shields_steps and hold_signals()
         try:
             # only a nested request can be this deep (sys._getframe is slow on PyPy)
             if waiter.chain is not None and _near_recursion_limit():
@@ -2193,19 +2193,17 @@ class Connection:
         # before the reply (see below), so the peer learns at once
         del message[3:]
         try:
-            try:
-                if held:
-                    release_signals()
-                value = self.serializer.perform(op, operands)
-                if type(value) is _Coroutine:  # an async function was called: its result is sent
-                    value = _run_coroutine(value)
-                kind = REPLY
-            finally:
-                if held:
-                    hold_signals()
+            if held:
+                release_signals()
+            value = self.serializer.perform(op, operands)
+            if type(value) is _Coroutine:  # an async function was called: its result is sent
+                value = _run_coroutine(value)
+            if held:
+                hold_signals()
+            kind = REPLY
         except BaseException as err:  # every failure, SystemExit included, goes back to the caller
             if held:
-                hold_signals()  # (if a Ctrl-C came before the finally held them)
+                hold_signals()  # (a no-op if held already: hold_signals holds once)
             if self.serializer.keeps_interrupts and not isinstance(err, Exception):
                 self._stop_for(err)
                 raise
@@ -2243,14 +2241,8 @@ class Connection:
             f"this callback to the master came after the master's call to {self.peer_id!r} that made it "
             "was interrupted (its caller left): it was not run"
         )
-        payload = references.encode([RAISE, req_id, error], self.serializer.default, share=self._share)
-        try:
-            if self._runner is not None:
-                self._runner.queue(payload)
-            else:
-                self.transport.send(payload)
-        except OSError as err:
-            self._fail(err)
+        # (queued: the reader routes, it must not run the guest here)
+        self._send_reply(req_id, RAISE, error, run_peer=False)
         return True
 
     def _send_reply(self, req_id: int, kind: int, value: Any, run_peer: bool = True) -> None:
