@@ -260,10 +260,18 @@ class Interrupt(BaseException):
     an Exception); here, so that every twin can rebuild it."""
 
 
+#: the ident of a thread of the master's application that catches the
+#: SIGINT ``SignalsOnArrival`` sends, if not the main thread (set by a test)
+CATCHER = None
+
+
 class SignalsOnArrival:
-    """Rebuilt in the master (unpickled), it sends the master's main thread a
-    SIGINT: a Ctrl-C that comes while the master decodes a callback's
-    arguments, before the callback runs."""
+    """Rebuilt in the master (unpickled), it sends the master a SIGINT: a
+    Ctrl-C that comes while the master decodes a callback's arguments,
+    before the callback runs. It goes to the main thread, or to the thread
+    ``CATCHER`` names (as the kernel gives a process's Ctrl-C to another
+    thread while the main thread blocks it): Python runs the handler in the
+    main thread either way."""
 
     def __init__(self) -> None:
         self.made_in = kernel_state.TWIN_ID
@@ -273,15 +281,32 @@ class SignalsOnArrival:
         if kernel_state.is_master():
             import threading
 
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+            if CATCHER is None:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+                return
+            signal.pthread_kill(CATCHER, signal.SIGINT)
+            # the decoding goes on long enough for that thread's handler to run
+            ends = time.monotonic() + 0.05
+            while time.monotonic() < ends:
+                pass
+
+
+#: how each ``call_back_noting`` here ended, in order
+NOTED: list = []
 
 
 def call_back_noting(callback, value):
-    """Calls the master's ``callback`` and says how that ended."""
+    """Calls the master's ``callback`` and says how that ended (and notes it)."""
     try:
-        return ["returned", callback(value)]
+        outcome = ["returned", callback(value)]
     except BaseException as err:
-        return ["raised", type(err).__name__]
+        outcome = ["raised", type(err).__name__]
+    NOTED.append(outcome)
+    return outcome
+
+
+def noted() -> list:
+    return NOTED
 
 
 def call_back_with_signal(callback):

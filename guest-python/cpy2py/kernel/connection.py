@@ -609,7 +609,7 @@ class Connection:
             # An interrupted call's cleanup runs with the main thread's
             # signals held: a second Ctrl-C must not cut it short (a call left
             # registered took a later call's reply, which broke the link).
-            held = not answered and self._shields_steps and hold_signals()
+            held, due = _hold_steps() if not answered and self._shields_steps else (False, None)
             try:
                 if timed:
                     _deadlines().clear((self, req_id))
@@ -638,6 +638,8 @@ class Connection:
             finally:
                 if held:
                     release_signals()
+            if due is not None:
+                raise due  # (a second interrupt, due as the cleanup began: after it)
 
     def calls_waiting(self) -> int:
         """Calls on this link that wait for their replies now."""
@@ -1253,9 +1255,9 @@ class Connection:
             with self._lock:
                 self._give_up_role()
             return
-        held = self._holds_signals and hold_signals()  # (see _next_for; _read lets them through)
-        handed = False  # the role given up, or handed to _read, which gives it up
+        held = handed = False  # handed: the role given up, or handed to _read, which gives it up
         try:
+            held = self._holds_signals and hold_signals()  # (see _next_for; _read lets them through)
             raw = self._read_frame()
             if raw is None:  # the link ended (marked so)
                 return
@@ -2104,8 +2106,15 @@ class Connection:
         another waits at the gate meanwhile. The master's main thread holds
         its signals but while the request's function runs (``_execute``):
         a Ctrl-C comes after the reply is sent, never instead of it."""
-        held = self._shields_steps and hold_signals()
+        held, due = _hold_steps() if self._shields_steps else (False, None)
         try:
+            if due is not None:  # a handler due as the request came: what it raised answers it
+                self._decoded(_request_id(req_id))
+                if self.serializer.keeps_interrupts and not isinstance(due, Exception):
+                    self._stop_for(due)  # (a guest's callback: as in _execute)
+                    raise due
+                self._send_reply(req_id, RAISE, due, run_peer=not held)
+                return
             # only a nested request can be this deep (sys._getframe is slow on PyPy)
             if waiter.chain is not None and _near_recursion_limit():
                 self._decoded(_request_id(req_id))
@@ -2203,7 +2212,7 @@ class Connection:
             kind = REPLY
         except BaseException as err:  # every failure, SystemExit included, goes back to the caller
             if held:
-                hold_signals()  # (a no-op if held already: hold_signals holds once)
+                _hold_steps()  # (a no-op if held already; err is the answer either way)
             if self.serializer.keeps_interrupts and not isinstance(err, Exception):
                 self._stop_for(err)
                 raise
@@ -2449,6 +2458,19 @@ def _deadlines() -> Any:
 #: is sent without the role, and a server thread may read its reply and
 #: hand it over (two thread switches more).
 _SMALL_FRAME = 65532
+
+
+def _hold_steps() -> Tuple[bool, Optional[BaseException]]:
+    """Hold the main thread's signals for kernel steps that must finish
+    (see ``_shields_steps``): whether it held them, and what a handler that
+    was due already raised as they were held (``hold_signals`` runs it
+    first), for the caller to raise or answer with once the steps are done."""
+    due = None
+    while True:
+        try:
+            return hold_signals(), due
+        except BaseException as err:  # (nothing is held when it raises)
+            due = err
 
 
 def _request_id(key: int) -> int:

@@ -57,10 +57,19 @@ fn init_logging(level: &str) -> PyResult<()> {
 /// Blocks every signal in the main thread until `release_signals` (see
 /// crate::signals); the kernel holds them while the thread holds a link's
 /// reading role. Elsewhere, or when they are held already, a no-op. Whether
-/// it held them now.
+/// it held them now. A handler made due before (by a signal another thread
+/// caught) runs here: what it raises comes out of this call, with nothing
+/// held, as if it had come just before.
 #[pyfunction]
-fn hold_signals() -> bool {
-    signals::hold()
+fn hold_signals(py: Python<'_>) -> PyResult<bool> {
+    if !signals::hold() {
+        return Ok(false);
+    }
+    if let Err(interrupt) = py.check_signals() {
+        signals::release();
+        return Err(interrupt);
+    }
+    Ok(true)
 }
 
 /// Kills every twin this process started, those still starting included
