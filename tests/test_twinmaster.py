@@ -201,7 +201,7 @@ def test_starting_a_running_twin_with_other_settings_warns(kind):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("ctrl_c", ["once", "again as it tells them"])
+@pytest.mark.parametrize("ctrl_c", ["once", "again as it tells them", "again as it records the failure"])
 def test_a_start_ended_by_ctrl_c_tells_the_threads_that_wait_for_it(monkeypatch, ctrl_c):
     """A Ctrl-C anywhere in a start (here while it shuts the dead twin down)
     reaches the other threads that wait for that start as an error, instead
@@ -233,7 +233,22 @@ def test_a_start_ended_by_ctrl_c_tells_the_threads_that_wait_for_it(monkeypatch,
 
     monkeypatch.setattr(master_module._Starting, "wait", wait)
     monkeypatch.setattr(master_module._Twin, "shut_down", shut_down)
-    if ctrl_c != "once":
+    if ctrl_c == "again as it records the failure":  # (halfway through finish: it is called again)
+        failures: list = []
+
+        def record(starting, error):
+            if error is not None and not failures:
+                failures.append(error)
+                raise KeyboardInterrupt
+            starting.__dict__["failure"] = error
+
+        monkeypatch.setattr(
+            master_module._Starting,
+            "_error",
+            property(lambda starting: starting.__dict__["failure"], record),
+            raising=False,
+        )
+    elif ctrl_c != "once":
         real_finish = master_module._Starting.finish
         interrupted: list = []
 

@@ -268,11 +268,16 @@ class _Starting:
         self.cancelled = False
 
     def finish(self, error: Optional[BaseException]) -> None:
-        """The start ended (``error``: how it failed); the first call counts."""
+        """The start ended (``error``: how it failed); the first call counts.
+        Called again after an interruption anywhere in it, it does what is
+        left: ``ended`` is set only after the waiters were let go."""
         if not self.ended:
-            self.ended = True
             self._error = error
-            self._running.release()
+            try:
+                self._running.release()
+            except RuntimeError:  # (let go already, by the call this one repeats)
+                pass
+            self.ended = True
 
     def wait(self, twin_id: str) -> bool:
         with self._running:  # (each waiter in turn, at once: it is let go for good)
@@ -543,7 +548,7 @@ class TwinMaster:
                 try:
                     starting.finish(err)
                     break
-                except BaseException:  # (finish has done nothing then: it runs again)
+                except BaseException:  # (finish does what it left undone: it runs again)
                     pass
             raise
         finally:
