@@ -312,3 +312,13 @@ def noted() -> list:
 def call_back_with_signal(callback):
     """``call_back_noting`` with a value that signals the master as it arrives."""
     return call_back_noting(callback, SignalsOnArrival())
+
+
+def interrupt_master_then_call_back(master_pid: int, callback):
+    """Run nested in a callback of the master: a SIGINT to the master
+    interrupts its call waiting for this one (the callback that made that
+    call is answered at once); then, once that answer has surely arrived
+    here, this calls ``callback`` and says how that ended."""
+    os.kill(master_pid, signal.SIGINT)
+    time.sleep(0.5)
+    return call_back_noting(callback, "late")

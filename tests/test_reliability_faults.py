@@ -340,6 +340,39 @@ def test_a_ctrl_c_while_the_master_reads_a_callback_is_that_callbacks_answer(kin
     assert victim.execute(rh.sleep_then, 0, "next") == "next"
 
 
+def test_a_ctrl_c_in_a_callback_leaves_the_twins_nested_call_to_finish(kind, victim):
+    """A Ctrl-C interrupts the master's call into the twin made inside a
+    twin's callback (twin -> master -> twin): the callback is answered at
+    once, while the twin still runs the nested call, which then calls the
+    master once more. The twin finishes its nested call (the master answers
+    its late callback) before it takes the outer answer. Before, the twin
+    took the early answer as a protocol error: its link broke and its state
+    was lost."""
+
+    def handler(signum, frame):
+        raise rh.Interrupt("Ctrl-C")
+
+    ran = []
+
+    def late(value):  # called by the twin after the master's Ctrl-C
+        ran.append(value)
+        return "answered"
+
+    def callback(value):  # the twin's callback, which calls the twin again
+        return victim.execute(rh.interrupt_master_then_call_back, os.getpid(), late)
+
+    pid = victim.execute(rh.pid)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        outcome = victim.execute(rh.call_back_noting, callback, "first")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert outcome == ["raised", "Interrupt"]
+    assert ran == ["late"]
+    assert victim.execute(rh.noted) == [["returned", "answered"], ["raised", "Interrupt"]]
+    assert victim.execute(rh.pid) == pid, "the twin was restarted: its state was lost"
+
+
 def test_a_second_ctrl_c_while_an_interrupted_call_cleans_up_leaves_the_link_usable(kind, victim):
     """Ctrl-C twice in a row: the second comes while the first unwinds the
     call it interrupted. The call's cleanup is not cut short (a call left

@@ -627,6 +627,8 @@ class Connection:
                             self._give_up_role()  # taken before the send, and interrupted before reading
                     if not answered:  # a reply claimed just before the interruption is dropped too
                         self._decoded(req_id)
+                        if waiter.early:  # (or kept for when a nested call ended)
+                            waiter.early.pop((self, req_id), None)
                 if waiter.inbox:  # interrupted: nothing of this call may reach a later one
                     self._drop_leftovers(waiter, req_id, run_peer=not held)
                 waiter.depth -= 1
@@ -1347,19 +1349,15 @@ class Connection:
                 del raw  # its arguments must not outlive the nested call
             elif conn is self and key == req_id:
                 return kind, raw
-            elif not conn._threads:
-                # one thread serves several callers' chains: the reply to an
-                # outer call came while a call made later waits; kept for it
-                waiter.early[(conn, key)] = (conn, kind, key, raw)
             else:
-                # the reply to an outer call of this thread: its peer gave up on
-                # the nested call this thread waits for, which would wait forever
-                conn._fail(
-                    ProtocolError(
-                        f"{conn.peer_id!r} answered request {key} while a call nested in it "
-                        "was still waiting for its reply"
-                    )
-                )
+                # The reply to an outer call of this thread, come while a call
+                # made later waits: kept until this thread's stack is back in
+                # that outer call. Without threads, one thread serves several
+                # callers' chains; with them, the peer's caller left the
+                # request this thread runs (Ctrl-C) and answered the request
+                # that made it. The call waiting here still gets its reply:
+                # every request is answered, a late callback too.
+                waiter.early[(conn, key)] = (conn, kind, key, raw)
 
     def _own_reply(self, waiter: _Waiter, req_id: int) -> Optional[Tuple[int, Any]]:
         """The caller sent its request holding the reading role: the next
