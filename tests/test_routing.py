@@ -749,6 +749,95 @@ def test_concurrent_awaited_calls_take_no_slice(monkeypatch, express):
 
 
 @pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
+def test_a_burst_of_awaited_calls_goes_out_together(express):
+    """Awaited calls that the loop's ready tasks make in one turn: the
+    first goes out at once, the others together once those tasks ran (the
+    peer is not woken once per call), and each gets its own result."""
+    import asyncio
+
+    a, b, fds = pair("burst")
+    if express:  # (as a native twin's link)
+        loopback.send_now(a)
+    waiting_as_sent = []
+    real = a.transport.send
+
+    def send(payload):
+        waiting_as_sent.append(a.calls_waiting())
+        real(payload)
+
+    a.transport.send = send
+
+    async def main():
+        return await asyncio.gather(*(_awaited(a, loopback.echo, n) for n in range(50)))
+
+    try:
+        assert asyncio.run(main()) == list(range(50))
+        # the first at once, the rest once the burst's last one was made
+        assert waiting_as_sent == [1] + [50] * 49, waiting_as_sent
+        assert call(a, loopback.echo, "next") == "next"
+    finally:
+        loopback.close((a, b), fds)
+
+
+def test_a_burst_whose_send_fails_fails_every_call_of_it():
+    """The link fails as a burst of awaited calls goes out: every call of
+    the burst raises the link's error (none waits for a reply)."""
+    import asyncio
+    import errno
+
+    a, b, fds = pair("burst-fails")
+
+    def send(payload):
+        raise BrokenPipeError(errno.EPIPE, "the peer is gone")
+
+    a.transport.send = send
+
+    async def main():
+        calls = (_awaited(a, loopback.echo, n) for n in range(5))
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+
+    try:
+        outcomes = asyncio.run(main())
+        assert [type(outcome) for outcome in outcomes] == [TwinterpreterTerminated] * 5, outcomes
+        assert all("closed its end" in str(outcome) for outcome in outcomes), outcomes
+    finally:
+        loopback.close((a, b), fds)
+
+
+def test_ctrl_c_while_a_burst_goes_out_sends_the_rest_at_the_loops_next_turn():
+    """Ctrl-C as a burst of awaited calls goes out stops the loop; run
+    again, the loop sends what was left, and every call gets its result."""
+    import asyncio
+
+    a, b, fds = pair("burst-interrupted")
+    real = a.transport.send
+    sent = []
+
+    def send(payload):
+        if len(sent) == 2 and "interrupted" not in sent:
+            sent.append("interrupted")
+            raise KeyboardInterrupt  # as Ctrl-C before the third frame went out
+        sent.append("frame")
+        real(payload)
+
+    a.transport.send = send
+
+    async def main():
+        return await asyncio.gather(*(_awaited(a, loopback.echo, n) for n in range(10)))
+
+    loop = asyncio.new_event_loop()
+    try:
+        calls = loop.create_task(main())
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(calls)
+        assert loop.run_until_complete(asyncio.wait_for(calls, 10)) == list(range(10))
+        assert sent.count("frame") == 10
+    finally:
+        loop.close()
+        loopback.close((a, b), fds)
+
+
+@pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
 def test_ctrl_c_in_an_awaited_calls_slice_gives_the_reading_role_back(monkeypatch, express):
     """Ctrl-C while an awaited call waits in its slice: the call raises it,
     and the same loop and other threads go on calling (the role was given

@@ -451,6 +451,10 @@ class Connection:
         self._loop_mark = -1  # _role_takes when the loop's reader last gave the role up
         self._unwatched = 0  # awaited calls of other loops pending: the gate watches for them
         self._slice_skips = 0  # awaited calls to go without a slice (_read_slice)
+        #: an event loop -> the requests its awaited calls made while other
+        #: tasks of the loop were ready to run: sent together once those ran
+        #: (_send_soon), so that a burst of calls does not wake the peer per call
+        self._outboxes: Dict[Any, List[Any]] = {}
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
         # Many callers at once. Once servers ran requests at the same time
@@ -579,13 +583,7 @@ class Connection:
                 self._fail(err)
                 raise self._broken_error() from None
             except BaseException as err:  # Ctrl-C in a send that could not go on
-                if self.transport.cut_mid_frame:
-                    self._break_and_kill(
-                        TwinterpreterTerminated(
-                            f"twinterpreter {self.peer_id!r} was stopped: a message to it was cut "
-                            f"half-sent by {type(err).__name__}; its state was lost"
-                        )
-                    )
+                self._stop_if_cut(err)
                 raise
             del payload
             if express:
@@ -797,14 +795,10 @@ class Connection:
                 if first is not _UNREAD:
                     pass  # (sent express)
                 elif runner is None:
-                    # a small frame goes out holding the GIL if the pipe has room
-                    if not (
-                        self._send_now is not None
-                        and type(payload) is bytes
-                        and len(payload) <= _SMALL_FRAME
-                        and self._send_now(payload)
-                    ):
-                        self.transport.send(payload)
+                    if getattr(loop, "_ready", None):  # other tasks run first: they may call too
+                        self._send_soon(loop, payload)
+                    else:
+                        self._send_small(payload)
                 elif turn:  # (taken above)
                     if not waiter.sent:  # the guest ended before its turn
                         self._fail(None)
@@ -828,6 +822,9 @@ class Connection:
             except OSError as err:
                 self._fail(err)
                 raise self._broken_error() from None
+            except BaseException as err:  # Ctrl-C in a send that could not go on
+                self._stop_if_cut(err)
+                raise
             del payload
             # the loop ran the guest a slice (or read a native twin's link
             # for one: express) since it last sent it something
@@ -905,6 +902,62 @@ class Connection:
                 self._decoded(req_id)  # (a reply claimed just before: dropped)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
+
+    def _stop_if_cut(self, err: BaseException) -> None:
+        """A send ended by ``err`` (Ctrl-C): if it cut a frame half-sent,
+        the peer's stream is lost, and so is the peer."""
+        if self.transport.cut_mid_frame:
+            self._break_and_kill(
+                TwinterpreterTerminated(
+                    f"twinterpreter {self.peer_id!r} was stopped: a message to it was cut "
+                    f"half-sent by {type(err).__name__}; its state was lost"
+                )
+            )
+
+    def _send_small(self, payload: Any) -> None:
+        """Send a frame from an event loop's thread: a small one goes out
+        holding the GIL if the pipe has room."""
+        if not (
+            self._send_now is not None
+            and type(payload) is bytes
+            and len(payload) <= _SMALL_FRAME
+            and self._send_now(payload)
+        ):
+            self.transport.send(payload)
+
+    def _send_soon(self, loop: Any, payload: Any) -> None:
+        """Send an awaited call's request (registered: its reply may come
+        any time after) made while other tasks of the loop are ready to
+        run: the first at once, those the other tasks make now together
+        after them (``_send_queued``, at the loop's next turn). A burst of
+        calls then wakes the peer twice, not once per call (benches/README.md,
+        "A burst of awaited calls")."""
+        queued = self._outboxes.get(loop)
+        if queued is None:
+            self._outboxes[loop] = []
+            loop.call_soon(self._send_queued, loop)
+            self._send_small(payload)
+            return
+        queued.append(payload)
+
+    def _send_queued(self, loop: Any) -> None:
+        queued = self._outboxes.pop(loop, None)
+        if not queued:
+            return
+        sent = 0
+        try:
+            while sent < len(queued):
+                self._send_small(queued[sent])
+                sent += 1
+        except OSError as err:
+            self._fail(err)  # (fails every call waiting on the link: theirs too)
+        except BaseException as err:  # Ctrl-C in a send that could not go on
+            self._stop_if_cut(err)
+            if self.broken is None:  # what was not sent goes at the loop's next turn
+                rest = queued[sent:]
+                self._outboxes.setdefault(loop, []).extend(rest)
+                loop.call_soon(self._send_queued, loop)
+            raise
 
     # Awaited calls to a guest this side runs take turns: the one whose turn
     # it is has its request queued for the guest; the next one's is queued
