@@ -148,7 +148,7 @@ def unblock_after_fork() -> None:
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it can)
-    from typing import Any, Protocol, Union
+    from typing import Any, Optional, Protocol, Union
 
     from .._host import Frame
 
@@ -190,6 +190,10 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
             """The next frame; None: the stream ended between frames; False:
             this thread holds its signals (``hold_signals``) and one came
             first, with nothing read."""
+
+        def wait_readable(self, timeout: Optional[float] = None) -> bool:
+            """Whether a frame (or the end of the stream) can be read within
+            ``timeout`` seconds (None: waits for it)."""
 
         def fileno(self) -> int:
             """Readable while there is more to read than ``buffered`` holds
