@@ -386,6 +386,52 @@ def test_a_child_forked_while_the_main_thread_held_its_signals_gets_them_back():
     assert done.stdout == "CHILD 0\n", (done.stdout, done.stderr)
 
 
+DUE_AT_HOLD = """
+import functools, operator, signal, threading, time
+from cpy2py.protocol.transport import hold_signals, signals_held
+
+
+class Due(Exception):
+    pass
+
+
+def handler(signum, frame):
+    raise Due()
+
+
+signal.signal(signal.SIGINT, handler)
+stop = threading.Event()
+catcher = threading.Thread(target=stop.wait)  # an application's thread, which catches it
+catcher.start()
+threading.Timer(0.05, signal.pthread_kill, args=(catcher.ident, signal.SIGINT)).start()
+returned = []
+try:
+    # No bytecode of the main thread runs between the sleep, during which the
+    # handler becomes due, and the hold (C calls only): the handler first
+    # runs in the hold.
+    steps = [functools.partial(time.sleep, 0.5), hold_signals, functools.partial(returned.append, True)]
+    list(map(operator.call, steps))
+    print("NOT RAISED")
+except Due:
+    print("RAISED", "after the hold returned" if returned else "by the hold")
+print("HELD", signals_held(), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+stop.set()
+catcher.join()
+"""
+
+
+def test_a_handler_due_as_the_main_thread_holds_its_signals_raises_from_the_hold():
+    """Another thread of the application caught a Ctrl-C, and its handler is
+    due in the main thread, which has not run a bytecode since and now holds
+    its signals (a step of the kernel's that must not be cut): the handler
+    runs in ``hold_signals``, and what it raises comes out of it with
+    nothing held, as if the Ctrl-C had come just before (the kernel's
+    steps then never start)."""
+    done = run_master(DUE_AT_HOLD, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "RAISED by the hold\nHELD False False\n", (done.stdout, done.stderr)
+
+
 CHILDREN_MODULE = """
 import multiprocessing, os, subprocess, sys, threading
 from cpy2py import kernel_state, twinfunction
