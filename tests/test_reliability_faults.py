@@ -426,17 +426,24 @@ def _interrupt_after(seconds: float):
     return restore
 
 
-def test_ctrl_c_reaches_a_master_blocked_sending_to_a_twin_that_stopped_reading(kind, victim):
-    """The pipe to a SIGSTOPped twin fills up and a large send blocks: Ctrl-C
-    still reaches the master; the message was cut half-sent, so that twin is
-    stopped (its state is lost) and the next start gives a fresh one."""
+@pytest.mark.parametrize("awaited", [False, True], ids=["sync", "awaited"])
+def test_ctrl_c_reaches_a_master_blocked_sending_to_a_twin_that_stopped_reading(kind, victim, awaited):
+    """The pipe to a SIGSTOPped twin fills up and a large send blocks (a
+    call's, or an awaited call's on its event loop): Ctrl-C still reaches
+    the master; the message was cut half-sent, so that twin is stopped (its
+    state is lost) and the next start gives a fresh one."""
+    import asyncio
+
     pid = victim.execute(rh.pid)
     stop_twin(pid)
     restore = _interrupt_after(0.3)
     started = time.monotonic()
     try:
         with pytest.raises(Interrupted):
-            victim.execute(rh.answer, "big", bytes(8 << 20))
+            if awaited:
+                asyncio.run(victim.execute_async(rh.answer, "big", bytes(8 << 20)))
+            else:
+                victim.execute(rh.answer, "big", bytes(8 << 20))
     finally:
         restore()
     assert time.monotonic() - started < HANG / 2, "Ctrl-C waited for the twin to read"

@@ -85,8 +85,8 @@ class _Waiter:
         #: calls this thread makes and requests it runs, on any link, now
         self.depth = 0
         self.name = _thread_name()
-        #: without threads: replies to outer calls of this thread that came
-        #: while a later call waited, (link, request id) -> frame
+        #: replies to outer calls of this thread that came while a later
+        #: call waited, (link, request id) -> frame (see _wait_for_reply)
         self.early: Dict[Tuple[Connection, int], Item] = {}
 
     def deliver(self, item: Item, on: Any = None) -> None:
@@ -451,10 +451,6 @@ class Connection:
         self._loop_mark = -1  # _role_takes when the loop's reader last gave the role up
         self._unwatched = 0  # awaited calls of other loops pending: the gate watches for them
         self._slice_skips = 0  # awaited calls to go without a slice (_read_slice)
-        #: an event loop -> the requests its awaited calls made while other
-        #: tasks of the loop were ready to run: sent together once those ran
-        #: (_send_soon), so that a burst of calls does not wake the peer per call
-        self._outboxes: Dict[Any, List[Any]] = {}
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
         # Many callers at once. Once servers ran requests at the same time
@@ -795,10 +791,14 @@ class Connection:
                 if first is not _UNREAD:
                     pass  # (sent express)
                 elif runner is None:
-                    if getattr(loop, "_ready", None):  # other tasks run first: they may call too
-                        self._send_soon(loop, payload)
-                    else:
-                        self._send_small(payload)
+                    # a small frame goes out holding the GIL if the pipe has room
+                    if not (
+                        self._send_now is not None
+                        and type(payload) is bytes
+                        and len(payload) <= _SMALL_FRAME
+                        and self._send_now(payload)
+                    ):
+                        self.transport.send(payload)
                 elif turn:  # (taken above)
                     if not waiter.sent:  # the guest ended before its turn
                         self._fail(None)
@@ -913,51 +913,6 @@ class Connection:
                     f"half-sent by {type(err).__name__}; its state was lost"
                 )
             )
-
-    def _send_small(self, payload: Any) -> None:
-        """Send a frame from an event loop's thread: a small one goes out
-        holding the GIL if the pipe has room."""
-        if not (
-            self._send_now is not None
-            and type(payload) is bytes
-            and len(payload) <= _SMALL_FRAME
-            and self._send_now(payload)
-        ):
-            self.transport.send(payload)
-
-    def _send_soon(self, loop: Any, payload: Any) -> None:
-        """Send an awaited call's request (registered: its reply may come
-        any time after) made while other tasks of the loop are ready to
-        run: the first at once, those the other tasks make now together
-        after them (``_send_queued``, at the loop's next turn). A burst of
-        calls then wakes the peer twice, not once per call (benches/README.md,
-        "A burst of awaited calls")."""
-        queued = self._outboxes.get(loop)
-        if queued is None:
-            self._outboxes[loop] = []
-            loop.call_soon(self._send_queued, loop)
-            self._send_small(payload)
-            return
-        queued.append(payload)
-
-    def _send_queued(self, loop: Any) -> None:
-        queued = self._outboxes.pop(loop, None)
-        if not queued:
-            return
-        sent = 0
-        try:
-            while sent < len(queued):
-                self._send_small(queued[sent])
-                sent += 1
-        except OSError as err:
-            self._fail(err)  # (fails every call waiting on the link: theirs too)
-        except BaseException as err:  # Ctrl-C in a send that could not go on
-            self._stop_if_cut(err)
-            if self.broken is None:  # what was not sent goes at the loop's next turn
-                rest = queued[sent:]
-                self._outboxes.setdefault(loop, []).extend(rest)
-                loop.call_soon(self._send_queued, loop)
-            raise
 
     # Awaited calls to a guest this side runs take turns: the one whose turn
     # it is has its request queued for the guest; the next one's is queued
@@ -1409,7 +1364,8 @@ class Connection:
                 # callers' chains; with them, the peer's caller left the
                 # request this thread runs (Ctrl-C) and answered the request
                 # that made it. The call waiting here still gets its reply:
-                # every request is answered, a late callback too.
+                # every request is answered, a late callback too, or the link
+                # ends and wakes every waiting call.
                 waiter.early[(conn, key)] = (conn, kind, key, raw)
 
     def _own_reply(self, waiter: _Waiter, req_id: int) -> Optional[Tuple[int, Any]]:
