@@ -104,6 +104,15 @@ def bounce(side: str, depth: int) -> List[str]:
     return [side] + call(here, bounce, other, depth - 1)
 
 
+def call_back(side: str, value: Any) -> List[Any]:
+    """Runs on ``side``: calls ``echo`` on the other end (a callback, nested
+    in this request) and says how that ended."""
+    try:
+        return ["returned", call(SIDES[side], echo, value)]
+    except BaseException as err:
+        return ["raised", type(err).__name__]
+
+
 def fail_at(side: str, depth: int) -> None:
     if depth == 0:
         raise LookupError(f"bottom reached on {side}")

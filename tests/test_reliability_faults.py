@@ -315,7 +315,11 @@ def test_a_ctrl_c_while_the_master_reads_a_callback_is_that_callbacks_answer(kin
     the master's steps around the callback with no answer sent, and the
     twin's thread waited for ever; caught by another thread of the
     application, it still did so (the main thread's held signals did not
-    stop it): the host now sends such a signal on to the main thread."""
+    stop it): the host now sends such a signal on to the main thread. The
+    handler is installed after the master held its signals once, as a
+    program does that sets its own after its first calls: ``signal.signal``
+    then takes the host's SIGINT handler out, and the next hold puts it
+    back in front."""
 
     def handler(signum, frame):
         raise rh.Interrupt("Ctrl-C")
@@ -325,6 +329,7 @@ def test_a_ctrl_c_while_the_master_reads_a_callback_is_that_callbacks_answer(kin
     def callback(value):  # (a closure: the twin gets a reference, it runs here)
         ran.append(value)
 
+    assert victim.execute(rh.sleep_then, 0, "first") == "first"  # (the master held its signals)
     previous = signal.signal(signal.SIGINT, handler)
     try:
         outcome = victim.execute(rh.call_back_with_signal, callback)

@@ -589,6 +589,38 @@ def test_a_call_interrupted_as_it_takes_its_reply_leaves_nothing_behind(monkeypa
         loopback.close((a, b), fds)
 
 
+def test_a_handler_due_as_a_callback_comes_is_that_callbacks_answer(monkeypatch):
+    """A signal handler made due just before the master holds its signals
+    for a callback's steps (another thread caught the Ctrl-C: the hold runs
+    the handler and raises what it raised) answers that callback: it is
+    not run, its caller gets the exception, and the link goes on."""
+    import sys
+
+    from cpy2py.kernel import connection
+
+    a, b, fds = pair("due-callback")
+    a._shields_steps = True  # (as the master's main thread)
+    due = []
+    caller = threading.get_ident()
+
+    def hold_signals():
+        # (a's callback on this thread, through _hold_steps; b's server also runs requests)
+        if not due and threading.get_ident() == caller and sys._getframe(2).f_code.co_name == "_run":
+            due.append(1)
+            raise KeyboardInterrupt  # what the handler due as the hold began raised
+        return True
+
+    monkeypatch.setattr(connection, "hold_signals", hold_signals)
+    monkeypatch.setattr(connection, "release_signals", lambda: None)
+    try:
+        assert call(a, loopback.call_back, "due-callback-b", 7) == ["raised", "KeyboardInterrupt"]
+        assert due, "the hold was not asked"
+        assert call(a, loopback.call_back, "due-callback-b", 8) == ["returned", 8]
+        assert a.broken is None and not a._undecoded
+    finally:
+        loopback.close((a, b), fds)
+
+
 def test_a_reply_after_a_malformed_release_gets_its_error_whoever_applies_it(monkeypatch):
     """Replies read after a malformed release are not trusted: their callers
     get the ProtocolError, even while the thread that applies the release has
