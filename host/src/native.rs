@@ -419,6 +419,14 @@ impl<'a> FrameSend<'a> {
         Ok(())
     }
 
+    /// Writes a small frame (at most `PIPE_BUF` bytes with its header, which
+    /// a pipe takes all or nothing) if the pipe has room now; whether it
+    /// did. Never waits: callers keep the GIL for it.
+    pub fn try_small(&mut self) -> Result<bool> {
+        let total = HEADER_LEN + self.parts.iter().map(|part| part.len()).sum::<usize>();
+        Ok(self.done == 0 && total <= libc::PIPE_BUF && self.step(Duration::ZERO)?)
+    }
+
     /// Writes on for at most `slice`; whether the frame is all written.
     pub fn step(&mut self, slice: Duration) -> Result<bool> {
         let fd = self.twin.process.to_twin.as_raw_fd();

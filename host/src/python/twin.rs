@@ -218,6 +218,12 @@ impl NativeTwin {
             None => in_host(py, || self.0.begin_send(parts))?,
         };
         sending.check_not_cut()?;
+        // A small frame that fits the pipe goes out keeping the GIL: with
+        // many threads calling, each time the GIL is let go and taken back
+        // is a contended hand-over (futex waits on both sides)
+        if sending.try_small()? {
+            return Ok(());
+        }
         loop {
             if in_host(py, || sending.step(SIGNAL_SLICE))? {
                 return Ok(());
