@@ -475,6 +475,7 @@ def render(results: Dict[str, Any]) -> str:
         out.append(wakeup_note(results))
         out.append(table(["", "pinned", "unpinned", "difference"], rows, 38))
     out.extend(_concurrency_section(results.get("concurrency")))
+    out.extend(_concurrency_section(results.get("concurrency_unpinned"), "unpinned"))
     out.extend(_sandbox_section(results.get("sandbox")))
     rust = results.get("rust")
     if rust:
@@ -497,10 +498,11 @@ def render(results: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _concurrency_section(found: Optional[Dict[str, Any]]) -> List[str]:
+def _concurrency_section(found: Optional[Dict[str, Any]], label: str = "") -> List[str]:
     if not found:
         return []
-    out = ["\n=== many threads and asyncio, one twin (benches/concurrency.py) ==="]
+    title = "many threads and asyncio, one twin" + (f", {label}" if label else "")
+    out = [f"\n=== {title} (benches/concurrency.py) ==="]
     if "error" in found:
         return out + ["failed:\n" + found["error"]]
     out.append(
@@ -529,7 +531,14 @@ def _concurrency_section(found: Optional[Dict[str, Any]]) -> List[str]:
         )
     goals = concurrency_targets(found)
     if goals:
-        out.append("\nTargets of issues 10 (many threads) and 15 (asyncio); ratios of the table above")
+        out.append(
+            "\nTargets of issues 10 (many threads) and 15 (asyncio); ratios of the table above"
+            + (
+                " (the targets are for the pinned run; this one is what users on many cores see)"
+                if label
+                else ""
+            )
+        )
         rows = [
             [
                 t["target"],

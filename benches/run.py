@@ -518,7 +518,8 @@ def rust_benches(quick: bool, cpus: List[int]) -> Dict[str, Any]:
 
 def concurrency_benches(quick: bool, cpus: List[int]) -> Dict[str, Any]:
     """benches/concurrency.py: many threads and asyncio against one twin of
-    each kind, in a master of its own pinned like the pinned pass."""
+    each kind, in a master of its own run on ``cpus`` (the pinned pass's, or
+    all of them)."""
     log(f"concurrency and asyncio (benches/concurrency.py) on CPUs {cpus}")
     cmd = [sys.executable, os.path.join(HERE, "concurrency.py")] + (["--quick"] if quick else [])
     proc = subprocess.run(
@@ -581,6 +582,9 @@ def main() -> None:
         results["rust"] = rust_benches(args.quick, [cpu])
     if not only:
         results["concurrency"] = concurrency_benches(args.quick, [cpu])
+        if "unpinned" in args.passes.split(",") and len(all_cpus) > 1:
+            # (as users run: threads of master and twin on every core)
+            results["concurrency_unpinned"] = concurrency_benches(args.quick, all_cpus)
         results["sandbox"] = sandbox_benches(args.quick)
     results["meta"]["seconds"] = time.monotonic() - started
 
