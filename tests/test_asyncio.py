@@ -541,3 +541,30 @@ def test_a_fresh_guest_ends_once_the_proxies_of_awaited_calls_go(fresh_twin):
             break
         time.sleep(0.1)
     assert not fresh_twin.is_alive
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_a_lone_awaited_call_waits_on_an_idle_loop_and_gives_it_back_for_its_work(kind):
+    """A lone awaited call to a native twin waits for its reply on the
+    loop's thread while the loop has nothing to do (no turn of the loop for
+    a short call), and hands the loop back as soon as it has work: here a
+    callback from another thread, which runs while the call still does."""
+    twin = start_twin(kind, f"{kind}-aio-idle-wait")
+    try:
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            ran = loop.create_future()
+            ended = []
+            poker = threading.Timer(0.2, loop.call_soon_threadsafe, (lambda: ran.set_result(bool(ended)),))
+            poker.start()
+            try:
+                assert await twin.execute_async(time.sleep, 1.0) is None
+                ended.append(True)
+                return await ran
+            finally:
+                poker.cancel()
+
+        assert run(main()) is False  # (False: the callback ran before the call ended)
+    finally:
+        twin.stop()

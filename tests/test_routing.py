@@ -683,12 +683,45 @@ def _awaited(end, func, *args):
     return end.request_async(OP_EXECUTE, func, list(args), {})
 
 
+def _run_on(loop_kind, main):
+    """``asyncio.run(main())`` on asyncio's default loop ("epoll": its
+    selector says when it has work, so an awaited call waits while it is
+    idle), or on one whose selector does not ("select": 0.2 ms slices)."""
+    import asyncio
+    import selectors
+
+    if loop_kind == "epoll":
+        return asyncio.run(main())
+    loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _count_turns(loop):
+    """A list that gets an item each time ``loop`` selects (takes a turn)."""
+    turns = []
+    selector = loop._selector
+    select = selector.select
+
+    def counted(timeout=None):
+        turns.append(timeout)
+        return select(timeout)
+
+    selector.select = counted
+    return turns
+
+
+@pytest.mark.parametrize("loop_kind", ["epoll", "select"])
 @pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
-def test_an_awaited_call_answered_within_its_slice_ends_without_a_turn_of_the_loop(monkeypatch, express):
-    """A short awaited call reads its reply on the loop's thread (for a
-    slice: long here, so that a slow machine answers within it), so it ends
-    without giving the loop a turn; a callback that comes in the slice runs
-    as any other."""
+def test_an_awaited_call_answered_while_the_loop_is_idle_ends_without_a_turn_of_the_loop(
+    monkeypatch, express, loop_kind
+):
+    """A short awaited call reads its reply on the loop's thread (while the
+    loop has nothing to do; a slice where the loop does not say: long here,
+    so that a slow machine answers within it), so it ends without giving
+    the loop a turn; a callback that comes meanwhile runs as any other."""
     import asyncio
 
     from cpy2py.kernel import connection
@@ -699,25 +732,27 @@ def test_an_awaited_call_answered_within_its_slice_ends_without_a_turn_of_the_lo
         loopback.send_now(a)
 
     async def main():
-        turns = []  # (a timer due at once: the loop runs it at its next turn)
-        asyncio.get_running_loop().call_later(0, turns.append, "turned")
+        turns = _count_turns(asyncio.get_running_loop())
         result = await _awaited(a, loopback.echo, 1)
-        turned_before_reply = list(turns)
+        turns_before_reply = len(turns)
         path = await _awaited(a, loopback.bounce, "slice-b", 2)
-        return result, turned_before_reply, path
+        return result, turns_before_reply, path
 
     try:
-        assert asyncio.run(main()) == (1, [], ["slice-b", "slice-a", "slice-b"])
+        assert _run_on(loop_kind, main) == (1, 0, ["slice-b", "slice-a", "slice-b"])
         assert call(a, loopback.echo, 2) == 2
     finally:
         loopback.close((a, b), fds)
 
 
+@pytest.mark.parametrize("loop_kind", ["epoll", "select"])
 @pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
-def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch, express):
-    """A call still running when its slice ends is waited for by the loop
-    (its other tasks run meanwhile), and the link's next awaited calls take
-    no slice: a run of slow calls does not hold the loop a slice each."""
+def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch, express, loop_kind):
+    """A slow call is waited for by the loop, its other tasks (here a timer
+    every millisecond) running meanwhile. Where the loop does not say when
+    it has work, the call held it for a slice, and the link's next awaited
+    calls take none: a run of slow calls does not hold the loop a slice
+    each."""
     import asyncio
 
     from cpy2py.kernel import connection
@@ -742,16 +777,79 @@ def test_an_awaited_call_slower_than_its_slice_leaves_the_loop_free(monkeypatch,
         ticks_during_slow = ticks
         beat.cancel()
         await asyncio.sleep(0.01)  # (nothing of the loop's is ready now)
-        turns = []
-        asyncio.get_running_loop().call_later(0, turns.append, "turned")
-        await _awaited(a, loopback.echo, 1)  # (no slice: the loop turns)
-        return result, ticks_during_slow, list(turns)
+        turns = _count_turns(asyncio.get_running_loop())
+        await _awaited(a, loopback.slow, 0.02, "done")  # (longer than a slice, shorter than an idle wait)
+        return result, ticks_during_slow, len(turns)
 
     try:
-        result, ticks, turns = asyncio.run(main())
+        result, ticks, turns = _run_on(loop_kind, main)
         assert result == "done"
         assert ticks > 10  # (the loop's 1 ms sleeps ran through the 0.3 s call)
-        assert turns == ["turned"]
+        if loop_kind == "select":
+            assert turns > 0  # (no slice: the loop waited for the reply)
+        else:
+            assert turns == 0  # (the loop had nothing else to do: the call waited for it)
+    finally:
+        loopback.close((a, b), fds)
+
+
+@pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
+@pytest.mark.parametrize("wake", ["thread", "reader", "signal"])
+def test_an_awaited_call_waiting_on_an_idle_loop_gives_it_back_for_its_events(express, wake):
+    """An awaited call that waits for its reply on the loop's thread (the
+    loop having nothing else to do) hands the loop back as soon as it has
+    work: a callback from another thread, a descriptor it watches, a signal
+    handler of the loop. What that work does happens while the call still
+    runs, not after it."""
+    import asyncio
+    import signal
+    import socket
+
+    a, b, fds = pair("idle-wait")
+    if express:  # (as a native twin's link: a lone awaited call goes express)
+        loopback.send_now(a)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        happened = loop.create_future()
+        call_ended = []
+
+        def note():
+            if not happened.done():
+                happened.set_result(bool(call_ended))
+
+        reader, writer = socket.socketpair()
+        try:
+            if wake == "reader":
+                loop.add_reader(reader, note)
+            elif wake == "signal":
+                loop.add_signal_handler(signal.SIGUSR1, note)
+
+            def poke():
+                time.sleep(0.1)  # (the call waits on the loop's thread by then)
+                if wake == "thread":
+                    loop.call_soon_threadsafe(note)
+                elif wake == "reader":
+                    writer.send(b"x")
+                else:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+
+            poker = threading.Thread(target=poke)
+            poker.start()
+            result = await _awaited(a, loopback.slow, 1.0, "done")
+            call_ended.append(True)
+            poker.join()
+            return result, await happened
+        finally:
+            if wake == "reader":
+                loop.remove_reader(reader)
+            elif wake == "signal":
+                loop.remove_signal_handler(signal.SIGUSR1)
+            reader.close()
+            writer.close()
+
+    try:
+        assert asyncio.run(main()) == ("done", False)  # (False: before the call ended)
     finally:
         loopback.close((a, b), fds)
 
@@ -792,7 +890,7 @@ def test_ctrl_c_in_an_awaited_calls_slice_gives_the_reading_role_back(monkeypatc
         loopback.send_now(a)
     real = a.transport.wait_readable
 
-    def interrupted(timeout=None):
+    def interrupted(timeout=None, unless=-1):
         a.transport.wait_readable = real
         raise KeyboardInterrupt  # as if Ctrl-C came while it waited
 

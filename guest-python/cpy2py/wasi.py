@@ -224,11 +224,12 @@ class GuestTransport(TransportDefaults):
         others wait (``publish``)."""
         return self._fd
 
-    def wait_readable(self, timeout: Optional[float] = None) -> bool:
+    def wait_readable(self, timeout: Optional[float] = None, unless: int = -1) -> bool:
         """Whether frames left for other readers, or the end, are there
-        within ``timeout`` seconds (None: forever); does not run the guest."""
-        readable, _, _ = select.select([self._fd], [], [], timeout)
-        return bool(readable)
+        within ``timeout`` seconds (None: forever), or before ``unless`` is
+        readable; does not run the guest."""
+        readable, _, _ = select.select([self._fd] if unless < 0 else [self._fd, unless], [], [], timeout)
+        return self._fd in readable
 
     def exit_status(self) -> Optional[str]:
         return self._twin.exit_status()

@@ -272,14 +272,21 @@ impl NativeTwin {
 
     /// Waits until a frame can be read (or the stream ended), up to
     /// `timeout` (None: forever); `None` when a signal interrupted the wait.
-    pub fn wait_readable_step(&self, timeout: Option<Duration>) -> Result<Option<bool>> {
+    pub fn wait_readable_step(
+        &self,
+        timeout: Option<Duration>,
+        unless: Option<RawFd>,
+    ) -> Result<Option<bool>> {
         if self.reader().has_input() {
             return Ok(Some(true));
         }
         if self.process.from_twin.is_closed() {
             return Ok(Some(true)); // a read says it ended
         }
-        Ok(pipe::poll_readable(self.read_fd(), timeout)?)
+        Ok(match unless {
+            Some(other) => pipe::poll_readable_unless(self.read_fd(), other, timeout)?,
+            None => pipe::poll_readable(self.read_fd(), timeout)?,
+        })
     }
 
     /// Closes the master's ends of the twin's pipes now (the twin is

@@ -55,6 +55,32 @@ pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<Option<
     Ok(poll_once(fd, libc::POLLIN, timeout)?.map(|revents| revents != 0))
 }
 
+/// `poll_readable`, ended sooner (`Some(false)`) when `unless` becomes
+/// readable first: an event loop's selector, which is when that loop has
+/// something to do.
+pub fn poll_readable_unless(fd: RawFd, unless: RawFd, timeout: Option<Duration>) -> io::Result<Option<bool>> {
+    let mut pfds = [fd, unless].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let limit = timeout.map(timespec);
+    let limit_ptr = limit
+        .as_ref()
+        .map_or(std::ptr::null(), |limit| limit as *const libc::timespec);
+    // SAFETY: two pollfds and a timespec that live for the call; no mask
+    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), 2, limit_ptr, std::ptr::null()) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(Some(pfds[0].revents != 0))
+}
+
 /// Waits until `fd` is readable while this thread blocks its signals,
 /// letting them through during the wait only (`ppoll` with `unblocked`, the
 /// mask from before they were held): `false` when one arrived first (nothing

@@ -451,6 +451,9 @@ class Connection:
         self._loop_mark = -1  # _role_takes when the loop's reader last gave the role up
         self._unwatched = 0  # awaited calls of other loops pending: the gate watches for them
         self._slice_skips = 0  # awaited calls to go without a slice (_read_slice)
+        #: the loop whose thread waited last (_idle_wait), and what ends its
+        #: wait sooner: its selector's descriptor (-1: none, a slice)
+        self._loop_idle: Tuple[Any, int] = (None, -1)
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
         # Many callers at once. Once servers ran requests at the same time
@@ -734,18 +737,22 @@ class Connection:
         runner = self._runner
         turn = False  # (a guest's) its request is queued for the guest
         first: Any = _UNREAD  # what an express call read that was not its reply
+        sliced = False  # (an express call to a native twin) it waited a slice, not while the loop idled
         try:
             # (a native twin's only when the loop has nothing else to do: see
             # _read_slice; a guest is run for a slice by the call anyway)
             if self.call_timeout is None and (runner is not None or not getattr(loop, "_ready", None)):
                 express = self._send_express(req_id, payload, waiter)
                 if express:
-                    # its reply is waited for on the loop's thread for at
-                    # most a slice, as in _read_slice and _drive_slice
+                    # its reply is waited for on the loop's thread while the
+                    # loop has nothing to do (a guest: for a slice), as in
+                    # _read_slice and _drive_slice
                     if runner is not None:
                         ready = runner.drive_for(_LOOP_SLICE)
                     else:
-                        ready = self._buffered() or self.transport.wait_readable(_READ_SLICE)
+                        timeout, unless = self._idle_wait(loop)
+                        ready = self._buffered() or self.transport.wait_readable(timeout, unless)
+                        sliced = unless < 0
                     reply = self._express_reply(req_id, waiter) if ready else (None, None)
                     if reply[0] is not None:
                         express = False  # (its reply: nothing to undo)
@@ -780,7 +787,7 @@ class Connection:
                 # (the role and the signals it held are given back as the
                 # frame is routed; first, so that a failure leaves nothing held)
                 express = False
-                self._route_for_loop(first)
+                self._route_for_loop(first, sliced)
             if watch_fd >= 0 or old is not None:
                 self._start_watching(loop, watch_fd, old)
                 watch_fd = -1  # (the reader is there)
@@ -1092,18 +1099,19 @@ class Connection:
                 self._give_up_role()
         return sent
 
-    def _route_for_loop(self, raw: Any) -> None:
-        """An express awaited call that did not get its reply within its
-        slice, now registered: ``raw``, what it read, is routed (``_read``
+    def _route_for_loop(self, raw: Any, sliced: bool) -> None:
+        """An express awaited call that did not get its reply while it
+        waited, now registered: ``raw``, what it read, is routed (``_read``
         gives the role and the held signals back); None (nothing came, or
         the link ended): the role is given back, and the loop watches a
         native twin's link from now on, whose next awaited calls take no
-        slice (as after ``_read_slice``; a guest is run by a worker)."""
+        slice if the wait was one (``sliced``: as after ``_read_slice``; a
+        guest is run by a worker)."""
         if raw is not None:
             self._read(None, serve=False, first=raw)
             return
         with self._lock:
-            if self._runner is None:
+            if sliced:
                 self._slice_skips = _SLICE_SKIPS
             self._give_up_role()
 
@@ -1112,19 +1120,20 @@ class Connection:
         the loop's thread, whose loop has no other task ready to run (its
         caller asks asyncio's loops, by their ready queue): while it is the
         only call waiting on the link and the reading role is free, wait
-        for frames for at most ``_READ_SLICE`` (the loop waits meanwhile)
+        for frames (as long as the loop has nothing to do: ``_idle_wait``)
         and route them, until one is the call's (its reply, or a callback).
         A no-op's reply comes in tens of microseconds: handed to the call
         here, it costs none of the loop's turns (about 10 us pinned to one
         CPU, half a call). Concurrent calls go without, so that their
-        requests go out together. A slice that ends with nothing for the
-        call makes the link's next awaited calls go without one
-        (``_SLICE_SKIPS``): slow calls leave the loop free."""
+        requests go out together. Where the loop does not say when it has
+        something to do, the wait is a slice (``_READ_SLICE``), and one that
+        ends with nothing for the call makes the link's next awaited calls
+        go without one (``_SLICE_SKIPS``): slow calls leave the loop free."""
         with self._lock:
             if self._slice_skips:
                 self._slice_skips -= 1
                 return
-        left = _READ_SLICE
+        left, unless = self._idle_wait(waiter.loop)
         ends = 0.0
         while True:
             with self._lock:
@@ -1133,13 +1142,14 @@ class Connection:
                 if not self._take_role(None):
                     return
             try:
-                ready = self._buffered() or self.transport.wait_readable(left)
+                ready = self._buffered() or self.transport.wait_readable(left, unless)
             except BaseException:
                 self._after_loop_read(False, False)
                 raise
             if not ready:
                 with self._lock:
-                    self._slice_skips = _SLICE_SKIPS
+                    if unless < 0:  # (a slice, not the loop's own events, ended the wait)
+                        self._slice_skips = _SLICE_SKIPS
                     self._give_up_role()
                 return
             self._deliver_slice_frame(waiter, req_id)
@@ -1150,6 +1160,28 @@ class Connection:
             left = ends - time.monotonic()
             if left <= 0:
                 return
+
+    def _idle_wait(self, loop: Any) -> Tuple[float, int]:
+        """``wait_readable``'s arguments for the thread of ``loop``, which has
+        nothing ready to run, to wait for a frame: for asyncio's loops, as
+        long as the loop has nothing to do: until its next timer, and no
+        longer than its selector has nothing for it (any descriptor it
+        watches readable, a wake-up from another thread or a signal), for
+        at most ``_IDLE_WAIT`` (a step of a task that lasts 100 ms is
+        reported in asyncio's debug mode); for others, which do not say
+        that, ``_READ_SLICE``. (A short deadline costs: a timer that
+        expires before the next tick reprograms the clock, a trap to the
+        hypervisor on a VM: about a tenth of an awaited no-op.)"""
+        idle = self._loop_idle  # (one read: another thread's loop may replace it)
+        if idle[0] is not loop:
+            selector = getattr(loop, "_selector", None)
+            fileno = getattr(selector, "fileno", None)
+            watched = fileno is not None and type(getattr(loop, "_scheduled", None)) is list
+            idle = self._loop_idle = (loop, fileno() if watched else -1)
+        if idle[1] < 0:
+            return _READ_SLICE, -1
+        timers = loop._scheduled
+        return (min(max(0.0, timers[0].when() - loop.time()), _IDLE_WAIT) if timers else _IDLE_WAIT), idle[1]
 
     def _end_call(self, req_id: int, chain: int) -> None:
         """Caller holds _lock: a call of ``chain`` is over. If it left before
@@ -2422,8 +2454,12 @@ def _callbacks_of() -> Any:
 
 
 #: how long (seconds) an awaited call to a native twin waits for its reply
-#: on the loop's thread before the loop goes on (Connection._read_slice)
+#: on the loop's thread before the loop goes on, where the loop does not
+#: say when it has something to do (Connection._idle_wait)
 _READ_SLICE = 0.0002
+#: how long (seconds) it waits at most while the loop has nothing to do (its
+#: events and timers end the wait sooner): beyond a scheduler tick
+_IDLE_WAIT = 0.05
 #: after a slice that ended without a frame, the link's next awaited calls
 #: that take none
 _SLICE_SKIPS = 16

@@ -95,7 +95,7 @@ class HostTransport(TransportDefaults):
             references.flush_releases(connection)
         return self._link.recv()
 
-    def wait_readable(self, timeout: Optional[float] = None) -> bool:
+    def wait_readable(self, timeout: Optional[float] = None, unless: int = -1) -> bool:
         # one thread only: the next recv blocks until the master sends
         return True
 

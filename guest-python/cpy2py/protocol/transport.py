@@ -191,9 +191,11 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
             this thread holds its signals (``hold_signals``) and one came
             first, with nothing read."""
 
-        def wait_readable(self, timeout: Optional[float] = None) -> bool:
+        def wait_readable(self, timeout: Optional[float] = None, unless: int = -1) -> bool:
             """Whether a frame (or the end of the stream) can be read within
-            ``timeout`` seconds (None: waits for it)."""
+            ``timeout`` seconds (None: waits for it); False sooner once the
+            descriptor ``unless`` is readable (an event loop's selector: the
+            loop has something to do; -1: none)."""
 
         def fileno(self) -> int:
             """Readable while there is more to read than ``buffered`` holds
@@ -393,12 +395,14 @@ class FdTransport(TransportDefaults):
         buffer = self._buffer
         return len(buffer) >= 4 and len(buffer) >= 4 + _HEADER.unpack_from(buffer)[0]
 
-    def wait_readable(self, timeout: float | None = None) -> bool:
-        """Whether a frame (or the end of the stream) can be read within ``timeout`` seconds."""
+    def wait_readable(self, timeout: float | None = None, unless: int = -1) -> bool:
+        """Whether a frame (or the end of the stream) can be read within
+        ``timeout`` seconds, or before ``unless`` is readable."""
         if self._buffer:
             return True
-        readable, _, _ = select.select([self.read_fd], [], [], timeout)
-        return bool(readable)
+        watched = [self.read_fd] if unless < 0 else [self.read_fd, unless]
+        readable, _, _ = select.select(watched, [], [], timeout)
+        return self.read_fd in readable
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):

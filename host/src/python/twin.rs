@@ -359,12 +359,15 @@ impl NativeTwin {
     }
 
     /// Waits until a frame can be read (or the stream ended), up to `timeout`
-    /// seconds (None: forever). Returns whether it can.
-    #[pyo3(signature = (timeout=None))]
-    fn wait_readable(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+    /// seconds (None: forever), or until the descriptor `unless` is
+    /// readable (an event loop's selector: the loop has something to do).
+    /// Returns whether a frame can be read.
+    #[pyo3(signature = (timeout=None, unless=-1))]
+    fn wait_readable(&self, py: Python<'_>, timeout: Option<f64>, unless: i32) -> PyResult<bool> {
         let timeout = timeout.map(seconds);
+        let unless = (unless >= 0).then_some(unless);
         loop {
-            match in_host(py, || self.0.wait_readable_step(timeout))? {
+            match in_host(py, || self.0.wait_readable_step(timeout, unless))? {
                 Some(ready) => return Ok(ready),
                 None => py.check_signals()?,
             }
