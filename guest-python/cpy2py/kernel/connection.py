@@ -60,6 +60,11 @@ if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
 log = _logging.get_logger("connection")
 
 _chain_ids = itertools.count(1)
+#: yields the CPU (see Connection.TAKING_TURNS): not on every platform, nor
+#: on PyPy, whose servers hand a batch over to each other through a lock
+#: that costs more than the wake-ups it saves (8 threads and 100 awaits on a
+#: pypy3 twin made about 0.9 of their calls with it)
+_yield_cpu = getattr(os, "sched_yield", None) if sys.implementation.name == "cpython" else None
 _UNREAD: Any = object()  # (_read: no frame was read before)
 _local = _thread._local()
 
@@ -359,6 +364,9 @@ class Connection:
     HOLD_FOR = 0.002
     #: reads that bring a single request each, in a row, that end ``_busy``
     LONE_READS = 4
+    #: requests of new chains read alone in a row, each of another chain than
+    #: the one before, after which a server yields its CPU once (_next_request)
+    TAKING_TURNS = 16
 
     def __init__(
         self,
@@ -470,6 +478,10 @@ class Connection:
         # (benches/README.md, "Many callers at once").
         self._busy = False
         self._held = False
+        # requests of new chains read alone in a row, each of another chain
+        # than the one before (see TAKING_TURNS), and the last one's chain
+        self._turns_taken = 0
+        self._last_lone_chain: Optional[int] = None
         self._held_handoffs = False  # a reader handed requests without waking a server
         self._lone_reads = 0  # reads of a single request in a row while busy
         self._running = 0  # server threads running a request of the peer now
@@ -1628,6 +1640,8 @@ class Connection:
                         self._undecoded[_request_id(key)] = self._routed  # (as _route)
                         self._routed += 1
                         self._give_up_role()
+                        self._turns_taken = self._turns_taken + 1 if chain != self._last_lone_chain else 0
+                        self._last_lone_chain = chain
                 if lone:
                     release_signals()  # (as _read)
                     return (self, REQUEST, key, raw)
@@ -2080,6 +2094,16 @@ class Connection:
                 raise
             if kicked:
                 gate.take_kick()
+            if readable and self._turns_taken >= self.TAKING_TURNS and _yield_cpu is not None:
+                # Many callers of the peer take turns, one request at a
+                # time: each woke this server as it was written, on a
+                # CPU the caller shares, before the next caller could
+                # write. Yielding once lets those ready send theirs first;
+                # the requests then come, and run, in batches (one kick is
+                # enough: the batches go on. benches/README.md, "Taking
+                # turns").
+                self._turns_taken = 0
+                _yield_cpu()
             with self._lock:  # (one section: a lock costs as much as a system call)
                 self._waiting -= 1
                 if timed:
