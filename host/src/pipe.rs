@@ -19,25 +19,26 @@ fn timespec(timeout: Duration) -> libc::timespec {
     }
 }
 
-/// One `poll` of `fd` for `events`; `None` when a signal interrupted it,
-/// else the `revents` (0: the timeout passed).
-fn poll_once(
-    fd: RawFd,
+/// One `poll` of `fds` for `events`, up to `timeout` (None: forever);
+/// `None` when a signal interrupted it, else each descriptor's `revents`
+/// (all 0: the timeout passed).
+fn poll_all<const N: usize>(
+    fds: [RawFd; N],
     events: libc::c_short,
     timeout: Option<Duration>,
-) -> io::Result<Option<libc::c_short>> {
-    let mut pfd = libc::pollfd {
+) -> io::Result<Option<[libc::c_short; N]>> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events,
         revents: 0,
-    };
+    });
     let limit = timeout.map(timespec);
     let limit_ptr = limit
         .as_ref()
         .map_or(std::ptr::null(), |limit| limit as *const libc::timespec);
-    // SAFETY: one pollfd and a timespec that live for the call; no mask:
+    // SAFETY: N pollfds and a timespec that live for the call; no mask:
     // the thread's own stays
-    let n = unsafe { libc::ppoll(&mut pfd, 1, limit_ptr, std::ptr::null()) };
+    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), N as libc::nfds_t, limit_ptr, std::ptr::null()) };
     if n < 0 {
         let err = io::Error::last_os_error();
         return if err.kind() == io::ErrorKind::Interrupted {
@@ -46,7 +47,17 @@ fn poll_once(
             Err(err)
         };
     }
-    Ok(Some(if n == 0 { 0 } else { pfd.revents }))
+    Ok(Some(pfds.map(|pfd| pfd.revents)))
+}
+
+/// One `poll` of `fd` for `events`; `None` when a signal interrupted it,
+/// else the `revents` (0: the timeout passed).
+fn poll_once(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout: Option<Duration>,
+) -> io::Result<Option<libc::c_short>> {
+    Ok(poll_all([fd], events, timeout)?.map(|[revents]| revents))
 }
 
 /// Waits until `fd` is readable (or hung up), up to `timeout` (None:
@@ -59,26 +70,7 @@ pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<Option<
 /// readable first: an event loop's selector, which is when that loop has
 /// something to do.
 pub fn poll_readable_unless(fd: RawFd, unless: RawFd, timeout: Option<Duration>) -> io::Result<Option<bool>> {
-    let mut pfds = [fd, unless].map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    let limit = timeout.map(timespec);
-    let limit_ptr = limit
-        .as_ref()
-        .map_or(std::ptr::null(), |limit| limit as *const libc::timespec);
-    // SAFETY: two pollfds and a timespec that live for the call; no mask
-    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), 2, limit_ptr, std::ptr::null()) };
-    if n < 0 {
-        let err = io::Error::last_os_error();
-        return if err.kind() == io::ErrorKind::Interrupted {
-            Ok(None)
-        } else {
-            Err(err)
-        };
-    }
-    Ok(Some(pfds[0].revents != 0))
+    Ok(poll_all([fd, unless], libc::POLLIN, timeout)?.map(|[revents, _]| revents != 0))
 }
 
 /// Waits until `fd` is readable while this thread blocks its signals,
@@ -546,6 +538,20 @@ pub(crate) mod tests {
         drop(write); // hung up counts as readable: the reader sees the end
         assert_eq!(poll_readable(read.as_raw_fd(), None).unwrap(), Some(true));
         assert!(wait_for_frame(read.as_raw_fd(), None).unwrap());
+    }
+
+    #[test]
+    fn a_wait_unless_another_descriptor_says_which_came_first() {
+        let (read, write) = pipe(false);
+        let (other, other_write) = pipe(false);
+        let (fd, unless) = (read.as_raw_fd(), other.as_raw_fd());
+        let short = Some(Duration::from_millis(1));
+        assert_eq!(poll_readable_unless(fd, unless, short).unwrap(), Some(false));
+        std::io::Write::write_all(&mut &other_write, b"x").unwrap();
+        // the other is readable: the wait ends at once, and says the link is not
+        assert_eq!(poll_readable_unless(fd, unless, None).unwrap(), Some(false));
+        std::io::Write::write_all(&mut &write, b"y").unwrap();
+        assert_eq!(poll_readable_unless(fd, unless, None).unwrap(), Some(true));
     }
 
     #[test]
