@@ -568,3 +568,36 @@ def test_a_lone_awaited_call_waits_on_an_idle_loop_and_gives_it_back_for_its_wor
         assert run(main()) is False  # (False: the callback ran before the call ended)
     finally:
         twin.stop()
+
+
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
+def test_signals_that_come_while_an_awaited_call_waits_do_not_hold_the_loops_timers(kind):
+    """A signal handler of the program (not the loop's) that runs while an
+    awaited call waits on the loop's thread for its reply does not start
+    the wait's time again: with an alarm every 5 ms, a timer of the loop
+    still runs while the call does."""
+    import signal
+
+    twin = start_twin(kind, f"{kind}-aio-signals")
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    try:
+        twin.execute(abs, -1)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            ended = []
+            fired = []
+            loop.call_later(0.05, lambda: fired.append(bool(ended)))
+            signal.setitimer(signal.ITIMER_REAL, 0.005, 0.005)
+            try:
+                assert await twin.execute_async(time.sleep, 1.0) is None
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            ended.append(True)
+            return fired
+
+        assert run(main()) == [False]  # (False: the timer ran before the call ended)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+        twin.stop()

@@ -1013,3 +1013,85 @@ def test_a_server_yields_its_cpu_once_when_many_callers_take_turns_one_request_e
         assert call(a, loopback.echo, 2) == 2
     finally:
         loopback.close((a, b), fds)
+
+
+def test_an_awaited_call_on_a_loop_whose_descriptor_is_above_1024_waits_for_its_reply():
+    """A process with many descriptors open makes its loop after them: the
+    wait on the link and the loop's selector takes descriptors of 1024 and
+    more (``select`` refuses them)."""
+    import asyncio
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1200
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard limit of open descriptors ({hard}) is below {wanted}")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    a, b, fds = pair("many-fds")
+    filler = []
+    try:
+        while not filler or filler[-1] < 1030:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+
+        async def main():
+            assert asyncio.get_running_loop()._selector.fileno() >= 1024
+            return await _awaited(a, loopback.echo, 42)
+
+        assert asyncio.run(main()) == 42
+    finally:
+        for fd in filler:
+            os.close(fd)
+        loopback.close((a, b), fds)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("express", [False, True], ids=["send", "send_now"])
+def test_an_awaited_call_after_loop_stop_leaves_the_loop_to_stop(express):
+    """A task that stops its loop, then awaits a call: the call does not
+    wait on the loop's thread (the loop ends this pass), so ``run_forever``
+    returns while the call still runs (20 ms: an idle loop's wait would
+    have taken its reply)."""
+    import asyncio
+
+    a, b, fds = pair("stopping")
+    if express:
+        loopback.send_now(a)
+    loop = asyncio.new_event_loop()
+    reply = []
+
+    async def job():
+        loop.stop()
+        reply.append(await _awaited(a, loopback.slow, 0.02, "late"))
+
+    try:
+        task = loop.create_task(job())
+        loop.run_forever()
+        assert not task.done() and reply == []  # (returned before the call's reply)
+        assert loop.run_until_complete(task) is None and reply == ["late"]
+    finally:
+        loop.close()
+        loopback.close((a, b), fds)
+
+
+def test_a_link_does_not_keep_a_closed_loop_alive():
+    """The link remembers the loop whose thread last waited on it (and its
+    selector) only weakly (an express call: one that registered leaves the
+    loop that watched the link to it until another loop watches)."""
+    import asyncio
+    import gc
+    import weakref
+
+    a, b, fds = pair("closed-loop")
+    loopback.send_now(a)
+    try:
+        loop = asyncio.new_event_loop()
+        assert loop.run_until_complete(_awaited(a, loopback.echo, 1)) == 1
+        loop.close()
+        gone = weakref.ref(loop)
+        del loop
+        gc.collect()
+        assert gone() is None
+        assert asyncio.run(_awaited(a, loopback.echo, 2)) == 2
+    finally:
+        loopback.close((a, b), fds)

@@ -34,6 +34,7 @@ import select
 import sys
 import time
 from _collections import deque
+from _weakref import ref as _weakref
 
 from .. import _logging, kernel_state
 from ..errors import ProtocolError, SandboxViolation, TwinError, TwinterpreterTerminated
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
 log = _logging.get_logger("connection")
 
 _chain_ids = itertools.count(1)
+_no_loop: Callable[[], Any] = type(None)  # (a dead reference: "no loop")
 #: yields the CPU (see Connection.TAKING_TURNS): not on every platform, nor
 #: on PyPy, whose servers hand a batch over to each other through a lock
 #: that costs more than the wake-ups it saves (8 threads and 100 awaits on a
@@ -461,7 +463,7 @@ class Connection:
         self._slice_skips = 0  # awaited calls to go without a slice (_read_slice)
         #: the loop whose thread waited last (_idle_wait), and what ends its
         #: wait sooner: its selector's descriptor (-1: none, a slice)
-        self._loop_idle: Tuple[Any, int] = (None, -1)
+        self._loop_idle: Tuple[Callable[[], Any], int] = (_no_loop, -1)
         self._servers = 0  # server threads alive
         self._waiting = 0  # ... of which waiting at the gate
         # Many callers at once. Once servers ran requests at the same time
@@ -1185,13 +1187,19 @@ class Connection:
         expires before the next tick reprograms the clock, a trap to the
         hypervisor on a VM: about a tenth of an awaited no-op.)"""
         idle = self._loop_idle  # (one read: another thread's loop may replace it)
-        if idle[0] is not loop:
+        if idle[0]() is not loop:
             selector = getattr(loop, "_selector", None)
             fileno = getattr(selector, "fileno", None)
             watched = fileno is not None and type(getattr(loop, "_scheduled", None)) is list
-            idle = self._loop_idle = (loop, fileno() if watched else -1)
+            try:
+                # (weakly: a closed loop is not kept alive by the link)
+                idle = self._loop_idle = (_weakref(loop), fileno() if watched else -1)
+            except TypeError:  # (a loop that takes no weak reference)
+                return _READ_SLICE, -1
         if idle[1] < 0:
             return _READ_SLICE, -1
+        if getattr(loop, "_stopping", False):  # (loop.stop() was called: it ends this pass)
+            return 0.0, idle[1]
         timers = loop._scheduled
         return (min(max(0.0, timers[0].when() - loop.time()), _IDLE_WAIT) if timers else _IDLE_WAIT), idle[1]
 

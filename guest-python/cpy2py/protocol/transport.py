@@ -7,6 +7,7 @@ compiled ``cpy2py._host.NativeTwin`` with the same three methods.
 from __future__ import annotations
 
 import _thread
+import math
 import os
 import select
 import sys
@@ -400,9 +401,15 @@ class FdTransport(TransportDefaults):
         ``timeout`` seconds, or before ``unless`` is readable."""
         if self._buffer:
             return True
-        watched = [self.read_fd] if unless < 0 else [self.read_fd, unless]
-        readable, _, _ = select.select(watched, [], [], timeout)
-        return self.read_fd in readable
+        if unless < 0:
+            readable, _, _ = select.select([self.read_fd], [], [], timeout)
+            return bool(readable)
+        # (poll: select refuses descriptors of 1024 or more, as a loop's may be)
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        poller.register(unless, select.POLLIN)
+        ready = poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+        return any(fd == self.read_fd for fd, _ in ready)
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):

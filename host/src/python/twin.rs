@@ -364,10 +364,12 @@ impl NativeTwin {
     /// Returns whether a frame can be read.
     #[pyo3(signature = (timeout=None, unless=-1))]
     fn wait_readable(&self, py: Python<'_>, timeout: Option<f64>, unless: i32) -> PyResult<bool> {
-        let timeout = timeout.map(seconds);
+        // (a signal handler that returns does not restart the wait's time)
+        let deadline = timeout.map(|timeout| Instant::now() + seconds(timeout));
         let unless = (unless >= 0).then_some(unless);
         loop {
-            match in_host(py, || self.0.wait_readable_step(timeout, unless))? {
+            let left = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            match in_host(py, || self.0.wait_readable_step(left, unless))? {
                 Some(ready) => return Ok(ready),
                 None => py.check_signals()?,
             }
