@@ -428,15 +428,15 @@ def test_a_high_descriptor_is_waited_on(tmp_path):
     """The node side waits on its link and report pipe with poll: select
     refuses descriptors of 1024 or more, which a Ray worker reaches (a
     sandboxed twin's host process failed with ValueError there)."""
-    from cpy2py import tcp_link
+    from cpy2py.protocol.transport import wait_readable
 
     read, write = os.pipe()
     high = 1500
     try:
         os.dup2(read, high)
-        assert not tcp_link.wait_readable(high, 0.01)
+        assert not wait_readable(high, 0.01)
         os.write(write, b"x")
-        assert tcp_link.wait_readable(high, 5)
+        assert wait_readable(high, 5)
     finally:
         for fd in (read, write, high):
             os.close(fd)

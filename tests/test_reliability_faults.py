@@ -459,6 +459,37 @@ def test_ctrl_c_reaches_a_master_blocked_sending_to_a_twin_that_stopped_reading(
     assert victim.execute(rh.sleep_then, 0, "back") == "back"
 
 
+def test_ctrl_c_reaches_a_master_waiting_for_another_threads_send_to_a_stopped_twin(kind, victim):
+    """Another thread's large send blocks on the pipe to a SIGSTOPped twin,
+    holding the link's turn to write; a call of the main thread waits for
+    that turn: Ctrl-C still reaches it. Nothing of the interrupted call was
+    sent, so once the twin reads again the link goes on, with the same twin."""
+    pid = victim.execute(rh.pid)
+    stop_twin(pid)
+
+    def big():
+        try:
+            victim.execute(rh.answer, "big", bytes(8 << 20))
+        except Exception:
+            pass  # (its fate is not this test's)
+
+    sender = threading.Thread(target=big, daemon=True)
+    sender.start()
+    time.sleep(0.3)  # (it holds the turn to write, waiting for room)
+    restore = _interrupt_after(0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Interrupted):
+            victim.execute(rh.pid)
+    finally:
+        restore()
+    assert time.monotonic() - started < HANG / 2, "Ctrl-C waited for the other thread's send"
+    os.kill(pid, signal.SIGCONT)
+    sender.join(HANG)
+    assert not sender.is_alive(), "the other thread's send did not go on"
+    assert victim.execute(rh.pid) == pid
+
+
 def test_ctrl_c_reaches_a_master_while_a_twin_starts(tmp_path):
     """A twin that takes long to answer its handshake (a slow wrapper): Ctrl-C
     interrupts start() at once and nothing of the start is left running."""

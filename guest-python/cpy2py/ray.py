@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import tcp_link
 from .errors import TwinStartError
-from .protocol.transport import TransportDefaults
+from .protocol.transport import TransportDefaults, wait_readable
 
 log = logging.getLogger("cpy2py.ray")
 
@@ -198,7 +198,7 @@ class TwinHost:
     def _accept(self, listener: socket.socket, secret: bytes, argv: List[str], deadline: float) -> None:
         while self.process is None and self.start_error is None:
             left = deadline - time.monotonic()
-            if left <= 0 or not tcp_link.wait_readable(listener, left):
+            if left <= 0 or not wait_readable(listener, left):
                 with self._lock:
                     if self.process is None and self.start_error is None:
                         self.start_error = "the master did not connect in time"
@@ -677,7 +677,7 @@ def _connect_and_prove(address: Any, secret: bytes, deadline: float, where: str,
 
 
 def _readable(sock: socket.socket, deadline: float) -> bool:
-    return tcp_link.wait_readable(sock, max(0.0, deadline - time.monotonic()))
+    return wait_readable(sock, max(0.0, deadline - time.monotonic()))
 
 
 def node_of(twin_id: str) -> Optional[str]:

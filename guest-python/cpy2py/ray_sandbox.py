@@ -136,7 +136,7 @@ def host_env(settings: Dict[str, Any], link_fd: int, report_fd: int) -> Dict[str
 def read_report(fd: int) -> Optional[Dict[str, Any]]:
     """The host process's record of how its guest ended (None: it wrote
     none, e.g. it was killed); closes ``fd``."""
-    from .tcp_link import wait_readable
+    from .protocol.transport import wait_readable
 
     data = b""
     try:

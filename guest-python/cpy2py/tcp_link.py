@@ -20,15 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import os
-import select
 import socket
 import time
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any, Optional
 
 MAGIC = b"cpy2py-tcp-1\n"
 NONCE_SIZE = 32
@@ -69,16 +63,6 @@ def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
             raise CutOff(f"the peer closed the connection after {len(data)} of {size} bytes")
         data += chunk
     return data
-
-
-def wait_readable(source: Any, timeout: Optional[float] = None) -> bool:
-    """Whether ``source`` (a descriptor, or anything with ``fileno()``) is
-    readable within ``timeout`` seconds (None: until it is). With ``poll``,
-    not ``select``, which refuses descriptors of 1024 or more (a Ray worker
-    holds many, and a peer can open more)."""
-    poller = select.poll()
-    poller.register(source, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
 def tune(sock: socket.socket) -> None:

@@ -32,13 +32,13 @@ editable install, ``just build``), else the copy shipped inside the package
 from __future__ import annotations
 
 import os
-import select
 from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Union
 
 from . import _logging, bytecode_cache, snapshots
 from . import packages as packages_module
 from .errors import TwinStartError
 from .kernel.sandbox import SandboxSerializer
+from .protocol import transport
 from .protocol.transport import TransportDefaults
 
 log = _logging.get_logger("wasi")
@@ -228,8 +228,7 @@ class GuestTransport(TransportDefaults):
         """Whether frames left for other readers, or the end, are there
         within ``timeout`` seconds (None: forever), or before ``unless`` is
         readable; does not run the guest."""
-        readable, _, _ = select.select([self._fd] if unless < 0 else [self._fd, unless], [], [], timeout)
-        return self._fd in readable
+        return transport.wait_readable(self._fd, timeout, unless)
 
     def exit_status(self) -> Optional[str]:
         return self._twin.exit_status()

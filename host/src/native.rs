@@ -29,6 +29,9 @@ pub const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 /// The largest payload of a frame that one pipe write sends whole or not at
 /// all (`try_send`; `send_now` sends larger ones only where the pipe has room).
 const MAX_SMALL: usize = libc::PIPE_BUF - HEADER_LEN;
+/// The largest frame (header included) `FrameSend::at_once` writes: a
+/// pipe's default size, the kernel's small frames (`_SMALL_FRAME`)
+const AT_ONCE_MAX: usize = 65536;
 
 /// The largest hello a twin may send.
 const MAX_HELLO: usize = 1 << 20;
@@ -338,6 +341,21 @@ impl NativeTwin {
         Ok(FrameSend::new(self, header, parts))
     }
 
+    /// `begin_send`, waiting at most `slice` for the writer role (another
+    /// thread's send may wait for room for as long as the twin does not
+    /// read); None if it is still taken.
+    pub fn begin_send_within<'a>(
+        &'a self,
+        parts: &'a [&'a [u8]],
+        slice: Duration,
+    ) -> Result<Option<FrameSend<'a>>> {
+        let header = frame::header(parts.iter().map(|part| part.len()).sum())?;
+        Ok(self
+            .writer
+            .acquire_before(Instant::now() + slice)
+            .then(|| FrameSend::new(self, header, parts)))
+    }
+
     /// Sends one frame only if it goes out at once: no other thread is
     /// sending and the pipe has room (a pipe write of up to `PIPE_BUF` bytes
     /// is all or nothing; a larger frame only if the pipe's free pages hold
@@ -352,17 +370,7 @@ impl NativeTwin {
             return Ok(false);
         };
         sending.check_not_cut()?;
-        if payload.len() > MAX_SMALL
-            && !pipe::pipe_has_room(self.process.to_twin.as_raw_fd(), HEADER_LEN + payload.len())
-        {
-            return Ok(false);
-        }
-        if sending.step(Duration::ZERO)? {
-            return Ok(true);
-        }
-        // nothing went out (all or nothing); a started frame would be finished
-        while sending.done > 0 && !sending.step(SIGNAL_SLICE)? {}
-        Ok(sending.done > 0)
+        sending.at_once()
     }
 
     /// Whether a send was interrupted half-way through a frame.
@@ -426,12 +434,25 @@ impl<'a> FrameSend<'a> {
         Ok(())
     }
 
-    /// Writes a small frame (at most `PIPE_BUF` bytes with its header, which
-    /// a pipe takes all or nothing) if the pipe has room now; whether it
-    /// did. Never waits: callers keep the GIL for it.
-    pub fn try_small(&mut self) -> Result<bool> {
+    /// Writes the frame, not yet begun, only if it goes out at once: up to
+    /// `PIPE_BUF` bytes a pipe takes all or nothing; a larger frame, of up
+    /// to `AT_ONCE_MAX`, only if the pipe's free pages hold it
+    /// (`pipe::pipe_has_room`). Whether it did; it never waits (callers
+    /// keep the GIL for it: larger frames are copied without it).
+    pub fn at_once(&mut self) -> Result<bool> {
         let total = HEADER_LEN + self.parts.iter().map(|part| part.len()).sum::<usize>();
-        Ok(self.done == 0 && total <= libc::PIPE_BUF && self.step(Duration::ZERO)?)
+        if self.done > 0
+            || total > AT_ONCE_MAX
+            || (total > libc::PIPE_BUF && !pipe::pipe_has_room(self.twin.process.to_twin.as_raw_fd(), total))
+        {
+            return Ok(false);
+        }
+        if self.step(Duration::ZERO)? {
+            return Ok(true);
+        }
+        // nothing went out (all or nothing); a started frame would be finished
+        while self.done > 0 && !self.step(SIGNAL_SLICE)? {}
+        Ok(self.done > 0)
     }
 
     /// Writes on for at most `slice`; whether the frame is all written.

@@ -812,14 +812,7 @@ class Connection:
                 if first is not _UNREAD:
                     pass  # (sent express)
                 elif runner is None:
-                    # a small frame goes out holding the GIL if the pipe has room
-                    if not (
-                        self._send_now is not None
-                        and type(payload) is bytes
-                        and len(payload) <= _SMALL_FRAME
-                        and self._send_now(payload)
-                    ):
-                        self.transport.send(payload)
+                    self.transport.send(payload)  # (at once, holding the GIL, if the pipe has room)
                 elif turn:  # (taken above)
                     if not waiter.sent:  # the guest ended before its turn
                         self._fail(None)

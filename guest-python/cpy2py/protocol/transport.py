@@ -246,6 +246,21 @@ class TransportDefaults:
         return False
 
 
+def wait_readable(source: Any, timeout: Optional[float] = None, unless: int = -1) -> bool:
+    """Whether ``source`` (a descriptor, or anything with ``fileno()``) is
+    readable within ``timeout`` seconds (None: until it is); False sooner
+    once the descriptor ``unless`` is (-1: none). With ``poll``, not
+    ``select``, which refuses descriptors of 1024 or more (a Ray worker
+    holds many; an event loop made after many others has one)."""
+    poller = select.poll()
+    poller.register(source, select.POLLIN)
+    if unless >= 0:
+        poller.register(unless, select.POLLIN)
+    ready = poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000)))
+    fd = source if type(source) is int else source.fileno()
+    return any(got == fd for got, _ in ready)
+
+
 class FdTransport(TransportDefaults):
     """Length-prefixed frames: ``send(payload)``, ``recv() -> bytes | None``, ``wait_readable()``."""
 
@@ -399,17 +414,7 @@ class FdTransport(TransportDefaults):
     def wait_readable(self, timeout: float | None = None, unless: int = -1) -> bool:
         """Whether a frame (or the end of the stream) can be read within
         ``timeout`` seconds, or before ``unless`` is readable."""
-        if self._buffer:
-            return True
-        if unless < 0:
-            readable, _, _ = select.select([self.read_fd], [], [], timeout)
-            return bool(readable)
-        # (poll: select refuses descriptors of 1024 or more, as a loop's may be)
-        poller = select.poll()
-        poller.register(self.read_fd, select.POLLIN)
-        poller.register(unless, select.POLLIN)
-        ready = poller.poll(None if timeout is None else math.ceil(timeout * 1000))
-        return any(fd == self.read_fd for fd, _ in ready)
+        return bool(self._buffer) or wait_readable(self.read_fd, timeout, unless)
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):

@@ -185,8 +185,9 @@ impl NativeTwin {
 
     /// Sends one frame. Raises BrokenPipeError when the twin is gone. A
     /// signal handler that raises (Ctrl-C) interrupts a send that cannot go
-    /// on (a twin that stopped reading, its pipe full); if part of the frame
-    /// was written, the stream is cut and `cut_mid_frame` says so.
+    /// on (a twin that stopped reading, its pipe full, or another thread's
+    /// send to it); if part of the frame was written, the stream is cut and
+    /// `cut_mid_frame` says so.
     ///
     /// `payload` is a `bytes`, or a tuple of them (`dumps(..., parts=True)`),
     /// whose concatenation is the frame: written with `writev`, not joined.
@@ -215,13 +216,20 @@ impl NativeTwin {
         };
         let mut sending = match self.0.try_begin_send(parts)? {
             Some(sending) => sending,
-            None => in_host(py, || self.0.begin_send(parts))?,
+            // another thread sends (to a twin that may have stopped reading):
+            // its turn is waited for a slice at a time, for Ctrl-C
+            None => loop {
+                if let Some(sending) = in_host(py, || self.0.begin_send_within(parts, SIGNAL_SLICE))? {
+                    break sending;
+                }
+                py.check_signals()?;
+            },
         };
         sending.check_not_cut()?;
-        // A small frame that fits the pipe goes out keeping the GIL: with
-        // many threads calling, each time the GIL is let go and taken back
-        // is a contended hand-over (futex waits on both sides)
-        if sending.try_small()? {
+        // A frame that fits the pipe now goes out keeping the GIL, as
+        // `send_now`'s: with many threads calling, each time the GIL is let
+        // go and taken back is a contended hand-over (futex waits on both sides)
+        if sending.at_once()? {
             return Ok(());
         }
         loop {
