@@ -185,6 +185,13 @@ def driver_env(name: str) -> Dict[str, str]:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # twins start with cached bytecode, as users' do
     env.pop("CPY2PY_DEBUG", None)
+    # Every driver and its child (raw, multiprocessing, a peer's or a twin) gets
+    # the malloc thresholds cpy2py gives its twins: by default, glibc grows and
+    # trims its heap by 1 MiB steps as payloads come and go, and whether a reply
+    # lands in fresh pages (256 faults, 0.3 ms of a 1 MiB echo) depends on how
+    # the caller's earlier buffers happen to fit, not on the transport.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 20))
     paths = [HERE]
     if name.startswith("original-"):
         paths.append(os.path.join(ROOT, ".venv-bench", "original"))
