@@ -574,6 +574,11 @@ def main() -> None:
     all_cpus = sorted(os.sched_getaffinity(0))
     cpu = args.cpu if args.cpu is not None else all_cpus[-1]
     only = args.only.split(",") if args.only else None
+    if only and not any(o in name for o in only for name in LATENCY + START_ONLY + ["e2e"]):
+        parser.error(
+            f"--only {args.only}: no scenario's name has that in it; "
+            f"they are {', '.join(LATENCY + START_ONLY)}"
+        )
     started = time.monotonic()
     results: Dict[str, Any] = {"meta": metadata(args, plan), "passes": {}}
     if len(all_cpus) < 2:
