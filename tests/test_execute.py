@@ -408,7 +408,7 @@ def test_all_a_twin_wrote_to_stderr_is_forwarded_when_stop_returns(kind, capfd):
 
 
 def test_a_native_twin_is_set_up_for_large_frames_and_the_user_settings_win(kind, monkeypatch):
-    """docs/architecture.md, "Large payloads": 1 MiB pipes to and from the
+    """docs/architecture.md, "Large payloads": 256 KiB pipes to and from the
     twin, glibc's malloc thresholds raised in it, except those the user set."""
     native_only(kind, "a guest has neither pipes nor glibc's malloc")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
@@ -418,7 +418,7 @@ def test_a_native_twin_is_set_up_for_large_frames_and_the_user_settings_win(kind
             "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
             "MALLOC_TRIM_THRESHOLD_": "12345",
         }
-        assert twin.execute(twin_helpers.link_pipe_sizes) == [1 << 20, 1 << 20]
+        assert twin.execute(twin_helpers.link_pipe_sizes) == [256 << 10, 256 << 10]
 
 
 def test_threads_get_their_own_replies(twin):
