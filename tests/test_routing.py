@@ -365,7 +365,7 @@ def test_a_server_woken_for_input_a_caller_took_runs_the_handed_request():
             b._open_gate()  # b's gate, without server threads: a thread below is b's server
         handed = (b, REQUEST, 54321, b"a request handed to a server")
 
-        def wait_for_input_already_taken(timeout=None):
+        def wait_for_input_already_taken(timeout=None, alone=False):
             with b._lock:
                 b._handoff.append(handed)
             b._gate.kick()
@@ -428,7 +428,7 @@ def test_a_server_woken_by_a_kick_and_the_link_at_once_leaves_neither_waiting():
         request = [REQUEST, 1, 0xC0FFEE, OP_EXECUTE, loopback.echo, ["mine"], {}]
         gate_wait = b._gate.wait
 
-        def wait_while_both_come(timeout=None):  # both before the poll: it reports both
+        def wait_while_both_come(timeout=None, alone=False):  # both before the poll: it reports both
             with b._lock:
                 b._handoff.append(handed)  # what another thread's read hands on
             b._gate.kick()

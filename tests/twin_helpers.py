@@ -241,3 +241,8 @@ def builtin_iterators_and_callables():
         "numbers": numbers,
         "a key named like the module": {"_pickle_support": "_operator"},
     }
+
+
+def cpu_seconds():
+    """The CPU time this process (all its threads) has used."""
+    return time.process_time()

@@ -62,6 +62,13 @@ class Frame:
 
 def read_frame(fd: int, first: bytes, length: int) -> Frame: ...
 
+class MomentPoll:
+    """A link's gate, polled for a moment before a server sleeps (host/src/python/moment.rs)."""
+
+    def __init__(self) -> None: ...
+    def poll(self, fd: int) -> bool: ...
+    def waited(self) -> None: ...
+
 class NativeTwin:
     @staticmethod
     def spawn(

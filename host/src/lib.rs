@@ -7,6 +7,7 @@ pub mod pipe;
 pub mod process;
 pub mod protocol;
 pub mod signals;
+pub mod spin;
 pub mod wasm;
 
 #[cfg(feature = "python")]

@@ -67,6 +67,10 @@ _no_loop: Callable[[], Any] = type(None)  # (a dead reference: "no loop")
 #: that costs more than the wake-ups it saves (8 threads and 100 awaits on a
 #: pypy3 twin made about 0.9 of their calls with it)
 _yield_cpu = getattr(os, "sched_yield", None) if sys.implementation.name == "cpython" else None
+try:  # (CPython: twins and the master; PyPy's and the guest's gates sleep at once)
+    from cpy2py._host import MomentPoll as _MomentPoll
+except ImportError:
+    _MomentPoll = None
 _UNREAD: Any = object()  # (_read: no frame was read before)
 _local = _thread._local()
 
@@ -280,6 +284,13 @@ class _Gate:
         # disarmed: one-shot without EPOLLIN still reports a hang-up, once
         self._ep.register(fd, select.EPOLLONESHOT)
         self._ep.register(self._kick_r, select.EPOLLIN | select.EPOLLONESHOT)
+        # A twin's server polls for a moment before it sleeps, where another
+        # CPU can run the master meanwhile (host/src/spin.rs: waking costs
+        # more). Not the master's: its servers wake for callbacks and for
+        # replies that came while nobody read, and polling after each took
+        # CPU from its callers (8 threads calling a pypy3 twin).
+        moment = _MomentPoll is not None and not kernel_state.is_master()
+        self._moment = _MomentPoll() if moment else None
 
     def arm(self) -> None:
         self._ep.modify(self._fd, select.EPOLLIN | select.EPOLLONESHOT)
@@ -290,14 +301,24 @@ class _Gate:
     def kick(self) -> None:
         os.write(self._kick_w, b"k")
 
-    def wait(self, timeout: Optional[float] = None) -> Tuple[bool, bool]:
+    def wait(self, timeout: Optional[float] = None, alone: bool = False) -> Tuple[bool, bool]:
         """Block until the link has something or a server was kicked, or for
-        ``timeout`` seconds: (link readable, kicked)."""
+        ``timeout`` seconds: (link readable, kicked). ``alone``: no other
+        server runs a request, so one polling for a moment takes no CPU
+        that another needs."""
+        moment = self._moment if timeout is None and alone else None
+        if moment is not None and moment.poll(self._ep.fileno()):
+            timeout = 0  # (something came while it polled; another server may take it first)
         while True:
             try:
                 events = self._ep.poll(-1 if timeout is None else timeout)
             except InterruptedError:  # (a retry waits the whole timeout again: fine for retiring)
                 continue
+            if not events and timeout == 0 and moment is not None:
+                timeout = None  # (taken by another: this one sleeps after all)
+                continue
+            if moment is not None:
+                moment.waited()
             readable = kicked = False
             for fd, _ in events:
                 if fd == self._fd:
@@ -2086,7 +2107,7 @@ class Connection:
             if timed:
                 timeout = self.HOLD_FOR
             try:
-                readable, kicked = gate.wait(timeout)
+                readable, kicked = gate.wait(timeout, not self._running)
             except BaseException:
                 with self._lock:
                     self._waiting -= 1

@@ -7,6 +7,7 @@ mod codec;
 mod equal_hashes;
 mod errors;
 mod host_calls;
+mod moment;
 mod plain;
 mod received;
 mod spec;
@@ -17,6 +18,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
     spec::register(m)?;
     twin::register(m)?;
+    moment::register(m)?;
     received::register(m)?;
     wasi::register(m)?;
     Ok(())
