@@ -241,15 +241,16 @@ impl NativeTwin {
             // held (none slips past the poll). Other threads wait so when
             // many call at once: one polling there took a CPU from the twin
             // (8 threads calling a pypy3 twin: a fifth fewer calls).
-            let ready = unblocked.is_some() && self.spin.poll(fd, now);
+            let polled = unblocked.is_some() && self.spin.worth_polling();
+            let ready = polled && self.spin.poll_for(fd, now);
             if !ready && !pipe::wait_for_frame(fd, unblocked.as_ref())? {
                 return Ok(Step::Read(ReadOutcome::Interrupted));
             }
-            started = Some(now);
+            started = Some((now, polled && !ready));
         }
         let outcome = reader.read(&mut &self.process.from_twin, self.max_frame)?;
-        if let Some(started) = started {
-            self.spin.waited(started); // (without held signals, the read itself waited)
+        if let Some((started, ran_out)) = started {
+            self.spin.waited(started, ran_out); // (without held signals, the read itself waited)
         }
         Ok(match outcome {
             ReadOutcome::Large { len, first } => Step::Large(large(fd, len, first)),

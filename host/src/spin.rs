@@ -4,19 +4,21 @@
 //! A thread that sleeps until the reply comes pays for being woken: on
 //! another CPU than the twin's, the kernel wakes an idle CPU (on a virtual
 //! machine, a trap to the hypervisor), which on this project's 2-core VM
-//! added about a fifth to a no-op call (benches/README.md, "Polling a
+//! added a third or more to a no-op call (benches/README.md, "Polling a
 //! moment for the reply"). A reply that comes within `spin_for()` is taken
 //! without that. The poll yields the CPU between looks, so that a twin (or
 //! anything else) waiting for this CPU runs first.
 //!
 //! Only where it can pay: the thread may run on two CPUs or more (pinned to
 //! one, the twin could not run while it polls), and the link's last reply
-//! came soon enough (a link whose calls take longer sleeps at once, until
-//! one is quick again). `CPY2PY_SPIN_US` sets the moment (0: never poll).
+//! came while it polled (a link whose calls take longer sleeps at once,
+//! until one is quick again). `CPY2PY_SPIN_US` sets the moment (0: never
+//! poll). The master's main thread polls for native twins' replies
+//! (native.rs), and CPython twins' servers for requests (python/moment.rs).
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -38,21 +40,23 @@ pub fn spin_for() -> Duration {
     })
 }
 
-/// A wait up to this many moments long is taken as quick: one that slept
-/// includes the wake-up (tens of microseconds on a VM), which must not
-/// keep a link whose replies come in time from polling again.
-const QUICK: u32 = 4;
-
 /// A link's memory of how soon its replies come.
 pub struct ReplySpin {
-    /// the last wait ended within `QUICK` moments (so the next may too)
-    quick: AtomicBool,
+    /// how well polling did lately, from `-SCORE_LIMIT` to `SCORE_LIMIT`: up
+    /// for each reply that came while polled for (or, not polled for, within
+    /// two moments of sleeping: it would have), down for each that did not;
+    /// polled for while above 0
+    score: AtomicI32,
 }
+
+/// How far the score goes either way: after a run of slow replies, this
+/// many quick ones (plus one) before it polls again, and the other way round.
+const SCORE_LIMIT: i32 = 4;
 
 impl Default for ReplySpin {
     fn default() -> Self {
         ReplySpin {
-            quick: AtomicBool::new(true),
+            score: AtomicI32::new(SCORE_LIMIT),
         }
     }
 }
@@ -61,13 +65,7 @@ impl ReplySpin {
     /// Whether polling can pay now: a moment is set, the last wait was
     /// quick, and this thread may run on another CPU than the peer.
     pub fn worth_polling(&self) -> bool {
-        !spin_for().is_zero() && self.quick.load(Ordering::Relaxed) && other_cpus()
-    }
-
-    /// Before a wait for `fd` that began at `started`: polls it for up to
-    /// the moment if that can pay; whether it became readable (or hung up).
-    pub fn poll(&self, fd: RawFd, started: Instant) -> bool {
-        self.worth_polling() && self.poll_for(fd, started)
+        !spin_for().is_zero() && self.score.load(Ordering::Relaxed) > 0 && other_cpus()
     }
 
     /// Polls `fd` until it is readable (true) or the moment since `started`
@@ -87,16 +85,17 @@ impl ReplySpin {
         }
     }
 
-    /// After a wait that began at `started` ended with something to read.
-    pub fn waited(&self, started: Instant) {
-        self.waited_for(started.elapsed());
-    }
-
-    /// After a wait of `took` that ended with something to read.
-    pub fn waited_for(&self, took: Duration) {
-        let quick = took <= QUICK * spin_for();
-        if self.quick.load(Ordering::Relaxed) != quick {
-            self.quick.store(quick, Ordering::Relaxed);
+    /// After a wait that began at `started` ended with something to read;
+    /// `ran_out`: it was polled for the whole moment in vain. A link whose
+    /// replies outlast the poll sleeps at once (its calls take longer:
+    /// polling would only cost CPU), until replies come within two moments
+    /// of sleeping (the wake-up included) again.
+    pub fn waited(&self, started: Instant, ran_out: bool) {
+        let quick = !ran_out && started.elapsed() <= 2 * spin_for();
+        let score = self.score.load(Ordering::Relaxed);
+        let next = (score + if quick { 1 } else { -1 }).clamp(-SCORE_LIMIT, SCORE_LIMIT);
+        if next != score {
+            self.score.store(next, Ordering::Relaxed); // (a race loses a step: harmless)
         }
     }
 }
@@ -143,22 +142,40 @@ mod tests {
         let started = Instant::now();
         // (the moment is 50 us unless the environment says otherwise: polled
         // again until the write, which the thread makes within a few ms)
-        let mut seen = spin.poll(reader.as_raw_fd(), started);
+        let mut seen = spin.poll_for(reader.as_raw_fd(), started);
         while !seen && started.elapsed() < Duration::from_secs(5) {
-            seen = spin.poll(reader.as_raw_fd(), Instant::now());
+            seen = spin.poll_for(reader.as_raw_fd(), Instant::now());
         }
         assert!(seen, "the write was seen by polling");
         drop(writing.join());
     }
 
     #[test]
-    fn a_slow_reply_stops_the_polling_until_a_quick_one() {
-        let (reader, _writer) = std::io::pipe().unwrap();
+    fn replies_that_outlast_the_poll_stop_the_polling_until_quick_ones_come() {
         let spin = ReplySpin::default();
-        spin.waited(Instant::now() - Duration::from_secs(1));
-        assert!(!spin.quick.load(Ordering::Relaxed), "a slow reply: no polling");
-        assert!(!spin.poll(reader.as_raw_fd(), Instant::now()));
-        spin.waited(Instant::now());
-        assert!(spin.quick.load(Ordering::Relaxed), "a quick reply: polling again");
+        let polls = |spin: &ReplySpin| spin.score.load(Ordering::Relaxed) > 0;
+        assert!(polls(&spin), "a new link polls");
+        spin.waited(Instant::now(), true);
+        assert!(
+            polls(&spin),
+            "one reply that outlasted the poll is not enough to stop"
+        );
+        for _ in 0..SCORE_LIMIT {
+            spin.waited(Instant::now(), true);
+        }
+        assert!(!polls(&spin), "replies that outlast the poll: it sleeps at once");
+        for _ in 0..2 * SCORE_LIMIT {
+            spin.waited(Instant::now() - Duration::from_secs(1), false);
+        }
+        assert!(!polls(&spin), "slow replies after sleeping: still not");
+        for _ in 0..SCORE_LIMIT {
+            spin.waited(Instant::now(), false);
+        }
+        assert!(
+            !polls(&spin),
+            "the quick replies it takes to poll again: one more than the limit"
+        );
+        spin.waited(Instant::now(), false);
+        assert!(polls(&spin), "quick replies after sleeping: it polls again");
     }
 }

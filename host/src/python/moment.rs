@@ -23,8 +23,9 @@ pub struct MomentPoll {
     spin: ReplySpin,
     /// a server polls now: the others sleep at once (one CPU is enough)
     polling: AtomicBool,
-    /// when the wait that `waited` ends began
-    started: Mutex<Option<Instant>>,
+    /// when the wait that `waited` ends began, and whether it was polled
+    /// for in vain
+    started: Mutex<Option<(Instant, bool)>>,
 }
 
 #[pymethods]
@@ -41,21 +42,24 @@ impl MomentPoll {
     /// would have interrupted the sleep (what it raises comes out of here).
     fn poll(&self, py: Python<'_>, fd: i32) -> PyResult<bool> {
         let started = Instant::now();
-        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
+        let keep =
+            |ran_out| *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some((started, ran_out));
         // (pinned to one CPU, a server sleeps at once: the GIL is kept)
         if !self.spin.worth_polling() || self.polling.swap(true, Ordering::Acquire) {
+            keep(false);
             return Ok(false);
         }
         let ready = in_host(py, || self.spin.poll_for(fd, started));
         self.polling.store(false, Ordering::Release);
+        keep(!ready);
         py.check_signals()?;
         Ok(ready)
     }
 
     /// The wait that began at the last `poll` ended with something to read.
     fn waited(&self) {
-        if let Some(started) = self.started.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            self.spin.waited(started);
+        if let Some((started, ran_out)) = self.started.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.spin.waited(started, ran_out);
         }
     }
 }
