@@ -295,6 +295,17 @@ impl NativeTwin {
 
     /// Waits until a frame can be read (or the stream ended), up to
     /// `timeout` (None: forever); `None` when a signal interrupted the wait.
+    /// How soon this twin's replies come (spin.rs), for waits elsewhere.
+    pub fn reply_spin(&self) -> &ReplySpin {
+        &self.spin
+    }
+
+    /// Whether a frame or the stream's end waits in the reader or the
+    /// stream is closed here: nothing to wait for.
+    pub fn nothing_to_wait_for(&self) -> bool {
+        self.reader().has_input() || self.process.from_twin.is_closed()
+    }
+
     pub fn wait_readable_step(
         &self,
         timeout: Option<Duration>,

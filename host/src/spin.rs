@@ -85,6 +85,40 @@ impl ReplySpin {
         }
     }
 
+    /// As `poll_for`, watching `other` too (an event loop's selector):
+    /// `Some(true)` when `fd` became readable, `Some(false)` when `other`
+    /// did first, `None` when the moment (or `deadline`, if sooner) passed.
+    pub fn poll_either_for(
+        &self,
+        fd: RawFd,
+        other: RawFd,
+        started: Instant,
+        deadline: Option<Instant>,
+    ) -> Option<bool> {
+        let end = started + spin_for();
+        let end = deadline.map_or(end, |deadline| deadline.min(end));
+        loop {
+            let mut pfds = [fd, other].map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: two pollfds that live for the call; no wait
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 0) };
+            if n < 0 || pfds[0].revents != 0 {
+                return Some(true); // (an error: the read says what)
+            }
+            if pfds[1].revents != 0 {
+                return Some(false);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            // SAFETY: no arguments
+            unsafe { libc::sched_yield() };
+        }
+    }
+
     /// After a wait that began at `started` ended with something to read;
     /// `ran_out`: it was polled for the whole moment in vain. A link whose
     /// replies outlast the poll sleeps at once (its calls take longer:

@@ -370,15 +370,51 @@ impl NativeTwin {
     /// seconds (None: forever), or until the descriptor `unless` is
     /// readable (an event loop's selector: the loop has something to do).
     /// Returns whether a frame can be read.
+    ///
+    /// Waiting for a reply while an event loop is idle (`unless` given), it
+    /// polls both for a moment first, as a sync call's wait does
+    /// (crate::spin); a signal handler made due meanwhile runs before it
+    /// sleeps, as it would have interrupted the sleep.
     #[pyo3(signature = (timeout=None, unless=-1))]
     fn wait_readable(&self, py: Python<'_>, timeout: Option<f64>, unless: i32) -> PyResult<bool> {
         // (a signal handler that returns does not restart the wait's time)
-        let deadline = timeout.map(|timeout| Instant::now() + seconds(timeout));
+        let started = Instant::now();
+        let deadline = timeout.map(|timeout| started + seconds(timeout));
         let unless = (unless >= 0).then_some(unless);
+        let spin = self.0.reply_spin();
+        let mut ran_out = false;
+        if let Some(other) = unless {
+            if spin.worth_polling() {
+                let fd = self.0.read_fd();
+                // (the reader's lock, which a reading thread holds, is taken
+                // without the GIL, as in `wait_readable_step`)
+                let polled = in_host(py, || {
+                    if self.0.nothing_to_wait_for() {
+                        Some(true)
+                    } else {
+                        spin.poll_either_for(fd, other, started, deadline)
+                    }
+                });
+                py.check_signals()?;
+                match polled {
+                    Some(true) => {
+                        spin.waited(started, false);
+                        return Ok(true);
+                    }
+                    Some(false) => return Ok(false), // (the loop has something to do)
+                    None => ran_out = true,
+                }
+            }
+        }
         loop {
             let left = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
             match in_host(py, || self.0.wait_readable_step(left, unless))? {
-                Some(ready) => return Ok(ready),
+                Some(ready) => {
+                    if ready && unless.is_some() {
+                        spin.waited(started, ran_out);
+                    }
+                    return Ok(ready);
+                }
                 None => py.check_signals()?,
             }
         }
