@@ -21,7 +21,7 @@ use crate::process::{describe_status, TwinCommand, TwinProcess};
 use crate::protocol::frame::{self, FrameReader, ReadOutcome, HEADER_LEN};
 use crate::protocol::handshake::{parse_hello, Hello};
 use crate::signals;
-use crate::spin::ReplySpin;
+use crate::spin::{Moment, ReplySpin};
 
 /// How long a step in the host lasts before its caller lets signal handlers
 /// run (Ctrl-C reaches a master blocked in a send or a start within this).
@@ -233,24 +233,25 @@ impl NativeTwin {
         if fd < 0 {
             return Ok(Step::Read(ReadOutcome::Eof));
         }
-        let mut started = None;
+        let mut waited = None;
         if !reader.has_input() {
             let unblocked = signals::mask_before_hold();
-            let now = Instant::now();
             // Polled by the main thread only, which waits with its signals
             // held (none slips past the poll). Other threads wait so when
             // many call at once: one polling there took a CPU from the twin
             // (8 threads calling a pypy3 twin: a fifth fewer calls).
-            let polled = unblocked.is_some() && self.spin.worth_polling();
-            let ready = polled && self.spin.poll_for(fd, now);
-            if !ready && !pipe::wait_for_frame(fd, unblocked.as_ref())? {
+            let moment = match unblocked {
+                Some(_) => self.spin.poll([fd], None),
+                None => Moment::unpolled(),
+            };
+            if moment.ready().is_none() && !pipe::wait_for_frame(fd, unblocked.as_ref())? {
                 return Ok(Step::Read(ReadOutcome::Interrupted));
             }
-            started = Some((now, polled && !ready));
+            waited = Some(moment);
         }
         let outcome = reader.read(&mut &self.process.from_twin, self.max_frame)?;
-        if let Some((started, ran_out)) = started {
-            self.spin.waited(started, ran_out); // (without held signals, the read itself waited)
+        if let Some(moment) = waited {
+            self.spin.waited(&moment); // (without held signals, the read itself waited)
         }
         Ok(match outcome {
             ReadOutcome::Large { len, first } => Step::Large(large(fd, len, first)),
@@ -293,19 +294,13 @@ impl NativeTwin {
         }
     }
 
-    /// Waits until a frame can be read (or the stream ended), up to
-    /// `timeout` (None: forever); `None` when a signal interrupted the wait.
     /// How soon this twin's replies come (spin.rs), for waits elsewhere.
     pub fn reply_spin(&self) -> &ReplySpin {
         &self.spin
     }
 
-    /// Whether a frame or the stream's end waits in the reader or the
-    /// stream is closed here: nothing to wait for.
-    pub fn nothing_to_wait_for(&self) -> bool {
-        self.reader().has_input() || self.process.from_twin.is_closed()
-    }
-
+    /// Waits until a frame can be read (or the stream ended), up to
+    /// `timeout` (None: forever); `None` when a signal interrupted the wait.
     pub fn wait_readable_step(
         &self,
         timeout: Option<Duration>,

@@ -22,7 +22,7 @@ fn timespec(timeout: Duration) -> libc::timespec {
 /// One `poll` of `fds` for `events`, up to `timeout` (None: forever);
 /// `None` when a signal interrupted it, else each descriptor's `revents`
 /// (all 0: the timeout passed).
-fn poll_all<const N: usize>(
+pub(crate) fn poll_all<const N: usize>(
     fds: [RawFd; N],
     events: libc::c_short,
     timeout: Option<Duration>,

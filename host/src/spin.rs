@@ -61,71 +61,75 @@ impl Default for ReplySpin {
     }
 }
 
+/// One wait for a reply: when it began, and what polling found.
+#[derive(Clone, Copy)]
+pub struct Moment {
+    started: Instant,
+    /// not polled for (None), or polled: the index of the descriptor found
+    /// readable, None when the moment ran out
+    polled: Option<Option<usize>>,
+}
+
+impl Moment {
+    /// A wait that begins now, not polled for.
+    pub fn unpolled() -> Moment {
+        Moment {
+            started: Instant::now(),
+            polled: None,
+        }
+    }
+
+    /// The descriptor (its index) that polling found readable.
+    pub fn ready(&self) -> Option<usize> {
+        self.polled.flatten()
+    }
+}
+
 impl ReplySpin {
-    /// Whether polling can pay now: a moment is set, the last wait was
+    /// Whether polling can pay now: a moment is set, the recent replies were
     /// quick, and this thread may run on another CPU than the peer.
     pub fn worth_polling(&self) -> bool {
         !spin_for().is_zero() && self.score.load(Ordering::Relaxed) > 0 && other_cpus()
     }
 
-    /// Polls `fd` until it is readable (true) or the moment since `started`
-    /// has passed (false), yielding the CPU between looks.
-    pub fn poll_for(&self, fd: RawFd, started: Instant) -> bool {
-        let spin = spin_for();
-        loop {
-            match pipe::poll_readable(fd, Some(Duration::ZERO)) {
-                Ok(Some(true)) | Err(_) => return true, // (an error: the wait says what)
-                Ok(_) => {}
-            }
-            if started.elapsed() >= spin {
-                return false;
-            }
-            // SAFETY: no arguments
-            unsafe { libc::sched_yield() };
+    /// Begins a wait for any of `fds`: polls them for the moment (or until
+    /// `deadline`, if sooner), yielding the CPU between looks, if that can
+    /// pay. An error counts as the first readable: the wait after says what.
+    pub fn poll<const N: usize>(&self, fds: [RawFd; N], deadline: Option<Instant>) -> Moment {
+        let mut moment = Moment::unpolled();
+        if !self.worth_polling() {
+            return moment;
         }
-    }
-
-    /// As `poll_for`, watching `other` too (an event loop's selector):
-    /// `Some(true)` when `fd` became readable, `Some(false)` when `other`
-    /// did first, `None` when the moment (or `deadline`, if sooner) passed.
-    pub fn poll_either_for(
-        &self,
-        fd: RawFd,
-        other: RawFd,
-        started: Instant,
-        deadline: Option<Instant>,
-    ) -> Option<bool> {
-        let end = started + spin_for();
+        let end = moment.started + spin_for();
         let end = deadline.map_or(end, |deadline| deadline.min(end));
-        loop {
-            let mut pfds = [fd, other].map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            // SAFETY: two pollfds that live for the call; no wait
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 0) };
-            if n < 0 || pfds[0].revents != 0 {
-                return Some(true); // (an error: the read says what)
-            }
-            if pfds[1].revents != 0 {
-                return Some(false);
+        moment.polled = Some(loop {
+            match pipe::poll_all(fds, libc::POLLIN, Some(Duration::ZERO)) {
+                Ok(Some(revents)) => {
+                    if let Some(found) = revents.iter().position(|&r| r != 0) {
+                        break Some(found);
+                    }
+                }
+                Ok(None) => {} // (a signal: held, or a handler the caller runs after)
+                Err(_) => break Some(0),
             }
             if Instant::now() >= end {
-                return None;
+                break None;
             }
             // SAFETY: no arguments
             unsafe { libc::sched_yield() };
-        }
+        });
+        moment
     }
 
-    /// After a wait that began at `started` ended with something to read;
-    /// `ran_out`: it was polled for the whole moment in vain. A link whose
+    /// The wait `moment` began ended with something to read. A link whose
     /// replies outlast the poll sleeps at once (its calls take longer:
     /// polling would only cost CPU), until replies come within two moments
     /// of sleeping (the wake-up included) again.
-    pub fn waited(&self, started: Instant, ran_out: bool) {
-        let quick = !ran_out && started.elapsed() <= 2 * spin_for();
+    pub fn waited(&self, moment: &Moment) {
+        let quick = match moment.polled {
+            Some(found) => found.is_some(),
+            None => moment.started.elapsed() <= 2 * spin_for(),
+        };
         let score = self.score.load(Ordering::Relaxed);
         let next = (score + if quick { 1 } else { -1 }).clamp(-SCORE_LIMIT, SCORE_LIMIT);
         if next != score {
@@ -176,10 +180,11 @@ mod tests {
         let started = Instant::now();
         // (the moment is 50 us unless the environment says otherwise: polled
         // again until the write, which the thread makes within a few ms)
-        let mut seen = spin.poll_for(reader.as_raw_fd(), started);
-        while !seen && started.elapsed() < Duration::from_secs(5) {
-            seen = spin.poll_for(reader.as_raw_fd(), Instant::now());
+        let mut seen = spin.poll([reader.as_raw_fd()], None).ready();
+        while seen.is_none() && started.elapsed() < Duration::from_secs(5) {
+            seen = spin.poll([reader.as_raw_fd()], None).ready();
         }
+        let seen = seen == Some(0);
         assert!(seen, "the write was seen by polling");
         drop(writing.join());
     }
@@ -188,28 +193,36 @@ mod tests {
     fn replies_that_outlast_the_poll_stop_the_polling_until_quick_ones_come() {
         let spin = ReplySpin::default();
         let polls = |spin: &ReplySpin| spin.score.load(Ordering::Relaxed) > 0;
+        let moment = |polled, ago| Moment {
+            started: Instant::now() - ago,
+            polled,
+        };
+        let (in_vain, found, slept) = (Some(None), Some(Some(0)), None);
         assert!(polls(&spin), "a new link polls");
-        spin.waited(Instant::now(), true);
+        spin.waited(&moment(in_vain, Duration::ZERO));
         assert!(
             polls(&spin),
             "one reply that outlasted the poll is not enough to stop"
         );
         for _ in 0..SCORE_LIMIT {
-            spin.waited(Instant::now(), true);
+            spin.waited(&moment(in_vain, Duration::ZERO));
         }
         assert!(!polls(&spin), "replies that outlast the poll: it sleeps at once");
+        assert!(spin.poll([-1], None).polled.is_none(), "not polled for");
         for _ in 0..2 * SCORE_LIMIT {
-            spin.waited(Instant::now() - Duration::from_secs(1), false);
+            spin.waited(&moment(slept, Duration::from_secs(1)));
         }
         assert!(!polls(&spin), "slow replies after sleeping: still not");
         for _ in 0..SCORE_LIMIT {
-            spin.waited(Instant::now(), false);
+            spin.waited(&moment(slept, Duration::ZERO));
         }
         assert!(
             !polls(&spin),
             "the quick replies it takes to poll again: one more than the limit"
         );
-        spin.waited(Instant::now(), false);
+        spin.waited(&moment(slept, Duration::ZERO));
         assert!(polls(&spin), "quick replies after sleeping: it polls again");
+        spin.waited(&moment(found, Duration::ZERO));
+        assert!(polls(&spin), "found while polled for: it goes on");
     }
 }

@@ -307,15 +307,16 @@ class _Gate:
         server runs a request, so one polling for a moment takes no CPU
         that another needs."""
         moment = self._moment if timeout is None and alone else None
-        if moment is not None and moment.poll(self._ep.fileno()):
-            timeout = 0  # (something came while it polled; another server may take it first)
+        # (what came while it polled is taken at once, unless another server
+        # took it first: then it sleeps after all)
+        polled = moment is not None and moment.poll(self._ep.fileno())
         while True:
             try:
-                events = self._ep.poll(-1 if timeout is None else timeout)
+                events = self._ep.poll(0 if polled else -1 if timeout is None else timeout)
             except InterruptedError:  # (a retry waits the whole timeout again: fine for retiring)
                 continue
-            if not events and timeout == 0 and moment is not None:
-                timeout = None  # (taken by another: this one sleeps after all)
+            if polled and not events:
+                polled = False
                 continue
             if moment is not None:
                 moment.waited()

@@ -23,6 +23,7 @@ use crate::protocol::frame::{self, ReadOutcome};
 use crate::protocol::handshake::Hello;
 use crate::protocol::rendition;
 use crate::signals;
+use crate::spin::Moment;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeTwin>()?;
@@ -378,32 +379,20 @@ impl NativeTwin {
     #[pyo3(signature = (timeout=None, unless=-1))]
     fn wait_readable(&self, py: Python<'_>, timeout: Option<f64>, unless: i32) -> PyResult<bool> {
         // (a signal handler that returns does not restart the wait's time)
-        let started = Instant::now();
-        let deadline = timeout.map(|timeout| started + seconds(timeout));
+        let deadline = timeout.map(|timeout| Instant::now() + seconds(timeout));
         let unless = (unless >= 0).then_some(unless);
         let spin = self.0.reply_spin();
-        let mut ran_out = false;
-        if let Some(other) = unless {
-            if spin.worth_polling() {
-                let fd = self.0.read_fd();
-                // (the reader's lock, which a reading thread holds, is taken
-                // without the GIL, as in `wait_readable_step`)
-                let polled = in_host(py, || {
-                    if self.0.nothing_to_wait_for() {
-                        Some(true)
-                    } else {
-                        spin.poll_either_for(fd, other, started, deadline)
-                    }
-                });
-                py.check_signals()?;
-                match polled {
-                    Some(true) => {
-                        spin.waited(started, false);
-                        return Ok(true);
-                    }
-                    Some(false) => return Ok(false), // (the loop has something to do)
-                    None => ran_out = true,
+        let mut moment = Moment::unpolled();
+        if let Some(other) = unless.filter(|_| spin.worth_polling()) {
+            // (a frame already read ahead: the caller asked `buffered` first)
+            let fd = self.0.read_fd();
+            moment = in_host(py, || spin.poll([fd, other], deadline));
+            py.check_signals()?;
+            if let Some(found) = moment.ready() {
+                if found == 0 {
+                    spin.waited(&moment);
                 }
+                return Ok(found == 0); // (else the loop has something to do)
             }
         }
         loop {
@@ -411,7 +400,7 @@ impl NativeTwin {
             match in_host(py, || self.0.wait_readable_step(left, unless))? {
                 Some(ready) => {
                     if ready && unless.is_some() {
-                        spin.waited(started, ran_out);
+                        spin.waited(&moment);
                     }
                     return Ok(ready);
                 }
