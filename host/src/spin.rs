@@ -225,4 +225,24 @@ mod tests {
         spin.waited(&moment(found, Duration::ZERO));
         assert!(polls(&spin), "found while polled for: it goes on");
     }
+
+    #[test]
+    fn a_thread_pinned_to_one_cpu_never_polls() {
+        std::thread::spawn(|| {
+            // SAFETY: this new thread's own affinity, to the CPU it is on
+            unsafe {
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut one);
+                assert_eq!(
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one),
+                    0
+                );
+            }
+            let spin = ReplySpin::default();
+            assert!(!spin.worth_polling(), "the peer could not run while it polled");
+            assert!(spin.poll([-1], None).polled.is_none(), "not polled for");
+        })
+        .join()
+        .unwrap();
+    }
 }
