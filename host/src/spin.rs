@@ -10,15 +10,16 @@
 //! anything else) waiting for this CPU runs first.
 //!
 //! Only where it can pay: the thread may run on two CPUs or more (pinned to
-//! one, the twin could not run while it polls), and the link's last reply
+//! one, the twin could not run while it polls), and the link's last replies
 //! came while it polled (a link whose calls take longer sleeps at once,
 //! until one is quick again). `CPY2PY_SPIN_US` sets the moment (0: never
-//! poll). The master's main thread polls for native twins' replies
+//! poll). A link whose replies come just after the moment (a slower host)
+//! polls up to `LONGEST` moments. The master's main thread polls for native twins' replies
 //! (native.rs), and CPython twins' servers for requests (python/moment.rs).
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -47,16 +48,27 @@ pub struct ReplySpin {
     /// two moments of sleeping: it would have), down for each that did not;
     /// polled for while above 0
     score: AtomicI32,
+    /// how long this link polls, in nanoseconds: from `spin_for()` up to
+    /// `LONGEST` times it
+    moment_ns: AtomicU64,
 }
 
 /// How far the score goes either way: after a run of slow replies, this
 /// many quick ones (plus one) before it polls again, and the other way round.
 const SCORE_LIMIT: i32 = 4;
 
+/// The longest moment, in moments of `spin_for()`. A reply that came after
+/// the moment but within this many (its wake-up included) doubles the
+/// link's moment up to it: on a VM three times slower than the one the
+/// default was set on, a python3 twin's no-op reply took 60-150 us, and
+/// waking a sleeping CPU there cost about 100 us more (benches/README.md).
+const LONGEST: u32 = 8;
+
 impl Default for ReplySpin {
     fn default() -> Self {
         ReplySpin {
             score: AtomicI32::new(SCORE_LIMIT),
+            moment_ns: AtomicU64::new(spin_for().as_nanos() as u64),
         }
     }
 }
@@ -68,6 +80,10 @@ pub struct Moment {
     /// not polled for (None), or polled: the index of the descriptor found
     /// readable, None when the moment ran out
     polled: Option<Option<usize>>,
+    /// found readable at the first look: it was there before the wait (an
+    /// awaited call's read after its wait), which says nothing of how soon
+    /// replies come
+    at_once: bool,
 }
 
 impl Moment {
@@ -76,6 +92,7 @@ impl Moment {
         Moment {
             started: Instant::now(),
             polled: None,
+            at_once: false,
         }
     }
 
@@ -100,12 +117,14 @@ impl ReplySpin {
         if !self.worth_polling() {
             return moment;
         }
-        let end = moment.started + spin_for();
+        let end = moment.started + self.moment();
         let end = deadline.map_or(end, |deadline| deadline.min(end));
+        let mut first = true;
         moment.polled = Some(loop {
             match pipe::poll_all(fds, libc::POLLIN, Some(Duration::ZERO)) {
                 Ok(Some(revents)) => {
                     if let Some(found) = revents.iter().position(|&r| r != 0) {
+                        moment.at_once = first;
                         break Some(found);
                     }
                 }
@@ -115,26 +134,53 @@ impl ReplySpin {
             if Instant::now() >= end {
                 break None;
             }
+            first = false;
             // SAFETY: no arguments
             unsafe { libc::sched_yield() };
         });
         moment
     }
 
-    /// The wait `moment` began ended with something to read. A link whose
-    /// replies outlast the poll sleeps at once (its calls take longer:
-    /// polling would only cost CPU), until replies come within two moments
-    /// of sleeping (the wake-up included) again.
+    /// How long this link polls now.
+    pub fn moment(&self) -> Duration {
+        Duration::from_nanos(self.moment_ns.load(Ordering::Relaxed))
+    }
+
+    /// The wait `moment` began ended with something to read (what was
+    /// there at its first look counts for nothing). A reply that
+    /// came just after the poll (within `LONGEST` moments of its start)
+    /// doubles the link's moment, up to that; one found within a quarter
+    /// of the moment shortens it by an eighth, down to `spin_for()`. A link
+    /// whose replies outlast even the longest poll sleeps at once (its
+    /// calls take longer: polling would only cost CPU), until replies come
+    /// within two moments of sleeping (the wake-up included) again.
     pub fn waited(&self, moment: &Moment) {
+        let (now, elapsed) = (self.moment(), moment.started.elapsed());
+        let longest = spin_for() * LONGEST;
         let quick = match moment.polled {
-            Some(found) => found.is_some(),
-            None => moment.started.elapsed() <= 2 * spin_for(),
+            Some(Some(_)) if moment.at_once => return,
+            Some(Some(_)) => {
+                if elapsed < now / 4 && now > spin_for() {
+                    self.set_moment((now - now / 8).max(spin_for()));
+                }
+                true
+            }
+            Some(None) if elapsed <= longest && now < longest => {
+                self.set_moment((now * 2).min(longest));
+                return; // (it would have been found: no step down for it)
+            }
+            Some(None) => false,
+            None => elapsed <= 2 * now,
         };
         let score = self.score.load(Ordering::Relaxed);
         let next = (score + if quick { 1 } else { -1 }).clamp(-SCORE_LIMIT, SCORE_LIMIT);
         if next != score {
             self.score.store(next, Ordering::Relaxed); // (a race loses a step: harmless)
         }
+    }
+
+    fn set_moment(&self, moment: Duration) {
+        self.moment_ns.store(moment.as_nanos() as u64, Ordering::Relaxed); // (as the score)
     }
 }
 
@@ -196,16 +242,18 @@ mod tests {
         let moment = |polled, ago| Moment {
             started: Instant::now() - ago,
             polled,
+            at_once: false,
         };
         let (in_vain, found, slept) = (Some(None), Some(Some(0)), None);
+        let long_after = Duration::from_secs(1);
         assert!(polls(&spin), "a new link polls");
-        spin.waited(&moment(in_vain, Duration::ZERO));
+        spin.waited(&moment(in_vain, long_after));
         assert!(
             polls(&spin),
             "one reply that outlasted the poll is not enough to stop"
         );
         for _ in 0..SCORE_LIMIT {
-            spin.waited(&moment(in_vain, Duration::ZERO));
+            spin.waited(&moment(in_vain, long_after));
         }
         assert!(!polls(&spin), "replies that outlast the poll: it sleeps at once");
         assert!(spin.poll([-1], None).polled.is_none(), "not polled for");
@@ -224,6 +272,71 @@ mod tests {
         assert!(polls(&spin), "quick replies after sleeping: it polls again");
         spin.waited(&moment(found, Duration::ZERO));
         assert!(polls(&spin), "found while polled for: it goes on");
+    }
+
+    #[test]
+    fn replies_just_after_the_moment_lengthen_it_and_quick_ones_shorten_it() {
+        if spin_for().is_zero() {
+            eprintln!("skipped: CPY2PY_SPIN_US=0 turns polling off");
+            return;
+        }
+        let spin = ReplySpin::default();
+        let base = spin_for();
+        let longest = base * LONGEST;
+        let ran_out = |ago| Moment {
+            started: Instant::now() - ago,
+            polled: Some(None),
+            at_once: false,
+        };
+        assert_eq!(spin.moment(), base, "a new link polls for the set moment");
+        spin.waited(&ran_out(base + base / 2));
+        assert_eq!(
+            spin.moment(),
+            2 * base,
+            "a reply just after the moment doubles it"
+        );
+        let mut doublings = 0;
+        while spin.moment() < longest && doublings < LONGEST {
+            spin.waited(&ran_out(spin.moment() + base / 2));
+            doublings += 1;
+        }
+        assert_eq!(spin.moment(), longest, "up to the longest moment");
+        assert_eq!(doublings, LONGEST.ilog2() - 1, "doubled each time");
+        assert!(
+            spin.score.load(Ordering::Relaxed) > 0,
+            "replies that came while it grew do not stop the polling"
+        );
+        for _ in 0..SCORE_LIMIT {
+            spin.waited(&ran_out(longest + base));
+        }
+        assert!(
+            spin.score.load(Ordering::Relaxed) <= 0,
+            "replies that outlast even the longest moment stop it"
+        );
+        let there_before = Moment {
+            started: Instant::now(),
+            polled: Some(Some(0)),
+            at_once: true,
+        };
+        spin.waited(&there_before);
+        assert_eq!(
+            spin.moment(),
+            longest,
+            "a reply there before the wait says nothing"
+        );
+        let found = Moment {
+            at_once: false,
+            ..there_before
+        };
+        for _ in 0..100 {
+            spin.waited(&found);
+        }
+        assert_eq!(
+            spin.moment(),
+            base,
+            "quick replies shorten it back, to the set moment"
+        );
+        assert!(spin.score.load(Ordering::Relaxed) > 0, "and polling goes on");
     }
 
     #[test]
