@@ -103,8 +103,8 @@ def frames(twin: TwinMaster) -> Dict[str, bytes]:
                 recorded["request"] = bytes(payload)
             return sent
 
-        def recv(self) -> Any:
-            raw = real_recv()
+        def recv(self, soon: bool = False) -> Any:
+            raw = real_recv(soon)
             if raw:
                 recorded["reply"] = bytes(raw)
             return raw

@@ -35,8 +35,8 @@ class RecordingTransport:
         self.frames.append(("master", b"".join(payload) if type(payload) is tuple else bytes(payload)))
         self.inner.send(payload)
 
-    def recv(self) -> Any:
-        raw = self.inner.recv()
+    def recv(self, soon: bool = False) -> Any:
+        raw = self.inner.recv(soon)
         if isinstance(raw, (bytes, bytearray)):
             self.frames.append(("twin", bytes(raw)))
         elif raw is not None and raw is not False:  # a Frame, read in place

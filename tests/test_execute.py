@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -430,13 +431,22 @@ def test_threads_get_their_own_replies(twin):
     assert results == [2 * i for i in range(200)]
 
 
-def test_a_long_call_does_not_keep_the_master_busy(twin):
-    """The master polls for a reply for a moment before it sleeps (host/src/spin.rs):
-    a call that takes 0.3 s costs it about nothing of its CPU meanwhile."""
+@pytest.mark.parametrize("caller", ["main thread", "worker thread"])
+def test_a_long_call_does_not_keep_the_master_busy(twin, caller):
+    """The master polls for a reply for a moment before it sleeps (host/src/spin.rs),
+    from its main thread and from a thread that calls alone: a call that takes
+    0.3 s costs it about nothing of its CPU meanwhile."""
     twin.execute(twin_helpers.sleep_then, 0.0)  # (a first call: imports and the like)
+    answers = []
     started = time.process_time()
-    twin.execute(twin_helpers.sleep_then, 0.3)
+    if caller == "main thread":
+        answers.append(twin.execute(twin_helpers.sleep_then, 0.3, "done"))
+    else:
+        worker = threading.Thread(target=lambda: answers.append(twin.execute(twin_helpers.sleep_then, 0.3, "done")))
+        worker.start()
+        worker.join()
     assert time.process_time() - started < 0.1
+    assert answers == ["done"]
 
 
 def test_an_idle_twin_is_not_kept_busy(twin):

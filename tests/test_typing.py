@@ -80,7 +80,7 @@ def test_every_transport_has_the_whole_declared_interface(tmp_path) -> None:
         "from cpy2py.protocol.transport import Transport\n"
         "class Minimal:\n"
         "    def send(self, payload: Any) -> None: ...\n"
-        "    def recv(self) -> Optional[bytes]:\n"
+        "    def recv(self, soon: bool = False) -> Optional[bytes]:\n"
         "        return None\n"
         "    def fileno(self) -> int:\n"
         "        return -1\n"

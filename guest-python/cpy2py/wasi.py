@@ -179,10 +179,10 @@ class GuestTransport(TransportDefaults):
         #: ``send(payload)``: queue a frame; a request or an answer runs the
         #: guest on this thread until it has dealt with it (see the class docs)
         self.send: Callable[[bytes], None] = twin.send
-        #: ``recv()``: the next frame, running the guest on this thread until
-        #: it sends one; None once the guest ended and all it sent was read;
-        #: False when a signal this thread holds came first
-        self.recv: Callable[[], Union[bytes, None, Literal[False]]] = twin.recv
+        #: ``recv(soon=False)``: the next frame, running the guest on this
+        #: thread until it sends one; None once the guest ended and all it
+        #: sent was read; False when a signal this thread holds came first
+        self.recv: Callable[..., Union[bytes, None, Literal[False]]] = twin.recv
         #: ``queue(payload)``: queue a frame without running the guest
         self.queue: Callable[[bytes], None] = twin.queue
         #: ``drive_for(limit)``: run the guest on this thread until it has sent

@@ -217,7 +217,7 @@ impl NativeTwin {
     /// interrupts the read itself. A partial frame is kept for the next step.
     pub fn read_step(&self) -> Result<ReadOutcome> {
         // (a reader that splits large frames is read with `read_step_with`)
-        match self.read_step_with(|_, _, _| ())? {
+        match self.read_step_with(false, |_, _, _| ())? {
             Step::Read(outcome) => Ok(outcome),
             Step::Large(()) => unreachable!("read_step is for readers that do not split large frames"),
         }
@@ -225,8 +225,14 @@ impl NativeTwin {
 
     /// `read_step`, and a frame of `split_from` bytes or more (see
     /// `split_large_frames`) read by `large(fd, len, first)` while the reader
-    /// lock is still held: nothing else reads the stream meanwhile.
-    pub fn read_step_with<T>(&self, large: impl FnOnce(RawFd, usize, Vec<u8>) -> T) -> Result<Step<T>> {
+    /// lock is still held: nothing else reads the stream meanwhile. `soon`:
+    /// the caller alone waits on this twin, for a reply expected soon (it
+    /// may poll a moment first, whatever thread it is).
+    pub fn read_step_with<T>(
+        &self,
+        soon: bool,
+        large: impl FnOnce(RawFd, usize, Vec<u8>) -> T,
+    ) -> Result<Step<T>> {
         let mut reader = self.reader();
         // the descriptor is read under the reader lock: `close` takes it first
         let fd = self.read_fd();
@@ -236,13 +242,15 @@ impl NativeTwin {
         let mut waited = None;
         if !reader.has_input() {
             let unblocked = signals::mask_before_hold();
-            // Polled by the main thread only, which waits with its signals
-            // held (none slips past the poll). Other threads wait so when
-            // many call at once: one polling there took a CPU from the twin
-            // (8 threads calling a pypy3 twin: a fifth fewer calls).
-            let moment = match unblocked {
-                Some(_) => self.spin.poll([fd], None),
-                None => Moment::unpolled(),
+            // Polled by the main thread, which waits with its signals held
+            // (none slips past the poll), and by a caller that is alone on
+            // the link (`soon`). Other threads sleep at once: with many
+            // calling, one polling there took a CPU from the twin (8 threads
+            // calling a pypy3 twin: a fifth fewer calls).
+            let moment = if unblocked.is_some() || soon {
+                self.spin.poll([fd], None)
+            } else {
+                Moment::unpolled()
             };
             if moment.ready().is_none() && !pipe::wait_for_frame(fd, unblocked.as_ref())? {
                 return Ok(Step::Read(ReadOutcome::Interrupted));

@@ -1468,7 +1468,7 @@ class Connection:
         held = self._holds_signals and hold_signals()  # (see _next_for)
         other = False
         try:
-            raw = self._read_frame()
+            raw = self._read_frame(True)
             if raw is None:  # (the link ended: marked so)
                 return None, None
             kind, key, _ = codec.peek(raw)  # (never raises: _route says what is malformed)
@@ -1747,15 +1747,17 @@ class Connection:
             return None
         return self._server_to_wake()
 
-    def _read_frame(self) -> Optional[Any]:
+    def _read_frame(self, soon: bool = False) -> Optional[Any]:
         """One raw frame (the caller holds the reading role); None when the
-        link ended or broke (it is then marked so)."""
+        link ended or broke (it is then marked so). ``soon``: the caller is
+        alone on the link and waits for its reply (the transport may poll a
+        moment before it sleeps, from any thread: ``Transport.recv``)."""
         try:
-            raw = self.transport.recv()
+            raw = self.transport.recv(soon)
             while raw is False:  # a signal came first (held, see _read): its handler runs now
                 release_signals()
                 hold_signals()
-                raw = self.transport.recv()
+                raw = self.transport.recv(soon)
         except BaseException as err:
             if isinstance(err, TwinError) or (isinstance(err, OSError) and err.errno is not None):
                 self._fail(err)  # the stream failed: it is in an unknown state

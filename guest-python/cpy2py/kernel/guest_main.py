@@ -86,7 +86,7 @@ class HostTransport(TransportDefaults):
             os.write(2, message.encode())
             raise
 
-    def recv(self) -> Optional[bytes]:
+    def recv(self, soon: bool = False) -> Optional[bytes]:
         # about to wait: first tell the master what this guest let go of (a
         # guest has no thread to do it later, and the master must not keep
         # what it handed longer than the guest holds it)
@@ -138,7 +138,7 @@ class _WarmUpTransport(HostTransport):
     def send(self, payload: Any) -> None:
         self.replies += 1
 
-    def recv(self) -> Optional[bytes]:
+    def recv(self, soon: bool = False) -> Optional[bytes]:
         return self._frames.pop() if self._frames else None
 
 

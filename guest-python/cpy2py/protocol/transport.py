@@ -187,10 +187,12 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
         def send_now(self, payload: bytes) -> bool:
             """Send a small frame only if it goes out at once; False: not sent."""
 
-        def recv(self) -> Union[bytes, bytearray, Frame, bool, None]:
+        def recv(self, soon: bool = False) -> Union[bytes, bytearray, Frame, bool, None]:
             """The next frame; None: the stream ended between frames; False:
             this thread holds its signals (``hold_signals``) and one came
-            first, with nothing read."""
+            first, with nothing read. ``soon``: the caller alone waits on the
+            link, for a reply expected soon (a native twin polls a moment
+            before it sleeps; the others ignore it)."""
 
         def wait_readable(self, timeout: Optional[float] = None, unless: int = -1) -> bool:
             """Whether a frame (or the end of the stream) can be read within
@@ -332,7 +334,7 @@ class FdTransport(TransportDefaults):
             written = os.write(self.write_fd, view)
             view = view[written:]
 
-    def recv(self) -> bytes | bytearray | bool | None:
+    def recv(self, soon: bool = False) -> bytes | bytearray | bool | None:
         """One frame's payload; None when the stream ended between frames;
         False, having read nothing, when this thread holds its signals and
         one arrived (see ``hold_signals``).

@@ -318,14 +318,16 @@ impl NativeTwin {
     ///
     /// A frame of at least `Frame::FROM` bytes comes as a `Frame`, not
     /// copied into a `bytes`, its large byte strings read apart
-    /// (received.rs).
-    fn recv<'py>(slf: &Bound<'py, Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// (received.rs). `soon`: the caller alone waits on this twin, for a
+    /// reply expected soon; it polls a moment before it sleeps (spin.rs).
+    #[pyo3(signature = (soon=false))]
+    fn recv<'py>(slf: &Bound<'py, Self>, py: Python<'py>, soon: bool) -> PyResult<Bound<'py, PyAny>> {
         let this = slf.get();
         loop {
             let twin = slf.clone().unbind();
             let step = in_host(py, || {
                 this.0
-                    .read_step_with(|fd, len, first| read_native_frame(fd, first, len, twin))
+                    .read_step_with(soon, |fd, len, first| read_native_frame(fd, first, len, twin))
             })?;
             let outcome = match step {
                 Step::Large(Ok(Some(frame))) => return Ok(Bound::new(py, frame)?.into_any()),

@@ -432,7 +432,11 @@ impl WasiGuest {
     /// nothing (its handler runs once the kernel lets them through). Frames
     /// left after the one it returns are not published: the kernel's reader
     /// takes them too (`has_frames`), or `publish`es them as it leaves.
-    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// (`soon`, the transports' hint that a reply is expected soon, means
+    /// nothing here: the guest runs on this thread until it sends.)
+    #[pyo3(signature = (soon=false))]
+    fn recv<'py>(&self, py: Python<'py>, soon: bool) -> PyResult<Bound<'py, PyAny>> {
+        let _ = soon;
         if let Some(err) = self.forked() {
             return Err(err);
         }
