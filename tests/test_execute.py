@@ -438,11 +438,15 @@ def test_a_long_call_does_not_keep_the_master_busy(twin, caller):
     0.3 s costs it about nothing of its CPU meanwhile."""
     twin.execute(twin_helpers.sleep_then, 0.0)  # (a first call: imports and the like)
     answers = []
+
+    def call():
+        answers.append(twin.execute(twin_helpers.sleep_then, 0.3, "done"))
+
     started = time.process_time()
     if caller == "main thread":
-        answers.append(twin.execute(twin_helpers.sleep_then, 0.3, "done"))
+        call()
     else:
-        worker = threading.Thread(target=lambda: answers.append(twin.execute(twin_helpers.sleep_then, 0.3, "done")))
+        worker = threading.Thread(target=call)
         worker.start()
         worker.join()
     assert time.process_time() - started < 0.1
