@@ -58,3 +58,16 @@ def socket_count() -> int:
         except OSError:  # (the listing's own descriptor, closed by now)
             pass
     return count
+
+
+def codec_in_use() -> dict:
+    """Which codec this twin runs, and from where its compiled host came."""
+    from cpy2py.protocol import codec
+
+    host = sys.modules.get("cpy2py._host")
+    return {
+        "implementation": sys.implementation.name,
+        "codec": codec.IMPLEMENTATION,
+        "host": getattr(host, "__file__", None),
+        "left in the environment": os.environ.get("__CPY2PY_HOST_EXTENSION__"),
+    }

@@ -160,6 +160,44 @@ def test_the_twin_runs_on_the_node_with_the_resource(on_ray, nodes):
     assert counter.increment(2) == 7 and counter.where()["pid"] == info["pid"]
 
 
+def test_a_cpython_twin_runs_the_nodes_compiled_host(on_ray):
+    """The node's cpy2py is the master's build (one machine here): a CPython
+    twin loads its compiled host (codec, frame reader), PyPy the pure-Python
+    codec; the path does not reach the twin's own children."""
+    import cpy2py._host
+
+    seen = on_ray.execute(rh.codec_in_use)
+    if seen["implementation"] == "pypy":
+        assert seen["codec"] == "python" and seen["host"] is None, seen
+    else:
+        assert seen == {
+            "implementation": "cpython",
+            "codec": "compiled",
+            "host": cpy2py._host.__file__,
+            "left in the environment": None,
+        }
+
+
+def test_a_node_of_another_build_gives_the_pure_python_codec(cluster, monkeypatch, caplog):
+    """A node whose compiled host is not the master's build (here: the master
+    pretends to be another) gets a twin that runs the pure-Python codec,
+    works as usual, and the master says why in its log."""
+    import cpy2py.ray
+    import twin_classes
+
+    monkeypatch.setattr(cpy2py.ray, "host_build", lambda: "0" * 64)
+    twin = placed("python3", cluster)
+    with caplog.at_level("INFO", logger="cpy2py.ray"):
+        twin.start()
+    try:
+        assert twin.execute(rh.codec_in_use)["codec"] == "python"
+        counter = twin_classes.native_to(twin.twinterpreter_id, twin_classes.Counter)(5)
+        assert counter.increment(2) == 7
+        assert "is not this master's build" in caplog.text
+    finally:
+        twin.stop()
+
+
 def test_a_node_id_pins_the_twin(cluster, nodes):
     import cpy2py.ray
 

