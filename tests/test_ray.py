@@ -877,6 +877,36 @@ def test_a_sandbox_runs_on_the_node_with_the_resource(ray_box, nodes, ray_plugin
     assert ray_box.execute(copy.deepcopy, records) == records
 
 
+def _switches_by_thread(pid: int) -> dict:
+    """Voluntary context switches of each thread of process ``pid``."""
+    counts = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    counts[int(tid)] = int(line.split()[1])
+    return counts
+
+
+def test_the_guests_host_runs_it_on_the_relays_thread_alone(ray_box):
+    """The host process's relay runs each request on its own thread; its
+    other threads (the one that keeps the guest going through its sleeps,
+    the writer, the epoch ticker) sleep through ordinary calls rather than
+    wake for each (they did, twice a call), yet a guest that sleeps in a
+    call is still run on when its timer fires, the relay waiting for the
+    master meanwhile."""
+    pid = _host_pid(ray_box)
+    assert ray_box.execute(eval, "__import__('time').sleep(0.3) or 7") == 7
+    calls = 500
+    before = _switches_by_thread(pid)
+    for _ in range(calls):
+        ray_box.execute(len, ())
+    after = _switches_by_thread(pid)
+    woken = {tid: after[tid] - before.get(tid, 0) for tid in after if tid != pid}
+    assert all(count < calls // 5 for count in woken.values()), woken
+    assert ray_box.execute(eval, "__import__('time').sleep(0.3) or 8") == 8
+
+
 def test_callbacks_cross_the_link_both_ways(ray_box, ray_plugin):
     """master -> guest -> master -> guest on one chain, and several master
     threads calling (and being called back) at once."""

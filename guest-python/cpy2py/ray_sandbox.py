@@ -301,7 +301,8 @@ def _relay(link: Any, guest: Any, to_master: _Sender) -> None:
 
 def _keep_driven(guest: Any) -> None:
     """Drives the guest whenever it can go on without the relay (a timer, room
-    in its queue); its frames are then published (see ``_relay``)."""
+    in its queue); its frames are then published (see ``_relay``). It sleeps
+    while the relay runs the guest (host/src/wasm/driver.rs, ``idle``)."""
     while guest.wait(3600.0) is None:
         pass
 

@@ -353,6 +353,8 @@ impl WasiGuest {
             peek_header(payload.as_bytes()).and_then(|h| h.kind),
             Some(REQUEST | REPLY | RAISE)
         );
+        // (a thread that only waits for the guest's end leaves it to this one)
+        let _claim = carried_out.then(|| self.guest.claim());
         self.queue(payload)?;
         if carried_out && !self.guest.runs_elsewhere() {
             loop {

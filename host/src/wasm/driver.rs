@@ -11,7 +11,9 @@
 //! answer carries it out at once (python/wasi.rs, `send`), unless another
 //! thread drives the guest; a thread that needs a frame from the guest
 //! (`recv`) drives it until it has one; `wait` until it ends. Only one
-//! thread polls the guest at a time; the others wait for it. The
+//! thread polls the guest at a time; the others wait for it. A thread in
+//! `wait` runs the guest only when no other thread does or is about to (a
+//! timer fired while nobody calls): it sleeps through ordinary calls. The
 //! `link.recv` import suspends the fiber when nothing is queued for the
 //! guest (queuing a frame marks the guest runnable), `link.send` queues the
 //! guest's frame for the master (suspending the fiber while the master has
@@ -22,7 +24,8 @@
 //!
 //! When the guest's work after a frame runs: a driver runs the guest until
 //! it waits for the master, or asks for its next frame while frames it sent
-//! are queued (`link.recv` then suspends it once: it is done with them), or
+//! are queued and so is one for it (`link.recv` then suspends it once: it
+//! is done with them; with nothing queued for it, it simply waits), or
 //! for at most one slice of `DRIVE_SLICE`. So the guest's releases, which its
 //! kernel flushes before it asks for the next frame, reach the master with
 //! the reply they follow (a reader leaves them queued for others and raises
@@ -90,8 +93,15 @@ pub(super) struct Drive {
     pub(super) publish: bool,
     /// Threads inside `drive` (the guest's clock runs while there are any).
     pub(super) drivers: usize,
+    /// Threads inside `drive` for a frame or until the guest settled (all
+    /// but those waiting for its end).
+    pub(super) busy: usize,
+    /// Threads that queue a frame and run the guest for it next (`claim`).
+    pub(super) claims: usize,
     /// Threads waiting on `Shared::changed`.
     pub(super) sleepers: usize,
+    /// Threads waiting for the guest's end on `Shared::idle`.
+    pub(super) idle_sleepers: usize,
     /// Threads of the master inside the host for this guest with the GIL
     /// released (python/wasi.rs), counted until they hold it again.
     pub(super) in_host: usize,
@@ -121,6 +131,12 @@ pub struct Shared {
     pub(super) drive: Mutex<Drive>,
     /// Signals every change of `drive` or `end` a thread may wait for.
     pub(super) changed: Condvar,
+    /// Wakes threads that wait for the guest's end (`Until::End`): it ended,
+    /// or it can go on (or has a deadline to keep) and no other thread runs
+    /// it or is about to. Not every change: a host process's relay sends the
+    /// guest its requests and runs them itself, and a thread that only
+    /// waits for the end woke for each (cpy2py/ray_sandbox.py).
+    pub(super) idle: Condvar,
     pub(super) waker: Waker,
     pub(super) output: GuestOutput,
 }
@@ -144,6 +160,7 @@ impl Wake for GuestWaker {
             if drive.sleepers > 0 {
                 shared.changed.notify_all();
             }
+            shared.wake_idle(&drive);
         }
     }
 }
@@ -185,6 +202,20 @@ impl Shared {
         self.from_guest.close();
         let _drive = lock(&self.drive);
         self.changed.notify_all();
+        self.idle.notify_all();
+    }
+
+    /// Caller holds `drive`: wakes a thread waiting for the end if the guest
+    /// needs one (it can go on, or runs a call whose deadline must be kept)
+    /// and no other thread drives it or is about to.
+    pub(super) fn wake_idle(&self, drive: &Drive) {
+        if drive.idle_sleepers > 0
+            && drive.busy == 0
+            && drive.claims == 0
+            && (drive.woken || lock(&self.deadline).is_some())
+        {
+            self.idle.notify_all();
+        }
     }
 
     pub fn has_ended(&self) -> bool {
@@ -259,18 +290,25 @@ impl Shared {
     /// frame runs.
     pub(super) fn drive(&self, until: Until, deadline: Option<Instant>) -> bool {
         super::trap_handlers::keep(); // (a guest's trap must end that guest only)
+                                      // a thread that waits for the end runs the guest only when no
+                                      // other thread does or is about to (see `idle`)
+        let for_end = until == Until::End;
         let mut drive = lock(&self.drive);
         drive.drivers += 1;
         if drive.drivers == 1 {
             self.set_driven(true);
         }
+        if !for_end {
+            drive.busy += 1;
+        }
         let holds = loop {
             if self.has_ended() {
                 break true;
             }
-            let polling = drive.guest.is_none(); // by another thread
-                                                 // frames are there, and the guest waits, or asks for its next
-                                                 // frame (it is done with them), or runs on another thread
+            let polling = drive.guest.is_none() // by another thread
+                || for_end && (drive.busy > 0 || drive.claims > 0);
+            // frames are there, and the guest waits, or asks for its next
+            // frame (it is done with them), or runs on another thread
             let settled = !drive.woken || drive.boundary || polling;
             if until == Until::Frame && settled && self.from_guest.has_frames() {
                 break true;
@@ -327,22 +365,35 @@ impl Shared {
                 continue;
             }
             let wake_at = [deadline, due.filter(|_| !polling)].into_iter().flatten().min();
-            drive.sleepers += 1;
+            let (condvar, sleepers) = if for_end {
+                (&self.idle, &mut drive.idle_sleepers)
+            } else {
+                (&self.changed, &mut drive.sleepers)
+            };
+            *sleepers += 1;
             drive = match wake_at {
-                None => self.changed.wait(drive).unwrap_or_else(|e| e.into_inner()),
+                None => condvar.wait(drive).unwrap_or_else(|e| e.into_inner()),
                 Some(at) => {
                     let left = at.saturating_duration_since(now);
-                    self.changed
+                    condvar
                         .wait_timeout(drive, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
             };
-            drive.sleepers -= 1;
+            if for_end {
+                drive.idle_sleepers -= 1;
+            } else {
+                drive.sleepers -= 1;
+            }
         };
         drive.drivers -= 1;
         if drive.drivers == 0 {
             self.set_driven(false);
+        }
+        if !for_end {
+            drive.busy -= 1;
+            self.wake_idle(&drive); // (what this thread leaves undone)
         }
         holds
     }
@@ -387,6 +438,18 @@ fn poll_guest(guest: &mut GuestFuture, waker: &Waker) -> Poll<GuestEnd> {
 /// unwind it, then frees its memory and stack.
 fn drop_guest(guest: GuestFuture) {
     wasmtime_wasi::runtime::with_ambient_tokio_runtime(move || drop(guest));
+}
+
+/// A thread that queues a frame and runs the guest for it next
+/// (`WasiGuest::claim`), until dropped.
+pub struct Claim(pub(super) Arc<Shared>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut drive = lock(&self.0.drive);
+        drive.claims -= 1;
+        self.0.wake_idle(&drive);
+    }
 }
 
 /// Counts a master thread inside the host for a guest (`WasiGuest::enter_host`).

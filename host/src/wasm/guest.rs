@@ -16,7 +16,7 @@ use super::clocks;
 use super::config::{
     GuestConfig, BUNDLED_MOUNT, KERNEL_MOUNT, MAX_QUEUED_BYTES, PYCACHE_MOUNT, STDLIB_MOUNT,
 };
-use super::driver::{lock, Drive, GuestWaker, InHost, Shared, Until};
+use super::driver::{lock, Claim, Drive, GuestWaker, InHost, Shared, Until};
 use super::end::GuestEnd;
 use super::frames_out::GuestStdout;
 use super::imports::{GuestState, Limiter};
@@ -220,6 +220,14 @@ impl WasiGuest {
         self.shared.drive(Until::Settled, Some(until))
     }
 
+    /// Marks this thread as one that queues a frame and then runs the guest
+    /// for it (`run_queued`): until the claim drops, a thread waiting for
+    /// the guest's end leaves the guest to this one.
+    pub fn claim(&self) -> Claim {
+        lock(&self.shared.drive).claims += 1;
+        Claim(Arc::clone(&self.shared))
+    }
+
     /// Whether another thread is running the guest right now (a frame
     /// queued for it is then taken in turn, without this thread's help).
     pub fn runs_elsewhere(&self) -> bool {
@@ -359,10 +367,14 @@ pub(super) fn prepare(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<Prepa
             boundary: false,
             publish: false,
             drivers: 0,
+            busy: 0,
+            claims: 0,
             sleepers: 0,
+            idle_sleepers: 0,
             in_host: 0,
         }),
         changed: Condvar::new(),
+        idle: Condvar::new(),
         waker: Waker::from(Arc::new(GuestWaker(me.clone()))),
         output: output.clone(),
     });

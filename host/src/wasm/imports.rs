@@ -50,10 +50,12 @@ impl Shared {
     /// The `link.recv` import.
     pub(super) async fn guest_receives(&self) -> wasmtime::Result<Option<Vec<u8>>> {
         self.output.flush();
-        if self.from_guest.has_frames() {
+        if self.from_guest.has_frames() && self.to_guest.has_frames() {
             // The guest is done with what it sent (its kernel flushes its
             // releases before it asks): let the thread that drives it take
             // those frames now, rather than serve the next request first.
+            // (With nothing queued it waits below, its clock stopped, and
+            // nobody needs to run it on to get there.)
             let mut asked = false;
             poll_fn(|_| {
                 if asked {
