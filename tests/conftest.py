@@ -74,11 +74,18 @@ def _native_twins_over_ssh():
         twin.host = settings["host"]
         twin.ssh_options = list(settings["options"])
 
+    import cpy2py.ssh
+
+    # as on a host without the master's files: its CPython twins run the
+    # pure-Python codec (on localhost they would find the master's build)
+    original_build = cpy2py.ssh.host_build
+    cpy2py.ssh.host_build = lambda: "the build of no host"
     undo = _set_up_native_twins(over_ssh)
     try:
         yield
     finally:
         undo()
+        cpy2py.ssh.host_build = original_build
 
 
 #: set by tests/test_interpreters.py: this session's "python3" twins run

@@ -182,18 +182,18 @@ def test_a_node_of_another_build_gives_the_pure_python_codec(cluster, monkeypatc
     """A node whose compiled host is not the master's build (here: the master
     pretends to be another) gets a twin that runs the pure-Python codec,
     works as usual, and the master says why in its log."""
-    import cpy2py.ray
+    import cpy2py.ssh
     import twin_classes
 
-    monkeypatch.setattr(cpy2py.ray, "host_build", lambda: "0" * 64)
+    monkeypatch.setattr(cpy2py.ssh, "host_build", lambda: "0" * 64)
     twin = placed("python3", cluster)
-    with caplog.at_level("INFO", logger="cpy2py.ray"):
+    with caplog.at_level("INFO", logger="cpy2py.ssh"):
         twin.start()
     try:
         assert twin.execute(rh.codec_in_use)["codec"] == "python"
         counter = twin_classes.native_to(twin.twinterpreter_id, twin_classes.Counter)(5)
         assert counter.increment(2) == 7
-        assert "is not this master's build" in caplog.text
+        assert "on Ray node" in caplog.text and "runs the pure-Python codec" in caplog.text
     finally:
         twin.stop()
 

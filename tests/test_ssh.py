@@ -43,6 +43,20 @@ def remote(request, sshd):
     twin.stop()
 
 
+@pytest.fixture(params=KINDS)
+def remote_pure(request, sshd, monkeypatch):
+    """A twin as on a host without the master's files (on localhost it would
+    find the master's compiled host): CPython runs the pure-Python codec."""
+    import cpy2py.ssh
+
+    require_interpreter(request.param)
+    monkeypatch.setattr(cpy2py.ssh, "host_build", lambda: "0" * 64)
+    twin = TwinMaster(request.param, f"{request.param}-ssh", host=sshd.host, ssh_options=sshd.options)
+    twin.start()
+    yield twin
+    twin.stop()
+
+
 def test_host_forms():
     assert parse_host("user@server") == ("user@server", None)
     assert parse_host("alias") == ("alias", None)
@@ -70,15 +84,52 @@ def test_the_twin_runs_behind_sshd(remote):
     assert info["stdout"] == info["stderr"]
 
 
-def test_large_plain_data_crosses_as_plain_data_blocks(remote):
-    """A remote twin has the pure-Python codec only: a CPython one says in
-    its hello that its link carries plain-data blocks (its C pickle reads
-    and writes them), PyPy's does not (its pickle is slower than its codec);
+def test_a_twin_on_a_host_with_the_masters_files_runs_its_compiled_host(remote):
+    """On localhost the master's compiled host is where the master has it,
+    the same build: a CPython twin loads it (codec, frame reader); PyPy runs
+    the pure-Python codec."""
+    import cpy2py._host
+
+    seen = remote.execute(rh.codec_in_use)
+    if seen["implementation"] == "pypy":
+        assert seen["codec"] == "python" and seen["host"] is None, seen
+    else:
+        assert seen == {
+            "implementation": "cpython",
+            "codec": "compiled",
+            "host": cpy2py._host.__file__,
+            "left in the environment": None,
+        }
+
+
+def test_a_file_of_another_build_is_not_loaded(sshd, monkeypatch, caplog):
+    """The master's path holds another build than the master's (here: the
+    master pretends to be another): the twin runs the pure-Python codec,
+    and the master's log says so."""
+    import cpy2py.ssh
+
+    monkeypatch.setattr(cpy2py.ssh, "host_build", lambda: "0" * 64)
+    twin = TwinMaster("python3", "python3-ssh", host=sshd.host, ssh_options=sshd.options)
+    with caplog.at_level("INFO", logger="cpy2py.ssh"):
+        twin.start()
+    try:
+        assert twin.execute(rh.codec_in_use)["codec"] == "python"
+        assert twin.execute(sum, [1, 2, 3]) == 6
+        assert f"on host {sshd.host!r} runs the pure-Python codec" in caplog.text
+    finally:
+        twin.stop()
+
+
+def test_large_plain_data_crosses_as_plain_data_blocks(remote_pure):
+    """A twin with the pure-Python codec only: a CPython one says in its
+    hello that its link carries plain-data blocks (its C pickle reads and
+    writes them), PyPy's does not (its pickle is slower than its codec);
     either way, what crosses comes back exactly."""
     import copy
 
     from cpy2py import master
 
+    remote = remote_pure
     said = master._running[remote.twinterpreter_id].process.hello.get("plain_blocks", False)
     assert said is (remote.twinterpreter_id.startswith("python3"))
     value = {f"k{i}": (i, [i / 3] * 10, {"b": b"x" * i, "s": {i, -i}}) for i in range(200)}
@@ -89,12 +140,15 @@ def test_large_plain_data_crosses_as_plain_data_blocks(remote):
     }
 
 
-def test_a_cpython_twin_reads_the_masters_messages_as_renditions(remote):
-    """A remote CPython twin asks in its hello for renditions of the
-    master's messages (docs/protocol.md, "What a guest is given to read"),
-    which its C unpickler reads faster than its pure-Python codec decodes the
-    CBOR; PyPy's does not. Either way, what crosses comes back exactly."""
+def test_a_cpython_twin_reads_the_masters_messages_as_renditions(remote_pure):
+    """A remote CPython twin with the pure-Python codec asks in its hello for
+    renditions of the master's messages (docs/protocol.md, "What a guest is
+    given to read"), which its C unpickler reads faster than its pure-Python
+    codec decodes the CBOR; PyPy's does not. Either way, what crosses comes
+    back exactly."""
     from cpy2py import master
+
+    remote = remote_pure
 
     cpython = remote.twinterpreter_id.startswith("python3")
     assert master._running[remote.twinterpreter_id].process.hello.get("renditions", False) is cpython

