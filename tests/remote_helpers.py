@@ -71,3 +71,21 @@ def codec_in_use() -> dict:
         "host": getattr(host, "__file__", None),
         "left in the environment": os.environ.get("__CPY2PY_HOST_EXTENSION__"),
     }
+
+
+def assert_the_masters_compiled_host_if_cpython(twin) -> None:
+    """(In the master) a CPython ``twin`` runs the compiled codec of the
+    master's own ``cpy2py._host``, its path not left to its children; a PyPy
+    twin the pure-Python codec."""
+    import cpy2py._host
+
+    seen = twin.execute(codec_in_use)
+    if seen["implementation"] == "pypy":
+        assert seen["codec"] == "python" and seen["host"] is None, seen
+    else:
+        assert seen == {
+            "implementation": "cpython",
+            "codec": "compiled",
+            "host": cpy2py._host.__file__,
+            "left in the environment": None,
+        }

@@ -164,18 +164,7 @@ def test_a_cpython_twin_runs_the_nodes_compiled_host(on_ray):
     """The node's cpy2py is the master's build (one machine here): a CPython
     twin loads its compiled host (codec, frame reader), PyPy the pure-Python
     codec; the path does not reach the twin's own children."""
-    import cpy2py._host
-
-    seen = on_ray.execute(rh.codec_in_use)
-    if seen["implementation"] == "pypy":
-        assert seen["codec"] == "python" and seen["host"] is None, seen
-    else:
-        assert seen == {
-            "implementation": "cpython",
-            "codec": "compiled",
-            "host": cpy2py._host.__file__,
-            "left in the environment": None,
-        }
+    rh.assert_the_masters_compiled_host_if_cpython(on_ray)
 
 
 def test_a_node_of_another_build_gives_the_pure_python_codec(cluster, monkeypatch, caplog):

@@ -88,18 +88,7 @@ def test_a_twin_on_a_host_with_the_masters_files_runs_its_compiled_host(remote):
     """On localhost the master's compiled host is where the master has it,
     the same build: a CPython twin loads it (codec, frame reader); PyPy runs
     the pure-Python codec."""
-    import cpy2py._host
-
-    seen = remote.execute(rh.codec_in_use)
-    if seen["implementation"] == "pypy":
-        assert seen["codec"] == "python" and seen["host"] is None, seen
-    else:
-        assert seen == {
-            "implementation": "cpython",
-            "codec": "compiled",
-            "host": cpy2py._host.__file__,
-            "left in the environment": None,
-        }
+    rh.assert_the_masters_compiled_host_if_cpython(remote)
 
 
 def test_a_file_of_another_build_is_not_loaded(sshd, monkeypatch, caplog):
