@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -89,3 +90,19 @@ def assert_the_masters_compiled_host_if_cpython(twin) -> None:
             "host": cpy2py._host.__file__,
             "left in the environment": None,
         }
+
+
+@contextlib.contextmanager
+def master_log(caplog):
+    """(In the master) what cpy2py logs at INFO about remote twins (the
+    ``__cpy2py__.ssh`` logger, which does not propagate by default), into
+    ``caplog``."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="__cpy2py__.ssh")
+    tree = logging.getLogger("__cpy2py__")
+    tree.propagate = True
+    try:
+        yield
+    finally:
+        tree.propagate = False

@@ -176,7 +176,7 @@ def test_a_node_of_another_build_gives_the_pure_python_codec(cluster, monkeypatc
 
     monkeypatch.setattr(cpy2py.ssh, "host_build", lambda: "0" * 64)
     twin = placed("python3", cluster)
-    with caplog.at_level("INFO", logger="cpy2py.ssh"):
+    with rh.master_log(caplog):
         twin.start()
     try:
         assert twin.execute(rh.codec_in_use)["codec"] == "python"

@@ -99,7 +99,7 @@ def test_a_file_of_another_build_is_not_loaded(sshd, monkeypatch, caplog):
 
     monkeypatch.setattr(cpy2py.ssh, "host_build", lambda: "0" * 64)
     twin = TwinMaster("python3", "python3-ssh", host=sshd.host, ssh_options=sshd.options)
-    with caplog.at_level("INFO", logger="cpy2py.ssh"):
+    with rh.master_log(caplog):
         twin.start()
     try:
         assert twin.execute(rh.codec_in_use)["codec"] == "python"

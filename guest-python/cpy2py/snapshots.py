@@ -47,7 +47,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import _logging
 from .bytecode_cache import Interrupted, exclusive, say, writable
-from .cache_dir import cache_root
+from .cache_dir import cache_root, file_digest
 from .errors import TwinStartError
 from .packages import Resolved, resolve
 
@@ -115,14 +115,6 @@ def _key(
     return key, family, described["guest"]
 
 
-def _digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _sources(roots: List[str]) -> Iterator[Tuple[str, os.stat_result]]:
     """The ``*.py`` regular files under ``roots``, with their stat: what the
     guest's view of them holds (host/src/wasm/view.rs)."""
@@ -149,7 +141,7 @@ def _sources(roots: List[str]) -> Iterator[Tuple[str, os.stat_result]]:
 
 def _describe(roots: List[str]) -> Described:
     return {
-        path: [stat.st_size, stat.st_mtime_ns, _digest(path), stat.st_ctime_ns]
+        path: [stat.st_size, stat.st_mtime_ns, file_digest(path), stat.st_ctime_ns]
         for path, stat in _sources(roots)
     }
 
@@ -172,7 +164,7 @@ def _unchanged(record: str, roots: List[str]) -> bool:
             if recorded is None:
                 return False  # a new file (it may shadow an imported one)
             if (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) != (recorded[0], recorded[1], recorded[3]):
-                if _digest(path) != recorded[2]:
+                if file_digest(path) != recorded[2]:
                     return False
                 recorded[:2], recorded[3] = [stat.st_size, stat.st_mtime_ns], stat.st_ctime_ns
         return seen == len(files)

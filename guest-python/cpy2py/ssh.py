@@ -17,7 +17,6 @@ Runs in the master only.
 
 from __future__ import annotations
 
-import logging
 import marshal
 import os
 import re
@@ -26,9 +25,11 @@ import shutil
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import _logging
+from .cache_dir import file_digest
 from .errors import TwinStartError
 
-log = logging.getLogger("cpy2py.ssh")
+log = _logging.get_logger("ssh")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,24 +76,25 @@ def _read(size):
 
 
 def _compiled_host(path, build):
-    # cpy2py._host for this twin (CPython only): a Ray node's own, which its
-    # actor found the master's build (in the environment), else the master's
-    # own path if the file there is the master's build (this machine, a
-    # shared file system); None: the pure-Python codec
-    if sys.implementation.name != "cpython":
+    # cpy2py._host for this twin (CPython only): the first of a Ray node's
+    # own (named by its actor) and the master's path that holds the
+    # master's build (this machine, a shared file system); None: the
+    # pure-Python codec
+    candidates = [os.environ.pop("__CPY2PY_HOST_EXTENSION__", None), path]
+    if sys.implementation.name != "cpython" or not build:
         return None
-    checked = os.environ.pop("__CPY2PY_HOST_EXTENSION__", None)
-    if checked or not path:
-        return checked
     import hashlib
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return path if digest.hexdigest() == build else None
+    for candidate in dict.fromkeys(filter(None, candidates)):
+        digest = hashlib.sha256()
+        try:
+            with open(candidate, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            continue
+        if digest.hexdigest() == build:
+            return candidate
+    return None
 
 
 class _Kernel(object):
@@ -151,18 +153,12 @@ def host_build() -> Optional[str]:
     between versions. Read once per process (about 25 MB, 40 ms)."""
     global _host_build
     if _host_build is None:
-        import hashlib
-
         try:
             from . import _host
         except ImportError:
             _host_build = ""
         else:
-            digest = hashlib.sha256()
-            with open(_host.__file__, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            _host_build = digest.hexdigest()
+            _host_build = file_digest(_host.__file__)
     return _host_build or None
 
 
@@ -183,8 +179,8 @@ def log_codec(twin_id: str, where: str, hello: Dict[str, Any]) -> None:
     if hello.get("plain_blocks"):
         log.info(
             "twinterpreter %s on %s runs the pure-Python codec: its host has no compiled host of "
-            "this master's build (cpy2py._host) where the master's is, nor a cpy2py of that build "
-            "on a Ray node",
+            "this master's build (cpy2py._host) where the master's is, nor, on a Ray node, in "
+            "the node's cpy2py",
             twin_id,
             where,
         )

@@ -290,8 +290,9 @@ impl Shared {
     /// frame runs.
     pub(super) fn drive(&self, until: Until, deadline: Option<Instant>) -> bool {
         super::trap_handlers::keep(); // (a guest's trap must end that guest only)
-                                      // a thread that waits for the end runs the guest only when no
-                                      // other thread does or is about to (see `idle`)
+
+        // a thread that waits for the end runs the guest only when no other
+        // thread does or is about to (see `idle`)
         let for_end = until == Until::End;
         let mut drive = lock(&self.drive);
         drive.drivers += 1;
