@@ -109,6 +109,76 @@ def test_a_file_of_another_build_is_not_loaded(sshd, monkeypatch, caplog):
         twin.stop()
 
 
+def _installed_for_a_venv(tmp_path, monkeypatch, content: bytes) -> str:
+    """A virtual environment whose site-packages hold ``content`` as
+    cpy2py/_host.abi3.so (as ``pip install`` of a cpy2py wheel puts it), on
+    a host where the master's own path does not hold the master's compiled
+    host; returns the environment's python."""
+    import sysconfig
+
+    import cpy2py.ssh
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert site.startswith(str(venv)), (site, sysconfig.get_paths()["purelib"])
+    os.makedirs(os.path.join(site, "cpy2py"))
+    with open(os.path.join(site, "cpy2py", "_host.abi3.so"), "wb") as f:
+        f.write(content)
+    _path, build, size = cpy2py.ssh.compiled_host()
+    elsewhere = str(tmp_path / "not-on-this-host" / "_host.abi3.so")
+    monkeypatch.setattr(cpy2py.ssh, "compiled_host", lambda: (elsewhere, build, size))
+    return python
+
+
+def test_a_twin_runs_the_compiled_host_installed_for_its_interpreter(sshd, monkeypatch, tmp_path):
+    """A host without the master's files where the twin's interpreter has
+    cpy2py installed, of the master's build (here a copy of the master's
+    file in a virtual environment, as the same wheel installed there would
+    be): a CPython twin loads that one."""
+    import cpy2py._host
+
+    with open(cpy2py._host.__file__, "rb") as f:
+        python = _installed_for_a_venv(tmp_path, monkeypatch, f.read())
+    twin = TwinMaster(python, "installed-ssh", host=sshd.host, ssh_options=sshd.options)
+    twin.start()
+    try:
+        seen = twin.execute(rh.codec_in_use)
+        assert seen["codec"] == "compiled", seen
+        assert seen["host"].startswith(str(tmp_path / "venv")), seen
+        assert twin.execute(sum, [1, 2, 3]) == 6
+    finally:
+        twin.stop()
+
+
+def test_an_installed_file_of_another_build_is_not_loaded(sshd, monkeypatch, tmp_path, caplog):
+    """The cpy2py installed for the twin's interpreter is another build, of
+    the very size of the master's (one byte differs): the twin runs the
+    pure-Python codec, and the master's log says what would give it the
+    compiled one."""
+    import cpy2py._host
+
+    with open(cpy2py._host.__file__, "rb") as f:
+        content = bytearray(f.read())
+    content[len(content) // 2] ^= 0xFF
+    python = _installed_for_a_venv(tmp_path, monkeypatch, bytes(content))
+    twin = TwinMaster(python, "other-installed-ssh", host=sshd.host, ssh_options=sshd.options)
+    with rh.master_log(caplog):
+        twin.start()
+    try:
+        assert twin.execute(rh.codec_in_use)["codec"] == "python"
+        assert twin.execute(sum, [1, 2, 3]) == 6
+        assert "installing the wheel the master's cpy2py came from there" in caplog.text
+    finally:
+        twin.stop()
+
+
 def test_large_plain_data_crosses_as_plain_data_blocks(remote_pure):
     """A twin with the pure-Python codec only: a CPython one says in its
     hello that its link carries plain-data blocks (its C pickle reads and

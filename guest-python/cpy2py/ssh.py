@@ -75,25 +75,31 @@ def _read(size):
     return data
 
 
-def _compiled_host(path, build):
-    # cpy2py._host for this twin (CPython only): the first of a Ray node's
-    # own (named by its actor) and the master's path that holds the
-    # master's build (this machine, a shared file system); None: the
-    # pure-Python codec
-    candidates = [os.environ.pop("__CPY2PY_HOST_EXTENSION__", None), path]
+def _compiled_host(path, build, size):
+    # cpy2py._host for this twin (CPython only): the first file of the
+    # master's build among a Ray node's own (named by its actor), the
+    # master's path (this machine, a shared file system) and a cpy2py
+    # installed for this interpreter (the same wheel); None: the
+    # pure-Python codec. Only files of the master's size are read.
+    named = os.environ.pop("__CPY2PY_HOST_EXTENSION__", None)
     if sys.implementation.name != "cpython" or not build:
         return None
     import hashlib
-    for candidate in dict.fromkeys(filter(None, candidates)):
+    from importlib.machinery import EXTENSION_SUFFIXES
+    installed = [os.path.join(entry or os.curdir, "cpy2py", "_host" + suffix)
+                 for entry in sys.path for suffix in EXTENSION_SUFFIXES]
+    for candidate in dict.fromkeys(filter(None, [named, path] + installed)):
         digest = hashlib.sha256()
         try:
+            if os.stat(candidate).st_size != size:
+                continue
             with open(candidate, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
         except OSError:
             continue
         if digest.hexdigest() == build:
-            return candidate
+            return os.path.abspath(candidate)
     return None
 
 
@@ -162,15 +168,17 @@ def host_build() -> Optional[str]:
     return _host_build or None
 
 
-def compiled_host() -> Tuple[Optional[str], Optional[str]]:
-    """(path, SHA-256) of this master's compiled host, for ``REMOTE_BOOTSTRAP``:
-    a remote twin whose host has the same file there loads it."""
+def compiled_host() -> Tuple[Optional[str], Optional[str], Optional[int]]:
+    """(path, SHA-256, size) of this master's compiled host, for
+    ``REMOTE_BOOTSTRAP``: a remote twin loads a file of this build from
+    there, or from a cpy2py installed for its interpreter."""
     build = host_build()
     if build is None:
-        return None, None
+        return None, None, None
     from . import _host
 
-    return os.path.abspath(_host.__file__), build
+    path = os.path.abspath(_host.__file__)
+    return path, build, os.stat(path).st_size
 
 
 def log_codec(twin_id: str, where: str, hello: Dict[str, Any]) -> None:
@@ -178,9 +186,10 @@ def log_codec(twin_id: str, where: str, hello: Dict[str, Any]) -> None:
     (its hello asks for plain-data blocks then): its calls cost more."""
     if hello.get("plain_blocks"):
         log.info(
-            "twinterpreter %s on %s runs the pure-Python codec: its host has no compiled host of "
-            "this master's build (cpy2py._host) where the master's is, nor, on a Ray node, in "
-            "the node's cpy2py",
+            "twinterpreter %s on %s runs the pure-Python codec: its host has no file of this "
+            "master's build of cpy2py._host where the master has it, nor in a cpy2py installed "
+            "for its interpreter (on a Ray node: the node's); installing the wheel the master's "
+            "cpy2py came from there gives it the compiled codec",
             twin_id,
             where,
         )
