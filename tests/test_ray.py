@@ -1142,7 +1142,7 @@ def test_a_failure_of_the_host_process_itself_reaches_the_master(tmp_path):
     settings = {"twin_id": "ray-host-fails", "handshake_timeout": 60.0}
     code = (
         "import cpy2py.ray_sandbox as host\n"
-        "def broken_relay(link, guest, to_master):\n"
+        "def broken_relay(guest, link_fd):\n"
         "    raise RuntimeError('the relay broke')\n"
         "host._relay = broken_relay\n"
         "host.main()\n"

@@ -179,11 +179,6 @@ def end_error(report: Optional[Dict[str, Any]], where: str) -> Optional[BaseExce
 
 # -- in the host process ------------------------------------------------------
 
-#: bytes of frames for the master the host process queues while the master
-#: does not read; beyond, it stops taking the guest's frames (and the guest
-#: waits for room in its own queue, as it would locally)
-MAX_UNSENT = 64 << 20
-
 
 def main() -> None:
     """Start the guest, send its hello, relay frames until either side ends,
@@ -191,18 +186,18 @@ def main() -> None:
     own: this process's stdout and stderr carry the guest's output (each
     line marked with the twin id by the host) to the actor.
 
-    One thread relays: it reads the master's frames and hands each to the
-    guest, which runs on it at once (``send``, as a local master's caller
-    runs a local guest), then sends the master what the guest sent. Another
-    keeps driving the guest meanwhile (``wait``): through its sleeps and
-    while it waits for room, as a local master's reader would; what it
-    makes the guest send is published on the guest's descriptor, which the
-    relay watches beside the socket."""
+    One thread relays, in the host (``WasiGuest.relay``,
+    host/src/wasm/relay.rs): it reads the master's frames and hands each to
+    the guest, which runs on it at once (as a local master's caller runs a
+    local guest), then sends the master what the guest sent. Another keeps
+    driving the guest meanwhile (``wait``): through its sleeps and while it
+    waits for room, as a local master's reader would; what it makes the
+    guest send is published on the guest's descriptor, which the relay
+    watches beside the socket."""
     import signal
 
     from .protocol import codec
     from .protocol.messages import PROTOCOL_VERSION
-    from .protocol.transport import FdTransport
     from .wasi import start_guest
 
     # Ctrl-C at the master's terminal is the master's (a local cluster's
@@ -224,17 +219,17 @@ def main() -> None:
         report("start", f"the guest did not start on its node: {err}")
         sys.stderr.write(f"cpy2py: the sandboxed twin did not start: {err}\n")
         os._exit(1)
-    link = FdTransport(link_fd, link_fd)
-    to_master = _Sender(socket.socket(fileno=os.dup(link_fd)))
+    link = socket.socket(fileno=link_fd)
+    hello = codec.dumps(dict(guest.hello, cpy2py=PROTOCOL_VERSION))
     try:
-        to_master.send(codec.dumps(dict(guest.hello, cpy2py=PROTOCOL_VERSION)))
+        link.sendall(len(hello).to_bytes(4, "big") + hello)
     except OSError:
         guest.kill()
         os._exit(1)
     threading.Thread(target=_keep_driven, args=(guest,), name="cpy2py-guest-driver", daemon=True).start()
     host_failed = False
     try:
-        _relay(link, guest, to_master)
+        _relay(guest, link_fd)
         kind, message = _how_it_ended(guest)
     except Exception as err:  # the host's own failure: the guest cannot go on
         guest.kill()
@@ -244,7 +239,10 @@ def main() -> None:
         sys.stderr.write(f"cpy2py: {message}\n")
     report(kind, message)  # one record: the actor reads the pipe whole, as JSON
     os.close(report_fd)
-    to_master.close()  # the master learns the end now (the report is written first)
+    try:
+        link.shutdown(socket.SHUT_RDWR)  # the master learns the end now (the report is written first)
+    except OSError:
+        pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1 if host_failed else 0)
@@ -264,39 +262,9 @@ def _how_it_ended(guest: Any) -> Tuple[str, str]:
     return "terminated", str(ended)
 
 
-def _relay(link: Any, guest: Any, to_master: _Sender) -> None:
+def _relay(guest: Any, link_fd: int) -> None:
     """Until the guest ends (all it sent is passed on) or the master is gone."""
-    import select
-
-    # (poll, not select: the link's descriptor may be 1024 or more)
-    master = link.fileno()
-    watched = select.poll()
-    watched.register(master, select.POLLIN)
-    watched.register(guest.fileno(), select.POLLIN)
-    while True:
-        if link.buffered() or any(fd == master for fd, _ in watched.poll()):
-            try:
-                frame = link.recv()
-            except Exception:  # a broken stream: the master is gone, or was not the master
-                frame = None
-            if frame is None:
-                guest.kill()
-                return
-            try:
-                guest.send(bytes(frame))  # runs the guest on this thread (or queues it)
-            except OSError:  # it ended: what it sent before is still passed on below
-                pass
-        while True:
-            frame = guest.try_recv()
-            if frame is None:
-                return
-            if frame is False:
-                break
-            try:
-                to_master.send(frame)
-            except OSError:  # the master is gone
-                guest.kill()
-                return
+    guest.relay(link_fd)
 
 
 def _keep_driven(guest: Any) -> None:
@@ -305,75 +273,3 @@ def _keep_driven(guest: Any) -> None:
     while the relay runs the guest (host/src/wasm/driver.rs, ``idle``)."""
     while guest.wait(3600.0) is None:
         pass
-
-
-class _Sender:
-    """Frames to the master: written at once when the socket takes them
-    whole, else queued for a writer thread, so the relay goes on reading
-    the master while the master does not read (up to ``MAX_UNSENT``)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        import collections
-        import struct
-
-        self._sock = sock
-        self._header = struct.Struct(">I")
-        self._queue: Any = collections.deque()  # oldest first, written by the writer
-        self._queued = 0
-        self._failed = False
-        self._changed = threading.Condition()
-        threading.Thread(target=self._write, name="cpy2py-to-master", daemon=True).start()
-
-    def send(self, payload: bytes) -> None:
-        data: Any = self._header.pack(len(payload)) + payload
-        with self._changed:
-            if self._failed:
-                raise BrokenPipeError("the master's link is closed")
-            if not self._queue:  # else in turn, after what is queued
-                try:
-                    sent = self._sock.send(data, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(data):
-                    return
-                data = memoryview(data)[sent:]
-            self._queue.append(data)
-            self._queued += len(data)
-            self._changed.notify_all()
-            while self._queued > MAX_UNSENT and not self._failed:
-                self._changed.wait()
-
-    def _write(self) -> None:
-        while True:
-            with self._changed:
-                while not self._queue and not self._failed:
-                    self._changed.wait()
-                if self._failed:
-                    return
-                data = self._queue[0]  # stays queued until written: the order holds
-            try:
-                self._sock.sendall(data)
-            except OSError:
-                with self._changed:
-                    self._failed = True
-                    self._changed.notify_all()
-                return
-            with self._changed:
-                self._queue.popleft()
-                self._queued -= len(data)
-                self._changed.notify_all()
-
-    def close(self) -> None:
-        """Send what is queued (for a moment), then shut the link down."""
-        import time
-
-        deadline = time.monotonic() + 2.0
-        with self._changed:
-            while self._queue and not self._failed and time.monotonic() < deadline:
-                self._changed.wait(deadline - time.monotonic())  # (each write done notifies)
-            self._failed = True
-            self._changed.notify_all()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass

@@ -213,11 +213,11 @@ class GuestTransport(TransportDefaults):
         self._twin.send(payload)
         return True
 
-    def try_recv(self) -> Any:
-        """The next frame if one is there, without running the guest; False
-        when there is none yet, None once the guest ended and all it sent
-        was taken (a Ray-placed guest's host relays them: ray_sandbox.py)."""
-        return self._twin.try_recv()
+    def relay(self, link_fd: int) -> bool:
+        """A Ray-placed guest's host (ray_sandbox.py): move frames between
+        the master's link ``link_fd`` and the guest until the guest ends
+        (True) or the link does (False: the guest was stopped)."""
+        return self._twin.relay(link_fd)
 
     def fileno(self) -> int:
         """Readable once the guest ended, and while frames a reader left for

@@ -6,12 +6,16 @@
 #[path = "support/repo.rs"]
 mod repo;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use ciborium::value::Value;
+use cpy2py_host::protocol::frame;
 use cpy2py_host::wasm::ledger::Violation;
 use cpy2py_host::wasm::output::{MemorySink, Which};
 use cpy2py_host::wasm::queue::Popped;
+use cpy2py_host::wasm::relay::{relay, RelayEnd};
 use cpy2py_host::wasm::{GuestConfig, GuestEnd, WasiGuest};
 
 fn guest_config(twin_id: &str) -> Option<GuestConfig> {
@@ -496,4 +500,99 @@ fn a_guest_that_writes_frames_faster_than_they_are_read_is_held_back() {
     assert_eq!(queued + rest, 80);
     assert!(printed(&sink, "sent all"));
     assert_eq!(reply, reply_to(1, Value::Null));
+}
+
+/// A shutdown request `[4, id]`.
+fn shutdown_request(id: u64) -> Vec<u8> {
+    cbor(&Value::Array(vec![
+        Value::Integer(4.into()),
+        Value::Integer(id.into()),
+    ]))
+}
+
+/// The relay of a Ray-placed guest (wasm/relay.rs) over a socket pair, with
+/// a thread that waits for the guest's end beside it, as in the guest's
+/// host process (cpy2py/ray_sandbox.py): calls reach the guest and their
+/// replies come back; a shutdown, carried out by the waiting thread, ends
+/// the relay once its answer went out.
+#[test]
+fn the_relay_carries_calls_and_ends_with_the_guest() {
+    let Some(config) = guest_config("rust-relay") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    let (master, node) = UnixStream::pair().unwrap();
+    let link = node.as_raw_fd();
+    std::thread::scope(|scope| {
+        // (moved in: a failed assertion drops it, which ends the relay)
+        let mut master = master;
+        let relayed = scope.spawn(|| relay(&guest, link));
+        let waiting = scope.spawn(|| guest.wait(Duration::from_secs(60)));
+        for id in 1..=3 {
+            frame::write_frame(&mut master, &eval_request(id, "6 * 7")).unwrap();
+            let reply = frame::read_frame(&mut master, 1 << 20).unwrap().unwrap();
+            assert_eq!(decode(&reply), reply_to(id, Value::Integer(42.into())));
+        }
+        frame::write_frame(&mut master, &shutdown_request(9)).unwrap();
+        assert_eq!(relayed.join().unwrap(), RelayEnd::GuestEnded);
+        assert_eq!(waiting.join().unwrap(), Some(GuestEnd::Exited(0)));
+        let answer = frame::read_frame(&mut master, 1 << 20).unwrap().unwrap();
+        assert_eq!(decode(&answer), reply_to(9, Value::Null));
+    });
+}
+
+/// The master's end of the link closes: the relay stops the guest.
+#[test]
+fn the_relay_stops_the_guest_when_the_master_is_gone() {
+    let Some(config) = guest_config("rust-relay-gone") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    let (master, node) = UnixStream::pair().unwrap();
+    let link = node.as_raw_fd();
+    std::thread::scope(|scope| {
+        // (moved in: a failed assertion drops it, which ends the relay)
+        let mut master = master;
+        let relayed = scope.spawn(|| relay(&guest, link));
+        let waiting = scope.spawn(|| guest.wait(Duration::from_secs(60)));
+        frame::write_frame(&mut master, &eval_request(1, "1 + 1")).unwrap();
+        let reply = frame::read_frame(&mut master, 1 << 20).unwrap().unwrap();
+        assert_eq!(decode(&reply), reply_to(1, Value::Integer(2.into())));
+        drop(master);
+        assert_eq!(relayed.join().unwrap(), RelayEnd::MasterGone);
+        assert_eq!(waiting.join().unwrap(), Some(GuestEnd::Killed));
+    });
+}
+
+/// Replies larger than the socket takes at once, while the master does not
+/// read: the relay queues them for its writer and goes on reading the
+/// master; they all arrive, whole and in order, once the master reads.
+#[test]
+fn the_relay_queues_what_the_master_does_not_read_yet() {
+    let Some(config) = guest_config("rust-relay-queue") else {
+        return;
+    };
+    let (guest, _) = start(config);
+    let (master, node) = UnixStream::pair().unwrap();
+    let link = node.as_raw_fd();
+    std::thread::scope(|scope| {
+        // (moved in: a failed assertion drops it, which ends the relay)
+        let mut master = master;
+        let relayed = scope.spawn(|| relay(&guest, link));
+        let waiting = scope.spawn(|| guest.wait(Duration::from_secs(60)));
+        for id in 1..=4 {
+            frame::write_frame(&mut master, &eval_request(id, &format!("b'{id}' * (4 << 20)"))).unwrap();
+        }
+        for id in 1..=4u64 {
+            let reply = frame::read_frame(&mut master, 64 << 20).unwrap().unwrap();
+            let expected = Value::Bytes(id.to_string().repeat(4 << 20).into_bytes());
+            assert!(
+                decode(&reply) == reply_to(id, expected),
+                "reply {id} is not whole or not in order"
+            );
+        }
+        frame::write_frame(&mut master, &shutdown_request(9)).unwrap();
+        assert_eq!(relayed.join().unwrap(), RelayEnd::GuestEnded);
+        assert_eq!(waiting.join().unwrap(), Some(GuestEnd::Exited(0)));
+    });
 }

@@ -24,6 +24,16 @@ pub struct Header {
     pub chain: Option<u64>,
 }
 
+/// Whether a frame sent to a guest is one it acts on at once (a request, or
+/// an answer to one of its own), which the sender then runs it for; others
+/// (releases) wait for the next thread that runs it.
+pub fn carried_out(frame: &[u8]) -> bool {
+    matches!(
+        peek_header(frame).and_then(|h| h.kind),
+        Some(REQUEST | REPLY | RAISE)
+    )
+}
+
 /// The header of a message frame, or `None` when the frame is not a CBOR
 /// array (a handshake map, or bytes the master's decoder will refuse).
 ///

@@ -33,7 +33,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict};
 use super::host_calls::{self, in_host, seconds};
 use super::twin::hello_dict;
 use crate::error::HostError;
-use crate::protocol::header::{peek_header, RAISE, REPLY, REQUEST};
+use crate::protocol::header::carried_out;
 use crate::signals;
 use crate::wasm::config::{self, GuestConfig};
 use crate::wasm::driver::DRIVE_SLICE;
@@ -349,10 +349,7 @@ impl WasiGuest {
     /// wait for the next thread that runs the guest. Raises BrokenPipeError
     /// when the guest has ended.
     fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
-        let carried_out = matches!(
-            peek_header(payload.as_bytes()).and_then(|h| h.kind),
-            Some(REQUEST | REPLY | RAISE)
-        );
+        let carried_out = carried_out(payload.as_bytes());
         // (a thread that only waits for the guest's end leaves it to this one)
         let _claim = carried_out.then(|| self.guest.claim());
         self.queue(payload)?;
@@ -369,6 +366,16 @@ impl WasiGuest {
             }
         }
         Ok(())
+    }
+
+    /// The relay of a guest placed on a Ray node (cpy2py/ray_sandbox.py):
+    /// moves frames between the master's link `link_fd` (a connected
+    /// socket, which the caller shuts down afterwards) and the guest, with
+    /// the GIL released, until the guest ends (True, once what it sent went
+    /// out, or two seconds passed) or the master's link ends (False: the
+    /// guest was stopped). See crate::wasm::relay.
+    fn relay(&self, py: Python<'_>, link_fd: i32) -> bool {
+        self.in_host(py, |guest| wasm::relay::relay(guest, link_fd)) == wasm::relay::RelayEnd::GuestEnded
     }
 
     /// Queues one frame for the guest without running it: a thread that
@@ -406,20 +413,6 @@ impl WasiGuest {
         };
         let until = Instant::now() + limit;
         Ok(self.in_host(py, |guest| guest.drive(until)))
-    }
-
-    /// The next frame if there is one, without running the guest; None once
-    /// the guest ended (after everything it sent before was taken); False
-    /// when there is nothing yet.
-    fn try_recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(err) = self.forked() {
-            return Err(err);
-        }
-        Ok(match self.guest.try_recv() {
-            Popped::Frame(frame) => PyBytes::new(py, &frame).into_any(),
-            Popped::Closed => py.None().into_bound(py),
-            Popped::TimedOut => PyBool::new(py, false).to_owned().into_any(),
-        })
     }
 
     /// The next frame; None once the guest ended and everything it sent was

@@ -16,6 +16,7 @@ pub mod imports;
 pub mod ledger;
 pub mod output;
 pub mod queue;
+pub mod relay;
 pub mod runtime;
 pub mod snapshot;
 pub mod trap_handlers;
