@@ -510,58 +510,61 @@ fn shutdown_request(id: u64) -> Vec<u8> {
     ]))
 }
 
-/// The relay of a Ray-placed guest (wasm/relay.rs) over a socket pair, with
-/// a thread that waits for the guest's end beside it, as in the guest's
-/// host process (cpy2py/ray_sandbox.py): calls reach the guest and their
-/// replies come back; a shutdown, carried out by the waiting thread, ends
-/// the relay once its answer went out.
-#[test]
-fn the_relay_carries_calls_and_ends_with_the_guest() {
-    let Some(config) = guest_config("rust-relay") else {
-        return;
-    };
-    let (guest, _) = start(config);
+/// Runs `talk` as the master, over a socket pair, with a guest that the
+/// relay (wasm/relay.rs) serves and a thread that waits for the guest's end
+/// beside it, as in the guest's host process (cpy2py/ray_sandbox.py); how
+/// the relay and the guest ended. The master's end stays open while the
+/// relay runs if `talk` gives it back; dropped (as a failed assertion in
+/// `talk` drops it), it ends the relay. None when the guest is not built.
+fn relayed(
+    twin_id: &str,
+    talk: impl FnOnce(UnixStream) -> Option<UnixStream> + Send,
+) -> Option<(RelayEnd, Option<GuestEnd>)> {
+    let (guest, _) = start(guest_config(twin_id)?);
     let (master, node) = UnixStream::pair().unwrap();
     let link = node.as_raw_fd();
-    std::thread::scope(|scope| {
-        // (moved in: a failed assertion drops it, which ends the relay)
-        let mut master = master;
-        let relayed = scope.spawn(|| relay(&guest, link));
+    Some(std::thread::scope(|scope| {
+        let relaying = scope.spawn(|| relay(&guest, link));
         let waiting = scope.spawn(|| guest.wait(Duration::from_secs(60)));
+        let _kept = talk(master);
+        (relaying.join().unwrap(), waiting.join().unwrap())
+    }))
+}
+
+/// The master's frame to the guest, and the guest's next one to the master.
+fn ask(master: &mut UnixStream, frame: &[u8]) -> Value {
+    frame::write_frame(master, frame).unwrap();
+    decode(&frame::read_frame(master, 64 << 20).unwrap().expect("a frame"))
+}
+
+/// Calls reach the guest and their replies come back; a shutdown, carried
+/// out by the waiting thread, ends the relay once its answer went out.
+#[test]
+fn the_relay_carries_calls_and_ends_with_the_guest() {
+    let ended = relayed("rust-relay", |mut master| {
         for id in 1..=3 {
-            frame::write_frame(&mut master, &eval_request(id, "6 * 7")).unwrap();
-            let reply = frame::read_frame(&mut master, 1 << 20).unwrap().unwrap();
-            assert_eq!(decode(&reply), reply_to(id, Value::Integer(42.into())));
+            let reply = ask(&mut master, &eval_request(id, "6 * 7"));
+            assert_eq!(reply, reply_to(id, Value::Integer(42.into())));
         }
-        frame::write_frame(&mut master, &shutdown_request(9)).unwrap();
-        assert_eq!(relayed.join().unwrap(), RelayEnd::GuestEnded);
-        assert_eq!(waiting.join().unwrap(), Some(GuestEnd::Exited(0)));
-        let answer = frame::read_frame(&mut master, 1 << 20).unwrap().unwrap();
-        assert_eq!(decode(&answer), reply_to(9, Value::Null));
+        assert_eq!(ask(&mut master, &shutdown_request(9)), reply_to(9, Value::Null));
+        Some(master)
     });
+    if let Some(ended) = ended {
+        assert_eq!(ended, (RelayEnd::GuestEnded, Some(GuestEnd::Exited(0))));
+    }
 }
 
 /// The master's end of the link closes: the relay stops the guest.
 #[test]
 fn the_relay_stops_the_guest_when_the_master_is_gone() {
-    let Some(config) = guest_config("rust-relay-gone") else {
-        return;
-    };
-    let (guest, _) = start(config);
-    let (master, node) = UnixStream::pair().unwrap();
-    let link = node.as_raw_fd();
-    std::thread::scope(|scope| {
-        // (moved in: a failed assertion drops it, which ends the relay)
-        let mut master = master;
-        let relayed = scope.spawn(|| relay(&guest, link));
-        let waiting = scope.spawn(|| guest.wait(Duration::from_secs(60)));
-        frame::write_frame(&mut master, &eval_request(1, "1 + 1")).unwrap();
-        let reply = frame::read_frame(&mut master, 1 << 20).unwrap().unwrap();
-        assert_eq!(decode(&reply), reply_to(1, Value::Integer(2.into())));
-        drop(master);
-        assert_eq!(relayed.join().unwrap(), RelayEnd::MasterGone);
-        assert_eq!(waiting.join().unwrap(), Some(GuestEnd::Killed));
+    let ended = relayed("rust-relay-gone", |mut master| {
+        let reply = ask(&mut master, &eval_request(1, "1 + 1"));
+        assert_eq!(reply, reply_to(1, Value::Integer(2.into())));
+        None
     });
+    if let Some(ended) = ended {
+        assert_eq!(ended, (RelayEnd::MasterGone, Some(GuestEnd::Killed)));
+    }
 }
 
 /// Replies larger than the socket takes at once, while the master does not
@@ -569,30 +572,26 @@ fn the_relay_stops_the_guest_when_the_master_is_gone() {
 /// master; they all arrive, whole and in order, once the master reads.
 #[test]
 fn the_relay_queues_what_the_master_does_not_read_yet() {
-    let Some(config) = guest_config("rust-relay-queue") else {
-        return;
-    };
-    let (guest, _) = start(config);
-    let (master, node) = UnixStream::pair().unwrap();
-    let link = node.as_raw_fd();
-    std::thread::scope(|scope| {
-        // (moved in: a failed assertion drops it, which ends the relay)
-        let mut master = master;
-        let relayed = scope.spawn(|| relay(&guest, link));
-        let waiting = scope.spawn(|| guest.wait(Duration::from_secs(60)));
+    let ended = relayed("rust-relay-queue", |mut master| {
         for id in 1..=4 {
             frame::write_frame(&mut master, &eval_request(id, &format!("b'{id}' * (4 << 20)"))).unwrap();
         }
         for id in 1..=4u64 {
-            let reply = frame::read_frame(&mut master, 64 << 20).unwrap().unwrap();
+            let reply = decode(
+                &frame::read_frame(&mut master, 64 << 20)
+                    .unwrap()
+                    .expect("a reply"),
+            );
             let expected = Value::Bytes(id.to_string().repeat(4 << 20).into_bytes());
             assert!(
-                decode(&reply) == reply_to(id, expected),
+                reply == reply_to(id, expected),
                 "reply {id} is not whole or not in order"
             );
         }
-        frame::write_frame(&mut master, &shutdown_request(9)).unwrap();
-        assert_eq!(relayed.join().unwrap(), RelayEnd::GuestEnded);
-        assert_eq!(waiting.join().unwrap(), Some(GuestEnd::Exited(0)));
+        assert_eq!(ask(&mut master, &shutdown_request(9)), reply_to(9, Value::Null));
+        Some(master)
     });
+    if let Some(ended) = ended {
+        assert_eq!(ended, (RelayEnd::GuestEnded, Some(GuestEnd::Exited(0))));
+    }
 }
