@@ -220,6 +220,7 @@ def main() -> None:
         sys.stderr.write(f"cpy2py: the sandboxed twin did not start: {err}\n")
         os._exit(1)
     link = socket.socket(fileno=link_fd)
+    link.setblocking(True)  # (the relay reads and writes it so)
     hello = codec.dumps(dict(guest.hello, cpy2py=PROTOCOL_VERSION))
     try:
         link.sendall(len(hello).to_bytes(4, "big") + hello)
@@ -231,7 +232,7 @@ def main() -> None:
     try:
         _relay(guest, link_fd)
         kind, message = _how_it_ended(guest)
-    except Exception as err:  # the host's own failure: the guest cannot go on
+    except BaseException as err:  # the host's own failure (a panic too): the guest cannot go on
         guest.kill()
         host_failed = True
         kind = "terminated"

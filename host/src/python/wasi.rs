@@ -370,12 +370,13 @@ impl WasiGuest {
 
     /// The relay of a guest placed on a Ray node (cpy2py/ray_sandbox.py):
     /// moves frames between the master's link `link_fd` (a connected
-    /// socket, which the caller shuts down afterwards) and the guest, with
-    /// the GIL released, until the guest ends (True, once what it sent went
-    /// out, or two seconds passed) or the master's link ends (False: the
-    /// guest was stopped). See crate::wasm::relay.
-    fn relay(&self, py: Python<'_>, link_fd: i32) -> bool {
-        self.in_host(py, |guest| wasm::relay::relay(guest, link_fd)) == wasm::relay::RelayEnd::GuestEnded
+    /// socket in blocking mode, which the caller shuts down afterwards) and
+    /// the guest, with the GIL released, until the guest ends (True, once
+    /// what it sent went out, or two seconds passed) or the master's link
+    /// ends (False: the guest was stopped). See crate::wasm::relay.
+    fn relay(&self, py: Python<'_>, link_fd: i32) -> PyResult<bool> {
+        let end = self.in_host(py, |guest| wasm::relay::relay(guest, link_fd));
+        Ok(end.map_err(HostError::Io)? == wasm::relay::RelayEnd::GuestEnded)
     }
 
     /// Queues one frame for the guest without running it: a thread that

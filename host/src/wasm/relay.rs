@@ -12,8 +12,9 @@
 //! Frames to the master are written at once when the socket takes them
 //! whole, else queued for a writer thread, so that the relay goes on
 //! reading the master while the master does not read. Past `MAX_UNSENT`
-//! queued bytes it leaves the guest's frames in the guest's queue, where
-//! the guest waits for room as it would locally.
+//! queued bytes it waits for the writer, reading neither side: the guest's
+//! frames stay in the guest's queue, where the guest waits for room as it
+//! would locally, and the master's in the socket, which pushes back.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -30,16 +31,12 @@ use crate::protocol::frame::{self, FrameReader, ReadOutcome};
 use crate::protocol::header::carried_out;
 
 /// Bytes of frames for the master queued while the master does not read,
-/// past which the relay takes no more of the guest's frames.
+/// past which the relay waits for the writer.
 pub const MAX_UNSENT: usize = 64 << 20;
 
 /// How long the relay, once the guest ended, waits for what is queued for
 /// the master to go out.
 const FLUSH_AT_END: Duration = Duration::from_secs(2);
-
-/// How often the relay looks again at the guest's frames while the queue
-/// for the master is full (the writer does not wake it).
-const FULL_QUEUE_POLL: Duration = Duration::from_millis(10);
 
 /// Why the relay ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -52,23 +49,23 @@ pub enum RelayEnd {
     MasterGone,
 }
 
-/// Relays between the master's link `link` (a connected socket, owned by
-/// the caller, who shuts it down afterwards) and `guest` until either ends.
-pub fn relay(guest: &WasiGuest, link: RawFd) -> RelayEnd {
-    let outbox = Outbox::start(link);
+/// Relays between the master's link `link` (a connected socket in
+/// blocking mode, owned by the caller, who shuts it down afterwards: that
+/// ends a writer still blocked on it) and `guest` until either ends. Fails
+/// only if the writer thread cannot start.
+pub fn relay(guest: &WasiGuest, link: RawFd) -> io::Result<RelayEnd> {
+    let outbox = Outbox::start(link)?;
     let mut reader = FrameReader::default();
     let end = loop {
-        let room = outbox.queued() <= MAX_UNSENT;
-        let from_master = reader.has_input() || {
-            // (a negative descriptor is not watched)
-            let guest_fd = if room { guest.readable_fd() } else { -1 };
-            let timeout = (!room).then_some(FULL_QUEUE_POLL);
-            match poll_all([link, guest_fd], libc::POLLIN, timeout) {
+        if !outbox.wait_for_room() {
+            break master_gone(guest); // (the link failed)
+        }
+        let from_master = reader.has_input()
+            || match poll_all([link, guest.readable_fd()], libc::POLLIN, None) {
                 Ok(Some([link_events, _])) => link_events != 0,
                 Ok(None) => false, // (a signal: look again)
                 Err(_) => break master_gone(guest),
-            }
-        };
+            };
         if from_master {
             match reader.read(&mut Descriptor(link), frame::DEFAULT_MAX_FRAME) {
                 Ok(ReadOutcome::Frame(frame)) => hand_to_guest(guest, frame),
@@ -88,7 +85,7 @@ pub fn relay(guest: &WasiGuest, link: RawFd) -> RelayEnd {
         outbox.flush(Instant::now() + FLUSH_AT_END);
     }
     outbox.stop();
-    end
+    Ok(end)
 }
 
 fn master_gone(guest: &WasiGuest) -> RelayEnd {
@@ -164,14 +161,13 @@ struct Unsent {
 }
 
 impl Outbox {
-    fn start(link: RawFd) -> Outbox {
+    fn start(link: RawFd) -> io::Result<Outbox> {
         let shared = Arc::new((Mutex::new(Unsent::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
         thread::Builder::new()
             .name("cpy2py-to-master".into())
-            .spawn(move || write_queued(link, &theirs))
-            .expect("cannot start the thread that writes to the master");
-        Outbox { link, shared }
+            .spawn(move || write_queued(link, &theirs))?;
+        Ok(Outbox { link, shared })
     }
 
     fn lock(&self) -> MutexGuard<'_, Unsent> {
@@ -213,6 +209,16 @@ impl Outbox {
         unsent.queue.push_back(data);
         self.shared.1.notify_all();
         Ok(())
+    }
+
+    /// Waits while more than `MAX_UNSENT` bytes are queued; false once the
+    /// link failed.
+    fn wait_for_room(&self) -> bool {
+        let mut unsent = self.lock();
+        while unsent.bytes > MAX_UNSENT && !unsent.done {
+            unsent = self.shared.1.wait(unsent).unwrap_or_else(|e| e.into_inner());
+        }
+        !unsent.done
     }
 
     /// Waits until all that was queued is written, the link failed, or
