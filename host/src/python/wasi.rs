@@ -33,10 +33,9 @@ use pyo3::types::{PyBool, PyBytes, PyDict};
 use super::host_calls::{self, in_host, seconds};
 use super::twin::hello_dict;
 use crate::error::HostError;
-use crate::protocol::header::carried_out;
 use crate::signals;
 use crate::wasm::config::{self, GuestConfig};
-use crate::wasm::driver::DRIVE_SLICE;
+use crate::wasm::driver::{Claim, DRIVE_SLICE};
 use crate::wasm::output::ProcessSink;
 use crate::wasm::queue::Popped;
 use crate::wasm::{self, runtime, EndKind, GuestEnd};
@@ -171,6 +170,25 @@ impl WasiGuest {
     fn in_host<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&wasm::WasiGuest) -> T + Send) -> T {
         let _counted = self.guest.enter_host();
         host_calls::in_host(py, || f(&self.guest))
+    }
+
+    /// `wasm::WasiGuest::hand` (a frame for the guest, and whether this
+    /// thread runs the guest for it); BrokenPipeError in a forked child and
+    /// once the guest has ended.
+    fn hand(&self, frame: Vec<u8>) -> PyResult<Option<Claim>> {
+        self.refuse_in_fork()?;
+        Ok(self.guest.hand(frame).map_err(HostError::Io)?)
+    }
+
+    /// BrokenPipeError in a forked child: frames queued there would never
+    /// reach the guest (see `runtime::forked`).
+    fn refuse_in_fork(&self) -> PyResult<()> {
+        if runtime::forked() {
+            return Err(PyBrokenPipeError::new_err(runtime::forked_message(
+                self.guest.twin_id(),
+            )));
+        }
+        Ok(())
     }
 
     /// In a forked child of the process that started the guest: the error
@@ -349,11 +367,7 @@ impl WasiGuest {
     /// wait for the next thread that runs the guest. Raises BrokenPipeError
     /// when the guest has ended.
     fn send(&self, py: Python<'_>, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
-        let carried_out = carried_out(payload.as_bytes());
-        // (a thread that only waits for the guest's end leaves it to this one)
-        let _claim = carried_out.then(|| self.guest.claim());
-        self.queue(payload)?;
-        if carried_out && !self.guest.runs_elsewhere() {
+        if let Some(_claim) = self.hand(payload.as_bytes().to_vec())? {
             loop {
                 let slice = Instant::now() + DRIVE_SLICE;
                 if self.in_host(py, |guest| guest.run_queued(slice)) {
@@ -384,11 +398,7 @@ impl WasiGuest {
     /// its event loop with `drive_for`). Raises BrokenPipeError when the
     /// guest has ended.
     fn queue(&self, payload: &Bound<'_, PyBytes>) -> PyResult<()> {
-        if runtime::forked() {
-            return Err(PyBrokenPipeError::new_err(runtime::forked_message(
-                self.guest.twin_id(),
-            )));
-        }
+        self.refuse_in_fork()?;
         self.guest
             .send(payload.as_bytes().to_vec())
             .map_err(HostError::Io)?;

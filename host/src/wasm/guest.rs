@@ -27,6 +27,7 @@ use super::runtime;
 use super::view::{self, CodeView};
 use crate::error::{HostError, Result};
 use crate::protocol::handshake::{parse_hello, Hello};
+use crate::protocol::header::carried_out;
 
 /// A guest, as the master sees it.
 pub struct WasiGuest {
@@ -173,6 +174,17 @@ impl WasiGuest {
             .to_guest
             .push(frame)
             .map_err(|Closed| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the WASI guest has ended"))
+    }
+
+    /// Queues `frame` for the guest (`send`). If it is one the guest acts on
+    /// at once (`header::carried_out`) and no other thread runs the guest,
+    /// returns a claim: the caller then runs the guest (`run_queued`) until
+    /// it has dealt with the frame, holding the claim, so that a thread
+    /// that only waits for the guest's end leaves the guest to it.
+    pub fn hand(&self, frame: Vec<u8>) -> std::io::Result<Option<Claim>> {
+        let claim = carried_out(&frame).then(|| self.claim());
+        self.send(frame)?;
+        Ok(claim.filter(|_| !self.runs_elsewhere()))
     }
 
     /// The next frame from the guest, driving it on this thread for up to

@@ -17,7 +17,7 @@
 //! would locally, and the master's in the socket, which pushes back.
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -28,7 +28,6 @@ use super::guest::WasiGuest;
 use super::queue::Popped;
 use crate::pipe::poll_all;
 use crate::protocol::frame::{self, FrameReader, ReadOutcome};
-use crate::protocol::header::carried_out;
 
 /// Bytes of frames for the master queued while the master does not read,
 /// past which the relay waits for the writer.
@@ -93,18 +92,11 @@ fn master_gone(guest: &WasiGuest) -> RelayEnd {
     RelayEnd::MasterGone
 }
 
-/// Queues `frame` for the guest and, if it is one the guest acts on,
-/// runs the guest on this thread until it has dealt with it (unless
-/// another thread runs it: then that one does). A guest that ended takes
-/// nothing; what it sent before is still passed on.
+/// Hands `frame` to the guest and runs the guest until it has dealt with
+/// it, if that is this thread's to do (`WasiGuest::hand`). A guest that
+/// ended takes nothing; what it sent before is still passed on.
 fn hand_to_guest(guest: &WasiGuest, frame: Vec<u8>) {
-    let carried_out = carried_out(&frame);
-    // (a thread that only waits for the guest's end leaves it to this one)
-    let _claim = carried_out.then(|| guest.claim());
-    if guest.send(frame).is_err() {
-        return;
-    }
-    if carried_out && !guest.runs_elsewhere() {
+    if let Ok(Some(_claim)) = guest.hand(frame) {
         while !guest.run_queued(Instant::now() + DRIVE_SLICE) {}
     }
 }
@@ -126,7 +118,8 @@ fn pass_on(guest: &WasiGuest, outbox: &Outbox) -> Option<RelayEnd> {
     None
 }
 
-/// Reads from a descriptor the caller owns (not closed here).
+/// The link's descriptor, owned by the caller (not closed here), for
+/// `FrameReader` and `write_all`; writes never raise SIGPIPE.
 struct Descriptor(RawFd);
 
 impl Read for Descriptor {
@@ -137,6 +130,21 @@ impl Read for Descriptor {
             return Err(io::Error::last_os_error());
         }
         Ok(got as usize)
+    }
+}
+
+impl Write for Descriptor {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: writes from a buffer of that length
+        let sent = unsafe { libc::send(self.0, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -265,7 +273,7 @@ fn write_queued(link: RawFd, shared: &(Mutex<Unsent>, Condvar)) {
                 unsent = shared.1.wait(unsent).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let written = write_all(link, &data);
+        let written = Descriptor(link).write_all(&data);
         let mut unsent = lock();
         unsent.writing = false;
         unsent.bytes -= data.len();
@@ -304,21 +312,4 @@ fn send_now(link: RawFd, head: &[u8], payload: &[u8]) -> io::Result<usize> {
         };
     }
     Ok(sent as usize)
-}
-
-/// Writes all of `data`, waiting for room.
-fn write_all(link: RawFd, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        // SAFETY: writes from a buffer of that length
-        let sent = unsafe { libc::send(link, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
-        if sent < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        data = &data[sent as usize..];
-    }
-    Ok(())
 }
