@@ -6,6 +6,7 @@
 #[path = "support/repo.rs"]
 mod repo;
 
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use cpy2py_host::protocol::frame;
 use cpy2py_host::wasm::ledger::Violation;
 use cpy2py_host::wasm::output::{MemorySink, Which};
 use cpy2py_host::wasm::queue::Popped;
-use cpy2py_host::wasm::relay::{relay, RelayEnd};
+use cpy2py_host::wasm::relay::{relay_holding, RelayEnd, MAX_UNSENT};
 use cpy2py_host::wasm::{GuestConfig, GuestEnd, WasiGuest};
 
 fn guest_config(twin_id: &str) -> Option<GuestConfig> {
@@ -520,6 +521,16 @@ fn relayed(
     twin_id: &str,
     talk: impl FnOnce(UnixStream) -> Option<UnixStream> + Send,
 ) -> Option<(RelayEnd, Option<GuestEnd>)> {
+    relayed_holding(twin_id, MAX_UNSENT, talk)
+}
+
+/// `relayed`, with a relay that waits for its writer past `max_unsent`
+/// queued bytes.
+fn relayed_holding(
+    twin_id: &str,
+    max_unsent: usize,
+    talk: impl FnOnce(UnixStream) -> Option<UnixStream> + Send,
+) -> Option<(RelayEnd, Option<GuestEnd>)> {
     let (guest, _) = start(guest_config(twin_id)?);
     let (master, node) = UnixStream::pair().unwrap();
     // (a relay that stops answering fails the test instead of hanging it)
@@ -527,7 +538,7 @@ fn relayed(
     master.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
     let link = node.as_raw_fd();
     Some(std::thread::scope(|scope| {
-        let relaying = scope.spawn(|| relay(&guest, link).unwrap());
+        let relaying = scope.spawn(|| relay_holding(&guest, link, max_unsent).unwrap());
         let waiting = scope.spawn(|| guest.wait(Duration::from_secs(60)));
         let _kept = talk(master);
         (relaying.join().unwrap(), waiting.join().unwrap())
@@ -599,6 +610,63 @@ fn the_relay_reads_the_master_while_the_master_does_not_read() {
             assert_eq!(reply, reply_to(id, Value::Integer((1u64 << 20).into())));
         }
         assert_eq!(ask(&mut master, &shutdown_request(9)), reply_to(9, Value::Null));
+        Some(master)
+    });
+    if let Some(ended) = ended {
+        assert_eq!(ended, (RelayEnd::GuestEnded, Some(GuestEnd::Exited(0))));
+    }
+}
+
+/// Past its limit of unsent bytes the relay reads the master no more: a
+/// master that sends requests without reading its replies is held back by
+/// its own socket (its requests wait there, not in the guest's queue, which
+/// has no bound); once it reads, everything goes on, in order.
+#[test]
+fn the_relay_stops_reading_the_master_past_its_limit_of_unsent_bytes() {
+    let ended = relayed_holding("rust-relay-full", 1 << 20, |mut master| {
+        frame::write_frame(&mut master, &eval_request(1, "b'1' * (4 << 20)")).unwrap();
+        // 16 MiB of requests after it, far more than the socket holds
+        let long = format!("len('{}')", "x".repeat(64 << 10));
+        let mut requests = Vec::new();
+        for id in 2..=257 {
+            frame::write_frame(&mut requests, &eval_request(id, &long)).unwrap();
+        }
+        master.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut written = 0;
+        while written < requests.len() {
+            match master.write(&requests[written..]) {
+                Ok(sent) => written += sent,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                Err(e) => panic!("writing the requests failed: {e}"),
+            }
+        }
+        assert!(
+            written < requests.len(),
+            "the relay read all the master sent while 4 MiB waited for the master to read"
+        );
+        let mut writer = master.try_clone().unwrap();
+        writer.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        std::thread::scope(|scope| {
+            scope.spawn(move || writer.write_all(&requests[written..]).unwrap());
+            let next = |master: &mut UnixStream| {
+                decode(&frame::read_frame(master, 64 << 20).unwrap().expect("a reply"))
+            };
+            let big = Value::Bytes(b"1".repeat(4 << 20));
+            assert!(
+                next(&mut master) == reply_to(1, big),
+                "the large reply is not whole"
+            );
+            for id in 2..=257 {
+                assert_eq!(
+                    next(&mut master),
+                    reply_to(id, Value::Integer((64u64 << 10).into()))
+                );
+            }
+        });
+        assert_eq!(
+            ask(&mut master, &shutdown_request(999)),
+            reply_to(999, Value::Null)
+        );
         Some(master)
     });
     if let Some(ended) = ended {

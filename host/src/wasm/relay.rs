@@ -53,7 +53,13 @@ pub enum RelayEnd {
 /// ends a writer still blocked on it) and `guest` until either ends. Fails
 /// only if the writer thread cannot start.
 pub fn relay(guest: &WasiGuest, link: RawFd) -> io::Result<RelayEnd> {
-    let outbox = Outbox::start(link)?;
+    relay_holding(guest, link, MAX_UNSENT)
+}
+
+/// `relay`, waiting for the writer past `max_unsent` queued bytes instead
+/// of `MAX_UNSENT` (a test's smaller limit).
+pub fn relay_holding(guest: &WasiGuest, link: RawFd, max_unsent: usize) -> io::Result<RelayEnd> {
+    let outbox = Outbox::start(link, max_unsent)?;
     let mut reader = FrameReader::default();
     let end = loop {
         if !outbox.wait_for_room() {
@@ -104,7 +110,7 @@ fn hand_to_guest(guest: &WasiGuest, frame: Vec<u8>) {
 /// Sends the master the frames the guest sent, while the queue has room;
 /// the relay's end once the guest ended and all it sent was taken.
 fn pass_on(guest: &WasiGuest, outbox: &Outbox) -> Option<RelayEnd> {
-    while outbox.queued() <= MAX_UNSENT {
+    while outbox.queued() <= outbox.max_unsent {
         match guest.try_recv() {
             Popped::Frame(frame) => {
                 if outbox.send(frame).is_err() {
@@ -152,6 +158,8 @@ impl Write for Descriptor {
 /// else queued for the writer thread.
 struct Outbox {
     link: RawFd,
+    /// queued bytes past which the relay waits for the writer
+    max_unsent: usize,
     shared: Arc<(Mutex<Unsent>, Condvar)>,
 }
 
@@ -169,13 +177,17 @@ struct Unsent {
 }
 
 impl Outbox {
-    fn start(link: RawFd) -> io::Result<Outbox> {
+    fn start(link: RawFd, max_unsent: usize) -> io::Result<Outbox> {
         let shared = Arc::new((Mutex::new(Unsent::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
         thread::Builder::new()
             .name("cpy2py-to-master".into())
             .spawn(move || write_queued(link, &theirs))?;
-        Ok(Outbox { link, shared })
+        Ok(Outbox {
+            link,
+            max_unsent,
+            shared,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Unsent> {
@@ -219,11 +231,11 @@ impl Outbox {
         Ok(())
     }
 
-    /// Waits while more than `MAX_UNSENT` bytes are queued; false once the
+    /// Waits while more than `max_unsent` bytes are queued; false once the
     /// link failed.
     fn wait_for_room(&self) -> bool {
         let mut unsent = self.lock();
-        while unsent.bytes > MAX_UNSENT && !unsent.done {
+        while unsent.bytes > self.max_unsent && !unsent.done {
             unsent = self.shared.1.wait(unsent).unwrap_or_else(|e| e.into_inner());
         }
         !unsent.done
