@@ -76,7 +76,9 @@ PLANS = {
         "rounds": 4,
         "warmup": 2000,
         "warmup_halves": 100,
-        "payload_warmup": 50,
+        # as many as the full plan's: fewer left a pypy3 twin's JIT unsettled,
+        # and the quick run then reported its payloads twice as slow
+        "payload_warmup": 200,
         "noop": 500,
         "halves": 100,
         "payload": {"bytes-1MiB": 12, "bytes-64MiB": 2, "list-10k-ints": 12, "dict-10k-nested": 8},

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Optional
 
 import pytest
 import remote_helpers as rh
@@ -109,11 +110,11 @@ def test_a_file_of_another_build_is_not_loaded(sshd, monkeypatch, caplog):
         twin.stop()
 
 
-def _installed_for_a_venv(tmp_path, monkeypatch, content: bytes) -> str:
+def _installed_for_a_venv(tmp_path, monkeypatch, content: Optional[bytes]) -> str:
     """A virtual environment whose site-packages hold ``content`` as
-    cpy2py/_host.abi3.so (as ``pip install`` of a cpy2py wheel puts it), on
-    a host where the master's own path does not hold the master's compiled
-    host; returns the environment's python."""
+    cpy2py/_host.abi3.so (as ``pip install`` of a cpy2py wheel puts it; a
+    named pipe for None), on a host where the master's own path does not
+    hold the master's compiled host; returns the environment's python."""
     import sysconfig
 
     import cpy2py.ssh
@@ -129,8 +130,12 @@ def _installed_for_a_venv(tmp_path, monkeypatch, content: bytes) -> str:
     ).stdout.strip()
     assert site.startswith(str(venv)), (site, sysconfig.get_paths()["purelib"])
     os.makedirs(os.path.join(site, "cpy2py"))
-    with open(os.path.join(site, "cpy2py", "_host.abi3.so"), "wb") as f:
-        f.write(content)
+    installed = os.path.join(site, "cpy2py", "_host.abi3.so")
+    if content is None:
+        os.mkfifo(installed)
+    else:
+        with open(installed, "wb") as f:
+            f.write(content)
     _path, build, size = cpy2py.ssh.compiled_host()
     elsewhere = str(tmp_path / "not-on-this-host" / "_host.abi3.so")
     monkeypatch.setattr(cpy2py.ssh, "compiled_host", lambda: (elsewhere, build, size))
@@ -175,6 +180,21 @@ def test_an_installed_file_of_another_build_is_not_loaded(sshd, monkeypatch, tmp
         assert twin.execute(rh.codec_in_use)["codec"] == "python"
         assert twin.execute(sum, [1, 2, 3]) == 6
         assert "installing the wheel the master's cpy2py came from there" in caplog.text
+    finally:
+        twin.stop()
+
+
+def test_an_installed_file_of_another_size_is_not_read(sshd, monkeypatch, tmp_path):
+    """Candidates of another size than the master's file are not read (an
+    install of another version costs the twin's start a ``stat``): here the
+    installed file is a named pipe, whose reading would wait for a writer
+    for ever, and the twin starts with the pure-Python codec."""
+    python = _installed_for_a_venv(tmp_path, monkeypatch, None)
+    twin = TwinMaster(python, "pipe-installed-ssh", host=sshd.host, ssh_options=sshd.options)
+    twin.start()
+    try:
+        assert twin.execute(rh.codec_in_use)["codec"] == "python"
+        assert twin.execute(sum, [1, 2, 3]) == 6
     finally:
         twin.stop()
 
