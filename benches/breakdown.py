@@ -12,6 +12,13 @@ timed alone in: routing and locks, thread and process switches, and the
 system calls beyond the floor's two writes and two reads. Run it pinned to
 one CPU (``taskset -c 1``) so that both processes share it, as in the pinned
 pass of `just bench`.
+
+Then the same no-op calls made from one thread and from several
+(``--threads 1,8``), accounted per process: CPU time and context switches
+per call of the master and of the twin (``getrusage`` on each side), and
+the twin's threads. That is where contention shows: with more callers the
+replies are handed between the master's threads, and the twin runs more
+server threads.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List
 
@@ -119,7 +128,51 @@ def frames(twin: TwinMaster) -> Dict[str, bytes]:
     return recorded
 
 
-def measure(kind: str) -> Dict[str, Any]:
+def usage() -> Dict[str, float]:
+    """This process's CPU seconds and context switches so far (all its
+    threads, ended ones too), and its threads now (Linux; -1 elsewhere)."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = -1
+    return {
+        "cpu": used.ru_utime + used.ru_stime,
+        "switches": used.ru_nvcsw + used.ru_nivcsw,
+        "threads": threads,
+    }
+
+
+def accounting(twin: TwinMaster, threads: int, calls: int = 8000) -> Dict[str, float]:
+    """``calls`` no-op calls from ``threads`` threads at once: calls per
+    second, and per call the CPU (us) and context switches of each side."""
+
+    def work(count: int) -> None:
+        for _ in range(count):
+            twin.execute(bench_funcs.noop)
+
+    callers = [threading.Thread(target=work, args=(calls // threads,)) for _ in range(threads)]
+    master, far = usage(), twin.execute(usage)
+    started = time.perf_counter()
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    took = time.perf_counter() - started
+    far_after = twin.execute(usage)  # (before the master's: its call is the twin's too)
+    master_after = usage()
+    made = calls // threads * threads
+    return {
+        "calls_per_s": made / took,
+        "master_cpu_us": (master_after["cpu"] - master["cpu"]) / made * 1e6,
+        "twin_cpu_us": (far_after["cpu"] - far["cpu"]) / made * 1e6,
+        "master_switches": (master_after["switches"] - master["switches"]) / made,
+        "twin_switches": (far_after["switches"] - far["switches"]) / made,
+        "twin_threads": far_after["threads"],
+    }
+
+
+def measure(kind: str, threads: List[int]) -> Dict[str, Any]:
     twin = TwinMaster(kind, f"breakdown-{kind}")
     try:
         twin.start()
@@ -134,12 +187,15 @@ def measure(kind: str) -> Dict[str, Any]:
         master = stages(recorded["request"], recorded["reply"], "master")
         far = twin.execute(stages, recorded["request"], recorded["reply"], "twin")
         far = twin.execute(stages, recorded["request"], recorded["reply"], "twin")  # warm
+        for count in threads:  # (a first pass warms each one up: PyPy's JIT)
+            accounting(twin, count)
         return {
             "call": median_call_ns(lambda: twin.execute(bench_funcs.noop)),
             "floor": median_call_ns(raw.call),
             "master": master,
             "twin": far,
             "frames": {name: len(frame) for name, frame in recorded.items()},
+            "threads": {count: accounting(twin, count) for count in threads},
         }
     finally:
         raw.stop()
@@ -168,15 +224,30 @@ def report(kind: str, result: Dict[str, Any]) -> str:
     ]
     lines += [f"  {name:44s} {ns / 1000:7.1f} us" for name, ns in rows]
     lines.append(f"  {'rest: routing, locks, switches, syscalls':44s} {rest / 1000:7.1f} us")
+    counts = list(result["threads"])
+    if counts:
+        heading = "per no-op call, from N threads at once"
+        lines.append(f"  {heading:44s} " + "".join(f"{n:>9d}" for n in counts))
+        for name, key, form in (
+            ("calls per second", "calls_per_s", "{:9.0f}"),
+            ("master: CPU (us)", "master_cpu_us", "{:9.1f}"),
+            ("master: context switches", "master_switches", "{:9.2f}"),
+            ("twin: CPU (us)", "twin_cpu_us", "{:9.1f}"),
+            ("twin: context switches", "twin_switches", "{:9.2f}"),
+            ("twin: threads", "twin_threads", "{:9.0f}"),
+        ):
+            lines.append(f"    {name:42s} " + "".join(form.format(result["threads"][n][key]) for n in counts))
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default="python3,pypy3")
+    parser.add_argument("--threads", default="1,8", help="callers at once, per run (empty: none)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {kind: measure(kind) for kind in args.kinds.split(",")}
+    threads = [int(n) for n in args.threads.split(",") if n]
+    results = {kind: measure(kind, threads) for kind in args.kinds.split(",")}
     if args.json:
         print(json.dumps(results))
     else:
