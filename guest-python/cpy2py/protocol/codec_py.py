@@ -295,6 +295,9 @@ def _enc_bytes(b: bytes, out: bytearray, depth: int, default: Optional[Default])
     ):
         return
     _head(out, 0x40, len(b))
+    if len(b) >= PART_MIN and type(default) in _CUTTERS and default.cuts is not None:  # type: ignore[union-attr]
+        default.cuts.append((len(out), b))  # type: ignore[union-attr]
+        return
     out += b
 
 
@@ -494,6 +497,9 @@ def _enc_dict(obj: Dict[Any, Any], out: bytearray, depth: int, default: Optional
 #: tries as a block (host/src/python/plain.rs: PLAIN_MIN; the message itself
 #: never is one): in the guest, 8 ints took 10 us as a block, 20 as CBOR
 PLAIN_MIN = 8
+#: byte strings of this many bytes or more are left out of an encoding with
+#: ``parts`` (the compiled codec's PART_MIN, host/src/python/codec.rs)
+PART_MIN = 64 * 1024
 
 
 class _Blocks:
@@ -501,13 +507,21 @@ class _Blocks:
     container encoders (which pass ``default`` down every level) and hands
     what plain data cannot carry to the caller's ``default``."""
 
-    __slots__ = ("default",)
+    __slots__ = ("default", "cuts")
 
     def __init__(self, default: Optional[Default]) -> None:
         self.default = default
+        self.cuts: Optional[List[Tuple[int, bytes]]] = None
 
     def __call__(self, obj: Any) -> Any:
         return NotImplemented if self.default is None else self.default(obj)
+
+
+class _Parts(_Blocks):
+    """The ``default`` of an encoding with ``parts=True`` and neither
+    sharing nor blocks: only collects the large byte strings left out."""
+
+    __slots__ = ()
 
 
 class _Sharing:
@@ -516,10 +530,12 @@ class _Sharing:
     blocks are wanted too; hands what the value model does not carry to the
     caller's ``default``."""
 
-    __slots__ = ("default", "plain", "refs", "seen", "numbered", "skip", "only")
+    __slots__ = ("default", "plain", "refs", "seen", "numbered", "skip", "only", "cuts")
 
     def __init__(self, default: Optional[Default], plain: bool, refs: bool) -> None:
         self.default = default
+        #: with parts: (offset in the encoding, a large byte string left out there)
+        self.cuts: Optional[List[Tuple[int, bytes]]] = None
         self.plain = plain
         self.refs = refs
         #: id -> the container (kept alive, so that no other takes its id);
@@ -535,6 +551,11 @@ class _Sharing:
 
     def __call__(self, obj: Any) -> Any:
         return NotImplemented if self.default is None else self.default(obj)
+
+
+#: the kinds of ``default`` that collect the byte strings an encoding with
+#: ``parts`` leaves out (``dumps`` gives one to every such encoding)
+_CUTTERS = (_Sharing, _Blocks, _Parts)
 
 
 def _written_shared(obj: Any, out: bytearray, depth: int, sharing: _Sharing, encode: Any) -> bool:
@@ -781,12 +802,14 @@ def dumps(
     parts: bool = False,
     plain: bool = False,
     sharing: int = SHARING_TREE,
-) -> bytes:
+) -> Union[bytes, Tuple[bytes, ...]]:
     """Encodes ``obj`` as one CBOR data item (preferred serialization).
 
-    ``parts`` is the compiled codec's (large byte strings left out of the
-    encoding, for a transport that writes them as they are); this codec
-    always returns one ``bytes``. With ``plain``, a list, tuple, dict, set or
+    With ``parts``, an encoding that holds byte strings (exact ``bytes``) of
+    at least PART_MIN bytes comes as a tuple of ``bytes`` whose concatenation
+    is the encoding, those byte strings among them as they are (as the
+    compiled codec gives it): a transport writes them without copying them
+    into a frame. With ``plain``, a list, tuple, dict, set or
     frozenset of at least PLAIN_MIN items that is plain data through and
     through goes as a plain-data block. ``sharing`` is what becomes of a
     container the value holds twice (tags.SHARING_*: written out each time,
@@ -799,19 +822,40 @@ def dumps(
             default.only = _held_twice(obj)
     elif plain:
         default = _Blocks(default)
-    elif default is None and type(obj) is list and len(obj) < _RUN_MIN:
+    elif default is None and type(obj) is list and len(obj) < _RUN_MIN and not parts:
         # a message of scalars (a release, a reply small_reply did not write):
         # its items straight away
         out = bytearray((0x80 | len(obj),))
         _enc_items(obj, out, 1, None)
         return bytes(out)
+    if parts:
+        if type(default) not in _CUTTERS:
+            default = _Parts(default)
+        default.cuts = []  # type: ignore[union-attr]
     out = bytearray()
     enc = _ENCODERS.get(type(obj))
     if enc is None:
         _enc_default(obj, out, 0, default)
     else:
         enc(obj, out, 0, default)
+    if parts and default.cuts:  # type: ignore[union-attr]
+        return _pieces(out, default.cuts)  # type: ignore[union-attr,return-value]
     return bytes(out)
+
+
+def _pieces(out: bytearray, cuts: List[Tuple[int, bytes]]) -> Tuple[bytes, ...]:
+    """The encoding ``out`` with the byte strings left out at ``cuts``, as a
+    tuple of its pieces in order."""
+    pieces: List[bytes] = []
+    start = 0
+    for at, left_out in cuts:
+        if at > start:
+            pieces.append(bytes(out[start:at]))
+        pieces.append(left_out)
+        start = at
+    if start < len(out):
+        pieces.append(bytes(out[start:]))
+    return tuple(pieces)
 
 
 # --------------------------------------------------------------------------

@@ -292,7 +292,7 @@ class FdTransport(TransportDefaults):
             parts = (payload,)
             header = _HEADER.pack(len(payload))
         with self._write_lock:
-            if _writev is None:  # (PyPy 3.9, whose codec makes no parts)
+            if _writev is None:  # (PyPy 3.9: a write per part)
                 self._write_all(header)
                 for part in parts:
                     self._write_all(part)
