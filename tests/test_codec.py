@@ -452,6 +452,12 @@ def test_parts_leave_large_byte_strings_out_of_the_encoding(codec: Any) -> None:
     assert codec.loads(b"".join(parts)) == value
     assert codec.dumps([b"a" * 100, 2], parts=True) == codec.dumps([b"a" * 100, 2])
     assert codec.dumps(big, parts=True) == (b"\x5a\x00\x01\x00\x00", big)
+    # wherever it sits (a set's member, a dict's key, after a tag), a part
+    # is left out at its own place: joined, the parts are the encoding
+    keyed = [{other: 1}, frozenset({big}), {2: big}, 3]
+    pieces = codec.dumps(keyed, parts=True)
+    assert type(pieces) is tuple and b"".join(pieces) == codec.dumps(keyed) == codec_py.dumps(keyed)
+    assert codec.loads(b"".join(pieces)) == keyed
 
 
 def test_a_transport_writes_a_frame_of_parts_whole(monkeypatch: pytest.MonkeyPatch) -> None:
