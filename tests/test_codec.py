@@ -432,6 +432,59 @@ def test_random_bytes_never_crash_the_decoders() -> None:
         assert all(o == outcomes[0] for o in outcomes), f"frame #{i} {bytes(frame).hex()}: {outcomes}"
 
 
+def _records() -> List[Any]:
+    """Maps whose keys repeat, in a frame large enough for the compiled
+    decoder's table of keys (host/src/python/map_keys.rs): rows of the same
+    field names (ASCII, other scripts, 23 bytes: the longest short text, 24:
+    the shortest that is not), keys of other types among them, then
+    thousands of distinct keys (the table is given up) and the first names
+    again."""
+    names = ["id", "name", "clé", "ключ", "k" * 23, "k" * 24, "ké" * 11 + "k"]
+    rows: List[Any] = [{name: i * 10 + j for j, name in enumerate(names)} for i in range(400)]
+    rows += [{1: "one", (2, 3): "pair", b"raw": None, "id": i, 2.5: True} for i in range(50)]
+    rows.append({f"field{i}": i for i in range(5000)})
+    rows += [{"id": i, "name": f"n{i}", "key0": [], "key1": {}} for i in range(100)]
+    return rows
+
+
+def test_maps_whose_keys_repeat_decode_whole(codec: Any) -> None:
+    rows = _records()
+    frame = codec.dumps(rows)
+    back = codec.loads(frame)
+    assert back == rows
+    assert [type(k) for k in back[400]] == [int, tuple, bytes, str, float]
+    assert codec_py.loads(frame) == rows  # (the other codec agrees)
+
+
+def test_a_repeated_key_with_bad_utf8_is_refused(codec: Any) -> None:
+    """A key of the same length as one seen before, but not UTF-8: refused,
+    not taken for the other (nor the other for it)."""
+    good = codec_py.dumps([{"abc": i} for i in range(600)])
+    last = good.rindex(b"\x63abc")  # text of 3 bytes, the last row's key
+    frame = good[:last] + b"\x63ab\xff" + good[last + 4 :]  # (a byte no UTF-8 has)
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        codec.loads(frame)
+
+
+def test_large_frames_of_repeated_keys_mutated_fail_alike_in_both_codecs() -> None:
+    """Large frames of rows with repeated keys, with bytes changed: both
+    codecs decode the same value or both refuse."""
+    compiled = _compiled()
+    rnd = random.Random(5)
+    original = codec_py.dumps([{"id": i, "name": "x" * (i % 30), "ok": i % 2 == 0} for i in range(300)])
+    for i in range(300):
+        frame = bytearray(original)
+        for _ in range(rnd.randrange(1, 4)):
+            frame[rnd.randrange(len(frame))] = rnd.getrandbits(8)
+        outcomes = []
+        for c in (codec_py, compiled):
+            try:
+                outcomes.append(("ok", codec_py.dumps(c.loads(bytes(frame)))))
+            except ProtocolError:
+                outcomes.append(("error", None))
+        assert outcomes[0] == outcomes[1], f"mutation #{i}: {outcomes}"
+
+
 # --------------------------------------------------------------------------
 # Sizes and limits
 # --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ use pyo3::{ffi, intern, Borrowed};
 use super::equal_hashes::EqualHashes;
 use super::errors::protocol_error;
 use super::host_calls::in_host;
+use super::map_keys::{self, MapKeys};
 use super::plain;
 use super::received::Frame;
 use crate::error::HostError;
@@ -874,6 +875,7 @@ fn loads<'py>(
         hook: tag_hook,
         guard: budget.is_some_and(|b| !b.is_none()),
         shared: Vec::new(),
+        keys: (input.len() >= map_keys::FROM_FRAME_LEN).then(MapKeys::new),
     };
     let value = decoder.item(0)?;
     decoder.cursor.finish().map_err(|e| wire(py, e))?;
@@ -991,9 +993,12 @@ struct Decode<'a, 'py> {
     /// the shareable values (tag 28) met so far, by number; None while one
     /// that cannot be referred to before it is complete is decoded
     shared: Vec<Option<Bound<'py, PyAny>>>,
+    /// short text keys of maps, each decoded once (python/map_keys.rs);
+    /// None for a small frame
+    keys: Option<MapKeys<'a, 'py>>,
 }
 
-impl<'py> Decode<'_, 'py> {
+impl<'a, 'py> Decode<'a, 'py> {
     /// The byte string read apart whose content belongs where the cursor is
     /// (right after a head that declared `len` bytes), if there is one.
     fn apart_here(&mut self, len: Option<u64>) -> Option<Bound<'py, PyBytes>> {
@@ -1121,7 +1126,7 @@ impl<'py> Decode<'_, 'py> {
                 }
                 None => {}
             }
-            let key = self.item(depth)?;
+            let key = self.key(depth)?;
             let value = self.item(depth)?;
             if self.guard {
                 equal.check(&key)?;
@@ -1134,6 +1139,24 @@ impl<'py> Decode<'_, 'py> {
                 }
             })?;
         }
+    }
+
+    /// A map's key: a short text from the frame's table of keys, if it has one.
+    #[inline(always)]
+    fn key(&mut self, depth: usize) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(keys) = self.keys.as_mut() {
+            if let Some((bytes, at)) = self.cursor.short_text() {
+                let py = self.py;
+                return match keys.get_or_decode(bytes, || decode_utf8(py, bytes, at)) {
+                    Some(key) => key,
+                    None => {
+                        self.keys = None; // (few keys repeat in this frame)
+                        decode_utf8(py, bytes, at)
+                    }
+                };
+            }
+        }
+        self.item(depth)
     }
 
     /// The items of the array that is the content of a tag (already checked

@@ -7,6 +7,7 @@ mod codec;
 mod equal_hashes;
 mod errors;
 mod host_calls;
+mod map_keys;
 mod moment;
 mod plain;
 mod received;
