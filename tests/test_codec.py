@@ -444,10 +444,19 @@ def _records() -> List[Any]:
     rows += [{1: "one", (2, 3): "pair", b"raw": None, "id": i, 2.5: True} for i in range(50)]
     rows.append({f"field{i}": i for i in range(5000)})
     rows += [{"id": i, "name": f"n{i}", "key0": [], "key1": {}} for i in range(100)]
-    return rows
+    shared = {"id": -1, "name": "held twice"}  # (the frame then holds shared values too)
+    return rows + [shared, shared]
 
 
-def test_maps_whose_keys_repeat_decode_whole(codec: Any) -> None:
+@pytest.fixture(params=[False, True], ids=["as-they-come", "key-tables"])
+def key_tables(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The pure codec decodes a large frame's keys through a table on PyPy
+    only (``codec_py._KEY_TABLES``): both ways, whatever runs the tests."""
+    monkeypatch.setattr(codec_py, "_KEY_TABLES", request.param)
+    return bool(request.param)
+
+
+def test_maps_whose_keys_repeat_decode_whole(codec: Any, key_tables: bool) -> None:
     rows = _records()
     frame = codec.dumps(rows)
     back = codec.loads(frame)
@@ -456,7 +465,7 @@ def test_maps_whose_keys_repeat_decode_whole(codec: Any) -> None:
     assert codec_py.loads(frame) == rows  # (the other codec agrees)
 
 
-def test_a_repeated_key_with_bad_utf8_is_refused(codec: Any) -> None:
+def test_a_repeated_key_with_bad_utf8_is_refused(codec: Any, key_tables: bool) -> None:
     """A key of the same length as one seen before, but not UTF-8: refused,
     not taken for the other (nor the other for it)."""
     good = codec_py.dumps([{"abc": i} for i in range(600)])
@@ -466,7 +475,7 @@ def test_a_repeated_key_with_bad_utf8_is_refused(codec: Any) -> None:
         codec.loads(frame)
 
 
-def test_large_frames_of_repeated_keys_mutated_fail_alike_in_both_codecs() -> None:
+def test_large_frames_of_repeated_keys_mutated_fail_alike_in_both_codecs(key_tables: bool) -> None:
     """Large frames of rows with repeated keys, with bytes changed: both
     codecs decode the same value or both refuse."""
     compiled = _compiled()
