@@ -1453,6 +1453,48 @@ def test_a_str_with_surrogates_borrowed_from_a_list_outlives_a_collection() -> N
             gc.collect()
 
 
+def test_a_dict_entry_a_finalizer_drops_while_its_key_is_encoded_is_not_read_freed() -> None:
+    """The compiled encoder asks CPython for a short str's UTF-8; for one
+    with lone surrogates that fails with an exception object, whose making
+    can start a collection, whose finalizer here drops the entry being
+    encoded (only the dict held its key and value) and makes new strs of
+    their size, likely where they were. The encoder holds references of its
+    own: it sends what it read, or the entries that replaced it, never the
+    new strs."""
+    import gc
+
+    compiled = _compiled()
+    entries: dict = {}
+    made: list = []
+
+    class Bomb:
+        def __del__(self) -> None:
+            entries.clear()
+            entries.update({"a": 0, "b": 0})  # (the same size: no error to stop the encoder)
+            made.extend("~" * n for n in range(28, 34) for _ in range(50))
+
+    for trial in range(5):
+        char = bytes([0x80 + trial]).decode("utf-8", "surrogateescape")
+        entries.clear()
+        entries[char * 30] = char * 31  # (held by the dict alone)
+        entries["z"] = 1
+        possible = {(char * 30, char * 31), ("z", 1), ("a", 0), ("b", 0)}
+        gc.disable()
+        bomb = Bomb()
+        bomb.cycle = bomb  # freed only by a collection
+        del bomb
+        gc.set_threshold(1)
+        gc.enable()
+        try:
+            back = compiled.loads(compiled.dumps(entries))
+        finally:
+            gc.set_threshold(700)
+            gc.collect()
+        assert made, "the finalizer ran"
+        assert set(back.items()) <= possible, back
+        made.clear()
+
+
 def test_protocol_error_is_the_cpy2py_class(codec: Any) -> None:
     with pytest.raises(ProtocolError) as info:
         codec.loads(b"\x01\x02")

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::os::raw::c_int;
+use std::os::raw::{c_char, c_int};
 use std::sync::Mutex;
 
 use ciborium_ll::{Encoder, Header};
@@ -413,8 +413,16 @@ impl<'py> Encode<'_, 'py> {
 
     /// Encodes a str as CBOR text; false (nothing written) if it holds lone
     /// surrogates, which text cannot (see `surrogate_str`).
+    /// `obj` must not be borrowed from a container (short_utf8 may run a
+    /// finalizer that drops it from there): `member` and `dict` take their
+    /// own references to strs.
     #[inline]
     fn text(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
+        if let Some(utf8) = short_utf8(obj)? {
+            self.head(TEXT, utf8.len() as u64);
+            self.out.extend_from_slice(utf8);
+            return Ok(true);
+        }
         let (utf8, surrogates) = utf8_passing_surrogates(obj)?;
         if surrogates {
             return Ok(false);
@@ -431,6 +439,10 @@ impl<'py> Encode<'_, 'py> {
     /// item was 25 more instructions per item of a 10k-int list).
     #[inline(always)]
     fn member(&mut self, obj: Borrowed<'_, 'py, PyAny>, depth: usize) -> PyResult<()> {
+        if obj.is_exact_instance_of::<PyString>() {
+            // (encoding a str may run a finalizer: `text`)
+            return self.item(&obj.to_owned(), depth);
+        }
         if self.scalar(&obj)? {
             return Ok(());
         }
@@ -725,14 +737,11 @@ impl<'py> Encode<'_, 'py> {
         while count < n && unsafe { ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut value) } != 0 {
             // SAFETY: borrowed references to a live entry, non-null
             let (key, value) = unsafe { (Borrowed::from_ptr(py, key), Borrowed::from_ptr(py, value)) };
-            if self.scalar(&key)? {
-                self.member(value, depth + 1)?;
-            } else {
-                // encoding the key may run default(), which may drop the value
-                let value = value.to_owned();
-                self.item(&key.to_owned(), depth + 1)?;
-                self.item(&value, depth + 1)?;
-            }
+            // encoding the key may run Python code (default(); a finalizer
+            // as a str is encoded: `text`), which may drop the entry
+            let (key, value) = (key.to_owned(), value.to_owned());
+            self.item(&key, depth + 1)?;
+            self.item(&value, depth + 1)?;
             count += 1;
             if dict.len() != n {
                 return Err(changed_size("dictionary"));
@@ -912,6 +921,46 @@ fn budget_bytes(budget: &Bound<'_, PyAny>) -> PyResult<u64> {
         )));
     }
     Ok(budget.extract::<u64>().unwrap_or(u64::MAX))
+}
+
+extern "C" {
+    // (in the stable ABI from CPython 3.10, exported by every CPython 3; pyo3
+    // declares it for abi3 builds from 3.10 only)
+    fn PyUnicode_AsUTF8AndSize(unicode: *mut ffi::PyObject, size: *mut ffi::Py_ssize_t) -> *const c_char;
+}
+
+/// Strs of at most this many characters are encoded by `short_utf8`.
+const SHORT_STR: ffi::Py_ssize_t = 64;
+
+/// The UTF-8 of a short str without a copy: CPython's own (an ASCII str's
+/// characters as they are; for others, made once and kept with the str, at
+/// most four bytes per character). None for a longer str, or one with lone
+/// surrogates (their UnicodeEncodeError is cleared: `utf8_passing_surrogates`
+/// then). Making that exception may start a collection, whose finalizers
+/// run Python code: `str_obj` must be a reference of the caller's own.
+/// Encoding a short str this way took a 10k-entry nested dict's encoding
+/// from 1.2 to 0.47 ms (a new bytes object per key and value before).
+fn short_utf8<'a>(str_obj: &'a Bound<'_, PyAny>) -> PyResult<Option<&'a [u8]>> {
+    // SAFETY: `str_obj` is a str
+    if unsafe { ffi::PyUnicode_GetLength(str_obj.as_ptr()) } > SHORT_STR {
+        return Ok(None);
+    }
+    let mut size: ffi::Py_ssize_t = 0;
+    // SAFETY: `str_obj` is a str; the UTF-8 lives as long as it does (held
+    // by the caller for the returned lifetime)
+    let data = unsafe { PyUnicode_AsUTF8AndSize(str_obj.as_ptr(), &mut size) };
+    if data.is_null() {
+        let py = str_obj.py();
+        let err = PyErr::fetch(py);
+        if err.is_instance_of::<pyo3::exceptions::PyUnicodeEncodeError>(py) {
+            return Ok(None); // lone surrogates
+        }
+        return Err(err);
+    }
+    // SAFETY: `size` bytes at `data`, alive while `str_obj` is
+    Ok(Some(unsafe {
+        std::slice::from_raw_parts(data.cast::<u8>(), size as usize)
+    }))
 }
 
 /// The str `obj` as UTF-8 with its lone surrogates passed through, and
