@@ -9,8 +9,10 @@ twin processes are started here.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import functools
+import gc
 import json
 import math
 import os
@@ -18,7 +20,7 @@ import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from cpy2py.errors import NestedTooDeep, ProtocolError, SharedParts
@@ -1422,14 +1424,29 @@ def test_strings_with_lone_surrogates_cross(codec: Any) -> None:
         codec.dumps([deep])
 
 
+@contextlib.contextmanager
+def _collected_at_next_allocation(garbage: type) -> Iterator[None]:
+    """An instance of ``garbage`` in a cycle (freed only by a collection),
+    and a collection at the next allocation of a tracked object within."""
+    gc.disable()
+    bomb = garbage()
+    bomb.cycle = bomb
+    del bomb
+    gc.set_threshold(1)
+    gc.enable()
+    try:
+        yield
+    finally:
+        gc.set_threshold(700)
+        gc.collect()
+
+
 def test_a_str_with_surrogates_borrowed_from_a_list_outlives_a_collection() -> None:
     """The compiled encoder reads a list's str items without a reference of
     its own. A strict UTF-8 encoding of one with lone surrogates failed with
     an exception object, whose making could start a collection, whose
     finalizer here drops that very str from the list: the encoder then read
     freed memory (a crash, or garbage sent). It makes no such object now."""
-    import gc
-
     compiled = _compiled()
     items: list = []
 
@@ -1440,17 +1457,8 @@ def test_a_str_with_surrogates_borrowed_from_a_list_outlives_a_collection() -> N
     for trial in range(5):
         text = bytes([0x80 + trial]).decode("utf-8", "surrogateescape") * 30
         items[:] = [1, text]
-        gc.disable()
-        bomb = Bomb()
-        bomb.cycle = bomb  # freed only by a collection
-        del bomb
-        gc.set_threshold(1)
-        gc.enable()
-        try:
+        with _collected_at_next_allocation(Bomb):
             assert compiled.loads(compiled.dumps(items)) in ([1, text], [1, 0])
-        finally:
-            gc.set_threshold(700)
-            gc.collect()
 
 
 def test_a_dict_entry_a_finalizer_drops_while_its_key_is_encoded_is_not_read_freed() -> None:
@@ -1461,8 +1469,6 @@ def test_a_dict_entry_a_finalizer_drops_while_its_key_is_encoded_is_not_read_fre
     their size, likely where they were. The encoder holds references of its
     own: it sends what it read, or the entries that replaced it, never the
     new strs."""
-    import gc
-
     compiled = _compiled()
     entries: dict = {}
     made: list = []
@@ -1479,17 +1485,8 @@ def test_a_dict_entry_a_finalizer_drops_while_its_key_is_encoded_is_not_read_fre
         entries[char * 30] = char * 31  # (held by the dict alone)
         entries["z"] = 1
         possible = {(char * 30, char * 31), ("z", 1), ("a", 0), ("b", 0)}
-        gc.disable()
-        bomb = Bomb()
-        bomb.cycle = bomb  # freed only by a collection
-        del bomb
-        gc.set_threshold(1)
-        gc.enable()
-        try:
+        with _collected_at_next_allocation(Bomb):
             back = compiled.loads(compiled.dumps(entries))
-        finally:
-            gc.set_threshold(700)
-            gc.collect()
         assert made, "the finalizer ran"
         assert set(back.items()) <= possible, back
         made.clear()

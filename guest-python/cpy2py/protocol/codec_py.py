@@ -1118,7 +1118,9 @@ def _dec_map(data: bytes, pos: int, ib: int, depth: int, hook: Optional[TagHook]
         raise ProtocolError(f"a map declares {n} entries but only {end - pos} bytes remain")
     decoders = _DECODERS
     left = n
-    # a large frame's short keys, each decoded once (_FrameKeys), until few repeat
+    # a large frame's short keys, each decoded once (_FrameKeys), until few
+    # repeat; then the loop below (one loop with a branch per key made PyPy's
+    # JIT slower at distinct keys once it had run the table's branch)
     keys = hook.keys if type(hook) is _FrameKeys or type(hook) is _SharedValues else None
     if keys is not None:
         found = missed = 0
