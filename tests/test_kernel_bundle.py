@@ -90,3 +90,33 @@ def test_it_serves_only_its_package_and_only_python_sources(package):
     assert bundle.find_spec("bundled_pkg_other") is None
     assert bundle.find_spec("bundled_pkg.native") is None
     assert bundle.find_spec("bundled_pkg.mod").origin == str(root / "mod.py")
+
+
+def test_bundles_unused_for_a_month_are_removed_when_one_is_written(package):
+    """Each package path has a bundle of its own (venvs come and go): one no
+    twin started from for ``UNUSED_FOR`` is removed when another is
+    written; one in use is kept, its time refreshed as twins start from it."""
+    from cpy2py import kernel_bundle
+
+    root, cache = package
+    directory = cache / "kernel-bundle"
+    directory.mkdir(parents=True)
+    long_ago = kernel_bundle.time.time() - kernel_bundle.UNUSED_FOR - 3600
+    gone = directory / "cpython-311-O0%old%venv%lib%cpy2py"
+    recent = directory / "pypy39-O0%other%venv%cpy2py"
+    for path in (gone, recent):
+        path.write_bytes(b"a bundle")
+    os.utime(gone, (long_ago, long_ago))
+    in_use = Bundle(str(root), str(cache))
+    import_with(in_use)  # (written: the others are looked at)
+    assert not gone.exists()
+    assert recent.exists() and os.path.exists(in_use.path)
+    # a bundle twins still start from: its time is refreshed on reading,
+    # so the next write keeps it
+    os.utime(in_use.path, (long_ago, long_ago))
+    again = Bundle(str(root), str(cache))
+    assert os.stat(in_use.path).st_mtime > long_ago
+    import_with(again)
+    (root / "mod.py").write_text("VALUE = 'rewritten'\n")  # (another size: a write, so a prune)
+    assert import_with(Bundle(str(root), str(cache)))[0].VALUE == "rewritten"
+    assert os.path.exists(in_use.path) and recent.exists()

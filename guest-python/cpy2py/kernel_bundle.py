@@ -7,13 +7,16 @@ from one file in cpy2py's cache holding their code objects, as compiled by
 this very interpreter (a bytecode file per module costs a pypy3 twin 12.5
 ms of its start, the bundle 7). A module whose source changed since (its
 size or modification time) is compiled again, and ``finish`` writes the
-bundle anew. Only ``marshal``, ``os`` and ``sys`` are used: nothing else is
-imported yet.
+bundle anew. Only ``marshal``, ``os``, ``sys`` and ``time`` are used (all
+loaded by then): nothing else is imported yet. A bundle no twin started from for 30 days is removed when
+another is written (``_prune``): each package path has its own, and venvs
+come and go.
 """
 
 import marshal
 import os
 import sys
+import time
 
 try:
     from _frozen_importlib import ModuleSpec
@@ -35,8 +38,15 @@ class Bundle:
         try:
             with open(self.path, "rb") as f:
                 entries = marshal.loads(f.read())
+                stale = os.fstat(f.fileno()).st_mtime < time.time() - _DAY
         except Exception:  # missing, unreadable or damaged: made again
             entries = None
+        else:
+            if stale:  # in use (see _prune): said once a day
+                try:
+                    os.utime(self.path)
+                except OSError:  # (a cache it cannot write)
+                    pass
         # name -> (source path, its size, its mtime_ns, marshalled code)
         self.entries = entries if type(entries) is dict else {}
 
@@ -93,3 +103,31 @@ class Bundle:
                 os.unlink(partial)
             except OSError:
                 pass
+            return
+        _prune(os.path.dirname(self.path))
+
+
+#: a bundle no twin started from for this long is removed (its package was
+#: most likely a venv since deleted: each package path has a bundle of its
+#: own, per interpreter, about 300 KB)
+UNUSED_FOR = 30 * 86400
+_DAY = 86400
+
+
+def _prune(directory: str) -> None:
+    """Removes the bundles of ``directory`` no twin started from for
+    ``UNUSED_FOR`` (a bundle's time is refreshed once a day while twins
+    start from it), and halves of bundles left by a twin that stopped while
+    writing one. Run when a bundle is written, so rarely."""
+    oldest = time.time() - UNUSED_FOR
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_mtime < oldest:
+                os.unlink(path)
+        except OSError:  # (another twin removed it, or it cannot be)
+            pass

@@ -938,8 +938,8 @@ const SHORT_STR: ffi::Py_ssize_t = 64;
 /// surrogates (their UnicodeEncodeError is cleared: `utf8_passing_surrogates`
 /// then). Making that exception may start a collection, whose finalizers
 /// run Python code: `str_obj` must be a reference of the caller's own.
-/// Encoding a short str this way took a 10k-entry nested dict's encoding
-/// from 1.2 to 0.47 ms (a new bytes object per key and value before).
+/// Encoding short strs this way about halved a 10k-entry nested dict's
+/// encoding (a new bytes object per key and value before).
 fn short_utf8<'a>(str_obj: &'a Bound<'_, PyAny>) -> PyResult<Option<&'a [u8]>> {
     // SAFETY: `str_obj` is a str
     if unsafe { ffi::PyUnicode_GetLength(str_obj.as_ptr()) } > SHORT_STR {
