@@ -922,6 +922,18 @@ def test_malformed_references_are_refused(codec: Any, frame: str, message: Optio
         codec.loads(data)
 
 
+@pytest.mark.parametrize("filler", [bytes(range(256)) * 16, bytes(4096), b"\xd8\x1c" * 2048], ids=["0xd8 each 256", "zeros", "tag heads"])
+def test_shared_values_in_large_frames_beside_byte_strings(codec: Any, filler: bytes) -> None:
+    """A frame of a few KiB whose byte strings are full of 0xd8 (the first
+    byte of tag 28's head), or hold none, keeps the values it shares: the
+    pure codec no longer looks through a large frame for that tag."""
+    row = [1, "two"]
+    value = [filler, row, {"again": row}, filler]
+    back = codec.loads(codec.dumps([value], sharing=REFS))[0]
+    assert back == value and back[1] is back[2]["again"]
+    assert codec.loads(codec.dumps([[filler, 7]]))[0] == [filler, 7]
+
+
 def test_a_guests_frame_may_not_share(codec: Any) -> None:
     """Decoded under a budget (a sandboxed guest's frames), tags 28 and 29
     are refused: a guest's values are trees, so a short frame never stands
@@ -929,7 +941,8 @@ def test_a_guests_frame_may_not_share(codec: Any) -> None:
     a = [1]
     shared = codec.dumps([a, a], sharing=REFS)
     encoded = codec_py.dumps([[[]] * 2], sharing=REFS)
-    for frame in (shared, encoded, bytes.fromhex("82d81c80d81d00")):
+    large = codec.dumps([[bytes(4096), a, a]], sharing=REFS)  # (no look for tag 28 without a budget)
+    for frame in (shared, encoded, bytes.fromhex("82d81c80d81d00"), large):
         with pytest.raises(ProtocolError, match="shared value"):
             codec.loads(frame, budget=1 << 20)
 

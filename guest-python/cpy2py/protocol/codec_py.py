@@ -1394,7 +1394,9 @@ class _FrameKeys:
             self.keys = None
 
 
-_KEYS_FROM = 2048  # frames shorter than this decode their keys as they come
+#: frames shorter than this decode their keys as they come, and are looked
+#: through for tag 28 before a table of shared values is made for them
+_LARGE_FRAME = 2048
 _KEYS_REVIEW = 128
 # (on CPython the keyed loop made the pure codec a fifth slower: its call per
 # value costs more than the table saves; the compiled codec keeps its own)
@@ -1494,9 +1496,9 @@ _DECODERS: Tuple[_Decoder, ...] = (
 
 def _holds_shareable_tag(data: bytes, at: int) -> bool:
     """Whether tag 28's head (``d8 1c``) is in ``data`` from ``at``, its
-    first 0xd8: found by that byte, which CPython looks for with memchr (it
-    searches a two-byte needle byte by byte: 0.8 ms for each MiB of a frame,
-    most of decoding one that carries a large bytes)."""
+    first 0xd8 (-1: none): found by that byte, which CPython looks for with
+    memchr (it searches a two-byte needle byte by byte). Small frames only:
+    the loop runs once per 0xd8, in a byte string's content too."""
     while at >= 0:
         if data[at + 1 : at + 2] == b"\x1c":
             return True
@@ -1531,12 +1533,18 @@ def loads(
         raise ProtocolError("empty input: expected one CBOR data item")
     if data[0] == 0x80 and _renditions and budget is None and len(data) > 2 and data[1] == 5:
         return _load_rendition(data, tag_hook)
-    # (a guest's frames are trees; most frames have no byte 0xd8 at all: no call)
-    at = data.find(0xD8) if budget is None else -1
-    if at >= 0 and _holds_shareable_tag(data, at):
+    if budget is not None:  # (a guest's frames: trees, no shared values)
+        if len(data) >= _LARGE_FRAME and _KEY_TABLES:
+            tag_hook = _FrameKeys(tag_hook)
+    elif len(data) >= _LARGE_FRAME:
+        # may hold shared values, not looked for: that scans the content of
+        # its byte strings, where 0xd8 is one byte in 256 of random data
+        # (and PyPy finds a byte without memchr: 0.7 ms per MiB)
         tag_hook = _SharedValues(tag_hook)
-    elif len(data) >= _KEYS_FROM and _KEY_TABLES:
-        tag_hook = _FrameKeys(tag_hook)
+    else:
+        at = data.find(0xD8)  # (most small frames have none: no call)
+        if at >= 0 and _holds_shareable_tag(data, at):
+            tag_hook = _SharedValues(tag_hook)
     ib = data[0]
     value, pos = _DECODERS[ib >> 5](data, 1, ib, 0, tag_hook)
     if pos != len(data):
