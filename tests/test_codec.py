@@ -1442,6 +1442,26 @@ def test_strings_with_lone_surrogates_cross(codec: Any) -> None:
         codec.dumps([deep])
 
 
+@pytest.mark.parametrize("piece", [0, 3, 256])
+def test_long_strings_with_surrogates_are_the_same_bytes_a_piece_at_a_time(
+    codec: Any, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    """On PyPy the pure codec encodes a str with surrogates a piece at a
+    time (``_SURROGATE_PIECE``: PyPy 3.9 takes time that grows with the
+    square of their number); the frame is the compiled codec's, whichever
+    piece a surrogate pair, a 4-byte char or a run of surrogates falls on."""
+    monkeypatch.setattr(codec_py, "_SURROGATE_PIECE", piece)
+    latin1 = bytes(range(256)).decode("utf-8", "surrogateescape") * 40  # (a file read with surrogateescape)
+    texts = [latin1, "ab\ud83d\ude00" * 300, "\U0001f600\udcff" * 500, "x" * 1000 + "\udcff", "\udcff" * 1001]
+    for text in texts:
+        frame = codec_py.dumps([text])
+        encoded = text.encode("utf-8", "surrogatepass")
+        assert frame[1:4] == bytes.fromhex("d99c4f") and frame.endswith(encoded)  # (tag 40015)
+        assert len(frame) - len(encoded) in (7, 9)  # (array, tag, a byte string's head)
+        assert codec.dumps([text]) == frame
+        assert codec.loads(frame) == [text]
+
+
 @contextlib.contextmanager
 def _collected_at_next_allocation(garbage: type) -> Iterator[None]:
     """An instance of ``garbage`` in a cycle (freed only by a collection),
