@@ -922,7 +922,11 @@ def test_malformed_references_are_refused(codec: Any, frame: str, message: Optio
         codec.loads(data)
 
 
-@pytest.mark.parametrize("filler", [bytes(range(256)) * 16, bytes(4096), b"\xd8\x1c" * 2048], ids=["0xd8 each 256", "zeros", "tag heads"])
+@pytest.mark.parametrize(
+    "filler",
+    [bytes(range(256)) * 16, bytes(4096), b"\xd8\x1c" * 2048],
+    ids=["0xd8 each 256", "zeros", "tag heads"],
+)
 def test_shared_values_in_large_frames_beside_byte_strings(codec: Any, filler: bytes) -> None:
     """A frame of a few KiB whose byte strings are full of 0xd8 (the first
     byte of tag 28's head), or hold none, keeps the values it shares: the
@@ -1422,6 +1426,33 @@ def test_a_default_that_replaces_what_is_being_encoded_cannot_pull_it_away(codec
         "new",
         3,
     ]
+
+
+def test_ints_about_64_bits_wide_are_plain_or_bignums_as_they_fit(codec: Any) -> None:
+    """Up to 64 bits of magnitude an int is a plain CBOR integer, beyond
+    that a bignum (tags 2 and 3), negative ones too (-1 - n): the same bytes
+    from both codecs on each side of the line, also where a double cannot
+    tell them apart (the compiled codec looks at one first) and for ints too
+    large for a double."""
+    line = 2**64
+    magnitudes = [
+        line - 2**12,
+        line - 2**11 - 1,
+        line - 2**10,
+        line - 1,
+        line,
+        line + 1,
+        line + 2**11,
+        line + 2**12,
+    ]
+    for magnitude in magnitudes + [2**1023, 2**1024 + 5, 3**5000]:
+        for value, head in (
+            (magnitude, 0x1B if magnitude < line else 0xC2),
+            (-1 - magnitude, 0x3B if magnitude < line else 0xC3),
+        ):
+            frame = codec.dumps(value)
+            assert frame == codec_py.dumps(value) and frame[0] == head, value
+            assert codec.loads(frame) == value
 
 
 def test_strings_with_lone_surrogates_cross(codec: Any) -> None:

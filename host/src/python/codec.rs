@@ -284,6 +284,9 @@ struct Encode<'a, 'py> {
     top: usize,
 }
 
+/// 2**64, exactly, as a double
+const TWO_TO_THE_64: f64 = 18_446_744_073_709_551_616.0;
+
 const UINT: u8 = 0;
 const NINT: u8 = 1;
 const BYTES: u8 = 2;
@@ -672,12 +675,34 @@ impl<'py> Encode<'_, 'py> {
     /// magnitude as a plain integer, larger ones as a bignum.
     fn big_int(&mut self, obj: &Bound<'py, PyAny>, depth: usize) -> PyResult<()> {
         let py = obj.py();
+        let mut overflow: c_int = 0;
+        // SAFETY: `obj` is a live `int` and we are attached (as in
+        // `small_int`, which found it beyond 64 bits signed): the sign of the
+        // overflow is its own.
+        unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
+        let negative = overflow < 0;
         // `~obj` is `-1 - obj`
-        let negative = obj.lt(0)?;
         let magnitude = if negative { obj.bitnot()? } else { obj.clone() };
-        if let Ok(n) = magnitude.extract::<u64>() {
-            self.head(if negative { NINT } else { UINT }, n);
-            return Ok(());
+        // Whether it fits in 64 bits, without the exception that asking for
+        // a u64 that does not fit makes (half of a bignum's encoding): as a
+        // double, rounded, it is below 2**64 only if it fits, at or above it
+        // only if it does not or is within 2**11 of it.
+        // SAFETY: as above; a magnitude too large for a double sets an
+        // exception, cleared here: it is a bignum.
+        let approximate = unsafe { ffi::PyLong_AsDouble(magnitude.as_ptr()) };
+        if approximate == -1.0 {
+            drop(PyErr::take(py));
+        }
+        let fits = if approximate < TWO_TO_THE_64 {
+            approximate >= 0.0
+        } else {
+            approximate == TWO_TO_THE_64
+        };
+        if fits {
+            if let Ok(n) = magnitude.extract::<u64>() {
+                self.head(if negative { NINT } else { UINT }, n);
+                return Ok(());
+            }
         }
         if depth >= MAX_DEPTH {
             return Err(too_deep());
