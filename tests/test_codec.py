@@ -1493,6 +1493,45 @@ def test_long_strings_with_surrogates_are_the_same_bytes_a_piece_at_a_time(
         assert codec.loads(frame) == [text]
 
 
+def _surrogate_utf8_samples(count: int) -> Iterator[bytes]:
+    """UTF-8 with lone surrogates (pairs among them), and the same broken:
+    a byte changed, cut short, an overlong form or a code point past
+    U+10FFFF put in."""
+    rnd = random.Random(40015)
+    pieces = ["a", "\u00e9", "\u20ac", "\U0001f600", "\ud800", "\udcff", "\ud83d\ude00", "\ud7ff", "\ue000"]
+    for _ in range(count):
+        utf8 = "".join(rnd.choices(pieces, k=rnd.randrange(1, 40))).encode("utf-8", "surrogatepass")
+        yield utf8
+        broken = bytearray(utf8)
+        at = rnd.randrange(len(broken))
+        kind = rnd.randrange(4)
+        if kind == 0:
+            broken[at] = rnd.randrange(256)
+        elif kind == 1:
+            del broken[at:]
+        else:
+            broken[at:at] = [b"\xc0\x80", b"\xf4\x90\x80\x80", b"\xed\xa0", b"\xe0\x80\xbf"][rnd.randrange(4)]
+        yield bytes(broken)
+
+
+def test_a_str_with_surrogates_decodes_as_surrogatepass_does(codec: Any) -> None:
+    """Tag 40015's content is decoded as ``bytes.decode("utf-8",
+    "surrogatepass")`` does it (the compiled codec takes the code points
+    itself: CPython's error handler runs once per surrogate), and refused
+    where that fails."""
+    for utf8 in _surrogate_utf8_samples(400):
+        frame = bytes.fromhex("d99c4f") + codec_py.dumps(utf8)
+        try:
+            expected = utf8.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            with pytest.raises(
+                ProtocolError, match="invalid UTF-8 in a str with surrogates .tag 40015. at offset 3"
+            ):
+                codec.loads(frame)
+        else:
+            assert codec.loads(frame) == expected, utf8
+
+
 @contextlib.contextmanager
 def _collected_at_next_allocation(garbage: type) -> Iterator[None]:
     """An instance of ``garbage`` in a cycle (freed only by a collection),

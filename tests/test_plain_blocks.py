@@ -296,7 +296,8 @@ def test_lone_surrogates_cross_in_blocks():
     """Pickle writes a str with lone surrogates with them passed through (as
     CBOR's tag 40015 does): the host writes such blocks and reads those a
     guest's pickler wrote."""
-    value = [["\ud800x", "\udcff"] * PLAIN_MIN]
+    latin1 = bytes(range(256)).decode("utf-8", "surrogateescape")  # (a file read with surrogateescape)
+    value = [["\ud800x", "\udcff", "\ud83d\ude00\u00e9\U0001f600", latin1] * PLAIN_MIN]
     written = _host.dumps(value, plain=True)
     assert TAG_HEAD in written
     assert _host.loads(written) == codec_py.loads(written) == value

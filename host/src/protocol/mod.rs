@@ -8,6 +8,7 @@ pub mod header;
 pub mod message;
 pub mod plain;
 pub mod rendition;
+pub mod surrogates;
 pub mod tags;
 pub mod value;
 

@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use ciborium::value::{Integer, Value as Cbor};
 
 use super::budget;
+use super::surrogates::split_passing_surrogates;
 use super::tags;
 use crate::error::{HostError, Result};
 
@@ -346,30 +347,16 @@ impl Value {
     }
 }
 
-/// The content of tag 40015 is UTF-8 in which surrogate code points
-/// (U+D800..U+DFFF, as the three bytes `ed a0 80`..`ed bf bf`) may stand
-/// alone, as Python's "surrogatepass" reads it; anything else is malformed.
+/// The content of tag 40015 is UTF-8 in which surrogate code points may
+/// stand alone (surrogates.rs); anything else is malformed.
 fn check_surrogate_utf8(bytes: &[u8]) -> Result<()> {
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        match std::str::from_utf8(rest) {
-            Ok(_) => return Ok(()),
-            Err(err) => {
-                let bad = &rest[err.valid_up_to()..];
-                if bad.len() < 3
-                    || bad[0] != 0xed
-                    || !(0xa0..=0xbf).contains(&bad[1])
-                    || !(0x80..=0xbf).contains(&bad[2])
-                {
-                    return Err(HostError::Protocol(
-                        "malformed content of CBOR tag 40015 (str with surrogates) in a frame".into(),
-                    ));
-                }
-                rest = &bad[3..];
-            }
-        }
+    if split_passing_surrogates(bytes, |_| {}) {
+        Ok(())
+    } else {
+        Err(HostError::Protocol(
+            "malformed content of CBOR tag 40015 (str with surrogates) in a frame".into(),
+        ))
     }
-    Ok(())
 }
 
 /// Every NaN goes on the wire as the quiet NaN `f9 7e 00`.

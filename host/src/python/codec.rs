@@ -27,6 +27,7 @@ use super::host_calls::in_host;
 use super::map_keys::{self, MapKeys};
 use super::plain;
 use super::received::Frame;
+use super::surrogates::decode_passing_surrogates;
 use crate::error::HostError;
 use crate::protocol::budget::{self, Estimate};
 use crate::protocol::frame::{SPARE_FROM, SPARE_LIMIT};
@@ -1385,7 +1386,7 @@ impl<'a, 'py> Decode<'a, 'py> {
                 content(&self.cursor, 2)?;
                 let at = self.cursor.offset();
                 let utf8 = self.bytes_content()?;
-                decode_utf8_with(py, &utf8, c"surrogatepass")
+                decode_passing_surrogates(py, &utf8)
                     .map_err(|err| invalid_utf8(py, err, "a str with surrogates (tag 40015)", at))
             }
             tags::SHAREABLE | tags::SHARED_REF if self.guard => Err(protocol_error(

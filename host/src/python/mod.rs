@@ -12,6 +12,7 @@ mod moment;
 mod plain;
 mod received;
 mod spec;
+mod surrogates;
 mod twin;
 mod wasi;
 

@@ -17,6 +17,7 @@ use pyo3::{ffi, intern};
 use super::codec::{shareable, AddressHasher, UNSHARED_REFS};
 use super::equal_hashes::EqualHashes;
 use super::errors::ProtocolError;
+use super::surrogates::decode_passing_surrogates;
 use crate::protocol::plain::{op, Refused, Sink, Writer};
 use crate::protocol::tags::MAX_DEPTH;
 
@@ -90,20 +91,24 @@ impl<'py> Sink for Build<'py> {
         Ok(PyFloat::new(self.py, x).into_any())
     }
     fn str(&mut self, utf8: &[u8], at: usize) -> PyResult<Self::Value> {
-        let decode = |errors: &std::ffi::CStr| {
-            // SAFETY: a pointer and length of live bytes; a new reference or NULL
-            let decoded = unsafe {
-                ffi::PyUnicode_DecodeUTF8(
-                    utf8.as_ptr().cast(),
-                    utf8.len() as ffi::Py_ssize_t,
-                    errors.as_ptr(),
-                )
-            };
-            // SAFETY: an owned reference from the call above, or NULL with an exception set
-            unsafe { Bound::from_owned_ptr_or_err(self.py, decoded) }
+        // SAFETY: a pointer and length of live bytes; a new reference or NULL
+        let strict = unsafe {
+            ffi::PyUnicode_DecodeUTF8(
+                utf8.as_ptr().cast(),
+                utf8.len() as ffi::Py_ssize_t,
+                c"strict".as_ptr(),
+            )
         };
-        // lone surrogates as pickle writes them (tag 40015 in CBOR)
-        decode(c"surrogatepass").map_err(|err| {
+        // SAFETY: an owned reference from the call above, or NULL with an exception set
+        let decoded = unsafe { Bound::from_owned_ptr_or_err(self.py, strict) }.or_else(|err| {
+            if err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(self.py) {
+                // lone surrogates as pickle writes them (tag 40015 in CBOR)
+                decode_passing_surrogates(self.py, utf8)
+            } else {
+                Err(err)
+            }
+        });
+        decoded.map_err(|err| {
             if !err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(self.py) {
                 err
             } else {
