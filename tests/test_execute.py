@@ -193,6 +193,60 @@ def test_plain_objects_are_copied(twin):
     assert back == original and back is not original
 
 
+def test_many_objects_only_pickle_carries_cross_as_one_pickle_per_container():
+    """A message whose containers hold many objects that only pickle carries
+    (records, enums, dates) sends each such container as one pickle, as
+    multiprocessing does; below ``MANY_PICKLES`` each object is a pickle of
+    its own, and a container holding an exception or something pickle
+    cannot carry goes an object at a time, as before."""
+    import datetime
+
+    from cpy2py.kernel import references
+    from cpy2py.kernel.serialization import Serializer
+    from cpy2py.protocol import codec_py, tags
+    from cpy2py.protocol.messages import REPLY
+
+    def pickles_in(value):
+        found = []
+
+        def hook(tag, content):
+            found.append(tag)
+            return None
+
+        codec_py.loads(references.encode([REPLY, 1, value], Serializer("peer").default), hook)
+        return found.count(tags.PICKLE), found.count(tags.EXCEPTION)
+
+    many = twin_helpers.samples(references.MANY_PICKLES)
+    assert pickles_in(many) == (1, 0)
+    assert pickles_in({"when": [datetime.date(2026, 12, 7)] * 500}) == (1, 0)
+    assert pickles_in(many[:-1]) == (references.MANY_PICKLES - 1, 0)
+    assert pickles_in(many + [ValueError("kept")]) == (references.MANY_PICKLES, 1)
+
+
+@pytest.mark.parametrize("kind", ["python3", "pypy3"])
+def test_many_plain_objects_cross_whole_with_what_cannot_be_pickled_among_them(kind):
+    """Sent as one pickle, many objects keep what they share; with a local
+    function or an exception among them, each goes as before (the function
+    as a proxy, which comes back as itself)."""
+    master = start_twin(kind)
+    try:
+        items = twin_helpers.samples(300)
+        items.append(items[7])
+        back = master.execute(twin_helpers.echo, items)
+        assert back == items and back[-1] is back[7]
+        assert twin_helpers.samples(300) == master.execute(twin_helpers.samples, 300)
+
+        def local_function():
+            return os.getpid()
+
+        back = master.execute(twin_helpers.echo, [*items, local_function])
+        assert back[:-1] == items and back[-1] is local_function
+        back = master.execute(twin_helpers.echo, {"items": items, "error": KeyError("k")})
+        assert back["items"] == items and type(back["error"]) is KeyError and back["error"].args == ("k",)
+    finally:
+        master.stop()
+
+
 @pytest.mark.parametrize("size", [0, 1, MiB + 1, 64 * MiB], ids=["0B", "1B", "1MiB+1", "64MiB"])
 def test_payload_sizes(twin, size):
     if size > MiB + 1:

@@ -3,6 +3,8 @@ imports, so every twin can import this module by name."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import sys
 import time
@@ -29,6 +31,25 @@ def identity() -> dict:
 
 def echo(value):
     return value
+
+
+class Shade(enum.Enum):
+    """Plain objects that only pickle carries (the master pickles them)."""
+
+    LIGHT = 1
+    DARK = 2
+
+
+@dataclasses.dataclass
+class Sample:
+    name: str
+    shade: Shade
+    values: list
+
+
+def samples(count: int) -> list:
+    """``count`` plain objects that only pickle carries."""
+    return [Sample(f"s{i}", Shade.DARK if i % 3 else Shade.LIGHT, [i, i * 0.5]) for i in range(count)]
 
 
 def add(a, b=0, *rest, scale=1):

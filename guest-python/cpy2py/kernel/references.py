@@ -49,6 +49,22 @@ if TYPE_CHECKING:  # (a twin's start imports no typing)
 
     Key = Tuple[str, int]
 
+#: cpy2py.twin_object.TwinMeta (twin_object imports the kernel): imported
+#: with the first look (twin_meta), not at each one (an import statement in
+#: a function costs 1-3 us, several times per pickled object)
+_twin_meta: Optional[type] = None
+
+
+def twin_meta() -> type:
+    """The metaclass of TwinObject classes."""
+    global _twin_meta
+    if _twin_meta is None:
+        from ..twin_object import TwinMeta
+
+        _twin_meta = TwinMeta
+    return _twin_meta
+
+
 _lock = _thread.allocate_lock()
 _exports: Dict[Key, List[Any]] = {}  # key -> [object, times sent]
 _iid_of: Dict[int, int] = {}  # id(native object) -> its instance id, while exported
@@ -205,15 +221,26 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False,
     if outer:
         journal = _encoding.journal = []
     mark = len(journal)
+    counting = getattr(_encoding, "pickles_left", None)  # (an outer message's count)
+    trusted = getattr(getattr(default, "__self__", None), "trusted", False)
+    _encoding.pickles_left = MANY_PICKLES if trusted else None
     try:
         try:
-            # (positional: keywords cost a third more for a small frame)
-            return codec.dumps(message, default, parts, plain, SHARING_DETECT if share else SHARING_TREE)
-        except SharedParts:
-            # (rare: the first pass looked only for containers met twice;
-            # the exports it made are undone, the second makes them again)
+            return _dumps(message, default, parts, plain, share, mark)
+        except ManyPickles:
+            # Objects that only pickle can carry, many of them in the
+            # message's containers (records, enums, dates): each container
+            # goes as one pickle, as multiprocessing sends it, instead of a
+            # pickle per object (each with its own pickler and class name:
+            # 10k enum members took 0.9 s, against 1 ms in one pickle)
             undo_exports(mark)
-            return codec.dumps(message, default, parts, plain, SHARING_REFS)
+            _encoding.pickles_left = None
+            batched = [Whole(item, batch=True) if type(item) in _CONTAINERS else item for item in message]
+            try:
+                return _dumps(batched, default, parts, plain, share, mark)
+            except Exception:  # (a part that pickle cannot carry: an object at a time, as before)
+                undo_exports(mark)
+                return _dumps(message, default, parts, plain, share, mark)
     except BaseException as err:
         undo_exports(mark)
         if type(err) is NestedTooDeep and type(message) is list:
@@ -237,20 +264,53 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False,
                 ) from None
         raise
     finally:  # done with: sent or undone
+        _encoding.pickles_left = counting
         if outer:
             _encoding.journal = None
         else:
             del journal[mark:]
 
 
+def _dumps(message: Any, default: Any, parts: bool, plain: bool, share: bool, mark: int) -> Any:
+    try:
+        # (positional: keywords cost a third more for a small frame)
+        return codec.dumps(message, default, parts, plain, SHARING_DETECT if share else SHARING_TREE)
+    except SharedParts:
+        # (rare: the first pass looked only for containers met twice;
+        # the exports it made are undone, the second makes them again)
+        undo_exports(mark)
+        return codec.dumps(message, default, parts, plain, SHARING_REFS)
+
+
+#: pickles of single objects one message to a trusted peer may hold before
+#: its containers go as one pickle each (``encode``)
+MANY_PICKLES = 64
+
+
+class ManyPickles(Exception):
+    """The message being encoded made MANY_PICKLES pickles (``pickled``)."""
+
+
+def pickled() -> None:
+    """Serializer.default pickled an object for the message being encoded."""
+    left = getattr(_encoding, "pickles_left", None)
+    if left is not None:
+        if left <= 1:
+            raise ManyPickles
+        _encoding.pickles_left = left - 1
+
+
 class Whole:
-    """A value that holds a cycle, sent to a trusted peer as one pickle
-    (which keeps its cycles and shared parts) instead of as CBOR (a tree)."""
+    """A value sent to a trusted peer as one pickle instead of as CBOR: one
+    that holds a cycle (pickle keeps its cycles and shared parts), or a
+    ``batch`` of objects only pickle carries (``encode``), which must not
+    hold an exception (CBOR carries its traceback) or a grant."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "batch")
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, batch: bool = False) -> None:
         self.value = value
+        self.batch = batch
 
 
 def _whole_where_cyclic(value: Any, levels: int) -> Any:
@@ -342,9 +402,7 @@ def undo_exports(mark: int) -> None:
 def class_info(cls: type, by_name: bool = True) -> Any:
     """What a receiver needs to build a proxy class: the class itself for twin
     classes (sent by name), else the type's name and its special methods."""
-    from ..twin_object import TwinMeta
-
-    if by_name and isinstance(cls, TwinMeta):
+    if by_name and isinstance(cls, twin_meta()):
         return cls
     return [f"{cls.__module__}.{cls.__qualname__}", sorted(_special_names(cls))]
 
@@ -720,9 +778,7 @@ def proxy_class(info: Any, connection: Any = None) -> type:
     ``[qualified name, special methods]`` from a peer, or a capability
     ``[qualified name, special methods, methods]`` from a sandbox's master
     (cached: twin classes globally, descriptions per link)."""
-    from ..twin_object import TwinMeta
-
-    if isinstance(info, TwinMeta):
+    if isinstance(info, twin_meta()):
         cls = _twin_proxy_classes.get(info)
         if cls is None:
             cls = _twin_proxy_classes[info] = _make_proxy_class(info, _special_names(info), info, None)

@@ -37,7 +37,7 @@ from . import main_module, references
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
-    from typing import Any, Dict, List, Optional, Tuple
+    from typing import Any, Dict, List, Optional, Set, Tuple
 
 PICKLE_PROTOCOL = 4
 
@@ -126,11 +126,9 @@ def global_name(obj: Any) -> Optional[Tuple[str, str]]:
 
 def _is_twin(obj: Any) -> bool:
     """A twin object (native here) or a proxy: sent by reference, never copied."""
-    if isinstance(obj, references.TwinProxy):  # (the target of every call on a proxy: no import)
+    if isinstance(obj, references.TwinProxy):  # (the target of every call on a proxy)
         return True
-    from ..twin_object import TwinMeta
-
-    return isinstance(type(obj), TwinMeta)
+    return isinstance(type(obj), references.twin_meta())
 
 
 def _pinned_elsewhere(obj: Any) -> bool:
@@ -138,9 +136,9 @@ def _pinned_elsewhere(obj: Any) -> bool:
     it means something only there, so it goes by name and the receiver
     decides (a sandboxed guest's master refuses it). As a reference to the
     sender's object it would bounce back to the sender forever."""
-    from ..twin_object import TwinMeta, _native_here
+    if isinstance(obj, references.twin_meta()):
+        from ..twin_object import _native_here  # (only for a twin class)
 
-    if isinstance(obj, TwinMeta):
         return not _native_here(obj)
     owner = getattr(obj, "__twin_id__", None) if type(obj) is FunctionType else None
     return owner is not None and not kernel_state.runs_pinned(owner)
@@ -158,6 +156,26 @@ def unfindable_pinned(obj: Any) -> TypeError:
 
 
 _pickle_classes: Optional[Tuple[type, type]] = None
+#: types whose instances a pickler writes as they are, as their type says
+#: (no twin object, proxy, module, class, function, exception or grant):
+#: the builtin ones, and those met since (up to _MAX_PLAIN_TYPES, which it
+#: keeps alive)
+_plain_types = {
+    int,
+    float,
+    str,
+    bytes,
+    bool,
+    type(None),
+    tuple,
+    list,
+    dict,
+    set,
+    frozenset,
+    complex,
+    bytearray,
+}
+_MAX_PLAIN_TYPES = 1024
 
 
 def _picklers() -> Tuple[type, type]:
@@ -174,18 +192,47 @@ def _picklers() -> Tuple[type, type]:
         def __init__(self, file: Any, serializer: Serializer) -> None:
             super().__init__(file, protocol=PICKLE_PROTOCOL)
             self.serializer = serializer
+            #: a batch of a message's objects (references.encode): what CBOR
+            #: carries its own way is refused, and the message encoded anew
+            self.batch = False
+            #: classes and functions this pickler found it may pickle by name
+            self.names_seen: Set[int] = set()
 
         def persistent_id(self, obj: Any) -> Any:
+            # (called for every object pickled, a memoized one too: what is
+            # decided here by the type alone is remembered by type)
+            kind = type(obj)
+            try:
+                if kind in _plain_types:
+                    return None
+            except TypeError:  # (a class whose metaclass makes it unhashable)
+                pass
+            if isinstance(obj, (type, FunctionType)):  # pickled by name
+                if id(obj) in self.names_seen:  # (the same class for each object of a batch)
+                    return None
+                if getattr(obj, "__module__", None) == "__main__":
+                    if self.serializer.master_only(obj, obj.__qualname__):
+                        # the value goes as a proxy instead (see Serializer.default)
+                        raise pickle.PicklingError(f"{obj.__qualname__} exists in the master only")
+                    # the peer needs it if the master's main has no file
+                    self.serializer.define_in_peer(obj.__qualname__)
+                self.names_seen.add(id(obj))  # (the memo keeps it alive while it counts)
+                return None
+            if self.batch and (isinstance(obj, BaseException) or kind is Exposed):
+                raise pickle.PicklingError("an exception or a grant goes as CBOR")
             # a module stays where it is (PyPy would pickle it by name, and
             # the peer would import its own copy and run it there)
-            if _is_twin(obj) or type(obj) is _ModuleType:
+            if _is_twin(obj) or kind is _ModuleType:
                 return tuple(references.export(obj, self.serializer.connection))
-            if isinstance(obj, (type, FunctionType)) and getattr(obj, "__module__", None) == "__main__":
-                if self.serializer.master_only(obj, obj.__qualname__):
-                    # the value goes as a proxy instead (see Serializer.default)
-                    raise pickle.PicklingError(f"{obj.__qualname__} exists in the master only")
-                # pickled by name: the peer needs it if the master's main has no file
-                self.serializer.define_in_peer(obj.__qualname__)
+            if (
+                not isinstance(obj, BaseException)
+                and kind is not Exposed
+                and len(_plain_types) < _MAX_PLAIN_TYPES
+            ):
+                try:
+                    _plain_types.add(kind)
+                except TypeError:
+                    pass
             return None
 
     class _Unpickler(pickle.Unpickler):
@@ -350,7 +397,7 @@ class Serializer:
         if type(obj) is _GlobalRef:
             return tags.GLOBAL_REF, list(obj.name)
         if type(obj) is references.Whole and self.trusted:
-            return self._whole(obj.value)
+            return self._whole(obj.value, obj.batch)
         if _is_twin(obj):
             return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
         if isinstance(obj, BaseException):
@@ -375,24 +422,32 @@ class Serializer:
                 _picklers()[0](buffer, self).dump(obj)
                 data = buffer.getvalue()
                 if not (_ON_PYPY and _needs_pypy(data)):
+                    references.pickled()  # (many in one message: references.encode)
                     return tags.PICKLE, data
                 references.undo_exports(mark)
+            except references.ManyPickles:
+                raise
             except Exception:  # what it exported before failing is not sent
                 references.undo_exports(mark)
         # what cannot be copied stays here and is used through a proxy
         return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
 
-    def _whole(self, value: Any) -> Tuple[int, Any]:
-        """A value that holds a cycle, as one pickle (references.Whole)."""
+    def _whole(self, value: Any, batch: bool = False) -> Tuple[int, Any]:
+        """A value as one pickle (references.Whole): one that holds a cycle,
+        or a ``batch``, whose failure is the caller's to handle."""
         import io
 
         buffer = io.BytesIO()
         try:
-            _picklers()[0](buffer, self).dump(value)
+            pickler = _picklers()[0](buffer, self)
+            pickler.batch = batch
+            pickler.dump(value)
             data = buffer.getvalue()
             if _ON_PYPY and _needs_pypy(data):
                 raise TypeError("it holds objects that PyPy pickles its own way, which CPython cannot load")
         except Exception as err:
+            if batch:
+                raise
             raise ValueError(
                 f"cannot send a value that contains itself: data crosses as a copy written out as a "
                 f"tree, and a value with a cycle goes as a pickle instead, which failed ({err}). Send a "
