@@ -243,6 +243,9 @@ def test_many_plain_objects_cross_whole_with_what_cannot_be_pickled_among_them(k
         assert back[:-1] == items and back[-1] is local_function
         back = master.execute(twin_helpers.echo, {"items": items, "error": KeyError("k")})
         assert back["items"] == items and type(back["error"]) is KeyError and back["error"].args == ("k",)
+        # a list held by two arguments arrives as one list, many pickles or not
+        back = master.execute(twin_helpers.echo_all, items, key=items)
+        assert back[0][0] == items and back[0][0] is back[1]["key"]
     finally:
         master.stop()
 

@@ -235,6 +235,9 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False,
             # 10k enum members took 0.9 s, against 1 ms in one pickle)
             undo_exports(mark)
             _encoding.pickles_left = None
+            containers = [item for item in message if type(item) in _CONTAINERS]
+            if _held_by_two(containers):  # (two pickles would make two copies of it)
+                return _dumps(message, default, parts, plain, share, mark)
             batched = [Whole(item, batch=True) if type(item) in _CONTAINERS else item for item in message]
             try:
                 return _dumps(batched, default, parts, plain, share, mark)
@@ -341,6 +344,25 @@ def _holds_itself(value: Any) -> bool:
 
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _held_by_two(values: List[Any]) -> bool:
+    """Whether a list, tuple, dict, set or frozenset is found in two of
+    ``values`` (``f(a, key=a)``: the message holds it twice, as CBOR keeps)."""
+    owners: Dict[int, int] = {}
+    for index, value in enumerate(values):
+        stack = [value]
+        while stack:
+            obj = stack.pop()
+            if type(obj) not in _CONTAINERS:
+                continue
+            owner = owners.get(id(obj))
+            if owner is None:
+                owners[id(obj)] = index
+                stack.extend(_values_in(obj))
+            elif owner != index:
+                return True
+    return False
 
 
 def _values_in(container: Any) -> Any:

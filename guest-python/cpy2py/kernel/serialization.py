@@ -230,8 +230,9 @@ def _picklers() -> Tuple[type, type]:
                 and len(_plain_types) < _MAX_PLAIN_TYPES
             ):
                 try:
-                    _plain_types.add(kind)
-                except TypeError:
+                    if obj.__class__ is kind:  # (isinstance believes a __class__ that says otherwise)
+                        _plain_types.add(kind)
+                except Exception:  # (an unhashable class; a __class__ that raises)
                     pass
             return None
 
