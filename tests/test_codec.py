@@ -1453,6 +1453,9 @@ def test_ints_about_64_bits_wide_are_plain_or_bignums_as_they_fit(codec: Any) ->
             frame = codec.dumps(value)
             assert frame == codec_py.dumps(value) and frame[0] == head, value
             assert codec.loads(frame) == value
+    # a magnitude with leading zero bytes is read all the same
+    assert codec.loads(bytes([0xC2, 0x4C, 0, 0, 1]) + bytes(9)) == 2**72
+    assert codec.loads(bytes([0xC3, 0x4C, 0, 0, 1]) + bytes(9)) == -1 - 2**72
 
 
 def test_strings_with_lone_surrogates_cross(codec: Any) -> None:

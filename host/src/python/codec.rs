@@ -708,9 +708,19 @@ impl<'py> Encode<'_, 'py> {
         if depth >= MAX_DEPTH {
             return Err(too_deep());
         }
-        let bits: usize = magnitude.call_method0(intern!(py, "bit_length"))?.extract()?;
-        let bytes =
-            magnitude.call_method1(intern!(py, "to_bytes"), (bits.div_ceil(8), intern!(py, "big")))?;
+        // its magnitude as hex text, "0x...": one C call, where `bit_length`
+        // and `to_bytes` through method calls took twice as long (100k ints
+        // of 2**100: 27 against 54 ms)
+        // SAFETY: `magnitude` is a live int; a new reference or NULL
+        let hex = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyNumber_ToBase(magnitude.as_ptr(), 16)) }?;
+        let mut size: ffi::Py_ssize_t = 0;
+        // SAFETY: `hex` is a str, held to the end of this function with its UTF-8
+        let text = unsafe { PyUnicode_AsUTF8AndSize(hex.as_ptr(), &mut size) };
+        if text.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: `size` bytes at `text`, alive while `hex` is
+        let text = unsafe { std::slice::from_raw_parts(text.cast::<u8>(), size as usize) };
         self.head(
             TAG,
             if negative {
@@ -719,7 +729,7 @@ impl<'py> Encode<'_, 'py> {
                 tags::POS_BIGNUM
             },
         );
-        self.bytes(bytes.cast::<PyBytes>()?.as_bytes());
+        self.bytes(&bytes_of_hex(text.strip_prefix(b"0x").unwrap_or(text)));
         Ok(())
     }
 
@@ -953,6 +963,44 @@ extern "C" {
     // (in the stable ABI from CPython 3.10, exported by every CPython 3; pyo3
     // declares it for abi3 builds from 3.10 only)
     fn PyUnicode_AsUTF8AndSize(unicode: *mut ffi::PyObject, size: *mut ffi::Py_ssize_t) -> *const c_char;
+}
+
+/// The bytes of a magnitude written as lowercase hex digits, most
+/// significant first (an odd count: the first digit alone).
+fn bytes_of_hex(digits: &[u8]) -> Vec<u8> {
+    let value = |digit: u8| {
+        if digit <= b'9' {
+            digit - b'0'
+        } else {
+            digit - b'a' + 10
+        }
+    };
+    let (first, rest) = digits.split_at(digits.len() % 2);
+    let mut bytes = Vec::with_capacity(digits.len().div_ceil(2));
+    bytes.extend(first.iter().map(|digit| value(*digit)));
+    bytes.extend(
+        rest.chunks_exact(2)
+            .map(|pair| value(pair[0]) << 4 | value(pair[1])),
+    );
+    bytes
+}
+
+/// The int of a big-endian magnitude, read by CPython from hex text (one C
+/// call, where `int.from_bytes` through a method call took a third longer;
+/// hex is a power-of-two base, which `sys.set_int_max_str_digits` does not
+/// limit).
+fn int_of_magnitude<'py>(py: Python<'py>, magnitude: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = Vec::with_capacity(2 * magnitude.len() + 1);
+    for byte in magnitude {
+        text.push(DIGITS[usize::from(byte >> 4)]);
+        text.push(DIGITS[usize::from(byte & 15)]);
+    }
+    text.push(0);
+    // SAFETY: a NUL-terminated string of hex digits that lives; a new reference or NULL
+    let n = unsafe { ffi::PyLong_FromString(text.as_ptr().cast(), std::ptr::null_mut(), 16) };
+    // SAFETY: an owned reference from the call above, or NULL with an exception set
+    unsafe { Bound::from_owned_ptr_or_err(py, n) }
 }
 
 /// Strs of at most this many characters are encoded by `short_utf8`.
@@ -1353,10 +1401,7 @@ impl<'a, 'py> Decode<'a, 'py> {
                         n.into_pyobject(py)?.into_any()
                     });
                 }
-                let n = py.get_type::<PyInt>().call_method1(
-                    intern!(py, "from_bytes"),
-                    (PyBytes::new(py, significant), intern!(py, "big")),
-                )?;
+                let n = int_of_magnitude(py, significant)?;
                 // `~n` is `-1 - n`
                 if negative {
                     n.bitnot()
