@@ -1068,7 +1068,7 @@ fn decode_utf8<'py>(py: Python<'py>, bytes: &[u8], at: usize) -> PyResult<Bound<
 }
 
 /// `bytes` decoded as UTF-8 by CPython, with the error handler `errors`.
-fn decode_utf8_with<'py>(
+pub(super) fn decode_utf8_with<'py>(
     py: Python<'py>,
     bytes: &[u8],
     errors: &std::ffi::CStr,

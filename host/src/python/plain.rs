@@ -14,6 +14,7 @@ use pyo3::types::{
 };
 use pyo3::{ffi, intern};
 
+use super::codec::decode_utf8_with;
 use super::codec::{shareable, AddressHasher, UNSHARED_REFS};
 use super::equal_hashes::EqualHashes;
 use super::errors::ProtocolError;
@@ -91,16 +92,7 @@ impl<'py> Sink for Build<'py> {
         Ok(PyFloat::new(self.py, x).into_any())
     }
     fn str(&mut self, utf8: &[u8], at: usize) -> PyResult<Self::Value> {
-        // SAFETY: a pointer and length of live bytes; a new reference or NULL
-        let strict = unsafe {
-            ffi::PyUnicode_DecodeUTF8(
-                utf8.as_ptr().cast(),
-                utf8.len() as ffi::Py_ssize_t,
-                c"strict".as_ptr(),
-            )
-        };
-        // SAFETY: an owned reference from the call above, or NULL with an exception set
-        let decoded = unsafe { Bound::from_owned_ptr_or_err(self.py, strict) }.or_else(|err| {
+        let decoded = decode_utf8_with(self.py, utf8, c"strict").or_else(|err| {
             if err.is_instance_of::<pyo3::exceptions::PyUnicodeDecodeError>(self.py) {
                 // lone surrogates as pickle writes them (tag 40015 in CBOR)
                 decode_passing_surrogates(self.py, utf8)

@@ -8,6 +8,7 @@
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use super::codec::decode_utf8_with;
 use crate::protocol::surrogates::{split_passing_surrogates, Piece};
 
 /// `utf8` decoded as `bytes.decode("utf-8", "surrogatepass")` does. What
@@ -32,14 +33,5 @@ pub fn decode_passing_surrogates<'py>(py: Python<'py>, utf8: &[u8]) -> PyResult<
             return unsafe { Bound::from_owned_ptr_or_err(py, made) };
         }
     }
-    // SAFETY: a pointer and length of live bytes; a new reference or NULL
-    let decoded = unsafe {
-        ffi::PyUnicode_DecodeUTF8(
-            utf8.as_ptr().cast(),
-            utf8.len() as ffi::Py_ssize_t,
-            c"surrogatepass".as_ptr(),
-        )
-    };
-    // SAFETY: an owned reference from the call above, or NULL with an exception set
-    unsafe { Bound::from_owned_ptr_or_err(py, decoded) }
+    decode_utf8_with(py, utf8, c"surrogatepass")
 }
