@@ -23,3 +23,11 @@ def twin_sees_itself_alive(twin_id: str) -> bool:
     from cpy2py import TwinMaster
 
     return TwinMaster(twinterpreter_id=twin_id).is_alive
+
+
+def jit_hints() -> tuple:
+    """After how many frames this twin's servers mark the kernel for PyPy's
+    JIT (0: never, or done), and whether they did."""
+    from cpy2py.kernel import connection
+
+    return connection._JIT_HINTS_AT, connection._jit_hinted

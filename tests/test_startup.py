@@ -80,6 +80,24 @@ def test_what_a_twin_did_not_import_still_works_there(kind):
         assert master.execute(startup_probe.twin_sees_itself_alive, master.twinterpreter_id) is True
 
 
+def test_a_pypy_twin_hints_its_jit_after_a_few_hundred_requests_and_only_then(kind):
+    """A PyPy twin marks the kernel's per-request functions for its JIT once
+    it has served a few hundred requests (so that it reaches its steady
+    speed sooner), never at its start, where compiling would slow a twin
+    that serves a few calls only; a CPython twin has nothing to mark."""
+    with TwinMaster(kind, twinterpreter_id=f"{kind}-startup-{next(_ids)}") as master:
+        at_start = master.execute(startup_probe.jit_hints)
+        for _ in range(at_start[0] + 50):
+            assert master.execute(abs, -2) == 2
+        later = master.execute(startup_probe.jit_hints)
+        assert master.execute(abs, -3) == 3  # (and it goes on serving)
+    if kind == "pypy3":
+        assert at_start == (300, False)
+        assert later == (0, True)
+    else:
+        assert at_start == later == (0, False)
+
+
 def test_the_master_does_not_import_logging_for_cpy2py():
     """Logs are built only when someone can receive them; once the
     application loads logging and configures the ``__cpy2py__`` tree,

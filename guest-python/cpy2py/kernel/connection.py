@@ -73,6 +73,10 @@ except ImportError:
     _MomentPoll = None
 _UNREAD: Any = object()  # (_read: no frame was read before)
 _local = _thread._local()
+#: PyPy: after how many frames routed on a link its server marks the
+#: kernel's per-request functions for the JIT (``_hint_jit``); 0: never (or done)
+_JIT_HINTS_AT = 300 if sys.implementation.name == "pypy" else 0
+_jit_hinted = False  # ... and it did
 
 
 class _Waiter:
@@ -2030,6 +2034,8 @@ class Connection:
                 with user_code_signals:
                     self._run_as_server(waiter, item)
                 del item  # a request's arguments are not ours to keep
+                if _JIT_HINTS_AT and self._routed >= _JIT_HINTS_AT:
+                    _hint_jit()
         except BaseException as err:  # a server must never vanish silently
             if self.broken is None:
                 log.exception("server thread of the link to %s failed", self.peer_id)
@@ -2489,6 +2495,40 @@ _small_reply = codec.small_reply
 
 
 _callbacks_var: Any = None
+
+
+#: what a server runs for each request, each marked by ``_hint_jit`` as a
+#: unit of its own (a reference, not a name: a renamed method fails here)
+_JIT_UNITS = (
+    Connection._next_request,
+    Connection._read_request,
+    Connection._run,
+    Connection._execute,
+    Connection._send_reply,
+)
+
+
+def _hint_jit() -> None:
+    """PyPy: a server's turn (``_serve``) runs a request through more of the
+    kernel than PyPy's JIT traces at once (6,000 operations). Left to
+    itself, it gives up on that trace, takes one function out of it and
+    tries again a thousand turns later: a twin reached its steady speed
+    after about 5,000 requests. Each function of ``_JIT_UNITS`` marked as
+    its own unit, the JIT compiles them and the loop within the next couple
+    of hundred requests (about 30 ms of them), and a twin is at its steady
+    speed by about 1,000. Not at once: a twin that serves a few requests
+    only would pay for compiling without gaining from it (benches/README.md,
+    "A PyPy twin's warm-up")."""
+    global _JIT_HINTS_AT, _jit_hinted
+    _JIT_HINTS_AT = 0  # (once, whichever server comes first)
+    try:
+        import pypyjit
+
+        for function in _JIT_UNITS:
+            pypyjit.dont_trace_here(0, False, function.__code__)
+        _jit_hinted = True
+    except Exception as err:  # (a hint: a PyPy without it serves as before)
+        log.debug("no JIT hints on this PyPy: %r", err)
 
 
 def _callbacks_of() -> Any:
