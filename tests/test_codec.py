@@ -1624,6 +1624,39 @@ def test_floats_take_the_shortest_exact_width(codec: Any) -> None:
         assert codec.loads(codec.dumps(x)) == x
 
 
+def _float_samples() -> List[float]:
+    """Floats on every edge of half and single precision (their largest,
+    their least normal and subnormal values, and one bit past each), with
+    random significands of every length and exponents across the double's
+    range, infinities, zeros and NaNs with payloads."""
+    rng = random.Random(1613)
+    out = [0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, -5e-324, 2.2250738585072014e-308]
+    for width_bits, least in ((11, -24), (24, -149)):
+        for e in (least, least + 1, -14, -15, -126, -127, 15, 16, 127, 128, 129):
+            for bits in (1, width_bits - 1, width_bits, width_bits + 1, 53):
+                m = rng.getrandbits(bits) | 1 << (bits - 1)
+                out += [math.ldexp(m, e - bits + 1), -math.ldexp(m, e - bits + 1)]
+    for _ in range(3000):
+        bits = rng.choice((1, 2, 5, 10, 11, 12, 23, 24, 25, 30, 53))
+        m = rng.getrandbits(bits) | 1 << (bits - 1)
+        out.append(math.ldexp(m, rng.randint(-1100, 1024) - bits) * rng.choice((1, -1)))
+    for payload in (1, 0xDEADBEEF, (1 << 51) | 1):
+        out.append(struct.unpack(">d", struct.pack(">Q", 0x7FF0000000000000 | payload))[0])
+    out += [rng.random() for _ in range(1000)] + [float(i) for i in range(-300, 300)]
+    return out
+
+
+@pytest.mark.parametrize("float_bytes", ["_float_bytes_packed", "_float_bytes_computed"])
+def test_both_ways_of_finding_a_floats_width_give_the_compiled_codecs_bytes(float_bytes: str) -> None:
+    """The pure codec finds a float's shortest exact width by packing it
+    (CPython, the guest) or by arithmetic (PyPy); each is held to the
+    compiled codec's bytes here, whatever runs the test."""
+    compiled = _compiled()
+    find = getattr(codec_py, float_bytes)
+    wrong = [(x, find(x).hex(), compiled.dumps(x).hex()) for x in _float_samples()]
+    assert [case for case in wrong if case[1] != case[2]] == []
+
+
 # -- large frames as received (host/src/python/received.rs) ---------------------
 
 
