@@ -11,6 +11,7 @@ import time
 import traceback
 
 import pytest
+import twin_classes
 import twin_helpers
 from cpy2py import RemoteError, TwinMaster, is_proxy
 from cpy2py.errors import RemoteTraceback
@@ -179,6 +180,31 @@ def test_an_object_in_a_shared_value_is_handed_once_and_released(twin):
     numbers = (n for n in range(3))
     shared = [numbers]
     assert twin.execute(twin_helpers.identities, [shared, shared, {"k": shared}]) == [True, True]
+    for _ in range(50):  # the twin's proxy went with the call; its release comes with the next frame
+        twin.execute(gc.collect)
+        if len(connection.handed) == pinned:
+            break
+        time.sleep(0.05)
+    assert len(connection.handed) == pinned
+
+
+def test_a_twin_object_held_twice_by_a_pickled_record_is_one_reference(twin):
+    """A record that only pickle carries, holding one of this side's twin
+    objects twice, crosses with one reference to it (the pickle's memo
+    keeps the two the same): one proxy there, which answers, and once it is
+    dropped nothing of it stays handed."""
+    native_only(kind_of(twin), "a guest's values are never pickled")
+    import gc
+    import time
+
+    from cpy2py import master as master_module
+
+    connection = master_module._running[twin.twinterpreter_id].connection
+    pinned = len(connection.handed)
+    counter = twin_classes.Counter(5)
+    record = twin_helpers.Sample("held twice", twin_helpers.Shade.DARK, [counter, counter])
+    assert twin.execute(twin_helpers.proxy_held_twice, record) == (True, 6)
+    assert counter.value == 6  # (the twin's proxy reached this very object)
     for _ in range(50):  # the twin's proxy went with the call; its release comes with the next frame
         twin.execute(gc.collect)
         if len(connection.handed) == pinned:

@@ -155,6 +155,13 @@ def identities(value):
     return [value[0] is value[1], value[2]["k"] is value[0]]
 
 
+def proxy_held_twice(sample):
+    """``sample.values`` holds one twin object twice: is it one object here,
+    and does it answer?"""
+    first, second = sample.values
+    return first is second, first.increment(1)
+
+
 def all_the_same(items):
     """Whether every item of ``items`` is one object, seen here."""
     return all(item is items[0] for item in items)

@@ -198,32 +198,39 @@ def _picklers() -> Tuple[type, type]:
             #: classes and functions this pickler found it may pickle by name
             self.names_seen: Set[int] = set()
 
-        def persistent_id(self, obj: Any) -> Any:
-            # (called for every object pickled, a memoized one too: what is
-            # decided here by the type alone is remembered by type)
+        def reducer_override(self, obj: Any) -> Any:
+            # Called for each object the pickle holds that is neither
+            # memoized already nor, in CPython's pickler, of a type it
+            # writes itself (None, bool, int, float, str, bytes, and exact
+            # dict, list, tuple, set, frozenset, bytearray); pickle.py (PyPy)
+            # calls it for those too. Not ``persistent_id``, which both call
+            # for every object, memoized ones included: a class once per
+            # object of a batch, each int and str of a record's fields.
+            # What is decided here by the type alone is remembered by type.
             kind = type(obj)
             try:
                 if kind in _plain_types:
-                    return None
+                    return NotImplemented
             except TypeError:  # (a class whose metaclass makes it unhashable)
                 pass
             if isinstance(obj, (type, FunctionType)):  # pickled by name
-                if id(obj) in self.names_seen:  # (the same class for each object of a batch)
-                    return None
+                if id(obj) in self.names_seen:  # (pickle.py asks again; the memo keeps it alive)
+                    return NotImplemented
                 if getattr(obj, "__module__", None) == "__main__":
                     if self.serializer.master_only(obj, obj.__qualname__):
                         # the value goes as a proxy instead (see Serializer.default)
                         raise pickle.PicklingError(f"{obj.__qualname__} exists in the master only")
                     # the peer needs it if the master's main has no file
                     self.serializer.define_in_peer(obj.__qualname__)
-                self.names_seen.add(id(obj))  # (the memo keeps it alive while it counts)
-                return None
+                self.names_seen.add(id(obj))
+                return NotImplemented
             if self.batch and (isinstance(obj, BaseException) or kind is Exposed):
                 raise pickle.PicklingError("an exception or a grant goes as CBOR")
             # a module stays where it is (PyPy would pickle it by name, and
             # the peer would import its own copy and run it there)
             if _is_twin(obj) or kind is _ModuleType:
-                return tuple(references.export(obj, self.serializer.connection))
+                # (memoized: the same object again in this pickle is this one reference)
+                return _twin_reference, tuple(references.export(obj, self.serializer.connection))
             if (
                 not isinstance(obj, BaseException)
                 and kind is not Exposed
@@ -234,7 +241,7 @@ def _picklers() -> Tuple[type, type]:
                         _plain_types.add(kind)
                 except Exception:  # (an unhashable class; a __class__ that raises)
                     pass
-            return None
+            return NotImplemented
 
     class _Unpickler(pickle.Unpickler):
         def __init__(self, file: Any, serializer: Serializer) -> None:
@@ -244,14 +251,22 @@ def _picklers() -> Tuple[type, type]:
         def find_class(self, module: str, name: str) -> Any:
             if main_module.is_main_name(module):
                 return lookup(module, name)
+            if name == "_twin_reference" and module == __name__:
+                return self._resolve  # (resolved through this unpickler's link)
             return super().find_class(module, name)
 
-        def persistent_load(self, pid: Any) -> Any:
-            owner, iid, info = pid
+        def _resolve(self, owner: str, iid: int, info: Any) -> Any:
             return references.resolve(owner, iid, info, self.serializer.connection)
 
     _pickle_classes = (_Pickler, _Unpickler)
     return _pickle_classes
+
+
+def _twin_reference(owner: str, iid: int, info: Any) -> Any:
+    """What a pickle holds in place of a twin object, a proxy or a module
+    (``_Pickler.reducer_override``): the kernel's unpickler resolves it
+    through its own link instead (``_Unpickler.find_class``)."""
+    raise ProtocolError(f"a reference to {owner!r}'s object {iid} was unpickled outside cpy2py's kernel")
 
 
 _ON_PYPY = sys.implementation.name == "pypy"
