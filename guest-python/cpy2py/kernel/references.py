@@ -235,8 +235,10 @@ def encode(message: Any, default: Any, parts: bool = False, plain: bool = False,
             # 10k enum members took 0.9 s, against 1 ms in one pickle)
             undo_exports(mark)
             _encoding.pickles_left = None
-            containers = [item for item in message if type(item) in _CONTAINERS]
-            if _held_by_two(containers):  # (two pickles would make two copies of it)
+            # (empty ones hold nothing of another: a call's keyword
+            # arguments, mostly; with one left, nothing need be walked)
+            containers = [item for item in message if type(item) in _CONTAINERS and item]
+            if len(containers) > 1 and _held_by_two(containers):  # (two pickles would make two copies of it)
                 return _dumps(message, default, parts, plain, share, mark)
             batched = [Whole(item, batch=True) if type(item) in _CONTAINERS else item for item in message]
             try:
