@@ -68,15 +68,7 @@ if TYPE_CHECKING:  # typing is not imported at run time: twins start faster
 __all__ = ["dumps", "loads", "sandbox_budget"]
 
 _U64_LIMIT = 1 << 64
-_HALF_MAX = 65504.0
-_SINGLE_MAX = 3.4028234663852886e38
-_INF = float("inf")
 
-_pack_e = Struct(">e").pack
-_pack_f = Struct(">f").pack
-_pack_d = Struct(">d").pack
-_unpack_e = Struct(">e").unpack
-_unpack_f = Struct(">f").unpack
 _unpack_from_e = Struct(">e").unpack_from
 _unpack_from_f = Struct(">f").unpack_from
 _unpack_from_d = Struct(">d").unpack_from
@@ -222,38 +214,17 @@ def _enc_int(n: int, out: bytearray, depth: int, default: Optional[Default]) -> 
             out += magnitude
 
 
-def _float_bytes_packed(x: float) -> bytes:
-    """The shortest of half, single and double precision that holds ``x``
-    exactly, by packing it to each narrower width and back (CPython)."""
-    if x != x:
-        return _NAN
-    a = abs(x)
-    if a <= _HALF_MAX:
-        h = _pack_e(x)
-        # equality after the round trip means the same bits: the sign of a
-        # zero survives the packing, and NaN was handled above
-        if _unpack_e(h)[0] == x:
-            return b"\xf9" + h
-    if a <= _SINGLE_MAX:
-        s = _pack_f(x)
-        if _unpack_f(s)[0] == x:
-            return b"\xfa" + s
-    elif a == _INF:
-        return _POS_INF if x > 0 else _NEG_INF
-    return b"\xfb" + _pack_d(x)
-
-
 #: 2.0 ** n for the significant bits a width may hold
 _POW2 = [float(1 << n) for n in range(25)]
 
 
-def _float_bytes_computed(x: float) -> bytes:
-    """``_float_bytes_packed`` by float arithmetic (PyPy, whose JIT makes it
-    nearly free, where the five struct calls of a float that needs all of a
-    double cost 0.1-0.2 us; on CPython, in the guest too, the bytecode costs
-    more than those calls): the narrowest width whose exponent range holds
-    ``x`` with room for all its significant bits (fewer for that width's
-    subnormals)."""
+def _float_bytes(x: float) -> bytes:
+    """The shortest of half, single and double precision that holds ``x``
+    exactly: the narrowest width whose exponent range holds it with room
+    for all its significant bits (fewer for that width's subnormals), told
+    by float arithmetic. Packing ``x`` to each narrower width and back to
+    compare cost five struct calls for a float that needs all of a double:
+    this takes half the time on PyPy, two thirds in the guest."""
     if x != x:
         return _NAN
     m, e = _frexp(x)  # x == m * 2**e, 0.5 <= abs(m) < 1 (infinity: m is)
@@ -267,9 +238,6 @@ def _float_bytes_computed(x: float) -> bytes:
     if x - x != 0.0:  # infinity
         return _POS_INF if x > 0 else _NEG_INF
     return _pack_Bd(0xFB, x)
-
-
-_float_bytes = _float_bytes_computed if _BYTEWISE else _float_bytes_packed
 
 
 def _enc_float(x: float, out: bytearray, depth: int, default: Optional[Default]) -> None:
