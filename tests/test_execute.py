@@ -170,22 +170,32 @@ def test_an_object_in_a_shared_value_is_handed_once_and_released(twin):
     side's objects (a proxy of a generator here) is taken back before the
     second, so the twin's one proxy, once dropped, leaves nothing pinned."""
     native_only(kind_of(twin), "a generator of the master is never handed to a guest")
-    import gc
-    import time
-
-    from cpy2py import master as master_module
-
-    connection = master_module._running[twin.twinterpreter_id].connection
-    pinned = len(connection.handed)
+    pinned = _handed_to(twin)
     numbers = (n for n in range(3))
     shared = [numbers]
     assert twin.execute(twin_helpers.identities, [shared, shared, {"k": shared}]) == [True, True]
-    for _ in range(50):  # the twin's proxy went with the call; its release comes with the next frame
+    _wait_for_releases(twin, pinned)
+
+
+def _handed_to(twin) -> int:
+    """How many of this side's objects ``twin`` holds references to."""
+    from cpy2py import master as master_module
+
+    return len(master_module._running[twin.twinterpreter_id].connection.handed)
+
+
+def _wait_for_releases(twin, pinned: int) -> None:
+    """Until ``twin`` holds references to ``pinned`` of this side's objects
+    again: its proxies went with the call, and its releases come with the
+    next frame (a collection there is that frame)."""
+    import gc
+
+    for _ in range(50):
         twin.execute(gc.collect)
-        if len(connection.handed) == pinned:
+        if _handed_to(twin) == pinned:
             break
         time.sleep(0.05)
-    assert len(connection.handed) == pinned
+    assert _handed_to(twin) == pinned
 
 
 def test_a_twin_object_held_twice_by_a_pickled_record_is_one_reference(twin):
@@ -194,23 +204,12 @@ def test_a_twin_object_held_twice_by_a_pickled_record_is_one_reference(twin):
     keeps the two the same): one proxy there, which answers, and once it is
     dropped nothing of it stays handed."""
     native_only(kind_of(twin), "a guest's values are never pickled")
-    import gc
-    import time
-
-    from cpy2py import master as master_module
-
-    connection = master_module._running[twin.twinterpreter_id].connection
-    pinned = len(connection.handed)
+    pinned = _handed_to(twin)
     counter = twin_classes.Counter(5)
     record = twin_helpers.Sample("held twice", twin_helpers.Shade.DARK, [counter, counter])
     assert twin.execute(twin_helpers.proxy_held_twice, record) == (True, 6)
     assert counter.value == 6  # (the twin's proxy reached this very object)
-    for _ in range(50):  # the twin's proxy went with the call; its release comes with the next frame
-        twin.execute(gc.collect)
-        if len(connection.handed) == pinned:
-            break
-        time.sleep(0.05)
-    assert len(connection.handed) == pinned
+    _wait_for_releases(twin, pinned)
 
 
 def test_plain_objects_are_copied(twin):
