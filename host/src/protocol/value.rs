@@ -464,6 +464,12 @@ fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
     if let Some(n) = cursor.small_uint() {
         return Ok(Value::Int(i128::from(n)));
     }
+    if let Some(x) = cursor.double() {
+        return Ok(Value::Float(x));
+    }
+    if cursor.null() {
+        return Ok(Value::None);
+    }
     let at = cursor.offset();
     Ok(match cursor.head()? {
         Head::Uint(n) => Value::Int(i128::from(n)),
@@ -737,6 +743,27 @@ impl<'a> Cursor<'a> {
         Some(n)
     }
 
+    /// Consumes the next item if it is a double-precision float (all of
+    /// a double: most floats that are not round numbers) and returns it;
+    /// None (nothing consumed) for anything else, a truncated one too.
+    #[inline]
+    pub(crate) fn double(&mut self) -> Option<f64> {
+        let data = self.data.get(self.pos..self.pos + 9)?;
+        if data[0] != 0xfb {
+            return None;
+        }
+        self.pos += 9;
+        Some(f64::from_be_bytes(data[1..].try_into().ok()?))
+    }
+
+    /// Consumes the next item if it is null (whether it was).
+    #[inline]
+    pub(crate) fn null(&mut self) -> bool {
+        let found = self.data.get(self.pos) == Some(&0xf6);
+        self.pos += usize::from(found);
+        found
+    }
+
     /// Reads one head.
     pub(crate) fn head(&mut self) -> Result<Head> {
         let at = self.pos;
@@ -949,6 +976,31 @@ mod tests {
             bytes[3], 0x83,
             "three items: nothing is added when there is no state"
         );
+    }
+
+    #[test]
+    fn doubles_and_nulls_taken_at_once_are_what_heads_say() {
+        let mut bytes = vec![0x85, 0xf6, 0xfb];
+        bytes.extend(1.5f64.to_be_bytes());
+        bytes.extend([0xf9, 0x3e, 0x00, 0xfb]); // (1.5 as a half; a NaN with a payload)
+        bytes.extend(f64::from_bits(0x7ff8_0000_dead_beef).to_be_bytes());
+        bytes.push(0xf6);
+        let Value::List(items) = Value::decode(&bytes).unwrap() else {
+            panic!("not a list")
+        };
+        assert_eq!(items.len(), 5);
+        assert_eq!(items[0], Value::None);
+        assert_eq!(items[1], Value::Float(1.5));
+        assert_eq!(items[2], Value::Float(1.5));
+        assert!(matches!(items[3], Value::Float(x) if x.to_bits() == 0x7ff8_0000_dead_beef));
+        assert_eq!(items[4], Value::None);
+        // a double cut short is refused as truncated, not read past the end
+        for cut in 1..=8 {
+            let mut short = vec![0x81, 0xfb];
+            short.extend(&2.5f64.to_be_bytes()[..8 - cut]);
+            let err = Value::decode(&short).unwrap_err().to_string();
+            assert!(err.contains("truncated") || err.contains("ends"), "{err}");
+        }
     }
 
     #[test]
