@@ -659,7 +659,11 @@ impl<'a> Cursor<'a> {
 
     /// Fails unless the next item (the content of `tag`) has major type `major`.
     pub(crate) fn expect_content(&self, major: u8, tag: u64) -> Result<()> {
-        let found = self.peek(&format!("tag {tag}"))? >> 5;
+        // (the error's text made only for an error: this runs for every tagged item)
+        let found = match self.data.get(self.pos) {
+            Some(initial) => initial >> 5,
+            None => return Err(truncated(self.pos, &format!("tag {tag}"))),
+        };
         if found != major {
             return Err(HostError::Protocol(format!(
                 "tag {tag} must hold a {}, not a {} (offset {})",
@@ -826,7 +830,9 @@ impl<'a> Cursor<'a> {
     fn chunk(&mut self, major: u8) -> Result<Option<&'a [u8]>> {
         let name = MAJOR_NAMES[usize::from(major)];
         let at = self.pos;
-        let initial = self.peek(&format!("an indefinite-length {name}"))?;
+        let Some(&initial) = self.data.get(self.pos) else {
+            return Err(truncated(self.pos, &format!("an indefinite-length {name}")));
+        };
         if initial == 0xff {
             self.pos += 1;
             return Ok(None);
