@@ -289,7 +289,7 @@ def _dumps(message: Any, default: Any, parts: bool, plain: bool, share: bool, ma
 
 #: pickles of single objects one message to a trusted peer may hold before
 #: its containers go as one pickle each (``encode``)
-MANY_PICKLES = 64
+MANY_PICKLES = 16
 
 
 class ManyPickles(Exception):
