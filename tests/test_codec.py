@@ -1646,6 +1646,16 @@ def _float_samples() -> List[float]:
     return out
 
 
+def test_a_double_cut_short_is_refused_as_truncated(codec: Any) -> None:
+    """Doubles and nulls in arrays are taken without reading a head (both
+    codecs): one cut short at any length is refused, never read past."""
+    assert codec.loads(b"\x83\xf6\xfb" + struct.pack(">d", 2.5) + b"\xf6") == [None, 2.5, None]
+    one = b"\x81\xfb" + struct.pack(">d", 2.5)
+    for cut in range(1, 9):
+        with pytest.raises(ProtocolError, match="truncated"):
+            codec.loads(one[:-cut])
+
+
 def test_the_pure_codec_finds_a_floats_width_as_the_compiled_one_does() -> None:
     """The pure codec finds a float's shortest exact width by arithmetic,
     the compiled one by converting it: the same bytes on every edge of half

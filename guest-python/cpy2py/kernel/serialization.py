@@ -37,7 +37,7 @@ from . import main_module, references
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
-    from typing import Any, Dict, List, Optional, Set, Tuple
+    from typing import Any, Dict, List, Optional, Tuple
 
 PICKLE_PROTOCOL = 4
 
@@ -195,8 +195,6 @@ def _picklers() -> Tuple[type, type]:
             #: a batch of a message's objects (references.encode): what CBOR
             #: carries its own way is refused, and the message encoded anew
             self.batch = False
-            #: classes and functions this pickler found it may pickle by name
-            self.names_seen: Set[int] = set()
 
         def reducer_override(self, obj: Any) -> Any:
             # Called for each object the pickle holds that is neither
@@ -206,7 +204,8 @@ def _picklers() -> Tuple[type, type]:
             # calls it for those too. Not ``persistent_id``, which both call
             # for every object, memoized ones included: a class once per
             # object of a batch, each int and str of a record's fields.
-            # What is decided here by the type alone is remembered by type.
+            # What is decided here by the type alone is remembered by type;
+            # a class or function is asked about once (then memoized).
             kind = type(obj)
             try:
                 if kind in _plain_types:
@@ -214,15 +213,12 @@ def _picklers() -> Tuple[type, type]:
             except TypeError:  # (a class whose metaclass makes it unhashable)
                 pass
             if isinstance(obj, (type, FunctionType)):  # pickled by name
-                if id(obj) in self.names_seen:  # (pickle.py asks again; the memo keeps it alive)
-                    return NotImplemented
                 if getattr(obj, "__module__", None) == "__main__":
                     if self.serializer.master_only(obj, obj.__qualname__):
                         # the value goes as a proxy instead (see Serializer.default)
                         raise pickle.PicklingError(f"{obj.__qualname__} exists in the master only")
                     # the peer needs it if the master's main has no file
                     self.serializer.define_in_peer(obj.__qualname__)
-                self.names_seen.add(id(obj))
                 return NotImplemented
             if self.batch and (isinstance(obj, BaseException) or kind is Exposed):
                 raise pickle.PicklingError("an exception or a grant goes as CBOR")

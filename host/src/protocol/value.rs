@@ -647,6 +647,15 @@ impl<'a> Cursor<'a> {
             .ok_or_else(|| truncated(self.pos, inside))
     }
 
+    /// `peek` whose error names what it is `inside` by a text made only
+    /// for the error: for what is looked at on every item (a tag's content).
+    pub(crate) fn peek_inside(&self, inside: impl FnOnce() -> String) -> Result<u8> {
+        self.data
+            .get(self.pos)
+            .copied()
+            .ok_or_else(|| truncated(self.pos, &inside()))
+    }
+
     /// Consumes a break if one comes next; for indefinite-length items.
     pub(crate) fn take_break(&mut self, inside: &str) -> Result<bool> {
         if self.peek(inside)? == 0xff {
@@ -659,11 +668,7 @@ impl<'a> Cursor<'a> {
 
     /// Fails unless the next item (the content of `tag`) has major type `major`.
     pub(crate) fn expect_content(&self, major: u8, tag: u64) -> Result<()> {
-        // (the error's text made only for an error: this runs for every tagged item)
-        let found = match self.data.get(self.pos) {
-            Some(initial) => initial >> 5,
-            None => return Err(truncated(self.pos, &format!("tag {tag}"))),
-        };
+        let found = self.peek_inside(|| format!("tag {tag}"))? >> 5;
         if found != major {
             return Err(HostError::Protocol(format!(
                 "tag {tag} must hold a {}, not a {} (offset {})",
@@ -830,9 +835,7 @@ impl<'a> Cursor<'a> {
     fn chunk(&mut self, major: u8) -> Result<Option<&'a [u8]>> {
         let name = MAJOR_NAMES[usize::from(major)];
         let at = self.pos;
-        let Some(&initial) = self.data.get(self.pos) else {
-            return Err(truncated(self.pos, &format!("an indefinite-length {name}")));
-        };
+        let initial = self.peek_inside(|| format!("an indefinite-length {name}"))?;
         if initial == 0xff {
             self.pos += 1;
             return Ok(None);

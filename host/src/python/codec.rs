@@ -1329,7 +1329,7 @@ impl<'a, 'py> Decode<'a, 'py> {
         self.shared.push(None);
         let major = self
             .cursor
-            .peek("tag 28") // (tags::SHAREABLE, as a literal: no text made per value)
+            .peek_inside(|| format!("tag {}", tags::SHAREABLE))
             .map_err(|e| wire(py, e))?
             >> 5;
         let at = self.cursor.offset();
