@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from cpy2py import kernel_state, twinfunction
@@ -114,6 +115,24 @@ class Box:
 
     def __init__(self, value):
         self.value = value
+
+
+def chain_after(seconds=0.0):
+    """The chain this call runs on in the twin, after ``seconds`` of sleep."""
+    from cpy2py.kernel.connection import current_chain
+
+    time.sleep(seconds)
+    return current_chain()
+
+
+def wait_for_file(path, limit=60.0):
+    """Sleeps until ``path`` exists (True), or ``limit`` seconds passed (False)."""
+    end = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def make_box(value):

@@ -181,6 +181,40 @@ def test_a_cancelled_call_raises_at_once_and_the_link_stays_usable(twin):
         assert remembered == ["before", "after"]  # the same twin, still running
 
 
+@pytest.mark.parametrize("kind", [kind for kind in tc.KINDS if kind != SANDBOX_KIND])
+def test_awaited_calls_share_a_chain_only_once_nothing_of_it_runs(kind, tmp_path):
+    """Awaited calls one after another run on one chain in the twin, as a
+    thread's calls do (the server that answered one takes the next); calls
+    in flight at once have chains of their own; and the chain of a cancelled
+    call, which the twin still runs, is never given to a later call, which
+    would wait behind it (here: for ever, as the cancelled call waits for
+    the later ones to end)."""
+    twin = start_twin(kind, f"{kind}-aio-chains")
+    flag = tmp_path / "later-calls-ended"
+    try:
+
+        async def main():
+            first = await twin.execute_async(helpers.chain_after)
+            assert await twin.execute_async(helpers.chain_after) == first
+            both = await asyncio.gather(*(twin.execute_async(helpers.chain_after, 0.2) for _ in range(2)))
+            assert len(set(both)) == 2 and first in both
+            waiting = asyncio.ensure_future(twin.execute_async(helpers.wait_for_file, str(flag)))
+            await asyncio.sleep(0.3)  # (sent, and running in the twin)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            later = [await asyncio.wait_for(twin.execute_async(helpers.chain_after), 30) for _ in range(3)]
+            flag.touch()
+            assert later[0] in both and len(set(later)) == 1
+            # the cancelled call ended, and its reply was dropped: the twin serves on
+            assert await twin.execute_async(helpers.slow, 0.5) == 0.5
+            return await twin.execute_async(abs, -3)
+
+        assert run(main()) == 3
+    finally:
+        twin.stop()
+
+
 def test_cancelling_a_call_queued_for_a_guest_never_runs_it():
     twin = start_twin(SANDBOX_KIND, "wasi-aio-queue")
     try:

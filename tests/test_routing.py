@@ -990,9 +990,10 @@ def test_every_idle_server_of_a_link_ends_with_it():
 
 def test_a_server_yields_its_cpu_once_when_many_callers_take_turns_one_request_each(monkeypatch):
     """Requests of ever other chains that each come alone (many callers of
-    the peer, one request each at a time: 100 awaits of one loop) make a
-    server yield its CPU once in a while, so that the callers send theirs
-    in batches; one caller's requests (one chain) never do."""
+    the peer, one request each at a time: 100 awaits of one loop, each task
+    on a chain of its own) make a server yield its CPU once in a while, so
+    that the callers send theirs in batches; one caller's requests (one
+    chain: a thread's, or a task's awaited calls one after another) never do."""
     import asyncio
 
     from cpy2py.kernel import connection
@@ -1001,14 +1002,23 @@ def test_a_server_yields_its_cpu_once_when_many_callers_take_turns_one_request_e
     monkeypatch.setattr(connection, "_yield_cpu", lambda: yields.append(threading.get_ident()))
     a, b, fds = pair("turns")
 
-    async def one_by_one(count):
-        return [await _awaited(a, loopback.echo, n) for n in range(count)]  # (a chain each)
+    async def in_turn(count):
+        return [await _awaited(a, loopback.echo, n) for n in range(count)]
+
+    def one_by_one(count):
+        results = []
+        for n in range(count):  # (a thread each: a chain each)
+            caller = threading.Thread(target=lambda n=n: results.append(call(a, loopback.echo, n)))
+            caller.start()
+            caller.join()
+        return results
 
     try:
         for _ in range(40):
             assert call(a, loopback.echo, 1) == 1
-        assert yields == []  # (one thread: one chain)
-        assert asyncio.run(one_by_one(40)) == list(range(40))
+        assert asyncio.run(in_turn(40)) == list(range(40))
+        assert yields == []  # (one chain each time)
+        assert one_by_one(40) == list(range(40))
         assert 1 <= len(yields) <= 40 // connection.Connection.TAKING_TURNS
         assert call(a, loopback.echo, 2) == 2
     finally:

@@ -447,6 +447,14 @@ class Connection:
         #: waiting for theirs (_take_turn)
         self._turn_holder: Optional[_AsyncWaiter] = None
         self._turns: Deque[_AsyncWaiter] = deque()
+        #: chains of awaited calls that ended with their reply and ran no
+        #: callback: nothing of them runs on either side any more, so the
+        #: next awaited call takes one, as a thread's calls share its chain.
+        #: The peer's server that just answered a chain is the one its next
+        #: request goes to (_route), not a sleeping one woken at the gate:
+        #: a new chain for every awaited no-op cost it a tenth more, pinned
+        #: to one CPU (benches/README.md)
+        self._spare_chains: List[int] = []
         self._share = share_values
         # routing state, guarded by _lock
         self._lock = _thread.allocate_lock()
@@ -760,7 +768,12 @@ class Connection:
         if self.pending_releases:
             references.flush_releases(self)
         waiter = _AsyncWaiter(loop)
-        chain = waiter.chain = _new_chain()
+        try:
+            # (a chain whose last call ended here, as a thread's next call
+            # reuses its own: see _spare_chains)
+            chain = waiter.chain = self._spare_chains.pop()
+        except IndexError:
+            chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
         payload = references.encode(
             [REQUEST, req_id, chain, op, *operands],
@@ -774,6 +787,7 @@ class Connection:
         watching: Optional[str] = None
         watch_fd = -1
         registered = timed = express = False
+        answered = called_back = False  # (whether its chain can be reused: the finally below)
         runner = self._runner
         turn = False  # (a guest's) its request is queued for the guest
         first: Any = _UNREAD  # what an express call read that was not its reply
@@ -796,6 +810,7 @@ class Connection:
                     reply = self._express_reply(req_id, waiter) if ready else (None, None)
                     if reply[0] is not None:
                         express = False  # (its reply: nothing to undo)
+                        answered = True
                         return self._result(req_id, *reply)
                     first = reply[1]  # the call waits as any other, registered first
             if runner is not None:
@@ -901,8 +916,10 @@ class Connection:
                 _, kind, key, raw = waiter.inbox.popleft()
                 if kind != REQUEST:
                     break  # (only this call's reply is routed to it)
+                called_back = True
                 await loop.run_in_executor(callback_workers(), self._run_for, waiter, key, raw)
                 ran = False  # (the answer ran the guest on, on that thread)
+            answered = True
             return self._result(req_id, kind, raw)
         except asyncio.CancelledError:
             if waiter.sent and self.broken is None and self._pending.get(req_id) is waiter:
@@ -942,6 +959,8 @@ class Connection:
                 self._decoded(req_id)  # (a reply claimed just before: dropped)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
+            elif answered and not called_back and len(self._spare_chains) < _SPARE_CHAINS:
+                self._spare_chains.append(chain)
 
     def _stop_if_cut(self, err: BaseException) -> None:
         """A send ended by ``err`` (Ctrl-C): if it cut a frame half-sent,
@@ -2557,6 +2576,10 @@ _SLICE_SKIPS = 16
 #: a worker thread takes over (the host looks at it on its epoch ticks,
 #: every 2 ms while such slices run: the loop waits about 2.5 ms, at most 4)
 _LOOP_SLICE = 0.002
+
+#: chains of ended awaited calls a link keeps for its next ones (as many as
+#: calls were in flight at once, up to this)
+_SPARE_CHAINS = 256
 
 
 def _running_loop() -> Any:
