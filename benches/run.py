@@ -453,7 +453,11 @@ def metadata(args: argparse.Namespace, plan: Dict[str, Any]) -> Dict[str, Any]:
             "loadavg": os.getloadavg(),
         },
         "master": {
-            "executable": sys.executable,
+            # (inside the checkout: named from its root, so that results
+            # committed to the repository name no path of this machine)
+            "executable": os.path.relpath(sys.executable, ROOT)
+            if os.path.abspath(sys.executable).startswith(ROOT + os.sep)
+            else sys.executable,
             "version": sys.version,
             "implementation": sys.implementation.name,
         },
@@ -612,12 +616,14 @@ def main() -> None:
         json.dump(results, f, indent=1, default=str)
     with open(base + ".txt", "w") as f:
         f.write(text + "\n")
-    chart = report.chart(results, base + ".png")
+    try:
+        chart = report.chart(results, base + ".png")
+        why = "matplotlib missing"
+    except ValueError as err:  # (a run of a few scenarios, --only: a panel without data)
+        chart, why = False, f"{type(err).__name__}: {err}"
     for ext in ("json", "txt") + (("png",) if chart else ()):
         shutil.copyfile(f"{base}.{ext}", os.path.join(args.out, f"bench-latest.{ext}"))
-    print(
-        f"\nwrote {base}.json, {base}.txt" + (f", {base}.png" if chart else " (no chart: matplotlib missing)")
-    )
+    print(f"\nwrote {base}.json, {base}.txt" + (f", {base}.png" if chart else f" (no chart: {why})"))
     print(f"(bench-latest.* are copies; the run took {results['meta']['seconds']:.0f} s)")
 
 
