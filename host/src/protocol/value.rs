@@ -641,10 +641,7 @@ impl<'a> Cursor<'a> {
 
     /// The initial byte of the next item, not consumed.
     pub(crate) fn peek(&self, inside: &str) -> Result<u8> {
-        self.data
-            .get(self.pos)
-            .copied()
-            .ok_or_else(|| truncated(self.pos, inside))
+        self.peek_inside(|| inside.to_owned())
     }
 
     /// `peek` whose error names what it is `inside` by a text made only
