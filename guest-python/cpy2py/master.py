@@ -428,6 +428,10 @@ class TwinMaster:
                 )
         self.placement: Any = placement
         if kernel_state.is_master():
+            # a twin of this id that runs with other settings: said now, and
+            # refused for a sandbox (before it counts as the latest settings)
+            self._warned_running = False
+            self._check_running(_running.get(self.twinterpreter_id))
             # the settings a twinfunction or TwinObject pinned to this id
             # starts it with, also if this TwinMaster is never started itself
             with _running_lock:
@@ -459,6 +463,42 @@ class TwinMaster:
             for name in self._SETTINGS
             if getattr(other, name) != getattr(self, name)
         ]
+
+    def _check_running(self, twin: Optional[_Twin], stacklevel: int = 2) -> None:
+        """``twin``, the running twin of this id, was started by another
+        TwinMaster: if with other settings, calls through this one would go
+        to it with those. A sandbox's settings are its limits (timeout,
+        memory, what it may import): it is refused (TwinterpreterUnavailable),
+        never silently run with limits other than those asked for. A native
+        twin goes on with its own settings, which a RuntimeWarning says (once
+        per TwinMaster)."""
+        if twin is None or twin.master is self or not twin.alive:
+            return
+        differ = self._other_settings(twin.master)
+        if not differ:
+            return
+        twin_id = self.twinterpreter_id
+        asked = ", ".join(f"{item.split('=', 1)[0]}={getattr(self, item.split('=', 1)[0])!r}" for item in differ)
+        if twin.sandboxed:
+            raise TwinterpreterUnavailable(
+                f"the sandboxed twinterpreter {twin_id!r} is running already with {', '.join(differ)}, "
+                f"and this TwinMaster asks for {asked}: a sandbox runs only with the settings it was "
+                f"started with. Stop it first (TwinMaster(twinterpreter_id={twin_id!r}).stop()), reach "
+                f"it with its own settings by TwinMaster(twinterpreter_id={twin_id!r}), or give this "
+                "one another twinterpreter_id"
+            )
+        if self._warned_running:
+            return
+        self._warned_running = True
+        import warnings
+
+        warnings.warn(
+            f"twinterpreter {twin_id!r} is running already, started with {', '.join(differ)}: it goes "
+            f"on with those settings, not this TwinMaster's ({asked}); stop() it first to start it "
+            "with these",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
@@ -515,18 +555,7 @@ class TwinMaster:
                     )
                 twin = _running.get(twin_id)
                 if twin is not None and twin.alive:
-                    differ = self._other_settings(twin.master) if twin.master is not self else []
-                    if differ:
-                        import warnings
-
-                        warnings.warn(
-                            f"twinterpreter {twin_id!r} is running already, started with "
-                            f"{', '.join(differ)}: "
-                            "it goes on with those settings, not this TwinMaster's; stop() it first to start "
-                            "it with these",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
+                    self._check_running(twin, stacklevel=2)
                     return True
                 if twin is not None:  # it died: cleared away before starting anew
                     del _running[twin_id]
@@ -964,6 +993,8 @@ class TwinMaster:
             # the common case without the layers of awaitable.execute (a
             # running twin is the master's own, and never a fresh one: its
             # guests run as "<id>#<n>")
+            if twin.master is not self:
+                self._check_running(twin)
             twin.connection.serializer.check_executable(call)
             return await twin.connection.request_async(OP_EXECUTE, call, list(args), kwargs)
         if self.fresh and kernel_state.is_master():
@@ -1047,6 +1078,8 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
     if twin is not None:
         broken = twin.connection.broken
         if broken is None:
+            if master is not None and twin.master is not master:
+                master._check_running(twin, stacklevel=3)
             return twin.connection
         if isinstance(broken, ProtocolError) and not twin.sandboxed:
             # a native peer that broke the protocol is not started again behind
