@@ -148,6 +148,21 @@ def test_subclass_may_change_its_twin(kind):
     assert tc.Diamond().pid() == os.getpid(), class_name
 
 
+def test_a_comparison_the_twin_cannot_make_raises_type_error(kind):
+    """A rich comparison that answers NotImplemented in the twin answers it
+    here, so Python tries the reflected one and raises TypeError, as
+    without twins (a proxy of NotImplemented was true in an ``if``).
+    NotImplemented and Ellipsis cross as themselves, both ways."""
+    Box = cls(kind, tc.Box)
+    with pytest.raises(TypeError, match="'<' not supported between instances of"):
+        Box(1) < 3
+    with pytest.raises(TypeError, match="not supported between instances of"):
+        sorted([Box(1), 3])
+    assert Box(1) != 3 and not (Box(1) == 3)
+    for singleton in (NotImplemented, Ellipsis):
+        assert twin_helpers.run_in(kind, twin_helpers.echo, singleton) is singleton
+
+
 def test_special_methods(kind):
     Box = cls(kind, tc.Box)
     box = Box(1, 2, 3)

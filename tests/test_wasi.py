@@ -516,6 +516,16 @@ def test_guest_cannot_make_the_master_import_or_look_up_names(box, plugin):
     assert error[0]["value"] == ["cpy2py.errors", "SandboxViolation"], error
     assert "this.s" in error[1][0]
     assert "this" not in sys.modules, "the master imported a module the guest named"
+    # builtins are names too: refused, but for the two singletons that
+    # travel by name (NotImplemented, Ellipsis), which are only themselves:
+    # a constant the guest was not handed, which it may not call either
+    refused = box.execute(plugin.raw_request, 40011, ["builtins", "eval"])[2]["value"]
+    assert refused[0]["value"] == ["cpy2py.errors", "SandboxViolation"], refused
+    assert "sent a reference to builtins.eval" in refused[1][0]
+    for singleton in ("NotImplemented", "Ellipsis"):
+        called = box.execute(plugin.raw_request, 40011, ["builtins", singleton])[2]["value"]
+        assert called[0]["value"] == ["cpy2py.errors", "SandboxViolation"], called
+        assert "not handed" in called[1][0] and "sent a reference" not in called[1][0], called
     # a function the guest returns is its own object: a proxy, run in the guest
     guest_len = guest_eval(box, "len")
     assert is_proxy(guest_len) and guest_len([1, 2]) == 2

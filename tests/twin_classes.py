@@ -140,6 +140,8 @@ class Box(TwinObject):
         return hash(tuple(self.items))
 
     def __lt__(self, other):
+        if not isinstance(other, Box):
+            return NotImplemented  # (Python then tries other > self, and raises TypeError)
         return sum(self.items) < sum(other.items)
 
     def __add__(self, other):

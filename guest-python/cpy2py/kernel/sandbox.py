@@ -49,11 +49,13 @@ from ..protocol.messages import (
 )
 from . import main_module, references
 from .serialization import (
+    SINGLETONS,
     Serializer,
     _GlobalRef,
     _pinned_elsewhere,
     format_exception,
     global_name,
+    singleton_name,
     unfindable_pinned,
 )
 
@@ -258,6 +260,9 @@ class SandboxSerializer(Serializer):
         known = self._names.get(id(obj))  # a function or class the guest has its copy of
         if known is not None and known[0] is obj:
             return tags.GLOBAL_REF, list(known[1])
+        singleton = singleton_name(obj)
+        if singleton is not None:
+            return tags.GLOBAL_REF, singleton
         if type(obj) is _GlobalRef:
             return super().default(obj)
         if isinstance(obj, BaseException):
@@ -391,6 +396,8 @@ class SandboxSerializer(Serializer):
         if tag == tags.GLOBAL_REF:
             if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
                 return self._refuse("a malformed name reference", value)
+            if (value[0], value[1]) in SINGLETONS:  # (the one kind of name a guest may send)
+                return SINGLETONS[value[0], value[1]]
             placeholder = _GuestName(value[0], value[1])
             # refused unless it turns out to be the type of an exception (see _exception)
             self._record_failure(

@@ -124,6 +124,21 @@ def global_name(obj: Any) -> Optional[Tuple[str, str]]:
     return (module, qualname) if found is obj else None
 
 
+#: builtin singletons that travel by name on every link, a sandbox's too: a
+#: rich comparison's NotImplemented must arrive as itself (a proxy of it is
+#: true, and Python would not try the reflected operation)
+SINGLETONS = {("builtins", "NotImplemented"): NotImplemented, ("builtins", "Ellipsis"): Ellipsis}
+
+
+def singleton_name(obj: Any) -> Optional[List[str]]:
+    """The name of ``obj`` if it is one of ``SINGLETONS``, else None."""
+    if obj is NotImplemented:
+        return ["builtins", "NotImplemented"]
+    if obj is Ellipsis:
+        return ["builtins", "Ellipsis"]
+    return None
+
+
 def _is_twin(obj: Any) -> bool:
     """A twin object (native here) or a proxy: sent by reference, never copied."""
     if isinstance(obj, references.TwinProxy):  # (the target of every call on a proxy)
@@ -404,6 +419,9 @@ class Serializer:
         known = self._names.get(id(obj))
         if known is not None and known[0] is obj:
             return tags.GLOBAL_REF, list(known[1])
+        singleton = singleton_name(obj)
+        if singleton is not None:
+            return tags.GLOBAL_REF, singleton
         if type(obj) is Exposed:  # a grant means something to sandboxes only
             return self.default(obj.target)
         if type(obj) is _GlobalRef:
