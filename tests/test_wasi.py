@@ -9,6 +9,7 @@ without importing anything in the master.
 from __future__ import annotations
 
 import copy
+import errno
 import importlib
 import math
 import os
@@ -67,6 +68,14 @@ def environment():
 
 def listdir(path):
     return sorted(os.listdir(path))
+
+def call_and_describe(callback, *args):
+    """What the guest sees of the OSError a master callback raises."""
+    import errno
+    try:
+        callback(*args)
+    except OSError as err:
+        return [type(err).__name__, errno.errorcode.get(err.errno), err.strerror, err.filename]
 
 def raw_request(tag, content):
     """Sends the master a request whose callable is the raw tagged value
@@ -291,6 +300,33 @@ def test_builtin_exception_keeps_its_type(box):
     assert isinstance(info.value.__cause__, RemoteTraceback)
     with pytest.raises(ZeroDivisionError):
         guest_eval(box, "1 / 0")
+
+
+def test_an_os_error_crosses_with_its_errno_and_file_names(box, plugin):
+    """The guest's errno numbers are WASI's (44 is ENOENT there, ECHRNG on
+    Linux): an OSError crosses with the number of the same error on the
+    other side, and with its file name, both ways."""
+    with pytest.raises(FileNotFoundError) as info:
+        box.execute(plugin.read, "/no/such/file")
+    assert info.value.errno == errno.ENOENT and info.value.filename == "/no/such/file"
+    assert "No such file" in info.value.strerror
+
+    def missing(path):
+        raise FileNotFoundError(errno.ENOENT, "not found by the master", path)
+
+    seen = box.execute(plugin.call_and_describe, missing, "/master/path")
+    assert seen == ["FileNotFoundError", "ENOENT", "not found by the master", "/master/path"], seen
+
+
+def test_the_errno_numbers_of_the_master_are_those_of_the_guest(box):
+    """sandbox.py's table of the guest's errno numbers is the guest's own."""
+    from cpy2py.kernel import sandbox
+
+    guest_errno = box.import_module("errno")
+    for number, name in enumerate(sandbox._WASI_ERRNO):
+        if name:
+            assert box.execute(getattr, guest_errno, name) == number, name
+    assert box.execute(len, box.execute(dict, guest_errno.errorcode)) == len(sandbox._WASI_ERRNO) - 1
 
 
 def test_guest_exception_type_becomes_remote_error(box, plugin):

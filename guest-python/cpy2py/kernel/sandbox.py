@@ -26,6 +26,7 @@ Nothing in this module imports anything on a peer's behalf.
 from __future__ import annotations
 
 import builtins
+import errno
 import functools
 import importlib.abc
 import importlib.machinery
@@ -151,12 +152,48 @@ def _public_type(kind: type) -> type:
 _OPERANDS = {OP_EXECUTE: 3, OP_CALL_METHOD: 4, OP_GETATTR: 2, OP_SETATTR: 3, OP_DELATTR: 2}
 
 
+#: The errno numbers of the guest's C library (wasi-libc), by number (its
+#: ``errno`` module has the same: tests/test_wasi.py checks). An OSError's
+#: errno crosses between master and guest as the number of the same name on
+#: the other side (44 is ENOENT in a guest, ECHRNG on Linux).
+_WASI_ERRNO = (
+    "", "E2BIG", "EACCES", "EADDRINUSE", "EADDRNOTAVAIL", "EAFNOSUPPORT", "EAGAIN", "EALREADY",
+    "EBADF", "EBADMSG", "EBUSY", "ECANCELED", "ECHILD", "ECONNABORTED", "ECONNREFUSED", "ECONNRESET",
+    "EDEADLK", "EDESTADDRREQ", "EDOM", "EDQUOT", "EEXIST", "EFAULT", "EFBIG", "EHOSTUNREACH", "EIDRM",
+    "EILSEQ", "EINPROGRESS", "EINTR", "EINVAL", "EIO", "EISCONN", "EISDIR", "ELOOP", "EMFILE", "EMLINK",
+    "EMSGSIZE", "EMULTIHOP", "ENAMETOOLONG", "ENETDOWN", "ENETRESET", "ENETUNREACH", "ENFILE",
+    "ENOBUFS", "ENODEV", "ENOENT", "ENOEXEC", "ENOLCK", "ENOLINK", "ENOMEM", "ENOMSG", "ENOPROTOOPT",
+    "ENOSPC", "ENOSYS", "ENOTCONN", "ENOTDIR", "ENOTEMPTY", "ENOTRECOVERABLE", "ENOTSOCK", "ENOTSUP",
+    "ENOTTY", "ENXIO", "EOVERFLOW", "EOWNERDEAD", "EPERM", "EPIPE", "EPROTO", "EPROTONOSUPPORT",
+    "EPROTOTYPE", "ERANGE", "EROFS", "ESPIPE", "ESRCH", "ESTALE", "ETIMEDOUT", "ETXTBSY", "EXDEV",
+    "ENOTCAPABLE",
+)  # fmt: skip
+_WASI_NUMBERS = {name: number for number, name in enumerate(_WASI_ERRNO) if name}
+#: the host's other names of numbers the guest knows by one
+_WASI_NUMBERS.update(EWOULDBLOCK=6, EDEADLOCK=16, EOPNOTSUPP=58, ESHUTDOWN=64)
+
+
+def errno_from_guest(number: Any) -> Any:
+    """The master's errno for a guest's (None if it has no such error)."""
+    if type(number) is not int or not 0 < number < len(_WASI_ERRNO):
+        return None
+    return getattr(errno, _WASI_ERRNO[number], None)
+
+
+def errno_for_guest(number: Any) -> Any:
+    """The guest's errno for the master's (None if it has no such error)."""
+    return _WASI_NUMBERS.get(errno.errorcode.get(number, "")) if type(number) is int else None
+
+
 def guest_exception(err: Exception) -> Exception:
     """What a guest may see of a master exception: a new exception of the
     nearest builtin (or cpy2py) type, with the plain-data arguments only, texts
-    cut; no objects, no traceback, no cause."""
+    cut; no objects, no traceback, no cause. An OSError's errno is the
+    guest's number for it, and its file names stay."""
     kind = _public_type(type(err))
     args = [a[:MAX_TEXT] if isinstance(a, (str, bytes)) else a for a in err.args if type(a) in _PLAIN]
+    if isinstance(err, OSError) and len(err.args) == 2 and len(args) == 2:
+        args = [errno_for_guest(err.errno), *args[1:], *_file_names(err)]
     if isinstance(err, RemoteError):  # another twin's traceback text stays here
         args = [err.type_name[:MAX_TEXT], err.message[:MAX_TEXT]]
         kind = RemoteError
@@ -166,6 +203,15 @@ def guest_exception(err: Exception) -> Exception:
         safe = kind.__new__(kind)
         safe.args = tuple(args)
     return safe
+
+
+def _file_names(err: OSError) -> List[Any]:
+    """The rest of OSError's arguments after errno and strerror, for its file
+    names: ``filename`` (and ``winerror``, None, and ``filename2``)."""
+    names = [err.filename, None, err.filename2]
+    while names and names[-1] is None:
+        names.pop()
+    return [name[:MAX_TEXT] if type(name) is str else name if type(name) in (bytes, int) else None for name in names]
 
 
 def _remote_type_name(proxy: Any) -> str:
@@ -340,7 +386,10 @@ class SandboxSerializer(Serializer):
             )
         safe = guest_exception(err)
         kind = type(safe)
-        return [_GlobalRef((kind.__module__, kind.__qualname__)), list(safe.args), None]
+        args = list(safe.args)
+        if isinstance(safe, OSError) and len(args) == 2:  # (its file names are not among its args)
+            args += _file_names(safe)
+        return [_GlobalRef((kind.__module__, kind.__qualname__)), args, None]
 
     def check_executable(self, call: Any) -> None:
         """``execute`` runs its callable in the guest, so the guest must be able
@@ -575,6 +624,8 @@ class SandboxSerializer(Serializer):
             name = written_out(qualname if module == "builtins" else f"{module}.{qualname}")
             err = RemoteError(name, ", ".join(_short(a) for a in args), text)
         else:
+            if issubclass(builtin, OSError) and args and type(args[0]) is int:
+                args[0] = errno_from_guest(args[0])  # (the guest's numbers are WASI's)
             try:
                 err = builtin(*args)
             except Exception:  # args that do not fit the constructor

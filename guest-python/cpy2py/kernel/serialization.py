@@ -493,6 +493,9 @@ class Serializer:
         # receiver then raises a RemoteError that names it
         name = (getattr(kind, "__module__", "builtins"), kind.__qualname__)
         args = list(err.args)
+        if not self.trusted and isinstance(err, OSError) and len(args) == 2 and err.filename is not None:
+            # (where no state follows: a guest's) the file names as OSError's arguments
+            args += [err.filename, None, err.filename2] if err.filename2 is not None else [err.filename]
         mark = references.exports_mark()
         try:
             codec.dumps(args, self.default)
