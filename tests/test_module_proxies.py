@@ -111,6 +111,22 @@ def test_a_modules_functions_run_in_its_twin_one_request_each(twin):
         plugin.fail()
 
 
+def test_executing_a_function_of_the_module_runs_it_there(twin):
+    """``execute(plugin.f, ...)`` (as ``execute`` is used with any function)
+    calls it where the module lives, as ``plugin.f(...)`` does: one request,
+    sync or awaited (a sandbox refused it, as if it were not the guest's)."""
+    import asyncio
+
+    plugin = twin.import_module("proxied_plugin")
+    connection = links.existing_connection(twin.twinterpreter_id)
+    before = next(connection._ids)
+    assert twin.execute(plugin.add, 40, b=2) == 42
+    assert next(connection._ids) == before + 2, "one request"
+    assert asyncio.run(twin.execute_async(plugin.add, 1)) == 2
+    with pytest.raises(KeyError, match="from the module"):
+        twin.execute(plugin.fail)
+
+
 def test_names_that_change_after_the_module_was_handed_over(twin):
     plugin = twin.import_module("proxied_plugin")
     plugin.rebind()

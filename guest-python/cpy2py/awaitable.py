@@ -121,6 +121,9 @@ async def execute(master: TwinMaster, call: Any, args: Any, kwargs: Dict[str, An
         return await _in_thread(functools.partial(master.execute, call, *args, **kwargs))
     twin_id = master.twinterpreter_id
     connection = _running_link(twin_id) or await _connection_to(twin_id, master)
+    method = _master_module().method_of(call, twin_id)
+    if method is not None:
+        return await connection.request_async(OP_CALL_METHOD, *method, list(args), kwargs)
     connection.serializer.check_executable(call)
     return await connection.request_async(OP_EXECUTE, call, list(args), kwargs)
 

@@ -29,7 +29,7 @@ from .kernel import group_state, links, main_module, references
 from .kernel.connection import Connection
 from .kernel.serialization import Serializer
 from .protocol import codec
-from .protocol.messages import OP_EXECUTE, PROTOCOL_VERSION, SHUTDOWN
+from .protocol.messages import OP_CALL_METHOD, OP_EXECUTE, PROTOCOL_VERSION, SHUTDOWN
 from .protocol.transport import release_signals, unblock_after_fork
 
 log = _logging.get_logger("master")
@@ -979,6 +979,9 @@ class TwinMaster:
 
                 return fresh.execute(self, call, list(args), kwargs)
             connection = connection_for(self.twinterpreter_id, self)
+            method = method_of(call, self.twinterpreter_id)
+            if method is not None:
+                return connection.request(OP_CALL_METHOD, *method, list(args), kwargs)
             connection.serializer.check_executable(call)
             return connection.request(OP_EXECUTE, call, list(args), kwargs)
         if self.twinterpreter_id == kernel_state.TWIN_ID:
@@ -995,6 +998,9 @@ class TwinMaster:
             # guests run as "<id>#<n>")
             if twin.master is not self:
                 self._check_running(twin)
+            method = method_of(call, self.twinterpreter_id)
+            if method is not None:
+                return await twin.connection.request_async(OP_CALL_METHOD, *method, list(args), kwargs)
             twin.connection.serializer.check_executable(call)
             return await twin.connection.request_async(OP_EXECUTE, call, list(args), kwargs)
         if self.fresh and kernel_state.is_master():
@@ -1004,6 +1010,19 @@ class TwinMaster:
         from . import awaitable
 
         return await awaitable.execute(self, call, args, kwargs)
+
+
+def method_of(call: Any, twin_id: str) -> Optional[Tuple[Any, str]]:
+    """``execute(proxy.method, ...)`` of an object of twin ``twin_id`` itself
+    (a function of a module it imported: ``execute(plugin.greet, ...)``):
+    (the proxy, the method's name), called there as ``proxy.method(...)``
+    is; else None."""
+    if type(call) is not references.RemoteMethod:
+        return None
+    target = call.__self__
+    if isinstance(target, references.TwinProxy) and object.__getattribute__(target, "__twin_owner__") == twin_id:
+        return target, call.__name__
+    return None
 
 
 def _start_in_master(executable: str, twin_id: str) -> bool:

@@ -406,12 +406,19 @@ class SandboxSerializer(Serializer):
         if name is not None and self.guest_can_import(name[0]):
             self._executable[id(call)] = call
             return
-        what = f"{name[0]}.{name[1]}" if name else f"this {type(call).__qualname__}"
+        if name is None:
+            raise TypeError(
+                f"cannot run this {type(call).__qualname__} in the sandboxed twin {self.peer_id!r}: what "
+                "execute runs travels by name, and it has none the guest could find it by (a bound "
+                "method, a lambda, a nested function, or an object of another twin). Pass a "
+                "module-level function or class of the standard library or of a module under its "
+                f"paths {list(self.guest_paths)}"
+            )
         raise TypeError(
-            f"cannot run {what} in the sandboxed twin {self.peer_id!r}: functions and classes "
-            f"travel by name, and the guest can import only the standard library and modules "
-            f"under its paths {list(self.guest_paths)}. Define it in a module under those paths "
-            f"(and pass paths= to TwinMaster)"
+            f"cannot run {name[0]}.{name[1]} in the sandboxed twin {self.peer_id!r}: functions and "
+            f"classes travel by name, and the guest can import only the standard library and "
+            f"modules under its paths {list(self.guest_paths)}. Define it in a module under those "
+            f"paths (and pass paths= to TwinMaster)"
         )
 
     def frame_budget(self, size: int) -> Optional[int]:
