@@ -410,3 +410,24 @@ def test_a_main_script_a_twin_cannot_import_is_explained(tmp_path, kind):
         "could not import the master's main script: ImportError: built for the master only" in result.stderr
     )
     assert "move the imports only the master can do" in result.stderr
+
+
+def test_a_main_script_without_its_main_guard_is_explained(tmp_path, kind):
+    """A script that does its work at its top level (no ``if __name__ ==
+    "__main__":``) does it again in the twin that imports it, where using
+    twins fails: the error says to put that work under the guard."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from cpy2py import TwinMaster, twinfunction\n"
+        f"@twinfunction({kind!r})\n"
+        "def pinned():\n"
+        "    return 1\n"
+        f"with TwinMaster({kind!r}):\n"
+        "    print(pinned())\n"
+    )
+    result = run_script(script)
+    assert result.returncode != 0
+    assert "could not import the master's main script: TwinterpreterUnavailable" in result.stderr, (
+        result.stderr
+    )
+    assert 'put that work under `if __name__ == "__main__":`' in result.stderr, result.stderr

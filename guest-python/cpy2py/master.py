@@ -138,6 +138,13 @@ def resolve_executable(executable: str) -> str:
     alias = _ALIASES.get(executable)
     also = f" (nor {alias!r})" if alias else ""
     hint = " (on Debian: apt-get install pypy3)" if executable.startswith("pypy") else ""
+    import difflib
+
+    kinds = ["python3", "pypy3", *SANDBOXED_EXECUTABLES, *_ALIASES]
+    close = difflib.get_close_matches(executable.lower(), kinds, n=1, cutoff=0.6)
+    if close and close[0] != executable:  # a typo of a twin kind, most likely
+        sandbox = " (the sandbox)" if is_sandboxed(close[0]) else ""
+        hint += f"; did you mean {close[0]!r}{sandbox}?"
     raise TwinStartError(
         f"no executable named {executable!r}{also} on PATH: install that interpreter{hint} "
         f"or pass its path, e.g. TwinMaster(executable='/path/to/python3')"
@@ -376,6 +383,8 @@ class TwinMaster:
                 timeout = None
         self.memory_limit = memory_limit
         self.timeout = timeout
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            raise TypeError(f"paths must be a list of directories, not one: paths=[{paths!r}]")
         self.paths = list(paths) if paths is not None else None
         # installed pure-Python distributions the guest sees (cpy2py/packages.py)
         self.packages = list(_package_names(packages)) if packages is not None else None
@@ -478,7 +487,9 @@ class TwinMaster:
         if not differ:
             return
         twin_id = self.twinterpreter_id
-        asked = ", ".join(f"{item.split('=', 1)[0]}={getattr(self, item.split('=', 1)[0])!r}" for item in differ)
+        asked = ", ".join(
+            f"{item.split('=', 1)[0]}={getattr(self, item.split('=', 1)[0])!r}" for item in differ
+        )
         if twin.sandboxed:
             raise TwinterpreterUnavailable(
                 f"the sandboxed twinterpreter {twin_id!r} is running already with {', '.join(differ)}, "
@@ -966,7 +977,7 @@ class TwinMaster:
         connection = connection_for(self.twinterpreter_id, self)
         return connection.request(OP_EXECUTE, importlib_import_module, [name], {})
 
-    def execute(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+    def execute(self, call: Any, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``call(*args, **kwargs)`` in the twin and return its result.
 
         ``call`` is any module-level function or class, or (on native twins)
@@ -988,7 +999,7 @@ class TwinMaster:
             return call(*args, **kwargs)
         return self._in_master(_execute_in_master, self.twinterpreter_id, call, list(args), kwargs)
 
-    async def execute_async(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+    async def execute_async(self, call: Any, /, *args: Any, **kwargs: Any) -> Any:
         """``execute`` for asyncio: awaits the result without blocking the
         event loop (docs/user-guide.md, "asyncio"; cpy2py/awaitable.py)."""
         twin = _running.get(self.twinterpreter_id)
@@ -1020,7 +1031,10 @@ def method_of(call: Any, twin_id: str) -> Optional[Tuple[Any, str]]:
     if type(call) is not references.RemoteMethod:
         return None
     target = call.__self__
-    if isinstance(target, references.TwinProxy) and object.__getattribute__(target, "__twin_owner__") == twin_id:
+    if (
+        isinstance(target, references.TwinProxy)
+        and object.__getattribute__(target, "__twin_owner__") == twin_id
+    ):
         return target, call.__name__
     return None
 

@@ -211,7 +211,10 @@ def _file_names(err: OSError) -> List[Any]:
     names = [err.filename, None, err.filename2]
     while names and names[-1] is None:
         names.pop()
-    return [name[:MAX_TEXT] if type(name) is str else name if type(name) in (bytes, int) else None for name in names]
+    return [
+        name[:MAX_TEXT] if type(name) is str else name if type(name) in (bytes, int) else None
+        for name in names
+    ]
 
 
 def _remote_type_name(proxy: Any) -> str:

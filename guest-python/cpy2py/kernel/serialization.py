@@ -655,13 +655,21 @@ class Serializer:
                     '`if __name__ == "__main__":` block: define what a twin needs at its top level)'
                 ) from err
             except Exception as err:  # the script itself failed here (an import the twin cannot do)
+                if isinstance(err, TwinError):  # it used twins as it was imported
+                    advice = (
+                        "the script's own work ran as it was imported (a TwinMaster used, asyncio.run(...) "
+                        'called at its top level): put that work under `if __name__ == "__main__":`'
+                    )
+                else:
+                    advice = (
+                        "move the imports only the master can do (a C extension of its environment, such "
+                        "as numpy in a PyPy twin) into the main block or into the functions that use them"
+                    )
                 raise LookupError(
                     f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
                     f"it could not import the master's main script: {type(err).__name__}: "
                     f"{references.safe_repr(str(err), 300)[1:-1]}. Twins import that script (without its "
-                    "main block) to find what is pinned to them: move the imports only the master can do "
-                    "(a C extension of its environment, such as numpy in a PyPy twin) into the main block "
-                    "or into the functions that use them"
+                    f"main block) to find what is pinned to them: {advice}"
                 ) from err
         try:
             # builtins need no import machinery (and few frames: a RecursionError
