@@ -147,7 +147,7 @@ impl Handshake {
         let said = if stderr.is_empty() {
             ". ".to_string()
         } else {
-            format!("; it said:\n{stderr}\n")
+            format!("; it said:\n{}\n", lines_cut(&stderr, MAX_SAID_LINE))
         };
         if let Err(e) = self.process.kill() {
             return e;
@@ -516,6 +516,25 @@ impl Drop for FrameSend<'_> {
     }
 }
 
+/// Characters of each line a twin said before its hello that its start's
+/// error shows (not an interpreter, it may echo its whole command line, the
+/// bootstrap: one long line).
+const MAX_SAID_LINE: usize = 300;
+
+/// `text` with each line cut to `max` characters, saying how many were cut.
+fn lines_cut(text: &str, max: usize) -> String {
+    text.lines()
+        .map(|line| match line.char_indices().nth(max) {
+            Some((end, _)) => {
+                let left = line[end..].chars().count();
+                format!("{}... [{left} more characters]", &line[..end])
+            }
+            None => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -770,5 +789,15 @@ mod tests {
         (&twin.process.from_twin).read_to_end(&mut back).unwrap();
         assert_eq!(back, b"\0\0\0\x05hello");
         let _ = (&twin.process.to_twin).flush();
+    }
+
+    #[test]
+    fn what_a_twin_said_is_shown_with_long_lines_cut() {
+        assert_eq!(lines_cut("short\nline", 5), "short\nline");
+        let said = format!("{}\nnext", "é".repeat(12));
+        assert_eq!(
+            lines_cut(&said, 10),
+            format!("{}... [2 more characters]\nnext", "é".repeat(10))
+        );
     }
 }
