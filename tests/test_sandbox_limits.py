@@ -199,7 +199,7 @@ def lasting_state_kept(master: TwinMaster) -> bool:
 
 
 @pytest.mark.lasting_guest(
-    "compares a running guest's settings with another TwinMaster's (each call of a fresh twin has a guest with its own)"
+    "compares a running guest's settings with another TwinMaster's (a fresh twin's calls each have their own)"
 )
 def test_a_sandbox_running_with_other_limits_is_refused_not_reused(hostile_dir, hostile):
     """A TwinMaster whose limits differ from those its running sandbox was
