@@ -48,6 +48,12 @@ import os
 class PluginError(Exception):
     pass
 
+class LookupKeyError(KeyError):
+    pass
+
+def fail_with(name, message):
+    raise globals()[name](message)
+
 def double(x):
     return 2 * x
 
@@ -326,6 +332,46 @@ def test_the_errno_numbers_of_the_master_are_those_of_the_guest(box):
     numbers = box.execute(eval, f"{{name: getattr(__import__('errno'), name, None) for name in {names!r}}}")
     assert numbers == {name: number for number, name in enumerate(sandbox._WASI_ERRNO) if name}
     assert box.execute(eval, "len(__import__('errno').errorcode)") == len(names)
+
+
+def test_a_guest_exception_of_its_own_type_is_caught_as_its_builtin_base(box, plugin):
+    """A guest type the master does not look up becomes RemoteError, which
+    also derives from the builtin type the guest's derives from: ``except
+    ValueError`` catches a plugin's JSONDecodeError."""
+    with pytest.raises(ValueError, match=r"json.decoder.JSONDecodeError: Expecting") as info:
+        box.execute(eval, "__import__('json').loads('{bad')")
+    assert isinstance(info.value, RemoteError) and info.value.type_name == "json.decoder.JSONDecodeError"
+    assert type(info.value).__name__ == "RemoteValueError"
+    with pytest.raises(KeyError) as info:
+        box.execute(plugin.fail_with, "LookupKeyError", "missing")
+    assert isinstance(info.value, RemoteError) and info.value.type_name == "wasi_plugin_mod.LookupKeyError"
+
+
+def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_exception():
+    """What a guest says its exception derives from is a builtin Exception
+    type's name, or it is not taken: never an interrupt, nor a type whose
+    constructor means something else (OSError's errno), nor anything else."""
+    from cpy2py.kernel.sandbox import SandboxSerializer, _GuestName
+
+    serializer = SandboxSerializer("hostile-exceptions")
+
+    def made(extra):
+        return serializer._exception([_GuestName("plugin", "Err"), ["message"], None, extra])
+
+    assert isinstance(made({"base": "LookupError"}), LookupError)
+    for base in (
+        "KeyboardInterrupt",
+        "SystemExit",
+        "GeneratorExit",
+        "OSError",
+        "UnicodeDecodeError",
+        "os",
+        "eval",
+    ):
+        err = made({"base": base})
+        assert type(err) is RemoteError and str(err) == "plugin.Err: message", base
+    for extra in ({"base": 1}, {"base": "ValueError", "more": 1}, ["ValueError"]):
+        assert made(extra).type_name == "<malformed exception>", extra
 
 
 def test_guest_exception_type_becomes_remote_error(box, plugin):

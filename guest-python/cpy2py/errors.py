@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 
 class TwinError(Exception):
     """Base class of all cpy2py errors."""
@@ -65,6 +67,53 @@ class RemoteError(TwinError):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
+
+
+def remote_error_type(base: type) -> type:
+    """``RemoteError`` that is also a ``base`` (a builtin exception type the
+    remote type derives from, such as ``ValueError`` for a
+    ``json.JSONDecodeError``), so that ``except ValueError`` catches it; named
+    ``cpy2py.errors.Remote<base>`` (any interpreter finds it by that name).
+    ``RemoteError`` itself for a base whose constructor takes particular
+    arguments (OSError, UnicodeError, ...)."""
+    found = _remote_types.get(base)
+    if found is not None:
+        return found
+    found = RemoteError
+    plain = (
+        isinstance(base, type)
+        and issubclass(base, Exception)
+        and not issubclass(base, _PARTICULAR)
+        and base is not Exception
+        and getattr(builtins, base.__name__, None) is base
+    )
+    if plain:
+        try:
+            found = type(f"Remote{base.__name__}", (RemoteError, base), {"__module__": __name__})
+            found("type", "message", None)
+        except Exception:  # (bases that cannot be combined, or built so)
+            found = RemoteError
+    _remote_types[base] = found
+    return found
+
+
+#: builtin exception types whose constructors give their arguments a meaning
+#: (OSError's errno, UnicodeError's positions, ...), or that steer iteration
+_PARTICULAR = (OSError, UnicodeError, SyntaxError, ImportError, StopIteration, StopAsyncIteration) + tuple(
+    group
+    for group in (vars(builtins).get("BaseExceptionGroup"),)
+    if group is not None  # (3.11+)
+)
+_remote_types: dict = {}
+
+
+def __getattr__(name: str) -> type:
+    """``Remote<builtin exception>`` (see remote_error_type), made on first use."""
+    base = getattr(builtins, name[6:], None) if name.startswith("Remote") else None
+    found = remote_error_type(base) if isinstance(base, type) else None
+    if found is None or found is RemoteError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return found
 
 
 class RemoteTraceback(Exception):

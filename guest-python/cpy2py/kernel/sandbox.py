@@ -612,9 +612,12 @@ class SandboxSerializer(Serializer):
         return None
 
     def _exception(self, value: Any) -> BaseException:
-        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], list)):
+        if not (isinstance(value, list) and len(value) in (3, 4) and isinstance(value[1], list)):
             return RemoteError("<malformed exception>", references.safe_repr(value), None)
-        kind, args, text = value
+        kind, args, text = value[:3]
+        extra = value[3] if len(value) == 4 else {}
+        if not (type(extra) is dict and set(extra) <= {"base"} and isinstance(extra.get("base", ""), str)):
+            return RemoteError("<malformed exception>", references.safe_repr(value), None)
         if isinstance(kind, _GuestName):
             self._forget_failure(kind)  # a type name is fine here: it is only compared, never resolved
             module, qualname = kind.module[:MAX_NAME], kind.qualname[:MAX_NAME]
@@ -632,7 +635,11 @@ class SandboxSerializer(Serializer):
         err: BaseException
         if builtin is None:
             name = written_out(qualname if module == "builtins" else f"{module}.{qualname}")
-            err = RemoteError(name, ", ".join(_short(a) for a in args), text)
+            # the builtin type the guest's derives from, if any (looked up
+            # among the builtin Exception subclasses by name only)
+            base = _builtin_exception("builtins", extra.get("base"))
+            remote = errors.remote_error_type(base) if base is not None else RemoteError
+            err = remote(name, ", ".join(_short(a) for a in args), text)
         else:
             if issubclass(builtin, OSError) and args and type(args[0]) is int:
                 args[0] = errno_from_guest(args[0])  # (the guest's numbers are WASI's)

@@ -507,6 +507,12 @@ class Serializer:
         state = self._exception_state(err) if self.trusted else None
         if state:
             fields.append(state)
+        elif not self.trusted and name[0] != "builtins":
+            # (a guest's) the builtin type it derives from, which the master's
+            # RemoteError derives from too (``except ValueError`` catches it)
+            base = next((k for k in kind.__mro__ if k.__module__ == "builtins" and k is not kind), Exception)
+            if base is not Exception and base is not BaseException:
+                fields.append({"base": base.__name__})
         return fields
 
     def _exception_state(self, err: BaseException) -> Dict[str, Any]:
