@@ -374,6 +374,13 @@ def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_except
         assert made(extra).type_name == "<malformed exception>", extra
 
 
+def test_a_module_the_guest_cannot_import_is_said_with_what_it_can(box):
+    with pytest.raises(
+        ModuleNotFoundError, match=r"No module named 'not_given'.*paths \[.*pass paths= or packages="
+    ):
+        box.execute(importlib.import_module, "not_given")
+
+
 def test_guest_exception_type_becomes_remote_error(box, plugin):
     with pytest.raises(RemoteError) as info:
         box.execute(plugin.fail, "boom")

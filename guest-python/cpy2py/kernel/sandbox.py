@@ -643,6 +643,12 @@ class SandboxSerializer(Serializer):
         else:
             if issubclass(builtin, OSError) and args and type(args[0]) is int:
                 args[0] = errno_from_guest(args[0])  # (the guest's numbers are WASI's)
+            if builtin is ModuleNotFoundError and len(args) == 1 and type(args[0]) is str:
+                args[0] += (
+                    f" (in the sandboxed twin {self.peer_id!r}, which imports the standard library, the "
+                    f"modules under its paths {list(self.guest_paths)} and its packages: pass paths= or "
+                    "packages= to TwinMaster)"
+                )
             try:
                 err = builtin(*args)
             except Exception:  # args that do not fit the constructor
