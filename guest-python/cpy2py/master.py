@@ -474,11 +474,14 @@ class TwinMaster:
             if getattr(other, name) != getattr(self, name)
         ]
 
-    def _check_running(self, twin: Optional[_Twin], stacklevel: int = 2) -> None:
+    def _check_running(
+        self, twin: Optional[_Twin], stacklevel: int = 2, who: str = "this TwinMaster"
+    ) -> None:
         """``twin``, the running twin of this id, was started by another
-        TwinMaster, and this one is started or called: if with other
-        settings, its calls would go to it with those. A sandbox's settings
-        are its limits (timeout, memory, what it may import): it is refused
+        TwinMaster, and this one is started or called (or is the last made
+        for the id, whose pinned code is called): if with other settings,
+        those calls would go to it with its. A sandbox's settings are its
+        limits (timeout, memory, what it may import): it is refused
         (TwinterpreterUnavailable), never silently run with limits other than
         those asked for. A native twin goes on with its own settings, which a
         RuntimeWarning says (once per TwinMaster)."""
@@ -494,7 +497,7 @@ class TwinMaster:
         if twin.sandboxed:
             raise TwinterpreterUnavailable(
                 f"the sandboxed twinterpreter {twin_id!r} is running already with {', '.join(differ)}, "
-                f"and this TwinMaster asks for {asked}: a sandbox runs only with the settings it was "
+                f"and {who} asks for {asked}: a sandbox runs only with the settings it was "
                 f"started with. Stop it first (TwinMaster(twinterpreter_id={twin_id!r}).stop()), reach "
                 f"it with its own settings by TwinMaster(twinterpreter_id={twin_id!r}), or give this "
                 "one another twinterpreter_id"
@@ -506,7 +509,7 @@ class TwinMaster:
 
         warnings.warn(
             f"twinterpreter {twin_id!r} is running already, started with {', '.join(differ)}: it goes "
-            f"on with those settings, not this TwinMaster's ({asked}); stop() it first to start it "
+            f"on with those settings, not those of {who} ({asked}); stop() it first to start it "
             "with these",
             RuntimeWarning,
             stacklevel=stacklevel + 1,
@@ -1112,7 +1115,11 @@ def connection_for(twin_id: str, master: Optional[TwinMaster] = None) -> Connect
     if twin is not None:
         broken = twin.connection.broken
         if broken is None:
-            if master is not None and twin.master is not master:
+            if master is None:  # (pinned code: the last TwinMaster made for the id says how)
+                config = _configs.get(twin_id)
+                if config is not None and config is not twin.master:
+                    config._check_running(twin, 3, f"the last TwinMaster made for {twin_id!r}")
+            elif twin.master is not master:
                 master._check_running(twin, stacklevel=3)
             return twin.connection
         if isinstance(broken, ProtocolError) and not twin.sandboxed:
