@@ -131,6 +131,12 @@ def test_placement_is_checked():
         cpy2py.ray.Placement(num_cpus=-1)
     with pytest.raises(ValueError, match="node must be"):
         cpy2py.ray.Placement(node=7)
+    # two saying the same are the same (a twin's settings are compared)
+    assert cpy2py.ray.Placement(resources={"a": 1, "b": 2}) == cpy2py.ray.Placement(
+        resources={"b": 2, "a": 1}
+    )
+    assert cpy2py.ray.Placement(resources={"a": 1}) != cpy2py.ray.Placement(resources={"a": 2})
+    assert len({cpy2py.ray.Placement(node="ab"), cpy2py.ray.Placement(node="ab")}) == 1
     with pytest.raises(ValueError, match="not both"):
         TwinMaster("python3", "x", host="server", placement=cpy2py.ray.Placement())
     with pytest.raises(ValueError, match="fresh=True cannot be combined with placement="):

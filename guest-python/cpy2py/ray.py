@@ -103,6 +103,16 @@ class Placement:
             f"num_cpus={self.num_cpus!r}, address={self.address!r})"
         )
 
+    def _key(self) -> Tuple[Any, ...]:
+        return (sorted(self.resources.items()), self.node, self.num_cpus, self.address)
+
+    def __eq__(self, other: object) -> bool:
+        # (a twin's settings are compared: two Placements saying the same are the same)
+        return self._key() == other._key() if isinstance(other, Placement) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(repr(self._key()))
+
     def actor_options(self) -> Dict[str, Any]:
         options: Dict[str, Any] = {"num_cpus": self.num_cpus, "max_restarts": 0, "max_concurrency": 4}
         if self.resources:
