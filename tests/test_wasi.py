@@ -370,8 +370,24 @@ def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_except
     ):
         err = made({"base": base})
         assert type(err) is RemoteError and str(err) == "plugin.Err: message", base
-    for extra in ({"base": 1}, {"base": "ValueError", "more": 1}, ["ValueError"]):
+    for extra in (
+        {"base": 1},
+        {"base": "ValueError", "more": 1},
+        ["ValueError"],
+        {"notes": "a"},
+        {"notes": [1]},
+    ):
         assert made(extra).type_name == "<malformed exception>", extra
+    # notes: text, written out, at most 16
+    assert made({"notes": ["\x1b[2Jcleared", *map(str, range(20))]}).__notes__[:2] == ["\\x1b[2Jcleared", "0"]
+    assert len(made({"notes": ["n"] * 20}).__notes__) == 16
+
+
+def test_the_notes_of_a_guest_exception_come_with_it(box):
+    code = "e = ValueError('v'); e.__notes__ = ['while reading row 3']; raise e"
+    with pytest.raises(ValueError) as info:
+        box.execute(exec, code)
+    assert info.value.__notes__ == ["while reading row 3"]
 
 
 def test_a_module_the_guest_cannot_import_is_said_with_what_it_can(box):

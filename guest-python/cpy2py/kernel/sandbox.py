@@ -64,6 +64,8 @@ log = _logging.get_logger("sandbox")
 
 #: guest exception texts longer than this are cut (the frame cap bounds them anyway)
 MAX_TRACEBACK_TEXT = 64 * 1024
+#: notes of a guest's exception kept (each cut to MAX_TEXT characters)
+MAX_NOTES = 16
 #: a guest's repr/str results, and the message of a master exception sent to
 #: a guest, are cut to this many characters
 MAX_TEXT = 4096
@@ -616,7 +618,14 @@ class SandboxSerializer(Serializer):
             return RemoteError("<malformed exception>", references.safe_repr(value), None)
         kind, args, text = value[:3]
         extra = value[3] if len(value) == 4 else {}
-        if not (type(extra) is dict and set(extra) <= {"base"} and isinstance(extra.get("base", ""), str)):
+        notes = extra.get("notes", []) if type(extra) is dict else None
+        if not (
+            type(extra) is dict
+            and set(extra) <= {"base", "notes"}
+            and isinstance(extra.get("base", ""), str)
+            and type(notes) is list
+            and all(type(note) is str for note in notes)
+        ):
             return RemoteError("<malformed exception>", references.safe_repr(value), None)
         if isinstance(kind, _GuestName):
             self._forget_failure(kind)  # a type name is fine here: it is only compared, never resolved
@@ -654,6 +663,8 @@ class SandboxSerializer(Serializer):
             except Exception:  # args that do not fit the constructor
                 err = builtin.__new__(builtin)
                 err.args = tuple(args)
+        if notes:  # (shown under it by Python 3.11+; cut, and written out as its other texts)
+            err.__notes__ = [written_out(note[:MAX_TEXT]) for note in notes[:MAX_NOTES]]
         if text:
             err.__cause__ = RemoteTraceback(text)
         return err

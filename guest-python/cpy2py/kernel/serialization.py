@@ -507,12 +507,22 @@ class Serializer:
         state = self._exception_state(err) if self.trusted else None
         if state:
             fields.append(state)
-        elif not self.trusted and name[0] != "builtins":
+        elif not self.trusted:
             # (a guest's) the builtin type it derives from, which the master's
-            # RemoteError derives from too (``except ValueError`` catches it)
-            base = next((k for k in kind.__mro__ if k.__module__ == "builtins" and k is not kind), Exception)
-            if base is not Exception and base is not BaseException:
-                fields.append({"base": base.__name__})
+            # RemoteError derives from too (``except ValueError`` catches it),
+            # and its notes (``add_note``), as text
+            extra: Dict[str, Any] = {}
+            if name[0] != "builtins":
+                base = next(
+                    (k for k in kind.__mro__ if k.__module__ == "builtins" and k is not kind), Exception
+                )
+                if base is not Exception and base is not BaseException:
+                    extra["base"] = base.__name__
+            notes = getattr(err, "__notes__", None)
+            if type(notes) is list and notes:
+                extra["notes"] = [str(note) for note in notes]
+            if extra:
+                fields.append(extra)
         return fields
 
     def _exception_state(self, err: BaseException) -> Dict[str, Any]:
