@@ -412,6 +412,33 @@ def test_a_main_script_a_twin_cannot_import_is_explained(tmp_path, kind):
     assert "move the imports only the master can do" in result.stderr
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_workers_a_pool_spawns_call_the_main_scripts_twinfunctions(tmp_path, kind, method):
+    """A worker that multiprocessing starts by spawn or forkserver (the
+    default on macOS and Windows, and on Linux from Python 3.14) imports the
+    main script as ``__mp_main__``; its twinfunctions run in the worker's
+    own twins (it is a master of its own)."""
+    script = tmp_path / "pooled.py"
+    script.write_text(
+        "import multiprocessing, os, sys\n"
+        "from cpy2py import twinfunction\n"
+        f"@twinfunction({kind!r})\n"
+        "def where(x):\n"
+        "    return sys.implementation.name, os.getpid(), x\n"
+        "def work(x):\n"
+        "    name, pid, value = where(x)\n"
+        "    return name, pid != os.getpid(), value\n"
+        "if __name__ == '__main__':\n"
+        f"    with multiprocessing.get_context({method!r}).Pool(1) as pool:\n"
+        "        print('RESULTS', pool.map(work, range(3)))\n"
+    )
+    result = run_script(script)
+    assert result.returncode == 0, result.stderr
+    implementation = "pypy" if kind == "pypy3" else "cpython"
+    expected = [(implementation, True, n) for n in range(3)]
+    assert f"RESULTS {expected}" in result.stdout, result.stdout + result.stderr
+
+
 def test_a_main_script_without_its_main_guard_is_explained(tmp_path, kind):
     """A script that does its work at its top level (no ``if __name__ ==
     "__main__":``) does it again in the twin that imports it, where using

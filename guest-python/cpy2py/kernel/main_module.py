@@ -164,7 +164,9 @@ def runs_main() -> bool:
 
 
 def is_main_name(module: str) -> bool:
-    return module == "__main__" or module == MAIN_ALIAS
+    # (``__mp_main__``: the main script in a worker that multiprocessing
+    # started by spawn or forkserver, whose ``__main__`` it is)
+    return module == "__main__" or module == MAIN_ALIAS or module == "__mp_main__"
 
 
 def load() -> ModuleType:
