@@ -389,6 +389,9 @@ def test_exceptions_keep_the_attributes_they_were_given(twin):
     with pytest.raises(twin_helpers.HTTPError) as info:
         twin.execute(twin_helpers.fail_with, twin_helpers.HTTPError, "not found", 404)
     assert (info.value.args, info.value.status) == (("not found",), 404)
+    with pytest.raises(twin_helpers.StatusError) as info:  # (made again, it was "HTTP HTTP 404")
+        twin.execute(twin_helpers.fail_with, twin_helpers.StatusError, 404)
+    assert (str(info.value), info.value.args, info.value.status) == ("HTTP 404", ("HTTP 404",), 404)
     with pytest.raises(json.JSONDecodeError) as info:
         twin.execute(twin_helpers.fail_with_details)
     err = info.value

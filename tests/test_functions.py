@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -54,6 +55,35 @@ def test_bad_decorator_use_is_explained():
         @tf.twinfunction
         def oops():
             pass
+
+    with pytest.raises(TypeError, match=r"not a _lru_cache_wrapper: put @twinfunction\('pypy3'\) below"):
+
+        @tf.twinfunction("pypy3")
+        @functools.lru_cache
+        def cached(n):
+            return n
+
+
+def test_a_twinfunction_wrapped_by_another_decorator_says_to_put_it_outermost(tmp_path):
+    script = tmp_path / "wrapped.py"
+    script.write_text(
+        "import functools\n"
+        "from cpy2py import twinfunction\n"
+        "def logged(func):\n"
+        "    @functools.wraps(func)\n"
+        "    def wrapper(*args):\n"
+        "        return func(*args)\n"
+        "    return wrapper\n"
+        "@logged\n"
+        "@twinfunction('python3')\n"
+        "def crunch(n):\n"
+        "    return n\n"
+        "if __name__ == '__main__':\n"
+        "    print(crunch(2))\n"
+    )
+    result = run_script(script)
+    assert result.returncode != 0
+    assert "make @twinfunction the outermost decorator" in result.stderr, result.stderr
 
 
 def test_recursion_across_interpreters_depth_200():

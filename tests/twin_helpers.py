@@ -75,6 +75,14 @@ class HTTPError(Exception):
         self.status = status
 
 
+class StatusError(Exception):
+    """Its __init__ takes other arguments than those it passes up."""
+
+    def __init__(self, status):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 def fail_with(kind, *args):
     raise kind(*args)
 

@@ -25,6 +25,10 @@ def fresh_twin_named(twin_id: str) -> Any:
     return config if config is not None and config.fresh else None
 
 
+#: the type of a ``def`` (``types.FunctionType``, which a twin's start does not import)
+FunctionType = type(fresh_twin_named)
+
+
 def _is_coroutine_function(func: Any) -> bool:
     """An ``async def`` (its code's CO_COROUTINE flag: no ``inspect`` import,
     which a twin's start avoids)."""
@@ -50,6 +54,12 @@ def twinfunction(twinterpreter_id: str) -> Callable[[F], F]:
         )
 
     def decorator(func: F) -> F:
+        if type(func) is not FunctionType:  # (a functools.lru_cache, a partial, a class...)
+            raise TypeError(
+                f"twinfunction pins functions (def or async def) to a twin, not a "
+                f"{type(func).__qualname__}: put @twinfunction({twinterpreter_id!r}) below other "
+                "decorators such as functools.lru_cache, right above the def, so that it gets the function"
+            )
         if kernel_state.runs_pinned(twinterpreter_id):  # its own interpreter: as in the original
             func.__twin_id__ = twinterpreter_id  # type: ignore[attr-defined]
             return func

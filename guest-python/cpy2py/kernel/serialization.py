@@ -139,6 +139,25 @@ def singleton_name(obj: Any) -> Optional[List[str]]:
     return None
 
 
+def _exception_of(kind: type, args: List[Any]) -> BaseException:
+    """An exception of ``kind`` with ``args``. A type with an ``__init__`` of
+    its own is made without calling it: its args are what that passed up, not
+    what it takes (``HTTPError(404)`` says ``super().__init__("HTTP 404")``,
+    and ``HTTPError("HTTP 404")`` would say "HTTP HTTP 404"); its attributes
+    come after, from the exception's state."""
+    init_owner = next((k for k in kind.__mro__ if "__init__" in vars(k)), BaseException)
+    try:
+        if init_owner.__module__ != "builtins":
+            err = kind.__new__(kind, *args)
+            err.args = tuple(args)
+            return err
+        return kind(*args)
+    except Exception:  # (a __new__ of its own, or args a builtin type refuses)
+        err = kind.__new__(kind)
+        err.args = tuple(args)
+        return err
+
+
 def _is_twin(obj: Any) -> bool:
     """A twin object (native here) or a proxy: sent by reference, never copied."""
     if isinstance(obj, references.TwinProxy):  # (the target of every call on a proxy)
@@ -166,7 +185,9 @@ def unfindable_pinned(obj: Any) -> TypeError:
         f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)} is pinned to "
         f"{getattr(obj, '__twin_id__', '?')!r}, which cannot find it by its name: define "
         "twinfunctions and TwinObject classes at the top level of a module (not inside a "
-        "function), and use them once the module has defined them"
+        "function), use them once the module has defined them, and make @twinfunction the "
+        "outermost decorator (its name must hold what twinfunction returned, not another "
+        "decorator's wrapper of it)"
     )
 
 
@@ -709,11 +730,7 @@ class Serializer:
             name = f"{kind.module}.{kind.qualname}" if isinstance(kind, _Unresolved) else repr(kind)
             err: BaseException = RemoteError(name, ", ".join(map(str, args)), text)
         else:
-            try:
-                err = kind(*args)
-            except Exception:  # a custom __init__: restore the args only
-                err = kind.__new__(kind)
-                err.args = tuple(args)
+            err = _exception_of(kind, args)
             if len(value) == 4 and self.trusted and type(value[3]) is dict:
                 for key, item in value[3].items():
                     try:
