@@ -64,6 +64,34 @@ def test_bad_decorator_use_is_explained():
             return n
 
 
+def test_classes_nested_in_a_twin_class_are_found_by_name(tmp_path, kind):
+    """``Outer.Inner`` of a twin class pinned elsewhere: reading it asked the
+    twin, whose answer (the class, by that name) asked again, forever."""
+    script = tmp_path / "nested.py"
+    script.write_text(
+        "import sys\n"
+        "from cpy2py import TwinObject\n"
+        "class Outer(TwinObject):\n"
+        f"    __twin_id__ = {kind!r}\n"
+        "    class Meta:\n"
+        "        ordering = 'name'\n"
+        "    class Inner(TwinObject):\n"
+        f"        __twin_id__ = {kind!r}\n"
+        "        def where(self):\n"
+        "            return sys.implementation.name\n"
+        "    def make_inner(self):\n"
+        "        return Outer.Inner()\n"
+        "if __name__ == '__main__':\n"
+        "    print('META', Outer.Meta.__qualname__, Outer.Meta.ordering)\n"
+        "    print('INNER', Outer.Inner().where(), Outer().make_inner().where())\n"
+    )
+    result = run_script(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    implementation = "pypy" if kind == "pypy3" else "cpython"
+    assert "META Outer.Meta name" in result.stdout
+    assert f"INNER {implementation} {implementation}" in result.stdout
+
+
 def test_a_twinfunction_wrapped_by_another_decorator_says_to_put_it_outermost(tmp_path):
     script = tmp_path / "wrapped.py"
     script.write_text(

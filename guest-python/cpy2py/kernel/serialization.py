@@ -104,10 +104,18 @@ def import_module(name: str) -> Any:
 def lookup(module: str, qualname: str) -> Any:
     """The object named ``qualname`` in ``module``."""
     obj = import_module(module)
+    meta = None
     for part in qualname.split("."):
         if part == "<locals>":
             raise LookupError(f"{module}.{qualname} is local to a function and has no global name")
-        obj = getattr(obj, part)
+        if meta is None and isinstance(obj, type):
+            meta = references.twin_meta()
+        if meta is not None and isinstance(obj, meta):
+            # what a twin class defines, read here: its getattr asks its twin,
+            # whose answer (Outer.Inner, by this very name) would ask again
+            obj = type.__getattribute__(obj, part)
+        else:
+            obj = getattr(obj, part)
     return obj
 
 
