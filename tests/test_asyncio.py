@@ -108,6 +108,22 @@ def test_a_coroutine_function_of_the_master_is_awaited_on_its_loop(twin):
     run(main())
 
 
+def test_a_sync_call_on_a_loop_says_why_a_coroutine_callback_cannot_run(twin):
+    """A sync call made on a running loop's thread blocks that loop: a
+    coroutine function it hands the twin cannot be run there (the loop
+    waits), and the error says to await the call instead."""
+
+    async def main():
+        async def double(value):
+            return value * 2
+
+        with pytest.raises(RuntimeError, match="sync call made on the thread of a running event loop.*await"):
+            twin.execute(helpers.call_twice, double, 5)
+        assert await twin.execute_async(helpers.call_twice, double, 5) == 20
+
+    run(main())
+
+
 def test_recursion_from_async_code_through_a_twin(twin):
     kind = twin.twinterpreter_id
 

@@ -36,6 +36,21 @@ def test_instance_lives_in_its_twin(kind):
     assert where["implementation"] == ("pypy" if kind == "pypy3" else "cpython")
 
 
+def test_a_proxy_is_copied_where_its_object_lives(kind):
+    """copy.copy and copy.deepcopy of a proxy (or of a structure holding
+    one) copy the object in its twin: a proxy of an independent copy."""
+    import copy
+
+    counter = cls(kind, tc.Counter)(5)
+    config = {"lr": 0.1, "model": counter}
+    deep = copy.deepcopy(config)
+    shallow = copy.copy(counter)
+    for copied in (deep["model"], shallow):
+        assert is_proxy(copied) and copied is not counter and copied.value == 5
+    deep["model"].increment()
+    assert (counter.value, deep["model"].value, shallow.value) == (5, 6, 5)
+
+
 def test_the_type_of_a_proxy_makes_no_objects(kind):
     counter = cls(kind, tc.Counter)(5)
     with pytest.raises(

@@ -244,6 +244,16 @@ def _run_coroutine(coroutine: Any) -> Any:
     loop = getattr(_local, "loop", None)
     if loop is not None:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+    if asyncio._get_running_loop() is not None:
+        # a sync call made on a running loop's thread: that loop waits for
+        # the call, so it cannot run the coroutine, nor can a loop of its own
+        coroutine.close()
+        raise RuntimeError(
+            f"{getattr(coroutine, '__qualname__', 'a coroutine function')} was called back during a "
+            "sync call made on the thread of a running event loop, which cannot run it until that "
+            "call returns: make the call with await (execute_async, aio(...), or an async "
+            "twinfunction) so that the loop runs it"
+        )
     return asyncio.run(coroutine)
 
 

@@ -34,6 +34,7 @@ from ..protocol import codec
 from ..protocol.messages import (
     OP_CALL_METHOD,
     OP_DELATTR,
+    OP_EXECUTE,
     OP_GETATTR,
     OP_SETATTR,
 )
@@ -906,6 +907,18 @@ def call(target: Any, op: int, *operands: Any) -> Any:
     return links.connection_to(owner).request(op, target, *operands)
 
 
+def _copied_there(proxy: Any, how: str) -> Any:
+    """``copy.copy`` or ``copy.deepcopy`` of a proxy: the object is copied
+    where it lives (a proxy of the copy; a deep copy's memo stays on each
+    side, so what two proxies share there is copied twice)."""
+    import copy
+
+    link = object.__getattribute__(proxy, "__twin_link__")
+    if link is None or link.broken is not None:
+        raise _gone(proxy, link)
+    return link.request(OP_EXECUTE, getattr(copy, how), [proxy], {})
+
+
 def _gone(proxy: Any, link: Any) -> TwinterpreterTerminated:
     owner = object.__getattribute__(proxy, "__twin_owner__")
     iid = object.__getattribute__(proxy, "__instance_id__")
@@ -995,6 +1008,8 @@ _PROXY_LOCALS = frozenset(
         "_kinds",
         "__reduce_ex__",
         "__reduce__",
+        "__copy__",
+        "__deepcopy__",
         "__weakref__",
         "__is_twin_proxy__",
     }
@@ -1041,6 +1056,12 @@ class TwinProxy:
         raise TypeError(
             "a twin proxy is pickled only as a reference inside cpy2py; it cannot be pickled on its own"
         )
+
+    def __copy__(self) -> Any:
+        return _copied_there(self, "copy")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return _copied_there(self, "deepcopy")
 
     def __del__(self) -> None:
         try:
