@@ -36,6 +36,29 @@ def test_instance_lives_in_its_twin(kind):
     assert where["implementation"] == ("pypy" if kind == "pypy3" else "cpython")
 
 
+def test_async_methods_are_awaited_and_run_in_the_twin(kind):
+    """``await obj.method()`` of an ``async def`` method runs it in the
+    twin without blocking the loop, as an async twinfunction does; an async
+    classmethod too; a sync method stays sync."""
+    import asyncio
+
+    Fetcher = cls(kind, tc.Fetcher)
+    fetcher = Fetcher(3)
+
+    async def main():
+        results = await asyncio.gather(*(fetcher.fetch(n) for n in range(4)))
+        made = await Fetcher.make(5)
+        return results, await made.fetch(1), made.plain()
+
+    results, fetched, plain = asyncio.run(main())
+    implementation = "pypy" if kind == "pypy3" else "cpython"
+    assert [value for value, _, _ in results] == [0, 3, 6, 9]
+    assert {where for _, where, _ in results} == {implementation}
+    assert fetched[0] == 5 and plain == 5
+    if kind != SANDBOX_KIND:
+        assert results[0][2] != os.getpid()
+
+
 def test_a_proxy_is_copied_where_its_object_lives(kind):
     """copy.copy and copy.deepcopy of a proxy (or of a structure holding
     one) copy the object in its twin: a proxy of an independent copy."""

@@ -206,6 +206,27 @@ class Diamond(Left, Right):
         return ["Diamond"] + super().who()
 
 
+class Fetcher(TwinObject):
+    """Async methods: awaited where they are called, run in their twin."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    async def fetch(self, x):
+        import asyncio
+        import sys
+
+        await asyncio.sleep(0)
+        return x * self.factor, sys.implementation.name, os.getpid()
+
+    @classmethod
+    async def make(cls, factor):
+        return cls(factor)
+
+    def plain(self):
+        return self.factor
+
+
 class Caller(TwinObject):
     """Calls other objects, wherever they live."""
 
@@ -238,7 +259,7 @@ def _pinned_name(base: type, kind: str) -> str:
 
 
 for _kind in KINDS:
-    for _base in (Counter, Box, BoxIterator, Base, Left, Right, Diamond, Caller):
+    for _base in (Counter, Box, BoxIterator, Base, Left, Right, Diamond, Caller, Fetcher):
         _name = _pinned_name(_base, _kind)
         globals()[_name] = type(_base)(
             _name, (_base,), {"__twin_id__": _kind, "__qualname__": _name, "__module__": __name__}

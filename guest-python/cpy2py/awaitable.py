@@ -144,6 +144,15 @@ async def _to_twin(owner: str, op: int, *operands: Any) -> Any:
     return await request(await _connection_to(owner), op, *operands)
 
 
+async def call_method(target: Any, name: str, args: Any, kwargs: Dict[str, Any]) -> Any:
+    """``await proxy.method(...)`` of an ``async def`` method (references.py,
+    AsyncRemoteMethod): of an object of a twin, or of a twin class."""
+    if isinstance(target, references.TwinProxy):
+        return await _on_proxy(target, OP_CALL_METHOD, name, list(args), kwargs)
+    owner = type.__getattribute__(target, "__twin_id__")
+    return await _to_twin(owner, OP_CALL_METHOD, target, name, list(args), kwargs)
+
+
 async def _on_proxy(proxy: Any, op: int, *operands: Any) -> Any:
     link = object.__getattribute__(proxy, "__twin_link__")
     if link is None or link.broken is not None:

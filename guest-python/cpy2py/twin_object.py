@@ -13,7 +13,7 @@ from __future__ import annotations
 from . import kernel_state
 from .functions import fresh_twin_named
 from .kernel import links
-from .kernel.references import RemoteMethod, TwinProxy, call
+from .kernel.references import AsyncRemoteMethod, RemoteMethod, TwinProxy, call
 from .protocol.messages import OP_DELATTR, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
 
 TYPE_CHECKING = False
@@ -92,6 +92,8 @@ class TwinMeta(type):
         if getattr(found, "__cpy2py_local__", False):
             return type.__getattribute__(cls, name)
         if isinstance(found, (classmethod, staticmethod)) or inspect.isfunction(found):
+            if inspect.iscoroutinefunction(getattr(found, "__func__", found)):
+                return AsyncRemoteMethod(cls, name)  # (awaited, as the method would be)
             return RemoteMethod(cls, name)
         return call(cls, OP_GETATTR, name)
 

@@ -78,7 +78,7 @@ _proxies: Optional[WeakValueDictionary[Key, TwinProxy]] = None
 _flusher = False  # the flusher thread runs
 
 # how a proxy class reaches an attribute of its object
-_GETATTR, _METHOD, _LOCAL = "getattr", "method", "local"
+_GETATTR, _METHOD, _LOCAL, _ASYNC_METHOD = "getattr", "method", "local", "async method"
 
 #: special methods a proxy never forwards: they make the proxy itself work
 _NOT_FORWARDED = frozenset(
@@ -890,9 +890,11 @@ def _classify(cls: type, name: str) -> str:
         return _GETATTR
     found = inspect.getattr_static(proxied, name, None)
     if isinstance(found, (classmethod, staticmethod)):
-        return _METHOD
+        return _ASYNC_METHOD if inspect.iscoroutinefunction(found.__func__) else _METHOD
     if inspect.isfunction(found):
-        return _LOCAL if getattr(found, "__cpy2py_local__", False) else _METHOD
+        if getattr(found, "__cpy2py_local__", False):
+            return _LOCAL
+        return _ASYNC_METHOD if inspect.iscoroutinefunction(found) else _METHOD
     return _GETATTR
 
 
@@ -984,6 +986,19 @@ class RemoteMethod:
         return _without_first(signature) if bound else signature
 
 
+class AsyncRemoteMethod(RemoteMethod):
+    # An ``async def`` method of a twin class: calling it returns a coroutine
+    # that runs the method in its twin, awaited without blocking the loop
+    # (as calling an async twinfunction does; cpy2py/awaitable.py)
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ..awaitable import call_method
+
+        return call_method(self.__self__, self.__name__, args, kwargs)
+
+
 def _without_first(signature: Any) -> Any:
     """``signature`` as bound: without its first parameter (self, cls) if
     that is a positional one (``*args`` takes it instead and stays)."""
@@ -1040,6 +1055,8 @@ class TwinProxy:
             kind = cls._kinds[name] = _classify(cls, name)
         if kind is _METHOD:
             return RemoteMethod(self, name)
+        if kind is _ASYNC_METHOD:
+            return AsyncRemoteMethod(self, name)
         if kind is _LOCAL:
             import inspect
 
