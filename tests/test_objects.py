@@ -59,6 +59,27 @@ def test_async_methods_are_awaited_and_run_in_the_twin(kind):
         assert results[0][2] != os.getpid()
 
 
+def test_async_with_and_async_for_run_in_the_twin(kind):
+    import asyncio
+
+    async def main():
+        stream = cls(kind, tc.Stream)(3)
+        async with stream as opened:
+            assert opened is stream and stream.state == "open"
+            items = [item async for item in stream]
+        after = stream.state
+        async with cls(kind, tc.Stream)(0) as swallowing:
+            raise KeyError("swallowed by __aexit__")
+        with pytest.raises(ValueError):
+            async with cls(kind, tc.Stream)(0):
+                raise ValueError("goes on")
+        return items, after, swallowing.state
+
+    items, after, swallowed = asyncio.run(main())
+    assert items == [2, 1, 0] and after == "closed after nothing"
+    assert swallowed == "closed after KeyError"
+
+
 def test_a_proxy_is_copied_where_its_object_lives(kind):
     """copy.copy and copy.deepcopy of a proxy (or of a structure holding
     one) copy the object in its twin: a proxy of an independent copy."""

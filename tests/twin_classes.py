@@ -227,6 +227,31 @@ class Fetcher(TwinObject):
         return self.factor
 
 
+class Stream(TwinObject):
+    """An async context manager and async iterator."""
+
+    def __init__(self, count):
+        self.count = count
+        self.state = "new"
+
+    async def __aenter__(self):
+        self.state = "open"
+        return self
+
+    async def __aexit__(self, kind, value, traceback):
+        self.state = f"closed after {kind.__name__ if kind else 'nothing'}"
+        return kind is KeyError  # swallows KeyError only
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.count == 0:
+            raise StopAsyncIteration
+        self.count -= 1
+        return self.count
+
+
 class Caller(TwinObject):
     """Calls other objects, wherever they live."""
 
@@ -259,7 +284,7 @@ def _pinned_name(base: type, kind: str) -> str:
 
 
 for _kind in KINDS:
-    for _base in (Counter, Box, BoxIterator, Base, Left, Right, Diamond, Caller, Fetcher):
+    for _base in (Counter, Box, BoxIterator, Base, Left, Right, Diamond, Caller, Fetcher, Stream):
         _name = _pinned_name(_base, _kind)
         globals()[_name] = type(_base)(
             _name, (_base,), {"__twin_id__": _kind, "__qualname__": _name, "__module__": __name__}

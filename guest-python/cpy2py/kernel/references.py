@@ -765,6 +765,9 @@ def _special_names(cls: type) -> set:
 
 
 def _forwarder(name: str) -> Any:
+    if name in _ASYNC_SPECIALS:
+        return _async_forwarder(name)
+
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         link = object.__getattribute__(self, "__twin_link__")
         if name == "__exit__" and len(args) == 3:
@@ -777,6 +780,29 @@ def _forwarder(name: str) -> Any:
         if name in _TEXT_METHODS:
             return _serializer(link).received_text(result)
         return result
+
+    forward.__name__ = name
+    return forward
+
+
+#: special methods that return awaitables (``async with``, ``async for``)
+_ASYNC_SPECIALS = frozenset({"__aenter__", "__aexit__", "__anext__"})
+
+
+def _async_forwarder(name: str) -> Any:
+    """A special method of ``async with`` or ``async for``: a coroutine that
+    runs it in its twin, awaited on the caller's loop (cpy2py/awaitable.py)."""
+
+    async def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from ..awaitable import call_method
+
+        if name == "__aexit__" and len(args) == 3:  # (as __exit__'s, above)
+            args = _serializer(object.__getattribute__(self, "__twin_link__")).exit_arguments(
+                args[0], args[1]
+            )
+            if args is None:
+                return None
+        return await call_method(self, name, args, kwargs)
 
     forward.__name__ = name
     return forward
