@@ -342,6 +342,9 @@ def test_a_guest_exception_of_its_own_type_is_caught_as_its_builtin_base(box, pl
         box.execute(eval, "__import__('json').loads('{bad')")
     assert isinstance(info.value, RemoteError) and info.value.type_name == "json.decoder.JSONDecodeError"
     assert type(info.value).__name__ == "RemoteValueError"
+    from cpy2py.errors import RemoteValueError  # (found by its name, in any interpreter)
+
+    assert type(info.value) is RemoteValueError
     with pytest.raises(KeyError) as info:
         box.execute(plugin.fail_with, "LookupKeyError", "missing")
     assert isinstance(info.value, RemoteError) and info.value.type_name == "wasi_plugin_mod.LookupKeyError"

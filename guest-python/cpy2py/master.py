@@ -467,12 +467,8 @@ class TwinMaster:
     )
 
     def _other_settings(self, other: TwinMaster) -> List[str]:
-        """The settings of ``other`` that differ from this one's, as ``name=value``."""
-        return [
-            f"{name}={getattr(other, name)!r}"
-            for name in self._SETTINGS
-            if getattr(other, name) != getattr(self, name)
-        ]
+        """The names of the settings of ``other`` that differ from this one's."""
+        return [name for name in self._SETTINGS if getattr(other, name) != getattr(self, name)]
 
     def _check_running(
         self, twin: Optional[_Twin], stacklevel: int = 2, who: str = "this TwinMaster"
@@ -491,12 +487,11 @@ class TwinMaster:
         if not differ:
             return
         twin_id = self.twinterpreter_id
-        asked = ", ".join(
-            f"{item.split('=', 1)[0]}={getattr(self, item.split('=', 1)[0])!r}" for item in differ
-        )
+        running = ", ".join(f"{name}={getattr(twin.master, name)!r}" for name in differ)
+        asked = ", ".join(f"{name}={getattr(self, name)!r}" for name in differ)
         if twin.sandboxed:
             raise TwinterpreterUnavailable(
-                f"the sandboxed twinterpreter {twin_id!r} is running already with {', '.join(differ)}, "
+                f"the sandboxed twinterpreter {twin_id!r} is running already with {running}, "
                 f"and {who} asks for {asked}: a sandbox runs only with the settings it was "
                 f"started with. Stop it first (TwinMaster(twinterpreter_id={twin_id!r}).stop()), reach "
                 f"it with its own settings by TwinMaster(twinterpreter_id={twin_id!r}), or give this "
@@ -508,7 +503,7 @@ class TwinMaster:
         import warnings
 
         warnings.warn(
-            f"twinterpreter {twin_id!r} is running already, started with {', '.join(differ)}: it goes "
+            f"twinterpreter {twin_id!r} is running already, started with {running}: it goes "
             f"on with those settings, not those of {who} ({asked}); stop() it first to start it "
             "with these",
             RuntimeWarning,
