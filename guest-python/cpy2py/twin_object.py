@@ -10,6 +10,8 @@ written in the native one, and its methods and classmethods run there.
 
 from __future__ import annotations
 
+import abc
+
 from . import kernel_state
 from .functions import fresh_twin_named
 from .kernel import links
@@ -67,8 +69,27 @@ class _ClassSignature:
         return None
 
 
-class TwinMeta(type):
-    """Metaclass of twin classes: routes instantiation and class attributes."""
+def _kept_here(name: str) -> bool:
+    """Class attributes that are never routed: special names, and the state
+    ``abc.ABCMeta`` keeps in each class (``_abc_impl``)."""
+    return name[:2] == "__" or name[:5] == "_abc_"
+
+
+def _of_metaclass(cls: type, name: str) -> bool:
+    """Whether ``name`` is an attribute of the metaclass that the class does
+    not define (a method of the class object itself)."""
+    return any(name in vars(meta) for meta in type(cls).__mro__) and not any(
+        name in vars(klass) for klass in type.__getattribute__(cls, "__mro__")
+    )
+
+
+class TwinMeta(abc.ABCMeta):
+    """Metaclass of twin classes: routes instantiation and class attributes.
+
+    An ``abc.ABCMeta``, so that a twin class may also derive from
+    ``abc.ABC`` (or any other abstract base class) and declare abstract
+    methods: its native interpreter refuses to instantiate it as Python does.
+    """
 
     __signature__ = _ClassSignature()
 
@@ -84,10 +105,12 @@ class TwinMeta(type):
         return links.connection_to(owner).request(OP_INSTANTIATE, cls, list(args), kwargs)
 
     def __getattribute__(cls, name: str) -> Any:
-        if name[:2] == "__" or _attributes_here(cls):
+        if _kept_here(name) or _attributes_here(cls):
             return type.__getattribute__(cls, name)
         import inspect  # only classes native elsewhere get here; keeps twins' start light
 
+        if _of_metaclass(cls, name):  # (ABCMeta.register, type.mro: about the class object here)
+            return type.__getattribute__(cls, name)
         found = inspect.getattr_static(cls, name, None)
         if getattr(found, "__cpy2py_local__", False):
             return type.__getattribute__(cls, name)
@@ -98,13 +121,13 @@ class TwinMeta(type):
         return call(cls, OP_GETATTR, name)
 
     def __setattr__(cls, name: str, value: Any) -> None:
-        if name[:2] == "__" or _attributes_here(cls):
+        if _kept_here(name) or _attributes_here(cls):
             type.__setattr__(cls, name, value)
         else:
             call(cls, OP_SETATTR, name, value)
 
     def __delattr__(cls, name: str) -> None:
-        if name[:2] == "__" or _attributes_here(cls):
+        if _kept_here(name) or _attributes_here(cls):
             type.__delattr__(cls, name)
         else:
             call(cls, OP_DELATTR, name)
@@ -113,7 +136,7 @@ class TwinMeta(type):
         proxied = getattr(type(obj), "__proxied_class__", None)
         if isinstance(proxied, type):
             return issubclass(proxied, cls)
-        return type.__instancecheck__(cls, obj)
+        return abc.ABCMeta.__instancecheck__(cls, obj)
 
 
 class TwinObject(metaclass=TwinMeta):
@@ -123,6 +146,8 @@ class TwinObject(metaclass=TwinMeta):
     ``object`` wherever it is native.
     """
 
+    #: (a subclass that declares ``__slots__`` gets instances without a ``__dict__``)
+    __slots__ = ()
     __twin_id__: str = kernel_state.MASTER_ID
     #: the original's marker: False here, True on proxies
     __is_twin_proxy__: bool = False

@@ -885,6 +885,15 @@ def _make_proxy_class(info: Any, specials: set, proxied: Any, methods: Optional[
             namespace["__repr__"] = _capability_repr
     for special in forwarded:
         namespace[special] = _forwarder(special)
+    if proxied is not None:
+        # a proxy of a twin class says it is one (``p.__class__``, what
+        # isinstance, functools.singledispatch and ``self.__class__(...)``
+        # in a localmethod ask), and carries the description of the
+        # dataclass it stands for (dataclasses.fields, asdict, replace)
+        namespace["__class__"] = property(lambda self: proxied)
+        for name in ("__dataclass_fields__", "__dataclass_params__"):
+            if hasattr(proxied, name):
+                namespace[name] = getattr(proxied, name)
     if has_eq:
         namespace["__eq__"] = _forwarder("__eq__")
         namespace["__hash__"] = None if unhashable else _forwarder("__hash__")
@@ -1053,6 +1062,8 @@ _PROXY_LOCALS = frozenset(
         "__deepcopy__",
         "__weakref__",
         "__is_twin_proxy__",
+        "__dataclass_fields__",
+        "__dataclass_params__",
     }
 )
 
