@@ -418,6 +418,70 @@ def test_unknown_exception_type_becomes_remote_error(twin):
     assert "raise_local_type" in info.value.traceback_text
 
 
+def test_an_exception_of_a_type_the_receiver_cannot_find_is_caught_as_its_builtin_base(twin):
+    """A twin's exception of a type the master cannot find (a class local to a
+    function, a module only the twin has) is a RemoteError that also derives
+    from the builtin type that type derives from: ``except ValueError``
+    catches it. It keeps the type name, message, remote traceback and notes."""
+    with pytest.raises(ValueError) as info:
+        twin.execute(twin_helpers.raise_local_subclass, "ValueError", "bad value", note="while parsing")
+    err = info.value
+    assert isinstance(err, RemoteError) and type(err).__name__ == "RemoteValueError"
+    assert err.type_name == "twin_helpers.raise_local_subclass.<locals>.LocalError"
+    assert str(err) == "twin_helpers.raise_local_subclass.<locals>.LocalError: bad value"
+    assert "raise_local_subclass" in err.traceback_text and isinstance(err.__cause__, RemoteTraceback)
+    assert err.__notes__ == ["while parsing"]
+    with pytest.raises(KeyError) as info:
+        twin.execute(twin_helpers.raise_of_a_module_only_here, "missing")
+    assert isinstance(info.value, RemoteError) and type(info.value).__name__ == "RemoteKeyError"
+    assert info.value.type_name == "only_in_this_twin.MissingThere"
+    with pytest.raises(LookupError):  # (a base of the base)
+        twin.execute(twin_helpers.raise_local_subclass, "IndexError", "out of range")
+    with pytest.raises(RemoteError) as info:  # (OSError's constructor gives its args a meaning)
+        twin.execute(twin_helpers.raise_local_subclass, "OSError", "no such thing")
+    assert not isinstance(info.value, OSError)
+    native_only(kind_of(twin), "a guest names the nearest builtin base only (test_wasi.py)")
+    # the nearest builtin base with a plain constructor: UnicodeDecodeError's is ValueError
+    with pytest.raises(ValueError) as info:
+        twin.execute(
+            twin_helpers.raise_local_subclass, "UnicodeDecodeError", "utf-8", b"\xff", 0, 1, "invalid"
+        )
+    assert type(info.value).__name__ == "RemoteValueError"
+
+    # the other way: the master's exception of a type the twin cannot find
+    def master_only():
+        class OnlyInTheMaster(ValueError):
+            pass
+
+        raise OnlyInTheMaster("from the master")
+
+    name = f"{__name__}.{master_only.__qualname__}.<locals>.OnlyInTheMaster"
+    caught = twin.execute(twin_helpers.caught_as, "ValueError", master_only)
+    assert caught == ("RemoteValueError", f"{name}: from the master")
+
+
+def test_the_builtin_base_of_an_exception_type_not_found_is_taken_from_builtins_only():
+    """What a trusted peer names as its exception type's builtin base (the
+    ``__cpy2py_base__`` key of its attributes) is looked up among the
+    builtin Exception types only, and is never set as an attribute."""
+    from cpy2py.kernel.serialization import BASE_KEY, Serializer, _Unresolved
+
+    serializer = Serializer("exceptions")
+
+    def made(state, kind=None):
+        return serializer._exception([kind or _Unresolved("app", "Err"), ["message"], None, state])
+
+    assert type(made({BASE_KEY: "LookupError"})).__name__ == "RemoteLookupError"
+    assert type(made({BASE_KEY: "UnicodeDecodeError"})).__name__ == "RemoteValueError"
+    for base in ("KeyboardInterrupt", "SystemExit", "OSError", "FileNotFoundError", "os", "RemoteError", 3):
+        err = made({BASE_KEY: base})
+        assert type(err) is RemoteError and str(err) == "app.Err: message", base
+    err = made({BASE_KEY: "ValueError", "status": 404, "__notes__": ["noted"]})
+    assert err.__notes__ == ["noted"] and not hasattr(err, "status")  # (a RemoteError's own attributes stay)
+    err = made({BASE_KEY: "ValueError", "status": 404}, kind=twin_helpers.CustomError)
+    assert type(err) is twin_helpers.CustomError and err.status == 404 and not hasattr(err, BASE_KEY)
+
+
 def test_os_errors_keep_their_subclass(twin):
     with pytest.raises(FileNotFoundError):
         twin.execute(open, "/nonexistent/cpy2py/file")

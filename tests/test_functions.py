@@ -413,6 +413,74 @@ def test_functions_and_classes_of_the_main_block_run_in_the_master(tmp_path, kin
     assert "MAIN BLOCK DEFINITIONS OK" in result.stdout
 
 
+MAIN_NAMES_SCRIPT = """
+import threading
+from cpy2py import TwinMaster, TwinObject, twinfunction
+
+class Thing:  # not a twin class; it holds a lock: kept where it is made
+    def __init__(self):
+        self.lock = threading.Lock()
+
+class Pinned(TwinObject):
+    __twin_id__ = KIND
+
+class AppError(ValueError):
+    pass
+
+@twinfunction(KIND)
+def make_thing():
+    return Thing()
+
+@twinfunction(KIND)
+def fail(local):
+    if local:
+        class Hidden(ValueError):  # no peer finds it by its name
+            pass
+
+        raise Hidden("hidden")
+    raise AppError("app")
+
+if __name__ == "__main__":
+    twin = TwinMaster(KIND)
+    twin.start()
+    thing = make_thing()
+    print("REPR", repr(thing))
+    print("STR", str(thing))
+    print("FORMAT", f"{thing}")
+    pinned = Pinned()
+    print("PINNED", repr(pinned), str(pinned))
+    for local in (False, True):
+        try:
+            fail(local)
+        except ValueError as err:
+            print("ERROR", type(err).__module__, err)
+            print("CAUSE", err.__cause__.traceback_text.strip().splitlines()[-1])
+    twin.stop()
+"""
+
+
+def test_the_objects_of_the_main_script_a_twin_shows_name_its_module_main(tmp_path, kind):
+    """A twin loads the master's script as a module of its own name
+    (``__cpy2py_main__``); what it shows of an object or exception of a
+    class the script defines names ``__main__``, as the master would."""
+    script = tmp_path / "app.py"
+    script.write_text(MAIN_NAMES_SCRIPT.replace("KIND", repr(kind)))
+    result = run_script(script)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "__cpy2py_main__" not in out, out
+    for line in (
+        "REPR <__main__.Thing object at 0x",
+        "STR <__main__.Thing object at 0x",
+        "FORMAT <__main__.Thing",
+    ):
+        assert line in out, out
+    assert "PINNED <__main__.Pinned object at 0x" in out, out
+    assert "ERROR __main__ app" in out and "CAUSE AppError: app" in out, out
+    assert "ERROR cpy2py.errors __main__.fail.<locals>.Hidden: hidden" in out, out
+    assert "CAUSE fail.<locals>.Hidden: hidden" in out, out
+
+
 def test_the_names_a_main_block_binds_are_found_in_its_source(tmp_path):
     from cpy2py.kernel import main_module
 

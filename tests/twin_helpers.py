@@ -112,6 +112,42 @@ def raise_local_type():
     raise OnlyInTheTwin("local type")
 
 
+def raise_local_subclass(base_name, *args, note=None):
+    """Raise an exception of a class local to this function (no peer finds
+    it by its name) that derives from the builtin type ``base_name``."""
+    import builtins
+
+    class LocalError(getattr(builtins, base_name)):
+        pass
+
+    err = LocalError(*args)
+    if note is not None:
+        err.__notes__ = [note]  # (what add_note does, on any version)
+    raise err
+
+
+def raise_of_a_module_only_here(message):
+    """Raise an exception whose class is a module-level one of a module
+    this interpreter has and its peers do not."""
+    module = sys.modules.get("only_in_this_twin")
+    if module is None:
+        module = type(sys)("only_in_this_twin")
+        exec("class MissingThere(KeyError):\n    pass\n", vars(module))
+        sys.modules["only_in_this_twin"] = module
+    raise module.MissingThere(message)
+
+
+def caught_as(base_name, func, *args):
+    """Call ``func``: the type of what ``except <base_name>`` caught of it."""
+    import builtins
+
+    try:
+        func(*args)
+    except getattr(builtins, base_name) as err:
+        return type(err).__name__, str(err)
+    return None
+
+
 def talk(text):
     print(text, flush=True)
     os.write(1, b"raw fd 1 output\n")

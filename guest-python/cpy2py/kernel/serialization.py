@@ -22,7 +22,7 @@ import sys
 
 from .. import kernel_state
 from ..capabilities import Exposed
-from ..errors import ProtocolError, RemoteError, RemoteTraceback, TwinError
+from ..errors import ProtocolError, RemoteError, RemoteTraceback, TwinError, remote_error_type
 from ..protocol import codec, tags
 from ..protocol.messages import (
     OP_CALL_METHOD,
@@ -377,9 +377,63 @@ def format_exception(err: BaseException) -> str:
             part.stack = traceback.StackSummary.from_list(
                 [frame for frame in stack if not frame.filename.startswith(_PACKAGE_PREFIX)]
             )
+        if type(exc).__module__ == main_module.MAIN_ALIAS:
+            _show_as_main(part, type(exc))
         todo += [(part.__cause__, exc.__cause__), (part.__context__, exc.__context__)]
         todo += zip(getattr(part, "exceptions", None) or (), getattr(exc, "exceptions", ()))
     return "".join(shown.format())
+
+
+def _show_as_main(part: Any, kind: type) -> None:
+    """Make the traceback description ``part`` of an exception of ``kind``, a
+    class of this twin's copy of the master's script (``__cpy2py_main__``),
+    name it as the master would its ``__main__``'s: by its qualname alone."""
+    if "exc_type_module" in vars(part):  # (3.13+: exc_type_str is made of it)
+        part.exc_type_module = "__main__"
+    elif getattr(part, "exc_type", None) is kind:  # (before: read from the type)
+        part.exc_type = type(
+            kind.__name__,
+            (SyntaxError if issubclass(kind, SyntaxError) else Exception,),
+            {"__module__": "__main__", "__qualname__": kind.__qualname__},
+        )
+
+
+def shown_module(module: str) -> str:
+    """The module name a peer is told for a type or function of ``module``:
+    ``__main__`` for this twin's copy of the master's script (which the
+    master's own user knows as ``__main__``, and every peer looks up as it)."""
+    return "__main__" if module == main_module.MAIN_ALIAS else module
+
+
+#: the key of an exception's attributes (the fourth item of its value, on
+#: trusted links) that names the builtin type its own type derives from, for
+#: a receiver that cannot find that type (never set as an attribute)
+BASE_KEY = "__cpy2py_base__"
+
+
+def builtin_base(kind: type) -> Optional[str]:
+    """The name of the nearest builtin type ``kind`` derives from, unless that
+    is Exception or BaseException (None)."""
+    base = next((k for k in kind.__mro__ if k.__module__ == "builtins" and k is not kind), Exception)
+    return None if base is Exception or base is BaseException else base.__name__
+
+
+def remote_error_near(base_name: Any) -> type:
+    """The ``RemoteError`` type for an exception from a trusted peer whose
+    type cannot be found here, but which derives from the builtin type
+    ``base_name``: the ``Remote<type>`` of the nearest builtin ``Exception``
+    type with a plain constructor among that one and its bases (a
+    ``UnicodeDecodeError``'s is ``RemoteValueError``), else ``RemoteError``."""
+    base = vars(builtins).get(base_name) if type(base_name) is str else None
+    if not (isinstance(base, type) and issubclass(base, Exception)):
+        return RemoteError
+    for klass in base.__mro__:
+        if klass is Exception:
+            break
+        found = remote_error_type(klass)
+        if found is not RemoteError:
+            return found
+    return RemoteError
 
 
 class Serializer:
@@ -520,7 +574,7 @@ class Serializer:
         kind = type(err)
         # the type's own name even if it cannot be looked up here: the
         # receiver then raises a RemoteError that names it
-        name = (getattr(kind, "__module__", "builtins"), kind.__qualname__)
+        name = (shown_module(getattr(kind, "__module__", "builtins")), kind.__qualname__)
         args = list(err.args)
         if not self.trusted and isinstance(err, OSError) and len(args) == 2 and err.filename is not None:
             # (where no state follows: a guest's) the file names as OSError's arguments
@@ -533,20 +587,22 @@ class Serializer:
         finally:  # a trial: the args are encoded (and exported) again below
             references.undo_exports(mark)
         fields = [_GlobalRef(name), args, format_exception(err)]
-        state = self._exception_state(err) if self.trusted else None
-        if state:
-            fields.append(state)
-        elif not self.trusted:
-            # (a guest's) the builtin type it derives from, which the master's
-            # RemoteError derives from too (``except ValueError`` catches it),
-            # and its notes (``add_note``), as text
+        # the builtin type its type derives from: a receiver that cannot find
+        # its type raises a RemoteError that derives from it too (``except
+        # ValueError`` catches it)
+        base = builtin_base(kind) if name[0] != "builtins" else None
+        if self.trusted:
+            state = self._exception_state(err)
+            state.pop(BASE_KEY, None)
+            if base is not None:
+                state[BASE_KEY] = base
+            if state:
+                fields.append(state)
+        else:
+            # (a guest's) that base, and its notes (``add_note``), as text
             extra: Dict[str, Any] = {}
-            if name[0] != "builtins":
-                base = next(
-                    (k for k in kind.__mro__ if k.__module__ == "builtins" and k is not kind), Exception
-                )
-                if base is not Exception and base is not BaseException:
-                    extra["base"] = base.__name__
+            if base is not None:
+                extra["base"] = base
             notes = getattr(err, "__notes__", None)
             if type(notes) is list and notes:
                 extra["notes"] = [str(note) for note in notes]
@@ -734,17 +790,23 @@ class Serializer:
         kind, args, text = value[:3]
         if isinstance(kind, _Unresolved):
             self._forget_failure(kind)
+        state = value[3] if len(value) == 4 and self.trusted and type(value[3]) is dict else {}
         if isinstance(kind, _Unresolved) or not (isinstance(kind, type) and issubclass(kind, BaseException)):
             name = f"{kind.module}.{kind.qualname}" if isinstance(kind, _Unresolved) else repr(kind)
-            err: BaseException = RemoteError(name, ", ".join(map(str, args)), text)
+            remote = remote_error_near(state.get(BASE_KEY))
+            err: BaseException = remote(name, ", ".join(map(str, args)), text)
+            notes = state.get("__notes__")
+            if type(notes) is list and notes:  # (shown under it by Python 3.11+)
+                err.__notes__ = [str(note) for note in notes]
         else:
             err = _exception_of(kind, args)
-            if len(value) == 4 and self.trusted and type(value[3]) is dict:
-                for key, item in value[3].items():
-                    try:
-                        setattr(err, key, item)
-                    except Exception:  # (a read-only property of its class, say)
-                        pass
+            for key, item in state.items():
+                if key == BASE_KEY:
+                    continue
+                try:
+                    setattr(err, key, item)
+                except Exception:  # (a read-only property of its class, say)
+                    pass
         if text:
             err.__cause__ = RemoteTraceback(text)
         return err
@@ -804,7 +866,12 @@ class Serializer:
                 # a class's data model is its metaclass's: repr(cls) is
                 # type(cls).__repr__(cls), not the unbound __repr__ of its instances
                 return getattr(type(obj), name)(obj, *args, **kwargs)
-            return getattr(obj, name)(*args, **kwargs)
+            result = getattr(obj, name)(*args, **kwargs)
+            if type(result) is str and result.startswith(_MAIN_REPR) and _default_repr(obj, name):
+                # object's repr of an instance of a class of this twin's copy
+                # of the master's script: the name its user knows it by
+                result = "<__main__." + result[len(_MAIN_REPR) :]
+            return result
         if op == OP_EXECUTE or op == OP_INSTANTIATE:
             func, args, kwargs = operands
             return func(*args, **kwargs)
@@ -815,6 +882,28 @@ class Serializer:
         if op == OP_DELATTR:
             return delattr(*operands)
         raise ProtocolError(f"unknown request operation {op!r}")
+
+
+#: how object's repr of an instance of a class of this twin's copy of the
+#: master's script starts (``<__cpy2py_main__.Thing object at 0x...>``)
+_MAIN_REPR = f"<{main_module.MAIN_ALIAS}."
+_CLASS_NAMESPACE = type.__dict__["__dict__"]
+
+
+def _default_repr(obj: Any, name: str) -> bool:
+    """Whether ``obj.<name>()`` (``__repr__`` or ``__str__``) is object's:
+    the type's module and qualname in angle brackets. Looked up in the
+    classes' namespaces (nothing of a metaclass runs)."""
+    if name not in ("__repr__", "__str__"):
+        return False
+    wanted = {"__repr__"} if name == "__repr__" else {"__repr__", "__str__"}
+    for klass in type.__getattribute__(type(obj), "__mro__"):
+        namespace = _CLASS_NAMESPACE.__get__(klass)
+        for method in [m for m in wanted if m in namespace]:
+            if namespace[method] is not vars(object)[method]:
+                return False
+            wanted.discard(method)
+    return not wanted
 
 
 _BARE_NOTE = " (cpy2py: the full exception could not be sent)"
@@ -833,7 +922,7 @@ def bare_failure(req_id: int, err: BaseException, trusted: bool = True) -> bytes
         kind = type(err)
         builtin = vars(builtins).get(kind.__name__) is kind
         try:
-            text = str(err) if builtin else f"{kind.__module__}.{kind.__qualname__}: {err}"
+            text = str(err) if builtin else f"{shown_module(kind.__module__)}.{kind.__qualname__}: {err}"
         except BaseException:  # a failing __str__
             text = kind.__qualname__
         name = kind.__name__ if builtin else "RuntimeError"
