@@ -6,8 +6,11 @@ not know fails here, naming the frame."""
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import gc
 import threading
+import uuid
 
 import pytest
 import twin_functions
@@ -56,6 +59,10 @@ def _session(kind: str, twin: TwinMaster) -> None:
     every_type = [None, True, 7, -8, 2**70, -(2**70), 1.5, "text", b"bytes", bytearray(b"ba")]
     every_type += [[1], {"k": 1, 2: "v"}, (1, 2), {3}, frozenset({4}), 1 + 2j]
     assert twin.execute(twin_helpers.echo, every_type) == every_type  # execute
+    if kind == SANDBOX_KIND:  # dates, Decimals and UUIDs as values (tag 40016), both ways
+        dated = [datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.timezone.utc), decimal.Decimal("1.5")]
+        dated.append(uuid.UUID(int=7))
+        assert twin.execute(twin_helpers.echo, dated) == dated
     with pytest.raises(ValueError, match="boom"):  # a raise from the twin
         counter.fail(ValueError, "boom")
 
@@ -121,6 +128,12 @@ def test_a_frame_that_drifted_from_the_spec_is_refused() -> None:
     with pytest.raises(ProtocolError, match="pickle on a sandboxed link"):
         pickled = codec.dumps([1, 1, Account()], lambda obj: (tags.PICKLE, b"\x80\x04N."))
         check_frame(pickled, "message", "twin", "sandboxed")
+    dated = codec.dumps([1, 1, Account()], lambda obj: (tags.STD_VALUE, ["datetime.date", 2026, 1, 2]))
+    assert check_frame(dated, "message", "twin", "sandboxed") == "reply"
+    for content in ([2026, "datetime.date"], "datetime.date"):
+        frame = codec.dumps([1, 1, Account()], lambda obj, content=content: (tags.STD_VALUE, content))
+        with pytest.raises(ProtocolError, match="40016|standard-library value"):
+            check_frame(frame, "message", "twin")
     with pytest.raises(ValueError, match="sender must be"):
         check_frame(codec.dumps([1, 1, None]), "message", "guest")
 

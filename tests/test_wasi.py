@@ -240,6 +240,95 @@ def test_data_round_trips(box):
     assert box.execute(dict, value) == value
 
 
+def _std_values():
+    import datetime
+    import decimal
+    import uuid
+
+    hours = datetime.timedelta(hours=5, minutes=30)
+    return [
+        datetime.datetime(2026, 12, 7, 18, 30, 5, 123456),
+        datetime.datetime(2026, 3, 29, 2, 30, fold=1, tzinfo=datetime.timezone(hours, "IST")),
+        datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+        datetime.date(1999, 12, 31),
+        datetime.time(23, 59, 59, 999999, tzinfo=datetime.timezone(-hours)),
+        datetime.timedelta(days=-3, seconds=5, microseconds=7),
+        datetime.timezone(datetime.timedelta(hours=-9, microseconds=1)),
+        decimal.Decimal("3.14159265358979323846264338327950288"),
+        decimal.Decimal("-0.000"),
+        decimal.Decimal("NaN"),
+        decimal.Decimal("-Infinity"),
+        decimal.Decimal("1E+999999"),
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    ]
+
+
+@pytest.mark.parametrize("value", _std_values(), ids=repr)
+def test_dates_decimals_and_uuids_cross_as_values_both_ways(box, value):
+    """The guest gets a date, time, Decimal or UUID as its own value of that
+    type (not a proxy of the master's), and what it returns of them is one
+    here: equal, of the same type, with the same repr (fold, zone names)."""
+    name, back = box.execute(eval, "(f'{type(v).__module__}.{type(v).__qualname__}', v)", {"v": value})
+    assert name == f"{type(value).__module__}.{type(value).__qualname__}"
+    assert type(back) is type(value) and not is_proxy(back)
+    assert repr(back) == repr(value) and str(back) == str(value)
+
+
+def test_a_guest_computes_with_dates_and_decimals_it_is_given(box):
+    import datetime
+    import decimal
+
+    start = datetime.datetime(2026, 12, 31, 23, 0, tzinfo=datetime.timezone.utc)
+    later = box.execute(eval, "v + __import__('datetime').timedelta(hours=2)", {"v": start})
+    assert later == datetime.datetime(2027, 1, 1, 1, 0, tzinfo=datetime.timezone.utc)
+    total = box.execute(sum, [decimal.Decimal("0.1")] * 3, decimal.Decimal(0))
+    assert total == decimal.Decimal("0.3") and type(total) is decimal.Decimal
+    made = guest_eval(box, "__import__('uuid').uuid5(__import__('uuid').NAMESPACE_DNS, 'python.org')")
+    assert made == __import__("uuid").uuid5(__import__("uuid").NAMESPACE_DNS, "python.org")
+
+
+def test_other_dates_stay_references(box):
+    """Only those exact types cross as values: a subclass, or a datetime whose
+    tzinfo is not a fixed offset, is handed as an object the guest may not
+    look into, and comes back as itself."""
+    import datetime
+
+    class Stamp(datetime.datetime):
+        pass
+
+    class Zone(datetime.tzinfo):
+        def utcoffset(self, dt):
+            return datetime.timedelta(hours=1)
+
+    for value in (Stamp(2026, 1, 1), datetime.datetime(2026, 1, 1, tzinfo=Zone())):
+        assert box.execute(eval, "v", {"v": value}) is value
+
+
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (["datetime.datetime", 2026, 13, 1, 0, 0, 0, 0, 0, None], "month must be in 1..12"),
+        (["datetime.datetime", True, 1, 1, 0, 0, 0, 0, 0, None], "must be 8 ints"),
+        (["datetime.datetime", 2026, 1, 1, 0, 0, 0, 0, 0, "UTC"], "tzinfo must be null"),
+        (["datetime.date", 2026, 1], "expected 3 fields"),
+        (["datetime.timedelta", 10**12, 0, 0], "malformed datetime.timedelta"),
+        (["datetime.timezone", 2, 0, 0, None], "malformed datetime.timezone"),
+        (["decimal.Decimal", "9" * 5000], "at most 4300 characters"),
+        (["decimal.Decimal", "__import__('os')"], "is not a decimal number"),
+        (["uuid.UUID", b"short"], "16 bytes"),
+        (["os.system", "echo owned"], "unknown standard-library type 'os.system'"),
+        ([1, 2], "not [type name, fields...]"),
+    ],
+)
+def test_a_malformed_date_or_decimal_from_a_guest_fails_its_call_only(box, plugin, content, said):
+    answer = box.execute(plugin.raw_request, 40016, content)
+    assert answer[0] == 2 and answer[1] == 999999, answer  # a raise, for the forged request
+    error = answer[2]["value"]
+    assert error[0]["value"] == ["builtins", "ValueError"], error
+    assert said in error[1][0], error
+    assert box.execute(abs, -4) == 4
+
+
 def test_the_guest_reads_the_masters_messages_as_renditions(box):
     """The guest asks the host for renditions of the master's messages and
     reads them with its C unpickler (docs/protocol.md, "What a guest is given

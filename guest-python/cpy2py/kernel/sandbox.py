@@ -48,7 +48,7 @@ from ..protocol.messages import (
     OP_INSTANTIATE,
     OP_SETATTR,
 )
-from . import main_module, references
+from . import main_module, references, std_values
 from .serialization import (
     SINGLETONS,
     Serializer,
@@ -316,6 +316,9 @@ class SandboxSerializer(Serializer):
             return tags.GLOBAL_REF, singleton
         if type(obj) is _GlobalRef:
             return super().default(obj)
+        std = std_values.encode(obj)  # a date, Decimal or UUID: a value the guest makes its own
+        if std is not None:
+            return tags.STD_VALUE, std
         if isinstance(obj, BaseException):
             return tags.EXCEPTION, self._exception_for_guest(obj)
         if _pinned_elsewhere(obj) and global_name(obj) is None:

@@ -33,7 +33,7 @@ from ..protocol.messages import (
     OP_SETATTR,
     RAISE,
 )
-from . import main_module, references
+from . import main_module, references, std_values
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
@@ -542,6 +542,10 @@ class Serializer:
                 raise
             except Exception:  # what it exported before failing is not sent
                 references.undo_exports(mark)
+        if not self.trusted:  # (a guest's: a date, Decimal or UUID as a value, not a pickle)
+            std = std_values.encode(obj)
+            if std is not None:
+                return tags.STD_VALUE, std
         # what cannot be copied stays here and is used through a proxy
         return tags.TWIN_REF, references.export(obj, self.connection, by_name=self.trusted)
 
@@ -725,6 +729,8 @@ class Serializer:
                 if not (isinstance(owner, str) and isinstance(iid, int)):
                     raise ProtocolError(f"malformed twin reference {references.safe_repr(value, 100)}")
                 return references.resolve(owner, iid, info, self.connection)
+            if tag == tags.STD_VALUE:
+                return std_values.decode(value)  # (a ValueError fails the call it came with)
             if tag == tags.PICKLE:
                 if not self.trusted:
                     raise ProtocolError(f"{self.peer_id!r} sent a pickle on a link that does not allow them")

@@ -25,6 +25,9 @@ PICKLE = 40013
 PLAIN = 40014
 #: a str with lone surrogates: its UTF-8 with the surrogates passed through
 SURROGATE_STR = 40015
+#: a date, time, Decimal or UUID as ``[type name, fields...]``, between a
+#: master and its sandboxed guests (kernel/std_values.py)
+STD_VALUE = 40016
 
 #: Values nested deeper than this are refused by both codecs, so neither a
 #: hostile peer nor a runaway structure can exhaust the stack. Every CBOR

@@ -21,6 +21,9 @@ pub const PLAIN: u64 = 40014;
 /// A str with lone surrogates: its UTF-8 bytes with the surrogates passed
 /// through (Python's "surrogatepass"), which CBOR text cannot hold.
 pub const SURROGATE_STR: u64 = 40015;
+/// A date, time, Decimal or UUID as `[type name, fields...]`, between a
+/// master and its sandboxed guests (guest-python/cpy2py/kernel/std_values.py).
+pub const STD_VALUE: u64 = 40016;
 
 /// Values nested deeper than this are refused by both codecs, so neither a
 /// hostile peer nor a runaway structure can exhaust the stack.

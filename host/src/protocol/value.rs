@@ -80,6 +80,13 @@ pub enum Value {
     Pickle(Vec<u8>),
     /// A plain-data block (tag 40014), checked by protocol/plain.rs.
     Plain(Vec<u8>),
+    /// A date, time, Decimal or UUID (tag 40016): its type's name, then its
+    /// fields. Which names and fields make a value is the kernel's to check
+    /// (guest-python/cpy2py/kernel/std_values.py), as for the other kernel tags.
+    StdValue {
+        name: String,
+        fields: Vec<Value>,
+    },
 }
 
 fn malformed(what: &str) -> HostError {
@@ -232,6 +239,11 @@ impl Value {
             ),
             Value::Pickle(b) => tagged(tags::PICKLE, Cbor::Bytes(b.clone())),
             Value::Plain(b) => tagged(tags::PLAIN, Cbor::Bytes(b.clone())),
+            Value::StdValue { name, fields } => {
+                let mut items = vec![Cbor::Text(name.clone())];
+                items.extend(fields.iter().map(Value::to_cbor));
+                tagged(tags::STD_VALUE, Cbor::Array(items))
+            }
         }
     }
 
@@ -318,6 +330,16 @@ impl Value {
                 }
             }
             (tags::PICKLE, Value::Bytes(b)) => Value::Pickle(b),
+            (tags::STD_VALUE, Value::List(mut items)) => match items.first() {
+                Some(Value::Str(_)) => {
+                    let fields = items.split_off(1);
+                    let Some(Value::Str(name)) = items.pop() else {
+                        unreachable!("checked above")
+                    };
+                    Value::StdValue { name, fields }
+                }
+                _ => return Err(malformed("standard-library value")),
+            },
             (tags::PLAIN, Value::Bytes(b)) => {
                 // its depth is checked by the decoders, which know where it sits
                 budget::check_plain(&b, 1).map_err(|e| HostError::Protocol(e.to_string()))?;
@@ -335,7 +357,8 @@ impl Value {
                 | tags::EXCEPTION
                 | tags::TWIN_REF
                 | tags::PICKLE
-                | tags::PLAIN,
+                | tags::PLAIN
+                | tags::STD_VALUE,
                 _,
             ) => {
                 return Err(HostError::Protocol(format!(
@@ -504,7 +527,9 @@ fn decode_item(cursor: &mut Cursor<'_>, depth: usize) -> Result<Value> {
         Head::Tag(tag) => {
             let depth = enter(depth, at)?;
             match tag {
-                tags::TUPLE | tags::SET | tags::FROZENSET | tags::COMPLEX => cursor.expect_content(4, tag)?,
+                tags::TUPLE | tags::SET | tags::FROZENSET | tags::COMPLEX | tags::STD_VALUE => {
+                    cursor.expect_content(4, tag)?
+                }
                 tags::POS_BIGNUM | tags::NEG_BIGNUM | tags::BYTEARRAY | tags::SURROGATE_STR => {
                     cursor.expect_content(2, tag)?
                 }
@@ -968,6 +993,26 @@ mod tests {
             args: vec![Value::Str("not found".into())],
             traceback: None,
             state,
+        }
+    }
+
+    #[test]
+    fn a_standard_library_value_is_a_name_then_its_fields() {
+        let date = Value::StdValue {
+            name: "datetime.date".into(),
+            fields: vec![Value::Int(2026), Value::Int(12), Value::Int(7)],
+        };
+        let bytes = date.encode().unwrap();
+        assert_eq!(Value::decode(&bytes).unwrap(), date);
+        // the content is an array whose first item is a str
+        for content in [
+            Cbor::Array(vec![Cbor::Integer(1.into())]),
+            Cbor::Array(Vec::new()),
+            Cbor::Text("datetime.date".into()),
+        ] {
+            let mut frame = Vec::new();
+            ciborium::into_writer(&Cbor::Tag(tags::STD_VALUE, Box::new(content)), &mut frame).unwrap();
+            assert!(Value::decode(&frame).is_err());
         }
     }
 
