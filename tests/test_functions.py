@@ -447,6 +447,7 @@ if __name__ == "__main__":
     print("REPR", repr(thing))
     print("STR", str(thing))
     print("FORMAT", f"{thing}")
+    print("TYPE", type(thing).__module__, type(thing).__qualname__)
     pinned = Pinned()
     print("PINNED", repr(pinned), str(pinned))
     for local in (False, True):
@@ -473,6 +474,7 @@ def test_the_objects_of_the_main_script_a_twin_shows_name_its_module_main(tmp_pa
         "REPR <__main__.Thing object at 0x",
         "STR <__main__.Thing object at 0x",
         "FORMAT <__main__.Thing",
+        "TYPE __main__ Thing",
     ):
         assert line in out, out
     assert "PINNED <__main__.Pinned object at 0x" in out, out

@@ -39,7 +39,7 @@ from ..protocol.messages import (
     OP_SETATTR,
 )
 from ..protocol.tags import SHARING_DETECT, SHARING_REFS, SHARING_TREE
-from . import links
+from . import links, main_module
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
@@ -429,7 +429,10 @@ def class_info(cls: type, by_name: bool = True) -> Any:
     classes (sent by name), else the type's name and its special methods."""
     if by_name and isinstance(cls, twin_meta()):
         return cls
-    return [f"{cls.__module__}.{cls.__qualname__}", sorted(_special_names(cls))]
+    module = cls.__module__
+    if module == main_module.MAIN_ALIAS:  # (a twin's copy of the script its user knows as __main__)
+        module = "__main__"
+    return [f"{module}.{cls.__qualname__}", sorted(_special_names(cls))]
 
 
 _ModuleType = type(sys)
