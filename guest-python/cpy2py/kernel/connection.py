@@ -235,15 +235,28 @@ def callback_workers() -> Any:
     return _callback_workers
 
 
-def _run_coroutine(coroutine: Any) -> Any:
+def _run_coroutine(coroutine: Any, link: Any = None, chain: int = 0) -> Any:
     """A coroutine returned by a function the peer called: awaited on the
-    loop of the async call it serves (cpy2py/awaitable.py), else run to its end
-    here in a loop of its own."""
+    loop of the async call it serves (cpy2py/awaitable.py), also when the
+    peer made the request as an awaited call of its own while serving that
+    call (a ``chain`` derived from the call's: see _derived_chain), else run
+    to its end here in a loop of its own."""
     import asyncio
 
     loop = getattr(_local, "loop", None)
     if loop is not None:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+    if chain > _ROOT_CHAINS and link is not None:
+        awaiter = link._awaited_call(chain & _ROOT_CHAINS)
+        if awaiter is not None and asyncio._get_running_loop() is None:
+            # (a server's thread: it waits for the coroutine, in the context
+            # of a callback of that call, as _run_for does)
+            serving = _callbacks_of()
+            token = serving.set((*awaiter.outer, awaiter))
+            try:
+                return asyncio.run_coroutine_threadsafe(coroutine, awaiter.loop).result()
+            finally:
+                serving.reset(token)
     if asyncio._get_running_loop() is not None:
         # a sync call made on a running loop's thread: that loop waits for
         # the call, so it cannot run the coroutine, nor can a loop of its own
@@ -268,6 +281,26 @@ def _this_waiter() -> _Waiter:
 def _new_chain() -> int:
     # unique on this machine while this process lives: pid and a counter
     return _chain_base | (next(_chain_ids) & 0xFFFFFF)
+
+
+#: chains made here or by the peer are below this (a process id of at most
+#: 22 bits, shifted by 24); a chain above it is derived from one below
+#: (_derived_chain), which its low 48 bits name
+_ROOT_CHAINS = (1 << 48) - 1
+_derived_ids = itertools.count(1)
+
+
+def _derived_chain(parent: int) -> int:
+    """The chain of an awaited call made on a loop that runs on a thread
+    serving ``parent`` (a coroutine of a request of that chain, run here in a
+    loop of its own): a chain of its own, which the peer can trace back to
+    ``parent``, so that if ``parent`` is an awaited call of the peer's, a
+    coroutine function of the peer that this call runs is awaited on that
+    call's loop (``_run_coroutine``). Bits 48 to 61: a counter (never 0);
+    bit 62: set if ``parent`` was made here, so that the two sides never
+    derive the same chain from one parent."""
+    own = 1 << 62 if parent >> 24 == _chain_base >> 24 else 0
+    return parent | own | ((next(_derived_ids) & 0x3FFF or 1) << 48)
 
 
 def _set_chain_base() -> None:
@@ -773,16 +806,31 @@ class Connection:
         comes); the peer runs it to its end."""
         import asyncio
 
+        if not self._threads:
+            # a guest (one thread, which serves a call of the peer): the
+            # call is made on the chain it serves, as a sync call, so a
+            # coroutine function of the peer that it runs is awaited on the
+            # loop of the peer's call (the guest waits meanwhile, as it does
+            # in any call: it runs only while the host drives it)
+            return self.request(op, *operands)
         loop = asyncio.get_running_loop()
         if self.pending_releases:
             references.flush_releases(self)
         waiter = _AsyncWaiter(loop)
-        try:
-            # (a chain whose last call ended here, as a thread's next call
-            # reuses its own: see _spare_chains)
-            chain = waiter.chain = self._spare_chains.pop()
-        except IndexError:
-            chain = waiter.chain = _new_chain()
+        serving = getattr(_local, "waiter", None)
+        parent = serving.chain if serving is not None and serving.depth else None
+        if parent is not None and parent <= _ROOT_CHAINS:
+            # made by a coroutine that a request of the peer's runs on this
+            # thread (in a loop of its own): a chain the peer traces back to
+            # that request's (_derived_chain); never lent to another call
+            chain = waiter.chain = _derived_chain(parent)
+        else:
+            try:
+                # (a chain whose last call ended here, as a thread's next call
+                # reuses its own: see _spare_chains)
+                chain = waiter.chain = self._spare_chains.pop()
+            except IndexError:
+                chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
         payload = references.encode(
             [REQUEST, req_id, chain, op, *operands],
@@ -969,7 +1017,16 @@ class Connection:
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
             elif answered and not called_back and len(self._spare_chains) < _SPARE_CHAINS:
-                self._spare_chains.append(chain)
+                if chain <= _ROOT_CHAINS:  # (a derived chain is for its call only)
+                    self._spare_chains.append(chain)
+
+    def _awaited_call(self, chain: int) -> Optional[_AsyncWaiter]:
+        """The awaited call over this link that runs ``chain`` here now, if
+        any (its loop awaits the coroutines of the peer's requests of it)."""
+        with self._lock:
+            entry = self._chains.get(chain)
+        awaiter = entry[0] if entry is not None else None
+        return awaiter if type(awaiter) is _AsyncWaiter else None
 
     def _stop_if_cut(self, err: BaseException) -> None:
         """A send ended by ``err`` (Ctrl-C): if it cut a frame half-sent,
@@ -2328,7 +2385,7 @@ class Connection:
                 release_signals()
             value = self.serializer.perform(op, operands)
             if type(value) is _Coroutine:  # an async function was called: its result is sent
-                value = _run_coroutine(value)
+                value = _run_coroutine(value, self, message[2])
             if held:
                 hold_signals()
             kind = REPLY
