@@ -89,12 +89,13 @@ def raise_a_huge_int():
     raise PluginError("too big", 10**5000)
 
 
-def own_view():
-    """What the guest sees of its own module file: its links and when they changed."""
+def own_view(module="kernel_patcher"):
+    """What the guest sees of a module file beside its own (without reading
+    it): its links, when they changed and when it was last read."""
     import os
 
-    found = os.stat(__file__)
-    return [found.st_nlink, found.st_ctime_ns]
+    found = os.stat(os.path.join(os.path.dirname(__file__), module + ".py"))
+    return [found.st_nlink, found.st_ctime_ns, found.st_atime_ns]
 
 
 def print_over_its_prefix():
@@ -159,6 +160,7 @@ def code_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("kernel_patching_code")
     (root / "kernel_patcher.py").write_text(textwrap.dedent(PATCHER))
     (root / "rude_welcome.py").write_text(textwrap.dedent(RUDE_WELCOME))
+    (root / "neighbour_module.py").write_text("VALUE = 1\n")
     yield root
     assert "kernel_patcher" not in sys.modules and "rude_welcome" not in sys.modules, (
         "the master imported the hostile plugin"
@@ -316,16 +318,20 @@ def test_a_hello_is_decoded_within_the_budget(code_dir):
 
 
 def test_a_guest_cannot_count_the_guests_started_beside_it(sandbox):
-    """A guest stats its own module. When every guest's view hard-linked the
+    """A guest stats its own module, and one it never reads that the guests
+    started beside it import. When every guest's view hard-linked the
     master's file, it saw the link count go up by one for each guest started
     beside it with the same paths (and the nanosecond it happened, in the
-    change time), and down as they ended; views hold copies now."""
+    change time), and down as they ended. Views are copies, shared by the
+    guests given the same paths: a neighbour's import would move the file's
+    access time there, which is set ahead so that reads never do."""
     watcher = sandbox("kernel-watcher").import_module("kernel_patcher")
-    before = watcher.own_view()
+    modules = ("kernel_patcher", "neighbour_module")
+    before = [watcher.own_view(module) for module in modules]
     others = [sandbox(f"kernel-neighbour-{n}") for n in range(3)]
     for other in others:
-        assert other.execute(abs, -1) == 1
-    assert watcher.own_view() == before
+        assert other.import_module("neighbour_module").VALUE == 1
+    assert [watcher.own_view(module) for module in modules] == before
 
 
 # -- output ---------------------------------------------------------------------------------------

@@ -317,7 +317,7 @@ impl WasiGuest {
 pub(super) struct Prepared {
     pub(super) shared: Arc<Shared>,
     pub(super) store: Store<GuestState>,
-    pub(super) code: CodeView,
+    pub(super) code: Arc<CodeView>,
     pub(super) packages: Arc<CodeView>,
 }
 
@@ -332,7 +332,7 @@ pub(super) fn prepare(config: &GuestConfig, sink: Box<dyn Sink>) -> Result<Prepa
     }
     let views = config.cache_dir.join("views");
     view::remove_stale_views(&views);
-    let code = CodeView::build(&config.paths, &views)?;
+    let code = view::shared_code_view(&config.paths, &views)?;
     let packages = view::shared_package_view(&config.packages, &config.packages_stamp, &views)?;
     let mut guest_paths: Vec<&String> = Vec::new();
     for (_, guest_path) in code.mounts.iter().chain(&packages.mounts) {
