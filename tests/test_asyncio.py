@@ -742,3 +742,28 @@ def test_signals_that_come_while_an_awaited_call_waits_do_not_hold_the_loops_tim
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGALRM, previous)
         twin.stop()
+
+
+def test_a_derived_chain_is_never_given_to_two_calls_in_flight():
+    """The chains of awaited calls made while serving one call of the peer
+    come from a counter of 14 bits: past 16,383 of them, one still in flight
+    (a callback waiting on an event) was given to a new call, whose requests
+    then went to the first one's thread, and both hung. A chain in flight is
+    skipped; when all are, the call says so."""
+    from cpy2py.kernel import connection
+
+    parent = (4321 << 24) | 7  # (the peer's chain: not made here)
+    held = connection._derived_chain(parent)
+    taken = {held}
+    try:
+        for _ in range(0x3FFE):
+            chain = connection._derived_chain(parent)
+            assert chain not in taken and chain & connection._ROOT_CHAINS == parent
+            taken.add(chain)
+        with pytest.raises(RuntimeError, match="16,383 awaited calls"):
+            connection._derived_chain(parent)
+        connection._release_derived(held)
+        assert connection._derived_chain(parent) == held
+    finally:
+        for chain in taken:
+            connection._release_derived(chain)

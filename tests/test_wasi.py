@@ -83,6 +83,13 @@ def call_and_describe(callback, *args):
     except OSError as err:
         return [type(err).__name__, errno.errorcode.get(err.errno), err.strerror, err.filename]
 
+def call_and_describe_any(callback):
+    """The type and args of the exception a master callback raises, as the guest sees them."""
+    try:
+        callback()
+    except Exception as err:
+        return [type(err).__name__, list(err.args)]
+
 def raw_request(tag, content):
     """Sends the master a request whose callable is the raw tagged value
     (tag, content), as a hostile guest could, and returns the master's answer
@@ -258,7 +265,8 @@ def _std_values():
         decimal.Decimal("-0.000"),
         decimal.Decimal("NaN"),
         decimal.Decimal("-Infinity"),
-        decimal.Decimal("1E+999999"),
+        decimal.Decimal("1E+4300"),
+        decimal.Decimal("-7.5E-4300"),
         uuid.UUID("12345678-1234-5678-1234-567812345678"),
     ]
 
@@ -272,6 +280,17 @@ def test_dates_decimals_and_uuids_cross_as_values_both_ways(box, value):
     assert name == f"{type(value).__module__}.{type(value).__qualname__}"
     assert type(back) is type(value) and not is_proxy(back)
     assert repr(back) == repr(value) and str(back) == str(value)
+
+
+def test_a_master_exception_holding_dates_and_decimals_reaches_the_guest_with_them(box, plugin):
+    import datetime
+    import decimal
+
+    def fail():
+        raise KeyError(decimal.Decimal("1.5"), datetime.date(2020, 1, 2))
+
+    described = box.execute(plugin.call_and_describe_any, fail)
+    assert described == ["KeyError", [decimal.Decimal("1.5"), datetime.date(2020, 1, 2)]]
 
 
 def test_a_guest_computes_with_dates_and_decimals_it_is_given(box):
@@ -288,10 +307,12 @@ def test_a_guest_computes_with_dates_and_decimals_it_is_given(box):
 
 
 def test_other_dates_stay_references(box):
-    """Only those exact types cross as values: a subclass, or a datetime whose
-    tzinfo is not a fixed offset, is handed as an object the guest may not
-    look into, and comes back as itself."""
+    """Only those exact types cross as values: a subclass, a datetime whose
+    tzinfo is not a fixed offset, or a Decimal whose exponent is beyond
+    +-4300 (``int()`` of one takes seconds to minutes) is handed as an object
+    the guest may not look into, and comes back as itself."""
     import datetime
+    import decimal
 
     class Stamp(datetime.datetime):
         pass
@@ -300,7 +321,11 @@ def test_other_dates_stay_references(box):
         def utcoffset(self, dt):
             return datetime.timedelta(hours=1)
 
-    for value in (Stamp(2026, 1, 1), datetime.datetime(2026, 1, 1, tzinfo=Zone())):
+    for value in (
+        Stamp(2026, 1, 1),
+        datetime.datetime(2026, 1, 1, tzinfo=Zone()),
+        decimal.Decimal("1E+4301"),
+    ):
         assert box.execute(eval, "v", {"v": value}) is value
 
 
@@ -315,6 +340,8 @@ def test_other_dates_stay_references(box):
         (["datetime.timezone", 2, 0, 0, None], "malformed datetime.timezone"),
         (["decimal.Decimal", "9" * 5000], "at most 4300 characters"),
         (["decimal.Decimal", "__import__('os')"], "is not a decimal number"),
+        (["decimal.Decimal", " 1_0\n"], "is not a decimal number"),
+        (["decimal.Decimal", "1E+100000000"], "exponent is beyond +-4300"),
         (["uuid.UUID", b"short"], "16 bytes"),
         (["os.system", "echo owned"], "unknown standard-library type 'os.system'"),
         ([1, 2], "not [type name, fields...]"),

@@ -51,7 +51,7 @@ from .serialization import Serializer, bare_failure, decoding_from
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports neither typing nor threading)
-    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+    from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
     from ..protocol.transport import PeerRunner, Transport
 
@@ -288,6 +288,11 @@ def _new_chain() -> int:
 #: (_derived_chain), which its low 48 bits name
 _ROOT_CHAINS = (1 << 48) - 1
 _derived_ids = itertools.count(1)
+#: derived chains of calls in flight, or abandoned (their peer may still run
+#: them): never given to another call while there, as a chain twice in flight
+#: would route one call's requests to the other's thread (_release_derived)
+_derived_in_use: Set[int] = set()
+_derived_lock = _thread.allocate_lock()
 
 
 def _derived_chain(parent: int) -> int:
@@ -300,7 +305,25 @@ def _derived_chain(parent: int) -> int:
     bit 62: set if ``parent`` was made here, so that the two sides never
     derive the same chain from one parent."""
     own = 1 << 62 if parent >> 24 == _chain_base >> 24 else 0
-    return parent | own | ((next(_derived_ids) & 0x3FFF or 1) << 48)
+    with _derived_lock:
+        for _ in range(0x3FFF):
+            chain = parent | own | ((next(_derived_ids) & 0x3FFF or 1) << 48)
+            if chain not in _derived_in_use:
+                _derived_in_use.add(chain)
+                return chain
+    raise RuntimeError(
+        "16,383 awaited calls made by coroutines run for one call of the peer are in flight or were "
+        "abandoned (cancelled before their replies): await fewer at once, or make them from a task "
+        "of a loop that the call does not run"
+    )
+
+
+def _release_derived(chain: int) -> None:
+    """A derived chain whose call ran its course on both sides: free for the
+    next call (a root chain: nothing to do)."""
+    if chain > _ROOT_CHAINS:
+        with _derived_lock:
+            _derived_in_use.discard(chain)
 
 
 def _set_chain_base() -> None:
@@ -832,13 +855,17 @@ class Connection:
             except IndexError:
                 chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
-        payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands],
-            self.serializer.default,
-            self._parts,
-            self._plain,
-            self._share,
-        )
+        try:
+            payload = references.encode(
+                [REQUEST, req_id, chain, op, *operands],
+                self.serializer.default,
+                self._parts,
+                self._plain,
+                self._share,
+            )
+        except BaseException:
+            _release_derived(chain)  # (never sent)
+            raise
         # whatever interrupts the call from here is undone by the finally below
         # (as in ``request``: each change recorded with no call in between)
         watching: Optional[str] = None
@@ -1016,8 +1043,10 @@ class Connection:
                 self._decoded(req_id)  # (a reply claimed just before: dropped)
             if waiter.inbox:  # cancelled: nothing of this call may be left behind
                 self._drop_leftovers(waiter, req_id)
-            elif answered and not called_back and len(self._spare_chains) < _SPARE_CHAINS:
-                if chain <= _ROOT_CHAINS:  # (a derived chain is for its call only)
+            elif answered and not called_back:
+                if chain > _ROOT_CHAINS:  # (a derived chain is for its call only)
+                    _release_derived(chain)
+                elif len(self._spare_chains) < _SPARE_CHAINS:
                     self._spare_chains.append(chain)
 
     def _awaited_call(self, chain: int) -> Optional[_AsyncWaiter]:

@@ -189,11 +189,15 @@ def errno_for_guest(number: Any) -> Any:
 
 def guest_exception(err: Exception) -> Exception:
     """What a guest may see of a master exception: a new exception of the
-    nearest builtin (or cpy2py) type, with the plain-data arguments only, texts
-    cut; no objects, no traceback, no cause. An OSError's errno is the
+    nearest builtin (or cpy2py) type, with the plain-data arguments only
+    (dates, Decimals and UUIDs too), texts cut; no objects, no traceback, no cause. An OSError's errno is the
     guest's number for it, and its file names stay."""
     kind = _public_type(type(err))
-    args = [a[:MAX_TEXT] if isinstance(a, (str, bytes)) else a for a in err.args if type(a) in _PLAIN]
+    args = [
+        a[:MAX_TEXT] if isinstance(a, (str, bytes)) else a
+        for a in err.args
+        if type(a) in _PLAIN or std_values.encode(a) is not None  # (a date, Decimal or UUID)
+    ]
     if isinstance(err, OSError) and len(err.args) == 2 and len(args) == 2:
         args = [errno_for_guest(err.errno), *args[1:], *_file_names(err)]
     if isinstance(err, RemoteError):  # another twin's traceback text stays here

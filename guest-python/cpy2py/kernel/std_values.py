@@ -26,6 +26,11 @@ MODULES = frozenset({"datetime", "decimal", "uuid"})
 #: tens of digits; its constructor's time grows with the text)
 MAX_DECIMAL_TEXT = 4300
 MAX_ZONE_NAME = 100
+#: the largest exponent of a Decimal read, either way, as Python caps the
+#: digits of an int's text: ``int()`` of a Decimal of 20 characters such as
+#: ``1E+100000000`` holds the GIL while it builds an int of that many digits
+#: (27 s for 1E+999999 here), stopping every thread of the master
+MAX_DECIMAL_EXPONENT = 4300
 
 
 def encode(obj: Any) -> Optional[List[Any]]:
@@ -56,6 +61,8 @@ def encode(obj: Any) -> Optional[List[Any]]:
         offset, *label = obj.__getinitargs__()  # (a name only if it was given one)
         return [name, offset.days, offset.seconds, offset.microseconds, label[0] if label else None]
     if name == "decimal.Decimal":
+        if obj.is_finite() and abs(obj.adjusted()) > MAX_DECIMAL_EXPONENT:
+            return None  # (its receiver would refuse it: a reference, as before)
         return [name, str(obj)]
     if name == "uuid.UUID":
         return [name, obj.bytes]
@@ -158,13 +165,22 @@ def _timezone(fields: List[Any]) -> Any:
 
 def _decimal(fields: List[Any]) -> Any:
     import decimal
+    import re
 
     if len(fields) != 1 or type(fields[0]) is not str or len(fields[0]) > MAX_DECIMAL_TEXT:
         raise TypeError(f"expected its text, a str of at most {MAX_DECIMAL_TEXT} characters")
-    try:
-        return decimal.Decimal(fields[0])
-    except decimal.InvalidOperation:
-        raise ValueError(f"{fields[0][:100]!r} is not a decimal number") from None
+    text = fields[0]
+    # only what str(Decimal) writes (Decimal() would also take spaces,
+    # underscores and digits of other scripts)
+    if not re.fullmatch(r"-?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:E[-+][0-9]+)?|Infinity|s?NaN[0-9]*)", text):
+        raise ValueError(f"{text[:100]!r} is not a decimal number as str(Decimal) writes one")
+    value = decimal.Decimal(text)
+    if value.is_finite() and abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
+        raise ValueError(
+            f"its exponent is beyond +-{MAX_DECIMAL_EXPONENT} (a Decimal that large or small crosses as "
+            "its text: send str(value))"
+        )
+    return value
 
 
 def _uuid(fields: List[Any]) -> Any:

@@ -15,8 +15,10 @@
 //! 0.7-2.5 s to copy for every guest, a fresh guest per call included); it is
 //! removed once no guest uses it and a newer one replaced it, or the master
 //! ends. Read-only to every guest, a shared copy shows none of them what
-//! the others do: no link count or change time moves, and its files' access
-//! times are set ahead (`copy_in`), so that reading them never updates them.
+//! the others do: no link count or change time moves, and the access times
+//! of its files and directories are set ahead (`copy_in`, `access_ahead`),
+//! so that reading them never updates them. What a guest can see is when
+//! the copy was made (its change times), which may be before the guest.
 //!
 //! Installed distributions (`packages=`) get a view of their own: each
 //! site-packages root mirrored with exactly the files their RECORD lists
@@ -94,6 +96,7 @@ impl CodeView {
             mirror(&real, &target, &mut entries)?;
             view.mounts.push((target, guest_path));
         }
+        view.access_ahead()?;
         Ok(view)
     }
 
@@ -130,7 +133,27 @@ impl CodeView {
             }
             view.mounts.push((target, guest_path));
         }
+        view.access_ahead()?;
         Ok(view)
+    }
+
+    /// Sets the access time of each directory of the view a year ahead,
+    /// as `copy_in` does for files: a guest listing one (to import a
+    /// package of it) then never moves what another guest sees of it.
+    fn access_ahead(&self) -> Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let mut pending = vec![dir.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    pending.push(entry.path());
+                }
+            }
+            let times = fs::FileTimes::new().set_accessed(a_year_ahead(SystemTime::now()));
+            fs::File::open(&dir)?.set_times(times)?;
+        }
+        Ok(())
     }
 
     fn next_target(&self, index: usize) -> Result<PathBuf> {
@@ -202,10 +225,15 @@ fn copy_in(source: &Path, dest: &Path) -> Result<()> {
         Err(e) => return Err(e.into()),
     }
     let modified = fs::metadata(source)?.modified()?;
-    let ahead = SystemTime::now().max(modified) + Duration::from_secs(365 * 24 * 3600);
-    let times = fs::FileTimes::new().set_modified(modified).set_accessed(ahead);
+    let times = fs::FileTimes::new()
+        .set_modified(modified)
+        .set_accessed(a_year_ahead(SystemTime::now().max(modified)));
     fs::File::options().write(true).open(dest)?.set_times(times)?;
     Ok(())
+}
+
+fn a_year_ahead(time: SystemTime) -> SystemTime {
+    time + Duration::from_secs(365 * 24 * 3600)
 }
 
 /// Views of distributions, and of roots, kept for the master's lifetime
@@ -551,8 +579,13 @@ mod tests {
         );
         // reading a shared file never moves its access time (set ahead of now)
         let copied = first.mounts[0].0.join("plugin.py");
-        let accessed = fs::metadata(&copied).unwrap().accessed().unwrap();
-        assert!(accessed > SystemTime::now() + Duration::from_secs(300 * 24 * 3600));
+        for seen in [copied.clone(), first.mounts[0].0.clone()] {
+            let accessed = fs::metadata(&seen).unwrap().accessed().unwrap();
+            assert!(
+                accessed > SystemTime::now() + Duration::from_secs(300 * 24 * 3600),
+                "{seen:?}"
+            );
+        }
 
         fs::write(root.join("plugin.py"), "X = 22\n").unwrap(); // edited in place
         let edited = shared_code_view(roots, &views).unwrap();
