@@ -646,13 +646,7 @@ class Connection:
         if (not self._threads or chain in self._chains) and _near_recursion_limit():
             raise _too_deep()
         req_id = next(self._ids)
-        payload = references.encode(
-            [REQUEST, req_id, chain, op, *operands],
-            self.serializer.default,
-            self._parts,
-            self._plain,
-            self._share,
-        )
+        payload = self._encode_request(req_id, chain, op, operands)
         if __debug__ and _logging.PER_CALL:
             log.debug("-> %s request %d %s (chain %x)", self.peer_id, req_id, OP_NAMES.get(op, op), chain)
         # From here on, whatever interrupts the call (Ctrl-C in a main thread
@@ -752,6 +746,16 @@ class Connection:
                     release_signals()
             if due is not None:
                 raise due  # (a second interrupt, due as the cleanup began: after it)
+
+    def _encode_request(self, req_id: int, chain: int, op: int, operands: tuple) -> Any:
+        """A request's frame (bytes, or the parts of a large one)."""
+        return references.encode(
+            [REQUEST, req_id, chain, op, *operands],
+            self.serializer.default,
+            self._parts,
+            self._plain,
+            self._share,
+        )
 
     def calls_waiting(self) -> int:
         """Calls on this link that wait for their replies now."""
@@ -856,13 +860,7 @@ class Connection:
                 chain = waiter.chain = _new_chain()
         req_id = next(self._ids)
         try:
-            payload = references.encode(
-                [REQUEST, req_id, chain, op, *operands],
-                self.serializer.default,
-                self._parts,
-                self._plain,
-                self._share,
-            )
+            payload = self._encode_request(req_id, chain, op, operands)
         except BaseException:
             _release_derived(chain)  # (never sent)
             raise
