@@ -169,6 +169,44 @@ def test_a_twins_coroutine_awaits_a_coroutine_function_of_the_master_on_the_call
     run(main())
 
 
+def test_the_callbacks_of_an_awaited_call_see_the_callers_context(twin):
+    """What the calling task set in a ``contextvars.ContextVar`` (a request
+    id, as a web server's logging keeps) is seen by the master's callbacks
+    that the twin calls during the call, sync or coroutine, and by those a
+    coroutine run in the twin awaits, as in one interpreter; what they set
+    stays theirs."""
+    import contextvars
+
+    request_id = contextvars.ContextVar("request_id", default="unset")
+    seen = []
+
+    def sync_callback(value):
+        seen.append(("sync", request_id.get()))
+        request_id.set("changed by a callback")
+        return value * 2
+
+    async def async_callback(value):
+        seen.append(("async", request_id.get()))
+        return value * 3
+
+    async def handle(name):
+        request_id.set(name)
+        doubled = await twin.execute_async(helpers.call_twice, sync_callback, 1)
+        tripled = await twin.execute_async(helpers.call_twice, async_callback, 1)
+        awaited = await twin.execute_async(helpers.await_callbacks, async_callback, [1, 2])
+        return doubled, tripled, awaited, request_id.get()
+
+    async def main():
+        return await asyncio.gather(handle("request-1"), handle("request-2"))
+
+    results = run(main())
+    assert results == [(4, 9, [3, 6], name) for name in ("request-1", "request-2")]
+    assert sorted(set(seen)) == [
+        (how, name) for how in ("async", "sync") for name in ("request-1", "request-2")
+    ]
+    assert len(seen) == 12  # (two of each kind, per request)
+
+
 @pytest.mark.parametrize("how", ["await", "aio", "execute_async"])
 def test_an_async_twinfunction_of_the_master_awaited_in_a_twin_runs_on_the_callers_loop(twin, how):
     """An async twinfunction of a native twin whose coroutine awaits async

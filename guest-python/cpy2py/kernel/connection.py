@@ -161,10 +161,15 @@ class _AsyncWaiter:
         "sent",
         "driving",
         "outer",
+        "context",
     )
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
+        #: the calling task's context: the twin's callbacks of the call run
+        #: in copies of it (what the caller set in contextvars, a request
+        #: id say, is theirs too), coroutines on the loop included (_run_for)
+        self.context = _copy_context()
         self.thread = _thread.get_ident()  # the loop's (made by a coroutine on it)
         self.inbox: Deque[Item] = deque()
         self.chain: Optional[int] = None
@@ -235,6 +240,20 @@ def callback_workers() -> Any:
     return _callback_workers
 
 
+_context_copier: Any = None
+
+
+def _copy_context() -> Any:
+    """contextvars.copy_context (imported with asyncio, which awaited calls
+    run on: a twin's start imports neither)."""
+    global _context_copier
+    if _context_copier is None:
+        from contextvars import copy_context
+
+        _context_copier = copy_context
+    return _context_copier()
+
+
 def _run_coroutine(coroutine: Any, link: Any = None, chain: int = 0) -> Any:
     """A coroutine returned by a function the peer called: awaited on the
     loop of the async call it serves (cpy2py/awaitable.py), also when the
@@ -249,14 +268,14 @@ def _run_coroutine(coroutine: Any, link: Any = None, chain: int = 0) -> Any:
     if chain > _ROOT_CHAINS and link is not None:
         awaiter = link._awaited_call(chain & _ROOT_CHAINS)
         if awaiter is not None and asyncio._get_running_loop() is None:
-            # (a server's thread: it waits for the coroutine, in the context
-            # of a callback of that call, as _run_for does)
-            serving = _callbacks_of()
-            token = serving.set((*awaiter.outer, awaiter))
-            try:
-                return asyncio.run_coroutine_threadsafe(coroutine, awaiter.loop).result()
-            finally:
-                serving.reset(token)
+            # (a server's thread: it waits for the coroutine, made in the
+            # context of a callback of that call, as _run_for does)
+
+            def schedule() -> Any:
+                _callbacks_of().set((*awaiter.outer, awaiter))
+                return asyncio.run_coroutine_threadsafe(coroutine, awaiter.loop)
+
+            return awaiter.context.copy().run(schedule).result()
     if asyncio._get_running_loop() is not None:
         # a sync call made on a running loop's thread: that loop waits for
         # the call, so it cannot run the coroutine, nor can a loop of its own
@@ -1509,21 +1528,24 @@ class Connection:
             return
         outer, waiter.chain = waiter.chain, awaiter.chain
         _local.loop = awaiter.loop
-        # (a coroutine it returns runs on the loop in this context: an awaited
-        # call it makes to this peer does not wait for the turn of this one)
-        serving = _callbacks_of()
-        token = serving.set((*awaiter.outer, awaiter))
         try:
-            with user_code_signals:
-                self._run(waiter, req_id, raw)
+            # in a copy of the caller's context, as a callback in one
+            # interpreter would be
+            awaiter.context.copy().run(self._run_callback, awaiter, waiter, req_id, raw)
         finally:
-            serving.reset(token)
             with self._lock:
                 entry[0] = awaiter
             waiter.chain = outer
             _local.loop = None
             while waiter.inbox:  # what came for the chain after the reply went out
                 awaiter.deliver(waiter.inbox.popleft())
+
+    def _run_callback(self, awaiter: _AsyncWaiter, waiter: _Waiter, req_id: int, raw: Any) -> None:
+        # (a coroutine it returns runs on the loop in this context: an awaited
+        # call it makes to this peer does not wait for the turn of this one)
+        _callbacks_of().set((*awaiter.outer, awaiter))
+        with user_code_signals:
+            self._run(waiter, req_id, raw)
 
     def _wait_for_reply(self, waiter: _Waiter, req_id: int) -> Tuple[int, Any]:
         while True:
