@@ -325,6 +325,7 @@ def test_other_dates_stay_references(box):
         Stamp(2026, 1, 1),
         datetime.datetime(2026, 1, 1, tzinfo=Zone()),
         decimal.Decimal("1E+4301"),
+        decimal.Decimal("0." + "1" * 4300),
     ):
         assert box.execute(eval, "v", {"v": value}) is value
 

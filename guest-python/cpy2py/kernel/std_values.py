@@ -61,9 +61,10 @@ def encode(obj: Any) -> Optional[List[Any]]:
         offset, *label = obj.__getinitargs__()  # (a name only if it was given one)
         return [name, offset.days, offset.seconds, offset.microseconds, label[0] if label else None]
     if name == "decimal.Decimal":
-        if obj.is_finite() and abs(obj.adjusted()) > MAX_DECIMAL_EXPONENT:
+        text = str(obj)
+        if len(text) > MAX_DECIMAL_TEXT or (obj.is_finite() and abs(obj.adjusted()) > MAX_DECIMAL_EXPONENT):
             return None  # (its receiver would refuse it: a reference, as before)
-        return [name, str(obj)]
+        return [name, text]
     if name == "uuid.UUID":
         return [name, obj.bytes]
     return None
