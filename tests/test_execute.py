@@ -52,6 +52,19 @@ def test_builtins_and_picklable_callables(twin):
     assert twin.execute(functools.partial(pow, 3), 2) == 9
 
 
+def test_builtin_types_and_generic_aliases_cross_both_ways(twin):
+    """``type(None)`` and its kin, and ``list[int]``: PyPy names the first
+    ``builtins.NoneType`` (which CPython's builtins lack) and pickles the
+    second by a module of its own; both failed to reach a CPython master."""
+    native_only(kind_of(twin), "classes are not handed to a guest by name")
+    made_there = (
+        "[type(None), type(...), type(NotImplemented), list[int], dict[str, list[int]], tuple[int, ...]]"
+    )
+    values = [type(None), type(...), type(NotImplemented), list[int], dict[str, list[int]], tuple[int, ...]]
+    assert twin.execute(eval, made_there) == values
+    assert twin.execute(twin_helpers.echo, values) == values
+
+
 def test_a_function_the_twin_cannot_find_is_not_run_here_instead(twin):
     """``execute`` runs its callable in the twin; a lambda or a closure has no
     name there, and would otherwise go as a proxy and run in the master."""

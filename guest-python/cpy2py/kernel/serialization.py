@@ -256,6 +256,8 @@ def _picklers() -> Tuple[type, type]:
                     return NotImplemented
             except TypeError:  # (a class whose metaclass makes it unhashable)
                 pass
+            if kind is _GenericAlias and _ON_PYPY:  # (PyPy names a module of its own: see _generic_alias)
+                return _generic_alias, (obj.__origin__, obj.__args__)
             if isinstance(obj, (type, FunctionType)):  # pickled by name
                 if getattr(obj, "__module__", None) == "__main__":
                     if self.serializer.master_only(obj, obj.__qualname__):
@@ -302,6 +304,15 @@ def _picklers() -> Tuple[type, type]:
     return _pickle_classes
 
 
+_GenericAlias = type(list[int])
+
+
+def _generic_alias(origin: Any, args: tuple) -> Any:
+    """``origin[args]``: how a PyPy twin pickles ``list[int]`` and its kin
+    (PyPy's own pickle names ``_pypy_generic_alias``, which CPython lacks)."""
+    return origin[args if len(args) != 1 else args[0]]
+
+
 def _twin_reference(owner: str, iid: int, info: Any) -> Any:
     """What a pickle holds in place of a twin object, a proxy or a module
     (``_Pickler.reducer_override``): the kernel's unpickler resolves it
@@ -310,6 +321,9 @@ def _twin_reference(owner: str, iid: int, info: Any) -> Any:
 
 
 _ON_PYPY = sys.implementation.name == "pypy"
+#: builtin types named ``builtins.<name>`` that CPython's builtins lack (PyPy
+#: names ``type(None)`` so; CPython pickles it as ``type(None)``)
+_NOT_IN_BUILTINS = {"NoneType": type(None), "ellipsis": type(...), "NotImplementedType": type(NotImplemented)}
 #: modules that only PyPy's unpickler knows, named by how PyPy pickles some
 #: builtins (range and dict iterators, bound methods of builtin objects:
 #: ``_pickle_support``; operator's itemgetter, attrgetter and methodcaller,
@@ -781,7 +795,11 @@ class Serializer:
         try:
             # builtins need no import machinery (and few frames: a RecursionError
             # from deep down must still be found)
-            obj = vars(builtins)[key[1]] if key[0] == "builtins" else lookup(*key)
+            if key[0] == "builtins":
+                found = vars(builtins).get(key[1], _NOT_IN_BUILTINS.get(key[1]))
+                obj = found if found is not None else vars(builtins)[key[1]]
+            else:
+                obj = lookup(*key)
         except Exception as err:
             raise LookupError(
                 f"{key[0]}.{key[1]} (sent by {self.peer_id!r}) cannot be found in this interpreter: "
