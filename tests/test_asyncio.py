@@ -207,6 +207,40 @@ def test_the_callbacks_of_an_awaited_call_see_the_callers_context(twin):
     assert len(seen) == 12  # (two of each kind, per request)
 
 
+def test_cancelling_an_awaited_call_cancels_the_callback_it_awaits(twin):
+    """A coroutine function of the master that the twin called back, awaited
+    on the loop when the awaiting task is cancelled, is cancelled with it
+    (as in one interpreter); it ran on, orphaned, holding a thread of the
+    master and one of the twin while it waited."""
+
+    async def main():
+        started, never = asyncio.Event(), asyncio.Event()
+        ended = []
+
+        async def callback(value):
+            started.set()
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+                raise
+            return value
+
+        task = asyncio.ensure_future(twin.execute_async(helpers.call_twice, callback, 1))
+        await asyncio.wait_for(started.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(1000):  # (a hang guard: it ends on the loop's next turns)
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        return list(ended)  # (asyncio.run cancels what is left as it ends: not that)
+
+    assert run(main()) == ["cancelled"]
+    assert twin.execute(abs, -3) == 3
+
+
 @pytest.mark.parametrize("how", ["await", "aio", "execute_async"])
 def test_an_async_twinfunction_of_the_master_awaited_in_a_twin_runs_on_the_callers_loop(twin, how):
     """An async twinfunction of a native twin whose coroutine awaits async

@@ -162,6 +162,7 @@ class _AsyncWaiter:
         "driving",
         "outer",
         "context",
+        "callbacks",
     )
 
     def __init__(self, loop: Any) -> None:
@@ -180,6 +181,9 @@ class _AsyncWaiter:
         self.sent = False  # its request was queued for the guest
         self.driving = False  # a worker thread runs the guest for it
         self.outer: Tuple[_AsyncWaiter, ...] = ()  # the awaited calls whose callbacks made it
+        #: coroutines of the peer's callbacks it awaits on the loop now
+        #: (their futures): cancelled with it (``_await_callback``)
+        self.callbacks: Any = None
 
     def deliver(self, item: Item, on: Any = None) -> None:
         """``item`` is this call's; ``on``: the event loop the deliverer runs
@@ -243,6 +247,33 @@ def callback_workers() -> Any:
 _context_copier: Any = None
 
 
+def _await_callback(awaiter: _AsyncWaiter, start: Callable[[], Any]) -> Any:
+    """Wait, on a thread that serves the callbacks of the awaited call
+    ``awaiter``, for the coroutine that ``start`` schedules on its loop
+    (its concurrent future); cancelled with that call (request_async), as a
+    coroutine it awaited in one interpreter would be, instead of running on
+    orphaned (and holding this thread, and the peer's, while it waits)."""
+    with _callback_lock:
+        future = start()
+        if awaiter.callbacks is _CALL_CANCELLED:
+            future.cancel()  # (the call was cancelled as this callback came)
+        elif awaiter.callbacks is None:
+            awaiter.callbacks = {future}
+        else:
+            awaiter.callbacks.add(future)
+    try:
+        return future.result()
+    finally:
+        with _callback_lock:
+            if type(awaiter.callbacks) is set:
+                awaiter.callbacks.discard(future)
+
+
+_callback_lock = _thread.allocate_lock()
+#: an awaited call's ``callbacks`` once it was cancelled
+_CALL_CANCELLED: Any = object()
+
+
 def _copy_context() -> Any:
     """contextvars.copy_context (imported with asyncio, which awaited calls
     run on: a twin's start imports neither)."""
@@ -263,8 +294,10 @@ def _run_coroutine(coroutine: Any, link: Any = None, chain: int = 0) -> Any:
     import asyncio
 
     loop = getattr(_local, "loop", None)
-    if loop is not None:
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+    if loop is not None:  # (a callback of an awaited call: _run_for, in its context)
+        return _await_callback(
+            _callbacks_of().get()[-1], lambda: asyncio.run_coroutine_threadsafe(coroutine, loop)
+        )
     if chain > _ROOT_CHAINS and link is not None:
         awaiter = link._awaited_call(chain & _ROOT_CHAINS)
         if awaiter is not None and asyncio._get_running_loop() is None:
@@ -275,7 +308,7 @@ def _run_coroutine(coroutine: Any, link: Any = None, chain: int = 0) -> Any:
                 _callbacks_of().set((*awaiter.outer, awaiter))
                 return asyncio.run_coroutine_threadsafe(coroutine, awaiter.loop)
 
-            return awaiter.context.copy().run(schedule).result()
+            return _await_callback(awaiter, lambda: awaiter.context.copy().run(schedule))
     if asyncio._get_running_loop() is not None:
         # a sync call made on a running loop's thread: that loop waits for
         # the call, so it cannot run the coroutine, nor can a loop of its own
@@ -1023,6 +1056,10 @@ class Connection:
             answered = True
             return self._result(req_id, kind, raw)
         except asyncio.CancelledError:
+            with _callback_lock:  # (the peer's callbacks it awaits are cancelled with it)
+                for callback in waiter.callbacks if type(waiter.callbacks) is set else ():
+                    callback.cancel()
+                waiter.callbacks = _CALL_CANCELLED
             if waiter.sent and self.broken is None and self._pending.get(req_id) is waiter:
                 # cancelled while the guest runs the call: only stopping the
                 # guest ends it (it would go on with it whenever run next)
