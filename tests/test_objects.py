@@ -209,6 +209,16 @@ def test_inheritance_and_super(kind):
     assert isinstance(diamond, tc.Left) and isinstance(diamond, tc.Right)
 
 
+def test_the_class_of_an_object_changed_through_its_proxy_is_its_proxys_too(kind):
+    left_class, right_class = cls(kind, tc.Left), cls(kind, tc.Right)
+    made = left_class()
+    assert made.who() == ["Left", "Base"]
+    made.__class__ = right_class  # (done in its twin)
+    assert made.__class__ is right_class and isinstance(made, right_class)
+    assert not isinstance(made, left_class)
+    assert made.who() == ["Right", "Base"]
+
+
 def test_subclass_may_change_its_twin(kind):
     class_name = f"Diamond_{kind}"
     assert cls(kind, tc.Diamond).__twin_id__ == kind

@@ -1071,6 +1071,11 @@ _PROXY_LOCALS = frozenset(
 )
 
 
+#: the ``__class__`` of every object (a proxy class of a twin class has one
+#: of its own, which says that class: _make_proxy_class)
+_OBJECT_CLASS = object.__dict__["__class__"]
+
+
 class TwinProxy:
     """Base of all proxies: every attribute access goes to the native object."""
 
@@ -1105,6 +1110,9 @@ class TwinProxy:
 
     def __setattr__(self, name: str, value: Any) -> None:
         call(self, OP_SETATTR, name, value)
+        if name == "__class__" and isinstance(value, twin_meta()):
+            # the object's class changed in its twin: this proxy follows it
+            _OBJECT_CLASS.__set__(self, proxy_class(value))
 
     def __delattr__(self, name: str) -> None:
         call(self, OP_DELATTR, name)
