@@ -235,6 +235,25 @@ def test_a_twinmaster_for_a_twin_running_with_other_settings_warns_when_used(kin
         assert running.is_alive and running.timeout is None
 
 
+def test_code_pinned_to_a_twin_running_with_other_settings_than_asked_warns(kind):
+    """A twinfunction pinned to an id runs in its running twin; if the last
+    TwinMaster made for the id asks for other settings than that twin runs
+    with, its call says so, once (a sandbox refuses instead:
+    test_sandbox_limits.py)."""
+    import twin_functions
+
+    twin_id = "settings-pinned"
+    with TwinMaster(kind, twinterpreter_id=twin_id) as running:
+        pid = running.execute(os.getpid)
+        TwinMaster(kind, twinterpreter_id=twin_id, timeout=30.0)  # (the last made for the id)
+        said = "not those of the last TwinMaster made for 'settings-pinned'"
+        with pytest.warns(RuntimeWarning, match=said):
+            assert twin_functions.pinned_to_settings_twin() == pid
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert twin_functions.pinned_to_settings_twin() == pid
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("ctrl_c", ["once", "again as it tells them", "again as it records the failure"])
 def test_a_start_ended_by_ctrl_c_tells_the_threads_that_wait_for_it(monkeypatch, ctrl_c):

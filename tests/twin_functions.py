@@ -101,3 +101,9 @@ def _stack() -> list:
         frames.append(frame)
         frame = frame.f_back
     return frames
+
+
+@twinfunction("settings-pinned")
+def pinned_to_settings_twin() -> int:
+    """Pinned to an id whose TwinMaster a test makes (test_twinmaster.py)."""
+    return os.getpid()
