@@ -470,7 +470,8 @@ def test_a_guest_exception_of_its_own_type_is_caught_as_its_builtin_base(box, pl
 def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_exception():
     """What a guest says its exception derives from is a builtin Exception
     type's name, or it is not taken: never an interrupt, nor a type whose
-    constructor means something else (OSError's errno), nor anything else."""
+    constructor means something else (OSError's errno: the nearest of its
+    bases that has none), nor anything else."""
     from cpy2py.kernel.sandbox import SandboxSerializer, _GuestName
 
     serializer = SandboxSerializer("hostile-exceptions")
@@ -479,12 +480,15 @@ def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_except
         return serializer._exception([_GuestName("plugin", "Err"), ["message"], None, extra])
 
     assert isinstance(made({"base": "LookupError"}), LookupError)
+    # the nearest base whose constructor takes any arguments, as for a native twin
+    decoding = made({"base": "UnicodeDecodeError"})
+    assert isinstance(decoding, ValueError) and not isinstance(decoding, UnicodeError)
     for base in (
         "KeyboardInterrupt",
         "SystemExit",
         "GeneratorExit",
         "OSError",
-        "UnicodeDecodeError",
+        "FileNotFoundError",
         "os",
         "eval",
     ):

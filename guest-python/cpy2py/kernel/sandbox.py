@@ -56,6 +56,7 @@ from .serialization import (
     _pinned_elsewhere,
     format_exception,
     global_name,
+    remote_error_near,
     singleton_name,
     unfindable_pinned,
 )
@@ -652,9 +653,11 @@ class SandboxSerializer(Serializer):
         if builtin is None:
             name = written_out(qualname if module == "builtins" else f"{module}.{qualname}")
             # the builtin type the guest's derives from, if any (looked up
-            # among the builtin Exception subclasses by name only)
+            # among the builtin Exception subclasses by name only), or the
+            # nearest of its bases with a plain constructor, as for a
+            # native twin's exception
             base = _builtin_exception("builtins", extra.get("base"))
-            remote = errors.remote_error_type(base) if base is not None else RemoteError
+            remote = remote_error_near(base.__name__) if base is not None else RemoteError
             err = remote(name, ", ".join(_short(a) for a in args), text)
         else:
             if issubclass(builtin, OSError) and args and type(args[0]) is int:
