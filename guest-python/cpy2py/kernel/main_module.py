@@ -163,6 +163,13 @@ def runs_main() -> bool:
     return bool(_config.get("run_main"))
 
 
+def shown_module(module: str) -> str:
+    """The module name a peer is told for a type or function of ``module``:
+    ``__main__`` for this twin's copy of the master's script (which the
+    master's own user knows as ``__main__``, and every peer looks up as it)."""
+    return "__main__" if module == MAIN_ALIAS else module
+
+
 def is_main_name(module: str) -> bool:
     # (``__mp_main__``: the main script in a worker that multiprocessing
     # started by spawn or forkserver, whose ``__main__`` it is)

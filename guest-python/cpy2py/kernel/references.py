@@ -429,10 +429,7 @@ def class_info(cls: type, by_name: bool = True) -> Any:
     classes (sent by name), else the type's name and its special methods."""
     if by_name and isinstance(cls, twin_meta()):
         return cls
-    module = cls.__module__
-    if module == main_module.MAIN_ALIAS:  # (a twin's copy of the script its user knows as __main__)
-        module = "__main__"
-    return [f"{module}.{cls.__qualname__}", sorted(_special_names(cls))]
+    return [f"{main_module.shown_module(cls.__module__)}.{cls.__qualname__}", sorted(_special_names(cls))]
 
 
 _ModuleType = type(sys)

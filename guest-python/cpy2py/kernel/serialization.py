@@ -34,6 +34,7 @@ from ..protocol.messages import (
     RAISE,
 )
 from . import main_module, references, std_values
+from .main_module import shown_module
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
@@ -410,13 +411,6 @@ def _show_as_main(part: Any, kind: type) -> None:
             (SyntaxError if issubclass(kind, SyntaxError) else Exception,),
             {"__module__": "__main__", "__qualname__": kind.__qualname__},
         )
-
-
-def shown_module(module: str) -> str:
-    """The module name a peer is told for a type or function of ``module``:
-    ``__main__`` for this twin's copy of the master's script (which the
-    master's own user knows as ``__main__``, and every peer looks up as it)."""
-    return "__main__" if module == main_module.MAIN_ALIAS else module
 
 
 #: the key of an exception's attributes (the fourth item of its value, on
