@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -450,9 +451,10 @@ def test_an_exception_of_a_type_the_receiver_cannot_find_is_caught_as_its_builti
     assert info.value.type_name == "only_in_this_twin.MissingThere"
     with pytest.raises(LookupError):  # (a base of the base)
         twin.execute(twin_helpers.raise_local_subclass, "IndexError", "out of range")
-    with pytest.raises(RemoteError) as info:  # (OSError's constructor gives its args a meaning)
+    with pytest.raises(OSError) as info:  # (test_an_os_error_of_a_type_the_receiver_cannot_find...)
         twin.execute(twin_helpers.raise_local_subclass, "OSError", "no such thing")
-    assert not isinstance(info.value, OSError)
+    assert isinstance(info.value, RemoteError) and info.value.errno is None
+    assert str(info.value) == "twin_helpers.raise_local_subclass.<locals>.LocalError: no such thing"
     native_only(kind_of(twin), "a guest names the nearest builtin base only (test_wasi.py)")
     # the nearest builtin base with a plain constructor: UnicodeDecodeError's is ValueError
     with pytest.raises(ValueError) as info:
@@ -473,6 +475,100 @@ def test_an_exception_of_a_type_the_receiver_cannot_find_is_caught_as_its_builti
     assert caught == ("RemoteValueError", f"{name}: from the master")
 
 
+def test_an_os_error_of_a_type_the_receiver_cannot_find_keeps_its_errno_and_file_names(twin):
+    """Such an exception whose type derives from OSError is a RemoteOSError:
+    ``except OSError`` catches it (``except FileNotFoundError`` one of a
+    FileNotFoundError subclass), and it has the errno, strerror and file
+    names it had in the twin; its message is what OSError's str says of
+    them. Its errno does not make it another subclass (it did not there)."""
+    from cpy2py.errors import RemoteFileNotFoundError, RemoteOSError
+
+    name = "twin_helpers.raise_local_subclass.<locals>.LocalError"
+    with pytest.raises(OSError) as info:
+        twin.execute(
+            twin_helpers.raise_local_os_error, "OSError", "ENOSPC", "no space left", "/mnt/a", None, "/mnt/b"
+        )
+    err = info.value
+    assert type(err) is RemoteOSError and isinstance(err, RemoteError) and err.type_name == name
+    assert (err.errno, err.strerror, err.filename, err.filename2) == (
+        errno.ENOSPC,
+        "no space left",
+        "/mnt/a",
+        "/mnt/b",
+    )
+    assert str(err) == f"{name}: [Errno {errno.ENOSPC}] no space left: '/mnt/a' -> '/mnt/b'"
+    assert err.message == f"[Errno {errno.ENOSPC}] no space left: '/mnt/a' -> '/mnt/b'"
+    assert "raise_local_subclass" in err.traceback_text and isinstance(err.__cause__, RemoteTraceback)
+    with pytest.raises(FileNotFoundError) as info:  # the nearest builtin base
+        twin.execute(twin_helpers.raise_local_os_error, "FileNotFoundError", "ENOENT", "gone", "a.txt")
+    err = info.value
+    assert type(err) is RemoteFileNotFoundError and isinstance(err, RemoteOSError)
+    assert (err.errno, err.strerror, err.filename, err.filename2) == (errno.ENOENT, "gone", "a.txt", None)
+    assert str(err) == f"{name}: [Errno {errno.ENOENT}] gone: 'a.txt'"
+    with pytest.raises(ConnectionError) as info:  # (a base of the base)
+        twin.execute(twin_helpers.raise_local_os_error, "ConnectionResetError", "ECONNRESET", "reset")
+    assert type(info.value).__name__ == "RemoteConnectionResetError" and info.value.errno == errno.ECONNRESET
+    with pytest.raises(OSError) as info:
+        twin.execute(twin_helpers.raise_local_os_error, "OSError", "ENOENT", "gone")
+    assert type(info.value) is RemoteOSError and str(info.value) == f"{name}: [Errno {errno.ENOENT}] gone"
+
+    # the other way: the master's exception of a type the twin cannot find
+    def master_only(path):
+        class DiskGoneHere(OSError):
+            pass
+
+        raise DiskGoneHere(errno.ENOSPC, "no space left", path)
+
+    seen = twin.execute(twin_helpers.os_error_caught, "OSError", master_only, "/mnt/a")
+    if kind_of(twin) == SANDBOX_KIND:  # (a master exception reaches a guest as its builtin type)
+        assert seen[:6] == ["OSError", False, "ENOSPC", "no space left", "/mnt/a", None], seen
+        return
+    master_name = f"{__name__}.{master_only.__qualname__}.<locals>.DiskGoneHere"
+    message = f"[Errno {errno.ENOSPC}] no space left: '/mnt/a'"
+    assert seen == [
+        "RemoteOSError",
+        True,
+        "ENOSPC",
+        "no space left",
+        "/mnt/a",
+        None,
+        f"{master_name}: {message}",
+    ]
+
+    # and back: the twin's, through the master (a RemoteOSError there) to the twin
+    def through_the_master():
+        twin.execute(
+            twin_helpers.raise_local_os_error, "PermissionError", "EACCES", "denied", "/etc/a", None, "b"
+        )
+
+    seen = twin.execute(twin_helpers.os_error_caught, "PermissionError", through_the_master)
+    message = f"[Errno {errno.EACCES}] denied: '/etc/a' -> 'b'"
+    assert seen == ["RemotePermissionError", True, "EACCES", "denied", "/etc/a", "b", f"{name}: {message}"]
+
+
+def test_a_remote_os_error_copies_and_pickles_with_its_errno_and_file_names():
+    """(OSError's own __reduce__ would pass them as its args, which are a
+    RemoteError's; PyPy's __setstate__ would hide them in its __dict__.)"""
+    import copy
+    import pickle
+
+    from cpy2py.errors import RemoteFileNotFoundError, RemoteOSError
+
+    for kind in (RemoteOSError, RemoteFileNotFoundError):
+        err = kind(
+            "app.Err", "[Errno 2] gone: 'a'", "text", errno=2, strerror="gone", filename="a", filename2="b"
+        )
+        for made in (copy.copy(err), pickle.loads(pickle.dumps(err))):
+            assert type(made) is kind
+            assert (made.type_name, made.message, made.traceback_text) == (
+                "app.Err",
+                "[Errno 2] gone: 'a'",
+                "text",
+            )
+            assert (made.errno, made.strerror, made.filename, made.filename2) == (2, "gone", "a", "b")
+            assert str(made) == "app.Err: [Errno 2] gone: 'a'" and made.args == err.args
+
+
 def test_the_builtin_base_of_an_exception_type_not_found_is_taken_from_builtins_only():
     """What a trusted peer names as its exception type's builtin base (the
     ``__cpy2py_base__`` key of its attributes) is looked up among the
@@ -486,9 +582,16 @@ def test_the_builtin_base_of_an_exception_type_not_found_is_taken_from_builtins_
 
     assert type(made({BASE_KEY: "LookupError"})).__name__ == "RemoteLookupError"
     assert type(made({BASE_KEY: "UnicodeDecodeError"})).__name__ == "RemoteValueError"
-    for base in ("KeyboardInterrupt", "SystemExit", "OSError", "FileNotFoundError", "os", "RemoteError", 3):
+    for base in ("KeyboardInterrupt", "SystemExit", "os", "RemoteError", 3):
         err = made({BASE_KEY: base})
         assert type(err) is RemoteError and str(err) == "app.Err: message", base
+    # an OSError's: its errno, strerror and file names are among the attributes
+    err = made({BASE_KEY: "FileNotFoundError", "errno": 2, "strerror": "gone", "filename": "a", "x": 1})
+    assert type(err).__name__ == "RemoteFileNotFoundError" and isinstance(err, RemoteError)
+    assert (err.errno, err.strerror, err.filename, err.filename2) == (2, "gone", "a", None)
+    assert str(err) == "app.Err: [Errno 2] gone: 'a'" and not hasattr(err, "x")
+    err = made({BASE_KEY: "OSError"})
+    assert type(err).__name__ == "RemoteOSError" and str(err) == "app.Err: message" and err.errno is None
     err = made({BASE_KEY: "ValueError", "status": 404, "__notes__": ["noted"]})
     assert err.__notes__ == ["noted"] and not hasattr(err, "status")  # (a RemoteError's own attributes stay)
     err = made({BASE_KEY: "ValueError", "status": 404}, kind=twin_helpers.CustomError)

@@ -470,8 +470,10 @@ def test_a_guest_exception_of_its_own_type_is_caught_as_its_builtin_base(box, pl
 def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_exception():
     """What a guest says its exception derives from is a builtin Exception
     type's name, or it is not taken: never an interrupt, nor a type whose
-    constructor means something else (OSError's errno: the nearest of its
-    bases that has none), nor anything else."""
+    constructor means something else (UnicodeError's positions: the nearest
+    of its bases that has none), nor anything else. An OSError subclass's is
+    a RemoteOSError, its errno and file names read from its arguments as
+    OSError does, the errno the master's for the guest's."""
     from cpy2py.kernel.sandbox import SandboxSerializer, _GuestName
 
     serializer = SandboxSerializer("hostile-exceptions")
@@ -487,8 +489,6 @@ def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_except
         "KeyboardInterrupt",
         "SystemExit",
         "GeneratorExit",
-        "OSError",
-        "FileNotFoundError",
         "os",
         "eval",
     ):
@@ -502,6 +502,26 @@ def test_the_base_a_guest_names_for_its_exception_is_only_a_plain_builtin_except
         {"notes": [1]},
     ):
         assert made(extra).type_name == "<malformed exception>", extra
+    # an OSError's: what OSError's constructor reads of its args, and nothing of the guest else
+    from cpy2py.errors import RemoteFileNotFoundError, RemoteOSError, RemoteValueError
+
+    def made_of(args, base):
+        return serializer._exception([_GuestName("plugin", "Err"), args, None, {"base": base}])
+
+    err = made_of([44, "gone", "/f"], "FileNotFoundError")  # (44: the guest's ENOENT)
+    assert type(err) is RemoteFileNotFoundError and err.type_name == "plugin.Err"
+    assert (err.errno, err.strerror, err.filename, err.filename2) == (errno.ENOENT, "gone", "/f", None)
+    assert str(err) == f"plugin.Err: [Errno {errno.ENOENT}] gone: '/f'"
+    err = made_of([9999, 5, ["not", "a", "name"], None, b"/g"], "OSError")
+    assert type(err) is RemoteOSError
+    assert (err.errno, err.strerror, err.filename, err.filename2) == (None, "5", None, b"/g")
+    err = made_of([44, "gone\x1b[2J", "/f\x1b]0;x\x07"], "OSError")  # (terminal controls written out)
+    assert (err.strerror, err.filename) == ("gone\\x1b[2J", "/f\\x1b]0;x\\x07")
+    assert "\x1b" not in str(err) and "\x07" not in str(err)
+    err = made_of(["message"], "OSError")
+    assert (err.errno, err.strerror, err.filename, str(err)) == (None, None, None, "plugin.Err: message")
+    err = made_of([44, "gone", "/f"], "UnicodeDecodeError")  # (not an OSError: its args are its message)
+    assert type(err) is RemoteValueError and str(err) == "plugin.Err: 44, gone, /f"
     # notes: text, written out, at most 16
     assert made({"notes": ["\x1b[2Jcleared", *map(str, range(20))]}).__notes__[:2] == ["\\x1b[2Jcleared", "0"]
     assert len(made({"notes": ["n"] * 20}).__notes__) == 16

@@ -126,6 +126,38 @@ def raise_local_subclass(base_name, *args, note=None):
     raise err
 
 
+def raise_local_os_error(base_name, errno_name, *args):
+    """``raise_local_subclass`` of an OSError type, its errno named (a
+    sandboxed guest numbers the errors its own way) and ``args`` after it."""
+    import errno
+
+    raise_local_subclass(base_name, getattr(errno, errno_name), *args)
+
+
+def os_error_caught(base_name, func, *args):
+    """Call ``func``: what ``except <base_name>`` caught of it (an OSError):
+    its type's name, whether it is a RemoteError, its errno's name, its
+    strerror, file names and str."""
+    import builtins
+    import errno
+
+    from cpy2py import RemoteError
+
+    try:
+        func(*args)
+    except getattr(builtins, base_name) as err:
+        return [
+            type(err).__name__,
+            isinstance(err, RemoteError),
+            errno.errorcode.get(err.errno),
+            err.strerror,
+            err.filename,
+            err.filename2,
+            str(err),
+        ]
+    return None
+
+
 def raise_of_a_module_only_here(message):
     """Raise an exception whose class is a module-level one of a module
     this interpreter has and its peers do not."""

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import builtins
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (a twin's start imports no typing)
+    from typing import Any, Dict
+
 
 class TwinError(Exception):
     """Base class of all cpy2py errors."""
@@ -69,13 +73,61 @@ class RemoteError(TwinError):
         return f"{self.type_name}: {self.message}"
 
 
+class RemoteOSError(RemoteError, OSError):
+    """A ``RemoteError`` for a remote exception whose type derives from
+    ``OSError``: ``except OSError`` catches it, and it has the remote one's
+    ``errno``, ``strerror``, ``filename`` and ``filename2``. The ``Remote<type>``
+    of a builtin OSError subclass (``RemoteFileNotFoundError``) derives from
+    this and that type.
+
+    Its args are a RemoteError's (type name, message, traceback text), not
+    OSError's: OSError's constructor would take them for errno, strerror and
+    file name; those come as keywords instead.
+    """
+
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        traceback_text: str | None = None,
+        *,
+        errno: Any = None,
+        strerror: Any = None,
+        filename: Any = None,
+        filename2: Any = None,
+    ):
+        Exception.__init__(self, type_name, message, traceback_text)  # (not OSError's: see above)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+        self.errno = errno
+        self.strerror = strerror
+        self.filename = filename
+        self.filename2 = filename2
+
+    def __reduce__(self) -> Any:  # (OSError's would pass its fields as args)
+        state = dict(vars(self))
+        for key in OS_ERROR_FIELDS:
+            state[key] = getattr(self, key)
+        return type(self), self.args, state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        for key, value in state.items():  # (PyPy's would put errno... in __dict__, behind OSError's)
+            setattr(self, key, value)
+
+
+#: what an OSError has beyond its args (RemoteOSError's keywords)
+OS_ERROR_FIELDS = ("errno", "strerror", "filename", "filename2")
+
+
 def remote_error_type(base: type) -> type:
     """``RemoteError`` that is also a ``base`` (a builtin exception type the
     remote type derives from, such as ``ValueError`` for a
     ``json.JSONDecodeError``), so that ``except ValueError`` catches it; named
     ``cpy2py.errors.Remote<base>`` (any interpreter finds it by that name).
+    For ``OSError`` and its builtin subclasses a ``RemoteOSError``;
     ``RemoteError`` itself for a base whose constructor takes particular
-    arguments (OSError, UnicodeError, ...)."""
+    arguments (UnicodeError, SyntaxError, ...)."""
     found = _remote_types.get(base)
     if found is not None:
         return found
@@ -88,8 +140,9 @@ def remote_error_type(base: type) -> type:
         and getattr(builtins, base.__name__, None) is base
     )
     if plain:
+        mixin = RemoteOSError if issubclass(base, OSError) else RemoteError
         try:
-            found = type(f"Remote{base.__name__}", (RemoteError, base), {"__module__": __name__})
+            found = type(f"Remote{base.__name__}", (mixin, base), {"__module__": __name__})
             found("type", "message", None)
         except Exception:  # (bases that cannot be combined, or built so)
             found = RemoteError
@@ -98,13 +151,13 @@ def remote_error_type(base: type) -> type:
 
 
 #: builtin exception types whose constructors give their arguments a meaning
-#: (OSError's errno, UnicodeError's positions, ...), or that steer iteration
-_PARTICULAR = (OSError, UnicodeError, SyntaxError, ImportError, StopIteration, StopAsyncIteration) + tuple(
+#: (UnicodeError's positions, ...), or that steer iteration
+_PARTICULAR = (UnicodeError, SyntaxError, ImportError, StopIteration, StopAsyncIteration) + tuple(
     group
     for group in (vars(builtins).get("BaseExceptionGroup"),)
     if group is not None  # (3.11+)
 )
-_remote_types: dict = {}
+_remote_types: Dict[Any, type] = {OSError: RemoteOSError}
 
 
 def __getattr__(name: str) -> type:

@@ -57,6 +57,7 @@ from .serialization import (
     format_exception,
     global_name,
     remote_error_near,
+    remote_os_error,
     singleton_name,
     unfindable_pinned,
 )
@@ -658,7 +659,11 @@ class SandboxSerializer(Serializer):
             # native twin's exception
             base = _builtin_exception("builtins", extra.get("base"))
             remote = remote_error_near(base.__name__) if base is not None else RemoteError
-            err = remote(name, ", ".join(_short(a) for a in args), text)
+            message = ", ".join(_short(a) for a in args)
+            if issubclass(remote, OSError):  # (a RemoteOSError) its errno... as OSError reads its args
+                err = remote_os_error(remote, name, message, text, _os_error_fields(args))
+            else:
+                err = remote(name, message, text)
         else:
             if issubclass(builtin, OSError) and args and type(args[0]) is int:
                 args[0] = errno_from_guest(args[0])  # (the guest's numbers are WASI's)
@@ -678,6 +683,24 @@ class SandboxSerializer(Serializer):
         if text:
             err.__cause__ = RemoteTraceback(text)
         return err
+
+
+def _os_error_fields(args: List[Any]) -> Dict[str, Any]:
+    """The errno, strerror and file names of a guest's OSError of its own
+    type, read from its arguments as OSError's constructor does (the guest
+    adds its file names to them): the errno is the master's number for the
+    guest's, a strerror that is not text is its text, a file name anything
+    but text or a number is dropped; nothing of the guest is asked for."""
+    if not 2 <= len(args) <= 5:
+        return {}
+    number, strerror = args[0], args[1]
+    names = [args[2] if len(args) > 2 else None, args[4] if len(args) > 4 else None]
+    return {
+        "errno": errno_from_guest(number),
+        "strerror": strerror if strerror is None or type(strerror) is str else _short(strerror),
+        "filename": names[0] if type(names[0]) in (str, bytes, int) else None,
+        "filename2": names[1] if type(names[1]) in (str, bytes, int) else None,
+    }
 
 
 def _short(value: Any) -> str:

@@ -22,7 +22,14 @@ import sys
 
 from .. import kernel_state
 from ..capabilities import Exposed
-from ..errors import ProtocolError, RemoteError, RemoteTraceback, TwinError, remote_error_type
+from ..errors import (
+    OS_ERROR_FIELDS,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    TwinError,
+    remote_error_type,
+)
 from ..protocol import codec, tags
 from ..protocol.messages import (
     OP_CALL_METHOD,
@@ -431,7 +438,9 @@ def remote_error_near(base_name: Any) -> type:
     type cannot be found here, but which derives from the builtin type
     ``base_name``: the ``Remote<type>`` of the nearest builtin ``Exception``
     type with a plain constructor among that one and its bases (a
-    ``UnicodeDecodeError``'s is ``RemoteValueError``), else ``RemoteError``."""
+    ``UnicodeDecodeError``'s is ``RemoteValueError``; an ``OSError`` and its
+    builtin subclasses have a ``RemoteOSError``: ``remote_os_error``), else
+    ``RemoteError``."""
     base = vars(builtins).get(base_name) if type(base_name) is str else None
     if not (isinstance(base, type) and issubclass(base, Exception)):
         return RemoteError
@@ -442,6 +451,32 @@ def remote_error_near(base_name: Any) -> type:
         if found is not RemoteError:
             return found
     return RemoteError
+
+
+def remote_os_error(
+    remote: type, name: str, plain: str, text: Optional[str], fields: Dict[str, Any]
+) -> BaseException:
+    """A ``RemoteOSError`` (``remote``) named ``name`` with the ``errno``,
+    ``strerror``, ``filename`` and ``filename2`` in ``fields``; its message
+    what OSError's str says of them (``[Errno 2] gone: 'a.txt'``), or
+    ``plain`` (its args as text) when it says only its args. The file names
+    are shown without asking anyone: a proxy among them is described here."""
+    number, strerror, filename, filename2 = (fields.get(key) for key in OS_ERROR_FIELDS)
+
+    def shown(item: Any) -> str:
+        return repr(item) if type(item) in (str, bytes, int) else references.safe_repr(item, 1000)
+
+    if filename is not None:  # (as OSError.__str__)
+        message = f"[Errno {number}] {strerror}: {shown(filename)}"
+        if filename2 is not None:
+            message += f" -> {shown(filename2)}"
+    elif number is not None and strerror is not None:
+        message = f"[Errno {number}] {strerror}"
+    else:
+        message = plain
+    return remote(
+        name, message, text, errno=number, strerror=strerror, filename=filename, filename2=filename2
+    )
 
 
 class Serializer:
@@ -625,7 +660,8 @@ class Serializer:
     def _exception_state(self, err: BaseException) -> Dict[str, Any]:
         """What an exception was given beyond its args, those that can
         travel: its attributes (``__dict__``: ``self.status = 404`` in its
-        ``__init__``, ``__notes__``) and an OSError's file names. The
+        ``__init__``, ``__notes__``) and an OSError's file names (and errno
+        and strerror, of a type that is not a builtin one). The
         receiver sets them on the exception it rebuilds from its args,
         whose ``__init__`` may have given them defaults. Trusted links only
         (a guest's exceptions are the master's own builtin types)."""
@@ -633,7 +669,11 @@ class Serializer:
 
         state = {key: value for key, value in getattr(err, "__dict__", {}).items() if type(key) is str}
         if isinstance(err, OSError):
-            for key in ("filename", "filename2"):
+            # its errno and strerror too where its type is not a builtin one:
+            # its own __init__ may not have passed them up as its args, and a
+            # receiver that cannot find its type makes a RemoteOSError of them
+            builtin = type(err).__module__ == "builtins"
+            for key in ("filename", "filename2") if builtin else OS_ERROR_FIELDS:
                 if getattr(err, key, None) is not None:
                     state[key] = getattr(err, key)
         for key in list(state):
@@ -812,7 +852,12 @@ class Serializer:
         if isinstance(kind, _Unresolved) or not (isinstance(kind, type) and issubclass(kind, BaseException)):
             name = f"{kind.module}.{kind.qualname}" if isinstance(kind, _Unresolved) else repr(kind)
             remote = remote_error_near(state.get(BASE_KEY))
-            err: BaseException = remote(name, ", ".join(map(str, args)), text)
+            message = ", ".join(map(str, args))
+            err: BaseException
+            if issubclass(remote, OSError):  # (its errno... are among the attributes: _exception_state)
+                err = remote_os_error(remote, name, message, text, state)
+            else:
+                err = remote(name, message, text)
             notes = state.get("__notes__")
             if type(notes) is list and notes:  # (shown under it by Python 3.11+)
                 err.__notes__ = [str(note) for note in notes]
