@@ -35,6 +35,18 @@ def busy(seconds):
     return seconds
 
 
+_calls = [0]
+
+
+def now_and_then_slow(value):
+    """Returns ``value``; one call in 50 first runs Python for 3 ms (a plugin
+    whose calls are mostly short, as real ones are)."""
+    _calls[0] += 1
+    if _calls[0] % 50 == 0:
+        busy(0.003)
+    return value
+
+
 def affinity():
     """The CPUs this process may run on (to check that pinning was inherited).
     PyPy 3.9 has no os.sched_getaffinity: /proc/self/status tells the same;

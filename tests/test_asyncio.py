@@ -615,6 +615,48 @@ def test_a_guest_hands_each_result_back_without_waiting_for_the_calls_queued_aft
         twin.stop()
 
 
+def test_awaited_calls_queued_behind_a_long_one_each_get_their_own_outcome():
+    """Awaited calls to a guest queued behind one longer than the loop's
+    slice: once it ends, the loop's thread runs the guest for the calls whose
+    turn follows, one after another within a slice, and each task finds its
+    own reply. Short calls, calls beyond a slice, calls that call back into
+    the master, one that raises and one cancelled before its turn each end
+    as their own, and the guest serves on."""
+    twin = start_twin(SANDBOX_KIND, "wasi-aio-batches")
+    try:
+
+        def shape(n):
+            if n % 15 == 7:
+                return twin.execute_async(helpers.call_twice, lambda value: value + 1, n), n + 2
+            if n % 15 == 11:
+                return twin.execute_async(helpers.busy_then, 0.004, n), n
+            if n == 20:
+                return twin.execute_async(int, "twenty"), ValueError
+            return twin.execute_async(abs, -n), n
+
+        async def main():
+            long_call = asyncio.ensure_future(twin.execute_async(helpers.busy_then, 0.05, "long"))
+            await asyncio.sleep(0)  # (its turn first: the others queue behind it)
+            shaped = [shape(n) for n in range(60)]
+            tasks = [asyncio.ensure_future(call) for call, _ in shaped]
+            tasks[40].cancel()  # (before its turn: it never reaches the guest)
+            outcomes = await asyncio.gather(long_call, *tasks, return_exceptions=True)
+            return outcomes, [expected for _, expected in shaped], await twin.execute_async(abs, -61)
+
+        outcomes, expected, after = run(main())
+        assert outcomes[0] == "long"
+        for n, (outcome, wanted) in enumerate(zip(outcomes[1:], expected)):
+            if n == 40:
+                assert isinstance(outcome, asyncio.CancelledError)
+            elif wanted is ValueError:
+                assert isinstance(outcome, ValueError) and "twenty" in str(outcome)
+            else:
+                assert outcome == wanted, n
+        assert after == 61
+    finally:
+        twin.stop()
+
+
 # -- found by review: each of these hung or failed before its fix -----------------
 
 
