@@ -1259,6 +1259,7 @@ class Connection:
                     or nxt.inbox
                     or self._pending.get(nxt.req_id) is not nxt
                     or self.broken is not None
+                    or self._heir is not None  # (a caller of another thread was offered the role: its turn)
                     or not self._take_role(None)
                 ):
                     return
