@@ -660,6 +660,63 @@ def test_awaited_calls_queued_behind_a_long_one_each_get_their_own_outcome():
 # -- found by review: each of these hung or failed before its fix -----------------
 
 
+def test_a_turn_passed_to_a_loop_that_stops_before_its_task_runs_holds_up_no_other_call():
+    """A long awaited call goes on on a worker; the call queued behind it on
+    the same loop gets its turn while the loop is busy, and the loop stops
+    before its task runs (run_until_complete returned): a worker runs the
+    guest for it, and another loop's call gets its turn (it waited for ever)."""
+    twin = start_twin(SANDBOX_KIND, "wasi-aio-stopped-turn")
+    try:
+
+        async def first_loop():
+            asyncio.ensure_future(twin.execute_async(helpers.busy_then, 0.3, "A"))
+            await asyncio.sleep(0)
+            asyncio.ensure_future(twin.execute_async(abs, -2))  # (behind A)
+            await asyncio.sleep(0.05)  # (A goes on on a worker)
+            time.sleep(0.6)  # (busy as the worker passes the turn on; then the loop stops)
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(first_loop())
+            assert run(twin.execute_async(abs, -3)) == 3  # (with the first loop stopped, not closed)
+        finally:
+            loop.close()
+    finally:
+        twin.stop()
+
+
+def test_a_loop_held_up_by_sync_code_holds_up_no_other_loops_calls_to_a_guest():
+    """Loop 1's long call A; loop 2's call B behind it, then loop 1's call C
+    behind B; loop 2's thread then waits (sync code) for C. B's turn comes
+    while loop 2 cannot run it: a worker does, and C runs (a deadlock)."""
+    twin = start_twin(SANDBOX_KIND, "wasi-aio-held-loop")
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    try:
+
+        async def on_other(value, seconds=0.0):
+            return await twin.execute_async(helpers.busy_then, seconds, value)
+
+        first = asyncio.run_coroutine_threadsafe(on_other("A", 0.5), other)
+        time.sleep(0.05)
+
+        async def held():
+            second = asyncio.ensure_future(twin.execute_async(abs, -2))  # (behind A)
+            await asyncio.sleep(0.05)
+            third = asyncio.run_coroutine_threadsafe(on_other("C"), other)  # (behind B)
+            time.sleep(0.05)
+            return third.result(60), await second  # (the loop's thread waits, as sync code does)
+
+        assert run(held()) == ("C", 2)
+        assert first.result(60) == "A"
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join(60)
+        other.close()
+        twin.stop()
+
+
 @pytest.mark.parametrize("kind", NATIVE_KINDS)
 def test_the_loop_never_waits_in_a_read_of_frames_another_thread_took(kind):
     """A frame comes while no awaited call is pending: a server of the gate

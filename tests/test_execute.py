@@ -511,6 +511,12 @@ def test_an_os_error_of_a_type_the_receiver_cannot_find_keeps_its_errno_and_file
     with pytest.raises(OSError) as info:
         twin.execute(twin_helpers.raise_local_os_error, "OSError", "ENOENT", "gone")
     assert type(info.value) is RemoteOSError and str(info.value) == f"{name}: [Errno {errno.ENOENT}] gone"
+    # its message says what a file name over 4300 digits is (repr refuses it:
+    # the call failed with the master's ValueError), and cuts a long strerror
+    with pytest.raises(OSError) as info:
+        twin.execute(twin_helpers.raise_local_os_error, "OSError", "ENOENT", "x" * 5000, 10**5000)
+    assert info.value.filename == 10**5000 and info.value.strerror == "x" * 5000
+    assert info.value.message == f"[Errno {errno.ENOENT}] {'x' * 1000}...: <int of 16610 bits>"
 
     # the other way: the master's exception of a type the twin cannot find
     def master_only(path):

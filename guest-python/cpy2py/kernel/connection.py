@@ -156,6 +156,7 @@ class _AsyncWaiter:
         "inbox",
         "chain",
         "req_id",
+        "turn_no",
         "queued",
         "future",
         "payload",
@@ -176,6 +177,7 @@ class _AsyncWaiter:
         self.inbox: Deque[Item] = deque()
         self.chain: Optional[int] = None
         self.req_id = 0  # its request's id
+        self.turn_no = 0  # (a guest's) the link's count of turns given when it got its own
         self.queued: Optional[Connection] = None  # (it never waits for the reading role)
         self.future: Any = None  # what the call awaits, woken by a frame
         # a call to a guest this side runs (see request_async):
@@ -567,6 +569,7 @@ class Connection:
         #: waiting for theirs (_take_turn)
         self._turn_holder: Optional[_AsyncWaiter] = None
         self._turns: Deque[_AsyncWaiter] = deque()
+        self._turns_given = 0  # (what a slice's batch goes by: _drive_turns)
         #: chains of awaited calls that ended with their reply and ran no
         #: callback: nothing of them runs on either side any more, so the
         #: next awaited call takes one, as a thread's calls share its chain
@@ -1152,6 +1155,8 @@ class Connection:
     def _give_turn(self, waiter: _AsyncWaiter) -> None:
         """Caller holds _lock: it is ``waiter``'s turn; its request goes to the guest."""
         self._turn_holder = waiter
+        self._turns_given += 1
+        waiter.turn_no = self._turns_given
         payload, waiter.payload = waiter.payload, None
         try:
             self._runner.queue(payload)  # type: ignore[union-attr]
@@ -1162,8 +1167,11 @@ class Connection:
     def _pass_turn(self) -> None:
         """Caller holds _lock: the call whose turn it was got its reply (or
         ended); the next waiting call whose task was not cancelled takes its
-        turn and is woken (while its loop does not run, a worker runs the
-        guest for it)."""
+        turn and is woken. Its task runs the guest for it; while its loop
+        does not run, a worker does, and so does one if the loop, woken from
+        another thread, has not got to it within ``_TURN_GRACE`` (a loop
+        held up by sync code, or stopped before its task ran: the calls
+        behind it, other loops' too, would wait for it)."""
         self._turn_holder = None
         while self._turns:
             waiter = self._turns.popleft()
@@ -1173,7 +1181,19 @@ class Connection:
             waiter.offer()
             if not waiter.loop.is_running():
                 self._start_driver(waiter)
+            elif waiter.thread != _thread.get_ident():
+                _deadlines().set_deadline((self, "turn", waiter), _TURN_GRACE, self._turn_overdue)
             return
+
+    def _turn_overdue(self, key: Tuple[Any, str, _AsyncWaiter]) -> None:
+        """The deadlines thread: the call whose turn another thread passed
+        (``_pass_turn``) still waits for its loop to run the guest for it:
+        a worker does."""
+        waiter = key[2]
+        with self._lock:
+            waits = self._turn_holder is waiter and not waiter.inbox
+            if waits and self._pending.get(waiter.req_id) is waiter:
+                self._start_driver(waiter)
 
     def _leave_turns(self, waiter: _AsyncWaiter) -> None:
         """Caller holds _lock: ``waiter``'s call ends; it waits for no turn any more."""
@@ -1221,24 +1241,27 @@ class Connection:
         with self._lock:
             if self.broken is not None or not self._take_role(None):
                 return False
-        ends = time.monotonic() + _LOOP_SLICE
+            first = self._turns_given
         try:
+            ends = time.monotonic() + _LOOP_SLICE
             ready = runner.drive_for(_LOOP_SLICE)
         except BaseException:
             self._after_loop_read(False, False)
             raise
         if ready:  # a frame waits, or the guest ended: its recv returns at once
             self._deliver_slice_frame(waiter, req_id)
-            self._drive_turns(runner, waiter, ends)
+            self._drive_turns(runner, waiter, ends, first)
         else:
             self._after_loop_read(False, False)
         return True
 
-    def _drive_turns(self, runner: PeerRunner, waiter: _AsyncWaiter, ends: float) -> None:
+    def _drive_turns(self, runner: PeerRunner, waiter: _AsyncWaiter, ends: float, first: int) -> None:
         """After ``_drive_slice`` ran the guest for ``waiter``'s call: while
         the slice lasts, the guest goes on with the calls of the same loop
-        whose turn came after it (their requests are queued as each reply
-        is routed: ``_pass_turn``), and their replies go to their inboxes.
+        whose turn came in this slice (their requests are queued as each
+        reply is routed: ``_pass_turn``; not a call whose turn came before,
+        which may wait for the answer to a callback that only the loop can
+        give), and their replies go to their inboxes.
         Their tasks, woken as their turns came, then find them there: many
         concurrent awaited calls run in batches, one pass of the loop for
         many calls, instead of a pass and a slice each (and a worker's
@@ -1252,6 +1275,7 @@ class Connection:
                 if (
                     nxt is None
                     or nxt is waiter
+                    or nxt.turn_no <= first
                     or nxt.loop is not waiter.loop
                     or nxt.thread != waiter.thread
                     or not nxt.sent
@@ -2774,6 +2798,9 @@ _SLICE_SKIPS = 16
 #: a worker thread takes over (the host looks at it on its epoch ticks,
 #: every 2 ms while such slices run: the loop waits about 2.5 ms, at most 4)
 _LOOP_SLICE = 0.002
+#: how long an awaited call to a guest whose turn another thread passed may
+#: wait for its loop to run the guest for it before a worker does (_pass_turn)
+_TURN_GRACE = 0.01
 
 #: chains of ended awaited calls a link keeps for its next ones (as many as
 #: calls were in flight at once, up to this)

@@ -463,15 +463,22 @@ def remote_os_error(
     are shown without asking anyone: a proxy among them is described here."""
     number, strerror, filename, filename2 = (fields.get(key) for key in OS_ERROR_FIELDS)
 
-    def shown(item: Any) -> str:
-        return repr(item) if type(item) in (str, bytes, int) else references.safe_repr(item, 1000)
+    def shown(item: Any, quoted: bool = True) -> str:
+        # (text cut at 1000 characters, as other remote messages are; no
+        # __format__ or __repr__ of an object runs, nor int's, which refuses
+        # more than 4300 digits: safe_repr says what they are)
+        if type(item) in (str, bytes):
+            cut = item[:1000]
+            text = repr(cut) if quoted else str(cut)
+            return text + "..." if len(item) > 1000 else text
+        return references.safe_repr(item, 1000)
 
     if filename is not None:  # (as OSError.__str__)
-        message = f"[Errno {number}] {strerror}: {shown(filename)}"
+        message = f"[Errno {shown(number)}] {shown(strerror, False)}: {shown(filename)}"
         if filename2 is not None:
             message += f" -> {shown(filename2)}"
     elif number is not None and strerror is not None:
-        message = f"[Errno {number}] {strerror}"
+        message = f"[Errno {shown(number)}] {shown(strerror, False)}"
     else:
         message = plain
     return remote(
