@@ -657,6 +657,44 @@ def test_awaited_calls_queued_behind_a_long_one_each_get_their_own_outcome():
         twin.stop()
 
 
+def test_sync_calls_of_another_thread_and_recursive_calls_beside_batches_of_awaited_ones():
+    """While a loop's awaited calls to a guest run in batches behind a long
+    one, a thread's sync calls to it, and awaited calls that call back into
+    a master coroutine which awaits the guest again, each get their own
+    results (the batch gives the reading role up to the thread, and never
+    runs the guest for a call that waits for its callback's answer)."""
+    twin = start_twin(SANDBOX_KIND, "wasi-aio-batch-neighbours")
+    synced = []
+
+    def sync_calls():
+        for n in range(200):
+            synced.append(twin.execute(abs, -n))
+
+    async def again(value):
+        return await twin.execute_async(abs, -value) + 1
+
+    try:
+
+        async def main():
+            caller = threading.Thread(target=sync_calls)
+            long_call = asyncio.ensure_future(twin.execute_async(helpers.busy_then, 0.02, "long"))
+            await asyncio.sleep(0)
+            caller.start()
+            calls = [
+                twin.execute_async(helpers.call_twice, again, n) if n % 10 == 3 else twin.execute_async(abs, -n)
+                for n in range(100)
+            ]
+            outcomes = await asyncio.gather(long_call, *calls)
+            await asyncio.get_running_loop().run_in_executor(None, caller.join)
+            return outcomes
+
+        outcomes = run(main())
+        assert outcomes == ["long"] + [n + 2 if n % 10 == 3 else n for n in range(100)]
+        assert synced == list(range(200))
+    finally:
+        twin.stop()
+
+
 # -- found by review: each of these hung or failed before its fix -----------------
 
 

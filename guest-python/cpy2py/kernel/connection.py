@@ -1035,7 +1035,7 @@ class Connection:
                             # (only when the loop has nothing else to do: asked
                             # first without the lock, then again with it)
                             if len(self._pending) == 1 and not getattr(loop, "_ready", None):
-                                self._read_slice(waiter, req_id)
+                                self._read_slice(waiter)
                                 continue
                     else:
                         # A short call ends in a slice run here (no thread is
@@ -1043,7 +1043,7 @@ class Connection:
                         # so the loop is free and the guest runs beside it
                         if not ran:
                             ran = True
-                            if self._drive_slice(runner, waiter, req_id):
+                            if self._drive_slice(runner, waiter):
                                 continue
                         with self._lock:
                             self._start_driver(waiter)
@@ -1230,8 +1230,8 @@ class Connection:
                 waiter.driving = False
                 self._leave_queue(me)
 
-    def _drive_slice(self, runner: PeerRunner, waiter: _AsyncWaiter, req_id: int) -> bool:
-        """``waiter``'s awaited call ``req_id`` to a guest this side runs, on
+    def _drive_slice(self, runner: PeerRunner, waiter: _AsyncWaiter) -> bool:
+        """``waiter``'s awaited call to a guest this side runs, on
         the loop's thread: if the reading role is free, run the guest for at
         most one slice and route the frame it sent, if any (the call's reply,
         a callback of its chain, a release), and return True; else False
@@ -1249,7 +1249,7 @@ class Connection:
             self._after_loop_read(False, False)
             raise
         if ready:  # a frame waits, or the guest ended: its recv returns at once
-            self._deliver_slice_frame(waiter, req_id)
+            self._deliver_slice_frame(waiter)
             self._drive_turns(runner, waiter, ends, first)
         else:
             self._after_loop_read(False, False)
@@ -1274,10 +1274,8 @@ class Connection:
                 nxt = self._turn_holder
                 if (
                     nxt is None
-                    or nxt is waiter
-                    or nxt.turn_no <= first
+                    or nxt.turn_no <= first  # (so never the slice's own call, whose turn came before)
                     or nxt.loop is not waiter.loop
-                    or nxt.thread != waiter.thread
                     or not nxt.sent
                     or nxt.driving
                     or nxt.inbox
@@ -1295,14 +1293,14 @@ class Connection:
             if not ready:  # (it runs on: its own task's slice, then a worker, go on with it)
                 self._after_loop_read(False, False)
                 return
-            self._deliver_slice_frame(nxt, nxt.req_id)
+            self._deliver_slice_frame(nxt)
             if self._turn_holder is nxt:  # (not its reply: a callback of it, which its task runs)
                 return
             waiter = nxt
 
-    def _deliver_slice_frame(self, waiter: _AsyncWaiter, req_id: int) -> None:
+    def _deliver_slice_frame(self, waiter: _AsyncWaiter) -> None:
         """On the loop's thread, which holds the reading role, a frame waiting
-        (or the link's end) for ``waiter``'s awaited call ``req_id``
+        (or the link's end) for ``waiter``'s awaited call
         (``_read_slice``, ``_drive_slice``): read with the signals held, so
         that it is delivered before a handler runs; the call's reply goes to
         its inbox without the layers of ``_read`` (as in ``_own_reply``),
@@ -1314,10 +1312,10 @@ class Connection:
             held = self._holds_signals and hold_signals()  # (see _next_for)
             raw = self._read_frame()
             if raw is not None:  # (else the link ended: marked so)
-                kind = self._claim_if_own_reply(raw, req_id)
+                kind = self._claim_if_own_reply(raw, waiter.req_id)
                 handed = True
                 if kind is not None:
-                    waiter.inbox.append((self, kind, req_id, raw))
+                    waiter.inbox.append((self, kind, waiter.req_id, raw))
                 else:
                     self._read(None, serve=False, first=raw)
         finally:
@@ -1386,8 +1384,8 @@ class Connection:
                 self._slice_skips = _SLICE_SKIPS
             self._give_up_role()
 
-    def _read_slice(self, waiter: _AsyncWaiter, req_id: int) -> None:
-        """``waiter``'s awaited call ``req_id`` to a native twin, just sent, on
+    def _read_slice(self, waiter: _AsyncWaiter) -> None:
+        """``waiter``'s awaited call to a native twin, just sent, on
         the loop's thread, whose loop has no other task ready to run (its
         caller asks asyncio's loops, by their ready queue): while it is the
         only call waiting on the link and the reading role is free, wait
@@ -1423,7 +1421,7 @@ class Connection:
                         self._slice_skips = _SLICE_SKIPS
                     self._give_up_role()
                 return
-            self._deliver_slice_frame(waiter, req_id)
+            self._deliver_slice_frame(waiter)
             if waiter.inbox or self.broken is not None:
                 return
             if not ends:

@@ -693,13 +693,12 @@ def _os_error_fields(args: List[Any]) -> Dict[str, Any]:
     but text or a number is dropped; nothing of the guest is asked for."""
     if not 2 <= len(args) <= 5:
         return {}
-    number, strerror = args[0], args[1]
-    names = [args[2] if len(args) > 2 else None, args[4] if len(args) > 4 else None]
+    number, strerror, filename, _, filename2 = (*args, None, None, None)[:5]  # (the 4th: winerror)
     return {
         "errno": errno_from_guest(number),
         "strerror": strerror if strerror is None or type(strerror) is str else _short(strerror),
-        "filename": names[0] if type(names[0]) in (str, bytes, int) else None,
-        "filename2": names[1] if type(names[1]) in (str, bytes, int) else None,
+        "filename": filename if type(filename) in (str, bytes, int) else None,
+        "filename2": filename2 if type(filename2) in (str, bytes, int) else None,
     }
 
 
