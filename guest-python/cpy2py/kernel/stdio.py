@@ -14,12 +14,16 @@ if TYPE_CHECKING:
 
 def flush_stdio() -> None:
     """Flush stdout and stderr, so what a request printed shows before its reply."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
+    try:  # (both in one go: this runs after every request)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):  # one is None, closed or broken: each alone
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
 
 
 class MasterStdin(io.TextIOBase):

@@ -1528,6 +1528,8 @@ def loads(
     With ``budget`` (bytes; None: no limit), a frame whose estimated cost in
     objects passes it is refused with ``ProtocolError`` before decoding.
     """
+    if _renditions and budget is None and type(data) is bytes and data[:2] == b"\x80\x05":
+        return _load_rendition(data, tag_hook)  # (first: a guest reads nothing else from the master)
     if type(data) is not bytes:
         if not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(type(data), "__bytes__"):
             raise TypeError(
@@ -1543,8 +1545,6 @@ def loads(
         estimated = _estimate(data, budget) is not None
     if not data:
         raise ProtocolError("empty input: expected one CBOR data item")
-    if data[0] == 0x80 and _renditions and budget is None and len(data) > 2 and data[1] == 5:
-        return _load_rendition(data, tag_hook)
     if budget is not None:  # (a guest's frames: trees, no shared values)
         if len(data) >= _LARGE_FRAME and _KEY_TABLES:
             tag_hook = _FrameKeys(tag_hook)
@@ -1644,10 +1644,7 @@ def _rendition_reader() -> Any:
     unpickler = rendition_unpickler()(buffer)
 
     def read(frame: bytes, hook: Optional[TagHook]) -> Any:
-        buffer.seek(0)
-        buffer.write(frame)
-        buffer.truncate()
-        buffer.seek(0)
+        buffer.__init__(frame)  # (at its start, holding the frame: shared, not copied)
         unpickler.hook = hook
         try:
             return unpickler.load()
