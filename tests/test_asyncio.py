@@ -681,7 +681,9 @@ def test_sync_calls_of_another_thread_and_recursive_calls_beside_batches_of_awai
             await asyncio.sleep(0)
             caller.start()
             calls = [
-                twin.execute_async(helpers.call_twice, again, n) if n % 10 == 3 else twin.execute_async(abs, -n)
+                twin.execute_async(helpers.call_twice, again, n)
+                if n % 10 == 3
+                else twin.execute_async(abs, -n)
                 for n in range(100)
             ]
             outcomes = await asyncio.gather(long_call, *calls)
