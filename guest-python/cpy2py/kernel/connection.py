@@ -709,7 +709,7 @@ class Connection:
         # From here on, whatever interrupts the call (Ctrl-C in a main thread
         # that holds no signals) is undone by the finally below: each change
         # is recorded with no call in between that could run a signal handler.
-        registered = timed = answered = express = False
+        registered = timed = answered = express = handed = False
         waiter.depth += 1
         try:
             with self._lock:
@@ -733,6 +733,7 @@ class Connection:
             if timed:  # from before the send: a twin that stops reading times out too
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
+                handed = True  # (a guest's send runs it: an interrupt may come while it works)
                 if not (reads_first and self._send_now(payload)):
                     if reads_first:  # the pipe is full: wait for room without the role
                         with self._lock:
@@ -766,6 +767,19 @@ class Connection:
                 _deadlines().clear((self, req_id))
                 timed = False
             return self._result(req_id, kind, raw)
+        except BaseException as err:
+            if not answered and handed and self._runner is not None and self.broken is None:
+                # A guest has no other thread: it would go on with this call
+                # whenever it is next run, and charge it to that call. It is
+                # stopped, as a cancelled awaited call's guest is.
+                self._break_and_kill(
+                    TwinterpreterTerminated(
+                        f"twinterpreter {self.peer_id!r} was stopped: a call to it was interrupted "
+                        f"({type(err).__name__}) while it ran; its state was lost (the next call starts "
+                        "a fresh one)"
+                    )
+                )
+            raise
         finally:
             # An interrupted call's cleanup runs with the main thread's
             # signals held: a second Ctrl-C must not cut it short (a call left

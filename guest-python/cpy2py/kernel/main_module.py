@@ -229,12 +229,20 @@ class _StandIn(type(sys)):  # type: ignore[misc]
     def __getattr__(self, name: str) -> Any:
         if name[:2] == "__":
             raise AttributeError(name)
-        raise AttributeError(
-            f"{name!r} of the master's __main__ is not defined in this twinterpreter: the master's "
-            "__main__ has no file this twin can load (an interactive session or -c, or, for a "
-            "sandboxed twin, a script outside its paths), and the master sent no source for it; "
-            "define shared functions and classes in a module instead"
-        )
+        if sys.platform == "wasi":  # (what a sandboxed twin's user can do differs)
+            why = (
+                "the master's __main__ has no file this sandboxed twin can load: its script is "
+                "outside the twin's paths (give the script's directory in paths=), or it has none "
+                "(an interactive session or -c: define shared functions and classes in a module "
+                "under those paths)"
+            )
+        else:
+            why = (
+                "the master's __main__ has no file this twin can load (an interactive session or "
+                "-c), and the master sent no source for it; define shared functions and classes "
+                "in a module instead"
+            )
+        raise AttributeError(f"{name!r} of the master's __main__ is not defined in this twinterpreter: {why}")
 
 
 def define(definitions: List[Dict[str, Any]]) -> None:
