@@ -662,6 +662,23 @@ def test_name_missing_in_twin_fails_the_call_only(twin, tmp_path, monkeypatch):
     assert twin.execute(twin_helpers.echo, 3) == 3
 
 
+def test_an_argument_the_twin_cannot_rebuild_fails_the_call_saying_where(twin, tmp_path, monkeypatch):
+    """An argument pickled here whose module the twin cannot import: the call
+    raises what rebuilding it raised there, with a note that names the twin
+    and says it was rebuilding what the call sent (the error alone, numpy's
+    say, does not tell that a cpy2py call was involved)."""
+    native_only(kind_of(twin), "a guest takes no pickles: the value is refused before it is sent")
+    (tmp_path / "master_only_values.py").write_text("class Value:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import master_only_values
+
+    with pytest.raises(ImportError) as raised:
+        twin.execute(twin_helpers.echo, master_only_values.Value())
+    notes = getattr(raised.value, "__notes__", [])
+    assert any(twin.twinterpreter_id in note and "rebuilding" in note for note in notes), notes
+    assert twin.execute(twin_helpers.echo, 3) == 3
+
+
 def test_output_reaches_the_master_and_does_not_corrupt_the_protocol(kind, capfd):
     # a twin of its own: it shares the master's stdout as it is when started
     with TwinMaster(kind, twinterpreter_id=f"{kind}-talker") as twin:

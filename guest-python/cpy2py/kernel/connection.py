@@ -2474,13 +2474,13 @@ class Connection:
                 self._fail(err)  # the call this request belongs to fails with it
                 raise
             except Exception as err:  # rebuilding a value failed: this request fails
-                self._send_reply(req_id, RAISE, err, run_peer=not held)
+                self._send_reply(req_id, RAISE, self._rebuild_failed(err), run_peer=not held)
                 return
             finally:
                 self._decoded(_request_id(req_id))
             del raw
             if failure is not None:
-                self._send_reply(req_id, RAISE, failure, run_peer=not held)
+                self._send_reply(req_id, RAISE, self._rebuild_failed(failure), run_peer=not held)
                 return
             if not (isinstance(message, list) and len(message) >= 4):
                 err = ProtocolError(f"malformed request {references.safe_repr(message)}")
@@ -2537,6 +2537,17 @@ class Connection:
         finally:
             if held:
                 release_signals()
+
+    def _rebuild_failed(self, err: BaseException) -> BaseException:
+        """``err``, which rebuilding a request raised, noted as such: its own
+        message (an ImportError of a module the peer's value needs, say) does
+        not tell that a call was being received."""
+        _add_note(
+            err,
+            f"(raised in twinterpreter {kernel_state.TWIN_ID!r} while rebuilding what "
+            f"{self.peer_id!r} sent for a call: its function or arguments)",
+        )
+        return err
 
     def _execute(self, message: list, held: bool = False) -> None:
         """Run a decoded request on this thread and send its reply; ``held``:
@@ -2877,6 +2888,19 @@ def _too_deep() -> RecursionError:
         "maximum recursion depth exceeded in a call across interpreters "
         f"(cpy2py keeps the last {KERNEL_FRAMES} frames for its own work)"
     )
+
+
+def _add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)``, also before Python 3.11 (where a traceback
+    does not show notes, but they travel with the exception)."""
+    notes = getattr(err, "__notes__", None)
+    try:
+        if notes is None:
+            err.__notes__ = [note]
+        elif type(notes) is list:
+            notes.append(note)
+    except Exception:  # (an exception that takes no attributes: left as it is)
+        pass
 
 
 def _near_recursion_limit() -> bool:
