@@ -366,6 +366,8 @@ def test_exception_same_type_with_remote_traceback(twin):
     assert "fail_with" in err.__cause__.traceback_text
     printed = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     assert "twin_helpers.py" in printed and "raise kind(*args)" in printed
+    # the twin's traceback is shown under its id
+    assert f"RemoteTraceback: in twinterpreter {twin.twinterpreter_id!r}:" in printed, printed
     # the twin's side shows the application's frames, not cpy2py's own
     assert "kernel" not in err.__cause__.traceback_text, err.__cause__.traceback_text
 

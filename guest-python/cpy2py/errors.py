@@ -6,7 +6,7 @@ import builtins
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (a twin's start imports no typing)
-    from typing import Any, Dict
+    from typing import Any, Dict, Optional
 
 
 class TwinError(Exception):
@@ -173,12 +173,14 @@ class RemoteTraceback(Exception):
     """Attached as ``__cause__`` of an exception re-raised from a twin.
 
     Its text is the traceback as the twin formatted it, so it shows up in the
-    printed traceback in the master.
+    printed traceback in the master, under the twin's id (``twin_id``).
     """
 
-    def __init__(self, traceback_text: str):
+    def __init__(self, traceback_text: str, twin_id: Optional[str] = None):
         super().__init__(traceback_text)
         self.traceback_text = traceback_text
+        self.twin_id = twin_id
 
     def __str__(self) -> str:
-        return "\n\n" + self.traceback_text.rstrip()
+        where = f"in twinterpreter {self.twin_id!r}:" if self.twin_id is not None else ""
+        return f"{where}\n\n{self.traceback_text.rstrip()}"

@@ -681,7 +681,7 @@ class SandboxSerializer(Serializer):
         if notes:  # (shown under it by Python 3.11+; cut, and written out as its other texts)
             err.__notes__ = [written_out(note[:MAX_TEXT]) for note in notes[:MAX_NOTES]]
         if text:
-            err.__cause__ = RemoteTraceback(text)
+            err.__cause__ = RemoteTraceback(text, self.peer_id)
         return err
 
 

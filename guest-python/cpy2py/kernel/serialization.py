@@ -878,7 +878,7 @@ class Serializer:
                 except Exception:  # (a read-only property of its class, say)
                     pass
         if text:
-            err.__cause__ = RemoteTraceback(text)
+            err.__cause__ = RemoteTraceback(text, self.peer_id)
         return err
 
     def reraise(self, value: Any) -> BaseException:
