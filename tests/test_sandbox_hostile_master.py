@@ -76,6 +76,29 @@ def raise_a_named_type():
     raise kind("x")
 
 
+#: a class whose name erases the line (the proxy class the master makes for
+#: its objects is named after it)
+Named = type("Named" + ERASE + "Fine", (), {{"__repr__": lambda self: "polite"}})
+Named.__module__ = "plugin" + ERASE
+
+
+def named():
+    return Named()
+
+
+def raise_with_a_named_object():
+    """Its own type (a RemoteError in the master, whose message shows its
+    arguments) with an object of a class named to erase the line."""
+    raise PluginError(Named())
+
+
+def name_a_master_object():
+    """A name reference (refused: a guest names nothing in the master) that erases the line."""
+    from cpy2py.kernel.serialization import _GlobalRef
+
+    return _GlobalRef(("plugin" + ERASE, "All 12 plugins loaded fine"))
+
+
 def keep(value):
     KEPT.append(value)
     return "kept"
@@ -154,7 +177,14 @@ def assert_no_controls(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "attack", ["raise_its_own", "raise_a_builtin", "raise_a_named_type", "raise_with_its_object"]
+    "attack",
+    [
+        "raise_its_own",
+        "raise_a_builtin",
+        "raise_a_named_type",
+        "raise_with_its_object",
+        "raise_with_a_named_object",
+    ],
 )
 def test_a_guest_exception_cannot_erase_the_masters_screen(sandbox, attack):
     """What Python prints of a guest's exception nobody catches (its type
@@ -177,6 +207,30 @@ def test_the_texts_of_a_guest_object_cannot_erase_the_masters_screen(sandbox):
     for text in (repr(loud), str(loud), f"{loud}", "%s" % (loud,)):  # noqa: UP031
         assert_no_controls(text)
         assert "All 12 plugins loaded fine" in text
+    assert master.execute(abs, -1) == 1
+
+
+def test_the_class_name_of_a_guest_object_cannot_erase_the_masters_screen(sandbox):
+    """The class a guest's object is of is named by the guest: the master's
+    proxy class, its repr, and Python's own errors about the proxy (an
+    operation it does not support) show that name without its controls."""
+    master = sandbox("texts-class-name")
+    named = master.import_module("texts_plugin").named()
+    for text in (type(named).__qualname__, type(named).__module__):
+        assert not any(c in text for c in "\r\x1b\x08\u009b"), repr(text)
+    with pytest.raises(TypeError) as info:
+        named + 1
+    assert_no_controls(str(info.value))
+    assert master.execute(abs, -1) == 1
+
+
+def test_a_name_a_guest_sends_cannot_erase_the_masters_screen(sandbox):
+    """A name reference from a guest is refused with a SandboxViolation that
+    quotes the name: written out."""
+    master = sandbox("texts-name")
+    with pytest.raises(SandboxViolation) as info:
+        master.import_module("texts_plugin").name_a_master_object()
+    assert_no_controls(str(info.value))
     assert master.execute(abs, -1) == 1
 
 

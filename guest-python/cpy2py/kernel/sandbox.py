@@ -474,7 +474,8 @@ class SandboxSerializer(Serializer):
                 placeholder,
                 SandboxViolation(
                     f"the sandboxed twin {self.peer_id!r} sent a reference to "
-                    f"{value[0]:.{MAX_NAME}}.{value[1]:.{MAX_NAME}}; a guest may not name objects in the "
+                    f"{written_out(value[0][:MAX_NAME])}.{written_out(value[1][:MAX_NAME])}; a guest may "
+                    "not name objects in the "
                     "master, twinfunctions and TwinObject classes pinned to it included (nothing was "
                     "imported or looked up). Hand the guest what it may use as arguments, or return "
                     "data from the guest instead"
@@ -502,6 +503,11 @@ class SandboxSerializer(Serializer):
                 self._forget_failure(info)
                 info = [f"{info.module}.{info.qualname}", []]
             if isinstance(info, list) and info and isinstance(info[0], str):
+                # (its name is the proxy class's, which errors and reprs show:
+                # no terminal controls of the guest's)
+                name = written_out(info[0])
+                if name is not info[0]:
+                    info = [name, *info[1:]]
                 info = self._own_twin_class(info[0]) or info
             return references.resolve(owner, iid, info, self.connection)
         if isinstance(info, _GuestName):
