@@ -99,6 +99,13 @@ def name_a_master_object():
     return _GlobalRef(("plugin" + ERASE, "All 12 plugins loaded fine"))
 
 
+def objects_of_classes(count):
+    """``count`` objects, each of a class of its own (each costs the master a
+    proxy class, with a function per special method it lists)."""
+    methods = {{"__len__": lambda self: 1, "__iter__": lambda self: iter(())}}
+    return [type(f"Made{{n}}", (), methods)() for n in range(count)]
+
+
 def keep(value):
     KEPT.append(value)
     return "kept"
@@ -231,6 +238,24 @@ def test_a_name_a_guest_sends_cannot_erase_the_masters_screen(sandbox):
     with pytest.raises(SandboxViolation) as info:
         master.import_module("texts_plugin").name_a_master_object()
     assert_no_controls(str(info.value))
+    assert master.execute(abs, -1) == 1
+
+
+def test_a_frame_of_objects_of_too_many_new_classes_is_refused_at_once(sandbox):
+    """Each class of a guest's objects costs the master a proxy class (and a
+    function per special method), which the decoding budget does not count:
+    one frame of 70,000 made-up classes took 2 GB. Past 256 classes new to
+    the link, a frame is refused, its decoding stopped; the guest goes on,
+    and a frame within that is decoded as before."""
+    from cpy2py.kernel.sandbox import MAX_NEW_CLASSES_PER_FRAME
+
+    master = sandbox("classes-per-frame")
+    plugin = master.import_module("texts_plugin")
+    with pytest.raises(SandboxViolation, match=f"more than {MAX_NEW_CLASSES_PER_FRAME} classes"):
+        plugin.objects_of_classes(MAX_NEW_CLASSES_PER_FRAME + 50)
+    made = plugin.objects_of_classes(MAX_NEW_CLASSES_PER_FRAME)
+    assert len(made) == MAX_NEW_CLASSES_PER_FRAME and len(made[-1]) == 1
+    assert type(made[0]).__qualname__ == "Made0"
     assert master.execute(abs, -1) == 1
 
 

@@ -52,6 +52,7 @@ from . import main_module, references, std_values
 from .serialization import (
     SINGLETONS,
     Serializer,
+    _decoding,
     _GlobalRef,
     _pinned_elsewhere,
     format_exception,
@@ -73,6 +74,9 @@ MAX_NOTES = 16
 MAX_TEXT = 4096
 #: at most this many characters of a name a guest sent end up in a message
 MAX_NAME = 200
+#: classes of its objects a guest's frame may describe that the link has no
+#: proxy class for (as many as a link keeps: references.MAX_PROXY_CLASSES_PER_LINK)
+MAX_NEW_CLASSES_PER_FRAME = 256
 
 _STDLIB_NAMES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
 
@@ -509,12 +513,36 @@ class SandboxSerializer(Serializer):
                 if name is not info[0]:
                     info = [name, *info[1:]]
                 info = self._own_twin_class(info[0]) or info
+            if type(info) is list:
+                self._count_new_class(info)
             return references.resolve(owner, iid, info, self.connection)
         if isinstance(info, _GuestName):
             self._forget_failure(info)
         if (owner, iid) in self.connection.handed:
             return references.exported((owner, iid))
         return self._refuse("a reference to an object it was not handed", [owner, iid])
+
+    def _count_new_class(self, info: List[Any]) -> None:
+        """A reference of the frame being decoded describes its class: one the
+        link has no proxy class for yet costs a class and a function per
+        special method. Past MAX_NEW_CLASSES_PER_FRAME such classes the frame
+        is refused at once, its decoding stopped (70,000 made-up classes in
+        one frame took the master 2 GB and 21 s, over the decoding budget,
+        which counts the frame's items, not the classes they make)."""
+        try:
+            known = references.proxy_class_key(info) in self.connection.proxy_classes
+        except TypeError:  # (malformed: making its proxy class refuses it)
+            return
+        frame = _decoding.frame
+        if known or frame is None:
+            return
+        frame.new_classes += 1
+        if frame.new_classes > MAX_NEW_CLASSES_PER_FRAME:
+            raise SandboxViolation(
+                f"the sandboxed twin {self.peer_id!r} sent a frame describing more than "
+                f"{MAX_NEW_CLASSES_PER_FRAME} classes of its objects not seen before, which the sandbox "
+                "policy refuses; the call it belonged to failed, the guest keeps running"
+            )
 
     def _own_twin_class(self, dotted: str) -> Optional[type]:
         """A TwinObject class pinned to this guest that the master has loaded

@@ -59,14 +59,16 @@ _ModuleType = type(sys)
 
 
 class _Frame:
-    """A frame being decoded on this thread: its serializer and failed lookups."""
+    """A frame being decoded on this thread: its serializer, failed lookups,
+    and the proxy classes it made the link build (a sandbox's count)."""
 
-    __slots__ = ("serializer", "outer", "failures")
+    __slots__ = ("serializer", "outer", "failures", "new_classes")
 
     def __init__(self, serializer: Any, outer: Optional[_Frame]) -> None:
         self.serializer = serializer
         self.outer = outer
         self.failures: List[Tuple[Any, BaseException]] = []
+        self.new_classes = 0
 
 
 class _Decoding(_thread._local):
