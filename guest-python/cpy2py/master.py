@@ -638,7 +638,9 @@ class TwinMaster:
             else:
                 process = wasi.start_guest(self, guest_start)
             fresh_of = getattr(self, "fresh_of", None)  # (a guest of a fresh twin: cpy2py/fresh.py)
-            serializer: Serializer = wasi.serializer_for(self.twinterpreter_id, process, fresh_of)
+            serializer: Serializer = wasi.serializer_for(
+                self.twinterpreter_id, process, fresh_of, wasi.time_limit(self)
+            )
         else:
             process = self._start_process()
             serializer = Serializer(self.twinterpreter_id)

@@ -342,9 +342,19 @@ def _start_host_guest(master: Any, start: Dict[str, Any]) -> Any:
 
 
 def serializer_for(
-    twin_id: str, transport: GuestTransport, fresh_of: Optional[str] = None
+    twin_id: str, transport: GuestTransport, fresh_of: Optional[str] = None, timeout: Optional[float] = None
 ) -> SandboxSerializer:
     """The master's serializer for the link to sandboxed twin ``twin_id``
     (the guest's code roots are the transport's: they end with the guest);
-    ``fresh_of``: the fresh twin whose guest it is, if it is one."""
-    return SandboxSerializer(twin_id, transport.paths, transport.module_files, fresh_of)
+    ``fresh_of``: the fresh twin whose guest it is, if it is one;
+    ``timeout``: the guest's (``time_limit``)."""
+    return SandboxSerializer(twin_id, transport.paths, transport.module_files, fresh_of, timeout)
+
+
+def time_limit(master: Any) -> Optional[float]:
+    """The seconds per call a sandboxed twin of ``master`` may run (None: no limit)."""
+    from . import _host
+
+    if master.timeout == float("inf"):
+        return None
+    return float(master.timeout) if master.timeout is not None else _host.WASI_DEFAULT_TIMEOUT

@@ -32,6 +32,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+import time
 import types
 import zipimport
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
@@ -75,8 +76,8 @@ MAX_TEXT = 4096
 #: at most this many characters of a name a guest sent end up in a message
 MAX_NAME = 200
 #: classes of its objects a guest's frame may describe that the link has no
-#: proxy class for (as many as a link keeps: references.MAX_PROXY_CLASSES_PER_LINK)
-MAX_NEW_CLASSES_PER_FRAME = 256
+#: proxy class for (each costs up to about 22 KB here, 77 special methods: at most about 22 MB)
+MAX_NEW_CLASSES_PER_FRAME = 1024
 
 _STDLIB_NAMES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
 
@@ -279,8 +280,14 @@ class SandboxSerializer(Serializer):
         guest_paths: Iterable[str] = (),
         module_files: FrozenSet[str] = frozenset(),
         fresh_of: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> None:
         super().__init__(peer_id, trusted=False)
+        #: seconds of the master's time the guest's refused frames may take
+        #: in all (its timeout; None: no limit), and what they took so far
+        #: (``decode``)
+        self.refused_limit = timeout
+        self.refused_seconds = 0.0
         #: the twin ids whose twinfunctions and TwinObject classes run in this
         #: guest: its own, and for a guest of a fresh twin that twin's
         #: (cpy2py/fresh.py), as kernel_state.runs_pinned says in the guest
@@ -466,6 +473,37 @@ class SandboxSerializer(Serializer):
 
     # -- what comes from the guest ------------------------------------------
 
+    def decode(self, raw: Any, budget: Optional[int] = None) -> Tuple[Any, Optional[BaseException]]:
+        """``Serializer.decode``, charging the guest for the master's time a
+        frame that is refused took: a request or answer the sandbox policy
+        fails costs the guest nothing while it waits for the master, and one
+        frame of 20,000 references resent 150 times took the master 15 s of
+        a call with a timeout of 1 s. Once such frames took more than the
+        guest's timeout in all, the guest is stopped (TwinTimeout); so is a
+        request ``perform`` refuses."""
+        started = time.perf_counter()
+        try:
+            value, failure = super().decode(raw, budget)
+        except Exception:
+            self._charge_refused(time.perf_counter() - started)
+            raise
+        took = _decoding.took = time.perf_counter() - started  # (for perform, should it refuse the request)
+        if failure is not None:
+            self._charge_refused(took)
+        return value, failure
+
+    def _charge_refused(self, seconds: float) -> None:
+        self.refused_seconds += seconds
+        limit = self.refused_limit
+        if limit is not None and self.refused_seconds > limit and self.connection is not None:
+            self.connection._break_and_kill(
+                errors.TwinTimeout(
+                    f"twinterpreter {self.peer_id!r} was stopped: the frames of it that the sandbox "
+                    f"policy refused took the master more than its timeout of {limit:g} s to read; "
+                    "its state was lost (the next call starts a fresh one)"
+                )
+            )
+
     def tag_hook(self, tag: int, value: Any) -> Any:
         if tag == tags.GLOBAL_REF:
             if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
@@ -580,8 +618,20 @@ class SandboxSerializer(Serializer):
     # -- what the guest may do with what it was handed --------------------------
 
     def perform(self, op: int, operands: List[Any]) -> Any:
-        """Requests from the guest: an operation on something it was handed,
-        within what was granted of it; nothing else.
+        """Requests from the guest, checked (``_check_request``) and carried out.
+        One refused charges the guest for the master's time it took, as a
+        refused frame does (``decode``)."""
+        started = time.perf_counter()
+        try:
+            self._check_request(op, operands)
+        except SandboxViolation:
+            self._charge_refused(_decoding.took + time.perf_counter() - started)
+            raise
+        return super().perform(op, operands)
+
+    def _check_request(self, op: int, operands: List[Any]) -> None:
+        """A request from the guest may be an operation on something it was
+        handed, within what was granted of it; nothing else.
 
         The operation must be an int as decoded: one of the guest's own
         objects in its place (a proxy here, whose ``==`` the guest answers)
@@ -643,7 +693,6 @@ class SandboxSerializer(Serializer):
                 f"{type(target).__qualname__} it was handed (granted: {granted}); the application "
                 "grants names with cpy2py.expose(obj, ...) or @cpy2py.exposed(...) on the class"
             )
-        return super().perform(op, operands)
 
     def _refuse(self, what: str, value: Any) -> None:
         shown = f" ({references.safe_repr(value, 100)})" if value is not None else ""

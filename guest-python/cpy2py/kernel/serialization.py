@@ -73,6 +73,8 @@ class _Frame:
 
 class _Decoding(_thread._local):
     frame: Optional[_Frame] = None  # (a class default: see protocol/transport.py _Held)
+    #: seconds the last frame this thread decoded took (kernel/sandbox.py)
+    took = 0.0
 
 
 _decoding = _Decoding()
