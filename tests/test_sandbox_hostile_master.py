@@ -48,6 +48,11 @@ def raise_a_builtin():
     raise ValueError("failed" + ERASE + "All 12 plugins loaded fine")
 
 
+def raise_a_long_int(kind):
+    """A builtin exception whose argument is an int ``str`` refuses to write."""
+    raise {{"ValueError": ValueError, "KeyError": KeyError}}[kind](10**5000)
+
+
 class Loud:
     """Its texts, made in the guest, erase the line."""
 
@@ -245,6 +250,19 @@ def test_the_texts_of_a_guest_object_cannot_erase_the_masters_screen(sandbox):
     for text in (repr(loud), str(loud), f"{loud}", "%s" % (loud,)):  # noqa: UP031
         assert_no_controls(text)
         assert "All 12 plugins loaded fine" in text
+    assert master.execute(abs, -1) == 1
+
+
+@pytest.mark.parametrize("kind", ["ValueError", "KeyError"])
+def test_a_guest_exception_holding_an_int_too_long_to_show_can_be_shown(sandbox, kind):
+    """``str`` of an int over 4,300 digits raises ValueError: a guest's
+    builtin exception holding one made ``str(err)`` fail in the master, so
+    an ``except`` clause that logs it raised in turn."""
+    master = sandbox("texts-long-int")
+    with pytest.raises((ValueError, KeyError)) as info:
+        master.import_module("texts_plugin").raise_a_long_int(kind)
+    assert type(info.value).__name__ == kind
+    assert "int of 16610 bits" in str(info.value)
     assert master.execute(abs, -1) == 1
 
 

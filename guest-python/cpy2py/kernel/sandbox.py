@@ -731,7 +731,7 @@ class SandboxSerializer(Serializer):
         # what Python prints of an exception nobody catches: no terminal
         # controls of the guest's (its text arguments, type name, traceback)
         text = written_out(text)
-        args = [written_out(a) for a in args]
+        args = [_shown_arg(a) for a in args]
         builtin = _builtin_exception(module, qualname)
         err: BaseException
         if builtin is None:
@@ -801,6 +801,20 @@ _CONTROLS = {
     code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if code not in (0x09, 0x0A)
 }
 _CONTROLS.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
+
+
+def _shown_arg(arg: Any) -> Any:
+    """An argument of a guest's exception as the master keeps it: its text
+    written out, and an int too long for ``str`` (over 4,300 digits, which
+    made ``str(err)``, and so an ``except`` clause that logs it, raise
+    ValueError) as a short text saying what it was."""
+    if type(arg) is int and arg.bit_length() > _LONGEST_SHOWN_INT:
+        return f"<int of {arg.bit_length()} bits>"
+    return written_out(arg)
+
+
+#: bits of an int whose decimal text is within CPython's default 4,300 digits
+_LONGEST_SHOWN_INT = 14_000
 
 
 def written_out(text: Any) -> Any:
