@@ -106,6 +106,15 @@ def print_over_its_prefix():
     sys.stdout.write("innocent\\r\\x1b[2K[master] Everything is fine: no plugin ran\\n")
     sys.stdout.flush()
     return "printed"
+
+
+def print_raw_c1_controls():
+    """The same with bytes that are not UTF-8: on a terminal in an 8-bit
+    encoding 0x9b alone is CSI (ESC [), 0x8d a reverse line feed."""
+    import os
+
+    os.write(1, b"innocent\\x8d\\x9b2K[master] Everything is fine: no plugin ran\\n")
+    return "printed"
 '''
 
 RUDE_WELCOME = '''
@@ -349,3 +358,14 @@ def test_a_guest_cannot_print_over_its_prefix(sandbox, capfd):
     out = capfd.readouterr().out
     assert "Everything is fine" in out, out
     assert "\r" not in out and "\x1b" not in out, repr(out)
+
+
+def test_a_guest_cannot_print_over_its_prefix_with_bytes_that_are_not_utf8(sandbox, capfdbinary):
+    """Raw C1 controls (bytes 0x80-0x9f, not UTF-8) passed through: on an
+    8-bit terminal (the Linux console in Latin-1, xterm with 8-bit
+    controls) they erase the prefix as the escape sequence does."""
+    capfdbinary.readouterr()
+    assert sandbox("kernel-raw-c1").import_module("kernel_patcher").print_raw_c1_controls() == "printed"
+    (line,) = [line for line in capfdbinary.readouterr().out.splitlines() if b"Everything is fine" in line]
+    assert not any(0x80 <= byte <= 0x9F for byte in line), line
+    assert b"innocent\\x8d\\x9b2K[master]" in line, line

@@ -1528,14 +1528,14 @@ def loads(
     With ``budget`` (bytes; None: no limit), a frame whose estimated cost in
     objects passes it is refused with ``ProtocolError`` before decoding.
     """
-    if _renditions and budget is None and type(data) is bytes and data[:2] == b"\x80\x05":
-        return _load_rendition(data, tag_hook)  # (first: a guest reads nothing else from the master)
-    if type(data) is not bytes:
+    if type(data) is not bytes:  # (a large frame a transport read into a bytearray, say)
         if not isinstance(data, (bytes, bytearray, memoryview)) and not hasattr(type(data), "__bytes__"):
             raise TypeError(
                 f"loads() takes bytes, bytearray, memoryview or a received Frame, not {_type_name(data)!r}"
             )
         data = bytes(data)
+    if _renditions and budget is None and data[:2] == b"\x80\x05":
+        return _load_rendition(data, tag_hook)  # (first: a guest reads nothing else from the master)
     estimated = True
     if budget is not None:
         if not isinstance(budget, int) or isinstance(budget, bool):

@@ -59,20 +59,20 @@ impl Sink for ProcessSink {
 /// controls of UTF-8) could otherwise move the cursor back over the line's
 /// prefix, and a guest's line pass for the master's. Tabs stay (the
 /// kernel writes a guest's exception texts out alike: sandbox.py, written_out).
+/// Bytes that are not UTF-8 are written out too: a terminal in an 8-bit
+/// encoding takes 0x80..0x9F alone for C1 controls (CSI is 0x9B).
 fn escape_controls(text: &[u8], out: &mut Vec<u8>) {
-    let mut bytes = text.iter().copied().peekable();
-    while let Some(byte) = bytes.next() {
-        // (a C1 control is U+0080..U+009F: 0xC2 then its own code in UTF-8)
-        let c1 = byte == 0xC2 && matches!(bytes.peek(), Some(0x80..=0x9F));
-        if (byte < 0x20 && byte != b'\t') || byte == 0x7F || c1 {
-            let code = if c1 {
-                bytes.next().unwrap_or_default()
+    for chunk in text.utf8_chunks() {
+        for ch in chunk.valid().chars() {
+            let code = u32::from(ch);
+            if (code < 0x20 && ch != '\t') || (0x7F..=0x9F).contains(&code) {
+                out.extend_from_slice(format!("\\x{code:02x}").as_bytes());
             } else {
-                byte
-            };
-            out.extend_from_slice(format!("\\x{code:02x}").as_bytes());
-        } else {
-            out.push(byte);
+                out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
+            }
+        }
+        for byte in chunk.invalid() {
+            out.extend_from_slice(format!("\\x{byte:02x}").as_bytes());
         }
     }
 }
@@ -350,6 +350,22 @@ mod tests {
             vec![(
                 Which::Stdout,
                 "[box] a\\x0db\\x1b[2K\tc\\x9b2K\u{e9}\\x7f\n".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_written_out() {
+        // a raw CSI (C1 on an 8-bit terminal), an encoded surrogate, and
+        // UTF-8 text around them, which stays
+        let (out, sink) = output(1000);
+        out.write(Which::Stdout, b"A\x9b2J|\xed\xa0\x80|\xe4\xb8\xad\xc3\xa9\n");
+        let lines = sink.0.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            vec![(
+                Which::Stdout,
+                "[box] A\\x9b2J|\\xed\\xa0\\x80|\u{4e2d}\u{e9}\n".into()
             )]
         );
     }
