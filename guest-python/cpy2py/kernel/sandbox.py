@@ -78,6 +78,8 @@ MAX_NAME = 200
 #: classes of its objects a guest's frame may describe that the link has no
 #: proxy class for (each costs up to about 22 KB here, 77 special methods: at most about 22 MB)
 MAX_NEW_CLASSES_PER_FRAME = 1024
+#: what the master's time spent on a guest's refused frames is measured by
+_clock = time.perf_counter
 
 _STDLIB_NAMES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
 
@@ -481,13 +483,13 @@ class SandboxSerializer(Serializer):
         a call with a timeout of 1 s. Once such frames took more than the
         guest's timeout in all, the guest is stopped (TwinTimeout); so is a
         request ``perform`` refuses."""
-        started = time.perf_counter()
+        started = _clock()
         try:
-            value, failure = super().decode(raw, budget)
+            value, failure = Serializer.decode(self, raw, budget)
         except Exception:
-            self._charge_refused(time.perf_counter() - started)
+            self._charge_refused(_clock() - started)
             raise
-        took = _decoding.took = time.perf_counter() - started  # (for perform, should it refuse the request)
+        _decoding.took = took = _clock() - started  # (for perform, should it refuse the request)
         if failure is not None:
             self._charge_refused(took)
         return value, failure
@@ -618,20 +620,10 @@ class SandboxSerializer(Serializer):
     # -- what the guest may do with what it was handed --------------------------
 
     def perform(self, op: int, operands: List[Any]) -> Any:
-        """Requests from the guest, checked (``_check_request``) and carried out.
-        One refused charges the guest for the master's time it took, as a
-        refused frame does (``decode``)."""
-        started = time.perf_counter()
-        try:
-            self._check_request(op, operands)
-        except SandboxViolation:
-            self._charge_refused(_decoding.took + time.perf_counter() - started)
-            raise
-        return super().perform(op, operands)
-
-    def _check_request(self, op: int, operands: List[Any]) -> None:
-        """A request from the guest may be an operation on something it was
-        handed, within what was granted of it; nothing else.
+        """Requests from the guest: an operation on something it was handed,
+        within what was granted of it; nothing else. One refused charges the
+        guest for the master's time its frame took to read, as a refused
+        frame does (``decode``).
 
         The operation must be an int as decoded: one of the guest's own
         objects in its place (a proxy here, whose ``==`` the guest answers)
@@ -639,60 +631,69 @@ class SandboxSerializer(Serializer):
         ``Serializer.perform`` as another (checked as a call, carried out as
         a method call of any name: ``__class__`` made a master object,
         ``__getattribute__`` read any attribute)."""
-        if type(op) is not int:
-            raise SandboxViolation(
-                f"the sandboxed twin {self.peer_id!r} sent a request whose operation is not an int"
-            )
-        if op not in _OPERANDS:
-            what = "create master objects" if op == OP_INSTANTIATE else f"use operation {op!r}"
-            raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} may not {what}")
-        if len(operands) != _OPERANDS[op]:
-            raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} sent a malformed request")
-        if op == OP_EXECUTE or op == OP_CALL_METHOD:
-            # unpacked here as they came: a list and a dict of str keys, never
-            # one of the guest's objects (an endless iterator of its own as
-            # *args made the master unpack it until its memory ran out)
-            args, kwargs = operands[-2], operands[-1]
-            if type(args) is not list or type(kwargs) is not dict or any(type(k) is not str for k in kwargs):
+        try:
+            if type(op) is not int:
                 raise SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} sent a call whose arguments are not a list "
-                    "and a dict of str keys"
+                    f"the sandboxed twin {self.peer_id!r} sent a request whose operation is not an int"
                 )
-        target = operands[0]
-        key = references.key_of(target)
-        grant = self.connection.grants.get(key) if key is not None else None
-        if grant is None:
-            raise SandboxViolation(
-                f"the sandboxed twin {self.peer_id!r} asked the master to act on something it was not "
-                "handed; the master acts only on what it handed to the guest"
-            )
-        if op == OP_EXECUTE:
-            name, allowed, verb = "__call__", grant.allows_call("__call__"), "call"
-        else:
-            name = operands[1]
-            if type(name) is not str:  # (as decoded: never one of the guest's objects)
+            if op not in _OPERANDS:
+                what = "create master objects" if op == OP_INSTANTIATE else f"use operation {op!r}"
+                raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} may not {what}")
+            if len(operands) != _OPERANDS[op]:
+                raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} sent a malformed request")
+            if op == OP_EXECUTE or op == OP_CALL_METHOD:
+                # unpacked here as they came: a list and a dict of str keys, never
+                # one of the guest's objects (an endless iterator of its own as
+                # *args made the master unpack it until its memory ran out)
+                args, kwargs = operands[-2], operands[-1]
+                if (
+                    type(args) is not list
+                    or type(kwargs) is not dict
+                    or any(type(k) is not str for k in kwargs)
+                ):
+                    raise SandboxViolation(
+                        f"the sandboxed twin {self.peer_id!r} sent a call whose arguments are not a list "
+                        "and a dict of str keys"
+                    )
+            target = operands[0]
+            key = references.key_of(target)
+            grant = self.connection.grants.get(key) if key is not None else None
+            if grant is None:
                 raise SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} sent an attribute name that is not a str"
+                    f"the sandboxed twin {self.peer_id!r} asked the master to act on something it was not "
+                    "handed; the master acts only on what it handed to the guest"
                 )
-            if op == OP_CALL_METHOD:
-                allowed, verb = grant.allows_call(name), "call"
-            elif op == OP_GETATTR:
-                allowed, verb = grant.allows_read(name), "read"
+            if op == OP_EXECUTE:
+                name, allowed, verb = "__call__", grant.allows_call("__call__"), "call"
             else:
-                allowed, verb = grant.allows_write(name), "set or delete"
-        if not allowed:
-            granted = sorted(grant.names) or "nothing"
-            if verb == "read" and name in grant.names:  # a special method: used, never read
+                name = operands[1]
+                if type(name) is not str:  # (as decoded: never one of the guest's objects)
+                    raise SandboxViolation(
+                        f"the sandboxed twin {self.peer_id!r} sent an attribute name that is not a str"
+                    )
+                if op == OP_CALL_METHOD:
+                    allowed, verb = grant.allows_call(name), "call"
+                elif op == OP_GETATTR:
+                    allowed, verb = grant.allows_read(name), "read"
+                else:
+                    allowed, verb = grant.allows_write(name), "set or delete"
+            if not allowed:
+                granted = sorted(grant.names) or "nothing"
+                if verb == "read" and name in grant.names:  # a special method: used, never read
+                    raise SandboxViolation(
+                        f"the sandboxed twin {self.peer_id!r} may use {name[:MAX_NAME]!r} of the "
+                        f"{type(target).__qualname__} it was handed only through its operation (len(obj), "
+                        "obj[key], ...), not read it as an attribute"
+                    )
                 raise SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} may use {name[:MAX_NAME]!r} of the "
-                    f"{type(target).__qualname__} it was handed only through its operation (len(obj), "
-                    "obj[key], ...), not read it as an attribute"
+                    f"the sandboxed twin {self.peer_id!r} may not {verb} {name[:MAX_NAME]!r} of the "
+                    f"{type(target).__qualname__} it was handed (granted: {granted}); the application "
+                    "grants names with cpy2py.expose(obj, ...) or @cpy2py.exposed(...) on the class"
                 )
-            raise SandboxViolation(
-                f"the sandboxed twin {self.peer_id!r} may not {verb} {name[:MAX_NAME]!r} of the "
-                f"{type(target).__qualname__} it was handed (granted: {granted}); the application "
-                "grants names with cpy2py.expose(obj, ...) or @cpy2py.exposed(...) on the class"
-            )
+        except SandboxViolation:
+            self._charge_refused(_decoding.took)
+            raise
+        return super().perform(op, operands)
 
     def _refuse(self, what: str, value: Any) -> None:
         shown = f" ({references.safe_repr(value, 100)})" if value is not None else ""
