@@ -732,7 +732,7 @@ class SandboxSerializer(Serializer):
         # what Python prints of an exception nobody catches: no terminal
         # controls of the guest's (its text arguments, type name, traceback)
         text = written_out(text)
-        args = [_shown_arg(a) for a in args]
+        args = [written_out(a) for a in args]
         builtin = _builtin_exception(module, qualname)
         err: BaseException
         if builtin is None:
@@ -749,6 +749,9 @@ class SandboxSerializer(Serializer):
             else:
                 err = remote(name, message, text)
         else:
+            # (str of a builtin exception is Python's: a RemoteError's message
+            # is made above without str of its arguments)
+            args = [_shown_long_int(a) for a in args]
             if issubclass(builtin, OSError) and args and type(args[0]) is int:
                 args[0] = errno_from_guest(args[0])  # (the guest's numbers are WASI's)
             if builtin is ModuleNotFoundError and len(args) == 1 and type(args[0]) is str:
@@ -804,14 +807,14 @@ _CONTROLS = {
 _CONTROLS.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
 
 
-def _shown_arg(arg: Any) -> Any:
-    """An argument of a guest's exception as the master keeps it: its text
-    written out, and an int too long for ``str`` (over 4,300 digits, which
-    made ``str(err)``, and so an ``except`` clause that logs it, raise
-    ValueError) as a short text saying what it was."""
+def _shown_long_int(arg: Any) -> Any:
+    """An argument of a guest's builtin exception, an int too long for
+    ``str`` (over 4,300 digits, which made ``str(err)``, and so an
+    ``except`` clause that logs it, raise ValueError) as a short text saying
+    what it was; anything else as it is."""
     if type(arg) is int and arg.bit_length() > _LONGEST_SHOWN_INT:
         return f"<int of {arg.bit_length()} bits>"
-    return written_out(arg)
+    return arg
 
 
 #: bits of an int whose decimal text is within CPython's default 4,300 digits
