@@ -103,8 +103,11 @@ def measure_here(kind: str, mode: str, calls: int, out_dir: str) -> Dict[str, in
 
             asyncio.run(awaits())
         else:
-            threads = [
-                threading.Thread(target=lambda: [twin.execute(noop) for _ in range(n // 8)]) for _ in range(8)
+            threads = [  # (n calls in all: n // 8 each, the rest to the first)
+                threading.Thread(
+                    target=lambda k=k: [twin.execute(noop) for _ in range(n // 8 + (n % 8 if k == 0 else 0))]
+                )
+                for k in range(8)
             ]
             for thread in threads:
                 thread.start()

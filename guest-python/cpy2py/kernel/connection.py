@@ -709,7 +709,9 @@ class Connection:
         # From here on, whatever interrupts the call (Ctrl-C in a main thread
         # that holds no signals) is undone by the finally below: each change
         # is recorded with no call in between that could run a signal handler.
-        registered = timed = answered = express = handed = False
+        registered = timed = answered = express = False
+        reply: Any = None
+        stop_guest: Optional[str] = None  # what interrupted this call while its guest ran it
         waiter.depth += 1
         try:
             with self._lock:
@@ -733,7 +735,6 @@ class Connection:
             if timed:  # from before the send: a twin that stops reading times out too
                 _deadlines().set_deadline((self, req_id), self.call_timeout, self._timed_out)
             try:
-                handed = True  # (a guest's send runs it: an interrupt may come while it works)
                 if not (reads_first and self._send_now(payload)):
                     if reads_first:  # the pipe is full: wait for room without the role
                         with self._lock:
@@ -768,17 +769,15 @@ class Connection:
                 timed = False
             return self._result(req_id, kind, raw)
         except BaseException as err:
-            if not answered and handed and self._runner is not None and self.broken is None:
-                # A guest has no other thread: it would go on with this call
-                # whenever it is next run, and charge it to that call. It is
-                # stopped, as a cancelled awaited call's guest is.
-                self._break_and_kill(
-                    TwinterpreterTerminated(
-                        f"twinterpreter {self.peer_id!r} was stopped: a call to it was interrupted "
-                        f"({type(err).__name__}) while it ran; its state was lost (the next call starts "
-                        "a fresh one)"
-                    )
-                )
+            if express and reply is None and self._runner is not None:
+                # The link's only call, which this thread ran the guest for,
+                # unanswered: the guest has no other thread, and would go on
+                # with it whenever next run, charging it to that call. It is
+                # stopped (below, with the signals held), as a cancelled
+                # awaited call's guest is. With other calls in flight the
+                # guest may be running another's: it goes on, and a callback
+                # it makes for this call is refused (_refuse_late_callback).
+                stop_guest = type(err).__name__
             raise
         finally:
             # An interrupted call's cleanup runs with the main thread's
@@ -786,6 +785,14 @@ class Connection:
             # registered took a later call's reply, which broke the link).
             held, due = _hold_steps() if not answered and self._shields_steps else (False, None)
             try:
+                if stop_guest is not None and self.broken is None:
+                    self._break_and_kill(
+                        TwinterpreterTerminated(
+                            f"twinterpreter {self.peer_id!r} was stopped: a call to it was interrupted "
+                            f"({stop_guest}) while it ran; its state was lost (the next call starts a "
+                            "fresh one)"
+                        )
+                    )
                 if timed:
                     _deadlines().clear((self, req_id))
                 if not (express and answered):  # (an express call's reply left nothing to undo)
@@ -2114,6 +2121,8 @@ class Connection:
             self._shutdown(message[1])
         except ProtocolError as err:
             self._fail(err)
+        except Exception as err:  # (a value that fails to rebuild, one the sandbox refuses)
+            self._fail(ProtocolError(f"a shutdown from {self.peer_id!r} could not be read: {err}"))
 
     def _decoded(self, frame_id: int) -> None:
         """A routed frame was decoded (or dropped). A release read after it

@@ -844,12 +844,14 @@ def proxy_class(info: Any, connection: Any = None) -> type:
     cache: Dict[Any, type] = connection.proxy_classes if connection is not None else {}
     cache_key = proxy_class_key(info)
     cls = cache.get(cache_key)
+    if cls is not None and len(cache) >= MAX_PROXY_CLASSES_PER_LINK:
+        cache[cache_key] = cache.pop(cache_key)  # (full: the last used go last, the least used first)
     if cls is None:
         trusted = connection is None or connection.serializer.trusted
         specials = {n for n in info[1] if n not in _NOT_FORWARDED and (trusted or n in DATA_MODEL_METHODS)}
         methods = info[2] if len(info) == 3 else None
         cls = _make_proxy_class(info, specials, None, methods)
-        if len(cache) >= MAX_PROXY_CLASSES_PER_LINK:  # the oldest goes (its proxies keep it)
+        if len(cache) >= MAX_PROXY_CLASSES_PER_LINK:  # the least used goes (its proxies keep it)
             del cache[next(iter(cache))]
         cache[cache_key] = cls
     return cls

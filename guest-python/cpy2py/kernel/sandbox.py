@@ -48,6 +48,7 @@ from ..protocol.messages import (
     OP_GETATTR,
     OP_INSTANTIATE,
     OP_SETATTR,
+    REQUEST,
 )
 from . import main_module, references, std_values
 from .serialization import (
@@ -80,6 +81,10 @@ MAX_NAME = 200
 MAX_NEW_CLASSES_PER_FRAME = 1024
 #: what the master's time spent on a guest's refused frames is measured by
 _clock = time.perf_counter
+#: the share of the time that passes by which a guest's charge for refused
+#: frames drains: a guest can keep the master busy on them at most this
+#: share of the time, beyond its timeout's worth
+REFUSED_DRAIN = 0.1
 
 _STDLIB_NAMES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
 
@@ -286,10 +291,12 @@ class SandboxSerializer(Serializer):
     ) -> None:
         super().__init__(peer_id, trusted=False)
         #: seconds of the master's time the guest's refused frames may take
-        #: in all (its timeout; None: no limit), and what they took so far
-        #: (``decode``)
+        #: (its timeout; None: no limit), what they took, drained at
+        #: REFUSED_DRAIN of the time that passes, and when it was charged last
+        #: (``decode``, ``perform``)
         self.refused_limit = timeout
         self.refused_seconds = 0.0
+        self._charged_at = _clock()
         #: the twin ids whose twinfunctions and TwinObject classes run in this
         #: guest: its own, and for a guest of a fresh twin that twin's
         #: (cpy2py/fresh.py), as kernel_state.runs_pinned says in the guest
@@ -481,21 +488,30 @@ class SandboxSerializer(Serializer):
         fails costs the guest nothing while it waits for the master, and one
         frame of 20,000 references resent 150 times took the master 15 s of
         a call with a timeout of 1 s. Once such frames took more than the
-        guest's timeout in all, the guest is stopped (TwinTimeout); so is a
-        request ``perform`` refuses."""
+        guest's timeout (less REFUSED_DRAIN of the time since), the guest is
+        stopped (TwinTimeout); a request ``perform`` refuses is charged too."""
         started = _clock()
         try:
             value, failure = Serializer.decode(self, raw, budget)
         except Exception:
             self._charge_refused(_clock() - started)
             raise
-        _decoding.took = took = _clock() - started  # (for perform, should it refuse the request)
+        took = _clock() - started
+        if type(value) is list and value and value[0] == REQUEST:
+            # (for perform, should it refuse the request; only a request's:
+            # a release decoded before perform runs must not replace it)
+            _decoding.took = took
         if failure is not None:
             self._charge_refused(took)
         return value, failure
 
     def _charge_refused(self, seconds: float) -> None:
-        self.refused_seconds += seconds
+        # (refused frames now and then, a plugin probing what it may do, never
+        # add up; a guest that keeps the master busy with them is stopped)
+        now = _clock()
+        drained = (now - self._charged_at) * REFUSED_DRAIN
+        self.refused_seconds = max(0.0, self.refused_seconds - drained) + seconds
+        self._charged_at = now
         limit = self.refused_limit
         if limit is not None and self.refused_seconds > limit and self.connection is not None:
             self.connection._break_and_kill(
@@ -808,17 +824,26 @@ _CONTROLS.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
 
 
 def _shown_long_int(arg: Any) -> Any:
-    """An argument of a guest's builtin exception, an int too long for
-    ``str`` (over 4,300 digits, which made ``str(err)``, and so an
-    ``except`` clause that logs it, raise ValueError) as a short text saying
-    what it was; anything else as it is."""
-    if type(arg) is int and arg.bit_length() > _LONGEST_SHOWN_INT:
-        return f"<int of {arg.bit_length()} bits>"
+    """An argument of a guest's builtin exception that holds an int too long
+    for ``str`` (over the interpreter's limit, 4,300 digits unless the
+    application set another, which made ``str(err)``, and so an ``except``
+    clause that logs it, raise ValueError), as a short text saying what it
+    was (``safe_repr``); anything else as it is."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()  # (0: no limit, before 3.11)
+    if limit and _holds_long_int(arg, limit * 3, 0):  # (3 bits a digit: under the limit)
+        return references.safe_repr(arg, 200)
     return arg
 
 
-#: bits of an int whose decimal text is within CPython's default 4,300 digits
-_LONGEST_SHOWN_INT = 14_000
+def _holds_long_int(value: Any, bits: int, depth: int) -> bool:
+    """Whether ``value`` (plain data as decoded) holds an int of more than ``bits``."""
+    kind = type(value)
+    if kind is int:
+        return value.bit_length() > bits
+    if depth > 20 or kind not in (list, tuple, set, frozenset, dict):
+        return False
+    items = list(value.items()) if kind is dict else value
+    return any(_holds_long_int(item, bits, depth + 1) for item in items)
 
 
 def written_out(text: Any) -> Any:
