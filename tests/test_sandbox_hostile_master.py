@@ -159,6 +159,20 @@ def refused_requests_forever(count, how):
             refused += 1
 
 
+def shutdown_of_classes(count):
+    """A shutdown frame (the master's to send: refused from a guest) whose
+    value holds ``count`` objects, each of a class of its own."""
+    from cpy2py.kernel import guest_main, links, references
+    from cpy2py.protocol.messages import SHUTDOWN
+
+    link = links.all_connections()[0]
+    methods = {{"__len__": lambda self: 1}}
+    objects = [type(f"Shut{{n}}", (), methods)() for n in range(count)]
+    frame = references.encode([SHUTDOWN, 7, objects], link.serializer.default)
+    guest_main.send_frame(b"".join(map(bytes, frame)) if isinstance(frame, tuple) else bytes(frame))
+    return "sent"
+
+
 def keep(value):
     KEPT.append(value)
     return "kept"
@@ -343,6 +357,25 @@ def test_requests_the_sandbox_refuses_are_charged_to_the_guests_timeout(code_dir
         assert master.execute(abs, -1) == 1  # (a fresh guest)
     finally:
         master.stop()
+
+
+def test_a_shutdown_frame_the_sandbox_refuses_stops_the_guest(sandbox):
+    """A frame read as a shutdown whose value fails to rebuild (more new
+    classes than a frame may describe) stops the guest as a protocol error:
+    its SandboxViolation reached whichever caller read the frame."""
+    from cpy2py import ProtocolError, TwinterpreterTerminated
+    from cpy2py.kernel.sandbox import MAX_NEW_CLASSES_PER_FRAME
+
+    master = sandbox("shutdown-refused")
+    plugin = master.import_module("texts_plugin")
+    master.execute(exec, "import builtins; builtins.kept_marker = 1")
+    try:
+        plugin.shutdown_of_classes(MAX_NEW_CLASSES_PER_FRAME + 10)  # (its reply may come first)
+    except (ProtocolError, TwinterpreterTerminated):
+        pass
+    assert master.execute(eval, "hasattr(__import__('builtins'), 'kept_marker')") is False, (
+        "the guest went on"
+    )
 
 
 def test_a_guests_output_and_its_exception_texts_are_written_out_alike(sandbox, capfd):

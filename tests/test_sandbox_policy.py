@@ -1186,6 +1186,26 @@ def test_proxy_classes_of_a_guest_are_bounded_and_go_with_it(sandbox):
         assert all_gone()
 
 
+def test_a_full_proxy_class_cache_lets_the_least_used_class_go():
+    """Once a link keeps MAX_PROXY_CLASSES_PER_LINK classes, a new one
+    replaces the one used least lately, not one in use: proxies of a class
+    in use keep getting the same class."""
+    from types import SimpleNamespace
+
+    serializer = SimpleNamespace(trusted=True, building_proxy_class=lambda: None)
+    link = SimpleNamespace(proxy_classes={}, serializer=serializer)
+    infos = [[f"m.C{n}", ["__len__"]] for n in range(references.MAX_PROXY_CLASSES_PER_LINK + 1)]
+    first = references.proxy_class(infos[0], link)
+    for info in infos[1:-1]:
+        references.proxy_class(info, link)
+    assert references.proxy_class(infos[0], link) is first  # (used again: the last used now)
+    references.proxy_class(infos[-1], link)  # (one too many)
+    kept = {key[0] for key in link.proxy_classes}
+    assert len(kept) == references.MAX_PROXY_CLASSES_PER_LINK
+    assert "m.C0" in kept and "m.C1" not in kept  # (C1 was used least lately)
+    assert references.proxy_class(infos[0], link) is first
+
+
 def test_special_methods_a_guest_declares_come_from_the_data_model(plugin):
     evil = plugin.evil_specials()
     forwarded = set(vars(type(evil)))

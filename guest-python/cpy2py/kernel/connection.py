@@ -2119,10 +2119,10 @@ class Connection:
             if not (isinstance(message, list) and len(message) == 2 and type(message[1]) is int):
                 raise ProtocolError(f"malformed shutdown {references.safe_repr(message)}")
             self._shutdown(message[1])
-        except ProtocolError as err:
+        except Exception as err:  # (malformed, or a value that fails to rebuild or the sandbox refuses)
+            if not isinstance(err, ProtocolError):
+                err = ProtocolError(f"a shutdown from {self.peer_id!r} could not be read: {err}")
             self._fail(err)
-        except Exception as err:  # (a value that fails to rebuild, one the sandbox refuses)
-            self._fail(ProtocolError(f"a shutdown from {self.peer_id!r} could not be read: {err}"))
 
     def _decoded(self, frame_id: int) -> None:
         """A routed frame was decoded (or dropped). A release read after it

@@ -842,11 +842,13 @@ def proxy_class(info: Any, connection: Any = None) -> type:
     ):
         raise LookupError(f"cannot make a proxy for class {safe_repr(info, 100)}")
     cache: Dict[Any, type] = connection.proxy_classes if connection is not None else {}
-    cache_key = proxy_class_key(info)
+    cache_key = (info[0], *(tuple(part) for part in info[1:]))
     cls = cache.get(cache_key)
     if cls is not None and len(cache) >= MAX_PROXY_CLASSES_PER_LINK:
         cache[cache_key] = cache.pop(cache_key)  # (full: the last used go last, the least used first)
     if cls is None:
+        if connection is not None:
+            connection.serializer.building_proxy_class()  # (a sandbox bounds them per frame)
         trusted = connection is None or connection.serializer.trusted
         specials = {n for n in info[1] if n not in _NOT_FORWARDED and (trusted or n in DATA_MODEL_METHODS)}
         methods = info[2] if len(info) == 3 else None
@@ -855,11 +857,6 @@ def proxy_class(info: Any, connection: Any = None) -> type:
             del cache[next(iter(cache))]
         cache[cache_key] = cls
     return cls
-
-
-def proxy_class_key(info: List[Any]) -> Tuple[Any, ...]:
-    """What a link caches the proxy class of a class description under."""
-    return (info[0], *(tuple(part) for part in info[1:]))
 
 
 def _make_proxy_class(info: Any, specials: set, proxied: Any, methods: Optional[List[str]]) -> type:

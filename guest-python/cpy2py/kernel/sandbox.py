@@ -569,8 +569,6 @@ class SandboxSerializer(Serializer):
                 if name is not info[0]:
                     info = [name, *info[1:]]
                 info = self._own_twin_class(info[0]) or info
-            if type(info) is list:
-                self._count_new_class(info)
             return references.resolve(owner, iid, info, self.connection)
         if isinstance(info, _GuestName):
             self._forget_failure(info)
@@ -578,19 +576,15 @@ class SandboxSerializer(Serializer):
             return references.exported((owner, iid))
         return self._refuse("a reference to an object it was not handed", [owner, iid])
 
-    def _count_new_class(self, info: List[Any]) -> None:
-        """A reference of the frame being decoded describes its class: one the
-        link has no proxy class for yet costs a class and a function per
-        special method. Past MAX_NEW_CLASSES_PER_FRAME such classes the frame
-        is refused at once, its decoding stopped (70,000 made-up classes in
-        one frame took the master 2 GB and 21 s, over the decoding budget,
-        which counts the frame's items, not the classes they make)."""
-        try:
-            known = references.proxy_class_key(info) in self.connection.proxy_classes
-        except TypeError:  # (malformed: making its proxy class refuses it)
-            return
+    def building_proxy_class(self) -> None:
+        """A proxy class costs a class and a function per special method.
+        Past MAX_NEW_CLASSES_PER_FRAME of them for one frame of the guest's,
+        the frame is refused at once, its decoding stopped (70,000 made-up
+        classes in one frame took the master 2 GB and 21 s, over the
+        decoding budget, which counts the frame's items, not the classes
+        they make)."""
         frame = _decoding.frame
-        if known or frame is None:
+        if frame is None or frame.serializer is not self:  # (not decoding a frame of the guest's)
             return
         frame.new_classes += 1
         if frame.new_classes > MAX_NEW_CLASSES_PER_FRAME:
@@ -636,10 +630,19 @@ class SandboxSerializer(Serializer):
     # -- what the guest may do with what it was handed --------------------------
 
     def perform(self, op: int, operands: List[Any]) -> Any:
-        """Requests from the guest: an operation on something it was handed,
-        within what was granted of it; nothing else. One refused charges the
-        guest for the master's time its frame took to read, as a refused
-        frame does (``decode``).
+        """Requests from the guest, checked (``_check_request``) and carried
+        out; one refused charges the guest for the master's time its frame
+        took to read, as a refused frame does (``decode``)."""
+        try:
+            self._check_request(op, operands)
+        except SandboxViolation:
+            self._charge_refused(_decoding.took)
+            raise
+        return super().perform(op, operands)
+
+    def _check_request(self, op: int, operands: List[Any]) -> None:
+        """A request from the guest may be an operation on something it was
+        handed, within what was granted of it; nothing else.
 
         The operation must be an int as decoded: one of the guest's own
         objects in its place (a proxy here, whose ``==`` the guest answers)
@@ -647,69 +650,60 @@ class SandboxSerializer(Serializer):
         ``Serializer.perform`` as another (checked as a call, carried out as
         a method call of any name: ``__class__`` made a master object,
         ``__getattribute__`` read any attribute)."""
-        try:
-            if type(op) is not int:
+        if type(op) is not int:
+            raise SandboxViolation(
+                f"the sandboxed twin {self.peer_id!r} sent a request whose operation is not an int"
+            )
+        if op not in _OPERANDS:
+            what = "create master objects" if op == OP_INSTANTIATE else f"use operation {op!r}"
+            raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} may not {what}")
+        if len(operands) != _OPERANDS[op]:
+            raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} sent a malformed request")
+        if op == OP_EXECUTE or op == OP_CALL_METHOD:
+            # unpacked here as they came: a list and a dict of str keys, never
+            # one of the guest's objects (an endless iterator of its own as
+            # *args made the master unpack it until its memory ran out)
+            args, kwargs = operands[-2], operands[-1]
+            if type(args) is not list or type(kwargs) is not dict or any(type(k) is not str for k in kwargs):
                 raise SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} sent a request whose operation is not an int"
+                    f"the sandboxed twin {self.peer_id!r} sent a call whose arguments are not a list "
+                    "and a dict of str keys"
                 )
-            if op not in _OPERANDS:
-                what = "create master objects" if op == OP_INSTANTIATE else f"use operation {op!r}"
-                raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} may not {what}")
-            if len(operands) != _OPERANDS[op]:
-                raise SandboxViolation(f"the sandboxed twin {self.peer_id!r} sent a malformed request")
-            if op == OP_EXECUTE or op == OP_CALL_METHOD:
-                # unpacked here as they came: a list and a dict of str keys, never
-                # one of the guest's objects (an endless iterator of its own as
-                # *args made the master unpack it until its memory ran out)
-                args, kwargs = operands[-2], operands[-1]
-                if (
-                    type(args) is not list
-                    or type(kwargs) is not dict
-                    or any(type(k) is not str for k in kwargs)
-                ):
-                    raise SandboxViolation(
-                        f"the sandboxed twin {self.peer_id!r} sent a call whose arguments are not a list "
-                        "and a dict of str keys"
-                    )
-            target = operands[0]
-            key = references.key_of(target)
-            grant = self.connection.grants.get(key) if key is not None else None
-            if grant is None:
+        target = operands[0]
+        key = references.key_of(target)
+        grant = self.connection.grants.get(key) if key is not None else None
+        if grant is None:
+            raise SandboxViolation(
+                f"the sandboxed twin {self.peer_id!r} asked the master to act on something it was not "
+                "handed; the master acts only on what it handed to the guest"
+            )
+        if op == OP_EXECUTE:
+            name, allowed, verb = "__call__", grant.allows_call("__call__"), "call"
+        else:
+            name = operands[1]
+            if type(name) is not str:  # (as decoded: never one of the guest's objects)
                 raise SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} asked the master to act on something it was not "
-                    "handed; the master acts only on what it handed to the guest"
+                    f"the sandboxed twin {self.peer_id!r} sent an attribute name that is not a str"
                 )
-            if op == OP_EXECUTE:
-                name, allowed, verb = "__call__", grant.allows_call("__call__"), "call"
+            if op == OP_CALL_METHOD:
+                allowed, verb = grant.allows_call(name), "call"
+            elif op == OP_GETATTR:
+                allowed, verb = grant.allows_read(name), "read"
             else:
-                name = operands[1]
-                if type(name) is not str:  # (as decoded: never one of the guest's objects)
-                    raise SandboxViolation(
-                        f"the sandboxed twin {self.peer_id!r} sent an attribute name that is not a str"
-                    )
-                if op == OP_CALL_METHOD:
-                    allowed, verb = grant.allows_call(name), "call"
-                elif op == OP_GETATTR:
-                    allowed, verb = grant.allows_read(name), "read"
-                else:
-                    allowed, verb = grant.allows_write(name), "set or delete"
-            if not allowed:
-                granted = sorted(grant.names) or "nothing"
-                if verb == "read" and name in grant.names:  # a special method: used, never read
-                    raise SandboxViolation(
-                        f"the sandboxed twin {self.peer_id!r} may use {name[:MAX_NAME]!r} of the "
-                        f"{type(target).__qualname__} it was handed only through its operation (len(obj), "
-                        "obj[key], ...), not read it as an attribute"
-                    )
+                allowed, verb = grant.allows_write(name), "set or delete"
+        if not allowed:
+            granted = sorted(grant.names) or "nothing"
+            if verb == "read" and name in grant.names:  # a special method: used, never read
                 raise SandboxViolation(
-                    f"the sandboxed twin {self.peer_id!r} may not {verb} {name[:MAX_NAME]!r} of the "
-                    f"{type(target).__qualname__} it was handed (granted: {granted}); the application "
-                    "grants names with cpy2py.expose(obj, ...) or @cpy2py.exposed(...) on the class"
+                    f"the sandboxed twin {self.peer_id!r} may use {name[:MAX_NAME]!r} of the "
+                    f"{type(target).__qualname__} it was handed only through its operation (len(obj), "
+                    "obj[key], ...), not read it as an attribute"
                 )
-        except SandboxViolation:
-            self._charge_refused(_decoding.took)
-            raise
-        return super().perform(op, operands)
+            raise SandboxViolation(
+                f"the sandboxed twin {self.peer_id!r} may not {verb} {name[:MAX_NAME]!r} of the "
+                f"{type(target).__qualname__} it was handed (granted: {granted}); the application "
+                "grants names with cpy2py.expose(obj, ...) or @cpy2py.exposed(...) on the class"
+            )
 
     def _refuse(self, what: str, value: Any) -> None:
         shown = f" ({references.safe_repr(value, 100)})" if value is not None else ""

@@ -533,6 +533,10 @@ class Serializer:
         finally:
             _decoding.frame = outer
 
+    def building_proxy_class(self) -> None:
+        """The link is about to build a proxy class for a class description
+        of the peer's (references.proxy_class): a sandbox counts them."""
+
     def frame_budget(self, size: int) -> Optional[int]:
         """What decoding a frame of ``size`` bytes may cost (None: no limit; a
         trusted peer's frames are as big as the application makes them)."""
