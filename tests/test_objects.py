@@ -336,6 +336,54 @@ def test_native_object_is_released_when_proxies_are_gone(kind):
     assert released_in_twin(kind, key)
 
 
+def test_an_object_in_an_exception_is_released_once_the_exception_is_dropped(kind):
+    """A twin's exception whose arguments hold a proxy: once the caller's
+    except clause is over, the object is released in its twin without the
+    garbage collector (the frame that raised the exception held it in a
+    local, a cycle with its traceback that kept the proxy until a
+    collection: for a fresh guest, the guest with it)."""
+    counter = cls(kind, tc.Counter)(0)
+    key = f"release-raised-{kind}"
+    counter.track(key)
+    gc.disable()
+    try:
+        try:
+            counter.fail(ValueError, "held", counter)
+        except ValueError as err:
+            assert err.args[1] == counter
+        del counter
+        deadline = time.monotonic() + 10
+        while twin_helpers.run_in(kind, tc.is_tracked_alive, key):
+            assert time.monotonic() < deadline, "the twin's object outlived the exception that held it"
+            time.sleep(0.05)
+    finally:
+        gc.enable()
+
+
+def test_a_masters_object_in_a_twins_exception_is_released_once_sent(kind):
+    """The same the other way: an exception a twin raises, holding a proxy of
+    the master's object, is sent back and dropped; the twin's frame that
+    sent it held it (a cycle with its traceback), so the master kept the
+    object for the twin until the twin's garbage collector ran."""
+    import threading
+
+    from cpy2py.kernel import references
+
+    if kind == "pypy3":
+        pytest.skip("PyPy frees objects only when its collector runs (it counts no references)")
+    before = references.export_count()
+    twin_helpers.run_in(kind, gc.disable)
+    try:
+        with pytest.raises(ValueError):
+            twin_helpers.run_in(kind, twin_helpers.fail_with, ValueError, "held", threading.Lock())
+        deadline = time.monotonic() + 10
+        while references.export_count() > before:
+            assert time.monotonic() < deadline, "the master's object outlived the twin's exception"
+            time.sleep(0.05)
+    finally:
+        twin_helpers.run_in(kind, gc.enable)
+
+
 def test_object_is_released_after_a_slow_call_that_held_it(kind):
     """A call that outlasts a poll tick hands polling to another server thread;
     the thread that ran it must not keep its arguments alive while it waits."""

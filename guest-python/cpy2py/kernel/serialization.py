@@ -73,8 +73,6 @@ class _Frame:
 
 class _Decoding(_thread._local):
     frame: Optional[_Frame] = None  # (a class default: see protocol/transport.py _Held)
-    #: seconds the last frame this thread decoded took (kernel/sandbox.py)
-    took = 0.0
 
 
 _decoding = _Decoding()
@@ -536,6 +534,12 @@ class Serializer:
     def building_proxy_class(self) -> None:
         """The link is about to build a proxy class for a class description
         of the peer's (references.proxy_class): a sandbox counts them."""
+
+    def release(self, items: Any) -> List[Any]:
+        """The peer let go of ``items`` (a release frame's entries): what
+        nobody holds any more, for the caller to drop outside the reading
+        role (a sandbox charges the walk to its guest)."""
+        return references.release(items, self.connection)
 
     def frame_budget(self, size: int) -> Optional[int]:
         """What decoding a frame of ``size`` bytes may cost (None: no limit; a
