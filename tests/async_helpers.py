@@ -29,6 +29,10 @@ def busy_then(seconds, value=None):
     return value
 
 
+def call_once(func, value):
+    return func(value)
+
+
 def call_twice(func, value):
     """Calls a callable of the master twice, feeding the first result back in."""
     return func(func(value))

@@ -108,6 +108,35 @@ def test_a_coroutine_function_of_the_master_is_awaited_on_its_loop(twin):
     run(main())
 
 
+def test_more_awaits_than_any_pool_has_threads_whose_callbacks_wait_for_each_other(kind):
+    """1,100 awaited calls whose twin calls back a coroutine function of the
+    master, each waiting until all 1,100 callbacks have come (a barrier): in
+    one interpreter they pass at once. Each callback's request holds a thread
+    of the master while its coroutine runs on the loop, so a pool capped at
+    1,024 threads hung them all."""
+    count = 1100
+
+    async def main():
+        arrived, everyone = 0, asyncio.Event()
+
+        async def meet(value):
+            nonlocal arrived
+            arrived += 1
+            if arrived == count:
+                everyone.set()
+            await everyone.wait()
+            return value
+
+        master = TwinMaster(kind, f"{kind}-barrier")
+        async with master:
+            results = await asyncio.gather(
+                *(master.execute_async(helpers.call_once, meet, n) for n in range(count))
+            )
+        assert results == list(range(count))
+
+    run(main())
+
+
 def test_a_sync_call_on_a_loop_says_why_a_coroutine_callback_cannot_run(twin):
     """A sync call made on a running loop's thread blocks that loop: a
     coroutine function it hands the twin cannot be run there (the loop

@@ -506,7 +506,11 @@ def test_a_guests_output_and_its_exception_texts_are_written_out_alike(sandbox, 
     neither lets through what the other stops."""
     from cpy2py.kernel.sandbox import written_out
 
-    text = "".join(map(chr, (*range(0x20), 0x7F, *range(0x80, 0xA0)))).replace("\n", "") + "end"
+    separators_and_bidi = (0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))
+    text = (
+        "".join(map(chr, (*range(0x20), 0x7F, *range(0x80, 0xA0), *separators_and_bidi))).replace("\n", "")
+        + "end"
+    )
     master = sandbox("texts-alike")
     capfd.readouterr()
     master.execute(print, text)
@@ -515,6 +519,8 @@ def test_a_guests_output_and_its_exception_texts_are_written_out_alike(sandbox, 
         master.execute(exec, f"raise ValueError({text!r})")
     assert printed == str(info.value) == written_out(text)
     assert "\\x1b" in printed and "\\x9b" in printed and "\t" in printed  # (written out; a tab stays)
+    # (a line end to a log reader, and a right-to-left override: written out too)
+    assert "\\u2028" in printed and "\\u202e" in printed and len(printed.splitlines()) == 1
     # lone surrogates, which a stream writing them as bytes (surrogateescape:
     # stdout under -X utf8 or the C locale) turns into C1 controls: CSI here
     with pytest.raises(ValueError) as info:

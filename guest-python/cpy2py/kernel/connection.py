@@ -229,23 +229,13 @@ _probe.close()
 del _probe
 
 
-_callback_workers: Any = None
-
-
 def callback_workers() -> Any:
-    """The threads that run the peer's requests of async calls. Each may wait
-    for a coroutine on the caller's loop, which may call the peer again: a
-    bounded pool (like the loop's default one) could run out at some depth
-    of such recursion, so this one grows as needed and keeps idle threads."""
-    global _callback_workers
-    if _callback_workers is None:
-        from concurrent.futures import ThreadPoolExecutor
+    """The threads that run the peer's requests of awaited calls
+    (kernel/callback_workers.py: imported at first use, with threading,
+    which a twin's start does without)."""
+    from .callback_workers import callback_workers as workers
 
-        # (their signals as a server thread's: blocked but while user code runs)
-        _callback_workers = ThreadPoolExecutor(
-            max_workers=1024, thread_name_prefix="cpy2py-callback", initializer=block_signals_in_this_thread
-        )
-    return _callback_workers
+    return workers()
 
 
 _context_copier: Any = None

@@ -822,6 +822,15 @@ _CONTROLS = {
     code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if code not in (0x09, 0x0A)
 }
 _CONTROLS.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
+#: the line and paragraph separators (line ends to log readers and
+#: str.splitlines: a line of the guest's without its prefix) and the
+#: bidirectional controls (they reorder what a line shows), as the host writes them out
+_CONTROLS.update(
+    {
+        code: f"\\u{code:04x}"
+        for code in (0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))
+    }
+)
 
 
 def _shown_long_int(arg: Any) -> Any:
@@ -852,8 +861,9 @@ def written_out(text: Any) -> Any:
     traceback, its last output in a start's error): carriage returns,
     backspaces, escape sequences and the other terminal controls written out
     as ``\\xHH``, so that printed on the master's terminal it cannot move
-    the cursor, erase the master's lines or pass for them. Tabs and newlines
-    stay; anything but a str is returned as it is."""
+    the cursor, erase the master's lines or pass for them; line separators
+    and bidirectional controls as ``\\uHHHH``. Tabs and newlines stay;
+    anything but a str is returned as it is."""
     if type(text) is not str or text.isprintable():
         return text
     return text.translate(_CONTROLS)

@@ -60,13 +60,18 @@ impl Sink for ProcessSink {
 /// prefix, and a guest's line pass for the master's. Tabs stay (the
 /// kernel writes a guest's exception texts out alike: sandbox.py, written_out).
 /// Bytes that are not UTF-8 are written out too: a terminal in an 8-bit
-/// encoding takes 0x80..0x9F alone for C1 controls (CSI is 0x9B).
+/// encoding takes 0x80..0x9F alone for C1 controls (CSI is 0x9B). So are
+/// the line and paragraph separators (as `\uHHHH`), which log readers and
+/// `str.splitlines` take for line ends (a line of the guest's without its
+/// prefix), and the bidirectional controls, which reorder what a line shows.
 fn escape_controls(text: &[u8], out: &mut Vec<u8>) {
     for chunk in text.utf8_chunks() {
         for ch in chunk.valid().chars() {
             let code = u32::from(ch);
             if (code < 0x20 && ch != '\t') || (0x7F..=0x9F).contains(&code) {
                 out.extend_from_slice(format!("\\x{code:02x}").as_bytes());
+            } else if matches!(code, 0x061C | 0x200E | 0x200F | 0x2028..=0x202E | 0x2066..=0x2069) {
+                out.extend_from_slice(format!("\\u{code:04x}").as_bytes());
             } else {
                 out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
             }
@@ -367,6 +372,18 @@ mod tests {
                 Which::Stdout,
                 "[box] A\\x9b2J|\\xed\\xa0\\x80|\u{4e2d}\u{e9}\n".into()
             )]
+        );
+    }
+
+    #[test]
+    fn line_separators_and_bidirectional_controls_are_written_out() {
+        // a line end to str.splitlines, and a right-to-left override
+        let (out, sink) = output(1000);
+        out.write(Which::Stdout, "a\u{2028}[master] ok\u{202e}kO\u{2066}|\n".as_bytes());
+        let lines = sink.0.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            vec![(Which::Stdout, "[box] a\\u2028[master] ok\\u202ekO\\u2066|\n".into())]
         );
     }
 
