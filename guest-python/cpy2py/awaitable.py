@@ -41,6 +41,7 @@ import functools
 
 from . import kernel_state
 from .kernel import references
+from .kernel.connection import NotSent
 from .protocol.messages import OP_CALL_METHOD, OP_DELATTR, OP_EXECUTE, OP_GETATTR, OP_INSTANTIATE, OP_SETATTR
 from .twin_object import TwinMeta
 
@@ -123,12 +124,18 @@ async def execute(master: TwinMaster, call: Any, args: Any, kwargs: Dict[str, An
     if not kernel_state.is_master():  # a twin's calls go through the master's link
         return await _in_thread(functools.partial(master.execute, call, *args, **kwargs))
     twin_id = master.twinterpreter_id
-    connection = _running_link(twin_id) or await _connection_to(twin_id, master)
-    method = _master_module().method_of(call, twin_id)
-    if method is not None:
-        return await connection.request_async(OP_CALL_METHOD, *method, list(args), kwargs)
-    connection.serializer.check_executable(call)
-    return await connection.request_async(OP_EXECUTE, call, list(args), kwargs)
+    while True:
+        connection = _running_link(twin_id) or await _connection_to(twin_id, master)
+        method = _master_module().method_of(call, twin_id)
+        try:
+            if method is not None:
+                return await connection.request_async(
+                    OP_CALL_METHOD, *method, list(args), kwargs, again_if_unsent=True
+                )
+            connection.serializer.check_executable(call)
+            return await connection.request_async(OP_EXECUTE, call, list(args), kwargs, again_if_unsent=True)
+        except NotSent:
+            pass  # (see _to_twin)
 
 
 async def _in_thread(func: Any) -> Any:
@@ -144,7 +151,16 @@ async def request(connection: Connection, op: int, *operands: Any) -> Any:
 
 
 async def _to_twin(owner: str, op: int, *operands: Any) -> Any:
-    return await request(await _connection_to(owner), op, *operands)
+    """A request to the twin ``owner`` by name (not to a proxy's link). A
+    guest that ended before the call's turn came (a call queued behind one
+    that was cancelled or timed out while it ran: the guest was stopped)
+    never saw it: it goes to the next guest, as a call made after the end
+    would (the call that ended the guest was told its state was lost)."""
+    while True:
+        try:
+            return await (await _connection_to(owner)).request_async(op, *operands, again_if_unsent=True)
+        except NotSent:
+            pass
 
 
 async def call_method(target: Any, name: str, args: Any, kwargs: Dict[str, Any]) -> Any:

@@ -26,7 +26,7 @@ from .errors import (
     TwinTimeout,
 )
 from .kernel import group_state, links, main_module, references
-from .kernel.connection import Connection
+from .kernel.connection import Connection, NotSent
 from .kernel.serialization import Serializer
 from .protocol import codec
 from .protocol.messages import OP_CALL_METHOD, OP_EXECUTE, PROTOCOL_VERSION, SHUTDOWN
@@ -1016,10 +1016,18 @@ class TwinMaster:
             if twin.master is not self:
                 self._check_running(twin)
             method = method_of(call, self.twinterpreter_id)
-            if method is not None:
-                return await twin.connection.request_async(OP_CALL_METHOD, *method, list(args), kwargs)
-            twin.connection.serializer.check_executable(call)
-            return await twin.connection.request_async(OP_EXECUTE, call, list(args), kwargs)
+            connection = twin.connection
+            try:
+                if method is not None:
+                    return await connection.request_async(
+                        OP_CALL_METHOD, *method, list(args), kwargs, again_if_unsent=True
+                    )
+                connection.serializer.check_executable(call)
+                return await connection.request_async(
+                    OP_EXECUTE, call, list(args), kwargs, again_if_unsent=True
+                )
+            except NotSent:
+                pass  # (the guest ended before the call's turn: awaitable.execute makes it on the next)
         if self.fresh and kernel_state.is_master():
             from . import fresh
 

@@ -263,6 +263,12 @@ def _await_callback(awaiter: _AsyncWaiter, start: Callable[[], Any]) -> Any:
                 awaiter.callbacks.discard(future)
 
 
+class NotSent(Exception):
+    """An awaited call that a guest's link never sent: the guest ended
+    before the call's turn came (``request_async``, ``again_if_unsent``).
+    Its argument is the link's error."""
+
+
 _callback_lock = _thread.allocate_lock()
 #: an awaited call's ``callbacks`` once it was cancelled
 _CALL_CANCELLED: Any = object()
@@ -898,14 +904,17 @@ class Connection:
 
     # -- calling the peer from asyncio (cpy2py/awaitable.py) ----------------------
 
-    async def request_async(self, op: int, *operands: Any) -> Any:
+    async def request_async(self, op: int, *operands: Any, again_if_unsent: bool = False) -> Any:
         """``request`` for a coroutine: its reply is routed to this event loop
         by whichever thread reads the link (mostly the loop itself: see
         _watch_from), so no thread waits for it. Each such call is a chain of its
         own; the peer's requests on it (callbacks) run on a worker thread as
         that chain's thread, and a coroutine they return runs on this loop.
         Cancelled, the call is abandoned here (its reply is dropped when it
-        comes); the peer runs it to its end."""
+        comes); the peer runs it to its end. ``again_if_unsent``: a call to a
+        guest that ended before the call's turn came (another call was
+        cancelled or timed out while it ran) raises NotSent, for the caller
+        to make it again on the guest's next link (cpy2py/awaitable.py)."""
         import asyncio
 
         if not self._threads:
@@ -975,7 +984,7 @@ class Connection:
                 waiter.outer = _callbacks_var.get() if _callbacks_var is not None else ()
             with self._lock:
                 if self.broken is not None and not express:
-                    raise self._broken_error()
+                    raise self._unsent_error(runner is not None and again_if_unsent)
                 if runner is None:
                     watching, watch_fd, old = self._watch_from(loop)  # (first: it may fail, in os.dup)
                 else:
@@ -1014,7 +1023,7 @@ class Connection:
                 elif turn:  # (taken above)
                     if not waiter.sent:  # the guest ended before its turn
                         self._fail(None)
-                        raise self._broken_error()
+                        raise self._unsent_error(again_if_unsent)
                 elif self._turn_holder is not None and self._turn_holder in waiter.outer:
                     # made by a callback of the awaited call whose turn it
                     # is: the guest waits in that call, and serves this one
@@ -1030,7 +1039,7 @@ class Connection:
                         await self._wait_for_turn(waiter)
                     if not waiter.sent:  # the guest ended before its turn
                         self._fail(None)
-                        raise self._broken_error()
+                        raise self._unsent_error(again_if_unsent)
             except OSError as err:
                 self._fail(err)
                 raise self._broken_error() from None
@@ -2674,6 +2683,12 @@ class Connection:
             self._on_shutdown()
 
     # -- the end of the link ----------------------------------------------
+
+    def _unsent_error(self, again: bool) -> BaseException:
+        """The error of a call the broken link never sent: NotSent if it may
+        be made ``again`` on the peer's next link."""
+        err = self._broken_error()
+        return NotSent(err) if again else err
 
     def _broken_error(self) -> BaseException:
         err = self.broken
