@@ -114,6 +114,21 @@ def test_a_twinfunction_wrapped_by_another_decorator_says_to_put_it_outermost(tm
     assert "make @twinfunction the outermost decorator" in result.stderr, result.stderr
 
 
+def test_executing_the_plain_function_of_a_twinfunction_says_to_call_the_twinfunction():
+    """``execute(func.__wrapped__)`` in another twin: the function's name
+    finds the twinfunction there, not it; the error says so (it said the
+    function was defined in the main block only)."""
+    twin = start_twin("python3", "plain-of-a-twinfunction")
+    try:
+        with pytest.raises(TypeError) as info:
+            twin.execute(tf.in_pypy.__wrapped__)
+        message = str(info.value)
+        assert "twin_functions.in_pypy, is the twinfunction pinned to 'pypy3' that wraps it" in message
+        assert "Call that instead" in message and "main block" not in message
+    finally:
+        twin.stop()
+
+
 def test_recursion_across_interpreters_depth_200():
     path = tf.ping(200)
     assert len(path) == 201

@@ -183,6 +183,23 @@ def _is_twin(obj: Any) -> bool:
     return isinstance(type(obj), references.twin_meta())
 
 
+def _wrapper_by_its_name(func: Any) -> Any:
+    """What ``func``'s module holds under its name if that wraps ``func``
+    (a twinfunction's or another decorator's ``__wrapped__``), else None."""
+    try:
+        found = lookup(func.__module__, func.__qualname__)
+    except Exception:
+        return None
+    wrapper = found
+    for _ in range(8):  # (a chain of decorators; never round a loop of them)
+        found = getattr(found, "__wrapped__", None)
+        if found is None or found is wrapper:
+            return None
+        if found is func:
+            return wrapper
+    return None
+
+
 def _pinned_elsewhere(obj: Any) -> bool:
     """... except a twin class or twinfunction pinned to another interpreter:
     it means something only there, so it goes by name and the receiver
@@ -914,17 +931,25 @@ class Serializer:
             return
         if _pinned_elsewhere(call):
             return  # (its encoding says what is wrong)
+        advice = (
+            "Define it at the top level of a module (outside the main block); to have the twin call "
+            "it back here, pass it as an argument of a function that runs there"
+        )
+        wrapper = _wrapper_by_its_name(call)
         if call.__name__ == "<lambda>":
             why = "a lambda has no name"
         elif "<locals>" in call.__qualname__:
             why = "it is local to a function"
+        elif wrapper is not None:
+            owner = getattr(wrapper, "__twin_id__", None)
+            what = f"the twinfunction pinned to {owner!r} that wraps it" if owner else "a wrapper of it"
+            why = f"its name, {call.__module__}.{call.__qualname__}, is {what}"
+            advice = "Call that instead, or give the plain function a name of its own in a module"
         else:
             why = "it is defined in the master's main block only"
         raise TypeError(
             f"cannot run {call.__qualname__} in twinterpreter {self.peer_id!r}: functions travel by "
-            f"name, and {self.peer_id!r} cannot find this one ({why}). Define it at the top level of "
-            "a module (outside the main block); to have the twin call it back here, pass it as an "
-            "argument of a function that runs there"
+            f"name, and {self.peer_id!r} cannot find this one ({why}). {advice}"
         )
 
     # -- what proxies of the peer's objects pass on -----------------------------
