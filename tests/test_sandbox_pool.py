@@ -398,3 +398,33 @@ def test_a_pool_call_can_be_awaited(code_dir, plugin):
         assert asyncio.run(main(pool)) == [n * n for n in range(6)]
         with pytest.raises(ValueError, match="boom"):
             asyncio.run(pool.execute_async(plugin.fail, "boom"))
+
+
+def test_async_with_closes_the_pool_without_blocking_the_loop(code_dir, plugin):
+    """``async with SandboxPool(...)``: its calls are awaited, and leaving the
+    block waits for them and stops every guest on a worker thread, while
+    the loop runs its other tasks."""
+
+    async def main():
+        ticks = []
+
+        async def tick():
+            while True:
+                ticks.append(threading.get_ident())
+                await asyncio.sleep(0.005)
+
+        async with SandboxPool(size=2, paths=[str(code_dir)]) as pool:
+            squares = await asyncio.gather(*(pool.execute_async(plugin.square, n) for n in range(4)))
+            slow = pool.submit(plugin.announce_and_burn, lambda: None, 2_000_000)  # (waited for)
+            ticker = asyncio.ensure_future(tick())
+            await asyncio.sleep(0)
+            before = len(ticks)
+        ticker.cancel()
+        return pool, squares, slow.done(), len(ticks) - before
+
+    pool, squares, slow_done, ticked_while_closing = asyncio.run(main())
+    assert squares == [0, 1, 4, 9] and slow_done
+    assert ticked_while_closing > 0, "the loop ran nothing while the pool closed"
+    assert guests_running(pool.name + "-") == []
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.execute(plugin.square, 2)

@@ -236,6 +236,17 @@ class SandboxPool(Executor):
         """``shutdown(wait=True)``: wait for the calls accepted so far, then stop every guest."""
         self.shutdown(wait=True)
 
+    async def __aenter__(self) -> SandboxPool:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        """``async with SandboxPool(...) as pool:`` closes it as ``with`` does,
+        on a worker thread: the loop goes on while its calls end and its
+        guests stop."""
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
     def _stop_when_idle(self) -> None:
         with self._cond:
             while self._accepted:
