@@ -39,6 +39,14 @@ def test_execute_async_returns_and_raises_like_execute(twin):
     run(main())
 
 
+def test_import_module_async_gives_the_module_of_the_twin(twin):
+    async def main():
+        module = await twin.import_module_async("async_helpers")
+        return is_proxy(module), await aio(module.where)()
+
+    assert run(main()) == (True, twin.twinterpreter_id)
+
+
 def test_a_thousand_concurrent_awaits_on_one_twin_without_a_thread_each(twin):
     seen = []
 

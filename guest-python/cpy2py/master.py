@@ -983,6 +983,11 @@ class TwinMaster:
         connection = connection_for(self.twinterpreter_id, self)
         return connection.request(OP_EXECUTE, importlib_import_module, [name], {})
 
+    async def import_module_async(self, name: str) -> Any:
+        """``import_module`` for asyncio: a start it needs happens on a worker
+        thread, and the import is awaited (the event loop goes on)."""
+        return await self.execute_async(importlib_import_module, name)
+
     def execute(self, call: Any, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``call(*args, **kwargs)`` in the twin and return its result.
 
