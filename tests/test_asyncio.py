@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import signal
 import threading
 import time
 
@@ -489,43 +487,6 @@ def test_calls_queued_behind_one_that_stopped_the_guest_run_on_the_next(how):
     finally:
         if how != "cancelled":
             twin.stop()
-
-
-def test_a_large_argument_is_sent_while_the_loop_serves_its_other_tasks(kind):
-    """An awaited call whose argument is more than the twin's pipe holds is
-    sent by a worker thread, so the loop serves its other tasks while the
-    twin reads it; here, while the twin is stopped and reads nothing (on the
-    loop's thread, the send held the loop until the twin went on)."""
-    twin = start_twin(kind, f"{kind}-large-send")
-    pid = twin.execute(os.getpid)
-    try:
-
-        async def main():
-            ticks = []
-
-            async def tick():
-                while True:
-                    ticks.append(time.monotonic())
-                    await asyncio.sleep(0.01)
-
-            ticker = asyncio.ensure_future(tick())
-            await asyncio.sleep(0.05)
-            os.kill(pid, signal.SIGSTOP)
-            stopped_at = time.monotonic()
-            resume = threading.Timer(1.0, os.kill, (pid, signal.SIGCONT))
-            resume.start()
-            try:
-                size = await twin.execute_async(len, b"x" * (16 << 20))
-            finally:
-                resume.join()
-                ticker.cancel()
-            return size, [at for at in ticks if stopped_at < at < stopped_at + 0.9]
-
-        size, while_stopped = run(main())
-        assert size == 16 << 20
-        assert while_stopped, "the loop ran nothing while the twin read nothing"
-    finally:
-        twin.stop()
 
 
 @pytest.mark.parametrize("kind", tc.KINDS)

@@ -958,7 +958,6 @@ class Connection:
         turn = False  # (a guest's) its request is queued for the guest
         first: Any = _UNREAD  # what an express call read that was not its reply
         sliced = False  # (an express call to a native twin) it waited a slice, not while the loop idled
-        beside = False  # its frame is sent by a worker thread
         try:
             # (a native twin's only when the loop has nothing else to do: see
             # _read_slice; a guest is run for a slice by the call anyway)
@@ -1020,14 +1019,7 @@ class Connection:
                 if first is not _UNREAD:
                     pass  # (sent express)
                 elif runner is None:
-                    if type(payload) is bytes and len(payload) <= _LOOP_SEND:
-                        self.transport.send(payload)  # (at once, holding the GIL, if the pipe has room)
-                    else:
-                        # a large frame: sent by a worker thread while the loop
-                        # serves its other tasks (64 MiB held it 90 ms); one
-                        # cancelled meanwhile is sent whole (nothing is cut)
-                        beside = True
-                        await loop.run_in_executor(None, self.transport.send, payload)
+                    self.transport.send(payload)  # (at once, holding the GIL, if the pipe has room)
                 elif turn:  # (taken above)
                     if not waiter.sent:  # the guest ended before its turn
                         self._fail(None)
@@ -1052,8 +1044,7 @@ class Connection:
                 self._fail(err)
                 raise self._broken_error() from None
             except BaseException as err:  # Ctrl-C in a send that could not go on
-                if not beside:
-                    self._stop_if_cut(err)
+                self._stop_if_cut(err)
                 raise
             del payload
             # the loop ran the guest a slice (or read a native twin's link
@@ -2898,9 +2889,6 @@ def _deadlines() -> Any:
 #: is sent without the role, and a server thread may read its reply and
 #: hand it over (two thread switches more).
 _SMALL_FRAME = 65532
-#: an awaited call's frame over this many bytes (or in parts, holding large
-#: byte strings) is sent from a worker thread: the loop goes on meanwhile
-_LOOP_SEND = 1 << 20
 
 
 def _hold_steps() -> Tuple[bool, Optional[BaseException]]:
