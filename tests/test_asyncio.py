@@ -489,6 +489,28 @@ def test_calls_queued_behind_one_that_stopped_the_guest_run_on_the_next(how):
             twin.stop()
 
 
+def test_calls_queued_for_a_guest_that_is_stopped_fail_and_start_no_other():
+    """``stop()`` while awaited calls wait for their turns: they fail with
+    the stop's error, and no guest starts again for them (the calls queued
+    behind a call that stopped its guest are made again: not these)."""
+    twin = start_twin(SANDBOX_KIND, "wasi-aio-stop-queued")
+
+    async def main():
+        long_call = asyncio.ensure_future(twin.execute_async(helpers.busy_then, 3, "long"))
+        await asyncio.sleep(0)  # (its turn first: the others queue behind it)
+        queued = [asyncio.ensure_future(twin.execute_async(abs, -n)) for n in range(5)]
+        await asyncio.sleep(0.3)
+        await asyncio.get_running_loop().run_in_executor(None, twin.stop)
+        return await asyncio.gather(long_call, *queued, return_exceptions=True)
+
+    try:
+        outcomes = run(main())
+        assert all(isinstance(outcome, TwinterpreterTerminated) for outcome in outcomes), outcomes
+        assert not twin.is_alive
+    finally:
+        twin.stop()
+
+
 @pytest.mark.parametrize("kind", tc.KINDS)
 def test_async_with_starts_and_stops_a_twin(kind):
     start_twin(kind, f"{kind}-aio-with").stop()  # skips when the kind cannot run here

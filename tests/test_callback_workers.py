@@ -28,19 +28,22 @@ def test_work_that_waits_for_later_work_never_runs_out_of_threads():
     assert sorted(future.result(timeout=60) for future in futures) == list(range(count))
 
 
+def threads_named(prefix: str) -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name.startswith(prefix))
+
+
 def test_threads_are_reused_and_the_idle_ones_end():
     workers = Workers("test-idle", lambda: None, idle_exit=0.3)
-    before = threading.active_count()
     gate = threading.Event()
     futures = [workers.submit(gate.wait, 30) for _ in range(20)]
-    wait_until(lambda: threading.active_count() >= before + 20, "twenty threads for twenty waiting tasks")
+    wait_until(lambda: threads_named("test-idle-") == 20, "twenty threads for twenty waiting tasks")
     gate.set()
     assert all(future.result(timeout=30) for future in futures)
     wait_until(lambda: workers.threads_idle() == 20, "the twenty threads wait for work")
     for value in range(50):  # one at a time: an idle thread takes each, none is added
         assert workers.submit(abs, -value).result(timeout=30) == value
-    assert threading.active_count() <= before + 20
-    wait_until(lambda: threading.active_count() <= before, "the idle threads ended")
+    assert threads_named("test-idle-") <= 20
+    wait_until(lambda: threads_named("test-idle-") == 0, "the idle threads ended")
     assert workers.submit(abs, -7).result(timeout=30) == 7  # (and a new one starts)
 
 

@@ -127,15 +127,13 @@ async def execute(master: TwinMaster, call: Any, args: Any, kwargs: Dict[str, An
     while True:
         connection = _running_link(twin_id) or await _connection_to(twin_id, master)
         method = _master_module().method_of(call, twin_id)
+        if method is not None:  # (on a proxy: of the guest's objects, which end with it)
+            return await connection.request_async(OP_CALL_METHOD, *method, list(args), kwargs)
+        connection.serializer.check_executable(call)
         try:
-            if method is not None:
-                return await connection.request_async(
-                    OP_CALL_METHOD, *method, list(args), kwargs, again_if_unsent=True
-                )
-            connection.serializer.check_executable(call)
             return await connection.request_async(OP_EXECUTE, call, list(args), kwargs, again_if_unsent=True)
-        except NotSent:
-            pass  # (see _to_twin)
+        except NotSent as unsent:
+            again_unless_stopped(twin_id, unsent)
 
 
 async def _in_thread(func: Any) -> Any:
@@ -159,8 +157,17 @@ async def _to_twin(owner: str, op: int, *operands: Any) -> Any:
     while True:
         try:
             return await (await _connection_to(owner)).request_async(op, *operands, again_if_unsent=True)
-        except NotSent:
-            pass
+        except NotSent as unsent:
+            again_unless_stopped(owner, unsent)
+
+
+def again_unless_stopped(twin_id: str, unsent: NotSent) -> None:
+    """A call that the link to ``twin_id``'s guest never sent is made again
+    on its next guest, unless the twin was stopped meanwhile (``stop()``,
+    the end of ``async with``): then it fails with the link's error."""
+    master = _master_module()
+    if twin_id not in master._running and twin_id not in master._starting:  # (another call restarts it)
+        raise unsent.args[0] from None
 
 
 async def call_method(target: Any, name: str, args: Any, kwargs: Dict[str, Any]) -> Any:

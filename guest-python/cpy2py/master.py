@@ -147,7 +147,7 @@ def resolve_executable(executable: str) -> str:
     close = difflib.get_close_matches(typed, kinds, n=1, cutoff=0.6)
     close = close or [kind for kind in kinds if len(typed) >= 3 and kind.startswith(typed)][:1]
     meant = _ALIASES.get(close[0], close[0]) if close else None
-    if meant and meant != executable:
+    if meant and meant not in (executable, alias):  # (not what was looked for already)
         sandbox = " (the sandbox)" if is_sandboxed(meant) else ""
         hint += f"; did you mean {meant!r}{sandbox}?"
     raise TwinStartError(
@@ -1022,17 +1022,17 @@ class TwinMaster:
                 self._check_running(twin)
             method = method_of(call, self.twinterpreter_id)
             connection = twin.connection
+            if method is not None:
+                return await connection.request_async(OP_CALL_METHOD, *method, list(args), kwargs)
+            connection.serializer.check_executable(call)
             try:
-                if method is not None:
-                    return await connection.request_async(
-                        OP_CALL_METHOD, *method, list(args), kwargs, again_if_unsent=True
-                    )
-                connection.serializer.check_executable(call)
                 return await connection.request_async(
                     OP_EXECUTE, call, list(args), kwargs, again_if_unsent=True
                 )
-            except NotSent:
-                pass  # (the guest ended before the call's turn: awaitable.execute makes it on the next)
+            except NotSent as unsent:  # (the guest ended before the call's turn)
+                from .awaitable import again_unless_stopped
+
+                again_unless_stopped(self.twinterpreter_id, unsent)  # (awaitable.execute makes it again)
         if self.fresh and kernel_state.is_master():
             from . import fresh
 
