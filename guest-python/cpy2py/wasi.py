@@ -155,6 +155,7 @@ class GuestTransport(TransportDefaults):
         "recv",
         "queue",
         "drive_for",
+        "charge",
         "buffered",
         "publish",
     )
@@ -189,6 +190,10 @@ class GuestTransport(TransportDefaults):
         #: ``drive_for(limit)``: run the guest on this thread until it has sent
         #: a frame and waits, or ended (True), or for at most ``limit`` seconds (False)
         self.drive_for: Callable[[float], bool] = twin.drive_for
+        #: ``charge(spent)``: the master's seconds on what the guest sent,
+        #: charged to the call it serves as its own running time; whether
+        #: that call is past its timeout now (kernel/sandbox.py)
+        self.charge: Callable[[float], bool] = twin.charge
         #: ``buffered()``: whether frames the guest sent wait (``recv`` returns
         #: one at once): a reader routes them all while it holds the role, so
         #: a release before a reply does not leave the reply to another thread

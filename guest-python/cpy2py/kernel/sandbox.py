@@ -82,9 +82,10 @@ MAX_NAME = 200
 MAX_NEW_CLASSES_PER_FRAME = 1024
 #: what the master's time spent reading a guest's frames is measured by
 _clock = time.perf_counter
-#: the share of the time that passes by which a guest's charge for the
-#: master's time on its frames drains: a guest can keep the master busy
-#: reading them at most this share of the time, beyond its timeout's worth
+#: (a guest placed on a Ray node, whose clock the master does not keep) the
+#: share of the time that passes by which the charge for the master's time
+#: on its frames drains: a guest can keep the master busy reading them at
+#: most this share of the time, beyond its timeout's worth
 CHARGE_DRAIN = 0.1
 
 _STDLIB_NAMES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
@@ -294,10 +295,10 @@ class SandboxSerializer(Serializer):
         timeout: Optional[float] = None,
     ) -> None:
         super().__init__(peer_id, trusted=False)
-        #: seconds of the master's time the guest's frames other than answers
-        #: may take to read (its timeout; None: no limit), what they took,
-        #: drained at CHARGE_DRAIN of the time that passes, and when it was
-        #: charged last (``decode``)
+        #: the guest's timeout (None: no limit), against which the master's
+        #: time reading its frames other than answers counts (``_charge``);
+        #: for a guest hosted elsewhere, what they took, drained at
+        #: CHARGE_DRAIN of the time that passes, and when it was charged last
         self.charge_limit = timeout
         self.charged_seconds = 0.0
         self._charged_at = _clock()
@@ -493,9 +494,8 @@ class SandboxSerializer(Serializer):
         costs the guest a copy can cost the master far more (a frame of
         20,000 references resent 150 times took the master 15 s of a call
         with a timeout of 1 s; through a callback it was handed, 1,000 new
-        classes per call took it 40 s). Once its frames took more than the
-        guest's timeout (less CHARGE_DRAIN of the time since), the guest is
-        stopped (TwinTimeout). Answers are not charged: one comes per call
+        classes per call took it 40 s). That time counts toward the call's
+        timeout (``_charge``). Answers are not charged: one comes per call
         the master makes, and its result is the caller's."""
         started = _clock()
         try:
@@ -518,19 +518,31 @@ class SandboxSerializer(Serializer):
             self._charge(_clock() - started)
 
     def _charge(self, seconds: float) -> None:
-        # (a plugin that calls back now and then never adds up; one that keeps
-        # the master busy reading is stopped)
-        now = _clock()
-        drained = (now - self._charged_at) * CHARGE_DRAIN
-        self.charged_seconds = max(0.0, self.charged_seconds - drained) + seconds
-        self._charged_at = now
-        limit = self.charge_limit
-        if limit is not None and self.charged_seconds > limit and self.connection is not None:
-            self.connection._break_and_kill(
+        """The master's ``seconds`` on what the guest sent, charged to the
+        call it serves as its own running time, by its host here (the next
+        call starts anew: a plugin that calls back with its own objects,
+        whose proxies cost the master a fifth of the time, is never stopped
+        for them across calls). A guest placed on a Ray node keeps its clock
+        there: its link is charged instead, drained at CHARGE_DRAIN of the
+        time that passes. Past its timeout, the guest is stopped."""
+        connection = self.connection
+        if connection is None:
+            return
+        runner = connection._runner
+        if runner is not None:
+            over = runner.charge(seconds)
+        else:
+            now = _clock()
+            drained = (now - self._charged_at) * CHARGE_DRAIN
+            self.charged_seconds = max(0.0, self.charged_seconds - drained) + seconds
+            self._charged_at = now
+            over = self.charge_limit is not None and self.charged_seconds > self.charge_limit
+        if over:
+            connection._break_and_kill(
                 errors.TwinTimeout(
-                    f"twinterpreter {self.peer_id!r} was stopped: what it sent (requests, "
-                    f"releases) took the master more than its timeout of {limit:g} s to read; "
-                    "its state was lost (the next call starts a fresh one)"
+                    f"twinterpreter {self.peer_id!r} was stopped: it ran longer than its timeout of "
+                    f"{self.charge_limit:g} s, counting the master's time reading what it sent "
+                    "(requests, releases); its state was lost (the next call starts a fresh one)"
                 )
             )
 

@@ -224,6 +224,11 @@ if TYPE_CHECKING:  # no cost at run time (a twin's start imports as little as it
             (its reader takes all ``buffered`` says are there), so a reader
             that leaves the reading role with frames left says so."""
 
+        def charge(self, spent: float) -> bool:
+            """Charge ``spent`` seconds of this side's time on what the peer
+            sent to the call it serves, as its own running time; whether
+            that call is past its timeout now."""
+
 
 class TransportDefaults:
     """What most transports are (see Transport), written once: each

@@ -393,6 +393,14 @@ impl WasiGuest {
         Ok(end.map_err(HostError::Io)? == wasm::relay::RelayEnd::GuestEnded)
     }
 
+    /// Charges `spent` seconds of the master's time on what the guest sent (its
+    /// frames decoded, its releases walked) to the call it serves, as its
+    /// own running time (wasm::ledger); whether that call is past its
+    /// timeout now (the kernel then stops the guest: kernel/sandbox.py).
+    fn charge(&self, spent: f64) -> bool {
+        self.guest.charge_master_time(seconds(spent))
+    }
+
     /// Queues one frame for the guest without running it: a thread that
     /// drives the guest next carries it out (an awaited call drives it from
     /// its event loop with `drive_for`). Raises BrokenPipeError when the

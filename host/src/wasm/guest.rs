@@ -276,6 +276,16 @@ impl WasiGuest {
     /// Stops the guest (if it still runs); how it ended. A guest that a
     /// thread drives meanwhile stops within an epoch tick, unless it is in a
     /// host call that does not suspend it (then when that returns).
+    /// Charges the master's `time` on what the guest sent to the call it
+    /// serves (Ledger::charge_master_time); whether that call is past its
+    /// timeout now.
+    pub fn charge_master_time(&self, time: Duration) -> bool {
+        let mut ledger = self.shared.ledger();
+        let over = ledger.charge_master_time(time, Instant::now());
+        self.shared.update_deadline(&ledger);
+        over
+    }
+
     pub fn kill(&self) -> GuestEnd {
         if !self.shared.has_ended() {
             self.shared.stop(GuestEnd::Killed);

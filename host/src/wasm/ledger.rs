@@ -175,6 +175,17 @@ impl Ledger {
         Ok(())
     }
 
+    /// The master spent `time` on what the guest sent (decoding its frames,
+    /// walking its releases): charged to the open call as the guest's own
+    /// running time is, since the guest's clock stops while it waits for the
+    /// master and what costs it a copy can cost the master far more. The
+    /// next call starts anew, as for its own time. Whether the call's charge
+    /// is past the timeout now.
+    pub fn charge_master_time(&mut self, time: Duration, now: Instant) -> bool {
+        self.ran += time;
+        self.timeout.is_some_and(|timeout| self.charged(now) > timeout)
+    }
+
     /// The guest's running time up to `now`.
     pub fn running_time(&self, now: Instant) -> Duration {
         self.ran
@@ -445,6 +456,27 @@ mod tests {
         g.ledger.pause(g.at(200));
         g.ledger.resume(g.at(5200));
         assert_eq!(g.charged(5300), ms(300));
+    }
+
+    #[test]
+    fn the_masters_time_on_what_it_sent_is_charged_to_the_open_call_only() {
+        let mut g = Guest::new();
+        g.recv(0, 0, &request(1, A));
+        g.send(100, &request(2, A)).unwrap(); // a callback, which the master decodes
+        g.ledger.pause(g.at(100));
+        assert!(!g.ledger.charge_master_time(ms(600), g.at(100)));
+        assert_eq!(g.charged(5000), ms(700), "the master's time, not the wait");
+        assert!(g.ledger.charge_master_time(ms(600), g.at(5000)));
+        g.ledger.took(Some(&reply(2)), g.at(5000));
+        assert_eq!(
+            g.ledger.deadline(),
+            Some(g.at(5000)),
+            "past: it is stopped as it runs on"
+        );
+        g.send(5000, &reply(1)).unwrap();
+        g.recv(5000, 6000, &request(3, A)); // the next call starts anew
+        assert_eq!(g.charged(6100), ms(100));
+        assert!(!g.ledger.charge_master_time(ms(600), g.at(6100)));
     }
 
     #[test]

@@ -379,11 +379,17 @@ mod tests {
     fn line_separators_and_bidirectional_controls_are_written_out() {
         // a line end to str.splitlines, and a right-to-left override
         let (out, sink) = output(1000);
-        out.write(Which::Stdout, "a\u{2028}[master] ok\u{202e}kO\u{2066}|\n".as_bytes());
+        out.write(
+            Which::Stdout,
+            "a\u{2028}[master] ok\u{202e}kO\u{2066}|\n".as_bytes(),
+        );
         let lines = sink.0.lock().unwrap().clone();
         assert_eq!(
             lines,
-            vec![(Which::Stdout, "[box] a\\u2028[master] ok\\u202ekO\\u2066|\n".into())]
+            vec![(
+                Which::Stdout,
+                "[box] a\\u2028[master] ok\\u202ekO\\u2066|\n".into()
+            )]
         );
     }
 
