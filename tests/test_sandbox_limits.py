@@ -518,11 +518,14 @@ def test_a_guests_trap_ends_that_guest_after_another_library_took_the_trap_signa
 
 def _threads_python_did_not_start() -> int:
     """Threads of this process that are not Python's (the host's own)."""
-    for _ in range(50):  # a Python thread may be ending: count again until it is gone
-        count = len(os.listdir("/proc/self/task")) - threading.active_count()
-        if count == len(os.listdir("/proc/self/task")) - threading.active_count():
+    count = -1
+    for _ in range(50):
+        # a Python thread may be ending (an idle callback worker's: gone from
+        # threading, not yet from /proc): count again 50 ms later until steady
+        before, count = count, len(os.listdir("/proc/self/task")) - threading.active_count()
+        if count == before:
             return count
-        time.sleep(0.01)
+        time.sleep(0.05)
     return count
 
 
