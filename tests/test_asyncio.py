@@ -933,7 +933,7 @@ def test_short_awaited_calls_to_a_guest_run_on_the_loop_and_long_ones_leave_it_f
         async def main():
             threads = set(threading.enumerate())
             assert await asyncio.gather(*(twin.execute_async(abs, -n) for n in range(20))) == list(range(20))
-            assert set(threading.enumerate()) == threads
+            assert not set(threading.enumerate()) - threads  # (none started; an idle worker may end)
             result, ticks = await ticks_during(twin.execute_async(helpers.busy_then, 0.3, "done"), 0.001)
             assert result == "done"
             return ticks
