@@ -4,11 +4,12 @@ its idle threads go."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
-from cpy2py.kernel.callback_workers import Workers
+from cpy2py.kernel.callback_workers import Workers, callback_workers
 
 
 def wait_until(check, what: str, limit: float = 10.0) -> None:
@@ -64,3 +65,21 @@ def test_the_initializer_runs_in_each_thread():
     for future in futures:
         future.result(timeout=30)
     assert len(set(ran)) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_pool_of_its_own():
+    """A forked child has none of its parent's threads: work it submits to
+    the process's pool runs on threads of its own (the parent's idle ones,
+    counted as waiting, would have taken it and never run it)."""
+    workers = callback_workers()
+    assert workers.submit(abs, -1).result(timeout=30) == 1  # (an idle thread waits in the parent)
+    wait_until(lambda: workers.threads_idle() >= 1, "a thread of the parent's pool waits for work")
+    pid = os.fork()
+    if pid == 0:  # the child: exits 0 only if its call ran
+        try:
+            os._exit(0 if callback_workers().submit(abs, -2).result(timeout=10) == 2 else 1)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

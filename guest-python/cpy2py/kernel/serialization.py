@@ -186,18 +186,15 @@ def _is_twin(obj: Any) -> bool:
 def _wrapper_by_its_name(func: Any) -> Any:
     """What ``func``'s module holds under its name if that wraps ``func``
     (a twinfunction's or another decorator's ``__wrapped__``), else None."""
+    import inspect  # (an error's path only)
+
     try:
         found = lookup(func.__module__, func.__qualname__)
-    except Exception:
+        return (
+            found if found is not func and inspect.unwrap(found, stop=lambda f: f is func) is func else None
+        )
+    except Exception:  # (not found; or a loop of __wrapped__: ValueError)
         return None
-    wrapper = found
-    for _ in range(8):  # (a chain of decorators; never round a loop of them)
-        found = getattr(found, "__wrapped__", None)
-        if found is None or found is wrapper:
-            return None
-        if found is func:
-            return wrapper
-    return None
 
 
 def _pinned_elsewhere(obj: Any) -> bool:
@@ -935,12 +932,11 @@ class Serializer:
             "Define it at the top level of a module (outside the main block); to have the twin call "
             "it back here, pass it as an argument of a function that runs there"
         )
-        wrapper = _wrapper_by_its_name(call)
         if call.__name__ == "<lambda>":
             why = "a lambda has no name"
         elif "<locals>" in call.__qualname__:
             why = "it is local to a function"
-        elif wrapper is not None:
+        elif (wrapper := _wrapper_by_its_name(call)) is not None:
             owner = getattr(wrapper, "__twin_id__", None)
             what = f"the twinfunction pinned to {owner!r} that wraps it" if owner else "a wrapper of it"
             why = f"its name, {call.__module__}.{call.__qualname__}, is {what}"

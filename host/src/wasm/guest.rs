@@ -273,9 +273,6 @@ impl WasiGuest {
         self.end()
     }
 
-    /// Stops the guest (if it still runs); how it ended. A guest that a
-    /// thread drives meanwhile stops within an epoch tick, unless it is in a
-    /// host call that does not suspend it (then when that returns).
     /// Charges the master's `time` on what the guest sent to the call it
     /// serves (Ledger::charge_master_time); whether that call is past its
     /// timeout now.
@@ -286,6 +283,9 @@ impl WasiGuest {
         over
     }
 
+    /// Stops the guest (if it still runs); how it ended. A guest that a
+    /// thread drives meanwhile stops within an epoch tick, unless it is in a
+    /// host call that does not suspend it (then when that returns).
     pub fn kill(&self) -> GuestEnd {
         if !self.shared.has_ended() {
             self.shared.stop(GuestEnd::Killed);
